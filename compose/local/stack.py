@@ -1,0 +1,381 @@
+"""The no-Docker local stack: Apache Kafka (KRaft) and OpenSearch from Maven Central, on 127.0.0.1.
+
+``install`` downloads once into the cache (Maven's local repository does the caching),
+``start`` writes configs, starts both servers detached and waits until they answer,
+``stop`` ends them, ``status`` says what runs. Each service keeps a pid file and a log
+under ``stack.home`` so a second command (or a test session) can find it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from diana.config import Config
+
+log = structlog.get_logger("diana.stack")
+
+_HERE = Path(__file__).resolve().parent
+
+
+class StackError(RuntimeError):
+    """The local stack cannot be installed or started; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    pid_file: Path
+    log_file: Path
+
+
+def _java_home() -> Path:
+    java = shutil.which("java")
+    if not java:
+        raise StackError("no `java` on PATH: install OpenJDK 17 (apt-get install openjdk-17-jre-headless)")
+    return Path(os.path.realpath(java)).parent.parent
+
+
+def _mvn(args: list[str], cwd: Path) -> None:
+    if not shutil.which("mvn"):
+        raise StackError("no `mvn` on PATH: install Maven (apt-get install maven)")
+    proc = subprocess.run(["mvn", "-q", "-B", *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StackError(f"mvn {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+class LocalStack:
+    def __init__(self, config: Config):
+        self.cfg = config.stack
+        self.home = config.path(self.cfg.home)
+        self.cache = config.path(self.cfg.cache_dir)
+        self.kafka_libs = self.cache / f"kafka-{self.cfg.kafka_version}" / "libs"
+        self.os_zip = self.cache / f"opensearch-{self.cfg.opensearch_version}.zip"
+        self.kafka = Service("kafka", self.home / "kafka" / "kafka.pid", self.home / "kafka" / "kafka.log")
+        self.opensearch = Service(
+            "opensearch", self.home / "opensearch.pid", self._opensearch_dir() / "logs" / "console.log"
+        )
+
+    # ---------------------------------------------------------------- install
+    def install(self) -> None:
+        """Download Kafka's runtime jars and the OpenSearch zip into the cache, once."""
+        if not (self.kafka_libs / f"kafka_2.13-{self.cfg.kafka_version}.jar").exists():
+            log.info("stack.install", component="kafka", version=self.cfg.kafka_version)
+            tmp = self.kafka_libs.with_name("libs.partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            _mvn(
+                [
+                    "-f", str(_HERE / "kafka-pom.xml"),
+                    f"-Dkafka.version={self.cfg.kafka_version}",
+                    "dependency:copy-dependencies", "-DincludeScope=runtime", f"-DoutputDirectory={tmp}",
+                ],
+                cwd=_HERE,
+            )
+            shutil.rmtree(self.kafka_libs, ignore_errors=True)
+            tmp.rename(self.kafka_libs)
+        if not self.os_zip.exists():
+            log.info("stack.install", component="opensearch", version=self.cfg.opensearch_version)
+            self.cache.mkdir(parents=True, exist_ok=True)
+            artifact = f"org.opensearch.distribution.integ-test-zip:opensearch:{self.cfg.opensearch_version}:zip"
+            _mvn(["dependency:copy", f"-Dartifact={artifact}", f"-DoutputDirectory={self.cache}"], cwd=self.cache)
+        log.info("stack.installed", cache=str(self.cache))
+
+    # ---------------------------------------------------------------- kafka
+    def _kafka_dir(self) -> Path:
+        return self.home / "kafka"
+
+    def _write_kafka_config(self) -> Path:
+        d = self._kafka_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        c = self.cfg
+        props = f"""\
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{c.kafka_controller_port}
+listeners=PLAINTEXT://127.0.0.1:{c.kafka_port},CONTROLLER://127.0.0.1:{c.kafka_controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{c.kafka_port}
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs={d / "data"}
+num.partitions=3
+# single node: internal topics cannot have more replicas than brokers
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+default.replication.factor=1
+min.insync.replicas=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+# keep the log: topics set their own retention (docs/ARCHITECTURE.md)
+log.retention.hours=-1
+"""
+        (d / "server.properties").write_text(props)
+        (d / "log4j2.xml").write_text(
+            """<?xml version="1.0" encoding="UTF-8"?>
+<Configuration status="WARN">
+  <Appenders>
+    <Console name="stdout" target="SYSTEM_OUT">
+      <PatternLayout pattern="[%d] %p %m (%c)%n"/>
+    </Console>
+  </Appenders>
+  <Loggers>
+    <Logger name="kafka" level="INFO"/>
+    <Logger name="org.apache.kafka" level="INFO"/>
+    <Logger name="state.change.logger" level="WARN"/>
+    <Logger name="kafka.request.logger" level="WARN"/>
+    <Root level="WARN"><AppenderRef ref="stdout"/></Root>
+  </Loggers>
+</Configuration>
+"""
+        )
+        return d / "server.properties"
+
+    def _kafka_java(self, main: str, *args: str) -> list[str]:
+        d = self._kafka_dir()
+        return [
+            str(_java_home() / "bin" / "java"),
+            f"-Xms{self.cfg.kafka_heap_mb}m",
+            f"-Xmx{self.cfg.kafka_heap_mb}m",
+            f"-Dlog4j2.configurationFile={d / 'log4j2.xml'}",
+            "-cp", f"{self.kafka_libs}/*",
+            main, *args,
+        ]
+
+    def start_kafka(self) -> None:
+        if self._running(self.kafka):
+            log.info("stack.already_running", service="kafka", port=self.cfg.kafka_port)
+            return
+        props = self._write_kafka_config()
+        if not (self._kafka_dir() / "data" / "meta.properties").exists():
+            cluster_id = subprocess.run(
+                self._kafka_java("kafka.tools.StorageTool", "random-uuid"), capture_output=True, text=True, check=True
+            ).stdout.strip()
+            proc = subprocess.run(
+                self._kafka_java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
+                capture_output=True, text=True,
+            )
+            if proc.returncode != 0:
+                raise StackError(f"formatting Kafka storage failed: {proc.stdout}{proc.stderr}")
+        self._spawn(self.kafka, self._kafka_java("kafka.Kafka", str(props)), env=None, user=None)
+
+    # ---------------------------------------------------------------- opensearch
+    def _opensearch_dir(self) -> Path:
+        if os.geteuid() == 0:
+            # Run as a system user, which cannot traverse root's home (often where the clone is):
+            # keep its files under /var/lib, one folder per stack home.
+            digest = hashlib.sha1(str(self.home).encode()).hexdigest()[:10]
+            return Path("/var/lib/diana-star") / f"opensearch-{digest}"
+        return self.home / "opensearch"
+
+    def _opensearch_user(self) -> str | None:
+        """OpenSearch will not run as root: as root, run it as a dedicated system user."""
+        if os.geteuid() != 0:
+            return None
+        user = self.cfg.opensearch_user
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", user], check=True
+            )
+        return user
+
+    def _opensearch_home(self) -> Path:
+        return self._opensearch_dir() / f"opensearch-{self.cfg.opensearch_version}"
+
+    def _unpack_opensearch(self, user: str | None) -> Path:
+        home = self._opensearch_home()
+        if not (home / "bin" / "opensearch").exists():
+            with zipfile.ZipFile(self.os_zip) as zf:
+                zf.extractall(self._opensearch_dir())
+            # zipfile drops the executable bits
+            for script in (home / "bin").iterdir():
+                script.chmod(0o755)
+        c = self.cfg
+        (home / "config" / "opensearch.yml").write_text(
+            f"""cluster.name: diana-star-local
+node.name: diana-local-1
+path.data: {self._opensearch_dir() / 'data'}
+path.logs: {self._opensearch_dir() / 'logs'}
+network.host: 127.0.0.1
+http.port: {c.opensearch_port}
+transport.port: {c.opensearch_transport_port}
+discovery.type: single-node
+# a single node never has replicas: keep indices green-able and the disk watermark lenient
+cluster.routing.allocation.disk.threshold_enabled: false
+action.auto_create_index: true
+"""
+        )
+        for sub in ("data", "logs"):
+            (self._opensearch_dir() / sub).mkdir(parents=True, exist_ok=True)
+        if user:
+            pw = pwd.getpwnam(user)
+            subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", str(self._opensearch_dir())], check=True)
+        return home
+
+    def start_opensearch(self) -> None:
+        if self._running(self.opensearch):
+            log.info("stack.already_running", service="opensearch", port=self.cfg.opensearch_port)
+            return
+        user = self._opensearch_user()
+        self._opensearch_dir().mkdir(parents=True, exist_ok=True)
+        home = self._unpack_opensearch(user)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "OPENSEARCH_JAVA_HOME": str(_java_home()),
+            "OPENSEARCH_JAVA_OPTS": f"-Xms{self.cfg.opensearch_heap_mb}m -Xmx{self.cfg.opensearch_heap_mb}m",
+            "OPENSEARCH_PATH_CONF": str(home / "config"),
+        }
+        self._spawn(self.opensearch, [str(home / "bin" / "opensearch")], env=env, user=user)
+
+    # ---------------------------------------------------------------- process control
+    def _spawn(self, svc: Service, cmd: list[str], env: dict | None, user: str | None) -> None:
+        svc.log_file.parent.mkdir(parents=True, exist_ok=True)
+        if user:
+            cmd = ["runuser", "-u", user, "--", "env", *(f"{k}={v}" for k, v in (env or {}).items()), *cmd]
+            env = None
+        with open(svc.log_file, "ab") as out:
+            # A session of its own: Ctrl-C in the foreground `diana run` must not reach the servers
+            # before the pipeline has stopped cleanly; `stop` ends them in order.
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True,
+            )
+        svc.pid_file.write_text(str(proc.pid))
+        log.info("stack.started", service=svc.name, pid=proc.pid, log=str(svc.log_file))
+
+    @staticmethod
+    def _pid(svc: Service) -> int | None:
+        try:
+            return int(svc.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _running(self, svc: Service) -> bool:
+        pid = self._pid(svc)
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # a zombie of ours counts as ended
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+            return state != "Z"
+        except OSError:
+            return True
+
+    def _stop(self, svc: Service, timeout: float = 60.0) -> None:
+        pid = self._pid(svc)
+        if pid is None or not self._running(svc):
+            svc.pid_file.unlink(missing_ok=True)
+            return
+        # The process group: runuser's child (the JVM) must end too.
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._running(svc):
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.2)
+        if self._running(svc):
+            log.warning("stack.kill", service=svc.name, pid=pid)
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        svc.pid_file.unlink(missing_ok=True)
+        log.info("stack.stopped", service=svc.name)
+
+    # ---------------------------------------------------------------- readiness
+    def wait_kafka(self, timeout: float = 120.0) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        # log_level 0: the refused connections while the broker boots are expected, not news
+        admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{self.cfg.kafka_port}", "log_level": 0})
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if not self._running(self.kafka):
+                raise StackError(f"Kafka exited during start-up; see {self.kafka.log_file}")
+            try:
+                admin.list_topics(timeout=2)
+                log.info("stack.ready", service="kafka", bootstrap=f"127.0.0.1:{self.cfg.kafka_port}")
+                return
+            except Exception as exc:  # KafkaException while the broker is coming up
+                last = exc
+                time.sleep(0.5)
+        raise StackError(f"Kafka did not answer within {timeout:.0f}s ({last}); see {self.kafka.log_file}")
+
+    def opensearch_url(self) -> str:
+        return f"http://127.0.0.1:{self.cfg.opensearch_port}"
+
+    def wait_opensearch(self, timeout: float = 180.0) -> None:
+        url = f"{self.opensearch_url()}/_cluster/health?wait_for_status=yellow&timeout=5s"
+        deadline = time.monotonic() + timeout
+        last: Exception | str | None = None
+        while time.monotonic() < deadline:
+            if not self._running(self.opensearch):
+                raise StackError(f"OpenSearch exited during start-up; see {self.opensearch.log_file}")
+            try:
+                with urllib.request.urlopen(url, timeout=10) as resp:
+                    body = json.load(resp)
+                if body.get("status") in ("yellow", "green"):
+                    log.info("stack.ready", service="opensearch", url=self.opensearch_url())
+                    return
+                last = body.get("status")
+            except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError) as exc:
+                last = exc
+            time.sleep(1)
+        raise StackError(
+            f"OpenSearch not healthy within {timeout:.0f}s ({last}); see {self.opensearch.log_file}"
+        )
+
+    # ---------------------------------------------------------------- public
+    def start(self) -> None:
+        self.install()
+        self.start_kafka()
+        self.start_opensearch()
+        self.wait_kafka()
+        self.wait_opensearch()
+
+    def stop(self) -> None:
+        self._stop(self.opensearch)
+        self._stop(self.kafka)
+
+    def reset(self) -> None:
+        """Stop both servers and delete their data: the next start is a fresh cluster."""
+        self.stop()
+        shutil.rmtree(self._kafka_dir() / "data", ignore_errors=True)
+        shutil.rmtree(self._opensearch_dir() / "data", ignore_errors=True)
+        log.info("stack.reset", home=str(self.home))
+
+    def status(self) -> dict[str, dict]:
+        out = {}
+        for svc, where in (
+            (self.kafka, f"127.0.0.1:{self.cfg.kafka_port}"),
+            (self.opensearch, self.opensearch_url()),
+        ):
+            out[svc.name] = {"running": self._running(svc), "pid": self._pid(svc), "address": where,
+                             "log": str(svc.log_file)}
+        return out

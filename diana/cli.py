@@ -1,0 +1,227 @@
+"""The one ``diana`` command: every service and the local stack, each a subcommand with --help."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+from diana.config import Config, ConfigError, load_config
+from diana.logs import configure_logging
+
+log = structlog.get_logger("diana")
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _metrics(port: int) -> None:
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr="127.0.0.1")
+
+
+# ------------------------------------------------------------------ services
+def cmd_receive(cfg: Config, _args: argparse.Namespace) -> int:
+    from diana.producers.scp import Receiver
+
+    _metrics(cfg.receiver.metrics_port)
+    Receiver(cfg).serve_forever()
+    return 0
+
+
+def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
+    import faust
+
+    from diana.stream_apps.aggregates import register_aggregates
+    from diana.stream_apps.app import create_app
+
+    app = create_app(cfg)
+    register_aggregates(app)
+    worker = faust.Worker(app, loglevel=cfg.log.level.upper(), quiet=True)
+    worker.execute_from_commandline()
+    return 0
+
+
+def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
+    from diana.sinks.consumer import run_sink
+
+    stop = _stop_on_signals()
+    if args.sink == "archive":
+        from diana.sinks.archive import ArchiveSink
+
+        sink = ArchiveSink(cfg.path(cfg.storage.landing_dir), cfg.path(cfg.storage.archive_dir))
+        group, port = cfg.sinks.archive_group, cfg.sinks.archive_metrics_port
+    else:
+        from opensearchpy import OpenSearch
+
+        from diana.sinks.opensearch import IndexLayout, OpenSearchSink
+
+        client = OpenSearch(hosts=[cfg.opensearch.url], timeout=30)
+        sink = OpenSearchSink(client, IndexLayout(cfg.opensearch.index_prefix))
+        group, port = cfg.sinks.opensearch_group, cfg.sinks.opensearch_metrics_port
+    _metrics(port)
+    run_sink(sink, cfg.kafka.bootstrap, group, stop, batch_size=cfg.opensearch.bulk_max_docs)
+    return 0
+
+
+# ------------------------------------------------------------------ stack
+def _stack(cfg: Config):
+    from diana.compose.local.stack import LocalStack
+
+    return LocalStack(cfg)
+
+
+def cmd_stack(cfg: Config, args: argparse.Namespace) -> int:
+    stack = _stack(cfg)
+    if args.action == "install":
+        stack.install()
+    elif args.action == "start":
+        stack.start()
+        cmd_topics(cfg, args)
+    elif args.action == "stop":
+        stack.stop()
+    elif args.action == "reset":
+        stack.reset()
+    else:
+        for name, state in stack.status().items():
+            print(f"{name:<11} {'running' if state['running'] else 'stopped':<8} {state['address']:<24} {state['log']}")
+    return 0
+
+
+def cmd_topics(cfg: Config, _args: argparse.Namespace) -> int:
+    from diana.schemas.topics import ensure_topics
+
+    created = ensure_topics(cfg.kafka.bootstrap, cfg.kafka.partitions)
+    log.info("topics.ready", created=created)
+    return 0
+
+
+# ------------------------------------------------------------------ run (the main job)
+_PIPELINE = (("receiver", ["receive"]), ("aggregates", ["aggregate"]),
+             ("archive-sink", ["sink", "archive"]), ("opensearch-sink", ["sink", "opensearch"]))
+
+
+def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
+    """Start the local stack and every pipeline process; Ctrl-C stops everything."""
+    stack = _stack(cfg)
+    if not args.no_stack:
+        stack.start()
+    cmd_topics(cfg, args)
+    base = [sys.executable, "-m", "diana.cli"] + (["--config", args.config] if args.config else [])
+    procs: dict[str, subprocess.Popen] = {}
+    stop = _stop_on_signals()
+    try:
+        for name, sub in _PIPELINE:
+            procs[name] = subprocess.Popen(base + sub, start_new_session=True)
+            log.info("pipeline.started", process=name, pid=procs[name].pid)
+        r = cfg.receiver
+        print(
+            "\n"
+            f"  diana-star is running.\n"
+            f"  Send DICOM to:   AE title {r.ae_title}, port {r.port} (host {r.host})\n"
+            f"                   e.g. storescu -aec {r.ae_title} 127.0.0.1 {r.port} FILE...\n"
+            f"  OpenSearch:      {cfg.opensearch.url}  (indices {cfg.opensearch.index_prefix}-instances, "
+            f"-series, -studies)\n"
+            f"  Archive:         {cfg.path(cfg.storage.archive_dir)}\n"
+            f"  Metrics:         http://127.0.0.1:{r.metrics_port}/metrics (receiver)\n"
+            f"  Press Ctrl-C to stop everything.\n",
+            flush=True,
+        )
+        while not stop.is_set():
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    log.error("pipeline.exited", process=name, code=proc.returncode)
+                    stop.set()
+            stop.wait(1.0)
+    finally:
+        for name, proc in procs.items():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in procs.items():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                log.warning("pipeline.kill", process=name)
+                proc.kill()
+                proc.wait()
+        if not args.no_stack and not args.keep_stack:
+            stack.stop()
+        log.info("pipeline.stopped")
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="diana",
+        description="diana-star: DICOM ingress to a durable Kafka event stream, archive and OpenSearch index.",
+    )
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML config file (default: $DIANA_CONFIG; settings also via DIANA_<SECTION>_<KEY>)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="start the local stack and the whole pipeline (the main job)",
+                         description=cmd_run.__doc__)
+    run.add_argument("--no-stack", action="store_true", help="use an already running Kafka and OpenSearch")
+    run.add_argument("--keep-stack", action="store_true", help="leave Kafka and OpenSearch running on exit")
+    run.set_defaults(func=cmd_run)
+
+    sub.add_parser("receive", help="run the DICOM C-STORE receiver",
+                   description="Run the C-STORE/C-ECHO SCP: land each object durably, publish "
+                               "InstanceArrived, answer success only after the broker acknowledged."
+                   ).set_defaults(func=cmd_receive)
+    sub.add_parser("aggregate", help="run the Faust worker for series and study aggregates",
+                   description="Run the Faust worker that folds dicom.instances into dicom.series "
+                               "and dicom.studies.").set_defaults(func=cmd_aggregate)
+    sink = sub.add_parser("sink", help="run a sink (archive or opensearch)",
+                          description="Run a sink: consume, write durably and idempotently, then commit.")
+    sink.add_argument("sink", choices=["archive", "opensearch"])
+    sink.set_defaults(func=cmd_sink)
+
+    stack = sub.add_parser("stack", help="control the no-Docker local stack (Kafka, OpenSearch)",
+                           description="Install (download once), start (and create topics), stop, reset "
+                                       "(delete all data) or show the status of the local Kafka and OpenSearch.")
+    stack.add_argument("action", choices=["install", "start", "stop", "status", "reset"],
+                       help="reset stops both servers and deletes their data")
+    stack.set_defaults(func=cmd_stack)
+
+    sub.add_parser("topics", help="create the missing topics",
+                   description="Create every diana-star topic that does not exist yet.").set_defaults(func=cmd_topics)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        configure_logging(cfg.log.level, cfg.log.format)
+    except (ConfigError, ValueError) as exc:
+        print(f"diana: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return args.func(cfg, args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from diana.compose.local.stack import StackError
+
+        if isinstance(exc, StackError):
+            print(f"diana: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

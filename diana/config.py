@@ -1,0 +1,203 @@
+"""The one configuration object of diana-star.
+
+Read once, in one place: defaults, then a TOML file, then environment variables
+``DIANA_<SECTION>_<KEY>`` (e.g. ``DIANA_KAFKA_BOOTSTRAP``). Unknown sections, keys and
+``DIANA_*`` variables are rejected at start-up, so a typo is an error, not a silent default.
+Nothing else in the code base reads ``os.environ`` for settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["Config", "ConfigError", "load_config", "ENV_CONFIG_FILE"]
+
+ENV_CONFIG_FILE = "DIANA_CONFIG"
+_ENV_PREFIX = "DIANA_"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which setting and how to fix it."""
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap: str = "127.0.0.1:9092"
+    # Partitions of dicom.instances; Faust tables and their changelogs must match it.
+    partitions: int = 3
+    # How long a C-STORE waits for the broker's acknowledgement before answering failure.
+    publish_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class OpenSearchConfig:
+    url: str = "http://127.0.0.1:9200"
+    index_prefix: str = "diana"
+    bulk_max_docs: int = 500
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    ae_title: str = "DIANA"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    max_associations: int = 16
+    metrics_port: int = 9464
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    landing_dir: Path = Path("var/landing")
+    archive_dir: Path = Path("var/archive")
+
+
+@dataclass(frozen=True)
+class SinksConfig:
+    archive_group: str = "diana-sink-archive"
+    opensearch_group: str = "diana-sink-opensearch"
+    # 0 turns a metrics endpoint off.
+    archive_metrics_port: int = 9465
+    opensearch_metrics_port: int = 9466
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    app_id: str = "diana-aggregates"
+    web_port: int = 6066
+    data_dir: Path = Path("var/faust")
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """The no-Docker local stack (compose/local): where it lives and its ports."""
+
+    home: Path = Path("var/stack")
+    cache_dir: Path = Path("~/.cache/diana-star")
+    kafka_version: str = "4.1.1"
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    kafka_heap_mb: int = 512
+    opensearch_version: str = "2.19.4"
+    opensearch_port: int = 9200
+    opensearch_transport_port: int = 9300
+    opensearch_heap_mb: int = 1024
+    # OpenSearch refuses to run as root; when we are root it runs as this system user.
+    opensearch_user: str = "diana-star"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    # "console" for people, "json" for log shippers.
+    format: str = "console"
+
+
+@dataclass(frozen=True)
+class Config:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    opensearch: OpenSearchConfig = field(default_factory=OpenSearchConfig)
+    receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    sinks: SinksConfig = field(default_factory=SinksConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    stack: StackConfig = field(default_factory=StackConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # Relative paths in the file are resolved against this directory.
+    base_dir: Path = Path(".")
+
+    def path(self, value: Path) -> Path:
+        """Absolute form of a configured path (``~`` expanded, relative to base_dir)."""
+        value = Path(value).expanduser()
+        return value if value.is_absolute() else (self.base_dir / value).resolve()
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "base_dir"}
+
+
+def _section_class(name: str) -> type:
+    return {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "base_dir"}[name]
+
+
+def _coerce(section: str, key: str, target: Any, raw: Any) -> Any:
+    kind = type(target)
+    where = f"[{section}] {key}"
+    try:
+        if isinstance(target, bool):
+            if isinstance(raw, str):
+                if raw.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if raw.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(raw)
+            return bool(raw)
+        if isinstance(target, Path):
+            return Path(str(raw))
+        if kind in (int, float) and isinstance(raw, bool):
+            raise ValueError(raw)
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {raw!r}") from None
+
+
+def _build_section(section: str, values: Mapping[str, Any], source: str) -> Any:
+    default = _section_class(section)()
+    known = {f.name for f in dataclasses.fields(default)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(unknown)} in [{section}]; "
+            f"valid keys: {', '.join(sorted(known))}"
+        )
+    coerced = {k: _coerce(section, k, getattr(default, k), v) for k, v in values.items()}
+    return dataclasses.replace(default, **coerced)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    names: dict[str, tuple[str, str]] = {}
+    for section in _SECTIONS:
+        for f in dataclasses.fields(_section_class(section)()):
+            names[f"{_ENV_PREFIX}{section}_{f.name}".upper()] = (section, f.name)
+    overrides: dict[str, dict[str, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith(_ENV_PREFIX) or name == ENV_CONFIG_FILE:
+            continue
+        if name not in names:
+            raise ConfigError(
+                f"environment variable {name} is not a diana-star setting; "
+                f"use DIANA_<SECTION>_<KEY> with a key from the config reference (docs/CONFIG.md)"
+            )
+        section, key = names[name]
+        overrides.setdefault(section, {})[key] = value
+    return overrides
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Defaults, then the TOML file (``path`` or $DIANA_CONFIG), then DIANA_* variables."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(ENV_CONFIG_FILE)
+    merged: dict[str, dict[str, Any]] = {}
+    base_dir = Path.cwd()
+    if path:
+        path = Path(path).expanduser()
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; pass an existing file with --config") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        base_dir = path.resolve().parent
+        for section, values in data.items():
+            if section not in _SECTIONS or not isinstance(values, dict):
+                raise ConfigError(
+                    f"{path}: unknown section [{section}]; valid sections: {', '.join(sorted(_SECTIONS))}"
+                )
+            merged[section] = dict(values)
+    for section, values in _env_overrides(environ).items():
+        merged.setdefault(section, {}).update(values)
+    sections = {s: _build_section(s, merged.get(s, {}), str(path or "environment")) for s in _SECTIONS}
+    return Config(base_dir=base_dir, **sections)

@@ -1,0 +1,63 @@
+"""Every topic of diana-star: its name, its key, its value schema and its configuration.
+
+The one place topics are declared; ``ensure_topics`` creates what is missing. Choices are
+explained in docs/ARCHITECTURE.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Topic", "INSTANCES", "SERIES", "STUDIES", "DEADLETTER", "ALL_TOPICS", "ensure_topics"]
+
+
+@dataclass(frozen=True)
+class Topic:
+    name: str
+    key: str
+    schema: str | None
+    config: dict[str, str] = field(default_factory=dict)
+
+
+# The log of record: kept forever so that every index and aggregate can be rebuilt from it.
+INSTANCES = Topic(
+    "dicom.instances", key="StudyInstanceUID", schema="InstanceArrived",
+    config={"retention.ms": "-1", "cleanup.policy": "delete"},
+)
+# Latest state per key is all a reader needs: compacted.
+SERIES = Topic(
+    "dicom.series", key="SeriesInstanceUID", schema="SeriesAggregate",
+    config={"cleanup.policy": "compact"},
+)
+STUDIES = Topic(
+    "dicom.studies", key="StudyInstanceUID", schema="StudyAggregate",
+    config={"cleanup.policy": "compact"},
+)
+DEADLETTER = Topic(
+    "dicom.deadletter", key="origin topic/partition/offset", schema=None,
+    config={"retention.ms": str(90 * 24 * 3600 * 1000)},
+)
+ALL_TOPICS = (INSTANCES, SERIES, STUDIES, DEADLETTER)
+
+
+def ensure_topics(bootstrap: str, partitions: int, timeout: float = 30.0) -> list[str]:
+    """Create the missing topics (replication 1 on the local stack); return the names created."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    wanted = [
+        NewTopic(t.name, num_partitions=partitions, replication_factor=-1, config=dict(t.config))
+        for t in ALL_TOPICS
+        if t.name not in existing
+    ]
+    created = []
+    if wanted:
+        for name, future in admin.create_topics(wanted, request_timeout=timeout).items():
+            try:
+                future.result()
+                created.append(name)
+            except KafkaException as exc:
+                if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                    raise
+    return created

@@ -1,0 +1,118 @@
+"""The at-least-once loop every sink runs: consume a batch, write it durably, then commit.
+
+A sink supplies ``write(batch)``. If it raises ``RetryableError`` (the store is down or
+overloaded) the same batch is written again after a backoff, without committing, for as long
+as it takes; offsets move only after a write has succeeded. Messages the sink cannot use
+are sent to ``dicom.deadletter`` (with their origin) before the commit, so nothing vanishes.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, Protocol, Sequence
+
+import structlog
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+
+from diana.schemas.topics import DEADLETTER
+
+__all__ = ["RetryableError", "DeadLetters", "BatchSink", "run_sink"]
+
+log = structlog.get_logger("diana.sink")
+
+
+class RetryableError(RuntimeError):
+    """The write failed for a reason that passes (unavailable, overloaded); try the batch again."""
+
+
+class DeadLetters:
+    """Parks messages a sink cannot process, with the reason and where they came from."""
+
+    def __init__(self, bootstrap: str, sink_name: str):
+        self.sink_name = sink_name
+        self._producer = Producer(
+            {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "log_level": 3}
+        )
+
+    def send(self, msg: Message, reason: str) -> None:
+        origin = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
+        log.warning("deadletter", sink=self.sink_name, origin=origin, reason=reason)
+        self._producer.produce(
+            DEADLETTER.name,
+            key=origin.encode(),
+            value=msg.value(),
+            headers=[("reason", reason.encode()), ("origin", origin.encode()), ("sink", self.sink_name.encode())],
+        )
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Block until every parked message is acknowledged; raise if the broker does not answer."""
+        if self._producer.flush(timeout) > 0:
+            raise RetryableError("dead-letter messages not acknowledged")
+
+
+class BatchSink(Protocol):
+    name: str
+    topics: Sequence[str]
+
+    def write(self, batch: list[Message], dead: DeadLetters) -> None: ...
+
+
+def run_sink(
+    sink: BatchSink,
+    bootstrap: str,
+    group_id: str,
+    stop: threading.Event,
+    batch_size: int = 500,
+    on_batch: Callable[[int], None] | None = None,
+) -> None:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            # A sink may wait minutes for its store; stay in the group meanwhile.
+            "max.poll.interval.ms": 30 * 60 * 1000,
+            "log_level": 3,
+        }
+    )
+    dead = DeadLetters(bootstrap, sink.name)
+    consumer.subscribe(list(sink.topics))
+    log.info("sink.started", sink=sink.name, group=group_id, topics=list(sink.topics))
+    try:
+        while not stop.is_set():
+            messages = consumer.consume(batch_size, timeout=0.5)
+            batch = []
+            for msg in messages:
+                err = msg.error()
+                if err is None:
+                    batch.append(msg)
+                elif err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("sink.consume_error", sink=sink.name, error=err.str())
+            if not batch:
+                continue
+            backoff = 0.5
+            while True:
+                try:
+                    sink.write(batch, dead)
+                    dead.flush()
+                    break
+                except RetryableError as exc:
+                    if stop.is_set():
+                        log.info("sink.stopping_uncommitted", sink=sink.name, messages=len(batch))
+                        return
+                    log.warning("sink.retry", sink=sink.name, reason=str(exc), backoff_s=backoff)
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, 30.0)
+            try:
+                consumer.commit(asynchronous=False)
+            except KafkaException as exc:
+                # e.g. a rebalance took the partitions: the batch comes again, and writes are idempotent
+                log.warning("sink.commit_failed", sink=sink.name, error=str(exc))
+                continue
+            if on_batch:
+                on_batch(len(batch))
+    finally:
+        consumer.close()
+        log.info("sink.stopped", sink=sink.name)

@@ -1,0 +1,129 @@
+"""OpenSearch sink: bulk-indexes instances, series and studies with deterministic ids.
+
+Document ids are the SOP / Series / Study Instance UIDs, so a re-delivered event overwrites
+its own document. Aggregates carry a revision used as an external version: an older
+revision arriving late never replaces a newer one. Indices are versioned behind aliases
+(``diana-series`` → ``diana-series-v1``) and the sink writes through the alias.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from confluent_kafka import Message
+from opensearchpy import OpenSearch
+from opensearchpy.exceptions import ConnectionError as OSConnectionError
+from opensearchpy.exceptions import TransportError
+from prometheus_client import Counter
+
+from diana.schemas.codec import Codec, DecodeError, default_codec
+from diana.schemas.topics import INSTANCES, SERIES, STUDIES
+from diana.sinks.consumer import DeadLetters, RetryableError
+
+__all__ = ["OpenSearchSink", "IndexLayout", "ensure_indices"]
+
+log = structlog.get_logger("diana.sink.opensearch")
+
+INDEXED = Counter("diana_opensearch_indexed_total", "Documents written to OpenSearch", ["index"])
+
+_TEMPLATES = Path(__file__).resolve().parent / "templates"
+INDEX_VERSION = 1
+
+
+class IndexLayout:
+    """Alias and versioned index names for one prefix."""
+
+    kinds = {INSTANCES.name: "instances", SERIES.name: "series", STUDIES.name: "studies"}
+    id_fields = {"instances": "sop_instance_uid", "series": "series_instance_uid", "studies": "study_instance_uid"}
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def alias(self, kind: str) -> str:
+        return f"{self.prefix}-{kind}"
+
+    def index(self, kind: str, version: int = INDEX_VERSION) -> str:
+        return f"{self.prefix}-{kind}-v{version}"
+
+
+def ensure_indices(client: OpenSearch, layout: IndexLayout) -> None:
+    """Install the index templates and create each versioned index with its alias, if missing."""
+    for kind in layout.id_fields:
+        body = json.loads((_TEMPLATES / f"{kind}.json").read_text())
+        client.indices.put_index_template(
+            name=layout.alias(kind),
+            body={"index_patterns": [f"{layout.alias(kind)}-v*"], "template": body, "priority": 100},
+        )
+        if not client.indices.exists_alias(name=layout.alias(kind)):
+            index = layout.index(kind)
+            if not client.indices.exists(index=index):
+                client.indices.create(index=index)
+            client.indices.put_alias(index=index, name=layout.alias(kind))
+
+
+def _document(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in record.items()}
+
+
+class OpenSearchSink:
+    name = "opensearch"
+    topics = (INSTANCES.name, SERIES.name, STUDIES.name)
+
+    def __init__(self, client: OpenSearch, layout: IndexLayout, codec: Codec | None = None):
+        self.client = client
+        self.layout = layout
+        self.codec = codec or default_codec()
+        self._indices_ready = False
+
+    def write(self, batch: list[Message], dead: DeadLetters) -> None:
+        actions: list[tuple[Message, dict, dict]] = []
+        for msg in batch:
+            kind = self.layout.kinds.get(msg.topic())
+            try:
+                _, record = self.codec.decode(msg.value())
+            except DecodeError as exc:
+                dead.send(msg, f"opensearch: {exc}")
+                continue
+            meta: dict[str, Any] = {"_index": self.layout.alias(kind), "_id": record[self.layout.id_fields[kind]]}
+            if "revision" in record:
+                meta.update(version=record["revision"], version_type="external_gte")
+            actions.append((msg, meta, _document(record)))
+        # Later events for the same document supersede earlier ones within one bulk request.
+        latest: dict[tuple[str, str], tuple[Message, dict, dict]] = {}
+        for item in actions:
+            latest[(item[1]["_index"], item[1]["_id"])] = item
+        pending = list(latest.values())
+        if pending:
+            self._bulk(pending, dead)
+
+    def _bulk(self, pending: list[tuple[Message, dict, dict]], dead: DeadLetters) -> None:
+        try:
+            if not self._indices_ready:
+                ensure_indices(self.client, self.layout)
+                self._indices_ready = True
+            body: list[dict] = []
+            for _, meta, doc in pending:
+                body.append({"index": meta})
+                body.append(doc)
+            result = self.client.bulk(body=body)
+        except (OSConnectionError, TransportError) as exc:
+            raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
+        retry = []
+        for (msg, meta, _), item in zip(pending, result["items"]):
+            outcome = item["index"]
+            status = outcome.get("status", 500)
+            if 200 <= status < 300:
+                INDEXED.labels(self.layout.alias(self.layout.kinds[msg.topic()])).inc()
+            elif status == 409:
+                pass  # a newer revision is already indexed
+            elif status == 429 or status >= 500:
+                retry.append(outcome.get("error", {}).get("type", str(status)))
+            else:
+                reason = outcome.get("error", {})
+                dead.send(msg, f"opensearch rejected {meta['_id']}: {reason.get('type')}: {reason.get('reason')}")
+        if retry:
+            # Successful items are rewritten with the same id next time: idempotent.
+            raise RetryableError(f"{len(retry)} documents not accepted ({retry[0]})")

@@ -1,0 +1,151 @@
+"""Test fixtures: the real local stack and the real pipeline processes.
+
+Integration tests never mock Kafka, OpenSearch or the DICOM network. The session fixture
+starts a fresh stack on test ports (so a running main job is not disturbed); if anything
+cannot start, every test that needs it errors: a missing service is a failure, never a skip.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from diana.config import Config, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_HOME = REPO / "var" / "test"
+
+TEST_CONFIG = f"""
+[kafka]
+bootstrap = "127.0.0.1:19092"
+partitions = 3
+publish_timeout_s = 5
+
+[opensearch]
+url = "http://127.0.0.1:19200"
+index_prefix = "diana"
+
+[receiver]
+ae_title = "DIANATEST"
+host = "127.0.0.1"
+port = 11190
+metrics_port = 19464
+
+[sinks]
+archive_metrics_port = 19465
+opensearch_metrics_port = 19466
+
+[storage]
+landing_dir = "{TEST_HOME}/landing"
+archive_dir = "{TEST_HOME}/archive"
+
+[stream]
+web_port = 16066
+data_dir = "{TEST_HOME}/faust"
+
+[stack]
+home = "{TEST_HOME}/stack"
+kafka_port = 19092
+kafka_controller_port = 19093
+opensearch_port = 19200
+opensearch_transport_port = 19300
+opensearch_heap_mb = 768
+"""
+
+
+@pytest.fixture(scope="session")
+def test_config_file() -> Path:
+    TEST_HOME.mkdir(parents=True, exist_ok=True)
+    path = TEST_HOME / "diana-test.toml"
+    path.write_text(TEST_CONFIG)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cfg(test_config_file: Path) -> Config:
+    return load_config(test_config_file, environ={})
+
+
+@pytest.fixture(scope="session")
+def stack(cfg: Config):
+    """A fresh Kafka and OpenSearch for this test session, stopped at the end."""
+    from diana.compose.local.stack import LocalStack
+    from diana.schemas.topics import ensure_topics
+
+    for tool in ("storescu", "echoscu"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"dcmtk's {tool} is not installed: run ./test.sh (it installs dcmtk) "
+                        f"or apt-get install dcmtk", pytrace=False)
+    local = LocalStack(cfg)
+    local.reset()
+    for sub in ("landing", "archive", "faust"):
+        shutil.rmtree(TEST_HOME / sub, ignore_errors=True)
+    local.start()
+    ensure_topics(cfg.kafka.bootstrap, cfg.kafka.partitions)
+    yield local
+    local.stop()
+
+
+@dataclass
+class Pipeline:
+    cfg: Config
+    config_file: Path
+    procs: dict[str, subprocess.Popen]
+    logs: Path
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
+        env["DIANA_CONFIG"] = str(self.config_file)
+        proc = subprocess.Popen([sys.executable, "-m", "diana.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                env=env, cwd=REPO)
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str, kill: bool = False) -> None:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            proc.kill() if kill else proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+PIPELINE = {"receiver": ("receive",), "aggregates": ("aggregate",),
+            "archive-sink": ("sink", "archive"), "opensearch-sink": ("sink", "opensearch")}
+
+
+@pytest.fixture(scope="session")
+def pipeline(stack, cfg: Config, test_config_file: Path):
+    logs = TEST_HOME / "logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True)
+    p = Pipeline(cfg, test_config_file, {}, logs)
+    for name, args in PIPELINE.items():
+        p.start(name, *args)
+    wait_for_echo(cfg, timeout=60, procs=p.procs)
+    yield p
+    for name in list(p.procs):
+        p.stop(name)
+
+
+def wait_for_echo(cfg: Config, timeout: float, procs: dict | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name, proc in (procs or {}).items():
+            if proc.poll() is not None:
+                pytest.fail(f"pipeline process {name} exited with {proc.returncode}; see var/test/logs/{name}.log")
+        r = subprocess.run(["echoscu", "-aec", cfg.receiver.ae_title, "127.0.0.1", str(cfg.receiver.port)],
+                           capture_output=True)
+        if r.returncode == 0:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"receiver did not answer C-ECHO within {timeout}s")

@@ -1,0 +1,101 @@
+"""Observing the real stack from tests: consumer lag, topic contents, OpenSearch counts."""
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from diana.config import Config
+from diana.schemas.codec import default_codec
+from diana.schemas.topics import INSTANCES, SERIES, STUDIES
+
+
+def storescu(cfg: Config, files: list[Path], extra: list[str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["storescu", "-aec", cfg.receiver.ae_title, *(extra or []), "127.0.0.1", str(cfg.receiver.port),
+         *map(str, files)],
+        capture_output=True, text=True, env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
+    )
+
+
+def group_lag(cfg: Config, group: str, topics: list[str]) -> int:
+    """Messages of ``topics`` not yet committed by ``group`` (a group with no commit counts all)."""
+    admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
+    consumer = Consumer({"bootstrap.servers": cfg.kafka.bootstrap, "group.id": f"lag-probe-{uuid.uuid4()}"})
+    try:
+        partitions = []
+        for topic in topics:
+            meta = admin.list_topics(topic, timeout=10).topics[topic]
+            partitions += [TopicPartition(topic, p) for p in meta.partitions]
+        request = [ConsumerGroupTopicPartitions(group, partitions)]
+        committed = admin.list_consumer_group_offsets(request)[group].result().topic_partitions
+        done = {(tp.topic, tp.partition): max(tp.offset, 0) for tp in committed}
+        lag = 0
+        for tp in partitions:
+            low, high = consumer.get_watermark_offsets(tp, timeout=10)
+            lag += high - max(done.get((tp.topic, tp.partition), 0), low)
+        return lag
+    finally:
+        consumer.close()
+
+
+def wait_until_caught_up(cfg: Config, timeout: float = 120.0) -> None:
+    """Wait until the aggregator and both sinks have committed everything in their topics."""
+    groups = {
+        cfg.stream.app_id: [INSTANCES.name],
+        cfg.sinks.archive_group: [INSTANCES.name],
+        cfg.sinks.opensearch_group: [INSTANCES.name, SERIES.name, STUDIES.name],
+    }
+    deadline = time.monotonic() + timeout
+    lags: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        # The aggregator writes series/studies while catching up: settle twice in a row.
+        lags = {g: group_lag(cfg, g, t) for g, t in groups.items()}
+        if not any(lags.values()):
+            time.sleep(1.0)
+            lags = {g: group_lag(cfg, g, t) for g, t in groups.items()}
+            if not any(lags.values()):
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"pipeline did not catch up within {timeout}s; lag per group: {lags}")
+
+
+def topic_records(cfg: Config, topic: str) -> list[tuple[bytes, dict]]:
+    """Every record of a topic from the beginning, decoded with the project's codec."""
+    consumer = Consumer({"bootstrap.servers": cfg.kafka.bootstrap, "group.id": f"reader-{uuid.uuid4()}",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
+    codec = default_codec()
+    try:
+        meta = admin.list_topics(topic, timeout=10).topics[topic]
+        starts, ends = {}, {}
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                starts[p], ends[p] = low, high
+        consumer.assign([TopicPartition(topic, p, starts[p]) for p in ends])
+        out = []
+        position = dict(starts)
+        deadline = time.monotonic() + 60
+        while any(position[p] < ends[p] for p in ends) and time.monotonic() < deadline:
+            msg = consumer.poll(1.0)
+            if msg is None or msg.error():
+                continue
+            position[msg.partition()] = msg.offset() + 1
+            out.append((msg.key(), codec.decode(msg.value())[1]))
+        return out
+    finally:
+        consumer.close()
+
+
+def os_search(cfg: Config, index: str, query: dict, size: int = 1000) -> list[dict]:
+    from opensearchpy import OpenSearch
+
+    client = OpenSearch(hosts=[cfg.opensearch.url])
+    client.indices.refresh(index=index)
+    result = client.search(index=index, body={"query": query, "size": size})
+    return [hit["_source"] | {"_id": hit["_id"]} for hit in result["hits"]["hits"]]

@@ -1,0 +1,37 @@
+"""Unit: the pure fold of instances into series and study aggregates."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from diana.stream_apps.aggregates import apply_instance
+
+T0 = datetime(2024, 3, 15, 10, 0, tzinfo=timezone.utc)
+
+
+def _event(series: str, number: int, seconds: int, modality: str = "CT", size: int = 100) -> dict:
+    return {"study_instance_uid": "1.9", "series_instance_uid": series, "sop_instance_uid": f"{series}.{number}",
+            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+            "instance_number": number, "modality": modality, "size_bytes": size,
+            "received_at": T0 + timedelta(seconds=seconds), "patient_id": "P1"}
+
+
+def test_fold_counts_bytes_numbers_and_event_times():
+    series, study = {}, None
+    # out of order arrival: event time bounds are min/max, not first/last seen
+    for series_uid, number, at, modality in [("1.9.1", 2, 5, "CT"), ("1.9.1", 1, 3, "CT"), ("1.9.2", 1, 9, "SR")]:
+        s, study = apply_instance(series.get(series_uid), study, _event(series_uid, number, at, modality))
+        series[series_uid] = s
+    one = series["1.9.1"]
+    assert (one["instance_count"], one["total_bytes"], one["revision"]) == (2, 200, 2)
+    assert (one["min_instance_number"], one["max_instance_number"]) == (1, 2)
+    assert one["first_received_at"] == int((T0 + timedelta(seconds=3)).timestamp() * 1000)
+    assert one["last_received_at"] == int((T0 + timedelta(seconds=5)).timestamp() * 1000)
+    assert (study["instance_count"], study["series_count"], study["modalities"]) == (3, 2, ["CT", "SR"])
+    assert study["revision"] == 3
+
+
+def test_fold_does_not_mutate_its_inputs():
+    s1, st1 = apply_instance(None, None, _event("1.9.1", 1, 0))
+    s2, st2 = apply_instance(s1, st1, _event("1.9.1", 2, 1))
+    assert s1["instance_count"] == 1 and st1["instance_count"] == 1
+    assert s2["instance_count"] == 2 and st2["instance_count"] == 2

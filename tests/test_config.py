@@ -1,0 +1,41 @@
+"""Unit: one config object, file then environment, unknown keys rejected."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diana.config import ConfigError, load_config
+
+
+def test_defaults_file_and_environment_in_that_order(tmp_path: Path):
+    f = tmp_path / "c.toml"
+    f.write_text('[receiver]\nport = 4242\nae_title = "FILEAE"\n[storage]\narchive_dir = "arch"\n')
+    cfg = load_config(f, environ={"DIANA_RECEIVER_PORT": "5000"})
+    assert cfg.receiver.port == 5000  # environment wins
+    assert cfg.receiver.ae_title == "FILEAE"  # file beats default
+    assert cfg.kafka.bootstrap == "127.0.0.1:9092"  # default
+    assert cfg.path(cfg.storage.archive_dir) == tmp_path / "arch"  # relative to the file
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[reciever]\nport = 1\n", "unknown section \\[reciever\\]"),
+    ("[receiver]\nprot = 1\n", "unknown key\\(s\\) prot"),
+    ("[receiver]\nport = \"many\"\n", "expected int"),
+    ("[receiver\n", "not valid TOML"),
+])
+def test_bad_files_name_the_problem(tmp_path: Path, text, message):
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(f, environ={})
+
+
+def test_unknown_environment_setting_is_rejected():
+    with pytest.raises(ConfigError, match="DIANA_KAFKA_BOOTSTRAPP"):
+        load_config(None, environ={"DIANA_KAFKA_BOOTSTRAPP": "x"})
+
+
+def test_missing_file_says_so(tmp_path: Path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", environ={})

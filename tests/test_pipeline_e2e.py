@@ -1,0 +1,129 @@
+"""End to end on the real stack: dcmtk storescu → receiver → Kafka → Faust → archive + OpenSearch."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from diana.schemas.topics import INSTANCES, SERIES, STUDIES
+from diana.sinks.archive import archive_relative_path
+
+from dicomgen import make_study
+from helpers import os_search, storescu, topic_records, wait_until_caught_up
+
+pytestmark = pytest.mark.integration
+
+
+def dataset_body(path: Path) -> bytes:
+    """The encoded data set without preamble and file meta: what travels in a C-STORE."""
+    raw = path.read_bytes()
+    with open(path, "rb") as fh:
+        pydicom.filereader.read_preamble(fh, False)
+        pydicom.filereader._read_file_meta_info(fh)
+        offset = fh.tell()
+    return raw[offset:]
+
+
+@pytest.fixture(scope="module")
+def sent_study(pipeline, tmp_path_factory):
+    study = make_study(tmp_path_factory.mktemp("study"))
+    result = storescu(pipeline.cfg, study.files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_until_caught_up(pipeline.cfg)
+    return study
+
+
+def _archive_files(cfg, study_uid: str) -> list[Path]:
+    return sorted((cfg.path(cfg.storage.archive_dir) / study_uid).rglob("*.dcm"))
+
+
+def test_every_instance_is_archived_byte_identical(pipeline, sent_study):
+    cfg = pipeline.cfg
+    archived = _archive_files(cfg, sent_study.study_uid)
+    assert len(archived) == len(sent_study.files) == 40
+    by_sop = {}
+    for path in sent_study.files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        by_sop[ds.SOPInstanceUID] = (path, ds)
+    for path, ds in by_sop.values():
+        target = cfg.path(cfg.storage.archive_dir) / archive_relative_path(
+            {"study_instance_uid": ds.StudyInstanceUID, "series_instance_uid": ds.SeriesInstanceUID,
+             "sop_instance_uid": ds.SOPInstanceUID})
+        assert target.exists(), f"{ds.SOPInstanceUID} not archived"
+        # The data set bytes are those sent, unchanged; the file meta is the receiver's own.
+        assert dataset_body(target) == dataset_body(path)
+        archived_meta = pydicom.dcmread(target, stop_before_pixels=True).file_meta
+        assert archived_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    # Nothing is left behind in the landing store once archived.
+    assert not list(cfg.path(cfg.storage.landing_dir).rglob("*.dcm"))
+
+
+def test_topic_holds_one_decodable_event_per_instance(pipeline, sent_study):
+    events = [(k, e) for k, e in topic_records(pipeline.cfg, INSTANCES.name)
+              if e["study_instance_uid"] == sent_study.study_uid]
+    assert len(events) == 40
+    assert len({e["sop_instance_uid"] for _, e in events}) == 40
+    archive_root = pipeline.cfg.path(pipeline.cfg.storage.archive_dir)
+    for key, event in events:
+        assert key == sent_study.study_uid.encode()  # all of a study in one partition
+        assert event["patient_id"] == sent_study.patient_id
+        assert event["study_date"] == "2024-03-15"
+        assert event["modality"] == "CT"
+        assert event["calling_ae"] == "STORESCU"
+        archived = archive_root / archive_relative_path(event)
+        assert hashlib.sha256(archived.read_bytes()).hexdigest() == event["sha256"]
+        assert archived.stat().st_size == event["size_bytes"]
+
+
+def test_opensearch_has_one_document_per_instance_series_and_study(pipeline, sent_study):
+    cfg = pipeline.cfg
+    study_q = {"term": {"study_instance_uid": sent_study.study_uid}}
+    instances = os_search(cfg, "diana-instances", study_q)
+    assert len(instances) == 40
+    assert {d["_id"] for d in instances} == {d["sop_instance_uid"] for d in instances}
+    assert all(d["patient_id"] == sent_study.patient_id and d["study_date"] == "2024-03-15"
+               and d["modality"] == "CT" for d in instances)
+
+    series = os_search(cfg, "diana-series", study_q)
+    assert {d["_id"]: (d["series_description"], d["instance_count"], d["modality"]) for d in series} == {
+        uid: (s["description"], s["count"], s["modality"]) for uid, s in sent_study.series.items()
+    }
+    studies = os_search(cfg, "diana-studies", {"ids": {"values": [sent_study.study_uid]}})
+    assert len(studies) == 1
+    study = studies[0]
+    assert (study["instance_count"], study["series_count"], study["modalities"]) == (40, 3, ["CT"])
+    assert study["patient_id"] == sent_study.patient_id and study["study_date"] == "2024-03-15"
+
+    # The same counts travel on the aggregate topics (latest revision per key).
+    latest_series = {}
+    for key, rec in topic_records(cfg, SERIES.name):
+        if rec["study_instance_uid"] == sent_study.study_uid:
+            if rec["revision"] >= latest_series.get(key, {"revision": -1})["revision"]:
+                latest_series[key] = rec
+    assert sorted(r["instance_count"] for r in latest_series.values()) == [8, 12, 20]
+    study_revisions = [r for k, r in topic_records(cfg, STUDIES.name) if k == sent_study.study_uid.encode()]
+    assert max(r["instance_count"] for r in study_revisions) == 40
+
+
+def test_sending_the_same_study_again_duplicates_nothing(pipeline, sent_study):
+    cfg = pipeline.cfg
+    before_series = {d["_id"]: d for d in os_search(cfg, "diana-series",
+                                                      {"term": {"study_instance_uid": sent_study.study_uid}})}
+    result = storescu(cfg, sent_study.files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_until_caught_up(cfg)
+
+    events = [e for _, e in topic_records(cfg, INSTANCES.name) if e["study_instance_uid"] == sent_study.study_uid]
+    assert len(events) == 80  # the log records every arrival ...
+    assert len(_archive_files(cfg, sent_study.study_uid)) == 40  # ... the archive holds each object once
+    assert not list(cfg.path(cfg.storage.landing_dir).rglob("*.dcm"))
+    study_q = {"term": {"study_instance_uid": sent_study.study_uid}}
+    assert len(os_search(cfg, "diana-instances", study_q)) == 40
+    after_series = {d["_id"]: d for d in os_search(cfg, "diana-series", study_q)}
+    assert {k: (v["instance_count"], v["revision"]) for k, v in after_series.items()} == {
+        k: (v["instance_count"], v["revision"]) for k, v in before_series.items()
+    }
+    study = os_search(cfg, "diana-studies", {"ids": {"values": [sent_study.study_uid]}})
+    assert len(study) == 1 and study[0]["instance_count"] == 40 and study[0]["series_count"] == 3
