@@ -25,18 +25,18 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _metrics(port: int) -> None:
+def _metrics(cfg: Config, port: int) -> None:
     if port:
         from prometheus_client import start_http_server
 
-        start_http_server(port, addr="127.0.0.1")
+        start_http_server(port, addr=cfg.metrics.host)
 
 
 # ------------------------------------------------------------------ services
 def cmd_receive(cfg: Config, _args: argparse.Namespace) -> int:
     from diana.producers.scp import Receiver
 
-    _metrics(cfg.receiver.metrics_port)
+    _metrics(cfg, cfg.receiver.metrics_port)
     Receiver(cfg).serve_forever()
     return 0
 
@@ -71,7 +71,7 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
         client = OpenSearch(hosts=[cfg.opensearch.url], timeout=30)
         sink = OpenSearchSink(client, IndexLayout(cfg.opensearch.index_prefix))
         group, port = cfg.sinks.opensearch_group, cfg.sinks.opensearch_metrics_port
-    _metrics(port)
+    _metrics(cfg, port)
     run_sink(sink, cfg.kafka.bootstrap, group, stop, batch_size=cfg.opensearch.bulk_max_docs)
     return 0
 
@@ -109,6 +109,25 @@ def cmd_topics(cfg: Config, _args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ run (the main job)
+def _wait_for_receiver(cfg: Config, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Announce the receiver only once it answers a C-ECHO."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="DIANA-RUN")
+    ae.add_requested_context(Verification)
+    host = "127.0.0.1" if cfg.receiver.host in ("0.0.0.0", "") else cfg.receiver.host
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        assoc = ae.associate(host, cfg.receiver.port, ae_title=cfg.receiver.ae_title)
+        if assoc.is_established:
+            assoc.send_c_echo()
+            assoc.release()
+            return
+        time.sleep(0.5)
+    raise RuntimeError("the receiver did not answer a C-ECHO; see its log above")
+
+
 _PIPELINE = (("receiver", ["receive"]), ("aggregates", ["aggregate"]),
              ("archive-sink", ["sink", "archive"]), ("opensearch-sink", ["sink", "opensearch"]))
 
@@ -127,6 +146,7 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
             procs[name] = subprocess.Popen(base + sub, start_new_session=True)
             log.info("pipeline.started", process=name, pid=procs[name].pid)
         r = cfg.receiver
+        _wait_for_receiver(cfg, procs["receiver"])
         print(
             "\n"
             f"  diana-star is running.\n"

@@ -90,6 +90,12 @@ class StackConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # Where the Prometheus endpoints listen; 0.0.0.0 in a container so they can be scraped.
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     # "console" for people, "json" for log shippers.
@@ -105,6 +111,7 @@ class Config:
     sinks: SinksConfig = field(default_factory=SinksConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     stack: StackConfig = field(default_factory=StackConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # Relative paths in the file are resolved against this directory.
     base_dir: Path = Path(".")
@@ -168,7 +175,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
         if name not in names:
             raise ConfigError(
                 f"environment variable {name} is not a diana-star setting; "
-                f"use DIANA_<SECTION>_<KEY> with a key from the config reference (docs/CONFIG.md)"
+                f"use DIANA_<SECTION>_<KEY> with a key listed in diana.example.toml"
             )
         section, key = names[name]
         overrides.setdefault(section, {})[key] = value

@@ -39,3 +39,11 @@ def test_unknown_environment_setting_is_rejected():
 def test_missing_file_says_so(tmp_path: Path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml", environ={})
+
+
+def test_the_example_file_documents_exactly_the_defaults():
+    example = Path(__file__).resolve().parent.parent / "diana.example.toml"
+    from_file = load_config(example, environ={})
+    defaults = load_config(None, environ={})
+    for section in ("receiver", "storage", "kafka", "opensearch", "sinks", "stream", "stack", "metrics", "log"):
+        assert getattr(from_file, section) == getattr(defaults, section), section
