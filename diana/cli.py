@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
@@ -116,6 +117,8 @@ def _wait_for_receiver(cfg: Config, proc: subprocess.Popen, timeout: float = 60.
 
     ae = AE(ae_title="DIANA-RUN")
     ae.add_requested_context(Verification)
+    quiet = logging.getLogger("pynetdicom")
+    level, quiet.level = quiet.level, logging.CRITICAL  # refused connections while it starts are expected
     host = "127.0.0.1" if cfg.receiver.host in ("0.0.0.0", "") else cfg.receiver.host
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
@@ -123,8 +126,10 @@ def _wait_for_receiver(cfg: Config, proc: subprocess.Popen, timeout: float = 60.
         if assoc.is_established:
             assoc.send_c_echo()
             assoc.release()
+            quiet.setLevel(level)
             return
         time.sleep(0.5)
+    quiet.setLevel(level)
     raise RuntimeError("the receiver did not answer a C-ECHO; see its log above")
 
 
