@@ -47,6 +47,15 @@ class ReceiverConfig:
     port: int = 11112
     max_associations: int = 16
     metrics_port: int = 9464
+    # Largest PDU we accept; bounds the memory each association may hold at once.
+    max_pdu_bytes: int = 262144
+    # Empty: any calling AE title / any host. Otherwise only these may associate.
+    allowed_calling_aes: tuple = ()
+    allowed_hosts: tuple = ()
+    # DICOM over TLS when both are set (PEM files); tls_ca_file also requires client certificates.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,9 @@ def _coerce(section: str, key: str, target: Any, raw: Any) -> Any:
             return bool(raw)
         if isinstance(target, Path):
             return Path(str(raw))
+        if isinstance(target, tuple):
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            return tuple(str(i).strip() for i in items if str(i).strip())
         if kind in (int, float) and isinstance(raw, bool):
             raise ValueError(raw)
         return kind(raw)

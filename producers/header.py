@@ -6,16 +6,21 @@ file name. Descriptive values are returned as data only.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from datetime import date
 from io import BytesIO
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
 from diana.schemas.uid import is_valid_uid
 
-__all__ = ["HeaderError", "InvalidIdentifiers", "InstanceHeader", "read_header"]
+__all__ = ["HeaderError", "InvalidIdentifiers", "InstanceHeader", "patient_age_years", "read_header",
+           "read_header_file"]
 
 class HeaderError(ValueError):
     """The bytes cannot be parsed as a DICOM data set."""
@@ -81,6 +86,53 @@ def _iso_time(ds: pydicom.Dataset, keyword: str) -> str | None:
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
+def _float(ds: pydicom.Dataset, keyword: str) -> float | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number == number and abs(number) < 1e300 else None  # no NaN, no inf
+
+
+_AGE_UNITS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+
+
+def patient_age_years(age: str | None, birth_date: str | None, study_date: str | None) -> float | None:
+    """PatientAge (nnnY/M/W/D) in years; else whole years from ISO birth and study dates."""
+    if age and len(age) == 4 and age[:3].isdigit() and age[3] in _AGE_UNITS:
+        return round(int(age[:3]) * _AGE_UNITS[age[3]], 3)
+    if birth_date and study_date:
+        born, seen = date.fromisoformat(birth_date), date.fromisoformat(study_date)
+        years = seen.year - born.year - ((seen.month, seen.day) < (born.month, born.day))
+        return float(years) if 0 <= years < 150 else None
+    return None
+
+
+def _header_json(ds: pydicom.Dataset, uids: dict[str, str], has_pixels: bool) -> str | None:
+    """The DICOM JSON model of the header; large binary values point into the stored object.
+
+    None when pydicom cannot express some element: the object is still stored as received.
+    """
+    base = (f"studies/{uids['study_instance_uid']}/series/{uids['series_instance_uid']}"
+            f"/instances/{uids['sop_instance_uid']}/bulk")
+
+    def bulk_uri(elem: pydicom.DataElement) -> str:
+        return f"{base}/{elem.tag:08X}"
+
+    try:
+        model = ds.to_json_dict(bulk_data_threshold=1024, bulk_data_element_handler=bulk_uri,
+                                suppress_invalid_tags=True)
+        if has_pixels:
+            compressed = pydicom.uid.UID(str(ds.file_meta.TransferSyntaxUID)).is_compressed
+            model["7FE00010"] = {"vr": "OB" if compressed else "OW", "BulkDataURI": f"{base}/7FE00010"}
+        return json.dumps(model, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    except Exception:  # pydicom raises many kinds on odd values; the JSON view is optional
+        return None
+
+
 def _check_lengths(ds: pydicom.Dataset, total: int) -> None:
     """pydicom silently shortens an element whose length runs past the end: we call it truncated."""
     for tag in ds.keys():
@@ -93,11 +145,30 @@ def _check_lengths(ds: pydicom.Dataset, total: int) -> None:
             raise HeaderError(f"element {tag} claims {length} bytes, only {max(total - tell, 0)} follow: truncated")
 
 
+def read_header_file(path: Path) -> InstanceHeader:
+    """Parse the header of a Part-10 file without reading its pixel data."""
+    with open(path, "rb") as fh:
+        return _read(fh, os.fstat(fh.fileno()).st_size)
+
+
 def read_header(part10: bytes) -> InstanceHeader:
     """Parse the header of a Part-10 byte string; raise HeaderError or InvalidIdentifiers."""
+    return _read(BytesIO(part10), len(part10))
+
+
+def _has_pixel_data(fh: BinaryIO) -> bool:
+    """stop_before_pixels leaves the file at the pixel data tag, if there is one."""
+    position = fh.tell()
+    tag = fh.read(4)
+    fh.seek(position)
+    return tag in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
+
+
+def _read(fh: BinaryIO, total: int) -> InstanceHeader:
     try:
-        ds = pydicom.dcmread(BytesIO(part10), stop_before_pixels=True)
-        _check_lengths(ds, len(part10))
+        ds = pydicom.dcmread(fh, stop_before_pixels=True)
+        has_pixels = _has_pixel_data(fh)
+        _check_lengths(ds, total)
         # Force the lazy conversion of every element now, so a malformed value fails here.
         ds.walk(lambda _ds, _elem: None)
         transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
@@ -141,7 +212,15 @@ def read_header(part10: bytes) -> InstanceHeader:
             "manufacturer": _text(ds, "Manufacturer"),
             "manufacturer_model_name": _text(ds, "ManufacturerModelName"),
             "institution_name": _text(ds, "InstitutionName"),
+            "patient_size_m": _float(ds, "PatientSize"),
+            "patient_weight_kg": _float(ds, "PatientWeight"),
+            "number_of_frames": _int(ds, "NumberOfFrames"),
+            "images_in_acquisition": _int(ds, "ImagesInAcquisition"),
+            "number_of_temporal_positions": _int(ds, "NumberOfTemporalPositions"),
         }
-    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+        fields["patient_age_years"] = patient_age_years(
+            _text(ds, "PatientAge"), fields["patient_birth_date"], fields["study_date"])
+        fields["header_json"] = _header_json(ds, uids, has_pixels)
+    except (ValueError, TypeError, AttributeError, OverflowError, KeyError) as exc:
         raise HeaderError(f"cannot read descriptive attributes: {type(exc).__name__}") from None
     return InstanceHeader(transfer_syntax_uid=transfer_syntax, fields=fields, **uids)

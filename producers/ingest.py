@@ -1,20 +1,27 @@
 """Accept one Part-10 object: validate its header, land it durably, publish InstanceArrived.
 
-Shared by the C-STORE SCP and bulk import. The order is the guarantee: bytes are fsync'd
-before the event exists, and the caller hears success only after the broker acknowledged.
+Shared by the C-STORE SCP, bulk import and start-up recovery. The order is the guarantee:
+bytes are fsync'd before the event exists, and the caller hears success only after the
+broker acknowledged. An event therefore never points at bytes that do not exist.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
-from diana.producers.header import InstanceHeader, InvalidIdentifiers, read_header
-from diana.producers.landing import LandingStore
+import structlog
+
+from diana.producers.header import HeaderError, InstanceHeader, InvalidIdentifiers, read_header_file
+from diana.durable import sha256_file
+from diana.producers.landing import LandingStore, StoredObject
 from diana.producers.publisher import EventPublisher
 from diana.schemas.codec import Codec
 from diana.schemas.topics import INSTANCES
 
 __all__ = ["Ingest", "Accepted"]
+
+log = structlog.get_logger("diana.ingest")
 
 
 @dataclass(frozen=True)
@@ -31,14 +38,18 @@ class Ingest:
         self.publisher = publisher
         self.codec = codec
 
-    def accept(self, part10: bytes, source: str, calling_ae: str | None = None,
-               called_ae: str | None = None, expected_sop_instance_uid: str | None = None) -> Accepted:
+    def accept_file(self, path: Path, source: str, *, owned: bool, calling_ae: str | None = None,
+                    called_ae: str | None = None, expected_sop_instance_uid: str | None = None) -> Accepted:
         """Raises HeaderError / InvalidIdentifiers (bad input), OSError (disk), PublishError (broker)."""
-        header = read_header(part10)
+        header = read_header_file(path)
         if expected_sop_instance_uid is not None and header.sop_instance_uid != expected_sop_instance_uid:
             # The file meta we store names the request's UID: the two must agree.
             raise InvalidIdentifiers("SOPInstanceUID differs from the C-STORE's Affected SOP Instance UID")
-        stored = self.landing.put(part10)
+        stored = self.landing.put_file(path, owned=owned)
+        return self._publish(header, stored, source, calling_ae, called_ae, datetime.now(timezone.utc))
+
+    def _publish(self, header: InstanceHeader, stored: StoredObject, source: str, calling_ae: str | None,
+                 called_ae: str | None, received_at: datetime) -> Accepted:
         event = {
             "sop_instance_uid": header.sop_instance_uid,
             "sop_class_uid": header.sop_class_uid,
@@ -49,7 +60,7 @@ class Ingest:
             "size_bytes": stored.size,
             "sha256": stored.sha256,
             "landing_path": stored.relative_path,
-            "received_at": datetime.now(timezone.utc),
+            "received_at": received_at,
             "source": source,
             "calling_ae": calling_ae,
             "called_ae": called_ae,
@@ -57,3 +68,28 @@ class Ingest:
         value = self.codec.encode(INSTANCES.schema, event)
         latency = self.publisher.publish(INSTANCES.name, header.study_instance_uid.encode(), value)
         return Accepted(header, stored.sha256, stored.size, latency)
+
+    def republish_landed(self) -> int:
+        """Publish an event for every object still in the landing store (the outbox step).
+
+        Run at start-up: an object landed just before a crash may have no event. Objects whose
+        event did go out are published again; every consumer is idempotent on the SOP Instance UID.
+        """
+        count = 0
+        for relative, path in self.landing.stored_objects():
+            try:
+                header = read_header_file(path)
+                digest, size = sha256_file(path)
+                received = datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc)
+            except FileNotFoundError:
+                continue  # archived (and removed) meanwhile: its event went out
+            except (HeaderError, InvalidIdentifiers) as exc:
+                log.error("recover.unreadable", landing_path=relative, detail=str(exc))
+                continue
+            if digest != path.stem:
+                log.error("recover.corrupt", landing_path=relative, sha256=digest)
+                continue
+            stored = StoredObject(relative, digest, size)
+            self._publish(header, stored, "RECOVERED", None, None, received)
+            count += 1
+        return count

@@ -1,18 +1,21 @@
-"""The landing store: received Part-10 bytes made durable before anything is published.
+"""The landing store: received Part-10 objects made durable before anything is published.
 
 Content-addressed (``ab/abcdef….dcm`` by SHA-256): identical re-sends land on the same file,
 different bytes for the same SOP Instance UID never overwrite each other, and no header
-value ever becomes part of a path.
+value ever becomes part of a path. ``.incoming/`` (same filesystem) holds objects while they
+are received, so that accepting one is a hard link, not a copy.
 """
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from diana.durable import write_atomic
+from diana.durable import place_file, sha256_file, write_atomic
 
-__all__ = ["LandingStore", "StoredObject"]
+__all__ = ["LandingStore", "StoredObject", "sha256_file"]
 
 
 @dataclass(frozen=True)
@@ -25,12 +28,51 @@ class StoredObject:
 class LandingStore:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.incoming = self.root / ".incoming"
+        self.incoming.mkdir(parents=True, exist_ok=True)
+
+    def _target(self, digest: str) -> tuple[str, Path]:
+        relative = f"{digest[:2]}/{digest}.dcm"
+        return relative, self.root / relative
 
     def put(self, data: bytes) -> StoredObject:
         digest = hashlib.sha256(data).hexdigest()
-        relative = f"{digest[:2]}/{digest}.dcm"
-        target = self.root / relative
+        relative, target = self._target(digest)
         if not (target.exists() and target.stat().st_size == len(data)):
             write_atomic(target, data)
         return StoredObject(relative, digest, len(data))
+
+    def put_file(self, source: Path, owned: bool) -> StoredObject:
+        """Store the file at ``source`` durably, streaming it.
+
+        ``owned``: the file is ours (received into .incoming) and may be hard-linked into
+        place; otherwise (an import) it is copied, so later edits of the source cannot reach us.
+        """
+        digest, size = sha256_file(source)
+        relative, target = self._target(digest)
+        if not (target.exists() and target.stat().st_size == size):
+            place_file(source, target, link=owned)
+        return StoredObject(relative, digest, size)
+
+    def stored_objects(self) -> Iterator[tuple[str, Path]]:
+        """Every complete object in the store (temp files and .incoming excluded)."""
+        for shard in sorted(self.root.iterdir()):
+            if shard.name.startswith(".") or not shard.is_dir():
+                continue
+            for path in sorted(shard.glob("*.dcm")):
+                if not path.name.startswith("."):
+                    yield f"{shard.name}/{path.name}", path
+
+    def sweep(self, older_than_s: float) -> int:
+        """Delete what a crash or an aborted association left half-written; return how many."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        candidates = list(self.incoming.iterdir()) + list(self.root.glob("*/.*.tmp"))
+        for path in candidates:
+            try:
+                if path.is_file() and path.stat().st_mtime <= cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed

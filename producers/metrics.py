@@ -11,3 +11,4 @@ PUBLISH_LATENCY = Histogram(
     "diana_publish_latency_seconds", "Time from produce to broker acknowledgement",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+REJECTED_ASSOCIATIONS = Counter("diana_associations_rejected_total", "A-ASSOCIATE-RJ sent", ["reason"])

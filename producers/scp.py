@@ -1,19 +1,22 @@
 """The DICOM receiver: a pynetdicom Storage SCP (and Verification SCP) in front of Ingest.
 
 The C-STORE handler is small: what it returns *is* the DIMSE status, and each failure has
-its own named status so that a modality knows whether to retry.
+its own named status so that a modality knows whether to retry. Data sets are received
+in chunks straight to a file on the landing filesystem, never held whole in memory.
 """
 from __future__ import annotations
 
 import signal
 import socket
+import ssl
+import tempfile
 import threading
 
 import structlog
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
 
-from diana.config import Config
+from diana.config import Config, ReceiverConfig
 from diana.producers import metrics
 from diana.producers.header import HeaderError, InvalidIdentifiers
 from diana.producers.ingest import Ingest
@@ -24,6 +27,9 @@ from diana.schemas.codec import default_codec
 __all__ = ["Receiver", "handle_store", "STATUS"]
 
 log = structlog.get_logger("diana.receiver")
+
+# Write each incoming data set to a temporary file as its fragments arrive.
+_config.STORE_RECV_CHUNKED_DATASET = True
 
 
 class STATUS:
@@ -40,14 +46,22 @@ class STATUS:
     PROCESSING_FAILURE = 0xC211
 
 
+class REJECT:
+    """A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4."""
+
+    CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)  # permanent, service user
+
+
 def handle_store(event: evt.Event, ingest: Ingest) -> int:
     assoc = event.assoc
     calling_ae = assoc.requestor.ae_title
     context = {"assoc": assoc.native_id, "calling_ae": calling_ae}
     try:
-        part10 = event.encoded_dataset(include_meta=True)
-        accepted = ingest.accept(part10, "C_STORE", calling_ae=calling_ae, called_ae=assoc.acceptor.ae_title,
-                                 expected_sop_instance_uid=str(event.request.AffectedSOPInstanceUID))
+        accepted = ingest.accept_file(
+            event.dataset_path, "C_STORE", owned=True, calling_ae=calling_ae,
+            called_ae=assoc.acceptor.ae_title,
+            expected_sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
+        )
     except InvalidIdentifiers as exc:
         metrics.REJECTED.labels("invalid_identifiers").inc()
         log.warning("store.rejected", reason="invalid identifiers", detail=str(exc), **context)
@@ -86,6 +100,23 @@ def _on_conn_open(event: evt.Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _on_requested(event: evt.Event, cfg: ReceiverConfig) -> None:
+    """Refuse callers outside the allow-lists with an A-ASSOCIATE-RJ, and say why in the log."""
+    assoc = event.assoc
+    calling_ae = assoc.requestor.primitive.calling_ae_title.strip()
+    host = assoc.requestor.address
+    reason = None
+    if cfg.allowed_calling_aes and calling_ae not in cfg.allowed_calling_aes:
+        reason = "calling AE title not in allowed_calling_aes"
+    elif cfg.allowed_hosts and host not in cfg.allowed_hosts:
+        reason = "host not in allowed_hosts"
+    if reason:
+        metrics.REJECTED_ASSOCIATIONS.labels("not_allowed").inc()
+        log.warning("association.rejected", reason=reason, calling_ae=calling_ae, peer=host)
+        assoc.acse.send_reject(*REJECT.CALLING_AE_NOT_RECOGNISED)
+        assoc.kill()
+
+
 _open_associations: set[int] = set()
 _open_lock = threading.Lock()
 
@@ -98,6 +129,13 @@ def _on_established(event: evt.Event) -> None:
              peer=event.assoc.requestor.address)
 
 
+def _on_rejected(event: evt.Event) -> None:
+    # pynetdicom's own rejections: over maximum_associations
+    metrics.REJECTED_ASSOCIATIONS.labels("limit").inc()
+    log.warning("association.rejected", reason="maximum_associations reached",
+                peer=event.assoc.requestor.address)
+
+
 def _on_closed(event: evt.Event) -> None:
     with _open_lock:
         if id(event.assoc) not in _open_associations:
@@ -107,17 +145,38 @@ def _on_closed(event: evt.Event) -> None:
     log.info("association.closed", assoc=event.assoc.native_id)
 
 
+def tls_context(cfg: ReceiverConfig) -> ssl.SSLContext | None:
+    if not (cfg.tls_cert_file or cfg.tls_key_file):
+        return None
+    if not (cfg.tls_cert_file and cfg.tls_key_file):
+        raise ValueError("[receiver] TLS needs both tls_cert_file and tls_key_file")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cfg.tls_cert_file, cfg.tls_key_file)
+    if cfg.tls_ca_file:
+        ctx.load_verify_locations(cfg.tls_ca_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
 class Receiver:
     """Wiring: one AE, one shared publisher, one landing store."""
+
+    # Half-received files older than this are debris of aborted associations.
+    SWEEP_AFTER_S = 3600.0
 
     def __init__(self, config: Config):
         self.cfg = config.receiver
         self.landing = LandingStore(config.path(config.storage.landing_dir))
+        # pynetdicom writes chunked data sets with NamedTemporaryFile: keep them on the landing
+        # filesystem so that accepting one is a hard link, not a copy.
+        tempfile.tempdir = str(self.landing.incoming)
         self.publisher = EventPublisher(config.kafka.bootstrap, config.kafka.publish_timeout_s)
         self.ingest = Ingest(self.landing, self.publisher, default_codec())
+        self.ssl_context = tls_context(self.cfg)
         ae = AE(ae_title=self.cfg.ae_title)
         ae.maximum_associations = self.cfg.max_associations
-        ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs for large objects
+        ae.maximum_pdu_size = self.cfg.max_pdu_bytes
         ae.network_timeout = 60
         ae.dimse_timeout = 120
         for context in AllStoragePresentationContexts:
@@ -127,30 +186,63 @@ class Receiver:
         self.server = None
         self._stopped = threading.Event()
 
+    def recover(self) -> None:
+        """The outbox step: publish events for objects landed before a crash (retried until done)."""
+        backoff = 1.0
+        while not self._stopped.is_set():
+            try:
+                count = self.ingest.republish_landed()
+                log.info("recover.done", republished=count)
+                return
+            except PublishError as exc:
+                log.warning("recover.retry", detail=str(exc), backoff_s=backoff)
+                self._stopped.wait(backoff)
+                backoff = min(backoff * 2, 30)
+
+    def _sweeper(self) -> None:
+        while not self._stopped.wait(self.SWEEP_AFTER_S / 4):
+            removed = self.landing.sweep(self.SWEEP_AFTER_S)
+            if removed:
+                log.info("landing.swept", removed=removed)
+
     def start(self) -> None:
+        # Before listening, so none of ours exist yet: debris of a crash is swept.
+        swept = self.landing.sweep(older_than_s=0)
+        if swept:
+            log.info("landing.swept", removed=swept)
+        threading.Thread(target=self.recover, name="recover", daemon=True).start()
+        threading.Thread(target=self._sweeper, name="sweeper", daemon=True).start()
         handlers = [
             (evt.EVT_C_STORE, handle_store, [self.ingest]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_CONN_OPEN, _on_conn_open),
+            (evt.EVT_REQUESTED, _on_requested, [self.cfg]),
+            (evt.EVT_REJECTED, _on_rejected),
             (evt.EVT_ESTABLISHED, _on_established),
             (evt.EVT_RELEASED, _on_closed),
             (evt.EVT_ABORTED, _on_closed),
         ]
-        self.server = self.ae.start_server((self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers)
+        self.server = self.ae.start_server((self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers,
+                                           ssl_context=self.ssl_context)
         log.info("receiver.listening", ae_title=self.cfg.ae_title, host=self.cfg.host, port=self.cfg.port,
-                 landing=str(self.landing.root))
+                 tls=self.ssl_context is not None, landing=str(self.landing.root))
 
     def stop(self) -> None:
+        self._stopped.set()
         if self.server is not None:
             self.server.shutdown()
             self.server = None
         self.publisher.close()
-        self._stopped.set()
         log.info("receiver.stopped")
 
     def serve_forever(self) -> None:
         """Run until SIGINT/SIGTERM."""
+        done = threading.Event()
+
+        def shutdown(*_: object) -> None:
+            threading.Thread(target=lambda: (self.stop(), done.set()), daemon=True).start()
+
         self.start()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: threading.Thread(target=self.stop, daemon=True).start())
-        self._stopped.wait()
+            signal.signal(sig, shutdown)
+        done.wait()

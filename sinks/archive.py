@@ -6,14 +6,13 @@ and its SHA-256 is checked against the event before the landing copy is removed.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import structlog
 from confluent_kafka import Message
 from prometheus_client import Counter
 
-from diana.durable import contained_path, write_atomic
+from diana.durable import contained_path, place_file, sha256_file
 from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.topics import INSTANCES
 from diana.schemas.uid import is_valid_uid
@@ -33,14 +32,6 @@ def archive_relative_path(event: dict) -> str:
     if not all(is_valid_uid(u) for u in uids):
         raise ValueError("event carries an invalid UID")
     return "{}/{}/{}.dcm".format(*uids)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ArchiveSink:
@@ -69,7 +60,7 @@ class ArchiveSink:
         target = contained_path(self.archive_root, archive_relative_path(event))
         landing = contained_path(self.landing_root, event["landing_path"])
         if target.exists():
-            if _sha256(target) == event["sha256"]:
+            if sha256_file(target)[0] == event["sha256"]:
                 UNCHANGED.inc()
                 landing.unlink(missing_ok=True)
                 return "unchanged"
@@ -79,13 +70,15 @@ class ArchiveSink:
                         kept=str(target))
             return "conflict"
         try:
-            data = landing.read_bytes()
+            landed_sha = sha256_file(landing)[0]
         except FileNotFoundError:
             raise ValueError(f"landing object {event['landing_path']} is missing and was never archived") from None
-        if hashlib.sha256(data).hexdigest() != event["sha256"]:
+        if landed_sha != event["sha256"]:
             raise ValueError(f"landing object {event['landing_path']} does not match the event's sha256")
-        write_atomic(target, data)
-        if _sha256(target) != event["sha256"]:
+        # Same filesystem: a hard link (the landing object never changes); else a streamed copy.
+        linked = place_file(landing, target, link=True)
+        if not linked and sha256_file(target)[0] != event["sha256"]:
+            target.unlink(missing_ok=True)
             raise OSError(f"archive copy {target} failed verification")
         landing.unlink(missing_ok=True)
         ARCHIVED.inc()

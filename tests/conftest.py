@@ -78,8 +78,8 @@ def stack(cfg: Config):
     from diana.compose.local.stack import LocalStack
     from diana.schemas.topics import ensure_topics
 
-    for tool in ("storescu", "echoscu"):
-        if shutil.which(tool) is None:
+    for tool in ("storescu", "echoscu", "storescp"):
+        if shutil.which(tool, path="/usr/bin:/bin") is None:
             pytest.fail(f"dcmtk's {tool} is not installed: run ./test.sh (it installs dcmtk) "
                         f"or apt-get install dcmtk", pytrace=False)
     local = LocalStack(cfg)
@@ -144,7 +144,7 @@ def wait_for_echo(cfg: Config, timeout: float, procs: dict | None = None) -> Non
             if proc.poll() is not None:
                 pytest.fail(f"pipeline process {name} exited with {proc.returncode}; see var/test/logs/{name}.log")
         r = subprocess.run(["echoscu", "-aec", cfg.receiver.ae_title, "127.0.0.1", str(cfg.receiver.port)],
-                           capture_output=True)
+                           capture_output=True, env={"PATH": "/usr/bin:/bin"})
         if r.returncode == 0:
             return
         time.sleep(0.5)

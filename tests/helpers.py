@@ -14,11 +14,16 @@ from diana.schemas.codec import default_codec
 from diana.schemas.topics import INSTANCES, SERIES, STUDIES
 
 
-def storescu(cfg: Config, files: list[Path], extra: list[str] | None = None) -> subprocess.CompletedProcess:
+# dcmtk's tools, not pynetdicom's same-named apps that a global pip install puts on the PATH.
+DCMTK_ENV = {"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}
+
+
+def storescu(cfg: Config, files: list[Path], extra: list[str] | None = None,
+             aet: str = "STORESCU") -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["storescu", "-aec", cfg.receiver.ae_title, *(extra or []), "127.0.0.1", str(cfg.receiver.port),
-         *map(str, files)],
-        capture_output=True, text=True, env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
+        ["storescu", "-aet", aet, "-aec", cfg.receiver.ae_title, *(extra or []), "127.0.0.1",
+         str(cfg.receiver.port), *map(str, files)],
+        capture_output=True, text=True, env=DCMTK_ENV,
     )
 
 
