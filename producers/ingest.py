@@ -45,8 +45,8 @@ class Ingest:
         if expected_sop_instance_uid is not None and header.sop_instance_uid != expected_sop_instance_uid:
             # The file meta we store names the request's UID: the two must agree.
             raise InvalidIdentifiers("SOPInstanceUID differs from the C-STORE's Affected SOP Instance UID")
-        stored = self.landing.put_file(path, owned=owned)
-        return self._publish(header, stored, source, calling_ae, called_ae, datetime.now(timezone.utc))
+        with self.landing.landed(path, owned=owned) as stored:
+            return self._publish(header, stored, source, calling_ae, called_ae, datetime.now(timezone.utc))
 
     def _publish(self, header: InstanceHeader, stored: StoredObject, source: str, calling_ae: str | None,
                  called_ae: str | None, received_at: datetime) -> Accepted:

@@ -8,14 +8,16 @@ are received, so that accepting one is a hard link, not a copy.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from diana.durable import place_file, sha256_file, write_atomic
 
-__all__ = ["LandingStore", "StoredObject", "sha256_file"]
+__all__ = ["LandingStore", "StoredObject"]
 
 
 @dataclass(frozen=True)
@@ -25,34 +27,73 @@ class StoredObject:
     size: int
 
 
+@dataclass
+class _Entry:
+    """The callers currently landing the same bytes."""
+
+    preexisting: bool
+    holders: int = 0
+    published: bool = False
+
+
 class LandingStore:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
         self.incoming = self.root / ".incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
 
     def _target(self, digest: str) -> tuple[str, Path]:
         relative = f"{digest[:2]}/{digest}.dcm"
         return relative, self.root / relative
 
+    @staticmethod
+    def _complete(target: Path, size: int) -> bool:
+        try:
+            return target.stat().st_size == size
+        except FileNotFoundError:
+            return False
+
     def put(self, data: bytes) -> StoredObject:
+        """Store bytes durably (tests and tools; the receiver uses ``landed``)."""
         digest = hashlib.sha256(data).hexdigest()
         relative, target = self._target(digest)
-        if not (target.exists() and target.stat().st_size == len(data)):
+        if not self._complete(target, len(data)):
             write_atomic(target, data)
         return StoredObject(relative, digest, len(data))
 
-    def put_file(self, source: Path, owned: bool) -> StoredObject:
-        """Store the file at ``source`` durably, streaming it.
+    @contextmanager
+    def landed(self, source: Path, owned: bool) -> Iterator[StoredObject]:
+        """Store ``source`` durably while its event is published inside the block.
 
+        If the block fails (no acknowledgement), the object is removed again unless it was
+        there before or another caller with the same bytes published it: the sender hears
+        failure and retries, and nothing stays that no event points to.
         ``owned``: the file is ours (received into .incoming) and may be hard-linked into
         place; otherwise (an import) it is copied, so later edits of the source cannot reach us.
         """
         digest, size = sha256_file(source)
         relative, target = self._target(digest)
-        if not (target.exists() and target.stat().st_size == size):
-            place_file(source, target, link=owned)
-        return StoredObject(relative, digest, size)
+        with self._lock:
+            entry = self._entries.get(relative)
+            if entry is None:
+                entry = self._entries[relative] = _Entry(preexisting=self._complete(target, size))
+            entry.holders += 1
+        published = False
+        try:
+            if not self._complete(target, size):
+                place_file(source, target, link=owned)
+            yield StoredObject(relative, digest, size)
+            published = True
+        finally:
+            with self._lock:
+                entry.holders -= 1
+                entry.published |= published
+                if entry.holders == 0:
+                    del self._entries[relative]
+                    if not (entry.published or entry.preexisting):
+                        target.unlink(missing_ok=True)
 
     def stored_objects(self) -> Iterator[tuple[str, Path]]:
         """Every complete object in the store (temp files and .incoming excluded)."""

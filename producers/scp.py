@@ -11,6 +11,7 @@ import socket
 import ssl
 import tempfile
 import threading
+from pathlib import Path
 
 import structlog
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
@@ -145,6 +146,19 @@ def _on_closed(event: evt.Event) -> None:
     log.info("association.closed", assoc=event.assoc.native_id)
 
 
+def _discard_partial(event: evt.Event) -> None:
+    """An association that ends mid-transfer leaves a half-received data set file: remove it now."""
+    message = getattr(event.assoc.dimse, "message", None)
+    handle = getattr(message, "_data_set_file", None)
+    if handle is not None:
+        try:
+            handle.close()
+            Path(handle.name).unlink(missing_ok=True)
+            log.warning("store.incomplete", assoc=event.assoc.native_id, reason="association ended mid-transfer")
+        except OSError:
+            pass  # the sweeper removes it later
+
+
 def tls_context(cfg: ReceiverConfig) -> ssl.SSLContext | None:
     if not (cfg.tls_cert_file or cfg.tls_key_file):
         return None
@@ -221,6 +235,8 @@ class Receiver:
             (evt.EVT_ESTABLISHED, _on_established),
             (evt.EVT_RELEASED, _on_closed),
             (evt.EVT_ABORTED, _on_closed),
+            (evt.EVT_ABORTED, _discard_partial),
+            (evt.EVT_CONN_CLOSE, _discard_partial),
         ]
         self.server = self.ae.start_server((self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers,
                                            ssl_context=self.ssl_context)

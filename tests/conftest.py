@@ -99,14 +99,19 @@ class Pipeline:
     procs: dict[str, subprocess.Popen]
     logs: Path
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
+    def start(self, name: str, *args: str, settings: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start ``diana ARGS`` with the test config; ``settings`` are DIANA_* overrides."""
         log = open(self.logs / f"{name}.log", "ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
         env["DIANA_CONFIG"] = str(self.config_file)
+        env.update(settings or {})
         proc = subprocess.Popen([sys.executable, "-m", "diana.cli", *args], stdout=log, stderr=subprocess.STDOUT,
                                 env=env, cwd=REPO)
         self.procs[name] = proc
         return proc
+
+    def log_text(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
 
     def stop(self, name: str, kill: bool = False) -> None:
         proc = self.procs.pop(name)
@@ -135,6 +140,28 @@ def pipeline(stack, cfg: Config, test_config_file: Path):
     yield p
     for name in list(p.procs):
         p.stop(name)
+
+
+@pytest.fixture
+def extra_receiver(pipeline):
+    """Start another receiver on its own port with overridden settings; stopped after the test."""
+    started: list[str] = []
+
+    def start(port: int, **settings: str) -> Config:
+        name = f"receiver-{port}"
+        env = {"DIANA_RECEIVER_PORT": str(port), "DIANA_RECEIVER_METRICS_PORT": "0",
+               **{f"DIANA_RECEIVER_{k.upper()}": v for k, v in settings.items()}}
+        pipeline.start(name, "receive", settings=env)
+        started.append(name)
+        cfg = load_config(pipeline.config_file, environ=env)
+        if "tls_cert_file" not in settings:
+            wait_for_echo(cfg, timeout=30, procs={name: pipeline.procs[name]})
+        return cfg
+
+    yield start
+    for name in started:
+        if name in pipeline.procs:
+            pipeline.stop(name)
 
 
 def wait_for_echo(cfg: Config, timeout: float, procs: dict | None = None) -> None:

@@ -1,0 +1,68 @@
+"""Unit: the landing store keeps exactly what some acknowledged event points to."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diana.producers.landing import LandingStore
+
+
+class Refused(Exception):
+    pass
+
+
+def _source(tmp_path: Path, data: bytes, name: str = "src.dcm") -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_a_published_object_stays_and_a_refused_one_is_removed(tmp_path):
+    store = LandingStore(tmp_path / "landing")
+    with store.landed(_source(tmp_path, b"kept"), owned=False) as stored:
+        pass
+    assert (store.root / stored.relative_path).read_bytes() == b"kept"
+    with pytest.raises(Refused):
+        with store.landed(_source(tmp_path, b"refused"), owned=False) as refused:
+            raise Refused
+    assert not (store.root / refused.relative_path).exists()
+
+
+def test_a_refused_resend_keeps_what_was_already_there(tmp_path):
+    store = LandingStore(tmp_path / "landing")
+    with store.landed(_source(tmp_path, b"same"), owned=False) as first:
+        pass
+    with pytest.raises(Refused):
+        with store.landed(_source(tmp_path, b"same", "again.dcm"), owned=False):
+            raise Refused
+    assert (store.root / first.relative_path).exists()
+
+
+def test_concurrent_identical_objects_one_published_one_refused(tmp_path):
+    store = LandingStore(tmp_path / "landing")
+    a = store.landed(_source(tmp_path, b"twin", "a.dcm"), owned=True)
+    b = store.landed(_source(tmp_path, b"twin", "b.dcm"), owned=True)
+    stored = a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)  # a's event acknowledged
+    b.__exit__(Refused, Refused(), None)  # b's refused: must not remove what a published
+    assert (store.root / stored.relative_path).read_bytes() == b"twin"
+
+
+def test_owned_files_are_linked_not_copied(tmp_path):
+    store = LandingStore(tmp_path / "landing")
+    source = _source(store.incoming, b"received")
+    with store.landed(source, owned=True) as stored:
+        pass
+    assert (store.root / stored.relative_path).stat().st_ino == source.stat().st_ino
+
+
+def test_sweep_removes_debris_only(tmp_path):
+    store = LandingStore(tmp_path / "landing")
+    with store.landed(_source(tmp_path, b"good"), owned=False) as stored:
+        pass
+    (store.incoming / "tmpabc.dcm").write_bytes(b"half")
+    (store.root / stored.relative_path[:2] / ".x.dcm.123.tmp").write_bytes(b"half")
+    assert store.sweep(older_than_s=0) == 2
+    assert [rel for rel, _ in store.stored_objects()] == [stored.relative_path]
