@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from diana.schemas.uid import is_valid_uid
 
@@ -178,8 +177,9 @@ def _read(fh: BinaryIO, total: int) -> InstanceHeader:
             "study_instance_uid": ds.get("StudyInstanceUID"),
             "series_instance_uid": ds.get("SeriesInstanceUID"),
         }
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError,
-            OverflowError, IndexError, NotImplementedError) as exc:
+    except HeaderError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds (struct.error, ...) on malformed input
         raise HeaderError(f"cannot parse data set: {type(exc).__name__}") from None
     missing = sorted(k for k, v in uids.items() if v is None or str(v) == "")
     if len(missing) == len(uids):

@@ -27,6 +27,82 @@ def storescu(cfg: Config, files: list[Path], extra: list[str] | None = None,
     )
 
 
+class RawStoreSender:
+    """One association that sends data sets exactly as given, however broken, over the real network.
+
+    A modality with a broken encoder does this; pynetdicom's send_c_store would refuse such a
+    data set before it reached the wire, so the DIMSE message is built here. Reconnects if the
+    receiver aborted the association.
+    """
+
+    TS = "1.2.840.10008.1.2.1"
+
+    def __init__(self, cfg: Config, sop_class: str = "1.2.840.10008.5.1.4.1.1.2", aet: str = "RAWSENDER"):
+        from pynetdicom import AE
+
+        self.cfg, self.sop_class = cfg, sop_class
+        self.ae = AE(ae_title=aet)
+        self.ae.dimse_timeout = 60
+        self.ae.add_requested_context(sop_class, self.TS)
+        self.assoc = None
+        self.message_id = 0
+
+    def _connect(self):
+        if self.assoc is None or not self.assoc.is_established:
+            self.assoc = self.ae.associate("127.0.0.1", self.cfg.receiver.port, ae_title=self.cfg.receiver.ae_title)
+            assert self.assoc.is_established, "receiver refused the association"
+        return self.assoc
+
+    def send(self, sop_instance_uid: str, body: bytes) -> int | None:
+        """C-STORE ``body`` as the data set; the status, or None if the association broke."""
+        from io import BytesIO
+
+        from pynetdicom.dimse_primitives import C_STORE
+
+        assoc = self._connect()
+        self.message_id = self.message_id % 65535 + 1
+        req = C_STORE()
+        req.MessageID = self.message_id
+        req.AffectedSOPClassUID = self.sop_class
+        req.AffectedSOPInstanceUID = sop_instance_uid
+        req.Priority = 2
+        req.DataSet = BytesIO(body)
+        context = assoc._get_valid_context(self.sop_class, self.TS, "scu")
+        # As send_c_store does: pause the association's reactor so the response comes to us.
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        try:
+            assoc.dimse.send_msg(req, context.context_id)
+            _, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
+        if rsp is None or not assoc.is_established:
+            self.assoc = None
+            return None
+        return int(rsp.Status)
+
+    def close(self) -> None:
+        if self.assoc is not None and self.assoc.is_established:
+            self.assoc.release()
+
+
+def stored_sha256(sop_class: str, sop_instance_uid: str, transfer_syntax: str, body: bytes) -> str:
+    """SHA-256 of the Part-10 file the receiver stores for a data set received as ``body``."""
+    import hashlib
+    from io import BytesIO
+
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta
+
+    buf = BytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buf, create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance_uid,
+                                               transfer_syntax=transfer_syntax))
+    buf.write(body)
+    return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
 def group_lag(cfg: Config, group: str, topics: list[str]) -> int:
     """Messages of ``topics`` not yet committed by ``group`` (a group with no commit counts all)."""
     admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})

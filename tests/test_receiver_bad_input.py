@@ -1,61 +1,34 @@
 """Bad input over the real DICOM network: a clear failure status, nothing written, still serving."""
 from __future__ import annotations
 
-import time
-from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
-from pynetdicom import AE
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.sop_class import CTImageStorage
 
 from diana.producers.scp import STATUS
 
 from dicomgen import make_instance
-from helpers import storescu, wait_until_caught_up
+from helpers import RawStoreSender, storescu, wait_until_caught_up
 
 pytestmark = pytest.mark.integration
 
 
 def _send_file(cfg, path: Path) -> int:
-    """C-STORE the raw data set of a Part-10 file, whatever it holds, over a real association.
-
-    A modality with a broken encoder does exactly this; pynetdicom's own send_c_store would
-    refuse such a data set before it reaches the wire, so the DIMSE message is built here.
-    """
+    """C-STORE the raw data set of a Part-10 file, whatever it holds."""
     raw = path.read_bytes()
     with open(path, "rb") as fh:
         pydicom.filereader.read_preamble(fh, False)
         meta = pydicom.filereader._read_file_meta_info(fh)
         body = raw[fh.tell():]
-    ae = AE(ae_title="BADSENDER")
-    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
-    assoc = ae.associate("127.0.0.1", cfg.receiver.port, ae_title=cfg.receiver.ae_title)
-    assert assoc.is_established
+    sender = RawStoreSender(cfg, aet="BADSENDER")
     try:
-        req = C_STORE()
-        req.MessageID = 1
-        req.AffectedSOPClassUID = CTImageStorage
-        req.AffectedSOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        req.Priority = 2
-        req.DataSet = BytesIO(body)
-        context = assoc._get_valid_context(CTImageStorage, "1.2.840.10008.1.2.1", "scu")
-        # As send_c_store does: pause the association's reactor so the response comes to us.
-        assoc._reactor_checkpoint.clear()
-        while not assoc._is_paused:
-            time.sleep(0.0001)
-        try:
-            assoc.dimse.send_msg(req, context.context_id)
-            _, rsp = assoc.dimse.get_msg(block=True)
-        finally:
-            assoc._reactor_checkpoint.set()
-        assert rsp is not None, "no C-STORE response"
-        return rsp.Status
+        status = sender.send(meta.MediaStorageSOPInstanceUID, body)
     finally:
-        assoc.release()
+        sender.close()
+    assert status is not None, "no C-STORE response"
+    return status
 
 
 def _tree(root: Path) -> set[str]:

@@ -1,0 +1,77 @@
+"""Security with dcmtk as the peer: the calling-AE allow-list and DICOM over TLS."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dicomgen import make_study
+from helpers import DCMTK_ENV, storescu, wait_until_caught_up
+
+pytestmark = pytest.mark.integration
+
+
+def test_only_allowed_calling_aes_may_associate(pipeline, extra_receiver, tmp_path):
+    cfg = extra_receiver(11192, allowed_calling_aes="CT_ROOM_1,ECHOSCU")
+    study = make_study(tmp_path / "s", patient_id="ALLOW1")
+    files = study.files[:3]
+
+    refused = storescu(cfg, files, aet="INTRUDER")
+    assert refused.returncode != 0
+    assert "Association Rejected" in refused.stdout + refused.stderr
+    log = pipeline.log_text("receiver-11192")
+    assert "association.rejected" in log and "INTRUDER" in log and "allowed_calling_aes" in log
+
+    accepted = storescu(cfg, files, aet="CT_ROOM_1")
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    wait_until_caught_up(cfg)
+    assert len(list((cfg.path(cfg.storage.archive_dir) / study.study_uid).rglob("*.dcm"))) == 3
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    d = tmp_path_factory.mktemp("pki")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=diana-test-ca")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")
+        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def test_tls_with_dcmtk_storescu(pipeline, extra_receiver, certificates, tmp_path):
+    c = certificates
+    cfg = extra_receiver(11193, tls_cert_file=str(c["server.pem"]), tls_key_file=str(c["server.key"]),
+                         tls_ca_file=str(c["ca.pem"]))
+    study = make_study(tmp_path / "s", patient_id="TLS1")
+    files = study.files[:4]
+    tls = ["+tls", str(c["client.key"]), str(c["client.pem"]), "+cf", str(c["ca.pem"])]
+
+    # Wait until the TLS listener answers (echoscu over TLS).
+    for _ in range(60):
+        echo = subprocess.run(["echoscu", *tls, "-aec", cfg.receiver.ae_title, "127.0.0.1", "11193"],
+                              capture_output=True, text=True, env=DCMTK_ENV)
+        if echo.returncode == 0:
+            break
+        subprocess.run(["sleep", "0.5"])
+    assert echo.returncode == 0, echo.stdout + echo.stderr
+
+    sent = storescu(cfg, files, extra=tls)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+
+    plain = storescu(cfg, files[:1])  # no TLS: no association
+    assert plain.returncode != 0
+    no_client_cert = storescu(cfg, files[:1], extra=["+tla", "+cf", str(c["ca.pem"])])
+    assert no_client_cert.returncode != 0  # tls_ca_file set: a client certificate is required
+
+    wait_until_caught_up(cfg)
+    assert len(list((cfg.path(cfg.storage.archive_dir) / study.study_uid).rglob("*.dcm"))) == 4
