@@ -42,6 +42,36 @@ def cmd_receive(cfg: Config, _args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
+    """Publish existing files (folders, zips, DICOMDIRs) as if they had been received."""
+    from tqdm import tqdm
+
+    from diana.producers.bulk_import import Importer, find_sources
+    from diana.producers.ingest import Ingest
+    from diana.producers.landing import LandingStore
+    from diana.producers.publisher import EventPublisher
+    from diana.schemas.codec import default_codec
+
+    try:
+        sources = list(find_sources([Path(p) for p in args.paths]))
+    except FileNotFoundError as exc:
+        print(f"diana import: {exc}", file=sys.stderr)
+        return 2
+    publisher = EventPublisher(cfg.kafka.bootstrap, cfg.kafka.publish_timeout_s, client_id="diana-import")
+    ingest = Ingest(LandingStore(cfg.path(cfg.storage.landing_dir)), publisher, default_codec())
+    try:
+        with tqdm(total=len(sources), unit="file", desc="import", disable=args.no_progress) as bar:
+            summary = Importer(ingest, workers=args.workers).run(sources, progress=bar.update)
+    finally:
+        publisher.close()
+    print("\n".join(summary.lines()))
+    if summary.failed:
+        print("Some files could not be imported for a passing reason (broker or disk); run the same "
+              "command again: what was imported is not duplicated downstream.", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
     import faust
 
@@ -207,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
                    description="Run the C-STORE/C-ECHO SCP: land each object durably, publish "
                                "InstanceArrived, answer success only after the broker acknowledged."
                    ).set_defaults(func=cmd_receive)
+    imp = sub.add_parser("import", help="publish existing DICOM files (folders, zips, DICOMDIRs)",
+                         description=cmd_import.__doc__ + " Each object is validated, landed and published "
+                         "exactly like a C-STORE; non-DICOM files are skipped; a summary lists what was "
+                         "rejected and why. Exit status 1 if anything failed for a passing reason.")
+    imp.add_argument("paths", nargs="+", metavar="PATH", help="a folder, a .zip, or a DICOMDIR file")
+    imp.add_argument("--workers", type=int, default=8, help="objects in flight at once (default 8)")
+    imp.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in scripts)")
+    imp.set_defaults(func=cmd_import)
+
     sub.add_parser("aggregate", help="run the Faust worker for series and study aggregates",
                    description="Run the Faust worker that folds dicom.instances into dicom.series "
                                "and dicom.studies.").set_defaults(func=cmd_aggregate)
