@@ -90,9 +90,13 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
 
     stop = _stop_on_signals()
     if args.sink == "archive":
+        from diana.schemas.topics import ARCHIVE_CONFLICTS
         from diana.sinks.archive import ArchiveSink
+        from diana.sinks.consumer import Reporter
 
-        sink = ArchiveSink(cfg.path(cfg.storage.landing_dir), cfg.path(cfg.storage.archive_dir))
+        report = Reporter(cfg.kafka.bootstrap, ARCHIVE_CONFLICTS.name, ARCHIVE_CONFLICTS.schema, "sop_instance_uid")
+        sink = ArchiveSink(cfg.path(cfg.storage.landing_dir), cfg.path(cfg.storage.archive_dir),
+                           policy=cfg.sinks.archive_conflict_policy, report=report)
         group, port = cfg.sinks.archive_group, cfg.sinks.archive_metrics_port
     else:
         from opensearchpy import OpenSearch
@@ -100,10 +104,109 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
         from diana.sinks.opensearch import IndexLayout, OpenSearchSink
 
         client = OpenSearch(hosts=[cfg.opensearch.url], timeout=30)
-        sink = OpenSearchSink(client, IndexLayout(cfg.opensearch.index_prefix))
+        sink = OpenSearchSink(client, IndexLayout(cfg.opensearch.index_prefix),
+                              max_bytes=cfg.sinks.bulk_max_bytes)
         group, port = cfg.sinks.opensearch_group, cfg.sinks.opensearch_metrics_port
     _metrics(cfg, port)
     run_sink(sink, cfg.kafka.bootstrap, group, stop, batch_size=cfg.opensearch.bulk_max_docs)
+    return 0
+
+
+# ------------------------------------------------------------------ operations
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    """Topics and offsets, consumer lag, index document counts, archive and landing counts."""
+    from diana.status import collect_status, render_status
+
+    status = collect_status(cfg)
+    print(render_status(status))
+    return 1 if status.errors else 0
+
+
+def cmd_replay(cfg: Config, args: argparse.Namespace) -> int:
+    """Move a stopped consumer group to the beginning, the end, a time or an offset."""
+    from datetime import datetime, timezone
+
+    from diana.replay import ReplayError, apply_replay, plan_replay
+
+    when = None
+    if args.to_datetime:
+        try:
+            when = datetime.fromisoformat(args.to_datetime)
+        except ValueError:
+            print(f"diana replay: --to-datetime {args.to_datetime!r} is not ISO 8601 "
+                  f"(e.g. 2024-03-15T08:00:00+00:00)", file=sys.stderr)
+            return 2
+        when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    to = "beginning" if args.to_beginning else "end" if args.to_end else "datetime" if when else "offset"
+    try:
+        moves = plan_replay(cfg, args.group, args.topic, to=to, when=when, offset=args.to_offset)
+        print(f"{'topic':<24}{'partition':>10}{'current':>12}{'new':>12}{'to reprocess':>14}")
+        for m in moves:
+            current = "-" if m.current is None else str(m.current)
+            print(f"{m.topic:<24}{m.partition:>10}{current:>12}{m.target:>12}{m.to_reprocess:>14}")
+        total = sum(m.to_reprocess for m in moves)
+        if args.dry_run:
+            print(f"dry run: {total} messages would be processed again by {args.group}; nothing moved")
+            return 0
+        apply_replay(cfg, args.group, moves)
+        print(f"moved {args.group}: {total} messages will be processed again when its consumers start")
+    except ReplayError as exc:
+        print(f"diana replay: {exc}", file=sys.stderr)
+        return 1
+    if args.watch:
+        _watch_lag(cfg, args.group, [m.topic for m in moves])
+    return 0
+
+
+def _watch_lag(cfg: Config, group: str, topics: list[str]) -> None:
+    """A progress bar of the group's remaining lag, with events/s, until it reaches zero."""
+    from tqdm import tqdm
+
+    from diana.status import group_lag, watermarks
+
+    def lag() -> int:
+        return sum(group_lag(cfg, group, watermarks(cfg, sorted(set(topics)))).values())
+
+    start = lag()
+    with tqdm(total=start, unit="event", desc=f"{group} catching up") as bar:
+        remaining = start
+        while remaining > 0:
+            time.sleep(1)
+            now = lag()
+            bar.total = max(bar.total, bar.n + now)
+            bar.update(max(remaining - now, 0))
+            remaining = now
+
+
+def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
+    """Build new index versions from the topics while the live sink keeps writing; swap aliases."""
+    from opensearchpy import OpenSearch
+    from tqdm import tqdm
+
+    from diana.sinks.consumer import DeadLetters
+    from diana.sinks.opensearch import IndexLayout
+    from diana.sinks.reindex import Reindexer
+
+    kinds = args.kinds.split(",")
+    layout = IndexLayout(cfg.opensearch.index_prefix)
+    unknown = sorted(set(kinds) - set(layout.id_fields))
+    if unknown:
+        print(f"diana reindex: unknown kind(s) {', '.join(unknown)}; valid: {', '.join(layout.id_fields)}",
+              file=sys.stderr)
+        return 2
+    client = OpenSearch(hosts=[cfg.opensearch.url], timeout=60)
+    reindexer = Reindexer(client, layout, cfg.kafka.bootstrap, DeadLetters(cfg.kafka.bootstrap, "reindex"),
+                          max_bytes=cfg.sinks.bulk_max_bytes)
+    with tqdm(unit="event", desc="reindex", disable=args.no_progress) as bar:
+        def set_total(total: int) -> None:
+            bar.total = total
+            bar.refresh()
+
+        result = reindexer.run(kinds, progress=bar.update, set_total=set_total, delete_old=args.delete_old)
+    for kind, (old, new) in result.items():
+        alias = layout.alias(kind)
+        kept = "" if args.delete_old or not old else f" ({layout.index(kind, old)} kept; --delete-old removes it)"
+        print(f"{alias} -> {layout.index(kind, new)}{kept}")
     return 0
 
 
@@ -260,6 +363,31 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("action", choices=["install", "start", "stop", "status", "reset"],
                        help="reset stops both servers and deletes their data")
     stack.set_defaults(func=cmd_stack)
+
+    sub.add_parser("status", help="offsets, consumer lag, index counts, archive size",
+                   description=cmd_status.__doc__).set_defaults(func=cmd_status)
+
+    rp = sub.add_parser("replay", help="move a stopped consumer group for reprocessing",
+                        description=cmd_replay.__doc__ + " Stop the group's consumers first; start them "
+                        "again afterwards and they reprocess from the new position.")
+    rp.add_argument("group", help="consumer group, e.g. diana-sink-opensearch, diana-sink-archive, diana-aggregates")
+    where = rp.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to-beginning", action="store_true", help="reprocess everything still in the topics")
+    where.add_argument("--to-end", action="store_true", help="skip everything not yet processed")
+    where.add_argument("--to-datetime", metavar="ISO", help="the first message at or after this time")
+    where.add_argument("--to-offset", type=int, metavar="N", help="this offset in every partition")
+    rp.add_argument("--topic", action="append", help="limit to this topic (repeatable); default: the group's topics")
+    rp.add_argument("--dry-run", action="store_true", help="show what would move, move nothing")
+    rp.add_argument("--watch", action="store_true", help="then show the group's lag draining, with events/s")
+    rp.set_defaults(func=cmd_replay)
+
+    ri = sub.add_parser("reindex", help="rebuild OpenSearch indices from the topics, swap aliases",
+                        description=cmd_reindex.__doc__ + " The old versions stay unless --delete-old.")
+    ri.add_argument("--kinds", default="instances,series,studies",
+                    help="comma-separated: instances, series, studies (default: all)")
+    ri.add_argument("--delete-old", action="store_true", help="delete the previous versions after the swap")
+    ri.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ri.set_defaults(func=cmd_reindex)
 
     sub.add_parser("topics", help="create the missing topics",
                    description="Create every diana-star topic that does not exist yet.").set_defaults(func=cmd_topics)

@@ -71,6 +71,10 @@ class SinksConfig:
     # 0 turns a metrics endpoint off.
     archive_metrics_port: int = 9465
     opensearch_metrics_port: int = 9466
+    # Same SOP Instance UID, different bytes: KEEP_FIRST, REPLACE or KEEP_BOTH (reported either way).
+    archive_conflict_policy: str = "KEEP_FIRST"
+    # A bulk request holds at most this many documents and about this many bytes.
+    bulk_max_bytes: int = 5_000_000
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,21 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
     return overrides
 
 
+# Settings with a fixed set of values, checked at start-up.
+_CHOICES = {
+    ("sinks", "archive_conflict_policy"): ("KEEP_FIRST", "REPLACE", "KEEP_BOTH"),
+    ("log", "format"): ("console", "json"),
+    ("log", "level"): ("debug", "info", "warning", "error"),
+}
+
+
+def _check_choices(sections: dict[str, Any]) -> None:
+    for (section, key), allowed in _CHOICES.items():
+        value = getattr(sections[section], key)
+        if value not in allowed:
+            raise ConfigError(f"[{section}] {key} = {value!r}: use one of {', '.join(allowed)}")
+
+
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Defaults, then the TOML file (``path`` or $DIANA_CONFIG), then DIANA_* variables."""
     environ = os.environ if environ is None else environ
@@ -219,4 +238,5 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     for section, values in _env_overrides(environ).items():
         merged.setdefault(section, {}).update(values)
     sections = {s: _build_section(s, merged.get(s, {}), str(path or "environment")) for s in _SECTIONS}
+    _check_choices(sections)
     return Config(base_dir=base_dir, **sections)

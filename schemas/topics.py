@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Topic", "INSTANCES", "SERIES", "STUDIES", "DEADLETTER", "ALL_TOPICS", "ensure_topics"]
+__all__ = ["Topic", "INSTANCES", "SERIES", "STUDIES", "DEADLETTER", "ARCHIVE_CONFLICTS", "ALL_TOPICS",
+           "ensure_topics"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,12 @@ DEADLETTER = Topic(
     "dicom.deadletter", key="origin topic/partition/offset", schema=None,
     config={"retention.ms": str(90 * 24 * 3600 * 1000)},
 )
-ALL_TOPICS = (INSTANCES, SERIES, STUDIES, DEADLETTER)
+# Same SOP Instance UID, different bytes: each occurrence and what the archive did about it.
+ARCHIVE_CONFLICTS = Topic(
+    "dicom.archive-conflicts", key="SOPInstanceUID", schema="ArchiveConflict",
+    config={"retention.ms": "-1"},
+)
+ALL_TOPICS = (INSTANCES, SERIES, STUDIES, DEADLETTER, ARCHIVE_CONFLICTS)
 
 
 def ensure_topics(bootstrap: str, partitions: int, timeout: float = 30.0) -> list[str]:

@@ -6,7 +6,9 @@ and its SHA-256 is checked against the event before the landing copy is removed.
 """
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import structlog
 from confluent_kafka import Message
@@ -16,15 +18,16 @@ from diana.durable import contained_path, place_file, sha256_file
 from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.topics import INSTANCES
 from diana.schemas.uid import is_valid_uid
-from diana.sinks.consumer import DeadLetters, RetryableError
+from diana.sinks.consumer import DeadLetters, Reporter, RetryableError
 
-__all__ = ["ArchiveSink", "archive_relative_path"]
+__all__ = ["ArchiveSink", "ConflictPolicy", "archive_relative_path"]
 
 log = structlog.get_logger("diana.sink.archive")
 
 ARCHIVED = Counter("diana_archive_written_total", "Instances written to the archive")
 UNCHANGED = Counter("diana_archive_unchanged_total", "Events whose identical object was already archived")
-CONFLICTS = Counter("diana_archive_conflicts_total", "Same SOP Instance UID arrived with different bytes")
+CONFLICTS = Counter("diana_archive_conflicts_total", "Same SOP Instance UID arrived with different bytes",
+                    ["policy"])
 
 
 def archive_relative_path(event: dict) -> str:
@@ -34,15 +37,29 @@ def archive_relative_path(event: dict) -> str:
     return "{}/{}/{}.dcm".format(*uids)
 
 
+class ConflictPolicy:
+    """What to do when a SOP Instance UID arrives again with different bytes."""
+
+    KEEP_FIRST = "KEEP_FIRST"  # the archive keeps the first bytes; the newcomer is only reported
+    REPLACE = "REPLACE"  # the newcomer replaces the archived bytes
+    KEEP_BOTH = "KEEP_BOTH"  # the first stays as <SOP>.dcm, the newcomer beside it as <SOP>.<sha12>.dcm
+    ALL = (KEEP_FIRST, REPLACE, KEEP_BOTH)
+
+
 class ArchiveSink:
     name = "archive"
     topics = (INSTANCES.name,)
 
-    def __init__(self, landing_root: Path, archive_root: Path, codec: Codec | None = None):
+    def __init__(self, landing_root: Path, archive_root: Path, codec: Codec | None = None,
+                 policy: str = ConflictPolicy.KEEP_FIRST, report: Reporter | Callable[[dict], None] | None = None):
+        if policy not in ConflictPolicy.ALL:
+            raise ValueError(f"unknown conflict policy {policy!r}; use one of {', '.join(ConflictPolicy.ALL)}")
         self.landing_root = Path(landing_root).resolve()
         self.archive_root = Path(archive_root).resolve()
         self.archive_root.mkdir(parents=True, exist_ok=True)
         self.codec = codec or default_codec()
+        self.policy = policy
+        self.report = report or (lambda conflict: None)
 
     def write(self, batch: list[Message], dead: DeadLetters) -> None:
         for msg in batch:
@@ -54,32 +71,63 @@ class ArchiveSink:
             except OSError as exc:
                 # Disk full, permissions, I/O error: nothing is committed; try again later.
                 raise RetryableError(f"archive write failed: {exc.strerror or exc}") from exc
+        if isinstance(self.report, Reporter):
+            self.report.flush()  # reported before the offsets move
 
     def archive_one(self, event: dict) -> str:
-        """Archive one event's object; return 'written', 'unchanged' or 'conflict'."""
-        target = contained_path(self.archive_root, archive_relative_path(event))
+        """Archive one event's object.
+
+        Returns 'written', 'unchanged', 'conflict' (a first sighting, handled by the policy) or
+        'superseded' (a replayed event whose conflict was already resolved).
+        """
+        relative = archive_relative_path(event)
+        target = contained_path(self.archive_root, relative)
         landing = contained_path(self.landing_root, event["landing_path"])
-        if target.exists():
-            if sha256_file(target)[0] == event["sha256"]:
-                UNCHANGED.inc()
-                landing.unlink(missing_ok=True)
-                return "unchanged"
-            # Keep the first copy; the differing bytes stay in the landing store for inspection.
-            CONFLICTS.inc()
-            log.warning("archive.conflict", sop_instance_uid=event["sop_instance_uid"], sha256=event["sha256"],
-                        kept=str(target))
-            return "conflict"
+        sha = event["sha256"]
+        if not target.exists():
+            self._place(landing, target, sha, event)
+            ARCHIVED.inc()
+            return "written"
+        archived_sha = sha256_file(target)[0]
+        version = target.with_name(f"{target.stem}.{sha[:12]}.dcm")
+        if archived_sha == sha or (version.exists() and sha256_file(version)[0] == sha):
+            UNCHANGED.inc()
+            landing.unlink(missing_ok=True)
+            return "unchanged"
+        if not landing.exists():
+            # A replay of a conflict resolved before: its bytes are gone by policy.
+            return "superseded"
+        CONFLICTS.labels(self.policy).inc()
+        version_path = None
+        if self.policy == ConflictPolicy.REPLACE:
+            self._place(landing, target, sha, event)
+        elif self.policy == ConflictPolicy.KEEP_BOTH:
+            self._place(landing, version, sha, event)
+            version_path = str(version.relative_to(self.archive_root))
+        else:
+            landing.unlink()
+        log.warning("archive.conflict", sop_instance_uid=event["sop_instance_uid"], policy=self.policy,
+                    archived_sha256=archived_sha, incoming_sha256=sha)
+        self.report({
+            "sop_instance_uid": event["sop_instance_uid"], "study_instance_uid": event["study_instance_uid"],
+            "series_instance_uid": event["series_instance_uid"], "archived_sha256": archived_sha,
+            "incoming_sha256": sha, "policy": self.policy, "kept_path": relative, "version_path": version_path,
+            "detected_at": datetime.now(timezone.utc),
+        })
+        return "conflict"
+
+    @staticmethod
+    def _place(landing: Path, target: Path, sha: str, event: dict) -> None:
+        """Verified, atomic placement; the landing copy is removed only after."""
         try:
             landed_sha = sha256_file(landing)[0]
         except FileNotFoundError:
             raise ValueError(f"landing object {event['landing_path']} is missing and was never archived") from None
-        if landed_sha != event["sha256"]:
+        if landed_sha != sha:
             raise ValueError(f"landing object {event['landing_path']} does not match the event's sha256")
         # Same filesystem: a hard link (the landing object never changes); else a streamed copy.
         linked = place_file(landing, target, link=True)
-        if not linked and sha256_file(target)[0] != event["sha256"]:
+        if not linked and sha256_file(target)[0] != sha:
             target.unlink(missing_ok=True)
             raise OSError(f"archive copy {target} failed verification")
         landing.unlink(missing_ok=True)
-        ARCHIVED.inc()
-        return "written"

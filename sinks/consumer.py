@@ -16,7 +16,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from diana.schemas.topics import DEADLETTER
 
-__all__ = ["RetryableError", "DeadLetters", "BatchSink", "run_sink"]
+__all__ = ["RetryableError", "DeadLetters", "Reporter", "BatchSink", "run_sink"]
 
 log = structlog.get_logger("diana.sink")
 
@@ -48,6 +48,27 @@ class DeadLetters:
         """Block until every parked message is acknowledged; raise if the broker does not answer."""
         if self._producer.flush(timeout) > 0:
             raise RetryableError("dead-letter messages not acknowledged")
+
+
+class Reporter:
+    """Publishes a sink's own reports (e.g. archive conflicts) with the project's codec."""
+
+    def __init__(self, bootstrap: str, topic: str, schema: str, key_field: str):
+        from diana.schemas.codec import default_codec
+
+        self.topic, self.schema, self.key_field = topic, schema, key_field
+        self.codec = default_codec()
+        self._producer = Producer(
+            {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "log_level": 3}
+        )
+
+    def __call__(self, record: dict) -> None:
+        self._producer.produce(self.topic, key=record[self.key_field].encode(),
+                               value=self.codec.encode(self.schema, record))
+
+    def flush(self, timeout: float = 30.0) -> None:
+        if self._producer.flush(timeout) > 0:
+            raise RetryableError(f"reports to {self.topic} not acknowledged")
 
 
 class BatchSink(Protocol):

@@ -65,15 +65,25 @@ def ensure_indices(client: OpenSearch, layout: IndexLayout) -> None:
 
 
 def _document(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in record.items()}
+    doc = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in record.items()}
+    header = doc.pop("header_json", None)
+    if header:
+        # The whole header, stored with the document but not mapped: arbitrary tags cannot
+        # explode the mapping; the typed fields above are what is searchable.
+        doc["dicom"] = json.loads(header)
+    return doc
 
 
 class OpenSearchSink:
     name = "opensearch"
     topics = (INSTANCES.name, SERIES.name, STUDIES.name)
 
-    def __init__(self, client: OpenSearch, layout: IndexLayout, codec: Codec | None = None):
+    def __init__(self, client: OpenSearch, layout: IndexLayout, codec: Codec | None = None,
+                 max_bytes: int = 5_000_000, index_version: int | None = None):
         self.client = client
+        self.max_bytes = max_bytes
+        # None: write through the aliases (the live sink); a number: into that version (reindex).
+        self.index_version = index_version
         self.layout = layout
         self.codec = codec or default_codec()
         self._indices_ready = False
@@ -87,7 +97,8 @@ class OpenSearchSink:
             except DecodeError as exc:
                 dead.send(msg, f"opensearch: {exc}")
                 continue
-            meta: dict[str, Any] = {"_index": self.layout.alias(kind), "_id": record[self.layout.id_fields[kind]]}
+            index = self.layout.alias(kind) if self.index_version is None else self.layout.index(kind, self.index_version)
+            meta: dict[str, Any] = {"_index": index, "_id": record[self.layout.id_fields[kind]]}
             if "revision" in record:
                 meta.update(version=record["revision"], version_type="external_gte")
             actions.append((msg, meta, _document(record)))
@@ -96,12 +107,22 @@ class OpenSearchSink:
         for item in actions:
             latest[(item[1]["_index"], item[1]["_id"])] = item
         pending = list(latest.values())
-        if pending:
-            self._bulk(pending, dead)
+        # Requests stay under max_bytes (roughly: the documents' JSON size).
+        chunk: list[tuple[Message, dict, dict]] = []
+        size = 0
+        for item in pending:
+            item_size = len(json.dumps(item[2], default=str))
+            if chunk and size + item_size > self.max_bytes:
+                self._bulk(chunk, dead)
+                chunk, size = [], 0
+            chunk.append(item)
+            size += item_size
+        if chunk:
+            self._bulk(chunk, dead)
 
     def _bulk(self, pending: list[tuple[Message, dict, dict]], dead: DeadLetters) -> None:
         try:
-            if not self._indices_ready:
+            if not self._indices_ready and self.index_version is None:
                 ensure_indices(self.client, self.layout)
                 self._indices_ready = True
             body: list[dict] = []

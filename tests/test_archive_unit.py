@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from diana.producers.landing import LandingStore
-from diana.sinks.archive import ArchiveSink
+from diana.sinks.archive import ArchiveSink, ConflictPolicy
 
 
 def _event(stored, sop="1.2.3.4.5") -> dict:
@@ -35,14 +35,34 @@ def test_archive_moves_verified_bytes_and_is_idempotent(roots):
     assert not (landing.root / stored.relative_path).exists()
 
 
-def test_different_bytes_for_the_same_uid_keep_the_first(roots):
-    landing, sink = roots
-    first = landing.put(b"first")
-    sink.archive_one(_event(first))
-    second = landing.put(b"second")
+@pytest.mark.parametrize("policy,kept,beside", [
+    (ConflictPolicy.KEEP_FIRST, b"first", None),
+    (ConflictPolicy.REPLACE, b"second", None),
+    (ConflictPolicy.KEEP_BOTH, b"first", b"second"),
+])
+def test_same_uid_different_bytes_follows_the_policy_and_is_reported(tmp_path, policy, kept, beside):
+    landing = LandingStore(tmp_path / "landing")
+    reports = []
+    sink = ArchiveSink(tmp_path / "landing", tmp_path / "archive", policy=policy, report=reports.append)
+    first, second = landing.put(b"first"), landing.put(b"second")
+    assert sink.archive_one(_event(first)) == "written"
     assert sink.archive_one(_event(second)) == "conflict"
-    assert (sink.archive_root / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm").read_bytes() == b"first"
-    assert (landing.root / second.relative_path).exists()  # kept for inspection, not lost
+    folder = sink.archive_root / "1.2.3" / "1.2.3.4"
+    assert (folder / "1.2.3.4.5.dcm").read_bytes() == kept
+    version = folder / f"1.2.3.4.5.{second.sha256[:12]}.dcm"
+    assert (version.read_bytes() if version.exists() else None) == beside
+    assert not any(landing.root.rglob("*.dcm"))  # handled: nothing left in landing
+    assert [(r["policy"], r["archived_sha256"], r["incoming_sha256"]) for r in reports] == [
+        (policy, first.sha256, second.sha256)]
+    # A replay of both events changes nothing and reports nothing new.
+    assert sink.archive_one(_event(first)) in ("unchanged", "superseded")
+    assert sink.archive_one(_event(second)) in ("unchanged", "superseded")
+    assert (folder / "1.2.3.4.5.dcm").read_bytes() == kept and len(reports) == 1
+
+
+def test_unknown_policy_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="KEEP_FIRST"):
+        ArchiveSink(tmp_path / "l", tmp_path / "a", policy="keep")
 
 
 def test_corrupt_landing_copy_and_hostile_paths_are_refused(roots):

@@ -1,0 +1,96 @@
+"""`diana replay`: move a consumer group back (or forward) for reprocessing.
+
+The group must be stopped (no active members): Kafka refuses to move the offsets of a live
+group, and a live consumer would overwrite them. Moves to the beginning, the end, a point in
+time, or an offset; --dry-run shows what would move.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from confluent_kafka import Consumer, ConsumerGroupState, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from diana.config import Config
+from diana.status import watermarks
+
+__all__ = ["ReplayError", "Move", "plan_replay", "apply_replay"]
+
+
+class ReplayError(RuntimeError):
+    """The replay cannot be done; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Move:
+    topic: str
+    partition: int
+    current: int | None  # None: the group never committed here
+    target: int
+
+    @property
+    def to_reprocess(self) -> int:
+        return max((self.current or 0) - self.target, 0) if self.current is not None else 0
+
+
+def plan_replay(cfg: Config, group: str, topics: list[str] | None, *, to: str,
+                when: datetime | None = None, offset: int | None = None) -> list[Move]:
+    admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
+    described = admin.describe_consumer_groups([group])[group].result()
+    if described.state not in (ConsumerGroupState.EMPTY, ConsumerGroupState.DEAD, ConsumerGroupState.UNKNOWN):
+        members = ", ".join(m.client_id for m in described.members) or "?"
+        raise ReplayError(f"group {group} is {described.state.name.lower()} with members ({members}): "
+                          f"stop its consumers first (e.g. the `diana sink ...` or `diana aggregate` process)")
+    if not topics:
+        probe = watermarks(cfg, [t for t in admin.list_topics(timeout=10).topics if not t.startswith("__")])
+        committed = admin.list_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t, ps in probe.items() for p in ps])]
+        )[group].result().topic_partitions
+        topics = sorted({tp.topic for tp in committed if tp.offset >= 0})
+        if not topics:
+            raise ReplayError(f"group {group} has no committed offsets: name the topics with --topic")
+    marks = watermarks(cfg, topics)
+    missing = sorted(set(topics) - set(marks))
+    if missing:
+        raise ReplayError(f"no such topic: {', '.join(missing)}")
+    current = {
+        (tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None)
+        for tp in admin.list_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t in marks for p in marks[t]])]
+        )[group].result().topic_partitions
+    }
+    targets: dict[tuple[str, int], int] = {}
+    if to == "datetime":
+        consumer = Consumer({"bootstrap.servers": cfg.kafka.bootstrap, "group.id": "diana-replay-probe",
+                             "log_level": 3})
+        try:
+            ms = int(when.timestamp() * 1000)
+            found = consumer.offsets_for_times([TopicPartition(t, p, ms) for t in marks for p in marks[t]],
+                                               timeout=10)
+        finally:
+            consumer.close()
+        for tp in found:
+            # -1: nothing at or after that time in this partition: start at its end
+            targets[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else marks[tp.topic][tp.partition][1]
+    else:
+        for t, parts in marks.items():
+            for p, (low, high) in parts.items():
+                if to == "beginning":
+                    targets[(t, p)] = low
+                elif to == "end":
+                    targets[(t, p)] = high
+                else:
+                    if offset is None or not low <= offset <= high:
+                        raise ReplayError(f"offset {offset} is outside {t}[{p}]: valid {low}..{high}")
+                    targets[(t, p)] = offset
+    return [Move(t, p, current.get((t, p)), targets[(t, p)]) for (t, p) in sorted(targets)]
+
+
+def apply_replay(cfg: Config, group: str, moves: list[Move]) -> None:
+    admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
+    request = ConsumerGroupTopicPartitions(group, [TopicPartition(m.topic, m.partition, m.target) for m in moves])
+    result = admin.alter_consumer_group_offsets([request])[group].result()
+    failed = [tp for tp in result.topic_partitions if tp.error is not None]
+    if failed:
+        raise ReplayError(f"Kafka refused to move {len(failed)} partitions: {failed[0].error}")

@@ -1,0 +1,113 @@
+"""`diana status`: one screen a person can read about the whole pipeline.
+
+Per topic and partition: first and end offsets. Per consumer group: lag per topic.
+Per index alias: the versioned index behind it and its document count. Archive and landing:
+object counts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from diana.config import Config
+
+__all__ = ["PipelineStatus", "collect_status", "render_status", "group_lag"]
+
+
+@dataclass
+class PipelineStatus:
+    topics: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)  # topic -> partition -> (low, high)
+    groups: dict[str, dict[str, int]] = field(default_factory=dict)  # group -> topic -> lag
+    indices: dict[str, tuple[str, int]] = field(default_factory=dict)  # alias -> (index, documents)
+    archive_objects: int = 0
+    landing_objects: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def watermarks(cfg: Config, topics: list[str]) -> dict[str, dict[int, tuple[int, int]]]:
+    admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
+    consumer = Consumer({"bootstrap.servers": cfg.kafka.bootstrap, "group.id": "diana-status", "log_level": 3})
+    try:
+        meta = admin.list_topics(timeout=10).topics
+        return {
+            t: {p: consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10) for p in sorted(meta[t].partitions)}
+            for t in topics if t in meta
+        }
+    finally:
+        consumer.close()
+
+
+def group_lag(cfg: Config, group: str, marks: dict[str, dict[int, tuple[int, int]]]) -> dict[str, int]:
+    """Messages not yet committed by ``group``, per topic it has committed anything for."""
+    admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
+    partitions = [TopicPartition(t, p) for t, parts in marks.items() for p in parts]
+    result = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, partitions)])
+    committed = result[group].result().topic_partitions
+    lag: dict[str, int] = {}
+    for tp in committed:
+        if tp.offset < 0:
+            continue  # never committed on this partition
+        low, high = marks[tp.topic][tp.partition]
+        lag[tp.topic] = lag.get(tp.topic, 0) + high - max(tp.offset, low)
+    return lag
+
+
+def _count(root: Path) -> int:
+    return sum(1 for p in root.rglob("*.dcm") if not p.name.startswith(".") and ".incoming" not in p.parts) \
+        if root.exists() else 0
+
+
+def collect_status(cfg: Config) -> PipelineStatus:
+    from opensearchpy import OpenSearch
+    from opensearchpy.exceptions import OpenSearchException
+
+    from diana.schemas.topics import ALL_TOPICS
+    from diana.sinks.opensearch import IndexLayout
+
+    status = PipelineStatus()
+    status.topics = watermarks(cfg, [t.name for t in ALL_TOPICS])
+    admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
+    groups = sorted(g.group_id for g in admin.list_consumer_groups(request_timeout=10).result().valid)
+    for group in groups:
+        if group.startswith(("diana-status", "lag-probe-", "reader-")):
+            continue
+        lag = group_lag(cfg, group, status.topics)
+        if lag:
+            status.groups[group] = lag
+    client = OpenSearch(hosts=[cfg.opensearch.url], timeout=10)
+    layout = IndexLayout(cfg.opensearch.index_prefix)
+    for kind in layout.id_fields:
+        alias = layout.alias(kind)
+        try:
+            target = sorted(client.indices.get_alias(name=alias))
+            count = client.count(index=alias)["count"]
+            status.indices[alias] = (",".join(target), count)
+        except OpenSearchException as exc:
+            status.errors.append(f"{alias}: {getattr(exc, 'error', exc)}")
+    status.archive_objects = _count(cfg.path(cfg.storage.archive_dir))
+    status.landing_objects = _count(cfg.path(cfg.storage.landing_dir))
+    return status
+
+
+def render_status(status: PipelineStatus) -> str:
+    out = ["TOPICS                      partition   first offset     end offset"]
+    for topic, parts in status.topics.items():
+        for p, (low, high) in parts.items():
+            out.append(f"  {topic:<26}{p:>9}{low:>15}{high:>15}")
+    out.append("")
+    out.append("CONSUMER GROUPS             topic                               lag")
+    for group, lags in status.groups.items():
+        for topic, lag in sorted(lags.items()):
+            out.append(f"  {group:<26}{topic:<30}{lag:>9}")
+    out.append("")
+    out.append("INDICES                     index                         documents")
+    for alias, (index, count) in status.indices.items():
+        out.append(f"  {alias:<26}{index:<30}{count:>9}")
+    out += [f"  ! {e}" for e in status.errors]
+    out.append("")
+    out.append(f"ARCHIVE  objects: {status.archive_objects}")
+    out.append(f"LANDING  objects waiting: {status.landing_objects}")
+    return "\n".join(out)

@@ -1,0 +1,124 @@
+"""Zero-downtime index rebuild from the log (`diana reindex`).
+
+1. Create the next version of each index (``diana-series-v2``) from the current template.
+2. Read the topics from the beginning with a consumer of its own (no group commits) and write
+   into the new version, while the live sink keeps writing through the alias to the old one.
+3. Caught up: swap every alias in one atomic request.
+4. Catch up once more, to the end offsets after the swap: what the live sink wrote to the old
+   version just before the swap reaches the new one too (writes are idempotent).
+The old versions are deleted only on request.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Callable
+
+import structlog
+from confluent_kafka import Consumer, TopicPartition
+from opensearchpy import OpenSearch
+
+from diana.sinks.consumer import DeadLetters, RetryableError
+from diana.sinks.opensearch import _TEMPLATES, IndexLayout, OpenSearchSink
+
+__all__ = ["Reindexer", "current_version"]
+
+log = structlog.get_logger("diana.reindex")
+
+
+def current_version(client: OpenSearch, layout: IndexLayout, kind: str) -> int:
+    """The version the alias points to (0 if there is no alias yet)."""
+    if not client.indices.exists_alias(name=layout.alias(kind)):
+        return 0
+    names = client.indices.get_alias(name=layout.alias(kind))
+    versions = [int(m.group(1)) for n in names if (m := re.search(r"-v(\d+)$", n))]
+    return max(versions, default=0)
+
+
+class Reindexer:
+    def __init__(self, client: OpenSearch, layout: IndexLayout, bootstrap: str, dead: DeadLetters,
+                 max_bytes: int = 5_000_000, batch: int = 2000):
+        self.client, self.layout, self.bootstrap, self.dead = client, layout, bootstrap, dead
+        self.max_bytes, self.batch = max_bytes, batch
+
+    def next_version(self, kinds: list[str]) -> int:
+        existing = []
+        for kind in kinds:
+            existing += [int(m.group(1)) for n in self.client.indices.get(index=f"{self.layout.alias(kind)}-v*")
+                         if (m := re.search(r"-v(\d+)$", n))]
+        return max(existing, default=0) + 1
+
+    def _create(self, kinds: list[str], version: int) -> None:
+        for kind in kinds:
+            body = json.loads((_TEMPLATES / f"{kind}.json").read_text())
+            self.client.indices.put_index_template(
+                name=self.layout.alias(kind),
+                body={"index_patterns": [f"{self.layout.alias(kind)}-v*"], "template": body, "priority": 100},
+            )
+            self.client.indices.create(index=self.layout.index(kind, version))
+
+    def _catch_up(self, consumer: Consumer, sink: OpenSearchSink, position: dict[tuple[str, int], int],
+                  ends: dict[tuple[str, int], int], progress: Callable[[int], None]) -> None:
+        """Consume until every partition's ``position`` reached its end offset in ``ends``."""
+        while any(position[tp] < end for tp, end in ends.items()):
+            messages = [m for m in consumer.consume(self.batch, timeout=1.0) if m.error() is None]
+            if not messages:
+                continue
+            backoff = 0.5
+            while True:
+                try:
+                    sink.write(messages, self.dead)
+                    self.dead.flush()
+                    break
+                except RetryableError as exc:
+                    log.warning("reindex.retry", reason=str(exc), backoff_s=backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 30)
+            for m in messages:
+                position[(m.topic(), m.partition())] = m.offset() + 1
+            progress(len(messages))
+
+    def run(self, kinds: list[str], progress: Callable[[int], None], set_total: Callable[[int], None],
+            delete_old: bool = False) -> dict[str, tuple[int, int]]:
+        """Rebuild ``kinds``; return kind -> (old version, new version)."""
+        topics = [t for t, k in self.layout.kinds.items() if k in kinds]
+        old = {kind: current_version(self.client, self.layout, kind) for kind in kinds}
+        version = self.next_version(kinds)
+        self._create(kinds, version)
+        sink = OpenSearchSink(self.client, self.layout, max_bytes=self.max_bytes, index_version=version)
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"diana-reindex-{uuid.uuid4()}",
+                             "enable.auto.commit": False, "log_level": 3})
+        try:
+            ends, starts = {}, {}
+            for topic in topics:
+                meta = consumer.list_topics(topic, timeout=10).topics[topic]
+                for p in meta.partitions:
+                    low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                    starts[(topic, p)], ends[(topic, p)] = low, high
+            set_total(sum(ends[tp] - starts[tp] for tp in ends))
+            consumer.assign([TopicPartition(t, p, starts[(t, p)]) for (t, p) in starts])
+            position = dict(starts)
+            self._catch_up(consumer, sink, position, ends, progress)
+            actions = []
+            for kind in kinds:
+                alias = self.layout.alias(kind)
+                if old[kind]:
+                    actions.append({"remove": {"index": self.layout.index(kind, old[kind]), "alias": alias}})
+                actions.append({"add": {"index": self.layout.index(kind, version), "alias": alias}})
+            self.client.indices.update_aliases(body={"actions": actions})
+            log.info("reindex.swapped", version=version, kinds=kinds)
+            later = {}
+            for (t, p) in ends:
+                later[(t, p)] = consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
+            set_total(sum(later[tp] - starts[tp] for tp in later))
+            self._catch_up(consumer, sink, position, later, progress)
+        finally:
+            consumer.close()
+        for kind in kinds:
+            self.client.indices.refresh(index=self.layout.index(kind, version))
+            if delete_old and old[kind]:
+                self.client.indices.delete(index=self.layout.index(kind, old[kind]))
+                log.info("reindex.deleted", index=self.layout.index(kind, old[kind]))
+        return {kind: (old[kind], version) for kind in kinds}

@@ -1,0 +1,154 @@
+"""Sinks on the real stack: status, replay, zero-downtime reindex, an OpenSearch outage, conflicts."""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pydicom
+import pytest
+from opensearchpy import OpenSearch
+
+from diana.schemas.topics import ARCHIVE_CONFLICTS, INSTANCES, SERIES, STUDIES
+from diana.sinks.archive import archive_relative_path
+
+from conftest import REPO
+from dicomgen import SeriesSpec, make_instance, make_study
+from helpers import DCMTK_ENV, os_search, storescu, topic_records, wait_until_caught_up
+
+pytestmark = pytest.mark.integration
+
+
+def _diana(pipeline, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
+    env["DIANA_CONFIG"] = str(pipeline.config_file)
+    return subprocess.run([sys.executable, "-m", "diana.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=timeout)
+
+
+def _distinct_keys(cfg) -> dict[str, int]:
+    return {
+        "instances": len({e["sop_instance_uid"] for _, e in topic_records(cfg, INSTANCES.name)}),
+        "series": len({k for k, _ in topic_records(cfg, SERIES.name)}),
+        "studies": len({k for k, _ in topic_records(cfg, STUDIES.name)}),
+    }
+
+
+def _alias_counts(cfg) -> dict[str, int]:
+    client = OpenSearch(hosts=[cfg.opensearch.url])
+    out = {}
+    for kind in ("instances", "series", "studies"):
+        client.indices.refresh(index=f"diana-{kind}")
+        out[kind] = client.count(index=f"diana-{kind}")["count"]
+    return out
+
+
+def test_status_shows_offsets_lag_counts_and_archive(pipeline, tmp_path):
+    cfg = pipeline.cfg
+    study = make_study(tmp_path / "s", [SeriesSpec("CT", "STATUS", 6)], patient_id="STATUS1")
+    assert storescu(cfg, study.files).returncode == 0
+    wait_until_caught_up(cfg)
+    result = _diana(pipeline, "status")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    counts = _alias_counts(cfg)
+    for kind, count in counts.items():
+        assert re.search(rf"diana-{kind}\s+diana-{kind}-v\d+\s+{count}\n", out), (kind, count, out)
+    for group in (cfg.stream.app_id, cfg.sinks.archive_group, cfg.sinks.opensearch_group):
+        assert re.search(rf"{group}\s+dicom\.instances\s+0\n", out), (group, out)
+    events = len(topic_records(cfg, INSTANCES.name))
+    ends = sum(int(m.group(1)) for m in re.finditer(r"dicom\.instances\s+\d+\s+\d+\s+(\d+)", out))
+    assert ends == events
+    archived = sum(1 for p in cfg.path(cfg.storage.archive_dir).rglob("*.dcm") if not p.name.startswith("."))
+    assert f"ARCHIVE  objects: {archived}\n" in out
+
+
+def test_reindex_while_instances_arrive_swaps_the_alias_with_exact_counts(pipeline, tmp_path):
+    cfg = pipeline.cfg
+    client = OpenSearch(hosts=[cfg.opensearch.url])
+    before = sorted(client.indices.get_alias(name="diana-instances"))
+    arriving = make_study(tmp_path / "b", [SeriesSpec("CT", "DURING REINDEX", 150)], patient_id="REINDEX1")
+    sender = subprocess.Popen(["storescu", "-aec", cfg.receiver.ae_title, "127.0.0.1", str(cfg.receiver.port),
+                               *map(str, arriving.files)], env=DCMTK_ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    result = _diana(pipeline, "reindex", "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sender.wait(120) == 0
+    wait_until_caught_up(cfg)
+
+    after = sorted(client.indices.get_alias(name="diana-instances"))
+    assert len(after) == 1 and after != before
+    old_version = int(before[0].rsplit("-v", 1)[1])
+    assert after == [f"diana-instances-v{old_version + 1}"]
+    assert client.indices.exists(index=before[0])  # kept: only --delete-old removes it
+    assert _alias_counts(cfg) == _distinct_keys(cfg)
+    docs = os_search(cfg, "diana-instances", {"term": {"study_instance_uid": arriving.study_uid}})
+    assert len(docs) == 150
+
+
+def test_opensearch_down_for_a_minute_loses_and_duplicates_nothing(pipeline, stack, tmp_path):
+    cfg = pipeline.cfg
+    wait_until_caught_up(cfg)
+    study = make_study(tmp_path / "o", [SeriesSpec("CT", "DURING OUTAGE", 30)], patient_id="OUTAGE2")
+    stack._stop(stack.opensearch)
+    try:
+        started = time.monotonic()
+        assert storescu(cfg, study.files).returncode == 0  # ingest does not depend on OpenSearch
+        time.sleep(max(0.0, 60 - (time.monotonic() - started)))
+    finally:
+        stack.start_opensearch()
+        stack.wait_opensearch()
+    wait_until_caught_up(cfg, timeout=300)
+    docs = os_search(cfg, "diana-instances", {"term": {"study_instance_uid": study.study_uid}})
+    assert len(docs) == 30 and len({d["_id"] for d in docs}) == 30
+    assert _alias_counts(cfg) == _distinct_keys(cfg)
+    assert pipeline.procs["opensearch-sink"].poll() is None
+    assert "sink.retry" in pipeline.log_text("opensearch-sink")
+
+
+def test_replay_moves_a_stopped_group_and_reprocessing_duplicates_nothing(pipeline):
+    cfg = pipeline.cfg
+    wait_until_caught_up(cfg)
+    live = _diana(pipeline, "replay", cfg.sinks.opensearch_group, "--to-beginning")
+    assert live.returncode == 1 and "stop its consumers first" in live.stderr
+
+    pipeline.stop("opensearch-sink")
+    events = sum(1 for _ in topic_records(cfg, INSTANCES.name))
+    dry = _diana(pipeline, "replay", cfg.sinks.opensearch_group, "--to-beginning", "--topic", INSTANCES.name,
+                 "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"dry run: {events} messages would be processed again" in dry.stdout
+    moved = _diana(pipeline, "replay", cfg.sinks.opensearch_group, "--to-beginning", "--topic", INSTANCES.name)
+    assert moved.returncode == 0, moved.stderr
+
+    from helpers import group_lag
+
+    assert group_lag(cfg, cfg.sinks.opensearch_group, [INSTANCES.name]) == events
+    pipeline.start("opensearch-sink", "sink", "opensearch")
+    wait_until_caught_up(cfg, timeout=300)
+    assert _alias_counts(cfg) == _distinct_keys(cfg)
+
+
+def test_same_uid_with_different_bytes_is_reported(pipeline, tmp_path):
+    cfg = pipeline.cfg
+    assert cfg.sinks.archive_conflict_policy == "KEEP_FIRST"
+    first = make_instance(pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 1, patient_id="CONFLICT1",
+                          study_date="20241001")
+    second = copy.deepcopy(first)
+    second.SeriesDescription = "CHANGED AFTER SENDING"
+    paths = [tmp_path / "first.dcm", tmp_path / "second.dcm"]
+    first.save_as(paths[0], enforce_file_format=True)
+    second.save_as(paths[1], enforce_file_format=True)
+    for path in paths:
+        assert storescu(cfg, [path]).returncode == 0
+        wait_until_caught_up(cfg)
+    reports = [r for _, r in topic_records(cfg, ARCHIVE_CONFLICTS.name)
+               if r["sop_instance_uid"] == first.SOPInstanceUID]
+    assert len(reports) == 1 and reports[0]["policy"] == "KEEP_FIRST"
+    archived = cfg.path(cfg.storage.archive_dir) / archive_relative_path(
+        {"study_instance_uid": first.StudyInstanceUID, "series_instance_uid": first.SeriesInstanceUID,
+         "sop_instance_uid": first.SOPInstanceUID})
+    assert pydicom.dcmread(archived).SeriesDescription == "AXIAL"
