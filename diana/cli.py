@@ -77,9 +77,10 @@ def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
 
     from diana.stream_apps.aggregates import register_aggregates
     from diana.stream_apps.app import create_app
+    from diana.stream_apps.completeness import QuietTimes
 
     app = create_app(cfg)
-    register_aggregates(app)
+    register_aggregates(app, QuietTimes.parse(cfg.stream.quiet_seconds))
     worker = faust.Worker(app, loglevel=cfg.log.level.upper(), quiet=True)
     worker.execute_from_commandline()
     return 0

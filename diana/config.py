@@ -82,6 +82,11 @@ class StreamConfig:
     app_id: str = "diana-aggregates"
     web_port: int = 6066
     data_dir: Path = Path("var/faust")
+    # A series is complete after this long without a new instance (event time), per modality.
+    quiet_seconds: str = "CT=30,MR=60,PT=60,NM=60,CR=10,DX=10,MG=10,*=30"
+    # at_least_once plus idempotent folding (each aggregate remembers the offset it applied).
+    # exactly_once uses Kafka transactions; faust-streaming 0.15 crashed with it on a rebalance here.
+    processing_guarantee: str = "at_least_once"
 
 
 @dataclass(frozen=True)
@@ -202,6 +207,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
 _CHOICES = {
     ("sinks", "archive_conflict_policy"): ("KEEP_FIRST", "REPLACE", "KEEP_BOTH"),
     ("log", "format"): ("console", "json"),
+    ("stream", "processing_guarantee"): ("exactly_once", "at_least_once"),
     ("log", "level"): ("debug", "info", "warning", "error"),
 }
 
@@ -211,6 +217,12 @@ def _check_choices(sections: dict[str, Any]) -> None:
         value = getattr(sections[section], key)
         if value not in allowed:
             raise ConfigError(f"[{section}] {key} = {value!r}: use one of {', '.join(allowed)}")
+    from diana.stream_apps.completeness import QuietTimes
+
+    try:
+        QuietTimes.parse(sections["stream"].quiet_seconds)
+    except ValueError as exc:
+        raise ConfigError(f"[stream] quiet_seconds: {exc}") from None
 
 
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:

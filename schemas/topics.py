@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Topic", "INSTANCES", "SERIES", "STUDIES", "DEADLETTER", "ARCHIVE_CONFLICTS", "ALL_TOPICS",
+__all__ = ["Topic", "INSTANCES", "SERIES", "STUDIES", "DEADLETTER", "ARCHIVE_CONFLICTS", "TICKS", "ALL_TOPICS",
            "ensure_topics"]
 
 
@@ -42,7 +42,13 @@ ARCHIVE_CONFLICTS = Topic(
     "dicom.archive-conflicts", key="SOPInstanceUID", schema="ArchiveConflict",
     config={"retention.ms": "-1"},
 )
-ALL_TOPICS = (INSTANCES, SERIES, STUDIES, DEADLETTER, ARCHIVE_CONFLICTS)
+# A clock for quiet partitions: the aggregator's own ticks (wall time in ms, ASCII), one per
+# partition per second, co-partitioned with dicom.instances. Worthless after a minute.
+TICKS = Topic(
+    "dicom.ticks", key="none (explicit partition)", schema=None,
+    config={"retention.ms": str(3600 * 1000)},
+)
+ALL_TOPICS = (INSTANCES, SERIES, STUDIES, DEADLETTER, ARCHIVE_CONFLICTS, TICKS)
 
 
 def ensure_topics(bootstrap: str, partitions: int, timeout: float = 30.0) -> list[str]:

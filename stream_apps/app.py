@@ -21,4 +21,5 @@ def create_app(config: Config) -> faust.App:
         web_port=config.stream.web_port,
         web_host="127.0.0.1",
         autodiscover=False,
+        processing_guarantee=config.stream.processing_guarantee,
     )

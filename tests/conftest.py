@@ -46,6 +46,7 @@ landing_dir = "{TEST_HOME}/landing"
 archive_dir = "{TEST_HOME}/archive"
 
 [stream]
+quiet_seconds = "CT=4,MR=4,*=4"
 web_port = 16066
 data_dir = "{TEST_HOME}/faust"
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from diana.stream_apps.aggregates import apply_instance
+from diana.stream_apps.completeness import QuietTimes
 
 T0 = datetime(2024, 3, 15, 10, 0, tzinfo=timezone.utc)
+QUIET = QuietTimes.parse("*=30")
 
 
 def _event(series: str, number: int, seconds: int, modality: str = "CT", size: int = 100) -> dict:
@@ -19,7 +21,7 @@ def test_fold_counts_bytes_numbers_and_event_times():
     series, study = {}, None
     # out of order arrival: event time bounds are min/max, not first/last seen
     for series_uid, number, at, modality in [("1.9.1", 2, 5, "CT"), ("1.9.1", 1, 3, "CT"), ("1.9.2", 1, 9, "SR")]:
-        s, study = apply_instance(series.get(series_uid), study, _event(series_uid, number, at, modality))
+        s, study = apply_instance(series.get(series_uid), study, _event(series_uid, number, at, modality), QUIET)
         series[series_uid] = s
     one = series["1.9.1"]
     assert (one["instance_count"], one["total_bytes"], one["revision"]) == (2, 200, 2)
@@ -31,7 +33,7 @@ def test_fold_counts_bytes_numbers_and_event_times():
 
 
 def test_fold_does_not_mutate_its_inputs():
-    s1, st1 = apply_instance(None, None, _event("1.9.1", 1, 0))
-    s2, st2 = apply_instance(s1, st1, _event("1.9.1", 2, 1))
+    s1, st1 = apply_instance(None, None, _event("1.9.1", 1, 0), QUIET)
+    s2, st2 = apply_instance(s1, st1, _event("1.9.1", 2, 1), QUIET)
     assert s1["instance_count"] == 1 and st1["instance_count"] == 1
     assert s2["instance_count"] == 2 and st2["instance_count"] == 2
