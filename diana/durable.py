@@ -9,7 +9,9 @@ import hashlib
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 __all__ = ["fsync_dir", "write_atomic", "place_file", "sha256_file", "contained_path"]
 
@@ -24,24 +26,26 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _temp_beside(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-
-
-def write_atomic(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` atomically and durably."""
+@contextmanager
+def _atomic(target: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``target``; on success rename it over the target and fsync the folder."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(target)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield tmp
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+def write_atomic(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` atomically and durably."""
+    with _atomic(target) as tmp, open(tmp, "xb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def sha256_file(path: Path) -> tuple[str, int]:
@@ -61,29 +65,20 @@ def place_file(source: Path, target: Path, link: bool) -> bool:
     ``link``: a hard link is enough (the source is ours and never changes); falls back to a
     copy across filesystems. Returns True if the result shares the source's inode.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(target)
-    linked = False
-    try:
+    with _atomic(target) as tmp:
         if link:
             with open(source, "rb") as fh:
                 os.fsync(fh.fileno())
             try:
                 os.link(source, tmp)
-                linked = True
+                return True
             except OSError:  # another filesystem, or no hard links
                 pass
-        if not linked:
-            with open(source, "rb") as src, open(tmp, "xb") as dst:
-                shutil.copyfileobj(src, dst, _CHUNK)
-                dst.flush()
-                os.fsync(dst.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
-    return linked
+        with open(source, "rb") as src, open(tmp, "xb") as dst:
+            shutil.copyfileobj(src, dst, _CHUNK)
+            dst.flush()
+            os.fsync(dst.fileno())
+    return False
 
 
 def contained_path(root: Path, relative: str) -> Path:

@@ -7,12 +7,16 @@ event being processed: the tables are co-partitioned with dicom.instances.
 Time is event time. Each partition keeps a watermark, the latest ``received_at`` it has seen; a
 series is completed when the watermark passes its last arrival plus the quiet time of its
 modality. When a partition goes quiet, nothing would move its watermark, so each worker writes
-a tick per partition to ``dicom.ticks`` every second; a tick moves the watermark to the wall
-clock only if the partition has had no instance for a while and the tick is fresh. Replaying old
-events therefore completes series exactly where a live run did (old ticks are stale and ignored).
+a tick per partition to ``dicom.ticks`` every second, carrying the partition's end offset in
+dicom.instances at that moment. A tick moves the watermark to the wall clock only if everything
+before that end offset has been processed, no instance came for a while, and the tick is fresh.
+Replaying old events therefore completes series exactly where a live run did (old ticks are stale),
+and a worker restarting with a backlog never mistakes it for quiet.
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -188,7 +192,22 @@ def register_aggregates(app: faust.App, quiet: QuietTimes, codec: Codec | None =
     open_series = app.Table(StudyFold.OPEN, default=None, key_type=str)
     clock = app.Table(StudyFold.CLOCK, default=None, key_type=str)
     last_instance_wall: dict[int, float] = {}
-    started = time.time()
+    processed_upto: dict[int, int] = {}  # partition -> next offset to process in dicom.instances
+    from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    bootstrap = str(app.conf.broker[0]).removeprefix("kafka://")
+    offsets_client = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{app.conf.id}-ticks", "log_level": 3})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+
+    def end_offset(partition: int) -> int:
+        return offsets_client.get_watermark_offsets(TopicPartition(INSTANCES.name, partition), timeout=5)[1]
+
+    def committed_offset(partition: int) -> int:
+        request = [ConsumerGroupTopicPartitions(app.conf.id, [TopicPartition(INSTANCES.name, partition)])]
+        tp = admin.list_consumer_group_offsets(request)[app.conf.id].result().topic_partitions[0]
+        low = offsets_client.get_watermark_offsets(TopicPartition(INSTANCES.name, partition), timeout=5)[0]
+        return max(tp.offset, low)
 
     async def publish(series: dict | None, study: dict) -> None:
         if series is not None:
@@ -230,10 +249,18 @@ def register_aggregates(app: faust.App, quiet: QuietTimes, codec: Codec | None =
             message = event.message
             partition = message.partition
             if message.topic == TICKS.name:
-                tick_ms = int(event.value or b"0")
+                try:
+                    tick = json.loads(event.value)
+                    tick_ms, tick_end = int(tick["t"]), int(tick["end"])
+                except (ValueError, TypeError, KeyError):
+                    continue  # not one of ours
                 now = time.time()
-                quiet_for = now - last_instance_wall.get(partition, started)
-                if quiet_for >= IDLE_S and now - tick_ms / 1000 <= STALE_TICK_S:
+                if now - tick_ms / 1000 > STALE_TICK_S or now - last_instance_wall.get(partition, 0) < IDLE_S:
+                    continue
+                if partition not in processed_upto:
+                    processed_upto[partition] = await asyncio.get_running_loop().run_in_executor(
+                        None, committed_offset, partition)
+                if processed_upto[partition] >= tick_end:  # caught up with what existed at the tick
                     await complete_due(partition, advance(partition, tick_ms))
                 continue
             try:
@@ -245,6 +272,7 @@ def register_aggregates(app: faust.App, quiet: QuietTimes, codec: Codec | None =
                                       headers={"reason": f"aggregates: {exc}".encode(), "origin": origin.encode()})
                 continue
             last_instance_wall[partition] = time.time()
+            processed_upto[partition] = message.offset + 1
             await complete_due(partition, advance(partition, _ms(record["received_at"])))
             offset = message.offset
             sop = record["sop_instance_uid"]
@@ -275,6 +303,12 @@ def register_aggregates(app: faust.App, quiet: QuietTimes, codec: Codec | None =
     @app.timer(interval=1.0)
     async def tick() -> None:
         # Every partition, from every worker: a duplicate tick is harmless.
-        now = str(int(time.time() * 1000)).encode()
+        loop = asyncio.get_running_loop()
         for partition in range(app.conf.topic_partitions):
-            await ticks_out.send(value=now, partition=partition)
+            try:
+                end = await loop.run_in_executor(None, end_offset, partition)
+            except Exception as exc:  # broker unreachable: no tick, no harm
+                log.warning("tick.skipped", partition=partition, reason=str(exc))
+                return
+            value = json.dumps({"t": int(time.time() * 1000), "end": end}).encode()
+            await ticks_out.send(value=value, partition=partition)

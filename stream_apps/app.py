@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import faust
+from faust.transport.producer import ProducerBuffer
 
 from diana.config import Config
+
+# Faust blocks an agent in ProducerBuffer.wait_until_ebb once 100 table writes are pending; seen
+# here right after a restart with a backlog, that wait never returned until the next rebalance.
+# Each instance makes about five table writes, so allow a deep buffer instead.
+ProducerBuffer.max_messages = 100_000
 
 __all__ = ["create_app"]
 

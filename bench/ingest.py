@@ -1,0 +1,329 @@
+"""Ingest benchmark: diana-star beside dcmtk's storescp and Orthanc, in one run, on one corpus.
+
+    python -m bench.ingest [--ct 1000] [--dx 300] [--out docs/bench]     (see bench/README.md)
+
+Every receiver gets the same files from dcmtk's storescu (TCP_NODELAY=1 on both ends), over one
+association and over 4 parallel ones. For diana-star the whole stack runs (Kafka, OpenSearch,
+Faust worker, both sinks); it also measures time until every instance is archived and
+searchable, per-instance latency from receipt to searchable, and re-index throughput.
+Results: JSON plus a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from dicomgen import SeriesSpec, make_study  # noqa: E402
+
+DCMTK = {"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}
+BENCH_PORTS = {"kafka": 29092, "controller": 29093, "opensearch": 29200, "transport": 29300,
+               "diana": 21112, "storescp": 21113, "orthanc": 21114, "orthanc_http": 28042}
+
+
+@dataclass
+class Run:
+    receiver: str
+    associations: int
+    instances: int
+    megabytes: float
+    wall_s: float
+    cpu_s: float
+    peak_rss_mb: float
+
+    @property
+    def per_s(self) -> float:
+        return self.instances / self.wall_s
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.megabytes / self.wall_s
+
+
+def _proc_stats(pid: int) -> tuple[float, float]:
+    """(cpu seconds, peak RSS MB) of a process and its children so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(stat[11]) + int(stat[12]) + int(stat[13]) + int(stat[14])) / ticks
+    hwm = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+               if line.startswith("VmHWM:"))
+    return cpu, hwm / 1024
+
+
+def corpus(root: Path, ct: int, dx: int) -> list[Path]:
+    files: list[Path] = []
+    per_series = max(ct // 4, 1)
+    for i in range(0, ct, per_series):
+        count = min(per_series, ct - i)
+        files += make_study(root / f"ct{i}", [SeriesSpec("CT", f"BENCH CT {i}", count)], rows=512,
+                            patient_id=f"BENCHCT{i}").files
+    if dx:
+        files += make_study(root / "dx", [SeriesSpec("DX", "BENCH DX", dx, body_part="CHEST")], rows=256,
+                            patient_id="BENCHDX").files
+    return files
+
+
+def send(files: list[Path], port: int, aec: str, associations: int) -> float:
+    groups = [files[i::associations] for i in range(associations)]
+    started = time.monotonic()
+    procs = [subprocess.Popen(["storescu", "-aec", aec, "127.0.0.1", str(port), *map(str, g)], env=DCMTK,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for g in groups]
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu to port {port} failed: {err.decode()[-500:]}")
+    return time.monotonic() - started
+
+
+def measure(name: str, pid: int, files: list[Path], port: int, aec: str, associations: int) -> Run:
+    cpu0, _ = _proc_stats(pid)
+    wall = send(files, port, aec, associations)
+    cpu1, rss = _proc_stats(pid)
+    mb = sum(f.stat().st_size for f in files) / 1e6
+    return Run(name, associations, len(files), round(mb, 1), round(wall, 3), round(cpu1 - cpu0, 2), round(rss, 1))
+
+
+def start_storescp(work: Path) -> subprocess.Popen:
+    out = work / "storescp"
+    out.mkdir()
+    return subprocess.Popen(["storescp", "-od", str(out), str(BENCH_PORTS["storescp"])],
+                            env=DCMTK, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_orthanc(work: Path) -> subprocess.Popen | None:
+    binary = shutil.which("Orthanc")
+    if not binary:
+        return None
+    (work / "orthanc").mkdir()
+    config = work / "orthanc.json"
+    config.write_text(json.dumps({
+        "Name": "bench", "StorageDirectory": str(work / "orthanc"), "IndexDirectory": str(work / "orthanc"),
+        "DicomAet": "ORTHANC", "DicomPort": BENCH_PORTS["orthanc"], "HttpPort": BENCH_PORTS["orthanc_http"],
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+        "Plugins": [], "ConcurrentJobs": 2,
+    }))
+    proc = subprocess.Popen([binary, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={"PATH": "/usr/bin:/bin"})
+    for _ in range(100):
+        if subprocess.run(["echoscu", "-aec", "ORTHANC", "127.0.0.1", str(BENCH_PORTS["orthanc"])],
+                          env=DCMTK, capture_output=True).returncode == 0:
+            return proc
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("Orthanc did not start")
+
+
+def diana_config(work: Path) -> Path:
+    p = BENCH_PORTS
+    path = work / "diana-bench.toml"
+    path.write_text(f"""
+[kafka]
+bootstrap = "127.0.0.1:{p['kafka']}"
+[opensearch]
+url = "http://127.0.0.1:{p['opensearch']}"
+[receiver]
+ae_title = "DIANA"
+host = "127.0.0.1"
+port = {p['diana']}
+metrics_port = 0
+[sinks]
+archive_metrics_port = 0
+opensearch_metrics_port = 0
+[storage]
+landing_dir = "{work}/landing"
+archive_dir = "{work}/archive"
+[stream]
+web_port = 26066
+data_dir = "{work}/faust"
+quiet_seconds = "CT=5,DX=5,*=5"
+[stack]
+home = "{work}/stack"
+kafka_port = {p['kafka']}
+kafka_controller_port = {p['controller']}
+opensearch_port = {p['opensearch']}
+opensearch_transport_port = {p['transport']}
+[log]
+level = "warning"
+""")
+    return path
+
+
+def diana(config: Path, *args: str, **kw) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
+    env["DIANA_CONFIG"] = str(config)
+    return subprocess.Popen([sys.executable, "-m", "diana.cli", *args], env=env, cwd=REPO, **kw)
+
+
+def searchable_latencies(url: str, total: int, timeout: float) -> tuple[float, list[float]]:
+    """Poll OpenSearch until ``total`` instance documents are visible; per-document latencies."""
+    from opensearchpy import OpenSearch
+
+    client = OpenSearch(hosts=[url])
+    seen: dict[str, float] = {}
+    latencies: list[float] = []
+    deadline = time.monotonic() + timeout
+    while len(seen) < total and time.monotonic() < deadline:
+        try:
+            hits = client.search(index="diana-instances", body={
+                "size": 10000, "_source": ["received_at"], "query": {"match_all": {}}})["hits"]["hits"]
+        except Exception:  # the index does not exist yet
+            hits = []
+        now = datetime.now(timezone.utc)
+        for hit in hits:
+            if hit["_id"] not in seen:
+                seen[hit["_id"]] = time.monotonic()
+                received = datetime.fromisoformat(hit["_source"]["received_at"])
+                latencies.append((now - received).total_seconds())
+        time.sleep(0.1)
+    if len(seen) < total:
+        raise RuntimeError(f"only {len(seen)} of {total} instances searchable after {timeout}s")
+    return time.monotonic(), latencies
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(int(q * len(values)), len(values) - 1)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ct", type=int, default=1000, help="CT slices of 512x512x16 bit (default 1000)")
+    ap.add_argument("--dx", type=int, default=300, help="small DX images (default 300)")
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "bench", help="where results.json/.md go")
+    ap.add_argument("--no-orthanc", action="store_true", help="skip Orthanc even if installed")
+    args = ap.parse_args(argv)
+
+    from diana.compose.local.stack import LocalStack
+    from diana.config import load_config
+
+    work = Path(tempfile.mkdtemp(prefix="diana-bench-"))
+    config = diana_config(work)
+    cfg = load_config(config, environ={})
+    stack = LocalStack(cfg)
+    procs: list[subprocess.Popen] = []
+    runs: list[Run] = []
+    result: dict = {}
+    try:
+        print(f"corpus: {args.ct} CT + {args.dx} DX in {work}", flush=True)
+        # Two corpora of the same shape with different UIDs: every run stores new objects.
+        files = corpus(work / "corpus-a", args.ct, args.dx)
+        files_b = corpus(work / "corpus-b", args.ct, args.dx)
+        stack.reset()
+        stack.start()
+        subprocess.run([sys.executable, "-m", "diana.cli", "--config", str(config), "topics"], check=True,
+                       cwd=REPO, capture_output=True)
+        names = ("receive", "aggregate", "sink archive", "sink opensearch")
+        pipeline = {n: diana(config, *n.split(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    for n in names}
+        procs += pipeline.values()
+        for _ in range(200):
+            if subprocess.run(["echoscu", "-aec", "DIANA", "127.0.0.1", str(BENCH_PORTS["diana"])],
+                              env=DCMTK, capture_output=True).returncode == 0:
+                break
+            time.sleep(0.2)
+        scp = start_storescp(work)
+        procs.append(scp)
+        orthanc = None if args.no_orthanc else start_orthanc(work)
+        if orthanc:
+            procs.append(orthanc)
+        time.sleep(1)
+
+        # diana first, on one association: that run is also the end-to-end measurement.
+        first_send = time.monotonic()
+        runs.append(measure("diana-star", pipeline["receive"].pid, files, BENCH_PORTS["diana"], "DIANA", 1))
+        done_at, latencies = searchable_latencies(cfg.opensearch.url, len(files), timeout=1800)
+        searchable_s = done_at - first_send
+        archived = sum(1 for _ in (work / "archive").rglob("*.dcm"))
+        runs.append(measure("storescp", scp.pid, files, BENCH_PORTS["storescp"], "ANY", 1))
+        if orthanc:
+            runs.append(measure("orthanc", orthanc.pid, files, BENCH_PORTS["orthanc"], "ORTHANC", 1))
+        # The second corpus over 4 parallel associations.
+        runs.append(measure("diana-star", pipeline["receive"].pid, files_b, BENCH_PORTS["diana"], "DIANA", 4))
+        runs.append(measure("storescp", scp.pid, files_b, BENCH_PORTS["storescp"], "ANY", 4))
+        if orthanc:
+            runs.append(measure("orthanc", orthanc.pid, files_b, BENCH_PORTS["orthanc"], "ORTHANC", 4))
+
+        # Re-index the whole instance topic with a fresh consumer.
+        events = len(files) * 2
+        t0 = time.monotonic()
+        rx = subprocess.run([sys.executable, "-m", "diana.cli", "--config", str(config), "reindex", "--kinds",
+                             "instances", "--no-progress"], cwd=REPO, capture_output=True, text=True)
+        if rx.returncode != 0:
+            raise RuntimeError(rx.stderr[-2000:])
+        reindex_s = time.monotonic() - t0
+
+        reference = {r.associations: r.wall_s for r in runs if r.receiver == "storescp"}
+        orthanc_rate = {r.associations: r.per_s for r in runs if r.receiver == "orthanc"}
+        result = {
+            "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
+            "corpus": {"instances": len(files), "megabytes": runs[0].megabytes, "ct": args.ct, "dx": args.dx},
+            "runs": [asdict(r) | {"per_s": round(r.per_s, 1), "mb_per_s": round(r.mb_per_s, 1),
+                                  "ratio_to_storescp": round(r.wall_s / reference[r.associations], 2),
+                                  "rate_vs_orthanc": round(r.per_s / orthanc_rate[r.associations], 2)
+                                  if r.associations in orthanc_rate else None}
+                     for r in runs],
+            "end_to_end": {"archived": archived, "searchable_s": round(searchable_s, 2),
+                           "searchable_vs_storescp": round(searchable_s / reference[1], 2),
+                           "stability_window_s": "CT=5,DX=5 (completion only; not in searchable_s)",
+                           "receipt_to_searchable_s": {"p50": round(pct(latencies, 0.5), 3),
+                                                       "p95": round(pct(latencies, 0.95), 3),
+                                                       "p99": round(pct(latencies, 0.99), 3)}},
+            "reindex": {"events": events, "seconds": round(reindex_s, 2), "events_per_s": round(events / reindex_s)},
+        }
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        stack.stop()
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(stack._opensearch_dir(), ignore_errors=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = render(result)
+    (args.out / "results.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+def render(result: dict) -> str:
+    c = result["corpus"]
+    lines = [f"Corpus: {c['instances']} instances, {c['megabytes']} MB ({c['ct']} CT 512x512x16, {c['dx']} DX); "
+             f"{result['machine']['cpus']} CPUs; {result['when']}", "",
+             "| receiver | associations | wall s | inst/s | MB/s | × storescp wall | rate × Orthanc | peak RSS MB | CPU s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['receiver']} | {r['associations']} | {r['wall_s']} | {r['per_s']} | {r['mb_per_s']} | "
+                     f"{r['ratio_to_storescp']} | {r['rate_vs_orthanc'] or '-'} | {r['peak_rss_mb']} | {r['cpu_s']} |")
+    e = result["end_to_end"]
+    lat = e["receipt_to_searchable_s"]
+    lines += ["", f"End to end (diana-star, 1 association): all {c['instances']} archived and searchable "
+              f"{e['searchable_s']} s after the first send ({e['searchable_vs_storescp']} × storescp's wall time); "
+              f"receipt to searchable p50 {lat['p50']} s, p95 {lat['p95']} s, p99 {lat['p99']} s. "
+              f"Stability window (series completion, not included): {e['stability_window_s']}.",
+              f"Re-index of dicom.instances by a fresh consumer: {result['reindex']['events']} events in "
+              f"{result['reindex']['seconds']} s = {result['reindex']['events_per_s']} events/s."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
