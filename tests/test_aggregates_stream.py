@@ -159,3 +159,40 @@ def test_replay_from_the_beginning_into_a_fresh_app_is_deterministic(pipeline):
         _revisions_agree(cfg, set(before))
     finally:
         pipeline.stop("aggregates-replay")
+
+
+def test_undecodable_events_are_dead_lettered_with_their_origin_and_processing_continues(pipeline, tmp_path):
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from diana.schemas.topics import DEADLETTER
+
+    cfg = pipeline.cfg
+    producer = Producer({"bootstrap.servers": cfg.kafka.bootstrap})
+    delivered = []
+    producer.produce(INSTANCES.name, key=b"1.2.3", value=b"not avro at all",
+                     on_delivery=lambda err, msg: delivered.append((msg.partition(), msg.offset())))
+    producer.flush(10)
+    origin = f"{INSTANCES.name}/{delivered[0][0]}/{delivered[0][1]}"
+    study = make_study(tmp_path / "after", [SeriesSpec("CT", "AFTER JUNK", 3)], patient_id="AFTERJUNK")
+    assert storescu(cfg, study.files).returncode == 0
+    wait_until_caught_up(cfg)
+
+    consumer = Consumer({"bootstrap.servers": cfg.kafka.bootstrap, "group.id": "dl-reader", "log_level": 3})
+    parked = {}
+    try:
+        parts = consumer.list_topics(DEADLETTER.name, timeout=10).topics[DEADLETTER.name].partitions
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(DEADLETTER.name, p), timeout=10) for p in parts}
+        consumer.assign([TopicPartition(DEADLETTER.name, p, low) for p, (low, _) in ends.items()])
+        remaining = sum(high - low for low, high in ends.values())
+        while remaining > 0:
+            msg = consumer.poll(5)
+            assert msg is not None, "dead letters not readable"
+            remaining -= 1
+            headers = dict(msg.headers() or [])
+            if headers.get("origin") == origin.encode():
+                parked[headers.get("sink", b"aggregates").decode()] = headers["reason"].decode()
+    finally:
+        consumer.close()
+    assert set(parked) == {"aggregates", "archive", "opensearch"}, parked
+    assert all("single-object" in reason or "marker" in reason for reason in parked.values()), parked
+    assert len(os_search(cfg, "diana-instances", {"term": {"study_instance_uid": study.study_uid}})) == 3
