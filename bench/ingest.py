@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(measure("diana-star", pipeline["receive"].pid, files, BENCH_PORTS["diana"], "DIANA", 1))
         done_at, latencies = searchable_latencies(cfg.opensearch.url, len(files), timeout=1800)
         searchable_s = done_at - first_send
+        # Where the two cores went during that first end-to-end run.
+        cpu_by_process = {n: round(_proc_stats(p.pid)[0], 1) for n, p in pipeline.items()}
         archived = sum(1 for _ in (work / "archive").rglob("*.dcm"))
         runs.append(measure("storescp", scp.pid, files, BENCH_PORTS["storescp"], "ANY", 1))
         if orthanc:
@@ -278,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                                   if r.associations in orthanc_rate else None}
                      for r in runs],
             "end_to_end": {"archived": archived, "searchable_s": round(searchable_s, 2),
+                           "pipeline_cpu_s": cpu_by_process,
                            "searchable_vs_storescp": round(searchable_s / reference[1], 2),
                            "stability_window_s": "CT=5,DX=5 (completion only; not in searchable_s)",
                            "receipt_to_searchable_s": {"p50": round(pct(latencies, 0.5), 3),
@@ -320,6 +323,8 @@ def render(result: dict) -> str:
               f"{e['searchable_s']} s after the first send ({e['searchable_vs_storescp']} × storescp's wall time); "
               f"receipt to searchable p50 {lat['p50']} s, p95 {lat['p95']} s, p99 {lat['p99']} s. "
               f"Stability window (series completion, not included): {e['stability_window_s']}.",
+              "CPU seconds of each pipeline process during that run: "
+              + ", ".join(f"{k} {v}" for k, v in e["pipeline_cpu_s"].items()) + ".",
               f"Re-index of dicom.instances by a fresh consumer: {result['reindex']['events']} events in "
               f"{result['reindex']['seconds']} s = {result['reindex']['events_per_s']} events/s."]
     return "\n".join(lines)

@@ -31,6 +31,8 @@ class KafkaConfig:
     partitions: int = 3
     # How long a C-STORE waits for the broker's acknowledgement before answering failure.
     publish_timeout_s: float = 10.0
+    # Producer linger: 0 suits one association waiting for each ack (see docs/PERFORMANCE.md).
+    linger_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class ReceiverConfig:
     max_associations: int = 16
     metrics_port: int = 9464
     # Largest PDU we accept; bounds the memory each association may hold at once.
-    max_pdu_bytes: int = 262144
+    max_pdu_bytes: int = 1048576
     # Empty: any calling AE title / any host. Otherwise only these may associate.
     allowed_calling_aes: tuple = ()
     allowed_hosts: tuple = ()

@@ -18,7 +18,7 @@ class PublishError(RuntimeError):
 
 
 class EventPublisher:
-    def __init__(self, bootstrap: str, timeout_s: float, client_id: str = "diana-receiver"):
+    def __init__(self, bootstrap: str, timeout_s: float, client_id: str = "diana-receiver", linger_ms: int = 0):
         self.timeout_s = timeout_s
         self._producer = Producer(
             {
@@ -26,7 +26,9 @@ class EventPublisher:
                 "client.id": client_id,
                 "acks": "all",
                 "enable.idempotence": True,
-                "linger.ms": 2,
+                # One association waits for each ack in turn, so a linger is pure latency;
+                # concurrent associations still batch while a request is in flight.
+                "linger.ms": linger_ms,
                 # Java clients and Faust hash keys with murmur2: one key, one partition for all.
                 "partitioner": "murmur2_random",
                 # librdkafka gives up at the same moment the C-STORE answers failure.

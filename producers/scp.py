@@ -185,7 +185,8 @@ class Receiver:
         # pynetdicom writes chunked data sets with NamedTemporaryFile: keep them on the landing
         # filesystem so that accepting one is a hard link, not a copy.
         tempfile.tempdir = str(self.landing.incoming)
-        self.publisher = EventPublisher(config.kafka.bootstrap, config.kafka.publish_timeout_s)
+        self.publisher = EventPublisher(config.kafka.bootstrap, config.kafka.publish_timeout_s,
+                                        linger_ms=config.kafka.linger_ms)
         self.ingest = Ingest(self.landing, self.publisher, default_codec())
         self.ssl_context = tls_context(self.cfg)
         ae = AE(ae_title=self.cfg.ae_title)
