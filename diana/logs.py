@@ -10,7 +10,11 @@ import sys
 
 import structlog
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "KAFKA_CLIENT_LOGGER"]
+
+# librdkafka's own messages (connection refused during an outage, ...) go through this logger,
+# so they are structured like everything else instead of raw lines on stderr.
+KAFKA_CLIENT_LOGGER = logging.getLogger("diana.kafka")
 
 
 def configure_logging(level: str = "info", fmt: str = "console") -> None:

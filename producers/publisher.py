@@ -10,6 +10,8 @@ import time
 
 from confluent_kafka import KafkaError, Producer
 
+from diana.logs import KAFKA_CLIENT_LOGGER
+
 __all__ = ["EventPublisher", "PublishError"]
 
 
@@ -35,6 +37,7 @@ class EventPublisher:
                 "message.timeout.ms": int(timeout_s * 1000),
                 "socket.nagle.disable": True,
                 "log_level": 3,
+                "logger": KAFKA_CLIENT_LOGGER,
             }
         )
         self._stop = threading.Event()

@@ -14,6 +14,7 @@ from typing import Callable, Protocol, Sequence
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 
+from diana.logs import KAFKA_CLIENT_LOGGER
 from diana.schemas.topics import DEADLETTER
 
 __all__ = ["RetryableError", "DeadLetters", "Reporter", "BatchSink", "run_sink"]
@@ -31,7 +32,8 @@ class DeadLetters:
     def __init__(self, bootstrap: str, sink_name: str):
         self.sink_name = sink_name
         self._producer = Producer(
-            {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "log_level": 3}
+            {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "log_level": 3,
+             "logger": KAFKA_CLIENT_LOGGER}
         )
 
     def send(self, msg: Message, reason: str) -> None:
@@ -59,7 +61,8 @@ class Reporter:
         self.topic, self.schema, self.key_field = topic, schema, key_field
         self.codec = default_codec()
         self._producer = Producer(
-            {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "log_level": 3}
+            {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "log_level": 3,
+             "logger": KAFKA_CLIENT_LOGGER}
         )
 
     def __call__(self, record: dict) -> None:
@@ -96,6 +99,7 @@ def run_sink(
             # A sink may wait minutes for its store; stay in the group meanwhile.
             "max.poll.interval.ms": 30 * 60 * 1000,
             "log_level": 3,
+            "logger": KAFKA_CLIENT_LOGGER,
         }
     )
     dead = DeadLetters(bootstrap, sink.name)

@@ -192,6 +192,7 @@ def register_aggregates(app: faust.App, quiet: QuietTimes, codec: Codec | None =
     open_series = app.Table(StudyFold.OPEN, default=None, key_type=str)
     clock = app.Table(StudyFold.CLOCK, default=None, key_type=str)
     last_instance_wall: dict[int, float] = {}
+    started_ms = int(time.time() * 1000)
     processed_upto: dict[int, int] = {}  # partition -> next offset to process in dicom.instances
     from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
     from confluent_kafka.admin import AdminClient
@@ -256,6 +257,10 @@ def register_aggregates(app: faust.App, quiet: QuietTimes, codec: Codec | None =
                     continue  # not one of ours
                 now = time.time()
                 if now - tick_ms / 1000 > STALE_TICK_S or now - last_instance_wall.get(partition, 0) < IDLE_S:
+                    continue
+                if tick_ms < started_ms:
+                    # Written before this worker started (by a worker that died, say): its end
+                    # offset describes the log as it was then, not the backlog we have now.
                     continue
                 if partition not in processed_upto:
                     processed_upto[partition] = await asyncio.get_running_loop().run_in_executor(

@@ -10,7 +10,7 @@ from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartiti
 from confluent_kafka.admin import AdminClient
 
 from diana.config import Config
-from diana.schemas.codec import default_codec
+from diana.schemas.codec import DecodeError, default_codec
 from diana.schemas.topics import INSTANCES, SERIES, STUDIES
 
 
@@ -146,7 +146,10 @@ def wait_until_caught_up(cfg: Config, timeout: float = 120.0) -> None:
 
 
 def topic_records(cfg: Config, topic: str) -> list[tuple[bytes, dict]]:
-    """Every record of a topic from the beginning, decoded with the project's codec."""
+    """Every decodable record of a topic from the beginning, decoded with the project's codec.
+
+    Messages that are not ours (a test writes junk to check dead-lettering) are left out.
+    """
     consumer = Consumer({"bootstrap.servers": cfg.kafka.bootstrap, "group.id": f"reader-{uuid.uuid4()}",
                          "enable.auto.commit": False, "auto.offset.reset": "earliest"})
     admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
@@ -167,7 +170,10 @@ def topic_records(cfg: Config, topic: str) -> list[tuple[bytes, dict]]:
             if msg is None or msg.error():
                 continue
             position[msg.partition()] = msg.offset() + 1
-            out.append((msg.key(), codec.decode(msg.value())[1]))
+            try:
+                out.append((msg.key(), codec.decode(msg.value())[1]))
+            except DecodeError:
+                continue
         return out
     finally:
         consumer.close()

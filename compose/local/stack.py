@@ -48,6 +48,21 @@ def _java_home() -> Path:
     return Path(os.path.realpath(java)).parent.parent
 
 
+def _port_in_use(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _refuse_foreign(service: str, port: int, setting: str) -> None:
+    """Our server is not running but something answers on its port: it would be used by mistake."""
+    if _port_in_use(port):
+        raise StackError(f"port {port} is already in use by another process, so {service} cannot start there; "
+                         f"stop that process or set [stack] {setting} to a free port")
+
+
 def _mvn(args: list[str], cwd: Path) -> None:
     if not shutil.which("mvn"):
         raise StackError("no `mvn` on PATH: install Maven (apt-get install maven)")
@@ -160,6 +175,7 @@ log.retention.hours=-1
         if self._running(self.kafka):
             log.info("stack.already_running", service="kafka", port=self.cfg.kafka_port)
             return
+        _refuse_foreign("Kafka", self.cfg.kafka_port, "kafka_port")
         props = self._write_kafka_config()
         if not (self._kafka_dir() / "data" / "meta.properties").exists():
             cluster_id = subprocess.run(
@@ -232,6 +248,7 @@ action.auto_create_index: true
         if self._running(self.opensearch):
             log.info("stack.already_running", service="opensearch", port=self.cfg.opensearch_port)
             return
+        _refuse_foreign("OpenSearch", self.cfg.opensearch_port, "opensearch_port")
         user = self._opensearch_user()
         self._opensearch_dir().mkdir(parents=True, exist_ok=True)
         home = self._unpack_opensearch(user)
