@@ -179,6 +179,18 @@ def topic_records(cfg: Config, topic: str) -> list[tuple[bytes, dict]]:
         consumer.close()
 
 
+def message_count(cfg: Config, topic: str) -> int:
+    """Messages in a topic now (decodable or not), from the watermarks."""
+    admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
+    consumer = Consumer({"bootstrap.servers": cfg.kafka.bootstrap, "group.id": f"count-{uuid.uuid4()}"})
+    try:
+        parts = admin.list_topics(topic, timeout=10).topics[topic].partitions
+        return sum(high - low for low, high in
+                   (consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in parts))
+    finally:
+        consumer.close()
+
+
 def os_search(cfg: Config, index: str, query: dict, size: int = 1000) -> list[dict]:
     from opensearchpy import OpenSearch
 

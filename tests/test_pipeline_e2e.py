@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import pydicom
@@ -109,8 +110,15 @@ def test_opensearch_has_one_document_per_instance_series_and_study(pipeline, sen
 
 def test_sending_the_same_study_again_duplicates_nothing(pipeline, sent_study):
     cfg = pipeline.cfg
-    before_series = {d["_id"]: d for d in os_search(cfg, "diana-series",
-                                                      {"term": {"study_instance_uid": sent_study.study_uid}})}
+    study_q = {"term": {"study_instance_uid": sent_study.study_uid}}
+    # Wait for the series to complete first (quiet time), so that nothing changes them but the re-send.
+    deadline = time.monotonic() + 90
+    while True:
+        before_series = {d["_id"]: d for d in os_search(cfg, "diana-series", study_q)}
+        if len(before_series) == 3 and all(d["status"] == "COMPLETED" for d in before_series.values()):
+            break
+        assert time.monotonic() < deadline, "series did not complete"
+        time.sleep(0.5)
     result = storescu(cfg, sent_study.files)
     assert result.returncode == 0, result.stdout + result.stderr
     wait_until_caught_up(cfg)
@@ -119,11 +127,12 @@ def test_sending_the_same_study_again_duplicates_nothing(pipeline, sent_study):
     assert len(events) == 80  # the log records every arrival ...
     assert len(_archive_files(cfg, sent_study.study_uid)) == 40  # ... the archive holds each object once
     assert not list(cfg.path(cfg.storage.landing_dir).rglob("*.dcm"))
-    study_q = {"term": {"study_instance_uid": sent_study.study_uid}}
     assert len(os_search(cfg, "diana-instances", study_q)) == 40
     after_series = {d["_id"]: d for d in os_search(cfg, "diana-series", study_q)}
-    assert {k: (v["instance_count"], v["revision"]) for k, v in after_series.items()} == {
-        k: (v["instance_count"], v["revision"]) for k, v in before_series.items()
-    }
+
+    def summary(docs):  # a re-sent instance must not count, nor amend a completed series
+        return {k: (v["instance_count"], v["revision"], v["status"], v["version"]) for k, v in docs.items()}
+
+    assert summary(after_series) == summary(before_series)
     study = os_search(cfg, "diana-studies", {"ids": {"values": [sent_study.study_uid]}})
     assert len(study) == 1 and study[0]["instance_count"] == 40 and study[0]["series_count"] == 3

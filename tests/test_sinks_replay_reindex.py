@@ -17,7 +17,7 @@ from diana.sinks.archive import archive_relative_path
 
 from conftest import REPO
 from dicomgen import SeriesSpec, make_instance, make_study
-from helpers import DCMTK_ENV, os_search, storescu, topic_records, wait_until_caught_up
+from helpers import DCMTK_ENV, message_count, os_search, storescu, topic_records, wait_until_caught_up
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +59,7 @@ def test_status_shows_offsets_lag_counts_and_archive(pipeline, tmp_path):
         assert re.search(rf"diana-{kind}\s+diana-{kind}-v\d+\s+{count}\n", out), (kind, count, out)
     for group in (cfg.stream.app_id, cfg.sinks.archive_group, cfg.sinks.opensearch_group):
         assert re.search(rf"{group}\s+dicom\.instances\s+0\n", out), (group, out)
-    events = len(topic_records(cfg, INSTANCES.name))
+    events = message_count(cfg, INSTANCES.name)
     ends = sum(int(m.group(1)) for m in re.finditer(r"dicom\.instances\s+\d+\s+\d+\s+(\d+)", out))
     assert ends == events
     archived = sum(1 for p in cfg.path(cfg.storage.archive_dir).rglob("*.dcm") if not p.name.startswith("."))
@@ -116,18 +116,20 @@ def test_replay_moves_a_stopped_group_and_reprocessing_duplicates_nothing(pipeli
     assert live.returncode == 1 and "stop its consumers first" in live.stderr
 
     pipeline.stop("opensearch-sink")
-    events = sum(1 for _ in topic_records(cfg, INSTANCES.name))
-    dry = _diana(pipeline, "replay", cfg.sinks.opensearch_group, "--to-beginning", "--topic", INSTANCES.name,
-                 "--dry-run")
-    assert dry.returncode == 0, dry.stderr
-    assert f"dry run: {events} messages would be processed again" in dry.stdout
-    moved = _diana(pipeline, "replay", cfg.sinks.opensearch_group, "--to-beginning", "--topic", INSTANCES.name)
-    assert moved.returncode == 0, moved.stderr
+    try:
+        events = message_count(cfg, INSTANCES.name)
+        dry = _diana(pipeline, "replay", cfg.sinks.opensearch_group, "--to-beginning", "--topic", INSTANCES.name,
+                     "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert f"dry run: {events} messages would be processed again" in dry.stdout
+        moved = _diana(pipeline, "replay", cfg.sinks.opensearch_group, "--to-beginning", "--topic", INSTANCES.name)
+        assert moved.returncode == 0, moved.stderr
 
-    from helpers import group_lag
+        from helpers import group_lag
 
-    assert group_lag(cfg, cfg.sinks.opensearch_group, [INSTANCES.name]) == events
-    pipeline.start("opensearch-sink", "sink", "opensearch")
+        assert group_lag(cfg, cfg.sinks.opensearch_group, [INSTANCES.name]) == events
+    finally:
+        pipeline.start("opensearch-sink", "sink", "opensearch")  # the later tests need it, pass or fail
     wait_until_caught_up(cfg, timeout=300)
     assert _alias_counts(cfg) == _distinct_keys(cfg)
 
