@@ -47,24 +47,36 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
     return text or None
 
 
-def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
+def _number(ds: pydicom.Dataset, keyword: str, kind: type[int] | type[float]) -> int | float | None:
+    """The value as ``kind``, or None when absent or unusable (out of int32, NaN, infinite)."""
     value = ds.get(keyword)
     if value is None or value == "":
         return None
     try:
-        number = int(value)
-    except (TypeError, ValueError):
+        number = kind(value)
+    except (TypeError, ValueError, OverflowError):
         return None
-    return number if -(2**31) <= number < 2**31 else None
+    if kind is int:
+        return number if -(2**31) <= number < 2**31 else None
+    return number if number == number and abs(number) < 1e300 else None
+
+
+def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
+    return _number(ds, keyword, int)
+
+
+def _float(ds: pydicom.Dataset, keyword: str) -> float | None:
+    return _number(ds, keyword, float)
 
 
 def _iso_date(ds: pydicom.Dataset, keyword: str) -> str | None:
     text = _text(ds, keyword)
-    if text and len(text) == 8 and text.isdigit():
-        year, month, day = int(text[:4]), int(text[4:6]), int(text[6:])
-        if 1 <= month <= 12 and 1 <= day <= 31:
-            return f"{text[:4]}-{text[4:6]}-{text[6:]}"
-    return None
+    if not (text and len(text) == 8 and text.isdigit()):
+        return None
+    try:  # a real calendar date: 20240231 is absent, not an error later on
+        return date(int(text[:4]), int(text[4:6]), int(text[6:])).isoformat()
+    except ValueError:
+        return None
 
 
 def _iso_time(ds: pydicom.Dataset, keyword: str) -> str | None:
@@ -83,17 +95,6 @@ def _iso_time(ds: pydicom.Dataset, keyword: str) -> str | None:
 
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
-
-
-def _float(ds: pydicom.Dataset, keyword: str) -> float | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if number == number and abs(number) < 1e300 else None  # no NaN, no inf
 
 
 _AGE_UNITS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}

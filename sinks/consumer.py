@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from diana.logs import KAFKA_CLIENT_LOGGER
 from diana.schemas.topics import DEADLETTER
 
-__all__ = ["RetryableError", "DeadLetters", "Reporter", "BatchSink", "run_sink"]
+__all__ = ["RetryableError", "DeadLetters", "Reporter", "BatchSink", "run_sink", "write_until_done"]
 
 log = structlog.get_logger("diana.sink")
 
@@ -81,6 +81,25 @@ class BatchSink(Protocol):
     def write(self, batch: list[Message], dead: DeadLetters) -> None: ...
 
 
+def write_until_done(sink: BatchSink, batch: list[Message], dead: DeadLetters, stop: threading.Event) -> bool:
+    """Write a batch (and its dead letters), retrying with backoff while the store is unavailable.
+
+    Returns False if ``stop`` was set before the batch could be written: nothing may be committed.
+    """
+    backoff = 0.5
+    while True:
+        try:
+            sink.write(batch, dead)
+            dead.flush()
+            return True
+        except RetryableError as exc:
+            if stop.is_set():
+                return False
+            log.warning("sink.retry", sink=sink.name, reason=str(exc), backoff_s=backoff)
+            stop.wait(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+
 def run_sink(
     sink: BatchSink,
     bootstrap: str,
@@ -117,19 +136,9 @@ def run_sink(
                     log.warning("sink.consume_error", sink=sink.name, error=err.str())
             if not batch:
                 continue
-            backoff = 0.5
-            while True:
-                try:
-                    sink.write(batch, dead)
-                    dead.flush()
-                    break
-                except RetryableError as exc:
-                    if stop.is_set():
-                        log.info("sink.stopping_uncommitted", sink=sink.name, messages=len(batch))
-                        return
-                    log.warning("sink.retry", sink=sink.name, reason=str(exc), backoff_s=backoff)
-                    stop.wait(backoff)
-                    backoff = min(backoff * 2, 30.0)
+            if not write_until_done(sink, batch, dead, stop):
+                log.info("sink.stopping_uncommitted", sink=sink.name, messages=len(batch))
+                return
             try:
                 consumer.commit(asynchronous=False)
             except KafkaException as exc:

@@ -23,7 +23,7 @@ from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.topics import INSTANCES, SERIES, STUDIES
 from diana.sinks.consumer import DeadLetters, RetryableError
 
-__all__ = ["OpenSearchSink", "IndexLayout", "ensure_indices"]
+__all__ = ["OpenSearchSink", "IndexLayout", "ensure_indices", "install_template"]
 
 log = structlog.get_logger("diana.sink.opensearch")
 
@@ -49,14 +49,19 @@ class IndexLayout:
         return f"{self.prefix}-{kind}-v{version}"
 
 
+def install_template(client: OpenSearch, layout: IndexLayout, kind: str) -> None:
+    """Put the project's template for ``kind``; it applies to every version ``<alias>-vN``."""
+    body = json.loads((_TEMPLATES / f"{kind}.json").read_text())
+    client.indices.put_index_template(
+        name=layout.alias(kind),
+        body={"index_patterns": [f"{layout.alias(kind)}-v*"], "template": body, "priority": 100},
+    )
+
+
 def ensure_indices(client: OpenSearch, layout: IndexLayout) -> None:
     """Install the index templates and create each versioned index with its alias, if missing."""
     for kind in layout.id_fields:
-        body = json.loads((_TEMPLATES / f"{kind}.json").read_text())
-        client.indices.put_index_template(
-            name=layout.alias(kind),
-            body={"index_patterns": [f"{layout.alias(kind)}-v*"], "template": body, "priority": 100},
-        )
+        install_template(client, layout, kind)
         if not client.indices.exists_alias(name=layout.alias(kind)):
             index = layout.index(kind)
             if not client.indices.exists(index=index):

@@ -10,9 +10,8 @@ The old versions are deleted only on request.
 """
 from __future__ import annotations
 
-import json
 import re
-import time
+import threading
 import uuid
 from typing import Callable
 
@@ -20,8 +19,8 @@ import structlog
 from confluent_kafka import Consumer, TopicPartition
 from opensearchpy import OpenSearch
 
-from diana.sinks.consumer import DeadLetters, RetryableError
-from diana.sinks.opensearch import _TEMPLATES, IndexLayout, OpenSearchSink
+from diana.sinks.consumer import DeadLetters, write_until_done
+from diana.sinks.opensearch import IndexLayout, OpenSearchSink, install_template
 
 __all__ = ["Reindexer", "current_version"]
 
@@ -52,11 +51,7 @@ class Reindexer:
 
     def _create(self, kinds: list[str], version: int) -> None:
         for kind in kinds:
-            body = json.loads((_TEMPLATES / f"{kind}.json").read_text())
-            self.client.indices.put_index_template(
-                name=self.layout.alias(kind),
-                body={"index_patterns": [f"{self.layout.alias(kind)}-v*"], "template": body, "priority": 100},
-            )
+            install_template(self.client, self.layout, kind)
             self.client.indices.create(index=self.layout.index(kind, version))
 
     def _catch_up(self, consumer: Consumer, sink: OpenSearchSink, position: dict[tuple[str, int], int],
@@ -66,16 +61,7 @@ class Reindexer:
             messages = [m for m in consumer.consume(self.batch, timeout=1.0) if m.error() is None]
             if not messages:
                 continue
-            backoff = 0.5
-            while True:
-                try:
-                    sink.write(messages, self.dead)
-                    self.dead.flush()
-                    break
-                except RetryableError as exc:
-                    log.warning("reindex.retry", reason=str(exc), backoff_s=backoff)
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 30)
+            write_until_done(sink, messages, self.dead, threading.Event())  # never asked to stop
             for m in messages:
                 position[(m.topic(), m.partition())] = m.offset() + 1
             progress(len(messages))

@@ -44,6 +44,14 @@ def test_malformed_dates_become_absent_not_errors():
     assert f["study_date"] is None and f["study_time"] is None
 
 
+def test_impossible_calendar_dates_are_absent_and_do_not_reject_the_instance():
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="P9", study_date="20240315")
+    ds.PatientBirthDate = "19700231"  # no 31 February: the age cannot come from it
+    f = read_header(_bytes(ds)).fields
+    assert f["patient_birth_date"] is None and f["patient_age_years"] is None
+    assert f["study_date"] == "2024-03-15"
+
+
 def test_missing_and_invalid_uids_are_rejected():
     ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="P9", study_date="20240315")
     del ds.SeriesInstanceUID
