@@ -1,0 +1,68 @@
+"""The study and patient context of a dose record: who, when, where; same for reports and images."""
+from __future__ import annotations
+
+from datetime import date
+
+from pydicom import Dataset
+
+__all__ = ["study_context", "decimal_age_years"]
+
+_AGE_UNITS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    text = "" if value is None else str(value).strip()
+    return text or None
+
+
+def _float(ds: Dataset, keyword: str) -> float | None:
+    try:
+        value = float(ds.get(keyword))
+    except (TypeError, ValueError):
+        return None
+    return value if value == value and value > 0 else None
+
+
+def _date(text: str | None) -> date | None:
+    if not (text and len(text) == 8 and text.isdigit()):
+        return None
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return None
+
+
+def decimal_age_years(birth: str | None, seen: str | None, age: str | None) -> float | None:
+    """Age at the study in years to one decimal: from the dates (days / 365.25), else PatientAge.
+
+    One decimal is what dose audits compare by (and what OpenREM stores); a birth date after the
+    study date (anonymisers write 99990101) is ignored in favour of PatientAge.
+    """
+    born, studied = _date(birth), _date(seen)
+    if born and studied and born <= studied:
+        return round((studied - born).days / 365.25, 1)
+    if age and len(age) == 4 and age[:3].isdigit() and age[3] in _AGE_UNITS:
+        return round(int(age[:3]) * _AGE_UNITS[age[3]], 1)
+    return None
+
+
+def study_context(ds: Dataset) -> dict:
+    study_date = _text(ds, "StudyDate")
+    parsed = _date(study_date)
+    return {
+        "study_instance_uid": _text(ds, "StudyInstanceUID"),
+        "accession_number": _text(ds, "AccessionNumber"),
+        "study_date": parsed.isoformat() if parsed else None,
+        "study_description": _text(ds, "StudyDescription"),
+        "modality": _text(ds, "Modality"),
+        "manufacturer": _text(ds, "Manufacturer"),
+        "manufacturer_model_name": _text(ds, "ManufacturerModelName"),
+        "station_name": _text(ds, "StationName"),
+        "institution_name": _text(ds, "InstitutionName"),
+        "patient_id": _text(ds, "PatientID"),
+        "patient_sex": _text(ds, "PatientSex"),
+        "patient_age_years": decimal_age_years(_text(ds, "PatientBirthDate"), study_date, _text(ds, "PatientAge")),
+        "patient_size_m": _float(ds, "PatientSize"),
+        "patient_weight_kg": _float(ds, "PatientWeight"),
+    }

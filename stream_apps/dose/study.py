@@ -1,0 +1,141 @@
+"""One study's dose record, folded from every dose report and dose-bearing image that arrives.
+
+Deduplication is by (StudyInstanceUID, IrradiationEventUID): the state is keyed by study, and an
+event seen in two reports (a re-sent or continued report) counts once, with the content of the
+latest report. A report whose events are all in a later report is replaced by it (a report whose
+events are a superset of an earlier one replaces it). Image headers count only while no dose
+report of the study has arrived; a report then supersedes them.
+
+Totals: when the remaining reports share no event, each report's own accumulated values are summed
+(falling back to the sum of its events); when they overlap, totals are summed over the distinct
+events. Everything here is a pure function of the state, so replays give the same record.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+__all__ = ["new_study", "fold_report", "summarize", "event_key"]
+
+_CT_TYPE_COUNTS = {"sequenced": "events_axial", "spiral": "events_spiral", "stationary": "events_stationary",
+                   "constant_angle": "events_constant_angle"}
+
+
+def new_study(study_instance_uid: str) -> dict:
+    return {"study_instance_uid": study_instance_uid, "reports": {}, "arrivals": 0, "context": {}}
+
+
+def event_key(report: dict, event: dict) -> str:
+    return event.get("irradiation_event_uid") or event.get("event_key") or f"{report['sop_instance_uid']}#{event['index']}"
+
+
+def fold_report(state: dict, report: dict, context: dict, received_at_ms: int) -> bool:
+    """Add a report (or image record) to the study; False if it changes nothing (the same object again)."""
+    sop = report["sop_instance_uid"]
+    previous = state["reports"].get(sop)
+    stored = {**report, "received_at": received_at_ms}
+    if previous is not None:
+        if {k: v for k, v in previous.items() if k not in ("received_at", "arrival")} == report:
+            return False
+        stored["arrival"] = previous["arrival"]
+    else:
+        state["arrivals"] += 1
+        stored["arrival"] = state["arrivals"]
+    state["reports"][sop] = stored
+    # The context of the latest object wins, value by value: a later report may add a weight.
+    state["context"] = {**state["context"], **{k: v for k, v in context.items() if v is not None}}
+    return True
+
+
+def _retained(state: dict) -> list[dict]:
+    reports = sorted(state["reports"].values(), key=lambda r: r["arrival"])
+    dose_reports = [r for r in reports if r["source"] == "RDSR"]
+    if not dose_reports:
+        return reports
+    keys = [{event_key(r, e) for e in r["events"]} for r in dose_reports]
+    kept = []
+    for i, report in enumerate(dose_reports):
+        # Replaced when a later report holds every one of its events.
+        if any(keys[i] <= keys[j] for j in range(i + 1, len(dose_reports))):
+            continue
+        kept.append(report)
+    return kept
+
+
+def _distinct_events(reports: list[dict]) -> list[dict]:
+    events: dict[str, dict] = {}
+    for report in reports:
+        for event in report["events"]:
+            key = event_key(report, event)
+            events[key] = {**event, "event_key": key, "sop_instance_uid": report["sop_instance_uid"]}
+    return list(events.values())
+
+
+def _sum(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) if values else None
+
+
+def _total(reports: list[dict], disjoint: bool, events: list[dict],
+           from_report: Callable[[dict], float | None], from_event: Callable[[dict], float | None]) -> float | None:
+    if disjoint:
+        per_report = []
+        for report in reports:
+            value = from_report(report)
+            per_report.append(value if value is not None else _sum(from_event(e) for e in report["events"]))
+        return _sum(per_report)
+    return _sum(from_event(e) for e in events)
+
+
+def summarize(state: dict) -> tuple[dict, list[dict]]:
+    """The study record and its distinct events, ordered as they first arrived."""
+    reports = _retained(state)
+    events = _distinct_events(reports)
+    key_sets = [{event_key(r, e) for e in r["events"]} for r in reports]
+    disjoint = sum(len(k) for k in key_sets) == len(set().union(*key_sets)) if key_sets else True
+    kinds = sorted({r["kind"] for r in reports})
+    study: dict[str, Any] = {
+        **state["context"], "study_instance_uid": state["study_instance_uid"],
+        "kind": kinds[0] if len(kinds) == 1 else "+".join(kinds) if kinds else None,
+        "sources": sorted({r["source"] for r in reports}), "report_count": len(reports),
+        "sop_instance_uids": [r["sop_instance_uid"] for r in reports], "events": len(events),
+    }
+
+    def total(name: str, acc: Callable[[dict], Any], ev: Callable[[dict], Any]) -> None:
+        study[name] = _total(reports, disjoint, events, acc, ev)
+
+    if any(r["kind"] == "CT" for r in reports):
+        total("total_dlp_mGycm", lambda r: r["accumulated"].get("total_dlp_mGycm"), lambda e: e.get("dlp_mGycm"))
+        study["max_ctdivol_mGy"] = max((e["ctdivol_mGy"] for e in events if "ctdivol_mGy" in e), default=None)
+        for code, name in _CT_TYPE_COUNTS.items():
+            study[name] = sum(1 for e in events if e.get("acquisition_type_code") == code)
+
+    projection = [r for r in reports if r["kind"] in ("DX", "RF", "MG")]
+    if projection:
+        planes = sorted({p for r in projection for p in r["accumulated"].get("planes", {})}
+                        | {e["plane_id"] for e in events if e.get("plane_id")})
+        study["planes"] = len(planes)
+        for metric, event_metric in (("dap_Gym2", "dap_Gym2"), ("dose_rp_mGy", "dose_rp_mGy")):
+            for plane in planes:
+                total(f"plane_{plane.lower()}_{metric}",
+                      lambda r, p=plane, m=metric: r["accumulated"].get("planes", {}).get(p, {}).get(m),
+                      lambda e, p=plane, m=event_metric: e.get(m) if e.get("plane_id", "A") == p else None)
+            study[f"total_{metric}" if metric == "dap_Gym2" else "dose_rp_total_mGy"] = _sum(
+                study.get(f"plane_{p.lower()}_{metric}") for p in planes)
+        for part, flag in (("fluoro", True), ("acquisition", False)):
+            for metric in ("dap_Gym2", "dose_rp_mGy"):
+                total(f"{part}_{metric}",
+                      lambda r, k=f"{part}_{metric}": _sum(p.get(k) for p in r["accumulated"].get("planes", {}).values()),
+                      lambda e, m=metric, f=flag: e.get(m) if e.get("fluoroscopy") is f else None)
+        total("fluoro_time_s", lambda r: _sum(p.get("fluoro_time_s") for p in r["accumulated"].get("planes", {}).values()),
+              lambda e: e.get("irradiation_duration_s") if e.get("fluoroscopy") else None)
+        for side in ("left", "right"):
+            total(f"agd_{side}_mGy",
+                  lambda r, s=side: _sum(p.get(f"agd_{s}_mGy") for p in r["accumulated"].get("planes", {}).values()),
+                  lambda e, s=side: e.get("agd_mGy") if (e.get("laterality") or "").lower() == s else None)
+
+    administrations = [e for e in events if "administered_activity_MBq" in e or "radiopharmaceutical" in e]
+    if administrations:
+        study["radiopharmaceutical"] = administrations[0].get("radiopharmaceutical")
+        study["radionuclide"] = administrations[0].get("radionuclide")
+        study["administered_activity_MBq"] = _sum(e.get("administered_activity_MBq") for e in administrations)
+    return {k: v for k, v in study.items() if v is not None}, events
