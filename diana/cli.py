@@ -86,6 +86,49 @@ def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dose(cfg: Config, _args: argparse.Namespace) -> int:
+    import faust
+
+    from diana.stream_apps.app import create_app
+    from diana.stream_apps.dose.agent import register_dose
+    from diana.stream_apps.dose.alerts import RulesError, load_rules
+
+    try:
+        rules = load_rules(cfg.path(Path(cfg.dose.alert_rules)) if cfg.dose.alert_rules else None)
+    except RulesError as exc:
+        print(f"diana dose: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(cfg, app_id=cfg.dose.app_id, web_port=cfg.dose.web_port)
+    register_dose(app, rules)
+    worker = faust.Worker(app, loglevel=cfg.log.level.upper(), quiet=True)
+    worker.execute_from_commandline()
+    return 0
+
+
+def cmd_acceptance(cfg: Config, args: argparse.Namespace) -> int:
+    """Run the real vendor dose reports of ../shared/acceptance/dose through the dose extraction."""
+    from diana.dose_acceptance import DISPUTED, run_acceptance
+
+    folder = Path(args.folder)
+    if not (folder / "expected.json").is_file():
+        print(f"diana acceptance: no expected.json in {folder}; pass the folder of the dose acceptance files "
+              f"(e.g. diana acceptance ../shared/acceptance/dose)", file=sys.stderr)
+        return 2
+    import warnings
+
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # vendor files have odd values we do not read
+    warnings.simplefilter("ignore", UserWarning)
+    checked, mismatches = run_acceptance(folder)
+    disputed = [m for m in mismatches if (m.file, m.field) in DISPUTED]
+    failed = [m for m in mismatches if (m.file, m.field) not in DISPUTED]
+    for m in failed:
+        print(f"MISMATCH  {m}")
+    for m in disputed:
+        print(f"DISPUTED  {m}\n          why: {DISPUTED[(m.file, m.field)]}")
+    print(f"{checked} files checked: {len(failed)} mismatches, {len(disputed)} disputed (docs/DOSE.md)")
+    return 1 if failed else 0
+
+
 def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
     from diana.sinks.consumer import run_sink
 
@@ -267,7 +310,7 @@ def _wait_for_receiver(cfg: Config, proc: subprocess.Popen, timeout: float = 60.
     raise RuntimeError("the receiver did not answer a C-ECHO; see its log above")
 
 
-_PIPELINE = (("receiver", ["receive"]), ("aggregates", ["aggregate"]),
+_PIPELINE = (("receiver", ["receive"]), ("aggregates", ["aggregate"]), ("dose", ["dose"]),
              ("archive-sink", ["sink", "archive"]), ("opensearch-sink", ["sink", "opensearch"]))
 
 
@@ -292,7 +335,8 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
             f"  Send DICOM to:   AE title {r.ae_title}, port {r.port} (host {r.host})\n"
             f"                   e.g. storescu -aec {r.ae_title} 127.0.0.1 {r.port} FILE...\n"
             f"  OpenSearch:      {cfg.opensearch.url}  (indices {cfg.opensearch.index_prefix}-instances, "
-            f"-series, -studies)\n"
+            f"-series, -studies,\n"
+            f"                   -dose-events, -dose-studies, -dose-alerts)\n"
             f"  Archive:         {cfg.path(cfg.storage.archive_dir)}\n"
             f"  Metrics:         http://127.0.0.1:{r.metrics_port}/metrics (receiver)\n"
             f"  Press Ctrl-C to stop everything.\n",
@@ -353,6 +397,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("aggregate", help="run the Faust worker for series and study aggregates",
                    description="Run the Faust worker that folds dicom.instances into dicom.series "
                                "and dicom.studies.").set_defaults(func=cmd_aggregate)
+    sub.add_parser("dose", help="run the Faust worker for dose records and dose alerts",
+                   description="Run the Faust worker that extracts dose events from dose reports and image "
+                               "headers in dicom.instances, folds them per study into dose.events and "
+                               "dose.studies, and raises dose.alerts ([dose] alert_rules, docs/DOSE.md)."
+                   ).set_defaults(func=cmd_dose)
+    acc = sub.add_parser("acceptance", help="check dose extraction against real vendor dose reports",
+                         description=cmd_acceptance.__doc__ + " Reports every mismatch with file, field, "
+                         "expected and got; exit status 1 if any value mismatches.")
+    acc.add_argument("folder", nargs="?", default=str(Path(__file__).resolve().parents[1].parent / "shared" /
+                                                       "acceptance" / "dose"),
+                     help="folder with expected.json and the .dcm files (default: ../shared/acceptance/dose)")
+    acc.set_defaults(func=cmd_acceptance)
     sink = sub.add_parser("sink", help="run a sink (archive or opensearch)",
                           description="Run a sink: consume, write durably and idempotently, then commit.")
     sink.add_argument("sink", choices=["archive", "opensearch"])
@@ -384,8 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ri = sub.add_parser("reindex", help="rebuild OpenSearch indices from the topics, swap aliases",
                         description=cmd_reindex.__doc__ + " The old versions stay unless --delete-old.")
-    ri.add_argument("--kinds", default="instances,series,studies",
-                    help="comma-separated: instances, series, studies (default: all)")
+    ri.add_argument("--kinds", default="instances,series,studies,dose-events,dose-studies,dose-alerts",
+                    help="comma-separated: instances, series, studies, dose-events, dose-studies, dose-alerts "
+                         "(default: all)")
     ri.add_argument("--delete-old", action="store_true", help="delete the previous versions after the swap")
     ri.add_argument("--no-progress", action="store_true", help="no progress bar")
     ri.set_defaults(func=cmd_reindex)

@@ -92,6 +92,16 @@ class StreamConfig:
 
 
 @dataclass(frozen=True)
+class DoseConfig:
+    """The dose worker (`diana dose`): a Faust app of its own, so dose and aggregates fail apart."""
+
+    app_id: str = "diana-dose"
+    web_port: int = 6067
+    # YAML reference levels and cumulative rules (docs/DOSE.md); empty: Dose Check alerts only.
+    alert_rules: str = ""
+
+
+@dataclass(frozen=True)
 class StackConfig:
     """The no-Docker local stack (compose/local): where it lives and its ports."""
 
@@ -130,6 +140,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     sinks: SinksConfig = field(default_factory=SinksConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
+    dose: DoseConfig = field(default_factory=DoseConfig)
     stack: StackConfig = field(default_factory=StackConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Topic", "INSTANCES", "SERIES", "STUDIES", "DEADLETTER", "ARCHIVE_CONFLICTS", "TICKS", "ALL_TOPICS",
-           "ensure_topics"]
+__all__ = ["Topic", "INSTANCES", "SERIES", "STUDIES", "DEADLETTER", "ARCHIVE_CONFLICTS", "TICKS", "DOSE_EVENTS",
+           "DOSE_STUDIES", "DOSE_ALERTS", "DOSE_BY_PATIENT", "ALL_TOPICS", "ensure_topics"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,16 @@ TICKS = Topic(
     "dicom.ticks", key="none (explicit partition)", schema=None,
     config={"retention.ms": str(3600 * 1000)},
 )
-ALL_TOPICS = (INSTANCES, SERIES, STUDIES, DEADLETTER, ARCHIVE_CONFLICTS, TICKS)
+# Dose records (stream_apps/dose): one record per distinct irradiation event, a study's totals
+# (latest per key: compacted), and alerts. All keyed by StudyInstanceUID, like dicom.instances.
+DOSE_EVENTS = Topic("dose.events", key="StudyInstanceUID", schema="DoseEvent", config={"retention.ms": "-1"})
+DOSE_STUDIES = Topic("dose.studies", key="StudyInstanceUID", schema="DoseStudy", config={"cleanup.policy": "compact"})
+DOSE_ALERTS = Topic("dose.alerts", key="StudyInstanceUID", schema="DoseAlert", config={"retention.ms": "-1"})
+# Study totals re-keyed by patient, so that one worker sees all of a patient's studies for the
+# cumulative rules. Internal to the dose worker; derived, so rebuilt by a replay.
+DOSE_BY_PATIENT = Topic("dose.by-patient", key="PatientID", schema="DoseStudy", config={"cleanup.policy": "compact"})
+ALL_TOPICS = (INSTANCES, SERIES, STUDIES, DEADLETTER, ARCHIVE_CONFLICTS, TICKS, DOSE_EVENTS, DOSE_STUDIES,
+              DOSE_ALERTS, DOSE_BY_PATIENT)
 
 
 def ensure_topics(bootstrap: str, partitions: int, timeout: float = 30.0) -> list[str]:

@@ -1,4 +1,4 @@
-"""OpenSearch sink: bulk-indexes instances, series and studies with deterministic ids.
+"""OpenSearch sink: bulk-indexes instances, series, studies and dose records with deterministic ids.
 
 Document ids are the SOP / Series / Study Instance UIDs, so a re-delivered event overwrites
 its own document. Aggregates carry a revision used as an external version: an older
@@ -20,7 +20,7 @@ from opensearchpy.exceptions import TransportError
 from prometheus_client import Counter
 
 from diana.schemas.codec import Codec, DecodeError, default_codec
-from diana.schemas.topics import INSTANCES, SERIES, STUDIES
+from diana.schemas.topics import DOSE_ALERTS, DOSE_EVENTS, DOSE_STUDIES, INSTANCES, SERIES, STUDIES
 from diana.sinks.consumer import DeadLetters, RetryableError
 
 __all__ = ["OpenSearchSink", "IndexLayout", "ensure_indices", "install_template"]
@@ -36,8 +36,10 @@ INDEX_VERSION = 1
 class IndexLayout:
     """Alias and versioned index names for one prefix."""
 
-    kinds = {INSTANCES.name: "instances", SERIES.name: "series", STUDIES.name: "studies"}
-    id_fields = {"instances": "sop_instance_uid", "series": "series_instance_uid", "studies": "study_instance_uid"}
+    kinds = {INSTANCES.name: "instances", SERIES.name: "series", STUDIES.name: "studies",
+             DOSE_EVENTS.name: "dose-events", DOSE_STUDIES.name: "dose-studies", DOSE_ALERTS.name: "dose-alerts"}
+    id_fields = {"instances": "sop_instance_uid", "series": "series_instance_uid", "studies": "study_instance_uid",
+                 "dose-events": "event_id", "dose-studies": "study_instance_uid", "dose-alerts": "alert_id"}
 
     def __init__(self, prefix: str):
         self.prefix = prefix
@@ -81,7 +83,7 @@ def _document(record: dict[str, Any]) -> dict[str, Any]:
 
 class OpenSearchSink:
     name = "opensearch"
-    topics = (INSTANCES.name, SERIES.name, STUDIES.name)
+    topics = (INSTANCES.name, SERIES.name, STUDIES.name, DOSE_EVENTS.name, DOSE_STUDIES.name, DOSE_ALERTS.name)
 
     def __init__(self, client: OpenSearch, layout: IndexLayout, codec: Codec | None = None,
                  max_bytes: int = 5_000_000, index_version: int | None = None):

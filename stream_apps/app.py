@@ -14,9 +14,10 @@ ProducerBuffer.max_messages = 100_000
 __all__ = ["create_app"]
 
 
-def create_app(config: Config) -> faust.App:
+def create_app(config: Config, app_id: str | None = None, web_port: int | None = None) -> faust.App:
+    """The aggregates app by default; the dose worker passes its own id and port."""
     return faust.App(
-        config.stream.app_id,
+        app_id or config.stream.app_id,
         broker=f"kafka://{config.kafka.bootstrap}",
         store="memory://",
         datadir=str(config.path(config.stream.data_dir)),
@@ -24,7 +25,7 @@ def create_app(config: Config) -> faust.App:
         topic_partitions=config.kafka.partitions,
         topic_replication_factor=1,
         consumer_auto_offset_reset="earliest",
-        web_port=config.stream.web_port,
+        web_port=web_port or config.stream.web_port,
         web_host="127.0.0.1",
         autodiscover=False,
         processing_guarantee=config.stream.processing_guarantee,

@@ -50,6 +50,10 @@ quiet_seconds = "CT=4,MR=4,*=4"
 web_port = 16066
 data_dir = "{TEST_HOME}/faust"
 
+[dose]
+web_port = 16067
+alert_rules = "{REPO}/tests/data/dose-rules.yaml"
+
 [stack]
 home = "{TEST_HOME}/stack"
 kafka_port = 19092
@@ -125,7 +129,7 @@ class Pipeline:
                 proc.wait()
 
 
-PIPELINE = {"receiver": ("receive",), "aggregates": ("aggregate",),
+PIPELINE = {"receiver": ("receive",), "aggregates": ("aggregate",), "dose": ("dose",),
             "archive-sink": ("sink", "archive"), "opensearch-sink": ("sink", "opensearch")}
 
 

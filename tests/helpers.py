@@ -11,7 +11,7 @@ from confluent_kafka.admin import AdminClient
 
 from diana.config import Config
 from diana.schemas.codec import DecodeError, default_codec
-from diana.schemas.topics import INSTANCES, SERIES, STUDIES
+from diana.schemas.topics import DOSE_ALERTS, DOSE_EVENTS, DOSE_STUDIES, INSTANCES, SERIES, STUDIES
 
 
 # dcmtk's tools, not pynetdicom's same-named apps that a global pip install puts on the PATH.
@@ -125,11 +125,13 @@ def group_lag(cfg: Config, group: str, topics: list[str]) -> int:
 
 
 def wait_until_caught_up(cfg: Config, timeout: float = 120.0) -> None:
-    """Wait until the aggregator and both sinks have committed everything in their topics."""
+    """Wait until the aggregator, the dose worker and both sinks have committed everything in their topics."""
     groups = {
         cfg.stream.app_id: [INSTANCES.name],
+        cfg.dose.app_id: [INSTANCES.name],
         cfg.sinks.archive_group: [INSTANCES.name],
-        cfg.sinks.opensearch_group: [INSTANCES.name, SERIES.name, STUDIES.name],
+        cfg.sinks.opensearch_group: [INSTANCES.name, SERIES.name, STUDIES.name, DOSE_EVENTS.name,
+                                     DOSE_STUDIES.name, DOSE_ALERTS.name],
     }
     deadline = time.monotonic() + timeout
     lags: dict[str, int] = {}

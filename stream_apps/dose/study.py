@@ -66,7 +66,8 @@ def _distinct_events(reports: list[dict]) -> list[dict]:
     for report in reports:
         for event in report["events"]:
             key = event_key(report, event)
-            events[key] = {**event, "event_key": key, "sop_instance_uid": report["sop_instance_uid"]}
+            events[key] = {**event, "event_key": key, "sop_instance_uid": report["sop_instance_uid"],
+                           "kind": report["kind"], "source": report["source"], "received_at": report["received_at"]}
     return list(events.values())
 
 
@@ -112,13 +113,13 @@ def summarize(state: dict) -> tuple[dict, list[dict]]:
     projection = [r for r in reports if r["kind"] in ("DX", "RF", "MG")]
     if projection:
         planes = sorted({p for r in projection for p in r["accumulated"].get("planes", {})}
-                        | {e["plane_id"] for e in events if e.get("plane_id")})
+                        | {e.get("plane_id") or "A" for e in events if e["kind"] in ("DX", "RF", "MG")})
         study["planes"] = len(planes)
         for metric, event_metric in (("dap_Gym2", "dap_Gym2"), ("dose_rp_mGy", "dose_rp_mGy")):
             for plane in planes:
                 total(f"plane_{plane.lower()}_{metric}",
                       lambda r, p=plane, m=metric: r["accumulated"].get("planes", {}).get(p, {}).get(m),
-                      lambda e, p=plane, m=event_metric: e.get(m) if e.get("plane_id", "A") == p else None)
+                      lambda e, p=plane, m=event_metric: e.get(m) if (e.get("plane_id") or "A") == p else None)
             study[f"total_{metric}" if metric == "dap_Gym2" else "dose_rp_total_mGy"] = _sum(
                 study.get(f"plane_{p.lower()}_{metric}") for p in planes)
         for part, flag in (("fluoro", True), ("acquisition", False)):

@@ -1,0 +1,164 @@
+"""The dose worker: dicom.instances -> dose.events, dose.studies, dose.alerts (and dose.by-patient).
+
+Only objects that can carry dose are parsed (SRs, CT and projection images). Each study's state
+(its reports and images, see study.py) lives in a changelog-backed table keyed by study, so it is
+co-partitioned with dicom.instances; folding the same object again changes nothing, so an
+at-least-once redelivery publishes nothing new. Every output has a deterministic id (event,
+study, alert), so a sink that sees a record twice overwrites it.
+
+Cumulative rules need all of a patient's studies: each study's totals are re-keyed by PatientID
+to dose.by-patient, where a second agent keeps per-patient state.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import faust
+import structlog
+
+from diana.schemas.codec import Codec, DecodeError, default_codec
+from diana.schemas.topics import DEADLETTER, DOSE_ALERTS, DOSE_BY_PATIENT, DOSE_EVENTS, DOSE_STUDIES, INSTANCES
+from diana.stream_apps.dose.alerts import AlertRules, cumulative_alerts, study_alerts
+from diana.stream_apps.dose.extract import DoseExtractionError, dataset_from_header_json, extract_dose
+from diana.stream_apps.dose.study import fold_report, new_study, summarize
+
+__all__ = ["register_dose", "may_carry_dose"]
+
+log = structlog.get_logger("diana.stream.dose")
+
+_DOSE_MODALITIES = {"SR", "CT", "CR", "DX", "MG", "RF", "XA", "PX", "IO"}
+_SR_CLASSES = "1.2.840.10008.5.1.4.1.1.88."
+_CONTEXT = ("accession_number", "study_date", "study_description", "modality", "manufacturer",
+            "manufacturer_model_name", "station_name", "institution_name", "patient_id", "patient_sex",
+            "patient_age_years", "patient_size_m", "patient_weight_kg")
+
+
+# CTDIvol, area dose product, entrance dose in mGy, organ dose, exposure index: an image header
+# without any of these has nothing to say about dose, and is not parsed.
+_HEADER_DOSE_TAGS = ('"00189345"', '"0018115E"', '"00401302"', '"00400316"', '"00181411"')
+
+
+def may_carry_dose(instance: dict) -> bool:
+    header = instance.get("header_json")
+    if not header:
+        return False
+    if instance["sop_class_uid"].startswith(_SR_CLASSES):
+        return True
+    return instance.get("modality") in _DOSE_MODALITIES and any(tag in header for tag in _HEADER_DOSE_TAGS)
+
+
+def _dt(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+
+def _fit(codec: Codec, schema: str, record: dict) -> dict:
+    """Exactly the schema's fields: absent ones as None (all optional fields default to null)."""
+    return {f.name: record.get(f.name, f.default if f.has_default else None) for f in codec.schema(schema).fields}
+
+
+def event_record(study: dict, event: dict) -> dict:
+    record = {**{k: study.get(k) for k in _CONTEXT}, **event}
+    record["event_id"] = f"{study['study_instance_uid']}/{event['event_key']}"
+    record["study_instance_uid"] = study["study_instance_uid"]
+    record["received_at"] = _dt(event["received_at"])
+    sources = event.get("xray_source_parameters")
+    if sources:
+        record["xray_source_parameters"] = [
+            {k: s.get(k) for k in ("source", "kvp", "max_tube_current_mA", "tube_current_mA")} for s in sources]
+    return record
+
+
+def register_dose(app: faust.App, rules: AlertRules, codec: Codec | None = None) -> None:
+    codec = codec or default_codec()
+    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+    source = app.topic(INSTANCES.name, **raw)
+    by_patient = app.topic(DOSE_BY_PATIENT.name, **raw)
+    events_out, studies_out = app.topic(DOSE_EVENTS.name, **raw), app.topic(DOSE_STUDIES.name, **raw)
+    alerts_out, deadletter = app.topic(DOSE_ALERTS.name, **raw), app.topic(DEADLETTER.name, **raw)
+    study_table = app.Table("dose-studies", default=None, key_type=str)
+    patient_table = app.Table("dose-patients", default=None, key_type=str)
+
+    async def dead(message: Any, value: bytes, reason: str) -> None:
+        origin = f"{message.topic}/{message.partition}/{message.offset}"
+        log.warning("deadletter", origin=origin, reason=reason)
+        await deadletter.send(key=origin.encode(), value=value,
+                              headers={"reason": f"dose: {reason}".encode(), "origin": origin.encode()})
+
+    async def publish_alerts(state: dict, alerts: list[dict], study: dict, at: datetime) -> None:
+        raised = state.setdefault("alerts", {})
+        for alert in alerts:
+            if raised.get(alert["alert_id"]) == alert["value"]:
+                continue  # already published with this value
+            raised[alert["alert_id"]] = alert["value"]
+            record = {**{k: study.get(k) for k in _CONTEXT}, "kind": study.get("kind"), **alert,
+                      "revision": state["revision"], "raised_at": at}
+            log.info("dose.alert", rule=alert["rule"], metric=alert["metric"], value=alert["value"],
+                     threshold=alert["threshold"], study_instance_uid=alert["study_instance_uid"])
+            await alerts_out.send(key=alert["study_instance_uid"].encode(), value=codec.encode(
+                DOSE_ALERTS.schema, _fit(codec, DOSE_ALERTS.schema, record)))
+
+    @app.agent(source)
+    async def dose(stream: faust.Stream) -> None:
+        async for event in stream.events():
+            message = event.message
+            try:
+                _, instance = codec.decode(event.value, expect=INSTANCES.schema)
+            except DecodeError as exc:
+                await dead(message, event.value, str(exc))
+                continue
+            if not may_carry_dose(instance):
+                continue
+            uid = instance["study_instance_uid"]
+            state = study_table.get(uid)
+            if state and instance.get("modality") == "CT" and (
+                    any(r["source"] == "RDSR" for r in state["reports"].values())
+                    or any(e.get("event_key") == f"series:{instance['series_instance_uid']}"
+                           for r in state["reports"].values() for e in r["events"])):
+                continue  # one CTDIvol per series is enough, and none once a dose report is here
+            try:
+                extracted = extract_dose(dataset_from_header_json(instance["header_json"]))
+            except DoseExtractionError as exc:
+                await dead(message, event.value, str(exc))
+                continue
+            if extracted is None:
+                continue
+            report, context = extracted
+            state = state or {**new_study(uid), "revision": 0}
+            at_ms = int(instance["received_at"].timestamp() * 1000)
+            if not fold_report(state, report, context, at_ms):
+                continue  # the same object again: nothing changes
+            state["revision"] += 1
+            study, events = summarize(state)
+            at = instance["received_at"]
+            for ev in events:
+                await events_out.send(key=uid.encode(), value=codec.encode(
+                    DOSE_EVENTS.schema, _fit(codec, DOSE_EVENTS.schema, event_record(study, ev))))
+            study_value = codec.encode(DOSE_STUDIES.schema, _fit(codec, DOSE_STUDIES.schema, {
+                **study, "revision": state["revision"], "received_at": at}))
+            await studies_out.send(key=uid.encode(), value=study_value)
+            await publish_alerts(state, study_alerts(rules, study, events), study, at)
+            study_table[uid] = state
+            log.info("dose.study", study_instance_uid=uid, kind=study.get("kind"), events=study["events"],
+                     source=report["source"])
+            if study.get("patient_id"):
+                await by_patient.send(key=study["patient_id"].encode(), value=study_value)
+
+    @app.agent(by_patient)
+    async def cumulative(stream: faust.Stream) -> None:
+        async for event in stream.events():
+            try:
+                _, study = codec.decode(event.value, expect=DOSE_STUDIES.schema)
+            except DecodeError as exc:
+                await dead(event.message, event.value, str(exc))
+                continue
+            patient = study["patient_id"]
+            state = patient_table.get(patient) or {"studies": {}, "alerts": {}, "revision": 0}
+            state["studies"][study["study_instance_uid"]] = {
+                k: v for k, v in study.items() if k in (
+                    "study_instance_uid", "study_date", "total_dlp_mGycm", "total_dap_Gym2", "dose_rp_total_mGy",
+                    "administered_activity_MBq")}
+            state["revision"] += 1
+            alerts = cumulative_alerts(rules, list(state["studies"].values()), study)
+            await publish_alerts(state, alerts, study, study["received_at"])
+            patient_table[patient] = state

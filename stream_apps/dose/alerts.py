@@ -1,0 +1,192 @@
+"""Dose alert rules (a YAML file) and their evaluation; pure functions of records and rules.
+
+    reference_levels:            # per protocol or body region
+      - name: CT abdomen DRL
+        match: {kind: CT, protocol: "(?i)abd", target_region: "(?i)abdomen"}   # regular expressions
+        ctdivol_mGy: 15          # per irradiation event
+        dlp_mGycm: 700           # per study: the DLP of the study's matching events
+    dose_check: true             # an event above its scanner's Dose Check notification/alert value
+    cumulative:                  # per patient, over a rolling window of study dates
+      - {name: 12-week CT DLP, metric: total_dlp_mGycm, window_days: 84, threshold: 3000}
+
+A match pattern is searched (re.search) in the event's field, or the study's when the event has
+none; a rule without ``match`` applies to every record.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+
+import yaml
+
+__all__ = ["AlertRules", "RulesError", "ReferenceLevel", "CumulativeRule", "study_alerts", "cumulative_alerts",
+           "load_rules"]
+
+_EVENT_METRICS = ("ctdivol_mGy", "dlp_mGycm", "dap_Gym2", "dose_rp_mGy", "agd_mGy", "administered_activity_MBq")
+_STUDY_METRICS = {"dlp_mGycm": "dlp_mGycm", "dap_Gym2": "dap_Gym2", "dose_rp_mGy": "dose_rp_mGy"}
+_CUMULATIVE_METRICS = ("total_dlp_mGycm", "total_dap_Gym2", "dose_rp_total_mGy", "administered_activity_MBq")
+_MATCH_FIELDS = ("kind", "protocol", "target_region", "station_name", "manufacturer", "manufacturer_model_name",
+                 "modality", "acquisition_type", "study_description")
+
+
+class RulesError(ValueError):
+    """The rules file is not valid; the message names the rule and the fix."""
+
+
+@dataclass(frozen=True)
+class ReferenceLevel:
+    name: str
+    match: dict[str, re.Pattern] = field(default_factory=dict)
+    event_limits: dict[str, float] = field(default_factory=dict)   # per event: ctdivol_mGy, ...
+    study_limits: dict[str, float] = field(default_factory=dict)   # per study: dlp_mGycm, ...
+
+    def matches(self, record: dict, study: dict) -> bool:
+        for name, pattern in self.match.items():
+            value = record.get(name) if record.get(name) is not None else study.get(name)
+            if value is None or not pattern.search(str(value)):
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class CumulativeRule:
+    name: str
+    metric: str
+    window_days: float
+    threshold: float
+
+
+@dataclass(frozen=True)
+class AlertRules:
+    reference_levels: tuple[ReferenceLevel, ...] = ()
+    dose_check: bool = True
+    cumulative: tuple[CumulativeRule, ...] = ()
+
+
+def _number(rule: str, key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise RulesError(f"rule {rule!r}: {key} must be a positive number, not {value!r}")
+    return float(value)
+
+
+def _reference_level(raw: dict) -> ReferenceLevel:
+    name = raw.get("name")
+    if not name:
+        raise RulesError(f"a reference level has no name: {raw!r}")
+    match = {}
+    for key, pattern in (raw.get("match") or {}).items():
+        if key not in _MATCH_FIELDS:
+            raise RulesError(f"rule {name!r}: cannot match on {key!r}; fields: {', '.join(_MATCH_FIELDS)}")
+        try:
+            match[key] = re.compile(str(pattern))
+        except re.error as exc:
+            raise RulesError(f"rule {name!r}: match.{key} is not a regular expression: {exc}") from None
+    limits = {k: v for k, v in raw.items() if k not in ("name", "match")}
+    unknown = sorted(set(limits) - set(_EVENT_METRICS))
+    if unknown:
+        raise RulesError(f"rule {name!r}: unknown limit {unknown[0]!r}; limits: {', '.join(_EVENT_METRICS)}")
+    event = {k: _number(name, k, v) for k, v in limits.items() if k not in _STUDY_METRICS}
+    study = {k: _number(name, k, v) for k, v in limits.items() if k in _STUDY_METRICS}
+    if not event and not study:
+        raise RulesError(f"rule {name!r} sets no limit; limits: {', '.join(_EVENT_METRICS)}")
+    return ReferenceLevel(name, match, event, study)
+
+
+def load_rules(path: Path | None) -> AlertRules:
+    """The rules in ``path``; without a file, only the scanners' own Dose Check values raise alerts."""
+    if path is None:
+        return AlertRules()
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise RulesError(f"cannot read dose alert rules {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise RulesError(f"{path} is not valid YAML: {exc}") from None
+    unknown = sorted(set(raw) - {"reference_levels", "dose_check", "cumulative"})
+    if unknown:
+        raise RulesError(f"{path}: unknown section {unknown[0]!r}; sections: reference_levels, dose_check, cumulative")
+    cumulative = []
+    for item in raw.get("cumulative") or []:
+        name = item.get("name") or "?"
+        if item.get("metric") not in _CUMULATIVE_METRICS:
+            raise RulesError(f"rule {name!r}: metric must be one of {', '.join(_CUMULATIVE_METRICS)}")
+        cumulative.append(CumulativeRule(name, item["metric"], _number(name, "window_days", item.get("window_days")),
+                                         _number(name, "threshold", item.get("threshold"))))
+    return AlertRules(tuple(_reference_level(r) for r in raw.get("reference_levels") or []),
+                      bool(raw.get("dose_check", True)), tuple(cumulative))
+
+
+def _alert_id(*parts: str) -> str:
+    return hashlib.sha1("\x1f".join(parts).encode()).hexdigest()
+
+
+def _alert(rule: str, rule_type: str, metric: str, value: float, threshold: float, study: dict,
+           event: dict | None = None, message: str = "") -> dict:
+    key = event.get("event_key", "") if event else ""
+    return {
+        "alert_id": _alert_id(rule, study["study_instance_uid"], key, metric), "rule": rule, "rule_type": rule_type,
+        "metric": metric, "value": value, "threshold": threshold, "study_instance_uid": study["study_instance_uid"],
+        "irradiation_event_uid": event.get("irradiation_event_uid") if event else None,
+        "protocol": event.get("protocol") if event else None,
+        "message": message or f"{rule}: {metric} {value:g} exceeds {threshold:g}",
+    }
+
+
+def _dose_check(event: dict, study: dict) -> list[dict]:
+    out = []
+    checks = (("ctdivol_mGy", "ctdivol_mGy", "dose_check_ctdivol_notification_mGy", "notification"),
+              ("dlp_mGycm", "dlp_mGycm", "dose_check_dlp_notification_mGycm", "notification"),
+              ("dose_check_accumulated_ctdivol_forward_estimate_mGy", "ctdivol_mGy", "dose_check_ctdivol_alert_mGy",
+               "alert"),
+              ("dose_check_accumulated_dlp_forward_estimate_mGycm", "dlp_mGycm", "dose_check_dlp_alert_mGycm", "alert"))
+    for value_field, metric, limit_field, level in checks:
+        value, limit = event.get(value_field), event.get(limit_field)
+        if value is not None and limit is not None and value > limit:
+            out.append(_alert(f"Dose Check {level} value", "dose_check", value_field, value, limit, study, event,
+                              f"{value_field} {value:g} exceeds the scanner's Dose Check {level} value {limit:g}"))
+    return out
+
+
+def study_alerts(rules: AlertRules, study: dict, events: list[dict]) -> list[dict]:
+    """Reference-level and Dose Check alerts for a study's current record and distinct events."""
+    out = []
+    for level in rules.reference_levels:
+        matching = [e for e in events if level.matches(e, study)]
+        for event in matching:
+            for metric, limit in level.event_limits.items():
+                value = event.get(metric)
+                if value is not None and value > limit:
+                    out.append(_alert(level.name, "reference_level", metric, value, limit, study, event))
+        for metric, limit in level.study_limits.items():
+            values = [e[metric] for e in matching if e.get(metric) is not None]
+            if values and sum(values) > limit:
+                out.append(_alert(level.name, "reference_level", metric, sum(values), limit, study, None,
+                                  f"{level.name}: study {metric} {sum(values):g} exceeds {limit:g}"))
+    if rules.dose_check:
+        for event in events:
+            out += _dose_check(event, study)
+    return out
+
+
+def cumulative_alerts(rules: AlertRules, studies: list[dict], latest: dict) -> list[dict]:
+    """Per-patient alerts for ``latest`` over the studies dated within each rule's window before it."""
+    out = []
+    if not latest.get("study_date"):
+        return out
+    end = date.fromisoformat(latest["study_date"])
+    for rule in rules.cumulative:
+        start = end - timedelta(days=rule.window_days)
+        window = sorted((s for s in studies if s.get("study_date") and s.get(rule.metric) is not None
+                         and start < date.fromisoformat(s["study_date"]) <= end),
+                        key=lambda s: (s["study_date"], s["study_instance_uid"]))
+        total = sum(s[rule.metric] for s in window)
+        if total > rule.threshold:
+            alert = _alert(rule.name, "cumulative", rule.metric, total, rule.threshold, latest, None,
+                           f"{rule.name}: {rule.metric} {total:g} over {len(window)} studies in {rule.window_days:g}"
+                           f" days exceeds {rule.threshold:g}")
+            alert.update(window_days=rule.window_days, window_study_uids=[s["study_instance_uid"] for s in window])
+            out.append(alert)
+    return out

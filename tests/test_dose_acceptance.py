@@ -1,0 +1,47 @@
+"""The real vendor dose reports of ../shared/acceptance/dose through `diana acceptance`."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diana.dose_acceptance import DISPUTED, run_acceptance
+
+REPO = Path(__file__).resolve().parent.parent
+FOLDER = Path(os.environ.get("DIANA_DOSE_ACCEPTANCE_DIR", REPO.parent / "shared" / "acceptance" / "dose"))
+
+
+@pytest.fixture(scope="module")
+def folder() -> Path:
+    if not (FOLDER / "expected.json").is_file():
+        # The files belong to the workplace, not to the project ("read them when that folder exists").
+        pytest.skip(f"no dose acceptance files at {FOLDER} (set DIANA_DOSE_ACCEPTANCE_DIR)")
+    return FOLDER
+
+
+def test_every_listed_value_matches(folder: Path):
+    checked, mismatches = run_acceptance(folder)
+    assert checked >= 14
+    undisputed = [str(m) for m in mismatches if (m.file, m.field) not in DISPUTED]
+    assert undisputed == []
+
+
+def test_every_dispute_is_still_a_real_disagreement(folder: Path):
+    _, mismatches = run_acceptance(folder)
+    assert set(DISPUTED) <= {(m.file, m.field) for m in mismatches}
+
+
+def test_acceptance_command(folder: Path):
+    result = subprocess.run([sys.executable, "-m", "diana.cli", "acceptance", str(folder)], capture_output=True,
+                            text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 mismatches" in result.stdout
+
+
+def test_acceptance_command_without_data_says_how(tmp_path: Path):
+    result = subprocess.run([sys.executable, "-m", "diana.cli", "acceptance", str(tmp_path)], capture_output=True,
+                            text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2 and "no expected.json" in result.stderr
