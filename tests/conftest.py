@@ -51,7 +51,7 @@ web_port = 16066
 data_dir = "{TEST_HOME}/faust"
 
 [dose]
-web_port = 16067
+web_port = 16069
 alert_rules = "{REPO}/tests/data/dose-rules.yaml"
 
 [stack]
