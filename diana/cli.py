@@ -129,6 +129,88 @@ def cmd_acceptance(cfg: Config, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cohort_filter(args: argparse.Namespace):
+    from diana.cohort import CohortFilter, parse_dose_above
+
+    return CohortFilter(
+        modality=args.modality or [], body_part=args.body_part or [], station=args.station or [],
+        manufacturer=args.manufacturer or [], calling_ae=args.calling_ae or [], sex=args.sex or [],
+        description=args.description, date_from=args.date_from, date_to=args.date_to, age_min=args.age_min,
+        age_max=args.age_max, dose_above=[parse_dose_above(d) for d in args.dose_above or []])
+
+
+def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
+    """Find the studies matching filters; print them, write CSV/JSON, or export their objects."""
+    from opensearchpy import OpenSearch
+    from opensearchpy.exceptions import ConnectionError as OSConnectionError
+    from opensearchpy.exceptions import NotFoundError
+
+    from diana.cohort import CohortError, find_studies, study_instances, write_rows
+
+    client = OpenSearch(hosts=[cfg.opensearch.url], timeout=60)
+    prefix = cfg.opensearch.index_prefix
+    try:
+        rows = find_studies(client, prefix, _cohort_filter(args), limit=args.limit)
+    except CohortError as exc:
+        print(f"diana cohort: {exc}", file=sys.stderr)
+        return 2
+    except OSConnectionError:
+        print(f"diana cohort: OpenSearch does not answer at {cfg.opensearch.url}; start the stack "
+              f"(diana stack start) or set [opensearch] url", file=sys.stderr)
+        return 1
+    except NotFoundError as exc:
+        print(f"diana cohort: index missing ({exc.info if hasattr(exc, 'info') else exc}); nothing indexed yet?",
+              file=sys.stderr)
+        return 1
+    if args.action == "find":
+        if args.output:
+            with open(args.output, "w", newline="", encoding="utf-8") as fh:
+                write_rows(rows, fh, args.format or Path(args.output).suffix.lstrip(".") or "csv")
+            print(f"{len(rows)} studies written to {args.output}")
+        else:
+            write_rows(rows, sys.stdout, args.format or "table")
+        return 0
+    return _cohort_export(cfg, args, client, prefix, [r["study_instance_uid"] for r in rows], study_instances)
+
+
+def _cohort_export(cfg: Config, args, client, prefix: str, study_uids: list[str], study_instances) -> int:
+    from tqdm import tqdm
+
+    from diana.deid import Deidentifier
+    from diana.export import ExportError, export_instances
+
+    deidentify = args.deidentify if args.deidentify is not None else args.research
+    deidentifier = None
+    if deidentify:
+        secret_file = args.secret_file or cfg.export.site_secret_file
+        if not secret_file:
+            print("diana cohort export: de-identification needs a site secret: create one with "
+                  "'head -c 32 /dev/urandom > site.secret; chmod 600 site.secret' and pass --secret-file "
+                  "site.secret (or set [export] site_secret_file)", file=sys.stderr)
+            return 2
+        try:
+            deidentifier = Deidentifier(cfg.path(Path(secret_file)).read_bytes(),
+                                        retain_descriptions=args.retain_descriptions)
+        except (OSError, ValueError) as exc:
+            print(f"diana cohort export: site secret {secret_file}: {exc}", file=sys.stderr)
+            return 2
+    if args.key_file and not deidentify:
+        print("diana cohort export: --key-file only makes sense with de-identification (--research)", file=sys.stderr)
+        return 2
+    instances = study_instances(client, prefix, study_uids)
+    try:
+        with tqdm(total=len(instances), unit="obj", desc="export", disable=args.no_progress) as bar:
+            summary = export_instances(instances, cfg.path(cfg.storage.archive_dir), Path(args.out),
+                                       deidentifier=deidentifier,
+                                       key_file=Path(args.key_file) if args.key_file else None,
+                                       progress=bar.update)
+    except ExportError as exc:
+        print(f"diana cohort export: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(summary.lines()))
+    return 1 if summary.missing or summary.hash_mismatch else 0
+
+
 def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
     from diana.sinks.consumer import run_sink
 
@@ -409,6 +491,48 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "acceptance" / "dose"),
                      help="folder with expected.json and the .dcm files (default: ../shared/acceptance/dose)")
     acc.set_defaults(func=cmd_acceptance)
+    cohort = sub.add_parser("cohort", help="find studies by filters; export them (optionally de-identified)",
+                            description=cmd_cohort.__doc__)
+    cohort_sub = cohort.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("find", "print the matching studies, or write them as CSV/JSON"),
+                         ("export", "copy the matching studies' objects from the archive into a folder or .zip, "
+                                    "verifying hashes")):
+        ap = cohort_sub.add_parser(action, help=text, description=text + ". Filters combine with AND; a "
+                                   "repeated filter matches any of its values.")
+        f = ap.add_argument_group("filters")
+        f.add_argument("--modality", action="append", metavar="M", help="e.g. CT (repeatable)")
+        f.add_argument("--date-from", metavar="YYYY-MM-DD", help="study date on or after")
+        f.add_argument("--date-to", metavar="YYYY-MM-DD", help="study date on or before")
+        f.add_argument("--body-part", action="append", metavar="PART", help="Body Part Examined, e.g. CHEST")
+        f.add_argument("--description", metavar="WORDS", help="words in the study or series description or protocol")
+        f.add_argument("--station", action="append", metavar="NAME", help="Station Name")
+        f.add_argument("--manufacturer", action="append", metavar="NAME")
+        f.add_argument("--calling-ae", action="append", metavar="AE", help="the AE title that sent the objects")
+        f.add_argument("--age-min", type=float, metavar="YEARS", help="patient age at the study")
+        f.add_argument("--age-max", type=float, metavar="YEARS")
+        f.add_argument("--sex", action="append", metavar="M|F|O")
+        f.add_argument("--dose-above", action="append", metavar="METRIC=VALUE",
+                       help="e.g. total_dlp_mGycm=500 (metrics: total_dlp_mGycm, max_ctdivol_mGy, total_dap_Gym2, "
+                            "dose_rp_total_mGy, agd_left_mGy, agd_right_mGy, administered_activity_MBq, fluoro_time_s)")
+        ap.add_argument("--limit", type=int, default=10_000, help="at most this many studies (default 10000)")
+        if action == "find":
+            ap.add_argument("--output", "-o", metavar="FILE", help="write to FILE (.csv or .json) instead of a table")
+            ap.add_argument("--format", choices=["table", "csv", "json"], help="default: table, or FILE's suffix")
+        else:
+            ap.add_argument("--out", required=True, metavar="PATH", help="a new folder, or a file ending in .zip")
+            ap.add_argument("--research", action="store_true", help="research export: de-identified by default")
+            ap.add_argument("--deidentify", dest="deidentify", action="store_true", default=None,
+                            help="de-identify (PS3.15 Annex E basic profile, consistent pseudonyms)")
+            ap.add_argument("--no-deidentify", dest="deidentify", action="store_false",
+                            help="byte-identical copies, even with --research")
+            ap.add_argument("--secret-file", metavar="FILE", help="site secret keying the pseudonyms "
+                            "(default: [export] site_secret_file)")
+            ap.add_argument("--key-file", metavar="FILE", help="also write pseudonym -> original identity here "
+                            "(CSV, mode 600); written nowhere unless asked")
+            ap.add_argument("--retain-descriptions", action="store_true",
+                            help="keep study/series descriptions and protocol names (Annex E retain option)")
+            ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+        ap.set_defaults(func=cmd_cohort)
     sink = sub.add_parser("sink", help="run a sink (archive or opensearch)",
                           description="Run a sink: consume, write durably and idempotently, then commit.")
     sink.add_argument("sink", choices=["archive", "opensearch"])
@@ -453,7 +577,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        message = f"unrecognized arguments: {' '.join(unknown)}"
+        if args.command == "cohort":
+            message += ("; valid filters: --modality, --date-from, --date-to, --body-part, --description, "
+                        "--station, --manufacturer, --calling-ae, --age-min, --age-max, --sex, --dose-above")
+        parser.error(message)
     try:
         cfg = load_config(args.config)
         configure_logging(cfg.log.level, cfg.log.format)

@@ -102,6 +102,15 @@ class DoseConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """`diana cohort export`."""
+
+    # A file holding the site secret (at least 16 bytes) that keys the pseudonyms of de-identified
+    # exports: the same patient gets the same pseudonym in every export made with it. Keep it private.
+    site_secret_file: str = ""
+
+
+@dataclass(frozen=True)
 class StackConfig:
     """The no-Docker local stack (compose/local): where it lives and its ports."""
 
@@ -141,6 +150,7 @@ class Config:
     sinks: SinksConfig = field(default_factory=SinksConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     dose: DoseConfig = field(default_factory=DoseConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     stack: StackConfig = field(default_factory=StackConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)

@@ -1,0 +1,195 @@
+"""Cohort discovery: the studies whose instances match filters people use, from the OpenSearch index.
+
+Filters run on the instance index (every header field a study's objects carry), so "CT of the
+chest from station X" finds studies with at least one such instance; a dose filter runs on
+`diana-dose-studies` and keeps the studies above the value. The result is one row per study.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any, TextIO
+
+from opensearchpy import OpenSearch
+
+__all__ = ["CohortError", "CohortFilter", "find_studies", "study_instances", "write_rows", "FILTER_FIELDS",
+           "DOSE_METRICS", "parse_dose_above"]
+
+# filter option -> field of the instance index it reads
+FILTER_FIELDS = {
+    "modality": "modality", "body_part": "body_part_examined", "station": "station_name",
+    "manufacturer": "manufacturer", "calling_ae": "calling_ae", "sex": "patient_sex",
+    "description": "study_description, series_description, protocol_name (words)",
+    "date_from": "study_date", "date_to": "study_date", "age_min": "patient_age_years",
+    "age_max": "patient_age_years", "dose_above": "diana-dose-studies: METRIC=VALUE",
+}
+DOSE_METRICS = ("total_dlp_mGycm", "max_ctdivol_mGy", "total_dap_Gym2", "dose_rp_total_mGy", "agd_left_mGy",
+                "agd_right_mGy", "administered_activity_MBq", "fluoro_time_s")
+COLUMNS = ("study_instance_uid", "study_date", "accession_number", "patient_id", "patient_sex", "patient_age_years",
+           "modalities", "study_description", "stations", "series", "instances")
+
+
+class CohortError(ValueError):
+    """A filter that cannot be used; the message names the valid fields or forms."""
+
+
+@dataclass
+class CohortFilter:
+    modality: list[str] = field(default_factory=list)
+    body_part: list[str] = field(default_factory=list)
+    station: list[str] = field(default_factory=list)
+    manufacturer: list[str] = field(default_factory=list)
+    calling_ae: list[str] = field(default_factory=list)
+    sex: list[str] = field(default_factory=list)
+    description: str | None = None
+    date_from: str | None = None
+    date_to: str | None = None
+    age_min: float | None = None
+    age_max: float | None = None
+    dose_above: list[tuple[str, float]] = field(default_factory=list)
+
+    def validate(self) -> None:
+        for name in ("date_from", "date_to"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    date.fromisoformat(value)
+                except ValueError:
+                    raise CohortError(f"--{name.replace('_', '-')} {value!r} is not a date like 2024-03-15") from None
+        if self.date_from and self.date_to and self.date_from > self.date_to:
+            raise CohortError(f"--date-from {self.date_from} is after --date-to {self.date_to}")
+        if self.age_min is not None and self.age_max is not None and self.age_min > self.age_max:
+            raise CohortError(f"--age-min {self.age_min:g} is above --age-max {self.age_max:g}")
+        bad_sex = [s for s in self.sex if s.upper() not in ("M", "F", "O")]
+        if bad_sex:
+            raise CohortError(f"--sex {bad_sex[0]!r}: use M, F or O")
+
+
+def parse_dose_above(text: str) -> tuple[str, float]:
+    metric, _, value = text.partition("=")
+    if metric not in DOSE_METRICS:
+        raise CohortError(f"--dose-above {text!r}: the metric must be one of {', '.join(DOSE_METRICS)} "
+                          f"(e.g. --dose-above total_dlp_mGycm=500)")
+    try:
+        return metric, float(value)
+    except ValueError:
+        raise CohortError(f"--dose-above {text!r}: {value!r} is not a number (e.g. total_dlp_mGycm=500)") from None
+
+
+def _any_of(field_name: str, values: list[str]) -> dict:
+    return {"bool": {"should": [{"term": {field_name: {"value": v, "case_insensitive": True}}} for v in values],
+                     "minimum_should_match": 1}}
+
+
+def _dose_studies(client: OpenSearch, prefix: str, dose_above: list[tuple[str, float]]) -> list[str]:
+    query = {"bool": {"filter": [{"range": {metric: {"gt": value}}} for metric, value in dose_above]}}
+    uids, after = [], None
+    while True:
+        body: dict[str, Any] = {"size": 1000, "query": query, "sort": [{"study_instance_uid": "asc"}],
+                                "_source": ["study_instance_uid"]}
+        if after:
+            body["search_after"] = after
+        hits = client.search(index=f"{prefix}-dose-studies", body=body)["hits"]["hits"]
+        if not hits:
+            return uids
+        uids += [h["_source"]["study_instance_uid"] for h in hits]
+        after = hits[-1]["sort"]
+
+
+def _instance_query(client: OpenSearch, prefix: str, f: CohortFilter) -> dict | None:
+    filters: list[dict] = []
+    for name, field_name in (("modality", "modality"), ("body_part", "body_part_examined"),
+                             ("station", "station_name"), ("manufacturer", "manufacturer"),
+                             ("calling_ae", "calling_ae"), ("sex", "patient_sex")):
+        values = getattr(f, name)
+        if values:
+            filters.append(_any_of(field_name, values))
+    if f.description:
+        filters.append({"multi_match": {"query": f.description, "operator": "and",
+                                        "fields": ["study_description", "series_description", "protocol_name"]}})
+    if f.date_from or f.date_to:
+        filters.append({"range": {"study_date": {k: v for k, v in (("gte", f.date_from), ("lte", f.date_to)) if v}}})
+    if f.age_min is not None or f.age_max is not None:
+        filters.append({"range": {"patient_age_years": {k: v for k, v in (("gte", f.age_min), ("lte", f.age_max))
+                                                        if v is not None}}})
+    if f.dose_above:
+        uids = _dose_studies(client, prefix, f.dose_above)
+        if not uids:
+            return None
+        filters.append({"terms": {"study_instance_uid": uids}})
+    return {"bool": {"filter": filters}} if filters else {"match_all": {}}
+
+
+def find_studies(client: OpenSearch, prefix: str, f: CohortFilter, limit: int = 10_000) -> list[dict]:
+    """One row per matching study (columns: COLUMNS), ordered by study date then UID."""
+    f.validate()
+    query = _instance_query(client, prefix, f)
+    if query is None:
+        return []
+    rows: list[dict] = []
+    after = None
+    while len(rows) < limit:
+        composite: dict[str, Any] = {"size": min(500, limit - len(rows)),
+                                     "sources": [{"study": {"terms": {"field": "study_instance_uid"}}}]}
+        if after:
+            composite["after"] = after
+        body = {"size": 0, "query": query, "aggs": {"studies": {"composite": composite, "aggs": {
+            "modalities": {"terms": {"field": "modality", "size": 20}},
+            "stations": {"terms": {"field": "station_name", "size": 20}},
+            "series": {"cardinality": {"field": "series_instance_uid"}},
+            "first": {"top_hits": {"size": 1, "_source": ["study_date", "accession_number", "patient_id",
+                                                          "patient_sex", "patient_age_years", "study_description"]}},
+        }}}}
+        result = client.search(index=f"{prefix}-instances", body=body)["aggregations"]["studies"]
+        for bucket in result["buckets"]:
+            first = bucket["first"]["hits"]["hits"][0]["_source"]
+            rows.append({
+                "study_instance_uid": bucket["key"]["study"], **{k: first.get(k) for k in COLUMNS if k in first},
+                "modalities": "/".join(b["key"] for b in bucket["modalities"]["buckets"]),
+                "stations": "/".join(b["key"] for b in bucket["stations"]["buckets"]),
+                "series": bucket["series"]["value"], "instances": bucket["doc_count"],
+            })
+        after = result.get("after_key")
+        if not after or not result["buckets"]:
+            break
+    return sorted(rows, key=lambda r: (r.get("study_date") or "", r["study_instance_uid"]))
+
+
+def study_instances(client: OpenSearch, prefix: str, study_uids: list[str]) -> list[dict]:
+    """Every indexed instance of these studies (not only the ones that matched the filters)."""
+    out: list[dict] = []
+    for start in range(0, len(study_uids), 500):
+        chunk, after = study_uids[start:start + 500], None
+        while True:
+            body: dict[str, Any] = {"size": 1000, "query": {"terms": {"study_instance_uid": chunk}},
+                                    "sort": [{"sop_instance_uid": "asc"}],
+                                    "_source": ["study_instance_uid", "series_instance_uid", "sop_instance_uid",
+                                                "sha256", "size_bytes", "patient_id"]}
+            if after:
+                body["search_after"] = after
+            hits = client.search(index=f"{prefix}-instances", body=body)["hits"]["hits"]
+            if not hits:
+                break
+            out += [h["_source"] for h in hits]
+            after = hits[-1]["sort"]
+    return out
+
+
+def write_rows(rows: list[dict], out: TextIO, fmt: str) -> None:
+    if fmt == "json":
+        json.dump(rows, out, indent=1, default=str)
+        out.write("\n")
+    elif fmt == "csv":
+        writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        widths = {c: max([len(c)] + [len(str(r.get(c) if r.get(c) is not None else "")) for r in rows]) for c in COLUMNS
+                  if c != "study_instance_uid"}
+        out.write("  ".join(c.ljust(widths[c]) for c in widths) + "  study_instance_uid\n")
+        for r in rows:
+            out.write("  ".join(str(r.get(c) if r.get(c) is not None else "").ljust(widths[c]) for c in widths)
+                      + f"  {r['study_instance_uid']}\n")
+        out.write(f"{len(rows)} studies\n")
