@@ -79,6 +79,11 @@ def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
     from diana.stream_apps.app import create_app
     from diana.stream_apps.completeness import QuietTimes
 
+    from diana.stream_apps.aggregates import StudyFold
+    from diana.stream_apps.app import ensure_changelogs
+
+    ensure_changelogs(cfg, cfg.stream.app_id, [StudyFold.SEEN, StudyFold.SERIES, StudyFold.STUDIES, StudyFold.OPEN,
+                                               StudyFold.CLOCK])
     app = create_app(cfg)
     register_aggregates(app, QuietTimes.parse(cfg.stream.quiet_seconds))
     worker = faust.Worker(app, loglevel=cfg.log.level.upper(), quiet=True)
@@ -98,6 +103,10 @@ def cmd_dose(cfg: Config, _args: argparse.Namespace) -> int:
     except RulesError as exc:
         print(f"diana dose: {exc}", file=sys.stderr)
         return 2
+    from diana.stream_apps.app import ensure_changelogs
+    from diana.stream_apps.dose.agent import TABLES
+
+    ensure_changelogs(cfg, cfg.dose.app_id, list(TABLES))
     app = create_app(cfg, app_id=cfg.dose.app_id, web_port=cfg.dose.web_port)
     register_dose(app, rules)
     worker = faust.Worker(app, loglevel=cfg.log.level.upper(), quiet=True)
@@ -209,6 +218,57 @@ def _cohort_export(cfg: Config, args, client, prefix: str, study_uids: list[str]
         return 2
     print("\n".join(summary.lines()))
     return 1 if summary.missing or summary.hash_mismatch else 0
+
+
+def cmd_dashboards(cfg: Config, args: argparse.Namespace) -> int:
+    """Import the Operations, Cohort discovery and Dose monitoring dashboards into OpenSearch Dashboards."""
+    from diana.dashboards import NDJSON_PATH, install, render_ndjson
+
+    ndjson = render_ndjson()
+    if args.action == "export":
+        (open(args.output, "w", encoding="utf-8") if args.output else sys.stdout).write(ndjson)
+        return 0
+    import requests
+
+    try:
+        result = install(args.url, ndjson)
+    except requests.RequestException as exc:
+        print(f"diana dashboards: import into {args.url} failed: {exc}. Is OpenSearch Dashboards running there? "
+              f"The file can also be imported by hand: {NDJSON_PATH}", file=sys.stderr)
+        return 1
+    print(f"imported {result.get('successCount', 0)} saved objects into {args.url}"
+          + ("" if result.get("success", False) else f"; errors: {result.get('errors')}"))
+    return 0 if result.get("success", False) else 1
+
+
+def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
+    """Write a self-contained HTML report of ingest and dose for a date range (no network needed to view it)."""
+    from datetime import date, timedelta
+
+    from opensearchpy import OpenSearch
+    from opensearchpy.exceptions import ConnectionError as OSConnectionError
+
+    from diana.durable import write_atomic
+    from diana.report import build_report
+
+    try:
+        end = date.fromisoformat(args.to_date) if args.to_date else date.today()
+        start = date.fromisoformat(args.from_date) if args.from_date else end - timedelta(days=30)
+    except ValueError as exc:
+        print(f"diana report: {exc}; dates look like 2024-03-15", file=sys.stderr)
+        return 2
+    if start > end:
+        print(f"diana report: --from {start} is after --to {end}", file=sys.stderr)
+        return 2
+    try:
+        page = build_report(OpenSearch(hosts=[cfg.opensearch.url], timeout=60), cfg.opensearch.index_prefix,
+                            start, end)
+    except OSConnectionError:
+        print(f"diana report: OpenSearch does not answer at {cfg.opensearch.url}", file=sys.stderr)
+        return 1
+    write_atomic(Path(args.out), page.encode("utf-8"))
+    print(f"report {start} to {end} written to {args.out}")
+    return 0
 
 
 def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
@@ -533,6 +593,19 @@ def build_parser() -> argparse.ArgumentParser:
                             help="keep study/series descriptions and protocol names (Annex E retain option)")
             ap.add_argument("--no-progress", action="store_true", help="no progress bar")
         ap.set_defaults(func=cmd_cohort)
+    dash = sub.add_parser("dashboards", help="install the OpenSearch Dashboards saved objects",
+                          description=cmd_dashboards.__doc__ + " 'export' writes the saved-objects file instead "
+                          "(compose/dashboards/diana-star.ndjson holds the same).")
+    dash.add_argument("action", choices=["install", "export"])
+    dash.add_argument("--url", default="http://127.0.0.1:5601", help="Dashboards URL (default http://127.0.0.1:5601)")
+    dash.add_argument("--output", "-o", metavar="FILE", help="export: write here instead of standard output")
+    dash.set_defaults(func=cmd_dashboards)
+    rep = sub.add_parser("report", help="write a self-contained HTML report of ingest and dose",
+                         description=cmd_report.__doc__)
+    rep.add_argument("--from", dest="from_date", metavar="YYYY-MM-DD", help="first day (default: 30 days before --to)")
+    rep.add_argument("--to", dest="to_date", metavar="YYYY-MM-DD", help="last day, by arrival (default: today)")
+    rep.add_argument("--out", required=True, metavar="FILE.html")
+    rep.set_defaults(func=cmd_report)
     sink = sub.add_parser("sink", help="run a sink (archive or opensearch)",
                           description="Run a sink: consume, write durably and idempotently, then commit.")
     sink.add_argument("sink", choices=["archive", "opensearch"])
@@ -564,8 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ri = sub.add_parser("reindex", help="rebuild OpenSearch indices from the topics, swap aliases",
                         description=cmd_reindex.__doc__ + " The old versions stay unless --delete-old.")
-    ri.add_argument("--kinds", default="instances,series,studies,dose-events,dose-studies,dose-alerts",
-                    help="comma-separated: instances, series, studies, dose-events, dose-studies, dose-alerts "
+    ri.add_argument("--kinds", default="instances,series,studies,dose-events,dose-studies,dose-alerts,deadletters",
+                    help="comma-separated: instances, series, studies, dose-events, dose-studies, dose-alerts, deadletters "
                          "(default: all)")
     ri.add_argument("--delete-old", action="store_true", help="delete the previous versions after the swap")
     ri.add_argument("--no-progress", action="store_true", help="no progress bar")

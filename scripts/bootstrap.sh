@@ -16,6 +16,8 @@ command -v mvn >/dev/null || need+=(maven)
 command -v openssl >/dev/null || need+=(openssl)
 # Orthanc: a real archive peer for the benchmark (bench/), exercised by the test suite's smoke run.
 [[ -n "$extras" ]] && { [[ -x /usr/sbin/Orthanc ]] || need+=(orthanc); }
+# headless Chromium renders the HTML report in tests/test_dashboards_report.py
+[[ -n "$extras" ]] && { [[ -x /usr/bin/chromium ]] || need+=(chromium); }
 python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null || {
     echo "diana-star needs Python 3.11 or newer as python3" >&2; exit 1; }
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)

@@ -8,7 +8,7 @@ revision arriving late never replaces a newer one. Indices are versioned behind 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from opensearchpy.exceptions import TransportError
 from prometheus_client import Counter
 
 from diana.schemas.codec import Codec, DecodeError, default_codec
-from diana.schemas.topics import DOSE_ALERTS, DOSE_EVENTS, DOSE_STUDIES, INSTANCES, SERIES, STUDIES
+from diana.schemas.topics import DEADLETTER, DOSE_ALERTS, DOSE_EVENTS, DOSE_STUDIES, INSTANCES, SERIES, STUDIES
 from diana.sinks.consumer import DeadLetters, RetryableError
 
 __all__ = ["OpenSearchSink", "IndexLayout", "ensure_indices", "install_template"]
@@ -37,9 +37,11 @@ class IndexLayout:
     """Alias and versioned index names for one prefix."""
 
     kinds = {INSTANCES.name: "instances", SERIES.name: "series", STUDIES.name: "studies",
-             DOSE_EVENTS.name: "dose-events", DOSE_STUDIES.name: "dose-studies", DOSE_ALERTS.name: "dose-alerts"}
+             DOSE_EVENTS.name: "dose-events", DOSE_STUDIES.name: "dose-studies", DOSE_ALERTS.name: "dose-alerts",
+             DEADLETTER.name: "deadletters"}
     id_fields = {"instances": "sop_instance_uid", "series": "series_instance_uid", "studies": "study_instance_uid",
-                 "dose-events": "event_id", "dose-studies": "study_instance_uid", "dose-alerts": "alert_id"}
+                 "dose-events": "event_id", "dose-studies": "study_instance_uid", "dose-alerts": "alert_id",
+                 "deadletters": "deadletter_offset"}
 
     def __init__(self, prefix: str):
         self.prefix = prefix
@@ -71,6 +73,18 @@ def ensure_indices(client: OpenSearch, layout: IndexLayout) -> None:
             client.indices.put_alias(index=index, name=layout.alias(kind))
 
 
+def deadletter_document(msg: Message) -> dict[str, Any]:
+    """A dead letter as a document: where it came from, why, when; its bytes stay in Kafka."""
+    headers = {k: (v or b"").decode("utf-8", "replace") for k, v in (msg.headers() or [])}
+    origin = headers.get("origin") or f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
+    reason = headers.get("reason", "")
+    _, ts = msg.timestamp()
+    return {"origin": origin, "origin_topic": origin.split("/", 1)[0], "reason": reason,
+            "stage": headers.get("sink") or reason.split(":", 1)[0], "size_bytes": len(msg.value() or b""),
+            "received_at": datetime.fromtimestamp(ts / 1000, tz=timezone.utc).isoformat() if ts > 0 else None,
+            "deadletter_offset": f"{msg.partition()}/{msg.offset()}"}
+
+
 def _document(record: dict[str, Any]) -> dict[str, Any]:
     doc = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in record.items()}
     header = doc.pop("header_json", None)
@@ -83,7 +97,8 @@ def _document(record: dict[str, Any]) -> dict[str, Any]:
 
 class OpenSearchSink:
     name = "opensearch"
-    topics = (INSTANCES.name, SERIES.name, STUDIES.name, DOSE_EVENTS.name, DOSE_STUDIES.name, DOSE_ALERTS.name)
+    topics = (INSTANCES.name, SERIES.name, STUDIES.name, DOSE_EVENTS.name, DOSE_STUDIES.name, DOSE_ALERTS.name,
+              DEADLETTER.name)
 
     def __init__(self, client: OpenSearch, layout: IndexLayout, codec: Codec | None = None,
                  max_bytes: int = 5_000_000, index_version: int | None = None):
@@ -99,16 +114,19 @@ class OpenSearchSink:
         actions: list[tuple[Message, dict, dict]] = []
         for msg in batch:
             kind = self.layout.kinds.get(msg.topic())
-            try:
-                _, record = self.codec.decode(msg.value())
-            except DecodeError as exc:
-                dead.send(msg, f"opensearch: {exc}")
-                continue
+            if msg.topic() == DEADLETTER.name:
+                record = deadletter_document(msg)
+            else:
+                try:
+                    _, record = self.codec.decode(msg.value())
+                except DecodeError as exc:
+                    dead.send(msg, f"opensearch: {exc}")
+                    continue
             index = self.layout.alias(kind) if self.index_version is None else self.layout.index(kind, self.index_version)
             meta: dict[str, Any] = {"_index": index, "_id": record[self.layout.id_fields[kind]]}
             if "revision" in record:
                 meta.update(version=record["revision"], version_type="external_gte")
-            actions.append((msg, meta, _document(record)))
+            actions.append((msg, meta, record if kind == "deadletters" else _document(record)))
         # Later events for the same document supersede earlier ones within one bulk request.
         latest: dict[tuple[str, str], tuple[Message, dict, dict]] = {}
         for item in actions:
@@ -149,6 +167,8 @@ class OpenSearchSink:
                 pass  # a newer revision is already indexed
             elif status == 429 or status >= 500:
                 retry.append(outcome.get("error", {}).get("type", str(status)))
+            elif msg.topic() == DEADLETTER.name:  # never dead-letter a dead letter: that could loop
+                log.error("deadletter.not_indexed", origin=meta["_id"], error=outcome.get("error"))
             else:
                 reason = outcome.get("error", {})
                 dead.send(msg, f"opensearch rejected {meta['_id']}: {reason.get('type')}: {reason.get('reason')}")

@@ -268,6 +268,9 @@ def register_aggregates(app: faust.App, quiet: QuietTimes, codec: Codec | None =
                 if processed_upto[partition] >= tick_end:  # caught up with what existed at the tick
                     await complete_due(partition, advance(partition, tick_ms))
                 continue
+            # Processed once consumed, dead letter or not: a junk event last in its partition must
+            # not keep the partition's ticks from completing its series.
+            processed_upto[partition] = message.offset + 1
             try:
                 _, record = codec.decode(event.value, expect=INSTANCES.schema)
             except DecodeError as exc:
@@ -277,7 +280,6 @@ def register_aggregates(app: faust.App, quiet: QuietTimes, codec: Codec | None =
                                       headers={"reason": f"aggregates: {exc}".encode(), "origin": origin.encode()})
                 continue
             last_instance_wall[partition] = time.time()
-            processed_upto[partition] = message.offset + 1
             await complete_due(partition, advance(partition, _ms(record["received_at"])))
             offset = message.offset
             sop = record["sop_instance_uid"]

@@ -23,7 +23,9 @@ from diana.stream_apps.dose.alerts import AlertRules, cumulative_alerts, study_a
 from diana.stream_apps.dose.extract import DoseExtractionError, dataset_from_header_json, extract_dose
 from diana.stream_apps.dose.study import fold_report, new_study, summarize
 
-__all__ = ["register_dose", "may_carry_dose"]
+__all__ = ["register_dose", "may_carry_dose", "TABLES"]
+
+TABLES = ("dose-studies", "dose-patients")
 
 log = structlog.get_logger("diana.stream.dose")
 
@@ -76,8 +78,8 @@ def register_dose(app: faust.App, rules: AlertRules, codec: Codec | None = None)
     by_patient = app.topic(DOSE_BY_PATIENT.name, **raw)
     events_out, studies_out = app.topic(DOSE_EVENTS.name, **raw), app.topic(DOSE_STUDIES.name, **raw)
     alerts_out, deadletter = app.topic(DOSE_ALERTS.name, **raw), app.topic(DEADLETTER.name, **raw)
-    study_table = app.Table("dose-studies", default=None, key_type=str)
-    patient_table = app.Table("dose-patients", default=None, key_type=str)
+    study_table = app.Table(TABLES[0], default=None, key_type=str)
+    patient_table = app.Table(TABLES[1], default=None, key_type=str)
 
     async def dead(message: Any, value: bytes, reason: str) -> None:
         origin = f"{message.topic}/{message.partition}/{message.offset}"
