@@ -153,6 +153,9 @@ def _discard_partial(event: evt.Event) -> None:
     if handle is not None:
         try:
             handle.close()
+        except OSError:
+            pass  # closing flushes: on a full disk that fails too, and the file must go all the same
+        try:
             Path(handle.name).unlink(missing_ok=True)
             log.warning("store.incomplete", assoc=event.assoc.native_id, reason="association ended mid-transfer")
         except OSError:

@@ -380,6 +380,13 @@ action.auto_create_index: true
         self._stop(self.opensearch)
         self._stop(self.kafka)
 
+    def stop_kafka(self) -> None:
+        """Stop the broker alone (the fault-injection suite's broker outage)."""
+        self._stop(self.kafka)
+
+    def stop_opensearch(self) -> None:
+        self._stop(self.opensearch)
+
     def reset(self) -> None:
         """Stop both servers and delete their data: the next start is a fresh cluster."""
         self.stop()

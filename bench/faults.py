@@ -1,0 +1,528 @@
+"""python -m bench.faults: under crashes and outages, nothing acknowledged is lost, nothing counted twice.
+
+Each scenario sends a fresh corpus (CT studies of 50 instances) over several associations with
+pynetdicom, retrying what did not get success as a modality would, and injects one fault once 30 %
+of the instances are acknowledged. When the fault is over, it waits until every invariant holds:
+
+- every acknowledged instance is in the archive, byte-identical, and indexed in OpenSearch once;
+- every series and study aggregate has exactly the instances sent;
+- the landing store holds no orphan; every new dead letter carries its reason; consumer lag is zero.
+
+It starts its own Kafka, OpenSearch and pipeline (ports 39092/39200, receiver 31112) in a
+temporary folder. The results go to --out (results.json, results.md); docs/RELIABILITY.md holds
+the latest full run. `--short` is the form the test suite runs (200 instances, shorter outages).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from dicomgen import SeriesSpec, make_study  # noqa: E402
+
+from diana.config import load_config  # noqa: E402
+
+PORTS = {"kafka": 39092, "controller": 39093, "opensearch": 39200, "transport": 39300, "diana": 31112}
+PIPELINE = {"receiver": ("receive",), "aggregates": ("aggregate",), "dose": ("dose",),
+            "archive-sink": ("sink", "archive"), "opensearch-sink": ("sink", "opensearch")}
+SCENARIOS = ("receiver-kill", "worker-kill", "sinks-kill", "broker-down", "opensearch-down", "disk-full",
+             "slow-consumer")
+
+
+@dataclass
+class Outcome:
+    scenario: str
+    sent: int = 0
+    acknowledged: int = 0
+    failed_attempts: int = 0
+    archived: int = 0
+    indexed: int = 0
+    duplicates: int = 0
+    lost: int = 0
+    series_exact: str = ""
+    studies_exact: str = ""
+    orphans: int = 0
+    deadletters: int = 0
+    unexplained_deadletters: int = 0
+    recover_s: float = 0.0
+    passed: bool = False
+    problems: list[str] = field(default_factory=list)
+
+
+def _body(path: Path) -> bytes:
+    """The data set as it travels in a C-STORE: the file without preamble and file meta."""
+    import pydicom
+
+    with open(path, "rb") as fh:
+        pydicom.filereader.read_preamble(fh, False)
+        pydicom.filereader._read_file_meta_info(fh)
+        offset = fh.tell()
+    return path.read_bytes()[offset:]
+
+
+def _stored_sha256(ds, body: bytes) -> str:
+    from io import BytesIO
+
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta
+
+    buf = BytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buf, create_file_meta(sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
+                                               transfer_syntax=ds.file_meta.TransferSyntaxUID))
+    buf.write(body)
+    return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+class Suite:
+    def __init__(self, work: Path, short: bool, instances: int, associations: int):
+        self.work, self.short, self.instances, self.associations = work, short, instances, associations
+        self.config_file = work / "diana-faults.toml"
+        self.landing = work / "landing"
+        self.mounted = False
+        self.config_file.write_text(f"""
+[kafka]
+bootstrap = "127.0.0.1:{PORTS['kafka']}"
+publish_timeout_s = 5
+[opensearch]
+url = "http://127.0.0.1:{PORTS['opensearch']}"
+[receiver]
+ae_title = "DIANA"
+host = "127.0.0.1"
+port = {PORTS['diana']}
+metrics_port = 0
+[sinks]
+archive_metrics_port = 0
+opensearch_metrics_port = 0
+[storage]
+landing_dir = "{self.landing}"
+archive_dir = "{work}/archive"
+[stream]
+web_port = 36066
+data_dir = "{work}/faust"
+quiet_seconds = "*=3"
+[dose]
+web_port = 36067
+[stack]
+home = "{work}/stack"
+kafka_port = {PORTS['kafka']}
+kafka_controller_port = {PORTS['controller']}
+opensearch_port = {PORTS['opensearch']}
+opensearch_transport_port = {PORTS['transport']}
+opensearch_heap_mb = 768
+[log]
+level = "warning"
+""")
+        self.cfg = load_config(self.config_file, environ={})
+        from diana.compose.local.stack import LocalStack
+
+        self.stack = LocalStack(self.cfg)
+        self.procs: dict[str, subprocess.Popen] = {}
+        (work / "logs").mkdir(exist_ok=True)
+
+    # ------------------------------------------------------------------ processes
+    def start(self) -> None:
+        self.landing.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:  # the disk-full scenario shrinks this filesystem
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g", "tmpfs", str(self.landing)], check=True)
+            self.mounted = True
+        self.stack.reset()
+        self.stack.start()
+        subprocess.run(self._cmd("topics"), env=self._env(), check=True, capture_output=True)
+        for name in PIPELINE:
+            self.start_process(name)
+        self.wait_echo()
+
+    def _env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
+        env["DIANA_CONFIG"] = str(self.config_file)
+        return env
+
+    @staticmethod
+    def _cmd(*args: str) -> list[str]:
+        return [sys.executable, "-m", "diana.cli", *args]
+
+    def start_process(self, name: str) -> None:
+        log = open(self.work / "logs" / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(self._cmd(*PIPELINE[name]), env=self._env(), cwd=REPO, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.kill()
+        proc.wait()
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.procs.clear()
+        self.stack.stop()
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.landing)], check=False)
+
+    def wait_echo(self, timeout: float = 60) -> None:
+        from pynetdicom import AE
+
+        ae = AE()
+        ae.add_requested_context("1.2.840.10008.1.1")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assoc = ae.associate("127.0.0.1", PORTS["diana"], ae_title="DIANA")
+            if assoc.is_established:
+                assoc.release()
+                return
+            time.sleep(0.5)
+        raise RuntimeError("the receiver does not answer C-ECHO")
+
+    # ------------------------------------------------------------------ sending
+    def corpus(self, scenario: str) -> list[Path]:
+        files: list[Path] = []
+        per_study = 50
+        for index in range((self.instances + per_study - 1) // per_study):
+            count = min(per_study, self.instances - index * per_study)
+            series = [SeriesSpec("CT", "AXIAL", (count + 1) // 2), SeriesSpec("CT", "CORONAL", count // 2)]
+            study = make_study(self.work / "corpus" / scenario / f"s{index:03d}", [s for s in series if s.count],
+                               patient_id=f"FAULT-{scenario[:6]}-{index}")
+            files += study.files
+        return files
+
+    def send(self, files: list[Path], acked: set, attempts: list[int], deadline: float) -> None:
+        """Several associations; each re-sends what did not get success until everything did."""
+        from pynetdicom import AE
+        from pynetdicom.sop_class import CTImageStorage
+
+        def worker(part: list[Path]) -> None:
+            ae = AE(ae_title="FAULTSCU")
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+            ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+            pending = list(part)
+            while pending and time.monotonic() < deadline:
+                assoc = ae.associate("127.0.0.1", PORTS["diana"], ae_title="DIANA")
+                if not assoc.is_established:
+                    time.sleep(1.0)
+                    continue
+                for path in list(pending):
+                    try:
+                        status = assoc.send_c_store(path)
+                    except Exception:  # the association broke under us
+                        status = None
+                    attempts[0] += 1
+                    if status is not None and getattr(status, "Status", None) == 0x0000:
+                        pending.remove(path)
+                        acked.add(path)
+                    if not assoc.is_established:
+                        break
+                if assoc.is_established:
+                    assoc.release()
+                if pending:
+                    time.sleep(1.0)
+
+        parts = [files[i::self.associations] for i in range(self.associations)]
+        threads = [threading.Thread(target=worker, args=(p,)) for p in parts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    # ------------------------------------------------------------------ checking
+    def _lag(self) -> int:
+        from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+        from confluent_kafka.admin import AdminClient
+
+        from diana.schemas.topics import DOSE_ALERTS, DOSE_EVENTS, DOSE_STUDIES, INSTANCES, SERIES, STUDIES
+
+        groups = {self.cfg.stream.app_id: [INSTANCES.name], self.cfg.dose.app_id: [INSTANCES.name],
+                  self.cfg.sinks.archive_group: [INSTANCES.name],
+                  self.cfg.sinks.opensearch_group: [INSTANCES.name, SERIES.name, STUDIES.name, DOSE_EVENTS.name,
+                                                    DOSE_STUDIES.name, DOSE_ALERTS.name]}
+        admin = AdminClient({"bootstrap.servers": self.cfg.kafka.bootstrap, "log_level": 0})
+        consumer = Consumer({"bootstrap.servers": self.cfg.kafka.bootstrap, "group.id": "faults-lag-probe",
+                             "log_level": 0})
+        try:
+            total = 0
+            for group, topics in groups.items():
+                tps = [TopicPartition(t, p) for t in topics for p in range(self.cfg.kafka.partitions)]
+                done = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)])[group].result()
+                committed = {(tp.topic, tp.partition): tp.offset for tp in done.topic_partitions}
+                for tp in tps:
+                    low, high = consumer.get_watermark_offsets(tp, timeout=10)
+                    total += high - max(committed.get((tp.topic, tp.partition), -1), low)
+            return total
+        finally:
+            consumer.close()
+
+    def _deadletter_end(self) -> dict[int, int]:
+        from confluent_kafka import Consumer, TopicPartition
+
+        from diana.schemas.topics import DEADLETTER
+
+        consumer = Consumer({"bootstrap.servers": self.cfg.kafka.bootstrap, "group.id": "faults-dl", "log_level": 0})
+        try:
+            return {p: consumer.get_watermark_offsets(TopicPartition(DEADLETTER.name, p), timeout=10)[1]
+                    for p in range(self.cfg.kafka.partitions)}
+        finally:
+            consumer.close()
+
+    def _new_deadletters(self, since: dict[int, int]) -> list[dict]:
+        from confluent_kafka import Consumer, TopicPartition
+
+        from diana.schemas.topics import DEADLETTER
+
+        end = self._deadletter_end()
+        consumer = Consumer({"bootstrap.servers": self.cfg.kafka.bootstrap, "group.id": "faults-dl-read",
+                             "enable.auto.commit": False, "log_level": 0})
+        out = []
+        try:
+            wanted = {p: (since[p], end[p]) for p in end if end[p] > since[p]}
+            consumer.assign([TopicPartition(DEADLETTER.name, p, lo) for p, (lo, _) in wanted.items()])
+            remaining = sum(hi - lo for lo, hi in wanted.values())
+            deadline = time.monotonic() + 30
+            while remaining > 0 and time.monotonic() < deadline:
+                msg = consumer.poll(1.0)
+                if msg is None or msg.error():
+                    continue
+                remaining -= 1
+                out.append({k: (v or b"").decode(errors="replace") for k, v in (msg.headers() or [])})
+        finally:
+            consumer.close()
+        return out
+
+    @staticmethod
+    def describe(files: list[Path]) -> dict[Path, tuple[str, str, str, str]]:
+        """path -> (study, series, SOP instance UID, SHA-256 of the file the archive must hold)."""
+        import pydicom
+
+        out = {}
+        for path in files:
+            ds = pydicom.dcmread(path)
+            out[path] = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, _stored_sha256(ds, _body(path)))
+        return out
+
+    def check(self, corpus: dict[Path, tuple[str, str, str, str]], acked: set, outcome: Outcome) -> list[str]:
+        """The invariants that do not hold yet (empty: all hold); fills ``outcome``."""
+        from opensearchpy import OpenSearch
+
+        problems = []
+        try:
+            lag = self._lag()
+        except Exception as exc:  # the broker is still coming back
+            return [f"broker: {exc}"]
+        if lag:
+            problems.append(f"consumer lag {lag}")
+        archive = self.cfg.path(self.cfg.storage.archive_dir)
+        archived = lost = 0
+        by_series: dict[str, int] = {}
+        by_study: dict[str, int] = {}
+        for path, (study, series, sop, sha) in corpus.items():
+            by_series[series] = by_series.get(series, 0) + 1
+            by_study[study] = by_study.get(study, 0) + 1
+            if path in acked:
+                stored = archive / study / series / f"{sop}.dcm"
+                if stored.exists() and hashlib.sha256(stored.read_bytes()).hexdigest() == sha:
+                    archived += 1
+                else:
+                    lost += 1
+        outcome.archived, outcome.lost = archived, lost
+        if lost:
+            problems.append(f"{lost} acknowledged instances not in the archive byte-identical")
+        client = OpenSearch(hosts=[self.cfg.opensearch.url], timeout=30)
+        try:
+            client.indices.refresh(index="diana-*")
+            studies = sorted(by_study)
+            hits = client.search(index="diana-instances", body={
+                "size": 10000, "_source": ["sop_instance_uid"], "query": {"terms": {"study_instance_uid": studies}}})
+            sops = [h["_source"]["sop_instance_uid"] for h in hits["hits"]["hits"]]
+            outcome.indexed, outcome.duplicates = len(set(sops)), len(sops) - len(set(sops))
+            acked_sops = {corpus[p][2] for p in acked}
+            missing = acked_sops - set(sops)
+            if missing or outcome.duplicates:
+                problems.append(f"{len(missing)} acknowledged instances not indexed, {outcome.duplicates} duplicates")
+            series_docs = client.search(index="diana-series", body={
+                "size": 10000, "query": {"terms": {"study_instance_uid": studies}}})["hits"]["hits"]
+            study_docs = client.search(index="diana-studies", body={
+                "size": 10000, "query": {"terms": {"study_instance_uid": studies}}})["hits"]["hits"]
+        except Exception as exc:  # OpenSearch still coming back
+            return [*problems, f"OpenSearch: {type(exc).__name__}"]
+        series_ok = sum(1 for h in series_docs if h["_source"]["instance_count"] == by_series.get(h["_id"]))
+        studies_ok = sum(1 for h in study_docs if h["_source"]["instance_count"] == by_study.get(h["_id"]))
+        outcome.series_exact = f"{series_ok}/{len(by_series)}"
+        outcome.studies_exact = f"{studies_ok}/{len(by_study)}"
+        if series_ok != len(by_series) or studies_ok != len(by_study):
+            problems.append(f"aggregates exact: series {outcome.series_exact}, studies {outcome.studies_exact}")
+        orphans = [p for p in self.landing.rglob("*") if p.is_file()]
+        outcome.orphans = len(orphans)
+        if orphans:
+            problems.append(f"{len(orphans)} files left in the landing store")
+        return problems
+
+
+def _throttle(proc: subprocess.Popen, seconds: float) -> None:
+    """Run the process 5 % of the time: a consumer far slower than ingest."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(0.475)
+        os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.025)
+
+
+def faults(suite: Suite) -> dict[str, Callable[[], None]]:
+    s = suite
+    broker_s, opensearch_s, slow_s = (10, 20, 15) if s.short else (30, 60, 60)
+
+    def restart(*names: str, pause: float = 2.0) -> None:
+        for name in names:
+            s.kill(name)
+        time.sleep(pause)
+        for name in names:
+            s.start_process(name)
+
+    def broker() -> None:
+        s.stack.stop_kafka()
+        time.sleep(broker_s)
+        s.stack.start_kafka()
+        s.stack.wait_kafka()
+
+    def opensearch() -> None:
+        s.stack.stop_opensearch()
+        time.sleep(opensearch_s)
+        s.stack.start_opensearch()
+        s.stack.wait_opensearch()
+
+    def disk_full() -> None:
+        used = shutil.disk_usage(s.landing).used
+        subprocess.run(["mount", "-o", f"remount,size={used + 64 * 1024}", str(s.landing)], check=True)
+        time.sleep(10)
+        subprocess.run(["mount", "-o", "remount,size=1g", str(s.landing)], check=True)
+
+    return {
+        "receiver-kill": lambda: (restart("receiver"), s.wait_echo()),
+        "worker-kill": lambda: restart("aggregates", "dose"),
+        "sinks-kill": lambda: restart("archive-sink", "opensearch-sink"),
+        "broker-down": broker,
+        "opensearch-down": opensearch,
+        "disk-full": disk_full,
+        "slow-consumer": lambda: _throttle(s.procs["opensearch-sink"], slow_s),
+    }
+
+
+def run_scenario(suite: Suite, name: str, inject: Callable[[], None], timeout: float) -> Outcome:
+    outcome = Outcome(name)
+    if name == "disk-full" and not suite.mounted:
+        outcome.problems.append("not run: needs root to mount a small filesystem")
+        return outcome
+    files = suite.corpus(name)
+    corpus = suite.describe(files)
+    outcome.sent = len(files)
+    dl_start = suite._deadletter_end()
+    acked: set = set()
+    attempts = [0]
+    fault_done = threading.Event()
+    fault_end = [0.0]
+
+    def fault() -> None:
+        while len(acked) < 0.3 * len(files) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            inject()
+        finally:
+            fault_end[0] = time.monotonic()
+            fault_done.set()
+
+    deadline = time.monotonic() + timeout
+    injector = threading.Thread(target=fault)
+    injector.start()
+    suite.send(files, acked, attempts, deadline)
+    injector.join()
+    outcome.acknowledged = len(acked)
+    outcome.failed_attempts = attempts[0] - len(acked)
+    while True:
+        problems = suite.check(corpus, acked, outcome)
+        if not problems or time.monotonic() > deadline:
+            break
+        time.sleep(2.0)
+    outcome.recover_s = round(time.monotonic() - fault_end[0], 1)
+    letters = suite._new_deadletters(dl_start)
+    outcome.deadletters = len(letters)
+    outcome.unexplained_deadletters = sum(1 for d in letters if not d.get("reason") or not d.get("origin"))
+    if outcome.unexplained_deadletters:
+        problems.append(f"{outcome.unexplained_deadletters} dead letters without reason or origin")
+    if len(acked) < len(files):
+        problems.append(f"only {len(acked)} of {len(files)} acknowledged before the deadline")
+    outcome.problems = problems
+    outcome.passed = not problems
+    return outcome
+
+
+def render(outcomes: list[Outcome], args: argparse.Namespace) -> str:
+    head = ("| scenario | sent | acknowledged | failed attempts (retried) | archived | indexed | duplicates | lost "
+            "| series exact | studies exact | orphans | dead letters | time to recover (s) | invariants |")
+    rows = [head, "|" + "---|" * 14]
+    for o in outcomes:
+        verdict = "hold" if o.passed else "FAIL: " + "; ".join(o.problems)
+        rows.append(f"| {o.scenario} | {o.sent} | {o.acknowledged} | {o.failed_attempts} | {o.archived} | {o.indexed} "
+                    f"| {o.duplicates} | {o.lost} | {o.series_exact} | {o.studies_exact} | {o.orphans} "
+                    f"| {o.deadletters} | {o.recover_s} | {verdict} |")
+    return (f"Run: `python -m bench.faults --instances {args.instances} --associations {args.associations}"
+            f"{' --short' if args.short else ''}` on {time.strftime('%Y-%m-%d')}\n\n" + "\n".join(rows) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--instances", type=int, default=2000, help="instances per scenario (default 2000)")
+    parser.add_argument("--associations", type=int, default=4, help="parallel associations (default 4)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of: {', '.join(SCENARIOS)}")
+    parser.add_argument("--short", action="store_true", help="shorter outages (the CI form)")
+    parser.add_argument("--out", default=str(REPO / "var" / "faults"), help="results.json and results.md here")
+    parser.add_argument("--timeout", type=float, default=600, help="per scenario, seconds (default 600)")
+    args = parser.parse_args(argv)
+    chosen = args.scenarios.split(",")
+    unknown = sorted(set(chosen) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenario {unknown[0]!r}; scenarios: {', '.join(SCENARIOS)}")
+    work = Path(tempfile.mkdtemp(prefix="diana-faults-"))
+    suite = Suite(work, args.short, args.instances, args.associations)
+    outcomes = []
+    try:
+        suite.start()
+        injectors = faults(suite)
+        for name in chosen:
+            outcome = run_scenario(suite, name, injectors[name], args.timeout)
+            print(f"{name}: {'hold' if outcome.passed else 'FAIL ' + '; '.join(outcome.problems)} "
+                  f"(sent {outcome.sent}, acknowledged {outcome.acknowledged}, recovered in {outcome.recover_s} s)",
+                  flush=True)
+            outcomes.append(outcome)
+    finally:
+        suite.stop_all()
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=1))
+        (out / "results.md").write_text(render(outcomes, args))
+        if os.environ.get("DIANA_FAULTS_KEEP") != "1":
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
+    return 0 if outcomes and all(o.passed for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
