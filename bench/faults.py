@@ -8,7 +8,7 @@ of the instances are acknowledged. When the fault is over, it waits until every 
 - every series and study aggregate has exactly the instances sent;
 - the landing store holds no orphan; every new dead letter carries its reason; consumer lag is zero.
 
-It starts its own Kafka, OpenSearch and pipeline (ports 39092/39200, receiver 31112) in a
+It starts its own Kafka, OpenSearch and pipeline (ports 27092/27200, receiver 27112) in a
 temporary folder. The results go to --out (results.json, results.md); docs/RELIABILITY.md holds
 the latest full run. `--short` is the form the test suite runs (200 instances, shorter outages).
 """
@@ -36,7 +36,9 @@ from dicomgen import SeriesSpec, make_study  # noqa: E402
 
 from diana.config import load_config  # noqa: E402
 
-PORTS = {"kafka": 39092, "controller": 39093, "opensearch": 39200, "transport": 39300, "diana": 31112}
+# Below 32768: a port in the ephemeral range can be taken by some client socket while the broker is
+# down, and Kafka then failed to restart ("Address already in use"; seen with 39092).
+PORTS = {"kafka": 27092, "controller": 27093, "opensearch": 27200, "transport": 27300, "diana": 27112}
 PIPELINE = {"receiver": ("receive",), "aggregates": ("aggregate",), "dose": ("dose",),
             "archive-sink": ("sink", "archive"), "opensearch-sink": ("sink", "opensearch")}
 SCENARIOS = ("receiver-kill", "worker-kill", "sinks-kill", "broker-down", "opensearch-down", "disk-full",
@@ -112,11 +114,11 @@ opensearch_metrics_port = 0
 landing_dir = "{self.landing}"
 archive_dir = "{work}/archive"
 [stream]
-web_port = 36066
+web_port = 27066
 data_dir = "{work}/faust"
 quiet_seconds = "*=3"
 [dose]
-web_port = 36067
+web_port = 27067
 [stack]
 home = "{work}/stack"
 kafka_port = {PORTS['kafka']}
@@ -205,7 +207,8 @@ level = "warning"
             files += study.files
         return files
 
-    def send(self, files: list[Path], acked: set, attempts: list[int], deadline: float) -> None:
+    def send(self, files: list[Path], acked: set, attempts: list[int], deadline: float,
+             abort: threading.Event) -> None:
         """Several associations; each re-sends what did not get success until everything did."""
         from pynetdicom import AE
         from pynetdicom.sop_class import CTImageStorage
@@ -215,7 +218,7 @@ level = "warning"
             ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
             ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
             pending = list(part)
-            while pending and time.monotonic() < deadline:
+            while pending and time.monotonic() < deadline and not abort.is_set():
                 assoc = ae.associate("127.0.0.1", PORTS["diana"], ae_title="DIANA")
                 if not assoc.is_established:
                     time.sleep(1.0)
@@ -436,23 +439,29 @@ def run_scenario(suite: Suite, name: str, inject: Callable[[], None], timeout: f
     dl_start = suite._deadletter_end()
     acked: set = set()
     attempts = [0]
-    fault_done = threading.Event()
+    abort = threading.Event()
     fault_end = [0.0]
+    fault_error: list[str] = []
 
     def fault() -> None:
         while len(acked) < 0.3 * len(files) and time.monotonic() < deadline:
             time.sleep(0.05)
         try:
             inject()
+        except Exception as exc:  # the fault could not be injected or undone: no point sending on
+            fault_error.append(f"fault injection failed: {type(exc).__name__}: {exc}")
+            abort.set()
         finally:
             fault_end[0] = time.monotonic()
-            fault_done.set()
 
     deadline = time.monotonic() + timeout
     injector = threading.Thread(target=fault)
     injector.start()
-    suite.send(files, acked, attempts, deadline)
+    suite.send(files, acked, attempts, deadline, abort)
     injector.join()
+    if fault_error:
+        outcome.problems = fault_error
+        return outcome
     outcome.acknowledged = len(acked)
     outcome.failed_attempts = attempts[0] - len(acked)
     while True:

@@ -1,6 +1,6 @@
 """The fault-injection suite's short form (bench/faults.py): every scenario must keep its invariants.
 
-It runs its own stack and pipeline on other ports (39092, 39200, 31112); the full form
+It runs its own stack and pipeline on other ports (27092, 27200, 27112); the full form
 (2,000 instances per scenario) is `python -m bench.faults`, results in docs/RELIABILITY.md.
 """
 from __future__ import annotations
