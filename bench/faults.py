@@ -178,6 +178,7 @@ level = "warning"
                 proc.kill()
         self.procs.clear()
         self.stack.stop()
+        shutil.rmtree(self.stack._opensearch_dir(), ignore_errors=True)  # outside work/ when we are root
         if self.mounted:
             subprocess.run(["umount", "-l", str(self.landing)], check=False)
 
