@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from dicomgen import SeriesSpec, make_study  # noqa: E402
+from helpers import dataset_body, group_lag, stored_sha256  # noqa: E402
 
 from diana.config import load_config  # noqa: E402
 
@@ -65,31 +66,6 @@ class Outcome:
     recover_s: float = 0.0
     passed: bool = False
     problems: list[str] = field(default_factory=list)
-
-
-def _body(path: Path) -> bytes:
-    """The data set as it travels in a C-STORE: the file without preamble and file meta."""
-    import pydicom
-
-    with open(path, "rb") as fh:
-        pydicom.filereader.read_preamble(fh, False)
-        pydicom.filereader._read_file_meta_info(fh)
-        offset = fh.tell()
-    return path.read_bytes()[offset:]
-
-
-def _stored_sha256(ds, body: bytes) -> str:
-    from io import BytesIO
-
-    from pydicom.filewriter import write_file_meta_info
-    from pynetdicom.dsutils import create_file_meta
-
-    buf = BytesIO()
-    buf.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buf, create_file_meta(sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
-                                               transfer_syntax=ds.file_meta.TransferSyntaxUID))
-    buf.write(body)
-    return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
 class Suite:
@@ -251,30 +227,13 @@ level = "warning"
 
     # ------------------------------------------------------------------ checking
     def _lag(self) -> int:
-        from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
-        from confluent_kafka.admin import AdminClient
-
         from diana.schemas.topics import DOSE_ALERTS, DOSE_EVENTS, DOSE_STUDIES, INSTANCES, SERIES, STUDIES
 
         groups = {self.cfg.stream.app_id: [INSTANCES.name], self.cfg.dose.app_id: [INSTANCES.name],
                   self.cfg.sinks.archive_group: [INSTANCES.name],
                   self.cfg.sinks.opensearch_group: [INSTANCES.name, SERIES.name, STUDIES.name, DOSE_EVENTS.name,
                                                     DOSE_STUDIES.name, DOSE_ALERTS.name]}
-        admin = AdminClient({"bootstrap.servers": self.cfg.kafka.bootstrap, "log_level": 0})
-        consumer = Consumer({"bootstrap.servers": self.cfg.kafka.bootstrap, "group.id": "faults-lag-probe",
-                             "log_level": 0})
-        try:
-            total = 0
-            for group, topics in groups.items():
-                tps = [TopicPartition(t, p) for t in topics for p in range(self.cfg.kafka.partitions)]
-                done = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)])[group].result()
-                committed = {(tp.topic, tp.partition): tp.offset for tp in done.topic_partitions}
-                for tp in tps:
-                    low, high = consumer.get_watermark_offsets(tp, timeout=10)
-                    total += high - max(committed.get((tp.topic, tp.partition), -1), low)
-            return total
-        finally:
-            consumer.close()
+        return sum(group_lag(self.cfg, group, topics) for group, topics in groups.items())
 
     def _deadletter_end(self) -> dict[int, int]:
         from confluent_kafka import Consumer, TopicPartition
@@ -320,7 +279,9 @@ level = "warning"
         out = {}
         for path in files:
             ds = pydicom.dcmread(path)
-            out[path] = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, _stored_sha256(ds, _body(path)))
+            out[path] = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+                         stored_sha256(ds.SOPClassUID, ds.SOPInstanceUID, ds.file_meta.TransferSyntaxUID,
+                                       dataset_body(path)))
         return out
 
     def check(self, corpus: dict[Path, tuple[str, str, str, str]], acked: set, outcome: Outcome) -> list[str]:

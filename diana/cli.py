@@ -154,7 +154,7 @@ def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
     from opensearchpy.exceptions import ConnectionError as OSConnectionError
     from opensearchpy.exceptions import NotFoundError
 
-    from diana.cohort import CohortError, find_studies, study_instances, write_rows
+    from diana.cohort import CohortError, find_studies, write_rows
 
     client = OpenSearch(hosts=[cfg.opensearch.url], timeout=60)
     prefix = cfg.opensearch.index_prefix
@@ -179,11 +179,13 @@ def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
         else:
             write_rows(rows, sys.stdout, args.format or "table")
         return 0
-    return _cohort_export(cfg, args, client, prefix, [r["study_instance_uid"] for r in rows], study_instances)
+    return _cohort_export(cfg, args, client, prefix, [r["study_instance_uid"] for r in rows])
 
 
-def _cohort_export(cfg: Config, args, client, prefix: str, study_uids: list[str], study_instances) -> int:
+def _cohort_export(cfg: Config, args, client, prefix: str, study_uids: list[str]) -> int:
     from tqdm import tqdm
+
+    from diana.cohort import study_instances
 
     from diana.deid import Deidentifier
     from diana.export import ExportError, export_instances

@@ -83,19 +83,24 @@ def _any_of(field_name: str, values: list[str]) -> dict:
                      "minimum_should_match": 1}}
 
 
-def _dose_studies(client: OpenSearch, prefix: str, dose_above: list[tuple[str, float]]) -> list[str]:
-    query = {"bool": {"filter": [{"range": {metric: {"gt": value}}} for metric, value in dose_above]}}
-    uids, after = [], None
+def _scan(client: OpenSearch, index: str, query: dict, sort_field: str, source: list[str]):
+    """Every matching document's _source, a page of 1000 at a time (search_after on a unique field)."""
+    after = None
     while True:
-        body: dict[str, Any] = {"size": 1000, "query": query, "sort": [{"study_instance_uid": "asc"}],
-                                "_source": ["study_instance_uid"]}
+        body: dict[str, Any] = {"size": 1000, "query": query, "sort": [{sort_field: "asc"}], "_source": source}
         if after:
             body["search_after"] = after
-        hits = client.search(index=f"{prefix}-dose-studies", body=body)["hits"]["hits"]
+        hits = client.search(index=index, body=body)["hits"]["hits"]
         if not hits:
-            return uids
-        uids += [h["_source"]["study_instance_uid"] for h in hits]
+            return
+        yield from (h["_source"] for h in hits)
         after = hits[-1]["sort"]
+
+
+def _dose_studies(client: OpenSearch, prefix: str, dose_above: list[tuple[str, float]]) -> list[str]:
+    query = {"bool": {"filter": [{"range": {metric: {"gt": value}}} for metric, value in dose_above]}}
+    return [d["study_instance_uid"] for d in _scan(client, f"{prefix}-dose-studies", query, "study_instance_uid",
+                                                   ["study_instance_uid"])]
 
 
 def _instance_query(client: OpenSearch, prefix: str, f: CohortFilter) -> dict | None:
@@ -161,19 +166,9 @@ def study_instances(client: OpenSearch, prefix: str, study_uids: list[str]) -> l
     """Every indexed instance of these studies (not only the ones that matched the filters)."""
     out: list[dict] = []
     for start in range(0, len(study_uids), 500):
-        chunk, after = study_uids[start:start + 500], None
-        while True:
-            body: dict[str, Any] = {"size": 1000, "query": {"terms": {"study_instance_uid": chunk}},
-                                    "sort": [{"sop_instance_uid": "asc"}],
-                                    "_source": ["study_instance_uid", "series_instance_uid", "sop_instance_uid",
-                                                "sha256", "size_bytes", "patient_id"]}
-            if after:
-                body["search_after"] = after
-            hits = client.search(index=f"{prefix}-instances", body=body)["hits"]["hits"]
-            if not hits:
-                break
-            out += [h["_source"] for h in hits]
-            after = hits[-1]["sort"]
+        out += _scan(client, f"{prefix}-instances", {"terms": {"study_instance_uid": study_uids[start:start + 500]}},
+                     "sop_instance_uid", ["study_instance_uid", "series_instance_uid", "sop_instance_uid", "sha256",
+                                          "size_bytes", "patient_id"])
     return out
 
 

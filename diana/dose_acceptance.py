@@ -17,6 +17,7 @@ from typing import Any
 from diana.producers.header import read_header_file
 from diana.stream_apps.dose.extract import dataset_from_header_json, extract_dose
 from diana.stream_apps.dose.study import fold_report, new_study, summarize
+from diana.stream_apps.dose.units import CANONICAL
 
 __all__ = ["Mismatch", "run_acceptance", "DISPUTED"]
 
@@ -29,10 +30,10 @@ DISPUTED = {
         "(OpenREM test_import_ct_rdsr_continued) also keeps 4 events, as two studies of 2 each."),
 }
 
-# expected unit suffix -> (suffix of our field, factor from the expected unit to ours)
-_UNITS = {"mGy": ("mGy", 1.0), "Gy": ("mGy", 1e3), "mGycm": ("mGycm", 1.0), "Gym2": ("Gym2", 1.0),
-          "mm": ("mm", 1.0), "s": ("s", 1.0), "ms": ("s", 1e-3), "uAs": ("mAs", 1e-3), "mA": ("mA", 1.0),
-          "MBq": ("MBq", 1.0), "N": ("N", 1.0)}
+# expected unit suffix -> (suffix of our field, factor from the expected unit to ours): the unit
+# table of the extraction itself (units.py), so the two can never disagree.
+_UNITS = {unit: (canonical, factor) for quantity, (canonical, factors) in CANONICAL.items() if quantity != "ratio"
+          for unit, factor in factors.items()}
 
 
 @dataclass(frozen=True)

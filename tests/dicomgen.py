@@ -26,17 +26,23 @@ class GeneratedStudy:
     series: dict[str, dict] = field(default_factory=dict)  # series uid -> {description, modality, count}
 
 
-def make_instance(study_uid: str, series_uid: str, number: int, *, patient_id: str, study_date: str,
-                  modality: str = "CT", series_description: str = "AXIAL", series_number: int = 1,
-                  body_part: str = "CHEST", rows: int = 64, sop_uid: str | None = None) -> Dataset:
+def part10_dataset(sop_class_uid: str, sop_uid: str | None = None) -> Dataset:
+    """An empty data set with its file meta (explicit VR little endian) and SOP identity set."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.SOPClassUID = CTImageStorage
+    ds.SOPClassUID = sop_class_uid
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    return ds
+
+
+def make_instance(study_uid: str, series_uid: str, number: int, *, patient_id: str, study_date: str,
+                  modality: str = "CT", series_description: str = "AXIAL", series_number: int = 1,
+                  body_part: str = "CHEST", rows: int = 64, sop_uid: str | None = None) -> Dataset:
+    ds = part10_dataset(CTImageStorage, sop_uid)
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     ds.PatientName = "Test^Patient"

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from dicomgen import part10_dataset
 
 XRAY_RDSR = "1.2.840.10008.5.1.4.1.1.88.67"
 
@@ -103,14 +105,7 @@ def accumulated_plane(plane: tuple[str, str, str], values: dict[str, tuple[str, 
 def dose_report(content: list[Dataset], *, study_uid: str, procedure: tuple[str, str, str],
                 patient_id: str = "DOSE1", study_date: str = "20240315", sop_uid: str | None = None,
                 modality_hint: str = "CT") -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = XRAY_RDSR
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.SOPClassUID = XRAY_RDSR
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds = part10_dataset(XRAY_RDSR, sop_uid)
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = generate_uid()
     ds.Modality = "SR"

@@ -6,6 +6,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pydicom
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -85,6 +86,16 @@ class RawStoreSender:
     def close(self) -> None:
         if self.assoc is not None and self.assoc.is_established:
             self.assoc.release()
+
+
+def dataset_body(path: Path) -> bytes:
+    """The encoded data set without preamble and file meta: what travels in a C-STORE."""
+    raw = path.read_bytes()
+    with open(path, "rb") as fh:
+        pydicom.filereader.read_preamble(fh, False)
+        pydicom.filereader._read_file_meta_info(fh)
+        offset = fh.tell()
+    return raw[offset:]
 
 
 def stored_sha256(sop_class: str, sop_instance_uid: str, transfer_syntax: str, body: bytes) -> str:

@@ -12,19 +12,9 @@ from diana.schemas.topics import INSTANCES, SERIES, STUDIES
 from diana.sinks.archive import archive_relative_path
 
 from dicomgen import make_study
-from helpers import os_search, storescu, topic_records, wait_until_caught_up
+from helpers import dataset_body, os_search, storescu, topic_records, wait_until_caught_up
 
 pytestmark = pytest.mark.integration
-
-
-def dataset_body(path: Path) -> bytes:
-    """The encoded data set without preamble and file meta: what travels in a C-STORE."""
-    raw = path.read_bytes()
-    with open(path, "rb") as fh:
-        pydicom.filereader.read_preamble(fh, False)
-        pydicom.filereader._read_file_meta_info(fh)
-        offset = fh.tell()
-    return raw[offset:]
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,7 @@ from diana.sinks.archive import archive_relative_path
 
 from conftest import wait_for_echo
 from dicomgen import SeriesSpec, make_instance, make_study
-from helpers import DCMTK_ENV, storescu, wait_until_caught_up
-from test_pipeline_e2e import dataset_body
+from helpers import DCMTK_ENV, dataset_body, storescu, wait_until_caught_up
 
 pytestmark = pytest.mark.integration
 

@@ -5,15 +5,21 @@ from datetime import date
 
 from pydicom import Dataset
 
-__all__ = ["study_context", "decimal_age_years"]
+__all__ = ["study_context", "decimal_age_years", "text_value", "without_none"]
 
 _AGE_UNITS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
+def text_value(ds: Dataset, keyword: str) -> str | None:
+    """The attribute as stripped text; None when absent or empty."""
     value = ds.get(keyword)
     text = "" if value is None else str(value).strip()
     return text or None
+
+
+def without_none(record: dict) -> dict:
+    """A dose record keeps only the values found: absent stays absent, never null."""
+    return {k: v for k, v in record.items() if v is not None}
 
 
 def _float(ds: Dataset, keyword: str) -> float | None:
@@ -48,21 +54,21 @@ def decimal_age_years(birth: str | None, seen: str | None, age: str | None) -> f
 
 
 def study_context(ds: Dataset) -> dict:
-    study_date = _text(ds, "StudyDate")
+    study_date = text_value(ds, "StudyDate")
     parsed = _date(study_date)
     return {
-        "study_instance_uid": _text(ds, "StudyInstanceUID"),
-        "accession_number": _text(ds, "AccessionNumber"),
+        "study_instance_uid": text_value(ds, "StudyInstanceUID"),
+        "accession_number": text_value(ds, "AccessionNumber"),
         "study_date": parsed.isoformat() if parsed else None,
-        "study_description": _text(ds, "StudyDescription"),
-        "modality": _text(ds, "Modality"),
-        "manufacturer": _text(ds, "Manufacturer"),
-        "manufacturer_model_name": _text(ds, "ManufacturerModelName"),
-        "station_name": _text(ds, "StationName"),
-        "institution_name": _text(ds, "InstitutionName"),
-        "patient_id": _text(ds, "PatientID"),
-        "patient_sex": _text(ds, "PatientSex"),
-        "patient_age_years": decimal_age_years(_text(ds, "PatientBirthDate"), study_date, _text(ds, "PatientAge")),
+        "study_description": text_value(ds, "StudyDescription"),
+        "modality": text_value(ds, "Modality"),
+        "manufacturer": text_value(ds, "Manufacturer"),
+        "manufacturer_model_name": text_value(ds, "ManufacturerModelName"),
+        "station_name": text_value(ds, "StationName"),
+        "institution_name": text_value(ds, "InstitutionName"),
+        "patient_id": text_value(ds, "PatientID"),
+        "patient_sex": text_value(ds, "PatientSex"),
+        "patient_age_years": decimal_age_years(text_value(ds, "PatientBirthDate"), study_date, text_value(ds, "PatientAge")),
         "patient_size_m": _float(ds, "PatientSize"),
         "patient_weight_kg": _float(ds, "PatientWeight"),
     }

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pydicom import Dataset
 
+from diana.stream_apps.dose.context import text_value, without_none
+
 __all__ = ["read_header_dose"]
 
 _ANODES = {"MOLYBDENUM": "Molybdenum or Molybdenum compound", "RHODIUM": "Rhodium or Rhodium compound",
@@ -31,37 +33,27 @@ def _first(*values: float | None) -> float | None:
     return next((v for v in values if v is not None), None)
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    text = "" if value is None else str(value).strip()
-    return text or None
-
-
-def _clean(record: dict) -> dict:
-    return {k: v for k, v in record.items() if v is not None}
-
-
 def _technique(ds: Dataset) -> dict:
     return {
         "kvp": _num(ds, "KVP"),
         "tube_current_mA": _first(_num(ds, "XRayTubeCurrentInuA", 1e-3), _num(ds, "XRayTubeCurrent")),
         "exposure_time_s": _first(_num(ds, "ExposureTimeInuS", 1e-6), _num(ds, "ExposureTime", 1e-3)),
         "exposure_mAs": _first(_num(ds, "ExposureInuAs", 1e-3), _num(ds, "Exposure")),
-        "protocol": _text(ds, "ProtocolName") or _text(ds, "AcquisitionDeviceProcessingDescription"),
-        "target_region": _text(ds, "BodyPartExamined"),
+        "protocol": text_value(ds, "ProtocolName") or text_value(ds, "AcquisitionDeviceProcessingDescription"),
+        "target_region": text_value(ds, "BodyPartExamined"),
     }
 
 
 def read_header_dose(ds: Dataset) -> dict | None:
     """A one-event dose record from an image header; None when the header holds no dose value."""
-    modality = _text(ds, "Modality")
-    sop = _text(ds, "SOPInstanceUID")
+    modality = text_value(ds, "Modality")
+    sop = text_value(ds, "SOPInstanceUID")
     if modality == "CT":
         ctdivol = _num(ds, "CTDIvol")
         if ctdivol is None:
             return None
         # Every image of a series repeats the series' CTDIvol: one event per series.
-        event = {"event_key": f"series:{_text(ds, 'SeriesInstanceUID')}", "ctdivol_mGy": ctdivol, **_technique(ds)}
+        event = {"event_key": f"series:{text_value(ds, 'SeriesInstanceUID')}", "ctdivol_mGy": ctdivol, **_technique(ds)}
         kind = "CT"
     elif modality in _PROJECTION:
         event = {
@@ -79,8 +71,8 @@ def read_header_dose(ds: Dataset) -> dict | None:
                 "agd_mGy": _num(ds, "OrganDose", 100.0),
                 "compression_thickness_mm": _num(ds, "BodyPartThickness"),
                 "compression_force_N": _num(ds, "CompressionForce"),
-                "anode": _ANODES.get((_text(ds, "AnodeTargetMaterial") or "").upper()),
-                "laterality": _SIDES.get(_text(ds, "ImageLaterality") or _text(ds, "Laterality") or ""),
+                "anode": _ANODES.get((text_value(ds, "AnodeTargetMaterial") or "").upper()),
+                "laterality": _SIDES.get(text_value(ds, "ImageLaterality") or text_value(ds, "Laterality") or ""),
             })
         if not any(event.get(k) is not None for k in ("dap_Gym2", "entrance_dose_mGy", "agd_mGy", "exposure_index")):
             return None
@@ -89,4 +81,4 @@ def read_header_dose(ds: Dataset) -> dict | None:
     else:
         return None
     event["index"] = 0
-    return {"kind": kind, "source": "IMAGE", "sop_instance_uid": sop, "events": [_clean(event)], "accumulated": {}}
+    return {"kind": kind, "source": "IMAGE", "sop_instance_uid": sop, "events": [without_none(event)], "accumulated": {}}

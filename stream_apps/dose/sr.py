@@ -12,6 +12,7 @@ from pydicom import Dataset
 
 from diana.stream_apps.dose import concepts as C
 from diana.stream_apps.dose.content import Item
+from diana.stream_apps.dose.context import without_none
 
 __all__ = ["DoseReport", "read_dose_report"]
 
@@ -19,10 +20,6 @@ DoseReport = dict  # {"kind", "sop_instance_uid", "events": [...], "accumulated"
 
 _CT_TYPES = {"sequenced": C.SEQUENCED, "spiral": C.SPIRAL, "constant_angle": C.CONSTANT_ANGLE,
              "stationary": C.STATIONARY, "free": C.FREE, "cone_beam": C.CONE_BEAM}
-
-
-def _clean(record: dict) -> dict:
-    return {k: v for k, v in record.items() if v is not None}
 
 
 def _yes_no(item: Item | None, concept) -> bool | None:
@@ -37,7 +34,7 @@ def _ct_event(acquisition: Item) -> dict:
     dose = acquisition.first(C.CT_DOSE) or Item(Dataset())
     alert, notification = dose.first(C.DOSE_CHECK_ALERT), dose.first(C.DOSE_CHECK_NOTIFICATION)
     type_code = acquisition.code(C.CT_ACQUISITION_TYPE)
-    return _clean({
+    return without_none({
         "irradiation_event_uid": acquisition.uid(C.IRRADIATION_EVENT_UID),
         "protocol": acquisition.text(C.ACQUISITION_PROTOCOL),
         "target_region": acquisition.meaning(C.TARGET_REGION),
@@ -57,7 +54,7 @@ def _ct_event(acquisition: Item) -> dict:
         "max_tube_current_mA": first_source.num(C.MAX_TUBE_CURRENT, "current"),
         "tube_current_mA": first_source.num(C.TUBE_CURRENT, "current"),
         "exposure_time_per_rotation_s": first_source.num(C.EXPOSURE_TIME_PER_ROTATION, "time"),
-        "xray_source_parameters": [_clean({
+        "xray_source_parameters": [without_none({
             "source": source.text(C.SOURCE_ID), "kvp": source.num(C.KVP, "voltage"),
             "max_tube_current_mA": source.num(C.MAX_TUBE_CURRENT, "current"),
             "tube_current_mA": source.num(C.TUBE_CURRENT, "current"),
@@ -94,7 +91,7 @@ def _laterality(item: Item) -> str | None:
 def _projection_event(event: Item, default_plane: tuple[str | None, str | None]) -> dict:
     plane_item = event.deep(C.ACQUISITION_PLANE)
     plane_code = plane_item.value_code if plane_item else None
-    return _clean({
+    return without_none({
         "irradiation_event_uid": event.uid(C.IRRADIATION_EVENT_UID),
         "datetime_started": event.datetime(C.DATETIME_STARTED),
         "plane": plane_item.value_meaning if plane_item else default_plane[1],
@@ -142,7 +139,7 @@ def _plane_totals(container: Item) -> tuple[str, dict]:
             key = "agd_left_mGy" if side in C.LEFT_BREAST or side in C.LEFT else \
                 "agd_right_mGy" if side in C.RIGHT_BREAST or side in C.RIGHT else "agd_mGy"
             totals[key] = item.number("dose")
-    return plane, _clean(totals)
+    return plane, without_none(totals)
 
 
 def _projection(root: Item) -> tuple[str, list[dict], dict]:
@@ -162,7 +159,7 @@ def _projection(root: Item) -> tuple[str, list[dict], dict]:
 
 
 def _radiopharmaceutical(root: Item) -> tuple[str, list[dict], dict]:
-    events = [_clean({
+    events = [without_none({
         "irradiation_event_uid": admin.uid(C.ADMINISTRATION_EVENT_UID),
         "radiopharmaceutical": admin.meaning(C.RADIOPHARMACEUTICAL_AGENT, deep=True),
         "radionuclide": admin.meaning(C.RADIONUCLIDE, deep=True),
@@ -175,7 +172,7 @@ def _radiopharmaceutical(root: Item) -> tuple[str, list[dict], dict]:
 def _ct(root: Item) -> tuple[str, list[dict], dict]:
     accumulated = root.first(C.CT_ACCUMULATED) or Item(Dataset())
     events = [_ct_event(acquisition) for acquisition in root.all(C.CT_ACQUISITION)]
-    return "CT", events, _clean({"total_dlp_mGycm": accumulated.num(C.CT_DLP_TOTAL, "dlp"),
+    return "CT", events, without_none({"total_dlp_mGycm": accumulated.num(C.CT_DLP_TOTAL, "dlp"),
                                  "events_reported": accumulated.num(C.CT_TOTAL_EVENTS, "ratio")})
 
 
