@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from dicomgen import SeriesSpec, make_study  # noqa: E402
-from helpers import dataset_body, group_lag, stored_sha256  # noqa: E402
+from helpers import dataset_body, group_lag, read_messages, stored_sha256  # noqa: E402
 
 from diana.config import load_config  # noqa: E402
 
@@ -42,8 +42,8 @@ from diana.config import load_config  # noqa: E402
 PORTS = {"kafka": 27092, "controller": 27093, "opensearch": 27200, "transport": 27300, "diana": 27112}
 PIPELINE = {"receiver": ("receive",), "aggregates": ("aggregate",), "dose": ("dose",),
             "archive-sink": ("sink", "archive"), "opensearch-sink": ("sink", "opensearch")}
-# worker-kill last: when it goes wrong (issue 4), the aggregates worker may stay stalled, and every
-# later scenario's aggregates would fail for that reason instead of their own.
+# worker-kill last: if a restarted worker ever stays stalled, the later scenarios' aggregates
+# would fail for that reason instead of their own.
 SCENARIOS = ("receiver-kill", "sinks-kill", "broker-down", "opensearch-down", "disk-full", "slow-consumer",
              "worker-kill")
 
@@ -248,28 +248,10 @@ level = "warning"
             consumer.close()
 
     def _new_deadletters(self, since: dict[int, int]) -> list[dict]:
-        from confluent_kafka import Consumer, TopicPartition
-
         from diana.schemas.topics import DEADLETTER
 
-        end = self._deadletter_end()
-        consumer = Consumer({"bootstrap.servers": self.cfg.kafka.bootstrap, "group.id": "faults-dl-read",
-                             "enable.auto.commit": False, "log_level": 0})
-        out = []
-        try:
-            wanted = {p: (since[p], end[p]) for p in end if end[p] > since[p]}
-            consumer.assign([TopicPartition(DEADLETTER.name, p, lo) for p, (lo, _) in wanted.items()])
-            remaining = sum(hi - lo for lo, hi in wanted.values())
-            deadline = time.monotonic() + 30
-            while remaining > 0 and time.monotonic() < deadline:
-                msg = consumer.poll(1.0)
-                if msg is None or msg.error():
-                    continue
-                remaining -= 1
-                out.append({k: (v or b"").decode(errors="replace") for k, v in (msg.headers() or [])})
-        finally:
-            consumer.close()
-        return out
+        return [{k: (v or b"").decode(errors="replace") for k, v in (msg.headers() or [])}
+                for msg in read_messages(self.cfg, DEADLETTER.name, since, timeout=30)]
 
     @staticmethod
     def describe(files: list[Path]) -> dict[Path, tuple[str, str, str, str]]:

@@ -73,21 +73,15 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
-    import faust
-
-    from diana.stream_apps.aggregates import register_aggregates
-    from diana.stream_apps.app import create_app
+    from diana.stream_apps.aggregates import aggregates_loop, changelog_topic, default_worker_name
+    from diana.stream_apps.state_topics import ensure_state_topics
     from diana.stream_apps.completeness import QuietTimes
 
-    from diana.stream_apps.aggregates import StudyFold
-    from diana.stream_apps.app import ensure_changelogs
-
-    ensure_changelogs(cfg, cfg.stream.app_id, [StudyFold.SEEN, StudyFold.SERIES, StudyFold.STUDIES, StudyFold.OPEN,
-                                               StudyFold.CLOCK])
-    app = create_app(cfg)
-    register_aggregates(app, QuietTimes.parse(cfg.stream.quiet_seconds))
-    worker = faust.Worker(app, loglevel=cfg.log.level.upper(), quiet=True)
-    worker.execute_from_commandline()
+    ensure_state_topics(cfg, [changelog_topic(cfg.stream.app_id)])
+    _metrics(cfg, cfg.stream.web_port)
+    loop = aggregates_loop(cfg.kafka.bootstrap, cfg.stream.app_id, default_worker_name(cfg.stream.web_port),
+                           cfg.kafka.partitions, QuietTimes.parse(cfg.stream.quiet_seconds))
+    loop.run()
     return 0
 
 
@@ -103,10 +97,10 @@ def cmd_dose(cfg: Config, _args: argparse.Namespace) -> int:
     except RulesError as exc:
         print(f"diana dose: {exc}", file=sys.stderr)
         return 2
-    from diana.stream_apps.app import ensure_changelogs
+    from diana.stream_apps.state_topics import ensure_state_topics
     from diana.stream_apps.dose.agent import TABLES
 
-    ensure_changelogs(cfg, cfg.dose.app_id, list(TABLES))
+    ensure_state_topics(cfg, [f"{cfg.dose.app_id}-{table}-changelog" for table in TABLES])
     app = create_app(cfg, app_id=cfg.dose.app_id, web_port=cfg.dose.web_port)
     register_dose(app, rules)
     worker = faust.Worker(app, loglevel=cfg.log.level.upper(), quiet=True)

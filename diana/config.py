@@ -81,13 +81,19 @@ class SinksConfig:
 
 @dataclass(frozen=True)
 class StreamConfig:
+    """The aggregates worker (`diana aggregate`: Kafka transactions, exactly once) and Faust settings of the dose worker."""
+
+    # Consumer group, transactional id prefix and state topic prefix of the aggregates worker.
     app_id: str = "diana-aggregates"
+    # The aggregates worker's Prometheus /metrics port; also names the worker (host-port), so two
+    # workers on one host need two ports, and a restarted worker keeps its name.
     web_port: int = 6066
+    # Faust's local data (the dose worker).
     data_dir: Path = Path("var/faust")
     # A series is complete after this long without a new instance (event time), per modality.
     quiet_seconds: str = "CT=30,MR=60,PT=60,NM=60,CR=10,DX=10,MG=10,*=30"
-    # at_least_once plus idempotent folding (each aggregate remembers the offset it applied).
-    # exactly_once uses Kafka transactions; faust-streaming 0.15 crashed with it on a rebalance here.
+    # The dose worker (Faust): at_least_once with idempotent folding. Faust's exactly_once
+    # crashed on a rebalance here (faust-streaming 0.15). The aggregates worker always uses transactions.
     processing_guarantee: str = "at_least_once"
 
 

@@ -16,7 +16,7 @@ import uuid
 from typing import Callable
 
 import structlog
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 from opensearchpy import OpenSearch
 
 from diana.sinks.consumer import DeadLetters, write_until_done
@@ -56,15 +56,22 @@ class Reindexer:
 
     def _catch_up(self, consumer: Consumer, sink: OpenSearchSink, position: dict[tuple[str, int], int],
                   ends: dict[tuple[str, int], int], progress: Callable[[int], None]) -> None:
-        """Consume until every partition's ``position`` reached its end offset in ``ends``."""
+        """Consume until every partition's ``position`` reached its end offset in ``ends``.
+
+        Positions come from the consumer, not from the last message: a topic written in Kafka
+        transactions (dicom.series) ends with commit markers that take offsets but are never delivered.
+        """
         while any(position[tp] < end for tp, end in ends.items()):
-            messages = [m for m in consumer.consume(self.batch, timeout=1.0) if m.error() is None]
-            if not messages:
-                continue
-            write_until_done(sink, messages, self.dead, threading.Event())  # never asked to stop
+            consumed = consumer.consume(self.batch, timeout=1.0)
+            messages = [m for m in consumed if m.error() is None]
+            if messages:
+                write_until_done(sink, messages, self.dead, threading.Event())  # never asked to stop
+                progress(len(messages))
+            for m in consumed:
+                if m.error() is not None and m.error().code() == KafkaError._PARTITION_EOF:
+                    position[(m.topic(), m.partition())] = max(position[(m.topic(), m.partition())], m.offset())
             for m in messages:
                 position[(m.topic(), m.partition())] = m.offset() + 1
-            progress(len(messages))
 
     def run(self, kinds: list[str], progress: Callable[[int], None], set_total: Callable[[int], None],
             delete_old: bool = False) -> dict[str, tuple[int, int]]:
@@ -75,7 +82,7 @@ class Reindexer:
         self._create(kinds, version)
         sink = OpenSearchSink(self.client, self.layout, max_bytes=self.max_bytes, index_version=version)
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"diana-reindex-{uuid.uuid4()}",
-                             "enable.auto.commit": False, "log_level": 3})
+                             "enable.auto.commit": False, "enable.partition.eof": True, "log_level": 3})
         try:
             ends, starts = {}, {}
             for topic in topics:

@@ -1,8 +1,9 @@
 """Series and study aggregates with completion, from dicom.instances to dicom.series and dicom.studies.
 
-All of a study's events arrive in one partition (the key is the StudyInstanceUID), so one agent
-instance sees the whole study, and every table write lands in the changelog partition of the
-event being processed: the tables are co-partitioned with dicom.instances.
+All of a study's events arrive in one partition (the key is the StudyInstanceUID), so one worker
+sees the whole study, and its state lives in the changelog partition of that input partition.
+Each batch is one Kafka transaction (transactional.py): state, outputs and input offsets move
+together, so a kill -9 and restart, or two workers, give the same aggregates as one undisturbed run.
 
 Time is event time. Each partition keeps a watermark, the latest ``received_at`` it has seen; a
 series is completed when the watermark passes its last arrival plus the quiet time of its
@@ -15,20 +16,23 @@ and a worker restarting with a backlog never mistakes it for quiet.
 """
 from __future__ import annotations
 
-import asyncio
 import json
+import socket
 import time
 from datetime import datetime, timezone
 from typing import Any
 
-import faust
 import structlog
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from prometheus_client import Counter
 
+from diana.logs import KAFKA_CLIENT_LOGGER
 from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.topics import DEADLETTER, INSTANCES, SERIES, STUDIES, TICKS
 from diana.stream_apps.completeness import QuietTimes, expected_instances, verdict
+from diana.stream_apps.transactional import Batch, LoopSettings, TransactionalLoop
 
-__all__ = ["register_aggregates", "apply_instance", "complete_series", "StudyFold"]
+__all__ = ["AggregatesHandler", "aggregates_loop", "apply_instance", "complete_series"]
 
 log = structlog.get_logger("diana.stream.aggregates")
 
@@ -163,159 +167,167 @@ def _record(state: dict, internal: tuple[str, ...]) -> dict[str, Any]:
 
 
 def series_record(state: dict) -> dict[str, Any]:
-    return _record(state, ("instance_numbers", "applied_offset"))
+    return _record(state, ("instance_numbers",))
 
 
 def study_record(state: dict) -> dict[str, Any]:
-    return _record(state, ("series_verdicts", "applied_offset"))
+    return _record(state, ("series_verdicts",))
 
 
-class StudyFold:
-    """Names the tables; kept apart so tests can read them."""
+COMPLETED = Counter("diana_aggregates_series_completed_total", "Series completed, by verdict", ["verdict"])
+DEADLETTERED = Counter("diana_aggregates_deadletters_total", "Instance events the aggregates could not decode")
 
-    SEEN, SERIES, STUDIES, OPEN, CLOCK = "instances-seen", "series", "studies", "open-series", "partition-clock"
+# State namespaces, each a key space inside the one changelog partition of the input partition.
+SEEN, SERIES_STATE, STUDY_STATE, OPEN, CLOCK = "seen", "series", "study", "open", "clock"
 
 
-def register_aggregates(app: faust.App, quiet: QuietTimes, codec: Codec | None = None) -> None:
-    codec = codec or default_codec()
-    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
-    source = app.topic(INSTANCES.name, TICKS.name, **raw)
-    ticks_out = app.topic(TICKS.name, **raw)
-    series_out = app.topic(SERIES.name, **raw)
-    studies_out = app.topic(STUDIES.name, **raw)
-    deadletter = app.topic(DEADLETTER.name, **raw)
+class AggregatesHandler:
+    """Folds dicom.instances (and the ticks) into series and study aggregates, one batch at a time.
 
-    # Keys are UIDs (or a partition number); values JSON (Faust's default table serializer).
-    seen = app.Table(StudyFold.SEEN, default=None, key_type=str, value_type=str)
-    series_table = app.Table(StudyFold.SERIES, default=None, key_type=str)
-    study_table = app.Table(StudyFold.STUDIES, default=None, key_type=str)
-    open_series = app.Table(StudyFold.OPEN, default=None, key_type=str)
-    clock = app.Table(StudyFold.CLOCK, default=None, key_type=str)
-    last_instance_wall: dict[int, float] = {}
-    started_ms = int(time.time() * 1000)
-    processed_upto: dict[int, int] = {}  # partition -> next offset to process in dicom.instances
-    from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
-    from confluent_kafka.admin import AdminClient
+    Runs inside a TransactionalLoop: every state change and every record it sends in a batch
+    becomes visible together with the batch's input offsets, or not at all.
+    """
 
-    bootstrap = str(app.conf.broker[0]).removeprefix("kafka://")
-    offsets_client = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{app.conf.id}-ticks", "log_level": 3})
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    def __init__(self, quiet: QuietTimes, codec: Codec | None = None) -> None:
+        self.quiet = quiet
+        self.codec = codec or default_codec()
+        self.started_ms = int(time.time() * 1000)
+        self.last_instance_wall: dict[int, float] = {}
+        self.processed_upto: dict[int, int] = {}  # partition -> next offset to process in dicom.instances
 
-    def end_offset(partition: int) -> int:
-        return offsets_client.get_watermark_offsets(TopicPartition(INSTANCES.name, partition), timeout=5)[1]
+    def partition_started(self, partition: int, next_offsets: dict[str, int]) -> None:
+        self.processed_upto[partition] = next_offsets.get(INSTANCES.name, 0)
 
-    def committed_offset(partition: int) -> int:
-        request = [ConsumerGroupTopicPartitions(app.conf.id, [TopicPartition(INSTANCES.name, partition)])]
-        tp = admin.list_consumer_group_offsets(request)[app.conf.id].result().topic_partitions[0]
-        low = offsets_client.get_watermark_offsets(TopicPartition(INSTANCES.name, partition), timeout=5)[0]
-        return max(tp.offset, low)
+    def partition_stopped(self, partition: int) -> None:
+        self.processed_upto.pop(partition, None)
+        self.last_instance_wall.pop(partition, None)
 
-    async def publish(series: dict | None, study: dict) -> None:
-        if series is not None:
-            await series_out.send(key=series["series_instance_uid"].encode(),
-                                  value=codec.encode(SERIES.schema, series_record(series)))
-        await studies_out.send(key=study["study_instance_uid"].encode(),
-                               value=codec.encode(STUDIES.schema, study_record(study)))
+    def handle(self, batch: Batch, message: Message) -> None:
+        if message.topic() == TICKS.name:
+            self._tick(batch, message)
+        else:
+            self._instance(batch, message)
 
-    async def complete_due(partition: int, watermark: int) -> None:
-        due = sorted((entry["deadline"], uid) for uid, entry in list(open_series.items())
-                     if entry and entry["p"] == partition and entry["deadline"] <= watermark)
+    def _tick(self, batch: Batch, message: Message) -> None:
+        partition = message.partition()
+        try:
+            tick = json.loads(message.value())
+            tick_ms, tick_end = int(tick["t"]), int(tick["end"])
+        except (ValueError, TypeError, KeyError):
+            return  # not one of ours
+        now = time.time()
+        if now - tick_ms / 1000 > STALE_TICK_S or now - self.last_instance_wall.get(partition, 0) < IDLE_S:
+            return
+        if tick_ms < self.started_ms:
+            # Written before this worker started (by a worker that died, say): its end offset
+            # describes the log as it was then, not the backlog we have now.
+            return
+        if self.processed_upto.get(partition, 0) >= tick_end:  # caught up with what existed at the tick
+            self._complete_due(batch, partition, self._advance(batch, partition, tick_ms))
+
+    def _instance(self, batch: Batch, message: Message) -> None:
+        partition, offset = message.partition(), message.offset()
+        # Processed once consumed, dead letter or not: a junk event last in its partition must
+        # not keep the partition's ticks from completing its series.
+        self.processed_upto[partition] = offset + 1
+        try:
+            _, record = self.codec.decode(message.value(), expect=INSTANCES.schema)
+        except DecodeError as exc:
+            origin = f"{message.topic()}/{partition}/{offset}"
+            log.warning("deadletter", origin=origin, reason=str(exc))
+            DEADLETTERED.inc()
+            batch.send(DEADLETTER.name, origin.encode(), message.value(),
+                       {"reason": f"aggregates: {exc}".encode(), "origin": origin.encode()})
+            return
+        self.last_instance_wall[partition] = time.time()
+        self._complete_due(batch, partition, self._advance(batch, partition, _ms(record["received_at"])))
+        sop = record["sop_instance_uid"]
+        if batch.get(partition, SEEN, sop) is not None:
+            return  # a re-sent instance (another delivery of the same SOP Instance UID) counts once
+        batch.put(partition, SEEN, sop, offset)
+        series, study = apply_instance(batch.get(partition, SERIES_STATE, record["series_instance_uid"]),
+                                       batch.get(partition, STUDY_STATE, record["study_instance_uid"]),
+                                       record, self.quiet)
+        uid = series["series_instance_uid"]
+        batch.put(partition, SERIES_STATE, uid, series)
+        batch.put(partition, STUDY_STATE, study["study_instance_uid"], study)
+        if series["status"] == "UPDATED":
+            batch.put(partition, OPEN, uid, series["last_received_at"] + int(series["quiet_seconds"] * 1000))
+        self._publish(batch, series, study)
+
+    def _advance(self, batch: Batch, partition: int, at_ms: int) -> int:
+        watermark = batch.get(partition, CLOCK, "watermark") or 0
+        if at_ms > watermark:
+            batch.put(partition, CLOCK, "watermark", at_ms)
+            return at_ms
+        return watermark
+
+    def _complete_due(self, batch: Batch, partition: int, watermark: int) -> None:
+        due = sorted((deadline, uid) for uid, deadline in batch.items(partition, OPEN) if deadline <= watermark)
         for _, uid in due:
-            series = series_table.get(uid)
+            batch.delete(partition, OPEN, uid)
+            series = batch.get(partition, SERIES_STATE, uid)
             if series is None or series["status"] != "UPDATED":
-                open_series.pop(uid, None)  # completed before (the removal was lost in a crash)
-                continue
-            study = study_table.get(series["study_instance_uid"])
+                continue  # cannot happen with transactional state; never worth a crash
+            study = batch.get(partition, STUDY_STATE, series["study_instance_uid"])
             series, study, _ = complete_series(series, study)
-            series_table[uid] = series
-            study_table[study["study_instance_uid"]] = study
-            # Removed only once the completed state is written locally; a crash that loses the
-            # completion keeps the entry, and the next watermark completes the series again.
-            open_series.pop(uid, None)
+            batch.put(partition, SERIES_STATE, uid, series)
+            batch.put(partition, STUDY_STATE, study["study_instance_uid"], study)
+            COMPLETED.labels(series["verdict"]).inc()
             log.info("series.completed", series_instance_uid=uid, verdict=series["verdict"],
                      instances=series["instance_count"])
-            await publish(series, study)
+            self._publish(batch, series, study)
 
-    def advance(partition: int, at_ms: int) -> int:
-        key = str(partition)
-        state = clock.get(key) or {"watermark": 0}
-        if at_ms > state["watermark"]:
-            state = {"watermark": at_ms}
-            clock[key] = state
-        return state["watermark"]
+    def _publish(self, batch: Batch, series: dict, study: dict) -> None:
+        batch.send(SERIES.name, series["series_instance_uid"].encode(),
+                   self.codec.encode(SERIES.schema, series_record(series)))
+        batch.send(STUDIES.name, study["study_instance_uid"].encode(),
+                   self.codec.encode(STUDIES.schema, study_record(study)))
 
-    @app.agent(source)
-    async def aggregate(stream: faust.Stream) -> None:
-        async for event in stream.events():
-            message = event.message
-            partition = message.partition
-            if message.topic == TICKS.name:
-                try:
-                    tick = json.loads(event.value)
-                    tick_ms, tick_end = int(tick["t"]), int(tick["end"])
-                except (ValueError, TypeError, KeyError):
-                    continue  # not one of ours
-                now = time.time()
-                if now - tick_ms / 1000 > STALE_TICK_S or now - last_instance_wall.get(partition, 0) < IDLE_S:
-                    continue
-                if tick_ms < started_ms:
-                    # Written before this worker started (by a worker that died, say): its end
-                    # offset describes the log as it was then, not the backlog we have now.
-                    continue
-                if partition not in processed_upto:
-                    processed_upto[partition] = await asyncio.get_running_loop().run_in_executor(
-                        None, committed_offset, partition)
-                if processed_upto[partition] >= tick_end:  # caught up with what existed at the tick
-                    await complete_due(partition, advance(partition, tick_ms))
-                continue
-            # Processed once consumed, dead letter or not: a junk event last in its partition must
-            # not keep the partition's ticks from completing its series.
-            processed_upto[partition] = message.offset + 1
+
+class TickWriter:
+    """Writes one tick per partition to dicom.ticks: the wall clock and the end offset of dicom.instances.
+
+    Every worker ticks every partition (a duplicate tick is harmless); ticks are not part of any
+    transaction, they are a clock.
+    """
+
+    def __init__(self, bootstrap: str, partitions: int) -> None:
+        self.partitions = partitions
+        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 3,
+                                  "logger": KAFKA_CLIENT_LOGGER})
+        self.offsets = Consumer({"bootstrap.servers": bootstrap, "group.id": "diana-ticks", "log_level": 3,
+                                 "logger": KAFKA_CLIENT_LOGGER})
+
+    def __call__(self) -> None:
+        for partition in range(self.partitions):
             try:
-                _, record = codec.decode(event.value, expect=INSTANCES.schema)
-            except DecodeError as exc:
-                origin = f"{message.topic}/{partition}/{message.offset}"
-                log.warning("deadletter", origin=origin, reason=str(exc))
-                await deadletter.send(key=origin.encode(), value=event.value,
-                                      headers={"reason": f"aggregates: {exc}".encode(), "origin": origin.encode()})
-                continue
-            last_instance_wall[partition] = time.time()
-            await complete_due(partition, advance(partition, _ms(record["received_at"])))
-            offset = message.offset
-            sop = record["sop_instance_uid"]
-            first_seen_at = seen.get(sop)
-            if first_seen_at is not None and first_seen_at != offset:
-                continue  # a re-sent instance (another delivery of the same SOP Instance UID) counts once
-            seen[sop] = offset
-            # At-least-once delivery replays the events after the last commit, and a crash may
-            # have kept some of their table writes and lost others: each aggregate remembers the
-            # last offset it applied, so a replayed event changes only what it had not yet changed.
-            series0 = series_table.get(record["series_instance_uid"])
-            study0 = study_table.get(record["study_instance_uid"])
-            series, study = apply_instance(series0, study0, record, quiet)
-            if series0 is not None and series0.get("applied_offset", -1) >= offset:
-                series = series0
-            if study0 is not None and study0.get("applied_offset", -1) >= offset:
-                study = study0
-            series["applied_offset"] = max(series.get("applied_offset", -1), offset)
-            study["applied_offset"] = max(study.get("applied_offset", -1), offset)
-            uid = series["series_instance_uid"]
-            series_table[uid] = series
-            study_table[study["study_instance_uid"]] = study
-            if series["status"] == "UPDATED":
-                deadline = series["last_received_at"] + int(series["quiet_seconds"] * 1000)
-                open_series[uid] = {"p": partition, "deadline": deadline}
-            await publish(series, study)
-
-    @app.timer(interval=1.0)
-    async def tick() -> None:
-        # Every partition, from every worker: a duplicate tick is harmless.
-        loop = asyncio.get_running_loop()
-        for partition in range(app.conf.topic_partitions):
-            try:
-                end = await loop.run_in_executor(None, end_offset, partition)
+                end = self.offsets.get_watermark_offsets(TopicPartition(INSTANCES.name, partition), timeout=2)[1]
             except Exception as exc:  # broker unreachable: no tick, no harm
                 log.warning("tick.skipped", partition=partition, reason=str(exc))
                 return
             value = json.dumps({"t": int(time.time() * 1000), "end": end}).encode()
-            await ticks_out.send(value=value, partition=partition)
+            self.producer.produce(TICKS.name, value=value, partition=partition)
+        self.producer.poll(0)
+
+
+def aggregates_loop(bootstrap: str, app_id: str, worker_name: str, partitions: int, quiet: QuietTimes,
+                    ) -> TransactionalLoop:
+    """The aggregates worker: group ``app_id``, state in ``{app_id}-state-changelog``.
+
+    ``worker_name`` must be stable across restarts of one worker and differ between workers: a
+    restarted worker's transactional id then fences its dead predecessor at once.
+    """
+    settings = LoopSettings(bootstrap=bootstrap, group_id=app_id,
+                            transactional_id=f"{app_id}-{worker_name}",
+                            topics=(INSTANCES.name, TICKS.name), changelog=changelog_topic(app_id))
+    return TransactionalLoop(settings, AggregatesHandler(quiet), every_second=TickWriter(bootstrap, partitions))
+
+
+def changelog_topic(app_id: str) -> str:
+    return f"{app_id}-state-changelog"
+
+
+def default_worker_name(port: int) -> str:
+    """Host and metrics port: unique per worker on a host (two cannot share a port), stable across restarts."""
+    return f"{socket.gethostname()}-{port}"

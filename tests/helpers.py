@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 
 import pydicom
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from diana.config import Config
@@ -158,38 +158,54 @@ def wait_until_caught_up(cfg: Config, timeout: float = 120.0) -> None:
     raise AssertionError(f"pipeline did not catch up within {timeout}s; lag per group: {lags}")
 
 
+def read_messages(cfg: Config, topic: str, since: dict[int, int] | None = None, timeout: float = 60.0) -> list:
+    """Every committed message of ``topic`` from ``since`` (partition -> offset; default the start) to its end now.
+
+    Reads until each partition reports its end (EOF), not until a count of offsets: topics written
+    in Kafka transactions hold commit markers that take offsets and are never delivered.
+    """
+    consumer = Consumer({"bootstrap.servers": cfg.kafka.bootstrap, "group.id": f"reader-{uuid.uuid4()}",
+                         "enable.auto.commit": False, "enable.partition.eof": True, "log_level": 3})
+    admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
+    try:
+        meta = admin.list_topics(topic, timeout=10).topics[topic]
+        starts = {}
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            start = max(low, (since or {}).get(p, low))
+            if high > start:
+                starts[p] = start
+        consumer.assign([TopicPartition(topic, p, start) for p, start in starts.items()])
+        out, open_partitions = [], set(starts)
+        deadline = time.monotonic() + timeout
+        while open_partitions:
+            assert time.monotonic() < deadline, f"{topic}: partitions {sorted(open_partitions)} did not reach their end"
+            msg = consumer.poll(1.0)
+            if msg is None:
+                continue
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    open_partitions.discard(msg.partition())
+                continue
+            out.append(msg)
+        return out
+    finally:
+        consumer.close()
+
+
 def topic_records(cfg: Config, topic: str) -> list[tuple[bytes, dict]]:
     """Every decodable record of a topic from the beginning, decoded with the project's codec.
 
     Messages that are not ours (a test writes junk to check dead-lettering) are left out.
     """
-    consumer = Consumer({"bootstrap.servers": cfg.kafka.bootstrap, "group.id": f"reader-{uuid.uuid4()}",
-                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
-    admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
     codec = default_codec()
-    try:
-        meta = admin.list_topics(topic, timeout=10).topics[topic]
-        starts, ends = {}, {}
-        for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                starts[p], ends[p] = low, high
-        consumer.assign([TopicPartition(topic, p, starts[p]) for p in ends])
-        out = []
-        position = dict(starts)
-        deadline = time.monotonic() + 60
-        while any(position[p] < ends[p] for p in ends) and time.monotonic() < deadline:
-            msg = consumer.poll(1.0)
-            if msg is None or msg.error():
-                continue
-            position[msg.partition()] = msg.offset() + 1
-            try:
-                out.append((msg.key(), codec.decode(msg.value())[1]))
-            except DecodeError:
-                continue
-        return out
-    finally:
-        consumer.close()
+    out = []
+    for msg in read_messages(cfg, topic):
+        try:
+            out.append((msg.key(), codec.decode(msg.value())[1]))
+        except DecodeError:
+            continue
+    return out
 
 
 def message_count(cfg: Config, topic: str) -> int:

@@ -36,14 +36,6 @@ def test_nothing_acknowledged_is_lost_or_doubled(outcomes, scenario):
     assert o["orphans"] == 0 and o["unexplained_deadletters"] == 0, o["problems"]
 
 
-@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s != "worker-kill"])
+@pytest.mark.parametrize("scenario", SCENARIOS)
 def test_every_invariant_holds(outcomes, scenario):
     assert outcomes[scenario]["passed"], outcomes[scenario]["problems"]
-
-
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 4 open: after a kill -9 of the Faust workers, the restarted aggregates worker sometimes stops "
-    "fetching one partition (consumer lag stays) or completes a series early; faust-streaming issue 629 "
-    "describes the same stall after a rebalance. Archive and index invariants are checked above, strictly."))
-def test_every_invariant_holds_after_a_worker_kill(outcomes):
-    assert outcomes["worker-kill"]["passed"], outcomes["worker-kill"]["problems"]

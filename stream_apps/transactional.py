@@ -1,0 +1,359 @@
+"""An exactly-once consume-transform-produce loop on Kafka transactions, with per-partition state.
+
+Why not Faust here: with faust-streaming 0.15 a kill -9 and restart of the aggregates worker
+undercounted, completed series early, or stopped fetching a partition (faust-streaming issues 216,
+629), and its exactly_once mode crashed on a rebalance. This loop is the textbook alternative
+(Kafka Streams does the same), built on confluent-kafka:
+
+- Each batch of input messages is one Kafka transaction holding the output records, the state
+  changes (each changed key once, to a compacted changelog topic co-partitioned with the input)
+  and the input offsets. Either all of a batch's effects become visible to read_committed readers, or none do.
+- State lives in memory, per input partition. On assignment a partition's state is rebuilt from its
+  changelog partition, after the broker reports its committed offsets stable (no transaction of a
+  dead predecessor pending), so state and input position always agree.
+- A failed transaction is aborted, its uncommitted state changes dropped, and the input rewound
+  to the committed offsets: the batch is processed again from the same state.
+
+The handler sees a ``Batch``: state reads and writes (namespace, key) and sends.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from prometheus_client import Counter, Histogram
+
+from diana.logs import KAFKA_CLIENT_LOGGER
+
+__all__ = ["Batch", "Handler", "TransactionalLoop", "LoopSettings"]
+
+log = structlog.get_logger("diana.stream.transactional")
+
+TRANSACTIONS = Counter("diana_stream_transactions_total", "Transactions of the stream worker, by outcome",
+                       ["outcome"])
+MESSAGES = Counter("diana_stream_messages_total", "Input messages processed in committed transactions", ["topic"])
+RESTORE_SECONDS = Histogram("diana_stream_restore_seconds", "Time to rebuild the state of newly assigned partitions")
+
+_DELETED = object()
+_SEP = "/"
+
+
+class Handler(Protocol):
+    def partition_started(self, partition: int, next_offsets: dict[str, int]) -> None:
+        """State of ``partition`` is (re)loaded; input resumes at ``next_offsets`` (topic -> offset)."""
+
+    def partition_stopped(self, partition: int) -> None:
+        """The partition was revoked or lost: forget anything kept outside the state."""
+
+    def handle(self, batch: "Batch", message: Message) -> None:
+        """Process one input message inside the current transaction."""
+
+
+class _Store:
+    """Committed state: partition -> namespace -> key -> JSON value."""
+
+    def __init__(self) -> None:
+        self.partitions: dict[int, dict[str, dict[str, Any]]] = {}
+
+    def apply(self, partition: int, composite_key: str, value: Any) -> None:
+        """One changelog record (None: a deletion) applied to the partition's state."""
+        namespace, _, key = composite_key.partition(_SEP)
+        space = self.partitions.setdefault(partition, {}).setdefault(namespace, {})
+        if value is None:
+            space.pop(key, None)
+        else:
+            space[key] = value
+
+
+class Batch:
+    """One transaction's view: committed state plus this batch's changes, and the sends."""
+
+    def __init__(self, store: _Store, producer: Producer, changelog: str) -> None:
+        self._store, self._producer, self._changelog = store, producer, changelog
+        self._pending: dict[tuple[int, str], dict[str, Any]] = {}
+
+    def get(self, partition: int, namespace: str, key: str) -> Any:
+        value = self._pending.get((partition, namespace), {}).get(key)
+        if value is _DELETED:
+            return None
+        if value is not None:
+            return value
+        return self._store.partitions.get(partition, {}).get(namespace, {}).get(key)
+
+    def put(self, partition: int, namespace: str, key: str, value: Any) -> None:
+        self._pending.setdefault((partition, namespace), {})[key] = value
+
+    def delete(self, partition: int, namespace: str, key: str) -> None:
+        self._pending.setdefault((partition, namespace), {})[key] = _DELETED
+
+    def write_changelog(self) -> None:
+        """Each key changed in this batch, once, with its final value (None: deleted)."""
+        for (partition, namespace), changes in self._pending.items():
+            committed = self._store.partitions.get(partition, {}).get(namespace, {})
+            for key, value in changes.items():
+                if value is _DELETED and key not in committed:
+                    continue  # created and deleted within the batch, or never there
+                self._producer.produce(
+                    self._changelog, key=f"{namespace}{_SEP}{key}".encode(), partition=partition,
+                    value=None if value is _DELETED else json.dumps(value, separators=(",", ":")).encode())
+
+    def items(self, partition: int, namespace: str) -> list[tuple[str, Any]]:
+        merged = dict(self._store.partitions.get(partition, {}).get(namespace, {}))
+        for key, value in self._pending.get((partition, namespace), {}).items():
+            if value is _DELETED:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        return list(merged.items())
+
+    def send(self, topic: str, key: bytes | None, value: bytes, headers: dict[str, bytes] | None = None) -> None:
+        self._producer.produce(topic, key=key, value=value, headers=headers)
+
+    def commit_locally(self) -> None:
+        """The transaction committed: its changes become the committed state."""
+        for (partition, namespace), changes in self._pending.items():
+            space = self._store.partitions.setdefault(partition, {}).setdefault(namespace, {})
+            for key, value in changes.items():
+                if value is _DELETED:
+                    space.pop(key, None)
+                else:
+                    space[key] = value
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    bootstrap: str
+    group_id: str
+    transactional_id: str
+    topics: tuple[str, ...]
+    changelog: str
+    max_batch: int = 500
+    # A dead worker's open transaction holds back read_committed readers for at most this long.
+    transaction_timeout_ms: int = 10_000
+    # A killed worker's partitions move to the others after this long.
+    session_timeout_ms: int = 10_000
+    extra_consumer: dict[str, Any] = field(default_factory=dict)
+
+
+class TransactionalLoop:
+    def __init__(self, settings: LoopSettings, handler: Handler,
+                 every_second: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.every_second = every_second
+        self.store = _Store()
+        self.running = True
+        self.consumer = Consumer({
+            "bootstrap.servers": settings.bootstrap, "group.id": settings.group_id,
+            "enable.auto.commit": False, "auto.offset.reset": "earliest", "isolation.level": "read_committed",
+            # range: partition p of every input topic goes to the same worker (co-partitioning).
+            "partition.assignment.strategy": "range", "session.timeout.ms": settings.session_timeout_ms,
+            "log_level": 3, "logger": KAFKA_CLIENT_LOGGER, **settings.extra_consumer,
+        })
+        self.producer = self._new_producer()
+        self._fatal_times: list[float] = []
+
+    def _new_producer(self) -> Producer:
+        return Producer({
+            "bootstrap.servers": self.settings.bootstrap, "transactional.id": self.settings.transactional_id,
+            "transaction.timeout.ms": self.settings.transaction_timeout_ms, "linger.ms": 5, "log_level": 3,
+            "logger": KAFKA_CLIENT_LOGGER,
+        })
+
+    # -- assignment -------------------------------------------------------------------------
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Blocks until the group's offsets for these partitions are stable: a transaction of a
+        # worker that died is committed or aborted first, so the changelog read next is final.
+        committed = self._committed(partitions)
+        numbers = sorted({tp.partition for tp in committed})
+        self._restore(numbers)
+        for partition in numbers:
+            self.handler.partition_started(partition, {tp.topic: tp.offset for tp in committed
+                                                       if tp.partition == partition})
+        consumer.assign(committed)
+        log.info("partitions.assigned", partitions=numbers)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for partition in sorted({tp.partition for tp in partitions}):
+            self.store.partitions.pop(partition, None)
+            self.handler.partition_stopped(partition)
+        consumer.unassign()
+        log.info("partitions.revoked", partitions=sorted({tp.partition for tp in partitions}))
+
+    def _committed(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """Committed offsets, or the start of the log for a partition never committed."""
+        while True:
+            try:
+                committed = self.consumer.committed(partitions, timeout=30)
+                break
+            except KafkaException as exc:
+                log.warning("offsets.unavailable", reason=str(exc))
+                time.sleep(1.0)
+        out = []
+        for tp in committed:
+            if tp.offset < 0:
+                low, _ = self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=30)
+                tp = TopicPartition(tp.topic, tp.partition, low)
+            out.append(TopicPartition(tp.topic, tp.partition, tp.offset))
+        return out
+
+    def _restore(self, partitions: list[int]) -> None:
+        """Rebuild the state of ``partitions`` from their changelog partitions, read to the end."""
+        if not partitions:
+            return
+        started = time.monotonic()
+        for partition in partitions:
+            self.store.partitions[partition] = {}
+        reader = Consumer({"bootstrap.servers": self.settings.bootstrap,
+                           "group.id": f"{self.settings.group_id}-restore", "enable.auto.commit": False,
+                           "isolation.level": "read_committed", "enable.partition.eof": True,
+                           "fetch.wait.max.ms": 10, "log_level": 3,
+                           "logger": KAFKA_CLIENT_LOGGER})
+        records, unfinished = 0, set(partitions)
+        try:
+            reader.assign([TopicPartition(self.settings.changelog, p, OFFSET_BEGINNING) for p in partitions])
+            while unfinished:
+                for msg in reader.consume(num_messages=10_000, timeout=0.05):
+                    if msg.error():
+                        if msg.error().code() != KafkaError._PARTITION_EOF:
+                            raise KafkaException(msg.error())
+                        unfinished.discard(msg.partition())
+                        continue
+                    value = msg.value()
+                    self.store.apply(msg.partition(), msg.key().decode(), None if value is None else json.loads(value))
+                    records += 1
+        finally:
+            reader.close()
+        RESTORE_SECONDS.observe(time.monotonic() - started)
+        log.info("state.restored", partitions=partitions, records=records,
+                 seconds=round(time.monotonic() - started, 2))
+
+    # -- the loop ---------------------------------------------------------------------------
+    def stop(self, *_: Any) -> None:
+        self.running = False
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        self._retry("init_transactions", lambda: self.producer.init_transactions(30))
+        self.consumer.subscribe(list(self.settings.topics), on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        last_second = 0.0
+        try:
+            while self.running:
+                if self.every_second and time.monotonic() - last_second >= 1.0:
+                    last_second = time.monotonic()
+                    self.every_second()
+                messages = self.consumer.consume(num_messages=self.settings.max_batch, timeout=0.2)
+                messages = [m for m in messages if not self._is_error(m)]
+                if messages:
+                    self._transaction(messages)
+        finally:
+            self.consumer.close()
+            self.producer.flush(10)
+
+    def _is_error(self, message: Message) -> bool:
+        if message.error() is None:
+            return False
+        log.warning("consume.error", reason=str(message.error()))
+        return True
+
+    def _transaction(self, messages: list[Message]) -> None:
+        batch = Batch(self.store, self.producer, self.settings.changelog)
+        offsets: dict[tuple[str, int], int] = {}
+        try:
+            self.producer.begin_transaction()
+            for message in messages:
+                self.handler.handle(batch, message)
+                offsets[(message.topic(), message.partition())] = message.offset() + 1
+                self.producer.poll(0)
+            batch.write_changelog()
+            self.producer.send_offsets_to_transaction(
+                [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                self.consumer.consumer_group_metadata(), 30)
+            self._commit()
+        except KafkaException as exc:
+            self._abort(exc)
+            return
+        batch.commit_locally()
+        TRANSACTIONS.labels("committed").inc()
+        for message in messages:
+            MESSAGES.labels(message.topic()).inc()
+
+    def _commit(self) -> None:
+        while True:
+            try:
+                self.producer.commit_transaction(30)
+                return
+            except KafkaException as exc:
+                if exc.args[0].retriable():
+                    log.warning("transaction.commit_retry", reason=str(exc))
+                    continue
+                raise
+
+    def _abort(self, exc: KafkaException) -> None:
+        error: KafkaError = exc.args[0]
+        TRANSACTIONS.labels("aborted").inc()
+        if not error.fatal():
+            log.warning("transaction.aborted", reason=str(error))
+            try:
+                self._retry("abort_transaction", lambda: self.producer.abort_transaction(30))
+            except KafkaException as abort_exc:
+                if not abort_exc.args[0].fatal():
+                    raise
+                error = abort_exc.args[0]
+        if error.fatal():
+            self._replace_producer(error)
+        self._rewind()
+
+    def _replace_producer(self, error: KafkaError) -> None:
+        """A fatal producer error: start a new producer under the same transactional id.
+
+        Seen when the broker restarted mid-transaction (INVALID_TXN_STATE on abort). The new
+        producer's init_transactions aborts whatever the old one left open. If it keeps happening,
+        another worker holds the same id (two workers with one name): stop rather than fence each
+        other forever.
+        """
+        now = time.monotonic()
+        self._fatal_times = [t for t in self._fatal_times if now - t < 60] + [now]
+        if len(self._fatal_times) > 3:
+            log.error("transaction.fenced_repeatedly", transactional_id=self.settings.transactional_id,
+                      reason=str(error), fix="give each aggregates worker its own [stream] web_port")
+            raise KafkaException(error)
+        log.warning("transaction.producer_replaced", reason=str(error))
+        self.producer.purge()
+        self.producer = self._new_producer()
+        self._retry("init_transactions", lambda: self.producer.init_transactions(30))
+
+    def _rewind(self) -> None:
+        """Back to the committed state and offsets: the aborted batch is processed again."""
+        assignment = self.consumer.assignment()
+        if not assignment:
+            return
+        committed = self._committed(assignment)
+        try:
+            for tp in committed:
+                self.consumer.seek(tp)
+        except KafkaException as exc:  # a partition not fetching yet cannot seek: set all positions anew
+            log.warning("rewind.reassign", reason=str(exc))
+            self.consumer.assign(committed)
+        for partition in sorted({tp.partition for tp in committed}):
+            self.handler.partition_started(partition, {tp.topic: tp.offset for tp in committed
+                                                       if tp.partition == partition})
+
+    def _retry(self, what: str, call: Callable[[], None]) -> None:
+        while True:
+            try:
+                call()
+                return
+            except KafkaException as exc:
+                if not exc.args[0].retriable():
+                    raise
+                log.warning("transaction.retry", step=what, reason=str(exc))
+                time.sleep(1.0)

@@ -1,0 +1,72 @@
+"""The transactional loop's state, without a broker: what a batch writes to the changelog rebuilds
+exactly the state the batch leaves in memory, once per changed key, and an aborted batch leaves no
+trace in memory."""
+from __future__ import annotations
+
+import json
+
+from diana.stream_apps.transactional import Batch, _Store
+
+
+class ChangelogRecorder:
+    """Stands in for the transactional producer: keeps what would be written, in order."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes | None, bytes | None, int | None]] = []
+
+    def produce(self, topic, key=None, value=None, partition=None, headers=None) -> None:
+        self.records.append((topic, key, value, partition))
+
+
+def _replay(records, changelog: str) -> _Store:
+    store = _Store()
+    for topic, key, value, partition in records:
+        if topic == changelog:
+            store.apply(partition, key.decode(), None if value is None else json.loads(value))
+    return store
+
+
+def test_changelog_rebuilds_what_the_committed_batches_left_in_memory():
+    store, producer = _Store(), ChangelogRecorder()
+    first = Batch(store, producer, "state")
+    first.put(0, "series", "1.2.3", {"instance_count": 1})
+    first.put(0, "open", "1.2.3", 1000)
+    first.put(1, "seen", "9.9", 7)
+    first.send("dicom.series", b"1.2.3", b"revision 1")
+    first.write_changelog()
+    first.commit_locally()
+
+    second = Batch(store, producer, "state")
+    assert second.get(0, "series", "1.2.3") == {"instance_count": 1}
+    second.put(0, "series", "1.2.3", {"instance_count": 2})
+    second.delete(0, "open", "1.2.3")
+    second.delete(0, "open", "never-there")  # nothing to delete: nothing written
+    assert second.get(0, "open", "1.2.3") is None
+    assert second.items(0, "open") == []
+    assert store.partitions[0]["open"] == {"1.2.3": 1000}  # not committed yet
+    second.put(0, "series", "1.2.3", {"instance_count": 3})
+    second.write_changelog()
+    second.commit_locally()
+
+    assert store.partitions == _replay(producer.records, "state").partitions == {
+        0: {"series": {"1.2.3": {"instance_count": 3}}, "open": {}}, 1: {"seen": {"9.9": 7}}}
+    # One record per key changed in a batch: its final value.
+    series_records = [value for _, key, value, _ in producer.records if key == b"series/1.2.3"]
+    assert series_records == [b'{"instance_count":1}', b'{"instance_count":3}']
+    assert ("dicom.series", b"1.2.3", b"revision 1", None) in producer.records
+    assert not any(key == b"open/never-there" for _, key, _, _ in producer.records)
+
+
+def test_an_aborted_batch_changes_nothing_in_memory():
+    store = _Store()
+    committed = Batch(store, ChangelogRecorder(), "state")
+    committed.put(2, "clock", "watermark", 5)
+    committed.commit_locally()
+    aborted = Batch(store, ChangelogRecorder(), "state")
+    aborted.put(2, "clock", "watermark", 9)
+    aborted.put(2, "seen", "1.2", 3)
+    assert aborted.get(2, "clock", "watermark") == 9
+    assert sorted(aborted.items(2, "seen")) == [("1.2", 3)]
+    # No commit_locally: the transaction was aborted. The next batch sees the committed state.
+    assert Batch(store, ChangelogRecorder(), "state").get(2, "clock", "watermark") == 5
+    assert store.partitions == {2: {"clock": {"watermark": 5}}}
