@@ -44,6 +44,10 @@ _DELETED = object()
 _SEP = "/"
 
 
+class _Stopped(Exception):
+    """A stop was requested while waiting for the broker."""
+
+
 class Handler(Protocol):
     def partition_started(self, partition: int, next_offsets: dict[str, int]) -> None:
         """State of ``partition`` is (re)loaded; input resumes at ``next_offsets`` (topic -> offset)."""
@@ -193,6 +197,7 @@ class TransactionalLoop:
                 committed = self.consumer.committed(partitions, timeout=30)
                 break
             except KafkaException as exc:
+                self._still_running()
                 log.warning("offsets.unavailable", reason=str(exc))
                 time.sleep(1.0)
         out = []
@@ -241,11 +246,11 @@ class TransactionalLoop:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
-        self._retry("init_transactions", lambda: self.producer.init_transactions(30))
-        self.consumer.subscribe(list(self.settings.topics), on_assign=self._on_assign,
-                                on_revoke=self._on_revoke, on_lost=self._on_revoke)
         last_second = 0.0
         try:
+            self._retry("init_transactions", lambda: self.producer.init_transactions(30))
+            self.consumer.subscribe(list(self.settings.topics), on_assign=self._on_assign,
+                                    on_revoke=self._on_revoke, on_lost=self._on_revoke)
             while self.running:
                 if self.every_second and time.monotonic() - last_second >= 1.0:
                     last_second = time.monotonic()
@@ -254,6 +259,10 @@ class TransactionalLoop:
                 messages = [m for m in messages if not self._is_error(m)]
                 if messages:
                     self._transaction(messages)
+        except _Stopped:
+            # An open transaction is aborted by the broker after transaction.timeout.ms, or at
+            # once when this worker starts again.
+            log.info("stopped.waiting_for_broker")
         finally:
             self.consumer.close()
             self.producer.flush(10)
@@ -293,6 +302,7 @@ class TransactionalLoop:
                 return
             except KafkaException as exc:
                 if exc.args[0].retriable():
+                    self._still_running()
                     log.warning("transaction.commit_retry", reason=str(exc))
                     continue
                 raise
@@ -355,5 +365,11 @@ class TransactionalLoop:
             except KafkaException as exc:
                 if not exc.args[0].retriable():
                     raise
+                self._still_running()
                 log.warning("transaction.retry", step=what, reason=str(exc))
                 time.sleep(1.0)
+
+    def _still_running(self) -> None:
+        """Called while waiting for the broker: a stop request ends the wait."""
+        if not self.running:
+            raise _Stopped()

@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# The module's fixture runs all seven scenarios (4-5 minutes here, longer on a loaded machine)
+# before the first test: it may need more than the suite's 600 s per-test limit.
+pytestmark = pytest.mark.timeout(2400)
+
 SCENARIOS = ["receiver-kill", "sinks-kill", "broker-down", "opensearch-down", "disk-full", "slow-consumer",
              "worker-kill"]
 

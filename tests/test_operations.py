@@ -26,6 +26,7 @@ def _metrics(port: int) -> dict[str, float]:
 def test_receiver_and_sink_metrics_count_what_happened(pipeline, tmp_path):
     cfg = pipeline.cfg
     before = _metrics(cfg.receiver.metrics_port)
+    stream_before = _metrics(cfg.stream.web_port)
     study = make_study(tmp_path / "m", [SeriesSpec("CT", "METRICS", 5)], patient_id="METRICS1")
     assert storescu(cfg, study.files).returncode == 0
     wait_until_caught_up(cfg)
@@ -47,6 +48,11 @@ def test_receiver_and_sink_metrics_count_what_happened(pipeline, tmp_path):
     assert archive["diana_archive_written_total"] >= 5
     indexed = _metrics(cfg.sinks.opensearch_metrics_port)
     assert indexed['diana_opensearch_indexed_total{index="diana-instances"}'] >= 5
+    # The aggregates worker: the five instances went through committed transactions.
+    key = 'diana_stream_messages_total{topic="dicom.instances"}'
+    stream = _metrics(cfg.stream.web_port)
+    assert stream[key] - stream_before.get(key, 0) >= 5
+    assert stream['diana_stream_transactions_total{outcome="committed"}'] >= 1
 
 
 def test_logs_never_name_a_patient(pipeline):
