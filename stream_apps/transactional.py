@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -42,6 +43,18 @@ RESTORE_SECONDS = Histogram("diana_stream_restore_seconds", "Time to rebuild the
 
 _DELETED = object()
 _SEP = "/"
+
+
+@contextmanager
+def _slow(step: str, warn_after_s: float = 5.0) -> Iterator[None]:
+    """Log a broker call that took long: where a stalled worker waited, in its log."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        took = time.monotonic() - started
+        if took > warn_after_s:
+            log.warning("slow.step", step=step, seconds=round(took, 1))
 
 
 class _Stopped(Exception):
@@ -194,7 +207,8 @@ class TransactionalLoop:
         """Committed offsets, or the start of the log for a partition never committed."""
         while True:
             try:
-                committed = self.consumer.committed(partitions, timeout=30)
+                with _slow("offsets.committed"):
+                    committed = self.consumer.committed(partitions, timeout=30)
                 break
             except KafkaException as exc:
                 self._still_running()
@@ -283,9 +297,10 @@ class TransactionalLoop:
                 offsets[(message.topic(), message.partition())] = message.offset() + 1
                 self.producer.poll(0)
             batch.write_changelog()
-            self.producer.send_offsets_to_transaction(
-                [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                self.consumer.consumer_group_metadata(), 30)
+            with _slow("transaction.send_offsets"):
+                self.producer.send_offsets_to_transaction(
+                    [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                    self.consumer.consumer_group_metadata(), 30)
             self._commit()
         except KafkaException as exc:
             self._abort(exc)
@@ -298,7 +313,8 @@ class TransactionalLoop:
     def _commit(self) -> None:
         while True:
             try:
-                self.producer.commit_transaction(30)
+                with _slow("transaction.commit"):
+                    self.producer.commit_transaction(30)
                 return
             except KafkaException as exc:
                 if exc.args[0].retriable():
@@ -308,38 +324,28 @@ class TransactionalLoop:
                 raise
 
     def _abort(self, exc: KafkaException) -> None:
+        """Give up the batch: a new producer aborts it, and the input goes back to the committed offsets.
+
+        The new producer's init_transactions (same transactional id) aborts whatever the old one
+        left open. Reusing the old producer after an abort did not work: after a broker restart its
+        abort needed a producer epoch bump, and the next send_offsets_to_transaction then hung for
+        minutes despite its 30 s timeout (librdkafka 2.16), until the group dropped the worker.
+        """
         error: KafkaError = exc.args[0]
         TRANSACTIONS.labels("aborted").inc()
-        if not error.fatal():
-            log.warning("transaction.aborted", reason=str(error))
-            try:
-                self._retry("abort_transaction", lambda: self.producer.abort_transaction(30))
-            except KafkaException as abort_exc:
-                if not abort_exc.args[0].fatal():
-                    raise
-                error = abort_exc.args[0]
+        log.warning("transaction.aborted", reason=str(error))
         if error.fatal():
-            self._replace_producer(error)
-        self._rewind()
-
-    def _replace_producer(self, error: KafkaError) -> None:
-        """A fatal producer error: start a new producer under the same transactional id.
-
-        Seen when the broker restarted mid-transaction (INVALID_TXN_STATE on abort). The new
-        producer's init_transactions aborts whatever the old one left open. If it keeps happening,
-        another worker holds the same id (two workers with one name): stop rather than fence each
-        other forever.
-        """
-        now = time.monotonic()
-        self._fatal_times = [t for t in self._fatal_times if now - t < 60] + [now]
-        if len(self._fatal_times) > 3:
-            log.error("transaction.fenced_repeatedly", transactional_id=self.settings.transactional_id,
-                      reason=str(error), fix="give each aggregates worker its own [stream] web_port")
-            raise KafkaException(error)
-        log.warning("transaction.producer_replaced", reason=str(error))
+            now = time.monotonic()
+            self._fatal_times = [t for t in self._fatal_times if now - t < 60] + [now]
+            if len(self._fatal_times) > 3:
+                # Fenced again and again: another worker holds the same transactional id.
+                log.error("transaction.fenced_repeatedly", transactional_id=self.settings.transactional_id,
+                          reason=str(error), fix="give each aggregates worker its own [stream] web_port")
+                raise exc
         self.producer.purge()
         self.producer = self._new_producer()
         self._retry("init_transactions", lambda: self.producer.init_transactions(30))
+        self._rewind()
 
     def _rewind(self) -> None:
         """Back to the committed state and offsets: the aborted batch is processed again."""
@@ -360,7 +366,8 @@ class TransactionalLoop:
     def _retry(self, what: str, call: Callable[[], None]) -> None:
         while True:
             try:
-                call()
+                with _slow(what):
+                    call()
                 return
             except KafkaException as exc:
                 if not exc.args[0].retriable():
