@@ -86,7 +86,8 @@ class StreamConfig:
     # Consumer group, transactional id prefix and state topic prefix of the aggregates worker.
     app_id: str = "diana-aggregates"
     # The aggregates worker's Prometheus /metrics port; also names the worker (host-port), so two
-    # workers on one host need two ports, and a restarted worker keeps its name.
+    # workers on one host need two ports, and a restarted worker keeps its name (0: no metrics,
+    # a random name, and a restart waits up to 10 s for its predecessor's transaction to expire).
     web_port: int = 6066
     # Faust's local data (the dose worker).
     data_dir: Path = Path("var/faust")

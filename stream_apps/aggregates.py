@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+import uuid
 from datetime import datetime, timezone
 from typing import Any
 
@@ -329,5 +330,10 @@ def changelog_topic(app_id: str) -> str:
 
 
 def default_worker_name(port: int) -> str:
-    """Host and metrics port: unique per worker on a host (two cannot share a port), stable across restarts."""
-    return f"{socket.gethostname()}-{port}"
+    """Host and metrics port: unique per worker on a host (two cannot share a port), stable across restarts.
+
+    With metrics off (port 0) the name is random: still unique, but a restarted worker then waits
+    for the broker to abort its predecessor's transaction (transaction.timeout.ms) instead of
+    fencing it at once.
+    """
+    return f"{socket.gethostname()}-{port or uuid.uuid4().hex[:12]}"
