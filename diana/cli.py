@@ -532,9 +532,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in scripts)")
     imp.set_defaults(func=cmd_import)
 
-    sub.add_parser("aggregate", help="run the Faust worker for series and study aggregates",
-                   description="Run the Faust worker that folds dicom.instances into dicom.series "
-                               "and dicom.studies.").set_defaults(func=cmd_aggregate)
+    sub.add_parser("aggregate", help="run the worker for series and study aggregates",
+                   description="Run the exactly-once worker (Kafka transactions) that folds dicom.instances "
+                               "into dicom.series and dicom.studies, with completion verdicts. Several "
+                               "workers share the partitions; give each its own [stream] web_port (its "
+                               "Prometheus metrics, and its name).").set_defaults(func=cmd_aggregate)
     sub.add_parser("dose", help="run the Faust worker for dose records and dose alerts",
                    description="Run the Faust worker that extracts dose events from dose reports and image "
                                "headers in dicom.instances, folds them per study into dose.events and "
