@@ -58,8 +58,9 @@ class Reindexer:
                   ends: dict[tuple[str, int], int], progress: Callable[[int], None]) -> None:
         """Consume until every partition's ``position`` reached its end offset in ``ends``.
 
-        Positions come from the consumer, not from the last message: a topic written in Kafka
-        transactions (dicom.series) ends with commit markers that take offsets but are never delivered.
+        A partition's end-of-partition event also moves its position: a topic written in Kafka
+        transactions (dicom.series) ends with commit markers that take offsets but are never
+        delivered, so the last message's offset + 1 can stay below the end for good.
         """
         while any(position[tp] < end for tp, end in ends.items()):
             consumed = consumer.consume(self.batch, timeout=1.0)
@@ -67,11 +68,12 @@ class Reindexer:
             if messages:
                 write_until_done(sink, messages, self.dead, threading.Event())  # never asked to stop
                 progress(len(messages))
-            for m in consumed:
-                if m.error() is not None and m.error().code() == KafkaError._PARTITION_EOF:
-                    position[(m.topic(), m.partition())] = max(position[(m.topic(), m.partition())], m.offset())
-            for m in messages:
-                position[(m.topic(), m.partition())] = m.offset() + 1
+            for m in consumed:  # in order: a partition's end event comes after its messages
+                tp = (m.topic(), m.partition())
+                if m.error() is None:
+                    position[tp] = m.offset() + 1
+                elif m.error().code() == KafkaError._PARTITION_EOF:
+                    position[tp] = max(position[tp], m.offset())
 
     def run(self, kinds: list[str], progress: Callable[[int], None], set_total: Callable[[int], None],
             delete_old: bool = False) -> dict[str, tuple[int, int]]:
