@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,6 +43,8 @@ MESSAGES = Counter("diana_stream_messages_total", "Input messages processed in c
 RESTORE_SECONDS = Histogram("diana_stream_restore_seconds", "Time to rebuild the state of newly assigned partitions")
 
 _DELETED = object()
+# send_offsets_to_transaction is called with a 30 s timeout; past this, it is stuck.
+SEND_OFFSETS_LIMIT_S = 45.0
 _SEP = "/"
 
 
@@ -298,9 +301,7 @@ class TransactionalLoop:
                 self.producer.poll(0)
             batch.write_changelog()
             with _slow("transaction.send_offsets"):
-                self.producer.send_offsets_to_transaction(
-                    [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                    self.consumer.consumer_group_metadata(), 30)
+                self._send_offsets([TopicPartition(t, p, o) for (t, p), o in offsets.items()])
             self._commit()
         except KafkaException as exc:
             self._abort(exc)
@@ -309,6 +310,34 @@ class TransactionalLoop:
         TRANSACTIONS.labels("committed").inc()
         for message in messages:
             MESSAGES.labels(message.topic()).inc()
+
+    def _send_offsets(self, offsets: list[TopicPartition]) -> None:
+        """send_offsets_to_transaction, given up on if it outlives its own timeout by far.
+
+        After a broker restart it blocked forever here (librdkafka issue 5456, open: the
+        coordinator request's timeout is never checked). The call runs in a thread; if it has not
+        returned after SEND_OFFSETS_LIMIT_S, the transaction counts as failed: the abort path gives
+        a new producer, whose init_transactions fences the stuck one (its thread then ends).
+        """
+        producer, metadata = self.producer, self.consumer.consumer_group_metadata()
+        outcome: dict[str, BaseException] = {}
+        done = threading.Event()
+
+        def call() -> None:
+            try:
+                producer.send_offsets_to_transaction(offsets, metadata, 30)
+            except BaseException as exc:  # handed to the caller's thread
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=call, name="send-offsets", daemon=True).start()
+        if not done.wait(SEND_OFFSETS_LIMIT_S):
+            log.warning("transaction.send_offsets_stuck", seconds=SEND_OFFSETS_LIMIT_S)
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "send_offsets_to_transaction did not return "
+                                            f"within {SEND_OFFSETS_LIMIT_S} s (librdkafka issue 5456)"))
+        if "error" in outcome:
+            raise outcome["error"]
 
     def _commit(self) -> None:
         while True:
@@ -327,9 +356,9 @@ class TransactionalLoop:
         """Give up the batch: a new producer aborts it, and the input goes back to the committed offsets.
 
         The new producer's init_transactions (same transactional id) aborts whatever the old one
-        left open. Reusing the old producer after an abort did not work: after a broker restart its
-        abort needed a producer epoch bump, and the next send_offsets_to_transaction then hung for
-        minutes despite its 30 s timeout (librdkafka 2.16), until the group dropped the worker.
+        left open. Reusing the old producer did not work: after a broker restart its
+        send_offsets_to_transaction hung for minutes despite its 30 s timeout (librdkafka 2.16),
+        until the group dropped the worker; a fresh producer looks the coordinator up anew.
         """
         error: KafkaError = exc.args[0]
         TRANSACTIONS.labels("aborted").inc()
