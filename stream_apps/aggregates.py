@@ -197,7 +197,7 @@ class AggregatesHandler:
         self.processed_upto: dict[int, int] = {}  # partition -> next offset to process in dicom.instances
 
     def partition_started(self, partition: int, next_offsets: dict[str, int]) -> None:
-        self.processed_upto[partition] = next_offsets.get(INSTANCES.name, 0)
+        self.processed_upto[partition] = next_offsets.get(INSTANCES.name, self.processed_upto.get(partition, 0))
 
     def partition_stopped(self, partition: int) -> None:
         self.processed_upto.pop(partition, None)

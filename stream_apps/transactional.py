@@ -293,6 +293,9 @@ class TransactionalLoop:
     def _transaction(self, messages: list[Message]) -> None:
         batch = Batch(self.store, self.producer, self.settings.changelog)
         offsets: dict[tuple[str, int], int] = {}
+        starts: dict[tuple[str, int], int] = {}
+        for message in messages:
+            starts.setdefault((message.topic(), message.partition()), message.offset())
         try:
             self.producer.begin_transaction()
             for message in messages:
@@ -304,7 +307,7 @@ class TransactionalLoop:
                 self._send_offsets([TopicPartition(t, p, o) for (t, p), o in offsets.items()])
             self._commit()
         except KafkaException as exc:
-            self._abort(exc)
+            self._abort(exc, starts)
             return
         batch.commit_locally()
         TRANSACTIONS.labels("committed").inc()
@@ -352,7 +355,7 @@ class TransactionalLoop:
                     continue
                 raise
 
-    def _abort(self, exc: KafkaException) -> None:
+    def _abort(self, exc: KafkaException, starts: dict[tuple[str, int], int]) -> None:
         """Give up the batch: a new producer aborts it, and the input goes back to the committed offsets.
 
         The new producer's init_transactions (same transactional id) aborts whatever the old one
@@ -374,23 +377,26 @@ class TransactionalLoop:
         self.producer.purge()
         self.producer = self._new_producer()
         self._retry("init_transactions", lambda: self.producer.init_transactions(30))
-        self._rewind()
+        self._rewind(starts)
 
-    def _rewind(self) -> None:
-        """Back to the committed state and offsets: the aborted batch is processed again."""
+    def _rewind(self, starts: dict[tuple[str, int], int]) -> None:
+        """Back to where the aborted batch began (the committed offsets): it is processed again.
+
+        The batch's first offsets are known here, so no broker call is needed: asking the broker
+        for committed offsets right after a restart timed out again and again (CI, fault suite).
+        """
         assignment = self.consumer.assignment()
-        if not assignment:
-            return
-        committed = self._committed(assignment)
+        assigned = {(tp.topic, tp.partition) for tp in assignment}
+        back = [TopicPartition(t, p, o) for (t, p), o in starts.items() if (t, p) in assigned]
         try:
-            for tp in committed:
+            for tp in back:
                 self.consumer.seek(tp)
         except KafkaException as exc:  # a partition not fetching yet cannot seek: set all positions anew
             log.warning("rewind.reassign", reason=str(exc))
-            self.consumer.assign(committed)
-        for partition in sorted({tp.partition for tp in committed}):
-            self.handler.partition_started(partition, {tp.topic: tp.offset for tp in committed
-                                                       if tp.partition == partition})
+            others = [tp for tp in self.consumer.position(assignment) if (tp.topic, tp.partition) not in starts]
+            self.consumer.assign(back + others)
+        for partition in sorted({tp.partition for tp in back}):
+            self.handler.partition_started(partition, {tp.topic: tp.offset for tp in back if tp.partition == partition})
 
     def _retry(self, what: str, call: Callable[[], None]) -> None:
         while True:

@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 
 import pydicom
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from diana.config import Config
@@ -147,13 +147,16 @@ def wait_until_caught_up(cfg: Config, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     lags: dict[str, int] = {}
     while time.monotonic() < deadline:
-        # The aggregator writes series/studies while catching up: settle twice in a row.
-        lags = {g: group_lag(cfg, g, t) for g, t in groups.items()}
-        if not any(lags.values()):
-            time.sleep(1.0)
+        try:
+            # The aggregator writes series/studies while catching up: settle twice in a row.
             lags = {g: group_lag(cfg, g, t) for g, t in groups.items()}
             if not any(lags.values()):
-                return
+                time.sleep(1.0)
+                lags = {g: group_lag(cfg, g, t) for g, t in groups.items()}
+                if not any(lags.values()):
+                    return
+        except KafkaException as exc:  # a broker just restarted: its coordinator is still loading
+            lags = {"unknown": str(exc)}
         time.sleep(0.5)
     raise AssertionError(f"pipeline did not catch up within {timeout}s; lag per group: {lags}")
 
