@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -84,6 +84,9 @@ class _Store:
     def apply(self, partition: int, composite_key: str, value: Any) -> None:
         """One changelog record (None: a deletion) applied to the partition's state."""
         namespace, _, key = composite_key.partition(_SEP)
+        self.set(partition, namespace, key, value)
+
+    def set(self, partition: int, namespace: str, key: str, value: Any) -> None:
         space = self.partitions.setdefault(partition, {}).setdefault(namespace, {})
         if value is None:
             space.pop(key, None)
@@ -138,12 +141,8 @@ class Batch:
     def commit_locally(self) -> None:
         """The transaction committed: its changes become the committed state."""
         for (partition, namespace), changes in self._pending.items():
-            space = self._store.partitions.setdefault(partition, {}).setdefault(namespace, {})
             for key, value in changes.items():
-                if value is _DELETED:
-                    space.pop(key, None)
-                else:
-                    space[key] = value
+                self._store.set(partition, namespace, key, None if value is _DELETED else value)
 
 
 @dataclass(frozen=True)
@@ -158,7 +157,6 @@ class LoopSettings:
     transaction_timeout_ms: int = 10_000
     # A killed worker's partitions move to the others after this long.
     session_timeout_ms: int = 10_000
-    extra_consumer: dict[str, Any] = field(default_factory=dict)
 
 
 class TransactionalLoop:
@@ -174,7 +172,7 @@ class TransactionalLoop:
             "enable.auto.commit": False, "auto.offset.reset": "earliest", "isolation.level": "read_committed",
             # range: partition p of every input topic goes to the same worker (co-partitioning).
             "partition.assignment.strategy": "range", "session.timeout.ms": settings.session_timeout_ms,
-            "log_level": 3, "logger": KAFKA_CLIENT_LOGGER, **settings.extra_consumer,
+            "log_level": 3, "logger": KAFKA_CLIENT_LOGGER,
         })
         self.producer = self._new_producer()
         self._fatal_times: list[float] = []
@@ -193,9 +191,7 @@ class TransactionalLoop:
         committed = self._committed(partitions)
         numbers = sorted({tp.partition for tp in committed})
         self._restore(numbers)
-        for partition in numbers:
-            self.handler.partition_started(partition, {tp.topic: tp.offset for tp in committed
-                                                       if tp.partition == partition})
+        self._started(committed)
         consumer.assign(committed)
         log.info("partitions.assigned", partitions=numbers)
 
@@ -395,8 +391,13 @@ class TransactionalLoop:
             log.warning("rewind.reassign", reason=str(exc))
             others = [tp for tp in self.consumer.position(assignment) if (tp.topic, tp.partition) not in starts]
             self.consumer.assign(back + others)
-        for partition in sorted({tp.partition for tp in back}):
-            self.handler.partition_started(partition, {tp.topic: tp.offset for tp in back if tp.partition == partition})
+        self._started(back)
+
+    def _started(self, positions: list[TopicPartition]) -> None:
+        """Tell the handler where each partition resumes (topic -> next offset)."""
+        for partition in sorted({tp.partition for tp in positions}):
+            self.handler.partition_started(partition, {tp.topic: tp.offset for tp in positions
+                                                       if tp.partition == partition})
 
     def _retry(self, what: str, call: Callable[[], None]) -> None:
         while True:
