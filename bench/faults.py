@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
 
-from dicomgen import SeriesSpec, make_study  # noqa: E402
-from helpers import dataset_body, group_lag, read_messages, stored_sha256  # noqa: E402
+from tests.support.dicomgen import SeriesSpec, make_study  # noqa: E402
+from tests.support.helpers import dataset_body, group_lag, read_messages, stored_sha256  # noqa: E402
 
 from diana.config import load_config  # noqa: E402
 

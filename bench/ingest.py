@@ -26,9 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
 
-from dicomgen import SeriesSpec, make_study  # noqa: E402
+from tests.support.dicomgen import SeriesSpec, make_study  # noqa: E402
 
 DCMTK = {"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}
 BENCH_PORTS = {"kafka": 29092, "controller": 29093, "opensearch": 29200, "transport": 29300,

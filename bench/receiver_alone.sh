@@ -14,9 +14,8 @@ receiver=$!
 trap 'kill $receiver 2>/dev/null; wait $receiver 2>/dev/null || true' EXIT
 corpus=$(mktemp -d)
 .venv/bin/python -c "
-import sys; sys.path.insert(0, 'tests')
 from pathlib import Path
-from dicomgen import SeriesSpec, make_study
+from tests.support.dicomgen import SeriesSpec, make_study
 make_study(Path('$corpus'), [SeriesSpec('CT', 'ALONE', $n)], rows=512)"
 for _ in $(seq 50); do echoscu -aec DIANATEST 127.0.0.1 11190 2>/dev/null && break; sleep 0.2; done
 /usr/bin/time -f "wall %e s for $n instances" env TCP_NODELAY=1 /usr/bin/storescu -aec DIANATEST 127.0.0.1 11190 "$corpus"/*.dcm

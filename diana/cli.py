@@ -110,7 +110,7 @@ def cmd_dose(cfg: Config, _args: argparse.Namespace) -> int:
 
 def cmd_acceptance(cfg: Config, args: argparse.Namespace) -> int:
     """Run the real vendor dose reports of ../shared/acceptance/dose through the dose extraction."""
-    from diana.dose_acceptance import DISPUTED, run_acceptance
+    from diana.operations.dose_acceptance import DISPUTED, run_acceptance
 
     folder = Path(args.folder)
     if not (folder / "expected.json").is_file():
@@ -133,7 +133,7 @@ def cmd_acceptance(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cohort_filter(args: argparse.Namespace):
-    from diana.cohort import CohortFilter, parse_dose_above
+    from diana.access.cohort import CohortFilter, parse_dose_above
 
     return CohortFilter(
         modality=args.modality or [], body_part=args.body_part or [], station=args.station or [],
@@ -148,7 +148,7 @@ def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
     from opensearchpy.exceptions import ConnectionError as OSConnectionError
     from opensearchpy.exceptions import NotFoundError
 
-    from diana.cohort import CohortError, find_studies, write_rows
+    from diana.access.cohort import CohortError, find_studies, write_rows
 
     client = OpenSearch(hosts=[cfg.opensearch.url], timeout=60)
     prefix = cfg.opensearch.index_prefix
@@ -179,10 +179,10 @@ def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
 def _cohort_export(cfg: Config, args, client, prefix: str, study_uids: list[str]) -> int:
     from tqdm import tqdm
 
-    from diana.cohort import study_instances
+    from diana.access.cohort import study_instances
 
-    from diana.deid import Deidentifier
-    from diana.export import ExportError, export_instances
+    from diana.access.deid import Deidentifier
+    from diana.access.export import ExportError, export_instances
 
     deidentify = args.deidentify if args.deidentify is not None else args.research
     deidentifier = None
@@ -218,7 +218,7 @@ def _cohort_export(cfg: Config, args, client, prefix: str, study_uids: list[str]
 
 def cmd_dashboards(cfg: Config, args: argparse.Namespace) -> int:
     """Import the Operations, Cohort discovery and Dose monitoring dashboards into OpenSearch Dashboards."""
-    from diana.dashboards import NDJSON_PATH, install, render_ndjson
+    from diana.access.dashboards import NDJSON_PATH, install, render_ndjson
 
     ndjson = render_ndjson()
     if args.action == "export":
@@ -245,7 +245,7 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     from opensearchpy.exceptions import ConnectionError as OSConnectionError
 
     from diana.durable import write_atomic
-    from diana.report import build_report
+    from diana.access.report import build_report
 
     try:
         end = date.fromisoformat(args.to_date) if args.to_date else date.today()
@@ -297,7 +297,7 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ operations
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     """Topics and offsets, consumer lag, index document counts, archive and landing counts."""
-    from diana.status import collect_status, render_status
+    from diana.operations.status import collect_status, render_status
 
     status = collect_status(cfg)
     print(render_status(status))
@@ -308,7 +308,7 @@ def cmd_replay(cfg: Config, args: argparse.Namespace) -> int:
     """Move a stopped consumer group to the beginning, the end, a time or an offset."""
     from datetime import datetime, timezone
 
-    from diana.replay import ReplayError, apply_replay, plan_replay
+    from diana.operations.replay import ReplayError, apply_replay, plan_replay
 
     when = None
     if args.to_datetime:
@@ -344,7 +344,7 @@ def _watch_lag(cfg: Config, group: str, topics: list[str]) -> None:
     """A progress bar of the group's remaining lag, with events/s, until it reaches zero."""
     from tqdm import tqdm
 
-    from diana.status import group_lag, watermarks
+    from diana.operations.status import group_lag, watermarks
 
     def lag() -> int:
         return sum(group_lag(cfg, group, watermarks(cfg, sorted(set(topics)))).values())
@@ -367,7 +367,7 @@ def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
 
     from diana.sinks.consumer import DeadLetters
     from diana.sinks.opensearch import IndexLayout
-    from diana.sinks.reindex import Reindexer
+    from diana.operations.reindex import Reindexer
 
     kinds = args.kinds.split(",")
     layout = IndexLayout(cfg.opensearch.index_prefix)

@@ -12,11 +12,10 @@ import pytest
 from pydicom.fileset import FileSet
 from pydicom.uid import generate_uid
 
-from conftest import REPO
-from dicomgen import SeriesSpec, make_instance, make_study
-from helpers import os_search, wait_until_caught_up
+from tests.support.paths import REPO
+from tests.support.dicomgen import SeriesSpec, make_instance, make_study
+from tests.support.helpers import os_search, wait_until_caught_up
 
-pytestmark = pytest.mark.integration
 
 
 def _diana_import(pipeline, *paths: Path) -> subprocess.CompletedProcess:

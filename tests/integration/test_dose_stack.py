@@ -1,5 +1,5 @@
 """On the real stack: a CT study with its dose report sent by storescu yields dose events, study
-totals and alerts in OpenSearch (rules: tests/data/dose-rules.yaml)."""
+totals and alerts in OpenSearch (rules: tests/support/data/dose-rules.yaml)."""
 from __future__ import annotations
 
 import time
@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from dicomgen import SeriesSpec, make_study
-from helpers import os_search, storescu, wait_until_caught_up
+from tests.support.dicomgen import SeriesSpec, make_study
+from tests.support.helpers import os_search, storescu, wait_until_caught_up
 
-import dosebuilder as b
+from tests.support import dosebuilder as b
 
-pytestmark = pytest.mark.integration
 
 
 def wait_for_docs(cfg, index: str, query: dict, count: int, timeout: float = 90.0) -> tuple[list[dict], float]:

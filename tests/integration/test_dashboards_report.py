@@ -21,15 +21,14 @@ from confluent_kafka import Producer
 from opensearchpy import OpenSearch
 from pydicom.uid import generate_uid
 
-from diana.dashboards import NDJSON_PATH, aggregation_for, install, render_ndjson
+from diana.access.dashboards import NDJSON_PATH, aggregation_for, install, render_ndjson
 from diana.schemas.topics import INSTANCES
 
-import dosebuilder as b
-from dicomgen import SeriesSpec, make_study
-from helpers import os_search, storescu, wait_until_caught_up
+from tests.support import dosebuilder as b
+from tests.support.dicomgen import SeriesSpec, make_study
+from tests.support.helpers import os_search, storescu, wait_until_caught_up
 
-pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.paths import REPO
 AGGREGATABLE = {"keyword", "long", "integer", "short", "double", "float", "date", "boolean"}
 OBJECTS = [json.loads(line) for line in NDJSON_PATH.read_text().splitlines()]
 VISUALIZATIONS = [o for o in OBJECTS if o["type"] == "visualization"]

@@ -9,10 +9,9 @@ from pydicom.uid import generate_uid
 
 from diana.producers.scp import STATUS
 
-from dicomgen import make_instance
-from helpers import RawStoreSender, storescu, wait_until_caught_up
+from tests.support.dicomgen import make_instance
+from tests.support.helpers import RawStoreSender, storescu, wait_until_caught_up
 
-pytestmark = pytest.mark.integration
 
 
 def _send_file(cfg, path: Path) -> int:

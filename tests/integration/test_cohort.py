@@ -13,12 +13,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicomgen import SeriesSpec, make_study
-from helpers import storescu, wait_until_caught_up
+from tests.support.dicomgen import SeriesSpec, make_study
+from tests.support.helpers import storescu, wait_until_caught_up
 
-pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.paths import REPO
 
 
 def diana(pipeline, *args: str) -> subprocess.CompletedProcess:

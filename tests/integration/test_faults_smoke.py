@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.paths import REPO
 # The module's fixture runs all seven scenarios (4-5 minutes here, longer on a loaded machine)
 # before the first test: it may need more than the suite's 600 s per-test limit.
 pytestmark = pytest.mark.timeout(2400)

@@ -18,7 +18,7 @@ from typing import Callable
 
 import pydicom
 
-from diana.deid import Deidentifier, PseudonymKey
+from diana.access.deid import Deidentifier, PseudonymKey
 from diana.durable import contained_path, fsync_dir, write_atomic
 from diana.schemas.uid import is_valid_uid
 

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dicomgen import make_study
-from helpers import DCMTK_ENV, storescu, wait_until_caught_up
+from tests.support.dicomgen import make_study
+from tests.support.helpers import DCMTK_ENV, storescu, wait_until_caught_up
 
-pytestmark = pytest.mark.integration
 
 
 def test_only_allowed_calling_aes_may_associate(pipeline, extra_receiver, tmp_path):

@@ -11,10 +11,9 @@ import pytest
 from diana.schemas.topics import INSTANCES, SERIES, STUDIES
 from diana.sinks.archive import archive_relative_path
 
-from dicomgen import make_study
-from helpers import dataset_body, os_search, storescu, topic_records, wait_until_caught_up
+from tests.support.dicomgen import make_study
+from tests.support.helpers import dataset_body, os_search, storescu, topic_records, wait_until_caught_up
 
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

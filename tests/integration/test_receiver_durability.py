@@ -16,11 +16,10 @@ from pynetdicom.sop_class import CTImageStorage
 from diana.producers.scp import STATUS
 from diana.sinks.archive import archive_relative_path
 
-from conftest import wait_for_echo
-from dicomgen import SeriesSpec, make_instance, make_study
-from helpers import DCMTK_ENV, dataset_body, storescu, wait_until_caught_up
+from tests.support.stack import wait_for_echo
+from tests.support.dicomgen import SeriesSpec, make_instance, make_study
+from tests.support.helpers import DCMTK_ENV, dataset_body, storescu, wait_until_caught_up
 
-pytestmark = pytest.mark.integration
 
 
 def _c_store_statuses(cfg, datasets) -> list[int]:

@@ -16,10 +16,9 @@ from pydicom.uid import generate_uid
 
 from diana.schemas.topics import INSTANCES, SERIES
 
-from dicomgen import SeriesSpec, make_instance, make_study
-from helpers import DCMTK_ENV, group_lag, os_search, read_messages, storescu, topic_records, wait_until_caught_up
+from tests.support.dicomgen import SeriesSpec, make_instance, make_study
+from tests.support.helpers import DCMTK_ENV, group_lag, os_search, read_messages, storescu, topic_records, wait_until_caught_up
 
-pytestmark = pytest.mark.integration
 
 
 def _wait_for(check, timeout: float = 90.0, what: str = "condition"):

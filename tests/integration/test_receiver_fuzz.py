@@ -19,10 +19,9 @@ from diana.schemas.topics import INSTANCES
 from diana.schemas.uid import is_valid_uid
 from diana.sinks.archive import archive_relative_path
 
-from dicomgen import make_instance
-from helpers import RawStoreSender, stored_sha256, topic_records, wait_until_caught_up
+from tests.support.dicomgen import make_instance
+from tests.support.helpers import RawStoreSender, stored_sha256, topic_records, wait_until_caught_up
 
-pytestmark = pytest.mark.integration
 
 CASES = 1200
 CT = "1.2.840.10008.5.1.4.1.1.2"

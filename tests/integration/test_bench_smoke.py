@@ -7,9 +7,8 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from tests.support.paths import REPO
 
-pytestmark = pytest.mark.integration
 
 
 def test_bench_ingest_runs_end_to_end(tmp_path, stack):

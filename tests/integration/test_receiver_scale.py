@@ -16,11 +16,10 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from conftest import wait_for_echo
-from dicomgen import SeriesSpec, make_instance, make_study
-from helpers import DCMTK_ENV, dataset_body, storescu, wait_until_caught_up
+from tests.support.stack import wait_for_echo
+from tests.support.dicomgen import SeriesSpec, make_instance, make_study
+from tests.support.helpers import DCMTK_ENV, dataset_body, storescu, wait_until_caught_up
 
-pytestmark = pytest.mark.integration
 
 
 def test_sixteen_simultaneous_associations(pipeline, tmp_path):

@@ -17,7 +17,7 @@ from diana.stream_apps.dose.extract import dataset_from_header_json, extract_dos
 from diana.stream_apps.dose.study import fold_report, new_study, summarize
 from diana.stream_apps.dose.units import UnitError, convert
 
-import dosebuilder as b
+from tests.support import dosebuilder as b
 
 LEFT = ("G-A101", "SRT", "Left")
 RIGHT = ("G-A100", "SRT", "Right")
@@ -140,7 +140,7 @@ def test_mammography_report_by_laterality():
 
 
 def test_image_headers_when_no_report():
-    from dicomgen import make_instance
+    from tests.support.dicomgen import make_instance
 
     study = generate_uid()
     series = generate_uid()
@@ -162,7 +162,7 @@ def test_image_headers_when_no_report():
 
 
 def test_ct_image_header_ctdivol_and_mg_organ_dose():
-    from dicomgen import make_instance
+    from tests.support.dicomgen import make_instance
 
     ct = make_instance(generate_uid(), generate_uid(), 1, patient_id="H2", study_date="20240315")
     ct.CTDIvol = 7.5
@@ -178,7 +178,7 @@ def test_ct_image_header_ctdivol_and_mg_organ_dose():
 
 
 def test_not_a_dose_object():
-    from dicomgen import make_instance
+    from tests.support.dicomgen import make_instance
 
     plain = make_instance(generate_uid(), generate_uid(), 1, patient_id="N1", study_date="20240315", modality="MR")
     assert through_pipeline(plain) is None

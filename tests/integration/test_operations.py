@@ -6,12 +6,11 @@ import urllib.request
 
 import pytest
 
-from dicomgen import SeriesSpec, make_study
+from tests.support.dicomgen import SeriesSpec, make_study
 from diana.producers.scp import STATUS
 
-from helpers import RawStoreSender, storescu, wait_until_caught_up
+from tests.support.helpers import RawStoreSender, storescu, wait_until_caught_up
 
-pytestmark = pytest.mark.integration
 
 
 def _metrics(port: int) -> dict[str, float]:

@@ -6,7 +6,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicomgen import part10_dataset
+from tests.support.dicomgen import part10_dataset
 
 XRAY_RDSR = "1.2.840.10008.5.1.4.1.1.88.67"
 

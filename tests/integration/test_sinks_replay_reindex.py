@@ -15,11 +15,10 @@ from opensearchpy import OpenSearch
 from diana.schemas.topics import ARCHIVE_CONFLICTS, INSTANCES, SERIES, STUDIES
 from diana.sinks.archive import archive_relative_path
 
-from conftest import REPO
-from dicomgen import SeriesSpec, make_instance, make_study
-from helpers import DCMTK_ENV, message_count, os_search, storescu, topic_records, wait_until_caught_up
+from tests.support.paths import REPO
+from tests.support.dicomgen import SeriesSpec, make_instance, make_study
+from tests.support.helpers import DCMTK_ENV, message_count, os_search, storescu, topic_records, wait_until_caught_up
 
-pytestmark = pytest.mark.integration
 
 
 def _diana(pipeline, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -125,7 +124,7 @@ def test_replay_moves_a_stopped_group_and_reprocessing_duplicates_nothing(pipeli
         moved = _diana(pipeline, "replay", cfg.sinks.opensearch_group, "--to-beginning", "--topic", INSTANCES.name)
         assert moved.returncode == 0, moved.stderr
 
-        from helpers import group_lag
+        from tests.support.helpers import group_lag
 
         assert group_lag(cfg, cfg.sinks.opensearch_group, [INSTANCES.name]) == events
     finally:

@@ -13,7 +13,7 @@ from confluent_kafka import Consumer, ConsumerGroupState, ConsumerGroupTopicPart
 from confluent_kafka.admin import AdminClient
 
 from diana.config import Config
-from diana.status import watermarks
+from diana.operations.status import watermarks
 
 __all__ = ["ReplayError", "Move", "plan_replay", "apply_replay"]
 

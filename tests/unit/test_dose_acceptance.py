@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from diana.dose_acceptance import DISPUTED, run_acceptance
+from diana.operations.dose_acceptance import DISPUTED, run_acceptance
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.paths import REPO
 FOLDER = Path(os.environ.get("DIANA_DOSE_ACCEPTANCE_DIR", REPO.parent / "shared" / "acceptance" / "dose"))
 
 

@@ -9,7 +9,7 @@ from pydicom.uid import generate_uid
 from diana.producers.header import HeaderError, InvalidIdentifiers, read_header
 from diana.schemas.uid import is_valid_uid
 
-from dicomgen import make_instance
+from tests.support.dicomgen import make_instance
 
 
 @pytest.mark.parametrize("uid,valid", [

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from diana.config import Config, load_config
+from tests.support.paths import DATA, REPO, TEST_HOME
+from tests.support.stack import wait_for_echo
 
-REPO = Path(__file__).resolve().parent.parent
-TEST_HOME = REPO / "var" / "test"
 
 TEST_CONFIG = f"""
 [kafka]
@@ -52,7 +52,7 @@ data_dir = "{TEST_HOME}/faust"
 
 [dose]
 web_port = 16069
-alert_rules = "{REPO}/tests/data/dose-rules.yaml"
+alert_rules = "{DATA}/dose-rules.yaml"
 
 [stack]
 home = "{TEST_HOME}/stack"
@@ -169,15 +169,9 @@ def extra_receiver(pipeline):
             pipeline.stop(name)
 
 
-def wait_for_echo(cfg: Config, timeout: float, procs: dict | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for name, proc in (procs or {}).items():
-            if proc.poll() is not None:
-                pytest.fail(f"pipeline process {name} exited with {proc.returncode}; see var/test/logs/{name}.log")
-        r = subprocess.run(["echoscu", "-aec", cfg.receiver.ae_title, "127.0.0.1", str(cfg.receiver.port)],
-                           capture_output=True, env={"PATH": "/usr/bin:/bin"})
-        if r.returncode == 0:
-            return
-        time.sleep(0.5)
-    pytest.fail(f"receiver did not answer C-ECHO within {timeout}s")
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/integration/ needs the real stack: mark it so ``-m "not integration"`` runs the rest."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.integration)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from diana.config import ConfigError, load_config
+from tests.support.paths import REPO
 
 
 def test_defaults_file_and_environment_in_that_order(tmp_path: Path):
@@ -42,7 +43,7 @@ def test_missing_file_says_so(tmp_path: Path):
 
 
 def test_the_example_file_documents_exactly_the_defaults():
-    example = Path(__file__).resolve().parent.parent / "diana.example.toml"
+    example = REPO / "diana.example.toml"
     from_file = load_config(example, environ={})
     defaults = load_config(None, environ={})
     for section in ("receiver", "storage", "kafka", "opensearch", "sinks", "stream", "stack", "metrics", "log"):
