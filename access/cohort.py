@@ -4,6 +4,7 @@ Filters run on the instance index (every header field a study's objects carry), 
 chest from station X" finds studies with at least one such instance; a dose filter runs on
 `diana-dose-studies` and keeps the studies above the value. The result is one row per study.
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,21 +15,55 @@ from typing import Any, TextIO
 
 from opensearchpy import OpenSearch
 
-__all__ = ["CohortError", "CohortFilter", "find_studies", "study_instances", "write_rows", "FILTER_FIELDS",
-           "DOSE_METRICS", "parse_dose_above"]
+__all__ = [
+    "CohortError",
+    "CohortFilter",
+    "find_studies",
+    "study_instances",
+    "write_rows",
+    "FILTER_FIELDS",
+    "DOSE_METRICS",
+    "parse_dose_above",
+]
 
 # filter option -> field of the instance index it reads
 FILTER_FIELDS = {
-    "modality": "modality", "body_part": "body_part_examined", "station": "station_name",
-    "manufacturer": "manufacturer", "calling_ae": "calling_ae", "sex": "patient_sex",
+    "modality": "modality",
+    "body_part": "body_part_examined",
+    "station": "station_name",
+    "manufacturer": "manufacturer",
+    "calling_ae": "calling_ae",
+    "sex": "patient_sex",
     "description": "study_description, series_description, protocol_name (words)",
-    "date_from": "study_date", "date_to": "study_date", "age_min": "patient_age_years",
-    "age_max": "patient_age_years", "dose_above": "diana-dose-studies: METRIC=VALUE",
+    "date_from": "study_date",
+    "date_to": "study_date",
+    "age_min": "patient_age_years",
+    "age_max": "patient_age_years",
+    "dose_above": "diana-dose-studies: METRIC=VALUE",
 }
-DOSE_METRICS = ("total_dlp_mGycm", "max_ctdivol_mGy", "total_dap_Gym2", "dose_rp_total_mGy", "agd_left_mGy",
-                "agd_right_mGy", "administered_activity_MBq", "fluoro_time_s")
-COLUMNS = ("study_instance_uid", "study_date", "accession_number", "patient_id", "patient_sex", "patient_age_years",
-           "modalities", "study_description", "stations", "series", "instances")
+DOSE_METRICS = (
+    "total_dlp_mGycm",
+    "max_ctdivol_mGy",
+    "total_dap_Gym2",
+    "dose_rp_total_mGy",
+    "agd_left_mGy",
+    "agd_right_mGy",
+    "administered_activity_MBq",
+    "fluoro_time_s",
+)
+COLUMNS = (
+    "study_instance_uid",
+    "study_date",
+    "accession_number",
+    "patient_id",
+    "patient_sex",
+    "patient_age_years",
+    "modalities",
+    "study_description",
+    "stations",
+    "series",
+    "instances",
+)
 
 
 class CohortError(ValueError):
@@ -70,8 +105,10 @@ class CohortFilter:
 def parse_dose_above(text: str) -> tuple[str, float]:
     metric, _, value = text.partition("=")
     if metric not in DOSE_METRICS:
-        raise CohortError(f"--dose-above {text!r}: the metric must be one of {', '.join(DOSE_METRICS)} "
-                          f"(e.g. --dose-above total_dlp_mGycm=500)")
+        raise CohortError(
+            f"--dose-above {text!r}: the metric must be one of {', '.join(DOSE_METRICS)} "
+            f"(e.g. --dose-above total_dlp_mGycm=500)"
+        )
     try:
         return metric, float(value)
     except ValueError:
@@ -79,8 +116,12 @@ def parse_dose_above(text: str) -> tuple[str, float]:
 
 
 def _any_of(field_name: str, values: list[str]) -> dict:
-    return {"bool": {"should": [{"term": {field_name: {"value": v, "case_insensitive": True}}} for v in values],
-                     "minimum_should_match": 1}}
+    return {
+        "bool": {
+            "should": [{"term": {field_name: {"value": v, "case_insensitive": True}}} for v in values],
+            "minimum_should_match": 1,
+        }
+    }
 
 
 def _scan(client: OpenSearch, index: str, query: dict, sort_field: str, source: list[str]):
@@ -99,26 +140,45 @@ def _scan(client: OpenSearch, index: str, query: dict, sort_field: str, source: 
 
 def _dose_studies(client: OpenSearch, prefix: str, dose_above: list[tuple[str, float]]) -> list[str]:
     query = {"bool": {"filter": [{"range": {metric: {"gt": value}}} for metric, value in dose_above]}}
-    return [d["study_instance_uid"] for d in _scan(client, f"{prefix}-dose-studies", query, "study_instance_uid",
-                                                   ["study_instance_uid"])]
+    return [
+        d["study_instance_uid"]
+        for d in _scan(client, f"{prefix}-dose-studies", query, "study_instance_uid", ["study_instance_uid"])
+    ]
 
 
 def _instance_query(client: OpenSearch, prefix: str, f: CohortFilter) -> dict | None:
     filters: list[dict] = []
-    for name, field_name in (("modality", "modality"), ("body_part", "body_part_examined"),
-                             ("station", "station_name"), ("manufacturer", "manufacturer"),
-                             ("calling_ae", "calling_ae"), ("sex", "patient_sex")):
+    for name, field_name in (
+        ("modality", "modality"),
+        ("body_part", "body_part_examined"),
+        ("station", "station_name"),
+        ("manufacturer", "manufacturer"),
+        ("calling_ae", "calling_ae"),
+        ("sex", "patient_sex"),
+    ):
         values = getattr(f, name)
         if values:
             filters.append(_any_of(field_name, values))
     if f.description:
-        filters.append({"multi_match": {"query": f.description, "operator": "and",
-                                        "fields": ["study_description", "series_description", "protocol_name"]}})
+        filters.append(
+            {
+                "multi_match": {
+                    "query": f.description,
+                    "operator": "and",
+                    "fields": ["study_description", "series_description", "protocol_name"],
+                }
+            }
+        )
     if f.date_from or f.date_to:
         filters.append({"range": {"study_date": {k: v for k, v in (("gte", f.date_from), ("lte", f.date_to)) if v}}})
     if f.age_min is not None or f.age_max is not None:
-        filters.append({"range": {"patient_age_years": {k: v for k, v in (("gte", f.age_min), ("lte", f.age_max))
-                                                        if v is not None}}})
+        filters.append(
+            {
+                "range": {
+                    "patient_age_years": {k: v for k, v in (("gte", f.age_min), ("lte", f.age_max)) if v is not None}
+                }
+            }
+        )
     if f.dose_above:
         uids = _dose_studies(client, prefix, f.dose_above)
         if not uids:
@@ -136,26 +196,52 @@ def find_studies(client: OpenSearch, prefix: str, f: CohortFilter, limit: int = 
     rows: list[dict] = []
     after = None
     while len(rows) < limit:
-        composite: dict[str, Any] = {"size": min(500, limit - len(rows)),
-                                     "sources": [{"study": {"terms": {"field": "study_instance_uid"}}}]}
+        composite: dict[str, Any] = {
+            "size": min(500, limit - len(rows)),
+            "sources": [{"study": {"terms": {"field": "study_instance_uid"}}}],
+        }
         if after:
             composite["after"] = after
-        body = {"size": 0, "query": query, "aggs": {"studies": {"composite": composite, "aggs": {
-            "modalities": {"terms": {"field": "modality", "size": 20}},
-            "stations": {"terms": {"field": "station_name", "size": 20}},
-            "series": {"cardinality": {"field": "series_instance_uid"}},
-            "first": {"top_hits": {"size": 1, "_source": ["study_date", "accession_number", "patient_id",
-                                                          "patient_sex", "patient_age_years", "study_description"]}},
-        }}}}
+        body = {
+            "size": 0,
+            "query": query,
+            "aggs": {
+                "studies": {
+                    "composite": composite,
+                    "aggs": {
+                        "modalities": {"terms": {"field": "modality", "size": 20}},
+                        "stations": {"terms": {"field": "station_name", "size": 20}},
+                        "series": {"cardinality": {"field": "series_instance_uid"}},
+                        "first": {
+                            "top_hits": {
+                                "size": 1,
+                                "_source": [
+                                    "study_date",
+                                    "accession_number",
+                                    "patient_id",
+                                    "patient_sex",
+                                    "patient_age_years",
+                                    "study_description",
+                                ],
+                            }
+                        },
+                    },
+                }
+            },
+        }
         result = client.search(index=f"{prefix}-instances", body=body)["aggregations"]["studies"]
         for bucket in result["buckets"]:
             first = bucket["first"]["hits"]["hits"][0]["_source"]
-            rows.append({
-                "study_instance_uid": bucket["key"]["study"], **{k: first.get(k) for k in COLUMNS if k in first},
-                "modalities": "/".join(b["key"] for b in bucket["modalities"]["buckets"]),
-                "stations": "/".join(b["key"] for b in bucket["stations"]["buckets"]),
-                "series": bucket["series"]["value"], "instances": bucket["doc_count"],
-            })
+            rows.append(
+                {
+                    "study_instance_uid": bucket["key"]["study"],
+                    **{k: first.get(k) for k in COLUMNS if k in first},
+                    "modalities": "/".join(b["key"] for b in bucket["modalities"]["buckets"]),
+                    "stations": "/".join(b["key"] for b in bucket["stations"]["buckets"]),
+                    "series": bucket["series"]["value"],
+                    "instances": bucket["doc_count"],
+                }
+            )
         after = result.get("after_key")
         if not after or not result["buckets"]:
             break
@@ -166,9 +252,13 @@ def study_instances(client: OpenSearch, prefix: str, study_uids: list[str]) -> l
     """Every indexed instance of these studies (not only the ones that matched the filters)."""
     out: list[dict] = []
     for start in range(0, len(study_uids), 500):
-        out += _scan(client, f"{prefix}-instances", {"terms": {"study_instance_uid": study_uids[start:start + 500]}},
-                     "sop_instance_uid", ["study_instance_uid", "series_instance_uid", "sop_instance_uid", "sha256",
-                                          "size_bytes", "patient_id"])
+        out += _scan(
+            client,
+            f"{prefix}-instances",
+            {"terms": {"study_instance_uid": study_uids[start : start + 500]}},
+            "sop_instance_uid",
+            ["study_instance_uid", "series_instance_uid", "sop_instance_uid", "sha256", "size_bytes", "patient_id"],
+        )
     return out
 
 
@@ -181,10 +271,15 @@ def write_rows(rows: list[dict], out: TextIO, fmt: str) -> None:
         writer.writeheader()
         writer.writerows(rows)
     else:
-        widths = {c: max([len(c)] + [len(str(r.get(c) if r.get(c) is not None else "")) for r in rows]) for c in COLUMNS
-                  if c != "study_instance_uid"}
+        widths = {
+            c: max([len(c)] + [len(str(r.get(c) if r.get(c) is not None else "")) for r in rows])
+            for c in COLUMNS
+            if c != "study_instance_uid"
+        }
         out.write("  ".join(c.ljust(widths[c]) for c in widths) + "  study_instance_uid\n")
         for r in rows:
-            out.write("  ".join(str(r.get(c) if r.get(c) is not None else "").ljust(widths[c]) for c in widths)
-                      + f"  {r['study_instance_uid']}\n")
+            out.write(
+                "  ".join(str(r.get(c) if r.get(c) is not None else "").ljust(widths[c]) for c in widths)
+                + f"  {r['study_instance_uid']}\n"
+            )
         out.write(f"{len(rows)} studies\n")

@@ -5,6 +5,7 @@ file `compose/dashboards/diana-star.ndjson` (kept in the repository for sites th
 hand), and `aggregation_for` turns one into the OpenSearch aggregation it encodes, which is how the
 tests check each of them against the live index and its mapping.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,15 +13,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VISUALIZATIONS", "DASHBOARDS", "INDEX_PATTERNS", "Visualization", "render_ndjson", "aggregation_for",
-           "install", "NDJSON_PATH"]
+__all__ = [
+    "VISUALIZATIONS",
+    "DASHBOARDS",
+    "INDEX_PATTERNS",
+    "Visualization",
+    "render_ndjson",
+    "aggregation_for",
+    "install",
+    "NDJSON_PATH",
+]
 
 NDJSON_PATH = Path(__file__).resolve().parents[1] / "compose" / "dashboards" / "diana-star.ndjson"
 
 # alias -> time field
 INDEX_PATTERNS = {
-    "diana-instances": "received_at", "diana-series": "last_received_at", "diana-studies": "last_received_at",
-    "diana-dose-events": "received_at", "diana-dose-studies": "received_at", "diana-dose-alerts": "raised_at",
+    "diana-instances": "received_at",
+    "diana-series": "last_received_at",
+    "diana-studies": "last_received_at",
+    "diana-dose-events": "received_at",
+    "diana-dose-studies": "received_at",
+    "diana-dose-alerts": "raised_at",
     "diana-deadletters": "received_at",
 }
 
@@ -30,58 +43,181 @@ class Visualization:
     id: str
     title: str
     index: str
-    chart: str                       # histogram (bars), line, table, pie
-    metric: tuple[str, str | None]   # (count|sum|avg|max|cardinality, field)
+    chart: str  # histogram (bars), line, table, pie
+    metric: tuple[str, str | None]  # (count|sum|avg|max|cardinality, field)
     buckets: tuple[tuple[str, str, Any], ...]  # (terms|date_histogram|histogram, field, size or interval)
-    query: str = ""                  # a DQL query narrowing the index, e.g. "kind:CT"
+    query: str = ""  # a DQL query narrowing the index, e.g. "kind:CT"
 
 
 V = Visualization
 VISUALIZATIONS = (
     # Operations
-    V("ops-instances-per-hour", "Instances per hour by modality", "diana-instances", "histogram", ("count", None),
-      (("date_histogram", "received_at", "h"), ("terms", "modality", 10))),
-    V("ops-instances-per-day-station", "Instances per day by station", "diana-instances", "histogram",
-      ("count", None), (("date_histogram", "received_at", "d"), ("terms", "station_name", 20))),
-    V("ops-calling-ae", "Instances by calling AE", "diana-instances", "table", ("count", None),
-      (("terms", "calling_ae", 50),)),
-    V("ops-bytes-per-day", "Bytes received per day", "diana-instances", "line", ("sum", "size_bytes"),
-      (("date_histogram", "received_at", "d"),)),
-    V("ops-studies-per-day", "Studies per day by modality", "diana-studies", "histogram", ("count", None),
-      (("date_histogram", "first_received_at", "d"), ("terms", "modalities", 10))),
-    V("ops-series-verdicts", "Series completeness verdicts", "diana-series", "pie", ("count", None),
-      (("terms", "verdict", 5),)),
-    V("ops-deadletters", "Dead letters per day by stage", "diana-deadletters", "histogram", ("count", None),
-      (("date_histogram", "received_at", "d"), ("terms", "stage", 10))),
+    V(
+        "ops-instances-per-hour",
+        "Instances per hour by modality",
+        "diana-instances",
+        "histogram",
+        ("count", None),
+        (("date_histogram", "received_at", "h"), ("terms", "modality", 10)),
+    ),
+    V(
+        "ops-instances-per-day-station",
+        "Instances per day by station",
+        "diana-instances",
+        "histogram",
+        ("count", None),
+        (("date_histogram", "received_at", "d"), ("terms", "station_name", 20)),
+    ),
+    V(
+        "ops-calling-ae",
+        "Instances by calling AE",
+        "diana-instances",
+        "table",
+        ("count", None),
+        (("terms", "calling_ae", 50),),
+    ),
+    V(
+        "ops-bytes-per-day",
+        "Bytes received per day",
+        "diana-instances",
+        "line",
+        ("sum", "size_bytes"),
+        (("date_histogram", "received_at", "d"),),
+    ),
+    V(
+        "ops-studies-per-day",
+        "Studies per day by modality",
+        "diana-studies",
+        "histogram",
+        ("count", None),
+        (("date_histogram", "first_received_at", "d"), ("terms", "modalities", 10)),
+    ),
+    V(
+        "ops-series-verdicts",
+        "Series completeness verdicts",
+        "diana-series",
+        "pie",
+        ("count", None),
+        (("terms", "verdict", 5),),
+    ),
+    V(
+        "ops-deadletters",
+        "Dead letters per day by stage",
+        "diana-deadletters",
+        "histogram",
+        ("count", None),
+        (("date_histogram", "received_at", "d"), ("terms", "stage", 10)),
+    ),
     # Cohort discovery
-    V("cohort-modality", "Studies by modality", "diana-instances", "table", ("cardinality", "study_instance_uid"),
-      (("terms", "modality", 30),)),
-    V("cohort-body-part", "Studies by body part", "diana-instances", "table", ("cardinality", "study_instance_uid"),
-      (("terms", "body_part_examined", 50),)),
-    V("cohort-protocol", "Studies by protocol", "diana-instances", "table", ("cardinality", "study_instance_uid"),
-      (("terms", "protocol_name.keyword", 100),)),
-    V("cohort-description", "Series by description", "diana-instances", "table",
-      ("cardinality", "series_instance_uid"), (("terms", "series_description.keyword", 100),)),
-    V("cohort-age", "Patients by age (10-year bins)", "diana-instances", "histogram", ("cardinality", "patient_id"),
-      (("histogram", "patient_age_years", 10),)),
-    V("cohort-sex", "Patients by sex", "diana-instances", "pie", ("cardinality", "patient_id"),
-      (("terms", "patient_sex", 5),)),
-    V("cohort-equipment", "Studies by manufacturer and model", "diana-instances", "table",
-      ("cardinality", "study_instance_uid"), (("terms", "manufacturer", 30), ("terms", "manufacturer_model_name", 30))),
-    V("cohort-study-dates", "Studies by study month", "diana-instances", "histogram",
-      ("cardinality", "study_instance_uid"), (("date_histogram", "study_date", "M"),)),
+    V(
+        "cohort-modality",
+        "Studies by modality",
+        "diana-instances",
+        "table",
+        ("cardinality", "study_instance_uid"),
+        (("terms", "modality", 30),),
+    ),
+    V(
+        "cohort-body-part",
+        "Studies by body part",
+        "diana-instances",
+        "table",
+        ("cardinality", "study_instance_uid"),
+        (("terms", "body_part_examined", 50),),
+    ),
+    V(
+        "cohort-protocol",
+        "Studies by protocol",
+        "diana-instances",
+        "table",
+        ("cardinality", "study_instance_uid"),
+        (("terms", "protocol_name.keyword", 100),),
+    ),
+    V(
+        "cohort-description",
+        "Series by description",
+        "diana-instances",
+        "table",
+        ("cardinality", "series_instance_uid"),
+        (("terms", "series_description.keyword", 100),),
+    ),
+    V(
+        "cohort-age",
+        "Patients by age (10-year bins)",
+        "diana-instances",
+        "histogram",
+        ("cardinality", "patient_id"),
+        (("histogram", "patient_age_years", 10),),
+    ),
+    V(
+        "cohort-sex",
+        "Patients by sex",
+        "diana-instances",
+        "pie",
+        ("cardinality", "patient_id"),
+        (("terms", "patient_sex", 5),),
+    ),
+    V(
+        "cohort-equipment",
+        "Studies by manufacturer and model",
+        "diana-instances",
+        "table",
+        ("cardinality", "study_instance_uid"),
+        (("terms", "manufacturer", 30), ("terms", "manufacturer_model_name", 30)),
+    ),
+    V(
+        "cohort-study-dates",
+        "Studies by study month",
+        "diana-instances",
+        "histogram",
+        ("cardinality", "study_instance_uid"),
+        (("date_histogram", "study_date", "M"),),
+    ),
     # Dose monitoring
-    V("dose-ctdivol-protocol", "Mean CTDIvol (mGy) by protocol over time", "diana-dose-events", "line",
-      ("avg", "ctdivol_mGy"), (("date_histogram", "received_at", "d"), ("terms", "protocol.keyword", 10)), "kind:CT"),
-    V("dose-dlp-scanner", "Mean study DLP (mGy·cm) by scanner over time", "diana-dose-studies", "line",
-      ("avg", "total_dlp_mGycm"), (("date_histogram", "received_at", "d"), ("terms", "station_name", 10)), "kind:CT"),
-    V("dose-dap-projection", "Total DAP (Gy·m²) by station, projection X-ray", "diana-dose-studies", "table",
-      ("sum", "total_dap_Gym2"), (("terms", "station_name", 30),), "kind:DX or kind:RF or kind:MG"),
-    V("dose-reference-exceedances", "Reference-level exceedances by rule and metric", "diana-dose-alerts", "table",
-      ("count", None), (("terms", "rule", 50), ("terms", "metric", 10)),
-      "rule_type:reference_level"),
-    V("dose-alerts-per-day", "Dose alerts per day by type", "diana-dose-alerts", "histogram", ("count", None),
-      (("date_histogram", "raised_at", "d"), ("terms", "rule_type", 5))),
+    V(
+        "dose-ctdivol-protocol",
+        "Mean CTDIvol (mGy) by protocol over time",
+        "diana-dose-events",
+        "line",
+        ("avg", "ctdivol_mGy"),
+        (("date_histogram", "received_at", "d"), ("terms", "protocol.keyword", 10)),
+        "kind:CT",
+    ),
+    V(
+        "dose-dlp-scanner",
+        "Mean study DLP (mGy·cm) by scanner over time",
+        "diana-dose-studies",
+        "line",
+        ("avg", "total_dlp_mGycm"),
+        (("date_histogram", "received_at", "d"), ("terms", "station_name", 10)),
+        "kind:CT",
+    ),
+    V(
+        "dose-dap-projection",
+        "Total DAP (Gy·m²) by station, projection X-ray",
+        "diana-dose-studies",
+        "table",
+        ("sum", "total_dap_Gym2"),
+        (("terms", "station_name", 30),),
+        "kind:DX or kind:RF or kind:MG",
+    ),
+    V(
+        "dose-reference-exceedances",
+        "Reference-level exceedances by rule and metric",
+        "diana-dose-alerts",
+        "table",
+        ("count", None),
+        (("terms", "rule", 50), ("terms", "metric", 10)),
+        "rule_type:reference_level",
+    ),
+    V(
+        "dose-alerts-per-day",
+        "Dose alerts per day by type",
+        "diana-dose-alerts",
+        "histogram",
+        ("count", None),
+        (("date_histogram", "raised_at", "d"), ("terms", "rule_type", 5)),
+    ),
 )
 
 DASHBOARDS = {
@@ -95,8 +231,15 @@ _INTERVAL_NAMES = {"h": "hour", "d": "day", "M": "month"}
 
 def _vis_state(v: Visualization) -> dict:
     metric_type, metric_field = v.metric
-    aggs = [{"id": "1", "enabled": True, "type": metric_type, "schema": "metric",
-             "params": {"field": metric_field} if metric_field else {}}]
+    aggs = [
+        {
+            "id": "1",
+            "enabled": True,
+            "type": metric_type,
+            "schema": "metric",
+            "params": {"field": metric_field} if metric_field else {},
+        }
+    ]
     for i, (kind, field, arg) in enumerate(v.buckets, start=2):
         schema = "bucket" if v.chart == "table" else ("segment" if i == 2 else "group")
         params: dict[str, Any] = {"field": field}
@@ -108,8 +251,12 @@ def _vis_state(v: Visualization) -> dict:
             params.update(interval=arg, min_doc_count=True)
         aggs.append({"id": str(i), "enabled": True, "type": kind, "schema": schema, "params": params})
     chart_type = {"histogram": "histogram", "line": "line", "table": "table", "pie": "pie"}[v.chart]
-    return {"title": v.title, "type": chart_type, "aggs": aggs,
-            "params": {"perPage": 20} if v.chart == "table" else {"addTooltip": True, "addLegend": True}}
+    return {
+        "title": v.title,
+        "type": chart_type,
+        "aggs": aggs,
+        "params": {"perPage": 20} if v.chart == "table" else {"addTooltip": True, "addLegend": True},
+    }
 
 
 def _search_source(query: str, with_index: bool) -> str:
@@ -122,24 +269,56 @@ def _search_source(query: str, with_index: bool) -> str:
 def saved_objects() -> list[dict]:
     objects: list[dict] = []
     for alias, time_field in INDEX_PATTERNS.items():
-        objects.append({"type": "index-pattern", "id": alias, "attributes": {"title": alias,
-                                                                             "timeFieldName": time_field}})
+        objects.append(
+            {"type": "index-pattern", "id": alias, "attributes": {"title": alias, "timeFieldName": time_field}}
+        )
     for v in VISUALIZATIONS:
-        objects.append({"type": "visualization", "id": f"diana-{v.id}", "attributes": {
-            "title": v.title, "visState": json.dumps(_vis_state(v)), "uiStateJSON": "{}", "description": "",
-            "version": 1, "kibanaSavedObjectMeta": {"searchSourceJSON": _search_source(v.query, True)}},
-            "references": [{"name": "kibanaSavedObjectMeta.searchSourceJSON.index", "type": "index-pattern",
-                            "id": v.index}]})
+        objects.append(
+            {
+                "type": "visualization",
+                "id": f"diana-{v.id}",
+                "attributes": {
+                    "title": v.title,
+                    "visState": json.dumps(_vis_state(v)),
+                    "uiStateJSON": "{}",
+                    "description": "",
+                    "version": 1,
+                    "kibanaSavedObjectMeta": {"searchSourceJSON": _search_source(v.query, True)},
+                },
+                "references": [
+                    {"name": "kibanaSavedObjectMeta.searchSourceJSON.index", "type": "index-pattern", "id": v.index}
+                ],
+            }
+        )
     for dashboard_id, (title, vis_ids) in DASHBOARDS.items():
-        panels = [{"panelIndex": str(i), "gridData": {"x": (i % 2) * 24, "y": (i // 2) * 15, "w": 24, "h": 15,
-                                                      "i": str(i)}, "version": "2.19.4", "panelRefName": f"panel_{i}"}
-                  for i in range(len(vis_ids))]
-        objects.append({"type": "dashboard", "id": dashboard_id, "attributes": {
-            "title": title, "panelsJSON": json.dumps(panels), "optionsJSON": json.dumps({"useMargins": True}),
-            "timeRestore": False, "description": "", "version": 1,
-            "kibanaSavedObjectMeta": {"searchSourceJSON": _search_source("", False)}},
-            "references": [{"name": f"panel_{i}", "type": "visualization", "id": f"diana-{vid}"}
-                           for i, vid in enumerate(vis_ids)]})
+        panels = [
+            {
+                "panelIndex": str(i),
+                "gridData": {"x": (i % 2) * 24, "y": (i // 2) * 15, "w": 24, "h": 15, "i": str(i)},
+                "version": "2.19.4",
+                "panelRefName": f"panel_{i}",
+            }
+            for i in range(len(vis_ids))
+        ]
+        objects.append(
+            {
+                "type": "dashboard",
+                "id": dashboard_id,
+                "attributes": {
+                    "title": title,
+                    "panelsJSON": json.dumps(panels),
+                    "optionsJSON": json.dumps({"useMargins": True}),
+                    "timeRestore": False,
+                    "description": "",
+                    "version": 1,
+                    "kibanaSavedObjectMeta": {"searchSourceJSON": _search_source("", False)},
+                },
+                "references": [
+                    {"name": f"panel_{i}", "type": "visualization", "id": f"diana-{vid}"}
+                    for i, vid in enumerate(vis_ids)
+                ],
+            }
+        )
     return objects
 
 
@@ -158,8 +337,13 @@ def aggregation_for(vis_state: dict) -> dict:
         if agg["type"] == "terms":
             spec = {"terms": {"field": p["field"], "size": p["size"]}}
         elif agg["type"] == "date_histogram":
-            spec = {"date_histogram": {"field": p["field"], "calendar_interval": _INTERVAL_NAMES[p["interval"]],
-                                       "min_doc_count": 1}}
+            spec = {
+                "date_histogram": {
+                    "field": p["field"],
+                    "calendar_interval": _INTERVAL_NAMES[p["interval"]],
+                    "min_doc_count": 1,
+                }
+            }
         else:
             spec = {"histogram": {"field": p["field"], "interval": p["interval"], "min_doc_count": 1}}
         if body:
@@ -172,9 +356,12 @@ def install(url: str, ndjson: str, timeout: float = 60.0) -> dict:
     """Import the saved objects into a running OpenSearch Dashboards (overwriting ours)."""
     import requests
 
-    response = requests.post(f"{url.rstrip('/')}/api/saved_objects/_import", params={"overwrite": "true"},
-                             headers={"osd-xsrf": "true"},
-                             files={"file": ("diana-star.ndjson", ndjson.encode(), "application/ndjson")},
-                             timeout=timeout)
+    response = requests.post(
+        f"{url.rstrip('/')}/api/saved_objects/_import",
+        params={"overwrite": "true"},
+        headers={"osd-xsrf": "true"},
+        files={"file": ("diana-star.ndjson", ndjson.encode(), "application/ndjson")},
+        timeout=timeout,
+    )
     response.raise_for_status()
     return response.json()

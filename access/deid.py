@@ -8,6 +8,7 @@ them. On top, what Annex E removes and dicognito keeps: private tags, free-text 
 descriptions (unless retained), device serial numbers, other institution and physician data.
 Burned-in text in pixel data is not examined.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,17 +23,54 @@ __all__ = ["Deidentifier", "PseudonymKey"]
 
 # Annex E Table E.1-1 attributes with action X (remove) that dicognito leaves in place.
 _REMOVE = (
-    "AcquisitionComments", "AdditionalPatientHistory", "AdmittingDiagnosesDescription", "Allergies",
-    "Arbitrary", "AuthorObserverSequence", "ContentCreatorName", "ContributionDescription",
-    "CurrentPatientLocation", "DeviceSerialNumber", "DerivationDescription", "ImageComments",
-    "InstitutionalDepartmentName", "InterpretationRecorder", "MedicalAlerts", "ModifiedAttributesSequence",
-    "NamesOfIntendedRecipientsOfResults", "OperatorsName", "OriginalAttributesSequence", "PatientComments",
-    "PatientState", "PerformedProcedureStepDescription", "PerformingPhysicianName", "PhysiciansOfRecord",
-    "PregnancyStatus", "ReasonForStudy", "ReferringPhysicianName", "RequestAttributesSequence",
-    "RequestingPhysician", "ScheduledPerformingPhysicianName", "SmokingStatus", "StudyComments",
-    "TextComments", "TopicAuthor", "TopicKeywords", "TopicSubject", "TopicTitle", "VerifyingObserverSequence",
-    "CountryOfResidence", "RegionOfResidence", "EthnicGroup", "PatientBirthName", "PatientMotherBirthName",
-    "OtherPatientNames", "PatientAddress", "InstitutionAddress", "InstitutionName", "ResponsiblePerson",
+    "AcquisitionComments",
+    "AdditionalPatientHistory",
+    "AdmittingDiagnosesDescription",
+    "Allergies",
+    "Arbitrary",
+    "AuthorObserverSequence",
+    "ContentCreatorName",
+    "ContributionDescription",
+    "CurrentPatientLocation",
+    "DeviceSerialNumber",
+    "DerivationDescription",
+    "ImageComments",
+    "InstitutionalDepartmentName",
+    "InterpretationRecorder",
+    "MedicalAlerts",
+    "ModifiedAttributesSequence",
+    "NamesOfIntendedRecipientsOfResults",
+    "OperatorsName",
+    "OriginalAttributesSequence",
+    "PatientComments",
+    "PatientState",
+    "PerformedProcedureStepDescription",
+    "PerformingPhysicianName",
+    "PhysiciansOfRecord",
+    "PregnancyStatus",
+    "ReasonForStudy",
+    "ReferringPhysicianName",
+    "RequestAttributesSequence",
+    "RequestingPhysician",
+    "ScheduledPerformingPhysicianName",
+    "SmokingStatus",
+    "StudyComments",
+    "TextComments",
+    "TopicAuthor",
+    "TopicKeywords",
+    "TopicSubject",
+    "TopicTitle",
+    "VerifyingObserverSequence",
+    "CountryOfResidence",
+    "RegionOfResidence",
+    "EthnicGroup",
+    "PatientBirthName",
+    "PatientMotherBirthName",
+    "OtherPatientNames",
+    "PatientAddress",
+    "InstitutionAddress",
+    "InstitutionName",
+    "ResponsiblePerson",
 )
 # Descriptions Annex E removes unless the Retain Description option is chosen.
 _DESCRIPTIONS = ("StudyDescription", "SeriesDescription", "ProtocolName")
@@ -51,11 +89,15 @@ class PseudonymKey:
     rows: dict[str, dict] = field(default_factory=dict)
 
     def add(self, original_id: str, original_name: str, pseudonymous: Dataset) -> None:
-        self.rows.setdefault(original_id, {
-            "original_patient_id": original_id, "original_patient_name": original_name,
-            "pseudonym_patient_id": str(pseudonymous.get("PatientID", "")),
-            "pseudonym_patient_name": str(pseudonymous.get("PatientName", "")),
-        })
+        self.rows.setdefault(
+            original_id,
+            {
+                "original_patient_id": original_id,
+                "original_patient_name": original_name,
+                "pseudonym_patient_id": str(pseudonymous.get("PatientID", "")),
+                "pseudonym_patient_name": str(pseudonymous.get("PatientName", "")),
+            },
+        )
 
 
 class Deidentifier:
@@ -80,8 +122,10 @@ class Deidentifier:
             self._remove_everywhere(ds, keyword)
         self._anonymizer(patient_id).anonymize(ds)
         ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethodCodeSequence = [_code("113100", "Basic Application Confidentiality Profile"),
-                                                 _code("113107", "Retain Longitudinal With Modified Dates Option")]
+        ds.DeidentificationMethodCodeSequence = [
+            _code("113100", "Basic Application Confidentiality Profile"),
+            _code("113107", "Retain Longitudinal With Modified Dates Option"),
+        ]
         meta = getattr(ds, "file_meta", None) or FileMetaDataset()
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.file_meta = meta

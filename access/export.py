@@ -5,6 +5,7 @@ and written atomically (a folder: one file at a time; a zip: the whole archive u
 name, renamed when complete), so an interrupted export leaves nothing half-written. Paths inside
 the export are built from validated UIDs only.
 """
+
 from __future__ import annotations
 
 import csv
@@ -12,9 +13,9 @@ import hashlib
 import io
 import os
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pydicom
 
@@ -34,17 +35,21 @@ class ExportSummary:
     studies: int = 0
     exported: int = 0
     bytes: int = 0
-    missing: list[str] = field(default_factory=list)      # indexed but not in the archive
+    missing: list[str] = field(default_factory=list)  # indexed but not in the archive
     hash_mismatch: list[str] = field(default_factory=list)  # archive bytes differ from the index
 
     def lines(self) -> list[str]:
         out = [f"exported {self.exported} objects of {self.studies} studies ({self.bytes / 1e6:.1f} MB)"]
         if self.missing:
-            out.append(f"{len(self.missing)} indexed objects are not in the archive (not exported): "
-                       f"{', '.join(self.missing[:5])}")
+            out.append(
+                f"{len(self.missing)} indexed objects are not in the archive (not exported): "
+                f"{', '.join(self.missing[:5])}"
+            )
         if self.hash_mismatch:
-            out.append(f"{len(self.hash_mismatch)} archived objects differ from the SHA-256 recorded at arrival "
-                       f"(not exported): {', '.join(self.hash_mismatch[:5])}")
+            out.append(
+                f"{len(self.hash_mismatch)} archived objects differ from the SHA-256 recorded at arrival "
+                f"(not exported): {', '.join(self.hash_mismatch[:5])}"
+            )
         return out
 
 
@@ -54,9 +59,15 @@ def _relative(ds_or_uids: tuple[str, str, str]) -> str:
     return "{}/{}/{}.dcm".format(*ds_or_uids)
 
 
-def export_instances(instances: list[dict], archive_dir: Path, target: Path, *,
-                     deidentifier: Deidentifier | None = None, key_file: Path | None = None,
-                     progress: Callable[[int], None] = lambda n: None) -> ExportSummary:
+def export_instances(
+    instances: list[dict],
+    archive_dir: Path,
+    target: Path,
+    *,
+    deidentifier: Deidentifier | None = None,
+    key_file: Path | None = None,
+    progress: Callable[[int], None] = lambda n: None,
+) -> ExportSummary:
     if target.exists() and (target.is_file() or any(target.iterdir())):
         raise ExportError(f"{target} exists and is not empty: choose a new folder or zip name")
     summary = ExportSummary(studies=len({i["study_instance_uid"] for i in instances}))
@@ -113,8 +124,15 @@ def export_instances(instances: list[dict], archive_dir: Path, target: Path, *,
         tmp_zip.unlink(missing_ok=True)
     if key_file is not None and deidentifier is not None:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=["original_patient_id", "original_patient_name",
-                                                 "pseudonym_patient_id", "pseudonym_patient_name"])
+        writer = csv.DictWriter(
+            buf,
+            fieldnames=[
+                "original_patient_id",
+                "original_patient_name",
+                "pseudonym_patient_id",
+                "pseudonym_patient_name",
+            ],
+        )
         writer.writeheader()
         writer.writerows(key.rows.values())
         write_atomic(key_file, buf.getvalue().encode())

@@ -3,18 +3,29 @@
 Built from OpenSearch aggregations; charts are inline SVG drawn here, so the page needs no network
 and no script to be viewed, printed or mailed.
 """
+
 from __future__ import annotations
 
 import html
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from opensearchpy import OpenSearch
 
 __all__ = ["build_report"]
 
-_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-            "#17becf")
+_COLOURS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
 
 
 def _range(field: str, start: date, end: date) -> dict:
@@ -36,26 +47,34 @@ def _bar_chart(chart_id: str, title: str, series: dict[str, dict[str, float]], u
     top = max(totals.values()) or 1
     width, height, left, bottom = 760, 260, 100, 40
     bar = (width - left - 10) / len(categories)
-    parts = [f'<svg data-chart="{chart_id}" width="{width}" height="{height}" role="img" '
-             f'aria-label="{html.escape(title)}" xmlns="http://www.w3.org/2000/svg">',
-             f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" stroke="#333"/>',
-             f'<text x="{left - 5}" y="15" text-anchor="end" font-size="11">{top:g}{html.escape(unit)}</text>']
+    parts = [
+        f'<svg data-chart="{chart_id}" width="{width}" height="{height}" role="img" '
+        f'aria-label="{html.escape(title)}" xmlns="http://www.w3.org/2000/svg">',
+        f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" stroke="#333"/>',
+        f'<text x="{left - 5}" y="15" text-anchor="end" font-size="11">{top:g}{html.escape(unit)}</text>',
+    ]
     for i, x in enumerate(categories):
         y = height - bottom
         for s_index, (name, values) in enumerate(sorted(series.items())):
             value = values.get(x, 0)
             h = (height - bottom - 20) * value / top
             if h > 0:
-                parts.append(f'<rect class="bar" x="{left + i * bar + 2:.1f}" y="{y - h:.1f}" width="{max(bar - 4, 1):.1f}" '
-                             f'height="{h:.1f}" fill="{_COLOURS[s_index % len(_COLOURS)]}">'
-                             f'<title>{html.escape(str(name))} {html.escape(str(x))}: {value:g}</title></rect>')
+                parts.append(
+                    f'<rect class="bar" x="{left + i * bar + 2:.1f}" y="{y - h:.1f}" width="{max(bar - 4, 1):.1f}" '
+                    f'height="{h:.1f}" fill="{_COLOURS[s_index % len(_COLOURS)]}">'
+                    f"<title>{html.escape(str(name))} {html.escape(str(x))}: {value:g}</title></rect>"
+                )
                 y -= h
         if len(categories) <= 31:
-            parts.append(f'<text x="{left + (i + 0.5) * bar:.1f}" y="{height - bottom + 14}" font-size="10" '
-                         f'text-anchor="middle">{html.escape(_label(str(x), bar))}</text>')
+            parts.append(
+                f'<text x="{left + (i + 0.5) * bar:.1f}" y="{height - bottom + 14}" font-size="10" '
+                f'text-anchor="middle">{html.escape(_label(str(x), bar))}</text>'
+            )
     parts.append("</svg>")
-    legend = "".join(f'<span class="key"><i style="background:{_COLOURS[i % len(_COLOURS)]}"></i>{html.escape(str(n))}'
-                     f'</span>' for i, n in enumerate(sorted(series)))
+    legend = "".join(
+        f'<span class="key"><i style="background:{_COLOURS[i % len(_COLOURS)]}"></i>{html.escape(str(n))}</span>'
+        for i, n in enumerate(sorted(series))
+    )
     return f'<section><h2>{html.escape(title)}</h2>{"".join(parts)}<div class="legend">{legend}</div></section>'
 
 
@@ -64,7 +83,7 @@ def _label(text: str, room: float) -> str:
     if len(text) == 10 and text[4] == "-" and text[7] == "-":
         return text[5:]
     fits = max(int(room / 6), 3)
-    return text if len(text) <= fits else text[:fits - 1] + "…"
+    return text if len(text) <= fits else text[: fits - 1] + "…"
 
 
 def _table(title: str, headers: list[str], rows: list[list[Any]]) -> str:
@@ -72,7 +91,7 @@ def _table(title: str, headers: list[str], rows: list[list[Any]]) -> str:
         return f'<section><h2>{html.escape(title)}</h2><p class="empty">No data in this range.</p></section>'
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<section><h2>{html.escape(title)}</h2><table><tr>{head}</tr>{body}</table></section>'
+    return f"<section><h2>{html.escape(title)}</h2><table><tr>{head}</tr>{body}</table></section>"
 
 
 def _fmt(value: Any) -> str:
@@ -94,27 +113,65 @@ def _split(aggs: dict, outer: str, inner: str, value=lambda b: b["doc_count"]) -
 def build_report(client: OpenSearch, prefix: str, start: date, end: date) -> str:
     received = _range("received_at", start, end)
     per_day = {"calendar_interval": "day", "format": "yyyy-MM-dd", "min_doc_count": 1}
-    ingest = _search(client, f"{prefix}-instances", received, {
-        "days": {"date_histogram": {"field": "received_at", **per_day},
-                 "aggs": {"modality": {"terms": {"field": "modality", "size": 10}}}},
-        "modalities": {"terms": {"field": "modality", "size": 30},
-                       "aggs": {"studies": {"cardinality": {"field": "study_instance_uid"}},
-                                "bytes": {"sum": {"field": "size_bytes"}}}},
-        "studies": {"cardinality": {"field": "study_instance_uid"}}, "bytes": {"sum": {"field": "size_bytes"}}})
-    ctdi = _search(client, f"{prefix}-dose-events", {"bool": {"filter": [received, {"term": {"kind": "CT"}}]}}, {
-        "protocols": {"terms": {"field": "protocol.keyword", "size": 15},
-                      "aggs": {"ctdivol": {"avg": {"field": "ctdivol_mGy"}}, "max": {"max": {"field": "ctdivol_mGy"}}}}})
-    dlp = _search(client, f"{prefix}-dose-studies", {"bool": {"filter": [received]}}, {
-        "stations": {"terms": {"field": "station_name", "size": 20},
-                     "aggs": {"dlp": {"avg": {"field": "total_dlp_mGycm"}}, "dap": {"sum": {"field": "total_dap_Gym2"}},
-                              "days": {"date_histogram": {"field": "received_at", **per_day},
-                                       "aggs": {"dlp": {"avg": {"field": "total_dlp_mGycm"}}}}}}})
+    ingest = _search(
+        client,
+        f"{prefix}-instances",
+        received,
+        {
+            "days": {
+                "date_histogram": {"field": "received_at", **per_day},
+                "aggs": {"modality": {"terms": {"field": "modality", "size": 10}}},
+            },
+            "modalities": {
+                "terms": {"field": "modality", "size": 30},
+                "aggs": {
+                    "studies": {"cardinality": {"field": "study_instance_uid"}},
+                    "bytes": {"sum": {"field": "size_bytes"}},
+                },
+            },
+            "studies": {"cardinality": {"field": "study_instance_uid"}},
+            "bytes": {"sum": {"field": "size_bytes"}},
+        },
+    )
+    ctdi = _search(
+        client,
+        f"{prefix}-dose-events",
+        {"bool": {"filter": [received, {"term": {"kind": "CT"}}]}},
+        {
+            "protocols": {
+                "terms": {"field": "protocol.keyword", "size": 15},
+                "aggs": {"ctdivol": {"avg": {"field": "ctdivol_mGy"}}, "max": {"max": {"field": "ctdivol_mGy"}}},
+            }
+        },
+    )
+    dlp = _search(
+        client,
+        f"{prefix}-dose-studies",
+        {"bool": {"filter": [received]}},
+        {
+            "stations": {
+                "terms": {"field": "station_name", "size": 20},
+                "aggs": {
+                    "dlp": {"avg": {"field": "total_dlp_mGycm"}},
+                    "dap": {"sum": {"field": "total_dap_Gym2"}},
+                    "days": {
+                        "date_histogram": {"field": "received_at", **per_day},
+                        "aggs": {"dlp": {"avg": {"field": "total_dlp_mGycm"}}},
+                    },
+                },
+            }
+        },
+    )
     alerts = {}
     if client.indices.exists_alias(name=f"{prefix}-dose-alerts"):
-        alerts = client.search(index=f"{prefix}-dose-alerts", body={
-            "size": 50, "query": _range("raised_at", start, end), "sort": [{"raised_at": "desc"}]})
-    modality_rows = [[b["key"], b["studies"]["value"], b["doc_count"], b["bytes"]["value"] / 1e6]
-                     for b in ingest.get("modalities", {}).get("buckets", [])]
+        alerts = client.search(
+            index=f"{prefix}-dose-alerts",
+            body={"size": 50, "query": _range("raised_at", start, end), "sort": [{"raised_at": "desc"}]},
+        )
+    modality_rows = [
+        [b["key"], b["studies"]["value"], b["doc_count"], b["bytes"]["value"] / 1e6]
+        for b in ingest.get("modalities", {}).get("buckets", [])
+    ]
     dlp_days: dict[str, dict[str, float]] = {}
     for station in dlp.get("stations", {}).get("buckets", []):
         for day in station["days"]["buckets"]:
@@ -123,21 +180,47 @@ def build_report(client: OpenSearch, prefix: str, start: date, end: date) -> str
     sections = [
         _bar_chart("instances-per-day", "Instances received per day, by modality", _split(ingest, "days", "modality")),
         _table("Studies by modality", ["modality", "studies", "instances", "MB"], modality_rows),
-        _bar_chart("ctdivol-by-protocol", "Mean CTDIvol by protocol (mGy)",
-                   {"mean CTDIvol": {b["key"]: b["ctdivol"]["value"] or 0
-                                     for b in ctdi.get("protocols", {}).get("buckets", [])}}, " mGy"),
+        _bar_chart(
+            "ctdivol-by-protocol",
+            "Mean CTDIvol by protocol (mGy)",
+            {
+                "mean CTDIvol": {
+                    b["key"]: b["ctdivol"]["value"] or 0 for b in ctdi.get("protocols", {}).get("buckets", [])
+                }
+            },
+            " mGy",
+        ),
         _bar_chart("dlp-by-station", "Mean study DLP per day, by scanner (mGy·cm)", dlp_days, " mGy·cm"),
-        _table("Dose by scanner", ["station", "studies", "mean DLP (mGy·cm)", "total DAP (Gy·m²)"],
-               [[b["key"], b["doc_count"], b["dlp"]["value"], b["dap"]["value"]]
-                for b in dlp.get("stations", {}).get("buckets", [])]),
-        _table("Dose alerts (latest 50)", ["raised", "rule", "metric", "value", "threshold", "accession", "station"],
-               [[h["_source"].get("raised_at", "")[:19], h["_source"].get("rule"), h["_source"].get("metric"),
-                 h["_source"].get("value"), h["_source"].get("threshold"), h["_source"].get("accession_number"),
-                 h["_source"].get("station_name")] for h in alerts.get("hits", {}).get("hits", [])]),
+        _table(
+            "Dose by scanner",
+            ["station", "studies", "mean DLP (mGy·cm)", "total DAP (Gy·m²)"],
+            [
+                [b["key"], b["doc_count"], b["dlp"]["value"], b["dap"]["value"]]
+                for b in dlp.get("stations", {}).get("buckets", [])
+            ],
+        ),
+        _table(
+            "Dose alerts (latest 50)",
+            ["raised", "rule", "metric", "value", "threshold", "accession", "station"],
+            [
+                [
+                    h["_source"].get("raised_at", "")[:19],
+                    h["_source"].get("rule"),
+                    h["_source"].get("metric"),
+                    h["_source"].get("value"),
+                    h["_source"].get("threshold"),
+                    h["_source"].get("accession_number"),
+                    h["_source"].get("station_name"),
+                ]
+                for h in alerts.get("hits", {}).get("hits", [])
+            ],
+        ),
     ]
-    made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    summary = (f"{int(ingest.get('studies', {}).get('value', 0))} studies, "
-               f"{sum(r[2] for r in modality_rows)} instances, {ingest.get('bytes', {}).get('value', 0) / 1e9:.2f} GB")
+    made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    summary = (
+        f"{int(ingest.get('studies', {}).get('value', 0))} studies, "
+        f"{sum(r[2] for r in modality_rows)} instances, {ingest.get('bytes', {}).get('value', 0) / 1e9:.2f} GB"
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>diana-star report {start} to {end}</title>
 <style>

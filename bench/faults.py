@@ -12,6 +12,7 @@ It starts its own Kafka, OpenSearch and pipeline (ports 27092/27200, receiver 27
 temporary folder. The results go to --out (results.json, results.md); docs/RELIABILITY.md holds
 the latest full run. `--short` is the form the test suite runs (200 instances, shorter outages).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,26 +26,37 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 
+from diana.config import load_config  # noqa: E402
 from tests.support.dicomgen import SeriesSpec, make_study  # noqa: E402
 from tests.support.helpers import dataset_body, group_lag, read_messages, stored_sha256  # noqa: E402
-
-from diana.config import load_config  # noqa: E402
 
 # Below 32768: a port in the ephemeral range can be taken by some client socket while the broker is
 # down, and Kafka then failed to restart ("Address already in use"; seen with 39092).
 PORTS = {"kafka": 27092, "controller": 27093, "opensearch": 27200, "transport": 27300, "diana": 27112}
-PIPELINE = {"receiver": ("receive",), "aggregates": ("aggregate",), "dose": ("dose",),
-            "archive-sink": ("sink", "archive"), "opensearch-sink": ("sink", "opensearch")}
+PIPELINE = {
+    "receiver": ("receive",),
+    "aggregates": ("aggregate",),
+    "dose": ("dose",),
+    "archive-sink": ("sink", "archive"),
+    "opensearch-sink": ("sink", "opensearch"),
+}
 # worker-kill last: if a restarted worker ever stays stalled, the later scenarios' aggregates
 # would fail for that reason instead of their own.
-SCENARIOS = ("receiver-kill", "sinks-kill", "broker-down", "opensearch-down", "disk-full", "slow-consumer",
-             "worker-kill")
+SCENARIOS = (
+    "receiver-kill",
+    "sinks-kill",
+    "broker-down",
+    "opensearch-down",
+    "disk-full",
+    "slow-consumer",
+    "worker-kill",
+)
 
 
 @dataclass
@@ -75,14 +87,14 @@ class Suite:
         self.mounted = False
         self.config_file.write_text(f"""
 [kafka]
-bootstrap = "127.0.0.1:{PORTS['kafka']}"
+bootstrap = "127.0.0.1:{PORTS["kafka"]}"
 publish_timeout_s = 5
 [opensearch]
-url = "http://127.0.0.1:{PORTS['opensearch']}"
+url = "http://127.0.0.1:{PORTS["opensearch"]}"
 [receiver]
 ae_title = "DIANA"
 host = "127.0.0.1"
-port = {PORTS['diana']}
+port = {PORTS["diana"]}
 metrics_port = 0
 [sinks]
 archive_metrics_port = 0
@@ -98,10 +110,10 @@ quiet_seconds = "*=3"
 web_port = 27067
 [stack]
 home = "{work}/stack"
-kafka_port = {PORTS['kafka']}
-kafka_controller_port = {PORTS['controller']}
-opensearch_port = {PORTS['opensearch']}
-opensearch_transport_port = {PORTS['transport']}
+kafka_port = {PORTS["kafka"]}
+kafka_controller_port = {PORTS["controller"]}
+opensearch_port = {PORTS["opensearch"]}
+opensearch_transport_port = {PORTS["transport"]}
 opensearch_heap_mb = 768
 [log]
 level = "warning"
@@ -137,8 +149,14 @@ level = "warning"
 
     def start_process(self, name: str) -> None:
         log = open(self.work / "logs" / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(self._cmd(*PIPELINE[name]), env=self._env(), cwd=REPO, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            self._cmd(*PIPELINE[name]),
+            env=self._env(),
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def kill(self, name: str) -> None:
         proc = self.procs.pop(name)
@@ -180,13 +198,15 @@ level = "warning"
         for index in range((self.instances + per_study - 1) // per_study):
             count = min(per_study, self.instances - index * per_study)
             series = [SeriesSpec("CT", "AXIAL", (count + 1) // 2), SeriesSpec("CT", "CORONAL", count // 2)]
-            study = make_study(self.work / "corpus" / scenario / f"s{index:03d}", [s for s in series if s.count],
-                               patient_id=f"FAULT-{scenario[:6]}-{index}")
+            study = make_study(
+                self.work / "corpus" / scenario / f"s{index:03d}",
+                [s for s in series if s.count],
+                patient_id=f"FAULT-{scenario[:6]}-{index}",
+            )
             files += study.files
         return files
 
-    def send(self, files: list[Path], acked: set, attempts: list[int], deadline: float,
-             abort: threading.Event) -> None:
+    def send(self, files: list[Path], acked: set, attempts: list[int], deadline: float, abort: threading.Event) -> None:
         """Several associations; each re-sends what did not get success until everything did."""
         from pynetdicom import AE
         from pynetdicom.sop_class import CTImageStorage
@@ -217,7 +237,7 @@ level = "warning"
                 if pending:
                     time.sleep(1.0)
 
-        parts = [files[i::self.associations] for i in range(self.associations)]
+        parts = [files[i :: self.associations] for i in range(self.associations)]
         threads = [threading.Thread(target=worker, args=(p,)) for p in parts]
         for t in threads:
             t.start()
@@ -228,10 +248,19 @@ level = "warning"
     def _lag(self) -> int:
         from diana.schemas.topics import DOSE_ALERTS, DOSE_EVENTS, DOSE_STUDIES, INSTANCES, SERIES, STUDIES
 
-        groups = {self.cfg.stream.app_id: [INSTANCES.name], self.cfg.dose.app_id: [INSTANCES.name],
-                  self.cfg.sinks.archive_group: [INSTANCES.name],
-                  self.cfg.sinks.opensearch_group: [INSTANCES.name, SERIES.name, STUDIES.name, DOSE_EVENTS.name,
-                                                    DOSE_STUDIES.name, DOSE_ALERTS.name]}
+        groups = {
+            self.cfg.stream.app_id: [INSTANCES.name],
+            self.cfg.dose.app_id: [INSTANCES.name],
+            self.cfg.sinks.archive_group: [INSTANCES.name],
+            self.cfg.sinks.opensearch_group: [
+                INSTANCES.name,
+                SERIES.name,
+                STUDIES.name,
+                DOSE_EVENTS.name,
+                DOSE_STUDIES.name,
+                DOSE_ALERTS.name,
+            ],
+        }
         return sum(group_lag(self.cfg, group, topics) for group, topics in groups.items())
 
     def _deadletter_end(self) -> dict[int, int]:
@@ -241,16 +270,20 @@ level = "warning"
 
         consumer = Consumer({"bootstrap.servers": self.cfg.kafka.bootstrap, "group.id": "faults-dl", "log_level": 0})
         try:
-            return {p: consumer.get_watermark_offsets(TopicPartition(DEADLETTER.name, p), timeout=10)[1]
-                    for p in range(self.cfg.kafka.partitions)}
+            return {
+                p: consumer.get_watermark_offsets(TopicPartition(DEADLETTER.name, p), timeout=10)[1]
+                for p in range(self.cfg.kafka.partitions)
+            }
         finally:
             consumer.close()
 
     def _new_deadletters(self, since: dict[int, int]) -> list[dict]:
         from diana.schemas.topics import DEADLETTER
 
-        return [{k: (v or b"").decode(errors="replace") for k, v in (msg.headers() or [])}
-                for msg in read_messages(self.cfg, DEADLETTER.name, since, timeout=30)]
+        return [
+            {k: (v or b"").decode(errors="replace") for k, v in (msg.headers() or [])}
+            for msg in read_messages(self.cfg, DEADLETTER.name, since, timeout=30)
+        ]
 
     @staticmethod
     def describe(files: list[Path]) -> dict[Path, tuple[str, str, str, str]]:
@@ -260,9 +293,12 @@ level = "warning"
         out = {}
         for path in files:
             ds = pydicom.dcmread(path)
-            out[path] = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
-                         stored_sha256(ds.SOPClassUID, ds.SOPInstanceUID, ds.file_meta.TransferSyntaxUID,
-                                       dataset_body(path)))
+            out[path] = (
+                ds.StudyInstanceUID,
+                ds.SeriesInstanceUID,
+                ds.SOPInstanceUID,
+                stored_sha256(ds.SOPClassUID, ds.SOPInstanceUID, ds.file_meta.TransferSyntaxUID, dataset_body(path)),
+            )
         return out
 
     def check(self, corpus: dict[Path, tuple[str, str, str, str]], acked: set, outcome: Outcome) -> list[str]:
@@ -296,18 +332,26 @@ level = "warning"
         try:
             client.indices.refresh(index="diana-*")
             studies = sorted(by_study)
-            hits = client.search(index="diana-instances", body={
-                "size": 10000, "_source": ["sop_instance_uid"], "query": {"terms": {"study_instance_uid": studies}}})
+            hits = client.search(
+                index="diana-instances",
+                body={
+                    "size": 10000,
+                    "_source": ["sop_instance_uid"],
+                    "query": {"terms": {"study_instance_uid": studies}},
+                },
+            )
             sops = [h["_source"]["sop_instance_uid"] for h in hits["hits"]["hits"]]
             outcome.indexed, outcome.duplicates = len(set(sops)), len(sops) - len(set(sops))
             acked_sops = {corpus[p][2] for p in acked}
             missing = acked_sops - set(sops)
             if missing or outcome.duplicates:
                 problems.append(f"{len(missing)} acknowledged instances not indexed, {outcome.duplicates} duplicates")
-            series_docs = client.search(index="diana-series", body={
-                "size": 10000, "query": {"terms": {"study_instance_uid": studies}}})["hits"]["hits"]
-            study_docs = client.search(index="diana-studies", body={
-                "size": 10000, "query": {"terms": {"study_instance_uid": studies}}})["hits"]["hits"]
+            series_docs = client.search(
+                index="diana-series", body={"size": 10000, "query": {"terms": {"study_instance_uid": studies}}}
+            )["hits"]["hits"]
+            study_docs = client.search(
+                index="diana-studies", body={"size": 10000, "query": {"terms": {"study_instance_uid": studies}}}
+            )["hits"]["hits"]
         except Exception as exc:  # OpenSearch still coming back
             return [*problems, f"OpenSearch: {type(exc).__name__}"]
         series_ok = sum(1 for h in series_docs if h["_source"]["instance_count"] == by_series.get(h["_id"]))
@@ -428,16 +472,22 @@ def run_scenario(suite: Suite, name: str, inject: Callable[[], None], timeout: f
 
 
 def render(outcomes: list[Outcome], args: argparse.Namespace) -> str:
-    head = ("| scenario | sent | acknowledged | failed attempts (retried) | archived | indexed | duplicates | lost "
-            "| series exact | studies exact | orphans | dead letters | time to recover (s) | invariants |")
+    head = (
+        "| scenario | sent | acknowledged | failed attempts (retried) | archived | indexed | duplicates | lost "
+        "| series exact | studies exact | orphans | dead letters | time to recover (s) | invariants |"
+    )
     rows = [head, "|" + "---|" * 14]
     for o in outcomes:
         verdict = "hold" if o.passed else "FAIL: " + "; ".join(o.problems)
-        rows.append(f"| {o.scenario} | {o.sent} | {o.acknowledged} | {o.failed_attempts} | {o.archived} | {o.indexed} "
-                    f"| {o.duplicates} | {o.lost} | {o.series_exact} | {o.studies_exact} | {o.orphans} "
-                    f"| {o.deadletters} | {o.recover_s} | {verdict} |")
-    return (f"Run: `python -m bench.faults --instances {args.instances} --associations {args.associations}"
-            f"{' --short' if args.short else ''}` on {time.strftime('%Y-%m-%d')}\n\n" + "\n".join(rows) + "\n")
+        rows.append(
+            f"| {o.scenario} | {o.sent} | {o.acknowledged} | {o.failed_attempts} | {o.archived} | {o.indexed} "
+            f"| {o.duplicates} | {o.lost} | {o.series_exact} | {o.studies_exact} | {o.orphans} "
+            f"| {o.deadletters} | {o.recover_s} | {verdict} |"
+        )
+    return (
+        f"Run: `python -m bench.faults --instances {args.instances} --associations {args.associations}"
+        f"{' --short' if args.short else ''}` on {time.strftime('%Y-%m-%d')}\n\n" + "\n".join(rows) + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -461,9 +511,11 @@ def main(argv: list[str] | None = None) -> int:
         injectors = faults(suite)
         for name in chosen:
             outcome = run_scenario(suite, name, injectors[name], args.timeout)
-            print(f"{name}: {'hold' if outcome.passed else 'FAIL ' + '; '.join(outcome.problems)} "
-                  f"(sent {outcome.sent}, acknowledged {outcome.acknowledged}, recovered in {outcome.recover_s} s)",
-                  flush=True)
+            print(
+                f"{name}: {'hold' if outcome.passed else 'FAIL ' + '; '.join(outcome.problems)} "
+                f"(sent {outcome.sent}, acknowledged {outcome.acknowledged}, recovered in {outcome.recover_s} s)",
+                flush=True,
+            )
             outcomes.append(outcome)
     finally:
         suite.stop_all()

@@ -8,6 +8,7 @@ Faust worker, both sinks); it also measures time until every instance is archive
 searchable, per-instance latency from receipt to searchable, and re-index throughput.
 Results: JSON plus a Markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,13 +17,12 @@ import os
 import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,8 +30,16 @@ REPO = Path(__file__).resolve().parent.parent
 from tests.support.dicomgen import SeriesSpec, make_study  # noqa: E402
 
 DCMTK = {"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}
-BENCH_PORTS = {"kafka": 29092, "controller": 29093, "opensearch": 29200, "transport": 29300,
-               "diana": 21112, "storescp": 21113, "orthanc": 21114, "orthanc_http": 28042}
+BENCH_PORTS = {
+    "kafka": 29092,
+    "controller": 29093,
+    "opensearch": 29200,
+    "transport": 29300,
+    "diana": 21112,
+    "storescp": 21113,
+    "orthanc": 21114,
+    "orthanc_http": 28042,
+}
 
 
 @dataclass
@@ -58,8 +66,11 @@ def _proc_stats(pid: int) -> tuple[float, float]:
     stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     cpu = (int(stat[11]) + int(stat[12]) + int(stat[13]) + int(stat[14])) / ticks
-    hwm = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-               if line.startswith("VmHWM:"))
+    hwm = next(
+        int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("VmHWM:")
+    )
     return cpu, hwm / 1024
 
 
@@ -68,19 +79,28 @@ def corpus(root: Path, ct: int, dx: int) -> list[Path]:
     per_series = max(ct // 4, 1)
     for i in range(0, ct, per_series):
         count = min(per_series, ct - i)
-        files += make_study(root / f"ct{i}", [SeriesSpec("CT", f"BENCH CT {i}", count)], rows=512,
-                            patient_id=f"BENCHCT{i}").files
+        files += make_study(
+            root / f"ct{i}", [SeriesSpec("CT", f"BENCH CT {i}", count)], rows=512, patient_id=f"BENCHCT{i}"
+        ).files
     if dx:
-        files += make_study(root / "dx", [SeriesSpec("DX", "BENCH DX", dx, body_part="CHEST")], rows=256,
-                            patient_id="BENCHDX").files
+        files += make_study(
+            root / "dx", [SeriesSpec("DX", "BENCH DX", dx, body_part="CHEST")], rows=256, patient_id="BENCHDX"
+        ).files
     return files
 
 
 def send(files: list[Path], port: int, aec: str, associations: int) -> float:
     groups = [files[i::associations] for i in range(associations)]
     started = time.monotonic()
-    procs = [subprocess.Popen(["storescu", "-aec", aec, "127.0.0.1", str(port), *map(str, g)], env=DCMTK,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for g in groups]
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aec", aec, "127.0.0.1", str(port), *map(str, g)],
+            env=DCMTK,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for g in groups
+    ]
     for p in procs:
         _, err = p.communicate()
         if p.returncode != 0:
@@ -99,8 +119,12 @@ def measure(name: str, pid: int, files: list[Path], port: int, aec: str, associa
 def start_storescp(work: Path) -> subprocess.Popen:
     out = work / "storescp"
     out.mkdir()
-    return subprocess.Popen(["storescp", "-od", str(out), str(BENCH_PORTS["storescp"])],
-                            env=DCMTK, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        ["storescp", "-od", str(out), str(BENCH_PORTS["storescp"])],
+        env=DCMTK,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def start_orthanc(work: Path) -> subprocess.Popen | None:
@@ -109,17 +133,33 @@ def start_orthanc(work: Path) -> subprocess.Popen | None:
         return None
     (work / "orthanc").mkdir()
     config = work / "orthanc.json"
-    config.write_text(json.dumps({
-        "Name": "bench", "StorageDirectory": str(work / "orthanc"), "IndexDirectory": str(work / "orthanc"),
-        "DicomAet": "ORTHANC", "DicomPort": BENCH_PORTS["orthanc"], "HttpPort": BENCH_PORTS["orthanc_http"],
-        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
-        "Plugins": [], "ConcurrentJobs": 2,
-    }))
-    proc = subprocess.Popen([binary, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={"PATH": "/usr/bin:/bin"})
+    config.write_text(
+        json.dumps(
+            {
+                "Name": "bench",
+                "StorageDirectory": str(work / "orthanc"),
+                "IndexDirectory": str(work / "orthanc"),
+                "DicomAet": "ORTHANC",
+                "DicomPort": BENCH_PORTS["orthanc"],
+                "HttpPort": BENCH_PORTS["orthanc_http"],
+                "RemoteAccessAllowed": False,
+                "AuthenticationEnabled": False,
+                "DicomCheckCalledAet": False,
+                "Plugins": [],
+                "ConcurrentJobs": 2,
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [binary, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin"}
+    )
     for _ in range(100):
-        if subprocess.run(["echoscu", "-aec", "ORTHANC", "127.0.0.1", str(BENCH_PORTS["orthanc"])],
-                          env=DCMTK, capture_output=True).returncode == 0:
+        if (
+            subprocess.run(
+                ["echoscu", "-aec", "ORTHANC", "127.0.0.1", str(BENCH_PORTS["orthanc"])], env=DCMTK, capture_output=True
+            ).returncode
+            == 0
+        ):
             return proc
         time.sleep(0.2)
     proc.kill()
@@ -131,13 +171,13 @@ def diana_config(work: Path) -> Path:
     path = work / "diana-bench.toml"
     path.write_text(f"""
 [kafka]
-bootstrap = "127.0.0.1:{p['kafka']}"
+bootstrap = "127.0.0.1:{p["kafka"]}"
 [opensearch]
-url = "http://127.0.0.1:{p['opensearch']}"
+url = "http://127.0.0.1:{p["opensearch"]}"
 [receiver]
 ae_title = "DIANA"
 host = "127.0.0.1"
-port = {p['diana']}
+port = {p["diana"]}
 metrics_port = 0
 [sinks]
 archive_metrics_port = 0
@@ -151,10 +191,10 @@ data_dir = "{work}/faust"
 quiet_seconds = "CT=5,DX=5,*=5"
 [stack]
 home = "{work}/stack"
-kafka_port = {p['kafka']}
-kafka_controller_port = {p['controller']}
-opensearch_port = {p['opensearch']}
-opensearch_transport_port = {p['transport']}
+kafka_port = {p["kafka"]}
+kafka_controller_port = {p["controller"]}
+opensearch_port = {p["opensearch"]}
+opensearch_transport_port = {p["transport"]}
 [log]
 level = "warning"
 """)
@@ -177,11 +217,12 @@ def searchable_latencies(url: str, total: int, timeout: float) -> tuple[float, l
     deadline = time.monotonic() + timeout
     while len(seen) < total and time.monotonic() < deadline:
         try:
-            hits = client.search(index="diana-instances", body={
-                "size": 10000, "_source": ["received_at"], "query": {"match_all": {}}})["hits"]["hits"]
+            hits = client.search(
+                index="diana-instances", body={"size": 10000, "_source": ["received_at"], "query": {"match_all": {}}}
+            )["hits"]["hits"]
         except Exception:  # the index does not exist yet
             hits = []
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for hit in hits:
             if hit["_id"] not in seen:
                 seen[hit["_id"]] = time.monotonic()
@@ -223,15 +264,22 @@ def main(argv: list[str] | None = None) -> int:
         files_b = corpus(work / "corpus-b", args.ct, args.dx)
         stack.reset()
         stack.start()
-        subprocess.run([sys.executable, "-m", "diana.cli", "--config", str(config), "topics"], check=True,
-                       cwd=REPO, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "diana.cli", "--config", str(config), "topics"],
+            check=True,
+            cwd=REPO,
+            capture_output=True,
+        )
         names = ("receive", "aggregate", "sink archive", "sink opensearch")
-        pipeline = {n: diana(config, *n.split(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    for n in names}
+        pipeline = {n: diana(config, *n.split(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for n in names}
         procs += pipeline.values()
         for _ in range(200):
-            if subprocess.run(["echoscu", "-aec", "DIANA", "127.0.0.1", str(BENCH_PORTS["diana"])],
-                              env=DCMTK, capture_output=True).returncode == 0:
+            if (
+                subprocess.run(
+                    ["echoscu", "-aec", "DIANA", "127.0.0.1", str(BENCH_PORTS["diana"])], env=DCMTK, capture_output=True
+                ).returncode
+                == 0
+            ):
                 break
             time.sleep(0.2)
         scp = start_storescp(work)
@@ -261,8 +309,22 @@ def main(argv: list[str] | None = None) -> int:
         # Re-index the whole instance topic with a fresh consumer.
         events = len(files) * 2
         t0 = time.monotonic()
-        rx = subprocess.run([sys.executable, "-m", "diana.cli", "--config", str(config), "reindex", "--kinds",
-                             "instances", "--no-progress"], cwd=REPO, capture_output=True, text=True)
+        rx = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "diana.cli",
+                "--config",
+                str(config),
+                "reindex",
+                "--kinds",
+                "instances",
+                "--no-progress",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
         if rx.returncode != 0:
             raise RuntimeError(rx.stderr[-2000:])
         reindex_s = time.monotonic() - t0
@@ -270,21 +332,33 @@ def main(argv: list[str] | None = None) -> int:
         reference = {r.associations: r.wall_s for r in runs if r.receiver == "storescp"}
         orthanc_rate = {r.associations: r.per_s for r in runs if r.receiver == "orthanc"}
         result = {
-            "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
             "corpus": {"instances": len(files), "megabytes": runs[0].megabytes, "ct": args.ct, "dx": args.dx},
-            "runs": [asdict(r) | {"per_s": round(r.per_s, 1), "mb_per_s": round(r.mb_per_s, 1),
-                                  "ratio_to_storescp": round(r.wall_s / reference[r.associations], 2),
-                                  "rate_vs_orthanc": round(r.per_s / orthanc_rate[r.associations], 2)
-                                  if r.associations in orthanc_rate else None}
-                     for r in runs],
-            "end_to_end": {"archived": archived, "searchable_s": round(searchable_s, 2),
-                           "pipeline_cpu_s": cpu_by_process,
-                           "searchable_vs_storescp": round(searchable_s / reference[1], 2),
-                           "stability_window_s": "CT=5,DX=5 (completion only; not in searchable_s)",
-                           "receipt_to_searchable_s": {"p50": round(pct(latencies, 0.5), 3),
-                                                       "p95": round(pct(latencies, 0.95), 3),
-                                                       "p99": round(pct(latencies, 0.99), 3)}},
+            "runs": [
+                asdict(r)
+                | {
+                    "per_s": round(r.per_s, 1),
+                    "mb_per_s": round(r.mb_per_s, 1),
+                    "ratio_to_storescp": round(r.wall_s / reference[r.associations], 2),
+                    "rate_vs_orthanc": round(r.per_s / orthanc_rate[r.associations], 2)
+                    if r.associations in orthanc_rate
+                    else None,
+                }
+                for r in runs
+            ],
+            "end_to_end": {
+                "archived": archived,
+                "searchable_s": round(searchable_s, 2),
+                "pipeline_cpu_s": cpu_by_process,
+                "searchable_vs_storescp": round(searchable_s / reference[1], 2),
+                "stability_window_s": "CT=5,DX=5 (completion only; not in searchable_s)",
+                "receipt_to_searchable_s": {
+                    "p50": round(pct(latencies, 0.5), 3),
+                    "p95": round(pct(latencies, 0.95), 3),
+                    "p99": round(pct(latencies, 0.99), 3),
+                },
+            },
             "reindex": {"events": events, "seconds": round(reindex_s, 2), "events_per_s": round(events / reindex_s)},
         }
     finally:
@@ -309,23 +383,32 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(result: dict) -> str:
     c = result["corpus"]
-    lines = [f"Corpus: {c['instances']} instances, {c['megabytes']} MB ({c['ct']} CT 512x512x16, {c['dx']} DX); "
-             f"{result['machine']['cpus']} CPUs; {result['when']}", "",
-             "| receiver | associations | wall s | inst/s | MB/s | × storescp wall | rate × Orthanc | peak RSS MB | CPU s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Corpus: {c['instances']} instances, {c['megabytes']} MB ({c['ct']} CT 512x512x16, {c['dx']} DX); "
+        f"{result['machine']['cpus']} CPUs; {result['when']}",
+        "",
+        "| receiver | associations | wall s | inst/s | MB/s | × storescp wall | rate × Orthanc | peak RSS MB | CPU s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in result["runs"]:
-        lines.append(f"| {r['receiver']} | {r['associations']} | {r['wall_s']} | {r['per_s']} | {r['mb_per_s']} | "
-                     f"{r['ratio_to_storescp']} | {r['rate_vs_orthanc'] or '-'} | {r['peak_rss_mb']} | {r['cpu_s']} |")
+        lines.append(
+            f"| {r['receiver']} | {r['associations']} | {r['wall_s']} | {r['per_s']} | {r['mb_per_s']} | "
+            f"{r['ratio_to_storescp']} | {r['rate_vs_orthanc'] or '-'} | {r['peak_rss_mb']} | {r['cpu_s']} |"
+        )
     e = result["end_to_end"]
     lat = e["receipt_to_searchable_s"]
-    lines += ["", f"End to end (diana-star, 1 association): all {c['instances']} archived and searchable "
-              f"{e['searchable_s']} s after the first send ({e['searchable_vs_storescp']} × storescp's wall time); "
-              f"receipt to searchable p50 {lat['p50']} s, p95 {lat['p95']} s, p99 {lat['p99']} s. "
-              f"Stability window (series completion, not included): {e['stability_window_s']}.",
-              "CPU seconds of each pipeline process during that run: "
-              + ", ".join(f"{k} {v}" for k, v in e["pipeline_cpu_s"].items()) + ".",
-              f"Re-index of dicom.instances by a fresh consumer: {result['reindex']['events']} events in "
-              f"{result['reindex']['seconds']} s = {result['reindex']['events_per_s']} events/s."]
+    lines += [
+        "",
+        f"End to end (diana-star, 1 association): all {c['instances']} archived and searchable "
+        f"{e['searchable_s']} s after the first send ({e['searchable_vs_storescp']} × storescp's wall time); "
+        f"receipt to searchable p50 {lat['p50']} s, p95 {lat['p95']} s, p99 {lat['p99']} s. "
+        f"Stability window (series completion, not included): {e['stability_window_s']}.",
+        "CPU seconds of each pipeline process during that run: "
+        + ", ".join(f"{k} {v}" for k, v in e["pipeline_cpu_s"].items())
+        + ".",
+        f"Re-index of dicom.instances by a fresh consumer: {result['reindex']['events']} events in "
+        f"{result['reindex']['seconds']} s = {result['reindex']['events_per_s']} events/s.",
+    ]
     return "\n".join(lines)
 
 

@@ -1,14 +1,15 @@
 """The one ``diana`` command: every service and the local stack, each a subcommand with --help."""
+
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from datetime import UTC
 from pathlib import Path
 
 import structlog
@@ -66,21 +67,29 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
         publisher.close()
     print("\n".join(summary.lines()))
     if summary.failed:
-        print("Some files could not be imported for a passing reason (broker or disk); run the same "
-              "command again: what was imported is not duplicated downstream.", file=sys.stderr)
+        print(
+            "Some files could not be imported for a passing reason (broker or disk); run the same "
+            "command again: what was imported is not duplicated downstream.",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
 def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
     from diana.stream_apps.aggregates import aggregates_loop, changelog_topic, default_worker_name
-    from diana.stream_apps.state_topics import ensure_state_topics
     from diana.stream_apps.completeness import QuietTimes
+    from diana.stream_apps.state_topics import ensure_state_topics
 
     ensure_state_topics(cfg, [changelog_topic(cfg.stream.app_id)])
     _metrics(cfg, cfg.stream.web_port)
-    loop = aggregates_loop(cfg.kafka.bootstrap, cfg.stream.app_id, default_worker_name(cfg.stream.web_port),
-                           cfg.kafka.partitions, QuietTimes.parse(cfg.stream.quiet_seconds))
+    loop = aggregates_loop(
+        cfg.kafka.bootstrap,
+        cfg.stream.app_id,
+        default_worker_name(cfg.stream.web_port),
+        cfg.kafka.partitions,
+        QuietTimes.parse(cfg.stream.quiet_seconds),
+    )
     loop.run()
     return 0
 
@@ -97,8 +106,8 @@ def cmd_dose(cfg: Config, _args: argparse.Namespace) -> int:
     except RulesError as exc:
         print(f"diana dose: {exc}", file=sys.stderr)
         return 2
-    from diana.stream_apps.state_topics import ensure_state_topics
     from diana.stream_apps.dose.agent import TABLES
+    from diana.stream_apps.state_topics import ensure_state_topics
 
     ensure_state_topics(cfg, [f"{cfg.dose.app_id}-{table}-changelog" for table in TABLES])
     app = create_app(cfg, app_id=cfg.dose.app_id, web_port=cfg.dose.web_port)
@@ -114,8 +123,11 @@ def cmd_acceptance(cfg: Config, args: argparse.Namespace) -> int:
 
     folder = Path(args.folder)
     if not (folder / "expected.json").is_file():
-        print(f"diana acceptance: no expected.json in {folder}; pass the folder of the dose acceptance files "
-              f"(e.g. diana acceptance ../shared/acceptance/dose)", file=sys.stderr)
+        print(
+            f"diana acceptance: no expected.json in {folder}; pass the folder of the dose acceptance files "
+            f"(e.g. diana acceptance ../shared/acceptance/dose)",
+            file=sys.stderr,
+        )
         return 2
     import warnings
 
@@ -136,10 +148,19 @@ def _cohort_filter(args: argparse.Namespace):
     from diana.access.cohort import CohortFilter, parse_dose_above
 
     return CohortFilter(
-        modality=args.modality or [], body_part=args.body_part or [], station=args.station or [],
-        manufacturer=args.manufacturer or [], calling_ae=args.calling_ae or [], sex=args.sex or [],
-        description=args.description, date_from=args.date_from, date_to=args.date_to, age_min=args.age_min,
-        age_max=args.age_max, dose_above=[parse_dose_above(d) for d in args.dose_above or []])
+        modality=args.modality or [],
+        body_part=args.body_part or [],
+        station=args.station or [],
+        manufacturer=args.manufacturer or [],
+        calling_ae=args.calling_ae or [],
+        sex=args.sex or [],
+        description=args.description,
+        date_from=args.date_from,
+        date_to=args.date_to,
+        age_min=args.age_min,
+        age_max=args.age_max,
+        dose_above=[parse_dose_above(d) for d in args.dose_above or []],
+    )
 
 
 def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
@@ -158,12 +179,17 @@ def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
         print(f"diana cohort: {exc}", file=sys.stderr)
         return 2
     except OSConnectionError:
-        print(f"diana cohort: OpenSearch does not answer at {cfg.opensearch.url}; start the stack "
-              f"(diana stack start) or set [opensearch] url", file=sys.stderr)
+        print(
+            f"diana cohort: OpenSearch does not answer at {cfg.opensearch.url}; start the stack "
+            f"(diana stack start) or set [opensearch] url",
+            file=sys.stderr,
+        )
         return 1
     except NotFoundError as exc:
-        print(f"diana cohort: index missing ({exc.info if hasattr(exc, 'info') else exc}); nothing indexed yet?",
-              file=sys.stderr)
+        print(
+            f"diana cohort: index missing ({exc.info if hasattr(exc, 'info') else exc}); nothing indexed yet?",
+            file=sys.stderr,
+        )
         return 1
     if args.action == "find":
         if args.output:
@@ -180,7 +206,6 @@ def _cohort_export(cfg: Config, args, client, prefix: str, study_uids: list[str]
     from tqdm import tqdm
 
     from diana.access.cohort import study_instances
-
     from diana.access.deid import Deidentifier
     from diana.access.export import ExportError, export_instances
 
@@ -189,13 +214,17 @@ def _cohort_export(cfg: Config, args, client, prefix: str, study_uids: list[str]
     if deidentify:
         secret_file = args.secret_file or cfg.export.site_secret_file
         if not secret_file:
-            print("diana cohort export: de-identification needs a site secret: create one with "
-                  "'head -c 32 /dev/urandom > site.secret; chmod 600 site.secret' and pass --secret-file "
-                  "site.secret (or set [export] site_secret_file)", file=sys.stderr)
+            print(
+                "diana cohort export: de-identification needs a site secret: create one with "
+                "'head -c 32 /dev/urandom > site.secret; chmod 600 site.secret' and pass --secret-file "
+                "site.secret (or set [export] site_secret_file)",
+                file=sys.stderr,
+            )
             return 2
         try:
-            deidentifier = Deidentifier(cfg.path(Path(secret_file)).read_bytes(),
-                                        retain_descriptions=args.retain_descriptions)
+            deidentifier = Deidentifier(
+                cfg.path(Path(secret_file)).read_bytes(), retain_descriptions=args.retain_descriptions
+            )
         except (OSError, ValueError) as exc:
             print(f"diana cohort export: site secret {secret_file}: {exc}", file=sys.stderr)
             return 2
@@ -205,10 +234,14 @@ def _cohort_export(cfg: Config, args, client, prefix: str, study_uids: list[str]
     instances = study_instances(client, prefix, study_uids)
     try:
         with tqdm(total=len(instances), unit="obj", desc="export", disable=args.no_progress) as bar:
-            summary = export_instances(instances, cfg.path(cfg.storage.archive_dir), Path(args.out),
-                                       deidentifier=deidentifier,
-                                       key_file=Path(args.key_file) if args.key_file else None,
-                                       progress=bar.update)
+            summary = export_instances(
+                instances,
+                cfg.path(cfg.storage.archive_dir),
+                Path(args.out),
+                deidentifier=deidentifier,
+                key_file=Path(args.key_file) if args.key_file else None,
+                progress=bar.update,
+            )
     except ExportError as exc:
         print(f"diana cohort export: {exc}", file=sys.stderr)
         return 2
@@ -229,11 +262,16 @@ def cmd_dashboards(cfg: Config, args: argparse.Namespace) -> int:
     try:
         result = install(args.url, ndjson)
     except requests.RequestException as exc:
-        print(f"diana dashboards: import into {args.url} failed: {exc}. Is OpenSearch Dashboards running there? "
-              f"The file can also be imported by hand: {NDJSON_PATH}", file=sys.stderr)
+        print(
+            f"diana dashboards: import into {args.url} failed: {exc}. Is OpenSearch Dashboards running there? "
+            f"The file can also be imported by hand: {NDJSON_PATH}",
+            file=sys.stderr,
+        )
         return 1
-    print(f"imported {result.get('successCount', 0)} saved objects into {args.url}"
-          + ("" if result.get("success", False) else f"; errors: {result.get('errors')}"))
+    print(
+        f"imported {result.get('successCount', 0)} saved objects into {args.url}"
+        + ("" if result.get("success", False) else f"; errors: {result.get('errors')}")
+    )
     return 0 if result.get("success", False) else 1
 
 
@@ -244,8 +282,8 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     from opensearchpy import OpenSearch
     from opensearchpy.exceptions import ConnectionError as OSConnectionError
 
-    from diana.durable import write_atomic
     from diana.access.report import build_report
+    from diana.durable import write_atomic
 
     try:
         end = date.fromisoformat(args.to_date) if args.to_date else date.today()
@@ -257,8 +295,7 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
         print(f"diana report: --from {start} is after --to {end}", file=sys.stderr)
         return 2
     try:
-        page = build_report(OpenSearch(hosts=[cfg.opensearch.url], timeout=60), cfg.opensearch.index_prefix,
-                            start, end)
+        page = build_report(OpenSearch(hosts=[cfg.opensearch.url], timeout=60), cfg.opensearch.index_prefix, start, end)
     except OSConnectionError:
         print(f"diana report: OpenSearch does not answer at {cfg.opensearch.url}", file=sys.stderr)
         return 1
@@ -277,8 +314,12 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
         from diana.sinks.consumer import Reporter
 
         report = Reporter(cfg.kafka.bootstrap, ARCHIVE_CONFLICTS.name, ARCHIVE_CONFLICTS.schema, "sop_instance_uid")
-        sink = ArchiveSink(cfg.path(cfg.storage.landing_dir), cfg.path(cfg.storage.archive_dir),
-                           policy=cfg.sinks.archive_conflict_policy, report=report)
+        sink = ArchiveSink(
+            cfg.path(cfg.storage.landing_dir),
+            cfg.path(cfg.storage.archive_dir),
+            policy=cfg.sinks.archive_conflict_policy,
+            report=report,
+        )
         group, port = cfg.sinks.archive_group, cfg.sinks.archive_metrics_port
     else:
         from opensearchpy import OpenSearch
@@ -286,8 +327,7 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
         from diana.sinks.opensearch import IndexLayout, OpenSearchSink
 
         client = OpenSearch(hosts=[cfg.opensearch.url], timeout=30)
-        sink = OpenSearchSink(client, IndexLayout(cfg.opensearch.index_prefix),
-                              max_bytes=cfg.sinks.bulk_max_bytes)
+        sink = OpenSearchSink(client, IndexLayout(cfg.opensearch.index_prefix), max_bytes=cfg.sinks.bulk_max_bytes)
         group, port = cfg.sinks.opensearch_group, cfg.sinks.opensearch_metrics_port
     _metrics(cfg, port)
     run_sink(sink, cfg.kafka.bootstrap, group, stop, batch_size=cfg.opensearch.bulk_max_docs)
@@ -306,7 +346,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_replay(cfg: Config, args: argparse.Namespace) -> int:
     """Move a stopped consumer group to the beginning, the end, a time or an offset."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from diana.operations.replay import ReplayError, apply_replay, plan_replay
 
@@ -315,10 +355,12 @@ def cmd_replay(cfg: Config, args: argparse.Namespace) -> int:
         try:
             when = datetime.fromisoformat(args.to_datetime)
         except ValueError:
-            print(f"diana replay: --to-datetime {args.to_datetime!r} is not ISO 8601 "
-                  f"(e.g. 2024-03-15T08:00:00+00:00)", file=sys.stderr)
+            print(
+                f"diana replay: --to-datetime {args.to_datetime!r} is not ISO 8601 (e.g. 2024-03-15T08:00:00+00:00)",
+                file=sys.stderr,
+            )
             return 2
-        when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
     to = "beginning" if args.to_beginning else "end" if args.to_end else "datetime" if when else "offset"
     try:
         moves = plan_replay(cfg, args.group, args.topic, to=to, when=when, offset=args.to_offset)
@@ -365,21 +407,29 @@ def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
     from opensearchpy import OpenSearch
     from tqdm import tqdm
 
+    from diana.operations.reindex import Reindexer
     from diana.sinks.consumer import DeadLetters
     from diana.sinks.opensearch import IndexLayout
-    from diana.operations.reindex import Reindexer
 
     kinds = args.kinds.split(",")
     layout = IndexLayout(cfg.opensearch.index_prefix)
     unknown = sorted(set(kinds) - set(layout.id_fields))
     if unknown:
-        print(f"diana reindex: unknown kind(s) {', '.join(unknown)}; valid: {', '.join(layout.id_fields)}",
-              file=sys.stderr)
+        print(
+            f"diana reindex: unknown kind(s) {', '.join(unknown)}; valid: {', '.join(layout.id_fields)}",
+            file=sys.stderr,
+        )
         return 2
     client = OpenSearch(hosts=[cfg.opensearch.url], timeout=60)
-    reindexer = Reindexer(client, layout, cfg.kafka.bootstrap, DeadLetters(cfg.kafka.bootstrap, "reindex"),
-                          max_bytes=cfg.sinks.bulk_max_bytes)
+    reindexer = Reindexer(
+        client,
+        layout,
+        cfg.kafka.bootstrap,
+        DeadLetters(cfg.kafka.bootstrap, "reindex"),
+        max_bytes=cfg.sinks.bulk_max_bytes,
+    )
     with tqdm(unit="event", desc="reindex", disable=args.no_progress) as bar:
+
         def set_total(total: int) -> None:
             bar.total = total
             bar.refresh()
@@ -448,8 +498,13 @@ def _wait_for_receiver(cfg: Config, proc: subprocess.Popen, timeout: float = 60.
     raise RuntimeError("the receiver did not answer a C-ECHO; see its log above")
 
 
-_PIPELINE = (("receiver", ["receive"]), ("aggregates", ["aggregate"]), ("dose", ["dose"]),
-             ("archive-sink", ["sink", "archive"]), ("opensearch-sink", ["sink", "opensearch"]))
+_PIPELINE = (
+    ("receiver", ["receive"]),
+    ("aggregates", ["aggregate"]),
+    ("dose", ["dose"]),
+    ("archive-sink", ["sink", "archive"]),
+    ("opensearch-sink", ["sink", "opensearch"]),
+)
 
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
@@ -487,7 +542,7 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
                     stop.set()
             stop.wait(1.0)
     finally:
-        for name, proc in procs.items():
+        for proc in procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for name, proc in procs.items():
@@ -509,54 +564,79 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diana",
         description="diana-star: DICOM ingress to a durable Kafka event stream, archive and OpenSearch index.",
     )
-    p.add_argument("--config", metavar="FILE",
-                   help="TOML config file (default: $DIANA_CONFIG; settings also via DIANA_<SECTION>_<KEY>)")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML config file (default: $DIANA_CONFIG; settings also via DIANA_<SECTION>_<KEY>)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="start the local stack and the whole pipeline (the main job)",
-                         description=cmd_run.__doc__)
+    run = sub.add_parser(
+        "run", help="start the local stack and the whole pipeline (the main job)", description=cmd_run.__doc__
+    )
     run.add_argument("--no-stack", action="store_true", help="use an already running Kafka and OpenSearch")
     run.add_argument("--keep-stack", action="store_true", help="leave Kafka and OpenSearch running on exit")
     run.set_defaults(func=cmd_run)
 
-    sub.add_parser("receive", help="run the DICOM C-STORE receiver",
-                   description="Run the C-STORE/C-ECHO SCP: land each object durably, publish "
-                               "InstanceArrived, answer success only after the broker acknowledged."
-                   ).set_defaults(func=cmd_receive)
-    imp = sub.add_parser("import", help="publish existing DICOM files (folders, zips, DICOMDIRs)",
-                         description=cmd_import.__doc__ + " Each object is validated, landed and published "
-                         "exactly like a C-STORE; non-DICOM files are skipped; a summary lists what was "
-                         "rejected and why. Exit status 1 if anything failed for a passing reason.")
+    sub.add_parser(
+        "receive",
+        help="run the DICOM C-STORE receiver",
+        description="Run the C-STORE/C-ECHO SCP: land each object durably, publish "
+        "InstanceArrived, answer success only after the broker acknowledged.",
+    ).set_defaults(func=cmd_receive)
+    imp = sub.add_parser(
+        "import",
+        help="publish existing DICOM files (folders, zips, DICOMDIRs)",
+        description=cmd_import.__doc__ + " Each object is validated, landed and published "
+        "exactly like a C-STORE; non-DICOM files are skipped; a summary lists what was "
+        "rejected and why. Exit status 1 if anything failed for a passing reason.",
+    )
     imp.add_argument("paths", nargs="+", metavar="PATH", help="a folder, a .zip, or a DICOMDIR file")
     imp.add_argument("--workers", type=int, default=8, help="objects in flight at once (default 8)")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in scripts)")
     imp.set_defaults(func=cmd_import)
 
-    sub.add_parser("aggregate", help="run the worker for series and study aggregates",
-                   description="Run the exactly-once worker (Kafka transactions) that folds dicom.instances "
-                               "into dicom.series and dicom.studies, with completion verdicts. Several "
-                               "workers share the partitions; give each its own [stream] web_port (its "
-                               "Prometheus metrics, and its name).").set_defaults(func=cmd_aggregate)
-    sub.add_parser("dose", help="run the Faust worker for dose records and dose alerts",
-                   description="Run the Faust worker that extracts dose events from dose reports and image "
-                               "headers in dicom.instances, folds them per study into dose.events and "
-                               "dose.studies, and raises dose.alerts ([dose] alert_rules, docs/DOSE.md)."
-                   ).set_defaults(func=cmd_dose)
-    acc = sub.add_parser("acceptance", help="check dose extraction against real vendor dose reports",
-                         description=cmd_acceptance.__doc__ + " Reports every mismatch with file, field, "
-                         "expected and got; exit status 1 if any value mismatches.")
-    acc.add_argument("folder", nargs="?", default=str(Path(__file__).resolve().parents[1].parent / "shared" /
-                                                       "acceptance" / "dose"),
-                     help="folder with expected.json and the .dcm files (default: ../shared/acceptance/dose)")
+    sub.add_parser(
+        "aggregate",
+        help="run the worker for series and study aggregates",
+        description="Run the exactly-once worker (Kafka transactions) that folds dicom.instances "
+        "into dicom.series and dicom.studies, with completion verdicts. Several "
+        "workers share the partitions; give each its own [stream] web_port (its "
+        "Prometheus metrics, and its name).",
+    ).set_defaults(func=cmd_aggregate)
+    sub.add_parser(
+        "dose",
+        help="run the Faust worker for dose records and dose alerts",
+        description="Run the Faust worker that extracts dose events from dose reports and image "
+        "headers in dicom.instances, folds them per study into dose.events and "
+        "dose.studies, and raises dose.alerts ([dose] alert_rules, docs/DOSE.md).",
+    ).set_defaults(func=cmd_dose)
+    acc = sub.add_parser(
+        "acceptance",
+        help="check dose extraction against real vendor dose reports",
+        description=cmd_acceptance.__doc__ + " Reports every mismatch with file, field, "
+        "expected and got; exit status 1 if any value mismatches.",
+    )
+    acc.add_argument(
+        "folder",
+        nargs="?",
+        default=str(Path(__file__).resolve().parents[1].parent / "shared" / "acceptance" / "dose"),
+        help="folder with expected.json and the .dcm files (default: ../shared/acceptance/dose)",
+    )
     acc.set_defaults(func=cmd_acceptance)
-    cohort = sub.add_parser("cohort", help="find studies by filters; export them (optionally de-identified)",
-                            description=cmd_cohort.__doc__)
+    cohort = sub.add_parser(
+        "cohort", help="find studies by filters; export them (optionally de-identified)", description=cmd_cohort.__doc__
+    )
     cohort_sub = cohort.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, text in (("find", "print the matching studies, or write them as CSV/JSON"),
-                         ("export", "copy the matching studies' objects from the archive into a folder or .zip, "
-                                    "verifying hashes")):
-        ap = cohort_sub.add_parser(action, help=text, description=text + ". Filters combine with AND; a "
-                                   "repeated filter matches any of its values.")
+    for action, text in (
+        ("find", "print the matching studies, or write them as CSV/JSON"),
+        ("export", "copy the matching studies' objects from the archive into a folder or .zip, verifying hashes"),
+    ):
+        ap = cohort_sub.add_parser(
+            action,
+            help=text,
+            description=text + ". Filters combine with AND; a repeated filter matches any of its values.",
+        )
         f = ap.add_argument_group("filters")
         f.add_argument("--modality", action="append", metavar="M", help="e.g. CT (repeatable)")
         f.add_argument("--date-from", metavar="YYYY-MM-DD", help="study date on or after")
@@ -569,9 +649,13 @@ def build_parser() -> argparse.ArgumentParser:
         f.add_argument("--age-min", type=float, metavar="YEARS", help="patient age at the study")
         f.add_argument("--age-max", type=float, metavar="YEARS")
         f.add_argument("--sex", action="append", metavar="M|F|O")
-        f.add_argument("--dose-above", action="append", metavar="METRIC=VALUE",
-                       help="e.g. total_dlp_mGycm=500 (metrics: total_dlp_mGycm, max_ctdivol_mGy, total_dap_Gym2, "
-                            "dose_rp_total_mGy, agd_left_mGy, agd_right_mGy, administered_activity_MBq, fluoro_time_s)")
+        f.add_argument(
+            "--dose-above",
+            action="append",
+            metavar="METRIC=VALUE",
+            help="e.g. total_dlp_mGycm=500 (metrics: total_dlp_mGycm, max_ctdivol_mGy, total_dap_Gym2, "
+            "dose_rp_total_mGy, agd_left_mGy, agd_right_mGy, administered_activity_MBq, fluoro_time_s)",
+        )
         ap.add_argument("--limit", type=int, default=10_000, help="at most this many studies (default 10000)")
         if action == "find":
             ap.add_argument("--output", "-o", metavar="FILE", help="write to FILE (.csv or .json) instead of a table")
@@ -579,49 +663,84 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             ap.add_argument("--out", required=True, metavar="PATH", help="a new folder, or a file ending in .zip")
             ap.add_argument("--research", action="store_true", help="research export: de-identified by default")
-            ap.add_argument("--deidentify", dest="deidentify", action="store_true", default=None,
-                            help="de-identify (PS3.15 Annex E basic profile, consistent pseudonyms)")
-            ap.add_argument("--no-deidentify", dest="deidentify", action="store_false",
-                            help="byte-identical copies, even with --research")
-            ap.add_argument("--secret-file", metavar="FILE", help="site secret keying the pseudonyms "
-                            "(default: [export] site_secret_file)")
-            ap.add_argument("--key-file", metavar="FILE", help="also write pseudonym -> original identity here "
-                            "(CSV, mode 600); written nowhere unless asked")
-            ap.add_argument("--retain-descriptions", action="store_true",
-                            help="keep study/series descriptions and protocol names (Annex E retain option)")
+            ap.add_argument(
+                "--deidentify",
+                dest="deidentify",
+                action="store_true",
+                default=None,
+                help="de-identify (PS3.15 Annex E basic profile, consistent pseudonyms)",
+            )
+            ap.add_argument(
+                "--no-deidentify",
+                dest="deidentify",
+                action="store_false",
+                help="byte-identical copies, even with --research",
+            )
+            ap.add_argument(
+                "--secret-file",
+                metavar="FILE",
+                help="site secret keying the pseudonyms (default: [export] site_secret_file)",
+            )
+            ap.add_argument(
+                "--key-file",
+                metavar="FILE",
+                help="also write pseudonym -> original identity here (CSV, mode 600); written nowhere unless asked",
+            )
+            ap.add_argument(
+                "--retain-descriptions",
+                action="store_true",
+                help="keep study/series descriptions and protocol names (Annex E retain option)",
+            )
             ap.add_argument("--no-progress", action="store_true", help="no progress bar")
         ap.set_defaults(func=cmd_cohort)
-    dash = sub.add_parser("dashboards", help="install the OpenSearch Dashboards saved objects",
-                          description=cmd_dashboards.__doc__ + " 'export' writes the saved-objects file instead "
-                          "(compose/dashboards/diana-star.ndjson holds the same).")
+    dash = sub.add_parser(
+        "dashboards",
+        help="install the OpenSearch Dashboards saved objects",
+        description=cmd_dashboards.__doc__ + " 'export' writes the saved-objects file instead "
+        "(compose/dashboards/diana-star.ndjson holds the same).",
+    )
     dash.add_argument("action", choices=["install", "export"])
     dash.add_argument("--url", default="http://127.0.0.1:5601", help="Dashboards URL (default http://127.0.0.1:5601)")
     dash.add_argument("--output", "-o", metavar="FILE", help="export: write here instead of standard output")
     dash.set_defaults(func=cmd_dashboards)
-    rep = sub.add_parser("report", help="write a self-contained HTML report of ingest and dose",
-                         description=cmd_report.__doc__)
+    rep = sub.add_parser(
+        "report", help="write a self-contained HTML report of ingest and dose", description=cmd_report.__doc__
+    )
     rep.add_argument("--from", dest="from_date", metavar="YYYY-MM-DD", help="first day (default: 30 days before --to)")
     rep.add_argument("--to", dest="to_date", metavar="YYYY-MM-DD", help="last day, by arrival (default: today)")
     rep.add_argument("--out", required=True, metavar="FILE.html")
     rep.set_defaults(func=cmd_report)
-    sink = sub.add_parser("sink", help="run a sink (archive or opensearch)",
-                          description="Run a sink: consume, write durably and idempotently, then commit.")
+    sink = sub.add_parser(
+        "sink",
+        help="run a sink (archive or opensearch)",
+        description="Run a sink: consume, write durably and idempotently, then commit.",
+    )
     sink.add_argument("sink", choices=["archive", "opensearch"])
     sink.set_defaults(func=cmd_sink)
 
-    stack = sub.add_parser("stack", help="control the no-Docker local stack (Kafka, OpenSearch)",
-                           description="Install (download once), start (and create topics), stop, reset "
-                                       "(delete all data) or show the status of the local Kafka and OpenSearch.")
-    stack.add_argument("action", choices=["install", "start", "stop", "status", "reset"],
-                       help="reset stops both servers and deletes their data")
+    stack = sub.add_parser(
+        "stack",
+        help="control the no-Docker local stack (Kafka, OpenSearch)",
+        description="Install (download once), start (and create topics), stop, reset "
+        "(delete all data) or show the status of the local Kafka and OpenSearch.",
+    )
+    stack.add_argument(
+        "action",
+        choices=["install", "start", "stop", "status", "reset"],
+        help="reset stops both servers and deletes their data",
+    )
     stack.set_defaults(func=cmd_stack)
 
-    sub.add_parser("status", help="offsets, consumer lag, index counts, archive size",
-                   description=cmd_status.__doc__).set_defaults(func=cmd_status)
+    sub.add_parser(
+        "status", help="offsets, consumer lag, index counts, archive size", description=cmd_status.__doc__
+    ).set_defaults(func=cmd_status)
 
-    rp = sub.add_parser("replay", help="move a stopped consumer group for reprocessing",
-                        description=cmd_replay.__doc__ + " Stop the group's consumers first; start them "
-                        "again afterwards and they reprocess from the new position.")
+    rp = sub.add_parser(
+        "replay",
+        help="move a stopped consumer group for reprocessing",
+        description=cmd_replay.__doc__ + " Stop the group's consumers first; start them "
+        "again afterwards and they reprocess from the new position.",
+    )
     rp.add_argument("group", help="consumer group, e.g. diana-sink-opensearch, diana-sink-archive, diana-aggregates")
     where = rp.add_mutually_exclusive_group(required=True)
     where.add_argument("--to-beginning", action="store_true", help="reprocess everything still in the topics")
@@ -633,17 +752,24 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--watch", action="store_true", help="then show the group's lag draining, with events/s")
     rp.set_defaults(func=cmd_replay)
 
-    ri = sub.add_parser("reindex", help="rebuild OpenSearch indices from the topics, swap aliases",
-                        description=cmd_reindex.__doc__ + " The old versions stay unless --delete-old.")
-    ri.add_argument("--kinds", default="instances,series,studies,dose-events,dose-studies,dose-alerts,deadletters",
-                    help="comma-separated: instances, series, studies, dose-events, dose-studies, dose-alerts, deadletters "
-                         "(default: all)")
+    ri = sub.add_parser(
+        "reindex",
+        help="rebuild OpenSearch indices from the topics, swap aliases",
+        description=cmd_reindex.__doc__ + " The old versions stay unless --delete-old.",
+    )
+    ri.add_argument(
+        "--kinds",
+        default="instances,series,studies,dose-events,dose-studies,dose-alerts,deadletters",
+        help="comma-separated: instances, series, studies, dose-events, dose-studies, dose-alerts, deadletters "
+        "(default: all)",
+    )
     ri.add_argument("--delete-old", action="store_true", help="delete the previous versions after the swap")
     ri.add_argument("--no-progress", action="store_true", help="no progress bar")
     ri.set_defaults(func=cmd_reindex)
 
-    sub.add_parser("topics", help="create the missing topics",
-                   description="Create every diana-star topic that does not exist yet.").set_defaults(func=cmd_topics)
+    sub.add_parser(
+        "topics", help="create the missing topics", description="Create every diana-star topic that does not exist yet."
+    ).set_defaults(func=cmd_topics)
     return p
 
 
@@ -653,8 +779,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         message = f"unrecognized arguments: {' '.join(unknown)}"
         if args.command == "cohort":
-            message += ("; valid filters: --modality, --date-from, --date-to, --body-part, --description, "
-                        "--station, --manufacturer, --calling-ae, --age-min, --age-max, --sex, --dose-above")
+            message += (
+                "; valid filters: --modality, --date-from, --date-to, --body-part, --description, "
+                "--station, --manufacturer, --calling-ae, --age-min, --age-max, --sex, --dose-above"
+            )
         parser.error(message)
     try:
         cfg = load_config(args.config)

@@ -5,14 +5,16 @@ Read once, in one place: defaults, then a TOML file, then environment variables
 ``DIANA_*`` variables are rejected at start-up, so a typo is an error, not a silent default.
 Nothing else in the code base reads ``os.environ`` for settings.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["Config", "ConfigError", "load_config", "ENV_CONFIG_FILE"]
 
@@ -207,8 +209,7 @@ def _build_section(section: str, values: Mapping[str, Any], source: str) -> Any:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(
-            f"{source}: unknown key(s) {', '.join(unknown)} in [{section}]; "
-            f"valid keys: {', '.join(sorted(known))}"
+            f"{source}: unknown key(s) {', '.join(unknown)} in [{section}]; valid keys: {', '.join(sorted(known))}"
         )
     coerced = {k: _coerce(section, k, getattr(default, k), v) for k, v in values.items()}
     return dataclasses.replace(default, **coerced)

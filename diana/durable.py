@@ -3,15 +3,16 @@
 Every write is atomic and durable: a temp file in the target's folder, fsync, rename over the
 target, fsync of the folder. A crash leaves either nothing or the whole file.
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 __all__ = ["fsync_dir", "write_atomic", "place_file", "sha256_file", "contained_path"]
 

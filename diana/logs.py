@@ -3,6 +3,7 @@
 Log lines carry identifiers (association, SOP Instance UID, topic/partition/offset), never
 patient names: callers pass only validated identifiers as fields.
 """
+
 from __future__ import annotations
 
 import logging

@@ -6,6 +6,7 @@ study fold deduplicates. Expected field names carry their unit (``_Gy``, ``_ms``
 are converted to the canonical units of diana-star's records (docs/DOSE.md) before comparing.
 Numbers match to 6 significant digits; strings and booleans exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,18 @@ DISPUTED = {
     ("CT-RDSR-Siemens-Continued-1.dcm", "study.ct_events_total"): (
         "the two reports carry four different Irradiation Event UIDs (.6, .7 and .11, .12), four "
         "exposures minutes apart with different DLPs; counting each event once gives 4. The peer "
-        "(OpenREM test_import_ct_rdsr_continued) also keeps 4 events, as two studies of 2 each."),
+        "(OpenREM test_import_ct_rdsr_continued) also keeps 4 events, as two studies of 2 each."
+    ),
 }
 
 # expected unit suffix -> (suffix of our field, factor from the expected unit to ours): the unit
 # table of the extraction itself (units.py), so the two can never disagree.
-_UNITS = {unit: (canonical, factor) for quantity, (canonical, factors) in CANONICAL.items() if quantity != "ratio"
-          for unit, factor in factors.items()}
+_UNITS = {
+    unit: (canonical, factor)
+    for quantity, (canonical, factors) in CANONICAL.items()
+    if quantity != "ratio"
+    for unit, factor in factors.items()
+}
 
 
 @dataclass(frozen=True)
@@ -94,9 +100,12 @@ def _compare(file: str, scope: str, expected: dict, got: dict) -> list[Mismatch]
 
 def _study_checks(file: str, scope: str, expected: dict, studies: dict[str, dict]) -> list[Mismatch]:
     summaries = [summarize(state) for state in studies.values()]
-    counts = {"dose_studies_total": len(summaries), "dose_studies_created": len(summaries),
-              "is_dose_report": bool(summaries),
-              "ct_events_total": sum(s["events"] for s, _ in summaries if "CT" in (s.get("kind") or ""))}
+    counts = {
+        "dose_studies_total": len(summaries),
+        "dose_studies_created": len(summaries),
+        "is_dose_report": bool(summaries),
+        "ct_events_total": sum(s["events"] for s, _ in summaries if "CT" in (s.get("kind") or "")),
+    }
     special = {k: v for k, v in expected.items() if k in counts}
     rest = {k: v for k, v in expected.items() if k not in counts}
     out = _compare(file, scope, special, counts)
@@ -121,8 +130,9 @@ def check_file(folder: Path, name: str, spec: dict) -> list[Mismatch]:
         if index >= len(record["events"]):
             out.append(Mismatch(name, f"events[{index}]", "an event", f"only {len(record['events'])} events"))
             continue
-        out += _compare(name, f"events[{index}]", {k: v for k, v in want.items() if k != "index"},
-                        record["events"][index])
+        out += _compare(
+            name, f"events[{index}]", {k: v for k, v in want.items() if k != "index"}, record["events"][index]
+        )
     if "study" in spec:
         group = [path, *(folder / other for other in spec.get("together_with", []))]
         out += _study_checks(name, "study", spec["study"], _fold(group))

@@ -8,12 +8,13 @@
    version just before the swap reaches the new one too (writes are idempotent).
 The old versions are deleted only on request.
 """
+
 from __future__ import annotations
 
 import re
 import threading
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, TopicPartition
@@ -37,16 +38,26 @@ def current_version(client: OpenSearch, layout: IndexLayout, kind: str) -> int:
 
 
 class Reindexer:
-    def __init__(self, client: OpenSearch, layout: IndexLayout, bootstrap: str, dead: DeadLetters,
-                 max_bytes: int = 5_000_000, batch: int = 2000):
+    def __init__(
+        self,
+        client: OpenSearch,
+        layout: IndexLayout,
+        bootstrap: str,
+        dead: DeadLetters,
+        max_bytes: int = 5_000_000,
+        batch: int = 2000,
+    ):
         self.client, self.layout, self.bootstrap, self.dead = client, layout, bootstrap, dead
         self.max_bytes, self.batch = max_bytes, batch
 
     def next_version(self, kinds: list[str]) -> int:
         existing = []
         for kind in kinds:
-            existing += [int(m.group(1)) for n in self.client.indices.get(index=f"{self.layout.alias(kind)}-v*")
-                         if (m := re.search(r"-v(\d+)$", n))]
+            existing += [
+                int(m.group(1))
+                for n in self.client.indices.get(index=f"{self.layout.alias(kind)}-v*")
+                if (m := re.search(r"-v(\d+)$", n))
+            ]
         return max(existing, default=0) + 1
 
     def _create(self, kinds: list[str], version: int) -> None:
@@ -54,8 +65,14 @@ class Reindexer:
             install_template(self.client, self.layout, kind)
             self.client.indices.create(index=self.layout.index(kind, version))
 
-    def _catch_up(self, consumer: Consumer, sink: OpenSearchSink, position: dict[tuple[str, int], int],
-                  ends: dict[tuple[str, int], int], progress: Callable[[int], None]) -> None:
+    def _catch_up(
+        self,
+        consumer: Consumer,
+        sink: OpenSearchSink,
+        position: dict[tuple[str, int], int],
+        ends: dict[tuple[str, int], int],
+        progress: Callable[[int], None],
+    ) -> None:
         """Consume until every partition's ``position`` reached its end offset in ``ends``.
 
         A partition's end-of-partition event also moves its position: a topic written in Kafka
@@ -75,16 +92,28 @@ class Reindexer:
                 elif m.error().code() == KafkaError._PARTITION_EOF:
                     position[tp] = max(position[tp], m.offset())
 
-    def run(self, kinds: list[str], progress: Callable[[int], None], set_total: Callable[[int], None],
-            delete_old: bool = False) -> dict[str, tuple[int, int]]:
+    def run(
+        self,
+        kinds: list[str],
+        progress: Callable[[int], None],
+        set_total: Callable[[int], None],
+        delete_old: bool = False,
+    ) -> dict[str, tuple[int, int]]:
         """Rebuild ``kinds``; return kind -> (old version, new version)."""
         topics = [t for t, k in self.layout.kinds.items() if k in kinds]
         old = {kind: current_version(self.client, self.layout, kind) for kind in kinds}
         version = self.next_version(kinds)
         self._create(kinds, version)
         sink = OpenSearchSink(self.client, self.layout, max_bytes=self.max_bytes, index_version=version)
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"diana-reindex-{uuid.uuid4()}",
-                             "enable.auto.commit": False, "enable.partition.eof": True, "log_level": 3})
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": f"diana-reindex-{uuid.uuid4()}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "log_level": 3,
+            }
+        )
         try:
             ends, starts = {}, {}
             for topic in topics:
@@ -105,7 +134,7 @@ class Reindexer:
             self.client.indices.update_aliases(body={"actions": actions})
             log.info("reindex.swapped", version=version, kinds=kinds)
             later = {}
-            for (t, p) in ends:
+            for t, p in ends:
                 later[(t, p)] = consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
             set_total(sum(later[tp] - starts[tp] for tp in later))
             self._catch_up(consumer, sink, position, later, progress)

@@ -4,6 +4,7 @@ The group must be stopped (no active members): Kafka refuses to move the offsets
 group, and a live consumer would overwrite them. Moves to the beginning, the end, a point in
 time, or an offset; --dry-run shows what would move.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,19 +35,32 @@ class Move:
         return max((self.current or 0) - self.target, 0) if self.current is not None else 0
 
 
-def plan_replay(cfg: Config, group: str, topics: list[str] | None, *, to: str,
-                when: datetime | None = None, offset: int | None = None) -> list[Move]:
+def plan_replay(
+    cfg: Config,
+    group: str,
+    topics: list[str] | None,
+    *,
+    to: str,
+    when: datetime | None = None,
+    offset: int | None = None,
+) -> list[Move]:
     admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
     described = admin.describe_consumer_groups([group])[group].result()
     if described.state not in (ConsumerGroupState.EMPTY, ConsumerGroupState.DEAD, ConsumerGroupState.UNKNOWN):
         members = ", ".join(m.client_id for m in described.members) or "?"
-        raise ReplayError(f"group {group} is {described.state.name.lower()} with members ({members}): "
-                          f"stop its consumers first (e.g. the `diana sink ...` or `diana aggregate` process)")
+        raise ReplayError(
+            f"group {group} is {described.state.name.lower()} with members ({members}): "
+            f"stop its consumers first (e.g. the `diana sink ...` or `diana aggregate` process)"
+        )
     if not topics:
         probe = watermarks(cfg, [t for t in admin.list_topics(timeout=10).topics if not t.startswith("__")])
-        committed = admin.list_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t, ps in probe.items() for p in ps])]
-        )[group].result().topic_partitions
+        committed = (
+            admin.list_consumer_group_offsets(
+                [ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t, ps in probe.items() for p in ps])]
+            )[group]
+            .result()
+            .topic_partitions
+        )
         topics = sorted({tp.topic for tp in committed if tp.offset >= 0})
         if not topics:
             raise ReplayError(f"group {group} has no committed offsets: name the topics with --topic")
@@ -58,16 +72,18 @@ def plan_replay(cfg: Config, group: str, topics: list[str] | None, *, to: str,
         (tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None)
         for tp in admin.list_consumer_group_offsets(
             [ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t in marks for p in marks[t]])]
-        )[group].result().topic_partitions
+        )[group]
+        .result()
+        .topic_partitions
     }
     targets: dict[tuple[str, int], int] = {}
     if to == "datetime":
-        consumer = Consumer({"bootstrap.servers": cfg.kafka.bootstrap, "group.id": "diana-replay-probe",
-                             "log_level": 3})
+        consumer = Consumer(
+            {"bootstrap.servers": cfg.kafka.bootstrap, "group.id": "diana-replay-probe", "log_level": 3}
+        )
         try:
             ms = int(when.timestamp() * 1000)
-            found = consumer.offsets_for_times([TopicPartition(t, p, ms) for t in marks for p in marks[t]],
-                                               timeout=10)
+            found = consumer.offsets_for_times([TopicPartition(t, p, ms) for t in marks for p in marks[t]], timeout=10)
         finally:
             consumer.close()
         for tp in found:

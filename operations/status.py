@@ -4,6 +4,7 @@ Per topic and partition: first and end offsets. Per consumer group: lag per topi
 Per index alias: the versioned index behind it and its document count. Archive and landing:
 object counts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,7 +35,8 @@ def watermarks(cfg: Config, topics: list[str]) -> dict[str, dict[int, tuple[int,
         meta = admin.list_topics(timeout=10).topics
         return {
             t: {p: consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10) for p in sorted(meta[t].partitions)}
-            for t in topics if t in meta
+            for t in topics
+            if t in meta
         }
     finally:
         consumer.close()
@@ -56,8 +58,11 @@ def group_lag(cfg: Config, group: str, marks: dict[str, dict[int, tuple[int, int
 
 
 def _count(root: Path) -> int:
-    return sum(1 for p in root.rglob("*.dcm") if not p.name.startswith(".") and ".incoming" not in p.parts) \
-        if root.exists() else 0
+    return (
+        sum(1 for p in root.rglob("*.dcm") if not p.name.startswith(".") and ".incoming" not in p.parts)
+        if root.exists()
+        else 0
+    )
 
 
 def collect_status(cfg: Config) -> PipelineStatus:

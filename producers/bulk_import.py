@@ -6,6 +6,7 @@ deduplication downstream is the same. Files are copied into the landing store, n
 linked: the user's files stay untouched. A summary says what was imported, skipped as
 non-DICOM, or rejected and why.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,11 +14,11 @@ import shutil
 import tempfile
 import zipfile
 from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import structlog
 
@@ -39,9 +40,11 @@ class ImportSummary:
     examples: dict[str, str] = field(default_factory=dict)  # reason -> first file
 
     def lines(self) -> list[str]:
-        out = [f"imported:            {self.imported}",
-               f"skipped (not DICOM): {self.skipped_non_dicom}",
-               f"rejected:            {sum(self.rejected.values())}"]
+        out = [
+            f"imported:            {self.imported}",
+            f"skipped (not DICOM): {self.skipped_non_dicom}",
+            f"rejected:            {sum(self.rejected.values())}",
+        ]
         out += [f"  {n:>6}  {reason}  (e.g. {self.examples[reason]})" for reason, n in self.rejected.most_common()]
         out.append(f"failed (retry):      {sum(self.failed.values())}")
         out += [f"  {n:>6}  {reason}  (e.g. {self.examples[reason]})" for reason, n in self.failed.most_common()]
@@ -132,7 +135,7 @@ class Importer:
     def run(self, sources: list[Source], progress: Callable[[int], None] | None = None) -> ImportSummary:
         summary = ImportSummary()
         with ThreadPoolExecutor(self.workers) as pool:
-            for source, (outcome, reason) in zip(sources, pool.map(self._one, sources)):
+            for source, (outcome, reason) in zip(sources, pool.map(self._one, sources), strict=True):
                 if outcome == "imported":
                     summary.imported += 1
                 elif outcome == "skipped":

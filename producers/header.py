@@ -4,6 +4,7 @@ Everything that later becomes a path, a key or a log field is validated here fir
 UIDs must be valid DICOM UIDs (PS3.5 9.1), so that ``../`` or a slash can never reach a
 file name. Descriptive values are returned as data only.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,15 @@ import pydicom
 
 from diana.schemas.uid import is_valid_uid
 
-__all__ = ["HeaderError", "InvalidIdentifiers", "InstanceHeader", "patient_age_years", "read_header",
-           "read_header_file"]
+__all__ = [
+    "HeaderError",
+    "InvalidIdentifiers",
+    "InstanceHeader",
+    "patient_age_years",
+    "read_header",
+    "read_header_file",
+]
+
 
 class HeaderError(ValueError):
     """The bytes cannot be parsed as a DICOM data set."""
@@ -116,15 +124,18 @@ def _header_json(ds: pydicom.Dataset, uids: dict[str, str], has_pixels: bool) ->
 
     None when pydicom cannot express some element: the object is still stored as received.
     """
-    base = (f"studies/{uids['study_instance_uid']}/series/{uids['series_instance_uid']}"
-            f"/instances/{uids['sop_instance_uid']}/bulk")
+    base = (
+        f"studies/{uids['study_instance_uid']}/series/{uids['series_instance_uid']}"
+        f"/instances/{uids['sop_instance_uid']}/bulk"
+    )
 
     def bulk_uri(elem: pydicom.DataElement) -> str:
         return f"{base}/{elem.tag:08X}"
 
     try:
-        model = ds.to_json_dict(bulk_data_threshold=1024, bulk_data_element_handler=bulk_uri,
-                                suppress_invalid_tags=True)
+        model = ds.to_json_dict(
+            bulk_data_threshold=1024, bulk_data_element_handler=bulk_uri, suppress_invalid_tags=True
+        )
         if has_pixels:
             compressed = pydicom.uid.UID(str(ds.file_meta.TransferSyntaxUID)).is_compressed
             model["7FE00010"] = {"vr": "OB" if compressed else "OW", "BulkDataURI": f"{base}/7FE00010"}
@@ -135,7 +146,7 @@ def _header_json(ds: pydicom.Dataset, uids: dict[str, str], has_pixels: bool) ->
 
 def _check_lengths(ds: pydicom.Dataset, total: int) -> None:
     """pydicom silently shortens an element whose length runs past the end: we call it truncated."""
-    for tag in ds.keys():
+    for tag in ds:
         raw = ds.get_item(tag)
         length = getattr(raw, "length", None)
         tell = getattr(raw, "value_tell", None)
@@ -180,7 +191,7 @@ def _read(fh: BinaryIO, total: int) -> InstanceHeader:
         }
     except HeaderError:
         raise
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds (struct.error, ...) on malformed input
+    except Exception as exc:
         raise HeaderError(f"cannot parse data set: {type(exc).__name__}") from None
     missing = sorted(k for k, v in uids.items() if v is None or str(v) == "")
     if len(missing) == len(uids):
@@ -220,7 +231,8 @@ def _read(fh: BinaryIO, total: int) -> InstanceHeader:
             "number_of_temporal_positions": _int(ds, "NumberOfTemporalPositions"),
         }
         fields["patient_age_years"] = patient_age_years(
-            _text(ds, "PatientAge"), fields["patient_birth_date"], fields["study_date"])
+            _text(ds, "PatientAge"), fields["patient_birth_date"], fields["study_date"]
+        )
         fields["header_json"] = _header_json(ds, uids, has_pixels)
     except (ValueError, TypeError, AttributeError, OverflowError, KeyError) as exc:
         raise HeaderError(f"cannot read descriptive attributes: {type(exc).__name__}") from None

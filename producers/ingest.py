@@ -4,16 +4,17 @@ Shared by the C-STORE SCP, bulk import and start-up recovery. The order is the g
 bytes are fsync'd before the event exists, and the caller hears success only after the
 broker acknowledged. An event therefore never points at bytes that do not exist.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
 
-from diana.producers.header import HeaderError, InstanceHeader, InvalidIdentifiers, read_header_file
 from diana.durable import sha256_file
+from diana.producers.header import HeaderError, InstanceHeader, InvalidIdentifiers, read_header_file
 from diana.producers.landing import LandingStore, StoredObject
 from diana.producers.publisher import EventPublisher
 from diana.schemas.codec import Codec
@@ -38,18 +39,33 @@ class Ingest:
         self.publisher = publisher
         self.codec = codec
 
-    def accept_file(self, path: Path, source: str, *, owned: bool, calling_ae: str | None = None,
-                    called_ae: str | None = None, expected_sop_instance_uid: str | None = None) -> Accepted:
+    def accept_file(
+        self,
+        path: Path,
+        source: str,
+        *,
+        owned: bool,
+        calling_ae: str | None = None,
+        called_ae: str | None = None,
+        expected_sop_instance_uid: str | None = None,
+    ) -> Accepted:
         """Raises HeaderError / InvalidIdentifiers (bad input), OSError (disk), PublishError (broker)."""
         header = read_header_file(path)
         if expected_sop_instance_uid is not None and header.sop_instance_uid != expected_sop_instance_uid:
             # The file meta we store names the request's UID: the two must agree.
             raise InvalidIdentifiers("SOPInstanceUID differs from the C-STORE's Affected SOP Instance UID")
         with self.landing.landed(path, owned=owned) as stored:
-            return self._publish(header, stored, source, calling_ae, called_ae, datetime.now(timezone.utc))
+            return self._publish(header, stored, source, calling_ae, called_ae, datetime.now(UTC))
 
-    def _publish(self, header: InstanceHeader, stored: StoredObject, source: str, calling_ae: str | None,
-                 called_ae: str | None, received_at: datetime) -> Accepted:
+    def _publish(
+        self,
+        header: InstanceHeader,
+        stored: StoredObject,
+        source: str,
+        calling_ae: str | None,
+        called_ae: str | None,
+        received_at: datetime,
+    ) -> Accepted:
         event = {
             "sop_instance_uid": header.sop_instance_uid,
             "sop_class_uid": header.sop_class_uid,
@@ -80,7 +96,7 @@ class Ingest:
             try:
                 header = read_header_file(path)
                 digest, size = sha256_file(path)
-                received = datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc)
+                received = datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
             except FileNotFoundError:
                 continue  # archived (and removed) meanwhile: its event went out
             except (HeaderError, InvalidIdentifiers) as exc:

@@ -5,15 +5,16 @@ different bytes for the same SOP Instance UID never overwrite each other, and no
 value ever becomes part of a path. ``.incoming/`` (same filesystem) holds objects while they
 are received, so that accepting one is a hard link, not a copy.
 """
+
 from __future__ import annotations
 
 import hashlib
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from diana.durable import place_file, sha256_file, write_atomic
 

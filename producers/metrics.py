@@ -1,4 +1,5 @@
 """Prometheus metrics of the receiver (served on [receiver] metrics_port)."""
+
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -8,7 +9,8 @@ REJECTED = Counter("diana_instances_rejected_total", "C-STOREs answered with a f
 BYTES = Counter("diana_received_bytes_total", "Bytes of acknowledged instances")
 ASSOCIATIONS = Gauge("diana_associations_open", "Associations currently open")
 PUBLISH_LATENCY = Histogram(
-    "diana_publish_latency_seconds", "Time from produce to broker acknowledgement",
+    "diana_publish_latency_seconds",
+    "Time from produce to broker acknowledgement",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 REJECTED_ASSOCIATIONS = Counter("diana_associations_rejected_total", "A-ASSOCIATE-RJ sent", ["reason"])

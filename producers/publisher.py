@@ -3,6 +3,7 @@
 One idempotent producer (acks=all) for the whole receiver: concurrent C-STOREs are batched
 by librdkafka (linger.ms), and each caller waits only for its own delivery report.
 """
+
 from __future__ import annotations
 
 import threading

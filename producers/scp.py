@@ -4,6 +4,7 @@ The C-STORE handler is small: what it returns *is* the DIMSE status, and each fa
 its own named status so that a modality knows whether to retry. Data sets are received
 in chunks straight to a file on the landing filesystem, never held whole in memory.
 """
+
 from __future__ import annotations
 
 import signal
@@ -52,7 +53,7 @@ class _SpillFile:
         self.is_failed = False
 
     @property
-    def file(self) -> "_SpillFile":  # pynetdicom calls .file.flush()
+    def file(self) -> _SpillFile:  # pynetdicom calls .file.flush()
         return self
 
     def _fail(self, exc: OSError) -> None:
@@ -130,7 +131,10 @@ def handle_store(event: evt.Event, ingest: Ingest) -> int:
         return STATUS.OUT_OF_RESOURCES
     try:
         accepted = ingest.accept_file(
-            event.dataset_path, "C_STORE", owned=True, calling_ae=calling_ae,
+            event.dataset_path,
+            "C_STORE",
+            owned=True,
+            calling_ae=calling_ae,
             called_ae=assoc.acceptor.ae_title,
             expected_sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
         )
@@ -197,15 +201,18 @@ def _on_established(event: evt.Event) -> None:
     with _open_lock:
         _open_associations.add(id(event.assoc))
     metrics.ASSOCIATIONS.inc()
-    log.info("association.open", assoc=event.assoc.native_id, calling_ae=event.assoc.requestor.ae_title,
-             peer=event.assoc.requestor.address)
+    log.info(
+        "association.open",
+        assoc=event.assoc.native_id,
+        calling_ae=event.assoc.requestor.ae_title,
+        peer=event.assoc.requestor.address,
+    )
 
 
 def _on_rejected(event: evt.Event) -> None:
     # pynetdicom's own rejections: over maximum_associations
     metrics.REJECTED_ASSOCIATIONS.labels("limit").inc()
-    log.warning("association.rejected", reason="maximum_associations reached",
-                peer=event.assoc.requestor.address)
+    log.warning("association.rejected", reason="maximum_associations reached", peer=event.assoc.requestor.address)
 
 
 def _on_closed(event: evt.Event) -> None:
@@ -259,8 +266,9 @@ class Receiver:
         # pynetdicom writes chunked data sets with NamedTemporaryFile: keep them on the landing
         # filesystem so that accepting one is a hard link, not a copy.
         tempfile.tempdir = str(self.landing.incoming)
-        self.publisher = EventPublisher(config.kafka.bootstrap, config.kafka.publish_timeout_s,
-                                        linger_ms=config.kafka.linger_ms)
+        self.publisher = EventPublisher(
+            config.kafka.bootstrap, config.kafka.publish_timeout_s, linger_ms=config.kafka.linger_ms
+        )
         self.ingest = Ingest(self.landing, self.publisher, default_codec())
         self.ssl_context = tls_context(self.cfg)
         ae = AE(ae_title=self.cfg.ae_title)
@@ -313,10 +321,17 @@ class Receiver:
             (evt.EVT_ABORTED, _discard_partial),
             (evt.EVT_CONN_CLOSE, _discard_partial),
         ]
-        self.server = self.ae.start_server((self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers,
-                                           ssl_context=self.ssl_context)
-        log.info("receiver.listening", ae_title=self.cfg.ae_title, host=self.cfg.host, port=self.cfg.port,
-                 tls=self.ssl_context is not None, landing=str(self.landing.root))
+        self.server = self.ae.start_server(
+            (self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
+        )
+        log.info(
+            "receiver.listening",
+            ae_title=self.cfg.ae_title,
+            host=self.cfg.host,
+            port=self.cfg.port,
+            tls=self.ssl_context is not None,
+            landing=str(self.landing.root),
+        )
 
     def stop(self) -> None:
         self._stopped.set()

@@ -7,6 +7,7 @@ resolves it against the current version of the same record.
 
 Python values: records are dicts; ``timestamp-millis`` fields are timezone-aware datetimes.
 """
+
 from __future__ import annotations
 
 import io

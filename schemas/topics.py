@@ -3,12 +3,26 @@
 The one place topics are declared; ``ensure_topics`` creates what is missing. Choices are
 explained in docs/ARCHITECTURE.md.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Topic", "INSTANCES", "SERIES", "STUDIES", "DEADLETTER", "ARCHIVE_CONFLICTS", "TICKS", "DOSE_EVENTS",
-           "DOSE_STUDIES", "DOSE_ALERTS", "DOSE_BY_PATIENT", "ALL_TOPICS", "ensure_topics"]
+__all__ = [
+    "Topic",
+    "INSTANCES",
+    "SERIES",
+    "STUDIES",
+    "DEADLETTER",
+    "ARCHIVE_CONFLICTS",
+    "TICKS",
+    "DOSE_EVENTS",
+    "DOSE_STUDIES",
+    "DOSE_ALERTS",
+    "DOSE_BY_PATIENT",
+    "ALL_TOPICS",
+    "ensure_topics",
+]
 
 
 @dataclass(frozen=True)
@@ -21,31 +35,43 @@ class Topic:
 
 # The log of record: kept forever so that every index and aggregate can be rebuilt from it.
 INSTANCES = Topic(
-    "dicom.instances", key="StudyInstanceUID", schema="InstanceArrived",
+    "dicom.instances",
+    key="StudyInstanceUID",
+    schema="InstanceArrived",
     config={"retention.ms": "-1", "cleanup.policy": "delete"},
 )
 # Latest state per key is all a reader needs: compacted.
 SERIES = Topic(
-    "dicom.series", key="SeriesInstanceUID", schema="SeriesAggregate",
+    "dicom.series",
+    key="SeriesInstanceUID",
+    schema="SeriesAggregate",
     config={"cleanup.policy": "compact"},
 )
 STUDIES = Topic(
-    "dicom.studies", key="StudyInstanceUID", schema="StudyAggregate",
+    "dicom.studies",
+    key="StudyInstanceUID",
+    schema="StudyAggregate",
     config={"cleanup.policy": "compact"},
 )
 DEADLETTER = Topic(
-    "dicom.deadletter", key="origin topic/partition/offset", schema=None,
+    "dicom.deadletter",
+    key="origin topic/partition/offset",
+    schema=None,
     config={"retention.ms": str(90 * 24 * 3600 * 1000)},
 )
 # Same SOP Instance UID, different bytes: each occurrence and what the archive did about it.
 ARCHIVE_CONFLICTS = Topic(
-    "dicom.archive-conflicts", key="SOPInstanceUID", schema="ArchiveConflict",
+    "dicom.archive-conflicts",
+    key="SOPInstanceUID",
+    schema="ArchiveConflict",
     config={"retention.ms": "-1"},
 )
 # A clock for quiet partitions: the aggregator's own ticks (wall time in ms, ASCII), one per
 # partition per second, co-partitioned with dicom.instances. Worthless after a minute.
 TICKS = Topic(
-    "dicom.ticks", key="none (explicit partition)", schema=None,
+    "dicom.ticks",
+    key="none (explicit partition)",
+    schema=None,
     config={"retention.ms": str(3600 * 1000)},
 )
 # Dose records (stream_apps/dose): one record per distinct irradiation event, a study's totals
@@ -56,8 +82,18 @@ DOSE_ALERTS = Topic("dose.alerts", key="StudyInstanceUID", schema="DoseAlert", c
 # Study totals re-keyed by patient, so that one worker sees all of a patient's studies for the
 # cumulative rules. Internal to the dose worker; derived, so rebuilt by a replay.
 DOSE_BY_PATIENT = Topic("dose.by-patient", key="PatientID", schema="DoseStudy", config={"cleanup.policy": "compact"})
-ALL_TOPICS = (INSTANCES, SERIES, STUDIES, DEADLETTER, ARCHIVE_CONFLICTS, TICKS, DOSE_EVENTS, DOSE_STUDIES,
-              DOSE_ALERTS, DOSE_BY_PATIENT)
+ALL_TOPICS = (
+    INSTANCES,
+    SERIES,
+    STUDIES,
+    DEADLETTER,
+    ARCHIVE_CONFLICTS,
+    TICKS,
+    DOSE_EVENTS,
+    DOSE_STUDIES,
+    DOSE_ALERTS,
+    DOSE_BY_PATIENT,
+)
 
 
 def ensure_topics(bootstrap: str, partitions: int, timeout: float = 30.0) -> list[str]:

@@ -4,6 +4,7 @@ Components of digits separated by '.', no leading zero in a multi-digit componen
 64 characters. Such a string can never hold '/', '..' or a control character, which is why
 UIDs (and only UIDs) may become file names.
 """
+
 from __future__ import annotations
 
 import re

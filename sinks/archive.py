@@ -4,11 +4,12 @@ Layout: ``<archive>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`
 from validated UIDs only. The copy is atomic (temp file, fsync, rename, fsync of the folder)
 and its SHA-256 is checked against the event before the landing copy is removed.
 """
+
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 import structlog
 from confluent_kafka import Message
@@ -26,8 +27,7 @@ log = structlog.get_logger("diana.sink.archive")
 
 ARCHIVED = Counter("diana_archive_written_total", "Instances written to the archive")
 UNCHANGED = Counter("diana_archive_unchanged_total", "Events whose identical object was already archived")
-CONFLICTS = Counter("diana_archive_conflicts_total", "Same SOP Instance UID arrived with different bytes",
-                    ["policy"])
+CONFLICTS = Counter("diana_archive_conflicts_total", "Same SOP Instance UID arrived with different bytes", ["policy"])
 
 
 def archive_relative_path(event: dict) -> str:
@@ -50,8 +50,14 @@ class ArchiveSink:
     name = "archive"
     topics = (INSTANCES.name,)
 
-    def __init__(self, landing_root: Path, archive_root: Path, codec: Codec | None = None,
-                 policy: str = ConflictPolicy.KEEP_FIRST, report: Reporter | Callable[[dict], None] | None = None):
+    def __init__(
+        self,
+        landing_root: Path,
+        archive_root: Path,
+        codec: Codec | None = None,
+        policy: str = ConflictPolicy.KEEP_FIRST,
+        report: Reporter | Callable[[dict], None] | None = None,
+    ):
         if policy not in ConflictPolicy.ALL:
             raise ValueError(f"unknown conflict policy {policy!r}; use one of {', '.join(ConflictPolicy.ALL)}")
         self.landing_root = Path(landing_root).resolve()
@@ -106,14 +112,26 @@ class ArchiveSink:
             version_path = str(version.relative_to(self.archive_root))
         else:
             landing.unlink()
-        log.warning("archive.conflict", sop_instance_uid=event["sop_instance_uid"], policy=self.policy,
-                    archived_sha256=archived_sha, incoming_sha256=sha)
-        self.report({
-            "sop_instance_uid": event["sop_instance_uid"], "study_instance_uid": event["study_instance_uid"],
-            "series_instance_uid": event["series_instance_uid"], "archived_sha256": archived_sha,
-            "incoming_sha256": sha, "policy": self.policy, "kept_path": relative, "version_path": version_path,
-            "detected_at": datetime.now(timezone.utc),
-        })
+        log.warning(
+            "archive.conflict",
+            sop_instance_uid=event["sop_instance_uid"],
+            policy=self.policy,
+            archived_sha256=archived_sha,
+            incoming_sha256=sha,
+        )
+        self.report(
+            {
+                "sop_instance_uid": event["sop_instance_uid"],
+                "study_instance_uid": event["study_instance_uid"],
+                "series_instance_uid": event["series_instance_uid"],
+                "archived_sha256": archived_sha,
+                "incoming_sha256": sha,
+                "policy": self.policy,
+                "kept_path": relative,
+                "version_path": version_path,
+                "detected_at": datetime.now(UTC),
+            }
+        )
         return "conflict"
 
     @staticmethod

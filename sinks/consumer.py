@@ -5,11 +5,12 @@ overloaded) the same batch is written again after a backoff, without committing,
 as it takes; offsets move only after a write has succeeded. Messages the sink cannot use
 are sent to ``dicom.deadletter`` (with their origin) before the commit, so nothing vanishes.
 """
+
 from __future__ import annotations
 
 import threading
-import time
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
@@ -32,8 +33,13 @@ class DeadLetters:
     def __init__(self, bootstrap: str, sink_name: str):
         self.sink_name = sink_name
         self._producer = Producer(
-            {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "log_level": 3,
-             "logger": KAFKA_CLIENT_LOGGER}
+            {
+                "bootstrap.servers": bootstrap,
+                "acks": "all",
+                "enable.idempotence": True,
+                "log_level": 3,
+                "logger": KAFKA_CLIENT_LOGGER,
+            }
         )
 
     def send(self, msg: Message, reason: str) -> None:
@@ -61,13 +67,19 @@ class Reporter:
         self.topic, self.schema, self.key_field = topic, schema, key_field
         self.codec = default_codec()
         self._producer = Producer(
-            {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "log_level": 3,
-             "logger": KAFKA_CLIENT_LOGGER}
+            {
+                "bootstrap.servers": bootstrap,
+                "acks": "all",
+                "enable.idempotence": True,
+                "log_level": 3,
+                "logger": KAFKA_CLIENT_LOGGER,
+            }
         )
 
     def __call__(self, record: dict) -> None:
-        self._producer.produce(self.topic, key=record[self.key_field].encode(),
-                               value=self.codec.encode(self.schema, record))
+        self._producer.produce(
+            self.topic, key=record[self.key_field].encode(), value=self.codec.encode(self.schema, record)
+        )
 
     def flush(self, timeout: float = 30.0) -> None:
         if self._producer.flush(timeout) > 0:

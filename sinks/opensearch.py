@@ -5,10 +5,11 @@ its own document. Aggregates carry a revision used as an external version: an ol
 revision arriving late never replaces a newer one. Indices are versioned behind aliases
 (``diana-series`` → ``diana-series-v1``) and the sink writes through the alias.
 """
+
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,24 @@ INDEX_VERSION = 1
 class IndexLayout:
     """Alias and versioned index names for one prefix."""
 
-    kinds = {INSTANCES.name: "instances", SERIES.name: "series", STUDIES.name: "studies",
-             DOSE_EVENTS.name: "dose-events", DOSE_STUDIES.name: "dose-studies", DOSE_ALERTS.name: "dose-alerts",
-             DEADLETTER.name: "deadletters"}
-    id_fields = {"instances": "sop_instance_uid", "series": "series_instance_uid", "studies": "study_instance_uid",
-                 "dose-events": "event_id", "dose-studies": "study_instance_uid", "dose-alerts": "alert_id",
-                 "deadletters": "deadletter_offset"}
+    kinds = {
+        INSTANCES.name: "instances",
+        SERIES.name: "series",
+        STUDIES.name: "studies",
+        DOSE_EVENTS.name: "dose-events",
+        DOSE_STUDIES.name: "dose-studies",
+        DOSE_ALERTS.name: "dose-alerts",
+        DEADLETTER.name: "deadletters",
+    }
+    id_fields = {
+        "instances": "sop_instance_uid",
+        "series": "series_instance_uid",
+        "studies": "study_instance_uid",
+        "dose-events": "event_id",
+        "dose-studies": "study_instance_uid",
+        "dose-alerts": "alert_id",
+        "deadletters": "deadletter_offset",
+    }
 
     def __init__(self, prefix: str):
         self.prefix = prefix
@@ -79,10 +92,15 @@ def deadletter_document(msg: Message) -> dict[str, Any]:
     origin = headers.get("origin") or f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
     reason = headers.get("reason", "")
     _, ts = msg.timestamp()
-    return {"origin": origin, "origin_topic": origin.split("/", 1)[0], "reason": reason,
-            "stage": headers.get("sink") or reason.split(":", 1)[0], "size_bytes": len(msg.value() or b""),
-            "received_at": datetime.fromtimestamp(ts / 1000, tz=timezone.utc).isoformat() if ts > 0 else None,
-            "deadletter_offset": f"{msg.partition()}/{msg.offset()}"}
+    return {
+        "origin": origin,
+        "origin_topic": origin.split("/", 1)[0],
+        "reason": reason,
+        "stage": headers.get("sink") or reason.split(":", 1)[0],
+        "size_bytes": len(msg.value() or b""),
+        "received_at": datetime.fromtimestamp(ts / 1000, tz=UTC).isoformat() if ts > 0 else None,
+        "deadletter_offset": f"{msg.partition()}/{msg.offset()}",
+    }
 
 
 def _document(record: dict[str, Any]) -> dict[str, Any]:
@@ -97,11 +115,24 @@ def _document(record: dict[str, Any]) -> dict[str, Any]:
 
 class OpenSearchSink:
     name = "opensearch"
-    topics = (INSTANCES.name, SERIES.name, STUDIES.name, DOSE_EVENTS.name, DOSE_STUDIES.name, DOSE_ALERTS.name,
-              DEADLETTER.name)
+    topics = (
+        INSTANCES.name,
+        SERIES.name,
+        STUDIES.name,
+        DOSE_EVENTS.name,
+        DOSE_STUDIES.name,
+        DOSE_ALERTS.name,
+        DEADLETTER.name,
+    )
 
-    def __init__(self, client: OpenSearch, layout: IndexLayout, codec: Codec | None = None,
-                 max_bytes: int = 5_000_000, index_version: int | None = None):
+    def __init__(
+        self,
+        client: OpenSearch,
+        layout: IndexLayout,
+        codec: Codec | None = None,
+        max_bytes: int = 5_000_000,
+        index_version: int | None = None,
+    ):
         self.client = client
         self.max_bytes = max_bytes
         # None: write through the aliases (the live sink); a number: into that version (reindex).
@@ -122,7 +153,9 @@ class OpenSearchSink:
                 except DecodeError as exc:
                     dead.send(msg, f"opensearch: {exc}")
                     continue
-            index = self.layout.alias(kind) if self.index_version is None else self.layout.index(kind, self.index_version)
+            index = (
+                self.layout.alias(kind) if self.index_version is None else self.layout.index(kind, self.index_version)
+            )
             meta: dict[str, Any] = {"_index": index, "_id": record[self.layout.id_fields[kind]]}
             if "revision" in record:
                 meta.update(version=record["revision"], version_type="external_gte")
@@ -158,7 +191,7 @@ class OpenSearchSink:
         except (OSConnectionError, TransportError) as exc:
             raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
         retry = []
-        for (msg, meta, _), item in zip(pending, result["items"]):
+        for (msg, meta, _), item in zip(pending, result["items"], strict=True):
             outcome = item["index"]
             status = outcome.get("status", 500)
             if 200 <= status < 300:

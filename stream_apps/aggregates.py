@@ -14,13 +14,14 @@ before that end offset has been processed, no instance came for a while, and the
 Replaying old events therefore completes series exactly where a live run did (old ticks are stale),
 and a worker restarting with a backlog never mistakes it for quiet.
 """
+
 from __future__ import annotations
 
 import json
 import socket
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -48,7 +49,7 @@ def _ms(value: datetime) -> int:
 
 
 def _dt(ms: int | None) -> datetime | None:
-    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
 def _union(values: list[str], value: str | None) -> list[str]:
@@ -57,33 +58,67 @@ def _union(values: list[str], value: str | None) -> list[str]:
 
 def _new_series(event: dict, at: int, quiet_s: float) -> dict:
     return {
-        "series_instance_uid": event["series_instance_uid"], "study_instance_uid": event["study_instance_uid"],
-        "revision": 0, "patient_id": event.get("patient_id"), "modality": event.get("modality"),
-        "series_number": event.get("series_number"), "series_description": event.get("series_description"),
-        "body_part_examined": event.get("body_part_examined"), "station_name": event.get("station_name"),
-        "manufacturer": event.get("manufacturer"), "instance_count": 0, "total_bytes": 0,
-        "min_instance_number": None, "max_instance_number": None, "sop_class_uids": [], "transfer_syntax_uids": [],
-        "first_received_at": at, "last_received_at": at, "status": "UPDATED", "version": 0, "verdict": None,
-        "missing_instance_numbers": [], "expected_instances": None, "quiet_seconds": quiet_s,
-        "completed_at": None, "number_of_frames": 0, "instance_numbers": [],
+        "series_instance_uid": event["series_instance_uid"],
+        "study_instance_uid": event["study_instance_uid"],
+        "revision": 0,
+        "patient_id": event.get("patient_id"),
+        "modality": event.get("modality"),
+        "series_number": event.get("series_number"),
+        "series_description": event.get("series_description"),
+        "body_part_examined": event.get("body_part_examined"),
+        "station_name": event.get("station_name"),
+        "manufacturer": event.get("manufacturer"),
+        "instance_count": 0,
+        "total_bytes": 0,
+        "min_instance_number": None,
+        "max_instance_number": None,
+        "sop_class_uids": [],
+        "transfer_syntax_uids": [],
+        "first_received_at": at,
+        "last_received_at": at,
+        "status": "UPDATED",
+        "version": 0,
+        "verdict": None,
+        "missing_instance_numbers": [],
+        "expected_instances": None,
+        "quiet_seconds": quiet_s,
+        "completed_at": None,
+        "number_of_frames": 0,
+        "instance_numbers": [],
     }
 
 
 def _new_study(event: dict, at: int) -> dict:
     return {
-        "study_instance_uid": event["study_instance_uid"], "revision": 0, "patient_id": event.get("patient_id"),
-        "patient_name": event.get("patient_name"), "patient_birth_date": event.get("patient_birth_date"),
-        "patient_sex": event.get("patient_sex"), "accession_number": event.get("accession_number"),
-        "study_date": event.get("study_date"), "study_description": event.get("study_description"),
-        "modalities": [], "series_instance_uids": [], "series_count": 0, "instance_count": 0, "total_bytes": 0,
-        "first_received_at": at, "last_received_at": at, "status": "UPDATED", "version": 0, "verdict": None,
-        "completed_series_count": 0, "completed_at": None, "series_verdicts": {},
+        "study_instance_uid": event["study_instance_uid"],
+        "revision": 0,
+        "patient_id": event.get("patient_id"),
+        "patient_name": event.get("patient_name"),
+        "patient_birth_date": event.get("patient_birth_date"),
+        "patient_sex": event.get("patient_sex"),
+        "accession_number": event.get("accession_number"),
+        "study_date": event.get("study_date"),
+        "study_description": event.get("study_description"),
+        "modalities": [],
+        "series_instance_uids": [],
+        "series_count": 0,
+        "instance_count": 0,
+        "total_bytes": 0,
+        "first_received_at": at,
+        "last_received_at": at,
+        "status": "UPDATED",
+        "version": 0,
+        "verdict": None,
+        "completed_series_count": 0,
+        "completed_at": None,
+        "series_verdicts": {},
     }
 
 
 def _judge(series: dict) -> None:
     series["verdict"], series["missing_instance_numbers"] = verdict(
-        series["instance_numbers"], series["instance_count"], series["expected_instances"])
+        series["instance_numbers"], series["instance_count"], series["expected_instances"]
+    )
 
 
 def apply_instance(series: dict | None, study: dict | None, event: dict, quiet: QuietTimes) -> tuple[dict, dict]:
@@ -98,8 +133,10 @@ def apply_instance(series: dict | None, study: dict | None, event: dict, quiet: 
     series["number_of_frames"] += event.get("number_of_frames") or 1
     if number is not None:
         series["instance_numbers"] = sorted({*series["instance_numbers"], number})
-        series["min_instance_number"], series["max_instance_number"] = (series["instance_numbers"][0],
-                                                                       series["instance_numbers"][-1])
+        series["min_instance_number"], series["max_instance_number"] = (
+            series["instance_numbers"][0],
+            series["instance_numbers"][-1],
+        )
     promised = expected_instances(event.get("images_in_acquisition"), event.get("number_of_temporal_positions"))
     if promised is not None:
         series["expected_instances"] = max(series["expected_instances"] or 0, promised)
@@ -237,8 +274,12 @@ class AggregatesHandler:
             origin = f"{message.topic()}/{partition}/{offset}"
             log.warning("deadletter", origin=origin, reason=str(exc))
             DEADLETTERED.inc()
-            batch.send(DEADLETTER.name, origin.encode(), message.value(),
-                       {"reason": f"aggregates: {exc}".encode(), "origin": origin.encode()})
+            batch.send(
+                DEADLETTER.name,
+                origin.encode(),
+                message.value(),
+                {"reason": f"aggregates: {exc}".encode(), "origin": origin.encode()},
+            )
             return
         self.last_instance_wall[partition] = time.time()
         self._complete_due(batch, partition, self._advance(batch, partition, _ms(record["received_at"])))
@@ -246,9 +287,12 @@ class AggregatesHandler:
         if batch.get(partition, SEEN, sop) is not None:
             return  # a re-sent instance (another delivery of the same SOP Instance UID) counts once
         batch.put(partition, SEEN, sop, offset)
-        series, study = apply_instance(batch.get(partition, SERIES_STATE, record["series_instance_uid"]),
-                                       batch.get(partition, STUDY_STATE, record["study_instance_uid"]),
-                                       record, self.quiet)
+        series, study = apply_instance(
+            batch.get(partition, SERIES_STATE, record["series_instance_uid"]),
+            batch.get(partition, STUDY_STATE, record["study_instance_uid"]),
+            record,
+            self.quiet,
+        )
         uid = series["series_instance_uid"]
         batch.put(partition, SERIES_STATE, uid, series)
         batch.put(partition, STUDY_STATE, study["study_instance_uid"], study)
@@ -275,15 +319,21 @@ class AggregatesHandler:
             batch.put(partition, SERIES_STATE, uid, series)
             batch.put(partition, STUDY_STATE, study["study_instance_uid"], study)
             COMPLETED.labels(series["verdict"]).inc()
-            log.info("series.completed", series_instance_uid=uid, verdict=series["verdict"],
-                     instances=series["instance_count"])
+            log.info(
+                "series.completed",
+                series_instance_uid=uid,
+                verdict=series["verdict"],
+                instances=series["instance_count"],
+            )
             self._publish(batch, series, study)
 
     def _publish(self, batch: Batch, series: dict, study: dict) -> None:
-        batch.send(SERIES.name, series["series_instance_uid"].encode(),
-                   self.codec.encode(SERIES.schema, series_record(series)))
-        batch.send(STUDIES.name, study["study_instance_uid"].encode(),
-                   self.codec.encode(STUDIES.schema, study_record(study)))
+        batch.send(
+            SERIES.name, series["series_instance_uid"].encode(), self.codec.encode(SERIES.schema, series_record(series))
+        )
+        batch.send(
+            STUDIES.name, study["study_instance_uid"].encode(), self.codec.encode(STUDIES.schema, study_record(study))
+        )
 
 
 class TickWriter:
@@ -295,10 +345,12 @@ class TickWriter:
 
     def __init__(self, bootstrap: str, partitions: int) -> None:
         self.partitions = partitions
-        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 3,
-                                  "logger": KAFKA_CLIENT_LOGGER})
-        self.offsets = Consumer({"bootstrap.servers": bootstrap, "group.id": "diana-ticks", "log_level": 3,
-                                 "logger": KAFKA_CLIENT_LOGGER})
+        self.producer = Producer(
+            {"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 3, "logger": KAFKA_CLIENT_LOGGER}
+        )
+        self.offsets = Consumer(
+            {"bootstrap.servers": bootstrap, "group.id": "diana-ticks", "log_level": 3, "logger": KAFKA_CLIENT_LOGGER}
+        )
 
     def __call__(self) -> None:
         for partition in range(self.partitions):
@@ -312,16 +364,25 @@ class TickWriter:
         self.producer.poll(0)
 
 
-def aggregates_loop(bootstrap: str, app_id: str, worker_name: str, partitions: int, quiet: QuietTimes,
-                    ) -> TransactionalLoop:
+def aggregates_loop(
+    bootstrap: str,
+    app_id: str,
+    worker_name: str,
+    partitions: int,
+    quiet: QuietTimes,
+) -> TransactionalLoop:
     """The aggregates worker: group ``app_id``, state in ``{app_id}-state-changelog``.
 
     ``worker_name`` must be stable across restarts of one worker and differ between workers: a
     restarted worker's transactional id then fences its dead predecessor at once.
     """
-    settings = LoopSettings(bootstrap=bootstrap, group_id=app_id,
-                            transactional_id=f"{app_id}-{worker_name}",
-                            topics=(INSTANCES.name, TICKS.name), changelog=changelog_topic(app_id))
+    settings = LoopSettings(
+        bootstrap=bootstrap,
+        group_id=app_id,
+        transactional_id=f"{app_id}-{worker_name}",
+        topics=(INSTANCES.name, TICKS.name),
+        changelog=changelog_topic(app_id),
+    )
     return TransactionalLoop(settings, AggregatesHandler(quiet), every_second=TickWriter(bootstrap, partitions))
 
 

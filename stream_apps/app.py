@@ -1,4 +1,5 @@
 """Creates a Faust app (the dose worker); its agents live in their own modules (dose/agent.py)."""
+
 from __future__ import annotations
 
 import faust

@@ -4,6 +4,7 @@ A series is completed when its partition's event-time watermark has passed its l
 the quiet time of its modality. The verdict uses the evidence the headers give: gaps in
 InstanceNumber, and the expected count from ImagesInAcquisition or NumberOfTemporalPositions.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ class QuietTimes:
     default: float
 
     @classmethod
-    def parse(cls, spec: str) -> "QuietTimes":
+    def parse(cls, spec: str) -> QuietTimes:
         values: dict[str, float] = {}
         for part in filter(None, (p.strip() for p in spec.split(","))):
             modality, sep, seconds = part.partition("=")

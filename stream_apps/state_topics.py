@@ -1,4 +1,5 @@
 """State topics (changelogs) of the stream workers, created before a worker starts."""
+
 from __future__ import annotations
 
 import time
@@ -20,9 +21,12 @@ def ensure_state_topics(config: Config, names: list[str], timeout: float = 60.0)
     """
     admin = AdminClient({"bootstrap.servers": config.kafka.bootstrap, "log_level": 3})
     existing = set(admin.list_topics(timeout=timeout).topics)
-    wanted = [NewTopic(n, num_partitions=config.kafka.partitions, replication_factor=-1,
-                       config={"cleanup.policy": "compact"}) for n in names if n not in existing]
-    for future in (admin.create_topics(wanted, request_timeout=timeout).values() if wanted else []):
+    wanted = [
+        NewTopic(n, num_partitions=config.kafka.partitions, replication_factor=-1, config={"cleanup.policy": "compact"})
+        for n in names
+        if n not in existing
+    ]
+    for future in admin.create_topics(wanted, request_timeout=timeout).values() if wanted else []:
         try:
             future.result()
         except KafkaException as exc:

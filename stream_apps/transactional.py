@@ -16,6 +16,7 @@ undercounted, completed series early, or stopped fetching a partition (faust-str
 
 The handler sees a ``Batch``: state reads and writes (namespace, key) and sends.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,7 @@ __all__ = ["Batch", "Handler", "TransactionalLoop", "LoopSettings"]
 
 log = structlog.get_logger("diana.stream.transactional")
 
-TRANSACTIONS = Counter("diana_stream_transactions_total", "Transactions of the stream worker, by outcome",
-                       ["outcome"])
+TRANSACTIONS = Counter("diana_stream_transactions_total", "Transactions of the stream worker, by outcome", ["outcome"])
 MESSAGES = Counter("diana_stream_messages_total", "Input messages processed in committed transactions", ["topic"])
 RESTORE_SECONDS = Histogram("diana_stream_restore_seconds", "Time to rebuild the state of newly assigned partitions")
 
@@ -71,7 +71,7 @@ class Handler(Protocol):
     def partition_stopped(self, partition: int) -> None:
         """The partition was revoked or lost: forget anything kept outside the state."""
 
-    def handle(self, batch: "Batch", message: Message) -> None:
+    def handle(self, batch: Batch, message: Message) -> None:
         """Process one input message inside the current transaction."""
 
 
@@ -123,8 +123,11 @@ class Batch:
                 if value is _DELETED and key not in committed:
                     continue  # created and deleted within the batch, or never there
                 self._producer.produce(
-                    self._changelog, key=f"{namespace}{_SEP}{key}".encode(), partition=partition,
-                    value=None if value is _DELETED else json.dumps(value, separators=(",", ":")).encode())
+                    self._changelog,
+                    key=f"{namespace}{_SEP}{key}".encode(),
+                    partition=partition,
+                    value=None if value is _DELETED else json.dumps(value, separators=(",", ":")).encode(),
+                )
 
     def items(self, partition: int, namespace: str) -> list[tuple[str, Any]]:
         merged = dict(self._store.partitions.get(partition, {}).get(namespace, {}))
@@ -160,29 +163,42 @@ class LoopSettings:
 
 
 class TransactionalLoop:
-    def __init__(self, settings: LoopSettings, handler: Handler,
-                 every_second: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, settings: LoopSettings, handler: Handler, every_second: Callable[[], None] | None = None
+    ) -> None:
         self.settings = settings
         self.handler = handler
         self.every_second = every_second
         self.store = _Store()
         self.running = True
-        self.consumer = Consumer({
-            "bootstrap.servers": settings.bootstrap, "group.id": settings.group_id,
-            "enable.auto.commit": False, "auto.offset.reset": "earliest", "isolation.level": "read_committed",
-            # range: partition p of every input topic goes to the same worker (co-partitioning).
-            "partition.assignment.strategy": "range", "session.timeout.ms": settings.session_timeout_ms,
-            "log_level": 3, "logger": KAFKA_CLIENT_LOGGER,
-        })
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": settings.bootstrap,
+                "group.id": settings.group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                # range: partition p of every input topic goes to the same worker (co-partitioning).
+                "partition.assignment.strategy": "range",
+                "session.timeout.ms": settings.session_timeout_ms,
+                "log_level": 3,
+                "logger": KAFKA_CLIENT_LOGGER,
+            }
+        )
         self.producer = self._new_producer()
         self._fatal_times: list[float] = []
 
     def _new_producer(self) -> Producer:
-        return Producer({
-            "bootstrap.servers": self.settings.bootstrap, "transactional.id": self.settings.transactional_id,
-            "transaction.timeout.ms": self.settings.transaction_timeout_ms, "linger.ms": 5, "log_level": 3,
-            "logger": KAFKA_CLIENT_LOGGER,
-        })
+        return Producer(
+            {
+                "bootstrap.servers": self.settings.bootstrap,
+                "transactional.id": self.settings.transactional_id,
+                "transaction.timeout.ms": self.settings.transaction_timeout_ms,
+                "linger.ms": 5,
+                "log_level": 3,
+                "logger": KAFKA_CLIENT_LOGGER,
+            }
+        )
 
     # -- assignment -------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -228,11 +244,18 @@ class TransactionalLoop:
         started = time.monotonic()
         for partition in partitions:
             self.store.partitions[partition] = {}
-        reader = Consumer({"bootstrap.servers": self.settings.bootstrap,
-                           "group.id": f"{self.settings.group_id}-restore", "enable.auto.commit": False,
-                           "isolation.level": "read_committed", "enable.partition.eof": True,
-                           "fetch.wait.max.ms": 10, "log_level": 3,
-                           "logger": KAFKA_CLIENT_LOGGER})
+        reader = Consumer(
+            {
+                "bootstrap.servers": self.settings.bootstrap,
+                "group.id": f"{self.settings.group_id}-restore",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,
+                "fetch.wait.max.ms": 10,
+                "log_level": 3,
+                "logger": KAFKA_CLIENT_LOGGER,
+            }
+        )
         records, unfinished = 0, set(partitions)
         try:
             reader.assign([TopicPartition(self.settings.changelog, p, OFFSET_BEGINNING) for p in partitions])
@@ -249,8 +272,7 @@ class TransactionalLoop:
         finally:
             reader.close()
         RESTORE_SECONDS.observe(time.monotonic() - started)
-        log.info("state.restored", partitions=partitions, records=records,
-                 seconds=round(time.monotonic() - started, 2))
+        log.info("state.restored", partitions=partitions, records=records, seconds=round(time.monotonic() - started, 2))
 
     # -- the loop ---------------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
@@ -262,8 +284,12 @@ class TransactionalLoop:
         last_second = 0.0
         try:
             self._retry("init_transactions", lambda: self.producer.init_transactions(30))
-            self.consumer.subscribe(list(self.settings.topics), on_assign=self._on_assign,
-                                    on_revoke=self._on_revoke, on_lost=self._on_revoke)
+            self.consumer.subscribe(
+                list(self.settings.topics),
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_revoke,
+            )
             while self.running:
                 if self.every_second and time.monotonic() - last_second >= 1.0:
                     last_second = time.monotonic()
@@ -333,8 +359,13 @@ class TransactionalLoop:
         threading.Thread(target=call, name="send-offsets", daemon=True).start()
         if not done.wait(SEND_OFFSETS_LIMIT_S):
             log.warning("transaction.send_offsets_stuck", seconds=SEND_OFFSETS_LIMIT_S)
-            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "send_offsets_to_transaction did not return "
-                                            f"within {SEND_OFFSETS_LIMIT_S} s (librdkafka issue 5456)"))
+            raise KafkaException(
+                KafkaError(
+                    KafkaError._TIMED_OUT,
+                    "send_offsets_to_transaction did not return "
+                    f"within {SEND_OFFSETS_LIMIT_S} s (librdkafka issue 5456)",
+                )
+            )
         if "error" in outcome:
             raise outcome["error"]
 
@@ -367,8 +398,12 @@ class TransactionalLoop:
             self._fatal_times = [t for t in self._fatal_times if now - t < 60] + [now]
             if len(self._fatal_times) > 3:
                 # Fenced again and again: another worker holds the same transactional id.
-                log.error("transaction.fenced_repeatedly", transactional_id=self.settings.transactional_id,
-                          reason=str(error), fix="give each aggregates worker its own [stream] web_port")
+                log.error(
+                    "transaction.fenced_repeatedly",
+                    transactional_id=self.settings.transactional_id,
+                    reason=str(error),
+                    fix="give each aggregates worker its own [stream] web_port",
+                )
                 raise exc
         self.producer.purge()
         self.producer = self._new_producer()
@@ -396,8 +431,9 @@ class TransactionalLoop:
     def _started(self, positions: list[TopicPartition]) -> None:
         """Tell the handler where each partition resumes (topic -> next offset)."""
         for partition in sorted({tp.partition for tp in positions}):
-            self.handler.partition_started(partition, {tp.topic: tp.offset for tp in positions
-                                                       if tp.partition == partition})
+            self.handler.partition_started(
+                partition, {tp.topic: tp.offset for tp in positions if tp.partition == partition}
+            )
 
     def _retry(self, what: str, call: Callable[[], None]) -> None:
         while True:

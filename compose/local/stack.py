@@ -5,6 +5,7 @@
 ``stop`` ends them, ``status`` says what runs. Each service keeps a pid file and a log
 under ``stack.home`` so a second command (or a test session) can find it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,8 +60,10 @@ def _port_in_use(port: int) -> bool:
 def _refuse_foreign(service: str, port: int, setting: str) -> None:
     """Our server is not running but something answers on its port: it would be used by mistake."""
     if _port_in_use(port):
-        raise StackError(f"port {port} is already in use by another process, so {service} cannot start there; "
-                         f"stop that process or set [stack] {setting} to a free port")
+        raise StackError(
+            f"port {port} is already in use by another process, so {service} cannot start there; "
+            f"stop that process or set [stack] {setting} to a free port"
+        )
 
 
 def _mvn(args: list[str], cwd: Path) -> None:
@@ -92,9 +95,12 @@ class LocalStack:
             shutil.rmtree(tmp, ignore_errors=True)
             _mvn(
                 [
-                    "-f", str(_HERE / "kafka-pom.xml"),
+                    "-f",
+                    str(_HERE / "kafka-pom.xml"),
                     f"-Dkafka.version={self.cfg.kafka_version}",
-                    "dependency:copy-dependencies", "-DincludeScope=runtime", f"-DoutputDirectory={tmp}",
+                    "dependency:copy-dependencies",
+                    "-DincludeScope=runtime",
+                    f"-DoutputDirectory={tmp}",
                 ],
                 cwd=_HERE,
             )
@@ -167,8 +173,10 @@ log.retention.hours=-1
             f"-Xms{self.cfg.kafka_heap_mb}m",
             f"-Xmx{self.cfg.kafka_heap_mb}m",
             f"-Dlog4j2.configurationFile={d / 'log4j2.xml'}",
-            "-cp", f"{self.kafka_libs}/*",
-            main, *args,
+            "-cp",
+            f"{self.kafka_libs}/*",
+            main,
+            *args,
         ]
 
     def start_kafka(self) -> None:
@@ -183,7 +191,8 @@ log.retention.hours=-1
             ).stdout.strip()
             proc = subprocess.run(
                 self._kafka_java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
-                capture_output=True, text=True,
+                capture_output=True,
+                text=True,
             )
             if proc.returncode != 0:
                 raise StackError(f"formatting Kafka storage failed: {proc.stdout}{proc.stderr}")
@@ -226,8 +235,8 @@ log.retention.hours=-1
         (home / "config" / "opensearch.yml").write_text(
             f"""cluster.name: diana-star-local
 node.name: diana-local-1
-path.data: {self._opensearch_dir() / 'data'}
-path.logs: {self._opensearch_dir() / 'logs'}
+path.data: {self._opensearch_dir() / "data"}
+path.logs: {self._opensearch_dir() / "logs"}
 network.host: 127.0.0.1
 http.port: {c.opensearch_port}
 transport.port: {c.opensearch_transport_port}
@@ -270,8 +279,12 @@ action.auto_create_index: true
             # A session of its own: Ctrl-C in the foreground `diana run` must not reach the servers
             # before the pipeline has stopped cleanly; `stop` ends them in order.
             proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True,
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
             )
         svc.pid_file.write_text(str(proc.pid))
         log.info("stack.started", service=svc.name, pid=proc.pid, log=str(svc.log_file))
@@ -364,9 +377,7 @@ action.auto_create_index: true
             except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError) as exc:
                 last = exc
             time.sleep(1)
-        raise StackError(
-            f"OpenSearch not healthy within {timeout:.0f}s ({last}); see {self.opensearch.log_file}"
-        )
+        raise StackError(f"OpenSearch not healthy within {timeout:.0f}s ({last}); see {self.opensearch.log_file}")
 
     # ---------------------------------------------------------------- public
     def start(self) -> None:
@@ -400,6 +411,10 @@ action.auto_create_index: true
             (self.kafka, f"127.0.0.1:{self.cfg.kafka_port}"),
             (self.opensearch, self.opensearch_url()),
         ):
-            out[svc.name] = {"running": self._running(svc), "pid": self._pid(svc), "address": where,
-                             "log": str(svc.log_file)}
+            out[svc.name] = {
+                "running": self._running(svc),
+                "pid": self._pid(svc),
+                "address": where,
+                "log": str(svc.log_file),
+            }
         return out

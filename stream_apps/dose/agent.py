@@ -9,9 +9,10 @@ study, alert), so a sink that sees a record twice overwrites it.
 Cumulative rules need all of a patient's studies: each study's totals are re-keyed by PatientID
 to dose.by-patient, where a second agent keeps per-patient state.
 """
+
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import faust
@@ -31,9 +32,21 @@ log = structlog.get_logger("diana.stream.dose")
 
 _DOSE_MODALITIES = {"SR", "CT", "CR", "DX", "MG", "RF", "XA", "PX", "IO"}
 _SR_CLASSES = "1.2.840.10008.5.1.4.1.1.88."
-_CONTEXT = ("accession_number", "study_date", "study_description", "modality", "manufacturer",
-            "manufacturer_model_name", "station_name", "institution_name", "patient_id", "patient_sex",
-            "patient_age_years", "patient_size_m", "patient_weight_kg")
+_CONTEXT = (
+    "accession_number",
+    "study_date",
+    "study_description",
+    "modality",
+    "manufacturer",
+    "manufacturer_model_name",
+    "station_name",
+    "institution_name",
+    "patient_id",
+    "patient_sex",
+    "patient_age_years",
+    "patient_size_m",
+    "patient_weight_kg",
+)
 
 
 # CTDIvol, area dose product, entrance dose in mGy, organ dose, exposure index: an image header
@@ -51,7 +64,7 @@ def may_carry_dose(instance: dict) -> bool:
 
 
 def _dt(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
 def _fit(codec: Codec, schema: str, record: dict) -> dict:
@@ -67,7 +80,8 @@ def event_record(study: dict, event: dict) -> dict:
     sources = event.get("xray_source_parameters")
     if sources:
         record["xray_source_parameters"] = [
-            {k: s.get(k) for k in ("source", "kvp", "max_tube_current_mA", "tube_current_mA")} for s in sources]
+            {k: s.get(k) for k in ("source", "kvp", "max_tube_current_mA", "tube_current_mA")} for s in sources
+        ]
     return record
 
 
@@ -84,8 +98,9 @@ def register_dose(app: faust.App, rules: AlertRules, codec: Codec | None = None)
     async def dead(message: Any, value: bytes, reason: str) -> None:
         origin = f"{message.topic}/{message.partition}/{message.offset}"
         log.warning("deadletter", origin=origin, reason=reason)
-        await deadletter.send(key=origin.encode(), value=value,
-                              headers={"reason": f"dose: {reason}".encode(), "origin": origin.encode()})
+        await deadletter.send(
+            key=origin.encode(), value=value, headers={"reason": f"dose: {reason}".encode(), "origin": origin.encode()}
+        )
 
     async def publish_alerts(state: dict, alerts: list[dict], study: dict, at: datetime) -> None:
         raised = state.setdefault("alerts", {})
@@ -93,12 +108,25 @@ def register_dose(app: faust.App, rules: AlertRules, codec: Codec | None = None)
             if raised.get(alert["alert_id"]) == alert["value"]:
                 continue  # already published with this value
             raised[alert["alert_id"]] = alert["value"]
-            record = {**{k: study.get(k) for k in _CONTEXT}, "kind": study.get("kind"), **alert,
-                      "revision": state["revision"], "raised_at": at}
-            log.info("dose.alert", rule=alert["rule"], metric=alert["metric"], value=alert["value"],
-                     threshold=alert["threshold"], study_instance_uid=alert["study_instance_uid"])
-            await alerts_out.send(key=alert["study_instance_uid"].encode(), value=codec.encode(
-                DOSE_ALERTS.schema, _fit(codec, DOSE_ALERTS.schema, record)))
+            record = {
+                **{k: study.get(k) for k in _CONTEXT},
+                "kind": study.get("kind"),
+                **alert,
+                "revision": state["revision"],
+                "raised_at": at,
+            }
+            log.info(
+                "dose.alert",
+                rule=alert["rule"],
+                metric=alert["metric"],
+                value=alert["value"],
+                threshold=alert["threshold"],
+                study_instance_uid=alert["study_instance_uid"],
+            )
+            await alerts_out.send(
+                key=alert["study_instance_uid"].encode(),
+                value=codec.encode(DOSE_ALERTS.schema, _fit(codec, DOSE_ALERTS.schema, record)),
+            )
 
     @app.agent(source)
     async def dose(stream: faust.Stream) -> None:
@@ -113,10 +141,18 @@ def register_dose(app: faust.App, rules: AlertRules, codec: Codec | None = None)
                 continue
             uid = instance["study_instance_uid"]
             state = study_table.get(uid)
-            if state and instance.get("modality") == "CT" and (
+            if (
+                state
+                and instance.get("modality") == "CT"
+                and (
                     any(r["source"] == "RDSR" for r in state["reports"].values())
-                    or any(e.get("event_key") == f"series:{instance['series_instance_uid']}"
-                           for r in state["reports"].values() for e in r["events"])):
+                    or any(
+                        e.get("event_key") == f"series:{instance['series_instance_uid']}"
+                        for r in state["reports"].values()
+                        for e in r["events"]
+                    )
+                )
+            ):
                 continue  # one CTDIvol per series is enough, and none once a dose report is here
             try:
                 extracted = extract_dose(dataset_from_header_json(instance["header_json"]))
@@ -134,15 +170,24 @@ def register_dose(app: faust.App, rules: AlertRules, codec: Codec | None = None)
             study, events = summarize(state)
             at = instance["received_at"]
             for ev in events:
-                await events_out.send(key=uid.encode(), value=codec.encode(
-                    DOSE_EVENTS.schema, _fit(codec, DOSE_EVENTS.schema, event_record(study, ev))))
-            study_value = codec.encode(DOSE_STUDIES.schema, _fit(codec, DOSE_STUDIES.schema, {
-                **study, "revision": state["revision"], "received_at": at}))
+                await events_out.send(
+                    key=uid.encode(),
+                    value=codec.encode(DOSE_EVENTS.schema, _fit(codec, DOSE_EVENTS.schema, event_record(study, ev))),
+                )
+            study_value = codec.encode(
+                DOSE_STUDIES.schema,
+                _fit(codec, DOSE_STUDIES.schema, {**study, "revision": state["revision"], "received_at": at}),
+            )
             await studies_out.send(key=uid.encode(), value=study_value)
             await publish_alerts(state, study_alerts(rules, study, events), study, at)
             study_table[uid] = state
-            log.info("dose.study", study_instance_uid=uid, kind=study.get("kind"), events=study["events"],
-                     source=report["source"])
+            log.info(
+                "dose.study",
+                study_instance_uid=uid,
+                kind=study.get("kind"),
+                events=study["events"],
+                source=report["source"],
+            )
             if study.get("patient_id"):
                 await by_patient.send(key=study["patient_id"].encode(), value=study_value)
 
@@ -157,9 +202,18 @@ def register_dose(app: faust.App, rules: AlertRules, codec: Codec | None = None)
             patient = study["patient_id"]
             state = patient_table.get(patient) or {"studies": {}, "alerts": {}, "revision": 0}
             state["studies"][study["study_instance_uid"]] = {
-                k: v for k, v in study.items() if k in (
-                    "study_instance_uid", "study_date", "total_dlp_mGycm", "total_dap_Gym2", "dose_rp_total_mGy",
-                    "administered_activity_MBq")}
+                k: v
+                for k, v in study.items()
+                if k
+                in (
+                    "study_instance_uid",
+                    "study_date",
+                    "total_dlp_mGycm",
+                    "total_dap_Gym2",
+                    "dose_rp_total_mGy",
+                    "administered_activity_MBq",
+                )
+            }
             state["revision"] += 1
             alerts = cumulative_alerts(rules, list(state["studies"].values()), study)
             await publish_alerts(state, alerts, study, study["received_at"])

@@ -12,6 +12,7 @@
 A match pattern is searched (re.search) in the event's field, or the study's when the event has
 none; a rule without ``match`` applies to every record.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,14 +23,30 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["AlertRules", "RulesError", "ReferenceLevel", "CumulativeRule", "study_alerts", "cumulative_alerts",
-           "load_rules"]
+__all__ = [
+    "AlertRules",
+    "RulesError",
+    "ReferenceLevel",
+    "CumulativeRule",
+    "study_alerts",
+    "cumulative_alerts",
+    "load_rules",
+]
 
 _EVENT_METRICS = ("ctdivol_mGy", "dlp_mGycm", "dap_Gym2", "dose_rp_mGy", "agd_mGy", "administered_activity_MBq")
 _STUDY_METRICS = {"dlp_mGycm": "dlp_mGycm", "dap_Gym2": "dap_Gym2", "dose_rp_mGy": "dose_rp_mGy"}
 _CUMULATIVE_METRICS = ("total_dlp_mGycm", "total_dap_Gym2", "dose_rp_total_mGy", "administered_activity_MBq")
-_MATCH_FIELDS = ("kind", "protocol", "target_region", "station_name", "manufacturer", "manufacturer_model_name",
-                 "modality", "acquisition_type", "study_description")
+_MATCH_FIELDS = (
+    "kind",
+    "protocol",
+    "target_region",
+    "station_name",
+    "manufacturer",
+    "manufacturer_model_name",
+    "modality",
+    "acquisition_type",
+    "study_description",
+)
 
 
 class RulesError(ValueError):
@@ -40,8 +57,8 @@ class RulesError(ValueError):
 class ReferenceLevel:
     name: str
     match: dict[str, re.Pattern] = field(default_factory=dict)
-    event_limits: dict[str, float] = field(default_factory=dict)   # per event: ctdivol_mGy, ...
-    study_limits: dict[str, float] = field(default_factory=dict)   # per study: dlp_mGycm, ...
+    event_limits: dict[str, float] = field(default_factory=dict)  # per event: ctdivol_mGy, ...
+    study_limits: dict[str, float] = field(default_factory=dict)  # per study: dlp_mGycm, ...
 
     def matches(self, record: dict, study: dict) -> bool:
         for name, pattern in self.match.items():
@@ -113,22 +130,44 @@ def load_rules(path: Path | None) -> AlertRules:
         name = item.get("name") or "?"
         if item.get("metric") not in _CUMULATIVE_METRICS:
             raise RulesError(f"rule {name!r}: metric must be one of {', '.join(_CUMULATIVE_METRICS)}")
-        cumulative.append(CumulativeRule(name, item["metric"], _number(name, "window_days", item.get("window_days")),
-                                         _number(name, "threshold", item.get("threshold"))))
-    return AlertRules(tuple(_reference_level(r) for r in raw.get("reference_levels") or []),
-                      bool(raw.get("dose_check", True)), tuple(cumulative))
+        cumulative.append(
+            CumulativeRule(
+                name,
+                item["metric"],
+                _number(name, "window_days", item.get("window_days")),
+                _number(name, "threshold", item.get("threshold")),
+            )
+        )
+    return AlertRules(
+        tuple(_reference_level(r) for r in raw.get("reference_levels") or []),
+        bool(raw.get("dose_check", True)),
+        tuple(cumulative),
+    )
 
 
 def _alert_id(*parts: str) -> str:
     return hashlib.sha1("\x1f".join(parts).encode()).hexdigest()
 
 
-def _alert(rule: str, rule_type: str, metric: str, value: float, threshold: float, study: dict,
-           event: dict | None = None, message: str = "") -> dict:
+def _alert(
+    rule: str,
+    rule_type: str,
+    metric: str,
+    value: float,
+    threshold: float,
+    study: dict,
+    event: dict | None = None,
+    message: str = "",
+) -> dict:
     key = event.get("event_key", "") if event else ""
     return {
-        "alert_id": _alert_id(rule, study["study_instance_uid"], key, metric), "rule": rule, "rule_type": rule_type,
-        "metric": metric, "value": value, "threshold": threshold, "study_instance_uid": study["study_instance_uid"],
+        "alert_id": _alert_id(rule, study["study_instance_uid"], key, metric),
+        "rule": rule,
+        "rule_type": rule_type,
+        "metric": metric,
+        "value": value,
+        "threshold": threshold,
+        "study_instance_uid": study["study_instance_uid"],
         "irradiation_event_uid": event.get("irradiation_event_uid") if event else None,
         "protocol": event.get("protocol") if event else None,
         "message": message or f"{rule}: {metric} {value:g} exceeds {threshold:g}",
@@ -137,16 +176,27 @@ def _alert(rule: str, rule_type: str, metric: str, value: float, threshold: floa
 
 def _dose_check(event: dict, study: dict) -> list[dict]:
     out = []
-    checks = (("ctdivol_mGy", "ctdivol_mGy", "dose_check_ctdivol_notification_mGy", "notification"),
-              ("dlp_mGycm", "dlp_mGycm", "dose_check_dlp_notification_mGycm", "notification"),
-              ("dose_check_accumulated_ctdivol_forward_estimate_mGy", "ctdivol_mGy", "dose_check_ctdivol_alert_mGy",
-               "alert"),
-              ("dose_check_accumulated_dlp_forward_estimate_mGycm", "dlp_mGycm", "dose_check_dlp_alert_mGycm", "alert"))
-    for value_field, metric, limit_field, level in checks:
+    checks = (
+        ("ctdivol_mGy", "ctdivol_mGy", "dose_check_ctdivol_notification_mGy", "notification"),
+        ("dlp_mGycm", "dlp_mGycm", "dose_check_dlp_notification_mGycm", "notification"),
+        ("dose_check_accumulated_ctdivol_forward_estimate_mGy", "ctdivol_mGy", "dose_check_ctdivol_alert_mGy", "alert"),
+        ("dose_check_accumulated_dlp_forward_estimate_mGycm", "dlp_mGycm", "dose_check_dlp_alert_mGycm", "alert"),
+    )
+    for value_field, _metric, limit_field, level in checks:
         value, limit = event.get(value_field), event.get(limit_field)
         if value is not None and limit is not None and value > limit:
-            out.append(_alert(f"Dose Check {level} value", "dose_check", value_field, value, limit, study, event,
-                              f"{value_field} {value:g} exceeds the scanner's Dose Check {level} value {limit:g}"))
+            out.append(
+                _alert(
+                    f"Dose Check {level} value",
+                    "dose_check",
+                    value_field,
+                    value,
+                    limit,
+                    study,
+                    event,
+                    f"{value_field} {value:g} exceeds the scanner's Dose Check {level} value {limit:g}",
+                )
+            )
     return out
 
 
@@ -163,8 +213,18 @@ def study_alerts(rules: AlertRules, study: dict, events: list[dict]) -> list[dic
         for metric, limit in level.study_limits.items():
             values = [e[metric] for e in matching if e.get(metric) is not None]
             if values and sum(values) > limit:
-                out.append(_alert(level.name, "reference_level", metric, sum(values), limit, study, None,
-                                  f"{level.name}: study {metric} {sum(values):g} exceeds {limit:g}"))
+                out.append(
+                    _alert(
+                        level.name,
+                        "reference_level",
+                        metric,
+                        sum(values),
+                        limit,
+                        study,
+                        None,
+                        f"{level.name}: study {metric} {sum(values):g} exceeds {limit:g}",
+                    )
+                )
     if rules.dose_check:
         for event in events:
             out += _dose_check(event, study)
@@ -179,14 +239,29 @@ def cumulative_alerts(rules: AlertRules, studies: list[dict], latest: dict) -> l
     end = date.fromisoformat(latest["study_date"])
     for rule in rules.cumulative:
         start = end - timedelta(days=rule.window_days)
-        window = sorted((s for s in studies if s.get("study_date") and s.get(rule.metric) is not None
-                         and start < date.fromisoformat(s["study_date"]) <= end),
-                        key=lambda s: (s["study_date"], s["study_instance_uid"]))
+        window = sorted(
+            (
+                s
+                for s in studies
+                if s.get("study_date")
+                and s.get(rule.metric) is not None
+                and start < date.fromisoformat(s["study_date"]) <= end
+            ),
+            key=lambda s: (s["study_date"], s["study_instance_uid"]),
+        )
         total = sum(s[rule.metric] for s in window)
         if total > rule.threshold:
-            alert = _alert(rule.name, "cumulative", rule.metric, total, rule.threshold, latest, None,
-                           f"{rule.name}: {rule.metric} {total:g} over {len(window)} studies in {rule.window_days:g}"
-                           f" days exceeds {rule.threshold:g}")
+            alert = _alert(
+                rule.name,
+                "cumulative",
+                rule.metric,
+                total,
+                rule.threshold,
+                latest,
+                None,
+                f"{rule.name}: {rule.metric} {total:g} over {len(window)} studies in {rule.window_days:g}"
+                f" days exceeds {rule.threshold:g}",
+            )
             alert.update(window_days=rule.window_days, window_study_uids=[s["study_instance_uid"] for s in window])
             out.append(alert)
     return out

@@ -1,4 +1,5 @@
 """The coded concepts diana-star reads from dose reports (PS3.16 TID 10001, 10011, 10021)."""
+
 from __future__ import annotations
 
 from diana.stream_apps.dose.content import DCM, SNOMED, Concept

@@ -3,10 +3,11 @@
 A concept may have several codes: SNOMED codes moved from the SRT scheme to SCT (and a few
 reports say SNM3), so a ``Concept`` holds every spelling that means the same thing.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from pydicom import Dataset
 
@@ -58,26 +59,26 @@ class Item:
     def value_type(self) -> str:
         return str(self.ds.get("ValueType", ""))
 
-    def children(self) -> list["Item"]:
+    def children(self) -> list[Item]:
         return [Item(child) for child in self.ds.get("ContentSequence") or []]
 
-    def all(self, concept: Concept) -> list["Item"]:
+    def all(self, concept: Concept) -> list[Item]:
         return [child for child in self.children() if child.concept in concept]
 
-    def first(self, concept: Concept) -> "Item | None":
+    def first(self, concept: Concept) -> Item | None:
         return next(iter(self.all(concept)), None)
 
-    def descendants(self) -> Iterator["Item"]:
+    def descendants(self) -> Iterator[Item]:
         for child in self.children():
             yield child
             yield from child.descendants()
 
-    def deep(self, concept: Concept) -> "Item | None":
+    def deep(self, concept: Concept) -> Item | None:
         """The first descendant with this concept: vendors nest some values one container deeper."""
         return next((item for item in self.descendants() if item.concept in concept), None)
 
     # ---- values of the first child (or, with deep=True, descendant) with a concept
-    def _find(self, concept: Concept, deep: bool) -> "Item | None":
+    def _find(self, concept: Concept, deep: bool) -> Item | None:
         return self.deep(concept) if deep else self.first(concept)
 
     def num(self, concept: Concept, quantity: str, deep: bool = False) -> float | None:

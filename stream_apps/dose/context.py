@@ -1,4 +1,5 @@
 """The study and patient context of a dose record: who, when, where; same for reports and images."""
+
 from __future__ import annotations
 
 from datetime import date
@@ -68,7 +69,9 @@ def study_context(ds: Dataset) -> dict:
         "institution_name": text_value(ds, "InstitutionName"),
         "patient_id": text_value(ds, "PatientID"),
         "patient_sex": text_value(ds, "PatientSex"),
-        "patient_age_years": decimal_age_years(text_value(ds, "PatientBirthDate"), study_date, text_value(ds, "PatientAge")),
+        "patient_age_years": decimal_age_years(
+            text_value(ds, "PatientBirthDate"), study_date, text_value(ds, "PatientAge")
+        ),
         "patient_size_m": _float(ds, "PatientSize"),
         "patient_weight_kg": _float(ds, "PatientWeight"),
     }

@@ -1,4 +1,5 @@
 """From an instance-arrived event's DICOM JSON header to a dose record: the one entry point."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,9 @@ def dataset_from_header_json(header_json: str) -> Dataset:
     try:
         return Dataset.from_json(json.loads(header_json), bulk_data_uri_handler=_no_bulk)
     except Exception as exc:  # pydicom raises many kinds on odd JSON
-        raise DoseExtractionError(f"cannot rebuild the data set from its JSON header: {type(exc).__name__}: {exc}")
+        raise DoseExtractionError(
+            f"cannot rebuild the data set from its JSON header: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def extract_dose(ds: Dataset) -> tuple[dict, dict] | None:

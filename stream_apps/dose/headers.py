@@ -4,6 +4,7 @@ CT images carry CTDIvol (one event per series), projection images their area dos
 exposure indices, mammography images the organ (average glandular) dose, breast thickness and
 compression force (one event per image).
 """
+
 from __future__ import annotations
 
 from pydicom import Dataset
@@ -12,8 +13,12 @@ from diana.stream_apps.dose.context import text_value, without_none
 
 __all__ = ["read_header_dose"]
 
-_ANODES = {"MOLYBDENUM": "Molybdenum or Molybdenum compound", "RHODIUM": "Rhodium or Rhodium compound",
-           "TUNGSTEN": "Tungsten or Tungsten compound", "SILVER": "Silver or Silver compound"}
+_ANODES = {
+    "MOLYBDENUM": "Molybdenum or Molybdenum compound",
+    "RHODIUM": "Rhodium or Rhodium compound",
+    "TUNGSTEN": "Tungsten or Tungsten compound",
+    "SILVER": "Silver or Silver compound",
+}
 _SIDES = {"L": "Left", "R": "Right", "B": "Both"}
 _PROJECTION = {"CR", "DX", "RF", "XA", "PX", "IO", "MG"}
 
@@ -67,13 +72,15 @@ def read_header_dose(ds: Dataset) -> dict | None:
             **_technique(ds),
         }
         if modality == "MG":
-            event.update({
-                "agd_mGy": _num(ds, "OrganDose", 100.0),
-                "compression_thickness_mm": _num(ds, "BodyPartThickness"),
-                "compression_force_N": _num(ds, "CompressionForce"),
-                "anode": _ANODES.get((text_value(ds, "AnodeTargetMaterial") or "").upper()),
-                "laterality": _SIDES.get(text_value(ds, "ImageLaterality") or text_value(ds, "Laterality") or ""),
-            })
+            event.update(
+                {
+                    "agd_mGy": _num(ds, "OrganDose", 100.0),
+                    "compression_thickness_mm": _num(ds, "BodyPartThickness"),
+                    "compression_force_N": _num(ds, "CompressionForce"),
+                    "anode": _ANODES.get((text_value(ds, "AnodeTargetMaterial") or "").upper()),
+                    "laterality": _SIDES.get(text_value(ds, "ImageLaterality") or text_value(ds, "Laterality") or ""),
+                }
+            )
         if not any(event.get(k) is not None for k in ("dap_Gym2", "entrance_dose_mGy", "agd_mGy", "exposure_index")):
             return None
         kind = "MG" if modality == "MG" else "RF" if modality in ("RF", "XA") else "DX"
@@ -81,4 +88,10 @@ def read_header_dose(ds: Dataset) -> dict | None:
     else:
         return None
     event["index"] = 0
-    return {"kind": kind, "source": "IMAGE", "sop_instance_uid": sop, "events": [without_none(event)], "accumulated": {}}
+    return {
+        "kind": kind,
+        "source": "IMAGE",
+        "sop_instance_uid": sop,
+        "events": [without_none(event)],
+        "accumulated": {},
+    }

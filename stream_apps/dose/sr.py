@@ -6,6 +6,7 @@ Every value is found by concept code and converted to the canonical unit (units.
 CodeMeaning of a coded *value* (e.g. "Spiral Acquisition") is kept as display text, while counts
 and decisions use the code.
 """
+
 from __future__ import annotations
 
 from pydicom import Dataset
@@ -18,8 +19,14 @@ __all__ = ["DoseReport", "read_dose_report"]
 
 DoseReport = dict  # {"kind", "sop_instance_uid", "events": [...], "accumulated": {...}}
 
-_CT_TYPES = {"sequenced": C.SEQUENCED, "spiral": C.SPIRAL, "constant_angle": C.CONSTANT_ANGLE,
-             "stationary": C.STATIONARY, "free": C.FREE, "cone_beam": C.CONE_BEAM}
+_CT_TYPES = {
+    "sequenced": C.SEQUENCED,
+    "spiral": C.SPIRAL,
+    "constant_angle": C.CONSTANT_ANGLE,
+    "stationary": C.STATIONARY,
+    "free": C.FREE,
+    "cone_beam": C.CONE_BEAM,
+}
 
 
 def _yes_no(item: Item | None, concept) -> bool | None:
@@ -34,49 +41,58 @@ def _ct_event(acquisition: Item) -> dict:
     dose = acquisition.first(C.CT_DOSE) or Item(Dataset())
     alert, notification = dose.first(C.DOSE_CHECK_ALERT), dose.first(C.DOSE_CHECK_NOTIFICATION)
     type_code = acquisition.code(C.CT_ACQUISITION_TYPE)
-    return without_none({
-        "irradiation_event_uid": acquisition.uid(C.IRRADIATION_EVENT_UID),
-        "protocol": acquisition.text(C.ACQUISITION_PROTOCOL),
-        "target_region": acquisition.meaning(C.TARGET_REGION),
-        "acquisition_type": acquisition.meaning(C.CT_ACQUISITION_TYPE),
-        "acquisition_type_code": next((k for k, c in _CT_TYPES.items() if type_code in c), None),
-        "ctdivol_mGy": dose.num(C.MEAN_CTDIVOL, "dose"),
-        "dlp_mGycm": dose.num(C.DLP, "dlp"),
-        "phantom": dose.meaning(C.PHANTOM_TYPE),
-        "scan_length_mm": params.num(C.SCANNING_LENGTH, "length"),
-        "exposure_time_s": params.num(C.EXPOSURE_TIME, "time"),
-        "collimation_single_mm": params.num(C.SINGLE_COLLIMATION, "length"),
-        "collimation_total_mm": params.num(C.TOTAL_COLLIMATION, "length"),
-        "pitch": params.num(C.PITCH, "ratio"),
-        "xray_sources": params.num(C.XRAY_SOURCES, "ratio"),
-        # The first source; dual-source scanners list a second one, kept in xray_source_parameters.
-        "kvp": first_source.num(C.KVP, "voltage"),
-        "max_tube_current_mA": first_source.num(C.MAX_TUBE_CURRENT, "current"),
-        "tube_current_mA": first_source.num(C.TUBE_CURRENT, "current"),
-        "exposure_time_per_rotation_s": first_source.num(C.EXPOSURE_TIME_PER_ROTATION, "time"),
-        "xray_source_parameters": [without_none({
-            "source": source.text(C.SOURCE_ID), "kvp": source.num(C.KVP, "voltage"),
-            "max_tube_current_mA": source.num(C.MAX_TUBE_CURRENT, "current"),
-            "tube_current_mA": source.num(C.TUBE_CURRENT, "current"),
-        }) for source in sources] or None,
-        "dose_check_dlp_alert_configured": _yes_no(alert, C.DLP_ALERT_CONFIGURED),
-        "dose_check_ctdivol_alert_configured": _yes_no(alert, C.CTDIVOL_ALERT_CONFIGURED),
-        "dose_check_dlp_alert_mGycm": alert and alert.num(C.DLP_ALERT_VALUE, "dlp"),
-        "dose_check_ctdivol_alert_mGy": alert and alert.num(C.CTDIVOL_ALERT_VALUE, "dose"),
-        "dose_check_accumulated_dlp_forward_estimate_mGycm":
-            alert and alert.num(C.ACCUMULATED_DLP_FORWARD_ESTIMATE, "dlp"),
-        "dose_check_accumulated_ctdivol_forward_estimate_mGy":
-            alert and alert.num(C.ACCUMULATED_CTDIVOL_FORWARD_ESTIMATE, "dose"),
-        "dose_check_reason_for_proceeding": alert and alert.text(C.REASON_FOR_PROCEEDING, deep=True),
-        "dose_check_dlp_notification_configured": _yes_no(notification, C.DLP_NOTIFICATION_CONFIGURED),
-        "dose_check_ctdivol_notification_configured": _yes_no(notification, C.CTDIVOL_NOTIFICATION_CONFIGURED),
-        "dose_check_dlp_notification_mGycm": notification and notification.num(C.DLP_NOTIFICATION_VALUE, "dlp"),
-        "dose_check_ctdivol_notification_mGy":
-            notification and notification.num(C.CTDIVOL_NOTIFICATION_VALUE, "dose"),
-        "dose_check_dlp_forward_estimate_mGycm": notification and notification.num(C.DLP_FORWARD_ESTIMATE, "dlp"),
-        "dose_check_ctdivol_forward_estimate_mGy":
-            notification and notification.num(C.CTDIVOL_FORWARD_ESTIMATE, "dose"),
-    })
+    return without_none(
+        {
+            "irradiation_event_uid": acquisition.uid(C.IRRADIATION_EVENT_UID),
+            "protocol": acquisition.text(C.ACQUISITION_PROTOCOL),
+            "target_region": acquisition.meaning(C.TARGET_REGION),
+            "acquisition_type": acquisition.meaning(C.CT_ACQUISITION_TYPE),
+            "acquisition_type_code": next((k for k, c in _CT_TYPES.items() if type_code in c), None),
+            "ctdivol_mGy": dose.num(C.MEAN_CTDIVOL, "dose"),
+            "dlp_mGycm": dose.num(C.DLP, "dlp"),
+            "phantom": dose.meaning(C.PHANTOM_TYPE),
+            "scan_length_mm": params.num(C.SCANNING_LENGTH, "length"),
+            "exposure_time_s": params.num(C.EXPOSURE_TIME, "time"),
+            "collimation_single_mm": params.num(C.SINGLE_COLLIMATION, "length"),
+            "collimation_total_mm": params.num(C.TOTAL_COLLIMATION, "length"),
+            "pitch": params.num(C.PITCH, "ratio"),
+            "xray_sources": params.num(C.XRAY_SOURCES, "ratio"),
+            # The first source; dual-source scanners list a second one, kept in xray_source_parameters.
+            "kvp": first_source.num(C.KVP, "voltage"),
+            "max_tube_current_mA": first_source.num(C.MAX_TUBE_CURRENT, "current"),
+            "tube_current_mA": first_source.num(C.TUBE_CURRENT, "current"),
+            "exposure_time_per_rotation_s": first_source.num(C.EXPOSURE_TIME_PER_ROTATION, "time"),
+            "xray_source_parameters": [
+                without_none(
+                    {
+                        "source": source.text(C.SOURCE_ID),
+                        "kvp": source.num(C.KVP, "voltage"),
+                        "max_tube_current_mA": source.num(C.MAX_TUBE_CURRENT, "current"),
+                        "tube_current_mA": source.num(C.TUBE_CURRENT, "current"),
+                    }
+                )
+                for source in sources
+            ]
+            or None,
+            "dose_check_dlp_alert_configured": _yes_no(alert, C.DLP_ALERT_CONFIGURED),
+            "dose_check_ctdivol_alert_configured": _yes_no(alert, C.CTDIVOL_ALERT_CONFIGURED),
+            "dose_check_dlp_alert_mGycm": alert and alert.num(C.DLP_ALERT_VALUE, "dlp"),
+            "dose_check_ctdivol_alert_mGy": alert and alert.num(C.CTDIVOL_ALERT_VALUE, "dose"),
+            "dose_check_accumulated_dlp_forward_estimate_mGycm": alert
+            and alert.num(C.ACCUMULATED_DLP_FORWARD_ESTIMATE, "dlp"),
+            "dose_check_accumulated_ctdivol_forward_estimate_mGy": alert
+            and alert.num(C.ACCUMULATED_CTDIVOL_FORWARD_ESTIMATE, "dose"),
+            "dose_check_reason_for_proceeding": alert and alert.text(C.REASON_FOR_PROCEEDING, deep=True),
+            "dose_check_dlp_notification_configured": _yes_no(notification, C.DLP_NOTIFICATION_CONFIGURED),
+            "dose_check_ctdivol_notification_configured": _yes_no(notification, C.CTDIVOL_NOTIFICATION_CONFIGURED),
+            "dose_check_dlp_notification_mGycm": notification and notification.num(C.DLP_NOTIFICATION_VALUE, "dlp"),
+            "dose_check_ctdivol_notification_mGy": notification
+            and notification.num(C.CTDIVOL_NOTIFICATION_VALUE, "dose"),
+            "dose_check_dlp_forward_estimate_mGycm": notification and notification.num(C.DLP_FORWARD_ESTIMATE, "dlp"),
+            "dose_check_ctdivol_forward_estimate_mGy": notification
+            and notification.num(C.CTDIVOL_FORWARD_ESTIMATE, "dose"),
+        }
+    )
 
 
 def _plane(code) -> str | None:
@@ -91,41 +107,46 @@ def _laterality(item: Item) -> str | None:
 def _projection_event(event: Item, default_plane: tuple[str | None, str | None]) -> dict:
     plane_item = event.deep(C.ACQUISITION_PLANE)
     plane_code = plane_item.value_code if plane_item else None
-    return without_none({
-        "irradiation_event_uid": event.uid(C.IRRADIATION_EVENT_UID),
-        "datetime_started": event.datetime(C.DATETIME_STARTED),
-        "plane": plane_item.value_meaning if plane_item else default_plane[1],
-        "plane_id": _plane(plane_code) if plane_item else default_plane[0],
-        "event_type": event.meaning(C.EVENT_TYPE),
-        "fluoroscopy": event.code(C.EVENT_TYPE) in C.FLUOROSCOPY if event.first(C.EVENT_TYPE) else None,
-        "protocol": event.text(C.ACQUISITION_PROTOCOL),
-        "target_region": event.meaning(C.TARGET_REGION),
-        "laterality": _laterality(event),
-        "dap_Gym2": event.num(C.DAP, "dap"),
-        "dose_rp_mGy": event.num(C.DOSE_RP, "dose"),
-        "kvp": event.num(C.KVP, "voltage", deep=True),
-        "tube_current_mA": event.num(C.TUBE_CURRENT, "current", deep=True),
-        "exposure_time_s": event.num(C.EXPOSURE_TIME, "time", deep=True),
-        "exposure_mAs": event.num(C.EXPOSURE, "charge", deep=True),
-        "irradiation_duration_s": event.num(C.IRRADIATION_DURATION, "time", deep=True),
-        "pulses": event.num(C.NUMBER_OF_PULSES, "ratio", deep=True),
-        "exposure_index": event.num(C.EXPOSURE_INDEX, "ratio", deep=True),
-        "target_exposure_index": event.num(C.TARGET_EXPOSURE_INDEX, "ratio", deep=True),
-        "deviation_index": event.num(C.DEVIATION_INDEX, "ratio", deep=True),
-        "agd_mGy": event.num(C.AGD, "dose", deep=True),
-        "hvl_mm": event.num(C.HVL, "length", deep=True),
-        "entrance_exposure_rp_mGy": event.num(C.ENTRANCE_EXPOSURE_RP, "dose", deep=True),
-        "compression_thickness_mm": event.num(C.COMPRESSION_THICKNESS, "length", deep=True),
-        "anode": event.meaning(C.ANODE_TARGET_MATERIAL, deep=True),
-    })
+    return without_none(
+        {
+            "irradiation_event_uid": event.uid(C.IRRADIATION_EVENT_UID),
+            "datetime_started": event.datetime(C.DATETIME_STARTED),
+            "plane": plane_item.value_meaning if plane_item else default_plane[1],
+            "plane_id": _plane(plane_code) if plane_item else default_plane[0],
+            "event_type": event.meaning(C.EVENT_TYPE),
+            "fluoroscopy": event.code(C.EVENT_TYPE) in C.FLUOROSCOPY if event.first(C.EVENT_TYPE) else None,
+            "protocol": event.text(C.ACQUISITION_PROTOCOL),
+            "target_region": event.meaning(C.TARGET_REGION),
+            "laterality": _laterality(event),
+            "dap_Gym2": event.num(C.DAP, "dap"),
+            "dose_rp_mGy": event.num(C.DOSE_RP, "dose"),
+            "kvp": event.num(C.KVP, "voltage", deep=True),
+            "tube_current_mA": event.num(C.TUBE_CURRENT, "current", deep=True),
+            "exposure_time_s": event.num(C.EXPOSURE_TIME, "time", deep=True),
+            "exposure_mAs": event.num(C.EXPOSURE, "charge", deep=True),
+            "irradiation_duration_s": event.num(C.IRRADIATION_DURATION, "time", deep=True),
+            "pulses": event.num(C.NUMBER_OF_PULSES, "ratio", deep=True),
+            "exposure_index": event.num(C.EXPOSURE_INDEX, "ratio", deep=True),
+            "target_exposure_index": event.num(C.TARGET_EXPOSURE_INDEX, "ratio", deep=True),
+            "deviation_index": event.num(C.DEVIATION_INDEX, "ratio", deep=True),
+            "agd_mGy": event.num(C.AGD, "dose", deep=True),
+            "hvl_mm": event.num(C.HVL, "length", deep=True),
+            "entrance_exposure_rp_mGy": event.num(C.ENTRANCE_EXPOSURE_RP, "dose", deep=True),
+            "compression_thickness_mm": event.num(C.COMPRESSION_THICKNESS, "length", deep=True),
+            "anode": event.meaning(C.ANODE_TARGET_MATERIAL, deep=True),
+        }
+    )
 
 
 _PLANE_TOTALS = {
-    "dap_Gym2": (C.DAP_TOTAL, "dap"), "dose_rp_mGy": (C.DOSE_RP_TOTAL, "dose"),
-    "fluoro_dap_Gym2": (C.FLUORO_DAP_TOTAL, "dap"), "acquisition_dap_Gym2": (C.ACQUISITION_DAP_TOTAL, "dap"),
+    "dap_Gym2": (C.DAP_TOTAL, "dap"),
+    "dose_rp_mGy": (C.DOSE_RP_TOTAL, "dose"),
+    "fluoro_dap_Gym2": (C.FLUORO_DAP_TOTAL, "dap"),
+    "acquisition_dap_Gym2": (C.ACQUISITION_DAP_TOTAL, "dap"),
     "fluoro_dose_rp_mGy": (C.FLUORO_DOSE_RP_TOTAL, "dose"),
     "acquisition_dose_rp_mGy": (C.ACQUISITION_DOSE_RP_TOTAL, "dose"),
-    "fluoro_time_s": (C.TOTAL_FLUORO_TIME, "time"), "acquisition_time_s": (C.TOTAL_ACQUISITION_TIME, "time"),
+    "fluoro_time_s": (C.TOTAL_FLUORO_TIME, "time"),
+    "acquisition_time_s": (C.TOTAL_ACQUISITION_TIME, "time"),
     "radiographic_frames": (C.TOTAL_RADIOGRAPHIC_FRAMES, "ratio"),
 }
 
@@ -136,8 +157,13 @@ def _plane_totals(container: Item) -> tuple[str, dict]:
     for item in container.descendants():
         if item.concept in C.ACCUMULATED_AGD:
             side = item.code(C.LATERALITY)
-            key = "agd_left_mGy" if side in C.LEFT_BREAST or side in C.LEFT else \
-                "agd_right_mGy" if side in C.RIGHT_BREAST or side in C.RIGHT else "agd_mGy"
+            key = (
+                "agd_left_mGy"
+                if side in C.LEFT_BREAST or side in C.LEFT
+                else "agd_right_mGy"
+                if side in C.RIGHT_BREAST or side in C.RIGHT
+                else "agd_mGy"
+            )
             totals[key] = item.number("dose")
     return plane, without_none(totals)
 
@@ -151,29 +177,45 @@ def _projection(root: Item) -> tuple[str, list[dict], dict]:
         if plane_item is not None:
             default = (_plane(plane_item.value_code), plane_item.value_meaning)
     events = [_projection_event(event, default) for event in root.all(C.XRAY_EVENT)]
-    mammography = (root.code(C.PROCEDURE_REPORTED) in C.MAMMOGRAPHY
-                   or any("agd_mGy" in e for e in events) or any(k.startswith("agd") for p in planes.values() for k in p))
+    mammography = (
+        root.code(C.PROCEDURE_REPORTED) in C.MAMMOGRAPHY
+        or any("agd_mGy" in e for e in events)
+        or any(k.startswith("agd") for p in planes.values() for k in p)
+    )
     fluoro = any(e.get("fluoroscopy") for e in events) or any("fluoro_time_s" in p for p in planes.values())
     kind = "MG" if mammography else "RF" if fluoro else "DX"
     return kind, events, {"planes": planes}
 
 
 def _radiopharmaceutical(root: Item) -> tuple[str, list[dict], dict]:
-    events = [without_none({
-        "irradiation_event_uid": admin.uid(C.ADMINISTRATION_EVENT_UID),
-        "radiopharmaceutical": admin.meaning(C.RADIOPHARMACEUTICAL_AGENT, deep=True),
-        "radionuclide": admin.meaning(C.RADIONUCLIDE, deep=True),
-        "administered_activity_MBq": admin.num(C.ADMINISTERED_ACTIVITY, "activity", deep=True),
-        "datetime_started": admin.datetime(C.RADIOPHARMACEUTICAL_START, deep=True),
-    }) for admin in root.all(C.RADIOPHARMACEUTICAL_ADMINISTRATION)]
+    events = [
+        without_none(
+            {
+                "irradiation_event_uid": admin.uid(C.ADMINISTRATION_EVENT_UID),
+                "radiopharmaceutical": admin.meaning(C.RADIOPHARMACEUTICAL_AGENT, deep=True),
+                "radionuclide": admin.meaning(C.RADIONUCLIDE, deep=True),
+                "administered_activity_MBq": admin.num(C.ADMINISTERED_ACTIVITY, "activity", deep=True),
+                "datetime_started": admin.datetime(C.RADIOPHARMACEUTICAL_START, deep=True),
+            }
+        )
+        for admin in root.all(C.RADIOPHARMACEUTICAL_ADMINISTRATION)
+    ]
     return "NM", events, {}
 
 
 def _ct(root: Item) -> tuple[str, list[dict], dict]:
     accumulated = root.first(C.CT_ACCUMULATED) or Item(Dataset())
     events = [_ct_event(acquisition) for acquisition in root.all(C.CT_ACQUISITION)]
-    return "CT", events, without_none({"total_dlp_mGycm": accumulated.num(C.CT_DLP_TOTAL, "dlp"),
-                                 "events_reported": accumulated.num(C.CT_TOTAL_EVENTS, "ratio")})
+    return (
+        "CT",
+        events,
+        without_none(
+            {
+                "total_dlp_mGycm": accumulated.num(C.CT_DLP_TOTAL, "dlp"),
+                "events_reported": accumulated.num(C.CT_TOTAL_EVENTS, "ratio"),
+            }
+        ),
+    )
 
 
 def read_dose_report(ds: Dataset) -> DoseReport | None:
@@ -192,5 +234,10 @@ def read_dose_report(ds: Dataset) -> DoseReport | None:
         return None
     for index, event in enumerate(events):
         event["index"] = index
-    return {"kind": kind, "source": "RDSR", "sop_instance_uid": str(ds.get("SOPInstanceUID", "")) or None,
-            "events": events, "accumulated": accumulated}
+    return {
+        "kind": kind,
+        "source": "RDSR",
+        "sop_instance_uid": str(ds.get("SOPInstanceUID", "")) or None,
+        "events": events,
+        "accumulated": accumulated,
+    }

@@ -10,14 +10,20 @@ Totals: when the remaining reports share no event, each report's own accumulated
 (falling back to the sum of its events); when they overlap, totals are summed over the distinct
 events. Everything here is a pure function of the state, so replays give the same record.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["new_study", "fold_report", "summarize", "event_key"]
 
-_CT_TYPE_COUNTS = {"sequenced": "events_axial", "spiral": "events_spiral", "stationary": "events_stationary",
-                   "constant_angle": "events_constant_angle"}
+_CT_TYPE_COUNTS = {
+    "sequenced": "events_axial",
+    "spiral": "events_spiral",
+    "stationary": "events_stationary",
+    "constant_angle": "events_constant_angle",
+}
 
 
 def new_study(study_instance_uid: str) -> dict:
@@ -25,7 +31,9 @@ def new_study(study_instance_uid: str) -> dict:
 
 
 def event_key(report: dict, event: dict) -> str:
-    return event.get("irradiation_event_uid") or event.get("event_key") or f"{report['sop_instance_uid']}#{event['index']}"
+    return (
+        event.get("irradiation_event_uid") or event.get("event_key") or f"{report['sop_instance_uid']}#{event['index']}"
+    )
 
 
 def fold_report(state: dict, report: dict, context: dict, received_at_ms: int) -> bool:
@@ -66,8 +74,14 @@ def _distinct_events(reports: list[dict]) -> list[dict]:
     for report in reports:
         for event in report["events"]:
             key = event_key(report, event)
-            events[key] = {**event, "event_key": key, "sop_instance_uid": report["sop_instance_uid"],
-                           "kind": report["kind"], "source": report["source"], "received_at": report["received_at"]}
+            events[key] = {
+                **event,
+                "event_key": key,
+                "sop_instance_uid": report["sop_instance_uid"],
+                "kind": report["kind"],
+                "source": report["source"],
+                "received_at": report["received_at"],
+            }
     return list(events.values())
 
 
@@ -76,8 +90,13 @@ def _sum(values) -> float | None:
     return sum(values) if values else None
 
 
-def _total(reports: list[dict], disjoint: bool, events: list[dict],
-           from_report: Callable[[dict], float | None], from_event: Callable[[dict], float | None]) -> float | None:
+def _total(
+    reports: list[dict],
+    disjoint: bool,
+    events: list[dict],
+    from_report: Callable[[dict], float | None],
+    from_event: Callable[[dict], float | None],
+) -> float | None:
     if disjoint:
         per_report = []
         for report in reports:
@@ -95,10 +114,13 @@ def summarize(state: dict) -> tuple[dict, list[dict]]:
     disjoint = sum(len(k) for k in key_sets) == len(set().union(*key_sets)) if key_sets else True
     kinds = sorted({r["kind"] for r in reports})
     study: dict[str, Any] = {
-        **state["context"], "study_instance_uid": state["study_instance_uid"],
+        **state["context"],
+        "study_instance_uid": state["study_instance_uid"],
         "kind": kinds[0] if len(kinds) == 1 else "+".join(kinds) if kinds else None,
-        "sources": sorted({r["source"] for r in reports}), "report_count": len(reports),
-        "sop_instance_uids": [r["sop_instance_uid"] for r in reports], "events": len(events),
+        "sources": sorted({r["source"] for r in reports}),
+        "report_count": len(reports),
+        "sop_instance_uids": [r["sop_instance_uid"] for r in reports],
+        "events": len(events),
     }
 
     def total(name: str, acc: Callable[[dict], Any], ev: Callable[[dict], Any]) -> None:
@@ -112,27 +134,39 @@ def summarize(state: dict) -> tuple[dict, list[dict]]:
 
     projection = [r for r in reports if r["kind"] in ("DX", "RF", "MG")]
     if projection:
-        planes = sorted({p for r in projection for p in r["accumulated"].get("planes", {})}
-                        | {e.get("plane_id") or "A" for e in events if e["kind"] in ("DX", "RF", "MG")})
+        planes = sorted(
+            {p for r in projection for p in r["accumulated"].get("planes", {})}
+            | {e.get("plane_id") or "A" for e in events if e["kind"] in ("DX", "RF", "MG")}
+        )
         study["planes"] = len(planes)
         for metric, event_metric in (("dap_Gym2", "dap_Gym2"), ("dose_rp_mGy", "dose_rp_mGy")):
             for plane in planes:
-                total(f"plane_{plane.lower()}_{metric}",
-                      lambda r, p=plane, m=metric: r["accumulated"].get("planes", {}).get(p, {}).get(m),
-                      lambda e, p=plane, m=event_metric: e.get(m) if (e.get("plane_id") or "A") == p else None)
+                total(
+                    f"plane_{plane.lower()}_{metric}",
+                    lambda r, p=plane, m=metric: r["accumulated"].get("planes", {}).get(p, {}).get(m),
+                    lambda e, p=plane, m=event_metric: e.get(m) if (e.get("plane_id") or "A") == p else None,
+                )
             study[f"total_{metric}" if metric == "dap_Gym2" else "dose_rp_total_mGy"] = _sum(
-                study.get(f"plane_{p.lower()}_{metric}") for p in planes)
+                study.get(f"plane_{p.lower()}_{metric}") for p in planes
+            )
         for part, flag in (("fluoro", True), ("acquisition", False)):
             for metric in ("dap_Gym2", "dose_rp_mGy"):
-                total(f"{part}_{metric}",
-                      lambda r, k=f"{part}_{metric}": _sum(p.get(k) for p in r["accumulated"].get("planes", {}).values()),
-                      lambda e, m=metric, f=flag: e.get(m) if e.get("fluoroscopy") is f else None)
-        total("fluoro_time_s", lambda r: _sum(p.get("fluoro_time_s") for p in r["accumulated"].get("planes", {}).values()),
-              lambda e: e.get("irradiation_duration_s") if e.get("fluoroscopy") else None)
+                total(
+                    f"{part}_{metric}",
+                    lambda r, k=f"{part}_{metric}": _sum(p.get(k) for p in r["accumulated"].get("planes", {}).values()),
+                    lambda e, m=metric, f=flag: e.get(m) if e.get("fluoroscopy") is f else None,
+                )
+        total(
+            "fluoro_time_s",
+            lambda r: _sum(p.get("fluoro_time_s") for p in r["accumulated"].get("planes", {}).values()),
+            lambda e: e.get("irradiation_duration_s") if e.get("fluoroscopy") else None,
+        )
         for side in ("left", "right"):
-            total(f"agd_{side}_mGy",
-                  lambda r, s=side: _sum(p.get(f"agd_{s}_mGy") for p in r["accumulated"].get("planes", {}).values()),
-                  lambda e, s=side: e.get("agd_mGy") if (e.get("laterality") or "").lower() == s else None)
+            total(
+                f"agd_{side}_mGy",
+                lambda r, s=side: _sum(p.get(f"agd_{s}_mGy") for p in r["accumulated"].get("planes", {}).values()),
+                lambda e, s=side: e.get("agd_mGy") if (e.get("laterality") or "").lower() == s else None,
+            )
 
     administrations = [e for e in events if "administered_activity_MBq" in e or "radiopharmaceutical" in e]
     if administrations:

@@ -4,6 +4,7 @@ Vendors spell the same unit differently ("mGy.cm", "mGycm", "Gym2", "dGy.cm2", "
 is compared with its separators removed. A value whose unit does not belong to the quantity asked
 for is refused (None), never guessed.
 """
+
 from __future__ import annotations
 
 __all__ = ["CANONICAL", "UnitError", "convert", "factor_to_canonical"]
@@ -17,8 +18,19 @@ class UnitError(ValueError):
 CANONICAL: dict[str, tuple[str, dict[str, float]]] = {
     "dose": ("mGy", {"Gy": 1e3, "dGy": 1e2, "cGy": 10.0, "mGy": 1.0, "uGy": 1e-3}),
     "dlp": ("mGycm", {"mGycm": 1.0, "Gycm": 1e3, "mGymm": 0.1, "uGycm": 1e-3, "cGycm": 10.0}),
-    "dap": ("Gym2", {"Gym2": 1.0, "mGym2": 1e-3, "uGym2": 1e-6, "Gycm2": 1e-4, "dGycm2": 1e-5,
-                     "cGycm2": 1e-6, "mGycm2": 1e-7, "uGycm2": 1e-10}),
+    "dap": (
+        "Gym2",
+        {
+            "Gym2": 1.0,
+            "mGym2": 1e-3,
+            "uGym2": 1e-6,
+            "Gycm2": 1e-4,
+            "dGycm2": 1e-5,
+            "cGycm2": 1e-6,
+            "mGycm2": 1e-7,
+            "uGycm2": 1e-10,
+        },
+    ),
     "length": ("mm", {"mm": 1.0, "cm": 10.0, "m": 1e3, "um": 1e-3}),
     "time": ("s", {"s": 1.0, "ms": 1e-3, "us": 1e-6, "min": 60.0, "h": 3600.0}),
     "current": ("mA", {"mA": 1.0, "A": 1e3, "uA": 1e-3}),

@@ -4,13 +4,13 @@ Integration tests never mock Kafka, OpenSearch or the DICOM network. The session
 starts a fresh stack on test ports (so a running main job is not disturbed); if anything
 cannot start, every test that needs it errors: a missing service is a failure, never a skip.
 """
+
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,6 @@ import pytest
 from diana.config import Config, load_config
 from tests.support.paths import DATA, REPO, TEST_HOME
 from tests.support.stack import wait_for_echo
-
 
 TEST_CONFIG = f"""
 [kafka]
@@ -85,8 +84,10 @@ def stack(cfg: Config):
 
     for tool in ("storescu", "echoscu", "storescp"):
         if shutil.which(tool, path="/usr/bin:/bin") is None:
-            pytest.fail(f"dcmtk's {tool} is not installed: run ./test.sh (it installs dcmtk) "
-                        f"or apt-get install dcmtk", pytrace=False)
+            pytest.fail(
+                f"dcmtk's {tool} is not installed: run ./test.sh (it installs dcmtk) or apt-get install dcmtk",
+                pytrace=False,
+            )
     local = LocalStack(cfg)
     local.reset()
     for sub in ("landing", "archive", "faust"):
@@ -110,8 +111,9 @@ class Pipeline:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
         env["DIANA_CONFIG"] = str(self.config_file)
         env.update(settings or {})
-        proc = subprocess.Popen([sys.executable, "-m", "diana.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                                env=env, cwd=REPO)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "diana.cli", *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
+        )
         self.procs[name] = proc
         return proc
 
@@ -129,8 +131,13 @@ class Pipeline:
                 proc.wait()
 
 
-PIPELINE = {"receiver": ("receive",), "aggregates": ("aggregate",), "dose": ("dose",),
-            "archive-sink": ("sink", "archive"), "opensearch-sink": ("sink", "opensearch")}
+PIPELINE = {
+    "receiver": ("receive",),
+    "aggregates": ("aggregate",),
+    "dose": ("dose",),
+    "archive-sink": ("sink", "archive"),
+    "opensearch-sink": ("sink", "opensearch"),
+}
 
 
 @pytest.fixture(scope="session")
@@ -154,8 +161,11 @@ def extra_receiver(pipeline):
 
     def start(port: int, **settings: str) -> Config:
         name = f"receiver-{port}"
-        env = {"DIANA_RECEIVER_PORT": str(port), "DIANA_RECEIVER_METRICS_PORT": "0",
-               **{f"DIANA_RECEIVER_{k.upper()}": v for k, v in settings.items()}}
+        env = {
+            "DIANA_RECEIVER_PORT": str(port),
+            "DIANA_RECEIVER_METRICS_PORT": "0",
+            **{f"DIANA_RECEIVER_{k.upper()}": v for k, v in settings.items()},
+        }
         pipeline.start(name, "receive", settings=env)
         started.append(name)
         cfg = load_config(pipeline.config_file, environ=env)

@@ -3,6 +3,7 @@ after a kill -9 of the worker, two workers, and a deterministic replay into a fr
 
 The test pipeline uses a 4 s quiet time for every modality (conftest.py).
 """
+
 from __future__ import annotations
 
 import signal
@@ -10,15 +11,20 @@ import subprocess
 import time
 from collections import defaultdict
 
-import pytest
 from opensearchpy.exceptions import NotFoundError
 from pydicom.uid import generate_uid
 
 from diana.schemas.topics import INSTANCES, SERIES
-
 from tests.support.dicomgen import SeriesSpec, make_instance, make_study
-from tests.support.helpers import DCMTK_ENV, group_lag, os_search, read_messages, storescu, topic_records, wait_until_caught_up
-
+from tests.support.helpers import (
+    DCMTK_ENV,
+    group_lag,
+    os_search,
+    read_messages,
+    storescu,
+    topic_records,
+    wait_until_caught_up,
+)
 
 
 def _wait_for(check, timeout: float = 90.0, what: str = "condition"):
@@ -49,8 +55,7 @@ def _study_doc(cfg, study_uid: str) -> dict | None:
 def _send_numbers(cfg, tmp_path, study: str, series: str, numbers, name: str) -> None:
     files = []
     for n in numbers:
-        ds = make_instance(study, series, n, patient_id="LIFECYCLE", study_date="20241101",
-                           series_description=name)
+        ds = make_instance(study, series, n, patient_id="LIFECYCLE", study_date="20241101", series_description=name)
         path = tmp_path / f"{name}-{n}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
@@ -76,10 +81,15 @@ def test_complete_gap_and_late_instance(pipeline, tmp_path):
     assert (st["verdict"], st["completed_series_count"], st["version"]) == ("GAPS", 2, 1)
 
     _send_numbers(cfg, tmp_path, study, gappy, [3], "GAPPY")  # the straggler
-    amended = _wait_for(lambda: (d := _series_docs(cfg, study)[gappy])["status"] == "AMENDED" and d,
-                        what="amended series")
-    assert (amended["version"], amended["verdict"], amended["instance_count"], amended["missing_instance_numbers"]) \
-        == (2, "COMPLETE", 5, [])
+    amended = _wait_for(
+        lambda: (d := _series_docs(cfg, study)[gappy])["status"] == "AMENDED" and d, what="amended series"
+    )
+    assert (amended["version"], amended["verdict"], amended["instance_count"], amended["missing_instance_numbers"]) == (
+        2,
+        "COMPLETE",
+        5,
+        [],
+    )
     st = _wait_for(lambda: (s := _study_doc(cfg, study))["status"] == "AMENDED" and s, what="amended study")
     assert (st["verdict"], st["version"], st["instance_count"]) == ("COMPLETE", 2, 10)
 
@@ -104,9 +114,15 @@ def test_replay_from_the_beginning_into_a_fresh_app_is_deterministic(pipeline):
     time.sleep(8)  # every series of the earlier tests completed (quiet time 4 s)
     before = {k: r for k, r in topic_records(cfg, SERIES.name)}
     app_id = "diana-replay-check"
-    pipeline.start("aggregates-replay", "aggregate",
-                   settings={"DIANA_STREAM_APP_ID": app_id, "DIANA_STREAM_WEB_PORT": "16068",
-                             "DIANA_STREAM_DATA_DIR": str(pipeline.logs.parent / "faust-replay")})
+    pipeline.start(
+        "aggregates-replay",
+        "aggregate",
+        settings={
+            "DIANA_STREAM_APP_ID": app_id,
+            "DIANA_STREAM_WEB_PORT": "16068",
+            "DIANA_STREAM_DATA_DIR": str(pipeline.logs.parent / "faust-replay"),
+        },
+    )
     try:
         _wait_for(lambda: group_lag(cfg, app_id, [INSTANCES.name]) == 0, timeout=300, what="replay caught up")
         time.sleep(8)  # the quiet partitions complete their last series
@@ -120,21 +136,36 @@ def test_kill_9_of_the_worker_mid_study_gives_the_same_aggregates(pipeline, tmp_
     cfg = pipeline.cfg
     wait_until_caught_up(cfg)
     study = make_study(tmp_path / "k", [SeriesSpec("CT", "A", 60), SeriesSpec("CT", "B", 60)], patient_id="KILLW")
-    sender = subprocess.Popen(["storescu", "-aec", cfg.receiver.ae_title, "127.0.0.1", str(cfg.receiver.port),
-                               *map(str, study.files)], env=DCMTK_ENV, stdout=subprocess.DEVNULL)
-    _wait_for(lambda: len([1 for _, e in topic_records(cfg, INSTANCES.name)
-                           if e["study_instance_uid"] == study.study_uid]) >= 30, what="half the study sent")
+    sender = subprocess.Popen(
+        ["storescu", "-aec", cfg.receiver.ae_title, "127.0.0.1", str(cfg.receiver.port), *map(str, study.files)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+    )
+    _wait_for(
+        lambda: (
+            len([1 for _, e in topic_records(cfg, INSTANCES.name) if e["study_instance_uid"] == study.study_uid]) >= 30
+        ),
+        what="half the study sent",
+    )
     pipeline.procs["aggregates"].send_signal(signal.SIGKILL)
     pipeline.procs.pop("aggregates").wait()
     assert sender.wait(120) == 0
     pipeline.start("aggregates", "aggregate")
     wait_until_caught_up(cfg, timeout=240)
 
-    docs = _wait_for(lambda: (d := _series_docs(cfg, study.study_uid)) and len(d) == 2
-                     and all(x["status"] == "COMPLETED" for x in d.values()) and d, what="completion after restart")
+    docs = _wait_for(
+        lambda: (
+            (d := _series_docs(cfg, study.study_uid))
+            and len(d) == 2
+            and all(x["status"] == "COMPLETED" for x in d.values())
+            and d
+        ),
+        what="completion after restart",
+    )
     assert sorted((d["instance_count"], d["verdict"]) for d in docs.values()) == [(60, "COMPLETE"), (60, "COMPLETE")]
-    st = _wait_for(lambda: (s := _study_doc(cfg, study.study_uid)) and s["status"] == "COMPLETED" and s,
-                   what="study completed")
+    st = _wait_for(
+        lambda: (s := _study_doc(cfg, study.study_uid)) and s["status"] == "COMPLETED" and s, what="study completed"
+    )
     assert (st["instance_count"], st["series_count"]) == (120, 2)
     latest = _revisions_agree(cfg, {uid.encode() for uid in study.series})
     assert sorted(r["instance_count"] for r in latest.values()) == [60, 60]
@@ -153,14 +184,18 @@ def test_two_workers_share_the_partitions_with_the_same_results(pipeline, tmp_pa
     pipeline.start("aggregates-2", "aggregate", settings={"DIANA_STREAM_WEB_PORT": "16067"})
     try:
         time.sleep(15)  # let the group rebalance onto two members
-        studies = [make_study(tmp_path / f"w{i}", [SeriesSpec("CT", "TWO WORKERS", 10)], patient_id=f"TWO{i}")
-                   for i in range(6)]
+        studies = [
+            make_study(tmp_path / f"w{i}", [SeriesSpec("CT", "TWO WORKERS", 10)], patient_id=f"TWO{i}")
+            for i in range(6)
+        ]
         for s in studies:
             assert storescu(cfg, s.files).returncode == 0
         wait_until_caught_up(cfg, timeout=240)
         for s in studies:
-            st = _wait_for(lambda: (d := _study_doc(cfg, s.study_uid)) and d["status"] == "COMPLETED" and d,
-                           what="study completed with two workers")
+            st = _wait_for(
+                lambda s=s: (d := _study_doc(cfg, s.study_uid)) and d["status"] == "COMPLETED" and d,
+                what="study completed with two workers",
+            )
             assert (st["instance_count"], st["verdict"]) == (10, "COMPLETE")
         assert pipeline.procs["aggregates-2"].poll() is None
     finally:
@@ -176,8 +211,12 @@ def test_undecodable_events_are_dead_lettered_with_their_origin_and_processing_c
     cfg = pipeline.cfg
     producer = Producer({"bootstrap.servers": cfg.kafka.bootstrap})
     delivered = []
-    producer.produce(INSTANCES.name, key=b"1.2.3", value=b"not avro at all",
-                     on_delivery=lambda err, msg: delivered.append((msg.partition(), msg.offset())))
+    producer.produce(
+        INSTANCES.name,
+        key=b"1.2.3",
+        value=b"not avro at all",
+        on_delivery=lambda err, msg: delivered.append((msg.partition(), msg.offset())),
+    )
     producer.flush(10)
     origin = f"{INSTANCES.name}/{delivered[0][0]}/{delivered[0][1]}"
     study = make_study(tmp_path / "after", [SeriesSpec("CT", "AFTER JUNK", 3)], patient_id="AFTERJUNK")

@@ -1,21 +1,24 @@
 """The benchmark command keeps working: a tiny run, checked for shape, never for speed."""
+
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 
-import pytest
-
 from tests.support.paths import REPO
-
 
 
 def test_bench_ingest_runs_end_to_end(tmp_path, stack):
     # `stack` only orders this after the session's stack exists; the bench runs its own on other ports.
     out = tmp_path / "bench"
-    result = subprocess.run([sys.executable, "-m", "bench.ingest", "--ct", "8", "--dx", "4", "--out", str(out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.ingest", "--ct", "8", "--dx", "4", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     receivers = {(r["receiver"], r["associations"]) for r in data["runs"]}

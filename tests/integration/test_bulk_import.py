@@ -1,4 +1,5 @@
 """`diana import` on the real stack: folders, zips and DICOMDIRs, with a summary."""
+
 from __future__ import annotations
 
 import os
@@ -8,21 +9,25 @@ import zipfile
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.fileset import FileSet
 from pydicom.uid import generate_uid
 
-from tests.support.paths import REPO
 from tests.support.dicomgen import SeriesSpec, make_instance, make_study
 from tests.support.helpers import os_search, wait_until_caught_up
-
+from tests.support.paths import REPO
 
 
 def _diana_import(pipeline, *paths: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
     env["DIANA_CONFIG"] = str(pipeline.config_file)
-    return subprocess.run([sys.executable, "-m", "diana.cli", "import", "--no-progress", *map(str, paths)],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "diana.cli", "import", "--no-progress", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
 
 
 def test_import_folder_zip_and_dicomdir(pipeline, tmp_path):

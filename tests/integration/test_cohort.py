@@ -1,5 +1,6 @@
 """Cohort discovery and export on the real stack: find by modality and date, export exactly those
 studies byte-identical, and de-identified with pseudonyms that stay the same across exports."""
+
 from __future__ import annotations
 
 import csv
@@ -15,27 +16,32 @@ import pytest
 
 from tests.support.dicomgen import SeriesSpec, make_study
 from tests.support.helpers import storescu, wait_until_caught_up
-
-
 from tests.support.paths import REPO
 
 
 def diana(pipeline, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
     env["DIANA_CONFIG"] = str(pipeline.config_file)
-    return subprocess.run([sys.executable, "-m", "diana.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "diana.cli", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
 def cohort_studies(pipeline, tmp_path_factory):
     root = tmp_path_factory.mktemp("cohort")
-    wanted = make_study(root / "a", [SeriesSpec("CT", "COHORT AXIAL", 6), SeriesSpec("CT", "COHORT SCOUT", 2)],
-                        patient_id="COHORT-P1", study_date="20190510")
-    other_modality = make_study(root / "b", [SeriesSpec("MR", "COHORT T1", 4)], patient_id="COHORT-P2",
-                                study_date="20190512")
-    other_date = make_study(root / "c", [SeriesSpec("CT", "COHORT OLD", 3)], patient_id="COHORT-P1",
-                            study_date="20180101")
+    wanted = make_study(
+        root / "a",
+        [SeriesSpec("CT", "COHORT AXIAL", 6), SeriesSpec("CT", "COHORT SCOUT", 2)],
+        patient_id="COHORT-P1",
+        study_date="20190510",
+    )
+    other_modality = make_study(
+        root / "b", [SeriesSpec("MR", "COHORT T1", 4)], patient_id="COHORT-P2", study_date="20190512"
+    )
+    other_date = make_study(
+        root / "c", [SeriesSpec("CT", "COHORT OLD", 3)], patient_id="COHORT-P1", study_date="20180101"
+    )
     for study in (wanted, other_modality, other_date):
         result = storescu(pipeline.cfg, study.files)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -96,8 +102,20 @@ def test_research_export_deidentifies_consistently(pipeline, cohort_studies, tmp
     forbidden |= {ds.SeriesInstanceUID for ds in originals} | {ds.SOPInstanceUID for ds in originals}
 
     first, second, key = tmp_path / "r1", tmp_path / "r2", tmp_path / "key.csv"
-    result = diana(pipeline, "cohort", "export", *FILTERS, "--research", "--secret-file", str(secret),
-                   "--out", str(first), "--key-file", str(key), "--no-progress")
+    result = diana(
+        pipeline,
+        "cohort",
+        "export",
+        *FILTERS,
+        "--research",
+        "--secret-file",
+        str(secret),
+        "--out",
+        str(first),
+        "--key-file",
+        str(key),
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     files = sorted(first.rglob("*.dcm"))
     assert len(files) == 8
@@ -109,8 +127,21 @@ def test_research_export_deidentifies_consistently(pipeline, cohort_studies, tmp
         assert ds.PatientIdentityRemoved == "YES" and ds.StudyDate != "20190510"
         assert "113100" in {c.CodeValue for c in ds.DeidentificationMethodCodeSequence}
 
-    assert diana(pipeline, "cohort", "export", *FILTERS, "--research", "--secret-file", str(secret),
-                 "--out", str(second), "--no-progress").returncode == 0
+    assert (
+        diana(
+            pipeline,
+            "cohort",
+            "export",
+            *FILTERS,
+            "--research",
+            "--secret-file",
+            str(secret),
+            "--out",
+            str(second),
+            "--no-progress",
+        ).returncode
+        == 0
+    )
     ids1, uids1 = _pseudonyms(first)
     ids2, uids2 = _pseudonyms(second)
     assert len(ids1) == 1 and ids1 == ids2 and uids1 == uids2  # same patient, same pseudonym, same UIDs

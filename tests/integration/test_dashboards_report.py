@@ -4,6 +4,7 @@ Dashboards cannot run here, so each saved visualization is checked instead: its 
 resolves to a live alias, every field it uses exists in the live mapping with an aggregatable type,
 and the aggregation it encodes returns non-empty buckets. The report is opened in headless Chromium.
 """
+
 from __future__ import annotations
 
 import http.server
@@ -23,12 +24,11 @@ from pydicom.uid import generate_uid
 
 from diana.access.dashboards import NDJSON_PATH, aggregation_for, install, render_ndjson
 from diana.schemas.topics import INSTANCES
-
 from tests.support import dosebuilder as b
 from tests.support.dicomgen import SeriesSpec, make_study
 from tests.support.helpers import os_search, storescu, wait_until_caught_up
-
 from tests.support.paths import REPO
+
 AGGREGATABLE = {"keyword", "long", "integer", "short", "double", "float", "date", "boolean"}
 OBJECTS = [json.loads(line) for line in NDJSON_PATH.read_text().splitlines()]
 VISUALIZATIONS = [o for o in OBJECTS if o["type"] == "visualization"]
@@ -58,8 +58,15 @@ def live(pipeline, tmp_path_factory):
             ds.StationName = "DXROOM1"
             ds.ImageAndFluoroscopyAreaDoseProduct = "1.5"
         ds.save_as(path)
-    rdsr = b.save(b.ct_report([b.ct_event(generate_uid(), ctdivol="18.5", dlp="790", protocol="Abdomen routine")],
-                              total_dlp="790", study_uid=ct.study_uid, patient_id="DASH-P1"), root / "rdsr.dcm")
+    rdsr = b.save(
+        b.ct_report(
+            [b.ct_event(generate_uid(), ctdivol="18.5", dlp="790", protocol="Abdomen routine")],
+            total_dlp="790",
+            study_uid=ct.study_uid,
+            patient_id="DASH-P1",
+        ),
+        root / "rdsr.dcm",
+    )
     result = storescu(cfg, [*ct.files, rdsr, *dx.files], aet="DASHMODALITY")
     assert result.returncode == 0, result.stdout + result.stderr
     producer = Producer({"bootstrap.servers": cfg.kafka.bootstrap})
@@ -85,7 +92,10 @@ def test_the_committed_ndjson_is_what_the_code_declares():
     assert NDJSON_PATH.read_text() == render_ndjson()
     dashboards = [o for o in OBJECTS if o["type"] == "dashboard"]
     assert {d["attributes"]["title"] for d in dashboards} == {
-        "diana-star Operations", "diana-star Cohort discovery", "diana-star Dose monitoring"}
+        "diana-star Operations",
+        "diana-star Cohort discovery",
+        "diana-star Dose monitoring",
+    }
     ids = {o["id"] for o in OBJECTS}
     assert all(ref["id"] in ids for d in dashboards for ref in d["references"])
 
@@ -102,8 +112,11 @@ def test_visualization_against_the_live_index(live, vis):
     fields.add(patterns[ref["id"]]["attributes"]["timeFieldName"])
     for field in fields:
         mapping = live.indices.get_field_mapping(index=alias, fields=field)
-        types = {m["mappings"][field]["mapping"][field.split(".")[-1]]["type"]
-                 for m in mapping.values() if field in m["mappings"]}
+        types = {
+            m["mappings"][field]["mapping"][field.split(".")[-1]]["type"]
+            for m in mapping.values()
+            if field in m["mappings"]
+        }
         assert types and types <= AGGREGATABLE, f"{field}: {types or 'not in the mapping'}"
     source = json.loads(vis["attributes"]["kibanaSavedObjectMeta"]["searchSourceJSON"])
     aggs = aggregation_for(state)
@@ -112,9 +125,11 @@ def test_visualization_against_the_live_index(live, vis):
     assert top and all(bucket["doc_count"] > 0 for bucket in top)
     metric = next(a for a in state["aggs"] if a["schema"] == "metric")
     if metric["type"] != "count":
+
         def leaves(bucket):
             inner = [k for k in bucket if k.startswith("b")]
             return [bucket] if not inner else [leaf for b2 in bucket[inner[0]]["buckets"] for leaf in leaves(b2)]
+
         values = [leaf["m"]["value"] for bucket in top for leaf in leaves(bucket)]
         assert any(v not in (None, 0) for v in values), f"{metric['type']}({metric['params']['field']}) is empty"
 
@@ -148,9 +163,17 @@ def test_dashboards_install_posts_the_saved_objects():
     assert render_ndjson().encode() in seen["body"]
 
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 
 
 def test_html_report_renders_in_headless_chromium(live, pipeline, tmp_path):
@@ -159,22 +182,53 @@ def test_html_report_renders_in_headless_chromium(live, pipeline, tmp_path):
     page = tmp_path / "report.html"
     today = date.today()
     env = {"DIANA_CONFIG": str(pipeline.config_file), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-m", "diana.cli", "report", "--from", str(today - timedelta(days=1)),
-                             "--to", str(today), "--out", str(page)], capture_output=True, text=True, env=env,
-                            cwd=REPO, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diana.cli",
+            "report",
+            "--from",
+            str(today - timedelta(days=1)),
+            "--to",
+            str(today),
+            "--out",
+            str(page),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     text = page.read_text()
     assert "<script" not in text and "src=" not in text and "href=" not in text  # self-contained
     profile = tmp_path / "chromium-profile"
-    dom = subprocess.run([str(chromium), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom",
-                          page.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = subprocess.run(
+        [str(chromium), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     for chart in ("instances-per-day", "ctdivol-by-protocol", "dlp-by-station"):
         start = dom.stdout.find(f'data-chart="{chart}"')
         assert start >= 0, f"chart {chart} missing"
-        assert 'class="bar"' in dom.stdout[start:dom.stdout.find("</svg>", start)], f"chart {chart} has no bars"
+        assert 'class="bar"' in dom.stdout[start : dom.stdout.find("</svg>", start)], f"chart {chart} has no bars"
     shot = REPO / "var" / "test" / "report-screenshot.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([str(chromium), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}",
-                    "--window-size=1000,1800", page.as_uri()], capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [
+            str(chromium),
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            f"--screenshot={shot}",
+            "--window-size=1000,1800",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     assert shot.stat().st_size > 20_000  # a blank page is a few kB

@@ -1,18 +1,16 @@
 """On the real stack: a CT study with its dose report sent by storescu yields dose events, study
 totals and alerts in OpenSearch (rules: tests/support/data/dose-rules.yaml)."""
+
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-import pytest
 from pydicom.uid import generate_uid
 
+from tests.support import dosebuilder as b
 from tests.support.dicomgen import SeriesSpec, make_study
 from tests.support.helpers import os_search, storescu, wait_until_caught_up
-
-from tests.support import dosebuilder as b
-
 
 
 def wait_for_docs(cfg, index: str, query: dict, count: int, timeout: float = 90.0) -> tuple[list[dict], float]:
@@ -33,12 +31,19 @@ def _exists(cfg, index: str) -> bool:
 
 
 def ct_study_with_report(folder: Path, patient_id: str, study_date: str, spiral_dlp: str):
-    study = make_study(folder, [SeriesSpec("CT", "ABDOMEN 5mm", 5, body_part="ABDOMEN")],
-                       patient_id=patient_id, study_date=study_date)
-    rdsr = b.ct_report([b.ct_event(generate_uid(), ctdivol="0.3", dlp="10", kind=b.CONSTANT_ANGLE),
-                        b.ct_event(generate_uid(), ctdivol="18.5", dlp=spiral_dlp)],
-                       total_dlp=str(10 + float(spiral_dlp)), study_uid=study.study_uid, patient_id=patient_id,
-                       study_date=study_date)
+    study = make_study(
+        folder, [SeriesSpec("CT", "ABDOMEN 5mm", 5, body_part="ABDOMEN")], patient_id=patient_id, study_date=study_date
+    )
+    rdsr = b.ct_report(
+        [
+            b.ct_event(generate_uid(), ctdivol="0.3", dlp="10", kind=b.CONSTANT_ANGLE),
+            b.ct_event(generate_uid(), ctdivol="18.5", dlp=spiral_dlp),
+        ],
+        total_dlp=str(10 + float(spiral_dlp)),
+        study_uid=study.study_uid,
+        patient_id=patient_id,
+        study_date=study_date,
+    )
     return study, b.save(rdsr, folder / "rdsr.dcm")
 
 

@@ -1,16 +1,13 @@
 """Operations: Prometheus metrics of the running services, and logs that never name a patient."""
+
 from __future__ import annotations
 
 import re
 import urllib.request
 
-import pytest
-
-from tests.support.dicomgen import SeriesSpec, make_study
 from diana.producers.scp import STATUS
-
+from tests.support.dicomgen import SeriesSpec, make_study
 from tests.support.helpers import RawStoreSender, storescu, wait_until_caught_up
-
 
 
 def _metrics(port: int) -> dict[str, float]:

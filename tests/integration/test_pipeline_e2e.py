@@ -1,4 +1,5 @@
 """End to end on the real stack: dcmtk storescu → receiver → Kafka → Faust → archive + OpenSearch."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,10 +11,8 @@ import pytest
 
 from diana.schemas.topics import INSTANCES, SERIES, STUDIES
 from diana.sinks.archive import archive_relative_path
-
 from tests.support.dicomgen import make_study
 from tests.support.helpers import dataset_body, os_search, storescu, topic_records, wait_until_caught_up
-
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +38,12 @@ def test_every_instance_is_archived_byte_identical(pipeline, sent_study):
         by_sop[ds.SOPInstanceUID] = (path, ds)
     for path, ds in by_sop.values():
         target = cfg.path(cfg.storage.archive_dir) / archive_relative_path(
-            {"study_instance_uid": ds.StudyInstanceUID, "series_instance_uid": ds.SeriesInstanceUID,
-             "sop_instance_uid": ds.SOPInstanceUID})
+            {
+                "study_instance_uid": ds.StudyInstanceUID,
+                "series_instance_uid": ds.SeriesInstanceUID,
+                "sop_instance_uid": ds.SOPInstanceUID,
+            }
+        )
         assert target.exists(), f"{ds.SOPInstanceUID} not archived"
         # The data set bytes are those sent, unchanged; the file meta is the receiver's own.
         assert dataset_body(target) == dataset_body(path)
@@ -51,8 +54,11 @@ def test_every_instance_is_archived_byte_identical(pipeline, sent_study):
 
 
 def test_topic_holds_one_decodable_event_per_instance(pipeline, sent_study):
-    events = [(k, e) for k, e in topic_records(pipeline.cfg, INSTANCES.name)
-              if e["study_instance_uid"] == sent_study.study_uid]
+    events = [
+        (k, e)
+        for k, e in topic_records(pipeline.cfg, INSTANCES.name)
+        if e["study_instance_uid"] == sent_study.study_uid
+    ]
     assert len(events) == 40
     assert len({e["sop_instance_uid"] for _, e in events}) == 40
     archive_root = pipeline.cfg.path(pipeline.cfg.storage.archive_dir)
@@ -73,8 +79,10 @@ def test_opensearch_has_one_document_per_instance_series_and_study(pipeline, sen
     instances = os_search(cfg, "diana-instances", study_q)
     assert len(instances) == 40
     assert {d["_id"] for d in instances} == {d["sop_instance_uid"] for d in instances}
-    assert all(d["patient_id"] == sent_study.patient_id and d["study_date"] == "2024-03-15"
-               and d["modality"] == "CT" for d in instances)
+    assert all(
+        d["patient_id"] == sent_study.patient_id and d["study_date"] == "2024-03-15" and d["modality"] == "CT"
+        for d in instances
+    )
 
     series = os_search(cfg, "diana-series", study_q)
     assert {d["_id"]: (d["series_description"], d["instance_count"], d["modality"]) for d in series} == {

@@ -1,4 +1,5 @@
 """Bad input over the real DICOM network: a clear failure status, nothing written, still serving."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,10 +9,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from diana.producers.scp import STATUS
-
 from tests.support.dicomgen import make_instance
 from tests.support.helpers import RawStoreSender, storescu, wait_until_caught_up
-
 
 
 def _send_file(cfg, path: Path) -> int:
@@ -20,7 +19,7 @@ def _send_file(cfg, path: Path) -> int:
     with open(path, "rb") as fh:
         pydicom.filereader.read_preamble(fh, False)
         meta = pydicom.filereader._read_file_meta_info(fh)
-        body = raw[fh.tell():]
+        body = raw[fh.tell() :]
     sender = RawStoreSender(cfg, aet="BADSENDER")
     try:
         status = sender.send(meta.MediaStorageSOPInstanceUID, body)
@@ -47,8 +46,7 @@ def test_bad_identifiers_fail_cleanly_and_receiver_keeps_serving(pipeline, tmp_p
     cfg = pipeline.cfg
     wait_until_caught_up(cfg)
     sop_uid = generate_uid()
-    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="BAD1", study_date="20240101",
-                       sop_uid=sop_uid)
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="BAD1", study_date="20240101", sop_uid=sop_uid)
     if case == "missing_sop_instance_uid":
         del ds.SOPInstanceUID
     elif case == "traversal_uid":

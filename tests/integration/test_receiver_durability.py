@@ -1,4 +1,5 @@
 """Durability on the real stack: no success without the broker, no loss across a kill -9."""
+
 from __future__ import annotations
 
 import re
@@ -8,18 +9,15 @@ import time
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from diana.producers.scp import STATUS
 from diana.sinks.archive import archive_relative_path
-
-from tests.support.stack import wait_for_echo
 from tests.support.dicomgen import SeriesSpec, make_instance, make_study
 from tests.support.helpers import DCMTK_ENV, dataset_body, storescu, wait_until_caught_up
-
+from tests.support.stack import wait_for_echo
 
 
 def _c_store_statuses(cfg, datasets) -> list[int]:
@@ -70,7 +68,10 @@ def test_kill_9_mid_association_loses_no_acknowledged_instance(pipeline, extra_r
     study = make_study(tmp_path / "study", [SeriesSpec("CT", "KILLED", 200)])
     sender = subprocess.Popen(
         ["storescu", "-v", "-aec", cfg.receiver.ae_title, "127.0.0.1", "11191", *map(str, study.files)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=DCMTK_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=DCMTK_ENV,
     )
     lines = []
     for line in sender.stdout:
@@ -91,8 +92,9 @@ def test_kill_9_mid_association_loses_no_acknowledged_instance(pipeline, extra_r
     assert 30 <= len(acknowledged) < 200, "the kill did not land mid-association"
 
     # Restart: the outbox step republishes whatever landed without an event.
-    pipeline.start("receiver-11191", "receive",
-                   settings={"DIANA_RECEIVER_PORT": "11191", "DIANA_RECEIVER_METRICS_PORT": "0"})
+    pipeline.start(
+        "receiver-11191", "receive", settings={"DIANA_RECEIVER_PORT": "11191", "DIANA_RECEIVER_METRICS_PORT": "0"}
+    )
     wait_for_echo(cfg, timeout=30)
     wait_until_caught_up(cfg, timeout=180)
     assert "recover.done" in pipeline.log_text("receiver-11191")
@@ -100,9 +102,13 @@ def test_kill_9_mid_association_loses_no_acknowledged_instance(pipeline, extra_r
     archive = cfg.path(cfg.storage.archive_dir)
     for path in acknowledged:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        target = archive / archive_relative_path({"study_instance_uid": ds.StudyInstanceUID,
-                                                  "series_instance_uid": ds.SeriesInstanceUID,
-                                                  "sop_instance_uid": ds.SOPInstanceUID})
+        target = archive / archive_relative_path(
+            {
+                "study_instance_uid": ds.StudyInstanceUID,
+                "series_instance_uid": ds.SeriesInstanceUID,
+                "sop_instance_uid": ds.SOPInstanceUID,
+            }
+        )
         assert dataset_body(target) == dataset_body(path), f"acknowledged {path.name} lost"
     assert _landed(cfg) == []  # no orphan
     assert list(cfg.path(cfg.storage.landing_dir).joinpath(".incoming").iterdir()) == []

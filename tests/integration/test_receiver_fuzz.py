@@ -5,23 +5,21 @@ it never answers success for an object it did not store (each success has its ev
 archived object with exactly the bytes the receiver must have stored); nothing is written
 outside the archive and landing roots, whose every path is built from validated UIDs or hashes.
 """
+
 from __future__ import annotations
 
 import random
 import re
 from io import BytesIO
 
-import pytest
 from pydicom.uid import generate_uid
 
 from diana.producers.scp import STATUS
 from diana.schemas.topics import INSTANCES
 from diana.schemas.uid import is_valid_uid
 from diana.sinks.archive import archive_relative_path
-
 from tests.support.dicomgen import make_instance
 from tests.support.helpers import RawStoreSender, stored_sha256, topic_records, wait_until_caught_up
-
 
 CASES = 1200
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -35,7 +33,7 @@ def _valid_body(study: str, series: str, case: int) -> tuple[str, bytes]:
     raw = buf.getvalue()
     # the data set starts after preamble, prefix and the file meta group
     meta_len = int.from_bytes(raw[140:144], "little")  # (0002,0000) group length value
-    return ds.SOPInstanceUID, raw[144 + meta_len:]
+    return ds.SOPInstanceUID, raw[144 + meta_len :]
 
 
 def _mutate(body: bytes, rng: random.Random) -> bytes:
@@ -46,19 +44,19 @@ def _mutate(body: bytes, rng: random.Random) -> bytes:
         for _ in range(rng.randint(1, 8)):
             data[rng.randrange(header_end)] = rng.randrange(256)
     elif kind == 1:  # truncate
-        del data[rng.randrange(1, len(data)):]
+        del data[rng.randrange(1, len(data)) :]
     elif kind == 2:  # insert junk
         at = rng.randrange(header_end)
         data[at:at] = rng.randbytes(rng.randint(1, 64))
     elif kind == 3:  # a length that runs past the end
         at = rng.randrange(header_end - 4)
-        data[at:at + 4] = rng.choice([b"\xff\xff\xff\x7f", b"\xf0\xff\x00\x00", b"\xff\xff\xff\xff"])
+        data[at : at + 4] = rng.choice([b"\xff\xff\xff\x7f", b"\xf0\xff\x00\x00", b"\xff\xff\xff\xff"])
     elif kind == 4:  # a wrong VR
         for m in rng.sample(list(re.finditer(rb"[A-Z]{2}", bytes(data[:header_end]))), k=2):
-            data[m.start():m.start() + 2] = rng.choice([b"SQ", b"UN", b"OB", b"XX", b"\x00\x00", b"UT"])
+            data[m.start() : m.start() + 2] = rng.choice([b"SQ", b"UN", b"OB", b"XX", b"\x00\x00", b"UT"])
     elif kind == 5:  # duplicate a chunk
         a = rng.randrange(header_end)
-        data[a:a] = data[a:a + rng.randint(8, 200)]
+        data[a:a] = data[a : a + rng.randint(8, 200)]
     else:  # random bytes only
         data = bytearray(rng.randbytes(rng.randint(0, 2000)))
     return bytes(data)

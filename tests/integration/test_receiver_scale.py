@@ -1,33 +1,35 @@
 """Scale and shape of input: concurrent associations, the association limit, a 1 GiB object,
 every common transfer syntax stored byte for byte, and non-DICOM traffic on the port."""
+
 from __future__ import annotations
 
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.sop_class import Verification
 
-from tests.support.stack import wait_for_echo
 from tests.support.dicomgen import SeriesSpec, make_instance, make_study
 from tests.support.helpers import DCMTK_ENV, dataset_body, storescu, wait_until_caught_up
-
+from tests.support.stack import wait_for_echo
 
 
 def test_sixteen_simultaneous_associations(pipeline, tmp_path):
     cfg = pipeline.cfg
     studies = [make_study(tmp_path / f"s{i}", [SeriesSpec("CT", "PARALLEL", 15)]) for i in range(16)]
     senders = [
-        subprocess.Popen(["storescu", "-aec", cfg.receiver.ae_title, "127.0.0.1", str(cfg.receiver.port),
-                          *map(str, s.files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=DCMTK_ENV)
+        subprocess.Popen(
+            ["storescu", "-aec", cfg.receiver.ae_title, "127.0.0.1", str(cfg.receiver.port), *map(str, s.files)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=DCMTK_ENV,
+        )
         for s in studies
     ]
     outputs = [p.communicate(timeout=180)[0].decode() for p in senders]
@@ -47,8 +49,11 @@ def test_associations_above_the_maximum_get_a_proper_reject(pipeline):
         assert all(a.is_established for a in held)
         extra = ae.associate("127.0.0.1", cfg.receiver.port, ae_title=cfg.receiver.ae_title)
         assert extra.is_rejected, "the 17th association was not rejected"
-        assert (extra.acceptor.primitive.result, extra.acceptor.primitive.result_source,
-                extra.acceptor.primitive.diagnostic) == (0x02, 0x03, 0x02)  # transient, local limit exceeded
+        assert (
+            extra.acceptor.primitive.result,
+            extra.acceptor.primitive.result_source,
+            extra.acceptor.primitive.diagnostic,
+        ) == (0x02, 0x03, 0x02)  # transient, local limit exceeded
     finally:
         for a in held:
             a.release()
@@ -93,8 +98,9 @@ def test_one_gib_object_is_received_without_holding_it_in_memory(pipeline, extra
 
     wait_until_caught_up(cfg, timeout=300)
     ds = pydicom.dcmread(big, stop_before_pixels=True)
-    archived = (cfg.path(cfg.storage.archive_dir) / ds.StudyInstanceUID / ds.SeriesInstanceUID
-                / f"{ds.SOPInstanceUID}.dcm")
+    archived = (
+        cfg.path(cfg.storage.archive_dir) / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    )
     assert archived.stat().st_size - len(dataset_body(archived)) + len(dataset_body(big)) == archived.stat().st_size
     with open(big, "rb") as a, open(archived, "rb") as b:
         a.seek(a.seek(0, 2) - 4096)
@@ -134,8 +140,7 @@ def test_common_transfer_syntaxes_are_stored_byte_for_byte(pipeline, tmp_path):
     for number, (name, (ts, _)) in enumerate(TRANSFER_SYNTAXES.items(), start=1):
         ds = _instance_in(ts, study, series, number)
         path = tmp_path / f"{number}.dcm"
-        ds.save_as(path, enforce_file_format=True, implicit_vr=ts == "1.2.840.10008.1.2",
-                   little_endian=True)
+        ds.save_as(path, enforce_file_format=True, implicit_vr=ts == "1.2.840.10008.1.2", little_endian=True)
         files[name] = path
     # One association per file: storescu proposes each file's own transfer syntax.
     for name, path in files.items():
@@ -147,7 +152,9 @@ def test_common_transfer_syntaxes_are_stored_byte_for_byte(pipeline, tmp_path):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         stored = archive / f"{ds.SOPInstanceUID}.dcm"
         assert dataset_body(stored) == dataset_body(path), name
-        assert pydicom.dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID == TRANSFER_SYNTAXES[name][0]
+        assert (
+            pydicom.dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID == TRANSFER_SYNTAXES[name][0]
+        )
 
 
 def test_non_dicom_bytes_and_aborted_transfers_leave_the_receiver_serving(pipeline, tmp_path):
@@ -165,8 +172,9 @@ def test_non_dicom_bytes_and_aborted_transfers_leave_the_receiver_serving(pipeli
     # A sender killed mid-transfer of a large object.
     big = tmp_path / "big.dcm"
     _write_large_multiframe(big, frames=400)
-    sender = subprocess.Popen(["storescu", "-aec", cfg.receiver.ae_title, "127.0.0.1", str(cfg.receiver.port),
-                               str(big)], env=DCMTK_ENV)
+    sender = subprocess.Popen(
+        ["storescu", "-aec", cfg.receiver.ae_title, "127.0.0.1", str(cfg.receiver.port), str(big)], env=DCMTK_ENV
+    )
     incoming = cfg.path(cfg.storage.landing_dir) / ".incoming"
     deadline = time.monotonic() + 30
     while not any(incoming.iterdir()) and time.monotonic() < deadline:

@@ -1,4 +1,5 @@
 """Security with dcmtk as the peer: the calling-AE allow-list and DICOM over TLS."""
+
 from __future__ import annotations
 
 import subprocess
@@ -8,7 +9,6 @@ import pytest
 
 from tests.support.dicomgen import make_study
 from tests.support.helpers import DCMTK_ENV, storescu, wait_until_caught_up
-
 
 
 def test_only_allowed_calling_aes_may_associate(pipeline, extra_receiver, tmp_path):
@@ -36,29 +36,72 @@ def certificates(tmp_path_factory) -> dict[str, Path]:
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-        "-days", "2", "-subj", "/CN=diana-test-ca")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=diana-test-ca",
+    )
     for name in ("server", "client"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={name}")
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
         (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+        )
     return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
 
 
 def test_tls_with_dcmtk_storescu(pipeline, extra_receiver, certificates, tmp_path):
     c = certificates
-    cfg = extra_receiver(11193, tls_cert_file=str(c["server.pem"]), tls_key_file=str(c["server.key"]),
-                         tls_ca_file=str(c["ca.pem"]))
+    cfg = extra_receiver(
+        11193, tls_cert_file=str(c["server.pem"]), tls_key_file=str(c["server.key"]), tls_ca_file=str(c["ca.pem"])
+    )
     study = make_study(tmp_path / "s", patient_id="TLS1")
     files = study.files[:4]
     tls = ["+tls", str(c["client.key"]), str(c["client.pem"]), "+cf", str(c["ca.pem"])]
 
     # Wait until the TLS listener answers (echoscu over TLS).
     for _ in range(60):
-        echo = subprocess.run(["echoscu", *tls, "-aec", cfg.receiver.ae_title, "127.0.0.1", "11193"],
-                              capture_output=True, text=True, env=DCMTK_ENV)
+        echo = subprocess.run(
+            ["echoscu", *tls, "-aec", cfg.receiver.ae_title, "127.0.0.1", "11193"],
+            capture_output=True,
+            text=True,
+            env=DCMTK_ENV,
+        )
         if echo.returncode == 0:
             break
         subprocess.run(["sleep", "0.5"])

@@ -1,4 +1,5 @@
 """Sinks on the real stack: status, replay, zero-downtime reindex, an OpenSearch outage, conflicts."""
+
 from __future__ import annotations
 
 import copy
@@ -9,23 +10,21 @@ import sys
 import time
 
 import pydicom
-import pytest
 from opensearchpy import OpenSearch
 
 from diana.schemas.topics import ARCHIVE_CONFLICTS, INSTANCES, SERIES, STUDIES
 from diana.sinks.archive import archive_relative_path
-
-from tests.support.paths import REPO
 from tests.support.dicomgen import SeriesSpec, make_instance, make_study
 from tests.support.helpers import DCMTK_ENV, message_count, os_search, storescu, topic_records, wait_until_caught_up
-
+from tests.support.paths import REPO
 
 
 def _diana(pipeline, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
     env["DIANA_CONFIG"] = str(pipeline.config_file)
-    return subprocess.run([sys.executable, "-m", "diana.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "diana.cli", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout
+    )
 
 
 def _distinct_keys(cfg) -> dict[str, int]:
@@ -70,9 +69,12 @@ def test_reindex_while_instances_arrive_swaps_the_alias_with_exact_counts(pipeli
     client = OpenSearch(hosts=[cfg.opensearch.url])
     before = sorted(client.indices.get_alias(name="diana-instances"))
     arriving = make_study(tmp_path / "b", [SeriesSpec("CT", "DURING REINDEX", 150)], patient_id="REINDEX1")
-    sender = subprocess.Popen(["storescu", "-aec", cfg.receiver.ae_title, "127.0.0.1", str(cfg.receiver.port),
-                               *map(str, arriving.files)], env=DCMTK_ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    sender = subprocess.Popen(
+        ["storescu", "-aec", cfg.receiver.ae_title, "127.0.0.1", str(cfg.receiver.port), *map(str, arriving.files)],
+        env=DCMTK_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     result = _diana(pipeline, "reindex", "--no-progress")
     assert result.returncode == 0, result.stdout + result.stderr
     assert sender.wait(120) == 0
@@ -117,8 +119,9 @@ def test_replay_moves_a_stopped_group_and_reprocessing_duplicates_nothing(pipeli
     pipeline.stop("opensearch-sink")
     try:
         events = message_count(cfg, INSTANCES.name)
-        dry = _diana(pipeline, "replay", cfg.sinks.opensearch_group, "--to-beginning", "--topic", INSTANCES.name,
-                     "--dry-run")
+        dry = _diana(
+            pipeline, "replay", cfg.sinks.opensearch_group, "--to-beginning", "--topic", INSTANCES.name, "--dry-run"
+        )
         assert dry.returncode == 0, dry.stderr
         assert f"dry run: {events} messages would be processed again" in dry.stdout
         moved = _diana(pipeline, "replay", cfg.sinks.opensearch_group, "--to-beginning", "--topic", INSTANCES.name)
@@ -136,8 +139,9 @@ def test_replay_moves_a_stopped_group_and_reprocessing_duplicates_nothing(pipeli
 def test_same_uid_with_different_bytes_is_reported(pipeline, tmp_path):
     cfg = pipeline.cfg
     assert cfg.sinks.archive_conflict_policy == "KEEP_FIRST"
-    first = make_instance(pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 1, patient_id="CONFLICT1",
-                          study_date="20241001")
+    first = make_instance(
+        pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), 1, patient_id="CONFLICT1", study_date="20241001"
+    )
     second = copy.deepcopy(first)
     second.SeriesDescription = "CHANGED AFTER SENDING"
     paths = [tmp_path / "first.dcm", tmp_path / "second.dcm"]
@@ -146,10 +150,15 @@ def test_same_uid_with_different_bytes_is_reported(pipeline, tmp_path):
     for path in paths:
         assert storescu(cfg, [path]).returncode == 0
         wait_until_caught_up(cfg)
-    reports = [r for _, r in topic_records(cfg, ARCHIVE_CONFLICTS.name)
-               if r["sop_instance_uid"] == first.SOPInstanceUID]
+    reports = [
+        r for _, r in topic_records(cfg, ARCHIVE_CONFLICTS.name) if r["sop_instance_uid"] == first.SOPInstanceUID
+    ]
     assert len(reports) == 1 and reports[0]["policy"] == "KEEP_FIRST"
     archived = cfg.path(cfg.storage.archive_dir) / archive_relative_path(
-        {"study_instance_uid": first.StudyInstanceUID, "series_instance_uid": first.SeriesInstanceUID,
-         "sop_instance_uid": first.SOPInstanceUID})
+        {
+            "study_instance_uid": first.StudyInstanceUID,
+            "series_instance_uid": first.SeriesInstanceUID,
+            "sop_instance_uid": first.SOPInstanceUID,
+        }
+    )
     assert pydicom.dcmread(archived).SeriesDescription == "AXIAL"

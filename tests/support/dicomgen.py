@@ -1,12 +1,13 @@
 """Builds synthetic but valid DICOM studies with pydicom, for tests and benchmarks."""
+
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import random
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 
 @dataclass
@@ -39,9 +40,20 @@ def part10_dataset(sop_class_uid: str, sop_uid: str | None = None) -> Dataset:
     return ds
 
 
-def make_instance(study_uid: str, series_uid: str, number: int, *, patient_id: str, study_date: str,
-                  modality: str = "CT", series_description: str = "AXIAL", series_number: int = 1,
-                  body_part: str = "CHEST", rows: int = 64, sop_uid: str | None = None) -> Dataset:
+def make_instance(
+    study_uid: str,
+    series_uid: str,
+    number: int,
+    *,
+    patient_id: str,
+    study_date: str,
+    modality: str = "CT",
+    series_description: str = "AXIAL",
+    series_number: int = 1,
+    body_part: str = "CHEST",
+    rows: int = 64,
+    sop_uid: str | None = None,
+) -> Dataset:
     ds = part10_dataset(CTImageStorage, sop_uid)
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
@@ -74,11 +86,19 @@ def make_instance(study_uid: str, series_uid: str, number: int, *, patient_id: s
     return ds
 
 
-def make_study(out_dir: Path, series: list[SeriesSpec] | None = None, patient_id: str | None = None,
-               study_date: str = "20240315", rows: int = 64) -> GeneratedStudy:
+def make_study(
+    out_dir: Path,
+    series: list[SeriesSpec] | None = None,
+    patient_id: str | None = None,
+    study_date: str = "20240315",
+    rows: int = 64,
+) -> GeneratedStudy:
     """Write one study (default: 3 series, 40 instances) as Part-10 files under ``out_dir``."""
-    series = series or [SeriesSpec("CT", "AXIAL 5mm", 20), SeriesSpec("CT", "CORONAL", 12),
-                        SeriesSpec("CT", "SCOUT", 8)]
+    series = series or [
+        SeriesSpec("CT", "AXIAL 5mm", 20),
+        SeriesSpec("CT", "CORONAL", 12),
+        SeriesSpec("CT", "SCOUT", 8),
+    ]
     study_uid = generate_uid()
     patient_id = patient_id or f"PID{study_uid[-8:]}"
     study = GeneratedStudy(study_uid, patient_id, study_date)
@@ -87,9 +107,18 @@ def make_study(out_dir: Path, series: list[SeriesSpec] | None = None, patient_id
         series_uid = generate_uid()
         study.series[series_uid] = {"description": spec.description, "modality": spec.modality, "count": spec.count}
         for number in range(1, spec.count + 1):
-            ds = make_instance(study_uid, series_uid, number, patient_id=patient_id, study_date=study_date,
-                               modality=spec.modality, series_description=spec.description,
-                               series_number=s_index, body_part=spec.body_part, rows=rows)
+            ds = make_instance(
+                study_uid,
+                series_uid,
+                number,
+                patient_id=patient_id,
+                study_date=study_date,
+                modality=spec.modality,
+                series_description=spec.description,
+                series_number=s_index,
+                body_part=spec.body_part,
+                rows=rows,
+            )
             path = out_dir / f"s{s_index:02d}_i{number:04d}.dcm"
             ds.save_as(path, enforce_file_format=True)
             study.files.append(path)

@@ -1,4 +1,5 @@
 """Builds Radiation Dose SRs (TID 10011 CT, TID 10001 projection) in tests, with chosen values."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,26 +66,63 @@ CONSTANT_ANGLE = ("113805", "DCM", "Constant Angle Acquisition")
 ABDOMEN = ("T-D4000", "SRT", "Abdomen")
 
 
-def ct_event(uid: str, *, ctdivol: str, dlp: str, protocol: str = "Abdomen", kind=SPIRAL, region=ABDOMEN,
-             dlp_unit: str = "mGy.cm", notification_ctdivol: str | None = None) -> Dataset:
+def ct_event(
+    uid: str,
+    *,
+    ctdivol: str,
+    dlp: str,
+    protocol: str = "Abdomen",
+    kind=SPIRAL,
+    region=ABDOMEN,
+    dlp_unit: str = "mGy.cm",
+    notification_ctdivol: str | None = None,
+) -> Dataset:
     dose = [num(ctdivol, "113830", "mGy"), num(dlp, "113838", dlp_unit)]
     if notification_ctdivol:
-        dose.append(container("113908", [coded("113910", ("R-0038D", "SRT", "Yes")),
-                                         num(notification_ctdivol, "113912", "mGy")]))
-    return container("113819", [
-        text("125203", protocol), coded("123014", region), coded("113820", kind), uidref("113769", uid),
-        container("113822", [num("5.0", "113824", "s"), num("400", "113825", "mm"), num("1", "113823", "{X-Ray sources}"),
-                             container("113831", [num("120", "113733", "kV"), num("200", "113734", "mA")])]),
-        container("113829", dose),
-    ])
+        dose.append(
+            container(
+                "113908", [coded("113910", ("R-0038D", "SRT", "Yes")), num(notification_ctdivol, "113912", "mGy")]
+            )
+        )
+    return container(
+        "113819",
+        [
+            text("125203", protocol),
+            coded("123014", region),
+            coded("113820", kind),
+            uidref("113769", uid),
+            container(
+                "113822",
+                [
+                    num("5.0", "113824", "s"),
+                    num("400", "113825", "mm"),
+                    num("1", "113823", "{X-Ray sources}"),
+                    container("113831", [num("120", "113733", "kV"), num("200", "113734", "mA")]),
+                ],
+            ),
+            container("113829", dose),
+        ],
+    )
 
 
-def projection_event(uid: str, *, dap: str, dap_unit: str = "Gy.m2", dose_rp: str | None = None,
-                     plane: tuple[str, str, str] | None = None, fluoro: bool = False, agd: str | None = None,
-                     laterality: tuple[str, str, str] | None = None, protocol: str = "Chest PA") -> Dataset:
-    children = [uidref("113769", uid),
-                coded("113721", ("P5-06000", "SRT", "Fluoroscopy") if fluoro else ("113611", "DCM", "Stationary Acquisition")),
-                text("125203", protocol), num(dap, "122130", dap_unit)]
+def projection_event(
+    uid: str,
+    *,
+    dap: str,
+    dap_unit: str = "Gy.m2",
+    dose_rp: str | None = None,
+    plane: tuple[str, str, str] | None = None,
+    fluoro: bool = False,
+    agd: str | None = None,
+    laterality: tuple[str, str, str] | None = None,
+    protocol: str = "Chest PA",
+) -> Dataset:
+    children = [
+        uidref("113769", uid),
+        coded("113721", ("P5-06000", "SRT", "Fluoroscopy") if fluoro else ("113611", "DCM", "Stationary Acquisition")),
+        text("125203", protocol),
+        num(dap, "122130", dap_unit),
+    ]
     if plane:
         children.append(coded("113764", plane))
     if dose_rp:
@@ -98,13 +136,22 @@ def projection_event(uid: str, *, dap: str, dap_unit: str = "Gy.m2", dose_rp: st
 
 def accumulated_plane(plane: tuple[str, str, str], values: dict[str, tuple[str, str]]) -> Dataset:
     codes = {"dap": "113722", "dose_rp": "113725", "fluoro_dap": "113726", "fluoro_time": "113730"}
-    return container("113702", [coded("113764", plane, rel="HAS CONCEPT MOD")] +
-                     [num(v, codes[k], unit) for k, (v, unit) in values.items()])
+    return container(
+        "113702",
+        [coded("113764", plane, rel="HAS CONCEPT MOD")] + [num(v, codes[k], unit) for k, (v, unit) in values.items()],
+    )
 
 
-def dose_report(content: list[Dataset], *, study_uid: str, procedure: tuple[str, str, str],
-                patient_id: str = "DOSE1", study_date: str = "20240315", sop_uid: str | None = None,
-                modality_hint: str = "CT") -> Dataset:
+def dose_report(
+    content: list[Dataset],
+    *,
+    study_uid: str,
+    procedure: tuple[str, str, str],
+    patient_id: str = "DOSE1",
+    study_date: str = "20240315",
+    sop_uid: str | None = None,
+    modality_hint: str = "CT",
+) -> Dataset:
     ds = part10_dataset(XRAY_RDSR, sop_uid)
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = generate_uid()

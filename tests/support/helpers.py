@@ -1,4 +1,5 @@
 """Observing the real stack from tests: consumer lag, topic contents, OpenSearch counts."""
+
 from __future__ import annotations
 
 import subprocess
@@ -14,17 +15,28 @@ from diana.config import Config
 from diana.schemas.codec import DecodeError, default_codec
 from diana.schemas.topics import DOSE_ALERTS, DOSE_EVENTS, DOSE_STUDIES, INSTANCES, SERIES, STUDIES
 
-
 # dcmtk's tools, not pynetdicom's same-named apps that a global pip install puts on the PATH.
 DCMTK_ENV = {"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}
 
 
-def storescu(cfg: Config, files: list[Path], extra: list[str] | None = None,
-             aet: str = "STORESCU") -> subprocess.CompletedProcess:
+def storescu(
+    cfg: Config, files: list[Path], extra: list[str] | None = None, aet: str = "STORESCU"
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["storescu", "-aet", aet, "-aec", cfg.receiver.ae_title, *(extra or []), "127.0.0.1",
-         str(cfg.receiver.port), *map(str, files)],
-        capture_output=True, text=True, env=DCMTK_ENV,
+        [
+            "storescu",
+            "-aet",
+            aet,
+            "-aec",
+            cfg.receiver.ae_title,
+            *(extra or []),
+            "127.0.0.1",
+            str(cfg.receiver.port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
     )
 
 
@@ -108,8 +120,10 @@ def stored_sha256(sop_class: str, sop_instance_uid: str, transfer_syntax: str, b
 
     buf = BytesIO()
     buf.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buf, create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance_uid,
-                                               transfer_syntax=transfer_syntax))
+    write_file_meta_info(
+        buf,
+        create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance_uid, transfer_syntax=transfer_syntax),
+    )
     buf.write(body)
     return hashlib.sha256(buf.getvalue()).hexdigest()
 
@@ -141,8 +155,14 @@ def wait_until_caught_up(cfg: Config, timeout: float = 120.0) -> None:
         cfg.stream.app_id: [INSTANCES.name],
         cfg.dose.app_id: [INSTANCES.name],
         cfg.sinks.archive_group: [INSTANCES.name],
-        cfg.sinks.opensearch_group: [INSTANCES.name, SERIES.name, STUDIES.name, DOSE_EVENTS.name,
-                                     DOSE_STUDIES.name, DOSE_ALERTS.name],
+        cfg.sinks.opensearch_group: [
+            INSTANCES.name,
+            SERIES.name,
+            STUDIES.name,
+            DOSE_EVENTS.name,
+            DOSE_STUDIES.name,
+            DOSE_ALERTS.name,
+        ],
     }
     deadline = time.monotonic() + timeout
     lags: dict[str, int] = {}
@@ -167,8 +187,15 @@ def read_messages(cfg: Config, topic: str, since: dict[int, int] | None = None, 
     Reads until each partition reports its end (EOF), not until a count of offsets: topics written
     in Kafka transactions hold commit markers that take offsets and are never delivered.
     """
-    consumer = Consumer({"bootstrap.servers": cfg.kafka.bootstrap, "group.id": f"reader-{uuid.uuid4()}",
-                         "enable.auto.commit": False, "enable.partition.eof": True, "log_level": 3})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": cfg.kafka.bootstrap,
+            "group.id": f"reader-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "log_level": 3,
+        }
+    )
     admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
     try:
         meta = admin.list_topics(topic, timeout=10).topics[topic]
@@ -217,8 +244,10 @@ def message_count(cfg: Config, topic: str) -> int:
     consumer = Consumer({"bootstrap.servers": cfg.kafka.bootstrap, "group.id": f"count-{uuid.uuid4()}"})
     try:
         parts = admin.list_topics(topic, timeout=10).topics[topic].partitions
-        return sum(high - low for low, high in
-                   (consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in parts))
+        return sum(
+            high - low
+            for low, high in (consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in parts)
+        )
     finally:
         consumer.close()
 

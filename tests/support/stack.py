@@ -16,8 +16,11 @@ def wait_for_echo(cfg: Config, timeout: float, procs: dict | None = None) -> Non
         for name, proc in (procs or {}).items():
             if proc.poll() is not None:
                 pytest.fail(f"pipeline process {name} exited with {proc.returncode}; see var/test/logs/{name}.log")
-        r = subprocess.run(["echoscu", "-aec", cfg.receiver.ae_title, "127.0.0.1", str(cfg.receiver.port)],
-                           capture_output=True, env={"PATH": "/usr/bin:/bin"})
+        r = subprocess.run(
+            ["echoscu", "-aec", cfg.receiver.ae_title, "127.0.0.1", str(cfg.receiver.port)],
+            capture_output=True,
+            env={"PATH": "/usr/bin:/bin"},
+        )
         if r.returncode == 0:
             return
         time.sleep(0.5)

@@ -1,20 +1,29 @@
 """Unit: the pure fold of instances into series and study aggregates."""
+
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from diana.stream_apps.aggregates import apply_instance
 from diana.stream_apps.completeness import QuietTimes
 
-T0 = datetime(2024, 3, 15, 10, 0, tzinfo=timezone.utc)
+T0 = datetime(2024, 3, 15, 10, 0, tzinfo=UTC)
 QUIET = QuietTimes.parse("*=30")
 
 
 def _event(series: str, number: int, seconds: int, modality: str = "CT", size: int = 100) -> dict:
-    return {"study_instance_uid": "1.9", "series_instance_uid": series, "sop_instance_uid": f"{series}.{number}",
-            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "transfer_syntax_uid": "1.2.840.10008.1.2.1",
-            "instance_number": number, "modality": modality, "size_bytes": size,
-            "received_at": T0 + timedelta(seconds=seconds), "patient_id": "P1"}
+    return {
+        "study_instance_uid": "1.9",
+        "series_instance_uid": series,
+        "sop_instance_uid": f"{series}.{number}",
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "instance_number": number,
+        "modality": modality,
+        "size_bytes": size,
+        "received_at": T0 + timedelta(seconds=seconds),
+        "patient_id": "P1",
+    }
 
 
 def test_fold_counts_bytes_numbers_and_event_times():

@@ -1,4 +1,5 @@
 """Unit: archive placement, verification and idempotency on a plain filesystem (no broker)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +12,13 @@ from diana.sinks.archive import ArchiveSink, ConflictPolicy
 
 
 def _event(stored, sop="1.2.3.4.5") -> dict:
-    return {"study_instance_uid": "1.2.3", "series_instance_uid": "1.2.3.4", "sop_instance_uid": sop,
-            "sha256": stored.sha256, "landing_path": stored.relative_path}
+    return {
+        "study_instance_uid": "1.2.3",
+        "series_instance_uid": "1.2.3.4",
+        "sop_instance_uid": sop,
+        "sha256": stored.sha256,
+        "landing_path": stored.relative_path,
+    }
 
 
 @pytest.fixture
@@ -35,11 +41,14 @@ def test_archive_moves_verified_bytes_and_is_idempotent(roots):
     assert not (landing.root / stored.relative_path).exists()
 
 
-@pytest.mark.parametrize("policy,kept,beside", [
-    (ConflictPolicy.KEEP_FIRST, b"first", None),
-    (ConflictPolicy.REPLACE, b"second", None),
-    (ConflictPolicy.KEEP_BOTH, b"first", b"second"),
-])
+@pytest.mark.parametrize(
+    "policy,kept,beside",
+    [
+        (ConflictPolicy.KEEP_FIRST, b"first", None),
+        (ConflictPolicy.REPLACE, b"second", None),
+        (ConflictPolicy.KEEP_BOTH, b"first", b"second"),
+    ],
+)
 def test_same_uid_different_bytes_follows_the_policy_and_is_reported(tmp_path, policy, kept, beside):
     landing = LandingStore(tmp_path / "landing")
     reports = []
@@ -53,7 +62,8 @@ def test_same_uid_different_bytes_follows_the_policy_and_is_reported(tmp_path, p
     assert (version.read_bytes() if version.exists() else None) == beside
     assert not any(landing.root.rglob("*.dcm"))  # handled: nothing left in landing
     assert [(r["policy"], r["archived_sha256"], r["incoming_sha256"]) for r in reports] == [
-        (policy, first.sha256, second.sha256)]
+        (policy, first.sha256, second.sha256)
+    ]
     # A replay of both events changes nothing and reports nothing new.
     assert sink.archive_one(_event(first)) in ("unchanged", "superseded")
     assert sink.archive_one(_event(second)) in ("unchanged", "superseded")

@@ -1,21 +1,30 @@
 """Unit: the Avro single-object codec shared by every topic."""
+
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
-from diana.schemas.codec import Codec, DecodeError, EncodeError, MAGIC
+from diana.schemas.codec import MAGIC, Codec, DecodeError, EncodeError
 from diana.schemas.topics import ALL_TOPICS
 
 
 def _instance(**over):
     rec = {
-        "sop_instance_uid": "1.2.3.4", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
-        "study_instance_uid": "1.2.3", "series_instance_uid": "1.2.3.1",
-        "transfer_syntax_uid": "1.2.840.10008.1.2.1", "size_bytes": 1234, "sha256": "ab" * 32,
-        "landing_path": "ab/abab.dcm", "received_at": datetime(2024, 3, 15, 10, 0, 0, 123000, tzinfo=timezone.utc),
-        "source": "C_STORE", "patient_id": "P1", "instance_number": 7, "study_date": "2024-03-15",
+        "sop_instance_uid": "1.2.3.4",
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "study_instance_uid": "1.2.3",
+        "series_instance_uid": "1.2.3.1",
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "size_bytes": 1234,
+        "sha256": "ab" * 32,
+        "landing_path": "ab/abab.dcm",
+        "received_at": datetime(2024, 3, 15, 10, 0, 0, 123000, tzinfo=UTC),
+        "source": "C_STORE",
+        "patient_id": "P1",
+        "instance_number": 7,
+        "study_date": "2024-03-15",
     }
     rec.update(over)
     return rec
@@ -28,7 +37,7 @@ def test_round_trip_keeps_every_field_and_fills_defaults():
     name, rec = codec.decode(data)
     assert name == "org.dianastar.dicom.InstanceArrived"
     assert rec["instance_number"] == 7 and rec["patient_id"] == "P1"
-    assert rec["received_at"] == datetime(2024, 3, 15, 10, 0, 0, 123000, tzinfo=timezone.utc)
+    assert rec["received_at"] == datetime(2024, 3, 15, 10, 0, 0, 123000, tzinfo=UTC)
     assert rec["modality"] is None  # optional field absent on write, default on read
 
 
@@ -64,7 +73,7 @@ def test_every_topic_with_a_schema_has_its_avsc():
 
 def _sample(schema):
     """A value for any Avro schema (fields without defaults get one), to exercise resolution."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     import avro.schema as s
 
@@ -77,9 +86,10 @@ def _sample(schema):
     if isinstance(schema, s.EnumSchema):
         return schema.symbols[0]
     if getattr(schema, "logical_type", None) == "timestamp-millis":
-        return datetime(2024, 1, 1, tzinfo=timezone.utc)
-    return {"string": "1.2.3", "int": 1, "long": 1, "double": 1.5, "float": 1.5, "boolean": True,
-            "bytes": b"x"}[schema.type]
+        return datetime(2024, 1, 1, tzinfo=UTC)
+    return {"string": "1.2.3", "int": 1, "long": 1, "double": 1.5, "float": 1.5, "boolean": True, "bytes": b"x"}[
+        schema.type
+    ]
 
 
 def test_every_former_writer_schema_is_still_readable():

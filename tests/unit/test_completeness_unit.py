@@ -1,41 +1,58 @@
 """Unit: completion verdicts, quiet times and the series/study lifecycle, in event time."""
+
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from diana.stream_apps.aggregates import apply_instance, complete_series
 from diana.stream_apps.completeness import QuietTimes, expected_instances, verdict
 
-T0 = datetime(2024, 3, 15, 10, 0, tzinfo=timezone.utc)
+T0 = datetime(2024, 3, 15, 10, 0, tzinfo=UTC)
 QUIET = QuietTimes.parse("CT=30,MR=60,CR=10,DX=10,*=20")
 
 
 def _event(series: str, number: int | None, seconds: float, modality: str = "CT", **extra) -> dict:
-    return {"study_instance_uid": "1.9", "series_instance_uid": series, "sop_instance_uid": f"{series}.{number}",
-            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "transfer_syntax_uid": "1.2.840.10008.1.2.1",
-            "instance_number": number, "modality": modality, "size_bytes": 100,
-            "received_at": T0 + timedelta(seconds=seconds), "patient_id": "P1", **extra}
+    return {
+        "study_instance_uid": "1.9",
+        "series_instance_uid": series,
+        "sop_instance_uid": f"{series}.{number}",
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "instance_number": number,
+        "modality": modality,
+        "size_bytes": 100,
+        "received_at": T0 + timedelta(seconds=seconds),
+        "patient_id": "P1",
+        **extra,
+    }
 
 
-@pytest.mark.parametrize("numbers,count,expected,result", [
-    ([1, 2, 3], 3, None, ("COMPLETE", [])),
-    ([0, 1, 2], 3, None, ("COMPLETE", [])),
-    ([1, 2, 4, 7], 4, None, ("GAPS", [3, 5, 6])),
-    ([1, 2, 3], 3, 5, ("GAPS", [4, 5])),  # ImagesInAcquisition promised five
-    ([101, 102], 2, None, ("UNKNOWN", [])),  # numbering that starts late proves nothing
-    ([], 4, None, ("UNKNOWN", [])),
-    ([], 4, 4, ("COMPLETE", [])),
-    ([], 3, 4, ("GAPS", [])),
-])
+@pytest.mark.parametrize(
+    "numbers,count,expected,result",
+    [
+        ([1, 2, 3], 3, None, ("COMPLETE", [])),
+        ([0, 1, 2], 3, None, ("COMPLETE", [])),
+        ([1, 2, 4, 7], 4, None, ("GAPS", [3, 5, 6])),
+        ([1, 2, 3], 3, 5, ("GAPS", [4, 5])),  # ImagesInAcquisition promised five
+        ([101, 102], 2, None, ("UNKNOWN", [])),  # numbering that starts late proves nothing
+        ([], 4, None, ("UNKNOWN", [])),
+        ([], 4, 4, ("COMPLETE", [])),
+        ([], 3, 4, ("GAPS", [])),
+    ],
+)
 def test_verdict(numbers, count, expected, result):
     assert verdict(numbers, count, expected) == result
 
 
 def test_quiet_times_per_modality_with_a_default():
-    assert (QUIET.for_modality("CT"), QUIET.for_modality("mr"), QUIET.for_modality("US"),
-            QUIET.for_modality(None)) == (30, 60, 20, 20)
+    assert (QUIET.for_modality("CT"), QUIET.for_modality("mr"), QUIET.for_modality("US"), QUIET.for_modality(None)) == (
+        30,
+        60,
+        20,
+        20,
+    )
     for bad in ("CT=30", "CT=abc,*=1", "=3,*=1", "CT=-1,*=1"):
         with pytest.raises(ValueError, match="quiet time|default"):
             QuietTimes.parse(bad)
@@ -53,14 +70,25 @@ def test_lifecycle_updated_completed_amended():
     assert (series["status"], series["version"], series["revision"]) == ("UPDATED", 0, 3)
     series, study, study_done = complete_series(series, study)
     assert (series["status"], series["version"], series["verdict"], series["missing_instance_numbers"]) == (
-        "COMPLETED", 1, "GAPS", [3])
+        "COMPLETED",
+        1,
+        "GAPS",
+        [3],
+    )
     assert series["completed_at"] == int((T0 + timedelta(seconds=32)).timestamp() * 1000)  # last + 30 s (CT)
     assert study_done and (study["status"], study["verdict"], study["completed_series_count"]) == (
-        "COMPLETED", "GAPS", 1)
+        "COMPLETED",
+        "GAPS",
+        1,
+    )
     # The missing instance arrives late: a new version, now complete.
     series, study = apply_instance(series, study, _event("1.9.1", 3, 90), QUIET)
     assert (series["status"], series["version"], series["verdict"], series["instance_count"]) == (
-        "AMENDED", 2, "COMPLETE", 4)
+        "AMENDED",
+        2,
+        "COMPLETE",
+        4,
+    )
     assert (study["status"], study["version"], study["verdict"]) == ("AMENDED", 2, "COMPLETE")
 
 
@@ -75,6 +103,7 @@ def test_study_completes_when_its_last_series_does():
 
 
 def test_multiframe_counts_frames_and_temporal_positions_set_expectations():
-    s, st = apply_instance(None, None, _event("1.9.3", 1, 0, modality="MR", number_of_frames=30,
-                                              number_of_temporal_positions=3), QUIET)
+    s, st = apply_instance(
+        None, None, _event("1.9.3", 1, 0, modality="MR", number_of_frames=30, number_of_temporal_positions=3), QUIET
+    )
     assert s["number_of_frames"] == 30 and s["expected_instances"] == 3

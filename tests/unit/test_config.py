@@ -1,4 +1,5 @@
 """Unit: one config object, file then environment, unknown keys rejected."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,12 +20,15 @@ def test_defaults_file_and_environment_in_that_order(tmp_path: Path):
     assert cfg.path(cfg.storage.archive_dir) == tmp_path / "arch"  # relative to the file
 
 
-@pytest.mark.parametrize("text,message", [
-    ("[reciever]\nport = 1\n", "unknown section \\[reciever\\]"),
-    ("[receiver]\nprot = 1\n", "unknown key\\(s\\) prot"),
-    ("[receiver]\nport = \"many\"\n", "expected int"),
-    ("[receiver\n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[reciever]\nport = 1\n", "unknown section \\[reciever\\]"),
+        ("[receiver]\nprot = 1\n", "unknown key\\(s\\) prot"),
+        ('[receiver]\nport = "many"\n', "expected int"),
+        ("[receiver\n", "not valid TOML"),
+    ],
+)
 def test_bad_files_name_the_problem(tmp_path: Path, text, message):
     f = tmp_path / "c.toml"
     f.write_text(text)

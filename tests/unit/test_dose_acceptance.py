@@ -1,4 +1,5 @@
 """The real vendor dose reports of ../shared/acceptance/dose through `diana acceptance`."""
+
 from __future__ import annotations
 
 import os
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from diana.operations.dose_acceptance import DISPUTED, run_acceptance
-
 from tests.support.paths import REPO
+
 FOLDER = Path(os.environ.get("DIANA_DOSE_ACCEPTANCE_DIR", REPO.parent / "shared" / "acceptance" / "dose"))
 
 
@@ -35,13 +36,23 @@ def test_every_dispute_is_still_a_real_disagreement(folder: Path):
 
 
 def test_acceptance_command(folder: Path):
-    result = subprocess.run([sys.executable, "-m", "diana.cli", "acceptance", str(folder)], capture_output=True,
-                            text=True, cwd=REPO, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "diana.cli", "acceptance", str(folder)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 mismatches" in result.stdout
 
 
 def test_acceptance_command_without_data_says_how(tmp_path: Path):
-    result = subprocess.run([sys.executable, "-m", "diana.cli", "acceptance", str(tmp_path)], capture_output=True,
-                            text=True, cwd=REPO, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "diana.cli", "acceptance", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert result.returncode == 2 and "no expected.json" in result.stderr

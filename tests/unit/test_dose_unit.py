@@ -2,9 +2,9 @@
 
 Each expected value is computed by hand from the values the builder writes.
 """
+
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -16,7 +16,6 @@ from diana.stream_apps.dose.alerts import RulesError, cumulative_alerts, load_ru
 from diana.stream_apps.dose.extract import dataset_from_header_json, extract_dose
 from diana.stream_apps.dose.study import fold_report, new_study, summarize
 from diana.stream_apps.dose.units import UnitError, convert
-
 from tests.support import dosebuilder as b
 
 LEFT = ("G-A101", "SRT", "Left")
@@ -45,12 +44,16 @@ def fold(*datasets) -> tuple[dict, list[dict]]:
 
 def test_multi_event_ct_report():
     study = generate_uid()
-    ds = b.ct_report([
-        b.ct_event("1.2.3.1", ctdivol="0.5", dlp="10.5", kind=b.CONSTANT_ANGLE),
-        b.ct_event("1.2.3.2", ctdivol="12.25", dlp="512.0", kind=b.SPIRAL),
-        # Same quantity, other unit spelling and SNOMED CT code: 0.25 Gy.cm = 250 mGy.cm
-        b.ct_event("1.2.3.3", ctdivol="8", dlp="0.25", dlp_unit="Gy.cm", kind=b.SPIRAL_SCT),
-    ], total_dlp="772.5", study_uid=study)
+    ds = b.ct_report(
+        [
+            b.ct_event("1.2.3.1", ctdivol="0.5", dlp="10.5", kind=b.CONSTANT_ANGLE),
+            b.ct_event("1.2.3.2", ctdivol="12.25", dlp="512.0", kind=b.SPIRAL),
+            # Same quantity, other unit spelling and SNOMED CT code: 0.25 Gy.cm = 250 mGy.cm
+            b.ct_event("1.2.3.3", ctdivol="8", dlp="0.25", dlp_unit="Gy.cm", kind=b.SPIRAL_SCT),
+        ],
+        total_dlp="772.5",
+        study_uid=study,
+    )
     report, context = through_pipeline(ds)
     assert report["kind"] == "CT"
     assert [e["dlp_mGycm"] for e in report["events"]] == [10.5, 512.0, 250.0]
@@ -66,17 +69,30 @@ def test_multi_event_ct_report():
 
 def test_continued_reports_count_each_event_once_and_superset_replaces():
     study = generate_uid()
-    first = b.ct_report([b.ct_event("9.1", ctdivol="2", dlp="100"), b.ct_event("9.2", ctdivol="3", dlp="200")],
-                        total_dlp="300", study_uid=study)
-    overlapping = b.ct_report([b.ct_event("9.2", ctdivol="3", dlp="200"), b.ct_event("9.3", ctdivol="4", dlp="50")],
-                              total_dlp="250", study_uid=study)
+    first = b.ct_report(
+        [b.ct_event("9.1", ctdivol="2", dlp="100"), b.ct_event("9.2", ctdivol="3", dlp="200")],
+        total_dlp="300",
+        study_uid=study,
+    )
+    overlapping = b.ct_report(
+        [b.ct_event("9.2", ctdivol="3", dlp="200"), b.ct_event("9.3", ctdivol="4", dlp="50")],
+        total_dlp="250",
+        study_uid=study,
+    )
     summary, events = fold(first, overlapping)
     # Overlap: totals from the distinct events 9.1, 9.2, 9.3 = 100 + 200 + 50
     assert [e["event_key"] for e in events] == ["9.1", "9.2", "9.3"]
     assert summary["total_dlp_mGycm"] == 350.0 and summary["report_count"] == 2
-    superset = b.ct_report([b.ct_event("9.1", ctdivol="2", dlp="100"), b.ct_event("9.2", ctdivol="3", dlp="200"),
-                            b.ct_event("9.3", ctdivol="4", dlp="50"), b.ct_event("9.4", ctdivol="1", dlp="25")],
-                           total_dlp="375", study_uid=study)
+    superset = b.ct_report(
+        [
+            b.ct_event("9.1", ctdivol="2", dlp="100"),
+            b.ct_event("9.2", ctdivol="3", dlp="200"),
+            b.ct_event("9.3", ctdivol="4", dlp="50"),
+            b.ct_event("9.4", ctdivol="1", dlp="25"),
+        ],
+        total_dlp="375",
+        study_uid=study,
+    )
     summary, events = fold(first, overlapping, superset)
     assert summary["report_count"] == 1 and summary["events"] == 4
     assert summary["total_dlp_mGycm"] == 375.0  # the superset report's own accumulated value
@@ -93,9 +109,14 @@ def test_disjoint_reports_sum_their_accumulated_values():
 
 
 def test_dx_report_converts_dap_units():
-    ds = b.dose_report([b.accumulated_plane(("113622", "DCM", "Single Plane"), {"dap": ("12.5", "dGy.cm2")}),
-                        b.projection_event("5.1", dap="12.5", dap_unit="dGy.cm2", dose_rp="0.4")],
-                       study_uid=generate_uid(), procedure=b.PROJECTION_PROCEDURE)
+    ds = b.dose_report(
+        [
+            b.accumulated_plane(("113622", "DCM", "Single Plane"), {"dap": ("12.5", "dGy.cm2")}),
+            b.projection_event("5.1", dap="12.5", dap_unit="dGy.cm2", dose_rp="0.4"),
+        ],
+        study_uid=generate_uid(),
+        procedure=b.PROJECTION_PROCEDURE,
+    )
     report, _ = through_pipeline(ds)
     assert report["kind"] == "DX"
     event = report["events"][0]
@@ -106,16 +127,34 @@ def test_dx_report_converts_dap_units():
 
 
 def test_rf_two_planes():
-    ds = b.dose_report([
-        b.accumulated_plane(PLANE_A, {"dap": ("0.003", "Gy.m2"), "dose_rp": ("40", "mGy"),
-                                      "fluoro_dap": ("0.002", "Gy.m2"), "fluoro_time": ("120", "s")}),
-        b.accumulated_plane(PLANE_B, {"dap": ("0.001", "Gy.m2"), "dose_rp": ("0.01", "Gy"),
-                                      "fluoro_dap": ("0.0005", "Gy.m2"), "fluoro_time": ("60", "s")}),
-        b.projection_event("6.1", dap="0.002", plane=PLANE_A, fluoro=True),
-        b.projection_event("6.2", dap="0.001", plane=PLANE_A),
-        b.projection_event("6.3", dap="0.0005", plane=PLANE_B, fluoro=True),
-        b.projection_event("6.4", dap="0.0005", plane=PLANE_B),
-    ], study_uid=generate_uid(), procedure=b.PROJECTION_PROCEDURE)
+    ds = b.dose_report(
+        [
+            b.accumulated_plane(
+                PLANE_A,
+                {
+                    "dap": ("0.003", "Gy.m2"),
+                    "dose_rp": ("40", "mGy"),
+                    "fluoro_dap": ("0.002", "Gy.m2"),
+                    "fluoro_time": ("120", "s"),
+                },
+            ),
+            b.accumulated_plane(
+                PLANE_B,
+                {
+                    "dap": ("0.001", "Gy.m2"),
+                    "dose_rp": ("0.01", "Gy"),
+                    "fluoro_dap": ("0.0005", "Gy.m2"),
+                    "fluoro_time": ("60", "s"),
+                },
+            ),
+            b.projection_event("6.1", dap="0.002", plane=PLANE_A, fluoro=True),
+            b.projection_event("6.2", dap="0.001", plane=PLANE_A),
+            b.projection_event("6.3", dap="0.0005", plane=PLANE_B, fluoro=True),
+            b.projection_event("6.4", dap="0.0005", plane=PLANE_B),
+        ],
+        study_uid=generate_uid(),
+        procedure=b.PROJECTION_PROCEDURE,
+    )
     report, _ = through_pipeline(ds)
     assert report["kind"] == "RF"
     assert [e["plane_id"] for e in report["events"]] == ["A", "A", "B", "B"]
@@ -128,11 +167,15 @@ def test_rf_two_planes():
 
 
 def test_mammography_report_by_laterality():
-    ds = b.dose_report([
-        b.projection_event("8.1", dap="0.00001", agd="1.3", laterality=LEFT, protocol="L CC"),
-        b.projection_event("8.2", dap="0.00001", agd="1.1", laterality=LEFT, protocol="L MLO"),
-        b.projection_event("8.3", dap="0.00001", agd="1.28", laterality=RIGHT, protocol="R CC"),
-    ], study_uid=generate_uid(), procedure=b.MAMMO_PROCEDURE)
+    ds = b.dose_report(
+        [
+            b.projection_event("8.1", dap="0.00001", agd="1.3", laterality=LEFT, protocol="L CC"),
+            b.projection_event("8.2", dap="0.00001", agd="1.1", laterality=LEFT, protocol="L MLO"),
+            b.projection_event("8.3", dap="0.00001", agd="1.28", laterality=RIGHT, protocol="R CC"),
+        ],
+        study_uid=generate_uid(),
+        procedure=b.MAMMO_PROCEDURE,
+    )
     report, _ = through_pipeline(ds)
     assert report["kind"] == "MG" and [e["laterality"] for e in report["events"]] == ["Left", "Left", "Right"]
     summary, _ = fold(ds)
@@ -155,8 +198,9 @@ def test_image_headers_when_no_report():
     assert math.isclose(summary["total_dap_Gym2"], 2 * 11.013e-5)
     assert events[0]["exposure_time_s"] == 0.019 and events[0]["exposure_mAs"] == 10.0
     # A dose report supersedes the headers of its study
-    rdsr = b.dose_report([b.projection_event("4.1", dap="0.0003")], study_uid=study,
-                         procedure=b.PROJECTION_PROCEDURE, patient_id="HDR1")
+    rdsr = b.dose_report(
+        [b.projection_event("4.1", dap="0.0003")], study_uid=study, procedure=b.PROJECTION_PROCEDURE, patient_id="HDR1"
+    )
     summary, _ = fold(*images, rdsr)
     assert summary["sources"] == ["RDSR"] and math.isclose(summary["total_dap_Gym2"], 0.0003)
 
@@ -192,25 +236,36 @@ def test_units_refuse_the_wrong_quantity():
     assert convert(2.0, "uA.s", "charge") == 2e-3
     with pytest.raises(UnitError):
         convert(1.0, "mGy", "dlp")
-    ds = b.ct_report([b.ct_event("3.1", ctdivol="5", dlp="100", dlp_unit="mGy")], total_dlp=None,
-                     study_uid=generate_uid())
+    ds = b.ct_report(
+        [b.ct_event("3.1", ctdivol="5", dlp="100", dlp_unit="mGy")], total_dlp=None, study_uid=generate_uid()
+    )
     report, _ = through_pipeline(ds)
     assert "dlp_mGycm" not in report["events"][0]  # a DLP in mGy is refused, not misread
 
 
 def test_reference_level_and_dose_check_alerts(tmp_path: Path):
     rules_file = tmp_path / "rules.yaml"
-    rules_file.write_text("reference_levels:\n  - name: Abd\n    match: {kind: CT, target_region: '(?i)abdomen'}\n"
-                          "    ctdivol_mGy: 10\n    dlp_mGycm: 250\n")
+    rules_file.write_text(
+        "reference_levels:\n  - name: Abd\n    match: {kind: CT, target_region: '(?i)abdomen'}\n"
+        "    ctdivol_mGy: 10\n    dlp_mGycm: 250\n"
+    )
     rules = load_rules(rules_file)
-    ds = b.ct_report([b.ct_event("2.1", ctdivol="12", dlp="200"),
-                      b.ct_event("2.2", ctdivol="4", dlp="80", notification_ctdivol="3")],
-                     total_dlp="280", study_uid=generate_uid())
+    ds = b.ct_report(
+        [
+            b.ct_event("2.1", ctdivol="12", dlp="200"),
+            b.ct_event("2.2", ctdivol="4", dlp="80", notification_ctdivol="3"),
+        ],
+        total_dlp="280",
+        study_uid=generate_uid(),
+    )
     summary, events = fold(ds)
     alerts = study_alerts(rules, summary, events)
     got = sorted((a["rule_type"], a["metric"], a["value"], a["threshold"]) for a in alerts)
-    assert got == [("dose_check", "ctdivol_mGy", 4.0, 3.0), ("reference_level", "ctdivol_mGy", 12.0, 10.0),
-                   ("reference_level", "dlp_mGycm", 280.0, 250.0)]
+    assert got == [
+        ("dose_check", "ctdivol_mGy", 4.0, 3.0),
+        ("reference_level", "ctdivol_mGy", 12.0, 10.0),
+        ("reference_level", "dlp_mGycm", 280.0, 250.0),
+    ]
     assert len({a["alert_id"] for a in alerts}) == 3
     assert {a["alert_id"] for a in study_alerts(rules, summary, events)} == {a["alert_id"] for a in alerts}
 
@@ -219,9 +274,11 @@ def test_cumulative_alert_over_a_rolling_window(tmp_path: Path):
     rules_file = tmp_path / "rules.yaml"
     rules_file.write_text("cumulative:\n  - {name: 12w, metric: total_dlp_mGycm, window_days: 84, threshold: 1000}\n")
     rules = load_rules(rules_file)
-    studies = [{"study_instance_uid": "1", "study_date": "2024-01-01", "total_dlp_mGycm": 600.0},
-               {"study_instance_uid": "2", "study_date": "2024-03-01", "total_dlp_mGycm": 300.0},
-               {"study_instance_uid": "3", "study_date": "2024-03-20", "total_dlp_mGycm": 200.0}]
+    studies = [
+        {"study_instance_uid": "1", "study_date": "2024-01-01", "total_dlp_mGycm": 600.0},
+        {"study_instance_uid": "2", "study_date": "2024-03-01", "total_dlp_mGycm": 300.0},
+        {"study_instance_uid": "3", "study_date": "2024-03-20", "total_dlp_mGycm": 200.0},
+    ]
     # 2024-03-20 minus 84 days = 2023-12-27: all three, 1100 > 1000
     [alert] = cumulative_alerts(rules, studies, studies[2])
     assert alert["value"] == 1100.0 and alert["window_study_uids"] == ["1", "2", "3"]
@@ -230,13 +287,16 @@ def test_cumulative_alert_over_a_rolling_window(tmp_path: Path):
     assert cumulative_alerts(rules, [*studies, later], later) == []
 
 
-@pytest.mark.parametrize("text,message", [
-    ("reference_levels:\n  - {name: X, match: {colour: red}, ctdivol_mGy: 1}\n", "cannot match on 'colour'"),
-    ("reference_levels:\n  - {name: X, ctdivol_mGy: -1}\n", "positive number"),
-    ("reference_levels:\n  - {name: X, ctdi: 5}\n", "unknown limit 'ctdi'"),
-    ("cumulative:\n  - {name: C, metric: dlp, window_days: 84, threshold: 1}\n", "metric must be one of"),
-    ("alarms: []\n", "unknown section 'alarms'"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("reference_levels:\n  - {name: X, match: {colour: red}, ctdivol_mGy: 1}\n", "cannot match on 'colour'"),
+        ("reference_levels:\n  - {name: X, ctdivol_mGy: -1}\n", "positive number"),
+        ("reference_levels:\n  - {name: X, ctdi: 5}\n", "unknown limit 'ctdi'"),
+        ("cumulative:\n  - {name: C, metric: dlp, window_days: 84, threshold: 1}\n", "metric must be one of"),
+        ("alarms: []\n", "unknown section 'alarms'"),
+    ],
+)
 def test_bad_rules_name_the_fix(tmp_path: Path, text: str, message: str):
     path = tmp_path / "rules.yaml"
     path.write_text(text)

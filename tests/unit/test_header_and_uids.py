@@ -1,4 +1,5 @@
 """Unit: header reading and UID validation (what may become a path)."""
+
 from __future__ import annotations
 
 from io import BytesIO
@@ -8,15 +9,27 @@ from pydicom.uid import generate_uid
 
 from diana.producers.header import HeaderError, InvalidIdentifiers, read_header
 from diana.schemas.uid import is_valid_uid
-
 from tests.support.dicomgen import make_instance
 
 
-@pytest.mark.parametrize("uid,valid", [
-    ("1.2.840.10008.5.1.4.1.1.2", True), ("0", True), ("1.0.3", True),
-    ("1.02.3", False), ("1..2", False), (".1.2", False), ("1.2.", False), ("", False),
-    ("../../etc/passwd", False), ("1.2/3", False), ("1.2.3\n", False), ("1" * 65, False), (None, False),
-])
+@pytest.mark.parametrize(
+    "uid,valid",
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", True),
+        ("0", True),
+        ("1.0.3", True),
+        ("1.02.3", False),
+        ("1..2", False),
+        (".1.2", False),
+        ("1.2.", False),
+        ("", False),
+        ("../../etc/passwd", False),
+        ("1.2/3", False),
+        ("1.2.3\n", False),
+        ("1" * 65, False),
+        (None, False),
+    ],
+)
 def test_uid_syntax(uid, valid):
     assert is_valid_uid(uid) is valid
 

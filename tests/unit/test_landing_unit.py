@@ -1,4 +1,5 @@
 """Unit: the landing store keeps exactly what some acknowledged event points to."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,9 +24,8 @@ def test_a_published_object_stays_and_a_refused_one_is_removed(tmp_path):
     with store.landed(_source(tmp_path, b"kept"), owned=False) as stored:
         pass
     assert (store.root / stored.relative_path).read_bytes() == b"kept"
-    with pytest.raises(Refused):
-        with store.landed(_source(tmp_path, b"refused"), owned=False) as refused:
-            raise Refused
+    with pytest.raises(Refused), store.landed(_source(tmp_path, b"refused"), owned=False) as refused:
+        raise Refused
     assert not (store.root / refused.relative_path).exists()
 
 
@@ -33,9 +33,8 @@ def test_a_refused_resend_keeps_what_was_already_there(tmp_path):
     store = LandingStore(tmp_path / "landing")
     with store.landed(_source(tmp_path, b"same"), owned=False) as first:
         pass
-    with pytest.raises(Refused):
-        with store.landed(_source(tmp_path, b"same", "again.dcm"), owned=False):
-            raise Refused
+    with pytest.raises(Refused), store.landed(_source(tmp_path, b"same", "again.dcm"), owned=False):
+        raise Refused
     assert (store.root / first.relative_path).exists()
 
 

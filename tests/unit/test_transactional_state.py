@@ -1,6 +1,7 @@
 """The transactional loop's state, without a broker: what a batch writes to the changelog rebuilds
 exactly the state the batch leaves in memory, once per changed key, and an aborted batch leaves no
 trace in memory."""
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,11 @@ def test_changelog_rebuilds_what_the_committed_batches_left_in_memory():
     second.write_changelog()
     second.commit_locally()
 
-    assert store.partitions == _replay(producer.records, "state").partitions == {
-        0: {"series": {"1.2.3": {"instance_count": 3}}, "open": {}}, 1: {"seen": {"9.9": 7}}}
+    assert (
+        store.partitions
+        == _replay(producer.records, "state").partitions
+        == {0: {"series": {"1.2.3": {"instance_count": 3}}, "open": {}}, 1: {"seen": {"9.9": 7}}}
+    )
     # One record per key changed in a batch: its final value.
     series_records = [value for _, key, value, _ in producer.records if key == b"series/1.2.3"]
     assert series_records == [b'{"instance_count":1}', b'{"instance_count":3}']
