@@ -146,7 +146,7 @@ def _header_json(ds: pydicom.Dataset, uids: dict[str, str], has_pixels: bool) ->
 
 def _check_lengths(ds: pydicom.Dataset, total: int) -> None:
     """pydicom silently shortens an element whose length runs past the end: we call it truncated."""
-    for tag in ds:
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset yields elements, not tags
         raw = ds.get_item(tag)
         length = getattr(raw, "length", None)
         tell = getattr(raw, "value_tell", None)
@@ -191,7 +191,7 @@ def _read(fh: BinaryIO, total: int) -> InstanceHeader:
         }
     except HeaderError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # pydicom raises many kinds (struct.error, ...) on malformed input
         raise HeaderError(f"cannot parse data set: {type(exc).__name__}") from None
     missing = sorted(k for k, v in uids.items() if v is None or str(v) == "")
     if len(missing) == len(uids):
