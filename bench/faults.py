@@ -30,11 +30,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from diana.config import load_config
+from tests.support.dicomgen import SeriesSpec, make_study
+from tests.support.helpers import dataset_body, group_lag, read_messages, stored_sha256
 
-from diana.config import load_config  # noqa: E402
-from tests.support.dicomgen import SeriesSpec, make_study  # noqa: E402
-from tests.support.helpers import dataset_body, group_lag, read_messages, stored_sha256  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 # Below 32768: a port in the ephemeral range can be taken by some client socket while the broker is
 # down, and Kafka then failed to restart ("Address already in use"; seen with 39092).

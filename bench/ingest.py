@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.dicomgen import SeriesSpec, make_study
 
-from tests.support.dicomgen import SeriesSpec, make_study  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 DCMTK = {"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}
 BENCH_PORTS = {

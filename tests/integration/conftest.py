@@ -17,28 +17,28 @@ from pathlib import Path
 import pytest
 
 from diana.config import Config, load_config
-from tests.support.paths import DATA, REPO, TEST_HOME
+from tests.support.paths import DATA, REPO, TEST_HOME, port
 from tests.support.stack import wait_for_echo
 
 TEST_CONFIG = f"""
 [kafka]
-bootstrap = "127.0.0.1:19092"
+bootstrap = "127.0.0.1:{port(19092)}"
 partitions = 3
 publish_timeout_s = 5
 
 [opensearch]
-url = "http://127.0.0.1:19200"
+url = "http://127.0.0.1:{port(19200)}"
 index_prefix = "diana"
 
 [receiver]
 ae_title = "DIANATEST"
 host = "127.0.0.1"
-port = 11190
-metrics_port = 19464
+port = {port(11190)}
+metrics_port = {port(19464)}
 
 [sinks]
-archive_metrics_port = 19465
-opensearch_metrics_port = 19466
+archive_metrics_port = {port(19465)}
+opensearch_metrics_port = {port(19466)}
 
 [storage]
 landing_dir = "{TEST_HOME}/landing"
@@ -46,19 +46,19 @@ archive_dir = "{TEST_HOME}/archive"
 
 [stream]
 quiet_seconds = "CT=4,MR=4,*=4"
-web_port = 16066
+web_port = {port(16066)}
 data_dir = "{TEST_HOME}/faust"
 
 [dose]
-web_port = 16069
+web_port = {port(16069)}
 alert_rules = "{DATA}/dose-rules.yaml"
 
 [stack]
 home = "{TEST_HOME}/stack"
-kafka_port = 19092
-kafka_controller_port = 19093
-opensearch_port = 19200
-opensearch_transport_port = 19300
+kafka_port = {port(19092)}
+kafka_controller_port = {port(19093)}
+opensearch_port = {port(19200)}
+opensearch_transport_port = {port(19300)}
 opensearch_heap_mb = 768
 """
 
@@ -159,10 +159,11 @@ def extra_receiver(pipeline):
     """Start another receiver on its own port with overridden settings; stopped after the test."""
     started: list[str] = []
 
-    def start(port: int, **settings: str) -> Config:
-        name = f"receiver-{port}"
+    def start(number: int, **settings: str) -> Config:
+        """A receiver on test port ``number`` (shifted), named ``receiver-NUMBER``."""
+        name = f"receiver-{number}"
         env = {
-            "DIANA_RECEIVER_PORT": str(port),
+            "DIANA_RECEIVER_PORT": str(port(number)),
             "DIANA_RECEIVER_METRICS_PORT": "0",
             **{f"DIANA_RECEIVER_{k.upper()}": v for k, v in settings.items()},
         }

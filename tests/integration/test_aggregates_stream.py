@@ -25,6 +25,7 @@ from tests.support.helpers import (
     topic_records,
     wait_until_caught_up,
 )
+from tests.support.paths import port
 
 
 def _wait_for(check, timeout: float = 90.0, what: str = "condition"):
@@ -119,7 +120,7 @@ def test_replay_from_the_beginning_into_a_fresh_app_is_deterministic(pipeline):
         "aggregate",
         settings={
             "DIANA_STREAM_APP_ID": app_id,
-            "DIANA_STREAM_WEB_PORT": "16068",
+            "DIANA_STREAM_WEB_PORT": str(port(16068)),
             "DIANA_STREAM_DATA_DIR": str(pipeline.logs.parent / "faust-replay"),
         },
     )
@@ -181,7 +182,7 @@ def test_kill_9_of_the_worker_mid_study_gives_the_same_aggregates(pipeline, tmp_
 
 def test_two_workers_share_the_partitions_with_the_same_results(pipeline, tmp_path):
     cfg = pipeline.cfg
-    pipeline.start("aggregates-2", "aggregate", settings={"DIANA_STREAM_WEB_PORT": "16067"})
+    pipeline.start("aggregates-2", "aggregate", settings={"DIANA_STREAM_WEB_PORT": str(port(16067))})
     try:
         time.sleep(15)  # let the group rebalance onto two members
         studies = [

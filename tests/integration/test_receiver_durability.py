@@ -67,7 +67,7 @@ def test_kill_9_mid_association_loses_no_acknowledged_instance(pipeline, extra_r
     cfg = extra_receiver(11191)
     study = make_study(tmp_path / "study", [SeriesSpec("CT", "KILLED", 200)])
     sender = subprocess.Popen(
-        ["storescu", "-v", "-aec", cfg.receiver.ae_title, "127.0.0.1", "11191", *map(str, study.files)],
+        ["storescu", "-v", "-aec", cfg.receiver.ae_title, "127.0.0.1", str(cfg.receiver.port), *map(str, study.files)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -93,7 +93,9 @@ def test_kill_9_mid_association_loses_no_acknowledged_instance(pipeline, extra_r
 
     # Restart: the outbox step republishes whatever landed without an event.
     pipeline.start(
-        "receiver-11191", "receive", settings={"DIANA_RECEIVER_PORT": "11191", "DIANA_RECEIVER_METRICS_PORT": "0"}
+        "receiver-11191",
+        "receive",
+        settings={"DIANA_RECEIVER_PORT": str(cfg.receiver.port), "DIANA_RECEIVER_METRICS_PORT": "0"},
     )
     wait_for_echo(cfg, timeout=30)
     wait_until_caught_up(cfg, timeout=180)

@@ -97,7 +97,7 @@ def test_tls_with_dcmtk_storescu(pipeline, extra_receiver, certificates, tmp_pat
     # Wait until the TLS listener answers (echoscu over TLS).
     for _ in range(60):
         echo = subprocess.run(
-            ["echoscu", *tls, "-aec", cfg.receiver.ae_title, "127.0.0.1", "11193"],
+            ["echoscu", *tls, "-aec", cfg.receiver.ae_title, "127.0.0.1", str(cfg.receiver.port)],
             capture_output=True,
             text=True,
             env=DCMTK_ENV,
