@@ -97,7 +97,7 @@ def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
 def cmd_dose(cfg: Config, _args: argparse.Namespace) -> int:
     import faust
 
-    from diana.stream_apps.app import create_app
+    from diana.stream_apps.app import create_app, deepen_faust_producer_buffer
     from diana.stream_apps.dose.agent import register_dose
     from diana.stream_apps.dose.alerts import RulesError, load_rules
 
@@ -110,6 +110,7 @@ def cmd_dose(cfg: Config, _args: argparse.Namespace) -> int:
     from diana.stream_apps.state_topics import ensure_state_topics
 
     ensure_state_topics(cfg, [f"{cfg.dose.app_id}-{table}-changelog" for table in TABLES])
+    deepen_faust_producer_buffer()
     app = create_app(cfg, app_id=cfg.dose.app_id, web_port=cfg.dose.web_port)
     register_dose(app, rules)
     worker = faust.Worker(app, loglevel=cfg.log.level.upper(), quiet=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Config", "ConfigError", "load_config", "ENV_CONFIG_FILE"]
+__all__ = ["Config", "ConfigError", "ConflictPolicy", "load_config", "parse_per_modality", "ENV_CONFIG_FILE"]
 
 ENV_CONFIG_FILE = "DIANA_CONFIG"
 _ENV_PREFIX = "DIANA_"
@@ -24,6 +24,16 @@ _ENV_PREFIX = "DIANA_"
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message says which setting and how to fix it."""
+
+
+class ConflictPolicy:
+    """``[sinks] archive_conflict_policy``: what the archive does when a SOP Instance UID arrives again
+    with different bytes (reported on dicom.archive-conflicts whatever the policy)."""
+
+    KEEP_FIRST = "KEEP_FIRST"  # the archive keeps the first bytes; the newcomer is only reported
+    REPLACE = "REPLACE"  # the newcomer replaces the archived bytes
+    KEEP_BOTH = "KEEP_BOTH"  # the first stays as <SOP>.dcm, the newcomer beside it as <SOP>.<sha12>.dcm
+    ALL = (KEEP_FIRST, REPLACE, KEEP_BOTH)
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,7 @@ class SinksConfig:
     archive_metrics_port: int = 9465
     opensearch_metrics_port: int = 9466
     # Same SOP Instance UID, different bytes: KEEP_FIRST, REPLACE or KEEP_BOTH (reported either way).
-    archive_conflict_policy: str = "KEEP_FIRST"
+    archive_conflict_policy: str = ConflictPolicy.KEEP_FIRST
     # A bulk request holds at most this many documents and about this many bytes.
     bulk_max_bytes: int = 5_000_000
 
@@ -236,7 +246,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
 
 # Settings with a fixed set of values, checked at start-up.
 _CHOICES = {
-    ("sinks", "archive_conflict_policy"): ("KEEP_FIRST", "REPLACE", "KEEP_BOTH"),
+    ("sinks", "archive_conflict_policy"): ConflictPolicy.ALL,
     ("log", "format"): ("console", "json"),
     ("stream", "processing_guarantee"): ("exactly_once", "at_least_once"),
     ("log", "level"): ("debug", "info", "warning", "error"),
@@ -248,12 +258,28 @@ def _check_choices(sections: dict[str, Any]) -> None:
         value = getattr(sections[section], key)
         if value not in allowed:
             raise ConfigError(f"[{section}] {key} = {value!r}: use one of {', '.join(allowed)}")
-    from diana.stream_apps.completeness import QuietTimes
-
     try:
-        QuietTimes.parse(sections["stream"].quiet_seconds)
+        parse_per_modality(sections["stream"].quiet_seconds)
     except ValueError as exc:
         raise ConfigError(f"[stream] quiet_seconds: {exc}") from None
+
+
+def parse_per_modality(spec: str) -> tuple[dict[str, float], float]:
+    """``"CT=30,MR=60,*=20"`` → ({"CT": 30.0, "MR": 60.0}, 20.0): positive seconds per modality and a default."""
+    values: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        modality, sep, seconds = part.partition("=")
+        try:
+            number = float(seconds)
+        except ValueError:
+            number = -1.0
+        if not sep or not modality.strip() or number <= 0:
+            raise ValueError(f"quiet time {part!r}: write MODALITY=SECONDS, e.g. CT=30 (and *=30 for the rest)")
+        values[modality.strip().upper()] = number
+    if "*" not in values:
+        raise ValueError("quiet times need a default for other modalities, e.g. *=30")
+    default = values.pop("*")
+    return values, default
 
 
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:

@@ -20,8 +20,9 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from opensearchpy import OpenSearch
 
+from diana.schemas.layout import IndexLayout
 from diana.sinks.consumer import DeadLetters, write_until_done
-from diana.sinks.opensearch import IndexLayout, OpenSearchSink, install_template
+from diana.sinks.opensearch import OpenSearchSink, install_template
 
 __all__ = ["Reindexer", "current_version"]
 

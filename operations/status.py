@@ -69,8 +69,8 @@ def collect_status(cfg: Config) -> PipelineStatus:
     from opensearchpy import OpenSearch
     from opensearchpy.exceptions import OpenSearchException
 
+    from diana.schemas.layout import IndexLayout
     from diana.schemas.topics import ALL_TOPICS
-    from diana.sinks.opensearch import IndexLayout
 
     status = PipelineStatus()
     status.topics = watermarks(cfg, [t.name for t in ALL_TOPICS])

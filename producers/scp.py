@@ -15,8 +15,7 @@ import threading
 from pathlib import Path
 
 import structlog
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
-from pynetdicom import dimse_messages as _dimse_messages
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from diana.config import Config, ReceiverConfig
@@ -25,80 +24,12 @@ from diana.producers.header import HeaderError, InvalidIdentifiers
 from diana.producers.ingest import Ingest
 from diana.producers.landing import LandingStore
 from diana.producers.publisher import EventPublisher, PublishError
+from diana.producers.spill import SpillFile, install_spill_to_file
 from diana.schemas.codec import default_codec
 
 __all__ = ["Receiver", "handle_store", "STATUS"]
 
 log = structlog.get_logger("diana.receiver")
-
-# Write each incoming data set to a temporary file as its fragments arrive.
-_config.STORE_RECV_CHUNKED_DATASET = True
-
-
-class _SpillFile:
-    """pynetdicom's temporary file for a data set being received, made safe on a full disk.
-
-    pynetdicom writes fragments straight from its state machine: an OSError there (ENOSPC) killed
-    the association's reactor thread, the sender waited for a timeout, the half-written file stayed
-    and the thread leaked. Here a failed write removes the file and swallows the rest of the
-    transfer; the C-STORE then answers 0xA700 (out of resources), and the sender retries later.
-    """
-
-    failed: set[str] = set()
-    _lock = threading.Lock()
-
-    def __init__(self, **kwargs):
-        self._file = tempfile.NamedTemporaryFile(**kwargs)
-        self.name = self._file.name
-        self.is_failed = False
-
-    @property
-    def file(self) -> _SpillFile:  # pynetdicom calls .file.flush()
-        return self
-
-    def _fail(self, exc: OSError) -> None:
-        self.is_failed = True
-        with self._lock:
-            self.failed.add(self.name)
-        try:
-            self._file.close()
-        except OSError:
-            pass
-        Path(self.name).unlink(missing_ok=True)
-        log.error("store.spill_failed", detail=exc.strerror)
-
-    def write(self, data: bytes) -> int:
-        if not self.is_failed:
-            try:
-                return self._file.write(data)
-            except OSError as exc:
-                self._fail(exc)
-        return len(data)
-
-    def flush(self) -> None:
-        if not self.is_failed:
-            try:
-                self._file.flush()
-            except OSError as exc:
-                self._fail(exc)
-
-    def close(self) -> None:
-        if not self.is_failed:
-            try:
-                self._file.close()
-            except OSError as exc:
-                self._fail(exc)
-
-    @classmethod
-    def take_failure(cls, path: object) -> bool:
-        with cls._lock:
-            if str(path) in cls.failed:
-                cls.failed.discard(str(path))
-                return True
-        return False
-
-
-_dimse_messages.NamedTemporaryFile = _SpillFile
 
 
 class STATUS:
@@ -125,7 +56,7 @@ def handle_store(event: evt.Event, ingest: Ingest) -> int:
     assoc = event.assoc
     calling_ae = assoc.requestor.ae_title
     context = {"assoc": assoc.native_id, "calling_ae": calling_ae}
-    if _SpillFile.take_failure(event.dataset_path):
+    if SpillFile.take_failure(event.dataset_path):
         metrics.REJECTED.labels("storage").inc()
         log.error("store.rejected", reason="landing store write failed while receiving", **context)
         return STATUS.OUT_OF_RESOURCES
@@ -261,6 +192,8 @@ class Receiver:
     SWEEP_AFTER_S = 3600.0
 
     def __init__(self, config: Config):
+        # Process-wide changes to pynetdicom, made here at service start and nowhere on import.
+        install_spill_to_file()
         self.cfg = config.receiver
         self.landing = LandingStore(config.path(config.storage.landing_dir))
         # pynetdicom writes chunked data sets with NamedTemporaryFile: keep them on the landing

@@ -14,6 +14,8 @@ import io
 import json
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,9 @@ __all__ = ["Codec", "DecodeError", "EncodeError", "default_codec"]
 
 MAGIC = b"\xc3\x01"
 _HEADER_LEN = len(MAGIC) + 8
-_SCHEMA_DIR = Path(__file__).resolve().parent
+# The .avsc files are package data beside this module (read through importlib.resources, so an
+# installed wheel finds them as a checkout does).
+_SCHEMA_DIR = resources.files("diana.schemas")
 
 
 class DecodeError(ValueError):
@@ -45,17 +49,17 @@ class _Entry:
 
 
 class Codec:
-    def __init__(self, schema_dir: Path = _SCHEMA_DIR):
+    def __init__(self, schema_dir: Path | Traversable = _SCHEMA_DIR):
         self._by_name: dict[str, _Entry] = {}
         self._by_fingerprint: dict[bytes, _Entry] = {}
         self._readers: dict[tuple[bytes, str], avro.io.DatumReader] = {}
-        for path in sorted(schema_dir.glob("*.avsc")):
+        for path in sorted((p for p in schema_dir.iterdir() if p.name.endswith(".avsc")), key=lambda p: p.name):
             schema = avro.schema.parse(path.read_text())
             fp = schema.fingerprint("CRC-64-AVRO")
             entry = _Entry(schema.fullname, schema, fp, avro.io.DatumWriter(schema))
             self._by_fingerprint[fp] = entry
             # A versioned file (name.v1.avsc) is a former writer schema; the plain file is current.
-            if ".v" not in path.stem:
+            if ".v" not in path.name.removesuffix(".avsc"):
                 self._by_name[schema.fullname] = entry
                 self._by_name[schema.name] = entry
 

@@ -15,13 +15,14 @@ import structlog
 from confluent_kafka import Message
 from prometheus_client import Counter
 
+from diana.config import ConflictPolicy
 from diana.durable import contained_path, place_file, sha256_file
 from diana.schemas.codec import Codec, DecodeError, default_codec
+from diana.schemas.layout import archive_path
 from diana.schemas.topics import INSTANCES
-from diana.schemas.uid import is_valid_uid
 from diana.sinks.consumer import DeadLetters, Reporter, RetryableError
 
-__all__ = ["ArchiveSink", "ConflictPolicy", "archive_relative_path"]
+__all__ = ["ArchiveSink", "archive_relative_path"]
 
 log = structlog.get_logger("diana.sink.archive")
 
@@ -31,19 +32,8 @@ CONFLICTS = Counter("diana_archive_conflicts_total", "Same SOP Instance UID arri
 
 
 def archive_relative_path(event: dict) -> str:
-    uids = (event["study_instance_uid"], event["series_instance_uid"], event["sop_instance_uid"])
-    if not all(is_valid_uid(u) for u in uids):
-        raise ValueError("event carries an invalid UID")
-    return "{}/{}/{}.dcm".format(*uids)
-
-
-class ConflictPolicy:
-    """What to do when a SOP Instance UID arrives again with different bytes."""
-
-    KEEP_FIRST = "KEEP_FIRST"  # the archive keeps the first bytes; the newcomer is only reported
-    REPLACE = "REPLACE"  # the newcomer replaces the archived bytes
-    KEEP_BOTH = "KEEP_BOTH"  # the first stays as <SOP>.dcm, the newcomer beside it as <SOP>.<sha12>.dcm
-    ALL = (KEEP_FIRST, REPLACE, KEEP_BOTH)
+    """The archive path of the instance an event describes."""
+    return archive_path(event["study_instance_uid"], event["series_instance_uid"], event["sop_instance_uid"])
 
 
 class ArchiveSink:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from pathlib import Path
+from importlib import resources
 from typing import Any
 
 import structlog
@@ -21,6 +21,7 @@ from opensearchpy.exceptions import TransportError
 from prometheus_client import Counter
 
 from diana.schemas.codec import Codec, DecodeError, default_codec
+from diana.schemas.layout import IndexLayout
 from diana.schemas.topics import DEADLETTER, DOSE_ALERTS, DOSE_EVENTS, DOSE_STUDIES, INSTANCES, SERIES, STUDIES
 from diana.sinks.consumer import DeadLetters, RetryableError
 
@@ -30,40 +31,8 @@ log = structlog.get_logger("diana.sink.opensearch")
 
 INDEXED = Counter("diana_opensearch_indexed_total", "Documents written to OpenSearch", ["index"])
 
-_TEMPLATES = Path(__file__).resolve().parent / "templates"
-INDEX_VERSION = 1
-
-
-class IndexLayout:
-    """Alias and versioned index names for one prefix."""
-
-    kinds = {
-        INSTANCES.name: "instances",
-        SERIES.name: "series",
-        STUDIES.name: "studies",
-        DOSE_EVENTS.name: "dose-events",
-        DOSE_STUDIES.name: "dose-studies",
-        DOSE_ALERTS.name: "dose-alerts",
-        DEADLETTER.name: "deadletters",
-    }
-    id_fields = {
-        "instances": "sop_instance_uid",
-        "series": "series_instance_uid",
-        "studies": "study_instance_uid",
-        "dose-events": "event_id",
-        "dose-studies": "study_instance_uid",
-        "dose-alerts": "alert_id",
-        "deadletters": "deadletter_offset",
-    }
-
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-
-    def alias(self, kind: str) -> str:
-        return f"{self.prefix}-{kind}"
-
-    def index(self, kind: str, version: int = INDEX_VERSION) -> str:
-        return f"{self.prefix}-{kind}-v{version}"
+# Package data (importlib.resources): found the same in a checkout and in an installed wheel.
+_TEMPLATES = resources.files("diana.sinks") / "templates"
 
 
 def install_template(client: OpenSearch, layout: IndexLayout, kind: str) -> None:

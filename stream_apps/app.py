@@ -7,12 +7,17 @@ from faust.transport.producer import ProducerBuffer
 
 from diana.config import Config
 
-# Faust blocks an agent in ProducerBuffer.wait_until_ebb once 100 table writes are pending; seen
-# here right after a restart with a backlog, that wait never returned until the next rebalance.
-# Each instance makes about five table writes, so allow a deep buffer instead.
-ProducerBuffer.max_messages = 100_000
+__all__ = ["create_app", "deepen_faust_producer_buffer"]
 
-__all__ = ["create_app"]
+
+def deepen_faust_producer_buffer() -> None:
+    """Called once when the dose worker starts: a process-wide change to Faust, never made on import.
+
+    Faust blocks an agent in ProducerBuffer.wait_until_ebb once 100 table writes are pending; seen
+    here right after a restart with a backlog, that wait never returned until the next rebalance.
+    Each instance makes about five table writes, so allow a deep buffer instead.
+    """
+    ProducerBuffer.max_messages = 100_000
 
 
 def create_app(config: Config, app_id: str | None = None, web_port: int | None = None) -> faust.App:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from diana.config import parse_per_modality
+
 __all__ = ["QuietTimes", "verdict", "expected_instances"]
 
 COMPLETE, GAPS, UNKNOWN = "COMPLETE", "GAPS", "UNKNOWN"
@@ -25,20 +27,9 @@ class QuietTimes:
 
     @classmethod
     def parse(cls, spec: str) -> QuietTimes:
-        values: dict[str, float] = {}
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            modality, sep, seconds = part.partition("=")
-            try:
-                number = float(seconds)
-            except ValueError:
-                number = -1.0
-            if not sep or not modality.strip() or number <= 0:
-                raise ValueError(f"quiet time {part!r}: write MODALITY=SECONDS, e.g. CT=30 (and *=30 for the rest)")
-            values[modality.strip().upper()] = number
-        if "*" not in values:
-            raise ValueError("quiet times need a default for other modalities, e.g. *=30")
-        default = values.pop("*")
-        return cls(values, default)
+        """The ``[stream] quiet_seconds`` syntax, read where the configuration checks it."""
+        by_modality, default = parse_per_modality(spec)
+        return cls(by_modality, default)
 
     def for_modality(self, modality: str | None) -> float:
         return self.by_modality.get((modality or "").upper(), self.default)

@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import structlog
@@ -27,8 +28,6 @@ import structlog
 from diana.config import Config
 
 log = structlog.get_logger("diana.stack")
-
-_HERE = Path(__file__).resolve().parent
 
 
 class StackError(RuntimeError):
@@ -93,16 +92,20 @@ class LocalStack:
             log.info("stack.install", component="kafka", version=self.cfg.kafka_version)
             tmp = self.kafka_libs.with_name("libs.partial")
             shutil.rmtree(tmp, ignore_errors=True)
+            # The pom is package data; Maven runs on a copy in the cache, never inside the package.
+            self.cache.mkdir(parents=True, exist_ok=True)
+            pom = self.cache / "kafka-pom.xml"
+            pom.write_bytes((resources.files("diana.compose.local") / "kafka-pom.xml").read_bytes())
             _mvn(
                 [
                     "-f",
-                    str(_HERE / "kafka-pom.xml"),
+                    str(pom),
                     f"-Dkafka.version={self.cfg.kafka_version}",
                     "dependency:copy-dependencies",
                     "-DincludeScope=runtime",
                     f"-DoutputDirectory={tmp}",
                 ],
-                cwd=_HERE,
+                cwd=self.cache,
             )
             shutil.rmtree(self.kafka_libs, ignore_errors=True)
             tmp.rename(self.kafka_libs)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from diana.config import ConflictPolicy
 from diana.producers.landing import LandingStore
-from diana.sinks.archive import ArchiveSink, ConflictPolicy
+from diana.sinks.archive import ArchiveSink
 
 
 def _event(stored, sop="1.2.3.4.5") -> dict:

@@ -1,0 +1,90 @@
+"""Data sets received straight to a file as their fragments arrive, safe on a full disk.
+
+pynetdicom can write a C-STORE data set to a temporary file fragment by fragment instead of holding
+it in memory (``STORE_RECV_CHUNKED_DATASET``); ``install_spill_to_file`` turns that on and puts
+``SpillFile`` in place of the temporary file class it uses. Both are process-wide changes to
+pynetdicom, so the receiver makes them when it starts, never as a side effect of an import.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from pathlib import Path
+
+import structlog
+from pynetdicom import _config
+from pynetdicom import dimse_messages as _dimse_messages
+
+__all__ = ["SpillFile", "install_spill_to_file"]
+
+log = structlog.get_logger("diana.receiver")
+
+
+class SpillFile:
+    """pynetdicom's temporary file for a data set being received, made safe on a full disk.
+
+    pynetdicom writes fragments straight from its state machine: an OSError there (ENOSPC) killed
+    the association's reactor thread, the sender waited for a timeout, the half-written file stayed
+    and the thread leaked. Here a failed write removes the file and swallows the rest of the
+    transfer; the C-STORE then answers 0xA700 (out of resources), and the sender retries later.
+    """
+
+    failed: set[str] = set()
+    _lock = threading.Lock()
+
+    def __init__(self, **kwargs):
+        self._file = tempfile.NamedTemporaryFile(**kwargs)
+        self.name = self._file.name
+        self.is_failed = False
+
+    @property
+    def file(self) -> SpillFile:  # pynetdicom calls .file.flush()
+        return self
+
+    def _fail(self, exc: OSError) -> None:
+        self.is_failed = True
+        with self._lock:
+            self.failed.add(self.name)
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        Path(self.name).unlink(missing_ok=True)
+        log.error("store.spill_failed", detail=exc.strerror)
+
+    def write(self, data: bytes) -> int:
+        if not self.is_failed:
+            try:
+                return self._file.write(data)
+            except OSError as exc:
+                self._fail(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        if not self.is_failed:
+            try:
+                self._file.flush()
+            except OSError as exc:
+                self._fail(exc)
+
+    def close(self) -> None:
+        if not self.is_failed:
+            try:
+                self._file.close()
+            except OSError as exc:
+                self._fail(exc)
+
+    @classmethod
+    def take_failure(cls, path: object) -> bool:
+        with cls._lock:
+            if str(path) in cls.failed:
+                cls.failed.discard(str(path))
+                return True
+        return False
+
+
+def install_spill_to_file() -> None:
+    """Receive data sets to files (``SpillFile``) instead of memory, for every association of this process."""
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _dimse_messages.NamedTemporaryFile = SpillFile
