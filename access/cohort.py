@@ -15,6 +15,8 @@ from typing import Any, TextIO
 
 from opensearchpy import OpenSearch
 
+from diana.schemas.layout import IndexLayout
+
 __all__ = [
     "CohortError",
     "CohortFilter",
@@ -142,7 +144,9 @@ def _dose_studies(client: OpenSearch, prefix: str, dose_above: list[tuple[str, f
     query = {"bool": {"filter": [{"range": {metric: {"gt": value}}} for metric, value in dose_above]}}
     return [
         d["study_instance_uid"]
-        for d in _scan(client, f"{prefix}-dose-studies", query, "study_instance_uid", ["study_instance_uid"])
+        for d in _scan(
+            client, IndexLayout(prefix).alias("dose-studies"), query, "study_instance_uid", ["study_instance_uid"]
+        )
     ]
 
 
@@ -229,7 +233,7 @@ def find_studies(client: OpenSearch, prefix: str, f: CohortFilter, limit: int = 
                 }
             },
         }
-        result = client.search(index=f"{prefix}-instances", body=body)["aggregations"]["studies"]
+        result = client.search(index=IndexLayout(prefix).alias("instances"), body=body)["aggregations"]["studies"]
         for bucket in result["buckets"]:
             first = bucket["first"]["hits"]["hits"][0]["_source"]
             rows.append(
@@ -254,7 +258,7 @@ def study_instances(client: OpenSearch, prefix: str, study_uids: list[str]) -> l
     for start in range(0, len(study_uids), 500):
         out += _scan(
             client,
-            f"{prefix}-instances",
+            IndexLayout(prefix).alias("instances"),
             {"terms": {"study_instance_uid": study_uids[start : start + 500]}},
             "sop_instance_uid",
             ["study_instance_uid", "series_instance_uid", "sop_instance_uid", "sha256", "size_bytes", "patient_id"],

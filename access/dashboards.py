@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from diana.schemas.layout import IndexLayout
 
 __all__ = [
     "VISUALIZATIONS",
@@ -21,20 +22,17 @@ __all__ = [
     "render_ndjson",
     "aggregation_for",
     "install",
-    "NDJSON_PATH",
 ]
 
-NDJSON_PATH = Path(__file__).resolve().parents[1] / "compose" / "dashboards" / "diana-star.ndjson"
-
-# alias -> time field
+# index kind (schemas/layout.py) -> time field; the alias comes from the configured prefix
 INDEX_PATTERNS = {
-    "diana-instances": "received_at",
-    "diana-series": "last_received_at",
-    "diana-studies": "last_received_at",
-    "diana-dose-events": "received_at",
-    "diana-dose-studies": "received_at",
-    "diana-dose-alerts": "raised_at",
-    "diana-deadletters": "received_at",
+    "instances": "received_at",
+    "series": "last_received_at",
+    "studies": "last_received_at",
+    "dose-events": "received_at",
+    "dose-studies": "received_at",
+    "dose-alerts": "raised_at",
+    "deadletters": "received_at",
 }
 
 
@@ -42,7 +40,7 @@ INDEX_PATTERNS = {
 class Visualization:
     id: str
     title: str
-    index: str
+    index: str  # an index kind: instances, series, dose-events, ...
     chart: str  # histogram (bars), line, table, pie
     metric: tuple[str, str | None]  # (count|sum|avg|max|cardinality, field)
     buckets: tuple[tuple[str, str, Any], ...]  # (terms|date_histogram|histogram, field, size or interval)
@@ -55,7 +53,7 @@ VISUALIZATIONS = (
     V(
         "ops-instances-per-hour",
         "Instances per hour by modality",
-        "diana-instances",
+        "instances",
         "histogram",
         ("count", None),
         (("date_histogram", "received_at", "h"), ("terms", "modality", 10)),
@@ -63,7 +61,7 @@ VISUALIZATIONS = (
     V(
         "ops-instances-per-day-station",
         "Instances per day by station",
-        "diana-instances",
+        "instances",
         "histogram",
         ("count", None),
         (("date_histogram", "received_at", "d"), ("terms", "station_name", 20)),
@@ -71,7 +69,7 @@ VISUALIZATIONS = (
     V(
         "ops-calling-ae",
         "Instances by calling AE",
-        "diana-instances",
+        "instances",
         "table",
         ("count", None),
         (("terms", "calling_ae", 50),),
@@ -79,7 +77,7 @@ VISUALIZATIONS = (
     V(
         "ops-bytes-per-day",
         "Bytes received per day",
-        "diana-instances",
+        "instances",
         "line",
         ("sum", "size_bytes"),
         (("date_histogram", "received_at", "d"),),
@@ -87,7 +85,7 @@ VISUALIZATIONS = (
     V(
         "ops-studies-per-day",
         "Studies per day by modality",
-        "diana-studies",
+        "studies",
         "histogram",
         ("count", None),
         (("date_histogram", "first_received_at", "d"), ("terms", "modalities", 10)),
@@ -95,7 +93,7 @@ VISUALIZATIONS = (
     V(
         "ops-series-verdicts",
         "Series completeness verdicts",
-        "diana-series",
+        "series",
         "pie",
         ("count", None),
         (("terms", "verdict", 5),),
@@ -103,7 +101,7 @@ VISUALIZATIONS = (
     V(
         "ops-deadletters",
         "Dead letters per day by stage",
-        "diana-deadletters",
+        "deadletters",
         "histogram",
         ("count", None),
         (("date_histogram", "received_at", "d"), ("terms", "stage", 10)),
@@ -112,7 +110,7 @@ VISUALIZATIONS = (
     V(
         "cohort-modality",
         "Studies by modality",
-        "diana-instances",
+        "instances",
         "table",
         ("cardinality", "study_instance_uid"),
         (("terms", "modality", 30),),
@@ -120,7 +118,7 @@ VISUALIZATIONS = (
     V(
         "cohort-body-part",
         "Studies by body part",
-        "diana-instances",
+        "instances",
         "table",
         ("cardinality", "study_instance_uid"),
         (("terms", "body_part_examined", 50),),
@@ -128,7 +126,7 @@ VISUALIZATIONS = (
     V(
         "cohort-protocol",
         "Studies by protocol",
-        "diana-instances",
+        "instances",
         "table",
         ("cardinality", "study_instance_uid"),
         (("terms", "protocol_name.keyword", 100),),
@@ -136,7 +134,7 @@ VISUALIZATIONS = (
     V(
         "cohort-description",
         "Series by description",
-        "diana-instances",
+        "instances",
         "table",
         ("cardinality", "series_instance_uid"),
         (("terms", "series_description.keyword", 100),),
@@ -144,7 +142,7 @@ VISUALIZATIONS = (
     V(
         "cohort-age",
         "Patients by age (10-year bins)",
-        "diana-instances",
+        "instances",
         "histogram",
         ("cardinality", "patient_id"),
         (("histogram", "patient_age_years", 10),),
@@ -152,7 +150,7 @@ VISUALIZATIONS = (
     V(
         "cohort-sex",
         "Patients by sex",
-        "diana-instances",
+        "instances",
         "pie",
         ("cardinality", "patient_id"),
         (("terms", "patient_sex", 5),),
@@ -160,7 +158,7 @@ VISUALIZATIONS = (
     V(
         "cohort-equipment",
         "Studies by manufacturer and model",
-        "diana-instances",
+        "instances",
         "table",
         ("cardinality", "study_instance_uid"),
         (("terms", "manufacturer", 30), ("terms", "manufacturer_model_name", 30)),
@@ -168,7 +166,7 @@ VISUALIZATIONS = (
     V(
         "cohort-study-dates",
         "Studies by study month",
-        "diana-instances",
+        "instances",
         "histogram",
         ("cardinality", "study_instance_uid"),
         (("date_histogram", "study_date", "M"),),
@@ -177,7 +175,7 @@ VISUALIZATIONS = (
     V(
         "dose-ctdivol-protocol",
         "Mean CTDIvol (mGy) by protocol over time",
-        "diana-dose-events",
+        "dose-events",
         "line",
         ("avg", "ctdivol_mGy"),
         (("date_histogram", "received_at", "d"), ("terms", "protocol.keyword", 10)),
@@ -186,7 +184,7 @@ VISUALIZATIONS = (
     V(
         "dose-dlp-scanner",
         "Mean study DLP (mGy·cm) by scanner over time",
-        "diana-dose-studies",
+        "dose-studies",
         "line",
         ("avg", "total_dlp_mGycm"),
         (("date_histogram", "received_at", "d"), ("terms", "station_name", 10)),
@@ -195,7 +193,7 @@ VISUALIZATIONS = (
     V(
         "dose-dap-projection",
         "Total DAP (Gy·m²) by station, projection X-ray",
-        "diana-dose-studies",
+        "dose-studies",
         "table",
         ("sum", "total_dap_Gym2"),
         (("terms", "station_name", 30),),
@@ -204,7 +202,7 @@ VISUALIZATIONS = (
     V(
         "dose-reference-exceedances",
         "Reference-level exceedances by rule and metric",
-        "diana-dose-alerts",
+        "dose-alerts",
         "table",
         ("count", None),
         (("terms", "rule", 50), ("terms", "metric", 10)),
@@ -213,7 +211,7 @@ VISUALIZATIONS = (
     V(
         "dose-alerts-per-day",
         "Dose alerts per day by type",
-        "diana-dose-alerts",
+        "dose-alerts",
         "histogram",
         ("count", None),
         (("date_histogram", "raised_at", "d"), ("terms", "rule_type", 5)),
@@ -266,9 +264,12 @@ def _search_source(query: str, with_index: bool) -> str:
     return json.dumps(source)
 
 
-def saved_objects() -> list[dict]:
+def saved_objects(prefix: str = "diana") -> list[dict]:
+    """Index patterns, visualizations and dashboards for the indices of ``prefix``."""
+    layout = IndexLayout(prefix)
     objects: list[dict] = []
-    for alias, time_field in INDEX_PATTERNS.items():
+    for kind, time_field in INDEX_PATTERNS.items():
+        alias = layout.alias(kind)
         objects.append(
             {"type": "index-pattern", "id": alias, "attributes": {"title": alias, "timeFieldName": time_field}}
         )
@@ -286,7 +287,11 @@ def saved_objects() -> list[dict]:
                     "kibanaSavedObjectMeta": {"searchSourceJSON": _search_source(v.query, True)},
                 },
                 "references": [
-                    {"name": "kibanaSavedObjectMeta.searchSourceJSON.index", "type": "index-pattern", "id": v.index}
+                    {
+                        "name": "kibanaSavedObjectMeta.searchSourceJSON.index",
+                        "type": "index-pattern",
+                        "id": layout.alias(v.index),
+                    }
                 ],
             }
         )
@@ -322,8 +327,9 @@ def saved_objects() -> list[dict]:
     return objects
 
 
-def render_ndjson() -> str:
-    return "".join(json.dumps(o, sort_keys=True) + "\n" for o in saved_objects())
+def render_ndjson(prefix: str = "diana") -> str:
+    """The saved-objects file for the indices of ``prefix`` (compose/dashboards/ holds the default's)."""
+    return "".join(json.dumps(o, sort_keys=True) + "\n" for o in saved_objects(prefix))
 
 
 def aggregation_for(vis_state: dict) -> dict:

@@ -21,7 +21,7 @@ import pydicom
 
 from diana.access.deid import Deidentifier, PseudonymKey
 from diana.durable import contained_path, fsync_dir, write_atomic
-from diana.schemas.uid import is_valid_uid
+from diana.schemas.layout import archive_path
 
 __all__ = ["ExportError", "ExportSummary", "export_instances"]
 
@@ -53,12 +53,6 @@ class ExportSummary:
         return out
 
 
-def _relative(ds_or_uids: tuple[str, str, str]) -> str:
-    if not all(is_valid_uid(u) for u in ds_or_uids):
-        raise ValueError("an object with an invalid UID cannot be named")
-    return "{}/{}/{}.dcm".format(*ds_or_uids)
-
-
 def export_instances(
     instances: list[dict],
     archive_dir: Path,
@@ -78,7 +72,7 @@ def export_instances(
     try:
         for inst in instances:
             uids = (inst["study_instance_uid"], inst["series_instance_uid"], inst["sop_instance_uid"])
-            source = contained_path(archive_dir, _relative(uids))
+            source = contained_path(archive_dir, archive_path(*uids))
             try:
                 data = source.read_bytes()
             except FileNotFoundError:
@@ -89,7 +83,7 @@ def export_instances(
                 summary.hash_mismatch.append(inst["sop_instance_uid"])
                 progress(1)
                 continue
-            name = _relative(uids)
+            name = archive_path(*uids)
             if deidentifier is not None:
                 ds = pydicom.dcmread(io.BytesIO(data))
                 original = (str(ds.get("PatientID", "")), str(ds.get("PatientName", "")))
@@ -98,7 +92,7 @@ def export_instances(
                 buf = io.BytesIO()
                 ds.save_as(buf, enforce_file_format=True)
                 data = buf.getvalue()
-                name = _relative((ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID))
+                name = archive_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
             if zf is not None:
                 zf.writestr(name, data)
             else:

@@ -12,6 +12,8 @@ from typing import Any
 
 from opensearchpy import OpenSearch
 
+from diana.schemas.layout import IndexLayout
+
 __all__ = ["build_report"]
 
 _COLOURS = (
@@ -115,7 +117,7 @@ def build_report(client: OpenSearch, prefix: str, start: date, end: date) -> str
     per_day = {"calendar_interval": "day", "format": "yyyy-MM-dd", "min_doc_count": 1}
     ingest = _search(
         client,
-        f"{prefix}-instances",
+        IndexLayout(prefix).alias("instances"),
         received,
         {
             "days": {
@@ -135,7 +137,7 @@ def build_report(client: OpenSearch, prefix: str, start: date, end: date) -> str
     )
     ctdi = _search(
         client,
-        f"{prefix}-dose-events",
+        IndexLayout(prefix).alias("dose-events"),
         {"bool": {"filter": [received, {"term": {"kind": "CT"}}]}},
         {
             "protocols": {
@@ -146,7 +148,7 @@ def build_report(client: OpenSearch, prefix: str, start: date, end: date) -> str
     )
     dlp = _search(
         client,
-        f"{prefix}-dose-studies",
+        IndexLayout(prefix).alias("dose-studies"),
         {"bool": {"filter": [received]}},
         {
             "stations": {
@@ -163,9 +165,9 @@ def build_report(client: OpenSearch, prefix: str, start: date, end: date) -> str
         },
     )
     alerts = {}
-    if client.indices.exists_alias(name=f"{prefix}-dose-alerts"):
+    if client.indices.exists_alias(name=IndexLayout(prefix).alias("dose-alerts")):
         alerts = client.search(
-            index=f"{prefix}-dose-alerts",
+            index=IndexLayout(prefix).alias("dose-alerts"),
             body={"size": 50, "query": _range("raised_at", start, end), "sort": [{"raised_at": "desc"}]},
         )
     modality_rows = [

@@ -20,6 +20,8 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from opensearchpy import OpenSearch
 
+from diana.clients import kafka_consumer
+from diana.config import KafkaConfig
 from diana.schemas.layout import IndexLayout
 from diana.sinks.consumer import DeadLetters, write_until_done
 from diana.sinks.opensearch import OpenSearchSink, install_template
@@ -43,12 +45,12 @@ class Reindexer:
         self,
         client: OpenSearch,
         layout: IndexLayout,
-        bootstrap: str,
+        kafka: KafkaConfig,
         dead: DeadLetters,
         max_bytes: int = 5_000_000,
         batch: int = 2000,
     ):
-        self.client, self.layout, self.bootstrap, self.dead = client, layout, bootstrap, dead
+        self.client, self.layout, self.kafka, self.dead = client, layout, kafka, dead
         self.max_bytes, self.batch = max_bytes, batch
 
     def next_version(self, kinds: list[str]) -> int:
@@ -106,14 +108,8 @@ class Reindexer:
         version = self.next_version(kinds)
         self._create(kinds, version)
         sink = OpenSearchSink(self.client, self.layout, max_bytes=self.max_bytes, index_version=version)
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "group.id": f"diana-reindex-{uuid.uuid4()}",
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "log_level": 3,
-            }
+        consumer = kafka_consumer(
+            self.kafka, f"diana-reindex-{uuid.uuid4()}", {"enable.auto.commit": False, "enable.partition.eof": True}
         )
         try:
             ends, starts = {}, {}

@@ -7,16 +7,17 @@ time, or an offset; --dry-run shows what would move.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from confluent_kafka import Consumer, ConsumerGroupState, ConsumerGroupTopicPartitions, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import ConsumerGroupState, ConsumerGroupTopicPartitions, TopicPartition
 
+from diana.clients import kafka_admin, kafka_consumer
 from diana.config import Config
 from diana.operations.status import watermarks
 
-__all__ = ["ReplayError", "Move", "plan_replay", "apply_replay"]
+__all__ = ["ReplayError", "Move", "plan_replay", "apply_replay", "render_moves", "watch_lag"]
 
 
 class ReplayError(RuntimeError):
@@ -44,7 +45,7 @@ def plan_replay(
     when: datetime | None = None,
     offset: int | None = None,
 ) -> list[Move]:
-    admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
+    admin = kafka_admin(cfg.kafka)
     described = admin.describe_consumer_groups([group])[group].result()
     if described.state not in (ConsumerGroupState.EMPTY, ConsumerGroupState.DEAD, ConsumerGroupState.UNKNOWN):
         members = ", ".join(m.client_id for m in described.members) or "?"
@@ -78,9 +79,7 @@ def plan_replay(
     }
     targets: dict[tuple[str, int], int] = {}
     if to == "datetime":
-        consumer = Consumer(
-            {"bootstrap.servers": cfg.kafka.bootstrap, "group.id": "diana-replay-probe", "log_level": 3}
-        )
+        consumer = kafka_consumer(cfg.kafka, "diana-replay-probe")
         try:
             ms = int(when.timestamp() * 1000)
             found = consumer.offsets_for_times([TopicPartition(t, p, ms) for t in marks for p in marks[t]], timeout=10)
@@ -104,9 +103,38 @@ def plan_replay(
 
 
 def apply_replay(cfg: Config, group: str, moves: list[Move]) -> None:
-    admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
+    admin = kafka_admin(cfg.kafka)
     request = ConsumerGroupTopicPartitions(group, [TopicPartition(m.topic, m.partition, m.target) for m in moves])
     result = admin.alter_consumer_group_offsets([request])[group].result()
     failed = [tp for tp in result.topic_partitions if tp.error is not None]
     if failed:
         raise ReplayError(f"Kafka refused to move {len(failed)} partitions: {failed[0].error}")
+
+
+def render_moves(moves: list[Move]) -> str:
+    """The plan as a table: topic, partition, current and new position, messages to process again."""
+    lines = [f"{'topic':<24}{'partition':>10}{'current':>12}{'new':>12}{'to reprocess':>14}"]
+    for m in moves:
+        current = "-" if m.current is None else str(m.current)
+        lines.append(f"{m.topic:<24}{m.partition:>10}{current:>12}{m.target:>12}{m.to_reprocess:>14}")
+    return "\n".join(lines)
+
+
+def watch_lag(cfg: Config, group: str, topics: list[str]) -> None:
+    """A progress bar of the group's remaining lag, with events/s, until it reaches zero."""
+    from tqdm import tqdm
+
+    from diana.operations.status import group_lag
+
+    def lag() -> int:
+        return sum(group_lag(cfg, group, watermarks(cfg, sorted(set(topics)))).values())
+
+    start = lag()
+    with tqdm(total=start, unit="event", desc=f"{group} catching up") as bar:
+        remaining = start
+        while remaining > 0:
+            time.sleep(1)
+            now = lag()
+            bar.total = max(bar.total, bar.n + now)
+            bar.update(max(remaining - now, 0))
+            remaining = now

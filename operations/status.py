@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 
+from diana.clients import kafka_admin, kafka_consumer, opensearch_client
 from diana.config import Config
 
 __all__ = ["PipelineStatus", "collect_status", "render_status", "group_lag"]
@@ -29,8 +29,8 @@ class PipelineStatus:
 
 
 def watermarks(cfg: Config, topics: list[str]) -> dict[str, dict[int, tuple[int, int]]]:
-    admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
-    consumer = Consumer({"bootstrap.servers": cfg.kafka.bootstrap, "group.id": "diana-status", "log_level": 3})
+    admin = kafka_admin(cfg.kafka)
+    consumer = kafka_consumer(cfg.kafka, "diana-status")
     try:
         meta = admin.list_topics(timeout=10).topics
         return {
@@ -44,7 +44,7 @@ def watermarks(cfg: Config, topics: list[str]) -> dict[str, dict[int, tuple[int,
 
 def group_lag(cfg: Config, group: str, marks: dict[str, dict[int, tuple[int, int]]]) -> dict[str, int]:
     """Messages not yet committed by ``group``, per topic it has committed anything for."""
-    admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
+    admin = kafka_admin(cfg.kafka)
     partitions = [TopicPartition(t, p) for t, parts in marks.items() for p in parts]
     result = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, partitions)])
     committed = result[group].result().topic_partitions
@@ -66,7 +66,6 @@ def _count(root: Path) -> int:
 
 
 def collect_status(cfg: Config) -> PipelineStatus:
-    from opensearchpy import OpenSearch
     from opensearchpy.exceptions import OpenSearchException
 
     from diana.schemas.layout import IndexLayout
@@ -74,7 +73,7 @@ def collect_status(cfg: Config) -> PipelineStatus:
 
     status = PipelineStatus()
     status.topics = watermarks(cfg, [t.name for t in ALL_TOPICS])
-    admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
+    admin = kafka_admin(cfg.kafka)
     groups = sorted(g.group_id for g in admin.list_consumer_groups(request_timeout=10).result().valid)
     for group in groups:
         if group.startswith(("diana-status", "lag-probe-", "reader-")):
@@ -82,7 +81,7 @@ def collect_status(cfg: Config) -> PipelineStatus:
         lag = group_lag(cfg, group, status.topics)
         if lag:
             status.groups[group] = lag
-    client = OpenSearch(hosts=[cfg.opensearch.url], timeout=10)
+    client = opensearch_client(cfg.opensearch, timeout=10)
     layout = IndexLayout(cfg.opensearch.index_prefix)
     for kind in layout.id_fields:
         alias = layout.alias(kind)

@@ -7,6 +7,10 @@ explained in docs/ARCHITECTURE.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from confluent_kafka.admin import AdminClient
 
 __all__ = [
     "Topic",
@@ -96,12 +100,11 @@ ALL_TOPICS = (
 )
 
 
-def ensure_topics(bootstrap: str, partitions: int, timeout: float = 30.0) -> list[str]:
-    """Create the missing topics (replication 1 on the local stack); return the names created."""
+def ensure_topics(admin: AdminClient, partitions: int, timeout: float = 30.0) -> list[str]:
+    """Create the missing topics with ``admin`` (the broker's default replication); return the names created."""
     from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [
         NewTopic(t.name, num_partitions=partitions, replication_factor=-1, config=dict(t.config))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import NewTopic
 
+from diana.clients import kafka_admin
 from diana.config import Config
 
 __all__ = ["ensure_state_topics"]
@@ -19,7 +20,7 @@ def ensure_state_topics(config: Config, names: list[str], timeout: float = 60.0)
     miss them, and the agent then crashed with PartitionsMismatch (seen when two workers started
     together). They are co-partitioned with dicom.instances.
     """
-    admin = AdminClient({"bootstrap.servers": config.kafka.bootstrap, "log_level": 3})
+    admin = kafka_admin(config.kafka)
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [
         NewTopic(n, num_partitions=config.kafka.partitions, replication_factor=-1, config={"cleanup.policy": "compact"})

@@ -79,6 +79,7 @@ def cfg(test_config_file: Path) -> Config:
 @pytest.fixture(scope="session")
 def stack(cfg: Config):
     """A fresh Kafka and OpenSearch for this test session, stopped at the end."""
+    from diana.clients import kafka_admin
     from diana.compose.local.stack import LocalStack
     from diana.schemas.topics import ensure_topics
 
@@ -93,7 +94,7 @@ def stack(cfg: Config):
     for sub in ("landing", "archive", "faust"):
         shutil.rmtree(TEST_HOME / sub, ignore_errors=True)
     local.start()
-    ensure_topics(cfg.kafka.bootstrap, cfg.kafka.partitions)
+    ensure_topics(kafka_admin(cfg.kafka), cfg.kafka.partitions)
     yield local
     local.stop()
 

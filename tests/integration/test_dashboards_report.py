@@ -22,12 +22,15 @@ from confluent_kafka import Producer
 from opensearchpy import OpenSearch
 from pydicom.uid import generate_uid
 
-from diana.access.dashboards import NDJSON_PATH, aggregation_for, install, render_ndjson
+from diana.access.dashboards import aggregation_for, install, render_ndjson
 from diana.schemas.topics import INSTANCES
 from tests.support import dosebuilder as b
 from tests.support.dicomgen import SeriesSpec, make_study
 from tests.support.helpers import os_search, storescu, wait_until_caught_up
 from tests.support.paths import REPO
+
+# The committed saved-objects file, for sites that import it by hand (compose/README.md).
+NDJSON_PATH = REPO / "compose" / "dashboards" / "diana-star.ndjson"
 
 AGGREGATABLE = {"keyword", "long", "integer", "short", "double", "float", "date", "boolean"}
 OBJECTS = [json.loads(line) for line in NDJSON_PATH.read_text().splitlines()]

@@ -1,0 +1,58 @@
+"""The one ``diana`` command. Each area's subcommands live in their own module (``pipeline``,
+``access``, ``operations``); a command parses, calls the module that does the work, and prints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from diana.cli import access, operations, pipeline
+from diana.cli.access import COHORT_FILTERS
+from diana.config import ConfigError, load_config
+from diana.logs import configure_logging
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="diana",
+        description="diana-star: DICOM ingress to a durable Kafka event stream, archive and OpenSearch index.",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML config file (default: $DIANA_CONFIG; settings also via DIANA_<SECTION>_<KEY>)",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    pipeline.register(sub)
+    access.register(sub)
+    operations.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        message = f"unrecognized arguments: {' '.join(unknown)}"
+        if args.command == "cohort":
+            message += f"; valid filters: {COHORT_FILTERS}"
+        parser.error(message)
+    try:
+        cfg = load_config(args.config)
+        configure_logging(cfg.log.level, cfg.log.format)
+    except (ConfigError, ValueError) as exc:
+        print(f"diana: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return args.func(cfg, args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from diana.compose.local.stack import StackError
+
+        if isinstance(exc, StackError):
+            print(f"diana: {exc}", file=sys.stderr)
+            return 1
+        raise

@@ -1,0 +1,264 @@
+"""The outward commands: cohort find and export, dashboards, report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from diana.cli._common import fail
+from diana.config import Config
+
+COHORT_FILTERS = (
+    "--modality, --date-from, --date-to, --body-part, --description, --station, --manufacturer, "
+    "--calling-ae, --age-min, --age-max, --sex, --dose-above"
+)
+
+
+def _cohort_filter(args: argparse.Namespace):
+    from diana.access.cohort import CohortFilter, parse_dose_above
+
+    return CohortFilter(
+        modality=args.modality or [],
+        body_part=args.body_part or [],
+        station=args.station or [],
+        manufacturer=args.manufacturer or [],
+        calling_ae=args.calling_ae or [],
+        sex=args.sex or [],
+        description=args.description,
+        date_from=args.date_from,
+        date_to=args.date_to,
+        age_min=args.age_min,
+        age_max=args.age_max,
+        dose_above=[parse_dose_above(d) for d in args.dose_above or []],
+    )
+
+
+def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
+    """Find the studies matching filters; print them, write CSV/JSON, or export their objects."""
+    from opensearchpy.exceptions import ConnectionError as OSConnectionError
+    from opensearchpy.exceptions import NotFoundError
+
+    from diana.access.cohort import CohortError, find_studies, write_rows
+    from diana.clients import opensearch_client
+
+    client = opensearch_client(cfg.opensearch, timeout=60)
+    prefix = cfg.opensearch.index_prefix
+    try:
+        rows = find_studies(client, prefix, _cohort_filter(args), limit=args.limit)
+    except CohortError as exc:
+        return fail("cohort", str(exc))
+    except OSConnectionError:
+        return fail(
+            "cohort",
+            f"OpenSearch does not answer at {cfg.opensearch.url}; start the stack "
+            f"(diana stack start) or set [opensearch] url",
+            code=1,
+        )
+    except NotFoundError as exc:
+        return fail("cohort", f"index missing ({getattr(exc, 'info', exc)}); nothing indexed yet?", code=1)
+    if args.action == "find":
+        if args.output:
+            with open(args.output, "w", newline="", encoding="utf-8") as fh:
+                write_rows(rows, fh, args.format or Path(args.output).suffix.lstrip(".") or "csv")
+            print(f"{len(rows)} studies written to {args.output}")
+        else:
+            write_rows(rows, sys.stdout, args.format or "table")
+        return 0
+    return _cohort_export(cfg, args, client, prefix, [r["study_instance_uid"] for r in rows])
+
+
+def _cohort_export(cfg: Config, args: argparse.Namespace, client, prefix: str, study_uids: list[str]) -> int:
+    from tqdm import tqdm
+
+    from diana.access.cohort import study_instances
+    from diana.access.deid import Deidentifier
+    from diana.access.export import ExportError, export_instances
+
+    deidentify = args.deidentify if args.deidentify is not None else args.research
+    deidentifier = None
+    if deidentify:
+        secret_file = args.secret_file or cfg.export.site_secret_file
+        if not secret_file:
+            return fail(
+                "cohort export",
+                "de-identification needs a site secret: create one with "
+                "'head -c 32 /dev/urandom > site.secret; chmod 600 site.secret' and pass --secret-file "
+                "site.secret (or set [export] site_secret_file)",
+            )
+        try:
+            deidentifier = Deidentifier(
+                cfg.path(Path(secret_file)).read_bytes(), retain_descriptions=args.retain_descriptions
+            )
+        except (OSError, ValueError) as exc:
+            return fail("cohort export", f"site secret {secret_file}: {exc}")
+    if args.key_file and not deidentify:
+        return fail("cohort export", "--key-file only makes sense with de-identification (--research)")
+    instances = study_instances(client, prefix, study_uids)
+    try:
+        with tqdm(total=len(instances), unit="obj", desc="export", disable=args.no_progress) as bar:
+            summary = export_instances(
+                instances,
+                cfg.path(cfg.storage.archive_dir),
+                Path(args.out),
+                deidentifier=deidentifier,
+                key_file=Path(args.key_file) if args.key_file else None,
+                progress=bar.update,
+            )
+    except ExportError as exc:
+        return fail("cohort export", str(exc))
+    print("\n".join(summary.lines()))
+    return 1 if summary.missing or summary.hash_mismatch else 0
+
+
+def cmd_dashboards(cfg: Config, args: argparse.Namespace) -> int:
+    """Import the Operations, Cohort discovery and Dose monitoring dashboards into OpenSearch Dashboards."""
+    from diana.access.dashboards import install, render_ndjson
+
+    ndjson = render_ndjson(cfg.opensearch.index_prefix)
+    if args.action == "export":
+        if args.output:
+            Path(args.output).write_text(ndjson, encoding="utf-8")
+        else:
+            sys.stdout.write(ndjson)
+        return 0
+    import requests
+
+    try:
+        result = install(args.url, ndjson)
+    except requests.RequestException as exc:
+        return fail(
+            "dashboards",
+            f"import into {args.url} failed: {exc}. Is OpenSearch Dashboards running there? "
+            f"The file can also be imported by hand: write it with 'diana dashboards export -o diana-star.ndjson'",
+            code=1,
+        )
+    print(
+        f"imported {result.get('successCount', 0)} saved objects into {args.url}"
+        + ("" if result.get("success", False) else f"; errors: {result.get('errors')}")
+    )
+    return 0 if result.get("success", False) else 1
+
+
+def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
+    """Write a self-contained HTML report of ingest and dose for a date range (no network needed to view it)."""
+    from datetime import date, timedelta
+
+    from opensearchpy.exceptions import ConnectionError as OSConnectionError
+
+    from diana.access.report import build_report
+    from diana.clients import opensearch_client
+    from diana.durable import write_atomic
+
+    try:
+        end = date.fromisoformat(args.to_date) if args.to_date else date.today()
+        start = date.fromisoformat(args.from_date) if args.from_date else end - timedelta(days=30)
+    except ValueError as exc:
+        return fail("report", f"{exc}; dates look like 2024-03-15")
+    if start > end:
+        return fail("report", f"--from {start} is after --to {end}")
+    try:
+        page = build_report(opensearch_client(cfg.opensearch, timeout=60), cfg.opensearch.index_prefix, start, end)
+    except OSConnectionError:
+        return fail("report", f"OpenSearch does not answer at {cfg.opensearch.url}", code=1)
+    write_atomic(Path(args.out), page.encode("utf-8"))
+    print(f"report {start} to {end} written to {args.out}")
+    return 0
+
+
+def _add_cohort_filters(ap: argparse.ArgumentParser) -> None:
+    f = ap.add_argument_group("filters")
+    f.add_argument("--modality", action="append", metavar="M", help="e.g. CT (repeatable)")
+    f.add_argument("--date-from", metavar="YYYY-MM-DD", help="study date on or after")
+    f.add_argument("--date-to", metavar="YYYY-MM-DD", help="study date on or before")
+    f.add_argument("--body-part", action="append", metavar="PART", help="Body Part Examined, e.g. CHEST")
+    f.add_argument("--description", metavar="WORDS", help="words in the study or series description or protocol")
+    f.add_argument("--station", action="append", metavar="NAME", help="Station Name")
+    f.add_argument("--manufacturer", action="append", metavar="NAME")
+    f.add_argument("--calling-ae", action="append", metavar="AE", help="the AE title that sent the objects")
+    f.add_argument("--age-min", type=float, metavar="YEARS", help="patient age at the study")
+    f.add_argument("--age-max", type=float, metavar="YEARS")
+    f.add_argument("--sex", action="append", metavar="M|F|O")
+    f.add_argument(
+        "--dose-above",
+        action="append",
+        metavar="METRIC=VALUE",
+        help="e.g. total_dlp_mGycm=500 (metrics: total_dlp_mGycm, max_ctdivol_mGy, total_dap_Gym2, "
+        "dose_rp_total_mGy, agd_left_mGy, agd_right_mGy, administered_activity_MBq, fluoro_time_s)",
+    )
+
+
+def _add_export_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--out", required=True, metavar="PATH", help="a new folder, or a file ending in .zip")
+    ap.add_argument("--research", action="store_true", help="research export: de-identified by default")
+    ap.add_argument(
+        "--deidentify",
+        dest="deidentify",
+        action="store_true",
+        default=None,
+        help="de-identify (PS3.15 Annex E basic profile, consistent pseudonyms)",
+    )
+    ap.add_argument(
+        "--no-deidentify", dest="deidentify", action="store_false", help="byte-identical copies, even with --research"
+    )
+    ap.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="site secret keying the pseudonyms (default: [export] site_secret_file)",
+    )
+    ap.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="also write pseudonym -> original identity here (CSV, mode 600); written nowhere unless asked",
+    )
+    ap.add_argument(
+        "--retain-descriptions",
+        action="store_true",
+        help="keep study/series descriptions and protocol names (Annex E retain option)",
+    )
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    cohort = sub.add_parser(
+        "cohort",
+        help="find studies by filters; export them (optionally de-identified)",
+        description=cmd_cohort.__doc__,
+    )
+    cohort_sub = cohort.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (
+        ("find", "print the matching studies, or write them as CSV/JSON"),
+        ("export", "copy the matching studies' objects from the archive into a folder or .zip, verifying hashes"),
+    ):
+        ap = cohort_sub.add_parser(
+            action,
+            help=text,
+            description=text + ". Filters combine with AND; a repeated filter matches any of its values.",
+        )
+        _add_cohort_filters(ap)
+        ap.add_argument("--limit", type=int, default=10_000, help="at most this many studies (default 10000)")
+        if action == "find":
+            ap.add_argument("--output", "-o", metavar="FILE", help="write to FILE (.csv or .json) instead of a table")
+            ap.add_argument("--format", choices=["table", "csv", "json"], help="default: table, or FILE's suffix")
+        else:
+            _add_export_options(ap)
+        ap.set_defaults(func=cmd_cohort)
+
+    dash = sub.add_parser(
+        "dashboards",
+        help="install the OpenSearch Dashboards saved objects",
+        description=f"{cmd_dashboards.__doc__} 'export' writes the saved-objects file instead "
+        "(compose/dashboards/diana-star.ndjson holds the same for the default index prefix).",
+    )
+    dash.add_argument("action", choices=["install", "export"])
+    dash.add_argument("--url", default="http://127.0.0.1:5601", help="Dashboards URL (default http://127.0.0.1:5601)")
+    dash.add_argument("--output", "-o", metavar="FILE", help="export: write here instead of standard output")
+    dash.set_defaults(func=cmd_dashboards)
+
+    rep = sub.add_parser(
+        "report", help="write a self-contained HTML report of ingest and dose", description=cmd_report.__doc__
+    )
+    rep.add_argument("--from", dest="from_date", metavar="YYYY-MM-DD", help="first day (default: 30 days before --to)")
+    rep.add_argument("--to", dest="to_date", metavar="YYYY-MM-DD", help="last day, by arrival (default: today)")
+    rep.add_argument("--out", required=True, metavar="FILE.html")
+    rep.set_defaults(func=cmd_report)

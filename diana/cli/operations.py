@@ -1,0 +1,197 @@
+"""Operating the pipeline: status, replay, reindex, the dose acceptance run, and the local stack."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from diana.cli._common import fail
+from diana.cli.pipeline import cmd_topics
+from diana.config import Config
+
+# `diana acceptance` is run from the checkout, beside which the shared acceptance data lives.
+DEFAULT_ACCEPTANCE_DIR = Path("..") / "shared" / "acceptance" / "dose"
+INDEX_KINDS = "instances,series,studies,dose-events,dose-studies,dose-alerts,deadletters"
+
+
+def cmd_status(cfg: Config, _args: argparse.Namespace) -> int:
+    """Topics and offsets, consumer lag, index document counts, archive and landing counts."""
+    from diana.operations.status import collect_status, render_status
+
+    status = collect_status(cfg)
+    print(render_status(status))
+    return 1 if status.errors else 0
+
+
+def cmd_replay(cfg: Config, args: argparse.Namespace) -> int:
+    """Move a stopped consumer group to the beginning, the end, a time or an offset."""
+    from datetime import UTC, datetime
+
+    from diana.operations.replay import ReplayError, apply_replay, plan_replay, render_moves, watch_lag
+
+    when = None
+    if args.to_datetime:
+        try:
+            when = datetime.fromisoformat(args.to_datetime)
+        except ValueError:
+            return fail(
+                "replay", f"--to-datetime {args.to_datetime!r} is not ISO 8601 (e.g. 2024-03-15T08:00:00+00:00)"
+            )
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    to = "beginning" if args.to_beginning else "end" if args.to_end else "datetime" if when else "offset"
+    try:
+        moves = plan_replay(cfg, args.group, args.topic, to=to, when=when, offset=args.to_offset)
+        print(render_moves(moves))
+        total = sum(m.to_reprocess for m in moves)
+        if args.dry_run:
+            print(f"dry run: {total} messages would be processed again by {args.group}; nothing moved")
+            return 0
+        apply_replay(cfg, args.group, moves)
+        print(f"moved {args.group}: {total} messages will be processed again when its consumers start")
+    except ReplayError as exc:
+        return fail("replay", str(exc), code=1)
+    if args.watch:
+        watch_lag(cfg, args.group, [m.topic for m in moves])
+    return 0
+
+
+def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
+    """Build new index versions from the topics while the live sink keeps writing; swap aliases."""
+    from tqdm import tqdm
+
+    from diana.clients import opensearch_client
+    from diana.operations.reindex import Reindexer
+    from diana.schemas.layout import IndexLayout
+    from diana.sinks.consumer import DeadLetters
+
+    kinds = args.kinds.split(",")
+    layout = IndexLayout(cfg.opensearch.index_prefix)
+    unknown = sorted(set(kinds) - set(layout.id_fields))
+    if unknown:
+        return fail("reindex", f"unknown kind(s) {', '.join(unknown)}; valid: {', '.join(layout.id_fields)}")
+    reindexer = Reindexer(
+        opensearch_client(cfg.opensearch, timeout=60),
+        layout,
+        cfg.kafka,
+        DeadLetters(cfg.kafka.bootstrap, "reindex"),
+        max_bytes=cfg.sinks.bulk_max_bytes,
+    )
+    with tqdm(unit="event", desc="reindex", disable=args.no_progress) as bar:
+
+        def set_total(total: int) -> None:
+            bar.total = total
+            bar.refresh()
+
+        result = reindexer.run(kinds, progress=bar.update, set_total=set_total, delete_old=args.delete_old)
+    for kind, (old, new) in result.items():
+        kept = "" if args.delete_old or not old else f" ({layout.index(kind, old)} kept; --delete-old removes it)"
+        print(f"{layout.alias(kind)} -> {layout.index(kind, new)}{kept}")
+    return 0
+
+
+def cmd_acceptance(_cfg: Config, args: argparse.Namespace) -> int:
+    """Run the real vendor dose reports of ../shared/acceptance/dose through the dose extraction."""
+    import logging
+    import warnings
+
+    from diana.operations.dose_acceptance import DISPUTED, run_acceptance
+
+    folder = Path(args.folder)
+    if not (folder / "expected.json").is_file():
+        return fail(
+            "acceptance",
+            f"no expected.json in {folder}; pass the folder of the dose acceptance files "
+            f"(e.g. diana acceptance ../shared/acceptance/dose)",
+        )
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # vendor files have odd values we do not read
+    warnings.simplefilter("ignore", UserWarning)
+    checked, mismatches = run_acceptance(folder)
+    disputed = [m for m in mismatches if (m.file, m.field) in DISPUTED]
+    failed = [m for m in mismatches if (m.file, m.field) not in DISPUTED]
+    for m in failed:
+        print(f"MISMATCH  {m}")
+    for m in disputed:
+        print(f"DISPUTED  {m}\n          why: {DISPUTED[(m.file, m.field)]}")
+    print(f"{checked} files checked: {len(failed)} mismatches, {len(disputed)} disputed (docs/DOSE.md)")
+    return 1 if failed else 0
+
+
+def cmd_stack(cfg: Config, args: argparse.Namespace) -> int:
+    """Install (download once), start (and create topics), stop, reset (delete all data) or show the
+    status of the local Kafka and OpenSearch."""
+    from diana.compose.local.stack import LocalStack
+
+    stack = LocalStack(cfg)
+    if args.action == "install":
+        stack.install()
+    elif args.action == "start":
+        stack.start()
+        cmd_topics(cfg, args)
+    elif args.action == "stop":
+        stack.stop()
+    elif args.action == "reset":
+        stack.reset()
+    else:
+        for name, state in stack.status().items():
+            print(f"{name:<11} {'running' if state['running'] else 'stopped':<8} {state['address']:<24} {state['log']}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    acc = sub.add_parser(
+        "acceptance",
+        help="check dose extraction against real vendor dose reports",
+        description=f"{cmd_acceptance.__doc__} Reports every mismatch with file, field, "
+        "expected and got; exit status 1 if any value mismatches.",
+    )
+    acc.add_argument(
+        "folder",
+        nargs="?",
+        default=str(DEFAULT_ACCEPTANCE_DIR),
+        help="folder with expected.json and the .dcm files (default: ../shared/acceptance/dose, from the "
+        "working directory)",
+    )
+    acc.set_defaults(func=cmd_acceptance)
+
+    stack = sub.add_parser(
+        "stack", help="control the no-Docker local stack (Kafka, OpenSearch)", description=cmd_stack.__doc__
+    )
+    stack.add_argument(
+        "action",
+        choices=["install", "start", "stop", "status", "reset"],
+        help="reset stops both servers and deletes their data",
+    )
+    stack.set_defaults(func=cmd_stack)
+
+    sub.add_parser(
+        "status", help="offsets, consumer lag, index counts, archive size", description=cmd_status.__doc__
+    ).set_defaults(func=cmd_status)
+
+    rp = sub.add_parser(
+        "replay",
+        help="move a stopped consumer group for reprocessing",
+        description=f"{cmd_replay.__doc__} Stop the group's consumers first; start them "
+        "again afterwards and they reprocess from the new position.",
+    )
+    rp.add_argument("group", help="consumer group, e.g. diana-sink-opensearch, diana-sink-archive, diana-aggregates")
+    where = rp.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to-beginning", action="store_true", help="reprocess everything still in the topics")
+    where.add_argument("--to-end", action="store_true", help="skip everything not yet processed")
+    where.add_argument("--to-datetime", metavar="ISO", help="the first message at or after this time")
+    where.add_argument("--to-offset", type=int, metavar="N", help="this offset in every partition")
+    rp.add_argument("--topic", action="append", help="limit to this topic (repeatable); default: the group's topics")
+    rp.add_argument("--dry-run", action="store_true", help="show what would move, move nothing")
+    rp.add_argument("--watch", action="store_true", help="then show the group's lag draining, with events/s")
+    rp.set_defaults(func=cmd_replay)
+
+    ri = sub.add_parser(
+        "reindex",
+        help="rebuild OpenSearch indices from the topics, swap aliases",
+        description=f"{cmd_reindex.__doc__} The old versions stay unless --delete-old.",
+    )
+    ri.add_argument(
+        "--kinds", default=INDEX_KINDS, help=f"comma-separated: {INDEX_KINDS.replace(',', ', ')} (default: all)"
+    )
+    ri.add_argument("--delete-old", action="store_true", help="delete the previous versions after the swap")
+    ri.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ri.set_defaults(func=cmd_reindex)

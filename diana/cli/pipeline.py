@@ -1,0 +1,223 @@
+"""The pipeline's commands: receive, import, aggregate, dose, sink, topics, and run (all of them)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from diana.cli._common import fail, start_metrics, stop_on_signals
+from diana.config import Config
+
+log = structlog.get_logger("diana")
+
+
+def cmd_receive(cfg: Config, _args: argparse.Namespace) -> int:
+    from diana.producers.scp import Receiver
+
+    start_metrics(cfg, cfg.receiver.metrics_port)
+    Receiver(cfg).serve_forever()
+    return 0
+
+
+def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
+    """Publish existing files (folders, zips, DICOMDIRs) as if they had been received."""
+    from tqdm import tqdm
+
+    from diana.producers.bulk_import import Importer, find_sources
+    from diana.producers.ingest import Ingest
+    from diana.producers.landing import LandingStore
+    from diana.producers.publisher import EventPublisher
+    from diana.schemas.codec import default_codec
+
+    try:
+        sources = list(find_sources([Path(p) for p in args.paths]))
+    except FileNotFoundError as exc:
+        return fail("import", str(exc))
+    publisher = EventPublisher(cfg.kafka.bootstrap, cfg.kafka.publish_timeout_s, client_id="diana-import")
+    ingest = Ingest(LandingStore(cfg.path(cfg.storage.landing_dir)), publisher, default_codec())
+    try:
+        with tqdm(total=len(sources), unit="file", desc="import", disable=args.no_progress) as bar:
+            summary = Importer(ingest, workers=args.workers).run(sources, progress=bar.update)
+    finally:
+        publisher.close()
+    print("\n".join(summary.lines()))
+    if summary.failed:
+        return fail(
+            "import",
+            "some files could not be imported for a passing reason (broker or disk); run the same "
+            "command again: what was imported is not duplicated downstream.",
+            code=1,
+        )
+    return 0
+
+
+def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
+    from diana.stream_apps.aggregates import aggregates_loop, changelog_topic, default_worker_name
+    from diana.stream_apps.completeness import QuietTimes
+    from diana.stream_apps.state_topics import ensure_state_topics
+
+    ensure_state_topics(cfg, [changelog_topic(cfg.stream.app_id)])
+    start_metrics(cfg, cfg.stream.web_port)
+    loop = aggregates_loop(
+        cfg.kafka.bootstrap,
+        cfg.stream.app_id,
+        default_worker_name(cfg.stream.web_port),
+        cfg.kafka.partitions,
+        QuietTimes.parse(cfg.stream.quiet_seconds),
+    )
+    loop.run()
+    return 0
+
+
+def cmd_dose(cfg: Config, _args: argparse.Namespace) -> int:
+    import faust
+
+    from diana.stream_apps.app import create_app, deepen_faust_producer_buffer
+    from diana.stream_apps.dose.agent import TABLES, register_dose
+    from diana.stream_apps.dose.alerts import RulesError, load_rules
+    from diana.stream_apps.state_topics import ensure_state_topics
+
+    try:
+        rules = load_rules(cfg.path(Path(cfg.dose.alert_rules)) if cfg.dose.alert_rules else None)
+    except RulesError as exc:
+        return fail("dose", str(exc))
+    ensure_state_topics(cfg, [f"{cfg.dose.app_id}-{table}-changelog" for table in TABLES])
+    deepen_faust_producer_buffer()
+    app = create_app(cfg, app_id=cfg.dose.app_id, web_port=cfg.dose.web_port)
+    register_dose(app, rules)
+    worker = faust.Worker(app, loglevel=cfg.log.level.upper(), quiet=True)
+    worker.execute_from_commandline()
+    return 0
+
+
+def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
+    from diana.sinks.consumer import run_sink
+
+    stop = stop_on_signals()
+    sink: Any
+    if args.sink == "archive":
+        from diana.schemas.topics import ARCHIVE_CONFLICTS
+        from diana.sinks.archive import ArchiveSink
+        from diana.sinks.consumer import Reporter
+
+        report = Reporter(cfg.kafka.bootstrap, ARCHIVE_CONFLICTS.name, ARCHIVE_CONFLICTS.schema, "sop_instance_uid")
+        sink = ArchiveSink(
+            cfg.path(cfg.storage.landing_dir),
+            cfg.path(cfg.storage.archive_dir),
+            policy=cfg.sinks.archive_conflict_policy,
+            report=report,
+        )
+        group, port = cfg.sinks.archive_group, cfg.sinks.archive_metrics_port
+    else:
+        from diana.clients import opensearch_client
+        from diana.schemas.layout import IndexLayout
+        from diana.sinks.opensearch import OpenSearchSink
+
+        sink = OpenSearchSink(
+            opensearch_client(cfg.opensearch, timeout=30),
+            IndexLayout(cfg.opensearch.index_prefix),
+            max_bytes=cfg.sinks.bulk_max_bytes,
+        )
+        group, port = cfg.sinks.opensearch_group, cfg.sinks.opensearch_metrics_port
+    start_metrics(cfg, port)
+    run_sink(sink, cfg.kafka.bootstrap, group, stop, batch_size=cfg.opensearch.bulk_max_docs)
+    return 0
+
+
+def cmd_topics(cfg: Config, _args: argparse.Namespace) -> int:
+    """Create every diana-star topic that does not exist yet."""
+    from diana.clients import kafka_admin
+    from diana.schemas.topics import ensure_topics
+
+    created = ensure_topics(kafka_admin(cfg.kafka), cfg.kafka.partitions)
+    log.info("topics.ready", created=created)
+    return 0
+
+
+def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
+    """Start the local stack and every pipeline process; Ctrl-C stops everything."""
+    from diana.compose.local.stack import LocalStack
+    from diana.operations.supervisor import run_pipeline
+
+    stack = LocalStack(cfg)
+    if not args.no_stack:
+        stack.start()
+    try:
+        cmd_topics(cfg, args)
+        run_pipeline(cfg, args.config, stop_on_signals(), on_ready=lambda: print(_banner(cfg), flush=True))
+    finally:
+        if not args.no_stack and not args.keep_stack:
+            stack.stop()
+    return 0
+
+
+def _banner(cfg: Config) -> str:
+    r = cfg.receiver
+    return (
+        "\n"
+        f"  diana-star is running.\n"
+        f"  Send DICOM to:   AE title {r.ae_title}, port {r.port} (host {r.host})\n"
+        f"                   e.g. storescu -aec {r.ae_title} 127.0.0.1 {r.port} FILE...\n"
+        f"  OpenSearch:      {cfg.opensearch.url}  (indices {cfg.opensearch.index_prefix}-instances, "
+        f"-series, -studies,\n"
+        f"                   -dose-events, -dose-studies, -dose-alerts)\n"
+        f"  Archive:         {cfg.path(cfg.storage.archive_dir)}\n"
+        f"  Metrics:         http://127.0.0.1:{r.metrics_port}/metrics (receiver)\n"
+        f"  Press Ctrl-C to stop everything.\n"
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser(
+        "run", help="start the local stack and the whole pipeline (the main job)", description=cmd_run.__doc__
+    )
+    run.add_argument("--no-stack", action="store_true", help="use an already running Kafka and OpenSearch")
+    run.add_argument("--keep-stack", action="store_true", help="leave Kafka and OpenSearch running on exit")
+    run.set_defaults(func=cmd_run)
+
+    sub.add_parser(
+        "receive",
+        help="run the DICOM C-STORE receiver",
+        description="Run the C-STORE/C-ECHO SCP: land each object durably, publish "
+        "InstanceArrived, answer success only after the broker acknowledged.",
+    ).set_defaults(func=cmd_receive)
+    imp = sub.add_parser(
+        "import",
+        help="publish existing DICOM files (folders, zips, DICOMDIRs)",
+        description=f"{cmd_import.__doc__} Each object is validated, landed and published "
+        "exactly like a C-STORE; non-DICOM files are skipped; a summary lists what was "
+        "rejected and why. Exit status 1 if anything failed for a passing reason.",
+    )
+    imp.add_argument("paths", nargs="+", metavar="PATH", help="a folder, a .zip, or a DICOMDIR file")
+    imp.add_argument("--workers", type=int, default=8, help="objects in flight at once (default 8)")
+    imp.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in scripts)")
+    imp.set_defaults(func=cmd_import)
+
+    sub.add_parser(
+        "aggregate",
+        help="run the worker for series and study aggregates",
+        description="Run the exactly-once worker (Kafka transactions) that folds dicom.instances "
+        "into dicom.series and dicom.studies, with completion verdicts. Several "
+        "workers share the partitions; give each its own [stream] web_port (its "
+        "Prometheus metrics, and its name).",
+    ).set_defaults(func=cmd_aggregate)
+    sub.add_parser(
+        "dose",
+        help="run the Faust worker for dose records and dose alerts",
+        description="Run the Faust worker that extracts dose events from dose reports and image "
+        "headers in dicom.instances, folds them per study into dose.events and "
+        "dose.studies, and raises dose.alerts ([dose] alert_rules, docs/DOSE.md).",
+    ).set_defaults(func=cmd_dose)
+    sink = sub.add_parser(
+        "sink",
+        help="run a sink (archive or opensearch)",
+        description="Run a sink: consume, write durably and idempotently, then commit.",
+    )
+    sink.add_argument("sink", choices=["archive", "opensearch"])
+    sink.set_defaults(func=cmd_sink)
+    sub.add_parser("topics", help="create the missing topics", description=cmd_topics.__doc__).set_defaults(
+        func=cmd_topics
+    )
