@@ -58,7 +58,7 @@ def _bar_chart(chart_id: str, title: str, series: dict[str, dict[str, float]], u
     for i, x in enumerate(categories):
         y = height - bottom
         for s_index, (name, values) in enumerate(sorted(series.items())):
-            value = values.get(x, 0)
+            value = float(values.get(x, 0))
             h = (height - bottom - 20) * value / top
             if h > 0:
                 parts.append(

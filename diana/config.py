@@ -186,7 +186,11 @@ _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "ba
 
 
 def _section_class(name: str) -> type:
-    return {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "base_dir"}[name]
+    # Each section field of Config has its section's class as default_factory.
+    factories = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "base_dir"}
+    factory = factories[name]
+    assert isinstance(factory, type), f"Config.{name} needs default_factory=<its section class>"
+    return factory
 
 
 def _coerce(section: str, key: str, target: Any, raw: Any) -> Any:

@@ -79,6 +79,8 @@ def plan_replay(
     }
     targets: dict[tuple[str, int], int] = {}
     if to == "datetime":
+        if when is None:
+            raise ReplayError("--to-datetime needs a time")
         consumer = kafka_consumer(cfg.kafka, "diana-replay-probe")
         try:
             ms = int(when.timestamp() * 1000)

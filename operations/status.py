@@ -42,16 +42,22 @@ def watermarks(cfg: Config, topics: list[str]) -> dict[str, dict[int, tuple[int,
         consumer.close()
 
 
-def group_lag(cfg: Config, group: str, marks: dict[str, dict[int, tuple[int, int]]]) -> dict[str, int]:
-    """Messages not yet committed by ``group``, per topic it has committed anything for."""
+def group_lag(
+    cfg: Config, group: str, marks: dict[str, dict[int, tuple[int, int]]], count_uncommitted: bool = False
+) -> dict[str, int]:
+    """Messages not yet committed by ``group``, per topic.
+
+    A partition the group never committed on is left out (status shows what a group has started),
+    or, with ``count_uncommitted``, counted whole (waiting for a group to catch up needs that).
+    """
     admin = kafka_admin(cfg.kafka)
     partitions = [TopicPartition(t, p) for t, parts in marks.items() for p in parts]
     result = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, partitions)])
     committed = result[group].result().topic_partitions
     lag: dict[str, int] = {}
     for tp in committed:
-        if tp.offset < 0:
-            continue  # never committed on this partition
+        if tp.offset < 0 and not count_uncommitted:
+            continue
         low, high = marks[tp.topic][tp.partition]
         lag[tp.topic] = lag.get(tp.topic, 0) + high - max(tp.offset, low)
     return lag

@@ -81,7 +81,7 @@ class Ingest:
             "calling_ae": calling_ae,
             "called_ae": called_ae,
         }
-        value = self.codec.encode(INSTANCES.schema, event)
+        value = self.codec.encode(INSTANCES.value_schema, event)
         latency = self.publisher.publish(INSTANCES.name, header.study_instance_uid.encode(), value)
         return Accepted(header, stored.sha256, stored.size, latency)
 

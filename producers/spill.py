@@ -87,4 +87,5 @@ class SpillFile:
 def install_spill_to_file() -> None:
     """Receive data sets to files (``SpillFile``) instead of memory, for every association of this process."""
     _config.STORE_RECV_CHUNKED_DATASET = True
-    _dimse_messages.NamedTemporaryFile = SpillFile
+    # A class where pynetdicom has a function: it only ever calls it with NamedTemporaryFile's arguments.
+    _dimse_messages.NamedTemporaryFile = SpillFile  # type: ignore[assignment]

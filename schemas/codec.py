@@ -55,6 +55,8 @@ class Codec:
         self._readers: dict[tuple[bytes, str], avro.io.DatumReader] = {}
         for path in sorted((p for p in schema_dir.iterdir() if p.name.endswith(".avsc")), key=lambda p: p.name):
             schema = avro.schema.parse(path.read_text())
+            if not isinstance(schema, avro.schema.RecordSchema):
+                raise ValueError(f"{path.name}: a topic's schema must be an Avro record")
             fp = schema.fingerprint("CRC-64-AVRO")
             entry = _Entry(schema.fullname, schema, fp, avro.io.DatumWriter(schema))
             self._by_fingerprint[fp] = entry
@@ -101,6 +103,8 @@ class Codec:
             record = reader.read(avro.io.BinaryDecoder(io.BytesIO(data[_HEADER_LEN:])))
         except (avro.errors.AvroException, EOFError, UnicodeDecodeError, ValueError, TypeError) as exc:
             raise DecodeError(f"corrupt {reader_entry.name} body: {exc}") from None
+        if not isinstance(record, dict):
+            raise DecodeError(f"{reader_entry.name} is not a record schema")
         return reader_entry.name, record
 
 

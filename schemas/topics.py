@@ -33,8 +33,15 @@ __all__ = [
 class Topic:
     name: str
     key: str
-    schema: str | None
+    schema: str | None  # the Avro record of its values; None: raw bytes (dead letters, ticks)
     config: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def value_schema(self) -> str:
+        """The schema name of an Avro topic (an error for a topic of raw bytes)."""
+        if self.schema is None:
+            raise ValueError(f"topic {self.name} carries raw bytes, not Avro records")
+        return self.schema
 
 
 # The log of record: kept forever so that every index and aggregate can be rebuilt from it.

@@ -60,7 +60,7 @@ class ArchiveSink:
     def write(self, batch: list[Message], dead: DeadLetters) -> None:
         for msg in batch:
             try:
-                _, event = self.codec.decode(msg.value(), expect=INSTANCES.schema)
+                _, event = self.codec.decode(msg.value(), expect=INSTANCES.value_schema)
                 self.archive_one(event)
             except (DecodeError, ValueError) as exc:
                 dead.send(msg, f"archive: {exc}")

@@ -87,8 +87,11 @@ class Reporter:
 
 
 class BatchSink(Protocol):
-    name: str
-    topics: Sequence[str]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def topics(self) -> Sequence[str]: ...
 
     def write(self, batch: list[Message], dead: DeadLetters) -> None: ...
 

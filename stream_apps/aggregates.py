@@ -269,7 +269,7 @@ class AggregatesHandler:
         # not keep the partition's ticks from completing its series.
         self.processed_upto[partition] = offset + 1
         try:
-            _, record = self.codec.decode(message.value(), expect=INSTANCES.schema)
+            _, record = self.codec.decode(message.value(), expect=INSTANCES.value_schema)
         except DecodeError as exc:
             origin = f"{message.topic()}/{partition}/{offset}"
             log.warning("deadletter", origin=origin, reason=str(exc))
@@ -329,10 +329,14 @@ class AggregatesHandler:
 
     def _publish(self, batch: Batch, series: dict, study: dict) -> None:
         batch.send(
-            SERIES.name, series["series_instance_uid"].encode(), self.codec.encode(SERIES.schema, series_record(series))
+            SERIES.name,
+            series["series_instance_uid"].encode(),
+            self.codec.encode(SERIES.value_schema, series_record(series)),
         )
         batch.send(
-            STUDIES.name, study["study_instance_uid"].encode(), self.codec.encode(STUDIES.schema, study_record(study))
+            STUDIES.name,
+            study["study_instance_uid"].encode(),
+            self.codec.encode(STUDIES.value_schema, study_record(study)),
         )
 
 

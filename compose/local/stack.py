@@ -342,10 +342,11 @@ action.auto_create_index: true
 
     # ---------------------------------------------------------------- readiness
     def wait_kafka(self, timeout: float = 120.0) -> None:
-        from confluent_kafka.admin import AdminClient
+        from diana.clients import kafka_admin
+        from diana.config import KafkaConfig
 
         # log_level 0: the refused connections while the broker boots are expected, not news
-        admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{self.cfg.kafka_port}", "log_level": 0})
+        admin = kafka_admin(KafkaConfig(bootstrap=f"127.0.0.1:{self.cfg.kafka_port}"), {"log_level": 0})
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:

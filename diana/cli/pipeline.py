@@ -103,7 +103,9 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
         from diana.sinks.archive import ArchiveSink
         from diana.sinks.consumer import Reporter
 
-        report = Reporter(cfg.kafka.bootstrap, ARCHIVE_CONFLICTS.name, ARCHIVE_CONFLICTS.schema, "sop_instance_uid")
+        report = Reporter(
+            cfg.kafka.bootstrap, ARCHIVE_CONFLICTS.name, ARCHIVE_CONFLICTS.value_schema, "sop_instance_uid"
+        )
         sink = ArchiveSink(
             cfg.path(cfg.storage.landing_dir),
             cfg.path(cfg.storage.archive_dir),

@@ -125,7 +125,7 @@ def register_dose(app: faust.App, rules: AlertRules, codec: Codec | None = None)
             )
             await alerts_out.send(
                 key=alert["study_instance_uid"].encode(),
-                value=codec.encode(DOSE_ALERTS.schema, _fit(codec, DOSE_ALERTS.schema, record)),
+                value=codec.encode(DOSE_ALERTS.value_schema, _fit(codec, DOSE_ALERTS.value_schema, record)),
             )
 
     @app.agent(source)
@@ -133,7 +133,7 @@ def register_dose(app: faust.App, rules: AlertRules, codec: Codec | None = None)
         async for event in stream.events():
             message = event.message
             try:
-                _, instance = codec.decode(event.value, expect=INSTANCES.schema)
+                _, instance = codec.decode(event.value, expect=INSTANCES.value_schema)
             except DecodeError as exc:
                 await dead(message, event.value, str(exc))
                 continue
@@ -172,11 +172,13 @@ def register_dose(app: faust.App, rules: AlertRules, codec: Codec | None = None)
             for ev in events:
                 await events_out.send(
                     key=uid.encode(),
-                    value=codec.encode(DOSE_EVENTS.schema, _fit(codec, DOSE_EVENTS.schema, event_record(study, ev))),
+                    value=codec.encode(
+                        DOSE_EVENTS.value_schema, _fit(codec, DOSE_EVENTS.value_schema, event_record(study, ev))
+                    ),
                 )
             study_value = codec.encode(
-                DOSE_STUDIES.schema,
-                _fit(codec, DOSE_STUDIES.schema, {**study, "revision": state["revision"], "received_at": at}),
+                DOSE_STUDIES.value_schema,
+                _fit(codec, DOSE_STUDIES.value_schema, {**study, "revision": state["revision"], "received_at": at}),
             )
             await studies_out.send(key=uid.encode(), value=study_value)
             await publish_alerts(state, study_alerts(rules, study, events), study, at)
@@ -195,7 +197,7 @@ def register_dose(app: faust.App, rules: AlertRules, codec: Codec | None = None)
     async def cumulative(stream: faust.Stream) -> None:
         async for event in stream.events():
             try:
-                _, study = codec.decode(event.value, expect=DOSE_STUDIES.schema)
+                _, study = codec.decode(event.value, expect=DOSE_STUDIES.value_schema)
             except DecodeError as exc:
                 await dead(event.message, event.value, str(exc))
                 continue

@@ -8,10 +8,11 @@ import uuid
 from pathlib import Path
 
 import pydicom
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from diana.clients import kafka_admin, kafka_consumer, opensearch_client
 from diana.config import Config
+from diana.operations import status
 from diana.schemas.codec import DecodeError, default_codec
 from diana.schemas.topics import DOSE_ALERTS, DOSE_EVENTS, DOSE_STUDIES, INSTANCES, SERIES, STUDIES
 
@@ -130,23 +131,7 @@ def stored_sha256(sop_class: str, sop_instance_uid: str, transfer_syntax: str, b
 
 def group_lag(cfg: Config, group: str, topics: list[str]) -> int:
     """Messages of ``topics`` not yet committed by ``group`` (a group with no commit counts all)."""
-    admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
-    consumer = Consumer({"bootstrap.servers": cfg.kafka.bootstrap, "group.id": f"lag-probe-{uuid.uuid4()}"})
-    try:
-        partitions = []
-        for topic in topics:
-            meta = admin.list_topics(topic, timeout=10).topics[topic]
-            partitions += [TopicPartition(topic, p) for p in meta.partitions]
-        request = [ConsumerGroupTopicPartitions(group, partitions)]
-        committed = admin.list_consumer_group_offsets(request)[group].result().topic_partitions
-        done = {(tp.topic, tp.partition): max(tp.offset, 0) for tp in committed}
-        lag = 0
-        for tp in partitions:
-            low, high = consumer.get_watermark_offsets(tp, timeout=10)
-            lag += high - max(done.get((tp.topic, tp.partition), 0), low)
-        return lag
-    finally:
-        consumer.close()
+    return sum(status.group_lag(cfg, group, status.watermarks(cfg, topics), count_uncommitted=True).values())
 
 
 def wait_until_caught_up(cfg: Config, timeout: float = 120.0) -> None:
@@ -187,16 +172,10 @@ def read_messages(cfg: Config, topic: str, since: dict[int, int] | None = None, 
     Reads until each partition reports its end (EOF), not until a count of offsets: topics written
     in Kafka transactions hold commit markers that take offsets and are never delivered.
     """
-    consumer = Consumer(
-        {
-            "bootstrap.servers": cfg.kafka.bootstrap,
-            "group.id": f"reader-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "log_level": 3,
-        }
+    consumer = kafka_consumer(
+        cfg.kafka, f"reader-{uuid.uuid4()}", {"enable.auto.commit": False, "enable.partition.eof": True}
     )
-    admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
+    admin = kafka_admin(cfg.kafka)
     try:
         meta = admin.list_topics(topic, timeout=10).topics[topic]
         starts = {}
@@ -240,8 +219,8 @@ def topic_records(cfg: Config, topic: str) -> list[tuple[bytes, dict]]:
 
 def message_count(cfg: Config, topic: str) -> int:
     """Messages in a topic now (decodable or not), from the watermarks."""
-    admin = AdminClient({"bootstrap.servers": cfg.kafka.bootstrap})
-    consumer = Consumer({"bootstrap.servers": cfg.kafka.bootstrap, "group.id": f"count-{uuid.uuid4()}"})
+    admin = kafka_admin(cfg.kafka)
+    consumer = kafka_consumer(cfg.kafka, f"count-{uuid.uuid4()}")
     try:
         parts = admin.list_topics(topic, timeout=10).topics[topic].partitions
         return sum(
@@ -253,9 +232,8 @@ def message_count(cfg: Config, topic: str) -> int:
 
 
 def os_search(cfg: Config, index: str, query: dict, size: int = 1000) -> list[dict]:
-    from opensearchpy import OpenSearch
 
-    client = OpenSearch(hosts=[cfg.opensearch.url])
+    client = opensearch_client(cfg.opensearch)
     client.indices.refresh(index=index)
     result = client.search(index=index, body={"query": query, "size": size})
     return [hit["_source"] | {"_id": hit["_id"]} for hit in result["hits"]["hits"]]
