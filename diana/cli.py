@@ -111,7 +111,10 @@ def cmd_dose(cfg: Config, _args: argparse.Namespace) -> int:
 
     ensure_state_topics(cfg, [f"{cfg.dose.app_id}-{table}-changelog" for table in TABLES])
     app = create_app(cfg, app_id=cfg.dose.app_id, web_port=cfg.dose.web_port)
-    register_dose(app, rules)
+    from diana.stream_apps.dose.image_files import ImageFiles
+
+    files = ImageFiles(cfg.path(cfg.storage.landing_dir), cfg.path(cfg.storage.archive_dir))
+    register_dose(app, rules, image_files=files, size_sample_every=cfg.dose.size_sample_every)
     worker = faust.Worker(app, loglevel=cfg.log.level.upper(), quiet=True)
     worker.execute_from_commandline()
     return 0

@@ -108,6 +108,13 @@ class DoseConfig:
     web_port: int = 6067
     # YAML reference levels and cumulative rules (docs/DOSE.md); empty: Dose Check alerts only.
     alert_rules: str = ""
+    # Every N-th CT image (by Instance Number) is read from the landing store or archive for its
+    # water-equivalent diameter (SSDE, docs/DOSE.md); 0 turns this off.
+    size_sample_every: int = 10
+    # YAML mapping of free-text protocols to standard names and body regions (docs/DOSE.md).
+    standard_names: str = ""
+    # YAML local and national diagnostic reference levels by standard name (docs/DOSE.md).
+    reference_levels: str = ""
 
 
 @dataclass(frozen=True)
