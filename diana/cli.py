@@ -100,10 +100,14 @@ def cmd_dose(cfg: Config, _args: argparse.Namespace) -> int:
     from diana.stream_apps.app import create_app
     from diana.stream_apps.dose.agent import register_dose
     from diana.stream_apps.dose.alerts import RulesError, load_rules
+    from diana.stream_apps.dose.reference_levels import LevelsError, load_reference_levels
+    from diana.stream_apps.dose.standard_names import NamesError, load_standard_names
 
     try:
         rules = load_rules(cfg.path(Path(cfg.dose.alert_rules)) if cfg.dose.alert_rules else None)
-    except RulesError as exc:
+        names = load_standard_names(cfg.path(Path(cfg.dose.standard_names)) if cfg.dose.standard_names else None)
+        levels = load_reference_levels(cfg.path(Path(cfg.dose.reference_levels)) if cfg.dose.reference_levels else None)
+    except (RulesError, NamesError, LevelsError) as exc:
         print(f"diana dose: {exc}", file=sys.stderr)
         return 2
     from diana.stream_apps.dose.agent import TABLES
@@ -114,9 +118,45 @@ def cmd_dose(cfg: Config, _args: argparse.Namespace) -> int:
     from diana.stream_apps.dose.image_files import ImageFiles
 
     files = ImageFiles(cfg.path(cfg.storage.landing_dir), cfg.path(cfg.storage.archive_dir))
-    register_dose(app, rules, image_files=files, size_sample_every=cfg.dose.size_sample_every)
+    register_dose(
+        app, rules, image_files=files, size_sample_every=cfg.dose.size_sample_every, names=names, levels=levels
+    )
     worker = faust.Worker(app, loglevel=cfg.log.level.upper(), quiet=True)
     worker.execute_from_commandline()
+    return 0
+
+
+def cmd_dose_names(cfg: Config, args: argparse.Namespace) -> int:
+    """List the protocols and study descriptions of the dose indices that no standard name maps, most frequent first."""
+    from opensearchpy import OpenSearch
+
+    from diana.operations.dose_survey import render_unmapped, unmapped_protocols
+
+    client = OpenSearch(hosts=[cfg.opensearch.url], timeout=30)
+    print(render_unmapped(unmapped_protocols(client, cfg.opensearch.index_prefix, args.days)))
+    return 0
+
+
+def cmd_dose_drl(cfg: Config, _args: argparse.Namespace) -> int:
+    """Compare the median of each standard name's studies over the survey window with its local and national DRLs."""
+    from opensearchpy import OpenSearch
+
+    from diana.operations.dose_survey import reference_level_survey, render_survey
+    from diana.stream_apps.dose.reference_levels import LevelsError, load_reference_levels
+
+    if not cfg.dose.reference_levels:
+        print(
+            "diana dose drl: no reference levels: set [dose] reference_levels to a YAML file (docs/DOSE.md)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        levels = load_reference_levels(cfg.path(Path(cfg.dose.reference_levels)))
+    except LevelsError as exc:
+        print(f"diana dose drl: {exc}", file=sys.stderr)
+        return 2
+    client = OpenSearch(hosts=[cfg.opensearch.url], timeout=30)
+    print(render_survey(reference_level_survey(client, cfg.opensearch.index_prefix, levels), levels.window_days))
     return 0
 
 
@@ -607,13 +647,24 @@ def build_parser() -> argparse.ArgumentParser:
         "workers share the partitions; give each its own [stream] web_port (its "
         "Prometheus metrics, and its name).",
     ).set_defaults(func=cmd_aggregate)
-    sub.add_parser(
+    dose = sub.add_parser(
         "dose",
         help="run the Faust worker for dose records and dose alerts",
         description="Run the Faust worker that extracts dose events from dose reports and image "
         "headers in dicom.instances, folds them per study into dose.events and "
-        "dose.studies, and raises dose.alerts ([dose] alert_rules, docs/DOSE.md).",
-    ).set_defaults(func=cmd_dose)
+        "dose.studies, and raises dose.alerts ([dose] alert_rules, docs/DOSE.md). "
+        "With ACTION: names or drl, reports from the dose indices.",
+    )
+    dose.set_defaults(func=cmd_dose)
+    dose_sub = dose.add_subparsers(dest="dose_action", metavar="ACTION")
+    names = dose_sub.add_parser(
+        "names", help="protocols without a standard name, with counts", description=cmd_dose_names.__doc__
+    )
+    names.add_argument("--days", type=int, default=None, help="only studies dated in the last DAYS days")
+    names.set_defaults(func=cmd_dose_names)
+    dose_sub.add_parser(
+        "drl", help="median per standard name against the reference levels", description=cmd_dose_drl.__doc__
+    ).set_defaults(func=cmd_dose_drl)
     acc = sub.add_parser(
         "acceptance",
         help="check dose extraction against real vendor dose reports",

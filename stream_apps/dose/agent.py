@@ -20,10 +20,12 @@ import structlog
 
 from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.topics import DEADLETTER, DOSE_ALERTS, DOSE_BY_PATIENT, DOSE_EVENTS, DOSE_STUDIES, INSTANCES
-from diana.stream_apps.dose.alerts import AlertRules, cumulative_alerts, study_alerts
+from diana.stream_apps.dose.alerts import AlertRules, cumulative_alerts, drl_alerts, study_alerts
 from diana.stream_apps.dose.extract import DoseExtractionError, dataset_from_header_json, extract_dose
 from diana.stream_apps.dose.image_files import ImageFiles
+from diana.stream_apps.dose.reference_levels import ReferenceLevels
 from diana.stream_apps.dose.size import image_water_equivalent_diameter_mm
+from diana.stream_apps.dose.standard_names import StandardNames
 from diana.stream_apps.dose.study import fold_report, fold_size, new_study, summarize
 
 __all__ = ["register_dose", "may_carry_dose", "TABLES"]
@@ -133,6 +135,8 @@ def register_dose(
     codec: Codec | None = None,
     image_files: ImageFiles | None = None,
     size_sample_every: int = 10,
+    names: StandardNames | None = None,
+    levels: ReferenceLevels | None = None,
 ) -> None:
     """The dose agents; ``image_files`` lets the worker read sampled CT images' pixels for SSDE (size.py)."""
     codec = codec or default_codec()
@@ -230,6 +234,10 @@ def register_dose(
     async def publish_study(uid: str, state: dict, at: datetime) -> None:
         state["revision"] += 1
         study, events = summarize(state)
+        if names is not None:
+            names.apply(study, events)
+        if levels is not None:
+            levels.apply(study, events)
         for ev in events:
             await events_out.send(
                 key=uid.encode(),
@@ -240,7 +248,7 @@ def register_dose(
             _fit(codec, DOSE_STUDIES.schema, {**study, "revision": state["revision"], "received_at": at}),
         )
         await studies_out.send(key=uid.encode(), value=study_value)
-        await publish_alerts(state, study_alerts(rules, study, events), study, at)
+        await publish_alerts(state, study_alerts(rules, study, events) + drl_alerts(study), study, at)
         study_table[uid] = state
         log.info("dose.study", study_instance_uid=uid, kind=study.get("kind"), events=study["events"])
         if study.get("patient_id"):

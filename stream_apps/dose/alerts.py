@@ -30,6 +30,7 @@ __all__ = [
     "CumulativeRule",
     "study_alerts",
     "cumulative_alerts",
+    "drl_alerts",
     "load_rules",
 ]
 
@@ -265,3 +266,23 @@ def cumulative_alerts(rules: AlertRules, studies: list[dict], latest: dict) -> l
             alert.update(window_days=rule.window_days, window_study_uids=[s["study_instance_uid"] for s in window])
             out.append(alert)
     return out
+
+
+def drl_alerts(study: dict) -> list[dict]:
+    """One alert for a study over the reference level of its standard name (reference_levels.py flags it)."""
+    if not study.get("over_drl"):
+        return []
+    name, metric = study.get("standard_name"), study["drl_metric"]
+    value, level = study["drl_value"], study["drl_level"]
+    return [
+        _alert(
+            f"DRL {name}",
+            "drl",
+            metric,
+            value,
+            level,
+            study,
+            None,
+            f"{name}: study {metric} {value:g} exceeds the {study.get('drl_source')} reference level {level:g}",
+        )
+    ]
