@@ -160,6 +160,48 @@ def cmd_dose_drl(cfg: Config, _args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_alerts(cfg: Config, args: argparse.Namespace) -> int:
+    """Deliver dose alerts to people (e-mail, webhook) once; list, acknowledge and close them."""
+    from diana.access.alerts.workflow import REASON_CODES, TransitionError
+
+    if args.action == "deliver":
+        from diana.access.alerts.delivery import run_delivery
+        from diana.access.alerts.routing import RoutingError, load_routing
+        from diana.schemas.topics import ensure_topics
+
+        try:
+            routing = load_routing(cfg.path(Path(cfg.alerts.routing)) if cfg.alerts.routing else None)
+        except RoutingError as exc:
+            print(f"diana alerts deliver: {exc}", file=sys.stderr)
+            return 2
+        if not routing.recipients:
+            print(
+                "diana alerts deliver: no recipients: set [alerts] routing to a YAML file (docs/DOSE.md)",
+                file=sys.stderr,
+            )
+            return 2
+        ensure_topics(cfg.kafka.bootstrap, cfg.kafka.partitions)
+        run_delivery(cfg, routing)
+        return 0
+    from diana.access.alerts.commands import list_alerts, record_action, render_alerts
+
+    if args.action == "list":
+        print(render_alerts(list_alerts(cfg, None if args.status == "all" else args.status)))
+        return 0
+    if args.action == "ack" and args.reason not in REASON_CODES:
+        print(f"diana alerts ack: --reason must be one of {', '.join(REASON_CODES)}", file=sys.stderr)
+        return 2
+    try:
+        record = record_action(
+            cfg, args.alert_id, "ACKNOWLEDGED" if args.action == "ack" else "CLOSED", args.reason, args.note
+        )
+    except TransitionError as exc:
+        print(f"diana alerts {args.action}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{record['action'].lower()} {args.alert_id} (recorded on dose.alert-actions as {record['action_id']})")
+    return 0
+
+
 def cmd_acceptance(cfg: Config, args: argparse.Namespace) -> int:
     """Run the real vendor dose reports of ../shared/acceptance/dose through the dose extraction."""
     from diana.operations.dose_acceptance import DISPUTED, run_acceptance
@@ -337,8 +379,16 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     if start > end:
         print(f"diana report: --from {start} is after --to {end}", file=sys.stderr)
         return 2
+    from diana.stream_apps.dose.reference_levels import LevelsError, load_reference_levels
+
     try:
-        page = build_report(OpenSearch(hosts=[cfg.opensearch.url], timeout=60), cfg.opensearch.index_prefix, start, end)
+        levels = load_reference_levels(cfg.path(Path(cfg.dose.reference_levels))) if cfg.dose.reference_levels else None
+    except LevelsError as exc:
+        print(f"diana report: {exc}", file=sys.stderr)
+        return 2
+    try:
+        client = OpenSearch(hosts=[cfg.opensearch.url], timeout=60)
+        page = build_report(client, cfg.opensearch.index_prefix, start, end, levels)
     except OSConnectionError:
         print(f"diana report: OpenSearch does not answer at {cfg.opensearch.url}", file=sys.stderr)
         return 1
@@ -665,6 +715,32 @@ def build_parser() -> argparse.ArgumentParser:
     dose_sub.add_parser(
         "drl", help="median per standard name against the reference levels", description=cmd_dose_drl.__doc__
     ).set_defaults(func=cmd_dose_drl)
+    alerts = sub.add_parser(
+        "alerts", help="deliver, list, acknowledge and close dose alerts", description=cmd_alerts.__doc__
+    )
+    alerts_sub = alerts.add_subparsers(dest="action", required=True, metavar="ACTION")
+    alerts_sub.add_parser(
+        "deliver",
+        help="run the worker that sends each alert to its recipients once ([alerts] routing)",
+        description="Send each dose alert to each recipient routed to it ([alerts] routing) by e-mail and "
+        "webhook, once: deliveries are recorded on dose.alert-actions and never repeated; keeps the "
+        "alert state index in OpenSearch.",
+    )
+    listing = alerts_sub.add_parser("list", help="alerts with their status, newest first")
+    listing.add_argument("--status", choices=("open", "acknowledged", "closed", "all"), default="open")
+    ack = alerts_sub.add_parser("ack", help="acknowledge an open alert with a reason code and a note")
+    ack.add_argument("alert_id")
+    ack.add_argument(
+        "--reason",
+        required=True,
+        help="patient_habitus, repeat, protocol, equipment, clinical_need or other",
+    )
+    ack.add_argument("--note", default=None, help="free text kept in the alert's history")
+    close = alerts_sub.add_parser("close", help="close an acknowledged alert")
+    close.add_argument("alert_id")
+    close.add_argument("--note", default=None, help="free text kept in the alert's history")
+    close.set_defaults(reason=None)
+    alerts.set_defaults(func=cmd_alerts)
     acc = sub.add_parser(
         "acceptance",
         help="check dose extraction against real vendor dose reports",

@@ -118,6 +118,23 @@ class DoseConfig:
 
 
 @dataclass(frozen=True)
+class AlertsConfig:
+    """`diana alerts deliver`: dose alerts to people by e-mail and webhook, once (docs/DOSE.md)."""
+
+    # YAML recipients and their routing by station/room and rule type; empty: nothing is sent.
+    routing: str = ""
+    consumer_group: str = "diana-alert-delivery"
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 25
+    smtp_from: str = "diana-star@localhost"
+    # Attempts per delivery before it is recorded as DELIVERY_FAILED; the wait doubles from 1 s.
+    attempts: int = 5
+    timeout_s: float = 10.0
+    # Prometheus /metrics of the delivery worker (diana_alert_deliveries_total); 0 turns it off.
+    metrics_port: int = 9467
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     """`diana cohort export`."""
 
@@ -166,6 +183,7 @@ class Config:
     sinks: SinksConfig = field(default_factory=SinksConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     dose: DoseConfig = field(default_factory=DoseConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     stack: StackConfig = field(default_factory=StackConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
