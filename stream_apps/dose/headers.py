@@ -69,7 +69,11 @@ def _exposure_key(ds: Dataset) -> tuple[str, str | None]:
         side = text_value(ds, "ImageLaterality") or text_value(ds, "Laterality") or ""
         view = text_value(ds, "ViewPosition") or ""
         station = text_value(ds, "StationName") or ""
-        return f"exposure:{station}|{acquired}|{side}|{view}", None
+        # Only the two forms of one IOD pair up: a Hologic combo exposure's 2D image and its tomo
+        # projection object (a Secondary Capture) share the acquisition time (OpenREM issue 125).
+        sop_class = text_value(ds, "SOPClassUID") or ""
+        family = sop_class[:-2] if _INTENTS.get(sop_class) == "FOR PROCESSING" else sop_class
+        return f"exposure:{station}|{acquired}|{side}|{view}|{family}", None
     return f"image:{text_value(ds, 'SOPInstanceUID')}", None
 
 

@@ -170,6 +170,22 @@ def test_mammography_for_presentation_and_processing_are_one_exposure():
     assert math.isclose(summary["agd_right_mGy"], 1.42) and math.isclose(summary["agd_left_mGy"], 1.31)
 
 
+def test_an_object_of_another_class_at_the_same_time_is_another_exposure():
+    # A combo exposure's tomo projection object (Secondary Capture, modality MG) shares the 2D
+    # image's acquisition time; it is not the 2D image's other form (OpenREM issue 125).
+    study = generate_uid()
+    image = img.mammogram(
+        study, presentation=True, side="R", view="CC", acquired="20240315101010", organ_dose_dGy="0.01"
+    )
+    tomo = img.mammogram(
+        study, presentation=True, side="R", view="CC", acquired="20240315101010", organ_dose_dGy="0.02"
+    )
+    tomo.SOPClassUID = tomo.file_meta.MediaStorageSOPClassUID = img.SECONDARY_CAPTURE
+    del tomo.PresentationIntentType
+    summary, _ = fold(image, tomo)
+    assert summary["events"] == 2 and math.isclose(summary["agd_right_mGy"], 3.0)
+
+
 def test_mammograms_with_irradiation_event_uid_are_keyed_by_it():
     study = generate_uid()
     one = img.mammogram(
