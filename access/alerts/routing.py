@@ -20,7 +20,7 @@ import yaml
 
 __all__ = ["Recipient", "Routing", "RoutingError", "load_routing", "RULE_TYPES"]
 
-RULE_TYPES = ("drl", "reference_level", "cumulative", "dose_check")
+RULE_TYPES = ("drl", "reference_level", "cumulative", "dose_check", "repeat")
 _KEYS = {"name", "email", "webhook", "stations", "rule_types"}
 
 

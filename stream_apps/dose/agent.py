@@ -20,7 +20,7 @@ import structlog
 
 from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.topics import DEADLETTER, DOSE_ALERTS, DOSE_BY_PATIENT, DOSE_EVENTS, DOSE_STUDIES, INSTANCES
-from diana.stream_apps.dose.alerts import AlertRules, cumulative_alerts, drl_alerts, study_alerts
+from diana.stream_apps.dose.alerts import AlertRules, cumulative_alerts, drl_alerts, repeat_alerts, study_alerts
 from diana.stream_apps.dose.extract import DoseExtractionError, dataset_from_header_json, extract_dose
 from diana.stream_apps.dose.image_files import ImageFiles
 from diana.stream_apps.dose.reference_levels import ReferenceLevels
@@ -275,9 +275,11 @@ def register_dose(
                     "total_dap_Gym2",
                     "dose_rp_total_mGy",
                     "administered_activity_MBq",
+                    "standard_name",
                 )
             }
             state["revision"] += 1
-            alerts = cumulative_alerts(rules, list(state["studies"].values()), study)
+            studies = list(state["studies"].values())
+            alerts = cumulative_alerts(rules, studies, study) + repeat_alerts(rules, studies, study)
             await publish_alerts(state, alerts, study, study["received_at"])
             patient_table[patient] = state

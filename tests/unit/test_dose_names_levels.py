@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from diana.stream_apps.dose.alerts import drl_alerts
+from diana.stream_apps.dose.alerts import RulesError, drl_alerts, load_rules, repeat_alerts
 from diana.stream_apps.dose.reference_levels import LevelsError, load_reference_levels, survey
 from diana.stream_apps.dose.standard_names import NamesError, load_standard_names
 from tests.support.paths import REPO
@@ -133,3 +133,23 @@ def test_bad_levels_file_says_what_to_fix(tmp_path: Path, text: str, message: st
 def test_example_files_load():
     assert load_standard_names(REPO / "dose-standard-names.example.yaml").entries
     assert load_reference_levels(REPO / "dose-reference-levels.example.yaml").study
+
+
+def test_repeat_rule_counts_one_standard_name_per_patient_in_the_window(tmp_path: Path):
+    (tmp_path / "r.yaml").write_text(
+        "repeats: [{name: Repeat CT head, window_days: 7, count: 2, standard_name: CT Head}]"
+    )
+    rules = load_rules(tmp_path / "r.yaml")
+    studies = [
+        {"study_instance_uid": "1", "study_date": "2024-03-01", "standard_name": "CT Head"},
+        {"study_instance_uid": "2", "study_date": "2024-03-05", "standard_name": "CT Head"},
+        {"study_instance_uid": "3", "study_date": "2024-03-06", "standard_name": "CT Abdomen-Pelvis"},
+    ]
+    [alert] = repeat_alerts(rules, studies, studies[1])
+    assert alert["rule_type"] == "repeat" and alert["value"] == 2.0 and alert["window_study_uids"] == ["1", "2"]
+    later = {"study_instance_uid": "4", "study_date": "2024-03-20", "standard_name": "CT Head"}
+    assert repeat_alerts(rules, [*studies, later], later) == []  # 2024-03-01 and -05 are out of 7 days
+    assert repeat_alerts(rules, studies, studies[2]) == []  # another standard name
+    (tmp_path / "bad.yaml").write_text("repeats: [{name: R, window_days: 7, count: 1}]")
+    with pytest.raises(RulesError, match="at least 2"):
+        load_rules(tmp_path / "bad.yaml")
