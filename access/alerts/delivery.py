@@ -113,8 +113,8 @@ def read_ledger(cfg: Config, codec: Codec, timeout: float = 30.0) -> set[str]:
                 action = {}
             if action.get("action") == "DELIVERED":
                 delivered.add(action["action_id"])
-            if msg.offset() + 1 >= ends.get(msg.partition(), 0):
-                ends.pop(msg.partition(), None)
+            if (msg.offset() or 0) + 1 >= ends.get(msg.partition() or 0, 0):
+                ends.pop(msg.partition() or 0, None)
         if ends:
             raise RuntimeError(f"could not read {ALERT_ACTIONS.name} to its end within {timeout * 4:.0f} s")
         return delivered
@@ -208,9 +208,10 @@ def run_delivery(cfg: Config, routing: Routing, stop_after: float | None = None)
             msg = consumer.poll(0.5)
             if msg is None:
                 continue
-            if msg.error():
-                if msg.error().code() != KafkaError._PARTITION_EOF:
-                    log.warning("alert.delivery.kafka", error=str(msg.error()))
+            error = msg.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("alert.delivery.kafka", error=str(error))
                 continue
             try:
                 schema = DOSE_ALERTS.schema if msg.topic() == DOSE_ALERTS.name else ALERT_ACTIONS.schema

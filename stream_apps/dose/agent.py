@@ -209,7 +209,7 @@ def register_dose(
                     state = state or {**new_study(uid), "revision": 0}
                     at_ms = int(instance["received_at"].timestamp() * 1000)
                     changed = fold_report(state, report, context, at_ms) or changed
-            if not changed:
+            if not changed or state is None:
                 continue  # nothing new: the same object again, or a series already counted
             if not state["reports"]:
                 study_table[uid] = state  # a size sample before any dose value: kept for later
