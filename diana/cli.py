@@ -610,7 +610,9 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     procs: dict[str, subprocess.Popen] = {}
     stop = _stop_on_signals()
     try:
-        for name, sub in _PIPELINE:
+        # The alert delivery worker runs when recipients are configured ([alerts] routing).
+        pipeline = _PIPELINE + ((("alerts", ["alerts", "deliver"]),) if cfg.alerts.routing else ())
+        for name, sub in pipeline:
             procs[name] = subprocess.Popen(base + sub, start_new_session=True)
             log.info("pipeline.started", process=name, pid=procs[name].pid)
         r = cfg.receiver
