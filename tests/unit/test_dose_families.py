@@ -34,7 +34,13 @@ def instance_of(ds) -> dict:
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     header = read_header(buf.getvalue())
-    return {"header_json": header.fields["header_json"], "sop_class_uid": header.sop_class_uid, **header.fields}
+    return {
+        **header.fields,
+        "sop_class_uid": header.sop_class_uid,
+        "sop_instance_uid": header.sop_instance_uid,
+        "study_instance_uid": header.study_instance_uid,
+        "series_instance_uid": header.series_instance_uid,
+    }
 
 
 def extracted(ds) -> tuple[dict, dict]:
@@ -351,3 +357,22 @@ def test_head_phantom_uses_the_16_cm_fit():
     out = event_ssde(event, None)
     assert math.isclose(out["ssde_conversion_factor"], round(1.874799 * math.exp(-0.03871313 * 16), 4))
     assert "16 cm phantom" in out["ssde_method"] and "AAPM 204 effective diameter" in out["ssde_method"]
+
+
+# ---- the worker's choices before parsing
+def test_worker_parses_per_series_images_once_and_samples_ct_images():
+    from diana.stream_apps.dose.agent import _series_done, _size_sample
+
+    study, series = generate_uid(), generate_uid()
+    first = instance_of(img.radiopharmaceutical(study, pet=True, activity="1", series_uid=series, number=1))
+    second = instance_of(img.radiopharmaceutical(study, pet=True, activity="1", series_uid=series, number=2))
+    state = new_study(study)
+    assert not _series_done(state, first)
+    report, context = extracted(img.radiopharmaceutical(study, pet=True, activity="1", series_uid=series))
+    fold_report(state, report, context, 0)
+    assert _series_done(state, second)  # the series' administration is already counted
+    other = instance_of(img.radiopharmaceutical(study, pet=True, activity="1", number=1))
+    assert not _series_done(state, other)  # another series
+    ct = {"modality": "CT", "instance_number": 11}
+    assert _size_sample(ct, 10) and not _size_sample({**ct, "instance_number": 12}, 10)
+    assert not _size_sample(ct, 0) and not _size_sample({**ct, "modality": "MR"}, 10)
