@@ -130,6 +130,8 @@ class AlertsConfig:
     # Attempts per delivery before it is recorded as DELIVERY_FAILED; the wait doubles from 1 s.
     attempts: int = 5
     timeout_s: float = 10.0
+    # A delivery that failed all its attempts is tried again this often (and at the next start).
+    retry_interval_s: float = 300.0
     # Prometheus /metrics of the delivery worker (diana_alert_deliveries_total); 0 turns it off.
     metrics_port: int = 9467
 

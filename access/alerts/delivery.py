@@ -31,7 +31,7 @@ from diana.config import Config
 from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.topics import ALERT_ACTIONS, DOSE_ALERTS
 
-__all__ = ["AlertStates", "read_ledger", "run_delivery", "DeliveryWorker"]
+__all__ = ["AlertStates", "Ledger", "read_ledger", "run_delivery", "DeliveryWorker"]
 
 log = structlog.get_logger("diana.alerts.delivery")
 SENT = Counter("diana_alert_deliveries_total", "Alert deliveries by channel and outcome", ["channel", "outcome"])
@@ -80,8 +80,23 @@ class AlertStates:
         return [h["_source"] for h in self.client.search(index=self.index, body=body)["hits"]["hits"]]
 
 
-def read_ledger(cfg: Config, codec: Codec, timeout: float = 30.0) -> set[str]:
-    """The action ids of every DELIVERED action on dose.alert-actions, read from the beginning to its end."""
+@dataclass
+class Ledger:
+    """What dose.alert-actions says so far: deliveries made, and failed ones not made since."""
+
+    delivered: set[str] = field(default_factory=set)
+    failed: dict[str, dict] = field(default_factory=dict)  # action id -> the DELIVERY_FAILED action
+
+    def add(self, action: dict) -> None:
+        if action.get("action") == "DELIVERED":
+            self.delivered.add(action["action_id"])
+            self.failed.pop(action["action_id"], None)
+        elif action.get("action") == "DELIVERY_FAILED" and action["action_id"] not in self.delivered:
+            self.failed[action["action_id"]] = action
+
+
+def read_ledger(cfg: Config, codec: Codec, timeout: float = 30.0) -> Ledger:
+    """Every delivery action on dose.alert-actions, read from the beginning to its end."""
     consumer = Consumer(
         {
             "bootstrap.servers": cfg.kafka.bootstrap,
@@ -91,11 +106,11 @@ def read_ledger(cfg: Config, codec: Codec, timeout: float = 30.0) -> set[str]:
             "log_level": 3,
         }
     )
-    delivered: set[str] = set()
+    ledger = Ledger()
     try:
         meta = consumer.list_topics(ALERT_ACTIONS.name, timeout=timeout).topics.get(ALERT_ACTIONS.name)
         if meta is None or not meta.partitions:
-            return delivered
+            return ledger
         ends = {}
         for p in meta.partitions:
             low, high = consumer.get_watermark_offsets(TopicPartition(ALERT_ACTIONS.name, p), timeout=timeout)
@@ -111,13 +126,13 @@ def read_ledger(cfg: Config, codec: Codec, timeout: float = 30.0) -> set[str]:
                 _, action = codec.decode(msg.value(), expect=ALERT_ACTIONS.schema)
             except DecodeError:
                 action = {}
-            if action.get("action") == "DELIVERED":
-                delivered.add(action["action_id"])
+            if action:
+                ledger.add(action)
             if (msg.offset() or 0) + 1 >= ends.get(msg.partition() or 0, 0):
                 ends.pop(msg.partition() or 0, None)
         if ends:
             raise RuntimeError(f"could not read {ALERT_ACTIONS.name} to its end within {timeout * 4:.0f} s")
-        return delivered
+        return ledger
     finally:
         consumer.close()
 
@@ -128,7 +143,7 @@ class DeliveryWorker:
     routing: Routing
     states: AlertStates
     codec: Codec = field(default_factory=default_codec)
-    delivered: set[str] = field(default_factory=set)
+    ledger: Ledger = field(default_factory=Ledger)
 
     def __post_init__(self) -> None:
         self.producer = Producer(
@@ -149,35 +164,45 @@ class DeliveryWorker:
             )
         return with_retries(lambda: send_webhook(address, alert, key, a.timeout_s), a.attempts)
 
+    def _deliver(self, alert: dict, recipient: str, channel: str, address: str) -> None:
+        key = delivery_action_id(alert["alert_id"], recipient, channel)
+        if key in self.ledger.delivered:
+            return  # the ledger says it went out already
+        result = self._send(channel, address, alert, key)
+        SENT.labels(channel, "delivered" if result.ok else "failed").inc()
+        log.info(
+            "alert.delivery",
+            alert_id=alert["alert_id"],
+            recipient=recipient,
+            channel=channel,
+            ok=result.ok,
+            attempts=result.attempts,
+        )
+        action = delivery_action(alert["alert_id"], recipient, channel, result.ok, result.attempts, result.detail)
+        self._record(action)
+        self.ledger.add(action)
+
     def handle_alert(self, alert: dict) -> None:
         self.states.update(alert["alert_id"], lambda doc: raised_state(alert, doc))
         for recipient in self.routing.route(alert):
             for channel, address in recipient.channels():
-                key = delivery_action_id(alert["alert_id"], recipient.name, channel)
-                if key in self.delivered:
-                    continue  # the ledger says it went out already
-                result = self._send(channel, address, alert, key)
-                SENT.labels(channel, "delivered" if result.ok else "failed").inc()
-                log.info(
-                    "alert.delivery",
-                    alert_id=alert["alert_id"],
-                    recipient=recipient.name,
-                    channel=channel,
-                    ok=result.ok,
-                    attempts=result.attempts,
-                )
-                self._record(
-                    delivery_action(
-                        alert["alert_id"], recipient.name, channel, result.ok, result.attempts, result.detail
-                    )
-                )
-                if result.ok:
-                    self.delivered.add(key)
+                self._deliver(alert, recipient.name, channel, address)
 
     def handle_action(self, action: dict) -> None:
-        if action["action"] == "DELIVERED":
-            self.delivered.add(action["action_id"])
+        self.ledger.add(action)
         self.states.update(action["alert_id"], lambda doc: apply_action(doc, action))
+
+    def retry_failed(self) -> None:
+        """Send again what failed before (this run or an earlier one), from the alert's state document."""
+        recipients = {r.name: r for r in self.routing.recipients}
+        for failed in list(self.ledger.failed.values()):
+            recipient = recipients.get(failed.get("recipient") or "")
+            alert = self.states.get(failed["alert_id"])
+            address = dict(recipient.channels()).get(failed.get("channel") or "") if recipient else None
+            if recipient is None or alert is None or address is None:
+                self.ledger.failed.pop(failed["action_id"], None)  # recipient or channel no longer routed
+                continue
+            self._deliver(alert, recipient.name, failed["channel"], address)
 
 
 def run_delivery(cfg: Config, routing: Routing, stop_after: float | None = None) -> None:
@@ -188,7 +213,12 @@ def run_delivery(cfg: Config, routing: Routing, stop_after: float | None = None)
     states = AlertStates(OpenSearch(hosts=[cfg.opensearch.url], timeout=30), cfg.opensearch.index_prefix)
     states.ensure()
     worker = DeliveryWorker(cfg, routing, states, codec, read_ledger(cfg, codec))
-    log.info("alert.delivery.start", recipients=len(routing.recipients), delivered_before=len(worker.delivered))
+    log.info(
+        "alert.delivery.start",
+        recipients=len(routing.recipients),
+        delivered_before=len(worker.ledger.delivered),
+        failed_before=len(worker.ledger.failed),
+    )
     consumer = Consumer(
         {
             "bootstrap.servers": cfg.kafka.bootstrap,
@@ -202,9 +232,12 @@ def run_delivery(cfg: Config, routing: Routing, stop_after: float | None = None)
     consumer.subscribe([DOSE_ALERTS.name, ALERT_ACTIONS.name])
     running = [True]
     signal.signal(signal.SIGTERM, lambda *_: running.__setitem__(0, False))
-    started = time.monotonic()
+    started = last_retry = time.monotonic()
     try:
         while running[0] and (stop_after is None or time.monotonic() - started < stop_after):
+            if worker.ledger.failed and time.monotonic() - last_retry >= cfg.alerts.retry_interval_s:
+                worker.retry_failed()
+                last_retry = time.monotonic()
             msg = consumer.poll(0.5)
             if msg is None:
                 continue

@@ -223,8 +223,8 @@ def register_dose(
         ds = image_files.read(instance) if image_files else None
         try:
             diameter = None if ds is None else image_water_equivalent_diameter_mm(ds)
-        except (ValueError, TypeError, AttributeError) as exc:
-            log.warning("dose.size_unreadable", reason=f"{type(exc).__name__}: {exc}")
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+            log.warning("dose.size_unreadable", reason=f"{type(exc).__name__}")
             diameter = None
         if diameter is None:
             return state, False

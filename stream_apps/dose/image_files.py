@@ -38,6 +38,8 @@ class ImageFiles:
         for path in self.candidates(instance):
             try:
                 return pydicom.dcmread(path)
-            except (OSError, pydicom.errors.InvalidDicomError):
+            except FileNotFoundError:
                 continue  # moved between the two places, or not there yet
+            except Exception:  # pydicom raises many kinds on a damaged file: no size sample, no crash
+                return None
         return None

@@ -44,11 +44,19 @@ class Mailbox:
 
 
 class Hooks:
-    """POSTs received; the first one is answered 503 (a receiver briefly down)."""
+    """POSTs received. Per alert, /hook answers its first POST with 503 (a receiver briefly down),
+    /down its first three (longer than a delivery's attempts: the delivery fails, and is retried later)."""
+
+    FAILING = {"/hook": 1, "/down": 3}
 
     def __init__(self) -> None:
-        self.posts: list[tuple[int, dict, dict]] = []
+        self.posts: list[tuple[str, int, dict, dict]] = []
         self.lock = threading.Lock()
+
+    def answer(self, path: str, body: dict) -> int:
+        alert_id = body["alert"]["alert_id"]
+        earlier = sum(1 for p, _, _, b in self.posts if p == path and b["alert"]["alert_id"] == alert_id)
+        return 503 if earlier < self.FAILING.get(path, 0) else 200
 
 
 @pytest.fixture()
@@ -61,8 +69,8 @@ def receivers():
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             with hooks.lock:
-                status = 503 if not hooks.posts else 200
-                hooks.posts.append((status, dict(self.headers), body))
+                status = hooks.answer(self.path, body)
+                hooks.posts.append((self.path, status, dict(self.headers), body))
             self.send_response(status)
             self.end_headers()
 
@@ -98,8 +106,12 @@ def _mails_for(mailbox: Mailbox, alert_id: str) -> list[str]:
     return [text for _, text in mailbox.messages if "Message-ID: <" in text and alert_id in text]
 
 
-def _accepted_posts(hooks: Hooks, alert_id: str) -> list[dict]:
-    return [body for status, _, body in hooks.posts if status == 200 and body["alert"]["alert_id"] == alert_id]
+def _posts(hooks: Hooks, alert_id: str, path: str) -> list[tuple[int, dict, dict]]:
+    return [(st, h, b) for p, st, h, b in hooks.posts if p == path and b["alert"]["alert_id"] == alert_id]
+
+
+def _accepted_posts(hooks: Hooks, alert_id: str, path: str = "/hook") -> list[dict]:
+    return [body for status, _, body in _posts(hooks, alert_id, path) if status == 200]
 
 
 def test_a_study_over_its_drl_reaches_each_recipient_once(pipeline, receivers, tmp_path: Path):
@@ -110,6 +122,7 @@ def test_a_study_over_its_drl_reaches_each_recipient_once(pipeline, receivers, t
         "recipients:\n"
         f"  - {{name: CT physicist, email: ct-physics@hospital.example, webhook: 'http://127.0.0.1:{port(18088)}/hook',"
         " stations: [CTSTATION], rule_types: [drl]}\n"
+        f"  - {{name: On-call hook, webhook: 'http://127.0.0.1:{port(18088)}/down', stations: [ctstation], rule_types: [drl]}}\n"
         "  - {name: DX room lead, email: dx@hospital.example, stations: [DXROOM9]}\n"
     )
     settings = {
@@ -117,6 +130,7 @@ def test_a_study_over_its_drl_reaches_each_recipient_once(pipeline, receivers, t
         "DIANA_ALERTS_SMTP_PORT": str(port(12525)),
         "DIANA_ALERTS_METRICS_PORT": str(port(19467)),
         "DIANA_ALERTS_ATTEMPTS": "3",
+        "DIANA_ALERTS_RETRY_INTERVAL_S": "3",
     }
     study_uid = generate_uid()
     rdsr = b.ct_report(
@@ -143,7 +157,11 @@ def test_a_study_over_its_drl_reaches_each_recipient_once(pipeline, receivers, t
 
     pipeline.start("alerts", "alerts", "deliver", settings={**settings, "DIANA_ALERTS_CONSUMER_GROUP": "alert-test-1"})
     try:
-        _wait(lambda: _mails_for(mailbox, alert_id) and _accepted_posts(hooks, alert_id), "one e-mail and one webhook")
+        _wait(
+            lambda: _mails_for(mailbox, alert_id) and _accepted_posts(hooks, alert_id),
+            "one e-mail and one webhook",
+        )
+        _wait(lambda: _accepted_posts(hooks, alert_id, "/down"), "the failed delivery to be retried")
         _wait(
             lambda: group_lag(cfg, "alert-test-1", [DOSE_ALERTS.name, ALERT_ACTIONS.name]) == 0,
             "the worker to catch up",
@@ -152,8 +170,11 @@ def test_a_study_over_its_drl_reaches_each_recipient_once(pipeline, receivers, t
         [post] = _accepted_posts(hooks, alert_id)
         assert "ALERTPAT1" not in mail and "patient_id" not in post["alert"]  # no patient identifier leaves
         assert "905" in mail and post["alert"]["threshold"] == 850.0
-        attempts = [h for s, h, body in hooks.posts if body["alert"]["alert_id"] == alert_id]
-        assert len(attempts) == 2 and attempts[0]["Idempotency-Key"] == attempts[1]["Idempotency-Key"]  # 503, then 200
+        attempts = _posts(hooks, alert_id, "/hook")
+        assert [st for st, _, _ in attempts] == [503, 200]  # retried within the delivery's attempts
+        assert attempts[0][1]["Idempotency-Key"] == attempts[1][1]["Idempotency-Key"]
+        # /down failed all 3 attempts (DELIVERY_FAILED), then the retry 3 s later went through.
+        assert [st for st, _, _ in _posts(hooks, alert_id, "/down")] == [503, 503, 503, 200]
         assert all("dx@hospital.example" not in rcpt for rcpt, _ in mailbox.messages)
 
         # The delivery worker dies hard and restarts under a new group: every alert replays, none is resent.
@@ -166,6 +187,7 @@ def test_a_study_over_its_drl_reaches_each_recipient_once(pipeline, receivers, t
             "the replaying worker to catch up",
         )
         assert len(_mails_for(mailbox, alert_id)) == 1 and len(_accepted_posts(hooks, alert_id)) == 1
+        assert len(_posts(hooks, alert_id, "/down")) == 4
 
         listed = _cli(pipeline, "alerts", "list")
         assert listed.returncode == 0 and alert_id in listed.stdout
@@ -185,10 +207,15 @@ def test_a_study_over_its_drl_reaches_each_recipient_once(pipeline, receivers, t
         assert close.returncode == 0, close.stderr
         _wait(lambda: state()["status"] == "closed", "the closing in OpenSearch")
         doc = state()
-        assert (doc["reason_code"], doc["note"], doc["deliveries"]) == ("patient_habitus", "BMI 41", 2)
-        history = [(h["action"], h.get("channel")) for h in doc["history"]]
-        assert history[0] == ("RAISED", None) and history[-2:] == [("ACKNOWLEDGED", None), ("CLOSED", None)]
-        assert sorted(history[1:3]) == [("DELIVERED", "email"), ("DELIVERED", "webhook")]
+        assert (doc["reason_code"], doc["note"], doc["deliveries"]) == ("patient_habitus", "BMI 41", 3)
+        history = [(h["action"], h.get("recipient"), h.get("channel")) for h in doc["history"]]
+        assert history[0][0] == "RAISED" and [h[0] for h in history[-2:]] == ["ACKNOWLEDGED", "CLOSED"]
+        assert sorted(history[1:-2]) == [
+            ("DELIVERED", "CT physicist", "email"),
+            ("DELIVERED", "CT physicist", "webhook"),
+            ("DELIVERED", "On-call hook", "webhook"),
+            ("DELIVERY_FAILED", "On-call hook", "webhook"),
+        ]
         assert "patient_id" not in doc
     finally:
         if "alerts" in pipeline.procs:

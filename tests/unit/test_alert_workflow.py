@@ -124,3 +124,16 @@ def test_actions_fit_their_schema():
     ):
         _, back = codec.decode(codec.encode("AlertAction", action), expect="AlertAction")
         assert back["action_id"] == action["action_id"] and back["action"] == action["action"]
+
+
+def test_ledger_keeps_failures_until_a_delivery_follows():
+    from diana.access.alerts.delivery import Ledger
+
+    ledger = Ledger()
+    failed = delivery_action("a1", "On call", "webhook", False, 3, "HTTPError: 503")
+    ledger.add(failed)
+    assert list(ledger.failed) == [failed["action_id"]] and not ledger.delivered
+    ledger.add(delivery_action("a1", "On call", "webhook", True, 1, "HTTP 200"))
+    assert ledger.delivered == {failed["action_id"]} and not ledger.failed
+    ledger.add(failed)  # an old failure read after the delivery: stays delivered
+    assert not ledger.failed

@@ -376,3 +376,19 @@ def test_worker_parses_per_series_images_once_and_samples_ct_images():
     ct = {"modality": "CT", "instance_number": 11}
     assert _size_sample(ct, 10) and not _size_sample({**ct, "instance_number": 12}, 10)
     assert not _size_sample(ct, 0) and not _size_sample({**ct, "modality": "MR"}, 10)
+
+
+def test_a_damaged_image_file_gives_no_size_and_no_crash(tmp_path: Path):
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    landing = tmp_path / "landing" / "x.dcm"
+    landing.parent.mkdir()
+    landing.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 40)  # a preamble, then garbage
+    files = ImageFiles(tmp_path / "landing", tmp_path / "archive")
+    instance = {
+        "study_instance_uid": study,
+        "series_instance_uid": series,
+        "sop_instance_uid": sop,
+        "landing_path": "x.dcm",
+    }
+    ds = files.read(instance)  # pydicom may read such a file leniently, as an empty data set
+    assert ds is None or image_water_equivalent_diameter_mm(ds) is None
