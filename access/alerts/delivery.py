@@ -26,7 +26,14 @@ from prometheus_client import Counter, start_http_server
 
 from diana.access.alerts.channels import send_email, send_webhook, with_retries
 from diana.access.alerts.routing import Routing
-from diana.access.alerts.workflow import STATE_MAPPING, apply_action, delivery_action, delivery_action_id, raised_state
+from diana.access.alerts.workflow import (
+    STATE_MAPPING,
+    apply_action,
+    delivery_action,
+    delivery_action_id,
+    delivery_key,
+    raised_state,
+)
 from diana.config import Config
 from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.topics import ALERT_ACTIONS, DOSE_ALERTS
@@ -85,14 +92,15 @@ class Ledger:
     """What dose.alert-actions says so far: deliveries made, and failed ones not made since."""
 
     delivered: set[str] = field(default_factory=set)
-    failed: dict[str, dict] = field(default_factory=dict)  # action id -> the DELIVERY_FAILED action
+    failed: dict[str, dict] = field(default_factory=dict)  # delivery key -> its latest DELIVERY_FAILED action
 
     def add(self, action: dict) -> None:
+        key = delivery_key(action)
         if action.get("action") == "DELIVERED":
-            self.delivered.add(action["action_id"])
-            self.failed.pop(action["action_id"], None)
-        elif action.get("action") == "DELIVERY_FAILED" and action["action_id"] not in self.delivered:
-            self.failed[action["action_id"]] = action
+            self.delivered.add(key)
+            self.failed.pop(key, None)
+        elif action.get("action") == "DELIVERY_FAILED" and key not in self.delivered:
+            self.failed[key] = action
 
 
 def read_ledger(cfg: Config, codec: Codec, timeout: float = 30.0) -> Ledger:
@@ -200,7 +208,7 @@ class DeliveryWorker:
             alert = self.states.get(failed["alert_id"])
             address = dict(recipient.channels()).get(failed.get("channel") or "") if recipient else None
             if recipient is None or alert is None or address is None:
-                self.ledger.failed.pop(failed["action_id"], None)  # recipient or channel no longer routed
+                self.ledger.failed.pop(delivery_key(failed), None)  # recipient or channel no longer routed
                 continue
             self._deliver(alert, recipient.name, failed["channel"], address)
 

@@ -16,6 +16,7 @@ __all__ = [
     "REASON_CODES",
     "TransitionError",
     "delivery_action_id",
+    "delivery_key",
     "delivery_action",
     "human_action",
     "check_transition",
@@ -61,9 +62,16 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def delivery_key(action: dict) -> str:
+    """The (alert, recipient, channel) key of a delivery action, failed or not."""
+    return action["action_id"].split("/failed/")[0]
+
+
 def delivery_action(alert_id: str, recipient: str, channel: str, ok: bool, attempts: int, detail: str) -> dict:
+    key = delivery_action_id(alert_id, recipient, channel)
     return {
-        "action_id": delivery_action_id(alert_id, recipient, channel),
+        # A delivery is one action per key; each failure is its own step in the history.
+        "action_id": key if ok else f"{key}/failed/{uuid.uuid4().hex[:12]}",
         "alert_id": alert_id,
         "action": "DELIVERED" if ok else "DELIVERY_FAILED",
         "at": _now(),

@@ -92,6 +92,14 @@ def test_messages_carry_no_patient_identifier():
     assert "diana alerts ack a1" in alert_text(ALERT)
 
 
+def test_a_failure_and_the_later_delivery_are_two_steps_of_the_history():
+    doc = raised_state(ALERT, None)
+    doc = apply_action(doc, delivery_action("a1", "On call", "webhook", False, 3, "HTTPError: 503"))
+    doc = apply_action(doc, delivery_action("a1", "On call", "webhook", True, 1, "HTTP 200"))
+    assert [h["action"] for h in doc["history"]] == ["RAISED", "DELIVERY_FAILED", "DELIVERED"]
+    assert doc["deliveries"] == 1
+
+
 def test_open_acknowledged_closed_with_history():
     doc = raised_state(ALERT, None)
     assert doc["status"] == "open" and "patient_id" not in doc
@@ -131,9 +139,11 @@ def test_ledger_keeps_failures_until_a_delivery_follows():
 
     ledger = Ledger()
     failed = delivery_action("a1", "On call", "webhook", False, 3, "HTTPError: 503")
+    key = delivery_action_id("a1", "On call", "webhook")
     ledger.add(failed)
-    assert list(ledger.failed) == [failed["action_id"]] and not ledger.delivered
+    assert list(ledger.failed) == [key] and not ledger.delivered
+    assert failed["action_id"] != delivery_action("a1", "On call", "webhook", False, 3, "")["action_id"]
     ledger.add(delivery_action("a1", "On call", "webhook", True, 1, "HTTP 200"))
-    assert ledger.delivered == {failed["action_id"]} and not ledger.failed
+    assert ledger.delivered == {key} and not ledger.failed
     ledger.add(failed)  # an old failure read after the delivery: stays delivered
     assert not ledger.failed
