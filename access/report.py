@@ -12,7 +12,9 @@ from typing import Any
 
 from opensearchpy import OpenSearch
 
+from diana.access.dose_survey import reference_level_survey
 from diana.schemas.layout import IndexLayout
+from diana.stream_apps.dose.reference_levels import ReferenceLevels
 
 __all__ = ["build_report"]
 
@@ -56,7 +58,7 @@ def _bar_chart(chart_id: str, title: str, series: dict[str, dict[str, float]], u
         f'<text x="{left - 5}" y="15" text-anchor="end" font-size="11">{top:g}{html.escape(unit)}</text>',
     ]
     for i, x in enumerate(categories):
-        y = height - bottom
+        y = float(height - bottom)
         for s_index, (name, values) in enumerate(sorted(series.items())):
             value = float(values.get(x, 0))
             h = (height - bottom - 20) * value / top
@@ -112,7 +114,64 @@ def _split(aggs: dict, outer: str, inner: str, value=lambda b: b["doc_count"]) -
     return series
 
 
-def build_report(client: OpenSearch, prefix: str, start: date, end: date) -> str:
+def _reference_level_sections(
+    client: OpenSearch, prefix: str, levels: ReferenceLevels | None, received: dict
+) -> list[str]:
+    """The DRL survey (median per standard name over the levels' window) and the range's studies over their level."""
+    if levels is None or not levels.study:
+        return []
+    rows = reference_level_survey(client, prefix, levels)
+    over = {}
+    if client.indices.exists_alias(name=IndexLayout(prefix).alias("dose-studies")):
+        over = client.search(
+            index=IndexLayout(prefix).alias("dose-studies"),
+            body={
+                "size": 50,
+                "query": {"bool": {"filter": [received, {"term": {"over_drl": True}}]}},
+                "sort": [{"received_at": "desc"}],
+            },
+        )
+    return [
+        _table(
+            f"Reference levels: median per standard name, last {levels.window_days} days",
+            ["standard name", "metric", "studies", "median", "local", "national", "median / level", "verdict"],
+            [
+                [
+                    r["standard_name"],
+                    r["metric"],
+                    r["studies"],
+                    r["median"],
+                    r["local"],
+                    r["national"],
+                    r["ratio"],
+                    "no studies"
+                    if r["median"] is None
+                    else ("OVER" if r["median_over_level"] else "within") + (" (too few)" if r["too_few"] else ""),
+                ]
+                for r in rows
+            ],
+        ),
+        _table(
+            "Studies over their reference level (latest 50)",
+            ["study date", "standard name", "metric", "value", "level", "level source", "max SSDE (mGy)", "accession"],
+            [
+                [
+                    h["_source"].get("study_date"),
+                    h["_source"].get("standard_name"),
+                    h["_source"].get("drl_metric"),
+                    h["_source"].get("drl_value"),
+                    h["_source"].get("drl_level"),
+                    h["_source"].get("drl_source"),
+                    h["_source"].get("max_ssde_mGy"),
+                    h["_source"].get("accession_number"),
+                ]
+                for h in over.get("hits", {}).get("hits", [])
+            ],
+        ),
+    ]
+
+
+def build_report(client: OpenSearch, prefix: str, start: date, end: date, levels: ReferenceLevels | None = None) -> str:
     received = _range("received_at", start, end)
     per_day = {"calendar_interval": "day", "format": "yyyy-MM-dd", "min_doc_count": 1}
     ingest = _search(
@@ -201,6 +260,7 @@ def build_report(client: OpenSearch, prefix: str, start: date, end: date) -> str
                 for b in dlp.get("stations", {}).get("buckets", [])
             ],
         ),
+        *_reference_level_sections(client, prefix, levels, received),
         _table(
             "Dose alerts (latest 50)",
             ["raised", "rule", "metric", "value", "threshold", "accession", "station"],

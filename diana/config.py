@@ -118,6 +118,32 @@ class DoseConfig:
     web_port: int = 6067
     # YAML reference levels and cumulative rules (docs/DOSE.md); empty: Dose Check alerts only.
     alert_rules: str = ""
+    # Every N-th CT image (by Instance Number) is read from the landing store or archive for its
+    # water-equivalent diameter (SSDE, docs/DOSE.md); 0 turns this off.
+    size_sample_every: int = 10
+    # YAML mapping of free-text protocols to standard names and body regions (docs/DOSE.md).
+    standard_names: str = ""
+    # YAML local and national diagnostic reference levels by standard name (docs/DOSE.md).
+    reference_levels: str = ""
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    """`diana alerts deliver`: dose alerts to people by e-mail and webhook, once (docs/DOSE.md)."""
+
+    # YAML recipients and their routing by station/room and rule type; empty: nothing is sent.
+    routing: str = ""
+    consumer_group: str = "diana-alert-delivery"
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 25
+    smtp_from: str = "diana-star@localhost"
+    # Attempts per delivery before it is recorded as DELIVERY_FAILED; the wait doubles from 1 s.
+    attempts: int = 5
+    timeout_s: float = 10.0
+    # A delivery that failed all its attempts is tried again this often (and at the next start).
+    retry_interval_s: float = 300.0
+    # Prometheus /metrics of the delivery worker (diana_alert_deliveries_total); 0 turns it off.
+    metrics_port: int = 9467
 
 
 @dataclass(frozen=True)
@@ -169,6 +195,7 @@ class Config:
     sinks: SinksConfig = field(default_factory=SinksConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     dose: DoseConfig = field(default_factory=DoseConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     stack: StackConfig = field(default_factory=StackConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

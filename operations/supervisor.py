@@ -56,13 +56,19 @@ def wait_for_receiver(cfg: Config, proc: subprocess.Popen, timeout: float = 60.0
     raise RuntimeError("the receiver did not answer a C-ECHO; see its log above")
 
 
-def run_pipeline(cfg: Config, config_file: str | None, stop: threading.Event, on_ready: Callable[[], None]) -> None:
-    """Start every pipeline process, call ``on_ready`` once the receiver answers, supervise until
-    ``stop`` is set or a process exits, then stop them all."""
+def run_pipeline(
+    cfg: Config,
+    config_file: str | None,
+    stop: threading.Event,
+    on_ready: Callable[[], None],
+    extra: list[tuple[str, list[str]]] | None = None,
+) -> None:
+    """Start every pipeline process (and ``extra`` ones), call ``on_ready`` once the receiver answers,
+    supervise until ``stop`` is set or a process exits, then stop them all."""
     base = [sys.executable, "-m", "diana.cli"] + (["--config", config_file] if config_file else [])
     procs: dict[str, subprocess.Popen] = {}
     try:
-        for name, sub in PIPELINE:
+        for name, sub in [*PIPELINE, *(extra or [])]:
             procs[name] = subprocess.Popen(base + sub, start_new_session=True)
             log.info("pipeline.started", process=name, pid=procs[name].pid)
         wait_for_receiver(cfg, procs["receiver"])

@@ -43,12 +43,17 @@ class IndexLayout:
         "deadletters": "deadletter_offset",
     }
 
+    # Indices written outside the OpenSearch sink (which creates only those of id_fields).
+    written_elsewhere = {
+        "dose-alert-state": "alert_id",  # access/alerts: the acknowledgment workflow's current state
+    }
+
     def __init__(self, prefix: str):
         self.prefix = prefix
 
     def alias(self, kind: str) -> str:
-        if kind not in self.id_fields:
-            raise KeyError(f"no index kind {kind!r}; kinds: {', '.join(self.id_fields)}")
+        if kind not in self.id_fields and kind not in self.written_elsewhere:
+            raise KeyError(f"no index kind {kind!r}; kinds: {', '.join([*self.id_fields, *self.written_elsewhere])}")
         return f"{self.prefix}-{kind}"
 
     def index(self, kind: str, version: int = INDEX_VERSION) -> str:

@@ -24,6 +24,7 @@ __all__ = [
     "DOSE_STUDIES",
     "DOSE_ALERTS",
     "DOSE_BY_PATIENT",
+    "ALERT_ACTIONS",
     "ALL_TOPICS",
     "ensure_topics",
 ]
@@ -93,6 +94,9 @@ DOSE_ALERTS = Topic("dose.alerts", key="StudyInstanceUID", schema="DoseAlert", c
 # Study totals re-keyed by patient, so that one worker sees all of a patient's studies for the
 # cumulative rules. Internal to the dose worker; derived, so rebuilt by a replay.
 DOSE_BY_PATIENT = Topic("dose.by-patient", key="PatientID", schema="DoseStudy", config={"cleanup.policy": "compact"})
+# What happened to each dose alert: deliveries, acknowledgments, closings (access/alerts). Kept
+# forever: it is the alert's history and the delivery ledger that makes delivery happen once.
+ALERT_ACTIONS = Topic("dose.alert-actions", key="alert_id", schema="AlertAction", config={"retention.ms": "-1"})
 ALL_TOPICS = (
     INSTANCES,
     SERIES,
@@ -104,6 +108,7 @@ ALL_TOPICS = (
     DOSE_STUDIES,
     DOSE_ALERTS,
     DOSE_BY_PATIENT,
+    ALERT_ACTIONS,
 )
 
 

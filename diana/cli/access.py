@@ -149,6 +149,7 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     from diana.access.report import build_report
     from diana.clients import opensearch_client
     from diana.durable import write_atomic
+    from diana.stream_apps.dose.reference_levels import LevelsError, load_reference_levels
 
     try:
         end = date.fromisoformat(args.to_date) if args.to_date else date.today()
@@ -158,11 +159,79 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     if start > end:
         return fail("report", f"--from {start} is after --to {end}")
     try:
-        page = build_report(opensearch_client(cfg.opensearch, timeout=60), cfg.opensearch.index_prefix, start, end)
+        levels = load_reference_levels(cfg.path(Path(cfg.dose.reference_levels))) if cfg.dose.reference_levels else None
+    except LevelsError as exc:
+        return fail("report", str(exc))
+    try:
+        client = opensearch_client(cfg.opensearch, timeout=60)
+        page = build_report(client, cfg.opensearch.index_prefix, start, end, levels)
     except OSConnectionError:
         return fail("report", f"OpenSearch does not answer at {cfg.opensearch.url}", code=1)
     write_atomic(Path(args.out), page.encode("utf-8"))
     print(f"report {start} to {end} written to {args.out}")
+    return 0
+
+
+def cmd_dose_names(cfg: Config, args: argparse.Namespace) -> int:
+    """List the protocols and study descriptions of the dose indices that no standard name maps, most frequent first."""
+    from diana.access.dose_survey import render_unmapped, unmapped_protocols
+    from diana.clients import opensearch_client
+
+    client = opensearch_client(cfg.opensearch, timeout=30)
+    print(render_unmapped(unmapped_protocols(client, cfg.opensearch.index_prefix, args.days)))
+    return 0
+
+
+def cmd_dose_drl(cfg: Config, _args: argparse.Namespace) -> int:
+    """Compare the median of each standard name's studies over the survey window with its local and national DRLs."""
+    from diana.access.dose_survey import reference_level_survey, render_survey
+    from diana.clients import opensearch_client
+    from diana.stream_apps.dose.reference_levels import LevelsError, load_reference_levels
+
+    if not cfg.dose.reference_levels:
+        return fail("dose drl", "no reference levels: set [dose] reference_levels to a YAML file (docs/DOSE.md)")
+    try:
+        levels = load_reference_levels(cfg.path(Path(cfg.dose.reference_levels)))
+    except LevelsError as exc:
+        return fail("dose drl", str(exc))
+    client = opensearch_client(cfg.opensearch, timeout=30)
+    print(render_survey(reference_level_survey(client, cfg.opensearch.index_prefix, levels), levels.window_days))
+    return 0
+
+
+def cmd_alerts(cfg: Config, args: argparse.Namespace) -> int:
+    """Deliver dose alerts to people (e-mail, webhook) once; list, acknowledge and close them."""
+    from diana.access.alerts.workflow import REASON_CODES, TransitionError
+
+    if args.action == "deliver":
+        from diana.access.alerts.delivery import run_delivery
+        from diana.access.alerts.routing import RoutingError, load_routing
+        from diana.clients import kafka_admin
+        from diana.schemas.topics import ensure_topics
+
+        try:
+            routing = load_routing(cfg.path(Path(cfg.alerts.routing)) if cfg.alerts.routing else None)
+        except RoutingError as exc:
+            return fail("alerts deliver", str(exc))
+        if not routing.recipients:
+            return fail("alerts deliver", "no recipients: set [alerts] routing to a YAML file (docs/DOSE.md)")
+        ensure_topics(kafka_admin(cfg.kafka), cfg.kafka.partitions)
+        run_delivery(cfg, routing)
+        return 0
+    from diana.access.alerts.commands import list_alerts, record_action, render_alerts
+
+    if args.action == "list":
+        print(render_alerts(list_alerts(cfg, None if args.status == "all" else args.status)))
+        return 0
+    if args.action == "ack" and args.reason not in REASON_CODES:
+        return fail("alerts ack", f"--reason must be one of {', '.join(REASON_CODES)}")
+    try:
+        record = record_action(
+            cfg, args.alert_id, "ACKNOWLEDGED" if args.action == "ack" else "CLOSED", args.reason, args.note
+        )
+    except TransitionError as exc:
+        return fail(f"alerts {args.action}", str(exc), code=1)
+    print(f"{record['action'].lower()} {args.alert_id} (recorded on dose.alert-actions as {record['action_id']})")
     return 0
 
 
@@ -254,6 +323,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     dash.add_argument("--url", default="http://127.0.0.1:5601", help="Dashboards URL (default http://127.0.0.1:5601)")
     dash.add_argument("--output", "-o", metavar="FILE", help="export: write here instead of standard output")
     dash.set_defaults(func=cmd_dashboards)
+
+    alerts = sub.add_parser(
+        "alerts", help="deliver, list, acknowledge and close dose alerts", description=cmd_alerts.__doc__
+    )
+    alerts_sub = alerts.add_subparsers(dest="action", required=True, metavar="ACTION")
+    alerts_sub.add_parser(
+        "deliver",
+        help="run the worker that sends each alert to its recipients once ([alerts] routing)",
+        description="Send each dose alert to each recipient routed to it ([alerts] routing) by e-mail and "
+        "webhook, once: deliveries are recorded on dose.alert-actions and never repeated; keeps the "
+        "alert state index in OpenSearch.",
+    )
+    listing = alerts_sub.add_parser("list", help="alerts with their status, newest first")
+    listing.add_argument("--status", choices=("open", "acknowledged", "closed", "all"), default="open")
+    ack = alerts_sub.add_parser("ack", help="acknowledge an open alert with a reason code and a note")
+    ack.add_argument("alert_id")
+    ack.add_argument(
+        "--reason", required=True, help="patient_habitus, repeat, protocol, equipment, clinical_need or other"
+    )
+    ack.add_argument("--note", default=None, help="free text kept in the alert's history")
+    close = alerts_sub.add_parser("close", help="close an acknowledged alert")
+    close.add_argument("alert_id")
+    close.add_argument("--note", default=None, help="free text kept in the alert's history")
+    close.set_defaults(reason=None)
+    alerts.set_defaults(func=cmd_alerts)
 
     rep = sub.add_parser(
         "report", help="write a self-contained HTML report of ingest and dose", description=cmd_report.__doc__

@@ -78,16 +78,23 @@ def cmd_dose(cfg: Config, _args: argparse.Namespace) -> int:
     from diana.stream_apps.app import create_app, deepen_faust_producer_buffer
     from diana.stream_apps.dose.agent import TABLES, register_dose
     from diana.stream_apps.dose.alerts import RulesError, load_rules
+    from diana.stream_apps.dose.image_files import ImageFiles
+    from diana.stream_apps.dose.reference_levels import LevelsError, load_reference_levels
+    from diana.stream_apps.dose.standard_names import NamesError, load_standard_names
     from diana.stream_apps.state_topics import ensure_state_topics
 
+    d = cfg.dose
     try:
-        rules = load_rules(cfg.path(Path(cfg.dose.alert_rules)) if cfg.dose.alert_rules else None)
-    except RulesError as exc:
+        rules = load_rules(cfg.path(Path(d.alert_rules)) if d.alert_rules else None)
+        names = load_standard_names(cfg.path(Path(d.standard_names)) if d.standard_names else None)
+        levels = load_reference_levels(cfg.path(Path(d.reference_levels)) if d.reference_levels else None)
+    except (RulesError, NamesError, LevelsError) as exc:
         return fail("dose", str(exc))
-    ensure_state_topics(cfg, [f"{cfg.dose.app_id}-{table}-changelog" for table in TABLES])
+    ensure_state_topics(cfg, [f"{d.app_id}-{table}-changelog" for table in TABLES])
     deepen_faust_producer_buffer()
-    app = create_app(cfg, app_id=cfg.dose.app_id, web_port=cfg.dose.web_port)
-    register_dose(app, rules)
+    app = create_app(cfg, app_id=d.app_id, web_port=d.web_port)
+    files = ImageFiles(cfg.path(cfg.storage.landing_dir), cfg.path(cfg.storage.archive_dir))
+    register_dose(app, rules, image_files=files, size_sample_every=d.size_sample_every, names=names, levels=levels)
     worker = faust.Worker(app, loglevel=cfg.log.level.upper(), quiet=True)
     worker.execute_from_commandline()
     return 0
@@ -149,7 +156,9 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
         stack.start()
     try:
         cmd_topics(cfg, args)
-        run_pipeline(cfg, args.config, stop_on_signals(), on_ready=lambda: print(_banner(cfg), flush=True))
+        # The alert delivery worker runs when recipients are configured ([alerts] routing).
+        extra = [("alerts", ["alerts", "deliver"])] if cfg.alerts.routing else []
+        run_pipeline(cfg, args.config, stop_on_signals(), on_ready=lambda: print(_banner(cfg), flush=True), extra=extra)
     finally:
         if not args.no_stack and not args.keep_stack:
             stack.stop()
@@ -206,13 +215,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         "workers share the partitions; give each its own [stream] web_port (its "
         "Prometheus metrics, and its name).",
     ).set_defaults(func=cmd_aggregate)
-    sub.add_parser(
+    from diana.cli.access import cmd_dose_drl, cmd_dose_names
+
+    dose = sub.add_parser(
         "dose",
         help="run the Faust worker for dose records and dose alerts",
         description="Run the Faust worker that extracts dose events from dose reports and image "
         "headers in dicom.instances, folds them per study into dose.events and "
-        "dose.studies, and raises dose.alerts ([dose] alert_rules, docs/DOSE.md).",
-    ).set_defaults(func=cmd_dose)
+        "dose.studies, and raises dose.alerts ([dose] alert_rules, docs/DOSE.md). "
+        "With ACTION: names or drl, reports from the dose indices.",
+    )
+    dose.set_defaults(func=cmd_dose)
+    dose_sub = dose.add_subparsers(dest="dose_action", metavar="ACTION")
+    names = dose_sub.add_parser(
+        "names", help="protocols without a standard name, with counts", description=cmd_dose_names.__doc__
+    )
+    names.add_argument("--days", type=int, default=None, help="only studies dated in the last DAYS days")
+    names.set_defaults(func=cmd_dose_names)
+    dose_sub.add_parser(
+        "drl", help="median per standard name against the reference levels", description=cmd_dose_drl.__doc__
+    ).set_defaults(func=cmd_dose_drl)
     sink = sub.add_parser(
         "sink",
         help="run a sink (archive or opensearch)",

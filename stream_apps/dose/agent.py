@@ -20,9 +20,13 @@ import structlog
 
 from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.topics import DEADLETTER, DOSE_ALERTS, DOSE_BY_PATIENT, DOSE_EVENTS, DOSE_STUDIES, INSTANCES
-from diana.stream_apps.dose.alerts import AlertRules, cumulative_alerts, study_alerts
+from diana.stream_apps.dose.alerts import AlertRules, cumulative_alerts, drl_alerts, repeat_alerts, study_alerts
 from diana.stream_apps.dose.extract import DoseExtractionError, dataset_from_header_json, extract_dose
-from diana.stream_apps.dose.study import fold_report, new_study, summarize
+from diana.stream_apps.dose.image_files import ImageFiles
+from diana.stream_apps.dose.reference_levels import ReferenceLevels
+from diana.stream_apps.dose.size import image_water_equivalent_diameter_mm
+from diana.stream_apps.dose.standard_names import StandardNames
+from diana.stream_apps.dose.study import fold_report, fold_size, new_study, summarize
 
 __all__ = ["register_dose", "may_carry_dose", "TABLES"]
 
@@ -30,7 +34,7 @@ TABLES = ("dose-studies", "dose-patients")
 
 log = structlog.get_logger("diana.stream.dose")
 
-_DOSE_MODALITIES = {"SR", "CT", "CR", "DX", "MG", "RF", "XA", "PX", "IO"}
+_DOSE_MODALITIES = {"SR", "CT", "CR", "DX", "MG", "RF", "XA", "PX", "IO", "PT", "NM"}
 _SR_CLASSES = "1.2.840.10008.5.1.4.1.1.88."
 _CONTEXT = (
     "accession_number",
@@ -49,18 +53,50 @@ _CONTEXT = (
 )
 
 
-# CTDIvol, area dose product, entrance dose in mGy, organ dose, exposure index: an image header
-# without any of these has nothing to say about dose, and is not parsed.
-_HEADER_DOSE_TAGS = ('"00189345"', '"0018115E"', '"00401302"', '"00400316"', '"00181411"')
+# CTDIvol, area dose product, entrance dose (mGy and dGy), organ dose, exposure index,
+# radiopharmaceutical information: an image header without any of these has nothing to say about
+# dose, and is not parsed. An Exposure Dose Sequence is read in any object (dose screens are
+# secondary captures of any modality); kVp counts for the modalities whose technique is an exposure.
+_HEADER_DOSE_TAGS = ('"00189345"', '"0018115E"', '"00408302"', '"00400302"', '"00400316"', '"00181411"', '"00540016"')
+_EXPOSURE_DOSE_SEQUENCE = '"0040030E"'
+_TECHNIQUE_MODALITIES = {"MG", "PX", "IO"}
+_KVP = '"00180060"'
+# Images whose every instance in a series repeats the series' dose values: parsed once per series.
+_PER_SERIES = {"CT", "PT", "NM"}
 
 
 def may_carry_dose(instance: dict) -> bool:
     header = instance.get("header_json")
     if not header:
         return False
-    if instance["sop_class_uid"].startswith(_SR_CLASSES):
+    if instance["sop_class_uid"].startswith(_SR_CLASSES) or _EXPOSURE_DOSE_SEQUENCE in header:
         return True
-    return instance.get("modality") in _DOSE_MODALITIES and any(tag in header for tag in _HEADER_DOSE_TAGS)
+    modality = instance.get("modality")
+    if modality in _TECHNIQUE_MODALITIES and _KVP in header:
+        return True
+    return modality in _DOSE_MODALITIES and any(tag in header for tag in _HEADER_DOSE_TAGS)
+
+
+def _series_done(state: dict | None, instance: dict) -> bool:
+    """True when the study already has a dose report, or this series' header values (one per series)."""
+    if not state or instance.get("modality") not in _PER_SERIES:
+        return False
+    if '"0040030E"' in (instance.get("header_json") or ""):
+        return False
+    reports = state["reports"].values()
+    series = instance["series_instance_uid"]
+    return any(r["source"] == "RDSR" for r in reports) or any(
+        r.get("series_instance_uid") == series or any(e.get("event_key") == f"series:{series}" for e in r["events"])
+        for r in reports
+    )
+
+
+def _size_sample(instance: dict, every: int) -> bool:
+    """Every ``every``-th CT image (by Instance Number) is measured for the water-equivalent diameter."""
+    if every <= 0 or instance.get("modality") != "CT":
+        return False
+    number = instance.get("instance_number")
+    return number is not None and (number - 1) % every == 0
 
 
 def _dt(ms: int) -> datetime:
@@ -72,6 +108,16 @@ def _fit(codec: Codec, schema: str, record: dict) -> dict:
     return {f.name: record.get(f.name, f.default if f.has_default else None) for f in codec.schema(schema).fields}
 
 
+_SOURCE_FIELDS = (
+    "source",
+    "kvp",
+    "max_tube_current_mA",
+    "tube_current_mA",
+    "exposure_time_per_rotation_s",
+    "exposure_time_s",
+)
+
+
 def event_record(study: dict, event: dict) -> dict:
     record = {**{k: study.get(k) for k in _CONTEXT}, **event}
     record["event_id"] = f"{study['study_instance_uid']}/{event['event_key']}"
@@ -79,13 +125,20 @@ def event_record(study: dict, event: dict) -> dict:
     record["received_at"] = _dt(event["received_at"])
     sources = event.get("xray_source_parameters")
     if sources:
-        record["xray_source_parameters"] = [
-            {k: s.get(k) for k in ("source", "kvp", "max_tube_current_mA", "tube_current_mA")} for s in sources
-        ]
+        record["xray_source_parameters"] = [{k: s.get(k) for k in _SOURCE_FIELDS} for s in sources]
     return record
 
 
-def register_dose(app: faust.App, rules: AlertRules, codec: Codec | None = None) -> None:
+def register_dose(
+    app: faust.App,
+    rules: AlertRules,
+    codec: Codec | None = None,
+    image_files: ImageFiles | None = None,
+    size_sample_every: int = 10,
+    names: StandardNames | None = None,
+    levels: ReferenceLevels | None = None,
+) -> None:
+    """The dose agents; ``image_files`` lets the worker read sampled CT images' pixels for SSDE (size.py)."""
     codec = codec or default_codec()
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     source = app.topic(INSTANCES.name, **raw)
@@ -137,61 +190,71 @@ def register_dose(app: faust.App, rules: AlertRules, codec: Codec | None = None)
             except DecodeError as exc:
                 await dead(message, event.value, str(exc))
                 continue
-            if not may_carry_dose(instance):
+            sample = image_files is not None and _size_sample(instance, size_sample_every)
+            carries = may_carry_dose(instance)
+            if not (sample or carries):
                 continue
             uid = instance["study_instance_uid"]
-            state = study_table.get(uid)
-            if (
-                state
-                and instance.get("modality") == "CT"
-                and (
-                    any(r["source"] == "RDSR" for r in state["reports"].values())
-                    or any(
-                        e.get("event_key") == f"series:{instance['series_instance_uid']}"
-                        for r in state["reports"].values()
-                        for e in r["events"]
-                    )
-                )
-            ):
-                continue  # one CTDIvol per series is enough, and none once a dose report is here
-            try:
-                extracted = extract_dose(dataset_from_header_json(instance["header_json"]))
-            except DoseExtractionError as exc:
-                await dead(message, event.value, str(exc))
+            state, changed = study_table.get(uid), False
+            if sample:
+                state, changed = _measure_size(state, instance, uid)
+            if carries and not _series_done(state, instance):
+                try:
+                    extracted = extract_dose(dataset_from_header_json(instance["header_json"]))
+                except DoseExtractionError as exc:
+                    await dead(message, event.value, str(exc))
+                    continue
+                if extracted is not None:
+                    report, context = extracted
+                    state = state or {**new_study(uid), "revision": 0}
+                    at_ms = int(instance["received_at"].timestamp() * 1000)
+                    changed = fold_report(state, report, context, at_ms) or changed
+            if not changed or state is None:
+                continue  # nothing new: the same object again, or a series already counted
+            if not state["reports"]:
+                study_table[uid] = state  # a size sample before any dose value: kept for later
                 continue
-            if extracted is None:
-                continue
-            report, context = extracted
-            state = state or {**new_study(uid), "revision": 0}
-            at_ms = int(instance["received_at"].timestamp() * 1000)
-            if not fold_report(state, report, context, at_ms):
-                continue  # the same object again: nothing changes
-            state["revision"] += 1
-            study, events = summarize(state)
-            at = instance["received_at"]
-            for ev in events:
-                await events_out.send(
-                    key=uid.encode(),
-                    value=codec.encode(
-                        DOSE_EVENTS.value_schema, _fit(codec, DOSE_EVENTS.value_schema, event_record(study, ev))
-                    ),
-                )
-            study_value = codec.encode(
-                DOSE_STUDIES.value_schema,
-                _fit(codec, DOSE_STUDIES.value_schema, {**study, "revision": state["revision"], "received_at": at}),
+            await publish_study(uid, state, instance["received_at"])
+
+    def _measure_size(state: dict | None, instance: dict, uid: str) -> tuple[dict | None, bool]:
+        """Fold one sampled CT image's water-equivalent diameter into the study state."""
+        if state and instance["sop_instance_uid"] in state.get("sizes", {}):
+            return state, False
+        ds = image_files.read(instance) if image_files else None
+        try:
+            diameter = None if ds is None else image_water_equivalent_diameter_mm(ds)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+            log.warning("dose.size_unreadable", reason=f"{type(exc).__name__}")
+            diameter = None
+        if diameter is None:
+            return state, False
+        state = state or {**new_study(uid), "revision": 0}
+        return state, fold_size(state, instance["sop_instance_uid"], instance["series_instance_uid"], diameter)
+
+    async def publish_study(uid: str, state: dict, at: datetime) -> None:
+        state["revision"] += 1
+        study, events = summarize(state)
+        if names is not None:
+            names.apply(study, events)
+        if levels is not None:
+            levels.apply(study, events)
+        for ev in events:
+            await events_out.send(
+                key=uid.encode(),
+                value=codec.encode(
+                    DOSE_EVENTS.value_schema, _fit(codec, DOSE_EVENTS.value_schema, event_record(study, ev))
+                ),
             )
-            await studies_out.send(key=uid.encode(), value=study_value)
-            await publish_alerts(state, study_alerts(rules, study, events), study, at)
-            study_table[uid] = state
-            log.info(
-                "dose.study",
-                study_instance_uid=uid,
-                kind=study.get("kind"),
-                events=study["events"],
-                source=report["source"],
-            )
-            if study.get("patient_id"):
-                await by_patient.send(key=study["patient_id"].encode(), value=study_value)
+        study_value = codec.encode(
+            DOSE_STUDIES.value_schema,
+            _fit(codec, DOSE_STUDIES.value_schema, {**study, "revision": state["revision"], "received_at": at}),
+        )
+        await studies_out.send(key=uid.encode(), value=study_value)
+        await publish_alerts(state, study_alerts(rules, study, events) + drl_alerts(study), study, at)
+        study_table[uid] = state
+        log.info("dose.study", study_instance_uid=uid, kind=study.get("kind"), events=study["events"])
+        if study.get("patient_id"):
+            await by_patient.send(key=study["patient_id"].encode(), value=study_value)
 
     @app.agent(by_patient)
     async def cumulative(stream: faust.Stream) -> None:
@@ -214,9 +277,11 @@ def register_dose(app: faust.App, rules: AlertRules, codec: Codec | None = None)
                     "total_dap_Gym2",
                     "dose_rp_total_mGy",
                     "administered_activity_MBq",
+                    "standard_name",
                 )
             }
             state["revision"] += 1
-            alerts = cumulative_alerts(rules, list(state["studies"].values()), study)
+            studies = list(state["studies"].values())
+            alerts = cumulative_alerts(rules, studies, study) + repeat_alerts(rules, studies, study)
             await publish_alerts(state, alerts, study, study["received_at"])
             patient_table[patient] = state

@@ -8,6 +8,8 @@
     dose_check: true             # an event above its scanner's Dose Check notification/alert value
     cumulative:                  # per patient, over a rolling window of study dates
       - {name: 12-week CT DLP, metric: total_dlp_mGycm, window_days: 84, threshold: 3000}
+    repeats:                     # per patient: studies of one standard name within a window
+      - {name: Repeat CT head, window_days: 7, count: 2, standard_name: "CT Head"}   # standard_name optional
 
 A match pattern is searched (re.search) in the event's field, or the study's when the event has
 none; a rule without ``match`` applies to every record.
@@ -30,6 +32,9 @@ __all__ = [
     "CumulativeRule",
     "study_alerts",
     "cumulative_alerts",
+    "drl_alerts",
+    "repeat_alerts",
+    "RepeatRule",
     "load_rules",
 ]
 
@@ -77,10 +82,19 @@ class CumulativeRule:
 
 
 @dataclass(frozen=True)
+class RepeatRule:
+    name: str
+    window_days: float
+    count: int
+    standard_name: str | None = None  # None: any standard name repeated
+
+
+@dataclass(frozen=True)
 class AlertRules:
     reference_levels: tuple[ReferenceLevel, ...] = ()
     dose_check: bool = True
     cumulative: tuple[CumulativeRule, ...] = ()
+    repeats: tuple[RepeatRule, ...] = ()
 
 
 def _number(rule: str, key: str, value) -> float:
@@ -122,9 +136,20 @@ def load_rules(path: Path | None) -> AlertRules:
         raise RulesError(f"cannot read dose alert rules {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise RulesError(f"{path} is not valid YAML: {exc}") from None
-    unknown = sorted(set(raw) - {"reference_levels", "dose_check", "cumulative"})
+    unknown = sorted(set(raw) - {"reference_levels", "dose_check", "cumulative", "repeats"})
     if unknown:
-        raise RulesError(f"{path}: unknown section {unknown[0]!r}; sections: reference_levels, dose_check, cumulative")
+        raise RulesError(
+            f"{path}: unknown section {unknown[0]!r}; sections: reference_levels, dose_check, cumulative, repeats"
+        )
+    repeats = []
+    for item in raw.get("repeats") or []:
+        name = item.get("name") or "?"
+        count = item.get("count", 2)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+            raise RulesError(f"rule {name!r}: count must be a whole number of at least 2, not {count!r}")
+        repeats.append(
+            RepeatRule(name, _number(name, "window_days", item.get("window_days")), count, item.get("standard_name"))
+        )
     cumulative = []
     for item in raw.get("cumulative") or []:
         name = item.get("name") or "?"
@@ -142,6 +167,7 @@ def load_rules(path: Path | None) -> AlertRules:
         tuple(_reference_level(r) for r in raw.get("reference_levels") or []),
         bool(raw.get("dose_check", True)),
         tuple(cumulative),
+        tuple(repeats),
     )
 
 
@@ -233,7 +259,7 @@ def study_alerts(rules: AlertRules, study: dict, events: list[dict]) -> list[dic
 
 def cumulative_alerts(rules: AlertRules, studies: list[dict], latest: dict) -> list[dict]:
     """Per-patient alerts for ``latest`` over the studies dated within each rule's window before it."""
-    out = []
+    out: list[dict] = []
     if not latest.get("study_date"):
         return out
     end = date.fromisoformat(latest["study_date"])
@@ -261,6 +287,63 @@ def cumulative_alerts(rules: AlertRules, studies: list[dict], latest: dict) -> l
                 None,
                 f"{rule.name}: {rule.metric} {total:g} over {len(window)} studies in {rule.window_days:g}"
                 f" days exceeds {rule.threshold:g}",
+            )
+            alert.update(window_days=rule.window_days, window_study_uids=[s["study_instance_uid"] for s in window])
+            out.append(alert)
+    return out
+
+
+def drl_alerts(study: dict) -> list[dict]:
+    """One alert for a study over the reference level of its standard name (reference_levels.py flags it)."""
+    if not study.get("over_drl"):
+        return []
+    name, metric = study.get("standard_name"), study["drl_metric"]
+    value, level = study["drl_value"], study["drl_level"]
+    return [
+        _alert(
+            f"DRL {name}",
+            "drl",
+            metric,
+            value,
+            level,
+            study,
+            None,
+            f"{name}: study {metric} {value:g} exceeds the {study.get('drl_source')} reference level {level:g}",
+        )
+    ]
+
+
+def repeat_alerts(rules: AlertRules, studies: list[dict], latest: dict) -> list[dict]:
+    """Per patient: the latest study's standard name seen in ``count`` or more studies within the window."""
+    name = latest.get("standard_name")
+    if not name or not latest.get("study_date"):
+        return []
+    end = date.fromisoformat(latest["study_date"])
+    out = []
+    for rule in rules.repeats:
+        if rule.standard_name and rule.standard_name != name:
+            continue
+        start = end - timedelta(days=rule.window_days)
+        window = sorted(
+            (
+                s
+                for s in studies
+                if s.get("standard_name") == name
+                and s.get("study_date")
+                and start < date.fromisoformat(s["study_date"]) <= end
+            ),
+            key=lambda s: (s["study_date"], s["study_instance_uid"]),
+        )
+        if len(window) >= rule.count:
+            alert = _alert(
+                rule.name,
+                "repeat",
+                "studies",
+                float(len(window)),
+                float(rule.count),
+                latest,
+                None,
+                f"{rule.name}: {len(window)} {name} studies of this patient in {rule.window_days:g} days",
             )
             alert.update(window_days=rule.window_days, window_study_uids=[s["study_instance_uid"] for s in window])
             out.append(alert)

@@ -34,6 +34,58 @@ def _yes_no(item: Item | None, concept) -> bool | None:
     return True if code in C.YES else False if code in C.NO else None
 
 
+def _phantom_cm(code: tuple[str, str] | None) -> int | None:
+    return 16 if code in C.HEAD_PHANTOM else 32 if code in C.BODY_PHANTOM else None
+
+
+def _source_parameters(source: Item) -> dict:
+    return without_none(
+        {
+            "source": source.text(C.SOURCE_ID),
+            "kvp": source.num(C.KVP, "voltage"),
+            "max_tube_current_mA": source.num(C.MAX_TUBE_CURRENT, "current"),
+            "tube_current_mA": source.num(C.TUBE_CURRENT, "current"),
+            "exposure_time_per_rotation_s": source.num(C.EXPOSURE_TIME_PER_ROTATION, "time"),
+            # A few dual-source reports put the exposure time in each source container (TID 10014 has
+            # it per acquisition); kept per source when it is there.
+            "exposure_time_s": source.num(C.EXPOSURE_TIME, "time"),
+        }
+    )
+
+
+def _second_source(sources: list[Item]) -> dict:
+    """Source B of a dual-source scanner (TID 10014, 113832 Identification of the X-Ray Source).
+
+    Source B is the container identified "B" (any case); without identifications, the second one.
+    """
+    if len(sources) < 2:
+        return {}
+    named = [s for s in sources if (s.text(C.SOURCE_ID) or "").strip().upper() == "B"]
+    second = _source_parameters(named[0] if named else sources[1])
+    return {
+        "source_b_kvp": second.get("kvp"),
+        "source_b_tube_current_mA": second.get("tube_current_mA"),
+        "source_b_max_tube_current_mA": second.get("max_tube_current_mA"),
+        "source_b_exposure_time_per_rotation_s": second.get("exposure_time_per_rotation_s"),
+        "source_b_exposure_time_s": second.get("exposure_time_s"),
+    }
+
+
+def _size(dose: Item) -> dict:
+    """Patient size and SSDE as the report states them (TID 10013 CT Dose, CP-1525), with their method."""
+    ssde = dose.deep(C.SSDE)
+    wed = dose.deep(C.WATER_EQUIVALENT_DIAMETER)
+    return {
+        "report_ssde_mGy": None if ssde is None else ssde.number("dose"),
+        "report_ssde_method": None if ssde is None else ssde.meaning(C.MEASUREMENT_METHOD),
+        "report_water_equivalent_diameter_mm": None if wed is None else wed.number("length"),
+        "report_water_equivalent_diameter_method": None if wed is None else wed.meaning(C.MEASUREMENT_METHOD),
+        "report_effective_diameter_mm": dose.num(C.DERIVED_EFFECTIVE_DIAMETER, "length", deep=True),
+        "report_lateral_dimension_mm": dose.num(C.MEASURED_LATERAL_DIMENSION, "length", deep=True),
+        "report_ap_dimension_mm": dose.num(C.MEASURED_AP_DIMENSION, "length", deep=True),
+    }
+
+
 def _ct_event(acquisition: Item) -> dict:
     params = acquisition.first(C.CT_ACQUISITION_PARAMETERS) or Item(Dataset())
     sources = params.all(C.CT_SOURCE_PARAMETERS)
@@ -51,6 +103,7 @@ def _ct_event(acquisition: Item) -> dict:
             "ctdivol_mGy": dose.num(C.MEAN_CTDIVOL, "dose"),
             "dlp_mGycm": dose.num(C.DLP, "dlp"),
             "phantom": dose.meaning(C.PHANTOM_TYPE),
+            "phantom_cm": _phantom_cm(dose.code(C.PHANTOM_TYPE)),
             "scan_length_mm": params.num(C.SCANNING_LENGTH, "length"),
             "exposure_time_s": params.num(C.EXPOSURE_TIME, "time"),
             "collimation_single_mm": params.num(C.SINGLE_COLLIMATION, "length"),
@@ -62,18 +115,9 @@ def _ct_event(acquisition: Item) -> dict:
             "max_tube_current_mA": first_source.num(C.MAX_TUBE_CURRENT, "current"),
             "tube_current_mA": first_source.num(C.TUBE_CURRENT, "current"),
             "exposure_time_per_rotation_s": first_source.num(C.EXPOSURE_TIME_PER_ROTATION, "time"),
-            "xray_source_parameters": [
-                without_none(
-                    {
-                        "source": source.text(C.SOURCE_ID),
-                        "kvp": source.num(C.KVP, "voltage"),
-                        "max_tube_current_mA": source.num(C.MAX_TUBE_CURRENT, "current"),
-                        "tube_current_mA": source.num(C.TUBE_CURRENT, "current"),
-                    }
-                )
-                for source in sources
-            ]
-            or None,
+            "xray_source_parameters": [_source_parameters(source) for source in sources] or None,
+            **_second_source(sources),
+            **_size(dose),
             "dose_check_dlp_alert_configured": _yes_no(alert, C.DLP_ALERT_CONFIGURED),
             "dose_check_ctdivol_alert_configured": _yes_no(alert, C.CTDIVOL_ALERT_CONFIGURED),
             "dose_check_dlp_alert_mGycm": alert and alert.num(C.DLP_ALERT_VALUE, "dlp"),
@@ -171,7 +215,7 @@ def _plane_totals(container: Item) -> tuple[str, dict]:
 def _projection(root: Item) -> tuple[str, list[dict], dict]:
     planes = dict(_plane_totals(container) for container in root.all(C.ACCUMULATED_XRAY))
     containers = root.all(C.ACCUMULATED_XRAY)
-    default = (None, None)
+    default: tuple[str | None, str | None] = (None, None)
     if len(containers) == 1:
         plane_item = containers[0].first(C.ACQUISITION_PLANE)
         if plane_item is not None:

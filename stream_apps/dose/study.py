@@ -16,7 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["new_study", "fold_report", "summarize", "event_key"]
+from diana.stream_apps.dose.size import event_ssde
+
+__all__ = ["new_study", "fold_report", "fold_size", "summarize", "event_key"]
 
 _CT_TYPE_COUNTS = {
     "sequenced": "events_axial",
@@ -54,6 +56,21 @@ def fold_report(state: dict, report: dict, context: dict, received_at_ms: int) -
     return True
 
 
+def fold_size(state: dict, sop_instance_uid: str, series_instance_uid: str, diameter_mm: float) -> bool:
+    """Add one axial image's water-equivalent diameter (size.py); False if this image was already counted."""
+    sizes = state.setdefault("sizes", {})
+    if sop_instance_uid in sizes:
+        return False
+    sizes[sop_instance_uid] = {"series": series_instance_uid, "dw_mm": diameter_mm}
+    return True
+
+
+def _study_size(state: dict) -> tuple[float | None, int]:
+    """The arithmetic average of D_w(z) over the study's sampled axial images, and their number."""
+    values = [s["dw_mm"] for s in state.get("sizes", {}).values()]
+    return (sum(values) / len(values), len(values)) if values else (None, 0)
+
+
 def _retained(state: dict) -> list[dict]:
     reports = sorted(state["reports"].values(), key=lambda r: r["arrival"])
     dose_reports = [r for r in reports if r["source"] == "RDSR"]
@@ -74,7 +91,11 @@ def _distinct_events(reports: list[dict]) -> list[dict]:
     for report in reports:
         for event in report["events"]:
             key = event_key(report, event)
+            # Header events of one exposure (For Presentation and For Processing, a series' images)
+            # complete each other; a later dose report's event replaces the earlier one whole.
+            earlier = events.get(key, {}) if report["source"] == "IMAGE" else {}
             events[key] = {
+                **earlier,
                 **event,
                 "event_key": key,
                 "sop_instance_uid": report["sop_instance_uid"],
@@ -123,10 +144,22 @@ def summarize(state: dict) -> tuple[dict, list[dict]]:
         "events": len(events),
     }
 
-    def total(name: str, acc: Callable[[dict], Any], ev: Callable[[dict], Any]) -> None:
+    # Callable[..., Any]: the accessors are lambdas binding loop variables through default arguments.
+    def total(name: str, acc: Callable[..., Any], ev: Callable[..., Any]) -> None:
         study[name] = _total(reports, disjoint, events, acc, ev)
 
+    study_dw, dw_images = _study_size(state)
+    if study_dw is not None:
+        study["water_equivalent_diameter_mm"] = round(study_dw, 2)
+        study["size_images"] = dw_images
     if any(r["kind"] == "CT" for r in reports):
+        for event in events:
+            if event["kind"] == "CT":
+                event.update(event_ssde(event, study_dw, dw_images))
+        with_ssde = [e for e in events if e.get("ssde_mGy") is not None]
+        if with_ssde:
+            largest = max(with_ssde, key=lambda e: e["ssde_mGy"])
+            study["max_ssde_mGy"], study["ssde_method"] = largest["ssde_mGy"], largest["ssde_method"]
         total("total_dlp_mGycm", lambda r: r["accumulated"].get("total_dlp_mGycm"), lambda e: e.get("dlp_mGycm"))
         study["max_ctdivol_mGy"] = max((e["ctdivol_mGy"] for e in events if "ctdivol_mGy" in e), default=None)
         for code, name in _CT_TYPE_COUNTS.items():

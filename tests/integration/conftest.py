@@ -52,6 +52,8 @@ data_dir = "{TEST_HOME}/faust"
 [dose]
 web_port = {port(16069)}
 alert_rules = "{DATA}/dose-rules.yaml"
+standard_names = "{DATA}/dose-standard-names.yaml"
+reference_levels = "{DATA}/dose-reference-levels.yaml"
 
 [stack]
 home = "{TEST_HOME}/stack"

@@ -207,6 +207,10 @@ def test_html_report_renders_in_headless_chromium(live, pipeline, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     text = page.read_text()
     assert "<script" not in text and "src=" not in text and "href=" not in text  # self-contained
+    # The DRL survey (tests/support/data/dose-reference-levels.yaml): the CT study's 790 mGy·cm
+    # against the national 700 of its standard name "CT Abdomen-Pelvis".
+    assert "Reference levels: median per standard name" in text and "CT Abdomen-Pelvis" in text
+    assert "Studies over their reference level" in text and "OVER" in text
     profile = tmp_path / "chromium-profile"
     dom = subprocess.run(
         [str(chromium), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],

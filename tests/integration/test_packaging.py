@@ -3,6 +3,7 @@ the commands that read package data find it (no walking up from __file__ into a 
 
 from __future__ import annotations
 
+import configparser
 import json
 import subprocess
 import venv
@@ -25,6 +26,25 @@ def walk(parser, prefix):
 
 print(json.dumps(walk(build_parser(), [])))
 """
+
+
+def _package_folders() -> dict[str, str]:
+    """setup.cfg's package_dir, plus every folder below a mapped one that is a package."""
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    mapped = dict(
+        (part.strip() for part in line.split("=", 1)) for line in config["options"]["package_dir"].strip().splitlines()
+    )
+    folders = {}
+    for package, folder in mapped.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(REPO / folder)
+            name = ".".join([package, *relative.parts])
+            folders.setdefault(name, str(init.parent.relative_to(REPO)))
+    return folders
+
+
+PACKAGE_FOLDERS = _package_folders()
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +80,21 @@ def test_the_installed_package_is_not_the_checkout(installed, tmp_path):
     )
     assert where.returncode == 0, where.stderr
     assert str(installed.parent) in where.stdout and str(REPO) not in where.stdout
+
+
+def test_every_module_of_the_checkout_is_installed(installed, tmp_path):
+    # setup.cfg lists each subpackage; a folder added without being listed would be missing here.
+    code = "import diana, pkgutil; print('\\n'.join(m.name for m in pkgutil.walk_packages(diana.__path__, 'diana.')))"
+    listed = _run(installed, "python", "-c", code, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    installed_modules = set(listed.stdout.split())
+    expected = set()
+    for package, folder in PACKAGE_FOLDERS.items():
+        for path in (REPO / folder).glob("*.py"):
+            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            if name != "diana.cli.__main__":
+                expected.add(name)
+    assert expected - installed_modules == set()
 
 
 def test_every_command_answers_help(installed, tmp_path):

@@ -182,3 +182,49 @@ def ct_report(events: list[Dataset], total_dlp: str | None, **kw) -> Dataset:
 def save(ds: Dataset, path: Path) -> Path:
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+# ---- dual-source CT and size (TID 10013/10014, CP-1525)
+def ct_source(source_id: str, kvp: str, ma: str, max_ma: str, rotation_s: str) -> Dataset:
+    return container(
+        "113831",
+        [
+            text("113832", source_id),
+            num(kvp, "113733", "kV"),
+            num(max_ma, "113833", "mA"),
+            num(ma, "113734", "mA"),
+            num(rotation_s, "113834", "s"),
+        ],
+    )
+
+
+def ct_event_with(
+    uid: str,
+    *,
+    ctdivol: str,
+    dlp: str,
+    sources: list[Dataset],
+    size_items: list[Dataset] | None = None,
+    phantom: tuple[str, str, str] = ("113691", "DCM", "IEC Body Dosimetry Phantom"),
+) -> Dataset:
+    """A CT acquisition with the given source containers and, inside CT Dose, the given size items."""
+    return container(
+        "113819",
+        [
+            text("125203", "Dual Energy Abdomen"),
+            coded("113820", SPIRAL),
+            uidref("113769", uid),
+            container("113822", [num("2", "113823", "{X-Ray sources}"), num("3.2", "113824", "s"), *sources]),
+            container(
+                "113829",
+                [num(ctdivol, "113830", "mGy"), num(dlp, "113838", "mGy.cm"), coded("113835", phantom)]
+                + (size_items or []),
+            ),
+        ],
+    )
+
+
+def with_method(item: Dataset, method: tuple[str, str, str]) -> Dataset:
+    """A NUM item with a Measurement Method (370129005, SCT) modifier from CID 10023."""
+    item.ContentSequence = [coded("370129005", method, rel="HAS CONCEPT MOD", scheme="SCT")]
+    return item

@@ -1,0 +1,94 @@
+"""Sending one alert to one address: SMTP e-mail or an HTTP webhook, with retries.
+
+Each message carries a key stable for (alert, recipient, channel) — the e-mail's Message-ID, the
+webhook's Idempotency-Key header — so a receiver can recognise a repeat in the one case the
+delivery ledger cannot rule out (a crash between the receiver's acceptance and the ledger write).
+No patient name, ID or birth date is sent; the alert says study, accession, station and values.
+"""
+
+from __future__ import annotations
+
+import json
+import smtplib
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.message import EmailMessage
+
+__all__ = ["Delivery", "send_email", "send_webhook", "with_retries", "alert_text", "PUBLIC_FIELDS"]
+
+# What leaves the building: no patient identifiers.
+PUBLIC_FIELDS = (
+    "alert_id",
+    "rule",
+    "rule_type",
+    "metric",
+    "value",
+    "threshold",
+    "message",
+    "study_instance_uid",
+    "accession_number",
+    "study_date",
+    "study_description",
+    "station_name",
+    "institution_name",
+    "manufacturer_model_name",
+    "protocol",
+    "kind",
+    "window_days",
+)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    ok: bool
+    attempts: int
+    detail: str
+
+
+def public(alert: dict) -> dict:
+    return {k: alert.get(k) for k in PUBLIC_FIELDS if alert.get(k) is not None}
+
+
+def alert_text(alert: dict) -> str:
+    lines = [alert.get("message") or "", ""]
+    lines += [f"{k}: {v}" for k, v in public(alert).items() if k != "message"]
+    lines += ["", f"Acknowledge: diana alerts ack {alert['alert_id']} --reason REASON --note TEXT"]
+    return "\n".join(lines)
+
+
+def send_email(host: str, port: int, sender: str, to: str, alert: dict, key: str, timeout: float) -> str:
+    msg = EmailMessage()
+    msg["From"], msg["To"] = sender, to
+    msg["Subject"] = f"[diana-star dose alert] {alert.get('rule')}: {alert.get('metric')} {alert.get('value'):g}"
+    msg["Message-ID"] = f"<{key}@diana-star>"
+    msg.set_content(alert_text(alert))
+    with smtplib.SMTP(host, port, timeout=timeout) as smtp:
+        refused = smtp.send_message(msg)
+    if refused:
+        raise smtplib.SMTPRecipientsRefused(refused)
+    return f"accepted by {host}:{port}"
+
+
+def send_webhook(url: str, alert: dict, key: str, timeout: float) -> str:
+    body = json.dumps({"alert": public(alert), "idempotency_key": key}).encode()
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json", "Idempotency-Key": key}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return f"HTTP {response.status}"
+
+
+def with_retries(send: Callable[[], str], attempts: int, sleep: Callable[[float], None] = time.sleep) -> Delivery:
+    """Try ``attempts`` times, waiting 1, 2, 4 ... s between tries; the last error is the detail."""
+    detail = ""
+    for attempt in range(1, attempts + 1):
+        try:
+            return Delivery(True, attempt, send())
+        except (OSError, smtplib.SMTPException, urllib.error.URLError) as exc:
+            detail = f"{type(exc).__name__}: {exc}"
+            if attempt < attempts:
+                sleep(float(2 ** (attempt - 1)))
+    return Delivery(False, attempts, detail)

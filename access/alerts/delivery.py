@@ -1,0 +1,262 @@
+"""`diana alerts deliver`: each dose alert to each routed recipient once, by e-mail and webhook.
+
+The ledger of what was delivered is ``dose.alert-actions`` itself: at start the worker reads it
+from the beginning; for every alert on ``dose.alerts`` (from the worker's consumer group offset) it
+sends to each (recipient, channel) not in the ledger, then writes DELIVERED (or DELIVERY_FAILED
+after the configured attempts) and waits for the broker's acknowledgment before committing the
+alert's offset. So a redelivered alert (the dose worker re-publishing after a restart, a replay,
+this worker restarted after kill -9 anywhere but inside one send) is not sent again. The one gap —
+killed after the receiver accepted and before the ledger write — resends with the same Message-ID
+/ Idempotency-Key, so the receiver can tell.
+
+The same worker keeps the alert state index (workflow.py) from both topics.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+
+import structlog
+from confluent_kafka import KafkaError, TopicPartition
+from opensearchpy import OpenSearch
+from opensearchpy.exceptions import ConflictError, NotFoundError
+from prometheus_client import Counter, start_http_server
+
+from diana.access.alerts.channels import send_email, send_webhook, with_retries
+from diana.access.alerts.routing import Routing
+from diana.access.alerts.workflow import (
+    STATE_MAPPING,
+    apply_action,
+    delivery_action,
+    delivery_action_id,
+    delivery_key,
+    raised_state,
+)
+from diana.clients import kafka_consumer, kafka_producer, opensearch_client
+from diana.config import Config
+from diana.schemas.codec import Codec, DecodeError, default_codec
+from diana.schemas.layout import IndexLayout
+from diana.schemas.topics import ALERT_ACTIONS, DOSE_ALERTS
+
+__all__ = ["AlertStates", "Ledger", "read_ledger", "run_delivery", "DeliveryWorker"]
+
+log = structlog.get_logger("diana.alerts.delivery")
+SENT = Counter("diana_alert_deliveries_total", "Alert deliveries by channel and outcome", ["channel", "outcome"])
+
+
+class AlertStates:
+    """The alert state documents in OpenSearch, updated with optimistic concurrency."""
+
+    def __init__(self, client: OpenSearch, prefix: str):
+        self.client, self.index = client, IndexLayout(prefix).alias("dose-alert-state")
+
+    def ensure(self) -> None:
+        if not self.client.indices.exists(index=self.index):
+            try:
+                self.client.indices.create(index=self.index, body=STATE_MAPPING)
+            except Exception as exc:  # created meanwhile by another worker
+                if "resource_already_exists" not in str(exc):
+                    raise
+
+    def get(self, alert_id: str) -> dict | None:
+        try:
+            return self.client.get(index=self.index, id=alert_id)["_source"]
+        except NotFoundError:
+            return None
+
+    def update(self, alert_id: str, change) -> dict:
+        for _ in range(20):
+            try:
+                found = self.client.get(index=self.index, id=alert_id)
+                doc, seq = found["_source"], {"if_seq_no": found["_seq_no"], "if_primary_term": found["_primary_term"]}
+            except NotFoundError:
+                doc, seq = None, {"op_type": "create"}
+            new = change(doc)
+            try:
+                self.client.index(index=self.index, id=alert_id, body=new, refresh="wait_for", **seq)
+                return new
+            except ConflictError:
+                continue  # written meanwhile: read again
+        raise RuntimeError(f"alert state {alert_id}: too many concurrent updates")
+
+    def search(self, status: str | None, size: int = 100) -> list[dict]:
+        if not self.client.indices.exists(index=self.index):
+            return []
+        query = {"term": {"status": status}} if status else {"match_all": {}}
+        body = {"size": size, "query": query, "sort": [{"raised_at": {"order": "desc", "unmapped_type": "date"}}]}
+        return [h["_source"] for h in self.client.search(index=self.index, body=body)["hits"]["hits"]]
+
+
+@dataclass
+class Ledger:
+    """What dose.alert-actions says so far: deliveries made, and failed ones not made since."""
+
+    delivered: set[str] = field(default_factory=set)
+    failed: dict[str, dict] = field(default_factory=dict)  # delivery key -> its latest DELIVERY_FAILED action
+
+    def add(self, action: dict) -> None:
+        key = delivery_key(action)
+        if action.get("action") == "DELIVERED":
+            self.delivered.add(key)
+            self.failed.pop(key, None)
+        elif action.get("action") == "DELIVERY_FAILED" and key not in self.delivered:
+            self.failed[key] = action
+
+
+def read_ledger(cfg: Config, codec: Codec, timeout: float = 30.0) -> Ledger:
+    """Every delivery action on dose.alert-actions, read from the beginning to its end."""
+    # never commits: assign() reads without the group
+    consumer = kafka_consumer(
+        cfg.kafka, "diana-alert-ledger", {"enable.auto.commit": False, "isolation.level": "read_committed"}
+    )
+    ledger = Ledger()
+    try:
+        meta = consumer.list_topics(ALERT_ACTIONS.name, timeout=timeout).topics.get(ALERT_ACTIONS.name)
+        if meta is None or not meta.partitions:
+            return ledger
+        ends = {}
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(ALERT_ACTIONS.name, p), timeout=timeout)
+            if high > low:
+                ends[p] = high
+        consumer.assign([TopicPartition(ALERT_ACTIONS.name, p, 0) for p in ends])
+        deadline = time.monotonic() + timeout * 4
+        while ends and time.monotonic() < deadline:
+            msg = consumer.poll(1.0)
+            if msg is None or msg.error():
+                continue
+            try:
+                _, action = codec.decode(msg.value(), expect=ALERT_ACTIONS.value_schema)
+            except DecodeError:
+                action = {}
+            if action:
+                ledger.add(action)
+            if (msg.offset() or 0) + 1 >= ends.get(msg.partition() or 0, 0):
+                ends.pop(msg.partition() or 0, None)
+        if ends:
+            raise RuntimeError(f"could not read {ALERT_ACTIONS.name} to its end within {timeout * 4:.0f} s")
+        return ledger
+    finally:
+        consumer.close()
+
+
+@dataclass
+class DeliveryWorker:
+    cfg: Config
+    routing: Routing
+    states: AlertStates
+    codec: Codec = field(default_factory=default_codec)
+    ledger: Ledger = field(default_factory=Ledger)
+
+    def __post_init__(self) -> None:
+        self.producer = kafka_producer(self.cfg.kafka, {"enable.idempotence": True, "acks": "all"})
+
+    def _record(self, action: dict) -> None:
+        value = self.codec.encode(ALERT_ACTIONS.value_schema, action)
+        self.producer.produce(ALERT_ACTIONS.name, key=action["alert_id"].encode(), value=value)
+        if self.producer.flush(30) != 0:
+            raise RuntimeError(f"{ALERT_ACTIONS.name}: the broker did not acknowledge the action in 30 s")
+
+    def _send(self, channel: str, address: str, alert: dict, key: str):
+        a = self.cfg.alerts
+        if channel == "email":
+            return with_retries(
+                lambda: send_email(a.smtp_host, a.smtp_port, a.smtp_from, address, alert, key, a.timeout_s), a.attempts
+            )
+        return with_retries(lambda: send_webhook(address, alert, key, a.timeout_s), a.attempts)
+
+    def _deliver(self, alert: dict, recipient: str, channel: str, address: str) -> None:
+        key = delivery_action_id(alert["alert_id"], recipient, channel)
+        if key in self.ledger.delivered:
+            return  # the ledger says it went out already
+        result = self._send(channel, address, alert, key)
+        SENT.labels(channel, "delivered" if result.ok else "failed").inc()
+        log.info(
+            "alert.delivery",
+            alert_id=alert["alert_id"],
+            recipient=recipient,
+            channel=channel,
+            ok=result.ok,
+            attempts=result.attempts,
+        )
+        action = delivery_action(alert["alert_id"], recipient, channel, result.ok, result.attempts, result.detail)
+        self._record(action)
+        self.ledger.add(action)
+
+    def handle_alert(self, alert: dict) -> None:
+        self.states.update(alert["alert_id"], lambda doc: raised_state(alert, doc))
+        for recipient in self.routing.route(alert):
+            for channel, address in recipient.channels():
+                self._deliver(alert, recipient.name, channel, address)
+
+    def handle_action(self, action: dict) -> None:
+        self.ledger.add(action)
+        self.states.update(action["alert_id"], lambda doc: apply_action(doc, action))
+
+    def retry_failed(self) -> None:
+        """Send again what failed before (this run or an earlier one), from the alert's state document."""
+        recipients = {r.name: r for r in self.routing.recipients}
+        for failed in list(self.ledger.failed.values()):
+            recipient = recipients.get(failed.get("recipient") or "")
+            alert = self.states.get(failed["alert_id"])
+            address = dict(recipient.channels()).get(failed.get("channel") or "") if recipient else None
+            if recipient is None or alert is None or address is None:
+                self.ledger.failed.pop(delivery_key(failed), None)  # recipient or channel no longer routed
+                continue
+            self._deliver(alert, recipient.name, failed["channel"], address)
+
+
+def run_delivery(cfg: Config, routing: Routing, stop_after: float | None = None) -> None:
+    """Deliver until SIGTERM/SIGINT (or ``stop_after`` seconds, for tests)."""
+    codec = default_codec()
+    if cfg.alerts.metrics_port:
+        start_http_server(cfg.alerts.metrics_port, addr="127.0.0.1")
+    states = AlertStates(opensearch_client(cfg.opensearch, timeout=30), cfg.opensearch.index_prefix)
+    states.ensure()
+    worker = DeliveryWorker(cfg, routing, states, codec, read_ledger(cfg, codec))
+    log.info(
+        "alert.delivery.start",
+        recipients=len(routing.recipients),
+        delivered_before=len(worker.ledger.delivered),
+        failed_before=len(worker.ledger.failed),
+    )
+    consumer = kafka_consumer(
+        cfg.kafka,
+        cfg.alerts.consumer_group,
+        {"enable.auto.commit": False, "auto.offset.reset": "earliest", "isolation.level": "read_committed"},
+    )
+    consumer.subscribe([DOSE_ALERTS.name, ALERT_ACTIONS.name])
+    running = [True]
+    signal.signal(signal.SIGTERM, lambda *_: running.__setitem__(0, False))
+    started = last_retry = time.monotonic()
+    try:
+        while running[0] and (stop_after is None or time.monotonic() - started < stop_after):
+            if worker.ledger.failed and time.monotonic() - last_retry >= cfg.alerts.retry_interval_s:
+                worker.retry_failed()
+                last_retry = time.monotonic()
+            msg = consumer.poll(0.5)
+            if msg is None:
+                continue
+            error = msg.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("alert.delivery.kafka", error=str(error))
+                continue
+            try:
+                schema = DOSE_ALERTS.value_schema if msg.topic() == DOSE_ALERTS.name else ALERT_ACTIONS.value_schema
+                _, record = codec.decode(msg.value(), expect=schema)
+            except DecodeError as exc:
+                log.warning("alert.delivery.undecodable", topic=msg.topic(), offset=msg.offset(), reason=str(exc))
+                consumer.commit(message=msg, asynchronous=False)
+                continue
+            if msg.topic() == DOSE_ALERTS.name:
+                worker.handle_alert(record)
+            else:
+                worker.handle_action(record)
+            consumer.commit(message=msg, asynchronous=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()

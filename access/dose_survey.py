@@ -1,0 +1,126 @@
+"""What the dose indices say about standard names and reference levels (`diana dose names|drl`, the report).
+
+- ``unmapped_protocols``: protocols of dose events that no standard name maps, with counts (by kind
+  and station), and study descriptions of dose studies without a standard name; what to add to
+  the [dose] standard_names file next.
+- ``reference_level_survey``: the studies of the survey window, grouped by standard name, their
+  median against the local and national levels (stream_apps/dose/reference_levels.py, ``survey``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+from diana.schemas.layout import IndexLayout
+from diana.stream_apps.dose.reference_levels import ReferenceLevels, survey
+
+__all__ = ["Unmapped", "unmapped_protocols", "reference_level_survey", "render_unmapped", "render_survey"]
+
+_MAX_BUCKETS = 500
+_MAX_STUDIES = 10_000
+
+
+@dataclass(frozen=True)
+class Unmapped:
+    field: str  # protocol or study_description
+    text: str
+    kind: str
+    station: str
+    count: int
+
+
+def _since(days: int | None) -> list[dict]:
+    if not days:
+        return []
+    return [{"range": {"study_date": {"gte": (date.today() - timedelta(days=days)).isoformat()}}}]
+
+
+def _buckets(client, index: str, text_field: str, days: int | None, label: str) -> list[Unmapped]:
+    if not client.indices.exists_alias(name=index):
+        return []
+    body = {
+        "size": 0,
+        "query": {"bool": {"must_not": [{"exists": {"field": "standard_name"}}], "filter": _since(days)}},
+        "aggs": {
+            "text": {
+                "terms": {"field": text_field, "size": _MAX_BUCKETS, "missing": "(none)"},
+                "aggs": {
+                    "kind": {
+                        "terms": {"field": "kind", "size": 10, "missing": "?"},
+                        "aggs": {"station": {"terms": {"field": "station_name", "size": 50, "missing": "?"}}},
+                    }
+                },
+            }
+        },
+    }
+    result = client.search(index=index, body=body)
+    rows = []
+    for text in result["aggregations"]["text"]["buckets"]:
+        for kind in text["kind"]["buckets"]:
+            for station in kind["station"]["buckets"]:
+                rows.append(Unmapped(label, text["key"], kind["key"], station["key"], station["doc_count"]))
+    return sorted(rows, key=lambda r: (-r.count, r.field, r.text))
+
+
+def unmapped_protocols(client, prefix: str, days: int | None = None) -> list[Unmapped]:
+    """Event protocols and study descriptions without a standard name, most frequent first."""
+    return _buckets(client, IndexLayout(prefix).alias("dose-events"), "protocol.keyword", days, "protocol") + _buckets(
+        client, IndexLayout(prefix).alias("dose-studies"), "study_description.keyword", days, "study_description"
+    )
+
+
+def reference_level_survey(client, prefix: str, levels: ReferenceLevels, today: date | None = None) -> list[dict]:
+    """The survey rows for the studies dated within the levels' window up to ``today``."""
+    index = IndexLayout(prefix).alias("dose-studies")
+    if not levels.study or not client.indices.exists_alias(name=index):
+        return survey(levels, [])
+    start = (today or date.today()) - timedelta(days=levels.window_days)
+    body = {
+        "size": _MAX_STUDIES,
+        "_source": ["standard_name", *sorted({lv.metric for lv in levels.study.values()})],
+        "query": {
+            "bool": {
+                "filter": [
+                    {"terms": {"standard_name": sorted(levels.study)}},
+                    {"range": {"study_date": {"gte": start.isoformat()}}},
+                ]
+            }
+        },
+    }
+    hits = client.search(index=index, body=body)["hits"]["hits"]
+    return survey(levels, [h["_source"] for h in hits])
+
+
+def render_unmapped(rows: list[Unmapped]) -> str:
+    if not rows:
+        return "Every protocol and study description of the dose indices has a standard name."
+    out = [f"{'count':>7}  {'field':<18}{'kind':<6}{'station':<18}text"]
+    out += [f"{r.count:>7}  {r.field:<18}{r.kind:<6}{r.station:<18}{r.text}" for r in rows]
+    out.append("Add them to the [dose] standard_names file (docs/DOSE.md), then replay the dose worker.")
+    return "\n".join(out)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def render_survey(rows: list[dict], window_days: int) -> str:
+    if not rows:
+        return "No study reference level is configured ([dose] reference_levels)."
+    out = [
+        f"Median per standard name over the last {window_days} days, against the applied level (local, else national)",
+        f"{'standard name':<28}{'metric':<20}{'studies':>8}{'median':>10}{'local':>10}{'national':>10}"
+        f"{'ratio':>8}  verdict",
+    ]
+    for r in rows:
+        verdict = (
+            "no studies"
+            if r["median"] is None
+            else ("OVER" if r["median_over_level"] else "within") + (" (too few studies)" if r["too_few"] else "")
+        )
+        out.append(
+            f"{r['standard_name']:<28}{r['metric']:<20}{r['studies']:>8}{_fmt(r['median']):>10}"
+            f"{_fmt(r['local']):>10}{_fmt(r['national']):>10}{_fmt(r['ratio']):>8}  {verdict}"
+        )
+    return "\n".join(out)

@@ -1,0 +1,155 @@
+"""Standard protocol names and reference levels: mapping, per-event and per-study flags, the survey."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diana.stream_apps.dose.alerts import RulesError, drl_alerts, load_rules, repeat_alerts
+from diana.stream_apps.dose.reference_levels import LevelsError, load_reference_levels, survey
+from diana.stream_apps.dose.standard_names import NamesError, load_standard_names
+from tests.support.paths import REPO
+
+NAMES = """
+standard_names:
+  - name: CT Head
+    body_region: Head
+    kind: CT
+    protocols: ["Head  ROUTINE"]
+    study_descriptions: ["CT HEAD"]
+  - name: CT Abdomen-Pelvis
+    body_region: Abdomen-Pelvis
+    kind: CT
+    match: {protocol: "(?i)abd.*pel"}
+    stations: [CT1]
+"""
+LEVELS = """
+window_days: 180
+minimum_studies: 3
+reference_levels:
+  CT Head:
+    study: {metric: total_dlp_mGycm, national: 970, local: 850}
+    event: {metric: ctdivol_mGy, national: 60}
+  CT Abdomen-Pelvis:
+    study: {metric: total_dlp_mGycm, national: 745}
+"""
+
+
+@pytest.fixture()
+def names(tmp_path: Path):
+    (tmp_path / "n.yaml").write_text(NAMES)
+    return load_standard_names(tmp_path / "n.yaml")
+
+
+@pytest.fixture()
+def levels(tmp_path: Path):
+    (tmp_path / "l.yaml").write_text(LEVELS)
+    return load_reference_levels(tmp_path / "l.yaml")
+
+
+def test_events_and_study_take_standard_names(names):
+    study = {"kind": "CT", "station_name": "CT1", "study_description": "something else"}
+    events = [
+        {"kind": "CT", "protocol": "head routine"},  # exact text, case and spacing ignored
+        {"kind": "CT", "protocol": "ABD-PEL portal venous"},  # the regular expression
+        {"kind": "CT", "protocol": "Head Routine"},
+        {"kind": "DX", "protocol": "Head Routine"},  # kind CT only
+        {"kind": "CT", "protocol": "Cardiac"},
+    ]
+    names.apply(study, events)
+    assert [e.get("standard_name") for e in events] == ["CT Head", "CT Abdomen-Pelvis", "CT Head", None, None]
+    assert events[1]["body_region"] == "Abdomen-Pelvis"
+    # No entry names the study description: the name most events took.
+    assert study["standard_name"] == "CT Head" and study["body_region"] == "Head"
+
+
+def test_study_description_names_the_study_and_stations_restrict(names):
+    study = {"kind": "CT", "station_name": "CT2", "study_description": "ct head"}
+    events = [{"kind": "CT", "protocol": "abdomen pelvis"}]  # station CT2: not the Abdomen-Pelvis entry's
+    names.apply(study, events)
+    assert "standard_name" not in events[0] and study["standard_name"] == "CT Head"
+
+
+def test_local_level_applies_before_national_and_flags(levels):
+    study = {"standard_name": "CT Head", "total_dlp_mGycm": 900.0, "study_instance_uid": "1.2"}
+    events = [{"standard_name": "CT Head", "ctdivol_mGy": 61.0}, {"standard_name": "CT Head", "ctdivol_mGy": 40.0}]
+    levels.apply(study, events)
+    assert (study["drl_level"], study["drl_source"], study["over_drl"]) == (850.0, "local", True)
+    assert [e["over_drl"] for e in events] == [True, False] and events[0]["drl_source"] == "national"
+    alerts = drl_alerts(study)
+    assert len(alerts) == 1 and alerts[0]["rule_type"] == "drl" and alerts[0]["threshold"] == 850.0
+    assert "local reference level 850" in alerts[0]["message"]
+    under = {"standard_name": "CT Abdomen-Pelvis", "total_dlp_mGycm": 700.0, "study_instance_uid": "1.3"}
+    levels.apply(under, [])
+    assert under["over_drl"] is False and drl_alerts(under) == []
+
+
+def test_survey_median_per_standard_name(levels):
+    studies = [{"standard_name": "CT Head", "total_dlp_mGycm": v} for v in (700.0, 900.0, 1000.0, 800.0)]
+    studies += [{"standard_name": "CT Abdomen-Pelvis", "total_dlp_mGycm": 800.0}]
+    rows = {r["standard_name"]: r for r in survey(levels, studies)}
+    head = rows["CT Head"]
+    # median of 700, 800, 900, 1000 = 850; the local level 850 is not exceeded
+    assert head["median"] == 850.0 and head["median_over_level"] is False and head["over_level_studies"] == 2
+    assert head["studies"] == 4 and not head["too_few"]
+    abdomen = rows["CT Abdomen-Pelvis"]
+    assert abdomen["median_over_level"] is True and abdomen["too_few"] and abdomen["applied"] == "national"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("standard_names: [{name: X}]", "names nothing"),
+        ("standard_names: [{name: X, kind: CR, protocols: [a]}]", "kind must be one of"),
+        ("standard_names: [{name: X, match: {colour: a}}]", "cannot match on 'colour'"),
+        ("standard_names: [{name: X, protocols: 3}]", "list of texts"),
+        ("names: []", "one section"),
+    ],
+)
+def test_bad_names_file_says_what_to_fix(tmp_path: Path, text: str, message: str):
+    (tmp_path / "n.yaml").write_text(text)
+    with pytest.raises(NamesError, match=message):
+        load_standard_names(tmp_path / "n.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("reference_levels: {A: {study: {metric: dlp, national: 1}}}", "study.metric must be one of"),
+        ("reference_levels: {A: {study: {metric: total_dlp_mGycm}}}", "national or a local"),
+        ("reference_levels: {A: {event: {metric: ctdivol_mGy, local: -2}}}", "positive number"),
+        ("reference_levels: {A: {}}", "study and/or an event"),
+        ("window_days: 0", "positive whole number"),
+        ("levels: {}", "unknown key 'levels'"),
+    ],
+)
+def test_bad_levels_file_says_what_to_fix(tmp_path: Path, text: str, message: str):
+    (tmp_path / "l.yaml").write_text(text)
+    with pytest.raises(LevelsError, match=message):
+        load_reference_levels(tmp_path / "l.yaml")
+
+
+def test_example_files_load():
+    assert load_standard_names(REPO / "dose-standard-names.example.yaml").entries
+    assert load_reference_levels(REPO / "dose-reference-levels.example.yaml").study
+
+
+def test_repeat_rule_counts_one_standard_name_per_patient_in_the_window(tmp_path: Path):
+    (tmp_path / "r.yaml").write_text(
+        "repeats: [{name: Repeat CT head, window_days: 7, count: 2, standard_name: CT Head}]"
+    )
+    rules = load_rules(tmp_path / "r.yaml")
+    studies = [
+        {"study_instance_uid": "1", "study_date": "2024-03-01", "standard_name": "CT Head"},
+        {"study_instance_uid": "2", "study_date": "2024-03-05", "standard_name": "CT Head"},
+        {"study_instance_uid": "3", "study_date": "2024-03-06", "standard_name": "CT Abdomen-Pelvis"},
+    ]
+    [alert] = repeat_alerts(rules, studies, studies[1])
+    assert alert["rule_type"] == "repeat" and alert["value"] == 2.0 and alert["window_study_uids"] == ["1", "2"]
+    later = {"study_instance_uid": "4", "study_date": "2024-03-20", "standard_name": "CT Head"}
+    assert repeat_alerts(rules, [*studies, later], later) == []  # 2024-03-01 and -05 are out of 7 days
+    assert repeat_alerts(rules, studies, studies[2]) == []  # another standard name
+    (tmp_path / "bad.yaml").write_text("repeats: [{name: R, window_days: 7, count: 1}]")
+    with pytest.raises(RulesError, match="at least 2"):
+        load_rules(tmp_path / "bad.yaml")
