@@ -211,7 +211,7 @@ VISUALIZATIONS = (
     V(
         "dose-dlp-standard-name",
         "Mean study DLP (mGy·cm) by standard name",
-        "diana-dose-studies",
+        "dose-studies",
         "histogram",
         ("avg", "total_dlp_mGycm"),
         (("terms", "standard_name", 30),),
@@ -220,7 +220,7 @@ VISUALIZATIONS = (
     V(
         "dose-over-reference-level",
         "Studies over their reference level, by standard name and level (local/national)",
-        "diana-dose-studies",
+        "dose-studies",
         "table",
         ("count", None),
         (("terms", "standard_name", 50), ("terms", "drl_source", 2)),
