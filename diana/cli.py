@@ -206,8 +206,9 @@ def _cohort_export(cfg: Config, args, client, prefix: str, study_uids: list[str]
     from tqdm import tqdm
 
     from diana.access.cohort import study_instances
-    from diana.access.deid import Deidentifier
     from diana.access.export import ExportError, export_instances
+    from diana.access.keyfiles import KeyFileError
+    from diana.access.research import deidentifier_from
 
     deidentify = args.deidentify if args.deidentify is not None else args.research
     deidentifier = None
@@ -222,11 +223,9 @@ def _cohort_export(cfg: Config, args, client, prefix: str, study_uids: list[str]
             )
             return 2
         try:
-            deidentifier = Deidentifier(
-                cfg.path(Path(secret_file)).read_bytes(), retain_descriptions=args.retain_descriptions
-            )
-        except (OSError, ValueError) as exc:
-            print(f"diana cohort export: site secret {secret_file}: {exc}", file=sys.stderr)
+            deidentifier = deidentifier_from(args, cfg.path(Path(secret_file)))
+        except (OSError, ValueError) as exc:  # KeyFileError is a ValueError
+            print(f"diana cohort export: {exc}", file=sys.stderr)
             return 2
     if args.key_file and not deidentify:
         print("diana cohort export: --key-file only makes sense with de-identification (--research)", file=sys.stderr)
@@ -242,11 +241,11 @@ def _cohort_export(cfg: Config, args, client, prefix: str, study_uids: list[str]
                 key_file=Path(args.key_file) if args.key_file else None,
                 progress=bar.update,
             )
-    except ExportError as exc:
+    except (ExportError, KeyFileError) as exc:
         print(f"diana cohort export: {exc}", file=sys.stderr)
         return 2
     print("\n".join(summary.lines()))
-    return 1 if summary.missing or summary.hash_mismatch else 0
+    return 0 if summary.complete else 1
 
 
 def cmd_dashboards(cfg: Config, args: argparse.Namespace) -> int:
@@ -686,11 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="FILE",
                 help="also write pseudonym -> original identity here (CSV, mode 600); written nowhere unless asked",
             )
-            ap.add_argument(
-                "--retain-descriptions",
-                action="store_true",
-                help="keep study/series descriptions and protocol names (Annex E retain option)",
-            )
+            from diana.access import research  # the Annex E option flags live beside their rules
+
+            research.add_arguments(ap)
             ap.add_argument("--no-progress", action="store_true", help="no progress bar")
         ap.set_defaults(func=cmd_cohort)
     dash = sub.add_parser(
