@@ -17,6 +17,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass, field
 
+from pydicom import config
 from pydicom.uid import UID
 
 __all__ = ["ProjectKeys", "StudySubjects"]
@@ -59,7 +60,7 @@ class ProjectKeys:
         """A 2.25 UID (an integer of 128 bits) derived from the original UID: one original, one new UID.
 
         The standard's own UIDs (SOP classes, coding schemes) identify nobody and are kept."""
-        if UID(original.strip()).name != original.strip():
+        if UID(original.strip(), validation_mode=config.IGNORE).name != original.strip():
             return original.strip()
         return "2.25." + str(int.from_bytes(self._mac("uid", original.strip())[:16], "big"))
 

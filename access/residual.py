@@ -16,7 +16,7 @@ import functools
 import re
 from dataclasses import dataclass, field
 
-from pydicom import Dataset
+from pydicom import Dataset, config
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
@@ -64,6 +64,11 @@ def _values(value: object) -> list[str]:
     return [str(v).strip() for v in items if v is not None and str(v).strip()]
 
 
+def _standard(uid: str) -> bool:
+    """A UID of the standard's registry (a SOP class, a transfer syntax, a coding scheme)."""
+    return UID(uid, validation_mode=config.IGNORE).name != uid
+
+
 @functools.lru_cache(maxsize=65536)
 def _word(term: str) -> re.Pattern[str]:
     """``term`` as a whole word (or words): "TOSHIBA" is not found in "TOSHIBA_MEC"."""
@@ -97,7 +102,7 @@ def collect(ds: Dataset, table: ProfileTable, options: ProfileOptions) -> Identi
             del found.whole[value]
     for value in [v for v in found.text if v in _OWN_VOCABULARY]:
         del found.text[value]
-    for value in [v for v in found.whole if v.upper() in _OWN_VOCABULARY or UID(v).name != v]:
+    for value in [v for v, k in found.whole.items() if v.upper() in _OWN_VOCABULARY or k == "UID" and _standard(v)]:
         del found.whole[value]  # our own words, and the standard's UIDs (SOP classes, transfer syntaxes)
     return found
 
@@ -117,8 +122,8 @@ def _collect(
         if elem.VR in _BINARY_VRS:
             continue
         keyword = elem.keyword or ""
-        if tree is Action.DUMMY and action is Action.KEEP and elem.VR in _FREE_TEXT_VRS | {"PN"}:
-            action = Action.DUMMY  # free text and names of a content tree that is not cleaned go
+        if tree is not None and action is Action.KEEP and elem.VR in _FREE_TEXT_VRS | {"PN"}:
+            action = tree  # free text and names of a content tree go (D) or are redacted (C), as the engine does
         if action is Action.KEEP:
             kept.update(_values(elem.value))
             continue
