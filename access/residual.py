@@ -35,6 +35,7 @@ _IDENTIFYING = re.compile(
 )
 # what the de-identifier itself writes: a source value inside it is no leak (e.g. an ID "ANON")
 _OWN_VOCABULARY = "ANONYMIZED ANONYMOUS [REDACTED] ANON^ NONE UNKNOWN"
+_EQUIPMENT = ("Manufacturer", "ManufacturerModelName", "SoftwareVersions")
 _BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 
 
@@ -43,9 +44,19 @@ class Identifiers:
     whole: dict[str, str] = field(default_factory=dict)  # value -> kind, compared whole (dates, UIDs, IDs)
     text: dict[str, str] = field(default_factory=dict)  # value (upper case) -> kind, searched inside text
 
+    def pattern(self) -> re.Pattern[str]:
+        """One expression finding any identifier as a whole word in upper-case text (built once)."""
+        if getattr(self, "_pattern", None) is None:
+            words = "|".join(map(re.escape, self.terms())) or "(?!)"  # (?!): matches nothing
+            self._pattern = re.compile(r"(?<!\w)(?:" + words + r")(?!\w)")
+        return self._pattern
+
+    def kind_of(self, upper: str) -> str:
+        return self.text.get(upper) or next(k for w, k in self.whole.items() if w.upper() == upper)
+
     def terms(self) -> list[str]:
         """Every value to redact from cleaned text, longest first."""
-        return sorted(set(self.text) | {w for w in self.whole if len(w) >= _MIN_TEXT}, key=len, reverse=True)
+        return sorted(set(self.text) | {w.upper() for w in self.whole if len(w) >= _MIN_TEXT}, key=len, reverse=True)
 
 
 @dataclass(frozen=True)
@@ -94,8 +105,15 @@ def collect(ds: Dataset, table: ProfileTable, options: ProfileOptions) -> Identi
     # scheme ("TEST"). Names are excused only by a kept value equal to them; dates and UIDs never.
     kept_upper = {v.upper() for v in kept}
     kept_text = "\n".join(kept_upper)
+    # A name part that is a word of the equipment's own description is the equipment's: the
+    # acceptance corpus has a patient "Patient^Optima" scanned on an "Optima CT660".
+    equipment = "\n".join(" ".join(_values(ds.get(k, ""))) for k in _EQUIPMENT).upper()
     for value, kind in list(found.text.items()):
-        if value in kept_upper or (kind != "person name" and _word(value).search(kept_text)):
+        if kind == "person name":
+            excused = value in kept_upper or ("^" not in value and bool(_word(value).search(equipment)))
+        else:
+            excused = value in kept_upper or bool(_word(value).search(kept_text))
+        if excused:
             del found.text[value]
     for value, kind in list(found.whole.items()):
         if kind not in ("date", "UID") and value.upper() not in found.text:  # its text twin was excused
@@ -160,8 +178,17 @@ def scan(ds: Dataset, identifiers: Identifiers) -> list[Hit]:
     return hits
 
 
+# set by the de-identifier to the standard's fixed words (YES, MODIFIED, REMOVED...): a source
+# value equal to one of them (a StudyID "REMOVED" from an earlier anonymizer) is no leak there
+_DECLARATIONS = frozenset(
+    {"PatientIdentityRemoved", "LongitudinalTemporalInformationModified", "DeidentificationMethod"}
+)
+
+
 def _scan(ds: Dataset, ids: Identifiers, prefix: str, hits: list[Hit]) -> None:
     for elem in ds:
+        if elem.keyword in _DECLARATIONS:
+            continue
         name = elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
         path = prefix + name
         if elem.VR == "SQ":
@@ -178,11 +205,7 @@ def _scan(ds: Dataset, ids: Identifiers, prefix: str, hits: list[Hit]) -> None:
                 if kind:
                     hits.append(Hit(path, kind))
                 continue
-            upper = value.upper()
-            kind = next((k for term, k in ids.text.items() if _word(term).search(upper)), None)
-            if kind is None:  # a date, UID or number written inside text
-                kind = next(
-                    (k for w, k in ids.whole.items() if len(w) >= _MIN_TEXT and _word(w.upper()).search(upper)), None
-                )
+            found = ids.pattern().search(value.upper())
+            kind = ids.kind_of(found.group(0)) if found else None
             if kind:
                 hits.append(Hit(path, kind))

@@ -26,6 +26,7 @@ from diana.access.pseudonyms import ProjectKeys
 from diana.access.residual import collect, scan
 from diana.schemas.uid import is_valid_uid
 from tests.support.deidgen import PATIENT_ID, PATIENT_NAME, SOP_CLASSES, identifying_object
+from tests.support.paths import REPO
 
 SECRET = b"unit-test-site-secret-32-bytes!!"
 
@@ -112,6 +113,25 @@ def test_export_over_pydicom_files_and_generated_objects_reports_instead_of_cras
     for generated_object in generated:
         assert generated_object.SOPInstanceUID not in text  # the report names objects by pseudonymous UID only
     assert PATIENT_ID not in text and "Doe" not in text
+
+
+DOSE_FOLDER = Path(os.environ.get("DIANA_DOSE_ACCEPTANCE_DIR", REPO.parent / "shared" / "acceptance" / "dose"))
+
+
+@pytest.mark.parametrize(
+    "options", [ProfileOptions(), ProfileOptions(clean_structured_content=True, clean_descriptors=True)], ids=str
+)
+def test_vendor_dose_reports_export_completely(tmp_path, options):
+    """The vendor dose files (RDSR content trees, the ones that crashed the old export): all exported, scan clean."""
+    files = sorted(DOSE_FOLDER.glob("*.dcm"))
+    if not files:
+        pytest.skip(f"no dose acceptance files at {DOSE_FOLDER} (set DIANA_DOSE_ACCEPTANCE_DIR)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sources = [pydicom.dcmread(f) for f in files]
+        _, summary, target = _export(tmp_path, sources, options=options)
+    assert (summary.exported, summary.refused, summary.residual_hits) == (len(files), [], [])
+    assert json.loads((target / REPORT_NAME).read_text())["status"] == "complete"
 
 
 def test_risky_objects_are_refused_by_default_and_flagged_with_the_opt_in(tmp_path):
