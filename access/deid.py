@@ -55,8 +55,8 @@ class PseudonymKey:
     rows: dict[str, dict] = field(default_factory=dict)
 
     def add(self, subject: str, original_id: str, original_name: str, keys: ProjectKeys) -> None:
-        self.rows.setdefault(
-            subject,
+        self.rows.setdefault(  # one row per original ID: a mixed study's second PatientID is in the key too
+            f"{subject}\0{original_id}",
             {
                 "project": keys.project,
                 "original_patient_id": original_id,

@@ -188,9 +188,11 @@ def test_empty_patient_ids_are_pseudonymised_per_study(tmp_path):
 def test_a_study_with_mixed_patient_ids_is_never_split(tmp_path):
     study = generate_uid()
     objects = [identifying_object("ct", patient_id=pid, study_uid=study) for pid in ("MRN1", "MRN2", "MRN1", "")]
-    _, summary, target = _export(tmp_path, objects)
+    _, summary, target = _export(tmp_path, objects, key_file=tmp_path / "key.csv")
     out = _exported(target)
     assert summary.exported == 4 and summary.mixed_patient_studies == 1
+    rows = [line.split(",") for line in (tmp_path / "key.csv").read_text().splitlines()[1:]]
+    assert sorted(r[1] for r in rows) == ["", "MRN1", "MRN2"] and len({r[3] for r in rows}) == 1
     assert len({ds.StudyInstanceUID for ds in out}) == 1
     assert len({(ds.PatientID, ds.PatientName, ds.StudyDate) for ds in out}) == 1
     assert json.loads((target / REPORT_NAME).read_text())["studies_with_several_patient_ids"] == 1
