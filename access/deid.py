@@ -162,8 +162,9 @@ class Deidentifier:
                 elif ctx.tree is Action.CLEAN:
                     action = Action.CLEAN
             where = path + (elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})")
-            if action is Action.REMOVE:
-                del ds[elem.tag]
+            binary_replaced = elem.VR in _BINARY_VRS and action not in (Action.KEEP, Action.EMPTY)
+            if action is Action.REMOVE or (binary_replaced and not self._keeps_document(elem)):
+                del ds[elem.tag]  # no dummy can stand in for bytes (or a tag pydicom does not know, read as UN)
             elif elem.VR == "SQ":
                 self._sequence(elem, action, ctx, where)
             elif action is Action.EMPTY:
@@ -185,12 +186,15 @@ class Deidentifier:
         for i, item in enumerate(elem.value or []):
             self._apply(item, inner, f"{where}[{i}].")
 
+    def _keeps_document(self, elem: DataElement) -> bool:
+        """An encapsulated document exported by --allow-risky keeps its payload (the report flags it)."""
+        return self.allow_risky and elem.keyword == "EncapsulatedDocument"
+
     def _dummy(self, ds: Dataset, elem: DataElement) -> None:
         if elem.VR == "UI":
             elem.value = self._map(elem.value, self.keys.uid)
         elif elem.VR in _BINARY_VRS:
-            if not (self.allow_risky and elem.keyword == "EncapsulatedDocument"):
-                del ds[elem.tag]
+            pass  # only a kept encapsulated document gets here
         elif elem.VR in _NUMBER_VRS:
             elem.value = 0
         elif elem.VR == "AT":

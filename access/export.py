@@ -12,8 +12,9 @@ A research export (a Deidentifier given) also:
 - runs the residual-identifier scan on every de-identified object before it is written: an object
   with a hit is not written and the export is marked failed, with the element path;
 - writes export-report.json into the export (table edition, options, counts, what was refused and
-  why, by pseudonymous UID); a folder carries EXPORT-INCOMPLETE.txt from its first file until the
-  report is written, so an export that stopped, or failed its scan, says so where a user looks.
+  why, by pseudonymous UID).
+Every folder export carries EXPORT-INCOMPLETE.txt from before its first file until it is complete
+(its report written, its scan passed), so an export that stopped says so where a user looks.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def export_instances(
     tmp_zip = target.with_name(f".{target.name}.partial")
     zf = zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_STORED, allowZip64=True) if as_zip else None
     marker = target / INCOMPLETE_NAME
-    if zf is None and deidentifier is not None:
+    if zf is None:
         write_atomic(marker, _INCOMPLETE_TEXT.encode())
     try:
         for inst in instances:
@@ -213,6 +214,10 @@ def export_instances(
                 data = source.read_bytes()
             except FileNotFoundError:
                 summary.missing.append(sop)
+                progress(1)
+                continue
+            except OSError as exc:  # unreadable archive file: listed, the export goes on
+                summary.refused.append((sop, f"archive file unreadable ({type(exc).__name__})"))
                 progress(1)
                 continue
             if inst.get("sha256") and hashlib.sha256(data).hexdigest() != inst["sha256"]:
@@ -252,7 +257,7 @@ def export_instances(
             if not summary.failed:  # a zip that failed its scan is never published
                 os.replace(tmp_zip, target)
                 fsync_dir(target.parent)
-        elif deidentifier is not None and not summary.failed:
+        elif not summary.failed:
             marker.unlink()
             fsync_dir(target)
     finally:

@@ -199,6 +199,13 @@ def test_scan_finds_what_the_table_does_not_list():
     ]
 
 
+def test_a_table_row_pydicom_does_not_know_is_applied_by_tag():
+    ds = identifying_object("ct")
+    ds.add_new(0x0040B034, "UN", PATIENT_NAME.encode())  # in the 2026c table (X), newer than pydicom's dictionary
+    out = _deidentifier(ProfileOptions()).deidentify(ds).dataset
+    assert 0x0040B034 not in out
+
+
 def test_table_is_the_standards_and_its_source_is_recorded():
     assert len(TABLE) > 600 and EDITION in TABLE_SOURCE and "dicom-anonymizer" in TABLE_SOURCE
     codes = {

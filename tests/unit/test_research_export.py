@@ -293,6 +293,22 @@ def test_a_zip_export_carries_its_report(tmp_path):
     assert [c["code"] for c in report["deidentification_method_codes"]] == ["113100", "113107"]
 
 
+def test_a_plain_folder_export_is_marked_until_complete(tmp_path):
+    rows = _archive(tmp_path / "a", [identifying_object("ct"), identifying_object("ct")])
+    calls = []
+
+    def stop_after_one(n: int) -> None:
+        calls.append(n)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_instances(rows, tmp_path / "a", tmp_path / "stopped", progress=stop_after_one)
+    assert (tmp_path / "stopped" / INCOMPLETE_NAME).exists()
+    summary = export_instances(rows, tmp_path / "a", tmp_path / "done")
+    assert summary.complete and summary.exported == 2
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == sorted(r["study_instance_uid"] for r in rows)
+
+
 def test_plain_export_refuses_a_key_file(tmp_path):
     rows = _archive(tmp_path / "a", [identifying_object("ct")])
     with pytest.raises(ExportError, match="only makes sense"):
