@@ -12,15 +12,14 @@ import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.data import get_testdata_files
-from pydicom.multival import MultiValue
-from pydicom.sequence import Sequence
 
 from diana.access.dateshift import shift_value
 from diana.access.deid import Deidentifier, Refused
-from diana.access.deid_options import Action, DateOption, ProfileOptions, method_codes, resolve
+from diana.access.deid_options import DateOption, ProfileOptions, method_codes
 from diana.access.deid_table import EDITION, TABLE_SOURCE, basic_profile
 from diana.access.pseudonyms import ProjectKeys
 from diana.access.residual import collect, scan
+from tests.support.deidcheck import check_actions
 from tests.support.deidgen import PATIENT_ID, PATIENT_NAME, SR_TEXT, identifying_object
 
 SECRET = b"unit-test-site-secret-32-bytes!!"
@@ -45,68 +44,10 @@ OPTION_SETS = {
         clean_structured_content=True,
     ),
 }
-_SET_BY_US = {
-    "PatientName",
-    "PatientID",
-    "PatientIdentityRemoved",
-    "DeidentificationMethod",
-    "DeidentificationMethodCodeSequence",
-    "LongitudinalTemporalInformationModified",
-}
 
 
 def _deidentifier(options: ProfileOptions, project: str = "lung-study", **kw) -> Deidentifier:
     return Deidentifier(ProjectKeys(SECRET, project), options, **kw)
-
-
-def _empty(value) -> bool:
-    return value is None or value == "" or (isinstance(value, (list, MultiValue, Sequence)) and len(value) == 0)
-
-
-def _as_list(value) -> list[str]:
-    return [str(v) for v in value] if isinstance(value, MultiValue) else [str(value)]
-
-
-def check_actions(source: Dataset, out: Dataset, d: Deidentifier, days: int) -> int:
-    """Assert each top-level attribute of ``source`` got its action; return how many were checked."""
-    checked = 0
-    for elem in source:
-        if elem.tag.is_private or elem.tag.group == 0x0002 or elem.keyword in _SET_BY_US:
-            continue
-        action = resolve(int(elem.tag), elem.VR, TABLE.code(elem.tag), d.options)
-        got = out.get(elem.tag)
-        name = f"{elem.keyword or elem.tag} ({TABLE.code(elem.tag)} -> {action.value})"
-        checked += 1
-        if action is Action.REMOVE:
-            assert got is None, f"{name} should be removed"
-        elif action is Action.KEEP:
-            if elem.keyword == "PatientAge" and str(elem.value) == "094Y":
-                assert got.value == "090Y", "ages over 89 are aggregated (Safe Harbor)"
-            elif elem.VR == "SQ":
-                assert got is not None and len(got.value) == len(elem.value), name
-            else:
-                assert got is not None and got.value == elem.value, f"{name} should be kept"
-        elif action is Action.EMPTY:
-            assert got is not None and _empty(got.value), f"{name} should be empty"
-        elif action is Action.DUMMY:
-            if elem.VR in ("OB", "OW", "UN", "AT") and got is None:
-                continue  # binary dummies are removed: nothing identifying can be written in their place
-            assert got is not None, f"{name} should be replaced"
-            if elem.VR == "SQ":
-                assert len(got.value) == len(elem.value), name
-            elif not _empty(elem.value):
-                assert not _empty(got.value) and got.value != elem.value, f"{name} should be a dummy"
-        elif action is Action.UID:
-            assert got is not None, name
-            if elem.VR == "UI":
-                assert _as_list(got.value) == [d.keys.uid(v) for v in _as_list(elem.value)], f"{name} UID mapping"
-        elif action is Action.CLEAN:
-            assert got is not None, f"{name} should be kept, cleaned"
-            if elem.VR in ("DA", "DT", "TM"):
-                assert _as_list(got.value) == [shift_value(v, elem.VR, days) for v in _as_list(elem.value)], name
-            elif elem.VR == "PN":
-                assert got.value != elem.value, name
-    return checked
 
 
 @pytest.mark.parametrize("options_name", sorted(OPTION_SETS))

@@ -25,6 +25,7 @@ from diana.access.keyfiles import KeyFileError, read_site_secret
 from diana.access.pseudonyms import ProjectKeys
 from diana.access.residual import collect, scan
 from diana.schemas.uid import is_valid_uid
+from tests.support.deidcheck import check_actions
 from tests.support.deidgen import PATIENT_ID, PATIENT_NAME, SOP_CLASSES, identifying_object
 from tests.support.paths import REPO
 
@@ -85,14 +86,28 @@ def _pydicom_files() -> list[Dataset]:
     return out
 
 
-def test_export_over_pydicom_files_and_generated_objects_reports_instead_of_crashing(tmp_path):
+EXPORT_OPTIONS = {
+    "modified-dates": ProfileOptions(),
+    "retain-and-clean": ProfileOptions(
+        retain_patient_characteristics=True,
+        retain_device_identity=True,
+        retain_institution_identity=True,
+        clean_descriptors=True,
+        clean_structured_content=True,
+        clean_graphics=True,
+    ),
+}
+
+
+@pytest.mark.parametrize("options_name", sorted(EXPORT_OPTIONS))
+def test_export_over_pydicom_files_and_generated_objects_reports_instead_of_crashing(tmp_path, options_name):
     generated = [identifying_object(kind) for kind in ("sr", "rtplan", "enhanced_ct", "ct")]
     bad_date = identifying_object("ct")
     bad_date.ContentDate = "20190510%"  # the value that stopped the old export after 128 objects
     sources = _pydicom_files() + generated + [bad_date]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        d, summary, target = _export(tmp_path, sources)
+        d, summary, target = _export(tmp_path, copy.deepcopy(sources), options=EXPORT_OPTIONS[options_name])
     report = json.loads((target / REPORT_NAME).read_text())
     assert not (target / INCOMPLETE_NAME).exists()
     assert summary.exported + len(summary.refused) == len(sources) and summary.exported > 100
@@ -103,12 +118,16 @@ def test_export_over_pydicom_files_and_generated_objects_reports_instead_of_cras
     assert any(r.startswith("risky object: secondary capture") for r in reasons)
     assert summary.residual_hits == []
     by_sop = {d.keys.uid(str(s.SOPInstanceUID).strip()): s for s in sources if "SOPInstanceUID" in s}
+    checked = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for out in _exported(target):
+        for out in _exported(target):  # read back from the export's files
             assert out.PatientIdentityRemoved == "YES"
             source = by_sop[out.SOPInstanceUID]
             assert scan(out, collect(source, d.table, d.options)) == []  # scanned again, from the files
+            subject = d.subjects.subject(str(source.StudyInstanceUID).strip(), "")
+            checked += check_actions(source, out, d, d.keys.date_shift_days(subject))
+    assert checked > 4000  # every attribute of every exported object against its action
     text = (target / REPORT_NAME).read_text()
     for generated_object in generated:
         assert generated_object.SOPInstanceUID not in text  # the report names objects by pseudonymous UID only
