@@ -220,10 +220,15 @@ class Deidentifier:
         return fn(str(value)) if value not in (None, "") else value
 
     def _age(self, ds: Dataset) -> None:
-        """HIPAA Safe Harbor: an age over 89 kept by Retain Patient Characteristics is written 090Y."""
-        m = _AGE.match(str(ds.get("PatientAge", "")).strip())
-        if m and int(m[1]) > 89:
-            ds.PatientAge = "090Y"
+        """HIPAA Safe Harbor, unless patient characteristics are retained: an age over 89 left in the
+        object (an SR's Subject Age, a PatientAge the table does not remove) is written as 90."""
+        if self.options.retain_patient_characteristics:
+            return
+        for item in _datasets(ds):
+            m = _AGE.match(str(item.get("PatientAge", "")).strip())
+            if m and int(m[1]) > 89:
+                item.PatientAge = "090Y"
+            _aggregate_subject_age(item)
 
     def _file_meta(self, ds: Dataset) -> None:
         meta = getattr(ds, "file_meta", None) or FileMetaDataset()
@@ -236,6 +241,30 @@ class Deidentifier:
         if "SOPClassUID" in ds:
             meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.file_meta = meta
+
+
+_YEARS_PER_UNIT = {"a": 1.0, "mo": 1 / 12, "wk": 7 / 365.25, "d": 1 / 365.25}  # UCUM units of an age
+
+
+def _aggregate_subject_age(item: Dataset) -> None:
+    """A NUM content item "Subject Age" (DCM 121033) over 89 years becomes 90 years."""
+    if str(item.get("ValueType", "")) != "NUM" or not item.get("ConceptNameCodeSequence"):
+        return
+    concept = item.ConceptNameCodeSequence[0]
+    if (str(concept.get("CodeValue", "")), str(concept.get("CodingSchemeDesignator", ""))) != ("121033", "DCM"):
+        return
+    for measured in item.get("MeasuredValueSequence") or []:
+        units = measured.get("MeasurementUnitsCodeSequence") or [Dataset()]
+        per_unit = _YEARS_PER_UNIT.get(str(units[0].get("CodeValue", "")))
+        try:
+            years = float(measured.NumericValue) * per_unit if per_unit else None
+        except (AttributeError, TypeError, ValueError):
+            years = None
+        if years is not None and years > 89:
+            measured.NumericValue = "90"
+            unit = Dataset()
+            unit.CodeValue, unit.CodingSchemeDesignator, unit.CodeMeaning = "a", "UCUM", "year"
+            measured.MeasurementUnitsCodeSequence = [unit]
 
 
 def _redact(text: str, terms: list[str]) -> str:

@@ -31,7 +31,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         "full: keep dates (Full Dates); remove: the Basic Profile's table actions",
     )
     g.add_argument(
-        "--retain-patient-characteristics", action="store_true", help="keep age (over 89: 090Y), sex, size, weight..."
+        "--retain-patient-characteristics",
+        action="store_true",
+        help="keep age, sex, size, weight... as they are (otherwise an age over 89 left anywhere, e.g. in an SR, is written 90)",
     )
     g.add_argument(
         "--retain-device-identity", action="store_true", help="keep station names, serial numbers, device UIDs"

@@ -187,11 +187,47 @@ def test_retain_institution_identity():
     assert out.get("InstitutionName") != source.InstitutionName and "InstitutionAddress" not in out
 
 
-def test_retain_patient_characteristics_and_age_over_89():
+def _with_subject_age(ds: Dataset, value: str, unit: str) -> Dataset:
+    age = Dataset()
+    age.RelationshipType, age.ValueType = "CONTAINS", "NUM"
+    concept = Dataset()
+    concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = "121033", "DCM", "Subject Age"
+    age.ConceptNameCodeSequence = [concept]
+    measured, units = Dataset(), Dataset()
+    units.CodeValue, units.CodingSchemeDesignator, units.CodeMeaning = unit, "UCUM", unit
+    measured.MeasurementUnitsCodeSequence = [units]
+    measured.NumericValue = value
+    age.MeasuredValueSequence = [measured]
+    ds.ContentSequence.append(age)
+    return ds
+
+
+def _subject_ages(ds: Dataset) -> list[tuple[str, str]]:
+    return [
+        (
+            str(i.MeasuredValueSequence[0].NumericValue),
+            i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue,
+        )
+        for i in ds.ContentSequence
+        if i.ValueType == "NUM"
+    ]
+
+
+def test_retain_patient_characteristics_and_ages_over_89():
+    """Ages over 89 are written 90 (HIPAA Safe Harbor) unless patient characteristics are retained."""
     _, source, out = _run(ProfileOptions(retain_patient_characteristics=True))
-    assert (out.PatientSex, out.PatientWeight, out.PatientAge) == ("F", source.PatientWeight, "090Y")
+    assert (out.PatientSex, out.PatientWeight, out.PatientAge) == ("F", source.PatientWeight, "094Y")
     _, _, out = _run(ProfileOptions())
     assert "PatientAge" not in out and "PatientWeight" not in out and not out.get("PatientSex")
+    for options, expected in (
+        (ProfileOptions(), [("90", "a"), ("45", "a"), ("90", "a"), ("12", "mo")]),
+        (ProfileOptions(retain_patient_characteristics=True), [("94", "a"), ("45", "a"), ("1100", "mo"), ("12", "mo")]),
+    ):
+        sr = identifying_object("sr")
+        for value, unit in (("94", "a"), ("45", "a"), ("1100", "mo"), ("12", "mo")):
+            _with_subject_age(sr, value, unit)
+        out = _deidentifier(options).deidentify(sr).dataset
+        assert _subject_ages(out) == expected
 
 
 def test_dates_full_modified_removed():
