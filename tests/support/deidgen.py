@@ -31,7 +31,10 @@ SOP_CLASSES = {
     "enhanced_ct": "1.2.840.10008.5.1.4.1.1.2.1",
     "ct": "1.2.840.10008.5.1.4.1.1.2",
 }
-_SITE = re.compile(r"(Institution|Device|Station|Detector|Gantry|Generator|Plate|Cassette|Transducer|Machine|Serial)")
+_SITE = re.compile(
+    r"(Institution|Device|Station|Detector|Gantry|Generator|Plate|Cassette|Transducer|Machine|Serial|Lens|Source"
+    r"|ClinicalTrial|Location)"
+)
 _SKIP = {"PatientName", "PatientID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "BurnedInAnnotation"}
 
 
