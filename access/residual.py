@@ -181,7 +181,12 @@ def scan(ds: Dataset, identifiers: Identifiers) -> list[Hit]:
 # set by the de-identifier to the standard's fixed words (YES, MODIFIED, REMOVED...): a source
 # value equal to one of them (a StudyID "REMOVED" from an earlier anonymizer) is no leak there
 _DECLARATIONS = frozenset(
-    {"PatientIdentityRemoved", "LongitudinalTemporalInformationModified", "DeidentificationMethod"}
+    {
+        "PatientIdentityRemoved",
+        "LongitudinalTemporalInformationModified",
+        "DeidentificationMethod",
+        "DeidentificationMethodCodeSequence",  # "Retain Patient Characteristics" is no patient "Patient^X"
+    }
 )
 
 

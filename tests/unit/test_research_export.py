@@ -139,8 +139,12 @@ DOSE_FOLDER = Path(os.environ.get("DIANA_DOSE_ACCEPTANCE_DIR", REPO.parent / "sh
 
 @pytest.mark.parametrize(
     "options",
-    [ProfileOptions(), ProfileOptions(clean_structured_content=True, clean_descriptors=True)],
-    ids=["default", "clean-content-and-descriptors"],
+    [
+        ProfileOptions(),
+        ProfileOptions(clean_structured_content=True, clean_descriptors=True),
+        EXPORT_OPTIONS["retain-and-clean"],
+    ],
+    ids=["default", "clean-content-and-descriptors", "retain-and-clean"],
 )
 def test_vendor_dose_reports_export_completely(tmp_path, options):
     """The vendor dose files (RDSR content trees, the ones that crashed the old export): all exported, scan clean."""
