@@ -1,85 +1,51 @@
 """De-identification for research export: PS3.15 Annex E Basic Application Level Confidentiality
-Profile, with consistent pseudonyms.
+Profile with the options the user chose, and project-keyed pseudonyms.
 
-dicognito replaces identifiers, names, addresses and UIDs and shifts dates; it is seeded per patient
-with a keyed hash of the site secret and the PatientID, so the same patient gets the same pseudonym,
-the same UIDs and the same date offset in every export, and nobody without the secret can compute
-them. On top, what Annex E removes and dicognito keeps: private tags, free-text comments and
-descriptions (unless retained), device serial numbers, other institution and physician data.
-Burned-in text in pixel data is not examined.
+Every element of the object, in every sequence item and SR content item, gets the one action
+its Table E.1-1 row and the options give (`deid_options.resolve`): kept, removed, emptied,
+replaced by a dummy, its UID mapped, or cleaned (dates shifted, identifying words redacted from
+text). Private elements go unless the site's safe list keeps them. Person names the table does
+not list are replaced too. Inside a content tree the profile replaces (Content Sequence, D),
+names and free text are replaced; inside one it cleans (Clean Structured Content), they are
+redacted. An object that cannot be handled (a date no program can read, a risky class without the
+opt-in, no Study Instance UID) raises Refused with a reason that holds no patient data.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import re
 from dataclasses import dataclass, field
 
-from dicognito.anonymizer import Anonymizer
+import pydicom
 from pydicom import Dataset
+from pydicom.dataelem import DataElement
 from pydicom.dataset import FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.tag import Tag
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-__all__ = ["Deidentifier", "PseudonymKey"]
+from diana.access.dateshift import MalformedTemporal, shift_value
+from diana.access.deid_options import Action, DateOption, ProfileOptions, method_codes, resolve
+from diana.access.deid_table import EDITION, TABLE_PACKAGE, ProfileTable, basic_profile
+from diana.access.pseudonyms import ProjectKeys, StudySubjects
+from diana.access.residual import Identifiers, collect
+from diana.access.risk import risk_of
 
-# Annex E Table E.1-1 attributes with action X (remove) that dicognito leaves in place.
-_REMOVE = (
-    "AcquisitionComments",
-    "AdditionalPatientHistory",
-    "AdmittingDiagnosesDescription",
-    "Allergies",
-    "Arbitrary",
-    "AuthorObserverSequence",
-    "ContentCreatorName",
-    "ContributionDescription",
-    "CurrentPatientLocation",
-    "DeviceSerialNumber",
-    "DerivationDescription",
-    "ImageComments",
-    "InstitutionalDepartmentName",
-    "InterpretationRecorder",
-    "MedicalAlerts",
-    "ModifiedAttributesSequence",
-    "NamesOfIntendedRecipientsOfResults",
-    "OperatorsName",
-    "OriginalAttributesSequence",
-    "PatientComments",
-    "PatientState",
-    "PerformedProcedureStepDescription",
-    "PerformingPhysicianName",
-    "PhysiciansOfRecord",
-    "PregnancyStatus",
-    "ReasonForStudy",
-    "ReferringPhysicianName",
-    "RequestAttributesSequence",
-    "RequestingPhysician",
-    "ScheduledPerformingPhysicianName",
-    "SmokingStatus",
-    "StudyComments",
-    "TextComments",
-    "TopicAuthor",
-    "TopicKeywords",
-    "TopicSubject",
-    "TopicTitle",
-    "VerifyingObserverSequence",
-    "CountryOfResidence",
-    "RegionOfResidence",
-    "EthnicGroup",
-    "PatientBirthName",
-    "PatientMotherBirthName",
-    "OtherPatientNames",
-    "PatientAddress",
-    "InstitutionAddress",
-    "InstitutionName",
-    "ResponsiblePerson",
-)
-# Descriptions Annex E removes unless the Retain Description option is chosen.
-_DESCRIPTIONS = ("StudyDescription", "SeriesDescription", "ProtocolName")
+__all__ = ["Deidentifier", "Deidentified", "PseudonymKey", "Refused"]
+
+_DUMMY_TEXT = "ANONYMIZED"
+_REDACTED = "[REDACTED]"
+_FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC"})
+_BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+_NUMBER_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV", "FL", "FD"})
+_DUMMY_BY_VR = {"DA": "19000101", "DT": "19000101000000", "TM": "000000", "IS": "0", "DS": "0", "AS": "000Y"}
+_META_REMOVE = (0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020102)  # AE titles, private info
+_AGE = re.compile(r"^(\d{3})Y$")
 
 
-def _code(value: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
-    return item
+class Refused(Exception):
+    """This object is not exported; the message says why and holds no patient data."""
 
 
 @dataclass
@@ -88,54 +54,229 @@ class PseudonymKey:
 
     rows: dict[str, dict] = field(default_factory=dict)
 
-    def add(self, original_id: str, original_name: str, pseudonymous: Dataset) -> None:
-        self.rows.setdefault(
-            original_id,
+    def add(self, subject: str, original_id: str, original_name: str, keys: ProjectKeys) -> None:
+        self.rows.setdefault(  # one row per original ID: a mixed study's second PatientID is in the key too
+            f"{subject}\0{original_id}",
             {
+                "project": keys.project,
                 "original_patient_id": original_id,
                 "original_patient_name": original_name,
-                "pseudonym_patient_id": str(pseudonymous.get("PatientID", "")),
-                "pseudonym_patient_name": str(pseudonymous.get("PatientName", "")),
+                "pseudonym_patient_id": keys.patient_id(subject),
+                "pseudonym_patient_name": keys.patient_name(subject),
             },
         )
 
 
+@dataclass
+class Deidentified:
+    dataset: Dataset
+    identifiers: Identifiers  # what the residual scan must not find in ``dataset``
+    risk: str | None  # set when a risky object was exported by opt-in
+
+
+@dataclass
+class _Context:
+    subject: str
+    days: int
+    terms: list[str]
+    tree: Action | None = None  # inside a content tree the profile replaces (D) or cleans (C)
+
+
 class Deidentifier:
-    def __init__(self, site_secret: bytes, retain_descriptions: bool = False):
-        if len(site_secret) < 16:
-            raise ValueError("the site secret must be at least 16 bytes")
-        self._secret = site_secret
-        self._retain_descriptions = retain_descriptions
-        self._by_patient: dict[str, Anonymizer] = {}
+    def __init__(
+        self,
+        keys: ProjectKeys,
+        options: ProfileOptions | None = None,
+        *,
+        allow_risky: bool = False,
+        table: ProfileTable | None = None,
+    ):
+        self.keys = keys
+        self.options = options or ProfileOptions()
+        self.allow_risky = allow_risky
+        self.table = table or basic_profile()
+        self.subjects = StudySubjects()
+        self.key = PseudonymKey()
 
-    def _anonymizer(self, patient_id: str) -> Anonymizer:
-        if patient_id not in self._by_patient:
-            seed = hmac.new(self._secret, patient_id.encode(), hashlib.sha256).hexdigest()
-            self._by_patient[patient_id] = Anonymizer(seed=seed)
-        return self._by_patient[patient_id]
+    def method_description(self) -> list[str]:
+        return ["PS3.15 Annex E Basic Profile", f"Table E.1-1 of DICOM {EDITION}", f"read from {TABLE_PACKAGE}"]
 
-    def deidentify(self, ds: Dataset) -> Dataset:
-        """De-identify ``ds`` in place (and its file meta) and return it."""
-        patient_id = str(ds.get("PatientID", ""))
-        ds.remove_private_tags()
-        for keyword in _REMOVE + (() if self._retain_descriptions else _DESCRIPTIONS):
-            self._remove_everywhere(ds, keyword)
-        self._anonymizer(patient_id).anonymize(ds)
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethodCodeSequence = [
-            _code("113100", "Basic Application Confidentiality Profile"),
-            _code("113107", "Retain Longitudinal With Modified Dates Option"),
-        ]
-        meta = getattr(ds, "file_meta", None) or FileMetaDataset()
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta = meta
-        return ds
+    def deidentify(self, ds: Dataset) -> Deidentified:
+        """De-identify ``ds`` in place (and its file meta); raise Refused when it must not go out."""
+        risk = risk_of(ds)
+        if risk and not self.allow_risky:
+            raise Refused(f"risky object: {risk} (export it with --allow-risky, checked by hand)")
+        study_uid = str(ds.get("StudyInstanceUID", "")).strip()
+        if not study_uid or "SOPInstanceUID" not in ds:
+            raise Refused("no Study or SOP Instance UID: the object cannot be placed in the export")
+        original = (str(ds.get("PatientID", "")).strip(), str(ds.get("PatientName", "")))
+        subject = self.subjects.subject(study_uid, original[0])
+        identifiers = collect(ds, self.table, self.options)
+        context = _Context(subject, self.keys.date_shift_days(subject), identifiers.terms())
+        self._private(ds)
+        self._apply(ds, context, "")
+        ds.PatientID = self.keys.patient_id(subject)
+        ds.PatientName = self.keys.patient_name(subject)
+        self._age(ds)
+        ds.PatientIdentityRemoved = "NO" if risk else "YES"
+        ds.DeidentificationMethod = self.method_description()
+        ds.DeidentificationMethodCodeSequence = method_codes(self.options)
+        ds.LongitudinalTemporalInformationModified = {
+            DateOption.FULL: "UNMODIFIED",
+            DateOption.MODIFIED: "MODIFIED",
+            DateOption.REMOVE: "REMOVED",
+        }[self.options.dates]
+        self._file_meta(ds)
+        self.key.add(subject, *original, self.keys)
+        return Deidentified(ds, identifiers, risk)
+
+    # --- the walk -------------------------------------------------------------------------------
+    def _private(self, ds: Dataset) -> None:
+        """Remove private elements, except those the site's safe list names (creator, element byte)."""
+        safe = self.options.retain_safe_private
+        if not safe:
+            ds.remove_private_tags()
+            return
+        for item in list(_datasets(ds)):
+            kept: set[int] = set()
+            for elem in list(item):
+                tag = elem.tag
+                if not tag.is_private or tag.is_private_creator or tag.element < 0x1000:
+                    continue
+                creator = Tag(tag.group, tag.element >> 8)
+                owner = str(item[creator].value).strip() if creator in item else ""
+                if (owner, tag.element & 0xFF) in safe:
+                    kept |= {int(tag), int(creator)}
+            for elem in list(item):
+                if elem.tag.is_private and int(elem.tag) not in kept:
+                    del item[elem.tag]
+
+    def _apply(self, ds: Dataset, ctx: _Context, path: str) -> None:
+        for elem in list(ds):
+            if elem.tag.is_private or elem.tag.group == 0x0002:
+                continue
+            action = resolve(int(elem.tag), elem.VR, self.table.code(elem.tag), self.options)
+            if action is Action.KEEP and elem.VR in _FREE_TEXT_VRS | {"PN"}:
+                if ctx.tree is Action.DUMMY:
+                    action = Action.DUMMY
+                elif ctx.tree is Action.CLEAN:
+                    action = Action.CLEAN
+            where = path + (elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})")
+            binary_replaced = elem.VR in _BINARY_VRS and action not in (Action.KEEP, Action.EMPTY)
+            if action is Action.REMOVE or (binary_replaced and not self._keeps_document(elem)):
+                del ds[elem.tag]  # no dummy can stand in for bytes (or a tag pydicom does not know, read as UN)
+            elif elem.VR == "SQ":
+                self._sequence(elem, action, ctx, where)
+            elif action is Action.EMPTY:
+                elem.value = None
+            elif action is Action.DUMMY:
+                self._dummy(ds, elem)
+            elif action is Action.UID:
+                elem.value = self._map(elem.value, self.keys.uid) if elem.VR == "UI" else _DUMMY_TEXT
+            elif action is Action.CLEAN:
+                self._clean(ds, elem, ctx, where)
+
+    def _sequence(self, elem: DataElement, action: Action, ctx: _Context, where: str) -> None:
+        if action is Action.EMPTY:
+            elem.value = Sequence()
+            return
+        inner = _Context(
+            ctx.subject, ctx.days, ctx.terms, action if action in (Action.DUMMY, Action.CLEAN) else ctx.tree
+        )
+        for i, item in enumerate(elem.value or []):
+            self._apply(item, inner, f"{where}[{i}].")
+
+    def _keeps_document(self, elem: DataElement) -> bool:
+        """An encapsulated document exported by --allow-risky keeps its payload (the report flags it)."""
+        return self.allow_risky and elem.keyword == "EncapsulatedDocument"
+
+    def _dummy(self, ds: Dataset, elem: DataElement) -> None:
+        if elem.VR == "UI":
+            elem.value = self._map(elem.value, self.keys.uid)
+        elif elem.VR in _BINARY_VRS:
+            pass  # only a kept encapsulated document gets here
+        elif elem.VR in _NUMBER_VRS:
+            elem.value = 0
+        elif elem.VR == "AT":
+            del ds[elem.tag]
+        else:
+            elem.value = _DUMMY_BY_VR.get(elem.VR, _DUMMY_TEXT)
+
+    def _clean(self, ds: Dataset, elem: DataElement, ctx: _Context, where: str) -> None:
+        if elem.VR in ("DA", "DT", "TM"):
+            try:
+                elem.value = self._map(elem.value, lambda v: shift_value(v, elem.VR, ctx.days))
+            except MalformedTemporal as exc:
+                raise Refused(f"{where}: {exc}") from None
+        elif elem.VR == "PN":
+            elem.value = _DUMMY_TEXT
+        elif isinstance(elem.value, (str, MultiValue)):
+            elem.value = self._map(elem.value, lambda v: _redact(v, ctx.terms))
 
     @staticmethod
-    def _remove_everywhere(ds: Dataset, keyword: str) -> None:
-        if keyword in ds:
-            delattr(ds, keyword)
-        for elem in list(ds):
-            if elem.VR == "SQ":
-                for item in elem.value:
-                    Deidentifier._remove_everywhere(item, keyword)
+    def _map(value: object, fn) -> object:
+        if isinstance(value, MultiValue):
+            return [fn(str(v)) for v in value]
+        return fn(str(value)) if value not in (None, "") else value
+
+    def _age(self, ds: Dataset) -> None:
+        """HIPAA Safe Harbor, unless patient characteristics are retained: an age over 89 left in the
+        object (an SR's Subject Age, a PatientAge the table does not remove) is written as 90."""
+        if self.options.retain_patient_characteristics:
+            return
+        for item in _datasets(ds):
+            m = _AGE.match(str(item.get("PatientAge", "")).strip())
+            if m and int(m[1]) > 89:
+                item.PatientAge = "090Y"
+            _aggregate_subject_age(item)
+
+    def _file_meta(self, ds: Dataset) -> None:
+        meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+        for tag in _META_REMOVE:
+            if tag in meta:
+                del meta[tag]
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID  # the writer is now pydicom, not the source's
+        meta.ImplementationVersionName = f"PYDICOM {pydicom.__version__}"[:16]
+        if "SOPClassUID" in ds:
+            meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta = meta
+
+
+_YEARS_PER_UNIT = {"a": 1.0, "mo": 1 / 12, "wk": 7 / 365.25, "d": 1 / 365.25}  # UCUM units of an age
+
+
+def _aggregate_subject_age(item: Dataset) -> None:
+    """A NUM content item "Subject Age" (DCM 121033) over 89 years becomes 90 years."""
+    if str(item.get("ValueType", "")) != "NUM" or not item.get("ConceptNameCodeSequence"):
+        return
+    concept = item.ConceptNameCodeSequence[0]
+    if (str(concept.get("CodeValue", "")), str(concept.get("CodingSchemeDesignator", ""))) != ("121033", "DCM"):
+        return
+    for measured in item.get("MeasuredValueSequence") or []:
+        units = measured.get("MeasurementUnitsCodeSequence") or [Dataset()]
+        per_unit = _YEARS_PER_UNIT.get(str(units[0].get("CodeValue", "")))
+        try:
+            years = float(measured.NumericValue) * per_unit if per_unit else None
+        except (AttributeError, TypeError, ValueError):
+            years = None
+        if years is not None and years > 89:
+            measured.NumericValue = "90"
+            unit = Dataset()
+            unit.CodeValue, unit.CodingSchemeDesignator, unit.CodeMeaning = "a", "UCUM", "year"
+            measured.MeasurementUnitsCodeSequence = [unit]
+
+
+def _redact(text: str, terms: list[str]) -> str:
+    for term in terms:
+        if term:
+            text = re.sub(re.escape(term), _REDACTED, text, flags=re.IGNORECASE)
+    return text
+
+
+def _datasets(ds: Dataset):
+    yield ds
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value or []:
+                yield from _datasets(item)

@@ -2,28 +2,52 @@
 
 Each object is read from the archive, checked against the SHA-256 the index recorded at arrival,
 and written atomically (a folder: one file at a time; a zip: the whole archive under a temporary
-name, renamed when complete), so an interrupted export leaves nothing half-written. Paths inside
-the export are built from validated UIDs only.
+name, renamed when complete). Paths inside the export are built from validated UIDs only.
+
+A research export (a Deidentifier given) also:
+- decides each study's subject from every PatientID the index holds for it before the first
+  object is written (a study is never split);
+- refuses, one by one, the objects that must not or cannot go out (risky classes, unreadable
+  dates, unreadable files) and goes on; each is listed with its reason;
+- runs the residual-identifier scan on every de-identified object before it is written: an object
+  with a hit is not written and the export is marked failed, with the element path;
+- writes export-report.json into the export (table edition, options, counts, what was refused and
+  why, by pseudonymous UID).
+Every folder export carries EXPORT-INCOMPLETE.txt from before its first file until it is complete
+(its report written, its scan passed), so an export that stopped says so where a user looks.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
+import json
 import os
 import zipfile
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
+from pydicom.errors import InvalidDicomError
 
-from diana.access.deid import Deidentifier, PseudonymKey
+from diana.access.deid import Deidentifier, Refused
+from diana.access.deid_options import method_codes
+from diana.access.deid_table import TABLE_SOURCE
+from diana.access.keyfiles import check_key_file_place, key_csv, write_private
+from diana.access.residual import scan
 from diana.durable import contained_path, fsync_dir, write_atomic
 from diana.schemas.layout import archive_path
 
-__all__ = ["ExportError", "ExportSummary", "export_instances"]
+__all__ = ["ExportError", "ExportSummary", "export_instances", "REPORT_NAME", "INCOMPLETE_NAME"]
+
+REPORT_NAME = "export-report.json"
+INCOMPLETE_NAME = "EXPORT-INCOMPLETE.txt"
+_INCOMPLETE_TEXT = (
+    "This export did not finish, or failed its residual-identifier scan: do not use or share it.\n"
+    f"If {REPORT_NAME} is here, it says what happened; otherwise run the export again into a new folder.\n"
+)
 
 
 class ExportError(ValueError):
@@ -37,6 +61,18 @@ class ExportSummary:
     bytes: int = 0
     missing: list[str] = field(default_factory=list)  # indexed but not in the archive
     hash_mismatch: list[str] = field(default_factory=list)  # archive bytes differ from the index
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (source SOP UID, why)
+    risky_exported: list[tuple[str, str]] = field(default_factory=list)  # (exported SOP UID, why risky)
+    residual_hits: list[tuple[str, str]] = field(default_factory=list)  # (source SOP UID, element path and kind)
+    mixed_patient_studies: int = 0
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.residual_hits)
+
+    @property
+    def complete(self) -> bool:
+        return not (self.missing or self.hash_mismatch or self.refused or self.residual_hits)
 
     def lines(self) -> list[str]:
         out = [f"exported {self.exported} objects of {self.studies} studies ({self.bytes / 1e6:.1f} MB)"]
@@ -50,7 +86,92 @@ class ExportSummary:
                 f"{len(self.hash_mismatch)} archived objects differ from the SHA-256 recorded at arrival "
                 f"(not exported): {', '.join(self.hash_mismatch[:5])}"
             )
+        if self.refused:
+            out.append(f"{len(self.refused)} objects refused (not exported):")
+            out += [f"  {uid}: {why}" for uid, why in self.refused[:50]]
+            if len(self.refused) > 50:
+                out.append(f"  ... and {len(self.refused) - 50} more ({REPORT_NAME} lists them all)")
+        if self.risky_exported:
+            out.append(
+                f"WARNING: {len(self.risky_exported)} risky objects exported by --allow-risky, marked "
+                f"PatientIdentityRemoved NO: check their pixels before sharing ({REPORT_NAME} lists them)"
+            )
+        if self.mixed_patient_studies:
+            out.append(
+                f"{self.mixed_patient_studies} studies carry more than one PatientID: each was kept whole, "
+                "under the pseudonym of its smallest PatientID"
+            )
+        if self.residual_hits:
+            out.append(
+                f"FAILED: the residual-identifier scan found source identifiers in {len(self.residual_hits)} places:"
+            )
+            out += [f"  {uid}: {where}" for uid, where in self.residual_hits[:50]]
         return out
+
+
+def _plan_studies(deidentifier: Deidentifier, instances: list[dict]) -> None:
+    by_study: dict[str, set[str]] = defaultdict(set)
+    for inst in instances:
+        by_study[inst["study_instance_uid"]].add(str(inst.get("patient_id") or ""))
+    for study, ids in by_study.items():
+        deidentifier.subjects.plan(study, ids)
+
+
+def _deidentify(deidentifier: Deidentifier, data: bytes, summary: ExportSummary, sop: str) -> tuple[str, bytes] | None:
+    """(name, bytes) of the de-identified object, or None when it was refused or failed the scan."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        result = deidentifier.deidentify(ds)
+        hits = scan(result.dataset, result.identifiers)
+        if hits:
+            summary.residual_hits += [(sop, str(hit)) for hit in hits]
+            return None
+        out = result.dataset
+        name = archive_path(out.StudyInstanceUID, out.SeriesInstanceUID, out.SOPInstanceUID)
+        buf = io.BytesIO()
+        out.save_as(buf, enforce_file_format=True)
+    except Refused as exc:
+        summary.refused.append((sop, str(exc)))
+        return None
+    except (InvalidDicomError, EOFError) as exc:
+        summary.refused.append((sop, f"not readable as DICOM ({type(exc).__name__})"))
+        return None
+    except Exception as exc:  # any object pydicom cannot handle is refused, and the export goes on
+        # the exception's text may quote a value of the object: only its type is reported
+        summary.refused.append((sop, f"cannot be de-identified or written ({type(exc).__name__})"))
+        return None
+    if result.risk:
+        summary.risky_exported.append((out.SOPInstanceUID, result.risk))
+    return name, buf.getvalue()
+
+
+def _report(summary: ExportSummary, deidentifier: Deidentifier) -> bytes:
+    keys = deidentifier.keys
+    report = {
+        "status": "failed: residual identifiers found"
+        if summary.failed
+        else "complete"
+        if summary.complete
+        else "partial",
+        "profile": "PS3.15 Annex E Basic Application Level Confidentiality Profile",
+        "table": TABLE_SOURCE,
+        "deidentification_method_codes": [
+            {"code": c.CodeValue, "meaning": c.CodeMeaning} for c in method_codes(deidentifier.options)
+        ],
+        "project": keys.project,
+        "studies": summary.studies,
+        "exported": summary.exported,
+        # refused objects are named by the UID they would have had, never by the original
+        "refused": [{"sop_instance_uid": keys.uid(uid), "reason": why} for uid, why in summary.refused],
+        "not_in_archive": [keys.uid(uid) for uid in summary.missing],
+        "hash_mismatch": [keys.uid(uid) for uid in summary.hash_mismatch],
+        "risky_exported": [{"sop_instance_uid": uid, "reason": why} for uid, why in summary.risky_exported],
+        "studies_with_several_patient_ids": summary.mixed_patient_studies,
+        "residual_identifier_hits": [
+            {"sop_instance_uid": keys.uid(uid), "where": where} for uid, where in summary.residual_hits
+        ],
+    }
+    return (json.dumps(report, indent=1) + "\n").encode()
 
 
 def export_instances(
@@ -64,35 +185,46 @@ def export_instances(
 ) -> ExportSummary:
     if target.exists() and (target.is_file() or any(target.iterdir())):
         raise ExportError(f"{target} exists and is not empty: choose a new folder or zip name")
+    if key_file is not None:
+        if deidentifier is None:
+            raise ExportError("a key file only makes sense with de-identification (--research)")
+        check_key_file_place(key_file, target)
     summary = ExportSummary(studies=len({i["study_instance_uid"] for i in instances}))
-    key = PseudonymKey()
+    if deidentifier is not None:
+        _plan_studies(deidentifier, instances)
+        summary.mixed_patient_studies = len(deidentifier.subjects.mixed)
     as_zip = target.suffix.lower() == ".zip"
     tmp_zip = target.with_name(f".{target.name}.partial")
     zf = zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_STORED, allowZip64=True) if as_zip else None
+    marker = target / INCOMPLETE_NAME
+    if zf is None:
+        write_atomic(marker, _INCOMPLETE_TEXT.encode())
     try:
         for inst in instances:
-            uids = (inst["study_instance_uid"], inst["series_instance_uid"], inst["sop_instance_uid"])
+            sop = inst["sop_instance_uid"]
+            uids = (inst["study_instance_uid"], inst["series_instance_uid"], sop)
             source = contained_path(archive_dir, archive_path(*uids))
             try:
                 data = source.read_bytes()
             except FileNotFoundError:
-                summary.missing.append(inst["sop_instance_uid"])
+                summary.missing.append(sop)
+                progress(1)
+                continue
+            except OSError as exc:  # unreadable archive file: listed, the export goes on
+                summary.refused.append((sop, f"archive file unreadable ({type(exc).__name__})"))
                 progress(1)
                 continue
             if inst.get("sha256") and hashlib.sha256(data).hexdigest() != inst["sha256"]:
-                summary.hash_mismatch.append(inst["sop_instance_uid"])
+                summary.hash_mismatch.append(sop)
                 progress(1)
                 continue
             name = archive_path(*uids)
             if deidentifier is not None:
-                ds = pydicom.dcmread(io.BytesIO(data))
-                original = (str(ds.get("PatientID", "")), str(ds.get("PatientName", "")))
-                deidentifier.deidentify(ds)
-                key.add(*original, ds)
-                buf = io.BytesIO()
-                ds.save_as(buf, enforce_file_format=True)
-                data = buf.getvalue()
-                name = archive_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+                done = _deidentify(deidentifier, data, summary, sop)
+                if done is None:
+                    progress(1)
+                    continue
+                name, data = done
             if zf is not None:
                 zf.writestr(name, data)
             else:
@@ -103,6 +235,12 @@ def export_instances(
             summary.exported += 1
             summary.bytes += len(data)
             progress(1)
+        if deidentifier is not None:
+            report = _report(summary, deidentifier)
+            if zf is not None:
+                zf.writestr(REPORT_NAME, report)
+            else:
+                write_atomic(target / REPORT_NAME, report)
         if zf is not None:
             zf.close()
             zf = None
@@ -110,25 +248,16 @@ def export_instances(
                 bad = check.testzip()
                 if bad:
                     raise ExportError(f"the zip member {bad} does not read back: check the disk")
-            os.replace(tmp_zip, target)
-            fsync_dir(target.parent)
+            if not summary.failed:  # a zip that failed its scan is never published
+                os.replace(tmp_zip, target)
+                fsync_dir(target.parent)
+        elif not summary.failed:
+            marker.unlink()
+            fsync_dir(target)
     finally:
         if zf is not None:
             zf.close()
         tmp_zip.unlink(missing_ok=True)
     if key_file is not None and deidentifier is not None:
-        buf = io.StringIO()
-        writer = csv.DictWriter(
-            buf,
-            fieldnames=[
-                "original_patient_id",
-                "original_patient_name",
-                "pseudonym_patient_id",
-                "pseudonym_patient_name",
-            ],
-        )
-        writer.writeheader()
-        writer.writerows(key.rows.values())
-        write_atomic(key_file, buf.getvalue().encode())
-        os.chmod(key_file, 0o600)
+        write_private(key_file, key_csv(list(deidentifier.key.rows.values())))
     return summary

@@ -72,8 +72,9 @@ def _cohort_export(cfg: Config, args: argparse.Namespace, client, prefix: str, s
     from tqdm import tqdm
 
     from diana.access.cohort import study_instances
-    from diana.access.deid import Deidentifier
     from diana.access.export import ExportError, export_instances
+    from diana.access.keyfiles import KeyFileError
+    from diana.access.research import deidentifier_from
 
     deidentify = args.deidentify if args.deidentify is not None else args.research
     deidentifier = None
@@ -87,11 +88,9 @@ def _cohort_export(cfg: Config, args: argparse.Namespace, client, prefix: str, s
                 "site.secret (or set [export] site_secret_file)",
             )
         try:
-            deidentifier = Deidentifier(
-                cfg.path(Path(secret_file)).read_bytes(), retain_descriptions=args.retain_descriptions
-            )
-        except (OSError, ValueError) as exc:
-            return fail("cohort export", f"site secret {secret_file}: {exc}")
+            deidentifier = deidentifier_from(args, cfg.path(Path(secret_file)))
+        except (OSError, ValueError) as exc:  # KeyFileError is a ValueError
+            return fail("cohort export", str(exc))
     if args.key_file and not deidentify:
         return fail("cohort export", "--key-file only makes sense with de-identification (--research)")
     instances = study_instances(client, prefix, study_uids)
@@ -105,10 +104,10 @@ def _cohort_export(cfg: Config, args: argparse.Namespace, client, prefix: str, s
                 key_file=Path(args.key_file) if args.key_file else None,
                 progress=bar.update,
             )
-    except ExportError as exc:
+    except (ExportError, KeyFileError) as exc:
         return fail("cohort export", str(exc))
     print("\n".join(summary.lines()))
-    return 1 if summary.missing or summary.hash_mismatch else 0
+    return 0 if summary.complete else 1
 
 
 def cmd_dashboards(cfg: Config, args: argparse.Namespace) -> int:
@@ -280,11 +279,9 @@ def _add_export_options(ap: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="also write pseudonym -> original identity here (CSV, mode 600); written nowhere unless asked",
     )
-    ap.add_argument(
-        "--retain-descriptions",
-        action="store_true",
-        help="keep study/series descriptions and protocol names (Annex E retain option)",
-    )
+    from diana.access import research  # the Annex E option flags live beside their rules
+
+    research.add_arguments(ap)
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

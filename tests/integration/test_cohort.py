@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
+from diana.access.deid import Deidentifier
+from diana.access.deid_options import ProfileOptions
+from diana.access.export import INCOMPLETE_NAME, REPORT_NAME
+from diana.access.pseudonyms import ProjectKeys
+from diana.access.residual import collect, scan
+from tests.support.deidgen import identifying_object
 from tests.support.dicomgen import SeriesSpec, make_study
 from tests.support.helpers import storescu, wait_until_caught_up
 from tests.support.paths import REPO
@@ -97,6 +104,7 @@ def test_research_export_deidentifies_consistently(pipeline, cohort_studies, tmp
     wanted, _, _ = cohort_studies
     secret = tmp_path / "site.secret"
     secret.write_bytes(hashlib.sha256(b"test site").digest())
+    secret.chmod(0o600)  # issue 16: a secret others can read is refused
     originals = [pydicom.dcmread(p) for p in wanted.files]
     forbidden = {"Test^Patient", wanted.patient_id, "19700101", wanted.study_uid}
     forbidden |= {ds.SeriesInstanceUID for ds in originals} | {ds.SOPInstanceUID for ds in originals}
@@ -108,6 +116,8 @@ def test_research_export_deidentifies_consistently(pipeline, cohort_studies, tmp
         "export",
         *FILTERS,
         "--research",
+        "--project",
+        "cohort-test",
         "--secret-file",
         str(secret),
         "--out",
@@ -134,6 +144,8 @@ def test_research_export_deidentifies_consistently(pipeline, cohort_studies, tmp
             "export",
             *FILTERS,
             "--research",
+            "--project",
+            "cohort-test",
             "--secret-file",
             str(secret),
             "--out",
@@ -157,3 +169,86 @@ def test_bad_filters_name_the_valid_fields(pipeline):
     assert result.returncode == 2 and "total_dlp_mGycm" in result.stderr
     result = diana(pipeline, "cohort", "export", *FILTERS, "--research", "--out", "/tmp/never")
     assert result.returncode == 2 and "site secret" in result.stderr
+
+
+RESEARCH = ("--date-from", "2017-07-07", "--date-to", "2017-07-07")
+
+
+@pytest.fixture(scope="module")
+def research_objects(pipeline, tmp_path_factory):
+    """One study full of identifying values in every Table E.1-1 attribute: a CT, an SR and a secondary capture."""
+    root = tmp_path_factory.mktemp("research")
+    study = generate_uid()
+    objects = [identifying_object("ct", study_uid=study), identifying_object("sr", study_uid=study)]
+    capture = identifying_object("ct", study_uid=study)
+    capture.SOPClassUID = capture.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    capture.Modality = "OT"
+    objects.append(capture)
+    paths = []
+    for i, ds in enumerate(objects):
+        ds.StudyDate = "20170707"
+        paths.append(root / f"{i}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    result = storescu(pipeline.cfg, paths)
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_until_caught_up(pipeline.cfg)
+    return objects
+
+
+def _research(pipeline, secret: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return diana(
+        pipeline,
+        "cohort",
+        "export",
+        *RESEARCH,
+        "--research",
+        "--secret-file",
+        str(secret),
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    )
+
+
+def test_research_export_cli_refuses_risky_objects_reports_and_guards_its_files(pipeline, research_objects, tmp_path):
+    secret = tmp_path / "site.secret"
+    secret.write_bytes(hashlib.sha256(b"research site").digest())
+    secret.chmod(0o600)
+    out, key = tmp_path / "research", tmp_path / "key.csv"
+    result = _research(pipeline, secret, out, "--project", "lung", "--key-file", str(key), "--clean-structured-content")
+    assert result.returncode == 1, result.stdout + result.stderr  # one object refused: not everything went out
+    assert "1 objects refused" in result.stdout and "secondary capture" in result.stdout
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["status"] == "partial" and report["exported"] == 2 and len(report["refused"]) == 1
+    assert [c["code"] for c in report["deidentification_method_codes"]] == ["113100", "113104", "113107"]
+    assert report["table"].startswith("DICOM PS3.15 2026c Table E.1-1")
+    assert not (out / INCOMPLETE_NAME).exists()
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    d = Deidentifier(ProjectKeys(b"unused-secret-0123456789", "x"), ProfileOptions(clean_structured_content=True))
+    exported = [pydicom.dcmread(p) for p in sorted(out.rglob("*.dcm"))]
+    assert len(exported) == 2
+    for ds in exported:
+        for source in research_objects:
+            assert scan(ds, collect(source, d.table, d.options)) == []  # no identifier of any source object
+        assert ds.PatientIdentityRemoved == "YES"
+    [sr] = [ds for ds in exported if ds.Modality == "SR"]
+    assert sr.ContentSequence[0].TextValue == "Patient [REDACTED] [REDACTED], [REDACTED], has a mass in the left lung"
+
+    opted_in = tmp_path / "opted-in"
+    result = _research(pipeline, secret, opted_in, "--project", "lung", "--allow-risky")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "WARNING: 1 risky objects exported" in result.stdout
+    flags = sorted(pydicom.dcmread(p).PatientIdentityRemoved for p in opted_in.rglob("*.dcm"))
+    assert flags == ["NO", "YES", "YES"]
+
+    result = _research(pipeline, secret, tmp_path / "no-project")
+    assert result.returncode == 2 and "--project NAME" in result.stderr
+    result = _research(
+        pipeline, secret, tmp_path / "k", "--project", "lung", "--key-file", str(tmp_path / "k" / "key.csv")
+    )
+    assert result.returncode == 2 and "inside the export" in result.stderr
+    assert not (tmp_path / "k").exists()
+    secret.chmod(0o644)
+    result = _research(pipeline, secret, tmp_path / "readable", "--project", "lung")
+    assert result.returncode == 2 and f"chmod 600 {secret}" in result.stderr

@@ -1,0 +1,216 @@
+"""The residual-identifier scan: is any identifying value of the source object left in the output?
+
+Independently of the de-identifier's code, `collect` reads the source object with the profile
+table and the options and gathers every value the profile says must not survive: person names
+(whole and each name part), IDs, accession and other numbers, addresses, telephone numbers,
+institution and station names (unless retained), free text, dates (unless Full Dates are
+retained), UIDs (unless retained), and the text of an SR content tree that is not cleaned. `scan`
+then searches every element of the output, in sequences and SR content items, file meta included:
+dates, times, UIDs and numbers are compared whole; text is searched for the value inside it,
+ignoring case. A hit names the element path and the kind of value, never the value itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+
+from pydicom import Dataset, config
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
+
+from diana.access.deid_options import Action, DateOption, ProfileOptions, resolve
+from diana.access.deid_table import ProfileTable
+
+__all__ = ["Identifiers", "Hit", "collect", "scan"]
+
+_MIN_TEXT = 4  # shorter values ("CT", "1", "AB") would match everywhere; named in docs/COHORT.md
+_MIN_NAME_PART = 3
+_WHOLE_VRS = frozenset({"UI", "DA", "DT", "TM", "IS", "DS", "AS", "CS"})
+_TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "AE", "PN", "UC", "CS", "UR"})
+_FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC"})
+_IDENTIFYING = re.compile(
+    r"(ID$|IDs$|Number|Address|Telephone|Name|Institution|Station|Serial|Location|Comments?$|Text|Label|Identifier)"
+)
+# what the de-identifier itself writes: a source value inside it is no leak (e.g. an ID "ANON")
+_OWN_VOCABULARY = "ANONYMIZED ANONYMOUS [REDACTED] ANON^ NONE UNKNOWN"
+_EQUIPMENT = ("Manufacturer", "ManufacturerModelName", "SoftwareVersions")
+_BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+
+
+@dataclass
+class Identifiers:
+    whole: dict[str, str] = field(default_factory=dict)  # value -> kind, compared whole (dates, UIDs, IDs)
+    text: dict[str, str] = field(default_factory=dict)  # value (upper case) -> kind, searched inside text
+
+    def pattern(self) -> re.Pattern[str]:
+        """One expression finding any identifier as a whole word in upper-case text (built once)."""
+        if getattr(self, "_pattern", None) is None:
+            words = "|".join(map(re.escape, self.terms())) or "(?!)"  # (?!): matches nothing
+            self._pattern = re.compile(r"(?<!\w)(?:" + words + r")(?!\w)")
+        return self._pattern
+
+    def kind_of(self, upper: str) -> str:
+        return self.text.get(upper) or next(k for w, k in self.whole.items() if w.upper() == upper)
+
+    def terms(self) -> list[str]:
+        """Every value to redact from cleaned text, longest first."""
+        return sorted(set(self.text) | {w.upper() for w in self.whole if len(w) >= _MIN_TEXT}, key=len, reverse=True)
+
+
+@dataclass(frozen=True)
+class Hit:
+    path: str
+    kind: str
+
+    def __str__(self) -> str:
+        return f"{self.path} holds a {self.kind} of the source object"
+
+
+def _values(value: object) -> list[str]:
+    if value is None:
+        return []
+    items = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+    return [str(v).strip() for v in items if v is not None and str(v).strip()]
+
+
+def _standard(uid: str) -> bool:
+    """A UID of the standard's registry (a SOP class, a transfer syntax, a coding scheme)."""
+    return UID(uid, validation_mode=config.IGNORE).name != uid
+
+
+@functools.lru_cache(maxsize=65536)
+def _word(term: str) -> re.Pattern[str]:
+    """``term`` as a whole word (or words): "TOSHIBA" is not found in "TOSHIBA_MEC"."""
+    return re.compile(r"(?<!\w)" + re.escape(term) + r"(?!\w)")
+
+
+def _kind(keyword: str, vr: str) -> str:
+    if vr == "PN":
+        return "person name"
+    if vr == "UI":
+        return "UID"
+    if vr in ("DA", "DT"):
+        return "date"
+    return keyword or "value"
+
+
+def collect(ds: Dataset, table: ProfileTable, options: ProfileOptions) -> Identifiers:
+    found = Identifiers()
+    kept: set[str] = set()
+    _collect(ds, table, options, found, kept, tree=None)
+    # A value the profile keeps elsewhere in the same object is not a leak: an institution named
+    # like the manufacturer ("Here" in "Manufacturer name here"), a name part that is also a coding
+    # scheme ("TEST"). Names are excused only by a kept value equal to them; dates and UIDs never.
+    kept_upper = {v.upper() for v in kept}
+    kept_text = "\n".join(kept_upper)
+    # A name part that is a word of the equipment's own description is the equipment's: the
+    # acceptance corpus has a patient "Patient^Optima" scanned on an "Optima CT660".
+    equipment = "\n".join(" ".join(_values(ds.get(k, ""))) for k in _EQUIPMENT).upper()
+    for value, kind in list(found.text.items()):
+        if kind == "person name":
+            excused = value in kept_upper or ("^" not in value and bool(_word(value).search(equipment)))
+        else:
+            excused = value in kept_upper or bool(_word(value).search(kept_text))
+        if excused:
+            del found.text[value]
+    for value, kind in list(found.whole.items()):
+        if kind not in ("date", "UID") and value.upper() not in found.text:  # its text twin was excused
+            del found.whole[value]
+    for value in [v for v in found.text if v in _OWN_VOCABULARY]:
+        del found.text[value]
+    for value in [v for v, k in found.whole.items() if v.upper() in _OWN_VOCABULARY or k == "UID" and _standard(v)]:
+        del found.whole[value]  # our own words, and the standard's UIDs (SOP classes, transfer syntaxes)
+    return found
+
+
+def _collect(
+    ds: Dataset, table: ProfileTable, options: ProfileOptions, found: Identifiers, kept: set[str], tree: Action | None
+) -> None:
+    for elem in ds:
+        if elem.tag.is_private or elem.tag.group == 0x0002:
+            continue
+        action = resolve(int(elem.tag), elem.VR, table.code(elem.tag), options)
+        if elem.VR == "SQ":
+            inner = action if action in (Action.DUMMY, Action.CLEAN) else tree
+            for item in elem.value or []:
+                _collect(item, table, options, found, kept, inner)
+            continue
+        if elem.VR in _BINARY_VRS:
+            continue
+        keyword = elem.keyword or ""
+        if tree is not None and action is Action.KEEP and elem.VR in _FREE_TEXT_VRS | {"PN"}:
+            action = tree  # free text and names of a content tree go (D) or are redacted (C), as the engine does
+        if action is Action.KEEP:
+            kept.update(_values(elem.value))
+            continue
+        kind = _kind(keyword, elem.VR)
+        for value in _values(elem.value):
+            if elem.VR == "PN":
+                found.text[value.upper()] = kind
+                for part in re.split(r"[\^=]", value):
+                    if len(part.strip()) >= _MIN_NAME_PART:
+                        found.text[part.strip().upper()] = kind
+            elif elem.VR in ("DA", "DT"):
+                if options.dates is not DateOption.FULL:
+                    for part in value.split("-"):
+                        if len(part.strip()) >= 6:
+                            found.whole[part.strip()] = kind
+            elif elem.VR == "UI":
+                if len(value) >= _MIN_TEXT:  # "0" in a broken reference identifies nobody
+                    found.whole[value] = kind
+            elif action is Action.CLEAN:
+                continue  # kept after redaction: its own text is not an identifier
+            elif elem.VR in _TEXT_VRS and (_IDENTIFYING.search(keyword) or elem.VR in _FREE_TEXT_VRS):
+                if len(value) >= _MIN_TEXT:
+                    found.text[value.upper()] = kind
+                    found.whole[value] = kind
+
+
+def scan(ds: Dataset, identifiers: Identifiers) -> list[Hit]:
+    """Every element of ``ds`` (file meta and nested items included) that holds a source identifier."""
+    hits: list[Hit] = []
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        _scan(meta, identifiers, "file_meta.", hits)
+    _scan(ds, identifiers, "", hits)
+    return hits
+
+
+# set by the de-identifier to the standard's fixed words (YES, MODIFIED, REMOVED...): a source
+# value equal to one of them (a StudyID "REMOVED" from an earlier anonymizer) is no leak there
+_DECLARATIONS = frozenset(
+    {
+        "PatientIdentityRemoved",
+        "LongitudinalTemporalInformationModified",
+        "DeidentificationMethod",
+        "DeidentificationMethodCodeSequence",  # "Retain Patient Characteristics" is no patient "Patient^X"
+    }
+)
+
+
+def _scan(ds: Dataset, ids: Identifiers, prefix: str, hits: list[Hit]) -> None:
+    for elem in ds:
+        if elem.keyword in _DECLARATIONS:
+            continue
+        name = elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
+        path = prefix + name
+        if elem.VR == "SQ":
+            for i, item in enumerate(elem.value or []):
+                _scan(item, ids, f"{path}[{i}].", hits)
+            continue
+        if elem.VR in _BINARY_VRS:
+            continue
+        for value in _values(elem.value):
+            if elem.VR in _WHOLE_VRS:
+                kind = ids.whole.get(value)
+                if kind is None and elem.VR in ("DA", "DT") and "-" in value:
+                    kind = next((ids.whole[p] for p in value.split("-") if p in ids.whole), None)
+                if kind:
+                    hits.append(Hit(path, kind))
+                continue
+            found = ids.pattern().search(value.upper())
+            kind = ids.kind_of(found.group(0)) if found else None
+            if kind:
+                hits.append(Hit(path, kind))

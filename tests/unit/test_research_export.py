@@ -1,0 +1,341 @@
+"""The research export end to end on a real archive folder (no services needed): refusals listed and
+the export goes on, the report, the incomplete marker, the scan failing an export, pseudonyms per
+project/patient/study, and the safety of the key and secret files."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import warnings
+import zipfile
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom import Dataset
+from pydicom.data import get_testdata_files
+from pydicom.uid import generate_uid
+
+from diana.access.deid import Deidentified, Deidentifier
+from diana.access.deid_options import ProfileOptions
+from diana.access.export import INCOMPLETE_NAME, REPORT_NAME, ExportError, export_instances
+from diana.access.keyfiles import KeyFileError, read_site_secret
+from diana.access.pseudonyms import ProjectKeys
+from diana.access.residual import collect, scan
+from diana.schemas.uid import is_valid_uid
+from tests.support.deidcheck import check_actions
+from tests.support.deidgen import PATIENT_ID, PATIENT_NAME, SOP_CLASSES, identifying_object
+from tests.support.paths import REPO
+
+SECRET = b"unit-test-site-secret-32-bytes!!"
+
+
+def _archive(root: Path, datasets: list[Dataset]) -> list[dict]:
+    """Lay the objects out as the archive does and return their index rows."""
+    rows = []
+    for ds in datasets:
+        uids = [str(ds.get(k, "")).strip() for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+        uids = [u if is_valid_uid(u) else generate_uid() for u in uids]  # pydicom's broken files need a place
+        path = root.joinpath(uids[0], uids[1], uids[2] + ".dcm")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(
+            getattr(ds, "filename", None), str
+        ):  # one of pydicom's files: its bytes as they are, broken or not
+            path.write_bytes(Path(ds.filename).read_bytes())
+        else:
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            path.write_bytes(buf.getvalue())
+        rows.append(
+            {
+                "study_instance_uid": uids[0],
+                "series_instance_uid": uids[1],
+                "sop_instance_uid": uids[2],
+                "patient_id": str(ds.get("PatientID", "")),
+            }
+        )
+    return rows
+
+
+def _export(tmp_path: Path, datasets, name="out", project="lung", **kw):
+    d = kw.pop("deidentifier", None) or Deidentifier(
+        ProjectKeys(SECRET, project), kw.pop("options", ProfileOptions()), allow_risky=kw.pop("allow_risky", False)
+    )
+    archive = tmp_path / f"archive-{name}"
+    rows = _archive(archive, datasets)
+    target = tmp_path / name
+    summary = export_instances(rows, archive, target, deidentifier=d, **kw)
+    return d, summary, target
+
+
+def _exported(target: Path) -> list[Dataset]:
+    return [pydicom.dcmread(p) for p in sorted(target.rglob("*.dcm"))]
+
+
+def _pydicom_files() -> list[Dataset]:
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in get_testdata_files():
+            try:
+                out.append(pydicom.dcmread(path))
+            except Exception:  # non-DICOM and deliberately broken files in pydicom's collection
+                continue
+    return out
+
+
+EXPORT_OPTIONS = {
+    "modified-dates": ProfileOptions(),
+    "retain-and-clean": ProfileOptions(
+        retain_patient_characteristics=True,
+        retain_device_identity=True,
+        retain_institution_identity=True,
+        clean_descriptors=True,
+        clean_structured_content=True,
+        clean_graphics=True,
+    ),
+}
+
+
+@pytest.mark.parametrize("options_name", sorted(EXPORT_OPTIONS))
+def test_export_over_pydicom_files_and_generated_objects_reports_instead_of_crashing(tmp_path, options_name):
+    generated = [identifying_object(kind) for kind in ("sr", "rtplan", "enhanced_ct", "ct")]
+    bad_date = identifying_object("ct")
+    bad_date.ContentDate = "20190510%"  # the value that stopped the old export after 128 objects
+    sources = _pydicom_files() + generated + [bad_date]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        d, summary, target = _export(tmp_path, copy.deepcopy(sources), options=EXPORT_OPTIONS[options_name])
+    report = json.loads((target / REPORT_NAME).read_text())
+    assert not (target / INCOMPLETE_NAME).exists()
+    assert summary.exported + len(summary.refused) == len(sources) and summary.exported > 100
+    assert report["status"] == "partial" and report["exported"] == summary.exported
+    assert report["table"].startswith("DICOM PS3.15 2026c Table E.1-1 (dicom-anonymizer")
+    reasons = {r["reason"] for r in report["refused"]}
+    assert "ContentDate: not a DA (YYYYMMDD)" in reasons
+    assert any(r.startswith("risky object: secondary capture") for r in reasons)
+    assert summary.residual_hits == []
+    by_sop = {d.keys.uid(str(s.SOPInstanceUID).strip()): s for s in sources if "SOPInstanceUID" in s}
+    checked = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for out in _exported(target):  # read back from the export's files
+            assert out.PatientIdentityRemoved == "YES"
+            source = by_sop[out.SOPInstanceUID]
+            assert scan(out, collect(source, d.table, d.options)) == []  # scanned again, from the files
+            subject = d.subjects.subject(str(source.StudyInstanceUID).strip(), "")
+            checked += check_actions(source, out, d, d.keys.date_shift_days(subject))
+    assert checked > 4000  # every attribute of every exported object against its action
+    text = (target / REPORT_NAME).read_text()
+    for generated_object in generated:
+        assert generated_object.SOPInstanceUID not in text  # the report names objects by pseudonymous UID only
+    assert PATIENT_ID not in text and "Doe" not in text
+
+
+DOSE_FOLDER = Path(os.environ.get("DIANA_DOSE_ACCEPTANCE_DIR", REPO.parent / "shared" / "acceptance" / "dose"))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ProfileOptions(),
+        ProfileOptions(clean_structured_content=True, clean_descriptors=True),
+        EXPORT_OPTIONS["retain-and-clean"],
+    ],
+    ids=["default", "clean-content-and-descriptors", "retain-and-clean"],
+)
+def test_vendor_dose_reports_export_completely(tmp_path, options):
+    """The vendor dose files (RDSR content trees, the ones that crashed the old export): all exported, scan clean."""
+    files = sorted(DOSE_FOLDER.glob("*.dcm"))
+    if not files:
+        pytest.skip(f"no dose acceptance files at {DOSE_FOLDER} (set DIANA_DOSE_ACCEPTANCE_DIR)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sources = [pydicom.dcmread(f) for f in files]
+        _, summary, target = _export(tmp_path, sources, options=options)
+    assert (summary.exported, summary.refused, summary.residual_hits) == (len(files), [], [])
+    assert json.loads((target / REPORT_NAME).read_text())["status"] == "complete"
+
+
+def test_risky_objects_are_refused_by_default_and_flagged_with_the_opt_in(tmp_path):
+    burned = identifying_object("ct")
+    burned.BurnedInAnnotation = "YES"
+    capture = identifying_object("ct")
+    capture.SOPClassUID = capture.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    video = identifying_object("ct")
+    video.SOPClassUID = video.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.4.1"
+    ultrasound = identifying_object("ct")
+    ultrasound.SOPClassUID = ultrasound.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"
+    pdf = identifying_object("ct")
+    pdf.SOPClassUID = pdf.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"
+    plain = identifying_object("ct")
+    objects = [burned, capture, video, ultrasound, pdf, plain]
+    _, summary, target = _export(tmp_path, copy.deepcopy(objects))
+    assert summary.exported == 1 and len(summary.refused) == 5
+    reasons = sorted(why.split(": ", 1)[1].split(" (export it with --allow-risky")[0] for _, why in summary.refused)
+    assert reasons == [
+        "BurnedInAnnotation is YES (identifying text in the pixels)",
+        "encapsulated document (its payload is not examined)",
+        "secondary capture (screenshots often show names)",
+        "ultrasound (text in the pixels is common)",
+        "visible light / video (faces and text in the pixels)",
+    ]
+    assert len(json.loads((target / REPORT_NAME).read_text())["refused"]) == 5
+
+    _, summary, target = _export(tmp_path, copy.deepcopy(objects), name="optin", allow_risky=True)
+    assert summary.exported == 6 and not summary.refused and len(summary.risky_exported) == 5
+    assert sorted(ds.PatientIdentityRemoved for ds in _exported(target)) == ["NO"] * 5 + ["YES"]
+    report = json.loads((target / REPORT_NAME).read_text())
+    assert len(report["risky_exported"]) == 5 and report["status"] == "complete"
+    assert any("WARNING: 5 risky objects" in line for line in summary.lines())
+
+
+def test_empty_patient_ids_are_pseudonymised_per_study(tmp_path):
+    study_a, study_b = generate_uid(), generate_uid()
+    objects = [
+        identifying_object("ct", patient_id="", study_uid=study_a),
+        identifying_object("ct", patient_id="", study_uid=study_a),
+        identifying_object("ct", patient_id="", study_uid=study_b),
+    ]
+    _, summary, target = _export(tmp_path, objects, options=ProfileOptions(clean_descriptors=True))
+    assert summary.exported == 3
+    out = _exported(target)
+    by_study: dict[str, set] = {}
+    for ds in out:
+        by_study.setdefault(ds.StudyInstanceUID, set()).add((ds.PatientID, ds.StudyDate))
+    assert len(by_study) == 2 and all(len(v) == 1 for v in by_study.values())
+    (a,), (b,) = by_study.values()
+    assert a[0] != b[0] and a[0] and b[0]  # two patients with no ID are not merged
+
+
+def test_a_study_with_mixed_patient_ids_is_never_split(tmp_path):
+    study = generate_uid()
+    objects = [identifying_object("ct", patient_id=pid, study_uid=study) for pid in ("MRN1", "MRN2", "MRN1", "")]
+    _, summary, target = _export(tmp_path, objects, key_file=tmp_path / "key.csv")
+    out = _exported(target)
+    assert summary.exported == 4 and summary.mixed_patient_studies == 1
+    rows = [line.split(",") for line in (tmp_path / "key.csv").read_text().splitlines()[1:]]
+    assert sorted(r[1] for r in rows) == ["", "MRN1", "MRN2"] and len({r[3] for r in rows}) == 1
+    assert len({ds.StudyInstanceUID for ds in out}) == 1
+    assert len({(ds.PatientID, ds.PatientName, ds.StudyDate) for ds in out}) == 1
+    assert json.loads((target / REPORT_NAME).read_text())["studies_with_several_patient_ids"] == 1
+
+
+def test_two_projects_cannot_be_linked_and_one_project_is_stable(tmp_path):
+    source = identifying_object("ct")
+    runs = {}
+    for name, project in (("x1", "project-x"), ("x2", "project-x"), ("y", "project-y")):
+        _, _, target = _export(tmp_path, [copy.deepcopy(source)], name=name, project=project)
+        [ds] = _exported(target)
+        runs[name] = (ds.PatientID, ds.StudyInstanceUID, ds.SOPInstanceUID, ds.StudyDate)
+    assert runs["x1"] == runs["x2"]
+    assert all(a != b for a, b in zip(runs["x1"], runs["y"], strict=True))
+
+
+def test_key_file_is_private_from_creation_and_never_inside_the_export(tmp_path):
+    old = os.umask(0)  # even with a permissive umask
+    try:
+        d, _, target = _export(tmp_path, [identifying_object("ct")], key_file=tmp_path / "keys" / "key.csv")
+    finally:
+        os.umask(old)
+    key = tmp_path / "keys" / "key.csv"
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    [row] = key.read_text().splitlines()[1:]
+    assert row.startswith(f"lung,{PATIENT_ID},{PATIENT_NAME},ANON")
+    assert PATIENT_ID not in "".join(p.read_text(errors="ignore") for p in target.rglob("*.json"))
+    for inside in (tmp_path / "inside" / "key.csv", tmp_path / "inside" / "a" / "key.csv"):
+        with pytest.raises(KeyFileError, match="inside the export"):
+            _export(tmp_path, [identifying_object("ct")], name="inside", key_file=inside)
+        assert not inside.exists()
+    with pytest.raises(KeyFileError, match="inside the export"):
+        _export(tmp_path, [identifying_object("ct")], name="z.zip", key_file=tmp_path / "z.zip")
+
+
+def test_a_secret_file_others_can_read_is_refused_with_the_fix(tmp_path):
+    secret = tmp_path / "site.secret"
+    secret.write_bytes(SECRET)
+    secret.chmod(0o644)
+    with pytest.raises(KeyFileError, match=f"chmod 600 {secret}"):
+        read_site_secret(secret)
+    secret.chmod(0o600)
+    assert read_site_secret(secret) == SECRET
+    secret.write_bytes(b"short")
+    with pytest.raises(KeyFileError, match="at least 16"):
+        read_site_secret(secret)
+
+
+class _Leaky(Deidentifier):
+    """A de-identifier with a bug: it leaves the patient's name in the study description."""
+
+    def deidentify(self, ds: Dataset) -> Deidentified:
+        name = str(ds.PatientName)
+        result = super().deidentify(ds)
+        result.dataset.StudyDescription = f"study of {name}"
+        return result
+
+
+@pytest.mark.parametrize("name", ["leak", "leak.zip"])
+def test_a_residual_identifier_fails_the_export(tmp_path, name):
+    leaky = _Leaky(ProjectKeys(SECRET, "lung"), ProfileOptions())
+    _, summary, target = _export(
+        tmp_path, [identifying_object("ct"), identifying_object("sr")], name, deidentifier=leaky
+    )
+    assert summary.failed and summary.exported == 0
+    assert {where for _, where in summary.residual_hits} == {
+        "StudyDescription holds a person name of the source object"
+    }
+    assert any(line.startswith("FAILED: the residual-identifier scan") for line in summary.lines())
+    if name.endswith(".zip"):
+        assert not target.exists()  # a zip that failed its scan is never published
+    else:
+        assert (target / INCOMPLETE_NAME).exists() and not list(target.rglob("*.dcm"))
+        assert json.loads((target / REPORT_NAME).read_text())["status"] == "failed: residual identifiers found"
+
+
+def test_an_interrupted_folder_export_stays_marked_incomplete(tmp_path):
+    calls = []
+
+    def stop_after_two(n: int) -> None:
+        calls.append(n)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _export(tmp_path, [identifying_object("ct") for _ in range(4)], progress=stop_after_two)
+    target = tmp_path / "out"
+    assert (target / INCOMPLETE_NAME).exists() and not (target / REPORT_NAME).exists()
+    assert "do not use" in (target / INCOMPLETE_NAME).read_text()
+
+
+def test_a_zip_export_carries_its_report(tmp_path):
+    _, summary, target = _export(tmp_path, [identifying_object("ct"), identifying_object("rtplan")], "r.zip")
+    with zipfile.ZipFile(target) as zf:
+        names = zf.namelist()
+        report = json.loads(zf.read(REPORT_NAME))
+    assert len(names) == 3 and report["status"] == "complete" and report["exported"] == 2 == summary.exported
+    assert [c["code"] for c in report["deidentification_method_codes"]] == ["113100", "113107"]
+
+
+def test_a_plain_folder_export_is_marked_until_complete(tmp_path):
+    rows = _archive(tmp_path / "a", [identifying_object("ct"), identifying_object("ct")])
+    calls = []
+
+    def stop_after_one(n: int) -> None:
+        calls.append(n)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_instances(rows, tmp_path / "a", tmp_path / "stopped", progress=stop_after_one)
+    assert (tmp_path / "stopped" / INCOMPLETE_NAME).exists()
+    summary = export_instances(rows, tmp_path / "a", tmp_path / "done")
+    assert summary.complete and summary.exported == 2
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == sorted(r["study_instance_uid"] for r in rows)
+
+
+def test_plain_export_refuses_a_key_file(tmp_path):
+    rows = _archive(tmp_path / "a", [identifying_object("ct")])
+    with pytest.raises(ExportError, match="only makes sense"):
+        export_instances(rows, tmp_path / "a", tmp_path / "o", key_file=tmp_path / "k.csv")
+    assert SOP_CLASSES  # the generator's classes are the ones the other tests export
