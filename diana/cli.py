@@ -58,7 +58,12 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"diana import: {exc}", file=sys.stderr)
         return 2
-    publisher = EventPublisher(cfg.kafka.bootstrap, cfg.kafka.publish_timeout_s, client_id="diana-import")
+    publisher = EventPublisher(
+        cfg.kafka.bootstrap,
+        cfg.kafka.publish_timeout_s,
+        client_id="diana-import",
+        max_message_bytes=cfg.kafka.max_message_bytes,
+    )
     ingest = Ingest(LandingStore(cfg.path(cfg.storage.landing_dir)), publisher, default_codec())
     try:
         with tqdm(total=len(sources), unit="file", desc="import", disable=args.no_progress) as bar:
@@ -467,9 +472,9 @@ def cmd_stack(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_topics(cfg: Config, _args: argparse.Namespace) -> int:
-    from diana.schemas.topics import ensure_topics
+    from diana.schemas.topics import ensure_topics, topic_settings
 
-    created = ensure_topics(cfg.kafka.bootstrap, cfg.kafka.partitions)
+    created = ensure_topics(cfg.kafka.bootstrap, cfg.kafka.partitions, **topic_settings(cfg.kafka))
     log.info("topics.ready", created=created)
     return 0
 

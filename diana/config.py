@@ -35,6 +35,13 @@ class KafkaConfig:
     publish_timeout_s: float = 10.0
     # Producer linger: 0 suits one association waiting for each ack (see docs/PERFORMANCE.md).
     linger_ms: int = 0
+    # Largest event (uncompressed) a producer sends; the topics get the same max.message.bytes and
+    # the local broker the same message.max.bytes. An event's DICOM header is cut to fit under it.
+    max_message_bytes: int = 8388608
+    # Replicas of each topic diana creates; 0: automatic (3 on a cluster of 3 brokers or more, else
+    # one per broker). min_insync_replicas 0: automatic (replication factor - 1, at least 1).
+    replication_factor: int = 0
+    min_insync_replicas: int = 0
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,9 @@ class ReceiverConfig:
     metrics_port: int = 9464
     # Largest PDU we accept; bounds the memory each association may hold at once.
     max_pdu_bytes: int = 1048576
+    # A deflated data set is inflated (as a stream, to disk) up to this many bytes; past it the
+    # object is refused with 0xC210, so a deflate bomb cannot fill memory or disk.
+    max_inflated_bytes: int = 1073741824
     # Empty: any calling AE title / any host. Otherwise only these may associate.
     allowed_calling_aes: tuple = ()
     allowed_hosts: tuple = ()

@@ -20,11 +20,11 @@ from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom.sop_class import Verification
 
 from diana.config import Config, ReceiverConfig
-from diana.producers import metrics
+from diana.producers import metrics, negotiation
 from diana.producers.header import HeaderError, InvalidIdentifiers
 from diana.producers.ingest import Ingest
 from diana.producers.landing import LandingStore
-from diana.producers.publisher import EventPublisher, PublishError
+from diana.producers.publisher import EventPublisher, PublishError, PublishRefused
 from diana.schemas.codec import default_codec
 
 __all__ = ["Receiver", "handle_store", "STATUS"]
@@ -113,6 +113,9 @@ class STATUS:
     CANNOT_UNDERSTAND = 0xC210
     # Last resort for a failure nobody anticipated; the service keeps running.
     PROCESSING_FAILURE = 0xC211
+    # Error: the broker refuses this object's event for good (too large for its limit, not
+    # authorised): sending it again cannot help, so this is not 0xA700.
+    EVENT_REFUSED = 0xC212
 
 
 class REJECT:
@@ -146,6 +149,10 @@ def handle_store(event: evt.Event, ingest: Ingest) -> int:
         metrics.REJECTED.labels("undecodable").inc()
         log.warning("store.rejected", reason="undecodable", detail=str(exc), **context)
         return STATUS.CANNOT_UNDERSTAND
+    except PublishRefused as exc:
+        metrics.REJECTED.labels("event_refused").inc()
+        log.error("store.rejected", reason="broker refuses the event for good", code=exc.code, **context)
+        return STATUS.EVENT_REFUSED
     except PublishError as exc:
         metrics.REJECTED.labels("broker").inc()
         log.error("store.rejected", reason="broker did not acknowledge", detail=str(exc), **context)
@@ -267,10 +274,17 @@ class Receiver:
         # filesystem so that accepting one is a hard link, not a copy.
         tempfile.tempdir = str(self.landing.incoming)
         self.publisher = EventPublisher(
-            config.kafka.bootstrap, config.kafka.publish_timeout_s, linger_ms=config.kafka.linger_ms
+            config.kafka.bootstrap,
+            config.kafka.publish_timeout_s,
+            linger_ms=config.kafka.linger_ms,
+            max_message_bytes=config.kafka.max_message_bytes,
         )
-        self.ingest = Ingest(self.landing, self.publisher, default_codec())
+        self.ingest = Ingest(
+            self.landing, self.publisher, default_codec(), max_inflated_bytes=self.cfg.max_inflated_bytes
+        )
         self.ssl_context = tls_context(self.cfg)
+        # Accept the encoding the sender chose (explicit VR first), not pynetdicom's implicit VR.
+        negotiation.install()
         ae = AE(ae_title=self.cfg.ae_title)
         ae.maximum_associations = self.cfg.max_associations
         ae.maximum_pdu_size = self.cfg.max_pdu_bytes

@@ -80,7 +80,7 @@ def cfg(test_config_file: Path) -> Config:
 def stack(cfg: Config):
     """A fresh Kafka and OpenSearch for this test session, stopped at the end."""
     from diana.compose.local.stack import LocalStack
-    from diana.schemas.topics import ensure_topics
+    from diana.schemas.topics import ensure_topics, topic_settings
 
     for tool in ("storescu", "echoscu", "storescp"):
         if shutil.which(tool, path="/usr/bin:/bin") is None:
@@ -93,7 +93,7 @@ def stack(cfg: Config):
     for sub in ("landing", "archive", "faust"):
         shutil.rmtree(TEST_HOME / sub, ignore_errors=True)
     local.start()
-    ensure_topics(cfg.kafka.bootstrap, cfg.kafka.partitions)
+    ensure_topics(cfg.kafka.bootstrap, cfg.kafka.partitions, **topic_settings(cfg.kafka))
     yield local
     local.stop()
 
