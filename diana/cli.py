@@ -94,6 +94,7 @@ def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
         default_worker_name(cfg.stream.web_port),
         cfg.kafka.partitions,
         QuietTimes.parse(cfg.stream.quiet_seconds),
+        conflict_policy=cfg.sinks.archive_conflict_policy,
     )
     loop.run()
     return 0
@@ -324,6 +325,7 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
             cfg.path(cfg.storage.archive_dir),
             policy=cfg.sinks.archive_conflict_policy,
             report=report,
+            quarantine_root=cfg.path(cfg.storage.quarantine_dir),
         )
         group, port = cfg.sinks.archive_group, cfg.sinks.archive_metrics_port
     else:
@@ -332,7 +334,12 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
         from diana.sinks.opensearch import IndexLayout, OpenSearchSink
 
         client = OpenSearch(hosts=[cfg.opensearch.url], timeout=30)
-        sink = OpenSearchSink(client, IndexLayout(cfg.opensearch.index_prefix), max_bytes=cfg.sinks.bulk_max_bytes)
+        sink = OpenSearchSink(
+            client,
+            IndexLayout(cfg.opensearch.index_prefix),
+            max_bytes=cfg.sinks.bulk_max_bytes,
+            conflict_policy=cfg.sinks.archive_conflict_policy,
+        )
         group, port = cfg.sinks.opensearch_group, cfg.sinks.opensearch_metrics_port
     _metrics(cfg, port)
     run_sink(sink, cfg.kafka.bootstrap, group, stop, batch_size=cfg.opensearch.bulk_max_docs)

@@ -63,6 +63,17 @@ class ReceiverConfig:
     # A deflated data set is inflated (as a stream, to disk) up to this many bytes; past it the
     # object is refused with 0xC210, so a deflate bomb cannot fill memory or disk.
     max_inflated_bytes: int = 1073741824
+    # Hostile and slow peers (producers/transport_guard.py): connections from one address at once
+    # (TLS handshakes included); time for a TLS handshake; time for one PDU from its first byte;
+    # an association older than 2 minutes averaging fewer bytes per second than this is ended.
+    max_associations_per_host: int = 8
+    tls_handshake_timeout_s: float = 10.0
+    pdu_read_timeout_s: float = 60.0
+    min_bytes_per_s: float = 256.0
+    # Every reconcile_interval_s, objects still in the landing store reconcile_after_s after they
+    # landed are republished (once per run): the start-up outbox step, also while running.
+    reconcile_interval_s: float = 300.0
+    reconcile_after_s: float = 3600.0
     # Empty: any calling AE title / any host. Otherwise only these may associate.
     allowed_calling_aes: tuple = ()
     allowed_hosts: tuple = ()
@@ -76,6 +87,9 @@ class ReceiverConfig:
 class StorageConfig:
     landing_dir: Path = Path("var/landing")
     archive_dir: Path = Path("var/archive")
+    # Bytes the archive conflict policy does not keep (KEEP_FIRST: the newcomer; REPLACE: the
+    # former copy) are moved here, never deleted.
+    quarantine_dir: Path = Path("var/quarantine")
 
 
 @dataclass(frozen=True)
