@@ -7,6 +7,8 @@ broker acknowledged. An event therefore never points at bytes that do not exist.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,6 +69,7 @@ class Ingest:
         calling_ae: str | None = None,
         called_ae: str | None = None,
         expected_sop_instance_uid: str | None = None,
+        expected_sop_class_uid: str | None = None,
     ) -> Accepted:
         """Raises HeaderError / InvalidIdentifiers (bad input), OSError (disk), PublishError (broker)."""
         header = read_header_file(path, self.header_budget, self.max_inflated_bytes, self.landing.incoming)
@@ -74,6 +77,9 @@ class Ingest:
         if expected_sop_instance_uid is not None and header.sop_instance_uid != expected_sop_instance_uid:
             # The file meta we store names the request's UID: the two must agree.
             raise InvalidIdentifiers("SOPInstanceUID differs from the C-STORE's Affected SOP Instance UID")
+        if expected_sop_class_uid is not None and header.sop_class_uid != expected_sop_class_uid:
+            # Stored under the negotiated SOP Class, the object would claim to be what it is not.
+            raise InvalidIdentifiers("SOPClassUID differs from the SOP Class negotiated for this presentation context")
         with self.landing.landed(path, owned=owned) as stored:
             return self._publish(header, stored, source, calling_ae, called_ae, datetime.now(UTC))
 
@@ -123,15 +129,22 @@ class Ingest:
                 raise
         return Accepted(header, stored.sha256, stored.size, latency)
 
-    def republish_landed(self) -> int:
-        """Publish an event for every object still in the landing store (the outbox step).
+    def republish_landed(self, older_than_s: float = 0.0, skip: Callable[[str], bool] | None = None) -> list[str]:
+        """Publish an event for every object still in the landing store (the outbox step); return their paths.
 
         Run at start-up: an object landed just before a crash may have no event. Objects whose
         event did go out are published again; every consumer is idempotent on the SOP Instance UID.
+        Run periodically too (``older_than_s``: only objects landed that long ago; ``skip``: paths
+        already republished): objects being received or published right now are never touched.
         """
-        count = 0
+        published: list[str] = []
+        cutoff = time.time() - older_than_s
         for relative, path in self.landing.stored_objects():
+            if self.landing.in_flight(relative) or (skip is not None and skip(relative)):
+                continue
             try:
+                if path.stat().st_mtime > cutoff:
+                    continue
                 header = read_header_file(path, self.header_budget, self.max_inflated_bytes, self.landing.incoming)
                 digest, size = sha256_file(path)
                 received = datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
@@ -149,8 +162,8 @@ class Ingest:
             except PublishRefused as exc:  # retrying cannot help; the object stays for an operator
                 log.error("recover.refused", landing_path=relative, code=exc.code, detail=str(exc))
                 continue
-            count += 1
-        return count
+            published.append(relative)
+        return published
 
 
 def _log_omitted(header: InstanceHeader) -> None:
