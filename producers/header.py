@@ -233,7 +233,7 @@ def _read(fh: BinaryIO, total: int, header_budget_bytes: int) -> InstanceHeader:
     if invalid or not is_valid_uid(transfer_syntax):
         raise InvalidIdentifiers(f"not a valid DICOM UID: {', '.join(invalid) or 'transfer_syntax_uid'}")
     try:
-        fields = {
+        fields: dict[str, Any] = {
             "patient_id": _text(ds, "PatientID"),
             "patient_name": _text(ds, "PatientName"),
             "patient_birth_date": _iso_date(ds, "PatientBirthDate"),

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomFileLike
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
@@ -61,7 +62,9 @@ def inflated_copy(fh: BinaryIO, meta: FileMetaDataset, folder: Path, max_inflate
             plain = FileMetaDataset(meta)
             plain.TransferSyntaxUID = ExplicitVRLittleEndian
             out.write(b"\x00" * 128 + b"DICM")
-            write_file_meta_info(out, plain, enforce_standard=True)
+            meta_writer = DicomFileLike(out)
+            meta_writer.is_little_endian, meta_writer.is_implicit_VR = True, False
+            write_file_meta_info(meta_writer, plain, enforce_standard=True)
             _inflate(fh, out, max_inflated_bytes)
         yield path
     finally:
