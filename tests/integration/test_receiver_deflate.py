@@ -62,6 +62,19 @@ def test_deflated_dose_report_and_small_data_set_are_stored_and_the_dose_read(pi
         sender.close()
     assert status == STATUS.SUCCESS
 
+    # A deflated dose report offered with Deflated alone (as pynetdicom senders do): before, its
+    # header was refused here, lengths in the inflated data compared with the deflated size
+    # ("element (0040,A730) claims 3128 bytes, only 816 follow: truncated").
+    second = b.ct_report(
+        [b.ct_event(generate_uid(), ctdivol="7.5", dlp="300")], total_dlp="300", study_uid=generate_uid()
+    )
+    second_path = write_deflated(second, tmp_path / "second.dcm")
+    sender = RawStoreSender(cfg, sop_class=b.XRAY_RDSR, aet="DEFLATER", transfer_syntax=DeflatedExplicitVRLittleEndian)
+    try:
+        assert sender.send(second.SOPInstanceUID, dataset_body(second_path)) == STATUS.SUCCESS
+    finally:
+        sender.close()
+
     wait_until_caught_up(cfg)
     stored_report = _archived(cfg, report)
     assert pydicom.dcmread(stored_report).file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
@@ -79,6 +92,12 @@ def test_deflated_dose_report_and_small_data_set_are_stored_and_the_dose_read(pi
         events = os_search(cfg, "diana-dose-events", by_study)
         time.sleep(1)
     assert sorted(e["ctdivol_mGy"] for e in events) == [3.5, 12.5]
+    assert _archived(cfg, second).exists()
+    second_events: list[dict] = []
+    while time.monotonic() < deadline and not second_events:
+        second_events = os_search(cfg, "diana-dose-events", {"term": {"study_instance_uid": second.StudyInstanceUID}})
+        time.sleep(1)
+    assert [e["ctdivol_mGy"] for e in second_events] == [7.5]
 
 
 def test_deflate_bomb_is_refused_while_the_receivers_memory_stays_bounded(pipeline, extra_receiver, tmp_path):
