@@ -65,11 +65,12 @@ class ReceiverConfig:
     max_inflated_bytes: int = 1073741824
     # Hostile and slow peers (producers/transport_guard.py): connections from one address at once
     # (TLS handshakes included); time for a TLS handshake; time for one PDU from its first byte;
-    # an association older than 2 minutes averaging fewer bytes per second than this is ended.
+    # an association older than min_rate_after_s averaging fewer bytes per second than this is ended.
     max_associations_per_host: int = 8
     tls_handshake_timeout_s: float = 10.0
     pdu_read_timeout_s: float = 60.0
     min_bytes_per_s: float = 256.0
+    min_rate_after_s: float = 120.0
     # Every reconcile_interval_s, objects still in the landing store reconcile_after_s after they
     # landed are republished (once per run): the start-up outbox step, also while running.
     reconcile_interval_s: float = 300.0

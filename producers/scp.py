@@ -295,6 +295,7 @@ class Receiver:
                 max_associations_per_host=self.cfg.max_associations_per_host,
                 pdu_read_timeout_s=self.cfg.pdu_read_timeout_s,
                 min_bytes_per_s=self.cfg.min_bytes_per_s,
+                min_rate_after_s=self.cfg.min_rate_after_s,
             )
         )
         ae = AE(ae_title=self.cfg.ae_title)

@@ -14,7 +14,7 @@ What pynetdicom does on its own (transport.py, dul.py), and what is done here in
   whatever it sends, and a peer that stops mid-PDU holds the thread for ever. ``_guarded_recv``
   refuses a read longer than the PDU cap before reading anything, gives each PDU
   ``pdu_read_timeout_s`` from its first byte, and ends an association whose average rate falls
-  under ``min_bytes_per_s`` once it is older than ``RATE_GRACE_S``.
+  under ``min_bytes_per_s`` once it is older than ``min_rate_after_s``.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ __all__ = ["GuardSettings", "GuardedServer", "install"]
 
 log = structlog.get_logger("diana.receiver.guard")
 
-# An association younger than this is not judged by its average rate (negotiation, first C-STORE).
-RATE_GRACE_S = 120.0
 # A-ASSOCIATE-RQ/AC PDUs are not bounded by the negotiated maximum; real ones are a few kB.
 _MIN_PDU_CAP = 64 * 1024
 _CHUNK = 64 * 1024
@@ -48,6 +46,8 @@ class GuardSettings:
     max_associations_per_host: int = 8
     pdu_read_timeout_s: float = 60.0
     min_bytes_per_s: float = 256.0
+    # An association younger than this is not judged by its average rate (negotiation, first C-STORE).
+    min_rate_after_s: float = 120.0
 
     @property
     def pdu_cap(self) -> int:
@@ -106,7 +106,7 @@ def _guarded_recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
     received += len(buffer)
     self.__dict__["_diana_bytes"] = received
     age = time.monotonic() - started
-    if age > RATE_GRACE_S and received / age < settings.min_bytes_per_s:
+    if age > settings.min_rate_after_s and received / age < settings.min_bytes_per_s:
         raise _end(self, "association slower than min_bytes_per_s", "slow_peer", bytes=received, seconds=round(age))
     return buffer
 

@@ -175,3 +175,31 @@ def test_landed_objects_left_behind_are_republished_while_running(pipeline, extr
     assert archived.exists(), "a landed object without an event was never republished"
     assert _logged(pipeline, "receiver-11200", "reconcile.republished")
     wait_until_caught_up(cfg)
+
+
+def test_an_association_that_trickles_whole_pdus_is_ended_by_its_average_rate(pipeline, extra_receiver):
+    """Each PDU complete and quick, but one a second: only the association's average rate shows it."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    cfg = extra_receiver(11201, min_bytes_per_s="1000", min_rate_after_s="3")
+    ae = AE(ae_title="TRICKLER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", cfg.receiver.port, ae_title=cfg.receiver.ae_title)
+    assert assoc.is_established
+    context_id = assoc.accepted_contexts[0].context_id
+    # P-DATA-TF: one PDV of one byte, a command fragment that is not the last (the message never ends).
+    pdv = bytes([context_id, 0x01]) + b"\x00"
+    pdu = b"\x04\x00" + (4 + len(pdv)).to_bytes(4, "big") + len(pdv).to_bytes(4, "big") + pdv
+    deadline = time.monotonic() + 30
+    while assoc.is_established and time.monotonic() < deadline:
+        try:
+            assoc.dul.socket.send(pdu)
+        except (OSError, AttributeError):
+            break
+        time.sleep(1)
+    took = 30 - (deadline - time.monotonic())
+    assert not assoc.is_established, "the trickling association was never ended"
+    print(f"ended after {took:.1f} s")
+    assert took < 15
+    assert _logged(pipeline, "receiver-11201", "association slower than min_bytes_per_s")
