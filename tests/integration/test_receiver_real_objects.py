@@ -192,3 +192,28 @@ def test_an_event_the_broker_refuses_for_good_gets_a_final_status_a_log_line_and
         assert sender.send(ds.SOPInstanceUID, body) == STATUS.SUCCESS  # the limit restored, accepted again
     finally:
         sender.close()
+
+
+def test_a_broker_with_a_smaller_limit_still_gets_the_object_without_its_header(pipeline, tmp_path):
+    """Our limit says the event fits, the broker's says not: the event goes again without the header."""
+    cfg = pipeline.cfg
+    wait_until_caught_up(cfg)
+    rdsr_path = tmp_path / "rdsr.dcm"
+    rdsr, _ = write_large_rdsr(rdsr_path, events=300, patient_id="SMALLBROKER1")
+    _set_topic_limit(cfg, "8000")  # the header compresses to far more; the event without it to ~1 kB
+    try:
+        time.sleep(2)
+        result = storescu(cfg, [rdsr_path], extra=["-v"], aet="SMALLBROKER")
+    finally:
+        _set_topic_limit(cfg, str(cfg.kafka.max_message_bytes))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "Received Store Response (Success)" in output, output
+    wait_until_caught_up(cfg)
+    [(_, record)] = _events_of(cfg, {rdsr.SOPInstanceUID}).values()
+    assert record["header_json"] is None
+    assert record["header_omitted"] == [
+        {"path": "", "reason": "the broker refused the event with its header (MSG_SIZE_TOO_LARGE)"}
+    ]
+    archived = _archived(cfg, rdsr.StudyInstanceUID, rdsr.SeriesInstanceUID, rdsr.SOPInstanceUID)
+    assert _sha256(archived) == record["sha256"]
+    assert _indexed(cfg, rdsr.SOPInstanceUID)["patient_id"] == "SMALLBROKER1"
