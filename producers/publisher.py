@@ -46,7 +46,7 @@ class PublishRefused(PublishError):
 
 def _refusal(err: KafkaError, where: str) -> PublishError:
     text = f"{where}: {err.str()}"
-    if err.code() in _PERMANENT or err.fatal():
+    if err.code() in _PERMANENT and not err.fatal():
         return PublishRefused(text, err.name())
     return PublishError(text)
 
@@ -62,30 +62,30 @@ class EventPublisher:
     ):
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_bytes
-        self._producer = Producer(
-            {
-                "bootstrap.servers": bootstrap,
-                "client.id": client_id,
-                "acks": "all",
-                "enable.idempotence": True,
-                # One association waits for each ack in turn, so a linger is pure latency;
-                # concurrent associations still batch while a request is in flight.
-                "linger.ms": linger_ms,
-                # Java clients and Faust hash keys with murmur2: one key, one partition for all.
-                "partitioner": "murmur2_random",
-                # librdkafka gives up at the same moment the C-STORE answers failure.
-                "message.timeout.ms": int(timeout_s * 1000),
-                # DICOM JSON headers compress about 20 to 60 times. gzip, not zstd or lz4: the dose
-                # worker's aiokafka reads those only with an extra library (without it, its fetcher
-                # crashed on the first zstd batch); every Kafka client reads gzip.
-                "compression.type": "gzip",
-                # The uncompressed event's bound; the topic and the broker hold the same limit.
-                "message.max.bytes": max_message_bytes,
-                "socket.nagle.disable": True,
-                "log_level": 3,
-                "logger": KAFKA_CLIENT_LOGGER,
-            }
-        )
+        self._config = {
+            "bootstrap.servers": bootstrap,
+            "client.id": client_id,
+            "acks": "all",
+            "enable.idempotence": True,
+            # One association waits for each ack in turn, so a linger is pure latency;
+            # concurrent associations still batch while a request is in flight.
+            "linger.ms": linger_ms,
+            # Java clients and Faust hash keys with murmur2: one key, one partition for all.
+            "partitioner": "murmur2_random",
+            # librdkafka gives up at the same moment the C-STORE answers failure.
+            "message.timeout.ms": int(timeout_s * 1000),
+            # DICOM JSON headers compress about 20 to 60 times. gzip, not zstd or lz4: the dose
+            # worker's aiokafka reads those only with an extra library (without it, its fetcher
+            # crashed on the first zstd batch); every Kafka client reads gzip.
+            "compression.type": "gzip",
+            # The uncompressed event's bound; the topic and the broker hold the same limit.
+            "message.max.bytes": max_message_bytes,
+            "socket.nagle.disable": True,
+            "log_level": 3,
+            "logger": KAFKA_CLIENT_LOGGER,
+        }
+        self._producer = Producer(self._config)
+        self._replace_lock = threading.Lock()
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="kafka-delivery", daemon=True)
         self._poller.start()
@@ -108,17 +108,30 @@ class EventPublisher:
             done.set()
 
         started = time.monotonic()
+        producer = self._producer
         try:
-            self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+            producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
         except BufferError:
             raise PublishError("producer queue full") from None
         except KafkaException as exc:  # unknown topic, oversize message, ...
+            if exc.args[0].fatal():
+                self._replace(producer)
             raise _refusal(exc.args[0], "produce refused") from None
         if not done.wait(self.timeout_s + 1.0):
             raise PublishError(f"no acknowledgement within {self.timeout_s:.1f}s")
         if outcome[0] is not None:
+            if outcome[0].fatal():
+                self._replace(producer)
             raise _refusal(outcome[0], "broker refused")
         return time.monotonic() - started
+
+    def _replace(self, failed: Producer) -> None:
+        """A fatal error leaves an idempotent producer unusable: every later event would fail.
+        The caller answers 'retry later' (its event is not lost: the sender sends it again), and
+        the next events go through a new producer."""
+        with self._replace_lock:
+            if self._producer is failed:
+                self._producer = Producer(self._config)
 
     def close(self, timeout: float = 10.0) -> None:
         self._stop.set()
