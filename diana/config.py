@@ -30,10 +30,12 @@ class ConflictPolicy:
     """``[sinks] archive_conflict_policy``: what the archive does when a SOP Instance UID arrives again
     with different bytes (reported on dicom.archive-conflicts whatever the policy)."""
 
-    KEEP_FIRST = "KEEP_FIRST"  # the archive keeps the first bytes; the newcomer is only reported
-    REPLACE = "REPLACE"  # the newcomer replaces the archived bytes
+    KEEP_FIRST = "KEEP_FIRST"  # the archive keeps the first bytes; the newcomer is reported and quarantined
+    REPLACE = "REPLACE"  # the newcomer replaces the archived bytes, which go to quarantine
     KEEP_BOTH = "KEEP_BOTH"  # the first stays as <SOP>.dcm, the newcomer beside it as <SOP>.<sha12>.dcm
     ALL = (KEEP_FIRST, REPLACE, KEEP_BOTH)
+    # Policies under which the first bytes stay the instance: the index and aggregates keep the first event.
+    FIRST_WINS = (KEEP_FIRST, KEEP_BOTH)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,13 @@ class KafkaConfig:
     publish_timeout_s: float = 10.0
     # Producer linger: 0 suits one association waiting for each ack (see docs/PERFORMANCE.md).
     linger_ms: int = 0
+    # Largest event (uncompressed) a producer sends; the topics get the same max.message.bytes and
+    # the local broker the same message.max.bytes. An event's DICOM header is cut to fit under it.
+    max_message_bytes: int = 8388608
+    # Replicas of each topic diana creates; 0: automatic (3 on a cluster of 3 brokers or more, else
+    # one per broker). min_insync_replicas 0: automatic (replication factor - 1, at least 1).
+    replication_factor: int = 0
+    min_insync_replicas: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,21 @@ class ReceiverConfig:
     metrics_port: int = 9464
     # Largest PDU we accept; bounds the memory each association may hold at once.
     max_pdu_bytes: int = 1048576
+    # A deflated data set is inflated (as a stream, to disk) up to this many bytes; past it the
+    # object is refused with 0xC210, so a deflate bomb cannot fill memory or disk.
+    max_inflated_bytes: int = 1073741824
+    # Hostile and slow peers (producers/transport_guard.py): connections from one address at once
+    # (TLS handshakes included); time for a TLS handshake; time for one PDU from its first byte;
+    # an association older than min_rate_after_s averaging fewer bytes per second than this is ended.
+    max_associations_per_host: int = 8
+    tls_handshake_timeout_s: float = 10.0
+    pdu_read_timeout_s: float = 60.0
+    min_bytes_per_s: float = 256.0
+    min_rate_after_s: float = 120.0
+    # Every reconcile_interval_s, objects still in the landing store reconcile_after_s after they
+    # landed are republished (once per run): the start-up outbox step, also while running.
+    reconcile_interval_s: float = 300.0
+    reconcile_after_s: float = 3600.0
     # Empty: any calling AE title / any host. Otherwise only these may associate.
     allowed_calling_aes: tuple = ()
     allowed_hosts: tuple = ()
@@ -76,6 +100,9 @@ class ReceiverConfig:
 class StorageConfig:
     landing_dir: Path = Path("var/landing")
     archive_dir: Path = Path("var/archive")
+    # Bytes the archive conflict policy does not keep (KEEP_FIRST: the newcomer; REPLACE: the
+    # former copy) are moved here, never deleted.
+    quarantine_dir: Path = Path("var/quarantine")
 
 
 @dataclass(frozen=True)

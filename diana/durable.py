@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["fsync_dir", "write_atomic", "place_file", "sha256_file", "contained_path"]
+__all__ = ["fsync_dir", "makedirs_durable", "write_atomic", "place_file", "sha256_file", "contained_path"]
 
 _CHUNK = 1 << 20
 
@@ -27,10 +27,30 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def makedirs_durable(path: Path) -> None:
+    """``mkdir -p`` whose new folders survive a crash: each one created is fsync'd in its parent.
+
+    Without it, a file fsync'd into a new <Study>/<Series>/ folder could vanish with its folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue  # made concurrently by another writer, who fsyncs its parent
+        fsync_dir(folder.parent)
+
+
 @contextmanager
 def _atomic(target: Path) -> Iterator[Path]:
     """Yield a temp path beside ``target``; on success rename it over the target and fsync the folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    makedirs_durable(target.parent)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
         yield tmp

@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from opensearchpy import OpenSearch
 
 from diana.clients import kafka_consumer
-from diana.config import KafkaConfig
+from diana.config import ConflictPolicy, KafkaConfig
 from diana.schemas.layout import IndexLayout
 from diana.sinks.consumer import DeadLetters, write_until_done
 from diana.sinks.opensearch import OpenSearchSink, install_template
@@ -49,9 +49,12 @@ class Reindexer:
         dead: DeadLetters,
         max_bytes: int = 5_000_000,
         batch: int = 2000,
+        conflict_policy: str = ConflictPolicy.KEEP_FIRST,
     ):
         self.client, self.layout, self.kafka, self.dead = client, layout, kafka, dead
         self.max_bytes, self.batch = max_bytes, batch
+        # The rebuilt index keeps the same copy of a conflicting instance as the live one.
+        self.conflict_policy = conflict_policy
 
     def next_version(self, kinds: list[str]) -> int:
         existing = []
@@ -107,7 +110,13 @@ class Reindexer:
         old = {kind: current_version(self.client, self.layout, kind) for kind in kinds}
         version = self.next_version(kinds)
         self._create(kinds, version)
-        sink = OpenSearchSink(self.client, self.layout, max_bytes=self.max_bytes, index_version=version)
+        sink = OpenSearchSink(
+            self.client,
+            self.layout,
+            max_bytes=self.max_bytes,
+            index_version=version,
+            conflict_policy=self.conflict_policy,
+        )
         consumer = kafka_consumer(
             self.kafka, f"diana-reindex-{uuid.uuid4()}", {"enable.auto.commit": False, "enable.partition.eof": True}
         )

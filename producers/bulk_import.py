@@ -24,7 +24,7 @@ import structlog
 
 from diana.producers.header import HeaderError, InvalidIdentifiers
 from diana.producers.ingest import Ingest
-from diana.producers.publisher import PublishError
+from diana.producers.publisher import PublishError, PublishRefused
 
 __all__ = ["ImportSummary", "Importer", "find_sources"]
 
@@ -127,6 +127,8 @@ class Importer:
             return "rejected", f"invalid identifiers: {exc}"
         except HeaderError as exc:
             return "rejected", f"unreadable: {exc}"
+        except PublishRefused as exc:  # permanent: running the import again cannot help
+            return "rejected", f"broker refuses the event for good: {exc.code}"
         except PublishError as exc:
             return "failed", f"broker: {exc}"
         except (OSError, zipfile.BadZipFile) as exc:

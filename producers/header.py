@@ -7,8 +7,9 @@ file name. Descriptive values are returned as data only.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
+import tempfile
 from dataclasses import dataclass
 from datetime import date
 from io import BytesIO
@@ -16,7 +17,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pydicom
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from diana.producers.header_model import HeaderModel, build_header_model
+from diana.producers.inflate import DEFAULT_MAX_INFLATED_BYTES, InflateError, file_meta, inflated_copy, is_deflated
 from diana.schemas.uid import is_valid_uid
 
 __all__ = [
@@ -27,6 +31,10 @@ __all__ = [
     "read_header",
     "read_header_file",
 ]
+
+
+# The event's header budget when none is given (tests, tools): [kafka] max_message_bytes less room.
+DEFAULT_HEADER_BUDGET = 8 * 1024 * 1024 - 256 * 1024
 
 
 class HeaderError(ValueError):
@@ -47,8 +55,16 @@ class InstanceHeader:
     fields: dict[str, Any]
 
 
+def _get(ds: pydicom.Dataset, keyword: str) -> Any:
+    """The decoded value, or None when absent or undecodable (the header model says which and why)."""
+    try:
+        return ds.get(keyword)
+    except Exception:  # pydicom raises many kinds on odd values
+        return None
+
+
 def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
+    value = _get(ds, keyword)
     if value is None or value == "":
         return None
     text = str(value).strip()
@@ -57,7 +73,7 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
 
 def _number(ds: pydicom.Dataset, keyword: str, kind: type[int] | type[float]) -> int | float | None:
     """The value as ``kind``, or None when absent or unusable (out of int32, NaN, infinite)."""
-    value = ds.get(keyword)
+    value = _get(ds, keyword)
     if value is None or value == "":
         return None
     try:
@@ -119,29 +135,16 @@ def patient_age_years(age: str | None, birth_date: str | None, study_date: str |
     return None
 
 
-def _header_json(ds: pydicom.Dataset, uids: dict[str, str], has_pixels: bool) -> str | None:
-    """The DICOM JSON model of the header; large binary values point into the stored object.
-
-    None when pydicom cannot express some element: the object is still stored as received.
-    """
+def _header_model(ds: pydicom.Dataset, uids: dict[str, str], has_pixels: bool, budget: int) -> HeaderModel:
+    """The DICOM JSON model of the header; large binary values point into the stored object."""
     base = (
         f"studies/{uids['study_instance_uid']}/series/{uids['series_instance_uid']}"
         f"/instances/{uids['sop_instance_uid']}/bulk"
     )
-
-    def bulk_uri(elem: pydicom.DataElement) -> str:
-        return f"{base}/{elem.tag:08X}"
-
-    try:
-        model = ds.to_json_dict(
-            bulk_data_threshold=1024, bulk_data_element_handler=bulk_uri, suppress_invalid_tags=True
-        )
-        if has_pixels:
-            compressed = pydicom.uid.UID(str(ds.file_meta.TransferSyntaxUID)).is_compressed
-            model["7FE00010"] = {"vr": "OB" if compressed else "OW", "BulkDataURI": f"{base}/7FE00010"}
-        return json.dumps(model, separators=(",", ":"), sort_keys=True, allow_nan=False)
-    except Exception:  # pydicom raises many kinds on odd values; the JSON view is optional
-        return None
+    pixel_vr = None
+    if has_pixels:
+        pixel_vr = "OB" if pydicom.uid.UID(str(ds.file_meta.TransferSyntaxUID)).is_compressed else "OW"
+    return build_header_model(ds, base, budget, pixel_vr)
 
 
 def _check_lengths(ds: pydicom.Dataset, total: int) -> None:
@@ -156,15 +159,42 @@ def _check_lengths(ds: pydicom.Dataset, total: int) -> None:
             raise HeaderError(f"element {tag} claims {length} bytes, only {max(total - tell, 0)} follow: truncated")
 
 
-def read_header_file(path: Path) -> InstanceHeader:
-    """Parse the header of a Part-10 file without reading its pixel data."""
+def read_header_file(
+    path: Path,
+    header_budget_bytes: int = DEFAULT_HEADER_BUDGET,
+    max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+    scratch_dir: Path | None = None,
+) -> InstanceHeader:
+    """Parse the header of a Part-10 file without reading its pixel data.
+
+    A deflated data set is inflated as a stream into a temporary file in ``scratch_dir`` (default:
+    beside ``path``), up to ``max_inflated_bytes`` (inflate.py); the header then describes the
+    object as stored (deflated).
+    """
     with open(path, "rb") as fh:
-        return _read(fh, os.fstat(fh.fileno()).st_size)
+        meta = file_meta(fh)
+        if not is_deflated(meta):
+            fh.seek(0)
+            return _read(fh, os.fstat(fh.fileno()).st_size, header_budget_bytes)
+        try:
+            with (
+                inflated_copy(fh, meta, scratch_dir or Path(path).parent, max_inflated_bytes) as plain,
+                open(plain, "rb") as ih,
+            ):
+                header = _read(ih, os.fstat(ih.fileno()).st_size, header_budget_bytes)
+        except InflateError as exc:
+            raise HeaderError(str(exc)) from None
+    return dataclasses.replace(header, transfer_syntax_uid=DeflatedExplicitVRLittleEndian)
 
 
-def read_header(part10: bytes) -> InstanceHeader:
+def read_header(part10: bytes, header_budget_bytes: int = DEFAULT_HEADER_BUDGET) -> InstanceHeader:
     """Parse the header of a Part-10 byte string; raise HeaderError or InvalidIdentifiers."""
-    return _read(BytesIO(part10), len(part10))
+    if is_deflated(file_meta(BytesIO(part10))):
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "object.dcm"
+            path.write_bytes(part10)
+            return read_header_file(path, header_budget_bytes)
+    return _read(BytesIO(part10), len(part10), header_budget_bytes)
 
 
 def _has_pixel_data(fh: BinaryIO) -> bool:
@@ -175,13 +205,13 @@ def _has_pixel_data(fh: BinaryIO) -> bool:
     return tag in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
 
 
-def _read(fh: BinaryIO, total: int) -> InstanceHeader:
+def _read(fh: BinaryIO, total: int, header_budget_bytes: int) -> InstanceHeader:
     try:
         ds = pydicom.dcmread(fh, stop_before_pixels=True)
         has_pixels = _has_pixel_data(fh)
         _check_lengths(ds, total)
-        # Force the lazy conversion of every element now, so a malformed value fails here.
-        ds.walk(lambda _ds, _elem: None)
+        # Values stay undecoded until used: one that cannot be decoded is left out of the
+        # event's header (header_model.py), the object itself is stored as it came.
         transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
         uids = {
             "sop_instance_uid": ds.get("SOPInstanceUID"),
@@ -203,7 +233,7 @@ def _read(fh: BinaryIO, total: int) -> InstanceHeader:
     if invalid or not is_valid_uid(transfer_syntax):
         raise InvalidIdentifiers(f"not a valid DICOM UID: {', '.join(invalid) or 'transfer_syntax_uid'}")
     try:
-        fields = {
+        fields: dict[str, Any] = {
             "patient_id": _text(ds, "PatientID"),
             "patient_name": _text(ds, "PatientName"),
             "patient_birth_date": _iso_date(ds, "PatientBirthDate"),
@@ -233,7 +263,9 @@ def _read(fh: BinaryIO, total: int) -> InstanceHeader:
         fields["patient_age_years"] = patient_age_years(
             _text(ds, "PatientAge"), fields["patient_birth_date"], fields["study_date"]
         )
-        fields["header_json"] = _header_json(ds, uids, has_pixels)
+        header = _header_model(ds, uids, has_pixels, header_budget_bytes)
+        fields["header_json"] = header.json
+        fields["header_omitted"] = [o.as_record() for o in header.omitted]
     except (ValueError, TypeError, AttributeError, OverflowError, KeyError) as exc:
         raise HeaderError(f"cannot read descriptive attributes: {type(exc).__name__}") from None
     return InstanceHeader(transfer_syntax_uid=transfer_syntax, fields=fields, **uids)

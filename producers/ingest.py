@@ -7,6 +7,8 @@ broker acknowledged. An event therefore never points at bytes that do not exist.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,15 +16,26 @@ from pathlib import Path
 import structlog
 
 from diana.durable import sha256_file
+from diana.producers import metrics
 from diana.producers.header import HeaderError, InstanceHeader, InvalidIdentifiers, read_header_file
+from diana.producers.inflate import DEFAULT_MAX_INFLATED_BYTES
 from diana.producers.landing import LandingStore, StoredObject
-from diana.producers.publisher import EventPublisher
+from diana.producers.publisher import EventPublisher, PublishRefused
 from diana.schemas.codec import Codec
 from diana.schemas.topics import INSTANCES
 
-__all__ = ["Ingest", "Accepted"]
+__all__ = ["Ingest", "Accepted", "header_budget"]
 
 log = structlog.get_logger("diana.ingest")
+
+
+# Room in an event for everything but the header (UIDs, search fields, the omitted list).
+_EVENT_ROOM = 256 * 1024
+
+
+def header_budget(max_message_bytes: int) -> int:
+    """Bytes of DICOM JSON an event may carry under the producer's (and topic's) message limit."""
+    return max(max_message_bytes - _EVENT_ROOM, max_message_bytes // 2)
 
 
 @dataclass(frozen=True)
@@ -34,10 +47,18 @@ class Accepted:
 
 
 class Ingest:
-    def __init__(self, landing: LandingStore, publisher: EventPublisher, codec: Codec):
+    def __init__(
+        self,
+        landing: LandingStore,
+        publisher: EventPublisher,
+        codec: Codec,
+        max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+    ):
         self.landing = landing
+        self.max_inflated_bytes = max_inflated_bytes
         self.publisher = publisher
         self.codec = codec
+        self.header_budget = header_budget(publisher.max_message_bytes)
 
     def accept_file(
         self,
@@ -48,12 +69,17 @@ class Ingest:
         calling_ae: str | None = None,
         called_ae: str | None = None,
         expected_sop_instance_uid: str | None = None,
+        expected_sop_class_uid: str | None = None,
     ) -> Accepted:
         """Raises HeaderError / InvalidIdentifiers (bad input), OSError (disk), PublishError (broker)."""
-        header = read_header_file(path)
+        header = read_header_file(path, self.header_budget, self.max_inflated_bytes, self.landing.incoming)
+        _log_omitted(header)
         if expected_sop_instance_uid is not None and header.sop_instance_uid != expected_sop_instance_uid:
             # The file meta we store names the request's UID: the two must agree.
             raise InvalidIdentifiers("SOPInstanceUID differs from the C-STORE's Affected SOP Instance UID")
+        if expected_sop_class_uid is not None and header.sop_class_uid != expected_sop_class_uid:
+            # Stored under the negotiated SOP Class, the object would claim to be what it is not.
+            raise InvalidIdentifiers("SOPClassUID differs from the SOP Class negotiated for this presentation context")
         with self.landing.landed(path, owned=owned) as stored:
             return self._publish(header, stored, source, calling_ae, called_ae, datetime.now(UTC))
 
@@ -81,20 +107,45 @@ class Ingest:
             "calling_ae": calling_ae,
             "called_ae": called_ae,
         }
-        value = self.codec.encode(INSTANCES.value_schema, event)
-        latency = self.publisher.publish(INSTANCES.name, header.study_instance_uid.encode(), value)
+        key = header.study_instance_uid.encode()
+        try:
+            latency = self.publisher.publish(INSTANCES.name, key, self.codec.encode(INSTANCES.value_schema, event))
+        except PublishRefused as exc:
+            if not event.get("header_json"):
+                metrics.PUBLISH_REFUSED.labels(exc.code).inc()
+                raise
+            # The broker holds a smaller limit than ours: the object is still stored, its event
+            # goes without the header, which stays readable in the archived object.
+            log.warning("publish.header_dropped", code=exc.code, sop_instance_uid=header.sop_instance_uid)
+            metrics.HEADER_OMITTED.labels("event_refused").inc()
+            event["header_json"] = None
+            event["header_omitted"] = [
+                {"path": "", "reason": f"the broker refused the event with its header ({exc.code})"}
+            ]
+            try:
+                latency = self.publisher.publish(INSTANCES.name, key, self.codec.encode(INSTANCES.value_schema, event))
+            except PublishRefused as again:
+                metrics.PUBLISH_REFUSED.labels(again.code).inc()
+                raise
         return Accepted(header, stored.sha256, stored.size, latency)
 
-    def republish_landed(self) -> int:
-        """Publish an event for every object still in the landing store (the outbox step).
+    def republish_landed(self, older_than_s: float = 0.0, skip: Callable[[str], bool] | None = None) -> list[str]:
+        """Publish an event for every object still in the landing store (the outbox step); return their paths.
 
         Run at start-up: an object landed just before a crash may have no event. Objects whose
         event did go out are published again; every consumer is idempotent on the SOP Instance UID.
+        Run periodically too (``older_than_s``: only objects landed that long ago; ``skip``: paths
+        already republished): objects being received or published right now are never touched.
         """
-        count = 0
+        published: list[str] = []
+        cutoff = time.time() - older_than_s
         for relative, path in self.landing.stored_objects():
+            if self.landing.in_flight(relative) or (skip is not None and skip(relative)):
+                continue
             try:
-                header = read_header_file(path)
+                if path.stat().st_mtime > cutoff:
+                    continue
+                header = read_header_file(path, self.header_budget, self.max_inflated_bytes, self.landing.incoming)
                 digest, size = sha256_file(path)
                 received = datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
             except FileNotFoundError:
@@ -106,6 +157,24 @@ class Ingest:
                 log.error("recover.corrupt", landing_path=relative, sha256=digest)
                 continue
             stored = StoredObject(relative, digest, size)
-            self._publish(header, stored, "RECOVERED", None, None, received)
-            count += 1
-        return count
+            try:
+                self._publish(header, stored, "RECOVERED", None, None, received)
+            except PublishRefused as exc:  # retrying cannot help; the object stays for an operator
+                log.error("recover.refused", landing_path=relative, code=exc.code, detail=str(exc))
+                continue
+            published.append(relative)
+        return published
+
+
+def _log_omitted(header: InstanceHeader) -> None:
+    """Name (never show) the elements left out of the event's header."""
+    omitted = header.fields.get("header_omitted") or []
+    for item in omitted:
+        metrics.HEADER_OMITTED.labels(item["reason"].split(":", 1)[0]).inc()
+    if omitted:
+        log.info(
+            "header.omitted",
+            sop_instance_uid=header.sop_instance_uid,
+            elements=[f"{o['path']} ({o['reason']})" for o in omitted[:20]],
+            count=len(omitted),
+        )

@@ -96,6 +96,11 @@ class LandingStore:
                     if not (entry.published or entry.preexisting):
                         target.unlink(missing_ok=True)
 
+    def in_flight(self, relative: str) -> bool:
+        """Some caller is landing these bytes right now (its event is not acknowledged yet)."""
+        with self._lock:
+            return relative in self._entries
+
     def stored_objects(self) -> Iterator[tuple[str, Path]]:
         """Every complete object in the store (temp files and .incoming excluded)."""
         for shard in sorted(self.root.iterdir()):

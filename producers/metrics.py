@@ -14,3 +14,11 @@ PUBLISH_LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 REJECTED_ASSOCIATIONS = Counter("diana_associations_rejected_total", "A-ASSOCIATE-RJ sent", ["reason"])
+PUBLISH_REFUSED = Counter(
+    "diana_publish_refused_total", "Events the broker refused for good (answered 0xC212, not retried)", ["code"]
+)
+HEADER_OMITTED = Counter(
+    "diana_header_elements_omitted_total",
+    "Header elements left out of an event (kept in the archived object)",
+    ["reason"],
+)

@@ -2,6 +2,8 @@
 
 One idempotent producer (acks=all) for the whole receiver: concurrent C-STOREs are batched
 by librdkafka (linger.ms), and each caller waits only for its own delivery report.
+Events are compressed (gzip) and bounded by ``max_message_bytes``, the same limit the topic and
+the local broker are configured with (docs/RELIABILITY.md, "Event size").
 """
 
 from __future__ import annotations
@@ -9,38 +11,81 @@ from __future__ import annotations
 import threading
 import time
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from diana.logs import KAFKA_CLIENT_LOGGER
 
-__all__ = ["EventPublisher", "PublishError"]
+__all__ = ["EventPublisher", "PublishError", "PublishRefused", "DEFAULT_MAX_MESSAGE_BYTES"]
+
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+# Refusals that come back the same however often the event is sent again.
+_PERMANENT = {
+    KafkaError.MSG_SIZE_TOO_LARGE,
+    KafkaError.RECORD_LIST_TOO_LARGE,
+    KafkaError.INVALID_MSG_SIZE,
+    KafkaError.INVALID_MSG,
+    KafkaError.INVALID_RECORD,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.UNSUPPORTED_COMPRESSION_TYPE,
+    KafkaError._INVALID_ARG,
+}
 
 
 class PublishError(RuntimeError):
-    """The broker did not acknowledge the event in time (or refused it)."""
+    """The broker did not acknowledge the event in time: a transient failure, the sender may retry."""
+
+
+class PublishRefused(PublishError):
+    """The broker (or the producer's own limits) refuses this event for good: retrying cannot help."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _refusal(err: KafkaError, where: str) -> PublishError:
+    text = f"{where}: {err.str()}"
+    if err.code() in _PERMANENT and not err.fatal():
+        return PublishRefused(text, err.name())
+    return PublishError(text)
 
 
 class EventPublisher:
-    def __init__(self, bootstrap: str, timeout_s: float, client_id: str = "diana-receiver", linger_ms: int = 0):
+    def __init__(
+        self,
+        bootstrap: str,
+        timeout_s: float,
+        client_id: str = "diana-receiver",
+        linger_ms: int = 0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ):
         self.timeout_s = timeout_s
-        self._producer = Producer(
-            {
-                "bootstrap.servers": bootstrap,
-                "client.id": client_id,
-                "acks": "all",
-                "enable.idempotence": True,
-                # One association waits for each ack in turn, so a linger is pure latency;
-                # concurrent associations still batch while a request is in flight.
-                "linger.ms": linger_ms,
-                # Java clients and Faust hash keys with murmur2: one key, one partition for all.
-                "partitioner": "murmur2_random",
-                # librdkafka gives up at the same moment the C-STORE answers failure.
-                "message.timeout.ms": int(timeout_s * 1000),
-                "socket.nagle.disable": True,
-                "log_level": 3,
-                "logger": KAFKA_CLIENT_LOGGER,
-            }
-        )
+        self.max_message_bytes = max_message_bytes
+        self._config = {
+            "bootstrap.servers": bootstrap,
+            "client.id": client_id,
+            "acks": "all",
+            "enable.idempotence": True,
+            # One association waits for each ack in turn, so a linger is pure latency;
+            # concurrent associations still batch while a request is in flight.
+            "linger.ms": linger_ms,
+            # Java clients and Faust hash keys with murmur2: one key, one partition for all.
+            "partitioner": "murmur2_random",
+            # librdkafka gives up at the same moment the C-STORE answers failure.
+            "message.timeout.ms": int(timeout_s * 1000),
+            # DICOM JSON headers compress about 20 to 60 times. gzip, not zstd or lz4: the dose
+            # worker's aiokafka reads those only with an extra library (without it, its fetcher
+            # crashed on the first zstd batch); every Kafka client reads gzip.
+            "compression.type": "gzip",
+            # The uncompressed event's bound; the topic and the broker hold the same limit.
+            "message.max.bytes": max_message_bytes,
+            "socket.nagle.disable": True,
+            "log_level": 3,
+            "logger": KAFKA_CLIENT_LOGGER,
+        }
+        self._producer = Producer(self._config)
+        self._replace_lock = threading.Lock()
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="kafka-delivery", daemon=True)
         self._poller.start()
@@ -50,7 +95,11 @@ class EventPublisher:
             self._producer.poll(0.05)
 
     def publish(self, topic: str, key: bytes, value: bytes) -> float:
-        """Send and block until acknowledged; return the latency in seconds or raise PublishError."""
+        """Send and block until acknowledged; return the latency in seconds.
+
+        Raises PublishRefused when the event can never be accepted (too large, not authorised),
+        PublishError when the broker did not answer in time.
+        """
         done = threading.Event()
         outcome: list[KafkaError | None] = []
 
@@ -59,17 +108,30 @@ class EventPublisher:
             done.set()
 
         started = time.monotonic()
+        producer = self._producer
         try:
-            self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+            producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
         except BufferError:
             raise PublishError("producer queue full") from None
-        except Exception as exc:  # KafkaException for unknown topic, oversize message, ...
-            raise PublishError(f"produce refused: {exc}") from None
+        except KafkaException as exc:  # unknown topic, oversize message, ...
+            if exc.args[0].fatal():
+                self._replace(producer)
+            raise _refusal(exc.args[0], "produce refused") from None
         if not done.wait(self.timeout_s + 1.0):
             raise PublishError(f"no acknowledgement within {self.timeout_s:.1f}s")
         if outcome[0] is not None:
-            raise PublishError(f"broker refused: {outcome[0].str()}")
+            if outcome[0].fatal():
+                self._replace(producer)
+            raise _refusal(outcome[0], "broker refused")
         return time.monotonic() - started
+
+    def _replace(self, failed: Producer) -> None:
+        """A fatal error leaves an idempotent producer unusable: every later event would fail.
+        The caller answers 'retry later' (its event is not lost: the sender sends it again), and
+        the next events go through a new producer."""
+        with self._replace_lock:
+            if self._producer is failed:
+                self._producer = Producer(self._config)
 
     def close(self, timeout: float = 10.0) -> None:
         self._stop.set()

@@ -19,12 +19,14 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from diana.config import Config, ReceiverConfig
-from diana.producers import metrics
+from diana.producers import metrics, negotiation, transport_guard
+from diana.producers.background import start_periodic, start_until_done
 from diana.producers.header import HeaderError, InvalidIdentifiers
 from diana.producers.ingest import Ingest
 from diana.producers.landing import LandingStore
-from diana.producers.publisher import EventPublisher, PublishError
+from diana.producers.publisher import EventPublisher, PublishError, PublishRefused
 from diana.producers.spill import SpillFile, install_spill_to_file
+from diana.producers.transport_guard import GuardedServer, GuardSettings
 from diana.schemas.codec import default_codec
 
 __all__ = ["Receiver", "handle_store", "STATUS"]
@@ -44,6 +46,9 @@ class STATUS:
     CANNOT_UNDERSTAND = 0xC210
     # Last resort for a failure nobody anticipated; the service keeps running.
     PROCESSING_FAILURE = 0xC211
+    # Error: the broker refuses this object's event for good (too large for its limit, not
+    # authorised): sending it again cannot help, so this is not 0xA700.
+    EVENT_REFUSED = 0xC212
 
 
 class REJECT:
@@ -68,6 +73,7 @@ def handle_store(event: evt.Event, ingest: Ingest) -> int:
             calling_ae=calling_ae,
             called_ae=assoc.acceptor.ae_title,
             expected_sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
+            expected_sop_class_uid=str(event.context.abstract_syntax),
         )
     except InvalidIdentifiers as exc:
         metrics.REJECTED.labels("invalid_identifiers").inc()
@@ -77,6 +83,10 @@ def handle_store(event: evt.Event, ingest: Ingest) -> int:
         metrics.REJECTED.labels("undecodable").inc()
         log.warning("store.rejected", reason="undecodable", detail=str(exc), **context)
         return STATUS.CANNOT_UNDERSTAND
+    except PublishRefused as exc:
+        metrics.REJECTED.labels("event_refused").inc()
+        log.error("store.rejected", reason="broker refuses the event for good", code=exc.code, **context)
+        return STATUS.EVENT_REFUSED
     except PublishError as exc:
         metrics.REJECTED.labels("broker").inc()
         log.error("store.rejected", reason="broker did not acknowledge", detail=str(exc), **context)
@@ -200,10 +210,27 @@ class Receiver:
         # filesystem so that accepting one is a hard link, not a copy.
         tempfile.tempdir = str(self.landing.incoming)
         self.publisher = EventPublisher(
-            config.kafka.bootstrap, config.kafka.publish_timeout_s, linger_ms=config.kafka.linger_ms
+            config.kafka.bootstrap,
+            config.kafka.publish_timeout_s,
+            linger_ms=config.kafka.linger_ms,
+            max_message_bytes=config.kafka.max_message_bytes,
         )
-        self.ingest = Ingest(self.landing, self.publisher, default_codec())
+        self.ingest = Ingest(
+            self.landing, self.publisher, default_codec(), max_inflated_bytes=self.cfg.max_inflated_bytes
+        )
         self.ssl_context = tls_context(self.cfg)
+        # Accept the encoding the sender chose (explicit VR first), not pynetdicom's implicit VR.
+        negotiation.install()
+        transport_guard.install(
+            GuardSettings(
+                max_pdu_bytes=self.cfg.max_pdu_bytes,
+                tls_handshake_timeout_s=self.cfg.tls_handshake_timeout_s,
+                max_associations_per_host=self.cfg.max_associations_per_host,
+                pdu_read_timeout_s=self.cfg.pdu_read_timeout_s,
+                min_bytes_per_s=self.cfg.min_bytes_per_s,
+                min_rate_after_s=self.cfg.min_rate_after_s,
+            )
+        )
         ae = AE(ae_title=self.cfg.ae_title)
         ae.maximum_associations = self.cfg.max_associations
         ae.maximum_pdu_size = self.cfg.max_pdu_bytes
@@ -215,33 +242,38 @@ class Receiver:
         self.ae = ae
         self.server = None
         self._stopped = threading.Event()
+        self._reconciled: set[str] = set()  # landing paths republished by this process
 
     def recover(self) -> None:
-        """The outbox step: publish events for objects landed before a crash (retried until done)."""
-        backoff = 1.0
-        while not self._stopped.is_set():
-            try:
-                count = self.ingest.republish_landed()
-                log.info("recover.done", republished=count)
-                return
-            except PublishError as exc:
-                log.warning("recover.retry", detail=str(exc), backoff_s=backoff)
-                self._stopped.wait(backoff)
-                backoff = min(backoff * 2, 30)
+        """The outbox step: publish events for objects landed before a crash."""
+        published = self.ingest.republish_landed()
+        self._reconciled.update(published)
+        log.info("recover.done", republished=len(published))
 
-    def _sweeper(self) -> None:
-        while not self._stopped.wait(self.SWEEP_AFTER_S / 4):
-            removed = self.landing.sweep(self.SWEEP_AFTER_S)
-            if removed:
-                log.info("landing.swept", removed=removed)
+    def reconcile(self) -> None:
+        """The outbox step again, periodically: objects still landed after ``reconcile_after_s``
+        (an event lost after its acknowledgement, a recovery that could not finish) are republished
+        once per run of the receiver. Objects received or published right now are never touched."""
+        published = self.ingest.republish_landed(
+            older_than_s=self.cfg.reconcile_after_s, skip=self._reconciled.__contains__
+        )
+        self._reconciled.update(published)
+        if published:
+            log.info("reconcile.republished", count=len(published))
+
+    def _sweep(self) -> None:
+        removed = self.landing.sweep(self.SWEEP_AFTER_S)
+        if removed:
+            log.info("landing.swept", removed=removed)
 
     def start(self) -> None:
         # Before listening, so none of ours exist yet: debris of a crash is swept.
         swept = self.landing.sweep(older_than_s=0)
         if swept:
             log.info("landing.swept", removed=swept)
-        threading.Thread(target=self.recover, name="recover", daemon=True).start()
-        threading.Thread(target=self._sweeper, name="sweeper", daemon=True).start()
+        start_until_done("recover", self.recover, self._stopped)
+        start_periodic("sweeper", self.SWEEP_AFTER_S / 4, self._sweep, self._stopped)
+        start_periodic("reconcile", self.cfg.reconcile_interval_s, self.reconcile, self._stopped)
         handlers = [
             (evt.EVT_C_STORE, handle_store, [self.ingest]),
             (evt.EVT_C_ECHO, handle_echo),
@@ -254,9 +286,15 @@ class Receiver:
             (evt.EVT_ABORTED, _discard_partial),
             (evt.EVT_CONN_CLOSE, _discard_partial),
         ]
-        self.server = self.ae.start_server(
-            (self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
+        # pynetdicom's start_server, with the guarded server class (transport_guard.py).
+        self.server = self.ae.make_server(
+            (self.cfg.host, self.cfg.port),
+            evt_handlers=handlers,
+            ssl_context=self.ssl_context,
+            server_class=GuardedServer,
         )
+        threading.Thread(target=self.server.serve_forever, name="AcceptorServer", daemon=True).start()
+        self.ae._servers.append(self.server)
         log.info(
             "receiver.listening",
             ae_title=self.cfg.ae_title,

@@ -101,7 +101,8 @@ class Codec:
             reader = self._readers[key] = avro.io.DatumReader(writer.schema, reader_entry.schema)
         try:
             record = reader.read(avro.io.BinaryDecoder(io.BytesIO(data[_HEADER_LEN:])))
-        except (avro.errors.AvroException, EOFError, UnicodeDecodeError, ValueError, TypeError) as exc:
+        except (avro.errors.AvroException, EOFError, UnicodeDecodeError, ValueError, TypeError, OverflowError) as exc:
+            # OverflowError: a timestamp-millis beyond what a datetime holds (hostile or corrupt bytes)
             raise DecodeError(f"corrupt {reader_entry.name} body: {exc}") from None
         if not isinstance(record, dict):
             raise DecodeError(f"{reader_entry.name} is not a record schema")

@@ -28,6 +28,7 @@ log = structlog.get_logger("diana.sink.archive")
 
 ARCHIVED = Counter("diana_archive_written_total", "Instances written to the archive")
 UNCHANGED = Counter("diana_archive_unchanged_total", "Events whose identical object was already archived")
+QUARANTINED = Counter("diana_archive_quarantined_total", "Objects moved to quarantine by the conflict policy")
 CONFLICTS = Counter("diana_archive_conflicts_total", "Same SOP Instance UID arrived with different bytes", ["policy"])
 
 
@@ -47,6 +48,7 @@ class ArchiveSink:
         codec: Codec | None = None,
         policy: str = ConflictPolicy.KEEP_FIRST,
         report: Reporter | Callable[[dict], None] | None = None,
+        quarantine_root: Path | None = None,
     ):
         if policy not in ConflictPolicy.ALL:
             raise ValueError(f"unknown conflict policy {policy!r}; use one of {', '.join(ConflictPolicy.ALL)}")
@@ -56,6 +58,11 @@ class ArchiveSink:
         self.codec = codec or default_codec()
         self.policy = policy
         self.report = report or (lambda conflict: None)
+        # Bytes the policy does not keep are moved here, never deleted (default: beside the archive).
+        self.quarantine_root = Path(
+            quarantine_root or self.archive_root.with_name(f"{self.archive_root.name}-quarantine")
+        ).resolve()
+        self.quarantine_root.mkdir(parents=True, exist_ok=True)
 
     def write(self, batch: list[Message], dead: DeadLetters) -> None:
         for msg in batch:
@@ -94,14 +101,14 @@ class ArchiveSink:
             # A replay of a conflict resolved before: its bytes are gone by policy.
             return "superseded"
         CONFLICTS.labels(self.policy).inc()
-        version_path = None
-        if self.policy == ConflictPolicy.REPLACE:
-            self._place(landing, target, sha, event)
-        elif self.policy == ConflictPolicy.KEEP_BOTH:
-            self._place(landing, version, sha, event)
+        version_path = quarantine_path = None
+        kept_sha = sha if self.policy == ConflictPolicy.REPLACE else archived_sha
+        if self.policy == ConflictPolicy.KEEP_BOTH:
             version_path = str(version.relative_to(self.archive_root))
         else:
-            landing.unlink()
+            # The bytes not kept go to quarantine, named by their own hash.
+            dropped_sha = archived_sha if self.policy == ConflictPolicy.REPLACE else sha
+            quarantine_path = f"{Path(relative).with_suffix('')}.{dropped_sha[:12]}.dcm"
         log.warning(
             "archive.conflict",
             sop_instance_uid=event["sop_instance_uid"],
@@ -109,6 +116,8 @@ class ArchiveSink:
             archived_sha256=archived_sha,
             incoming_sha256=sha,
         )
+        # The report is durable before anything moves: a crash after it leaves the landing copy,
+        # and the replayed event finds the conflict again.
         self.report(
             {
                 "sop_instance_uid": event["sop_instance_uid"],
@@ -120,9 +129,31 @@ class ArchiveSink:
                 "kept_path": relative,
                 "version_path": version_path,
                 "detected_at": datetime.now(UTC),
+                "kept_sha256": kept_sha,
+                "quarantine_path": quarantine_path,
             }
         )
+        if isinstance(self.report, Reporter):
+            self.report.flush()
+        if self.policy == ConflictPolicy.REPLACE:
+            self._quarantine(target, quarantine_path, archived_sha)
+            self._place(landing, target, sha, event)
+        elif self.policy == ConflictPolicy.KEEP_BOTH:
+            self._place(landing, version, sha, event)
+        else:
+            self._quarantine(landing, quarantine_path, sha)
+            landing.unlink()
         return "conflict"
+
+    def _quarantine(self, source: Path, relative: str | None, sha: str) -> None:
+        """A verified copy of ``source`` in the quarantine folder (the caller removes or replaces it)."""
+        assert relative is not None
+        target = contained_path(self.quarantine_root, relative)
+        linked = place_file(source, target, link=True)
+        if not linked and sha256_file(target)[0] != sha:
+            target.unlink(missing_ok=True)
+            raise OSError(f"quarantine copy {target} failed verification")
+        QUARANTINED.inc()
 
     @staticmethod
     def _place(landing: Path, target: Path, sha: str, event: dict) -> None:

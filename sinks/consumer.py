@@ -14,13 +14,16 @@ from typing import Protocol
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from prometheus_client import Counter
 
 from diana.logs import KAFKA_CLIENT_LOGGER
 from diana.schemas.topics import DEADLETTER
 
-__all__ = ["RetryableError", "DeadLetters", "Reporter", "BatchSink", "run_sink", "write_until_done"]
+__all__ = ["RetryableError", "DeadLetters", "Reporter", "BatchSink", "run_sink", "write_until_done", "failure_reason"]
 
 log = structlog.get_logger("diana.sink")
+
+DEADLETTERED = Counter("diana_sink_deadletters_total", "Messages a sink parked in dicom.deadletter", ["sink"])
 
 
 class RetryableError(RuntimeError):
@@ -30,30 +33,43 @@ class RetryableError(RuntimeError):
 class DeadLetters:
     """Parks messages a sink cannot process, with the reason and where they came from."""
 
-    def __init__(self, bootstrap: str, sink_name: str):
+    def __init__(self, bootstrap: str, sink_name: str, max_message_bytes: int = 8 * 1024 * 1024):
         self.sink_name = sink_name
         self._producer = Producer(
             {
                 "bootstrap.servers": bootstrap,
                 "acks": "all",
                 "enable.idempotence": True,
+                # A dead letter is the original event (up to [kafka] max_message_bytes) plus its headers.
+                "message.max.bytes": max_message_bytes + 64 * 1024,
+                "compression.type": "gzip",
                 "log_level": 3,
                 "logger": KAFKA_CLIENT_LOGGER,
             }
         )
+        self._pending: list[tuple[Message, str]] = []
 
     def send(self, msg: Message, reason: str) -> None:
-        origin = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
-        log.warning("deadletter", sink=self.sink_name, origin=origin, reason=reason)
-        self._producer.produce(
-            DEADLETTER.name,
-            key=origin.encode(),
-            value=msg.value(),
-            headers=[("reason", reason.encode()), ("origin", origin.encode()), ("sink", self.sink_name.encode())],
-        )
+        """Park a message; it is produced by ``flush``, so a batch written again parks it once."""
+        self._pending.append((msg, reason))
+
+    def discard(self) -> None:
+        """Forget what this attempt parked: the batch is written again (and parks again)."""
+        self._pending.clear()
 
     def flush(self, timeout: float = 30.0) -> None:
-        """Block until every parked message is acknowledged; raise if the broker does not answer."""
+        """Produce every parked message and block until acknowledged; raise if the broker does not answer."""
+        for msg, reason in self._pending:
+            origin = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
+            log.warning("deadletter", sink=self.sink_name, origin=origin, reason=reason)
+            DEADLETTERED.labels(self.sink_name).inc()
+            self._producer.produce(
+                DEADLETTER.name,
+                key=origin.encode(),
+                value=msg.value(),
+                headers=[("reason", reason.encode()), ("origin", origin.encode()), ("sink", self.sink_name.encode())],
+            )
+        self._pending.clear()
         if self._producer.flush(timeout) > 0:
             raise RetryableError("dead-letter messages not acknowledged")
 
@@ -96,6 +112,31 @@ class BatchSink(Protocol):
     def write(self, batch: list[Message], dead: DeadLetters) -> None: ...
 
 
+def failure_reason(stage: str, exc: BaseException) -> str:
+    """A dead letter's reason for an unexpected exception: where, which kind, its text (bounded)."""
+    return f"{stage}: unexpected {type(exc).__name__}: {exc}"[:1000]
+
+
+def _write_isolating_failures(sink: BatchSink, batch: list[Message], dead: DeadLetters) -> None:
+    """Write the batch; if it raises anything but RetryableError, write its messages one by one and
+    dead-letter each one that raises, so one bad message never stops the sink (or the others)."""
+    try:
+        sink.write(batch, dead)
+        return
+    except RetryableError:
+        raise
+    except Exception:
+        log.exception("sink.batch_failed", sink=sink.name, messages=len(batch))
+    dead.discard()
+    for msg in batch:
+        try:
+            sink.write([msg], dead)
+        except RetryableError:
+            raise
+        except Exception as exc:
+            dead.send(msg, failure_reason(sink.name, exc))
+
+
 def write_until_done(sink: BatchSink, batch: list[Message], dead: DeadLetters, stop: threading.Event) -> bool:
     """Write a batch (and its dead letters), retrying with backoff while the store is unavailable.
 
@@ -104,10 +145,11 @@ def write_until_done(sink: BatchSink, batch: list[Message], dead: DeadLetters, s
     backoff = 0.5
     while True:
         try:
-            sink.write(batch, dead)
+            _write_isolating_failures(sink, batch, dead)
             dead.flush()
             return True
         except RetryableError as exc:
+            dead.discard()
             if stop.is_set():
                 return False
             log.warning("sink.retry", sink=sink.name, reason=str(exc), backoff_s=backoff)

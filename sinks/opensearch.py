@@ -101,8 +101,13 @@ class OpenSearchSink:
         codec: Codec | None = None,
         max_bytes: int = 5_000_000,
         index_version: int | None = None,
+        conflict_policy: str = "KEEP_FIRST",
     ):
         self.client = client
+        # Same SOP Instance UID, different bytes: the index describes the version the archive keeps
+        # ([sinks] archive_conflict_policy). KEEP_FIRST and KEEP_BOTH: the first event creates the
+        # document and later ones are refused (409); REPLACE: the latest event overwrites it.
+        self.first_wins = conflict_policy in ("KEEP_FIRST", "KEEP_BOTH")
         self.max_bytes = max_bytes
         # None: write through the aliases (the live sink); a number: into that version (reindex).
         self.index_version = index_version
@@ -128,11 +133,16 @@ class OpenSearchSink:
             meta: dict[str, Any] = {"_index": index, "_id": record[self.layout.id_fields[kind]]}
             if "revision" in record:
                 meta.update(version=record["revision"], version_type="external_gte")
+            if kind == "instances" and self.first_wins:
+                meta["op_type"] = "create"
             actions.append((msg, meta, record if kind == "deadletters" else _document(record)))
-        # Later events for the same document supersede earlier ones within one bulk request.
+        # Within one bulk request, later events for the same document supersede earlier ones; for
+        # documents only ever created (first wins), the earliest stays.
         latest: dict[tuple[str, str], tuple[Message, dict, dict]] = {}
         for item in actions:
-            latest[(item[1]["_index"], item[1]["_id"])] = item
+            key = (item[1]["_index"], item[1]["_id"])
+            if not (item[1].get("op_type") == "create" and key in latest):
+                latest[key] = item
         pending = list(latest.values())
         # Requests stay under max_bytes (roughly: the documents' JSON size).
         chunk: list[tuple[Message, dict, dict]] = []
@@ -154,19 +164,20 @@ class OpenSearchSink:
                 self._indices_ready = True
             body: list[dict] = []
             for _, meta, doc in pending:
-                body.append({"index": meta})
+                action = {k: v for k, v in meta.items() if k != "op_type"}
+                body.append({meta.get("op_type", "index"): action})
                 body.append(doc)
             result = self.client.bulk(body=body)
         except (OSConnectionError, TransportError) as exc:
             raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
         retry = []
         for (msg, meta, _), item in zip(pending, result["items"], strict=True):
-            outcome = item["index"]
+            outcome = next(iter(item.values()))
             status = outcome.get("status", 500)
             if 200 <= status < 300:
                 INDEXED.labels(self.layout.alias(self.layout.kinds[msg.topic()])).inc()
             elif status == 409:
-                pass  # a newer revision is already indexed
+                pass  # a newer revision is already indexed, or (first wins) the instance already is
             elif status == 429 or status >= 500:
                 retry.append(outcome.get("error", {}).get("type", str(status)))
             elif msg.topic() == DEADLETTER.name:  # never dead-letter a dead letter: that could loop

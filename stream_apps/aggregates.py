@@ -34,7 +34,7 @@ from diana.schemas.topics import DEADLETTER, INSTANCES, SERIES, STUDIES, TICKS
 from diana.stream_apps.completeness import QuietTimes, expected_instances, verdict
 from diana.stream_apps.transactional import Batch, LoopSettings, TransactionalLoop
 
-__all__ = ["AggregatesHandler", "aggregates_loop", "apply_instance", "complete_series"]
+__all__ = ["AggregatesHandler", "aggregates_loop", "apply_instance", "complete_series", "replace_instance"]
 
 log = structlog.get_logger("diana.stream.aggregates")
 
@@ -165,6 +165,36 @@ def apply_instance(series: dict | None, study: dict | None, event: dict, quiet: 
     return series, study
 
 
+# What a corrected re-send changes in the aggregates (under REPLACE): its patient and study
+# attributes, and the series' descriptive ones. Counts stay; the size is swapped.
+_REPLACED_STUDY_FIELDS = (
+    "patient_id",
+    "patient_name",
+    "patient_birth_date",
+    "patient_sex",
+    "accession_number",
+    "study_date",
+    "study_description",
+)
+_REPLACED_SERIES_FIELDS = ("patient_id", "series_number", "series_description", "body_part_examined", "station_name")
+
+
+def replace_instance(series: dict, study: dict, old_size: int, event: dict) -> tuple[dict, dict]:
+    """The archive now holds ``event``'s bytes for an instance already counted (pure)."""
+    series, study = dict(series), dict(study)
+    for aggregate in (series, study):
+        aggregate["total_bytes"] += event["size_bytes"] - old_size
+        aggregate["revision"] += 1
+        if aggregate["status"] != "UPDATED":
+            aggregate["status"] = "AMENDED"
+            aggregate["version"] += 1
+    for key in _REPLACED_SERIES_FIELDS:
+        series[key] = event.get(key)
+    for key in _REPLACED_STUDY_FIELDS:
+        study[key] = event.get(key)
+    return series, study
+
+
 def _judge_study(study: dict) -> None:
     verdicts = [study["series_verdicts"].get(uid) for uid in study["series_instance_uids"]]
     study["completed_series_count"] = sum(v is not None for v in verdicts)
@@ -226,8 +256,10 @@ class AggregatesHandler:
     becomes visible together with the batch's input offsets, or not at all.
     """
 
-    def __init__(self, quiet: QuietTimes, codec: Codec | None = None) -> None:
+    def __init__(self, quiet: QuietTimes, codec: Codec | None = None, conflict_policy: str = "KEEP_FIRST") -> None:
         self.quiet = quiet
+        # [sinks] archive_conflict_policy: under REPLACE a corrected re-send replaces the instance.
+        self.replace = conflict_policy == "REPLACE"
         self.codec = codec or default_codec()
         self.started_ms = int(time.time() * 1000)
         self.last_instance_wall: dict[int, float] = {}
@@ -284,9 +316,15 @@ class AggregatesHandler:
         self.last_instance_wall[partition] = time.time()
         self._complete_due(batch, partition, self._advance(batch, partition, _ms(record["received_at"])))
         sop = record["sop_instance_uid"]
-        if batch.get(partition, SEEN, sop) is not None:
-            return  # a re-sent instance (another delivery of the same SOP Instance UID) counts once
-        batch.put(partition, SEEN, sop, offset)
+        seen = batch.get(partition, SEEN, sop)
+        if seen is not None:
+            # A re-sent instance (another delivery of the same SOP Instance UID) counts once. With
+            # other bytes under REPLACE, the archive and the index now hold the newcomer: so do we.
+            if self.replace and isinstance(seen, list) and seen[1] != record["sha256"][:16]:
+                self._replace(batch, partition, seen, record)
+            return
+        # [offset, sha256 prefix, size]: enough to tell a corrected re-send and to swap its size in.
+        batch.put(partition, SEEN, sop, [offset, record["sha256"][:16], record["size_bytes"]])
         series, study = apply_instance(
             batch.get(partition, SERIES_STATE, record["series_instance_uid"]),
             batch.get(partition, STUDY_STATE, record["study_instance_uid"]),
@@ -298,6 +336,20 @@ class AggregatesHandler:
         batch.put(partition, STUDY_STATE, study["study_instance_uid"], study)
         if series["status"] == "UPDATED":
             batch.put(partition, OPEN, uid, series["last_received_at"] + int(series["quiet_seconds"] * 1000))
+        self._publish(batch, series, study)
+
+    def _replace(self, batch: Batch, partition: int, seen: list, record: dict) -> None:
+        series = batch.get(partition, SERIES_STATE, record["series_instance_uid"])
+        study = batch.get(partition, STUDY_STATE, record["study_instance_uid"])
+        if series is None or study is None:
+            # The corrected copy names another series or study than the one counted: the archive
+            # replaced it all the same; the aggregates keep counting it where it was.
+            log.warning("replace.elsewhere", sop_instance_uid=record["sop_instance_uid"])
+            return
+        series, study = replace_instance(series, study, seen[2], record)
+        batch.put(partition, SEEN, record["sop_instance_uid"], [seen[0], record["sha256"][:16], record["size_bytes"]])
+        batch.put(partition, SERIES_STATE, series["series_instance_uid"], series)
+        batch.put(partition, STUDY_STATE, study["study_instance_uid"], study)
         self._publish(batch, series, study)
 
     def _advance(self, batch: Batch, partition: int, at_ms: int) -> int:
@@ -374,6 +426,7 @@ def aggregates_loop(
     worker_name: str,
     partitions: int,
     quiet: QuietTimes,
+    conflict_policy: str = "KEEP_FIRST",
 ) -> TransactionalLoop:
     """The aggregates worker: group ``app_id``, state in ``{app_id}-state-changelog``.
 
@@ -387,7 +440,8 @@ def aggregates_loop(
         topics=(INSTANCES.name, TICKS.name),
         changelog=changelog_topic(app_id),
     )
-    return TransactionalLoop(settings, AggregatesHandler(quiet), every_second=TickWriter(bootstrap, partitions))
+    handler = AggregatesHandler(quiet, conflict_policy=conflict_policy)
+    return TransactionalLoop(settings, handler, every_second=TickWriter(bootstrap, partitions))
 
 
 def changelog_topic(app_id: str) -> str:

@@ -40,9 +40,13 @@ log = structlog.get_logger("diana.stream.transactional")
 
 TRANSACTIONS = Counter("diana_stream_transactions_total", "Transactions of the stream worker, by outcome", ["outcome"])
 MESSAGES = Counter("diana_stream_messages_total", "Input messages processed in committed transactions", ["topic"])
+FAILED_MESSAGES = Counter(
+    "diana_stream_failed_messages_total", "Input messages whose handling raised, dead-lettered", ["topic"]
+)
 RESTORE_SECONDS = Histogram("diana_stream_restore_seconds", "Time to rebuild the state of newly assigned partitions")
 
 _DELETED = object()
+_ABSENT = object()
 # send_offsets_to_transaction is called with a 30 s timeout; past this, it is stuck.
 SEND_OFFSETS_LIMIT_S = 45.0
 _SEP = "/"
@@ -100,6 +104,10 @@ class Batch:
     def __init__(self, store: _Store, producer: Producer, changelog: str) -> None:
         self._store, self._producer, self._changelog = store, producer, changelog
         self._pending: dict[tuple[int, str], dict[str, Any]] = {}
+        # One message's undo journal and held-back sends: a message whose handling raises leaves
+        # no trace in the transaction (message_failed), the ones before and after it stay.
+        self._undo: list[tuple[tuple[int, str], str, Any]] = []
+        self._held: list[tuple[str, bytes | None, bytes, dict[str, bytes] | None]] = []
 
     def get(self, partition: int, namespace: str, key: str) -> Any:
         value = self._pending.get((partition, namespace), {}).get(key)
@@ -110,10 +118,33 @@ class Batch:
         return self._store.partitions.get(partition, {}).get(namespace, {}).get(key)
 
     def put(self, partition: int, namespace: str, key: str, value: Any) -> None:
-        self._pending.setdefault((partition, namespace), {})[key] = value
+        self._change(partition, namespace, key, value)
 
     def delete(self, partition: int, namespace: str, key: str) -> None:
-        self._pending.setdefault((partition, namespace), {})[key] = _DELETED
+        self._change(partition, namespace, key, _DELETED)
+
+    def _change(self, partition: int, namespace: str, key: str, value: Any) -> None:
+        space = self._pending.setdefault((partition, namespace), {})
+        self._undo.append(((partition, namespace), key, space.get(key, _ABSENT)))
+        space[key] = value
+
+    def message_done(self) -> None:
+        """The message was handled: its changes stay, its sends go out."""
+        for topic, key, value, headers in self._held:
+            self._producer.produce(topic, key=key, value=value, headers=headers)
+        self._held.clear()
+        self._undo.clear()
+
+    def message_failed(self) -> None:
+        """The message's handling raised: undo its state changes and drop its sends."""
+        for space_key, key, previous in reversed(self._undo):
+            space = self._pending[space_key]
+            if previous is _ABSENT:
+                space.pop(key, None)
+            else:
+                space[key] = previous
+        self._undo.clear()
+        self._held.clear()
 
     def write_changelog(self) -> None:
         """Each key changed in this batch, once, with its final value (None: deleted)."""
@@ -139,7 +170,8 @@ class Batch:
         return list(merged.items())
 
     def send(self, topic: str, key: bytes | None, value: bytes, headers: dict[str, bytes] | None = None) -> None:
-        self._producer.produce(topic, key=key, value=value, headers=headers)
+        """Sent in the transaction once the message being handled is done (see message_done)."""
+        self._held.append((topic, key, value, headers))
 
     def commit_locally(self) -> None:
         """The transaction committed: its changes become the committed state."""
@@ -156,6 +188,8 @@ class LoopSettings:
     topics: tuple[str, ...]
     changelog: str
     max_batch: int = 500
+    # Where a message whose handling raised goes, with its origin and the reason.
+    deadletter: str = "dicom.deadletter"
     # A dead worker's open transaction holds back read_committed readers for at most this long.
     transaction_timeout_ms: int = 10_000
     # A killed worker's partitions move to the others after this long.
@@ -321,7 +355,7 @@ class TransactionalLoop:
         try:
             self.producer.begin_transaction()
             for message in messages:
-                self.handler.handle(batch, message)
+                self._handle_one(batch, message)
                 offsets[(message.topic(), message.partition())] = message.offset() + 1
                 self.producer.poll(0)
             batch.write_changelog()
@@ -335,6 +369,28 @@ class TransactionalLoop:
         TRANSACTIONS.labels("committed").inc()
         for message in messages:
             MESSAGES.labels(message.topic()).inc()
+
+    def _handle_one(self, batch: Batch, message: Message) -> None:
+        """Handle one message; if that raises (anything but the broker's own errors), the message
+        leaves no state change and goes to dicom.deadletter with its origin and the reason, in this
+        same transaction, and the worker goes on with the next one."""
+        try:
+            self.handler.handle(batch, message)
+        except (KafkaException, BufferError, _Stopped):
+            raise
+        except Exception as exc:
+            batch.message_failed()
+            origin = f"{message.topic()}/{message.partition()}/{message.offset()}"
+            reason = f"{self.settings.group_id}: unexpected {type(exc).__name__}: {exc}"[:1000]
+            log.exception("deadletter", origin=origin, reason=reason)
+            FAILED_MESSAGES.labels(message.topic()).inc()
+            batch.send(
+                self.settings.deadletter,
+                origin.encode(),
+                message.value() or b"",
+                {"reason": reason.encode(), "origin": origin.encode(), "sink": self.settings.group_id.encode()},
+            )
+        batch.message_done()
 
     def _send_offsets(self, offsets: list[TopicPartition]) -> None:
         """send_offsets_to_transaction, given up on if it outlives its own timeout by far.

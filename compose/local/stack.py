@@ -76,6 +76,7 @@ def _mvn(args: list[str], cwd: Path) -> None:
 class LocalStack:
     def __init__(self, config: Config):
         self.cfg = config.stack
+        self.max_message_bytes = config.kafka.max_message_bytes
         self.home = config.path(self.cfg.home)
         self.cache = config.path(self.cfg.cache_dir)
         self.kafka_libs = self.cache / f"kafka-{self.cfg.kafka_version}" / "libs"
@@ -145,6 +146,9 @@ default.replication.factor=1
 min.insync.replicas=1
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
+# the same event size limit as the producers and topics ([kafka] max_message_bytes)
+message.max.bytes={self.max_message_bytes}
+replica.fetch.max.bytes={self.max_message_bytes}
 # keep the log: topics set their own retention (docs/ARCHITECTURE.md)
 log.retention.hours=-1
 """

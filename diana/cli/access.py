@@ -206,7 +206,7 @@ def cmd_alerts(cfg: Config, args: argparse.Namespace) -> int:
         from diana.access.alerts.delivery import run_delivery
         from diana.access.alerts.routing import RoutingError, load_routing
         from diana.clients import kafka_admin
-        from diana.schemas.topics import ensure_topics
+        from diana.schemas.topics import ensure_topics, topic_settings
 
         try:
             routing = load_routing(cfg.path(Path(cfg.alerts.routing)) if cfg.alerts.routing else None)
@@ -214,7 +214,7 @@ def cmd_alerts(cfg: Config, args: argparse.Namespace) -> int:
             return fail("alerts deliver", str(exc))
         if not routing.recipients:
             return fail("alerts deliver", "no recipients: set [alerts] routing to a YAML file (docs/DOSE.md)")
-        ensure_topics(kafka_admin(cfg.kafka), cfg.kafka.partitions)
+        ensure_topics(kafka_admin(cfg.kafka), cfg.kafka.partitions, **topic_settings(cfg.kafka))
         run_delivery(cfg, routing)
         return 0
     from diana.access.alerts.commands import list_alerts, record_action, render_alerts

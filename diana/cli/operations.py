@@ -75,6 +75,7 @@ def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
         cfg.kafka,
         DeadLetters(cfg.kafka.bootstrap, "reindex"),
         max_bytes=cfg.sinks.bulk_max_bytes,
+        conflict_policy=cfg.sinks.archive_conflict_policy,
     )
     with tqdm(unit="event", desc="reindex", disable=args.no_progress) as bar:
 

@@ -36,7 +36,12 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
         sources = list(find_sources([Path(p) for p in args.paths]))
     except FileNotFoundError as exc:
         return fail("import", str(exc))
-    publisher = EventPublisher(cfg.kafka.bootstrap, cfg.kafka.publish_timeout_s, client_id="diana-import")
+    publisher = EventPublisher(
+        cfg.kafka.bootstrap,
+        cfg.kafka.publish_timeout_s,
+        client_id="diana-import",
+        max_message_bytes=cfg.kafka.max_message_bytes,
+    )
     ingest = Ingest(LandingStore(cfg.path(cfg.storage.landing_dir)), publisher, default_codec())
     try:
         with tqdm(total=len(sources), unit="file", desc="import", disable=args.no_progress) as bar:
@@ -67,6 +72,7 @@ def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
         default_worker_name(cfg.stream.web_port),
         cfg.kafka.partitions,
         QuietTimes.parse(cfg.stream.quiet_seconds),
+        conflict_policy=cfg.sinks.archive_conflict_policy,
     )
     loop.run()
     return 0
@@ -118,6 +124,7 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
             cfg.path(cfg.storage.archive_dir),
             policy=cfg.sinks.archive_conflict_policy,
             report=report,
+            quarantine_root=cfg.path(cfg.storage.quarantine_dir),
         )
         group, port = cfg.sinks.archive_group, cfg.sinks.archive_metrics_port
     else:
@@ -129,6 +136,7 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
             opensearch_client(cfg.opensearch, timeout=30),
             IndexLayout(cfg.opensearch.index_prefix),
             max_bytes=cfg.sinks.bulk_max_bytes,
+            conflict_policy=cfg.sinks.archive_conflict_policy,
         )
         group, port = cfg.sinks.opensearch_group, cfg.sinks.opensearch_metrics_port
     start_metrics(cfg, port)
@@ -139,9 +147,9 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_topics(cfg: Config, _args: argparse.Namespace) -> int:
     """Create every diana-star topic that does not exist yet."""
     from diana.clients import kafka_admin
-    from diana.schemas.topics import ensure_topics
+    from diana.schemas.topics import ensure_topics, topic_settings
 
-    created = ensure_topics(kafka_admin(cfg.kafka), cfg.kafka.partitions)
+    created = ensure_topics(kafka_admin(cfg.kafka), cfg.kafka.partitions, **topic_settings(cfg.kafka))
     log.info("topics.ready", created=created)
     return 0
 

@@ -35,6 +35,8 @@ ae_title = "DIANATEST"
 host = "127.0.0.1"
 port = {port(11190)}
 metrics_port = {port(19464)}
+# The scale tests hold 16 associations from 127.0.0.1 (the default per address is 8).
+max_associations_per_host = 32
 
 [sinks]
 archive_metrics_port = {port(19465)}
@@ -43,6 +45,7 @@ opensearch_metrics_port = {port(19466)}
 [storage]
 landing_dir = "{TEST_HOME}/landing"
 archive_dir = "{TEST_HOME}/archive"
+quarantine_dir = "{TEST_HOME}/quarantine"
 
 [stream]
 quiet_seconds = "CT=4,MR=4,*=4"
@@ -83,7 +86,7 @@ def stack(cfg: Config):
     """A fresh Kafka and OpenSearch for this test session, stopped at the end."""
     from diana.clients import kafka_admin
     from diana.compose.local.stack import LocalStack
-    from diana.schemas.topics import ensure_topics
+    from diana.schemas.topics import ensure_topics, topic_settings
 
     for tool in ("storescu", "echoscu", "storescp"):
         if shutil.which(tool, path="/usr/bin:/bin") is None:
@@ -93,10 +96,10 @@ def stack(cfg: Config):
             )
     local = LocalStack(cfg)
     local.reset()
-    for sub in ("landing", "archive", "faust"):
+    for sub in ("landing", "archive", "quarantine", "faust"):
         shutil.rmtree(TEST_HOME / sub, ignore_errors=True)
     local.start()
-    ensure_topics(kafka_admin(cfg.kafka), cfg.kafka.partitions)
+    ensure_topics(kafka_admin(cfg.kafka), cfg.kafka.partitions, **topic_settings(cfg.kafka))
     yield local
     local.stop()
 

@@ -9,6 +9,7 @@ import pytest
 
 from tests.support.dicomgen import make_study
 from tests.support.helpers import DCMTK_ENV, storescu, wait_until_caught_up
+from tests.support.pki import make_certificates
 
 
 def test_only_allowed_calling_aes_may_associate(pipeline, extra_receiver, tmp_path):
@@ -30,59 +31,7 @@ def test_only_allowed_calling_aes_may_associate(pipeline, extra_receiver, tmp_pa
 
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
-    d = tmp_path_factory.mktemp("pki")
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    run(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=diana-test-ca",
-    )
-    for name in ("server", "client"):
-        run(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            "-subj",
-            f"/CN={name}",
-        )
-        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-        run(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.pem",
-            "-days",
-            "2",
-            "-extfile",
-            f"{name}.ext",
-        )
-    return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+    return make_certificates(tmp_path_factory.mktemp("pki"))
 
 
 def test_tls_with_dcmtk_storescu(pipeline, extra_receiver, certificates, tmp_path):

@@ -51,10 +51,16 @@ class RawStoreSender:
 
     TS = "1.2.840.10008.1.2.1"
 
-    def __init__(self, cfg: Config, sop_class: str = "1.2.840.10008.5.1.4.1.1.2", aet: str = "RAWSENDER"):
+    def __init__(
+        self,
+        cfg: Config,
+        sop_class: str = "1.2.840.10008.5.1.4.1.1.2",
+        aet: str = "RAWSENDER",
+        transfer_syntax: str = TS,
+    ):
         from pynetdicom import AE
 
-        self.cfg, self.sop_class = cfg, sop_class
+        self.cfg, self.sop_class, self.TS = cfg, sop_class, transfer_syntax
         self.ae = AE(ae_title=aet)
         self.ae.dimse_timeout = 60
         self.ae.add_requested_context(sop_class, self.TS)

@@ -46,3 +46,18 @@ def test_fold_does_not_mutate_its_inputs():
     s2, st2 = apply_instance(s1, st1, _event("1.9.1", 2, 1), QUIET)
     assert s1["instance_count"] == 1 and st1["instance_count"] == 1
     assert s2["instance_count"] == 2 and st2["instance_count"] == 2
+
+
+def test_a_replaced_instance_swaps_its_size_and_takes_the_corrected_attributes():
+    from diana.stream_apps.aggregates import complete_series, replace_instance
+
+    first = _event("1.9.1", 1, 0, size=100) | {"patient_name": "Doe^Jane"}
+    series, study = apply_instance(None, None, first, QUIET)
+    series, study, _ = complete_series(series, study)
+    corrected = first | {"size_bytes": 120, "patient_name": "Doe^Janet"}
+    new_series, new_study = replace_instance(series, study, 100, corrected)
+    assert (new_series["instance_count"], new_series["total_bytes"]) == (1, 120)
+    assert (new_study["instance_count"], new_study["total_bytes"], new_study["patient_name"]) == (1, 120, "Doe^Janet")
+    assert new_series["revision"] == series["revision"] + 1 and new_study["revision"] == study["revision"] + 1
+    assert (new_series["status"], new_series["version"]) == ("AMENDED", 2)  # completed before: an amendment
+    assert study["patient_name"] == "Doe^Jane"  # inputs untouched

@@ -88,3 +88,32 @@ def test_corrupt_landing_copy_and_hostile_paths_are_refused(roots):
     with pytest.raises(ValueError, match="leaves its root"):
         sink.archive_one(evil)
     assert not any(sink.archive_root.rglob("*.dcm"))
+
+
+@pytest.mark.parametrize(
+    "policy,quarantined",
+    [(ConflictPolicy.KEEP_FIRST, b"second"), (ConflictPolicy.REPLACE, b"first"), (ConflictPolicy.KEEP_BOTH, None)],
+)
+def test_the_copy_not_kept_is_quarantined_after_the_report(tmp_path, policy, quarantined):
+    landing = LandingStore(tmp_path / "landing")
+    first, second = landing.put(b"first"), landing.put(b"second")
+    seen_at_report: list[bool] = []
+
+    def report(record: dict) -> None:
+        # When the report is made, nothing has moved yet.
+        seen_at_report.append((landing.root / second.relative_path).exists())
+        reports.append(record)
+
+    reports: list[dict] = []
+    sink = ArchiveSink(
+        tmp_path / "landing", tmp_path / "archive", policy=policy, report=report, quarantine_root=tmp_path / "q"
+    )
+    sink.archive_one(_event(first))
+    assert sink.archive_one(_event(second)) == "conflict"
+    assert seen_at_report == [True]
+    files = {p.read_bytes(): p for p in (tmp_path / "q").rglob("*.dcm")}
+    assert list(files) == ([quarantined] if quarantined else [])
+    [record] = reports
+    assert record["kept_sha256"] == (second.sha256 if policy == ConflictPolicy.REPLACE else first.sha256)
+    if quarantined:
+        assert files[quarantined] == tmp_path / "q" / record["quarantine_path"]

@@ -119,3 +119,23 @@ def codec_module_path() -> str:
     import diana.schemas.codec as module
 
     return module.__file__
+
+
+def test_a_timestamp_beyond_any_datetime_is_a_decode_error_not_a_crash():
+    import io
+    import json
+
+    import avro.io
+    import avro.schema
+
+    codec = Codec()
+    raw_schema = json.loads(str(codec.schema("InstanceArrived")))
+    for f in raw_schema["fields"]:
+        if f["name"] == "received_at":
+            f["type"] = "long"  # the same bytes, written without the logical type
+    record = _instance(received_at=2**62)
+    body = io.BytesIO()
+    avro.io.DatumWriter(avro.schema.parse(json.dumps(raw_schema))).write(record, avro.io.BinaryEncoder(body))
+    header = codec.encode("InstanceArrived", _instance())[:10]
+    with pytest.raises(DecodeError, match="corrupt"):
+        codec.decode(header + body.getvalue())

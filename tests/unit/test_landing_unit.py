@@ -65,3 +65,17 @@ def test_sweep_removes_debris_only(tmp_path):
     (store.root / stored.relative_path[:2] / ".x.dcm.123.tmp").write_bytes(b"half")
     assert store.sweep(older_than_s=0) == 2
     assert [rel for rel, _ in store.stored_objects()] == [stored.relative_path]
+
+
+def test_new_folders_are_made_durably(tmp_path, monkeypatch):
+    """Every folder created for a file is fsync'd in its parent (a crash cannot lose the folder)."""
+    import diana.durable as durable
+
+    synced: list[str] = []
+    real = durable.fsync_dir
+    monkeypatch.setattr(durable, "fsync_dir", lambda p: (synced.append(str(p)), real(p)))
+    durable.write_atomic(tmp_path / "a" / "b" / "c.dcm", b"x")
+    assert synced == [str(tmp_path), str(tmp_path / "a"), str(tmp_path / "a" / "b")]
+    synced.clear()
+    durable.write_atomic(tmp_path / "a" / "b" / "d.dcm", b"y")  # folders exist: only the file's folder
+    assert synced == [str(tmp_path / "a" / "b")]

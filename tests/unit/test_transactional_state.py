@@ -34,6 +34,7 @@ def test_changelog_rebuilds_what_the_committed_batches_left_in_memory():
     first.put(0, "open", "1.2.3", 1000)
     first.put(1, "seen", "9.9", 7)
     first.send("dicom.series", b"1.2.3", b"revision 1")
+    first.message_done()  # the loop calls it after each message: the send goes out
     first.write_changelog()
     first.commit_locally()
 
@@ -74,3 +75,21 @@ def test_an_aborted_batch_changes_nothing_in_memory():
     # No commit_locally: the transaction was aborted. The next batch sees the committed state.
     assert Batch(store, ChangelogRecorder(), "state").get(2, "clock", "watermark") == 5
     assert store.partitions == {2: {"clock": {"watermark": 5}}}
+
+
+def test_a_failed_message_leaves_no_state_change_and_no_send():
+    store, producer = _Store(), ChangelogRecorder()
+    batch = Batch(store, producer, "state")
+    batch.put(0, "series", "1.2.3", {"instance_count": 1})
+    batch.send("dicom.series", b"1.2.3", b"revision 1")
+    batch.message_done()
+    # The next message changes, deletes and sends, then raises: all of it is undone.
+    batch.put(0, "series", "1.2.3", {"instance_count": 2})
+    batch.put(0, "series", "4.5.6", {"instance_count": 1})
+    batch.delete(0, "series", "1.2.3")
+    batch.send("dicom.series", b"4.5.6", b"revision 1")
+    batch.message_failed()
+    batch.message_done()
+    assert batch.get(0, "series", "1.2.3") == {"instance_count": 1}
+    assert batch.get(0, "series", "4.5.6") is None
+    assert [r[1] for r in producer.records] == [b"1.2.3"]

@@ -1,0 +1,127 @@
+"""The header of an object in the DICOM JSON model, bounded in size and tolerant of bad elements.
+
+Devices send elements that cannot be decoded (a value whose length does not fit its VR, an
+unknown character set...), and objects whose header alone is tens of megabytes (RT Structure
+Sets, enhanced multi-frame functional groups, long SRs). Neither may refuse the object: the
+archived object keeps every byte as it came in. The event's header is the part that can be
+decoded and that fits its budget; every element left out is listed with its path and the reason,
+so a consumer knows to read it from the archived object. Reasons never carry a value (patient data).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pydicom
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.errors import BytesLengthException
+
+__all__ = ["Omitted", "HeaderModel", "build_header_model", "element_size"]
+
+# Binary values over this many bytes are BulkDataURI references into the stored object.
+BULK_DATA_THRESHOLD = 1024
+
+
+@dataclass(frozen=True)
+class Omitted:
+    """An element left out of the event's header. ``path``: tags and item indexes, e.g. ``0040A730/3/0040A30A``."""
+
+    path: str
+    reason: str
+
+    def as_record(self) -> dict[str, str]:
+        return {"path": self.path, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class HeaderModel:
+    json: str | None
+    omitted: tuple[Omitted, ...]
+
+
+def element_size(raw: object) -> int:
+    """Encoded size of an element's value, without decoding it."""
+    if isinstance(raw, RawDataElement):
+        if raw.value is not None:
+            return len(raw.value)
+        return 0 if raw.length == 0xFFFFFFFF else raw.length
+    value = getattr(raw, "value", None)
+    return len(value) if isinstance(value, bytes | str) else 0
+
+
+def _reason(exc: Exception, raw: object) -> str:
+    vr = getattr(raw, "VR", None) or "?"
+    size = element_size(raw)
+    if isinstance(exc, BytesLengthException):
+        return f"undecodable: a value of {size} bytes does not fit VR {vr}"
+    # The exception's text may quote the value: only its kind is kept.
+    return f"undecodable: {type(exc).__name__} while decoding VR {vr} ({size} bytes)"
+
+
+class _Builder:
+    def __init__(self, bulk_uri: Callable[[DataElement], str]):
+        self.bulk_uri = bulk_uri
+        self.omitted: list[Omitted] = []
+
+    def dataset(self, ds: pydicom.Dataset, prefix: str, skip: set[int]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for tag in list(ds.keys()):  # keys: iterating a Dataset yields elements, not tags
+            if tag in skip:
+                continue
+            path = f"{prefix}{tag:08X}"
+            raw = ds.get_item(tag)
+            try:
+                elem = ds[tag]
+                if elem.VR == "SQ":
+                    items = [self.dataset(item, f"{path}/{i}/", set()) for i, item in enumerate(elem.value)]
+                    out[f"{tag:08X}"] = {"vr": "SQ", "Value": items}
+                else:
+                    model = elem.to_json_dict(self.bulk_uri, BULK_DATA_THRESHOLD)
+                    json.dumps(model, allow_nan=False)  # NaN or an unserialisable value fails here, alone
+                    out[f"{tag:08X}"] = model
+            except Exception as exc:  # pydicom raises many kinds on odd values; one element never sinks the rest
+                self.omitted.append(Omitted(path, _reason(exc, raw)))
+        return out
+
+
+def build_header_model(
+    ds: pydicom.Dataset,
+    bulk_base: str,
+    budget_bytes: int,
+    pixel_data_vr: str | None,
+) -> HeaderModel:
+    """The header (no pixel data) as DICOM JSON of at most about ``budget_bytes``.
+
+    Elements too large for the budget are never decoded (a 25 MB contour sequence is skipped
+    by its encoded length); if what remains is still over budget, the largest top-level
+    elements are left out until it fits. ``pixel_data_vr``: the object has pixel data, referenced.
+    """
+
+    def bulk_uri(elem: DataElement) -> str:
+        return f"{bulk_base}/{elem.tag:08X}"
+
+    builder = _Builder(bulk_uri)
+    skip: set[int] = set()
+    for tag in list(ds.keys()):
+        size = element_size(ds.get_item(tag, keep_deferred=True))
+        if size > budget_bytes:
+            skip.add(int(tag))
+            builder.omitted.append(
+                Omitted(f"{tag:08X}", f"too large: {size} encoded bytes, over the event's header budget")
+            )
+    model = builder.dataset(ds, "", skip)
+    if pixel_data_vr is not None:
+        model["7FE00010"] = {"vr": pixel_data_vr, "BulkDataURI": f"{bulk_base}/7FE00010"}
+    sizes = {key: len(json.dumps(value, separators=(",", ":"))) + len(key) + 4 for key, value in model.items()}
+    total = sum(sizes.values())
+    for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        if total <= budget_bytes:
+            break
+        del model[key]
+        total -= sizes[key]
+        builder.omitted.append(Omitted(key, f"too large: {sizes[key]} bytes of JSON, over the event's header budget"))
+    text = json.dumps(model, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    return HeaderModel(text, tuple(sorted(set(builder.omitted), key=lambda o: o.path)))

@@ -1,0 +1,78 @@
+"""On the real stack: a message that makes a handler raise (not only one that cannot be decoded) is
+dead-lettered with its origin and reason, and the worker goes on with the next message."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from pydicom.uid import generate_uid
+
+from diana.schemas.codec import default_codec
+from diana.schemas.topics import DEADLETTER, INSTANCES, TICKS
+from tests.support.dicomgen import make_instance
+from tests.support.helpers import os_search, read_messages, storescu, wait_until_caught_up
+
+
+def _end_offsets(cfg, topic: str) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": cfg.kafka.bootstrap, "group.id": "offsets-probe"})
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+    finally:
+        consumer.close()
+
+
+def test_a_message_that_makes_a_handler_raise_is_dead_lettered_and_the_next_one_processed(pipeline, tmp_path):
+    cfg = pipeline.cfg
+    wait_until_caught_up(cfg)
+    since = _end_offsets(cfg, DEADLETTER.name)
+    producer = Producer({"bootstrap.servers": cfg.kafka.bootstrap})
+    # The aggregates worker: a tick whose time no clock can hold (int(inf) raises OverflowError).
+    producer.produce(TICKS.name, value=b'{"t": 1e999, "end": 0}', partition=0)
+    # The sinks: a well-formed event whose header is not JSON (the OpenSearch sink's json.loads raises).
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    event = {
+        "sop_instance_uid": sop,
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "study_instance_uid": study,
+        "series_instance_uid": series,
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "size_bytes": 10,
+        "sha256": "0" * 64,
+        "landing_path": f"00/{'0' * 64}.dcm",
+        "received_at": datetime.now(UTC),
+        "source": "C_STORE",
+        "header_json": "{not json",
+    }
+    producer.produce(INSTANCES.name, key=study.encode(), value=default_codec().encode(INSTANCES.value_schema, event))
+    assert producer.flush(30) == 0
+
+    # The next message: a real instance from storescu.
+    good = make_instance(generate_uid(), generate_uid(), 1, patient_id="AFTERBAD", study_date="20240605")
+    good_path = tmp_path / "good.dcm"
+    good.save_as(good_path, enforce_file_format=True)
+    result = storescu(cfg, [good_path])
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_until_caught_up(cfg)
+
+    letters = []
+    for msg in read_messages(cfg, DEADLETTER.name, since=since):
+        headers = {k: v.decode() for k, v in msg.headers() or []}
+        letters.append((headers.get("sink"), headers.get("origin", ""), headers.get("reason", "")))
+    print(letters)
+    from_aggregates = [x for x in letters if x[0] == cfg.stream.app_id]
+    assert len(from_aggregates) == 1
+    assert from_aggregates[0][1].startswith(f"{TICKS.name}/0/") and "OverflowError" in from_aggregates[0][2]
+    from_index = [x for x in letters if x[0] == "opensearch"]
+    assert len(from_index) == 1
+    assert from_index[0][1].startswith(f"{INSTANCES.name}/") and "JSONDecodeError" in from_index[0][2]
+    assert any(x[0] == "archive" and "is missing" in x[2] for x in letters)  # never landed: nothing to archive
+
+    # Every worker went on: the next instance is indexed, archived and aggregated.
+    assert all(pipeline.procs[name].poll() is None for name in ("aggregates", "archive-sink", "opensearch-sink"))
+    assert os_search(cfg, "diana-instances", {"term": {"sop_instance_uid": good.SOPInstanceUID}})
+    archived = cfg.path(cfg.storage.archive_dir) / good.StudyInstanceUID / good.SeriesInstanceUID
+    assert (archived / f"{good.SOPInstanceUID}.dcm").exists()
+    [aggregate] = os_search(cfg, "diana-series", {"term": {"series_instance_uid": good.SeriesInstanceUID}})
+    assert aggregate["instance_count"] == 1

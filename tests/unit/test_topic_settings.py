@@ -1,0 +1,30 @@
+"""Unit: topic replication and size settings agree with the producers and the cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+from diana.config import load_config
+from diana.schemas.topics import DEADLETTER, INSTANCES, SERIES, replication, topic_config, topic_settings
+
+
+def test_replication_is_automatic_three_and_two_on_a_cluster_and_one_on_a_single_broker():
+    assert replication(brokers=1) == (1, 1)
+    assert replication(brokers=2) == (2, 1)
+    assert replication(brokers=3) == (3, 2)
+    assert replication(brokers=5) == (3, 2)
+    assert replication(brokers=5, replication_factor=5, min_insync_replicas=3) == (5, 3)
+    with pytest.raises(ValueError, match="no write could succeed"):
+        replication(brokers=3, replication_factor=2, min_insync_replicas=3)
+
+
+def test_every_topic_takes_the_producers_message_limit_and_instance_events_are_compressed():
+    kafka = load_config(None, environ={}).kafka
+    settings = topic_settings(kafka)
+    assert settings["max_message_bytes"] == kafka.max_message_bytes == 8 * 1024 * 1024
+    for topic in (INSTANCES, DEADLETTER, SERIES):
+        config = topic_config(topic, settings["max_message_bytes"], 2)
+        assert config["max.message.bytes"] == str(kafka.max_message_bytes) and config["min.insync.replicas"] == "2"
+    assert topic_config(INSTANCES, 1, 1)["compression.type"] == "gzip"
+    assert topic_config(INSTANCES, 1, 1)["retention.ms"] == "-1"  # the topic's own settings stay
+    assert "compression.type" not in topic_config(SERIES, 1, 1)
