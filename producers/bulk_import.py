@@ -106,6 +106,7 @@ class Importer:
             yield source.path
             return
         # A zip member is extracted next to the landing store, then copied in like any file.
+        assert source.archive is not None and source.member is not None, "a source is a path or a zip member"
         fd, tmp = tempfile.mkstemp(dir=self.ingest.landing.incoming, suffix=".import")
         try:
             with zipfile.ZipFile(source.archive) as zf, zf.open(source.member) as src, os.fdopen(fd, "wb") as dst:
@@ -143,6 +144,7 @@ class Importer:
                 elif outcome == "skipped":
                     summary.skipped_non_dicom += 1
                 else:
+                    reason = reason or "no reason given"
                     getattr(summary, outcome)[reason] += 1
                     summary.examples.setdefault(reason, source.label)
                     log.warning(f"import.{outcome}", file=source.label, reason=reason)

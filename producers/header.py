@@ -86,7 +86,8 @@ def _number(ds: pydicom.Dataset, keyword: str, kind: type[int] | type[float]) ->
 
 
 def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
-    return _number(ds, keyword, int)
+    value = _number(ds, keyword, int)
+    return None if value is None else int(value)
 
 
 def _float(ds: pydicom.Dataset, keyword: str) -> float | None:
@@ -173,7 +174,7 @@ def read_header_file(
     """
     with open(path, "rb") as fh:
         meta = file_meta(fh)
-        if not is_deflated(meta):
+        if meta is None or not is_deflated(meta):
             fh.seek(0)
             return _read(fh, os.fstat(fh.fileno()).st_size, header_budget_bytes)
         try:

@@ -13,10 +13,13 @@ import ssl
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any, cast
 
 import structlog
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
+from pynetdicom.transport import ThreadedAssociationServer
 
 from diana.config import Config, ReceiverConfig
 from diana.producers import metrics, negotiation, transport_guard
@@ -72,7 +75,7 @@ def handle_store(event: evt.Event, ingest: Ingest) -> int:
             owned=True,
             calling_ae=calling_ae,
             called_ae=assoc.acceptor.ae_title,
-            expected_sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
+            expected_sop_instance_uid=str(cast(C_STORE, event.request).AffectedSOPInstanceUID),
             expected_sop_class_uid=str(event.context.abstract_syntax),
         )
     except InvalidIdentifiers as exc:
@@ -112,7 +115,8 @@ def handle_echo(_event: evt.Event) -> int:
 
 def _on_conn_open(event: evt.Event) -> None:
     # pynetdicom leaves Nagle on: small PDUs (the C-STORE response) would wait ~40 ms for an ACK.
-    sock = event.assoc.dul.socket.socket
+    transport = event.assoc.dul.socket
+    sock = transport.socket if transport is not None else None
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -120,7 +124,9 @@ def _on_conn_open(event: evt.Event) -> None:
 def _on_requested(event: evt.Event, cfg: ReceiverConfig) -> None:
     """Refuse callers outside the allow-lists with an A-ASSOCIATE-RJ, and say why in the log."""
     assoc = event.assoc
-    calling_ae = assoc.requestor.primitive.calling_ae_title.strip()
+    primitive = assoc.requestor.primitive
+    assert primitive is not None, "EVT_REQUESTED comes with the A-ASSOCIATE request"
+    calling_ae = primitive.calling_ae_title.strip()
     host = assoc.requestor.address
     reason = None
     if cfg.allowed_calling_aes and calling_ae not in cfg.allowed_calling_aes:
@@ -237,10 +243,11 @@ class Receiver:
         ae.network_timeout = 60
         ae.dimse_timeout = 120
         for context in AllStoragePresentationContexts:
+            assert context.abstract_syntax is not None
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         self.ae = ae
-        self.server = None
+        self.server: ThreadedAssociationServer | None = None
         self._stopped = threading.Event()
         self._reconciled: set[str] = set()  # landing paths republished by this process
 
@@ -274,7 +281,7 @@ class Receiver:
         start_until_done("recover", self.recover, self._stopped)
         start_periodic("sweeper", self.SWEEP_AFTER_S / 4, self._sweep, self._stopped)
         start_periodic("reconcile", self.cfg.reconcile_interval_s, self.reconcile, self._stopped)
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_STORE, handle_store, [self.ingest]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_CONN_OPEN, _on_conn_open),
@@ -293,6 +300,7 @@ class Receiver:
             ssl_context=self.ssl_context,
             server_class=GuardedServer,
         )
+        assert self.server is not None
         threading.Thread(target=self.server.serve_forever, name="AcceptorServer", daemon=True).start()
         self.ae._servers.append(self.server)
         log.info(
@@ -317,7 +325,11 @@ class Receiver:
         done = threading.Event()
 
         def shutdown(*_: object) -> None:
-            threading.Thread(target=lambda: (self.stop(), done.set()), daemon=True).start()
+            def stop_then_release() -> None:
+                self.stop()
+                done.set()
+
+            threading.Thread(target=stop_then_release, daemon=True).start()
 
         self.start()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -118,7 +118,7 @@ class OpenSearchSink:
     def write(self, batch: list[Message], dead: DeadLetters) -> None:
         actions: list[tuple[Message, dict, dict]] = []
         for msg in batch:
-            kind = self.layout.kinds.get(msg.topic())
+            kind = self.layout.kinds[msg.topic()]  # subscribed to those topics only
             if msg.topic() == DEADLETTER.name:
                 record = deadletter_document(msg)
             else:
