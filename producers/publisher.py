@@ -13,7 +13,8 @@ import time
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from diana.logs import KAFKA_CLIENT_LOGGER
+from diana.clients import kafka_settings
+from diana.config import KafkaConfig
 
 __all__ = ["EventPublisher", "PublishError", "PublishRefused", "DEFAULT_MAX_MESSAGE_BYTES"]
 
@@ -52,38 +53,33 @@ def _refusal(err: KafkaError, where: str) -> PublishError:
 
 
 class EventPublisher:
-    def __init__(
-        self,
-        bootstrap: str,
-        timeout_s: float,
-        client_id: str = "diana-receiver",
-        linger_ms: int = 0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    ):
+    def __init__(self, kafka: KafkaConfig, client_id: str = "diana-receiver"):
+        # [kafka] publish_timeout_s, linger_ms and max_message_bytes shape this producer.
+        timeout_s, linger_ms, max_message_bytes = kafka.publish_timeout_s, kafka.linger_ms, kafka.max_message_bytes
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_bytes
-        self._config = {
-            "bootstrap.servers": bootstrap,
-            "client.id": client_id,
-            "acks": "all",
-            "enable.idempotence": True,
-            # One association waits for each ack in turn, so a linger is pure latency;
-            # concurrent associations still batch while a request is in flight.
-            "linger.ms": linger_ms,
-            # Java clients and Faust hash keys with murmur2: one key, one partition for all.
-            "partitioner": "murmur2_random",
-            # librdkafka gives up at the same moment the C-STORE answers failure.
-            "message.timeout.ms": int(timeout_s * 1000),
-            # DICOM JSON headers compress about 20 to 60 times. gzip, not zstd or lz4: the dose
-            # worker's aiokafka reads those only with an extra library (without it, its fetcher
-            # crashed on the first zstd batch); every Kafka client reads gzip.
-            "compression.type": "gzip",
-            # The uncompressed event's bound; the topic and the broker hold the same limit.
-            "message.max.bytes": max_message_bytes,
-            "socket.nagle.disable": True,
-            "log_level": 3,
-            "logger": KAFKA_CLIENT_LOGGER,
-        }
+        self._config = kafka_settings(
+            kafka,
+            {
+                "client.id": client_id,
+                "acks": "all",
+                "enable.idempotence": True,
+                # One association waits for each ack in turn, so a linger is pure latency;
+                # concurrent associations still batch while a request is in flight.
+                "linger.ms": linger_ms,
+                # Java clients and Faust hash keys with murmur2: one key, one partition for all.
+                "partitioner": "murmur2_random",
+                # librdkafka gives up at the same moment the C-STORE answers failure.
+                "message.timeout.ms": int(timeout_s * 1000),
+                # DICOM JSON headers compress about 20 to 60 times. gzip, not zstd or lz4: the dose
+                # worker's aiokafka reads those only with an extra library (without it, its fetcher
+                # crashed on the first zstd batch); every Kafka client reads gzip.
+                "compression.type": "gzip",
+                # The uncompressed event's bound; the topic and the broker hold the same limit.
+                "message.max.bytes": max_message_bytes,
+                "socket.nagle.disable": True,
+            },
+        )
         self._producer = Producer(self._config)
         self._replace_lock = threading.Lock()
         self._stop = threading.Event()

@@ -215,12 +215,7 @@ class Receiver:
         # pynetdicom writes chunked data sets with NamedTemporaryFile: keep them on the landing
         # filesystem so that accepting one is a hard link, not a copy.
         tempfile.tempdir = str(self.landing.incoming)
-        self.publisher = EventPublisher(
-            config.kafka.bootstrap,
-            config.kafka.publish_timeout_s,
-            linger_ms=config.kafka.linger_ms,
-            max_message_bytes=config.kafka.max_message_bytes,
-        )
+        self.publisher = EventPublisher(config.kafka)
         self.ingest = Ingest(
             self.landing, self.publisher, default_codec(), max_inflated_bytes=self.cfg.max_inflated_bytes
         )

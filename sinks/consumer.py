@@ -13,10 +13,11 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message
 from prometheus_client import Counter
 
-from diana.logs import KAFKA_CLIENT_LOGGER
+from diana.clients import kafka_consumer, kafka_producer
+from diana.config import KafkaConfig
 from diana.schemas.topics import DEADLETTER
 
 __all__ = ["RetryableError", "DeadLetters", "Reporter", "BatchSink", "run_sink", "write_until_done", "failure_reason"]
@@ -33,19 +34,17 @@ class RetryableError(RuntimeError):
 class DeadLetters:
     """Parks messages a sink cannot process, with the reason and where they came from."""
 
-    def __init__(self, bootstrap: str, sink_name: str, max_message_bytes: int = 8 * 1024 * 1024):
+    def __init__(self, kafka: KafkaConfig, sink_name: str):
         self.sink_name = sink_name
-        self._producer = Producer(
+        self._producer = kafka_producer(
+            kafka,
             {
-                "bootstrap.servers": bootstrap,
                 "acks": "all",
                 "enable.idempotence": True,
                 # A dead letter is the original event (up to [kafka] max_message_bytes) plus its headers.
-                "message.max.bytes": max_message_bytes + 64 * 1024,
+                "message.max.bytes": kafka.max_message_bytes + 64 * 1024,
                 "compression.type": "gzip",
-                "log_level": 3,
-                "logger": KAFKA_CLIENT_LOGGER,
-            }
+            },
         )
         self._pending: list[tuple[Message, str]] = []
 
@@ -77,20 +76,12 @@ class DeadLetters:
 class Reporter:
     """Publishes a sink's own reports (e.g. archive conflicts) with the project's codec."""
 
-    def __init__(self, bootstrap: str, topic: str, schema: str, key_field: str):
+    def __init__(self, kafka: KafkaConfig, topic: str, schema: str, key_field: str):
         from diana.schemas.codec import default_codec
 
         self.topic, self.schema, self.key_field = topic, schema, key_field
         self.codec = default_codec()
-        self._producer = Producer(
-            {
-                "bootstrap.servers": bootstrap,
-                "acks": "all",
-                "enable.idempotence": True,
-                "log_level": 3,
-                "logger": KAFKA_CLIENT_LOGGER,
-            }
-        )
+        self._producer = kafka_producer(kafka, {"acks": "all", "enable.idempotence": True})
 
     def __call__(self, record: dict) -> None:
         self._producer.produce(
@@ -159,26 +150,24 @@ def write_until_done(sink: BatchSink, batch: list[Message], dead: DeadLetters, s
 
 def run_sink(
     sink: BatchSink,
-    bootstrap: str,
+    kafka: KafkaConfig,
     group_id: str,
     stop: threading.Event,
     batch_size: int = 500,
     on_batch: Callable[[int], None] | None = None,
 ) -> None:
-    consumer = Consumer(
+    consumer = kafka_consumer(
+        kafka,
+        group_id,
         {
-            "bootstrap.servers": bootstrap,
-            "group.id": group_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
             # A sink may wait minutes for its store; stay in the group meanwhile.
             "max.poll.interval.ms": 30 * 60 * 1000,
-            "log_level": 3,
-            "logger": KAFKA_CLIENT_LOGGER,
-        }
+        },
     )
-    dead = DeadLetters(bootstrap, sink.name)
+    dead = DeadLetters(kafka, sink.name)
     consumer.subscribe(list(sink.topics))
     log.info("sink.started", sink=sink.name, group=group_id, topics=list(sink.topics))
     try:

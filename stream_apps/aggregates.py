@@ -25,10 +25,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Message, TopicPartition
 from prometheus_client import Counter
 
-from diana.logs import KAFKA_CLIENT_LOGGER
+from diana.clients import kafka_consumer, kafka_producer
+from diana.config import KafkaConfig
 from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.topics import DEADLETTER, INSTANCES, SERIES, STUDIES, TICKS
 from diana.stream_apps.completeness import QuietTimes, expected_instances, verdict
@@ -399,14 +400,10 @@ class TickWriter:
     transaction, they are a clock.
     """
 
-    def __init__(self, bootstrap: str, partitions: int) -> None:
+    def __init__(self, kafka: KafkaConfig, partitions: int) -> None:
         self.partitions = partitions
-        self.producer = Producer(
-            {"bootstrap.servers": bootstrap, "linger.ms": 5, "log_level": 3, "logger": KAFKA_CLIENT_LOGGER}
-        )
-        self.offsets = Consumer(
-            {"bootstrap.servers": bootstrap, "group.id": "diana-ticks", "log_level": 3, "logger": KAFKA_CLIENT_LOGGER}
-        )
+        self.producer = kafka_producer(kafka, {"linger.ms": 5})
+        self.offsets = kafka_consumer(kafka, "diana-ticks")
 
     def __call__(self) -> None:
         for partition in range(self.partitions):
@@ -421,7 +418,7 @@ class TickWriter:
 
 
 def aggregates_loop(
-    bootstrap: str,
+    kafka: KafkaConfig,
     app_id: str,
     worker_name: str,
     partitions: int,
@@ -434,14 +431,14 @@ def aggregates_loop(
     restarted worker's transactional id then fences its dead predecessor at once.
     """
     settings = LoopSettings(
-        bootstrap=bootstrap,
+        kafka=kafka,
         group_id=app_id,
         transactional_id=f"{app_id}-{worker_name}",
         topics=(INSTANCES.name, TICKS.name),
         changelog=changelog_topic(app_id),
     )
     handler = AggregatesHandler(quiet, conflict_policy=conflict_policy)
-    return TransactionalLoop(settings, handler, every_second=TickWriter(bootstrap, partitions))
+    return TransactionalLoop(settings, handler, every_second=TickWriter(kafka, partitions))
 
 
 def changelog_topic(app_id: str) -> str:

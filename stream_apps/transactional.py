@@ -32,7 +32,8 @@ import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import Counter, Histogram
 
-from diana.logs import KAFKA_CLIENT_LOGGER
+from diana.clients import kafka_consumer, kafka_producer
+from diana.config import KafkaConfig
 
 __all__ = ["Batch", "Handler", "TransactionalLoop", "LoopSettings"]
 
@@ -182,7 +183,7 @@ class Batch:
 
 @dataclass(frozen=True)
 class LoopSettings:
-    bootstrap: str
+    kafka: KafkaConfig
     group_id: str
     transactional_id: str
     topics: tuple[str, ...]
@@ -205,33 +206,29 @@ class TransactionalLoop:
         self.every_second = every_second
         self.store = _Store()
         self.running = True
-        self.consumer = Consumer(
+        self.consumer = kafka_consumer(
+            settings.kafka,
+            settings.group_id,
             {
-                "bootstrap.servers": settings.bootstrap,
-                "group.id": settings.group_id,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "isolation.level": "read_committed",
                 # range: partition p of every input topic goes to the same worker (co-partitioning).
                 "partition.assignment.strategy": "range",
                 "session.timeout.ms": settings.session_timeout_ms,
-                "log_level": 3,
-                "logger": KAFKA_CLIENT_LOGGER,
-            }
+            },
         )
         self.producer = self._new_producer()
         self._fatal_times: list[float] = []
 
     def _new_producer(self) -> Producer:
-        return Producer(
+        return kafka_producer(
+            self.settings.kafka,
             {
-                "bootstrap.servers": self.settings.bootstrap,
                 "transactional.id": self.settings.transactional_id,
                 "transaction.timeout.ms": self.settings.transaction_timeout_ms,
                 "linger.ms": 5,
-                "log_level": 3,
-                "logger": KAFKA_CLIENT_LOGGER,
-            }
+            },
         )
 
     # -- assignment -------------------------------------------------------------------------
@@ -278,17 +275,15 @@ class TransactionalLoop:
         started = time.monotonic()
         for partition in partitions:
             self.store.partitions[partition] = {}
-        reader = Consumer(
+        reader = kafka_consumer(
+            self.settings.kafka,
+            f"{self.settings.group_id}-restore",
             {
-                "bootstrap.servers": self.settings.bootstrap,
-                "group.id": f"{self.settings.group_id}-restore",
                 "enable.auto.commit": False,
                 "isolation.level": "read_committed",
                 "enable.partition.eof": True,
                 "fetch.wait.max.ms": 10,
-                "log_level": 3,
-                "logger": KAFKA_CLIENT_LOGGER,
-            }
+            },
         )
         records, unfinished = 0, set(partitions)
         try:

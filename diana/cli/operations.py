@@ -73,7 +73,7 @@ def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
         opensearch_client(cfg.opensearch, timeout=60),
         layout,
         cfg.kafka,
-        DeadLetters(cfg.kafka.bootstrap, "reindex"),
+        DeadLetters(cfg.kafka, "reindex"),
         max_bytes=cfg.sinks.bulk_max_bytes,
         conflict_policy=cfg.sinks.archive_conflict_policy,
     )

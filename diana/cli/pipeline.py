@@ -36,12 +36,7 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
         sources = list(find_sources([Path(p) for p in args.paths]))
     except FileNotFoundError as exc:
         return fail("import", str(exc))
-    publisher = EventPublisher(
-        cfg.kafka.bootstrap,
-        cfg.kafka.publish_timeout_s,
-        client_id="diana-import",
-        max_message_bytes=cfg.kafka.max_message_bytes,
-    )
+    publisher = EventPublisher(cfg.kafka, client_id="diana-import")
     ingest = Ingest(LandingStore(cfg.path(cfg.storage.landing_dir)), publisher, default_codec())
     try:
         with tqdm(total=len(sources), unit="file", desc="import", disable=args.no_progress) as bar:
@@ -67,7 +62,7 @@ def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
     ensure_state_topics(cfg, [changelog_topic(cfg.stream.app_id)])
     start_metrics(cfg, cfg.stream.web_port)
     loop = aggregates_loop(
-        cfg.kafka.bootstrap,
+        cfg.kafka,
         cfg.stream.app_id,
         default_worker_name(cfg.stream.web_port),
         cfg.kafka.partitions,
@@ -116,9 +111,7 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
         from diana.sinks.archive import ArchiveSink
         from diana.sinks.consumer import Reporter
 
-        report = Reporter(
-            cfg.kafka.bootstrap, ARCHIVE_CONFLICTS.name, ARCHIVE_CONFLICTS.value_schema, "sop_instance_uid"
-        )
+        report = Reporter(cfg.kafka, ARCHIVE_CONFLICTS.name, ARCHIVE_CONFLICTS.value_schema, "sop_instance_uid")
         sink = ArchiveSink(
             cfg.path(cfg.storage.landing_dir),
             cfg.path(cfg.storage.archive_dir),
@@ -140,7 +133,7 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
         )
         group, port = cfg.sinks.opensearch_group, cfg.sinks.opensearch_metrics_port
     start_metrics(cfg, port)
-    run_sink(sink, cfg.kafka.bootstrap, group, stop, batch_size=cfg.opensearch.bulk_max_docs)
+    run_sink(sink, cfg.kafka, group, stop, batch_size=cfg.opensearch.bulk_max_docs)
     return 0
 
 
