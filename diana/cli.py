@@ -39,7 +39,21 @@ def cmd_receive(cfg: Config, _args: argparse.Namespace) -> int:
     from diana.producers.scp import Receiver
 
     _metrics(cfg, cfg.receiver.metrics_port)
-    Receiver(cfg).serve_forever()
+    contexts, handlers = [], []
+    if cfg.query_retrieve.on_receiver:  # one AE title and port for storage and query/retrieve
+        from diana.access.qr.server import build_query_retrieve
+
+        qr = build_query_retrieve(cfg)
+        contexts, handlers = qr.contexts(), qr.handlers()
+    Receiver(cfg, extra_contexts=contexts, extra_handlers=handlers).serve_forever()
+    return 0
+
+
+def cmd_serve(cfg: Config, _args: argparse.Namespace) -> int:
+    """Run the Query/Retrieve SCP alone (C-FIND, C-MOVE, C-GET) on [query_retrieve] port."""
+    from diana.access.qr.server import QueryRetrieveServer
+
+    QueryRetrieveServer(cfg).serve_forever()
     return 0
 
 
@@ -527,7 +541,12 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
             f"  diana-star is running.\n"
             f"  Send DICOM to:   AE title {r.ae_title}, port {r.port} (host {r.host})\n"
             f"                   e.g. storescu -aec {r.ae_title} 127.0.0.1 {r.port} FILE...\n"
-            f"  OpenSearch:      {cfg.opensearch.url}  (indices {cfg.opensearch.index_prefix}-instances, "
+            + (
+                "  Query/retrieve:  the same AE title and port (C-FIND, C-MOVE, C-GET)\n"
+                if cfg.query_retrieve.on_receiver
+                else ""
+            )
+            + f"  OpenSearch:      {cfg.opensearch.url}  (indices {cfg.opensearch.index_prefix}-instances, "
             f"-series, -studies,\n"
             f"                   -dose-events, -dose-studies, -dose-alerts)\n"
             f"  Archive:         {cfg.path(cfg.storage.archive_dir)}\n"
@@ -584,6 +603,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the C-STORE/C-ECHO SCP: land each object durably, publish "
         "InstanceArrived, answer success only after the broker acknowledged.",
     ).set_defaults(func=cmd_receive)
+    sub.add_parser(
+        "serve",
+        help="run the Query/Retrieve SCP alone (C-FIND, C-MOVE, C-GET)",
+        description=cmd_serve.__doc__ + " It has the receiver's AE title, allow-lists and TLS settings; "
+        "by default the receiver answers query/retrieve itself ([query_retrieve] on_receiver).",
+    ).set_defaults(func=cmd_serve)
     imp = sub.add_parser(
         "import",
         help="publish existing DICOM files (folders, zips, DICOMDIRs)",

@@ -27,7 +27,7 @@ from diana.producers.landing import LandingStore
 from diana.producers.publisher import EventPublisher, PublishError
 from diana.schemas.codec import default_codec
 
-__all__ = ["Receiver", "handle_store", "STATUS"]
+__all__ = ["Receiver", "association_handlers", "handle_echo", "handle_store", "tls_context", "STATUS"]
 
 log = structlog.get_logger("diana.receiver")
 
@@ -254,14 +254,37 @@ def tls_context(cfg: ReceiverConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+def association_handlers(cfg: ReceiverConfig) -> list[tuple]:
+    """The allow-lists, Nagle off, association logs and metrics: what every AE of ours binds."""
+    return [
+        (evt.EVT_CONN_OPEN, _on_conn_open),
+        (evt.EVT_REQUESTED, _on_requested, [cfg]),
+        (evt.EVT_REJECTED, _on_rejected),
+        (evt.EVT_ESTABLISHED, _on_established),
+        (evt.EVT_RELEASED, _on_closed),
+        (evt.EVT_ABORTED, _on_closed),
+    ]
+
+
 class Receiver:
-    """Wiring: one AE, one shared publisher, one landing store."""
+    """Wiring: one AE, one shared publisher, one landing store.
+
+    ``extra_contexts`` (abstract syntax, add_supported_context keyword arguments) and
+    ``extra_handlers`` let the entry point add services to the same AE title and port (the
+    Query/Retrieve SCP of access/qr) without this package knowing them.
+    """
 
     # Half-received files older than this are debris of aborted associations.
     SWEEP_AFTER_S = 3600.0
 
-    def __init__(self, config: Config):
+    def __init__(
+        self,
+        config: Config,
+        extra_contexts: list[tuple[str, dict]] | None = None,
+        extra_handlers: list[tuple] | None = None,
+    ):
         self.cfg = config.receiver
+        self.extra_handlers = list(extra_handlers or [])
         self.landing = LandingStore(config.path(config.storage.landing_dir))
         # pynetdicom writes chunked data sets with NamedTemporaryFile: keep them on the landing
         # filesystem so that accepting one is a hard link, not a copy.
@@ -279,6 +302,8 @@ class Receiver:
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
+        for abstract_syntax, options in extra_contexts or []:
+            ae.add_supported_context(abstract_syntax, **options)
         self.ae = ae
         self.server = None
         self._stopped = threading.Event()
@@ -312,14 +337,10 @@ class Receiver:
         handlers = [
             (evt.EVT_C_STORE, handle_store, [self.ingest]),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_CONN_OPEN, _on_conn_open),
-            (evt.EVT_REQUESTED, _on_requested, [self.cfg]),
-            (evt.EVT_REJECTED, _on_rejected),
-            (evt.EVT_ESTABLISHED, _on_established),
-            (evt.EVT_RELEASED, _on_closed),
-            (evt.EVT_ABORTED, _on_closed),
+            *association_handlers(self.cfg),
             (evt.EVT_ABORTED, _discard_partial),
             (evt.EVT_CONN_CLOSE, _discard_partial),
+            *self.extra_handlers,
         ]
         self.server = self.ae.start_server(
             (self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
@@ -331,6 +352,7 @@ class Receiver:
             port=self.cfg.port,
             tls=self.ssl_context is not None,
             landing=str(self.landing.root),
+            extra_services=len(self.extra_handlers),
         )
 
     def stop(self) -> None:

@@ -1,0 +1,86 @@
+"""What C-MOVE and C-GET send: archived objects, streamed from their files as stored.
+
+pynetdicom's Q/R service classes accept only ``Dataset`` objects from a handler and then re-encode
+them. Objects must come back data-set-identical and a large one must not sit in memory, so the
+handlers yield an ``ArchivedInstance`` (a Dataset that only names its file) and ``send_c_store`` is
+wrapped once to send such a file as it is (pynetdicom streams a file given by path). Only when the
+peer did not accept the file's transfer syntax is the object read and re-encoded by pydicom in one
+the peer accepted (between uncompressed syntaxes: the same data set).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import _config, build_context
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
+
+from diana.schemas.uid import is_valid_uid
+
+__all__ = ["ArchivedInstance", "archive_path", "install_file_sending", "move_contexts"]
+
+# pynetdicom sends a data set given by path straight from the file, in PDU-sized reads.
+_config.STORE_SEND_CHUNKED_DATASET = True
+MAX_CONTEXTS = 128
+
+
+class ArchivedInstance(Dataset):
+    """Stands for the archived object at ``path`` in a Q/R handler's yields; never encoded itself."""
+
+    def __init__(self, path: Path, sop_class_uid: str, sop_instance_uid: str):
+        super().__init__()
+        self.SOPClassUID = sop_class_uid
+        self.SOPInstanceUID = sop_instance_uid  # pynetdicom lists it in FailedSOPInstanceUIDList
+        self.archive_file = path
+
+
+def archive_path(archive: Path, doc: dict[str, Any]) -> Path | None:
+    """``<archive>/<Study>/<Series>/<SOP>.dcm``; None when a UID from the index is not a valid UID."""
+    uids = [doc.get("study_instance_uid"), doc.get("series_instance_uid"), doc.get("sop_instance_uid")]
+    if not all(isinstance(u, str) and is_valid_uid(u) for u in uids):
+        return None
+    return archive / uids[0] / uids[1] / f"{uids[2]}.dcm"
+
+
+_original_send_c_store = Association.send_c_store
+
+
+def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
+    if isinstance(dataset, ArchivedInstance):
+        path = dataset.archive_file
+        try:
+            return _original_send_c_store(self, path, *args, **kwargs)
+        except ValueError:
+            # No accepted context for the file's own transfer syntax: let pydicom convert.
+            return _original_send_c_store(self, dcmread(path), *args, **kwargs)
+    return _original_send_c_store(self, dataset, *args, **kwargs)
+
+
+def install_file_sending() -> None:
+    """Make ``send_c_store`` send an ArchivedInstance from its file (idempotent)."""
+    Association.send_c_store = _send_c_store  # type: ignore[method-assign]
+
+
+def move_contexts(instances: list[dict[str, Any]]) -> list[PresentationContext]:
+    """Presentation contexts for a C-MOVE sub-association: per SOP class, the objects' own transfer
+    syntaxes first, then the two uncompressed ones every Storage SCP accepts."""
+    by_class: dict[str, list[str]] = {}
+    for doc in instances:
+        syntaxes = by_class.setdefault(doc.get("sop_class_uid") or "", [])
+        ts = doc.get("transfer_syntax_uid")
+        if ts and ts not in syntaxes:
+            syntaxes.append(ts)
+    contexts = []
+    for sop_class, syntaxes in sorted(by_class.items()):
+        if not sop_class:
+            continue
+        for fallback in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if fallback not in syntaxes:
+                syntaxes.append(fallback)
+        contexts.append(build_context(sop_class, syntaxes))
+    return contexts[:MAX_CONTEXTS]
