@@ -13,9 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, build_context
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
@@ -27,6 +28,8 @@ __all__ = ["ArchivedInstance", "archive_path", "install_file_sending", "move_con
 # pynetdicom sends a data set given by path straight from the file, in PDU-sized reads.
 _config.STORE_SEND_CHUNKED_DATASET = True
 MAX_CONTEXTS = 128
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
+log = structlog.get_logger("diana.qr")
 
 
 class ArchivedInstance(Dataset):
@@ -67,20 +70,19 @@ def install_file_sending() -> None:
 
 
 def move_contexts(instances: list[dict[str, Any]]) -> list[PresentationContext]:
-    """Presentation contexts for a C-MOVE sub-association: per SOP class, the objects' own transfer
-    syntaxes first, then the two uncompressed ones every Storage SCP accepts."""
-    by_class: dict[str, list[str]] = {}
+    """Presentation contexts for a C-MOVE sub-association: one per (SOP class, the objects' own
+    transfer syntax), since the peer accepts one syntax per context; then per SOP class one with the
+    uncompressed syntaxes, for objects whose own syntax the peer refused (sent converted)."""
+    pairs: dict[tuple[str, str], None] = {}
+    classes: dict[str, None] = {}
     for doc in instances:
-        syntaxes = by_class.setdefault(doc.get("sop_class_uid") or "", [])
-        ts = doc.get("transfer_syntax_uid")
-        if ts and ts not in syntaxes:
-            syntaxes.append(ts)
-    contexts = []
-    for sop_class, syntaxes in sorted(by_class.items()):
-        if not sop_class:
-            continue
-        for fallback in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if fallback not in syntaxes:
-                syntaxes.append(fallback)
-        contexts.append(build_context(sop_class, syntaxes))
+        sop_class, ts = doc.get("sop_class_uid"), doc.get("transfer_syntax_uid")
+        if sop_class:
+            classes[sop_class] = None
+            if ts:
+                pairs[(sop_class, ts)] = None
+    contexts = [build_context(sop_class, list(_UNCOMPRESSED)) for sop_class in classes]
+    contexts += [build_context(sop_class, ts) for sop_class, ts in pairs]
+    if len(contexts) > MAX_CONTEXTS:
+        log.warning("move.contexts_truncated", proposed=MAX_CONTEXTS, needed=len(contexts))
     return contexts[:MAX_CONTEXTS]
