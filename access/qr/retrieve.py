@@ -16,6 +16,8 @@ from typing import Any
 import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, build_context
 from pynetdicom.association import Association
@@ -23,7 +25,7 @@ from pynetdicom.presentation import PresentationContext
 
 from diana.schemas.uid import is_valid_uid
 
-__all__ = ["ArchivedInstance", "archive_path", "install_file_sending", "move_contexts"]
+__all__ = ["ArchivedInstance", "archive_path", "as_archived", "install_file_sending", "move_contexts"]
 
 # pynetdicom sends a data set given by path straight from the file, in PDU-sized reads.
 _config.STORE_SEND_CHUNKED_DATASET = True
@@ -60,13 +62,45 @@ def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) ->
             return _original_send_c_store(self, path, *args, **kwargs)
         except ValueError:
             # No accepted context for the file's own transfer syntax: let pydicom convert.
-            return _original_send_c_store(self, dcmread(path), *args, **kwargs)
+            ds = dcmread(path)
+            try:
+                return _original_send_c_store(self, ds, *args, **kwargs)
+            except ValueError:
+                if ds.file_meta.TransferSyntaxUID.is_compressed:
+                    raise  # encapsulated pixel data: only the stored syntax will do
+                # pynetdicom converts only between implicit and explicit little endian: big endian too.
+                for element in ds.iterall():
+                    _ = element.value  # decode every value in the stored byte order first
+                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                ds.set_original_encoding(False, True)
+                return _original_send_c_store(self, ds, *args, **kwargs)
     return _original_send_c_store(self, dataset, *args, **kwargs)
 
 
 def install_file_sending() -> None:
     """Make ``send_c_store`` send an ArchivedInstance from its file (idempotent)."""
     Association.send_c_store = _send_c_store  # type: ignore[method-assign]
+
+
+def as_archived(archive: Path, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The instances with SOP class and transfer syntax read from the archived files' meta.
+
+    The index holds the latest event of a SOP Instance UID; the archive may hold other bytes for it
+    (KEEP_FIRST kept an earlier object in another transfer syntax), and those bytes are what is sent.
+    """
+    out = []
+    for doc in instances:
+        path = archive_path(archive, doc)
+        doc = dict(doc)
+        if path is not None:
+            try:
+                meta = read_file_meta_info(path)
+                doc["sop_class_uid"] = str(meta.MediaStorageSOPClassUID)
+                doc["transfer_syntax_uid"] = str(meta.TransferSyntaxUID)
+            except (OSError, AttributeError, InvalidDicomError):
+                pass  # missing or unreadable: its sub-operation fails and is reported
+        out.append(doc)
+    return out
 
 
 def move_contexts(instances: list[dict[str, Any]]) -> list[PresentationContext]:

@@ -35,7 +35,7 @@ from pynetdicom.sop_class import (
 from diana.access.qr.identifier import IdentifierError, Query, parse_identifier
 from diana.access.qr.index_reader import IndexReader
 from diana.access.qr.response import build_response
-from diana.access.qr.retrieve import ArchivedInstance, archive_path, install_file_sending, move_contexts
+from diana.access.qr.retrieve import ArchivedInstance, archive_path, as_archived, install_file_sending, move_contexts
 from diana.config import MoveDestination
 
 __all__ = ["QueryRetrieve", "QR_SOP_CLASSES"]
@@ -226,6 +226,7 @@ class QueryRetrieve:
             yield resolved, None
             return
         _, instances = resolved
+        instances = as_archived(self.archive, instances)
         options["contexts"] = move_contexts(instances)
         if destination.tls:
             options["tls_args"] = (self.destination_tls or ssl.create_default_context(), destination.host)

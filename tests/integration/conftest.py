@@ -36,6 +36,10 @@ host = "127.0.0.1"
 port = {port(11190)}
 metrics_port = {port(19464)}
 
+[query_retrieve]
+port = {port(11191)}
+destinations = ["STORESCP=127.0.0.1:{port(11192)}", "OFFLINE=127.0.0.1:{port(11193)}"]
+
 [sinks]
 archive_metrics_port = {port(19465)}
 opensearch_metrics_port = {port(19466)}
