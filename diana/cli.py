@@ -49,11 +49,34 @@ def cmd_receive(cfg: Config, _args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(cfg: Config, _args: argparse.Namespace) -> int:
-    """Run the Query/Retrieve SCP alone (C-FIND, C-MOVE, C-GET) on [query_retrieve] port."""
+def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
+    """Serve what diana-star holds: the Query/Retrieve SCP (C-FIND, C-MOVE, C-GET) on [query_retrieve]
+    port and DICOMweb (QIDO-RS, WADO-RS) on [dicomweb] host:port; both by default."""
+    from diana.access.dicomweb.server import base_url, dicomweb_app, run_dicomweb
     from diana.access.qr.server import QueryRetrieveServer
 
-    QueryRetrieveServer(cfg).serve_forever()
+    if args.only == "dicom":
+        QueryRetrieveServer(cfg).serve_forever()
+        return 0
+    try:
+        _, authenticated = dicomweb_app(cfg)
+    except ConfigError as exc:
+        print(f"diana serve: {exc}", file=sys.stderr)
+        return 2
+    qr = None
+    if args.only != "web":
+        qr = QueryRetrieveServer(cfg)
+        qr.start()
+    print(
+        f"  DICOMweb:        {base_url(cfg)}  "
+        + ("(authentication required)" if authenticated else "(no authentication: loopback only)"),
+        flush=True,
+    )
+    try:
+        run_dicomweb(cfg)
+    finally:
+        if qr is not None:
+            qr.stop()
     return 0
 
 
@@ -603,12 +626,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the C-STORE/C-ECHO SCP: land each object durably, publish "
         "InstanceArrived, answer success only after the broker acknowledged.",
     ).set_defaults(func=cmd_receive)
-    sub.add_parser(
+    serve = sub.add_parser(
         "serve",
-        help="run the Query/Retrieve SCP alone (C-FIND, C-MOVE, C-GET)",
-        description=cmd_serve.__doc__ + " It has the receiver's AE title, allow-lists and TLS settings; "
-        "by default the receiver answers query/retrieve itself ([query_retrieve] on_receiver).",
-    ).set_defaults(func=cmd_serve)
+        help="serve query/retrieve (DICOM) and DICOMweb",
+        description=cmd_serve.__doc__ + " The Q/R SCP has the receiver's AE title, allow-lists and TLS "
+        "settings (the receiver also answers Q/R itself: [query_retrieve] on_receiver).",
+    )
+    serve.add_argument(
+        "--only", choices=["dicom", "web"], help="just the Q/R SCP (dicom) or just DICOMweb (web); default both"
+    )
+    serve.set_defaults(func=cmd_serve)
     imp = sub.add_parser(
         "import",
         help="publish existing DICOM files (folders, zips, DICOMDIRs)",

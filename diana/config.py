@@ -137,6 +137,27 @@ class QueryRetrieveConfig:
 
 
 @dataclass(frozen=True)
+class DicomWebConfig:
+    """DICOMweb (QIDO-RS, WADO-RS) on `diana serve`: docs/DICOMWEB.md."""
+
+    # Loopback by default: on any other address it refuses to start without authentication.
+    host: str = "127.0.0.1"
+    port: int = 8042
+    # A file holding the bearer token clients send (Authorization: Bearer TOKEN).
+    bearer_token_file: str = ""
+    # HTTP basic: the user name, and a file holding the password.
+    basic_user: str = ""
+    basic_password_file: str = ""
+    # Origins browser viewers may call from (CORS), e.g. ["https://viewer.example.org"]; "*" for any.
+    cors_origins: tuple = ()
+    # HTTPS when both are set (PEM files).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # A QIDO-RS answer holds at most this many matches (`limit` may ask for fewer).
+    max_results: int = 1000
+
+
+@dataclass(frozen=True)
 class StackConfig:
     """The no-Docker local stack (compose/local): where it lives and its ports."""
 
@@ -178,6 +199,7 @@ class Config:
     dose: DoseConfig = field(default_factory=DoseConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     query_retrieve: QueryRetrieveConfig = field(default_factory=QueryRetrieveConfig)
+    dicomweb: DicomWebConfig = field(default_factory=DicomWebConfig)
     stack: StackConfig = field(default_factory=StackConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)

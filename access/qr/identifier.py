@@ -142,7 +142,7 @@ def _raw_values(ds: Dataset, keyword: str) -> list[str]:
     if isinstance(value, MultiValue | list):
         return [str(v) for v in value]
     text = str(value)
-    return [text] if text.strip() else []
+    return text.split("\\") if text.strip() else []
 
 
 def _iso_date(keyword: str, text: str) -> str:
@@ -211,8 +211,11 @@ def _matcher(attr: Attribute, raw: list[str]) -> Matcher | None:
     return Matcher(attr, "list", tuple(values))
 
 
-def parse_identifier(ds: Dataset, model: str, retrieve: bool = False) -> Query:
-    """Check ``ds`` against ``model`` (PATIENT or STUDY root) and build the query; raise IdentifierError."""
+def parse_identifier(ds: Dataset, model: str, retrieve: bool = False, hierarchical: bool = True) -> Query:
+    """Check ``ds`` against ``model`` (PATIENT or STUDY root) and build the query; raise IdentifierError.
+
+    ``hierarchical=False`` is relational queries (QIDO-RS ``/series``: any series, across studies).
+    """
     try:
         level = str(ds.get("QueryRetrieveLevel", "") or "").strip().upper()
     except Exception:
@@ -254,7 +257,8 @@ def parse_identifier(ds: Dataset, model: str, retrieve: bool = False) -> Query:
         matcher = _matcher(attr, raw)
         if matcher is not None:
             query.matchers.append(matcher)
-    _check_unique_keys(query, levels, depth, retrieve)
+    if hierarchical:
+        _check_unique_keys(query, levels, depth, retrieve)
     return query
 
 

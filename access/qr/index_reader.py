@@ -144,6 +144,10 @@ class IndexReader:
         """The instances a C-MOVE/C-GET of ``query`` sends (at most ``limit``)."""
         return list(self._scan(query_for(query), RETRIEVE_FIELDS, limit))
 
+    def documents(self, query: Query, source: list[str], limit: int) -> Iterator[dict[str, Any]]:
+        """The instance documents matching ``query`` (fields ``source``), in SOP Instance UID order."""
+        return self._scan(query_for(query), source, limit)
+
     def _scan(self, os_query: dict[str, Any], source: list[str], limit: int) -> Iterator[dict[str, Any]]:
         after = None
         found = 0

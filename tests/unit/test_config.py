@@ -61,5 +61,6 @@ def test_the_example_file_documents_exactly_the_defaults():
         "metrics",
         "log",
         "query_retrieve",
+        "dicomweb",
     ):
         assert getattr(from_file, section) == getattr(defaults, section), section

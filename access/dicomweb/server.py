@@ -1,0 +1,58 @@
+"""Running DICOMweb from the configuration (`diana serve`): uvicorn, HTTPS when configured."""
+
+from __future__ import annotations
+
+import structlog
+import uvicorn
+from opensearchpy import OpenSearch
+from starlette.applications import Starlette
+
+from diana.access.dicomweb.app import build_app
+from diana.access.dicomweb.auth import check_exposure, credentials_from
+from diana.access.qr.index_reader import IndexReader
+from diana.config import Config, ConfigError
+
+__all__ = ["dicomweb_app", "base_url", "run_dicomweb"]
+
+log = structlog.get_logger("diana.dicomweb")
+
+
+def base_url(config: Config) -> str:
+    web = config.dicomweb
+    scheme = "https" if web.tls_cert_file else "http"
+    return f"{scheme}://{web.host}:{web.port}"
+
+
+def dicomweb_app(config: Config) -> tuple[Starlette, bool]:
+    """The application and whether it requires authentication; ConfigError when it must not start."""
+    web = config.dicomweb
+    if bool(web.tls_cert_file) != bool(web.tls_key_file):
+        raise ConfigError("[dicomweb] HTTPS needs both tls_cert_file and tls_key_file")
+    credentials = credentials_from(web)
+    check_exposure(web, credentials)
+    client = OpenSearch(hosts=[config.opensearch.url], timeout=30)
+    app = build_app(
+        IndexReader(client, config.opensearch.index_prefix),
+        config.path(config.storage.archive_dir),
+        config.receiver.ae_title,
+        credentials,
+        cors_origins=web.cors_origins,
+        max_results=web.max_results,
+    )
+    return app, credentials.required
+
+
+def run_dicomweb(config: Config) -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn handles them)."""
+    app, authenticated = dicomweb_app(config)
+    web = config.dicomweb
+    log.info("dicomweb.listening", url=base_url(config), authentication=authenticated, cors=list(web.cors_origins))
+    uvicorn.run(
+        app,
+        host=web.host,
+        port=web.port,
+        log_level="warning",
+        access_log=False,  # URLs hold UIDs and query values (names): not for the logs
+        ssl_certfile=web.tls_cert_file or None,
+        ssl_keyfile=web.tls_key_file or None,
+    )
