@@ -59,7 +59,7 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
         QueryRetrieveServer(cfg).serve_forever()
         return 0
     try:
-        _, authenticated = dicomweb_app(cfg)
+        app, authenticated = dicomweb_app(cfg)
     except ConfigError as exc:
         print(f"diana serve: {exc}", file=sys.stderr)
         return 2
@@ -73,7 +73,7 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        run_dicomweb(cfg)
+        run_dicomweb(cfg, app, authenticated)
     finally:
         if qr is not None:
             qr.stop()

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import structlog
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
 from opensearchpy.exceptions import TransportError
@@ -26,11 +28,13 @@ from starlette.routing import Route
 
 from diana.access.dicomweb.auth import Credentials, RequireAuth
 from diana.access.dicomweb.qido import QidoError, parameter_name, parse_qido
+from diana.access.dicomweb.stow import StowError, boundary_of, receive_body, response_json, split_parts, store_parts
 from diana.access.dicomweb.wado import frame_bytes, metadata, multipart_dicom, new_boundary
 from diana.access.qr.identifier import IdentifierError, parse_identifier
 from diana.access.qr.index_reader import IndexReader
 from diana.access.qr.response import build_response
 from diana.access.qr.retrieve import archive_path
+from diana.producers.ingest import Ingest
 
 __all__ = ["build_app"]
 
@@ -45,7 +49,10 @@ def _error(status: int, reason: str, service: str) -> Response:
 
 
 class DicomWeb:
-    def __init__(self, reader: IndexReader, archive: Path, ae_title: str, max_results: int):
+    def __init__(
+        self, reader: IndexReader, archive: Path, ae_title: str, max_results: int, ingest: Ingest | None = None
+    ):
+        self.ingest = ingest
         self.reader = reader
         self.archive = archive
         self.ae_title = ae_title
@@ -110,6 +117,34 @@ class DicomWeb:
             url += f"/series/{doc.get('series_instance_uid')}"
         model["00081190"] = {"vr": "UR", "Value": [url]}
         return model
+
+    # ------------------------------------------------------------------ STOW-RS
+    async def stow(self, request: Request) -> Response:
+        if self.ingest is None:
+            return _error(405, "this service does not store (no landing store configured)", "stow")
+        try:
+            boundary = boundary_of(request.headers.get("content-type", ""))
+        except StowError as exc:
+            return _error(415, str(exc), "stow")
+        folder = self.ingest.landing.incoming
+        body = await receive_body(request.stream(), folder)
+        try:
+            parts = await anyio.to_thread.run_sync(split_parts, body, boundary, folder)
+        except StowError as exc:
+            return _error(400, str(exc), "stow")
+        finally:
+            body.unlink(missing_ok=True)
+        result = await anyio.to_thread.run_sync(store_parts, self.ingest, parts, request.path_params.get("study"))
+        status = 200 if not result.failed else 202 if result.stored else 409
+        for _, _, reason, why in result.failed:
+            log.warning("stow.refused", reason=f"0x{reason:04X}", detail=why)
+        log.info("stow.done", stored=len(result.stored), failed=len(result.failed))
+        REQUESTS.labels("stow", str(status)).inc()
+        return Response(
+            json.dumps(response_json(result, self._base(request)), separators=(",", ":")),
+            status_code=status,
+            media_type=DICOM_JSON,
+        )
 
     # ------------------------------------------------------------------ WADO-RS
     def _selected(self, request: Request, source: list[str]) -> list[dict[str, Any]] | Response:
@@ -192,19 +227,22 @@ def build_app(
     credentials: Credentials,
     cors_origins: tuple = (),
     max_results: int = 1000,
+    ingest: Ingest | None = None,
 ) -> Starlette:
-    web = DicomWeb(reader, archive, ae_title, max_results)
+    web = DicomWeb(reader, archive, ae_title, max_results, ingest)
     study = "/studies/{study}"
     series = study + "/series/{series}"
     instance = series + "/instances/{instance}"
     routes = [
-        Route("/studies", web.qido),
+        Route("/studies", web.qido, methods=["GET"]),
+        Route("/studies", web.stow, methods=["POST"]),
+        Route(study, web.stow, methods=["POST"]),
         Route("/series", web.qido),
         Route("/instances", web.qido),
         Route(study + "/series", web.qido),
         Route(study + "/instances", web.qido),
         Route(series + "/instances", web.qido),
-        Route(study, web.retrieve),
+        Route(study, web.retrieve, methods=["GET"]),
         Route(series, web.retrieve),
         Route(instance, web.retrieve),
         Route(study + "/metadata", web.metadata),

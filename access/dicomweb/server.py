@@ -11,6 +11,10 @@ from diana.access.dicomweb.app import build_app
 from diana.access.dicomweb.auth import check_exposure, credentials_from
 from diana.access.qr.index_reader import IndexReader
 from diana.config import Config, ConfigError
+from diana.producers.ingest import Ingest
+from diana.producers.landing import LandingStore
+from diana.producers.publisher import EventPublisher
+from diana.schemas.codec import default_codec
 
 __all__ = ["dicomweb_app", "base_url", "run_dicomweb"]
 
@@ -31,6 +35,10 @@ def dicomweb_app(config: Config) -> tuple[Starlette, bool]:
     credentials = credentials_from(web)
     check_exposure(web, credentials)
     client = OpenSearch(hosts=[config.opensearch.url], timeout=30)
+    # STOW-RS lands and publishes exactly as the receiver does.
+    landing = LandingStore(config.path(config.storage.landing_dir))
+    publisher = EventPublisher(config.kafka.bootstrap, config.kafka.publish_timeout_s, linger_ms=config.kafka.linger_ms)
+    ingest = Ingest(landing, publisher, default_codec())
     app = build_app(
         IndexReader(client, config.opensearch.index_prefix),
         config.path(config.storage.archive_dir),
@@ -38,13 +46,13 @@ def dicomweb_app(config: Config) -> tuple[Starlette, bool]:
         credentials,
         cors_origins=web.cors_origins,
         max_results=web.max_results,
+        ingest=ingest,
     )
     return app, credentials.required
 
 
-def run_dicomweb(config: Config) -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn handles them)."""
-    app, authenticated = dicomweb_app(config)
+def run_dicomweb(config: Config, app: Starlette, authenticated: bool) -> None:
+    """Serve ``app`` (from dicomweb_app) until SIGINT/SIGTERM (uvicorn handles them)."""
     web = config.dicomweb
     log.info("dicomweb.listening", url=base_url(config), authentication=authenticated, cors=list(web.cors_origins))
     uvicorn.run(

@@ -119,9 +119,61 @@ def test_refusals_have_reasons_and_the_service_goes_on(web):
     unknown = client._session.get(base + "/studies", params={"PatientNmae": "x"})
     assert unknown.status_code == 400 and "PatientNmae" in unknown.text
     assert client._session.get(base + "/studies", params={"limit": "ten"}).status_code == 400
-    assert client._session.get(base + f"/studies/{study.study_uid}9").status_code == 400  # 65 characters: no UID
+    assert client._session.get(base + "/studies/1." + "2" * 63).status_code == 400  # 65 characters: no UID
     assert client._session.get(base + "/studies/1.2.3.4.5").status_code == 404
     assert len(client.search_for_studies(search_filters={"PatientID": "WEB-P1"})) == 1
+
+
+def test_stow_stores_through_the_receivers_path(web, pipeline, tmp_path):
+    client, _, base = web
+    study = make_study(tmp_path / "stow", [SeriesSpec("MR", "STOWED", 3)], patient_id="WEB-STOW")
+    datasets = [pydicom.dcmread(p) for p in study.files]
+    answer = client.store_instances(datasets)
+    assert len(answer.ReferencedSOPSequence) == 3 and "FailedSOPSequence" not in answer
+    # a part that is no DICOM object, beside a good one: 202 with the reason per instance
+    boundary = "stowtestboundary"
+    good = study.files[0].read_bytes()
+    body = (
+        b"".join(
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n"
+            for part in (good, b"not a dicom object at all" * 10)
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+    mixed = client._session.post(
+        base + "/studies",
+        data=body,
+        headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'},
+    )
+    assert mixed.status_code == 202, mixed.text
+    reply = pydicom.Dataset.from_json(mixed.json())
+    assert [item.FailureReason for item in reply.FailedSOPSequence] == [0xC210]
+    wrong_study = client._session.post(
+        base + "/studies/1.2.3.4",
+        data=body.replace(b"not a dicom", b"NOT A DICOM"),
+        headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'},
+    )
+    assert wrong_study.status_code == 409
+    assert sorted(i.FailureReason for i in pydicom.Dataset.from_json(wrong_study.json()).FailedSOPSequence) == [
+        0xA900,
+        0xC210,
+    ]
+    wrong_type = client._session.post(base + "/studies", data=b"x", headers={"Content-Type": "application/json"})
+    assert wrong_type.status_code == 415
+    assert (
+        client._session.post(
+            base + "/studies", data=b"no parts", headers={"Content-Type": f"multipart/related; boundary={boundary}"}
+        ).status_code
+        == 400
+    )
+    # durable and published: the pipeline archives and indexes them
+    wait_until_caught_up(pipeline.cfg)
+    archive = pipeline.cfg.path(pipeline.cfg.storage.archive_dir) / study.study_uid
+    assert len(list(archive.rglob("*.dcm"))) == 3
+    assert len(client.search_for_instances(study.study_uid)) == 3
+    retrieved = {ds.SOPInstanceUID: ds for ds in client.retrieve_study(study.study_uid)}
+    for ds in datasets:
+        assert retrieved[ds.SOPInstanceUID] == ds
 
 
 def test_refuses_to_start_exposed_without_authentication(pipeline):
