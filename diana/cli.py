@@ -541,6 +541,8 @@ _PIPELINE = (
     ("dose", ["dose"]),
     ("archive-sink", ["sink", "archive"]),
     ("opensearch-sink", ["sink", "opensearch"]),
+    # DICOMweb (and, when the receiver does not answer it, the Q/R SCP on its own port)
+    ("serve", ["serve", "--only", "web"]),
 )
 
 
@@ -555,6 +557,8 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
     try:
         for name, sub in _PIPELINE:
+            if name == "serve" and not cfg.query_retrieve.on_receiver:
+                sub = ["serve"]  # the Q/R SCP on its own port, beside DICOMweb
             procs[name] = subprocess.Popen(base + sub, start_new_session=True)
             log.info("pipeline.started", process=name, pid=procs[name].pid)
         r = cfg.receiver
@@ -568,6 +572,12 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
                 "  Query/retrieve:  the same AE title and port (C-FIND, C-MOVE, C-GET)\n"
                 if cfg.query_retrieve.on_receiver
                 else ""
+            )
+            + f"  DICOMweb:        http://{cfg.dicomweb.host}:{cfg.dicomweb.port}  "
+            + (
+                "(authentication required)\n"
+                if cfg.dicomweb.bearer_token_file or cfg.dicomweb.basic_user
+                else "(no authentication: loopback only)\n"
             )
             + f"  OpenSearch:      {cfg.opensearch.url}  (indices {cfg.opensearch.index_prefix}-instances, "
             f"-series, -studies,\n"
