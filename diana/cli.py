@@ -55,6 +55,7 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
     from diana.access.dicomweb.server import base_url, dicomweb_app, run_dicomweb
     from diana.access.qr.server import QueryRetrieveServer
 
+    _metrics(cfg, cfg.dicomweb.metrics_port)
     if args.only == "dicom":
         QueryRetrieveServer(cfg).serve_forever()
         return 0

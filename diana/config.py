@@ -155,6 +155,8 @@ class DicomWebConfig:
     tls_key_file: str = ""
     # A QIDO-RS answer holds at most this many matches (`limit` may ask for fewer).
     max_results: int = 1000
+    # Prometheus /metrics of `diana serve` (DICOMweb and Q/R alone); 0: none.
+    metrics_port: int = 9467
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,11 @@ def web(pipeline, tmp_path_factory):
         "serve",
         "--only",
         "web",
-        settings={"DIANA_DICOMWEB_PORT": str(WEB_PORT), "DIANA_DICOMWEB_BEARER_TOKEN_FILE": str(token_file)},
+        settings={
+            "DIANA_DICOMWEB_PORT": str(WEB_PORT),
+            "DIANA_DICOMWEB_BEARER_TOKEN_FILE": str(token_file),
+            "DIANA_DICOMWEB_METRICS_PORT": str(port(19468)),
+        },
     )
     url = f"http://127.0.0.1:{WEB_PORT}"
     deadline = time.monotonic() + 30
@@ -122,6 +126,8 @@ def test_refusals_have_reasons_and_the_service_goes_on(web):
     assert client._session.get(base + "/studies/1." + "2" * 63).status_code == 400  # 65 characters: no UID
     assert client._session.get(base + "/studies/1.2.3.4.5").status_code == 404
     assert len(client.search_for_studies(search_filters={"PatientID": "WEB-P1"})) == 1
+    metrics = requests.get(f"http://127.0.0.1:{port(19468)}/metrics").text
+    assert 'diana_dicomweb_requests_total{service="qido",status="400"}' in metrics
 
 
 def test_stow_stores_through_the_receivers_path(web, pipeline, tmp_path):
@@ -179,7 +185,10 @@ def test_stow_stores_through_the_receivers_path(web, pipeline, tmp_path):
 def test_refuses_to_start_exposed_without_authentication(pipeline):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
     env.update(
-        DIANA_CONFIG=str(pipeline.config_file), DIANA_DICOMWEB_HOST="0.0.0.0", DIANA_DICOMWEB_PORT=str(WEB_PORT + 1)
+        DIANA_CONFIG=str(pipeline.config_file),
+        DIANA_DICOMWEB_HOST="0.0.0.0",
+        DIANA_DICOMWEB_PORT=str(WEB_PORT + 1),
+        DIANA_DICOMWEB_METRICS_PORT="0",
     )
     result = subprocess.run(
         [sys.executable, "-m", "diana.cli", "serve", "--only", "web"],

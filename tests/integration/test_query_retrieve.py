@@ -439,7 +439,9 @@ def test_get_returns_identical_data_sets(pipeline, corpus, tmp_path):
 
 
 def test_serve_alone_answers_on_its_own_port(pipeline, corpus, tmp_path):
-    proc = pipeline.start("qr-serve", "serve")
+    proc = pipeline.start(
+        "qr-serve", "serve", "--only", "dicom", settings={"DIANA_DICOMWEB_METRICS_PORT": str(port(19467))}
+    )
     try:
         qr_port = pipeline.cfg.query_retrieve.port
         deadline = time.monotonic() + 30
@@ -468,5 +470,9 @@ def test_serve_alone_answers_on_its_own_port(pipeline, corpus, tmp_path):
             env=DCMTK_ENV,
         )
         assert stored.returncode != 0, stored.stdout + stored.stderr
+        metrics = subprocess.run(
+            ["curl", "-s", f"http://127.0.0.1:{port(19467)}/metrics"], capture_output=True, text=True
+        ).stdout
+        assert 'diana_qr_requests_total{operation="find",status="0000"} 1.0' in metrics
     finally:
         pipeline.stop("qr-serve")
