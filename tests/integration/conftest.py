@@ -38,7 +38,7 @@ metrics_port = {port(19464)}
 
 [query_retrieve]
 port = {port(11191)}
-destinations = ["STORESCP=127.0.0.1:{port(11192)}", "OFFLINE=127.0.0.1:{port(11193)}"]
+destinations = ["STORESCP=127.0.0.1:{port(11192)}", "OFFLINE=127.0.0.1:{port(11193)}", "ORTHANC=127.0.0.1:{port(18104)}"]
 
 [sinks]
 archive_metrics_port = {port(19465)}

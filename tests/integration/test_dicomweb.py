@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from io import BytesIO
 
 import pydicom
 import pytest
@@ -199,3 +200,35 @@ def test_refuses_to_start_exposed_without_authentication(pipeline):
         timeout=60,
     )
     assert result.returncode == 2 and "no authentication is configured" in result.stderr
+
+
+def test_orthanc_dicomweb_plugin_as_client(web, pipeline, tmp_path):
+    """Orthanc's DICOMweb plugin configured with diana-star as a server: QIDO, WADO retrieve, STOW."""
+    from tests.support.orthanc import start_orthanc, stop_orthanc
+
+    client, study, base = web
+    server = {"Url": base + "/", "HttpHeaders": {"Authorization": f"Bearer {TOKEN}"}}
+    orthanc = start_orthanc(tmp_path, {}, {"diana": server})
+    try:
+        found = orthanc.post("/dicom-web/servers/diana/qido", {"Uri": "/studies", "Arguments": {"PatientID": "WEB-P1"}})
+        # the plugin hands the answers on in its own form (Orthanc's JSON: tag -> Name, Value...)
+        assert [f["0020000D"]["Value"] for f in found] == [study.study_uid], found
+        orthanc.post("/dicom-web/servers/diana/retrieve", {"Resources": [{"Study": study.study_uid}]})
+        (study_id,) = [r["ID"] for r in orthanc.post("/tools/lookup", study.study_uid)]
+        originals = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in study.files}
+        instances = orthanc.get(f"/studies/{study_id}/instances")
+        assert len(instances) == len(originals)
+        for instance in instances:
+            raw = requests.get(f"{orthanc.url}/instances/{instance['ID']}/file", timeout=60).content
+            got = pydicom.dcmread(BytesIO(raw))
+            assert got == originals[got.SOPInstanceUID]
+        # STOW from Orthanc's side
+        new = make_study(tmp_path / "from-orthanc", [SeriesSpec("CT", "FROM ORTHANC", 2)], patient_id="WEB-ORTHANC")
+        uploaded = [
+            requests.post(orthanc.url + "/instances", data=p.read_bytes(), timeout=60).json()["ID"] for p in new.files
+        ]
+        orthanc.post("/dicom-web/servers/diana/stow", {"Resources": uploaded, "Synchronous": True})
+        wait_until_caught_up(pipeline.cfg)
+        assert len(client.search_for_instances(new.study_uid)) == 2
+    finally:
+        stop_orthanc(orthanc)

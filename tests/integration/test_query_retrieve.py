@@ -12,10 +12,12 @@ import subprocess
 import time
 import warnings
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 from pydicom.filereader import read_file_meta_info
 
 from tests.support.dicomgen import GeneratedStudy, SeriesSpec, make_study
@@ -476,3 +478,32 @@ def test_serve_alone_answers_on_its_own_port(pipeline, corpus, tmp_path):
         assert 'diana_qr_requests_total{operation="find",status="0000"} 1.0' in metrics
     finally:
         pipeline.stop("qr-serve")
+
+
+# ------------------------------------------------------------------ Orthanc as the client
+def test_orthanc_queries_and_moves_through_its_rest_api(pipeline, corpus, tmp_path):
+    from tests.support.orthanc import ORTHANC_AE, start_orthanc, stop_orthanc
+
+    cfg, a = pipeline.cfg, corpus.a
+    orthanc = start_orthanc(tmp_path, {"diana": [cfg.receiver.ae_title, "127.0.0.1", cfg.receiver.port]}, {})
+    try:
+        query = orthanc.post(
+            "/modalities/diana/query",
+            {"Level": "Study", "Query": {"PatientID": "QR-P1", "StudyInstanceUID": "", "ModalitiesInStudy": ""}},
+        )
+        answers = orthanc.get(f"/queries/{query['ID']}/answers")
+        assert len(answers) == 1
+        content = orthanc.get(f"/queries/{query['ID']}/answers/0/content?simplify")
+        assert content["StudyInstanceUID"] == a.study_uid and content["ModalitiesInStudy"] == "CT"
+        # Orthanc asks diana-star to C-MOVE the study to Orthanc itself (ORTHANC is a configured destination)
+        orthanc.post(f"/queries/{query['ID']}/retrieve", {"TargetAet": ORTHANC_AE, "Synchronous": True})
+        (study_id,) = [r["ID"] for r in orthanc.post("/tools/lookup", a.study_uid)]
+        instances = orthanc.get(f"/studies/{study_id}/instances")
+        assert len(instances) == 5
+        originals = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in a.files}
+        for instance in instances:
+            raw = requests.get(f"{orthanc.url}/instances/{instance['ID']}/file", timeout=60).content
+            got = pydicom.dcmread(BytesIO(raw))
+            assert got == originals[got.SOPInstanceUID]
+    finally:
+        stop_orthanc(orthanc)
