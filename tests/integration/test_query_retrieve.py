@@ -507,3 +507,77 @@ def test_orthanc_queries_and_moves_through_its_rest_api(pipeline, corpus, tmp_pa
             assert got == originals[got.SOPInstanceUID]
     finally:
         stop_orthanc(orthanc)
+
+
+def test_move_over_tls_with_the_receivers_tls_settings(pipeline, corpus, tmp_path):
+    """`diana serve` with the receiver's TLS settings: movescu over TLS (client certificate required),
+    and the move to a ":tls" destination (a dcmtk storescp over TLS) verified against tls_ca_file."""
+    from tests.support.pki import make_certificates
+
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    c = make_certificates(pki)
+    tls_client = ["+tls", str(c["client.key"]), str(c["client.pem"]), "+cf", str(c["ca.pem"])]
+    secure_port, qr_port = port(11196), port(11197)
+    out = tmp_path / "secure"
+    out.mkdir()
+    destination = subprocess.Popen(
+        ["storescp", "+tls", str(c["server.key"]), str(c["server.pem"]), "+cf", str(c["ca.pem"]), "-aet", "SECURE",
+         "-od", str(out), str(secure_port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=DCMTK_ENV,
+    )  # fmt: skip
+    proc = pipeline.start(
+        "qr-tls",
+        "serve",
+        "--only",
+        "dicom",
+        settings={
+            "DIANA_RECEIVER_TLS_CERT_FILE": str(c["server.pem"]),
+            "DIANA_RECEIVER_TLS_KEY_FILE": str(c["server.key"]),
+            "DIANA_RECEIVER_TLS_CA_FILE": str(c["ca.pem"]),
+            "DIANA_QUERY_RETRIEVE_PORT": str(qr_port),
+            "DIANA_QUERY_RETRIEVE_DESTINATIONS": f"SECURE=127.0.0.1:{secure_port}:tls",
+            "DIANA_DICOMWEB_METRICS_PORT": "0",
+        },
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            echo = subprocess.run(
+                ["echoscu", *tls_client, "-aec", pipeline.cfg.receiver.ae_title, "127.0.0.1", str(qr_port)],
+                capture_output=True,
+                env=DCMTK_ENV,
+            )
+            if echo.returncode == 0:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, pipeline.log_text("qr-tls")[-2000:]
+            time.sleep(0.5)
+        # dcmtk's movescu has no TLS: pynetdicom is the C-MOVE SCU here, with a client certificate
+        import ssl
+
+        from pynetdicom import AE
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(c["ca.pem"]))
+        context.load_cert_chain(str(c["client.pem"]), str(c["client.key"]))
+        scu = AE(ae_title="TLSMOVESCU")
+        scu.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = scu.associate(
+            "127.0.0.1", qr_port, ae_title=pipeline.cfg.receiver.ae_title, tls_args=(context, "127.0.0.1")
+        )
+        assert assoc.is_established
+        identifier = pydicom.Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = corpus.b.study_uid
+        responses = list(assoc.send_c_move(identifier, "SECURE", StudyRootQueryRetrieveInformationModelMove))
+        assoc.release()
+        final = responses[-1][0]
+        assert final.Status == 0x0000, final
+        assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (2, 0)
+        assert len(list(out.iterdir())) == 2
+        plain = _dcmtk("echoscu", pipeline.cfg, [], qr_port)
+        assert plain.returncode != 0  # no TLS: no association
+    finally:
+        pipeline.stop("qr-tls")
+        destination.terminate()
+        destination.wait(10)
