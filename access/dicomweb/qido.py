@@ -140,11 +140,11 @@ def parse_qido(
     ds.SpecificCharacterSet = "ISO_IR 192"  # the values are UTF-8, as URLs carry them
     ds.QueryRetrieveLevel = level
     for keyword in DEFAULT_KEYS[level]:
-        ds[tag_for_keyword(keyword)] = _raw(tag_for_keyword(keyword), "")
+        ds[_tag(keyword)] = _raw(_tag(keyword), "")
     for tag in includes:
         ds[tag] = _raw(tag, "")
     for keyword, uid in path_uids.items():
-        matching[int(tag_for_keyword(keyword))] = uid
+        matching[_tag(keyword)] = uid
     for tag, value in matching.items():
         ds[tag] = _raw(tag, value)
     return QidoRequest(ds, limit, offset, include_all, names)

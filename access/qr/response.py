@@ -8,6 +8,7 @@ The unique keys of the level and the levels above are always returned.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag
@@ -34,7 +35,7 @@ def _dicom_time(iso: str | None) -> str:
 
 
 # keyword -> how to read it from the typed fields when the document has no header
-_FALLBACK = {
+_FALLBACK: dict[str, tuple[str, Callable[[Any], str]]] = {
     "PatientID": ("patient_id", str),
     "PatientName": ("patient_name", str),
     "PatientBirthDate": ("patient_birth_date", _dicom_date),

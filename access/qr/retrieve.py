@@ -49,7 +49,8 @@ def archive_path(archive: Path, doc: dict[str, Any]) -> Path | None:
     uids = [doc.get("study_instance_uid"), doc.get("series_instance_uid"), doc.get("sop_instance_uid")]
     if not all(isinstance(u, str) and is_valid_uid(u) for u in uids):
         return None
-    return archive / uids[0] / uids[1] / f"{uids[2]}.dcm"
+    study, series, sop = (str(u) for u in uids)
+    return archive / study / series / f"{sop}.dcm"
 
 
 _original_send_c_store = Association.send_c_store

@@ -9,6 +9,7 @@ import threading
 import structlog
 from opensearchpy import OpenSearch
 from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
 
 from diana.access.qr.index_reader import IndexReader
 from diana.access.qr.service import QueryRetrieve
@@ -63,7 +64,7 @@ class QueryRetrieveServer:
         ae.add_supported_context("1.2.840.10008.1.1")  # Verification
         self.ae = ae
         self.ssl_context = tls_context(r)
-        self.server = None
+        self.server: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
         handlers = [

@@ -106,7 +106,7 @@ class QueryRetrieve:
         storage classes with the SCP role a C-GET requester takes for its sub-operations."""
         out: list[tuple[str, dict[str, Any]]] = [(uid, {}) for uid in QR_SOP_CLASSES]
         out += [
-            (cx.abstract_syntax, {"transfer_syntax": ALL_TRANSFER_SYNTAXES, "scu_role": True, "scp_role": True})
+            (str(cx.abstract_syntax), {"transfer_syntax": ALL_TRANSFER_SYNTAXES, "scu_role": True, "scp_role": True})
             for cx in StoragePresentationContexts
         ]
         return out
