@@ -232,3 +232,20 @@ def test_orthanc_dicomweb_plugin_as_client(web, pipeline, tmp_path):
         assert len(client.search_for_instances(new.study_uid)) == 2
     finally:
         stop_orthanc(orthanc)
+
+
+def test_status_shows_the_services(web, pipeline):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
+    env.update(DIANA_CONFIG=str(pipeline.config_file), DIANA_DICOMWEB_PORT=str(WEB_PORT))
+    result = subprocess.run(
+        [sys.executable, "-m", "diana.cli", "status"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    lines = {
+        line.split("  ")[1].strip(): line
+        for line in result.stdout.splitlines()
+        if "(diana serve)" in line or "receiver (" in line
+    }
+    assert lines["DICOMweb (diana serve)"].endswith(" listening"), result.stdout
+    assert lines["receiver (C-STORE, C-FIND/C-MOVE/C-GET)"].endswith(" listening"), result.stdout
+    assert lines["query/retrieve alone (diana serve)"].endswith("not listening"), result.stdout
