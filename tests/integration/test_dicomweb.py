@@ -87,6 +87,8 @@ def test_qido_studies_series_instances(web):
     all_ct = client.search_for_series(search_filters={"Modality": "CT", "SeriesDescription": "WEB*"})
     assert len(all_ct) == 2
     assert len(client.search_for_series(search_filters={"SeriesDescription": "WEB*"}, limit=1, offset=1)) == 1
+    (everything,) = client.search_for_studies(search_filters={"PatientID": "WEB-P1"}, fields=["all"])
+    assert pydicom.Dataset.from_json(everything).StationName == "CTSTATION1"  # not a default attribute
     axial = next(s for s in series if s.SeriesDescription == "WEB AXIAL")
     instances = client.search_for_instances(study.study_uid, axial.SeriesInstanceUID)
     assert len(instances) == 3

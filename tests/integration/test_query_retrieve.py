@@ -581,3 +581,52 @@ def test_move_over_tls_with_the_receivers_tls_settings(pipeline, corpus, tmp_pat
         pipeline.stop("qr-tls")
         destination.terminate()
         destination.wait(10)
+
+
+def test_index_outage_is_out_of_resources_and_the_allow_list_holds(pipeline, corpus):
+    """Q/R alone with an OpenSearch that does not answer: 0xA700 (retry later), the service goes on;
+    the receiver's allow-list applies to it too."""
+    qr_port = port(11198)
+    proc = pipeline.start(
+        "qr-outage",
+        "serve",
+        "--only",
+        "dicom",
+        settings={
+            "DIANA_OPENSEARCH_URL": f"http://127.0.0.1:{port(11199)}",  # nothing listens there
+            "DIANA_QUERY_RETRIEVE_PORT": str(qr_port),
+            "DIANA_RECEIVER_ALLOWED_CALLING_AES": "FINDSCU,GETSCU",
+            "DIANA_DICOMWEB_METRICS_PORT": "0",
+        },
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            echo = subprocess.run(
+                ["echoscu", "-aet", "FINDSCU", "-aec", pipeline.cfg.receiver.ae_title, "127.0.0.1", str(qr_port)],
+                capture_output=True,
+                env=DCMTK_ENV,
+            )
+            if echo.returncode == 0:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, pipeline.log_text("qr-outage")[-2000:]
+            time.sleep(0.5)
+        for _ in range(2):
+            result = _dcmtk("findscu", pipeline.cfg, ["-v", "-S", "-k", "QueryRetrieveLevel=STUDY"], qr_port)
+            assert "Final Find Response (Refused: OutOfResources)" in result.stderr, result.stderr[-1500:]
+        got = _dcmtk(
+            "getscu",
+            pipeline.cfg,
+            ["-d", "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.3"],
+            qr_port,
+        )
+        assert "0xa700" in (got.stdout + got.stderr).lower()
+        refused = subprocess.run(
+            ["echoscu", "-aet", "STRANGER", "-aec", pipeline.cfg.receiver.ae_title, "127.0.0.1", str(qr_port)],
+            capture_output=True,
+            env=DCMTK_ENV,
+        )
+        assert refused.returncode != 0  # not in allowed_calling_aes
+        assert proc.poll() is None
+    finally:
+        pipeline.stop("qr-outage")
