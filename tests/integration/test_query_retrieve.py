@@ -288,8 +288,12 @@ def storescp(tmp_path):
         stderr=subprocess.DEVNULL,
         env=DCMTK_ENV,
     )
-    time.sleep(0.5)
-    assert proc.poll() is None, "storescp did not start"
+    deadline = time.monotonic() + 15
+    while subprocess.run(
+        ["echoscu", "-aec", "STORESCP", "127.0.0.1", str(STORESCP_PORT)], capture_output=True, env=DCMTK_ENV
+    ).returncode:
+        assert proc.poll() is None and time.monotonic() < deadline, "storescp did not start"
+        time.sleep(0.2)
     yield out
     proc.terminate()
     proc.wait(10)
