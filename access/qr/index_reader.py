@@ -21,6 +21,8 @@ __all__ = ["IndexReader", "Match", "GROUP_FIELD"]
 
 GROUP_FIELD = {"PATIENT": "patient_id", "STUDY": "study_instance_uid", "SERIES": "series_instance_uid"}
 PAGE = 500
+# Matching keys whose value differs between the instances of one study.
+_VARYING = {"ModalitiesInStudy", "SOPClassesInStudy"}
 # Typed fields read back when a document has no DICOM JSON header (pydicom could not express one).
 FALLBACK_FIELDS = [
     "patient_id",
@@ -105,6 +107,10 @@ class IndexReader:
                 yield Match(doc, {})
             return
         field = GROUP_FIELD[query.level]
+        # Keys that differ between the instances of one match (ModalitiesInStudy: the study matches if
+        # any instance does) need a second request for the values over all instances; otherwise every
+        # instance of a matching group matches, and one request answers the page.
+        varying = any(m.attribute.keyword in _VARYING for m in query.matchers)
         found = 0
         after = None
         while found < limit and not cancelled():
@@ -114,12 +120,19 @@ class IndexReader:
             }
             if after:
                 composite["after"] = after
-            body = {"size": 0, "query": query_for(query), "aggs": {"groups": {"composite": composite}}}
+            groups: dict[str, Any] = {"composite": composite}
+            if not varying:
+                groups["aggs"] = _group_aggs(query.level)
+            body = {"size": 0, "query": query_for(query), "aggs": {"groups": groups}}
             page = self.client.search(index=self.index, body=body)["aggregations"]["groups"]
             keys = [b["key"]["key"] for b in page["buckets"]]
             if not keys:
                 return
-            yield from self._groups(query.level, field, keys)
+            if varying:
+                yield from self._groups(query.level, field, keys)
+            else:
+                for bucket in page["buckets"]:
+                    yield Match(bucket["first"]["hits"]["hits"][0]["_source"], _computed(query.level, bucket))
             found += len(keys)
             after = page.get("after_key")
             if not after:
