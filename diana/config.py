@@ -16,7 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Config", "ConfigError", "ConflictPolicy", "load_config", "parse_per_modality", "ENV_CONFIG_FILE"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ConflictPolicy",
+    "MoveDestination",
+    "load_config",
+    "parse_destinations",
+    "parse_per_modality",
+    "ENV_CONFIG_FILE",
+]
 
 ENV_CONFIG_FILE = "DIANA_CONFIG"
 _ENV_PREFIX = "DIANA_"
@@ -183,6 +192,46 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class QueryRetrieveConfig:
+    """The Query/Retrieve SCP (C-FIND, C-MOVE, C-GET), answered from the index and the archive."""
+
+    # The receiver's AE (same title and port) also answers query/retrieve: configure diana-star once.
+    on_receiver: bool = True
+    # `diana serve` alone listens here, with the receiver's AE title, allow-lists and TLS settings.
+    port: int = 11113
+    # C-MOVE destinations: "AE=host:port", or "AE=host:port:tls" for DICOM over TLS (verified
+    # against [receiver] tls_ca_file when set, else the system's CAs). An unknown AE gets 0xA801.
+    destinations: tuple = ()
+    # A C-FIND answers at most this many matches (then stops with a warning in the log).
+    max_matches: int = 10000
+    # A C-MOVE or C-GET sends at most this many objects (a DIMSE counter holds 65535).
+    max_retrieve: int = 65535
+
+
+@dataclass(frozen=True)
+class DicomWebConfig:
+    """DICOMweb (QIDO-RS, WADO-RS) on `diana serve`: docs/DICOMWEB.md."""
+
+    # Loopback by default: on any other address it refuses to start without authentication.
+    host: str = "127.0.0.1"
+    port: int = 8042
+    # A file holding the bearer token clients send (Authorization: Bearer TOKEN).
+    bearer_token_file: str = ""
+    # HTTP basic: the user name, and a file holding the password.
+    basic_user: str = ""
+    basic_password_file: str = ""
+    # Origins browser viewers may call from (CORS), e.g. ["https://viewer.example.org"]; "*" for any.
+    cors_origins: tuple = ()
+    # HTTPS when both are set (PEM files).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # A QIDO-RS answer holds at most this many matches (`limit` may ask for fewer).
+    max_results: int = 1000
+    # Prometheus /metrics of `diana serve` (DICOMweb and Q/R alone); 0: none.
+    metrics_port: int = 9467
+
+
+@dataclass(frozen=True)
 class StackConfig:
     """The no-Docker local stack (compose/local): where it lives and its ports."""
 
@@ -224,6 +273,8 @@ class Config:
     dose: DoseConfig = field(default_factory=DoseConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    query_retrieve: QueryRetrieveConfig = field(default_factory=QueryRetrieveConfig)
+    dicomweb: DicomWebConfig = field(default_factory=DicomWebConfig)
     stack: StackConfig = field(default_factory=StackConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -311,6 +362,33 @@ _CHOICES = {
 }
 
 
+@dataclass(frozen=True)
+class MoveDestination:
+    ae_title: str
+    host: str
+    port: int
+    tls: bool = False
+
+
+def parse_destinations(entries: tuple) -> dict[str, MoveDestination]:
+    """``("AE=host:port", "AE=host:port:tls")`` -> AE title -> destination; a bad entry says how to write it."""
+    out: dict[str, MoveDestination] = {}
+    for entry in entries:
+        ae, _, where = str(entry).partition("=")
+        parts = where.rsplit(":", 2) if where.endswith(":tls") else where.rsplit(":", 1)
+        ae = ae.strip()
+        ok = bool(ae) and len(ae) <= 16 and len(parts) >= 2 and parts[0] and parts[1].isdigit()
+        if not ok or not 0 < int(parts[1]) < 65536:
+            raise ConfigError(
+                f"[query_retrieve] destinations: {entry!r} is not AE=host:port or AE=host:port:tls "
+                f'(e.g. "VIEWER=10.0.0.5:11112"; AE titles have at most 16 characters)'
+            )
+        if ae in out:
+            raise ConfigError(f"[query_retrieve] destinations: AE title {ae!r} is listed twice")
+        out[ae] = MoveDestination(ae, parts[0], int(parts[1]), len(parts) == 3)
+    return out
+
+
 def _check_choices(sections: dict[str, Any]) -> None:
     for (section, key), allowed in _CHOICES.items():
         value = getattr(sections[section], key)
@@ -320,6 +398,7 @@ def _check_choices(sections: dict[str, Any]) -> None:
         parse_per_modality(sections["stream"].quiet_seconds)
     except ValueError as exc:
         raise ConfigError(f"[stream] quiet_seconds: {exc}") from None
+    parse_destinations(sections["query_retrieve"].destinations)
 
 
 def parse_per_modality(spec: str) -> tuple[dict[str, float], float]:

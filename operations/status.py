@@ -25,7 +25,27 @@ class PipelineStatus:
     indices: dict[str, tuple[str, int]] = field(default_factory=dict)  # alias -> (index, documents)
     archive_objects: int = 0
     landing_objects: int = 0
+    services: dict[str, tuple[str, bool]] = field(default_factory=dict)  # name -> (address, listening)
     errors: list[str] = field(default_factory=list)
+
+
+def _listening(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "::") else host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def service_addresses(cfg: Config) -> dict[str, tuple[str, int]]:
+    """Where the outward services listen: the receiver (storage, and Q/R by default), Q/R alone, DICOMweb."""
+    r, qr, web = cfg.receiver, cfg.query_retrieve, cfg.dicomweb
+    out = {"receiver (C-STORE" + (", C-FIND/C-MOVE/C-GET)" if qr.on_receiver else ")"): (r.host, r.port)}
+    out["query/retrieve alone (diana serve)"] = (r.host, qr.port)
+    out["DICOMweb (diana serve)"] = (web.host, web.port)
+    return out
 
 
 def watermarks(cfg: Config, topics: list[str]) -> dict[str, dict[int, tuple[int, int]]]:
@@ -99,6 +119,8 @@ def collect_status(cfg: Config) -> PipelineStatus:
             status.errors.append(f"{alias}: {getattr(exc, 'error', exc)}")
     status.archive_objects = _count(cfg.path(cfg.storage.archive_dir))
     status.landing_objects = _count(cfg.path(cfg.storage.landing_dir))
+    for name, (host, port) in service_addresses(cfg).items():
+        status.services[name] = (f"{host}:{port}", _listening(host, port))
     return status
 
 
@@ -120,4 +142,8 @@ def render_status(status: PipelineStatus) -> str:
     out.append("")
     out.append(f"ARCHIVE  objects: {status.archive_objects}")
     out.append(f"LANDING  objects waiting: {status.landing_objects}")
+    out.append("")
+    out.append("SERVICES")
+    for name, (address, up) in status.services.items():
+        out.append(f"  {name:<44}{address:<24}{'listening' if up else 'not listening'}")
     return "\n".join(out)

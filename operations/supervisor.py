@@ -35,7 +35,7 @@ PIPELINE = (
 def wait_for_receiver(cfg: Config, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     """Return once the receiver answers a C-ECHO (so it is announced only when it listens)."""
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
+    from pynetdicom.sop_class import Verification
 
     ae = AE(ae_title="DIANA-RUN")
     ae.add_requested_context(Verification)

@@ -18,7 +18,7 @@ from typing import Any, cast
 import structlog
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
+from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from diana.config import Config, ReceiverConfig
@@ -32,7 +32,7 @@ from diana.producers.spill import SpillFile, install_spill_to_file
 from diana.producers.transport_guard import GuardedServer, GuardSettings
 from diana.schemas.codec import default_codec
 
-__all__ = ["Receiver", "handle_store", "STATUS"]
+__all__ = ["Receiver", "association_handlers", "handle_echo", "handle_store", "tls_context", "STATUS"]
 
 log = structlog.get_logger("diana.receiver")
 
@@ -201,16 +201,39 @@ def tls_context(cfg: ReceiverConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+def association_handlers(cfg: ReceiverConfig) -> list[tuple]:
+    """The allow-lists, Nagle off, association logs and metrics: what every AE of ours binds."""
+    return [
+        (evt.EVT_CONN_OPEN, _on_conn_open),
+        (evt.EVT_REQUESTED, _on_requested, [cfg]),
+        (evt.EVT_REJECTED, _on_rejected),
+        (evt.EVT_ESTABLISHED, _on_established),
+        (evt.EVT_RELEASED, _on_closed),
+        (evt.EVT_ABORTED, _on_closed),
+    ]
+
+
 class Receiver:
-    """Wiring: one AE, one shared publisher, one landing store."""
+    """Wiring: one AE, one shared publisher, one landing store.
+
+    ``extra_contexts`` (abstract syntax, add_supported_context keyword arguments) and
+    ``extra_handlers`` let the entry point add services to the same AE title and port (the
+    Query/Retrieve SCP of access/qr) without this package knowing them.
+    """
 
     # Half-received files older than this are debris of aborted associations.
     SWEEP_AFTER_S = 3600.0
 
-    def __init__(self, config: Config):
+    def __init__(
+        self,
+        config: Config,
+        extra_contexts: list[tuple[str, dict]] | None = None,
+        extra_handlers: list[tuple] | None = None,
+    ):
         # Process-wide changes to pynetdicom, made here at service start and nowhere on import.
         install_spill_to_file()
         self.cfg = config.receiver
+        self.extra_handlers = list(extra_handlers or [])
         self.landing = LandingStore(config.path(config.storage.landing_dir))
         # pynetdicom writes chunked data sets with NamedTemporaryFile: keep them on the landing
         # filesystem so that accepting one is a hard link, not a copy.
@@ -241,6 +264,8 @@ class Receiver:
             assert context.abstract_syntax is not None
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
+        for abstract_syntax, options in extra_contexts or []:
+            ae.add_supported_context(abstract_syntax, **options)
         self.ae = ae
         self.server: ThreadedAssociationServer | None = None
         self._stopped = threading.Event()
@@ -279,14 +304,10 @@ class Receiver:
         handlers: list[Any] = [
             (evt.EVT_C_STORE, handle_store, [self.ingest]),
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_CONN_OPEN, _on_conn_open),
-            (evt.EVT_REQUESTED, _on_requested, [self.cfg]),
-            (evt.EVT_REJECTED, _on_rejected),
-            (evt.EVT_ESTABLISHED, _on_established),
-            (evt.EVT_RELEASED, _on_closed),
-            (evt.EVT_ABORTED, _on_closed),
+            *association_handlers(self.cfg),
             (evt.EVT_ABORTED, _discard_partial),
             (evt.EVT_CONN_CLOSE, _discard_partial),
+            *self.extra_handlers,
         ]
         # pynetdicom's start_server, with the guarded server class (transport_guard.py).
         self.server = self.ae.make_server(
@@ -305,6 +326,7 @@ class Receiver:
             port=self.cfg.port,
             tls=self.ssl_context is not None,
             landing=str(self.landing.root),
+            extra_services=len(self.extra_handlers),
         )
 
     def stop(self) -> None:

@@ -16,6 +16,8 @@ command -v mvn >/dev/null || need+=(maven)
 command -v openssl >/dev/null || need+=(openssl)
 # Orthanc: a real archive peer for the benchmark (bench/), exercised by the test suite's smoke run.
 [[ -n "$extras" ]] && { [[ -x /usr/sbin/Orthanc ]] || need+=(orthanc); }
+# Orthanc's DICOMweb plugin: a DICOMweb client of diana serve in tests/integration/test_dicomweb.py
+[[ -n "$extras" ]] && { [[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || need+=(orthanc-dicomweb); }
 # headless Chromium renders the HTML report in tests/test_dashboards_report.py
 [[ -n "$extras" ]] && { [[ -x /usr/bin/chromium ]] || need+=(chromium); }
 python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null || {

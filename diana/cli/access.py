@@ -234,6 +234,39 @@ def cmd_alerts(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
+    """Serve what diana-star holds: the Query/Retrieve SCP (C-FIND, C-MOVE, C-GET) on [query_retrieve]
+    port and DICOMweb (QIDO-RS, WADO-RS, STOW-RS) on [dicomweb] host:port; both by default."""
+    from diana.access.dicomweb.server import base_url, dicomweb_app, run_dicomweb
+    from diana.access.qr.server import QueryRetrieveServer
+    from diana.cli._common import start_metrics
+    from diana.config import ConfigError
+
+    start_metrics(cfg, cfg.dicomweb.metrics_port)
+    if args.only == "dicom":
+        QueryRetrieveServer(cfg).serve_forever()
+        return 0
+    try:
+        app, authenticated = dicomweb_app(cfg)
+    except ConfigError as exc:
+        return fail("serve", str(exc))
+    qr = None
+    if args.only != "web":
+        qr = QueryRetrieveServer(cfg)
+        qr.start()
+    print(
+        f"  DICOMweb:        {base_url(cfg)}  "
+        + ("(authentication required)" if authenticated else "(no authentication: loopback only)"),
+        flush=True,
+    )
+    try:
+        run_dicomweb(cfg, app, authenticated)
+    finally:
+        if qr is not None:
+            qr.stop()
+    return 0
+
+
 def _add_cohort_filters(ap: argparse.ArgumentParser) -> None:
     f = ap.add_argument_group("filters")
     f.add_argument("--modality", action="append", metavar="M", help="e.g. CT (repeatable)")
@@ -320,6 +353,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     dash.add_argument("--url", default="http://127.0.0.1:5601", help="Dashboards URL (default http://127.0.0.1:5601)")
     dash.add_argument("--output", "-o", metavar="FILE", help="export: write here instead of standard output")
     dash.set_defaults(func=cmd_dashboards)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve query/retrieve (DICOM) and DICOMweb",
+        description=f"{cmd_serve.__doc__} The Q/R SCP has the receiver's AE title, allow-lists and TLS "
+        "settings (the receiver also answers Q/R itself: [query_retrieve] on_receiver).",
+    )
+    serve.add_argument(
+        "--only", choices=["dicom", "web"], help="just the Q/R SCP (dicom) or just DICOMweb (web); default both"
+    )
+    serve.set_defaults(func=cmd_serve)
 
     alerts = sub.add_parser(
         "alerts", help="deliver, list, acknowledge and close dose alerts", description=cmd_alerts.__doc__

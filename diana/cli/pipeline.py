@@ -18,7 +18,14 @@ def cmd_receive(cfg: Config, _args: argparse.Namespace) -> int:
     from diana.producers.scp import Receiver
 
     start_metrics(cfg, cfg.receiver.metrics_port)
-    Receiver(cfg).serve_forever()
+    contexts: list = []
+    handlers: list = []
+    if cfg.query_retrieve.on_receiver:  # one AE title and port for storage and query/retrieve
+        from diana.access.qr.server import build_query_retrieve
+
+        qr = build_query_retrieve(cfg)
+        contexts, handlers = qr.contexts(), qr.handlers()
+    Receiver(cfg, extra_contexts=contexts, extra_handlers=handlers).serve_forever()
     return 0
 
 
@@ -157,8 +164,10 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
         stack.start()
     try:
         cmd_topics(cfg, args)
+        # DICOMweb, and the Q/R SCP on its own port when the receiver does not answer it.
+        extra = [("serve", ["serve", "--only", "web"] if cfg.query_retrieve.on_receiver else ["serve"])]
         # The alert delivery worker runs when recipients are configured ([alerts] routing).
-        extra = [("alerts", ["alerts", "deliver"])] if cfg.alerts.routing else []
+        extra += [("alerts", ["alerts", "deliver"])] if cfg.alerts.routing else []
         run_pipeline(cfg, args.config, stop_on_signals(), on_ready=lambda: print(_banner(cfg), flush=True), extra=extra)
     finally:
         if not args.no_stack and not args.keep_stack:
@@ -173,7 +182,18 @@ def _banner(cfg: Config) -> str:
         f"  diana-star is running.\n"
         f"  Send DICOM to:   AE title {r.ae_title}, port {r.port} (host {r.host})\n"
         f"                   e.g. storescu -aec {r.ae_title} 127.0.0.1 {r.port} FILE...\n"
-        f"  OpenSearch:      {cfg.opensearch.url}  (indices {cfg.opensearch.index_prefix}-instances, "
+        + (
+            "  Query/retrieve:  the same AE title and port (C-FIND, C-MOVE, C-GET)\n"
+            if cfg.query_retrieve.on_receiver
+            else f"  Query/retrieve:  AE title {r.ae_title}, port {cfg.query_retrieve.port}\n"
+        )
+        + f"  DICOMweb:        http://{cfg.dicomweb.host}:{cfg.dicomweb.port}  "
+        + (
+            "(authentication required)\n"
+            if cfg.dicomweb.bearer_token_file or cfg.dicomweb.basic_user
+            else "(no authentication: loopback only)\n"
+        )
+        + f"  OpenSearch:      {cfg.opensearch.url}  (indices {cfg.opensearch.index_prefix}-instances, "
         f"-series, -studies,\n"
         f"                   -dose-events, -dose-studies, -dose-alerts)\n"
         f"  Archive:         {cfg.path(cfg.storage.archive_dir)}\n"

@@ -38,6 +38,10 @@ metrics_port = {port(19464)}
 # The scale tests hold 16 associations from 127.0.0.1 (the default per address is 8).
 max_associations_per_host = 32
 
+[query_retrieve]
+port = {port(11191)}
+destinations = ["STORESCP=127.0.0.1:{port(11192)}", "OFFLINE=127.0.0.1:{port(11193)}", "ORTHANC=127.0.0.1:{port(18104)}"]
+
 [sinks]
 archive_metrics_port = {port(19465)}
 opensearch_metrics_port = {port(19466)}

@@ -50,5 +50,17 @@ def test_the_example_file_documents_exactly_the_defaults():
     example = REPO / "diana.example.toml"
     from_file = load_config(example, environ={})
     defaults = load_config(None, environ={})
-    for section in ("receiver", "storage", "kafka", "opensearch", "sinks", "stream", "stack", "metrics", "log"):
+    for section in (
+        "receiver",
+        "storage",
+        "kafka",
+        "opensearch",
+        "sinks",
+        "stream",
+        "stack",
+        "metrics",
+        "log",
+        "query_retrieve",
+        "dicomweb",
+    ):
         assert getattr(from_file, section) == getattr(defaults, section), section

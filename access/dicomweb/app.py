@@ -1,0 +1,265 @@
+"""The DICOMweb application: QIDO-RS and WADO-RS routes (PS3.18), on Starlette.
+
+Queries go through access/qr (the same identifier checks and OpenSearch matching as C-FIND);
+retrieval reads the archive, never the landing store. Every refused request gets a status with a
+reason: 400 naming the parameter, 401 (auth.py), 404 for what is not held, 406 for a media type
+this service does not produce.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import structlog
+from opensearchpy.exceptions import ConnectionError as OSConnectionError
+from opensearchpy.exceptions import TransportError
+from prometheus_client import Counter
+from pydicom.dataset import Dataset
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from diana.access.dicomweb.auth import Credentials, RequireAuth
+from diana.access.dicomweb.qido import QidoError, parameter_name, parse_qido
+from diana.access.dicomweb.stow import StowError, boundary_of, receive_body, response_json, split_parts, store_parts
+from diana.access.dicomweb.wado import frame_bytes, metadata, multipart_dicom, new_boundary
+from diana.access.qr.identifier import IdentifierError, parse_identifier
+from diana.access.qr.index_reader import IndexReader
+from diana.access.qr.response import build_response
+from diana.access.qr.retrieve import archive_path
+from diana.producers.ingest import Ingest
+
+__all__ = ["build_app"]
+
+log = structlog.get_logger("diana.dicomweb")
+REQUESTS = Counter("diana_dicomweb_requests_total", "DICOMweb requests answered", ["service", "status"])
+DICOM_JSON = "application/dicom+json"
+
+
+def _error(status: int, reason: str, service: str) -> Response:
+    REQUESTS.labels(service, str(status)).inc()
+    return PlainTextResponse(reason + "\n", status_code=status)
+
+
+class DicomWeb:
+    def __init__(
+        self, reader: IndexReader, archive: Path, ae_title: str, max_results: int, ingest: Ingest | None = None
+    ):
+        self.ingest = ingest
+        self.reader = reader
+        self.archive = archive
+        self.ae_title = ae_title
+        self.max_results = max_results
+
+    @staticmethod
+    def _base(request: Request) -> str:
+        """This service's URL as the client reached it. Some clients (dicomweb-client) send a Host
+        header without the port: the port the request came in on is added then."""
+        base = str(request.base_url).rstrip("/")
+        host = request.headers.get("host", "")
+        server = request.scope.get("server")
+        default = 443 if request.url.scheme == "https" else 80
+        if host and ":" not in host.rsplit("]", 1)[-1] and server and server[1] != default:
+            base = f"{request.url.scheme}://{host}:{server[1]}{request.scope.get('root_path', '')}"
+        return base
+
+    # ------------------------------------------------------------------ QIDO-RS
+    def qido(self, request: Request) -> Response:
+        p = request.path_params
+        if "series" in p or request.url.path.endswith("/instances"):
+            level = "IMAGE"
+        elif request.url.path.endswith("/series"):
+            level = "SERIES"
+        else:
+            level = "STUDY"
+        path_uids = {
+            k: v for k, v in (("StudyInstanceUID", p.get("study")), ("SeriesInstanceUID", p.get("series"))) if v
+        }
+        try:
+            qido = parse_qido(list(request.query_params.multi_items()), level, path_uids, self.max_results)
+            query = parse_identifier(qido.identifier, "STUDY", hierarchical=False)
+        except QidoError as exc:
+            return _error(400, str(exc), "qido")
+        except IdentifierError as exc:
+            return _error(400, f"{parameter_name(qido, exc.tag)}: {exc}", "qido")
+        try:
+            results: list[dict[str, Any]] = []
+            for number, match in enumerate(self.reader.find(query, qido.offset + qido.limit)):
+                if number < qido.offset:
+                    continue
+                if qido.include_all:
+                    query.return_tags = sorted(
+                        {*query.return_tags, *(int(k, 16) for k in (match.document.get("dicom") or {}))}
+                    )
+                ds = build_response(query, match, self.ae_title)
+                del ds.QueryRetrieveLevel
+                results.append(self._json(ds, request, match.document))
+        except (OSConnectionError, TransportError):
+            return _error(503, "the index does not answer; retry later", "qido")
+        REQUESTS.labels("qido", "200" if results else "204").inc()
+        if not results:
+            return Response(status_code=204)
+        return Response(json.dumps(results, separators=(",", ":")), media_type=DICOM_JSON)
+
+    def _json(self, ds: Dataset, request: Request, doc: dict[str, Any]) -> dict[str, Any]:
+        model = ds.to_json_dict(bulk_data_threshold=1 << 30)
+        url = f"{self._base(request)}/studies/{doc.get('study_instance_uid')}"
+        if "SOPInstanceUID" in ds:
+            url += f"/series/{doc.get('series_instance_uid')}/instances/{doc.get('sop_instance_uid')}"
+        elif "SeriesInstanceUID" in ds and "NumberOfStudyRelatedSeries" not in ds:
+            url += f"/series/{doc.get('series_instance_uid')}"
+        model["00081190"] = {"vr": "UR", "Value": [url]}
+        return model
+
+    # ------------------------------------------------------------------ STOW-RS
+    async def stow(self, request: Request) -> Response:
+        if self.ingest is None:
+            return _error(405, "this service does not store (no landing store configured)", "stow")
+        try:
+            boundary = boundary_of(request.headers.get("content-type", ""))
+        except StowError as exc:
+            return _error(415, str(exc), "stow")
+        folder = self.ingest.landing.incoming
+        body = await receive_body(request.stream(), folder)
+        try:
+            parts = await anyio.to_thread.run_sync(split_parts, body, boundary, folder)
+        except StowError as exc:
+            return _error(400, str(exc), "stow")
+        finally:
+            body.unlink(missing_ok=True)
+        result = await anyio.to_thread.run_sync(store_parts, self.ingest, parts, request.path_params.get("study"))
+        status = 200 if not result.failed else 202 if result.stored else 409
+        for _, _, reason, why in result.failed:
+            log.warning("stow.refused", reason=f"0x{reason:04X}", detail=why)
+        log.info("stow.done", stored=len(result.stored), failed=len(result.failed))
+        REQUESTS.labels("stow", str(status)).inc()
+        return Response(
+            json.dumps(response_json(result, self._base(request)), separators=(",", ":")),
+            status_code=status,
+            media_type=DICOM_JSON,
+        )
+
+    # ------------------------------------------------------------------ WADO-RS
+    def _selected(self, request: Request, source: list[str]) -> list[dict[str, Any]] | Response:
+        p = request.path_params
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "IMAGE" if "instance" in p else "SERIES" if "series" in p else "STUDY"
+        ds.StudyInstanceUID = p["study"]
+        if "series" in p:
+            ds.SeriesInstanceUID = p["series"]
+        if "instance" in p:
+            ds.SOPInstanceUID = p["instance"]
+        try:
+            query = parse_identifier(ds, "STUDY", hierarchical=False)
+        except IdentifierError as exc:
+            return _error(400, str(exc), "wado")
+        try:
+            docs = list(self.reader.documents(query, source, 65535))
+        except (OSConnectionError, TransportError):
+            return _error(503, "the index does not answer; retry later", "wado")
+        if not docs:
+            return _error(404, "no such study, series or instance here", "wado")
+        return docs
+
+    def retrieve(self, request: Request) -> Response:
+        accept = request.headers.get("accept", "*/*")
+        if not any(t in accept for t in ("application/dicom", "multipart/related", "*/*")):
+            return _error(406, f'only multipart/related; type="application/dicom" is produced, not {accept}', "wado")
+        docs = self._selected(request, ["study_instance_uid", "series_instance_uid", "sop_instance_uid"])
+        if isinstance(docs, Response):
+            return docs
+        paths = [path for path in (archive_path(self.archive, d) for d in docs) if path is not None and path.exists()]
+        if not paths:
+            return _error(404, "not archived yet: retry later", "wado")
+        boundary = new_boundary()
+        REQUESTS.labels("wado", "200").inc()
+        log.info("wado.retrieve", instances=len(paths), missing=len(docs) - len(paths))
+        return StreamingResponse(
+            multipart_dicom(paths, boundary),
+            media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
+        )
+
+    def metadata(self, request: Request) -> Response:
+        docs = self._selected(request, ["dicom"])
+        if isinstance(docs, Response):
+            return docs
+        REQUESTS.labels("wado-metadata", "200").inc()
+        return StreamingResponse(iter(list(metadata(iter(docs), self._base(request)))), media_type=DICOM_JSON)
+
+    def frames(self, request: Request) -> Response:
+        try:
+            numbers = [int(n) for n in request.path_params["frames"].split(",")]
+        except ValueError:
+            return _error(400, "frames: a comma-separated list of frame numbers, e.g. 1,3", "frames")
+        docs = self._selected(request, ["study_instance_uid", "series_instance_uid", "sop_instance_uid"])
+        if isinstance(docs, Response):
+            return docs
+        path = archive_path(self.archive, docs[0])
+        if path is None or not path.exists():
+            return _error(404, "not archived yet: retry later", "frames")
+        try:
+            frames = frame_bytes(path, numbers)
+        except (LookupError, IndexError) as exc:
+            return _error(404, str(exc), "frames")
+        boundary = new_boundary()
+        body = (
+            b"".join(
+                f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode() + frame + b"\r\n"
+                for frame in frames
+            )
+            + f"--{boundary}--\r\n".encode()
+        )
+        REQUESTS.labels("frames", "200").inc()
+        return Response(body, media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}')
+
+
+def build_app(
+    reader: IndexReader,
+    archive: Path,
+    ae_title: str,
+    credentials: Credentials,
+    cors_origins: tuple = (),
+    max_results: int = 1000,
+    ingest: Ingest | None = None,
+) -> Starlette:
+    web = DicomWeb(reader, archive, ae_title, max_results, ingest)
+    study = "/studies/{study}"
+    series = study + "/series/{series}"
+    instance = series + "/instances/{instance}"
+    routes = [
+        Route("/studies", web.qido, methods=["GET"]),
+        Route("/studies", web.stow, methods=["POST"]),
+        Route(study, web.stow, methods=["POST"]),
+        Route("/series", web.qido),
+        Route("/instances", web.qido),
+        Route(study + "/series", web.qido),
+        Route(study + "/instances", web.qido),
+        Route(series + "/instances", web.qido),
+        Route(study, web.retrieve, methods=["GET"]),
+        Route(series, web.retrieve),
+        Route(instance, web.retrieve),
+        Route(study + "/metadata", web.metadata),
+        Route(series + "/metadata", web.metadata),
+        Route(instance + "/metadata", web.metadata),
+        Route(instance + "/frames/{frames}", web.frames),
+    ]
+    middleware = [Middleware(RequireAuth, credentials=credentials)]
+    if cors_origins:
+        # Outermost, so a browser's preflight (which carries no credentials) is answered.
+        middleware.insert(
+            0,
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(cors_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["Authorization", "Accept", "Content-Type"],
+            ),
+        )
+    return Starlette(routes=routes, middleware=middleware)

@@ -1,0 +1,164 @@
+"""QIDO-RS query parameters as a C-FIND identifier, so both services share one matching (access/qr).
+
+Parameters are attribute keywords or tags (``PatientName=doe*``, ``00100010=doe*``), plus ``limit``,
+``offset``, ``includefield`` (repeatable, comma-separated, or ``all``) and ``fuzzymatching``. Each
+value is put into the identifier as its bytes would arrive in a C-FIND, so a value that cannot be a
+matching key fails in the same place and is answered 400 naming the parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+
+__all__ = ["QidoError", "QidoRequest", "DEFAULT_KEYS", "parse_qido"]
+
+
+class QidoError(ValueError):
+    """A QIDO-RS request that cannot be answered: 400, the message names the parameter."""
+
+
+# PS3.18 Table 10.6.3-3: the attributes every match returns, per level.
+DEFAULT_KEYS = {
+    "STUDY": [
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "ModalitiesInStudy",
+        "ReferringPhysicianName",
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyID",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+    ],
+    "SERIES": [
+        "Modality",
+        "SeriesDescription",
+        "SeriesNumber",
+        "SeriesInstanceUID",
+        "NumberOfSeriesRelatedInstances",
+        "StudyInstanceUID",
+    ],
+    "IMAGE": [
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "InstanceNumber",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "NumberOfFrames",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+    ],
+}
+_CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
+
+
+@dataclass
+class QidoRequest:
+    identifier: Dataset
+    limit: int
+    offset: int
+    include_all: bool = False
+    parameters: dict[str, str] = field(default_factory=dict)  # tag -> the parameter name used
+
+
+def _tag(name: str) -> int:
+    if len(name) == 8 and all(c in "0123456789abcdefABCDEF" for c in name):
+        return int(name, 16)
+    tag = tag_for_keyword(name)
+    if tag is None:
+        raise QidoError(f"query parameter {name!r} is not a DICOM attribute keyword or tag")
+    return int(tag)
+
+
+def _raw(tag: int, text: str) -> RawDataElement:
+    """The element as it would come off the wire (explicit VR little endian, UTF-8)."""
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        vr = "UN"
+    data = text.encode("utf-8")
+    if len(data) % 2:
+        data += b"\0" if vr == "UI" else b" "
+    return RawDataElement(Tag(tag), vr, len(data), data, 0, False, True)
+
+
+def parse_qido(
+    params: list[tuple[str, str]],
+    level: str,
+    path_uids: dict[str, str],
+    max_results: int,
+) -> QidoRequest:
+    """``params`` as (name, value) pairs in request order; ``path_uids`` the UIDs the URL path fixes."""
+    limit, offset, include_all, fuzzy = max_results, 0, False, False
+    includes: list[int] = []
+    matching: dict[int, str] = {}
+    names: dict[str, str] = {}
+    for name, value in params:
+        if name in _CONTROL:
+            if name in ("limit", "offset"):
+                if not value.isdigit():
+                    raise QidoError(f"{name}={value!r}: a whole number is expected")
+                if name == "limit":
+                    limit = min(int(value), max_results)
+                else:
+                    offset = int(value)
+            elif name == "fuzzymatching":
+                if value not in ("true", "false"):
+                    raise QidoError(f"fuzzymatching={value!r}: use true or false")
+                fuzzy = value == "true"
+            else:
+                for item in filter(None, (v.strip() for v in value.split(","))):
+                    if item == "all":
+                        include_all = True
+                    else:
+                        try:
+                            includes.append(_tag(item))
+                        except QidoError:
+                            raise QidoError(f"includefield={item!r} is not a DICOM attribute keyword or tag") from None
+            continue
+        tag = _tag(name)
+        if tag in matching:
+            raise QidoError(f"query parameter {name!r} is given twice")
+        names[f"{tag:08X}"] = name
+        matching[tag] = value.replace(",", "\\") if _vr(tag) == "UI" else value
+    if fuzzy:
+        # Fuzzy matching of names (PS3.18 8.3.4.6): each given name component matches a prefix, any case.
+        for tag, value in matching.items():
+            if _vr(tag) == "PN" and value and "*" not in value and "?" not in value:
+                matching[tag] = value + "*"
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"  # the values are UTF-8, as URLs carry them
+    ds.QueryRetrieveLevel = level
+    for keyword in DEFAULT_KEYS[level]:
+        ds[_tag(keyword)] = _raw(_tag(keyword), "")
+    for tag in includes:
+        ds[tag] = _raw(tag, "")
+    for keyword, uid in path_uids.items():
+        matching[_tag(keyword)] = uid
+    for tag, value in matching.items():
+        ds[tag] = _raw(tag, value)
+    return QidoRequest(ds, limit, offset, include_all, names)
+
+
+def _vr(tag: int) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+
+
+def parameter_name(request: QidoRequest, tag: int | None) -> str:
+    """The request's own name for the attribute a failure is about."""
+    if tag is None:
+        return "the query"
+    return request.parameters.get(f"{tag:08X}") or keyword_for_tag(tag) or f"{tag:08X}"

@@ -1,0 +1,66 @@
+"""Running DICOMweb from the configuration (`diana serve`): uvicorn, HTTPS when configured."""
+
+from __future__ import annotations
+
+import structlog
+import uvicorn
+from starlette.applications import Starlette
+
+from diana.access.dicomweb.app import build_app
+from diana.access.dicomweb.auth import check_exposure, credentials_from
+from diana.access.qr.index_reader import IndexReader
+from diana.clients import opensearch_client
+from diana.config import Config, ConfigError
+from diana.producers.ingest import Ingest
+from diana.producers.landing import LandingStore
+from diana.producers.publisher import EventPublisher
+from diana.schemas.codec import default_codec
+
+__all__ = ["dicomweb_app", "base_url", "run_dicomweb"]
+
+log = structlog.get_logger("diana.dicomweb")
+
+
+def base_url(config: Config) -> str:
+    web = config.dicomweb
+    scheme = "https" if web.tls_cert_file else "http"
+    return f"{scheme}://{web.host}:{web.port}"
+
+
+def dicomweb_app(config: Config) -> tuple[Starlette, bool]:
+    """The application and whether it requires authentication; ConfigError when it must not start."""
+    web = config.dicomweb
+    if bool(web.tls_cert_file) != bool(web.tls_key_file):
+        raise ConfigError("[dicomweb] HTTPS needs both tls_cert_file and tls_key_file")
+    credentials = credentials_from(web)
+    check_exposure(web, credentials)
+    client = opensearch_client(config.opensearch, timeout=30)
+    # STOW-RS lands and publishes exactly as the receiver does.
+    landing = LandingStore(config.path(config.storage.landing_dir))
+    publisher = EventPublisher(config.kafka, client_id="diana-stow")
+    ingest = Ingest(landing, publisher, default_codec(), max_inflated_bytes=config.receiver.max_inflated_bytes)
+    app = build_app(
+        IndexReader(client, config.opensearch.index_prefix),
+        config.path(config.storage.archive_dir),
+        config.receiver.ae_title,
+        credentials,
+        cors_origins=web.cors_origins,
+        max_results=web.max_results,
+        ingest=ingest,
+    )
+    return app, credentials.required
+
+
+def run_dicomweb(config: Config, app: Starlette, authenticated: bool) -> None:
+    """Serve ``app`` (from dicomweb_app) until SIGINT/SIGTERM (uvicorn handles them)."""
+    web = config.dicomweb
+    log.info("dicomweb.listening", url=base_url(config), authentication=authenticated, cors=list(web.cors_origins))
+    uvicorn.run(
+        app,
+        host=web.host,
+        port=web.port,
+        log_level="warning",
+        access_log=False,  # URLs hold UIDs and query values (names): not for the logs
+        ssl_certfile=web.tls_cert_file or None,
+        ssl_keyfile=web.tls_key_file or None,
+    )

@@ -1,0 +1,168 @@
+"""STOW-RS: one more ingress, through the same path as a C-STORE (producers/ingest.py).
+
+The request body is streamed to a file in the landing store's ``.incoming/`` (same filesystem as
+the store, never whole in memory), split into its parts there, and each part is accepted exactly
+like a received data set: header validated, bytes fsync'd, InstanceArrived acknowledged by the
+broker. Only then does the instance count as stored. The answer is DICOM JSON (PS3.18 10.5.3):
+ReferencedSOPSequence for the stored, FailedSOPSequence with a FailureReason per refused instance
+(the C-STORE statuses: 0xA900 identifiers, 0xC210 unparseable, 0xA700 broker or disk), and the
+status 200 (all stored), 202 (some refused) or 409 (none stored).
+"""
+
+from __future__ import annotations
+
+import mmap
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import structlog
+
+from diana.producers.header import HeaderError, InvalidIdentifiers, read_header_file
+from diana.producers.ingest import Ingest
+from diana.producers.publisher import PublishError
+
+__all__ = ["StowError", "StowResult", "receive_body", "split_parts", "store_parts"]
+
+log = structlog.get_logger("diana.stow")
+
+INVALID_DATASET = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+OUT_OF_RESOURCES = 0xA700
+PROCESSING_FAILURE = 0xC211
+STUDY_MISMATCH = 0xA900
+
+
+class StowError(ValueError):
+    """The request as a whole cannot be read (400/415); the message says why."""
+
+
+@dataclass
+class StowResult:
+    stored: list[tuple[str, str, str, str]] = field(default_factory=list)  # class, instance, study, series
+    failed: list[tuple[str, str, int, str]] = field(default_factory=list)  # class, instance, reason, why
+
+
+def boundary_of(content_type: str) -> str:
+    media, *params = [p.strip() for p in content_type.split(";")]
+    if media.lower() != "multipart/related":
+        raise StowError(f'Content-Type {media or "missing"}: STOW-RS takes multipart/related; type="application/dicom"')
+    values = {k.strip().lower(): v.strip().strip('"') for k, _, v in (p.partition("=") for p in params)}
+    kind = values.get("type", "application/dicom").lower()
+    if kind != "application/dicom":
+        raise StowError(f"multipart/related type {kind}: only application/dicom instances are accepted")
+    if not values.get("boundary"):
+        raise StowError("multipart/related without a boundary parameter")
+    return values["boundary"]
+
+
+async def receive_body(chunks: AsyncIterator[bytes], folder: Path) -> Path:
+    """The request body, streamed to a file in ``folder``."""
+    handle = tempfile.NamedTemporaryFile(dir=folder, prefix="stow-", delete=False)
+    path = Path(handle.name)
+    handle.close()
+    async with await anyio.open_file(path, "wb") as out:
+        async for chunk in chunks:
+            await out.write(chunk)
+    return path
+
+
+def split_parts(body: Path, boundary: str, folder: Path) -> list[Path]:
+    """Each part's content as a file in ``folder`` (headers dropped; only application/dicom parts come)."""
+    delimiter = b"--" + boundary.encode()
+    parts: list[Path] = []
+    size = body.stat().st_size
+    if size == 0:
+        raise StowError("the request body is empty")
+    with open(body, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        position = data.find(delimiter)
+        if position < 0:
+            raise StowError("the body holds no part with the declared boundary")
+        while True:
+            start = position + len(delimiter)
+            if data[start : start + 2] == b"--":
+                break  # the close delimiter
+            headers_end = data.find(b"\r\n\r\n", start)
+            following = data.find(b"\r\n" + delimiter, start)
+            if headers_end < 0 or following < 0 or headers_end > following:
+                raise StowError("a part is not terminated by the boundary (truncated body?)")
+            headers = data[start:headers_end].decode("latin-1").lower()
+            if "content-type" in headers and "application/dicom" not in headers:
+                raise StowError("a part is not application/dicom")
+            part = tempfile.NamedTemporaryFile(dir=folder, prefix="stow-part-", delete=False)
+            with part:
+                offset, end = headers_end + 4, following
+                while offset < end:
+                    piece = min(end - offset, 1 << 20)
+                    part.write(data[offset : offset + piece])
+                    offset += piece
+            parts.append(Path(part.name))
+            position = following + 2
+    if not parts:
+        raise StowError("the body holds no instance")
+    return parts
+
+
+def store_parts(ingest: Ingest, parts: list[Path], study_uid: str | None) -> StowResult:
+    result = StowResult()
+    for part in parts:
+        try:
+            header = read_header_file(part)
+        except (HeaderError, InvalidIdentifiers) as exc:
+            code = INVALID_DATASET if isinstance(exc, InvalidIdentifiers) else CANNOT_UNDERSTAND
+            result.failed.append(("", "", code, str(exc)))
+            part.unlink(missing_ok=True)
+            continue
+        ids = (header.sop_class_uid, header.sop_instance_uid)
+        if study_uid and header.study_instance_uid != study_uid:
+            result.failed.append((*ids, STUDY_MISMATCH, "the instance belongs to another study than the URL's"))
+            part.unlink(missing_ok=True)
+            continue
+        try:
+            ingest.accept_file(part, "C_STORE", owned=True, calling_ae="STOW-RS", called_ae="DICOMWEB")
+        except InvalidIdentifiers as exc:
+            result.failed.append((*ids, INVALID_DATASET, str(exc)))
+        except HeaderError as exc:
+            result.failed.append((*ids, CANNOT_UNDERSTAND, str(exc)))
+        except PublishError:
+            result.failed.append((*ids, OUT_OF_RESOURCES, "the broker did not acknowledge: retry later"))
+        except OSError as exc:
+            result.failed.append((*ids, OUT_OF_RESOURCES, f"landing store: {exc.strerror}"))
+        except Exception:
+            log.exception("stow.failed")
+            result.failed.append((*ids, PROCESSING_FAILURE, "unexpected failure (logged)"))
+        else:
+            result.stored.append((*ids, header.study_instance_uid, header.series_instance_uid))
+        finally:
+            part.unlink(missing_ok=True)  # landed by hard link: this name is no longer needed
+    return result
+
+
+def response_json(result: StowResult, base: str) -> dict:
+    """PS3.18 Table 10.5.3-1 as DICOM JSON."""
+    body: dict = {}
+    if result.stored:
+        body["00081199"] = {
+            "vr": "SQ",
+            "Value": [
+                {
+                    "00081150": {"vr": "UI", "Value": [sop_class]},
+                    "00081155": {"vr": "UI", "Value": [sop]},
+                    "00081190": {"vr": "UR", "Value": [f"{base}/studies/{study}/series/{series}/instances/{sop}"]},
+                }
+                for sop_class, sop, study, series in result.stored
+            ],
+        }
+    if result.failed:
+        items = []
+        for sop_class, sop, reason, _why in result.failed:
+            item: dict = {"00081197": {"vr": "US", "Value": [reason]}}
+            if sop_class:
+                item["00081150"] = {"vr": "UI", "Value": [sop_class]}
+            if sop:
+                item["00081155"] = {"vr": "UI", "Value": [sop]}
+            items.append(item)
+        body["00081198"] = {"vr": "SQ", "Value": items}
+    return body

@@ -1,0 +1,183 @@
+"""Answers a Query from the OpenSearch instance index: the matches of a level, and the instances to retrieve.
+
+Every level is answered from ``<prefix>-instances`` (one document per instance, always current):
+PATIENT, STUDY and SERIES matches are the groups of matching instances (a composite aggregation,
+paged), and for each page a second request computes the optional keys over *all* the group's
+instances (ModalitiesInStudy must list every modality of a study, not only the one that matched).
+Return values come from the DICOM JSON header stored unmapped under ``dicom`` in each document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from opensearchpy import OpenSearch
+
+from diana.access.qr.identifier import Query
+from diana.access.qr.opensearch_query import query_for
+from diana.schemas.layout import IndexLayout
+
+__all__ = ["IndexReader", "Match", "GROUP_FIELD"]
+
+GROUP_FIELD = {"PATIENT": "patient_id", "STUDY": "study_instance_uid", "SERIES": "series_instance_uid"}
+PAGE = 500
+# Matching keys whose value differs between the instances of one study.
+_VARYING = {"ModalitiesInStudy", "SOPClassesInStudy"}
+# Typed fields read back when a document has no DICOM JSON header (pydicom could not express one).
+FALLBACK_FIELDS = [
+    "patient_id",
+    "patient_name",
+    "patient_birth_date",
+    "patient_sex",
+    "study_instance_uid",
+    "study_date",
+    "study_time",
+    "accession_number",
+    "study_id",
+    "study_description",
+    "series_instance_uid",
+    "modality",
+    "series_number",
+    "series_description",
+    "body_part_examined",
+    "sop_instance_uid",
+    "sop_class_uid",
+    "instance_number",
+    "number_of_frames",
+]
+RETRIEVE_FIELDS = [
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "sop_class_uid",
+    "transfer_syntax_uid",
+]
+
+
+class Match:
+    """One match: a representative instance document and the values computed over its group."""
+
+    __slots__ = ("document", "computed")
+
+    def __init__(self, document: dict[str, Any], computed: dict[str, Any]):
+        self.document = document
+        self.computed = computed
+
+
+def _group_aggs(level: str) -> dict[str, Any]:
+    exact = {"precision_threshold": 40000}
+    aggs: dict[str, Any] = {"first": {"top_hits": {"size": 1, "_source": ["dicom", *FALLBACK_FIELDS]}}}
+    if level == "PATIENT":
+        aggs["studies"] = {"cardinality": {"field": "study_instance_uid", **exact}}
+        aggs["series"] = {"cardinality": {"field": "series_instance_uid", **exact}}
+    elif level == "STUDY":
+        aggs["series"] = {"cardinality": {"field": "series_instance_uid", **exact}}
+        aggs["modalities"] = {"terms": {"field": "modality", "size": 64}}
+        aggs["sop_classes"] = {"terms": {"field": "sop_class_uid", "size": 256}}
+    return aggs
+
+
+def _computed(level: str, bucket: dict[str, Any]) -> dict[str, Any]:
+    count = bucket["doc_count"]
+    if level == "PATIENT":
+        return {
+            "NumberOfPatientRelatedStudies": bucket["studies"]["value"],
+            "NumberOfPatientRelatedSeries": bucket["series"]["value"],
+            "NumberOfPatientRelatedInstances": count,
+        }
+    if level == "STUDY":
+        return {
+            "NumberOfStudyRelatedSeries": bucket["series"]["value"],
+            "NumberOfStudyRelatedInstances": count,
+            "ModalitiesInStudy": sorted(b["key"] for b in bucket["modalities"]["buckets"]),
+            "SOPClassesInStudy": sorted(b["key"] for b in bucket["sop_classes"]["buckets"]),
+        }
+    return {"NumberOfSeriesRelatedInstances": count}
+
+
+class IndexReader:
+    def __init__(self, client: OpenSearch, prefix: str):
+        self.client = client
+        self.index = IndexLayout(prefix).alias("instances")
+
+    def find(self, query: Query, limit: int, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Match]:
+        """The matches of ``query`` at its level, at most ``limit``, in UID (or Patient ID) order."""
+        if query.level == "IMAGE":
+            for doc in self._scan(query_for(query), ["dicom", *FALLBACK_FIELDS], limit):
+                yield Match(doc, {})
+            return
+        field = GROUP_FIELD[query.level]
+        # Keys that differ between the instances of one match (ModalitiesInStudy: the study matches if
+        # any instance does) need a second request for the values over all instances; otherwise every
+        # instance of a matching group matches, and one request answers the page.
+        varying = any(m.attribute.keyword in _VARYING for m in query.matchers)
+        found = 0
+        after = None
+        while found < limit and not cancelled():
+            composite: dict[str, Any] = {
+                "size": min(PAGE, limit - found),
+                "sources": [{"key": {"terms": {"field": field}}}],
+            }
+            if after:
+                composite["after"] = after
+            groups: dict[str, Any] = {"composite": composite}
+            if not varying:
+                groups["aggs"] = _group_aggs(query.level)
+            body = {"size": 0, "query": query_for(query), "aggs": {"groups": groups}}
+            page = self.client.search(index=self.index, body=body)["aggregations"]["groups"]
+            keys = [b["key"]["key"] for b in page["buckets"]]
+            if not keys:
+                return
+            if varying:
+                yield from self._groups(query.level, field, keys)
+            else:
+                for bucket in page["buckets"]:
+                    yield Match(bucket["first"]["hits"]["hits"][0]["_source"], _computed(query.level, bucket))
+            found += len(keys)
+            after = page.get("after_key")
+            if not after:
+                return
+
+    def _groups(self, level: str, field: str, keys: list[str]) -> Iterator[Match]:
+        body = {
+            "size": 0,
+            "query": {"terms": {field: keys}},
+            "aggs": {
+                "groups": {
+                    "terms": {"field": field, "size": len(keys), "order": {"_key": "asc"}},
+                    "aggs": _group_aggs(level),
+                }
+            },
+        }
+        buckets = self.client.search(index=self.index, body=body)["aggregations"]["groups"]["buckets"]
+        for bucket in buckets:
+            yield Match(bucket["first"]["hits"]["hits"][0]["_source"], _computed(level, bucket))
+
+    def instances(self, query: Query, limit: int) -> list[dict[str, Any]]:
+        """The instances a C-MOVE/C-GET of ``query`` sends (at most ``limit``)."""
+        return list(self._scan(query_for(query), RETRIEVE_FIELDS, limit))
+
+    def documents(self, query: Query, source: list[str], limit: int) -> Iterator[dict[str, Any]]:
+        """The instance documents matching ``query`` (fields ``source``), in SOP Instance UID order."""
+        return self._scan(query_for(query), source, limit)
+
+    def _scan(self, os_query: dict[str, Any], source: list[str], limit: int) -> Iterator[dict[str, Any]]:
+        after = None
+        found = 0
+        while found < limit:
+            body: dict[str, Any] = {
+                "size": min(PAGE, limit - found),
+                "query": os_query,
+                "sort": [{"sop_instance_uid": "asc"}],
+                "_source": source,
+            }
+            if after:
+                body["search_after"] = after
+            hits = self.client.search(index=self.index, body=body)["hits"]["hits"]
+            if not hits:
+                return
+            for hit in hits:
+                yield hit["_source"]
+            found += len(hits)
+            after = hits[-1]["sort"]

@@ -1,0 +1,123 @@
+"""What C-MOVE and C-GET send: archived objects, streamed from their files as stored.
+
+pynetdicom's Q/R service classes accept only ``Dataset`` objects from a handler and then re-encode
+them. Objects must come back data-set-identical and a large one must not sit in memory, so the
+handlers yield an ``ArchivedInstance`` (a Dataset that only names its file) and ``send_c_store`` is
+wrapped once to send such a file as it is (pynetdicom streams a file given by path). Only when the
+peer did not accept the file's transfer syntax is the object read and re-encoded by pydicom in one
+the peer accepted (between uncompressed syntaxes: the same data set).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import _config, build_context
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
+
+from diana.schemas.uid import is_valid_uid
+
+__all__ = ["ArchivedInstance", "archive_path", "as_archived", "install_file_sending", "move_contexts"]
+
+# pynetdicom sends a data set given by path straight from the file, in PDU-sized reads.
+_config.STORE_SEND_CHUNKED_DATASET = True
+MAX_CONTEXTS = 128
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
+log = structlog.get_logger("diana.qr")
+
+
+class ArchivedInstance(Dataset):
+    """Stands for the archived object at ``path`` in a Q/R handler's yields; never encoded itself."""
+
+    def __init__(self, path: Path, sop_class_uid: str, sop_instance_uid: str):
+        super().__init__()
+        self.SOPClassUID = sop_class_uid
+        self.SOPInstanceUID = sop_instance_uid  # pynetdicom lists it in FailedSOPInstanceUIDList
+        self.archive_file = path
+
+
+def archive_path(archive: Path, doc: dict[str, Any]) -> Path | None:
+    """``<archive>/<Study>/<Series>/<SOP>.dcm``; None when a UID from the index is not a valid UID."""
+    uids = [doc.get("study_instance_uid"), doc.get("series_instance_uid"), doc.get("sop_instance_uid")]
+    if not all(isinstance(u, str) and is_valid_uid(u) for u in uids):
+        return None
+    study, series, sop = (str(u) for u in uids)
+    return archive / study / series / f"{sop}.dcm"
+
+
+_original_send_c_store = Association.send_c_store
+
+
+def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
+    if isinstance(dataset, ArchivedInstance):
+        path = dataset.archive_file
+        try:
+            return _original_send_c_store(self, path, *args, **kwargs)
+        except ValueError:
+            # No accepted context for the file's own transfer syntax: let pydicom convert.
+            ds = dcmread(path)
+            try:
+                return _original_send_c_store(self, ds, *args, **kwargs)
+            except ValueError:
+                if ds.file_meta.TransferSyntaxUID.is_compressed:
+                    raise  # encapsulated pixel data: only the stored syntax will do
+                # pynetdicom converts only between implicit and explicit little endian: big endian too.
+                for element in ds.iterall():
+                    _ = element.value  # decode every value in the stored byte order first
+                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                ds.set_original_encoding(False, True)
+                return _original_send_c_store(self, ds, *args, **kwargs)
+    return _original_send_c_store(self, dataset, *args, **kwargs)
+
+
+def install_file_sending() -> None:
+    """Make ``send_c_store`` send an ArchivedInstance from its file (idempotent)."""
+    Association.send_c_store = _send_c_store  # type: ignore[method-assign]
+
+
+def as_archived(archive: Path, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The instances with SOP class and transfer syntax read from the archived files' meta.
+
+    The index holds the latest event of a SOP Instance UID; the archive may hold other bytes for it
+    (KEEP_FIRST kept an earlier object in another transfer syntax), and those bytes are what is sent.
+    """
+    out = []
+    for doc in instances:
+        path = archive_path(archive, doc)
+        doc = dict(doc)
+        if path is not None:
+            try:
+                meta = read_file_meta_info(path)
+                doc["sop_class_uid"] = str(meta.MediaStorageSOPClassUID)
+                doc["transfer_syntax_uid"] = str(meta.TransferSyntaxUID)
+            except (OSError, AttributeError, InvalidDicomError):
+                pass  # missing or unreadable: its sub-operation fails and is reported
+        out.append(doc)
+    return out
+
+
+def move_contexts(instances: list[dict[str, Any]]) -> list[PresentationContext]:
+    """Presentation contexts for a C-MOVE sub-association: one per (SOP class, the objects' own
+    transfer syntax), since the peer accepts one syntax per context; then per SOP class one with the
+    uncompressed syntaxes, for objects whose own syntax the peer refused (sent converted)."""
+    pairs: dict[tuple[str, str], None] = {}
+    classes: dict[str, None] = {}
+    for doc in instances:
+        sop_class, ts = doc.get("sop_class_uid"), doc.get("transfer_syntax_uid")
+        if sop_class:
+            classes[sop_class] = None
+            if ts:
+                pairs[(sop_class, ts)] = None
+    contexts = [build_context(sop_class, list(_UNCOMPRESSED)) for sop_class in classes]
+    contexts += [build_context(sop_class, ts) for sop_class, ts in pairs]
+    if len(contexts) > MAX_CONTEXTS:
+        log.warning("move.contexts_truncated", proposed=MAX_CONTEXTS, needed=len(contexts))
+    return contexts[:MAX_CONTEXTS]

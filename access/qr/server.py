@@ -1,0 +1,100 @@
+"""Building the Query/Retrieve SCP from the configuration: for the receiver's AE, or alone (`diana serve`)."""
+
+from __future__ import annotations
+
+import signal
+import ssl
+import threading
+
+import structlog
+from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from diana.access.qr.index_reader import IndexReader
+from diana.access.qr.service import QueryRetrieve
+from diana.clients import opensearch_client
+from diana.config import Config, parse_destinations
+from diana.producers.scp import association_handlers, handle_echo, tls_context
+
+__all__ = ["build_query_retrieve", "QueryRetrieveServer"]
+
+log = structlog.get_logger("diana.qr")
+
+
+def _destination_tls(config: Config) -> ssl.SSLContext:
+    """TLS toward move destinations: verified against [receiver] tls_ca_file (else the system CAs);
+    the receiver's certificate is presented when it has one (destinations requiring client certificates)."""
+    r = config.receiver
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=r.tls_ca_file or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if r.tls_cert_file and r.tls_key_file:
+        ctx.load_cert_chain(r.tls_cert_file, r.tls_key_file)
+    return ctx
+
+
+def build_query_retrieve(config: Config) -> QueryRetrieve:
+    qr = config.query_retrieve
+    destinations = parse_destinations(qr.destinations)
+    client = opensearch_client(config.opensearch, timeout=30)
+    return QueryRetrieve(
+        IndexReader(client, config.opensearch.index_prefix),
+        config.path(config.storage.archive_dir),
+        destinations,
+        config.receiver.ae_title,
+        max_matches=qr.max_matches,
+        max_retrieve=qr.max_retrieve,
+        destination_tls=_destination_tls(config) if any(d.tls for d in destinations.values()) else None,
+    )
+
+
+class QueryRetrieveServer:
+    """Q/R alone: the receiver's AE title, allow-lists and TLS settings, on ``[query_retrieve] port``."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.service = build_query_retrieve(config)
+        r = config.receiver
+        ae = AE(ae_title=r.ae_title)
+        ae.maximum_associations = r.max_associations
+        ae.maximum_pdu_size = r.max_pdu_bytes
+        ae.network_timeout = 60
+        ae.dimse_timeout = 120
+        for abstract_syntax, options in self.service.contexts():
+            ae.add_supported_context(abstract_syntax, **options)
+        ae.add_supported_context("1.2.840.10008.1.1")  # Verification
+        self.ae = ae
+        self.ssl_context = tls_context(r)
+        self.server: ThreadedAssociationServer | None = None
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_C_ECHO, handle_echo),
+            *association_handlers(self.config.receiver),
+            *self.service.handlers(),
+        ]
+        host, port = self.config.receiver.host, self.config.query_retrieve.port
+        self.server = self.ae.start_server(
+            (host, port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
+        )
+        log.info(
+            "qr.listening",
+            ae_title=self.config.receiver.ae_title,
+            host=host,
+            port=port,
+            tls=self.ssl_context is not None,
+            destinations=sorted(self.service.destinations),
+        )
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        log.info("qr.stopped")
+
+    def serve_forever(self) -> None:
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        self.start()
+        done.wait()
+        self.stop()

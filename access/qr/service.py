@@ -1,0 +1,246 @@
+"""The Query/Retrieve SCP's event handlers and presentation contexts, for any pynetdicom AE.
+
+``QueryRetrieve.handlers()`` and ``QueryRetrieve.contexts()`` are what the receiver's AE (one AE
+title and port for storage and Q/R) or ``diana serve`` (Q/R alone) add to their own. Statuses:
+0xA900 and 0xC000 for identifiers that cannot be answered (identifier.py), 0xA700 when OpenSearch
+does not answer, 0xA801 for a move destination not in ``[query_retrieve] destinations``, 0xA701
+when a retrieve holds more objects than ``max_retrieve``, 0xFE00 after C-CANCEL. Sub-operation
+counts, 0xB000 (some failed) and 0xA702 (all failed) come from pynetdicom's service classes.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+from opensearchpy.exceptions import ConnectionError as OSConnectionError
+from opensearchpy.exceptions import TransportError
+from prometheus_client import Counter, Histogram
+from pydicom.dataset import Dataset
+from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, build_context, evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from diana.access.qr.identifier import IdentifierError, Query, parse_identifier
+from diana.access.qr.index_reader import IndexReader
+from diana.access.qr.response import build_response
+from diana.access.qr.retrieve import ArchivedInstance, archive_path, as_archived, install_file_sending, move_contexts
+from diana.config import MoveDestination
+
+__all__ = ["QueryRetrieve", "QR_SOP_CLASSES"]
+
+log = structlog.get_logger("diana.qr")
+
+REQUESTS = Counter("diana_qr_requests_total", "Query/retrieve requests answered", ["operation", "status"])
+FIND_SECONDS = Histogram("diana_qr_find_seconds", "Time to answer a C-FIND, all matches sent")
+SENT = Counter("diana_qr_sent_instances_total", "Objects handed to C-MOVE/C-GET sub-operations", ["operation"])
+
+_MODEL = {
+    PatientRootQueryRetrieveInformationModelFind: "PATIENT",
+    PatientRootQueryRetrieveInformationModelMove: "PATIENT",
+    PatientRootQueryRetrieveInformationModelGet: "PATIENT",
+    StudyRootQueryRetrieveInformationModelFind: "STUDY",
+    StudyRootQueryRetrieveInformationModelMove: "STUDY",
+    StudyRootQueryRetrieveInformationModelGet: "STUDY",
+}
+QR_SOP_CLASSES = tuple(_MODEL)
+
+PENDING = 0xFF00
+CANCEL = 0xFE00
+OUT_OF_RESOURCES = 0xA700
+TOO_MANY_MATCHES = 0xA701
+UNABLE_TO_PROCESS = 0xC000
+
+
+def _status(code: int, comment: str, tag: int | None = None) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    if tag is not None:
+        ds.OffendingElement = [tag]
+    return ds
+
+
+def _model(event: evt.Event) -> str:
+    return _MODEL[str(event.request.AffectedSOPClassUID)]
+
+
+class QueryRetrieve:
+    def __init__(
+        self,
+        reader: IndexReader,
+        archive: Path,
+        destinations: dict[str, MoveDestination],
+        ae_title: str,
+        max_matches: int = 10000,
+        max_retrieve: int = 65535,
+        destination_tls: ssl.SSLContext | None = None,
+    ):
+        self.reader = reader
+        self.archive = archive
+        self.destinations = destinations
+        self.ae_title = ae_title
+        self.max_matches = max_matches
+        self.max_retrieve = min(max_retrieve, 65535)
+        self.destination_tls = destination_tls
+        install_file_sending()
+
+    # ------------------------------------------------------------------ wiring
+    def handlers(self) -> list[tuple]:
+        return [(evt.EVT_C_FIND, self.on_find), (evt.EVT_C_MOVE, self.on_move), (evt.EVT_C_GET, self.on_get)]
+
+    @staticmethod
+    def contexts() -> list[tuple[str, dict[str, Any]]]:
+        """(abstract syntax, add_supported_context keyword arguments): the Q/R SOP classes, and the
+        storage classes with the SCP role a C-GET requester takes for its sub-operations."""
+        out: list[tuple[str, dict[str, Any]]] = [(uid, {}) for uid in QR_SOP_CLASSES]
+        out += [
+            (str(cx.abstract_syntax), {"transfer_syntax": ALL_TRANSFER_SYNTAXES, "scu_role": True, "scp_role": True})
+            for cx in StoragePresentationContexts
+        ]
+        return out
+
+    # ------------------------------------------------------------------ C-FIND
+    def on_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        started = time.monotonic()
+        context = {"assoc": event.assoc.native_id, "calling_ae": event.assoc.requestor.ae_title}
+        try:
+            query = parse_identifier(event.identifier, _model(event))
+        except IdentifierError as exc:
+            REQUESTS.labels("find", f"{exc.status:04X}").inc()
+            log.warning("find.refused", status=f"0x{exc.status:04X}", reason=str(exc), **context)
+            yield _status(exc.status, str(exc), exc.tag), None
+            return
+        except Exception as exc:  # the identifier itself cannot be decoded
+            REQUESTS.labels("find", "C000").inc()
+            log.warning("find.refused", status="0xC000", reason=f"undecodable identifier: {type(exc).__name__}")
+            yield _status(UNABLE_TO_PROCESS, "the identifier cannot be decoded"), None
+            return
+        sent = 0
+        try:
+            for match in self.reader.find(query, self.max_matches + 1, cancelled=lambda: event.is_cancelled):
+                if event.is_cancelled:
+                    REQUESTS.labels("find", "FE00").inc()
+                    log.info("find.cancelled", level=query.level, sent=sent, **context)
+                    yield CANCEL, None
+                    return
+                if sent == self.max_matches:
+                    log.warning("find.truncated", level=query.level, max_matches=self.max_matches, **context)
+                    break
+                sent += 1
+                yield PENDING, build_response(query, match, self.ae_title)
+        except (OSConnectionError, TransportError) as exc:
+            REQUESTS.labels("find", "A700").inc()
+            log.error("find.failed", reason="OpenSearch did not answer", detail=type(exc).__name__, **context)
+            yield _status(OUT_OF_RESOURCES, "the index does not answer; retry later"), None
+            return
+        FIND_SECONDS.observe(time.monotonic() - started)
+        REQUESTS.labels("find", "0000").inc()
+        log.info(
+            "find.done",
+            model=query.model,
+            level=query.level,
+            keys=[m.attribute.keyword for m in query.matchers],
+            matches=sent,
+            ms=round((time.monotonic() - started) * 1000, 1),
+            **context,
+        )
+
+    # ------------------------------------------------------------------ C-MOVE / C-GET
+    def _resolve(self, event: evt.Event, operation: str) -> tuple[Query, list[dict[str, Any]]] | Dataset:
+        """The instances to send, or the status Dataset that refuses the request."""
+        try:
+            query = parse_identifier(event.identifier, _model(event), retrieve=True)
+        except IdentifierError as exc:
+            REQUESTS.labels(operation, f"{exc.status:04X}").inc()
+            log.warning(f"{operation}.refused", status=f"0x{exc.status:04X}", reason=str(exc))
+            return _status(exc.status, str(exc), exc.tag)
+        except Exception as exc:
+            REQUESTS.labels(operation, "C000").inc()
+            log.warning(f"{operation}.refused", status="0xC000", reason=f"undecodable identifier: {type(exc).__name__}")
+            return _status(UNABLE_TO_PROCESS, "the identifier cannot be decoded")
+        try:
+            instances = self.reader.instances(query, self.max_retrieve + 1)
+        except (OSConnectionError, TransportError) as exc:
+            REQUESTS.labels(operation, "A700").inc()
+            log.error(f"{operation}.failed", reason="OpenSearch did not answer", detail=type(exc).__name__)
+            return _status(OUT_OF_RESOURCES, "the index does not answer; retry later")
+        if len(instances) > self.max_retrieve:
+            REQUESTS.labels(operation, "A701").inc()
+            log.warning(f"{operation}.refused", reason="too many objects", max_retrieve=self.max_retrieve)
+            return _status(TOO_MANY_MATCHES, f"more than {self.max_retrieve} objects: retrieve series by series")
+        valid = [doc for doc in instances if archive_path(self.archive, doc) is not None]
+        if len(valid) < len(instances):  # the receiver validates UIDs: only a foreign index document
+            log.error(
+                f"{operation}.skipped", reason="index document with invalid UIDs", count=len(instances) - len(valid)
+            )
+        return query, valid
+
+    def _send(self, event: evt.Event, operation: str, instances: list[dict[str, Any]]) -> Iterator[tuple]:
+        started = time.monotonic()
+        for number, doc in enumerate(instances):
+            if event.is_cancelled:
+                REQUESTS.labels(operation, "FE00").inc()
+                log.info(f"{operation}.cancelled", sent=number, remaining=len(instances) - number)
+                yield CANCEL, None
+                return
+            SENT.labels(operation).inc()
+            path = archive_path(self.archive, doc) or self.archive / "invalid"
+            # A missing file fails its sub-operation (pynetdicom lists it in FailedSOPInstanceUIDList).
+            yield PENDING, ArchivedInstance(path, doc.get("sop_class_uid") or "", doc["sop_instance_uid"])
+        REQUESTS.labels(operation, "done").inc()
+        log.info(
+            f"{operation}.done",
+            instances=len(instances),
+            ms=round((time.monotonic() - started) * 1000, 1),
+            assoc=event.assoc.native_id,
+        )
+
+    def on_move(self, event: evt.Event) -> Iterator[Any]:
+        name = str(event.move_destination).strip() if event.move_destination else ""
+        destination = self.destinations.get(name)
+        if destination is None:
+            REQUESTS.labels("move", "A801").inc()
+            log.warning("move.refused", reason="unknown move destination", destination=name)
+            yield None, None
+            return
+        resolved = self._resolve(event, "move")
+        options: dict[str, Any] = {"ae_title": destination.ae_title}
+        if isinstance(resolved, Dataset):
+            # pynetdicom takes a status only after the destination and a count: one sub-operation, refused.
+            # (It opens the sub-association first; Verification is all it proposes.)
+            options["contexts"] = [build_context(Verification)]
+            yield destination.host, destination.port, options
+            yield 1
+            yield resolved, None
+            return
+        _, instances = resolved
+        instances = as_archived(self.archive, instances)
+        options["contexts"] = move_contexts(instances)
+        if destination.tls:
+            options["tls_args"] = (self.destination_tls or ssl.create_default_context(), destination.host)
+        log.info("move.start", destination=name, instances=len(instances), assoc=event.assoc.native_id)
+        yield destination.host, destination.port, options
+        yield len(instances)
+        yield from self._send(event, "move", instances)
+
+    def on_get(self, event: evt.Event) -> Iterator[Any]:
+        resolved = self._resolve(event, "get")
+        if isinstance(resolved, Dataset):
+            yield 1
+            yield resolved, None
+            return
+        _, instances = resolved
+        yield len(instances)
+        yield from self._send(event, "get", instances)

@@ -1,0 +1,253 @@
+"""DICOMweb on the real pipeline with the dicomweb-client package: QIDO-RS, WADO-RS (instances,
+series, metadata, frames), bearer authentication, and the refusal to expose data without it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from io import BytesIO
+
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+
+from tests.support.dicomgen import SeriesSpec, make_study
+from tests.support.helpers import storescu, wait_until_caught_up
+from tests.support.paths import REPO, TEST_HOME, port
+
+WEB_PORT = port(18042)
+TOKEN = "diana-test-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def web(pipeline, tmp_path_factory):
+    root = tmp_path_factory.mktemp("web")
+    study = make_study(
+        root / "a",
+        [SeriesSpec("CT", "WEB AXIAL", 3), SeriesSpec("CT", "WEB SCOUT", 1)],
+        patient_id="WEB-P1",
+        study_date="20230405",
+    )
+    for path in study.files:
+        ds = pydicom.dcmread(path)
+        ds.PatientName = "Müller^Jürgen"  # non-ASCII, as names are
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.save_as(path, enforce_file_format=True)
+    result = storescu(pipeline.cfg, study.files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_until_caught_up(pipeline.cfg)
+    token_file = TEST_HOME / "dicomweb-token"
+    token_file.write_text(TOKEN)
+    proc = pipeline.start(
+        "dicomweb",
+        "serve",
+        "--only",
+        "web",
+        settings={
+            "DIANA_DICOMWEB_PORT": str(WEB_PORT),
+            "DIANA_DICOMWEB_BEARER_TOKEN_FILE": str(token_file),
+            "DIANA_DICOMWEB_METRICS_PORT": str(port(19468)),
+        },
+    )
+    url = f"http://127.0.0.1:{WEB_PORT}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            requests.get(url + "/studies", timeout=2)
+            break
+        except requests.ConnectionError:
+            assert proc.poll() is None and time.monotonic() < deadline, pipeline.log_text("dicomweb")[-2000:]
+            time.sleep(0.3)
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {TOKEN}"
+    yield DICOMwebClient(url, session=session), study, url
+    pipeline.stop("dicomweb")
+
+
+def test_qido_studies_series_instances(web):
+    client, study, _ = web
+    (found,) = client.search_for_studies(search_filters={"PatientID": "WEB-P1"})
+    ds = pydicom.Dataset.from_json(found)
+    assert ds.StudyInstanceUID == study.study_uid and str(ds.PatientName) == "Müller^Jürgen"
+    assert int(ds.NumberOfStudyRelatedInstances) == 4 and int(ds.NumberOfStudyRelatedSeries) == 2
+    assert ds.RetrieveURL.endswith(f"/studies/{study.study_uid}")
+    # fuzzy matching of names, date range, includefield
+    fuzzy = client.search_for_studies(
+        search_filters={"PatientName": "müller", "StudyDate": "20230101-20231231"},
+        fuzzymatching=True,
+        fields=["StationName"],
+    )
+    assert [pydicom.Dataset.from_json(f).StudyInstanceUID for f in fuzzy] == [study.study_uid]
+    series = [pydicom.Dataset.from_json(s) for s in client.search_for_series(study.study_uid)]
+    assert sorted(s.SeriesDescription for s in series) == ["WEB AXIAL", "WEB SCOUT"]
+    # across studies (relational), with limit and offset
+    all_ct = client.search_for_series(search_filters={"Modality": "CT", "SeriesDescription": "WEB*"})
+    assert len(all_ct) == 2
+    assert len(client.search_for_series(search_filters={"SeriesDescription": "WEB*"}, limit=1, offset=1)) == 1
+    (everything,) = client.search_for_studies(search_filters={"PatientID": "WEB-P1"}, fields=["all"])
+    assert pydicom.Dataset.from_json(everything).StationName == "CTSTATION1"  # not a default attribute
+    axial = next(s for s in series if s.SeriesDescription == "WEB AXIAL")
+    instances = client.search_for_instances(study.study_uid, axial.SeriesInstanceUID)
+    assert len(instances) == 3
+    assert client.search_for_studies(search_filters={"PatientID": "NOBODY"}) == []
+
+
+def test_wado_instances_series_and_metadata_are_the_stored_objects(web):
+    client, study, base = web
+    originals = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in study.files}
+    retrieved = client.retrieve_study(study.study_uid)
+    assert {ds.SOPInstanceUID for ds in retrieved} == set(originals)
+    for ds in retrieved:
+        assert ds == originals[ds.SOPInstanceUID]
+    one = originals[next(iter(originals))]
+    single = client.retrieve_instance(study.study_uid, one.SeriesInstanceUID, one.SOPInstanceUID)
+    assert single == one
+    meta = client.retrieve_series_metadata(study.study_uid, one.SeriesInstanceUID)
+    assert {m["00080018"]["Value"][0] for m in meta} == {
+        uid for uid, ds in originals.items() if ds.SeriesInstanceUID == one.SeriesInstanceUID
+    }
+    pixel_uri = meta[0]["7FE00010"]["BulkDataURI"]
+    assert pixel_uri.startswith(base + "/studies/"), pixel_uri
+    (frame,) = client.retrieve_instance_frames(
+        study.study_uid, one.SeriesInstanceUID, one.SOPInstanceUID, frame_numbers=[1]
+    )
+    assert frame == one.PixelData
+
+
+def test_refusals_have_reasons_and_the_service_goes_on(web):
+    client, study, base = web
+    assert requests.get(base + "/studies").status_code == 401
+    assert requests.get(base + "/studies", headers={"Authorization": "Bearer wrong-token-xxxx"}).status_code == 401
+    bad = client._session.get(base + "/studies", params={"StudyDate": "2023-04-05"})
+    assert bad.status_code == 400 and "StudyDate" in bad.text
+    unknown = client._session.get(base + "/studies", params={"PatientNmae": "x"})
+    assert unknown.status_code == 400 and "PatientNmae" in unknown.text
+    assert client._session.get(base + "/studies", params={"limit": "ten"}).status_code == 400
+    assert client._session.get(base + "/studies/1." + "2" * 63).status_code == 400  # 65 characters: no UID
+    assert client._session.get(base + "/studies/1.2.3.4.5").status_code == 404
+    assert len(client.search_for_studies(search_filters={"PatientID": "WEB-P1"})) == 1
+    metrics = requests.get(f"http://127.0.0.1:{port(19468)}/metrics").text
+    assert 'diana_dicomweb_requests_total{service="qido",status="400"}' in metrics
+
+
+def test_stow_stores_through_the_receivers_path(web, pipeline, tmp_path):
+    client, _, base = web
+    study = make_study(tmp_path / "stow", [SeriesSpec("MR", "STOWED", 3)], patient_id="WEB-STOW")
+    datasets = [pydicom.dcmread(p) for p in study.files]
+    answer = client.store_instances(datasets)
+    assert len(answer.ReferencedSOPSequence) == 3 and "FailedSOPSequence" not in answer
+    # a part that is no DICOM object, beside a good one: 202 with the reason per instance
+    boundary = "stowtestboundary"
+    good = study.files[0].read_bytes()
+    body = (
+        b"".join(
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n"
+            for part in (good, b"not a dicom object at all" * 10)
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+    mixed = client._session.post(
+        base + "/studies",
+        data=body,
+        headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'},
+    )
+    assert mixed.status_code == 202, mixed.text
+    reply = pydicom.Dataset.from_json(mixed.json())
+    assert [item.FailureReason for item in reply.FailedSOPSequence] == [0xC210]
+    wrong_study = client._session.post(
+        base + "/studies/1.2.3.4",
+        data=body.replace(b"not a dicom", b"NOT A DICOM"),
+        headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'},
+    )
+    assert wrong_study.status_code == 409
+    assert sorted(i.FailureReason for i in pydicom.Dataset.from_json(wrong_study.json()).FailedSOPSequence) == [
+        0xA900,
+        0xC210,
+    ]
+    wrong_type = client._session.post(base + "/studies", data=b"x", headers={"Content-Type": "application/json"})
+    assert wrong_type.status_code == 415
+    assert (
+        client._session.post(
+            base + "/studies", data=b"no parts", headers={"Content-Type": f"multipart/related; boundary={boundary}"}
+        ).status_code
+        == 400
+    )
+    # durable and published: the pipeline archives and indexes them
+    wait_until_caught_up(pipeline.cfg)
+    archive = pipeline.cfg.path(pipeline.cfg.storage.archive_dir) / study.study_uid
+    assert len(list(archive.rglob("*.dcm"))) == 3
+    assert len(client.search_for_instances(study.study_uid)) == 3
+    retrieved = {ds.SOPInstanceUID: ds for ds in client.retrieve_study(study.study_uid)}
+    for ds in datasets:
+        assert retrieved[ds.SOPInstanceUID] == ds
+
+
+def test_refuses_to_start_exposed_without_authentication(pipeline):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
+    env.update(
+        DIANA_CONFIG=str(pipeline.config_file),
+        DIANA_DICOMWEB_HOST="0.0.0.0",
+        DIANA_DICOMWEB_PORT=str(WEB_PORT + 1),
+        DIANA_DICOMWEB_METRICS_PORT="0",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "diana.cli", "serve", "--only", "web"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "no authentication is configured" in result.stderr
+
+
+def test_orthanc_dicomweb_plugin_as_client(web, pipeline, tmp_path):
+    """Orthanc's DICOMweb plugin configured with diana-star as a server: QIDO, WADO retrieve, STOW."""
+    from tests.support.orthanc import start_orthanc, stop_orthanc
+
+    client, study, base = web
+    server = {"Url": base + "/", "HttpHeaders": {"Authorization": f"Bearer {TOKEN}"}}
+    orthanc = start_orthanc(tmp_path, {}, {"diana": server})
+    try:
+        found = orthanc.post("/dicom-web/servers/diana/qido", {"Uri": "/studies", "Arguments": {"PatientID": "WEB-P1"}})
+        # the plugin hands the answers on in its own form (Orthanc's JSON: tag -> Name, Value...)
+        assert [f["0020000D"]["Value"] for f in found] == [study.study_uid], found
+        orthanc.post("/dicom-web/servers/diana/retrieve", {"Resources": [{"Study": study.study_uid}]})
+        (study_id,) = [r["ID"] for r in orthanc.post("/tools/lookup", study.study_uid)]
+        originals = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in study.files}
+        instances = orthanc.get(f"/studies/{study_id}/instances")
+        assert len(instances) == len(originals)
+        for instance in instances:
+            raw = requests.get(f"{orthanc.url}/instances/{instance['ID']}/file", timeout=60).content
+            got = pydicom.dcmread(BytesIO(raw))
+            assert got == originals[got.SOPInstanceUID]
+        # STOW from Orthanc's side
+        new = make_study(tmp_path / "from-orthanc", [SeriesSpec("CT", "FROM ORTHANC", 2)], patient_id="WEB-ORTHANC")
+        uploaded = [
+            requests.post(orthanc.url + "/instances", data=p.read_bytes(), timeout=60).json()["ID"] for p in new.files
+        ]
+        orthanc.post("/dicom-web/servers/diana/stow", {"Resources": uploaded, "Synchronous": True})
+        wait_until_caught_up(pipeline.cfg)
+        assert len(client.search_for_instances(new.study_uid)) == 2
+    finally:
+        stop_orthanc(orthanc)
+
+
+def test_status_shows_the_services(web, pipeline):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
+    env.update(DIANA_CONFIG=str(pipeline.config_file), DIANA_DICOMWEB_PORT=str(WEB_PORT))
+    result = subprocess.run(
+        [sys.executable, "-m", "diana.cli", "status"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    lines = {
+        line.split("  ")[1].strip(): line
+        for line in result.stdout.splitlines()
+        if "(diana serve)" in line or "receiver (" in line
+    }
+    assert lines["DICOMweb (diana serve)"].endswith(" listening"), result.stdout
+    assert lines["receiver (C-STORE, C-FIND/C-MOVE/C-GET)"].endswith(" listening"), result.stdout
+    assert lines["query/retrieve alone (diana serve)"].endswith("not listening"), result.stdout
