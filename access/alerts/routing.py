@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from diana.yaml_files import read_yaml_mapping
 
 __all__ = ["Recipient", "Routing", "RoutingError", "load_routing", "RULE_TYPES"]
 
@@ -78,14 +78,7 @@ def _recipient(raw) -> Recipient:
 def load_routing(path: Path | None) -> Routing:
     if path is None:
         return Routing()
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise RoutingError(f"cannot read alert routing {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise RoutingError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict) or set(raw) - {"recipients"}:
-        raise RoutingError(f"{path}: the file holds one section, recipients: a list")
+    raw = read_yaml_mapping(path, "alert routing", ("recipients",), RoutingError)
     recipients = tuple(_recipient(r) for r in raw.get("recipients") or [])
     names = [r.name for r in recipients]
     if len(set(names)) != len(names):

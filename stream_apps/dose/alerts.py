@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 
-import yaml
+from diana.yaml_files import read_yaml_mapping
 
 __all__ = [
     "AlertRules",
@@ -130,17 +130,9 @@ def load_rules(path: Path | None) -> AlertRules:
     """The rules in ``path``; without a file, only the scanners' own Dose Check values raise alerts."""
     if path is None:
         return AlertRules()
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise RulesError(f"cannot read dose alert rules {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise RulesError(f"{path} is not valid YAML: {exc}") from None
-    unknown = sorted(set(raw) - {"reference_levels", "dose_check", "cumulative", "repeats"})
-    if unknown:
-        raise RulesError(
-            f"{path}: unknown section {unknown[0]!r}; sections: reference_levels, dose_check, cumulative, repeats"
-        )
+    raw = read_yaml_mapping(
+        path, "dose alert rules", ("reference_levels", "dose_check", "cumulative", "repeats"), RulesError
+    )
     repeats = []
     for item in raw.get("repeats") or []:
         name = item.get("name") or "?"

@@ -25,7 +25,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from diana.yaml_files import read_yaml_mapping
 
 __all__ = ["Level", "ReferenceLevels", "LevelsError", "load_reference_levels", "survey", "STUDY_METRICS"]
 
@@ -112,15 +112,9 @@ def load_reference_levels(path: Path | None) -> ReferenceLevels:
     """The levels in ``path``; without a file, nothing is compared."""
     if path is None:
         return ReferenceLevels({}, {}, {})
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise LevelsError(f"cannot read reference levels {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise LevelsError(f"{path} is not valid YAML: {exc}") from None
-    unknown = sorted(set(raw) - {"window_days", "minimum_studies", "reference_levels"})
-    if unknown:
-        raise LevelsError(f"{path}: unknown key {unknown[0]!r}; keys: window_days, minimum_studies, reference_levels")
+    raw = read_yaml_mapping(
+        path, "reference levels", ("window_days", "minimum_studies", "reference_levels"), LevelsError, noun="key"
+    )
     study, event, sources = {}, {}, {}
     for name, entry in (raw.get("reference_levels") or {}).items():
         if not isinstance(entry, dict) or not ({"study", "event"} & set(entry)):

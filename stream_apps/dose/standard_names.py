@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from diana.yaml_files import read_yaml_mapping
 
 __all__ = ["StandardName", "StandardNames", "NamesError", "load_standard_names", "normalized"]
 
@@ -149,12 +149,5 @@ def load_standard_names(path: Path | None) -> StandardNames:
     """The mapping in ``path``; without a file, nothing is named."""
     if path is None:
         return StandardNames()
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise NamesError(f"cannot read standard names {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise NamesError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict) or set(raw) - {"standard_names"}:
-        raise NamesError(f"{path}: the file holds one section, standard_names: a list of entries")
+    raw = read_yaml_mapping(path, "standard names", ("standard_names",), NamesError)
     return StandardNames(tuple(_entry(r) for r in raw.get("standard_names") or []))

@@ -56,7 +56,7 @@ def test_routing_by_station_and_rule_type(tmp_path: Path):
         ("recipients: [{name: A, webhook: ftp://x}]", "http:// or https://"),
         ("recipients: [{name: A, email: a@b, rule_types: [loud]}]", "rule_types are"),
         ("recipients: [{name: A, email: a@b}, {name: A, webhook: 'http://x'}]", "unique"),
-        ("people: []", "one section"),
+        ("people: []", "unknown section .people.; sections: recipients"),
     ],
 )
 def test_bad_routing_says_what_to_fix(tmp_path: Path, text: str, message: str):

@@ -104,7 +104,7 @@ def test_survey_median_per_standard_name(levels):
         ("standard_names: [{name: X, kind: CR, protocols: [a]}]", "kind must be one of"),
         ("standard_names: [{name: X, match: {colour: a}}]", "cannot match on 'colour'"),
         ("standard_names: [{name: X, protocols: 3}]", "list of texts"),
-        ("names: []", "one section"),
+        ("names: []", "unknown section .names.; sections: standard_names"),
     ],
 )
 def test_bad_names_file_says_what_to_fix(tmp_path: Path, text: str, message: str):
@@ -153,3 +153,11 @@ def test_repeat_rule_counts_one_standard_name_per_patient_in_the_window(tmp_path
     (tmp_path / "bad.yaml").write_text("repeats: [{name: R, window_days: 7, count: 1}]")
     with pytest.raises(RulesError, match="at least 2"):
         load_rules(tmp_path / "bad.yaml")
+
+
+def test_a_yaml_file_that_is_not_a_mapping_names_the_sections(tmp_path: Path):
+    (tmp_path / "list.yaml").write_text("- one\n- two\n")
+    with pytest.raises(NamesError, match="mapping of sections at the top level \\(standard_names\\)"):
+        load_standard_names(tmp_path / "list.yaml")
+    with pytest.raises(LevelsError, match="mapping of keys"):
+        load_reference_levels(tmp_path / "list.yaml")
