@@ -27,7 +27,7 @@ from diana.schemas.topics import INSTANCES
 from tests.support import dosebuilder as b
 from tests.support.dicomgen import SeriesSpec, make_study
 from tests.support.helpers import os_search, storescu, wait_until_caught_up
-from tests.support.paths import REPO
+from tests.support.paths import REPO, TEST_HOME
 
 # The committed saved-objects file, for sites that import it by hand (compose/README.md).
 NDJSON_PATH = REPO / "compose" / "dashboards" / "diana-star.ndjson"
@@ -223,7 +223,7 @@ def test_html_report_renders_in_headless_chromium(live, pipeline, tmp_path):
         start = dom.stdout.find(f'data-chart="{chart}"')
         assert start >= 0, f"chart {chart} missing"
         assert 'class="bar"' in dom.stdout[start : dom.stdout.find("</svg>", start)], f"chart {chart} has no bars"
-    shot = REPO / "var" / "test" / "report-screenshot.png"
+    shot = TEST_HOME / "report-screenshot.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [

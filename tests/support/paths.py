@@ -6,11 +6,12 @@ import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-TEST_HOME = REPO / "var" / "test"
 DATA = Path(__file__).resolve().parent / "data"
 
-# Shifts every port the integration tests use, so that two checkouts can run their suites side by side.
+# Shifts every port the integration tests use, so that two suites can run side by side; each offset
+# has its own state folder too (the stack fixture resets the stack it finds there).
 PORT_OFFSET = int(os.environ.get("DIANA_TEST_PORT_OFFSET", "0"))
+TEST_HOME = REPO / "var" / ("test" if PORT_OFFSET == 0 else f"test-{PORT_OFFSET}")
 
 
 def port(number: int) -> int:

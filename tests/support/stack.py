@@ -8,6 +8,7 @@ import time
 import pytest
 
 from diana.config import Config
+from tests.support.paths import TEST_HOME
 
 
 def wait_for_echo(cfg: Config, timeout: float, procs: dict | None = None) -> None:
@@ -15,7 +16,7 @@ def wait_for_echo(cfg: Config, timeout: float, procs: dict | None = None) -> Non
     while time.monotonic() < deadline:
         for name, proc in (procs or {}).items():
             if proc.poll() is not None:
-                pytest.fail(f"pipeline process {name} exited with {proc.returncode}; see var/test/logs/{name}.log")
+                pytest.fail(f"pipeline process {name} exited with {proc.returncode}; see {TEST_HOME}/logs/{name}.log")
         r = subprocess.run(
             ["echoscu", "-aec", cfg.receiver.ae_title, "127.0.0.1", str(cfg.receiver.port)],
             capture_output=True,
