@@ -67,7 +67,9 @@ def _paths_are_ours(cfg) -> None:
     for path in archive.rglob("*"):
         parts = path.relative_to(archive).parts
         assert all(is_valid_uid(p) for p in parts[:-1]), path
-        assert is_valid_uid(parts[-1].removesuffix(".dcm")) or parts[-1].startswith("."), path
+        # <SOP>.dcm, a temporary .name, or <SOP>.<sha256[:12]>.dcm (a KEEP_BOTH version, from the conflict tests)
+        version = re.fullmatch(r"(.+?)(\.[0-9a-f]{12})?\.dcm", parts[-1])
+        assert (version is not None and is_valid_uid(version.group(1))) or parts[-1].startswith("."), path
     landing = cfg.path(cfg.storage.landing_dir)
     for path in landing.rglob("*"):
         rel = path.relative_to(landing).parts
