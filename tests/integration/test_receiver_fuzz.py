@@ -67,9 +67,13 @@ def _paths_are_ours(cfg) -> None:
     for path in archive.rglob("*"):
         parts = path.relative_to(archive).parts
         assert all(is_valid_uid(p) for p in parts[:-1]), path
-        # <SOP>.dcm, a temporary .name, or <SOP>.<sha256[:12]>.dcm (a KEEP_BOTH version, from the conflict tests)
-        version = re.fullmatch(r"(.+?)(\.[0-9a-f]{12})?\.dcm", parts[-1])
-        assert (version is not None and is_valid_uid(version.group(1))) or parts[-1].startswith("."), path
+        # a folder named by a UID, <SOP>.dcm, a temporary .name, or <SOP>.<sha256[:12]>.dcm (a KEEP_BOTH
+        # version, from the conflict tests)
+        name = parts[-1]
+        version = re.fullmatch(r"(.+?)(\.[0-9a-f]{12})?\.dcm", name)
+        assert is_valid_uid(name) or (version is not None and is_valid_uid(version.group(1))) or name.startswith("."), (
+            path
+        )
     landing = cfg.path(cfg.storage.landing_dir)
     for path in landing.rglob("*"):
         rel = path.relative_to(landing).parts
