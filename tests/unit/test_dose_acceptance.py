@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,17 +9,12 @@ from pathlib import Path
 import pytest
 
 from diana.operations.dose_acceptance import DISPUTED, run_acceptance
-from tests.support.paths import REPO
-
-FOLDER = Path(os.environ.get("DIANA_DOSE_ACCEPTANCE_DIR", REPO.parent / "shared" / "acceptance" / "dose"))
+from tests.support.paths import REPO, dose_acceptance_dir
 
 
 @pytest.fixture(scope="module")
 def folder() -> Path:
-    if not (FOLDER / "expected.json").is_file():
-        # The files belong to the workplace, not to the project ("read them when that folder exists").
-        pytest.skip(f"no dose acceptance files at {FOLDER} (set DIANA_DOSE_ACCEPTANCE_DIR)")
-    return FOLDER
+    return dose_acceptance_dir()
 
 
 def test_every_listed_value_matches(folder: Path):

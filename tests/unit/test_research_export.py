@@ -27,7 +27,7 @@ from diana.access.residual import collect, scan
 from diana.schemas.uid import is_valid_uid
 from tests.support.deidcheck import check_actions
 from tests.support.deidgen import PATIENT_ID, PATIENT_NAME, SOP_CLASSES, identifying_object
-from tests.support.paths import REPO
+from tests.support.paths import dose_acceptance_dir
 
 SECRET = b"unit-test-site-secret-32-bytes!!"
 
@@ -134,9 +134,6 @@ def test_export_over_pydicom_files_and_generated_objects_reports_instead_of_cras
     assert PATIENT_ID not in text and "Doe" not in text
 
 
-DOSE_FOLDER = Path(os.environ.get("DIANA_DOSE_ACCEPTANCE_DIR", REPO.parent / "shared" / "acceptance" / "dose"))
-
-
 @pytest.mark.parametrize(
     "options",
     [
@@ -148,9 +145,8 @@ DOSE_FOLDER = Path(os.environ.get("DIANA_DOSE_ACCEPTANCE_DIR", REPO.parent / "sh
 )
 def test_vendor_dose_reports_export_completely(tmp_path, options):
     """The vendor dose files (RDSR content trees, the ones that crashed the old export): all exported, scan clean."""
-    files = sorted(DOSE_FOLDER.glob("*.dcm"))
-    if not files:
-        pytest.skip(f"no dose acceptance files at {DOSE_FOLDER} (set DIANA_DOSE_ACCEPTANCE_DIR)")
+    files = sorted(dose_acceptance_dir().glob("*.dcm"))
+    assert files, "the dose acceptance folder holds no .dcm files"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sources = [pydicom.dcmread(f) for f in files]
