@@ -38,26 +38,7 @@ def test_pet_dose_screen_mammography_and_dual_source_reach_opensearch(pipeline, 
         b.save(
             img.ct_dose_screen(
                 screen_study,
-                [
-                    {
-                        "type": "CONSTANT_ANGLE",
-                        "kvp": "120",
-                        "uA": "30000",
-                        "ms": "2500",
-                        "ctdivol": "0.8",
-                        "length": "500",
-                        "protocol": "Scout",
-                    },
-                    {
-                        "type": "SPIRAL",
-                        "kvp": "100",
-                        "uA": "245000",
-                        "ms": "6150",
-                        "ctdivol": "9.75",
-                        "length": "420",
-                        "protocol": "Abdomen",
-                    },
-                ],
+                img.SCOUT_AND_SPIRAL,
             ),
             tmp_path / "screen.dcm",
         )

@@ -58,6 +58,29 @@ def radiopharmaceutical(
     return ds
 
 
+# A scout and a helical exposure, as a CT dose screen lists them (unit and stack tests expect these values).
+SCOUT_AND_SPIRAL = [
+    {
+        "type": "CONSTANT_ANGLE",
+        "kvp": "120",
+        "uA": "30000",
+        "ms": "2500",
+        "ctdivol": "0.8",
+        "length": "500",
+        "protocol": "Scout",
+    },
+    {
+        "type": "SPIRAL",
+        "kvp": "100",
+        "uA": "245000",
+        "ms": "6150",
+        "ctdivol": "9.75",
+        "length": "420",
+        "protocol": "Abdomen",
+    },
+]
+
+
 def ct_dose_screen(study_uid: str, items: list[dict]) -> Dataset:
     """A Secondary Capture dose screen whose Radiation Dose Module has one Exposure Dose item per scan."""
     ds = base(SECONDARY_CAPTURE, "CT", study_uid)

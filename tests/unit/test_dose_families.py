@@ -89,26 +89,7 @@ def test_nm_image_activity_is_already_in_mbq():
 def test_ct_dose_screen_gives_one_event_per_exposure_dose_item():
     screen = img.ct_dose_screen(
         generate_uid(),
-        [
-            {
-                "type": "CONSTANT_ANGLE",
-                "kvp": "120",
-                "uA": "30000",
-                "ms": "2500",
-                "ctdivol": "0.8",
-                "length": "500",
-                "protocol": "Scout",
-            },
-            {
-                "type": "SPIRAL",
-                "kvp": "100",
-                "uA": "245000",
-                "ms": "6150",
-                "ctdivol": "9.75",
-                "length": "420",
-                "protocol": "Abdomen",
-            },
-        ],
+        img.SCOUT_AND_SPIRAL,
     )
     report, _ = extracted(screen)
     assert report["kind"] == "CT" and len(report["events"]) == 2
