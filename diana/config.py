@@ -121,6 +121,11 @@ class SinksConfig:
     # 0 turns a metrics endpoint off.
     archive_metrics_port: int = 9465
     opensearch_metrics_port: int = 9466
+    # The metadata sink (prepared WADO-RS metadata per series, docs/DICOMWEB.md).
+    metadata_group: str = "diana-sink-metadata"
+    metadata_metrics_port: int = 9469
+    # How long the metadata sink waits for the index to hold a completed series' instances.
+    metadata_index_wait_s: float = 300.0
     # Same SOP Instance UID, different bytes: KEEP_FIRST, REPLACE or KEEP_BOTH (reported either way).
     archive_conflict_policy: str = ConflictPolicy.KEEP_FIRST
     # A bulk request holds at most this many documents and about this many bytes.
@@ -214,7 +219,7 @@ class DicomWebConfig:
 
     # Loopback by default: on any other address it refuses to start without authentication.
     host: str = "127.0.0.1"
-    port: int = 8042
+    port: int = 8088
     # A file holding the bearer token clients send (Authorization: Bearer TOKEN).
     bearer_token_file: str = ""
     # HTTP basic: the user name, and a file holding the password.

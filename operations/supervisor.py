@@ -29,6 +29,7 @@ PIPELINE = (
     ("dose", ["dose"]),
     ("archive-sink", ["sink", "archive"]),
     ("opensearch-sink", ["sink", "opensearch"]),
+    ("metadata-sink", ["sink", "metadata"]),
 )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from diana.schemas.topics import DEADLETTER, DOSE_ALERTS, DOSE_EVENTS, DOSE_STUDIES, INSTANCES, SERIES, STUDIES
 from diana.schemas.uid import is_valid_uid
 
-__all__ = ["IndexLayout", "INDEX_KINDS", "INDEX_VERSION", "archive_path"]
+__all__ = ["IndexLayout", "INDEX_KINDS", "INDEX_VERSION", "archive_path", "series_metadata_path"]
 
 # The version of the index mappings the code writes; `diana reindex` creates the next one.
 INDEX_VERSION = 1
@@ -69,3 +69,14 @@ def archive_path(study_instance_uid: str, series_instance_uid: str, sop_instance
     if not all(is_valid_uid(u) for u in uids):
         raise ValueError("an object with an invalid UID cannot be named in the archive")
     return "{}/{}/{}.dcm".format(*uids)
+
+
+def series_metadata_path(study_instance_uid: str, series_instance_uid: str) -> str:
+    """The archive's relative path of a series' prepared WADO-RS metadata, ``<Study>/<Series>/.wado-metadata``.
+
+    A dot-file in the series' folder: whatever walks the archive for objects (``*.dcm``) never takes
+    it for one, and it lives and goes with the series.
+    """
+    if not (is_valid_uid(study_instance_uid) and is_valid_uid(series_instance_uid)):
+        raise ValueError("a series with an invalid UID cannot be named in the archive")
+    return f"{study_instance_uid}/{series_instance_uid}/.wado-metadata"

@@ -27,6 +27,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from diana.access.dicomweb.auth import Credentials, RequireAuth
+from diana.access.dicomweb.prepared import current_files, prepared_body
 from diana.access.dicomweb.qido import QidoError, parameter_name, parse_qido
 from diana.access.dicomweb.stow import StowError, boundary_of, receive_body, response_json, split_parts, store_parts
 from diana.access.dicomweb.wado import frame_bytes, metadata, multipart_dicom, new_boundary
@@ -40,6 +41,9 @@ __all__ = ["build_app"]
 
 log = structlog.get_logger("diana.dicomweb")
 REQUESTS = Counter("diana_dicomweb_requests_total", "DICOMweb requests answered", ["service", "status"])
+METADATA_SOURCE = Counter(
+    "diana_dicomweb_metadata_total", "WADO-RS metadata answers, by source (prepared files or per instance)", ["source"]
+)
 DICOM_JSON = "application/dicom+json"
 
 
@@ -187,10 +191,23 @@ class DicomWeb:
         )
 
     def metadata(self, request: Request) -> Response:
+        p = request.path_params
+        if "instance" not in p:
+            try:
+                files = current_files(self.reader.client, self.reader.index, self.archive, p["study"], p.get("series"))
+            except (OSConnectionError, TransportError):
+                return _error(503, "the index does not answer; retry later", "wado-metadata")
+            if files is not None:
+                METADATA_SOURCE.labels("prepared").inc()
+                REQUESTS.labels("wado-metadata", "200").inc()
+                log.info("wado.metadata", source="prepared", series=len(files))
+                return StreamingResponse(prepared_body(files, self._base(request)), media_type=DICOM_JSON)
         docs = self._selected(request, ["dicom"])
         if isinstance(docs, Response):
             return docs
+        METADATA_SOURCE.labels("per-instance").inc()
         REQUESTS.labels("wado-metadata", "200").inc()
+        log.info("wado.metadata", source="per-instance", instances=len(docs))
         return StreamingResponse(iter(list(metadata(iter(docs), self._base(request)))), media_type=DICOM_JSON)
 
     def frames(self, request: Request) -> Response:

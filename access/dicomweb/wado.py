@@ -14,6 +14,8 @@ from typing import Any
 
 import anyio
 
+from diana.schemas.series_metadata import absolute_bulk_uris
+
 __all__ = ["multipart_dicom", "metadata", "new_boundary", "frame_bytes"]
 
 CHUNK = 256 * 1024
@@ -35,22 +37,6 @@ async def multipart_dicom(
     yield f"--{boundary}--\r\n".encode()
 
 
-def _absolute(model: Any, base: str) -> Any:
-    """BulkDataURIs stored relative (``studies/.../bulk/TAG``) made absolute under ``base``."""
-    if isinstance(model, dict):
-        return {
-            k: (
-                f"{base}/{v}"
-                if k == "BulkDataURI" and isinstance(v, str) and not v.startswith("http")
-                else _absolute(v, base)
-            )
-            for k, v in model.items()
-        }
-    if isinstance(model, list):
-        return [_absolute(v, base) for v in model]
-    return model
-
-
 def metadata(documents: Iterator[dict[str, Any]], base: str) -> Iterator[bytes]:
     """A JSON array of DICOM JSON data sets, written as it is read."""
     import json
@@ -61,7 +47,7 @@ def metadata(documents: Iterator[dict[str, Any]], base: str) -> Iterator[bytes]:
         header = doc.get("dicom")
         if not header:
             continue
-        yield (b"" if first else b",") + json.dumps(_absolute(header, base), separators=(",", ":")).encode()
+        yield (b"" if first else b",") + json.dumps(absolute_bulk_uris(header, base), separators=(",", ":")).encode()
         first = False
     yield b"]"
 

@@ -127,6 +127,18 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
             quarantine_root=cfg.path(cfg.storage.quarantine_dir),
         )
         group, port = cfg.sinks.archive_group, cfg.sinks.archive_metrics_port
+    elif args.sink == "metadata":
+        from diana.clients import opensearch_client
+        from diana.schemas.layout import IndexLayout
+        from diana.sinks.metadata import MetadataSink
+
+        sink = MetadataSink(
+            opensearch_client(cfg.opensearch, timeout=30),
+            IndexLayout(cfg.opensearch.index_prefix),
+            cfg.path(cfg.storage.archive_dir),
+            index_wait_s=cfg.sinks.metadata_index_wait_s,
+        )
+        group, port = cfg.sinks.metadata_group, cfg.sinks.metadata_metrics_port
     else:
         from diana.clients import opensearch_client
         from diana.schemas.layout import IndexLayout
@@ -140,7 +152,8 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
         )
         group, port = cfg.sinks.opensearch_group, cfg.sinks.opensearch_metrics_port
     start_metrics(cfg, port)
-    run_sink(sink, cfg.kafka, group, stop, batch_size=cfg.opensearch.bulk_max_docs)
+    batch = 100 if args.sink == "metadata" else cfg.opensearch.bulk_max_docs  # series revisions: few, each heavy
+    run_sink(sink, cfg.kafka, group, stop, batch_size=batch)
     return 0
 
 
@@ -258,10 +271,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     ).set_defaults(func=cmd_dose_drl)
     sink = sub.add_parser(
         "sink",
-        help="run a sink (archive or opensearch)",
+        help="run a sink (archive, opensearch, or metadata: prepared WADO-RS metadata)",
         description="Run a sink: consume, write durably and idempotently, then commit.",
     )
-    sink.add_argument("sink", choices=["archive", "opensearch"])
+    sink.add_argument("sink", choices=["archive", "opensearch", "metadata"])
     sink.set_defaults(func=cmd_sink)
     sub.add_parser("topics", help="create the missing topics", description=cmd_topics.__doc__).set_defaults(
         func=cmd_topics

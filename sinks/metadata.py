@@ -1,0 +1,163 @@
+"""Metadata sink: prepares a series' WADO-RS metadata as one archive file when the series completes.
+
+It reads the series revisions the aggregates worker publishes on ``dicom.series``. For the latest
+COMPLETED or AMENDED revision of each series in a batch, it reads the DICOM JSON header of every
+instance of the series from the instance index (what WADO-RS answers from today) and writes them,
+with the index state they came from, as ``layout.series_metadata_path`` (format:
+schemas/series_metadata.py), atomically and durably. Offsets are committed by consumer.py's loop
+after the writes, so a crash re-prepares the batch; a file already describing the same index state
+is left as it is (idempotent).
+
+The index may lag behind the revision (the OpenSearch sink is another consumer): while it holds fewer
+instance documents than the revision counts, the batch is tried again (``RetryableError``), for at
+most ``index_wait_s`` per revision; after that the file is written from what the index holds. Either
+way WADO-RS serves a file only while the index still holds the state the file was prepared from.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+from confluent_kafka import Message
+from opensearchpy import OpenSearch
+from opensearchpy.exceptions import ConnectionError as OSConnectionError
+from opensearchpy.exceptions import TransportError
+from prometheus_client import Counter
+
+from diana.durable import contained_path, makedirs_durable, write_atomic
+from diana.schemas.codec import Codec, DecodeError, default_codec
+from diana.schemas.layout import IndexLayout, series_metadata_path
+from diana.schemas.series_metadata import (
+    BASE_MARKER,
+    PreparedHeader,
+    absolute_bulk_uris,
+    encode_entry,
+    index_state,
+    index_state_request,
+    read_header,
+)
+from diana.schemas.topics import SERIES
+from diana.sinks.consumer import DeadLetters, RetryableError
+
+__all__ = ["MetadataSink"]
+
+log = structlog.get_logger("diana.sink.metadata")
+
+PREPARED = Counter("diana_metadata_prepared_total", "Series metadata files written", ["status"])
+UNCHANGED = Counter("diana_metadata_unchanged_total", "Series revisions whose metadata file was already current")
+PREPARE_ON = ("COMPLETED", "AMENDED")
+PAGE = 1000
+
+
+def series_state(client: OpenSearch, index: str, study_instance_uid: str) -> dict[str, tuple[int, float | None]]:
+    return index_state(client.search(index=index, body=index_state_request(study_instance_uid)))
+
+
+class MetadataSink:
+    name = "metadata"
+    topics = (SERIES.name,)
+
+    def __init__(
+        self,
+        client: OpenSearch,
+        layout: IndexLayout,
+        archive_root: Path,
+        codec: Codec | None = None,
+        index_wait_s: float = 300.0,
+    ):
+        self.client = client
+        self.index = layout.alias("instances")
+        self.archive_root = Path(archive_root).resolve()
+        self.codec = codec or default_codec()
+        self.index_wait_s = index_wait_s
+        # (series, revision) -> when the index was first found behind it
+        self._behind_since: dict[tuple[str, int], float] = {}
+
+    def write(self, batch: list[Message], dead: DeadLetters) -> None:
+        latest: dict[str, tuple[Message, dict[str, Any]]] = {}
+        for msg in batch:
+            try:
+                _, event = self.codec.decode(msg.value(), expect=SERIES.value_schema)
+            except DecodeError as exc:
+                dead.send(msg, f"metadata: {exc}")
+                continue
+            if event["status"] not in PREPARE_ON:
+                continue
+            known = latest.get(event["series_instance_uid"])
+            if known is None or known[1]["revision"] < event["revision"]:
+                latest[event["series_instance_uid"]] = (msg, event)
+        for msg, event in latest.values():
+            try:
+                self.prepare(event)
+            except ValueError as exc:
+                dead.send(msg, f"metadata: {exc}")
+            except (OSConnectionError, TransportError) as exc:
+                raise RetryableError(f"the index does not answer: {exc}") from exc
+            except OSError as exc:
+                raise RetryableError(f"metadata write failed: {exc.strerror or exc}") from exc
+
+    def prepare(self, event: dict[str, Any]) -> str:
+        """Write the series' metadata file for this revision; 'written', 'unchanged'. Raises
+        RetryableError while the index is behind the revision (for at most ``index_wait_s``)."""
+        study, series, revision = event["study_instance_uid"], event["series_instance_uid"], event["revision"]
+        target = contained_path(self.archive_root, series_metadata_path(study, series))
+        count, last = series_state(self.client, self.index, study).get(series, (0, None))
+        if count < event["instance_count"]:
+            first = self._behind_since.setdefault((series, revision), time.monotonic())
+            if time.monotonic() - first < self.index_wait_s:
+                raise RetryableError(f"the index holds {count} of the series' {event['instance_count']} instances")
+            log.warning(
+                "metadata.index_behind", series_instance_uid=series, indexed=count, expected=event["instance_count"]
+            )
+        self._behind_since.pop((series, revision), None)
+        if self._current(target, count, last):
+            UNCHANGED.inc()
+            return "unchanged"
+        entries, state = self._entries(study, series)
+        if state != (count, last):
+            raise RetryableError("instances were indexed while the metadata was read; read again")
+        header = PreparedHeader(study, series, revision, count, last)
+        makedirs_durable(target.parent)
+        write_atomic(target, header.encode() + b"".join(entries))
+        PREPARED.labels(event["status"]).inc()
+        log.info("metadata.prepared", series_instance_uid=series, revision=revision, instances=count)
+        return "written"
+
+    @staticmethod
+    def _current(target: Path, count: int, last: float | None) -> bool:
+        try:
+            with open(target, "rb") as fh:
+                return read_header(fh).same_index_state(count, last)
+        except (FileNotFoundError, ValueError):
+            return False
+
+    def _entries(self, study: str, series: str) -> tuple[list[bytes], tuple[int, float | None]]:
+        """Every instance line of the series (SOP Instance UID order, as WADO-RS sorts), and the index
+        state read again after them (a different one means the series changed meanwhile)."""
+        query = {
+            "bool": {"filter": [{"term": {"study_instance_uid": study}}, {"term": {"series_instance_uid": series}}]}
+        }
+        entries: list[bytes] = []
+        after = None
+        while True:
+            body: dict[str, Any] = {
+                "size": PAGE,
+                "query": query,
+                "sort": [{"sop_instance_uid": "asc"}],
+                "_source": ["sop_instance_uid", "dicom"],
+            }
+            if after:
+                body["search_after"] = after
+            hits = self.client.search(index=self.index, body=body)["hits"]["hits"]
+            if not hits:
+                break
+            for hit in hits:
+                doc = hit["_source"]
+                if doc.get("dicom"):  # WADO-RS skips an instance without a header the same way
+                    entries.append(encode_entry(doc["sop_instance_uid"], absolute_bulk_uris(doc["dicom"], BASE_MARKER)))
+            after = hits[-1]["sort"]
+        state = series_state(self.client, self.index, study).get(series, (0, None))
+        return entries, state
