@@ -116,18 +116,19 @@ def measure(name: str, pid: int, files: list[Path], port: int, aec: str, associa
     return Run(name, associations, len(files), round(mb, 1), round(wall, 3), round(cpu1 - cpu0, 2), round(rss, 1))
 
 
-def start_storescp(work: Path) -> subprocess.Popen:
+def start_storescp(work: Path, port: int = BENCH_PORTS["storescp"]) -> subprocess.Popen:
     out = work / "storescp"
     out.mkdir()
     return subprocess.Popen(
-        ["storescp", "-od", str(out), str(BENCH_PORTS["storescp"])],
+        ["storescp", "-od", str(out), str(port)],
         env=DCMTK,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
 
 
-def start_orthanc(work: Path) -> subprocess.Popen | None:
+def start_orthanc(work: Path, ports: dict[str, int] = BENCH_PORTS, **settings: object) -> subprocess.Popen | None:
+    """Orthanc from Debian on ``ports`` (orthanc, orthanc_http); ``settings`` add to or replace its configuration."""
     binary = shutil.which("Orthanc")
     if not binary:
         return None
@@ -140,34 +141,40 @@ def start_orthanc(work: Path) -> subprocess.Popen | None:
                 "StorageDirectory": str(work / "orthanc"),
                 "IndexDirectory": str(work / "orthanc"),
                 "DicomAet": "ORTHANC",
-                "DicomPort": BENCH_PORTS["orthanc"],
-                "HttpPort": BENCH_PORTS["orthanc_http"],
+                "DicomPort": ports["orthanc"],
+                "HttpPort": ports["orthanc_http"],
                 "RemoteAccessAllowed": False,
                 "AuthenticationEnabled": False,
                 "DicomCheckCalledAet": False,
                 "Plugins": [],
                 "ConcurrentJobs": 2,
             }
+            | settings
         )
     )
     proc = subprocess.Popen(
         [binary, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin"}
     )
-    for _ in range(100):
-        if (
-            subprocess.run(
-                ["echoscu", "-aec", "ORTHANC", "127.0.0.1", str(BENCH_PORTS["orthanc"])], env=DCMTK, capture_output=True
-            ).returncode
-            == 0
-        ):
-            return proc
-        time.sleep(0.2)
+    if wait_for_echo("ORTHANC", ports["orthanc"], tries=100):
+        return proc
     proc.kill()
     raise RuntimeError("Orthanc did not start")
 
 
-def diana_config(work: Path) -> Path:
-    p = BENCH_PORTS
+def wait_for_echo(aec: str, port: int, tries: int = 200) -> bool:
+    """True once a C-ECHO to ``aec`` on ``port`` succeeds (dcmtk echoscu, every 0.2 s)."""
+    for _ in range(tries):
+        if (
+            subprocess.run(["echoscu", "-aec", aec, "127.0.0.1", str(port)], env=DCMTK, capture_output=True).returncode
+            == 0
+        ):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def diana_config(work: Path, p: dict[str, int] = BENCH_PORTS, extra: str = "") -> Path:
+    """The pipeline's configuration on ports ``p``; ``extra``: more TOML sections (not those written here)."""
     path = work / "diana-bench.toml"
     path.write_text(f"""
 [kafka]
@@ -182,11 +189,12 @@ metrics_port = 0
 [sinks]
 archive_metrics_port = 0
 opensearch_metrics_port = 0
+metadata_metrics_port = 0
 [storage]
 landing_dir = "{work}/landing"
 archive_dir = "{work}/archive"
 [stream]
-web_port = 26066
+web_port = {p.get("stream_web", 26066)}
 data_dir = "{work}/faust"
 quiet_seconds = "CT=5,DX=5,*=5"
 [stack]
@@ -197,7 +205,7 @@ opensearch_port = {p["opensearch"]}
 opensearch_transport_port = {p["transport"]}
 [log]
 level = "warning"
-""")
+{extra}""")
     return path
 
 
@@ -273,15 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         names = ("receive", "aggregate", "sink archive", "sink opensearch")
         pipeline = {n: diana(config, *n.split(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for n in names}
         procs += pipeline.values()
-        for _ in range(200):
-            if (
-                subprocess.run(
-                    ["echoscu", "-aec", "DIANA", "127.0.0.1", str(BENCH_PORTS["diana"])], env=DCMTK, capture_output=True
-                ).returncode
-                == 0
-            ):
-                break
-            time.sleep(0.2)
+        wait_for_echo("DIANA", BENCH_PORTS["diana"])
         scp = start_storescp(work)
         procs.append(scp)
         orthanc = None if args.no_orthanc else start_orthanc(work)

@@ -1,0 +1,428 @@
+"""Query/retrieve and DICOMweb, diana-star side by side with Orthanc serving the same corpus.
+
+Measures study-level C-FIND latency over the whole corpus, C-MOVE and WADO-RS retrieval of one CT
+series (rate against Orthanc, and against dcmtk storescu → storescp moving the same files), QIDO-RS
+latency, and WADO-RS metadata latency for one large study (diana-star from its prepared files, and
+again one index document per instance, and Orthanc). Reports met / not met per target (issue 17).
+
+Corpus (generated): one CT series of ``--series`` 256×256×16-bit instances, one study of ``--study``
+small instances (16×16, no meaningful pixels) in series of 500, and filler studies of 50 small
+instances up to ``--find-instances`` in all. diana-star is fed with ``diana import`` (the same path as
+a C-STORE, 8 in flight), Orthanc with dcmtk storescu over 4 associations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from bench.ingest import REPO, diana, diana_config, pct, send, start_orthanc, start_storescp, wait_for_echo
+from tests.support.dicomgen import make_instance
+
+PORTS = {
+    "kafka": 28092,
+    "controller": 28093,
+    "opensearch": 28200,
+    "transport": 28300,
+    "diana": 28112,
+    "storescp": 28113,
+    "orthanc": 28114,
+    "orthanc_http": 28142,
+    "dicomweb": 28180,
+    "stream_web": 28066,
+}
+PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+SMALL_STUDY = 50
+STUDY_SERIES = 500
+
+
+def _write_study(root: Path, n: int, per_series: int, rows: int, patient: str, date: str) -> dict[str, Any]:
+    from pydicom.uid import generate_uid
+
+    study = generate_uid()
+    series: list[str] = []
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        if i % per_series == 0:
+            series.append(generate_uid())
+        ds = make_instance(study, series[-1], i + 1, patient_id=patient, study_date=date, rows=rows)
+        ds.save_as(root / f"{i:06d}.dcm", enforce_file_format=True)
+    return {"study": study, "series": series, "patient": patient, "instances": n}
+
+
+def make_corpus(root: Path, total: int, series_n: int, study_n: int) -> dict[str, Any]:
+    ct = _write_study(root / "series", series_n, series_n, 256, "SERVE-CT", "20240102")
+    big = _write_study(root / "study", study_n, STUDY_SERIES, 16, "SERVE-BIG", "20240103")
+    fillers = []
+    rng = random.Random(17)
+    for k in range(max(0, total - series_n - study_n) // SMALL_STUDY):
+        date = f"2023{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
+        fillers.append(_write_study(root / "fill" / f"{k:05d}", SMALL_STUDY, 25, 16, f"SERVE-P{k:05d}", date))
+    return {"series": ct, "study": big, "fillers": fillers, "files": sum(1 for _ in root.rglob("*.dcm"))}
+
+
+def _study_find(patient: str):
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.PatientID = patient
+    ds.StudyInstanceUID = ""
+    ds.StudyDate = ""
+    ds.PatientName = ""
+    ds.ModalitiesInStudy = ""
+    ds.NumberOfStudyRelatedInstances = ""
+    return ds
+
+
+def cfind_latencies(aec: str, port: int, patients: list[str], queries: int) -> tuple[list[float], int]:
+    """Study-level C-FINDs by Patient ID on one association; (seconds per query, matches in all)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(FIND)
+    assoc = ae.associate("127.0.0.1", port, ae_title=aec)
+    if not assoc.is_established:
+        raise RuntimeError(f"no association with {aec}")
+    rng = random.Random(3)
+    latencies, matches = [], 0
+    try:
+        for _ in range(queries):
+            t0 = time.perf_counter()
+            if not assoc.is_established:
+                raise RuntimeError(f"{aec} ended the association")
+            for status, identifier in assoc.send_c_find(_study_find(rng.choice(patients)), FIND):
+                if status and status.Status in (0xFF00, 0xFF01) and identifier is not None:
+                    matches += 1
+            latencies.append(time.perf_counter() - t0)
+    finally:
+        assoc.release()
+    return latencies, matches
+
+
+def cmove_series(aec: str, port: int, study: str, series: str) -> tuple[float, int, int]:
+    """C-MOVE of one series to STORESCP; (seconds, completed, failed)."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
+
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(MOVE)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 600
+    assoc = ae.associate("127.0.0.1", port, ae_title=aec)
+    if not assoc.is_established:
+        raise RuntimeError(f"no association with {aec}")
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "SERIES"
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    t0 = time.perf_counter()
+    completed = failed = 0
+    for status, _ in assoc.send_c_move(ds, "STORESCP", MOVE):
+        if status and status.Status not in (0xFF00,):
+            completed = int(status.get("NumberOfCompletedSuboperations", 0) or 0)
+            failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
+    wall = time.perf_counter() - t0
+    assoc.release()
+    return wall, completed, failed
+
+
+def http_get(url: str, accept: str) -> tuple[float, int]:
+    """(seconds, bytes) of one GET, the body read to its end."""
+    t0 = time.perf_counter()
+    with requests.get(url, headers={"Accept": accept}, stream=True, timeout=900) as r:
+        r.raise_for_status()
+        size = sum(len(chunk) for chunk in r.iter_content(1 << 20))
+    return time.perf_counter() - t0, size
+
+
+def repeat(url: str, accept: str, times: int) -> list[float]:
+    return [http_get(url, accept)[0] for _ in range(times)]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"n": len(values), "p50_ms": round(pct(values, 0.5) * 1000, 1), "p95_ms": round(pct(values, 0.95) * 1000, 1)}
+
+
+def wait_indexed(url: str, total: int, timeout: float) -> float:
+    from opensearchpy import OpenSearch
+
+    client = OpenSearch(hosts=[url])
+    t0 = time.monotonic()
+    count = 0
+    while time.monotonic() - t0 < timeout:
+        try:
+            count = client.count(index="diana-instances")["count"]
+        except Exception:  # the index does not exist yet
+            count = 0
+        if count >= total:
+            return time.monotonic() - t0
+        time.sleep(1)
+    raise RuntimeError(f"only {count} of {total} instances indexed after {timeout}s")
+
+
+def wait_prepared(archive: Path, study: str, series: list[str], timeout: float) -> None:
+    from diana.schemas.layout import series_metadata_path
+
+    deadline = time.monotonic() + timeout
+    while not all((archive / series_metadata_path(study, s)).exists() for s in series):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the study's series metadata was not prepared in time")
+        time.sleep(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--find-instances", type=int, default=100_000, help="instances in all (default 100000)")
+    ap.add_argument("--series", type=int, default=1000, help="instances of the retrieved CT series (default 1000)")
+    ap.add_argument("--study", type=int, default=5000, help="instances of the large study (default 5000)")
+    ap.add_argument("--queries", type=int, default=200, help="C-FIND and QIDO requests per server (default 200)")
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "bench-serve", help="where results.json/.md go")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder (corpus, logs, archive)")
+    args = ap.parse_args(argv)
+    if not shutil.which("Orthanc") or not Path(PLUGIN).exists():
+        sys.exit("Orthanc and its DICOMweb plugin are needed: apt-get install orthanc orthanc-dicomweb")
+
+    from diana.compose.local.stack import LocalStack
+    from diana.config import load_config
+
+    work = Path(tempfile.mkdtemp(prefix="diana-bench-serve-"))
+    p = PORTS
+    config = diana_config(
+        work,
+        p,
+        extra=f'[query_retrieve]\ndestinations = ["STORESCP=127.0.0.1:{p["storescp"]}"]\n'
+        f"[dicomweb]\nport = {p['dicomweb']}\nmetrics_port = 0\n",
+    )
+    cfg = load_config(config, environ={})
+    stack = LocalStack(cfg)
+    procs: list[subprocess.Popen] = []
+    result: dict[str, Any] = {}
+    try:
+        t0 = time.monotonic()
+        corpus = make_corpus(work / "corpus", args.find_instances, args.series, args.study)
+        print(f"corpus: {corpus['files']} files in {time.monotonic() - t0:.0f} s ({work})", flush=True)
+        stack.reset()
+        stack.start()
+        subprocess.run([sys.executable, "-m", "diana.cli", "--config", str(config), "topics"], check=True, cwd=REPO)
+        names = ("receive", "aggregate", "sink archive", "sink opensearch", "sink metadata", "serve --only web")
+        (work / "logs").mkdir()
+        for n in names:
+            log = open(work / "logs" / f"{n.replace(' ', '-')}.log", "ab")
+            procs.append(diana(config, *n.split(), stdout=log, stderr=subprocess.STDOUT))
+        scp = start_storescp(work, p["storescp"])
+        procs.append(scp)
+        orthanc = start_orthanc(
+            work,
+            p,
+            Plugins=[PLUGIN],
+            DicomWeb={"Enable": True, "Root": "/dicom-web/"},
+            # Orthanc answers C-FIND and C-MOVE only to the modalities it knows.
+            DicomModalities={"STORESCP": ["STORESCP", "127.0.0.1", p["storescp"]], "BENCH": ["BENCH", "127.0.0.1", 1]},
+        )
+        assert orthanc is not None
+        procs.append(orthanc)
+        if not wait_for_echo("DIANA", p["diana"]):
+            raise RuntimeError("the diana-star receiver did not start")
+
+        files = sorted((work / "corpus").rglob("*.dcm"))
+        t0 = time.monotonic()
+        imp = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "diana.cli",
+                "--config",
+                str(config),
+                "import",
+                "--no-progress",
+                str(work / "corpus"),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        if imp.returncode != 0:
+            raise RuntimeError(imp.stdout[-2000:] + imp.stderr[-2000:])
+        import_s = time.monotonic() - t0
+        indexed_s = wait_indexed(cfg.opensearch.url, len(files), timeout=7200) + import_s
+        print(f"diana-star: imported in {import_s:.0f} s, all indexed after {indexed_s:.0f} s", flush=True)
+        t0 = time.monotonic()
+        send(files, p["orthanc"], "ORTHANC", 4)
+        orthanc_load_s = time.monotonic() - t0
+        print(f"Orthanc: stored in {orthanc_load_s:.0f} s", flush=True)
+        big, ct = corpus["study"], corpus["series"]
+        wait_prepared(cfg.path(cfg.storage.archive_dir), big["study"], big["series"], timeout=600)
+
+        patients = [f["patient"] for f in corpus["fillers"]] or [big["patient"]]
+        find = {}
+        for name, aec, port in (("diana-star", "DIANA", p["diana"]), ("orthanc", "ORTHANC", p["orthanc"])):
+            latencies, matches = cfind_latencies(aec, port, patients, args.queries)
+            find[name] = summary(latencies) | {"matches": matches}
+
+        # Retrieval of the CT series: the floor is storescu sending the same files to storescp.
+        ct_files = sorted((work / "corpus" / "series").glob("*.dcm"))
+        ct_mb = sum(f.stat().st_size for f in ct_files) / 1e6
+        storescp_s = send(ct_files, p["storescp"], "ANY", 1)
+        move = {"reference: storescu → storescp": {"s": round(storescp_s, 2), "completed": len(ct_files), "failed": 0}}
+        for name, aec, port in (("diana-star", "DIANA", p["diana"]), ("orthanc", "ORTHANC", p["orthanc"])):
+            wall, completed, failed = cmove_series(aec, port, ct["study"], ct["series"][0])
+            move[name] = {"s": round(wall, 2), "completed": completed, "failed": failed}
+        for row in move.values():
+            row["inst_per_s"] = round(row["completed"] / row["s"], 1)
+
+        diana_web = f"http://127.0.0.1:{p['dicomweb']}"
+        orthanc_web = f"http://127.0.0.1:{p['orthanc_http']}/dicom-web"
+        multipart = 'multipart/related; type="application/dicom"'
+        path = f"/studies/{ct['study']}/series/{ct['series'][0]}"
+        wado = {}
+        for name, base in (("diana-star", diana_web), ("orthanc", orthanc_web)):
+            wall, size = http_get(base + path, multipart)
+            wado[name] = {"s": round(wall, 2), "MB": round(size / 1e6, 1), "inst_per_s": round(len(ct_files) / wall, 1)}
+
+        qido = {
+            name: summary([http_get(f"{base}/studies?PatientID={pid}", "application/dicom+json")[0] for pid in sample])
+            for name, base in (("diana-star", diana_web), ("orthanc", orthanc_web))
+            for sample in [random.Random(5).choices(patients, k=args.queries)]
+        }
+
+        meta_path = f"/studies/{big['study']}/metadata"
+        metadata = {
+            "diana-star (prepared)": summary(repeat(diana_web + meta_path, "application/dicom+json", 5)),
+        }
+        # The same request answered one index document per instance: the prepared files set aside.
+        from diana.schemas.layout import series_metadata_path
+
+        archive = cfg.path(cfg.storage.archive_dir)
+        prepared = [archive / series_metadata_path(big["study"], s) for s in big["series"]]
+        for f in prepared:
+            f.rename(f.with_name(".bench-aside"))
+        metadata["diana-star (per instance)"] = summary(repeat(diana_web + meta_path, "application/dicom+json", 3))
+        for f in prepared:
+            f.with_name(".bench-aside").rename(f)
+        metadata["orthanc"] = summary(repeat(orthanc_web + meta_path, "application/dicom+json", 3))
+
+        d_move, o_move = move["diana-star"], move["orthanc"]
+        result = {
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "kernel": platform.release(),
+                "load_at_end": os.getloadavg(),
+            },
+            "corpus": {
+                "instances": len(files),
+                "ct_series": len(ct_files),
+                "ct_series_MB": round(ct_mb, 1),
+                "large_study": big["instances"],
+                "filler_studies": len(corpus["fillers"]),
+                "diana_import_s": round(import_s, 1),
+                "diana_indexed_s": round(indexed_s, 1),
+                "orthanc_store_s": round(orthanc_load_s, 1),
+            },
+            "c_find_study": find,
+            "c_move_series": move,
+            "wado_series": wado,
+            "qido_studies": qido,
+            "wado_metadata_study": metadata,
+            "targets": [
+                {
+                    "target": "study-level C-FIND p95 < 200 ms over at least 100,000 indexed instances",
+                    "result": f"p95 {find['diana-star']['p95_ms']} ms over {len(files)} instances",
+                    "met": find["diana-star"]["p95_ms"] < 200 and len(files) >= 100_000,
+                },
+                {
+                    "target": "C-MOVE of the CT series at least Orthanc's rate",
+                    "result": f"{d_move['inst_per_s']} vs {o_move['inst_per_s']} inst/s",
+                    "met": d_move["failed"] == 0 and d_move["inst_per_s"] >= o_move["inst_per_s"],
+                },
+                {
+                    "target": "C-MOVE within 2× storescu → storescp",
+                    "result": f"{round(d_move['s'] / storescp_s, 2)}×",
+                    "met": d_move["s"] <= 2 * storescp_s,
+                },
+                {
+                    "target": "WADO-RS series at least Orthanc's rate",
+                    "result": f"{wado['diana-star']['inst_per_s']} vs {wado['orthanc']['inst_per_s']} inst/s",
+                    "met": wado["diana-star"]["inst_per_s"] >= wado["orthanc"]["inst_per_s"],
+                },
+                {
+                    "target": "WADO-RS series within 2× storescu → storescp",
+                    "result": f"{round(wado['diana-star']['s'] / storescp_s, 2)}×",
+                    "met": wado["diana-star"]["s"] <= 2 * storescp_s,
+                },
+            ],
+        }
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        stack.stop()
+        if args.keep:
+            print(f"kept {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(stack._opensearch_dir(), ignore_errors=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    table = render(result)
+    (args.out / "results.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+def render(result: dict[str, Any]) -> str:
+    c, m = result["corpus"], result["machine"]
+    lines = [
+        f"Corpus: {c['instances']} instances ({c['filler_studies']} studies of {SMALL_STUDY} small instances, a "
+        f"{c['large_study']}-instance study, a {c['ct_series']}-instance CT series of {c['ct_series_MB']} MB); "
+        f"{m['cpus']} CPUs, load {', '.join(f'{x:.2f}' for x in m['load_at_end'])} at the end; {result['when']}. "
+        f"Loading: diana-star import {c['diana_import_s']} s (all indexed {c['diana_indexed_s']} s), "
+        f"Orthanc storescu ×4 {c['orthanc_store_s']} s.",
+        "",
+        "| measure | server | p50 ms | p95 ms | n |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for title, key in (
+        ("C-FIND study level", "c_find_study"),
+        ("QIDO-RS /studies?PatientID", "qido_studies"),
+        ("WADO-RS study metadata", "wado_metadata_study"),
+    ):
+        for server, s in result[key].items():
+            lines.append(f"| {title} | {server} | {s['p50_ms']} | {s['p95_ms']} | {s['n']} |")
+    lines += ["", "| retrieval of the CT series | s | inst/s | completed | failed |", "|---|---:|---:|---:|---:|"]
+    for server, r in result["c_move_series"].items():
+        lines.append(
+            f"| {server if 'storescp' in server else 'C-MOVE ' + server} | {r['s']} | {r['inst_per_s']} | {r['completed']} | {r['failed']} |"
+        )
+    for server, r in result["wado_series"].items():
+        lines.append(f"| WADO-RS {server} ({r['MB']} MB) | {r['s']} | {r['inst_per_s']} | - | - |")
+    lines += ["", "| target | result | met? |", "|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['target']} | {t['result']} | {'met' if t['met'] else 'not met'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
