@@ -219,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"corpus: {corpus['files']} files in {time.monotonic() - t0:.0f} s ({work})", flush=True)
         stack.reset()
         stack.start()
-        subprocess.run([sys.executable, "-m", "diana.cli", "--config", str(config), "topics"], check=True, cwd=REPO)
+        # Only the bench's configuration file: no DIANA_* setting from the caller's environment.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
+        subprocess.run(
+            [sys.executable, "-m", "diana.cli", "--config", str(config), "topics"], check=True, cwd=REPO, env=env
+        )
         names = ("receive", "aggregate", "sink archive", "sink opensearch", "sink metadata", "serve --only web")
         (work / "logs").mkdir()
         for n in names:
@@ -254,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(work / "corpus"),
             ],
             cwd=REPO,
+            env=env,
             capture_output=True,
             text=True,
         )
