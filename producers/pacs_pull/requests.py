@@ -29,7 +29,8 @@ _COLUMNS = {
     "dateto": "date_to",
     "to": "date_to",
     "modality": "modalities",
-    "modalities": "modalities",
+    "modalitiesinstudy": "modalities",
+    # not "modalities": in the CSV of `cohort find` it lists what diana-star holds, not a filter
 }
 # DICOM value lengths: SH 16 (accession), LO 64 (patient id), UI 64.
 _MAX_LENGTH = {"accession_number": 16, "patient_id": 64, "study_instance_uid": 64}
