@@ -11,7 +11,6 @@ import threading
 import time
 
 from opensearchpy import OpenSearch
-from opensearchpy.exceptions import NotFoundError
 
 from diana.schemas.layout import IndexLayout
 
@@ -22,31 +21,21 @@ class IndexedCounter:
     def __init__(self, client: OpenSearch, index_prefix: str):
         self.client = client
         self.alias = IndexLayout(index_prefix).alias("instances")
+        # One client for all retrieve workers: one request at a time keeps its connection pool of one.
+        self._lock = threading.Lock()
 
     def count(self, study_instance_uid: str) -> int:
-        try:
+        with self._lock:
+            # 404: nothing indexed yet at all (the sink creates the index with its first document).
             result = self.client.count(
-                index=self.alias, body={"query": {"term": {"study_instance_uid": study_instance_uid}}}
+                index=self.alias, body={"query": {"term": {"study_instance_uid": study_instance_uid}}}, ignore=404
             )
-        except NotFoundError:  # nothing indexed yet at all
-            return 0
-        return int(result["count"])
+        return int(result.get("count", 0))
 
     def wait_for(self, study_instance_uid: str, target: int, timeout_s: float, stop: threading.Event) -> int:
-        """Poll until the study has ``target`` instances indexed or ``timeout_s`` passed; the last count.
-
-        Stops early when the count has not moved for a third of the timeout and is still short, so a
-        partial retrieve is known in seconds, not after the whole timeout.
-        """
+        """Poll until the study has ``target`` instances indexed, ``timeout_s`` passed or ``stop`` is set; the last count."""
         deadline = time.monotonic() + timeout_s
-        last, last_change = -1, time.monotonic()
         while True:
-            now_count = self.count(study_instance_uid)
-            if now_count >= target:
-                return now_count
-            now = time.monotonic()
-            if now_count != last:
-                last, last_change = now_count, now
-            if now > deadline or now - last_change > max(timeout_s / 3, 5.0) or stop.is_set():
-                return now_count
-            stop.wait(0.5)
+            have = self.count(study_instance_uid)
+            if have >= target or time.monotonic() > deadline or stop.wait(0.5):
+                return have

@@ -198,15 +198,19 @@ class CollectJob:
                 failed=result.failed,
                 warning=result.warning,
             )
-            want = expected if expected is not None else result.completed + result.warning
+            # Wait for what the PACS says it sent to be indexed (all of the study when nothing failed).
+            sent = result.completed + result.warning
+            want = expected if expected is not None and result.failed == 0 else sent
+            if expected is not None:
+                want = min(want, expected)
             have = self.counter.wait_for(uid, want, s.verify_timeout_s, self.stop)
-            if have >= want and (expected is not None or result.success):
+            if have >= (expected if expected is not None else sent) and (expected is not None or result.success):
                 self._finish(study, "STUDY_COMPLETE", indexed_instances=have, detail=f"{have} instances")
                 return
         if self.stop.is_set() or result is None:
             return
-        sent = f"PACS status {status_text(result.status)}: {result.completed} sent, {result.failed} failed"
-        detail = f"{have} of {expected if expected is not None else '?'} instances in diana-star after {tries} retrieves; {sent}"
+        answer = f"PACS status {status_text(result.status)}: {result.completed} sent, {result.failed} failed"
+        detail = f"{have} of {expected if expected is not None else '?'} instances in diana-star after {tries} retrieves; {answer}"
         event = "STUDY_PARTIAL" if have else "STUDY_FAILED"
         self._finish(study, event, indexed_instances=have, pacs_status=status_text(result.status), detail=detail)
         log.warning(

@@ -52,7 +52,7 @@ def settings(**overrides: str) -> dict[str, str]:
         "DIANA_COLLECT_CONCURRENCY": "2",
         "DIANA_COLLECT_RETRIES": "1",
         "DIANA_COLLECT_BACKOFF_S": "1",
-        "DIANA_COLLECT_VERIFY_TIMEOUT_S": "30",
+        "DIANA_COLLECT_VERIFY_TIMEOUT_S": "60",
         "DIANA_COLLECT_PAUSE_S": "2",
     }
     return base | overrides
