@@ -198,21 +198,39 @@ class CollectJob:
                 failed=result.failed,
                 warning=result.warning,
             )
-            # Wait for what the PACS says it sent to be indexed (all of the study when nothing failed).
+            if expected is None and result.completed + result.failed + result.warning:
+                # The C-FIND did not say how many (not every PACS returns NumberOfStudyRelatedInstances):
+                # the retrieve's own count of sub-operations is the PACS's count.
+                expected = result.completed + result.failed + result.warning
+                study.expected_instances = expected
+            # Wait for what the PACS says it sent to be indexed: all of the study when it reported success.
             sent = result.completed + result.warning
-            want = expected if expected is not None and result.failed == 0 else sent
+            want = expected if expected is not None and result.success else sent
             if expected is not None:
                 want = min(want, expected)
             have = self.counter.wait_for(uid, want, s.verify_timeout_s, self.stop)
             if have >= (expected if expected is not None else sent) and (expected is not None or result.success):
-                self._finish(study, "STUDY_COMPLETE", indexed_instances=have, detail=f"{have} instances")
+                self._finish(
+                    study,
+                    "STUDY_COMPLETE",
+                    indexed_instances=have,
+                    expected_instances=expected,
+                    detail=f"{have} instances",
+                )
                 return
         if self.stop.is_set() or result is None:
             return
         answer = f"PACS status {status_text(result.status)}: {result.completed} sent, {result.failed} failed"
         detail = f"{have} of {expected if expected is not None else '?'} instances in diana-star after {tries} retrieves; {answer}"
         event = "STUDY_PARTIAL" if have else "STUDY_FAILED"
-        self._finish(study, event, indexed_instances=have, pacs_status=status_text(result.status), detail=detail)
+        self._finish(
+            study,
+            event,
+            indexed_instances=have,
+            expected_instances=expected,
+            pacs_status=status_text(result.status),
+            detail=detail,
+        )
         log.warning(
             "collect_study_short", job=self.job.job_id, study=uid, outcome=event, indexed=have, expected=expected
         )
