@@ -87,7 +87,19 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
     except JobConflict as exc:
         return fail("collect run", str(exc))
     except OSConnectionError:
-        return fail("collect run", f"OpenSearch does not answer at {cfg.opensearch.url}; start the stack", code=1)
+        return fail(
+            "collect run",
+            f"OpenSearch does not answer at {cfg.opensearch.url}; start the stack, then run the same command "
+            f"again to resume job {job_id}",
+            code=1,
+        )
+    except KafkaException as exc:
+        return fail(
+            "collect run",
+            f"Kafka at {cfg.kafka.bootstrap} did not record a step ({exc}); start the stack, then run the same "
+            f"command again to resume job {job_id}",
+            code=1,
+        )
     finally:
         bar.close()
     if args.report:
