@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.association import Association
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
 )
