@@ -29,15 +29,15 @@ from tests.support.pacscorpus import load_into_orthanc, make_pacs_study
 
 REPO = Path(__file__).resolve().parent.parent
 PORTS = {
-    "kafka": 25092,
-    "controller": 25093,
-    "opensearch": 25200,
-    "transport": 25300,
-    "receiver": 25112,
-    "orthanc": 25104,
-    "orthanc_http": 25105,
-    "faust": 25066,
-    "dose_web": 25069,
+    "kafka": 25592,
+    "controller": 25593,
+    "opensearch": 25520,
+    "transport": 25530,
+    "receiver": 25512,
+    "orthanc": 25504,
+    "orthanc_http": 25505,
+    "faust": 25566,
+    "dose_web": 25569,
 }
 
 
