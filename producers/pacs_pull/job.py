@@ -188,6 +188,10 @@ class CollectJob:
                 self._pause(str(exc))
                 continue  # not the study's fault: does not use up a retry
             tries += 1
+            if expected is None and result.completed + result.failed + result.warning:
+                # The C-FIND did not say how many (not every PACS returns NumberOfStudyRelatedInstances):
+                # the retrieve's own count of sub-operations is the PACS's count.
+                expected = result.completed + result.failed + result.warning
             self._record(
                 "MOVE_ENDED",
                 study_instance_uid=uid,
@@ -197,12 +201,9 @@ class CollectJob:
                 completed=result.completed,
                 failed=result.failed,
                 warning=result.warning,
+                # recorded, so that a restart knows the count to wait for before retrieving again
+                expected_instances=expected,
             )
-            if expected is None and result.completed + result.failed + result.warning:
-                # The C-FIND did not say how many (not every PACS returns NumberOfStudyRelatedInstances):
-                # the retrieve's own count of sub-operations is the PACS's count.
-                expected = result.completed + result.failed + result.warning
-                study.expected_instances = expected
             # Wait for what the PACS says it sent to be indexed: all of the study when it reported success.
             sent = result.completed + result.warning
             want = expected if expected is not None and result.success else sent

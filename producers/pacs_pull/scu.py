@@ -81,6 +81,9 @@ class PacsClient:
         # A retrieve's final answer comes after every sub-operation: no DIMSE timeout on it.
         ae.dimse_timeout = None if context == StudyRootQueryRetrieveInformationModelMove else self.settings.timeout_s
         ae.add_requested_context(context)
+        if context == StudyRootQueryRetrieveInformationModelMove:
+            # Some PACS (dcmqrscp) log an error for a retrieve association that does not also offer C-FIND.
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         return ae
 
     @contextmanager
