@@ -214,6 +214,36 @@ class QueryRetrieveConfig:
 
 
 @dataclass(frozen=True)
+class CollectConfig:
+    """`diana collect`: pulls studies from a PACS into diana-star (docs/COLLECT.md)."""
+
+    # The PACS queried (C-FIND, Study Root) and asked to send (C-MOVE).
+    pacs_ae_title: str = "PACS"
+    pacs_host: str = "127.0.0.1"
+    pacs_port: int = 104
+    # Our calling AE title towards the PACS.
+    ae_title: str = "DIANA-COLLECT"
+    # Where the PACS sends the studies: the AE title it knows diana-star's receiver by; empty: the
+    # receiver's own [receiver] ae_title (the PACS must know it as a move destination).
+    move_destination: str = ""
+    # At most this many retrieves at once, at most this many started per hour (0: no hourly limit).
+    concurrency: int = 2
+    studies_per_hour: int = 0
+    # When retrieves may start, local time, e.g. "22:00-06:00" or "12:00-13:00,20:00-23:59"; empty: always.
+    windows: str = ""
+    # A study short of the PACS's instance count is retrieved again this many times, waiting
+    # backoff_s, then twice as long each time; then it is reported partial.
+    retries: int = 3
+    backoff_s: float = 30.0
+    # After a retrieve, how long the pulled objects may take to appear in the index.
+    verify_timeout_s: float = 120.0
+    # A PACS that does not answer: the job pauses and tries again after this many seconds.
+    pause_s: float = 60.0
+    # DIMSE and network timeouts towards the PACS.
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class DicomWebConfig:
     """DICOMweb (QIDO-RS, WADO-RS) on `diana serve`: docs/DICOMWEB.md."""
 
@@ -280,6 +310,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     query_retrieve: QueryRetrieveConfig = field(default_factory=QueryRetrieveConfig)
     dicomweb: DicomWebConfig = field(default_factory=DicomWebConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
     stack: StackConfig = field(default_factory=StackConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)

@@ -25,6 +25,7 @@ __all__ = [
     "DOSE_ALERTS",
     "DOSE_BY_PATIENT",
     "ALERT_ACTIONS",
+    "COLLECT_JOBS",
     "ALL_TOPICS",
     "ensure_topics",
     "topic_settings",
@@ -100,6 +101,10 @@ DOSE_BY_PATIENT = Topic("dose.by-patient", key="PatientID", schema="DoseStudy", 
 # What happened to each dose alert: deliveries, acknowledgments, closings (access/alerts). Kept
 # forever: it is the alert's history and the delivery ledger that makes delivery happen once.
 ALERT_ACTIONS = Topic("dose.alert-actions", key="alert_id", schema="AlertAction", config={"retention.ms": "-1"})
+# Pulls from a PACS (producers/pacs_pull): each job's events keyed by job id, so one partition holds a
+# job's whole history and a restarted `diana collect` folds it to go on where it stopped. Kept forever:
+# it is the job's record (what was found, pulled, partial).
+COLLECT_JOBS = Topic("collect.jobs", key="job_id", schema="CollectEvent", config={"retention.ms": "-1"})
 ALL_TOPICS = (
     INSTANCES,
     SERIES,
@@ -112,6 +117,7 @@ ALL_TOPICS = (
     DOSE_ALERTS,
     DOSE_BY_PATIENT,
     ALERT_ACTIONS,
+    COLLECT_JOBS,
 )
 
 

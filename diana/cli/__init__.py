@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diana.cli import access, operations, pipeline
+from diana.cli import access, collect, operations, pipeline
 from diana.cli.access import COHORT_FILTERS
 from diana.config import ConfigError, load_config
 from diana.logs import configure_logging
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     pipeline.register(sub)
     access.register(sub)
+    collect.register(sub)
     operations.register(sub)
     return p
 

@@ -40,7 +40,10 @@ class Orthanc:
         return response.json() if response.text.strip() else None
 
 
-def start_orthanc(work: Path, modalities: dict[str, list], dicomweb_servers: dict[str, dict]) -> Orthanc:
+def start_orthanc(
+    work: Path, modalities: dict[str, list], dicomweb_servers: dict[str, dict], verbose: bool = False
+) -> Orthanc:
+    """``verbose``: Orthanc logs each association opened and closed (tests count them on the PACS side)."""
     binary = shutil.which("Orthanc", path="/usr/sbin:/usr/bin")
     if binary is None or not PLUGIN.exists():
         pytest.fail(
@@ -70,7 +73,9 @@ def start_orthanc(work: Path, modalities: dict[str, list], dicomweb_servers: dic
         )
     )
     log = open(work / "orthanc.log", "ab")
-    proc = subprocess.Popen([binary, str(config)], stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV)
+    proc = subprocess.Popen(
+        [binary, *(["--verbose"] if verbose else []), str(config)], stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV
+    )
     url = f"http://127.0.0.1:{HTTP_PORT}"
     deadline = time.monotonic() + 60
     while True:

@@ -1,0 +1,185 @@
+"""`diana collect`: pull studies from a PACS into diana-star (producers/pacs_pull, docs/COLLECT.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from diana.cli._common import fail, stop_on_signals
+from diana.config import Config
+
+
+def _requests(args: argparse.Namespace):
+    from diana.producers.pacs_pull.requests import criteria_request, parse_csv
+
+    if args.input:
+        return parse_csv(Path(args.input))
+    return [criteria_request(args.date_from or "", args.date_to or "", tuple(args.modality or ()))]
+
+
+def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
+    """Find the input's studies on the PACS and have it send them to diana-star's receiver, throttled;
+    running the same command again resumes the job where it stopped."""
+    from confluent_kafka import KafkaException
+    from opensearchpy.exceptions import ConnectionError as OSConnectionError
+    from tqdm import tqdm
+
+    from diana.clients import kafka_admin, opensearch_client
+    from diana.producers.pacs_pull.completeness import IndexedCounter
+    from diana.producers.pacs_pull.job import CollectJob, JobConflict, job_id_for
+    from diana.producers.pacs_pull.ledger import JobLedger, JobState, load_events
+    from diana.producers.pacs_pull.report import summary_line, write_report
+    from diana.producers.pacs_pull.requests import RequestError
+    from diana.producers.pacs_pull.scu import PacsClient
+    from diana.producers.pacs_pull.throttle import TimeWindows
+    from diana.schemas.topics import ensure_topics, topic_settings
+
+    if not args.input and not (args.date_from or args.date_to):
+        return fail("collect run", "give a CSV file (accession numbers, PatientIDs...) or --date-from/--date-to")
+    try:
+        requests = _requests(args)
+        TimeWindows(cfg.collect.windows)
+    except (RequestError, ValueError) as exc:
+        return fail("collect run", str(exc))
+    job_id = args.job or job_id_for(requests)
+    settings = cfg.collect
+    destination = settings.move_destination or cfg.receiver.ae_title
+    try:
+        ensure_topics(kafka_admin(cfg.kafka), cfg.kafka.partitions, **topic_settings(cfg.kafka))
+        job = JobState.fold(job_id, load_events(cfg.kafka, job_id))
+    except (KafkaException, TimeoutError) as exc:
+        return fail("collect run", f"Kafka at {cfg.kafka.bootstrap} does not answer ({exc}); start the stack", code=1)
+    print(
+        f"job {job_id}: {len(requests)} lines; PACS {settings.pacs_ae_title} at {settings.pacs_host}:"
+        f"{settings.pacs_port}, sending to {destination}",
+        file=sys.stderr,
+    )
+    stop = stop_on_signals()
+    done_before = sum(1 for s in job.studies.values() if s.done)
+    bar = tqdm(
+        total=max(len(job.studies), 1), initial=done_before, unit="study", desc="collect", disable=args.no_progress
+    )
+    counter = IndexedCounter(opensearch_client(cfg.opensearch), cfg.opensearch.index_prefix)
+
+    def study_done(_study) -> None:
+        bar.total = max(bar.total or 0, len(job.studies))
+        bar.update(1)
+
+    runner = CollectJob(
+        settings,
+        job,
+        requests,
+        JobLedger(cfg.kafka, job_id),
+        PacsClient(settings, destination),
+        counter,
+        notify=lambda text: tqdm.write(text, file=sys.stderr),
+        on_study_done=study_done,
+        stop=stop,
+    )
+    try:
+        runner.start()
+        runner.resolve_lines()
+        bar.total = max(len(job.studies), 1)
+        bar.refresh()
+        if not stop.is_set():
+            runner.retrieve_all()
+    except JobConflict as exc:
+        return fail("collect run", str(exc))
+    except OSConnectionError:
+        return fail(
+            "collect run",
+            f"OpenSearch does not answer at {cfg.opensearch.url}; start the stack, then run the same command "
+            f"again to resume job {job_id}",
+            code=1,
+        )
+    except KafkaException as exc:
+        return fail(
+            "collect run",
+            f"Kafka at {cfg.kafka.bootstrap} did not record a step ({exc}); start the stack, then run the same "
+            f"command again to resume job {job_id}",
+            code=1,
+        )
+    finally:
+        bar.close()
+    if args.report:
+        with open(args.report, "w", newline="", encoding="utf-8") as fh:
+            rows = write_report(job, fh)
+        print(f"{rows} report lines written to {args.report}")
+    print(summary_line(job))
+    if stop.is_set():
+        print(f"stopped; run the same command again (or with --job {job_id}) to resume", file=sys.stderr)
+        return 130
+    if args.export:
+        from diana.cli.access import _cohort_export
+
+        uids = [s.study_instance_uid for s in job.studies.values() if s.state in ("STUDY_COMPLETE", "STUDY_SKIPPED")]
+        args.out = args.export
+        return _cohort_export(cfg, args, counter.client, cfg.opensearch.index_prefix, uids)
+    return 0
+
+
+def cmd_collect_status(cfg: Config, args: argparse.Namespace) -> int:
+    """A job's state from its record on collect.jobs (also while it runs): counts, or the full report."""
+    from confluent_kafka import KafkaException
+
+    from diana.producers.pacs_pull.ledger import JobState, load_events
+    from diana.producers.pacs_pull.report import summary_line, write_report
+
+    try:
+        events = load_events(cfg.kafka, args.job)
+    except (KafkaException, TimeoutError) as exc:
+        return fail("collect status", f"Kafka at {cfg.kafka.bootstrap} does not answer ({exc})", code=1)
+    if not events:
+        return fail(
+            "collect status", f"no job {args.job!r} on collect.jobs (the job id is printed when a job starts)", 1
+        )
+    job = JobState.fold(args.job, events)
+    print(summary_line(job))
+    if args.report == "-":
+        write_report(job, sys.stdout)
+    elif args.report:
+        with open(args.report, "w", newline="", encoding="utf-8") as fh:
+            write_report(job, fh)
+        print(f"report written to {args.report}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    collect = sub.add_parser(
+        "collect",
+        help="pull studies from a PACS (C-FIND, C-MOVE to our receiver), throttled and resumable",
+        description="Pull studies from the PACS of [collect] into diana-star: docs/COLLECT.md.",
+    )
+    collect_sub = collect.add_subparsers(dest="action", required=True, metavar="ACTION")
+    run = collect_sub.add_parser("run", help="run (or resume) a job", description=cmd_collect_run.__doc__)
+    run.add_argument(
+        "input",
+        nargs="?",
+        help="CSV with a header naming AccessionNumber, or PatientID (with DateFrom/DateTo), or StudyInstanceUID "
+        "(what 'diana cohort find --output F.csv' writes), optionally Modality; or one accession number per line",
+    )
+    run.add_argument("--date-from", metavar="YYYY-MM-DD", help="without INPUT: every study from this date")
+    run.add_argument("--date-to", metavar="YYYY-MM-DD", help="without INPUT: every study up to this date")
+    run.add_argument(
+        "--modality", action="append", metavar="M", help="without INPUT: only these modalities (repeatable)"
+    )
+    run.add_argument("--job", metavar="ID", help="the job id (default: derived from the input, so a rerun resumes)")
+    run.add_argument("--report", metavar="FILE.csv", help="write the job's report here at the end")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    exp = run.add_argument_group("export once done (the objects of the studies retrieved or already present)")
+    exp.add_argument("--export", metavar="PATH", help="a new folder, or a file ending in .zip")
+    exp.add_argument("--research", action="store_true", help="research export: de-identified by default")
+    exp.add_argument("--deidentify", dest="deidentify", action="store_true", default=None, help="de-identify")
+    exp.add_argument("--no-deidentify", dest="deidentify", action="store_false", help="byte-identical copies")
+    exp.add_argument("--secret-file", metavar="FILE", help="site secret (default: [export] site_secret_file)")
+    exp.add_argument("--key-file", metavar="FILE", help="also write pseudonym -> original identity here (mode 600)")
+    from diana.access import research  # the Annex E option flags live beside their rules
+
+    research.add_arguments(exp)
+    run.set_defaults(func=cmd_collect_run)
+
+    status = collect_sub.add_parser("status", help="a job's state", description=cmd_collect_status.__doc__)
+    status.add_argument("job", metavar="JOB", help="the job id printed when the job started")
+    status.add_argument("--report", metavar="FILE.csv", help="also write the report ('-': to standard output)")
+    status.set_defaults(func=cmd_collect_status)

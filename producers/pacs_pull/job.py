@@ -1,0 +1,237 @@
+"""One collect job from start (or from where it stopped) to its end.
+
+First each line of the input not yet resolved is looked up on the PACS (C-FIND); then each study
+found and not yet finished is retrieved by at most ``concurrency`` workers, each waiting at the
+start gate (time windows, studies per hour). A retrieve is recorded as started before the C-MOVE and
+as ended after; it counts as complete once the index holds the PACS's instance count. A study short
+of it is retrieved again after a backoff, then reported partial (or failed, when nothing arrived).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import structlog
+
+from diana.config import CollectConfig
+from diana.producers.pacs_pull.completeness import IndexedCounter
+from diana.producers.pacs_pull.ledger import TERMINAL_LINE, JobLedger, JobState, StudyState
+from diana.producers.pacs_pull.requests import CollectRequest
+from diana.producers.pacs_pull.scu import FindFailed, MoveResult, PacsClient, PacsUnavailable, status_text
+from diana.producers.pacs_pull.throttle import StartGate, TimeWindows
+
+__all__ = ["CollectJob", "JobConflict", "job_id_for", "criteria_of"]
+
+log = structlog.get_logger("diana.collect")
+
+
+class JobConflict(ValueError):
+    """A job id given again with a different input."""
+
+
+def criteria_of(requests: list[CollectRequest]) -> str:
+    """The job's input as recorded in JOB_STARTED: each line's number and text."""
+    return json.dumps([[r.line, r.text] for r in requests], separators=(",", ":"))
+
+
+def job_id_for(requests: list[CollectRequest]) -> str:
+    """The same input gives the same job id, so running the same command again resumes the job."""
+    return "collect-" + hashlib.sha256(criteria_of(requests).encode()).hexdigest()[:12]
+
+
+class CollectJob:
+    def __init__(
+        self,
+        settings: CollectConfig,
+        job: JobState,
+        requests: list[CollectRequest],
+        ledger: JobLedger,
+        pacs: PacsClient,
+        counter: IndexedCounter,
+        *,
+        notify: Callable[[str], None] = print,
+        on_study_done: Callable[[StudyState], None] = lambda _s: None,
+        stop: threading.Event | None = None,
+    ):
+        self.settings = settings
+        self.job = job
+        self.requests = requests
+        self.ledger = ledger
+        self.pacs = pacs
+        self.counter = counter
+        self.notify = notify
+        self.on_study_done = on_study_done
+        self.stop = stop or threading.Event()
+        self._lock = threading.Lock()
+        earlier = [t for s in job.studies.values() for t in s.move_starts]
+        self.gate = StartGate(TimeWindows(settings.windows), settings.studies_per_hour, earlier)
+
+    # ------------------------------------------------------------------ the ledger
+    def _record(self, event: str, **fields: Any) -> None:
+        value = self.ledger.record(event, **fields)
+        with self._lock:
+            self.job.apply(value)
+
+    def _pause(self, reason: str) -> None:
+        """An unavailable PACS: record it, say it, wait; nothing already received is touched."""
+        self._record("JOB_PAUSED", detail=reason)
+        self.notify(
+            f"{reason}; paused, trying again in {self.settings.pause_s:.0f} s (Ctrl-C stops; run again to resume)"
+        )
+        log.warning("collect_paused", job=self.job.job_id, reason=reason)
+        self.stop.wait(self.settings.pause_s)
+
+    # ------------------------------------------------------------------ the steps
+    def start(self) -> None:
+        criteria = criteria_of(self.requests)
+        if self.job.criteria and self.job.criteria != criteria:
+            raise JobConflict(
+                f"job {self.job.job_id} was started with another input; give another --job name or the same input"
+            )
+        if not self.job.criteria or self.job.finished:
+            self._record("JOB_STARTED", input=criteria)
+
+    def resolve_lines(self) -> None:
+        for request in self.requests:
+            if self.stop.is_set():
+                return
+            line = self.job.lines.get(request.line)
+            if line is not None and line.state in TERMINAL_LINE:
+                continue
+            if request.error:
+                self._record("LINE_UNPARSABLE", line=request.line, input=request.text, detail=request.error)
+                continue
+            while not self.stop.is_set():
+                try:
+                    matches = self.pacs.find_studies(request.find_keys())
+                except PacsUnavailable as exc:
+                    self._pause(str(exc))
+                    continue
+                except FindFailed as exc:
+                    self._record(
+                        "LINE_FAILED",
+                        line=request.line,
+                        input=request.text,
+                        pacs_status=status_text(exc.status),
+                        detail=str(exc),
+                    )
+                    break
+                for m in matches:
+                    self._record(
+                        "STUDY_FOUND",
+                        line=request.line,
+                        study_instance_uid=m.study_instance_uid,
+                        accession_number=m.accession_number or None,
+                        expected_instances=m.expected_instances,
+                    )
+                event = "LINE_FOUND" if matches else "LINE_NOT_FOUND"
+                self._record(
+                    event, line=request.line, input=request.text, pacs_status="0x0000", detail=f"{len(matches)} studies"
+                )
+                break
+
+    def retrieve_all(self) -> None:
+        todo = [s.study_instance_uid for s in self.job.studies.values() if not s.done]
+        with ThreadPoolExecutor(max_workers=max(1, self.settings.concurrency), thread_name_prefix="collect") as pool:
+            for future in [pool.submit(self._retrieve_study, uid) for uid in todo]:
+                future.result()
+        if not self.stop.is_set():
+            self._record("JOB_DONE", detail=json.dumps(self.job.counts(), sort_keys=True))
+
+    def run(self) -> JobState:
+        self.start()
+        self.resolve_lines()
+        if not self.stop.is_set():
+            self.retrieve_all()
+        return self.job
+
+    # ------------------------------------------------------------------ one study
+    def _finish(self, study: StudyState, event: str, **fields: Any) -> None:
+        self._record(event, study_instance_uid=study.study_instance_uid, line=study.line, **fields)
+        self.on_study_done(study)
+
+    def _retrieve_study(self, uid: str) -> None:
+        study = self.job.studies[uid]
+        expected = study.expected_instances
+        s = self.settings
+        # Already in diana-star? After a restart mid-retrieve, give the pipeline time to index what arrived.
+        if expected:
+            if study.attempts:
+                have = self.counter.wait_for(uid, expected, s.verify_timeout_s, self.stop)
+            else:
+                have = self.counter.count(uid)
+            if have >= expected:
+                event = "STUDY_COMPLETE" if study.attempts else "STUDY_SKIPPED"
+                detail = "retrieved before a restart" if study.attempts else "already complete in diana-star"
+                self._finish(study, event, indexed_instances=have, detail=detail)
+                return
+        result: MoveResult | None = None
+        have = 0
+        tries = 0
+        while tries <= s.retries and not self.stop.is_set():
+            if tries:
+                wait = s.backoff_s * 2 ** (tries - 1)
+                log.info("collect_retry", job=self.job.job_id, study=uid, attempt=tries + 1, wait_s=wait)
+                if self.stop.wait(wait):
+                    return
+            if not self.gate.acquire(self.stop, self.notify):
+                return
+            self._record("MOVE_STARTED", study_instance_uid=uid, line=study.line, attempt=study.attempts + 1)
+            try:
+                result = self.pacs.move_study(uid)
+            except PacsUnavailable as exc:
+                self._pause(str(exc))
+                continue  # not the study's fault: does not use up a retry
+            tries += 1
+            if expected is None and result.completed + result.failed + result.warning:
+                # The C-FIND did not say how many (not every PACS returns NumberOfStudyRelatedInstances):
+                # the retrieve's own count of sub-operations is the PACS's count.
+                expected = result.completed + result.failed + result.warning
+            self._record(
+                "MOVE_ENDED",
+                study_instance_uid=uid,
+                line=study.line,
+                attempt=study.attempts,
+                pacs_status=status_text(result.status),
+                completed=result.completed,
+                failed=result.failed,
+                warning=result.warning,
+                # recorded, so that a restart knows the count to wait for before retrieving again
+                expected_instances=expected,
+            )
+            # Wait for what the PACS says it sent to be indexed: all of the study when it reported success.
+            sent = result.completed + result.warning
+            want = expected if expected is not None and result.success else sent
+            if expected is not None:
+                want = min(want, expected)
+            have = self.counter.wait_for(uid, want, s.verify_timeout_s, self.stop)
+            if have >= (expected if expected is not None else sent) and (expected is not None or result.success):
+                self._finish(
+                    study,
+                    "STUDY_COMPLETE",
+                    indexed_instances=have,
+                    expected_instances=expected,
+                    detail=f"{have} instances",
+                )
+                return
+        if self.stop.is_set() or result is None:
+            return
+        answer = f"PACS status {status_text(result.status)}: {result.completed} sent, {result.failed} failed"
+        detail = f"{have} of {expected if expected is not None else '?'} instances in diana-star after {tries} retrieves; {answer}"
+        event = "STUDY_PARTIAL" if have else "STUDY_FAILED"
+        self._finish(
+            study,
+            event,
+            indexed_instances=have,
+            expected_instances=expected,
+            pacs_status=status_text(result.status),
+            detail=detail,
+        )
+        log.warning(
+            "collect_study_short", job=self.job.job_id, study=uid, outcome=event, indexed=have, expected=expected
+        )

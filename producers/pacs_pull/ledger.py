@@ -1,0 +1,193 @@
+"""A collect job's record on the ``collect.jobs`` topic: its events written one by one, and its state
+folded back from them.
+
+Every event is keyed by the job id, so a job's whole history sits in one partition, in order. An event
+is written (acks=all, idempotent producer) and acknowledged before the step it records counts as
+done: a ``kill -9`` loses at most the step in progress, which the restarted job does again or finds
+already complete in the index.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from diana.clients import kafka_consumer, kafka_producer
+from diana.config import KafkaConfig
+from diana.schemas.codec import DecodeError, default_codec
+from diana.schemas.topics import COLLECT_JOBS
+
+__all__ = ["JobLedger", "JobState", "StudyState", "LineState", "load_events", "TERMINAL_STUDY", "TERMINAL_LINE"]
+
+TERMINAL_STUDY = ("STUDY_COMPLETE", "STUDY_SKIPPED", "STUDY_PARTIAL", "STUDY_FAILED")
+TERMINAL_LINE = ("LINE_UNPARSABLE", "LINE_NOT_FOUND", "LINE_FAILED", "LINE_FOUND")
+
+
+class JobLedger:
+    """Writes one job's events; ``record`` returns once the broker has acknowledged the event."""
+
+    def __init__(self, kafka: KafkaConfig, job_id: str, timeout_s: float = 30.0):
+        self.job_id = job_id
+        self.timeout_s = timeout_s
+        self._codec = default_codec()
+        self._producer = kafka_producer(kafka, {"acks": "all", "enable.idempotence": True, "linger.ms": 0})
+        self._lock = threading.Lock()
+
+    def record(self, event: str, **fields: Any) -> dict[str, Any]:
+        value = {"job_id": self.job_id, "at": datetime.now(UTC), "event": event, **fields}
+        done = threading.Event()
+        outcome: list[KafkaError | None] = []
+
+        def delivered(err: KafkaError | None, _msg: object) -> None:
+            outcome.append(err)
+            done.set()
+
+        with self._lock:
+            self._producer.produce(
+                COLLECT_JOBS.name,
+                key=self.job_id.encode(),
+                value=self._codec.encode(COLLECT_JOBS.value_schema, value),
+                on_delivery=delivered,
+            )
+        deadline = time.monotonic() + self.timeout_s
+        while not done.is_set():
+            with self._lock:
+                self._producer.poll(0.1)
+            if time.monotonic() > deadline:
+                raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT, f"{COLLECT_JOBS.name}: no acknowledgement"))
+        if outcome and outcome[0] is not None:
+            raise KafkaException(outcome[0])
+        return value
+
+
+def load_events(kafka: KafkaConfig, job_id: str | None = None, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    """Every event of ``job_id`` (of every job when None) on collect.jobs, in the order written."""
+    codec = default_codec()
+    consumer = kafka_consumer(
+        kafka, f"diana-collect-reader-{uuid.uuid4()}", {"enable.auto.commit": False, "enable.partition.eof": True}
+    )
+    try:
+        topic = consumer.list_topics(COLLECT_JOBS.name, timeout=10).topics.get(COLLECT_JOBS.name)
+        if topic is None or topic.error is not None:
+            return []
+        starts = []
+        for p in topic.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(COLLECT_JOBS.name, p), timeout=10)
+            if high > low:
+                starts.append(TopicPartition(COLLECT_JOBS.name, p, low))
+        consumer.assign(starts)
+        open_partitions = {tp.partition for tp in starts}
+        events = []
+        deadline = time.monotonic() + timeout_s
+        while open_partitions:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{COLLECT_JOBS.name}: could not read to its end within {timeout_s:.0f} s")
+            msg = consumer.poll(1.0)
+            if msg is None:
+                continue
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    open_partitions.discard(msg.partition())
+                continue
+            if job_id is not None and msg.key() != job_id.encode():
+                continue
+            try:
+                events.append(codec.decode(msg.value(), expect=COLLECT_JOBS.value_schema)[1])
+            except DecodeError:
+                continue
+        events.sort(key=lambda e: e["at"])
+        return events
+    finally:
+        consumer.close()
+
+
+@dataclass
+class StudyState:
+    study_instance_uid: str
+    line: int
+    accession_number: str = ""
+    expected_instances: int | None = None
+    indexed_instances: int | None = None
+    state: str = "STUDY_FOUND"
+    pacs_status: str = ""
+    attempts: int = 0
+    detail: str = ""
+    move_starts: list[float] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL_STUDY
+
+
+@dataclass
+class LineState:
+    line: int
+    text: str = ""
+    state: str = ""
+    pacs_status: str = ""
+    detail: str = ""
+
+
+@dataclass
+class JobState:
+    """A job folded from its events: the state of each line and of each study found."""
+
+    job_id: str
+    criteria: str = ""
+    lines: dict[int, LineState] = field(default_factory=dict)
+    studies: dict[str, StudyState] = field(default_factory=dict)
+    finished: bool = False
+    paused: str = ""
+
+    @classmethod
+    def fold(cls, job_id: str, events: list[dict[str, Any]]) -> JobState:
+        job = cls(job_id)
+        for e in events:
+            job.apply(e)
+        return job
+
+    def apply(self, e: dict[str, Any]) -> None:
+        kind = e["event"]
+        if kind == "JOB_STARTED":
+            self.criteria = self.criteria or (e.get("input") or "")
+            self.finished = False
+        elif kind == "JOB_DONE":
+            self.finished, self.paused = True, ""
+        elif kind == "JOB_PAUSED":
+            self.paused = e.get("detail") or ""
+        elif kind.startswith("LINE_"):
+            line = self.lines.setdefault(e["line"], LineState(e["line"]))
+            line.text = e.get("input") or line.text
+            line.state, line.pacs_status, line.detail = kind, e.get("pacs_status") or "", e.get("detail") or ""
+        elif kind.startswith("STUDY_") or kind.startswith("MOVE_"):
+            uid = e["study_instance_uid"]
+            study = self.studies.get(uid)
+            if study is None:
+                study = self.studies[uid] = StudyState(uid, e.get("line") or 0)
+            for name in ("accession_number", "expected_instances", "indexed_instances"):
+                if e.get(name) is not None:
+                    setattr(study, name, e[name])
+            if e.get("pacs_status"):
+                study.pacs_status = e["pacs_status"]
+            if e.get("detail") is not None:
+                study.detail = e["detail"]
+            if kind == "MOVE_STARTED":
+                study.attempts += 1
+                study.move_starts.append(e["at"].timestamp())
+            if kind != "STUDY_FOUND" or study.state == "STUDY_FOUND":
+                study.state = kind
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for line in self.lines.values():
+            if line.state != "LINE_FOUND":
+                out[line.state] = out.get(line.state, 0) + 1
+        for study in self.studies.values():
+            out[study.state] = out.get(study.state, 0) + 1
+        return out

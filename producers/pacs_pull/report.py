@@ -1,0 +1,84 @@
+"""A collect job's report: one row per study found, and one per line that found none or could not be used."""
+
+from __future__ import annotations
+
+import csv
+from typing import TextIO
+
+from diana.producers.pacs_pull.ledger import JobState
+
+__all__ = ["OUTCOMES", "COLUMNS", "report_rows", "write_report", "summary_line"]
+
+# ledger state -> the report's outcome
+OUTCOMES = {
+    "STUDY_COMPLETE": "retrieved",
+    "STUDY_SKIPPED": "already_present",
+    "STUDY_PARTIAL": "partial",
+    "STUDY_FAILED": "failed",
+    "LINE_NOT_FOUND": "not_found",
+    "LINE_UNPARSABLE": "unparsable",
+    "LINE_FAILED": "find_failed",
+}
+COLUMNS = (
+    "line",
+    "input",
+    "outcome",
+    "study_instance_uid",
+    "accession_number",
+    "expected_instances",
+    "indexed_instances",
+    "pacs_status",
+    "retrieves",
+    "detail",
+)
+
+
+def report_rows(job: JobState) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for number, line in sorted(job.lines.items()):
+        studies = [s for s in job.studies.values() if s.line == number]
+        if line.state != "LINE_FOUND" or not studies:
+            rows.append(
+                {
+                    "line": number,
+                    "input": line.text,
+                    "outcome": OUTCOMES.get(line.state, "pending"),
+                    "pacs_status": line.pacs_status,
+                    "detail": line.detail,
+                }
+            )
+            continue
+        for s in sorted(studies, key=lambda s: s.study_instance_uid):
+            rows.append(
+                {
+                    "line": number,
+                    "input": line.text,
+                    "outcome": OUTCOMES.get(s.state, "pending"),
+                    "study_instance_uid": s.study_instance_uid,
+                    "accession_number": s.accession_number,
+                    "expected_instances": s.expected_instances,
+                    "indexed_instances": s.indexed_instances,
+                    "pacs_status": s.pacs_status,
+                    "retrieves": s.attempts,
+                    "detail": s.detail,
+                }
+            )
+    return rows
+
+
+def write_report(job: JobState, out: TextIO) -> int:
+    rows = report_rows(job)
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return len(rows)
+
+
+def summary_line(job: JobState) -> str:
+    counts: dict[str, int] = {}
+    for row in report_rows(job):
+        outcome = str(row["outcome"])
+        counts[outcome] = counts.get(outcome, 0) + 1
+    state = "done" if job.finished else ("paused: " + job.paused if job.paused else "not finished")
+    parts = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
+    return f"job {job.job_id} ({state}): {parts or 'nothing yet'}"

@@ -1,0 +1,156 @@
+"""The PACS as seen by a collect job: C-FIND at study level (Study Root), C-MOVE of one study.
+
+Each call opens its own association (a retrieve may run for minutes; concurrent retrieves each need
+their own), so the number of retrieves running is the number of associations the PACS sees.
+A PACS that cannot be reached or refuses the association raises ``PacsUnavailable``: the job pauses
+on it instead of marking studies failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from diana.config import CollectConfig
+
+__all__ = ["PacsClient", "PacsUnavailable", "FindFailed", "StudyMatch", "MoveResult", "status_text"]
+
+_PENDING = (0xFF00, 0xFF01)
+
+
+class PacsUnavailable(RuntimeError):
+    """The PACS did not answer, refused the association, or dropped it: worth waiting for, not a study's fault."""
+
+
+class FindFailed(RuntimeError):
+    """The PACS answered a C-FIND with a failure status (kept in ``status``)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class StudyMatch:
+    study_instance_uid: str
+    accession_number: str
+    expected_instances: int | None  # NumberOfStudyRelatedInstances, when the PACS says
+
+
+@dataclass(frozen=True)
+class MoveResult:
+    status: int
+    completed: int
+    failed: int
+    warning: int
+
+    @property
+    def success(self) -> bool:
+        return self.status == 0x0000 and self.failed == 0
+
+
+def status_text(status: int) -> str:
+    return f"0x{status:04X}"
+
+
+def _int(value: object) -> int | None:
+    try:
+        return int(str(value)) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+class PacsClient:
+    def __init__(self, settings: CollectConfig, move_destination: str):
+        self.settings = settings
+        self.move_destination = move_destination
+        self.where = f"{settings.pacs_ae_title} at {settings.pacs_host}:{settings.pacs_port}"
+
+    def _ae(self, context: str) -> AE:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.acse_timeout = ae.network_timeout = self.settings.timeout_s
+        # A retrieve's final answer comes after every sub-operation: no DIMSE timeout on it.
+        ae.dimse_timeout = None if context == StudyRootQueryRetrieveInformationModelMove else self.settings.timeout_s
+        ae.add_requested_context(context)
+        if context == StudyRootQueryRetrieveInformationModelMove:
+            # Some PACS (dcmqrscp) log an error for a retrieve association that does not also offer C-FIND.
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        return ae
+
+    @contextmanager
+    def _association(self, context: str) -> Iterator[Association]:
+        s = self.settings
+        assoc = self._ae(context).associate(s.pacs_host, s.pacs_port, ae_title=s.pacs_ae_title)
+        if not assoc.is_established:
+            if assoc.is_rejected:
+                raise PacsUnavailable(
+                    f"PACS {self.where} rejected the association: does it know our AE title {s.ae_title!r} "
+                    f"([collect] ae_title) and its own as {s.pacs_ae_title!r} ([collect] pacs_ae_title)?"
+                )
+            raise PacsUnavailable(f"PACS {self.where} does not answer (connection refused, aborted or timed out)")
+        try:
+            yield assoc
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def find_studies(self, keys: dict[str, str]) -> list[StudyMatch]:
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        for name in ("StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate", "ModalitiesInStudy"):
+            setattr(query, name, keys.get(name, ""))
+        query.NumberOfStudyRelatedInstances = ""
+        matches: dict[str, StudyMatch] = {}
+        with self._association(StudyRootQueryRetrieveInformationModelFind) as assoc:
+            for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+                if "Status" not in status:
+                    raise PacsUnavailable(f"PACS {self.where} dropped the association during a C-FIND")
+                code = int(status.Status)
+                if code in _PENDING and identifier is not None:
+                    uid = str(identifier.get("StudyInstanceUID", "") or "")
+                    if uid:
+                        matches[uid] = StudyMatch(
+                            uid,
+                            str(identifier.get("AccessionNumber", "") or ""),
+                            _int(identifier.get("NumberOfStudyRelatedInstances")),
+                        )
+                elif code not in _PENDING and code != 0x0000:
+                    comment = str(status.get("ErrorComment", "") or "")
+                    raise FindFailed(
+                        code, f"C-FIND failed with {status_text(code)}" + (f": {comment}" if comment else "")
+                    )
+        return list(matches.values())
+
+    def move_study(self, study_instance_uid: str) -> MoveResult:
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study_instance_uid
+        final: Dataset | None = None
+        counts = {"completed": 0, "failed": 0, "warning": 0}
+        with self._association(StudyRootQueryRetrieveInformationModelMove) as assoc:
+            for status, _identifier in assoc.send_c_move(
+                query, self.move_destination, StudyRootQueryRetrieveInformationModelMove
+            ):
+                if "Status" not in status:
+                    raise PacsUnavailable(f"PACS {self.where} dropped the association during a C-MOVE")
+                final = status
+                for key, tag in (
+                    ("completed", "NumberOfCompletedSuboperations"),
+                    ("failed", "NumberOfFailedSuboperations"),
+                    ("warning", "NumberOfWarningSuboperations"),
+                ):
+                    value = _int(status.get(tag))
+                    if value is not None:
+                        counts[key] = value
+        if final is None:
+            raise PacsUnavailable(f"PACS {self.where} gave no answer to a C-MOVE")
+        return MoveResult(int(final.Status), **counts)

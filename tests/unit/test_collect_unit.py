@@ -1,0 +1,121 @@
+"""`diana collect` without services: input lines, time windows and the hourly limit, the job's fold and report."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from diana.producers.pacs_pull.ledger import JobState
+from diana.producers.pacs_pull.report import report_rows, summary_line, write_report
+from diana.producers.pacs_pull.requests import RequestError, criteria_request, parse_csv
+from diana.producers.pacs_pull.throttle import StartGate, TimeWindows
+
+
+def test_accession_csv_with_bad_lines_keeps_their_numbers(tmp_path: Path):
+    path = tmp_path / "a.csv"
+    path.write_text("AccessionNumber\nA1\n\nA*2\nTHIS-ONE-IS-FAR-TOO-LONG\nA3,extra\nA4\n")
+    got = parse_csv(path)
+    assert [(r.line, r.accession_number, bool(r.error)) for r in got] == [
+        (2, "A1", False),
+        (4, "", True),
+        (5, "", True),
+        (6, "", True),
+        (7, "A4", False),
+    ]
+    assert "at most 16 characters" in got[2].error
+    assert got[0].find_keys() == {"AccessionNumber": "A1"}
+
+
+def test_patient_csv_with_dates_and_modality(tmp_path: Path):
+    path = tmp_path / "p.csv"
+    path.write_text(
+        "PatientID,DateFrom,DateTo,Modality\nP1,2024-01-01,20240131,CT/mr\nP2,2024-02-30,,\nP3,2024-03-02,2024-03-01,\n"
+    )
+    ok, bad_date, reversed_dates = parse_csv(path)
+    assert ok.find_keys() == {"PatientID": "P1", "StudyDate": "20240101-20240131", "ModalitiesInStudy": "CT\\MR"}
+    assert "not a date" in bad_date.error
+    assert "after" in reversed_dates.error
+
+
+def test_cohort_find_output_and_headerless_lists(tmp_path: Path):
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text("study_instance_uid,study_date,modalities\n1.2.3.4,2024-03-15,CT\n1.02.3,2024-03-15,CT\n")
+    uid, bad = parse_csv(cohort)
+    assert uid.find_keys() == {"StudyInstanceUID": "1.2.3.4"}
+    assert "not a UID" in bad.error
+    plain = tmp_path / "plain.txt"
+    plain.write_text("ACC1\nACC2\n")
+    assert [(r.line, r.accession_number) for r in parse_csv(plain)] == [(1, "ACC1"), (2, "ACC2")]
+    only_dates = tmp_path / "dates.csv"
+    only_dates.write_text("DateFrom,DateTo\n2024-01-01,2024-01-02\n")
+    with pytest.raises(RequestError, match="no AccessionNumber, PatientID or StudyInstanceUID"):
+        parse_csv(only_dates)
+
+
+def test_criteria_job():
+    request = criteria_request("2024-03-01", "2024-03-31", ("ct",))
+    assert request.find_keys() == {"StudyDate": "20240301-20240331", "ModalitiesInStudy": "CT"}
+    with pytest.raises(RequestError, match="needs --date-from"):
+        criteria_request()
+
+
+def test_time_windows_across_midnight():
+    windows = TimeWindows("22:00-06:00, 12:00-13:00")
+    at = lambda h, m=0: datetime(2026, 11, 28, h, m)  # noqa: E731
+    assert [windows.is_open(at(h)) for h in (23, 0, 5, 6, 11, 12, 13, 21)] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+        True,
+        False,
+        False,
+    ]
+    assert TimeWindows("").is_open(at(9))
+    for bad in ("22:00", "25:00-01:00", "10:00-10:00"):
+        with pytest.raises(ValueError, match="HH:MM-HH:MM"):
+            TimeWindows(bad)
+
+
+def test_hourly_limit_counts_starts_before_a_restart():
+    said: list[str] = []
+    stop = threading.Event()
+    gate = StartGate(TimeWindows(""), per_hour=2, earlier_starts=[time.time() - 10, time.time() - 4000])
+    assert gate.acquire(stop, said.append)  # one start in the last hour (the other is older): one place left
+    threading.Timer(0.3, stop.set).start()
+    assert not gate.acquire(stop, said.append)  # the hour is full: waits, says so, gives up on stop
+    assert said and "2 studies started in the last hour" in said[0]
+
+
+def _event(kind: str, **fields) -> dict:
+    return {"job_id": "j", "at": datetime.now(UTC), "event": kind, **fields}
+
+
+def test_fold_and_report():
+    events = [
+        _event("JOB_STARTED", input="[]"),
+        _event("LINE_UNPARSABLE", line=2, input="A*", detail="bad"),
+        _event("STUDY_FOUND", line=3, study_instance_uid="1.2", accession_number="A3", expected_instances=3),
+        _event("LINE_FOUND", line=3, input="A3", pacs_status="0x0000"),
+        _event("LINE_NOT_FOUND", line=4, input="A4", pacs_status="0x0000"),
+        _event("MOVE_STARTED", line=3, study_instance_uid="1.2", attempt=1),
+        _event("MOVE_ENDED", line=3, study_instance_uid="1.2", pacs_status="0xB000", completed=2, failed=1),
+        # the same line found again after a restart does not undo the progress
+        _event("STUDY_FOUND", line=3, study_instance_uid="1.2", accession_number="A3", expected_instances=3),
+        _event("STUDY_PARTIAL", line=3, study_instance_uid="1.2", indexed_instances=2, pacs_status="0xB000"),
+    ]
+    job = JobState.fold("j", events)
+    assert job.studies["1.2"].state == "STUDY_PARTIAL" and job.studies["1.2"].attempts == 1
+    rows = report_rows(job)
+    assert [(r["line"], r["outcome"]) for r in rows] == [(2, "unparsable"), (3, "partial"), (4, "not_found")]
+    assert rows[1]["pacs_status"] == "0xB000" and rows[1]["indexed_instances"] == 2
+    out = io.StringIO()
+    assert write_report(job, out) == 3
+    assert out.getvalue().splitlines()[0].startswith("line,input,outcome,study_instance_uid")
+    assert summary_line(job) == "job j (not finished): 1 not_found, 1 partial, 1 unparsable"
