@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diana.cli import access, operations, pipeline
+from diana.cli import access, operations, pipeline, route
 from diana.cli.access import COHORT_FILTERS
 from diana.config import ConfigError, load_config
 from diana.logs import configure_logging
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.register(sub)
     access.register(sub)
     operations.register(sub)
+    route.register(sub)
     return p
 
 
