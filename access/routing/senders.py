@@ -22,11 +22,18 @@ import pydicom
 import requests
 import structlog
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, build_context
+from pynetdicom.sop_class import Verification
 
-from diana.access.deid import Deidentifier, Refused
-from diana.access.pseudonyms import PseudonymKey, StudySubjects
-from diana.access.qr.retrieve import ArchivedInstance, as_archived, install_file_sending, move_contexts
+from diana.access.deid import Deidentifier, PseudonymKey, Refused
+from diana.access.pseudonyms import StudySubjects
+from diana.access.qr.retrieve import (
+    MAX_CONTEXTS,
+    ArchivedInstance,
+    as_archived,
+    install_file_sending,
+    move_contexts,
+)
 from diana.access.residual import scan
 from diana.access.routing.rules import Destination
 
@@ -124,7 +131,10 @@ class DicomSender(_Deidentifying):
         self.start_batch()
         docs = as_archived(archive, [i.doc() for i in items])
         dest = self.destination
-        options: dict[str, Any] = {"ae_title": dest.ae_title, "contexts": move_contexts(docs)}
+        # Verification too: a destination that accepts none of the objects' classes still associates,
+        # so each object gets the destination's refusal (dead-lettered after max_attempts), not "unreachable".
+        contexts = [build_context(Verification), *move_contexts(docs)][:MAX_CONTEXTS]
+        options: dict[str, Any] = {"ae_title": dest.ae_title, "contexts": contexts}
         if dest.tls:
             options["tls_args"] = (self.tls_context or ssl.create_default_context(), dest.host)
         try:
