@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -14,7 +16,9 @@ from diana.access.qr.server import _destination_tls
 from diana.access.routing.rules import Destination, RoutingRules, RulesError, load_rules
 from diana.access.routing.senders import make_sender
 from diana.access.routing.worker import TRIGGER_TOPICS, RouteWorker, WorkerSettings
+from diana.clients import opensearch_client
 from diana.config import Config
+from diana.schemas.layout import IndexLayout
 
 __all__ = ["load_configured_rules", "group_id", "destination_topics", "build_workers", "run_routing"]
 
@@ -43,6 +47,26 @@ def destination_topics(rules: RoutingRules) -> dict[str, list[str]]:
     return out
 
 
+def indexed_study(cfg: Config) -> Callable[[str], dict[str, Any] | None]:
+    """A study's latest aggregate from the studies index (None: not indexed yet, or OpenSearch does not answer)."""
+    from opensearchpy.exceptions import NotFoundError, OpenSearchException
+
+    client = opensearch_client(cfg.opensearch, timeout=10)
+    alias = IndexLayout(cfg.opensearch.index_prefix).alias("studies")
+
+    def get(study_uid: str) -> dict[str, Any] | None:
+        try:
+            source: dict[str, Any] = client.get(index=alias, id=study_uid)["_source"]
+            return source
+        except NotFoundError:
+            return None
+        except OpenSearchException as exc:
+            log.warning("route.index_unavailable", error=type(exc).__name__)
+            return None
+
+    return get
+
+
 def _deidentifier(cfg: Config, destination: Destination) -> Deidentifier | None:
     if not destination.deidentify_project:
         return None
@@ -69,7 +93,8 @@ def build_workers(cfg: Config, rules: RoutingRules, stop: threading.Event) -> li
         settings = WorkerSettings(
             group_id(cfg, name), cfg.path(cfg.storage.archive_dir), r.max_attempts, r.max_backoff_s, r.archive_wait_s
         )
-        workers.append(RouteWorker(cfg.kafka, destination, dest_rules, sender, settings, stop))
+        study_state = indexed_study(cfg) if any(r.trigger == "alert" for r in dest_rules) else None
+        workers.append(RouteWorker(cfg.kafka, destination, dest_rules, sender, settings, stop, study_state))
     return workers
 
 

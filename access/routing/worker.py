@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,11 @@ class RouteWorker:
         sender: Sender,
         settings: WorkerSettings,
         stop: threading.Event,
+        study_state: Callable[[str], dict[str, Any] | None] | None = None,
     ):
+        """``study_state``: a study's latest aggregate (status, series, instance count) or None, for alert rules."""
         self.kafka, self.destination, self.rules = kafka, destination, rules
+        self.study_state = study_state
         self.sender, self.settings, self.stop = sender, settings, stop
         self.codec = default_codec()
         self.name = destination.name
@@ -142,9 +146,15 @@ class RouteWorker:
         if topic == DOSE_ALERTS.name:
             _, alert = self.codec.decode(msg.value(), expect=DOSE_ALERTS.value_schema)
             rules = [r for r in self.rules if r.trigger == "alert"]
-            files = study_files(self.settings.archive, alert["study_instance_uid"])
-            if not files:
-                return None, f"study {alert['study_instance_uid']} of alert {alert['alert_id']} not archived yet"
+            uid = alert["study_instance_uid"]
+            # An alert may come before the study's last images: wait until the study is complete
+            # (its aggregate, as indexed) and all its instances are archived.
+            study = self.study_state(uid) if self.study_state else None
+            if study is None or study.get("status") != "COMPLETED":
+                return None, f"study {uid} of alert {alert['alert_id']} not complete yet"
+            files = study_files(self.settings.archive, uid, study.get("series_instance_uids"))
+            if len(files) < int(study.get("instance_count") or 0):
+                return None, f"study {uid}: {len(files)} of {study['instance_count']} archived"
             return [f for f in files if any(r.matches(_header(f.path)) for r in rules)], ""
         return [], ""
 

@@ -18,14 +18,18 @@ from pydicom.uid import generate_uid
 
 from diana.config import load_config
 from diana.operations.status import collect_status
+from tests.integration.test_dose_stack import ct_study_with_report
 from tests.support.dicomgen import make_instance
 from tests.support.helpers import DCMTK_ENV, read_messages, storescu
 from tests.support.orthanc import DICOM_PORT, HTTP_PORT, ORTHANC_AE, start_orthanc, stop_orthanc
 from tests.support.paths import TEST_HOME, port
+from tests.support.pki import make_certificates
 
 DCMTK_PORT = port(11260)
 MRONLY_PORT = port(11261)
 WHOLE_PORT = port(11262)
+QA_PORT = port(11263)
+TLS_PORT = port(11264)
 METRICS_PORT = port(19468)
 
 RULES = f"""
@@ -35,6 +39,9 @@ destinations:
   - {{name: orthanc-stow, stow_url: "http://127.0.0.1:{HTTP_PORT}/dicom-web/studies"}}
   - {{name: mr-only, ae_title: MRONLY, host: 127.0.0.1, port: {MRONLY_PORT}, max_attempts: 2}}
   - {{name: whole, ae_title: WHOLE, host: 127.0.0.1, port: {WHOLE_PORT}}}
+  - {{name: qa, ae_title: DOSEQA, host: 127.0.0.1, port: {QA_PORT}}}
+  - {{name: secure, ae_title: SECURE, host: 127.0.0.1, port: {TLS_PORT}, tls: true}}
+  - {{name: research, stow_url: "http://127.0.0.1:{HTTP_PORT}/dicom-web/studies", deidentify_project: ROUTETEST}}
 rules:
   - name: ct-chest
     match: {{modality: [CT], station: [ROUTESTATION], body_part: [chest]}}
@@ -46,6 +53,15 @@ rules:
     match: {{station: [WHOLESTATION]}}
     whole_study: true
     destinations: [whole]
+  - name: dose-alerted-ct
+    match: {{dose_alert: true, modality: CT}}
+    destinations: [qa]
+  - name: over-tls
+    match: {{station: TLSSTATION}}
+    destinations: [secure]
+  - name: research-deidentified
+    match: {{station: DEIDSTATION}}
+    destinations: [research]
 """
 
 # dcmtk's association profile for a destination that accepts MR images only (CT is refused).
@@ -64,7 +80,9 @@ PresentationContexts = MROnly
 """
 
 
-def start_storescp(ae: str, listen: int, out: Path, extra: list[str] | None = None) -> subprocess.Popen:
+def start_storescp(
+    ae: str, listen: int, out: Path, extra: list[str] | None = None, echo: bool = True
+) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         ["storescp", *(extra or ["+xa"]), "-aet", ae, "-od", str(out), str(listen)],
@@ -72,6 +90,10 @@ def start_storescp(ae: str, listen: int, out: Path, extra: list[str] | None = No
         stderr=subprocess.DEVNULL,
         env=DCMTK_ENV,
     )
+    if not echo:  # over TLS: echoscu would need the certificates; wait for the port instead
+        wait_for(f"storescp {ae} listening", lambda: proc.poll() is not None or _listening(listen), 15)
+        assert proc.poll() is None, f"storescp {ae} did not start"
+        return proc
     deadline = time.monotonic() + 15
     while subprocess.run(
         ["echoscu", "-aec", ae, "127.0.0.1", str(listen)], capture_output=True, env=DCMTK_ENV
@@ -79,6 +101,16 @@ def start_storescp(ae: str, listen: int, out: Path, extra: list[str] | None = No
         assert proc.poll() is None and time.monotonic() < deadline, f"storescp {ae} did not start"
         time.sleep(0.2)
     return proc
+
+
+def _listening(listen: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", listen), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -142,7 +174,21 @@ def routing(pipeline):
     orthanc = start_orthanc(work, {}, {})
     mr_only = start_storescp("MRONLY", MRONLY_PORT, work / "mr-only", ["-xf", str(work / "mr-only.cfg"), "MROnly"])
     whole = start_storescp("WHOLE", WHOLE_PORT, work / "whole")
+    qa = start_storescp("DOSEQA", QA_PORT, work / "qa")
+    pki = work / "pki"
+    pki.mkdir()
+    c = make_certificates(pki)
+    tls_server = ["+tls", str(c["server.key"]), str(c["server.pem"]), "+cf", str(c["ca.pem"]), "+xa"]
+    secure = start_storescp("SECURE", TLS_PORT, work / "secure", tls_server, echo=False)
+    secret = work / "site-secret"
+    secret.write_bytes(b"routing-test-site-secret-0123456789")
+    secret.chmod(0o600)
     settings = {
+        # TLS toward destinations: verified against the receiver's CA, presenting its certificate
+        "DIANA_RECEIVER_TLS_CERT_FILE": str(c["client.pem"]),
+        "DIANA_RECEIVER_TLS_KEY_FILE": str(c["client.key"]),
+        "DIANA_RECEIVER_TLS_CA_FILE": str(c["ca.pem"]),
+        "DIANA_EXPORT_SITE_SECRET_FILE": str(secret),
         "DIANA_ROUTING_RULES": str(rules),
         "DIANA_ROUTING_METRICS_PORT": str(METRICS_PORT),
         "DIANA_ROUTING_MAX_BACKOFF_S": "5",
@@ -152,6 +198,8 @@ def routing(pipeline):
     pipeline.stop("router")
     stop(mr_only)
     stop(whole)
+    stop(qa)
+    stop(secure)
     stop_orthanc(orthanc)
 
 
@@ -229,3 +277,41 @@ def test_a_whole_study_is_forwarded_once_complete(pipeline, routing, tmp_path):
     time.sleep(1.0)
     assert received_sops(folder) - before == set()
     wait_for("the whole study", lambda: received_sops(folder) - before == set(study), 120)
+
+
+def test_the_instances_of_a_study_that_raised_a_dose_alert_are_forwarded(pipeline, routing, tmp_path):
+    cfg, folder = pipeline.cfg, routing["work"] / "qa"
+    # a CT abdomen over the test DRL (tests/support/data/dose-rules.yaml) with its dose report
+    study, rdsr = ct_study_with_report(tmp_path / "dose", "ROUTEDOSE1", "20240610", spiral_dlp="790")
+    result = storescu(cfg, [*study.files, rdsr])
+    assert result.returncode == 0, result.stderr
+    ct = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in study.files}
+    wait_for("the alerted study's CT at the QA destination", lambda: received_sops(folder) == ct, 120)
+    rdsr_uid = str(pydicom.dcmread(rdsr, stop_before_pixels=True).SOPInstanceUID)
+    assert rdsr_uid not in received_sops(folder), "the rule asks for CT only; the dose report (SR) was sent"
+
+
+def test_a_deidentifying_destination_gets_no_identifying_value(pipeline, routing, tmp_path):
+    cfg, orthanc = pipeline.cfg, routing["orthanc"]
+    before = set(orthanc.get("/instances"))
+    sent = write_instances(tmp_path / "deid", 2, StationName="DEIDSTATION", PatientName="Routed^Identifiable")
+    result = storescu(cfg, list(sent.values()))
+    assert result.returncode == 0, result.stderr
+    wait_for("2 de-identified instances at Orthanc", lambda: len(set(orthanc.get("/instances")) - before) >= 2, 120)
+    time.sleep(2)  # a third would have arrived by now
+    new = set(orthanc.get("/instances")) - before
+    assert len(new) == 2, new
+    for orthanc_id in new:
+        tags = orthanc.get(f"/instances/{orthanc_id}/simplified-tags")
+        assert tags["PatientIdentityRemoved"] == "YES"
+        assert tags["PatientID"] != "ROUTE0001" and "Identifiable" not in tags.get("PatientName", "")
+        assert tags["SOPInstanceUID"] not in sent, "the SOP Instance UID went out unchanged"
+
+
+def test_a_destination_over_tls_receives_verified_against_the_ca(pipeline, routing, tmp_path):
+    sent = write_instances(tmp_path / "tls", 2, StationName="TLSSTATION")
+    result = storescu(pipeline.cfg, list(sent.values()))
+    assert result.returncode == 0, result.stderr
+    wait_for(
+        "the instances at the TLS destination", lambda: received_sops(routing["work"] / "secure") == set(sent), 120
+    )
