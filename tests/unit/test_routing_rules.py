@@ -139,3 +139,13 @@ def test_study_files_lists_archived_instances_by_valid_uid_only(tmp_path: Path):
     assert sorted(d.sop_instance_uid for d in found) == ["1.2.3.4.5", "1.2.3.4.6"]
     assert {d.path for d in found} == {series / "1.2.3.4.5.dcm", series / "1.2.3.4.6.dcm"}
     assert study_files(tmp_path, "../etc") == []
+
+
+def test_status_shows_each_destinations_lag():
+    from diana.operations.status import PipelineStatus, render_status
+
+    text = render_status(PipelineStatus(routes={"workstation": {"dicom.instances": 42}, "qa": {"dose.alerts": 0}}))
+    lines = text.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("ROUTING")))
+    assert lines[start + 1].split() == ["workstation", "dicom.instances", "42"]
+    assert lines[start + 2].split() == ["qa", "dose.alerts", "0"]
