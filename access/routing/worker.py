@@ -27,14 +27,14 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import Counter, Gauge
 
 from diana.access.routing.rules import Destination, Rule
-from diana.access.routing.senders import Delivery, Outcome, Sender
+from diana.access.routing.senders import Delivery, Outcome, Result, Sender
 from diana.clients import kafka_consumer
 from diana.config import KafkaConfig
-from diana.schemas.codec import DecodeError, default_codec
+from diana.schemas.codec import default_codec
 from diana.schemas.layout import archive_path
 from diana.schemas.topics import DOSE_ALERTS, INSTANCES, STUDIES
 from diana.schemas.uid import is_valid_uid
-from diana.sinks.consumer import DeadLetters, RetryableError
+from diana.sinks.consumer import DeadLetters, RetryableError, failure_reason
 
 __all__ = ["RouteWorker", "WorkerSettings", "study_files", "TRIGGER_TOPICS"]
 
@@ -116,6 +116,7 @@ class RouteWorker:
         """``study_state``: a study's latest aggregate (status, series, instance count) or None, for alert rules."""
         self.kafka, self.destination, self.rules = kafka, destination, rules
         self.study_state = study_state
+        self._consumer: Any = None
         self.sender, self.settings, self.stop = sender, settings, stop
         self.codec = default_codec()
         self.name = destination.name
@@ -164,8 +165,8 @@ class RouteWorker:
                 continue
             try:
                 items, waiting = self.plan(p.msg)
-            except (DecodeError, KeyError, ValueError, OSError) as exc:
-                dead.send(p.msg, f"route {self.name}: cannot use the message: {type(exc).__name__}: {exc}"[:1000])
+            except Exception as exc:  # not decodable, or an archived file pydicom cannot read: never a stuck worker
+                dead.send(p.msg, failure_reason(f"route {self.name}", exc))
                 ROUTE_DEAD.labels(self.name).inc()
                 p.items = []
                 continue
@@ -189,7 +190,11 @@ class RouteWorker:
             self._plan_pending(pending, dead)
             owners = [(p, item) for p in pending if p.items for item in p.items]
             if owners:
-                results = self.sender.send([item for _, item in owners], self.settings.archive)
+                try:
+                    results = self.sender.send([item for _, item in owners], self.settings.archive)
+                except Exception as exc:  # a sender's own failure: nothing is known to be sent; try again
+                    log.exception("route.send_failed", destination=self.name)
+                    results = [Result(Outcome.UNAVAILABLE, f"sender failed: {type(exc).__name__}")] * len(owners)
                 for (p, item), result in zip(owners, results, strict=True):
                     assert p.items is not None
                     if result.outcome is Outcome.DELIVERED:
@@ -226,6 +231,8 @@ class RouteWorker:
                 return False
             self.stop.wait(backoff)
             backoff = min(backoff * 2, self.settings.max_backoff_s)
+            if self._consumer is not None:
+                self._update_lag(self._consumer)  # the lag grows while the destination is down: show it
 
     # --- the loop -----------------------------------------------------------------------------------
     def _update_lag(self, consumer: Any) -> None:
@@ -253,6 +260,7 @@ class RouteWorker:
                 "max.poll.interval.ms": 24 * 3600 * 1000,
             },
         )
+        self._consumer = consumer
         dead = DeadLetters(self.kafka, f"route-{self.name}")
         consumer.subscribe(self.topics)
         log.info("route.started", destination=self.name, group=self.settings.group_id, topics=self.topics)

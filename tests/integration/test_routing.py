@@ -228,6 +228,13 @@ def test_a_destination_down_for_60s_gets_every_match_once_back_and_holds_back_no
     assert status.routes["dcmtk"]["dicom.instances"] >= len(ct), status.routes
     assert status.routes["orthanc"]["dicom.instances"] == 0, status.routes
 
+    metrics = requests.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+    lag = {
+        line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("diana_route_lag{")
+    }
+    assert lag['diana_route_lag{destination="dcmtk"}'] >= len(ct), lag
+    assert 'diana_route_destination_up{destination="dcmtk"} 0.0' in metrics
+
     time.sleep(max(0.0, 60 - (time.monotonic() - sent_at)))
     dcmtk = start_storescp("ROUTEDCMTK", DCMTK_PORT, work / "dcmtk")
     try:
