@@ -170,6 +170,8 @@ class DicomSender(_Deidentifying):
             return Result(Outcome.FAILED, f"destination accepted no presentation context: {exc}")
         except (OSError, RuntimeError) as exc:
             return Result(Outcome.UNAVAILABLE, f"sending failed: {exc}")
+        except Exception as exc:  # an archived object pydicom cannot read or encode: counted, then dead-lettered
+            return Result(Outcome.FAILED, f"archived object cannot be sent ({type(exc).__name__})")
         code = getattr(status, "Status", None)
         if code is None:
             return Result(Outcome.UNAVAILABLE, "no C-STORE response (association lost or timed out)")
@@ -223,6 +225,8 @@ class StowSender(_Deidentifying):
             return Result(Outcome.FAILED, f"refused by de-identification: {exc}")
         except OSError as exc:
             return Result(Outcome.UNAVAILABLE, f"archived file not readable: {exc.strerror}")
+        except Exception as exc:  # de-identification could not handle the object: counted, then dead-lettered
+            return Result(Outcome.FAILED, f"archived object cannot be prepared ({type(exc).__name__})")
         boundary = uuid.uuid4().hex
         headers = {
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
