@@ -267,6 +267,28 @@ class DicomWebConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    """`diana route`: forward arriving instances and studies to other systems by rules (docs/ROUTING.md)."""
+
+    # YAML file of destinations and rules; empty: no routing (`diana run` starts `diana route` when set).
+    rules: str = ""
+    # Each destination's consumer group is <group_prefix>-<destination name>.
+    group_prefix: str = "diana-route"
+    # The calling AE title of C-STORE to DICOM destinations; empty: [receiver] ae_title.
+    ae_title: str = ""
+    # Refusals of one instance by a destination before it is dead-lettered (a destination may override).
+    max_attempts: int = 5
+    # The wait between attempts doubles from 0.5 s up to this.
+    max_backoff_s: float = 60.0
+    # An event whose instance the archive sink has not written yet is waited for this long, then dead-lettered.
+    archive_wait_s: float = 600.0
+    # Network timeout of an association or HTTP request.
+    timeout_s: float = 30.0
+    # Prometheus /metrics of `diana route` (diana_route_*); 0 turns it off.
+    metrics_port: int = 9468
+
+
+@dataclass(frozen=True)
 class StackConfig:
     """The no-Docker local stack (compose/local): where it lives and its ports."""
 
@@ -311,6 +333,7 @@ class Config:
     query_retrieve: QueryRetrieveConfig = field(default_factory=QueryRetrieveConfig)
     dicomweb: DicomWebConfig = field(default_factory=DicomWebConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     stack: StackConfig = field(default_factory=StackConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)

@@ -1,8 +1,9 @@
 """`diana status`: one screen a person can read about the whole pipeline.
 
 Per topic and partition: first and end offsets. Per consumer group: lag per topic.
-Per index alias: the versioned index behind it and its document count. Archive and landing:
-object counts.
+Per routing destination (`diana route`): what its consumer group has not routed yet, counting
+partitions it never committed on (a destination down since it was configured). Per index alias: the
+versioned index behind it and its document count. Archive and landing: object counts.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class PipelineStatus:
     archive_objects: int = 0
     landing_objects: int = 0
     services: dict[str, tuple[str, bool]] = field(default_factory=dict)  # name -> (address, listening)
+    routes: dict[str, dict[str, int]] = field(default_factory=dict)  # routing destination -> topic -> lag
     errors: list[str] = field(default_factory=list)
 
 
@@ -91,6 +93,20 @@ def _count(root: Path) -> int:
     )
 
 
+def _route_topics(cfg: Config, status: PipelineStatus) -> dict[str, list[str]]:
+    """Routing destination -> the topics its worker consumes, from the configured rules (none: no routing)."""
+    if not cfg.routing.rules:
+        return {}
+    from diana.access.routing.rules import RulesError
+    from diana.access.routing.service import destination_topics, load_configured_rules
+
+    try:
+        return destination_topics(load_configured_rules(cfg))
+    except RulesError as exc:
+        status.errors.append(f"routing rules: {exc}")
+        return {}
+
+
 def collect_status(cfg: Config) -> PipelineStatus:
     from opensearchpy.exceptions import OpenSearchException
 
@@ -100,9 +116,16 @@ def collect_status(cfg: Config) -> PipelineStatus:
     status = PipelineStatus()
     status.topics = watermarks(cfg, [t.name for t in ALL_TOPICS])
     admin = kafka_admin(cfg.kafka)
+    route_prefix = cfg.routing.group_prefix + "-"
+    route_topics = _route_topics(cfg, status)
     groups = sorted(g.group_id for g in admin.list_consumer_groups(request_timeout=10).result().valid)
     for group in groups:
         if group.startswith(("diana-status", "lag-probe-", "reader-")):
+            continue
+        if group.startswith(route_prefix) and group.removeprefix(route_prefix) in route_topics:
+            destination = group.removeprefix(route_prefix)
+            marks = {t: status.topics[t] for t in route_topics[destination] if t in status.topics}
+            status.routes[destination] = group_lag(cfg, group, marks, count_uncommitted=True)
             continue
         lag = group_lag(cfg, group, status.topics)
         if lag:
@@ -135,6 +158,12 @@ def render_status(status: PipelineStatus) -> str:
         for topic, lag in sorted(lags.items()):
             out.append(f"  {group:<26}{topic:<30}{lag:>9}")
     out.append("")
+    if status.routes:
+        out.append("ROUTING destination          topic                               lag")
+        for destination, lags in status.routes.items():
+            for topic, lag in sorted(lags.items()):
+                out.append(f"  {destination:<26}{topic:<30}{lag:>9}")
+        out.append("")
     out.append("INDICES                     index                         documents")
     for alias, (index, count) in status.indices.items():
         out.append(f"  {alias:<26}{index:<30}{count:>9}")

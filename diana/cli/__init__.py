@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diana.cli import access, collect, operations, pipeline
+from diana.cli import access, collect, operations, pipeline, route
 from diana.cli.access import COHORT_FILTERS
 from diana.config import ConfigError, load_config
 from diana.logs import configure_logging
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     access.register(sub)
     collect.register(sub)
     operations.register(sub)
+    route.register(sub)
     return p
 
 

@@ -181,6 +181,7 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
         extra = [("serve", ["serve", "--only", "web"] if cfg.query_retrieve.on_receiver else ["serve"])]
         # The alert delivery worker runs when recipients are configured ([alerts] routing).
         extra += [("alerts", ["alerts", "deliver"])] if cfg.alerts.routing else []
+        extra += [("router", ["route"])] if cfg.routing.rules else []
         run_pipeline(cfg, args.config, stop_on_signals(), on_ready=lambda: print(_banner(cfg), flush=True), extra=extra)
     finally:
         if not args.no_stack and not args.keep_stack:

@@ -1,0 +1,292 @@
+"""One destination's routing loop: its own consumer group, so a slow or absent destination holds back no other.
+
+Per consumed batch: each message is matched against the destination's rules and becomes the archived
+instances to send (none when nothing matches). They are sent; an instance the destination refuses is
+tried again with backoff and, after ``max_attempts`` refusals, dead-lettered (``dicom.deadletter``) with
+the destination's status; while the destination does not answer at all, everything is tried again,
+without limit and without committing, so nothing is lost while it is down. Offsets are committed only
+once every message of the batch was delivered or dead-lettered (at least once: after a crash a batch
+may be sent again, which a DICOM peer takes as the same SOP Instance UID).
+
+An instance is sent from the ARCHIVE, which the archive sink writes after the event: one not archived
+yet is waited for (up to ``[routing] archive_wait_s``, then dead-lettered as missing).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import structlog
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from prometheus_client import Counter, Gauge
+
+from diana.access.routing.rules import Destination, Rule
+from diana.access.routing.senders import Delivery, Outcome, Result, Sender
+from diana.clients import kafka_consumer
+from diana.config import KafkaConfig
+from diana.schemas.codec import default_codec
+from diana.schemas.layout import archive_path
+from diana.schemas.topics import DOSE_ALERTS, INSTANCES, STUDIES
+from diana.schemas.uid import is_valid_uid
+from diana.sinks.consumer import DeadLetters, RetryableError, failure_reason
+
+__all__ = ["RouteWorker", "WorkerSettings", "study_files", "TRIGGER_TOPICS"]
+
+log = structlog.get_logger("diana.route")
+
+SENT = Counter("diana_route_sent_total", "Instances a destination accepted", ["destination"])
+REFUSED = Counter("diana_route_refusals_total", "Sends a destination refused (each attempt)", ["destination"])
+ROUTE_DEAD = Counter("diana_route_deadletters_total", "Instances dead-lettered for a destination", ["destination"])
+UNAVAILABLE = Counter(
+    "diana_route_unavailable_total", "Attempts that found the destination unreachable", ["destination"]
+)
+LAG = Gauge(
+    "diana_route_lag", "Messages of the destination's topics not yet routed (its consumer group's lag)", ["destination"]
+)
+UP = Gauge("diana_route_destination_up", "1 when the destination answered its last attempt", ["destination"])
+
+TRIGGER_TOPICS = {"instance": INSTANCES, "study": STUDIES, "alert": DOSE_ALERTS}
+_HEADER_TAGS = ["Modality", "StationName", "SOPClassUID", "BodyPartExamined", "StudyDescription"]
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    group_id: str
+    archive: Path
+    max_attempts: int
+    max_backoff_s: float = 60.0
+    archive_wait_s: float = 600.0
+    batch_size: int = 100
+
+
+@dataclass
+class _Pending:
+    msg: Message
+    since: float = field(default_factory=time.monotonic)
+    items: list[Delivery] | None = None  # None: not planned yet (its files are not all archived)
+    waiting_for: str = ""
+
+
+def study_files(archive: Path, study_uid: str, series_uids: list[str] | None = None) -> list[Delivery]:
+    """Every archived instance of a study (of the given series, or of every series folder), by layout's names."""
+    if not is_valid_uid(study_uid):
+        return []
+    root = archive / study_uid
+    if series_uids is None:
+        series_uids = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    out = []
+    for series in series_uids:
+        if not is_valid_uid(series) or not (root / series).is_dir():
+            continue
+        for path in sorted((root / series).glob("*.dcm")):
+            sop = path.name.removesuffix(".dcm")
+            if is_valid_uid(sop):  # KEEP_BOTH versions (<SOP>.<sha>.dcm) are left out
+                out.append(Delivery(study_uid, series, sop, archive / archive_path(study_uid, series, sop)))
+    return out
+
+
+def _header(path: Path) -> dict[str, Any]:
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    return {
+        "modality": ds.get("Modality"),
+        "station_name": ds.get("StationName"),
+        "sop_class_uid": ds.get("SOPClassUID"),
+        "body_part_examined": ds.get("BodyPartExamined"),
+        "study_description": ds.get("StudyDescription"),
+    }
+
+
+class RouteWorker:
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        destination: Destination,
+        rules: list[Rule],
+        sender: Sender,
+        settings: WorkerSettings,
+        stop: threading.Event,
+        study_state: Callable[[str], dict[str, Any] | None] | None = None,
+    ):
+        """``study_state``: a study's latest aggregate (status, series, instance count) or None, for alert rules."""
+        self.kafka, self.destination, self.rules = kafka, destination, rules
+        self.study_state = study_state
+        self._consumer: Any = None
+        self.sender, self.settings, self.stop = sender, settings, stop
+        self.codec = default_codec()
+        self.name = destination.name
+        self.topics = sorted({TRIGGER_TOPICS[r.trigger].name for r in rules})  # as service.destination_topics
+        for metric in (SENT, REFUSED, ROUTE_DEAD, UNAVAILABLE):
+            metric.labels(self.name)
+
+    # --- what a message asks to send ------------------------------------------------------------
+    def plan(self, msg: Message) -> tuple[list[Delivery] | None, str]:
+        """(deliveries, "") when ready; (None, what it waits for) when its files are not archived yet."""
+        topic = msg.topic()
+        if topic == INSTANCES.name:
+            _, event = self.codec.decode(msg.value(), expect=INSTANCES.value_schema)
+            if not any(r.matches(event) for r in self.rules if r.trigger == "instance"):
+                return [], ""
+            study, series, sop = event["study_instance_uid"], event["series_instance_uid"], event["sop_instance_uid"]
+            item = Delivery(study, series, sop, self.settings.archive / archive_path(study, series, sop))
+            return ([item], "") if item.path.exists() else (None, f"instance {sop} not archived yet")
+        if topic == STUDIES.name:
+            _, study = self.codec.decode(msg.value(), expect=STUDIES.value_schema)
+            if study["status"] != "COMPLETED":
+                return [], ""
+            rules = [r for r in self.rules if r.trigger == "study"]
+            files = study_files(self.settings.archive, study["study_instance_uid"], study["series_instance_uids"])
+            if len(files) < study["instance_count"]:
+                return None, f"study {study['study_instance_uid']}: {len(files)} of {study['instance_count']} archived"
+            return [f for f in files if any(r.matches(_header(f.path)) for r in rules)], ""
+        if topic == DOSE_ALERTS.name:
+            _, alert = self.codec.decode(msg.value(), expect=DOSE_ALERTS.value_schema)
+            rules = [r for r in self.rules if r.trigger == "alert"]
+            uid = alert["study_instance_uid"]
+            # An alert may come before the study's last images: wait until the study is complete
+            # (its aggregate, as indexed) and all its instances are archived.
+            study = self.study_state(uid) if self.study_state else None
+            if study is None or study.get("status") != "COMPLETED":
+                return None, f"study {uid} of alert {alert['alert_id']} not complete yet"
+            files = study_files(self.settings.archive, uid, study.get("series_instance_uids"))
+            if len(files) < int(study.get("instance_count") or 0):
+                return None, f"study {uid}: {len(files)} of {study['instance_count']} archived"
+            return [f for f in files if any(r.matches(_header(f.path)) for r in rules)], ""
+        return [], ""
+
+    def _plan_pending(self, pending: list[_Pending], dead: DeadLetters) -> None:
+        for p in pending:
+            if p.items is not None:
+                continue
+            try:
+                items, waiting = self.plan(p.msg)
+            except Exception as exc:  # not decodable, or an archived file pydicom cannot read: never a stuck worker
+                dead.send(p.msg, failure_reason(f"route {self.name}", exc))
+                ROUTE_DEAD.labels(self.name).inc()
+                p.items = []
+                continue
+            if items is not None:
+                p.items = items
+            elif time.monotonic() - p.since > self.settings.archive_wait_s:
+                dead.send(p.msg, f"route {self.name}: gave up waiting: {waiting}")
+                ROUTE_DEAD.labels(self.name).inc()
+                p.items = []
+            elif waiting != p.waiting_for:
+                p.waiting_for = waiting
+                log.info("route.waiting_for_archive", destination=self.name, waiting_for=waiting)
+
+    # --- sending until every message is done ------------------------------------------------------
+    def deliver(self, messages: list[Message], dead: DeadLetters) -> bool:
+        """Deliver (or dead-letter) everything the messages ask for; False if stopped first."""
+        pending = [_Pending(m) for m in messages]
+        attempts = self.destination.max_attempts or self.settings.max_attempts
+        backoff = 0.5
+        while True:
+            self._plan_pending(pending, dead)
+            owners = [(p, item) for p in pending if p.items for item in p.items]
+            if owners:
+                try:
+                    results = self.sender.send([item for _, item in owners], self.settings.archive)
+                except Exception as exc:  # a sender's own failure: nothing is known to be sent; try again
+                    log.exception("route.send_failed", destination=self.name)
+                    results = [Result(Outcome.UNAVAILABLE, f"sender failed: {type(exc).__name__}")] * len(owners)
+                for (p, item), result in zip(owners, results, strict=True):
+                    assert p.items is not None
+                    if result.outcome is Outcome.DELIVERED:
+                        SENT.labels(self.name).inc()
+                        p.items.remove(item)
+                    elif result.outcome is Outcome.FAILED:
+                        REFUSED.labels(self.name).inc()
+                        item.failures += 1
+                        log.warning(
+                            "route.refused", destination=self.name, sop=item.sop_instance_uid, status=result.status
+                        )
+                        if item.failures >= attempts:
+                            dead.send(
+                                p.msg,
+                                f"route {self.name}: {item.sop_instance_uid} refused {item.failures} times; "
+                                f"last: {result.status}"[:1000],
+                            )
+                            ROUTE_DEAD.labels(self.name).inc()
+                            p.items.remove(item)
+                    else:
+                        UNAVAILABLE.labels(self.name).inc()
+                unreachable = [r for r in results if r.outcome is Outcome.UNAVAILABLE]
+                UP.labels(self.name).set(0 if len(unreachable) == len(results) else 1)
+                if unreachable:
+                    log.warning("route.unavailable", destination=self.name, reason=unreachable[0].status)
+            if all(p.items == [] for p in pending):
+                try:
+                    dead.flush()
+                    return True
+                except RetryableError as exc:
+                    log.warning("route.deadletter_retry", destination=self.name, reason=str(exc))
+            if self.stop.is_set():
+                dead.discard()
+                return False
+            self.stop.wait(backoff)
+            backoff = min(backoff * 2, self.settings.max_backoff_s)
+            if self._consumer is not None:
+                self._update_lag(self._consumer)  # the lag grows while the destination is down: show it
+
+    # --- the loop -----------------------------------------------------------------------------------
+    def _update_lag(self, consumer: Any) -> None:
+        try:
+            assigned = consumer.assignment()
+            if not assigned:
+                return
+            lag = 0
+            for tp in consumer.committed(assigned, timeout=10):
+                low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
+                lag += high - max(tp.offset, low) if tp.offset >= 0 else high - low
+            LAG.labels(self.name).set(lag)
+        except KafkaException as exc:
+            log.warning("route.lag_unknown", destination=self.name, error=str(exc))
+
+    def run(self) -> None:
+        consumer = kafka_consumer(
+            self.kafka,
+            self.settings.group_id,
+            {
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "partition.assignment.strategy": "cooperative-sticky",
+                # A destination may be down for hours: the worker stays in its group meanwhile.
+                "max.poll.interval.ms": 24 * 3600 * 1000,
+            },
+        )
+        self._consumer = consumer
+        dead = DeadLetters(self.kafka, f"route-{self.name}")
+        consumer.subscribe(self.topics)
+        log.info("route.started", destination=self.name, group=self.settings.group_id, topics=self.topics)
+        last_lag = 0.0
+        try:
+            while not self.stop.is_set():
+                if time.monotonic() - last_lag > 5:
+                    self._update_lag(consumer)
+                    last_lag = time.monotonic()
+                batch = []
+                for msg in consumer.consume(self.settings.batch_size, timeout=0.5):
+                    err = msg.error()
+                    if err is None:
+                        batch.append(msg)
+                    elif err.code() != KafkaError._PARTITION_EOF:
+                        log.warning("route.consume_error", destination=self.name, error=err.str())
+                if not batch:
+                    continue
+                if not self.deliver(batch, dead):
+                    log.info("route.stopping_uncommitted", destination=self.name, messages=len(batch))
+                    return
+                try:
+                    consumer.commit(asynchronous=False)
+                except KafkaException as exc:
+                    log.warning("route.commit_failed", destination=self.name, error=str(exc))
+        finally:
+            consumer.close()
+            self.sender.close()
+            log.info("route.stopped", destination=self.name)
