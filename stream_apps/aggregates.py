@@ -401,7 +401,7 @@ class AggregatesHandler:
         return watermark
 
     def _complete_due(self, batch: Batch, partition: int, watermark: int) -> None:
-        due = sorted((deadline, uid) for uid, deadline in batch.items(partition, OPEN) if deadline <= watermark)
+        due = sorted([(deadline, uid) for uid, deadline in batch.items(partition, OPEN) if deadline <= watermark])
         for _, uid in due:
             batch.delete(partition, OPEN, uid)
             series = batch.get(partition, SERIES_STATE, uid)

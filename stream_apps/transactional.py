@@ -167,14 +167,17 @@ class Batch:
                     value=None if value is _DELETED else json.dumps(value, separators=(",", ":")).encode(),
                 )
 
-    def items(self, partition: int, namespace: str) -> list[tuple[str, Any]]:
-        merged = dict(self._store.partitions.get(partition, {}).get(namespace, {}))
-        for key, value in self._pending.get((partition, namespace), {}).items():
-            if value is _DELETED:
-                merged.pop(key, None)
-            else:
-                merged[key] = value
-        return list(merged.items())
+    def items(self, partition: int, namespace: str) -> Iterator[tuple[str, Any]]:
+        """The namespace's entries as this batch sees them, without copying the committed ones
+        (this runs for every instance: a copy of every open series each time was most of its cost).
+        Do not change the namespace while iterating."""
+        pending = self._pending.get((partition, namespace), {})
+        for key, value in self._store.partitions.get(partition, {}).get(namespace, {}).items():
+            if key not in pending:
+                yield key, value
+        for key, value in pending.items():
+            if value is not _DELETED:
+                yield key, value
 
     def send(self, topic: str, key: bytes | None, value: bytes, headers: dict[str, bytes] | None = None) -> None:
         """Sent in the transaction once the message being handled is done (see message_done)."""
