@@ -29,7 +29,8 @@ from prometheus_client import Counter
 
 from diana.clients import kafka_consumer, kafka_producer
 from diana.config import KafkaConfig
-from diana.schemas.codec import Codec, DecodeError, default_codec
+from diana.schemas.codec import Codec, DecodeError
+from diana.schemas.projection import AGGREGATES_INSTANCE_FIELDS, FastCodec
 from diana.schemas.topics import DEADLETTER, INSTANCES, SERIES, STUDIES, TICKS
 from diana.stream_apps.completeness import QuietTimes, expected_instances, verdict
 from diana.stream_apps.transactional import Batch, LoopSettings, TransactionalLoop
@@ -292,11 +293,14 @@ class AggregatesHandler:
     becomes visible together with the batch's input offsets, or not at all.
     """
 
-    def __init__(self, quiet: QuietTimes, codec: Codec | None = None, conflict_policy: str = "KEEP_FIRST") -> None:
+    def __init__(
+        self, quiet: QuietTimes, codec: Codec | FastCodec | None = None, conflict_policy: str = "KEEP_FIRST"
+    ) -> None:
         self.quiet = quiet
         # [sinks] archive_conflict_policy: under REPLACE a corrected re-send replaces the instance.
         self.replace = conflict_policy == "REPLACE"
-        self.codec = codec or default_codec()
+        # fastavro, reading only the fields the fold uses (the header is skipped, not decoded).
+        self.codec = codec or FastCodec({INSTANCES.value_schema: AGGREGATES_INSTANCE_FIELDS})
         self.started_ms = int(time.time() * 1000)
         self.last_instance_wall: dict[int, float] = {}
         self.processed_upto: dict[int, int] = {}  # partition -> next offset to process in dicom.instances
