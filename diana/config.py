@@ -140,6 +140,10 @@ class StreamConfig:
     # it. Set it (e.g. to a StatefulSet pod name) where a worker moves between disks; never give
     # two workers the same id.
     worker_id: str = ""
+    # A worker silent this long leaves the group and its partitions move. Restarted within it under
+    # its worker_id, it gets them back with no rebalance, so it must cover a restart (start-up
+    # took up to 11 s on a loaded machine here); a dead worker's partitions wait this long.
+    session_timeout_s: float = 30.0
     # Faust's local data (the dose worker).
     data_dir: Path = Path("var/faust")
     # A series is complete after this long without a new instance (event time), per modality.

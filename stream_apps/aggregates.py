@@ -468,6 +468,7 @@ def aggregates_loop(
     partitions: int,
     quiet: QuietTimes,
     conflict_policy: str = "KEEP_FIRST",
+    session_timeout_s: float = 30.0,
 ) -> TransactionalLoop:
     """The aggregates worker: group ``app_id``, state in ``{app_id}-state-changelog``.
 
@@ -480,6 +481,7 @@ def aggregates_loop(
         group_id=app_id,
         transactional_id=f"{app_id}-{worker_id}",
         group_instance_id=worker_id,
+        session_timeout_ms=int(session_timeout_s * 1000),
         topics=(INSTANCES.name, TICKS.name),
         changelog=changelog_topic(app_id),
     )

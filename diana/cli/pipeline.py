@@ -83,6 +83,7 @@ def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
         cfg.kafka.partitions,
         QuietTimes.parse(cfg.stream.quiet_seconds),
         conflict_policy=cfg.sinks.archive_conflict_policy,
+        session_timeout_s=cfg.stream.session_timeout_s,
     )
     try:
         loop.run()
