@@ -136,6 +136,12 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process: the load-independent cost (the machine is shared)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def worker(config: Path, log: Path, app_id: str, web_port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
     env.update({"DIANA_CONFIG": str(config), "DIANA_STREAM_APP_ID": app_id, "DIANA_STREAM_WEB_PORT": str(web_port)})
@@ -193,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             "start_to_assigned_s": round(assigned - started, 1),
             "processing_s": round(done - assigned, 1),
             "events_per_s": round(args.events / (done - assigned)),
+            "cpu_s": round(cpu_s(one.pid), 1),
+            "events_per_cpu_s": round(args.events / cpu_s(one.pid)),
             "rss_mb_at_end": round(rss_mb(one.pid), 1),
         }
         print(json.dumps(result["one_worker"]), flush=True)
@@ -232,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             result["two_workers"] = {
                 "processing_s": round(done - assigned, 1),
                 "events_per_s": round((args.events + 10) / (done - assigned)),
+                "cpu_s": [round(cpu_s(p.pid), 1) for p in pair],
                 "rss_mb_at_end": [round(rss_mb(p.pid), 1) for p in pair],
             }
             print(json.dumps(result["two_workers"]), flush=True)
