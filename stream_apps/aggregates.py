@@ -337,7 +337,13 @@ class AggregatesHandler:
             # complete series early with its ticks either.
             _, stamp = message.timestamp()
             at = min(tick_ms, stamp) if stamp > 0 else tick_ms
-            self._complete_due(batch, partition, self._advance(batch, partition, at))
+            # The watermark is written only when the tick completes something: a quiet partition
+            # no longer writes a changelog record every second (its active segment never closed,
+            # so compaction never ran). An unwritten tick watermark is not needed after a restart:
+            # the next tick brings the clock again.
+            watermark = max(batch.get(partition, CLOCK, "watermark") or 0, at)
+            if any(deadline <= watermark for _, deadline in batch.items(partition, OPEN)):
+                self._complete_due(batch, partition, self._advance(batch, partition, at))
 
     def _instance(self, batch: Batch, message: Message) -> None:
         partition, offset = message.partition(), message.offset()
