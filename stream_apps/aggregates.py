@@ -30,7 +30,7 @@ from prometheus_client import Counter
 from diana.clients import kafka_consumer, kafka_producer
 from diana.config import KafkaConfig
 from diana.schemas.codec import Codec, DecodeError
-from diana.schemas.projection import AGGREGATES_INSTANCE_FIELDS, FastCodec
+from diana.schemas.projection import FastCodec
 from diana.schemas.topics import DEADLETTER, INSTANCES, SERIES, STUDIES, TICKS
 from diana.stream_apps.completeness import QuietTimes, expected_instances, verdict
 from diana.stream_apps.transactional import Batch, LoopSettings, TransactionalLoop
@@ -299,8 +299,10 @@ class AggregatesHandler:
         self.quiet = quiet
         # [sinks] archive_conflict_policy: under REPLACE a corrected re-send replaces the instance.
         self.replace = conflict_policy == "REPLACE"
-        # fastavro, reading only the fields the fold uses (the header is skipped, not decoded).
-        self.codec = codec or FastCodec({INSTANCES.value_schema: AGGREGATES_INSTANCE_FIELDS})
+        # fastavro, whole records: the projection (schemas/projection.py) that skips the header
+        # measured 20-30 us slower per event on headers up to 10 KB (fastavro resolves the two
+        # schemas on every call) and only broke even at 180 KB; docs/PERFORMANCE.md.
+        self.codec = codec or FastCodec()
         self.started_ms = int(time.time() * 1000)
         self.last_instance_wall: dict[int, float] = {}
         self.processed_upto: dict[int, int] = {}  # partition -> next offset to process in dicom.instances
