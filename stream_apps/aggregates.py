@@ -5,7 +5,8 @@ sees the whole study, and its state lives in the changelog partition of that inp
 Each batch is one Kafka transaction (transactional.py): state, outputs and input offsets move
 together, so a kill -9 and restart, or two workers, give the same aggregates as one undisturbed run.
 
-Time is event time. Each partition keeps a watermark, the latest ``received_at`` it has seen; a
+Time is event time: ``received_at``, never later than the broker's append time (event_time_ms).
+Each partition keeps a watermark, the latest event time it has seen; a
 series is completed when the watermark passes its last arrival plus the quiet time of its
 modality. When a partition goes quiet, nothing would move its watermark, so each worker writes
 a tick per partition to ``dicom.ticks`` every second, carrying the partition's end offset in
