@@ -6,10 +6,10 @@ binary body), byte for byte (tested against ``Codec``). Two differences, both fo
   15 times faster per record here;
 - a record can be read through a *projection*: the current schema cut down to the fields a reader
   names. fastavro's schema resolution then skips the other fields' bytes without building them.
-  Measured (CPU per InstanceArrived, docs/PERFORMANCE.md): whole record 24/43/62 us, projection
-  50/63/68 us, codec.py 259/242/264 us for events of 0.3/9/183 KB. fastavro resolves the two
-  schemas on every call, so a projection pays only for headers of a few hundred KB and more (a
-  large dose report); the aggregates worker therefore decodes whole records.
+  Measured (CPU per InstanceArrived, bench/codec_cost.py, docs/PERFORMANCE.md): whole record
+  41/44/460 us, projection 58/51/310 us, codec.py 258/299/804 us for events of 0.3/9/183 KB.
+  fastavro resolves the two schemas on every call, so a projection pays only on large headers (a
+  dose report, a multi-frame object); the aggregates worker decodes whole records.
 
 Parsed schemas keep fastavro's parse marker: parsed with ``_write_hint=False`` they were parsed
 again on every call, and decoding took 3 times as long.

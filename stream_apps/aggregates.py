@@ -301,8 +301,8 @@ class AggregatesHandler:
         # [sinks] archive_conflict_policy: under REPLACE a corrected re-send replaces the instance.
         self.replace = conflict_policy == "REPLACE"
         # fastavro, whole records: the projection (schemas/projection.py) that skips the header
-        # measured 20-30 us slower per event on headers up to 10 KB (fastavro resolves the two
-        # schemas on every call) and only broke even at 180 KB; docs/PERFORMANCE.md.
+        # measured 7-30 us slower per event on headers up to 9 KB (fastavro resolves the two
+        # schemas on every call) and pays only on large ones; docs/PERFORMANCE.md.
         self.codec = codec or FastCodec()
         self.started_ms = int(time.time() * 1000)
         self.last_instance_wall: dict[int, float] = {}
