@@ -138,10 +138,17 @@ class StreamConfig:
 
     # Consumer group, transactional id prefix and state topic prefix of the aggregates worker.
     app_id: str = "diana-aggregates"
-    # The aggregates worker's Prometheus /metrics port; also names the worker (host-port), so two
-    # workers on one host need two ports, and a restarted worker keeps its name (0: no metrics,
-    # a random name, and a restart waits up to 10 s for its predecessor's transaction to expire).
+    # The aggregates worker's Prometheus /metrics port (0: no metrics).
     web_port: int = 6066
+    # The aggregates worker's stable id: its static group member id and transactional id. Empty:
+    # made once and kept in data_dir (per app_id and web_port), so a restart on the same disk keeps
+    # it. Set it (e.g. to a StatefulSet pod name) where a worker moves between disks; never give
+    # two workers the same id.
+    worker_id: str = ""
+    # A worker silent this long leaves the group and its partitions move. Restarted within it under
+    # its worker_id, it gets them back with no rebalance, so it must cover a restart (start-up
+    # took up to 11 s on a loaded machine here); a dead worker's partitions wait this long.
+    session_timeout_s: float = 30.0
     # Faust's local data (the dose worker).
     data_dir: Path = Path("var/faust")
     # A series is complete after this long without a new instance (event time), per modality.

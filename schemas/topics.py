@@ -50,11 +50,14 @@ class Topic:
 
 
 # The log of record: kept forever so that every index and aggregate can be rebuilt from it.
+# LogAppendTime: each event carries the broker's clock beside the receiver's received_at, and the
+# aggregates' event time is never later than it (a receiver clock running fast cannot complete
+# series early; stream_apps/README.md).
 INSTANCES = Topic(
     "dicom.instances",
     key="StudyInstanceUID",
     schema="InstanceArrived",
-    config={"retention.ms": "-1", "cleanup.policy": "delete"},
+    config={"retention.ms": "-1", "cleanup.policy": "delete", "message.timestamp.type": "LogAppendTime"},
 )
 # Latest state per key is all a reader needs: compacted.
 SERIES = Topic(
@@ -88,7 +91,7 @@ TICKS = Topic(
     "dicom.ticks",
     key="none (explicit partition)",
     schema=None,
-    config={"retention.ms": str(3600 * 1000)},
+    config={"retention.ms": str(3600 * 1000), "message.timestamp.type": "LogAppendTime"},
 )
 # Dose records (stream_apps/dose): one record per distinct irradiation event, a study's totals
 # (latest per key: compacted), and alerts. All keyed by StudyInstanceUID, like dicom.instances.
@@ -164,8 +167,8 @@ def ensure_topics(
 ) -> list[str]:
     """Create the missing topics with ``admin``; return the names created.
 
-    Existing topics get the size and compression settings again (they must agree with the
-    producers' limit); partitions and replication of an existing topic are left as they are.
+    Existing topics get the size, compression and timestamp settings again (they must agree with
+    the producers' limit and the aggregates' event time); partitions and replication of an existing topic are left as they are.
     """
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
@@ -195,7 +198,7 @@ def ensure_topics(
             entries = [
                 ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
                 for k, v in topic_config(t, max_message_bytes, isr).items()
-                if k in ("max.message.bytes", "compression.type")
+                if k in ("max.message.bytes", "compression.type", "message.timestamp.type")
             ]
             updates.append(ConfigResource("TOPIC", t.name, incremental_configs=entries))
     if updates:

@@ -52,8 +52,23 @@ def verdict(instance_numbers: list[int], instance_count: int, expected: int | No
     starts_at_one = low in (0, 1)
     if expected is not None and starts_at_one:
         high = max(high, low + expected - 1)  # the promised count reaches past what arrived
-    missing = [n for n in range(low, high + 1) if n not in numbers]
+    # Walk the gaps between the numbers present, not the whole range: one InstanceNumber of
+    # 2**31 must not make this loop two billion times.
+    missing = _first_missing(sorted(numbers), high, MAX_LISTED_GAPS)
     if missing:
-        return GAPS, missing[:MAX_LISTED_GAPS]
+        return GAPS, missing
     # Numbering that starts late (101, 102, ...) says nothing about what came before.
     return (COMPLETE, []) if starts_at_one else (UNKNOWN, [])
+
+
+def _first_missing(present: list[int], high: int, limit: int) -> list[int]:
+    """The first ``limit`` numbers missing between ``present[0]`` and ``high`` (``present`` sorted, unique)."""
+    out: list[int] = []
+    expected = present[0]
+    for number in [*present, high + 1]:
+        if number > expected:
+            out.extend(range(expected, min(number, expected + limit - len(out))))
+            if len(out) >= limit:
+                break
+        expected = max(expected, number + 1)
+    return out

@@ -5,12 +5,22 @@ from __future__ import annotations
 import time
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import NewTopic
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
 
 from diana.clients import kafka_admin
 from diana.config import Config
 
-__all__ = ["ensure_state_topics"]
+__all__ = ["CHANGELOG_CONFIG", "ensure_state_topics"]
+
+# Compaction only cleans closed segments: the broker's default segment (1 GiB or 7 days) kept a
+# changelog's records, superseded or not, for a week or more. Rolled hourly (or at 64 MiB), the
+# cleaner can drop superseded state within about an hour; it starts once 10 % of the log is dirty.
+CHANGELOG_CONFIG = {
+    "cleanup.policy": "compact",
+    "segment.ms": str(3600 * 1000),
+    "segment.bytes": str(64 * 1024 * 1024),
+    "min.cleanable.dirty.ratio": "0.1",
+}
 
 
 def ensure_state_topics(config: Config, names: list[str], timeout: float = 60.0) -> None:
@@ -23,10 +33,16 @@ def ensure_state_topics(config: Config, names: list[str], timeout: float = 60.0)
     admin = kafka_admin(config.kafka)
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [
-        NewTopic(n, num_partitions=config.kafka.partitions, replication_factor=-1, config={"cleanup.policy": "compact"})
+        NewTopic(n, num_partitions=config.kafka.partitions, replication_factor=-1, config=dict(CHANGELOG_CONFIG))
         for n in names
         if n not in existing
     ]
+    present = [n for n in names if n in existing]
+    if present:  # changelogs made before these settings get them too
+        entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in CHANGELOG_CONFIG.items()]
+        resources = [ConfigResource("TOPIC", n, incremental_configs=entries) for n in present]
+        for future in admin.incremental_alter_configs(resources, request_timeout=timeout).values():
+            future.result()
     for future in admin.create_topics(wanted, request_timeout=timeout).values() if wanted else []:
         try:
             future.result()

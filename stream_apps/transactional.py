@@ -35,7 +35,7 @@ from prometheus_client import Counter, Histogram
 from diana.clients import kafka_consumer, kafka_producer
 from diana.config import KafkaConfig
 
-__all__ = ["Batch", "Handler", "TransactionalLoop", "LoopSettings"]
+__all__ = ["Batch", "GiveUp", "Handler", "TransactionalLoop", "LoopSettings"]
 
 log = structlog.get_logger("diana.stream.transactional")
 
@@ -48,9 +48,15 @@ RESTORE_SECONDS = Histogram("diana_stream_restore_seconds", "Time to rebuild the
 
 _DELETED = object()
 _ABSENT = object()
-# send_offsets_to_transaction is called with a 30 s timeout; past this, it is stuck.
-SEND_OFFSETS_LIMIT_S = 45.0
 _SEP = "/"
+# Every broker call of a transaction must end well inside transaction.timeout.ms: past it the
+# broker aborts the transaction anyway, so waiting longer only delays the retry.
+_CALL_SHARE = 0.5  # a call's own timeout, as a share of the transaction timeout
+_WATCHDOG_SHARE = 0.8  # the watchdog around a call that may ignore its timeout (librdkafka 5456)
+
+
+class GiveUp(RuntimeError):
+    """The broker could not be reached or agreed with for longer than the worker waits: exit and say why."""
 
 
 @contextmanager
@@ -161,14 +167,17 @@ class Batch:
                     value=None if value is _DELETED else json.dumps(value, separators=(",", ":")).encode(),
                 )
 
-    def items(self, partition: int, namespace: str) -> list[tuple[str, Any]]:
-        merged = dict(self._store.partitions.get(partition, {}).get(namespace, {}))
-        for key, value in self._pending.get((partition, namespace), {}).items():
-            if value is _DELETED:
-                merged.pop(key, None)
-            else:
-                merged[key] = value
-        return list(merged.items())
+    def items(self, partition: int, namespace: str) -> Iterator[tuple[str, Any]]:
+        """The namespace's entries as this batch sees them, without copying the committed ones
+        (this runs for every instance: a copy of every open series each time was most of its cost).
+        Do not change the namespace while iterating."""
+        pending = self._pending.get((partition, namespace), {})
+        for key, value in self._store.partitions.get(partition, {}).get(namespace, {}).items():
+            if key not in pending:
+                yield key, value
+        for key, value in pending.items():
+            if value is not _DELETED:
+                yield key, value
 
     def send(self, topic: str, key: bytes | None, value: bytes, headers: dict[str, bytes] | None = None) -> None:
         """Sent in the transaction once the message being handled is done (see message_done)."""
@@ -193,8 +202,22 @@ class LoopSettings:
     deadletter: str = "dicom.deadletter"
     # A dead worker's open transaction holds back read_committed readers for at most this long.
     transaction_timeout_ms: int = 10_000
-    # A killed worker's partitions move to the others after this long.
+    # A killed worker's partitions move to the others after this long; a worker that restarts
+    # within it under the same group_instance_id gets them back with no rebalance at all.
     session_timeout_ms: int = 10_000
+    # Static membership (KIP-345): the worker's stable id; None: a dynamic member.
+    group_instance_id: str | None = None
+    # init_transactions, and the committed-offsets read on assignment, retry this long, then the
+    # worker exits with the reason (a supervisor restarts it) instead of waiting for ever.
+    give_up_after_s: float = 120.0
+
+    @property
+    def call_timeout_s(self) -> float:
+        return self.transaction_timeout_ms / 1000 * _CALL_SHARE
+
+    @property
+    def watchdog_s(self) -> float:
+        return self.transaction_timeout_ms / 1000 * _WATCHDOG_SHARE
 
 
 class TransactionalLoop:
@@ -206,18 +229,19 @@ class TransactionalLoop:
         self.every_second = every_second
         self.store = _Store()
         self.running = True
-        self.consumer = kafka_consumer(
-            settings.kafka,
-            settings.group_id,
-            {
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
-                # range: partition p of every input topic goes to the same worker (co-partitioning).
-                "partition.assignment.strategy": "range",
-                "session.timeout.ms": settings.session_timeout_ms,
-            },
-        )
+        consumer_settings: dict[str, Any] = {
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            # range: partition p of every input topic goes to the same worker (co-partitioning of
+            # dicom.instances and dicom.ticks). cooperative-sticky does not keep that promise; static
+            # membership below is what keeps a restart from moving anyone's partitions.
+            "partition.assignment.strategy": "range",
+            "session.timeout.ms": settings.session_timeout_ms,
+        }
+        if settings.group_instance_id:
+            consumer_settings["group.instance.id"] = settings.group_instance_id
+        self.consumer = kafka_consumer(settings.kafka, settings.group_id, consumer_settings)
         self.producer = self._new_producer()
         self._fatal_times: list[float] = []
 
@@ -251,6 +275,7 @@ class TransactionalLoop:
 
     def _committed(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
         """Committed offsets, or the start of the log for a partition never committed."""
+        deadline = time.monotonic() + self.settings.give_up_after_s
         while True:
             try:
                 with _slow("offsets.committed"):
@@ -258,6 +283,11 @@ class TransactionalLoop:
                 break
             except KafkaException as exc:
                 self._still_running()
+                if time.monotonic() > deadline:
+                    raise GiveUp(
+                        f"the group's committed offsets stayed unavailable for {self.settings.give_up_after_s:.0f} s "
+                        f"({exc}); check that the broker is up and reachable, then start the worker again"
+                    ) from exc
                 log.warning("offsets.unavailable", reason=str(exc))
                 time.sleep(1.0)
         out = []
@@ -312,7 +342,7 @@ class TransactionalLoop:
         signal.signal(signal.SIGINT, self.stop)
         last_second = 0.0
         try:
-            self._retry("init_transactions", lambda: self.producer.init_transactions(30))
+            self._retry("init_transactions", lambda: self.producer.init_transactions(self.settings.call_timeout_s))
             self.consumer.subscribe(
                 list(self.settings.topics),
                 on_assign=self._on_assign,
@@ -347,6 +377,7 @@ class TransactionalLoop:
         starts: dict[tuple[str, int], int] = {}
         for message in messages:
             starts.setdefault((message.topic(), message.partition()), message.offset())
+        began = time.monotonic()
         try:
             self.producer.begin_transaction()
             for message in messages:
@@ -356,7 +387,7 @@ class TransactionalLoop:
             batch.write_changelog()
             with _slow("transaction.send_offsets"):
                 self._send_offsets([TopicPartition(t, p, o) for (t, p), o in offsets.items()])
-            self._commit()
+            self._commit(began)
         except KafkaException as exc:
             self._abort(exc, starts)
             return
@@ -388,12 +419,13 @@ class TransactionalLoop:
         batch.message_done()
 
     def _send_offsets(self, offsets: list[TopicPartition]) -> None:
-        """send_offsets_to_transaction, given up on if it outlives its own timeout by far.
+        """send_offsets_to_transaction, given up on if it outlives its own timeout.
 
         After a broker restart it blocked forever here (librdkafka issue 5456, open: the
         coordinator request's timeout is never checked). The call runs in a thread; if it has not
-        returned after SEND_OFFSETS_LIMIT_S, the transaction counts as failed: the abort path gives
-        a new producer, whose init_transactions fences the stuck one (its thread then ends).
+        returned within the watchdog (shorter than the transaction timeout, after which the broker
+        aborts the transaction anyway), the transaction counts as failed: the abort path gives a new
+        producer, whose init_transactions fences the stuck one (its thread then ends).
         """
         producer, metadata = self.producer, self.consumer.consumer_group_metadata()
         outcome: dict[str, BaseException] = {}
@@ -401,35 +433,41 @@ class TransactionalLoop:
 
         def call() -> None:
             try:
-                producer.send_offsets_to_transaction(offsets, metadata, 30)
+                producer.send_offsets_to_transaction(offsets, metadata, self.settings.call_timeout_s)
             except BaseException as exc:  # handed to the caller's thread
                 outcome["error"] = exc
             finally:
                 done.set()
 
         threading.Thread(target=call, name="send-offsets", daemon=True).start()
-        if not done.wait(SEND_OFFSETS_LIMIT_S):
-            log.warning("transaction.send_offsets_stuck", seconds=SEND_OFFSETS_LIMIT_S)
+        limit = self.settings.watchdog_s
+        if not done.wait(limit):
+            log.warning("transaction.send_offsets_stuck", seconds=limit)
             raise KafkaException(
                 KafkaError(
                     KafkaError._TIMED_OUT,
-                    "send_offsets_to_transaction did not return "
-                    f"within {SEND_OFFSETS_LIMIT_S} s (librdkafka issue 5456)",
+                    f"send_offsets_to_transaction did not return within {limit} s (librdkafka issue 5456)",
                 )
             )
         if "error" in outcome:
             raise outcome["error"]
 
-    def _commit(self) -> None:
+    def _commit(self, began: float) -> None:
+        """commit_transaction, retried while the transaction can still commit.
+
+        Past the transaction timeout (counted from begin_transaction) the broker has aborted it:
+        the last error is raised, and the abort path does the batch again.
+        """
         while True:
             try:
                 with _slow("transaction.commit"):
-                    self.producer.commit_transaction(30)
+                    self.producer.commit_transaction(self.settings.call_timeout_s)
                 return
             except KafkaException as exc:
-                if exc.args[0].retriable():
+                spent = time.monotonic() - began
+                if exc.args[0].retriable() and spent < self.settings.watchdog_s:
                     self._still_running()
-                    log.warning("transaction.commit_retry", reason=str(exc))
+                    log.warning("transaction.commit_retry", reason=str(exc), seconds=round(spent, 1))
                     continue
                 raise
 
@@ -453,12 +491,15 @@ class TransactionalLoop:
                     "transaction.fenced_repeatedly",
                     transactional_id=self.settings.transactional_id,
                     reason=str(error),
-                    fix="give each aggregates worker its own [stream] web_port",
+                    fix="give each aggregates worker its own [stream] worker_id",
                 )
-                raise exc
+                raise GiveUp(
+                    f"fenced {len(self._fatal_times)} times in a minute: another worker runs with the "
+                    f"transactional id {self.settings.transactional_id}; give each worker its own [stream] worker_id"
+                ) from exc
         self.producer.purge()
         self.producer = self._new_producer()
-        self._retry("init_transactions", lambda: self.producer.init_transactions(30))
+        self._retry("init_transactions", lambda: self.producer.init_transactions(self.settings.call_timeout_s))
         self._rewind(starts)
 
     def _rewind(self, starts: dict[tuple[str, int], int]) -> None:
@@ -487,6 +528,8 @@ class TransactionalLoop:
             )
 
     def _retry(self, what: str, call: Callable[[], None]) -> None:
+        """Retry a retriable broker error for up to ``give_up_after_s``, then give up with the reason."""
+        deadline = time.monotonic() + self.settings.give_up_after_s
         while True:
             try:
                 with _slow(what):
@@ -496,6 +539,11 @@ class TransactionalLoop:
                 if not exc.args[0].retriable():
                     raise
                 self._still_running()
+                if time.monotonic() > deadline:
+                    raise GiveUp(
+                        f"{what} kept failing for {self.settings.give_up_after_s:.0f} s ({exc}); check that the "
+                        "broker is up and that the transaction coordinator is available, then start the worker again"
+                    ) from exc
                 log.warning("transaction.retry", step=what, reason=str(exc))
                 time.sleep(1.0)
 

@@ -62,21 +62,33 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
-    from diana.stream_apps.aggregates import aggregates_loop, changelog_topic, default_worker_name
+    from diana.stream_apps.aggregates import aggregates_loop, changelog_topic
     from diana.stream_apps.completeness import QuietTimes
     from diana.stream_apps.state_topics import ensure_state_topics
+    from diana.stream_apps.transactional import GiveUp
+    from diana.stream_apps.worker_id import WorkerIdError, stable_worker_id
 
+    try:
+        worker_id = stable_worker_id(
+            cfg.stream.worker_id, cfg.path(cfg.stream.data_dir), cfg.stream.app_id, cfg.stream.web_port
+        )
+    except WorkerIdError as exc:
+        return fail("aggregate", str(exc))
     ensure_state_topics(cfg, [changelog_topic(cfg.stream.app_id)])
     start_metrics(cfg, cfg.stream.web_port)
     loop = aggregates_loop(
         cfg.kafka,
         cfg.stream.app_id,
-        default_worker_name(cfg.stream.web_port),
+        worker_id,
         cfg.kafka.partitions,
         QuietTimes.parse(cfg.stream.quiet_seconds),
         conflict_policy=cfg.sinks.archive_conflict_policy,
+        session_timeout_s=cfg.stream.session_timeout_s,
     )
-    loop.run()
+    try:
+        loop.run()
+    except GiveUp as exc:
+        return fail("aggregate", str(exc), code=1)
     return 0
 
 
@@ -248,7 +260,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run the exactly-once worker (Kafka transactions) that folds dicom.instances "
         "into dicom.series and dicom.studies, with completion verdicts. Several "
         "workers share the partitions; give each its own [stream] web_port (its "
-        "Prometheus metrics, and its name).",
+        "Prometheus metrics). A worker keeps its id ([stream] worker_id, or one kept in "
+        "[stream] data_dir): restarted within 10 s it gets its partitions back with no rebalance.",
     ).set_defaults(func=cmd_aggregate)
     from diana.cli.access import cmd_dose_drl, cmd_dose_names
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from diana.stream_apps.aggregates import apply_instance, complete_series
-from diana.stream_apps.completeness import QuietTimes, expected_instances, verdict
+from diana.stream_apps.aggregates import apply_instance, complete_series, event_time_ms, is_late
+from diana.stream_apps.completeness import MAX_LISTED_GAPS, QuietTimes, expected_instances, verdict
 
 T0 = datetime(2024, 3, 15, 10, 0, tzinfo=UTC)
 QUIET = QuietTimes.parse("CT=30,MR=60,CR=10,DX=10,*=20")
@@ -81,15 +82,57 @@ def test_lifecycle_updated_completed_amended():
         "GAPS",
         1,
     )
-    # The missing instance arrives late: a new version, now complete.
+    # The missing instance arrives late: counted at once, a new version once quiet again.
     series, study = apply_instance(series, study, _event("1.9.1", 3, 90), QUIET)
+    assert (series["status"], series["version"], series["instance_count"]) == ("COMPLETED", 1, 4)
+    series, study, study_done = complete_series(series, study)
     assert (series["status"], series["version"], series["verdict"], series["instance_count"]) == (
         "AMENDED",
         2,
         "COMPLETE",
         4,
     )
-    assert (study["status"], study["version"], study["verdict"]) == ("AMENDED", 2, "COMPLETE")
+    assert series["completed_at"] == int((T0 + timedelta(seconds=32)).timestamp() * 1000)  # first completion kept
+    assert not study_done and (study["status"], study["version"], study["verdict"]) == ("AMENDED", 2, "COMPLETE")
+
+
+def test_a_burst_of_late_instances_gives_one_amended_version():
+    series, study = None, None
+    for n, at in ((1, 0), (2, 1), (4, 2)):
+        series, study = apply_instance(series, study, _event("1.9.1", n, at), QUIET)
+    series, study, _ = complete_series(series, study)
+    for n in [3, *range(5, 204)]:  # 200 late instances
+        assert is_late(series)
+        series, study = apply_instance(series, study, _event("1.9.1", n, 100 + n / 100), QUIET)
+    assert (series["status"], series["version"], series["instance_count"]) == ("COMPLETED", 1, 203)
+    series, study, _ = complete_series(series, study)
+    assert (series["status"], series["version"], series["verdict"]) == ("AMENDED", 2, "COMPLETE")
+    assert (study["status"], study["version"], study["instance_count"]) == ("AMENDED", 2, 203)
+
+
+def test_instance_numbers_stay_sorted_and_unique_when_inserted():
+    series, study = None, None
+    for i, n in enumerate((5, 1, 3, 3, 2, 4)):
+        series, study = apply_instance(series, study, _event("1.9.1", n, i), QUIET)
+    assert series["instance_numbers"] == [1, 2, 3, 4, 5]
+    assert (series["min_instance_number"], series["max_instance_number"]) == (1, 5)
+
+
+def test_verdict_of_a_huge_instance_number_is_bounded():
+    started = time.monotonic()
+    state, missing = verdict([1, 2, 2**31 - 1], 3, None)
+    assert time.monotonic() - started < 0.5
+    assert state == "GAPS" and missing[:2] == [3, 4] and len(missing) == MAX_LISTED_GAPS
+    assert verdict([1, 2, 4, 7], 4, 9) == ("GAPS", [3, 5, 6, 8, 9])
+
+
+def test_event_time_is_never_later_than_the_broker_stamp():
+    fast = T0 + timedelta(minutes=10)
+    stamp = int(T0.timestamp() * 1000)
+    assert event_time_ms(fast, (2, stamp)) == stamp  # a receiver 10 minutes fast: the broker's time
+    slow = T0 - timedelta(seconds=3)
+    assert event_time_ms(slow, (2, stamp)) == stamp - 3000  # earlier than the stamp: its own time
+    assert event_time_ms(fast, (0, -1)) == stamp + 600_000  # no stamp: nothing to bound it with
 
 
 def test_study_completes_when_its_last_series_does():

@@ -44,7 +44,7 @@ def test_changelog_rebuilds_what_the_committed_batches_left_in_memory():
     second.delete(0, "open", "1.2.3")
     second.delete(0, "open", "never-there")  # nothing to delete: nothing written
     assert second.get(0, "open", "1.2.3") is None
-    assert second.items(0, "open") == []
+    assert list(second.items(0, "open")) == []
     assert store.partitions[0]["open"] == {"1.2.3": 1000}  # not committed yet
     second.put(0, "series", "1.2.3", {"instance_count": 3})
     second.write_changelog()

@@ -1,0 +1,164 @@
+"""The aggregates worker on the real broker: event time a fast receiver clock cannot break, one
+amended version for a burst of late instances, and a restart under static membership that moves
+no partition of the other worker.
+
+Events are written straight to dicom.instances (events only: the archive sink dead-letters them
+as never landed, which these tests do not look at). The test pipeline's quiet time is 4 s.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from datetime import UTC, datetime, timedelta
+
+from confluent_kafka import Producer
+from pydicom.uid import generate_uid
+
+from diana.schemas.codec import default_codec
+from diana.schemas.topics import INSTANCES, SERIES, STUDIES
+from tests.support.helpers import topic_records, wait_until_caught_up
+from tests.support.paths import port
+
+
+def _wait_for(check, timeout: float = 120.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(1.0)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _event(study: str, series: str, number: int, received_at: datetime) -> dict:
+    return {
+        "sop_instance_uid": generate_uid(),
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "study_instance_uid": study,
+        "series_instance_uid": series,
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "size_bytes": 100,
+        "sha256": "0" * 64,
+        "landing_path": f"00/{'0' * 64}.dcm",
+        "received_at": received_at,
+        "source": "C_STORE",
+        "modality": "CT",
+        "instance_number": number,
+        "patient_id": "EVENTTIME",
+    }
+
+
+def _send(cfg, events: list[dict]) -> None:
+    codec = default_codec()
+    producer = Producer({"bootstrap.servers": cfg.kafka.bootstrap})
+    for event in events:
+        producer.produce(
+            INSTANCES.name, key=event["study_instance_uid"].encode(), value=codec.encode(INSTANCES.value_schema, event)
+        )
+    assert producer.flush(30) == 0
+
+
+def _revisions(cfg, topic: str, key: str) -> list[dict]:
+    return sorted((r for k, r in topic_records(cfg, topic) if k == key.encode()), key=lambda r: r["revision"])
+
+
+def test_a_receiver_clock_ten_minutes_fast_does_not_complete_series_early(pipeline):
+    cfg = pipeline.cfg
+    study, honest, fast = generate_uid(), generate_uid(), generate_uid()
+    now = datetime.now(UTC)
+    # One study, so one partition: the fast receiver's event lands between the honest ones.
+    _send(
+        cfg,
+        [
+            _event(study, honest, 1, now),
+            _event(study, honest, 2, now),
+            _event(study, fast, 1, now + timedelta(minutes=10)),
+            _event(study, honest, 3, now),
+        ],
+    )
+    records = _wait_for(
+        lambda: (r := _revisions(cfg, SERIES.name, honest)) and r[-1]["status"] != "UPDATED" and r,
+        what="the honest series completed",
+    )
+    time.sleep(6)  # a later revision, if any, would come within a quiet time
+    records = _revisions(cfg, SERIES.name, honest)
+    # Trusting the fast clock, the watermark jumped 10 minutes: the honest series completed with 2
+    # instances and the third amended it. Bounded by the broker's append time, it completes once.
+    assert [(r["status"], r["instance_count"]) for r in records] == [
+        ("UPDATED", 1),
+        ("UPDATED", 2),
+        ("UPDATED", 3),
+        ("COMPLETED", 3),
+    ]
+    [fast_done] = [r for r in _revisions(cfg, SERIES.name, fast) if r["status"] == "COMPLETED"]
+    # Its arrival is the broker's time, not 10 minutes ahead: it completed after 4 s of quiet.
+    assert fast_done["last_received_at"] < now + timedelta(minutes=1)
+    assert fast_done["completed_at"] < now + timedelta(minutes=1)
+
+
+def test_two_hundred_late_instances_give_one_amended_revision(pipeline):
+    cfg = pipeline.cfg
+    study, series = generate_uid(), generate_uid()
+    _send(cfg, [_event(study, series, n, datetime.now(UTC)) for n in (1, 2, 4)])
+    first = _wait_for(
+        lambda: (r := _revisions(cfg, SERIES.name, series)) and r[-1]["status"] == "COMPLETED" and r[-1],
+        what="the series completed",
+    )
+    assert (first["verdict"], first["missing_instance_numbers"]) == ("GAPS", [3])
+
+    late = [3, *range(5, 204)]
+    assert len(late) == 200
+    _send(cfg, [_event(study, series, n, datetime.now(UTC)) for n in late])
+    _wait_for(lambda: _revisions(cfg, SERIES.name, series)[-1]["status"] == "AMENDED", what="the amended revision")
+    time.sleep(8)  # two quiet times: any further amended revision would be out by now
+    amended = [r for r in _revisions(cfg, SERIES.name, series) if r["status"] == "AMENDED"]
+    assert [(r["version"], r["instance_count"], r["verdict"], r["missing_instance_numbers"]) for r in amended] == [
+        (2, 203, "COMPLETE", [])
+    ]
+    studies = [r for r in _revisions(cfg, STUDIES.name, study) if r["status"] == "AMENDED"]
+    assert [(r["version"], r["instance_count"], r["verdict"]) for r in studies] == [(2, 203, "COMPLETE")]
+
+
+def _log_count(pipeline, name: str, event: str) -> int:
+    return len(re.findall(re.escape(event), pipeline.log_text(name)))
+
+
+def test_a_worker_restart_with_static_membership_moves_no_partition_of_the_other(pipeline):
+    cfg = pipeline.cfg
+    second = {"DIANA_STREAM_WEB_PORT": str(port(16067))}
+    pipeline.start("aggregates-2", "aggregate", settings=second)
+    try:
+        _wait_for(
+            lambda: _log_count(pipeline, "aggregates-2", "partitions.assigned") >= 1, what="the second worker assigned"
+        )
+        time.sleep(5)  # the group settles on two members
+        other = {e: _log_count(pipeline, "aggregates", e) for e in ("partitions.assigned", "partitions.revoked")}
+        restarts_before = _log_count(pipeline, "aggregates-2", "partitions.assigned")
+
+        pipeline.procs["aggregates-2"].send_signal(signal.SIGKILL)
+        pipeline.procs.pop("aggregates-2").wait()
+        killed = time.monotonic()
+        pipeline.start("aggregates-2", "aggregate", settings=second)  # same port, same data_dir: same id
+        _wait_for(
+            lambda: _log_count(pipeline, "aggregates-2", "partitions.assigned") > restarts_before,
+            what="the restarted worker got its partitions back",
+        )
+        back_after = time.monotonic() - killed
+        print(f"restarted worker assigned again {back_after:.1f} s after the kill")
+
+        # A study sent now is aggregated whole, wherever its partition is.
+        study, series = generate_uid(), generate_uid()
+        _send(cfg, [_event(study, series, n, datetime.now(UTC)) for n in (1, 2, 3)])
+        done = _wait_for(
+            lambda: (r := _revisions(cfg, SERIES.name, series)) and r[-1]["status"] == "COMPLETED" and r[-1],
+            what="a study aggregated after the restart",
+        )
+        assert done["instance_count"] == 3
+        # The other worker kept its partitions throughout: no revocation, no new assignment.
+        assert {e: _log_count(pipeline, "aggregates", e) for e in other} == other
+        assert pipeline.procs["aggregates"].poll() is None
+    finally:
+        pipeline.stop("aggregates-2")
+    wait_until_caught_up(cfg, timeout=240)
