@@ -11,6 +11,7 @@ from typing import Literal
 from diana.config import Config
 from diana.storage.base import IntegrityError, ObjectNotFound, ObjectStore, StorageError, check_key
 from diana.storage.filesystem import FilesystemStore
+from diana.storage.local_files import local_file
 from diana.storage.s3 import S3Store
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "FilesystemStore",
     "S3Store",
     "check_key",
+    "local_file",
     "open_store",
     "AREAS",
 ]

@@ -16,7 +16,6 @@ from typing import BinaryIO
 from diana.durable import (
     DigestMismatch,
     contained_path,
-    makedirs_durable,
     place_file,
     sha256_file,
     write_stream_atomic,
@@ -28,8 +27,8 @@ __all__ = ["FilesystemStore"]
 
 class FilesystemStore:
     def __init__(self, root: Path):
+        # Created by the first put (durable.py makes each folder it needs), not by a reader.
         self.root = Path(root).resolve()
-        makedirs_durable(self.root)
 
     def __repr__(self) -> str:
         return f"FilesystemStore({str(self.root)!r})"
