@@ -140,16 +140,16 @@ class ArchiveSink:
         if isinstance(self.report, Reporter):
             self.report.flush()
         if self.policy == ConflictPolicy.REPLACE:
-            assert quarantine_path is not None
+            dropped_key = str(quarantine_path)
             self._quarantine_verified(
-                lambda: self.quarantine.copy_from(self.archive, relative, quarantine_path, archived_sha)
+                lambda: self.quarantine.copy_from(self.archive, relative, dropped_key, archived_sha)
             )
             self._place(landing, relative, sha, event)
         elif self.policy == ConflictPolicy.KEEP_BOTH:
             self._place(landing, version, sha, event)
         else:
-            assert quarantine_path is not None
-            self._quarantine_verified(lambda: self.quarantine.put_file(quarantine_path, landing, sha, link=True))
+            dropped_key = str(quarantine_path)
+            self._quarantine_verified(lambda: self.quarantine.put_file(dropped_key, landing, sha, link=True))
             landing.unlink()
         return "conflict"
 
