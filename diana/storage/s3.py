@@ -18,7 +18,7 @@ import hashlib
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 from diana.storage.base import IntegrityError, ObjectNotFound, ObjectStore, StorageError, check_key
 
@@ -49,7 +49,7 @@ class _Errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> Literal[False]:
         if exc is None or isinstance(exc, (ObjectNotFound, IntegrityError, ValueError, StorageError)):
             return False
         from botocore.exceptions import BotoCoreError, ClientError
