@@ -479,6 +479,8 @@ jclouds.filesystem.basedir={d / "data"}
 
     # ---------------------------------------------------------------- public
     def start(self) -> None:
+        if self.with_s3:
+            self._s3_keys()  # no identity for S3Proxy: say so before anything starts
         self.install()
         self.start_kafka()
         self.start_opensearch()
