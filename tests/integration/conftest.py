@@ -201,12 +201,15 @@ def pipeline(stack, cfg: Config, test_config_file: Path):
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir(parents=True)
     p = Pipeline(cfg, test_config_file, {}, logs)
-    for name, args in PIPELINE.items():
-        p.start(name, *args)
-    wait_for_echo(cfg, timeout=60, procs=p.procs)
-    yield p
-    for name in list(p.procs):
-        p.stop(name)
+    try:
+        for name, args in PIPELINE.items():
+            p.start(name, *args)
+        wait_for_echo(cfg, timeout=60, procs=p.procs)
+        yield p
+    finally:
+        # Also when the start fails: no pipeline process outlives its session.
+        for name in list(p.procs):
+            p.stop(name)
 
 
 @pytest.fixture
