@@ -39,6 +39,7 @@ from diana.access.keyfiles import check_key_file_place, key_csv, write_private
 from diana.access.residual import scan
 from diana.durable import contained_path, fsync_dir, write_atomic
 from diana.schemas.layout import archive_path
+from diana.storage import FilesystemStore, ObjectStore
 
 __all__ = ["ExportError", "ExportSummary", "export_instances", "REPORT_NAME", "INCOMPLETE_NAME"]
 
@@ -176,7 +177,7 @@ def _report(summary: ExportSummary, deidentifier: Deidentifier) -> bytes:
 
 def export_instances(
     instances: list[dict],
-    archive_dir: Path,
+    archive: ObjectStore | Path,
     target: Path,
     *,
     deidentifier: Deidentifier | None = None,
@@ -189,6 +190,8 @@ def export_instances(
         if deidentifier is None:
             raise ExportError("a key file only makes sense with de-identification (--research)")
         check_key_file_place(key_file, target)
+    if isinstance(archive, Path):
+        archive = FilesystemStore(archive)
     summary = ExportSummary(studies=len({i["study_instance_uid"] for i in instances}))
     if deidentifier is not None:
         _plan_studies(deidentifier, instances)
@@ -203,14 +206,14 @@ def export_instances(
         for inst in instances:
             sop = inst["sop_instance_uid"]
             uids = (inst["study_instance_uid"], inst["series_instance_uid"], sop)
-            source = contained_path(archive_dir, archive_path(*uids))
             try:
-                data = source.read_bytes()
-            except FileNotFoundError:
+                with archive.open(archive_path(*uids)) as stream:
+                    data = stream.read()
+            except FileNotFoundError:  # ObjectNotFound
                 summary.missing.append(sop)
                 progress(1)
                 continue
-            except OSError as exc:  # unreadable archive file: listed, the export goes on
+            except OSError as exc:  # unreadable archive object (or the store unreachable): listed, the export goes on
                 summary.refused.append((sop, f"archive file unreadable ({type(exc).__name__})"))
                 progress(1)
                 continue

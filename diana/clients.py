@@ -1,4 +1,4 @@
-"""The one place that builds Kafka and OpenSearch clients from the configuration.
+"""The one place that builds Kafka, OpenSearch and S3 clients from the configuration.
 
 Every Kafka client of diana-star starts from the same connection settings (bootstrap servers, and
 whatever security a site configures later) and the same logging: librdkafka's messages go through
@@ -8,17 +8,27 @@ Callers add only what is particular to their use (a group id, acks, transactions
 
 from __future__ import annotations
 
+import configparser
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 from opensearchpy import OpenSearch
 
-from diana.config import KafkaConfig, OpenSearchConfig
+from diana.config import ConfigError, KafkaConfig, OpenSearchConfig, StorageConfig
 from diana.logs import KAFKA_CLIENT_LOGGER
 
-__all__ = ["kafka_settings", "kafka_producer", "kafka_consumer", "kafka_admin", "opensearch_client"]
+__all__ = [
+    "kafka_settings",
+    "kafka_producer",
+    "kafka_consumer",
+    "kafka_admin",
+    "opensearch_client",
+    "s3_client",
+    "s3_credentials",
+]
 
 # librdkafka's syslog levels: 3 is error, 4 warning. Connection refusals during an outage are
 # logged as errors by librdkafka and are worth seeing; its debug chatter is not.
@@ -50,3 +60,53 @@ def kafka_admin(kafka: KafkaConfig, extra: Mapping[str, Any] | None = None) -> A
 
 def opensearch_client(opensearch: OpenSearchConfig, timeout: float = 30) -> OpenSearch:
     return OpenSearch(hosts=[opensearch.url], timeout=timeout)
+
+
+def s3_credentials(storage: StorageConfig) -> tuple[str, str] | None:
+    """(access key id, secret key) from [storage]: the credentials file, else the keys; None: boto3's own chain."""
+    if storage.s3_credentials_file:
+        path = Path(storage.s3_credentials_file).expanduser()
+        parser = configparser.ConfigParser()
+        try:
+            with open(path) as fh:
+                parser.read_file(fh)
+            section = parser["default"]
+            return section["aws_access_key_id"].strip(), section["aws_secret_access_key"].strip()
+        except FileNotFoundError:
+            raise ConfigError(f"[storage] s3_credentials_file {path} does not exist") from None
+        except (KeyError, configparser.Error):
+            # The message names the file and the keys expected, never what the file holds.
+            raise ConfigError(
+                f"[storage] s3_credentials_file {path}: expected a [default] section with aws_access_key_id "
+                f"and aws_secret_access_key"
+            ) from None
+    if storage.s3_access_key_id:
+        return storage.s3_access_key_id, storage.s3_secret_access_key
+    return None
+
+
+def s3_client(storage: StorageConfig, endpoint: str | None = None) -> Any:
+    """A boto3 S3 client for [storage] (``endpoint`` overrides s3_endpoint, e.g. the local stack's).
+
+    Checksums only when an operation requires them: S3-compatible servers such as S3Proxy 2.6
+    answer NotImplemented to the newer default checksum headers. The stores send Content-MD5
+    themselves and keep each object's SHA-256.
+    """
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    keys = s3_credentials(storage)
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint or storage.s3_endpoint or None,
+        region_name=storage.s3_region,
+        aws_access_key_id=keys[0] if keys else None,
+        aws_secret_access_key=keys[1] if keys else None,
+        verify=storage.s3_ca_file or None,
+        config=BotoConfig(
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 5, "mode": "standard"},
+        ),
+    )

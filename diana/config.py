@@ -108,10 +108,28 @@ class ReceiverConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     landing_dir: Path = Path("var/landing")
+    # Where the archive and the quarantine live: "filesystem" (archive_dir, quarantine_dir) or "s3"
+    # (the bucket below, under the prefixes archive/ and quarantine/). The landing store is local for now.
+    backend: str = "filesystem"
     archive_dir: Path = Path("var/archive")
     # Bytes the archive conflict policy does not keep (KEEP_FIRST: the newcomer; REPLACE: the
     # former copy) are moved here, never deleted.
     quarantine_dir: Path = Path("var/quarantine")
+    # S3-compatible object storage. Empty endpoint: AWS's own. https endpoints are verified against
+    # s3_ca_file when set (a private CA), else the system's CAs.
+    s3_endpoint: str = ""
+    s3_region: str = "us-east-1"
+    s3_bucket: str = "diana-star"
+    s3_ca_file: str = ""
+    # Objects larger than this are uploaded in parts of this size (S3's minimum part is 5 MiB).
+    s3_part_size_mb: int = 16
+    # Credentials: a file in the AWS credentials format ([default] aws_access_key_id = ...,
+    # aws_secret_access_key = ...), or the two keys below (best set through DIANA_STORAGE_S3_ACCESS_KEY_ID
+    # and DIANA_STORAGE_S3_SECRET_ACCESS_KEY); with neither, boto3's own chain (AWS_* variables, a role).
+    # Never printed: the keys are left out of repr and logs.
+    s3_credentials_file: str = ""
+    s3_access_key_id: str = field(default="", repr=False)
+    s3_secret_access_key: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -311,6 +329,11 @@ class StackConfig:
     opensearch_heap_mb: int = 1024
     # OpenSearch refuses to run as root; when we are root it runs as this system user.
     opensearch_user: str = "diana-star"
+    # S3Proxy (filesystem backend), started with the rest when [storage] backend = "s3"; its
+    # endpoint is then http://127.0.0.1:<s3proxy_port> and its identity [storage]'s credentials.
+    s3proxy_version: str = "2.6.0"
+    s3proxy_port: int = 9000
+    s3proxy_heap_mb: int = 256
 
 
 @dataclass(frozen=True)
@@ -422,6 +445,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
 # Settings with a fixed set of values, checked at start-up.
 _CHOICES = {
     ("sinks", "archive_conflict_policy"): ConflictPolicy.ALL,
+    ("storage", "backend"): ("filesystem", "s3"),
     ("log", "format"): ("console", "json"),
     ("stream", "processing_guarantee"): ("exactly_once", "at_least_once"),
     ("log", "level"): ("debug", "info", "warning", "error"),
@@ -465,6 +489,13 @@ def _check_choices(sections: dict[str, Any]) -> None:
     except ValueError as exc:
         raise ConfigError(f"[stream] quiet_seconds: {exc}") from None
     parse_destinations(sections["query_retrieve"].destinations)
+    storage = sections["storage"]
+    if storage.s3_part_size_mb < 5:
+        raise ConfigError(f"[storage] s3_part_size_mb = {storage.s3_part_size_mb}: S3 parts are at least 5 MiB")
+    if bool(storage.s3_access_key_id) != bool(storage.s3_secret_access_key):
+        raise ConfigError(
+            "[storage] s3_access_key_id and s3_secret_access_key are set together (or neither); only one is set"
+        )
 
 
 def parse_per_modality(spec: str) -> tuple[dict[str, float], float]:

@@ -13,8 +13,18 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["fsync_dir", "makedirs_durable", "write_atomic", "place_file", "sha256_file", "contained_path"]
+__all__ = [
+    "fsync_dir",
+    "makedirs_durable",
+    "write_atomic",
+    "write_stream_atomic",
+    "DigestMismatch",
+    "place_file",
+    "sha256_file",
+    "contained_path",
+]
 
 _CHUNK = 1 << 20
 
@@ -67,6 +77,29 @@ def write_atomic(target: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+class DigestMismatch(ValueError):
+    """The bytes written do not have the SHA-256 the caller expected; the target was left as it was."""
+
+
+def write_stream_atomic(target: Path, stream: BinaryIO, expected_sha256: str | None = None) -> tuple[str, int]:
+    """Copy ``stream`` to ``target`` atomically and durably, in 1 MiB chunks; (hex SHA-256, size) of what was written.
+
+    With ``expected_sha256``, bytes of another hash never replace the target (DigestMismatch).
+    """
+    h = hashlib.sha256()
+    size = 0
+    with _atomic(target) as tmp, open(tmp, "xb") as fh:
+        while chunk := stream.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+            fh.write(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
+        if expected_sha256 is not None and h.hexdigest() != expected_sha256:
+            raise DigestMismatch(f"wrote {size} bytes whose SHA-256 is not the expected one")
+    return h.hexdigest(), size
 
 
 def sha256_file(path: Path) -> tuple[str, int]:

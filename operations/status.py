@@ -14,7 +14,8 @@ from pathlib import Path
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 
 from diana.clients import kafka_admin, kafka_consumer, opensearch_client
-from diana.config import Config
+from diana.config import Config, ConfigError
+from diana.storage import ObjectStore, open_store
 
 __all__ = ["PipelineStatus", "collect_status", "render_status", "group_lag"]
 
@@ -107,6 +108,10 @@ def _route_topics(cfg: Config, status: PipelineStatus) -> dict[str, list[str]]:
         return {}
 
 
+def _count_archived(archive: ObjectStore) -> int:
+    return sum(1 for key in archive.list() if key.endswith(".dcm"))
+
+
 def collect_status(cfg: Config) -> PipelineStatus:
     from opensearchpy.exceptions import OpenSearchException
 
@@ -140,7 +145,10 @@ def collect_status(cfg: Config) -> PipelineStatus:
             status.indices[alias] = (",".join(target), count)
         except OpenSearchException as exc:
             status.errors.append(f"{alias}: {getattr(exc, 'error', exc)}")
-    status.archive_objects = _count(cfg.path(cfg.storage.archive_dir))
+    try:
+        status.archive_objects = _count_archived(open_store(cfg, "archive"))
+    except (OSError, ConfigError) as exc:  # the object store unreachable, or its credentials file missing
+        status.errors.append(f"archive: {exc}")
     status.landing_objects = _count(cfg.path(cfg.storage.landing_dir))
     for name, (host, port) in service_addresses(cfg).items():
         status.services[name] = (f"{host}:{port}", _listening(host, port))

@@ -1,8 +1,8 @@
 """Archive sink: moves each landed instance into the archive, verified and idempotent.
 
-Layout: ``<archive>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` — built
-from validated UIDs only. The copy is atomic (temp file, fsync, rename, fsync of the folder)
-and its SHA-256 is checked against the event before the landing copy is removed.
+Layout: ``<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` in the archive store
+(diana/storage: a folder, or a prefix of an S3 bucket) — built from validated UIDs only. Each put
+is atomic and its SHA-256 is checked against the event before the landing copy is removed.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from confluent_kafka import Message
 from prometheus_client import Counter
 
 from diana.config import ConflictPolicy
-from diana.durable import contained_path, place_file, sha256_file
+from diana.durable import contained_path
 from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.layout import archive_path
 from diana.schemas.topics import INSTANCES
 from diana.sinks.consumer import DeadLetters, Reporter, RetryableError
+from diana.storage import FilesystemStore, IntegrityError, ObjectStore
 
 __all__ = ["ArchiveSink", "archive_relative_path"]
 
@@ -44,25 +45,29 @@ class ArchiveSink:
     def __init__(
         self,
         landing_root: Path,
-        archive_root: Path,
+        archive: Path | ObjectStore,
         codec: Codec | None = None,
         policy: str = ConflictPolicy.KEEP_FIRST,
         report: Reporter | Callable[[dict], None] | None = None,
-        quarantine_root: Path | None = None,
+        quarantine: Path | ObjectStore | None = None,
     ):
+        """``archive`` and ``quarantine``: stores, or folders (a filesystem store each).
+
+        Without ``quarantine``, a folder archive's quarantine is the folder ``<archive>-quarantine`` beside it.
+        """
         if policy not in ConflictPolicy.ALL:
             raise ValueError(f"unknown conflict policy {policy!r}; use one of {', '.join(ConflictPolicy.ALL)}")
         self.landing_root = Path(landing_root).resolve()
-        self.archive_root = Path(archive_root).resolve()
-        self.archive_root.mkdir(parents=True, exist_ok=True)
+        self.archive: ObjectStore = FilesystemStore(archive) if isinstance(archive, Path) else archive
         self.codec = codec or default_codec()
         self.policy = policy
         self.report = report or (lambda conflict: None)
-        # Bytes the policy does not keep are moved here, never deleted (default: beside the archive).
-        self.quarantine_root = Path(
-            quarantine_root or self.archive_root.with_name(f"{self.archive_root.name}-quarantine")
-        ).resolve()
-        self.quarantine_root.mkdir(parents=True, exist_ok=True)
+        # Bytes the policy does not keep are moved here, never deleted.
+        if quarantine is None:
+            if not isinstance(self.archive, FilesystemStore):
+                raise ValueError("an archive that is not a folder needs its quarantine store given")
+            quarantine = self.archive.root.with_name(f"{self.archive.root.name}-quarantine")
+        self.quarantine: ObjectStore = FilesystemStore(quarantine) if isinstance(quarantine, Path) else quarantine
 
     def write(self, batch: list[Message], dead: DeadLetters) -> None:
         for msg in batch:
@@ -72,7 +77,7 @@ class ArchiveSink:
             except (DecodeError, ValueError) as exc:
                 dead.send(msg, f"archive: {exc}")
             except OSError as exc:
-                # Disk full, permissions, I/O error: nothing is committed; try again later.
+                # Disk full, permissions, I/O error, object store unreachable: nothing is committed; try again later.
                 raise RetryableError(f"archive write failed: {exc.strerror or exc}") from exc
         if isinstance(self.report, Reporter):
             self.report.flush()  # reported before the offsets move
@@ -84,16 +89,15 @@ class ArchiveSink:
         'superseded' (a replayed event whose conflict was already resolved).
         """
         relative = archive_relative_path(event)
-        target = contained_path(self.archive_root, relative)
         landing = contained_path(self.landing_root, event["landing_path"])
         sha = event["sha256"]
-        if not target.exists():
-            self._place(landing, target, sha, event)
+        if not self.archive.exists(relative):
+            self._place(landing, relative, sha, event)
             ARCHIVED.inc()
             return "written"
-        archived_sha = sha256_file(target)[0]
-        version = target.with_name(f"{target.stem}.{sha[:12]}.dcm")
-        if archived_sha == sha or (version.exists() and sha256_file(version)[0] == sha):
+        archived_sha = self.archive.sha256(relative)
+        version = f"{relative.removesuffix('.dcm')}.{sha[:12]}.dcm"
+        if archived_sha == sha or (self.archive.exists(version) and self.archive.sha256(version) == sha):
             UNCHANGED.inc()
             landing.unlink(missing_ok=True)
             return "unchanged"
@@ -104,11 +108,11 @@ class ArchiveSink:
         version_path = quarantine_path = None
         kept_sha = sha if self.policy == ConflictPolicy.REPLACE else archived_sha
         if self.policy == ConflictPolicy.KEEP_BOTH:
-            version_path = str(version.relative_to(self.archive_root))
+            version_path = version
         else:
             # The bytes not kept go to quarantine, named by their own hash.
             dropped_sha = archived_sha if self.policy == ConflictPolicy.REPLACE else sha
-            quarantine_path = f"{Path(relative).with_suffix('')}.{dropped_sha[:12]}.dcm"
+            quarantine_path = f"{relative.removesuffix('.dcm')}.{dropped_sha[:12]}.dcm"
         log.warning(
             "archive.conflict",
             sop_instance_uid=event["sop_instance_uid"],
@@ -136,37 +140,34 @@ class ArchiveSink:
         if isinstance(self.report, Reporter):
             self.report.flush()
         if self.policy == ConflictPolicy.REPLACE:
-            self._quarantine(target, quarantine_path, archived_sha)
-            self._place(landing, target, sha, event)
+            dropped_key = str(quarantine_path)
+            self._quarantine_verified(
+                lambda: self.quarantine.copy_from(self.archive, relative, dropped_key, archived_sha)
+            )
+            self._place(landing, relative, sha, event)
         elif self.policy == ConflictPolicy.KEEP_BOTH:
             self._place(landing, version, sha, event)
         else:
-            self._quarantine(landing, quarantine_path, sha)
+            dropped_key = str(quarantine_path)
+            self._quarantine_verified(lambda: self.quarantine.put_file(dropped_key, landing, sha, link=True))
             landing.unlink()
         return "conflict"
 
-    def _quarantine(self, source: Path, relative: str | None, sha: str) -> None:
-        """A verified copy of ``source`` in the quarantine folder (the caller removes or replaces it)."""
-        assert relative is not None
-        target = contained_path(self.quarantine_root, relative)
-        linked = place_file(source, target, link=True)
-        if not linked and sha256_file(target)[0] != sha:
-            target.unlink(missing_ok=True)
-            raise OSError(f"quarantine copy {target} failed verification")
+    def _quarantine_verified(self, put: Callable[[], str]) -> None:
+        """A verified copy in quarantine (the caller removes or replaces the original after)."""
+        try:
+            put()
+        except IntegrityError as exc:
+            raise OSError(f"quarantine copy failed verification: {exc}") from exc
         QUARANTINED.inc()
 
-    @staticmethod
-    def _place(landing: Path, target: Path, sha: str, event: dict) -> None:
+    def _place(self, landing: Path, key: str, sha: str, event: dict) -> None:
         """Verified, atomic placement; the landing copy is removed only after."""
         try:
-            landed_sha = sha256_file(landing)[0]
+            # Same filesystem: a hard link (the landing object never changes); else a verified copy.
+            self.archive.put_file(key, landing, sha256=sha, link=True)
         except FileNotFoundError:
             raise ValueError(f"landing object {event['landing_path']} is missing and was never archived") from None
-        if landed_sha != sha:
-            raise ValueError(f"landing object {event['landing_path']} does not match the event's sha256")
-        # Same filesystem: a hard link (the landing object never changes); else a streamed copy.
-        linked = place_file(landing, target, link=True)
-        if not linked and sha256_file(target)[0] != sha:
-            target.unlink(missing_ok=True)
-            raise OSError(f"archive copy {target} failed verification")
+        except IntegrityError:
+            raise ValueError(f"landing object {event['landing_path']} does not match the event's sha256") from None
         landing.unlink(missing_ok=True)

@@ -16,8 +16,9 @@ way WADO-RS serves a file only while the index still holds the state the file wa
 
 from __future__ import annotations
 
+import hashlib
+import io
 import time
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -27,7 +28,6 @@ from opensearchpy.exceptions import ConnectionError as OSConnectionError
 from opensearchpy.exceptions import TransportError
 from prometheus_client import Counter
 
-from diana.durable import contained_path, makedirs_durable, write_atomic
 from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.layout import IndexLayout, series_metadata_path
 from diana.schemas.series_metadata import (
@@ -41,6 +41,7 @@ from diana.schemas.series_metadata import (
 )
 from diana.schemas.topics import SERIES
 from diana.sinks.consumer import DeadLetters, RetryableError
+from diana.storage import ObjectStore
 
 __all__ = ["MetadataSink"]
 
@@ -64,13 +65,13 @@ class MetadataSink:
         self,
         client: OpenSearch,
         layout: IndexLayout,
-        archive_root: Path,
+        archive: ObjectStore,
         codec: Codec | None = None,
         index_wait_s: float = 300.0,
     ):
         self.client = client
         self.index = layout.alias("instances")
-        self.archive_root = Path(archive_root).resolve()
+        self.archive = archive
         self.codec = codec or default_codec()
         self.index_wait_s = index_wait_s
         # (series, revision) -> when the index was first found behind it
@@ -103,7 +104,7 @@ class MetadataSink:
         """Write the series' metadata file for this revision; 'written', 'unchanged'. Raises
         RetryableError while the index is behind the revision (for at most ``index_wait_s``)."""
         study, series, revision = event["study_instance_uid"], event["series_instance_uid"], event["revision"]
-        target = contained_path(self.archive_root, series_metadata_path(study, series))
+        target = series_metadata_path(study, series)
         count, last = series_state(self.client, self.index, study).get(series, (0, None))
         if count < event["instance_count"]:
             first = self._behind_since.setdefault((series, revision), time.monotonic())
@@ -120,16 +121,15 @@ class MetadataSink:
         if state != (count, last):
             raise RetryableError("instances were indexed while the metadata was read; read again")
         header = PreparedHeader(study, series, revision, count, last)
-        makedirs_durable(target.parent)
-        write_atomic(target, header.encode() + b"".join(entries))
+        body = header.encode() + b"".join(entries)
+        self.archive.put_stream(target, io.BytesIO(body), sha256=hashlib.sha256(body).hexdigest())
         PREPARED.labels(event["status"]).inc()
         log.info("metadata.prepared", series_instance_uid=series, revision=revision, instances=count)
         return "written"
 
-    @staticmethod
-    def _current(target: Path, count: int, last: float | None) -> bool:
+    def _current(self, target: str, count: int, last: float | None) -> bool:
         try:
-            with open(target, "rb") as fh:
+            with self.archive.open(target) as fh:
                 return read_header(fh).same_index_state(count, last)
         except (FileNotFoundError, ValueError):
             return False

@@ -9,7 +9,6 @@ this service does not produce.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -34,8 +33,9 @@ from diana.access.dicomweb.wado import frame_bytes, metadata, multipart_dicom, n
 from diana.access.qr.identifier import IdentifierError, parse_identifier
 from diana.access.qr.index_reader import IndexReader
 from diana.access.qr.response import build_response
-from diana.access.qr.retrieve import archive_path
+from diana.access.qr.retrieve import archive_key
 from diana.producers.ingest import Ingest
+from diana.storage import ObjectNotFound, ObjectStore, local_file
 
 __all__ = ["build_app"]
 
@@ -54,7 +54,7 @@ def _error(status: int, reason: str, service: str) -> Response:
 
 class DicomWeb:
     def __init__(
-        self, reader: IndexReader, archive: Path, ae_title: str, max_results: int, ingest: Ingest | None = None
+        self, reader: IndexReader, archive: ObjectStore, ae_title: str, max_results: int, ingest: Ingest | None = None
     ):
         self.ingest = ingest
         self.reader = reader
@@ -179,14 +179,17 @@ class DicomWeb:
         docs = self._selected(request, ["study_instance_uid", "series_instance_uid", "sop_instance_uid"])
         if isinstance(docs, Response):
             return docs
-        paths = [path for path in (archive_path(self.archive, d) for d in docs) if path is not None and path.exists()]
-        if not paths:
+        try:
+            keys = [key for key in (archive_key(d) for d in docs) if key is not None and self.archive.exists(key)]
+        except OSError:  # the object store does not answer
+            return _error(503, "the archive does not answer; retry later", "wado")
+        if not keys:
             return _error(404, "not archived yet: retry later", "wado")
         boundary = new_boundary()
         REQUESTS.labels("wado", "200").inc()
-        log.info("wado.retrieve", instances=len(paths), missing=len(docs) - len(paths))
+        log.info("wado.retrieve", instances=len(keys), missing=len(docs) - len(keys))
         return StreamingResponse(
-            multipart_dicom(paths, boundary),
+            multipart_dicom(self.archive, keys, boundary),
             media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
         )
 
@@ -201,7 +204,7 @@ class DicomWeb:
                 METADATA_SOURCE.labels("prepared").inc()
                 REQUESTS.labels("wado-metadata", "200").inc()
                 log.info("wado.metadata", source="prepared", series=len(files))
-                return StreamingResponse(prepared_body(files, self._base(request)), media_type=DICOM_JSON)
+                return StreamingResponse(prepared_body(self.archive, files, self._base(request)), media_type=DICOM_JSON)
         docs = self._selected(request, ["dicom"])
         if isinstance(docs, Response):
             return docs
@@ -218,11 +221,16 @@ class DicomWeb:
         docs = self._selected(request, ["study_instance_uid", "series_instance_uid", "sop_instance_uid"])
         if isinstance(docs, Response):
             return docs
-        path = archive_path(self.archive, docs[0])
-        if path is None or not path.exists():
-            return _error(404, "not archived yet: retry later", "frames")
+        key = archive_key(docs[0])
         try:
-            frames = frame_bytes(path, numbers)
+            if key is None:
+                raise ObjectNotFound("invalid UIDs")
+            with local_file(self.archive, key) as path:
+                frames = frame_bytes(path, numbers)
+        except FileNotFoundError:  # ObjectNotFound
+            return _error(404, "not archived yet: retry later", "frames")
+        except OSError:
+            return _error(503, "the archive does not answer; retry later", "frames")
         except (LookupError, IndexError) as exc:
             return _error(404, str(exc), "frames")
         boundary = new_boundary()
@@ -239,7 +247,7 @@ class DicomWeb:
 
 def build_app(
     reader: IndexReader,
-    archive: Path,
+    archive: ObjectStore,
     ae_title: str,
     credentials: Credentials,
     cors_origins: tuple = (),

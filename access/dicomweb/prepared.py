@@ -15,21 +15,21 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterator
-from pathlib import Path
+from contextlib import ExitStack
 
 from opensearchpy import OpenSearch
 
-from diana.durable import contained_path
 from diana.schemas.layout import series_metadata_path
 from diana.schemas.series_metadata import index_state, index_state_request, read_entries, read_header, with_base
 from diana.schemas.uid import is_valid_uid
+from diana.storage import ObjectStore
 
 __all__ = ["current_files", "prepared_body"]
 
 
 def current_files(
-    client: OpenSearch, index: str, archive: Path, study: str, series: str | None = None
-) -> list[Path] | None:
+    client: OpenSearch, index: str, archive: ObjectStore, study: str, series: str | None = None
+) -> list[str] | None:
     """The prepared files answering the study's (or one series') metadata, or None if any is missing or stale.
 
     Raises what the OpenSearch client raises when the index does not answer."""
@@ -44,21 +44,22 @@ def current_files(
         return None
     files = []
     for uid, (count, last) in state.items():
-        path = contained_path(archive, series_metadata_path(study, uid))
+        key = series_metadata_path(study, uid)
         try:
-            with open(path, "rb") as fh:
+            with archive.open(key) as fh:
                 if not read_header(fh).same_index_state(count, last):
                     return None
         except (FileNotFoundError, ValueError):
             return None
-        files.append(path)
+        files.append(key)
     return files
 
 
-def prepared_body(files: list[Path], base: str) -> Iterator[bytes]:
+def prepared_body(archive: ObjectStore, files: list[str], base: str) -> Iterator[bytes]:
     """The JSON array of the files' instances, merged by SOP Instance UID, BulkDataURIs under ``base``."""
-    handles = [open(path, "rb") for path in files]  # closed in the finally below, after the last chunk
+    opened = ExitStack()  # closed in the finally below, after the last chunk
     try:
+        handles = [opened.enter_context(archive.open(key)) for key in files]
         for fh in handles:
             read_header(fh)
         merged = heapq.merge(*(read_entries(fh) for fh in handles), key=lambda entry: entry[0])
@@ -67,5 +68,4 @@ def prepared_body(files: list[Path], base: str) -> Iterator[bytes]:
             yield model if number == 0 else b"," + model
         yield b"]"
     finally:
-        for fh in handles:
-            fh.close()
+        opened.close()

@@ -15,6 +15,7 @@ from diana.producers.ingest import Ingest
 from diana.producers.landing import LandingStore
 from diana.producers.publisher import EventPublisher
 from diana.schemas.codec import default_codec
+from diana.storage import open_store
 
 __all__ = ["dicomweb_app", "base_url", "run_dicomweb"]
 
@@ -41,7 +42,7 @@ def dicomweb_app(config: Config) -> tuple[Starlette, bool]:
     ingest = Ingest(landing, publisher, default_codec(), max_inflated_bytes=config.receiver.max_inflated_bytes)
     app = build_app(
         IndexReader(client, config.opensearch.index_prefix),
-        config.path(config.storage.archive_dir),
+        open_store(config, "archive"),
         config.receiver.ae_title,
         credentials,
         cors_origins=web.cors_origins,

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 
 from diana.schemas.series_metadata import absolute_bulk_uris
+from diana.storage import ObjectStore
 
 __all__ = ["multipart_dicom", "metadata", "new_boundary", "frame_bytes"]
 
@@ -26,13 +27,18 @@ def new_boundary() -> str:
 
 
 async def multipart_dicom(
-    paths: list[Path], boundary: str, content_type: str = "application/dicom"
+    archive: ObjectStore, keys: list[str], boundary: str, content_type: str = "application/dicom"
 ) -> AsyncIterator[bytes]:
-    for path in paths:
+    """The objects as stored, streamed part by part; the store's blocking reads run in worker threads."""
+    for key in keys:
         yield f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode()
-        async with await anyio.open_file(path, "rb") as fh:
-            while chunk := await fh.read(CHUNK):
+        opened = archive.open(key)
+        stream = await anyio.to_thread.run_sync(opened.__enter__)
+        try:
+            while chunk := await anyio.to_thread.run_sync(stream.read, CHUNK):
                 yield chunk
+        finally:
+            opened.__exit__(None, None, None)
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode()
 

@@ -1,5 +1,8 @@
 """What C-MOVE and C-GET send: archived objects, streamed from their files as stored.
 
+The archive is an object store (diana/storage): a folder's objects are sent from their own files,
+other stores' are fetched into a temp file for the sub-operation first.
+
 pynetdicom's Q/R service classes accept only ``Dataset`` objects from a handler and then re-encode
 them. Objects must come back data-set-identical and a large one must not sit in memory, so the
 handlers yield an ``ArchivedInstance`` (a Dataset that only names its file) and ``send_c_store`` is
@@ -10,7 +13,6 @@ the peer accepted (between uncompressed syntaxes: the same data set).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -23,9 +25,11 @@ from pynetdicom import _config, build_context
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
+from diana.schemas.layout import archive_path
 from diana.schemas.uid import is_valid_uid
+from diana.storage import ObjectStore, local_file
 
-__all__ = ["ArchivedInstance", "archive_path", "as_archived", "install_file_sending", "move_contexts"]
+__all__ = ["ArchivedInstance", "archive_key", "as_archived", "install_file_sending", "move_contexts"]
 
 # pynetdicom sends a data set given by path straight from the file, in PDU-sized reads.
 _config.STORE_SEND_CHUNKED_DATASET = True
@@ -35,22 +39,23 @@ log = structlog.get_logger("diana.qr")
 
 
 class ArchivedInstance(Dataset):
-    """Stands for the archived object at ``path`` in a Q/R handler's yields; never encoded itself."""
+    """Stands for the archived object ``key`` of ``archive`` in a Q/R handler's yields; never encoded itself."""
 
-    def __init__(self, path: Path, sop_class_uid: str, sop_instance_uid: str):
+    def __init__(self, archive: ObjectStore, key: str, sop_class_uid: str, sop_instance_uid: str):
         super().__init__()
         self.SOPClassUID = sop_class_uid
         self.SOPInstanceUID = sop_instance_uid  # pynetdicom lists it in FailedSOPInstanceUIDList
-        self.archive_file = path
+        self.archive_store = archive
+        self.archive_key = key
 
 
-def archive_path(archive: Path, doc: dict[str, Any]) -> Path | None:
-    """``<archive>/<Study>/<Series>/<SOP>.dcm``; None when a UID from the index is not a valid UID."""
+def archive_key(doc: dict[str, Any]) -> str | None:
+    """The archive key ``<Study>/<Series>/<SOP>.dcm`` of an index document; None when a UID is not a valid UID."""
     uids = [doc.get("study_instance_uid"), doc.get("series_instance_uid"), doc.get("sop_instance_uid")]
     if not all(isinstance(u, str) and is_valid_uid(u) for u in uids):
         return None
     study, series, sop = (str(u) for u in uids)
-    return archive / study / series / f"{sop}.dcm"
+    return archive_path(study, series, sop)
 
 
 _original_send_c_store = Association.send_c_store
@@ -58,24 +63,30 @@ _original_send_c_store = Association.send_c_store
 
 def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
     if isinstance(dataset, ArchivedInstance):
-        path = dataset.archive_file
-        try:
-            return _original_send_c_store(self, path, *args, **kwargs)
-        except ValueError:
-            # No accepted context for the file's own transfer syntax: let pydicom convert.
-            ds = dcmread(path)
-            try:
-                return _original_send_c_store(self, ds, *args, **kwargs)
-            except ValueError:
-                if ds.file_meta.TransferSyntaxUID.is_compressed:
-                    raise  # encapsulated pixel data: only the stored syntax will do
-                # pynetdicom converts only between implicit and explicit little endian: big endian too.
-                for element in ds.iterall():
-                    _ = element.value  # decode every value in the stored byte order first
-                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-                ds.set_original_encoding(False, True)
-                return _original_send_c_store(self, ds, *args, **kwargs)
+        # A missing object raises here, and pynetdicom fails that sub-operation (FailedSOPInstanceUIDList).
+        with local_file(dataset.archive_store, dataset.archive_key) as path:
+            return _send_file(self, path, *args, **kwargs)
     return _original_send_c_store(self, dataset, *args, **kwargs)
+
+
+def _send_file(self: Association, path: Any, *args: Any, **kwargs: Any) -> Dataset:
+    """Send the file as stored; converted by pydicom only when the peer took none of its syntax."""
+    try:
+        return _original_send_c_store(self, path, *args, **kwargs)
+    except ValueError:
+        # No accepted context for the file's own transfer syntax: let pydicom convert.
+        ds = dcmread(path)
+        try:
+            return _original_send_c_store(self, ds, *args, **kwargs)
+        except ValueError:
+            if ds.file_meta.TransferSyntaxUID.is_compressed:
+                raise  # encapsulated pixel data: only the stored syntax will do
+            # pynetdicom converts only between implicit and explicit little endian: big endian too.
+            for element in ds.iterall():
+                _ = element.value  # decode every value in the stored byte order first
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.set_original_encoding(False, True)
+            return _original_send_c_store(self, ds, *args, **kwargs)
 
 
 def install_file_sending() -> None:
@@ -83,7 +94,7 @@ def install_file_sending() -> None:
     Association.send_c_store = _send_c_store  # type: ignore[method-assign]
 
 
-def as_archived(archive: Path, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def as_archived(archive: ObjectStore, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The instances with SOP class and transfer syntax read from the archived files' meta.
 
     The index holds the latest event of a SOP Instance UID; the archive may hold other bytes for it
@@ -91,11 +102,12 @@ def as_archived(archive: Path, instances: list[dict[str, Any]]) -> list[dict[str
     """
     out = []
     for doc in instances:
-        path = archive_path(archive, doc)
+        key = archive_key(doc)
         doc = dict(doc)
-        if path is not None:
+        if key is not None:
             try:
-                meta = read_file_meta_info(path)
+                with local_file(archive, key) as path:
+                    meta = read_file_meta_info(path)
                 doc["sop_class_uid"] = str(meta.MediaStorageSOPClassUID)
                 doc["transfer_syntax_uid"] = str(meta.TransferSyntaxUID)
             except (OSError, AttributeError, InvalidDicomError):

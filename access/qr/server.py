@@ -15,6 +15,7 @@ from diana.access.qr.service import QueryRetrieve
 from diana.clients import opensearch_client
 from diana.config import Config, parse_destinations
 from diana.producers.scp import association_handlers, handle_echo, tls_context
+from diana.storage import open_store
 
 __all__ = ["build_query_retrieve", "QueryRetrieveServer"]
 
@@ -38,7 +39,7 @@ def build_query_retrieve(config: Config) -> QueryRetrieve:
     client = opensearch_client(config.opensearch, timeout=30)
     return QueryRetrieve(
         IndexReader(client, config.opensearch.index_prefix),
-        config.path(config.storage.archive_dir),
+        open_store(config, "archive"),
         destinations,
         config.receiver.ae_title,
         max_matches=qr.max_matches,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ssl
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -35,8 +34,9 @@ from pynetdicom.sop_class import (
 from diana.access.qr.identifier import IdentifierError, Query, parse_identifier
 from diana.access.qr.index_reader import IndexReader
 from diana.access.qr.response import build_response
-from diana.access.qr.retrieve import ArchivedInstance, archive_path, as_archived, install_file_sending, move_contexts
+from diana.access.qr.retrieve import ArchivedInstance, archive_key, as_archived, install_file_sending, move_contexts
 from diana.config import MoveDestination
+from diana.storage import ObjectStore
 
 __all__ = ["QueryRetrieve", "QR_SOP_CLASSES"]
 
@@ -80,7 +80,7 @@ class QueryRetrieve:
     def __init__(
         self,
         reader: IndexReader,
-        archive: Path,
+        archive: ObjectStore,
         destinations: dict[str, MoveDestination],
         ae_title: str,
         max_matches: int = 10000,
@@ -180,7 +180,7 @@ class QueryRetrieve:
             REQUESTS.labels(operation, "A701").inc()
             log.warning(f"{operation}.refused", reason="too many objects", max_retrieve=self.max_retrieve)
             return _status(TOO_MANY_MATCHES, f"more than {self.max_retrieve} objects: retrieve series by series")
-        valid = [doc for doc in instances if archive_path(self.archive, doc) is not None]
+        valid = [doc for doc in instances if archive_key(doc) is not None]
         if len(valid) < len(instances):  # the receiver validates UIDs: only a foreign index document
             log.error(
                 f"{operation}.skipped", reason="index document with invalid UIDs", count=len(instances) - len(valid)
@@ -196,9 +196,9 @@ class QueryRetrieve:
                 yield CANCEL, None
                 return
             SENT.labels(operation).inc()
-            path = archive_path(self.archive, doc) or self.archive / "invalid"
-            # A missing file fails its sub-operation (pynetdicom lists it in FailedSOPInstanceUIDList).
-            yield PENDING, ArchivedInstance(path, doc.get("sop_class_uid") or "", doc["sop_instance_uid"])
+            key = archive_key(doc) or "invalid"
+            # A missing object fails its sub-operation (pynetdicom lists it in FailedSOPInstanceUIDList).
+            yield PENDING, ArchivedInstance(self.archive, key, doc.get("sop_class_uid") or "", doc["sop_instance_uid"])
         REQUESTS.labels(operation, "done").inc()
         log.info(
             f"{operation}.done",

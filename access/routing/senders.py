@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any, Protocol
 
 import pydicom
@@ -36,6 +35,7 @@ from diana.access.qr.retrieve import (
 )
 from diana.access.residual import scan
 from diana.access.routing.rules import Destination
+from diana.storage import ObjectStore, local_file
 
 __all__ = ["Outcome", "Result", "Delivery", "Sender", "DicomSender", "StowSender", "make_sender"]
 
@@ -63,7 +63,7 @@ class Delivery:
     study_instance_uid: str
     series_instance_uid: str
     sop_instance_uid: str
-    path: Path
+    key: str  # in the archive store
     failures: int = 0
     last_status: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -77,7 +77,7 @@ class Delivery:
 
 
 class Sender(Protocol):
-    def send(self, items: list[Delivery], archive: Path) -> list[Result]: ...
+    def send(self, items: list[Delivery], archive: ObjectStore) -> list[Result]: ...
 
     def close(self) -> None: ...
 
@@ -88,11 +88,14 @@ class _Deidentifying:
     def __init__(self, deidentifier: Deidentifier | None):
         self.deidentifier = deidentifier
 
-    def prepare(self, path: Path) -> Dataset:
-        """The de-identified data set of ``path``; Refused when it must not go out."""
+    def prepare(self, archive: ObjectStore, key: str) -> Dataset:
+        """The de-identified data set of the archived object; Refused when it must not go out."""
         assert self.deidentifier is not None
         try:
-            ds = pydicom.dcmread(path)
+            with local_file(archive, key) as path:
+                ds = pydicom.dcmread(path)
+        except OSError:
+            raise  # the store did not answer: the sender reports the destination's attempt as not made
         except Exception as exc:  # unreadable archived file: refused with its kind (its text may quote values)
             raise Refused(f"archived file not readable as DICOM ({type(exc).__name__})") from None
         result = self.deidentifier.deidentify(ds)
@@ -127,8 +130,9 @@ class DicomSender(_Deidentifying):
         self.ae.connection_timeout = timeout_s
         self.tls_context = tls_context
 
-    def send(self, items: list[Delivery], archive: Path) -> list[Result]:
+    def send(self, items: list[Delivery], archive: ObjectStore) -> list[Result]:
         self.start_batch()
+        self.archive = archive
         docs = as_archived(archive, [i.doc() for i in items])
         dest = self.destination
         # Verification too: a destination that accepts none of the objects' classes still associates,
@@ -159,9 +163,9 @@ class DicomSender(_Deidentifying):
     def _store(self, assoc: Any, item: Delivery, doc: dict[str, Any]) -> Result:
         try:
             dataset: Dataset = (
-                self.prepare(item.path)
+                self.prepare(self.archive, item.key)
                 if self.deidentifier
-                else ArchivedInstance(item.path, doc.get("sop_class_uid", ""), item.sop_instance_uid)
+                else ArchivedInstance(self.archive, item.key, doc.get("sop_class_uid", ""), item.sop_instance_uid)
             )
             status = assoc.send_c_store(dataset)
         except Refused as exc:
@@ -201,26 +205,27 @@ class StowSender(_Deidentifying):
         self.timeout_s = timeout_s
         self.session = requests.Session()
 
-    def _body(self, item: Delivery) -> bytes:
+    def _body(self, archive: ObjectStore, item: Delivery) -> bytes:
         if not self.deidentifier:
-            return item.path.read_bytes()
+            with archive.open(item.key) as stream:
+                return stream.read()
         buf = io.BytesIO()
-        self.prepare(item.path).save_as(buf, enforce_file_format=True)
+        self.prepare(archive, item.key).save_as(buf, enforce_file_format=True)
         return buf.getvalue()
 
-    def send(self, items: list[Delivery], archive: Path) -> list[Result]:
+    def send(self, items: list[Delivery], archive: ObjectStore) -> list[Result]:
         self.start_batch()
         results: list[Result] = []
         for item in items:
             if results and results[-1].outcome is Outcome.UNAVAILABLE:
                 results.append(results[-1])  # the endpoint is down: do not knock once per object
                 continue
-            results.append(self._post(item))
+            results.append(self._post(archive, item))
         return results
 
-    def _post(self, item: Delivery) -> Result:
+    def _post(self, archive: ObjectStore, item: Delivery) -> Result:
         try:
-            body = self._body(item)
+            body = self._body(archive, item)
         except Refused as exc:
             return Result(Outcome.FAILED, f"refused by de-identification: {exc}")
         except OSError as exc:

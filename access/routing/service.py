@@ -19,6 +19,7 @@ from diana.access.routing.worker import TRIGGER_TOPICS, RouteWorker, WorkerSetti
 from diana.clients import opensearch_client
 from diana.config import Config
 from diana.schemas.layout import IndexLayout
+from diana.storage import open_store
 
 __all__ = ["load_configured_rules", "group_id", "destination_topics", "build_workers", "run_routing"]
 
@@ -91,7 +92,7 @@ def build_workers(cfg: Config, rules: RoutingRules, stop: threading.Event) -> li
             destination, r.ae_title or cfg.receiver.ae_title, r.timeout_s, tls, _deidentifier(cfg, destination)
         )
         settings = WorkerSettings(
-            group_id(cfg, name), cfg.path(cfg.storage.archive_dir), r.max_attempts, r.max_backoff_s, r.archive_wait_s
+            group_id(cfg, name), open_store(cfg, "archive"), r.max_attempts, r.max_backoff_s, r.archive_wait_s
         )
         study_state = indexed_study(cfg) if any(r.trigger == "alert" for r in dest_rules) else None
         workers.append(RouteWorker(cfg.kafka, destination, dest_rules, sender, settings, stop, study_state))

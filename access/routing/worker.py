@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -35,6 +34,7 @@ from diana.schemas.layout import archive_path
 from diana.schemas.topics import DOSE_ALERTS, INSTANCES, STUDIES
 from diana.schemas.uid import is_valid_uid
 from diana.sinks.consumer import DeadLetters, RetryableError, failure_reason
+from diana.storage import ObjectStore, local_file
 
 __all__ = ["RouteWorker", "WorkerSettings", "study_files", "TRIGGER_TOPICS"]
 
@@ -58,7 +58,7 @@ _HEADER_TAGS = ["Modality", "StationName", "SOPClassUID", "BodyPartExamined", "S
 @dataclass(frozen=True)
 class WorkerSettings:
     group_id: str
-    archive: Path
+    archive: ObjectStore
     max_attempts: int
     max_backoff_s: float = 60.0
     archive_wait_s: float = 600.0
@@ -73,26 +73,28 @@ class _Pending:
     waiting_for: str = ""
 
 
-def study_files(archive: Path, study_uid: str, series_uids: list[str] | None = None) -> list[Delivery]:
-    """Every archived instance of a study (of the given series, or of every series folder), by layout's names."""
+def study_files(archive: ObjectStore, study_uid: str, series_uids: list[str] | None = None) -> list[Delivery]:
+    """Every archived instance of a study (of the given series, or of every series), by layout's names."""
     if not is_valid_uid(study_uid):
         return []
-    root = archive / study_uid
-    if series_uids is None:
-        series_uids = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    by_series: dict[str, list[str]] = {}
+    for key in archive.list(f"{study_uid}/"):
+        parts = key.split("/")
+        if len(parts) == 3 and parts[2].endswith(".dcm"):
+            by_series.setdefault(parts[1], []).append(parts[2].removesuffix(".dcm"))
     out = []
-    for series in series_uids:
-        if not is_valid_uid(series) or not (root / series).is_dir():
+    for series in sorted(by_series) if series_uids is None else series_uids:
+        if not is_valid_uid(series):
             continue
-        for path in sorted((root / series).glob("*.dcm")):
-            sop = path.name.removesuffix(".dcm")
+        for sop in sorted(by_series.get(series, [])):
             if is_valid_uid(sop):  # KEEP_BOTH versions (<SOP>.<sha>.dcm) are left out
-                out.append(Delivery(study_uid, series, sop, archive / archive_path(study_uid, series, sop)))
+                out.append(Delivery(study_uid, series, sop, archive_path(study_uid, series, sop)))
     return out
 
 
-def _header(path: Path) -> dict[str, Any]:
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+def _header(archive: ObjectStore, key: str) -> dict[str, Any]:
+    with local_file(archive, key) as path:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
     return {
         "modality": ds.get("Modality"),
         "station_name": ds.get("StationName"),
@@ -133,8 +135,10 @@ class RouteWorker:
             if not any(r.matches(event) for r in self.rules if r.trigger == "instance"):
                 return [], ""
             study, series, sop = event["study_instance_uid"], event["series_instance_uid"], event["sop_instance_uid"]
-            item = Delivery(study, series, sop, self.settings.archive / archive_path(study, series, sop))
-            return ([item], "") if item.path.exists() else (None, f"instance {sop} not archived yet")
+            item = Delivery(study, series, sop, archive_path(study, series, sop))
+            return (
+                ([item], "") if self.settings.archive.exists(item.key) else (None, f"instance {sop} not archived yet")
+            )
         if topic == STUDIES.name:
             _, study = self.codec.decode(msg.value(), expect=STUDIES.value_schema)
             if study["status"] != "COMPLETED":
@@ -143,7 +147,7 @@ class RouteWorker:
             files = study_files(self.settings.archive, study["study_instance_uid"], study["series_instance_uids"])
             if len(files) < study["instance_count"]:
                 return None, f"study {study['study_instance_uid']}: {len(files)} of {study['instance_count']} archived"
-            return [f for f in files if any(r.matches(_header(f.path)) for r in rules)], ""
+            return [f for f in files if any(r.matches(_header(self.settings.archive, f.key)) for r in rules)], ""
         if topic == DOSE_ALERTS.name:
             _, alert = self.codec.decode(msg.value(), expect=DOSE_ALERTS.value_schema)
             rules = [r for r in self.rules if r.trigger == "alert"]
@@ -156,7 +160,7 @@ class RouteWorker:
             files = study_files(self.settings.archive, uid, study.get("series_instance_uids"))
             if len(files) < int(study.get("instance_count") or 0):
                 return None, f"study {uid}: {len(files)} of {study['instance_count']} archived"
-            return [f for f in files if any(r.matches(_header(f.path)) for r in rules)], ""
+            return [f for f in files if any(r.matches(_header(self.settings.archive, f.key)) for r in rules)], ""
         return [], ""
 
     def _plan_pending(self, pending: list[_Pending], dead: DeadLetters) -> None:

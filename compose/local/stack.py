@@ -1,7 +1,8 @@
-"""The no-Docker local stack: Apache Kafka (KRaft) and OpenSearch from Maven Central, on 127.0.0.1.
+"""The no-Docker local stack: Apache Kafka (KRaft) and OpenSearch from Maven Central, on 127.0.0.1,
+and S3Proxy (an S3-compatible server on its filesystem backend) when [storage] backend = "s3".
 
 ``install`` downloads once into the cache (Maven's local repository does the caching),
-``start`` writes configs, starts both servers detached and waits until they answer,
+``start`` writes configs, starts the servers detached and waits until they answer,
 ``stop`` ends them, ``status`` says what runs. Each service keeps a pid file and a log
 under ``stack.home`` so a second command (or a test session) can find it.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import structlog
 
-from diana.config import Config
+from diana.config import Config, StorageConfig
 
 log = structlog.get_logger("diana.stack")
 
@@ -76,6 +77,9 @@ def _mvn(args: list[str], cwd: Path) -> None:
 class LocalStack:
     def __init__(self, config: Config):
         self.cfg = config.stack
+        self.storage: StorageConfig = config.storage
+        # S3Proxy runs with the stack only for the s3 storage backend (the tests start it on demand).
+        self.with_s3 = config.storage.backend == "s3"
         self.max_message_bytes = config.kafka.max_message_bytes
         self.home = config.path(self.cfg.home)
         self.cache = config.path(self.cfg.cache_dir)
@@ -85,6 +89,8 @@ class LocalStack:
         self.opensearch = Service(
             "opensearch", self.home / "opensearch.pid", self._opensearch_dir() / "logs" / "console.log"
         )
+        self.s3proxy_jar = self.cache / f"s3proxy-{self.cfg.s3proxy_version}-jar-with-dependencies.jar"
+        self.s3proxy = Service("s3proxy", self.home / "s3proxy" / "s3proxy.pid", self.home / "s3proxy" / "s3proxy.log")
 
     # ---------------------------------------------------------------- install
     def install(self) -> None:
@@ -115,7 +121,18 @@ class LocalStack:
             self.cache.mkdir(parents=True, exist_ok=True)
             artifact = f"org.opensearch.distribution.integ-test-zip:opensearch:{self.cfg.opensearch_version}:zip"
             _mvn(["dependency:copy", f"-Dartifact={artifact}", f"-DoutputDirectory={self.cache}"], cwd=self.cache)
+        if self.with_s3:
+            self.install_s3proxy()
         log.info("stack.installed", cache=str(self.cache))
+
+    def install_s3proxy(self) -> None:
+        """S3Proxy's single jar (about 41 MB, all dependencies inside) from Maven Central, once."""
+        if self.s3proxy_jar.exists():
+            return
+        log.info("stack.install", component="s3proxy", version=self.cfg.s3proxy_version)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        artifact = f"org.gaul:s3proxy:{self.cfg.s3proxy_version}:jar:jar-with-dependencies"
+        _mvn(["dependency:copy", f"-Dartifact={artifact}", f"-DoutputDirectory={self.cache}"], cwd=self.cache)
 
     # ---------------------------------------------------------------- kafka
     def _kafka_dir(self) -> Path:
@@ -276,6 +293,79 @@ action.auto_create_index: true
         }
         self._spawn(self.opensearch, [str(home / "bin" / "opensearch")], env=env, user=user)
 
+    # ---------------------------------------------------------------- s3proxy
+    def _s3proxy_dir(self) -> Path:
+        return self.home / "s3proxy"
+
+    def s3_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.cfg.s3proxy_port}"
+
+    def _s3_keys(self) -> tuple[str, str]:
+        from diana.clients import s3_credentials
+
+        keys = s3_credentials(self.storage)
+        if keys is None:
+            raise StackError(
+                "S3Proxy needs an identity: set [storage] s3_credentials_file (AWS credentials format) or "
+                "DIANA_STORAGE_S3_ACCESS_KEY_ID and DIANA_STORAGE_S3_SECRET_ACCESS_KEY; the stack serves them"
+            )
+        return keys
+
+    def start_s3proxy(self) -> None:
+        if self._running(self.s3proxy):
+            log.info("stack.already_running", service="s3proxy", port=self.cfg.s3proxy_port)
+            return
+        _refuse_foreign("S3Proxy", self.cfg.s3proxy_port, "s3proxy_port")
+        self.install_s3proxy()
+        identity, credential = self._s3_keys()
+        d = self._s3proxy_dir()
+        (d / "data").mkdir(parents=True, exist_ok=True)
+        props = d / "s3proxy.properties"
+        # The file holds the secret: readable by us alone, and never logged.
+        props.touch(mode=0o600)
+        props.chmod(0o600)
+        props.write_text(
+            f"""s3proxy.endpoint={self.s3_endpoint()}
+s3proxy.authorization=aws-v2-or-v4
+s3proxy.identity={identity}
+s3proxy.credential={credential}
+jclouds.provider=filesystem
+jclouds.filesystem.basedir={d / "data"}
+"""
+        )
+        heap = self.cfg.s3proxy_heap_mb
+        cmd = [str(_java_home() / "bin" / "java"), f"-Xms{heap}m", f"-Xmx{heap}m", "-jar", str(self.s3proxy_jar)]
+        self._spawn(self.s3proxy, [*cmd, "--properties", str(props)], env=None, user=None)
+
+    def wait_s3proxy(self, timeout: float = 60.0) -> None:
+        """Ready when the bucket of [storage] exists (created on first start) and answers."""
+        from diana.clients import s3_client
+
+        client = s3_client(self.storage, endpoint=self.s3_endpoint())
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if not self._running(self.s3proxy):
+                raise StackError(f"S3Proxy exited during start-up; see {self.s3proxy.log_file}")
+            try:
+                existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+                if self.storage.s3_bucket not in existing:
+                    client.create_bucket(Bucket=self.storage.s3_bucket)
+                log.info("stack.ready", service="s3proxy", endpoint=self.s3_endpoint(), bucket=self.storage.s3_bucket)
+                return
+            except Exception as exc:  # connection refused while the JVM starts
+                last = exc
+                time.sleep(0.5)
+        raise StackError(f"S3Proxy did not answer within {timeout:.0f}s ({last}); see {self.s3proxy.log_file}")
+
+    def stop_s3proxy(self) -> None:
+        self._stop(self.s3proxy)
+
+    def reset_s3proxy(self) -> None:
+        """Stop S3Proxy and delete its objects: the next start is an empty store."""
+        self._stop(self.s3proxy)
+        shutil.rmtree(self._s3proxy_dir() / "data", ignore_errors=True)
+
     # ---------------------------------------------------------------- process control
     def _spawn(self, svc: Service, cmd: list[str], env: dict | None, user: str | None) -> None:
         svc.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -389,13 +479,20 @@ action.auto_create_index: true
 
     # ---------------------------------------------------------------- public
     def start(self) -> None:
+        if self.with_s3:
+            self._s3_keys()  # no identity for S3Proxy: say so before anything starts
         self.install()
         self.start_kafka()
         self.start_opensearch()
+        if self.with_s3:
+            self.start_s3proxy()
+            self.wait_s3proxy()
         self.wait_kafka()
         self.wait_opensearch()
 
     def stop(self) -> None:
+        if self.with_s3:
+            self._stop(self.s3proxy)
         self._stop(self.opensearch)
         self._stop(self.kafka)
 
@@ -411,14 +508,16 @@ action.auto_create_index: true
         self.stop()
         shutil.rmtree(self._kafka_dir() / "data", ignore_errors=True)
         shutil.rmtree(self._opensearch_dir() / "data", ignore_errors=True)
+        if self.with_s3:
+            shutil.rmtree(self._s3proxy_dir() / "data", ignore_errors=True)
         log.info("stack.reset", home=str(self.home))
 
     def status(self) -> dict[str, dict]:
         out = {}
-        for svc, where in (
-            (self.kafka, f"127.0.0.1:{self.cfg.kafka_port}"),
-            (self.opensearch, self.opensearch_url()),
-        ):
+        services = [(self.kafka, f"127.0.0.1:{self.cfg.kafka_port}"), (self.opensearch, self.opensearch_url())]
+        if self.with_s3 or self._running(self.s3proxy):
+            services.append((self.s3proxy, self.s3_endpoint()))
+        for svc, where in services:
             out[svc.name] = {
                 "running": self._running(svc),
                 "pid": self._pid(svc),

@@ -75,6 +75,7 @@ def _cohort_export(cfg: Config, args: argparse.Namespace, client, prefix: str, s
     from diana.access.export import ExportError, export_instances
     from diana.access.keyfiles import KeyFileError
     from diana.access.research import deidentifier_from
+    from diana.storage import open_store
 
     deidentify = args.deidentify if args.deidentify is not None else args.research
     deidentifier = None
@@ -98,7 +99,7 @@ def _cohort_export(cfg: Config, args: argparse.Namespace, client, prefix: str, s
         with tqdm(total=len(instances), unit="obj", desc="export", disable=args.no_progress) as bar:
             summary = export_instances(
                 instances,
-                cfg.path(cfg.storage.archive_dir),
+                open_store(cfg, "archive"),
                 Path(args.out),
                 deidentifier=deidentifier,
                 key_file=Path(args.key_file) if args.key_file else None,

@@ -119,7 +119,7 @@ def cmd_acceptance(_cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_stack(cfg: Config, args: argparse.Namespace) -> int:
     """Install (download once), start (and create topics), stop, reset (delete all data) or show the
-    status of the local Kafka and OpenSearch."""
+    status of the local Kafka and OpenSearch, and of S3Proxy when [storage] backend = "s3"."""
     from diana.compose.local.stack import LocalStack
 
     stack = LocalStack(cfg)

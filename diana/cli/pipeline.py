@@ -129,25 +129,27 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
         from diana.schemas.topics import ARCHIVE_CONFLICTS
         from diana.sinks.archive import ArchiveSink
         from diana.sinks.consumer import Reporter
+        from diana.storage import open_store
 
         report = Reporter(cfg.kafka, ARCHIVE_CONFLICTS.name, ARCHIVE_CONFLICTS.value_schema, "sop_instance_uid")
         sink = ArchiveSink(
             cfg.path(cfg.storage.landing_dir),
-            cfg.path(cfg.storage.archive_dir),
+            open_store(cfg, "archive"),
             policy=cfg.sinks.archive_conflict_policy,
             report=report,
-            quarantine_root=cfg.path(cfg.storage.quarantine_dir),
+            quarantine=open_store(cfg, "quarantine"),
         )
         group, port = cfg.sinks.archive_group, cfg.sinks.archive_metrics_port
     elif args.sink == "metadata":
         from diana.clients import opensearch_client
         from diana.schemas.layout import IndexLayout
         from diana.sinks.metadata import MetadataSink
+        from diana.storage import open_store
 
         sink = MetadataSink(
             opensearch_client(cfg.opensearch, timeout=30),
             IndexLayout(cfg.opensearch.index_prefix),
-            cfg.path(cfg.storage.archive_dir),
+            open_store(cfg, "archive"),
             index_wait_s=cfg.sinks.metadata_index_wait_s,
         )
         group, port = cfg.sinks.metadata_group, cfg.sinks.metadata_metrics_port
@@ -222,8 +224,12 @@ def _banner(cfg: Config) -> str:
         + f"  OpenSearch:      {cfg.opensearch.url}  (indices {cfg.opensearch.index_prefix}-instances, "
         f"-series, -studies,\n"
         f"                   -dose-events, -dose-studies, -dose-alerts)\n"
-        f"  Archive:         {cfg.path(cfg.storage.archive_dir)}\n"
-        f"  Metrics:         http://127.0.0.1:{r.metrics_port}/metrics (receiver)\n"
+        + (
+            f"  Archive:         s3://{cfg.storage.s3_bucket}/archive/ at {cfg.storage.s3_endpoint or 'AWS'}\n"
+            if cfg.storage.backend == "s3"
+            else f"  Archive:         {cfg.path(cfg.storage.archive_dir)}\n"
+        )
+        + f"  Metrics:         http://127.0.0.1:{r.metrics_port}/metrics (receiver)\n"
         f"  Press Ctrl-C to stop everything.\n"
     )
 

@@ -8,6 +8,7 @@ cannot start, every test that needs it errors: a missing service is a failure, n
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,10 @@ opensearch_metrics_port = {port(19466)}
 landing_dir = "{TEST_HOME}/landing"
 archive_dir = "{TEST_HOME}/archive"
 quarantine_dir = "{TEST_HOME}/quarantine"
+# Used when a test switches the backend to s3 (the `s3proxy` fixture starts the server).
+s3_endpoint = "http://127.0.0.1:{port(19000)}"
+s3_bucket = "diana-test"
+s3_credentials_file = "{TEST_HOME}/s3-credentials"
 
 [stream]
 quiet_seconds = "CT=4,MR=4,*=4"
@@ -69,6 +74,8 @@ kafka_controller_port = {port(19093)}
 opensearch_port = {port(19200)}
 opensearch_transport_port = {port(19300)}
 opensearch_heap_mb = 768
+s3proxy_port = {port(19000)}
+s3proxy_heap_mb = 128
 """
 
 
@@ -77,6 +84,12 @@ def test_config_file() -> Path:
     TEST_HOME.mkdir(parents=True, exist_ok=True)
     path = TEST_HOME / "diana-test.toml"
     path.write_text(TEST_CONFIG)
+    # Fresh keys each session, for the test S3 server and its clients alike (never printed).
+    credentials = TEST_HOME / "s3-credentials"
+    credentials.touch(mode=0o600)
+    credentials.write_text(
+        f"[default]\naws_access_key_id = diana-{secrets.token_hex(4)}\naws_secret_access_key = {secrets.token_hex(20)}\n"
+    )
     return path
 
 
@@ -106,6 +119,38 @@ def stack(cfg: Config):
     ensure_topics(kafka_admin(cfg.kafka), cfg.kafka.partitions, **topic_settings(cfg.kafka))
     yield local
     local.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_cfg(test_config_file: Path) -> Config:
+    """The test configuration with the archive and quarantine on S3 (the `s3proxy` fixture's server)."""
+    return load_config(test_config_file, environ={"DIANA_STORAGE_BACKEND": "s3"})
+
+
+@pytest.fixture(scope="session")
+def s3proxy(s3_cfg: Config):
+    """A fresh S3Proxy for this session, its bucket created; stopped at the end. Cannot start: the test fails."""
+    from diana.compose.local.stack import LocalStack
+
+    local = LocalStack(s3_cfg)
+    local.reset_s3proxy()
+    local.start_s3proxy()
+    local.wait_s3proxy()
+    yield s3_cfg
+    local.stop_s3proxy()
+
+
+@pytest.fixture(scope="module")
+def s3_archive_sink(pipeline, s3proxy: Config):
+    """The session pipeline with its archive sink swapped for one writing to S3 (same consumer group), for a module.
+
+    Yields the S3 configuration; the filesystem archive sink is back afterwards.
+    """
+    pipeline.stop("archive-sink")
+    pipeline.start("archive-sink-s3", "sink", "archive", settings={"DIANA_STORAGE_BACKEND": "s3"})
+    yield s3proxy
+    pipeline.stop("archive-sink-s3")
+    pipeline.start("archive-sink", *PIPELINE["archive-sink"])
 
 
 @dataclass

@@ -1,22 +1,34 @@
-"""End to end on the real stack: dcmtk storescu → receiver → Kafka → Faust → archive + OpenSearch."""
+"""End to end on the real stack: dcmtk storescu → receiver → Kafka → Faust → archive + OpenSearch.
+
+Run twice: with the archive on the filesystem and on S3 (S3Proxy; the session's archive sink is
+swapped for one writing there). The archive is read back through the store either way.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import time
-from pathlib import Path
 
 import pydicom
 import pytest
 
 from diana.schemas.topics import INSTANCES, SERIES, STUDIES
 from diana.sinks.archive import archive_relative_path
+from diana.storage import ObjectStore, S3Store, open_store
 from tests.support.dicomgen import make_study
 from tests.support.helpers import dataset_body, os_search, storescu, topic_records, wait_until_caught_up
 
 
+@pytest.fixture(scope="module", params=["filesystem", "s3"])
+def archive(request, pipeline) -> ObjectStore:
+    """The archive the pipeline writes to: the session's folder, or S3 with the archive sink swapped."""
+    cfg = pipeline.cfg if request.param == "filesystem" else request.getfixturevalue("s3_archive_sink")
+    return open_store(cfg, "archive")
+
+
 @pytest.fixture(scope="module")
-def sent_study(pipeline, tmp_path_factory):
+def sent_study(pipeline, archive, tmp_path_factory):
     study = make_study(tmp_path_factory.mktemp("study"))
     result = storescu(pipeline.cfg, study.files)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -24,36 +36,45 @@ def sent_study(pipeline, tmp_path_factory):
     return study
 
 
-def _archive_files(cfg, study_uid: str) -> list[Path]:
-    return sorted((cfg.path(cfg.storage.archive_dir) / study_uid).rglob("*.dcm"))
+def _archive_files(archive: ObjectStore, study_uid: str) -> list[str]:
+    return sorted(key for key in archive.list(f"{study_uid}/") if key.endswith(".dcm"))
 
 
-def test_every_instance_is_archived_byte_identical(pipeline, sent_study):
+def _archived_bytes(archive: ObjectStore, key: str) -> bytes:
+    with archive.open(key) as stream:
+        return stream.read()
+
+
+def test_every_instance_is_archived_byte_identical(pipeline, archive, sent_study, tmp_path):
     cfg = pipeline.cfg
-    archived = _archive_files(cfg, sent_study.study_uid)
+    archived = _archive_files(archive, sent_study.study_uid)
     assert len(archived) == len(sent_study.files) == 40
     by_sop = {}
     for path in sent_study.files:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         by_sop[ds.SOPInstanceUID] = (path, ds)
     for path, ds in by_sop.values():
-        target = cfg.path(cfg.storage.archive_dir) / archive_relative_path(
+        key = archive_relative_path(
             {
                 "study_instance_uid": ds.StudyInstanceUID,
                 "series_instance_uid": ds.SeriesInstanceUID,
                 "sop_instance_uid": ds.SOPInstanceUID,
             }
         )
-        assert target.exists(), f"{ds.SOPInstanceUID} not archived"
+        assert archive.exists(key), f"{ds.SOPInstanceUID} not archived"
+        target = tmp_path / "archived.dcm"
+        target.write_bytes(_archived_bytes(archive, key))
         # The data set bytes are those sent, unchanged; the file meta is the receiver's own.
         assert dataset_body(target) == dataset_body(path)
-        archived_meta = pydicom.dcmread(target, stop_before_pixels=True).file_meta
+        archived_meta = pydicom.dcmread(io.BytesIO(target.read_bytes()), stop_before_pixels=True).file_meta
         assert archived_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     # Nothing is left behind in the landing store once archived.
     assert not list(cfg.path(cfg.storage.landing_dir).rglob("*.dcm"))
+    if isinstance(archive, S3Store):  # and the S3 run's objects are on S3 only
+        assert not (cfg.path(cfg.storage.archive_dir) / sent_study.study_uid).exists()
 
 
-def test_topic_holds_one_decodable_event_per_instance(pipeline, sent_study):
+def test_topic_holds_one_decodable_event_per_instance(pipeline, archive, sent_study):
     events = [
         (k, e)
         for k, e in topic_records(pipeline.cfg, INSTANCES.name)
@@ -61,16 +82,15 @@ def test_topic_holds_one_decodable_event_per_instance(pipeline, sent_study):
     ]
     assert len(events) == 40
     assert len({e["sop_instance_uid"] for _, e in events}) == 40
-    archive_root = pipeline.cfg.path(pipeline.cfg.storage.archive_dir)
     for key, event in events:
         assert key == sent_study.study_uid.encode()  # all of a study in one partition
         assert event["patient_id"] == sent_study.patient_id
         assert event["study_date"] == "2024-03-15"
         assert event["modality"] == "CT"
         assert event["calling_ae"] == "STORESCU"
-        archived = archive_root / archive_relative_path(event)
-        assert hashlib.sha256(archived.read_bytes()).hexdigest() == event["sha256"]
-        assert archived.stat().st_size == event["size_bytes"]
+        archived = _archived_bytes(archive, archive_relative_path(event))
+        assert hashlib.sha256(archived).hexdigest() == event["sha256"]
+        assert archive.size(archive_relative_path(event)) == len(archived) == event["size_bytes"]
 
 
 def test_opensearch_has_one_document_per_instance_series_and_study(pipeline, sent_study):
@@ -105,7 +125,7 @@ def test_opensearch_has_one_document_per_instance_series_and_study(pipeline, sen
     assert max(r["instance_count"] for r in study_revisions) == 40
 
 
-def test_sending_the_same_study_again_duplicates_nothing(pipeline, sent_study):
+def test_sending_the_same_study_again_duplicates_nothing(pipeline, archive, sent_study):
     cfg = pipeline.cfg
     study_q = {"term": {"study_instance_uid": sent_study.study_uid}}
     # Wait for the series to complete first (quiet time), so that nothing changes them but the re-send.
@@ -122,7 +142,7 @@ def test_sending_the_same_study_again_duplicates_nothing(pipeline, sent_study):
 
     events = [e for _, e in topic_records(cfg, INSTANCES.name) if e["study_instance_uid"] == sent_study.study_uid]
     assert len(events) == 80  # the log records every arrival ...
-    assert len(_archive_files(cfg, sent_study.study_uid)) == 40  # ... the archive holds each object once
+    assert len(_archive_files(archive, sent_study.study_uid)) == 40  # ... the archive holds each object once
     assert not list(cfg.path(cfg.storage.landing_dir).rglob("*.dcm"))
     assert len(os_search(cfg, "diana-instances", study_q)) == 40
     after_series = {d["_id"]: d for d in os_search(cfg, "diana-series", study_q)}

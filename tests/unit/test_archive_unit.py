@@ -32,7 +32,7 @@ def test_archive_moves_verified_bytes_and_is_idempotent(roots):
     stored = landing.put(b"DICOM-BYTES" * 100)
     event = _event(stored)
     assert sink.archive_one(event) == "written"
-    target = sink.archive_root / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
+    target = sink.archive.root / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
     assert hashlib.sha256(target.read_bytes()).hexdigest() == stored.sha256
     assert not (landing.root / stored.relative_path).exists()
     # Re-delivery (landing copy gone) and re-send (landing copy back) are both no-ops.
@@ -57,7 +57,7 @@ def test_same_uid_different_bytes_follows_the_policy_and_is_reported(tmp_path, p
     first, second = landing.put(b"first"), landing.put(b"second")
     assert sink.archive_one(_event(first)) == "written"
     assert sink.archive_one(_event(second)) == "conflict"
-    folder = sink.archive_root / "1.2.3" / "1.2.3.4"
+    folder = sink.archive.root / "1.2.3" / "1.2.3.4"
     assert (folder / "1.2.3.4.5.dcm").read_bytes() == kept
     version = folder / f"1.2.3.4.5.{second.sha256[:12]}.dcm"
     assert (version.read_bytes() if version.exists() else None) == beside
@@ -87,7 +87,7 @@ def test_corrupt_landing_copy_and_hostile_paths_are_refused(roots):
     evil = dict(_event(stored), landing_path="../../etc/passwd")
     with pytest.raises(ValueError, match="leaves its root"):
         sink.archive_one(evil)
-    assert not any(sink.archive_root.rglob("*.dcm"))
+    assert not any(sink.archive.root.rglob("*.dcm"))
 
 
 @pytest.mark.parametrize(
@@ -106,7 +106,7 @@ def test_the_copy_not_kept_is_quarantined_after_the_report(tmp_path, policy, qua
 
     reports: list[dict] = []
     sink = ArchiveSink(
-        tmp_path / "landing", tmp_path / "archive", policy=policy, report=report, quarantine_root=tmp_path / "q"
+        tmp_path / "landing", tmp_path / "archive", policy=policy, report=report, quarantine=tmp_path / "q"
     )
     sink.archive_one(_event(first))
     assert sink.archive_one(_event(second)) == "conflict"

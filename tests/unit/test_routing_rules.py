@@ -9,6 +9,7 @@ import pytest
 from diana.access.routing.rules import RulesError, load_rules, parse_rules
 from diana.access.routing.service import destination_topics
 from diana.access.routing.worker import study_files
+from diana.storage.filesystem import FilesystemStore
 
 DESTS = [
     {"name": "ws", "ae_title": "WS3D", "host": "10.0.0.5", "port": 11112},
@@ -135,10 +136,12 @@ def test_study_files_lists_archived_instances_by_valid_uid_only(tmp_path: Path):
     for name in ("1.2.3.4.5.dcm", "1.2.3.4.6.dcm", "1.2.3.4.5.0123456789ab.dcm", "notes.txt"):
         (series / name).write_bytes(b"")
     (tmp_path / "1.2.3" / "..hidden").mkdir()
-    found = study_files(tmp_path, "1.2.3")
+    archive = FilesystemStore(tmp_path)
+    found = study_files(archive, "1.2.3")
     assert sorted(d.sop_instance_uid for d in found) == ["1.2.3.4.5", "1.2.3.4.6"]
-    assert {d.path for d in found} == {series / "1.2.3.4.5.dcm", series / "1.2.3.4.6.dcm"}
-    assert study_files(tmp_path, "../etc") == []
+    assert {d.key for d in found} == {"1.2.3/1.2.3.4/1.2.3.4.5.dcm", "1.2.3/1.2.3.4/1.2.3.4.6.dcm"}
+    assert {archive.path(d.key) for d in found} == {series / "1.2.3.4.5.dcm", series / "1.2.3.4.6.dcm"}
+    assert study_files(archive, "../etc") == []
 
 
 def test_status_shows_each_destinations_lag():

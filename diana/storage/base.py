@@ -1,0 +1,96 @@
+"""What every object store offers: the contract the archive (and later the landing store) writes through.
+
+Keys are relative POSIX paths (``<Study>/<Series>/<SOP>.dcm``); a key that is empty, absolute or
+has an empty, ``.`` or ``..`` segment is refused before it reaches a backend, so no key can leave
+its store.
+
+Every put is verified: the store computes the SHA-256 of what it stores while writing, and when the
+caller passes the SHA-256 it expects (the event's), a source of other bytes is an
+:class:`IntegrityError` (bad input: nothing is stored under the key) and a stored copy that differs
+from a correct source is a :class:`StorageError` (a fault: removed, the caller retries). Every put is atomic: a reader sees the old object or the whole new
+one, never a part.
+
+Two writers putting the same key at once: the last complete put wins, whole. For a
+content-addressed key (the key names the bytes' hash) both writers put the same bytes, so either
+outcome is the same object and both writers may report success: puts of such keys are idempotent.
+Nothing relies on conditional writes (``If-None-Match``), which S3Proxy does not enforce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import BinaryIO, Protocol, runtime_checkable
+
+__all__ = ["ObjectStore", "ObjectNotFound", "IntegrityError", "StorageError", "check_key"]
+
+
+class StorageError(OSError):
+    """The store cannot be reached or refused the operation; retry later (an OSError, like a full disk)."""
+
+
+class ObjectNotFound(FileNotFoundError):
+    """No object under this key."""
+
+
+class IntegrityError(ValueError):
+    """The bytes stored or read do not have the SHA-256 they should have; nothing was kept."""
+
+
+def check_key(key: str) -> str:
+    """``key`` if it is a relative POSIX path without empty, ``.`` or ``..`` segments, else ValueError."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in parts) or "\\" in key:
+        raise ValueError(f"not a valid object key: {key!r} (a relative path without '.', '..' or empty parts)")
+    return key
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """Objects under keys: put (verified, atomic), get as a stream, exists, list, copy, delete."""
+
+    def uri(self, key: str) -> str:
+        """Where the object lives, for people and events (``file:///...``, ``s3://bucket/...``); never credentials."""
+        ...
+
+    def put_file(self, key: str, source: Path, sha256: str | None = None, link: bool = False) -> str:
+        """Store the file ``source`` under ``key``; returns its SHA-256 (checked against ``sha256`` if given).
+
+        ``link``: the source is ours and never changes, so a filesystem store may hard-link it.
+        """
+        ...
+
+    def put_stream(self, key: str, stream: BinaryIO, sha256: str | None = None) -> str:
+        """Store what ``stream`` yields under ``key``; returns its SHA-256 (checked against ``sha256`` if given)."""
+        ...
+
+    def open(self, key: str) -> AbstractContextManager[BinaryIO]:
+        """The object's bytes as a readable stream; ObjectNotFound when there is none."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def size(self, key: str) -> int:
+        """The object's size in bytes; ObjectNotFound when there is none."""
+        ...
+
+    def sha256(self, key: str) -> str:
+        """The SHA-256 of the object's bytes as stored now (read through, not a remembered value)."""
+        ...
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Keys under ``prefix`` (a folder-like prefix ending in '/' or empty for all), in no set order."""
+        ...
+
+    def copy(self, source_key: str, target_key: str, sha256: str | None = None) -> str:
+        """Copy within the store (server-side where the backend can); returns the SHA-256 of the copy."""
+        ...
+
+    def copy_from(self, other: ObjectStore, source_key: str, target_key: str, sha256: str | None = None) -> str:
+        """Copy ``other``'s object into this store: server-side when both are the same backend, else streamed."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object; no error when there is none."""
+        ...

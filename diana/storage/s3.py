@@ -1,0 +1,252 @@
+"""The S3-compatible object store (boto3): one bucket, each store a key prefix in it.
+
+Verification: the store hashes (SHA-256) every byte it sends and sends each request's or part's
+Content-MD5, which the server checks on receipt; the SHA-256 goes with the object as metadata
+(``x-amz-meta-sha256``). A multipart upload is completed only when the whole stream had the
+expected SHA-256, otherwise aborted, so a wrong object never becomes visible. A single PUT of a
+wrong stream is never sent: below the part size the bytes are hashed before the request.
+
+Atomicity and concurrent writers: S3 makes an object visible whole at the end of its PUT or
+CompleteMultipartUpload, and the last one to finish wins. Content-addressed keys are therefore
+idempotent without conditional requests (S3Proxy 2.6 ignores ``If-None-Match``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+from diana.storage.base import IntegrityError, ObjectNotFound, ObjectStore, StorageError, check_key
+
+__all__ = ["S3Store", "S3_MAX_COPY_BYTES"]
+
+# CopyObject copies at most 5 GiB; larger objects are copied part by part (UploadPartCopy).
+S3_MAX_COPY_BYTES = 5 * 1024**3
+# S3 parts are at least 5 MiB (but the last).
+_MIN_PART = 5 * 1024**2
+
+
+def _md5_b64(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+
+
+def _is_not_found(exc: Exception) -> bool:
+    response = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    return code in ("404", "NoSuchKey", "NotFound")
+
+
+class _Errors:
+    """Turns botocore's failures into the store's: NotFound → ObjectNotFound, the rest → StorageError (retry)."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> Literal[False]:
+        if exc is None or isinstance(exc, (ObjectNotFound, IntegrityError, ValueError, StorageError)):
+            return False
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(exc, ClientError) and _is_not_found(exc):
+            raise ObjectNotFound(f"no object {self.what}") from None
+        if isinstance(exc, (ClientError, BotoCoreError)):
+            # botocore's messages name the operation and the error code, never the credentials.
+            raise StorageError(f"object store: {self.what}: {exc}") from None
+        return False
+
+
+class S3Store:
+    def __init__(self, client: Any, bucket: str, prefix: str = "", part_size: int = 16 * 1024**2):
+        if prefix and not prefix.endswith("/"):
+            raise ValueError(f"an S3 store prefix ends with '/': {prefix!r}")
+        if part_size < _MIN_PART:
+            raise ValueError(f"S3 parts are at least 5 MiB; part size {part_size} is too small")
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix
+        self.part_size = part_size
+        self.max_copy_bytes = S3_MAX_COPY_BYTES
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.uri('')!r})"
+
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self.prefix}{key}"
+
+    # ------------------------------------------------------------------ put
+    def put_file(self, key: str, source: Path, sha256: str | None = None, link: bool = False) -> str:
+        with open(source, "rb") as stream:
+            return self.put_stream(key, stream, sha256)
+
+    def put_stream(self, key: str, stream: BinaryIO, sha256: str | None = None) -> str:
+        full = self._key(key)
+        first = _read_full(stream, self.part_size)
+        second = _read_full(stream, self.part_size) if len(first) == self.part_size else b""
+        with _Errors(f"put {key}"):
+            if not second:
+                actual = hashlib.sha256(first).hexdigest()
+                if sha256 is not None and actual != sha256:
+                    raise IntegrityError(f"the bytes for {key} do not have the expected SHA-256; not stored")
+                self.client.put_object(
+                    Bucket=self.bucket, Key=full, Body=first, ContentMD5=_md5_b64(first), Metadata={"sha256": actual}
+                )
+                return actual
+            return self._multipart(full, key, first, second, stream, sha256)
+
+    def _multipart(
+        self, full: str, key: str, first: bytes, second: bytes, stream: BinaryIO, expected: str | None
+    ) -> str:
+        # The SHA-256 is known only at the end: it goes into the metadata if the caller gave it (the
+        # upload is completed only if the bytes match it); without it, readers hash the bytes.
+        metadata = {"sha256": expected} if expected else {}
+        upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=full, Metadata=metadata)["UploadId"]
+        digest = hashlib.sha256()
+        parts = []
+        try:
+            chunk, number = first, 1
+            pending = second
+            while chunk:
+                digest.update(chunk)
+                etag = self.client.upload_part(
+                    Bucket=self.bucket,
+                    Key=full,
+                    UploadId=upload,
+                    PartNumber=number,
+                    Body=chunk,
+                    ContentMD5=_md5_b64(chunk),
+                )["ETag"]
+                parts.append({"PartNumber": number, "ETag": etag})
+                chunk, number = pending, number + 1
+                pending = _read_full(stream, self.part_size) if pending else b""
+            actual = digest.hexdigest()
+            if expected is not None and actual != expected:
+                raise IntegrityError(f"the bytes for {key} do not have the expected SHA-256; not stored")
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=full, UploadId=upload, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload)
+            raise
+        return actual
+
+    # ------------------------------------------------------------------ read
+    def open(self, key: str) -> AbstractContextManager[BinaryIO]:
+        return self._open(key)
+
+    @contextmanager
+    def _open(self, key: str) -> Iterator[BinaryIO]:
+        with _Errors(f"get {key}"):
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        # Buffered, so readers get a file's semantics: lines (a StreamingBody iterates in 1 KiB chunks) and cheap small reads.
+        stream = io.BufferedReader(body, buffer_size=1 << 20)
+        try:
+            yield stream
+        finally:
+            stream.close()
+
+    def _head(self, key: str) -> dict:
+        with _Errors(f"head {key}"):
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._head(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def size(self, key: str) -> int:
+        return int(self._head(key)["ContentLength"])
+
+    def sha256(self, key: str) -> str:
+        digest = hashlib.sha256()
+        with self.open(key) as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        if prefix:
+            check_key(prefix.rstrip("/"))
+        with _Errors(f"list {prefix or '(all)'}"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    # S3Proxy's filesystem backend lists its folders as keys ending in '/': not objects.
+                    if not item["Key"].endswith("/"):
+                        yield item["Key"][len(self.prefix) :]
+
+    # ------------------------------------------------------------------ copy, delete
+    def copy(self, source_key: str, target_key: str, sha256: str | None = None) -> str:
+        return self.copy_from(self, source_key, target_key, sha256)
+
+    def copy_from(self, other: ObjectStore, source_key: str, target_key: str, sha256: str | None = None) -> str:
+        if not (isinstance(other, S3Store) and other.client.meta.endpoint_url == self.client.meta.endpoint_url):
+            with other.open(source_key) as stream:
+                return self.put_stream(target_key, stream, sha256)
+        head = other._head(source_key)
+        recorded = head.get("Metadata", {}).get("sha256")
+        if sha256 is not None and recorded != sha256:
+            # Without a recorded hash (an object not written by us) the bytes are read to check.
+            if recorded is not None or other.sha256(source_key) != sha256:
+                raise IntegrityError(f"{source_key} does not have the expected SHA-256; not copied")
+        source = {"Bucket": other.bucket, "Key": other._key(source_key)}
+        full = self._key(target_key)
+        with _Errors(f"copy {source_key} to {target_key}"):
+            if int(head["ContentLength"]) <= self.max_copy_bytes:
+                self.client.copy_object(Bucket=self.bucket, Key=full, CopySource=source, MetadataDirective="COPY")
+            else:
+                self._copy_parts(source, full, int(head["ContentLength"]), head.get("Metadata", {}))
+        return recorded or sha256 or self.sha256(target_key)
+
+    def _copy_parts(self, source: dict, full: str, size: int, metadata: dict) -> None:
+        upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=full, Metadata=metadata)["UploadId"]
+        parts = []
+        try:
+            for number, start in enumerate(range(0, size, self.part_size), start=1):
+                end = min(start + self.part_size, size) - 1
+                result = self.client.upload_part_copy(
+                    Bucket=self.bucket,
+                    Key=full,
+                    UploadId=upload,
+                    PartNumber=number,
+                    CopySource=source,
+                    CopySourceRange=f"bytes={start}-{end}",
+                )
+                parts.append({"PartNumber": number, "ETag": result["CopyPartResult"]["ETag"]})
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=full, UploadId=upload, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload)
+            raise
+
+    def delete(self, key: str) -> None:
+        with _Errors(f"delete {key}"):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+
+def _read_full(stream: BinaryIO, size: int) -> bytes:
+    """Up to ``size`` bytes: short only at the end of the stream (a socket may return less per read)."""
+    chunks = []
+    remaining = size
+    while remaining:
+        chunk = stream.read(remaining)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
