@@ -79,6 +79,10 @@ class ReceiverConfig:
     port: int = 11112
     max_associations: int = 16
     metrics_port: int = 9464
+    # Receiver processes sharing the port (SO_REUSEPORT, producers/workers.py), at least 1.
+    # Each has its own max_associations and max_associations_per_host, and its metrics on
+    # metrics_port + its index.
+    processes: int = 1
     # Largest PDU we accept; bounds the memory each association may hold at once.
     max_pdu_bytes: int = 1048576
     # A deflated data set is inflated (as a stream, to disk) up to this many bytes; past it the

@@ -30,6 +30,7 @@ from diana.producers.landing import LandingStore
 from diana.producers.publisher import EventPublisher, PublishError, PublishRefused
 from diana.producers.spill import SpillFile, install_spill_to_file
 from diana.producers.transport_guard import GuardedServer, GuardSettings
+from diana.producers.workers import SharedPortServer
 from diana.schemas.codec import default_codec
 
 __all__ = ["Receiver", "association_handlers", "handle_echo", "handle_store", "tls_context", "STATUS"]
@@ -68,15 +69,20 @@ def handle_store(event: evt.Event, ingest: Ingest) -> int:
         metrics.REJECTED.labels("storage").inc()
         log.error("store.rejected", reason="landing store write failed while receiving", **context)
         return STATUS.OUT_OF_RESOURCES
+    request = cast(C_STORE, event.request)
+    spill = getattr(request, "_dataset_file", None)
     try:
+        # Hashed while the bytes arrived: fsync'd here, never read back to hash.
+        synced = spill.sync() if isinstance(spill, SpillFile) else None
         accepted = ingest.accept_file(
             event.dataset_path,
             "C_STORE",
             owned=True,
             calling_ae=calling_ae,
             called_ae=assoc.acceptor.ae_title,
-            expected_sop_instance_uid=str(cast(C_STORE, event.request).AffectedSOPInstanceUID),
+            expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
             expected_sop_class_uid=str(event.context.abstract_syntax),
+            synced_digest=synced,
         )
     except InvalidIdentifiers as exc:
         metrics.REJECTED.labels("invalid_identifiers").inc()
@@ -229,12 +235,19 @@ class Receiver:
         config: Config,
         extra_contexts: list[tuple[str, dict]] | None = None,
         extra_handlers: list[tuple] | None = None,
+        worker: int = 0,
     ):
         # Process-wide changes to pynetdicom, made here at service start and nowhere on import.
         install_spill_to_file()
         self.cfg = config.receiver
+        # One of [receiver] processes sharing the port (workers.py), or the only one.
+        self.worker = worker
+        self.shared = self.cfg.processes > 1
         self.extra_handlers = list(extra_handlers or [])
-        self.landing = LandingStore(config.path(config.storage.landing_dir))
+        self.landing = LandingStore(config.path(config.storage.landing_dir), shared=self.shared)
+        # An object another worker is landing is in nobody's in_flight here; once older than this,
+        # its publish has ended either way (publish timeout), so the outbox tasks may touch it.
+        self.shared_guard_s = config.kafka.publish_timeout_s + 60.0 if self.shared else 0.0
         # pynetdicom writes chunked data sets with NamedTemporaryFile: keep them on the landing
         # filesystem so that accepting one is a hard link, not a copy.
         tempfile.tempdir = str(self.landing.incoming)
@@ -273,7 +286,7 @@ class Receiver:
 
     def recover(self) -> None:
         """The outbox step: publish events for objects landed before a crash."""
-        published = self.ingest.republish_landed()
+        published = self.ingest.republish_landed(older_than_s=self.shared_guard_s)
         self._reconciled.update(published)
         log.info("recover.done", republished=len(published))
 
@@ -282,11 +295,17 @@ class Receiver:
         (an event lost after its acknowledgement, a recovery that could not finish) are republished
         once per run of the receiver. Objects received or published right now are never touched."""
         published = self.ingest.republish_landed(
-            older_than_s=self.cfg.reconcile_after_s, skip=self._reconciled.__contains__
+            older_than_s=max(self.cfg.reconcile_after_s, self.shared_guard_s), skip=self._reconciled.__contains__
         )
         self._reconciled.update(published)
         if published:
             log.info("reconcile.republished", count=len(published))
+
+    def sweep_debris(self) -> None:
+        """Remove everything half-written a crash left behind: call only while nothing is received."""
+        swept = self.landing.sweep(older_than_s=0)
+        if swept:
+            log.info("landing.swept", removed=swept)
 
     def _sweep(self) -> None:
         removed = self.landing.sweep(self.SWEEP_AFTER_S)
@@ -294,13 +313,14 @@ class Receiver:
             log.info("landing.swept", removed=removed)
 
     def start(self) -> None:
-        # Before listening, so none of ours exist yet: debris of a crash is swept.
-        swept = self.landing.sweep(older_than_s=0)
-        if swept:
-            log.info("landing.swept", removed=swept)
-        start_until_done("recover", self.recover, self._stopped)
-        start_periodic("sweeper", self.SWEEP_AFTER_S / 4, self._sweep, self._stopped)
-        start_periodic("reconcile", self.cfg.reconcile_interval_s, self.reconcile, self._stopped)
+        if not self.shared:
+            # Before listening, so none of ours exist yet: debris of a crash is swept. With several
+            # workers, the parent does it before any of them listens (workers.py).
+            self.sweep_debris()
+        if self.worker == 0:
+            start_until_done("recover", self.recover, self._stopped)
+            start_periodic("sweeper", self.SWEEP_AFTER_S / 4, self._sweep, self._stopped)
+            start_periodic("reconcile", self.cfg.reconcile_interval_s, self.reconcile, self._stopped)
         handlers: list[Any] = [
             (evt.EVT_C_STORE, handle_store, [self.ingest]),
             (evt.EVT_C_ECHO, handle_echo),
@@ -314,7 +334,7 @@ class Receiver:
             (self.cfg.host, self.cfg.port),
             evt_handlers=handlers,
             ssl_context=self.ssl_context,
-            server_class=GuardedServer,
+            server_class=SharedPortServer if self.shared else GuardedServer,
         )
         assert self.server is not None
         threading.Thread(target=self.server.serve_forever, name="AcceptorServer", daemon=True).start()
@@ -324,6 +344,8 @@ class Receiver:
             ae_title=self.cfg.ae_title,
             host=self.cfg.host,
             port=self.cfg.port,
+            worker=self.worker,
+            workers=self.cfg.processes,
             tls=self.ssl_context is not None,
             landing=str(self.landing.root),
             extra_services=len(self.extra_handlers),

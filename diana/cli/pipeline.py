@@ -16,16 +16,31 @@ log = structlog.get_logger("diana")
 
 def cmd_receive(cfg: Config, _args: argparse.Namespace) -> int:
     from diana.producers.scp import Receiver
+    from diana.producers.workers import run_workers
 
-    start_metrics(cfg, cfg.receiver.metrics_port)
-    contexts: list = []
-    handlers: list = []
-    if cfg.query_retrieve.on_receiver:  # one AE title and port for storage and query/retrieve
-        from diana.access.qr.server import build_query_retrieve
+    def serve(worker: int) -> None:
+        port = cfg.receiver.metrics_port
+        start_metrics(cfg, port + worker if port else 0)
+        contexts: list = []
+        handlers: list = []
+        if cfg.query_retrieve.on_receiver:  # one AE title and port for storage and query/retrieve
+            from diana.access.qr.server import build_query_retrieve
 
-        qr = build_query_retrieve(cfg)
-        contexts, handlers = qr.contexts(), qr.handlers()
-    Receiver(cfg, extra_contexts=contexts, extra_handlers=handlers).serve_forever()
+            qr = build_query_retrieve(cfg)
+            contexts, handlers = qr.contexts(), qr.handlers()
+        Receiver(cfg, extra_contexts=contexts, extra_handlers=handlers, worker=worker).serve_forever()
+
+    if cfg.receiver.processes < 1:
+        return fail("receive", f"[receiver] processes must be at least 1, not {cfg.receiver.processes}")
+    if cfg.receiver.processes == 1:
+        serve(0)
+        return 0
+    from diana.producers.landing import LandingStore
+
+    # Before any worker listens: debris of a crash goes, nothing of ours exists yet.
+    swept = LandingStore(cfg.path(cfg.storage.landing_dir)).sweep(older_than_s=0)
+    log.info("landing.swept", removed=swept)
+    run_workers(cfg.receiver.processes, serve)
     return 0
 
 
