@@ -129,6 +129,9 @@ class SinksConfig:
     archive_conflict_policy: str = ConflictPolicy.KEEP_FIRST
     # A bulk request holds at most this many documents and about this many bytes.
     bulk_max_bytes: int = 5_000_000
+    # A sink writes what it has at the latest this long after asking for a batch (a full batch
+    # goes at once): the bound a quiet moment adds to receipt-to-searchable.
+    max_wait_s: float = 0.2
 
 
 @dataclass(frozen=True)

@@ -124,38 +124,48 @@ def cmd_dose(cfg: Config, _args: argparse.Namespace) -> int:
 
 
 def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
-    from diana.sinks.consumer import run_sink
+    from diana.sinks.consumer import run_sinks
 
     stop = stop_on_signals()
-    sink: Any
+    sinks: list[Any]
     if args.sink == "archive":
         from diana.schemas.topics import ARCHIVE_CONFLICTS
         from diana.sinks.archive import ArchiveSink
         from diana.sinks.consumer import Reporter
 
         report = Reporter(cfg.kafka, ARCHIVE_CONFLICTS.name, ARCHIVE_CONFLICTS.value_schema, "sop_instance_uid")
-        sink = ArchiveSink(
-            cfg.path(cfg.storage.landing_dir),
-            cfg.path(cfg.storage.archive_dir),
-            policy=cfg.sinks.archive_conflict_policy,
-            report=report,
-            quarantine_root=cfg.path(cfg.storage.quarantine_dir),
-        )
+        sinks = [
+            ArchiveSink(
+                cfg.path(cfg.storage.landing_dir),
+                cfg.path(cfg.storage.archive_dir),
+                policy=cfg.sinks.archive_conflict_policy,
+                report=report,
+                quarantine_root=cfg.path(cfg.storage.quarantine_dir),
+            )
+        ]
         group, port = cfg.sinks.archive_group, cfg.sinks.archive_metrics_port
     else:
         from diana.clients import opensearch_client
         from diana.schemas.layout import IndexLayout
+        from diana.schemas.topics import INSTANCES
         from diana.sinks.opensearch import OpenSearchSink
 
-        sink = OpenSearchSink(
-            opensearch_client(cfg.opensearch, timeout=30),
-            IndexLayout(cfg.opensearch.index_prefix),
-            max_bytes=cfg.sinks.bulk_max_bytes,
-            conflict_policy=cfg.sinks.archive_conflict_policy,
-        )
+        client = opensearch_client(cfg.opensearch, timeout=30)
+        # Instances in a consumer of their own: the aggregates' revisions never queue in front of them.
+        others = tuple(t for t in OpenSearchSink.topics if t != INSTANCES.name)
+        sinks = [
+            OpenSearchSink(
+                client,
+                IndexLayout(cfg.opensearch.index_prefix),
+                max_bytes=cfg.sinks.bulk_max_bytes,
+                conflict_policy=cfg.sinks.archive_conflict_policy,
+                topics=topics,
+            )
+            for topics in ((INSTANCES.name,), others)
+        ]
         group, port = cfg.sinks.opensearch_group, cfg.sinks.opensearch_metrics_port
     start_metrics(cfg, port)
-    run_sink(sink, cfg.kafka, group, stop, batch_size=cfg.opensearch.bulk_max_docs)
+    run_sinks(sinks, cfg.kafka, group, stop, batch_size=cfg.opensearch.bulk_max_docs, max_wait_s=cfg.sinks.max_wait_s)
     return 0
 
 
