@@ -22,7 +22,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from diana.config import Config, ReceiverConfig
-from diana.producers import metrics, negotiation, transport_guard
+from diana.producers import metrics, negotiation, reactor, transport_guard
 from diana.producers.background import start_periodic, start_until_done
 from diana.producers.header import HeaderError, InvalidIdentifiers
 from diana.producers.ingest import Ingest
@@ -120,6 +120,7 @@ def handle_echo(_event: evt.Event) -> int:
 
 
 def _on_conn_open(event: evt.Event) -> None:
+    reactor.fast_reactor(event.assoc.dul)
     # pynetdicom leaves Nagle on: small PDUs (the C-STORE response) would wait ~40 ms for an ACK.
     transport = event.assoc.dul.socket
     sock = transport.socket if transport is not None else None
@@ -258,6 +259,8 @@ class Receiver:
         self.ssl_context = tls_context(self.cfg)
         # Accept the encoding the sender chose (explicit VR first), not pynetdicom's implicit VR.
         negotiation.install()
+        # The DUL thread waits on its socket instead of sleeping 1 ms between checks (reactor.py).
+        reactor.install()
         transport_guard.install(
             GuardSettings(
                 max_pdu_bytes=self.cfg.max_pdu_bytes,
