@@ -12,6 +12,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -237,6 +238,7 @@ class Receiver:
         extra_contexts: list[tuple[str, dict]] | None = None,
         extra_handlers: list[tuple] | None = None,
         worker: int = 0,
+        started_at: float | None = None,
     ):
         # Process-wide changes to pynetdicom, made here at service start and nowhere on import.
         install_spill_to_file()
@@ -246,9 +248,8 @@ class Receiver:
         self.shared = self.cfg.processes > 1
         self.extra_handlers = list(extra_handlers or [])
         self.landing = LandingStore(config.path(config.storage.landing_dir), shared=self.shared)
-        # An object another worker is landing is in nobody's in_flight here; once older than this,
-        # its publish has ended either way (publish timeout), so the outbox tasks may touch it.
-        self.shared_guard_s = config.kafka.publish_timeout_s + 60.0 if self.shared else 0.0
+        # When the receiver (all its workers) started: recovery republishes what landed before.
+        self.started_at = time.time() if started_at is None else started_at
         # pynetdicom writes chunked data sets with NamedTemporaryFile: keep them on the landing
         # filesystem so that accepting one is a hard link, not a copy.
         tempfile.tempdir = str(self.landing.incoming)
@@ -289,7 +290,10 @@ class Receiver:
 
     def recover(self) -> None:
         """The outbox step: publish events for objects landed before a crash."""
-        published = self.ingest.republish_landed(older_than_s=self.shared_guard_s)
+        # Objects landed before this run: with several workers, the others' objects of this run
+        # are theirs to publish (republishing one would be harmless, a shared store never removes
+        # a landed object, but it is a needless duplicate event).
+        published = self.ingest.republish_landed(older_than_s=max(time.time() - self.started_at, 0.0))
         self._reconciled.update(published)
         log.info("recover.done", republished=len(published))
 
@@ -298,7 +302,7 @@ class Receiver:
         (an event lost after its acknowledgement, a recovery that could not finish) are republished
         once per run of the receiver. Objects received or published right now are never touched."""
         published = self.ingest.republish_landed(
-            older_than_s=max(self.cfg.reconcile_after_s, self.shared_guard_s), skip=self._reconciled.__contains__
+            older_than_s=self.cfg.reconcile_after_s, skip=self._reconciled.__contains__
         )
         self._reconciled.update(published)
         if published:

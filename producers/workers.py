@@ -9,13 +9,18 @@ started again after a second (the senders of its open associations got no succes
 
 Per worker: its own Kafka producer, its own limits (``max_associations``,
 ``max_associations_per_host``: the whole receiver admits N times them), its own metrics endpoint on
-``metrics_port + index``. Worker 0 alone runs the outbox tasks (recover, reconcile, sweeper); see
-``scp.Receiver`` for how they keep away from objects the other workers are landing.
+``metrics_port + index``. Worker 0 alone runs the outbox tasks (recover: what landed before the
+receiver started; reconcile; sweeper). The landing store is shared: a refused publish leaves its
+object for reconcile (``LandingStore(shared=True)``), so no worker ever removes an object another
+one published. A worker dies with the parent (PR_SET_PDEATHSIG): ``kill -9`` of the receiver
+ends every worker, as it ends a single-process receiver.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
 import signal
 import socket
 import threading
@@ -41,6 +46,19 @@ class SharedPortServer(GuardedServer):
         super().server_bind()
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _worker_main(worker: Callable[[int], None], index: int, parent: int) -> None:
+    # Die with the parent, whatever kills it: no orphan keeps the port and answers success.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)  # the parent's handler is not ours; the receiver sets its own
+    worker(index)
+
+
 def run_workers(count: int, worker: Callable[[int], None], restart_delay_s: float = 1.0) -> None:
     """Fork ``count`` processes running ``worker(index)``; restart any that dies; stop all on SIGINT/SIGTERM.
 
@@ -50,8 +68,12 @@ def run_workers(count: int, worker: Callable[[int], None], restart_delay_s: floa
     context = multiprocessing.get_context("fork")
     stopping = threading.Event()
 
+    parent = os.getpid()
+
     def start(index: int) -> BaseProcess:
-        process = context.Process(target=worker, args=(index,), name=f"diana-receive-{index}", daemon=False)
+        process = context.Process(
+            target=_worker_main, args=(worker, index, parent), name=f"diana-receive-{index}", daemon=False
+        )
         process.start()
         log.info("receiver.worker_started", worker=index, pid=process.pid)
         return process

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ def cmd_receive(cfg: Config, _args: argparse.Namespace) -> int:
     from diana.producers.scp import Receiver
     from diana.producers.workers import run_workers
 
+    started_at = time.time()  # recovery republishes what landed before this
+
     def serve(worker: int) -> None:
         port = cfg.receiver.metrics_port
         start_metrics(cfg, port + worker if port else 0)
@@ -28,7 +31,9 @@ def cmd_receive(cfg: Config, _args: argparse.Namespace) -> int:
 
             qr = build_query_retrieve(cfg)
             contexts, handlers = qr.contexts(), qr.handlers()
-        Receiver(cfg, extra_contexts=contexts, extra_handlers=handlers, worker=worker).serve_forever()
+        Receiver(
+            cfg, extra_contexts=contexts, extra_handlers=handlers, worker=worker, started_at=started_at
+        ).serve_forever()
 
     if cfg.receiver.processes < 1:
         return fail("receive", f"[receiver] processes must be at least 1, not {cfg.receiver.processes}")
