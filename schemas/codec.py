@@ -50,7 +50,7 @@ class _Entry:
     name: str
     schema: avro.schema.RecordSchema
     fingerprint: bytes
-    parsed: dict[str, Any]  # fastavro's parsed form of the same .avsc
+    parsed: Any  # fastavro's parsed form of the same .avsc
     # Plain int/long fields: the one misfit fastavro's writer lets through (it truncates a float).
     integral_fields: tuple[str, ...]
 

@@ -85,7 +85,7 @@ def _document(record: dict[str, Any]) -> dict[str, Any]:
 
 class OpenSearchSink:
     name = "opensearch"
-    topics = (
+    topics: tuple[str, ...] = (
         INSTANCES.name,
         SERIES.name,
         STUDIES.name,
