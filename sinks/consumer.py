@@ -220,12 +220,14 @@ def run_sinks(
         run_sink(sinks[0], kafka, group_id, stop, **options)
         return
 
+    failures: list[BaseException] = []
+
     def run(sink: BatchSink) -> None:
         try:
             run_sink(sink, kafka, group_id, stop, **options)
-        except Exception:
+        except BaseException as exc:
             log.exception("sink.crashed", sink=sink.name, topics=list(sink.topics))
-            raise
+            failures.append(exc)
         finally:
             stop.set()
 
@@ -236,3 +238,5 @@ def run_sinks(
         thread.start()
     for thread in threads:
         thread.join()
+    if failures:  # the process exits non-zero, as with a single consumer, and its supervisor sees it
+        raise failures[0]
