@@ -286,6 +286,7 @@ class Receiver:
         self.ae = ae
         self.server: ThreadedAssociationServer | None = None
         self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
         self._reconciled: set[str] = set()  # landing paths republished by this process
 
     def recover(self) -> None:
@@ -359,7 +360,12 @@ class Receiver:
         )
 
     def stop(self) -> None:
-        self._stopped.set()
+        # Once, however many signals arrive (a worker gets SIGTERM from its parent and, from a
+        # terminal or `timeout`, from its process group too).
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
         if self.server is not None:
             self.server.shutdown()
             self.server = None
