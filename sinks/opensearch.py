@@ -18,7 +18,7 @@ import structlog
 from confluent_kafka import Message
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
-from opensearchpy.exceptions import TransportError
+from opensearchpy.exceptions import RequestError, TransportError
 from prometheus_client import Counter
 
 from diana.schemas.codec import Codec, DecodeError, default_codec
@@ -52,7 +52,11 @@ def ensure_indices(client: OpenSearch, layout: IndexLayout) -> None:
         if not client.indices.exists_alias(name=layout.alias(kind)):
             index = layout.index(kind)
             if not client.indices.exists(index=index):
-                client.indices.create(index=index)
+                try:
+                    client.indices.create(index=index)
+                except RequestError as exc:  # made meanwhile by the sink's other consumer: fine
+                    if exc.error != "resource_already_exists_exception":
+                        raise
             client.indices.put_alias(index=index, name=layout.alias(kind))
 
 

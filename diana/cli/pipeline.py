@@ -155,12 +155,12 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
         from diana.schemas.topics import INSTANCES
         from diana.sinks.opensearch import OpenSearchSink
 
-        client = opensearch_client(cfg.opensearch, timeout=30)
         # Instances in a consumer of their own: the aggregates' revisions never queue in front of them.
+        # A client each: one HTTP connection each, neither waits for the other's request.
         others = tuple(t for t in OpenSearchSink.topics if t != INSTANCES.name)
         sinks = [
             OpenSearchSink(
-                client,
+                opensearch_client(cfg.opensearch, timeout=30),
                 IndexLayout(cfg.opensearch.index_prefix),
                 max_bytes=cfg.sinks.bulk_max_bytes,
                 conflict_policy=cfg.sinks.archive_conflict_policy,
