@@ -210,7 +210,7 @@ opensearch_metrics_port = 0
 landing_dir = "{work}/landing"
 archive_dir = "{work}/archive"
 [stream]
-web_port = 26066
+web_port = 29066
 data_dir = "{work}/faust"
 quiet_seconds = "CT=5,DX=5,*=5"
 [stack]
