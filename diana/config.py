@@ -80,8 +80,8 @@ class ReceiverConfig:
     max_associations: int = 16
     metrics_port: int = 9464
     # Receiver processes sharing the port (SO_REUSEPORT, producers/workers.py), at least 1.
-    # Each has its own max_associations and max_associations_per_host, and its metrics on
-    # metrics_port + its index.
+    # Each has its own max_associations and max_associations_per_host; metrics_port serves the
+    # sum of all of them.
     processes: int = 1
     # Largest PDU we accept; bounds the memory each association may hold at once.
     max_pdu_bytes: int = 1048576

@@ -8,8 +8,9 @@ own start would delete files another worker is receiving), then watches: a worke
 started again after a second (the senders of its open associations got no success and retry).
 
 Per worker: its own Kafka producer, its own limits (``max_associations``,
-``max_associations_per_host``: the whole receiver admits N times them), its own metrics endpoint on
-``metrics_port + index``. Worker 0 alone runs the outbox tasks (recover: what landed before the
+``max_associations_per_host``: the whole receiver admits N times them). Metrics: one endpoint on
+``metrics_port``, served by the parent, summing every worker's (prometheus_client's multiprocess
+mode, ``shared_metrics.py``; the association gauge has one series per worker, labelled ``pid``). Worker 0 alone runs the outbox tasks (recover: what landed before the
 receiver started; reconcile; sweeper). The landing store is shared: a refused publish leaves its
 object for reconcile (``LandingStore(shared=True)``), so no worker ever removes an object another
 one published. A worker dies with the parent (PR_SET_PDEATHSIG): ``kill -9`` of the receiver
@@ -59,7 +60,12 @@ def _worker_main(worker: Callable[[int], None], index: int, parent: int) -> None
     worker(index)
 
 
-def run_workers(count: int, worker: Callable[[int], None], restart_delay_s: float = 1.0) -> None:
+def run_workers(
+    count: int,
+    worker: Callable[[int], None],
+    restart_delay_s: float = 1.0,
+    after_start: Callable[[], None] | None = None,
+) -> None:
     """Fork ``count`` processes running ``worker(index)``; restart any that dies; stop all on SIGINT/SIGTERM.
 
     Forked, not spawned: the parent has loaded the configuration and started no thread or client
@@ -84,6 +90,8 @@ def run_workers(count: int, worker: Callable[[int], None], restart_delay_s: floa
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
     workers = [start(i) for i in range(count)]
+    if after_start is not None:
+        after_start()  # e.g. the metrics endpoint, whose thread is better not running at fork time
     while not stopping.wait(0.5):
         for index, process in enumerate(workers):
             if process.exitcode is not None:

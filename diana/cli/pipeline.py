@@ -16,37 +16,41 @@ log = structlog.get_logger("diana")
 
 
 def cmd_receive(cfg: Config, _args: argparse.Namespace) -> int:
-    from diana.producers.scp import Receiver
-    from diana.producers.workers import run_workers
+    processes = cfg.receiver.processes
+    if processes < 1:
+        return fail("receive", f"[receiver] processes must be at least 1, not {processes}")
+    if processes == 1:
+        start_metrics(cfg, cfg.receiver.metrics_port)
+        _serve_receiver(cfg, worker=0, started_at=time.time())
+        return 0
+    from diana.producers.shared_metrics import shared_metrics
 
     started_at = time.time()  # recovery republishes what landed before this
+    # Before anything imports prometheus_client: the workers' metrics go through files.
+    with shared_metrics(cfg.receiver.metrics_port, cfg.metrics.host) as serve_metrics:
+        from diana.producers.landing import LandingStore
+        from diana.producers.workers import run_workers
 
-    def serve(worker: int) -> None:
-        port = cfg.receiver.metrics_port
-        start_metrics(cfg, port + worker if port else 0)
-        contexts: list = []
-        handlers: list = []
-        if cfg.query_retrieve.on_receiver:  # one AE title and port for storage and query/retrieve
-            from diana.access.qr.server import build_query_retrieve
-
-            qr = build_query_retrieve(cfg)
-            contexts, handlers = qr.contexts(), qr.handlers()
-        Receiver(
-            cfg, extra_contexts=contexts, extra_handlers=handlers, worker=worker, started_at=started_at
-        ).serve_forever()
-
-    if cfg.receiver.processes < 1:
-        return fail("receive", f"[receiver] processes must be at least 1, not {cfg.receiver.processes}")
-    if cfg.receiver.processes == 1:
-        serve(0)
-        return 0
-    from diana.producers.landing import LandingStore
-
-    # Before any worker listens: debris of a crash goes, nothing of ours exists yet.
-    swept = LandingStore(cfg.path(cfg.storage.landing_dir)).sweep(older_than_s=0)
-    log.info("landing.swept", removed=swept)
-    run_workers(cfg.receiver.processes, serve)
+        # Before any worker listens: debris of a crash goes, nothing of ours exists yet.
+        swept = LandingStore(cfg.path(cfg.storage.landing_dir)).sweep(older_than_s=0)
+        log.info("landing.swept", removed=swept)
+        run_workers(processes, lambda worker: _serve_receiver(cfg, worker, started_at), after_start=serve_metrics)
     return 0
+
+
+def _serve_receiver(cfg: Config, worker: int, started_at: float) -> None:
+    from diana.producers.scp import Receiver
+
+    contexts: list = []
+    handlers: list = []
+    if cfg.query_retrieve.on_receiver:  # one AE title and port for storage and query/retrieve
+        from diana.access.qr.server import build_query_retrieve
+
+        qr = build_query_retrieve(cfg)
+        contexts, handlers = qr.contexts(), qr.handlers()
+    Receiver(
+        cfg, extra_contexts=contexts, extra_handlers=handlers, worker=worker, started_at=started_at
+    ).serve_forever()
 
 
 def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
