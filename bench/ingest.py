@@ -4,8 +4,10 @@
 
 Every receiver gets the same files from dcmtk's storescu (TCP_NODELAY=1 on both ends), over one
 association and over 4 parallel ones. For diana-star the whole stack runs (Kafka, OpenSearch,
-Faust worker, both sinks); it also measures time until every instance is archived and
-searchable, per-instance latency from receipt to searchable, and re-index throughput.
+aggregates worker, both sinks; the receiver with one process per core); it also measures time
+until every instance is archived and searchable, per-instance latency from receipt to searchable,
+and re-index throughput, samples the receiver with py-spy during its one-association run (top
+frames), and says of each target of issue 19 whether this run met it.
 Results: JSON plus a Markdown table.
 """
 
@@ -25,6 +27,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.profile import Profiler
 from tests.support.dicomgen import SeriesSpec, make_study
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,16 +64,36 @@ class Run:
         return self.megabytes / self.wall_s
 
 
+def _children(pid: int) -> list[int]:
+    """Every living descendant of ``pid`` (the receiver's worker processes)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def _proc_stats(pid: int) -> tuple[float, float]:
-    """(cpu seconds, peak RSS MB) of a process and its children so far."""
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """(cpu seconds, peak RSS MB) of a process and its descendants so far; the RSS is the largest
+    single process's peak (each receiver process is bounded on its own)."""
     ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(stat[11]) + int(stat[12]) + int(stat[13]) + int(stat[14])) / ticks
-    hwm = next(
-        int(line.split()[1])
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-        if line.startswith("VmHWM:")
-    )
+    cpu, hwm = 0.0, 0
+    for each in [pid, *_children(pid)]:
+        try:
+            stat = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+            status = Path(f"/proc/{each}/status").read_text().splitlines()
+        except OSError:
+            continue  # ended meanwhile
+        cpu += (int(stat[11]) + int(stat[12]) + int(stat[13]) + int(stat[14])) / ticks
+        hwm = max(hwm, next((int(line.split()[1]) for line in status if line.startswith("VmHWM:")), 0))
     return cpu, hwm / 1024
 
 
@@ -186,6 +209,7 @@ ae_title = "DIANA"
 host = "127.0.0.1"
 port = {p["diana"]}
 metrics_port = 0
+processes = {os.cpu_count() or 1}
 [sinks]
 archive_metrics_port = 0
 opensearch_metrics_port = 0
@@ -194,7 +218,7 @@ metadata_metrics_port = 0
 landing_dir = "{work}/landing"
 archive_dir = "{work}/archive"
 [stream]
-web_port = {p.get("stream_web", 26066)}
+web_port = {p.get("stream_web", 29066)}
 data_dir = "{work}/faust"
 quiet_seconds = "CT=5,DX=5,*=5"
 [stack]
@@ -253,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dx", type=int, default=300, help="small DX images (default 300)")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "bench", help="where results.json/.md go")
     ap.add_argument("--no-orthanc", action="store_true", help="skip Orthanc even if installed")
+    ap.add_argument(
+        "--no-profile",
+        dest="profile",
+        action="store_false",
+        help="do not sample the receiver with py-spy during the first run (py-spy: the 'profile' extra)",
+    )
     args = ap.parse_args(argv)
 
     from diana.compose.local.stack import LocalStack
@@ -289,9 +319,15 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(orthanc)
         time.sleep(1)
 
-        # diana first, on one association: that run is also the end-to-end measurement.
+        # diana first, on one association: that run is also the end-to-end measurement, and the
+        # receiver is sampled by py-spy meanwhile (its overhead is in that run's figures).
+        profiler = Profiler(pipeline["receive"].pid, work / "receiver.folded")
+        if args.profile:
+            profiler.start()
+            time.sleep(1)  # py-spy attaches
         first_send = time.monotonic()
         runs.append(measure("diana-star", pipeline["receive"].pid, files, BENCH_PORTS["diana"], "DIANA", 1))
+        receiver_profile = profiler.stop()
         done_at, latencies = searchable_latencies(cfg.opensearch.url, len(files), timeout=1800)
         searchable_s = done_at - first_send
         # Where the two cores went during that first end-to-end run.
@@ -360,7 +396,10 @@ def main(argv: list[str] | None = None) -> int:
                 },
             },
             "reindex": {"events": events, "seconds": round(reindex_s, 2), "events_per_s": round(events / reindex_s)},
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "receiver_profile": receiver_profile,
         }
+        result["targets"] = targets(result)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -379,6 +418,52 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.md").write_text(table + "\n")
     print(table)
     return 0
+
+
+def targets(result: dict) -> list[dict]:
+    """Issue 19's targets, each a ratio or bound measured in this one run: figure, bound, met or not."""
+    runs = {(r["receiver"], r["associations"]): r for r in result["runs"]}
+    e = result["end_to_end"]
+    rows = []
+
+    def add(name: str, value: float | None, bound: str, met: bool | None) -> None:
+        rows.append({"target": name, "value": value, "bound": bound, "met": met})
+
+    diana1, scp1 = runs[("diana-star", 1)], runs[("storescp", 1)]
+    wall = round(diana1["wall_s"] / scp1["wall_s"], 2)
+    add("receiver wall, 1 association, × storescp", wall, "≤ 2", wall <= 2)
+    cpu = round(diana1["cpu_s"] / max(scp1["cpu_s"], 0.01), 2)
+    add("receiver CPU seconds, 1 association, × storescp's", cpu, "≤ 3", cpu <= 3)
+    rate4 = runs[("diana-star", 4)]["rate_vs_orthanc"]
+    add("rate with 4 associations, × Orthanc's", rate4, "≥ 3", None if rate4 is None else rate4 >= 3)
+    p95 = e["receipt_to_searchable_s"]["p95"]
+    add("receipt → searchable, p95 s", p95, "< 2", p95 < 2)
+    add(
+        "all searchable after first send, × storescp wall",
+        e["searchable_vs_storescp"],
+        "≤ 3",
+        e["searchable_vs_storescp"] <= 3,
+    )
+    rate = result["reindex"]["events_per_s"]
+    add("diana reindex of dicom.instances, events/s", rate, "≥ 5000", rate >= 5000)
+    rss = max(r["peak_rss_mb"] for r in result["runs"] if r["receiver"] == "diana-star")
+    add("receiver peak RSS MB", rss, "< 250", rss < 250)
+    return rows
+
+
+def render_profile(profile: dict | None) -> list[str]:
+    if not profile:
+        return ["", "Receiver profile: none (py-spy not installed, or --no-profile)."]
+    lines = [
+        "",
+        f"Receiver profile (py-spy, {profile['samples']} samples of active threads during the 1-association run):",
+        "",
+        "| own % | frame (where the CPU was) | | inclusive % | frame (with what it called) |",
+        "|---:|---|---|---:|---|",
+    ]
+    for own, inc in zip(profile["own"], profile["inclusive"], strict=False):
+        lines.append(f"| {own['percent']} | {own['frame']} | | {inc['percent']} | {inc['frame']} |")
+    return lines
 
 
 def render(result: dict) -> str:
@@ -408,7 +493,15 @@ def render(result: dict) -> str:
         + ".",
         f"Re-index of dicom.instances by a fresh consumer: {result['reindex']['events']} events in "
         f"{result['reindex']['seconds']} s = {result['reindex']['events_per_s']} events/s.",
+        f"Load average at the end (1, 5, 15 min; the machine is shared): {result['load_average']}.",
+        "",
+        "| target (issue 19) | this run | bound | met? |",
+        "|---|---:|---|---|",
     ]
+    for t in result["targets"]:
+        met = "n/a" if t["met"] is None else ("**met**" if t["met"] else "not met")
+        lines.append(f"| {t['target']} | {t['value']} | {t['bound']} | {met} |")
+    lines += render_profile(result.get("receiver_profile"))
     return "\n".join(lines)
 
 

@@ -79,6 +79,10 @@ class ReceiverConfig:
     port: int = 11112
     max_associations: int = 16
     metrics_port: int = 9464
+    # Receiver processes sharing the port (SO_REUSEPORT, producers/workers.py), at least 1.
+    # Each has its own max_associations and max_associations_per_host; metrics_port serves the
+    # sum of all of them.
+    processes: int = 1
     # Largest PDU we accept; bounds the memory each association may hold at once.
     max_pdu_bytes: int = 1048576
     # A deflated data set is inflated (as a stream, to disk) up to this many bytes; past it the
@@ -148,6 +152,9 @@ class SinksConfig:
     archive_conflict_policy: str = ConflictPolicy.KEEP_FIRST
     # A bulk request holds at most this many documents and about this many bytes.
     bulk_max_bytes: int = 5_000_000
+    # A sink writes what it has at the latest this long after asking for a batch (a full batch
+    # goes at once): the bound a quiet moment adds to receipt-to-searchable.
+    max_wait_s: float = 0.2
 
 
 @dataclass(frozen=True)

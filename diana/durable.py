@@ -113,16 +113,18 @@ def sha256_file(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def place_file(source: Path, target: Path, link: bool) -> bool:
+def place_file(source: Path, target: Path, link: bool, synced: bool = False) -> bool:
     """Put a copy of ``source`` at ``target`` atomically and durably; never loads it whole.
 
     ``link``: a hard link is enough (the source is ours and never changes); falls back to a
-    copy across filesystems. Returns True if the result shares the source's inode.
+    copy across filesystems. ``synced``: the caller has fsync'd the source already (the receiver
+    does, on the file it received into). Returns True if the result shares the source's inode.
     """
     with _atomic(target) as tmp:
         if link:
-            with open(source, "rb") as fh:
-                os.fsync(fh.fileno())
+            if not synced:
+                with open(source, "rb") as fh:
+                    os.fsync(fh.fileno())
             try:
                 os.link(source, tmp)
                 return True

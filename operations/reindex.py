@@ -50,9 +50,13 @@ class Reindexer:
         max_bytes: int = 5_000_000,
         batch: int = 2000,
         conflict_policy: str = ConflictPolicy.KEEP_FIRST,
+        parallel_requests: int = 4,
     ):
         self.client, self.layout, self.kafka, self.dead = client, layout, kafka, dead
         self.max_bytes, self.batch = max_bytes, batch
+        # Bulk requests in flight at once: OpenSearch indexes them on all its cores while the
+        # next batch is decoded here.
+        self.parallel_requests = parallel_requests
         # The rebuilt index keeps the same copy of a conflicting instance as the live one.
         self.conflict_policy = conflict_policy
 
@@ -66,10 +70,18 @@ class Reindexer:
             ]
         return max(existing, default=0) + 1
 
-    def _create(self, kinds: list[str], version: int) -> None:
+    def _create(self, kinds: list[str], version: int) -> dict[str, str]:
+        """Create the new versions with refresh off while they fill (nobody searches them yet);
+        return each index's refresh interval from its template, put back before the swap."""
+        refresh = {}
         for kind in kinds:
             install_template(self.client, self.layout, kind)
-            self.client.indices.create(index=self.layout.index(kind, version))
+            index = self.layout.index(kind, version)
+            self.client.indices.create(index=index)
+            settings = self.client.indices.get_settings(index=index)[index]["settings"]["index"]
+            refresh[index] = settings.get("refresh_interval", "1s")
+            self.client.indices.put_settings(index=index, body={"index": {"refresh_interval": "-1"}})
+        return refresh
 
     def _catch_up(
         self,
@@ -109,13 +121,14 @@ class Reindexer:
         topics = [t for t, k in self.layout.kinds.items() if k in kinds]
         old = {kind: current_version(self.client, self.layout, kind) for kind in kinds}
         version = self.next_version(kinds)
-        self._create(kinds, version)
+        refresh = self._create(kinds, version)
         sink = OpenSearchSink(
             self.client,
             self.layout,
             max_bytes=self.max_bytes,
             index_version=version,
             conflict_policy=self.conflict_policy,
+            parallel_requests=self.parallel_requests,
         )
         consumer = kafka_consumer(
             self.kafka, f"diana-reindex-{uuid.uuid4()}", {"enable.auto.commit": False, "enable.partition.eof": True}
@@ -131,6 +144,9 @@ class Reindexer:
             consumer.assign([TopicPartition(t, p, starts[(t, p)]) for (t, p) in starts])
             position = dict(starts)
             self._catch_up(consumer, sink, position, ends, progress)
+            for index, interval in refresh.items():
+                self.client.indices.put_settings(index=index, body={"index": {"refresh_interval": interval}})
+                self.client.indices.refresh(index=index)
             actions = []
             for kind in kinds:
                 alias = self.layout.alias(kind)

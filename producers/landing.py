@@ -38,8 +38,14 @@ class _Entry:
 
 
 class LandingStore:
-    def __init__(self, root: Path):
+    """``shared``: several processes land into this store at once (``[receiver] processes`` > 1).
+    A process then cannot know whether another one published the same bytes meanwhile, so a failed
+    publish leaves the object in place instead of removing it; reconcile publishes it later (an
+    event for bytes the sender was told to send again: harmless, every consumer is idempotent)."""
+
+    def __init__(self, root: Path, shared: bool = False):
         self.root = Path(root).resolve()
+        self.shared = shared
         self.incoming = self.root / ".incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -65,7 +71,7 @@ class LandingStore:
         return StoredObject(relative, digest, len(data))
 
     @contextmanager
-    def landed(self, source: Path, owned: bool) -> Iterator[StoredObject]:
+    def landed(self, source: Path, owned: bool, synced_digest: tuple[str, int] | None = None) -> Iterator[StoredObject]:
         """Store ``source`` durably while its event is published inside the block.
 
         If the block fails (no acknowledgement), the object is removed again unless it was
@@ -73,8 +79,10 @@ class LandingStore:
         failure and retries, and nothing stays that no event points to.
         ``owned``: the file is ours (received into .incoming) and may be hard-linked into
         place; otherwise (an import) it is copied, so later edits of the source cannot reach us.
+        ``synced_digest``: (SHA-256, size) of an owned source already fsync'd by the caller, which
+        hashed it while it arrived (spill.py): the file is then not read again here.
         """
-        digest, size = sha256_file(source)
+        digest, size = synced_digest if synced_digest is not None else sha256_file(source)
         relative, target = self._target(digest)
         with self._lock:
             entry = self._entries.get(relative)
@@ -84,7 +92,7 @@ class LandingStore:
         published = False
         try:
             if not self._complete(target, size):
-                place_file(source, target, link=owned)
+                place_file(source, target, link=owned, synced=synced_digest is not None)
             yield StoredObject(relative, digest, size)
             published = True
         finally:
@@ -93,7 +101,7 @@ class LandingStore:
                 entry.published |= published
                 if entry.holders == 0:
                     del self._entries[relative]
-                    if not (entry.published or entry.preexisting):
+                    if not (entry.published or entry.preexisting or self.shared):
                         target.unlink(missing_ok=True)
 
     def in_flight(self, relative: str) -> bool:

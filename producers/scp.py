@@ -12,6 +12,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,7 +23,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from diana.config import Config, ReceiverConfig
-from diana.producers import metrics, negotiation, transport_guard
+from diana.producers import metrics, negotiation, reactor, transport_guard
 from diana.producers.background import start_periodic, start_until_done
 from diana.producers.header import HeaderError, InvalidIdentifiers
 from diana.producers.ingest import Ingest
@@ -30,6 +31,7 @@ from diana.producers.landing import LandingStore
 from diana.producers.publisher import EventPublisher, PublishError, PublishRefused
 from diana.producers.spill import SpillFile, install_spill_to_file
 from diana.producers.transport_guard import GuardedServer, GuardSettings
+from diana.producers.workers import SharedPortServer
 from diana.schemas.codec import default_codec
 
 __all__ = ["Receiver", "association_handlers", "handle_echo", "handle_store", "tls_context", "STATUS"]
@@ -68,15 +70,20 @@ def handle_store(event: evt.Event, ingest: Ingest) -> int:
         metrics.REJECTED.labels("storage").inc()
         log.error("store.rejected", reason="landing store write failed while receiving", **context)
         return STATUS.OUT_OF_RESOURCES
+    request = cast(C_STORE, event.request)
+    spill = getattr(request, "_dataset_file", None)
     try:
+        # Hashed while the bytes arrived: fsync'd here, never read back to hash.
+        synced = spill.sync() if isinstance(spill, SpillFile) else None
         accepted = ingest.accept_file(
             event.dataset_path,
             "C_STORE",
             owned=True,
             calling_ae=calling_ae,
             called_ae=assoc.acceptor.ae_title,
-            expected_sop_instance_uid=str(cast(C_STORE, event.request).AffectedSOPInstanceUID),
+            expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
             expected_sop_class_uid=str(event.context.abstract_syntax),
+            synced_digest=synced,
         )
     except InvalidIdentifiers as exc:
         metrics.REJECTED.labels("invalid_identifiers").inc()
@@ -114,6 +121,7 @@ def handle_echo(_event: evt.Event) -> int:
 
 
 def _on_conn_open(event: evt.Event) -> None:
+    reactor.fast_reactor(event.assoc.dul)
     # pynetdicom leaves Nagle on: small PDUs (the C-STORE response) would wait ~40 ms for an ACK.
     transport = event.assoc.dul.socket
     sock = transport.socket if transport is not None else None
@@ -229,12 +237,19 @@ class Receiver:
         config: Config,
         extra_contexts: list[tuple[str, dict]] | None = None,
         extra_handlers: list[tuple] | None = None,
+        worker: int = 0,
+        started_at: float | None = None,
     ):
         # Process-wide changes to pynetdicom, made here at service start and nowhere on import.
         install_spill_to_file()
         self.cfg = config.receiver
+        # One of [receiver] processes sharing the port (workers.py), or the only one.
+        self.worker = worker
+        self.shared = self.cfg.processes > 1
         self.extra_handlers = list(extra_handlers or [])
-        self.landing = LandingStore(config.path(config.storage.landing_dir))
+        self.landing = LandingStore(config.path(config.storage.landing_dir), shared=self.shared)
+        # When the receiver (all its workers) started: recovery republishes what landed before.
+        self.started_at = time.time() if started_at is None else started_at
         # pynetdicom writes chunked data sets with NamedTemporaryFile: keep them on the landing
         # filesystem so that accepting one is a hard link, not a copy.
         tempfile.tempdir = str(self.landing.incoming)
@@ -245,6 +260,8 @@ class Receiver:
         self.ssl_context = tls_context(self.cfg)
         # Accept the encoding the sender chose (explicit VR first), not pynetdicom's implicit VR.
         negotiation.install()
+        # The DUL thread waits on its socket instead of sleeping 1 ms between checks (reactor.py).
+        reactor.install()
         transport_guard.install(
             GuardSettings(
                 max_pdu_bytes=self.cfg.max_pdu_bytes,
@@ -269,11 +286,15 @@ class Receiver:
         self.ae = ae
         self.server: ThreadedAssociationServer | None = None
         self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
         self._reconciled: set[str] = set()  # landing paths republished by this process
 
     def recover(self) -> None:
         """The outbox step: publish events for objects landed before a crash."""
-        published = self.ingest.republish_landed()
+        # Objects landed before this run: with several workers, the others' objects of this run
+        # are theirs to publish (republishing one would be harmless, a shared store never removes
+        # a landed object, but it is a needless duplicate event).
+        published = self.ingest.republish_landed(older_than_s=max(time.time() - self.started_at, 0.0))
         self._reconciled.update(published)
         log.info("recover.done", republished=len(published))
 
@@ -288,19 +309,26 @@ class Receiver:
         if published:
             log.info("reconcile.republished", count=len(published))
 
+    def sweep_debris(self) -> None:
+        """Remove everything half-written a crash left behind: call only while nothing is received."""
+        swept = self.landing.sweep(older_than_s=0)
+        if swept:
+            log.info("landing.swept", removed=swept)
+
     def _sweep(self) -> None:
         removed = self.landing.sweep(self.SWEEP_AFTER_S)
         if removed:
             log.info("landing.swept", removed=removed)
 
     def start(self) -> None:
-        # Before listening, so none of ours exist yet: debris of a crash is swept.
-        swept = self.landing.sweep(older_than_s=0)
-        if swept:
-            log.info("landing.swept", removed=swept)
-        start_until_done("recover", self.recover, self._stopped)
-        start_periodic("sweeper", self.SWEEP_AFTER_S / 4, self._sweep, self._stopped)
-        start_periodic("reconcile", self.cfg.reconcile_interval_s, self.reconcile, self._stopped)
+        if not self.shared:
+            # Before listening, so none of ours exist yet: debris of a crash is swept. With several
+            # workers, the parent does it before any of them listens (workers.py).
+            self.sweep_debris()
+        if self.worker == 0:
+            start_until_done("recover", self.recover, self._stopped)
+            start_periodic("sweeper", self.SWEEP_AFTER_S / 4, self._sweep, self._stopped)
+            start_periodic("reconcile", self.cfg.reconcile_interval_s, self.reconcile, self._stopped)
         handlers: list[Any] = [
             (evt.EVT_C_STORE, handle_store, [self.ingest]),
             (evt.EVT_C_ECHO, handle_echo),
@@ -314,7 +342,7 @@ class Receiver:
             (self.cfg.host, self.cfg.port),
             evt_handlers=handlers,
             ssl_context=self.ssl_context,
-            server_class=GuardedServer,
+            server_class=SharedPortServer if self.shared else GuardedServer,
         )
         assert self.server is not None
         threading.Thread(target=self.server.serve_forever, name="AcceptorServer", daemon=True).start()
@@ -324,13 +352,20 @@ class Receiver:
             ae_title=self.cfg.ae_title,
             host=self.cfg.host,
             port=self.cfg.port,
+            worker=self.worker,
+            workers=self.cfg.processes,
             tls=self.ssl_context is not None,
             landing=str(self.landing.root),
             extra_services=len(self.extra_handlers),
         )
 
     def stop(self) -> None:
-        self._stopped.set()
+        # Once, however many signals arrive (a worker gets SIGTERM from its parent and, from a
+        # terminal or `timeout`, from its process group too).
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
         if self.server is not None:
             self.server.shutdown()
             self.server = None

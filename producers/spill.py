@@ -8,6 +8,8 @@ pynetdicom, so the receiver makes them when it starts, never as a side effect of
 
 from __future__ import annotations
 
+import hashlib
+import os
 import tempfile
 import threading
 from pathlib import Path
@@ -28,6 +30,9 @@ class SpillFile:
     the association's reactor thread, the sender waited for a timeout, the half-written file stayed
     and the thread leaked. Here a failed write removes the file and swallows the rest of the
     transfer; the C-STORE then answers 0xA700 (out of resources), and the sender retries later.
+
+    The SHA-256 and size are computed as the fragments arrive (``digest``): the landing store names
+    the object by its hash without reading the file back.
     """
 
     failed: set[str] = set()
@@ -35,8 +40,13 @@ class SpillFile:
 
     def __init__(self, **kwargs):
         self._file = tempfile.NamedTemporaryFile(**kwargs)
+        # The buffered file itself: NamedTemporaryFile's attribute proxy cost a function call per
+        # write and flush (2.5 % of the receiver's CPU in the profile, docs/PERFORMANCE.md).
+        self._raw = self._file.file
         self.name = self._file.name
         self.is_failed = False
+        self._hash = hashlib.sha256()
+        self._size = 0
 
     @property
     def file(self) -> SpillFile:  # pynetdicom calls .file.flush()
@@ -56,17 +66,34 @@ class SpillFile:
     def write(self, data: bytes) -> int:
         if not self.is_failed:
             try:
-                return self._file.write(data)
+                written = self._raw.write(data)
             except OSError as exc:
                 self._fail(exc)
+            else:
+                self._hash.update(data)
+                self._size += len(data)
+                return written
         return len(data)
 
+    def sync(self) -> tuple[str, int]:
+        """Make every byte received so far durable (flush + fsync); return its (SHA-256 hex, size).
+
+        Raises OSError when the write failed or fails now (the caller answers 'out of resources').
+        """
+        if self.is_failed:
+            raise OSError(f"{self.name}: writing the received data set failed")
+        try:
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+        except OSError as exc:
+            self._fail(exc)
+            self.take_failure(self.name)  # answered right here (OSError), not looked up later
+            raise
+        return self._hash.hexdigest(), self._size
+
     def flush(self) -> None:
-        if not self.is_failed:
-            try:
-                self._file.flush()
-            except OSError as exc:
-                self._fail(exc)
+        """pynetdicom flushes after every fragment; nothing reads the file before the handler,
+        which calls ``sync``. A write error still surfaces: at the next write, or in ``sync``."""
 
     def close(self) -> None:
         if not self.is_failed:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message
@@ -20,7 +20,16 @@ from diana.clients import kafka_consumer, kafka_producer
 from diana.config import KafkaConfig
 from diana.schemas.topics import DEADLETTER
 
-__all__ = ["RetryableError", "DeadLetters", "Reporter", "BatchSink", "run_sink", "write_until_done", "failure_reason"]
+__all__ = [
+    "RetryableError",
+    "DeadLetters",
+    "Reporter",
+    "BatchSink",
+    "run_sink",
+    "run_sinks",
+    "write_until_done",
+    "failure_reason",
+]
 
 log = structlog.get_logger("diana.sink")
 
@@ -155,7 +164,11 @@ def run_sink(
     stop: threading.Event,
     batch_size: int = 500,
     on_batch: Callable[[int], None] | None = None,
+    max_wait_s: float = 0.5,
 ) -> None:
+    """Consume, write, commit until ``stop``. A batch is written as soon as it holds ``batch_size``
+    messages or ``max_wait_s`` after the sink asked for it, whichever comes first: under load the
+    batches are full, on a trickle each event waits at most ``max_wait_s``."""
     consumer = kafka_consumer(
         kafka,
         group_id,
@@ -172,7 +185,7 @@ def run_sink(
     log.info("sink.started", sink=sink.name, group=group_id, topics=list(sink.topics))
     try:
         while not stop.is_set():
-            messages = consumer.consume(batch_size, timeout=0.5)
+            messages = consumer.consume(batch_size, timeout=max_wait_s)
             batch = []
             for msg in messages:
                 err = msg.error()
@@ -196,3 +209,34 @@ def run_sink(
     finally:
         consumer.close()
         log.info("sink.stopped", sink=sink.name)
+
+
+def run_sinks(
+    sinks: Sequence[BatchSink], kafka: KafkaConfig, group_id: str, stop: threading.Event, **options: Any
+) -> None:
+    """Run several sinks of one group side by side, each with its own consumer (its own topics) and
+    thread, so that a busy topic never delays another's batches; when one ends, all stop."""
+    if len(sinks) == 1:
+        run_sink(sinks[0], kafka, group_id, stop, **options)
+        return
+
+    failures: list[BaseException] = []
+
+    def run(sink: BatchSink) -> None:
+        try:
+            run_sink(sink, kafka, group_id, stop, **options)
+        except BaseException as exc:
+            log.exception("sink.crashed", sink=sink.name, topics=list(sink.topics))
+            failures.append(exc)
+        finally:
+            stop.set()
+
+    threads = [
+        threading.Thread(target=run, args=(sink,), name=f"sink-{i}", daemon=True) for i, sink in enumerate(sinks)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:  # the process exits non-zero, as with a single consumer, and its supervisor sees it
+        raise failures[0]

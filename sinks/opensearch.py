@@ -9,6 +9,7 @@ revision arriving late never replaces a newer one. Indices are versioned behind 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
@@ -17,7 +18,7 @@ import structlog
 from confluent_kafka import Message
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
-from opensearchpy.exceptions import TransportError
+from opensearchpy.exceptions import RequestError, TransportError
 from prometheus_client import Counter
 
 from diana.schemas.codec import Codec, DecodeError, default_codec
@@ -51,7 +52,11 @@ def ensure_indices(client: OpenSearch, layout: IndexLayout) -> None:
         if not client.indices.exists_alias(name=layout.alias(kind)):
             index = layout.index(kind)
             if not client.indices.exists(index=index):
-                client.indices.create(index=index)
+                try:
+                    client.indices.create(index=index)
+                except RequestError as exc:  # made meanwhile by the sink's other consumer: fine
+                    if exc.error != "resource_already_exists_exception":
+                        raise
             client.indices.put_alias(index=index, name=layout.alias(kind))
 
 
@@ -84,7 +89,7 @@ def _document(record: dict[str, Any]) -> dict[str, Any]:
 
 class OpenSearchSink:
     name = "opensearch"
-    topics = (
+    topics: tuple[str, ...] = (
         INSTANCES.name,
         SERIES.name,
         STUDIES.name,
@@ -102,8 +107,19 @@ class OpenSearchSink:
         max_bytes: int = 5_000_000,
         index_version: int | None = None,
         conflict_policy: str = "KEEP_FIRST",
+        topics: tuple[str, ...] | None = None,
+        parallel_requests: int = 1,
     ):
         self.client = client
+        # A subset of the topics (the live sink runs instances apart from the aggregates: the
+        # aggregator's revisions never wait in front of instance documents).
+        if topics is not None:
+            unknown = set(topics) - set(OpenSearchSink.topics)
+            if unknown:
+                raise ValueError(f"not topics of the OpenSearch sink: {sorted(unknown)}")
+            self.topics = tuple(topics)
+        # Bulk requests of one batch sent at once (reindex: the cluster indexes on every core).
+        self.parallel_requests = max(1, parallel_requests)
         # Same SOP Instance UID, different bytes: the index describes the version the archive keeps
         # ([sinks] archive_conflict_policy). KEEP_FIRST and KEEP_BOTH: the first event creates the
         # document and later ones are refused (409); REPLACE: the latest event overwrites it.
@@ -145,17 +161,29 @@ class OpenSearchSink:
                 latest[key] = item
         pending = list(latest.values())
         # Requests stay under max_bytes (roughly: the documents' JSON size).
+        chunks: list[list[tuple[Message, dict, dict]]] = []
         chunk: list[tuple[Message, dict, dict]] = []
         size = 0
         for item in pending:
             item_size = len(json.dumps(item[2], default=str))
             if chunk and size + item_size > self.max_bytes:
-                self._bulk(chunk, dead)
+                chunks.append(chunk)
                 chunk, size = [], 0
             chunk.append(item)
             size += item_size
         if chunk:
-            self._bulk(chunk, dead)
+            chunks.append(chunk)
+        if self.parallel_requests == 1 or len(chunks) == 1:
+            for each in chunks:
+                self._bulk(each, dead)
+            return
+        with ThreadPoolExecutor(self.parallel_requests) as pool:
+            # Every request runs to its end; the first RetryableError is raised after all of them.
+            futures = [pool.submit(self._bulk, each, dead) for each in chunks]
+            errors = [f.exception() for f in futures]
+        for error in errors:
+            if error is not None:
+                raise error
 
     def _bulk(self, pending: list[tuple[Message, dict, dict]], dead: DeadLetters) -> None:
         try:

@@ -30,7 +30,7 @@ from prometheus_client import Counter
 
 from diana.clients import kafka_consumer, kafka_producer
 from diana.config import KafkaConfig
-from diana.schemas.codec import Codec, DecodeError
+from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.projection import FastCodec
 from diana.schemas.topics import DEADLETTER, INSTANCES, SERIES, STUDIES, TICKS
 from diana.stream_apps.completeness import QuietTimes, expected_instances, verdict
@@ -300,10 +300,10 @@ class AggregatesHandler:
         self.quiet = quiet
         # [sinks] archive_conflict_policy: under REPLACE a corrected re-send replaces the instance.
         self.replace = conflict_policy == "REPLACE"
-        # fastavro, whole records: the projection (schemas/projection.py) that skips the header
-        # measured 7-30 us slower per event on headers up to 9 KB (fastavro resolves the two
-        # schemas on every call) and pays only on large ones; docs/PERFORMANCE.md.
-        self.codec = codec or FastCodec()
+        # The shared codec (fastavro), whole records: the projection that skips the header
+        # (schemas/projection.py) measured 7-30 us slower per event on headers up to 9 KB (fastavro
+        # resolves the two schemas on every call) and pays only on large ones; docs/PERFORMANCE.md.
+        self.codec = codec or default_codec()
         self.started_ms = int(time.time() * 1000)
         self.last_instance_wall: dict[int, float] = {}
         self.processed_upto: dict[int, int] = {}  # partition -> next offset to process in dicom.instances

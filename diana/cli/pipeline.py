@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,31 @@ log = structlog.get_logger("diana")
 
 
 def cmd_receive(cfg: Config, _args: argparse.Namespace) -> int:
+    processes = cfg.receiver.processes
+    if processes < 1:
+        return fail("receive", f"[receiver] processes must be at least 1, not {processes}")
+    if processes == 1:
+        start_metrics(cfg, cfg.receiver.metrics_port)
+        _serve_receiver(cfg, worker=0, started_at=time.time())
+        return 0
+    from diana.producers.shared_metrics import shared_metrics
+
+    started_at = time.time()  # recovery republishes what landed before this
+    # Before anything imports prometheus_client: the workers' metrics go through files.
+    with shared_metrics(cfg.receiver.metrics_port, cfg.metrics.host) as serve_metrics:
+        from diana.producers.landing import LandingStore
+        from diana.producers.workers import run_workers
+
+        # Before any worker listens: debris of a crash goes, nothing of ours exists yet.
+        swept = LandingStore(cfg.path(cfg.storage.landing_dir)).sweep(older_than_s=0)
+        log.info("landing.swept", removed=swept)
+        run_workers(processes, lambda worker: _serve_receiver(cfg, worker, started_at), after_start=serve_metrics)
+    return 0
+
+
+def _serve_receiver(cfg: Config, worker: int, started_at: float) -> None:
     from diana.producers.scp import Receiver
 
-    start_metrics(cfg, cfg.receiver.metrics_port)
     contexts: list = []
     handlers: list = []
     if cfg.query_retrieve.on_receiver:  # one AE title and port for storage and query/retrieve
@@ -25,8 +48,9 @@ def cmd_receive(cfg: Config, _args: argparse.Namespace) -> int:
 
         qr = build_query_retrieve(cfg)
         contexts, handlers = qr.contexts(), qr.handlers()
-    Receiver(cfg, extra_contexts=contexts, extra_handlers=handlers).serve_forever()
-    return 0
+    Receiver(
+        cfg, extra_contexts=contexts, extra_handlers=handlers, worker=worker, started_at=started_at
+    ).serve_forever()
 
 
 def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
@@ -121,10 +145,10 @@ def cmd_dose(cfg: Config, _args: argparse.Namespace) -> int:
 
 
 def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
-    from diana.sinks.consumer import run_sink
+    from diana.sinks.consumer import run_sinks
 
     stop = stop_on_signals()
-    sink: Any
+    sinks: list[Any]
     if args.sink == "archive":
         from diana.schemas.topics import ARCHIVE_CONFLICTS
         from diana.sinks.archive import ArchiveSink
@@ -132,13 +156,15 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
         from diana.storage import open_store
 
         report = Reporter(cfg.kafka, ARCHIVE_CONFLICTS.name, ARCHIVE_CONFLICTS.value_schema, "sop_instance_uid")
-        sink = ArchiveSink(
-            cfg.path(cfg.storage.landing_dir),
-            open_store(cfg, "archive"),
-            policy=cfg.sinks.archive_conflict_policy,
-            report=report,
-            quarantine=open_store(cfg, "quarantine"),
-        )
+        sinks = [
+            ArchiveSink(
+                cfg.path(cfg.storage.landing_dir),
+                open_store(cfg, "archive"),
+                policy=cfg.sinks.archive_conflict_policy,
+                report=report,
+                quarantine=open_store(cfg, "quarantine"),
+            )
+        ]
         group, port = cfg.sinks.archive_group, cfg.sinks.archive_metrics_port
     elif args.sink == "metadata":
         from diana.clients import opensearch_client
@@ -146,28 +172,38 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
         from diana.sinks.metadata import MetadataSink
         from diana.storage import open_store
 
-        sink = MetadataSink(
-            opensearch_client(cfg.opensearch, timeout=30),
-            IndexLayout(cfg.opensearch.index_prefix),
-            open_store(cfg, "archive"),
-            index_wait_s=cfg.sinks.metadata_index_wait_s,
-        )
+        sinks = [
+            MetadataSink(
+                opensearch_client(cfg.opensearch, timeout=30),
+                IndexLayout(cfg.opensearch.index_prefix),
+                open_store(cfg, "archive"),
+                index_wait_s=cfg.sinks.metadata_index_wait_s,
+            )
+        ]
         group, port = cfg.sinks.metadata_group, cfg.sinks.metadata_metrics_port
     else:
         from diana.clients import opensearch_client
         from diana.schemas.layout import IndexLayout
+        from diana.schemas.topics import INSTANCES
         from diana.sinks.opensearch import OpenSearchSink
 
-        sink = OpenSearchSink(
-            opensearch_client(cfg.opensearch, timeout=30),
-            IndexLayout(cfg.opensearch.index_prefix),
-            max_bytes=cfg.sinks.bulk_max_bytes,
-            conflict_policy=cfg.sinks.archive_conflict_policy,
-        )
+        # Instances in a consumer of their own: the aggregates' revisions never queue in front of them.
+        # A client each: one HTTP connection each, neither waits for the other's request.
+        others = tuple(t for t in OpenSearchSink.topics if t != INSTANCES.name)
+        sinks = [
+            OpenSearchSink(
+                opensearch_client(cfg.opensearch, timeout=30),
+                IndexLayout(cfg.opensearch.index_prefix),
+                max_bytes=cfg.sinks.bulk_max_bytes,
+                conflict_policy=cfg.sinks.archive_conflict_policy,
+                topics=topics,
+            )
+            for topics in ((INSTANCES.name,), others)
+        ]
         group, port = cfg.sinks.opensearch_group, cfg.sinks.opensearch_metrics_port
     start_metrics(cfg, port)
     batch = 100 if args.sink == "metadata" else cfg.opensearch.bulk_max_docs  # series revisions: few, each heavy
-    run_sink(sink, cfg.kafka, group, stop, batch_size=batch)
+    run_sinks(sinks, cfg.kafka, group, stop, batch_size=batch, max_wait_s=cfg.sinks.max_wait_s)
     return 0
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
@@ -63,8 +64,10 @@ def test_no_success_while_the_broker_is_stopped(pipeline, stack):
         assert proc.poll() is None, f"{name} died during the broker outage"
 
 
-def test_kill_9_mid_association_loses_no_acknowledged_instance(pipeline, extra_receiver, tmp_path):
-    cfg = extra_receiver(11191)
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_kill_9_mid_association_loses_no_acknowledged_instance(pipeline, extra_receiver, tmp_path, processes):
+    """Also with two receiver processes sharing the port: kill -9 of diana receive ends both."""
+    cfg = extra_receiver(11191, processes=processes)
     study = make_study(tmp_path / "study", [SeriesSpec("CT", "KILLED", 200)])
     sender = subprocess.Popen(
         ["storescu", "-v", "-aec", cfg.receiver.ae_title, "127.0.0.1", str(cfg.receiver.port), *map(str, study.files)],
@@ -82,6 +85,7 @@ def test_kill_9_mid_association_loses_no_acknowledged_instance(pipeline, extra_r
     lines += sender.stdout.readlines()
     sender.wait(60)
     pipeline.procs.pop("receiver-11191").wait(10)
+    _assert_nothing_listens(cfg.receiver.port)
 
     acknowledged, current = [], None
     for line in lines:
@@ -95,7 +99,11 @@ def test_kill_9_mid_association_loses_no_acknowledged_instance(pipeline, extra_r
     pipeline.start(
         "receiver-11191",
         "receive",
-        settings={"DIANA_RECEIVER_PORT": str(cfg.receiver.port), "DIANA_RECEIVER_METRICS_PORT": "0"},
+        settings={
+            "DIANA_RECEIVER_PORT": str(cfg.receiver.port),
+            "DIANA_RECEIVER_METRICS_PORT": "0",
+            "DIANA_RECEIVER_PROCESSES": processes,
+        },
     )
     wait_for_echo(cfg, timeout=30)
     wait_until_caught_up(cfg, timeout=180)
@@ -119,3 +127,17 @@ def test_kill_9_mid_association_loses_no_acknowledged_instance(pipeline, extra_r
     result = storescu(cfg, study.files, extra=["-nh"])
     wait_until_caught_up(cfg, timeout=180)
     assert len(list((archive / study.study_uid).rglob("*.dcm"))) == 200, result.stdout[-2000:]
+
+
+def _assert_nothing_listens(port: int, within_s: float = 5.0) -> None:
+    """No process of a killed receiver (no orphaned worker) still accepts associations."""
+    import socket
+
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return
+        assert time.monotonic() < deadline, f"something still listens on {port} after kill -9 of the receiver"
+        time.sleep(0.2)

@@ -79,3 +79,33 @@ def test_new_folders_are_made_durably(tmp_path, monkeypatch):
     synced.clear()
     durable.write_atomic(tmp_path / "a" / "b" / "d.dcm", b"y")  # folders exist: only the file's folder
     assert synced == [str(tmp_path / "a" / "b")]
+
+
+def test_a_shared_store_leaves_a_refused_object_for_reconcile(tmp_path):
+    """Several receiver processes: another may have published the same bytes; nothing is removed."""
+    store = LandingStore(tmp_path / "landing", shared=True)
+    with pytest.raises(Refused), store.landed(_source(tmp_path, b"maybe elsewhere"), owned=False) as refused:
+        raise Refused
+    assert (store.root / refused.relative_path).read_bytes() == b"maybe elsewhere"
+
+
+def test_a_spill_file_hashes_what_it_writes_and_lands_without_being_read_again(tmp_path):
+    import hashlib
+
+    from diana.producers.spill import SpillFile
+
+    store = LandingStore(tmp_path / "landing")
+    spill = SpillFile(delete=False, mode="wb", suffix=".dcm", dir=store.incoming)
+    chunks = [b"\x00" * 128, b"DICM", bytes(range(256)) * 4000, b"tail"]
+    for chunk in chunks:
+        spill.write(chunk)
+        spill.file.flush()
+    digest = spill.sync()
+    assert digest == (hashlib.sha256(b"".join(chunks)).hexdigest(), sum(map(len, chunks)))
+    with store.landed(Path(spill.name), owned=True, synced_digest=digest) as stored:
+        pass
+    spill.close()
+    landed = store.root / stored.relative_path
+    assert landed.read_bytes() == b"".join(chunks)
+    assert landed.name == f"{digest[0]}.dcm"
+    assert landed.stat().st_ino == Path(spill.name).stat().st_ino  # a link, not a copy

@@ -1,0 +1,91 @@
+"""pynetdicom's reactors, waiting on their input instead of sleeping.
+
+pynetdicom 3.0's DUL thread polls: each turn of its loop checks the socket with a zero-timeout
+``select`` and, when nothing happened, sleeps ``_run_loop_delay`` (1 ms). A PDU that arrives during
+the sleep waits for it; a 0.5 MB instance sent in 16 KiB PDUs (storescu's default) can meet that
+sleep dozens of times. Here the check itself waits, up to the same 1 ms, and returns the moment
+data arrives, while the reactor's own sleep is made zero for the receiver's associations
+(``fast_reactor``). An idle association turns its loop as often as before (once per millisecond);
+data is read without delay; something to send waits at most 1 ms, as before.
+
+The association thread (``association.py`` ``_run_reactor``) sleeps 1 ms at the top of every turn
+before it looks for a complete DIMSE message: each C-STORE waited up to 1 ms there. Its module's
+``time`` is replaced by ``_ReactorClock``, whose ``sleep`` in an association's own thread returns
+as soon as that association's message queue holds something (never later than asked). Waking a
+poll loop early changes nothing but its latency. Process-wide changes to pynetdicom, made by the
+receiver at start, never on import.
+"""
+
+from __future__ import annotations
+
+import select
+import ssl
+import threading
+import time
+from typing import Any
+
+from pynetdicom import association as _association
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import AssociationSocket
+
+__all__ = ["install", "fast_reactor"]
+
+# The longest a turn of the DUL loop waits for incoming data: pynetdicom's own loop delay.
+_WAIT_S = 0.001
+# The sleep at the top of each turn of Association._run_reactor (pynetdicom 3.0).
+_REACTOR_TURN_S = 0.001
+
+
+def _ready(self: AssociationSocket) -> bool:
+    """``AssociationSocket.ready`` that waits up to ``_WAIT_S`` for data instead of returning at once."""
+    sock = self.socket
+    if sock is None or self._is_connected is False:
+        return False
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True  # TLS may hold decrypted bytes that select cannot see
+    try:
+        readable, _, _ = select.select([sock], [], [], _WAIT_S)
+    except (OSError, TimeoutError, ValueError):
+        self.event_queue.put("Evt17")  # transport connection closed, as pynetdicom's own does
+        return False
+    return bool(readable)
+
+
+class _ReactorClock:
+    """``time`` for pynetdicom's association module: ``sleep`` in an association's thread (an
+    Association is a Thread) ends when a DIMSE message arrives for it."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        current = threading.current_thread()
+        dimse = getattr(current, "dimse", None) if isinstance(current, Association) else None
+        # Only the reactor's own 1 ms turn: pynetdicom's other waits (for a pause, a release)
+        # would spin while a message sits in the queue.
+        if dimse is None or seconds != _REACTOR_TURN_S:
+            time.sleep(seconds)
+            return
+        pending = dimse.msg_queue
+        with pending.not_empty:  # Queue.put notifies it
+            if not pending._qsize():  # qsize() would take the lock held here
+                pending.not_empty.wait(seconds)
+
+
+_installed = False
+
+
+def install() -> None:
+    global _installed
+    AssociationSocket.ready = property(_ready)  # type: ignore[method-assign,assignment]
+    _association.time = _ReactorClock()  # type: ignore[assignment]
+    _installed = True
+
+
+def fast_reactor(dul: DULServiceProvider) -> None:
+    """No sleep between the turns of this association's DUL loop, ``ready`` waiting instead; only
+    once ``install`` ran (without it the loop would spin on a zero-timeout check)."""
+    if _installed:
+        dul._run_loop_delay = 0.0
