@@ -233,10 +233,16 @@ level = "warning"
     return path
 
 
-def diana(config: Path, *args: str, **kw) -> subprocess.Popen:
+def bench_env(config: Path) -> dict[str, str]:
+    """The environment of a bench's diana commands: its configuration file only, no DIANA_* setting of the caller
+    (a test's DIANA_TEST_PORT_OFFSET, say)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
     env["DIANA_CONFIG"] = str(config)
-    return subprocess.Popen([sys.executable, "-m", "diana.cli", *args], env=env, cwd=REPO, **kw)
+    return env
+
+
+def diana(config: Path, *args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "diana.cli", *args], env=bench_env(config), cwd=REPO, **kw)
 
 
 def searchable_latencies(url: str, total: int, timeout: float) -> tuple[float, list[float]]:
@@ -306,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-m", "diana.cli", "--config", str(config), "topics"],
             check=True,
             cwd=REPO,
+            env=bench_env(config),
             capture_output=True,
         )
         names = ("receive", "aggregate", "sink archive", "sink opensearch")
@@ -358,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--no-progress",
             ],
             cwd=REPO,
+            env=bench_env(config),
             capture_output=True,
             text=True,
         )

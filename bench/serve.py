@@ -30,7 +30,7 @@ from typing import Any
 
 import requests
 
-from bench.ingest import REPO, diana, diana_config, pct, send, start_orthanc, start_storescp, wait_for_echo
+from bench.ingest import REPO, bench_env, diana, diana_config, pct, send, start_orthanc, start_storescp, wait_for_echo
 from tests.support.dicomgen import make_instance
 
 PORTS = {
@@ -219,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"corpus: {corpus['files']} files in {time.monotonic() - t0:.0f} s ({work})", flush=True)
         stack.reset()
         stack.start()
-        # Only the bench's configuration file: no DIANA_* setting from the caller's environment.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
+        env = bench_env(config)
         subprocess.run(
             [sys.executable, "-m", "diana.cli", "--config", str(config), "topics"], check=True, cwd=REPO, env=env
         )
