@@ -312,6 +312,9 @@ class RoutingConfig:
     max_attempts: int = 5
     # The wait between attempts doubles from 0.5 s up to this.
     max_backoff_s: float = 60.0
+    # Where a destination starts the first time its group sees a topic: "now" (what arrives from then
+    # on; `diana replay` of its group backfills) or "earliest" (the whole history: every archived match).
+    new_destination_start: str = "now"
     # An event whose instance the archive sink has not written yet is waited for this long, then dead-lettered.
     archive_wait_s: float = 600.0
     # Network timeout of an association or HTTP request.
@@ -456,6 +459,7 @@ _CHOICES = {
     ("log", "format"): ("console", "json"),
     ("stream", "processing_guarantee"): ("exactly_once", "at_least_once"),
     ("log", "level"): ("debug", "info", "warning", "error"),
+    ("routing", "new_destination_start"): ("now", "earliest"),
 }
 
 

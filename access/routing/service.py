@@ -92,7 +92,12 @@ def build_workers(cfg: Config, rules: RoutingRules, stop: threading.Event) -> li
             destination, r.ae_title or cfg.receiver.ae_title, r.timeout_s, tls, _deidentifier(cfg, destination)
         )
         settings = WorkerSettings(
-            group_id(cfg, name), open_store(cfg, "archive"), r.max_attempts, r.max_backoff_s, r.archive_wait_s
+            group_id(cfg, name),
+            open_store(cfg, "archive"),
+            r.max_attempts,
+            r.max_backoff_s,
+            r.archive_wait_s,
+            start_from_earliest=r.new_destination_start == "earliest",
         )
         study_state = indexed_study(cfg) if any(r.trigger == "alert" for r in dest_rules) else None
         workers.append(RouteWorker(cfg.kafka, destination, dest_rules, sender, settings, stop, study_state))

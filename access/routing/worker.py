@@ -63,6 +63,7 @@ class WorkerSettings:
     max_backoff_s: float = 60.0
     archive_wait_s: float = 600.0
     batch_size: int = 100
+    start_from_earliest: bool = False
 
 
 @dataclass
@@ -252,12 +253,32 @@ class RouteWorker:
         except KafkaException as exc:
             log.warning("route.lag_unknown", destination=self.name, error=str(exc))
 
+    def _start_new_topics_now(self, consumer: Any) -> None:
+        """A topic on which the group has no position yet starts at its end, committed before the
+        worker joins the group: a new destination gets what arrives from now on, not the whole
+        archive (`diana replay` of its group backfills on purpose)."""
+        metadata = consumer.list_topics(timeout=30)
+        for topic in self.topics:
+            if topic not in metadata.topics or metadata.topics[topic].error is not None:
+                continue  # not created yet: it will hold only what arrives from now on
+            partitions = [TopicPartition(topic, p) for p in sorted(metadata.topics[topic].partitions)]
+            if any(tp.offset >= 0 for tp in consumer.committed(partitions, timeout=30)):
+                continue
+            ends = [
+                TopicPartition(topic, tp.partition, consumer.get_watermark_offsets(tp, timeout=30)[1])
+                for tp in partitions
+            ]
+            consumer.commit(offsets=ends, asynchronous=False)
+            log.info("route.new_topic_starts_now", destination=self.name, topic=topic)
+
     def run(self) -> None:
+        earliest = self.settings.start_from_earliest
         consumer = kafka_consumer(
             self.kafka,
             self.settings.group_id,
             {
                 "enable.auto.commit": False,
+                # a partition with no committed position (created after the group began) is read whole
                 "auto.offset.reset": "earliest",
                 "partition.assignment.strategy": "cooperative-sticky",
                 # A destination may be down for hours: the worker stays in its group meanwhile.
@@ -266,6 +287,8 @@ class RouteWorker:
         )
         self._consumer = consumer
         dead = DeadLetters(self.kafka, f"route-{self.name}")
+        if not earliest:
+            self._start_new_topics_now(consumer)
         consumer.subscribe(self.topics)
         log.info("route.started", destination=self.name, group=self.settings.group_id, topics=self.topics)
         last_lag = 0.0

@@ -199,6 +199,12 @@ def routing(pipeline):
         "DIANA_ROUTING_MAX_BACKOFF_S": "5",
     }
     pipeline.start("router", "route", settings=settings)
+    # A new destination starts with what arrives after it joined: send only once every worker has.
+    wait_for(
+        "every destination's worker started",
+        lambda: pipeline.log_text("router").count("route.started") >= RULES.count("{name:"),
+        120,
+    )
     yield {"work": work, "orthanc": orthanc, "settings": settings}
     pipeline.stop("router")
     stop(mr_only)
