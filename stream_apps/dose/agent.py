@@ -24,7 +24,6 @@ from typing import Any
 
 import faust
 import structlog
-from prometheus_client import Counter
 
 from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.topics import DEADLETTER, DOSE_ALERTS, DOSE_BY_PATIENT, DOSE_EVENTS, DOSE_STUDIES, INSTANCES
@@ -78,9 +77,6 @@ _PATIENT_FIELDS = (
     "dose_rp_total_mGy",
     "administered_activity_MBq",
     "standard_name",
-)
-DOSE_REEMITTED = Counter(
-    "diana_dose_reemitted_total", "Dose objects seen again whose study record and alerts were re-sent (redelivery)"
 )
 # Images whose every instance in a series repeats the series' dose values: parsed once per series.
 _PER_SERIES = {"CT", "PT", "NM"}
@@ -257,7 +253,6 @@ def register_dose(
                     changed = fold_report(state, report, context, _ms(instance["received_at"])) or changed
             if state is not None and redelivered and not changed and state["reports"]:
                 # The same object again: its outputs may never have reached the broker (module doc).
-                DOSE_REEMITTED.inc()
                 await publish_study(uid, state, instance["received_at"], again=True)
                 continue
             if not changed or state is None:

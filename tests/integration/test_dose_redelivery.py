@@ -145,6 +145,7 @@ def test_a_report_redelivered_after_a_crash_between_table_write_and_outputs_is_p
         assert {m.value() for m in again_alerts} == {m.value() for m in first_alerts}
         _, record = codec.decode(again_study[0].value(), expect=DOSE_STUDIES.value_schema)
         assert record["revision"] == 1 and record["total_dlp_mGycm"] == 800.0
+        assert "'again': True" in pipeline.log_text("dose")  # re-sent as a redelivery, not as news
     finally:
         if "dose" not in pipeline.procs:
             pipeline.start("dose", "dose")
