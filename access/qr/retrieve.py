@@ -26,7 +26,6 @@ from pynetdicom import _config, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
-from diana.producers import reactor
 from diana.schemas.layout import archive_path
 from diana.schemas.uid import is_valid_uid
 from diana.storage import ObjectStore, local_file
@@ -147,7 +146,6 @@ def move_contexts(instances: list[dict[str, Any]]) -> list[PresentationContext]:
 def _on_sub_association_open(event: evt.Event) -> None:
     """Nagle off on the C-MOVE sub-association, as on the receiver's own (producers/scp.py): with it
     on, each C-STORE's last small PDU waited for the peer's delayed ACK, ~40 ms per object."""
-    reactor.fast_reactor(event.assoc.dul)  # no sleep between DUL turns when the receiver installed its reactor
     transport = event.assoc.dul.socket
     sock = transport.socket if transport is not None else None
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
