@@ -13,6 +13,7 @@ the peer accepted (between uncompressed syntaxes: the same data set).
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import structlog
@@ -21,7 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import _config, build_context
+from pynetdicom import _config, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
@@ -29,7 +30,14 @@ from diana.schemas.layout import archive_path
 from diana.schemas.uid import is_valid_uid
 from diana.storage import ObjectStore, local_file
 
-__all__ = ["ArchivedInstance", "archive_key", "as_archived", "install_file_sending", "move_contexts"]
+__all__ = [
+    "ArchivedInstance",
+    "archive_key",
+    "as_archived",
+    "install_file_sending",
+    "move_contexts",
+    "sub_association_handlers",
+]
 
 # pynetdicom sends a data set given by path straight from the file, in PDU-sized reads.
 _config.STORE_SEND_CHUNKED_DATASET = True
@@ -133,3 +141,17 @@ def move_contexts(instances: list[dict[str, Any]]) -> list[PresentationContext]:
     if len(contexts) > MAX_CONTEXTS:
         log.warning("move.contexts_truncated", proposed=MAX_CONTEXTS, needed=len(contexts))
     return contexts[:MAX_CONTEXTS]
+
+
+def _on_sub_association_open(event: evt.Event) -> None:
+    """Nagle off on the C-MOVE sub-association, as on the receiver's own (producers/scp.py): with it
+    on, each C-STORE's last small PDU waited for the peer's delayed ACK, ~40 ms per object."""
+    transport = event.assoc.dul.socket
+    sock = transport.socket if transport is not None else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def sub_association_handlers() -> list[tuple[Any, Any]]:
+    """``evt_handlers`` for the association a C-MOVE opens toward its destination."""
+    return [(evt.EVT_CONN_OPEN, _on_sub_association_open)]

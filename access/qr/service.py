@@ -34,7 +34,14 @@ from pynetdicom.sop_class import (
 from diana.access.qr.identifier import IdentifierError, Query, parse_identifier
 from diana.access.qr.index_reader import IndexReader
 from diana.access.qr.response import build_response
-from diana.access.qr.retrieve import ArchivedInstance, archive_key, as_archived, install_file_sending, move_contexts
+from diana.access.qr.retrieve import (
+    ArchivedInstance,
+    archive_key,
+    as_archived,
+    install_file_sending,
+    move_contexts,
+    sub_association_handlers,
+)
 from diana.config import MoveDestination
 from diana.storage import ObjectStore
 
@@ -216,7 +223,7 @@ class QueryRetrieve:
             yield None, None
             return
         resolved = self._resolve(event, "move")
-        options: dict[str, Any] = {"ae_title": destination.ae_title}
+        options: dict[str, Any] = {"ae_title": destination.ae_title, "evt_handlers": sub_association_handlers()}
         if isinstance(resolved, Dataset):
             # pynetdicom takes a status only after the destination and a count: one sub-operation, refused.
             # (It opens the sub-association first; Verification is all it proposes.)

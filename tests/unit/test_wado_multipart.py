@@ -1,0 +1,43 @@
+"""The WADO-RS multipart body read in blocks: byte-identical to one part per object, in bounded blocks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+
+from diana.access.dicomweb.wado import BLOCK, multipart_dicom
+from diana.storage.filesystem import FilesystemStore
+
+
+def _collect(store: FilesystemStore, keys: list[str]) -> list[bytes]:
+    async def run() -> list[bytes]:
+        return [block async for block in multipart_dicom(store, keys, "B")]
+
+    return anyio.run(run)
+
+
+def test_body_is_each_object_as_stored_between_boundaries(tmp_path: Path) -> None:
+    store = FilesystemStore(tmp_path)
+    sizes = {"1/1/a.dcm": 0, "1/1/b.dcm": 10, "1/1/c.dcm": BLOCK + BLOCK // 2, "1/1/d.dcm": 3}
+    contents = {}
+    for key, size in sizes.items():
+        source = tmp_path / "src"
+        source.write_bytes(os.urandom(size))
+        store.put_file(key, source)
+        contents[key] = source.read_bytes()
+    keys = list(sizes)
+
+    blocks = _collect(store, keys)
+
+    head = b"--B\r\nContent-Type: application/dicom\r\n\r\n"
+    expected = b"".join(head + contents[k] + b"\r\n" for k in keys) + b"--B--\r\n"
+    assert b"".join(blocks) == expected
+    # Bounded blocks, and small objects share one: fewer blocks than parts.
+    assert all(len(b) <= BLOCK + len(head) + 2 for b in blocks)
+    assert len(blocks) == 2  # 1.5 MiB in all
+
+
+def test_no_objects_is_the_closing_boundary_alone(tmp_path: Path) -> None:
+    assert _collect(FilesystemStore(tmp_path), []) == [b"--B--\r\n"]
