@@ -37,8 +37,15 @@ _WAIT_S = 0.001
 _REACTOR_TURN_S = 0.001
 
 
+_stock_ready = AssociationSocket.ready.fget
+
+
 def _ready(self: AssociationSocket) -> bool:
-    """``AssociationSocket.ready`` that waits up to ``_WAIT_S`` for data instead of returning at once."""
+    """``AssociationSocket.ready`` that waits up to ``_WAIT_S`` for data instead of returning at once,
+    on the associations peers open to us; pynetdicom's own on the ones we open (a C-MOVE's toward its
+    destination, in the same process), which this was neither made nor tested for."""
+    if not self._assoc.is_acceptor:
+        return bool(_stock_ready(self))  # type: ignore[misc]
     sock = self.socket
     if sock is None or self._is_connected is False:
         return False
@@ -62,7 +69,8 @@ class _ReactorClock:
     @staticmethod
     def sleep(seconds: float) -> None:
         current = threading.current_thread()
-        dimse = getattr(current, "dimse", None) if isinstance(current, Association) else None
+        acceptor = isinstance(current, Association) and current.is_acceptor
+        dimse = getattr(current, "dimse", None) if acceptor else None
         # Only the reactor's own 1 ms turn: pynetdicom's other waits (for a pause, a release)
         # would spin while a message sits in the queue.
         if dimse is None or seconds != _REACTOR_TURN_S:
