@@ -37,7 +37,7 @@ _WAIT_S = 0.001
 _REACTOR_TURN_S = 0.001
 
 
-_stock_ready = AssociationSocket.ready.fget
+_stock_ready = AssociationSocket.ready.fget  # type: ignore[attr-defined]
 
 
 def _ready(self: AssociationSocket) -> bool:
@@ -45,7 +45,7 @@ def _ready(self: AssociationSocket) -> bool:
     on the associations peers open to us; pynetdicom's own on the ones we open (a C-MOVE's toward its
     destination, in the same process), which this was neither made nor tested for."""
     if not self._assoc.is_acceptor:
-        return bool(_stock_ready(self))  # type: ignore[misc]
+        return bool(_stock_ready(self))
     sock = self.socket
     if sock is None or self._is_connected is False:
         return False
