@@ -239,11 +239,16 @@ def test_a_destination_down_for_60s_gets_every_match_once_back_and_holds_back_no
     assert status.routes["dcmtk"]["dicom.instances"] >= len(ct), status.routes
     assert status.routes["orthanc"]["dicom.instances"] == 0, status.routes
 
-    metrics = requests.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
-    lag = {
-        line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("diana_route_lag{")
-    }
-    assert lag['diana_route_lag{destination="dcmtk"}'] >= len(ct), lag
+    def lag_and_metrics() -> tuple[float, str] | None:
+        text = requests.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+        lag = {
+            line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("diana_route_lag{")
+        }
+        value = lag.get('diana_route_lag{destination="dcmtk"}', -1.0)
+        return (value, text) if value >= len(ct) else None
+
+    # the lag gauge is refreshed every few seconds while the destination is down
+    _, metrics = wait_for("the dcmtk destination's lag in the metrics", lag_and_metrics, 30)
     assert 'diana_route_destination_up{destination="dcmtk"} 0.0' in metrics
 
     time.sleep(max(0.0, 60 - (time.monotonic() - sent_at)))
