@@ -13,7 +13,12 @@ the peer accepted (between uncompressed syntaxes: the same data set).
 
 from __future__ import annotations
 
+import shutil
 import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -21,9 +26,15 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import _config, build_context, evt
 from pynetdicom.association import Association
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import PresentationContext
 
 from diana.schemas.layout import archive_path
@@ -34,6 +45,7 @@ __all__ = [
     "ArchivedInstance",
     "archive_key",
     "as_archived",
+    "even_length",
     "install_file_sending",
     "move_contexts",
     "sub_association_handlers",
@@ -72,9 +84,33 @@ _original_send_c_store = Association.send_c_store
 def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
     if isinstance(dataset, ArchivedInstance):
         # A missing object raises here, and pynetdicom fails that sub-operation (FailedSOPInstanceUIDList).
-        with local_file(dataset.archive_store, dataset.archive_key) as path:
-            return _send_file(self, path, *args, **kwargs)
+        with local_file(dataset.archive_store, dataset.archive_key) as path, even_length(Path(path)) as sendable:
+            return _send_file(self, sendable, *args, **kwargs)
     return _original_send_c_store(self, dataset, *args, **kwargs)
+
+
+@contextmanager
+def even_length(path: Path) -> Iterator[Path]:
+    """``path``, or a temp copy padded with one trailing 00H when its deflated data set has an odd length.
+
+    A deflate stream may end on an odd byte, and senders store it so; but PDV values must have an even
+    length (PS3.8 9.3.5.1) and dcmtk aborts the association on an odd fragment (0006:020d), failing
+    every sub-operation after it. One trailing null after the stream is the standard's padding of a
+    deflated data set; inflating ignores it, so the data set sent is the one stored.
+    """
+    if path.stat().st_size % 2 == 0:  # the file meta group is even, so the data set is even too
+        yield path
+        return
+    meta, offset = split_dataset(path)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian or (path.stat().st_size - offset) % 2 == 0:
+        yield path  # an odd non-deflated data set is malformed: sent as stored, the peer decides
+        return
+    with tempfile.TemporaryDirectory(prefix="diana-send-") as folder:
+        padded = Path(folder) / path.name
+        shutil.copyfile(path, padded)
+        with open(padded, "ab") as fh:
+            fh.write(b"\x00")
+        yield padded
 
 
 def _send_file(self: Association, path: Any, *args: Any, **kwargs: Any) -> Dataset:

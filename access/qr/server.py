@@ -17,12 +17,12 @@ from diana.config import Config, parse_destinations
 from diana.producers.scp import association_handlers, handle_echo, tls_context
 from diana.storage import open_store
 
-__all__ = ["build_query_retrieve", "QueryRetrieveServer"]
+__all__ = ["build_query_retrieve", "destination_tls", "QueryRetrieveServer"]
 
 log = structlog.get_logger("diana.qr")
 
 
-def _destination_tls(config: Config) -> ssl.SSLContext:
+def destination_tls(config: Config) -> ssl.SSLContext:
     """TLS toward move destinations: verified against [receiver] tls_ca_file (else the system CAs);
     the receiver's certificate is presented when it has one (destinations requiring client certificates)."""
     r = config.receiver
@@ -44,7 +44,7 @@ def build_query_retrieve(config: Config) -> QueryRetrieve:
         config.receiver.ae_title,
         max_matches=qr.max_matches,
         max_retrieve=qr.max_retrieve,
-        destination_tls=_destination_tls(config) if any(d.tls for d in destinations.values()) else None,
+        destination_tls=destination_tls(config) if any(d.tls for d in destinations.values()) else None,
     )
 
 

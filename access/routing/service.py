@@ -12,7 +12,7 @@ import structlog
 from diana.access.deid import Deidentifier
 from diana.access.keyfiles import read_site_secret
 from diana.access.pseudonyms import ProjectKeys
-from diana.access.qr.server import _destination_tls
+from diana.access.qr.server import destination_tls
 from diana.access.routing.rules import Destination, RoutingRules, RulesError, load_rules
 from diana.access.routing.senders import make_sender
 from diana.access.routing.worker import TRIGGER_TOPICS, RouteWorker, WorkerSettings
@@ -81,7 +81,7 @@ def _deidentifier(cfg: Config, destination: Destination) -> Deidentifier | None:
 
 def build_workers(cfg: Config, rules: RoutingRules, stop: threading.Event) -> list[RouteWorker]:
     r = cfg.routing
-    tls = _destination_tls(cfg) if any(d.tls for d in rules.destinations.values()) else None
+    tls = destination_tls(cfg) if any(d.tls for d in rules.destinations.values()) else None
     workers = []
     for name, destination in rules.destinations.items():
         dest_rules = rules.rules_for(name)
