@@ -434,16 +434,17 @@ class AggregatesHandler:
             self._publish(batch, series, study)
 
     def _publish(self, batch: Batch, series: dict, study: dict) -> None:
-        batch.send(
-            SERIES.name,
-            series["series_instance_uid"].encode(),
-            self.codec.encode(SERIES.value_schema, series_record(series)),
-        )
-        batch.send(
-            STUDIES.name,
-            study["study_instance_uid"].encode(),
-            self.codec.encode(STUDIES.value_schema, study_record(study)),
-        )
+        # The latest revision per series and study of the transaction is encoded and sent once at
+        # its end: a 500-instance batch of one series sends 2 records, not 1,000. (The states are
+        # replaced, never changed in place, by the folds above, so holding them is safe.)
+        batch.publish_latest(SERIES.name, series["series_instance_uid"].encode(), series, self._encode_series)
+        batch.publish_latest(STUDIES.name, study["study_instance_uid"].encode(), study, self._encode_study)
+
+    def _encode_series(self, series: dict) -> bytes:
+        return self.codec.encode(SERIES.value_schema, series_record(series))
+
+    def _encode_study(self, study: dict) -> bytes:
+        return self.codec.encode(STUDIES.value_schema, study_record(study))
 
 
 class TickWriter:

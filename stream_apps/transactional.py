@@ -44,6 +44,9 @@ MESSAGES = Counter("diana_stream_messages_total", "Input messages processed in c
 FAILED_MESSAGES = Counter(
     "diana_stream_failed_messages_total", "Input messages whose handling raised, dead-lettered", ["topic"]
 )
+UNENCODABLE = Counter(
+    "diana_stream_unencodable_total", "Records of the worker's own the schema refused (not published)", ["topic"]
+)
 RESTORE_SECONDS = Histogram("diana_stream_restore_seconds", "Time to rebuild the state of newly assigned partitions")
 
 _DELETED = object()
@@ -115,6 +118,10 @@ class Batch:
         # no trace in the transaction (message_failed), the ones before and after it stay.
         self._undo: list[tuple[tuple[int, str], str, Any]] = []
         self._held: list[tuple[str, bytes | None, bytes, dict[str, bytes] | None]] = []
+        # Per (topic, key), the value last published in this transaction and how to encode it: one
+        # encode and one record per changed key per transaction, not one per message.
+        self._latest: dict[tuple[str, bytes], tuple[Any, Callable[[Any], bytes]]] = {}
+        self._latest_undo: list[tuple[tuple[str, bytes], Any]] = []
 
     def get(self, partition: int, namespace: str, key: str) -> Any:
         value = self._pending.get((partition, namespace), {}).get(key)
@@ -141,6 +148,7 @@ class Batch:
             self._producer.produce(topic, key=key, value=value, headers=headers)
         self._held.clear()
         self._undo.clear()
+        self._latest_undo.clear()
 
     def message_failed(self) -> None:
         """The message's handling raised: undo its state changes and drop its sends."""
@@ -150,8 +158,37 @@ class Batch:
                 space.pop(key, None)
             else:
                 space[key] = previous
+        for latest_key, previous in reversed(self._latest_undo):
+            if previous is _ABSENT:
+                self._latest.pop(latest_key, None)
+            else:
+                self._latest[latest_key] = previous
         self._undo.clear()
         self._held.clear()
+        self._latest_undo.clear()
+
+    def publish_latest(self, topic: str, key: bytes, value: Any, encode: Callable[[Any], bytes]) -> None:
+        """Publish ``value`` under ``key`` unless a later call of this transaction replaces it.
+
+        Only the last value per (topic, key) is encoded and sent, when the transaction ends
+        (send_latest): readers of a compacted, versioned topic (the aggregates) lose nothing by
+        skipping the intermediate revisions. ``value`` must not be changed afterwards.
+        """
+        latest_key = (topic, key)
+        self._latest_undo.append((latest_key, self._latest.get(latest_key, _ABSENT)))
+        self._latest[latest_key] = (value, encode)
+
+    def send_latest(self) -> None:
+        """Encode and send, in the transaction, the last value of each key given to publish_latest."""
+        for (topic, key), (value, encode) in self._latest.items():
+            try:
+                encoded = encode(value)
+            except Exception as exc:  # a record of ours the schema refuses: a bug, never a stopped worker
+                log.error("publish.unencodable", topic=topic, reason=f"{type(exc).__name__}: {exc}")
+                UNENCODABLE.labels(topic).inc()
+                continue  # the state moved on; the key's next change publishes it again
+            self._producer.produce(topic, key=key, value=encoded)
+        self._latest.clear()
 
     def write_changelog(self) -> None:
         """Each key changed in this batch, once, with its final value (None: deleted)."""
@@ -384,6 +421,7 @@ class TransactionalLoop:
                 self._handle_one(batch, message)
                 offsets[(message.topic(), message.partition())] = message.offset() + 1
                 self.producer.poll(0)
+            batch.send_latest()
             batch.write_changelog()
             with _slow("transaction.send_offsets"):
                 self._send_offsets([TopicPartition(t, p, o) for (t, p), o in offsets.items()])

@@ -93,3 +93,50 @@ def test_a_failed_message_leaves_no_state_change_and_no_send():
     assert batch.get(0, "series", "1.2.3") == {"instance_count": 1}
     assert batch.get(0, "series", "4.5.6") is None
     assert [r[1] for r in producer.records] == [b"1.2.3"]
+
+
+def test_only_the_last_value_per_key_of_a_transaction_is_encoded_and_sent():
+    producer, encoded = ChangelogRecorder(), []
+
+    def encode(value: dict) -> bytes:
+        encoded.append(value["revision"])
+        return json.dumps(value).encode()
+
+    batch = Batch(_Store(), producer, "state")
+    for revision in range(1, 6):  # five instances of one series in one transaction
+        batch.publish_latest("dicom.series", b"1.2.3", {"revision": revision}, encode)
+        batch.publish_latest("dicom.studies", b"1.2", {"revision": revision}, encode)
+        batch.message_done()
+    batch.publish_latest("dicom.series", b"4.5.6", {"revision": 1}, encode)
+    batch.message_done()
+    assert producer.records == []  # nothing before the transaction's end
+    batch.send_latest()
+    assert sorted(encoded) == [1, 5, 5]  # one encode per changed key
+    sent = {(topic, key): json.loads(value) for topic, key, value, _ in producer.records}
+    assert sent == {
+        ("dicom.series", b"1.2.3"): {"revision": 5},
+        ("dicom.studies", b"1.2"): {"revision": 5},
+        ("dicom.series", b"4.5.6"): {"revision": 1},
+    }
+    batch.send_latest()
+    assert len(producer.records) == 3  # sent once
+
+
+def test_a_failed_message_takes_back_what_it_published_and_an_unencodable_record_is_skipped():
+    producer = ChangelogRecorder()
+
+    def encode(value: dict) -> bytes:
+        if value.get("bad"):
+            raise ValueError("not in the schema")
+        return json.dumps(value).encode()
+
+    batch = Batch(_Store(), producer, "state")
+    batch.publish_latest("dicom.series", b"1.2.3", {"revision": 1}, encode)
+    batch.message_done()
+    batch.publish_latest("dicom.series", b"1.2.3", {"revision": 2}, encode)
+    batch.publish_latest("dicom.series", b"7.7", {"revision": 1}, encode)
+    batch.message_failed()  # the second message raised: revision 1 stands, 7.7 was never published
+    batch.publish_latest("dicom.series", b"8.8", {"bad": True}, encode)
+    batch.message_done()
+    batch.send_latest()
+    assert [(key, json.loads(value)) for _, key, value, _ in producer.records] == [(b"1.2.3", {"revision": 1})]
