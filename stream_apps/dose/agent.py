@@ -2,9 +2,16 @@
 
 Only objects that can carry dose are parsed (SRs, CT and projection images). Each study's state
 (its reports and images, see study.py) lives in a changelog-backed table keyed by study, so it is
-co-partitioned with dicom.instances; folding the same object again changes nothing, so an
-at-least-once redelivery publishes nothing new. Every output has a deterministic id (event,
-study, alert), so a sink that sees a record twice overwrites it.
+co-partitioned with dicom.instances. Every output has a deterministic id (event, study, alert)
+and a re-sent output is byte for byte the first one (same revision, same times), so a consumer that
+sees it twice overwrites it or drops it (the OpenSearch sink by document id and revision, alert
+delivery by alert_id).
+
+Redelivery: Faust processes at least once, and the table's changelog write and the outputs are
+separate sends. After a crash the changelog may hold a study's new state while its outputs never
+reached the broker; the redelivered object then folds to no change. So an object already in the
+state (the same SOP Instance UID) re-emits the study's current record, its events and its raised
+alerts as they were first sent, instead of being dropped as a duplicate (stream_apps/README.md).
 
 Cumulative rules need all of a patient's studies: each study's totals are re-keyed by PatientID
 to dose.by-patient, where a second agent keeps per-patient state.
@@ -61,6 +68,16 @@ _HEADER_DOSE_TAGS = ('"00189345"', '"0018115E"', '"00408302"', '"00400302"', '"0
 _EXPOSURE_DOSE_SEQUENCE = '"0040030E"'
 _TECHNIQUE_MODALITIES = {"MG", "PX", "IO"}
 _KVP = '"00180060"'
+# What the cumulative agent keeps of each study of a patient.
+_PATIENT_FIELDS = (
+    "study_instance_uid",
+    "study_date",
+    "total_dlp_mGycm",
+    "total_dap_Gym2",
+    "dose_rp_total_mGy",
+    "administered_activity_MBq",
+    "standard_name",
+)
 # Images whose every instance in a series repeats the series' dose values: parsed once per series.
 _PER_SERIES = {"CT", "PT", "NM"}
 
@@ -89,6 +106,18 @@ def _series_done(state: dict | None, instance: dict) -> bool:
         r.get("series_instance_uid") == series or any(e.get("event_key") == f"series:{series}" for e in r["events"])
         for r in reports
     )
+
+
+def _already_folded(state: dict | None, instance: dict) -> bool:
+    """True when this very object (its SOP Instance UID) is already in the study's state: a redelivery."""
+    if not state:
+        return False
+    sop = instance["sop_instance_uid"]
+    return sop in state["reports"] or sop in state.get("sizes", {})
+
+
+def _ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
 
 
 def _size_sample(instance: dict, every: int) -> bool:
@@ -155,18 +184,30 @@ def register_dose(
             key=origin.encode(), value=value, headers={"reason": f"dose: {reason}".encode(), "origin": origin.encode()}
         )
 
-    async def publish_alerts(state: dict, alerts: list[dict], study: dict, at: datetime) -> None:
+    async def publish_alerts(state: dict, alerts: list[dict], study: dict, at: datetime, resend: bool = False) -> bool:
+        """Send the alerts not yet raised with their value; with ``resend``, also those already raised.
+
+        A re-sent alert carries the revision and raised_at it was first sent with (kept in
+        ``alert_origins``), so it is the same record. True if the state changed (a new alert).
+        """
         raised = state.setdefault("alerts", {})
+        origins = state.setdefault("alert_origins", {})
+        changed = False
         for alert in alerts:
-            if raised.get(alert["alert_id"]) == alert["value"]:
-                continue  # already published with this value
-            raised[alert["alert_id"]] = alert["value"]
+            alert_id = alert["alert_id"]
+            if raised.get(alert_id) == alert["value"]:
+                if not resend:
+                    continue  # already published with this value
+                origin = origins.get(alert_id) or {"revision": state["revision"], "raised_at": _ms(at)}
+            else:
+                origin = {"revision": state["revision"], "raised_at": _ms(at)}
+                raised[alert_id], origins[alert_id], changed = alert["value"], origin, True
             record = {
                 **{k: study.get(k) for k in _CONTEXT},
                 "kind": study.get("kind"),
                 **alert,
-                "revision": state["revision"],
-                "raised_at": at,
+                "revision": origin["revision"],
+                "raised_at": _dt(origin["raised_at"]),
             }
             log.info(
                 "dose.alert",
@@ -180,6 +221,7 @@ def register_dose(
                 key=alert["study_instance_uid"].encode(),
                 value=codec.encode(DOSE_ALERTS.value_schema, _fit(codec, DOSE_ALERTS.value_schema, record)),
             )
+        return changed
 
     @app.agent(source)
     async def dose(stream: faust.Stream) -> None:
@@ -196,9 +238,10 @@ def register_dose(
                 continue
             uid = instance["study_instance_uid"]
             state, changed = study_table.get(uid), False
+            redelivered = _already_folded(state, instance)
             if sample:
                 state, changed = _measure_size(state, instance, uid)
-            if carries and not _series_done(state, instance):
+            if carries and (redelivered or not _series_done(state, instance)):
                 try:
                     extracted = extract_dose(dataset_from_header_json(instance["header_json"]))
                 except DoseExtractionError as exc:
@@ -207,10 +250,13 @@ def register_dose(
                 if extracted is not None:
                     report, context = extracted
                     state = state or {**new_study(uid), "revision": 0}
-                    at_ms = int(instance["received_at"].timestamp() * 1000)
-                    changed = fold_report(state, report, context, at_ms) or changed
+                    changed = fold_report(state, report, context, _ms(instance["received_at"])) or changed
+            if state is not None and redelivered and not changed and state["reports"]:
+                # The same object again: its outputs may never have reached the broker (module doc).
+                await publish_study(uid, state, instance["received_at"], again=True)
+                continue
             if not changed or state is None:
-                continue  # nothing new: the same object again, or a series already counted
+                continue  # nothing new: a series already counted, or an object without dose values
             if not state["reports"]:
                 study_table[uid] = state  # a size sample before any dose value: kept for later
                 continue
@@ -231,8 +277,14 @@ def register_dose(
         state = state or {**new_study(uid), "revision": 0}
         return state, fold_size(state, instance["sop_instance_uid"], instance["series_instance_uid"], diameter)
 
-    async def publish_study(uid: str, state: dict, at: datetime) -> None:
-        state["revision"] += 1
+    async def publish_study(uid: str, state: dict, at: datetime, again: bool = False) -> None:
+        """Publish the study's record, events and alerts; ``again``: re-send them as last published."""
+        if again:
+            # A state written before published_at was kept: the redelivered object's arrival.
+            at = _dt(state.get("published_at", _ms(at)))
+        else:
+            state["revision"] += 1
+            state["published_at"] = _ms(at)
         study, events = summarize(state)
         if names is not None:
             names.apply(study, events)
@@ -250,9 +302,10 @@ def register_dose(
             _fit(codec, DOSE_STUDIES.value_schema, {**study, "revision": state["revision"], "received_at": at}),
         )
         await studies_out.send(key=uid.encode(), value=study_value)
-        await publish_alerts(state, study_alerts(rules, study, events) + drl_alerts(study), study, at)
-        study_table[uid] = state
-        log.info("dose.study", study_instance_uid=uid, kind=study.get("kind"), events=study["events"])
+        alerts = study_alerts(rules, study, events) + drl_alerts(study)
+        if await publish_alerts(state, alerts, study, at, resend=again) or not again:
+            study_table[uid] = state
+        log.info("dose.study", study_instance_uid=uid, kind=study.get("kind"), events=study["events"], again=again)
         if study.get("patient_id"):
             await by_patient.send(key=study["patient_id"].encode(), value=study_value)
 
@@ -266,22 +319,14 @@ def register_dose(
                 continue
             patient = study["patient_id"]
             state = patient_table.get(patient) or {"studies": {}, "alerts": {}, "revision": 0}
-            state["studies"][study["study_instance_uid"]] = {
-                k: v
-                for k, v in study.items()
-                if k
-                in (
-                    "study_instance_uid",
-                    "study_date",
-                    "total_dlp_mGycm",
-                    "total_dap_Gym2",
-                    "dose_rp_total_mGy",
-                    "administered_activity_MBq",
-                    "standard_name",
-                )
-            }
-            state["revision"] += 1
+            entry = {k: v for k, v in study.items() if k in _PATIENT_FIELDS}
+            # The same study totals again (a redelivery, or the dose agent re-emitting): re-send the
+            # patient's raised alerts as first sent, since they may never have reached the broker.
+            again = state["studies"].get(study["study_instance_uid"]) == entry
+            if not again:
+                state["studies"][study["study_instance_uid"]] = entry
+                state["revision"] += 1
             studies = list(state["studies"].values())
             alerts = cumulative_alerts(rules, studies, study) + repeat_alerts(rules, studies, study)
-            await publish_alerts(state, alerts, study, study["received_at"])
-            patient_table[patient] = state
+            if await publish_alerts(state, alerts, study, study["received_at"], resend=again) or not again:
+                patient_table[patient] = state

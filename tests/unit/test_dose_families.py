@@ -359,6 +359,25 @@ def test_worker_parses_per_series_images_once_and_samples_ct_images():
     assert not _size_sample(ct, 0) and not _size_sample({**ct, "modality": "MR"}, 10)
 
 
+def test_worker_tells_a_redelivered_object_from_another_instance_of_its_series():
+    """An object already in the state (a redelivery) re-sends the study's outputs; another image does not."""
+    from diana.stream_apps.dose.agent import _already_folded
+
+    study, series = generate_uid(), generate_uid()
+    first = instance_of(img.radiopharmaceutical(study, pet=True, activity="1", series_uid=series, number=1))
+    second = instance_of(img.radiopharmaceutical(study, pet=True, activity="1", series_uid=series, number=2))
+    state = new_study(study)
+    assert not _already_folded(None, first) and not _already_folded(state, first)
+    report, context = extracted(img.radiopharmaceutical(study, pet=True, activity="1", series_uid=series))
+    report["sop_instance_uid"] = first["sop_instance_uid"]
+    assert fold_report(state, report, context, 0)
+    assert not fold_report(state, report, context, 5)  # the same object again folds to no change...
+    assert _already_folded(state, first)  # ...and is known as a redelivery
+    assert not _already_folded(state, second)
+    state["sizes"] = {second["sop_instance_uid"]: {"series": series, "dw_mm": 250.0}}
+    assert _already_folded(state, second)  # a size sample already measured
+
+
 def test_a_damaged_image_file_gives_no_size_and_no_crash(tmp_path: Path):
     study, series, sop = generate_uid(), generate_uid(), generate_uid()
     landing = tmp_path / "landing" / "x.dcm"
