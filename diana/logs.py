@@ -32,6 +32,13 @@ class _Redacting:
         return redact(str(self.renderer(logger, name, event_dict)))
 
 
+class _RedactedRecord(logging.LogRecord):
+    """A log record whose message is redacted, whichever handler formats it (Faust installs its own)."""
+
+    def getMessage(self) -> str:
+        return redact(super().getMessage())
+
+
 def configure_logging(level: str = "info", fmt: str = "console") -> None:
     numeric = getattr(logging, level.upper(), None)
     if not isinstance(numeric, int):
@@ -62,6 +69,7 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _Redacting(renderer)],
         )
     )
+    logging.setLogRecordFactory(_RedactedRecord)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
