@@ -182,3 +182,21 @@ def test_cli_configuration_error_does_not_print_the_password(capsys: pytest.Capt
     assert main(["status"]) == 2
     err = capsys.readouterr().err
     assert "is not https" in err and "cli-secret-9876543210" not in err
+
+
+def test_a_handler_of_its_own_like_fausts_prints_redacted_messages_too(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    configure_logging("info", "console")
+    own = io.StringIO()
+    handler = logging.StreamHandler(own)
+    handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
+    faust_like = logging.getLogger("faust.test")
+    faust_like.addHandler(handler)
+    try:
+        remember_secret("faust-handler-secret-1")
+        faust_like.warning("broker login with %s failed", "faust-handler-secret-1")
+    finally:
+        faust_like.removeHandler(handler)
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    assert own.getvalue() == "[WARNING] broker login with *** failed\n"
