@@ -18,7 +18,7 @@ from confluent_kafka.admin import AdminClient
 from opensearchpy import OpenSearch
 
 from diana.config import ConfigError, KafkaConfig, OpenSearchConfig, StorageConfig
-from diana.credentials import CredentialError, secret_value
+from diana.credentials import CredentialError, remember_secret, secret_value
 from diana.logs import KAFKA_CLIENT_LOGGER
 
 __all__ = [
@@ -148,7 +148,9 @@ def s3_credentials(storage: StorageConfig) -> tuple[str, str] | None:
             with open(path) as fh:
                 parser.read_file(fh)
             section = parser["default"]
-            return section["aws_access_key_id"].strip(), section["aws_secret_access_key"].strip()
+            keys = section["aws_access_key_id"].strip(), section["aws_secret_access_key"].strip()
+            remember_secret(keys[1])  # redacted wherever it might be printed (diana/credentials.py)
+            return keys
         except FileNotFoundError:
             raise ConfigError(f"[storage] s3_credentials_file {path} does not exist") from None
         except (KeyError, configparser.Error):

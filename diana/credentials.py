@@ -19,7 +19,7 @@ MASK = "***"
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]*)@")
 
 # Values of the process's passwords; short ones are left out so that redaction never eats
-# ordinary words (config validation asks for passwords of at least this length).
+# ordinary words (secret_value refuses passwords shorter than this).
 MIN_SECRET_LENGTH = 8
 _known: set[str] = set()
 
@@ -48,6 +48,9 @@ def secret_value(section: str, key: str, value: str, file: str) -> str:
             raise CredentialError(f"[{section}] {key}_file {path} cannot be read ({exc.strerror})") from None
         if not value:
             raise CredentialError(f"[{section}] {key}_file {path} is empty")
+    if value and len(value) < MIN_SECRET_LENGTH:
+        # Redaction leaves shorter values alone (they would eat ordinary words), so they could be printed.
+        raise CredentialError(f"[{section}] {key}: use a password of at least {MIN_SECRET_LENGTH} characters")
     remember_secret(value)
     return value
 

@@ -49,6 +49,9 @@ def test_secret_value_reads_a_file_and_says_which_file_is_wrong(tmp_path: Path):
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(CredentialError, match="is empty"):
         secret_value("kafka", "sasl_password", "", str(tmp_path / "empty"))
+    (tmp_path / "short").write_text("abc123\n")
+    with pytest.raises(CredentialError, match="at least 8 characters"):
+        secret_value("kafka", "sasl_password", "", str(tmp_path / "short"))
     with pytest.raises(CredentialError, match="not both"):
         secret_value("kafka", "sasl_password", "value-and-file-both", str(good))
 
