@@ -122,6 +122,24 @@ ssl.enabled.protocols=TLSv1.3,TLSv1.2
             f"{self.kafka.sasl_mechanism}=[name={self.kafka.sasl_username},password={self.kafka_password()}]",
         ]
 
+    def mark_kafka_data(self, data: Path) -> None:
+        """Remember that this storage was formatted with the SCRAM user (and which)."""
+        (data / "diana-scram-user").write_text(self.kafka.sasl_username + "\n")
+
+    def check_kafka_data(self, data: Path) -> None:
+        """Storage formatted by a plain start has no SCRAM user: the secured broker would refuse every login."""
+        if not (data / "meta.properties").exists():
+            return
+        marker = data / "diana-scram-user"
+        user = marker.read_text().strip() if marker.exists() else None
+        if user != self.kafka.sasl_username:
+            raise ConfigError(
+                f"the Kafka data under {data} was formatted "
+                + ("without a SCRAM user (a plain start)" if user is None else f"with the SCRAM user {user!r}")
+                + f", not {self.kafka.sasl_username!r}: SCRAM users are made at format time in KRaft; "
+                "run `diana stack reset --secured` (it deletes the stack's data) and start again"
+            )
+
     # ---------------------------------------------------------------- opensearch
     def install(self, mvn: Any) -> None:
         """The security plugin's zip from Maven Central into the cache, once (``mvn`` runs Maven)."""

@@ -229,6 +229,8 @@ log.retention.hours=-1
             return
         _refuse_foreign("Kafka", self.cfg.kafka_port, "kafka_port")
         props = self._write_kafka_config()
+        if self.secured:
+            self.secured.check_kafka_data(self._kafka_dir() / "data")
         if not (self._kafka_dir() / "data" / "meta.properties").exists():
             cluster_id = subprocess.run(
                 self._kafka_java("kafka.tools.StorageTool", "random-uuid"), capture_output=True, text=True, check=True
@@ -248,6 +250,8 @@ log.retention.hours=-1
             )
             if proc.returncode != 0:
                 raise StackError(f"formatting Kafka storage failed: {proc.stdout}{proc.stderr}")
+            if self.secured:
+                self.secured.mark_kafka_data(self._kafka_dir() / "data")
         self._spawn(self.kafka, self._kafka_java("kafka.Kafka", str(props)), env=None, user=None)
 
     # ---------------------------------------------------------------- opensearch
