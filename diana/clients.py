@@ -1,7 +1,7 @@
 """The one place that builds Kafka, OpenSearch and S3 clients from the configuration.
 
 Every Kafka client of diana-star starts from the same connection settings (bootstrap servers, and
-whatever security a site configures later) and the same logging: librdkafka's messages go through
+[kafka]'s security: SASL_SSL with SCRAM, a private CA) and the same logging: librdkafka's messages go through
 the structured ``diana.kafka`` logger at warning level and above, instead of raw lines on stderr.
 Callers add only what is particular to their use (a group id, acks, transactions).
 """
@@ -18,6 +18,7 @@ from confluent_kafka.admin import AdminClient
 from opensearchpy import OpenSearch
 
 from diana.config import ConfigError, KafkaConfig, OpenSearchConfig, StorageConfig
+from diana.credentials import CredentialError, remember_secret, secret_value
 from diana.logs import KAFKA_CLIENT_LOGGER
 
 __all__ = [
@@ -25,6 +26,9 @@ __all__ = [
     "kafka_producer",
     "kafka_consumer",
     "kafka_admin",
+    "kafka_security_settings",
+    "faust_broker_settings",
+    "opensearch_auth",
     "opensearch_client",
     "s3_client",
     "s3_credentials",
@@ -35,14 +39,66 @@ __all__ = [
 _KAFKA_LOG_LEVEL = 3
 
 
+def _kafka_password(kafka: KafkaConfig) -> str:
+    try:
+        return secret_value("kafka", "sasl_password", kafka.sasl_password, kafka.sasl_password_file)
+    except CredentialError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def kafka_security_settings(kafka: KafkaConfig) -> dict[str, Any]:
+    """librdkafka's security settings for [kafka] (empty for PLAINTEXT)."""
+    if kafka.security_protocol == "PLAINTEXT":
+        return {}
+    settings: dict[str, Any] = {
+        "security.protocol": kafka.security_protocol,
+        # The broker's certificate must name the host we dial: no silent man in the middle.
+        "ssl.endpoint.identification.algorithm": "https",
+    }
+    if kafka.ssl_ca_file:
+        settings["ssl.ca.location"] = kafka.ssl_ca_file
+    if kafka.security_protocol == "SASL_SSL":
+        settings.update(
+            {
+                "sasl.mechanism": kafka.sasl_mechanism,
+                "sasl.username": kafka.sasl_username,
+                "sasl.password": _kafka_password(kafka),
+            }
+        )
+    return settings
+
+
 def kafka_settings(kafka: KafkaConfig, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The settings every client shares, then ``extra`` (librdkafka names, e.g. ``group.id``)."""
     settings: dict[str, Any] = {
         "bootstrap.servers": kafka.bootstrap,
         "log_level": _KAFKA_LOG_LEVEL,
         "logger": KAFKA_CLIENT_LOGGER,
+        **kafka_security_settings(kafka),
     }
     settings.update(extra or {})
+    return settings
+
+
+def faust_broker_settings(kafka: KafkaConfig) -> dict[str, Any]:
+    """``faust.App`` keyword arguments for [kafka]: the broker URL and, when secured, its credentials."""
+    import ssl
+
+    import faust
+
+    settings: dict[str, Any] = {"broker": f"kafka://{kafka.bootstrap}"}
+    if kafka.security_protocol == "PLAINTEXT":
+        return settings
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=kafka.ssl_ca_file or None)
+    if kafka.security_protocol == "SSL":
+        settings["broker_credentials"] = faust.SSLCredentials(context)
+    else:
+        settings["broker_credentials"] = faust.SASLCredentials(
+            username=kafka.sasl_username,
+            password=_kafka_password(kafka),
+            ssl_context=context,
+            mechanism=kafka.sasl_mechanism,
+        )
     return settings
 
 
@@ -58,8 +114,29 @@ def kafka_admin(kafka: KafkaConfig, extra: Mapping[str, Any] | None = None) -> A
     return AdminClient(kafka_settings(kafka, extra))
 
 
+def opensearch_auth(opensearch: OpenSearchConfig) -> tuple[str, str] | None:
+    """(user, password) for HTTP basic authentication, or None when [opensearch] has no username."""
+    if not opensearch.username:
+        return None
+    try:
+        password = secret_value("opensearch", "password", opensearch.password, opensearch.password_file)
+    except CredentialError as exc:
+        raise ConfigError(str(exc)) from None
+    return opensearch.username, password
+
+
 def opensearch_client(opensearch: OpenSearchConfig, timeout: float = 30) -> OpenSearch:
-    return OpenSearch(hosts=[opensearch.url], timeout=timeout)
+    """https urls are verified (against ca_file when set); basic authentication when username is set."""
+    secure = opensearch.url.startswith("https://")
+    return OpenSearch(
+        hosts=[opensearch.url],
+        timeout=timeout,
+        http_auth=opensearch_auth(opensearch),
+        use_ssl=secure,
+        verify_certs=secure,
+        ca_certs=(opensearch.ca_file or None) if secure else None,
+        ssl_show_warn=False,
+    )
 
 
 def s3_credentials(storage: StorageConfig) -> tuple[str, str] | None:
@@ -71,7 +148,9 @@ def s3_credentials(storage: StorageConfig) -> tuple[str, str] | None:
             with open(path) as fh:
                 parser.read_file(fh)
             section = parser["default"]
-            return section["aws_access_key_id"].strip(), section["aws_secret_access_key"].strip()
+            keys = section["aws_access_key_id"].strip(), section["aws_secret_access_key"].strip()
+            remember_secret(keys[1])  # redacted wherever it might be printed (diana/credentials.py)
+            return keys
         except FileNotFoundError:
             raise ConfigError(f"[storage] s3_credentials_file {path} does not exist") from None
         except (KeyError, configparser.Error):

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diana.credentials import remember_secret
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -63,6 +65,16 @@ class KafkaConfig:
     # one per broker). min_insync_replicas 0: automatic (replication factor - 1, at least 1).
     replication_factor: int = 0
     min_insync_replicas: int = 0
+    # Security toward the brokers (docs/SECURITY.md): PLAINTEXT, SSL or SASL_SSL. With SASL_SSL the
+    # clients log in as sasl_username with sasl_mechanism; the password comes from
+    # DIANA_KAFKA_SASL_PASSWORD or sasl_password_file, never from the file itself. ssl_ca_file: the
+    # (private) CA the brokers' certificates are verified against; empty: the system's CAs.
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "SCRAM-SHA-512"
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    sasl_password_file: str = ""
+    ssl_ca_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,13 @@ class OpenSearchConfig:
     url: str = "http://127.0.0.1:9200"
     index_prefix: str = "diana"
     bulk_max_docs: int = 500
+    # HTTP basic authentication (with an https url): the user, and its password from
+    # DIANA_OPENSEARCH_PASSWORD or password_file. ca_file: the (private) CA of the server's
+    # certificate; empty: the system's CAs. Credentials in the url itself are refused.
+    username: str = ""
+    password: str = field(default="", repr=False)
+    password_file: str = ""
+    ca_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -344,6 +363,11 @@ class StackConfig:
     s3proxy_version: str = "2.6.0"
     s3proxy_port: int = 9000
     s3proxy_heap_mb: int = 256
+    # The secured variant (compose/local/secured.py): Kafka on SASL_SSL with SCRAM and OpenSearch
+    # with its security plugin (TLS and basic authentication), certificates from a private CA made
+    # under <home>/pki. The users and passwords are [kafka]'s and [opensearch]'s.
+    secured: bool = False
+    opensearch_security_version: str = "2.19.4.0"
 
 
 @dataclass(frozen=True)
@@ -460,6 +484,8 @@ _CHOICES = {
     ("stream", "processing_guarantee"): ("exactly_once", "at_least_once"),
     ("log", "level"): ("debug", "info", "warning", "error"),
     ("routing", "new_destination_start"): ("now", "earliest"),
+    ("kafka", "security_protocol"): ("PLAINTEXT", "SSL", "SASL_SSL"),
+    ("kafka", "sasl_mechanism"): ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"),
 }
 
 
@@ -509,6 +535,42 @@ def _check_choices(sections: dict[str, Any]) -> None:
         )
 
 
+def _check_security(sections: dict[str, Any]) -> None:
+    """Security settings that cannot work together fail at start-up, never fall back to plain traffic."""
+    kafka, search = sections["kafka"], sections["opensearch"]
+    if kafka.security_protocol == "SASL_SSL" and not kafka.sasl_username:
+        raise ConfigError("[kafka] security_protocol SASL_SSL needs sasl_username (and DIANA_KAFKA_SASL_PASSWORD)")
+    if kafka.security_protocol == "SASL_SSL" and not (kafka.sasl_password or kafka.sasl_password_file):
+        raise ConfigError(
+            "[kafka] security_protocol SASL_SSL needs a password: set DIANA_KAFKA_SASL_PASSWORD or sasl_password_file"
+        )
+    if kafka.security_protocol == "PLAINTEXT" and (kafka.sasl_username or kafka.ssl_ca_file):
+        raise ConfigError(
+            "[kafka] sasl_username or ssl_ca_file is set but security_protocol is PLAINTEXT, which would send "
+            'them nowhere and the traffic in the clear: set security_protocol = "SASL_SSL" (or remove them)'
+        )
+    if "@" in search.url.split("://", 1)[-1].split("/", 1)[0]:
+        raise ConfigError(
+            "[opensearch] url must not carry credentials: set username, and the password through "
+            "DIANA_OPENSEARCH_PASSWORD or password_file"
+        )
+    if search.username and not (search.password or search.password_file):
+        raise ConfigError(
+            "[opensearch] username is set without a password: set DIANA_OPENSEARCH_PASSWORD or password_file"
+        )
+    if (search.username or search.ca_file) and not search.url.startswith("https://"):
+        raise ConfigError(
+            f"[opensearch] username or ca_file is set but url {search.url} is not https: the password would "
+            f"travel in the clear; use an https:// url"
+        )
+    receiver = sections["receiver"]
+    if receiver.tls_ca_file and not (receiver.tls_cert_file and receiver.tls_key_file):
+        raise ConfigError(
+            "[receiver] tls_ca_file is set without tls_cert_file and tls_key_file: DICOM over TLS needs the "
+            "receiver's certificate and key; set both (or remove tls_ca_file to receive without TLS)"
+        )
+
+
 def parse_per_modality(spec: str) -> tuple[dict[str, float], float]:
     """``"CT=30,MR=60,*=20"`` → ({"CT": 30.0, "MR": 60.0}, 20.0): positive seconds per modality and a default."""
     values: dict[str, float] = {}
@@ -553,4 +615,12 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         merged.setdefault(section, {}).update(values)
     sections = {s: _build_section(s, merged.get(s, {}), str(path or "environment")) for s in _SECTIONS}
     _check_choices(sections)
+    _check_security(sections)
+    # Passwords given as values are known to redaction from the start (files: when they are read).
+    for secret in (
+        sections["kafka"].sasl_password,
+        sections["opensearch"].password,
+        sections["storage"].s3_secret_access_key,
+    ):
+        remember_secret(secret)
     return Config(base_dir=base_dir, **sections)

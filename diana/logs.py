@@ -8,14 +8,35 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import structlog
+
+from diana.credentials import redact
 
 __all__ = ["configure_logging", "KAFKA_CLIENT_LOGGER"]
 
 # librdkafka's own messages (connection refused during an outage, ...) go through this logger,
 # so they are structured like everything else instead of raw lines on stderr.
 KAFKA_CLIENT_LOGGER = logging.getLogger("diana.kafka")
+
+
+class _Redacting:
+    """A renderer whose output goes through ``redact``: no credential in any log line."""
+
+    def __init__(self, renderer: Callable[..., Any]):
+        self.renderer = renderer
+
+    def __call__(self, logger: Any, name: str, event_dict: Any) -> str:
+        return redact(str(self.renderer(logger, name, event_dict)))
+
+
+class _RedactedRecord(logging.LogRecord):
+    """A log record whose message is redacted, whichever handler formats it (Faust installs its own)."""
+
+    def getMessage(self) -> str:
+        return redact(super().getMessage())
 
 
 def configure_logging(level: str = "info", fmt: str = "console") -> None:
@@ -40,12 +61,15 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
+    # Redaction runs over the rendered line, so that a password in any field, an exception's text
+    # or a library's own message is hidden as well (diana/credentials.py).
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _Redacting(renderer)],
         )
     )
+    logging.setLogRecordFactory(_RedactedRecord)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import faust
 from faust.transport.producer import ProducerBuffer
 
+from diana.clients import faust_broker_settings
 from diana.config import Config
 
 __all__ = ["create_app", "deepen_faust_producer_buffer"]
@@ -24,7 +25,7 @@ def create_app(config: Config, app_id: str | None = None, web_port: int | None =
     """The aggregates app by default; the dose worker passes its own id and port."""
     return faust.App(
         app_id or config.stream.app_id,
-        broker=f"kafka://{config.kafka.bootstrap}",
+        **faust_broker_settings(config.kafka),
         store="memory://",
         datadir=str(config.path(config.stream.data_dir)),
         # Changelogs are co-partitioned with dicom.instances: one study, one partition, one worker.

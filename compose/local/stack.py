@@ -20,13 +20,17 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from diana.config import Config, StorageConfig
+
+if TYPE_CHECKING:
+    from diana.compose.local.secured import SecuredStack
 
 log = structlog.get_logger("diana.stack")
 
@@ -91,6 +95,13 @@ class LocalStack:
         )
         self.s3proxy_jar = self.cache / f"s3proxy-{self.cfg.s3proxy_version}-jar-with-dependencies.jar"
         self.s3proxy = Service("s3proxy", self.home / "s3proxy" / "s3proxy.pid", self.home / "s3proxy" / "s3proxy.log")
+        self.kafka_config = config.kafka
+        # [stack] secured: SASL_SSL Kafka and OpenSearch with its security plugin (compose/local/secured.py)
+        self.secured: SecuredStack | None = None
+        if self.cfg.secured:
+            from diana.compose.local.secured import SecuredStack
+
+            self.secured = SecuredStack(config, self.home, self.cache)
 
     # ---------------------------------------------------------------- install
     def install(self) -> None:
@@ -123,6 +134,8 @@ class LocalStack:
             _mvn(["dependency:copy", f"-Dartifact={artifact}", f"-DoutputDirectory={self.cache}"], cwd=self.cache)
         if self.with_s3:
             self.install_s3proxy()
+        if self.secured:
+            self.secured.install(lambda args, cwd: _mvn(args, cwd=cwd))
         log.info("stack.installed", cache=str(self.cache))
 
     def install_s3proxy(self) -> None:
@@ -142,16 +155,20 @@ class LocalStack:
         d = self._kafka_dir()
         d.mkdir(parents=True, exist_ok=True)
         c = self.cfg
-        props = f"""\
-process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:{c.kafka_controller_port}
+        listeners = f"""\
 listeners=PLAINTEXT://127.0.0.1:{c.kafka_port},CONTROLLER://127.0.0.1:{c.kafka_controller_port}
 advertised.listeners=PLAINTEXT://127.0.0.1:{c.kafka_port}
 controller.listener.names=CONTROLLER
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
-log.dirs={d / "data"}
+"""
+        if self.secured:
+            listeners = self.secured.kafka_listener_properties(c.kafka_port, c.kafka_controller_port)
+        props = f"""\
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{c.kafka_controller_port}
+{listeners}log.dirs={d / "data"}
 num.partitions=3
 # single node: internal topics cannot have more replicas than brokers
 offsets.topic.replication.factor=1
@@ -169,6 +186,9 @@ replica.fetch.max.bytes={self.max_message_bytes}
 # keep the log: topics set their own retention (docs/ARCHITECTURE.md)
 log.retention.hours=-1
 """
+        # The secured variant's file holds the broker's SCRAM password: readable by us alone.
+        (d / "server.properties").touch(mode=0o600)
+        (d / "server.properties").chmod(0o600)
         (d / "server.properties").write_text(props)
         (d / "log4j2.xml").write_text(
             """<?xml version="1.0" encoding="UTF-8"?>
@@ -209,17 +229,29 @@ log.retention.hours=-1
             return
         _refuse_foreign("Kafka", self.cfg.kafka_port, "kafka_port")
         props = self._write_kafka_config()
+        if self.secured:
+            self.secured.check_kafka_data(self._kafka_dir() / "data")
         if not (self._kafka_dir() / "data" / "meta.properties").exists():
             cluster_id = subprocess.run(
                 self._kafka_java("kafka.tools.StorageTool", "random-uuid"), capture_output=True, text=True, check=True
             ).stdout.strip()
             proc = subprocess.run(
-                self._kafka_java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
+                self._kafka_java(
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(props),
+                    *(self.secured.kafka_format_args() if self.secured else []),
+                ),
                 capture_output=True,
                 text=True,
             )
             if proc.returncode != 0:
                 raise StackError(f"formatting Kafka storage failed: {proc.stdout}{proc.stderr}")
+            if self.secured:
+                self.secured.mark_kafka_data(self._kafka_dir() / "data")
         self._spawn(self.kafka, self._kafka_java("kafka.Kafka", str(props)), env=None, user=None)
 
     # ---------------------------------------------------------------- opensearch
@@ -269,7 +301,10 @@ discovery.type: single-node
 cluster.routing.allocation.disk.threshold_enabled: false
 action.auto_create_index: true
 """
+            + (self.secured.opensearch_yml() if self.secured else "")
         )
+        if self.secured:
+            self.secured.prepare_opensearch(home, _java_home())
         for sub in ("data", "logs"):
             (self._opensearch_dir() / sub).mkdir(parents=True, exist_ok=True)
         if user:
@@ -440,7 +475,10 @@ jclouds.filesystem.basedir={d / "data"}
         from diana.config import KafkaConfig
 
         # log_level 0: the refused connections while the broker boots are expected, not news
-        admin = kafka_admin(KafkaConfig(bootstrap=f"127.0.0.1:{self.cfg.kafka_port}"), {"log_level": 0})
+        kafka = replace(self.kafka_config, bootstrap=f"127.0.0.1:{self.cfg.kafka_port}")
+        if not self.secured:  # the stack's own listener is plain whatever [kafka] says
+            kafka = KafkaConfig(bootstrap=kafka.bootstrap)
+        admin = kafka_admin(kafka, {"log_level": 0})
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -456,7 +494,8 @@ jclouds.filesystem.basedir={d / "data"}
         raise StackError(f"Kafka did not answer within {timeout:.0f}s ({last}); see {self.kafka.log_file}")
 
     def opensearch_url(self) -> str:
-        return f"http://127.0.0.1:{self.cfg.opensearch_port}"
+        scheme = "https" if self.secured else "http"
+        return f"{scheme}://127.0.0.1:{self.cfg.opensearch_port}"
 
     def wait_opensearch(self, timeout: float = 180.0) -> None:
         url = f"{self.opensearch_url()}/_cluster/health?wait_for_status=yellow&timeout=5s"
@@ -466,8 +505,11 @@ jclouds.filesystem.basedir={d / "data"}
             if not self._running(self.opensearch):
                 raise StackError(f"OpenSearch exited during start-up; see {self.opensearch.log_file}")
             try:
-                with urllib.request.urlopen(url, timeout=10) as resp:
-                    body = json.load(resp)
+                if self.secured:
+                    body = self.secured.health(url, timeout=10)
+                else:
+                    with urllib.request.urlopen(url, timeout=10) as resp:
+                        body = json.load(resp)
                 if body.get("status") in ("yellow", "green"):
                     log.info("stack.ready", service="opensearch", url=self.opensearch_url())
                     return
@@ -479,6 +521,8 @@ jclouds.filesystem.basedir={d / "data"}
 
     # ---------------------------------------------------------------- public
     def start(self) -> None:
+        if self.secured:
+            self.secured.check()  # the users, passwords and CA settings: said before anything starts
         if self.with_s3:
             self._s3_keys()  # no identity for S3Proxy: say so before anything starts
         self.install()

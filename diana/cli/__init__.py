@@ -9,6 +9,7 @@ import sys
 from diana.cli import access, collect, operations, pipeline, route
 from diana.cli.access import COHORT_FILTERS
 from diana.config import ConfigError, load_config
+from diana.credentials import redact
 from diana.logs import configure_logging
 
 __all__ = ["build_parser", "main"]
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         configure_logging(cfg.log.level, cfg.log.format)
     except (ConfigError, ValueError) as exc:
-        print(f"diana: configuration error: {exc}", file=sys.stderr)
+        print(f"diana: configuration error: {redact(str(exc))}", file=sys.stderr)
         return 2
     try:
         return args.func(cfg, args)
@@ -54,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from diana.compose.local.stack import StackError
 
-        if isinstance(exc, StackError):
-            print(f"diana: {exc}", file=sys.stderr)
+        if isinstance(exc, (StackError, ConfigError)):
+            print(f"diana: {redact(str(exc))}", file=sys.stderr)
             return 1
-        raise
+        # The traceback as Python prints it, but through redact: no password in an error.
+        import traceback
+
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        return 1

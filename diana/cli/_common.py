@@ -7,6 +7,7 @@ import sys
 import threading
 
 from diana.config import Config
+from diana.credentials import redact
 
 __all__ = ["stop_on_signals", "start_metrics", "fail"]
 
@@ -29,5 +30,5 @@ def start_metrics(cfg: Config, port: int) -> None:
 
 def fail(command: str, message: str, code: int = 2) -> int:
     """Print ``diana COMMAND: MESSAGE`` on stderr and return the exit status (2: usage, 1: the world)."""
-    print(f"diana {command}: {message}", file=sys.stderr)
+    print(f"diana {command}: {redact(message)}", file=sys.stderr)
     return code

@@ -8,6 +8,7 @@ from pathlib import Path
 from diana.cli._common import fail
 from diana.cli.pipeline import cmd_topics
 from diana.config import Config
+from diana.credentials import redact
 
 # `diana acceptance` is run from the checkout, beside which the shared acceptance data lives.
 DEFAULT_ACCEPTANCE_DIR = Path("..") / "shared" / "acceptance" / "dose"
@@ -19,7 +20,7 @@ def cmd_status(cfg: Config, _args: argparse.Namespace) -> int:
     from diana.operations.status import collect_status, render_status
 
     status = collect_status(cfg)
-    print(render_status(status))
+    print(redact(render_status(status)))
     return 1 if status.errors else 0
 
 
@@ -120,8 +121,12 @@ def cmd_acceptance(_cfg: Config, args: argparse.Namespace) -> int:
 def cmd_stack(cfg: Config, args: argparse.Namespace) -> int:
     """Install (download once), start (and create topics), stop, reset (delete all data) or show the
     status of the local Kafka and OpenSearch, and of S3Proxy when [storage] backend = "s3"."""
+    import dataclasses
+
     from diana.compose.local.stack import LocalStack
 
+    if args.secured:
+        cfg = dataclasses.replace(cfg, stack=dataclasses.replace(cfg.stack, secured=True))
     stack = LocalStack(cfg)
     if args.action == "install":
         stack.install()
@@ -161,6 +166,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "action",
         choices=["install", "start", "stop", "status", "reset"],
         help="reset stops both servers and deletes their data",
+    )
+    stack.add_argument(
+        "--secured",
+        action="store_true",
+        help="the secured variant: Kafka on SASL_SSL (SCRAM), OpenSearch with TLS and basic authentication "
+        "(the same as [stack] secured = true; docs/SECURITY.md)",
     )
     stack.set_defaults(func=cmd_stack)
 
