@@ -3,6 +3,11 @@
 Layout: ``<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` in the archive store
 (diana/storage: a folder, or a prefix of an S3 bucket) — built from validated UIDs only. Each put
 is atomic and its SHA-256 is checked against the event before the landing copy is removed.
+
+The landed object is read through the landing store (diana/storage): by the event's
+``landing_uri`` (InstanceArrived v4), which must name an object of this sink's landing store, or by
+the host-relative ``landing_path`` of older events. Landing and archive on one S3 endpoint: a
+server-side copy; both folders: a hard link; else streamed through this process.
 """
 
 from __future__ import annotations
@@ -16,14 +21,13 @@ from confluent_kafka import Message
 from prometheus_client import Counter
 
 from diana.config import ConflictPolicy
-from diana.durable import contained_path
 from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.layout import archive_path
 from diana.schemas.topics import INSTANCES
 from diana.sinks.consumer import DeadLetters, Reporter, RetryableError
-from diana.storage import FilesystemStore, IntegrityError, ObjectStore
+from diana.storage import FilesystemStore, IntegrityError, ObjectStore, check_key, key_in_store
 
-__all__ = ["ArchiveSink", "archive_relative_path"]
+__all__ = ["ArchiveSink", "archive_relative_path", "landing_key"]
 
 log = structlog.get_logger("diana.sink.archive")
 
@@ -38,26 +42,35 @@ def archive_relative_path(event: dict) -> str:
     return archive_path(event["study_instance_uid"], event["series_instance_uid"], event["sop_instance_uid"])
 
 
+def landing_key(landing: ObjectStore, event: dict) -> str:
+    """The key of the event's landed object in ``landing``; ValueError when it names none of it."""
+    if event.get("landing_uri"):
+        return key_in_store(landing, event["landing_uri"])
+    if event.get("landing_path"):  # InstanceArrived v1 to v3: relative to the landing root
+        return check_key(event["landing_path"])
+    raise ValueError("the event names no landed object (neither landing_uri nor landing_path)")
+
+
 class ArchiveSink:
     name = "archive"
     topics = (INSTANCES.name,)
 
     def __init__(
         self,
-        landing_root: Path,
+        landing: Path | ObjectStore,
         archive: Path | ObjectStore,
         codec: Codec | None = None,
         policy: str = ConflictPolicy.KEEP_FIRST,
         report: Reporter | Callable[[dict], None] | None = None,
         quarantine: Path | ObjectStore | None = None,
     ):
-        """``archive`` and ``quarantine``: stores, or folders (a filesystem store each).
+        """``landing``, ``archive`` and ``quarantine``: stores, or folders (a filesystem store each).
 
         Without ``quarantine``, a folder archive's quarantine is the folder ``<archive>-quarantine`` beside it.
         """
         if policy not in ConflictPolicy.ALL:
             raise ValueError(f"unknown conflict policy {policy!r}; use one of {', '.join(ConflictPolicy.ALL)}")
-        self.landing_root = Path(landing_root).resolve()
+        self.landing: ObjectStore = FilesystemStore(landing) if isinstance(landing, Path) else landing
         self.archive: ObjectStore = FilesystemStore(archive) if isinstance(archive, Path) else archive
         self.codec = codec or default_codec()
         self.policy = policy
@@ -89,7 +102,7 @@ class ArchiveSink:
         'superseded' (a replayed event whose conflict was already resolved).
         """
         relative = archive_relative_path(event)
-        landing = contained_path(self.landing_root, event["landing_path"])
+        landing = landing_key(self.landing, event)
         sha = event["sha256"]
         if not self.archive.exists(relative):
             self._place(landing, relative, sha, event)
@@ -99,9 +112,9 @@ class ArchiveSink:
         version = f"{relative.removesuffix('.dcm')}.{sha[:12]}.dcm"
         if archived_sha == sha or (self.archive.exists(version) and self.archive.sha256(version) == sha):
             UNCHANGED.inc()
-            landing.unlink(missing_ok=True)
+            self.landing.delete(landing)
             return "unchanged"
-        if not landing.exists():
+        if not self.landing.exists(landing):
             # A replay of a conflict resolved before: its bytes are gone by policy.
             return "superseded"
         CONFLICTS.labels(self.policy).inc()
@@ -149,8 +162,8 @@ class ArchiveSink:
             self._place(landing, version, sha, event)
         else:
             dropped_key = str(quarantine_path)
-            self._quarantine_verified(lambda: self.quarantine.put_file(dropped_key, landing, sha, link=True))
-            landing.unlink()
+            self._quarantine_verified(lambda: self.quarantine.copy_from(self.landing, landing, dropped_key, sha))
+            self.landing.delete(landing)
         return "conflict"
 
     def _quarantine_verified(self, put: Callable[[], str]) -> None:
@@ -161,13 +174,15 @@ class ArchiveSink:
             raise OSError(f"quarantine copy failed verification: {exc}") from exc
         QUARANTINED.inc()
 
-    def _place(self, landing: Path, key: str, sha: str, event: dict) -> None:
+    def _place(self, landing: str, key: str, sha: str, event: dict) -> None:
         """Verified, atomic placement; the landing copy is removed only after."""
         try:
-            # Same filesystem: a hard link (the landing object never changes); else a verified copy.
-            self.archive.put_file(key, landing, sha256=sha, link=True)
+            # Two folders: a hard link (a landed object never changes); one S3 endpoint: a
+            # server-side copy checked against the SHA-256 the receiver recorded; else streamed
+            # and hashed on the way. Each checks the event's SHA-256.
+            self.archive.copy_from(self.landing, landing, key, sha256=sha)
         except FileNotFoundError:
-            raise ValueError(f"landing object {event['landing_path']} is missing and was never archived") from None
+            raise ValueError(f"landing object {landing} is missing and was never archived") from None
         except IntegrityError:
-            raise ValueError(f"landing object {event['landing_path']} does not match the event's sha256") from None
-        landing.unlink(missing_ok=True)
+            raise ValueError(f"landing object {landing} does not match the event's sha256") from None
+        self.landing.delete(landing)
