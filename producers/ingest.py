@@ -150,9 +150,7 @@ class Ingest:
                 continue
             try:
                 with self.landing.local_copy(relative) as path:
-                    header = read_header_file(
-                        path, self.header_budget, self.max_inflated_bytes, self.landing.incoming
-                    )
+                    header = read_header_file(path, self.header_budget, self.max_inflated_bytes, self.landing.incoming)
                     digest, size = sha256_file(path)
                 received = datetime.fromtimestamp(landed_at, tz=UTC)
             except FileNotFoundError:

@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from diana.durable import place_file, sha256_file, write_atomic
 from diana.config import Config
+from diana.durable import place_file, sha256_file, write_atomic
 from diana.storage import FilesystemStore, ObjectStore, local_file, open_store
 
 __all__ = ["LandingStore", "StoredObject", "open_landing"]

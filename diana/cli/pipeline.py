@@ -163,6 +163,7 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
                 policy=cfg.sinks.archive_conflict_policy,
                 report=report,
                 quarantine=open_store(cfg, "quarantine"),
+                local_landing=cfg.path(cfg.storage.landing_dir),
             )
         ]
         group, port = cfg.sinks.archive_group, cfg.sinks.archive_metrics_port

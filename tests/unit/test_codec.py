@@ -223,7 +223,9 @@ def _write_with(version_file: str, record: dict) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("version_file", ["instance_arrived.v1.avsc", "instance_arrived.v2.avsc", "instance_arrived.v3.avsc"])
+@pytest.mark.parametrize(
+    "version_file", ["instance_arrived.v1.avsc", "instance_arrived.v2.avsc", "instance_arrived.v3.avsc"]
+)
 def test_instance_arrived_before_v4_keeps_its_host_relative_landing_path(version_file):
     old = _instance(landing_path="ab/" + "ab" * 32 + ".dcm")
     _, record = Codec().decode(_write_with(version_file, old), expect="InstanceArrived")
