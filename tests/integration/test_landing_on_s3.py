@@ -24,7 +24,8 @@ from confluent_kafka import Producer
 from pydicom.uid import generate_uid
 
 from diana.config import Config
-from diana.producers.landing import LandingStore
+from diana.operations.status import collect_status
+from diana.producers.landing import LandingStore, open_landing
 from diana.schemas.codec import MAGIC
 from diana.schemas.topics import INSTANCES
 from diana.sinks.archive import archive_relative_path
@@ -154,6 +155,18 @@ def test_a_resend_lands_the_same_key_again_and_duplicates_nothing(s3_landing, se
     archive, landing = open_store(cfg, "archive"), open_store(cfg, "landing")
     assert len([k for k in archive.list(f"{sent_study.study_uid}/") if k.endswith(".dcm")]) == 40
     assert [k for k in landing.list() if k.endswith(".dcm")] == []
+
+
+def test_status_counts_what_waits_in_the_s3_landing_store(s3_landing, tmp_path):
+    cfg = s3_landing
+    landing = open_landing(cfg)
+    before = collect_status(cfg).landing_objects
+    stored = landing.put(b"not archived: no event points to it " + tmp_path.name.encode())
+    try:
+        assert stored.uri.startswith("s3://")
+        assert collect_status(cfg).landing_objects == before + 1
+    finally:
+        open_store(cfg, "landing").delete(stored.relative_path)
 
 
 def test_a_v2_event_is_archived_by_the_s3_sink_from_this_hosts_landing_folder(s3_landing, tmp_path):
