@@ -32,7 +32,7 @@ from diana.sinks.archive import archive_relative_path
 from diana.storage import ObjectStore, S3Store, open_store
 from tests.support.dicomgen import make_instance, make_study
 from tests.support.helpers import storescu, topic_records, wait_until_caught_up
-from tests.support.paths import REPO
+from tests.support.paths import REPO, port
 from tests.support.stack import wait_for_echo
 
 S3 = {"DIANA_STORAGE_BACKEND": "s3"}
@@ -177,3 +177,39 @@ def test_a_v2_event_is_archived_by_the_s3_sink_from_this_hosts_landing_folder(s3
     assert _sha_of(archive, archive_relative_path(event)) == event["sha256"]
     wait_until_caught_up(cfg)
     assert not (cfg.path(cfg.storage.landing_dir) / event["landing_path"]).exists()
+
+
+def test_an_object_landed_on_s3_without_an_event_is_republished(pipeline, s3_landing, tmp_path):
+    """As after a crash between the put and the publish (on any host): the outbox step of a receiver
+    lists the bucket's landing/, republishes the object, and the archive sink archives it."""
+    cfg = s3_landing
+    number = port(11210)
+    settings = {
+        **S3,
+        "DIANA_RECEIVER_PORT": str(number),
+        "DIANA_RECEIVER_METRICS_PORT": "0",
+        "DIANA_RECEIVER_RECONCILE_INTERVAL_S": "2",
+        "DIANA_RECEIVER_RECONCILE_AFTER_S": "1",
+    }
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="S3LEFTBEHIND", study_date="20240611")
+    path = tmp_path / "left.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    stored = open_landing(cfg).put(path.read_bytes())
+    pipeline.start("receiver-s3-reconcile", "receive", settings=settings)
+    try:
+        archive = open_store(cfg, "archive")
+        key = archive_relative_path(
+            {
+                "study_instance_uid": ds.StudyInstanceUID,
+                "series_instance_uid": ds.SeriesInstanceUID,
+                "sop_instance_uid": ds.SOPInstanceUID,
+            }
+        )
+        _wait_archived(archive, key, timeout=120)
+        assert _sha_of(archive, key) == stored.sha256
+        wait_until_caught_up(cfg)
+        assert not open_store(cfg, "landing").exists(stored.relative_path)
+        log = pipeline.log_text("receiver-s3-reconcile")
+        assert "recover.done" in log or "reconcile.republished" in log
+    finally:
+        pipeline.stop("receiver-s3-reconcile")
