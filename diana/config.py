@@ -131,8 +131,9 @@ class ReceiverConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     landing_dir: Path = Path("var/landing")
-    # Where the archive and the quarantine live: "filesystem" (archive_dir, quarantine_dir) or "s3"
-    # (the bucket below, under the prefixes archive/ and quarantine/). The landing store is local for now.
+    # Where the archive and quarantine live: "filesystem" (archive_dir, quarantine_dir) or "s3"
+    # (the bucket below, under the prefixes archive/ and quarantine/); the landing store too
+    # (landing/; landing_dir then holds only the receiver's scratch folder .incoming/).
     backend: str = "filesystem"
     archive_dir: Path = Path("var/archive")
     # Bytes the archive conflict policy does not keep (KEEP_FIRST: the newcomer; REPLACE: the

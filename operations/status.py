@@ -149,7 +149,12 @@ def collect_status(cfg: Config) -> PipelineStatus:
         status.archive_objects = _count_archived(open_store(cfg, "archive"))
     except (OSError, ConfigError) as exc:  # the object store unreachable, or its credentials file missing
         status.errors.append(f"archive: {exc}")
-    status.landing_objects = _count(cfg.path(cfg.storage.landing_dir))
+    status.landing_objects = _count(cfg.path(cfg.storage.landing_dir))  # this host's; an S3 store's below
+    if cfg.storage.backend == "s3":
+        try:
+            status.landing_objects += _count_archived(open_store(cfg, "landing"))
+        except (OSError, ConfigError) as exc:
+            status.errors.append(f"landing: {exc}")
     for name, (host, port) in service_addresses(cfg).items():
         status.services[name] = (f"{host}:{port}", _listening(host, port))
     return status

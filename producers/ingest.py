@@ -106,7 +106,8 @@ class Ingest:
             **header.fields,
             "size_bytes": stored.size,
             "sha256": stored.sha256,
-            "landing_path": stored.relative_path,
+            "landing_path": stored.relative_path,  # the key, for readers of InstanceArrived before v4
+            "landing_uri": stored.uri,
             "received_at": received_at,
             "source": source,
             "calling_ae": calling_ae,
@@ -144,24 +145,23 @@ class Ingest:
         """
         published: list[str] = []
         cutoff = time.time() - older_than_s
-        for relative, path in self.landing.stored_objects():
-            if self.landing.in_flight(relative) or (skip is not None and skip(relative)):
+        for relative, landed_at in self.landing.landed_objects():
+            if landed_at > cutoff or self.landing.in_flight(relative) or (skip is not None and skip(relative)):
                 continue
             try:
-                if path.stat().st_mtime > cutoff:
-                    continue
-                header = read_header_file(path, self.header_budget, self.max_inflated_bytes, self.landing.incoming)
-                digest, size = sha256_file(path)
-                received = datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
+                with self.landing.local_copy(relative) as path:
+                    header = read_header_file(path, self.header_budget, self.max_inflated_bytes, self.landing.incoming)
+                    digest, size = sha256_file(path)
+                received = datetime.fromtimestamp(landed_at, tz=UTC)
             except FileNotFoundError:
                 continue  # archived (and removed) meanwhile: its event went out
             except (HeaderError, InvalidIdentifiers) as exc:
                 log.error("recover.unreadable", landing_path=relative, detail=str(exc))
                 continue
-            if digest != path.stem:
+            if relative != f"{digest[:2]}/{digest}.dcm":
                 log.error("recover.corrupt", landing_path=relative, sha256=digest)
                 continue
-            stored = StoredObject(relative, digest, size)
+            stored = StoredObject(relative, digest, size, self.landing.uri(relative))
             try:
                 self._publish(header, stored, "RECOVERED", None, None, received)
             except PublishRefused as exc:  # retrying cannot help; the object stays for an operator

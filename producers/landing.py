@@ -4,11 +4,18 @@ Content-addressed (``ab/abcdef….dcm`` by SHA-256): identical re-sends land on 
 different bytes for the same SOP Instance UID never overwrite each other, and no header
 value ever becomes part of a path. ``.incoming/`` (same filesystem) holds objects while they
 are received, so that accepting one is a hard link, not a copy.
+
+Where the objects land: the local folder (``[storage] backend = "filesystem"``, the fast path: a
+hard link, no copy) or, with a ``remote`` store (``backend = "s3"``, ``open_store(cfg, "landing")``),
+that store under the same content-addressed key: the received file is put there (SHA-256 verified)
+before the event is published, and ``.incoming/`` stays a local scratch folder. Events name the
+object by its URI (``StoredObject.uri``): ``file:///...`` or ``s3://bucket/landing/...``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import threading
 import time
 from collections.abc import Iterator
@@ -16,16 +23,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from diana.config import Config
 from diana.durable import place_file, sha256_file, write_atomic
+from diana.storage import FilesystemStore, ObjectStore, local_file, open_store
 
-__all__ = ["LandingStore", "StoredObject"]
+__all__ = ["LandingStore", "StoredObject", "open_landing"]
 
 
 @dataclass(frozen=True)
 class StoredObject:
-    relative_path: str
+    relative_path: str  # the content-addressed key: <sha256[:2]>/<sha256>.dcm
     sha256: str
     size: int
+    uri: str  # where it is: file:///<root>/<key> or s3://<bucket>/landing/<key>
 
 
 @dataclass
@@ -41,11 +51,16 @@ class LandingStore:
     """``shared``: several processes land into this store at once (``[receiver] processes`` > 1).
     A process then cannot know whether another one published the same bytes meanwhile, so a failed
     publish leaves the object in place instead of removing it; reconcile publishes it later (an
-    event for bytes the sender was told to send again: harmless, every consumer is idempotent)."""
+    event for bytes the sender was told to send again: harmless, every consumer is idempotent).
 
-    def __init__(self, root: Path, shared: bool = False):
+    ``remote``: land into this store (S3) instead of the folder; ``root`` then holds only the
+    local scratch folder ``.incoming/``. A remote landing store is always shared (other hosts land
+    into it), so a failed publish never removes the object either."""
+
+    def __init__(self, root: Path, shared: bool = False, remote: ObjectStore | None = None):
         self.root = Path(root).resolve()
-        self.shared = shared
+        self.remote = remote
+        self.shared = shared or remote is not None
         self.incoming = self.root / ".incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -66,9 +81,12 @@ class LandingStore:
         """Store bytes durably (tests and tools; the receiver uses ``landed``)."""
         digest = hashlib.sha256(data).hexdigest()
         relative, target = self._target(digest)
+        if self.remote is not None:
+            self.remote.put_stream(relative, io.BytesIO(data), sha256=digest)
+            return StoredObject(relative, digest, len(data), self.remote.uri(relative))
         if not self._complete(target, len(data)):
             write_atomic(target, data)
-        return StoredObject(relative, digest, len(data))
+        return StoredObject(relative, digest, len(data), target.as_uri())
 
     @contextmanager
     def landed(self, source: Path, owned: bool, synced_digest: tuple[str, int] | None = None) -> Iterator[StoredObject]:
@@ -91,9 +109,17 @@ class LandingStore:
             entry.holders += 1
         published = False
         try:
-            if not self._complete(target, size):
-                place_file(source, target, link=owned, synced=synced_digest is not None)
-            yield StoredObject(relative, digest, size)
+            if self.remote is not None:
+                # Durable in the store before the event exists. Always put (no HEAD first): a new
+                # object needs the put anyway, and a put of a content-addressed key is idempotent,
+                # also against another host putting the same bytes at this moment (base.py).
+                self.remote.put_file(relative, source, sha256=digest)
+                uri = self.remote.uri(relative)
+            else:
+                if not self._complete(target, size):
+                    place_file(source, target, link=owned, synced=synced_digest is not None)
+                uri = target.as_uri()
+            yield StoredObject(relative, digest, size, uri)
             published = True
         finally:
             with self._lock:
@@ -109,8 +135,40 @@ class LandingStore:
         with self._lock:
             return relative in self._entries
 
+    def landed_objects(self) -> Iterator[tuple[str, float]]:
+        """(key, time it landed, POSIX seconds) of every complete object, local or remote."""
+        if self.remote is not None:
+            for key in self.remote.list():
+                if key.endswith(".dcm"):
+                    try:
+                        yield key, self.remote.modified(key)
+                    except FileNotFoundError:
+                        continue  # archived and removed meanwhile
+            return
+        for key, path in self.stored_objects():
+            try:
+                yield key, path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+
+    def uri(self, key: str) -> str:
+        """The URI of the landed object ``key`` (what events carry)."""
+        return self.remote.uri(key) if self.remote is not None else (self.root / key).as_uri()
+
+    @contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        """The landed object as a local file for the block (remote: a temp copy); FileNotFoundError when gone."""
+        if self.remote is None:
+            path = self.root / key
+            if not path.is_file():
+                raise FileNotFoundError(f"no landed object {key}")
+            yield path
+            return
+        with local_file(self.remote, key) as path:
+            yield path
+
     def stored_objects(self) -> Iterator[tuple[str, Path]]:
-        """Every complete object in the store (temp files and .incoming excluded)."""
+        """Every complete object in the local folder (temp files and .incoming excluded)."""
         for shard in sorted(self.root.iterdir()):
             if shard.name.startswith(".") or not shard.is_dir():
                 continue
@@ -131,3 +189,11 @@ class LandingStore:
             except FileNotFoundError:
                 pass
         return removed
+
+
+def open_landing(config: Config, shared: bool = False) -> LandingStore:
+    """The configured landing store: the folder [storage] landing_dir, or (backend "s3") the bucket's
+    prefix ``landing/`` with landing_dir as the local scratch folder."""
+    store = open_store(config, "landing")
+    remote = None if isinstance(store, FilesystemStore) else store
+    return LandingStore(config.path(config.storage.landing_dir), shared=shared, remote=remote)

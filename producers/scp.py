@@ -27,7 +27,7 @@ from diana.producers import metrics, negotiation, reactor, transport_guard
 from diana.producers.background import start_periodic, start_until_done
 from diana.producers.header import HeaderError, InvalidIdentifiers
 from diana.producers.ingest import Ingest
-from diana.producers.landing import LandingStore
+from diana.producers.landing import open_landing
 from diana.producers.publisher import EventPublisher, PublishError, PublishRefused
 from diana.producers.spill import SpillFile, install_spill_to_file
 from diana.producers.transport_guard import GuardedServer, GuardSettings
@@ -247,7 +247,7 @@ class Receiver:
         self.worker = worker
         self.shared = self.cfg.processes > 1
         self.extra_handlers = list(extra_handlers or [])
-        self.landing = LandingStore(config.path(config.storage.landing_dir), shared=self.shared)
+        self.landing = open_landing(config, shared=self.shared)
         # When the receiver (all its workers) started: recovery republishes what landed before.
         self.started_at = time.time() if started_at is None else started_at
         # pynetdicom writes chunked data sets with NamedTemporaryFile: keep them on the landing
@@ -355,7 +355,7 @@ class Receiver:
             worker=self.worker,
             workers=self.cfg.processes,
             tls=self.ssl_context is not None,
-            landing=str(self.landing.root),
+            landing=self.landing.uri("") if self.landing.remote is not None else str(self.landing.root),
             extra_services=len(self.extra_handlers),
         )
 

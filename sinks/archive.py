@@ -3,6 +3,12 @@
 Layout: ``<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` in the archive store
 (diana/storage: a folder, or a prefix of an S3 bucket) — built from validated UIDs only. Each put
 is atomic and its SHA-256 is checked against the event before the landing copy is removed.
+
+The landed object is read through a landing store (diana/storage): by the event's ``landing_uri``
+(InstanceArrived v4), which must name an object of the configured landing store or of this host's
+landing folder (a receiver that still lands locally), or, for older events, by ``landing_path``
+relative to this host's landing folder (where v1 to v3 receivers landed). Landing and archive on
+one S3 endpoint: a server-side copy; both folders: a hard link; else streamed through this process.
 """
 
 from __future__ import annotations
@@ -16,14 +22,13 @@ from confluent_kafka import Message
 from prometheus_client import Counter
 
 from diana.config import ConflictPolicy
-from diana.durable import contained_path
 from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.layout import archive_path
 from diana.schemas.topics import INSTANCES
 from diana.sinks.consumer import DeadLetters, Reporter, RetryableError
-from diana.storage import FilesystemStore, IntegrityError, ObjectStore
+from diana.storage import FilesystemStore, IntegrityError, ObjectStore, check_key, key_in_store
 
-__all__ = ["ArchiveSink", "archive_relative_path"]
+__all__ = ["ArchiveSink", "archive_relative_path", "landing_key"]
 
 log = structlog.get_logger("diana.sink.archive")
 
@@ -38,26 +43,50 @@ def archive_relative_path(event: dict) -> str:
     return archive_path(event["study_instance_uid"], event["series_instance_uid"], event["sop_instance_uid"])
 
 
+def landing_key(stores: list[ObjectStore], event: dict) -> tuple[ObjectStore, str]:
+    """The store (of ``stores``) holding the event's landed object, and its key there; ValueError when
+    the event names none of theirs. ``stores[-1]`` is this host's landing folder (for events before v4)."""
+    uri = event.get("landing_uri")
+    if uri:
+        refusals = []
+        for store in stores:
+            try:
+                return store, key_in_store(store, uri)
+            except ValueError as exc:
+                refusals.append(str(exc))
+        raise ValueError(refusals[0] if len(refusals) == 1 else f"{uri} is in none of this sink's landing stores")
+    if event.get("landing_path"):  # InstanceArrived v1 to v3: relative to the receiver's landing folder
+        return stores[-1], check_key(event["landing_path"])
+    raise ValueError("the event names no landed object (neither landing_uri nor landing_path)")
+
+
 class ArchiveSink:
     name = "archive"
     topics = (INSTANCES.name,)
 
     def __init__(
         self,
-        landing_root: Path,
+        landing: Path | ObjectStore,
         archive: Path | ObjectStore,
         codec: Codec | None = None,
         policy: str = ConflictPolicy.KEEP_FIRST,
         report: Reporter | Callable[[dict], None] | None = None,
         quarantine: Path | ObjectStore | None = None,
+        local_landing: Path | None = None,
     ):
-        """``archive`` and ``quarantine``: stores, or folders (a filesystem store each).
+        """``landing``, ``archive`` and ``quarantine``: stores, or folders (a filesystem store each).
+
+        ``local_landing``: this host's landing folder, when ``landing`` is not it (S3): events before
+        v4, and v4 events of receivers landing locally, name objects there.
 
         Without ``quarantine``, a folder archive's quarantine is the folder ``<archive>-quarantine`` beside it.
         """
         if policy not in ConflictPolicy.ALL:
             raise ValueError(f"unknown conflict policy {policy!r}; use one of {', '.join(ConflictPolicy.ALL)}")
-        self.landing_root = Path(landing_root).resolve()
+        self.landing: ObjectStore = FilesystemStore(landing) if isinstance(landing, Path) else landing
+        self.landing_stores = [self.landing]
+        if local_landing is not None and not isinstance(self.landing, FilesystemStore):
+            self.landing_stores.append(FilesystemStore(local_landing))
         self.archive: ObjectStore = FilesystemStore(archive) if isinstance(archive, Path) else archive
         self.codec = codec or default_codec()
         self.policy = policy
@@ -89,19 +118,19 @@ class ArchiveSink:
         'superseded' (a replayed event whose conflict was already resolved).
         """
         relative = archive_relative_path(event)
-        landing = contained_path(self.landing_root, event["landing_path"])
+        store, landing = landing_key(self.landing_stores, event)
         sha = event["sha256"]
         if not self.archive.exists(relative):
-            self._place(landing, relative, sha, event)
+            self._place(store, landing, relative, sha)
             ARCHIVED.inc()
             return "written"
         archived_sha = self.archive.sha256(relative)
         version = f"{relative.removesuffix('.dcm')}.{sha[:12]}.dcm"
         if archived_sha == sha or (self.archive.exists(version) and self.archive.sha256(version) == sha):
             UNCHANGED.inc()
-            landing.unlink(missing_ok=True)
+            store.delete(landing)
             return "unchanged"
-        if not landing.exists():
+        if not store.exists(landing):
             # A replay of a conflict resolved before: its bytes are gone by policy.
             return "superseded"
         CONFLICTS.labels(self.policy).inc()
@@ -144,13 +173,13 @@ class ArchiveSink:
             self._quarantine_verified(
                 lambda: self.quarantine.copy_from(self.archive, relative, dropped_key, archived_sha)
             )
-            self._place(landing, relative, sha, event)
+            self._place(store, landing, relative, sha)
         elif self.policy == ConflictPolicy.KEEP_BOTH:
-            self._place(landing, version, sha, event)
+            self._place(store, landing, version, sha)
         else:
             dropped_key = str(quarantine_path)
-            self._quarantine_verified(lambda: self.quarantine.put_file(dropped_key, landing, sha, link=True))
-            landing.unlink()
+            self._quarantine_verified(lambda: self.quarantine.copy_from(store, landing, dropped_key, sha))
+            store.delete(landing)
         return "conflict"
 
     def _quarantine_verified(self, put: Callable[[], str]) -> None:
@@ -161,13 +190,15 @@ class ArchiveSink:
             raise OSError(f"quarantine copy failed verification: {exc}") from exc
         QUARANTINED.inc()
 
-    def _place(self, landing: Path, key: str, sha: str, event: dict) -> None:
+    def _place(self, store: ObjectStore, landing: str, key: str, sha: str) -> None:
         """Verified, atomic placement; the landing copy is removed only after."""
         try:
-            # Same filesystem: a hard link (the landing object never changes); else a verified copy.
-            self.archive.put_file(key, landing, sha256=sha, link=True)
+            # Two folders: a hard link (a landed object never changes); one S3 endpoint: a
+            # server-side copy checked against the SHA-256 the receiver recorded; else streamed
+            # and hashed on the way. Each checks the event's SHA-256.
+            self.archive.copy_from(store, landing, key, sha256=sha)
         except FileNotFoundError:
-            raise ValueError(f"landing object {event['landing_path']} is missing and was never archived") from None
+            raise ValueError(f"landing object {landing} is missing and was never archived") from None
         except IntegrityError:
-            raise ValueError(f"landing object {event['landing_path']} does not match the event's sha256") from None
-        landing.unlink(missing_ok=True)
+            raise ValueError(f"landing object {landing} does not match the event's sha256") from None
+        store.delete(landing)

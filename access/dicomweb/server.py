@@ -12,7 +12,7 @@ from diana.access.qr.index_reader import IndexReader
 from diana.clients import opensearch_client
 from diana.config import Config, ConfigError
 from diana.producers.ingest import Ingest
-from diana.producers.landing import LandingStore
+from diana.producers.landing import open_landing
 from diana.producers.publisher import EventPublisher
 from diana.schemas.codec import default_codec
 from diana.storage import open_store
@@ -37,7 +37,7 @@ def dicomweb_app(config: Config) -> tuple[Starlette, bool]:
     check_exposure(web, credentials)
     client = opensearch_client(config.opensearch, timeout=30)
     # STOW-RS lands and publishes exactly as the receiver does.
-    landing = LandingStore(config.path(config.storage.landing_dir))
+    landing = open_landing(config)
     publisher = EventPublisher(config.kafka, client_id="diana-stow")
     ingest = Ingest(landing, publisher, default_codec(), max_inflated_bytes=config.receiver.max_inflated_bytes)
     app = build_app(

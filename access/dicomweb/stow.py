@@ -121,7 +121,7 @@ def store_parts(ingest: Ingest, parts: list[Path], study_uid: str | None) -> Sto
             part.unlink(missing_ok=True)
             continue
         try:
-            ingest.accept_file(part, "C_STORE", owned=True, calling_ae="STOW-RS", called_ae="DICOMWEB")
+            ingest.accept_file(part, "STOW_RS", owned=True, called_ae="DICOMWEB")
         except InvalidIdentifiers as exc:
             result.failed.append((*ids, INVALID_DATASET, str(exc)))
         except HeaderError as exc:

@@ -59,7 +59,7 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
 
     from diana.producers.bulk_import import Importer, find_sources
     from diana.producers.ingest import Ingest
-    from diana.producers.landing import LandingStore
+    from diana.producers.landing import open_landing
     from diana.producers.publisher import EventPublisher
     from diana.schemas.codec import default_codec
 
@@ -68,7 +68,7 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         return fail("import", str(exc))
     publisher = EventPublisher(cfg.kafka, client_id="diana-import")
-    ingest = Ingest(LandingStore(cfg.path(cfg.storage.landing_dir)), publisher, default_codec())
+    ingest = Ingest(open_landing(cfg), publisher, default_codec())
     try:
         with tqdm(total=len(sources), unit="file", desc="import", disable=args.no_progress) as bar:
             summary = Importer(ingest, workers=args.workers).run(sources, progress=bar.update)
@@ -158,11 +158,12 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
         report = Reporter(cfg.kafka, ARCHIVE_CONFLICTS.name, ARCHIVE_CONFLICTS.value_schema, "sop_instance_uid")
         sinks = [
             ArchiveSink(
-                cfg.path(cfg.storage.landing_dir),
+                open_store(cfg, "landing"),
                 open_store(cfg, "archive"),
                 policy=cfg.sinks.archive_conflict_policy,
                 report=report,
                 quarantine=open_store(cfg, "quarantine"),
+                local_landing=cfg.path(cfg.storage.landing_dir),
             )
         ]
         group, port = cfg.sinks.archive_group, cfg.sinks.archive_metrics_port

@@ -1,7 +1,7 @@
 """Object storage behind one interface: the local filesystem (the default) or S3-compatible storage.
 
 ``open_store(config, "archive")`` gives the store the configuration names for an area (the
-archive, the quarantine); callers use only the :class:`ObjectStore` protocol (base.py).
+archive, the quarantine, the landing store); callers use only the :class:`ObjectStore` protocol (base.py).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from diana.storage.base import IntegrityError, ObjectNotFound, ObjectStore, Stor
 from diana.storage.filesystem import FilesystemStore
 from diana.storage.local_files import local_file
 from diana.storage.s3 import S3Store
+from diana.storage.uri import StorageURI, key_in_store, parse_uri
 
 __all__ = [
     "ObjectStore",
@@ -25,14 +26,18 @@ __all__ = [
     "local_file",
     "open_store",
     "AREAS",
+    "StorageURI",
+    "parse_uri",
+    "key_in_store",
 ]
 
-Area = Literal["archive", "quarantine"]
-AREAS: tuple[Area, ...] = ("archive", "quarantine")
+Area = Literal["archive", "quarantine", "landing"]
+AREAS: tuple[Area, ...] = ("archive", "quarantine", "landing")
+_FOLDERS = {"archive": "archive_dir", "quarantine": "quarantine_dir", "landing": "landing_dir"}
 
 
 def open_store(config: Config, area: Area) -> ObjectStore:
-    """The store of ``area``: a folder ([storage] archive_dir, quarantine_dir) or a prefix ``<area>/`` of the bucket."""
+    """The store of ``area``: a folder ([storage] archive_dir, quarantine_dir, landing_dir) or a prefix ``<area>/`` of the bucket."""
     storage = config.storage
     if area not in AREAS:
         raise ValueError(f"no storage area {area!r}; areas: {', '.join(AREAS)}")
@@ -40,5 +45,4 @@ def open_store(config: Config, area: Area) -> ObjectStore:
         from diana.clients import s3_client
 
         return S3Store(s3_client(storage), storage.s3_bucket, f"{area}/", part_size=storage.s3_part_size_mb * 1024**2)
-    folder = storage.archive_dir if area == "archive" else storage.quarantine_dir
-    return FilesystemStore(config.path(folder))
+    return FilesystemStore(config.path(getattr(storage, _FOLDERS[area])))

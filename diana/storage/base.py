@@ -79,6 +79,10 @@ class ObjectStore(Protocol):
         """The SHA-256 of the object's bytes as stored now (read through, not a remembered value)."""
         ...
 
+    def modified(self, key: str) -> float:
+        """When the object was last written (POSIX seconds); ObjectNotFound when there is none."""
+        ...
+
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys under ``prefix`` (a folder-like prefix ending in '/' or empty for all), in no set order."""
         ...

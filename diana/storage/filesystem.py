@@ -77,6 +77,12 @@ class FilesystemStore:
         except FileNotFoundError:
             raise ObjectNotFound(f"no object {key}") from None
 
+    def modified(self, key: str) -> float:
+        try:
+            return self.path(key).stat().st_mtime
+        except FileNotFoundError:
+            raise ObjectNotFound(f"no object {key}") from None
+
     def sha256(self, key: str) -> str:
         try:
             return sha256_file(self.path(key))[0]

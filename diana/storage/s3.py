@@ -169,6 +169,9 @@ class S3Store:
     def size(self, key: str) -> int:
         return int(self._head(key)["ContentLength"])
 
+    def modified(self, key: str) -> float:
+        return self._head(key)["LastModified"].timestamp()
+
     def sha256(self, key: str) -> str:
         digest = hashlib.sha256()
         with self.open(key) as stream:

@@ -14,8 +14,9 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 
+from diana.schemas.topics import INSTANCES
 from tests.support.dicomgen import SeriesSpec, make_study
-from tests.support.helpers import storescu, wait_until_caught_up
+from tests.support.helpers import storescu, topic_records, wait_until_caught_up
 from tests.support.paths import REPO, TEST_HOME, port
 
 WEB_PORT = port(18042)
@@ -139,6 +140,12 @@ def test_stow_stores_through_the_receivers_path(web, pipeline, tmp_path):
     datasets = [pydicom.dcmread(p) for p in study.files]
     answer = client.store_instances(datasets)
     assert len(answer.ReferencedSOPSequence) == 3 and "FailedSOPSequence" not in answer
+    # Their events say where they came from (InstanceArrived v4) and where they landed.
+    events = [e for _, e in topic_records(pipeline.cfg, INSTANCES.name) if e["study_instance_uid"] == study.study_uid]
+    assert len(events) == 3 and {(e["source"], e["called_ae"], e["calling_ae"]) for e in events} == {
+        ("STOW_RS", "DICOMWEB", None)
+    }
+    assert all(e["landing_uri"].startswith("file:///") for e in events)
     # a part that is no DICOM object, beside a good one: 202 with the reason per instance
     boundary = "stowtestboundary"
     good = study.files[0].read_bytes()

@@ -12,13 +12,15 @@ from diana.producers.landing import LandingStore
 from diana.sinks.archive import ArchiveSink
 
 
-def _event(stored, sop="1.2.3.4.5") -> dict:
+def _event(stored, sop="1.2.3.4.5", v2: bool = False) -> dict:
+    """An InstanceArrived as v4 writes it (landing_uri) or, ``v2``, as v1 to v3 did (landing_path)."""
+    where = {"landing_path": stored.relative_path} if v2 else {"landing_uri": stored.uri}
     return {
         "study_instance_uid": "1.2.3",
         "series_instance_uid": "1.2.3.4",
         "sop_instance_uid": sop,
         "sha256": stored.sha256,
-        "landing_path": stored.relative_path,
+        **where,
     }
 
 
@@ -27,10 +29,12 @@ def roots(tmp_path: Path):
     return LandingStore(tmp_path / "landing"), ArchiveSink(tmp_path / "landing", tmp_path / "archive")
 
 
-def test_archive_moves_verified_bytes_and_is_idempotent(roots):
+@pytest.mark.parametrize("v2", [False, True], ids=["v4-uri", "v2-relative-path"])
+def test_archive_moves_verified_bytes_and_is_idempotent(roots, v2):
     landing, sink = roots
     stored = landing.put(b"DICOM-BYTES" * 100)
-    event = _event(stored)
+    assert stored.uri == (landing.root / stored.relative_path).as_uri()
+    event = _event(stored, v2=v2)
     assert sink.archive_one(event) == "written"
     target = sink.archive.root / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
     assert hashlib.sha256(target.read_bytes()).hexdigest() == stored.sha256
@@ -84,10 +88,18 @@ def test_corrupt_landing_copy_and_hostile_paths_are_refused(roots):
         sink.archive_one(_event(stored))
     with pytest.raises(ValueError, match="invalid UID"):
         sink.archive_one(_event(stored, sop="../../x"))
-    evil = dict(_event(stored), landing_path="../../etc/passwd")
-    with pytest.raises(ValueError, match="leaves its root"):
+    evil = dict(_event(stored, v2=True), landing_path="../../etc/passwd")
+    with pytest.raises(ValueError, match="not a valid object key"):
         sink.archive_one(evil)
+    # A URI outside this sink's landing store is refused: an event cannot make it read (and then
+    # delete) any other file or object.
+    for uri in ("file:///etc/passwd", f"{landing.root.parent.as_uri()}/archive/x.dcm", "s3://bucket/landing/ab/x.dcm"):
+        with pytest.raises(ValueError, match="not in this landing store"):
+            sink.archive_one(dict(_event(stored), landing_uri=uri))
+    with pytest.raises(ValueError, match="names no landed object"):
+        sink.archive_one({k: v for k, v in _event(stored).items() if k != "landing_uri"})
     assert not any(sink.archive.root.rglob("*.dcm"))
+    assert Path("/etc/passwd").exists()
 
 
 @pytest.mark.parametrize(

@@ -205,3 +205,57 @@ def test_encode_refuses_what_fastavro_would_silently_coerce():
         Codec().encode("InstanceArrived", {k: v for k, v in _instance().items() if k != "sha256"})
     with pytest.raises(EncodeError, match="size_bytes"):
         Codec().encode("InstanceArrived", _instance(size_bytes=7.5))
+
+
+def _write_with(version_file: str, record: dict) -> bytes:
+    """``record`` as a writer of the kept former schema ``version_file`` put it on the wire."""
+    import io
+    from pathlib import Path
+
+    import avro.io
+    import avro.schema
+
+    writer = avro.schema.parse((Path(codec_module_path()).parent / version_file).read_text())
+    buf = io.BytesIO()
+    buf.write(MAGIC + writer.fingerprint("CRC-64-AVRO"))
+    fields = {f.name for f in writer.fields}
+    avro.io.DatumWriter(writer).write({k: v for k, v in record.items() if k in fields}, avro.io.BinaryEncoder(buf))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "version_file", ["instance_arrived.v1.avsc", "instance_arrived.v2.avsc", "instance_arrived.v3.avsc"]
+)
+def test_instance_arrived_before_v4_keeps_its_host_relative_landing_path(version_file):
+    old = _instance(landing_path="ab/" + "ab" * 32 + ".dcm")
+    _, record = Codec().decode(_write_with(version_file, old), expect="InstanceArrived")
+    assert record["landing_path"] == "ab/" + "ab" * 32 + ".dcm"
+    assert record["landing_uri"] is None
+    assert record["sha256"] == "ab" * 32 and record["source"] == "C_STORE"
+
+
+def test_instance_arrived_v4_carries_a_storage_uri_and_the_stow_source():
+    codec = Codec()
+    event = _instance(landing_uri="s3://diana/landing/ab/" + "ab" * 32 + ".dcm", source="STOW_RS")
+    _, record = codec.decode(codec.encode("InstanceArrived", event))
+    assert record["landing_uri"] == event["landing_uri"] and record["landing_path"] == event["landing_path"]
+    assert record["source"] == "STOW_RS"
+
+
+def test_a_v3_reader_reads_a_v4_stow_event_as_c_store():
+    """Readers not yet upgraded (v4 only adds): the new symbol falls back to the enum's default, the
+    URI is dropped, the landing key is still there."""
+    import io
+    import json
+    from pathlib import Path
+
+    import fastavro
+
+    codec = Codec()
+    event = _instance(landing_uri="file:///var/landing/ab/x.dcm", source="STOW_RS")
+    data = codec.encode("InstanceArrived", event)
+    folder = Path(codec_module_path()).parent
+    v3 = fastavro.parse_schema(json.loads((folder / "instance_arrived.v3.avsc").read_text()), named_schemas={})
+    v4 = fastavro.parse_schema(json.loads((folder / "instance_arrived.avsc").read_text()), named_schemas={})
+    old = fastavro.schemaless_reader(io.BytesIO(data[10:]), v4, v3)
+    assert old["source"] == "C_STORE" and "landing_uri" not in old and old["landing_path"] == "ab/abab.dcm"

@@ -109,3 +109,25 @@ def test_a_spill_file_hashes_what_it_writes_and_lands_without_being_read_again(t
     assert landed.read_bytes() == b"".join(chunks)
     assert landed.name == f"{digest[0]}.dcm"
     assert landed.stat().st_ino == Path(spill.name).stat().st_ino  # a link, not a copy
+
+
+def test_a_remote_store_gets_the_object_before_the_event_and_keeps_a_refused_one(tmp_path):
+    """Landing into another store (S3 in production; here a second folder through the same
+    interface): the object is there, verified, inside the block; a refused publish leaves it (another
+    host may have published the same bytes), and ``.incoming`` stays a local scratch folder."""
+    from diana.storage import FilesystemStore
+
+    remote = FilesystemStore(tmp_path / "bucket")
+    store = LandingStore(tmp_path / "scratch", remote=remote)
+    assert store.shared and store.incoming == (tmp_path / "scratch" / ".incoming").resolve()
+    source = _source(store.incoming, b"to the store")
+    with store.landed(source, owned=True) as stored:
+        assert remote.sha256(stored.relative_path) == stored.sha256  # durable before the publish
+    assert stored.uri == remote.uri(stored.relative_path)
+    assert list(store.stored_objects()) == []  # nothing landed in the local folder
+    with pytest.raises(Refused), store.landed(_source(tmp_path, b"refused"), owned=False) as refused:
+        raise Refused
+    assert remote.exists(refused.relative_path)
+    assert sorted(key for key, _ in store.landed_objects()) == sorted([stored.relative_path, refused.relative_path])
+    with store.local_copy(stored.relative_path) as path:
+        assert path.read_bytes() == b"to the store"
