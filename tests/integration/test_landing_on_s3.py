@@ -79,14 +79,18 @@ def _sha_of(archive: ObjectStore, key: str) -> str:
         return hashlib.sha256(stream.read()).hexdigest()
 
 
-def test_a_v2_event_is_archived_from_the_landing_folder(pipeline, tmp_path):
-    cfg = pipeline.cfg
+def _assert_a_v2_event_is_archived(cfg, tmp_path) -> None:
+    """An older event (a path relative to this host's landing folder, no URI) is archived from there."""
     event = _publish_v2_event(cfg, tmp_path)
     archive = open_store(cfg, "archive")
     _wait_archived(archive, archive_relative_path(event))
     assert _sha_of(archive, archive_relative_path(event)) == event["sha256"]
     wait_until_caught_up(cfg)
     assert not (cfg.path(cfg.storage.landing_dir) / event["landing_path"]).exists()
+
+
+def test_a_v2_event_is_archived_from_the_landing_folder(pipeline, tmp_path):
+    _assert_a_v2_event_is_archived(pipeline.cfg, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -170,13 +174,7 @@ def test_status_counts_what_waits_in_the_s3_landing_store(s3_landing, tmp_path):
 
 
 def test_a_v2_event_is_archived_by_the_s3_sink_from_this_hosts_landing_folder(s3_landing, tmp_path):
-    cfg = s3_landing
-    event = _publish_v2_event(cfg, tmp_path)
-    archive = open_store(cfg, "archive")
-    _wait_archived(archive, archive_relative_path(event))
-    assert _sha_of(archive, archive_relative_path(event)) == event["sha256"]
-    wait_until_caught_up(cfg)
-    assert not (cfg.path(cfg.storage.landing_dir) / event["landing_path"]).exists()
+    _assert_a_v2_event_is_archived(s3_landing, tmp_path)
 
 
 def test_an_object_landed_on_s3_without_an_event_is_republished(pipeline, s3_landing, tmp_path):
