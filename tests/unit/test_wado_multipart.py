@@ -41,3 +41,17 @@ def test_body_is_each_object_as_stored_between_boundaries(tmp_path: Path) -> Non
 
 def test_no_objects_is_the_closing_boundary_alone(tmp_path: Path) -> None:
     assert _collect(FilesystemStore(tmp_path), []) == [b"--B--\r\n"]
+
+
+def test_an_object_not_in_the_archive_is_left_out(tmp_path: Path) -> None:
+    store = FilesystemStore(tmp_path)
+    source = tmp_path / "src"
+    source.write_bytes(b"DICM-bytes")
+    store.put_file("1/1/a.dcm", source)
+    store.put_file("1/1/c.dcm", source)
+
+    body = b"".join(_collect(store, ["1/1/a.dcm", "1/1/b.dcm", "1/1/c.dcm"]))
+
+    # the same bytes as a body of the two archived objects alone
+    assert body == b"".join(_collect(store, ["1/1/a.dcm", "1/1/c.dcm"]))
+    assert body.count(b"Content-Type: application/dicom") == 2
