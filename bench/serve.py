@@ -101,12 +101,7 @@ def _nagle_off(event: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def cfind_latencies(
-    aec: str, port: int, patients: list[str], queries: int, nodelay: bool = True
-) -> tuple[list[float], int]:
-    """Study-level C-FINDs by Patient ID on one association; (seconds per query, matches in all).
-
-    ``nodelay=False`` is the client as pynetdicom makes it (Nagle on), kept to show what it cost."""
+def _find_association(aec: str, port: int, nodelay: bool) -> Any:
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
@@ -116,20 +111,53 @@ def cfind_latencies(
     assoc = ae.associate("127.0.0.1", port, ae_title=aec, evt_handlers=handlers)
     if not assoc.is_established:
         raise RuntimeError(f"no association with {aec}")
+    return assoc
+
+
+def _timed_find(assoc: Any, aec: str, patient: str) -> tuple[float, int]:
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    if not assoc.is_established:
+        raise RuntimeError(f"{aec} ended the association")
+    matches = 0
+    t0 = time.perf_counter()
+    for status, identifier in assoc.send_c_find(_study_find(patient), FIND):
+        if status and status.Status in (0xFF00, 0xFF01) and identifier is not None:
+            matches += 1
+    return time.perf_counter() - t0, matches
+
+
+def cfind_latencies(
+    aec: str, port: int, patients: list[str], queries: int, with_nagle: bool = False
+) -> tuple[list[float], int, list[float]]:
+    """Study-level C-FINDs by Patient ID; (seconds per query, matches in all, seconds per query with Nagle on).
+
+    The client has Nagle off (a C-FIND-RQ is two writes, command then identifier; with Nagle on the
+    second waits for the server's delayed ACK). ``with_nagle``: each query is also asked, in turn, on a
+    second association with Nagle on (pynetdicom's default, what this bench measured before), so that
+    both figures see the same load."""
+    fast = _find_association(aec, port, nodelay=True)
+    slow = _find_association(aec, port, nodelay=False) if with_nagle else None
     rng = random.Random(3)
-    latencies, matches = [], 0
+    latencies: list[float] = []
+    nagle: list[float] = []
+    matches = 0
     try:
-        for _ in range(queries):
-            t0 = time.perf_counter()
-            if not assoc.is_established:
-                raise RuntimeError(f"{aec} ended the association")
-            for status, identifier in assoc.send_c_find(_study_find(rng.choice(patients)), FIND):
-                if status and status.Status in (0xFF00, 0xFF01) and identifier is not None:
-                    matches += 1
-            latencies.append(time.perf_counter() - t0)
+        for number in range(queries):
+            patient = rng.choice(patients)
+            order = [(fast, latencies), (slow, nagle)] if number % 2 == 0 else [(slow, nagle), (fast, latencies)]
+            for assoc, into in order:
+                if assoc is None:
+                    continue
+                seconds, found = _timed_find(assoc, aec, patient)
+                into.append(seconds)
+                if assoc is fast:
+                    matches += found
     finally:
-        assoc.release()
-    return latencies, matches
+        fast.release()
+        if slow is not None:
+            slow.release()
+    return latencies, matches, nagle
 
 
 def cmove_series(aec: str, port: int, study: str, series: str) -> tuple[float, int, int]:
@@ -299,25 +327,21 @@ def main(argv: list[str] | None = None) -> int:
         patients = [f["patient"] for f in corpus["fillers"]] or [big["patient"]]
         profiles: dict[str, Any] = {}
         args.out.mkdir(parents=True, exist_ok=True)
-        find = {}
+        find, find_nagle = {}, {}
         for name, aec, port in (("diana-star", "DIANA", p["diana"]), ("orthanc", "ORTHANC", p["orthanc"])):
             profiler = Profiler(procs[0].pid, args.out / "profile-c-find.txt")
             if args.profile and name == "diana-star":
                 profiler.start()
-            latencies, matches = cfind_latencies(aec, port, patients, args.queries)
+            latencies, matches, nagle = cfind_latencies(aec, port, patients, args.queries, with_nagle=True)
             if args.profile and name == "diana-star":
                 profiles["c_find (receive)"] = profiler.stop()
             find[name] = summary(latencies) | {"matches": matches}
+            find_nagle[name] = summary(nagle)
         # One study of --study instances: what a per-query aggregation over its instances costs.
         find_big = {}
         for name, aec, port in (("diana-star", "DIANA", p["diana"]), ("orthanc", "ORTHANC", p["orthanc"])):
-            latencies, matches = cfind_latencies(aec, port, [big["patient"]], max(5, args.queries // 10))
+            latencies, matches, _ = cfind_latencies(aec, port, [big["patient"]], max(5, args.queries // 10))
             find_big[name] = summary(latencies) | {"matches": matches}
-        # The same queries from a client as pynetdicom makes it (Nagle on): what the bench measured before.
-        find_nagle = {}
-        for name, aec, port in (("diana-star", "DIANA", p["diana"]), ("orthanc", "ORTHANC", p["orthanc"])):
-            latencies, matches = cfind_latencies(aec, port, patients, args.queries, nodelay=False)
-            find_nagle[name] = summary(latencies) | {"matches": matches}
 
         # Retrieval of the CT series: the floor is storescu sending the same files to storescp.
         ct_files = sorted((work / "corpus" / "series").glob("*.dcm"))

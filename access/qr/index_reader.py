@@ -24,6 +24,9 @@ __all__ = ["IndexReader", "Match", "GROUP_FIELD"]
 
 GROUP_FIELD = {"PATIENT": "patient_id", "STUDY": "study_instance_uid", "SERIES": "series_instance_uid"}
 PAGE = 500
+# What is read of OpenSearch's answers (``filter_path``): the rest is not sent.
+_AGGREGATIONS = ["aggregations"]
+_HITS = ["hits.hits._source", "hits.hits.sort"]
 # Matching keys whose value differs between the instances of one study.
 _VARYING = {"ModalitiesInStudy", "SOPClassesInStudy"}
 # Typed fields read back when a document has no DICOM JSON header (pydicom could not express one).
@@ -139,7 +142,7 @@ class IndexReader:
             if not varying:
                 groups["aggs"] = _group_aggs(query.level, header)
             body = {"size": 0, "query": query_for(query), "aggs": {"groups": groups}}
-            page = self.client.search(index=self.index, body=body)["aggregations"]["groups"]
+            page = self.client.search(index=self.index, body=body, filter_path=_AGGREGATIONS)["aggregations"]["groups"]
             keys = [b["key"]["key"] for b in page["buckets"]]
             if not keys:
                 return
@@ -164,7 +167,8 @@ class IndexReader:
                 }
             },
         }
-        buckets = self.client.search(index=self.index, body=body)["aggregations"]["groups"]["buckets"]
+        answer = self.client.search(index=self.index, body=body, filter_path=_AGGREGATIONS)
+        buckets = answer["aggregations"]["groups"]["buckets"]
         for bucket in buckets:
             yield Match(bucket["first"]["hits"]["hits"][0]["_source"], _computed(level, bucket))
 
@@ -188,10 +192,11 @@ class IndexReader:
             }
             if after:
                 body["search_after"] = after
-            hits = self.client.search(index=self.index, body=body)["hits"]["hits"]
+            # Without the hits' _index, _id and _score: less JSON to send and decode per page.
+            hits = self.client.search(index=self.index, body=body, filter_path=_HITS).get("hits", {}).get("hits", [])
             if not hits:
                 return
             for hit in hits:
-                yield hit["_source"]
+                yield hit.get("_source", {})
             found += len(hits)
             after = hits[-1]["sort"]
