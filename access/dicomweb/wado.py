@@ -1,6 +1,6 @@
 """WADO-RS bodies: archived objects as multipart/related, streamed file by file, and metadata.
 
-A series is never held in memory: the body is read from the archive files in blocks of about 1 MiB
+A series is never held in memory: the body is read from the archive files in blocks of about 4 MiB
 (as many objects per block as fit) as the client takes them. An object that is not in the archive
 (indexed, not archived yet) is left out of the body when its turn comes, not looked up beforehand:
 one existence check per object before the first byte was a quarter of a series' retrieval time
@@ -25,8 +25,10 @@ from diana.storage import ObjectNotFound, ObjectStore
 __all__ = ["multipart_dicom", "metadata", "new_boundary", "frame_bytes"]
 
 # One worker-thread call reads about this much of the body (boundaries and as many objects as fit):
-# one thread hop and one ASGI send per block, not three hops and three sends per object.
-BLOCK = 1 << 20
+# one thread hop and one ASGI send per block, not three hops and three sends per object. Each hop
+# wakes the event loop from the worker thread, and on a loaded machine a wake-up waits for a CPU:
+# 4 MiB blocks made a quarter of the hops of 1 MiB ones (docs/PERFORMANCE.md, issue 17).
+BLOCK = 4 << 20
 
 log = structlog.get_logger("diana.dicomweb")
 
@@ -92,7 +94,7 @@ class _MultipartBody:
 async def multipart_dicom(
     archive: ObjectStore, keys: list[str], boundary: str, content_type: str = "application/dicom"
 ) -> AsyncIterator[bytes]:
-    """The objects as stored, streamed in blocks of about 1 MiB; the store's blocking reads run in worker threads."""
+    """The objects as stored, streamed in blocks of about 4 MiB; the store's blocking reads run in worker threads."""
     body = _MultipartBody(archive, keys, boundary, content_type)
     try:
         while block := await anyio.to_thread.run_sync(body.read_block):
