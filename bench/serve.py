@@ -160,6 +160,27 @@ def cfind_latencies(
     return latencies, matches, nagle
 
 
+def find_in_process(cfg: Any, patients: list[str], queries: int) -> list[float]:
+    """The C-FIND handler's own work for the same queries, in this process without DICOM networking:
+    the identifier parsed, the index asked (the receiver's IndexReader), every response data set built.
+    What the end-to-end figure adds to this is the associations' networking and pacing."""
+    from diana.access.qr.identifier import parse_identifier
+    from diana.access.qr.index_reader import IndexReader
+    from diana.access.qr.response import build_response, header_fields
+    from diana.clients import opensearch_client
+
+    reader = IndexReader(opensearch_client(cfg.opensearch), cfg.opensearch.index_prefix)
+    rng = random.Random(3)
+    latencies = []
+    for _ in range(queries):
+        t0 = time.perf_counter()
+        query = parse_identifier(_study_find(rng.choice(patients)), "STUDY")
+        for match in reader.find(query, 10001, header=header_fields(query)):
+            build_response(query, match, "DIANA")
+        latencies.append(time.perf_counter() - t0)
+    return latencies
+
+
 def cmove_series(aec: str, port: int, study: str, series: str) -> tuple[float, int, int]:
     """C-MOVE of one series to STORESCP; (seconds, completed, failed)."""
     from pydicom.dataset import Dataset
@@ -342,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, aec, port in (("diana-star", "DIANA", p["diana"]), ("orthanc", "ORTHANC", p["orthanc"])):
             latencies, matches, _ = cfind_latencies(aec, port, [big["patient"]], max(5, args.queries // 10))
             find_big[name] = summary(latencies) | {"matches": matches}
+        find_handler = {"diana-star": summary(find_in_process(cfg, patients, args.queries))}
 
         # Retrieval of the CT series: the floor is storescu sending the same files to storescp.
         ct_files = sorted((work / "corpus" / "series").glob("*.dcm"))
@@ -418,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             "c_find_study": find,
             "c_find_study_client_nagle_on": find_nagle,
             "c_find_large_study": find_big,
+            "c_find_handler_in_process": find_handler,
             "c_move_series": move,
             "wado_series": wado,
             "qido_studies": qido,
@@ -490,6 +513,7 @@ def render(result: dict[str, Any]) -> str:
         ("C-FIND study level", "c_find_study"),
         ("C-FIND study level, bench client with Nagle on", "c_find_study_client_nagle_on"),
         ("C-FIND study level, the large study", "c_find_large_study"),
+        ("C-FIND handler alone (in process: parse, OpenSearch, responses)", "c_find_handler_in_process"),
         ("QIDO-RS /studies?PatientID", "qido_studies"),
         ("WADO-RS study metadata", "wado_metadata_study"),
     ):
