@@ -47,43 +47,58 @@ class _MultipartBody:
         self._archive = archive
         self._keys = iter(keys)
         self._head = f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode()
-        self._tail: bytes | None = f"--{boundary}--\r\n".encode()
+        tail = f"--{boundary}--\r\n".encode()
+        self._tail: bytes | None = tail
         self._opened: AbstractContextManager[BinaryIO] | None = None
         self._stream: BinaryIO | None = None
         self.sent = 0
         self.missing = 0
+        # A head, a closing CRLF or the tail may start just below BLOCK: room for them past it.
+        self._buffer = bytearray(BLOCK + len(self._head) + len(tail) + 2)
 
     def read_block(self) -> bytes:
-        """The next ~BLOCK bytes of the body; b"" at its end."""
-        parts: list[bytes] = []
+        """The next ~BLOCK bytes of the body; b"" at its end.
+
+        Objects are read straight into one buffer kept for the whole body (``readinto``), not each
+        into a new ``bytes`` of up to BLOCK that is then joined: one allocation per block, not one per
+        object and one per block."""
+        view = memoryview(self._buffer)
         size = 0
-        while size < BLOCK:
-            if self._stream is None:
-                key = next(self._keys, None)
-                if key is None:
-                    if self._tail is not None:
-                        parts.append(self._tail)
-                        self._tail = None
-                    break
-                try:
-                    opened = self._archive.open(key)
-                    self._stream = opened.__enter__()
-                except ObjectNotFound:
-                    self.missing += 1
-                    continue
-                self._opened = opened
-                self.sent += 1
-                parts.append(self._head)
-                size += len(self._head)
-            chunk = self._stream.read(BLOCK - size)
-            if chunk:
-                parts.append(chunk)
-                size += len(chunk)
-            else:
-                self.close()
-                parts.append(b"\r\n")
-                size += 2
-        return b"".join(parts)
+
+        def put(data: bytes) -> None:
+            nonlocal size
+            view[size : size + len(data)] = data
+            size += len(data)
+
+        try:
+            while size < BLOCK:
+                if self._stream is None:
+                    key = next(self._keys, None)
+                    if key is None:
+                        if self._tail is not None:
+                            put(self._tail)
+                            self._tail = None
+                        break
+                    try:
+                        opened = self._archive.open(key)
+                        self._stream = opened.__enter__()
+                    except ObjectNotFound:
+                        self.missing += 1
+                        continue
+                    self._opened = opened
+                    self.sent += 1
+                    put(self._head)
+                    if size >= BLOCK:
+                        break
+                count = self._stream.readinto(view[size:BLOCK])  # type: ignore[attr-defined]
+                if count:
+                    size += count
+                else:
+                    self.close()
+                    put(b"\r\n")
+            return bytes(view[:size])
+        finally:
+            view.release()
 
     def close(self) -> None:
         if self._opened is not None:
