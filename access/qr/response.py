@@ -86,7 +86,7 @@ def response_tags(query: Query) -> list[int]:
 
 def header_fields(query: Query) -> list[str]:
     """The stored header's elements ``build_response`` reads for ``query`` (the character set too): what
-    the index needs to return, instead of each match's whole header (a CT header is ~10 KB of JSON)."""
+    the index needs to return, instead of each match's whole header (often ~10 KB of JSON)."""
     return [f"{t:08X}" for t in (*response_tags(query), _CHARSET)]
 
 
