@@ -31,6 +31,7 @@ from typing import Any
 import requests
 
 from bench.ingest import REPO, bench_env, diana, diana_config, pct, send, start_orthanc, start_storescp, wait_for_echo
+from bench.profile import Profiler
 from tests.support.dicomgen import make_instance
 
 PORTS = {
@@ -89,30 +90,95 @@ def _study_find(patient: str):
     return ds
 
 
-def cfind_latencies(aec: str, port: int, patients: list[str], queries: int) -> tuple[list[float], int]:
-    """Study-level C-FINDs by Patient ID on one association; (seconds per query, matches in all)."""
-    from pynetdicom import AE
+def _nagle_off(event: Any) -> None:
+    """TCP_NODELAY on the bench's own association: pynetdicom leaves Nagle on, and a C-FIND-RQ is two
+    writes (command, then identifier), so the second waited for the server's delayed ACK (~40 ms)."""
+    import socket
+
+    transport = event.assoc.dul.socket
+    sock = transport.socket if transport is not None else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _find_association(aec: str, port: int, nodelay: bool) -> Any:
+    from pynetdicom import AE, evt
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
     ae = AE(ae_title="BENCH")
     ae.add_requested_context(FIND)
-    assoc = ae.associate("127.0.0.1", port, ae_title=aec)
+    handlers = [(evt.EVT_CONN_OPEN, _nagle_off)] if nodelay else []
+    assoc = ae.associate("127.0.0.1", port, ae_title=aec, evt_handlers=handlers)
     if not assoc.is_established:
         raise RuntimeError(f"no association with {aec}")
+    return assoc
+
+
+def _timed_find(assoc: Any, aec: str, patient: str) -> tuple[float, int]:
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    if not assoc.is_established:
+        raise RuntimeError(f"{aec} ended the association")
+    matches = 0
+    t0 = time.perf_counter()
+    for status, identifier in assoc.send_c_find(_study_find(patient), FIND):
+        if status and status.Status in (0xFF00, 0xFF01) and identifier is not None:
+            matches += 1
+    return time.perf_counter() - t0, matches
+
+
+def cfind_latencies(
+    aec: str, port: int, patients: list[str], queries: int, with_nagle: bool = False
+) -> tuple[list[float], int, list[float]]:
+    """Study-level C-FINDs by Patient ID; (seconds per query, matches in all, seconds per query with Nagle on).
+
+    The client has Nagle off (a C-FIND-RQ is two writes, command then identifier; with Nagle on the
+    second waits for the server's delayed ACK). ``with_nagle``: each query is also asked, in turn, on a
+    second association with Nagle on (pynetdicom's default, what this bench measured before), so that
+    both figures see the same load."""
+    fast = _find_association(aec, port, nodelay=True)
+    slow = _find_association(aec, port, nodelay=False) if with_nagle else None
     rng = random.Random(3)
-    latencies, matches = [], 0
+    latencies: list[float] = []
+    nagle: list[float] = []
+    matches = 0
     try:
-        for _ in range(queries):
-            t0 = time.perf_counter()
-            if not assoc.is_established:
-                raise RuntimeError(f"{aec} ended the association")
-            for status, identifier in assoc.send_c_find(_study_find(rng.choice(patients)), FIND):
-                if status and status.Status in (0xFF00, 0xFF01) and identifier is not None:
-                    matches += 1
-            latencies.append(time.perf_counter() - t0)
+        for number in range(queries):
+            patient = rng.choice(patients)
+            order = [(fast, latencies), (slow, nagle)] if number % 2 == 0 else [(slow, nagle), (fast, latencies)]
+            for assoc, into in order:
+                if assoc is None:
+                    continue
+                seconds, found = _timed_find(assoc, aec, patient)
+                into.append(seconds)
+                if assoc is fast:
+                    matches += found
     finally:
-        assoc.release()
-    return latencies, matches
+        fast.release()
+        if slow is not None:
+            slow.release()
+    return latencies, matches, nagle
+
+
+def find_in_process(cfg: Any, patients: list[str], queries: int) -> list[float]:
+    """The C-FIND handler's own work for the same queries, in this process without DICOM networking:
+    the identifier parsed, the index asked (the receiver's IndexReader), every response data set built.
+    What the end-to-end figure adds to this is the associations' networking and pacing."""
+    from diana.access.qr.identifier import parse_identifier
+    from diana.access.qr.index_reader import IndexReader
+    from diana.access.qr.response import build_response, header_fields
+    from diana.clients import opensearch_client
+
+    reader = IndexReader(opensearch_client(cfg.opensearch), cfg.opensearch.index_prefix)
+    rng = random.Random(3)
+    latencies = []
+    for _ in range(queries):
+        t0 = time.perf_counter()
+        query = parse_identifier(_study_find(rng.choice(patients)), "STUDY")
+        for match in reader.find(query, 10001, header=header_fields(query)):
+            build_response(query, match, "DIANA")
+        latencies.append(time.perf_counter() - t0)
+    return latencies
 
 
 def cmove_series(aec: str, port: int, study: str, series: str) -> tuple[float, int, int]:
@@ -194,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queries", type=int, default=200, help="C-FIND and QIDO requests per server (default 200)")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "bench-serve", help="where results.json/.md go")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (corpus, logs, archive)")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the diana-star process serving C-FIND and WADO-RS during those measures (into --out)",
+    )
+    ap.add_argument("--wado-repeats", type=int, default=3, help="WADO-RS series retrievals per server (median kept)")
     args = ap.parse_args(argv)
     if not shutil.which("Orthanc") or not Path(PLUGIN).exists():
         sys.exit("Orthanc and its DICOMweb plugin are needed: apt-get install orthanc orthanc-dicomweb")
@@ -274,10 +346,24 @@ def main(argv: list[str] | None = None) -> int:
         wait_prepared(cfg.path(cfg.storage.archive_dir), big["study"], big["series"], timeout=600)
 
         patients = [f["patient"] for f in corpus["fillers"]] or [big["patient"]]
-        find = {}
+        profiles: dict[str, Any] = {}
+        args.out.mkdir(parents=True, exist_ok=True)
+        find, find_nagle = {}, {}
         for name, aec, port in (("diana-star", "DIANA", p["diana"]), ("orthanc", "ORTHANC", p["orthanc"])):
-            latencies, matches = cfind_latencies(aec, port, patients, args.queries)
+            profiler = Profiler(procs[0].pid, args.out / "profile-c-find.txt")
+            if args.profile and name == "diana-star":
+                profiler.start()
+            latencies, matches, nagle = cfind_latencies(aec, port, patients, args.queries, with_nagle=True)
+            if args.profile and name == "diana-star":
+                profiles["c_find (receive)"] = profiler.stop()
             find[name] = summary(latencies) | {"matches": matches}
+            find_nagle[name] = summary(nagle)
+        # One study of --study instances: what a per-query aggregation over its instances costs.
+        find_big = {}
+        for name, aec, port in (("diana-star", "DIANA", p["diana"]), ("orthanc", "ORTHANC", p["orthanc"])):
+            latencies, matches, _ = cfind_latencies(aec, port, [big["patient"]], max(5, args.queries // 10))
+            find_big[name] = summary(latencies) | {"matches": matches}
+        find_handler = {"diana-star": summary(find_in_process(cfg, patients, args.queries))}
 
         # Retrieval of the CT series: the floor is storescu sending the same files to storescp.
         ct_files = sorted((work / "corpus" / "series").glob("*.dcm"))
@@ -296,8 +382,19 @@ def main(argv: list[str] | None = None) -> int:
         path = f"/studies/{ct['study']}/series/{ct['series'][0]}"
         wado = {}
         for name, base in (("diana-star", diana_web), ("orthanc", orthanc_web)):
-            wall, size = http_get(base + path, multipart)
-            wado[name] = {"s": round(wall, 2), "MB": round(size / 1e6, 1), "inst_per_s": round(len(ct_files) / wall, 1)}
+            profiler = Profiler(procs[5].pid, args.out / "profile-wado-rs.txt")
+            if args.profile and name == "diana-star":
+                profiler.start()
+            runs = [http_get(base + path, multipart) for _ in range(max(1, args.wado_repeats))]
+            if args.profile and name == "diana-star":
+                profiles["wado_series (serve --only web)"] = profiler.stop()
+            wall, size = sorted(runs)[len(runs) // 2]
+            wado[name] = {
+                "s": round(wall, 2),
+                "MB": round(size / 1e6, 1),
+                "inst_per_s": round(len(ct_files) / wall, 1),
+                "runs_s": [round(r[0], 3) for r in runs],
+            }
 
         qido = {
             name: summary([http_get(f"{base}/studies?PatientID={pid}", "application/dicom+json")[0] for pid in sample])
@@ -341,10 +438,14 @@ def main(argv: list[str] | None = None) -> int:
                 "orthanc_store_s": round(orthanc_load_s, 1),
             },
             "c_find_study": find,
+            "c_find_study_client_nagle_on": find_nagle,
+            "c_find_large_study": find_big,
+            "c_find_handler_in_process": find_handler,
             "c_move_series": move,
             "wado_series": wado,
             "qido_studies": qido,
             "wado_metadata_study": metadata,
+            "profiles": profiles,
             "targets": [
                 {
                     "target": "study-level C-FIND p95 < 200 ms over at least 100,000 indexed instances",
@@ -410,10 +511,13 @@ def render(result: dict[str, Any]) -> str:
     ]
     for title, key in (
         ("C-FIND study level", "c_find_study"),
+        ("C-FIND study level, bench client with Nagle on", "c_find_study_client_nagle_on"),
+        ("C-FIND study level, the large study", "c_find_large_study"),
+        ("C-FIND handler alone (in process: parse, OpenSearch, responses)", "c_find_handler_in_process"),
         ("QIDO-RS /studies?PatientID", "qido_studies"),
         ("WADO-RS study metadata", "wado_metadata_study"),
     ):
-        for server, s in result[key].items():
+        for server, s in result.get(key, {}).items():
             lines.append(f"| {title} | {server} | {s['p50_ms']} | {s['p95_ms']} | {s['n']} |")
     lines += ["", "| retrieval of the CT series | s | inst/s | completed | failed |", "|---|---:|---:|---:|---:|"]
     for server, r in result["c_move_series"].items():
@@ -425,6 +529,13 @@ def render(result: dict[str, Any]) -> str:
     lines += ["", "| target | result | met? |", "|---|---|---|"]
     for t in result["targets"]:
         lines.append(f"| {t['target']} | {t['result']} | {'met' if t['met'] else 'not met'} |")
+    for what, prof in (result.get("profiles") or {}).items():
+        if not prof:
+            continue
+        lines += ["", f"Profile of {what}: {prof['samples']} samples (py-spy, running threads only)", ""]
+        lines += ["| own % | frame | | inclusive % | frame |", "|---:|---|---|---:|---|"]
+        for own, inc in zip(prof["own"], prof["inclusive"], strict=False):
+            lines.append(f"| {own['percent']} | {own['frame']} | | {inc['percent']} | {inc['frame']} |")
     return "\n".join(lines)
 
 

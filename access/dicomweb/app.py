@@ -32,7 +32,7 @@ from diana.access.dicomweb.stow import StowError, boundary_of, receive_body, res
 from diana.access.dicomweb.wado import frame_bytes, metadata, multipart_dicom, new_boundary
 from diana.access.qr.identifier import IdentifierError, parse_identifier
 from diana.access.qr.index_reader import IndexReader
-from diana.access.qr.response import build_response
+from diana.access.qr.response import build_response, header_fields
 from diana.access.qr.retrieve import archive_key
 from diana.producers.ingest import Ingest
 from diana.storage import ObjectNotFound, ObjectStore, local_file
@@ -95,7 +95,9 @@ class DicomWeb:
             return _error(400, f"{parameter_name(qido, exc.tag)}: {exc}", "qido")
         try:
             results: list[dict[str, Any]] = []
-            for number, match in enumerate(self.reader.find(query, qido.offset + qido.limit)):
+            # includefield=all returns every element of each header; otherwise only the keys asked for.
+            header = None if qido.include_all else header_fields(query)
+            for number, match in enumerate(self.reader.find(query, qido.offset + qido.limit, header=header)):
                 if number < qido.offset:
                     continue
                 if qido.include_all:
@@ -179,15 +181,17 @@ class DicomWeb:
         docs = self._selected(request, ["study_instance_uid", "series_instance_uid", "sop_instance_uid"])
         if isinstance(docs, Response):
             return docs
+        keys = [key for key in (archive_key(d) for d in docs) if key is not None]
         try:
-            keys = [key for key in (archive_key(d) for d in docs) if key is not None and self.archive.exists(key)]
+            # 404 only when none is archived; the body leaves out any other not archived yet (wado.py),
+            # so only the keys up to the first archived one are looked up here, not every one.
+            if not any(self.archive.exists(key) for key in keys):
+                return _error(404, "not archived yet: retry later", "wado")
         except OSError:  # the object store does not answer
             return _error(503, "the archive does not answer; retry later", "wado")
-        if not keys:
-            return _error(404, "not archived yet: retry later", "wado")
         boundary = new_boundary()
         REQUESTS.labels("wado", "200").inc()
-        log.info("wado.retrieve", instances=len(keys), missing=len(docs) - len(keys))
+        log.info("wado.retrieve", instances=len(keys), invalid=len(docs) - len(keys))
         return StreamingResponse(
             multipart_dicom(self.archive, keys, boundary),
             media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',

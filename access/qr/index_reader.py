@@ -4,7 +4,9 @@ Every level is answered from ``<prefix>-instances`` (one document per instance, 
 PATIENT, STUDY and SERIES matches are the groups of matching instances (a composite aggregation,
 paged), and for each page a second request computes the optional keys over *all* the group's
 instances (ModalitiesInStudy must list every modality of a study, not only the one that matched).
-Return values come from the DICOM JSON header stored unmapped under ``dicom`` in each document.
+Return values come from the DICOM JSON header stored unmapped under ``dicom`` in each document;
+``header`` (element tags as 8 hex digits) names the ones the caller reads, so that OpenSearch sends
+only those, not every match's whole header.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ __all__ = ["IndexReader", "Match", "GROUP_FIELD"]
 
 GROUP_FIELD = {"PATIENT": "patient_id", "STUDY": "study_instance_uid", "SERIES": "series_instance_uid"}
 PAGE = 500
+# What is read of OpenSearch's answers (``filter_path``): the rest is not sent.
+_AGGREGATIONS = ["aggregations"]
+_HITS = ["hits.hits._source", "hits.hits.sort"]
 # Matching keys whose value differs between the instances of one study.
 _VARYING = {"ModalitiesInStudy", "SOPClassesInStudy"}
 # Typed fields read back when a document has no DICOM JSON header (pydicom could not express one).
@@ -65,9 +70,14 @@ class Match:
         self.computed = computed
 
 
-def _group_aggs(level: str) -> dict[str, Any]:
+def _source(header: list[str] | None) -> list[str]:
+    """The document fields a match is read from: the header's elements ``header`` (all when None)."""
+    return ["dicom", *FALLBACK_FIELDS] if header is None else [*(f"dicom.{tag}" for tag in header), *FALLBACK_FIELDS]
+
+
+def _group_aggs(level: str, header: list[str] | None = None) -> dict[str, Any]:
     exact = {"precision_threshold": 40000}
-    aggs: dict[str, Any] = {"first": {"top_hits": {"size": 1, "_source": ["dicom", *FALLBACK_FIELDS]}}}
+    aggs: dict[str, Any] = {"first": {"top_hits": {"size": 1, "_source": _source(header)}}}
     if level == "PATIENT":
         aggs["studies"] = {"cardinality": {"field": "study_instance_uid", **exact}}
         aggs["series"] = {"cardinality": {"field": "series_instance_uid", **exact}}
@@ -101,10 +111,17 @@ class IndexReader:
         self.client = client
         self.index = IndexLayout(prefix).alias("instances")
 
-    def find(self, query: Query, limit: int, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Match]:
-        """The matches of ``query`` at its level, at most ``limit``, in UID (or Patient ID) order."""
+    def find(
+        self,
+        query: Query,
+        limit: int,
+        cancelled: Callable[[], bool] = lambda: False,
+        header: list[str] | None = None,
+    ) -> Iterator[Match]:
+        """The matches of ``query`` at its level, at most ``limit``, in UID (or Patient ID) order; of each
+        match's header only the elements ``header`` (8 hex digits each), or all of it when None."""
         if query.level == "IMAGE":
-            for doc in self._scan(query_for(query), ["dicom", *FALLBACK_FIELDS], limit):
+            for doc in self._scan(query_for(query), _source(header), limit):
                 yield Match(doc, {})
             return
         field = GROUP_FIELD[query.level]
@@ -123,14 +140,14 @@ class IndexReader:
                 composite["after"] = after
             groups: dict[str, Any] = {"composite": composite}
             if not varying:
-                groups["aggs"] = _group_aggs(query.level)
+                groups["aggs"] = _group_aggs(query.level, header)
             body = {"size": 0, "query": query_for(query), "aggs": {"groups": groups}}
-            page = self.client.search(index=self.index, body=body)["aggregations"]["groups"]
+            page = self.client.search(index=self.index, body=body, filter_path=_AGGREGATIONS)["aggregations"]["groups"]
             keys = [b["key"]["key"] for b in page["buckets"]]
             if not keys:
                 return
             if varying:
-                yield from self._groups(query.level, field, keys)
+                yield from self._groups(query.level, field, keys, header)
             else:
                 for bucket in page["buckets"]:
                     yield Match(bucket["first"]["hits"]["hits"][0]["_source"], _computed(query.level, bucket))
@@ -139,18 +156,19 @@ class IndexReader:
             if not after:
                 return
 
-    def _groups(self, level: str, field: str, keys: list[str]) -> Iterator[Match]:
+    def _groups(self, level: str, field: str, keys: list[str], header: list[str] | None) -> Iterator[Match]:
         body = {
             "size": 0,
             "query": {"terms": {field: keys}},
             "aggs": {
                 "groups": {
                     "terms": {"field": field, "size": len(keys), "order": {"_key": "asc"}},
-                    "aggs": _group_aggs(level),
+                    "aggs": _group_aggs(level, header),
                 }
             },
         }
-        buckets = self.client.search(index=self.index, body=body)["aggregations"]["groups"]["buckets"]
+        answer = self.client.search(index=self.index, body=body, filter_path=_AGGREGATIONS)
+        buckets = answer["aggregations"]["groups"]["buckets"]
         for bucket in buckets:
             yield Match(bucket["first"]["hits"]["hits"][0]["_source"], _computed(level, bucket))
 
@@ -174,10 +192,11 @@ class IndexReader:
             }
             if after:
                 body["search_after"] = after
-            hits = self.client.search(index=self.index, body=body)["hits"]["hits"]
+            # Without the hits' _index, _id and _score: less JSON to send and decode per page.
+            hits = self.client.search(index=self.index, body=body, filter_path=_HITS).get("hits", {}).get("hits", [])
             if not hits:
                 return
             for hit in hits:
-                yield hit["_source"]
+                yield hit.get("_source", {})
             found += len(hits)
             after = hits[-1]["sort"]

@@ -20,7 +20,7 @@ from pydicom.tag import Tag
 from diana.access.qr.identifier import MODELS, UNIQUE_KEY, Query
 from diana.access.qr.index_reader import Match
 
-__all__ = ["build_response"]
+__all__ = ["build_response", "header_fields", "response_tags"]
 
 _CHARSET = 0x00080005
 _RETRIEVE_AE = 0x00080054
@@ -73,14 +73,26 @@ def _empty(tag: int, template: Dataset | None) -> DataElement:
     return DataElement(tag, vr, Sequence() if vr == "SQ" else None)
 
 
-def build_response(query: Query, match: Match, ae_title: str) -> Dataset:
-    header: dict[str, Any] = match.document.get("dicom") or {}
+def response_tags(query: Query) -> list[int]:
+    """The tags a response to ``query`` holds: its return keys and the unique keys down to its level."""
     levels = MODELS[query.model]
     tags = list(query.return_tags)
     for level in levels[: levels.index(query.level) + 1]:
         tag = int(Tag(UNIQUE_KEY[level]))
         if tag not in tags:
             tags.append(tag)
+    return tags
+
+
+def header_fields(query: Query) -> list[str]:
+    """The stored header's elements ``build_response`` reads for ``query`` (the character set too): what
+    the index needs to return, instead of each match's whole header (often ~10 KB of JSON)."""
+    return [f"{t:08X}" for t in (*response_tags(query), _CHARSET)]
+
+
+def build_response(query: Query, match: Match, ae_title: str) -> Dataset:
+    header: dict[str, Any] = match.document.get("dicom") or {}
+    tags = response_tags(query)
     wanted = {f"{t:08X}": t for t in tags}
     subset = {k: v for k, v in header.items() if k in wanted}
     if f"{_CHARSET:08X}" in header:

@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (
 
 from diana.access.qr.identifier import IdentifierError, Query, parse_identifier
 from diana.access.qr.index_reader import IndexReader
-from diana.access.qr.response import build_response
+from diana.access.qr.response import build_response, header_fields
 from diana.access.qr.retrieve import (
     ArchivedInstance,
     archive_key,
@@ -136,7 +136,10 @@ class QueryRetrieve:
             return
         sent = 0
         try:
-            for match in self.reader.find(query, self.max_matches + 1, cancelled=lambda: event.is_cancelled):
+            matches = self.reader.find(
+                query, self.max_matches + 1, cancelled=lambda: event.is_cancelled, header=header_fields(query)
+            )
+            for match in matches:
                 if event.is_cancelled:
                     REQUESTS.labels("find", "FE00").inc()
                     log.info("find.cancelled", level=query.level, sent=sent, **context)

@@ -41,3 +41,36 @@ def test_body_is_each_object_as_stored_between_boundaries(tmp_path: Path) -> Non
 
 def test_no_objects_is_the_closing_boundary_alone(tmp_path: Path) -> None:
     assert _collect(FilesystemStore(tmp_path), []) == [b"--B--\r\n"]
+
+
+def test_an_object_not_in_the_archive_is_left_out(tmp_path: Path) -> None:
+    store = FilesystemStore(tmp_path)
+    source = tmp_path / "src"
+    source.write_bytes(b"DICM-bytes")
+    store.put_file("1/1/a.dcm", source)
+    store.put_file("1/1/c.dcm", source)
+
+    body = b"".join(_collect(store, ["1/1/a.dcm", "1/1/b.dcm", "1/1/c.dcm"]))
+
+    # the same bytes as a body of the two archived objects alone
+    assert body == b"".join(_collect(store, ["1/1/a.dcm", "1/1/c.dcm"]))
+    assert body.count(b"Content-Type: application/dicom") == 2
+
+
+def test_parts_ending_at_every_offset_around_a_block_boundary(tmp_path: Path) -> None:
+    # Heads, closing CRLFs and the tail falling just before, on and after a block's end.
+    store = FilesystemStore(tmp_path)
+    head = b"--B\r\nContent-Type: application/dicom\r\n\r\n"
+    for shift in (-len(head) - 2, -len(head), -2, -1, 0, 1):
+        size = BLOCK - len(head) + shift
+        source = tmp_path / "src"
+        source.write_bytes(os.urandom(size))
+        store.put_file(f"1/{shift + 100}/a.dcm", source)
+        store.put_file(f"1/{shift + 100}/b.dcm", source)
+        content = source.read_bytes()
+        keys = [f"1/{shift + 100}/a.dcm", f"1/{shift + 100}/b.dcm"]
+
+        blocks = _collect(store, keys)
+
+        assert b"".join(blocks) == b"".join(head + content + b"\r\n" for _ in keys) + b"--B--\r\n", shift
+        assert all(0 < len(b) <= BLOCK + len(head) + len(b"--B--\r\n") + 2 for b in blocks), shift
