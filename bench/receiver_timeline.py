@@ -24,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -214,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from diana.clients import kafka_admin
-    from diana.logs import configure_logging
     from diana.compose.local.stack import LocalStack
+    from diana.logs import configure_logging
     from diana.producers.scp import Receiver
     from diana.schemas.topics import ensure_topics, topic_settings
     from tests.support.dicomgen import SeriesSpec, make_study
