@@ -185,6 +185,43 @@ def _instrument(receiver: Any, line: Timeline) -> None:
     AssociationSocket.send = send  # type: ignore[method-assign]
 
 
+def _thread_schedstat() -> dict[int, tuple[int, int]]:
+    """(ns on a CPU, ns waiting for one in the run queue) of each thread of this process so far."""
+    stats = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            on_cpu, waiting, _ = (int(x) for x in (task / "schedstat").read_text().split())
+        except (OSError, ValueError):
+            continue  # the thread ended meanwhile
+        stats[int(task.name)] = (on_cpu, waiting)
+    return stats
+
+
+class SchedSampler:
+    """The run-queue wait of all this process's threads over a run (threads that end are kept at
+    their last sample, taken every 50 ms)."""
+
+    def __init__(self) -> None:
+        self.start = _thread_schedstat()
+        self.last = dict(self.start)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.last.update(_thread_schedstat())
+
+    def stop(self) -> tuple[float, float]:
+        """(CPU seconds, run-queue wait seconds) of the run."""
+        self._stop.set()
+        self._thread.join()
+        self.last.update(_thread_schedstat())
+        cpu = sum(v[0] - self.start.get(t, (0, 0))[0] for t, v in self.last.items())
+        wait = sum(v[1] - self.start.get(t, (0, 0))[1] for t, v in self.last.items())
+        return cpu / 1e9, wait / 1e9
+
+
 def _summary(line: Timeline, skip: int) -> list[tuple[str, float, float, float]]:
     rows = []
     instances = [i for i in line.instances[skip:] if "next_first_fragment" in i]
@@ -209,6 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instances", type=int, default=200, help="CT slices of 0.5 MB to send (default 200)")
     parser.add_argument("--port-offset", type=int, default=1000, help="added to every port (default 1000)")
+    parser.add_argument(
+        "--stock-send-wait",
+        action="store_true",
+        help="without the DUL wake-up on queued primitives (reactor.py before issue 19's rx-wait change)",
+    )
+    parser.add_argument(
+        "--py-spy", action="store_true", help="sample the receiver with py-spy meanwhile, as bench.ingest does"
+    )
     parser.add_argument("--keep-kafka", action="store_true", help="leave the Kafka running (for repeated runs)")
     args = parser.parse_args(argv)
 
@@ -236,20 +281,36 @@ def main(argv: list[str] | None = None) -> int:
     try:
         make_study(corpus, [SeriesSpec("CT", "TIMELINE", args.instances)], rows=512)
         receiver = Receiver(config)
+        if args.stock_send_wait:
+            from diana.producers import reactor
+
+            reactor.fast_reactor = lambda dul: setattr(dul, "_run_loop_delay", 0.0)
         line = Timeline()
         _instrument(receiver, line)
         receiver.start()
         files = sorted(str(p) for p in corpus.rglob("*.dcm"))
-        started, cpu_started = time.perf_counter(), time.process_time()
+        profiler = None
+        if args.py_spy:
+            from bench.profile import Profiler
+
+            profiler = Profiler(os.getpid(), home / "receiver.folded")
+            profiler.start()
+            time.sleep(1)  # py-spy attaches
+        started, sampler = time.perf_counter(), SchedSampler()
         subprocess.run(
             ["/usr/bin/storescu", "-aec", "TIMELINE", "127.0.0.1", str(config.receiver.port), *files],
             check=True,
             env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
         )
-        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        wall = time.perf_counter() - started
+        cpu, runqueue = sampler.stop()
+        if profiler is not None:
+            profiler.stop()
+        n = len(files)
         print(
-            f"{len(files)} instances over 1 association in {wall:.2f} s = {wall / len(files) * 1000:.1f} ms each, "
-            f"receiver CPU {cpu / len(files) * 1000:.1f} ms each; load average {os.getloadavg()}"
+            f"{n} instances over 1 association in {wall:.2f} s = {wall / n * 1000:.1f} ms each; receiver threads: "
+            f"{cpu / n * 1000:.1f} ms on a CPU and {runqueue / n * 1000:.1f} ms waiting for one (run queue) per "
+            f"instance; load average {os.getloadavg()}"
         )
         print("| step | mean ms | median ms | p90 ms |\n|---|---:|---:|---:|")
         for label, mean, median, p90 in _summary(line, skip=5):
