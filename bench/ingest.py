@@ -119,7 +119,9 @@ def send(files: list[Path], port: int, aec: str, associations: int) -> float:
     started = time.monotonic()
     procs = [
         subprocess.Popen(
-            ["storescu", "-aec", aec, "127.0.0.1", str(port), *map(str, g)],
+            # -ta: storescp serves one association at a time, so the others wait for its A-ASSOCIATE-AC
+            # longer than dcmtk's default 30 s on a loaded machine (the 4-association run failed so).
+            ["storescu", "-ta", "900", "-aec", aec, "127.0.0.1", str(port), *map(str, g)],
             env=DCMTK,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
