@@ -75,17 +75,18 @@ def _ready(self: AssociationSocket) -> bool:
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True  # TLS may hold decrypted bytes that select cannot see
     outgoing = self._assoc.dul.to_provider_queue
+    waking = outgoing if isinstance(outgoing, _WakingQueue) else None
     watched: list[Any] = [sock]
-    if isinstance(outgoing, _WakingQueue):
+    if waking is not None:
         # A put between the loop's look at the queue and this select left the eventfd readable.
-        watched.append(outgoing.wake_fd)
+        watched.append(waking.wake_fd)
     try:
         readable, _, _ = select.select(watched, [], [], _WAIT_S)
     except (OSError, TimeoutError, ValueError):
         self.event_queue.put("Evt17")  # transport connection closed, as pynetdicom's own does
         return False
-    if len(watched) > 1 and watched[1] in readable:
-        outgoing.drain_wake()  # type: ignore[union-attr]
+    if waking is not None and waking.wake_fd in readable:
+        waking.drain_wake()
     return sock in readable
 
 
