@@ -33,6 +33,8 @@ from tests.support.dicomgen import SeriesSpec, make_study
 REPO = Path(__file__).resolve().parent.parent
 
 DCMTK = {"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}
+# CT slices of the profiled run (after the measured ones; the profile reads proportions, not totals).
+PROFILE_CT = 200
 BENCH_PORTS = {
     "kafka": 29092,
     "controller": 29093,
@@ -117,7 +119,9 @@ def send(files: list[Path], port: int, aec: str, associations: int) -> float:
     started = time.monotonic()
     procs = [
         subprocess.Popen(
-            ["storescu", "-aec", aec, "127.0.0.1", str(port), *map(str, g)],
+            # -ta: storescp serves one association at a time, so the others wait for its A-ASSOCIATE-AC
+            # longer than dcmtk's default 30 s on a loaded machine (the 4-association run failed so).
+            ["storescu", "-ta", "900", "-aec", aec, "127.0.0.1", str(port), *map(str, g)],
             env=DCMTK,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -287,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         "--no-profile",
         dest="profile",
         action="store_false",
-        help="do not sample the receiver with py-spy during the first run (py-spy: the 'profile' extra)",
+        help="do not sample the receiver with py-spy (a run of its own after the measured ones; the 'profile' extra)",
     )
     args = ap.parse_args(argv)
 
@@ -306,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         # Two corpora of the same shape with different UIDs: every run stores new objects.
         files = corpus(work / "corpus-a", args.ct, args.dx)
         files_b = corpus(work / "corpus-b", args.ct, args.dx)
+        # The profile's own corpus: py-spy at 200 Hz on the 2 cores tripled the receiver's wall time
+        # per instance (bench/receiver_timeline.py --py-spy, docs/PERFORMANCE.md), so no measured run
+        # is sampled; this one is sent after them all.
+        files_p = corpus(work / "corpus-p", min(args.ct, PROFILE_CT), 0) if args.profile else []
         stack.reset()
         stack.start()
         subprocess.run(
@@ -326,15 +334,9 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(orthanc)
         time.sleep(1)
 
-        # diana first, on one association: that run is also the end-to-end measurement, and the
-        # receiver is sampled by py-spy meanwhile (its overhead is in that run's figures).
-        profiler = Profiler(pipeline["receive"].pid, work / "receiver.folded")
-        if args.profile:
-            profiler.start()
-            time.sleep(1)  # py-spy attaches
+        # diana first, on one association: that run is also the end-to-end measurement.
         first_send = time.monotonic()
         runs.append(measure("diana-star", pipeline["receive"].pid, files, BENCH_PORTS["diana"], "DIANA", 1))
-        receiver_profile = profiler.stop()
         done_at, latencies = searchable_latencies(cfg.opensearch.url, len(files), timeout=1800)
         searchable_s = done_at - first_send
         # Where the two cores went during that first end-to-end run.
@@ -372,6 +374,17 @@ def main(argv: list[str] | None = None) -> int:
         if rx.returncode != 0:
             raise RuntimeError(rx.stderr[-2000:])
         reindex_s = time.monotonic() - t0
+
+        # Where the receiver's CPU goes, sampled on a corpus of its own over one association.
+        receiver_profile = None
+        if files_p:
+            profiler = Profiler(pipeline["receive"].pid, work / "receiver.folded")
+            profiler.start()
+            time.sleep(1)  # py-spy attaches
+            send(files_p, BENCH_PORTS["diana"], "DIANA", 1)
+            receiver_profile = profiler.stop()
+            if receiver_profile is not None:
+                receiver_profile["instances"] = len(files_p)
 
         reference = {r.associations: r.wall_s for r in runs if r.receiver == "storescp"}
         orthanc_rate = {r.associations: r.per_s for r in runs if r.receiver == "orthanc"}
@@ -464,7 +477,8 @@ def render_profile(profile: dict | None) -> list[str]:
         return ["", "Receiver profile: none (py-spy not installed, or --no-profile)."]
     lines = [
         "",
-        f"Receiver profile (py-spy, {profile['samples']} samples of active threads during the 1-association run):",
+        f"Receiver profile (py-spy, {profile['samples']} samples of active threads during a 1-association run of "
+        f"{profile.get('instances', '?')} CT instances after the measured runs, not during them):",
         "",
         "| own % | frame (where the CPU was) | | inclusive % | frame (with what it called) |",
         "|---:|---|---|---:|---|",

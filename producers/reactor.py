@@ -18,10 +18,13 @@ receiver at start, never on import.
 
 from __future__ import annotations
 
+import os
+import queue
 import select
 import ssl
 import threading
 import time
+import weakref
 from typing import Any
 
 from pynetdicom import association as _association
@@ -40,6 +43,26 @@ _REACTOR_TURN_S = 0.001
 _stock_ready = AssociationSocket.ready.fget  # type: ignore[attr-defined]
 
 
+class _WakingQueue(queue.Queue):
+    """The DUL's ``to_provider_queue`` (what the association thread hands it to send) that also makes
+    an eventfd readable on every ``put``, so the DUL thread's ``select`` returns for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        weakref.finalize(self, os.close, self.wake_fd)
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        os.eventfd_write(self.wake_fd, 1)
+
+    def drain_wake(self) -> None:
+        try:
+            os.eventfd_read(self.wake_fd)
+        except BlockingIOError:
+            pass  # already drained by an earlier turn
+
+
 def _ready(self: AssociationSocket) -> bool:
     """``AssociationSocket.ready`` that waits up to ``_WAIT_S`` for data instead of returning at once,
     on the associations peers open to us; pynetdicom's own on the ones we open (a C-MOVE's toward its
@@ -51,12 +74,20 @@ def _ready(self: AssociationSocket) -> bool:
         return False
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True  # TLS may hold decrypted bytes that select cannot see
+    outgoing = self._assoc.dul.to_provider_queue
+    waking = outgoing if isinstance(outgoing, _WakingQueue) else None
+    watched: list[Any] = [sock]
+    if waking is not None:
+        # A put between the loop's look at the queue and this select left the eventfd readable.
+        watched.append(waking.wake_fd)
     try:
-        readable, _, _ = select.select([sock], [], [], _WAIT_S)
+        readable, _, _ = select.select(watched, [], [], _WAIT_S)
     except (OSError, TimeoutError, ValueError):
         self.event_queue.put("Evt17")  # transport connection closed, as pynetdicom's own does
         return False
-    return bool(readable)
+    if waking is not None and waking.wake_fd in readable:
+        waking.drain_wake()
+    return sock in readable
 
 
 class _ReactorClock:
@@ -93,7 +124,11 @@ def install() -> None:
 
 
 def fast_reactor(dul: DULServiceProvider) -> None:
-    """No sleep between the turns of this association's DUL loop, ``ready`` waiting instead; only
-    once ``install`` ran (without it the loop would spin on a zero-timeout check)."""
+    """No sleep between the turns of this association's DUL loop, ``ready`` waiting instead (and
+    woken by what the association hands the DUL to send); only once ``install`` ran (without it the
+    loop would spin on a zero-timeout check). Called before the association's threads start, while
+    its ``to_provider_queue`` is still empty."""
     if _installed:
         dul._run_loop_delay = 0.0
+        assert dul.to_provider_queue.empty(), "fast_reactor must run before the association starts"
+        dul.to_provider_queue = _WakingQueue()

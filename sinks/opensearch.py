@@ -77,14 +77,21 @@ def deadletter_document(msg: Message) -> dict[str, Any]:
     }
 
 
-def _document(record: dict[str, Any]) -> dict[str, Any]:
+def _document(record: dict[str, Any]) -> str:
+    """The document's JSON, written once: the sizing of bulk requests and the request body use it.
+
+    The event's header is already DICOM JSON (the receiver wrote it): it goes into the document as
+    it is, never parsed and serialised again (the sink's main cost per instance at reindex speed).
+    It is stored with the document but not mapped: arbitrary tags cannot explode the mapping; the
+    typed fields are what is searchable.
+    """
     doc = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in record.items()}
     header = doc.pop("header_json", None)
-    if header:
-        # The whole header, stored with the document but not mapped: arbitrary tags cannot
-        # explode the mapping; the typed fields above are what is searchable.
-        doc["dicom"] = json.loads(header)
-    return doc
+    text = json.dumps(doc, default=str)
+    if not header:
+        return text
+    # Spliced as the last member: `{...}` becomes `{..., "dicom": <header>}` (or `{"dicom": ...}`).
+    return f'{text[:-1]}{", " if doc else ""}"dicom": {header}}}'
 
 
 class OpenSearchSink:
@@ -132,7 +139,8 @@ class OpenSearchSink:
         self._indices_ready = False
 
     def write(self, batch: list[Message], dead: DeadLetters) -> None:
-        actions: list[tuple[Message, dict, dict]] = []
+        # (message, action metadata, the document's JSON)
+        actions: list[tuple[Message, dict, str]] = []
         for msg in batch:
             kind = self.layout.kinds[msg.topic()]  # subscribed to those topics only
             if msg.topic() == DEADLETTER.name:
@@ -151,21 +159,21 @@ class OpenSearchSink:
                 meta.update(version=record["revision"], version_type="external_gte")
             if kind == "instances" and self.first_wins:
                 meta["op_type"] = "create"
-            actions.append((msg, meta, record if kind == "deadletters" else _document(record)))
+            actions.append((msg, meta, json.dumps(record, default=str) if kind == "deadletters" else _document(record)))
         # Within one bulk request, later events for the same document supersede earlier ones; for
         # documents only ever created (first wins), the earliest stays.
-        latest: dict[tuple[str, str], tuple[Message, dict, dict]] = {}
+        latest: dict[tuple[str, str], tuple[Message, dict, str]] = {}
         for item in actions:
             key = (item[1]["_index"], item[1]["_id"])
             if not (item[1].get("op_type") == "create" and key in latest):
                 latest[key] = item
         pending = list(latest.values())
         # Requests stay under max_bytes (roughly: the documents' JSON size).
-        chunks: list[list[tuple[Message, dict, dict]]] = []
-        chunk: list[tuple[Message, dict, dict]] = []
+        chunks: list[list[tuple[Message, dict, str]]] = []
+        chunk: list[tuple[Message, dict, str]] = []
         size = 0
         for item in pending:
-            item_size = len(json.dumps(item[2], default=str))
+            item_size = len(item[2])
             if chunk and size + item_size > self.max_bytes:
                 chunks.append(chunk)
                 chunk, size = [], 0
@@ -185,17 +193,18 @@ class OpenSearchSink:
             if error is not None:
                 raise error
 
-    def _bulk(self, pending: list[tuple[Message, dict, dict]], dead: DeadLetters) -> None:
+    def _bulk(self, pending: list[tuple[Message, dict, str]], dead: DeadLetters) -> None:
         try:
             if not self._indices_ready and self.index_version is None:
                 ensure_indices(self.client, self.layout)
                 self._indices_ready = True
-            body: list[dict] = []
+            # NDJSON built here: the documents are JSON already (``_document``).
+            lines: list[str] = []
             for _, meta, doc in pending:
                 action = {k: v for k, v in meta.items() if k != "op_type"}
-                body.append({meta.get("op_type", "index"): action})
-                body.append(doc)
-            result = self.client.bulk(body=body)
+                lines.append(json.dumps({meta.get("op_type", "index"): action}))
+                lines.append(doc)
+            result = self.client.bulk(body="\n".join(lines) + "\n")
         except (OSConnectionError, TransportError) as exc:
             raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
         retry = []

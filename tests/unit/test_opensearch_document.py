@@ -1,0 +1,39 @@
+"""The OpenSearch sink's documents: the event's header goes in as the receiver wrote it."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+from diana.sinks.opensearch import _document
+
+# Spacing json.dumps would never write: it survives only if the header is not parsed and re-serialised.
+HEADER = '{"00080060":{"vr":"CS","Value":["CT"]},   "00100010":{"vr":"PN"}}'
+
+
+def test_the_header_is_spliced_verbatim_as_dicom() -> None:
+    record = {
+        "sop_instance_uid": "1.2.3",
+        "received_at": datetime(2026, 11, 28, 12, 0, tzinfo=UTC),
+        "size_bytes": 524288,
+        "header_json": HEADER,
+    }
+    text = _document(record)
+    assert text.endswith(f'"dicom": {HEADER}}}')
+    assert json.loads(text) == {
+        "sop_instance_uid": "1.2.3",
+        "received_at": "2026-11-28T12:00:00+00:00",
+        "size_bytes": 524288,
+        "dicom": json.loads(HEADER),
+    }
+
+
+def test_a_document_without_header_has_no_dicom_member() -> None:
+    for header in (None, ""):
+        assert json.loads(_document({"sop_instance_uid": "1.2.3", "header_json": header})) == {
+            "sop_instance_uid": "1.2.3"
+        }
+
+
+def test_a_header_alone_makes_a_valid_document() -> None:
+    assert json.loads(_document({"header_json": HEADER})) == {"dicom": json.loads(HEADER)}
