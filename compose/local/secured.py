@@ -122,6 +122,18 @@ ssl.enabled.protocols=TLSv1.3,TLSv1.2
             f"{self.kafka.sasl_mechanism}=[name={self.kafka.sasl_username},password={self.kafka_password()}]",
         ]
 
+    def private_java_command(self, command: list[str], main: str, folder: Path) -> list[str]:
+        """``command`` (a java command line running ``main``) with ``main`` and its arguments moved into
+        a java @argfile only the owner can read: the SCRAM password given to the format never shows
+        in the process list (``ps``) while it runs. The caller removes ``folder`` afterwards."""
+        at = command.index(main)
+        argfile = folder / "kafka-format.args"
+        fd = os.open(argfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            # One argument a line, quoted as java reads @argfiles (a space inside stays in the argument).
+            fh.write("".join('"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"\n' for arg in command[at:]))
+        return [*command[:at], f"@{argfile}"]
+
     def mark_kafka_data(self, data: Path) -> None:
         """Remember that this storage was formatted with the SCRAM user (and which)."""
         (data / "diana-scram-user").write_text(self.kafka.sasl_username + "\n")

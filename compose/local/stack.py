@@ -16,6 +16,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from diana.config import Config, StorageConfig
+from diana.credentials import redact
 
 if TYPE_CHECKING:
     from diana.compose.local.secured import SecuredStack
@@ -232,24 +234,26 @@ log.retention.hours=-1
         if self.secured:
             self.secured.check_kafka_data(self._kafka_dir() / "data")
         if not (self._kafka_dir() / "data" / "meta.properties").exists():
-            cluster_id = subprocess.run(
+            uuid_out = subprocess.run(
                 self._kafka_java("kafka.tools.StorageTool", "random-uuid"), capture_output=True, text=True, check=True
-            ).stdout.strip()
-            proc = subprocess.run(
-                self._kafka_java(
-                    "kafka.tools.StorageTool",
-                    "format",
-                    "-t",
-                    cluster_id,
-                    "-c",
-                    str(props),
-                    *(self.secured.kafka_format_args() if self.secured else []),
-                ),
-                capture_output=True,
-                text=True,
+            ).stdout
+            cluster_id = uuid_out.strip().splitlines()[-1].strip()  # after any log line log4j printed first
+            command = self._kafka_java(
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(props),
+                *(self.secured.kafka_format_args() if self.secured else []),
             )
+            with tempfile.TemporaryDirectory(prefix="diana-kafka-format-") as private:
+                if self.secured:
+                    command = self.secured.private_java_command(command, "kafka.tools.StorageTool", Path(private))
+                proc = subprocess.run(command, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise StackError(f"formatting Kafka storage failed: {proc.stdout}{proc.stderr}")
+                # Redacted: the format's own usage error repeats its arguments, the SCRAM password among them.
+                raise StackError(redact(f"formatting Kafka storage failed: {proc.stdout}{proc.stderr}"))
             if self.secured:
                 self.secured.mark_kafka_data(self._kafka_dir() / "data")
         self._spawn(self.kafka, self._kafka_java("kafka.Kafka", str(props)), env=None, user=None)

@@ -85,3 +85,17 @@ def test_kafka_data_formatted_plain_is_refused_with_the_fix(tmp_path: Path):
         stack.check_kafka_data(data)
     stack.mark_kafka_data(data)
     stack.check_kafka_data(data)
+
+
+def test_the_scram_password_goes_to_the_format_in_a_private_argfile_not_the_process_list(tmp_path: Path):
+    stack = _secured(tmp_path)
+    command = ["/jdk/bin/java", "-Xmx256m", "-cp", "libs/*", "kafka.tools.StorageTool", "format"]
+    command += stack.kafka_format_args()
+    folder = tmp_path / "private"
+    folder.mkdir()
+    private = stack.private_java_command(command, "kafka.tools.StorageTool", folder)
+    assert private[:4] == command[:4] and len(private) == 5 and private[4].startswith("@")
+    assert not any("kafka-password-0123456789" in arg for arg in private)
+    argfile = Path(private[4][1:])
+    assert argfile.stat().st_mode & 0o077 == 0
+    assert argfile.read_text().split("\n")[:-1] == [f'"{arg}"' for arg in command[4:]]  # quoted as java reads them
