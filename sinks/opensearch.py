@@ -90,6 +90,11 @@ def _document(record: dict[str, Any]) -> str:
     text = json.dumps(doc, default=str)
     if not header:
         return text
+    if "\n" in header or "\r" in header:
+        # A raw line break would end the bulk request's NDJSON line early (and what follows could pass
+        # for an action): such a header (the receiver never writes one) is parsed and written compact.
+        # Not JSON: the error dead-letters the event. Other JSON errors fail its document alone.
+        header = json.dumps(json.loads(header), separators=(",", ":"))
     # Spliced as the last member: `{...}` becomes `{..., "dicom": <header>}` (or `{"dicom": ...}`).
     return f'{text[:-1]}{", " if doc else ""}"dicom": {header}}}'
 

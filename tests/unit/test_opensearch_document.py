@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import pytest
+
 from diana.sinks.opensearch import _document
 
 # Spacing json.dumps would never write: it survives only if the header is not parsed and re-serialised.
@@ -37,3 +39,12 @@ def test_a_document_without_header_has_no_dicom_member() -> None:
 
 def test_a_header_alone_makes_a_valid_document() -> None:
     assert json.loads(_document({"header_json": HEADER})) == {"dicom": json.loads(HEADER)}
+
+
+def test_a_header_with_line_breaks_is_written_on_one_line_and_cannot_add_a_bulk_action() -> None:
+    pretty = '{\n  "00100020": {"vr": "LO", "Value": ["P1"]}\n}'
+    doc = _document({"sop_instance_uid": "1.2", "header_json": pretty})
+    assert "\n" not in doc and json.loads(doc)["dicom"] == json.loads(pretty)
+    smuggled = '{"a": 1}}\n{"delete": {"_index": "diana-instances", "_id": "9.9"}}\n{"b": {'
+    with pytest.raises(json.JSONDecodeError):  # the sink dead-letters a message whose handling raises
+        _document({"sop_instance_uid": "1.2", "header_json": smuggled})
