@@ -203,3 +203,28 @@ def test_a_handler_of_its_own_like_fausts_prints_redacted_messages_too(monkeypat
         structlog.reset_defaults()
         logging.getLogger().handlers.clear()
     assert own.getvalue() == "[WARNING] broker login with *** failed\n"
+
+
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_a_logged_traceback_shows_no_local_variables(monkeypatch: pytest.MonkeyPatch, fmt: str):
+    """A library's exception logged with its traceback (opensearch-py does so on every failed request)
+    must not print what the failing frame held: here a patient's name in a local variable."""
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging("info", fmt)
+
+    def index(document: dict) -> None:
+        raise ConnectionError("the index does not answer")
+
+    try:
+        try:
+            index({"PatientName": "^".join(("DOE", "JANE-LOCAL"))})  # not in the source line the traceback quotes
+        except ConnectionError:
+            logging.getLogger("opensearch").warning("POST /_bulk failed", exc_info=True)
+            structlog.get_logger("t").exception("sink.failed")
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    out = stream.getvalue()
+    assert out.count("the index does not answer") >= 2 and "in index" in out  # the traceback is there
+    assert "DOE^JANE-LOCAL" not in out
