@@ -74,6 +74,12 @@ def _slow(step: str, warn_after_s: float = 5.0) -> Iterator[None]:
             log.warning("slow.step", step=step, seconds=round(took, 1))
 
 
+class _ConsumerFatal(Exception):
+    def __init__(self, error: KafkaError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class _Stopped(Exception):
     """A stop was requested while waiting for the broker."""
 
@@ -278,9 +284,11 @@ class TransactionalLoop:
         }
         if settings.group_instance_id:
             consumer_settings["group.instance.id"] = settings.group_instance_id
+        self._consumer_settings = consumer_settings
         self.consumer = kafka_consumer(settings.kafka, settings.group_id, consumer_settings)
         self.producer = self._new_producer()
         self._fatal_times: list[float] = []
+        self._consumer_fatal_times: list[float] = []
 
     def _new_producer(self) -> Producer:
         return kafka_producer(
@@ -311,13 +319,17 @@ class TransactionalLoop:
         log.info("partitions.revoked", partitions=sorted({tp.partition for tp in partitions}))
 
     def _committed(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
-        """Committed offsets, or the start of the log for a partition never committed."""
+        """Committed offsets, or the start of the log for a partition never committed.
+
+        Both are broker calls made inside the assignment callback: an error there would end the
+        worker from within ``consume`` (seen in the fault suite: "Not leader for partition" right
+        after a broker restart), so both are retried until ``give_up_after_s``.
+        """
         deadline = time.monotonic() + self.settings.give_up_after_s
         while True:
             try:
                 with _slow("offsets.committed"):
-                    committed = self.consumer.committed(partitions, timeout=30)
-                break
+                    return [self._or_log_start(tp) for tp in self.consumer.committed(partitions, timeout=30)]
             except KafkaException as exc:
                 self._still_running()
                 if time.monotonic() > deadline:
@@ -327,13 +339,12 @@ class TransactionalLoop:
                     ) from exc
                 log.warning("offsets.unavailable", reason=str(exc))
                 time.sleep(1.0)
-        out = []
-        for tp in committed:
-            if tp.offset < 0:
-                low, _ = self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=30)
-                tp = TopicPartition(tp.topic, tp.partition, low)
-            out.append(TopicPartition(tp.topic, tp.partition, tp.offset))
-        return out
+
+    def _or_log_start(self, tp: TopicPartition) -> TopicPartition:
+        if tp.offset >= 0:
+            return TopicPartition(tp.topic, tp.partition, tp.offset)
+        low, _ = self.consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=30)
+        return TopicPartition(tp.topic, tp.partition, low)
 
     def _restore(self, partitions: list[int]) -> None:
         """Rebuild the state of ``partitions`` from their changelog partitions, read to the end."""
@@ -353,14 +364,22 @@ class TransactionalLoop:
             },
         )
         records, unfinished = 0, set(partitions)
+        deadline = started + self.settings.give_up_after_s
         try:
             reader.assign([TopicPartition(self.settings.changelog, p, OFFSET_BEGINNING) for p in partitions])
             while unfinished:
                 for msg in reader.consume(num_messages=10_000, timeout=0.05):
                     if msg.error():
-                        if msg.error().code() != KafkaError._PARTITION_EOF:
-                            raise KafkaException(msg.error())
-                        unfinished.discard(msg.partition())
+                        error = msg.error()
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            unfinished.discard(msg.partition())
+                        elif error.code() == KafkaError._FATAL or error.fatal() or time.monotonic() > deadline:
+                            raise GiveUp(
+                                f"the state changelog could not be read ({error}); check that the broker is up "
+                                "and reachable, then start the worker again"
+                            )
+                        else:  # e.g. a broker restarting: the client retries on its own
+                            log.warning("state.restore_waiting", reason=str(error))
                         continue
                     value = msg.value()
                     self.store.apply(msg.partition(), msg.key().decode(), None if value is None else json.loads(value))
@@ -380,18 +399,17 @@ class TransactionalLoop:
         last_second = 0.0
         try:
             self._retry("init_transactions", lambda: self.producer.init_transactions(self.settings.call_timeout_s))
-            self.consumer.subscribe(
-                list(self.settings.topics),
-                on_assign=self._on_assign,
-                on_revoke=self._on_revoke,
-                on_lost=self._on_revoke,
-            )
+            self._subscribe()
             while self.running:
                 if self.every_second and time.monotonic() - last_second >= 1.0:
                     last_second = time.monotonic()
                     self.every_second()
                 messages = self.consumer.consume(num_messages=self.settings.max_batch, timeout=0.2)
-                messages = [m for m in messages if not self._is_error(m)]
+                try:
+                    messages = [m for m in messages if not self._is_error(m)]
+                except _ConsumerFatal as fatal:
+                    self._replace_consumer(fatal.error)
+                    continue
                 if messages:
                     self._transaction(messages)
         except _Stopped:
@@ -402,11 +420,50 @@ class TransactionalLoop:
             self.consumer.close()
             self.producer.flush(10)
 
+    def _subscribe(self) -> None:
+        self.consumer.subscribe(
+            list(self.settings.topics),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
+
     def _is_error(self, message: Message) -> bool:
-        if message.error() is None:
+        error = message.error()
+        if error is None:
             return False
-        log.warning("consume.error", reason=str(message.error()))
+        # A fatal consumer error comes as code _FATAL; its fatal() flag is not set (librdkafka 2.16).
+        if error.code() == KafkaError._FATAL or error.fatal():
+            raise _ConsumerFatal(error)
+        log.warning("consume.error", reason=str(error))
         return True
+
+    def _replace_consumer(self, error: KafkaError) -> None:
+        """A fatal consumer error leaves the consumer unusable for good: join again with a new one.
+
+        Seen after a broker restart (fault suite, librdkafka 2.16): "Static consumer fenced by other
+        consumer with same group.instance.id" while no other worker ran; the old consumer then
+        only returned that error, and the worker's partitions stood still. No transaction is open
+        between two consume calls, so nothing is lost: the partitions' state is dropped and restored
+        from the changelog on the new assignment, as after a restart.
+        """
+        now = time.monotonic()
+        self._consumer_fatal_times = [t for t in self._consumer_fatal_times if now - t < 600] + [now]
+        if len(self._consumer_fatal_times) > 5:
+            raise GiveUp(
+                f"the consumer failed fatally {len(self._consumer_fatal_times)} times in 10 minutes ({error}); "
+                "if another worker runs with the same [stream] worker_id, give each its own"
+            )
+        log.error("consumer.fatal", reason=str(error), action="joining the group again with a new consumer")
+        for partition in sorted(self.store.partitions):
+            self.store.partitions.pop(partition, None)
+            self.handler.partition_stopped(partition)
+        try:
+            self.consumer.close()
+        except KafkaException as exc:  # it is unusable already; closing is only housekeeping
+            log.warning("consumer.close_failed", reason=str(exc))
+        self.consumer = kafka_consumer(self.settings.kafka, self.settings.group_id, self._consumer_settings)
+        self._subscribe()
 
     def _transaction(self, messages: list[Message]) -> None:
         batch = Batch(self.store, self.producer, self.settings.changelog)

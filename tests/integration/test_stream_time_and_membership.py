@@ -13,11 +13,11 @@ import signal
 import time
 from datetime import UTC, datetime, timedelta
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer
 from pydicom.uid import generate_uid
 
 from diana.schemas.codec import default_codec
-from diana.schemas.topics import INSTANCES, SERIES, STUDIES
+from diana.schemas.topics import INSTANCES, SERIES, STUDIES, TICKS
 from tests.support.helpers import topic_records, wait_until_caught_up
 from tests.support.paths import port
 
@@ -120,6 +120,8 @@ def test_two_hundred_late_instances_give_one_amended_revision(pipeline):
 
 
 def _log_count(pipeline, name: str, event: str) -> int:
+    if not (pipeline.logs / f"{name}.log").exists():  # not started yet in this session
+        return 0
     return len(re.findall(re.escape(event), pipeline.log_text(name)))
 
 
@@ -163,4 +165,46 @@ def test_a_worker_restart_with_static_membership_moves_no_partition_of_the_other
         assert pipeline.procs["aggregates"].poll() is None
     finally:
         pipeline.stop("aggregates-2")
+    wait_until_caught_up(cfg, timeout=240)
+
+
+def test_a_worker_fenced_by_its_own_static_id_joins_again_and_keeps_aggregating(pipeline):
+    """A fatal consumer error must not leave the worker running with partitions that stand still.
+
+    After a broker restart the fault suite saw the worker's consumer fenced ("Static consumer fenced
+    by other consumer with same group.instance.id") with no other worker running; the worker then
+    logged the error and aggregated nothing more. Here a second member joins under the worker's
+    own id, which fences the worker's consumer the same way.
+    """
+    cfg = pipeline.cfg
+    worker_id = (
+        (cfg.path(cfg.stream.data_dir) / f"{cfg.stream.app_id}-{cfg.stream.web_port}.worker-id").read_text().strip()
+    )
+    fatal_before = _log_count(pipeline, "aggregates", "consumer.fatal")
+    intruder = Consumer(
+        {
+            "bootstrap.servers": cfg.kafka.bootstrap,
+            "group.id": cfg.stream.app_id,
+            "group.instance.id": worker_id,
+            "partition.assignment.strategy": "range",
+            "session.timeout.ms": 10_000,
+            "enable.auto.commit": False,
+        }
+    )
+    intruder.subscribe([INSTANCES.name, TICKS.name])
+    try:
+        _wait_for(lambda: (intruder.poll(0.5), intruder.assignment())[1], what="the intruder's assignment")
+    finally:
+        intruder.close()  # a static member does not leave the group: the worker must take its place
+    _wait_for(
+        lambda: _log_count(pipeline, "aggregates", "consumer.fatal") > fatal_before, what="the worker seeing the fence"
+    )
+    study, series = generate_uid(), generate_uid()
+    _send(cfg, [_event(study, series, n, datetime.now(UTC)) for n in (1, 2, 3)])
+    done = _wait_for(
+        lambda: (r := _revisions(cfg, SERIES.name, series)) and r[-1]["status"] == "COMPLETED" and r[-1],
+        what="a study aggregated after the fence",
+    )
+    assert done["instance_count"] == 3
+    assert pipeline.procs["aggregates"].poll() is None
     wait_until_caught_up(cfg, timeout=240)
