@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import structlog
-from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import Counter
 
 from diana.clients import kafka_consumer, kafka_producer
@@ -168,20 +168,35 @@ def run_sink(
 ) -> None:
     """Consume, write, commit until ``stop``. A batch is written as soon as it holds ``batch_size``
     messages or ``max_wait_s`` after the sink asked for it, whichever comes first: under load the
-    batches are full, on a trickle each event waits at most ``max_wait_s``."""
-    consumer = kafka_consumer(
-        kafka,
-        group_id,
-        {
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "partition.assignment.strategy": "cooperative-sticky",
-            # A sink may wait minutes for its store; stay in the group meanwhile.
-            "max.poll.interval.ms": 30 * 60 * 1000,
-        },
-    )
+    batches are full, on a trickle each event waits at most ``max_wait_s``.
+
+    Offsets are committed asynchronously, after the write: a synchronous commit waits without a
+    bound inside librdkafka (confluent-kafka-python issue 1801), and one that never returned after a
+    broker restart would stall this consumer for good. A commit that fails is logged; its batch may
+    come again (after a rebalance or restart), and every write is idempotent."""
+
+    def committed(err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if err is not None:  # e.g. the coordinator is loading after a broker restart
+            log.warning("sink.commit_failed", sink=sink.name, error=err.str())
+
+    def subscribed() -> Consumer:
+        consumer = kafka_consumer(
+            kafka,
+            group_id,
+            {
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "partition.assignment.strategy": "cooperative-sticky",
+                # A sink may wait minutes for its store; stay in the group meanwhile.
+                "max.poll.interval.ms": 30 * 60 * 1000,
+                "on_commit": committed,
+            },
+        )
+        consumer.subscribe(list(sink.topics))
+        return consumer
+
+    consumer = subscribed()
     dead = DeadLetters(kafka, sink.name)
-    consumer.subscribe(list(sink.topics))
     log.info("sink.started", sink=sink.name, group=group_id, topics=list(sink.topics))
     try:
         while not stop.is_set():
@@ -199,7 +214,10 @@ def run_sink(
                 log.info("sink.stopping_uncommitted", sink=sink.name, messages=len(batch))
                 return
             try:
-                consumer.commit(asynchronous=False)
+                # The consumer's positions, not the batch's last offsets + 1: on topics written in
+                # transactions (series, studies) the position is past the commit marker, which no
+                # message carries; committing before it would leave a lag of 1 for ever.
+                consumer.commit(asynchronous=True)
             except KafkaException as exc:
                 # e.g. a rebalance took the partitions: the batch comes again, and writes are idempotent
                 log.warning("sink.commit_failed", sink=sink.name, error=str(exc))
