@@ -77,6 +77,9 @@ class Outcome:
     recover_s: float = 0.0
     passed: bool = False
     problems: list[str] = field(default_factory=list)
+    # When the invariants still fail at the deadline: every pipeline process's threads (py-spy dump),
+    # so a stalled consumer shows where it waits, on a CI machine as here.
+    stacks: dict[str, str] = field(default_factory=dict)
 
 
 class Suite:
@@ -176,6 +179,32 @@ level = "warning"
         shutil.rmtree(self.stack._opensearch_dir(), ignore_errors=True)  # outside work/ when we are root
         if self.mounted:
             subprocess.run(["umount", "-l", str(self.landing)], check=False)
+
+    def exited(self) -> list[str]:
+        """A pipeline process that ended on its own: nothing restarts it here, so say which and why
+        (the last lines of its log), instead of a lag that only grows."""
+        found = []
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                lines = (self.work / "logs" / f"{name}.log").read_text(errors="replace").splitlines()
+                found.append(f"{name} exited with {proc.returncode}: " + " | ".join(lines[-8:]))
+        return found
+
+    def stacks(self) -> dict[str, str]:
+        """Each live pipeline process's Python threads, as py-spy sees them (no local variables)."""
+        spy = Path(sys.executable).with_name("py-spy")
+        found = {}
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                continue
+            try:
+                done = subprocess.run(
+                    [str(spy), "dump", "--pid", str(proc.pid)], capture_output=True, text=True, timeout=30
+                )
+                found[name] = done.stdout or done.stderr
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                found[name] = f"py-spy dump failed: {exc}"
+        return found
 
     def wait_echo(self, timeout: float = 60) -> None:
         from pynetdicom import AE
@@ -305,7 +334,7 @@ level = "warning"
         """The invariants that do not hold yet (empty: all hold); fills ``outcome``."""
         from opensearchpy import OpenSearch
 
-        problems = []
+        problems = self.exited()
         try:
             lag = self._lag()
         except Exception as exc:  # the broker is still coming back
@@ -468,6 +497,8 @@ def run_scenario(suite: Suite, name: str, inject: Callable[[], None], timeout: f
         problems.append(f"only {len(acked)} of {len(files)} acknowledged before the deadline")
     outcome.problems = problems
     outcome.passed = not problems
+    if problems:
+        outcome.stacks = suite.stacks()
     return outcome
 
 

@@ -54,4 +54,7 @@ def test_nothing_acknowledged_is_lost_or_doubled(outcomes, scenario):
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_every_invariant_holds(outcomes, scenario):
-    assert outcomes[scenario]["passed"], outcomes[scenario]["problems"]
+    o = outcomes[scenario]
+    # On failure the threads of every pipeline process (py-spy) say where a stalled one waits.
+    stacks = "".join(f"\n--- {name}\n{stack}" for name, stack in o["stacks"].items())
+    assert o["passed"], "; ".join(o["problems"]) + stacks
