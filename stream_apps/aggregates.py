@@ -455,6 +455,7 @@ class TickWriter:
     """
 
     def __init__(self, kafka: KafkaConfig, partitions: int) -> None:
+        self.kafka = kafka
         self.partitions = partitions
         self.producer = kafka_producer(kafka, {"linger.ms": 5})
         self.offsets = kafka_consumer(kafka, "diana-ticks")
@@ -465,6 +466,11 @@ class TickWriter:
                 end = self.offsets.get_watermark_offsets(TopicPartition(INSTANCES.name, partition), timeout=2)[1]
             except Exception as exc:  # broker unreachable: no tick, no harm
                 log.warning("tick.skipped", partition=partition, reason=str(exc))
+                # A new client for the next tick: after a broker of a cluster was killed, this one
+                # kept timing out minutes after every broker was back (the stale leader of a
+                # partition it never subscribes to), and without ticks no series completes.
+                self.offsets.close()
+                self.offsets = kafka_consumer(self.kafka, "diana-ticks")
                 return
             value = json.dumps({"t": int(time.time() * 1000), "end": end}).encode()
             self.producer.produce(TICKS.name, value=value, partition=partition)
