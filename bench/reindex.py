@@ -124,14 +124,16 @@ def fill(cfg: Any, templates: list[dict[str, Any]], n: int) -> int:
     return size
 
 
-def reindex(config: Path, progress: bool, profile_to: Path | None = None) -> tuple[float, str]:
-    """Run `diana reindex --kinds instances` (under py-spy if ``profile_to``); (seconds, its output)."""
-    cmd = [sys.executable, "-m", "diana.cli", "--config", str(config), "reindex", "--kinds", "instances"]
+def reindex(config: Path, progress: bool, profile_to: Path | None = None, tree: Path = REPO) -> tuple[float, str]:
+    """Run `diana reindex --kinds instances` of the checkout ``tree`` (its .venv; under py-spy if
+    ``profile_to``); (seconds, its output)."""
+    python = str(tree / ".venv" / "bin" / "python") if tree != REPO else sys.executable
+    cmd = [python, "-m", "diana.cli", "--config", str(config), "reindex", "--kinds", "instances"]
     if not progress:
         cmd.append("--no-progress")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     profiler = Profiler(proc.pid, profile_to, rate=100) if profile_to is not None else None
     if profiler is not None:
         time.sleep(0.5)  # the child has exec'd the interpreter: py-spy finds a Python process
@@ -144,6 +146,18 @@ def reindex(config: Path, progress: bool, profile_to: Path | None = None) -> tup
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     return seconds, done.stdout
+
+
+def drop_unaliased(cfg: Any) -> None:
+    """Delete the instance index versions no alias points to (former runs'): each run indexes alone."""
+    from diana.clients import opensearch_client
+    from diana.schemas.layout import IndexLayout
+
+    alias = IndexLayout(cfg.opensearch.index_prefix).alias("instances")
+    client = opensearch_client(cfg.opensearch, timeout=120)
+    for name, info in client.indices.get(index=f"{alias}-v*").items():
+        if alias not in info.get("aliases", {}):
+            client.indices.delete(index=name)
 
 
 def bulk_floor(
@@ -161,15 +175,15 @@ def bulk_floor(
     header from each document (what the header alone costs OpenSearch)."""
     from diana.clients import opensearch_client
     from diana.schemas.layout import IndexLayout
-    from diana.sinks.opensearch import _document, install_template
+    from diana.sinks.opensearch import _TEMPLATES, _document
 
     layout = IndexLayout(cfg.opensearch.index_prefix)
     client = opensearch_client(cfg.opensearch, timeout=120)
-    install_template(client, layout, "instances")
-    index = layout.index("instances", 900)
+    # Outside the aliases' versions (`<alias>-vN`), with the same settings and mapping as a version.
+    index = f"{layout.alias('instances')}-bench-floor"
     if client.indices.exists(index=index):
         client.indices.delete(index=index)
-    client.indices.create(index=index)
+    client.indices.create(index=index, body=json.loads((_TEMPLATES / "instances.json").read_text()))
     settings = {"refresh_interval": "-1", "translog.durability": translog}
     client.indices.put_settings(index=index, body={"index": settings})
     bodies: list[bytes] = []
@@ -223,8 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port-offset", type=int, default=4000, help="shift of the test suite's ports (default 4000)")
     ap.add_argument("--runs", type=int, default=1, help="timed reindex runs, one after the other (default 1)")
     ap.add_argument("--progress", action="store_true", help="time the runs with the progress bar on")
+    ap.add_argument(
+        "--compare",
+        type=Path,
+        help="another checkout with its own .venv (e.g. before a change): each run times it, then this tree",
+    )
     ap.add_argument("--profile", action="store_true", help="one more reindex under py-spy; print its top frames")
-    ap.add_argument("--floor", action="store_true", help="OpenSearch's own bulk rate for the same documents")
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="OpenSearch's own bulk rate for the same documents, after each round of runs",
+    )
     ap.add_argument("--floor-threads", type=int, default=4, help="bare bulk requests in flight (default 4)")
     ap.add_argument(
         "--floor-variants",
@@ -268,14 +291,27 @@ def main(argv: list[str] | None = None) -> int:
             result["fill"] = {"megabytes": round(size / 1e6, 1), "seconds": round(time.monotonic() - started, 1)}
             print(f"filled dicom.instances: {args.events} events, {size / 1e6:.1f} MB", flush=True)
         result["runs"] = []
+        # Compared trees alternate run by run: on a shared machine the load moves within minutes.
+        trees = [args.compare.resolve(), REPO] if args.compare else [REPO]
         for _ in range(args.runs):
-            load = os.getloadavg()[0]
-            seconds, out = reindex(config, args.progress)
-            rate = args.events / seconds
-            result["runs"].append({"seconds": round(seconds, 2), "events_per_s": round(rate), "load_1m": load})
-            print(f"reindex: {args.events} events in {seconds:.2f} s = {rate:.0f} events/s (load {load:.2f})")
-            print(out.strip(), flush=True)
+            for tree in trees:
+                drop_unaliased(cfg)
+                load = os.getloadavg()[0]
+                seconds, out = reindex(config, args.progress, tree=tree)
+                rate = args.events / seconds
+                result["runs"].append(
+                    {"tree": str(tree), "seconds": round(seconds, 2), "events_per_s": round(rate), "load_1m": load}
+                )
+                print(
+                    f"reindex [{tree}]: {args.events} events in {seconds:.2f} s = {rate:.0f} events/s (load {load:.2f})"
+                )
+                print(out.strip(), flush=True)
+            if args.floor:  # each round: the runs' ratio to the floor is measured under the same load
+                floor = bulk_floor(cfg, templates, args.events, args.floor_threads, cfg.sinks.bulk_max_bytes)
+                result.setdefault("floors", []).append(floor | {"load_1m": os.getloadavg()[0]})
+                print(f"bare bulk floor: {floor}", flush=True)
         if args.profile:
+            drop_unaliased(cfg)
             folded = work / "reindex.folded"
             seconds, _ = reindex(config, args.progress, folded)
             summary = summarise_folded(folded.read_text(), top=15)
@@ -283,10 +319,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"profiled run: {seconds:.2f} s, {summary['samples']} samples")
             for own, inc in zip(summary["own"], summary["inclusive"], strict=False):
                 print(f"  {own['percent']:5.1f} {own['frame']:70.70} | {inc['percent']:5.1f} {inc['frame']}")
-        if args.floor:
-            floor = bulk_floor(cfg, templates, args.events, args.floor_threads, cfg.sinks.bulk_max_bytes)
-            result["floor"] = floor
-            print(f"bare bulk floor: {floor}", flush=True)
         if args.floor_variants:
             result["floor_variants"] = []
             for threads, max_bytes, translog, header in [
