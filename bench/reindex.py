@@ -21,6 +21,7 @@ import argparse
 import http.client
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.ingest import REPO, corpus
+from bench.ingest import REPO, _proc_stats, corpus
 from bench.profile import Profiler, summarise_folded
 
 STUDY_SIZE = 200
@@ -132,6 +133,7 @@ def reindex(config: Path, progress: bool, profile_to: Path | None = None, tree: 
     if not progress:
         cmd.append("--no-progress")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     profiler = Profiler(proc.pid, profile_to, rate=100) if profile_to is not None else None
@@ -142,10 +144,16 @@ def reindex(config: Path, progress: bool, profile_to: Path | None = None, tree: 
     seconds = time.monotonic() - started
     if profiler is not None:
         profiler.stop()
-    done = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
-    return seconds, done.stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    if proc.returncode != 0:
+        raise RuntimeError(stderr[-3000:])
+    return seconds, stdout, cpu
+
+
+def opensearch_cpu(stack: Any) -> float:
+    """CPU seconds OpenSearch (its process and children) has used so far."""
+    return _proc_stats(int(stack.opensearch.pid_file.read_text().strip()))[0]
 
 
 def drop_unaliased(cfg: Any) -> None:
@@ -234,7 +242,12 @@ def bulk_floor(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.reindex", description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=20_000, help="events in dicom.instances (default 20000)")
-    ap.add_argument("--port-offset", type=int, default=4000, help="shift of the test suite's ports (default 4000)")
+    ap.add_argument(
+        "--port-offset",
+        type=int,
+        default=4050,
+        help="shift of the test suite's ports (default 4050: beside the tests of offset 4000)",
+    )
     ap.add_argument("--runs", type=int, default=1, help="timed reindex runs, one after the other (default 1)")
     ap.add_argument("--progress", action="store_true", help="time the runs with the progress bar on")
     ap.add_argument(
@@ -297,23 +310,33 @@ def main(argv: list[str] | None = None) -> int:
             for tree in trees:
                 drop_unaliased(cfg)
                 load = os.getloadavg()[0]
-                seconds, out = reindex(config, args.progress, tree=tree)
+                os_cpu = opensearch_cpu(stack)
+                seconds, out, cpu = reindex(config, args.progress, tree=tree)
+                os_cpu = opensearch_cpu(stack) - os_cpu
                 rate = args.events / seconds
-                result["runs"].append(
-                    {"tree": str(tree), "seconds": round(seconds, 2), "events_per_s": round(rate), "load_1m": load}
-                )
-                print(
-                    f"reindex [{tree}]: {args.events} events in {seconds:.2f} s = {rate:.0f} events/s (load {load:.2f})"
-                )
+                # CPU per event of the reindex process and of OpenSearch: the rate 2 idle cores would allow.
+                run = {
+                    "tree": str(tree),
+                    "seconds": round(seconds, 2),
+                    "events_per_s": round(rate),
+                    "load_1m": load,
+                    "reindex_cpu_us": round(1e6 * cpu / args.events),
+                    "opensearch_cpu_us": round(1e6 * os_cpu / args.events),
+                }
+                result["runs"].append(run)
+                print(f"reindex [{tree}]: {args.events} events in {seconds:.2f} s = {rate:.0f}/s (load {load:.2f})")
+                print(f"  CPU per event: reindex {run['reindex_cpu_us']} us, OpenSearch {run['opensearch_cpu_us']} us")
                 print(out.strip(), flush=True)
             if args.floor:  # each round: the runs' ratio to the floor is measured under the same load
+                os_cpu = opensearch_cpu(stack)
                 floor = bulk_floor(cfg, templates, args.events, args.floor_threads, cfg.sinks.bulk_max_bytes)
+                floor["opensearch_cpu_us"] = round(1e6 * (opensearch_cpu(stack) - os_cpu) / args.events)
                 result.setdefault("floors", []).append(floor | {"load_1m": os.getloadavg()[0]})
                 print(f"bare bulk floor: {floor}", flush=True)
         if args.profile:
             drop_unaliased(cfg)
             folded = work / "reindex.folded"
-            seconds, _ = reindex(config, args.progress, folded)
+            seconds, _, _ = reindex(config, args.progress, folded)
             summary = summarise_folded(folded.read_text(), top=15)
             result["profile"] = {"seconds": round(seconds, 2)} | summary
             print(f"profiled run: {seconds:.2f} s, {summary['samples']} samples")
