@@ -125,9 +125,11 @@ def fill(cfg: Any, templates: list[dict[str, Any]], n: int) -> int:
     return size
 
 
-def reindex(config: Path, progress: bool, profile_to: Path | None = None, tree: Path = REPO) -> tuple[float, str]:
+def reindex(
+    config: Path, progress: bool, profile_to: Path | None = None, tree: Path = REPO
+) -> tuple[float, str, float]:
     """Run `diana reindex --kinds instances` of the checkout ``tree`` (its .venv; under py-spy if
-    ``profile_to``); (seconds, its output)."""
+    ``profile_to``); (seconds, its output, its CPU seconds)."""
     python = str(tree / ".venv" / "bin" / "python") if tree != REPO else sys.executable
     cmd = [python, "-m", "diana.cli", "--config", str(config), "reindex", "--kinds", "instances"]
     if not progress:

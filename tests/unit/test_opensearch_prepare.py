@@ -38,7 +38,7 @@ def _lines(body: str) -> list[dict]:
 
 
 def _sink(max_bytes: int = 5_000_000, policy: str = "KEEP_FIRST") -> OpenSearchSink:
-    return OpenSearchSink(None, IndexLayout("diana"), max_bytes=max_bytes, index_version=7, conflict_policy=policy)  # type: ignore[arg-type]
+    return OpenSearchSink(None, IndexLayout("diana"), max_bytes=max_bytes, index_version=7, conflict_policy=policy)
 
 
 def test_first_wins_keeps_the_earliest_event_and_lists_the_undecodable() -> None:
