@@ -42,15 +42,16 @@ def current_version(client: OpenSearch, layout: IndexLayout, kind: str) -> int:
 
 
 class _Prepared:
-    """The sink, with one batch prepared ahead: written as prepared the first time, prepared again if
-    ``write_until_done`` writes its messages one by one (after an unexpected error)."""
+    """The sink, with one batch prepared ahead: written as prepared, or by the sink itself when the
+    preparation raised (``None``) or ``write_until_done`` writes the messages one by one (after an
+    unexpected error), so a message that makes the sink raise is parked as in the live sink."""
 
-    def __init__(self, sink: OpenSearchSink, prepared: PreparedBatch):
+    def __init__(self, sink: OpenSearchSink, prepared: PreparedBatch | None):
         self.sink, self.prepared = sink, prepared
         self.name, self.topics = sink.name, sink.topics
 
     def write(self, batch: list[Message], dead: DeadLetters) -> None:
-        if batch is self.prepared.messages:
+        if self.prepared is not None and batch is self.prepared.messages:
             self.sink.write_prepared(self.prepared, dead)
         else:
             self.sink.write(batch, dead)
@@ -124,10 +125,13 @@ class Reindexer:
                 consumed = consumer.consume(self.batch, timeout=1.0)
                 messages = [m for m in consumed if m.error() is None]
                 if messages:
-                    prepared = sink.prepare(messages)
+                    try:
+                        prepared: PreparedBatch | None = sink.prepare(messages)
+                    except Exception:  # the writer writes it message by message, parking what raises
+                        prepared = None
                     if writing is not None:
                         writing.result()  # raises what the writer raised
-                    writing = writer.submit(self._write, sink, prepared, progress)
+                    writing = writer.submit(self._write, sink, messages, prepared, progress)
                 for m in consumed:  # in order: a partition's end event comes after its messages
                     tp = (m.topic(), m.partition())
                     if m.error() is None:
@@ -137,10 +141,16 @@ class Reindexer:
             if writing is not None:
                 writing.result()
 
-    def _write(self, sink: OpenSearchSink, prepared: PreparedBatch, progress: Callable[[int], None]) -> None:
+    def _write(
+        self,
+        sink: OpenSearchSink,
+        messages: list[Message],
+        prepared: PreparedBatch | None,
+        progress: Callable[[int], None],
+    ) -> None:
         # never asked to stop: retried until written
-        write_until_done(_Prepared(sink, prepared), prepared.messages, self.dead, threading.Event())
-        progress(len(prepared.messages))
+        write_until_done(_Prepared(sink, prepared), messages, self.dead, threading.Event())
+        progress(len(messages))
 
     def run(
         self,
