@@ -15,16 +15,17 @@ import re
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from opensearchpy import OpenSearch
 
 from diana.clients import kafka_consumer
 from diana.config import ConflictPolicy, KafkaConfig
 from diana.schemas.layout import IndexLayout
 from diana.sinks.consumer import DeadLetters, write_until_done
-from diana.sinks.opensearch import OpenSearchSink, install_template
+from diana.sinks.opensearch import OpenSearchSink, PreparedBatch, install_template
 
 __all__ = ["Reindexer", "current_version"]
 
@@ -38,6 +39,22 @@ def current_version(client: OpenSearch, layout: IndexLayout, kind: str) -> int:
     names = client.indices.get_alias(name=layout.alias(kind))
     versions = [int(m.group(1)) for n in names if (m := re.search(r"-v(\d+)$", n))]
     return max(versions, default=0)
+
+
+class _Prepared:
+    """The sink, with one batch prepared ahead: written as prepared, or by the sink itself when the
+    preparation raised (``None``) or ``write_until_done`` writes the messages one by one (after an
+    unexpected error), so a message that makes the sink raise is parked as in the live sink."""
+
+    def __init__(self, sink: OpenSearchSink, prepared: PreparedBatch | None):
+        self.sink, self.prepared = sink, prepared
+        self.name, self.topics = sink.name, sink.topics
+
+    def write(self, batch: list[Message], dead: DeadLetters) -> None:
+        if self.prepared is not None and batch is self.prepared.messages:
+            self.sink.write_prepared(self.prepared, dead)
+        else:
+            self.sink.write(batch, dead)
 
 
 class Reindexer:
@@ -91,24 +108,49 @@ class Reindexer:
         ends: dict[tuple[str, int], int],
         progress: Callable[[int], None],
     ) -> None:
-        """Consume until every partition's ``position`` reached its end offset in ``ends``.
+        """Consume until every partition's ``position`` reached its end offset in ``ends``; return when
+        everything consumed is written.
+
+        Two stages: this thread consumes and prepares a batch (decoding, documents, request bodies)
+        while a writer thread sends the batch before it. Batches are written one after the other, in
+        the order consumed, so a document's later event is never overtaken by an earlier one.
 
         A partition's end-of-partition event also moves its position: a topic written in Kafka
         transactions (dicom.series) ends with commit markers that take offsets but are never
         delivered, so the last message's offset + 1 can stay below the end for good.
         """
-        while any(position[tp] < end for tp, end in ends.items()):
-            consumed = consumer.consume(self.batch, timeout=1.0)
-            messages = [m for m in consumed if m.error() is None]
-            if messages:
-                write_until_done(sink, messages, self.dead, threading.Event())  # never asked to stop
-                progress(len(messages))
-            for m in consumed:  # in order: a partition's end event comes after its messages
-                tp = (m.topic(), m.partition())
-                if m.error() is None:
-                    position[tp] = m.offset() + 1
-                elif m.error().code() == KafkaError._PARTITION_EOF:
-                    position[tp] = max(position[tp], m.offset())
+        with ThreadPoolExecutor(1, thread_name_prefix="reindex-writer") as writer:
+            writing: Future[None] | None = None
+            while any(position[tp] < end for tp, end in ends.items()):
+                consumed = consumer.consume(self.batch, timeout=1.0)
+                messages = [m for m in consumed if m.error() is None]
+                if messages:
+                    try:
+                        prepared: PreparedBatch | None = sink.prepare(messages)
+                    except Exception:  # the writer writes it message by message, parking what raises
+                        prepared = None
+                    if writing is not None:
+                        writing.result()  # raises what the writer raised
+                    writing = writer.submit(self._write, sink, messages, prepared, progress)
+                for m in consumed:  # in order: a partition's end event comes after its messages
+                    tp = (m.topic(), m.partition())
+                    if m.error() is None:
+                        position[tp] = m.offset() + 1
+                    elif m.error().code() == KafkaError._PARTITION_EOF:
+                        position[tp] = max(position[tp], m.offset())
+            if writing is not None:
+                writing.result()
+
+    def _write(
+        self,
+        sink: OpenSearchSink,
+        messages: list[Message],
+        prepared: PreparedBatch | None,
+        progress: Callable[[int], None],
+    ) -> None:
+        # never asked to stop: retried until written
+        write_until_done(_Prepared(sink, prepared), messages, self.dead, threading.Event())
+        progress(len(messages))
 
     def run(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
@@ -26,7 +27,7 @@ from diana.schemas.layout import IndexLayout
 from diana.schemas.topics import DEADLETTER, DOSE_ALERTS, DOSE_EVENTS, DOSE_STUDIES, INSTANCES, SERIES, STUDIES
 from diana.sinks.consumer import DeadLetters, RetryableError
 
-__all__ = ["OpenSearchSink", "IndexLayout", "ensure_indices", "install_template"]
+__all__ = ["OpenSearchSink", "PreparedBatch", "IndexLayout", "ensure_indices", "install_template"]
 
 log = structlog.get_logger("diana.sink.opensearch")
 
@@ -99,6 +100,35 @@ def _document(record: dict[str, Any]) -> str:
     return f'{text[:-1]}{", " if doc else ""}"dicom": {header}}}'
 
 
+# What a bulk response is cut down to (``filter_path``): one entry per item, in order, as sent.
+_BULK_ANSWER = "items.*.status,items.*.error.type,items.*.error.reason"
+
+
+@dataclass
+class _BulkRequest:
+    items: list[tuple[Message, dict, str]]  # (message, action metadata, the document's JSON)
+    body: str  # the NDJSON request body
+
+
+@dataclass
+class PreparedBatch:
+    """A batch decoded and cut into bulk requests; nothing sent yet."""
+
+    messages: list[Message]
+    requests: list[_BulkRequest] = field(default_factory=list)
+    undecodable: list[tuple[Message, str]] = field(default_factory=list)  # (message, dead-letter reason)
+
+
+def _request(items: list[tuple[Message, dict, str]]) -> _BulkRequest:
+    """The NDJSON body of one bulk request: built here, the documents are JSON already (``_document``)."""
+    lines: list[str] = []
+    for _, meta, doc in items:
+        action = {k: v for k, v in meta.items() if k != "op_type"}
+        lines.append(json.dumps({meta.get("op_type", "index"): action}))
+        lines.append(doc)
+    return _BulkRequest(items, "\n".join(lines) + "\n")
+
+
 class OpenSearchSink:
     name = "opensearch"
     topics: tuple[str, ...] = (
@@ -144,6 +174,12 @@ class OpenSearchSink:
         self._indices_ready = False
 
     def write(self, batch: list[Message], dead: DeadLetters) -> None:
+        self.write_prepared(self.prepare(batch), dead)
+
+    def prepare(self, batch: list[Message]) -> PreparedBatch:
+        """Decode a batch and build its bulk requests, touching neither OpenSearch nor the dead letters:
+        reindex prepares the next batch while this one's requests are in flight."""
+        prepared = PreparedBatch(batch)
         # (message, action metadata, the document's JSON)
         actions: list[tuple[Message, dict, str]] = []
         for msg in batch:
@@ -154,7 +190,7 @@ class OpenSearchSink:
                 try:
                     _, record = self.codec.decode(msg.value())
                 except DecodeError as exc:
-                    dead.send(msg, f"opensearch: {exc}")
+                    prepared.undecodable.append((msg, f"opensearch: {exc}"))
                     continue
             index = (
                 self.layout.alias(kind) if self.index_version is None else self.layout.index(kind, self.index_version)
@@ -174,50 +210,54 @@ class OpenSearchSink:
                 latest[key] = item
         pending = list(latest.values())
         # Requests stay under max_bytes (roughly: the documents' JSON size).
-        chunks: list[list[tuple[Message, dict, str]]] = []
         chunk: list[tuple[Message, dict, str]] = []
         size = 0
         for item in pending:
             item_size = len(item[2])
             if chunk and size + item_size > self.max_bytes:
-                chunks.append(chunk)
+                prepared.requests.append(_request(chunk))
                 chunk, size = [], 0
             chunk.append(item)
             size += item_size
         if chunk:
-            chunks.append(chunk)
-        if self.parallel_requests == 1 or len(chunks) == 1:
-            for each in chunks:
+            prepared.requests.append(_request(chunk))
+        return prepared
+
+    def write_prepared(self, prepared: PreparedBatch, dead: DeadLetters) -> None:
+        """Send a prepared batch's requests (up to ``parallel_requests`` at once) and park what cannot be indexed."""
+        for msg, reason in prepared.undecodable:
+            dead.send(msg, reason)
+        requests = prepared.requests
+        if self.parallel_requests == 1 or len(requests) == 1:
+            for each in requests:
                 self._bulk(each, dead)
             return
         with ThreadPoolExecutor(self.parallel_requests) as pool:
             # Every request runs to its end; the first RetryableError is raised after all of them.
-            futures = [pool.submit(self._bulk, each, dead) for each in chunks]
+            futures = [pool.submit(self._bulk, each, dead) for each in requests]
             errors = [f.exception() for f in futures]
         for error in errors:
             if error is not None:
                 raise error
 
-    def _bulk(self, pending: list[tuple[Message, dict, str]], dead: DeadLetters) -> None:
+    def _bulk(self, request: _BulkRequest, dead: DeadLetters) -> None:
         try:
             if not self._indices_ready and self.index_version is None:
                 ensure_indices(self.client, self.layout)
                 self._indices_ready = True
-            # NDJSON built here: the documents are JSON already (``_document``).
-            lines: list[str] = []
-            for _, meta, doc in pending:
-                action = {k: v for k, v in meta.items() if k != "op_type"}
-                lines.append(json.dumps({meta.get("op_type", "index"): action}))
-                lines.append(doc)
-            result = self.client.bulk(body="\n".join(lines) + "\n")
+            # Only each item's status and error come back: the rest of an answer (index, id, version,
+            # shards, sequence numbers: ~200 bytes per document) would be parsed for nothing.
+            result = self.client.bulk(body=request.body, filter_path=_BULK_ANSWER)
         except (OSConnectionError, TransportError) as exc:
             raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
+        pending = request.items
         retry = []
+        indexed: dict[str, int] = {}  # topic -> documents written (one metric update per topic)
         for (msg, meta, _), item in zip(pending, result["items"], strict=True):
             outcome = next(iter(item.values()))
             status = outcome.get("status", 500)
             if 200 <= status < 300:
-                INDEXED.labels(self.layout.alias(self.layout.kinds[msg.topic()])).inc()
+                indexed[msg.topic()] = indexed.get(msg.topic(), 0) + 1
             elif status == 409:
                 pass  # a newer revision is already indexed, or (first wins) the instance already is
             elif status == 429 or status >= 500:
@@ -227,6 +267,8 @@ class OpenSearchSink:
             else:
                 reason = outcome.get("error", {})
                 dead.send(msg, f"opensearch rejected {meta['_id']}: {reason.get('type')}: {reason.get('reason')}")
+        for topic, count in indexed.items():
+            INDEXED.labels(self.layout.alias(self.layout.kinds[topic])).inc(count)
         if retry:
             # Successful items are rewritten with the same id next time: idempotent.
             raise RetryableError(f"{len(retry)} documents not accepted ({retry[0]})")
