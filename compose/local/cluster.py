@@ -29,7 +29,15 @@ from pathlib import Path
 
 import structlog
 
-from diana.compose.local.stack import KAFKA_LOG4J2, LocalStack, Service, StackError, _java_home, _refuse_foreign
+from diana.compose.local.stack import (
+    KAFKA_LOG4J2,
+    LocalStack,
+    Service,
+    StackError,
+    _java_home,
+    _port_in_use,
+    _refuse_foreign,
+)
 from diana.config import Config
 
 log = structlog.get_logger("diana.stack")
@@ -206,7 +214,12 @@ log.retention.hours=-1
         self._stop(self.brokers[n - 1])
 
     def wait_kafka(self, timeout: float = 180.0, brokers: int = KAFKA_NODES) -> None:
-        """Ready when ``brokers`` brokers are registered: only an elected controller quorum registers them."""
+        """Ready when every node listens, ``brokers`` brokers are registered (only an elected controller
+        quorum registers them) and every partition has a leader and at least two replicas in sync.
+
+        The listeners and the partitions matter after a restart: with two nodes dead, the last one has
+        no quorum to fence them, so its metadata still lists all three brokers before they are back.
+        """
         from diana.clients import kafka_admin
         from diana.config import KafkaConfig
 
@@ -218,11 +231,23 @@ log.retention.hours=-1
             if dead:
                 raise StackError(f"{dead[0].name} exited during start-up; see {dead[0].log_file}")
             try:
-                registered = len(admin.list_topics(timeout=2).brokers)
-                if registered >= brokers:
+                silent = [n for n in range(1, KAFKA_NODES + 1) if not _port_in_use(self.broker_port(n))]
+                metadata = admin.list_topics(timeout=2)
+                registered = len(metadata.brokers)
+                lagging = [
+                    f"{name}/{number}"
+                    for name, topic in metadata.topics.items()
+                    for number, partition in topic.partitions.items()
+                    if partition.leader < 0 or len(partition.isrs) < min(2, len(partition.replicas))
+                ]
+                if registered >= brokers and not silent and not lagging:
                     log.info("stack.ready", service="kafka", brokers=registered, bootstrap=self.bootstrap())
                     return
-                last = f"{registered} of {brokers} brokers registered"
+                last = f"{registered} of {brokers} brokers registered, not listening: {silent}, " + (
+                    f"{len(lagging)} partitions without a leader or with one replica in sync (e.g. {lagging[0]})"
+                    if lagging
+                    else "every partition led"
+                )
             except Exception as exc:  # KafkaException while the quorum elects its leader
                 last = exc
             time.sleep(0.5)
