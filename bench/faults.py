@@ -39,7 +39,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Below 32768: a port in the ephemeral range can be taken by some client socket while the broker is
 # down, and Kafka then failed to restart ("Address already in use"; seen with 39092).
-PORTS = {"kafka": 27092, "controller": 27093, "opensearch": 27200, "transport": 27300, "diana": 27112}
+PORTS = {
+    "kafka": 27092,
+    "controller": 27093,
+    "opensearch": 27200,
+    "transport": 27300,
+    "diana": 27112,
+    "aggregates": 27066,
+    "dose": 27067,
+}
 PIPELINE = {
     "receiver": ("receive",),
     "aggregates": ("aggregate",),
@@ -111,11 +119,11 @@ opensearch_metrics_port = 0
 landing_dir = "{self.landing}"
 archive_dir = "{work}/archive"
 [stream]
-web_port = 27066
+web_port = {PORTS["aggregates"]}
 data_dir = "{work}/faust"
 quiet_seconds = "*=3"
 [dose]
-web_port = 27067
+web_port = {PORTS["dose"]}
 [stack]
 home = "{work}/stack"
 kafka_port = {PORTS["kafka"]}
@@ -536,9 +544,18 @@ def main(argv: list[str] | None = None) -> int:
         help="on the local cluster mode (3 brokers, 2 OpenSearch nodes), with the cluster's scenarios",
     )
     parser.add_argument("--short", action="store_true", help="shorter outages (the CI form)")
+    parser.add_argument(
+        "--port-shift",
+        type=int,
+        default=0,
+        help="add this to every port (Kafka 27092, OpenSearch 27200, receiver 27112...), e.g. when another "
+        "run holds them; keep the result below 32768",
+    )
     parser.add_argument("--out", default=str(REPO / "var" / "faults"), help="results.json and results.md here")
     parser.add_argument("--timeout", type=float, default=600, help="per scenario, seconds (default 600)")
     args = parser.parse_args(argv)
+    for name in PORTS:
+        PORTS[name] += args.port_shift
     known = CLUSTER_SCENARIOS if args.cluster else SCENARIOS
     chosen = args.scenarios.split(",") if args.scenarios else list(known)
     unknown = sorted(set(chosen) - set(known))
