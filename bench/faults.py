@@ -9,7 +9,8 @@ of the instances are acknowledged. When the fault is over, it waits until every 
 - the landing store holds no orphan; every new dead letter carries its reason; consumer lag is zero.
 
 It starts its own Kafka, OpenSearch and pipeline (ports 27092/27200, receiver 27112) in a
-temporary folder. The results go to --out (results.json, results.md); docs/RELIABILITY.md holds
+temporary folder; with `--cluster`, the local cluster mode instead (brokers 27092/27094/27096,
+OpenSearch nodes 27200/27201, docs/SCALING.md) and the cluster's own scenarios. The results go to --out (results.json, results.md); docs/RELIABILITY.md holds
 the latest full run. `--short` is the form the test suite runs (200 instances, shorter outages).
 """
 
@@ -38,7 +39,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Below 32768: a port in the ephemeral range can be taken by some client socket while the broker is
 # down, and Kafka then failed to restart ("Address already in use"; seen with 39092).
-PORTS = {"kafka": 27092, "controller": 27093, "opensearch": 27200, "transport": 27300, "diana": 27112}
+PORTS = {
+    "kafka": 27092,
+    "controller": 27093,
+    "opensearch": 27200,
+    "transport": 27300,
+    "diana": 27112,
+    "aggregates": 27066,
+    "dose": 27067,
+}
 PIPELINE = {
     "receiver": ("receive",),
     "aggregates": ("aggregate",),
@@ -57,6 +66,9 @@ SCENARIOS = (
     "slow-consumer",
     "worker-kill",
 )
+# On the cluster (--cluster): one broker of three killed with SIGKILL mid-send and started again,
+# one OpenSearch node of two stopped and started again.
+CLUSTER_SCENARIOS = ("broker-kill-1-of-3", "opensearch-node-down")
 
 
 @dataclass
@@ -83,17 +95,21 @@ class Outcome:
 
 
 class Suite:
-    def __init__(self, work: Path, short: bool, instances: int, associations: int):
+    def __init__(self, work: Path, short: bool, instances: int, associations: int, cluster: bool = False):
         self.work, self.short, self.instances, self.associations = work, short, instances, associations
+        self.cluster = cluster
+        brokers = ",".join(f"127.0.0.1:{PORTS['kafka'] + 2 * i}" for i in range(3 if cluster else 1))
+        nodes = ",".join(f"http://127.0.0.1:{PORTS['opensearch'] + i}" for i in range(2 if cluster else 1))
         self.config_file = work / "diana-faults.toml"
         self.landing = work / "landing"
         self.mounted = False
         self.config_file.write_text(f"""
 [kafka]
-bootstrap = "127.0.0.1:{PORTS["kafka"]}"
+bootstrap = "{brokers}"
 publish_timeout_s = 5
 [opensearch]
-url = "http://127.0.0.1:{PORTS["opensearch"]}"
+url = "{nodes}"
+number_of_replicas = {1 if cluster else 0}
 [receiver]
 ae_title = "DIANA"
 host = "127.0.0.1"
@@ -106,11 +122,11 @@ opensearch_metrics_port = 0
 landing_dir = "{self.landing}"
 archive_dir = "{work}/archive"
 [stream]
-web_port = 27066
+web_port = {PORTS["aggregates"]}
 data_dir = "{work}/faust"
 quiet_seconds = "*=3"
 [dose]
-web_port = 27067
+web_port = {PORTS["dose"]}
 [stack]
 home = "{work}/stack"
 kafka_port = {PORTS["kafka"]}
@@ -118,13 +134,14 @@ kafka_controller_port = {PORTS["controller"]}
 opensearch_port = {PORTS["opensearch"]}
 opensearch_transport_port = {PORTS["transport"]}
 opensearch_heap_mb = 768
+cluster = {"true" if cluster else "false"}
 [log]
 level = "warning"
 """)
         self.cfg = load_config(self.config_file, environ={})
-        from diana.compose.local.stack import LocalStack
+        from diana.compose.local.stack import local_stack
 
-        self.stack = LocalStack(self.cfg)
+        self.stack = local_stack(self.cfg)
         self.procs: dict[str, subprocess.Popen] = {}
         (work / "logs").mkdir(exist_ok=True)
 
@@ -332,7 +349,7 @@ level = "warning"
 
     def check(self, corpus: dict[Path, tuple[str, str, str, str]], acked: set, outcome: Outcome) -> list[str]:
         """The invariants that do not hold yet (empty: all hold); fills ``outcome``."""
-        from opensearchpy import OpenSearch
+        from diana.clients import opensearch_client
 
         problems = self.exited()
         try:
@@ -357,7 +374,7 @@ level = "warning"
         outcome.archived, outcome.lost = archived, lost
         if lost:
             problems.append(f"{lost} acknowledged instances not in the archive byte-identical")
-        client = OpenSearch(hosts=[self.cfg.opensearch.url], timeout=30)
+        client = opensearch_client(self.cfg.opensearch, timeout=30)
         try:
             client.indices.refresh(index="diana-*")
             studies = sorted(by_study)
@@ -435,7 +452,27 @@ def faults(suite: Suite) -> dict[str, Callable[[], None]]:
         time.sleep(10)
         subprocess.run(["mount", "-o", "remount,size=1g", str(s.landing)], check=True)
 
+    def broker_kill_1_of_3() -> None:
+        from diana.compose.local.cluster import ClusterStack
+
+        assert isinstance(s.stack, ClusterStack)
+        s.stack.kill_broker(2)
+        time.sleep(broker_s)
+        s.stack.start_brokers([2])
+        s.stack.wait_kafka()
+
+    def opensearch_node_down() -> None:
+        from diana.compose.local.cluster import ClusterStack
+
+        assert isinstance(s.stack, ClusterStack)
+        s.stack.stop_search_node(2)
+        time.sleep(opensearch_s)
+        s.stack.start_search_nodes([2])
+        s.stack.wait_opensearch()
+
     return {
+        "broker-kill-1-of-3": broker_kill_1_of_3,
+        "opensearch-node-down": opensearch_node_down,
         "receiver-kill": lambda: (restart("receiver"), s.wait_echo()),
         "worker-kill": lambda: restart("aggregates", "dose"),
         "sinks-kill": lambda: restart("archive-sink", "opensearch-sink"),
@@ -517,7 +554,9 @@ def render(outcomes: list[Outcome], args: argparse.Namespace) -> str:
         )
     return (
         f"Run: `python -m bench.faults --instances {args.instances} --associations {args.associations}"
-        f"{' --short' if args.short else ''}` on {time.strftime('%Y-%m-%d')}\n\n" + "\n".join(rows) + "\n"
+        f"{' --short' if args.short else ''}{' --cluster' if args.cluster else ''}` on {time.strftime('%Y-%m-%d')}\n\n"
+        + "\n".join(rows)
+        + "\n"
     )
 
 
@@ -525,17 +564,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=2000, help="instances per scenario (default 2000)")
     parser.add_argument("--associations", type=int, default=4, help="parallel associations (default 4)")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of: {', '.join(SCENARIOS)}")
+    parser.add_argument(
+        "--scenarios",
+        help=f"comma-separated, of: {', '.join(SCENARIOS)} (default: all); with --cluster of: "
+        f"{', '.join(CLUSTER_SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="on the local cluster mode (3 brokers, 2 OpenSearch nodes), with the cluster's scenarios",
+    )
     parser.add_argument("--short", action="store_true", help="shorter outages (the CI form)")
+    parser.add_argument(
+        "--port-shift",
+        type=int,
+        default=0,
+        help="add this to every port (Kafka 27092, OpenSearch 27200, receiver 27112...), e.g. when another "
+        "run holds them; keep the result below 32768",
+    )
     parser.add_argument("--out", default=str(REPO / "var" / "faults"), help="results.json and results.md here")
     parser.add_argument("--timeout", type=float, default=600, help="per scenario, seconds (default 600)")
     args = parser.parse_args(argv)
-    chosen = args.scenarios.split(",")
-    unknown = sorted(set(chosen) - set(SCENARIOS))
+    for name in PORTS:
+        PORTS[name] += args.port_shift
+    known = CLUSTER_SCENARIOS if args.cluster else SCENARIOS
+    chosen = args.scenarios.split(",") if args.scenarios else list(known)
+    unknown = sorted(set(chosen) - set(known))
     if unknown:
-        parser.error(f"unknown scenario {unknown[0]!r}; scenarios: {', '.join(SCENARIOS)}")
+        where = " with --cluster" if args.cluster else ""
+        parser.error(f"unknown scenario {unknown[0]!r}; scenarios{where}: {', '.join(known)}")
     work = Path(tempfile.mkdtemp(prefix="diana-faults-"))
-    suite = Suite(work, args.short, args.instances, args.associations)
+    suite = Suite(work, args.short, args.instances, args.associations, cluster=args.cluster)
     outcomes = []
     try:
         suite.start()

@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 from opensearchpy import OpenSearch
 
-from diana.config import ConfigError, KafkaConfig, OpenSearchConfig, StorageConfig
+from diana.config import ConfigError, KafkaConfig, OpenSearchConfig, StorageConfig, opensearch_urls
 from diana.credentials import CredentialError, remember_secret, secret_value
 from diana.logs import KAFKA_CLIENT_LOGGER
 
@@ -126,10 +126,14 @@ def opensearch_auth(opensearch: OpenSearchConfig) -> tuple[str, str] | None:
 
 
 def opensearch_client(opensearch: OpenSearchConfig, timeout: float = 30) -> OpenSearch:
-    """https urls are verified (against ca_file when set); basic authentication when username is set."""
+    """https urls are verified (against ca_file when set); basic authentication when username is set.
+
+    Several urls (a cluster's nodes): a node that does not answer is marked dead for a while and the
+    request goes to the next one (opensearch-py's connection pool).
+    """
     secure = opensearch.url.startswith("https://")
     return OpenSearch(
-        hosts=[opensearch.url],
+        hosts=opensearch_urls(opensearch),
         timeout=timeout,
         http_auth=opensearch_auth(opensearch),
         use_ssl=secure,

@@ -24,6 +24,7 @@ __all__ = [
     "ConflictPolicy",
     "MoveDestination",
     "load_config",
+    "opensearch_urls",
     "parse_destinations",
     "parse_per_modality",
     "ENV_CONFIG_FILE",
@@ -79,9 +80,14 @@ class KafkaConfig:
 
 @dataclass(frozen=True)
 class OpenSearchConfig:
+    # One node's url, or several separated by commas (the nodes of one cluster): the client spreads
+    # its requests over them and moves on to the next when one does not answer.
     url: str = "http://127.0.0.1:9200"
     index_prefix: str = "diana"
     bulk_max_docs: int = 500
+    # Replicas of every index diana creates (its index templates): 0 on one node (a replica
+    # there could never be allocated), 1 on a cluster of two nodes or more (`diana stack start --cluster`).
+    number_of_replicas: int = 0
     # HTTP basic authentication (with an https url): the user, and its password from
     # DIANA_OPENSEARCH_PASSWORD or password_file. ca_file: the (private) CA of the server's
     # certificate; empty: the system's CAs. Credentials in the url itself are refused.
@@ -369,6 +375,13 @@ class StackConfig:
     # under <home>/pki. The users and passwords are [kafka]'s and [opensearch]'s.
     secured: bool = False
     opensearch_security_version: str = "2.19.4.0"
+    # The local cluster mode (compose/local/cluster.py): three Kafka brokers in KRaft combined mode
+    # (broker n on kafka_port + 2(n-1), its controller on kafka_controller_port + 2(n-1)) and two
+    # OpenSearch nodes (node n on opensearch_port + n-1, transport opensearch_transport_port + n-1),
+    # each with its own folder under home and these smaller heaps.
+    cluster: bool = False
+    cluster_kafka_heap_mb: int = 320
+    cluster_opensearch_heap_mb: int = 512
 
 
 @dataclass(frozen=True)
@@ -550,7 +563,10 @@ def _check_security(sections: dict[str, Any]) -> None:
             "[kafka] sasl_username or ssl_ca_file is set but security_protocol is PLAINTEXT, which would send "
             'them nowhere and the traffic in the clear: set security_protocol = "SASL_SSL" (or remove them)'
         )
-    if "@" in search.url.split("://", 1)[-1].split("/", 1)[0]:
+    urls = opensearch_urls(search)
+    if not urls:
+        raise ConfigError('[opensearch] url is empty: give a node\'s url, e.g. "http://127.0.0.1:9200"')
+    if any("@" in url.split("://", 1)[-1].split("/", 1)[0] for url in urls):
         raise ConfigError(
             "[opensearch] url must not carry credentials: set username, and the password through "
             "DIANA_OPENSEARCH_PASSWORD or password_file"
@@ -559,17 +575,27 @@ def _check_security(sections: dict[str, Any]) -> None:
         raise ConfigError(
             "[opensearch] username is set without a password: set DIANA_OPENSEARCH_PASSWORD or password_file"
         )
-    if (search.username or search.ca_file) and not search.url.startswith("https://"):
+    plain = [url for url in urls if not url.startswith("https://")]
+    if (search.username or search.ca_file) and plain:
         raise ConfigError(
-            f"[opensearch] username or ca_file is set but url {search.url} is not https: the password would "
+            f"[opensearch] username or ca_file is set but url {plain[0]} is not https: the password would "
             f"travel in the clear; use an https:// url"
         )
+    if len({url.startswith("https://") for url in urls}) > 1:
+        raise ConfigError("[opensearch] url: the nodes of one cluster are all https:// or all http://, not a mix")
+    if search.number_of_replicas < 0:
+        raise ConfigError(f"[opensearch] number_of_replicas = {search.number_of_replicas}: use 0 or more")
     receiver = sections["receiver"]
     if receiver.tls_ca_file and not (receiver.tls_cert_file and receiver.tls_key_file):
         raise ConfigError(
             "[receiver] tls_ca_file is set without tls_cert_file and tls_key_file: DICOM over TLS needs the "
             "receiver's certificate and key; set both (or remove tls_ca_file to receive without TLS)"
         )
+
+
+def opensearch_urls(search: OpenSearchConfig) -> list[str]:
+    """The node urls of ``[opensearch] url`` (one, or several separated by commas)."""
+    return [url.strip().rstrip("/") for url in search.url.split(",") if url.strip()]
 
 
 def parse_per_modality(spec: str) -> tuple[dict[str, float], float]:

@@ -68,8 +68,10 @@ class Reindexer:
         batch: int = 2000,
         conflict_policy: str = ConflictPolicy.KEEP_FIRST,
         parallel_requests: int = 4,
+        number_of_replicas: int = 0,
     ):
         self.client, self.layout, self.kafka, self.dead = client, layout, kafka, dead
+        self.number_of_replicas = number_of_replicas  # of the new versions ([opensearch])
         self.max_bytes, self.batch = max_bytes, batch
         # Bulk requests in flight at once: OpenSearch indexes them on all its cores while the
         # next batch is decoded here.
@@ -92,7 +94,7 @@ class Reindexer:
         return each index's refresh interval from its template, put back before the swap."""
         refresh = {}
         for kind in kinds:
-            install_template(self.client, self.layout, kind)
+            install_template(self.client, self.layout, kind, self.number_of_replicas)
             index = self.layout.index(kind, version)
             self.client.indices.create(index=index)
             settings = self.client.indices.get_settings(index=index)[index]["settings"]["index"]

@@ -37,19 +37,24 @@ INDEXED = Counter("diana_opensearch_indexed_total", "Documents written to OpenSe
 _TEMPLATES = resources.files("diana.sinks") / "templates"
 
 
-def install_template(client: OpenSearch, layout: IndexLayout, kind: str) -> None:
-    """Put the project's template for ``kind``; it applies to every version ``<alias>-vN``."""
+def install_template(client: OpenSearch, layout: IndexLayout, kind: str, replicas: int = 0) -> None:
+    """Put the project's template for ``kind``; it applies to every version ``<alias>-vN``.
+
+    ``replicas`` ([opensearch] number_of_replicas) replaces the template's own: 0 on one node, 1 on a
+    cluster, where a node can stop and every shard still has a copy on another.
+    """
     body = json.loads((_TEMPLATES / f"{kind}.json").read_text())
+    body.setdefault("settings", {})["number_of_replicas"] = replicas
     client.indices.put_index_template(
         name=layout.alias(kind),
         body={"index_patterns": [f"{layout.alias(kind)}-v*"], "template": body, "priority": 100},
     )
 
 
-def ensure_indices(client: OpenSearch, layout: IndexLayout) -> None:
+def ensure_indices(client: OpenSearch, layout: IndexLayout, replicas: int = 0) -> None:
     """Install the index templates and create each versioned index with its alias, if missing."""
     for kind in layout.id_fields:
-        install_template(client, layout, kind)
+        install_template(client, layout, kind, replicas)
         if not client.indices.exists_alias(name=layout.alias(kind)):
             index = layout.index(kind)
             if not client.indices.exists(index=index):
@@ -151,8 +156,10 @@ class OpenSearchSink:
         conflict_policy: str = "KEEP_FIRST",
         topics: tuple[str, ...] | None = None,
         parallel_requests: int = 1,
+        number_of_replicas: int = 0,
     ):
         self.client = client
+        self.number_of_replicas = number_of_replicas  # of the indices it creates ([opensearch])
         # A subset of the topics (the live sink runs instances apart from the aggregates: the
         # aggregator's revisions never wait in front of instance documents).
         if topics is not None:
@@ -243,7 +250,7 @@ class OpenSearchSink:
     def _bulk(self, request: _BulkRequest, dead: DeadLetters) -> None:
         try:
             if not self._indices_ready and self.index_version is None:
-                ensure_indices(self.client, self.layout)
+                ensure_indices(self.client, self.layout, self.number_of_replicas)
                 self._indices_ready = True
             # Only each item's status and error come back: the rest of an answer (index, id, version,
             # shards, sequence numbers: ~200 bytes per document) would be parsed for nothing.

@@ -37,6 +37,25 @@ if TYPE_CHECKING:
 log = structlog.get_logger("diana.stack")
 
 
+# Kafka's own logging: its INFO lines, not the per-request chatter (each node of the cluster mode too).
+KAFKA_LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
+<Configuration status="WARN">
+  <Appenders>
+    <Console name="stdout" target="SYSTEM_OUT">
+      <PatternLayout pattern="[%d] %p %m (%c)%n"/>
+    </Console>
+  </Appenders>
+  <Loggers>
+    <Logger name="kafka" level="INFO"/>
+    <Logger name="org.apache.kafka" level="INFO"/>
+    <Logger name="state.change.logger" level="WARN"/>
+    <Logger name="kafka.request.logger" level="WARN"/>
+    <Root level="WARN"><AppenderRef ref="stdout"/></Root>
+  </Loggers>
+</Configuration>
+"""
+
+
 class StackError(RuntimeError):
     """The local stack cannot be installed or started; the message says why and what to do."""
 
@@ -192,24 +211,7 @@ log.retention.hours=-1
         (d / "server.properties").touch(mode=0o600)
         (d / "server.properties").chmod(0o600)
         (d / "server.properties").write_text(props)
-        (d / "log4j2.xml").write_text(
-            """<?xml version="1.0" encoding="UTF-8"?>
-<Configuration status="WARN">
-  <Appenders>
-    <Console name="stdout" target="SYSTEM_OUT">
-      <PatternLayout pattern="[%d] %p %m (%c)%n"/>
-    </Console>
-  </Appenders>
-  <Loggers>
-    <Logger name="kafka" level="INFO"/>
-    <Logger name="org.apache.kafka" level="INFO"/>
-    <Logger name="state.change.logger" level="WARN"/>
-    <Logger name="kafka.request.logger" level="WARN"/>
-    <Root level="WARN"><AppenderRef ref="stdout"/></Root>
-  </Loggers>
-</Configuration>
-"""
-        )
+        (d / "log4j2.xml").write_text(KAFKA_LOG4J2)
         return d / "server.properties"
 
     def _kafka_java(self, main: str, *args: str) -> list[str]:
@@ -573,3 +575,12 @@ jclouds.filesystem.basedir={d / "data"}
                 "log": str(svc.log_file),
             }
         return out
+
+
+def local_stack(config: Config) -> LocalStack:
+    """The stack [stack] asks for: the cluster mode (compose/local/cluster.py) or the single-node one."""
+    if config.stack.cluster:
+        from diana.compose.local.cluster import ClusterStack
+
+        return ClusterStack(config)
+    return LocalStack(config)

@@ -77,6 +77,7 @@ def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
         DeadLetters(cfg.kafka, "reindex"),
         max_bytes=cfg.sinks.bulk_max_bytes,
         conflict_policy=cfg.sinks.archive_conflict_policy,
+        number_of_replicas=cfg.opensearch.number_of_replicas,
     )
     with tqdm(unit="event", desc="reindex", disable=args.no_progress) as bar:
 
@@ -123,15 +124,31 @@ def cmd_stack(cfg: Config, args: argparse.Namespace) -> int:
     status of the local Kafka and OpenSearch, and of S3Proxy when [storage] backend = "s3"."""
     import dataclasses
 
-    from diana.compose.local.stack import LocalStack
+    from diana.compose.local.stack import StackError, local_stack
 
     if args.secured:
         cfg = dataclasses.replace(cfg, stack=dataclasses.replace(cfg.stack, secured=True))
-    stack = LocalStack(cfg)
+    if args.cluster:
+        cfg = dataclasses.replace(cfg, stack=dataclasses.replace(cfg.stack, cluster=True))
+    try:
+        stack = local_stack(cfg)
+    except StackError as exc:
+        return fail("stack", str(exc))
     if args.action == "install":
         stack.install()
     elif args.action == "start":
         stack.start()
+        from diana.compose.local.cluster import ClusterStack
+
+        if isinstance(stack, ClusterStack):
+            # The topics on the cluster whatever [kafka] bootstrap says (3 replicas: 3 brokers answer).
+            cfg = dataclasses.replace(cfg, kafka=dataclasses.replace(cfg.kafka, bootstrap=stack.bootstrap()))
+            print(
+                "cluster ready; point the clients at every node:\n"
+                f'  [kafka]      bootstrap = "{stack.bootstrap()}"\n'
+                f'  [opensearch] url = "{stack.opensearch_urls()}"\n'
+                "               number_of_replicas = 1"
+            )
         cmd_topics(cfg, args)
     elif args.action == "stop":
         stack.stop()
@@ -139,7 +156,7 @@ def cmd_stack(cfg: Config, args: argparse.Namespace) -> int:
         stack.reset()
     else:
         for name, state in stack.status().items():
-            print(f"{name:<11} {'running' if state['running'] else 'stopped':<8} {state['address']:<24} {state['log']}")
+            print(f"{name:<13} {'running' if state['running'] else 'stopped':<8} {state['address']:<24} {state['log']}")
     return 0
 
 
@@ -172,6 +189,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="the secured variant: Kafka on SASL_SSL (SCRAM), OpenSearch with TLS and basic authentication "
         "(the same as [stack] secured = true; docs/SECURITY.md)",
+    )
+    stack.add_argument(
+        "--cluster",
+        action="store_true",
+        help="the local cluster mode: three Kafka brokers (KRaft, 3 replicas, min.insync.replicas 2) and two "
+        "OpenSearch nodes (the same as [stack] cluster = true; docs/SCALING.md)",
     )
     stack.set_defaults(func=cmd_stack)
 

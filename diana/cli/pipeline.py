@@ -198,6 +198,7 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
                 max_bytes=cfg.sinks.bulk_max_bytes,
                 conflict_policy=cfg.sinks.archive_conflict_policy,
                 topics=topics,
+                number_of_replicas=cfg.opensearch.number_of_replicas,
             )
             for topics in ((INSTANCES.name,), others)
         ]
@@ -220,10 +221,10 @@ def cmd_topics(cfg: Config, _args: argparse.Namespace) -> int:
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     """Start the local stack and every pipeline process; Ctrl-C stops everything."""
-    from diana.compose.local.stack import LocalStack
+    from diana.compose.local.stack import local_stack
     from diana.operations.supervisor import run_pipeline
 
-    stack = LocalStack(cfg)
+    stack = local_stack(cfg)
     if not args.no_stack:
         stack.start()
     try:
