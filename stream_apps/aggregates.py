@@ -157,6 +157,8 @@ def apply_instance(series: dict | None, study: dict | None, event: dict, quiet: 
     """
     at = _ms(event["received_at"])
     series = dict(series) if series else _new_series(event, at, quiet.for_modality(event.get("modality")))
+    if series.get("instance_number_runs"):  # compacted at completion (compact_series): open again
+        series["instance_numbers"] = numbers_of_runs(series.pop("instance_number_runs"))
     study = dict(study) if study else _new_study(event, at)
     number = event.get("instance_number")
     series["revision"] += 1
@@ -193,6 +195,28 @@ def apply_instance(series: dict | None, study: dict | None, event: dict, quiet: 
         study["status"] = "AMENDED"
         _judge_study(study)
     return series, study
+
+
+def number_runs(numbers: list[int]) -> list[list[int]]:
+    """Sorted distinct instance numbers as runs ``[first, last]``: 1..3000 is one pair, not 3000 ints."""
+    runs: list[list[int]] = []
+    for number in numbers:
+        if runs and number == runs[-1][1] + 1:
+            runs[-1][1] = number
+        else:
+            runs.append([number, number])
+    return runs
+
+
+def numbers_of_runs(runs: list[list[int]]) -> list[int]:
+    return [n for first, last in runs for n in range(first, last + 1)]
+
+
+def compact_series(series: dict) -> dict:
+    """A completed series' instance numbers kept as runs (a late instance expands them again)."""
+    if not series["instance_numbers"]:
+        return series
+    return {**series, "instance_numbers": [], "instance_number_runs": number_runs(series["instance_numbers"])}
 
 
 def is_late(series: dict | None) -> bool:
@@ -276,7 +300,7 @@ def _record(state: dict, internal: tuple[str, ...]) -> dict[str, Any]:
 
 
 def series_record(state: dict) -> dict[str, Any]:
-    return _record(state, ("instance_numbers",))
+    return _record(state, ("instance_numbers", "instance_number_runs"))
 
 
 def study_record(state: dict) -> dict[str, Any]:
@@ -523,6 +547,7 @@ class AggregatesHandler:
                 instances=series["instance_count"],
             )
             self._publish(batch, series, study)
+            batch.put(partition, SERIES_STATE, uid, compact_series(series))
             self._compact(batch, partition, uid)
             if self.retention_ms and study["completed_series_count"] == study["series_count"]:
                 # The study is complete (again): it leaves the state a retention after this

@@ -26,6 +26,8 @@ from diana.stream_apps.aggregates import (
     SERIES_STATE,
     STUDY_STATE,
     AggregatesHandler,
+    number_runs,
+    numbers_of_runs,
 )
 from diana.stream_apps.completeness import QuietTimes
 from diana.stream_apps.digest import digest_count
@@ -183,3 +185,21 @@ def test_a_study_reopened_by_a_late_instance_is_not_retired_until_it_completes_a
     w.feed(_event("9.2", "9.2.1", 3, 68))  # 9.1.1 amended at 67 s: retire at 127 s
     assert w.space(SERIES_STATE)["9.1.1"]["status"] == "AMENDED"
     assert w.space(RETIRE)["9.1"] == int((T0 + timedelta(seconds=67 + RETENTION_S)).timestamp() * 1000)
+
+
+def test_instance_numbers_of_a_completed_series_are_kept_as_runs_and_a_late_instance_expands_them():
+    assert number_runs([1, 2, 3, 5, 7, 8]) == [[1, 3], [5, 5], [7, 8]]
+    assert numbers_of_runs([[1, 3], [5, 5], [7, 8]]) == [1, 2, 3, 5, 7, 8]
+    w = Worker()
+    for n in (1, 2, 3, 5):
+        w.feed(_event("9.1", "9.1.1", n, n))
+    w.feed(_event("9.2", "9.2.1", 1, 20))
+    series = w.space(SERIES_STATE)["9.1.1"]
+    assert (series["verdict"], series["missing_instance_numbers"]) == ("GAPS", [4])
+    assert (series["instance_numbers"], series["instance_number_runs"]) == ([], [[1, 3], [5, 5]])
+    w.feed(_event("9.1", "9.1.1", 4, 21))  # the missing one, late
+    w.feed(_event("9.2", "9.2.1", 2, 30))
+    series = w.space(SERIES_STATE)["9.1.1"]
+    assert (series["status"], series["verdict"], series["missing_instance_numbers"]) == ("AMENDED", "COMPLETE", [])
+    assert (series["instance_numbers"], series["instance_number_runs"]) == ([], [[1, 5]])
+    assert (series["min_instance_number"], series["max_instance_number"]) == (1, 5)
