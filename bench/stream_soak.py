@@ -168,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "bench", help="where stream-soak.json/.md go")
     ap.add_argument("--skip-two-workers", action="store_true", help="leave out phase 3")
     ap.add_argument(
+        "--settle",
+        type=float,
+        default=3.0,
+        help="seconds between catching up and the kill -9 (default 3; past the 30 s quiet time every series "
+        "is complete, so the restore reads a completed archive's state)",
+    )
+    ap.add_argument(
         "--port-offset",
         type=int,
         default=0,
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result["one_worker"]), flush=True)
 
         # 2. kill -9 and restart: the state comes back from the changelog.
-        time.sleep(3)  # ticks complete what is due; the state is what it is
+        time.sleep(args.settle)  # ticks complete what is due; the state is what it is
         one.send_signal(signal.SIGKILL)
         one.wait()
         procs.remove(one)
