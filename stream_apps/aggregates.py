@@ -573,7 +573,7 @@ class AggregatesHandler:
 
     def _retire_is_due(self, partition: int, watermark: int) -> bool:
         heap = self.retire_heap.get(partition)
-        return bool(heap) and heap[0][0] <= watermark
+        return heap is not None and len(heap) > 0 and heap[0][0] <= watermark
 
     def _retire_due(self, batch: Batch, partition: int, watermark: int) -> None:
         """Drop the complete studies whose retention has passed, with their series, from the state.
