@@ -1,8 +1,8 @@
 """Soak benchmark of the aggregates worker: InstanceArrived events only (no pixel data, no receiver).
 
-    python -m bench.stream_soak [--events 100000] [--per-series 100] [--out docs/bench]
+    python -m bench.stream_soak [--events 100000] [--per-series 100] [--retention-days 30] [--out docs/bench]
 
-Starts its own Kafka (ports 26092/26093, nothing else), writes N events (series of --per-series
+Starts its own Kafka (ports 26092/26093 plus --port-offset, nothing else), writes N events (series of --per-series
 CT instances, two series per study, event times spread over the write), then:
 1. one worker (`diana aggregate`) from the beginning: events/s until its group's lag is 0, its RSS;
 2. `kill -9` of that worker and a restart: seconds until its partitions are assigned again (state
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 PORTS = {"kafka": 26092, "controller": 26093, "opensearch": 26200, "transport": 26300, "worker": 26066}
 
 
-def soak_config(work: Path) -> Path:
+def soak_config(work: Path, retention_days: float = 30.0) -> Path:
     path = work / "diana-soak.toml"
     path.write_text(f"""
 [kafka]
@@ -43,6 +43,7 @@ url = "http://127.0.0.1:{PORTS["opensearch"]}"
 web_port = {PORTS["worker"]}
 data_dir = "{work}/data"
 quiet_seconds = "CT=30,*=30"
+state_retention_days = {retention_days!r}
 [stack]
 home = "{work}/stack"
 kafka_port = {PORTS["kafka"]}
@@ -166,6 +167,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=REPO / "var" / "soak", help="stack and logs (deleted first)")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "bench", help="where stream-soak.json/.md go")
     ap.add_argument("--skip-two-workers", action="store_true", help="leave out phase 3")
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=3.0,
+        help="seconds between catching up and the kill -9 (default 3; past the 30 s quiet time every series "
+        "is complete, so the restore reads a completed archive's state)",
+    )
+    ap.add_argument(
+        "--port-offset",
+        type=int,
+        default=0,
+        help="added to every port (26092 is also a test port at DIANA_TEST_PORT_OFFSET=7000)",
+    )
+    ap.add_argument(
+        "--retention-days",
+        type=float,
+        default=30.0,
+        help="[stream] state_retention_days of the workers (default 30: nothing retires during a soak; "
+        "0.0005, 43 s of event time, retires most studies before the end)",
+    )
     args = ap.parse_args(argv)
 
     from diana.clients import kafka_admin
@@ -173,13 +194,20 @@ def main(argv: list[str] | None = None) -> int:
     from diana.config import load_config
     from diana.schemas.topics import ensure_topics, topic_settings
 
+    for name in PORTS:
+        PORTS[name] += args.port_offset
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
-    config = soak_config(args.work)
+    config = soak_config(args.work, args.retention_days)
     cfg = load_config(config, environ={})
     stack = LocalStack(cfg)
     procs: list[subprocess.Popen] = []
-    result: dict[str, Any] = {"events": args.events, "per_series": args.per_series, "partitions": 4}
+    result: dict[str, Any] = {
+        "events": args.events,
+        "per_series": args.per_series,
+        "partitions": 4,
+        "retention_days": args.retention_days,
+    }
     try:
         stack.start_kafka()
         stack.wait_kafka()
@@ -206,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result["one_worker"]), flush=True)
 
         # 2. kill -9 and restart: the state comes back from the changelog.
-        time.sleep(3)  # ticks complete what is due; the state is what it is
+        time.sleep(args.settle)  # ticks complete what is due; the state is what it is
         one.send_signal(signal.SIGKILL)
         one.wait()
         procs.remove(one)

@@ -200,6 +200,10 @@ class StreamConfig:
     # its worker_id, it gets them back with no rebalance, so it must cover a restart (start-up
     # took up to 11 s on a loaded machine here); a dead worker's partitions wait this long.
     session_timeout_s: float = 30.0
+    # A study whose series are all complete is dropped from the aggregates worker's state this many
+    # days (event time) after its last completion; a later instance of it is dead-lettered, never
+    # counted twice (stream_apps/README.md, "Bounded state"). 0: kept (compacted) for ever.
+    state_retention_days: float = 30.0
     # Faust's local data (the dose worker).
     data_dir: Path = Path("var/faust")
     # A series is complete after this long without a new instance (event time), per modality.

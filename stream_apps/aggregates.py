@@ -19,8 +19,10 @@ and a worker restarting with a backlog never mistakes it for quiet.
 from __future__ import annotations
 
 import bisect
+import heapq
 import json
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +36,7 @@ from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.projection import FastCodec
 from diana.schemas.topics import DEADLETTER, INSTANCES, SERIES, STUDIES, TICKS
 from diana.stream_apps.completeness import QuietTimes, expected_instances, verdict
+from diana.stream_apps.digest import digest_build, digest_lookup, digest_replace
 from diana.stream_apps.transactional import Batch, LoopSettings, TransactionalLoop
 
 __all__ = [
@@ -154,6 +157,8 @@ def apply_instance(series: dict | None, study: dict | None, event: dict, quiet: 
     """
     at = _ms(event["received_at"])
     series = dict(series) if series else _new_series(event, at, quiet.for_modality(event.get("modality")))
+    if series.get("instance_number_runs"):  # compacted at completion (compact_series): open again
+        series["instance_numbers"] = numbers_of_runs(series.pop("instance_number_runs"))
     study = dict(study) if study else _new_study(event, at)
     number = event.get("instance_number")
     series["revision"] += 1
@@ -190,6 +195,28 @@ def apply_instance(series: dict | None, study: dict | None, event: dict, quiet: 
         study["status"] = "AMENDED"
         _judge_study(study)
     return series, study
+
+
+def number_runs(numbers: list[int]) -> list[list[int]]:
+    """Sorted distinct instance numbers as runs ``[first, last]``: 1..3000 is one pair, not 3000 ints."""
+    runs: list[list[int]] = []
+    for number in numbers:
+        if runs and number == runs[-1][1] + 1:
+            runs[-1][1] = number
+        else:
+            runs.append([number, number])
+    return runs
+
+
+def numbers_of_runs(runs: list[list[int]]) -> list[int]:
+    return [n for first, last in runs for n in range(first, last + 1)]
+
+
+def compact_series(series: dict) -> dict:
+    """A completed series' instance numbers kept as runs (a late instance expands them again)."""
+    if not series["instance_numbers"]:
+        return series
+    return {**series, "instance_numbers": [], "instance_number_runs": number_runs(series["instance_numbers"])}
 
 
 def is_late(series: dict | None) -> bool:
@@ -273,7 +300,7 @@ def _record(state: dict, internal: tuple[str, ...]) -> dict[str, Any]:
 
 
 def series_record(state: dict) -> dict[str, Any]:
-    return _record(state, ("instance_numbers",))
+    return _record(state, ("instance_numbers", "instance_number_runs"))
 
 
 def study_record(state: dict) -> dict[str, Any]:
@@ -282,9 +309,18 @@ def study_record(state: dict) -> dict[str, Any]:
 
 COMPLETED = Counter("diana_aggregates_series_completed_total", "Series completed, by verdict", ["verdict"])
 DEADLETTERED = Counter("diana_aggregates_deadletters_total", "Instance events the aggregates could not decode")
+RETIRED = Counter("diana_aggregates_studies_retired_total", "Studies dropped from the state after the retention")
+LATE_AFTER_RETENTION = Counter(
+    "diana_aggregates_late_after_retention_total", "Instances of retired series or studies, dead-lettered"
+)
 
 # State namespaces, each a key space inside the one changelog partition of the input partition.
 SEEN, SERIES_STATE, STUDY_STATE, OPEN, CLOCK = "seen", "series", "study", "open", "clock"
+# Bounded state: a completed series' instances as a digest (digest.py) instead of ``seen``
+# entries; when each complete study leaves the state (event time); and the markers of series and
+# studies that left it, so a later instance of theirs is refused, not counted as new.
+DIGEST, RETIRE, GONE_SERIES, GONE_STUDY = "digest", "retire", "gone_series", "gone_study"
+DAY_MS = 86_400_000
 
 
 class AggregatesHandler:
@@ -295,9 +331,17 @@ class AggregatesHandler:
     """
 
     def __init__(
-        self, quiet: QuietTimes, codec: Codec | FastCodec | None = None, conflict_policy: str = "KEEP_FIRST"
+        self,
+        quiet: QuietTimes,
+        codec: Codec | FastCodec | None = None,
+        conflict_policy: str = "KEEP_FIRST",
+        retention_days: float = 0.0,
     ) -> None:
         self.quiet = quiet
+        # [stream] state_retention_days: a complete study leaves the state this long (event time)
+        # after its last completion; 0: never (its series stay compacted to digests).
+        self.retention_days = retention_days
+        self.retention_ms = int(retention_days * DAY_MS)
         # [sinks] archive_conflict_policy: under REPLACE a corrected re-send replaces the instance.
         self.replace = conflict_policy == "REPLACE"
         # The shared codec (fastavro), whole records: the projection that skips the header
@@ -307,13 +351,33 @@ class AggregatesHandler:
         self.started_ms = int(time.time() * 1000)
         self.last_instance_wall: dict[int, float] = {}
         self.processed_upto: dict[int, int] = {}  # partition -> next offset to process in dicom.instances
+        # Indexes beside the state, rebuilt from the committed state whenever a partition (re)starts
+        # (assignment, or the rewind after an aborted transaction), so an aborted batch leaves none
+        # of its changes in them. Between rebuilds they may hold more than the state (entries of a
+        # batch that failed): every use checks the state first.
+        self.members: dict[int, dict[str, set[str]]] = {}  # partition -> open series -> its ``seen`` SOP UIDs
+        self.retire_heap: dict[int, list[tuple[int, str]]] = {}  # partition -> (deadline, study) min-heap
 
-    def partition_started(self, partition: int, next_offsets: dict[str, int]) -> None:
+    def partition_started(
+        self, partition: int, next_offsets: dict[str, int], state: Mapping[str, Mapping[str, Any]]
+    ) -> None:
         self.processed_upto[partition] = next_offsets.get(INSTANCES.name, self.processed_upto.get(partition, 0))
+        members: dict[str, set[str]] = {}
+        for sop, seen in state.get(SEEN, {}).items():
+            # [offset, sha256 prefix, size, series UID]; entries written before bounded state had
+            # no series UID: they stay as they are (counted right, never compacted).
+            if isinstance(seen, list) and len(seen) > 3:
+                members.setdefault(seen[3], set()).add(sop)
+        self.members[partition] = members
+        heap = [(deadline, study) for study, deadline in state.get(RETIRE, {}).items()]
+        heapq.heapify(heap)
+        self.retire_heap[partition] = heap
 
     def partition_stopped(self, partition: int) -> None:
         self.processed_upto.pop(partition, None)
         self.last_instance_wall.pop(partition, None)
+        self.members.pop(partition, None)
+        self.retire_heap.pop(partition, None)
 
     def handle(self, batch: Batch, message: Message) -> None:
         if message.topic() == TICKS.name:
@@ -345,7 +409,9 @@ class AggregatesHandler:
             # so compaction never ran). An unwritten tick watermark is not needed after a restart:
             # the next tick brings the clock again.
             watermark = max(batch.get(partition, CLOCK, "watermark") or 0, at)
-            if any(deadline <= watermark for _, deadline in batch.items(partition, OPEN)):
+            if self._retire_is_due(partition, watermark) or any(
+                deadline <= watermark for _, deadline in batch.items(partition, OPEN)
+            ):
                 self._complete_due(batch, partition, self._advance(batch, partition, at))
 
     def _instance(self, batch: Batch, message: Message) -> None:
@@ -356,15 +422,8 @@ class AggregatesHandler:
         try:
             _, record = self.codec.decode(message.value(), expect=INSTANCES.value_schema)
         except DecodeError as exc:
-            origin = f"{message.topic()}/{partition}/{offset}"
-            log.warning("deadletter", origin=origin, reason=str(exc))
             DEADLETTERED.inc()
-            batch.send(
-                DEADLETTER.name,
-                origin.encode(),
-                message.value(),
-                {"reason": f"aggregates: {exc}".encode(), "origin": origin.encode()},
-            )
+            self._deadletter(batch, message, f"aggregates: {exc}")
             return
         self.last_instance_wall[partition] = time.time()
         at = event_time_ms(record["received_at"], message.timestamp())
@@ -378,12 +437,36 @@ class AggregatesHandler:
             if self.replace and isinstance(seen, list) and seen[1] != record["sha256"][:16]:
                 self._replace(batch, partition, seen, record)
             return
-        # [offset, sha256 prefix, size]: enough to tell a corrected re-send and to swap its size in.
-        batch.put(partition, SEEN, sop, [offset, record["sha256"][:16], record["size_bytes"]])
-        before = batch.get(partition, SERIES_STATE, record["series_instance_uid"])
-        series, study = apply_instance(
-            before, batch.get(partition, STUDY_STATE, record["study_instance_uid"]), record, self.quiet
-        )
+        series_uid, study_uid = record["series_instance_uid"], record["study_instance_uid"]
+        before = batch.get(partition, SERIES_STATE, series_uid)
+        if before is not None:
+            # A completed series keeps its instances as a digest (digest.py): a re-send of one of
+            # them is recognised there and counts once too.
+            known = digest_lookup(batch.get(partition, DIGEST, series_uid), sop)
+            if known is not None:
+                if self.replace and known[0] != record["sha256"][:8]:
+                    self._replace_compacted(batch, partition, known[1], record)
+                return
+        elif batch.get(partition, GONE_SERIES, series_uid) is not None or (
+            batch.get(partition, GONE_STUDY, study_uid) is not None
+            and batch.get(partition, STUDY_STATE, study_uid) is None
+        ):
+            # Its series or study left the state after the retention: whether this instance was
+            # counted then cannot be told any more, so it is not counted again; it is refused.
+            LATE_AFTER_RETENTION.inc()
+            self._deadletter(
+                batch,
+                message,
+                f"aggregates: late instance of a series or study dropped from the aggregates' state "
+                f"{self.retention_days:g} days after its completion ([stream] state_retention_days); "
+                "not counted, so that nothing is counted twice",
+            )
+            return
+        # [offset, sha256 prefix, size, series]: enough to tell a corrected re-send, to swap its
+        # size in, and to fold it into its series' digest when the series completes.
+        batch.put(partition, SEEN, sop, [offset, record["sha256"][:16], record["size_bytes"], series_uid])
+        self.members.setdefault(partition, {}).setdefault(series_uid, set()).add(sop)
+        series, study = apply_instance(before, batch.get(partition, STUDY_STATE, study_uid), record, self.quiet)
         uid = series["series_instance_uid"]
         batch.put(partition, SERIES_STATE, uid, series)
         batch.put(partition, STUDY_STATE, study["study_instance_uid"], study)
@@ -401,10 +484,42 @@ class AggregatesHandler:
             log.warning("replace.elsewhere", sop_instance_uid=record["sop_instance_uid"])
             return
         series, study = replace_instance(series, study, seen[2], record)
-        batch.put(partition, SEEN, record["sop_instance_uid"], [seen[0], record["sha256"][:16], record["size_bytes"]])
+        batch.put(
+            partition,
+            SEEN,
+            record["sop_instance_uid"],
+            [seen[0], record["sha256"][:16], record["size_bytes"], *seen[3:]],
+        )
         batch.put(partition, SERIES_STATE, series["series_instance_uid"], series)
         batch.put(partition, STUDY_STATE, study["study_instance_uid"], study)
         self._publish(batch, series, study)
+
+    def _replace_compacted(self, batch: Batch, partition: int, old_size: int, record: dict) -> None:
+        """A corrected re-send (REPLACE) of an instance of a completed series, found in its digest."""
+        uid = record["series_instance_uid"]
+        series = batch.get(partition, SERIES_STATE, uid)
+        study = batch.get(partition, STUDY_STATE, record["study_instance_uid"])
+        if series is None or study is None:
+            log.warning("replace.elsewhere", sop_instance_uid=record["sop_instance_uid"])
+            return
+        series, study = replace_instance(series, study, old_size, record)
+        digest = digest_replace(
+            batch.get(partition, DIGEST, uid), record["sop_instance_uid"], record["sha256"], record["size_bytes"]
+        )
+        batch.put(partition, DIGEST, uid, digest)
+        batch.put(partition, SERIES_STATE, uid, series)
+        batch.put(partition, STUDY_STATE, study["study_instance_uid"], study)
+        self._publish(batch, series, study)
+
+    def _deadletter(self, batch: Batch, message: Message, reason: str) -> None:
+        origin = f"{message.topic()}/{message.partition()}/{message.offset()}"
+        log.warning("deadletter", origin=origin, reason=reason)
+        batch.send(
+            DEADLETTER.name,
+            origin.encode(),
+            message.value(),
+            {"reason": reason.encode(), "origin": origin.encode()},
+        )
 
     def _advance(self, batch: Batch, partition: int, at_ms: int) -> int:
         watermark = batch.get(partition, CLOCK, "watermark") or 0
@@ -415,7 +530,7 @@ class AggregatesHandler:
 
     def _complete_due(self, batch: Batch, partition: int, watermark: int) -> None:
         due = sorted([(deadline, uid) for uid, deadline in batch.items(partition, OPEN) if deadline <= watermark])
-        for _, uid in due:
+        for deadline, uid in due:
             batch.delete(partition, OPEN, uid)
             series = batch.get(partition, SERIES_STATE, uid)
             if series is None:
@@ -432,6 +547,63 @@ class AggregatesHandler:
                 instances=series["instance_count"],
             )
             self._publish(batch, series, study)
+            batch.put(partition, SERIES_STATE, uid, compact_series(series))
+            self._compact(batch, partition, uid)
+            if self.retention_ms and study["completed_series_count"] == study["series_count"]:
+                # The study is complete (again): it leaves the state a retention after this
+                # completion's deadline, an event time, so a replay retires it where the live run did.
+                retire_at = deadline + self.retention_ms
+                batch.put(partition, RETIRE, study["study_instance_uid"], retire_at)
+                heapq.heappush(self.retire_heap.setdefault(partition, []), (retire_at, study["study_instance_uid"]))
+        if self._retire_is_due(partition, watermark):
+            self._retire_due(batch, partition, watermark)
+
+    def _compact(self, batch: Batch, partition: int, series_uid: str) -> None:
+        """Fold a completed series' ``seen`` entries into its digest and delete them (tombstones in
+        the changelog, so compaction removes them there too)."""
+        entries = []
+        for sop in self.members.get(partition, {}).pop(series_uid, ()):
+            seen = batch.get(partition, SEEN, sop)
+            if seen is None:
+                continue
+            entries.append((sop, seen[1], seen[2]))
+            batch.delete(partition, SEEN, sop)
+        if entries:
+            batch.put(partition, DIGEST, series_uid, digest_build(entries, batch.get(partition, DIGEST, series_uid)))
+
+    def _retire_is_due(self, partition: int, watermark: int) -> bool:
+        heap = self.retire_heap.get(partition)
+        return heap is not None and len(heap) > 0 and heap[0][0] <= watermark
+
+    def _retire_due(self, batch: Batch, partition: int, watermark: int) -> None:
+        """Drop the complete studies whose retention has passed, with their series, from the state.
+
+        What stays of each is a marker (``gone_series``, ``gone_study``: the event time it left),
+        so a later instance of it is dead-lettered instead of starting a new aggregate at revision
+        1, which would overwrite the study's record on the compacted topics and which the OpenSearch
+        sink's external versioning would refuse.
+        """
+        heap = self.retire_heap[partition]
+        while heap and heap[0][0] <= watermark:
+            retire_at, study_uid = heapq.heappop(heap)
+            if batch.get(partition, RETIRE, study_uid) != retire_at:
+                continue  # rescheduled by a later completion, or already retired
+            batch.delete(partition, RETIRE, study_uid)
+            study = batch.get(partition, STUDY_STATE, study_uid)
+            if study is None:
+                continue
+            series_uids = study["series_instance_uids"]
+            if any(batch.get(partition, OPEN, uid) is not None for uid in series_uids):
+                continue  # a late instance reopened a series: its completion schedules the study again
+            for uid in series_uids:
+                self._compact(batch, partition, uid)  # leftovers of a batch that failed, if any
+                batch.delete(partition, SERIES_STATE, uid)
+                batch.delete(partition, DIGEST, uid)
+                batch.put(partition, GONE_SERIES, uid, retire_at)
+            batch.delete(partition, STUDY_STATE, study_uid)
+            batch.put(partition, GONE_STUDY, study_uid, retire_at)
+            RETIRED.inc()
+            log.info("study.retired", study_instance_uid=study_uid, series=len(series_uids))
 
     def _publish(self, batch: Batch, series: dict, study: dict) -> None:
         # The latest revision per series and study of the transaction is encoded and sent once at
@@ -485,6 +657,7 @@ def aggregates_loop(
     quiet: QuietTimes,
     conflict_policy: str = "KEEP_FIRST",
     session_timeout_s: float = 30.0,
+    retention_days: float = 0.0,
 ) -> TransactionalLoop:
     """The aggregates worker: group ``app_id``, state in ``{app_id}-state-changelog``.
 
@@ -501,7 +674,7 @@ def aggregates_loop(
         topics=(INSTANCES.name, TICKS.name),
         changelog=changelog_topic(app_id),
     )
-    handler = AggregatesHandler(quiet, conflict_policy=conflict_policy)
+    handler = AggregatesHandler(quiet, conflict_policy=conflict_policy, retention_days=retention_days)
     return TransactionalLoop(settings, handler, every_second=TickWriter(kafka, partitions))
 
 

@@ -15,11 +15,16 @@ __all__ = ["CHANGELOG_CONFIG", "ensure_state_topics"]
 # Compaction only cleans closed segments: the broker's default segment (1 GiB or 7 days) kept a
 # changelog's records, superseded or not, for a week or more. Rolled hourly (or at 64 MiB), the
 # cleaner can drop superseded state within about an hour; it starts once 10 % of the log is dirty.
+# Tombstones (the aggregates worker deletes each completed series' ``seen`` entries, and a retired
+# study's whole state) are removed by the cleaner this long after it compacted them: an hour, far
+# longer than a restore reading the changelog takes, so a restore never sees a record without
+# the tombstone that deleted it; the broker's default keeps them a day.
 CHANGELOG_CONFIG = {
     "cleanup.policy": "compact",
     "segment.ms": str(3600 * 1000),
     "segment.bytes": str(64 * 1024 * 1024),
     "min.cleanable.dirty.ratio": "0.1",
+    "delete.retention.ms": str(3600 * 1000),
 }
 
 

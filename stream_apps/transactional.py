@@ -23,7 +23,7 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -85,8 +85,13 @@ class _Stopped(Exception):
 
 
 class Handler(Protocol):
-    def partition_started(self, partition: int, next_offsets: dict[str, int]) -> None:
-        """State of ``partition`` is (re)loaded; input resumes at ``next_offsets`` (topic -> offset)."""
+    def partition_started(
+        self, partition: int, next_offsets: dict[str, int], state: Mapping[str, Mapping[str, Any]]
+    ) -> None:
+        """State of ``partition`` is (re)loaded; input resumes at ``next_offsets`` (topic -> offset).
+
+        ``state`` is the partition's committed state (namespace -> key -> value), for indexes the
+        handler keeps beside it; read it, never change it."""
 
     def partition_stopped(self, partition: int) -> None:
         """The partition was revoked or lost: forget anything kept outside the state."""
@@ -387,7 +392,17 @@ class TransactionalLoop:
         finally:
             reader.close()
         RESTORE_SECONDS.observe(time.monotonic() - started)
-        log.info("state.restored", partitions=partitions, records=records, seconds=round(time.monotonic() - started, 2))
+        sizes: dict[str, int] = {}
+        for partition in partitions:
+            for namespace, space in self.store.partitions[partition].items():
+                sizes[namespace] = sizes.get(namespace, 0) + len(space)
+        log.info(
+            "state.restored",
+            partitions=partitions,
+            records=records,
+            entries=sizes,
+            seconds=round(time.monotonic() - started, 2),
+        )
 
     # -- the loop ---------------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
@@ -619,7 +634,9 @@ class TransactionalLoop:
         """Tell the handler where each partition resumes (topic -> next offset)."""
         for partition in sorted({tp.partition for tp in positions}):
             self.handler.partition_started(
-                partition, {tp.topic: tp.offset for tp in positions if tp.partition == partition}
+                partition,
+                {tp.topic: tp.offset for tp in positions if tp.partition == partition},
+                self.store.partitions.get(partition, {}),
             )
 
     def _retry(self, what: str, call: Callable[[], None]) -> None:

@@ -108,6 +108,7 @@ def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
         QuietTimes.parse(cfg.stream.quiet_seconds),
         conflict_policy=cfg.sinks.archive_conflict_policy,
         session_timeout_s=cfg.stream.session_timeout_s,
+        retention_days=cfg.stream.state_retention_days,
     )
     try:
         loop.run()

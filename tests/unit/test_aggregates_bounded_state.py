@@ -1,0 +1,205 @@
+"""Unit: the aggregates worker's bounded state, without a broker.
+
+The handler folds real encoded events into a real ``Batch``; the transactional producer is replaced
+by a recorder of what would be written (as in test_transactional_state.py), so the changelog a
+restart would read is checked too: a completed series keeps a digest instead of one ``seen`` entry
+per instance, a complete study leaves the state after the retention (tombstones), and a later
+instance of it is dead-lettered, before and after a restart.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+from confluent_kafka import Message
+
+from diana.schemas.codec import default_codec
+from diana.schemas.topics import DEADLETTER, INSTANCES
+from diana.stream_apps.aggregates import (
+    DIGEST,
+    GONE_SERIES,
+    GONE_STUDY,
+    OPEN,
+    RETIRE,
+    SEEN,
+    SERIES_STATE,
+    STUDY_STATE,
+    AggregatesHandler,
+    number_runs,
+    numbers_of_runs,
+)
+from diana.stream_apps.completeness import QuietTimes
+from diana.stream_apps.digest import digest_count
+from diana.stream_apps.transactional import Batch, _Store
+
+CHANGELOG = "agg-state-changelog"
+T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+RETENTION_S = 60
+
+
+class Recorder:
+    """Stands in for the transactional producer: keeps what would be written, in order."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes | None, bytes | None, int | None, dict | None]] = []
+
+    def produce(self, topic, key=None, value=None, partition=None, headers=None) -> None:
+        self.records.append((topic, key, value, partition, headers))
+
+    def on(self, topic: str) -> list[tuple]:
+        return [r for r in self.records if r[0] == topic]
+
+
+class Worker:
+    """One handler and its committed state, fed one message per transaction."""
+
+    def __init__(self, store: _Store | None = None) -> None:
+        self.store = store or _Store()
+        self.producer = Recorder()
+        self.handler = AggregatesHandler(QuietTimes.parse("*=4"), retention_days=RETENTION_S / 86400)
+        self.handler.partition_started(0, {INSTANCES.name: 0}, self.store.partitions.setdefault(0, {}))
+        self.offset = 0
+
+    def feed(self, event: dict) -> None:
+        value = default_codec().encode(INSTANCES.value_schema, event)
+        stamp = int(event["received_at"].timestamp() * 1000)
+        message = Message(topic=INSTANCES.name, partition=0, offset=self.offset, value=value, timestamp=(2, stamp))
+        self.offset += 1
+        batch = Batch(self.store, self.producer, CHANGELOG)
+        self.handler.handle(batch, message)
+        batch.message_done()
+        batch.send_latest()
+        batch.write_changelog()
+        batch.commit_locally()
+
+    def space(self, namespace: str) -> dict:
+        return self.store.partitions[0].get(namespace, {})
+
+
+def _event(study: str, series: str, number: int, seconds: float, sop: str | None = None) -> dict:
+    return {
+        "sop_instance_uid": sop or f"{series}.{number}",
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "study_instance_uid": study,
+        "series_instance_uid": series,
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "size_bytes": 100,
+        "sha256": "a" * 64,
+        "landing_path": "00/x.dcm",
+        "received_at": T0 + timedelta(seconds=seconds),
+        "source": "C_STORE",
+        "modality": "CT",
+        "instance_number": number,
+        "patient_id": "P",
+    }
+
+
+def _replay(records) -> _Store:
+    store = _Store()
+    for topic, key, value, partition, _ in records:
+        if topic == CHANGELOG:
+            store.apply(partition, key.decode(), None if value is None else json.loads(value))
+    return store
+
+
+def test_a_completed_series_keeps_a_digest_and_counts_re_sends_and_late_instances_once():
+    w = Worker()
+    for n in (1, 2, 3):
+        w.feed(_event("9.1", "9.1.1", n, n))
+    assert len(w.space(SEEN)) == 3
+    w.feed(_event("9.2", "9.2.1", 1, 10))  # another study: moves the watermark past 3 + 4 s
+    assert w.space(SERIES_STATE)["9.1.1"]["status"] == "COMPLETED"
+    assert set(w.space(SEEN)) == {"9.2.1.1"}  # the completed series' entries are gone...
+    assert digest_count(w.space(DIGEST)["9.1.1"]) == 3  # ...into its digest
+    tombstones = {r[1] for r in w.producer.on(CHANGELOG) if r[2] is None}
+    assert {b"seen/9.1.1.1", b"seen/9.1.1.2", b"seen/9.1.1.3"} <= tombstones
+
+    w.feed(_event("9.1", "9.1.1", 2, 11))  # a re-send of instance 2: found in the digest
+    assert w.space(SERIES_STATE)["9.1.1"]["instance_count"] == 3
+    assert "9.1.1" not in w.space(OPEN)
+    w.feed(_event("9.1", "9.1.1", 4, 12))  # a late new instance: counted, the series reopens
+    assert w.space(SERIES_STATE)["9.1.1"]["instance_count"] == 4
+    w.feed(_event("9.2", "9.2.1", 2, 20))
+    series = w.space(SERIES_STATE)["9.1.1"]
+    assert (series["status"], series["version"], series["instance_count"]) == ("AMENDED", 2, 4)
+    assert digest_count(w.space(DIGEST)["9.1.1"]) == 4
+    # The study is scheduled to leave the state a retention after its last completion (16 s).
+    assert w.space(RETIRE)["9.1"] == int((T0 + timedelta(seconds=16 + RETENTION_S)).timestamp() * 1000)
+
+
+def test_after_the_retention_a_study_leaves_the_state_and_a_late_instance_is_dead_lettered_even_after_a_restart():
+    w = Worker()
+    for n in (1, 2):
+        w.feed(_event("9.1", "9.1.1", n, n))
+    w.feed(_event("9.2", "9.2.1", 1, 10))
+    assert w.space(STUDY_STATE)["9.1"]["status"] == "COMPLETED"
+    w.feed(_event("9.2", "9.2.1", 2, 6 + RETENTION_S - 1))  # a second before the retention ends
+    assert "9.1" in w.space(STUDY_STATE)
+    w.feed(_event("9.2", "9.2.1", 3, 6 + RETENTION_S))  # the watermark reaches it: study 9.1 leaves
+    for namespace, key in ((STUDY_STATE, "9.1"), (SERIES_STATE, "9.1.1"), (DIGEST, "9.1.1"), (RETIRE, "9.1")):
+        assert key not in w.space(namespace), namespace
+    assert w.space(GONE_STUDY) == {"9.1": int((T0 + timedelta(seconds=6 + RETENTION_S)).timestamp() * 1000)}
+    assert set(w.space(GONE_SERIES)) == {"9.1.1"}
+    tombstones = {r[1] for r in w.producer.on(CHANGELOG) if r[2] is None}
+    assert {b"study/9.1", b"series/9.1.1", b"digest/9.1.1", b"retire/9.1"} <= tombstones
+    before = len(w.producer.records)
+
+    w.feed(_event("9.1", "9.1.1", 3, 200))  # late, after the retention
+    w.feed(_event("9.1", "9.1.9", 1, 201))  # a new series of the retired study
+    letters = w.producer.on(DEADLETTER.name)
+    assert len(letters) == 2
+    assert all(b"state_retention_days" in r[4]["reason"] for r in letters)
+    assert "9.1.1" not in w.space(SERIES_STATE) and "9.1" not in w.space(STUDY_STATE)
+    # Nothing published for the retired study (9.2's own revisions follow, moved by the watermark).
+    published = {r[1] for r in w.producer.records[before:] if r[0] in ("dicom.series", "dicom.studies")}
+    assert published == {b"9.2", b"9.2.1"}
+
+    # A restart rebuilds the state from the changelog: the markers come back, the study does not.
+    again = Worker(_replay(w.producer.records))
+    assert again.space(STUDY_STATE).keys() == w.space(STUDY_STATE).keys()
+    assert again.space(GONE_STUDY) == w.space(GONE_STUDY)
+    again.feed(_event("9.1", "9.1.1", 5, 300))
+    assert len(again.producer.on(DEADLETTER.name)) == 1
+    assert "9.1.1" not in again.space(SERIES_STATE)
+
+
+def test_a_restart_rebuilds_the_open_series_index_so_completion_still_compacts():
+    w = Worker()
+    for n in (1, 2, 3):
+        w.feed(_event("9.1", "9.1.1", n, n))
+    again = Worker(_replay(w.producer.records))
+    again.feed(_event("9.2", "9.2.1", 1, 20))
+    assert again.space(SERIES_STATE)["9.1.1"]["status"] == "COMPLETED"
+    assert set(again.space(SEEN)) == {"9.2.1.1"}
+    assert digest_count(again.space(DIGEST)["9.1.1"]) == 3
+
+
+def test_a_study_reopened_by_a_late_instance_is_not_retired_until_it_completes_again():
+    w = Worker()
+    w.feed(_event("9.1", "9.1.1", 1, 0))
+    w.feed(_event("9.2", "9.2.1", 1, 5))  # 9.1 completes at 4 s: retire at 64 s
+    w.feed(_event("9.1", "9.1.1", 2, 63))  # late, reopens 9.1.1 (deadline 67 s)
+    w.feed(_event("9.2", "9.2.1", 2, 65))  # watermark past 64 s: the study is open, it stays
+    assert "9.1" in w.space(STUDY_STATE)
+    w.feed(_event("9.2", "9.2.1", 3, 68))  # 9.1.1 amended at 67 s: retire at 127 s
+    assert w.space(SERIES_STATE)["9.1.1"]["status"] == "AMENDED"
+    assert w.space(RETIRE)["9.1"] == int((T0 + timedelta(seconds=67 + RETENTION_S)).timestamp() * 1000)
+
+
+def test_instance_numbers_of_a_completed_series_are_kept_as_runs_and_a_late_instance_expands_them():
+    assert number_runs([1, 2, 3, 5, 7, 8]) == [[1, 3], [5, 5], [7, 8]]
+    assert numbers_of_runs([[1, 3], [5, 5], [7, 8]]) == [1, 2, 3, 5, 7, 8]
+    w = Worker()
+    for n in (1, 2, 3, 5):
+        w.feed(_event("9.1", "9.1.1", n, n))
+    w.feed(_event("9.2", "9.2.1", 1, 20))
+    series = w.space(SERIES_STATE)["9.1.1"]
+    assert (series["verdict"], series["missing_instance_numbers"]) == ("GAPS", [4])
+    assert (series["instance_numbers"], series["instance_number_runs"]) == ([], [[1, 3], [5, 5]])
+    w.feed(_event("9.1", "9.1.1", 4, 21))  # the missing one, late
+    w.feed(_event("9.2", "9.2.1", 2, 30))
+    series = w.space(SERIES_STATE)["9.1.1"]
+    assert (series["status"], series["verdict"], series["missing_instance_numbers"]) == ("AMENDED", "COMPLETE", [])
+    assert (series["instance_numbers"], series["instance_number_runs"]) == ([], [[1, 5]])
+    assert (series["min_instance_number"], series["max_instance_number"]) == (1, 5)
