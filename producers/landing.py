@@ -94,7 +94,9 @@ class LandingStore:
 
         If the block fails (no acknowledgement), the object is removed again unless it was
         there before or another caller with the same bytes published it: the sender hears
-        failure and retries, and nothing stays that no event points to.
+        failure and retries, and nothing stays that no event points to. Except when the failure
+        says the event may have gone out all the same (``possibly_published``, a timeout): then the
+        object stays, and is republished later if no event took it.
         ``owned``: the file is ours (received into .incoming) and may be hard-linked into
         place; otherwise (an import) it is copied, so later edits of the source cannot reach us.
         ``synced_digest``: (SHA-256, size) of an owned source already fsync'd by the caller, which
@@ -121,6 +123,12 @@ class LandingStore:
                 uri = target.as_uri()
             yield StoredObject(relative, digest, size, uri)
             published = True
+        except BaseException as exc:
+            # The block could not tell whether its event went out (a broker timeout can still
+            # append it): keep the object, so that such an event finds it. If it did not go out,
+            # the sender's retry or the periodic republish of old landed objects publishes it.
+            published = bool(getattr(exc, "possibly_published", False))
+            raise
         finally:
             with self._lock:
                 entry.holders -= 1

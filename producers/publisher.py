@@ -16,7 +16,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from diana.clients import kafka_settings
 from diana.config import KafkaConfig
 
-__all__ = ["EventPublisher", "PublishError", "PublishRefused", "DEFAULT_MAX_MESSAGE_BYTES"]
+__all__ = ["EventPublisher", "PublishError", "PublishRefused", "PublishUncertain", "DEFAULT_MAX_MESSAGE_BYTES"]
 
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
@@ -37,6 +37,14 @@ class PublishError(RuntimeError):
     """The broker did not acknowledge the event in time: a transient failure, the sender may retry."""
 
 
+class PublishUncertain(PublishError):
+    """No acknowledgement in time, but the event may be in the log all the same (librdkafka's
+    "possibly persisted": the request reached the broker, its answer did not come back). Whoever
+    stored the object keeps it, so that an event that did go out finds its object."""
+
+    possibly_published = True
+
+
 class PublishRefused(PublishError):
     """The broker (or the producer's own limits) refuses this event for good: retrying cannot help."""
 
@@ -45,11 +53,14 @@ class PublishRefused(PublishError):
         self.code = code
 
 
-def _refusal(err: KafkaError, where: str) -> PublishError:
+def _refusal(err: KafkaError, where: str, sent: bool) -> PublishError:
+    """``sent``: the error came in a delivery report, after the request may have reached the broker."""
     text = f"{where}: {err.str()}"
     if err.code() in _PERMANENT and not err.fatal():
         return PublishRefused(text, err.name())
-    return PublishError(text)
+    # librdkafka's delivery report does not say whether a failed message was persisted (its
+    # message status is not in the Python client): any transient failure after sending may have been.
+    return PublishUncertain(text) if sent else PublishError(text)
 
 
 class EventPublisher:
@@ -112,13 +123,13 @@ class EventPublisher:
         except KafkaException as exc:  # unknown topic, oversize message, ...
             if exc.args[0].fatal():
                 self._replace(producer)
-            raise _refusal(exc.args[0], "produce refused") from None
+            raise _refusal(exc.args[0], "produce refused", sent=False) from None
         if not done.wait(self.timeout_s + 1.0):
-            raise PublishError(f"no acknowledgement within {self.timeout_s:.1f}s")
+            raise PublishUncertain(f"no acknowledgement within {self.timeout_s:.1f}s")
         if outcome[0] is not None:
             if outcome[0].fatal():
                 self._replace(producer)
-            raise _refusal(outcome[0], "broker refused")
+            raise _refusal(outcome[0], "broker refused", sent=True)
         return time.monotonic() - started
 
     def _replace(self, failed: Producer) -> None:

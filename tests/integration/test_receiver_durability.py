@@ -47,7 +47,9 @@ def test_no_success_while_the_broker_is_stopped(pipeline, stack):
     try:
         statuses = _c_store_statuses(cfg, datasets)
         assert statuses == [STATUS.OUT_OF_RESOURCES] * 3  # the sender will retry; never success
-        assert _landed(cfg) == []  # nothing kept that no event points to
+        # Kept: a timed-out event may have reached the log after all (librdkafka cannot say), and
+        # must then find its object. Here none did; the re-send below publishes them.
+        assert len(_landed(cfg)) == 3
         assert "broker did not acknowledge" in pipeline.log_text("receiver")
     finally:
         stack.start_kafka()
@@ -60,6 +62,7 @@ def test_no_success_while_the_broker_is_stopped(pipeline, stack):
     wait_until_caught_up(cfg, timeout=180)
     archive = cfg.path(cfg.storage.archive_dir) / study / series
     assert sorted(p.name for p in archive.iterdir()) == sorted(f"{ds.SOPInstanceUID}.dcm" for ds in datasets)
+    assert _landed(cfg) == []  # archived, so nothing left that no event points to
     for name, proc in pipeline.procs.items():
         assert proc.poll() is None, f"{name} died during the broker outage"
 

@@ -131,3 +131,25 @@ def test_a_remote_store_gets_the_object_before_the_event_and_keeps_a_refused_one
     assert sorted(key for key, _ in store.landed_objects()) == sorted([stored.relative_path, refused.relative_path])
     with store.local_copy(stored.relative_path) as path:
         assert path.read_bytes() == b"to the store"
+
+
+def test_an_object_whose_event_may_have_gone_out_stays(tmp_path):
+    """A broker timeout can still append the event ("possibly persisted"): its object must be there
+    for the archive sink. Seen with a broker killed mid-send (docs/SCALING.md, "refused but written")."""
+    from confluent_kafka import KafkaError
+
+    from diana.producers.publisher import PublishError, PublishUncertain, _refusal
+
+    timed_out = _refusal(KafkaError(KafkaError._MSG_TIMED_OUT), "broker refused", sent=True)
+    assert isinstance(timed_out, PublishUncertain)
+    assert not isinstance(_refusal(KafkaError(KafkaError._TRANSPORT), "produce refused", sent=False), PublishUncertain)
+    assert not isinstance(
+        _refusal(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), "broker refused", sent=True), PublishUncertain
+    )
+    store = LandingStore(tmp_path / "landing")
+    with pytest.raises(PublishUncertain), store.landed(_source(tmp_path, b"maybe out"), owned=False) as maybe:
+        raise timed_out
+    assert (store.root / maybe.relative_path).read_bytes() == b"maybe out"
+    with pytest.raises(PublishError), store.landed(_source(tmp_path, b"surely not"), owned=False) as refused:
+        raise PublishError("produce refused: queue full")
+    assert not (store.root / refused.relative_path).exists()
