@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,15 +82,25 @@ def archive_key(doc: dict[str, Any]) -> str | None:
 _original_send_c_store = Association.send_c_store
 
 
+# Associations whose peer gave no C-STORE response (connection closed, or the DIMSE timeout passed).
+_NO_RESPONSE: weakref.WeakSet[Association] = weakref.WeakSet()
+
+
 def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
     if isinstance(dataset, ArchivedInstance):
-        if not self.is_established:
-            # The destination went away mid-move: every remaining sub-operation fails (pynetdicom counts
-            # the exception as a failure) without fetching its object from the archive first.
+        if not self.is_established or self in _NO_RESPONSE:
+            # The destination went away mid-move: every remaining sub-operation fails at once (pynetdicom
+            # counts the exception as a failure), without fetching its object from the archive first.
             raise RuntimeError("the association with the destination has ended")
         # A missing object raises here, and pynetdicom fails that sub-operation (FailedSOPInstanceUIDList).
         with local_file(dataset.archive_store, dataset.archive_key) as path, even_length(Path(path)) as sendable:
-            return _send_file(self, sendable, *args, **kwargs)
+            status = _send_file(self, sendable, *args, **kwargs)
+        if getattr(status, "Status", None) is None:
+            # No response. pynetdicom marks the association ended only when its reactor thread next runs; a
+            # send before that goes out on the closed connection and waits for the DIMSE timeout (seen: a
+            # move whose destination was killed still hung 60 s later, nothing sent after the first failure).
+            _NO_RESPONSE.add(self)
+        return status
     return _original_send_c_store(self, dataset, *args, **kwargs)
 
 
