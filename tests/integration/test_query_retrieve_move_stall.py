@@ -125,7 +125,7 @@ def busy_in_process_qr(pipeline) -> Iterator[QueryRetrieveServer]:
 
 
 def test_moves_under_load_complete_every_sub_operation(pipeline, series, destination, busy_in_process_qr):
-    """Before the fix 5 of 5 moves of these 100 instances stalled here (docs/QUERY_RETRIEVE.md)."""
+    """Before the fix, 1 of 5 moves stalled in this test's first run (66 completed, 34 failed); after it, 0 of 10."""
     _, out = destination
     outcomes = []
     for _ in range(MOVES):
