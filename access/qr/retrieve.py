@@ -14,8 +14,8 @@ the peer accepted (between uncompressed syntaxes: the same data set).
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,11 +32,12 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import _config, build_context, evt
+from pynetdicom import _config, build_context
 from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import PresentationContext
 
+from diana.access.qr.sub_association import sub_association_handlers
 from diana.schemas.layout import archive_path
 from diana.schemas.uid import is_valid_uid
 from diana.storage import ObjectStore, local_file
@@ -81,11 +82,25 @@ def archive_key(doc: dict[str, Any]) -> str | None:
 _original_send_c_store = Association.send_c_store
 
 
+# Associations whose peer gave no C-STORE response (connection closed, or the DIMSE timeout passed).
+_NO_RESPONSE: weakref.WeakSet[Association] = weakref.WeakSet()
+
+
 def _send_c_store(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
     if isinstance(dataset, ArchivedInstance):
+        if not self.is_established or self in _NO_RESPONSE:
+            # The destination went away mid-move: every remaining sub-operation fails at once (pynetdicom
+            # counts the exception as a failure), without fetching its object from the archive first.
+            raise RuntimeError("the association with the destination has ended")
         # A missing object raises here, and pynetdicom fails that sub-operation (FailedSOPInstanceUIDList).
         with local_file(dataset.archive_store, dataset.archive_key) as path, even_length(Path(path)) as sendable:
-            return _send_file(self, sendable, *args, **kwargs)
+            status = _send_file(self, sendable, *args, **kwargs)
+        if getattr(status, "Status", None) is None:
+            # No response. pynetdicom marks the association ended only when its reactor thread next runs; a
+            # send before that goes out on the closed connection and waits for the DIMSE timeout (seen: a
+            # move whose destination was killed still hung 60 s later, nothing sent after the first failure).
+            _NO_RESPONSE.add(self)
+        return status
     return _original_send_c_store(self, dataset, *args, **kwargs)
 
 
@@ -177,17 +192,3 @@ def move_contexts(instances: list[dict[str, Any]]) -> list[PresentationContext]:
     if len(contexts) > MAX_CONTEXTS:
         log.warning("move.contexts_truncated", proposed=MAX_CONTEXTS, needed=len(contexts))
     return contexts[:MAX_CONTEXTS]
-
-
-def _on_sub_association_open(event: evt.Event) -> None:
-    """Nagle off on the C-MOVE sub-association, as on the receiver's own (producers/scp.py): with it
-    on, each C-STORE's last small PDU waited for the peer's delayed ACK, ~40 ms per object."""
-    transport = event.assoc.dul.socket
-    sock = transport.socket if transport is not None else None
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def sub_association_handlers() -> list[tuple[Any, Any]]:
-    """``evt_handlers`` for the association a C-MOVE opens toward its destination."""
-    return [(evt.EVT_CONN_OPEN, _on_sub_association_open)]
