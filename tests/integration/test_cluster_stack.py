@@ -8,6 +8,7 @@ client settings. Faults are real: `kill -9` of a broker's JVM, a node stopped.
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import threading
 import time
@@ -32,13 +33,39 @@ HOME = TEST_HOME / "cluster"
 PROBE_TOPIC = "diana-test.cluster-probe"
 
 
+# Earlier test files leave the session's stack and pipeline running on the test ports: every port
+# of the cluster's configuration is moved by this much, clear of every port the tests use
+# (its brokers on 19492/19494/19496 and nodes on 19600/19601 at offset 0).
+CLUSTER_SHIFT = 400
+SESSION_PORTS = (
+    11190,
+    11191,
+    11192,
+    11193,
+    16066,
+    16069,
+    18104,
+    19000,
+    19092,
+    19093,
+    19200,
+    19300,
+    19464,
+    19465,
+    19466,
+)
+
+
 def cluster_config_text() -> str:
-    """The session's test configuration, moved to its own folders, with every node in the client settings."""
+    """The session's test configuration, moved to its own folders and ports, with every node in the client settings."""
     text = TEST_CONFIG.replace(f"{TEST_HOME}/", f"{HOME}/")
-    brokers = ",".join(f"127.0.0.1:{port(19092) + 2 * i}" for i in range(3))
-    nodes = ",".join(f"http://127.0.0.1:{port(19200) + i}" for i in range(2))
-    text = text.replace(f'bootstrap = "127.0.0.1:{port(19092)}"', f'bootstrap = "{brokers}"')
-    text = text.replace(f'url = "http://127.0.0.1:{port(19200)}"', f'url = "{nodes}"\nnumber_of_replicas = 1')
+    for number in SESSION_PORTS:
+        text = re.sub(rf"\b{port(number)}\b", str(port(number) + CLUSTER_SHIFT), text)
+    kafka, opensearch = port(19092) + CLUSTER_SHIFT, port(19200) + CLUSTER_SHIFT
+    brokers = ",".join(f"127.0.0.1:{kafka + 2 * i}" for i in range(3))
+    nodes = ",".join(f"http://127.0.0.1:{opensearch + i}" for i in range(2))
+    text = text.replace(f'bootstrap = "127.0.0.1:{kafka}"', f'bootstrap = "{brokers}"')
+    text = text.replace(f'url = "http://127.0.0.1:{opensearch}"', f'url = "{nodes}"\nnumber_of_replicas = 1')
     text = text.replace("[stack]\n", "[stack]\ncluster = true\n")
     assert brokers in text and nodes in text and "cluster = true" in text
     return text
