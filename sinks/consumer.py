@@ -9,6 +9,7 @@ are sent to ``dicom.deadletter`` (with their origin) before the commit, so nothi
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -175,9 +176,13 @@ def run_sink(
     broker restart would stall this consumer for good. A commit that fails is logged; its batch may
     come again (after a rebalance or restart), and every write is idempotent."""
 
+    # When did a commit last fail (0: it did not)? Served inside consume(), on this thread.
+    commit_failed_at = [0.0]
+
     def committed(err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         if err is not None:  # e.g. the coordinator is loading after a broker restart
             log.warning("sink.commit_failed", sink=sink.name, error=err.str())
+            commit_failed_at[0] = time.monotonic()
 
     def subscribed() -> Consumer:
         consumer = kafka_consumer(
@@ -209,6 +214,14 @@ def run_sink(
                 elif err.code() != KafkaError._PARTITION_EOF:
                     log.warning("sink.consume_error", sink=sink.name, error=err.str())
             if not batch:
+                if commit_failed_at[0] and time.monotonic() - commit_failed_at[0] > 5.0:
+                    # The last batch's commit failed (e.g. a rebalance during a broker outage) and no
+                    # batch came since to commit past it: without this, its lag would stay for ever.
+                    commit_failed_at[0] = 0.0
+                    try:
+                        consumer.commit(asynchronous=True)
+                    except KafkaException:  # nothing consumed on the current assignment: nothing owed
+                        pass
                 continue
             if not write_until_done(sink, batch, dead, stop):
                 log.info("sink.stopping_uncommitted", sink=sink.name, messages=len(batch))
