@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import Counter
 
 from diana.clients import kafka_consumer, kafka_producer
@@ -184,23 +184,19 @@ def run_sink(
             log.warning("sink.commit_failed", sink=sink.name, error=err.str())
             commit_failed_at[0] = time.monotonic()
 
-    def subscribed() -> Consumer:
-        consumer = kafka_consumer(
-            kafka,
-            group_id,
-            {
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "partition.assignment.strategy": "cooperative-sticky",
-                # A sink may wait minutes for its store; stay in the group meanwhile.
-                "max.poll.interval.ms": 30 * 60 * 1000,
-                "on_commit": committed,
-            },
-        )
-        consumer.subscribe(list(sink.topics))
-        return consumer
-
-    consumer = subscribed()
+    consumer = kafka_consumer(
+        kafka,
+        group_id,
+        {
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            # A sink may wait minutes for its store; stay in the group meanwhile.
+            "max.poll.interval.ms": 30 * 60 * 1000,
+            "on_commit": committed,
+        },
+    )
+    consumer.subscribe(list(sink.topics))
     dead = DeadLetters(kafka, sink.name)
     log.info("sink.started", sink=sink.name, group=group_id, topics=list(sink.topics))
     try:
