@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/bootstrap.sh --test
-exec .venv/bin/python -m pytest -p no:cacheprovider -ra "$@"
+exec .venv/bin/python -m pytest -p no:cacheprovider -ra --durations=30 "$@"

@@ -1,10 +1,10 @@
-"""CPU cost per InstanceArrived of the codec paths: codec.py (avro) against projection.py (fastavro).
+"""CPU cost per InstanceArrived of the codec (schemas/codec.py): whole records against a projection.
 
     python -m bench.codec_cost [--repeat 3000]
 
-Prints a Markdown table: decode (codec, fastavro whole record, fastavro through the aggregates'
-projection) and encode (codec, fastavro) for events whose header_json holds 0, 150 and 3,000
-elements. CPU time (time.process_time), so a busy machine slows it less than wall time would.
+Prints a Markdown table: decode (whole record, and through a projection to the fields the
+aggregates worker reads) and encode, for events whose header_json holds 0, 150 and 3,000 elements.
+CPU time (time.process_time), so a busy machine slows it less than wall time would.
 """
 
 from __future__ import annotations
@@ -16,7 +16,35 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from diana.schemas.codec import Codec
-from diana.schemas.projection import AGGREGATES_INSTANCE_FIELDS, FastCodec
+
+# What the aggregates worker reads of an InstanceArrived event (stream_apps/aggregates.py).
+AGGREGATES_INSTANCE_FIELDS = (
+    "sop_instance_uid",
+    "sop_class_uid",
+    "study_instance_uid",
+    "series_instance_uid",
+    "transfer_syntax_uid",
+    "patient_id",
+    "patient_name",
+    "patient_birth_date",
+    "patient_sex",
+    "accession_number",
+    "study_date",
+    "study_description",
+    "series_number",
+    "series_description",
+    "modality",
+    "body_part_examined",
+    "instance_number",
+    "station_name",
+    "manufacturer",
+    "size_bytes",
+    "sha256",
+    "received_at",
+    "number_of_frames",
+    "images_in_acquisition",
+    "number_of_temporal_positions",
+)
 
 
 def _event(elements: int) -> dict:
@@ -47,25 +75,19 @@ def _cpu_us(call: Callable[[], object], repeat: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.codec_cost", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeat", type=int, default=3000, help="calls per figure for fastavro (codec: a tenth)")
+    ap.add_argument("--repeat", type=int, default=3000, help="calls per figure")
     args = ap.parse_args(argv)
-    codec, fast = Codec(), FastCodec()
-    projected = FastCodec({"InstanceArrived": AGGREGATES_INSTANCE_FIELDS})
-    rows: dict[str, list[str]] = {k: [] for k in ("decode codec", "decode fastavro", "decode projection")}
-    rows.update({"encode codec": [], "encode fastavro": []})
+    codec = Codec()
+    projected = Codec({"InstanceArrived": AGGREGATES_INSTANCE_FIELDS})
+    rows: dict[str, list[str]] = {k: [] for k in ("decode", "decode projection", "encode")}
     sizes = []
     for elements in (0, 150, 3000):
         event = _event(elements)
         data = codec.encode("InstanceArrived", event)
         sizes.append(f"{len(data) / 1000:.1f} KB")
-        slow = max(args.repeat // 10, 1)
-        rows["decode codec"].append(f"{_cpu_us(lambda d=data: codec.decode(d), slow):.0f} µs")
-        rows["decode fastavro"].append(f"{_cpu_us(lambda d=data: fast.decode(d), args.repeat):.0f} µs")
+        rows["decode"].append(f"{_cpu_us(lambda d=data: codec.decode(d), args.repeat):.0f} µs")
         rows["decode projection"].append(f"{_cpu_us(lambda d=data: projected.decode(d), args.repeat):.0f} µs")
-        rows["encode codec"].append(f"{_cpu_us(lambda e=event: codec.encode('InstanceArrived', e), slow):.0f} µs")
-        rows["encode fastavro"].append(
-            f"{_cpu_us(lambda e=event: fast.encode('InstanceArrived', e), args.repeat):.0f} µs"
-        )
+        rows["encode"].append(f"{_cpu_us(lambda e=event: codec.encode('InstanceArrived', e), args.repeat):.0f} µs")
     print("| | " + " | ".join(sizes) + " |")
     print("|---|" + "---:|" * len(sizes))
     for name, cells in rows.items():

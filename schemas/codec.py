@@ -12,12 +12,18 @@ package, which the receiver, the aggregator and reindex each spent most of their
 ``avro`` still parses the ``.avsc`` files for ``schema()`` (fields, defaults) and the fingerprints.
 ``tests/unit/test_codec.py`` cross-checks the two packages on every schema both ways, so the wire
 format cannot drift.
+
+A reader may name a *projection* per record: the current schema cut down to the fields it reads.
+fastavro's schema resolution then skips the other fields' bytes without building them. fastavro
+resolves the two schemas on every call, so this pays only on large headers (bench/codec_cost.py,
+docs/PERFORMANCE.md: slower below about 9 KB); the aggregates worker decodes whole records.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -51,12 +57,18 @@ class _Entry:
     schema: avro.schema.RecordSchema
     fingerprint: bytes
     parsed: Any  # fastavro's parsed form of the same .avsc
+    raw: dict[str, Any]  # the .avsc as JSON
     # Plain int/long fields: the one misfit fastavro's writer lets through (it truncates a float).
     integral_fields: tuple[str, ...]
 
 
 class Codec:
-    def __init__(self, schema_dir: Path | Traversable = _SCHEMA_DIR):
+    """``encode(name, record)`` and ``decode(data, expect)``; ``projections`` maps a record name (short
+    or full) to the only fields its decoded records keep."""
+
+    def __init__(
+        self, projections: dict[str, Iterable[str]] | None = None, schema_dir: Path | Traversable = _SCHEMA_DIR
+    ) -> None:
         self._by_name: dict[str, _Entry] = {}
         self._by_fingerprint: dict[bytes, _Entry] = {}
         for path in sorted((p for p in schema_dir.iterdir() if p.name.endswith(".avsc")), key=lambda p: p.name):
@@ -66,14 +78,26 @@ class Codec:
                 raise ValueError(f"{path.name}: a topic's schema must be an Avro record")
             fp = schema.fingerprint("CRC-64-AVRO")
             # Each file on its own: a former version (name.vN.avsc) redefines the same names.
-            parsed = fastavro.parse_schema(json.loads(text), named_schemas={})
+            raw = json.loads(text)
+            parsed = fastavro.parse_schema(raw, named_schemas={})
             integral = tuple(f.name for f in schema.fields if f.type.type in ("int", "long"))
-            entry = _Entry(schema.fullname, schema, fp, parsed, integral)
+            entry = _Entry(schema.fullname, schema, fp, parsed, raw, integral)
             self._by_fingerprint[fp] = entry
             # A versioned file (name.v1.avsc) is a former writer schema; the plain file is current.
             if ".v" not in path.name.removesuffix(".avsc"):
                 self._by_name[schema.fullname] = entry
                 self._by_name[schema.name] = entry
+        self._projections: dict[str, Any] = {}  # full name -> fastavro's parsed reader schema
+        for name, fields in (projections or {}).items():
+            self._projections[self._entry(name).name] = self._projection(name, set(fields))
+
+    def _projection(self, name: str, keep: set[str]) -> Any:
+        entry = self._entry(name)
+        unknown = keep - {f.name for f in entry.schema.fields}
+        if unknown:
+            raise ValueError(f"projection of {entry.name} names fields it does not have: {sorted(unknown)}")
+        cut = {**entry.raw, "fields": [f for f in entry.raw["fields"] if f["name"] in keep]}
+        return fastavro.parse_schema(cut, named_schemas={})
 
     def schema(self, name: str) -> avro.schema.RecordSchema:
         return self._entry(name).schema
@@ -112,11 +136,11 @@ class Codec:
         if expect is not None and reader_entry.name != self._entry(expect).name:
             raise DecodeError(f"expected {expect}, got {reader_entry.name}")
         body = io.BytesIO(memoryview(data)[_HEADER_LEN:])
+        reader = self._projections.get(reader_entry.name)
+        if reader is None and reader_entry is not writer:
+            reader = reader_entry.parsed
         try:
-            if reader_entry is writer:
-                record = fastavro.schemaless_reader(body, writer.parsed, None)
-            else:
-                record = fastavro.schemaless_reader(body, writer.parsed, reader_entry.parsed)
+            record = fastavro.schemaless_reader(body, writer.parsed, reader)
         except Exception as exc:
             # Bytes from the wire: truncated (EOFError), a timestamp-millis beyond what a datetime
             # holds (OverflowError), junk lengths or union indexes (ValueError, IndexError)...

@@ -33,7 +33,6 @@ from prometheus_client import Counter
 from diana.clients import kafka_consumer, kafka_producer
 from diana.config import KafkaConfig
 from diana.schemas.codec import Codec, DecodeError, default_codec
-from diana.schemas.projection import FastCodec
 from diana.schemas.topics import DEADLETTER, INSTANCES, SERIES, STUDIES, TICKS
 from diana.stream_apps.completeness import QuietTimes, expected_instances, verdict
 from diana.stream_apps.digest import digest_build, digest_lookup, digest_replace
@@ -333,7 +332,7 @@ class AggregatesHandler:
     def __init__(
         self,
         quiet: QuietTimes,
-        codec: Codec | FastCodec | None = None,
+        codec: Codec | None = None,
         conflict_policy: str = "KEEP_FIRST",
         retention_days: float = 0.0,
     ) -> None:
@@ -344,8 +343,8 @@ class AggregatesHandler:
         self.retention_ms = int(retention_days * DAY_MS)
         # [sinks] archive_conflict_policy: under REPLACE a corrected re-send replaces the instance.
         self.replace = conflict_policy == "REPLACE"
-        # The shared codec (fastavro), whole records: the projection that skips the header
-        # (schemas/projection.py) measured 7-30 us slower per event on headers up to 9 KB (fastavro
+        # The shared codec (fastavro), whole records: a projection that skips the header
+        # (schemas/codec.py) measured 7-30 us slower per event on headers up to 9 KB (fastavro
         # resolves the two schemas on every call) and pays only on large ones; docs/PERFORMANCE.md.
         self.codec = codec or default_codec()
         self.started_ms = int(time.time() * 1000)
