@@ -21,8 +21,11 @@ def deepen_faust_producer_buffer() -> None:
     ProducerBuffer.max_messages = 100_000
 
 
-def create_app(config: Config, app_id: str | None = None, web_port: int | None = None) -> faust.App:
-    """The aggregates app by default; the dose worker passes its own id and port."""
+def create_app(
+    config: Config, app_id: str | None = None, web_port: int | None = None, replication_factor: int = 1
+) -> faust.App:
+    """The aggregates app by default; the dose worker passes its own id and port, and the replication
+    factor its changelogs got (ensure_state_topics), for the topics Faust creates itself."""
     return faust.App(
         app_id or config.stream.app_id,
         **faust_broker_settings(config.kafka),
@@ -30,7 +33,7 @@ def create_app(config: Config, app_id: str | None = None, web_port: int | None =
         datadir=str(config.path(config.stream.data_dir)),
         # Changelogs are co-partitioned with dicom.instances: one study, one partition, one worker.
         topic_partitions=config.kafka.partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=replication_factor,
         consumer_auto_offset_reset="earliest",
         web_port=web_port or config.stream.web_port,
         web_host="127.0.0.1",

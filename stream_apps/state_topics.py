@@ -9,6 +9,7 @@ from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
 from diana.clients import kafka_admin
 from diana.config import Config
+from diana.schemas.topics import replication
 
 __all__ = ["CHANGELOG_CONFIG", "ensure_state_topics"]
 
@@ -28,17 +29,24 @@ CHANGELOG_CONFIG = {
 }
 
 
-def ensure_state_topics(config: Config, names: list[str], timeout: float = 60.0) -> None:
+def ensure_state_topics(config: Config, names: list[str], timeout: float = 60.0) -> int:
     """Create compacted state topics (changelogs) before a worker starts, and wait until the broker lists them.
+
+    Replicated as the event topics are (``[kafka] replication_factor``, automatic: 3 replicas and
+    ``min.insync.replicas`` 2 on a cluster of three brokers); returns the replication factor, for the
+    topics Faust creates itself.
 
     Faust creates its changelogs itself, but on a busy fresh broker its next metadata read could
     miss them, and the agent then crashed with PartitionsMismatch (seen when two workers started
     together). They are co-partitioned with dicom.instances.
     """
     admin = kafka_admin(config.kafka)
-    existing = set(admin.list_topics(timeout=timeout).topics)
+    metadata = admin.list_topics(timeout=timeout)
+    existing = set(metadata.topics)
+    rf, isr = replication(len(metadata.brokers), config.kafka.replication_factor, config.kafka.min_insync_replicas)
+    topic_config = {**CHANGELOG_CONFIG, "min.insync.replicas": str(isr)}
     wanted = [
-        NewTopic(n, num_partitions=config.kafka.partitions, replication_factor=-1, config=dict(CHANGELOG_CONFIG))
+        NewTopic(n, num_partitions=config.kafka.partitions, replication_factor=rf, config=topic_config)
         for n in names
         if n not in existing
     ]
@@ -58,7 +66,7 @@ def ensure_state_topics(config: Config, names: list[str], timeout: float = 60.0)
     while True:
         topics = admin.list_topics(timeout=timeout).topics
         if all(n in topics and len(topics[n].partitions) == config.kafka.partitions for n in names):
-            return
+            return rf
         if time.monotonic() > deadline:
             raise RuntimeError(f"changelog topics not visible after {timeout:.0f} s: {names}")
         time.sleep(0.2)

@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Pki", "make_pki", "OPENSEARCH_NODE_DN", "OPENSEARCH_ADMIN_DN"]
+__all__ = ["Pki", "make_pki", "make_ca", "sign", "OPENSEARCH_NODE_DN", "OPENSEARCH_ADMIN_DN"]
 
 OPENSEARCH_NODE_DN = "CN=diana-opensearch-node,O=diana-star"
 OPENSEARCH_ADMIN_DN = "CN=diana-opensearch-admin,O=diana-star"
@@ -53,7 +53,20 @@ def _subject(dn: str) -> str:
     return "/" + "/".join(reversed(dn.split(",")))
 
 
-def _signed(d: Path, name: str, dn: str, usage: str, ip_san: bool) -> None:
+def make_ca(d: Path, dn: str = "CN=diana-star local CA,O=diana-star", days: str = "3650") -> Path:
+    """``d``/ca.pem and its key (made once; kept afterwards)."""
+    if not (d / "ca.pem").exists():
+        _openssl(
+            d,
+            "req", "-x509", "-newkey", "rsa:3072", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", days, "-sha256", "-subj", _subject(dn),
+        )  # fmt: skip
+        (d / "ca.key").chmod(0o600)
+    return d / "ca.pem"
+
+
+def sign(d: Path, name: str, dn: str, usage: str, ip_san: bool, days: str = _DAYS) -> None:
+    """``d``/name.pem and name.key, signed by ``d``'s CA for the extended key ``usage`` (made once)."""
     if (d / f"{name}.pem").exists() and (d / f"{name}.key").exists():
         return
     _openssl(
@@ -76,7 +89,7 @@ def _signed(d: Path, name: str, dn: str, usage: str, ip_san: bool) -> None:
     _openssl(
         d,
         "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", f"{name}.pem", "-days", _DAYS, "-sha256", "-extfile", f"{name}.ext",
+        "-out", f"{name}.pem", "-days", days, "-sha256", "-extfile", f"{name}.ext",
     )  # fmt: skip
     (d / f"{name}.key").chmod(0o600)
 
@@ -85,16 +98,10 @@ def make_pki(d: Path) -> Pki:
     """The CA and certificates in ``d`` (made once; kept afterwards)."""
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
-    if not (d / "ca.pem").exists():
-        _openssl(
-            d,
-            "req", "-x509", "-newkey", "rsa:3072", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-            "-days", "3650", "-sha256", "-subj", "/O=diana-star/CN=diana-star local CA",
-        )  # fmt: skip
-        (d / "ca.key").chmod(0o600)
-    _signed(d, "kafka", "CN=127.0.0.1,O=diana-star", "serverAuth,clientAuth", ip_san=True)
-    _signed(d, "opensearch-node", OPENSEARCH_NODE_DN, "serverAuth,clientAuth", ip_san=True)
-    _signed(d, "opensearch-admin", OPENSEARCH_ADMIN_DN, "clientAuth", ip_san=False)
+    make_ca(d)
+    sign(d, "kafka", "CN=127.0.0.1,O=diana-star", "serverAuth,clientAuth", ip_san=True)
+    sign(d, "opensearch-node", OPENSEARCH_NODE_DN, "serverAuth,clientAuth", ip_san=True)
+    sign(d, "opensearch-admin", OPENSEARCH_ADMIN_DN, "clientAuth", ip_san=False)
     pki = Pki(
         ca=d / "ca.pem",
         kafka_cert=d / "kafka.pem",

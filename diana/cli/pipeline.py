@@ -135,9 +135,9 @@ def cmd_dose(cfg: Config, _args: argparse.Namespace) -> int:
         levels = load_reference_levels(cfg.path(Path(d.reference_levels)) if d.reference_levels else None)
     except (RulesError, NamesError, LevelsError) as exc:
         return fail("dose", str(exc))
-    ensure_state_topics(cfg, [f"{d.app_id}-{table}-changelog" for table in TABLES])
+    replication_factor = ensure_state_topics(cfg, [f"{d.app_id}-{table}-changelog" for table in TABLES])
     deepen_faust_producer_buffer()
-    app = create_app(cfg, app_id=d.app_id, web_port=d.web_port)
+    app = create_app(cfg, app_id=d.app_id, web_port=d.web_port, replication_factor=replication_factor)
     files = ImageFiles(cfg.path(cfg.storage.landing_dir), cfg.path(cfg.storage.archive_dir))
     register_dose(app, rules, image_files=files, size_sample_every=d.size_sample_every, names=names, levels=levels)
     worker = faust.Worker(app, loglevel=cfg.log.level.upper(), quiet=True)

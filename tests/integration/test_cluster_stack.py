@@ -252,11 +252,16 @@ def make_corpus(name: str, studies: int, per_series: int) -> dict[Path, tuple[st
 def test_topics_have_three_replicas_and_two_in_sync(cluster) -> None:
     from confluent_kafka.admin import ConfigResource
 
+    from diana.stream_apps.state_topics import ensure_state_topics
+
     cfg, _, _ = cluster
+    # A stream worker's changelog, made as the workers make theirs (the dose worker hands the factor on to Faust).
+    changelog = "diana-cluster-test-state-changelog"
+    assert ensure_state_topics(cfg, [changelog]) == 3
     admin = kafka_admin(cfg.kafka)
     metadata = admin.list_topics(timeout=10)
     assert len(metadata.brokers) == 3
-    for name in (INSTANCES.name, SERIES.name, STUDIES.name):
+    for name in (INSTANCES.name, SERIES.name, STUDIES.name, changelog):
         partitions = metadata.topics[name].partitions
         assert len(partitions) == cfg.kafka.partitions
         assert all(len(p.replicas) == 3 for p in partitions.values()), name

@@ -1,5 +1,6 @@
 """DICOMweb on the real pipeline with the dicomweb-client package: QIDO-RS, WADO-RS (instances,
-series, metadata, frames), bearer authentication, and the refusal to expose data without it."""
+series, metadata, frames), bearer authentication, HTTPS with basic authentication and CORS, and the
+refusal to expose data without authentication."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from diana.schemas.topics import INSTANCES
 from tests.support.dicomgen import SeriesSpec, make_study
 from tests.support.helpers import storescu, topic_records, wait_until_caught_up
 from tests.support.paths import REPO, TEST_HOME, port
+from tests.support.pki import make_certificates
 
 WEB_PORT = port(18042)
 TOKEN = "diana-test-token-0123456789"
@@ -190,6 +192,79 @@ def test_stow_stores_through_the_receivers_path(web, pipeline, tmp_path):
     retrieved = {ds.SOPInstanceUID: ds for ds in client.retrieve_study(study.study_uid)}
     for ds in datasets:
         assert retrieved[ds.SOPInstanceUID] == ds
+
+
+def test_https_with_basic_authentication_and_cors_for_a_browser_viewer(web, pipeline, tmp_path):
+    """A second DICOMweb service as a site would expose it to a browser viewer: HTTPS with a private CA,
+    HTTP basic credentials from a file, one allowed origin."""
+    _, study, _ = web
+    certs = make_certificates(tmp_path)
+    password_file = tmp_path / "dicomweb-password"
+    password_file.write_text("viewer-password-0123")
+    origin = "https://viewer.example.org"
+    tls_port = port(18045)
+    proc = pipeline.start(
+        "dicomweb-tls",
+        "serve",
+        "--only",
+        "web",
+        settings={
+            "DIANA_DICOMWEB_PORT": str(tls_port),
+            "DIANA_DICOMWEB_TLS_CERT_FILE": str(certs["server.pem"]),
+            "DIANA_DICOMWEB_TLS_KEY_FILE": str(certs["server.key"]),
+            "DIANA_DICOMWEB_BASIC_USER": "viewer",
+            "DIANA_DICOMWEB_BASIC_PASSWORD_FILE": str(password_file),
+            "DIANA_DICOMWEB_CORS_ORIGINS": origin,
+            "DIANA_DICOMWEB_METRICS_PORT": "0",
+        },
+    )
+    url = f"https://127.0.0.1:{tls_port}"
+    session = requests.Session()
+    session.trust_env = False  # else REQUESTS_CA_BUNDLE, when set, overrides session.verify (requests issue 3829)
+    session.verify = str(certs["ca.pem"])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                session.get(url + "/studies", timeout=5)
+                break
+            except requests.ConnectionError as exc:
+                alive = proc.poll() is None and time.monotonic() < deadline
+                assert alive, f"{exc!r}\n{pipeline.log_text('dicomweb-tls')[-2000:]}"
+                time.sleep(0.3)
+        assert session.get(url + "/studies", timeout=10).status_code == 401
+        assert session.get(url + "/studies", auth=("viewer", "wrong-password-0123"), timeout=10).status_code == 401
+        session.auth = ("viewer", "viewer-password-0123")
+        client = DICOMwebClient(url, session=session)
+        (found,) = client.search_for_studies(search_filters={"PatientID": "WEB-P1"})
+        assert pydicom.Dataset.from_json(found).StudyInstanceUID == study.study_uid
+        assert {ds.SOPInstanceUID for ds in client.retrieve_study(study.study_uid)} == {
+            pydicom.dcmread(p).SOPInstanceUID for p in study.files
+        }
+        # A server certificate the client cannot verify is refused by the client, not ignored.
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(url + "/studies", auth=("viewer", "viewer-password-0123"), timeout=10)
+        # Plain HTTP on the HTTPS port gets no data.
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{tls_port}/studies", timeout=10).raise_for_status()
+        # A browser's preflight carries no credentials and is answered for the allowed origin only.
+        preflight = {"Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "authorization"}
+        allowed = requests.options(
+            url + "/studies", headers={"Origin": origin, **preflight}, verify=str(certs["ca.pem"]), timeout=10
+        )
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == origin
+        other = requests.options(
+            url + "/studies",
+            headers={"Origin": "https://evil.example.com", **preflight},
+            verify=session.verify,
+            timeout=10,
+        )
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        answer = session.get(url + "/studies", params={"PatientID": "WEB-P1"}, headers={"Origin": origin}, timeout=10)
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == origin
+        assert proc.poll() is None
+    finally:
+        pipeline.stop("dicomweb-tls")
 
 
 def test_refuses_to_start_exposed_without_authentication(pipeline):

@@ -1,61 +1,15 @@
-"""Certificates for the DICOM-over-TLS tests, made with openssl."""
+"""Certificates for the DICOM-over-TLS tests, made as the secured stack makes its own (compose/local/certificates.py)."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
+
+from diana.compose.local.certificates import make_ca, sign
 
 
 def make_certificates(d: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl in ``d``."""
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    run(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=diana-test-ca",
-    )
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, in ``d``, valid for 2 days."""
+    make_ca(d, "CN=diana-test-ca", days="2")
     for name in ("server", "client"):
-        run(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            "-subj",
-            f"/CN={name}",
-        )
-        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-        run(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.pem",
-            "-days",
-            "2",
-            "-extfile",
-            f"{name}.ext",
-        )
+        sign(d, name, f"CN={name}", "serverAuth,clientAuth", ip_san=True, days="2")
     return {n: d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
