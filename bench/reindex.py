@@ -7,6 +7,7 @@ and a new study every 200 events, in the record and in its header JSON alike), t
 swap included). Optionally:
 
 - ``--profile``: a second reindex under ``py-spy record`` (its top frames are printed);
+- ``--processes 1,2``: alternate runs with these ``diana reindex --processes`` counts;
 - ``--floor``: OpenSearch's own bulk rate for the same documents: the NDJSON bodies built in memory
   beforehand (with the sink's own document builder) and posted by a bare ``http.client`` from
   ``--floor-threads`` threads into a fresh index with the same template and refresh off. That is the
@@ -126,12 +127,14 @@ def fill(cfg: Any, templates: list[dict[str, Any]], n: int) -> int:
 
 
 def reindex(
-    config: Path, progress: bool, profile_to: Path | None = None, tree: Path = REPO
+    config: Path, progress: bool, profile_to: Path | None = None, tree: Path = REPO, processes: int | None = None
 ) -> tuple[float, str, float]:
     """Run `diana reindex --kinds instances` of the checkout ``tree`` (its .venv; under py-spy if
-    ``profile_to``); (seconds, its output, its CPU seconds)."""
+    ``profile_to``); (seconds, its output, its CPU seconds, its catch-up processes' included)."""
     python = str(tree / ".venv" / "bin" / "python") if tree != REPO else sys.executable
     cmd = [python, "-m", "diana.cli", "--config", str(config), "reindex", "--kinds", "instances"]
+    if processes is not None:
+        cmd += ["--processes", str(processes)]
     if not progress:
         cmd.append("--no-progress")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
@@ -259,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--profile", action="store_true", help="one more reindex under py-spy; print its top frames")
     ap.add_argument(
+        "--processes",
+        default="",
+        metavar="N,M",
+        help="alternate runs with these `diana reindex --processes` counts (default: the command's own)",
+    )
+    ap.add_argument(
         "--floor",
         action="store_true",
         help="OpenSearch's own bulk rate for the same documents, after each round of runs",
@@ -308,17 +317,19 @@ def main(argv: list[str] | None = None) -> int:
         result["runs"] = []
         # Compared trees alternate run by run: on a shared machine the load moves within minutes.
         trees = [args.compare.resolve(), REPO] if args.compare else [REPO]
+        counts: list[int | None] = [int(n) for n in args.processes.split(",") if n.strip()] or [None]
         for _ in range(args.runs):
-            for tree in trees:
+            for tree, processes in [(t, n) for t in trees for n in counts]:
                 drop_unaliased(cfg)
                 load = os.getloadavg()[0]
                 os_cpu = opensearch_cpu(stack)
-                seconds, out, cpu = reindex(config, args.progress, tree=tree)
+                seconds, out, cpu = reindex(config, args.progress, tree=tree, processes=processes)
                 os_cpu = opensearch_cpu(stack) - os_cpu
                 rate = args.events / seconds
                 # CPU per event of the reindex process and of OpenSearch: the rate 2 idle cores would allow.
                 run = {
                     "tree": str(tree),
+                    "processes": processes,
                     "seconds": round(seconds, 2),
                     "events_per_s": round(rate),
                     "load_1m": load,
@@ -326,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                     "opensearch_cpu_us": round(1e6 * os_cpu / args.events),
                 }
                 result["runs"].append(run)
-                print(f"reindex [{tree}]: {args.events} events in {seconds:.2f} s = {rate:.0f}/s (load {load:.2f})")
+                label = f"{tree}" + (f", --processes {processes}" if processes is not None else "")
+                print(f"reindex [{label}]: {args.events} events in {seconds:.2f} s = {rate:.0f}/s (load {load:.2f})")
                 print(f"  CPU per event: reindex {run['reindex_cpu_us']} us, OpenSearch {run['opensearch_cpu_us']} us")
                 print(out.strip(), flush=True)
             if args.floor:  # each round: the runs' ratio to the floor is measured under the same load

@@ -3,6 +3,10 @@
 1. Create the next version of each index (``diana-series-v2``) from the current template.
 2. Read the topics from the beginning with a consumer of its own (no group commits) and write
    into the new version, while the live sink keeps writing through the alias to the old one.
+   With ``processes`` > 1 the partitions are shared out among that many processes, each with its
+   own consumer and bulk writer: the decoding and document building (about 150 µs of CPU per
+   event, docs/PERFORMANCE.md) is what limits one process, and one partition's events stay in
+   one process, in order.
 3. Caught up: swap every alias in one atomic request.
 4. Catch up once more, to the end offsets after the swap: what the live sink wrote to the old
    version just before the swap reaches the new one too (writes are idempotent).
@@ -11,23 +15,29 @@ The old versions are deleted only on request.
 
 from __future__ import annotations
 
+import multiprocessing
+import queue
 import re
 import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from opensearchpy import OpenSearch
 
-from diana.clients import kafka_consumer
-from diana.config import ConflictPolicy, KafkaConfig
+from diana.clients import kafka_consumer, opensearch_client
+from diana.config import ConflictPolicy, KafkaConfig, LogConfig, OpenSearchConfig
+from diana.logs import configure_logging
 from diana.schemas.layout import IndexLayout
 from diana.sinks.consumer import DeadLetters, write_until_done
 from diana.sinks.opensearch import OpenSearchSink, PreparedBatch, install_template
 
-__all__ = ["Reindexer", "current_version"]
+__all__ = ["Reindexer", "ReindexFailed", "current_version", "share_out"]
+
+Partition = tuple[str, int]
 
 log = structlog.get_logger("diana.reindex")
 
@@ -57,6 +67,126 @@ class _Prepared:
             self.sink.write(batch, dead)
 
 
+class ReindexFailed(RuntimeError):
+    """A catch-up process failed or died; the new index versions are left unaliased."""
+
+
+def catch_up(
+    consumer: Consumer,
+    sink: OpenSearchSink,
+    dead: DeadLetters,
+    position: dict[Partition, int],
+    ends: dict[Partition, int],
+    batch: int,
+    progress: Callable[[int], None],
+) -> None:
+    """Consume until every partition's ``position`` reached its end offset in ``ends``; return when
+    everything consumed is written.
+
+    Two stages: this thread consumes and prepares a batch (decoding, documents, request bodies)
+    while a writer thread sends the batch before it. Batches are written one after the other, in
+    the order consumed, so a document's later event is never overtaken by an earlier one.
+
+    A partition's end-of-partition event also moves its position: a topic written in Kafka
+    transactions (dicom.series) ends with commit markers that take offsets but are never
+    delivered, so the last message's offset + 1 can stay below the end for good.
+    """
+
+    def write(messages: list[Message], prepared: PreparedBatch | None) -> None:
+        # never asked to stop: retried until written
+        write_until_done(_Prepared(sink, prepared), messages, dead, threading.Event())
+        progress(len(messages))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="reindex-writer") as writer:
+        writing: Future[None] | None = None
+        while any(position[tp] < end for tp, end in ends.items()):
+            consumed = consumer.consume(batch, timeout=1.0)
+            messages = [m for m in consumed if m.error() is None]
+            if messages:
+                try:
+                    prepared: PreparedBatch | None = sink.prepare(messages)
+                except Exception:  # the writer writes it message by message, parking what raises
+                    prepared = None
+                if writing is not None:
+                    writing.result()  # raises what the writer raised
+                writing = writer.submit(write, messages, prepared)
+            for m in consumed:  # in order: a partition's end event comes after its messages
+                tp = (m.topic(), m.partition())
+                if m.error() is None:
+                    position[tp] = m.offset() + 1
+                elif m.error().code() == KafkaError._PARTITION_EOF:
+                    position[tp] = max(position[tp], m.offset())
+        if writing is not None:
+            writing.result()
+
+
+def share_out(work: dict[Partition, int], processes: int) -> list[list[Partition]]:
+    """Partitions with events to read, shared among at most ``processes`` by their event counts
+    (largest first, each to the least loaded share)."""
+    busy = sorted((tp for tp, events in work.items() if events > 0), key=lambda tp: (-work[tp], tp))
+    shares: list[list[Partition]] = [[] for _ in range(max(1, min(processes, len(busy))))]
+    loads = [0] * len(shares)
+    for tp in busy:
+        least = loads.index(min(loads))
+        shares[least].append(tp)
+        loads[least] += work[tp]
+    return [share for share in shares if share]
+
+
+@dataclass(frozen=True)
+class _Share:
+    """One catch-up process's part: its partitions from ``starts`` to ``ends``, and how to write them."""
+
+    number: int
+    kafka: KafkaConfig
+    opensearch: OpenSearchConfig
+    log: LogConfig
+    index_prefix: str
+    version: int
+    max_bytes: int
+    batch: int
+    conflict_policy: str
+    parallel_requests: int
+    starts: dict[Partition, int]
+    ends: dict[Partition, int]
+
+
+def _catch_up_share(share: _Share, events: multiprocessing.Queue) -> None:
+    """A catch-up process (spawned): its own consumer, sink and dead letters; reports progress and
+    its final positions through ``events``."""
+    configure_logging(share.log.level, share.log.format)
+    try:
+        sink = OpenSearchSink(
+            opensearch_client(share.opensearch, timeout=60),
+            IndexLayout(share.index_prefix),
+            max_bytes=share.max_bytes,
+            index_version=share.version,
+            conflict_policy=share.conflict_policy,
+            parallel_requests=share.parallel_requests,
+        )
+        consumer = kafka_consumer(
+            share.kafka, f"diana-reindex-{uuid.uuid4()}", {"enable.auto.commit": False, "enable.partition.eof": True}
+        )
+        try:
+            consumer.assign([TopicPartition(t, p, offset) for (t, p), offset in share.starts.items()])
+            position = dict(share.starts)
+            catch_up(
+                consumer,
+                sink,
+                DeadLetters(share.kafka, "reindex"),
+                position,
+                share.ends,
+                share.batch,
+                lambda n: events.put(("progress", share.number, n)),
+            )
+        finally:
+            consumer.close()
+    except BaseException as exc:
+        events.put(("failed", share.number, f"{type(exc).__name__}: {exc}"))
+        raise
+    events.put(("done", share.number, position))
+
+
 class Reindexer:
     def __init__(
         self,
@@ -69,8 +199,17 @@ class Reindexer:
         conflict_policy: str = ConflictPolicy.KEEP_FIRST,
         parallel_requests: int = 4,
         number_of_replicas: int = 0,
+        processes: int = 1,
+        opensearch: OpenSearchConfig | None = None,
+        log_config: LogConfig | None = None,
     ):
         self.client, self.layout, self.kafka, self.dead = client, layout, kafka, dead
+        # Catch-up processes for the first pass (the second, after the swap, is short: this one).
+        # They build their own clients, so they need the settings, not the client.
+        if processes > 1 and opensearch is None:
+            raise ValueError("several reindex processes need the [opensearch] settings")
+        self.processes, self.opensearch = processes, opensearch
+        self.log_config = log_config or LogConfig()
         self.number_of_replicas = number_of_replicas  # of the new versions ([opensearch])
         self.max_bytes, self.batch = max_bytes, batch
         # Bulk requests in flight at once: OpenSearch indexes them on all its cores while the
@@ -102,57 +241,66 @@ class Reindexer:
             self.client.indices.put_settings(index=index, body={"index": {"refresh_interval": "-1"}})
         return refresh
 
-    def _catch_up(
+    def _catch_up_in_processes(
         self,
-        consumer: Consumer,
-        sink: OpenSearchSink,
-        position: dict[tuple[str, int], int],
-        ends: dict[tuple[str, int], int],
+        version: int,
+        starts: dict[Partition, int],
+        ends: dict[Partition, int],
         progress: Callable[[int], None],
-    ) -> None:
-        """Consume until every partition's ``position`` reached its end offset in ``ends``; return when
-        everything consumed is written.
-
-        Two stages: this thread consumes and prepares a batch (decoding, documents, request bodies)
-        while a writer thread sends the batch before it. Batches are written one after the other, in
-        the order consumed, so a document's later event is never overtaken by an earlier one.
-
-        A partition's end-of-partition event also moves its position: a topic written in Kafka
-        transactions (dicom.series) ends with commit markers that take offsets but are never
-        delivered, so the last message's offset + 1 can stay below the end for good.
-        """
-        with ThreadPoolExecutor(1, thread_name_prefix="reindex-writer") as writer:
-            writing: Future[None] | None = None
-            while any(position[tp] < end for tp, end in ends.items()):
-                consumed = consumer.consume(self.batch, timeout=1.0)
-                messages = [m for m in consumed if m.error() is None]
-                if messages:
-                    try:
-                        prepared: PreparedBatch | None = sink.prepare(messages)
-                    except Exception:  # the writer writes it message by message, parking what raises
-                        prepared = None
-                    if writing is not None:
-                        writing.result()  # raises what the writer raised
-                    writing = writer.submit(self._write, sink, messages, prepared, progress)
-                for m in consumed:  # in order: a partition's end event comes after its messages
-                    tp = (m.topic(), m.partition())
-                    if m.error() is None:
-                        position[tp] = m.offset() + 1
-                    elif m.error().code() == KafkaError._PARTITION_EOF:
-                        position[tp] = max(position[tp], m.offset())
-            if writing is not None:
-                writing.result()
-
-    def _write(
-        self,
-        sink: OpenSearchSink,
-        messages: list[Message],
-        prepared: PreparedBatch | None,
-        progress: Callable[[int], None],
-    ) -> None:
-        # never asked to stop: retried until written
-        write_until_done(_Prepared(sink, prepared), messages, self.dead, threading.Event())
-        progress(len(messages))
+    ) -> dict[Partition, int]:
+        """``catch_up`` in spawned processes, one share of the partitions each; their final positions."""
+        assert self.opensearch is not None
+        shares = share_out({tp: ends[tp] - starts[tp] for tp in ends}, self.processes)
+        context = multiprocessing.get_context("spawn")  # never fork a process holding librdkafka threads
+        events = context.Queue()
+        position = dict(starts)
+        procs = {}
+        for number, partitions in enumerate(shares):
+            share = _Share(
+                number,
+                self.kafka,
+                self.opensearch,
+                self.log_config,
+                self.layout.prefix,
+                version,
+                self.max_bytes,
+                self.batch,
+                self.conflict_policy,
+                self.parallel_requests,
+                {tp: starts[tp] for tp in partitions},
+                {tp: ends[tp] for tp in partitions},
+            )
+            procs[number] = context.Process(
+                target=_catch_up_share, args=(share, events), name=f"diana-reindex-{number}"
+            )
+            procs[number].start()
+        log.info("reindex.processes", processes=len(procs), partitions=[len(s) for s in shares])
+        done: set[int] = set()
+        try:
+            while len(done) < len(procs):
+                try:
+                    kind, number, value = events.get(timeout=1.0)
+                except queue.Empty:
+                    gone = [n for n, proc in procs.items() if n not in done and proc.exitcode is not None]
+                    if gone:
+                        raise ReindexFailed(
+                            f"reindex process {gone[0]} exited ({procs[gone[0]].exitcode}) before it was done"
+                        ) from None
+                    continue
+                if kind == "progress":
+                    progress(value)
+                elif kind == "done":
+                    position.update(value)
+                    done.add(number)
+                else:
+                    raise ReindexFailed(f"reindex process {number} failed: {value}")
+        finally:
+            failed = len(done) < len(procs)
+            for proc in procs.values():
+                if failed and proc.exitcode is None:
+                    proc.terminate()
+                proc.join(30)
+        return position
 
     def run(
         self,
@@ -185,9 +333,13 @@ class Reindexer:
                     low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
                     starts[(topic, p)], ends[(topic, p)] = low, high
             set_total(sum(ends[tp] - starts[tp] for tp in ends))
-            consumer.assign([TopicPartition(t, p, starts[(t, p)]) for (t, p) in starts])
-            position = dict(starts)
-            self._catch_up(consumer, sink, position, ends, progress)
+            work = {tp: ends[tp] - starts[tp] for tp in ends}
+            if self.processes > 1 and len(share_out(work, self.processes)) > 1:
+                position = self._catch_up_in_processes(version, starts, ends, progress)
+            else:
+                consumer.assign([TopicPartition(t, p, starts[(t, p)]) for (t, p) in starts])
+                position = dict(starts)
+                catch_up(consumer, sink, self.dead, position, ends, self.batch, progress)
             for index, interval in refresh.items():
                 self.client.indices.put_settings(index=index, body={"index": {"refresh_interval": interval}})
                 self.client.indices.refresh(index=index)
@@ -203,7 +355,8 @@ class Reindexer:
             for t, p in ends:
                 later[(t, p)] = consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
             set_total(sum(later[tp] - starts[tp] for tp in later))
-            self._catch_up(consumer, sink, position, later, progress)
+            consumer.assign([TopicPartition(t, p, position[(t, p)]) for (t, p) in position])
+            catch_up(consumer, sink, self.dead, position, later, self.batch, progress)
         finally:
             consumer.close()
         for kind in kinds:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from diana.cli._common import fail
@@ -78,6 +79,9 @@ def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
         max_bytes=cfg.sinks.bulk_max_bytes,
         conflict_policy=cfg.sinks.archive_conflict_policy,
         number_of_replicas=cfg.opensearch.number_of_replicas,
+        processes=args.processes or min(os.cpu_count() or 1, 4),
+        opensearch=cfg.opensearch,
+        log_config=cfg.log,
     )
     with tqdm(unit="event", desc="reindex", disable=args.no_progress) as bar:
 
@@ -228,5 +232,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--kinds", default=INDEX_KINDS, help=f"comma-separated: {INDEX_KINDS.replace(',', ', ')} (default: all)"
     )
     ri.add_argument("--delete-old", action="store_true", help="delete the previous versions after the swap")
+    ri.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="catch-up processes sharing the partitions (default: one per core, at most 4; 1: no extra process)",
+    )
     ri.add_argument("--no-progress", action="store_true", help="no progress bar")
     ri.set_defaults(func=cmd_reindex)

@@ -98,8 +98,10 @@ def test_reindex_while_instances_arrive_swaps_the_alias_with_exact_counts(pipeli
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    result = _diana(pipeline, "reindex", "--no-progress")
+    # Three catch-up processes sharing the partitions (the default is one per core).
+    result = _diana(pipeline, "reindex", "--no-progress", "--processes", "3")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "reindex.processes" in result.stdout + result.stderr, result.stdout + result.stderr
     assert sender.wait(120) == 0
     wait_until_caught_up(cfg)
 

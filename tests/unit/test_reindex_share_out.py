@@ -1,0 +1,22 @@
+"""Unit: how `diana reindex` shares partitions among its catch-up processes."""
+
+from __future__ import annotations
+
+from diana.operations.reindex import share_out
+
+
+def test_every_busy_partition_goes_to_exactly_one_process_and_loads_are_balanced():
+    work = {("dicom.instances", 0): 900, ("dicom.instances", 1): 500, ("dicom.instances", 2): 400}
+    work |= {("dicom.series", 0): 100, ("dicom.series", 1): 0}
+    shares = share_out(work, 2)
+    assert len(shares) == 2
+    assigned = [tp for share in shares for tp in share]
+    assert sorted(assigned) == sorted(tp for tp, n in work.items() if n > 0)  # the empty partition is nobody's
+    loads = sorted(sum(work[tp] for tp in share) for share in shares)
+    assert loads == [900, 1000]
+
+
+def test_no_more_processes_than_partitions_with_events():
+    work = {("dicom.instances", 0): 10, ("dicom.instances", 1): 0, ("dicom.instances", 2): 0}
+    assert share_out(work, 4) == [[("dicom.instances", 0)]]
+    assert share_out({("dicom.instances", 0): 0}, 4) == []
