@@ -9,9 +9,9 @@ from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
 from diana.clients import kafka_admin
 from diana.config import Config
-from diana.schemas.topics import replication
+from diana.schemas.topics import INSTANCES, replication
 
-__all__ = ["CHANGELOG_CONFIG", "ensure_state_topics"]
+__all__ = ["CHANGELOG_CONFIG", "PartitionMismatch", "ensure_state_topics"]
 
 # Compaction only cleans closed segments: the broker's default segment (1 GiB or 7 days) kept a
 # changelog's records, superseded or not, for a week or more. Rolled hourly (or at 64 MiB), the
@@ -29,6 +29,26 @@ CHANGELOG_CONFIG = {
 }
 
 
+class PartitionMismatch(RuntimeError):
+    """dicom.instances, a changelog and ``[kafka] partitions`` disagree on the partition count."""
+
+
+def _check_partitions(config: Config, counts: dict[str, int]) -> None:
+    """A worker's state for input partition p lives in partition p of its changelogs, and a study's
+    events in one partition: a count changed under a running archive would put a study's later
+    events beside another partition's state (counts restarting, revisions the sinks refuse)."""
+    wanted = config.kafka.partitions
+    wrong = {name: n for name, n in counts.items() if n != wanted}
+    if wrong:
+        # dicom.instances first: the count everything else follows
+        found = ", ".join(f"{name} has {n}" for name, n in sorted(wrong.items(), key=lambda i: i[0] != INSTANCES.name))
+        raise PartitionMismatch(
+            f"[kafka] partitions is {wanted}, but {found}. A stream worker needs dicom.instances and its "
+            "changelogs to have the same count: set [kafka] partitions to the topics' count. Changing the "
+            'count of a running archive is not supported (docs/OPERATIONS.md, "The partition count").'
+        )
+
+
 def ensure_state_topics(config: Config, names: list[str], timeout: float = 60.0) -> int:
     """Create compacted state topics (changelogs) before a worker starts, and wait until the broker lists them.
 
@@ -43,6 +63,9 @@ def ensure_state_topics(config: Config, names: list[str], timeout: float = 60.0)
     admin = kafka_admin(config.kafka)
     metadata = admin.list_topics(timeout=timeout)
     existing = set(metadata.topics)
+    _check_partitions(
+        config, {n: len(metadata.topics[n].partitions) for n in [INSTANCES.name, *names] if n in existing}
+    )
     rf, isr = replication(len(metadata.brokers), config.kafka.replication_factor, config.kafka.min_insync_replicas)
     topic_config = {**CHANGELOG_CONFIG, "min.insync.replicas": str(isr)}
     wanted = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
     from diana.stream_apps.aggregates import aggregates_loop, changelog_topic
     from diana.stream_apps.completeness import QuietTimes
-    from diana.stream_apps.state_topics import ensure_state_topics
+    from diana.stream_apps.state_topics import PartitionMismatch, ensure_state_topics
     from diana.stream_apps.transactional import GiveUp
     from diana.stream_apps.worker_id import WorkerIdError, stable_worker_id
 
@@ -98,7 +99,10 @@ def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
         )
     except WorkerIdError as exc:
         return fail("aggregate", str(exc))
-    ensure_state_topics(cfg, [changelog_topic(cfg.stream.app_id)])
+    try:
+        ensure_state_topics(cfg, [changelog_topic(cfg.stream.app_id)])
+    except PartitionMismatch as exc:
+        return fail("aggregate", str(exc))
     start_metrics(cfg, cfg.stream.web_port)
     loop = aggregates_loop(
         cfg.kafka,
@@ -126,7 +130,7 @@ def cmd_dose(cfg: Config, _args: argparse.Namespace) -> int:
     from diana.stream_apps.dose.image_files import ImageFiles
     from diana.stream_apps.dose.reference_levels import LevelsError, load_reference_levels
     from diana.stream_apps.dose.standard_names import NamesError, load_standard_names
-    from diana.stream_apps.state_topics import ensure_state_topics
+    from diana.stream_apps.state_topics import PartitionMismatch, ensure_state_topics
 
     d = cfg.dose
     try:
@@ -135,7 +139,10 @@ def cmd_dose(cfg: Config, _args: argparse.Namespace) -> int:
         levels = load_reference_levels(cfg.path(Path(d.reference_levels)) if d.reference_levels else None)
     except (RulesError, NamesError, LevelsError) as exc:
         return fail("dose", str(exc))
-    replication_factor = ensure_state_topics(cfg, [f"{d.app_id}-{table}-changelog" for table in TABLES])
+    try:
+        replication_factor = ensure_state_topics(cfg, [f"{d.app_id}-{table}-changelog" for table in TABLES])
+    except PartitionMismatch as exc:
+        return fail("dose", str(exc))
     deepen_faust_producer_buffer()
     app = create_app(cfg, app_id=d.app_id, web_port=d.web_port, replication_factor=replication_factor)
     files = ImageFiles(cfg.path(cfg.storage.landing_dir), cfg.path(cfg.storage.archive_dir))
@@ -213,10 +220,19 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_topics(cfg: Config, _args: argparse.Namespace) -> int:
     """Create every diana-star topic that does not exist yet."""
     from diana.clients import kafka_admin
-    from diana.schemas.topics import ensure_topics, topic_settings
+    from diana.schemas.topics import INSTANCES, ensure_topics, topic_settings
 
-    created = ensure_topics(kafka_admin(cfg.kafka), cfg.kafka.partitions, **topic_settings(cfg.kafka))
+    admin = kafka_admin(cfg.kafka)
+    created = ensure_topics(admin, cfg.kafka.partitions, **topic_settings(cfg.kafka))
     log.info("topics.ready", created=created)
+    count = len(admin.list_topics(INSTANCES.name, timeout=30).topics[INSTANCES.name].partitions)
+    if count != cfg.kafka.partitions:
+        # Left as it is: the stream workers refuse to start on it, with the same advice.
+        print(
+            f"diana topics: {INSTANCES.name} has {count} partitions, [kafka] partitions is {cfg.kafka.partitions}; "
+            'existing topics keep their count (docs/OPERATIONS.md, "The partition count")',
+            file=sys.stderr,
+        )
     return 0
 
 
