@@ -643,7 +643,7 @@ def render(outcomes: list[Outcome], args: argparse.Namespace) -> str:
     return (
         f"Run: `python -m bench.faults --instances {args.instances} --associations {args.associations}"
         f"{' --short' if args.short else ''}{' --cluster' if args.cluster else ''}"
-        f"{f' --nodes {args.nodes}' if args.nodes > 1 else ''}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
+        f"{f' --nodes {args.nodes}' if args.nodes > 1 else ''}{f' --port-shift {args.port_shift}' if args.port_shift else ''}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
         + "\n".join(rows)
         + "\n\n"
         + "\n".join(notes)
