@@ -10,14 +10,15 @@ of the instances are acknowledged. When the fault is over, it waits until every 
 
 It starts its own Kafka, OpenSearch and pipeline (ports 27092/27200, receiver 27112) in a
 temporary folder; with `--cluster`, the local cluster mode instead (brokers 27092/27094/27096,
-OpenSearch nodes 27200/27201, docs/SCALING.md) and the cluster's own scenarios. The results go to --out (results.json, results.md); docs/RELIABILITY.md holds
+OpenSearch nodes 27200/27201, docs/SCALING.md) and the cluster's own scenarios; with `--cluster --nodes 2`,
+two of every pipeline process as separate hosts with landing and archive on S3Proxy (27090; bench/hosts.py).
+The results go to --out (results.json, results.md); docs/RELIABILITY.md holds
 the latest full run. `--short` is the form the test suite runs (200 instances, shorter outages).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ PORTS = {
     "diana": 27112,
     "aggregates": 27066,
     "dose": 27067,
+    "s3": 27090,
 }
 PIPELINE = {
     "receiver": ("receive",),
@@ -69,6 +72,9 @@ SCENARIOS = (
 # On the cluster (--cluster): one broker of three killed with SIGKILL mid-send and started again,
 # one OpenSearch node of two stopped and started again.
 CLUSTER_SCENARIOS = ("broker-kill-1-of-3", "opensearch-node-down")
+# With two of every pipeline process as separate hosts (--cluster --nodes 2, bench/hosts.py), also:
+# one receiver host killed with SIGKILL mid-send and its whole folder deleted.
+NODES_SCENARIOS = (*CLUSTER_SCENARIOS, "receiver-host-folder-deleted")
 
 
 @dataclass
@@ -92,58 +98,99 @@ class Outcome:
     # When the invariants still fail at the deadline: every pipeline process's threads (py-spy dump),
     # so a stalled consumer shows where it waits, on a CI machine as here.
     stacks: dict[str, str] = field(default_factory=dict)
+    # What the fault found and did (e.g. what a lost receiver host had acknowledged and held).
+    notes: list[str] = field(default_factory=list)
 
 
 class Suite:
-    def __init__(self, work: Path, short: bool, instances: int, associations: int, cluster: bool = False):
+    def __init__(
+        self,
+        work: Path,
+        short: bool,
+        instances: int,
+        associations: int,
+        cluster: bool = False,
+        s3: bool = False,
+    ):
         self.work, self.short, self.instances, self.associations = work, short, instances, associations
-        self.cluster = cluster
-        brokers = ",".join(f"127.0.0.1:{PORTS['kafka'] + 2 * i}" for i in range(3 if cluster else 1))
-        nodes = ",".join(f"http://127.0.0.1:{PORTS['opensearch'] + i}" for i in range(2 if cluster else 1))
+        self.cluster, self.s3 = cluster, s3
         self.config_file = work / "diana-faults.toml"
         self.landing = work / "landing"
         self.mounted = False
-        self.config_file.write_text(f"""
+        self.config_file.write_text(self.config_text(work, PORTS["diana"], PORTS["aggregates"]) + self.stack_text())
+        self.cfg = load_config(self.config_file, environ=self.s3_keys())
+        from diana.compose.local.stack import local_stack
+
+        self.stack = local_stack(self.cfg)
+        self.procs: dict[str, subprocess.Popen] = {}
+        # Successes per receiver port, and what a fault noted (both reset per scenario).
+        self.acked_on: Counter[int] = Counter()
+        self.notes: list[str] = []
+        self._count_lock = threading.Lock()
+        (work / "logs").mkdir(exist_ok=True)
+
+    def config_text(self, root: Path, receiver_port: int, web_port: int, worker_id: str = "") -> str:
+        """A pipeline process's configuration, its folders under ``root`` (a "host" of its own with --nodes)."""
+        brokers = ",".join(f"127.0.0.1:{PORTS['kafka'] + 2 * i}" for i in range(3 if self.cluster else 1))
+        nodes = ",".join(f"http://127.0.0.1:{PORTS['opensearch'] + i}" for i in range(2 if self.cluster else 1))
+        # The S3 credentials come from the environment (s3_keys), never from a file two hosts share.
+        s3 = (
+            f'backend = "s3"\ns3_endpoint = "http://127.0.0.1:{PORTS["s3"]}"\ns3_bucket = "diana-faults"\n'
+            if self.s3
+            else ""
+        )
+        return f"""
 [kafka]
 bootstrap = "{brokers}"
 publish_timeout_s = 5
 [opensearch]
 url = "{nodes}"
-number_of_replicas = {1 if cluster else 0}
+number_of_replicas = {1 if self.cluster else 0}
 [receiver]
 ae_title = "DIANA"
 host = "127.0.0.1"
-port = {PORTS["diana"]}
+port = {receiver_port}
 metrics_port = 0
 [sinks]
 archive_metrics_port = 0
 opensearch_metrics_port = 0
 [storage]
-landing_dir = "{self.landing}"
-archive_dir = "{work}/archive"
+{s3}landing_dir = "{root}/landing"
+archive_dir = "{root}/archive"
+quarantine_dir = "{root}/quarantine"
 [stream]
-web_port = {PORTS["aggregates"]}
-data_dir = "{work}/faust"
+web_port = {web_port}
+data_dir = "{root}/faust"
 quiet_seconds = "*=3"
+worker_id = "{worker_id}"
 [dose]
 web_port = {PORTS["dose"]}
-[stack]
-home = "{work}/stack"
+[log]
+level = "warning"
+"""
+
+    def stack_text(self) -> str:
+        return f"""[stack]
+home = "{self.work}/stack"
 kafka_port = {PORTS["kafka"]}
 kafka_controller_port = {PORTS["controller"]}
 opensearch_port = {PORTS["opensearch"]}
 opensearch_transport_port = {PORTS["transport"]}
 opensearch_heap_mb = 768
-cluster = {"true" if cluster else "false"}
-[log]
-level = "warning"
-""")
-        self.cfg = load_config(self.config_file, environ={})
-        from diana.compose.local.stack import local_stack
+s3proxy_port = {PORTS["s3"]}
+s3proxy_heap_mb = 128
+cluster = {"true" if self.cluster else "false"}
+"""
 
-        self.stack = local_stack(self.cfg)
-        self.procs: dict[str, subprocess.Popen] = {}
-        (work / "logs").mkdir(exist_ok=True)
+    def s3_keys(self) -> dict[str, str]:
+        """The S3 identity, for S3Proxy and every process, through the environment (made up, local only)."""
+        if not self.s3:
+            return {}
+        return {"DIANA_STORAGE_S3_ACCESS_KEY_ID": "faults", "DIANA_STORAGE_S3_SECRET_ACCESS_KEY": "faults-local-only"}
+
+    def receiver_ports(self) -> list[int]:
+        """Where the senders connect: one receiver here; one per receiver host with --nodes."""
+        return [PORTS["diana"]]
 
     # ------------------------------------------------------------------ processes
     def start(self) -> None:
@@ -161,6 +208,7 @@ level = "warning"
     def _env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
         env["DIANA_CONFIG"] = str(self.config_file)
+        env.update(self.s3_keys())
         return env
 
     @staticmethod
@@ -229,13 +277,15 @@ level = "warning"
         ae = AE()
         ae.add_requested_context("1.2.840.10008.1.1")
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assoc = ae.associate("127.0.0.1", PORTS["diana"], ae_title="DIANA")
-            if assoc.is_established:
-                assoc.release()
-                return
-            time.sleep(0.5)
-        raise RuntimeError("the receiver does not answer C-ECHO")
+        for port in self.receiver_ports():
+            while time.monotonic() < deadline:
+                assoc = ae.associate("127.0.0.1", port, ae_title="DIANA")
+                if assoc.is_established:
+                    assoc.release()
+                    break
+                time.sleep(0.5)
+            else:
+                raise RuntimeError(f"the receiver on port {port} does not answer C-ECHO")
 
     # ------------------------------------------------------------------ sending
     def corpus(self, scenario: str) -> list[Path]:
@@ -253,19 +303,27 @@ level = "warning"
         return files
 
     def send(self, files: list[Path], acked: set, attempts: list[int], deadline: float, abort: threading.Event) -> None:
-        """Several associations; each re-sends what did not get success until everything did."""
+        """Several associations; each re-sends what did not get success until everything did.
+
+        With several receivers, association i starts on receiver i (round robin, as DNS or a TCP load
+        balancer spreads connections) and moves to the next one whenever it cannot associate or its
+        association breaks (as a sender retrying through the balancer reaches a live host)."""
         from pynetdicom import AE
         from pynetdicom.sop_class import CTImageStorage
 
-        def worker(part: list[Path]) -> None:
+        ports = self.receiver_ports()
+
+        def worker(index: int, part: list[Path]) -> None:
             ae = AE(ae_title="FAULTSCU")
             ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
             ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
             pending = list(part)
+            turn = index
             while pending and time.monotonic() < deadline and not abort.is_set():
-                assoc = ae.associate("127.0.0.1", PORTS["diana"], ae_title="DIANA")
+                assoc = ae.associate("127.0.0.1", ports[turn % len(ports)], ae_title="DIANA")
                 if not assoc.is_established:
-                    time.sleep(1.0)
+                    turn += 1
+                    time.sleep(1.0 / len(ports))
                     continue
                 for path in list(pending):
                     try:
@@ -276,7 +334,10 @@ level = "warning"
                     if status is not None and getattr(status, "Status", None) == 0x0000:
                         pending.remove(path)
                         acked.add(path)
+                        with self._count_lock:
+                            self.acked_on[ports[turn % len(ports)]] += 1
                     if not assoc.is_established:
+                        turn += 1
                         break
                 if assoc.is_established:
                     assoc.release()
@@ -284,7 +345,7 @@ level = "warning"
                     time.sleep(1.0)
 
         parts = [files[i :: self.associations] for i in range(self.associations)]
-        threads = [threading.Thread(target=worker, args=(p,)) for p in parts]
+        threads = [threading.Thread(target=worker, args=(i, p)) for i, p in enumerate(parts)]
         for t in threads:
             t.start()
         for t in threads:
@@ -358,7 +419,6 @@ level = "warning"
             return [f"broker: {exc}"]
         if lag:
             problems.append(f"consumer lag {lag}")
-        archive = self.cfg.path(self.cfg.storage.archive_dir)
         archived = lost = 0
         by_series: dict[str, int] = {}
         by_study: dict[str, int] = {}
@@ -366,8 +426,7 @@ level = "warning"
             by_series[series] = by_series.get(series, 0) + 1
             by_study[study] = by_study.get(study, 0) + 1
             if path in acked:
-                stored = archive / study / series / f"{sop}.dcm"
-                if stored.exists() and hashlib.sha256(stored.read_bytes()).hexdigest() == sha:
+                if self.archived_sha256(study, series, sop) == sha:
                     archived += 1
                 else:
                     lost += 1
@@ -406,11 +465,30 @@ level = "warning"
         outcome.studies_exact = f"{studies_ok}/{len(by_study)}"
         if series_ok != len(by_series) or studies_ok != len(by_study):
             problems.append(f"aggregates exact: series {outcome.series_exact}, studies {outcome.studies_exact}")
-        orphans = [p for p in self.landing.rglob("*") if p.is_file()]
+        orphans = self.leftovers()
         outcome.orphans = len(orphans)
         if orphans:
-            problems.append(f"{len(orphans)} files left in the landing store")
+            problems.append(f"{len(orphans)} objects left in the landing store")
         return problems
+
+    def archived_sha256(self, study: str, series: str, sop: str) -> str | None:
+        """The SHA-256 of the archived copy, read back whole through the archive store; None: not there."""
+        from diana.schemas.layout import archive_path
+        from diana.storage import ObjectNotFound, open_store
+
+        try:
+            return open_store(self.cfg, "archive").sha256(archive_path(study, series, sop))
+        except ObjectNotFound:
+            return None
+
+    def leftovers(self) -> list[str]:
+        """What is left in the landing store (the landing folder, or landing/ in the bucket) and in local folders."""
+        from diana.storage import open_store
+
+        found = [str(p) for p in self.landing.rglob("*") if p.is_file()]
+        if self.s3:
+            found += [f"landing/{key}" for key in open_store(self.cfg, "landing").list()]
+        return found
 
 
 def _throttle(proc: subprocess.Popen, seconds: float) -> None:
@@ -470,7 +548,13 @@ def faults(suite: Suite) -> dict[str, Callable[[], None]]:
         s.stack.start_search_nodes([2])
         s.stack.wait_opensearch()
 
+    def receiver_host_folder_deleted() -> None:
+        lose = getattr(s, "lose_receiver_host", None)
+        assert lose is not None, "needs --nodes"
+        lose("receiver-1", down_s=broker_s)
+
     return {
+        "receiver-host-folder-deleted": receiver_host_folder_deleted,
         "broker-kill-1-of-3": broker_kill_1_of_3,
         "opensearch-node-down": opensearch_node_down,
         "receiver-kill": lambda: (restart("receiver"), s.wait_echo()),
@@ -492,6 +576,8 @@ def run_scenario(suite: Suite, name: str, inject: Callable[[], None], timeout: f
     corpus = suite.describe(files)
     outcome.sent = len(files)
     dl_start = suite._deadletter_end()
+    suite.acked_on.clear()
+    suite.notes = []
     acked: set = set()
     attempts = [0]
     abort = threading.Event()
@@ -533,6 +619,7 @@ def run_scenario(suite: Suite, name: str, inject: Callable[[], None], timeout: f
     if len(acked) < len(files):
         problems.append(f"only {len(acked)} of {len(files)} acknowledged before the deadline")
     outcome.problems = problems
+    outcome.notes = [*suite.notes, "acknowledged per receiver port: " + str(dict(sorted(suite.acked_on.items())))]
     outcome.passed = not problems
     if problems:
         outcome.stacks = suite.stacks()
@@ -552,10 +639,14 @@ def render(outcomes: list[Outcome], args: argparse.Namespace) -> str:
             f"| {o.duplicates} | {o.lost} | {o.series_exact} | {o.studies_exact} | {o.orphans} "
             f"| {o.deadletters} | {o.recover_s} | {verdict} |"
         )
+    notes = [f"- {o.scenario}: {note}" for o in outcomes for note in o.notes]
     return (
         f"Run: `python -m bench.faults --instances {args.instances} --associations {args.associations}"
-        f"{' --short' if args.short else ''}{' --cluster' if args.cluster else ''}` on {time.strftime('%Y-%m-%d')}\n\n"
+        f"{' --short' if args.short else ''}{' --cluster' if args.cluster else ''}"
+        f"{f' --nodes {args.nodes}' if args.nodes > 1 else ''}{f' --port-shift {args.port_shift}' if args.port_shift else ''}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
         + "\n".join(rows)
+        + "\n\n"
+        + "\n".join(notes)
         + "\n"
     )
 
@@ -567,12 +658,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scenarios",
         help=f"comma-separated, of: {', '.join(SCENARIOS)} (default: all); with --cluster of: "
-        f"{', '.join(CLUSTER_SCENARIOS)}",
+        f"{', '.join(CLUSTER_SCENARIOS)}; with --nodes 2 also receiver-host-folder-deleted",
     )
     parser.add_argument(
         "--cluster",
         action="store_true",
         help="on the local cluster mode (3 brokers, 2 OpenSearch nodes), with the cluster's scenarios",
+    )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        choices=(1, 2),
+        help="with --cluster: 2 runs two of every pipeline process as separate hosts (own folder and "
+        "configuration each, landing and archive on S3Proxy; bench/hosts.py), with the scenario "
+        "receiver-host-folder-deleted",
     )
     parser.add_argument("--short", action="store_true", help="shorter outages (the CI form)")
     parser.add_argument(
@@ -587,14 +687,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for name in PORTS:
         PORTS[name] += args.port_shift
-    known = CLUSTER_SCENARIOS if args.cluster else SCENARIOS
+    if args.nodes > 1 and not args.cluster:
+        parser.error("--nodes 2 runs on the local cluster: add --cluster")
+    known = NODES_SCENARIOS if args.nodes > 1 else CLUSTER_SCENARIOS if args.cluster else SCENARIOS
     chosen = args.scenarios.split(",") if args.scenarios else list(known)
     unknown = sorted(set(chosen) - set(known))
     if unknown:
-        where = " with --cluster" if args.cluster else ""
+        where = " with --nodes 2" if args.nodes > 1 else " with --cluster" if args.cluster else ""
         parser.error(f"unknown scenario {unknown[0]!r}; scenarios{where}: {', '.join(known)}")
     work = Path(tempfile.mkdtemp(prefix="diana-faults-"))
-    suite = Suite(work, args.short, args.instances, args.associations, cluster=args.cluster)
+    if args.nodes > 1:
+        from bench.hosts import NodesSuite
+
+        suite: Suite = NodesSuite(work, args.short, args.instances, args.associations, nodes=args.nodes)
+    else:
+        suite = Suite(work, args.short, args.instances, args.associations, cluster=args.cluster)
     outcomes = []
     try:
         suite.start()
@@ -621,4 +728,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the imported module: bench.hosts subclasses its Suite, and --port-shift must move the PORTS
+    # that one reads (run as __main__, this file is a second copy with PORTS of its own).
+    from bench import faults
+
+    sys.exit(faults.main())

@@ -57,8 +57,12 @@ level = "info"
     return path
 
 
-def write_events(cfg: Any, count: int, per_series: int, span_s: float) -> None:
-    """``count`` events, series by series, two series per study; event times spread over ``span_s``."""
+def write_events(
+    cfg: Any, count: int, per_series: int, span_s: float, root: str = "1.2.826.0.1.3680043.10.1234"
+) -> None:
+    """``count`` events, series by series, two series per study; event times spread over ``span_s``.
+
+    Their UIDs start with ``root``: a second batch needs its own, or it only repeats the first."""
     from confluent_kafka import Producer
 
     from diana.schemas.codec import default_codec
@@ -75,7 +79,6 @@ def write_events(cfg: Any, count: int, per_series: int, span_s: float) -> None:
         }
     )
     start = datetime.now(UTC) - timedelta(seconds=span_s)
-    root = "1.2.826.0.1.3680043.10.1234"
     for i in tqdm(range(count), desc="events written", unit="ev", mininterval=2):
         series_no, number = divmod(i, per_series)
         study_no = series_no // 2
