@@ -250,7 +250,9 @@ def test_a_restart_reads_only_the_tail_and_falls_back_to_the_whole_changelog_whe
         _, whole = _changelog(cfg, changelog)
         restored = worker.restart()
         assert {p: r["kind"] for p, r in restored.items()} == dict.fromkeys(range(cfg.kafka.partitions), "tail")
-        assert {p: int(r["records"]) for p, r in restored.items()} == {p: tail.get(p, 0) for p in range(cfg.kafka.partitions)}
+        assert {p: int(r["records"]) for p, r in restored.items()} == {
+            p: tail.get(p, 0) for p in range(cfg.kafka.partitions)
+        }
         assert sum(whole.values()) > 100  # what a full restore would have read
         _wait_for(files_equal_changelog, timeout=30, what="the local files equal to the changelog's state")
 
@@ -261,7 +263,9 @@ def test_a_restart_reads_only_the_tail_and_falls_back_to_the_whole_changelog_whe
         _, tail = _changelog(cfg, changelog, since=old_checkpoints)
         restored = worker.restart()
         assert {p: r["kind"] for p, r in restored.items()} == dict.fromkeys(range(cfg.kafka.partitions), "tail")
-        assert {p: int(r["records"]) for p, r in restored.items()} == {p: tail.get(p, 0) for p in range(cfg.kafka.partitions)}
+        assert {p: int(r["records"]) for p, r in restored.items()} == {
+            p: tail.get(p, 0) for p in range(cfg.kafka.partitions)
+        }
         assert sum(tail.values()) > 0
         _wait_for(files_equal_changelog, timeout=30, what="the local files equal to the changelog's state")
         # Counting goes on exactly: a re-send of a second-phase instance is not counted, a late one is.
