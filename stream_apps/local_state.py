@@ -43,13 +43,18 @@ CREATE TABLE IF NOT EXISTS state (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS checkpoint (
     id INTEGER PRIMARY KEY CHECK (id = 1), format INTEGER NOT NULL, changelog TEXT NOT NULL,
-    partition INTEGER NOT NULL, position INTEGER NOT NULL, written_ms INTEGER NOT NULL
+    partition INTEGER NOT NULL, position INTEGER NOT NULL, written_ms INTEGER NOT NULL,
+    topic_id TEXT NOT NULL
 );
 """
 
 
 class LocalStateError(Exception):
-    """The file cannot be used as state (missing, damaged, of another changelog or format)."""
+    """The file cannot be used as state: ``reason`` is no_local_state, damaged or other_changelog."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -94,14 +99,16 @@ def _crc(namespace: str, key: str, value: str) -> int:
 class PartitionFile:
     """One partition's state file (SQLite in WAL mode: a writer's crash leaves the last commit)."""
 
-    def __init__(self, path: Path, changelog: str, partition: int) -> None:
-        self.path, self.changelog, self.partition = path, changelog, partition
+    def __init__(self, path: Path, changelog: str, partition: int, topic_id: str = "") -> None:
+        # topic_id: the changelog topic's id (the broker's, per incarnation of the topic): a file
+        # of a changelog that was deleted and made again under the same name is refused.
+        self.path, self.changelog, self.partition, self.topic_id = path, changelog, partition, topic_id
         self._db: sqlite3.Connection | None = None
 
     def _connect(self, create: bool) -> sqlite3.Connection:
         if self._db is None:
             if not create and not self.path.exists():
-                raise LocalStateError("no local state")
+                raise LocalStateError("no_local_state")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None)
             try:
@@ -128,18 +135,22 @@ class PartitionFile:
                 db.execute("COMMIT")
         except (sqlite3.DatabaseError, ValueError, TypeError) as exc:  # damaged, or not SQLite at all
             self.close()
-            raise LocalStateError(f"damaged: {type(exc).__name__}: {exc}") from exc
+            raise LocalStateError("damaged", f"{type(exc).__name__}: {exc}") from exc
 
     def _read(self, db: sqlite3.Connection) -> tuple[Checkpoint, dict[str, dict[str, Any]]]:
-        row = db.execute("SELECT format, changelog, partition, position, written_ms FROM checkpoint").fetchone()
+        row = db.execute(
+            "SELECT format, changelog, partition, position, written_ms, topic_id FROM checkpoint"
+        ).fetchone()
         if row is None:
-            raise LocalStateError("no checkpoint")
-        if (row[0], row[1], row[2]) != (FORMAT, self.changelog, self.partition):
-            raise LocalStateError(f"of format {row[0]}, changelog {row[1]!r} partition {row[2]}")
+            raise LocalStateError("damaged", "no checkpoint")
+        if (row[0], row[1], row[2], row[5]) != (FORMAT, self.changelog, self.partition, self.topic_id):
+            raise LocalStateError(
+                "other_changelog", f"format {row[0]}, changelog {row[1]!r} (id {row[5]}) partition {row[2]}"
+            )
         state: dict[str, dict[str, Any]] = {}
         for namespace, key, value, crc in db.execute("SELECT namespace, key, value, crc FROM state"):
             if _crc(namespace, key, value) != crc:
-                raise LocalStateError(f"damaged row {namespace}/…")
+                raise LocalStateError("damaged", f"a row of {namespace}/ whose CRC does not match")
             state.setdefault(namespace, {})[key] = json.loads(value)
         return Checkpoint(int(row[3]), int(row[4])), state
 
@@ -178,8 +189,8 @@ class PartitionFile:
             if upserts:
                 db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?, ?, ?)", upserts)
             db.execute(
-                "INSERT OR REPLACE INTO checkpoint VALUES (1, ?, ?, ?, ?, ?)",
-                (FORMAT, self.changelog, self.partition, checkpoint.position, checkpoint.written_ms),
+                "INSERT OR REPLACE INTO checkpoint VALUES (1, ?, ?, ?, ?, ?, ?)",
+                (FORMAT, self.changelog, self.partition, checkpoint.position, checkpoint.written_ms, self.topic_id),
             )
             db.execute("COMMIT")
         except BaseException:
@@ -203,14 +214,18 @@ class LocalStates:
 
     def __init__(self, folder: Path, changelog: str) -> None:
         self.folder, self.changelog = folder, changelog
+        # The changelog topic's id, as the last restore read it from the broker ("" unknown).
+        self.topic_id = ""
         self._files: dict[int, PartitionFile] = {}
         self.suspended: dict[int, str] = {}
 
     def file(self, partition: int) -> PartitionFile:
         if partition not in self._files:
             path = self.folder / f"partition-{partition}.sqlite"
-            self._files[partition] = PartitionFile(path, self.changelog, partition)
-        return self._files[partition]
+            self._files[partition] = PartitionFile(path, self.changelog, partition, self.topic_id)
+        found = self._files[partition]
+        found.topic_id = self.topic_id
+        return found
 
     def resume(self, partition: int) -> None:
         """The partition was restored: its file is written again from here on."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicCollection, TopicPartition
 from confluent_kafka.admin import ConfigResource
 from prometheus_client import Counter, Histogram
 
@@ -66,29 +66,37 @@ def apply_record(state: State, composite_key: str, value: Any) -> None:
         space[key] = value
 
 
-def delete_retention_ms(kafka: KafkaConfig, topic: str, timeout: float = 10.0) -> int | None:
-    """The changelog's delete.retention.ms as the broker has it; None if it could not be read."""
+def changelog_facts(kafka: KafkaConfig, topic: str, timeout: float = 10.0) -> tuple[int | None, str]:
+    """The changelog's delete.retention.ms and topic id as the broker has them (None, "": unknown)."""
     resource = ConfigResource("TOPIC", topic)
-    admin = kafka_admin(kafka)  # kept referenced until the answer came: a collected client cancels it
+    admin = kafka_admin(kafka)  # kept referenced until the answers came: a collected client cancels them
+    retention_ms: int | None = None
+    topic_id = ""
     try:
         configs = admin.describe_configs([resource], request_timeout=timeout)[resource].result(timeout)
-        return int(configs["delete.retention.ms"].value)
+        retention_ms = int(configs["delete.retention.ms"].value)
     except (KafkaException, KeyError, ValueError, TypeError) as exc:
         log.warning("state.delete_retention_unknown", topic=topic, reason=str(exc))
-        return None
+    try:
+        described = admin.describe_topics(TopicCollection([topic]), request_timeout=timeout)[topic].result(timeout)
+        topic_id = str(described.topic_id)
+    except (KafkaException, KeyError, ValueError, TypeError) as exc:
+        log.warning("state.topic_id_unknown", topic=topic, reason=str(exc))
+    return retention_ms, topic_id
 
 
 def _local_start(
     local: LocalStates, partition: int, low: int, high: int, retention_ms: int | None
 ) -> tuple[Checkpoint | None, State | None, str]:
     """(checkpoint, state, "tail") if the local file can be completed by the tail, else (None, None, reason)."""
+    if not local.topic_id:  # a recreated changelog could not be told from the one the file knew
+        return None, None, "topic_id_unknown"
     try:
         checkpoint, state = local.file(partition).load()
     except LocalStateError as exc:
-        reason = "no_local_state" if str(exc) == "no local state" else "damaged"
-        if reason == "damaged":
+        if exc.reason != "no_local_state":
             log.warning("state.local_refused", partition=partition, reason=str(exc))
-        return None, None, reason
+        return None, None, exc.reason
     refusal = tail_refusal(checkpoint, low, high, now_ms(), retention_ms)
     if refusal is not None:
         log.info("state.local_refused", partition=partition, reason=refusal, position=checkpoint.position)
@@ -125,8 +133,13 @@ def restore_partitions(
     checkpoints: dict[int, Checkpoint] = {}
     touched: dict[int, set[str]] = {}
     last_read: dict[int, int] = {}
+    load_seconds: dict[int, float] = {}  # partition -> seconds spent loading its local file
+    steps: dict[str, float] = {}  # where the restore's time went (seconds)
     try:
-        retention_ms = delete_retention_ms(kafka, changelog) if local is not None else None
+        retention_ms: int | None = None
+        if local is not None:
+            retention_ms, local.topic_id = changelog_facts(kafka, changelog)
+        steps["broker_facts"] = time.monotonic() - started
         for p in partitions:
             states[p] = {}
             report.records[p] = 0
@@ -138,18 +151,24 @@ def restore_partitions(
             else:
                 kind = "local_state_off"
                 if local is not None:
+                    loading = time.monotonic()
                     checkpoint, state, kind = _local_start(local, p, low, high, retention_ms)
+                    load_seconds[p] = round(time.monotonic() - loading, 2)
                     if checkpoint is not None and state is not None:
                         states[p], checkpoints[p], starts[p] = state, checkpoint, checkpoint.position
                         touched[p] = set()
             report.kinds[p] = kind
             if p not in starts:
                 starts[p] = low if low >= 0 else OFFSET_BEGINNING
+        steps["local_load"] = sum(load_seconds.values())
+        reading = time.monotonic()
         _read(reader, changelog, starts, states, touched, last_read, report, started + give_up_after_s, still_running)
         ends = _ends(reader, changelog, starts, last_read)
+        steps["changelog_read"] = time.monotonic() - reading
     finally:
         reader.close()
     seconds = time.monotonic() - started
+    writing = time.monotonic()
     RESTORE_SECONDS.observe(seconds)
     for p in partitions:
         kind = "tail" if report.kinds[p] == "tail" else "full"
@@ -162,6 +181,7 @@ def restore_partitions(
             reason=None if kind == "tail" else report.kinds[p],
             from_offset=starts[p] if starts[p] >= 0 else 0,
             records=report.records[p],
+            local_load_s=load_seconds.get(p),
         )
         if local is not None:
             _write_back(local, p, states[p], checkpoints.get(p), touched.get(p), Checkpoint(ends[p], began_ms))
@@ -177,6 +197,8 @@ def restore_partitions(
         full=sorted(p for p in partitions if report.kinds[p] != "tail"),
         entries=sizes,
         seconds=round(seconds, 2),
+        steps={k: round(v, 2) for k, v in steps.items()},
+        local_write_s=round(time.monotonic() - writing, 2),
     )
     return report
 

@@ -78,7 +78,7 @@ def test_replace_writes_a_whole_state_into_a_new_file(tmp_path):
 
 
 def test_missing_damaged_or_foreign_files_are_refused(tmp_path):
-    with pytest.raises(LocalStateError, match="no local state"):
+    with pytest.raises(LocalStateError, match="no_local_state"):
         PartitionFile(tmp_path / "none.sqlite", "state", 0).load()
 
     garbage = tmp_path / "garbage.sqlite"
@@ -90,15 +90,18 @@ def test_missing_damaged_or_foreign_files_are_refused(tmp_path):
     file = PartitionFile(path, "state", 2)
     file.write([("series", "s", {"instance_count": 3})], Checkpoint(5, 1))
     file.close()
-    with pytest.raises(LocalStateError, match="changelog 'state' partition 2"):
+    with pytest.raises(LocalStateError, match="other_changelog"):
         PartitionFile(path, "other-changelog", 2).load()
-    with pytest.raises(LocalStateError, match="changelog 'state' partition 2"):
+    with pytest.raises(LocalStateError, match="other_changelog"):
         PartitionFile(path, "state", 3).load()
+    # The changelog deleted and made again under the same name: another topic id.
+    with pytest.raises(LocalStateError, match="other_changelog"):
+        PartitionFile(path, "state", 2, topic_id="AAAAAAAAAAAAAAAAAAAAAA").load()
 
     # A value changed behind the file's back (bit rot, a hand edit): its row's CRC no longer matches.
     with sqlite3.connect(path) as db:
         db.execute("""UPDATE state SET value = '{"instance_count":4}'""")
-    with pytest.raises(LocalStateError, match="damaged row"):
+    with pytest.raises(LocalStateError, match="damaged: a row of series/"):
         PartitionFile(path, "state", 2).load()
 
 
