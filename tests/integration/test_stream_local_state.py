@@ -28,9 +28,10 @@ from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 
-from confluent_kafka import Producer
+from confluent_kafka import Producer, TopicCollection
 from pydicom.uid import generate_uid
 
+from diana.clients import kafka_admin
 from diana.schemas.codec import default_codec
 from diana.schemas.topics import INSTANCES
 from diana.stream_apps.local_state import PartitionFile
@@ -153,9 +154,14 @@ class Worker:
         return out
 
 
+_TOPIC_IDS: dict[str, str] = {}
+
+
 def _files(folder: Path, changelog: str) -> dict[int, PartitionFile]:
+    """The worker's files, opened as the worker does: for this changelog, by the broker's topic id."""
+    topic_id = _TOPIC_IDS[changelog]
     return {
-        int(p.stem.split("-")[1]): PartitionFile(p, changelog, int(p.stem.split("-")[1]))
+        int(p.stem.split("-")[1]): PartitionFile(p, changelog, int(p.stem.split("-")[1]), topic_id)
         for p in folder.glob("partition-*.sqlite")
     }
 
@@ -214,6 +220,9 @@ def test_a_restart_reads_only_the_tail_and_falls_back_to_the_whole_changelog_whe
     worker.start()
     try:
         _wait_for(lambda: worker.lines("partitions.assigned"), what="the worker assigned")
+        admin = kafka_admin(cfg.kafka)  # referenced until answered: a collected client cancels its requests
+        described = admin.describe_topics(TopicCollection([changelog]))[changelog].result(30)
+        _TOPIC_IDS[changelog] = str(described.topic_id)
         [folder] = [f for f in state_dir.glob(f"{app_id}-*") if f.is_dir()]  # <app_id>-<worker_id>
 
         def all_completed(pairs):
