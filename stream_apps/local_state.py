@@ -19,7 +19,7 @@ import json
 import sqlite3
 import time
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,11 @@ def tail_refusal(
     return None
 
 
+def _encode(changes: Iterable[tuple[str, str, Any]]) -> Iterator[tuple[str, str, str | None]]:
+    for namespace, key, value in changes:
+        yield namespace, key, None if value is None else json.dumps(value, separators=(",", ":"))
+
+
 def _crc(namespace: str, key: str, value: str) -> int:
     return zlib.crc32(f"{namespace}\0{key}\0{value}".encode())
 
@@ -154,9 +159,11 @@ class PartitionFile:
             state.setdefault(namespace, {})[key] = json.loads(value)
         return Checkpoint(int(row[3]), int(row[4])), state
 
-    def write(self, changes: Iterable[tuple[str, str, Any]], checkpoint: Checkpoint) -> None:
-        """Apply changes (value None: deleted) and move the checkpoint, atomically."""
-        self._commit(changes, checkpoint)
+    def write(self, changes: Iterable[tuple[str, str, Any]], checkpoint: Checkpoint, encoded: bool = False) -> None:
+        """Apply changes (value None: deleted) and move the checkpoint, atomically.
+
+        ``encoded``: the values are JSON text already (the changelog records' own encoding)."""
+        self._commit(changes if encoded else _encode(changes), checkpoint)
 
     def replace(self, state: Mapping[str, Mapping[str, Any]], checkpoint: Checkpoint) -> None:
         """The whole state at ``checkpoint`` (after a full restore), in a new file.
@@ -166,23 +173,22 @@ class PartitionFile:
         """
         self.remove()
         changes = ((ns, key, value) for ns, space in state.items() for key, value in space.items())
-        self._commit(changes, checkpoint)
+        self._commit(_encode(changes), checkpoint)
 
     def remove(self) -> None:
         self.close()
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
-    def _commit(self, changes: Iterable[tuple[str, str, Any]], checkpoint: Checkpoint) -> None:
+    def _commit(self, changes: Iterable[tuple[str, str, str | None]], checkpoint: Checkpoint) -> None:
         db = self._connect(create=True)
         db.execute("BEGIN IMMEDIATE")
         try:
             upserts, deletes = [], []
-            for namespace, key, value in changes:
-                if value is None:
+            for namespace, key, text in changes:
+                if text is None:
                     deletes.append((namespace, key))
                 else:
-                    text = json.dumps(value, separators=(",", ":"))
                     upserts.append((namespace, key, text, _crc(namespace, key, text)))
             if deletes:
                 db.executemany("DELETE FROM state WHERE namespace = ? AND key = ?", deletes)
@@ -231,12 +237,14 @@ class LocalStates:
         """The partition was restored: its file is written again from here on."""
         self.suspended.pop(partition, None)
 
-    def write(self, partition: int, changes: Iterable[tuple[str, str, Any]], checkpoint: Checkpoint) -> bool:
+    def write(
+        self, partition: int, changes: Iterable[tuple[str, str, Any]], checkpoint: Checkpoint, encoded: bool = False
+    ) -> bool:
         """Write one committed transaction's changes; False (and suspended) if that failed."""
         if partition in self.suspended:
             return False
         try:
-            self.file(partition).write(changes, checkpoint)
+            self.file(partition).write(changes, checkpoint, encoded)
             return True
         except (sqlite3.Error, OSError, ValueError, TypeError) as exc:  # disk full, damaged file...
             self.suspend(partition, f"{type(exc).__name__}: {exc}")

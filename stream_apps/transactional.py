@@ -139,6 +139,9 @@ class Batch:
         self.delivered: dict[int, int] = {}
         self.last_offset: dict[int, int] = {}
         self.undelivered: set[int] = set()
+        # Per partition, each changelog record's (namespace, key, JSON text or None): the local
+        # file gets the same encoding, not a second one.
+        self.encoded: dict[int, list[tuple[str, str, str | None]]] = {}
 
     def get(self, partition: int, namespace: str, key: str) -> Any:
         value = self._pending.get((partition, namespace), {}).get(key)
@@ -214,13 +217,15 @@ class Batch:
             for key, value in changes.items():
                 if value is _DELETED and key not in committed:
                     continue  # created and deleted within the batch, or never there
+                text = None if value is _DELETED else json.dumps(value, separators=(",", ":"))
                 self._producer.produce(
                     self._changelog,
                     key=f"{namespace}{_SEP}{key}".encode(),
                     partition=partition,
-                    value=None if value is _DELETED else json.dumps(value, separators=(",", ":")).encode(),
+                    value=None if text is None else text.encode(),
                     on_delivery=self._delivered,
                 )
+                self.encoded.setdefault(partition, []).append((namespace, key, text))
                 self.sent[partition] = self.sent.get(partition, 0) + 1
 
     def _delivered(self, error: KafkaError | None, message: Message) -> None:
@@ -521,7 +526,7 @@ class TransactionalLoop:
                 self.local.suspend(partition, "the delivery reports of its changelog records are missing")
                 continue
             checkpoint = Checkpoint(batch.last_offset[partition] + 1, began_ms)
-            self.local.write(partition, batch.changes(partition), checkpoint)
+            self.local.write(partition, batch.encoded.get(partition, []), checkpoint, encoded=True)
 
     def _handle_one(self, batch: Batch, message: Message) -> None:
         """Handle one message; if that raises (anything but the broker's own errors), the message

@@ -172,3 +172,19 @@ def test_each_worker_has_a_folder_and_each_partition_a_file(tmp_path):
         "partition-0.sqlite",
         "partition-3.sqlite",
     ]
+
+
+def test_the_changelog_records_own_encoding_written_to_the_file_gives_the_same_state(tmp_path):
+    """What the worker does after a commit: the batch's changelog encoding, not a second one."""
+    store, producer = _Store(), ChangelogRecorder()
+    file = PartitionFile(tmp_path / "p0.sqlite", "state", 0)
+    for values in ({"a": 1, "b": [1, "x"]}, {"a": 2}):
+        batch = Batch(store, producer, "state")
+        for key, value in values.items():
+            batch.put(0, "series", key, value)
+        if "b" not in values:
+            batch.delete(0, "series", "b")
+        batch.write_changelog()
+        batch.commit_locally()
+        file.write(batch.encoded[0], Checkpoint(len(producer.records), 1), encoded=True)
+    assert file.load() == (Checkpoint(4, 1), {"series": {"a": 2}}) and store.partitions[0] == {"series": {"a": 2}}
