@@ -6,7 +6,9 @@ Starts its own Kafka (ports 26092/26093 plus --port-offset, nothing else), write
 CT instances, two series per study, event times spread over the write), then:
 1. one worker (`diana aggregate`) from the beginning: events/s until its group's lag is 0, its RSS;
 2. `kill -9` of that worker and a restart: seconds until its partitions are assigned again (state
-   restored from the changelog) and until an event written after the restart is aggregated;
+   restored from its local files and the changelog's tail) and until an event written after the
+   restart is aggregated; with --full-restore-too, once more without the local files (the whole
+   changelog is read);
 3. two workers of a fresh group from the beginning: events/s together.
 Results: JSON and a Markdown table in --out. The issue's target is --events 10000000.
 """
@@ -171,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "bench", help="where stream-soak.json/.md go")
     ap.add_argument("--skip-two-workers", action="store_true", help="leave out phase 3")
     ap.add_argument(
+        "--full-restore-too",
+        action="store_true",
+        help="after phase 2, a second kill -9 and restart with the local state removed (the whole changelog is read)",
+    )
+    ap.add_argument(
         "--settle",
         type=float,
         default=3.0,
@@ -256,6 +263,29 @@ def main(argv: list[str] | None = None) -> int:
             "rss_mb_after_restore": round(rss_mb(again.pid), 1),
         }
         print(json.dumps(result["kill_9_restart"]), flush=True)
+        if args.full_restore_too:
+            # 2b. The same kill -9 with the local state removed: the whole changelog is read, as
+            # every restore did before the local state existed.
+            again.send_signal(signal.SIGKILL)
+            again.wait()
+            procs.remove(again)
+            shutil.rmtree(args.work / "var" / "aggregates-state")
+            killed = time.monotonic()
+            again = worker(config, log1, "soak-one", PORTS["worker"])
+            procs.append(again)
+            restored = wait_log(log1, "partitions.assigned", 3, 600)
+            restore_line = [x for x in log1.read_text(errors="replace").splitlines() if "state.restored" in x][-1]
+            result["kill_9_restart_without_local_state"] = {
+                "kill_to_assigned_s": round(restored - killed, 1),
+                "restore_log": restore_line.split("]", 2)[-1].strip(),
+                "rss_mb_after_restore": round(rss_mb(again.pid), 1),
+            }
+            print(json.dumps(result["kill_9_restart_without_local_state"]), flush=True)
+        result["local_state_mb"] = (
+            round(sum(f.stat().st_size for f in (args.work / "var").rglob("*") if f.is_file()) / 2**20, 1)
+            if (args.work / "var").exists()
+            else 0.0
+        )
         again.terminate()
         again.wait(60)
         procs.remove(again)

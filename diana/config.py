@@ -204,6 +204,10 @@ class StreamConfig:
     # days (event time) after its last completion; a later instance of it is dead-lettered, never
     # counted twice (stream_apps/README.md, "Bounded state"). 0: kept (compacted) for ever.
     state_retention_days: float = 30.0
+    # The aggregates worker's local state: a folder per worker (<app_id>-<worker_id>) of one SQLite
+    # file per partition with the changelog position it reflects, so a restart reads only the
+    # changelog's tail (stream_apps/README.md, "Local state"). Relative to the config file's folder.
+    state_dir: Path = Path("var/aggregates-state")
     # Faust's local data (the dose worker).
     data_dir: Path = Path("var/faust")
     # A series is complete after this long without a new instance (event time), per modality.

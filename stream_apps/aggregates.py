@@ -24,6 +24,7 @@ import json
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -657,12 +658,15 @@ def aggregates_loop(
     conflict_policy: str = "KEEP_FIRST",
     session_timeout_s: float = 30.0,
     retention_days: float = 0.0,
+    state_dir: Path | None = None,
 ) -> TransactionalLoop:
     """The aggregates worker: group ``app_id``, state in ``{app_id}-state-changelog``.
 
     ``worker_id`` (worker_id.py) must be stable across restarts of one worker and differ between
     workers: it is the static group member id (a restart within the session timeout moves no
     partition) and the transactional id (a restart fences its dead predecessor at once).
+    ``state_dir`` ([stream] state_dir) holds a folder per worker, ``<app_id>-<worker_id>``, of local
+    state files (local_state.py), so a restart reads only the changelog's tail; None: none kept.
     """
     settings = LoopSettings(
         kafka=kafka,
@@ -672,6 +676,7 @@ def aggregates_loop(
         session_timeout_ms=int(session_timeout_s * 1000),
         topics=(INSTANCES.name, TICKS.name),
         changelog=changelog_topic(app_id),
+        state_dir=None if state_dir is None else state_dir / f"{app_id}-{worker_id}",
     )
     handler = AggregatesHandler(quiet, conflict_policy=conflict_policy, retention_days=retention_days)
     return TransactionalLoop(settings, handler, every_second=TickWriter(kafka, partitions))

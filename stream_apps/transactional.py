@@ -8,9 +8,11 @@ undercounted, completed series early, or stopped fetching a partition (faust-str
 - Each batch of input messages is one Kafka transaction holding the output records, the state
   changes (each changed key once, to a compacted changelog topic co-partitioned with the input)
   and the input offsets. Either all of a batch's effects become visible to read_committed readers, or none do.
-- State lives in memory, per input partition. On assignment a partition's state is rebuilt from its
-  changelog partition, after the broker reports its committed offsets stable (no transaction of a
-  dead predecessor pending), so state and input position always agree.
+- State lives in memory, per input partition, and in a local file per partition written after each
+  commit with the changelog position it reflects (local_state.py). On assignment a partition's state
+  is rebuilt from that file plus the changelog's tail, or from the whole changelog when the file
+  cannot be trusted (state_restore.py), after the broker reports its committed offsets stable (no
+  transaction of a dead predecessor pending), so state and input position always agree.
 - A failed transaction is aborted, its uncommitted state changes dropped, and the input rewound
   to the committed offsets: the batch is processed again from the same state.
 
@@ -26,14 +28,17 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from prometheus_client import Counter, Histogram
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from prometheus_client import Counter
 
 from diana.clients import kafka_consumer, kafka_producer
 from diana.config import KafkaConfig
+from diana.stream_apps.local_state import Checkpoint, LocalStates, now_ms
+from diana.stream_apps.state_restore import GiveUp, restore_partitions
 
 __all__ = ["Batch", "GiveUp", "Handler", "TransactionalLoop", "LoopSettings"]
 
@@ -47,7 +52,6 @@ FAILED_MESSAGES = Counter(
 UNENCODABLE = Counter(
     "diana_stream_unencodable_total", "Records of the worker's own the schema refused (not published)", ["topic"]
 )
-RESTORE_SECONDS = Histogram("diana_stream_restore_seconds", "Time to rebuild the state of newly assigned partitions")
 
 _DELETED = object()
 _ABSENT = object()
@@ -56,10 +60,6 @@ _SEP = "/"
 # broker aborts the transaction anyway, so waiting longer only delays the retry.
 _CALL_SHARE = 0.5  # a call's own timeout, as a share of the transaction timeout
 _WATCHDOG_SHARE = 0.8  # the watchdog around a call that may ignore its timeout (librdkafka 5456)
-
-
-class GiveUp(RuntimeError):
-    """The broker could not be reached or agreed with for longer than the worker waits: exit and say why."""
 
 
 @contextmanager
@@ -133,6 +133,15 @@ class Batch:
         # encode and one record per changed key per transaction, not one per message.
         self._latest: dict[tuple[str, bytes], tuple[Any, Callable[[Any], bytes]]] = {}
         self._latest_undo: list[tuple[tuple[str, bytes], Any]] = []
+        # Per changelog partition: records sent, delivered, the highest offset delivered (the
+        # local file's checkpoint after the commit), and partitions with a failed delivery.
+        self.sent: dict[int, int] = {}
+        self.delivered: dict[int, int] = {}
+        self.last_offset: dict[int, int] = {}
+        self.undelivered: set[int] = set()
+        # Per partition, each changelog record's (namespace, key, JSON text or None): the local
+        # file gets the same encoding, not a second one.
+        self.encoded: dict[int, list[tuple[str, str, str | None]]] = {}
 
     def get(self, partition: int, namespace: str, key: str) -> Any:
         value = self._pending.get((partition, namespace), {}).get(key)
@@ -208,12 +217,34 @@ class Batch:
             for key, value in changes.items():
                 if value is _DELETED and key not in committed:
                     continue  # created and deleted within the batch, or never there
+                text = None if value is _DELETED else json.dumps(value, separators=(",", ":"))
                 self._producer.produce(
                     self._changelog,
                     key=f"{namespace}{_SEP}{key}".encode(),
                     partition=partition,
-                    value=None if value is _DELETED else json.dumps(value, separators=(",", ":")).encode(),
+                    value=None if text is None else text.encode(),
+                    on_delivery=self._delivered,
                 )
+                self.encoded.setdefault(partition, []).append((namespace, key, text))
+                self.sent[partition] = self.sent.get(partition, 0) + 1
+
+    def _delivered(self, error: KafkaError | None, message: Message) -> None:
+        partition = message.partition()
+        if error is not None:
+            self.undelivered.add(partition)
+            return
+        self.delivered[partition] = self.delivered.get(partition, 0) + 1
+        self.last_offset[partition] = max(self.last_offset.get(partition, -1), message.offset())
+
+    def all_delivered(self) -> bool:
+        return all(self.delivered.get(p, 0) >= n for p, n in self.sent.items()) or bool(self.undelivered)
+
+    def changes(self, partition: int) -> Iterator[tuple[str, str, Any]]:
+        """The partition's changes in this batch: (namespace, key, value or None for deleted)."""
+        for (p, namespace), changes in self._pending.items():
+            if p == partition:
+                for key, value in changes.items():
+                    yield namespace, key, None if value is _DELETED else value
 
     def items(self, partition: int, namespace: str) -> Iterator[tuple[str, Any]]:
         """The namespace's entries as this batch sees them, without copying the committed ones
@@ -258,6 +289,9 @@ class LoopSettings:
     # init_transactions, and the committed-offsets read on assignment, retry this long, then the
     # worker exits with the reason (a supervisor restarts it) instead of waiting for ever.
     give_up_after_s: float = 120.0
+    # The worker's own folder of local state files (one per partition, local_state.py); None: none
+    # kept, every assignment reads the whole changelog.
+    state_dir: Path | None = None
 
     @property
     def call_timeout_s(self) -> float:
@@ -276,6 +310,7 @@ class TransactionalLoop:
         self.handler = handler
         self.every_second = every_second
         self.store = _Store()
+        self.local = LocalStates(settings.state_dir, settings.changelog) if settings.state_dir else None
         self.running = True
         consumer_settings: dict[str, Any] = {
             "enable.auto.commit": False,
@@ -320,6 +355,8 @@ class TransactionalLoop:
         for partition in sorted({tp.partition for tp in partitions}):
             self.store.partitions.pop(partition, None)
             self.handler.partition_stopped(partition)
+            if self.local is not None:
+                self.local.close(partition)
         consumer.unassign()
         log.info("partitions.revoked", partitions=sorted({tp.partition for tp in partitions}))
 
@@ -352,56 +389,16 @@ class TransactionalLoop:
         return TopicPartition(tp.topic, tp.partition, low)
 
     def _restore(self, partitions: list[int]) -> None:
-        """Rebuild the state of ``partitions`` from their changelog partitions, read to the end."""
-        if not partitions:
-            return
-        started = time.monotonic()
-        for partition in partitions:
-            self.store.partitions[partition] = {}
-        reader = kafka_consumer(
+        """Rebuild the state of ``partitions``: local file plus changelog tail, or the whole changelog."""
+        restore_partitions(
             self.settings.kafka,
-            f"{self.settings.group_id}-restore",
-            {
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "enable.partition.eof": True,
-                "fetch.wait.max.ms": 10,
-            },
-        )
-        records, unfinished = 0, set(partitions)
-        deadline = started + self.settings.give_up_after_s
-        try:
-            reader.assign([TopicPartition(self.settings.changelog, p, OFFSET_BEGINNING) for p in partitions])
-            while unfinished:
-                for msg in reader.consume(num_messages=10_000, timeout=0.05):
-                    if msg.error():
-                        error = msg.error()
-                        if error.code() == KafkaError._PARTITION_EOF:
-                            unfinished.discard(msg.partition())
-                        elif error.code() == KafkaError._FATAL or error.fatal() or time.monotonic() > deadline:
-                            raise GiveUp(
-                                f"the state changelog could not be read ({error}); check that the broker is up "
-                                "and reachable, then start the worker again"
-                            )
-                        else:  # e.g. a broker restarting: the client retries on its own
-                            log.warning("state.restore_waiting", reason=str(error))
-                        continue
-                    value = msg.value()
-                    self.store.apply(msg.partition(), msg.key().decode(), None if value is None else json.loads(value))
-                    records += 1
-        finally:
-            reader.close()
-        RESTORE_SECONDS.observe(time.monotonic() - started)
-        sizes: dict[str, int] = {}
-        for partition in partitions:
-            for namespace, space in self.store.partitions[partition].items():
-                sizes[namespace] = sizes.get(namespace, 0) + len(space)
-        log.info(
-            "state.restored",
-            partitions=partitions,
-            records=records,
-            entries=sizes,
-            seconds=round(time.monotonic() - started, 2),
+            self.settings.group_id,
+            self.settings.changelog,
+            partitions,
+            self.store.partitions,
+            self.local,
+            self.settings.give_up_after_s,
+            self._still_running,
         )
 
     # -- the loop ---------------------------------------------------------------------------
@@ -434,6 +431,8 @@ class TransactionalLoop:
         finally:
             self.consumer.close()
             self.producer.flush(10)
+            if self.local is not None:
+                self.local.close_all()
 
     def _subscribe(self) -> None:
         self.consumer.subscribe(
@@ -473,6 +472,8 @@ class TransactionalLoop:
         for partition in sorted(self.store.partitions):
             self.store.partitions.pop(partition, None)
             self.handler.partition_stopped(partition)
+            if self.local is not None:
+                self.local.close(partition)
         try:
             self.consumer.close()
         except KafkaException as exc:  # it is unusable already; closing is only housekeeping
@@ -486,7 +487,7 @@ class TransactionalLoop:
         starts: dict[tuple[str, int], int] = {}
         for message in messages:
             starts.setdefault((message.topic(), message.partition()), message.offset())
-        began = time.monotonic()
+        began, began_ms = time.monotonic(), now_ms()
         try:
             self.producer.begin_transaction()
             for message in messages:
@@ -502,9 +503,30 @@ class TransactionalLoop:
             self._abort(exc, starts)
             return
         batch.commit_locally()
+        if self.local is not None:
+            self._write_local(batch, began_ms)
         TRANSACTIONS.labels("committed").inc()
         for message in messages:
             MESSAGES.labels(message.topic()).inc()
+
+    def _write_local(self, batch: Batch, began_ms: int) -> None:
+        """The committed batch's changes to each partition's local file, with the checkpoint.
+
+        The checkpoint is the offset after the batch's last changelog record in the partition (from
+        the delivery reports; commit_transaction has flushed them all) and the wall time before the
+        transaction began, which no later record predates. Without a delivery report the position
+        is unknown: the partition's file is suspended (left as the true, older snapshot it is).
+        """
+        assert self.local is not None
+        deadline = time.monotonic() + 2.0
+        while not batch.all_delivered() and time.monotonic() < deadline:
+            self.producer.poll(0.05)
+        for partition, sent in batch.sent.items():
+            if partition in batch.undelivered or batch.delivered.get(partition, 0) < sent:
+                self.local.suspend(partition, "the delivery reports of its changelog records are missing")
+                continue
+            checkpoint = Checkpoint(batch.last_offset[partition] + 1, began_ms)
+            self.local.write(partition, batch.encoded.get(partition, []), checkpoint, encoded=True)
 
     def _handle_one(self, batch: Batch, message: Message) -> None:
         """Handle one message; if that raises (anything but the broker's own errors), the message

@@ -113,6 +113,7 @@ def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
         conflict_policy=cfg.sinks.archive_conflict_policy,
         session_timeout_s=cfg.stream.session_timeout_s,
         retention_days=cfg.stream.state_retention_days,
+        state_dir=cfg.path(cfg.stream.state_dir),
     )
     try:
         loop.run()

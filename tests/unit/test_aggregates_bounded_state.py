@@ -44,7 +44,7 @@ class Recorder:
     def __init__(self) -> None:
         self.records: list[tuple[str, bytes | None, bytes | None, int | None, dict | None]] = []
 
-    def produce(self, topic, key=None, value=None, partition=None, headers=None) -> None:
+    def produce(self, topic, key=None, value=None, partition=None, headers=None, on_delivery=None) -> None:
         self.records.append((topic, key, value, partition, headers))
 
     def on(self, topic: str) -> list[tuple]:

@@ -15,7 +15,7 @@ class ChangelogRecorder:
     def __init__(self) -> None:
         self.records: list[tuple[str, bytes | None, bytes | None, int | None]] = []
 
-    def produce(self, topic, key=None, value=None, partition=None, headers=None) -> None:
+    def produce(self, topic, key=None, value=None, partition=None, headers=None, on_delivery=None) -> None:
         self.records.append((topic, key, value, partition))
 
 
