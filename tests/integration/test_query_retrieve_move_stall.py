@@ -1,7 +1,7 @@
 """C-MOVE sub-associations under load, and a destination that dies mid-move (issue 17, the C-MOVE stall).
 
 The stall: under load, pynetdicom's association reactor thread took a C-STORE response meant for the
-thread sending the move's objects (access/qr/sub_association.py); the move then waited until
+thread sending the move's objects (diana/outbound_association.py); the move then waited until
 dcmtk storescp closed the idle association after its socket timeout (60 s), and every later
 sub-operation failed. It needs the reactor thread starved of the GIL for a round trip: here the Q/R
 SCP runs in this process (``QueryRetrieveServer``, what ``diana serve`` runs) beside threads that keep
