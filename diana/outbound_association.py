@@ -1,11 +1,13 @@
 """The associations diana-star opens as requestor: a C-MOVE's toward its destination, routing's, and a
 collect job's C-FIND and C-MOVE to a PACS (producers/pacs_pull/scu.py).
 
-Two things pynetdicom leaves to the caller, set when the connection opens (``EVT_CONN_OPEN``):
+Three things pynetdicom leaves to the caller, set when the connection opens (``EVT_CONN_OPEN``):
 
 - Nagle off: with it on, each C-STORE's last small PDU waited for the peer's delayed ACK, ~40 ms
   per object (as on the receiver's own associations, producers/scp.py); a C-FIND-RQ is two writes
   (command, identifier), and the second waited the same way.
+- The network timeout on the socket (pynetdicom clears it after connecting): a peer that stops
+  reading must not block a send for ever (a hung C-MOVE destination held the move thread for good).
 - The DIMSE responses go to the thread that sent the request, never to the association's own
   reactor thread (issue 17, the C-MOVE stall). pynetdicom 3.0's ``send_c_store``, ``send_c_find``,
   ``send_c_move`` (and ``release``) all pause the association's reactor the same way
@@ -72,6 +74,13 @@ def _on_connection_open(event: evt.Event) -> None:
     sock = transport.socket if transport is not None else None
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if sock is not None:
+        # pynetdicom gives the socket the network timeout, then clears it after connecting
+        # (settimeout(None)): a send to a peer that stopped reading (full buffers) then blocks the
+        # association's DUL thread for good, and the abort after the DIMSE timeout waits for that
+        # thread forever (issue 17, a hung C-MOVE destination). With it, the send fails after the
+        # network timeout and pynetdicom ends the association as closed.
+        sock.settimeout(assoc.network_timeout)
     stock = assoc.dimse.msg_queue
     if not isinstance(stock, SenderResponseQueue):
         replacement = SenderResponseQueue(assoc)
