@@ -89,6 +89,6 @@ def _on_connection_open(event: evt.Event) -> None:
             assoc.dimse.msg_queue = replacement
 
 
-def outbound_association_handlers() -> list[tuple[Any, Any]]:
+def outbound_association_handlers() -> list[Any]:  # pynetdicom's evt_handlers list (its own type is invariant)
     """``evt_handlers`` for an association diana-star opens (C-MOVE sub-association, routing, PACS C-FIND/C-MOVE)."""
     return [(evt.EVT_CONN_OPEN, _on_connection_open)]
