@@ -7,8 +7,12 @@ again one index document per instance, and Orthanc). Reports met / not met per t
 
 Corpus (generated): one CT series of ``--series`` 256×256×16-bit instances, one study of ``--study``
 small instances (16×16, no meaningful pixels) in series of 500, and filler studies of 50 small
-instances up to ``--find-instances`` in all. diana-star is fed with ``diana import`` (the same path as
-a C-STORE, 8 in flight), Orthanc with dcmtk storescu over 4 associations.
+instances up to ``--find-instances`` in all (written from one template: bench/serve_fill.py).
+diana-star is fed the CT series and the large study with ``diana import`` (the same path as a
+C-STORE, 8 in flight); the fillers too with ``--fill import``, or with ``--fill events`` (the
+default) as the InstanceArrived events the receiver would publish for them, indexed by ``diana
+reindex`` (the pipeline's sinks stopped first: the fillers have no landing file to archive). Orthanc
+gets every file with dcmtk storescu over 4 associations, while diana-star loads.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +37,7 @@ import requests
 
 from bench.ingest import REPO, bench_env, diana, diana_config, pct, send, start_orthanc, start_storescp, wait_for_echo
 from bench.profile import Profiler
+from bench.serve_fill import produce_filler_events, send_folders, write_fillers
 from tests.support.dicomgen import make_instance
 
 PORTS = {
@@ -49,6 +55,7 @@ PORTS = {
 PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 SMALL_STUDY = 50
 STUDY_SERIES = 500
+FILL_FOLDERS = 4  # one storescu association each into Orthanc
 
 
 def _write_study(root: Path, n: int, per_series: int, rows: int, patient: str, date: str) -> dict[str, Any]:
@@ -68,11 +75,8 @@ def _write_study(root: Path, n: int, per_series: int, rows: int, patient: str, d
 def make_corpus(root: Path, total: int, series_n: int, study_n: int) -> dict[str, Any]:
     ct = _write_study(root / "series", series_n, series_n, 256, "SERVE-CT", "20240102")
     big = _write_study(root / "study", study_n, STUDY_SERIES, 16, "SERVE-BIG", "20240103")
-    fillers = []
-    rng = random.Random(17)
-    for k in range(max(0, total - series_n - study_n) // SMALL_STUDY):
-        date = f"2023{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
-        fillers.append(_write_study(root / "fill" / f"{k:05d}", SMALL_STUDY, 25, 16, f"SERVE-P{k:05d}", date))
+    studies = max(0, total - series_n - study_n) // SMALL_STUDY
+    fillers = write_fillers(root / "fill", studies, SMALL_STUDY, 25, FILL_FOLDERS)
     return {"series": ct, "study": big, "fillers": fillers, "files": sum(1 for _ in root.rglob("*.dcm"))}
 
 
@@ -252,6 +256,50 @@ def wait_prepared(archive: Path, study: str, series: list[str], timeout: float) 
         time.sleep(1)
 
 
+def _load_orthanc(into: dict[str, Any], files: list[Path], fill: Path, port: int) -> None:
+    """Every file of the corpus into Orthanc (run in a thread, beside diana-star's loading)."""
+    try:
+        t0 = time.monotonic()
+        send(files, port, "ORTHANC", 4)
+        folders = sorted(f for f in fill.iterdir() if f.is_dir()) if fill.exists() else []
+        if folders:
+            send_folders(folders, port, "ORTHANC")
+        into["s"] = time.monotonic() - t0
+    except Exception as exc:  # reported by the main thread
+        into["error"] = f"loading Orthanc failed: {exc}"
+
+
+def _index_filler_events(cfg: Any, config: Path, env: dict[str, str], stages: list[Any], fill: Path) -> dict[str, Any]:
+    """The fillers' events to dicom.instances, then `diana reindex --kinds instances`.
+
+    ``stages`` (aggregate and the sinks) are stopped first: the fillers have no landing file to
+    archive, and the instance index is rebuilt from the log by reindex, not by the sink."""
+    for stage in stages:
+        stage.send_signal(signal.SIGTERM)
+    for stage in stages:
+        stage.wait(60)
+    events, produce_s = produce_filler_events(cfg, fill)
+    t0 = time.monotonic()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diana.cli",
+            "--config",
+            str(config),
+            "reindex",
+            "--kinds",
+            "instances",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    return {"events": events, "produce_s": round(produce_s, 1), "reindex_s": round(time.monotonic() - t0, 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--find-instances", type=int, default=100_000, help="instances in all (default 100000)")
@@ -266,6 +314,20 @@ def main(argv: list[str] | None = None) -> int:
         help="py-spy the diana-star process serving C-FIND and WADO-RS during those measures (into --out)",
     )
     ap.add_argument("--wado-repeats", type=int, default=3, help="WADO-RS series retrievals per server (median kept)")
+    ap.add_argument(
+        "--fill",
+        choices=("events", "import"),
+        default="events",
+        help="how diana-star gets the filler studies: their events indexed by `diana reindex` (default), "
+        "or `diana import` like the rest (24-57 instances/s on the shared machine: 30-70 min for 100,000)",
+    )
+    ap.add_argument("--port-offset", type=int, default=0, help="add this to every port of the bench (default 0)")
+    ap.add_argument(
+        "--orthanc-dir",
+        type=Path,
+        help="Orthanc's storage and SQLite index here, e.g. under /dev/shm (default: the bench's temporary "
+        "folder). On the shared machine Orthanc stored 43 instances/s on disk: 40 min for 100,000",
+    )
     args = ap.parse_args(argv)
     if not shutil.which("Orthanc") or not Path(PLUGIN).exists():
         sys.exit("Orthanc and its DICOMweb plugin are needed: apt-get install orthanc orthanc-dicomweb")
@@ -274,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     from diana.config import load_config
 
     work = Path(tempfile.mkdtemp(prefix="diana-bench-serve-"))
-    p = PORTS
+    p = {name: number + args.port_offset for name, number in PORTS.items()}
     config = diana_config(
         work,
         p,
@@ -285,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = LocalStack(cfg)
     procs: list[subprocess.Popen] = []
     result: dict[str, Any] = {}
+    orthanc_home: dict[str, str] = {}
     try:
         t0 = time.monotonic()
         corpus = make_corpus(work / "corpus", args.find_instances, args.series, args.study)
@@ -302,9 +365,13 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(diana(config, *n.split(), stdout=log, stderr=subprocess.STDOUT))
         scp = start_storescp(work, p["storescp"])
         procs.append(scp)
+        if args.orthanc_dir:
+            orthanc_dir = Path(tempfile.mkdtemp(prefix="orthanc-", dir=args.orthanc_dir))
+            orthanc_home = {"StorageDirectory": str(orthanc_dir), "IndexDirectory": str(orthanc_dir)}
         orthanc = start_orthanc(
             work,
             p,
+            **orthanc_home,
             Plugins=[PLUGIN],
             DicomWeb={"Enable": True, "Root": "/dicom-web/"},
             # Orthanc answers C-FIND and C-MOVE only to the modalities it knows.
@@ -316,7 +383,21 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError("the diana-star receiver did not start")
 
         files = sorted((work / "corpus").rglob("*.dcm"))
+        pipeline_files = sorted((work / "corpus" / "series").glob("*.dcm")) + sorted(
+            (work / "corpus" / "study").glob("*.dcm")
+        )
+        # Orthanc loads while diana-star does (the two loading times are not a comparison).
+        orthanc_load: dict[str, Any] = {}
+        orthanc_loader = threading.Thread(
+            target=_load_orthanc,
+            args=(orthanc_load, pipeline_files, work / "corpus" / "fill", p["orthanc"]),
+            daemon=True,  # an interrupted bench does not wait for it
+        )
+        orthanc_loader.start()
         t0 = time.monotonic()
+        imported = (
+            [work / "corpus"] if args.fill == "import" else [work / "corpus" / "series", work / "corpus" / "study"]
+        )
         imp = subprocess.run(
             [
                 sys.executable,
@@ -326,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(config),
                 "import",
                 "--no-progress",
-                str(work / "corpus"),
+                *map(str, imported),
             ],
             cwd=REPO,
             env=env,
@@ -336,14 +417,21 @@ def main(argv: list[str] | None = None) -> int:
         if imp.returncode != 0:
             raise RuntimeError(imp.stdout[-2000:] + imp.stderr[-2000:])
         import_s = time.monotonic() - t0
-        indexed_s = wait_indexed(cfg.opensearch.url, len(files), timeout=7200) + import_s
-        print(f"diana-star: imported in {import_s:.0f} s, all indexed after {indexed_s:.0f} s", flush=True)
-        t0 = time.monotonic()
-        send(files, p["orthanc"], "ORTHANC", 4)
-        orthanc_load_s = time.monotonic() - t0
-        print(f"Orthanc: stored in {orthanc_load_s:.0f} s", flush=True)
         big, ct = corpus["study"], corpus["series"]
+        imported_n = len(files) if args.fill == "import" else len(pipeline_files)
+        indexed_s = wait_indexed(cfg.opensearch.url, imported_n, timeout=7200) + import_s
+        print(f"diana-star: {imported_n} imported in {import_s:.0f} s, indexed after {indexed_s:.0f} s", flush=True)
         wait_prepared(cfg.path(cfg.storage.archive_dir), big["study"], big["series"], timeout=600)
+        fill_load: dict[str, Any] = {}
+        if args.fill == "events":
+            fill_load = _index_filler_events(cfg, config, env, procs[1:5], work / "corpus" / "fill")
+            indexed = wait_indexed(cfg.opensearch.url, len(files), timeout=600)
+            print(f"diana-star: fillers as events: {fill_load}; {len(files)} indexed {indexed:.0f} s after", flush=True)
+        orthanc_loader.join()
+        if "error" in orthanc_load:
+            raise RuntimeError(orthanc_load["error"])
+        orthanc_load_s = orthanc_load["s"]
+        print(f"Orthanc: stored in {orthanc_load_s:.0f} s", flush=True)
 
         patients = [f["patient"] for f in corpus["fillers"]] or [big["patient"]]
         profiles: dict[str, Any] = {}
@@ -433,9 +521,12 @@ def main(argv: list[str] | None = None) -> int:
                 "ct_series_MB": round(ct_mb, 1),
                 "large_study": big["instances"],
                 "filler_studies": len(corpus["fillers"]),
+                "diana_fill": args.fill,
                 "diana_import_s": round(import_s, 1),
                 "diana_indexed_s": round(indexed_s, 1),
+                "diana_fill_events": fill_load,
                 "orthanc_store_s": round(orthanc_load_s, 1),
+                "orthanc_dir": str(args.orthanc_dir or "the bench's temporary folder"),
             },
             "c_find_study": find,
             "c_find_study_client_nagle_on": find_nagle,
@@ -489,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(stack._opensearch_dir(), ignore_errors=True)
+        if orthanc_home:
+            shutil.rmtree(orthanc_home["StorageDirectory"], ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     table = render(result)
@@ -503,8 +596,9 @@ def render(result: dict[str, Any]) -> str:
         f"Corpus: {c['instances']} instances ({c['filler_studies']} studies of {SMALL_STUDY} small instances, a "
         f"{c['large_study']}-instance study, a {c['ct_series']}-instance CT series of {c['ct_series_MB']} MB); "
         f"{m['cpus']} CPUs, load {', '.join(f'{x:.2f}' for x in m['load_at_end'])} at the end; {result['when']}. "
-        f"Loading: diana-star import {c['diana_import_s']} s (all indexed {c['diana_indexed_s']} s), "
-        f"Orthanc storescu ×4 {c['orthanc_store_s']} s.",
+        f"Loading: diana-star import {c['diana_import_s']} s (indexed {c['diana_indexed_s']} s)"
+        + (f", fillers as events ({c['diana_fill_events']})" if c.get("diana_fill", "import") == "events" else "")
+        + f", Orthanc storescu ×4 {c['orthanc_store_s']} s (in parallel with diana-star's loading).",
         "",
         "| measure | server | p50 ms | p95 ms | n |",
         "|---|---|---:|---:|---:|",

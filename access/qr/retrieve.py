@@ -37,7 +37,6 @@ from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import PresentationContext
 
-from diana.access.qr.sub_association import sub_association_handlers
 from diana.schemas.layout import archive_path
 from diana.schemas.uid import is_valid_uid
 from diana.storage import ObjectStore, local_file
@@ -49,7 +48,6 @@ __all__ = [
     "even_length",
     "install_file_sending",
     "move_contexts",
-    "sub_association_handlers",
 ]
 
 # pynetdicom sends a data set given by path straight from the file, in PDU-sized reads.

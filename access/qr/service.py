@@ -40,9 +40,9 @@ from diana.access.qr.retrieve import (
     as_archived,
     install_file_sending,
     move_contexts,
-    sub_association_handlers,
 )
 from diana.config import MoveDestination
+from diana.outbound_association import outbound_association_handlers
 from diana.storage import ObjectStore
 
 __all__ = ["QueryRetrieve", "QR_SOP_CLASSES"]
@@ -226,7 +226,7 @@ class QueryRetrieve:
             yield None, None
             return
         resolved = self._resolve(event, "move")
-        options: dict[str, Any] = {"ae_title": destination.ae_title, "evt_handlers": sub_association_handlers()}
+        options: dict[str, Any] = {"ae_title": destination.ae_title, "evt_handlers": outbound_association_handlers()}
         if isinstance(resolved, Dataset):
             # pynetdicom takes a status only after the destination and a count: one sub-operation, refused.
             # (It opens the sub-association first; Verification is all it proposes.)

@@ -32,10 +32,10 @@ from diana.access.qr.retrieve import (
     as_archived,
     install_file_sending,
     move_contexts,
-    sub_association_handlers,
 )
 from diana.access.residual import scan
 from diana.access.routing.rules import Destination
+from diana.outbound_association import outbound_association_handlers
 from diana.storage import ObjectStore, local_file
 
 __all__ = ["Outcome", "Result", "Delivery", "Sender", "DicomSender", "StowSender", "make_sender"]
@@ -143,7 +143,7 @@ class DicomSender(_Deidentifying):
         options: dict[str, Any] = {
             "ae_title": dest.ae_title,
             "contexts": contexts,
-            "evt_handlers": sub_association_handlers(),
+            "evt_handlers": outbound_association_handlers(),
         }
         if dest.tls:
             options["tls_args"] = (self.tls_context or ssl.create_default_context(), dest.host)

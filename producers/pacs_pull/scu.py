@@ -21,6 +21,7 @@ from pynetdicom.sop_class import (
 )
 
 from diana.config import CollectConfig
+from diana.outbound_association import outbound_association_handlers
 
 __all__ = ["PacsClient", "PacsUnavailable", "FindFailed", "StudyMatch", "MoveResult", "status_text"]
 
@@ -89,7 +90,11 @@ class PacsClient:
     @contextmanager
     def _association(self, context: str) -> Iterator[Association]:
         s = self.settings
-        assoc = self._ae(context).associate(s.pacs_host, s.pacs_port, ae_title=s.pacs_ae_title)
+        # The responses to the sending thread only: pynetdicom's reactor could take a C-FIND or C-MOVE
+        # response off the queue (diana/outbound_association.py); Nagle off for the two-write requests.
+        assoc = self._ae(context).associate(
+            s.pacs_host, s.pacs_port, ae_title=s.pacs_ae_title, evt_handlers=outbound_association_handlers()
+        )
         if not assoc.is_established:
             if assoc.is_rejected:
                 raise PacsUnavailable(

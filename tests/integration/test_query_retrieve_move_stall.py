@@ -1,7 +1,7 @@
 """C-MOVE sub-associations under load, and a destination that dies mid-move (issue 17, the C-MOVE stall).
 
 The stall: under load, pynetdicom's association reactor thread took a C-STORE response meant for the
-thread sending the move's objects (access/qr/sub_association.py); the move then waited until
+thread sending the move's objects (diana/outbound_association.py); the move then waited until
 dcmtk storescp closed the idle association after its socket timeout (60 s), and every later
 sub-operation failed. It needs the reactor thread starved of the GIL for a round trip: here the Q/R
 SCP runs in this process (``QueryRetrieveServer``, what ``diana serve`` runs) beside threads that keep
@@ -52,16 +52,16 @@ def series(pipeline, tmp_path_factory) -> GeneratedStudy:
     return study
 
 
-def _start_storescp(out: Path) -> subprocess.Popen:
+def _start_storescp(out: Path, ae_title: str = "STORESCP", listen: int = STORESCP_PORT) -> subprocess.Popen:
     proc = subprocess.Popen(
-        ["storescp", "-ts", str(DESTINATION_IDLE_S), "-aet", "STORESCP", "-od", str(out), str(STORESCP_PORT)],
+        ["storescp", "-ts", str(DESTINATION_IDLE_S), "-aet", ae_title, "-od", str(out), str(listen)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=DCMTK_ENV,
     )
     deadline = time.monotonic() + 15
     while subprocess.run(
-        ["echoscu", "-aec", "STORESCP", "127.0.0.1", str(STORESCP_PORT)], capture_output=True, env=DCMTK_ENV
+        ["echoscu", "-aec", ae_title, "127.0.0.1", str(listen)], capture_output=True, env=DCMTK_ENV
     ).returncode:
         assert proc.poll() is None and time.monotonic() < deadline, "storescp did not start"
         time.sleep(0.2)
@@ -187,3 +187,178 @@ def test_destination_killed_mid_move_ends_with_partial_failure_and_holds_up_nobo
     # Ended by the closed connection, not by a timeout (DIMSE 120 s, network 60 s).
     assert after_kill_s < 30, f"the move ended {after_kill_s:.1f} s after the destination died"
     assert time.monotonic() - started < 150
+
+
+SECOND_DESTINATION_PORT = port(18104)  # "ORTHANC" in the test config: here a second storescp
+HUNG_DIMSE_TIMEOUT_S = 30  # long enough for the other move of the series to complete meanwhile
+
+
+@pytest.fixture
+def in_process_qr(pipeline) -> Iterator[QueryRetrieveServer]:
+    """``diana serve``'s Q/R SCP in this process, with a DIMSE timeout short enough for a test (120 s in service)."""
+    cfg = dataclasses.replace(
+        pipeline.cfg, query_retrieve=dataclasses.replace(pipeline.cfg.query_retrieve, port=IN_PROCESS_QR_PORT)
+    )
+    server = QueryRetrieveServer(cfg)
+    server.ae.dimse_timeout = HUNG_DIMSE_TIMEOUT_S  # the sub-associations it opens take it from their AE
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_destination_that_hangs_mid_move_ends_after_the_dimse_timeout_and_holds_up_nobody(
+    pipeline, series, destination, in_process_qr, tmp_path
+) -> None:
+    """storescp stopped (SIGSTOP) after a few objects: its connection stays open and nothing answers.
+    The move ends within the DIMSE timeout with 0xB000 and counts that add up; meanwhile the same Q/R SCP
+    answers a C-ECHO and completes a whole move of the series to another destination."""
+    proc, out = destination
+    ae_title = pipeline.cfg.receiver.ae_title
+    command = ["movescu", "-d", "-S", "-aec", ae_title, "-aem", "STORESCP"]
+    command += ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={series.study_uid}"]
+    command += ["127.0.0.1", str(IN_PROCESS_QR_PORT)]
+    other_out = tmp_path / "other"
+    other_out.mkdir()
+    other = _start_storescp(other_out, "ORTHANC", SECOND_DESTINATION_PORT)
+    mover = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=DCMTK_ENV)
+    stopped = False
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.iterdir())) < 10:
+            assert mover.poll() is None, "the move ended before the destination hung"
+            assert time.monotonic() < deadline, "the destination received fewer than 10 objects in 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGSTOP)
+        stopped = True
+        hung_at = time.monotonic()
+        echo = subprocess.run(
+            ["echoscu", "-aec", ae_title, "127.0.0.1", str(IN_PROCESS_QR_PORT)],
+            capture_output=True,
+            text=True,
+            env=DCMTK_ENV,
+            timeout=30,
+        )
+        assert echo.returncode == 0, echo.stdout + echo.stderr
+        second = subprocess.run(
+            ["movescu", "-d", "-S", "-aec", ae_title, "-aem", "ORTHANC"]
+            + ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={series.study_uid}"]
+            + ["127.0.0.1", str(IN_PROCESS_QR_PORT)],
+            capture_output=True,
+            text=True,
+            env=DCMTK_ENV,
+            timeout=120,
+        )
+        # Not held up: the other move completed while the hung one still waited for its answer.
+        assert mover.poll() is None, f"the hung move ended before the other move ({time.monotonic() - hung_at:.1f} s)"
+        output, _ = mover.communicate(timeout=HUNG_DIMSE_TIMEOUT_S + 60)
+        after_hang_s = time.monotonic() - hung_at
+    finally:
+        if stopped:
+            proc.send_signal(signal.SIGCONT)
+        for p in (mover, other):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    second_counts = final_counts(second.stdout + second.stderr)
+    assert second_counts == {"Remaining": 0, "Completed": SERIES_SIZE, "Failed": 0, "Warning": 0}, second.stdout[-2000:]
+    assert len(list(other_out.iterdir())) == SERIES_SIZE
+    counts = final_counts(output)
+    received = len(list(out.iterdir()))
+    assert "0xb000" in output.lower(), output[-2000:]
+    assert counts["Remaining"] == 0 and counts["Warning"] == 0, counts
+    assert counts["Completed"] + counts["Failed"] == SERIES_SIZE, counts
+    assert 1 <= counts["Completed"] <= received, (counts, received)
+    assert counts["Failed"] > 0
+    # One DIMSE timeout for the object that got no answer; every later sub-operation fails at once.
+    assert after_hang_s < HUNG_DIMSE_TIMEOUT_S + 20, f"the move ended {after_hang_s:.1f} s after the destination hung"
+
+
+LARGE_SIZE = 3  # objects of 2896×2896×16 bits (16 MB): more than the sockets' buffers hold (4 MB + 128 KB here)
+HUNG_NETWORK_TIMEOUT_S = 15
+
+
+@pytest.fixture(scope="module")
+def large_series(pipeline, tmp_path_factory) -> GeneratedStudy:
+    study = make_study(
+        tmp_path_factory.mktemp("large"), [SeriesSpec("CT", "LARGE", LARGE_SIZE)], patient_id="QR-LARGE", rows=2896
+    )
+    result = storescu(pipeline.cfg, study.files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_until_caught_up(pipeline.cfg)
+    return study
+
+
+def test_destination_that_hangs_while_a_large_object_is_sent_ends_after_the_network_timeout(
+    pipeline, large_series, in_process_qr, tmp_path
+) -> None:
+    """storescp stopped as soon as it accepted the move's association, with small receive buffers (dcmtk's
+    TCP_BUFFER_LENGTH): the first 16 MB object's send blocks once the buffers are full. Before diana/outbound_association.py restored the
+    socket's timeout (pynetdicom clears it after connecting), that send never returned and the abort after
+    the DIMSE timeout waited for it for good: the move never ended. Now it ends after the network timeout."""
+    in_process_qr.ae.network_timeout = HUNG_NETWORK_TIMEOUT_S  # read by each sub-association as it opens
+    out = tmp_path / "received"
+    out.mkdir()
+    proc = subprocess.Popen(
+        ["storescp", "-v", "-aet", "STORESCP", "-od", str(out), str(STORESCP_PORT)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=DCMTK_ENV | {"TCP_BUFFER_LENGTH": "65536"},
+    )
+    accepted: list[str] = []
+    move_accepted = threading.Event()
+
+    def watch() -> None:  # storescp -v: "Association Acknowledged" once per association, the probe's first
+        for line in proc.stdout or []:
+            if "Association Acknowledged" in line:
+                accepted.append(line)
+                if len(accepted) == 2:
+                    move_accepted.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    ae_title = pipeline.cfg.receiver.ae_title
+    command = ["movescu", "-d", "-S", "-aec", ae_title, "-aem", "STORESCP"]
+    command += ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={large_series.study_uid}"]
+    command += ["127.0.0.1", str(IN_PROCESS_QR_PORT)]
+    mover: subprocess.Popen | None = None
+    stopped = False
+    try:
+        deadline = time.monotonic() + 15
+        while subprocess.run(
+            ["echoscu", "-aec", "STORESCP", "127.0.0.1", str(STORESCP_PORT)], capture_output=True, env=DCMTK_ENV
+        ).returncode:
+            assert proc.poll() is None and time.monotonic() < deadline, "storescp did not start"
+            time.sleep(0.2)
+        mover = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=DCMTK_ENV)
+        assert move_accepted.wait(120), "storescp did not accept the move's association in 120 s"
+        proc.send_signal(signal.SIGSTOP)
+        stopped = True
+        hung_at = time.monotonic()
+        echo = subprocess.run(
+            ["echoscu", "-aec", ae_title, "127.0.0.1", str(IN_PROCESS_QR_PORT)],
+            capture_output=True,
+            text=True,
+            env=DCMTK_ENV,
+            timeout=30,
+        )
+        assert echo.returncode == 0, echo.stdout + echo.stderr
+        try:
+            output, _ = mover.communicate(timeout=HUNG_NETWORK_TIMEOUT_S + HUNG_DIMSE_TIMEOUT_S + 60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the move did not end {time.monotonic() - hung_at:.0f} s after the destination hung")
+        after_hang_s = time.monotonic() - hung_at
+    finally:
+        if stopped:
+            proc.send_signal(signal.SIGCONT)
+        for p in (mover, proc):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    counts = final_counts(output)
+    assert counts["Remaining"] == 0 and counts["Warning"] == 0, (counts, output[-2000:])
+    assert counts["Completed"] + counts["Failed"] == LARGE_SIZE, counts
+    assert counts["Failed"] > 0, counts
+    assert "0xa702" in output.lower() or "0xb000" in output.lower(), output[-2000:]
+    assert after_hang_s < max(HUNG_NETWORK_TIMEOUT_S, HUNG_DIMSE_TIMEOUT_S) + 20, f"ended {after_hang_s:.1f} s after"

@@ -1,5 +1,6 @@
-"""The association a C-MOVE opens toward its destination: Nagle off (issue 17: ~40 ms per object with it on),
-and its C-STORE responses go to the sending thread only (issue 17: the C-MOVE stall)."""
+"""The associations diana-star opens (a C-MOVE's toward its destination, routing's, a collect job's to a PACS):
+Nagle off (issue 17: ~40 ms per object with it on), and their DIMSE responses go to the sending thread only
+(issue 17: the C-MOVE stall)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification
 
-from diana.access.qr.retrieve import sub_association_handlers
-from diana.access.qr.sub_association import SenderResponseQueue
+from diana.outbound_association import SenderResponseQueue, outbound_association_handlers
 from tests.support.paths import port
 
 
@@ -25,7 +25,7 @@ def test_sub_association_socket_has_tcp_nodelay() -> None:
     try:
         mover = AE(ae_title="DIANA")
         mover.add_requested_context(Verification)
-        assoc = mover.associate(*address, ae_title="DEST", evt_handlers=sub_association_handlers())
+        assoc = mover.associate(*address, ae_title="DEST", evt_handlers=outbound_association_handlers())
         assert assoc.is_established
         try:
             sock = assoc.dul.socket.socket
@@ -74,3 +74,38 @@ def test_sub_association_reactor_thread_takes_requests_only() -> None:
     assert pending.get(block=False) == (3, request)
     with pytest.raises(queue.Empty):
         pending.get(block=False)
+
+
+def test_pacs_client_associations_take_responses_on_the_sending_thread() -> None:
+    """A collect job's C-FIND and C-MOVE associations to a PACS (producers/pacs_pull/scu.py) get the same
+    queue: pynetdicom's send_c_find and send_c_move pause the reactor as send_c_store does, with the same race."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    from diana.config import CollectConfig
+    from diana.producers.pacs_pull.scu import PacsClient
+
+    def on_find(event: evt.Event):  # type: ignore[no-untyped-def]
+        match = Dataset()
+        match.QueryRetrieveLevel = "STUDY"
+        match.StudyInstanceUID = "1.2.3.4"
+        match.AccessionNumber = "A1"
+        match.NumberOfStudyRelatedInstances = "7"
+        yield 0xFF00, match
+
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(FIND)
+    address = ("127.0.0.1", port(11291))
+    server = pacs.start_server(address, block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    try:
+        client = PacsClient(CollectConfig(pacs_host=address[0], pacs_port=address[1], timeout_s=10), "DIANA")
+        with client._association(FIND) as assoc:
+            assert isinstance(assoc.dimse.msg_queue, SenderResponseQueue) and assoc.dimse.msg_queue.reactor is assoc
+            assert assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        matches = client.find_studies({})
+        assert [(m.study_instance_uid, m.accession_number, m.expected_instances) for m in matches] == [
+            ("1.2.3.4", "A1", 7)
+        ]
+    finally:
+        server.shutdown()
