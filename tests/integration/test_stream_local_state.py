@@ -21,62 +21,28 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 import uuid
 from collections import defaultdict
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 
-from confluent_kafka import Producer, TopicCollection
+from confluent_kafka import TopicCollection
 from pydicom.uid import generate_uid
 
 from diana.clients import kafka_admin
-from diana.schemas.codec import default_codec
-from diana.schemas.topics import INSTANCES
 from diana.stream_apps.local_state import PartitionFile
 from tests.support.helpers import read_messages
 from tests.support.paths import REPO, TEST_HOME, port
+from tests.support.stream_events import instance_event
+from tests.support.stream_events import send_events as _send
+from tests.support.stream_events import wait_for as _wait_for
 
 PER_SERIES = 5
 
 
-def _wait_for(check, timeout: float = 120.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(1.0)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _event(study: str, series: str, number: int, sop: str | None = None) -> dict:
-    return {
-        "sop_instance_uid": sop or generate_uid(),
-        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
-        "study_instance_uid": study,
-        "series_instance_uid": series,
-        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
-        "size_bytes": 100,
-        "sha256": "0" * 64,
-        "landing_path": f"00/{'0' * 64}.dcm",
-        "received_at": datetime.now(UTC),
-        "source": "C_STORE",
-        "modality": "CT",
-        "instance_number": number,
-        "patient_id": "TAILSTORE",
-    }
-
-
-def _send(cfg, events: list[dict]) -> None:
-    codec = default_codec()
-    producer = Producer({"bootstrap.servers": cfg.kafka.bootstrap})
-    for event in events:
-        producer.produce(
-            INSTANCES.name, key=event["study_instance_uid"].encode(), value=codec.encode(INSTANCES.value_schema, event)
-        )
-    assert producer.flush(30) == 0
+    return instance_event(study, series, number, "TAILSTORE", sop=sop)
 
 
 def _studies(count: int, series_each: int) -> tuple[list[tuple[str, str]], list[dict]]:
