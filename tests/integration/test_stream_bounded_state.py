@@ -15,10 +15,6 @@ publishes revisions of the same series there too.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import uuid
 
 from pydicom.uid import generate_uid
@@ -27,8 +23,8 @@ from diana.schemas.codec import default_codec
 from diana.schemas.topics import DEADLETTER, INSTANCES
 from diana.stream_apps.digest import digest_count
 from tests.support.helpers import read_messages
-from tests.support.paths import REPO, TEST_HOME, port
-from tests.support.stream_events import instance_event
+from tests.support.paths import TEST_HOME, port
+from tests.support.stream_events import AggregatesWorker, instance_event
 from tests.support.stream_events import send_events as _send
 from tests.support.stream_events import wait_for as _wait_for
 
@@ -57,43 +53,6 @@ class Changelog:
         return [value for k, value in self.records if k == key]
 
 
-class Worker:
-    def __init__(self, test_config_file, app_id: str, log) -> None:
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
-        self.env.update(
-            {
-                "DIANA_CONFIG": str(test_config_file),
-                "DIANA_STREAM_APP_ID": app_id,
-                "DIANA_STREAM_WEB_PORT": str(port(16075)),
-                "DIANA_STREAM_STATE_RETENTION_DAYS": str(RETENTION_S / 86400),
-            }
-        )
-        self.log = log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        out = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "diana.cli", "aggregate"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            cwd=REPO,
-        )
-
-    def count(self, text: str) -> int:
-        return self.log.read_text(errors="replace").count(text) if self.log.exists() else 0
-
-    def stop(self, kill: bool = False) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 def _deadletters(cfg, sop: str) -> list:
     codec = default_codec()
     out = []
@@ -114,7 +73,15 @@ def test_completed_series_shrink_to_a_digest_and_retired_studies_refuse_late_ins
     changelog = f"{app_id}-state-changelog"
     logs = TEST_HOME / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    worker = Worker(test_config_file, app_id, logs / f"{app_id}.log")
+    worker = AggregatesWorker(
+        test_config_file,
+        logs / f"{app_id}.log",
+        {
+            "DIANA_STREAM_APP_ID": app_id,
+            "DIANA_STREAM_WEB_PORT": str(port(16075)),
+            "DIANA_STREAM_STATE_RETENTION_DAYS": str(RETENTION_S / 86400),
+        },
+    )
     worker.start()
     try:
         _wait_for(lambda: worker.count("partitions.assigned") >= 1, what="the worker assigned")

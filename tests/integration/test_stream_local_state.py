@@ -14,13 +14,9 @@ straight to dicom.instances. Checked after each kill -9 and restart:
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import sqlite3
-import subprocess
-import sys
 import uuid
 from collections import defaultdict
 from contextlib import closing
@@ -33,8 +29,8 @@ from pydicom.uid import generate_uid
 from diana.clients import kafka_admin
 from diana.stream_apps.local_state import PartitionFile
 from tests.support.helpers import read_messages
-from tests.support.paths import REPO, TEST_HOME, port
-from tests.support.stream_events import instance_event
+from tests.support.paths import TEST_HOME, port
+from tests.support.stream_events import AggregatesWorker, instance_event
 from tests.support.stream_events import send_events as _send
 from tests.support.stream_events import wait_for as _wait_for
 
@@ -66,47 +62,9 @@ def _changelog(cfg, topic: str, since: dict[int, int] | None = None) -> tuple[di
     return {p: {ns: s for ns, s in spaces.items() if s} for p, spaces in state.items()}, dict(counts)
 
 
-class Worker:
-    def __init__(self, test_config_file, app_id: str, state_dir: Path, log: Path) -> None:
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
-        self.env.update(
-            {
-                "DIANA_CONFIG": str(test_config_file),
-                "DIANA_STREAM_APP_ID": app_id,
-                "DIANA_STREAM_WEB_PORT": str(port(16076)),
-                "DIANA_STREAM_STATE_DIR": str(state_dir),
-            }
-        )
-        self.log = log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        out = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "diana.cli", "aggregate"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            cwd=REPO,
-        )
-
-    def lines(self, event: str) -> list[str]:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return [line for line in text.splitlines() if event in line]
-
+class Worker(AggregatesWorker):
     def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.stop(kill=True)
 
     def restart(self) -> dict[int, dict[str, str]]:
         """kill -9 is done by the caller; start again and return the restore of each partition."""
@@ -182,7 +140,15 @@ def test_a_restart_reads_only_the_tail_and_falls_back_to_the_whole_changelog_whe
     state_dir = TEST_HOME / "aggregates-state"
     logs = TEST_HOME / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    worker = Worker(test_config_file, app_id, state_dir, logs / f"{app_id}.log")
+    worker = Worker(
+        test_config_file,
+        logs / f"{app_id}.log",
+        {
+            "DIANA_STREAM_APP_ID": app_id,
+            "DIANA_STREAM_WEB_PORT": str(port(16076)),
+            "DIANA_STREAM_STATE_DIR": str(state_dir),
+        },
+    )
     worker.start()
     try:
         _wait_for(lambda: worker.lines("partitions.assigned"), what="the worker assigned")

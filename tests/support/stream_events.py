@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from confluent_kafka import Producer
@@ -13,6 +18,7 @@ from pydicom.uid import generate_uid
 from diana.config import Config
 from diana.schemas.codec import default_codec
 from diana.schemas.topics import INSTANCES
+from tests.support.paths import REPO
 
 T = TypeVar("T")
 
@@ -63,3 +69,42 @@ def send_events(cfg: Config, events: list[dict]) -> None:
             INSTANCES.name, key=event["study_instance_uid"].encode(), value=codec.encode(INSTANCES.value_schema, event)
         )
     assert producer.flush(30) == 0
+
+
+class AggregatesWorker:
+    """``diana aggregate`` as a process of its own, with the test config and ``settings`` (DIANA_* overrides),
+    its output in ``log``."""
+
+    def __init__(self, config_file: Path, log: Path, settings: dict[str, str]) -> None:
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
+        self.env.update({"DIANA_CONFIG": str(config_file), **settings})
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "diana.cli", "aggregate"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=REPO,
+            )
+
+    def lines(self, event: str) -> list[str]:
+        """The log lines naming ``event``."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return [line for line in text.splitlines() if event in line]
+
+    def count(self, text: str) -> int:
+        return self.log.read_text(errors="replace").count(text) if self.log.exists() else 0
+
+    def stop(self, kill: bool = False) -> None:
+        """SIGTERM (SIGKILL with ``kill``), then wait; SIGKILL after 30 s."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
