@@ -59,13 +59,30 @@ def _start_storescp(out: Path, ae_title: str = "STORESCP", listen: int = STORESC
         stderr=subprocess.DEVNULL,
         env=DCMTK_ENV,
     )
+    _wait_until_it_answers(proc, ae_title, listen)
+    return proc
+
+
+def _echo(ae_title: str, listen: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["echoscu", "-aec", ae_title, "127.0.0.1", str(listen)],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+        timeout=30,
+    )
+
+
+def _wait_until_it_answers(proc: subprocess.Popen, ae_title: str, listen: int) -> None:
     deadline = time.monotonic() + 15
-    while subprocess.run(
-        ["echoscu", "-aec", ae_title, "127.0.0.1", str(listen)], capture_output=True, env=DCMTK_ENV
-    ).returncode:
+    while _echo(ae_title, listen).returncode:
         assert proc.poll() is None and time.monotonic() < deadline, "storescp did not start"
         time.sleep(0.2)
-    return proc
+
+
+def _assert_it_answers(ae_title: str, listen: int) -> None:
+    echo = _echo(ae_title, listen)
+    assert echo.returncode == 0, echo.stdout + echo.stderr
 
 
 @pytest.fixture
@@ -160,14 +177,7 @@ def test_destination_killed_mid_move_ends_with_partial_failure_and_holds_up_nobo
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         killed_at = time.monotonic()
-        echo = subprocess.run(
-            ["echoscu", "-aec", cfg.receiver.ae_title, "127.0.0.1", str(cfg.receiver.port)],
-            capture_output=True,
-            text=True,
-            env=DCMTK_ENV,
-            timeout=30,
-        )
-        assert echo.returncode == 0, echo.stdout + echo.stderr
+        _assert_it_answers(cfg.receiver.ae_title, cfg.receiver.port)
         output, _ = mover.communicate(timeout=60)
         after_kill_s = time.monotonic() - killed_at
     finally:
@@ -233,14 +243,7 @@ def test_destination_that_hangs_mid_move_ends_after_the_dimse_timeout_and_holds_
         proc.send_signal(signal.SIGSTOP)
         stopped = True
         hung_at = time.monotonic()
-        echo = subprocess.run(
-            ["echoscu", "-aec", ae_title, "127.0.0.1", str(IN_PROCESS_QR_PORT)],
-            capture_output=True,
-            text=True,
-            env=DCMTK_ENV,
-            timeout=30,
-        )
-        assert echo.returncode == 0, echo.stdout + echo.stderr
+        _assert_it_answers(ae_title, IN_PROCESS_QR_PORT)
         second = subprocess.run(
             ["movescu", "-d", "-S", "-aec", ae_title, "-aem", "ORTHANC"]
             + ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={series.study_uid}"]
@@ -325,25 +328,13 @@ def test_destination_that_hangs_while_a_large_object_is_sent_ends_after_the_netw
     mover: subprocess.Popen | None = None
     stopped = False
     try:
-        deadline = time.monotonic() + 15
-        while subprocess.run(
-            ["echoscu", "-aec", "STORESCP", "127.0.0.1", str(STORESCP_PORT)], capture_output=True, env=DCMTK_ENV
-        ).returncode:
-            assert proc.poll() is None and time.monotonic() < deadline, "storescp did not start"
-            time.sleep(0.2)
+        _wait_until_it_answers(proc, "STORESCP", STORESCP_PORT)
         mover = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=DCMTK_ENV)
         assert move_accepted.wait(120), "storescp did not accept the move's association in 120 s"
         proc.send_signal(signal.SIGSTOP)
         stopped = True
         hung_at = time.monotonic()
-        echo = subprocess.run(
-            ["echoscu", "-aec", ae_title, "127.0.0.1", str(IN_PROCESS_QR_PORT)],
-            capture_output=True,
-            text=True,
-            env=DCMTK_ENV,
-            timeout=30,
-        )
-        assert echo.returncode == 0, echo.stdout + echo.stderr
+        _assert_it_answers(ae_title, IN_PROCESS_QR_PORT)
         try:
             output, _ = mover.communicate(timeout=HUNG_NETWORK_TIMEOUT_S + HUNG_DIMSE_TIMEOUT_S + 60)
         except subprocess.TimeoutExpired:
