@@ -244,13 +244,13 @@ class Reindexer:
     def _catch_up_in_processes(
         self,
         version: int,
+        shares: list[list[Partition]],
         starts: dict[Partition, int],
         ends: dict[Partition, int],
         progress: Callable[[int], None],
     ) -> dict[Partition, int]:
-        """``catch_up`` in spawned processes, one share of the partitions each; their final positions."""
+        """``catch_up`` in spawned processes, one of ``shares`` each; every partition's final position."""
         assert self.opensearch is not None
-        shares = share_out({tp: ends[tp] - starts[tp] for tp in ends}, self.processes)
         context = multiprocessing.get_context("spawn")  # never fork a process holding librdkafka threads
         events = context.Queue()
         position = dict(starts)
@@ -333,9 +333,9 @@ class Reindexer:
                     low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
                     starts[(topic, p)], ends[(topic, p)] = low, high
             set_total(sum(ends[tp] - starts[tp] for tp in ends))
-            work = {tp: ends[tp] - starts[tp] for tp in ends}
-            if self.processes > 1 and len(share_out(work, self.processes)) > 1:
-                position = self._catch_up_in_processes(version, starts, ends, progress)
+            shares = share_out({tp: ends[tp] - starts[tp] for tp in ends}, self.processes)
+            if len(shares) > 1:
+                position = self._catch_up_in_processes(version, shares, starts, ends, progress)
             else:
                 consumer.assign([TopicPartition(t, p, starts[(t, p)]) for (t, p) in starts])
                 position = dict(starts)
