@@ -8,7 +8,8 @@ them. Objects must come back data-set-identical and a large one must not sit in 
 handlers yield an ``ArchivedInstance`` (a Dataset that only names its file) and ``send_c_store`` is
 wrapped once to send such a file as it is (pynetdicom streams a file given by path). Only when the
 peer did not accept the file's transfer syntax is the object read and re-encoded by pydicom in one
-the peer accepted (between uncompressed syntaxes: the same data set).
+the peer accepted (between uncompressed syntaxes: the same data set; a compressed object is decoded
+to Explicit VR Little Endian, access/transcode.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import PresentationContext
 
+from diana.access.transcode import TranscodeError, decompressed
 from diana.schemas.layout import archive_path
 from diana.schemas.uid import is_valid_uid
 from diana.storage import ObjectStore, local_file
@@ -137,7 +139,14 @@ def _send_file(self: Association, path: Any, *args: Any, **kwargs: Any) -> Datas
             return _original_send_c_store(self, ds, *args, **kwargs)
         except ValueError:
             if ds.file_meta.TransferSyntaxUID.is_compressed:
-                raise  # encapsulated pixel data: only the stored syntax will do
+                # The peer takes none of the compressed syntax: decode (access/transcode.py). What cannot be
+                # decoded fails its sub-operation only, with the reason in the log.
+                try:
+                    ds = decompressed(ds)
+                except TranscodeError as exc:
+                    log.warning("retrieve.not_decodable", reason=str(exc))
+                    raise
+                return _original_send_c_store(self, ds, *args, **kwargs)
             # pynetdicom converts only between implicit and explicit little endian: big endian too.
             for element in ds.iterall():
                 _ = element.value  # decode every value in the stored byte order first

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 import requests
@@ -529,6 +530,58 @@ def test_get_returns_identical_data_sets(pipeline, corpus, tmp_path):
     for path in [*corpus.a.files, *corpus.b.files]:
         original = pydicom.dcmread(path)
         assert pydicom.dcmread(got[original.SOPInstanceUID]) == original, f"{path.name}: the data set differs"
+
+
+def test_get_decodes_compressed_objects_for_a_peer_that_takes_only_uncompressed(pipeline, corpus, tmp_path):
+    """getscu proposes only the uncompressed syntaxes: JPEG, JPEG-LS, JPEG 2000 and RLE objects come back
+    decoded (the same SOP Instance UID, pixels as pydicom decodes the archived file); what cannot be decoded
+    here is a failed sub-operation, and the counts add up."""
+    cfg = pipeline.cfg
+    out = tmp_path / "decoded"
+    out.mkdir()
+    archived = {uid: p for uid, p in _archived(cfg).items() if p.parent.parent.name in corpus.pydicom_studies}
+    compressed = {
+        uid: read_file_meta_info(p).TransferSyntaxUID
+        for uid, p in archived.items()
+        if read_file_meta_info(p).TransferSyntaxUID.is_compressed
+    }
+    lossless = {"RLE Lossless", "JPEG-LS Lossless Image Compression", "JPEG 2000 Image Compression (Lossless Only)"}
+    assert {ts.name for ts in compressed.values()} >= lossless | {"JPEG Baseline (Process 1)"}, "corpus lacks a syntax"
+    result = _dcmtk(
+        "getscu",
+        cfg,
+        [
+            "-d",
+            "-S",
+            "-od",
+            str(out),
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "StudyInstanceUID=" + "\\".join(corpus.pydicom_studies),
+        ],
+    )
+    output = result.stdout + result.stderr
+    got = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in out.iterdir()}
+    counts = final_counts(output)
+    assert counts["Remaining"] == 0 and counts["Completed"] == len(got), output[-2000:]
+    assert counts["Completed"] + counts["Failed"] + counts.get("Warning", 0) == len(archived)
+    decoded = {uid for uid in compressed if uid in got}
+    assert {compressed[uid].name for uid in decoded} >= lossless | {"JPEG Baseline (Process 1)"}
+    assert len(decoded) >= len(compressed) - 5, f"only {len(decoded)} of {len(compressed)} compressed objects decoded"
+    for uid in decoded:
+        received = pydicom.dcmread(got[uid])
+        assert received.file_meta.TransferSyntaxUID in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+        stored = pydicom.dcmread(archived[uid])
+        difference = np.abs(received.pixel_array.astype(np.int64) - stored.pixel_array.astype(np.int64))
+        if compressed[uid].name == "JPEG Baseline (Process 1)":
+            # Lossy: JPEG decoders may round the colour conversion differently by a level or two.
+            assert received.LossyImageCompression == "01" and difference.max() <= 4, f"{uid}: pixels differ"
+        else:
+            assert difference.max() == 0, f"{compressed[uid].name}: pixels differ"
+    # The failed ones are the compressed objects not decoded; the service kept answering.
+    assert counts["Failed"] == len(compressed) - len(decoded)
+    assert "Success" in find_status(cfg, {"QueryRetrieveLevel": "STUDY"})
 
 
 def test_serve_alone_answers_on_its_own_port(pipeline, corpus, tmp_path):
