@@ -241,6 +241,16 @@ class Reindexer:
             self.client.indices.put_settings(index=index, body={"index": {"refresh_interval": "-1"}})
         return refresh
 
+    def _drop(self, kinds: list[str], version: int) -> None:
+        """Delete the half-built ``version`` of ``kinds``, so that a failed reindex leaves nothing behind."""
+        for kind in kinds:
+            index = self.layout.index(kind, version)
+            try:
+                self.client.indices.delete(index=index, ignore_unavailable=True)
+                log.warning("reindex.dropped", index=index, reason="the reindex failed before the swap")
+            except Exception as exc:  # the failure being raised matters more than this one
+                log.error("reindex.drop_failed", index=index, error=type(exc).__name__)
+
     def _catch_up_in_processes(
         self,
         version: int,
@@ -334,12 +344,16 @@ class Reindexer:
                     starts[(topic, p)], ends[(topic, p)] = low, high
             set_total(sum(ends[tp] - starts[tp] for tp in ends))
             shares = share_out({tp: ends[tp] - starts[tp] for tp in ends}, self.processes)
-            if len(shares) > 1:
-                position = self._catch_up_in_processes(version, shares, starts, ends, progress)
-            else:
-                consumer.assign([TopicPartition(t, p, starts[(t, p)]) for (t, p) in starts])
-                position = dict(starts)
-                catch_up(consumer, sink, self.dead, position, ends, self.batch, progress)
+            try:
+                if len(shares) > 1:
+                    position = self._catch_up_in_processes(version, shares, starts, ends, progress)
+                else:
+                    consumer.assign([TopicPartition(t, p, starts[(t, p)]) for (t, p) in starts])
+                    position = dict(starts)
+                    catch_up(consumer, sink, self.dead, position, ends, self.batch, progress)
+            except BaseException:
+                self._drop(kinds, version)  # before the swap: the aliases still name the old versions
+                raise
             for index, interval in refresh.items():
                 self.client.indices.put_settings(index=index, body={"index": {"refresh_interval": interval}})
                 self.client.indices.refresh(index=index)

@@ -62,7 +62,7 @@ def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from diana.clients import opensearch_client
-    from diana.operations.reindex import Reindexer
+    from diana.operations.reindex import Reindexer, ReindexFailed
     from diana.schemas.layout import IndexLayout
     from diana.sinks.consumer import DeadLetters
 
@@ -89,7 +89,15 @@ def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
             bar.total = total
             bar.refresh()
 
-        result = reindexer.run(kinds, progress=bar.update, set_total=set_total, delete_old=args.delete_old)
+        try:
+            result = reindexer.run(kinds, progress=bar.update, set_total=set_total, delete_old=args.delete_old)
+        except ReindexFailed as exc:
+            return fail(
+                "reindex",
+                f"{exc}. Nothing was swapped: the aliases still name the old versions and the half-built one was "
+                "deleted. See the log above for the cause, then run it again (--processes 1 runs it in this process).",
+                1,
+            )
     for kind, (old, new) in result.items():
         kept = "" if args.delete_old or not old else f" ({layout.index(kind, old)} kept; --delete-old removes it)"
         print(f"{layout.alias(kind)} -> {layout.index(kind, new)}{kept}")

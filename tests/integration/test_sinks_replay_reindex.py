@@ -87,8 +87,74 @@ def test_status_shows_offsets_lag_counts_and_archive(pipeline, tmp_path):
     assert f"ARCHIVE  objects: {archived}\n" in out
 
 
+def _indexed_something(cfg, tmp_path) -> None:
+    """One study sent and indexed, so that the aliases exist whichever test of the file runs first."""
+    study = make_study(tmp_path / "first", [SeriesSpec("CT", "BEFORE REINDEX", 2)], patient_id="REINDEX0")
+    assert storescu(cfg, study.files).returncode == 0
+    wait_until_caught_up(cfg)
+
+
+def _spawned_children(parent: int) -> list[int]:
+    """Processes ``parent`` started with multiprocessing's spawn (not its resource tracker), from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                command = fh.read()
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if ppid == parent and b"spawn_main" in command:
+            found.append(int(entry))
+    return found
+
+
+def test_reindex_whose_process_dies_swaps_nothing_and_leaves_nothing(pipeline, tmp_path):
+    """kill -9 of one catch-up process: the reindex fails with a message, the aliases keep their
+    versions, the half-built version is deleted, and the next reindex works."""
+    cfg = pipeline.cfg
+    _indexed_something(cfg, tmp_path)
+    client = OpenSearch(hosts=[cfg.opensearch.url])
+    before = {kind: sorted(client.indices.get_alias(name=f"diana-{kind}")) for kind in ("instances", "series")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
+    env["DIANA_CONFIG"] = str(pipeline.config_file)
+    reindex = subprocess.Popen(
+        [sys.executable, "-m", "diana.cli", "reindex", "--no-progress", "--processes", "2"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    killed = None
+    deadline = time.monotonic() + 120
+    while killed is None and reindex.poll() is None and time.monotonic() < deadline:
+        children = _spawned_children(reindex.pid)
+        if children:  # a spawned process takes about a second to import before it reads anything
+            killed = children[0]
+            os.kill(killed, 9)
+        time.sleep(0.02)
+    out, err = reindex.communicate(timeout=300)
+    assert killed is not None, f"no catch-up process seen: {out}{err}"
+    assert reindex.returncode == 1, out + err
+    assert re.search(r"reindex process \d exited \(-9\) before it was done\. Nothing was swapped", err), err
+    after = {kind: sorted(client.indices.get_alias(name=f"diana-{kind}")) for kind in ("instances", "series")}
+    assert after == before
+    for kind, (index,) in before.items():
+        version = int(index.rsplit("-v", 1)[1])
+        assert not client.indices.exists(index=f"diana-{kind}-v{version + 1}"), "the half-built version is left"
+    again = _diana(pipeline, "reindex", "--no-progress", "--processes", "1")
+    assert again.returncode == 0, again.stdout + again.stderr
+    wait_until_caught_up(cfg)
+    assert _alias_counts(cfg) == _distinct_keys(cfg)
+
+
 def test_reindex_while_instances_arrive_swaps_the_alias_with_exact_counts(pipeline, tmp_path):
     cfg = pipeline.cfg
+    _indexed_something(cfg, tmp_path)
     client = OpenSearch(hosts=[cfg.opensearch.url])
     before = sorted(client.indices.get_alias(name="diana-instances"))
     arriving = make_study(tmp_path / "b", [SeriesSpec("CT", "DURING REINDEX", 150)], patient_id="REINDEX1")
