@@ -22,7 +22,7 @@ import requests
 from pydicom.filereader import read_file_meta_info
 
 from tests.support.dicomgen import GeneratedStudy, SeriesSpec, make_study
-from tests.support.helpers import DCMTK_ENV, dataset_body, storescu, wait_until_caught_up
+from tests.support.helpers import DCMTK_ENV, dataset_body, storescu, suboperation_counts, wait_until_caught_up
 from tests.support.paths import port
 
 STORESCP_PORT = port(11192)  # the "STORESCP" move destination of the test config
@@ -320,18 +320,6 @@ def movescu(cfg, keys: dict[str, str], destination: str = "STORESCP", extra: lis
     return result.stdout + result.stderr
 
 
-def final_counts(output: str) -> dict[str, int]:
-    """The sub-operation counts of the last C-MOVE/C-GET response movescu/getscu printed (-d)."""
-    counts = {}
-    for line in output.splitlines():
-        for name in ("Remaining", "Completed", "Failed", "Warning"):
-            if f"{name} Suboperations" in line and ":" in line:
-                value = line.rsplit(":", 1)[1].strip()
-                if value.isdigit():
-                    counts[name] = int(value)
-    return counts
-
-
 def _archived(cfg) -> dict[str, Path]:
     return {p.stem: p for p in cfg.path(cfg.storage.archive_dir).rglob("*.dcm")}
 
@@ -342,7 +330,7 @@ def test_move_every_object_comes_back_as_stored(pipeline, corpus, storescp):
     output = movescu(cfg, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "\\".join(studies)})
     expected = 7 + corpus.pydicom_instances
     assert "0x0000: Success" in output, output[-2000:]
-    assert final_counts(output) == {"Remaining": 0, "Completed": expected, "Failed": 0, "Warning": 0}
+    assert suboperation_counts(output) == {"Remaining": 0, "Completed": expected, "Failed": 0, "Warning": 0}
     received = list(storescp.iterdir())
     assert len(received) == expected
     archived = _archived(cfg)
@@ -417,7 +405,7 @@ def test_move_of_an_odd_length_deflated_object_pads_it_for_the_wire(pipeline, st
             "SOPInstanceUID": ds.SOPInstanceUID,
         },
     )
-    assert final_counts(output) == {"Remaining": 0, "Completed": 1, "Failed": 0, "Warning": 0}, output[-2000:]
+    assert suboperation_counts(output) == {"Remaining": 0, "Completed": 1, "Failed": 0, "Warning": 0}, output[-2000:]
     (received,) = storescp.iterdir()
     assert dataset_body(received) == stored + b"\x00"
     assert pydicom.dcmread(received) == pydicom.dcmread(path)
@@ -429,7 +417,7 @@ def test_move_series_and_image_levels(pipeline, corpus, storescp):
     output = movescu(
         pipeline.cfg, {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": a.study_uid, "SeriesInstanceUID": series_uid}
     )
-    assert final_counts(output)["Completed"] == 2
+    assert suboperation_counts(output)["Completed"] == 2
     one = pydicom.dcmread(a.files[0], stop_before_pixels=True)
     output = movescu(
         pipeline.cfg,
@@ -440,7 +428,7 @@ def test_move_series_and_image_levels(pipeline, corpus, storescp):
             "SOPInstanceUID": one.SOPInstanceUID,
         },
     )
-    assert final_counts(output)["Completed"] == 1
+    assert suboperation_counts(output)["Completed"] == 1
     assert len(list(storescp.iterdir())) == 3
     for path in storescp.iterdir():
         original = next(f for f in a.files if pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID in path.name)
@@ -458,7 +446,7 @@ def test_move_partial_failure_counts_and_lists_the_failed(pipeline, corpus, stor
     finally:
         shutil.move(moved_away, archived[0])
     assert "0xb000" in output.lower(), output[-2000:]
-    assert final_counts(output) == {"Remaining": 0, "Completed": 3, "Failed": 1, "Warning": 0}
+    assert suboperation_counts(output) == {"Remaining": 0, "Completed": 3, "Failed": 1, "Warning": 0}
     assert archived[0].stem in output  # Failed SOP Instance UID List
     assert len(list(storescp.iterdir())) == 3
 
@@ -477,7 +465,7 @@ def test_move_cancel(pipeline, corpus, storescp):
         pipeline.cfg, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "\\".join(studies)}, extra=["--cancel", "2"]
     )
     assert "0xfe00" in output.lower(), output[-2000:]
-    counts = final_counts(output)
+    counts = suboperation_counts(output)
     assert counts["Remaining"] > 0 and counts["Completed"] + counts["Remaining"] == 7 + corpus.pydicom_instances
 
 
@@ -519,7 +507,7 @@ def test_get_returns_identical_data_sets(pipeline, corpus, tmp_path):
     output = result.stdout + result.stderr
     got = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in out.iterdir()}
     assert wanted <= set(got), f"missing: {sorted(wanted - set(got))[:5]}"
-    counts = final_counts(output)
+    counts = suboperation_counts(output)
     assert counts["Completed"] == len(got) and counts["Remaining"] == 0
     received = {uid: str(read_file_meta_info(p).TransferSyntaxUID) for uid, p in got.items()}
     assert set(received.values()) <= little_endian
@@ -563,7 +551,7 @@ def test_get_decodes_compressed_objects_for_a_peer_that_takes_only_uncompressed(
     )
     output = result.stdout + result.stderr
     got = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in out.iterdir()}
-    counts = final_counts(output)
+    counts = suboperation_counts(output)
     assert counts["Remaining"] == 0 and counts["Completed"] == len(got), output[-2000:]
     assert counts["Completed"] + counts["Failed"] + counts.get("Warning", 0) == len(archived)
     decoded = {uid for uid in compressed if uid in got}

@@ -23,7 +23,7 @@ import pytest
 
 from diana.access.qr.server import QueryRetrieveServer
 from tests.support.dicomgen import GeneratedStudy, SeriesSpec, make_study
-from tests.support.helpers import DCMTK_ENV, storescu, wait_until_caught_up
+from tests.support.helpers import DCMTK_ENV, storescu, suboperation_counts, wait_until_caught_up
 from tests.support.paths import port
 
 STORESCP_PORT = port(11192)  # the "STORESCP" move destination of the test config
@@ -102,18 +102,6 @@ def _movescu(ae_title: str, qr_port: int, study_uid: str, timeout: float) -> sub
     return subprocess.run(command, capture_output=True, text=True, env=DCMTK_ENV, timeout=timeout)
 
 
-def final_counts(output: str) -> dict[str, int]:
-    """The sub-operation counts of the last C-MOVE response movescu printed (-d)."""
-    counts = {}
-    for line in output.splitlines():
-        for name in ("Remaining", "Completed", "Failed", "Warning"):
-            if f"{name} Suboperations" in line and ":" in line:
-                value = line.rsplit(":", 1)[1].strip()
-                if value.isdigit():
-                    counts[name] = int(value)
-    return counts
-
-
 @pytest.fixture
 def busy_in_process_qr(pipeline) -> Iterator[QueryRetrieveServer]:
     """``diana serve``'s Q/R SCP in this process, with threads that keep the interpreter busy."""
@@ -149,7 +137,7 @@ def test_moves_under_load_complete_every_sub_operation(pipeline, series, destina
         started = time.monotonic()
         result = _movescu(pipeline.cfg.receiver.ae_title, IN_PROCESS_QR_PORT, series.study_uid, timeout=300)
         output = result.stdout + result.stderr
-        outcomes.append((final_counts(output), round(time.monotonic() - started, 1), output[-1500:]))
+        outcomes.append((suboperation_counts(output), round(time.monotonic() - started, 1), output[-1500:]))
     stalled = [o for o in outcomes if o[0] != {"Remaining": 0, "Completed": SERIES_SIZE, "Failed": 0, "Warning": 0}]
     assert not stalled, f"{len(stalled)} of {MOVES} moves did not complete every sub-operation: {stalled[0]}"
     assert len(list(out.iterdir())) == SERIES_SIZE  # the same objects each time: storescp keeps one file per UID
@@ -184,7 +172,7 @@ def test_destination_killed_mid_move_ends_with_partial_failure_and_holds_up_nobo
         if mover.poll() is None:
             mover.kill()
             mover.wait()
-    counts = final_counts(output)
+    counts = suboperation_counts(output)
     received = len(list(out.iterdir()))
     assert "0xb000" in output.lower(), output[-2000:]
     assert counts["Remaining"] == 0 and counts["Warning"] == 0, counts
@@ -264,10 +252,10 @@ def test_destination_that_hangs_mid_move_ends_after_the_dimse_timeout_and_holds_
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    second_counts = final_counts(second.stdout + second.stderr)
+    second_counts = suboperation_counts(second.stdout + second.stderr)
     assert second_counts == {"Remaining": 0, "Completed": SERIES_SIZE, "Failed": 0, "Warning": 0}, second.stdout[-2000:]
     assert len(list(other_out.iterdir())) == SERIES_SIZE
-    counts = final_counts(output)
+    counts = suboperation_counts(output)
     received = len(list(out.iterdir()))
     assert "0xb000" in output.lower(), output[-2000:]
     assert counts["Remaining"] == 0 and counts["Warning"] == 0, counts
@@ -347,7 +335,7 @@ def test_destination_that_hangs_while_a_large_object_is_sent_ends_after_the_netw
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
-    counts = final_counts(output)
+    counts = suboperation_counts(output)
     assert counts["Remaining"] == 0 and counts["Warning"] == 0, (counts, output[-2000:])
     assert counts["Completed"] + counts["Failed"] == LARGE_SIZE, counts
     assert counts["Failed"] > 0, counts

@@ -135,6 +135,18 @@ def stored_sha256(sop_class: str, sop_instance_uid: str, transfer_syntax: str, b
     return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
+def suboperation_counts(output: str) -> dict[str, int]:
+    """The sub-operation counts of the last C-MOVE/C-GET response that movescu/getscu printed (-d)."""
+    counts = {}
+    for line in output.splitlines():
+        for name in ("Remaining", "Completed", "Failed", "Warning"):
+            if f"{name} Suboperations" in line and ":" in line:
+                value = line.rsplit(":", 1)[1].strip()
+                if value.isdigit():
+                    counts[name] = int(value)
+    return counts
+
+
 def group_lag(cfg: Config, group: str, topics: list[str]) -> int:
     """Messages of ``topics`` not yet committed by ``group`` (a group with no commit counts all)."""
     return sum(status.group_lag(cfg, group, status.watermarks(cfg, topics), count_uncommitted=True).values())
