@@ -18,7 +18,14 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit
 
-__all__ = ["MAX_DECODED_BYTES", "TranscodeError", "decompressed"]
+__all__ = [
+    "MAX_DECODED_BYTES",
+    "TranscodeError",
+    "decoded_size",
+    "decoder_reason",
+    "decompressed",
+    "explicit_little_endian",
+]
 
 # Decoding holds the whole decoded object in memory, and pynetdicom encodes it once more to send it;
 # a multi-frame object decoding to more than this is refused (its sub-operation fails, the reason is
@@ -45,6 +52,12 @@ def decoded_size(ds: Dataset) -> int:
         raise TranscodeError(f"the image pixel module is incomplete ({exc})") from exc
 
 
+def decoder_reason(exc: Exception) -> str:
+    """pydicom's decoding error on one line (it lists each plugin's reason on lines of their own), shortened."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def decompressed(ds: Dataset) -> Dataset:
     """``ds`` (read with its pixel data) decoded in place to Explicit VR Little Endian, and returned."""
     syntax = UID(ds.file_meta.TransferSyntaxUID)
@@ -62,10 +75,24 @@ def decompressed(ds: Dataset) -> Dataset:
         # makes a new one, which would leave the receiver with an object nobody sent).
         ds.decompress(generate_instance_uid=False)
     except Exception as exc:  # pydicom raises RuntimeError, ValueError, NotImplementedError... by plugin
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise TranscodeError(f"{syntax.name}: not decodable here ({first_line})") from exc
+        raise TranscodeError(f"{syntax.name}: not decodable here ({decoder_reason(exc)})") from exc
     if syntax in _ALWAYS_LOSSY and ds.get("LossyImageCompression") != "01":
         ds.LossyImageCompression = "01"
         ds.LossyImageCompressionMethod = _LOSSY_METHOD[syntax]
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def explicit_little_endian(ds: Dataset) -> Dataset:
+    """``ds`` (read with its pixel data) in Explicit VR Little Endian, in place: decoded when compressed,
+    its values re-read in their stored byte order otherwise (implicit VR, big endian, deflated)."""
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
+    if syntax == ExplicitVRLittleEndian:
+        return ds
+    if syntax.is_compressed:
+        return decompressed(ds)
+    for element in ds.iterall():
+        _ = element.value  # decode every value in the stored byte order before the encoding changes
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.set_original_encoding(False, True)
     return ds

@@ -18,6 +18,8 @@ from opensearchpy.exceptions import ConnectionError as OSConnectionError
 from opensearchpy.exceptions import TransportError
 from prometheus_client import Counter
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import ImplicitVRLittleEndian
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -26,14 +28,17 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from diana.access.dicomweb.auth import Credentials, RequireAuth
+from diana.access.dicomweb.negotiation import AS_STORED, EXPLICIT_LE, NotAcceptable, dicom_syntax, frame_syntax
 from diana.access.dicomweb.prepared import current_files, prepared_body
 from diana.access.dicomweb.qido import QidoError, parameter_name, parse_qido
 from diana.access.dicomweb.stow import StowError, boundary_of, receive_body, response_json, split_parts, store_parts
+from diana.access.dicomweb.transcoded import decoded_frames, multipart_explicit_le
 from diana.access.dicomweb.wado import frame_bytes, metadata, multipart_dicom, new_boundary
 from diana.access.qr.identifier import IdentifierError, parse_identifier
 from diana.access.qr.index_reader import IndexReader
 from diana.access.qr.response import build_response, header_fields
 from diana.access.qr.retrieve import archive_key
+from diana.access.transcode import TranscodeError
 from diana.producers.ingest import Ingest
 from diana.storage import ObjectNotFound, ObjectStore, local_file
 
@@ -175,10 +180,13 @@ class DicomWeb:
         return docs
 
     def retrieve(self, request: Request) -> Response:
-        accept = request.headers.get("accept", "*/*")
-        if not any(t in accept for t in ("application/dicom", "multipart/related", "*/*")):
-            return _error(406, f'only multipart/related; type="application/dicom" is produced, not {accept}', "wado")
-        docs = self._selected(request, ["study_instance_uid", "series_instance_uid", "sop_instance_uid"])
+        try:
+            syntax = dicom_syntax(request.headers.get("accept"))
+        except NotAcceptable as exc:
+            return _error(406, str(exc), "wado")
+        docs = self._selected(
+            request, ["study_instance_uid", "series_instance_uid", "sop_instance_uid", "transfer_syntax_uid"]
+        )
         if isinstance(docs, Response):
             return docs
         keys = [key for key in (archive_key(d) for d in docs) if key is not None]
@@ -191,11 +199,18 @@ class DicomWeb:
             return _error(503, "the archive does not answer; retry later", "wado")
         boundary = new_boundary()
         REQUESTS.labels("wado", "200").inc()
-        log.info("wado.retrieve", instances=len(keys), invalid=len(docs) - len(keys))
-        return StreamingResponse(
-            multipart_dicom(self.archive, keys, boundary),
-            media_type=f'multipart/related; type="application/dicom"; boundary={boundary}',
-        )
+        # As stored when asked (transfer-syntax=*) or when the index says every object is Explicit VR Little
+        # Endian already; else each object is made so (transcoded.py), the stored ones still streamed as they are.
+        as_stored = syntax == AS_STORED or all(d.get("transfer_syntax_uid") == EXPLICIT_LE for d in docs)
+        log.info("wado.retrieve", instances=len(keys), invalid=len(docs) - len(keys), as_stored=as_stored)
+        if as_stored:
+            body = multipart_dicom(self.archive, keys, boundary)
+        else:
+            body = multipart_explicit_le(self.archive, keys, boundary)
+        media = 'multipart/related; type="application/dicom"'
+        if syntax == EXPLICIT_LE:
+            media += f"; transfer-syntax={EXPLICIT_LE}"
+        return StreamingResponse(body, media_type=f"{media}; boundary={boundary}")
 
     def metadata(self, request: Request) -> Response:
         p = request.path_params
@@ -230,23 +245,32 @@ class DicomWeb:
             if key is None:
                 raise ObjectNotFound("invalid UIDs")
             with local_file(self.archive, key) as path:
-                frames = frame_bytes(path, numbers)
+                stored = str(read_file_meta_info(path).TransferSyntaxUID)
+                syntax, part_type = frame_syntax(request.headers.get("accept"), stored)
+                if syntax == AS_STORED or stored in (EXPLICIT_LE, str(ImplicitVRLittleEndian)):
+                    frames = frame_bytes(path, numbers)  # as stored, or native already
+                else:
+                    frames = decoded_frames(path, numbers)  # a sync endpoint: in starlette's thread pool
         except FileNotFoundError:  # ObjectNotFound
             return _error(404, "not archived yet: retry later", "frames")
         except OSError:
             return _error(503, "the archive does not answer; retry later", "frames")
+        except NotAcceptable as exc:
+            return _error(406, str(exc), "frames")
+        except TranscodeError as exc:
+            return _error(406, f"{exc}; ask for the frames as stored (transfer-syntax=*)", "frames")
         except (LookupError, IndexError) as exc:
             return _error(404, str(exc), "frames")
         boundary = new_boundary()
         body = (
             b"".join(
-                f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode() + frame + b"\r\n"
-                for frame in frames
+                f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode() + frame + b"\r\n" for frame in frames
             )
             + f"--{boundary}--\r\n".encode()
         )
         REQUESTS.labels("frames", "200").inc()
-        return Response(body, media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}')
+        outer = part_type.split(";")[0]
+        return Response(body, media_type=f'multipart/related; type="{outer}"; boundary={boundary}')
 
 
 def build_app(

@@ -38,7 +38,7 @@ from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import PresentationContext
 
-from diana.access.transcode import TranscodeError, decompressed
+from diana.access.transcode import TranscodeError, explicit_little_endian
 from diana.schemas.layout import archive_path
 from diana.schemas.uid import is_valid_uid
 from diana.storage import ObjectStore, local_file
@@ -133,25 +133,18 @@ def _send_file(self: Association, path: Any, *args: Any, **kwargs: Any) -> Datas
     try:
         return _original_send_c_store(self, path, *args, **kwargs)
     except ValueError:
-        # No accepted context for the file's own transfer syntax: let pydicom convert.
-        ds = dcmread(path)
+        # No accepted context for the file's own transfer syntax: pynetdicom converts between implicit and
+        # explicit VR little endian itself; anything else is made Explicit VR Little Endian here
+        # (access/transcode.py: compressed objects decoded). What cannot be fails its sub-operation only.
+        ds: Dataset = dcmread(path)
         try:
             return _original_send_c_store(self, ds, *args, **kwargs)
         except ValueError:
-            if ds.file_meta.TransferSyntaxUID.is_compressed:
-                # The peer takes none of the compressed syntax: decode (access/transcode.py). What cannot be
-                # decoded fails its sub-operation only, with the reason in the log.
-                try:
-                    ds = decompressed(ds)
-                except TranscodeError as exc:
-                    log.warning("retrieve.not_decodable", reason=str(exc))
-                    raise
-                return _original_send_c_store(self, ds, *args, **kwargs)
-            # pynetdicom converts only between implicit and explicit little endian: big endian too.
-            for element in ds.iterall():
-                _ = element.value  # decode every value in the stored byte order first
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.set_original_encoding(False, True)
+            try:
+                ds = explicit_little_endian(ds)
+            except TranscodeError as exc:
+                log.warning("retrieve.not_decodable", reason=str(exc))
+                raise
             return _original_send_c_store(self, ds, *args, **kwargs)
 
 

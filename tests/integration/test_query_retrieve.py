@@ -762,3 +762,111 @@ def test_index_outage_is_out_of_resources_and_the_allow_list_holds(pipeline, cor
         assert proc.poll() is None
     finally:
         pipeline.stop("qr-outage")
+
+
+# ------------------------------------------------------------------ WADO-RS of the same corpus
+
+WEB_PORT = port(18046)
+AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+@pytest.fixture(scope="module")
+def wado(pipeline, corpus) -> str:
+    """``diana serve --only web`` on the loopback (no authentication there), the same archive and index."""
+    proc = pipeline.start(
+        "qr-web",
+        "serve",
+        "--only",
+        "web",
+        settings={"DIANA_DICOMWEB_PORT": str(WEB_PORT), "DIANA_DICOMWEB_METRICS_PORT": str(port(19471))},
+    )
+    url = f"http://127.0.0.1:{WEB_PORT}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            requests.get(url + "/studies", timeout=2)
+            break
+        except requests.ConnectionError:
+            assert proc.poll() is None and time.monotonic() < deadline, pipeline.log_text("qr-web")[-2000:]
+            time.sleep(0.3)
+    yield url
+    pipeline.stop("qr-web")
+
+
+def _parts(response: requests.Response) -> list[tuple[str, bytes]]:
+    """(Content-Type, body) of each part of a multipart/related response."""
+    assert response.status_code == 200, response.text[:500]
+    boundary = response.headers["content-type"].split("boundary=")[1].split(";")[0].strip('"').encode()
+    out = []
+    for chunk in response.content.split(b"--" + boundary)[1:-1]:
+        head, _, body = chunk.partition(b"\r\n\r\n")
+        content_type = next(
+            line.split(b":", 1)[1].strip().decode()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-type")
+        )
+        assert body.endswith(b"\r\n")
+        out.append((content_type, body[:-2]))
+    return out
+
+
+def test_wado_rs_sends_every_object_as_stored_when_asked(wado, pipeline, corpus):
+    """transfer-syntax=*: every object the receiver accepted from pydicom's test files comes back byte for byte."""
+    archived = {uid: p for uid, p in _archived(pipeline.cfg).items() if p.parent.parent.name in corpus.pydicom_studies}
+    got = {}
+    for study in corpus.pydicom_studies:
+        for _, body in _parts(requests.get(f"{wado}/studies/{study}", headers={"Accept": AS_STORED}, timeout=120)):
+            got[pydicom.dcmread(BytesIO(body), stop_before_pixels=True).SOPInstanceUID] = body
+    assert set(got) == set(archived)
+    for uid, body in got.items():
+        assert body == archived[uid].read_bytes(), f"{uid}: not the bytes stored"
+
+
+def test_wado_rs_default_is_explicit_little_endian_with_compressed_objects_decoded(wado, pipeline, corpus):
+    """No transfer-syntax (dicomweb-client's default): Explicit VR Little Endian, PS3.18 since 2016c."""
+    archived = {uid: p for uid, p in _archived(pipeline.cfg).items() if p.parent.parent.name in corpus.pydicom_studies}
+    syntax = {uid: read_file_meta_info(p).TransferSyntaxUID for uid, p in archived.items()}
+    got, bodies = {}, {}
+    for study in corpus.pydicom_studies:
+        response = requests.get(
+            f"{wado}/studies/{study}", headers={"Accept": 'multipart/related; type="application/dicom"'}, timeout=120
+        )
+        assert "transfer-syntax=1.2.840.10008.1.2.1" in response.headers["content-type"]
+        for content_type, body in _parts(response):
+            assert content_type == "application/dicom; transfer-syntax=1.2.840.10008.1.2.1" or ";" not in content_type
+            ds = pydicom.dcmread(BytesIO(body))
+            assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1", ds.SOPInstanceUID
+            got[ds.SOPInstanceUID] = ds
+            bodies[ds.SOPInstanceUID] = body
+    compressed = {uid for uid, ts in syntax.items() if ts.is_compressed}
+    assert set(archived) - compressed <= set(got), "an uncompressed object is missing"
+    assert len(compressed & set(got)) >= len(compressed) - 5, "too few compressed objects decoded"
+    for uid, ds in got.items():
+        if syntax[uid] == "1.2.840.10008.1.2.1":
+            assert bodies[uid] == archived[uid].read_bytes(), f"{uid}: not as stored"
+        elif syntax[uid].name in ("RLE Lossless", "JPEG-LS Lossless Image Compression"):
+            assert (ds.pixel_array == pydicom.dcmread(archived[uid]).pixel_array).all(), syntax[uid].name
+
+
+def test_wado_rs_frames_are_native_by_default_and_as_stored_when_asked(wado, pipeline, corpus):
+    archived = _archived(pipeline.cfg)
+    uid, path = next(
+        (uid, p)
+        for uid, p in archived.items()
+        if p.parent.parent.name in corpus.pydicom_studies
+        and read_file_meta_info(p).TransferSyntaxUID == "1.2.840.10008.1.2.4.80"  # JPEG-LS lossless
+    )
+    stored = pydicom.dcmread(path)
+    url = f"{wado}/studies/{stored.StudyInstanceUID}/series/{stored.SeriesInstanceUID}/instances/{uid}/frames/1"
+    ((content_type, native),) = _parts(requests.get(url, timeout=60))
+    assert content_type == "application/octet-stream"
+    assert native == stored.pixel_array.astype(stored.pixel_array.dtype.newbyteorder("<")).tobytes()
+    ((content_type, jls),) = _parts(
+        requests.get(url, headers={"Accept": 'multipart/related; type="image/jls"'}, timeout=60)
+    )
+    assert content_type == "image/jls; transfer-syntax=1.2.840.10008.1.2.4.80"
+    from pydicom.encaps import generate_frames
+
+    assert jls == next(generate_frames(stored.PixelData, number_of_frames=1))
+    refused = requests.get(url, headers={"Accept": 'multipart/related; type="image/jpeg"'}, timeout=60)
+    assert refused.status_code == 406 and "image/jls" in refused.text

@@ -1,0 +1,130 @@
+"""WADO-RS bodies for a client that did not ask for objects as stored (access/dicomweb/negotiation.py).
+
+Objects already in Explicit VR Little Endian are streamed as stored; others are read whole, made Explicit
+VR Little Endian (access/transcode.py: compressed ones decoded) and sent, one object in memory at a
+time. An object that cannot be decoded here is left out of the body (its headers have gone out already,
+so the status cannot change any more) and counted in the log line, like one not archived yet.
+Frames of a compressed object are decoded one by one when native pixels are asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Generator, Iterator
+from io import BytesIO
+from pathlib import Path
+
+import anyio
+import structlog
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import ExplicitVRLittleEndian
+
+from diana.access.transcode import TranscodeError, decoded_size, decoder_reason, explicit_little_endian
+from diana.storage import ObjectNotFound, ObjectStore
+
+__all__ = ["decoded_frames", "multipart_explicit_le"]
+
+BLOCK = 4 << 20  # bytes handed to the event loop per worker-thread call, as in wado.py
+# The file meta group ends within this many bytes in any object seen; a longer one is read whole.
+_META_PREFIX = 64 << 10
+
+log = structlog.get_logger("diana.dicomweb")
+
+
+class _Counts:
+    sent = missing = undecodable = 0
+
+
+def _stored_syntax(prefix: bytes) -> str | None:
+    """The transfer syntax in the file meta group at the start of ``prefix`` (InvalidDicomError without one).
+
+    pydicom's public reader of the meta group takes only a path; objects come from a store as a stream."""
+    fp = BytesIO(prefix)
+    read_preamble(fp, False)
+    return _read_file_meta_info(fp).get("TransferSyntaxUID")
+
+
+def _object_parts(archive: ObjectStore, key: str, head: bytes, counts: _Counts) -> Iterator[bytes]:
+    """The part of one object (head, Explicit VR Little Endian bytes, CRLF); nothing when it cannot be sent."""
+    try:
+        with archive.open(key) as stream:
+            prefix = stream.read(_META_PREFIX)
+            try:
+                syntax = _stored_syntax(prefix)
+            except (InvalidDicomError, EOFError, OSError, ValueError, AttributeError):
+                syntax = None  # meta past the prefix, or no meta: read whole below
+            if syntax == ExplicitVRLittleEndian:
+                counts.sent += 1
+                yield head + prefix
+                while chunk := stream.read(BLOCK):
+                    yield chunk
+                yield b"\r\n"
+                return
+            whole = prefix + stream.read()
+    except ObjectNotFound:
+        counts.missing += 1
+        return
+    try:
+        ds = explicit_little_endian(dcmread(BytesIO(whole)))
+        out = BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+    except (TranscodeError, InvalidDicomError) as exc:
+        counts.undecodable += 1
+        log.warning("wado.not_decodable", reason=str(exc))
+        return
+    counts.sent += 1
+    yield head + out.getvalue() + b"\r\n"
+
+
+def _body(archive: ObjectStore, keys: list[str], boundary: str, counts: _Counts) -> Generator[bytes, None, None]:
+    head = f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={ExplicitVRLittleEndian}\r\n\r\n".encode()
+    for key in keys:
+        yield from _object_parts(archive, key, head, counts)
+    yield f"--{boundary}--\r\n".encode()
+
+
+def _next_block(pieces: Iterator[bytes]) -> bytes:
+    """About BLOCK bytes of ``pieces`` (blocking); b"" at their end."""
+    block = bytearray()
+    for piece in pieces:
+        block += piece
+        if len(block) >= BLOCK:
+            break
+    return bytes(block)
+
+
+async def multipart_explicit_le(archive: ObjectStore, keys: list[str], boundary: str) -> AsyncIterator[bytes]:
+    """The objects in Explicit VR Little Endian as multipart/related parts, read in worker threads."""
+    counts = _Counts()
+    pieces = _body(archive, keys, boundary, counts)
+    try:
+        while block := await anyio.to_thread.run_sync(_next_block, pieces):
+            yield block
+    finally:
+        await anyio.to_thread.run_sync(pieces.close)
+        if counts.missing or counts.undecodable:
+            log.warning(
+                "wado.left_out", not_archived=counts.missing, not_decodable=counts.undecodable, sent=counts.sent
+            )
+
+
+def decoded_frames(path: Path, numbers: list[int]) -> list[bytes]:
+    """Frames (1-based) of a compressed or big endian object as native little endian pixels, decoded one by one."""
+    from pydicom.pixels import pixel_array
+
+    ds = dcmread(path, stop_before_pixels=True)
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    bad = [n for n in numbers if not 1 <= n <= count]
+    if bad:
+        raise IndexError(f"frame {bad[0]} does not exist: the object has {count} frame(s)")
+    if decoded_size(ds) // count * len(numbers) > 1 << 30:
+        raise TranscodeError("the frames asked for would take more than 1 GiB decoded")
+    frames = []
+    for number in numbers:
+        try:
+            array = pixel_array(path, index=number - 1)
+        except Exception as exc:  # pydicom raises by plugin: RuntimeError, ValueError, NotImplementedError...
+            raise TranscodeError(f"frame {number} is not decodable here ({decoder_reason(exc)})") from exc
+        frames.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    return frames
