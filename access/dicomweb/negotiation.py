@@ -98,7 +98,8 @@ def dicom_syntax(header: str | None) -> str:
     refused = []
     for media in parse_accept(header):
         if media.media_type in ("*/*", "multipart/*") or (
-            media.media_type == "multipart/related" and media.part_type in ("", "application/dicom")
+            media.media_type == "multipart/related"
+            and media.part_type in ("", "*/*", "application/*", "application/dicom")
         ):
             syntax = media.params.get("transfer-syntax", EXPLICIT_LE)
             if syntax in (AS_STORED, EXPLICIT_LE):
@@ -118,7 +119,13 @@ def frame_syntax(header: str | None, stored: str) -> tuple[str, str]:
     compressed = stored != EXPLICIT_LE and any(stored in syntaxes for syntaxes in FRAME_MEDIA.values())
     for media in parse_accept(header):
         part = media.part_type
-        if media.media_type in ("*/*", "multipart/*") or part in ("", "application/octet-stream"):
+        # A wildcard part type (dicomweb-client's default is type="*/*") gets the standard's default: native.
+        if media.media_type in ("*/*", "multipart/*") or part in (
+            "",
+            "*/*",
+            "application/*",
+            "application/octet-stream",
+        ):
             syntax = media.params.get("transfer-syntax", EXPLICIT_LE)
             if syntax == AS_STORED and compressed:
                 return AS_STORED, f"{_media_of(stored)}; transfer-syntax={stored}"

@@ -15,6 +15,7 @@ JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
         (None, EXPLICIT_LE),  # no header: the default of PS3.18 since 2016c
         ("*/*", EXPLICIT_LE),
         ('multipart/related; type="application/dicom"', EXPLICIT_LE),  # dicomweb-client's default
+        ('multipart/related; type="*/*"', EXPLICIT_LE),
         ("multipart/related; type=application/dicom; transfer-syntax=*", AS_STORED),  # Orthanc's own tests
         ('multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.1', EXPLICIT_LE),
         # the first range that can be served wins, the rest in q order
@@ -44,6 +45,7 @@ def test_what_cannot_be_produced_is_406_with_what_can(accept, named):
 def test_frames_native_by_default_and_as_stored_when_asked():
     assert frame_syntax(None, JPEG_BASELINE) == (EXPLICIT_LE, "application/octet-stream")
     assert frame_syntax('multipart/related; type="application/octet-stream"', JPEG_BASELINE)[0] == EXPLICIT_LE
+    assert frame_syntax('multipart/related; type="*/*"', JPEG_BASELINE)[0] == EXPLICIT_LE  # dicomweb-client's default
     assert frame_syntax('multipart/related; type="application/octet-stream"; transfer-syntax=*', JPEG_BASELINE) == (
         AS_STORED,
         f"image/jpeg; transfer-syntax={JPEG_BASELINE}",
