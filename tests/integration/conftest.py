@@ -12,10 +12,12 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 
 from diana.config import Config, load_config
 from tests.support.paths import DATA, REPO, TEST_HOME, port
@@ -171,6 +173,19 @@ class Pipeline:
         )
         self.procs[name] = proc
         return proc
+
+    def start_web(self, name: str, web_port: int, *args: str, settings: dict[str, str], timeout: float = 60) -> str:
+        """Start ``diana serve ARGS`` with DICOMweb on ``web_port`` and wait until it answers HTTP; its base URL."""
+        proc = self.start(name, "serve", *args, settings={**settings, "DIANA_DICOMWEB_PORT": str(web_port)})
+        url = f"http://127.0.0.1:{web_port}"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                requests.get(url + "/studies", timeout=2)
+                return url
+            except requests.ConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, self.log_text(name)[-2000:]
+                time.sleep(0.3)
 
     def log_text(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")

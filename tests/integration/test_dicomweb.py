@@ -44,26 +44,16 @@ def web(pipeline, tmp_path_factory):
     wait_until_caught_up(pipeline.cfg)
     token_file = TEST_HOME / "dicomweb-token"
     token_file.write_text(TOKEN)
-    proc = pipeline.start(
+    url = pipeline.start_web(
         "dicomweb",
-        "serve",
+        WEB_PORT,
         "--only",
         "web",
         settings={
-            "DIANA_DICOMWEB_PORT": str(WEB_PORT),
             "DIANA_DICOMWEB_BEARER_TOKEN_FILE": str(token_file),
             "DIANA_DICOMWEB_METRICS_PORT": str(port(19468)),
         },
     )
-    url = f"http://127.0.0.1:{WEB_PORT}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            requests.get(url + "/studies", timeout=2)
-            break
-        except requests.ConnectionError:
-            assert proc.poll() is None and time.monotonic() < deadline, pipeline.log_text("dicomweb")[-2000:]
-            time.sleep(0.3)
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {TOKEN}"
     yield DICOMwebClient(url, session=session), study, url

@@ -37,22 +37,9 @@ def _wait_for(predicate, what: str, timeout: float = 90.0, log: str = "") -> Non
 def served(pipeline, tmp_path_factory):
     """The metadata sink and DICOMweb (no authentication: loopback) beside the session's pipeline."""
     pipeline.start("metadata-sink", "sink", "metadata", settings=SINK_SETTINGS)
-    proc = pipeline.start(
-        "dicomweb-prepared",
-        "serve",
-        "--only",
-        "web",
-        settings={"DIANA_DICOMWEB_PORT": str(WEB_PORT), "DIANA_DICOMWEB_METRICS_PORT": str(port(19470))},
+    url = pipeline.start_web(
+        "dicomweb-prepared", WEB_PORT, "--only", "web", settings={"DIANA_DICOMWEB_METRICS_PORT": str(port(19470))}
     )
-    url = f"http://127.0.0.1:{WEB_PORT}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            requests.get(url + "/studies", timeout=2)
-            break
-        except requests.ConnectionError:
-            assert proc.poll() is None and time.monotonic() < deadline, pipeline.log_text("dicomweb-prepared")[-2000:]
-            time.sleep(0.3)
     yield url, tmp_path_factory.mktemp("prepared")
     pipeline.stop("dicomweb-prepared")
     if "metadata-sink" in pipeline.procs:

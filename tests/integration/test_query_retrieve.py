@@ -773,23 +773,9 @@ AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 @pytest.fixture(scope="module")
 def wado(pipeline, corpus) -> str:
     """``diana serve --only web`` on the loopback (no authentication there), the same archive and index."""
-    proc = pipeline.start(
-        "qr-web",
-        "serve",
-        "--only",
-        "web",
-        settings={"DIANA_DICOMWEB_PORT": str(WEB_PORT), "DIANA_DICOMWEB_METRICS_PORT": str(port(19471))},
+    yield pipeline.start_web(
+        "qr-web", WEB_PORT, "--only", "web", settings={"DIANA_DICOMWEB_METRICS_PORT": str(port(19471))}
     )
-    url = f"http://127.0.0.1:{WEB_PORT}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            requests.get(url + "/studies", timeout=2)
-            break
-        except requests.ConnectionError:
-            assert proc.poll() is None and time.monotonic() < deadline, pipeline.log_text("qr-web")[-2000:]
-            time.sleep(0.3)
-    yield url
     pipeline.stop("qr-web")
 
 

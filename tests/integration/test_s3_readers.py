@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pydicom
@@ -57,26 +56,16 @@ def served(pipeline, s3_study):
     """`diana serve` (Q/R and DICOMweb) reading the S3 archive."""
     token_file = TEST_HOME / "dicomweb-s3-token"
     token_file.write_text(TOKEN)
-    proc = pipeline.start(
+    url = pipeline.start_web(
         "serve-s3",
-        "serve",
+        WEB_PORT,
         settings={
             **S3,
-            "DIANA_DICOMWEB_PORT": str(WEB_PORT),
             "DIANA_DICOMWEB_BEARER_TOKEN_FILE": str(token_file),
             "DIANA_DICOMWEB_METRICS_PORT": "0",
             "DIANA_QUERY_RETRIEVE_PORT": str(QR_PORT),
         },
     )
-    url = f"http://127.0.0.1:{WEB_PORT}"
-    deadline = time.monotonic() + 40
-    while True:
-        try:
-            requests.get(url + "/studies", timeout=2)
-            break
-        except requests.ConnectionError:
-            assert proc.poll() is None and time.monotonic() < deadline, pipeline.log_text("serve-s3")[-2000:]
-            time.sleep(0.3)
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {TOKEN}"
     yield DICOMwebClient(url, session=session)
