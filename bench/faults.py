@@ -433,8 +433,9 @@ cluster = {"true" if self.cluster else "false"}
         from diana.clients import kafka_admin
         from diana.schemas.topics import INSTANCES
 
+        admin = kafka_admin(self.cfg.kafka)  # held until the answer: a collected client never answers
         try:
-            found = kafka_admin(self.cfg.kafka).describe_consumer_groups([group])[group].result(timeout=10)
+            found = admin.describe_consumer_groups([group])[group].result(timeout=10)
             shares = sorted(
                 (sum(1 for tp in m.assignment.topic_partitions if tp.topic == INSTANCES.name) for m in found.members),
                 reverse=True,

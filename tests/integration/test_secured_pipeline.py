@@ -123,7 +123,7 @@ def secured(passwords: dict[str, str]):
     password_file.write_text(passwords["kafka"] + "\n")
     env = {
         "DIANA_OPENSEARCH_PASSWORD": passwords["opensearch"],
-        "DIANA_STORAGE_S3_ACCESS_KEY_ID": "diana-secured",
+        "DIANA_STORAGE_S3_ACCESS_KEY_ID": "secured-identity",
         "DIANA_STORAGE_S3_SECRET_ACCESS_KEY": passwords["s3"],
     }
     cfg = load_config(config_file, environ=env)
