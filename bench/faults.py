@@ -134,6 +134,7 @@ class Suite:
         self.landing = work / "landing"
         self.mounted = False
         self.dose_reports: dict[Path, str] = {}  # a dose report of the corpus -> its study
+        self.lags: dict[str, int] = {}  # "group topic" -> lag, where not zero (the last check)
         self.config_file.write_text(self.config_text(work, PORTS["diana"], PORTS["aggregates"]) + self.stack_text())
         self.cfg = load_config(self.config_file, environ=self.s3_keys())
         from diana.compose.local.stack import local_stack
@@ -408,7 +409,14 @@ cluster = {"true" if self.cluster else "false"}
                 DOSE_ALERTS.name,
             ],
         }
-        return sum(group_lag(self.cfg, group, topics) for group, topics in groups.items())
+        # Per group and topic, so a failing scenario says which consumer is behind (one sum before).
+        self.lags = {
+            f"{group} {topic}": lag
+            for group, topics in groups.items()
+            for topic in topics
+            if (lag := group_lag(self.cfg, group, [topic]))
+        }
+        return sum(self.lags.values())
 
     def _deadletter_end(self) -> dict[int, int]:
         from diana.schemas.topics import DEADLETTER
@@ -510,7 +518,7 @@ cluster = {"true" if self.cluster else "false"}
         except Exception as exc:  # the broker is still coming back
             return [f"broker: {exc}"]
         if lag:
-            problems.append(f"consumer lag {lag}")
+            problems.append(f"consumer lag {lag} ({', '.join(f'{k}: {v}' for k, v in self.lags.items())})")
         archived = lost = 0
         by_series: dict[str, int] = {}
         by_study: dict[str, int] = {}
