@@ -6,6 +6,9 @@ of the instances are acknowledged. When the fault is over, it waits until every 
 
 - every acknowledged instance is in the archive, byte-identical, and indexed in OpenSearch once;
 - every series and study aggregate has exactly the instances sent;
+- every study's CT dose report (one per study) gives one dose study record (one report, two events),
+  its two dose events and its two alerts, each indexed once; copies of a record or an alert on the
+  dose topics (the dose worker re-sends after a crash, stream_apps/README.md) are byte-identical;
 - the landing store holds no orphan; every new dead letter carries its reason; consumer lag is zero.
 
 It starts its own Kafka, OpenSearch and pipeline (ports 27092/27200, receiver 27112) in a
@@ -32,8 +35,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from diana.config import load_config
+from tests.support import dosebuilder
 from tests.support.dicomgen import SeriesSpec, make_study
 from tests.support.helpers import dataset_body, group_lag, read_messages, stored_sha256
 
@@ -73,8 +78,15 @@ SCENARIOS = (
 # one OpenSearch node of two stopped and started again.
 CLUSTER_SCENARIOS = ("broker-kill-1-of-3", "opensearch-node-down")
 # With two of every pipeline process as separate hosts (--cluster --nodes 2, bench/hosts.py), also:
-# one receiver host killed with SIGKILL mid-send and its whole folder deleted.
-NODES_SCENARIOS = (*CLUSTER_SCENARIOS, "receiver-host-folder-deleted")
+# one receiver host killed with SIGKILL mid-send and its whole folder deleted, and one of the two dose
+# workers killed with SIGKILL mid-send (its partitions move to the other one, and back on its restart).
+NODES_SCENARIOS = (*CLUSTER_SCENARIOS, "receiver-host-folder-deleted", "dose-worker-kill")
+# Each study of the corpus carries one CT dose report (tests/support/dosebuilder.py) with two
+# irradiation events, one over the test rules' CTDIvol level (15 mGy) and the study over their DLP
+# level (700 mGy.cm): two events and two alerts per study (tests/support/data/dose-rules.yaml).
+DOSE_RULES = REPO / "tests" / "support" / "data" / "dose-rules.yaml"
+DOSE_EVENTS_PER_STUDY = 2
+DOSE_ALERTS_PER_STUDY = 2
 
 
 @dataclass
@@ -89,6 +101,10 @@ class Outcome:
     lost: int = 0
     series_exact: str = ""
     studies_exact: str = ""
+    # Studies whose dose record, events and alerts are each indexed exactly once, of those whose
+    # report was acknowledged; and copies of a dose record or alert sent again (all byte-identical).
+    dose_exact: str = ""
+    dose_resent: int = 0
     orphans: int = 0
     deadletters: int = 0
     unexplained_deadletters: int = 0
@@ -117,6 +133,8 @@ class Suite:
         self.config_file = work / "diana-faults.toml"
         self.landing = work / "landing"
         self.mounted = False
+        self.dose_reports: dict[Path, str] = {}  # a dose report of the corpus -> its study
+        self.lags: dict[str, int] = {}  # "group topic" -> lag, where not zero (the last check)
         self.config_file.write_text(self.config_text(work, PORTS["diana"], PORTS["aggregates"]) + self.stack_text())
         self.cfg = load_config(self.config_file, environ=self.s3_keys())
         from diana.compose.local.stack import local_stack
@@ -129,8 +147,15 @@ class Suite:
         self._count_lock = threading.Lock()
         (work / "logs").mkdir(exist_ok=True)
 
-    def config_text(self, root: Path, receiver_port: int, web_port: int, worker_id: str = "") -> str:
-        """A pipeline process's configuration, its folders under ``root`` (a "host" of its own with --nodes)."""
+    def config_text(
+        self, root: Path, receiver_port: int, web_port: int, worker_id: str = "", dose_port: int = 0
+    ) -> str:
+        """A pipeline process's configuration, its folders under ``root`` (a "host" of its own with --nodes).
+
+        The dose alert rules are copied into ``root`` as a deployment would: no file is shared."""
+        root.mkdir(parents=True, exist_ok=True)
+        rules = root / "dose-rules.yaml"
+        shutil.copyfile(DOSE_RULES, rules)
         brokers = ",".join(f"127.0.0.1:{PORTS['kafka'] + 2 * i}" for i in range(3 if self.cluster else 1))
         nodes = ",".join(f"http://127.0.0.1:{PORTS['opensearch'] + i}" for i in range(2 if self.cluster else 1))
         # The S3 credentials come from the environment (s3_keys), never from a file two hosts share.
@@ -164,7 +189,8 @@ data_dir = "{root}/faust"
 quiet_seconds = "*=3"
 worker_id = "{worker_id}"
 [dose]
-web_port = {PORTS["dose"]}
+web_port = {dose_port or PORTS["dose"]}
+alert_rules = "{rules}"
 [log]
 level = "warning"
 """
@@ -289,17 +315,21 @@ cluster = {"true" if self.cluster else "false"}
 
     # ------------------------------------------------------------------ sending
     def corpus(self, scenario: str) -> list[Path]:
+        """CT studies of 50 instances: 49 images in two series and one CT dose report (a third series)."""
         files: list[Path] = []
         per_study = 50
         for index in range((self.instances + per_study - 1) // per_study):
             count = min(per_study, self.instances - index * per_study)
-            series = [SeriesSpec("CT", "AXIAL", (count + 1) // 2), SeriesSpec("CT", "CORONAL", count // 2)]
-            study = make_study(
-                self.work / "corpus" / scenario / f"s{index:03d}",
-                [s for s in series if s.count],
-                patient_id=f"FAULT-{scenario[:6]}-{index}",
-            )
+            images = count - 1 if count > 1 else count
+            series = [SeriesSpec("CT", "AXIAL", (images + 1) // 2), SeriesSpec("CT", "CORONAL", images // 2)]
+            folder = self.work / "corpus" / scenario / f"s{index:03d}"
+            patient_id = f"FAULT-{scenario[:6]}-{index}"
+            study = make_study(folder, [s for s in series if s.count], patient_id=patient_id)
             files += study.files
+            if images < count:
+                report = dose_report_for(study.study_uid, patient_id, folder / "rdsr.dcm")
+                self.dose_reports[report] = study.study_uid
+                files.append(report)
         return files
 
     def send(self, files: list[Path], acked: set, attempts: list[int], deadline: float, abort: threading.Event) -> None:
@@ -311,12 +341,15 @@ cluster = {"true" if self.cluster else "false"}
         from pynetdicom import AE
         from pynetdicom.sop_class import CTImageStorage
 
+        from tests.support.dosebuilder import XRAY_RDSR
+
         ports = self.receiver_ports()
 
         def worker(index: int, part: list[Path]) -> None:
             ae = AE(ae_title="FAULTSCU")
             ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
             ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+            ae.add_requested_context(XRAY_RDSR, "1.2.840.10008.1.2.1")
             pending = list(part)
             turn = index
             while pending and time.monotonic() < deadline and not abort.is_set():
@@ -353,11 +386,19 @@ cluster = {"true" if self.cluster else "false"}
 
     # ------------------------------------------------------------------ checking
     def _lag(self) -> int:
-        from diana.schemas.topics import DOSE_ALERTS, DOSE_EVENTS, DOSE_STUDIES, INSTANCES, SERIES, STUDIES
+        from diana.schemas.topics import (
+            DOSE_ALERTS,
+            DOSE_BY_PATIENT,
+            DOSE_EVENTS,
+            DOSE_STUDIES,
+            INSTANCES,
+            SERIES,
+            STUDIES,
+        )
 
         groups = {
             self.cfg.stream.app_id: [INSTANCES.name],
-            self.cfg.dose.app_id: [INSTANCES.name],
+            self.cfg.dose.app_id: [INSTANCES.name, DOSE_BY_PATIENT.name],
             self.cfg.sinks.archive_group: [INSTANCES.name],
             self.cfg.sinks.opensearch_group: [
                 INSTANCES.name,
@@ -368,21 +409,80 @@ cluster = {"true" if self.cluster else "false"}
                 DOSE_ALERTS.name,
             ],
         }
-        return sum(group_lag(self.cfg, group, topics) for group, topics in groups.items())
+        # Per group and topic, so a failing scenario says which consumer is behind (one sum before).
+        self.lags = {
+            f"{group} {topic}": lag
+            for group, topics in groups.items()
+            for topic in topics
+            if (lag := group_lag(self.cfg, group, [topic]))
+        }
+        return sum(self.lags.values())
 
     def _deadletter_end(self) -> dict[int, int]:
-        from confluent_kafka import Consumer, TopicPartition
-
         from diana.schemas.topics import DEADLETTER
+
+        return self._topic_end(DEADLETTER.name)
+
+    def _topic_end(self, topic: str) -> dict[int, int]:
+        from confluent_kafka import Consumer, TopicPartition
 
         consumer = Consumer({"bootstrap.servers": self.cfg.kafka.bootstrap, "group.id": "faults-dl", "log_level": 0})
         try:
             return {
-                p: consumer.get_watermark_offsets(TopicPartition(DEADLETTER.name, p), timeout=10)[1]
+                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
                 for p in range(self.cfg.kafka.partitions)
             }
         finally:
             consumer.close()
+
+    def group_shares(self, group: str) -> str:
+        """Who holds which partitions of dicom.instances in ``group`` now, e.g. "2 members: 2+1 partitions"
+        (a note: with two dose workers, whether both work; Faust's members also hold changelog partitions)."""
+        from diana.clients import kafka_admin
+        from diana.schemas.topics import INSTANCES
+
+        admin = kafka_admin(self.cfg.kafka)  # held until the answer: a collected client never answers
+        try:
+            found = admin.describe_consumer_groups([group])[group].result(timeout=10)
+            shares = sorted(
+                (sum(1 for tp in m.assignment.topic_partitions if tp.topic == INSTANCES.name) for m in found.members),
+                reverse=True,
+            )
+        except Exception as exc:  # a broker away: the note says so
+            return f"not described ({type(exc).__name__})"
+        return f"{len(shares)} members, {'+'.join(map(str, shares)) or '0'} partitions of {INSTANCES.name}"
+
+    def dose_topic_ends(self) -> dict[str, dict[int, int]]:
+        """Where dose.studies and dose.alerts end before a scenario: its copies are read from there."""
+        from diana.schemas.topics import DOSE_ALERTS, DOSE_STUDIES
+
+        return {topic: self._topic_end(topic) for topic in (DOSE_STUDIES.name, DOSE_ALERTS.name)}
+
+    def dose_copies(self, since: dict[str, dict[int, int]], studies: set[str]) -> tuple[int, list[str]]:
+        """Copies of the scenario's dose records and alerts sent more than once, and the problems: a copy
+        that differs from the first one sent (the same study revision or alert id with other bytes)."""
+        from diana.schemas.codec import default_codec
+        from diana.schemas.topics import DOSE_ALERTS, DOSE_STUDIES
+
+        codec = default_codec()
+        resent, problems = 0, []
+        for topic, identity in (
+            (DOSE_STUDIES.name, ("study_instance_uid", "revision")),
+            (DOSE_ALERTS.name, ("alert_id",)),
+        ):
+            first: dict[tuple, bytes] = {}
+            for msg in read_messages(self.cfg, topic, since[topic], timeout=60):
+                _, record = codec.decode(msg.value())
+                if record.get("study_instance_uid") not in studies:
+                    continue
+                key = tuple(record.get(name) for name in identity)
+                if key not in first:
+                    first[key] = msg.value()
+                else:
+                    resent += 1
+                    if msg.value() != first[key]:
+                        problems.append(f"{topic}: {key} sent again with other content")
+        return resent, problems
 
     def _new_deadletters(self, since: dict[int, int]) -> list[dict]:
         from diana.schemas.topics import DEADLETTER
@@ -418,7 +518,7 @@ cluster = {"true" if self.cluster else "false"}
         except Exception as exc:  # the broker is still coming back
             return [f"broker: {exc}"]
         if lag:
-            problems.append(f"consumer lag {lag}")
+            problems.append(f"consumer lag {lag} ({', '.join(f'{k}: {v}' for k, v in self.lags.items())})")
         archived = lost = 0
         by_series: dict[str, int] = {}
         by_study: dict[str, int] = {}
@@ -457,6 +557,8 @@ cluster = {"true" if self.cluster else "false"}
             study_docs = client.search(
                 index="diana-studies", body={"size": 10000, "query": {"terms": {"study_instance_uid": studies}}}
             )["hits"]["hits"]
+            dose_studies = sorted({self.dose_reports[p] for p in acked if p in self.dose_reports})
+            problems += self.check_dose(client, dose_studies, outcome)
         except Exception as exc:  # OpenSearch still coming back
             return [*problems, f"OpenSearch: {type(exc).__name__}"]
         series_ok = sum(1 for h in series_docs if h["_source"]["instance_count"] == by_series.get(h["_id"]))
@@ -470,6 +572,36 @@ cluster = {"true" if self.cluster else "false"}
         if orphans:
             problems.append(f"{len(orphans)} objects left in the landing store")
         return problems
+
+    def check_dose(self, client: Any, studies: list[str], outcome: Outcome) -> list[str]:
+        """Each study whose dose report was acknowledged: one dose study record of one report and two
+        events, two dose event documents and two alert documents, none more."""
+        if not studies:
+            outcome.dose_exact = "0/0"
+            return []
+        found: dict[str, dict[str, list[dict]]] = {s: {"studies": [], "events": [], "alerts": []} for s in studies}
+        for kind in ("studies", "events", "alerts"):
+            index = f"diana-dose-{kind}"
+            if not client.indices.exists_alias(name=index):
+                continue
+            hits = client.search(
+                index=index, body={"size": 10000, "query": {"terms": {"study_instance_uid": studies}}}
+            )["hits"]["hits"]
+            for hit in hits:
+                found[hit["_source"]["study_instance_uid"]][kind].append(hit)
+        exact = 0
+        for docs in found.values():
+            records = docs["studies"]
+            if (
+                len(records) == 1
+                and records[0]["_source"].get("report_count") == 1
+                and records[0]["_source"].get("events") == DOSE_EVENTS_PER_STUDY
+                and len(docs["events"]) == DOSE_EVENTS_PER_STUDY
+                and len({h["_id"] for h in docs["alerts"]}) == len(docs["alerts"]) == DOSE_ALERTS_PER_STUDY
+            ):
+                exact += 1
+        outcome.dose_exact = f"{exact}/{len(studies)}"
+        return [] if exact == len(studies) else [f"dose exact: {outcome.dose_exact} studies"]
 
     def archived_sha256(self, study: str, series: str, sop: str) -> str | None:
         """The SHA-256 of the archived copy, read back whole through the archive store; None: not there."""
@@ -489,6 +621,20 @@ cluster = {"true" if self.cluster else "false"}
         if self.s3:
             found += [f"landing/{key}" for key in open_store(self.cfg, "landing").list()]
         return found
+
+
+def dose_report_for(study_uid: str, patient_id: str, path: Path) -> Path:
+    """A CT dose report of two events for the study: one event over the CTDIvol level, the study over
+    the DLP level of the rules, so two alerts (DOSE_ALERTS_PER_STUDY); 810 mGy.cm stays under the
+    rules' cumulative threshold (1,500), one study per patient."""
+    from pydicom.uid import generate_uid
+
+    b = dosebuilder
+    events = [
+        b.ct_event(generate_uid(), ctdivol="0.3", dlp="10", kind=b.CONSTANT_ANGLE),
+        b.ct_event(generate_uid(), ctdivol="18.5", dlp="800"),
+    ]
+    return b.save(b.ct_report(events, total_dlp="810", study_uid=study_uid, patient_id=patient_id), path)
 
 
 def _throttle(proc: subprocess.Popen, seconds: float) -> None:
@@ -548,6 +694,13 @@ def faults(suite: Suite) -> dict[str, Callable[[], None]]:
         s.stack.start_search_nodes([2])
         s.stack.wait_opensearch()
 
+    def dose_worker_kill() -> None:
+        assert "dose-2" in s.procs, "needs --nodes 2"
+        s.kill("dose-1")
+        s.notes.append("dose-1 killed (SIGKILL); dose-2 kept running")
+        time.sleep(broker_s)
+        s.start_process("dose-1")
+
     def receiver_host_folder_deleted() -> None:
         lose = getattr(s, "lose_receiver_host", None)
         assert lose is not None, "needs --nodes"
@@ -555,6 +708,7 @@ def faults(suite: Suite) -> dict[str, Callable[[], None]]:
 
     return {
         "receiver-host-folder-deleted": receiver_host_folder_deleted,
+        "dose-worker-kill": dose_worker_kill,
         "broker-kill-1-of-3": broker_kill_1_of_3,
         "opensearch-node-down": opensearch_node_down,
         "receiver-kill": lambda: (restart("receiver"), s.wait_echo()),
@@ -576,6 +730,7 @@ def run_scenario(suite: Suite, name: str, inject: Callable[[], None], timeout: f
     corpus = suite.describe(files)
     outcome.sent = len(files)
     dl_start = suite._deadletter_end()
+    dose_start = suite.dose_topic_ends()
     suite.acked_on.clear()
     suite.notes = []
     acked: set = set()
@@ -587,6 +742,7 @@ def run_scenario(suite: Suite, name: str, inject: Callable[[], None], timeout: f
     def fault() -> None:
         while len(acked) < 0.3 * len(files) and time.monotonic() < deadline:
             time.sleep(0.05)
+        suite.notes.append(f"dose group at the fault: {suite.group_shares(suite.cfg.dose.app_id)}")
         try:
             inject()
         except Exception as exc:  # the fault could not be injected or undone: no point sending on
@@ -611,6 +767,14 @@ def run_scenario(suite: Suite, name: str, inject: Callable[[], None], timeout: f
             break
         time.sleep(2.0)
     outcome.recover_s = round(time.monotonic() - fault_end[0], 1)
+    suite.notes.append(f"dose group at the end: {suite.group_shares(suite.cfg.dose.app_id)}")
+    try:
+        outcome.dose_resent, differ = suite.dose_copies(
+            dose_start, {corpus[p][0] for p in suite.dose_reports if p in corpus}
+        )
+        problems += differ
+    except Exception as exc:  # a broker still away at the deadline
+        problems.append(f"dose topics not read: {type(exc).__name__}: {exc}")
     letters = suite._new_deadletters(dl_start)
     outcome.deadletters = len(letters)
     outcome.unexplained_deadletters = sum(1 for d in letters if not d.get("reason") or not d.get("origin"))
@@ -629,14 +793,16 @@ def run_scenario(suite: Suite, name: str, inject: Callable[[], None], timeout: f
 def render(outcomes: list[Outcome], args: argparse.Namespace) -> str:
     head = (
         "| scenario | sent | acknowledged | failed attempts (retried) | archived | indexed | duplicates | lost "
-        "| series exact | studies exact | orphans | dead letters | time to recover (s) | invariants |"
+        "| series exact | studies exact | dose exact | dose copies re-sent | orphans | dead letters "
+        "| time to recover (s) | invariants |"
     )
-    rows = [head, "|" + "---|" * 14]
+    rows = [head, "|" + "---|" * 16]
     for o in outcomes:
         verdict = "hold" if o.passed else "FAIL: " + "; ".join(o.problems)
         rows.append(
             f"| {o.scenario} | {o.sent} | {o.acknowledged} | {o.failed_attempts} | {o.archived} | {o.indexed} "
-            f"| {o.duplicates} | {o.lost} | {o.series_exact} | {o.studies_exact} | {o.orphans} "
+            f"| {o.duplicates} | {o.lost} | {o.series_exact} | {o.studies_exact} | {o.dose_exact} | {o.dose_resent} "
+            f"| {o.orphans} "
             f"| {o.deadletters} | {o.recover_s} | {verdict} |"
         )
     notes = [f"- {o.scenario}: {note}" for o in outcomes for note in o.notes]

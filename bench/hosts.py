@@ -8,8 +8,9 @@ is what hosts share in production: the Kafka cluster, the OpenSearch cluster and
 
 Per node n (1, 2): ``receiver-n`` (receiver port + n-1, the same AE title: senders reach them
 round robin, docs/SCALING.md), ``aggregates-n`` (worker id ``aggregates-n``), ``archive-sink-n`` and
-``opensearch-sink-n`` (one consumer group per sink kind: the partitions are shared out). One dose
-worker (``dose-1``) runs for the whole layout.
+``opensearch-sink-n`` (one consumer group per sink kind: the partitions are shared out), and
+``dose-n`` (the Faust dose worker; both in its one group, Faust's assignor shares out the
+partitions and their table changelogs, docs/SCALING.md).
 """
 
 from __future__ import annotations
@@ -21,19 +22,19 @@ from pathlib import Path
 
 from bench.faults import PORTS, Suite
 
-# What one node runs (the dose worker, on Faust, stays single: docs/SCALING.md).
+# What one node runs: two of every pipeline process with --nodes 2.
 NODE_ROLES = {
     "receiver": ("receive",),
     "aggregates": ("aggregate",),
     "archive-sink": ("sink", "archive"),
     "opensearch-sink": ("sink", "opensearch"),
+    "dose": ("dose",),
 }
-SINGLE_ROLES = {"dose": ("dose",)}
 
 
 def host_names(nodes: int) -> list[str]:
-    """Every process of the layout, node by node: receiver-1, aggregates-1, ..., receiver-2, ..., dose-1."""
-    return [f"{role}-{n}" for n in range(1, nodes + 1) for role in NODE_ROLES] + [f"{r}-1" for r in SINGLE_ROLES]
+    """Every process of the layout, node by node: receiver-1, aggregates-1, ..., dose-1, receiver-2, ..."""
+    return [f"{role}-{n}" for n in range(1, nodes + 1) for role in NODE_ROLES]
 
 
 def role_of(name: str) -> str:
@@ -67,7 +68,9 @@ class NodesSuite(Suite):
         web_port = PORTS["aggregates"] + 100 * (node - 1)
         worker_id = f"aggregates-{node}" if role_of(name) == "aggregates" else ""
         config = root / "diana.toml"
-        config.write_text(self.config_text(root, self.receiver_port(node), web_port, worker_id))
+        # The dose worker's Faust web port: one per node, as the metrics ports (one machine here).
+        dose_port = PORTS["dose"] + 100 * (node - 1)
+        config.write_text(self.config_text(root, self.receiver_port(node), web_port, worker_id, dose_port))
         return config
 
     def receiver_ports(self) -> list[int]:
@@ -89,7 +92,7 @@ class NodesSuite(Suite):
         env["DIANA_CONFIG"] = str(config)
         log = open(self.work / "logs" / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(
-            self._cmd(*{**NODE_ROLES, **SINGLE_ROLES}[role_of(name)]),
+            self._cmd(*NODE_ROLES[role_of(name)]),
             env=env,
             cwd=self.host_dir(name),
             stdout=log,

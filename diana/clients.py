@@ -164,6 +164,7 @@ def s3_credentials(storage: StorageConfig) -> tuple[str, str] | None:
                 f"and aws_secret_access_key"
             ) from None
     if storage.s3_access_key_id:
+        remember_secret(storage.s3_secret_access_key)  # from the environment: redacted the same way
         return storage.s3_access_key_id, storage.s3_secret_access_key
     return None
 

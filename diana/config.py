@@ -593,6 +593,12 @@ def _check_security(sections: dict[str, Any]) -> None:
         raise ConfigError("[opensearch] url: the nodes of one cluster are all https:// or all http://, not a mix")
     if search.number_of_replicas < 0:
         raise ConfigError(f"[opensearch] number_of_replicas = {search.number_of_replicas}: use 0 or more")
+    storage = sections["storage"]
+    if storage.s3_ca_file and storage.s3_endpoint.startswith("http://"):
+        raise ConfigError(
+            f"[storage] s3_ca_file is set but s3_endpoint {storage.s3_endpoint} is not https: the keys' "
+            "signatures and every object would travel in the clear; use an https:// endpoint (or remove s3_ca_file)"
+        )
     receiver = sections["receiver"]
     if receiver.tls_ca_file and not (receiver.tls_cert_file and receiver.tls_key_file):
         raise ConfigError(

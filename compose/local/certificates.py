@@ -1,7 +1,8 @@
 """A private CA and the certificates of the secured local stack, made with openssl.
 
-The CA signs one certificate per server (Kafka's broker, the OpenSearch node) for 127.0.0.1 and
-localhost, and an admin client certificate for OpenSearch's security plugin. Keys are PKCS#8 PEM
+The CA signs one certificate per server (Kafka's broker, the OpenSearch node, S3Proxy) for 127.0.0.1
+and localhost, and an admin client certificate for OpenSearch's security plugin. S3Proxy (Jetty)
+reads its key and certificate from a PKCS#12 keystore, whose password is made once and kept beside it. Keys are PKCS#8 PEM
 (what both Java servers read) and readable by their owner only. Existing files are kept, so the
 CA clients trust stays the same across restarts; ``diana stack reset`` does not touch them.
 """
@@ -9,6 +10,7 @@ CA clients trust stays the same across restarts; ``diana stack reset`` does not 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -34,6 +36,8 @@ class Pki:
     opensearch_key: Path
     admin_cert: Path
     admin_key: Path
+    s3proxy_keystore: Path
+    s3proxy_keystore_password: Path
 
     def kafka_keystore(self) -> Path:
         """Kafka's PEM keystore: the key, then the certificate chain, in one file."""
@@ -94,6 +98,23 @@ def sign(d: Path, name: str, dn: str, usage: str, ip_san: bool, days: str = _DAY
     (d / f"{name}.key").chmod(0o600)
 
 
+def pkcs12_keystore(d: Path, name: str) -> tuple[Path, Path]:
+    """``d``/name.p12 holding name.key and name.pem, and the file with its password (made once)."""
+    store, password = d / f"{name}.p12", d / f"{name}.p12.password"
+    if store.exists() and password.exists():
+        return store, password
+    password.touch(mode=0o600)
+    password.write_text(secrets.token_hex(20) + "\n")
+    # The password goes to openssl through a file, never on its command line (ps shows that).
+    _openssl(
+        d,
+        "pkcs12", "-export", "-in", f"{name}.pem", "-inkey", f"{name}.key", "-certfile", "ca.pem",
+        "-name", name, "-out", store.name, "-passout", f"file:{password.name}",
+    )  # fmt: skip
+    store.chmod(0o600)
+    return store, password
+
+
 def make_pki(d: Path) -> Pki:
     """The CA and certificates in ``d`` (made once; kept afterwards)."""
     d.mkdir(parents=True, exist_ok=True)
@@ -102,6 +123,8 @@ def make_pki(d: Path) -> Pki:
     sign(d, "kafka", "CN=127.0.0.1,O=diana-star", "serverAuth,clientAuth", ip_san=True)
     sign(d, "opensearch-node", OPENSEARCH_NODE_DN, "serverAuth,clientAuth", ip_san=True)
     sign(d, "opensearch-admin", OPENSEARCH_ADMIN_DN, "clientAuth", ip_san=False)
+    sign(d, "s3proxy", "CN=127.0.0.1,O=diana-star", "serverAuth", ip_san=True)
+    s3proxy_store, s3proxy_password = pkcs12_keystore(d, "s3proxy")
     pki = Pki(
         ca=d / "ca.pem",
         kafka_cert=d / "kafka.pem",
@@ -110,6 +133,8 @@ def make_pki(d: Path) -> Pki:
         opensearch_key=d / "opensearch-node.key",
         admin_cert=d / "opensearch-admin.pem",
         admin_key=d / "opensearch-admin.key",
+        s3proxy_keystore=s3proxy_store,
+        s3proxy_keystore_password=s3proxy_password,
     )
     keystore = pki.kafka_keystore()
     keystore.touch(mode=0o600)

@@ -27,7 +27,7 @@ from typing import Any
 from diana.clients import opensearch_auth
 from diana.compose.local.certificates import OPENSEARCH_ADMIN_DN, OPENSEARCH_NODE_DN, Pki, make_pki
 from diana.config import Config, ConfigError
-from diana.credentials import secret_value
+from diana.credentials import remember_secret, secret_value
 
 __all__ = ["SecuredStack"]
 
@@ -39,6 +39,8 @@ class SecuredStack:
     def __init__(self, config: Config, home: Path, cache: Path):
         self.kafka = config.kafka
         self.opensearch = config.opensearch
+        self.storage = config.storage
+        self.s3proxy_port = config.stack.s3proxy_port
         self.version = config.stack.opensearch_security_version
         self.pki_dir = home / "pki"
         self.plugin_zip = cache / f"opensearch-security-{self.version}.zip"
@@ -63,6 +65,11 @@ class SecuredStack:
             problems.append("[opensearch] username")
         if self.opensearch.ca_file != ca:
             problems.append(f'[opensearch] ca_file = "{ca}"')
+        if self.storage.backend == "s3":  # S3Proxy then serves HTTPS only, with the same CA
+            if not self.storage.s3_endpoint.startswith("https://"):
+                problems.append(f'[storage] s3_endpoint = "https://127.0.0.1:{self.s3proxy_port}"')
+            if self.storage.s3_ca_file != ca:
+                problems.append(f'[storage] s3_ca_file = "{ca}"')
         if problems:
             raise ConfigError(
                 "the secured stack needs these settings (passwords through DIANA_KAFKA_SASL_PASSWORD and "
@@ -151,6 +158,19 @@ ssl.enabled.protocols=TLSv1.3,TLSv1.2
                 + f", not {self.kafka.sasl_username!r}: SCRAM users are made at format time in KRaft; "
                 "run `diana stack reset --secured` (it deletes the stack's data) and start again"
             )
+
+    # ---------------------------------------------------------------- s3proxy
+    def s3proxy_tls_properties(self, endpoint: str) -> str:
+        """S3Proxy's listener lines: HTTPS only, its key and certificate in a PKCS#12 keystore. The
+        keystore password lands in s3proxy.properties, which stack.py writes readable by us alone."""
+        pki = self.pki()
+        password = pki.s3proxy_keystore_password.read_text().strip()
+        remember_secret(password)
+        return (
+            f"s3proxy.secure-endpoint={endpoint}\n"
+            f"s3proxy.keystore-path={pki.s3proxy_keystore}\n"
+            f"s3proxy.keystore-password={password}\n"
+        )
 
     # ---------------------------------------------------------------- opensearch
     def install(self, mvn: Any) -> None:

@@ -339,7 +339,8 @@ action.auto_create_index: true
         return self.home / "s3proxy"
 
     def s3_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.cfg.s3proxy_port}"
+        """S3Proxy's address: https with the secured variant (its certificate from the stack's CA)."""
+        return f"{'https' if self.secured else 'http'}://127.0.0.1:{self.cfg.s3proxy_port}"
 
     def _s3_keys(self) -> tuple[str, str]:
         from diana.clients import s3_credentials
@@ -365,9 +366,14 @@ action.auto_create_index: true
         # The file holds the secret: readable by us alone, and never logged.
         props.touch(mode=0o600)
         props.chmod(0o600)
+        # The secured variant serves HTTPS alone (secure-endpoint, a PKCS#12 keystore): no plain port.
+        listen = (
+            self.secured.s3proxy_tls_properties(self.s3_endpoint())
+            if self.secured
+            else f"s3proxy.endpoint={self.s3_endpoint()}\n"
+        )
         props.write_text(
-            f"""s3proxy.endpoint={self.s3_endpoint()}
-s3proxy.authorization=aws-v2-or-v4
+            f"""{listen}s3proxy.authorization=aws-v2-or-v4
 s3proxy.identity={identity}
 s3proxy.credential={credential}
 jclouds.provider=filesystem

@@ -53,10 +53,17 @@ class _Errors:
     def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> Literal[False]:
         if exc is None or isinstance(exc, (ObjectNotFound, IntegrityError, ValueError, StorageError)):
             return False
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, SSLError
 
         if isinstance(exc, ClientError) and _is_not_found(exc):
             raise ObjectNotFound(f"no object {self.what}") from None
+        if isinstance(exc, SSLError):
+            # A server certificate the client does not trust: say which setting decides it.
+            raise StorageError(
+                f"object store: {self.what}: TLS verification failed ({exc}); the S3 server's certificate is "
+                "not signed by the CA in [storage] s3_ca_file (the system's CAs when it is empty): set "
+                "s3_ca_file to the CA that signed it"
+            ) from None
         if isinstance(exc, (ClientError, BotoCoreError)):
             # botocore's messages name the operation and the error code, never the credentials.
             raise StorageError(f"object store: {self.what}: {exc}") from None

@@ -1,5 +1,6 @@
-"""The whole pipeline once against the secured stack: Kafka on SASL_SSL (SCRAM-SHA-512) and OpenSearch
-with its security plugin (TLS, basic authentication), both behind the stack's private CA.
+"""The whole pipeline once against the secured stack: Kafka on SASL_SSL (SCRAM-SHA-512), OpenSearch
+with its security plugin (TLS, basic authentication) and the landing store and archive on S3Proxy
+over HTTPS, all behind the stack's private CA.
 
 dcmtk's storescu sends a real study; it must be archived and searchable, and no password may appear
 in any log line the run wrote (the pipeline's, Kafka's, OpenSearch's) nor in ``diana status``.
@@ -8,6 +9,7 @@ The stack is this module's own (its own ports and folder), so the session stack 
 
 from __future__ import annotations
 
+import http.client
 import os
 import secrets
 import shutil
@@ -65,6 +67,10 @@ archive_metrics_port = {port(19565)}
 opensearch_metrics_port = {port(19566)}
 
 [storage]
+backend = "s3"
+s3_endpoint = "https://127.0.0.1:{port(19290)}"
+s3_bucket = "diana-secured"
+s3_ca_file = "{CA}"
 landing_dir = "{HOME}/landing"
 archive_dir = "{HOME}/archive"
 quarantine_dir = "{HOME}/quarantine"
@@ -89,13 +95,15 @@ kafka_heap_mb = 384
 opensearch_port = {port(19210)}
 opensearch_transport_port = {port(19310)}
 opensearch_heap_mb = 640
+s3proxy_port = {port(19290)}
+s3proxy_heap_mb = 128
 """
 
 
 @pytest.fixture(scope="module")
 def passwords() -> dict[str, str]:
-    """Fresh passwords for this run: Kafka's from a file, OpenSearch's from the environment."""
-    return {"kafka": secrets.token_hex(20), "opensearch": secrets.token_hex(20)}
+    """Fresh passwords for this run: Kafka's from a file, OpenSearch's and the S3 secret key from the environment."""
+    return {"kafka": secrets.token_hex(20), "opensearch": secrets.token_hex(20), "s3": secrets.token_hex(20)}
 
 
 @pytest.fixture(scope="module")
@@ -113,11 +121,16 @@ def secured(passwords: dict[str, str]):
     password_file = HOME / "kafka-password"
     password_file.touch(mode=0o600)
     password_file.write_text(passwords["kafka"] + "\n")
-    env = {"DIANA_OPENSEARCH_PASSWORD": passwords["opensearch"]}
+    env = {
+        "DIANA_OPENSEARCH_PASSWORD": passwords["opensearch"],
+        "DIANA_STORAGE_S3_ACCESS_KEY_ID": "secured-identity",
+        "DIANA_STORAGE_S3_SECRET_ACCESS_KEY": passwords["s3"],
+    }
     cfg = load_config(config_file, environ=env)
 
     local = LocalStack(cfg)
     local.reset()  # a fresh cluster: the SCRAM user and the security index are made from this run's passwords
+    local.reset_s3proxy()
     logs = HOME / "logs"
     logs.mkdir(parents=True)
     pipeline = Pipeline(cfg, config_file, {}, logs)
@@ -180,9 +193,35 @@ def test_the_servers_refuse_clients_without_credentials(secured, sent_study):
         wrong.list_topics(timeout=5)
 
 
+def test_the_object_store_answers_over_tls_only_and_a_wrong_ca_is_a_clear_error(secured, sent_study, tmp_path):
+    from dataclasses import replace
+
+    from diana.compose.local.certificates import make_ca
+    from diana.storage import StorageError
+
+    pipeline, local, _ = secured
+    cfg: Config = pipeline.cfg
+    assert local.s3_endpoint() == cfg.storage.s3_endpoint and cfg.storage.s3_endpoint.startswith("https://")
+    # The instances arrived through the bucket (landing/ is empty again once archived, archive/ holds them).
+    assert len([k for k in open_store(cfg, "archive").list(f"{sent_study.study_uid}/") if k.endswith(".dcm")]) == 40
+    assert list(open_store(cfg, "landing").list()) == []
+    # Nothing answers in plain HTTP on S3Proxy's port (it sends a TLS alert back: no HTTP status line).
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        urllib.request.urlopen(cfg.storage.s3_endpoint.replace("https://", "http://"), timeout=10).read()
+    # A CA that did not sign S3Proxy's certificate: a StorageError naming the setting, no key in it.
+    other = tmp_path / "other-ca"
+    other.mkdir()
+    wrong = replace(cfg, storage=replace(cfg.storage, s3_ca_file=str(make_ca(other, dn="CN=not the stack's CA"))))
+    with pytest.raises(StorageError) as refused:
+        open_store(wrong, "archive").exists("any/key.dcm")
+    message = str(refused.value)
+    assert "TLS verification failed" in message and "s3_ca_file" in message, message
+    assert cfg.storage.s3_secret_access_key not in message and cfg.storage.s3_access_key_id not in message
+
+
 def _log_files(pipeline: Pipeline, local) -> list[Path]:
     opensearch_logs = local._opensearch_dir() / "logs"
-    files = [*pipeline.logs.glob("*.log"), local.kafka.log_file, *opensearch_logs.rglob("*")]
+    files = [*pipeline.logs.glob("*.log"), local.kafka.log_file, local.s3proxy.log_file, *opensearch_logs.rglob("*")]
     return [f for f in files if f.is_file()]
 
 
@@ -199,7 +238,7 @@ def test_no_credential_in_any_log_line_nor_in_status(secured, sent_study, passwo
     assert "diana-instances" in status.stdout and status.returncode == 0, status.stdout + status.stderr
     files = _log_files(pipeline, local)
     names = {f.name for f in files}
-    assert {"receiver.log", "dose.log", "opensearch-sink.log", "kafka.log"} <= names, names
+    assert {"receiver.log", "dose.log", "opensearch-sink.log", "kafka.log", "s3proxy.log"} <= names, names
     assert any(n.startswith("diana-star-local") for n in names), names  # OpenSearch's own server log
     texts = {str(f): f.read_text(errors="replace") for f in files}
     texts["diana status"] = status.stdout + status.stderr

@@ -13,11 +13,11 @@ def _configs(tmp_path: Path) -> dict[str, Config]:
     return {name: load_config(suite.provision(name), environ=suite.s3_keys()) for name in host_names(2)}
 
 
-def test_two_of_every_pipeline_process_and_one_dose_worker() -> None:
+def test_two_of_every_pipeline_process_with_two_dose_workers() -> None:
     names = host_names(2)
-    for role in ("receiver", "aggregates", "archive-sink", "opensearch-sink"):
+    for role in ("receiver", "aggregates", "archive-sink", "opensearch-sink", "dose"):
         assert f"{role}-1" in names and f"{role}-2" in names
-    assert [n for n in names if n.startswith("dose")] == ["dose-1"]
+    assert len(names) == len(set(names)) == 10
 
 
 def test_no_local_path_is_shared_between_two_hosts(tmp_path: Path) -> None:
@@ -44,6 +44,9 @@ def test_hosts_share_the_bucket_and_the_ae_title_but_not_ports_or_worker_ids(tmp
     workers = [configs["aggregates-1"], configs["aggregates-2"]]
     assert [c.stream.worker_id for c in workers] == ["aggregates-1", "aggregates-2"]
     assert len({c.stream.web_port for c in workers}) == 2
+    doses = [configs["dose-1"], configs["dose-2"]]
+    assert len({c.dose.web_port for c in doses}) == 2
+    assert len({c.path(c.dose.alert_rules) for c in doses}) == 2  # each host its own copy of the rules
     for cfg in configs.values():
         assert cfg.storage.backend == "s3"
         assert cfg.storage.s3_bucket == "diana-faults"

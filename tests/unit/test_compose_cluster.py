@@ -24,7 +24,7 @@ def test_the_file_parses_and_has_the_cluster_layout() -> None:
     services = _services()
     for name in ("kafka-1", "kafka-2", "kafka-3", "opensearch-1", "opensearch-2", "minio", "bucket", "topics"):
         assert name in services
-    for role in ("receiver", "aggregates", "archive-sink", "opensearch-sink"):
+    for role in ("receiver", "aggregates", "archive-sink", "opensearch-sink", "dose"):
         assert f"{role}-1" in services and f"{role}-2" in services
 
 

@@ -99,3 +99,51 @@ def test_the_scram_password_goes_to_the_format_in_a_private_argfile_not_the_proc
     argfile = Path(private[4][1:])
     assert argfile.stat().st_mode & 0o077 == 0
     assert argfile.read_text().split("\n")[:-1] == [f'"{arg}"' for arg in command[4:]]  # quoted as java reads them
+
+
+def test_s3_on_the_secured_stack_needs_an_https_endpoint_and_the_stack_ca(tmp_path: Path):
+    ca = str(tmp_path / "stack" / "pki" / "ca.pem")
+    plain = _secured(
+        tmp_path,
+        DIANA_STORAGE_BACKEND="s3",
+        DIANA_STORAGE_S3_ENDPOINT="http://127.0.0.1:9000",
+        DIANA_STACK_S3PROXY_PORT="9000",
+    )
+    with pytest.raises(ConfigError) as err:
+        plain.check()
+    assert '[storage] s3_endpoint = "https://127.0.0.1:9000"' in str(err.value)
+    assert f'[storage] s3_ca_file = "{ca}"' in str(err.value)
+    _secured(
+        tmp_path,
+        DIANA_STORAGE_BACKEND="s3",
+        DIANA_STORAGE_S3_ENDPOINT="https://127.0.0.1:9000",
+        DIANA_STORAGE_S3_CA_FILE=ca,
+    ).check()
+
+
+def test_s3proxy_serves_https_alone_from_a_pkcs12_keystore_signed_by_the_ca(tmp_path: Path):
+    stack = _secured(tmp_path)
+    props = stack.s3proxy_tls_properties("https://127.0.0.1:9000")
+    pki = stack.pki()
+    assert "s3proxy.secure-endpoint=https://127.0.0.1:9000\n" in props and "s3proxy.endpoint=" not in props
+    assert f"s3proxy.keystore-path={pki.s3proxy_keystore}\n" in props
+    password = pki.s3proxy_keystore_password.read_text().strip()
+    for private in (pki.s3proxy_keystore, pki.s3proxy_keystore_password):
+        assert private.stat().st_mode & 0o077 == 0
+    # The keystore opens with its password and holds a certificate for 127.0.0.1 from the stack's CA.
+    pem = subprocess.run(
+        ["openssl", "pkcs12", "-in", str(pki.s3proxy_keystore), "-nokeys", "-clcerts", "-passin", f"pass:{password}"],
+        capture_output=True,
+        text=True,
+    )
+    assert pem.returncode == 0, pem.stderr
+    cert = tmp_path / "s3proxy-from-keystore.pem"
+    cert.write_text(pem.stdout)
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(pki.ca), str(cert)], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
+
+
+def test_a_ca_file_for_a_plain_s3_endpoint_is_a_configuration_error(tmp_path: Path):
+    env = {"DIANA_STORAGE_S3_ENDPOINT": "http://127.0.0.1:9000", "DIANA_STORAGE_S3_CA_FILE": str(tmp_path / "ca.pem")}
+    with pytest.raises(ConfigError, match="s3_ca_file is set but s3_endpoint http://127.0.0.1:9000 is not https"):
+        load_config(None, environ=env)
