@@ -321,6 +321,11 @@ SEEN, SERIES_STATE, STUDY_STATE, OPEN, CLOCK = "seen", "series", "study", "open"
 # studies that left it, so a later instance of theirs is refused, not counted as new.
 DIGEST, RETIRE, GONE_SERIES, GONE_STUDY = "digest", "retire", "gone_series", "gone_study"
 DAY_MS = 86_400_000
+# On local disk only once the file has them, read when an event of theirs comes (state_store.py):
+# the aggregates and digests, one per series and study of the archive within the retention. The
+# per-instance ``seen`` entries of open series, the deadlines, the retirement schedule and the clock
+# stay in memory: they are read for every instance or iterated.
+COLD = frozenset({SERIES_STATE, STUDY_STATE, DIGEST, GONE_SERIES, GONE_STUDY})
 
 
 class AggregatesHandler:
@@ -677,6 +682,7 @@ def aggregates_loop(
         topics=(INSTANCES.name, TICKS.name),
         changelog=changelog_topic(app_id),
         state_dir=None if state_dir is None else state_dir / f"{app_id}-{worker_id}",
+        cold_namespaces=COLD,
     )
     handler = AggregatesHandler(quiet, conflict_policy=conflict_policy, retention_days=retention_days)
     return TransactionalLoop(settings, handler, every_second=TickWriter(kafka, partitions))
