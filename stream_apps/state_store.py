@@ -18,11 +18,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from prometheus_client import Counter
+
 from diana.stream_apps.local_state import LocalStates
 
 __all__ = ["StateStore"]
 
 _SEP = "/"
+
+DISK_READS = Counter(
+    "diana_stream_state_disk_reads_total", "State entries read from the local file, not memory (cold)", ["namespace"]
+)
 
 
 class StateStore:
@@ -41,6 +47,7 @@ class StateStore:
             return space[key]  # None: deleted (a cold entry whose deletion the file lacks yet)
         if partition in self.backed and namespace in self.cold:
             assert self.local is not None
+            DISK_READS.labels(namespace).inc()
             return self.local.file(partition).lookup(namespace, key)
         return None
 
