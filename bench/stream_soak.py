@@ -235,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         "started_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
         "uptime_at_start": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
     }
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after each phase too: a run stopped later keeps what it measured
+        (args.out / "stream-soak.json").write_text(json.dumps(result, indent=2) + "\n")
+
     try:
         stack.start_kafka()
         stack.wait_kafka()
@@ -260,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             "rss_mb_peak": round(rss_mb(one.pid, "VmHWM"), 1),
         }
         print(json.dumps(result["one_worker"]), flush=True)
+        save()
 
         # 2. kill -9 and restart: the state comes back from the changelog.
         time.sleep(args.settle)  # ticks complete what is due; the state is what it is
@@ -281,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             "rss_mb_after_restore": round(rss_mb(again.pid), 1),
         }
         print(json.dumps(result["kill_9_restart"]), flush=True)
+        save()
         if args.full_restore_too:
             # 2b. The same kill -9 with the local state removed: the whole changelog is read, as
             # every restore did before the local state existed.
@@ -331,8 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.kill()
                 p.wait()
         stack.stop_kafka()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "stream-soak.json").write_text(json.dumps(result, indent=2) + "\n")
+    save()
     print(json.dumps(result, indent=2))
     return 0
 
