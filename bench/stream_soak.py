@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 PORTS = {"kafka": 26092, "controller": 26093, "opensearch": 26200, "transport": 26300, "worker": 26066}
 
 
-def soak_config(work: Path, retention_days: float = 30.0) -> Path:
+def soak_config(work: Path, retention_days: float = 30.0, kafka_heap_mb: int = 512) -> Path:
     path = work / "diana-soak.toml"
     path.write_text(f"""
 [kafka]
@@ -50,7 +50,7 @@ state_retention_days = {retention_days!r}
 home = "{work}/stack"
 kafka_port = {PORTS["kafka"]}
 kafka_controller_port = {PORTS["controller"]}
-kafka_heap_mb = 1024
+kafka_heap_mb = {kafka_heap_mb}
 opensearch_port = {PORTS["opensearch"]}
 opensearch_transport_port = {PORTS["transport"]}
 [log]
@@ -119,7 +119,7 @@ def lag(cfg: Any, group: str) -> int:
     return sum(status.group_lag(cfg, group, marks, count_uncommitted=True).values())
 
 
-def wait_lag_zero(cfg: Any, group: str, procs: list[subprocess.Popen], timeout: float) -> float:
+def wait_lag_zero(cfg: Any, group: str, procs: list[subprocess.Popen], timeout: float, poll_s: float = 1.0) -> float:
     deadline = time.monotonic() + timeout
     bar = tqdm(desc=f"{group} lag", unit="ev", mininterval=2)
     while time.monotonic() < deadline:
@@ -131,13 +131,14 @@ def wait_lag_zero(cfg: Any, group: str, procs: list[subprocess.Popen], timeout: 
         if left == 0:
             bar.close()
             return time.monotonic()
-        time.sleep(1.0)
+        time.sleep(poll_s)
     raise RuntimeError(f"{group} not caught up after {timeout:.0f} s")
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory in MB; field VmHWM: its peak so far."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -162,6 +163,10 @@ def wait_log(log: Path, text: str, count: int, timeout: float) -> float:
             return time.monotonic()
         time.sleep(0.1)
     raise RuntimeError(f"{text!r} not seen {count} times in {log} after {timeout:.0f} s")
+
+
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +202,17 @@ def main(argv: list[str] | None = None) -> int:
         help="[stream] state_retention_days of the workers (default 30: nothing retires during a soak; "
         "0.0005, 43 s of event time, retires most studies before the end)",
     )
+    ap.add_argument("--kafka-heap-mb", type=int, default=512, help="the broker's heap (default 512)")
+    ap.add_argument(
+        "--poll",
+        type=float,
+        default=1.0,
+        help="seconds between lag checks while a phase runs (default 1; each check costs the harness CPU "
+        "the worker then lacks on a busy machine)",
+    )
     args = ap.parse_args(argv)
+    # SIGTERM stops it like Ctrl-C: the workers and the broker are stopped (finally below).
+    signal.signal(signal.SIGTERM, _interrupt)
 
     from diana.clients import kafka_admin
     from diana.compose.local.stack import LocalStack
@@ -208,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         PORTS[name] += args.port_offset
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
-    config = soak_config(args.work, args.retention_days)
+    config = soak_config(args.work, args.retention_days, args.kafka_heap_mb)
     cfg = load_config(config, environ={})
     stack = LocalStack(cfg)
     procs: list[subprocess.Popen] = []
@@ -217,7 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         "per_series": args.per_series,
         "partitions": 4,
         "retention_days": args.retention_days,
+        "started_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
+        "uptime_at_start": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
     }
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after each phase too: a run stopped later keeps what it measured
+        (args.out / "stream-soak.json").write_text(json.dumps(result, indent=2) + "\n")
+
     try:
         stack.start_kafka()
         stack.wait_kafka()
@@ -232,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         one = worker(config, log1, "soak-one", PORTS["worker"])
         procs.append(one)
         assigned = wait_log(log1, "partitions.assigned", 1, 600)
-        done = wait_lag_zero(cfg, "soak-one", [one], args.timeout)
+        done = wait_lag_zero(cfg, "soak-one", [one], args.timeout, args.poll)
         result["one_worker"] = {
             "start_to_assigned_s": round(assigned - started, 1),
             "processing_s": round(done - assigned, 1),
@@ -240,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_s": round(cpu_s(one.pid), 1),
             "events_per_cpu_s": round(args.events / cpu_s(one.pid)),
             "rss_mb_at_end": round(rss_mb(one.pid), 1),
+            "rss_mb_peak": round(rss_mb(one.pid, "VmHWM"), 1),
         }
         print(json.dumps(result["one_worker"]), flush=True)
+        save()
 
         # 2. kill -9 and restart: the state comes back from the changelog.
         time.sleep(args.settle)  # ticks complete what is due; the state is what it is
@@ -263,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             "rss_mb_after_restore": round(rss_mb(again.pid), 1),
         }
         print(json.dumps(result["kill_9_restart"]), flush=True)
+        save()
         if args.full_restore_too:
             # 2b. The same kill -9 with the local state removed: the whole changelog is read, as
             # every restore did before the local state existed.
@@ -297,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             pair = [worker(config, logs[i], "soak-two", PORTS["worker"] + 10 + i) for i in range(2)]
             procs += pair
             assigned = max(wait_log(log, "partitions.assigned", 1, 600) for log in logs)
-            done = wait_lag_zero(cfg, "soak-two", pair, args.timeout)
+            done = wait_lag_zero(cfg, "soak-two", pair, args.timeout, args.poll)
             result["two_workers"] = {
                 "processing_s": round(done - assigned, 1),
                 "events_per_s": round((args.events + 10) / (done - assigned)),
@@ -313,8 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.kill()
                 p.wait()
         stack.stop_kafka()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "stream-soak.json").write_text(json.dumps(result, indent=2) + "\n")
+    save()
     print(json.dumps(result, indent=2))
     return 0
 

@@ -321,6 +321,12 @@ SEEN, SERIES_STATE, STUDY_STATE, OPEN, CLOCK = "seen", "series", "study", "open"
 # studies that left it, so a later instance of theirs is refused, not counted as new.
 DIGEST, RETIRE, GONE_SERIES, GONE_STUDY = "digest", "retire", "gone_series", "gone_study"
 DAY_MS = 86_400_000
+_NEVER = 2**62  # an event time (ms) no deadline reaches
+# On local disk only once the file has them, read when an event of theirs comes (state_store.py):
+# the aggregates and digests, one per series and study of the archive within the retention. The
+# per-instance ``seen`` entries of open series, the deadlines, the retirement schedule and the clock
+# stay in memory: they are read for every instance or iterated.
+COLD = frozenset({SERIES_STATE, STUDY_STATE, DIGEST, GONE_SERIES, GONE_STUDY})
 
 
 class AggregatesHandler:
@@ -357,6 +363,10 @@ class AggregatesHandler:
         # batch that failed): every use checks the state first.
         self.members: dict[int, dict[str, set[str]]] = {}  # partition -> open series -> its ``seen`` SOP UIDs
         self.retire_heap: dict[int, list[tuple[int, str]]] = {}  # partition -> (deadline, study) min-heap
+        # partition -> no open series is due before this event time (a lower bound: never above the
+        # earliest deadline of ``open/``), so the completion check walks the open series only when
+        # one may be due, not for every instance (it walked a few hundred per instance in the soak).
+        self.open_floor: dict[int, int] = {}
 
     def partition_started(
         self, partition: int, next_offsets: dict[str, int], state: Mapping[str, Mapping[str, Any]]
@@ -369,6 +379,7 @@ class AggregatesHandler:
             if isinstance(seen, list) and len(seen) > 3:
                 members.setdefault(seen[3], set()).add(sop)
         self.members[partition] = members
+        self.open_floor[partition] = min(state.get(OPEN, {}).values(), default=_NEVER)
         heap = [(deadline, study) for study, deadline in state.get(RETIRE, {}).items()]
         heapq.heapify(heap)
         self.retire_heap[partition] = heap
@@ -378,12 +389,19 @@ class AggregatesHandler:
         self.last_instance_wall.pop(partition, None)
         self.members.pop(partition, None)
         self.retire_heap.pop(partition, None)
+        self.open_floor.pop(partition, None)
 
     def handle(self, batch: Batch, message: Message) -> None:
-        if message.topic() == TICKS.name:
-            self._tick(batch, message)
-        else:
-            self._instance(batch, message)
+        try:
+            if message.topic() == TICKS.name:
+                self._tick(batch, message)
+            else:
+                self._instance(batch, message)
+        except BaseException:
+            # The loop undoes the message's changes (Batch.message_failed), which may put back
+            # open series it had completed: walk them all at the next check.
+            self.open_floor.pop(message.partition(), None)
+            raise
 
     def _tick(self, batch: Batch, message: Message) -> None:
         partition = message.partition()
@@ -409,9 +427,7 @@ class AggregatesHandler:
             # so compaction never ran). An unwritten tick watermark is not needed after a restart:
             # the next tick brings the clock again.
             watermark = max(batch.get(partition, CLOCK, "watermark") or 0, at)
-            if self._retire_is_due(partition, watermark) or any(
-                deadline <= watermark for _, deadline in batch.items(partition, OPEN)
-            ):
+            if self._retire_is_due(partition, watermark) or self._may_be_due(partition, watermark):
                 self._complete_due(batch, partition, self._advance(batch, partition, at))
 
     def _instance(self, batch: Batch, message: Message) -> None:
@@ -441,8 +457,10 @@ class AggregatesHandler:
         before = batch.get(partition, SERIES_STATE, series_uid)
         if before is not None:
             # A completed series keeps its instances as a digest (digest.py): a re-send of one of
-            # them is recognised there and counts once too.
-            known = digest_lookup(batch.get(partition, DIGEST, series_uid), sop)
+            # them is recognised there and counts once too. Only a series completed once has one
+            # (_compact runs at completion): an open one's is not looked for, a disk read per
+            # instance with the digests on disk (state_store.py).
+            known = digest_lookup(batch.get(partition, DIGEST, series_uid), sop) if is_late(before) else None
             if known is not None:
                 if self.replace and known[0] != record["sha256"][:8]:
                     self._replace_compacted(batch, partition, known[1], record)
@@ -471,7 +489,9 @@ class AggregatesHandler:
         batch.put(partition, SERIES_STATE, uid, series)
         batch.put(partition, STUDY_STATE, study["study_instance_uid"], study)
         # Open (again, for a late instance) until quiet: a new quiet time from this arrival.
-        batch.put(partition, OPEN, uid, series["last_received_at"] + int(series["quiet_seconds"] * 1000))
+        deadline = series["last_received_at"] + int(series["quiet_seconds"] * 1000)
+        batch.put(partition, OPEN, uid, deadline)
+        self.open_floor[partition] = min(self.open_floor.get(partition, _NEVER), deadline)
         if not is_late(before):
             self._publish(batch, series, study)  # a late one is published with the amended version
 
@@ -529,7 +549,19 @@ class AggregatesHandler:
         return watermark
 
     def _complete_due(self, batch: Batch, partition: int, watermark: int) -> None:
-        due = sorted([(deadline, uid) for uid, deadline in batch.items(partition, OPEN) if deadline <= watermark])
+        if not self._may_be_due(partition, watermark):
+            if self._retire_is_due(partition, watermark):
+                self._retire_due(batch, partition, watermark)
+            return
+        due: list[tuple[int, str]] = []
+        floor = _NEVER
+        for uid, deadline in batch.items(partition, OPEN):
+            if deadline <= watermark:
+                due.append((deadline, uid))
+            elif deadline < floor:
+                floor = deadline
+        due.sort()
+        self.open_floor[partition] = floor  # what stays open after the completions below
         for deadline, uid in due:
             batch.delete(partition, OPEN, uid)
             series = batch.get(partition, SERIES_STATE, uid)
@@ -557,6 +589,10 @@ class AggregatesHandler:
                 heapq.heappush(self.retire_heap.setdefault(partition, []), (retire_at, study["study_instance_uid"]))
         if self._retire_is_due(partition, watermark):
             self._retire_due(batch, partition, watermark)
+
+    def _may_be_due(self, partition: int, watermark: int) -> bool:
+        """An open series may be due (not known for a partition without a floor: walk them)."""
+        return watermark >= self.open_floor.get(partition, -_NEVER)
 
     def _compact(self, batch: Batch, partition: int, series_uid: str) -> None:
         """Fold a completed series' ``seen`` entries into its digest and delete them (tombstones in
@@ -677,6 +713,7 @@ def aggregates_loop(
         topics=(INSTANCES.name, TICKS.name),
         changelog=changelog_topic(app_id),
         state_dir=None if state_dir is None else state_dir / f"{app_id}-{worker_id}",
+        cold_namespaces=COLD,
     )
     handler = AggregatesHandler(quiet, conflict_policy=conflict_policy, retention_days=retention_days)
     return TransactionalLoop(settings, handler, every_second=TickWriter(kafka, partitions))

@@ -92,6 +92,15 @@ def tail_refusal(
     return None
 
 
+def _namespaces(db: sqlite3.Connection) -> Iterator[str]:
+    """The file's namespaces, one index seek each (the primary key starts with the namespace): a
+    namespace left in the file is never scanned."""
+    row = db.execute("SELECT min(namespace) FROM state").fetchone()
+    while row is not None and row[0] is not None:
+        yield row[0]
+        row = db.execute("SELECT min(namespace) FROM state WHERE namespace > ?", (row[0],)).fetchone()
+
+
 def _encode(changes: Iterable[tuple[str, str, Any]]) -> Iterator[tuple[str, str, str | None]]:
     for namespace, key, value in changes:
         yield namespace, key, None if value is None else json.dumps(value, separators=(",", ":"))
@@ -129,20 +138,22 @@ class PartitionFile:
             self._db = db
         return self._db
 
-    def load(self) -> tuple[Checkpoint, dict[str, dict[str, Any]]]:
-        """The checkpoint and the state (namespace -> key -> value); LocalStateError if unusable."""
+    def load(self, skip: frozenset[str] = frozenset()) -> tuple[Checkpoint, dict[str, dict[str, Any]]]:
+        """The checkpoint and the state (namespace -> key -> value); LocalStateError if unusable.
+
+        ``skip``: namespaces left in the file (read with ``lookup`` when needed, their CRCs then)."""
         try:
             db = self._connect(create=False)
             db.execute("BEGIN")  # one snapshot: the checkpoint and the rows it describes
             try:
-                return self._read(db)
+                return self._read(db, skip)
             finally:
                 db.execute("COMMIT")
         except (sqlite3.DatabaseError, ValueError, TypeError) as exc:  # damaged, or not SQLite at all
             self.close()
             raise LocalStateError("damaged", f"{type(exc).__name__}: {exc}") from exc
 
-    def _read(self, db: sqlite3.Connection) -> tuple[Checkpoint, dict[str, dict[str, Any]]]:
+    def _read(self, db: sqlite3.Connection, skip: frozenset[str]) -> tuple[Checkpoint, dict[str, dict[str, Any]]]:
         row = db.execute(
             "SELECT format, changelog, partition, position, written_ms, topic_id FROM checkpoint"
         ).fetchone()
@@ -153,11 +164,34 @@ class PartitionFile:
                 "other_changelog", f"format {row[0]}, changelog {row[1]!r} (id {row[5]}) partition {row[2]}"
             )
         state: dict[str, dict[str, Any]] = {}
-        for namespace, key, value, crc in db.execute("SELECT namespace, key, value, crc FROM state"):
-            if _crc(namespace, key, value) != crc:
-                raise LocalStateError("damaged", f"a row of {namespace}/ whose CRC does not match")
-            state.setdefault(namespace, {})[key] = json.loads(value)
+        for name in _namespaces(db):
+            if name in skip:
+                continue
+            space = state.setdefault(name, {})
+            for namespace, key, value, crc in db.execute(
+                "SELECT namespace, key, value, crc FROM state WHERE namespace = ?", (name,)
+            ):
+                if _crc(namespace, key, value) != crc:
+                    raise LocalStateError("damaged", f"a row of {namespace}/ whose CRC does not match")
+                space[key] = json.loads(value)
         return Checkpoint(int(row[3]), int(row[4])), state
+
+    def lookup(self, namespace: str, key: str) -> Any:
+        """One entry (None: absent), its CRC checked; LocalStateError if the file cannot answer."""
+        try:
+            row = (
+                self._connect(create=False)
+                .execute("SELECT value, crc FROM state WHERE namespace = ? AND key = ?", (namespace, key))
+                .fetchone()
+            )
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise LocalStateError("damaged", f"{type(exc).__name__}: {exc}") from exc
+        if row is None:
+            return None
+        if _crc(namespace, key, row[0]) != row[1]:
+            raise LocalStateError("damaged", f"a row of {namespace}/ whose CRC does not match")
+        return json.loads(row[0])
 
     def write(self, changes: Iterable[tuple[str, str, Any]], checkpoint: Checkpoint, encoded: bool = False) -> None:
         """Apply changes (value None: deleted) and move the checkpoint, atomically.
@@ -172,7 +206,7 @@ class PartitionFile:
         transaction commits leaves no checkpoint, hence a full restore next time, never a mix.
         """
         self.remove()
-        changes = ((ns, key, value) for ns, space in state.items() for key, value in space.items())
+        changes = ((ns, key, value) for ns, space in state.items() for key, value in space.items() if value is not None)
         self._commit(_encode(changes), checkpoint)
 
     def remove(self) -> None:
@@ -218,8 +252,10 @@ class LocalStates:
     write failed is suspended: no write until it is assigned (and restored) again.
     """
 
-    def __init__(self, folder: Path, changelog: str) -> None:
+    def __init__(self, folder: Path, changelog: str, cold: frozenset[str] = frozenset()) -> None:
         self.folder, self.changelog = folder, changelog
+        # Namespaces kept out of memory once in the file (state_store.py): not loaded on restore.
+        self.cold = cold
         # The changelog topic's id, as the last restore read it from the broker ("" unknown).
         self.topic_id = ""
         self._files: dict[int, PartitionFile] = {}

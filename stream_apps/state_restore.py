@@ -41,6 +41,7 @@ PARTITION_RESTORES = Counter(
 )
 
 SEP = "/"
+NONE: frozenset[str] = frozenset()
 State = dict[str, dict[str, Any]]
 
 
@@ -54,13 +55,19 @@ class RestoreReport:
     # partition -> "tail", or why the whole changelog was read (local_state.tail_refusal, or
     # no_local_state, damaged, watermarks_unavailable, local_state_off)
     kinds: dict[int, str] = field(default_factory=dict)
+    # Partitions whose cold namespaces (local_state.LocalStates.cold) are left in their local file,
+    # read from it on demand (state_store.py).
+    backed: set[int] = field(default_factory=set)
 
 
-def apply_record(state: State, composite_key: str, value: Any) -> None:
-    """One changelog record (value None: a deletion) applied to a partition's state."""
+def apply_record(state: State, composite_key: str, value: Any, on_disk: frozenset[str] = frozenset()) -> None:
+    """One changelog record (value None: a deletion) applied to a partition's state.
+
+    ``on_disk``: namespaces whose entries are partly in the local file only; a deletion there stays
+    as None (the file's value is hidden) until the file has it too."""
     namespace, _, key = composite_key.partition(SEP)
     space = state.setdefault(namespace, {})
-    if value is None:
+    if value is None and namespace not in on_disk:
         space.pop(key, None)
     else:
         space[key] = value
@@ -92,7 +99,7 @@ def _local_start(
     if not local.topic_id:  # a recreated changelog could not be told from the one the file knew
         return None, None, "topic_id_unknown"
     try:
-        checkpoint, state = local.file(partition).load()
+        checkpoint, state = local.file(partition).load(skip=local.cold)
     except LocalStateError as exc:
         if exc.reason != "no_local_state":
             log.warning("state.local_refused", partition=partition, reason=str(exc))
@@ -157,12 +164,25 @@ def restore_partitions(
                     if checkpoint is not None and state is not None:
                         states[p], checkpoints[p], starts[p] = state, checkpoint, checkpoint.position
                         touched[p] = set()
+                        report.backed.add(p)  # its cold namespaces stay in the file
             report.kinds[p] = kind
             if p not in starts:
                 starts[p] = low if low >= 0 else OFFSET_BEGINNING
         steps["local_load"] = sum(load_seconds.values())
         reading = time.monotonic()
-        _read(reader, changelog, starts, states, touched, last_read, report, started + give_up_after_s, still_running)
+        on_disk = local.cold if local is not None else frozenset()
+        _read(
+            reader,
+            changelog,
+            starts,
+            states,
+            touched,
+            last_read,
+            report,
+            started + give_up_after_s,
+            still_running,
+            on_disk,
+        )
         ends = _ends(reader, changelog, starts, last_read)
         steps["changelog_read"] = time.monotonic() - reading
     finally:
@@ -184,7 +204,11 @@ def restore_partitions(
             local_load_s=load_seconds.get(p),
         )
         if local is not None:
-            _write_back(local, p, states[p], checkpoints.get(p), touched.get(p), Checkpoint(ends[p], began_ms))
+            if _write_back(local, p, states[p], checkpoints.get(p), touched.get(p), Checkpoint(ends[p], began_ms)):
+                # The file holds the whole restored state: the cold namespaces leave memory.
+                report.backed.add(p)
+                for namespace in local.cold:
+                    states[p].pop(namespace, None)
     sizes: dict[str, int] = {}
     for p in partitions:
         for namespace, space in states[p].items():
@@ -213,8 +237,12 @@ def _read(
     report: RestoreReport,
     deadline: float,
     still_running: Callable[[], None],
+    on_disk: frozenset[str] = frozenset(),
 ) -> None:
-    """Read each partition from its start to the end (EOF), applying every record."""
+    """Read each partition from its start to the end (EOF), applying every record.
+
+    A tail read (a partition in ``touched``) completes a loaded file: its ``on_disk`` namespaces keep
+    their deletions as None (apply_record)."""
     unfinished = set(starts)
     reader.assign([TopicPartition(changelog, p, start) for p, start in starts.items()])
     while unfinished:
@@ -233,7 +261,9 @@ def _read(
                     still_running()
                 continue
             p, key, value = msg.partition(), msg.key().decode(), msg.value()
-            apply_record(states[p], key, None if value is None else json.loads(value))
+            apply_record(
+                states[p], key, None if value is None else json.loads(value), on_disk if p in touched else NONE
+            )
             report.records[p] += 1
             last_read[p] = msg.offset()
             if p in touched:
@@ -259,17 +289,17 @@ def _write_back(
     old: Checkpoint | None,
     touched: set[str] | None,
     new: Checkpoint,
-) -> None:
-    """Bring the partition's local file to ``new``: the keys the tail changed, or the whole state."""
+) -> bool:
+    """Bring the partition's local file to ``new``: the keys the tail changed, or the whole state.
+
+    True if the file now holds the whole state."""
     local.resume(partition)
     if old is None or touched is None:
-        if new.position >= 0:
-            local.replace(partition, state, new)
-        return
+        return new.position >= 0 and local.replace(partition, state, new)
     if new.position == old.position:
-        return  # nothing was read: the file is already this state
+        return True  # nothing was read: the file is already this state
     changes = []
     for composite in touched:
         namespace, _, key = composite.partition(SEP)
         changes.append((namespace, key, state.get(namespace, {}).get(key)))
-    local.write(partition, changes, new)
+    return local.write(partition, changes, new)

@@ -37,8 +37,9 @@ from prometheus_client import Counter
 
 from diana.clients import kafka_consumer, kafka_producer
 from diana.config import KafkaConfig
-from diana.stream_apps.local_state import Checkpoint, LocalStates, now_ms
+from diana.stream_apps.local_state import Checkpoint, LocalStateError, LocalStates, now_ms
 from diana.stream_apps.state_restore import GiveUp, restore_partitions
+from diana.stream_apps.state_store import StateStore
 
 __all__ = ["Batch", "GiveUp", "Handler", "TransactionalLoop", "LoopSettings"]
 
@@ -100,23 +101,7 @@ class Handler(Protocol):
         """Process one input message inside the current transaction."""
 
 
-class _Store:
-    """Committed state: partition -> namespace -> key -> JSON value."""
-
-    def __init__(self) -> None:
-        self.partitions: dict[int, dict[str, dict[str, Any]]] = {}
-
-    def apply(self, partition: int, composite_key: str, value: Any) -> None:
-        """One changelog record (None: a deletion) applied to the partition's state."""
-        namespace, _, key = composite_key.partition(_SEP)
-        self.set(partition, namespace, key, value)
-
-    def set(self, partition: int, namespace: str, key: str, value: Any) -> None:
-        space = self.partitions.setdefault(partition, {}).setdefault(namespace, {})
-        if value is None:
-            space.pop(key, None)
-        else:
-            space[key] = value
+_Store = StateStore  # committed state (state_store.py)
 
 
 class Batch:
@@ -149,7 +134,7 @@ class Batch:
             return None
         if value is not None:
             return value
-        return self._store.partitions.get(partition, {}).get(namespace, {}).get(key)
+        return self._store.get(partition, namespace, key)
 
     def put(self, partition: int, namespace: str, key: str, value: Any) -> None:
         self._change(partition, namespace, key, value)
@@ -213,9 +198,8 @@ class Batch:
     def write_changelog(self) -> None:
         """Each key changed in this batch, once, with its final value (None: deleted)."""
         for (partition, namespace), changes in self._pending.items():
-            committed = self._store.partitions.get(partition, {}).get(namespace, {})
             for key, value in changes.items():
-                if value is _DELETED and key not in committed:
+                if value is _DELETED and self._store.get(partition, namespace, key) is None:
                     continue  # created and deleted within the batch, or never there
                 text = None if value is _DELETED else json.dumps(value, separators=(",", ":"))
                 self._producer.produce(
@@ -249,7 +233,8 @@ class Batch:
     def items(self, partition: int, namespace: str) -> Iterator[tuple[str, Any]]:
         """The namespace's entries as this batch sees them, without copying the committed ones
         (this runs for every instance: a copy of every open series each time was most of its cost).
-        Do not change the namespace while iterating."""
+        Do not change the namespace while iterating. Not for a cold namespace (state_store.py): most
+        of it is on disk only."""
         pending = self._pending.get((partition, namespace), {})
         for key, value in self._store.partitions.get(partition, {}).get(namespace, {}).items():
             if key not in pending:
@@ -292,6 +277,9 @@ class LoopSettings:
     # The worker's own folder of local state files (one per partition, local_state.py); None: none
     # kept, every assignment reads the whole changelog.
     state_dir: Path | None = None
+    # Namespaces kept on local disk only once in the file, read on demand (state_store.py): what
+    # grows with the archive and is read rarely. Only with a state_dir.
+    cold_namespaces: frozenset[str] = frozenset()
 
     @property
     def call_timeout_s(self) -> float:
@@ -309,8 +297,12 @@ class TransactionalLoop:
         self.settings = settings
         self.handler = handler
         self.every_second = every_second
-        self.store = _Store()
-        self.local = LocalStates(settings.state_dir, settings.changelog) if settings.state_dir else None
+        self.local = (
+            LocalStates(settings.state_dir, settings.changelog, settings.cold_namespaces)
+            if settings.state_dir
+            else None
+        )
+        self.store = StateStore(self.local, settings.cold_namespaces)
         self.running = True
         consumer_settings: dict[str, Any] = {
             "enable.auto.commit": False,
@@ -353,7 +345,7 @@ class TransactionalLoop:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for partition in sorted({tp.partition for tp in partitions}):
-            self.store.partitions.pop(partition, None)
+            self.store.drop(partition)
             self.handler.partition_stopped(partition)
             if self.local is not None:
                 self.local.close(partition)
@@ -390,7 +382,8 @@ class TransactionalLoop:
 
     def _restore(self, partitions: list[int]) -> None:
         """Rebuild the state of ``partitions``: local file plus changelog tail, or the whole changelog."""
-        restore_partitions(
+        self.store.backed.difference_update(partitions)
+        report = restore_partitions(
             self.settings.kafka,
             self.settings.group_id,
             self.settings.changelog,
@@ -400,6 +393,7 @@ class TransactionalLoop:
             self.settings.give_up_after_s,
             self._still_running,
         )
+        self.store.backed.update(p for p in report.backed if p in partitions)
 
     # -- the loop ---------------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
@@ -470,7 +464,7 @@ class TransactionalLoop:
             )
         log.error("consumer.fatal", reason=str(error), action="joining the group again with a new consumer")
         for partition in sorted(self.store.partitions):
-            self.store.partitions.pop(partition, None)
+            self.store.drop(partition)
             self.handler.partition_stopped(partition)
             if self.local is not None:
                 self.local.close(partition)
@@ -526,7 +520,8 @@ class TransactionalLoop:
                 self.local.suspend(partition, "the delivery reports of its changelog records are missing")
                 continue
             checkpoint = Checkpoint(batch.last_offset[partition] + 1, began_ms)
-            self.local.write(partition, batch.encoded.get(partition, []), checkpoint, encoded=True)
+            if self.local.write(partition, batch.encoded.get(partition, []), checkpoint, encoded=True):
+                self.store.evict(partition)  # committed and in the file: cold entries leave memory
 
     def _handle_one(self, batch: Batch, message: Message) -> None:
         """Handle one message; if that raises (anything but the broker's own errors), the message
@@ -534,7 +529,9 @@ class TransactionalLoop:
         same transaction, and the worker goes on with the next one."""
         try:
             self.handler.handle(batch, message)
-        except (KafkaException, BufferError, _Stopped):
+        except (KafkaException, BufferError, _Stopped, LocalStateError):
+            # LocalStateError: a cold entry could not be read from the local file; a dead letter
+            # would lose the event, so the worker exits and its restart restores the whole state.
             raise
         except Exception as exc:
             batch.message_failed()

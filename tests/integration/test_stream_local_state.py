@@ -17,6 +17,7 @@ import json
 import re
 import shutil
 import sqlite3
+import urllib.request
 import uuid
 from collections import defaultdict
 from contextlib import closing
@@ -244,6 +245,103 @@ def test_a_restart_reads_only_the_tail_and_falls_back_to_the_whole_changelog_whe
         _wait_for(files_equal_changelog, timeout=30, what="the local files equal to the changelog's state")
         _send(cfg, [_event(study, series, PER_SERIES + 2)])
         _wait_for(lambda: _series_count(cfg, changelog, series) == (PER_SERIES + 2, "AMENDED"), what="amended again")
+        assert worker.proc is not None and worker.proc.poll() is None
+    finally:
+        worker.stop()
+
+
+# A series of PER_SERIES instances, completed, then one late instance after its completion: 5 instances
+# (revisions 1-5), the completion (6), the late one (7), its amended completion (8).
+AMENDED_EXACTLY = {
+    "status": "AMENDED",
+    "version": 2,
+    "revision": PER_SERIES + 3,
+    "instance_count": PER_SERIES + 1,
+    "total_bytes": 100 * (PER_SERIES + 1),
+    "min_instance_number": 1,
+    "max_instance_number": PER_SERIES + 1,
+    "verdict": "COMPLETE",
+    "missing_instance_numbers": [],
+}
+
+
+def _disk_reads(web_port: int) -> dict[str, float]:
+    """The worker's diana_stream_state_disk_reads_total by namespace, from its metrics endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.findall(r'^diana_stream_state_disk_reads_total\{namespace="(\w+)"\} (\S+)$', text, re.MULTILINE)
+    return {namespace: float(value) for namespace, value in found}
+
+
+def _series_state(cfg, changelog: str, series: str) -> dict:
+    state, _ = _changelog(cfg, changelog)
+    return next((spaces["series"][series] for spaces in state.values() if series in spaces.get("series", {})), {})
+
+
+def test_a_late_instance_of_a_series_kept_only_on_disk_amends_it_exactly_also_after_a_kill_9(
+    stack, cfg, test_config_file
+):
+    """Completed series, their studies and digests leave memory once in the local file
+    (stream_apps/state_store.py); a late instance reads them back and gives the AMENDED revision the
+    in-memory state gave: every count, the revision number, the verdict, a re-send counted once."""
+    app_id = f"cold-{uuid.uuid4().hex[:8]}"
+    changelog = f"{app_id}-state-changelog"
+    state_dir = TEST_HOME / "aggregates-state"
+    logs = TEST_HOME / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    web_port = port(16077)
+    worker = Worker(
+        test_config_file,
+        logs / f"{app_id}.log",
+        {
+            "DIANA_STREAM_APP_ID": app_id,
+            "DIANA_STREAM_WEB_PORT": str(web_port),
+            "DIANA_STREAM_STATE_DIR": str(state_dir),
+        },
+    )
+    worker.start()
+    try:
+        _wait_for(lambda: worker.lines("partitions.assigned"), what="the worker assigned")
+        admin = kafka_admin(cfg.kafka)
+        _TOPIC_IDS[changelog] = str(admin.describe_topics(TopicCollection([changelog]))[changelog].result(30).topic_id)
+        [folder] = [f for f in state_dir.glob(f"{app_id}-*") if f.is_dir()]
+        study, series_a, series_b = generate_uid(), generate_uid(), generate_uid()
+        events = [_event(study, se, n) for se in (series_a, series_b) for n in range(1, PER_SERIES + 1)]
+        _send(cfg, events)
+        for series in (series_a, series_b):
+            _wait_for(lambda s=series: _series_state(cfg, changelog, s).get("status") == "COMPLETED", what="completed")
+        _wait_for(
+            lambda: _local_state(folder, changelog) == _changelog(cfg, changelog)[0], timeout=30, what="files written"
+        )
+
+        def fields(series: str) -> dict:
+            state = _series_state(cfg, changelog, series)
+            return {k: state.get(k) for k in AMENDED_EXACTLY}
+
+        # 1. A late instance of A and a re-send of A's first: read from disk, amended once, counted once.
+        before = _disk_reads(web_port)
+        _send(cfg, [_event(study, series_a, PER_SERIES + 1), dict(events[0], received_at=datetime.now(UTC))])
+        _wait_for(lambda: fields(series_a) == AMENDED_EXACTLY, what="A amended exactly")
+        after = _disk_reads(web_port)
+        for namespace in ("series", "study", "digest"):
+            assert after.get(namespace, 0) > before.get(namespace, 0), namespace  # it came from the file
+
+        # 2. kill -9 and restart: the restore leaves them on disk; a late instance of B amends it the same way.
+        worker.kill()
+        restored = worker.restart()
+        assert {r["kind"] for r in restored.values()} == {"tail"}
+        [line] = worker.lines("state.restored")[-1:]
+        assert "'series'" not in line and "'digest'" not in line  # not loaded into memory
+        _send(cfg, [_event(study, series_b, PER_SERIES + 1), dict(events[1], received_at=datetime.now(UTC))])
+        _wait_for(lambda: fields(series_b) == AMENDED_EXACTLY, what="B amended exactly after the restart")
+        assert fields(series_a) == AMENDED_EXACTLY  # the re-send of A's second instance counted once
+        state, _ = _changelog(cfg, changelog)
+        [study_state] = [spaces["study"][study] for spaces in state.values() if study in spaces.get("study", {})]
+        assert (study_state["instance_count"], study_state["status"]) == (2 * (PER_SERIES + 1), "AMENDED")
+        assert _disk_reads(web_port).get("series", 0) > 0
+        _wait_for(
+            lambda: _local_state(folder, changelog) == _changelog(cfg, changelog)[0], timeout=30, what="files written"
+        )
         assert worker.proc is not None and worker.proc.poll() is None
     finally:
         worker.stop()

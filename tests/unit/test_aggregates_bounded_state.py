@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from confluent_kafka import Message
 
 from diana.schemas.codec import default_codec
@@ -203,3 +204,48 @@ def test_instance_numbers_of_a_completed_series_are_kept_as_runs_and_a_late_inst
     assert (series["status"], series["verdict"], series["missing_instance_numbers"]) == ("AMENDED", "COMPLETE", [])
     assert (series["instance_numbers"], series["instance_number_runs"]) == ([], [[1, 5]])
     assert (series["min_instance_number"], series["max_instance_number"]) == (1, 5)
+
+
+def test_the_completion_check_walks_the_open_series_only_when_one_may_be_due_and_misses_none():
+    """The handler's floor of open deadlines (open_floor): an instance before it does not walk the open
+    series; a series opened later with an earlier deadline (an instance received out of order), and
+    one put back by a failed message, are completed at their deadlines all the same."""
+    w = Worker()
+    walked = []
+    items = Batch.items
+
+    def counting(self, partition, namespace):
+        walked.append(namespace)
+        return items(self, partition, namespace)
+
+    Batch.items = counting  # type: ignore[method-assign]
+    try:
+        w.feed(_event("8.1", "8.1.1", 1, 10))  # deadline 14
+        walked.clear()
+        w.feed(_event("8.1", "8.1.1", 2, 11))  # deadline 15; watermark 11 < floor 14: no walk
+        w.feed(_event("8.2", "8.2.1", 1, 5))  # out of order: deadline 9, the floor goes down
+        assert walked == []
+        w.feed(_event("8.3", "8.3.1", 1, 12))  # watermark 12 >= 9: walked, 8.2.1 completed
+        assert walked == [OPEN]
+        assert w.space(SERIES_STATE)["8.2.1"]["status"] == "COMPLETED"
+        assert w.space(SERIES_STATE)["8.1.1"]["status"] == "UPDATED"
+
+        # A message whose handling fails after its check completed a series: the loop undoes it
+        # (message_failed), the series is open again, and the next check still finds it due.
+        batch = Batch(w.store, w.producer, CHANGELOG)
+        value = default_codec().encode(INSTANCES.value_schema, _event("8.4", "8.4.1", 1, 16))
+        failing = Message(topic=INSTANCES.name, partition=0, offset=w.offset, value=value, timestamp=(2, 0))
+        w.offset += 1
+        original = w.handler._publish
+        w.handler._publish = lambda *a: (_ for _ in ()).throw(RuntimeError("test"))  # type: ignore[method-assign]
+        try:
+            with pytest.raises(RuntimeError):
+                w.handler.handle(batch, failing)
+        finally:
+            w.handler._publish = original  # type: ignore[method-assign]
+        batch.message_failed()
+        assert w.space(SERIES_STATE)["8.1.1"]["status"] == "UPDATED" and "8.1.1" in w.space(OPEN)
+        w.feed(_event("8.3", "8.3.1", 2, 16))
+        assert w.space(SERIES_STATE)["8.1.1"]["status"] == "COMPLETED"
+    finally:
+        Batch.items = items  # type: ignore[method-assign]
