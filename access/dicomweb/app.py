@@ -31,7 +31,7 @@ from diana.access.dicomweb.qido import QidoError, parameter_name, parse_qido
 from diana.access.dicomweb.stow import StowError, boundary_of, receive_body, response_json, split_parts, store_parts
 from diana.access.dicomweb.wado import frame_bytes, metadata, multipart_dicom, new_boundary
 from diana.access.qr.identifier import IdentifierError, parse_identifier
-from diana.access.qr.index_reader import IndexReader
+from diana.access.qr.index_reader import PAGE, RETRIEVE_PAGE, IndexReader
 from diana.access.qr.response import build_response, header_fields
 from diana.access.qr.retrieve import archive_key
 from diana.producers.ingest import Ingest
@@ -153,7 +153,7 @@ class DicomWeb:
         )
 
     # ------------------------------------------------------------------ WADO-RS
-    def _selected(self, request: Request, source: list[str]) -> list[dict[str, Any]] | Response:
+    def _selected(self, request: Request, source: list[str], page: int = PAGE) -> list[dict[str, Any]] | Response:
         p = request.path_params
         ds = Dataset()
         ds.QueryRetrieveLevel = "IMAGE" if "instance" in p else "SERIES" if "series" in p else "STUDY"
@@ -167,7 +167,7 @@ class DicomWeb:
         except IdentifierError as exc:
             return _error(400, str(exc), "wado")
         try:
-            docs = list(self.reader.documents(query, source, 65535))
+            docs = list(self.reader.documents(query, source, 65535, page))
         except (OSConnectionError, TransportError):
             return _error(503, "the index does not answer; retry later", "wado")
         if not docs:
@@ -178,7 +178,7 @@ class DicomWeb:
         accept = request.headers.get("accept", "*/*")
         if not any(t in accept for t in ("application/dicom", "multipart/related", "*/*")):
             return _error(406, f'only multipart/related; type="application/dicom" is produced, not {accept}', "wado")
-        docs = self._selected(request, ["study_instance_uid", "series_instance_uid", "sop_instance_uid"])
+        docs = self._selected(request, ["study_instance_uid", "series_instance_uid", "sop_instance_uid"], RETRIEVE_PAGE)
         if isinstance(docs, Response):
             return docs
         keys = [key for key in (archive_key(d) for d in docs) if key is not None]

@@ -38,7 +38,6 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import PresentationContext
 
 from diana.schemas.layout import archive_path
-from diana.schemas.uid import is_valid_uid
 from diana.storage import ObjectStore, local_file
 
 __all__ = [
@@ -70,11 +69,11 @@ class ArchivedInstance(Dataset):
 
 def archive_key(doc: dict[str, Any]) -> str | None:
     """The archive key ``<Study>/<Series>/<SOP>.dcm`` of an index document; None when a UID is not a valid UID."""
-    uids = [doc.get("study_instance_uid"), doc.get("series_instance_uid"), doc.get("sop_instance_uid")]
-    if not all(isinstance(u, str) and is_valid_uid(u) for u in uids):
+    uids = (doc.get("study_instance_uid"), doc.get("series_instance_uid"), doc.get("sop_instance_uid"))
+    try:  # archive_path checks the UIDs (once: checking them here first too was 3 % of a WADO-RS series)
+        return archive_path(*uids)
+    except ValueError:
         return None
-    study, series, sop = (str(u) for u in uids)
-    return archive_path(study, series, sop)
 
 
 _original_send_c_store = Association.send_c_store
