@@ -25,7 +25,6 @@ import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -37,6 +36,7 @@ from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import PresentationContext
 
+from diana.access.qr.file_meta import file_meta_uids
 from diana.schemas.layout import archive_path
 from diana.storage import ObjectStore, local_file
 
@@ -163,9 +163,7 @@ def as_archived(archive: ObjectStore, instances: list[dict[str, Any]]) -> list[d
         if key is not None:
             try:
                 with local_file(archive, key) as path:
-                    meta = read_file_meta_info(path)
-                doc["sop_class_uid"] = str(meta.MediaStorageSOPClassUID)
-                doc["transfer_syntax_uid"] = str(meta.TransferSyntaxUID)
+                    doc["sop_class_uid"], doc["transfer_syntax_uid"] = file_meta_uids(path)
             except (OSError, AttributeError, InvalidDicomError):
                 pass  # missing or unreadable: its sub-operation fails and is reported
         out.append(doc)
