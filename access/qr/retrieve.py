@@ -69,10 +69,9 @@ class ArchivedInstance(Dataset):
 
 def archive_key(doc: dict[str, Any]) -> str | None:
     """The archive key ``<Study>/<Series>/<SOP>.dcm`` of an index document; None when a UID is not a valid UID."""
-    uids = (doc.get("study_instance_uid"), doc.get("series_instance_uid"), doc.get("sop_instance_uid"))
     try:  # archive_path checks the UIDs (once: checking them here first too was 3 % of a WADO-RS series)
-        return archive_path(*uids)
-    except ValueError:
+        return archive_path(doc["study_instance_uid"], doc["series_instance_uid"], doc["sop_instance_uid"])
+    except (KeyError, ValueError):
         return None
 
 
