@@ -65,9 +65,9 @@ class _WakingQueue(queue.Queue):
 
 def _ready(self: AssociationSocket) -> bool:
     """``AssociationSocket.ready`` that waits up to ``_WAIT_S`` for data instead of returning at once,
-    on the associations peers open to us and on those we open that were given ``fast_reactor`` (a
-    C-MOVE's sub-association toward its destination); pynetdicom's own on the other ones we open
-    (routing, a collect job's C-FIND and C-MOVE)."""
+    on the associations peers open to us and on those we open that were given ``fast_reactor``;
+    pynetdicom's own on the other ones we open (a C-MOVE's toward its destination, routing, a collect
+    job's C-FIND and C-MOVE)."""
     outgoing = self._assoc.dul.to_provider_queue
     waking = outgoing if isinstance(outgoing, _WakingQueue) else None
     if not self._assoc.is_acceptor and waking is None:
@@ -131,11 +131,10 @@ def fast_reactor(dul: DULServiceProvider) -> None:
     ``to_provider_queue`` is still empty: for an association we accept, before its threads start; for
     one we request, in its DUL thread, which has just taken the A-ASSOCIATE request off that queue.
 
-    On a C-MOVE sub-association (``fast_requestor``) the DUL's 1 ms sleep came twice per C-STORE:
-    before its first PDU went out and before the response was read (docs/PERFORMANCE.md, the C-MOVE
-    floor). Tried there once before and dropped because a response was lost; that was the pause race
-    of pynetdicom's send_c_store (diana/outbound_association.py), fixed since, which needs no sleep
-    to happen."""
+    On an association we open (``fast_requestor``) it is measured, not used: bench.move_floor
+    sends a series to storescp with and without it, and the results were mixed (faster in 8 of 11
+    rounds under load, slower in the 2 least loaded; docs/PERFORMANCE.md, the C-MOVE floor), so
+    C-MOVE sub-associations keep pynetdicom's loop."""
     if _installed:
         dul._run_loop_delay = 0.0
         assert dul.to_provider_queue.empty(), "fast_reactor must run before the association starts"
@@ -143,6 +142,7 @@ def fast_reactor(dul: DULServiceProvider) -> None:
 
 
 def fast_requestor(event: Any) -> None:
-    """``EVT_CONN_OPEN`` handler for an association we open that should get ``fast_reactor`` (a
-    C-MOVE sub-association; with diana/outbound_association.py's handlers, which it needs)."""
+    """``EVT_CONN_OPEN`` handler giving an association we open ``fast_reactor`` (with
+    diana/outbound_association.py's handlers, which it needs); used by bench.move_floor and
+    bench.move_stall ``--fast-reactor``."""
     fast_reactor(event.assoc.dul)

@@ -43,7 +43,6 @@ from diana.access.qr.retrieve import (
 )
 from diana.config import MoveDestination
 from diana.outbound_association import outbound_association_handlers
-from diana.producers import reactor
 from diana.storage import ObjectStore
 
 __all__ = ["QueryRetrieve", "QR_SOP_CLASSES"]
@@ -227,10 +226,7 @@ class QueryRetrieve:
             yield None, None
             return
         resolved = self._resolve(event, "move")
-        # The sub-association's DUL thread waits on its socket instead of sleeping 1 ms per turn
-        # (producers/reactor.py; a no-op in a process that did not install the reactor).
-        handlers = [*outbound_association_handlers(), (evt.EVT_CONN_OPEN, reactor.fast_requestor)]
-        options: dict[str, Any] = {"ae_title": destination.ae_title, "evt_handlers": handlers}
+        options: dict[str, Any] = {"ae_title": destination.ae_title, "evt_handlers": outbound_association_handlers()}
         if isinstance(resolved, Dataset):
             # pynetdicom takes a status only after the destination and a count: one sub-operation, refused.
             # (It opens the sub-association first; Verification is all it proposes.)
