@@ -132,8 +132,8 @@ def fast_reactor(dul: DULServiceProvider) -> None:
     one we request, in its DUL thread, which has just taken the A-ASSOCIATE request off that queue.
 
     On an association we open (``fast_requestor``) it is measured, not used: bench.move_floor
-    sends a series to storescp with and without it, and the results were mixed (faster in 8 of 11
-    rounds under load, slower in the 2 least loaded; docs/PERFORMANCE.md, the C-MOVE floor), so
+    sends a series to storescp with and without it, and the results were mixed (faster in 7 of 11
+    rounds, slower in 3, among them the least loaded; docs/PERFORMANCE.md, the C-MOVE floor), so
     C-MOVE sub-associations keep pynetdicom's loop."""
     if _installed:
         dul._run_loop_delay = 0.0
