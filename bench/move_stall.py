@@ -133,6 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--timeout", type=float, default=10, help="DIMSE timeout: a loop stalled after it (default 10)")
     ap.add_argument("--stock", action="store_true", help="Nagle off only, without the fix (as before it)")
     ap.add_argument(
+        "--fast-reactor",
+        action="store_true",
+        help="with the fix, and the zero-sleep DUL loop a C-MOVE sub-association has (producers/reactor.py)",
+    )
+    ap.add_argument(
         "--service",
         choices=("store", "find"),
         default="store",
@@ -149,6 +154,11 @@ def main(argv: list[str] | None = None) -> None:
     count = _Count()
     logging.getLogger("pynetdicom").addHandler(count)
     handlers = [(evt.EVT_CONN_OPEN, _nagle_off_only)] if args.stock else outbound_association_handlers()
+    if args.fast_reactor:
+        from diana.producers import reactor
+
+        reactor.install()
+        handlers.append((evt.EVT_CONN_OPEN, reactor.fast_requestor))
     stop = threading.Event()
 
     def keep_busy() -> None:
@@ -186,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     stalled = sum(1 for sent in loops if sent < args.objects)
     what = "C-STOREs" if args.service == "store" else "C-FINDs (one association each)"
     print(
-        f"{'stock' if args.stock else 'fixed'}: {stalled} of {len(loops)} loops stalled; {sum(loops)} {what}; "
+        f"{'stock' if args.stock else 'fixed'}{', fast reactor' if args.fast_reactor else ''}: {stalled} of {len(loops)} loops stalled; {sum(loops)} {what}; "
         f"{count.unexpected} responses taken by the reactor thread; {time.monotonic() - started:.0f} s"
     )
 

@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--profile",
         action="store_true",
-        help="py-spy the diana-star process serving C-FIND and WADO-RS during those measures (into --out)",
+        help="py-spy the diana-star process serving C-FIND, C-MOVE and WADO-RS during those measures (into --out)",
     )
     ap.add_argument("--wado-repeats", type=int, default=3, help="WADO-RS series retrievals per server (median kept)")
     ap.add_argument(
@@ -459,7 +459,12 @@ def main(argv: list[str] | None = None) -> int:
         storescp_s = send(ct_files, p["storescp"], "ANY", 1)
         move = {"reference: storescu → storescp": {"s": round(storescp_s, 2), "completed": len(ct_files), "failed": 0}}
         for name, aec, port in (("diana-star", "DIANA", p["diana"]), ("orthanc", "ORTHANC", p["orthanc"])):
+            profiler = Profiler(procs[0].pid, args.out / "profile-c-move.txt")
+            if args.profile and name == "diana-star":
+                profiler.start()
             wall, completed, failed = cmove_series(aec, port, ct["study"], ct["series"][0])
+            if args.profile and name == "diana-star":
+                profiles["c_move_series (receive)"] = profiler.stop()
             move[name] = {"s": round(wall, 2), "completed": completed, "failed": failed}
         for row in move.values():
             row["inst_per_s"] = round(row["completed"] / row["s"], 1)

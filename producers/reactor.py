@@ -32,7 +32,7 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
 
-__all__ = ["install", "fast_reactor"]
+__all__ = ["install", "fast_reactor", "fast_requestor"]
 
 # The longest a turn of the DUL loop waits for incoming data: pynetdicom's own loop delay.
 _WAIT_S = 0.001
@@ -65,17 +65,18 @@ class _WakingQueue(queue.Queue):
 
 def _ready(self: AssociationSocket) -> bool:
     """``AssociationSocket.ready`` that waits up to ``_WAIT_S`` for data instead of returning at once,
-    on the associations peers open to us; pynetdicom's own on the ones we open (a C-MOVE's toward its
-    destination, in the same process), which this was neither made nor tested for."""
-    if not self._assoc.is_acceptor:
+    on the associations peers open to us and on those we open that were given ``fast_reactor``;
+    pynetdicom's own on the other ones we open (a C-MOVE's toward its destination, routing, a collect
+    job's C-FIND and C-MOVE)."""
+    outgoing = self._assoc.dul.to_provider_queue
+    waking = outgoing if isinstance(outgoing, _WakingQueue) else None
+    if not self._assoc.is_acceptor and waking is None:
         return bool(_stock_ready(self))
     sock = self.socket
     if sock is None or self._is_connected is False:
         return False
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True  # TLS may hold decrypted bytes that select cannot see
-    outgoing = self._assoc.dul.to_provider_queue
-    waking = outgoing if isinstance(outgoing, _WakingQueue) else None
     watched: list[Any] = [sock]
     if waking is not None:
         # A put between the loop's look at the queue and this select left the eventfd readable.
@@ -126,9 +127,22 @@ def install() -> None:
 def fast_reactor(dul: DULServiceProvider) -> None:
     """No sleep between the turns of this association's DUL loop, ``ready`` waiting instead (and
     woken by what the association hands the DUL to send); only once ``install`` ran (without it the
-    loop would spin on a zero-timeout check). Called before the association's threads start, while
-    its ``to_provider_queue`` is still empty."""
+    loop would spin on a zero-timeout check). Called on ``EVT_CONN_OPEN``, while the association's
+    ``to_provider_queue`` is still empty: for an association we accept, before its threads start; for
+    one we request, in its DUL thread, which has just taken the A-ASSOCIATE request off that queue.
+
+    On an association we open (``fast_requestor``) it is measured, not used: bench.move_floor
+    sends a series to storescp with and without it, and the results were mixed (faster in 7 of 11
+    rounds, slower in 3, among them the least loaded; docs/PERFORMANCE.md, the C-MOVE floor), so
+    C-MOVE sub-associations keep pynetdicom's loop."""
     if _installed:
         dul._run_loop_delay = 0.0
         assert dul.to_provider_queue.empty(), "fast_reactor must run before the association starts"
         dul.to_provider_queue = _WakingQueue()
+
+
+def fast_requestor(event: Any) -> None:
+    """``EVT_CONN_OPEN`` handler giving an association we open ``fast_reactor`` (with
+    diana/outbound_association.py's handlers, which it needs); used by bench.move_floor and
+    bench.move_stall ``--fast-reactor``."""
+    fast_reactor(event.assoc.dul)

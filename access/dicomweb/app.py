@@ -35,7 +35,7 @@ from diana.access.dicomweb.stow import StowError, boundary_of, receive_body, res
 from diana.access.dicomweb.transcoded import decoded_frames, multipart_explicit_le
 from diana.access.dicomweb.wado import frame_bytes, metadata, multipart_dicom, new_boundary
 from diana.access.qr.identifier import IdentifierError, parse_identifier
-from diana.access.qr.index_reader import IndexReader
+from diana.access.qr.index_reader import PAGE, RETRIEVE_PAGE, IndexReader
 from diana.access.qr.response import build_response, header_fields
 from diana.access.qr.retrieve import archive_key
 from diana.access.transcode import TranscodeError
@@ -158,7 +158,7 @@ class DicomWeb:
         )
 
     # ------------------------------------------------------------------ WADO-RS
-    def _selected(self, request: Request, source: list[str]) -> list[dict[str, Any]] | Response:
+    def _selected(self, request: Request, source: list[str], page: int = PAGE) -> list[dict[str, Any]] | Response:
         p = request.path_params
         ds = Dataset()
         ds.QueryRetrieveLevel = "IMAGE" if "instance" in p else "SERIES" if "series" in p else "STUDY"
@@ -172,7 +172,7 @@ class DicomWeb:
         except IdentifierError as exc:
             return _error(400, str(exc), "wado")
         try:
-            docs = list(self.reader.documents(query, source, 65535))
+            docs = list(self.reader.documents(query, source, 65535, page))
         except (OSConnectionError, TransportError):
             return _error(503, "the index does not answer; retry later", "wado")
         if not docs:
@@ -185,7 +185,9 @@ class DicomWeb:
         except NotAcceptable as exc:
             return _error(406, str(exc), "wado")
         docs = self._selected(
-            request, ["study_instance_uid", "series_instance_uid", "sop_instance_uid", "transfer_syntax_uid"]
+            request,
+            ["study_instance_uid", "series_instance_uid", "sop_instance_uid", "transfer_syntax_uid"],
+            RETRIEVE_PAGE,
         )
         if isinstance(docs, Response):
             return docs

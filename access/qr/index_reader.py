@@ -24,6 +24,9 @@ __all__ = ["IndexReader", "Match", "GROUP_FIELD"]
 
 GROUP_FIELD = {"PATIENT": "patient_id", "STUDY": "study_instance_uid", "SERIES": "series_instance_uid"}
 PAGE = 500
+# Page of a retrieval's instance list (a few UIDs each; under OpenSearch's max_result_window of
+# 10,000): a 1,000-instance series in one request, not three.
+RETRIEVE_PAGE = 5000
 # What is read of OpenSearch's answers (``filter_path``): the rest is not sent.
 _AGGREGATIONS = ["aggregations"]
 _HITS = ["hits.hits._source", "hits.hits.sort"]
@@ -174,18 +177,21 @@ class IndexReader:
 
     def instances(self, query: Query, limit: int) -> list[dict[str, Any]]:
         """The instances a C-MOVE/C-GET of ``query`` sends (at most ``limit``)."""
-        return list(self._scan(query_for(query), RETRIEVE_FIELDS, limit))
+        return list(self._scan(query_for(query), RETRIEVE_FIELDS, limit, RETRIEVE_PAGE))
 
-    def documents(self, query: Query, source: list[str], limit: int) -> Iterator[dict[str, Any]]:
-        """The instance documents matching ``query`` (fields ``source``), in SOP Instance UID order."""
-        return self._scan(query_for(query), source, limit)
+    def documents(self, query: Query, source: list[str], limit: int, page: int = PAGE) -> Iterator[dict[str, Any]]:
+        """The instance documents matching ``query`` (fields ``source``), in SOP Instance UID order,
+        asked ``page`` at a time (RETRIEVE_PAGE for a few small fields each)."""
+        return self._scan(query_for(query), source, limit, page)
 
-    def _scan(self, os_query: dict[str, Any], source: list[str], limit: int) -> Iterator[dict[str, Any]]:
+    def _scan(
+        self, os_query: dict[str, Any], source: list[str], limit: int, page: int = PAGE
+    ) -> Iterator[dict[str, Any]]:
         after = None
         found = 0
         while found < limit:
             body: dict[str, Any] = {
-                "size": min(PAGE, limit - found),
+                "size": min(page, limit - found),
                 "query": os_query,
                 "sort": [{"sop_instance_uid": "asc"}],
                 "_source": source,
@@ -199,4 +205,6 @@ class IndexReader:
             for hit in hits:
                 yield hit.get("_source", {})
             found += len(hits)
+            if len(hits) < body["size"]:
+                return  # a short page is the last: no request that would answer nothing
             after = hits[-1]["sort"]

@@ -3,11 +3,17 @@
 Writes go through diana/durable.py (temp file, fsync, rename, fsync of the folder), so a crash
 leaves the whole object or none. Two writers of one key each rename their own complete temp file
 over it: the last rename wins, whole.
+
+Reads (``open``, ``exists``, ``read_path``) resolve an object's folder once and remember it: resolving
+every key (``realpath``: one ``lstat`` per path component, and pathlib around it) was a quarter of
+the CPU of a WADO-RS series retrieval (docs/PERFORMANCE.md, issue 17). The object's own name is
+then opened without following a symlink, so nothing outside the folder is read through a key.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -24,11 +30,15 @@ from diana.storage.base import IntegrityError, ObjectNotFound, ObjectStore, Stor
 
 __all__ = ["FilesystemStore"]
 
+# Resolved folders remembered for reads (a study's series folders; forgotten all at once past this).
+_FOLDERS = 4096
+
 
 class FilesystemStore:
     def __init__(self, root: Path):
         # Created by the first put (durable.py makes each folder it needs), not by a reader.
         self.root = Path(root).resolve()
+        self._folders: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"FilesystemStore({str(self.root)!r})"
@@ -36,6 +46,18 @@ class FilesystemStore:
     def path(self, key: str) -> Path:
         """The file that holds ``key`` (for callers that can use a local file directly)."""
         return contained_path(self.root, check_key(key))
+
+    def read_path(self, key: str) -> str:
+        """The file that holds ``key``, for reading: its folder resolved (and checked to be under the
+        root) once, then remembered; the name itself is not resolved (``open`` refuses a symlink there)."""
+        folder, _, name = check_key(key).rpartition("/")
+        parent = self._folders.get(folder)
+        if parent is None:
+            parent = str(contained_path(self.root, folder)) if folder else str(self.root)
+            if len(self._folders) >= _FOLDERS:
+                self._folders.clear()
+            self._folders[folder] = parent
+        return os.path.join(parent, name)
 
     def uri(self, key: str) -> str:
         return self.path(key).as_uri()
@@ -64,12 +86,17 @@ class FilesystemStore:
 
     def open(self, key: str) -> AbstractContextManager[BinaryIO]:
         try:
-            return open(self.path(key), "rb")
+            fd = os.open(self.read_path(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ObjectNotFound(f"no object {key}") from None
+        return os.fdopen(fd, "rb")
 
     def exists(self, key: str) -> bool:
-        return self.path(key).is_file()
+        """True when ``key`` is a regular file that ``open`` would read (a symlink is not)."""
+        try:
+            return stat.S_ISREG(os.lstat(self.read_path(key)).st_mode)
+        except FileNotFoundError:
+            return False
 
     def size(self, key: str) -> int:
         try:
