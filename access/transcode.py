@@ -64,7 +64,7 @@ def decompressed(ds: Dataset) -> Dataset:
     if not syntax.is_compressed:
         return ds
     if "PixelData" not in ds:
-        raise TranscodeError(f"{syntax.name}: no pixel data to decode")
+        return ds  # nothing encapsulated: the data set is the same in any syntax
     size = decoded_size(ds)
     if size > MAX_DECODED_BYTES:
         raise TranscodeError(
@@ -89,10 +89,13 @@ def explicit_little_endian(ds: Dataset) -> Dataset:
     syntax = UID(ds.file_meta.TransferSyntaxUID)
     if syntax == ExplicitVRLittleEndian:
         return ds
-    if syntax.is_compressed:
-        return decompressed(ds)
+    # Every value decoded in the encoding it was read in before that changes: some files' data sets are
+    # not in their meta's syntax (pydicom reads SC_rgb_jpeg.dcm's as implicit VR), and an element left
+    # raw would then be written without a VR.
     for element in ds.iterall():
-        _ = element.value  # decode every value in the stored byte order before the encoding changes
+        _ = element.value
+    if syntax.is_compressed:
+        decompressed(ds)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.set_original_encoding(False, True)
     return ds

@@ -68,10 +68,18 @@ def _object_parts(archive: ObjectStore, key: str, head: bytes, counts: _Counts) 
     try:
         ds = explicit_little_endian(dcmread(BytesIO(whole)))
         out = BytesIO()
-        ds.save_as(out, enforce_file_format=True)
+        try:
+            ds.save_as(out, enforce_file_format=True)
+        except AttributeError:  # a file meta group without its required elements, as stored: kept so
+            out = BytesIO()
+            ds.save_as(out, enforce_file_format=False)
     except (TranscodeError, InvalidDicomError) as exc:
         counts.undecodable += 1
         log.warning("wado.not_decodable", reason=str(exc))
+        return
+    except Exception as exc:  # one odd object must not cut the body short for every object after it
+        counts.undecodable += 1
+        log.warning("wado.not_convertible", error=type(exc).__name__)  # no message: it may quote a value
         return
     counts.sent += 1
     yield head + out.getvalue() + b"\r\n"
