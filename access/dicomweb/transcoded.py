@@ -20,12 +20,18 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import ExplicitVRLittleEndian
 
-from diana.access.transcode import TranscodeError, decoded_size, decoder_reason, explicit_little_endian
+from diana.access.dicomweb.wado import BLOCK, frame_count
+from diana.access.transcode import (
+    MAX_DECODED_BYTES,
+    TranscodeError,
+    decoded_size,
+    decoder_reason,
+    explicit_little_endian,
+)
 from diana.storage import ObjectNotFound, ObjectStore
 
 __all__ = ["decoded_frames", "multipart_explicit_le"]
 
-BLOCK = 4 << 20  # bytes handed to the event loop per worker-thread call, as in wado.py
 # The file meta group ends within this many bytes in any object seen; a longer one is read whole.
 _META_PREFIX = 64 << 10
 
@@ -122,12 +128,9 @@ def decoded_frames(path: Path, numbers: list[int]) -> list[bytes]:
     from pydicom.pixels import pixel_array
 
     ds = dcmread(path, stop_before_pixels=True)
-    count = int(ds.get("NumberOfFrames", 1) or 1)
-    bad = [n for n in numbers if not 1 <= n <= count]
-    if bad:
-        raise IndexError(f"frame {bad[0]} does not exist: the object has {count} frame(s)")
-    if decoded_size(ds) // count * len(numbers) > 1 << 30:
-        raise TranscodeError("the frames asked for would take more than 1 GiB decoded")
+    count = frame_count(ds, numbers)
+    if decoded_size(ds) // count * len(numbers) > MAX_DECODED_BYTES:
+        raise TranscodeError(f"the frames asked for would take more than {MAX_DECODED_BYTES >> 20} MiB decoded")
     frames = []
     for number in numbers:
         try:

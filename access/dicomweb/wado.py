@@ -22,7 +22,7 @@ import structlog
 from diana.schemas.series_metadata import absolute_bulk_uris
 from diana.storage import ObjectNotFound, ObjectStore
 
-__all__ = ["multipart_dicom", "metadata", "new_boundary", "frame_bytes"]
+__all__ = ["multipart_dicom", "metadata", "new_boundary", "frame_bytes", "frame_count"]
 
 # One worker-thread call reads about this much of the body (boundaries and as many objects as fit):
 # one thread hop and one ASGI send per block, not three hops and three sends per object. Each hop
@@ -152,6 +152,15 @@ def metadata(documents: Iterator[dict[str, Any]], base: str) -> Iterator[bytes]:
     yield b"]"
 
 
+def frame_count(ds: Any, numbers: list[int]) -> int:
+    """The object's number of frames; IndexError naming the first of ``numbers`` (1-based) it does not have."""
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    bad = [n for n in numbers if not 1 <= n <= count]
+    if bad:
+        raise IndexError(f"frame {bad[0]} does not exist: the object has {count} frame(s)")
+    return count
+
+
 def frame_bytes(path: Path, numbers: list[int]) -> list[bytes]:
     """The frames (1-based) of an archived object: native pixel data sliced, encapsulated frames as stored."""
     import pydicom
@@ -160,10 +169,7 @@ def frame_bytes(path: Path, numbers: list[int]) -> list[bytes]:
     ds = pydicom.dcmread(path)
     if "PixelData" not in ds:
         raise LookupError("the object has no pixel data")
-    count = int(ds.get("NumberOfFrames", 1) or 1)
-    bad = [n for n in numbers if not 1 <= n <= count]
-    if bad:
-        raise IndexError(f"frame {bad[0]} does not exist: the object has {count} frame(s)")
+    count = frame_count(ds, numbers)
     if ds.file_meta.TransferSyntaxUID.is_compressed:
         frames = list(generate_frames(ds.PixelData, number_of_frames=count))
         return [frames[n - 1] for n in numbers]

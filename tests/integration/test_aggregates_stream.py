@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from collections import defaultdict
+from functools import partial
 
 from opensearchpy.exceptions import NotFoundError
 from pydicom.uid import generate_uid
@@ -26,16 +27,10 @@ from tests.support.helpers import (
     wait_until_caught_up,
 )
 from tests.support.paths import port
+from tests.support.stream_events import wait_for
 
-
-def _wait_for(check, timeout: float = 90.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+# This file's waits: 90 s unless said, asked twice a second.
+_wait_for = partial(wait_for, timeout=90.0, interval=0.5)
 
 
 def _series_docs(cfg, study_uid: str) -> dict[str, dict]:

@@ -23,14 +23,14 @@ from tests.support.paths import REPO
 T = TypeVar("T")
 
 
-def wait_for(check: Callable[[], T], timeout: float = 120.0, what: str = "condition") -> T:
-    """``check()``'s first truthy result, asked once a second; AssertionError naming ``what`` after ``timeout``."""
+def wait_for(check: Callable[[], T], timeout: float = 120.0, what: str = "condition", interval: float = 1.0) -> T:
+    """``check()``'s first truthy result, asked every ``interval`` s; AssertionError naming ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = check()
         if result:
             return result
-        time.sleep(1.0)
+        time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
 
 
