@@ -15,6 +15,7 @@ nobody mistakes the decoded pixels for an original.
 
 from __future__ import annotations
 
+from prometheus_client import Counter
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit
 
@@ -36,6 +37,15 @@ MAX_DECODED_BYTES = 1 << 30
 # either, and only the creator's Lossy Image Compression says which.
 _ALWAYS_LOSSY = {JPEGBaseline8Bit, JPEGExtended12Bit}
 _LOSSY_METHOD = {JPEGBaseline8Bit: "ISO_10918_1", JPEGExtended12Bit: "ISO_10918_1"}
+
+
+# Served by whichever service decodes (`diana serve`, `diana route`): how often peers and clients make it
+# decode, and how often an object could not be, by stored syntax.
+DECODED = Counter(
+    "diana_decoded_objects_total",
+    "Compressed objects decoded to Explicit VR Little Endian for a peer or client without their syntax",
+    ["syntax", "outcome"],
+)
 
 
 class TranscodeError(ValueError):
@@ -67,6 +77,7 @@ def decompressed(ds: Dataset) -> Dataset:
         return ds  # nothing encapsulated: the data set is the same in any syntax
     size = decoded_size(ds)
     if size > MAX_DECODED_BYTES:
+        DECODED.labels(syntax.name, "refused").inc()
         raise TranscodeError(
             f"{syntax.name}: decoded it would take {size >> 20} MiB, over the limit of {MAX_DECODED_BYTES >> 20}"
         )
@@ -75,11 +86,13 @@ def decompressed(ds: Dataset) -> Dataset:
         # makes a new one, which would leave the receiver with an object nobody sent).
         ds.decompress(generate_instance_uid=False)
     except Exception as exc:  # pydicom raises RuntimeError, ValueError, NotImplementedError... by plugin
+        DECODED.labels(syntax.name, "not_decodable").inc()
         raise TranscodeError(f"{syntax.name}: not decodable here ({decoder_reason(exc)})") from exc
     if syntax in _ALWAYS_LOSSY and ds.get("LossyImageCompression") != "01":
         ds.LossyImageCompression = "01"
         ds.LossyImageCompressionMethod = _LOSSY_METHOD[syntax]
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    DECODED.labels(syntax.name, "decoded").inc()
     return ds
 
 

@@ -17,10 +17,10 @@ import anyio
 import structlog
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import ExplicitVRLittleEndian
 
 from diana.access.dicomweb.wado import BLOCK, frame_count
+from diana.access.qr.file_meta import transfer_syntax_in
 from diana.access.transcode import (
     MAX_DECODED_BYTES,
     TranscodeError,
@@ -42,24 +42,12 @@ class _Counts:
     sent = missing = undecodable = 0
 
 
-def _stored_syntax(prefix: bytes) -> str | None:
-    """The transfer syntax in the file meta group at the start of ``prefix`` (InvalidDicomError without one).
-
-    pydicom's public reader of the meta group takes only a path; objects come from a store as a stream."""
-    fp = BytesIO(prefix)
-    read_preamble(fp, False)
-    return _read_file_meta_info(fp).get("TransferSyntaxUID")
-
-
 def _object_parts(archive: ObjectStore, key: str, head: bytes, counts: _Counts) -> Iterator[bytes]:
     """The part of one object (head, Explicit VR Little Endian bytes, CRLF); nothing when it cannot be sent."""
     try:
         with archive.open(key) as stream:
             prefix = stream.read(_META_PREFIX)
-            try:
-                syntax = _stored_syntax(prefix)
-            except (InvalidDicomError, EOFError, OSError, ValueError, AttributeError):
-                syntax = None  # meta past the prefix, or no meta: read whole below
+            syntax = transfer_syntax_in(prefix)  # None (meta past the prefix, or no meta): read whole below
             if syntax == ExplicitVRLittleEndian:
                 counts.sent += 1
                 yield head + prefix

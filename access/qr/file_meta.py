@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydicom.filereader import read_file_meta_info
 
-__all__ = ["file_meta_uids"]
+__all__ = ["file_meta_uids", "transfer_syntax_in"]
 
 # What is read of the file: the preamble, "DICM" and a file meta group of ordinary size.
 _HEAD = 2048
@@ -31,7 +31,8 @@ class _Unexpected(Exception):
     pass
 
 
-def _walk(head: bytes) -> tuple[str, str]:
+def _walk(head: bytes) -> dict[int, str]:
+    """The SOP class and transfer syntax UIDs found in the file meta group at the start of ``head``."""
     if head[128:132] != b"DICM":
         raise _Unexpected
     found: dict[int, str] = {}
@@ -56,9 +57,16 @@ def _walk(head: bytes) -> tuple[str, str]:
                 raise _Unexpected
             found[element] = head[pos : pos + length].rstrip(b"\x00 ").decode("ascii")
         pos += length
-    if not found.get(_SOP_CLASS) or not found.get(_TRANSFER_SYNTAX):
-        raise _Unexpected
-    return found[_SOP_CLASS], found[_TRANSFER_SYNTAX]
+    return found
+
+
+def transfer_syntax_in(head: bytes) -> str | None:
+    """The Transfer Syntax UID of the file meta group at the start of ``head`` (a file's first bytes);
+    None when ``head`` does not hold one whole (no "DICM", no such element, a group longer than ``head``)."""
+    try:
+        return _walk(head).get(_TRANSFER_SYNTAX) or None
+    except (_Unexpected, UnicodeDecodeError, struct.error):
+        return None
 
 
 def file_meta_uids(path: Path | str) -> tuple[str, str]:
@@ -69,7 +77,10 @@ def file_meta_uids(path: Path | str) -> tuple[str, str]:
     with open(path, "rb") as fh:
         head = fh.read(_HEAD)
     try:
-        return _walk(head)
+        found = _walk(head)
+        if not found.get(_SOP_CLASS) or not found.get(_TRANSFER_SYNTAX):
+            raise _Unexpected
+        return found[_SOP_CLASS], found[_TRANSFER_SYNTAX]
     except (_Unexpected, UnicodeDecodeError, struct.error):
         meta = read_file_meta_info(path)
         return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)

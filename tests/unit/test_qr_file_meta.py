@@ -9,7 +9,7 @@ from pydicom.data import get_testdata_files
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
-from diana.access.qr.file_meta import file_meta_uids
+from diana.access.qr.file_meta import file_meta_uids, transfer_syntax_in
 
 
 def _pydicom_uids(path: str) -> tuple[str, str] | type[Exception]:
@@ -53,3 +53,26 @@ def test_implicit_vr_meta_group_is_left_to_pydicom(tmp_path: Path) -> None:
     else:
         with pytest.raises(expected):
             file_meta_uids(path)
+
+
+def test_transfer_syntax_in_a_files_first_bytes_is_pydicoms_or_none() -> None:
+    """WADO-RS (dicomweb/transcoded.py) reads the syntax from a stream's first 64 KiB: it must never
+    name another syntax than pydicom's; None sends the object through the whole-object path instead."""
+    named = 0
+    for path in get_testdata_files("*"):
+        if Path(path).is_dir():
+            continue
+        with open(path, "rb") as fh:
+            head = fh.read(64 << 10)
+        found = transfer_syntax_in(head)
+        try:
+            expected = read_file_meta_info(path).get("TransferSyntaxUID")
+        except (OSError, InvalidDicomError):
+            expected = None
+        if found is not None:
+            assert found == expected, path
+            named += 1
+        assert transfer_syntax_in(head[:140]) is None, path  # the group cut short before its syntax
+    assert named > 50
+    assert transfer_syntax_in(b"") is None
+    assert transfer_syntax_in(b"\x00" * 128 + b"DICX" + b"\x02\x00\x10\x00UI\x04\x001.2\x00") is None

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian
 
 from diana.access.transcode import TranscodeError, decompressed
+
+
+def _decoded_count(syntax: str, outcome: str) -> float:
+    return REGISTRY.get_sample_value("diana_decoded_objects_total", {"syntax": syntax, "outcome": outcome}) or 0.0
 
 
 def _read(name: str):
@@ -41,7 +46,9 @@ def test_lossless_syntaxes_decode_to_the_original_pixels_and_keep_the_uid(compre
 def test_a_jpeg_baseline_image_says_it_was_lossy_compressed():
     ds = _read("SC_rgb_jpeg_dcmtk.dcm")
     ds.pop("LossyImageCompression", None)
+    before = _decoded_count("JPEG Baseline (Process 1)", "decoded")
     out = decompressed(ds)
+    assert _decoded_count("JPEG Baseline (Process 1)", "decoded") == before + 1  # the Prometheus counter
     assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert out.LossyImageCompression == "01" and out.LossyImageCompressionMethod == "ISO_10918_1"
     assert out.PhotometricInterpretation == "RGB"  # YBR belongs to the compressed form
@@ -57,8 +64,10 @@ def test_uncompressed_objects_are_returned_as_they_are():
 def test_a_damaged_stream_is_a_transcode_error_not_a_crash():
     ds = _read("SC_rgb_jpeg_dcmtk.dcm")
     ds.PixelData = encapsulate([b"\xff\xd8\xff\xe0 not a jpeg"])
+    before = _decoded_count("JPEG Baseline (Process 1)", "not_decodable")
     with pytest.raises(TranscodeError, match="JPEG Baseline.*not decodable"):
         decompressed(ds)
+    assert _decoded_count("JPEG Baseline (Process 1)", "not_decodable") == before + 1
 
 
 def test_an_object_decoding_past_the_limit_is_refused_before_decoding():
