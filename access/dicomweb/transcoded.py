@@ -112,10 +112,15 @@ async def multipart_explicit_le(archive: ObjectStore, keys: list[str], boundary:
 
 
 def decoded_frames(path: Path, numbers: list[int]) -> list[bytes]:
-    """Frames (1-based) of a compressed or big endian object as native little endian pixels, decoded one by one."""
+    """Frames (1-based) of a compressed or big endian object as native little endian pixels, decoded one by one.
+
+    LookupError when the object has no pixel data, IndexError for a frame it does not have, TranscodeError
+    when a frame cannot be decoded here."""
     from pydicom.pixels import pixel_array
 
-    ds = dcmread(path, stop_before_pixels=True)
+    ds = dcmread(path, defer_size=1024)  # large values (the pixel data) left on disk until read
+    if "PixelData" not in ds:
+        raise LookupError("the object has no pixel data")  # as from wado.frame_bytes: 404 either way
     count = frame_count(ds, numbers)
     if decoded_size(ds) // count * len(numbers) > MAX_DECODED_BYTES:
         raise TranscodeError(f"the frames asked for would take more than {MAX_DECODED_BYTES >> 20} MiB decoded")

@@ -42,3 +42,23 @@ def test_every_pydicom_test_file_is_sent_explicit_little_endian_or_counted():
     assert len(files) > 60
     assert sent == counts.sent and counts.sent + counts.undecodable == len(files)
     assert counts.undecodable <= 5  # JPEG Extended 12-bit, damaged JPEG 2000 files
+
+
+def test_frames_of_a_compressed_object_without_pixel_data_are_not_found_as_on_the_as_stored_path(tmp_path: Path):
+    """Both frame paths answer 404 (LookupError) for an object without pixel data, not 406 on one of them."""
+    import pytest
+    from pydicom.data import get_testdata_file
+
+    from diana.access.dicomweb.transcoded import decoded_frames
+    from diana.access.dicomweb.wado import frame_bytes
+
+    source = get_testdata_file("MR_small_RLE.dcm")
+    assert source is not None
+    ds = pydicom.dcmread(source)
+    del ds.PixelData
+    path = tmp_path / "no-pixels.dcm"
+    ds.save_as(path)
+    for read in (frame_bytes, decoded_frames):
+        with pytest.raises(LookupError, match="no pixel data"):
+            read(path, [1])
+    assert len(decoded_frames(Path(source), [1])[0]) == 64 * 64 * 2  # with pixel data: one native frame
