@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.pipeline_steps import reindex_instances
 from bench.profile import Profiler
 from tests.support.dicomgen import SeriesSpec, make_study
 
@@ -359,23 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         # Re-index the whole instance topic with a fresh consumer.
         events = len(files) * 2
         t0 = time.monotonic()
-        rx = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "diana.cli",
-                "--config",
-                str(config),
-                "reindex",
-                "--kinds",
-                "instances",
-                "--no-progress",
-            ],
-            cwd=REPO,
-            env=bench_env(config),
-            capture_output=True,
-            text=True,
-        )
+        rx = reindex_instances(config, bench_env(config))
         if rx.returncode != 0:
             raise RuntimeError(rx.stderr[-2000:])
         reindex_s = time.monotonic() - t0

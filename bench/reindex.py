@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.ingest import REPO, _proc_stats, corpus
+from bench.pipeline_steps import produce_instance_event
 from bench.profile import Profiler, summarise_folded
 
 STUDY_SIZE = 200
@@ -105,22 +106,13 @@ def fill(cfg: Any, templates: list[dict[str, Any]], n: int) -> int:
     """Produce ``n`` events to dicom.instances; return their total size in bytes."""
     from diana.clients import kafka_producer
     from diana.schemas.codec import default_codec
-    from diana.schemas.topics import INSTANCES
 
     codec = default_codec()
     producer = kafka_producer(cfg.kafka, {"acks": "all", "linger.ms": 20, "batch.size": 1_000_000})
     size = 0
     for i in range(n):
         event = numbered(templates[i % len(templates)], i)
-        value = codec.encode(INSTANCES.value_schema, event)
-        size += len(value)
-        while True:
-            try:
-                producer.produce(INSTANCES.name, key=event["study_instance_uid"].encode(), value=value)
-                break
-            except BufferError:
-                producer.poll(0.1)
-        producer.poll(0)
+        size += produce_instance_event(producer, codec, event)
     if producer.flush(120) > 0:
         raise RuntimeError("events not acknowledged")
     return size

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.ingest import DCMTK
+from bench.pipeline_steps import produce_instance_event
 from tests.support.dicomgen import make_instance
 
 __all__ = ["write_fillers", "produce_filler_events", "send_folders"]
@@ -99,7 +100,6 @@ def produce_filler_events(cfg: Any, root: Path) -> tuple[int, float]:
     from diana.clients import kafka_producer
     from diana.producers.header import read_header
     from diana.schemas.codec import default_codec
-    from diana.schemas.topics import INSTANCES
 
     t0 = time.monotonic()
     template = _template()
@@ -147,14 +147,7 @@ def produce_filler_events(cfg: Any, root: Path) -> tuple[int, float]:
             "sha256": hashlib.sha256(data).hexdigest(),
             "received_at": received_at,
         }
-        value = codec.encode(INSTANCES.value_schema, event)
-        while True:
-            try:
-                producer.produce(INSTANCES.name, key=event["study_instance_uid"].encode(), value=value)
-                break
-            except BufferError:
-                producer.poll(0.1)
-        producer.poll(0)
+        produce_instance_event(producer, codec, event)
         count += 1
     if producer.flush(120) > 0:
         raise RuntimeError("filler events not acknowledged")

@@ -1,0 +1,36 @@
+"""Steps several benches take the same way: an InstanceArrived event produced without dropping it
+when the client's queue is full, and `diana reindex` of the instance topic run to its end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["produce_instance_event", "reindex_instances"]
+
+_REPO = Path(__file__).resolve().parents[1]  # the tree whose `diana` the reindex runs
+
+
+def produce_instance_event(producer: Any, codec: Any, event: dict[str, Any]) -> int:
+    """``event`` encoded and handed to ``producer`` (keyed by study, as the receiver does); its size.
+
+    A full local queue (BufferError) is waited out by serving delivery reports, not dropped."""
+    from diana.schemas.topics import INSTANCES
+
+    value = codec.encode(INSTANCES.value_schema, event)
+    while True:
+        try:
+            producer.produce(INSTANCES.name, key=event["study_instance_uid"].encode(), value=value)
+            break
+        except BufferError:
+            producer.poll(0.1)
+    producer.poll(0)
+    return len(value)
+
+
+def reindex_instances(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`diana reindex --kinds instances` with ``config``, run to its end (output captured)."""
+    command = [sys.executable, "-m", "diana.cli", "--config", str(config), "reindex", "--kinds", "instances"]
+    return subprocess.run([*command, "--no-progress"], cwd=_REPO, env=env, capture_output=True, text=True)
