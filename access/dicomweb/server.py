@@ -56,6 +56,8 @@ def run_dicomweb(config: Config, app: Starlette, authenticated: bool) -> None:
     """Serve ``app`` (from dicomweb_app) until SIGINT/SIGTERM (uvicorn handles them)."""
     web = config.dicomweb
     log.info("dicomweb.listening", url=base_url(config), authentication=authenticated, cors=list(web.cors_origins))
+    # HTTP parser and event loop left to uvicorn's "auto": httptools and uvloop, installed with diana-star
+    # (setup.cfg), where the platform has them; its pure-Python h11 and asyncio elsewhere.
     uvicorn.run(
         app,
         host=web.host,
