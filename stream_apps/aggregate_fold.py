@@ -106,7 +106,12 @@ def _judge(series: dict) -> None:
     )
 
 
-def event_time_ms(received_at: datetime, broker_timestamp: tuple[int, int]) -> int:
+def _event_ms(received_at: datetime | int) -> int:
+    """``received_at`` in ms: the worker's decoder gives ms already (FieldDecoder), the codec a datetime."""
+    return received_at if isinstance(received_at, int) else to_ms(received_at)
+
+
+def event_time_ms(received_at: datetime | int, broker_timestamp: tuple[int, int]) -> int:
     """An event's time: the receiver's ``received_at``, but never later than the broker's timestamp.
 
     dicom.instances is a LogAppendTime topic (schemas/topics.py): the broker stamps each event as
@@ -115,19 +120,24 @@ def event_time_ms(received_at: datetime, broker_timestamp: tuple[int, int]) -> i
     the same times. (On a topic left at CreateTime the stamp is the producer's clock, and this
     bound is only as good as that clock.)
     """
-    at = to_ms(received_at)
+    at = _event_ms(received_at)
     _, stamp = broker_timestamp
     return min(at, stamp) if stamp > 0 else at
 
 
-def apply_instance(series: dict | None, study: dict | None, event: dict, quiet: QuietTimes) -> tuple[dict, dict]:
+def apply_instance(
+    series: dict | None, study: dict | None, event: dict, quiet: QuietTimes, at: int | None = None
+) -> tuple[dict, dict]:
     """Fold one new instance into its series and study (pure; JSON-able dicts, times in ms).
+
+    ``at``: the event's time in ms (event_time_ms); None: its ``received_at``.
 
     An instance of a series already completed is counted at once, but the series' new version
     (AMENDED) is made only when it is quiet again (complete_series): a burst of late instances
     gives one amended version per quiet period, not one per instance.
     """
-    at = to_ms(event["received_at"])
+    if at is None:
+        at = _event_ms(event["received_at"])
     series = dict(series) if series else _new_series(event, at, quiet.for_modality(event.get("modality")))
     if series.get("instance_number_runs"):  # compacted at completion (compact_series): open again
         series["instance_numbers"] = numbers_of_runs(series.pop("instance_number_runs"))

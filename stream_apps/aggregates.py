@@ -34,13 +34,13 @@ from prometheus_client import Counter
 
 from diana.config import KafkaConfig
 from diana.schemas.codec import Codec, DecodeError, default_codec
+from diana.schemas.field_decoder import FieldDecoder
 from diana.schemas.topics import DEADLETTER, INSTANCES, SERIES, STUDIES, TICKS
 from diana.stream_apps.aggregate_fold import (
     apply_instance,
     compact_series,
     complete_series,
     event_time_ms,
-    from_ms,
     is_late,
     replace_instance,
     series_record,
@@ -54,6 +54,38 @@ from diana.stream_apps.transactional import Batch, LoopSettings, TransactionalLo
 __all__ = ["AggregatesHandler", "aggregates_loop", "changelog_topic"]
 
 log = structlog.get_logger("diana.stream.aggregates")
+
+# The InstanceArrived fields the fold and the handler read (aggregate_fold.py, _instance): the
+# decoder builds only these (schemas/field_decoder.py) and steps over the rest (the header, paths...).
+INSTANCE_FIELDS_READ = (
+    "sop_instance_uid",
+    "sop_class_uid",
+    "study_instance_uid",
+    "series_instance_uid",
+    "transfer_syntax_uid",
+    "received_at",
+    "size_bytes",
+    "sha256",
+    "modality",
+    "instance_number",
+    "number_of_frames",
+    "images_in_acquisition",
+    "number_of_temporal_positions",
+    # series attributes (the first instance's; REPLACE swaps them)
+    "series_number",
+    "series_description",
+    "body_part_examined",
+    "station_name",
+    "manufacturer",
+    # study and patient attributes
+    "patient_id",
+    "patient_name",
+    "patient_birth_date",
+    "patient_sex",
+    "accession_number",
+    "study_date",
+    "study_description",
+)
 
 COMPLETED = Counter("diana_aggregates_series_completed_total", "Series completed, by verdict", ["verdict"])
 DEADLETTERED = Counter("diana_aggregates_deadletters_total", "Instance events the aggregates could not decode")
@@ -98,10 +130,11 @@ class AggregatesHandler:
         self.retention_ms = int(retention_days * DAY_MS)
         # [sinks] archive_conflict_policy: under REPLACE a corrected re-send replaces the instance.
         self.replace = conflict_policy == "REPLACE"
-        # The shared codec (fastavro), whole records: a projection that skips the header
-        # (schemas/codec.py) measured 7-30 us slower per event on headers up to 9 KB (fastavro
-        # resolves the two schemas on every call) and pays only on large ones; docs/PERFORMANCE.md.
+        # The shared codec encodes the outputs; events are read by a decoder that builds only the
+        # fields the fold reads (schemas/field_decoder.py): the full decode was a third of the
+        # worker's CPU, and a fastavro projection was slower still (docs/PERFORMANCE.md, issue 20).
         self.codec = codec or default_codec()
+        self.decoder = FieldDecoder(self.codec, INSTANCES.value_schema, INSTANCE_FIELDS_READ)
         self.started_ms = int(time.time() * 1000)
         self.last_instance_wall: dict[int, float] = {}
         self.processed_upto: dict[int, int] = {}  # partition -> next offset to process in dicom.instances
@@ -184,14 +217,14 @@ class AggregatesHandler:
         # not keep the partition's ticks from completing its series.
         self.processed_upto[partition] = offset + 1
         try:
-            _, record = self.codec.decode(message.value(), expect=INSTANCES.value_schema)
+            record = self.decoder.decode(message.value())
         except DecodeError as exc:
             DEADLETTERED.inc()
             self._deadletter(batch, message, f"aggregates: {exc}")
             return
         self.last_instance_wall[partition] = time.time()
+        # The aggregates' arrival times are event times too (apply_instance gets ``at``).
         at = event_time_ms(record["received_at"], message.timestamp())
-        record["received_at"] = from_ms(at)  # the aggregates' arrival times are event times too
         self._complete_due(batch, partition, self._advance(batch, partition, at))
         sop = record["sop_instance_uid"]
         seen = batch.get(partition, SEEN, sop)
@@ -232,7 +265,7 @@ class AggregatesHandler:
         # size in, and to fold it into its series' digest when the series completes.
         batch.put(partition, SEEN, sop, [offset, record["sha256"][:16], record["size_bytes"], series_uid])
         self.members.setdefault(partition, {}).setdefault(series_uid, set()).add(sop)
-        series, study = apply_instance(before, batch.get(partition, STUDY_STATE, study_uid), record, self.quiet)
+        series, study = apply_instance(before, batch.get(partition, STUDY_STATE, study_uid), record, self.quiet, at)
         uid = series["series_instance_uid"]
         batch.put(partition, SERIES_STATE, uid, series)
         batch.put(partition, STUDY_STATE, study["study_instance_uid"], study)
