@@ -25,6 +25,9 @@ UNENCODABLE = Counter(
     "diana_stream_unencodable_total", "Records of the worker's own the schema refused (not published)", ["topic"]
 )
 
+# json.dumps(value, separators=...) builds a new encoder on every call (one changelog record per
+# changed key, a few per instance); this one encoder gives the same text.
+_JSON = json.JSONEncoder(separators=(",", ":"))
 _DELETED = object()
 _ABSENT = object()
 _SEP = "/"
@@ -74,11 +77,13 @@ class Batch:
         self.encoded: dict[int, list[tuple[str, str, str | None]]] = {}
 
     def get(self, partition: int, namespace: str, key: str) -> Any:
-        value = self._pending.get((partition, namespace), {}).get(key)
-        if value is _DELETED:
-            return None
-        if value is not None:
-            return value
+        space = self._pending.get((partition, namespace))  # read several times per instance: no {} made
+        if space is not None:
+            value = space.get(key)
+            if value is _DELETED:
+                return None
+            if value is not None:
+                return value
         return self._store.get(partition, namespace, key)
 
     def put(self, partition: int, namespace: str, key: str, value: Any) -> None:
@@ -146,7 +151,7 @@ class Batch:
             for key, value in changes.items():
                 if value is _DELETED and self._store.get(partition, namespace, key) is None:
                     continue  # created and deleted within the batch, or never there
-                text = None if value is _DELETED else json.dumps(value, separators=(",", ":"))
+                text = None if value is _DELETED else _JSON.encode(value)
                 self._producer.produce(
                     self._changelog,
                     key=f"{namespace}{_SEP}{key}".encode(),

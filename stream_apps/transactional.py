@@ -133,15 +133,19 @@ class TransactionalLoop(PartitionAssignment):
         batch = Batch(self.store, self.producer, self.settings.changelog)
         offsets: dict[tuple[str, int], int] = {}
         starts: dict[tuple[str, int], int] = {}
+        per_topic: dict[str, int] = {}
         for message in messages:
-            starts.setdefault((message.topic(), message.partition()), message.offset())
+            topic = message.topic()
+            starts.setdefault((topic, message.partition()), message.offset())
+            per_topic[topic] = per_topic.get(topic, 0) + 1
         began, began_ms = time.monotonic(), now_ms()
         try:
             self.producer.begin_transaction()
-            for message in messages:
+            for index, message in enumerate(messages):
                 self._handle_one(batch, message)
                 offsets[(message.topic(), message.partition())] = message.offset() + 1
-                self.producer.poll(0)
+                if index % 64 == 63:  # delivery reports now and then: a poll per message cost a C call each
+                    self.producer.poll(0)
             batch.send_latest()
             batch.write_changelog()
             with slow("transaction.send_offsets"):
@@ -154,8 +158,8 @@ class TransactionalLoop(PartitionAssignment):
         if self.local is not None:
             self._write_local(batch, began_ms)
         TRANSACTIONS.labels("committed").inc()
-        for message in messages:
-            MESSAGES.labels(message.topic()).inc()
+        for topic, count in per_topic.items():  # labels() per message was a visible share of the profile
+            MESSAGES.labels(topic).inc(count)
 
     def _write_local(self, batch: Batch, began_ms: int) -> None:
         """The committed batch's changes to each partition's local file, with the checkpoint.
