@@ -1,9 +1,9 @@
-"""CPU cost per InstanceArrived of the codec (schemas/codec.py): whole records against a projection.
+"""CPU cost per InstanceArrived of the codec (schemas/codec.py): whole records, a projection, the field decoder.
 
     python -m bench.codec_cost [--repeat 3000]
 
-Prints a Markdown table: decode (whole record, and through a projection to every field but the
-header) and encode, for events whose header_json holds 0, 150 and 3,000 elements.
+Prints a Markdown table: decode (whole record, through a projection to every field but the
+header, and the aggregates worker's FieldDecoder of the fields it reads, schemas/field_decoder.py) and encode, for events whose header_json holds 0, 150 and 3,000 elements.
 CPU time (time.process_time), so a busy machine slows it less than wall time would.
 """
 
@@ -16,6 +16,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from diana.schemas.codec import Codec
+from diana.schemas.field_decoder import FieldDecoder
+from diana.stream_apps.aggregates import INSTANCE_FIELDS_READ
 
 
 def _event(elements: int) -> dict:
@@ -52,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     # The projection's point: every field but the header, whose bytes are then skipped, not built.
     without_header = [f.name for f in codec.schema("InstanceArrived").fields if f.name != "header_json"]
     projected = Codec({"InstanceArrived": without_header})
-    rows: dict[str, list[str]] = {k: [] for k in ("decode", "decode projection", "encode")}
+    fields = FieldDecoder(codec, "InstanceArrived", INSTANCE_FIELDS_READ)
+    rows: dict[str, list[str]] = {
+        k: [] for k in ("decode", "decode projection", "field decoder (aggregates)", "encode")
+    }
     sizes = []
     for elements in (0, 150, 3000):
         event = _event(elements)
@@ -60,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes.append(f"{len(data) / 1000:.1f} KB")
         rows["decode"].append(f"{_cpu_us(lambda d=data: codec.decode(d), args.repeat):.0f} µs")
         rows["decode projection"].append(f"{_cpu_us(lambda d=data: projected.decode(d), args.repeat):.0f} µs")
+        rows["field decoder (aggregates)"].append(f"{_cpu_us(lambda d=data: fields.decode(d), args.repeat):.0f} µs")
         rows["encode"].append(f"{_cpu_us(lambda e=event: codec.encode('InstanceArrived', e), args.repeat):.0f} µs")
     print("| | " + " | ".join(sizes) + " |")
     print("|---|" + "---:|" * len(sizes))

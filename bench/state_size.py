@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     from diana.schemas.codec import default_codec
     from diana.schemas.topics import INSTANCES
     from diana.stream_apps.aggregates import AggregatesHandler
+    from diana.stream_apps.batch import Batch, _Store
     from diana.stream_apps.completeness import QuietTimes
-    from diana.stream_apps.transactional import Batch, _Store
 
     codec, store, producer = default_codec(), _Store(), _Dropped()
     handler = AggregatesHandler(QuietTimes.parse("*=30"), retention_days=30)

@@ -16,7 +16,8 @@ format cannot drift.
 A reader may name a *projection* per record: the current schema cut down to the fields it reads.
 fastavro's schema resolution then skips the other fields' bytes without building them. fastavro
 resolves the two schemas on every call, so this pays only on large headers (bench/codec_cost.py,
-docs/PERFORMANCE.md: slower below about 9 KB); the aggregates worker decodes whole records.
+docs/PERFORMANCE.md: slower below about 9 KB). The aggregates worker reads events through
+field_decoder.py instead, which resolves once.
 """
 
 from __future__ import annotations

@@ -14,219 +14,70 @@ dicom.instances at that moment. A tick moves the watermark to the wall clock onl
 before that end offset has been processed, no instance came for a while, and the tick is fresh.
 Replaying old events therefore completes series exactly where a live run did (old ticks are stale),
 and a worker restarting with a backlog never mistakes it for quiet.
+
+This module is the worker: state namespaces, the handler and its wiring. The pure fold of a series
+and study is aggregate_fold.py, the tick writer ticks.py, the transaction loop transactional.py.
 """
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import json
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
-from confluent_kafka import Message, TopicPartition
+from confluent_kafka import Message
 from prometheus_client import Counter
 
-from diana.clients import kafka_consumer, kafka_producer
 from diana.config import KafkaConfig
 from diana.schemas.codec import Codec, DecodeError, default_codec
+from diana.schemas.field_decoder import FieldDecoder
 from diana.schemas.topics import DEADLETTER, INSTANCES, SERIES, STUDIES, TICKS
-from diana.stream_apps.completeness import QuietTimes, expected_instances, verdict
+from diana.stream_apps.aggregate_fold import (
+    apply_instance,
+    compact_series,
+    complete_series,
+    event_time_ms,
+    is_late,
+    replace_instance,
+    series_record,
+    study_record,
+)
+from diana.stream_apps.completeness import QuietTimes
 from diana.stream_apps.digest import digest_build, digest_lookup, digest_replace
+from diana.stream_apps.ticks import IDLE_S, STALE_TICK_S, TickWriter
 from diana.stream_apps.transactional import Batch, LoopSettings, TransactionalLoop
 
-__all__ = [
-    "AggregatesHandler",
-    "aggregates_loop",
-    "apply_instance",
-    "complete_series",
-    "event_time_ms",
-    "is_late",
-    "replace_instance",
-]
+__all__ = ["AggregatesHandler", "aggregates_loop", "changelog_topic"]
 
 log = structlog.get_logger("diana.stream.aggregates")
 
-# A partition counts as quiet after this long without an instance (wall time).
-IDLE_S = 2.0
-# Ticks older than this are history (a replay), not a clock.
-STALE_TICK_S = 5.0
-
-
-def _ms(value: datetime) -> int:
-    return int(value.timestamp() * 1000)
-
-
-def _dt(ms: int | None) -> datetime | None:
-    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=UTC)
-
-
-def _union(values: list[str], value: str | None) -> list[str]:
-    return values if value is None or value in values else sorted([*values, value])
-
-
-def _new_series(event: dict, at: int, quiet_s: float) -> dict:
-    return {
-        "series_instance_uid": event["series_instance_uid"],
-        "study_instance_uid": event["study_instance_uid"],
-        "revision": 0,
-        "patient_id": event.get("patient_id"),
-        "modality": event.get("modality"),
-        "series_number": event.get("series_number"),
-        "series_description": event.get("series_description"),
-        "body_part_examined": event.get("body_part_examined"),
-        "station_name": event.get("station_name"),
-        "manufacturer": event.get("manufacturer"),
-        "instance_count": 0,
-        "total_bytes": 0,
-        "min_instance_number": None,
-        "max_instance_number": None,
-        "sop_class_uids": [],
-        "transfer_syntax_uids": [],
-        "first_received_at": at,
-        "last_received_at": at,
-        "status": "UPDATED",
-        "version": 0,
-        "verdict": None,
-        "missing_instance_numbers": [],
-        "expected_instances": None,
-        "quiet_seconds": quiet_s,
-        "completed_at": None,
-        "number_of_frames": 0,
-        "instance_numbers": [],
-    }
-
-
-def _new_study(event: dict, at: int) -> dict:
-    return {
-        "study_instance_uid": event["study_instance_uid"],
-        "revision": 0,
-        "patient_id": event.get("patient_id"),
-        "patient_name": event.get("patient_name"),
-        "patient_birth_date": event.get("patient_birth_date"),
-        "patient_sex": event.get("patient_sex"),
-        "accession_number": event.get("accession_number"),
-        "study_date": event.get("study_date"),
-        "study_description": event.get("study_description"),
-        "modalities": [],
-        "series_instance_uids": [],
-        "series_count": 0,
-        "instance_count": 0,
-        "total_bytes": 0,
-        "first_received_at": at,
-        "last_received_at": at,
-        "status": "UPDATED",
-        "version": 0,
-        "verdict": None,
-        "completed_series_count": 0,
-        "completed_at": None,
-        "series_verdicts": {},
-    }
-
-
-def _judge(series: dict) -> None:
-    series["verdict"], series["missing_instance_numbers"] = verdict(
-        series["instance_numbers"], series["instance_count"], series["expected_instances"]
-    )
-
-
-def event_time_ms(received_at: datetime, broker_timestamp: tuple[int, int]) -> int:
-    """An event's time: the receiver's ``received_at``, but never later than the broker's timestamp.
-
-    dicom.instances is a LogAppendTime topic (schemas/topics.py): the broker stamps each event as
-    it appends it, so a receiver whose clock runs fast cannot push a partition's watermark into the
-    future and complete its open series early. The stamp is stored in the log, so a replay sees
-    the same times. (On a topic left at CreateTime the stamp is the producer's clock, and this
-    bound is only as good as that clock.)
-    """
-    at = _ms(received_at)
-    _, stamp = broker_timestamp
-    return min(at, stamp) if stamp > 0 else at
-
-
-def apply_instance(series: dict | None, study: dict | None, event: dict, quiet: QuietTimes) -> tuple[dict, dict]:
-    """Fold one new instance into its series and study (pure; JSON-able dicts, times in ms).
-
-    An instance of a series already completed is counted at once, but the series' new version
-    (AMENDED) is made only when it is quiet again (complete_series): a burst of late instances
-    gives one amended version per quiet period, not one per instance.
-    """
-    at = _ms(event["received_at"])
-    series = dict(series) if series else _new_series(event, at, quiet.for_modality(event.get("modality")))
-    if series.get("instance_number_runs"):  # compacted at completion (compact_series): open again
-        series["instance_numbers"] = numbers_of_runs(series.pop("instance_number_runs"))
-    study = dict(study) if study else _new_study(event, at)
-    number = event.get("instance_number")
-    series["revision"] += 1
-    series["instance_count"] += 1
-    series["total_bytes"] += event["size_bytes"]
-    series["number_of_frames"] += event.get("number_of_frames") or 1
-    if number is not None:
-        numbers = series["instance_numbers"]
-        where = bisect.bisect_left(numbers, number)
-        if where == len(numbers) or numbers[where] != number:  # kept sorted by insertion, not re-sorted
-            series["instance_numbers"] = [*numbers[:where], number, *numbers[where:]]
-        series["min_instance_number"], series["max_instance_number"] = (
-            series["instance_numbers"][0],
-            series["instance_numbers"][-1],
-        )
-    promised = expected_instances(event.get("images_in_acquisition"), event.get("number_of_temporal_positions"))
-    if promised is not None:
-        series["expected_instances"] = max(series["expected_instances"] or 0, promised)
-    series["sop_class_uids"] = _union(series["sop_class_uids"], event["sop_class_uid"])
-    series["transfer_syntax_uids"] = _union(series["transfer_syntax_uids"], event["transfer_syntax_uid"])
-    series["first_received_at"] = min(series["first_received_at"], at)
-    series["last_received_at"] = max(series["last_received_at"], at)
-
-    study["revision"] += 1
-    study["instance_count"] += 1
-    study["total_bytes"] += event["size_bytes"]
-    study["modalities"] = _union(study["modalities"], event.get("modality"))
-    study["series_instance_uids"] = _union(study["series_instance_uids"], event["series_instance_uid"])
-    study["series_count"] = len(study["series_instance_uids"])
-    study["first_received_at"] = min(study["first_received_at"], at)
-    study["last_received_at"] = max(study["last_received_at"], at)
-    if study["status"] != "UPDATED":
-        # Its new version comes with the completion of the series that changed (complete_series).
-        study["status"] = "AMENDED"
-        _judge_study(study)
-    return series, study
-
-
-def number_runs(numbers: list[int]) -> list[list[int]]:
-    """Sorted distinct instance numbers as runs ``[first, last]``: 1..3000 is one pair, not 3000 ints."""
-    runs: list[list[int]] = []
-    for number in numbers:
-        if runs and number == runs[-1][1] + 1:
-            runs[-1][1] = number
-        else:
-            runs.append([number, number])
-    return runs
-
-
-def numbers_of_runs(runs: list[list[int]]) -> list[int]:
-    return [n for first, last in runs for n in range(first, last + 1)]
-
-
-def compact_series(series: dict) -> dict:
-    """A completed series' instance numbers kept as runs (a late instance expands them again)."""
-    if not series["instance_numbers"]:
-        return series
-    return {**series, "instance_numbers": [], "instance_number_runs": number_runs(series["instance_numbers"])}
-
-
-def is_late(series: dict | None) -> bool:
-    """The series was completed before: an instance for it waits for the series' next quiet time."""
-    return series is not None and series["completed_at"] is not None
-
-
-# What a corrected re-send changes in the aggregates (under REPLACE): its patient and study
-# attributes, and the series' descriptive ones. Counts stay; the size is swapped.
-_REPLACED_STUDY_FIELDS = (
+# The InstanceArrived fields the fold and the handler read (aggregate_fold.py, _instance): the
+# decoder builds only these (schemas/field_decoder.py) and steps over the rest (the header, paths...).
+INSTANCE_FIELDS_READ = (
+    "sop_instance_uid",
+    "sop_class_uid",
+    "study_instance_uid",
+    "series_instance_uid",
+    "transfer_syntax_uid",
+    "received_at",
+    "size_bytes",
+    "sha256",
+    "modality",
+    "instance_number",
+    "number_of_frames",
+    "images_in_acquisition",
+    "number_of_temporal_positions",
+    # series attributes (the first instance's; REPLACE swaps them)
+    "series_number",
+    "series_description",
+    "body_part_examined",
+    "station_name",
+    "manufacturer",
+    # study and patient attributes
     "patient_id",
     "patient_name",
     "patient_birth_date",
@@ -235,77 +86,6 @@ _REPLACED_STUDY_FIELDS = (
     "study_date",
     "study_description",
 )
-_REPLACED_SERIES_FIELDS = ("patient_id", "series_number", "series_description", "body_part_examined", "station_name")
-
-
-def replace_instance(series: dict, study: dict, old_size: int, event: dict) -> tuple[dict, dict]:
-    """The archive now holds ``event``'s bytes for an instance already counted (pure)."""
-    series, study = dict(series), dict(study)
-    for aggregate in (series, study):
-        aggregate["total_bytes"] += event["size_bytes"] - old_size
-        aggregate["revision"] += 1
-        if aggregate["status"] != "UPDATED":
-            aggregate["status"] = "AMENDED"
-            aggregate["version"] += 1
-    for key in _REPLACED_SERIES_FIELDS:
-        series[key] = event.get(key)
-    for key in _REPLACED_STUDY_FIELDS:
-        study[key] = event.get(key)
-    return series, study
-
-
-def _judge_study(study: dict) -> None:
-    verdicts = [study["series_verdicts"].get(uid) for uid in study["series_instance_uids"]]
-    study["completed_series_count"] = sum(v is not None for v in verdicts)
-    if None in verdicts:
-        study["verdict"] = None
-    elif all(v == "COMPLETE" for v in verdicts):
-        study["verdict"] = "COMPLETE"
-    else:
-        study["verdict"] = "GAPS" if "GAPS" in verdicts else "UNKNOWN"
-
-
-def complete_series(series: dict, study: dict) -> tuple[dict, dict, bool]:
-    """Mark a quiet series completed, or amended if it was completed before and got late instances.
-
-    Returns (series, study, study_just_completed).
-    """
-    series, study = dict(series), dict(study)
-    if series["completed_at"] is None:
-        series["status"], series["version"] = "COMPLETED", 1
-        # Completion time is the deadline itself: the same in a live run and in any replay.
-        series["completed_at"] = series["last_received_at"] + int(series["quiet_seconds"] * 1000)
-    else:  # late instances, now quiet again: one new version for all of them
-        series["status"], series["version"] = "AMENDED", series["version"] + 1
-    series["revision"] += 1
-    _judge(series)
-    study["series_verdicts"] = {**study["series_verdicts"], series["series_instance_uid"]: series["verdict"]}
-    study["revision"] += 1
-    _judge_study(study)
-    just_completed = False
-    if study["completed_series_count"] == study["series_count"]:
-        if study["status"] == "UPDATED":
-            study["status"], study["version"], just_completed = "COMPLETED", 1, True
-            study["completed_at"] = series["completed_at"]
-        else:
-            study["status"], study["version"] = "AMENDED", study["version"] + 1
-    return series, study, just_completed
-
-
-def _record(state: dict, internal: tuple[str, ...]) -> dict[str, Any]:
-    out = {k: v for k, v in state.items() if k not in internal}
-    for key in ("first_received_at", "last_received_at", "completed_at"):
-        out[key] = _dt(state.get(key))
-    return out
-
-
-def series_record(state: dict) -> dict[str, Any]:
-    return _record(state, ("instance_numbers", "instance_number_runs"))
-
-
-def study_record(state: dict) -> dict[str, Any]:
-    return _record(state, ("series_verdicts",))
-
 
 COMPLETED = Counter("diana_aggregates_series_completed_total", "Series completed, by verdict", ["verdict"])
 DEADLETTERED = Counter("diana_aggregates_deadletters_total", "Instance events the aggregates could not decode")
@@ -350,10 +130,11 @@ class AggregatesHandler:
         self.retention_ms = int(retention_days * DAY_MS)
         # [sinks] archive_conflict_policy: under REPLACE a corrected re-send replaces the instance.
         self.replace = conflict_policy == "REPLACE"
-        # The shared codec (fastavro), whole records: a projection that skips the header
-        # (schemas/codec.py) measured 7-30 us slower per event on headers up to 9 KB (fastavro
-        # resolves the two schemas on every call) and pays only on large ones; docs/PERFORMANCE.md.
+        # The shared codec encodes the outputs; events are read by a decoder that builds only the
+        # fields the fold reads (schemas/field_decoder.py): the full decode was a third of the
+        # worker's CPU, and a fastavro projection was slower still (docs/PERFORMANCE.md, issue 20).
         self.codec = codec or default_codec()
+        self.decoder = FieldDecoder(self.codec, INSTANCES.value_schema, INSTANCE_FIELDS_READ)
         self.started_ms = int(time.time() * 1000)
         self.last_instance_wall: dict[int, float] = {}
         self.processed_upto: dict[int, int] = {}  # partition -> next offset to process in dicom.instances
@@ -436,14 +217,14 @@ class AggregatesHandler:
         # not keep the partition's ticks from completing its series.
         self.processed_upto[partition] = offset + 1
         try:
-            _, record = self.codec.decode(message.value(), expect=INSTANCES.value_schema)
+            record = self.decoder.decode(message.value())
         except DecodeError as exc:
             DEADLETTERED.inc()
             self._deadletter(batch, message, f"aggregates: {exc}")
             return
         self.last_instance_wall[partition] = time.time()
+        # The aggregates' arrival times are event times too (apply_instance gets ``at``).
         at = event_time_ms(record["received_at"], message.timestamp())
-        record["received_at"] = _dt(at)  # the aggregates' arrival times are event times too
         self._complete_due(batch, partition, self._advance(batch, partition, at))
         sop = record["sop_instance_uid"]
         seen = batch.get(partition, SEEN, sop)
@@ -484,7 +265,7 @@ class AggregatesHandler:
         # size in, and to fold it into its series' digest when the series completes.
         batch.put(partition, SEEN, sop, [offset, record["sha256"][:16], record["size_bytes"], series_uid])
         self.members.setdefault(partition, {}).setdefault(series_uid, set()).add(sop)
-        series, study = apply_instance(before, batch.get(partition, STUDY_STATE, study_uid), record, self.quiet)
+        series, study = apply_instance(before, batch.get(partition, STUDY_STATE, study_uid), record, self.quiet, at)
         uid = series["series_instance_uid"]
         batch.put(partition, SERIES_STATE, uid, series)
         batch.put(partition, STUDY_STATE, study["study_instance_uid"], study)
@@ -653,36 +434,6 @@ class AggregatesHandler:
 
     def _encode_study(self, study: dict) -> bytes:
         return self.codec.encode(STUDIES.value_schema, study_record(study))
-
-
-class TickWriter:
-    """Writes one tick per partition to dicom.ticks: the wall clock and the end offset of dicom.instances.
-
-    Every worker ticks every partition (a duplicate tick is harmless); ticks are not part of any
-    transaction, they are a clock.
-    """
-
-    def __init__(self, kafka: KafkaConfig, partitions: int) -> None:
-        self.kafka = kafka
-        self.partitions = partitions
-        self.producer = kafka_producer(kafka, {"linger.ms": 5})
-        self.offsets = kafka_consumer(kafka, "diana-ticks")
-
-    def __call__(self) -> None:
-        for partition in range(self.partitions):
-            try:
-                end = self.offsets.get_watermark_offsets(TopicPartition(INSTANCES.name, partition), timeout=2)[1]
-            except Exception as exc:  # broker unreachable: no tick, no harm
-                log.warning("tick.skipped", partition=partition, reason=str(exc))
-                # A new client for the next tick: after a broker of a cluster was killed, this one
-                # kept timing out minutes after every broker was back (the stale leader of a
-                # partition it never subscribes to), and without ticks no series completes.
-                self.offsets.close()
-                self.offsets = kafka_consumer(self.kafka, "diana-ticks")
-                return
-            value = json.dumps({"t": int(time.time() * 1000), "end": end}).encode()
-            self.producer.produce(TICKS.name, value=value, partition=partition)
-        self.producer.poll(0)
 
 
 def aggregates_loop(

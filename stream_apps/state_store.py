@@ -25,6 +25,7 @@ from diana.stream_apps.local_state import LocalStates
 __all__ = ["StateStore"]
 
 _SEP = "/"
+_EMPTY: dict[str, dict[str, Any]] = {}  # never written: what a missing partition reads as
 
 DISK_READS = Counter(
     "diana_stream_state_disk_reads_total", "State entries read from the local file, not memory (cold)", ["namespace"]
@@ -40,14 +41,18 @@ class StateStore:
         self.cold = frozenset(cold) if local is not None else frozenset()
         # Partitions whose cold namespaces are partly only in their local file.
         self.backed: set[int] = set()
+        self._disk_reads: dict[str, Any] = {}
 
     def get(self, partition: int, namespace: str, key: str) -> Any:
-        space = self.partitions.get(partition, {}).get(namespace)
+        space = self.partitions.get(partition, _EMPTY).get(namespace)
         if space is not None and key in space:
             return space[key]  # None: deleted (a cold entry whose deletion the file lacks yet)
         if partition in self.backed and namespace in self.cold:
             assert self.local is not None
-            DISK_READS.labels(namespace).inc()
+            counter = self._disk_reads.get(namespace)
+            if counter is None:  # labels() on every read cost as much as a small lookup
+                counter = self._disk_reads[namespace] = DISK_READS.labels(namespace)
+            counter.inc()
             return self.local.file(partition).lookup(namespace, key)
         return None
 

@@ -17,6 +17,7 @@ from confluent_kafka import Message
 
 from diana.schemas.codec import default_codec
 from diana.schemas.topics import DEADLETTER, INSTANCES
+from diana.stream_apps.aggregate_fold import number_runs, numbers_of_runs
 from diana.stream_apps.aggregates import (
     DIGEST,
     GONE_SERIES,
@@ -27,12 +28,10 @@ from diana.stream_apps.aggregates import (
     SERIES_STATE,
     STUDY_STATE,
     AggregatesHandler,
-    number_runs,
-    numbers_of_runs,
 )
+from diana.stream_apps.batch import Batch, _Store
 from diana.stream_apps.completeness import QuietTimes
 from diana.stream_apps.digest import digest_count
-from diana.stream_apps.transactional import Batch, _Store
 
 CHANGELOG = "agg-state-changelog"
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from diana.stream_apps.aggregates import apply_instance
+from diana.stream_apps.aggregate_fold import apply_instance
 from diana.stream_apps.completeness import QuietTimes
 
 T0 = datetime(2024, 3, 15, 10, 0, tzinfo=UTC)
@@ -49,7 +49,7 @@ def test_fold_does_not_mutate_its_inputs():
 
 
 def test_a_replaced_instance_swaps_its_size_and_takes_the_corrected_attributes():
-    from diana.stream_apps.aggregates import complete_series, replace_instance
+    from diana.stream_apps.aggregate_fold import complete_series, replace_instance
 
     first = _event("1.9.1", 1, 0, size=100) | {"patient_name": "Doe^Jane"}
     series, study = apply_instance(None, None, first, QUIET)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from diana.stream_apps.aggregates import apply_instance, complete_series, event_time_ms, is_late
+from diana.stream_apps.aggregate_fold import apply_instance, complete_series, event_time_ms, is_late
 from diana.stream_apps.completeness import MAX_LISTED_GAPS, QuietTimes, expected_instances, verdict
 
 T0 = datetime(2024, 3, 15, 10, 0, tzinfo=UTC)

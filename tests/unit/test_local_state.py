@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from diana.stream_apps.batch import Batch, _Store
 from diana.stream_apps.local_state import Checkpoint, LocalStateError, LocalStates, PartitionFile, tail_refusal
-from diana.stream_apps.transactional import Batch, _Store
 
 HOUR = 3_600_000
 

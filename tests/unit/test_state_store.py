@@ -13,10 +13,10 @@ from contextlib import closing
 
 import pytest
 
+from diana.stream_apps.batch import Batch
 from diana.stream_apps.local_state import Checkpoint, LocalStateError, LocalStates, PartitionFile
 from diana.stream_apps.state_restore import apply_record
 from diana.stream_apps.state_store import StateStore
-from diana.stream_apps.transactional import Batch
 
 COLD = frozenset({"series", "digest"})
 

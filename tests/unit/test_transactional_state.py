@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from diana.stream_apps.transactional import Batch, _Store
+from diana.stream_apps.batch import Batch, _Store
 
 
 class ChangelogRecorder:
