@@ -214,7 +214,15 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
         group, port = cfg.sinks.opensearch_group, cfg.sinks.opensearch_metrics_port
     start_metrics(cfg, port)
     batch = 100 if args.sink == "metadata" else cfg.opensearch.bulk_max_docs  # series revisions: few, each heavy
-    run_sinks(sinks, cfg.kafka, group, stop, batch_size=batch, max_wait_s=cfg.sinks.max_wait_s)
+    run_sinks(
+        sinks,
+        cfg.kafka,
+        group,
+        stop,
+        batch_size=batch,
+        max_wait_s=cfg.sinks.max_wait_s,
+        session_timeout_s=cfg.sinks.session_timeout_s,
+    )
     return 0
 
 
