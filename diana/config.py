@@ -181,6 +181,9 @@ class SinksConfig:
     # A sink writes what it has at the latest this long after asking for a batch (a full batch
     # goes at once): the bound a quiet moment adds to receipt-to-searchable.
     max_wait_s: float = 0.2
+    # A killed sink's partitions go to another member (or its restart) after this long; Kafka's
+    # default is 45 s. The dose worker uses 10 s too (stream_apps/app.py).
+    session_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)

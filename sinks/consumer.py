@@ -166,6 +166,7 @@ def run_sink(
     batch_size: int = 500,
     on_batch: Callable[[int], None] | None = None,
     max_wait_s: float = 0.5,
+    session_timeout_s: float = 10.0,
 ) -> None:
     """Consume, write, commit until ``stop``. A batch is written as soon as it holds ``batch_size``
     messages or ``max_wait_s`` after the sink asked for it, whichever comes first: under load the
@@ -193,6 +194,10 @@ def run_sink(
             "partition.assignment.strategy": "cooperative-sticky",
             # A sink may wait minutes for its store; stay in the group meanwhile.
             "max.poll.interval.ms": 30 * 60 * 1000,
+            # A sink killed (kill -9, a lost host) holds its partitions until the broker drops it after
+            # this long: its restart, or the other sink of the group, waits that long to get them.
+            # librdkafka heartbeats from its own thread, so a long write does not count against it.
+            "session.timeout.ms": int(session_timeout_s * 1000),
             "on_commit": committed,
         },
     )

@@ -131,6 +131,7 @@ def cmd_dose(cfg: Config, _args: argparse.Namespace) -> int:
     from diana.stream_apps.dose.image_files import ImageFiles
     from diana.stream_apps.dose.reference_levels import LevelsError, load_reference_levels
     from diana.stream_apps.dose.standard_names import NamesError, load_standard_names
+    from diana.stream_apps.faust_resume import seek_stream_partitions_again
     from diana.stream_apps.state_topics import PartitionMismatch, ensure_state_topics
 
     d = cfg.dose
@@ -145,6 +146,7 @@ def cmd_dose(cfg: Config, _args: argparse.Namespace) -> int:
     except PartitionMismatch as exc:
         return fail("dose", str(exc))
     deepen_faust_producer_buffer()
+    seek_stream_partitions_again()
     app = create_app(cfg, app_id=d.app_id, web_port=d.web_port, replication_factor=replication_factor)
     files = ImageFiles(cfg.path(cfg.storage.landing_dir), cfg.path(cfg.storage.archive_dir))
     register_dose(app, rules, image_files=files, size_sample_every=d.size_sample_every, names=names, levels=levels)
@@ -214,7 +216,15 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
         group, port = cfg.sinks.opensearch_group, cfg.sinks.opensearch_metrics_port
     start_metrics(cfg, port)
     batch = 100 if args.sink == "metadata" else cfg.opensearch.bulk_max_docs  # series revisions: few, each heavy
-    run_sinks(sinks, cfg.kafka, group, stop, batch_size=batch, max_wait_s=cfg.sinks.max_wait_s)
+    run_sinks(
+        sinks,
+        cfg.kafka,
+        group,
+        stop,
+        batch_size=batch,
+        max_wait_s=cfg.sinks.max_wait_s,
+        session_timeout_s=cfg.sinks.session_timeout_s,
+    )
     return 0
 
 
