@@ -29,6 +29,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from bench.pipeline_steps import produce_instance_event
+
 REPO = Path(__file__).resolve().parent.parent
 PORTS = {"kafka": 26092, "controller": 26093, "opensearch": 26200, "transport": 26300, "worker": 26066}
 
@@ -68,7 +70,6 @@ def write_events(
     from confluent_kafka import Producer
 
     from diana.schemas.codec import default_codec
-    from diana.schemas.topics import INSTANCES
 
     codec = default_codec()
     producer = Producer(
@@ -99,14 +100,7 @@ def write_events(
             "instance_number": number + 1,
             "patient_id": f"SOAK{study_no % 1000}",
         }
-        value = codec.encode(INSTANCES.value_schema, event)
-        while True:
-            try:
-                producer.produce(INSTANCES.name, key=event["study_instance_uid"].encode(), value=value)
-                break
-            except BufferError:
-                producer.poll(0.1)
-        producer.poll(0)
+        produce_instance_event(producer, codec, event)
     if producer.flush(300) != 0:
         raise RuntimeError("events not all written after 300 s")
 

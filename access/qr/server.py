@@ -14,6 +14,7 @@ from diana.access.qr.index_reader import IndexReader
 from diana.access.qr.service import QueryRetrieve
 from diana.clients import opensearch_client
 from diana.config import Config, parse_destinations
+from diana.producers import reactor
 from diana.producers.scp import association_handlers, handle_echo, tls_context
 from diana.storage import open_store
 
@@ -68,6 +69,10 @@ class QueryRetrieveServer:
         self.server: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
+        # The DUL threads of the associations peers open wait on their sockets, as the receiver's do
+        # (producers/reactor.py; association_handlers' EVT_CONN_OPEN makes them so only once installed):
+        # a C-FIND or C-GET response then leaves at once instead of at the next 1 ms turn.
+        reactor.install()
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
             *association_handlers(self.config.receiver),
