@@ -116,27 +116,41 @@ def read_events(bootstrap: str) -> dict[str, dict[str, Any]]:
     return events
 
 
-def read_batches(log_file: Path) -> dict[tuple[int, int], dict[str, float]]:
-    """(partition, offset) of dicom.instances → its batch's asked_at, consumed_at, written_at (the sink's debug log)."""
+def read_batches(log_file: Path, since: float) -> tuple[dict[tuple[int, int], dict[str, float]], dict[str, Any]]:
+    """(partition, offset) of dicom.instances → its batch's asked_at, consumed_at, written_at (the sink's debug log);
+    and the sizes of the batches written from ``since`` (instances, and the other consumer's topics)."""
     batches: dict[tuple[int, int], dict[str, float]] = {}
+    sizes: dict[str, list[int]] = {"instances": [], "others": []}
     for line in log_file.read_text(errors="replace").splitlines():
         if '"sink.batch_written"' not in line:
             continue
         entry = json.loads(line)
         times = {k: entry[k] for k in ("asked_at", "consumed_at", "written_at")}
+        if entry["written_at"] >= since:
+            instances = any(k.startswith("dicom.instances/") for k in entry["offsets"])
+            sizes["instances" if instances else "others"].append(entry["messages"])
         for where, (first, last) in entry["offsets"].items():
             topic, partition = where.rsplit("/", 1)
             if topic == "dicom.instances":
                 for offset in range(first, last + 1):
                     batches[(int(partition), offset)] = times
-    return batches
+    stats = {
+        k: {
+            "batches": len(v),
+            "messages": sum(v),
+            "mean": round(sum(v) / len(v), 1) if v else 0,
+            "max": max(v, default=0),
+        }
+        for k, v in sizes.items()
+    }
+    return batches, stats
 
 
 def opensearch_counters(url: str) -> dict[str, float]:
     """Refresh, merge and GC counters of the node(s), summed: compared before and after the run."""
     from opensearchpy import OpenSearch
 
-    stats = OpenSearch(hosts=[url]).nodes.stats(metric="jvm,indices", index_metric="refresh,merge,indexing")
+    stats = OpenSearch(hosts=[url]).nodes.stats(metric="jvm,indices,process", index_metric="refresh,merge,indexing")
     out: dict[str, float] = {}
     for node in stats["nodes"].values():
         idx = node["indices"]
@@ -146,6 +160,7 @@ def opensearch_counters(url: str) -> dict[str, float]:
             ("merges", idx["merges"]["total"]),
             ("merge_ms", idx["merges"]["total_time_in_millis"]),
             ("indexing_ms", idx["indexing"]["index_time_in_millis"]),
+            ("cpu_ms", node["process"]["cpu"]["total_in_millis"]),
         ):
             out[key] = out.get(key, 0) + value
         for name, gc in node["jvm"]["gc"]["collectors"].items():
@@ -203,7 +218,7 @@ def report(rows: list[dict[str, float]]) -> dict[str, Any]:
 
 def render(result: dict[str, Any]) -> str:
     lines = [
-        f"{result['instances']} instances; load average before {result['load_before']}, after {result['load_after']}",
+        f"{result['instances']} instances, refresh {result['refresh_interval']}; load average before {result['load_before']}, after {result['load_after']}",
         "",
         "| stage | mean s | p50 s | p95 s | max s | slowest 5 %: mean s |",
         "|---|---:|---:|---:|---:|---:|",
@@ -216,7 +231,9 @@ def render(result: dict[str, Any]) -> str:
         f"slowest 5 % received at (s into the run): {result['slowest_received_at_s']}",
         f"warm-up instances (start-up transient) total latency: {result['warmup_total_s']}",
         f"OpenSearch over the run: {result['opensearch_delta']}",
+        f"OpenSearch CPU per instance sent: {result['opensearch_cpu_ms_per_instance']} ms",
         f"poll round trip: {result['poll_round_trip_s']}",
+        f"OpenSearch sink batches written during the run: {result['batch_sizes']}",
     ]
     return "\n".join(lines)
 
@@ -229,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poll", type=float, default=0.1, help="seconds between searches of the watcher (default 0.1)")
     ap.add_argument("--warmup", type=int, default=4, help="instances sent (and waited for) before measuring")
     ap.add_argument("--extra", default="", help="more TOML for the pipeline's configuration (e.g. a [sinks] setting)")
+    ap.add_argument(
+        "--refresh-interval",
+        default="",
+        help="[opensearch] refresh_interval of the indices (default: the configured 1s)",
+    )
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
     args = ap.parse_args(argv)
 
@@ -247,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         stack.reset()
         stack.start()
         env = bench_env(config)
+        if args.refresh_interval:  # the OpenSearch sink creates the indices (from its templates)
+            env["DIANA_OPENSEARCH_REFRESH_INTERVAL"] = args.refresh_interval
         subprocess.run(
             [sys.executable, "-m", "diana.cli", "topics"], check=True, env=env, capture_output=True, cwd=REPO
         )
@@ -275,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         warm_uids = set(watcher.seen)
         before = opensearch_counters(cfg.opensearch.url)
         load_before = [round(x, 2) for x in os.getloadavg()]
+        measure_start = time.time()
         send(files, ports["diana"], "DIANA", 1)
         watcher.wait_for(len(warm) + len(files), 600)
         watcher.stop.set()
@@ -283,15 +308,19 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1)  # the sink's last debug line
         events = read_events(cfg.kafka.bootstrap)
         measured = {sop: ev for sop, ev in events.items() if sop not in warm_uids}
-        result: dict[str, Any] = report(chain(measured, read_batches(sink_log), watcher.seen))
+        batches, batch_sizes = read_batches(sink_log, measure_start)
+        result: dict[str, Any] = report(chain(measured, batches, watcher.seen))
         result |= {
+            "batch_sizes": batch_sizes,
             "when": datetime.now().astimezone().isoformat(timespec="seconds"),
             "load_before": load_before,
             "load_after": load_after,
             "warmup_total_s": warmup_total,
             "opensearch_delta": {k: round(after[k] - before.get(k, 0), 1) for k in after},
+            "opensearch_cpu_ms_per_instance": round((after["cpu_ms"] - before["cpu_ms"]) / len(files), 2),
             "poll_round_trip_s": summary(watcher.round_trips),
             "extra": args.extra,
+            "refresh_interval": args.refresh_interval or "1s (default)",
         }
     finally:
         for p in procs:
