@@ -232,6 +232,7 @@ def render(result: dict[str, Any]) -> str:
         f"warm-up instances (start-up transient) total latency: {result['warmup_total_s']}",
         f"OpenSearch over the run: {result['opensearch_delta']}",
         f"OpenSearch CPU per instance sent: {result['opensearch_cpu_ms_per_instance']} ms",
+        f"OpenSearch refresh thread pool: {result['refresh_thread_pool']}",
         f"poll round trip: {result['poll_round_trip_s']}",
         f"OpenSearch sink batches written during the run: {result['batch_sizes']}",
     ]
@@ -305,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         watcher.stop.set()
         load_after = [round(x, 2) for x in os.getloadavg()]
         after = opensearch_counters(cfg.opensearch.url)
+        from opensearchpy import OpenSearch
+
+        # The refreshes of every shard share this pool (its size depends on the node's processors).
+        pool = OpenSearch(hosts=[cfg.opensearch.url]).nodes.info(metric="thread_pool")
+        refresh_threads = [n["thread_pool"]["refresh"] for n in pool["nodes"].values()]
         time.sleep(1)  # the sink's last debug line
         events = read_events(cfg.kafka.bootstrap)
         measured = {sop: ev for sop, ev in events.items() if sop not in warm_uids}
@@ -312,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         result: dict[str, Any] = report(chain(measured, batches, watcher.seen))
         result |= {
             "batch_sizes": batch_sizes,
+            "refresh_thread_pool": refresh_threads,
             "when": datetime.now().astimezone().isoformat(timespec="seconds"),
             "load_before": load_before,
             "load_after": load_after,
