@@ -252,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="[opensearch] refresh_interval of the indices (default: the configured 1s)",
     )
+    ap.add_argument(
+        "--refresh-on-write",
+        choices=("true", "false"),
+        default="",
+        help="[opensearch] refresh_on_write for the run (refresh=true on each bulk; default: as configured, true)",
+    )
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
     args = ap.parse_args(argv)
 
@@ -272,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         env = bench_env(config)
         if args.refresh_interval:  # the OpenSearch sink creates the indices (from its templates)
             env["DIANA_OPENSEARCH_REFRESH_INTERVAL"] = args.refresh_interval
+        if args.refresh_on_write:
+            env["DIANA_OPENSEARCH_REFRESH_ON_WRITE"] = args.refresh_on_write
         subprocess.run(
             [sys.executable, "-m", "diana.cli", "topics"], check=True, env=env, capture_output=True, cwd=REPO
         )
@@ -327,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             "opensearch_cpu_ms_per_instance": round((after["cpu_ms"] - before["cpu_ms"]) / len(files), 2),
             "poll_round_trip_s": summary(watcher.round_trips),
             "extra": args.extra,
-            "refresh_interval": args.refresh_interval or "1s (default)",
+            "refresh_interval": (args.refresh_interval or "1s (default)")
+            + (f", refresh_on_write {args.refresh_on_write}" if args.refresh_on_write else ""),
         }
     finally:
         for p in procs:

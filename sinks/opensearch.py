@@ -165,10 +165,14 @@ class OpenSearchSink:
         parallel_requests: int = 1,
         number_of_replicas: int = 0,
         refresh_interval: str | None = None,
+        refresh_on_write: bool = False,
     ):
         self.client = client
         self.number_of_replicas = number_of_replicas  # of the indices it creates ([opensearch])
         self.refresh_interval = refresh_interval
+        # [opensearch] refresh_on_write: the refresh runs inside the bulk request, on OpenSearch's write
+        # thread, instead of waiting for the next scheduled one on the (one-thread) refresh pool.
+        self._bulk_params = {"refresh": "true"} if refresh_on_write else {}
         # A subset of the topics (the live sink runs instances apart from the aggregates: the
         # aggregator's revisions never wait in front of instance documents).
         if topics is not None:
@@ -277,7 +281,7 @@ class OpenSearchSink:
                 self._indices_ready = True
             # Only each item's status and error come back: the rest of an answer (index, id, version,
             # shards, sequence numbers: ~200 bytes per document) would be parsed for nothing.
-            result = self.client.bulk(body=request.body, filter_path=_BULK_ANSWER)
+            result = self.client.bulk(body=request.body, filter_path=_BULK_ANSWER, params=self._bulk_params)
         except (OSConnectionError, TransportError) as exc:
             raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
         pending = request.items

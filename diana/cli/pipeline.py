@@ -209,6 +209,7 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
                 topics=topics,
                 number_of_replicas=cfg.opensearch.number_of_replicas,
                 refresh_interval=cfg.opensearch.refresh_interval,
+                refresh_on_write=cfg.opensearch.refresh_on_write,
             )
             for topics in ((INSTANCES.name,), others)
         ]
