@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "--refresh-on-write",
         choices=("true", "false"),
         default="",
-        help="[opensearch] refresh_on_write for the run (refresh=true on each bulk; default: as configured, true)",
+        help="[opensearch] refresh_on_write for the run (refresh=true on each bulk; default: as configured, false)",
     )
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
     args = ap.parse_args(argv)

@@ -93,9 +93,9 @@ class OpenSearchConfig:
     # writes a small segment, merged later: shorter costs OpenSearch CPU (docs/PERFORMANCE.md, issue 19).
     refresh_interval: str = "1s"
     # The live sink asks each bulk request to refresh the shards it wrote (`refresh=true`): its documents
-    # are searchable when the write returns instead of at the next scheduled refresh, which waits for
-    # OpenSearch's one refresh thread (issue 19: p95 receipt->searchable 3.5 s -> 2.0 s at load 10).
-    refresh_on_write: bool = True
+    # are searchable when the write returns instead of at the next scheduled refresh. Off: the runs of
+    # issue 19 did not agree on whether it helps (docs/PERFORMANCE.md).
+    refresh_on_write: bool = False
     # HTTP basic authentication (with an https url): the user, and its password from
     # DIANA_OPENSEARCH_PASSWORD or password_file. ca_file: the (private) CA of the server's
     # certificate; empty: the system's CAs. Credentials in the url itself are refused.
