@@ -37,6 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 DCMTK = {"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}
 # CT slices of the profiled run (after the measured ones; the profile reads proportions, not totals).
 PROFILE_CT = 200
+# Instances sent before the measured runs, to time the pipeline's start-up apart from them.
+WARMUP_CT = 4
 BENCH_PORTS = {
     "kafka": 29092,
     "controller": 29093,
@@ -251,18 +253,23 @@ def diana(config: Path, *args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "diana.cli", *args], env=bench_env(config), cwd=REPO, **kw)
 
 
-def searchable_latencies(url: str, total: int, timeout: float) -> tuple[float, list[float]]:
-    """Poll OpenSearch until ``total`` instance documents are visible; per-document latencies."""
+def searchable_latencies(
+    url: str, total: int, timeout: float, since: datetime | None = None
+) -> tuple[float, list[float]]:
+    """Poll OpenSearch until ``total`` instance documents received after ``since`` are visible; their latencies."""
     from opensearchpy import OpenSearch
 
     client = OpenSearch(hosts=[url])
     seen: dict[str, float] = {}
     latencies: list[float] = []
     deadline = time.monotonic() + timeout
+    query = (
+        {"range": {"received_at": {"gte": since.isoformat(timespec="milliseconds")}}} if since else {"match_all": {}}
+    )
     while len(seen) < total and time.monotonic() < deadline:
         try:
             hits = client.search(
-                index="diana-instances", body={"size": 10000, "_source": ["received_at"], "query": {"match_all": {}}}
+                index="diana-instances", body={"size": 10000, "_source": ["received_at"], "query": query}
             )["hits"]["hits"]
         except Exception:  # the index does not exist yet
             hits = []
@@ -295,13 +302,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="do not sample the receiver with py-spy (a run of its own after the measured ones; the 'profile' extra)",
     )
+    ap.add_argument(
+        "--port-offset", type=int, default=0, help="added to every port of the bench (another bench runs beside it)"
+    )
     args = ap.parse_args(argv)
 
     from diana.compose.local.stack import LocalStack
     from diana.config import load_config
 
+    ports = {k: v + args.port_offset for k, v in BENCH_PORTS.items()} | {"stream_web": 29066 + args.port_offset}
     work = Path(tempfile.mkdtemp(prefix="diana-bench-"))
-    config = diana_config(work)
+    config = diana_config(work, ports)
     cfg = load_config(config, environ={})
     stack = LocalStack(cfg)
     procs: list[subprocess.Popen] = []
@@ -316,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         # per instance (bench/receiver_timeline.py --py-spy, docs/PERFORMANCE.md), so no measured run
         # is sampled; this one is sent after them all.
         files_p = corpus(work / "corpus-p", min(args.ct, PROFILE_CT), 0) if args.profile else []
+        files_w = corpus(work / "corpus-w", WARMUP_CT, 0)
         stack.reset()
         stack.start()
         subprocess.run(
@@ -328,37 +340,46 @@ def main(argv: list[str] | None = None) -> int:
         names = ("receive", "aggregate", "sink archive", "sink opensearch")
         pipeline = {n: diana(config, *n.split(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for n in names}
         procs += pipeline.values()
-        wait_for_echo("DIANA", BENCH_PORTS["diana"])
-        scp = start_storescp(work)
+        wait_for_echo("DIANA", ports["diana"])
+        scp = start_storescp(work, ports["storescp"])
         procs.append(scp)
-        orthanc = None if args.no_orthanc else start_orthanc(work)
+        orthanc = None if args.no_orthanc else start_orthanc(work, ports)
         if orthanc:
             procs.append(orthanc)
         time.sleep(1)
 
+        # The pipeline's start-up, measured apart: the receiver answers C-ECHO seconds before the sinks
+        # have joined their groups and created the indices, and instances sent meanwhile wait for that
+        # (it was most of the receipt -> searchable tail, docs/PERFORMANCE.md issue 19). A few warm-up
+        # instances, sent at once and waited for, time it; the measured runs start in the steady state.
+        started = time.monotonic()
+        send(files_w, ports["diana"], "DIANA", 1)
+        startup_s, startup_latencies = searchable_latencies(cfg.opensearch.url, len(files_w), 600)
+        startup_s -= started
         # diana first, on one association: that run is also the end-to-end measurement. OpenSearch is
         # watched while the corpus is sent (polled after the send, every instance would look searchable
         # only after the last one was sent: the send's length, not a latency).
         with ThreadPoolExecutor(max_workers=1) as watcher:
             first_send = time.monotonic()
-            watching = watcher.submit(searchable_latencies, cfg.opensearch.url, len(files), 1800)
-            runs.append(measure("diana-star", pipeline["receive"].pid, files, BENCH_PORTS["diana"], "DIANA", 1))
+            since = datetime.now(UTC)
+            watching = watcher.submit(searchable_latencies, cfg.opensearch.url, len(files), 1800, since)
+            runs.append(measure("diana-star", pipeline["receive"].pid, files, ports["diana"], "DIANA", 1))
             done_at, latencies = watching.result()
         searchable_s = done_at - first_send
         # Where the two cores went during that first end-to-end run.
         cpu_by_process = {n: round(_proc_stats(p.pid)[0], 1) for n, p in pipeline.items()}
         archived = sum(1 for _ in (work / "archive").rglob("*.dcm"))
-        runs.append(measure("storescp", scp.pid, files, BENCH_PORTS["storescp"], "ANY", 1))
+        runs.append(measure("storescp", scp.pid, files, ports["storescp"], "ANY", 1))
         if orthanc:
-            runs.append(measure("orthanc", orthanc.pid, files, BENCH_PORTS["orthanc"], "ORTHANC", 1))
+            runs.append(measure("orthanc", orthanc.pid, files, ports["orthanc"], "ORTHANC", 1))
         # The second corpus over 4 parallel associations.
-        runs.append(measure("diana-star", pipeline["receive"].pid, files_b, BENCH_PORTS["diana"], "DIANA", 4))
-        runs.append(measure("storescp", scp.pid, files_b, BENCH_PORTS["storescp"], "ANY", 4))
+        runs.append(measure("diana-star", pipeline["receive"].pid, files_b, ports["diana"], "DIANA", 4))
+        runs.append(measure("storescp", scp.pid, files_b, ports["storescp"], "ANY", 4))
         if orthanc:
-            runs.append(measure("orthanc", orthanc.pid, files_b, BENCH_PORTS["orthanc"], "ORTHANC", 4))
+            runs.append(measure("orthanc", orthanc.pid, files_b, ports["orthanc"], "ORTHANC", 4))
 
         # Re-index the whole instance topic with a fresh consumer.
-        events = len(files) * 2
+        events = len(files) * 2 + len(files_w)
         t0 = time.monotonic()
         rx = reindex_instances(config, bench_env(config))
         if rx.returncode != 0:
@@ -371,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             profiler = Profiler(pipeline["receive"].pid, work / "receiver.folded")
             profiler.start()
             time.sleep(1)  # py-spy attaches
-            send(files_p, BENCH_PORTS["diana"], "DIANA", 1)
+            send(files_p, ports["diana"], "DIANA", 1)
             receiver_profile = profiler.stop()
             if receiver_profile is not None:
                 receiver_profile["instances"] = len(files_p)
@@ -394,8 +415,13 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for r in runs
             ],
+            "startup": {
+                "instances": len(files_w),
+                "searchable_s": round(startup_s, 2),
+                "receipt_to_searchable_max_s": round(max(startup_latencies), 3),
+            },
             "end_to_end": {
-                "archived": archived,
+                "archived": archived,  # the warm-up's instances included
                 "searchable_s": round(searchable_s, 2),
                 "pipeline_cpu_s": cpu_by_process,
                 "searchable_vs_storescp": round(searchable_s / reference[1], 2),
@@ -500,6 +526,8 @@ def render(result: dict) -> str:
         f"{e['searchable_s']} s after the first send ({e['searchable_vs_storescp']} × storescp's wall time); "
         f"receipt to searchable p50 {lat['p50']} s, p95 {lat['p95']} s, p99 {lat['p99']} s. "
         f"Stability window (series completion, not included): {e['stability_window_s']}.",
+        f"Start-up (not in those figures): {result['startup']['instances']} warm-up instances sent once the "
+        f"receiver answered C-ECHO were all searchable {result['startup']['searchable_s']} s later.",
         "CPU seconds of each pipeline process during that run: "
         + ", ".join(f"{k} {v}" for k, v in e["pipeline_cpu_s"].items())
         + ".",

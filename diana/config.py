@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -88,6 +89,13 @@ class OpenSearchConfig:
     # Replicas of every index diana creates (its index templates): 0 on one node (a replica
     # there could never be allocated), 1 on a cluster of two nodes or more (`diana stack start --cluster`).
     number_of_replicas: int = 0
+    # How often new documents become searchable (every index diana creates; its templates). Each refresh
+    # writes a small segment, merged later: shorter costs OpenSearch CPU (docs/PERFORMANCE.md, issue 19).
+    refresh_interval: str = "1s"
+    # The live sink asks each bulk request to refresh the shards it wrote (`refresh=true`): its documents
+    # are searchable when the write returns instead of at the next scheduled refresh. Off: the runs of
+    # issue 19 did not agree on whether it helps (docs/PERFORMANCE.md).
+    refresh_on_write: bool = False
     # HTTP basic authentication (with an https url): the user, and its password from
     # DIANA_OPENSEARCH_PASSWORD or password_file. ca_file: the (private) CA of the server's
     # certificate; empty: the system's CAs. Credentials in the url itself are refused.
@@ -178,9 +186,10 @@ class SinksConfig:
     archive_conflict_policy: str = ConflictPolicy.KEEP_FIRST
     # A bulk request holds at most this many documents and about this many bytes.
     bulk_max_bytes: int = 5_000_000
-    # A sink writes what it has at the latest this long after asking for a batch (a full batch
-    # goes at once): the bound a quiet moment adds to receipt-to-searchable.
-    max_wait_s: float = 0.2
+    # A sink writes at once what its consumer has already fetched; a batch that starts on an empty
+    # queue waits this long after its first message for more (fewer, larger bulk requests under a
+    # trickle): the bound a quiet moment adds to receipt-to-searchable.
+    max_wait_s: float = 0.05
     # A killed sink's partitions go to another member (or its restart) after this long; Kafka's
     # default is 45 s. The dose worker uses 10 s too (stream_apps/app.py).
     session_timeout_s: float = 10.0
@@ -596,6 +605,10 @@ def _check_security(sections: dict[str, Any]) -> None:
         raise ConfigError("[opensearch] url: the nodes of one cluster are all https:// or all http://, not a mix")
     if search.number_of_replicas < 0:
         raise ConfigError(f"[opensearch] number_of_replicas = {search.number_of_replicas}: use 0 or more")
+    if not re.fullmatch(r"\d+(ms|s|m)", search.refresh_interval):
+        raise ConfigError(
+            f'[opensearch] refresh_interval = {search.refresh_interval!r}: use a duration such as "1s" or "500ms"'
+        )
     storage = sections["storage"]
     if storage.s3_ca_file and storage.s3_endpoint.startswith("http://"):
         raise ConfigError(

@@ -199,6 +199,7 @@ class Reindexer:
         conflict_policy: str = ConflictPolicy.KEEP_FIRST,
         parallel_requests: int = 4,
         number_of_replicas: int = 0,
+        refresh_interval: str | None = None,
         processes: int = 1,
         opensearch: OpenSearchConfig | None = None,
         log_config: LogConfig | None = None,
@@ -211,6 +212,7 @@ class Reindexer:
         self.processes, self.opensearch = processes, opensearch
         self.log_config = log_config or LogConfig()
         self.number_of_replicas = number_of_replicas  # of the new versions ([opensearch])
+        self.refresh_interval = refresh_interval  # put on the new versions before the swap ([opensearch])
         self.max_bytes, self.batch = max_bytes, batch
         # Bulk requests in flight at once: OpenSearch indexes them on all its cores while the
         # next batch is decoded here.
@@ -233,7 +235,7 @@ class Reindexer:
         return each index's refresh interval from its template, put back before the swap."""
         refresh = {}
         for kind in kinds:
-            install_template(self.client, self.layout, kind, self.number_of_replicas)
+            install_template(self.client, self.layout, kind, self.number_of_replicas, self.refresh_interval)
             index = self.layout.index(kind, version)
             self.client.indices.create(index=index)
             settings = self.client.indices.get_settings(index=index)[index]["settings"]["index"]

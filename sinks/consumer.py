@@ -8,14 +8,15 @@ are sent to ``dicom.deadletter`` (with their origin) before the commit, so nothi
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import structlog
-from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
-from prometheus_client import Counter
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, Message, TopicPartition
+from prometheus_client import Counter, Histogram
 
 from diana.clients import kafka_consumer, kafka_producer
 from diana.config import KafkaConfig
@@ -35,6 +36,18 @@ __all__ = [
 log = structlog.get_logger("diana.sink")
 
 DEADLETTERED = Counter("diana_sink_deadletters_total", "Messages a sink parked in dicom.deadletter", ["sink"])
+# Where receipt-to-searchable goes in a sink (docs/PERFORMANCE.md, issue 19): how long a batch's write took,
+# and how old its messages were (from their Kafka timestamp) when it was written. Replayed messages are old.
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 120.0)
+WRITE_SECONDS = Histogram(
+    "diana_sink_write_seconds", "A batch's write, retries included", ["sink"], buckets=_LATENCY_BUCKETS
+)
+EVENT_AGE = Histogram(
+    "diana_sink_event_age_seconds",
+    "Age of each message (now minus its Kafka timestamp) when its batch was written",
+    ["sink"],
+    buckets=_LATENCY_BUCKETS,
+)
 
 
 class RetryableError(RuntimeError):
@@ -165,12 +178,13 @@ def run_sink(
     stop: threading.Event,
     batch_size: int = 500,
     on_batch: Callable[[int], None] | None = None,
-    max_wait_s: float = 0.5,
+    max_wait_s: float = 0.05,
     session_timeout_s: float = 10.0,
 ) -> None:
-    """Consume, write, commit until ``stop``. A batch is written as soon as it holds ``batch_size``
-    messages or ``max_wait_s`` after the sink asked for it, whichever comes first: under load the
-    batches are full, on a trickle each event waits at most ``max_wait_s``.
+    """Consume, write, commit until ``stop``. A batch is what the consumer has already fetched (up to
+    ``batch_size``), written at once; only a batch that starts on an empty queue waits, ``max_wait_s``
+    after its first message, for more (``_next_batch``). Under load the batches grow by themselves
+    (whatever arrived during the previous write), and no event waits for a batch to fill.
 
     Offsets are committed asynchronously, after the write: a synchronous commit waits without a
     bound inside librdkafka (confluent-kafka-python issue 1801), and one that never returned after a
@@ -206,7 +220,8 @@ def run_sink(
     log.info("sink.started", sink=sink.name, group=group_id, topics=list(sink.topics))
     try:
         while not stop.is_set():
-            messages = consumer.consume(batch_size, timeout=max_wait_s)
+            asked_at = time.time()
+            messages = _next_batch(consumer, batch_size, max_wait_s)
             batch = []
             for msg in messages:
                 err = msg.error()
@@ -224,9 +239,11 @@ def run_sink(
                     except KafkaException:  # nothing consumed on the current assignment: nothing owed
                         pass
                 continue
+            write_started = time.time()
             if not write_until_done(sink, batch, dead, stop):
                 log.info("sink.stopping_uncommitted", sink=sink.name, messages=len(batch))
                 return
+            _observe_batch(sink.name, batch, asked_at, write_started, time.time())
             try:
                 # The consumer's positions, not the batch's last offsets + 1: on topics written in
                 # transactions (series, studies) the position is past the commit marker, which no
@@ -241,6 +258,50 @@ def run_sink(
     finally:
         consumer.close()
         log.info("sink.stopped", sink=sink.name)
+
+
+# How long an idle sink waits for a first message before it looks at ``stop`` (and owed commits) again.
+_IDLE_WAIT_S = 0.5
+
+
+def _next_batch(consumer: Any, batch_size: int, linger_s: float) -> list[Message]:
+    """The next batch: what is already fetched, at once (the events that came during the previous write);
+    on an empty queue the first event to come and what follows it within ``linger_s``.
+
+    ``consume(n, timeout)`` alone returns only when it has ``n`` messages or the timeout passed: under a
+    trickle every event waited the whole timeout for a batch that never filled (issue 19: up to 0.2 s of
+    receipt -> searchable, 0.5 s before that)."""
+    messages = consumer.consume(batch_size, timeout=0)
+    if messages:
+        return messages
+    messages = consumer.consume(1, timeout=_IDLE_WAIT_S)
+    if messages and batch_size > 1 and linger_s > 0:
+        messages += consumer.consume(batch_size - 1, timeout=linger_s)
+    return messages
+
+
+def _observe_batch(name: str, batch: list[Message], asked_at: float, write_started: float, written_at: float) -> None:
+    """Metrics of a written batch, and at debug level its timeline with its offsets (bench/latency_chain.py
+    joins them with the events to split receipt-to-searchable into stages)."""
+    WRITE_SECONDS.labels(name).observe(written_at - write_started)
+    ages = EVENT_AGE.labels(name)
+    offsets: dict[str, list[int]] = {}
+    for msg in batch:
+        kind, stamp = msg.timestamp()
+        if kind != TIMESTAMP_NOT_AVAILABLE:
+            ages.observe(max(0.0, written_at - stamp / 1000))
+        span = offsets.setdefault(f"{msg.topic()}/{msg.partition()}", [msg.offset(), msg.offset()])
+        span[0], span[1] = min(span[0], msg.offset()), max(span[1], msg.offset())
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "sink.batch_written",
+            sink=name,
+            messages=len(batch),
+            asked_at=asked_at,
+            consumed_at=write_started,
+            written_at=written_at,
+            offsets=offsets,
+        )
 
 
 def run_sinks(

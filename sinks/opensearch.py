@@ -37,24 +37,31 @@ INDEXED = Counter("diana_opensearch_indexed_total", "Documents written to OpenSe
 _TEMPLATES = resources.files("diana.sinks") / "templates"
 
 
-def install_template(client: OpenSearch, layout: IndexLayout, kind: str, replicas: int = 0) -> None:
+def install_template(
+    client: OpenSearch, layout: IndexLayout, kind: str, replicas: int = 0, refresh_interval: str | None = None
+) -> None:
     """Put the project's template for ``kind``; it applies to every version ``<alias>-vN``.
 
     ``replicas`` ([opensearch] number_of_replicas) replaces the template's own: 0 on one node, 1 on a
-    cluster, where a node can stop and every shard still has a copy on another.
+    cluster, where a node can stop and every shard still has a copy on another. ``refresh_interval``
+    ([opensearch] refresh_interval), when given, replaces the template's (indices created from now on).
     """
     body = json.loads((_TEMPLATES / f"{kind}.json").read_text())
     body.setdefault("settings", {})["number_of_replicas"] = replicas
+    if refresh_interval:
+        body["settings"]["refresh_interval"] = refresh_interval
     client.indices.put_index_template(
         name=layout.alias(kind),
         body={"index_patterns": [f"{layout.alias(kind)}-v*"], "template": body, "priority": 100},
     )
 
 
-def ensure_indices(client: OpenSearch, layout: IndexLayout, replicas: int = 0) -> None:
+def ensure_indices(
+    client: OpenSearch, layout: IndexLayout, replicas: int = 0, refresh_interval: str | None = None
+) -> None:
     """Install the index templates and create each versioned index with its alias, if missing."""
     for kind in layout.id_fields:
-        install_template(client, layout, kind, replicas)
+        install_template(client, layout, kind, replicas, refresh_interval)
         if not client.indices.exists_alias(name=layout.alias(kind)):
             index = layout.index(kind)
             if not client.indices.exists(index=index):
@@ -157,9 +164,15 @@ class OpenSearchSink:
         topics: tuple[str, ...] | None = None,
         parallel_requests: int = 1,
         number_of_replicas: int = 0,
+        refresh_interval: str | None = None,
+        refresh_on_write: bool = False,
     ):
         self.client = client
         self.number_of_replicas = number_of_replicas  # of the indices it creates ([opensearch])
+        self.refresh_interval = refresh_interval
+        # [opensearch] refresh_on_write: the refresh runs inside the bulk request, on OpenSearch's write
+        # thread, instead of waiting for the next scheduled one on the (one-thread) refresh pool.
+        self._bulk_params = {"refresh": "true"} if refresh_on_write else {}
         # A subset of the topics (the live sink runs instances apart from the aggregates: the
         # aggregator's revisions never wait in front of instance documents).
         if topics is not None:
@@ -179,6 +192,20 @@ class OpenSearchSink:
         self.layout = layout
         self.codec = codec or default_codec()
         self._indices_ready = False
+
+    def prepare_indices(self) -> bool:
+        """Install the templates and create the indices now, before consuming: done with the first batch
+        instead, it held that batch's events seconds (index creation) behind a pipeline's start (issue 19).
+        False if OpenSearch does not answer: the first batch tries again (and retries until it does)."""
+        if self._indices_ready or self.index_version is not None:
+            return True
+        try:
+            ensure_indices(self.client, self.layout, self.number_of_replicas, self.refresh_interval)
+        except (OSConnectionError, TransportError) as exc:
+            log.warning("opensearch.indices_later", error=str(exc))
+            return False
+        self._indices_ready = True
+        return True
 
     def write(self, batch: list[Message], dead: DeadLetters) -> None:
         self.write_prepared(self.prepare(batch), dead)
@@ -250,11 +277,11 @@ class OpenSearchSink:
     def _bulk(self, request: _BulkRequest, dead: DeadLetters) -> None:
         try:
             if not self._indices_ready and self.index_version is None:
-                ensure_indices(self.client, self.layout, self.number_of_replicas)
+                ensure_indices(self.client, self.layout, self.number_of_replicas, self.refresh_interval)
                 self._indices_ready = True
             # Only each item's status and error come back: the rest of an answer (index, id, version,
             # shards, sequence numbers: ~200 bytes per document) would be parsed for nothing.
-            result = self.client.bulk(body=request.body, filter_path=_BULK_ANSWER)
+            result = self.client.bulk(body=request.body, filter_path=_BULK_ANSWER, params=self._bulk_params)
         except (OSConnectionError, TransportError) as exc:
             raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
         pending = request.items

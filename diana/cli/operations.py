@@ -79,6 +79,7 @@ def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
         max_bytes=cfg.sinks.bulk_max_bytes,
         conflict_policy=cfg.sinks.archive_conflict_policy,
         number_of_replicas=cfg.opensearch.number_of_replicas,
+        refresh_interval=cfg.opensearch.refresh_interval,
         processes=args.processes or min(os.cpu_count() or 1, 4),
         opensearch=cfg.opensearch,
         log_config=cfg.log,

@@ -210,9 +210,13 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
                 conflict_policy=cfg.sinks.archive_conflict_policy,
                 topics=topics,
                 number_of_replicas=cfg.opensearch.number_of_replicas,
+                refresh_interval=cfg.opensearch.refresh_interval,
+                refresh_on_write=cfg.opensearch.refresh_on_write,
             )
             for topics in ((INSTANCES.name,), others)
         ]
+        for each in sinks:
+            each.prepare_indices()
         group, port = cfg.sinks.opensearch_group, cfg.sinks.opensearch_metrics_port
     start_metrics(cfg, port)
     batch = 100 if args.sink == "metadata" else cfg.opensearch.bulk_max_docs  # series revisions: few, each heavy
