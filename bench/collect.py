@@ -25,6 +25,7 @@ from pathlib import Path
 
 import requests
 
+from bench.pipeline_steps import stop_processes, stop_stack
 from tests.support.pacscorpus import load_into_orthanc, make_pacs_study
 
 REPO = Path(__file__).resolve().parent.parent
@@ -202,15 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=1))
         return 0 if retrieved == args.studies else 1
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        stack.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_processes(procs)
+        stop_stack(stack, work)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.pipeline_steps import reindex_instances
+from bench.pipeline_steps import reindex_instances, stop_processes, stop_stack
 from bench.profile import Profiler
 from tests.support.dicomgen import SeriesSpec, make_study
 
@@ -438,17 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         result["targets"] = targets(result)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        stack.stop()
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(stack._opensearch_dir(), ignore_errors=True)
+        stop_processes(procs)
+        stop_stack(stack, work)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     table = render(result)

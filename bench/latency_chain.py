@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.ingest import BENCH_PORTS, REPO, bench_env, corpus, diana, diana_config, pct, send, wait_for_echo
+from bench.pipeline_steps import stop_processes, stop_stack
 
 STAGES = ("receipt→produce", "produce→asked", "batch wait", "bulk write", "written→searchable", "total")
 
@@ -339,17 +338,8 @@ def main(argv: list[str] | None = None) -> int:
             + (f", refresh_on_write {args.refresh_on_write}" if args.refresh_on_write else ""),
         }
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        stack.stop()
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(stack._opensearch_dir(), ignore_errors=True)
+        stop_processes(procs)
+        stop_stack(stack, work)
     print(render(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,12 +3,14 @@ when the client's queue is full, and `diana reindex` of the instance topic run t
 
 from __future__ import annotations
 
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["produce_instance_event", "reindex_instances"]
+__all__ = ["produce_instance_event", "reindex_instances", "stop_processes", "stop_stack"]
 
 _REPO = Path(__file__).resolve().parents[1]  # the tree whose `diana` the reindex runs
 
@@ -34,3 +36,24 @@ def reindex_instances(config: Path, env: dict[str, str]) -> subprocess.Completed
     """`diana reindex --kinds instances` with ``config``, run to its end (output captured)."""
     command = [sys.executable, "-m", "diana.cli", "--config", str(config), "reindex", "--kinds", "instances"]
     return subprocess.run([*command, "--no-progress"], cwd=_REPO, env=env, capture_output=True, text=True)
+
+
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every process still running, then wait up to 30 s for each; kill what does not end."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def stop_stack(stack: Any, work: Path | None) -> None:
+    """Stop a bench's Kafka and OpenSearch (``LocalStack``) and remove OpenSearch's data and ``work``
+    (None: the work folder is kept)."""
+    stack.stop()
+    shutil.rmtree(stack._opensearch_dir(), ignore_errors=True)
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)

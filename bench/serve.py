@@ -36,7 +36,7 @@ from typing import Any
 import requests
 
 from bench.ingest import REPO, bench_env, diana, diana_config, pct, send, start_orthanc, start_storescp, wait_for_echo
-from bench.pipeline_steps import reindex_instances
+from bench.pipeline_steps import reindex_instances, stop_processes, stop_stack
 from bench.profile import Profiler
 from bench.serve_fill import produce_filler_events, send_folders, write_fillers
 from tests.support.dicomgen import make_instance
@@ -568,20 +568,10 @@ def main(argv: list[str] | None = None) -> int:
             ],
         }
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        stack.stop()
+        stop_processes(procs)
+        stop_stack(stack, None if args.keep else work)
         if args.keep:
             print(f"kept {work}", flush=True)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(stack._opensearch_dir(), ignore_errors=True)
         if orthanc_home:
             shutil.rmtree(orthanc_home["StorageDirectory"], ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
