@@ -259,9 +259,16 @@ def test_topics_have_three_replicas_and_two_in_sync(cluster) -> None:
     changelog = "diana-cluster-test-state-changelog"
     assert ensure_state_topics(cfg, [changelog]) == 3
     admin = kafka_admin(cfg.kafka)
+    names = (INSTANCES.name, SERIES.name, STUDIES.name, changelog)
+    # A topic just created reaches every broker's metadata a moment later: the broker that answers may
+    # not know the changelog yet (seen on a clean clone: KeyError right after its creation).
+    deadline = time.monotonic() + 30
     metadata = admin.list_topics(timeout=10)
+    while not all(name in metadata.topics for name in names) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        metadata = admin.list_topics(timeout=10)
     assert len(metadata.brokers) == 3
-    for name in (INSTANCES.name, SERIES.name, STUDIES.name, changelog):
+    for name in names:
         partitions = metadata.topics[name].partitions
         assert len(partitions) == cfg.kafka.partitions
         assert all(len(p.replicas) == 3 for p in partitions.values()), name
