@@ -172,8 +172,7 @@ class DicomWeb:
         except IdentifierError as exc:
             return _error(400, str(exc), "wado")
         try:
-            # Every field but the DICOM JSON header is a keyword, read from its doc values.
-            docs = list(self.reader.documents(query, source, 65535, page, doc_values="dicom" not in source))
+            docs = list(self.reader.documents(query, source, 65535, page))
         except (OSConnectionError, TransportError):
             return _error(503, "the index does not answer; retry later", "wado")
         if not docs:

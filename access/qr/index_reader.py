@@ -62,6 +62,10 @@ RETRIEVE_FIELDS = [
     "sop_class_uid",
     "transfer_syntax_uid",
 ]
+# A scan of these fields only reads them from their doc values rather than from each document's stored
+# source, which OpenSearch must decompress and filter hit by hit (a 1,000-instance series' UIDs: about
+# a third less time, docs/PERFORMANCE.md): keywords of one value each (sinks/templates/instances.json).
+_DOC_VALUE_FIELDS = frozenset(RETRIEVE_FIELDS)
 
 
 class Match:
@@ -178,24 +182,19 @@ class IndexReader:
 
     def instances(self, query: Query, limit: int) -> list[dict[str, Any]]:
         """The instances a C-MOVE/C-GET of ``query`` sends (at most ``limit``)."""
-        return list(self._scan(query_for(query), RETRIEVE_FIELDS, limit, RETRIEVE_PAGE, doc_values=True))
+        return list(self._scan(query_for(query), RETRIEVE_FIELDS, limit, RETRIEVE_PAGE))
 
-    def documents(
-        self, query: Query, source: list[str], limit: int, page: int = PAGE, doc_values: bool = False
-    ) -> Iterator[dict[str, Any]]:
+    def documents(self, query: Query, source: list[str], limit: int, page: int = PAGE) -> Iterator[dict[str, Any]]:
         """The instance documents matching ``query`` (fields ``source``), in SOP Instance UID order,
-        asked ``page`` at a time (RETRIEVE_PAGE for a few small fields each).
-
-        ``doc_values``: the fields are keywords, read from their doc values instead of each document's
-        stored source, which OpenSearch must decompress and filter hit by hit (a 1,000-instance
-        series' UIDs: about a third less time, docs/PERFORMANCE.md)."""
-        return self._scan(query_for(query), source, limit, page, doc_values)
+        asked ``page`` at a time (RETRIEVE_PAGE for a few small fields each)."""
+        return self._scan(query_for(query), source, limit, page)
 
     def _scan(
-        self, os_query: dict[str, Any], source: list[str], limit: int, page: int = PAGE, doc_values: bool = False
+        self, os_query: dict[str, Any], source: list[str], limit: int, page: int = PAGE
     ) -> Iterator[dict[str, Any]]:
         after = None
         found = 0
+        doc_values = bool(source) and _DOC_VALUE_FIELDS.issuperset(source)
         while found < limit:
             body: dict[str, Any] = {
                 "size": min(page, limit - found),
