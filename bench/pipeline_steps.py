@@ -1,5 +1,6 @@
 """Steps several benches take the same way: an InstanceArrived event produced without dropping it
-when the client's queue is full, and `diana reindex` of the instance topic run to its end."""
+when the client's queue is full, `diana reindex` of the instance topic run to its end, and the
+teardown of a bench's processes and local stack."""
 
 from __future__ import annotations
 
