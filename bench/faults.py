@@ -142,6 +142,7 @@ class Suite:
         self.dose_reports: dict[Path, str] = {}  # a dose report of the corpus -> its study
         self.lags: dict[str, int] = {}  # "group topic" -> lag, where not zero (the last check)
         self.archived_ok: set[Path] = set()  # acknowledged instances already found byte-identical
+        self.left_before: set[str] = set()  # landing objects there when the scenario began
         self.config_file.write_text(self.config_text(work, PORTS["diana"], PORTS["aggregates"]) + self.stack_text())
         self.cfg = load_config(self.config_file, environ=self.s3_keys())
         from diana.compose.local.stack import local_stack
@@ -602,10 +603,12 @@ cluster = {"true" if self.cluster else "false"}
         outcome.studies_exact = f"{studies_ok}/{len(by_study)}"
         if series_ok != len(by_series) or studies_ok != len(by_study):
             problems.append(f"aggregates exact: series {outcome.series_exact}, studies {outcome.studies_exact}")
-        orphans = self.leftovers()
+        # Objects an earlier scenario left are its failure, reported there, not this one's.
+        orphans = [o for o in self.leftovers() if o not in self.left_before]
         outcome.orphans = len(orphans)
         if orphans:
-            problems.append(f"{len(orphans)} objects left in the landing store")
+            shown = ", ".join(o.rsplit("/", 1)[-1][:16] for o in orphans[:5])
+            problems.append(f"{len(orphans)} objects left in the landing store ({shown})")
         return problems
 
     def check_dose(self, client: Any, studies: list[str], outcome: Outcome) -> list[str]:
@@ -771,6 +774,9 @@ def run_scenario(suite: Suite, name: str, inject: Callable[[], None], timeout: f
     suite.acked_on.clear()
     suite.archived_ok.clear()
     suite.notes = []
+    suite.left_before = set(suite.leftovers())
+    if suite.left_before:
+        suite.notes.append(f"{len(suite.left_before)} objects in the landing store before the scenario (not counted)")
     acked: set = set()
     attempts = [0]
     abort = threading.Event()
@@ -828,6 +834,9 @@ def run_scenario(suite: Suite, name: str, inject: Callable[[], None], timeout: f
     letters = suite._new_deadletters(dl_start)
     outcome.deadletters = len(letters)
     outcome.unexplained_deadletters = sum(1 for d in letters if not d.get("reason") or not d.get("origin"))
+    # Dead letters with a reason pass, but when another invariant fails their reasons say why.
+    reasons = Counter(f"{d.get('sink', '?')}: {d.get('reason', '')[:300]}" for d in letters)
+    suite.notes += [f"dead letter x{count}: {reason}" for reason, count in reasons.most_common(5)]
     if outcome.unexplained_deadletters:
         problems.append(f"{outcome.unexplained_deadletters} dead letters without reason or origin")
     if len(acked) < len(files):

@@ -57,4 +57,5 @@ def test_every_invariant_holds(outcomes, scenario):
     o = outcomes[scenario]
     # On failure the threads of every pipeline process (py-spy) say where a stalled one waits.
     stacks = "".join(f"\n--- {name}\n{stack}" for name, stack in o["stacks"].items())
-    assert o["passed"], "; ".join(o["problems"]) + stacks
+    notes = "".join(f"\n{note}" for note in o["notes"])
+    assert o["passed"], "; ".join(o["problems"]) + notes + stacks
