@@ -9,23 +9,16 @@ import time
 import uuid
 
 from confluent_kafka import TopicPartition
-from confluent_kafka.admin import NewTopic
 
-from diana.clients import kafka_admin, kafka_consumer, kafka_producer
+from diana.clients import kafka_consumer
 from diana.sinks.consumer import _next_batch
+from tests.support.helpers import topic_with_events
 
 LONG_LINGER_S = 10.0  # far longer than any wait the assertions allow: a batch that lingered would fail them
 
 
 def _topic_with(cfg, count: int) -> str:
-    topic = f"test-batching-{uuid.uuid4().hex[:8]}"
-    admin = kafka_admin(cfg.kafka)  # kept until the topic exists: a destroyed client fails its futures
-    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
-    producer = kafka_producer(cfg.kafka)
-    for i in range(count):
-        producer.produce(topic, value=f"event {i}".encode())
-    assert producer.flush(30) == 0
-    return topic
+    return topic_with_events(cfg, "test-batching", count)
 
 
 def _consumer_on(cfg, topic: str):

@@ -12,10 +12,10 @@ import time
 import uuid
 
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-from confluent_kafka.admin import NewTopic
 
-from diana.clients import kafka_admin, kafka_consumer, kafka_producer
+from diana.clients import kafka_admin, kafka_consumer
 from diana.sinks.consumer import _commit_written
+from tests.support.helpers import topic_with_events
 
 ROUNDS = 20
 
@@ -38,13 +38,7 @@ def _consume(consumer, count: int, timeout: float = 30.0) -> list:
 def test_a_commit_never_covers_messages_consumed_after_it(stack, cfg):
     """Each round: consume 5 (the batch written), commit, consume the next 5 at once (fetched already:
     a batch not written yet), then read the group's offset: it must be the end of the first 5."""
-    topic = f"test-sink-commit-{uuid.uuid4().hex[:8]}"
-    admin = kafka_admin(cfg.kafka)
-    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
-    producer = kafka_producer(cfg.kafka)
-    for i in range(ROUNDS * 10):
-        producer.produce(topic, value=f"event {i}".encode())
-    assert producer.flush(30) == 0
+    topic = topic_with_events(cfg, "test-sink-commit", ROUNDS * 10)
     group = f"test-sink-commit-{uuid.uuid4().hex[:8]}"
     consumer = kafka_consumer(cfg.kafka, group, {"enable.auto.commit": False, "auto.offset.reset": "earliest"})
     consumer.subscribe([topic])
@@ -55,9 +49,12 @@ def test_a_commit_never_covers_messages_consumed_after_it(stack, cfg):
             time.sleep(0.2)  # the next messages are fetched meanwhile
             _commit_written(consumer)
             _consume(consumer, 5)  # returned, offsets stored, not "written"
-            time.sleep(0.5)  # the commit has reached the broker by now
             expected = written[-1].offset() + 1
-            if (found := _committed(cfg, group, topic)) != expected:
+            # Until the commit has reached the broker (a fixed sleep was a guess); then it must be exact.
+            deadline = time.monotonic() + 30
+            while (found := _committed(cfg, group, topic)) < expected and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if found != expected:
                 wrong.append(f"round {round_}: committed {found}, written up to {expected}")
             _commit_written(consumer)  # the second five "written": the next round starts past them
         assert not wrong, wrong

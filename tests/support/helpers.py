@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pydicom
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import NewTopic
 
-from diana.clients import kafka_admin, kafka_consumer, opensearch_client
+from diana.clients import kafka_admin, kafka_consumer, kafka_producer, opensearch_client
 from diana.config import Config
 from diana.operations import status
 from diana.schemas.codec import DecodeError, default_codec
@@ -145,6 +146,18 @@ def suboperation_counts(output: str) -> dict[str, int]:
                 if value.isdigit():
                     counts[name] = int(value)
     return counts
+
+
+def topic_with_events(cfg: Config, prefix: str, count: int) -> str:
+    """A new topic of one partition (named ``prefix-<random>``) holding ``count`` messages ``event i``."""
+    topic = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    admin = kafka_admin(cfg.kafka)  # kept until the topic exists: a destroyed client fails its futures
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    producer = kafka_producer(cfg.kafka)
+    for i in range(count):
+        producer.produce(topic, value=f"event {i}".encode())
+    assert producer.flush(30) == 0
+    return topic
 
 
 def group_lag(cfg: Config, group: str, topics: list[str]) -> int:
