@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 __all__ = ["shared_metrics"]
 
+_PREFIX = "diana-receiver-metrics-"
+
 
 @contextmanager
 def shared_metrics(port: int, host: str) -> Iterator[Callable[[], None]]:
@@ -24,7 +26,8 @@ def shared_metrics(port: int, host: str) -> Iterator[Callable[[], None]]:
     workers are forked (its server thread should not be running while the parent forks). The
     folder goes at the end.
     """
-    folder = tempfile.mkdtemp(prefix="diana-receiver-metrics-")
+    _remove_folders_of_dead_receivers()
+    folder = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
 
     def serve() -> None:
@@ -40,3 +43,25 @@ def shared_metrics(port: int, host: str) -> Iterator[Callable[[], None]]:
         yield serve
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_folders_of_dead_receivers() -> None:
+    """Folders left by receivers that were killed (SIGKILL skips the clean-up above): each folder is
+    named after the parent's pid, and a folder whose process is gone has no reader and no writer."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        if not name.startswith(_PREFIX):
+            continue
+        pid = name[len(_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

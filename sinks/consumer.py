@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 log = structlog.get_logger("diana.sink")
+_STDLIB_LOG = logging.getLogger("diana.sink")
 
 DEADLETTERED = Counter("diana_sink_deadletters_total", "Messages a sink parked in dicom.deadletter", ["sink"])
 # Where receipt-to-searchable goes in a sink (docs/PERFORMANCE.md, issue 19): how long a batch's write took,
@@ -299,14 +300,17 @@ def _observe_batch(name: str, batch: list[Message], asked_at: float, write_start
     joins them with the events to split receipt-to-searchable into stages)."""
     WRITE_SECONDS.labels(name).observe(written_at - write_started)
     ages = EVENT_AGE.labels(name)
-    offsets: dict[str, list[int]] = {}
     for msg in batch:
         kind, stamp = msg.timestamp()
         if kind != TIMESTAMP_NOT_AVAILABLE:
             ages.observe(max(0.0, written_at - stamp / 1000))
-        span = offsets.setdefault(f"{msg.topic()}/{msg.partition()}", [msg.offset(), msg.offset()])
-        span[0], span[1] = min(span[0], msg.offset()), max(span[1], msg.offset())
-    if log.isEnabledFor(logging.DEBUG):
+    # Asked of the standard-library logger that structlog writes through: a structlog logger asked
+    # before logging is configured (a sink run in a test's own process) has no such method.
+    if _STDLIB_LOG.isEnabledFor(logging.DEBUG):
+        offsets: dict[str, list[int]] = {}
+        for msg in batch:
+            span = offsets.setdefault(f"{msg.topic()}/{msg.partition()}", [msg.offset(), msg.offset()])
+            span[0], span[1] = min(span[0], msg.offset()), max(span[1], msg.offset())
         log.debug(
             "sink.batch_written",
             sink=name,
