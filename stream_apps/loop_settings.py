@@ -54,7 +54,7 @@ class LoopSettings:
     changelog: str
     # Messages per transaction at most. Each transaction waits for two broker round trips
     # (send_offsets_to_transaction, commit_transaction) with the worker idle: at 500 a worker
-    # catching up used 0.7 of a core, at 2000 0.85 and ran 26-40 % faster (docs/PERFORMANCE.md,
+    # catching up used 0.7 of a core, at 2000 0.85 and ran 12-40 % faster (docs/PERFORMANCE.md,
     # issue 20, stop 21). A trickle is unaffected: consume() returns after 0.2 s at the latest.
     max_batch: int = 2000
     # Where a message whose handling raised goes, with its origin and the reason.
