@@ -29,6 +29,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from bench.cpu_share import PhaseCpu, process_cpu_s
 from bench.pipeline_steps import produce_instance_event
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,12 +138,6 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     return 0.0
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process: the load-independent cost (the machine is shared)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def worker(config: Path, log: Path, app_id: str, web_port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
     env.update({"DIANA_CONFIG": str(config), "DIANA_STREAM_APP_ID": app_id, "DIANA_STREAM_WEB_PORT": str(web_port)})
@@ -248,15 +243,22 @@ def main(argv: list[str] | None = None) -> int:
         one = worker(config, log1, "soak-one", PORTS["worker"])
         procs.append(one)
         assigned = wait_log(log1, "partitions.assigned", 1, 600)
+        broker = int(stack.kafka.pid_file.read_text().strip())
+        meter = PhaseCpu({"worker": one.pid, "broker": broker})
+        meter.start()
         done = wait_lag_zero(cfg, "soak-one", [one], args.timeout, args.poll)
+        meter.stop()
         result["one_worker"] = {
             "start_to_assigned_s": round(assigned - started, 1),
             "processing_s": round(done - assigned, 1),
             "events_per_s": round(args.events / (done - assigned)),
-            "cpu_s": round(cpu_s(one.pid), 1),
-            "events_per_cpu_s": round(args.events / cpu_s(one.pid)),
+            "cpu_s": round(process_cpu_s(one.pid), 1),
+            "events_per_cpu_s": round(args.events / process_cpu_s(one.pid)),
             "rss_mb_at_end": round(rss_mb(one.pid), 1),
             "rss_mb_peak": round(rss_mb(one.pid, "VmHWM"), 1),
+            # From assignment to a lag of 0: the worker's, the broker's and the machine's CPU.
+            "phase_cpu": meter.report(),
+            "uptime_at_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
         }
         print(json.dumps(result["one_worker"]), flush=True)
         save()
@@ -316,12 +318,20 @@ def main(argv: list[str] | None = None) -> int:
             pair = [worker(config, logs[i], "soak-two", PORTS["worker"] + 10 + i) for i in range(2)]
             procs += pair
             assigned = max(wait_log(log, "partitions.assigned", 1, 600) for log in logs)
+            meter = PhaseCpu({"worker_a": pair[0].pid, "worker_b": pair[1].pid, "broker": broker})
+            meter.start()
             done = wait_lag_zero(cfg, "soak-two", pair, args.timeout, args.poll)
+            meter.stop()
+            rate = (args.events + 10) / (done - assigned)
             result["two_workers"] = {
                 "processing_s": round(done - assigned, 1),
-                "events_per_s": round((args.events + 10) / (done - assigned)),
-                "cpu_s": [round(cpu_s(p.pid), 1) for p in pair],
+                "events_per_s": round(rate),
+                "ratio_to_one_worker": round(rate / result["one_worker"]["events_per_s"], 2),
+                "cpu_s": [round(process_cpu_s(p.pid), 1) for p in pair],
                 "rss_mb_at_end": [round(rss_mb(p.pid), 1) for p in pair],
+                # Workers + broker near the machine's CPU count: the phase was bound by the cores.
+                "phase_cpu": meter.report(),
+                "uptime_at_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
             }
             print(json.dumps(result["two_workers"]), flush=True)
         result["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()

@@ -7,7 +7,6 @@ at its end, writes each changed key once to the changelog and commits it all tog
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
@@ -15,6 +14,7 @@ import structlog
 from confluent_kafka import KafkaError, Message, Producer
 from prometheus_client import Counter
 
+from diana.stream_apps.state_json import state_json
 from diana.stream_apps.state_store import StateStore
 
 __all__ = ["Batch", "Handler"]
@@ -25,9 +25,6 @@ UNENCODABLE = Counter(
     "diana_stream_unencodable_total", "Records of the worker's own the schema refused (not published)", ["topic"]
 )
 
-# json.dumps(value, separators=...) builds a new encoder on every call (one changelog record per
-# changed key, a few per instance); this one encoder gives the same text.
-_JSON = json.JSONEncoder(separators=(",", ":"))
 _DELETED = object()
 _ABSENT = object()
 _SEP = "/"
@@ -66,8 +63,9 @@ class Batch:
         # encode and one record per changed key per transaction, not one per message.
         self._latest: dict[tuple[str, bytes], tuple[Any, Callable[[Any], bytes]]] = {}
         self._latest_undo: list[tuple[tuple[str, bytes], Any]] = []
-        # Per changelog partition: records sent, delivered, the highest offset delivered (the
-        # local file's checkpoint after the commit), and partitions with a failed delivery.
+        # Per changelog partition: delivery reports awaited and received (one: its last record's,
+        # see write_changelog), the offset delivered (the local file's checkpoint after the commit),
+        # and partitions with a failed delivery.
         self.sent: dict[int, int] = {}
         self.delivered: dict[int, int] = {}
         self.last_offset: dict[int, int] = {}
@@ -146,21 +144,31 @@ class Batch:
         self._latest.clear()
 
     def write_changelog(self) -> None:
-        """Each key changed in this batch, once, with its final value (None: deleted)."""
+        """Each key changed in this batch, once, with its final value (None: deleted).
+
+        Only each partition's last record asks for a delivery report, for the offset the local
+        file's checkpoint needs: the producer is idempotent, so a partition's records are written
+        in order without gaps, and the transaction commits only if every one of them was written
+        (a failed one fails the commit). A report per record was a Python callback per instance.
+        """
+        held: dict[int, tuple[bytes, bytes | None]] = {}  # partition -> its latest record, not yet produced
+        produce, changelog = self._producer.produce, self._changelog
         for (partition, namespace), changes in self._pending.items():
+            encoded = None
             for key, value in changes.items():
                 if value is _DELETED and self._store.get(partition, namespace, key) is None:
                     continue  # created and deleted within the batch, or never there
-                text = None if value is _DELETED else _JSON.encode(value)
-                self._producer.produce(
-                    self._changelog,
-                    key=f"{namespace}{_SEP}{key}".encode(),
-                    partition=partition,
-                    value=None if text is None else text.encode(),
-                    on_delivery=self._delivered,
-                )
-                self.encoded.setdefault(partition, []).append((namespace, key, text))
-                self.sent[partition] = self.sent.get(partition, 0) + 1
+                text = None if value is _DELETED else state_json(value)
+                before = held.get(partition)
+                if before is not None:
+                    produce(changelog, key=before[0], partition=partition, value=before[1])
+                held[partition] = (f"{namespace}{_SEP}{key}".encode(), None if text is None else text.encode())
+                if encoded is None:
+                    encoded = self.encoded.setdefault(partition, [])
+                encoded.append((namespace, key, text))
+        for partition, (key_bytes, value_bytes) in held.items():
+            produce(changelog, key=key_bytes, partition=partition, value=value_bytes, on_delivery=self._delivered)
+            self.sent[partition] = 1
 
     def _delivered(self, error: KafkaError | None, message: Message) -> None:
         partition = message.partition()

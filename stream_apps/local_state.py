@@ -26,6 +26,8 @@ from typing import Any
 
 import structlog
 
+from diana.stream_apps.state_json import state_json
+
 __all__ = ["Checkpoint", "LocalStateError", "LocalStates", "PartitionFile", "tail_refusal"]
 
 log = structlog.get_logger("diana.stream.local_state")
@@ -103,7 +105,7 @@ def _namespaces(db: sqlite3.Connection) -> Iterator[str]:
 
 def _encode(changes: Iterable[tuple[str, str, Any]]) -> Iterator[tuple[str, str, str | None]]:
     for namespace, key, value in changes:
-        yield namespace, key, None if value is None else json.dumps(value, separators=(",", ":"))
+        yield namespace, key, None if value is None else state_json(value)
 
 
 def _crc(namespace: str, key: str, value: str) -> int:

@@ -140,3 +140,38 @@ def test_a_failed_message_takes_back_what_it_published_and_an_unencodable_record
     batch.message_done()
     batch.send_latest()
     assert [(key, json.loads(value)) for _, key, value, _ in producer.records] == [(b"1.2.3", {"revision": 1})]
+
+
+class DeliveryRecorder(ChangelogRecorder):
+    """Also keeps, per record, whether it asked for a delivery report."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reported: list[bool] = []
+
+    def produce(self, topic, key=None, value=None, partition=None, headers=None, on_delivery=None) -> None:
+        super().produce(topic, key, value, partition, headers)
+        self.reported.append(on_delivery is not None)
+
+
+def test_only_each_partitions_last_changelog_record_asks_for_a_delivery_report():
+    store, producer = _Store(), DeliveryRecorder()
+    store.set(1, "open", "gone", 5)
+    batch = Batch(store, producer, "state")
+    for n in range(3):
+        batch.put(0, "seen", f"sop{n}", [n, "ab", 10, "s"])
+    batch.put(1, "seen", "sop9", [9, "cd", 10, "t"])
+    batch.put(0, "open", "s", 1000)
+    batch.delete(1, "open", "gone")
+    batch.write_changelog()
+
+    by_partition: dict[int, list[tuple[bytes, bool]]] = {}
+    for (_, key, _, partition), reported in zip(producer.records, producer.reported, strict=True):
+        by_partition.setdefault(partition, []).append((key, reported))
+    # Every changed key once, in the batch's order, and a report for the last of each partition only.
+    assert by_partition == {
+        0: [(b"seen/sop0", False), (b"seen/sop1", False), (b"seen/sop2", False), (b"open/s", True)],
+        1: [(b"seen/sop9", False), (b"open/gone", True)],
+    }
+    assert batch.sent == {0: 1, 1: 1}
+    assert [ns for ns, _, _ in batch.encoded[1]] == ["seen", "open"] and batch.encoded[1][1][2] is None
