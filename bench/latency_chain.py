@@ -1,12 +1,16 @@
 """Receipt → searchable, stage by stage (issue 19): where an instance's time goes between the receiver and search.
 
-    python -m bench.latency_chain --ct 200 --dx 50 --port-offset 1000 [--out FILE]
+    python -m bench.latency_chain --ct 200 --dx 50 --port-offset 1000 [--rate N] [--out FILE]
 
 Runs the whole pipeline (its own Kafka and OpenSearch on bench.ingest's ports shifted by ``--port-offset``;
 receiver, aggregates worker, archive and OpenSearch sinks), sends a few warm-up instances and waits
 until they are searchable (the start-up transient: sink joining its group, indices created), then
-sends the corpus from dcmtk ``storescu`` over one association while a thread polls OpenSearch every
-``--poll`` seconds. Afterwards it reads every event back from ``dicom.instances`` (partition, offset,
+sends the corpus from dcmtk ``storescu`` over one association (at full speed), or with ``--rate N`` from
+pynetdicom over one association at N instances a second (paced: the n-th C-STORE starts n/N s after the
+first, or as soon as the one before it returned if it is late), while a thread polls OpenSearch every
+``--poll`` seconds. Paced runs below the machine's throughput tell latency that is ours from latency that
+is a backlog: the machine's CPU busy fraction (``/proc/stat``, every core) is reported over the
+measurement and per second. Afterwards it reads every event back from ``dicom.instances`` (partition, offset,
 Kafka timestamp) and joins it with the OpenSearch sink's per-batch timeline (its ``sink.batch_written``
 debug lines: when it asked for the batch, when the batch came, when the bulk write returned), so each
 instance's latency splits into:
@@ -77,6 +81,74 @@ class Watcher(threading.Thread):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {len(self.seen)} of {count} instances searchable after {timeout} s")
             time.sleep(0.1)
+
+
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of every core since boot (``/proc/stat``): idle and iowait are not busy."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
+    return total - fields[3] - fields[4], total
+
+
+class CpuSampler(threading.Thread):
+    """The machine's CPU busy fraction in each second, so a run shows whether the cores were saturated."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.busy: list[float] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        last = cpu_times()
+        while not self.stop.wait(1.0):
+            now = cpu_times()
+            self.busy.append((now[0] - last[0]) / max(1, now[1] - last[1]))
+            last = now
+
+
+def busy_fraction(start: tuple[int, int], end: tuple[int, int]) -> float:
+    return round((end[0] - start[0]) / max(1, end[1] - start[1]), 3)
+
+
+def send_paced(files: list[Path], port: int, aec: str, rate: float) -> dict[str, float]:
+    """Send ``files`` over one pynetdicom association, the n-th C-STORE started n/rate s after the first
+    (at once if the one before returned later than that); its wall, the rate reached and the lateness."""
+    from pydicom.filereader import read_file_meta_info
+    from pynetdicom import AE
+
+    ae = AE(ae_title="LATENCY")
+    for pair in sorted({(m.MediaStorageSOPClassUID, m.TransferSyntaxUID) for m in map(read_file_meta_info, files)}):
+        ae.add_requested_context(*pair)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
+    assoc = ae.associate("127.0.0.1", port, ae_title=aec)
+    if not assoc.is_established:
+        raise RuntimeError(f"no association with {aec} on port {port}")
+    late: list[float] = []
+    failed = 0
+    started = time.monotonic()
+    try:
+        for n, path in enumerate(files):
+            due = started + n / rate
+            wait = due - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            else:
+                late.append(-wait)
+            status = assoc.send_c_store(path)  # by path: streamed from the file, as storescu does
+            if getattr(status, "Status", None) != 0:
+                failed += 1
+    finally:
+        assoc.release()
+    wall = time.monotonic() - started
+    if failed:
+        raise RuntimeError(f"{failed} C-STOREs failed")
+    return {
+        "rate_asked": rate,
+        "rate_reached": round(len(files) / wall, 1),
+        "wall_s": round(wall, 2),
+        "late_sends": len(late),
+        "late_max_s": round(max(late, default=0.0), 3),
+    }
 
 
 def read_events(bootstrap: str) -> dict[str, dict[str, Any]]:
@@ -216,8 +288,12 @@ def report(rows: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def render(result: dict[str, Any]) -> str:
+    cpu = result["cpu"]
     lines = [
         f"{result['instances']} instances, refresh {result['refresh_interval']}; load average before {result['load_before']}, after {result['load_after']}",
+        f"sender: {result['sender']}",
+        f"machine CPU busy (all cores): {cpu['busy']} from the first send to all searchable, {cpu['busy_sending']} while sending;"
+        f" per second p50 {cpu['per_second_p50']}, p95 {cpu['per_second_p95']}, seconds >= 0.95 busy: {cpu['seconds_saturated']} of {cpu['seconds']}",
         "",
         "| stage | mean s | p50 s | p95 s | max s | slowest 5 %: mean s |",
         "|---|---:|---:|---:|---:|---:|",
@@ -243,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ct", type=int, default=200, help="CT slices of 512x512x16 bit (default 200)")
     ap.add_argument("--dx", type=int, default=50, help="small DX images (default 50)")
     ap.add_argument("--port-offset", type=int, default=1000, help="added to bench.ingest's ports (default 1000)")
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="instances a second, paced, from pynetdicom over one association (default 0: storescu, full speed)",
+    )
     ap.add_argument("--poll", type=float, default=0.1, help="seconds between searches of the watcher (default 0.1)")
     ap.add_argument("--warmup", type=int, default=4, help="instances sent (and waited for) before measuring")
     ap.add_argument("--extra", default="", help="more TOML for the pipeline's configuration (e.g. a [sinks] setting)")
@@ -307,9 +389,22 @@ def main(argv: list[str] | None = None) -> int:
         warm_uids = set(watcher.seen)
         before = opensearch_counters(cfg.opensearch.url)
         load_before = [round(x, 2) for x in os.getloadavg()]
+        sampler = CpuSampler()
+        sampler.start()
+        cpu_start = cpu_times()
         measure_start = time.time()
-        send(files, ports["diana"], "DIANA", 1)
+        if args.rate > 0:
+            sender: dict[str, Any] = send_paced(files, ports["diana"], "DIANA", args.rate)
+        else:
+            sender = {
+                "rate_asked": "full speed (storescu)",
+                "wall_s": round(send(files, ports["diana"], "DIANA", 1), 2),
+            }
+            sender["rate_reached"] = round(len(files) / sender["wall_s"], 1)
+        cpu_sent = cpu_times()
         watcher.wait_for(len(warm) + len(files), 600)
+        cpu_end = cpu_times()
+        sampler.stop.set()
         watcher.stop.set()
         load_after = [round(x, 2) for x in os.getloadavg()]
         after = opensearch_counters(cfg.opensearch.url)
@@ -333,6 +428,16 @@ def main(argv: list[str] | None = None) -> int:
             "opensearch_delta": {k: round(after[k] - before.get(k, 0), 1) for k in after},
             "opensearch_cpu_ms_per_instance": round((after["cpu_ms"] - before["cpu_ms"]) / len(files), 2),
             "poll_round_trip_s": summary(watcher.round_trips),
+            "sender": sender,
+            "cpu": {
+                "cores": os.cpu_count(),
+                "busy": busy_fraction(cpu_start, cpu_end),
+                "busy_sending": busy_fraction(cpu_start, cpu_sent),
+                "per_second_p50": round(pct(sampler.busy, 0.5), 3) if sampler.busy else None,
+                "per_second_p95": round(pct(sampler.busy, 0.95), 3) if sampler.busy else None,
+                "seconds_saturated": sum(b >= 0.95 for b in sampler.busy),
+                "seconds": len(sampler.busy),
+            },
             "extra": args.extra,
             "refresh_interval": (args.refresh_interval or "1s (default)")
             + (f", refresh_on_write {args.refresh_on_write}" if args.refresh_on_write else ""),
