@@ -19,6 +19,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from bench.stream_soak import soak_event
+
 
 class _Dropped:
     def produce(self, *args: Any, **kwargs: Any) -> None:
@@ -43,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     handler = AggregatesHandler(QuietTimes.parse("*=30"), retention_days=30)
     handler.partition_started(0, {INSTANCES.name: 0}, store.partitions.setdefault(0, {}))
     start = datetime.now(UTC) - timedelta(hours=2)
-    root = "1.2.826.0.1.3680043.10.1234"
 
     def feed(offset: int, event: dict[str, Any], batch: Batch) -> None:
         stamp = int(event["received_at"].timestamp() * 1000)
@@ -54,22 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         batch.message_done()
 
     def event(i: int, at: datetime) -> dict[str, Any]:
-        series_no, number = divmod(i, args.per_series)
-        return {
-            "sop_instance_uid": f"{root}.3.{i}",
-            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
-            "study_instance_uid": f"{root}.1.{series_no // 2}",
-            "series_instance_uid": f"{root}.2.{series_no}",
-            "transfer_syntax_uid": "1.2.840.10008.1.2.1",
-            "size_bytes": 526_000,
-            "sha256": f"{i:064x}",
-            "landing_path": f"00/{i:064x}.dcm",
-            "received_at": at,
-            "source": "C_STORE",
-            "modality": "CT",
-            "instance_number": number + 1,
-            "patient_id": f"SOAK{series_no % 1000}",
-        }
+        return soak_event(i, args.per_series, at)
 
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]

@@ -62,9 +62,32 @@ level = "info"
     return path
 
 
-def write_events(
-    cfg: Any, count: int, per_series: int, span_s: float, root: str = "1.2.826.0.1.3680043.10.1234"
-) -> None:
+SOAK_ROOT = "1.2.826.0.1.3680043.10.1234"
+
+
+def soak_event(i: int, per_series: int, received_at: datetime, root: str = SOAK_ROOT) -> dict[str, Any]:
+    """The ``i``-th InstanceArrived event of the soaks: series of ``per_series`` CT instances, two
+    series per study (bench.stream_soak, bench.worker_cpu, bench.state_size)."""
+    series_no, number = divmod(i, per_series)
+    study_no = series_no // 2
+    return {
+        "sop_instance_uid": f"{root}.3.{i}",
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "study_instance_uid": f"{root}.1.{study_no}",
+        "series_instance_uid": f"{root}.2.{series_no}",
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "size_bytes": 526_000,
+        "sha256": f"{i:064x}",
+        "landing_path": f"00/{i:064x}.dcm",
+        "received_at": received_at,
+        "source": "C_STORE",
+        "modality": "CT",
+        "instance_number": number + 1,
+        "patient_id": f"SOAK{study_no % 1000}",
+    }
+
+
+def write_events(cfg: Any, count: int, per_series: int, span_s: float, root: str = SOAK_ROOT) -> None:
     """``count`` events, series by series, two series per study; event times spread over ``span_s``.
 
     Their UIDs start with ``root``: a second batch needs its own, or it only repeats the first."""
@@ -84,23 +107,7 @@ def write_events(
     )
     start = datetime.now(UTC) - timedelta(seconds=span_s)
     for i in tqdm(range(count), desc="events written", unit="ev", mininterval=2):
-        series_no, number = divmod(i, per_series)
-        study_no = series_no // 2
-        event = {
-            "sop_instance_uid": f"{root}.3.{i}",
-            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
-            "study_instance_uid": f"{root}.1.{study_no}",
-            "series_instance_uid": f"{root}.2.{series_no}",
-            "transfer_syntax_uid": "1.2.840.10008.1.2.1",
-            "size_bytes": 526_000,
-            "sha256": f"{i:064x}",
-            "landing_path": f"00/{i:064x}.dcm",
-            "received_at": start + timedelta(seconds=span_s * i / count),
-            "source": "C_STORE",
-            "modality": "CT",
-            "instance_number": number + 1,
-            "patient_id": f"SOAK{study_no % 1000}",
-        }
+        event = soak_event(i, per_series, start + timedelta(seconds=span_s * i / count), root)
         produce_instance_event(producer, codec, event)
     if producer.flush(300) != 0:
         raise RuntimeError("events not all written after 300 s")

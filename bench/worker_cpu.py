@@ -25,6 +25,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from bench.stream_soak import SOAK_ROOT, soak_event
+
 _PARTITIONS, _PER_BATCH = 4, 500
 
 
@@ -68,28 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     from diana.stream_apps.state_store import StateStore
 
     configure_logging("warning")  # a line per completed series is not what is measured
-    codec, root = default_codec(), "1.2.826.0.1.3680043.10.1234"
+    codec, root = default_codec(), SOAK_ROOT
     start, span_s = datetime.now(UTC) - timedelta(hours=2), max(60.0, args.events / 2000)
     messages: list[list[Message]] = [[] for _ in range(_PARTITIONS)]
     for i in tqdm(range(args.events), desc="events encoded", unit="ev", mininterval=2):
-        series_no, number = divmod(i, 100)
-        study_no = series_no // 2
+        study_no = i // 100 // 2
         at = start + timedelta(seconds=span_s * i / args.events)
-        event = {
-            "sop_instance_uid": f"{root}.3.{i}",
-            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
-            "study_instance_uid": f"{root}.1.{study_no}",
-            "series_instance_uid": f"{root}.2.{series_no}",
-            "transfer_syntax_uid": "1.2.840.10008.1.2.1",
-            "size_bytes": 526_000,
-            "sha256": f"{i:064x}",
-            "landing_path": f"00/{i:064x}.dcm",
-            "received_at": at,
-            "source": "C_STORE",
-            "modality": "CT",
-            "instance_number": number + 1,
-            "patient_id": f"SOAK{study_no % 1000}",
-        }
+        event = soak_event(i, 100, at, root)
         queue = messages[study_no % _PARTITIONS]
         stamp = int(at.timestamp() * 1000) + 5  # the broker's append time, just after
         value = codec.encode(INSTANCES.value_schema, event)
