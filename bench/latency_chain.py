@@ -41,6 +41,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench.cpu_share import machine_ticks
 from bench.ingest import BENCH_PORTS, REPO, bench_env, corpus, diana, diana_config, pct, send, wait_for_echo
 from bench.pipeline_steps import stop_processes, stop_stack
 
@@ -83,13 +84,6 @@ class Watcher(threading.Thread):
             time.sleep(0.1)
 
 
-def cpu_times() -> tuple[int, int]:
-    """(busy, total) jiffies of every core since boot (``/proc/stat``): idle and iowait are not busy."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
-    return total - fields[3] - fields[4], total
-
-
 class CpuSampler(threading.Thread):
     """The machine's CPU busy fraction in each second, so a run shows whether the cores were saturated."""
 
@@ -99,9 +93,9 @@ class CpuSampler(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        last = cpu_times()
+        last = machine_ticks()
         while not self.stop.wait(1.0):
-            now = cpu_times()
+            now = machine_ticks()
             self.busy.append((now[0] - last[0]) / max(1, now[1] - last[1]))
             last = now
 
@@ -391,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         load_before = [round(x, 2) for x in os.getloadavg()]
         sampler = CpuSampler()
         sampler.start()
-        cpu_start = cpu_times()
+        cpu_start = machine_ticks()
         measure_start = time.time()
         if args.rate > 0:
             sender: dict[str, Any] = send_paced(files, ports["diana"], "DIANA", args.rate)
@@ -401,9 +395,9 @@ def main(argv: list[str] | None = None) -> int:
                 "wall_s": round(send(files, ports["diana"], "DIANA", 1), 2),
             }
             sender["rate_reached"] = round(len(files) / sender["wall_s"], 1)
-        cpu_sent = cpu_times()
+        cpu_sent = machine_ticks()
         watcher.wait_for(len(warm) + len(files), 600)
-        cpu_end = cpu_times()
+        cpu_end = machine_ticks()
         sampler.stop.set()
         watcher.stop.set()
         load_after = [round(x, 2) for x in os.getloadavg()]
