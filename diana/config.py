@@ -216,6 +216,11 @@ class StreamConfig:
     # days (event time) after its last completion; a later instance of it is dead-lettered, never
     # counted twice (stream_apps/README.md, "Bounded state"). 0: kept (compacted) for ever.
     state_retention_days: float = 30.0
+    # Input events per Kafka transaction of the aggregates worker at most. Each transaction waits
+    # for two broker round trips; bigger ones let a worker that catches up keep its core (1 M
+    # events: +12-40 % at 2000 against 500, docs/PERFORMANCE.md issue 20). A trickle is not held
+    # back: a batch ends after 0.2 s with what has come. An aborted transaction redoes this many.
+    transaction_max_events: int = 2000
     # The aggregates worker's local state: a folder per worker (<app_id>-<worker_id>) of one SQLite
     # file per partition with the changelog position it reflects, so a restart reads only the
     # changelog's tail (stream_apps/README.md, "Local state"). Relative to the config file's folder.
@@ -560,6 +565,11 @@ def _check_choices(sections: dict[str, Any]) -> None:
     except ValueError as exc:
         raise ConfigError(f"[stream] quiet_seconds: {exc}") from None
     parse_destinations(sections["query_retrieve"].destinations)
+    stream = sections["stream"]
+    if not 1 <= stream.transaction_max_events <= 100_000:
+        raise ConfigError(
+            f"[stream] transaction_max_events = {stream.transaction_max_events}: use 1 to 100000 (default 2000)"
+        )
     storage = sections["storage"]
     if storage.s3_part_size_mb < 5:
         raise ConfigError(f"[storage] s3_part_size_mb = {storage.s3_part_size_mb}: S3 parts are at least 5 MiB")

@@ -446,6 +446,7 @@ def aggregates_loop(
     session_timeout_s: float = 30.0,
     retention_days: float = 0.0,
     state_dir: Path | None = None,
+    transaction_max_events: int = 2000,
 ) -> TransactionalLoop:
     """The aggregates worker: group ``app_id``, state in ``{app_id}-state-changelog``.
 
@@ -465,6 +466,7 @@ def aggregates_loop(
         changelog=changelog_topic(app_id),
         state_dir=None if state_dir is None else state_dir / f"{app_id}-{worker_id}",
         cold_namespaces=COLD,
+        max_batch=transaction_max_events,
     )
     handler = AggregatesHandler(quiet, conflict_policy=conflict_policy, retention_days=retention_days)
     return TransactionalLoop(settings, handler, every_second=TickWriter(kafka, partitions))

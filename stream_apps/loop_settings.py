@@ -52,10 +52,7 @@ class LoopSettings:
     transactional_id: str
     topics: tuple[str, ...]
     changelog: str
-    # Messages per transaction at most. Each transaction waits for two broker round trips
-    # (send_offsets_to_transaction, commit_transaction) with the worker idle: at 500 a worker
-    # catching up used 0.7 of a core, at 2000 0.85 and ran 12-40 % faster (docs/PERFORMANCE.md,
-    # issue 20, stop 21). A trickle is unaffected: consume() returns after 0.2 s at the latest.
+    # Messages per transaction at most ([stream] transaction_max_events, diana/config.py says why 2000).
     max_batch: int = 2000
     # Where a message whose handling raised goes, with its origin and the reason.
     deadletter: str = "dicom.deadletter"

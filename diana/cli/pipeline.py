@@ -114,6 +114,7 @@ def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
         session_timeout_s=cfg.stream.session_timeout_s,
         retention_days=cfg.stream.state_retention_days,
         state_dir=cfg.path(cfg.stream.state_dir),
+        transaction_max_events=cfg.stream.transaction_max_events,
     )
     try:
         loop.run()

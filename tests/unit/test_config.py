@@ -27,6 +27,7 @@ def test_defaults_file_and_environment_in_that_order(tmp_path: Path):
         ("[receiver]\nprot = 1\n", "unknown key\\(s\\) prot"),
         ('[receiver]\nport = "many"\n', "expected int"),
         ("[receiver\n", "not valid TOML"),
+        ("[stream]\ntransaction_max_events = 0\n", "transaction_max_events = 0: use 1 to 100000"),
     ],
 )
 def test_bad_files_name_the_problem(tmp_path: Path, text, message):
