@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["PhaseCpu", "machine_ticks", "process_cpu_s"]
+__all__ = ["PhaseCpu", "busy_share", "machine_ticks", "own_cpu_s", "process_cpu_s"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -35,7 +35,13 @@ def machine_ticks() -> tuple[int, int]:
     return total - values[3] - values[4], total
 
 
-def _own_cpu_s() -> float:
+def busy_share(start: tuple[int, int], end: tuple[int, int]) -> float:
+    """The machine's busy fraction of all its CPUs between two ``machine_ticks()`` readings."""
+    return (end[0] - start[0]) / max(1, end[1] - start[1])
+
+
+def own_cpu_s() -> float:
+    """User + system CPU seconds of this process so far."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
@@ -56,7 +62,7 @@ class PhaseCpu:
     def _sample(self) -> dict[str, float]:
         busy, total = machine_ticks()
         sample = {name: process_cpu_s(pid) for name, pid in self.pids.items()}
-        sample.update({"_harness": _own_cpu_s(), "_busy": busy / _TICK, "_total": total / _TICK})
+        sample.update({"_harness": own_cpu_s(), "_busy": busy / _TICK, "_total": total / _TICK})
         sample["_wall"] = time.monotonic()
         return sample
 

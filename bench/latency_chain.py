@@ -41,7 +41,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.cpu_share import machine_ticks
+from bench.cpu_share import busy_share, machine_ticks
 from bench.ingest import BENCH_PORTS, REPO, bench_env, corpus, diana, diana_config, pct, send, wait_for_echo
 from bench.pipeline_steps import stop_processes, stop_stack
 
@@ -96,12 +96,8 @@ class CpuSampler(threading.Thread):
         last = machine_ticks()
         while not self.stop.wait(1.0):
             now = machine_ticks()
-            self.busy.append((now[0] - last[0]) / max(1, now[1] - last[1]))
+            self.busy.append(busy_share(last, now))
             last = now
-
-
-def busy_fraction(start: tuple[int, int], end: tuple[int, int]) -> float:
-    return round((end[0] - start[0]) / max(1, end[1] - start[1]), 3)
 
 
 def send_paced(files: list[Path], port: int, aec: str, rate: float) -> dict[str, float]:
@@ -425,8 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             "sender": sender,
             "cpu": {
                 "cores": os.cpu_count(),
-                "busy": busy_fraction(cpu_start, cpu_end),
-                "busy_sending": busy_fraction(cpu_start, cpu_sent),
+                "busy": round(busy_share(cpu_start, cpu_end), 3),
+                "busy_sending": round(busy_share(cpu_start, cpu_sent), 3),
                 "per_second_p50": round(pct(sampler.busy, 0.5), 3) if sampler.busy else None,
                 "per_second_p95": round(pct(sampler.busy, 0.95), 3) if sampler.busy else None,
                 "seconds_saturated": sum(b >= 0.95 for b in sampler.busy),

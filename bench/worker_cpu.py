@@ -16,7 +16,6 @@ cost that grew with the state would show as later chunks costing more. Not timed
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import tempfile
 from datetime import UTC, datetime, timedelta
@@ -25,6 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from bench.cpu_share import own_cpu_s
 from bench.stream_soak import SOAK_ROOT, soak_event
 
 _PARTITIONS, _PER_BATCH = 4, 500
@@ -45,11 +45,6 @@ class _Producer:
         self.offsets[partition] = offset + 1
         if kwargs.get("on_delivery") is not None:
             kwargs["on_delivery"](None, Message(topic=topic, partition=partition, offset=offset))
-
-
-def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             store.backed.add(partition)
         per_partition = _PER_BATCH // _PARTITIONS
         done, positions = 0, [0] * _PARTITIONS
-        began = chunk_began = _cpu_s()
+        began = chunk_began = own_cpu_s()
         chunk_from = 0
         while done < args.events:
             batch = Batch(store, producer, "changelog")
@@ -119,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
                 if local.write(partition, batch.encoded.get(partition, []), checkpoint, encoded=True):
                     store.evict(partition)
             if done - chunk_from >= args.chunk or done >= args.events:
-                now = _cpu_s()
+                now = own_cpu_s()
                 per_event_us = (now - chunk_began) / (done - chunk_from) * 1e6
                 print(f"events {chunk_from:>10,} to {done:>10,}: {per_event_us:6.1f} µs of CPU per event", flush=True)
                 chunk_began, chunk_from = now, done
-        total = _cpu_s() - began
+        total = own_cpu_s() - began
         print(
             f"all {args.events:,} events: {total:.1f} CPU s, {total / args.events * 1e6:.1f} µs per event, "
             f"{args.events / total:,.0f} events per CPU-second"
