@@ -33,9 +33,9 @@ def produce_instance_event(producer: Any, codec: Any, event: dict[str, Any]) -> 
     return len(value)
 
 
-def reindex_instances(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`diana reindex --kinds instances` with ``config``, run to its end (output captured)."""
-    command = [sys.executable, "-m", "diana.cli", "--config", str(config), "reindex", "--kinds", "instances"]
+def reindex_instances(config: Path, env: dict[str, str], kind: str = "instances") -> subprocess.CompletedProcess[str]:
+    """`diana reindex --kinds instances` (or ``kind``) with ``config``, run to its end (output captured)."""
+    command = [sys.executable, "-m", "diana.cli", "--config", str(config), "reindex", "--kinds", kind]
     return subprocess.run([*command, "--no-progress"], cwd=_REPO, env=env, capture_output=True, text=True)
 
 

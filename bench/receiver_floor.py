@@ -1,10 +1,10 @@
 """The receiver's floor: pynetdicom alone, then with the contract's durable steps, and nothing else.
 
-    python -m bench.receiver_floor --port 21115 --folder /tmp/floor --steps bare|fsync|kafka [--bootstrap HOST:PORT]
+    python -m bench.receiver_floor --port 21115 --folder /tmp/floor --steps bare|fsync|kafka [--bootstrap HOST:PORT] [--processes N]
 
 An SCP set up as the diana-star receiver sets pynetdicom up (data sets written to a file as their
 fragments arrive, the reactor wake-ups of producers/reactor.py, the receiver's negotiation, TCP_NODELAY,
-the same maximum PDU), whose C-STORE handler does only the named steps and answers success:
+the same maximum PDU, N processes sharing the port as ``[receiver] processes`` does), whose C-STORE handler does only the named steps and answers success:
 
 - ``bare``: the received file is renamed into the folder (no fsync, no header, no event): what
   pynetdicom itself costs per instance;
@@ -36,8 +36,7 @@ TOPIC = "bench-floor"
 PAYLOAD = b"x" * 1024
 
 
-def _producer(bootstrap: str):
-    from confluent_kafka import Producer
+def _create_topic(bootstrap: str) -> None:
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
@@ -47,6 +46,11 @@ def _producer(bootstrap: str):
         except Exception as exc:  # a second floor run in the same stack finds it there
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
+
+
+def _producer(bootstrap: str):
+    from confluent_kafka import Producer
+
     return Producer(
         {
             "bootstrap.servers": bootstrap,
@@ -58,9 +62,15 @@ def _producer(bootstrap: str):
     )
 
 
-def serve(port: int, folder: Path, steps: str, bootstrap: str | None, max_pdu: int) -> None:
+def serve(port: int, folder: Path, steps: str, bootstrap: str | None, max_pdu: int, shared: bool) -> None:
     from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
     from pynetdicom.sop_class import Verification
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    class SharedPort(ThreadedAssociationServer):
+        def server_bind(self) -> None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            super().server_bind()
 
     from diana.producers import negotiation, reactor
 
@@ -75,10 +85,11 @@ def serve(port: int, folder: Path, steps: str, bootstrap: str | None, max_pdu: i
     producer = _producer(bootstrap) if steps == "kafka" else None
     folder_fd = os.open(landed, os.O_RDONLY | os.O_DIRECTORY)
     counter = iter(range(1 << 62))
+    pid = os.getpid()
 
     def handle_store(event: evt.Event) -> int:
         source = event.request._dataset_file
-        target = landed / f"{next(counter)}.dcm"
+        target = landed / f"{pid}-{next(counter)}.dcm"
         if steps == "bare":
             os.rename(source.name, target)
             return 0x0000
@@ -112,15 +123,18 @@ def serve(port: int, folder: Path, steps: str, bootstrap: str | None, max_pdu: i
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
     handlers = [(evt.EVT_C_STORE, handle_store), (evt.EVT_CONN_OPEN, on_open)]
-    ae.start_server(("127.0.0.1", port), block=True, evt_handlers=handlers)
+    server = ae.make_server(
+        ("127.0.0.1", port), evt_handlers=handlers, server_class=SharedPort if shared else ThreadedAssociationServer
+    )
+    server.serve_forever()
 
 
 def start_floor(
-    folder: Path, port: int, steps: str, bootstrap: str | None = None, max_pdu: int = 1048576
+    folder: Path, port: int, steps: str, bootstrap: str | None = None, max_pdu: int = 1048576, processes: int = 1
 ) -> subprocess.Popen:
-    """The floor SCP as a process of its own (bench.ingest reads its CPU time from /proc)."""
+    """The floor SCP as a process of its own (bench.ingest reads its CPU time, its workers' included, from /proc)."""
     command = [sys.executable, "-m", "bench.receiver_floor", "--port", str(port), "--folder", str(folder)]
-    command += ["--steps", steps, "--max-pdu", str(max_pdu)]
+    command += ["--steps", steps, "--max-pdu", str(max_pdu), "--processes", str(processes)]
     if bootstrap:
         command += ["--bootstrap", bootstrap]
     return subprocess.Popen(
@@ -135,10 +149,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", choices=STEPS, default="bare", help="what the handler does (module docstring)")
     ap.add_argument("--bootstrap", help="Kafka bootstrap servers (--steps kafka)")
     ap.add_argument("--max-pdu", type=int, default=1048576, help="maximum PDU (the receiver's default)")
+    ap.add_argument("--processes", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
     args = ap.parse_args(argv)
     if args.steps == "kafka" and not args.bootstrap:
         ap.error("--steps kafka needs --bootstrap HOST:PORT")
-    serve(args.port, args.folder, args.steps, args.bootstrap, args.max_pdu)
+    if args.steps == "kafka":
+        _create_topic(args.bootstrap)
+    if args.processes <= 1:
+        serve(args.port, args.folder, args.steps, args.bootstrap, args.max_pdu, shared=False)
+        return 0
+    from diana.producers.workers import run_workers  # the receiver's own forking, PDEATHSIG included
+
+    run_workers(args.processes, lambda _: serve(args.port, args.folder, args.steps, args.bootstrap, args.max_pdu, True))
     return 0
 
 
