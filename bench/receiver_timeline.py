@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -204,19 +205,43 @@ class SchedSampler:
     def __init__(self) -> None:
         self.start = _thread_schedstat()
         self.last = dict(self.start)
+        self.names: dict[int, str] = {}
+        self._name_threads()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-sched-sampler")
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(0.05):
             self.last.update(_thread_schedstat())
+            self._name_threads()
+
+    def _name_threads(self) -> None:
+        """Remember what each thread is: Python's name for its own threads (digits dropped, so an
+        association's threads add up across associations), the kernel's (librdkafka's rdk:...) else."""
+        python = {t.native_id: re.sub(r"[-_ ]?\d+", "", t.name) for t in threading.enumerate()}
+        for tid in self.last:
+            if tid not in self.names:
+                try:
+                    kernel = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+                except OSError:
+                    continue
+                self.names[tid] = python.get(tid) or re.sub(r"\d+", "", kernel)
+
+    def cpu_by_thread(self) -> dict[str, float]:
+        """CPU seconds of the run by kind of thread (after ``stop``), largest first."""
+        totals: dict[str, float] = {}
+        for tid, (on_cpu, _) in self.last.items():
+            name = self.names.get(tid, "?")
+            totals[name] = totals.get(name, 0.0) + (on_cpu - self.start.get(tid, (0, 0))[0]) / 1e9
+        return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
     def stop(self) -> tuple[float, float]:
         """(CPU seconds, run-queue wait seconds) of the run."""
         self._stop.set()
         self._thread.join()
         self.last.update(_thread_schedstat())
+        self._name_threads()
         cpu = sum(v[0] - self.start.get(t, (0, 0))[0] for t, v in self.last.items())
         wait = sum(v[1] - self.start.get(t, (0, 0))[1] for t, v in self.last.items())
         return cpu / 1e9, wait / 1e9
@@ -311,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{n} instances over 1 association in {wall:.2f} s = {wall / n * 1000:.1f} ms each; receiver threads: "
             f"{cpu / n * 1000:.1f} ms on a CPU and {runqueue / n * 1000:.1f} ms waiting for one (run queue) per "
             f"instance; load average {os.getloadavg()}"
+        )
+        print(
+            "CPU per instance by thread (ms): "
+            + ", ".join(f"{name} {seconds / n * 1000:.2f}" for name, seconds in sampler.cpu_by_thread().items())
         )
         print("| step | mean ms | median ms | p90 ms |\n|---|---:|---:|---:|")
         for label, mean, median, p90 in _summary(line, skip=5):
