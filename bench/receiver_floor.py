@@ -1,6 +1,6 @@
 """The receiver's floor: pynetdicom alone, then with the contract's durable steps, and nothing else.
 
-    python -m bench.receiver_floor --port 21115 --folder /tmp/floor --steps bare|fsync|kafka [--bootstrap HOST:PORT] [--processes N]
+    python -m bench.receiver_floor --port 21115 --folder /tmp/floor --steps bare|fsync|kafka|header [--bootstrap HOST:PORT] [--processes N]
 
 An SCP set up as the diana-star receiver sets pynetdicom up (data sets written to a file as their
 fragments arrive, the reactor wake-ups of producers/reactor.py, the receiver's negotiation, TCP_NODELAY,
@@ -13,7 +13,10 @@ the same maximum PDU, N processes sharing the port as ``[receiver] processes`` d
   "success only when nothing can be lost";
 - ``kafka``: ``fsync``, then a 1 KB message produced with the receiver's producer settings (acks=all,
   idempotent, linger 0, Nagle off) and its delivery report awaited: pynetdicom plus every wait the
-  contract requires. No header is read and no Avro written, so the real receiver cannot be cheaper.
+  contract requires;
+- ``header``: ``kafka``, and first the header read with the receiver's own reader
+  (producers/header.py), the one step of the receiver's own that its event cannot do without.
+  No Avro, no metrics, no logs, no bookkeeping: the real receiver cannot be cheaper.
 
 bench.ingest runs the three beside storescp over one association, in the same run as its targets:
 a target below one of these floors is out of reach with this library, this disk and this broker.
@@ -30,7 +33,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-STEPS = ("bare", "fsync", "kafka")
+STEPS = ("bare", "fsync", "kafka", "header")
 TOPIC = "bench-floor"
 # Below an InstanceArrived event (its DICOM JSON header alone is several KB): a floor, not a model.
 PAYLOAD = b"x" * 1024
@@ -73,6 +76,7 @@ def serve(port: int, folder: Path, steps: str, bootstrap: str | None, max_pdu: i
             super().server_bind()
 
     from diana.producers import negotiation, reactor
+    from diana.producers.header import read_header_file
 
     landed = folder / "landed"
     incoming = folder / "incoming"
@@ -82,7 +86,7 @@ def serve(port: int, folder: Path, steps: str, bootstrap: str | None, max_pdu: i
     _config.STORE_RECV_CHUNKED_DATASET = True
     negotiation.install()
     reactor.install()
-    producer = _producer(bootstrap) if steps == "kafka" else None
+    producer = _producer(bootstrap) if steps in ("kafka", "header") else None
     folder_fd = os.open(landed, os.O_RDONLY | os.O_DIRECTORY)
     counter = iter(range(1 << 62))
     pid = os.getpid()
@@ -93,6 +97,8 @@ def serve(port: int, folder: Path, steps: str, bootstrap: str | None, max_pdu: i
         if steps == "bare":
             os.rename(source.name, target)
             return 0x0000
+        if steps == "header":
+            read_header_file(Path(source.name), scratch_dir=incoming)
         os.fsync(source.fileno())
         os.link(source.name, target)
         os.fsync(folder_fd)
@@ -151,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-pdu", type=int, default=1048576, help="maximum PDU (the receiver's default)")
     ap.add_argument("--processes", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
     args = ap.parse_args(argv)
-    if args.steps == "kafka" and not args.bootstrap:
-        ap.error("--steps kafka needs --bootstrap HOST:PORT")
-    if args.steps == "kafka":
+    if args.steps in ("kafka", "header"):
+        if not args.bootstrap:
+            ap.error(f"--steps {args.steps} needs --bootstrap HOST:PORT")
         _create_topic(args.bootstrap)
     if args.processes <= 1:
         serve(args.port, args.folder, args.steps, args.bootstrap, args.max_pdu, shared=False)

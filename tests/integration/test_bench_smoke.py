@@ -29,6 +29,12 @@ def test_bench_ingest_runs_end_to_end(tmp_path, stack):
     assert data["end_to_end"]["archived"] == 12 + warm_up and data["reindex"]["events"] == 24 + warm_up
     assert "| diana-star | 1 |" in (out / "results.md").read_text()
     # The receiver's floors ran beside it (bench/receiver_floor.py), and the targets read them.
-    assert {("floor: bare", 1), ("floor: fsync", 1), ("floor: kafka", 1), ("floor: kafka", 4)} <= receivers
+    assert {
+        ("floor: bare", 1),
+        ("floor: fsync", 1),
+        ("floor: kafka", 1),
+        ("floor: header", 1),
+        ("floor: header", 4),
+    } <= receivers
     wall = next(t for t in data["targets"] if t["target"].startswith("receiver wall"))
     assert wall["floor"] > 0 and wall["floor_met"] in (True, False)
