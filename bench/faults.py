@@ -133,9 +133,12 @@ class Suite:
         associations: int,
         cluster: bool = False,
         s3: bool = False,
+        receiver_processes: int = 1,
     ):
         self.work, self.short, self.instances, self.associations = work, short, instances, associations
         self.cluster, self.s3 = cluster, s3
+        # [receiver] processes: receiver-kill then kills the parent of N workers sharing the port.
+        self.receiver_processes = receiver_processes
         self.config_file = work / "diana-faults.toml"
         self.landing = work / "landing"
         self.mounted = False
@@ -184,6 +187,7 @@ ae_title = "DIANA"
 host = "127.0.0.1"
 port = {receiver_port}
 metrics_port = 0
+processes = {self.receiver_processes}
 [sinks]
 archive_metrics_port = 0
 opensearch_metrics_port = 0
@@ -918,6 +922,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--short", action="store_true", help="shorter outages (the CI form)")
     parser.add_argument(
+        "--receiver-processes",
+        type=int,
+        default=1,
+        help="[receiver] processes (default 1): with 2, receiver-kill kills the parent of two workers sharing the port",
+    )
+    parser.add_argument(
         "--port-shift",
         type=int,
         default=0,
@@ -931,6 +941,8 @@ def main(argv: list[str] | None = None) -> int:
         PORTS[name] += args.port_shift
     if args.nodes > 1 and not args.cluster:
         parser.error("--nodes 2 runs on the local cluster: add --cluster")
+    if args.nodes > 1 and args.receiver_processes != 1:
+        parser.error("--receiver-processes applies to the single-host suite, not to --nodes 2")
     known = NODES_SCENARIOS if args.nodes > 1 else CLUSTER_SCENARIOS if args.cluster else SCENARIOS
     chosen = args.scenarios.split(",") if args.scenarios else list(known)
     unknown = sorted(set(chosen) - set(known))
@@ -943,7 +955,14 @@ def main(argv: list[str] | None = None) -> int:
 
         suite: Suite = NodesSuite(work, args.short, args.instances, args.associations, nodes=args.nodes)
     else:
-        suite = Suite(work, args.short, args.instances, args.associations, cluster=args.cluster)
+        suite = Suite(
+            work,
+            args.short,
+            args.instances,
+            args.associations,
+            cluster=args.cluster,
+            receiver_processes=args.receiver_processes,
+        )
     outcomes = []
     start_s: float | None = None
     try:

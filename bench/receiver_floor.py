@@ -1,6 +1,6 @@
 """The receiver's floor: pynetdicom alone, then with the contract's durable steps, and nothing else.
 
-    python -m bench.receiver_floor --port 21115 --folder /tmp/floor --steps bare|fsync|kafka|header [--bootstrap HOST:PORT] [--processes N]
+    python -m bench.receiver_floor --port 21115 --folder /tmp/floor --steps bare|fsync|kafka|parse|header [--bootstrap HOST:PORT] [--processes N]
 
 An SCP set up as the diana-star receiver sets pynetdicom up (data sets written to a file as their
 fragments arrive, the reactor wake-ups of producers/reactor.py, the receiver's negotiation, TCP_NODELAY,
@@ -14,12 +14,15 @@ the same maximum PDU, N processes sharing the port as ``[receiver] processes`` d
 - ``kafka``: ``fsync``, then a 1 KB message produced with the receiver's producer settings (acks=all,
   idempotent, linger 0, Nagle off) and its delivery report awaited: pynetdicom plus every wait the
   contract requires;
+- ``parse``: ``kafka``, and first the data set parsed by pydicom up to its pixel data and its four
+  identifying UIDs read: the least a receiver must do before it may answer (a C-STORE whose data set
+  cannot be parsed, or whose UIDs are missing, gets an error status, not success);
 - ``header``: ``kafka``, and first the header read with the receiver's own reader
-  (producers/header.py), the one step of the receiver's own that its event cannot do without.
-  No Avro, no metrics, no logs, no bookkeeping: the real receiver cannot be cheaper.
+  (producers/header.py: ``parse``, the UIDs validated, the search fields, the DICOM JSON the event
+  carries). No Avro, no metrics, no logs, no bookkeeping: the real receiver cannot be cheaper.
 
-bench.ingest runs the three beside storescp over one association, in the same run as its targets:
-a target below one of these floors is out of reach with this library, this disk and this broker.
+bench.ingest runs them all beside storescp over one association, in the same run as its targets:
+a target that even a floor misses is out of reach with this library, this disk and this broker.
 """
 
 from __future__ import annotations
@@ -33,7 +36,11 @@ import tempfile
 import threading
 from pathlib import Path
 
-STEPS = ("bare", "fsync", "kafka", "header")
+STEPS = ("bare", "fsync", "kafka", "parse", "header")
+# The floor under the targets: the least a receiver on pynetdicom and pydicom may do before success.
+STRICT = "parse"
+# The steps that end with the broker's acknowledgement.
+_PUBLISHING = ("kafka", "parse", "header")
 TOPIC = "bench-floor"
 # Below an InstanceArrived event (its DICOM JSON header alone is several KB): a floor, not a model.
 PAYLOAD = b"x" * 1024
@@ -75,6 +82,8 @@ def serve(port: int, folder: Path, steps: str, bootstrap: str | None, max_pdu: i
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             super().server_bind()
 
+    import pydicom
+
     from diana.producers import negotiation, reactor
     from diana.producers.header import read_header_file
 
@@ -86,7 +95,7 @@ def serve(port: int, folder: Path, steps: str, bootstrap: str | None, max_pdu: i
     _config.STORE_RECV_CHUNKED_DATASET = True
     negotiation.install()
     reactor.install()
-    producer = _producer(bootstrap) if steps in ("kafka", "header") else None
+    producer = _producer(bootstrap) if steps in _PUBLISHING else None
     folder_fd = os.open(landed, os.O_RDONLY | os.O_DIRECTORY)
     counter = iter(range(1 << 62))
     pid = os.getpid()
@@ -97,7 +106,11 @@ def serve(port: int, folder: Path, steps: str, bootstrap: str | None, max_pdu: i
         if steps == "bare":
             os.rename(source.name, target)
             return 0x0000
-        if steps == "header":
+        if steps == "parse":
+            ds = pydicom.dcmread(source.name, stop_before_pixels=True)
+            if not all(ds.get(k) for k in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")):
+                return 0xA900
+        elif steps == "header":
             read_header_file(Path(source.name), scratch_dir=incoming)
         os.fsync(source.fileno())
         os.link(source.name, target)
@@ -157,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-pdu", type=int, default=1048576, help="maximum PDU (the receiver's default)")
     ap.add_argument("--processes", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
     args = ap.parse_args(argv)
-    if args.steps in ("kafka", "header"):
+    if args.steps in _PUBLISHING:
         if not args.bootstrap:
             ap.error(f"--steps {args.steps} needs --bootstrap HOST:PORT")
         _create_topic(args.bootstrap)

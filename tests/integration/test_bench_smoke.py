@@ -33,8 +33,9 @@ def test_bench_ingest_runs_end_to_end(tmp_path, stack):
         ("floor: bare", 1),
         ("floor: fsync", 1),
         ("floor: kafka", 1),
+        ("floor: parse", 1),
+        ("floor: parse", 4),
         ("floor: header", 1),
-        ("floor: header", 4),
     } <= receivers
     wall = next(t for t in data["targets"] if t["target"].startswith("receiver wall"))
     assert wall["floor"] > 0 and wall["floor_met"] in (True, False)
