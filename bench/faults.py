@@ -888,7 +888,9 @@ def render(outcomes: list[Outcome], args: argparse.Namespace, start_s: float | N
     return (
         f"Run: `python -m bench.faults --instances {args.instances} --associations {args.associations}"
         f"{' --short' if args.short else ''}{' --cluster' if args.cluster else ''}"
-        f"{f' --nodes {args.nodes}' if args.nodes > 1 else ''}{f' --port-shift {args.port_shift}' if args.port_shift else ''}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
+        f"{f' --nodes {args.nodes}' if args.nodes > 1 else ''}{f' --port-shift {args.port_shift}' if args.port_shift else ''}"
+        f"{f' --receiver-processes {args.receiver_processes}' if args.receiver_processes != 1 else ''}"
+        f"` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
         + "\n".join(rows)
         + "\n\n"
         + "\n".join(notes)
