@@ -77,6 +77,8 @@ def serve(port: int, folder: Path, steps: str, bootstrap: str | None, max_pdu: i
     from pynetdicom.sop_class import Verification
     from pynetdicom.transport import ThreadedAssociationServer
 
+    # Not producers/workers.SharedPortServer: that one carries the transport guard (GuardedServer),
+    # which is the receiver's own code; the floor keeps pynetdicom's server, with the port shared.
     class SharedPort(ThreadedAssociationServer):
         def server_bind(self) -> None:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
