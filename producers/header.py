@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from diana.producers.header_model import HeaderModel, build_header_model
 from diana.producers.inflate import DEFAULT_MAX_INFLATED_BYTES, InflateError, file_meta, inflated_copy, is_deflated
+from diana.producers.raw_element_json import element_json
 from diana.schemas.uid import is_valid_uid
 
 __all__ = [
@@ -55,25 +57,41 @@ class InstanceHeader:
     fields: dict[str, Any]
 
 
-def _get(ds: pydicom.Dataset, keyword: str) -> Any:
-    """The decoded value, or None when absent or undecodable (the header model says which and why)."""
-    try:
-        return ds.get(keyword)
-    except Exception:  # pydicom raises many kinds on odd values
-        return None
+class _Values:
+    """Top-level values by keyword: from the header's DICOM JSON when it holds the element with one
+    value of the kind asked for (the value pydicom gives, converted no second time), else pydicom's."""
+
+    def __init__(self, ds: pydicom.Dataset, elements: dict[str, Any]):
+        self.ds = ds
+        self.elements = elements
+
+    def get(self, keyword: str, kinds: tuple[type, ...]) -> Any:
+        """The value, or None when absent or undecodable (the header model says which and why)."""
+        tag = tag_for_keyword(keyword)
+        entry = self.elements.get(f"{tag:08X}") if tag is not None else None
+        if entry is not None and entry["vr"] != "PN":
+            values = entry.get("Value")
+            if values is None and "InlineBinary" not in entry and "BulkDataURI" not in entry:
+                return None  # present, empty: pydicom's '' reads as absent below too
+            if values is not None and len(values) == 1 and isinstance(values[0], kinds):
+                return values[0]
+        try:
+            return self.ds.get(keyword)
+        except Exception:  # pydicom raises many kinds on odd values
+            return None
 
 
-def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
-    value = _get(ds, keyword)
+def _text(values: _Values, keyword: str) -> str | None:
+    value = values.get(keyword, (str,))
     if value is None or value == "":
         return None
     text = str(value).strip()
     return text or None
 
 
-def _number(ds: pydicom.Dataset, keyword: str, kind: type[int] | type[float]) -> int | float | None:
+def _number(values: _Values, keyword: str, kind: type[int] | type[float]) -> int | float | None:
     """The value as ``kind``, or None when absent or unusable (out of int32, NaN, infinite)."""
-    value = _get(ds, keyword)
+    value = values.get(keyword, (str, int, float))
     if value is None or value == "":
         return None
     try:
@@ -85,17 +103,17 @@ def _number(ds: pydicom.Dataset, keyword: str, kind: type[int] | type[float]) ->
     return number if number == number and abs(number) < 1e300 else None
 
 
-def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
-    value = _number(ds, keyword, int)
+def _int(values: _Values, keyword: str) -> int | None:
+    value = _number(values, keyword, int)
     return None if value is None else int(value)
 
 
-def _float(ds: pydicom.Dataset, keyword: str) -> float | None:
-    return _number(ds, keyword, float)
+def _float(values: _Values, keyword: str) -> float | None:
+    return _number(values, keyword, float)
 
 
-def _iso_date(ds: pydicom.Dataset, keyword: str) -> str | None:
-    text = _text(ds, keyword)
+def _iso_date(values: _Values, keyword: str) -> str | None:
+    text = _text(values, keyword)
     if not (text and len(text) == 8 and text.isdigit()):
         return None
     try:  # a real calendar date: 20240231 is absent, not an error later on
@@ -104,8 +122,8 @@ def _iso_date(ds: pydicom.Dataset, keyword: str) -> str | None:
         return None
 
 
-def _iso_time(ds: pydicom.Dataset, keyword: str) -> str | None:
-    text = _text(ds, keyword)
+def _iso_time(values: _Values, keyword: str) -> str | None:
+    text = _text(values, keyword)
     if not text:
         return None
     digits, _, fraction = text.partition(".")
@@ -206,6 +224,28 @@ def _has_pixel_data(fh: BinaryIO) -> bool:
     return tag in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
 
 
+_UIDS = {
+    "sop_instance_uid": "SOPInstanceUID",
+    "sop_class_uid": "SOPClassUID",
+    "study_instance_uid": "StudyInstanceUID",
+    "series_instance_uid": "SeriesInstanceUID",
+}
+
+
+def _uid(ds: pydicom.Dataset, keyword: str) -> Any:
+    """A UID as pydicom reads it, from the raw bytes when it is one plain value (raw_element_json.py)."""
+    tag = tag_for_keyword(keyword)
+    assert tag is not None
+    rendered = element_json(ds.get_item(tag), True, lambda _tag: "", 0) if tag in ds else None
+    if rendered is not None and rendered["vr"] == "UI":
+        values = rendered.get("Value")
+        if values is None:
+            return ""
+        if len(values) == 1:
+            return values[0]
+    return ds.get(keyword)
+
+
 def _read(fh: BinaryIO, total: int, header_budget_bytes: int) -> InstanceHeader:
     try:
         ds = pydicom.dcmread(fh, stop_before_pixels=True)
@@ -214,12 +254,7 @@ def _read(fh: BinaryIO, total: int, header_budget_bytes: int) -> InstanceHeader:
         # Values stay undecoded until used: one that cannot be decoded is left out of the
         # event's header (header_model.py), the object itself is stored as it came.
         transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
-        uids = {
-            "sop_instance_uid": ds.get("SOPInstanceUID"),
-            "sop_class_uid": ds.get("SOPClassUID"),
-            "study_instance_uid": ds.get("StudyInstanceUID"),
-            "series_instance_uid": ds.get("SeriesInstanceUID"),
-        }
+        uids = {name: _uid(ds, keyword) for name, keyword in _UIDS.items()}
     except HeaderError:
         raise
     except Exception as exc:  # pydicom raises many kinds (struct.error, ...) on malformed input
@@ -234,37 +269,39 @@ def _read(fh: BinaryIO, total: int, header_budget_bytes: int) -> InstanceHeader:
     if invalid or not is_valid_uid(transfer_syntax):
         raise InvalidIdentifiers(f"not a valid DICOM UID: {', '.join(invalid) or 'transfer_syntax_uid'}")
     try:
+        # The model first: it renders most elements from their bytes, and the fields read them there.
+        header = _header_model(ds, uids, has_pixels, header_budget_bytes)
+        values = _Values(ds, header.elements)
         fields: dict[str, Any] = {
-            "patient_id": _text(ds, "PatientID"),
-            "patient_name": _text(ds, "PatientName"),
-            "patient_birth_date": _iso_date(ds, "PatientBirthDate"),
-            "patient_sex": _text(ds, "PatientSex"),
-            "study_id": _text(ds, "StudyID"),
-            "accession_number": _text(ds, "AccessionNumber"),
-            "study_date": _iso_date(ds, "StudyDate"),
-            "study_time": _iso_time(ds, "StudyTime"),
-            "study_description": _text(ds, "StudyDescription"),
-            "series_number": _int(ds, "SeriesNumber"),
-            "series_description": _text(ds, "SeriesDescription"),
-            "series_date": _iso_date(ds, "SeriesDate"),
-            "modality": _text(ds, "Modality"),
-            "body_part_examined": _text(ds, "BodyPartExamined"),
-            "protocol_name": _text(ds, "ProtocolName"),
-            "instance_number": _int(ds, "InstanceNumber"),
-            "station_name": _text(ds, "StationName"),
-            "manufacturer": _text(ds, "Manufacturer"),
-            "manufacturer_model_name": _text(ds, "ManufacturerModelName"),
-            "institution_name": _text(ds, "InstitutionName"),
-            "patient_size_m": _float(ds, "PatientSize"),
-            "patient_weight_kg": _float(ds, "PatientWeight"),
-            "number_of_frames": _int(ds, "NumberOfFrames"),
-            "images_in_acquisition": _int(ds, "ImagesInAcquisition"),
-            "number_of_temporal_positions": _int(ds, "NumberOfTemporalPositions"),
+            "patient_id": _text(values, "PatientID"),
+            "patient_name": _text(values, "PatientName"),
+            "patient_birth_date": _iso_date(values, "PatientBirthDate"),
+            "patient_sex": _text(values, "PatientSex"),
+            "study_id": _text(values, "StudyID"),
+            "accession_number": _text(values, "AccessionNumber"),
+            "study_date": _iso_date(values, "StudyDate"),
+            "study_time": _iso_time(values, "StudyTime"),
+            "study_description": _text(values, "StudyDescription"),
+            "series_number": _int(values, "SeriesNumber"),
+            "series_description": _text(values, "SeriesDescription"),
+            "series_date": _iso_date(values, "SeriesDate"),
+            "modality": _text(values, "Modality"),
+            "body_part_examined": _text(values, "BodyPartExamined"),
+            "protocol_name": _text(values, "ProtocolName"),
+            "instance_number": _int(values, "InstanceNumber"),
+            "station_name": _text(values, "StationName"),
+            "manufacturer": _text(values, "Manufacturer"),
+            "manufacturer_model_name": _text(values, "ManufacturerModelName"),
+            "institution_name": _text(values, "InstitutionName"),
+            "patient_size_m": _float(values, "PatientSize"),
+            "patient_weight_kg": _float(values, "PatientWeight"),
+            "number_of_frames": _int(values, "NumberOfFrames"),
+            "images_in_acquisition": _int(values, "ImagesInAcquisition"),
+            "number_of_temporal_positions": _int(values, "NumberOfTemporalPositions"),
         }
         fields["patient_age_years"] = patient_age_years(
-            _text(ds, "PatientAge"), fields["patient_birth_date"], fields["study_date"]
+            _text(values, "PatientAge"), fields["patient_birth_date"], fields["study_date"]
         )
-        header = _header_model(ds, uids, has_pixels, header_budget_bytes)
         fields["header_json"] = header.json
         fields["header_omitted"] = [o.as_record() for o in header.omitted]
     except (ValueError, TypeError, AttributeError, OverflowError, KeyError) as exc:

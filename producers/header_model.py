@@ -11,13 +11,14 @@ so a consumer knows to read it from the archived object. Reasons never carry a v
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pydicom
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.errors import BytesLengthException
+
+from diana.producers.raw_element_json import element_json, text_is_ascii_compatible
 
 __all__ = ["Omitted", "HeaderModel", "build_header_model", "element_size"]
 
@@ -40,6 +41,8 @@ class Omitted:
 class HeaderModel:
     json: str | None
     omitted: tuple[Omitted, ...]
+    # The top-level elements of ``json`` by tag (``"00100020"``), as Python values.
+    elements: dict[str, Any]
 
 
 def element_size(raw: object) -> int:
@@ -61,22 +64,48 @@ def _reason(exc: Exception, raw: object) -> str:
     return f"undecodable: {type(exc).__name__} while decoding VR {vr} ({size} bytes)"
 
 
+_SPECIFIC_CHARACTER_SET = 0x00080005
+
+
+def _text_ok(ds: pydicom.Dataset, inherited: bool) -> bool:
+    """Whether this data set's text values may be read as ASCII (raw_element_json.py); an item
+    without a SpecificCharacterSet of its own has its parent's."""
+    if _SPECIFIC_CHARACTER_SET not in ds:
+        return inherited
+    try:
+        return text_is_ascii_compatible(ds[_SPECIFIC_CHARACTER_SET].value)
+    except Exception:  # an undecodable character set: every text value takes pydicom's path
+        return False
+
+
 class _Builder:
-    def __init__(self, bulk_uri: Callable[[DataElement], str]):
-        self.bulk_uri = bulk_uri
+    def __init__(self, bulk_base: str):
+        self.bulk_base = bulk_base
         self.omitted: list[Omitted] = []
 
-    def dataset(self, ds: pydicom.Dataset, prefix: str, skip: set[int]) -> dict[str, Any]:
+    def bulk_uri(self, elem: DataElement) -> str:
+        return self.tag_uri(int(elem.tag))
+
+    def tag_uri(self, tag: int) -> str:
+        return f"{self.bulk_base}/{tag:08X}"
+
+    def dataset(self, ds: pydicom.Dataset, prefix: str, skip: set[int], text_ok: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        text_ok = _text_ok(ds, text_ok)
         for tag in list(ds.keys()):  # keys: iterating a Dataset yields elements, not tags
             if tag in skip:
                 continue
-            path = f"{prefix}{tag:08X}"
             raw = ds.get_item(tag)
+            # Most elements: their JSON straight from the bytes, as pydicom would render it.
+            fast = element_json(raw, text_ok, self.tag_uri, BULK_DATA_THRESHOLD)
+            if fast is not None:
+                out[f"{tag:08X}"] = fast
+                continue
+            path = f"{prefix}{tag:08X}"
             try:
                 elem = ds[tag]
                 if elem.VR == "SQ":
-                    items = [self.dataset(item, f"{path}/{i}/", set()) for i, item in enumerate(elem.value)]
+                    items = [self.dataset(item, f"{path}/{i}/", set(), text_ok) for i, item in enumerate(elem.value)]
                     out[f"{tag:08X}"] = {"vr": "SQ", "Value": items}
                 else:
                     model = elem.to_json_dict(self.bulk_uri, BULK_DATA_THRESHOLD)
@@ -99,11 +128,7 @@ def build_header_model(
     by its encoded length); if what remains is still over budget, the largest top-level
     elements are left out until it fits. ``pixel_data_vr``: the object has pixel data, referenced.
     """
-
-    def bulk_uri(elem: DataElement) -> str:
-        return f"{bulk_base}/{elem.tag:08X}"
-
-    builder = _Builder(bulk_uri)
+    builder = _Builder(bulk_base)
     skip: set[int] = set()
     for tag in list(ds.keys()):
         size = element_size(ds.get_item(tag, keep_deferred=True))
@@ -115,6 +140,10 @@ def build_header_model(
     model = builder.dataset(ds, "", skip)
     if pixel_data_vr is not None:
         model["7FE00010"] = {"vr": pixel_data_vr, "BulkDataURI": f"{bulk_base}/7FE00010"}
+    text = json.dumps(model, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    # The sum of the per-element sizes below is len(text) - 1: most headers fit, and need no more.
+    if len(text) - 1 <= budget_bytes:
+        return HeaderModel(text, tuple(sorted(set(builder.omitted), key=lambda o: o.path)), model)
     sizes = {key: len(json.dumps(value, separators=(",", ":"))) + len(key) + 4 for key, value in model.items()}
     total = sum(sizes.values())
     for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
@@ -124,4 +153,4 @@ def build_header_model(
         total -= sizes[key]
         builder.omitted.append(Omitted(key, f"too large: {sizes[key]} bytes of JSON, over the event's header budget"))
     text = json.dumps(model, separators=(",", ":"), sort_keys=True, allow_nan=False)
-    return HeaderModel(text, tuple(sorted(set(builder.omitted), key=lambda o: o.path)))
+    return HeaderModel(text, tuple(sorted(set(builder.omitted), key=lambda o: o.path)), model)
