@@ -70,12 +70,13 @@ class Ingest:
         called_ae: str | None = None,
         expected_sop_instance_uid: str | None = None,
         expected_sop_class_uid: str | None = None,
-        synced_digest: tuple[str, int] | None = None,
+        synced_digest: Callable[[], tuple[str, int]] | None = None,
     ) -> Accepted:
         """Raises HeaderError / InvalidIdentifiers (bad input), OSError (disk), PublishError (broker).
 
-        ``synced_digest``: the (SHA-256, size) of ``path``, already fsync'd (the receiver hashes
-        while the bytes arrive); otherwise the landing store reads the file to hash it.
+        ``synced_digest``: called once the header is read, returns the (SHA-256, size) of ``path``
+        when it is fsync'd (the receiver hashes while the bytes arrive, and fsyncs while the header is
+        read); otherwise the landing store reads the file to hash it.
         """
         header = read_header_file(path, self.header_budget, self.max_inflated_bytes, self.landing.incoming)
         _log_omitted(header)
@@ -85,7 +86,8 @@ class Ingest:
         if expected_sop_class_uid is not None and header.sop_class_uid != expected_sop_class_uid:
             # Stored under the negotiated SOP Class, the object would claim to be what it is not.
             raise InvalidIdentifiers("SOPClassUID differs from the SOP Class negotiated for this presentation context")
-        with self.landing.landed(path, owned=owned, synced_digest=synced_digest) as stored:
+        digest = synced_digest() if synced_digest is not None else None
+        with self.landing.landed(path, owned=owned, synced_digest=digest) as stored:
             return self._publish(header, stored, source, calling_ae, called_ae, datetime.now(UTC))
 
     def _publish(

@@ -13,6 +13,7 @@ import ssl
 import tempfile
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, cast
 
@@ -62,6 +63,10 @@ class REJECT:
     CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)  # permanent, service user
 
 
+# fsync waits on the disk without the GIL: the association's thread reads the header meanwhile.
+_FSYNC = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
+
+
 def handle_store(event: evt.Event, ingest: Ingest) -> int:
     assoc = event.assoc
     calling_ae = assoc.requestor.ae_title
@@ -71,19 +76,34 @@ def handle_store(event: evt.Event, ingest: Ingest) -> int:
         log.error("store.rejected", reason="landing store write failed while receiving", **context)
         return STATUS.OUT_OF_RESOURCES
     request = cast(C_STORE, event.request)
+    syncing: list[Future[tuple[str, int]]] = []
+    try:
+        return _store(event, ingest, request, syncing, context)
+    finally:
+        wait(syncing)  # never leave the file to pynetdicom while it is being fsync'd
+
+
+def _store(
+    event: evt.Event, ingest: Ingest, request: C_STORE, syncing: list[Future[tuple[str, int]]], context: dict
+) -> int:
+    assoc = event.assoc
     spill = getattr(request, "_dataset_file", None)
     try:
-        # Hashed while the bytes arrived: fsync'd here, never read back to hash.
-        synced = spill.sync() if isinstance(spill, SpillFile) else None
+        synced_digest = None
+        if isinstance(spill, SpillFile):
+            # Hashed while the bytes arrived, never read back to hash; fsync'd while the header is read.
+            spill.hand_over()
+            syncing.append(_FSYNC.submit(spill.sync))
+            synced_digest = syncing[0].result
         accepted = ingest.accept_file(
             event.dataset_path,
             "C_STORE",
             owned=True,
-            calling_ae=calling_ae,
+            calling_ae=context["calling_ae"],
             called_ae=assoc.acceptor.ae_title,
             expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
             expected_sop_class_uid=str(event.context.abstract_syntax),
-            synced_digest=synced,
+            synced_digest=synced_digest,
         )
     except InvalidIdentifiers as exc:
         metrics.REJECTED.labels("invalid_identifiers").inc()

@@ -75,6 +75,21 @@ class SpillFile:
                 return written
         return len(data)
 
+    def hand_over(self) -> None:
+        """Flush every byte received so far to the kernel: from now on a reader that opens the file
+        by its name sees them all (``sync`` may then run in another thread while it reads).
+
+        Raises OSError when the write failed or fails now (the caller answers 'out of resources').
+        """
+        if self.is_failed:
+            raise OSError(f"{self.name}: writing the received data set failed")
+        try:
+            self._raw.flush()
+        except OSError as exc:
+            self._fail(exc)
+            self.take_failure(self.name)  # answered right here (OSError), not looked up later
+            raise
+
     def sync(self) -> tuple[str, int]:
         """Make every byte received so far durable (flush + fsync); return its (SHA-256 hex, size).
 

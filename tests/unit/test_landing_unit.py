@@ -153,3 +153,20 @@ def test_an_object_whose_event_may_have_gone_out_stays(tmp_path):
     with pytest.raises(PublishError), store.landed(_source(tmp_path, b"surely not"), owned=False) as refused:
         raise PublishError("produce refused: queue full")
     assert not (store.root / refused.relative_path).exists()
+
+
+def test_a_spill_file_handed_over_is_whole_for_a_reader_by_name_before_its_fsync(tmp_path):
+    """The receiver reads the header by the file's name while another thread fsyncs it: the last,
+    small fragments (held in the write buffer) must be in the file before that read."""
+    from diana.producers.spill import SpillFile
+
+    spill = SpillFile(delete=False, mode="wb", suffix=".dcm", dir=tmp_path)
+    chunks = [b"\x00" * 128, b"DICM", b"a small last fragment"]
+    for chunk in chunks:
+        spill.write(chunk)
+        spill.file.flush()  # pynetdicom's flush after each fragment: a no-op here
+    assert Path(spill.name).stat().st_size < sum(map(len, chunks))  # still buffered
+    spill.hand_over()
+    assert Path(spill.name).read_bytes() == b"".join(chunks)
+    assert spill.sync()[1] == sum(map(len, chunks))
+    spill.close()
