@@ -4,8 +4,8 @@ Runs a Kafka of its own (no OpenSearch, no workers, no sinks) and the receiver i
 timestamps taken around each step of the C-STORE path, feeds it N CT slices of 0.5 MB from dcmtk
 ``storescu`` over one association, and prints the median and p90 of each step:
 
-    first fragment → last fragment written → handler entered → file fsync'd → header read →
-    landed (rename + folder fsync) → event produced → delivery report → publisher woke →
+    first fragment → last fragment written → handler entered → header read (the file fsync'd beside
+    it) → landed (hard link + folder fsync) → event produced → delivery report → publisher woke →
     handler returned → response bytes sent → next request's first fragment
 
 The wrappers are added here only; the receiver's code is unchanged by them.
@@ -33,9 +33,11 @@ from diana.config import load_config
 _STEPS = [
     ("first_fragment", "last_fragment", "data set arriving (storescu → file)"),
     ("last_fragment", "handler", "last fragment → C-STORE handler called"),
-    ("handler", "synced", "fsync of the received file"),
-    ("synced", "header", "header read"),
-    ("header", "landed", "landing (hard link/rename + folder fsync)"),
+    # The received file is fsync'd in a helper thread while the header is read (producers/scp.py):
+    # these two spans overlap, and only the first is on the instance's path.
+    ("handler", "header", "header read (the fsync beside it)"),
+    ("handler", "synced", "fsync of the received file (beside the header read)"),
+    ("header", "landed", "rest of the fsync, if longer; landing (hard link + folder fsync)"),
     ("landed", "produced", "encode + produce()"),
     ("produced", "delivered", "produce() → delivery report (broker ack + poll)"),
     ("delivered", "woke", "delivery report → publisher's waiter woke"),

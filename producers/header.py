@@ -21,7 +21,14 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from diana.producers.header_model import HeaderModel, build_header_model
-from diana.producers.inflate import DEFAULT_MAX_INFLATED_BYTES, InflateError, file_meta, inflated_copy, is_deflated
+from diana.producers.inflate import (
+    DEFAULT_MAX_INFLATED_BYTES,
+    InflateError,
+    file_meta,
+    inflated_copy,
+    is_deflated,
+    may_be_deflated,
+)
 from diana.producers.raw_element_json import element_json
 from diana.schemas.uid import is_valid_uid
 
@@ -191,7 +198,10 @@ def read_header_file(
     object as stored (deflated).
     """
     with open(path, "rb") as fh:
-        meta = file_meta(fh)
+        meta = None
+        if may_be_deflated(fh):  # a few bytes read; the meta parsed only when it may say deflated
+            fh.seek(0)
+            meta = file_meta(fh)
         if meta is None or not is_deflated(meta):
             fh.seek(0)
             return _read(fh, os.fstat(fh.fileno()).st_size, header_budget_bytes)

@@ -7,6 +7,7 @@ in chunks straight to a file on the landing filesystem, never held whole in memo
 
 from __future__ import annotations
 
+import gc
 import signal
 import socket
 import ssl
@@ -365,6 +366,10 @@ class Receiver:
             server_class=SharedPortServer if self.shared else GuardedServer,
         )
         assert self.server is not None
+        # What exists now (modules, pydicom's dictionaries, the AE) lives as long as the process: the
+        # cyclic collector need not scan it again on every full pass (about 0.2 ms per instance received).
+        gc.collect()
+        gc.freeze()
         threading.Thread(target=self.server.serve_forever, name="AcceptorServer", daemon=True).start()
         self.ae._servers.append(self.server)
         log.info(
