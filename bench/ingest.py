@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,8 @@ DCMTK = {"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}
 PROFILE_CT = 200
 # diana-star's receiver, and the floors beside it: one process per core.
 RECEIVER_PROCESSES = os.cpu_count() or 1
+# diana-star's receiver over one association with the rest of the pipeline paused, as the floors run.
+PAUSED = "diana-star, pipeline paused"
 # A kind whose topic the bench leaves empty: `diana reindex` of it times the command's fixed cost.
 EMPTY_KIND = "dose-alerts"
 # Instances sent before the measured runs, to time the pipeline's start-up apart from them.
@@ -330,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         # Two corpora of the same shape with different UIDs: every run stores new objects.
         files = corpus(work / "corpus-a", args.ct, args.dx)
         files_b = corpus(work / "corpus-b", args.ct, args.dx)
+        files_c = corpus(work / "corpus-c", args.ct, args.dx)
         # The profile's own corpus: py-spy at 200 Hz on the 2 cores tripled the receiver's wall time
         # per instance (bench/receiver_timeline.py --py-spy, docs/PERFORMANCE.md), so no measured run
         # is sampled; this one is sent after them all.
@@ -366,6 +370,15 @@ def main(argv: list[str] | None = None) -> int:
         # diana first, on one association: that run is also the end-to-end measurement. OpenSearch is
         # watched while the corpus is sent (polled after the send, every instance would look searchable
         # only after the last one was sent: the send's length, not a latency).
+        # Every process of the end-to-end run, the broker and the search engine included: what the
+        # two cores spent between the first send and the last instance searchable.
+        watched = {n: p.pid for n, p in pipeline.items()}
+        for service in ("kafka", "opensearch"):
+            pid = stack.pid_of(service)
+            if pid is None:
+                raise RuntimeError(f"{service} is not running")
+            watched[service] = pid
+        window_cpu_before = {n: _proc_stats(pid)[0] for n, pid in watched.items()}
         with ThreadPoolExecutor(max_workers=1) as watcher:
             first_send = time.monotonic()
             since = datetime.now(UTC)
@@ -373,12 +386,27 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(measure("diana-star", pipeline["receive"].pid, files, ports["diana"], "DIANA", 1))
             done_at, latencies = watching.result()
         searchable_s = done_at - first_send
-        # Where the two cores went during that first end-to-end run.
+        window_cpu = {n: round(_proc_stats(pid)[0] - window_cpu_before[n], 1) for n, pid in watched.items()}
+        # Since each pipeline process started (its imports and start-up included).
         cpu_by_process = {n: round(_proc_stats(p.pid)[0], 1) for n, p in pipeline.items()}
         archived = sum(1 for _ in (work / "archive").rglob("*.dcm"))
         runs.append(measure("storescp", scp.pid, files, ports["storescp"], "ANY", 1))
         if orthanc:
             runs.append(measure("orthanc", orthanc.pid, files, ports["orthanc"], "ORTHANC", 1))
+        # The receiver as the floors run: the rest of the pipeline paused (SIGSTOP; Kafka and OpenSearch
+        # run), on a corpus of its own. Not a target's figure: it says how much of the receiver's is the
+        # pipeline sharing the cores. The pipeline catches up before anything else is timed.
+        paused = [p.pid for n, p in pipeline.items() if n != "receive"]
+        paused += [child for pid in paused for child in _children(pid)]
+        since_paused = datetime.now(UTC)
+        for pid in paused:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            runs.append(measure(PAUSED, pipeline["receive"].pid, files_c, ports["diana"], "DIANA", 1))
+        finally:
+            for pid in paused:
+                os.kill(pid, signal.SIGCONT)
+        searchable_latencies(cfg.opensearch.url, len(files_c), 600, since_paused)
         # The floors under the receiver's figures, on the same corpus in the same minutes (receiver_floor.py).
         for steps in FLOOR_STEPS:
             floor = start_floor(
@@ -409,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(measure("orthanc", orthanc.pid, files_b, ports["orthanc"], "ORTHANC", 4))
 
         # Re-index the whole instance topic with a fresh consumer.
-        events = len(files) * 2 + len(files_w)
+        events = len(files) + len(files_b) + len(files_c) + len(files_w)
         t0 = time.monotonic()
         rx = reindex_instances(config, bench_env(config))
         if rx.returncode != 0:
@@ -462,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
                 "archived": archived,  # the warm-up's instances included
                 "searchable_s": round(searchable_s, 2),
                 "pipeline_cpu_s": cpu_by_process,
+                "window_cpu_s": window_cpu,
+                "window_cores_busy": round(sum(window_cpu.values()) / searchable_s, 2),
                 "searchable_vs_storescp": round(searchable_s / reference[1], 2),
                 "stability_window_s": "CT=5,DX=5 (completion only; not in searchable_s)",
                 "receipt_to_searchable_s": {
@@ -573,6 +603,15 @@ def render(result: dict) -> str:
         )
     e = result["end_to_end"]
     lat = e["receipt_to_searchable_s"]
+    by_name = {(r["receiver"], r["associations"]): r for r in result["runs"]}
+    paused, scp = by_name.get((PAUSED, 1)), by_name[("storescp", 1)]
+    if paused is not None:
+        lines += [
+            "",
+            f"The receiver with the rest of the pipeline paused, as the floors run (not a target's figure): "
+            f"{paused['ratio_to_storescp']} × storescp's wall, "
+            f"{round(paused['cpu_s'] / max(scp['cpu_s'], 0.01), 2)} × its CPU.",
+        ]
     lines += [
         "",
         f"End to end (diana-star, 1 association): all {c['instances']} archived and searchable "
@@ -581,9 +620,11 @@ def render(result: dict) -> str:
         f"Stability window (series completion, not included): {e['stability_window_s']}.",
         f"Start-up (not in those figures): {result['startup']['instances']} warm-up instances sent once the "
         f"receiver answered C-ECHO were all searchable {result['startup']['searchable_s']} s later.",
-        "CPU seconds of each pipeline process during that run: "
-        + ", ".join(f"{k} {v}" for k, v in e["pipeline_cpu_s"].items())
-        + ".",
+        "CPU seconds of each process from the first send to the last instance searchable: "
+        + ", ".join(f"{k} {v}" for k, v in e["window_cpu_s"].items())
+        + f"; together {round(sum(e['window_cpu_s'].values()), 1)} s over {e['searchable_s']} s, "
+        f"{e['window_cores_busy']} of the {result['machine']['cpus']} cores busy on average. "
+        "Since each pipeline process started: " + ", ".join(f"{k} {v}" for k, v in e["pipeline_cpu_s"].items()) + ".",
         f"Re-index of dicom.instances by a fresh consumer: {result['reindex']['events']} events in "
         f"{result['reindex']['seconds']} s = {result['reindex']['events_per_s']} events/s; the same command over "
         f"an empty topic ({result['reindex']['empty_kind']}) took {result['reindex']['empty_kind_seconds']} s, "

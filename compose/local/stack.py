@@ -433,6 +433,11 @@ jclouds.filesystem.basedir={d / "data"}
         svc.pid_file.write_text(str(proc.pid))
         log.info("stack.started", service=svc.name, pid=proc.pid, log=str(svc.log_file))
 
+    def pid_of(self, name: str) -> int | None:
+        """The pid of a service this stack started ("kafka", "opensearch", "s3proxy"), if it runs."""
+        svc = {"kafka": self.kafka, "opensearch": self.opensearch, "s3proxy": self.s3proxy}[name]
+        return self._pid(svc) if self._running(svc) else None
+
     @staticmethod
     def _pid(svc: Service) -> int | None:
         try:

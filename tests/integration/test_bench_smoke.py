@@ -26,8 +26,11 @@ def test_bench_ingest_runs_end_to_end(tmp_path, stack):
     # Before the timed sends, a few warm-up instances go through the pipeline (its start-up, reported apart).
     warm_up = data["startup"]["instances"]
     assert warm_up > 0
-    assert data["end_to_end"]["archived"] == 12 + warm_up and data["reindex"]["events"] == 24 + warm_up
+    assert data["end_to_end"]["archived"] == 12 + warm_up and data["reindex"]["events"] == 36 + warm_up
     assert "| diana-star | 1 |" in (out / "results.md").read_text()
+    # What every process of the end-to-end run spent, the broker and the search engine included.
+    window = data["end_to_end"]["window_cpu_s"]
+    assert {"receive", "sink opensearch", "kafka", "opensearch"} <= set(window) and window["receive"] > 0
     # The receiver's floors ran beside it (bench/receiver_floor.py), and the targets read them.
     assert {
         ("floor: bare", 1),
@@ -36,6 +39,7 @@ def test_bench_ingest_runs_end_to_end(tmp_path, stack):
         ("floor: parse", 1),
         ("floor: parse", 4),
         ("floor: header", 1),
+        ("diana-star, pipeline paused", 1),
     } <= receivers
     wall = next(t for t in data["targets"] if t["target"].startswith("receiver wall"))
     assert wall["floor"] > 0 and wall["floor_met"] in (True, False)
