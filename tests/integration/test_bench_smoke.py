@@ -13,7 +13,7 @@ def test_bench_ingest_runs_end_to_end(tmp_path, stack):
     # `stack` only orders this after the session's stack exists; the bench runs its own on other ports.
     out = tmp_path / "bench"
     result = subprocess.run(
-        [sys.executable, "-m", "bench.ingest", "--ct", "8", "--dx", "4", "--out", str(out)],
+        [sys.executable, "-m", "bench.ingest", "--ct", "8", "--dx", "4", "--jvm-warm-up", "10", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -26,7 +26,10 @@ def test_bench_ingest_runs_end_to_end(tmp_path, stack):
     # Before the timed sends, a few warm-up instances go through the pipeline (its start-up, reported apart).
     warm_up = data["startup"]["instances"]
     assert warm_up > 0
-    assert data["end_to_end"]["archived"] == 12 + warm_up and data["reindex"]["events"] == 36 + warm_up
+    jvm_warm_up = data["startup"]["jvm_warm_up_instances"]
+    assert jvm_warm_up == 10
+    assert data["end_to_end"]["archived"] == 12 + warm_up + jvm_warm_up
+    assert data["reindex"]["events"] == 36 + warm_up + jvm_warm_up
     assert "| diana-star | 1 |" in (out / "results.md").read_text()
     # What every process of the end-to-end run spent, the broker and the search engine included.
     window = data["end_to_end"]["window_cpu_s"]
