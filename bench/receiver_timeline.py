@@ -16,6 +16,7 @@ The wrappers are added here only; the receiver's code is unchanged by them.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import shutil
@@ -249,6 +250,31 @@ class SchedSampler:
         return cpu / 1e9, wait / 1e9
 
 
+class GcTimes:
+    """Count and duration of the cyclic collector's passes, by generation, while it runs."""
+
+    def __init__(self) -> None:
+        self.by_generation = {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}
+        self._started: dict[int, float] = {}
+        gc.callbacks.append(self._observe)
+
+    def _observe(self, phase: str, info: dict[str, int]) -> None:
+        generation = info["generation"]
+        if phase == "start":
+            self._started[generation] = time.perf_counter()
+        elif generation in self._started:
+            self.by_generation[generation][0] += 1
+            self.by_generation[generation][1] += time.perf_counter() - self._started.pop(generation)
+
+    def stop(self) -> None:
+        gc.callbacks.remove(self._observe)
+
+    def __str__(self) -> str:
+        return ", ".join(
+            f"generation {g}: {n} taking {seconds * 1000:.1f} ms" for g, (n, seconds) in self.by_generation.items()
+        )
+
+
 def _summary(line: Timeline, skip: int) -> list[tuple[str, float, float, float]]:
     rows = []
     instances = [i for i in line.instances[skip:] if "next_first_fragment" in i]
@@ -281,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--py-spy", action="store_true", help="sample the receiver with py-spy meanwhile, as bench.ingest does"
     )
+    parser.add_argument(
+        "--no-gc-freeze",
+        action="store_true",
+        help="the receiver without its gc.freeze() at start (what it cost before)",
+    )
     parser.add_argument("--keep-kafka", action="store_true", help="leave the Kafka running (for repeated runs)")
     args = parser.parse_args(argv)
 
@@ -312,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             from diana.producers import reactor
 
             reactor.fast_reactor = lambda dul: setattr(dul, "_run_loop_delay", 0.0)
+        if args.no_gc_freeze:
+            gc.freeze = lambda: None  # type: ignore[assignment]
         line = Timeline()
         _instrument(receiver, line)
         receiver.start()
@@ -323,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             profiler = Profiler(os.getpid(), home / "receiver.folded")
             profiler.start()
             time.sleep(1)  # py-spy attaches
+        collections = GcTimes()
         started, sampler = time.perf_counter(), SchedSampler()
         subprocess.run(
             ["/usr/bin/storescu", "-aec", "TIMELINE", "127.0.0.1", str(config.receiver.port), *files],
@@ -331,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         wall = time.perf_counter() - started
         cpu, runqueue = sampler.stop()
+        collections.stop()
         if profiler is not None:
             profiler.stop()
         n = len(files)
@@ -343,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             "CPU per instance by thread (ms): "
             + ", ".join(f"{name} {seconds / n * 1000:.2f}" for name, seconds in sampler.cpu_by_thread().items())
         )
+        print(f"Cyclic garbage collections during the run: {collections}")
         print("| step | mean ms | median ms | p90 ms |\n|---|---:|---:|---:|")
         for label, mean, median, p90 in _summary(line, skip=5):
             print(f"| {label} | {mean:.2f} | {median:.2f} | {p90:.2f} |")

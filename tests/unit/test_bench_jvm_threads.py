@@ -1,0 +1,30 @@
+"""Unit: bench.jvm_threads finds the busiest window of a sample and splits it by thread."""
+
+from __future__ import annotations
+
+import json
+
+from bench.jvm_threads import busiest
+
+
+def test_the_busiest_window_and_its_compiler_share(tmp_path):
+    cpu = {"kafka:C2 CompilerThre": 0.0, "kafka:data-plane-kafk": 0.0}
+    lines = []
+    for second in range(10):
+        if 3 <= second < 6:  # 3 busy seconds: 1 s of compiling, 0.5 s of requests each
+            cpu = {
+                "kafka:C2 CompilerThre": cpu["kafka:C2 CompilerThre"] + 1.0,
+                "kafka:data-plane-kafk": cpu["kafka:data-plane-kafk"] + 0.5,
+            }
+        lines.append(json.dumps({"t": 1000.0 + second, "s": dict(cpu)}))
+    sample = tmp_path / "jvm.jsonl"
+    sample.write_text("\n".join(lines) + "\n")
+    report = busiest(sample, 3)
+    assert "4.5 CPU s of JVM threads, 3.0 of them in JIT compiler threads" in report[0]
+    assert report[1].split() == ["3.00", "kafka:C2", "CompilerThre"]
+
+
+def test_a_sample_shorter_than_the_window_says_so(tmp_path):
+    sample = tmp_path / "jvm.jsonl"
+    sample.write_text(json.dumps({"t": 1.0, "s": {}}) + "\n")
+    assert busiest(sample, 18) == [f"no window of 18 s in {sample}"]
