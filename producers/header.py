@@ -21,14 +21,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from diana.producers.header_model import HeaderModel, build_header_model
-from diana.producers.inflate import (
-    DEFAULT_MAX_INFLATED_BYTES,
-    InflateError,
-    file_meta,
-    inflated_copy,
-    is_deflated,
-    may_be_deflated,
-)
+from diana.producers.inflate import DEFAULT_MAX_INFLATED_BYTES, InflateError, file_meta, inflated_copy, is_deflated
 from diana.producers.raw_element_json import element_json
 from diana.schemas.uid import is_valid_uid
 
@@ -98,7 +91,9 @@ def _text(values: _Values, keyword: str) -> str | None:
 
 def _number(values: _Values, keyword: str, kind: type[int] | type[float]) -> int | float | None:
     """The value as ``kind``, or None when absent or unusable (out of int32, NaN, infinite)."""
-    value = values.get(keyword, (str, int, float))
+    # From the model only a value pydicom's JSON keeps as it was: IS is rendered through int(), so
+    # "72.5" under VR IS would read 72 there, where float(pydicom's value) is 72.5.
+    value = values.get(keyword, (str, int, float) if kind is int else (str, float))
     if value is None or value == "":
         return None
     try:
@@ -198,10 +193,9 @@ def read_header_file(
     object as stored (deflated).
     """
     with open(path, "rb") as fh:
-        meta = None
-        if may_be_deflated(fh):  # a few bytes read; the meta parsed only when it may say deflated
-            fh.seek(0)
-            meta = file_meta(fh)
+        # pydicom's own parse, not a scan of the group length's bytes: a file whose (0002,0000) is too
+        # small would pass such a scan and have pydicom inflate it whole, past max_inflated_bytes.
+        meta = file_meta(fh)
         if meta is None or not is_deflated(meta):
             fh.seek(0)
             return _read(fh, os.fstat(fh.fileno()).st_size, header_budget_bytes)

@@ -24,7 +24,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-__all__ = ["DEFAULT_MAX_INFLATED_BYTES", "InflateError", "file_meta", "inflated_copy", "may_be_deflated"]
+__all__ = ["DEFAULT_MAX_INFLATED_BYTES", "InflateError", "file_meta", "inflated_copy"]
 
 DEFAULT_MAX_INFLATED_BYTES = 1 << 30
 _CHUNK = 1 << 20
@@ -43,30 +43,6 @@ def file_meta(fh: BinaryIO) -> FileMetaDataset | None:
         return _read_file_meta_info(fh)
     except Exception:  # not Part-10: the header reader says why
         return None
-
-
-_DEFLATED_UID = DeflatedExplicitVRLittleEndian.encode()
-# Preamble, "DICM", then (0002,0000) UL of length 4: the file meta group's length.
-_GROUP_LENGTH_AT = 128 + 4
-_GROUP_LENGTH_ELEMENT = b"\x02\x00\x00\x00UL\x04\x00"
-_LONGEST_META_SCANNED = 1 << 16
-
-
-def may_be_deflated(fh: BinaryIO) -> bool:
-    """False when the file meta group, as long as its group length says, does not hold the deflated
-    transfer syntax's UID: the file is then not deflated, and its meta needs no parse of its own
-    (pydicom reads it with the data set). True when it does, or when the file is unusual enough that
-    ``file_meta`` must decide. Reads from where ``fh`` is (its start)."""
-    head = fh.read(_GROUP_LENGTH_AT + 12)
-    if len(head) < _GROUP_LENGTH_AT + 12 or head[128:132] != b"DICM":
-        return True
-    if head[_GROUP_LENGTH_AT : _GROUP_LENGTH_AT + 8] != _GROUP_LENGTH_ELEMENT:
-        return True
-    length = int.from_bytes(head[_GROUP_LENGTH_AT + 8 :], "little")
-    if length > _LONGEST_META_SCANNED:
-        return True
-    meta = fh.read(length)
-    return len(meta) < length or _DEFLATED_UID in meta
 
 
 def is_deflated(meta: FileMetaDataset | None) -> bool:

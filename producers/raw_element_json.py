@@ -5,7 +5,8 @@ per VR) before ``to_json_dict`` renders it: about 17 µs an element, most of wha
 reader cost beyond pydicom's own parse (docs/PERFORMANCE.md, issue 19). For the VRs headers are
 mostly made of, the same JSON is built here from the bytes. Whatever this module is not sure to
 render exactly as pydicom does returns None, and the caller takes pydicom's path for that element:
-big-endian or deferred values, an implicit VR the dictionary does not give, UN, AT, SQ, non-ASCII
+big-endian or deferred values, an implicit VR the dictionary does not give, UN, AT, SQ, LUT
+descriptors (pydicom amends their first value), non-ASCII
 text, an escape sequence, a text VR under a character set outside ``_ASCII_SUPERSETS``, a number
 written in a way pydicom might read otherwise, a length that does not fit its VR, NaN and infinity.
 ``tests/unit/test_raw_element_json.py`` holds the two paths equal on pydicom's test files, its
@@ -55,6 +56,9 @@ _ASCII_SUPERSETS = frozenset(
 _INTEGER = re.compile(r"[+-]?[0-9]{1,15}\Z")
 _DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
 _ESC = 0x1B
+# pydicom's raw_element_value hook adds 65536 to a negative first value of these (hooks.py, tag.py
+# _LUT_DESCRIPTOR_TAGS): their rendering is its own.
+_LUT_DESCRIPTORS = frozenset({0x00281101, 0x00281102, 0x00281103, 0x00283002})
 
 
 def text_is_ascii_compatible(charsets: object) -> bool:
@@ -149,6 +153,8 @@ def element_json(
     or None when this element must take pydicom's path. ``text_ok``: the data set's character set is
     one of ``_ASCII_SUPERSETS`` (``text_is_ascii_compatible``)."""
     if not isinstance(raw, RawDataElement) or not raw.is_little_endian or raw.value is None:
+        return None
+    if raw.tag in _LUT_DESCRIPTORS:
         return None
     vr = _vr(raw)
     if vr is None:

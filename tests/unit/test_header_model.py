@@ -79,23 +79,15 @@ def test_a_deflated_data_set_is_read_and_a_deflate_bomb_refused(tmp_path):
     assert not list(tmp_path.glob(".inflate-*"))
 
 
-def test_only_a_file_meta_that_may_name_deflate_is_parsed_on_its_own(tmp_path):
-    """may_be_deflated spares the plain file a second parse of its meta, and says 'maybe' whenever
-    the bytes are not the usual Part-10 start (the full parse then decides)."""
-    from diana.producers.inflate import may_be_deflated
-
-    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="DEFL2", study_date="20240101")
-    del ds.PixelData
-    plain = _bytes(ds, tmp_path)
-    deflated = write_deflated(ds, tmp_path / "deflated.dcm").read_bytes()
-    for data, expected in (
-        (deflated, True),
-        (plain, False),
-        (plain[:150], True),  # the meta group shorter than its length says
-        (plain[128:], True),  # no preamble
-        (plain[:132] + b"\x02\x00\x01\x00OB\x00\x00" + plain[140:], True),  # no group length first
-    ):
-        with open(tmp_path / "case.dcm", "wb") as out:
-            out.write(data)
-        with open(tmp_path / "case.dcm", "rb") as fh:
-            assert may_be_deflated(fh) is expected
+def test_a_deflate_bomb_whose_meta_understates_its_length_is_still_capped(tmp_path):
+    """The file meta's group length (0002,0000) is the sender's word: pydicom reads every group-2
+    element whatever it says, so must the check for a deflated data set (a scan trusting it let pydicom
+    inflate such a file whole, in memory, past max_inflated_bytes)."""
+    bomb = tmp_path / "bomb.dcm"
+    write_deflate_bomb(bomb, inflated_bytes=64 << 20)
+    data = bomb.read_bytes()
+    group_length = b"\x02\x00\x00\x00UL\x04\x00"
+    assert data[132:140] == group_length
+    bomb.write_bytes(data[:140] + (0).to_bytes(4, "little") + data[144:])
+    with pytest.raises(HeaderError, match="inflates past"):
+        read_header_file(bomb, max_inflated_bytes=16 << 20)

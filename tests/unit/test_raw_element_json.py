@@ -193,6 +193,11 @@ TEXT_CASES = [
     (0x00189306, "FL", b"\x00\x00\xc0\x3f"),
     (0x00189306, "FL", b"\x00\x00\xc0\x7f"),
     (0x00720032, "AT", b"\x10\x00\x20\x00"),
+    (0x00281101, "SS", b"\x00\x80\x00\x00\x10\x00"),  # LUT descriptor: pydicom adds 65536 to a negative first
+    (0x00281101, "US", b"\x00\x01\x00\x00\x10\x00"),
+    (0x00101030, "IS", b"72.5"),  # a weight under VR IS: the search field stays 72.5
+    (0x00101020, "IS", b"2 "),
+    (0x00101030, "DS", b"72.5"),
     (0x00091010, "LO", b"PRIVATE CREATOR"),
     (0x00091011, "DS", b"2.5 "),
     (0x00091012, "UN", b"\x01\x02\x03\x04"),
