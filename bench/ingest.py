@@ -543,12 +543,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def runs_by_receiver(result: dict) -> dict[tuple[str, int], dict]:
+    """The runs of a result by (receiver, associations)."""
+    return {(r["receiver"], r["associations"]): r for r in result["runs"]}
+
+
 def targets(result: dict) -> list[dict]:
     """Issue 19's targets, each a ratio or bound measured in this one run: figure, bound, met or not;
     for the receiver's, also the same figure of the floor measured beside it (``floor: parse``: pynetdicom,
     the contract's waits and pydicom's parse of the data set, nothing else: receiver_floor.py) and whether that floor
     itself meets the bound (if not, no receiver built on it can: the target is out of reach here)."""
-    runs = {(r["receiver"], r["associations"]): r for r in result["runs"]}
+    runs = runs_by_receiver(result)
     e = result["end_to_end"]
     rows = []
 
@@ -623,8 +628,8 @@ def render(result: dict) -> str:
         )
     e = result["end_to_end"]
     lat = e["receipt_to_searchable_s"]
-    by_name = {(r["receiver"], r["associations"]): r for r in result["runs"]}
-    paused, scp = by_name.get((PAUSED, 1)), by_name[("storescp", 1)]
+    runs = runs_by_receiver(result)
+    paused, scp = runs.get((PAUSED, 1)), runs[("storescp", 1)]
     if paused is not None:
         lines += [
             "",

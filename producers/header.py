@@ -57,6 +57,21 @@ class InstanceHeader:
     fields: dict[str, Any]
 
 
+_UNKNOWN = object()
+
+
+def _rendered_value(entry: dict[str, Any], kinds: tuple[type, ...]) -> Any:
+    """The value pydicom gives an element, read from its rendering: None when it is empty, its one
+    value when that is of ``kinds``, else ``_UNKNOWN`` (pydicom's own reading decides)."""
+    values = entry.get("Value")
+    if values is None:
+        # Present, empty (pydicom's '' reads as absent too); a binary value is not told here.
+        return _UNKNOWN if "InlineBinary" in entry or "BulkDataURI" in entry else None
+    if len(values) == 1 and isinstance(values[0], kinds):
+        return values[0]
+    return _UNKNOWN
+
+
 class _Values:
     """Top-level values by keyword: from the header's DICOM JSON when it holds the element with one
     value of the kind asked for (the value pydicom gives, converted no second time), else pydicom's."""
@@ -70,11 +85,9 @@ class _Values:
         tag = tag_for_keyword(keyword)
         entry = self.elements.get(f"{tag:08X}") if tag is not None else None
         if entry is not None and entry["vr"] != "PN":
-            values = entry.get("Value")
-            if values is None and "InlineBinary" not in entry and "BulkDataURI" not in entry:
-                return None  # present, empty: pydicom's '' reads as absent below too
-            if values is not None and len(values) == 1 and isinstance(values[0], kinds):
-                return values[0]
+            value = _rendered_value(entry, kinds)
+            if value is not _UNKNOWN:
+                return value
         try:
             return self.ds.get(keyword)
         except Exception:  # pydicom raises many kinds on odd values
@@ -242,11 +255,9 @@ def _uid(ds: pydicom.Dataset, keyword: str) -> Any:
     assert tag is not None
     rendered = element_json(ds.get_item(tag), True, lambda _tag: "", 0) if tag in ds else None
     if rendered is not None and rendered["vr"] == "UI":
-        values = rendered.get("Value")
-        if values is None:
-            return ""
-        if len(values) == 1:
-            return values[0]
+        value = _rendered_value(rendered, (str,))
+        if value is not _UNKNOWN:
+            return value
     return ds.get(keyword)
 
 

@@ -142,15 +142,16 @@ def build_header_model(
         model["7FE00010"] = {"vr": pixel_data_vr, "BulkDataURI": f"{bulk_base}/7FE00010"}
     text = json.dumps(model, separators=(",", ":"), sort_keys=True, allow_nan=False)
     # The sum of the per-element sizes below is len(text) - 1: most headers fit, and need no more.
-    if len(text) - 1 <= budget_bytes:
-        return HeaderModel(text, tuple(sorted(set(builder.omitted), key=lambda o: o.path)), model)
-    sizes = {key: len(json.dumps(value, separators=(",", ":"))) + len(key) + 4 for key, value in model.items()}
-    total = sum(sizes.values())
-    for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
-        if total <= budget_bytes:
-            break
-        del model[key]
-        total -= sizes[key]
-        builder.omitted.append(Omitted(key, f"too large: {sizes[key]} bytes of JSON, over the event's header budget"))
-    text = json.dumps(model, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    if len(text) - 1 > budget_bytes:
+        sizes = {key: len(json.dumps(value, separators=(",", ":"))) + len(key) + 4 for key, value in model.items()}
+        total = sum(sizes.values())
+        for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
+            if total <= budget_bytes:
+                break
+            del model[key]
+            total -= sizes[key]
+            builder.omitted.append(
+                Omitted(key, f"too large: {sizes[key]} bytes of JSON, over the event's header budget")
+            )
+        text = json.dumps(model, separators=(",", ":"), sort_keys=True, allow_nan=False)
     return HeaderModel(text, tuple(sorted(set(builder.omitted), key=lambda o: o.path)), model)

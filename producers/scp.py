@@ -77,34 +77,22 @@ def handle_store(event: evt.Event, ingest: Ingest) -> int:
         log.error("store.rejected", reason="landing store write failed while receiving", **context)
         return STATUS.OUT_OF_RESOURCES
     request = cast(C_STORE, event.request)
-    syncing: list[Future[tuple[str, int]]] = []
-    try:
-        return _store(event, ingest, request, syncing, context)
-    finally:
-        wait(syncing)  # never leave the file to pynetdicom while it is being fsync'd
-
-
-def _store(
-    event: evt.Event, ingest: Ingest, request: C_STORE, syncing: list[Future[tuple[str, int]]], context: dict
-) -> int:
-    assoc = event.assoc
     spill = getattr(request, "_dataset_file", None)
+    syncing: Future[tuple[str, int]] | None = None
     try:
-        synced_digest = None
         if isinstance(spill, SpillFile):
             # Hashed while the bytes arrived, never read back to hash; fsync'd while the header is read.
             spill.hand_over()
-            syncing.append(_FSYNC.submit(spill.sync))
-            synced_digest = syncing[0].result
+            syncing = _FSYNC.submit(spill.sync)
         accepted = ingest.accept_file(
             event.dataset_path,
             "C_STORE",
             owned=True,
-            calling_ae=context["calling_ae"],
+            calling_ae=calling_ae,
             called_ae=assoc.acceptor.ae_title,
             expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
             expected_sop_class_uid=str(event.context.abstract_syntax),
-            synced_digest=synced_digest,
+            synced_digest=syncing.result if syncing is not None else None,
         )
     except InvalidIdentifiers as exc:
         metrics.REJECTED.labels("invalid_identifiers").inc()
@@ -130,6 +118,9 @@ def _store(
         metrics.REJECTED.labels("internal").inc()
         log.exception("store.failed", **context)
         return STATUS.PROCESSING_FAILURE
+    finally:
+        if syncing is not None:
+            wait([syncing])  # never leave the file to pynetdicom while it is being fsync'd
     metrics.RECEIVED.inc()
     metrics.BYTES.inc(accepted.size)
     metrics.PUBLISH_LATENCY.observe(accepted.publish_latency_s)

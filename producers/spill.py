@@ -12,6 +12,7 @@ import hashlib
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -81,34 +82,30 @@ class SpillFile:
 
         Raises OSError when the write failed or fails now (the caller answers 'out of resources').
         """
-        if self.is_failed:
-            raise OSError(f"{self.name}: writing the received data set failed")
-        try:
-            self._raw.flush()
-        except OSError as exc:
-            self._fail(exc)
-            self.take_failure(self.name)  # answered right here (OSError), not looked up later
-            raise
+        self._guarded(self._raw.flush)
 
     def sync(self) -> tuple[str, int]:
         """Make every byte received so far durable (flush + fsync); return its (SHA-256 hex, size).
 
         Raises OSError when the write failed or fails now (the caller answers 'out of resources').
         """
+        self._guarded(self._raw.flush, lambda: os.fsync(self._raw.fileno()))
+        return self._hash.hexdigest(), self._size
+
+    def _guarded(self, *steps: Callable[[], object]) -> None:
         if self.is_failed:
             raise OSError(f"{self.name}: writing the received data set failed")
         try:
-            self._raw.flush()
-            os.fsync(self._raw.fileno())
+            for step in steps:
+                step()
         except OSError as exc:
             self._fail(exc)
             self.take_failure(self.name)  # answered right here (OSError), not looked up later
             raise
-        return self._hash.hexdigest(), self._size
 
     def flush(self) -> None:
         """pynetdicom flushes after every fragment; nothing reads the file before the handler,
-        which calls ``sync``. A write error still surfaces: at the next write, or in ``sync``."""
+        which calls ``hand_over``. A write error still surfaces: at the next write, or in ``sync``."""
 
     def close(self) -> None:
         if not self.is_failed:
