@@ -250,8 +250,6 @@ def make_corpus(name: str, studies: int, per_series: int) -> dict[Path, tuple[st
 
 
 def test_topics_have_three_replicas_and_two_in_sync(cluster) -> None:
-    from confluent_kafka.admin import ConfigResource
-
     from diana.stream_apps.state_topics import ensure_state_topics
 
     cfg, _, _ = cluster
@@ -274,8 +272,25 @@ def test_topics_have_three_replicas_and_two_in_sync(cluster) -> None:
         assert all(len(p.replicas) == 3 for p in partitions.values()), name
         leaders = {p.leader for p in partitions.values()}
         assert len(leaders) == 3, f"{name}: every broker leads a partition ({leaders})"
+        assert topic_config(admin, name, deadline)["min.insync.replicas"].value == "2"
+
+
+def topic_config(admin, name: str, deadline: float) -> dict:
+    """A topic's configuration, asked again while the broker that answers does not know the topic yet.
+
+    describe_configs goes to any broker; one whose metadata lags the creation answers
+    UNKNOWN_TOPIC_OR_PART (seen on a clean clone, after list_topics on another broker knew it)."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import ConfigResource
+
+    while True:
         (future,) = admin.describe_configs([ConfigResource("topic", name)]).values()
-        assert future.result()["min.insync.replicas"].value == "2"
+        try:
+            return future.result()
+        except KafkaException as error:
+            if error.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART or time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
 
 
 def test_broker_killed_mid_send_loses_nothing_and_counts_nothing_twice(cluster, cluster_pipeline) -> None:
