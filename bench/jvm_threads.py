@@ -3,9 +3,12 @@
     python -m bench.jvm_threads sample --out jvm.jsonl --seconds 240   (beside a bench.ingest run)
     python -m bench.jvm_threads busiest jvm.jsonl --window 18           (the busiest 18 s, by thread)
 
-Threads are grouped by process kind and name without its number ("kafka:C2 CompilerThre",
-"opensearch:opensearch[dian"): the JIT compiler threads, the request handlers, GC. Read from
-/proc/<pid>/task/<tid>/stat (user + system ticks); nothing is attached to the JVMs.
+Threads are grouped by process kind and name without its numbers ("kafka:C2 CompilerThread",
+"opensearch:opensearch[][write][T]"): the JIT compiler threads, the request handlers, GC. CPU is read
+from /proc/<pid>/task/<tid>/stat (user + system ticks). The kernel keeps only 15 characters of a
+thread's name, and every OpenSearch thread starts "opensearch[node"; the full Java names come from
+``jcmd <pid> Thread.print`` (its nid is the thread id), asked again at most every 5 s while a thread is
+unnamed. Without jcmd the kernel's names are used.
 """
 
 from __future__ import annotations
@@ -14,9 +17,47 @@ import argparse
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
+
+_JCMD_EVERY_S = 5.0
+_THREAD_LINE = re.compile(r'^"(?P<name>.*)" .*\bnid=(?P<nid>0x[0-9a-f]+)', re.MULTILINE)
+
+
+def java_thread_names(thread_dump: str) -> dict[int, str]:
+    """Thread id → Java thread name, from ``jcmd <pid> Thread.print``'s output."""
+    return {int(m["nid"], 16): m["name"] for m in _THREAD_LINE.finditer(thread_dump)}
+
+
+def thread_group(name: str) -> str:
+    """A thread's name without what numbers it among its kind (node names, pool indices, listener ports)."""
+    name = re.sub(r"^opensearch\[[^\]]*\]", "opensearch[]", name)
+    return re.sub(r"[-#\d]+(?=$|\]|-)", "", name)
+
+
+class ThreadNames:
+    """Full Java thread names of each JVM, from jcmd (cached; asked again for threads it did not name)."""
+
+    def __init__(self) -> None:
+        self.jcmd = shutil.which("jcmd")
+        self.names: dict[int, dict[int, str]] = {}
+        self.asked: dict[int, float] = {}
+
+    def name(self, pid: int, tid: int) -> str | None:
+        known = self.names.get(pid, {})
+        if tid not in known and self.jcmd and time.monotonic() - self.asked.get(pid, -_JCMD_EVERY_S) >= _JCMD_EVERY_S:
+            self.asked[pid] = time.monotonic()
+            try:
+                dump = subprocess.run(
+                    [self.jcmd, str(pid), "Thread.print"], capture_output=True, text=True, timeout=20
+                ).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                dump = ""
+            known = self.names[pid] = {**known, **java_thread_names(dump)}
+        return known.get(tid)
 
 
 def _kind(pid: Path) -> str | None:
@@ -31,7 +72,7 @@ def _kind(pid: Path) -> str | None:
     return "opensearch" if b"opensearch" in command.lower() else "java"
 
 
-def snapshot() -> dict[str, float]:
+def snapshot(names: ThreadNames | None = None) -> dict[str, float]:
     """CPU seconds so far of each kind of JVM thread."""
     ticks = os.sysconf("SC_CLK_TCK")
     totals: dict[str, float] = {}
@@ -41,10 +82,11 @@ def snapshot() -> dict[str, float]:
             continue
         for task in (pid / "task").glob("*"):
             try:
-                name = re.sub(r"[-#\d]+$", "", (task / "comm").read_text().strip())
                 fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                name = (names.name(int(pid.name), int(task.name)) if names else None) or (task / "comm").read_text()
             except OSError:
                 continue  # the thread ended meanwhile
+            name = thread_group(name.strip())
             key = f"{kind}:{name}"
             totals[key] = totals.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
     return totals
@@ -52,9 +94,10 @@ def snapshot() -> dict[str, float]:
 
 def sample(out: Path, seconds: float) -> None:
     end = time.time() + seconds
+    names = ThreadNames()
     with out.open("w") as fh:
         while time.time() < end:
-            fh.write(json.dumps({"t": time.time(), "s": snapshot()}) + "\n")
+            fh.write(json.dumps({"t": time.time(), "s": snapshot(names)}) + "\n")
             fh.flush()
             time.sleep(1)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from bench.jvm_threads import busiest
+from bench.jvm_threads import busiest, java_thread_names, thread_group
 
 
 def test_the_busiest_window_and_its_compiler_share(tmp_path):
@@ -28,3 +28,19 @@ def test_a_sample_shorter_than_the_window_says_so(tmp_path):
     sample = tmp_path / "jvm.jsonl"
     sample.write_text(json.dumps({"t": 1.0, "s": {}}) + "\n")
     assert busiest(sample, 18) == [f"no window of 18 s in {sample}"]
+
+
+def test_thread_names_come_from_the_thread_dump_by_nid():
+    dump = (
+        '"main" #1 prio=5 os_prio=0 cpu=1355.75ms elapsed=11.07s tid=0x00007fb5a4018ce0 nid=0x3c3e waiting\n'
+        "   java.lang.Thread.State: WAITING\n"
+        '"opensearch[diana-1][write][T#2]" #61 daemon prio=5 os_prio=0 cpu=8.1ms tid=0x00007f nid=0x3d40 waiting\n'
+    )
+    assert java_thread_names(dump) == {0x3C3E: "main", 0x3D40: "opensearch[diana-1][write][T#2]"}
+
+
+def test_threads_of_one_kind_share_a_group_whatever_their_node_or_number():
+    assert thread_group("opensearch[diana-1][write][T#1]") == thread_group("opensearch[node-2][write][T#4]")
+    assert thread_group("opensearch[diana-1][write][T#1]") == "opensearch[][write][T]"
+    assert thread_group("data-plane-kafka-request-handler-7") == "data-plane-kafka-request-handler"
+    assert thread_group("C2 CompilerThread0") == "C2 CompilerThread"
