@@ -77,12 +77,13 @@ def serve(port: int, folder: Path, steps: str, bootstrap: str | None, max_pdu: i
     from pynetdicom.sop_class import Verification
     from pynetdicom.transport import ThreadedAssociationServer
 
+    from diana.producers.workers import LeastLoadedAccept
+
     # Not producers/workers.SharedPortServer: that one carries the transport guard (GuardedServer),
-    # which is the receiver's own code; the floor keeps pynetdicom's server, with the port shared.
-    class SharedPort(ThreadedAssociationServer):
-        def server_bind(self) -> None:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            super().server_bind()
+    # which is the receiver's own code; the floor keeps pynetdicom's server, with the port shared
+    # and each connection given to the worker with the fewest, as the receiver's workers do.
+    class SharedPort(LeastLoadedAccept, ThreadedAssociationServer):
+        pass
 
     import pydicom
 
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", choices=STEPS, default="bare", help="what the handler does (module docstring)")
     ap.add_argument("--bootstrap", help="Kafka bootstrap servers (--steps kafka)")
     ap.add_argument("--max-pdu", type=int, default=1048576, help="maximum PDU (the receiver's default)")
-    ap.add_argument("--processes", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    ap.add_argument("--processes", type=int, default=1, help="processes sharing the port (as the receiver's workers)")
     args = ap.parse_args(argv)
     if args.steps in _PUBLISHING:
         if not args.bootstrap:
@@ -181,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from diana.producers.workers import run_workers  # the receiver's own forking, PDEATHSIG included
 
-    run_workers(args.processes, lambda _: serve(args.port, args.folder, args.steps, args.bootstrap, args.max_pdu, True))
+    run_workers(
+        args.processes,
+        lambda _: serve(args.port, args.folder, args.steps, args.bootstrap, args.max_pdu, True),
+        address=("127.0.0.1", args.port),
+    )
     return 0
 
 

@@ -112,7 +112,7 @@ class ReceiverConfig:
     port: int = 11112
     max_associations: int = 16
     metrics_port: int = 9464
-    # Receiver processes sharing the port (SO_REUSEPORT, producers/workers.py), at least 1.
+    # Receiver processes sharing the port (each connection to the one with the fewest; producers/workers.py), at least 1.
     # Each has its own max_associations and max_associations_per_host; metrics_port serves the
     # sum of all of them.
     processes: int = 1

@@ -1,20 +1,30 @@
 """Several receiver processes on one port, so that associations use every core.
 
 pynetdicom runs associations as threads of one process: under the GIL a receiver uses one core at
-most. With ``[receiver] processes`` = N > 1, ``diana receive`` forks N worker processes that each
-bind the same address with SO_REUSEPORT; Linux hands every new connection to one of them. The
-parent sweeps the landing store's debris once, before any worker listens (a worker sweeping at its
-own start would delete files another worker is receiving), then watches: a worker that dies is
-started again after a second (the senders of its open associations got no success and retry).
+most. With ``[receiver] processes`` = N > 1, ``diana receive`` binds the port once and forks N worker
+processes that all accept from that one socket (``SharedListener``). A new connection goes to the
+worker with the fewest open connections: each worker publishes its count in memory shared with the
+others, and one that holds more than another leaves a waiting connection to it for up to
+``DEFER_S`` (then takes it anyway: a worker that is stuck holds nobody up).
+
+SO_REUSEPORT, used before, has Linux pick a worker by a hash of the peer's address and port: 300
+trials of 4 connections to 2 workers split 2/2 only 107 times, 3/1 152 times and 4/0 41 times, so 4
+associations used both cores about one time in three (docs/PERFORMANCE.md, issue 19).
+
+The parent sweeps the landing store's debris once, before any worker listens (a worker sweeping at
+its own start would delete files another worker is receiving), then watches: a worker that dies is
+started again after a second (the senders of its open associations got no success and retry; new
+connections meanwhile go to the others, or wait in the parent's socket).
 
 Per worker: its own Kafka producer, its own limits (``max_associations``,
 ``max_associations_per_host``: the whole receiver admits N times them). Metrics: one endpoint on
 ``metrics_port``, served by the parent, summing every worker's (prometheus_client's multiprocess
-mode, ``shared_metrics.py``; the association gauge has one series per worker, labelled ``pid``). Worker 0 alone runs the outbox tasks (recover: what landed before the
-receiver started; reconcile; sweeper). The landing store is shared: a refused publish leaves its
-object for reconcile (``LandingStore(shared=True)``), so no worker ever removes an object another
-one published. A worker dies with the parent (PR_SET_PDEATHSIG): ``kill -9`` of the receiver
-ends every worker, as it ends a single-process receiver.
+mode, ``shared_metrics.py``; the association gauge has one series per worker, labelled ``pid``).
+Worker 0 alone runs the outbox tasks (recover: what landed before the receiver started; reconcile;
+sweeper). The landing store is shared: a refused publish leaves its object for reconcile
+(``LandingStore(shared=True)``), so no worker ever removes an object another one published. A worker
+dies with the parent (PR_SET_PDEATHSIG): ``kill -9`` of the receiver ends every worker, as it ends a
+single-process receiver.
 """
 
 from __future__ import annotations
@@ -22,63 +32,180 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 import structlog
+from pynetdicom import evt
 
 from diana.producers.transport_guard import GuardedServer
 
-__all__ = ["SharedPortServer", "run_workers"]
+__all__ = ["LeastLoadedAccept", "SharedListener", "SharedPortServer", "run_workers"]
 
 log = structlog.get_logger("diana.receiver")
 
 
-class SharedPortServer(GuardedServer):
-    """The guarded server, bound with SO_REUSEPORT so that several processes listen on one port."""
+# A worker that has died, or not started yet: no other worker leaves it a connection.
+_GONE = 1 << 30
+
+
+class SharedListener:
+    """The one listening socket of every worker, and each worker's open connections.
+
+    Made by the parent before it forks: the workers inherit the socket and the counts (shared memory)."""
+
+    BACKLOG = 64
+
+    def __init__(self, address: tuple[str, int], workers: int) -> None:
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        try:
+            self.socket = socket.create_server(address, family=family, backlog=self.BACKLOG)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {address[0] or '*'}:{address[1]}: {exc.strerror}") from None
+        # Non-blocking: the workers race for each connection and the losers' accept must return.
+        self.socket.setblocking(False)
+        self.open_connections = multiprocessing.RawArray("i", [_GONE] * workers)
+
+    def fewest_elsewhere(self, worker: int) -> int:
+        return min((n for i, n in enumerate(self.open_connections) if i != worker), default=_GONE)
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+# This process's worker index and the listener it shares, set in each forked worker (one per process).
+_share: tuple[SharedListener, int] | None = None
+
+
+class LeastLoadedAccept:
+    """Mixed into a pynetdicom ThreadedAssociationServer of a worker: it accepts from the shared
+    listener, and leaves a connection to a worker with fewer open connections (for ``DEFER_S`` at most).
+
+    Open connections: the server's associations, and the connections accepted whose association has not
+    started yet (TLS handshake, the thread being started) — counted from the accept on, so that a burst
+    of connections is not all taken by the worker that woke first."""
+
+    DEFER_S = 0.25
+    socket: Any
+    active_associations: list
 
     def server_bind(self) -> None:
-        assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        if _share is None:
+            raise RuntimeError("a shared-port server runs only in a worker of run_workers")
+        self._listener, self._worker = _share
+        self._starting: set[Any] = set()  # accepted sockets whose association has not started
+        self._starting_lock = threading.Lock()
+        self._closed: weakref.WeakSet = weakref.WeakSet()
+        self.socket.close()  # the socket socketserver made: the shared one is used instead
+        self.socket = self._listener.socket.dup()
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+        self._publish()
+
+    def server_activate(self) -> None:
+        """Listening since the parent bound it."""
+
+    def server_close(self) -> None:
+        # Never shutdown(): on a listening socket shared by every worker it would stop them all.
+        self.socket.close()
+
+    def _publish(self) -> int:
+        with self._starting_lock:
+            starting = len(self._starting)
+        # An association whose connection closed counts no more, though its thread may still be ending.
+        mine = sum(1 for association in self.active_associations if association not in self._closed) + starting
+        self._listener.open_connections[self._worker] = mine
+        return mine
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        # The others see this worker's count fall as each connection closes, not at the next poll:
+        # a stale count would have them take a burst of new connections that is this one's to take.
+        self.bind(evt.EVT_CONN_CLOSE, self._on_close)  # type: ignore[attr-defined]
+        super().serve_forever(poll_interval)  # type: ignore[misc]
+
+    def _on_close(self, event: evt.Event) -> None:
+        self._closed.add(event.assoc)
+        self._publish()
+
+    def get_request(self) -> tuple[Any, Any]:
+        deadline = time.monotonic() + self.DEFER_S
+        while self._publish() > self._listener.fewest_elsewhere(self._worker) and time.monotonic() < deadline:
+            time.sleep(0.002)
+            if not select.select([self.socket], [], [], 0)[0]:
+                raise BlockingIOError("the connection went to another worker")  # socketserver: nothing to do
+        client, address = self.socket.accept()  # BlockingIOError: another worker was quicker
+        with self._starting_lock:
+            self._starting.add(client)
+        self._publish()
+        return client, address
+
+    def _started(self, request: Any) -> None:
+        with self._starting_lock:
+            self._starting.discard(request)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[misc]
+        finally:
+            self._started(request)
+
+    def shutdown_request(self, request: Any) -> None:
+        self._started(request)  # refused (verify_request) or failed before its thread
+        super().shutdown_request(request)  # type: ignore[misc]
+
+    def service_actions(self) -> None:
+        super().service_actions()  # type: ignore[misc]
+        self._publish()
+
+
+class SharedPortServer(LeastLoadedAccept, GuardedServer):
+    """The guarded server of a receiver worker, on the port all workers share."""
 
 
 _PR_SET_PDEATHSIG = 1
 
 
-def _worker_main(worker: Callable[[int], None], index: int, parent: int) -> None:
+def _worker_main(worker: Callable[[int], None], index: int, parent: int, listener: SharedListener) -> None:
+    global _share
     # Die with the parent, whatever kills it: no orphan keeps the port and answers success.
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before prctl
         os._exit(1)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)  # the parent's handler is not ours; the receiver sets its own
+    _share = (listener, index)
     worker(index)
 
 
 def run_workers(
     count: int,
     worker: Callable[[int], None],
+    address: tuple[str, int],
     restart_delay_s: float = 1.0,
     after_start: Callable[[], None] | None = None,
 ) -> None:
-    """Fork ``count`` processes running ``worker(index)``; restart any that dies; stop all on SIGINT/SIGTERM.
+    """Listen on ``address``; fork ``count`` processes running ``worker(index)``, whose server is a
+    ``LeastLoadedAccept`` one; restart any that dies; stop all on SIGINT/SIGTERM.
 
     Forked, not spawned: the parent has loaded the configuration and started no thread or client
-    yet, so each worker starts from the same state without re-reading anything.
+    yet, so each worker starts from the same state without re-reading anything. The parent keeps the
+    socket open: while a worker restarts, its share of new connections waits for the others.
     """
     context = multiprocessing.get_context("fork")
     stopping = threading.Event()
-
+    listener = SharedListener(address, count)
     parent = os.getpid()
 
     def start(index: int) -> BaseProcess:
         process = context.Process(
-            target=_worker_main, args=(worker, index, parent), name=f"diana-receive-{index}", daemon=False
+            target=_worker_main, args=(worker, index, parent, listener), name=f"diana-receive-{index}", daemon=False
         )
         process.start()
         log.info("receiver.worker_started", worker=index, pid=process.pid)
@@ -95,6 +222,7 @@ def run_workers(
     while not stopping.wait(0.5):
         for index, process in enumerate(workers):
             if process.exitcode is not None:
+                listener.open_connections[index] = _GONE
                 log.error("receiver.worker_died", worker=index, exitcode=process.exitcode)
                 time.sleep(restart_delay_s)
                 if not stopping.is_set():
@@ -106,4 +234,5 @@ def run_workers(
         process.join(30)
         if process.exitcode is None:
             process.kill()
+    listener.close()
     log.info("receiver.workers_stopped", workers=count)

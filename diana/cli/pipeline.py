@@ -35,7 +35,15 @@ def cmd_receive(cfg: Config, _args: argparse.Namespace) -> int:
         # Before any worker listens: debris of a crash goes, nothing of ours exists yet.
         swept = LandingStore(cfg.path(cfg.storage.landing_dir)).sweep(older_than_s=0)
         log.info("landing.swept", removed=swept)
-        run_workers(processes, lambda worker: _serve_receiver(cfg, worker, started_at), after_start=serve_metrics)
+        try:
+            run_workers(
+                processes,
+                lambda worker: _serve_receiver(cfg, worker, started_at),
+                address=(cfg.receiver.host, cfg.receiver.port),
+                after_start=serve_metrics,
+            )
+        except OSError as exc:  # the port taken, the address not this host's
+            return fail("receive", f"{exc.strerror or exc} ([receiver] host and port)")
     return 0
 
 
