@@ -106,8 +106,14 @@ def kafka_producer(kafka: KafkaConfig, extra: Mapping[str, Any] | None = None) -
     return Producer(kafka_settings(kafka, extra))
 
 
+def consumer_settings(kafka: KafkaConfig, group_id: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A consumer's settings: the shared ones, the fetch batching of [kafka], then ``extra``."""
+    batching = {"fetch.min.bytes": kafka.fetch_min_bytes, "fetch.wait.max.ms": kafka.fetch_wait_max_ms}
+    return kafka_settings(kafka, {"group.id": group_id, **batching, **(extra or {})})
+
+
 def kafka_consumer(kafka: KafkaConfig, group_id: str, extra: Mapping[str, Any] | None = None) -> Consumer:
-    return Consumer(kafka_settings(kafka, {"group.id": group_id, **(extra or {})}))
+    return Consumer(consumer_settings(kafka, group_id, extra))
 
 
 def kafka_admin(kafka: KafkaConfig, extra: Mapping[str, Any] | None = None) -> AdminClient:

@@ -60,6 +60,11 @@ class KafkaConfig:
     publish_timeout_s: float = 10.0
     # Producer linger: 0 suits one association waiting for each ack (see docs/PERFORMANCE.md).
     linger_ms: int = 0
+    # A consumer's fetch waits at the broker until fetch_min_bytes have gathered or fetch_wait_max_ms
+    # have passed. librdkafka's 1 byte has every consumer (aggregator, sinks) fetch again for each
+    # event: under load the pipeline's requests, not its events, took the cores the receiver needed.
+    fetch_min_bytes: int = 65536
+    fetch_wait_max_ms: int = 50
     # Largest event (uncompressed) a producer sends; the topics get the same max.message.bytes and
     # the local broker the same message.max.bytes. An event's DICOM header is cut to fit under it.
     max_message_bytes: int = 8388608
@@ -570,6 +575,11 @@ def _check_choices(sections: dict[str, Any]) -> None:
         raise ConfigError(
             f"[stream] transaction_max_events = {stream.transaction_max_events}: use 1 to 100000 (default 2000)"
         )
+    kafka = sections["kafka"]
+    if not 1 <= kafka.fetch_min_bytes <= 100_000_000:  # librdkafka's range
+        raise ConfigError(f"[kafka] fetch_min_bytes = {kafka.fetch_min_bytes}: use 1 to 100000000 (default 65536)")
+    if not 0 <= kafka.fetch_wait_max_ms <= 300_000:
+        raise ConfigError(f"[kafka] fetch_wait_max_ms = {kafka.fetch_wait_max_ms}: use 0 to 300000 (default 50)")
     storage = sections["storage"]
     if storage.s3_part_size_mb < 5:
         raise ConfigError(f"[storage] s3_part_size_mb = {storage.s3_part_size_mb}: S3 parts are at least 5 MiB")

@@ -28,6 +28,8 @@ def test_defaults_file_and_environment_in_that_order(tmp_path: Path):
         ('[receiver]\nport = "many"\n', "expected int"),
         ("[receiver\n", "not valid TOML"),
         ("[stream]\ntransaction_max_events = 0\n", "transaction_max_events = 0: use 1 to 100000"),
+        ("[kafka]\nfetch_min_bytes = 0\n", "fetch_min_bytes = 0: use 1 to 100000000"),
+        ("[kafka]\nfetch_wait_max_ms = -1\n", "fetch_wait_max_ms = -1: use 0 to 300000"),
     ],
 )
 def test_bad_files_name_the_problem(tmp_path: Path, text, message):
@@ -65,3 +67,16 @@ def test_the_example_file_documents_exactly_the_defaults():
         "dicomweb",
     ):
         assert getattr(from_file, section) == getattr(defaults, section), section
+
+
+def test_every_consumer_batches_its_fetches_as_configured_unless_told_otherwise():
+    from diana.clients import consumer_settings
+
+    cfg = load_config(None, environ={"DIANA_KAFKA_FETCH_WAIT_MAX_MS": "20"})
+    settings = consumer_settings(cfg.kafka, "fetch-settings")
+    assert (settings["fetch.min.bytes"], settings["fetch.wait.max.ms"], settings["group.id"]) == (
+        65536,
+        20,
+        "fetch-settings",
+    )
+    assert consumer_settings(cfg.kafka, "g", {"fetch.min.bytes": 1})["fetch.min.bytes"] == 1
