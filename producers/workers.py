@@ -44,6 +44,7 @@ from typing import Any
 
 import structlog
 from pynetdicom import evt
+from pynetdicom.transport import AddressInformation
 
 from diana.producers.transport_guard import GuardedServer
 
@@ -57,24 +58,42 @@ _GONE = 1 << 30
 
 
 class SharedListener:
-    """The one listening socket of every worker, and each worker's open connections.
+    """The one listening socket of every worker, and each worker's open connections and heartbeat.
 
     Made by the parent before it forks: the workers inherit the socket and the counts (shared memory)."""
 
     BACKLOG = 64
+    # A worker that has not beaten for this long (stopped, frozen) is left no connection.
+    ALIVE_S = 1.5
 
     def __init__(self, address: tuple[str, int], workers: int) -> None:
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        # The family and options pynetdicom's own server would use: "::" stays dual-stack, as the
+        # single-process receiver binds it.
+        family = AddressInformation.from_tuple(address).address_family
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
         try:
-            self.socket = socket.create_server(address, family=family, backlog=self.BACKLOG)
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind(address)
+            self.socket.listen(self.BACKLOG)
         except OSError as exc:
+            self.socket.close()
             raise OSError(exc.errno, f"cannot listen on {address[0] or '*'}:{address[1]}: {exc.strerror}") from None
         # Non-blocking: the workers race for each connection and the losers' accept must return.
         self.socket.setblocking(False)
         self.open_connections = multiprocessing.RawArray("i", [_GONE] * workers)
+        self.heartbeats = multiprocessing.RawArray("d", workers)  # time.monotonic(): one clock for all
+
+    def publish(self, worker: int, open_connections: int) -> None:
+        self.open_connections[worker] = open_connections
+        self.heartbeats[worker] = time.monotonic()
 
     def fewest_elsewhere(self, worker: int) -> int:
-        return min((n for i, n in enumerate(self.open_connections) if i != worker), default=_GONE)
+        """The fewest open connections of another worker that is alive and serving."""
+        now = time.monotonic()
+        alive = (
+            n for i, n in enumerate(self.open_connections) if i != worker and now - self.heartbeats[i] < self.ALIVE_S
+        )
+        return min(alive, default=_GONE)
 
     def close(self) -> None:
         self.socket.close()
@@ -86,22 +105,29 @@ _share: tuple[SharedListener, int] | None = None
 
 class LeastLoadedAccept:
     """Mixed into a pynetdicom ThreadedAssociationServer of a worker: it accepts from the shared
-    listener, and leaves a connection to a worker with fewer open connections (for ``DEFER_S`` at most).
+    listener, and leaves a connection to a worker with fewer open connections (for ``DEFER_S`` at most;
+    a worker that has not published for ``SharedListener.ALIVE_S`` is left none).
 
-    Open connections: the server's associations, and the connections accepted whose association has not
-    started yet (TLS handshake, the thread being started) — counted from the accept on, so that a burst
-    of connections is not all taken by the worker that woke first."""
+    Open connections: the connections accepted whose association has not started yet (TLS handshake,
+    its thread being started), counted from the accept on so that a burst is not all taken by the
+    worker that woke first, and the associations whose connection has not closed. The server is the
+    one to do TLS, in the connection's thread (``handshakes_in_connection_thread``): this accept does not.
+    """
 
     DEFER_S = 0.25
+    handshakes_in_connection_thread = False
     socket: Any
+    ssl_context: Any
     active_associations: list
 
     def server_bind(self) -> None:
         if _share is None:
             raise RuntimeError("a shared-port server runs only in a worker of run_workers")
+        if self.ssl_context is not None and not self.handshakes_in_connection_thread:
+            raise ValueError(f"{type(self).__name__} accepts without TLS: its server must do the handshake")
         self._listener, self._worker = _share
-        self._starting: set[Any] = set()  # accepted sockets whose association has not started
-        self._starting_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._starting: dict[Any, int] = {}  # accepted socket → its fd, until its association starts
         self._closed: weakref.WeakSet = weakref.WeakSet()
         self.socket.close()  # the socket socketserver made: the shared one is used instead
         self.socket = self._listener.socket.dup()
@@ -114,21 +140,37 @@ class LeastLoadedAccept:
 
     def server_close(self) -> None:
         # Never shutdown(): on a listening socket shared by every worker it would stop them all.
+        self._listener.open_connections[self._worker] = _GONE
         self.socket.close()
+        # socketserver's ThreadingMixIn.server_close would join the connection threads (handshakes
+        # under way), but after pynetdicom's, which shuts the socket down: joined here instead.
+        threads = getattr(self, "_threads", None)
+        if threads:
+            threads.join()
 
     def _publish(self) -> int:
-        with self._starting_lock:
-            starting = len(self._starting)
-        # An association whose connection closed counts no more, though its thread may still be ending.
-        mine = sum(1 for association in self.active_associations if association not in self._closed) + starting
-        self._listener.open_connections[self._worker] = mine
+        # Counted and written under one lock: a count taken earlier is never written over a later one.
+        with self._lock:
+            mine = len(self._starting)
+            # An association whose connection closed counts no more, though its thread may still be ending.
+            mine += sum(1 for association in self.active_associations if association not in self._closed)
+            self._listener.publish(self._worker, mine)
         return mine
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         # The others see this worker's count fall as each connection closes, not at the next poll:
         # a stale count would have them take a burst of new connections that is this one's to take.
+        self.bind(evt.EVT_CONN_OPEN, self._on_open)  # type: ignore[attr-defined]
         self.bind(evt.EVT_CONN_CLOSE, self._on_close)  # type: ignore[attr-defined]
         super().serve_forever(poll_interval)  # type: ignore[misc]
+
+    def _on_open(self, event: evt.Event) -> None:
+        # Its association counts from now on (its thread starts next): the connection no more.
+        transport = event.assoc.dul.socket
+        fd = transport.socket.fileno() if transport and transport.socket else -1  # TLS-wrapped: the same fd
+        with self._lock:
+            for accepted in [s for s, n in self._starting.items() if n == fd]:
+                del self._starting[accepted]
 
     def _on_close(self, event: evt.Event) -> None:
         self._closed.add(event.assoc)
@@ -141,14 +183,16 @@ class LeastLoadedAccept:
             if not select.select([self.socket], [], [], 0)[0]:
                 raise BlockingIOError("the connection went to another worker")  # socketserver: nothing to do
         client, address = self.socket.accept()  # BlockingIOError: another worker was quicker
-        with self._starting_lock:
-            self._starting.add(client)
+        with self._lock:
+            self._starting[client] = client.fileno()
         self._publish()
         return client, address
 
     def _started(self, request: Any) -> None:
-        with self._starting_lock:
-            self._starting.discard(request)
+        """The connection's thread is done: its association runs, or it was refused or failed."""
+        with self._lock:
+            self._starting.pop(request, None)
+        self._publish()
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -162,11 +206,13 @@ class LeastLoadedAccept:
 
     def service_actions(self) -> None:
         super().service_actions()  # type: ignore[misc]
-        self._publish()
+        self._publish()  # the heartbeat, at each turn of serve_forever (poll_interval at most)
 
 
 class SharedPortServer(LeastLoadedAccept, GuardedServer):
     """The guarded server of a receiver worker, on the port all workers share."""
+
+    handshakes_in_connection_thread = True  # GuardedServer.process_request_thread
 
 
 _PR_SET_PDEATHSIG = 1
@@ -222,7 +268,7 @@ def run_workers(
     while not stopping.wait(0.5):
         for index, process in enumerate(workers):
             if process.exitcode is not None:
-                listener.open_connections[index] = _GONE
+                listener.publish(index, _GONE)
                 log.error("receiver.worker_died", worker=index, exitcode=process.exitcode)
                 time.sleep(restart_delay_s)
                 if not stopping.is_set():

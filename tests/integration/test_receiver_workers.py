@@ -50,6 +50,14 @@ def _established(pid: int, port: int) -> int:
     return count
 
 
+def _listening(pipeline, name: str, times: int) -> None:
+    """Wait until the receiver's workers have logged that they listen ``times`` times in all."""
+    deadline = time.monotonic() + 60
+    while pipeline.log_text(name).count("receiver.listening") < times:
+        assert time.monotonic() < deadline, pipeline.log_text(name)[-2000:]
+        time.sleep(0.2)
+
+
 def _open_at_once(cfg, count: int) -> list[Association]:
     """``count`` associations requested at the same moment, from as many threads."""
     ae = AE(ae_title="SPREAD")
@@ -85,12 +93,17 @@ def _release(associations: list[Association], workers: list[int], port: int) -> 
 
 
 def test_associations_opened_at_once_are_spread_evenly_over_the_workers(pipeline, extra_receiver):
-    cfg = extra_receiver(11193, processes="2")
-    workers = _workers(pipeline.procs["receiver-11193"].pid, 2)
-    for _ in range(5):  # SO_REUSEPORT's hash gave 2/2 in 36 % of trials: five in a row, 0.6 %
+    cfg = extra_receiver(11202, processes="2")
+    workers = _workers(pipeline.procs["receiver-11202"].pid, 2)
+    _listening(pipeline, "receiver-11202", 2)
+    splits = []
+    for _ in range(10):
         associations = _open_at_once(cfg, 4)
-        assert _held(workers, cfg.receiver.port, 4) == [2, 2]
+        splits.append(sorted(_held(workers, cfg.receiver.port, 4)))
         _release(associations, workers, cfg.receiver.port)
+    # SO_REUSEPORT's hash gave 2/2 in 107 of 300 trials: 9 of 10 or better had a chance of 0.06 %. One
+    # miss is allowed: a worker that does not get a core within DEFER_S leaves its share to the other.
+    assert splits.count([2, 2]) >= 9, splits
     # One after the other, each opened while the earlier ones stay open: 3 and 3.
     ae = AE(ae_title="SPREAD")
     ae.add_requested_context(Verification)
@@ -101,9 +114,10 @@ def test_associations_opened_at_once_are_spread_evenly_over_the_workers(pipeline
 
 
 def test_a_stopped_worker_holds_no_connection_up_and_a_killed_one_is_replaced(pipeline, extra_receiver):
-    cfg = extra_receiver(11194, processes="2")
-    main_pid = pipeline.procs["receiver-11194"].pid
+    cfg = extra_receiver(11203, processes="2")
+    main_pid = pipeline.procs["receiver-11203"].pid
     stuck, other = _workers(main_pid, 2)
+    _listening(pipeline, "receiver-11203", 2)
     os.kill(stuck, signal.SIGSTOP)  # it holds fewer connections (none) but cannot accept any
     try:
         associations = _open_at_once(cfg, 3)
@@ -120,13 +134,11 @@ def test_a_stopped_worker_holds_no_connection_up_and_a_killed_one_is_replaced(pi
         assert time.monotonic() < deadline, "the killed worker was not replaced"
         time.sleep(0.2)
     replacement = next(pid for pid in workers if pid != other)
-    # The replacement takes connections again: it listens once its receiver is up (echo answered by it).
-    deadline = time.monotonic() + 60
-    while True:
-        associations = _open_at_once(cfg, 4)
-        counts = _held([replacement, other], cfg.receiver.port, 4)
-        _release(associations, [replacement, other], cfg.receiver.port)
-        if counts == [2, 2]:
-            break
-        assert time.monotonic() < deadline, f"the replacement worker takes no share: {counts}"
-        time.sleep(1)
+    _listening(pipeline, "receiver-11203", 3)
+    # The replacement takes its share: opened one after the other, 2 and 2.
+    ae = AE(ae_title="SPREAD")
+    ae.add_requested_context(Verification)
+    associations = [ae.associate("127.0.0.1", cfg.receiver.port, ae_title=cfg.receiver.ae_title) for _ in range(4)]
+    assert all(a.is_established for a in associations)
+    assert _held([replacement, other], cfg.receiver.port, 4) == [2, 2]
+    _release(associations, [replacement, other], cfg.receiver.port)
