@@ -70,6 +70,9 @@ class Run:
     wall_s: float
     cpu_s: float
     peak_rss_mb: float
+    # CPU seconds of each process of a receiver that has several (its parent first): how evenly the
+    # associations were spread over its workers.
+    process_cpu_s: list[float] | None = None
 
     @property
     def per_s(self) -> float:
@@ -100,15 +103,22 @@ def _children(pid: int) -> list[int]:
 def _proc_stats(pid: int) -> tuple[float, float]:
     """(cpu seconds, peak RSS MB) of a process and its descendants so far; the RSS is the largest
     single process's peak (each receiver process is bounded on its own)."""
+    cpu, peak_rss_mb = _process_tree_stats(pid)
+    return sum(cpu.values()), peak_rss_mb
+
+
+def _process_tree_stats(pid: int) -> tuple[dict[int, float], float]:
+    """(cpu seconds of the process and of each descendant, the largest peak RSS MB) so far."""
     ticks = os.sysconf("SC_CLK_TCK")
-    cpu, hwm = 0.0, 0
+    cpu: dict[int, float] = {}
+    hwm = 0
     for each in [pid, *_children(pid)]:
         try:
             stat = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
             status = Path(f"/proc/{each}/status").read_text().splitlines()
         except OSError:
             continue  # ended meanwhile
-        cpu += (int(stat[11]) + int(stat[12]) + int(stat[13]) + int(stat[14])) / ticks
+        cpu[each] = (int(stat[11]) + int(stat[12]) + int(stat[13]) + int(stat[14])) / ticks
         hwm = max(hwm, next((int(line.split()[1]) for line in status if line.startswith("VmHWM:")), 0))
     return cpu, hwm / 1024
 
@@ -150,11 +160,14 @@ def send(files: list[Path], port: int, aec: str, associations: int) -> float:
 
 
 def measure(name: str, pid: int, files: list[Path], port: int, aec: str, associations: int) -> Run:
-    cpu0, _ = _proc_stats(pid)
+    cpu0, _ = _process_tree_stats(pid)
     wall = send(files, port, aec, associations)
-    cpu1, rss = _proc_stats(pid)
+    cpu1, rss = _process_tree_stats(pid)
     mb = sum(f.stat().st_size for f in files) / 1e6
-    return Run(name, associations, len(files), round(mb, 1), round(wall, 3), round(cpu1 - cpu0, 2), round(rss, 1))
+    spent = {each: cpu1[each] - cpu0.get(each, 0.0) for each in cpu1}
+    per_process = [round(spent[each], 2) for each in cpu1] if len(cpu1) > 1 else None
+    cpu = round(sum(spent.values()), 2)
+    return Run(name, associations, len(files), round(mb, 1), round(wall, 3), cpu, round(rss, 1), per_process)
 
 
 def start_storescp(work: Path, port: int = BENCH_PORTS["storescp"]) -> subprocess.Popen:
