@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.proc_cpu import cpu_seconds
 
 _JCMD_EVERY_S = 5.0
 _THREAD_LINE = re.compile(r'^"(?P<name>.*)" .*\bnid=(?P<nid>0x[0-9a-f]+)', re.MULTILINE)
@@ -74,7 +75,6 @@ def _kind(pid: Path) -> str | None:
 
 def snapshot(names: ThreadNames | None = None) -> dict[str, float]:
     """CPU seconds so far of each kind of JVM thread."""
-    ticks = os.sysconf("SC_CLK_TCK")
     totals: dict[str, float] = {}
     for pid in Path("/proc").glob("[0-9]*"):
         kind = _kind(pid)
@@ -82,13 +82,13 @@ def snapshot(names: ThreadNames | None = None) -> dict[str, float]:
             continue
         for task in (pid / "task").glob("*"):
             try:
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                cpu = cpu_seconds(task / "stat")
                 name = (names.name(int(pid.name), int(task.name)) if names else None) or (task / "comm").read_text()
             except OSError:
                 continue  # the thread ended meanwhile
             name = thread_group(name.strip())
             key = f"{kind}:{name}"
-            totals[key] = totals.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+            totals[key] = totals.get(key, 0.0) + cpu
     return totals
 
 

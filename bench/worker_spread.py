@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+_ESTABLISHED = "01"  # the state column of /proc/net/tcp
+
 
 def _reuseport_worker(port: int, index: int, accepted: multiprocessing.Queue) -> None:
     server = socket.socket()
@@ -65,22 +67,22 @@ def _split(by_worker: collections.Counter, workers: int) -> str:
     return "/".join(str(n) for n in sorted((by_worker.get(i, 0) for i in range(workers)), reverse=True))
 
 
-def _established(pid: int, port: int) -> int:
-    """Connections to ``port`` that process ``pid`` holds open (its fds matched to /proc/net/tcp)."""
+def established_connections(pid: int, port: int) -> int:
+    """Connections to ``port`` that process ``pid`` holds open (its fds matched to /proc/net/tcp{,6})."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
             target = os.readlink(fd)
         except OSError:
-            continue
+            continue  # closed meanwhile
         if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    return sum(
-        1
-        for fields in map(str.split, lines)
-        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01" and fields[9] in inodes
-    )
+            inodes.add(target[len("socket:[") : -1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for fields in map(str.split, Path(table).read_text().splitlines()[1:]):
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == _ESTABLISHED and fields[9] in inodes:
+                count += 1
+    return count
 
 
 def _open_one(ae, port: int, start: threading.Barrier, opened: list) -> None:
@@ -117,12 +119,12 @@ def receiver_splits(workers: int, connections: int, trials: int, port: int) -> c
                 thread.join(60)
             if not all(a.is_established for a in opened):
                 raise RuntimeError("an association was not established")
-            while sum(counts := [_established(pid, port) for pid in pids]) != connections:
+            while sum(counts := [established_connections(pid, port) for pid in pids]) != connections:
                 time.sleep(0.02)
             splits[_split(collections.Counter(dict(enumerate(counts))), workers)] += 1
             for association in opened:
                 association.release()
-            while sum(_established(pid, port) for pid in pids):
+            while sum(established_connections(pid, port) for pid in pids):
                 time.sleep(0.02)
     finally:
         floor.terminate()

@@ -16,7 +16,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
-_ESTABLISHED = "01"
+from bench.worker_spread import established_connections
 
 
 def _workers(main_pid: int, count: int, timeout: float = 30) -> list[int]:
@@ -28,26 +28,6 @@ def _workers(main_pid: int, count: int, timeout: float = 30) -> list[int]:
             return [int(pid) for pid in children]
         assert time.monotonic() < deadline, f"{len(children)} worker processes, not {count}"
         time.sleep(0.2)
-
-
-def _established(pid: int, port: int) -> int:
-    """Connections to ``port`` that process ``pid`` holds open (its fds matched to /proc/net/tcp)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue  # closed meanwhile
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            if local_port == port and fields[3] == _ESTABLISHED and fields[9] in inodes:
-                count += 1
-    return count
 
 
 def _listening(pipeline, name: str, times: int) -> None:
@@ -81,7 +61,9 @@ def _open_at_once(cfg, count: int) -> list[Association]:
 def _held(workers: list[int], port: int, total: int) -> list[int]:
     """Each worker's open connections, once ``total`` are open in all (an accept takes a moment to show)."""
     deadline = time.monotonic() + 10
-    while sum(counts := [_established(pid, port) for pid in workers]) != total and time.monotonic() < deadline:
+    while (
+        sum(counts := [established_connections(pid, port) for pid in workers]) != total and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     return counts
 
