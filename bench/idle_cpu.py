@@ -27,37 +27,49 @@ def _kind(pid: Path) -> str | None:
         return "kafka"
     if b"org.opensearch" in command:
         return "opensearch"
-    if b"diana" in command and b"python" in command.split(b"\0")[0]:
+    arguments = command.split(b"\0")
+    # `diana ...` (the console script) or `python -m diana.cli ...`, and the processes they fork.
+    if b"python" in arguments[0] and any(a.endswith(b"/diana") or a == b"diana.cli" for a in arguments[1:3]):
         return "diana"
     return None
 
 
-def cpu_by_kind() -> dict[str, float]:
-    """CPU seconds so far of each kind of process."""
-    totals: dict[str, float] = {}
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """Kind and CPU seconds so far of every process of a kind."""
+    found: dict[int, tuple[str, float]] = {}
     for pid in Path("/proc").glob("[0-9]*"):
         kind = _kind(pid)
         if kind is None:
             continue
         try:
-            totals[kind] = totals.get(kind, 0.0) + cpu_seconds(pid / "stat")
+            found[int(pid.name)] = (kind, cpu_seconds(pid / "stat"))
         except OSError:
             continue  # ended meanwhile
-    return totals
+    return found
+
+
+def cpu_by_kind(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds spent between two readings by each kind, over the processes present at both (one
+    that ended or started meanwhile would count its whole life, or take it away)."""
+    spent: dict[str, float] = {}
+    for pid, (kind, cpu) in after.items():
+        if pid in before:
+            spent[kind] = spent.get(kind, 0.0) + cpu - before[pid][1]
+    return spent
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.idle_cpu", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=60, help="the window (default 60)")
     args = ap.parse_args(argv)
-    before = cpu_by_kind()
+    before = cpu_by_process()
     time.sleep(args.seconds)
-    after = cpu_by_kind()
-    if not after:
-        print("no Kafka, OpenSearch or diana process is running", file=sys.stderr)
+    spent = cpu_by_kind(before, cpu_by_process())
+    if not spent:
+        print("no Kafka, OpenSearch or diana process ran through the window", file=sys.stderr)
         return 1
-    for kind in sorted(after):
-        print(f"{kind}: {(after[kind] - before.get(kind, 0.0)) / args.seconds * 100:.2f} % of a core")
+    for kind in sorted(spent):
+        print(f"{kind}: {spent[kind] / args.seconds * 100:.2f} % of a core")
     return 0
 
 

@@ -25,12 +25,13 @@ from pathlib import Path
 from bench.proc_cpu import cpu_seconds
 
 _JCMD_EVERY_S = 5.0
-_THREAD_LINE = re.compile(r'^"(?P<name>.*)" .*\bnid=(?P<nid>0x[0-9a-f]+)', re.MULTILINE)
+# nid: hexadecimal up to JDK 17, decimal from JDK 18 on.
+_THREAD_LINE = re.compile(r'^"(?P<name>.*)" .*\bnid=(?P<nid>0x[0-9a-f]+|\d+)', re.MULTILINE)
 
 
 def java_thread_names(thread_dump: str) -> dict[int, str]:
     """Thread id → Java thread name, from ``jcmd <pid> Thread.print``'s output."""
-    return {int(m["nid"], 16): m["name"] for m in _THREAD_LINE.finditer(thread_dump)}
+    return {int(m["nid"], 0): m["name"] for m in _THREAD_LINE.finditer(thread_dump)}
 
 
 def thread_group(name: str) -> str:
@@ -45,12 +46,18 @@ class ThreadNames:
     def __init__(self) -> None:
         self.jcmd = shutil.which("jcmd")
         self.names: dict[int, dict[int, str]] = {}
+        # Threads a dump did not name (the JVM's first thread, native ones): never asked about again,
+        # or jcmd would run every 5 s for the whole sample and skew what it measures.
+        self.unnamed: dict[int, set[int]] = {}
         self.asked: dict[int, float] = {}
 
     def name(self, pid: int, tid: int) -> str | None:
         known = self.names.get(pid, {})
-        if tid not in known and self.jcmd and time.monotonic() - self.asked.get(pid, -_JCMD_EVERY_S) >= _JCMD_EVERY_S:
+        if tid in known or tid in self.unnamed.get(pid, ()) or not self.jcmd:
+            return known.get(tid)
+        if time.monotonic() - self.asked.get(pid, -_JCMD_EVERY_S) >= _JCMD_EVERY_S:
             self.asked[pid] = time.monotonic()
+            alive = {int(task.name) for task in Path(f"/proc/{pid}/task").glob("*")}
             try:
                 dump = subprocess.run(
                     [self.jcmd, str(pid), "Thread.print"], capture_output=True, text=True, timeout=20
@@ -58,6 +65,7 @@ class ThreadNames:
             except (OSError, subprocess.TimeoutExpired):
                 dump = ""
             known = self.names[pid] = {**known, **java_thread_names(dump)}
+            self.unnamed.setdefault(pid, set()).update(alive - known.keys())
         return known.get(tid)
 
 

@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-_ESTABLISHED = "01"  # the state column of /proc/net/tcp
+_ESTABLISHED, _LISTEN = "01", "0A"  # the state column of /proc/net/tcp
 
 
 def _reuseport_worker(port: int, index: int, accepted: multiprocessing.Queue) -> None:
@@ -69,20 +69,46 @@ def _split(by_worker: collections.Counter, workers: int) -> str:
 
 def established_connections(pid: int, port: int) -> int:
     """Connections to ``port`` that process ``pid`` holds open (its fds matched to /proc/net/tcp{,6})."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue  # closed meanwhile
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
+    inodes = set(_socket_inodes(pid))
     count = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for fields in map(str.split, Path(table).read_text().splitlines()[1:]):
             if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == _ESTABLISHED and fields[9] in inodes:
                 count += 1
     return count
+
+
+def _held(pids: list[int], port: int, total: int) -> list[int]:
+    """Each worker's connections, once ``total`` are open in all (an accept or a close shows a moment later)."""
+    deadline = time.monotonic() + 30
+    while sum(counts := [established_connections(pid, port) for pid in pids]) != total:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{sum(counts)} connections open on port {port}, not {total}")
+        time.sleep(0.02)
+    return counts
+
+
+def _serving(pid: int, port: int) -> bool:
+    """Whether worker ``pid`` accepts: it holds its own descriptor of the listening socket besides the one
+    inherited from the parent (``LeastLoadedAccept.server_bind`` takes it)."""
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for fields in map(str.split, Path(table).read_text().splitlines()[1:]):
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == _LISTEN:
+                listening.add(fields[9])
+    return len([inode for inode in _socket_inodes(pid) if inode in listening]) >= 2
+
+
+def _socket_inodes(pid: int) -> list[str]:
+    inodes = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.append(target[len("socket:[") : -1])
+    return inodes
 
 
 def _open_one(ae, port: int, start: threading.Barrier, opened: list) -> None:
@@ -108,7 +134,10 @@ def receiver_splits(workers: int, connections: int, trials: int, port: int) -> c
                 raise RuntimeError(f"the floor SCP did not start its workers on port {port} (taken? --port)")
             time.sleep(0.2)
         pids = [int(pid) for pid in children]
-        time.sleep(3)  # each worker imports pynetdicom and listens
+        while not all(_serving(pid, port) for pid in pids):  # each imports pynetdicom, then listens
+            if floor.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the floor SCP's workers did not all listen on port {port}")
+            time.sleep(0.2)
         for _ in range(trials):
             start = threading.Barrier(connections)
             opened: list = []
@@ -119,13 +148,11 @@ def receiver_splits(workers: int, connections: int, trials: int, port: int) -> c
                 thread.join(60)
             if not all(a.is_established for a in opened):
                 raise RuntimeError("an association was not established")
-            while sum(counts := [established_connections(pid, port) for pid in pids]) != connections:
-                time.sleep(0.02)
+            counts = _held(pids, port, connections)
             splits[_split(collections.Counter(dict(enumerate(counts))), workers)] += 1
             for association in opened:
                 association.release()
-            while sum(established_connections(pid, port) for pid in pids):
-                time.sleep(0.02)
+            _held(pids, port, 0)
     finally:
         floor.terminate()
         floor.wait(30)

@@ -576,10 +576,13 @@ def _check_choices(sections: dict[str, Any]) -> None:
             f"[stream] transaction_max_events = {stream.transaction_max_events}: use 1 to 100000 (default 2000)"
         )
     kafka = sections["kafka"]
-    if not 1 <= kafka.fetch_min_bytes <= 100_000_000:  # librdkafka's range
-        raise ConfigError(f"[kafka] fetch_min_bytes = {kafka.fetch_min_bytes}: use 1 to 100000000 (default 65536)")
-    if not 0 <= kafka.fetch_wait_max_ms <= 300_000:
-        raise ConfigError(f"[kafka] fetch_wait_max_ms = {kafka.fetch_wait_max_ms}: use 0 to 300000 (default 50)")
+    # At most one partition's fetch (librdkafka's max.partition.fetch.bytes, 1 MiB): more might never
+    # gather, and every fetch would wait fetch_wait_max_ms even behind a backlog.
+    if not 1 <= kafka.fetch_min_bytes <= 1_048_576:
+        raise ConfigError(f"[kafka] fetch_min_bytes = {kafka.fetch_min_bytes}: use 1 to 1048576 (default 65536)")
+    # Under librdkafka's socket.timeout.ms (60 s) by a second, or a fetch that waits times out.
+    if not 0 <= kafka.fetch_wait_max_ms <= 59_000:
+        raise ConfigError(f"[kafka] fetch_wait_max_ms = {kafka.fetch_wait_max_ms}: use 0 to 59000 (default 50)")
     storage = sections["storage"]
     if storage.s3_part_size_mb < 5:
         raise ConfigError(f"[storage] s3_part_size_mb = {storage.s3_part_size_mb}: S3 parts are at least 5 MiB")

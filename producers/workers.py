@@ -126,7 +126,8 @@ class LeastLoadedAccept:
         if self.ssl_context is not None and not self.handshakes_in_connection_thread:
             raise ValueError(f"{type(self).__name__} accepts without TLS: its server must do the handshake")
         self._listener, self._worker = _share
-        self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._gone = False  # closed: the others leave it nothing, whatever ends after
         self._starting: dict[Any, int] = {}  # accepted socket → its fd, until its association starts
         self._closed: weakref.WeakSet = weakref.WeakSet()
         self.socket.close()  # the socket socketserver made: the shared one is used instead
@@ -140,7 +141,9 @@ class LeastLoadedAccept:
 
     def server_close(self) -> None:
         # Never shutdown(): on a listening socket shared by every worker it would stop them all.
-        self._listener.open_connections[self._worker] = _GONE
+        with self._count_lock:
+            self._gone = True
+            self._listener.publish(self._worker, _GONE)
         self.socket.close()
         # socketserver's ThreadingMixIn.server_close would join the connection threads (handshakes
         # under way), but after pynetdicom's, which shuts the socket down: joined here instead.
@@ -150,11 +153,11 @@ class LeastLoadedAccept:
 
     def _publish(self) -> int:
         # Counted and written under one lock: a count taken earlier is never written over a later one.
-        with self._lock:
+        with self._count_lock:
             mine = len(self._starting)
             # An association whose connection closed counts no more, though its thread may still be ending.
             mine += sum(1 for association in self.active_associations if association not in self._closed)
-            self._listener.publish(self._worker, mine)
+            self._listener.publish(self._worker, _GONE if self._gone else mine)
         return mine
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
@@ -168,7 +171,7 @@ class LeastLoadedAccept:
         # Its association counts from now on (its thread starts next): the connection no more.
         transport = event.assoc.dul.socket
         fd = transport.socket.fileno() if transport and transport.socket else -1  # TLS-wrapped: the same fd
-        with self._lock:
+        with self._count_lock:
             for accepted in [s for s, n in self._starting.items() if n == fd]:
                 del self._starting[accepted]
 
@@ -183,14 +186,14 @@ class LeastLoadedAccept:
             if not select.select([self.socket], [], [], 0)[0]:
                 raise BlockingIOError("the connection went to another worker")  # socketserver: nothing to do
         client, address = self.socket.accept()  # BlockingIOError: another worker was quicker
-        with self._lock:
+        with self._count_lock:
             self._starting[client] = client.fileno()
         self._publish()
         return client, address
 
     def _started(self, request: Any) -> None:
         """The connection's thread is done: its association runs, or it was refused or failed."""
-        with self._lock:
+        with self._count_lock:
             self._starting.pop(request, None)
         self._publish()
 

@@ -37,6 +37,8 @@ def test_thread_names_come_from_the_thread_dump_by_nid():
         '"opensearch[diana-1][write][T#2]" #61 daemon prio=5 os_prio=0 cpu=8.1ms tid=0x00007f nid=0x3d40 waiting\n'
     )
     assert java_thread_names(dump) == {0x3C3E: "main", 0x3D40: "opensearch[diana-1][write][T#2]"}
+    # JDK 18 and later print the nid in decimal.
+    assert java_thread_names('"main" #1 prio=5 os_prio=0 cpu=1.2ms tid=0x00007f nid=15422 waiting\n') == {15422: "main"}
 
 
 def test_threads_of_one_kind_share_a_group_whatever_their_node_or_number():

@@ -28,8 +28,10 @@ def test_defaults_file_and_environment_in_that_order(tmp_path: Path):
         ('[receiver]\nport = "many"\n', "expected int"),
         ("[receiver\n", "not valid TOML"),
         ("[stream]\ntransaction_max_events = 0\n", "transaction_max_events = 0: use 1 to 100000"),
-        ("[kafka]\nfetch_min_bytes = 0\n", "fetch_min_bytes = 0: use 1 to 100000000"),
-        ("[kafka]\nfetch_wait_max_ms = -1\n", "fetch_wait_max_ms = -1: use 0 to 300000"),
+        ("[kafka]\nfetch_min_bytes = 0\n", "fetch_min_bytes = 0: use 1 to 1048576"),
+        ("[kafka]\nfetch_min_bytes = 2000000\n", "fetch_min_bytes = 2000000: use 1 to 1048576"),
+        ("[kafka]\nfetch_wait_max_ms = -1\n", "fetch_wait_max_ms = -1: use 0 to 59000"),
+        ("[kafka]\nfetch_wait_max_ms = 60000\n", "fetch_wait_max_ms = 60000: use 0 to 59000"),
     ],
 )
 def test_bad_files_name_the_problem(tmp_path: Path, text, message):
