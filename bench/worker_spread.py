@@ -78,12 +78,11 @@ def established_connections(pid: int, port: int) -> int:
     return count
 
 
-def _held(pids: list[int], port: int, total: int) -> list[int]:
-    """Each worker's connections, once ``total`` are open in all (an accept or a close shows a moment later)."""
-    deadline = time.monotonic() + 30
-    while sum(counts := [established_connections(pid, port) for pid in pids]) != total:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{sum(counts)} connections open on port {port}, not {total}")
+def held_connections(pids: list[int], port: int, total: int, timeout: float = 30.0) -> list[int]:
+    """Each process's connections to ``port``, once ``total`` are open in all (an accept or a close
+    shows a moment later), or as they are when ``timeout`` has passed."""
+    deadline = time.monotonic() + timeout
+    while sum(counts := [established_connections(pid, port) for pid in pids]) != total and time.monotonic() < deadline:
         time.sleep(0.02)
     return counts
 
@@ -111,21 +110,34 @@ def _socket_inodes(pid: int) -> list[str]:
     return inodes
 
 
-def _open_one(ae, port: int, start: threading.Barrier, opened: list) -> None:
-    start.wait()
-    opened.append(ae.associate("127.0.0.1", port, ae_title="FLOOR"))
-
-
-def receiver_splits(workers: int, connections: int, trials: int, port: int) -> collections.Counter:
+def open_at_once(port: int, ae_title: str, count: int) -> list:
+    """``count`` associations (Verification) requested at the same moment, from as many threads; those
+    that came back (the caller checks that all did and are established)."""
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
+    ae = AE(ae_title="SPREAD")
+    ae.add_requested_context(Verification)
+    start = threading.Barrier(count)
+    opened: list = []
+
+    def open_one() -> None:
+        start.wait()
+        opened.append(ae.associate("127.0.0.1", port, ae_title=ae_title))
+
+    threads = [threading.Thread(target=open_one) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return opened
+
+
+def receiver_splits(workers: int, connections: int, trials: int, port: int) -> collections.Counter:
     from bench.receiver_floor import start_floor
 
     folder = Path(tempfile.mkdtemp(prefix="worker-spread-"))
     floor = start_floor(folder, port, "bare", processes=workers)
-    ae = AE(ae_title="SPREAD")
-    ae.add_requested_context(Verification)
     splits: collections.Counter = collections.Counter()
     try:
         deadline = time.monotonic() + 30
@@ -139,20 +151,17 @@ def receiver_splits(workers: int, connections: int, trials: int, port: int) -> c
                 raise RuntimeError(f"the floor SCP's workers did not all listen on port {port}")
             time.sleep(0.2)
         for _ in range(trials):
-            start = threading.Barrier(connections)
-            opened: list = []
-            threads = [threading.Thread(target=_open_one, args=(ae, port, start, opened)) for _ in range(connections)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(60)
-            if not all(a.is_established for a in opened):
+            opened = open_at_once(port, "FLOOR", connections)
+            if len(opened) != connections or not all(a.is_established for a in opened):
                 raise RuntimeError("an association was not established")
-            counts = _held(pids, port, connections)
+            counts = held_connections(pids, port, connections)
+            if sum(counts) != connections:
+                raise RuntimeError(f"{sum(counts)} connections open on port {port}, not {connections}")
             splits[_split(collections.Counter(dict(enumerate(counts))), workers)] += 1
             for association in opened:
                 association.release()
-            _held(pids, port, 0)
+            if sum(counts := held_connections(pids, port, 0)):
+                raise RuntimeError(f"{sum(counts)} connections still open on port {port}")
     finally:
         floor.terminate()
         floor.wait(30)

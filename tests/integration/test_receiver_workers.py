@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
-from bench.worker_spread import established_connections
+from bench.worker_spread import held_connections, open_at_once
 
 
 def _workers(main_pid: int, count: int, timeout: float = 30) -> list[int]:
@@ -40,32 +39,14 @@ def _listening(pipeline, name: str, times: int) -> None:
 
 def _open_at_once(cfg, count: int) -> list[Association]:
     """``count`` associations requested at the same moment, from as many threads."""
-    ae = AE(ae_title="SPREAD")
-    ae.add_requested_context(Verification)
-    start = threading.Barrier(count)
-    opened: list[Association] = []
-
-    def open_one() -> None:
-        start.wait()
-        opened.append(ae.associate("127.0.0.1", cfg.receiver.port, ae_title=cfg.receiver.ae_title))
-
-    threads = [threading.Thread(target=open_one) for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    opened = open_at_once(cfg.receiver.port, cfg.receiver.ae_title, count)
     assert len(opened) == count and all(a.is_established for a in opened)
     return opened
 
 
 def _held(workers: list[int], port: int, total: int) -> list[int]:
     """Each worker's open connections, once ``total`` are open in all (an accept takes a moment to show)."""
-    deadline = time.monotonic() + 10
-    while (
-        sum(counts := [established_connections(pid, port) for pid in workers]) != total and time.monotonic() < deadline
-    ):
-        time.sleep(0.05)
-    return counts
+    return held_connections(workers, port, total, timeout=10)
 
 
 def _release(associations: list[Association], workers: list[int], port: int) -> None:
