@@ -34,9 +34,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from pydicom import Dataset
-from pydicom.datadict import keyword_for_tag
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 __all__ = ["Action", "DateOption", "ProfileOptions", "resolve", "method_codes", "PATIENT_CHARACTERISTICS"]
 
@@ -126,6 +127,10 @@ _COMBINED = {"Z/D": Action.DUMMY, "X/D": Action.DUMMY, "X/Z/D": Action.DUMMY, "X
 
 
 def _keyword(tag: int) -> str:
+    # pydicom imported here, not above: the CLI reads this module to declare its export options, and
+    # pydicom's import (0.2 s) would slow every diana command.
+    from pydicom.datadict import keyword_for_tag
+
     if (tag >> 16) & 0xFF00 == 0x6000:
         return {0x3000: "OverlayData", 0x4000: "OverlayComments"}.get(tag & 0xFFFF, "")
     return keyword_for_tag(tag) or ""
@@ -170,6 +175,8 @@ def resolve(tag: int, vr: str, code: str | None, options: ProfileOptions) -> Act
 
 
 def _item(value: str, meaning: str) -> Dataset:
+    from pydicom import Dataset
+
     item = Dataset()
     item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
     return item

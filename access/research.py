@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from diana.access.deid import Deidentifier
 from diana.access.deid_options import DateOption, ProfileOptions
 from diana.access.keyfiles import KeyFileError, read_site_secret
-from diana.access.pseudonyms import ProjectKeys
+
+if TYPE_CHECKING:
+    from diana.access.deid import Deidentifier
 
 __all__ = ["add_arguments", "options_from", "deidentifier_from", "load_safe_private"]
 
@@ -104,5 +106,9 @@ def deidentifier_from(args: argparse.Namespace, secret_file: Path) -> Deidentifi
     """Raise KeyFileError (or ValueError) with the fix when a choice is missing or unsafe."""
     if not args.project:
         raise KeyFileError("a research export needs --project NAME: pseudonyms are salted per project")
+    # pydicom's modules: imported when an export needs them, not whenever the CLI declares its options
+    from diana.access.deid import Deidentifier
+    from diana.access.pseudonyms import ProjectKeys
+
     secret = read_site_secret(secret_file)
     return Deidentifier(ProjectKeys(secret, args.project), options_from(args), allow_risky=args.allow_risky)

@@ -476,8 +476,9 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(rx.stderr[-2000:])
         reindex_s = time.monotonic() - t0
         # The same command over a kind whose topic is empty here (no dose worker runs): its fixed cost
-        # (start-up, worker processes, index creation, alias swap) and nothing else, a lower bound on
-        # the fixed part of the run above, so events / this is the most that run could have reached.
+        # (start-up, index creation, alias swap; no catch-up process is started for an empty topic) and
+        # nothing else, a lower bound on the fixed part of the run above, so events / this is the most
+        # that run could have reached.
         t0 = time.monotonic()
         empty = reindex_instances(config, bench_env(config), EMPTY_KIND)
         if empty.returncode != 0:

@@ -146,6 +146,9 @@ def opensearch_client(opensearch: OpenSearchConfig, timeout: float = 30) -> Open
         verify_certs=secure,
         ca_certs=(opensearch.ca_file or None) if secure else None,
         ssl_show_warn=False,
+        # Connections kept open per node. urllib3's default, 1, closed all but one after every
+        # round of the sinks' parallel bulk requests (4 at once) and logged a warning for each.
+        pool_maxsize=10,
     )
 
 

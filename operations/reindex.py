@@ -39,6 +39,16 @@ __all__ = ["Reindexer", "ReindexFailed", "current_version", "share_out"]
 
 Partition = tuple[str, int]
 
+# How long one consume() gathers a batch. librdkafka returns only with a full batch or at the
+# timeout, so the last batch of a partition's end (and the catch-up after the swap, which finds
+# nothing) waited the whole timeout: 1 s of a 2.5 s reindex of 5,904 events (docs/PERFORMANCE.md).
+_BATCH_WAIT_S = 0.05
+
+# Fewer events than this per catch-up process and one more process costs more than it saves: a
+# spawned process imports the pipeline (about 0.6 s of CPU) and joins on its own. At 5,904 events
+# one process took 1.22-1.35 s and two 1.49-1.52 s (docs/PERFORMANCE.md).
+MIN_EVENTS_PER_PROCESS = 10_000
+
 log = structlog.get_logger("diana.reindex")
 
 
@@ -100,7 +110,7 @@ def catch_up(
     with ThreadPoolExecutor(1, thread_name_prefix="reindex-writer") as writer:
         writing: Future[None] | None = None
         while any(position[tp] < end for tp, end in ends.items()):
-            consumed = consumer.consume(batch, timeout=1.0)
+            consumed = consumer.consume(batch, timeout=_BATCH_WAIT_S)
             messages = [m for m in consumed if m.error() is None]
             if messages:
                 try:
@@ -120,11 +130,13 @@ def catch_up(
             writing.result()
 
 
-def share_out(work: dict[Partition, int], processes: int) -> list[list[Partition]]:
+def share_out(work: dict[Partition, int], processes: int, min_events: int = 1) -> list[list[Partition]]:
     """Partitions with events to read, shared among at most ``processes`` by their event counts
-    (largest first, each to the least loaded share)."""
+    (largest first, each to the least loaded share), and among no more shares than leave each at least
+    ``min_events`` events on average."""
     busy = sorted((tp for tp, events in work.items() if events > 0), key=lambda tp: (-work[tp], tp))
-    shares: list[list[Partition]] = [[] for _ in range(max(1, min(processes, len(busy))))]
+    worth = sum(work[tp] for tp in busy) // max(1, min_events)
+    shares: list[list[Partition]] = [[] for _ in range(max(1, min(processes, len(busy), worth)))]
     loads = [0] * len(shares)
     for tp in busy:
         least = loads.index(min(loads))
@@ -201,6 +213,7 @@ class Reindexer:
         number_of_replicas: int = 0,
         refresh_interval: str | None = None,
         processes: int = 1,
+        min_events_per_process: int = 1,
         opensearch: OpenSearchConfig | None = None,
         log_config: LogConfig | None = None,
     ):
@@ -210,6 +223,8 @@ class Reindexer:
         if processes > 1 and opensearch is None:
             raise ValueError("several reindex processes need the [opensearch] settings")
         self.processes, self.opensearch = processes, opensearch
+        # Fewer processes when the topics hold too few events for each to pay for its start.
+        self.min_events_per_process = min_events_per_process
         self.log_config = log_config or LogConfig()
         self.number_of_replicas = number_of_replicas  # of the new versions ([opensearch])
         self.refresh_interval = refresh_interval  # put on the new versions before the swap ([opensearch])
@@ -345,7 +360,7 @@ class Reindexer:
                     low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
                     starts[(topic, p)], ends[(topic, p)] = low, high
             set_total(sum(ends[tp] - starts[tp] for tp in ends))
-            shares = share_out({tp: ends[tp] - starts[tp] for tp in ends}, self.processes)
+            shares = share_out({tp: ends[tp] - starts[tp] for tp in ends}, self.processes, self.min_events_per_process)
             try:
                 if len(shares) > 1:
                     position = self._catch_up_in_processes(version, shares, starts, ends, progress)

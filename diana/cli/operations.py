@@ -62,7 +62,7 @@ def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from diana.clients import opensearch_client
-    from diana.operations.reindex import Reindexer, ReindexFailed
+    from diana.operations.reindex import MIN_EVENTS_PER_PROCESS, Reindexer, ReindexFailed
     from diana.schemas.layout import IndexLayout
     from diana.sinks.consumer import DeadLetters
 
@@ -80,7 +80,9 @@ def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
         conflict_policy=cfg.sinks.archive_conflict_policy,
         number_of_replicas=cfg.opensearch.number_of_replicas,
         refresh_interval=cfg.opensearch.refresh_interval,
+        # --processes N: N, as asked; by default one per core, if the events are worth it.
         processes=args.processes or min(os.cpu_count() or 1, 4),
+        min_events_per_process=1 if args.processes else MIN_EVENTS_PER_PROCESS,
         opensearch=cfg.opensearch,
         log_config=cfg.log,
     )
@@ -246,7 +248,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="catch-up processes sharing the partitions (default: one per core, at most 4; 1: no extra process)",
+        help="catch-up processes sharing the partitions (default: one per core, at most 4, and at most one per "
+        "10,000 events to read; 1: no extra process)",
     )
     ri.add_argument("--no-progress", action="store_true", help="no progress bar")
     ri.set_defaults(func=cmd_reindex)

@@ -20,3 +20,11 @@ def test_no_more_processes_than_partitions_with_events():
     work = {("dicom.instances", 0): 10, ("dicom.instances", 1): 0, ("dicom.instances", 2): 0}
     assert share_out(work, 4) == [[("dicom.instances", 0)]]
     assert share_out({("dicom.instances", 0): 0}, 4) == []
+
+
+def test_too_few_events_for_another_process_stay_in_fewer_shares():
+    work = {("dicom.instances", p): 2_000 for p in range(3)}  # 6,000 events
+    assert len(share_out(work, 2, min_events=10_000)) == 1  # not worth a second process's start-up
+    assert len(share_out(work, 2, min_events=3_000)) == 2
+    assert len(share_out(work, 4, min_events=2_000)) == 3  # still no more than the busy partitions
+    assert sorted(tp for share in share_out(work, 2, min_events=10_000) for tp in share) == sorted(work)
