@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import subprocess
@@ -73,6 +74,8 @@ class Run:
     # CPU seconds of each process of a receiver that has several (its parent first): how evenly the
     # associations were spread over its workers.
     process_cpu_s: list[float] | None = None
+    # CPU seconds of the senders (dcmtk's storescu processes): they share the two cores too.
+    sender_cpu_s: float | None = None
 
     @property
     def per_s(self) -> float:
@@ -161,13 +164,18 @@ def send(files: list[Path], port: int, aec: str, associations: int) -> float:
 
 def measure(name: str, pid: int, files: list[Path], port: int, aec: str, associations: int) -> Run:
     cpu0, _ = _process_tree_stats(pid)
+    senders0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall = send(files, port, aec, associations)
+    senders1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu1, rss = _process_tree_stats(pid)
     mb = sum(f.stat().st_size for f in files) / 1e6
     spent = {each: cpu1[each] - cpu0.get(each, 0.0) for each in cpu1}
     per_process = [round(spent[each], 2) for each in cpu1] if len(cpu1) > 1 else None
     cpu = round(sum(spent.values()), 2)
-    return Run(name, associations, len(files), round(mb, 1), round(wall, 3), cpu, round(rss, 1), per_process)
+    senders = senders1.ru_utime + senders1.ru_stime - senders0.ru_utime - senders0.ru_stime
+    return Run(
+        name, associations, len(files), round(mb, 1), round(wall, 3), cpu, round(rss, 1), per_process, round(senders, 2)
+    )
 
 
 def start_storescp(work: Path, port: int = BENCH_PORTS["storescp"]) -> subprocess.Popen:
@@ -462,8 +470,11 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 stop_processes([floor])
             shutil.rmtree(work / f"floor-{steps}", ignore_errors=True)
-        # The second corpus over 4 parallel associations.
+        # The second corpus over 4 parallel associations, and what every process of the pipeline spent
+        # meanwhile: the receiver's workers share the two cores with the sinks, Kafka and OpenSearch.
+        four_cpu_before = {n: _proc_stats(pid)[0] for n, pid in watched.items()}
         runs.append(measure("diana-star", pipeline["receive"].pid, files_b, ports["diana"], "DIANA", 4))
+        four_cpu = {n: round(_proc_stats(pid)[0] - four_cpu_before[n], 2) for n, pid in watched.items()}
         runs.append(measure("storescp", scp.pid, files_b, ports["storescp"], "ANY", 4))
         if orthanc:
             runs.append(measure("orthanc", orthanc.pid, files_b, ports["orthanc"], "ORTHANC", 4))
@@ -498,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
 
         reference = {r.associations: r.wall_s for r in runs if r.receiver == "storescp"}
         orthanc_rate = {r.associations: r.per_s for r in runs if r.receiver == "orthanc"}
+        runs_four = next(r for r in runs if r.receiver == "diana-star" and r.associations == 4)
         result = {
             "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
@@ -519,6 +531,10 @@ def main(argv: list[str] | None = None) -> int:
                 "jvm_warm_up_instances": len(files_j),
                 "searchable_s": round(startup_s, 2),
                 "receipt_to_searchable_max_s": round(max(startup_latencies), 3),
+            },
+            "four_associations": {
+                "cpu_s": four_cpu | {"storescu": runs_four.sender_cpu_s},
+                "cores_busy": round((sum(four_cpu.values()) + (runs_four.sender_cpu_s or 0)) / runs_four.wall_s, 2),
             },
             "end_to_end": {
                 "archived": archived,  # the warm-up's instances included
@@ -626,6 +642,19 @@ def render_profile(profile: dict | None) -> list[str]:
     return lines
 
 
+def _four_associations_line(result: dict) -> list[str]:
+    """Where the two cores went while diana-star received over 4 associations (absent in older results)."""
+    four = result.get("four_associations")
+    if four is None:
+        return []
+    wall = runs_by_receiver(result)[("diana-star", 4)]["wall_s"]
+    return [
+        f"CPU seconds of each process while diana-star received over 4 associations ({wall} s): "
+        + ", ".join(f"{k} {v}" for k, v in four["cpu_s"].items())
+        + f"; {four['cores_busy']} of the {result['machine']['cpus']} cores busy on average."
+    ]
+
+
 def render(result: dict) -> str:
     c = result["corpus"]
     lines = [
@@ -664,6 +693,7 @@ def render(result: dict) -> str:
         + f"; together {round(sum(e['window_cpu_s'].values()), 1)} s over {e['searchable_s']} s, "
         f"{e['window_cores_busy']} of the {result['machine']['cpus']} cores busy on average. "
         "Since each pipeline process started: " + ", ".join(f"{k} {v}" for k, v in e["pipeline_cpu_s"].items()) + ".",
+        *_four_associations_line(result),
         f"Re-index of dicom.instances by a fresh consumer: {result['reindex']['events']} events in "
         f"{result['reindex']['seconds']} s = {result['reindex']['events_per_s']} events/s; the same command over "
         f"an empty topic ({result['reindex']['empty_kind']}) took {result['reindex']['empty_kind_seconds']} s, "

@@ -45,9 +45,10 @@ Partition = tuple[str, int]
 _BATCH_WAIT_S = 0.05
 
 # Fewer events than this per catch-up process and one more process costs more than it saves: a
-# spawned process imports the pipeline (about 0.6 s of CPU) and joins on its own. At 5,904 events
-# one process took 1.22-1.35 s and two 1.49-1.52 s (docs/PERFORMANCE.md).
-MIN_EVENTS_PER_PROCESS = 10_000
+# spawned process imports the pipeline (about 0.6 s of CPU) and joins on its own, and one process
+# decodes about 18,000 events a second. On 2 cores one process beat two at 5,904 and 20,000 events
+# and matched them at 50,000 (docs/PERFORMANCE.md, issue 19, stop 25).
+MIN_EVENTS_PER_PROCESS = 50_000
 
 log = structlog.get_logger("diana.reindex")
 

@@ -34,6 +34,10 @@ def test_bench_ingest_runs_end_to_end(tmp_path, stack):
     # What every process of the end-to-end run spent, the broker and the search engine included.
     window = data["end_to_end"]["window_cpu_s"]
     assert {"receive", "sink opensearch", "kafka", "opensearch"} <= set(window) and window["receive"] > 0
+    # And while diana-star received over 4 associations, the senders included.
+    four = data["four_associations"]["cpu_s"]
+    assert {"receive", "kafka", "opensearch", "storescu"} <= set(four) and four["receive"] > 0 and four["storescu"] > 0
+    assert "received over 4 associations" in (out / "results.md").read_text()
     # The receiver's floors ran beside it (bench/receiver_floor.py), and the targets read them.
     assert {
         ("floor: bare", 1),
