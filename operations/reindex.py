@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 from opensearchpy import OpenSearch
 
-from diana.clients import kafka_consumer, opensearch_client
+from diana.clients import kafka_admin, kafka_consumer, opensearch_client
 from diana.config import ConflictPolicy, KafkaConfig, LogConfig, OpenSearchConfig
 from diana.logs import configure_logging
 from diana.schemas.layout import IndexLayout
@@ -129,6 +130,14 @@ def catch_up(
                     position[tp] = max(position[tp], m.offset())
         if writing is not None:
             writing.result()
+
+
+def _offsets(admin: AdminClient, partitions: list[Partition], spec: OffsetSpec) -> dict[Partition, int]:
+    """Each partition's earliest or latest offset, in one request per broker. Not the consumer's own
+    queries: one request per partition, and on the consumer's connection each waited behind its
+    pending fetch, up to [kafka] fetch_wait_max_ms (43 ms each after a catch-up)."""
+    asked = admin.list_offsets({TopicPartition(t, p): spec for t, p in partitions}, request_timeout=10)
+    return {(tp.topic, tp.partition): future.result().offset for tp, future in asked.items()}
 
 
 def share_out(work: dict[Partition, int], processes: int, min_events: int = 1) -> list[list[Partition]]:
@@ -251,12 +260,12 @@ class Reindexer:
         return each index's refresh interval from its template, put back before the swap."""
         refresh = {}
         for kind in kinds:
-            install_template(self.client, self.layout, kind, self.number_of_replicas, self.refresh_interval)
+            settings = install_template(self.client, self.layout, kind, self.number_of_replicas, self.refresh_interval)
             index = self.layout.index(kind, version)
-            self.client.indices.create(index=index)
-            settings = self.client.indices.get_settings(index=index)[index]["settings"]["index"]
-            refresh[index] = settings.get("refresh_interval", "1s")
-            self.client.indices.put_settings(index=index, body={"index": {"refresh_interval": "-1"}})
+            # Created with refresh off (the request's settings take precedence over the template's):
+            # one cluster state update instead of three requests (docs/PERFORMANCE.md, issue 19, stop 25).
+            self.client.indices.create(index=index, body={"settings": {"index": {"refresh_interval": "-1"}}})
+            refresh[index] = settings.get("refresh_interval", "1s")  # OpenSearch's default where unset
         return refresh
 
     def _drop(self, kinds: list[str], version: int) -> None:
@@ -353,13 +362,13 @@ class Reindexer:
         consumer = kafka_consumer(
             self.kafka, f"diana-reindex-{uuid.uuid4()}", {"enable.auto.commit": False, "enable.partition.eof": True}
         )
+        admin = kafka_admin(self.kafka)
         try:
-            ends, starts = {}, {}
-            for topic in topics:
-                meta = consumer.list_topics(topic, timeout=10).topics[topic]
-                for p in meta.partitions:
-                    low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                    starts[(topic, p)], ends[(topic, p)] = low, high
+            # The consumer's own metadata request: assigned without it, its first fetch waited about
+            # 1 s in 1 run of 8 (a fresh consumer learning the partitions' leaders).
+            partitions = [(t, p) for t in topics for p in consumer.list_topics(t, timeout=10).topics[t].partitions]
+            starts = _offsets(admin, partitions, OffsetSpec.earliest())
+            ends = _offsets(admin, partitions, OffsetSpec.latest())
             set_total(sum(ends[tp] - starts[tp] for tp in ends))
             shares = share_out({tp: ends[tp] - starts[tp] for tp in ends}, self.processes, self.min_events_per_process)
             try:
@@ -383,9 +392,7 @@ class Reindexer:
                 actions.append({"add": {"index": self.layout.index(kind, version), "alias": alias}})
             self.client.indices.update_aliases(body={"actions": actions})
             log.info("reindex.swapped", version=version, kinds=kinds)
-            later = {}
-            for t, p in ends:
-                later[(t, p)] = consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
+            later = _offsets(admin, list(ends), OffsetSpec.latest())
             set_total(sum(later[tp] - starts[tp] for tp in later))
             consumer.assign([TopicPartition(t, p, position[(t, p)]) for (t, p) in position])
             catch_up(consumer, sink, self.dead, position, later, self.batch, progress)

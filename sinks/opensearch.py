@@ -39,8 +39,9 @@ _TEMPLATES = resources.files("diana.sinks") / "templates"
 
 def install_template(
     client: OpenSearch, layout: IndexLayout, kind: str, replicas: int = 0, refresh_interval: str | None = None
-) -> None:
-    """Put the project's template for ``kind``; it applies to every version ``<alias>-vN``.
+) -> dict[str, Any]:
+    """Put the project's template for ``kind``; it applies to every version ``<alias>-vN``. Return the
+    template's index settings.
 
     ``replicas`` ([opensearch] number_of_replicas) replaces the template's own: 0 on one node, 1 on a
     cluster, where a node can stop and every shard still has a copy on another. ``refresh_interval``
@@ -54,6 +55,7 @@ def install_template(
         name=layout.alias(kind),
         body={"index_patterns": [f"{layout.alias(kind)}-v*"], "template": body, "priority": 100},
     )
+    return body["settings"]
 
 
 def ensure_indices(
