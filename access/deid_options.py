@@ -31,7 +31,9 @@ X/Z -> Z, X/Z/U* -> U (a sequence of references: its UIDs replaced, the rest by 
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -126,14 +128,19 @@ _TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT"})
 _COMBINED = {"Z/D": Action.DUMMY, "X/D": Action.DUMMY, "X/Z/D": Action.DUMMY, "X/Z": Action.EMPTY, "X/Z/U*": Action.UID}
 
 
-def _keyword(tag: int) -> str:
-    # pydicom imported here, not above: the CLI reads this module to declare its export options, and
-    # pydicom's import (0.2 s) would slow every diana command.
+@functools.cache
+def _dictionary() -> Callable[[int], str]:
+    # pydicom imported on first use, not above: the CLI reads this module to declare its export
+    # options, and pydicom's import (0.2 s) would slow every diana command.
     from pydicom.datadict import keyword_for_tag
 
+    return keyword_for_tag
+
+
+def _keyword(tag: int) -> str:
     if (tag >> 16) & 0xFF00 == 0x6000:
         return {0x3000: "OverlayData", 0x4000: "OverlayComments"}.get(tag & 0xFFFF, "")
-    return keyword_for_tag(tag) or ""
+    return _dictionary()(tag) or ""
 
 
 def resolve(tag: int, vr: str, code: str | None, options: ProfileOptions) -> Action:

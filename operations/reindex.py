@@ -3,10 +3,10 @@
 1. Create the next version of each index (``diana-series-v2``) from the current template.
 2. Read the topics from the beginning with a consumer of its own (no group commits) and write
    into the new version, while the live sink keeps writing through the alias to the old one.
-   With ``processes`` > 1 the partitions are shared out among that many processes, each with its
-   own consumer and bulk writer: the decoding and document building (about 150 µs of CPU per
-   event, docs/PERFORMANCE.md) is what limits one process, and one partition's events stay in
-   one process, in order.
+   With ``processes`` > 1 the partitions are shared out among up to that many processes (no more
+   than one per ``min_events_per_process`` events to read), each with its own consumer and bulk
+   writer: the decoding and document building (53-65 µs of CPU per event, docs/PERFORMANCE.md) is
+   what limits one process, and one partition's events stay in one process, in order.
 3. Caught up: swap every alias in one atomic request.
 4. Catch up once more, to the end offsets after the swap: what the live sink wrote to the old
    version just before the swap reaches the new one too (writes are idempotent).
@@ -19,13 +19,14 @@ import multiprocessing
 import queue
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, IsolationLevel, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from opensearchpy import OpenSearch
 
@@ -132,12 +133,29 @@ def catch_up(
             writing.result()
 
 
-def _offsets(admin: AdminClient, partitions: list[Partition], spec: OffsetSpec) -> dict[Partition, int]:
+def _offsets(
+    admin: AdminClient, partitions: list[Partition], spec: OffsetSpec, timeout_s: float = 10.0
+) -> dict[Partition, int]:
     """Each partition's earliest or latest offset, in one request per broker. Not the consumer's own
     queries: one request per partition, and on the consumer's connection each waited behind its
-    pending fetch, up to [kafka] fetch_wait_max_ms (43 ms each after a catch-up)."""
-    asked = admin.list_offsets({TopicPartition(t, p): spec for t, p in partitions}, request_timeout=10)
-    return {(tp.topic, tp.partition): future.result().offset for tp, future in asked.items()}
+    pending fetch, up to [kafka] fetch_wait_max_ms (43 ms each after a catch-up).
+
+    Read committed, as the catch-up consumer reads: the latest offset is the last stable one, not
+    past a transaction still open on dicom.series or dicom.studies, which the consumer could not read
+    until it ends. Asked again on a retriable error (a leader moving) until ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        asked = admin.list_offsets(
+            {TopicPartition(t, p): spec for t, p in partitions},
+            isolation_level=IsolationLevel.READ_COMMITTED,
+            request_timeout=timeout_s,
+        )
+        try:
+            return {(tp.topic, tp.partition): future.result().offset for tp, future in asked.items()}
+        except KafkaException as exc:
+            if not exc.args[0].retriable() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def share_out(work: dict[Partition, int], processes: int, min_events: int = 1) -> list[list[Partition]]:
@@ -364,14 +382,15 @@ class Reindexer:
         )
         admin = kafka_admin(self.kafka)
         try:
-            # The consumer's own metadata request: assigned without it, its first fetch waited about
-            # 1 s in 1 run of 8 (a fresh consumer learning the partitions' leaders).
-            partitions = [(t, p) for t in topics for p in consumer.list_topics(t, timeout=10).topics[t].partitions]
-            starts = _offsets(admin, partitions, OffsetSpec.earliest())
-            ends = _offsets(admin, partitions, OffsetSpec.latest())
-            set_total(sum(ends[tp] - starts[tp] for tp in ends))
-            shares = share_out({tp: ends[tp] - starts[tp] for tp in ends}, self.processes, self.min_events_per_process)
             try:
+                # The consumer's own metadata request: assigned without it, its first fetch waited
+                # about 1 s in 1 run of 8 (a fresh consumer learning the partitions' leaders).
+                partitions = [(t, p) for t in topics for p in consumer.list_topics(t, timeout=10).topics[t].partitions]
+                starts = _offsets(admin, partitions, OffsetSpec.earliest())
+                ends = _offsets(admin, partitions, OffsetSpec.latest())
+                set_total(sum(ends[tp] - starts[tp] for tp in ends))
+                work = {tp: ends[tp] - starts[tp] for tp in ends}
+                shares = share_out(work, self.processes, self.min_events_per_process)
                 if len(shares) > 1:
                     position = self._catch_up_in_processes(version, shares, starts, ends, progress)
                 else:

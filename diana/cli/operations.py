@@ -80,7 +80,8 @@ def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
         conflict_policy=cfg.sinks.archive_conflict_policy,
         number_of_replicas=cfg.opensearch.number_of_replicas,
         refresh_interval=cfg.opensearch.refresh_interval,
-        # --processes N: N, as asked; by default one per core, if the events are worth it.
+        # --processes N: up to N (one per partition with events at most); by default one per core,
+        # if the events are worth it.
         processes=args.processes or min(os.cpu_count() or 1, 4),
         min_events_per_process=1 if args.processes else MIN_EVENTS_PER_PROCESS,
         opensearch=cfg.opensearch,

@@ -178,7 +178,7 @@ def test_reindex_while_instances_arrive_swaps_the_alias_with_exact_counts(pipeli
     old_version = int(before[0].rsplit("-v", 1)[1])
     assert after == [f"diana-instances-v{old_version + 1}"]
     assert client.indices.exists(index=before[0])  # kept: only --delete-old removes it
-    # Filled with refresh off, then given the template's interval back before the swap.
+    # Filled with refresh off (created so), and given the template's interval back before the swap.
     settings = client.indices.get_settings(index=after[0])[after[0]]["settings"]["index"]
     assert settings["refresh_interval"] == "1s"
     assert _alias_counts(cfg) == _distinct_keys(cfg)

@@ -26,5 +26,16 @@ def test_too_few_events_for_another_process_stay_in_fewer_shares():
     work = {("dicom.instances", p): 2_000 for p in range(3)}  # 6,000 events
     assert len(share_out(work, 2, min_events=10_000)) == 1  # not worth a second process's start-up
     assert len(share_out(work, 2, min_events=3_000)) == 2
-    assert len(share_out(work, 4, min_events=2_000)) == 3  # still no more than the busy partitions
+    assert len(share_out(work, 4, min_events=1_000)) == 3  # still no more than the busy partitions
     assert sorted(tp for share in share_out(work, 2, min_events=10_000) for tp in share) == sorted(work)
+
+
+def test_the_help_states_the_events_per_process_the_command_uses():
+    # The CLI does not import the reindex module to declare its options (it pulls in Kafka and
+    # OpenSearch's clients): the number in the help is written out, and must stay the constant's.
+    from diana.cli import build_parser
+    from diana.operations.reindex import MIN_EVENTS_PER_PROCESS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    help_text = next(a.help for a in sub.choices["reindex"]._actions if a.dest == "processes")
+    assert f"{MIN_EVENTS_PER_PROCESS:,} events" in help_text
