@@ -76,6 +76,8 @@ class Run:
     process_cpu_s: list[float] | None = None
     # CPU seconds of the senders (dcmtk's storescu processes): they share the two cores too.
     sender_cpu_s: float | None = None
+    # When the send began (UTC): lines the run up with samples taken beside the bench (bench.jvm_threads).
+    started_utc: str | None = None
 
     @property
     def per_s(self) -> float:
@@ -165,6 +167,7 @@ def send(files: list[Path], port: int, aec: str, associations: int) -> float:
 def measure(name: str, pid: int, files: list[Path], port: int, aec: str, associations: int) -> Run:
     cpu0, _ = _process_tree_stats(pid)
     senders0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = _utc_now()
     wall = send(files, port, aec, associations)
     senders1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu1, rss = _process_tree_stats(pid)
@@ -174,8 +177,21 @@ def measure(name: str, pid: int, files: list[Path], port: int, aec: str, associa
     cpu = round(sum(spent.values()), 2)
     senders = senders1.ru_utime + senders1.ru_stime - senders0.ru_utime - senders0.ru_stime
     return Run(
-        name, associations, len(files), round(mb, 1), round(wall, 3), cpu, round(rss, 1), per_process, round(senders, 2)
+        name,
+        associations,
+        len(files),
+        round(mb, 1),
+        round(wall, 3),
+        cpu,
+        round(rss, 1),
+        per_process,
+        round(senders, 2),
+        started,
     )
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def start_storescp(work: Path, port: int = BENCH_PORTS["storescp"]) -> subprocess.Popen:
@@ -416,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         if rx.returncode != 0:
             raise RuntimeError(rx.stderr[-2000:])
         warm_up_reindex_s = time.monotonic() - started
+        jvm_warm_up_ended = _utc_now()
         # diana first, on one association: that run is also the end-to-end measurement. OpenSearch is
         # watched while the corpus is sent (polled after the send, every instance would look searchable
         # only after the last one was sent: the send's length, not a latency).
@@ -490,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # Re-index the whole instance topic with a fresh consumer.
         events = len(files) + len(files_b) + len(files_c) + len(files_w) + len(files_j)
+        reindex_started = _utc_now()
         t0 = time.monotonic()
         rx = reindex_instances(config, bench_env(config))
         if rx.returncode != 0:
@@ -538,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
             "startup": {
                 "instances": len(files_w),
                 "jvm_warm_up_instances": len(files_j),
+                # From the JVM warm-up's first send to the end of its reindex (UTC).
+                "jvm_warm_up_utc": [since_jvm.isoformat(timespec="seconds"), jvm_warm_up_ended],
                 "searchable_s": round(startup_s, 2),
                 "receipt_to_searchable_max_s": round(max(startup_latencies), 3),
             },
@@ -568,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ceiling_events_per_s": round(events / reindex_fixed_s),
                 "warm_up_events": len(files_w) + len(files_j),
                 "warm_up_seconds": round(warm_up_reindex_s, 2),
+                "started_utc": reindex_started,
             },
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "receiver_profile": receiver_profile,

@@ -32,6 +32,10 @@ def test_bench_ingest_runs_end_to_end(tmp_path, stack):
     assert data["reindex"]["events"] == 36 + warm_up + jvm_warm_up
     # The warm-up's own reindex, before the measured runs (untimed as a target, reported).
     assert data["reindex"]["warm_up_events"] == warm_up + jvm_warm_up and data["reindex"]["warm_up_seconds"] > 0
+    # When each phase ran, in order (to line them up with samples taken beside the bench).
+    warm_from, warm_to = data["startup"]["jvm_warm_up_utc"]
+    first_run, last_run = data["runs"][0]["started_utc"], data["runs"][-1]["started_utc"]
+    assert warm_from <= warm_to <= first_run <= last_run <= data["reindex"]["started_utc"]
     assert "| diana-star | 1 |" in (out / "results.md").read_text()
     # What every process of the end-to-end run spent, the broker and the search engine included.
     window = data["end_to_end"]["window_cpu_s"]
