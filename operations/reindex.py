@@ -48,9 +48,10 @@ _BATCH_WAIT_S = 0.05
 
 # Fewer events than this per catch-up process and one more process costs more than it saves: a
 # spawned process imports the pipeline (about 0.6 s of CPU) and joins on its own, and one process
-# decodes about 18,000 events a second. On 2 cores one process beat two at 5,904 and 20,000 events
-# and matched them at 50,000 (docs/PERFORMANCE.md, issue 19, stop 25).
-MIN_EVENTS_PER_PROCESS = 50_000
+# decodes about 18,000 events a second. On 2 cores (docs/PERFORMANCE.md, issue 19, stop 25): one
+# process beat two at 5,904 events; at 20,000 and 50,000 two were faster on a freshly started
+# OpenSearch (6,544 against 4,565/s; 10,060 against 7,029/s) and level or slower once it was warm.
+MIN_EVENTS_PER_PROCESS = 20_000
 
 log = structlog.get_logger("diana.reindex")
 

@@ -250,7 +250,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0,
         metavar="N",
         help="catch-up processes sharing the partitions (default: one per core, at most 4, and at most one per "
-        "50,000 events to read; 1: no extra process)",
+        "20,000 events to read; 1: no extra process)",
     )
     ri.add_argument("--no-progress", action="store_true", help="no progress bar")
     ri.set_defaults(func=cmd_reindex)
