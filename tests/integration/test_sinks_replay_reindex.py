@@ -146,10 +146,10 @@ def test_reindex_whose_process_dies_swaps_nothing_and_leaves_nothing(pipeline, t
     for kind, (index,) in before.items():
         version = int(index.rsplit("-v", 1)[1])
         assert not client.indices.exists(index=f"diana-{kind}-v{version + 1}"), "the half-built version is left"
-    # By default one process per core, but not for a topic this small: no catch-up process is spawned.
+    # With the default processes: one per core, fewer for topics with few events (how many depends on
+    # what the session's earlier tests sent; the choice itself: tests/unit/test_reindex_share_out.py).
     again = _diana(pipeline, "reindex", "--no-progress")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "reindex.processes" not in again.stdout + again.stderr
     wait_until_caught_up(cfg)
     assert _alias_counts(cfg) == _distinct_keys(cfg)
 
