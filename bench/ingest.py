@@ -112,6 +112,11 @@ def _proc_stats(pid: int) -> tuple[float, float]:
     return sum(cpu.values()), peak_rss_mb
 
 
+def _cpu_seconds(processes: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each named process (its descendants included)."""
+    return {name: _proc_stats(pid)[0] for name, pid in processes.items()}
+
+
 def _process_tree_stats(pid: int) -> tuple[dict[int, float], float]:
     """(cpu seconds of the process and of each descendant, the largest peak RSS MB) so far."""
     ticks = os.sysconf("SC_CLK_TCK")
@@ -444,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             if pid is None:
                 raise RuntimeError(f"{service} is not running")
             watched[service] = pid
-        window_cpu_before = {n: _proc_stats(pid)[0] for n, pid in watched.items()}
+        window_cpu_before = _cpu_seconds(watched)
         with ThreadPoolExecutor(max_workers=1) as watcher:
             first_send = time.monotonic()
             since = datetime.now(UTC)
@@ -452,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(measure("diana-star", pipeline["receive"].pid, files, ports["diana"], "DIANA", 1))
             done_at, latencies = watching.result()
         searchable_s = done_at - first_send
-        window_cpu = {n: round(_proc_stats(pid)[0] - window_cpu_before[n], 1) for n, pid in watched.items()}
+        window_cpu = {n: round(cpu - window_cpu_before[n], 1) for n, cpu in _cpu_seconds(watched).items()}
         # Since each pipeline process started (its imports and start-up included).
         cpu_by_process = {n: round(_proc_stats(p.pid)[0], 1) for n, p in pipeline.items()}
         archived = sum(1 for _ in (work / "archive").rglob("*.dcm"))
@@ -498,9 +503,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work / f"floor-{steps}", ignore_errors=True)
         # The second corpus over 4 parallel associations, and what every process of the pipeline spent
         # meanwhile: the receiver's workers share the two cores with the sinks, Kafka and OpenSearch.
-        four_cpu_before = {n: _proc_stats(pid)[0] for n, pid in watched.items()}
+        four_cpu_before = _cpu_seconds(watched)
         runs.append(measure("diana-star", pipeline["receive"].pid, files_b, ports["diana"], "DIANA", 4))
-        four_cpu = {n: round(_proc_stats(pid)[0] - four_cpu_before[n], 2) for n, pid in watched.items()}
+        four_cpu = {n: round(cpu - four_cpu_before[n], 2) for n, cpu in _cpu_seconds(watched).items()}
         runs.append(measure("storescp", scp.pid, files_b, ports["storescp"], "ANY", 4))
         if orthanc:
             runs.append(measure("orthanc", orthanc.pid, files_b, ports["orthanc"], "ORTHANC", 4))

@@ -389,8 +389,8 @@ class Reindexer:
                 partitions = [(t, p) for t in topics for p in consumer.list_topics(t, timeout=10).topics[t].partitions]
                 starts = _offsets(admin, partitions, OffsetSpec.earliest())
                 ends = _offsets(admin, partitions, OffsetSpec.latest())
-                set_total(sum(ends[tp] - starts[tp] for tp in ends))
                 work = {tp: ends[tp] - starts[tp] for tp in ends}
+                set_total(sum(work.values()))
                 shares = share_out(work, self.processes, self.min_events_per_process)
                 if len(shares) > 1:
                     position = self._catch_up_in_processes(version, shares, starts, ends, progress)
