@@ -143,6 +143,7 @@ class Suite:
         self.landing = work / "landing"
         self.mounted = False
         self.dose_reports: dict[Path, str] = {}  # a dose report of the corpus -> its study
+        self.runs: dict[str, int] = {}  # scenario -> how many times its corpus was made
         self.lags: dict[str, int] = {}  # "group topic" -> lag, where not zero (the last check)
         self.archived_ok: set[Path] = set()  # acknowledged instances already found byte-identical
         self.left_before: set[str] = set()  # landing objects there when the scenario began
@@ -344,12 +345,16 @@ cluster = {"true" if self.cluster else "false"}
         """CT studies of 50 instances: 49 images in two series and one CT dose report (a third series)."""
         files: list[Path] = []
         per_study = 50
+        # A scenario named again (--scenarios worker-kill,worker-kill: hunting a rare failure) gets
+        # patients of its own: the same patients' cumulative dose would change what is expected.
+        self.runs[scenario] = run = self.runs.get(scenario, 0) + 1
+        name = scenario if run == 1 else f"{scenario}-{run}"
         for index in range((self.instances + per_study - 1) // per_study):
             count = min(per_study, self.instances - index * per_study)
             images = count - 1 if count > 1 else count
             series = [SeriesSpec("CT", "AXIAL", (images + 1) // 2), SeriesSpec("CT", "CORONAL", images // 2)]
-            folder = self.work / "corpus" / scenario / f"s{index:03d}"
-            patient_id = f"FAULT-{scenario[:6]}-{index}"
+            folder = self.work / "corpus" / name / f"s{index:03d}"
+            patient_id = f"FAULT-{scenario[:6]}-{index}" if run == 1 else f"FAULT-{scenario[:6]}-{run}-{index}"
             study = make_study(folder, [s for s in series if s.count], patient_id=patient_id)
             files += study.files
             if images < count:
