@@ -285,7 +285,7 @@ action.auto_create_index: true
     def start_search_nodes(self, nodes: list[int] | None = None) -> None:
         nodes = nodes or list(range(1, OPENSEARCH_NODES + 1))
         user = self._opensearch_user()
-        self._opensearch_dir().mkdir(parents=True, exist_ok=True)
+        self._make_opensearch_dir()
         install = self._unpack_opensearch(user)
         for n in nodes:
             svc = self.search_nodes[n - 1]

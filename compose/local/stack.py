@@ -56,6 +56,43 @@ KAFKA_LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
 """
 
 
+# As root, OpenSearch runs as a system user and its files live here, one folder per stack home,
+# each marked with the home it belongs to (STACK_HOME_MARK).
+SYSTEM_OPENSEARCH_ROOT = Path("/var/lib/diana-star")
+STACK_HOME_MARK = "stack-home"
+
+
+def _in_use(folder: Path) -> bool:
+    """Whether a running process names ``folder`` on its command line (OpenSearch's java names its
+    home there)."""
+    needle = str(folder).encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if needle in cmdline.read_bytes():
+                return True
+        except OSError:  # the process ended meanwhile
+            continue
+    return False
+
+
+def prune_orphaned_opensearch_dirs(root: Path) -> list[Path]:
+    """Remove the OpenSearch folders under ``root`` whose stack home no longer exists (a test clone
+    or a bench's work folder deleted, a run killed before its clean-up) and that no process uses:
+    each held an unpacked OpenSearch of about 110 MB and its data. A folder without the mark (made
+    before it existed) is left alone."""
+    removed = []
+    for folder in sorted(root.glob("opensearch-*")):
+        try:
+            home = Path((folder / STACK_HOME_MARK).read_text().strip())
+        except OSError:
+            continue
+        if home.exists() or _in_use(folder):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
 class StackError(RuntimeError):
     """The local stack cannot be installed or started; the message says why and what to do."""
 
@@ -266,8 +303,20 @@ log.retention.hours=-1
             # Run as a system user, which cannot traverse root's home (often where the clone is):
             # keep its files under /var/lib, one folder per stack home.
             digest = hashlib.sha1(str(self.home).encode()).hexdigest()[:10]
-            return Path("/var/lib/diana-star") / f"opensearch-{digest}"
+            return SYSTEM_OPENSEARCH_ROOT / f"opensearch-{digest}"
         return self.home / "opensearch"
+
+    def _make_opensearch_dir(self) -> None:
+        """Create the OpenSearch folder; outside the stack home (as root), mark it with the home it
+        belongs to, and first remove the folders of stack homes that are gone."""
+        folder = self._opensearch_dir()
+        if folder.is_relative_to(self.home):
+            folder.mkdir(parents=True, exist_ok=True)
+            return
+        for removed in prune_orphaned_opensearch_dirs(folder.parent):
+            log.info("stack.pruned", folder=str(removed), reason="its stack home is gone")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / STACK_HOME_MARK).write_text(str(self.home))
 
     def _opensearch_user(self) -> str | None:
         """OpenSearch will not run as root: as root, run it as a dedicated system user."""
@@ -324,7 +373,7 @@ action.auto_create_index: true
             return
         _refuse_foreign("OpenSearch", self.cfg.opensearch_port, "opensearch_port")
         user = self._opensearch_user()
-        self._opensearch_dir().mkdir(parents=True, exist_ok=True)
+        self._make_opensearch_dir()
         home = self._unpack_opensearch(user)
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
