@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.pipeline_steps import reindex_instances, stop_processes, stop_stack
+from bench.pipeline_steps import reindex_instances, stop_processes, stop_stack, warm_up_opensearch_bulk
 from bench.profile import Profiler
 from bench.receiver_floor import STEPS as FLOOR_STEPS
 from bench.receiver_floor import STRICT as STRICT_FLOOR
@@ -364,6 +364,14 @@ def main(argv: list[str] | None = None) -> int:
         help="small instances sent (untimed) before the measured runs, so Kafka and OpenSearch run compiled (default 2000)",
     )
     ap.add_argument(
+        "--opensearch-warm-up",
+        type=int,
+        default=0,
+        help="then this many bulk documents written (untimed) into a scratch index of OpenSearch, copies of the "
+        "warm-up's instance documents (default 0: none; 100000 did not make the 4-association run's OpenSearch "
+        "CPU lower in 2 of 3 runs, docs/PERFORMANCE.md issue 19 stop 26)",
+    )
+    ap.add_argument(
         "--port-offset", type=int, default=0, help="added to every port of the bench (another bench runs beside it)"
     )
     args = ap.parse_args(argv)
@@ -437,6 +445,17 @@ def main(argv: list[str] | None = None) -> int:
         if rx.returncode != 0:
             raise RuntimeError(rx.stderr[-2000:])
         warm_up_reindex_s = time.monotonic() - started
+        # On request, OpenSearch's bulk path run further: its compiler settled after about 100,000 bulk
+        # documents in bench.reindex (issue 19 stop 26, docs/PERFORMANCE.md), not after 10,000 warm-up
+        # instances here (stop 25). Off by default: it did not lower the 4-association run's
+        # OpenSearch CPU reliably (stop 26).
+        started = time.monotonic()
+        bulk_warm_up = (
+            warm_up_opensearch_bulk(cfg.opensearch.url, "diana-instances", args.opensearch_warm_up)
+            if args.opensearch_warm_up
+            else 0
+        )
+        bulk_warm_up_s = time.monotonic() - started
         jvm_warm_up_ended = _utc_now()
         # diana first, on one association: that run is also the end-to-end measurement. OpenSearch is
         # watched while the corpus is sent (polled after the send, every instance would look searchable
@@ -561,7 +580,9 @@ def main(argv: list[str] | None = None) -> int:
             "startup": {
                 "instances": len(files_w),
                 "jvm_warm_up_instances": len(files_j),
-                # From the JVM warm-up's first send to the end of its reindex (UTC).
+                "opensearch_warm_up_documents": bulk_warm_up,
+                "opensearch_warm_up_seconds": round(bulk_warm_up_s, 2),
+                # From the JVM warm-up's first send to the end of its reindex and OpenSearch's bulk warm-up (UTC).
                 "jvm_warm_up_utc": [since_jvm.isoformat(timespec="seconds"), jvm_warm_up_ended],
                 "searchable_s": round(startup_s, 2),
                 "receipt_to_searchable_max_s": round(max(startup_latencies), 3),
@@ -679,6 +700,17 @@ def render_profile(profile: dict | None) -> list[str]:
     return lines
 
 
+def _jvm_warm_up_text(startup: dict) -> str:
+    """The untimed JVM warm-up before the measured runs (its OpenSearch part absent in older results)."""
+    text = f" Then, untimed: {startup['jvm_warm_up_instances']} small instances sent and reindexed"
+    if startup.get("opensearch_warm_up_documents"):
+        text += (
+            f", and {startup['opensearch_warm_up_documents']} copies of their documents bulk-indexed into a scratch "
+            f"index in {startup['opensearch_warm_up_seconds']} s (OpenSearch's compiler settling)"
+        )
+    return text + "."
+
+
 def _warm_up_reindex_text(reindex: dict) -> str:
     """The untimed reindex of the JVM warm-up (absent in older results)."""
     if "warm_up_seconds" not in reindex:
@@ -734,7 +766,8 @@ def render(result: dict) -> str:
         f"receipt to searchable p50 {lat['p50']} s, p95 {lat['p95']} s, p99 {lat['p99']} s. "
         f"Stability window (series completion, not included): {e['stability_window_s']}.",
         f"Start-up (not in those figures): {result['startup']['instances']} warm-up instances sent once the "
-        f"receiver answered C-ECHO were all searchable {result['startup']['searchable_s']} s later.",
+        f"receiver answered C-ECHO were all searchable {result['startup']['searchable_s']} s later."
+        + _jvm_warm_up_text(result["startup"]),
         "CPU seconds of each process from the first send to the last instance searchable: "
         + ", ".join(f"{k} {v}" for k, v in e["window_cpu_s"].items())
         + f"; together {round(sum(e['window_cpu_s'].values()), 1)} s over {e['searchable_s']} s, "

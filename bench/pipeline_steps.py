@@ -1,6 +1,6 @@
 """Steps several benches take the same way: an InstanceArrived event produced without dropping it
-when the client's queue is full, `diana reindex` of the instance topic run to its end, and the
-teardown of a bench's processes and local stack."""
+when the client's queue is full, `diana reindex` of the instance topic run to its end, OpenSearch's
+bulk path run until its compiler settles, and the teardown of a bench's processes and local stack."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["produce_instance_event", "reindex_instances", "stop_processes", "stop_stack"]
+__all__ = ["produce_instance_event", "reindex_instances", "stop_processes", "stop_stack", "warm_up_opensearch_bulk"]
 
 _REPO = Path(__file__).resolve().parents[1]  # the tree whose `diana` the reindex runs
 
@@ -37,6 +37,40 @@ def reindex_instances(config: Path, env: dict[str, str], kind: str = "instances"
     """`diana reindex --kinds instances` (or ``kind``) with ``config``, run to its end (output captured)."""
     command = [sys.executable, "-m", "diana.cli", "--config", str(config), "reindex", "--kinds", kind]
     return subprocess.run([*command, "--no-progress"], cwd=_REPO, env=env, capture_output=True, text=True)
+
+
+def warm_up_opensearch_bulk(url: str, alias: str, documents: int, per_request: int = 1000) -> int:
+    """Bulk-index copies of the documents under ``alias`` (the instance documents the bench's warm-up
+    sent) into a scratch index of the same mapping until ``documents`` were written, then delete it.
+
+    A freshly started OpenSearch spends most of its CPU compiling for its first tens of thousands of
+    bulk documents (its CPU per document fell from 271 to 62-79 us over 100,000 in bench.reindex,
+    docs/PERFORMANCE.md, issue 19 stop 26); a deployed one has long finished. Returns the documents
+    written."""
+    from opensearchpy import OpenSearch
+
+    client = OpenSearch(hosts=[url], timeout=120)
+    index = next(iter(client.indices.get_alias(name=alias)))
+    mapping = client.indices.get_mapping(index=index)[index]["mappings"]
+    hits = client.search(index=alias, body={"size": 10_000, "query": {"match_all": {}}})["hits"]["hits"]
+    if not hits:
+        raise RuntimeError(f"nothing under {alias} to warm OpenSearch up with")
+    scratch = "bench-jvm-warm-up"
+    client.indices.delete(index=scratch, ignore_unavailable=True)
+    client.indices.create(index=scratch, body={"settings": {"number_of_replicas": 0}, "mappings": mapping})
+    written = 0
+    try:
+        while written < documents:
+            lines = []
+            for n in range(written, min(written + per_request, documents)):
+                lines += [{"index": {"_index": scratch, "_id": str(n)}}, hits[n % len(hits)]["_source"]]
+            response = client.bulk(body=lines)
+            if response.get("errors"):
+                raise RuntimeError("the warm-up's bulk request had errors")
+            written += len(lines) // 2
+    finally:
+        client.indices.delete(index=scratch, ignore_unavailable=True)
+    return written
 
 
 def stop_processes(procs: list[subprocess.Popen]) -> None:

@@ -13,7 +13,10 @@ def test_bench_ingest_runs_end_to_end(tmp_path, stack):
     # `stack` only orders this after the session's stack exists; the bench runs its own on other ports.
     out = tmp_path / "bench"
     result = subprocess.run(
-        [sys.executable, "-m", "bench.ingest", "--ct", "8", "--dx", "4", "--jvm-warm-up", "10", "--out", str(out)],
+        [
+            *(sys.executable, "-m", "bench.ingest", "--ct", "8", "--dx", "4", "--jvm-warm-up", "10"),
+            *("--opensearch-warm-up", "500", "--out", str(out)),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -28,6 +31,9 @@ def test_bench_ingest_runs_end_to_end(tmp_path, stack):
     assert warm_up > 0
     jvm_warm_up = data["startup"]["jvm_warm_up_instances"]
     assert jvm_warm_up == 10
+    # Then OpenSearch's bulk path, in a scratch index deleted afterwards (its documents counted nowhere).
+    assert data["startup"]["opensearch_warm_up_documents"] == 500
+    assert "500 copies of their documents bulk-indexed" in (out / "results.md").read_text()
     assert data["end_to_end"]["archived"] == 12 + warm_up + jvm_warm_up
     assert data["reindex"]["events"] == 36 + warm_up + jvm_warm_up
     # The warm-up's own reindex, before the measured runs (untimed as a target, reported).
