@@ -22,7 +22,8 @@ describes the same repeated offsets).
 
 What this module changes, once, when the dose worker starts:
 - ``Recovery.on_recovery_completed`` and ``_resume_streams`` stop the consumer's flow first, so that
-  Faust's own seek happens while nothing is handed over (both resume the flow when they are done);
+  Faust's own seek happens while nothing is handed over (both resume the flow when they are done, and
+  where they raise, the flow is resumed here);
 - after them, with the flow stopped again and the fetch loop parked, every stream partition is sought
   once more: to the group's committed offset, or to the start of the partition where it has none;
   the acknowledgements and gaps Faust recorded past those offsets are dropped, as Faust itself drops
@@ -80,13 +81,17 @@ def runs_of_offsets(offsets: Iterable[int]) -> Iterator[Sequence[int]]:
 
 async def _fetch_loop_parked(consumer: Any, timeout_s: float = _PARK_TIMEOUT_S) -> bool:
     """Wait until Faust's fetch loop waits for the flow to resume (its only wait on
-    ``can_resume_flow``): from then on it neither hands over nor fetches until the flow resumes."""
+    ``can_resume_flow``): from then on it neither hands over nor fetches until the flow resumes.
+
+    A waiter already woken by the last resume stays in the event's list until its task runs: only
+    one still pending counts."""
     waiters = getattr(consumer.can_resume_flow, "_waiters", None)
     if waiters is None:  # not an asyncio.Event any more: wait out one fetch instead
         await asyncio.sleep(timeout_s)
         return False
     deadline = time.monotonic() + timeout_s
-    while not waiters:
+    await asyncio.sleep(0)  # let a loop woken by the last resume run on to its next wait
+    while not any(not waiter.done() for waiter in waiters):
         if time.monotonic() > deadline:
             return False
         await asyncio.sleep(0.01)
@@ -140,7 +145,14 @@ def seek_stream_partitions_again() -> None:
             self: Any, generation_id: int = 0, _original: Callable[..., Awaitable[None]] = original
         ) -> None:
             self.app.consumer.stop_flow()  # resumed by the original once its seek is done
-            await _original(self, generation_id=generation_id)
+            try:
+                await _original(self, generation_id=generation_id)
+            except BaseException:
+                # E.g. its seek timed out and recovery gave up: the flow was running there before this
+                # change, so it runs again (a newer rebalance's recovery resumes it otherwise).
+                if self.app.consumer_generation_id == generation_id and not self.should_stop:
+                    self.app.consumer.resume_flow()
+                raise
             try:
                 await _seek_again(self, generation_id)
             except Exception as exc:  # a partition revoked meanwhile: the next assignment seeks again

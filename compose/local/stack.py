@@ -84,12 +84,13 @@ def prune_orphaned_opensearch_dirs(root: Path) -> list[Path]:
     for folder in sorted(root.glob("opensearch-*")):
         try:
             home = Path((folder / STACK_HOME_MARK).read_text().strip())
-        except OSError:
-            continue
-        if home.exists() or _in_use(folder):
+            if home.exists() or _in_use(folder):
+                continue
+        except OSError:  # unreadable mark, or a home that cannot be looked at (a stale mount): kept
             continue
         shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder)
+        if not folder.exists():
+            removed.append(folder)
     return removed
 
 

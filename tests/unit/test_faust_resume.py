@@ -140,3 +140,42 @@ def test_the_flow_stays_stopped_for_a_rebalance_that_began_meanwhile():
     recovery = _recovery({STREAM: 100}, generation_after_seek=8)
     asyncio.run(faust_resume._seek_again(recovery, 7))
     assert recovery.app.consumer.calls == ["stop_flow", "perform_seek"]  # the new recovery resumes it
+
+
+def test_a_waiter_woken_by_the_last_resume_is_not_a_parked_fetch_loop():
+    async def scenario() -> tuple[bool, float]:
+        consumer = SimpleNamespace(can_resume_flow=asyncio.Event())
+        woken = asyncio.get_running_loop().create_future()
+        woken.set_result(True)  # resumed, its task not run yet: still in the event's list
+        consumer.can_resume_flow._waiters.append(woken)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        loop.call_later(0.1, lambda: asyncio.ensure_future(consumer.can_resume_flow.wait()))
+        parked = await faust_resume._fetch_loop_parked(consumer, timeout_s=2.0)
+        return parked, loop.time() - began
+
+    parked, waited = asyncio.run(scenario())
+    assert parked and waited >= 0.1  # only the loop's next wait counted
+
+
+def test_the_flow_runs_again_when_faust_s_recovery_gives_up():
+    from faust.tables.recovery import ServiceStopped
+
+    seek_stream_partitions_again()
+    calls: list[str] = []
+
+    async def stopped() -> None:
+        raise ServiceStopped()  # as when its seek timed out: recovery stops for good
+
+    consumer = SimpleNamespace(stop_flow=lambda: calls.append("stop_flow"), resume_flow=lambda: calls.append("resume"))
+    app = SimpleNamespace(
+        consumer=consumer, consumer_generation_id=3, on_rebalance_complete=SimpleNamespace(send=stopped)
+    )
+    recovery = SimpleNamespace(app=app, should_stop=False, log=SimpleNamespace(info=lambda *a, **k: None))
+    try:
+        asyncio.run(Recovery.on_recovery_completed(recovery, generation_id=3))
+    except ServiceStopped:
+        pass
+    else:
+        raise AssertionError("the recovery's own error is raised")
+    assert calls == ["stop_flow", "resume"]  # not left stopped: the worker would look alive and do nothing
