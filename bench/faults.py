@@ -348,13 +348,13 @@ cluster = {"true" if self.cluster else "false"}
         # A scenario named again (--scenarios worker-kill,worker-kill: hunting a rare failure) gets
         # patients of its own: the same patients' cumulative dose would change what is expected.
         self.runs[scenario] = run = self.runs.get(scenario, 0) + 1
-        name = scenario if run == 1 else f"{scenario}-{run}"
+        again = "" if run == 1 else f"-{run}"
         for index in range((self.instances + per_study - 1) // per_study):
             count = min(per_study, self.instances - index * per_study)
             images = count - 1 if count > 1 else count
             series = [SeriesSpec("CT", "AXIAL", (images + 1) // 2), SeriesSpec("CT", "CORONAL", images // 2)]
-            folder = self.work / "corpus" / name / f"s{index:03d}"
-            patient_id = f"FAULT-{scenario[:6]}-{index}" if run == 1 else f"FAULT-{scenario[:6]}-{run}-{index}"
+            folder = self.work / "corpus" / f"{scenario}{again}" / f"s{index:03d}"
+            patient_id = f"FAULT-{scenario[:6]}{again}-{index}"
             study = make_study(folder, [s for s in series if s.count], patient_id=patient_id)
             files += study.files
             if images < count:

@@ -98,6 +98,12 @@ async def _fetch_loop_parked(consumer: Any, timeout_s: float = _PARK_TIMEOUT_S) 
     return True
 
 
+def _resume_flow_unless_rebalanced(recovery: Any, generation_id: int) -> None:
+    """Resume the consumer's flow, unless a newer rebalance began: its own recovery resumes it then."""
+    if recovery.app.consumer_generation_id == generation_id and not recovery.should_stop:
+        recovery.app.consumer.resume_flow()
+
+
 async def _seek_again(recovery: Any, generation_id: int) -> None:
     app, consumer = recovery.app, recovery.app.consumer
     if recovery.should_stop or app.consumer_generation_id != generation_id or not consumer.assignment():
@@ -115,8 +121,7 @@ async def _seek_again(recovery: Any, generation_id: int) -> None:
             consumer._acked.pop(tp, None)
             consumer._acked_index.pop(tp, None)
     finally:
-        if app.consumer_generation_id == generation_id and not recovery.should_stop:
-            consumer.resume_flow()  # otherwise the next rebalance's recovery resumes it
+        _resume_flow_unless_rebalanced(recovery, generation_id)
     log.info(
         "dose.streams_sought_again",
         generation=generation_id,
@@ -149,9 +154,8 @@ def seek_stream_partitions_again() -> None:
                 await _original(self, generation_id=generation_id)
             except BaseException:
                 # E.g. its seek timed out and recovery gave up: the flow was running there before this
-                # change, so it runs again (a newer rebalance's recovery resumes it otherwise).
-                if self.app.consumer_generation_id == generation_id and not self.should_stop:
-                    self.app.consumer.resume_flow()
+                # change, so it runs again.
+                _resume_flow_unless_rebalanced(self, generation_id)
                 raise
             try:
                 await _seek_again(self, generation_id)
