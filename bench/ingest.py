@@ -117,6 +117,15 @@ def _cpu_seconds(processes: dict[str, int]) -> dict[str, float]:
     return {name: _proc_stats(pid)[0] for name, pid in processes.items()}
 
 
+def _machine_cpu_seconds() -> dict[str, float]:
+    """The machine's CPU seconds so far from /proc/stat: busy (every process, the kernel's work
+    included) and steal (time the hypervisor gave this VM's CPUs to others)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    ticks = os.sysconf("SC_CLK_TCK")
+    return {"busy": (user + nice + system + irq + softirq) / ticks, "steal": steal / ticks}
+
+
 def _process_tree_stats(pid: int) -> tuple[dict[int, float], float]:
     """(cpu seconds of the process and of each descendant, the largest peak RSS MB) so far."""
     ticks = os.sysconf("SC_CLK_TCK")
@@ -531,12 +540,23 @@ def main(argv: list[str] | None = None) -> int:
 
         # Re-index the whole instance topic with a fresh consumer.
         events = len(files) + len(files_b) + len(files_c) + len(files_w) + len(files_j)
+        # What every process spent meanwhile: the reindex shares the two cores with whatever the
+        # runs before it left running (the references included).
+        around = watched | {"storescp": scp.pid} | ({"orthanc": orthanc.pid} if orthanc else {})
         reindex_started = _utc_now()
+        reindex_cpu_before, machine_before = _cpu_seconds(around), _machine_cpu_seconds()
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
         rx = reindex_instances(config, bench_env(config))
         if rx.returncode != 0:
             raise RuntimeError(rx.stderr[-2000:])
         reindex_s = time.monotonic() - t0
+        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        reindex_cpu = {n: round(cpu - reindex_cpu_before[n], 2) for n, cpu in _cpu_seconds(around).items()}
+        reindex_cpu["diana reindex"] = round(
+            children_after.ru_utime + children_after.ru_stime - children_before.ru_utime - children_before.ru_stime, 2
+        )
+        machine = {k: round(v - machine_before[k], 2) for k, v in _machine_cpu_seconds().items()}
         # The same command over a kind whose topic is empty here (no dose worker runs): its fixed cost
         # (start-up, index creation, alias swap; no catch-up process is started for an empty topic) and
         # nothing else, a lower bound on the fixed part of the run above, so events / this is the most
@@ -615,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
                 "warm_up_events": len(files_w) + len(files_j),
                 "warm_up_seconds": round(warm_up_reindex_s, 2),
                 "started_utc": reindex_started,
+                "cpu_s": reindex_cpu,
+                "machine_cpu_s": machine,
             },
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "receiver_profile": receiver_profile,
@@ -711,6 +733,19 @@ def _jvm_warm_up_text(startup: dict) -> str:
     return text + "."
 
 
+def _reindex_cpu_text(reindex: dict) -> str:
+    """What each process and the machine spent during the measured reindex (absent in older results)."""
+    if "cpu_s" not in reindex:
+        return ""
+    cpu, machine = reindex["cpu_s"], reindex["machine_cpu_s"]
+    return (
+        " CPU seconds during the measured reindex: "
+        + ", ".join(f"{k} {v}" for k, v in cpu.items())
+        + f"; the machine {machine['busy']} busy ({round(machine['busy'] / reindex['seconds'], 2)} cores)"
+        + f" and {machine['steal']} stolen by the hypervisor."
+    )
+
+
 def _warm_up_reindex_text(reindex: dict) -> str:
     """The untimed reindex of the JVM warm-up (absent in older results)."""
     if "warm_up_seconds" not in reindex:
@@ -778,7 +813,8 @@ def render(result: dict) -> str:
         f"{result['reindex']['seconds']} s = {result['reindex']['events_per_s']} events/s; the same command over "
         f"an empty topic ({result['reindex']['empty_kind']}) took {result['reindex']['empty_kind_seconds']} s, "
         f"so no run of it could pass {result['reindex']['ceiling_events_per_s']} events/s on these events."
-        + _warm_up_reindex_text(result["reindex"]),
+        + _warm_up_reindex_text(result["reindex"])
+        + _reindex_cpu_text(result["reindex"]),
         f"Load average at the end (1, 5, 15 min; the machine is shared): {result['load_average']}.",
         "",
         "| target (issue 19) | this run | bound | met? | floor, same run (receiver: `floor: parse`; reindex: events ÷ "

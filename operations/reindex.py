@@ -33,6 +33,7 @@ from opensearchpy import OpenSearch
 from diana.clients import kafka_admin, kafka_consumer, opensearch_client
 from diana.config import ConflictPolicy, KafkaConfig, LogConfig, OpenSearchConfig
 from diana.logs import configure_logging
+from diana.schemas.codec import default_codec
 from diana.schemas.layout import IndexLayout
 from diana.sinks.consumer import DeadLetters, write_until_done
 from diana.sinks.opensearch import OpenSearchSink, PreparedBatch, install_template
@@ -79,6 +80,17 @@ class _Prepared:
             self.sink.write_prepared(self.prepared, dead)
         else:
             self.sink.write(batch, dead)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Kafka's side of a reindex, made ready while OpenSearch creates the new versions."""
+
+    consumer: Consumer
+    admin: AdminClient
+    starts: dict[Partition, int]
+    ends: dict[Partition, int]
+    shares: list[list[Partition]]  # one (or none): the consumer is assigned already
 
 
 class ReindexFailed(RuntimeError):
@@ -358,6 +370,36 @@ class Reindexer:
                 proc.join(30)
         return position
 
+    def _connected_admin(self, topic: str) -> AdminClient:
+        """An admin client connected to the cluster. Asked for offsets straight after it was made, it
+        waited exactly 1 s in 1 of 25 runs: librdkafka drops the bootstrap connection once it learns
+        the broker's own address, and a request it held is sent again later (docs/PERFORMANCE.md)."""
+        admin = kafka_admin(self.kafka)
+        admin.list_topics(topic, timeout=10)
+        return admin
+
+    def _plan(self, topics: list[str], admin_ready: Future[AdminClient]) -> _Plan:
+        """The catch-up's consumer, partitions, offsets and shares. With one share, the consumer is
+        assigned at once: it fetches while OpenSearch creates the new versions."""
+        consumer = kafka_consumer(
+            self.kafka, f"diana-reindex-{uuid.uuid4()}", {"enable.auto.commit": False, "enable.partition.eof": True}
+        )
+        try:
+            # The consumer's own metadata request: assigned without it, its first fetch waited
+            # about 1 s in 1 run of 8 (a fresh consumer learning the partitions' leaders).
+            partitions = [(t, p) for t in topics for p in consumer.list_topics(t, timeout=10).topics[t].partitions]
+            admin = admin_ready.result()
+            starts = _offsets(admin, partitions, OffsetSpec.earliest())
+            ends = _offsets(admin, partitions, OffsetSpec.latest())
+            shares = share_out({tp: ends[tp] - starts[tp] for tp in ends}, self.processes, self.min_events_per_process)
+            if len(shares) <= 1:
+                consumer.assign([TopicPartition(t, p, starts[(t, p)]) for (t, p) in starts])
+            default_codec()  # the schemas parsed (10 ms) here, not on the way to the first batch
+        except BaseException:
+            consumer.close()
+            raise
+        return _Plan(consumer, admin, starts, ends, shares)
+
     def run(
         self,
         kinds: list[str],
@@ -367,9 +409,25 @@ class Reindexer:
     ) -> dict[str, tuple[int, int]]:
         """Rebuild ``kinds``; return kind -> (old version, new version)."""
         topics = [t for t, k in self.layout.kinds.items() if k in kinds]
-        old = {kind: current_version(self.client, self.layout, kind) for kind in kinds}
-        version = self.next_version(kinds)
-        refresh = self._create(kinds, version)
+        # Kafka's side is planned while OpenSearch creates the new versions: each is mostly a wait on
+        # a server (about 50 ms apiece for a fresh client's first metadata and for the index creation).
+        with ThreadPoolExecutor(2, thread_name_prefix="reindex-kafka") as planning:
+            admin_ready = planning.submit(self._connected_admin, topics[0])
+            plan_ready = planning.submit(self._plan, topics, admin_ready)
+            try:
+                old = {kind: current_version(self.client, self.layout, kind) for kind in kinds}
+                version = self.next_version(kinds)
+                refresh = self._create(kinds, version)
+            except BaseException:
+                if plan_ready.exception() is None:
+                    plan_ready.result().consumer.close()
+                raise
+        try:
+            plan = plan_ready.result()
+        except BaseException:
+            self._drop(kinds, version)
+            raise
+        consumer, admin, starts, ends = plan.consumer, plan.admin, plan.starts, plan.ends
         sink = OpenSearchSink(
             self.client,
             self.layout,
@@ -378,24 +436,12 @@ class Reindexer:
             conflict_policy=self.conflict_policy,
             parallel_requests=self.parallel_requests,
         )
-        consumer = kafka_consumer(
-            self.kafka, f"diana-reindex-{uuid.uuid4()}", {"enable.auto.commit": False, "enable.partition.eof": True}
-        )
-        admin = kafka_admin(self.kafka)
         try:
             try:
-                # The consumer's own metadata request: assigned without it, its first fetch waited
-                # about 1 s in 1 run of 8 (a fresh consumer learning the partitions' leaders).
-                partitions = [(t, p) for t in topics for p in consumer.list_topics(t, timeout=10).topics[t].partitions]
-                starts = _offsets(admin, partitions, OffsetSpec.earliest())
-                ends = _offsets(admin, partitions, OffsetSpec.latest())
-                work = {tp: ends[tp] - starts[tp] for tp in ends}
-                set_total(sum(work.values()))
-                shares = share_out(work, self.processes, self.min_events_per_process)
-                if len(shares) > 1:
-                    position = self._catch_up_in_processes(version, shares, starts, ends, progress)
+                set_total(sum(ends[tp] - starts[tp] for tp in ends))
+                if len(plan.shares) > 1:
+                    position = self._catch_up_in_processes(version, plan.shares, starts, ends, progress)
                 else:
-                    consumer.assign([TopicPartition(t, p, starts[(t, p)]) for (t, p) in starts])
                     position = dict(starts)
                     catch_up(consumer, sink, self.dead, position, ends, self.batch, progress)
             except BaseException:
@@ -414,12 +460,16 @@ class Reindexer:
             log.info("reindex.swapped", version=version, kinds=kinds)
             later = _offsets(admin, list(ends), OffsetSpec.latest())
             set_total(sum(later[tp] - starts[tp] for tp in later))
+            before = dict(position)
             consumer.assign([TopicPartition(t, p, position[(t, p)]) for (t, p) in position])
             catch_up(consumer, sink, self.dead, position, later, self.batch, progress)
         finally:
             consumer.close()
+        # Refreshed before the swap; again only if the catch-up after it wrote more.
+        wrote_after_swap = position != before
         for kind in kinds:
-            self.client.indices.refresh(index=self.layout.index(kind, version))
+            if wrote_after_swap:
+                self.client.indices.refresh(index=self.layout.index(kind, version))
             if delete_old and old[kind]:
                 self.client.indices.delete(index=self.layout.index(kind, old[kind]))
                 log.info("reindex.deleted", index=self.layout.index(kind, old[kind]))

@@ -92,6 +92,16 @@ def deadletter_document(msg: Message) -> dict[str, Any]:
     }
 
 
+def _json_default(value: Any) -> str:
+    """A value JSON has no type for: a datetime in ISO 8601, anything else as its text."""
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+# One encoder for every document: json.dumps with a ``default`` builds a new one per call, and
+# converting only what JSON cannot write (the timestamps) spares a test of every field (issue 19).
+_DOCUMENT_JSON = json.JSONEncoder(default=_json_default).encode
+
+
 def _document(record: dict[str, Any]) -> str:
     """The document's JSON, written once: the sizing of bulk requests and the request body use it.
 
@@ -100,9 +110,9 @@ def _document(record: dict[str, Any]) -> str:
     It is stored with the document but not mapped: arbitrary tags cannot explode the mapping; the
     typed fields are what is searchable.
     """
-    doc = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in record.items()}
+    doc = dict(record)
     header = doc.pop("header_json", None)
-    text = json.dumps(doc, default=str)
+    text = _DOCUMENT_JSON(doc)
     if not header:
         return text
     if "\n" in header or "\r" in header:
@@ -245,12 +255,15 @@ class OpenSearchSink:
             if not (item[1].get("op_type") == "create" and key in latest):
                 latest[key] = item
         pending = list(latest.values())
-        # Requests stay under max_bytes (roughly: the documents' JSON size).
+        # Requests stay under max_bytes (roughly: the documents' JSON size), and a batch is cut into
+        # parallel_requests of them at least: one bulk request into one shard is indexed by one of
+        # OpenSearch's write threads, so a batch sent whole used one core (issue 19, docs/PERFORMANCE.md).
+        per_request = -(-len(pending) // self.parallel_requests)
         chunk: list[tuple[Message, dict, str]] = []
         size = 0
         for item in pending:
             item_size = len(item[2])
-            if chunk and size + item_size > self.max_bytes:
+            if chunk and (size + item_size > self.max_bytes or len(chunk) == per_request):
                 prepared.requests.append(_request(chunk))
                 chunk, size = [], 0
             chunk.append(item)

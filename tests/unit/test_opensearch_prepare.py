@@ -74,3 +74,14 @@ def test_requests_stay_under_max_bytes_and_follow_the_batch_order() -> None:
     assert ids == [f"1.{i}" for i in range(10)]
     for r in requests:
         assert [m.offset() for m, _, _ in r.items] == [int(line["create"]["_id"][2:]) for line in _lines(r.body)[0::2]]
+
+
+def test_a_batch_is_cut_into_the_parallel_requests_under_max_bytes() -> None:
+    batch = [_event(f"1.{i}", i) for i in range(10)]
+    one = len(_sink().prepare(batch[:1]).requests[0].items[0][2])
+    spread = OpenSearchSink(None, IndexLayout("diana"), index_version=7, parallel_requests=4)
+    assert [len(r.items) for r in spread.prepare(batch).requests] == [3, 3, 3, 1]
+    # max_bytes still bounds each request; fewer documents than requests: one each
+    capped = OpenSearchSink(None, IndexLayout("diana"), max_bytes=2 * one, index_version=7, parallel_requests=4)
+    assert [len(r.items) for r in capped.prepare(batch).requests] == [2, 2, 2, 2, 2]
+    assert [len(r.items) for r in spread.prepare(batch[:2]).requests] == [1, 1]
