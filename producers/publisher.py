@@ -15,6 +15,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from diana.clients import kafka_settings
 from diana.config import KafkaConfig
+from diana.schemas.topics import EVENT_COMPRESSION
 
 __all__ = ["EventPublisher", "PublishError", "PublishRefused", "PublishUncertain", "DEFAULT_MAX_MESSAGE_BYTES"]
 
@@ -82,10 +83,8 @@ class EventPublisher:
                 "partitioner": "murmur2_random",
                 # librdkafka gives up at the same moment the C-STORE answers failure.
                 "message.timeout.ms": int(timeout_s * 1000),
-                # DICOM JSON headers compress about 20 to 60 times. gzip, not zstd or lz4: the dose
-                # worker's aiokafka reads those only with an extra library (without it, its fetcher
-                # crashed on the first zstd batch); every Kafka client reads gzip.
-                "compression.type": "gzip",
+                # The topic's codec (lz4: schemas/topics.py says why), so the broker keeps the batches as sent.
+                "compression.type": EVENT_COMPRESSION,
                 # The uncompressed event's bound; the topic and the broker hold the same limit.
                 "message.max.bytes": max_message_bytes,
                 "socket.nagle.disable": True,

@@ -20,7 +20,7 @@ from prometheus_client import Counter, Histogram
 
 from diana.clients import kafka_consumer, kafka_producer
 from diana.config import KafkaConfig
-from diana.schemas.topics import DEADLETTER
+from diana.schemas.topics import DEADLETTER, EVENT_COMPRESSION
 
 __all__ = [
     "RetryableError",
@@ -67,7 +67,7 @@ class DeadLetters:
                 "enable.idempotence": True,
                 # A dead letter is the original event (up to [kafka] max_message_bytes) plus its headers.
                 "message.max.bytes": kafka.max_message_bytes + 64 * 1024,
-                "compression.type": "gzip",
+                "compression.type": EVENT_COMPRESSION,
             },
         )
         self._pending: list[tuple[Message, str]] = []

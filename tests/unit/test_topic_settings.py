@@ -25,6 +25,20 @@ def test_every_topic_takes_the_producers_message_limit_and_instance_events_are_c
     for topic in (INSTANCES, DEADLETTER, SERIES):
         config = topic_config(topic, settings["max_message_bytes"], 2)
         assert config["max.message.bytes"] == str(kafka.max_message_bytes) and config["min.insync.replicas"] == "2"
-    assert topic_config(INSTANCES, 1, 1)["compression.type"] == "gzip"
+    assert (
+        topic_config(INSTANCES, 1, 1)["compression.type"] == topic_config(DEADLETTER, 1, 1)["compression.type"] == "lz4"
+    )
     assert topic_config(INSTANCES, 1, 1)["retention.ms"] == "-1"  # the topic's own settings stay
     assert "compression.type" not in topic_config(SERIES, 1, 1)
+
+
+def test_the_dose_workers_kafka_client_reads_the_instance_events_codec():
+    # aiokafka decompresses lz4 only with cramjam installed; without it the dose worker's fetcher
+    # crashed on the first batch of a codec it could not read.
+    from aiokafka.codec import has_lz4, lz4_decode, lz4_encode
+
+    from diana.schemas.topics import EVENT_COMPRESSION
+
+    assert EVENT_COMPRESSION == "lz4" and has_lz4()
+    event = b'{"00080060":{"vr":"CS","Value":["CT"]}}' * 40
+    assert lz4_decode(lz4_encode(event)) == event
