@@ -15,6 +15,7 @@ The old versions are deleted only on request.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import queue
 import re
@@ -38,7 +39,7 @@ from diana.schemas.layout import IndexLayout
 from diana.sinks.consumer import DeadLetters, write_until_done
 from diana.sinks.opensearch import OpenSearchSink, PreparedBatch, install_template
 
-__all__ = ["Reindexer", "ReindexFailed", "current_version", "share_out"]
+__all__ = ["Reindexer", "ReindexFailed", "current_version", "share_out", "spare_the_collector"]
 
 Partition = tuple[str, int]
 
@@ -55,6 +56,16 @@ _BATCH_WAIT_S = 0.05
 MIN_EVENTS_PER_PROCESS = 20_000
 
 log = structlog.get_logger("diana.reindex")
+
+
+def spare_the_collector() -> None:
+    """Collect garbage less often in a catch-up process: what start-up imported is frozen out of every
+    collection, and the young generation is collected after 50,000 allocations, not 700. Decoding
+    allocates a few dozen objects per event, freed by their counts (no cycles), yet each allocation
+    counted towards a collection, and every third one walked all the modules' objects: 60 ms of CPU
+    of a 0.7 s reindex of 5,904 events (docs/PERFORMANCE.md, issue 19, stop 27)."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def current_version(client: OpenSearch, layout: IndexLayout, kind: str) -> int:
@@ -208,6 +219,7 @@ def _catch_up_share(share: _Share, events: multiprocessing.Queue) -> None:
     """A catch-up process (spawned): its own consumer, sink and dead letters; reports progress and
     its final positions through ``events``."""
     configure_logging(share.log.level, share.log.format)
+    spare_the_collector()
     try:
         sink = OpenSearchSink(
             opensearch_client(share.opensearch, timeout=60),

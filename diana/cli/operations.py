@@ -62,9 +62,11 @@ def cmd_reindex(cfg: Config, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from diana.clients import opensearch_client
-    from diana.operations.reindex import MIN_EVENTS_PER_PROCESS, Reindexer, ReindexFailed
+    from diana.operations.reindex import MIN_EVENTS_PER_PROCESS, Reindexer, ReindexFailed, spare_the_collector
     from diana.schemas.layout import IndexLayout
     from diana.sinks.consumer import DeadLetters
+
+    spare_the_collector()
 
     kinds = args.kinds.split(",")
     layout = IndexLayout(cfg.opensearch.index_prefix)
