@@ -94,6 +94,7 @@ def write_events(cfg: Any, count: int, per_series: int, span_s: float, root: str
     from confluent_kafka import Producer
 
     from diana.schemas.codec import default_codec
+    from diana.schemas.topics import EVENT_COMPRESSION
 
     codec = default_codec()
     producer = Producer(
@@ -101,7 +102,7 @@ def write_events(cfg: Any, count: int, per_series: int, span_s: float, root: str
             "bootstrap.servers": cfg.kafka.bootstrap,
             "linger.ms": 50,
             "batch.size": 1_000_000,
-            "compression.type": "gzip",  # the topic's own: the broker keeps batches as they are
+            "compression.type": EVENT_COMPRESSION,  # the topic's own: the broker keeps batches as they are
             "queue.buffering.max.messages": 500_000,
         }
     )

@@ -426,11 +426,14 @@ class Reindexer:
         with ThreadPoolExecutor(2, thread_name_prefix="reindex-kafka") as planning:
             admin_ready = planning.submit(self._connected_admin, topics[0])
             plan_ready = planning.submit(self._plan, topics, admin_ready)
+            version = 0
             try:
                 old = {kind: current_version(self.client, self.layout, kind) for kind in kinds}
                 version = self.next_version(kinds)
                 refresh = self._create(kinds, version)
             except BaseException:
+                if version:  # one kind's version may be created already
+                    self._drop(kinds, version)
                 if plan_ready.exception() is None:
                     plan_ready.result().consumer.close()
                 raise

@@ -2,7 +2,7 @@
 
 One idempotent producer (acks=all) for the whole receiver: concurrent C-STOREs are batched
 by librdkafka (linger.ms), and each caller waits only for its own delivery report.
-Events are compressed (gzip) and bounded by ``max_message_bytes``, the same limit the topic and
+Events are compressed (lz4, schemas/topics.py) and bounded by ``max_message_bytes``, the same limit the topic and
 the local broker are configured with (docs/RELIABILITY.md, "Event size").
 """
 

@@ -129,9 +129,10 @@ ALL_TOPICS = (
 _COMPRESSED = ("dicom.instances", "dicom.deadletter")
 
 # Their codec, for the topics and for every producer writing to them. lz4, not gzip: the receiver
-# sends each event in its own request, and per event gzip cost 90-115 us of the producer's CPU and
-# 23-25 us of each consumer's, lz4 45 and 8, for 40% more bytes (2,146-byte events: 697 against 979;
-# docs/PERFORMANCE.md, issue 19). The dose worker's aiokafka reads lz4 with cramjam (a dependency).
+# sends each event in its own request, and per event gzip cost 90-124 us of the producer's CPU and
+# 23-25 us of each consumer's, lz4 45 and 8, for 29% more bytes (2,150-byte events: 697 against 899;
+# `python -m bench.event_codecs`, docs/PERFORMANCE.md, issue 19 stop 27). The dose worker's aiokafka
+# reads lz4 with cramjam (a dependency).
 EVENT_COMPRESSION = "lz4"
 
 

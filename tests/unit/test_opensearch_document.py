@@ -48,3 +48,19 @@ def test_a_header_with_line_breaks_is_written_on_one_line_and_cannot_add_a_bulk_
     smuggled = '{"a": 1}}\n{"delete": {"_index": "diana-instances", "_id": "9.9"}}\n{"b": {'
     with pytest.raises(json.JSONDecodeError):  # the sink dead-letters a message whose handling raises
         _document({"sop_instance_uid": "1.2", "header_json": smuggled})
+
+
+def test_values_json_has_no_type_for_are_written_as_text_and_timestamps_in_iso_8601() -> None:
+    from datetime import date
+    from decimal import Decimal
+
+    moment = datetime(2026, 11, 30, 7, 0, tzinfo=UTC)
+    document = json.loads(
+        _document({"at": moment, "on": date(2026, 11, 30), "dose": Decimal("1.5"), "later": [{"at": moment}]})
+    )
+    assert document == {
+        "at": "2026-11-30T07:00:00+00:00",
+        "on": "2026-11-30",
+        "dose": "1.5",
+        "later": [{"at": "2026-11-30T07:00:00+00:00"}],
+    }
