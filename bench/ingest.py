@@ -120,13 +120,15 @@ def _cpu_seconds(processes: dict[str, int]) -> dict[str, float]:
     return {name: _proc_stats(pid)[0] for name, pid in processes.items()}
 
 
-def _timed_reindex(config: Path, around: dict[str, int]) -> tuple[float, dict[str, float], dict[str, float]]:
-    """`diana reindex --kinds instances` once: its seconds, the CPU seconds of it and of each process of
+def _timed_reindex(
+    config: Path, around: dict[str, int], kind: str = "instances"
+) -> tuple[float, dict[str, float], dict[str, float]]:
+    """`diana reindex --kinds KIND` once: its seconds, the CPU seconds of it and of each process of
     ``around`` meanwhile, and the machine's (busy, stolen)."""
     cpu_before, machine_before = _cpu_seconds(around), _machine_cpu_seconds()
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
-    rx = reindex_instances(config, bench_env(config))
+    rx = reindex_instances(config, bench_env(config), kind)
     if rx.returncode != 0:
         raise RuntimeError(rx.stderr[-2000:])
     seconds = time.monotonic() - t0
@@ -471,11 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         # with refresh off is not the live sink's, and the measured reindex below spent 0.96 of its
         # 1.81 JVM CPU seconds in OpenSearch's compiler threads without it (2026-11-30 00:05, issue 19
         # stop 25, docs/PERFORMANCE.md). Its time is reported beside the measured one.
-        started = time.monotonic()
-        rx = reindex_instances(config, bench_env(config))
-        if rx.returncode != 0:
-            raise RuntimeError(rx.stderr[-2000:])
-        warm_up_reindex_s = time.monotonic() - started
+        warm_up_reindex_s = _timed_reindex(config, {})[0]
         # On request, OpenSearch's bulk path run further: its compiler settled after about 100,000 bulk
         # documents in bench.reindex (issue 19 stop 26, docs/PERFORMANCE.md), not after 10,000 warm-up
         # instances here (stop 25). Off by default: it did not lower the 4-association run's
@@ -574,11 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         # (start-up, index creation, alias swap; no catch-up process is started for an empty topic) and
         # nothing else, a lower bound on the fixed part of the run above, so events / this is the most
         # that run could have reached.
-        t0 = time.monotonic()
-        empty = reindex_instances(config, bench_env(config), EMPTY_KIND)
-        if empty.returncode != 0:
-            raise RuntimeError(empty.stderr[-2000:])
-        reindex_fixed_s = time.monotonic() - t0
+        reindex_fixed_s = _timed_reindex(config, {}, EMPTY_KIND)[0]
 
         # Where the receiver's CPU goes, sampled on a corpus of its own over one association.
         receiver_profile = None

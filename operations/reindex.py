@@ -215,6 +215,13 @@ class _Share:
     ends: dict[Partition, int]
 
 
+def _catch_up_consumer(kafka: KafkaConfig) -> Consumer:
+    """A consumer of its own (no group commits) that reports each partition's end."""
+    return kafka_consumer(
+        kafka, f"diana-reindex-{uuid.uuid4()}", {"enable.auto.commit": False, "enable.partition.eof": True}
+    )
+
+
 def _catch_up_share(share: _Share, events: multiprocessing.Queue) -> None:
     """A catch-up process (spawned): its own consumer, sink and dead letters; reports progress and
     its final positions through ``events``."""
@@ -229,9 +236,7 @@ def _catch_up_share(share: _Share, events: multiprocessing.Queue) -> None:
             conflict_policy=share.conflict_policy,
             parallel_requests=share.parallel_requests,
         )
-        consumer = kafka_consumer(
-            share.kafka, f"diana-reindex-{uuid.uuid4()}", {"enable.auto.commit": False, "enable.partition.eof": True}
-        )
+        consumer = _catch_up_consumer(share.kafka)
         try:
             consumer.assign([TopicPartition(t, p, offset) for (t, p), offset in share.starts.items()])
             position = dict(share.starts)
@@ -393,9 +398,7 @@ class Reindexer:
     def _plan(self, topics: list[str], admin_ready: Future[AdminClient]) -> _Plan:
         """The catch-up's consumer, partitions, offsets and shares. With one share, the consumer is
         assigned at once: it fetches while OpenSearch creates the new versions."""
-        consumer = kafka_consumer(
-            self.kafka, f"diana-reindex-{uuid.uuid4()}", {"enable.auto.commit": False, "enable.partition.eof": True}
-        )
+        consumer = _catch_up_consumer(self.kafka)
         try:
             # The consumer's own metadata request: assigned without it, its first fetch waited
             # about 1 s in 1 run of 8 (a fresh consumer learning the partitions' leaders).
