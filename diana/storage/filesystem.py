@@ -4,10 +4,11 @@ Writes go through diana/durable.py (temp file, fsync, rename, fsync of the folde
 leaves the whole object or none. Two writers of one key each rename their own complete temp file
 over it: the last rename wins, whole.
 
-Reads (``open``, ``exists``, ``read_path``) resolve an object's folder once and remember it: resolving
+Reads, writes and deletes (``entry_path``) resolve an object's folder once and remember it: resolving
 every key (``realpath``: one ``lstat`` per path component, and pathlib around it) was a quarter of
-the CPU of a WADO-RS series retrieval (docs/PERFORMANCE.md, issue 17). The object's own name is
-then opened without following a symlink, so nothing outside the folder is read through a key.
+the CPU of a WADO-RS series retrieval (docs/PERFORMANCE.md, issue 17), and of the archive sink's
+(issue 19). The object's own name is never resolved: it is opened without following a symlink, and
+renamed over or unlinked as itself, so nothing outside the folder is read or written through a key.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from diana.storage.base import IntegrityError, ObjectNotFound, ObjectStore, Stor
 
 __all__ = ["FilesystemStore"]
 
-# Resolved folders remembered for reads (a study's series folders; forgotten all at once past this).
+# Resolved folders remembered (a study's series folders; forgotten all at once past this).
 _FOLDERS = 4096
 
 
@@ -47,9 +48,10 @@ class FilesystemStore:
         """The file that holds ``key`` (for callers that can use a local file directly)."""
         return contained_path(self.root, check_key(key))
 
-    def read_path(self, key: str) -> str:
-        """The file that holds ``key``, for reading: its folder resolved (and checked to be under the
-        root) once, then remembered; the name itself is not resolved (``open`` refuses a symlink there)."""
+    def entry_path(self, key: str) -> str:
+        """The file that holds ``key``: its folder resolved (and checked to be under the root) once, then
+        remembered; the name itself is not resolved (``open`` refuses a symlink there, a rename or an
+        unlink acts on the name)."""
         folder, _, name = check_key(key).rpartition("/")
         parent = self._folders.get(folder)
         if parent is None:
@@ -62,13 +64,16 @@ class FilesystemStore:
     def uri(self, key: str) -> str:
         return self.path(key).as_uri()
 
-    def put_file(self, key: str, source: Path, sha256: str | None = None, link: bool = False) -> str:
-        target = self.path(key)
+    def put_file(
+        self, key: str, source: Path, sha256: str | None = None, link: bool = False, synced: bool = False
+    ) -> str:
+        """``synced``: ``source`` is durable already (fsync'd), so a hard link to it needs no fsync of it."""
+        target = Path(self.entry_path(key))
         if sha256 is not None:
             actual = sha256_file(source)[0]
             if actual != sha256:
                 raise IntegrityError(f"{source} does not have the expected SHA-256; not stored under {key}")
-        linked = place_file(source, target, link=link)
+        linked = place_file(source, target, link=link, synced=synced)
         if linked and sha256 is not None:
             return sha256  # the very inode we just hashed
         stored = sha256_file(target)[0]
@@ -80,13 +85,13 @@ class FilesystemStore:
 
     def put_stream(self, key: str, stream: BinaryIO, sha256: str | None = None) -> str:
         try:
-            return write_stream_atomic(self.path(key), stream, expected_sha256=sha256)[0]
+            return write_stream_atomic(Path(self.entry_path(key)), stream, expected_sha256=sha256)[0]
         except DigestMismatch:
             raise IntegrityError(f"the bytes sent for {key} do not have the expected SHA-256; not stored") from None
 
     def open(self, key: str) -> AbstractContextManager[BinaryIO]:
         try:
-            fd = os.open(self.read_path(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(self.entry_path(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ObjectNotFound(f"no object {key}") from None
         return os.fdopen(fd, "rb")
@@ -94,7 +99,7 @@ class FilesystemStore:
     def exists(self, key: str) -> bool:
         """True when ``key`` is a regular file that ``open`` would read (a symlink is not)."""
         try:
-            return stat.S_ISREG(os.lstat(self.read_path(key)).st_mode)
+            return stat.S_ISREG(os.lstat(self.entry_path(key)).st_mode)
         except FileNotFoundError:
             return False
 
@@ -131,14 +136,14 @@ class FilesystemStore:
 
     def copy_from(self, other: ObjectStore, source_key: str, target_key: str, sha256: str | None = None) -> str:
         if isinstance(other, FilesystemStore):
-            source = other.path(source_key)
-            if not source.is_file():
+            if not other.exists(source_key):  # a regular file: a symlink there is not followed
                 raise ObjectNotFound(f"no object {source_key}")
             # Stored objects are never changed in place (every write renames a new file over the
-            # key), so a hard link is a faithful copy.
-            return self.put_file(target_key, source, sha256, link=True)
+            # key), so a hard link is a faithful copy; and every put fsync'd its object before it
+            # returned, so the source is durable already.
+            return self.put_file(target_key, Path(other.entry_path(source_key)), sha256, link=True, synced=True)
         with other.open(source_key) as stream:
             return self.put_stream(target_key, stream, sha256)
 
     def delete(self, key: str) -> None:
-        self.path(key).unlink(missing_ok=True)
+        Path(self.entry_path(key)).unlink(missing_ok=True)

@@ -22,9 +22,9 @@ __all__ = ["local_file"]
 def local_file(store: ObjectStore, key: str) -> Iterator[Path]:
     """The object under ``key`` as a file for the duration of the block; ObjectNotFound when there is none."""
     if isinstance(store, FilesystemStore):
-        if not store.exists(key):  # a regular file (FilesystemStore.read_path: its folder resolved once)
+        if not store.exists(key):  # a regular file (FilesystemStore.entry_path: its folder resolved once)
             raise ObjectNotFound(f"no object {key}")
-        yield Path(store.read_path(key))
+        yield Path(store.entry_path(key))
         return
     with tempfile.TemporaryDirectory(prefix="diana-object-") as folder:
         path = Path(folder) / key.rsplit("/", 1)[-1]
