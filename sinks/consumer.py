@@ -18,9 +18,10 @@ import structlog
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import Counter, Histogram
 
-from diana.clients import kafka_consumer, kafka_producer
+from diana.clients import kafka_admin, kafka_consumer, kafka_producer
 from diana.config import KafkaConfig
 from diana.schemas.topics import DEADLETTER, EVENT_COMPRESSION
+from diana.sinks.membership import MembershipWatch
 
 __all__ = [
     "RetryableError",
@@ -37,6 +38,11 @@ log = structlog.get_logger("diana.sink")
 _STDLIB_LOG = logging.getLogger("diana.sink")
 
 DEADLETTERED = Counter("diana_sink_deadletters_total", "Messages a sink parked in dicom.deadletter", ["sink"])
+REPLACED_CONSUMERS = Counter(
+    "diana_sink_consumers_replaced_total",
+    "Consumers a sink closed and made anew because the broker no longer counted them in its group",
+    ["sink"],
+)
 # Where receipt-to-searchable goes in a sink (docs/PERFORMANCE.md, issue 19): how long a batch's write took,
 # and how old its messages were (from their Kafka timestamp) when it was written. Replayed messages are old.
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 120.0)
@@ -181,6 +187,7 @@ def run_sink(
     on_batch: Callable[[int], None] | None = None,
     max_wait_s: float = 0.05,
     session_timeout_s: float = 10.0,
+    watch: MembershipWatch | None = None,
 ) -> None:
     """Consume, write, commit until ``stop``. A batch is what the consumer has already fetched (up to
     ``batch_size``), written at once; only a batch that starts on an empty queue waits, ``max_wait_s``
@@ -191,7 +198,10 @@ def run_sink(
     bound inside librdkafka (confluent-kafka-python issue 1801), and one that never returned after a
     broker restart would stall this consumer for good. The offsets committed are the positions read
     right after the write (``_commit_written``), never what librdkafka stores later. A commit that fails
-    is logged; its batch may come again (after a rebalance or restart), and every write is idempotent."""
+    is logged; its batch may come again (after a rebalance or restart), and every write is idempotent.
+
+    A consumer its group has lost while the broker answers (``watch``, sinks/membership.py) is closed
+    and replaced by a new one, which resumes from the group's committed offsets."""
 
     # When did a commit last fail (0: it did not)? Served inside consume(), on this thread.
     commit_failed_at = [0.0]
@@ -201,27 +211,37 @@ def run_sink(
             log.warning("sink.commit_failed", sink=sink.name, error=err.str())
             commit_failed_at[0] = time.monotonic()
 
-    consumer = kafka_consumer(
-        kafka,
-        group_id,
-        {
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "partition.assignment.strategy": "cooperative-sticky",
-            # A sink may wait minutes for its store; stay in the group meanwhile.
-            "max.poll.interval.ms": 30 * 60 * 1000,
-            # A sink killed (kill -9, a lost host) holds its partitions until the broker drops it after
-            # this long: its restart, or the other sink of the group, waits that long to get them.
-            # librdkafka heartbeats from its own thread, so a long write does not count against it.
-            "session.timeout.ms": int(session_timeout_s * 1000),
-            "on_commit": committed,
-        },
-    )
-    consumer.subscribe(list(sink.topics))
+    def subscribed_consumer() -> Any:
+        consumer = kafka_consumer(
+            kafka,
+            group_id,
+            {
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "partition.assignment.strategy": "cooperative-sticky",
+                # A sink may wait minutes for its store; stay in the group meanwhile.
+                "max.poll.interval.ms": 30 * 60 * 1000,
+                # A sink killed (kill -9, a lost host) holds its partitions until the broker drops it after
+                # this long: its restart, or the other sink of the group, waits that long to get them.
+                # librdkafka heartbeats from its own thread, so a long write does not count against it.
+                "session.timeout.ms": int(session_timeout_s * 1000),
+                "on_commit": committed,
+            },
+        )
+        consumer.subscribe(list(sink.topics))
+        return consumer
+
+    consumer = subscribed_consumer()
+    if watch is None:
+        # Outside the group for three sessions while the broker answers: a healthy consumer rejoins
+        # within one session of the coordinator's return (sinks/membership.py).
+        watch = MembershipWatch(kafka_admin(kafka), group_id, 3 * session_timeout_s, session_timeout_s / 2)
     dead = DeadLetters(kafka, sink.name)
     log.info("sink.started", sink=sink.name, group=group_id, topics=list(sink.topics))
     try:
         while not stop.is_set():
+            if watch.stuck(consumer.memberid()):
+                consumer = _replace_consumer(sink.name, group_id, consumer, subscribed_consumer, session_timeout_s)
             asked_at = time.time()
             messages = _next_batch(consumer, batch_size, max_wait_s)
             batch = []
@@ -257,6 +277,23 @@ def run_sink(
     finally:
         consumer.close()
         log.info("sink.stopped", sink=sink.name)
+
+
+def _replace_consumer(
+    name: str, group_id: str, stuck: Any, subscribed_consumer: Callable[[], Any], close_wait_s: float
+) -> Any:
+    """A new consumer in place of one its group lost. The old one is closed on a thread of its own,
+    waited for at most ``close_wait_s``: a client in that state may not finish closing, and the sink
+    must not hang on it. Everything it returned was written and its commit sent; what was not
+    committed comes again to the new consumer, and every write is idempotent."""
+    log.error("sink.outside_group", sink=name, group=group_id, action="replacing the consumer")
+    REPLACED_CONSUMERS.labels(name).inc()
+    closing = threading.Thread(target=stuck.close, name=f"close-{name}", daemon=True)
+    closing.start()
+    closing.join(close_wait_s)
+    if closing.is_alive():
+        log.warning("sink.close_unfinished", sink=name, waited_s=close_wait_s)
+    return subscribed_consumer()
 
 
 def _commit_written(consumer: Any) -> None:
