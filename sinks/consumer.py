@@ -18,10 +18,10 @@ import structlog
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import Counter, Histogram
 
-from diana.clients import kafka_admin, kafka_consumer, kafka_producer
+from diana.clients import kafka_consumer, kafka_producer
 from diana.config import KafkaConfig
 from diana.schemas.topics import DEADLETTER, EVENT_COMPRESSION
-from diana.sinks.membership import MembershipWatch
+from diana.sinks.membership import GroupWatch
 
 __all__ = [
     "RetryableError",
@@ -40,7 +40,7 @@ _STDLIB_LOG = logging.getLogger("diana.sink")
 DEADLETTERED = Counter("diana_sink_deadletters_total", "Messages a sink parked in dicom.deadletter", ["sink"])
 REPLACED_CONSUMERS = Counter(
     "diana_sink_consumers_replaced_total",
-    "Consumers a sink closed and made anew because the broker no longer counted them in its group",
+    "Consumers a sink closed and made anew because they had stopped taking part in their group",
     ["sink"],
 )
 # Where receipt-to-searchable goes in a sink (docs/PERFORMANCE.md, issue 19): how long a batch's write took,
@@ -187,7 +187,8 @@ def run_sink(
     on_batch: Callable[[int], None] | None = None,
     max_wait_s: float = 0.05,
     session_timeout_s: float = 10.0,
-    watch: MembershipWatch | None = None,
+    stuck_after_s: float | None = None,
+    extra_settings: dict[str, Any] | None = None,
 ) -> None:
     """Consume, write, commit until ``stop``. A batch is what the consumer has already fetched (up to
     ``batch_size``), written at once; only a batch that starts on an empty queue waits, ``max_wait_s``
@@ -200,8 +201,10 @@ def run_sink(
     right after the write (``_commit_written``), never what librdkafka stores later. A commit that fails
     is logged; its batch may come again (after a rebalance or restart), and every write is idempotent.
 
-    A consumer its group has lost while the broker answers (``watch``, sinks/membership.py) is closed
-    and replaced by a new one, which resumes from the group's committed offsets."""
+    A consumer that has sent no group request (heartbeat, join) for ``stuck_after_s`` (three sessions)
+    while connected to a broker has stopped taking part in its group (sinks/membership.py): it is closed
+    and replaced by a new one, which resumes from the group's committed offsets. ``extra_settings``:
+    librdkafka settings added to the consumer's (e.g. ``debug``)."""
 
     # When did a commit last fail (0: it did not)? Served inside consume(), on this thread.
     commit_failed_at = [0.0]
@@ -211,7 +214,12 @@ def run_sink(
             log.warning("sink.commit_failed", sink=sink.name, error=err.str())
             commit_failed_at[0] = time.monotonic()
 
-    def subscribed_consumer() -> Any:
+    # Statistics every half session, at most 5 s apart: the watch's clock.
+    stats_interval_s = min(5.0, session_timeout_s / 2)
+    stuck_after_s = 3 * session_timeout_s if stuck_after_s is None else stuck_after_s
+
+    def subscribed_consumer() -> tuple[Any, GroupWatch]:
+        watch = GroupWatch(stuck_after_s, stats_interval_s)
         consumer = kafka_consumer(
             kafka,
             group_id,
@@ -226,22 +234,24 @@ def run_sink(
                 # librdkafka heartbeats from its own thread, so a long write does not count against it.
                 "session.timeout.ms": int(session_timeout_s * 1000),
                 "on_commit": committed,
+                **watch.settings(),
+                **(extra_settings or {}),
             },
         )
         consumer.subscribe(list(sink.topics))
-        return consumer
+        return consumer, watch
 
-    consumer = subscribed_consumer()
-    if watch is None:
-        # Outside the group for three sessions while the broker answers: a healthy consumer rejoins
-        # within one session of the coordinator's return (sinks/membership.py).
-        watch = MembershipWatch(kafka_admin(kafka), group_id, 3 * session_timeout_s, session_timeout_s / 2)
+    consumer, watch = subscribed_consumer()
     dead = DeadLetters(kafka, sink.name)
     log.info("sink.started", sink=sink.name, group=group_id, topics=list(sink.topics))
     try:
         while not stop.is_set():
-            if watch.stuck(consumer.memberid()):
-                consumer = _replace_consumer(sink.name, group_id, consumer, subscribed_consumer, session_timeout_s)
+            if watch.stuck:
+                stuck, consumer = consumer, None  # closed by _replace_consumer, never twice
+                replaced = _replace_consumer(sink.name, group_id, stuck, subscribed_consumer, session_timeout_s, stop)
+                if replaced is None:
+                    return
+                consumer, watch = replaced
             asked_at = time.time()
             messages = _next_batch(consumer, batch_size, max_wait_s)
             batch = []
@@ -275,24 +285,35 @@ def run_sink(
             if on_batch:
                 on_batch(len(batch))
     finally:
-        consumer.close()
+        if consumer is not None:
+            consumer.close()
         log.info("sink.stopped", sink=sink.name)
 
 
 def _replace_consumer(
-    name: str, group_id: str, stuck: Any, subscribed_consumer: Callable[[], Any], close_wait_s: float
-) -> Any:
-    """A new consumer in place of one its group lost. The old one is closed on a thread of its own,
-    waited for at most ``close_wait_s``: a client in that state may not finish closing, and the sink
-    must not hang on it. Everything it returned was written and its commit sent; what was not
-    committed comes again to the new consumer, and every write is idempotent."""
+    name: str,
+    group_id: str,
+    stuck: Any,
+    subscribed_consumer: Callable[[], tuple[Any, GroupWatch]],
+    close_wait_s: float,
+    stop: threading.Event,
+) -> tuple[Any, GroupWatch] | None:
+    """A new consumer (and its watch) in place of one that stopped taking part in its group; None when
+    ``stop`` was set meanwhile. The old one is closed on a thread of its own, waited for at most
+    ``close_wait_s``: a client in that state may not finish closing, and the sink must not hang on it
+    (one that never finishes is left to its thread). Everything it returned was written and its commit
+    sent; what was not committed comes again to the new consumer, and every write is idempotent."""
     log.error("sink.outside_group", sink=name, group=group_id, action="replacing the consumer")
     REPLACED_CONSUMERS.labels(name).inc()
     closing = threading.Thread(target=stuck.close, name=f"close-{name}", daemon=True)
     closing.start()
-    closing.join(close_wait_s)
+    deadline = time.monotonic() + close_wait_s
+    while closing.is_alive() and time.monotonic() < deadline and not stop.is_set():
+        closing.join(0.2)
     if closing.is_alive():
         log.warning("sink.close_unfinished", sink=name, waited_s=close_wait_s)
+    if stop.is_set():
+        return None
     return subscribed_consumer()
 
 

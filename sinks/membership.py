@@ -1,94 +1,85 @@
-"""A sink's check, asked of the broker, that its consumer is still a member of its group.
+"""A sink's check that its consumer still takes part in its group, read from the client's own statistics.
 
 Seen once on CI (docs/RELIABILITY.md, "broker-down: an archive sink that never rejoined its group"): a
 librdkafka 2.16 consumer whose coordinator died about 3 s after its first assignment sent no heartbeat
 again and never rejoined. It kept polling, nothing in the client reported an error, and its group sat
-EMPTY while events waited. The client's own view is what went wrong, so the check asks the group
-coordinator which members it has; a consumer missing from that list, every time the broker answered,
-for longer than ``limit_s``, is replaced by the caller (``run_sink``).
+EMPTY while events waited.
+
+A member of a group sends the coordinator a heartbeat every few seconds; a consumer joining sends
+JoinGroup and SyncGroup, and waits for their answers. librdkafka counts the requests it has sent, per
+broker, in the statistics it reports every ``statistics.interval.ms``. A consumer connected to a
+broker that has sent none of these, with none awaiting an answer, for ``limit_s`` has stopped taking
+part in its group; the caller (``run_sink``) replaces it.
+
+Asking the broker instead (``AdminClient.describe_consumer_groups`` every few seconds, is the member
+id listed?) was tried first: in librdkafka 2.16.0 that loop aborted its process when the broker
+restarted (``rd_kafka_enq_once_del_source_return``: an assertion; 4 of 4 such processes within two
+restarts, docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MembershipWatch", "OutsideTimer", "member_in_group"]
+__all__ = ["GroupActivity", "GroupWatch", "group_activity"]
+
+# The requests of a consumer taking part in its group (classic protocol).
+GROUP_REQUESTS = ("Heartbeat", "JoinGroup", "SyncGroup")
 
 
-class OutsideTimer:
-    """How long a consumer has been outside its group, counted only while the broker answered.
+@dataclass(frozen=True)
+class GroupActivity:
+    """What one statistics report says of a consumer's part in its group."""
 
-    A check the broker did not answer (it is down, or its coordinator is loading) starts the count
-    again: a consumer needs a moment to rejoin after an outage, and that moment is not a fault.
-    """
+    requests: int  # group requests sent so far, over every broker
+    awaiting: int  # requests awaiting an answer on the group coordinator's connection
+    connected: bool  # a connection to a broker is up
 
-    def __init__(self, limit_s: float):
+
+def group_activity(stats: dict[str, Any]) -> GroupActivity:
+    """The group activity in a librdkafka statistics report (its JSON, parsed)."""
+    brokers = list(stats.get("brokers", {}).values())
+    return GroupActivity(
+        requests=sum(broker.get("req", {}).get(name, 0) for broker in brokers for name in GROUP_REQUESTS),
+        # The coordinator is a "logical" broker of the client, beside the brokers it learned.
+        awaiting=sum(broker.get("waitresp_cnt", 0) for broker in brokers if broker.get("source") == "logical"),
+        connected=any(broker.get("state") == "UP" and broker.get("nodeid", -1) >= 0 for broker in brokers),
+    )
+
+
+class GroupWatch:
+    """Told each statistics report of one consumer (``on_stats``, its ``stats_cb``); ``stuck`` turns True
+    once the consumer has sent no group request, with none awaiting an answer, for ``limit_s`` while
+    connected to a broker. Time without a connection is not counted: a consumer rejoins after an outage.
+
+    The callback runs inside the consumer's ``poll``/``consume``, on the sink's own thread."""
+
+    def __init__(self, limit_s: float, interval_s: float, clock: Callable[[], float] = time.monotonic):
         self.limit_s = limit_s
-        self.outside_since: float | None = None
-
-    def observe(self, inside: bool | None, now: float) -> bool:
-        """Record one check (``inside`` None: no answer); True when the consumer has been outside,
-        the broker answering, for ``limit_s`` or longer. The count then starts again."""
-        if inside is None or inside:
-            self.outside_since = None
-            return False
-        if self.outside_since is None:
-            self.outside_since = now
-        if now - self.outside_since >= self.limit_s:
-            self.outside_since = None
-            return True
-        return False
-
-
-def member_in_group(description: Any, member_id: str | None) -> bool:
-    """Whether ``member_id`` is among the members of a ConsumerGroupDescription (no id: not joined)."""
-    return bool(member_id) and any(member.member_id == member_id for member in description.members)
-
-
-class MembershipWatch:
-    """Asks the broker every ``interval_s`` whether a consumer is in its group, without blocking.
-
-    ``stuck(member_id)`` is called from the sink's loop between batches: it sends a describe request
-    when one is due and reads its answer when it has come, so the loop never waits on it.
-    """
-
-    def __init__(
-        self,
-        admin: Any,
-        group_id: str,
-        limit_s: float,
-        interval_s: float,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self.admin = admin
-        self.group_id = group_id
         self.interval_s = interval_s
-        self.timer = OutsideTimer(limit_s)
+        self.stuck = False
+        self.quiet_since: float | None = None
         self._clock = clock
-        self._asked_at = clock()  # the first check waits one interval: a new consumer is still joining
-        self._answer: Future | None = None
-        self._asked_for: str | None = None
+        self._requests: int | None = None
 
-    def stuck(self, member_id: str | None) -> bool:
-        now = self._clock()
-        if self._answer is not None:
-            if not self._answer.done():
-                return False
-            answer, self._answer = self._answer, None
-            try:
-                inside: bool | None = member_in_group(answer.result(), self._asked_for)
-            except Exception:  # the broker did not answer (KafkaException), or answered with an error
-                inside = None
-            if self._asked_for != member_id:
-                inside = None  # the consumer changed member id meanwhile (it rejoined): ask again
-            return self.timer.observe(inside, now)
-        if now - self._asked_at >= self.interval_s:
-            self._asked_at = now
-            self._asked_for = member_id
-            self._answer = self.admin.describe_consumer_groups([self.group_id], request_timeout=self.interval_s)[
-                self.group_id
-            ]
-        return False
+    def settings(self) -> dict[str, Any]:
+        """The consumer settings that send this watch the client's statistics."""
+        return {"statistics.interval.ms": max(1, int(self.interval_s * 1000)), "stats_cb": self.on_stats}
+
+    def on_stats(self, stats_json: str) -> None:
+        self.observe(group_activity(json.loads(stats_json)), self._clock())
+
+    def observe(self, activity: GroupActivity, now: float) -> None:
+        sent = self._requests is not None and activity.requests != self._requests
+        self._requests = activity.requests
+        if not activity.connected or activity.awaiting or sent:
+            self.quiet_since = None
+            return
+        if self.quiet_since is None:
+            self.quiet_since = now
+        elif now - self.quiet_since >= self.limit_s:
+            self.stuck = True

@@ -2,7 +2,10 @@
 
 Writes go through diana/durable.py (temp file, fsync, rename, fsync of the folder), so a crash
 leaves the whole object or none. Two writers of one key each rename their own complete temp file
-over it: the last rename wins, whole.
+over it: the last rename wins, whole. So every object of a store was fsync'd before its name
+appeared (the landing store's writers, producers/landing.py, keep the same rule), and a hard link
+from one store to another needs no fsync of its source (``copy_from``). Files put into a store's
+folder by other means (a copy by hand) break that rule.
 
 Reads, writes and deletes (``entry_path``) resolve an object's folder once and remember it: resolving
 every key (``realpath``: one ``lstat`` per path component, and pathlib around it) was a quarter of

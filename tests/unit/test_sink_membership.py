@@ -1,49 +1,86 @@
-"""When a sink counts its consumer as lost by its group (sinks/membership.py): outside, the broker
-answering, for the whole limit; an unanswered check or one that finds it inside starts the count again."""
+"""When a sink counts its consumer as no longer taking part in its group (sinks/membership.py): no group
+request sent and none awaiting an answer, while connected to a broker, for the whole limit."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import json
 
-from diana.sinks.membership import OutsideTimer, member_in_group
-
-
-def _group(*member_ids: str) -> SimpleNamespace:
-    return SimpleNamespace(members=[SimpleNamespace(member_id=member_id) for member_id in member_ids])
+from diana.sinks.membership import GroupActivity, GroupWatch, group_activity
 
 
-def test_outside_for_the_whole_limit_is_lost_once_then_counted_again() -> None:
-    timer = OutsideTimer(limit_s=30)
-    assert [timer.observe(False, t) for t in (0, 10, 29.9)] == [False, False, False]
-    assert timer.observe(False, 30) is True
-    # The caller replaced the consumer; a new count starts.
-    assert timer.observe(False, 31) is False
-    assert timer.observe(False, 61) is True
+def _stats(heartbeats: int, joins: int = 2, awaiting: int = 0, broker_state: str = "UP") -> dict:
+    """A librdkafka consumer's statistics report, cut to what the watch reads (as librdkafka 2.16 writes it)."""
+    return {
+        "cgrp": {"state": "up", "join_state": "steady"},
+        "brokers": {
+            "127.0.0.1:9092/1": {
+                "nodeid": 1,
+                "state": broker_state,
+                "source": "learned",
+                "waitresp_cnt": 0,
+                "req": {"Fetch": 16, "Metadata": 2, "FindCoordinator": 2},
+            },
+            "GroupCoordinator": {
+                "nodeid": -1,
+                "state": broker_state,
+                "source": "logical",
+                "waitresp_cnt": awaiting,
+                "req": {"JoinGroup": joins, "SyncGroup": 1, "Heartbeat": heartbeats, "OffsetFetch": 1},
+            },
+        },
+    }
 
 
-def test_a_check_finding_it_inside_starts_the_count_again() -> None:
-    timer = OutsideTimer(limit_s=30)
-    timer.observe(False, 0)
-    timer.observe(True, 20)
-    assert timer.observe(False, 35) is False
-    assert timer.observe(False, 64.9) is False
-    assert timer.observe(False, 65) is True
+def test_the_group_requests_and_the_connection_are_read_from_a_report() -> None:
+    assert group_activity(_stats(heartbeats=3)) == GroupActivity(requests=6, awaiting=0, connected=True)
+    assert group_activity(_stats(heartbeats=3, awaiting=1)).awaiting == 1
+    # The logical coordinator broker's state alone is not a connection: a learned broker must be UP.
+    assert group_activity(_stats(heartbeats=3, broker_state="DOWN")).connected is False
+    assert group_activity({}) == GroupActivity(requests=0, awaiting=0, connected=False)
 
 
-def test_an_unanswered_check_starts_the_count_again() -> None:
-    """A broker outage: the consumer rejoins after the broker's return, and that moment is not counted."""
-    timer = OutsideTimer(limit_s=30)
-    timer.observe(False, 0)
-    timer.observe(None, 25)  # the broker is down
-    assert timer.observe(False, 40) is False
-    assert timer.observe(False, 69) is False
-    assert timer.observe(False, 70) is True
+def test_a_consumer_that_heartbeats_is_never_stuck() -> None:
+    watch = GroupWatch(limit_s=30, interval_s=5)
+    for beat in range(100):
+        watch.observe(group_activity(_stats(heartbeats=beat)), now=5.0 * beat)
+    assert watch.stuck is False
 
 
-def test_a_member_is_inside_only_when_the_group_lists_its_id() -> None:
-    group = _group("rdkafka-a", "rdkafka-b")
-    assert member_in_group(group, "rdkafka-b") is True
-    assert member_in_group(group, "rdkafka-c") is False
-    assert member_in_group(_group(), "rdkafka-a") is False  # the group EMPTY, as on CI
-    assert member_in_group(group, None) is False  # never joined
-    assert member_in_group(group, "") is False
+def test_silent_while_connected_for_the_whole_limit_is_stuck() -> None:
+    watch = GroupWatch(limit_s=30, interval_s=5)
+    quiet = group_activity(_stats(heartbeats=7))
+    for now in (0, 5, 10, 15, 20, 25):
+        watch.observe(quiet, now)
+    assert watch.stuck is False  # silent since the first report: 25 s
+    watch.observe(quiet, 30)
+    assert watch.stuck is True
+
+
+def test_a_request_awaiting_its_answer_is_taking_part() -> None:
+    """A JoinGroup the coordinator holds until the other members rejoin."""
+    watch = GroupWatch(limit_s=30, interval_s=5)
+    for now in range(0, 100, 5):
+        watch.observe(group_activity(_stats(heartbeats=7, awaiting=1)), now)
+    assert watch.stuck is False
+
+
+def test_time_without_a_connection_starts_the_count_again() -> None:
+    """A broker outage: the consumer rejoins after the broker's return, and the outage is not counted."""
+    watch = GroupWatch(limit_s=30, interval_s=5)
+    watch.observe(group_activity(_stats(heartbeats=7)), 0)
+    watch.observe(group_activity(_stats(heartbeats=7, broker_state="DOWN")), 20)
+    for now in (25, 50):
+        watch.observe(group_activity(_stats(heartbeats=7)), now)
+    assert watch.stuck is False
+    watch.observe(group_activity(_stats(heartbeats=7)), 55)
+    assert watch.stuck is True
+
+
+def test_the_watch_reads_the_clients_json_and_asks_for_it() -> None:
+    times = iter([0.0, 40.0])
+    watch = GroupWatch(limit_s=30, interval_s=2.5, clock=lambda: next(times))
+    assert watch.settings()["statistics.interval.ms"] == 2500
+    assert watch.settings()["stats_cb"] == watch.on_stats
+    watch.on_stats(json.dumps(_stats(heartbeats=1)))
+    watch.on_stats(json.dumps(_stats(heartbeats=1)))
+    assert watch.stuck is True
