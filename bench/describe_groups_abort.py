@@ -58,11 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     stack.start_kafka()
     stack.wait_kafka()
     bootstrap = "127.0.0.1:31092"
+    # Each watcher's stderr goes to a file of its own: a pipe nobody reads could fill and block it.
+    errors = [args.work / f"watcher-{i}.err" for i in range(args.watchers)]
     watchers = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WATCHER, bootstrap, str(args.interval)], stderr=subprocess.PIPE, text=True
-        )
-        for _ in range(args.watchers)
+        subprocess.Popen([sys.executable, "-c", _WATCHER, bootstrap, str(args.interval)], stderr=open(error, "w"))
+        for error in errors
     ]
     try:
         for cycle in range(1, args.cycles + 1):
@@ -75,13 +75,13 @@ def main(argv: list[str] | None = None) -> None:
             dead = [w for w in watchers if w.poll() is not None]
             print(f"restart {cycle}: {len(dead)} of {len(watchers)} watchers dead", flush=True)
     finally:
-        for watcher in watchers:
+        for watcher, error in zip(watchers, errors, strict=True):
             if watcher.poll() is None:
                 watcher.kill()
                 watcher.wait()
                 print(f"watcher {watcher.pid}: alive at the end")
             else:
-                last = (watcher.stderr.read() if watcher.stderr else "").strip().splitlines()[-1:]
+                last = error.read_text().strip().splitlines()[-1:]
                 print(f"watcher {watcher.pid}: exit {watcher.returncode}: {' '.join(last)}")
         stack.stop_kafka()
 

@@ -204,7 +204,7 @@ def run_sink(
     A consumer that has sent no group request (heartbeat, join) for ``stuck_after_s`` (three sessions)
     while connected to a broker has stopped taking part in its group (sinks/membership.py): it is closed
     and replaced by a new one, which resumes from the group's committed offsets. ``extra_settings``:
-    librdkafka settings added to the consumer's (e.g. ``debug``)."""
+    librdkafka settings added to the consumer's (e.g. ``debug``; never replacing its own)."""
 
     # When did a commit last fail (0: it did not)? Served inside consume(), on this thread.
     commit_failed_at = [0.0]
@@ -224,6 +224,7 @@ def run_sink(
             kafka,
             group_id,
             {
+                **(extra_settings or {}),  # first: it adds settings, never replaces the ones below
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "partition.assignment.strategy": "cooperative-sticky",
@@ -235,7 +236,6 @@ def run_sink(
                 "session.timeout.ms": int(session_timeout_s * 1000),
                 "on_commit": committed,
                 **watch.settings(),
-                **(extra_settings or {}),
             },
         )
         consumer.subscribe(list(sink.topics))

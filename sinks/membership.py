@@ -8,8 +8,8 @@ EMPTY while events waited.
 A member of a group sends the coordinator a heartbeat every few seconds; a consumer joining sends
 JoinGroup and SyncGroup, and waits for their answers. librdkafka counts the requests it has sent, per
 broker, in the statistics it reports every ``statistics.interval.ms``. A consumer connected to a
-broker that has sent none of these, with none awaiting an answer, for ``limit_s`` has stopped taking
-part in its group; the caller (``run_sink``) replaces it.
+broker that has sent none of these, with no request awaiting an answer on its coordinator connection,
+for ``limit_s`` has stopped taking part in its group; the caller (``run_sink``) replaces it.
 
 Asking the broker instead (``AdminClient.describe_consumer_groups`` every few seconds, is the member
 id listed?) was tried first: in librdkafka 2.16.0 that loop aborted its process when the broker
@@ -29,6 +29,9 @@ __all__ = ["GroupActivity", "GroupWatch", "group_activity"]
 
 # The requests of a consumer taking part in its group (classic protocol).
 GROUP_REQUESTS = ("Heartbeat", "JoinGroup", "SyncGroup")
+# Brokers of a statistics report that stand for a connection: those the client learned or was given,
+# and its group coordinator (a "logical" broker); not its "internal" one.
+CONNECTING_SOURCES = ("learned", "configured", "logical")
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,8 @@ class GroupActivity:
     """What one statistics report says of a consumer's part in its group."""
 
     requests: int  # group requests sent so far, over every broker
-    awaiting: int  # requests awaiting an answer on the group coordinator's connection
-    connected: bool  # a connection to a broker is up
+    awaiting: int  # requests of any kind awaiting an answer on the group coordinator's connection
+    connected: bool  # a connection to a broker (the coordinator's included) is up
 
 
 def group_activity(stats: dict[str, Any]) -> GroupActivity:
@@ -47,7 +50,7 @@ def group_activity(stats: dict[str, Any]) -> GroupActivity:
         requests=sum(broker.get("req", {}).get(name, 0) for broker in brokers for name in GROUP_REQUESTS),
         # The coordinator is a "logical" broker of the client, beside the brokers it learned.
         awaiting=sum(broker.get("waitresp_cnt", 0) for broker in brokers if broker.get("source") == "logical"),
-        connected=any(broker.get("state") == "UP" and broker.get("nodeid", -1) >= 0 for broker in brokers),
+        connected=any(broker.get("state") == "UP" and broker.get("source") in CONNECTING_SOURCES for broker in brokers),
     )
 
 
@@ -55,8 +58,12 @@ class GroupWatch:
     """Told each statistics report of one consumer (``on_stats``, its ``stats_cb``); ``stuck`` turns True
     once the consumer has sent no group request, with none awaiting an answer, for ``limit_s`` while
     connected to a broker. Time without a connection is not counted: a consumer rejoins after an outage.
+    Any request sent clears ``stuck`` again.
 
-    The callback runs inside the consumer's ``poll``/``consume``, on the sink's own thread."""
+    The callback runs inside the consumer's ``poll``/``consume``, on the sink's own thread, so reports
+    wait while the sink writes: a report handled more than two intervals after the one before (the
+    sink was busy meanwhile) starts the count again, and the reports queued behind it, handled at the
+    same moment, cannot add the write's time to it."""
 
     def __init__(self, limit_s: float, interval_s: float, clock: Callable[[], float] = time.monotonic):
         self.limit_s = limit_s
@@ -65,6 +72,7 @@ class GroupWatch:
         self.quiet_since: float | None = None
         self._clock = clock
         self._requests: int | None = None
+        self._reported_at: float | None = None
 
     def settings(self) -> dict[str, Any]:
         """The consumer settings that send this watch the client's statistics."""
@@ -75,8 +83,11 @@ class GroupWatch:
 
     def observe(self, activity: GroupActivity, now: float) -> None:
         sent = self._requests is not None and activity.requests != self._requests
-        self._requests = activity.requests
-        if not activity.connected or activity.awaiting or sent:
+        late = self._reported_at is not None and now - self._reported_at > 2 * self.interval_s
+        self._requests, self._reported_at = activity.requests, now
+        if sent:
+            self.stuck = False
+        if late or sent or not activity.connected or activity.awaiting:
             self.quiet_since = None
             return
         if self.quiet_since is None:

@@ -21,6 +21,9 @@ from diana.sinks.membership import GroupWatch
 from tests.support.helpers import topic_with_events
 
 SESSION_S = 6.0  # the broker's smallest (group.min.session.timeout.ms)
+# A heartbeat every second, well inside the 3 s limits below (librdkafka's default is 3 s: a member
+# could then be silent for a whole limit on a loaded machine).
+HEARTBEAT = {"heartbeat.interval.ms": 1000}
 
 
 def _wait(condition, timeout: float, what: str, step=lambda: time.sleep(0.1)) -> None:
@@ -35,6 +38,8 @@ def _static_member(cfg, group: str, instance_id: str, watch: GroupWatch | None =
         "group.instance.id": instance_id,
         "session.timeout.ms": int(SESSION_S * 1000),
         "partition.assignment.strategy": "cooperative-sticky",  # the sinks' own: one group, one protocol
+        "enable.auto.commit": False,
+        **HEARTBEAT,
     }
     return kafka_consumer(cfg.kafka, group, {**settings, **(watch.settings() if watch else {})})
 
@@ -108,7 +113,7 @@ def test_a_sink_replaces_its_fenced_consumer_and_loses_nothing(stack, cfg):
                 stop,
                 session_timeout_s=SESSION_S,
                 stuck_after_s=3.0,
-                extra_settings={"group.instance.id": instance_id},
+                extra_settings={"group.instance.id": instance_id, **HEARTBEAT},
             )
         except BaseException as exc:
             failures.append(exc)
@@ -118,6 +123,7 @@ def test_a_sink_replaces_its_fenced_consumer_and_loses_nothing(stack, cfg):
     intruder = None
     try:
         _wait(lambda: len(set(sink.values)) >= 50, 60, "the first 50 events written")
+        time.sleep(8.0)  # more than two limits and two reports: a member of its group must be kept
         assert replaced._value.get() == replaced_before, "a consumer taking part in its group was replaced"
         # Another member with the sink's instance id: the sink's consumer is fenced, alive and polling.
         intruder = _static_member(cfg, group, instance_id)
@@ -132,6 +138,8 @@ def test_a_sink_replaces_its_fenced_consumer_and_loses_nothing(stack, cfg):
             lambda: intruder.poll(0.2),
         )
         _wait(lambda: len(set(sink.values)) >= 100, 60, "all 100 events written", lambda: intruder.poll(0.2))
+        time.sleep(8.0)  # the new consumer takes part in its group: kept
+        assert replaced._value.get() == replaced_before + 1, "replaced more than once"
     finally:
         stop.set()
         thread.join(60)
