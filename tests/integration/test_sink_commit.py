@@ -11,19 +11,11 @@ from __future__ import annotations
 import time
 import uuid
 
-from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-
-from diana.clients import kafka_admin, kafka_consumer
+from diana.clients import kafka_consumer
 from diana.sinks.consumer import _commit_written
-from tests.support.helpers import topic_with_events
+from tests.support.helpers import committed_offset, topic_with_events
 
 ROUNDS = 20
-
-
-def _committed(cfg, group: str, topic: str) -> int:
-    admin = kafka_admin(cfg.kafka)
-    found = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0)])])
-    return found[group].result(30).topic_partitions[0].offset
 
 
 def _consume(consumer, count: int, timeout: float = 30.0) -> list:
@@ -52,7 +44,7 @@ def test_a_commit_never_covers_messages_consumed_after_it(stack, cfg):
             expected = written[-1].offset() + 1
             # Until the commit has reached the broker (a fixed sleep was a guess); then it must be exact.
             deadline = time.monotonic() + 30
-            while (found := _committed(cfg, group, topic)) < expected and time.monotonic() < deadline:
+            while (found := committed_offset(cfg, group, topic)) < expected and time.monotonic() < deadline:
                 time.sleep(0.1)
             if found != expected:
                 wrong.append(f"round {round_}: committed {found}, written up to {expected}")

@@ -13,12 +13,10 @@ import threading
 import time
 import uuid
 
-from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-
-from diana.clients import kafka_admin, kafka_consumer, kafka_producer
+from diana.clients import kafka_consumer
 from diana.sinks.consumer import REPLACED_CONSUMERS, run_sink
 from diana.sinks.membership import GroupWatch
-from tests.support.helpers import topic_with_events
+from tests.support.helpers import committed_offset, produce_events, topic_with_events
 
 SESSION_S = 6.0  # the broker's smallest (group.min.session.timeout.ms)
 # A heartbeat every second, well inside the 3 s limits below (librdkafka's default is 3 s: a member
@@ -82,18 +80,6 @@ class _Recording:
         self.values += [msg.value() for msg in batch]
 
 
-def _committed(admin, group: str, topic: str) -> int:
-    found = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0)])])
-    return found[group].result(30).topic_partitions[0].offset
-
-
-def _produce(cfg, topic: str, numbers: range) -> None:
-    producer = kafka_producer(cfg.kafka)
-    for i in numbers:
-        producer.produce(topic, value=f"event {i}".encode())
-    assert producer.flush(30) == 0
-
-
 def test_a_sink_replaces_its_fenced_consumer_and_loses_nothing(stack, cfg):
     topic = topic_with_events(cfg, "test-membership-sink", 50)
     group = f"test-membership-sink-{uuid.uuid4().hex[:8]}"
@@ -130,7 +116,7 @@ def test_a_sink_replaces_its_fenced_consumer_and_loses_nothing(stack, cfg):
         intruder.subscribe([topic])
         _wait(lambda: intruder.assignment(), 60, "the intruder's assignment", lambda: intruder.poll(0.2))
         intruder.pause(intruder.assignment())  # it takes nothing: every event must reach the sink
-        _produce(cfg, topic, range(50, 100))
+        produce_events(cfg, topic, range(50, 100))
         _wait(
             lambda: replaced._value.get() > replaced_before,
             60,
@@ -148,5 +134,4 @@ def test_a_sink_replaces_its_fenced_consumer_and_loses_nothing(stack, cfg):
     assert not failures, failures
     assert not thread.is_alive(), "the sink did not stop"
     assert set(sink.values) == {f"event {i}".encode() for i in range(100)}
-    admin = kafka_admin(cfg.kafka)
-    _wait(lambda: _committed(admin, group, topic) == 100, 30, "the group's offset at the end of the topic")
+    _wait(lambda: committed_offset(cfg, group, topic) == 100, 30, "the group's offset at the end of the topic")

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 import pydicom
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import NewTopic
 
 from diana.clients import kafka_admin, kafka_consumer, kafka_producer, opensearch_client
@@ -153,11 +153,23 @@ def topic_with_events(cfg: Config, prefix: str, count: int) -> str:
     topic = f"{prefix}-{uuid.uuid4().hex[:8]}"
     admin = kafka_admin(cfg.kafka)  # kept until the topic exists: a destroyed client fails its futures
     admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    produce_events(cfg, topic, range(count))
+    return topic
+
+
+def produce_events(cfg: Config, topic: str, numbers: range) -> None:
+    """The messages ``event i`` for each i of ``numbers``, acknowledged."""
     producer = kafka_producer(cfg.kafka)
-    for i in range(count):
+    for i in numbers:
         producer.produce(topic, value=f"event {i}".encode())
     assert producer.flush(30) == 0
-    return topic
+
+
+def committed_offset(cfg: Config, group: str, topic: str) -> int:
+    """The offset ``group`` has committed on partition 0 of ``topic``, as the broker has it."""
+    admin = kafka_admin(cfg.kafka)
+    found = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0)])])
+    return found[group].result(30).topic_partitions[0].offset
 
 
 def group_lag(cfg: Config, group: str, topics: list[str]) -> int:
