@@ -1,19 +1,23 @@
-"""pynetdicom's reactors, waiting on their input instead of sleeping.
+"""pynetdicom's reactors, waiting on what they act on instead of polling every millisecond.
 
 pynetdicom 3.0's DUL thread polls: each turn of its loop checks the socket with a zero-timeout
-``select`` and, when nothing happened, sleeps ``_run_loop_delay`` (1 ms). A PDU that arrives during
-the sleep waits for it; a 0.5 MB instance sent in 16 KiB PDUs (storescu's default) can meet that
-sleep dozens of times. Here the check itself waits, up to the same 1 ms, and returns the moment
-data arrives, while the reactor's own sleep is made zero for the receiver's associations
-(``fast_reactor``). An idle association turns its loop as often as before (once per millisecond);
-data is read without delay; something to send waits at most 1 ms, as before.
+``select`` and, when nothing happened, sleeps ``_run_loop_delay`` (1 ms). Its association thread
+(``association.py`` ``_run_reactor``) sleeps 1 ms at the top of every turn before it looks for a
+complete DIMSE message. Both turn a thousand times a second while nothing arrives: four idle
+associations held a third of a core (bench.reactor_wait), and an association is idle between
+its PDUs and while its sender waits for the answer.
 
-The association thread (``association.py`` ``_run_reactor``) sleeps 1 ms at the top of every turn
-before it looks for a complete DIMSE message: each C-STORE waited up to 1 ms there. Its module's
-``time`` is replaced by ``_ReactorClock``, whose ``sleep`` in an association's own thread returns
-as soon as that association's message queue holds something (never later than asked). Waking a
-poll loop early changes nothing but its latency. Process-wide changes to pynetdicom, made by the
-receiver at start, never on import.
+For the associations given ``fast_reactor`` (every one peers open to us), each thread waits instead,
+and is woken by everything it acts on:
+- the DUL thread waits in ``select`` on its socket (data, or the peer closing it) and on an eventfd
+  written when its association hands it something to send (``_WakingQueue``) or kills it;
+- the association thread waits on its DIMSE message queue, notified also when the DUL hands it any
+  other primitive (A-RELEASE, A-ABORT: ``_NotifyingQueue``). Its module's ``time`` is replaced by
+  ``_ReactorClock``, whose ``sleep`` does that wait in place of the reactor's 1 ms turn.
+A wait still ends after ``_IDLE_WAIT_S`` (20 ms) when nothing signals it: what nothing signals (the
+ARTIM and idle timers, a DUL thread that ended, a kill from another thread) is seen that much later.
+Waking a poll loop early changes nothing but its latency. Process-wide changes to pynetdicom, made
+by the receiver at start, never on import.
 """
 
 from __future__ import annotations
@@ -34,8 +38,11 @@ from pynetdicom.transport import AssociationSocket
 
 __all__ = ["install", "fast_reactor", "fast_requestor"]
 
-# The longest a turn of the DUL loop waits for incoming data: pynetdicom's own loop delay.
+# The longest a turn of the DUL loop waits for incoming data on an acceptor without fast_reactor:
+# pynetdicom's own loop delay, since nothing would wake it to send.
 _WAIT_S = 0.001
+# The longest either thread of a fast reactor waits when nothing signals it (module docstring).
+_IDLE_WAIT_S = 0.02
 # The sleep at the top of each turn of Association._run_reactor (pynetdicom 3.0).
 _REACTOR_TURN_S = 0.001
 
@@ -54,6 +61,9 @@ class _WakingQueue(queue.Queue):
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
+        self.wake()
+
+    def wake(self) -> None:
         os.eventfd_write(self.wake_fd, 1)
 
     def drain_wake(self) -> None:
@@ -63,11 +73,32 @@ class _WakingQueue(queue.Queue):
             pass  # already drained by an earlier turn
 
 
+class _NotifyingQueue(queue.Queue):
+    """The DUL's ``to_user_queue`` (the primitives it hands its association: A-RELEASE, A-ABORT), whose
+    ``put`` also wakes the association thread waiting on its DIMSE message queue (``_ReactorClock``).
+
+    ``puts`` counts them; the waiting thread compares it with the count when its last wait ended, so a
+    primitive that arrived while it was looking elsewhere ends the next wait at once. Primitives the
+    association leaves in the queue (it only peeks at most) never keep it from waiting."""
+
+    def __init__(self, wakes: queue.Queue) -> None:
+        super().__init__()
+        self._wakes = wakes
+        self.puts = 0
+        self.seen = 0
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        with self._wakes.not_empty:
+            self.puts += 1
+            self._wakes.not_empty.notify_all()
+
+
 def _ready(self: AssociationSocket) -> bool:
-    """``AssociationSocket.ready`` that waits up to ``_WAIT_S`` for data instead of returning at once,
-    on the associations peers open to us and on those we open that were given ``fast_reactor``;
-    pynetdicom's own on the other ones we open (a C-MOVE's toward its destination, routing, a collect
-    job's C-FIND and C-MOVE)."""
+    """``AssociationSocket.ready`` that waits for data instead of returning at once: on the associations
+    given ``fast_reactor`` up to ``_IDLE_WAIT_S`` (woken to send), on an acceptor without it up to
+    ``_WAIT_S``; pynetdicom's own on the other ones we open (a C-MOVE's toward its destination,
+    routing, a collect job's C-FIND and C-MOVE)."""
     outgoing = self._assoc.dul.to_provider_queue
     waking = outgoing if isinstance(outgoing, _WakingQueue) else None
     if not self._assoc.is_acceptor and waking is None:
@@ -78,11 +109,14 @@ def _ready(self: AssociationSocket) -> bool:
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True  # TLS may hold decrypted bytes that select cannot see
     watched: list[Any] = [sock]
+    wait_s = _WAIT_S
     if waking is not None:
         # A put between the loop's look at the queue and this select left the eventfd readable.
         watched.append(waking.wake_fd)
+        # An event the DUL thread queued itself is handled this turn, after this check: no wait then.
+        wait_s = 0.0 if self._assoc.dul.event_queue.qsize() else _IDLE_WAIT_S
     try:
-        readable, _, _ = select.select(watched, [], [], _WAIT_S)
+        readable, _, _ = select.select(watched, [], [], wait_s)
     except (OSError, TimeoutError, ValueError):
         self.event_queue.put("Evt17")  # transport connection closed, as pynetdicom's own does
         return False
@@ -92,8 +126,9 @@ def _ready(self: AssociationSocket) -> bool:
 
 
 class _ReactorClock:
-    """``time`` for pynetdicom's association module: ``sleep`` in an association's thread (an
-    Association is a Thread) ends when a DIMSE message arrives for it."""
+    """``time`` for pynetdicom's association module: the reactor's 1 ms ``sleep`` in an acceptor's
+    thread (an Association is a Thread) ends when a DIMSE message or another primitive arrives for it;
+    with ``fast_reactor`` it lasts up to ``_IDLE_WAIT_S`` otherwise, without it up to the 1 ms."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
@@ -101,17 +136,24 @@ class _ReactorClock:
     @staticmethod
     def sleep(seconds: float) -> None:
         current = threading.current_thread()
-        acceptor = isinstance(current, Association) and current.is_acceptor
-        dimse = getattr(current, "dimse", None) if acceptor else None
+        acceptor = current if isinstance(current, Association) and current.is_acceptor else None
+        dimse = getattr(acceptor, "dimse", None)
         # Only the reactor's own 1 ms turn: pynetdicom's other waits (for a pause, a release)
         # would spin while a message sits in the queue.
-        if dimse is None or seconds != _REACTOR_TURN_S:
+        if acceptor is None or dimse is None or seconds != _REACTOR_TURN_S:
             time.sleep(seconds)
             return
         pending = dimse.msg_queue
-        with pending.not_empty:  # Queue.put notifies it
-            if not pending._qsize():  # qsize() would take the lock held here
-                pending.not_empty.wait(seconds)
+        primitives = acceptor.dul.to_user_queue
+        if not isinstance(primitives, _NotifyingQueue):
+            with pending.not_empty:  # Queue.put notifies it
+                if not pending._qsize():  # qsize() would take the lock held here
+                    pending.not_empty.wait(seconds)
+            return
+        with pending.not_empty:  # notified by both queues' puts
+            if not pending._qsize() and primitives.puts == primitives.seen:
+                pending.not_empty.wait(_IDLE_WAIT_S)
+            primitives.seen = primitives.puts
 
 
 _installed = False
@@ -125,11 +167,12 @@ def install() -> None:
 
 
 def fast_reactor(dul: DULServiceProvider) -> None:
-    """No sleep between the turns of this association's DUL loop, ``ready`` waiting instead (and
-    woken by what the association hands the DUL to send); only once ``install`` ran (without it the
-    loop would spin on a zero-timeout check). Called on ``EVT_CONN_OPEN``, while the association's
-    ``to_provider_queue`` is still empty: for an association we accept, before its threads start; for
-    one we request, in its DUL thread, which has just taken the A-ASSOCIATE request off that queue.
+    """No sleep between the turns of this association's DUL loop, ``ready`` waiting instead (woken by
+    what the association hands the DUL to send, and by its kill), and the association thread woken by
+    every primitive the DUL hands it; only once ``install`` ran (without it the loop would spin on a
+    zero-timeout check). Called on ``EVT_CONN_OPEN``, while the association's queues are still empty:
+    for an association we accept, before its threads start; for one we request, in its DUL thread,
+    which has just taken the A-ASSOCIATE request off ``to_provider_queue``.
 
     On an association we open (``fast_requestor``) it is measured, not used: bench.move_floor
     sends a series to storescp with and without it, and the results were mixed (faster in 7 of 11
@@ -138,7 +181,20 @@ def fast_reactor(dul: DULServiceProvider) -> None:
     if _installed:
         dul._run_loop_delay = 0.0
         assert dul.to_provider_queue.empty(), "fast_reactor must run before the association starts"
-        dul.to_provider_queue = _WakingQueue()
+        outgoing = _WakingQueue()
+        dul.to_provider_queue = outgoing
+        if dul.assoc.is_acceptor:
+            # Only an acceptor's thread runs the reactor that waits on it; a requestor's user thread
+            # may already be waiting on the stock queue for the A-ASSOCIATE answer.
+            assert dul.to_user_queue.empty(), "fast_reactor must run before the association starts"
+            dul.to_user_queue = _NotifyingQueue(dul.assoc.dimse.msg_queue)
+        stock_kill = dul.kill_dul
+
+        def kill_dul() -> None:
+            stock_kill()
+            outgoing.wake()
+
+        dul.kill_dul = kill_dul  # type: ignore[method-assign]
 
 
 def fast_requestor(event: Any) -> None:
