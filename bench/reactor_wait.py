@@ -6,7 +6,8 @@ Issue 19, stop 29: each association the receiver accepts has two threads (pynetd
 and the association's), and both turned once a millisecond when nothing arrived. producers/reactor.py
 now wakes each for what it acts on, and a wait without a signal lasts up to ``_IDLE_WAIT_S``. This
 bench starts Kafka (bench.ingest's ports) and, for each wait in turn (0.001 is the turn before the
-change), a ``diana receive`` with that wait, whose CPU (all its processes, /proc) it reads:
+change in effect: the same wake-ups, but no wait longer than pynetdicom's 1 ms turn), a
+``diana receive`` with that wait, whose CPU (all its processes, /proc) it reads:
 - over 5 s with 4 associations open that send nothing (pynetdicom SCU, C-ECHO context);
 - while 4 dcmtk ``storescu`` send ``--ct`` CT instances of 0.5 MB, a quarter each.
 Rounds alternate the waits so that the machine's drift falls on both alike.

@@ -10,14 +10,17 @@ its PDUs and while its sender waits for the answer.
 For the associations given ``fast_reactor`` (every one peers open to us), each thread waits instead,
 and is woken by everything it acts on:
 - the DUL thread waits in ``select`` on its socket (data, or the peer closing it) and on an eventfd
-  written when its association hands it something to send (``_WakingQueue``) or kills it;
+  written when its association hands it something to send (``_WakingQueue``);
 - the association thread waits on its DIMSE message queue, notified also when the DUL hands it any
-  other primitive (A-RELEASE, A-ABORT: ``_NotifyingQueue``). Its module's ``time`` is replaced by
-  ``_ReactorClock``, whose ``sleep`` does that wait in place of the reactor's 1 ms turn.
-A wait still ends after ``_IDLE_WAIT_S`` (20 ms) when nothing signals it: what nothing signals (the
-ARTIM and idle timers, a DUL thread that ended, a kill from another thread) is seen that much later.
-Waking a poll loop early changes nothing but its latency. Process-wide changes to pynetdicom, made
-by the receiver at start, never on import.
+  other primitive (A-ASSOCIATE, A-RELEASE, A-ABORT, A-P-ABORT: ``_NotifyingQueue``). Its module's
+  ``time`` is replaced by ``_ReactorClock``, whose ``sleep`` does that wait in place of the reactor's
+  1 ms turn.
+A wait still ends after ``_IDLE_WAIT_S`` (20 ms) when nothing signals it. What nothing signals is seen
+up to that much later: the ARTIM and idle timers, a DUL thread that ended, our own close of a
+connection the peer left open after a release or an abort, and another thread's kill, abort, or pause of the association's
+reactor (``release()`` or a ``send_*`` from outside the association's thread; nothing of ours does
+that). Waking a poll loop early changes nothing but its latency. Process-wide changes to pynetdicom,
+made by the receiver at start, never on import.
 """
 
 from __future__ import annotations
@@ -61,9 +64,6 @@ class _WakingQueue(queue.Queue):
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
-        self.wake()
-
-    def wake(self) -> None:
         os.eventfd_write(self.wake_fd, 1)
 
     def drain_wake(self) -> None:
@@ -74,7 +74,7 @@ class _WakingQueue(queue.Queue):
 
 
 class _NotifyingQueue(queue.Queue):
-    """The DUL's ``to_user_queue`` (the primitives it hands its association: A-RELEASE, A-ABORT), whose
+    """The DUL's ``to_user_queue`` (the primitives it hands its association but DIMSE messages), whose
     ``put`` also wakes the association thread waiting on its DIMSE message queue (``_ReactorClock``).
 
     ``puts`` counts them; the waiting thread compares it with the count when its last wait ended, so a
@@ -168,7 +168,7 @@ def install() -> None:
 
 def fast_reactor(dul: DULServiceProvider) -> None:
     """No sleep between the turns of this association's DUL loop, ``ready`` waiting instead (woken by
-    what the association hands the DUL to send, and by its kill), and the association thread woken by
+    what the association hands the DUL to send), and an acceptor's association thread woken by
     every primitive the DUL hands it; only once ``install`` ran (without it the loop would spin on a
     zero-timeout check). Called on ``EVT_CONN_OPEN``, while the association's queues are still empty:
     for an association we accept, before its threads start; for one we request, in its DUL thread,
@@ -181,20 +181,12 @@ def fast_reactor(dul: DULServiceProvider) -> None:
     if _installed:
         dul._run_loop_delay = 0.0
         assert dul.to_provider_queue.empty(), "fast_reactor must run before the association starts"
-        outgoing = _WakingQueue()
-        dul.to_provider_queue = outgoing
+        dul.to_provider_queue = _WakingQueue()
         if dul.assoc.is_acceptor:
             # Only an acceptor's thread runs the reactor that waits on it; a requestor's user thread
             # may already be waiting on the stock queue for the A-ASSOCIATE answer.
             assert dul.to_user_queue.empty(), "fast_reactor must run before the association starts"
             dul.to_user_queue = _NotifyingQueue(dul.assoc.dimse.msg_queue)
-        stock_kill = dul.kill_dul
-
-        def kill_dul() -> None:
-            stock_kill()
-            outgoing.wake()
-
-        dul.kill_dul = kill_dul  # type: ignore[method-assign]
 
 
 def fast_requestor(event: Any) -> None:

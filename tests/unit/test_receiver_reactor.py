@@ -15,9 +15,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_RELEASE, P_DATA
+from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket
 
 from diana.producers import reactor
@@ -74,17 +75,6 @@ def test_incoming_data_still_ends_the_wait(acceptor_socket: tuple[AssociationSoc
     peer.sendall(b"\x04")
     waiting.join(10)
     assert answers == [True]
-
-
-def test_a_kill_ends_the_wait_for_input(acceptor_socket: tuple[AssociationSocket, socket.socket]) -> None:
-    transport, _ = acceptor_socket
-    waiting, answers = _ready_in_thread(transport)
-    waiting.join(0.2)
-    assert waiting.is_alive()
-    transport.assoc.dul.kill_dul()
-    waiting.join(10)
-    assert answers == [False]
-    assert transport.assoc.dul._kill_thread
 
 
 def test_a_queued_event_is_not_waited_for(acceptor_socket: tuple[AssociationSocket, socket.socket]) -> None:
@@ -161,3 +151,34 @@ def test_a_primitive_left_in_the_queue_does_not_keep_the_thread_turning(turning_
     turning_acceptor.dimse.msg_queue.put((1, object()))
     turning_acceptor.join(10)
     assert not turning_acceptor.is_alive()
+
+
+def test_a_whole_association_never_waits_for_a_wake_that_does_not_come(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Over real loopback sockets: associate, five C-ECHOs, release. With the idle bound at 30 s, a step
+    # that nothing woke would take 30 s; each one woken takes milliseconds.
+    reactor.install()
+    monkeypatch.setattr(reactor, "_IDLE_WAIT_S", 30.0)
+    acceptor = AE(ae_title="ACCEPTOR")
+    acceptor.add_supported_context(Verification)
+    opened: list[Association] = []
+
+    def on_open(event: evt.Event) -> None:
+        reactor.fast_reactor(event.assoc.dul)
+        opened.append(event.assoc)
+
+    server = acceptor.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
+    try:
+        requestor = AE(ae_title="REQUESTOR")
+        requestor.add_requested_context(Verification)
+        started = time.monotonic()
+        assoc = requestor.associate("127.0.0.1", server.server_address[1], ae_title="ACCEPTOR")
+        assert assoc.is_established
+        assert [assoc.send_c_echo().Status for _ in range(5)] == [0] * 5
+        assoc.release()
+        assert assoc.is_released
+        opened[0].join(10)
+        assert not opened[0].is_alive(), "the acceptor's association thread did not end after the release"
+        assert time.monotonic() - started < 10
+        assert isinstance(opened[0].dul.to_user_queue, reactor._NotifyingQueue)
+    finally:
+        server.shutdown()
