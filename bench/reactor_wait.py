@@ -9,7 +9,7 @@ bench starts Kafka (bench.ingest's ports) and, for each wait in turn (0.001 is t
 change in effect: the same wake-ups, but no wait longer than pynetdicom's 1 ms turn), a
 ``diana receive`` with that wait, whose CPU (all its processes, /proc) it reads:
 - over 5 s with 4 associations open that send nothing (pynetdicom SCU, C-ECHO context);
-- while 4 dcmtk ``storescu`` send ``--ct`` CT instances of 0.5 MB, a quarter each.
+- while ``--associations`` dcmtk ``storescu`` (4) send ``--ct`` CT instances of 0.5 MB, a share each.
 Rounds alternate the waits so that the machine's drift falls on both alike.
 """
 
@@ -58,12 +58,12 @@ def _idle_cpu_percent(pid: int, port: int, associations: int, seconds: float) ->
             assoc.release()
 
 
-def _send_cpu(pid: int, port: int, files: list[str]) -> tuple[float, float]:
-    """Wall and receiver CPU seconds while 4 storescu send ``files`` (a quarter each)."""
+def _send_cpu(pid: int, port: int, files: list[str], associations: int) -> tuple[float, float]:
+    """Wall and receiver CPU seconds while ``associations`` storescu send ``files`` (a share each)."""
     before, started = _tree_cpu(pid), time.monotonic()
     senders = [
-        subprocess.Popen(["storescu", "-aec", "DIANA", "127.0.0.1", str(port), *files[i::4]], env=DCMTK)
-        for i in range(4)
+        subprocess.Popen(["storescu", "-aec", "DIANA", "127.0.0.1", str(port), *files[i::associations]], env=DCMTK)
+        for i in range(associations)
     ]
     if any(s.wait() != 0 for s in senders):
         raise RuntimeError("storescu failed (the receiver's log is in the work folder)")
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ct", type=int, default=400, help="CT instances of 0.5 MB sent per measurement")
     parser.add_argument("--idle-seconds", type=float, default=5.0)
+    parser.add_argument("--associations", type=int, default=4, help="storescu processes sending at once")
     args = parser.parse_args(argv)
     waits = [float(w) for w in args.waits.split(",")]
 
@@ -112,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(2)
                 idle = _idle_cpu_percent(receiver.pid, port, 4, args.idle_seconds)
                 time.sleep(1)
-                wall, cpu = _send_cpu(receiver.pid, port, files)
+                wall, cpu = _send_cpu(receiver.pid, port, files, args.associations)
                 print(
                     f"round {round_}, wait {wait * 1000:g} ms: 4 idle associations {idle:.1f} % of a core; "
-                    f"{len(files)} CT over 4 associations: wall {wall:.2f} s, receiver CPU {cpu:.2f} s",
+                    f"{len(files)} CT over {args.associations} associations: wall {wall:.2f} s, receiver CPU {cpu:.2f} s",
                     flush=True,
                 )
                 receiver.terminate()
