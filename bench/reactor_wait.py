@@ -1,4 +1,4 @@
-"""The receiver's CPU with idle associations open, and over 4 busy ones, by how long its reactors wait.
+"""The receiver's CPU with idle associations open, and over busy ones, by how long its reactors wait.
 
     python -m bench.reactor_wait --work /tmp/rw --waits 0.001,0.02 --rounds 3
 
@@ -7,7 +7,7 @@ and the association's), and both turned once a millisecond when nothing arrived.
 now wakes each for what it acts on, and a wait without a signal lasts up to ``_IDLE_WAIT_S``. This
 bench starts Kafka (bench.ingest's ports) and, for each wait in turn (0.001 is the turn before the
 change in effect: the same wake-ups, but no wait longer than pynetdicom's 1 ms turn), a
-``diana receive`` with that wait, whose CPU (all its processes, /proc) it reads:
+``diana receive`` with that wait, whose CPU (its process and its worker processes, /proc) it reads:
 - over 5 s with 4 associations open that send nothing (pynetdicom SCU, C-ECHO context);
 - while ``--associations`` dcmtk ``storescu`` (4) send ``--ct`` CT instances of 0.5 MB, a share each.
 Rounds alternate the waits so that the machine's drift falls on both alike.
