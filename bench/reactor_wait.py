@@ -25,8 +25,7 @@ from pathlib import Path
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from bench.ingest import BENCH_PORTS, DCMTK, REPO, bench_env, diana_config, wait_for_echo
-from bench.proc_cpu import cpu_seconds
+from bench.ingest import BENCH_PORTS, REPO, _proc_stats, bench_env, diana_config, send, wait_for_echo
 from tests.support.dicomgen import SeriesSpec, make_study
 
 # `diana receive` with producers/reactor.py's idle wait set first (its workers are forked, so inherit it).
@@ -37,9 +36,8 @@ _RECEIVE_WITH_WAIT = (
 
 
 def _tree_cpu(pid: int) -> float:
-    """CPU seconds so far of ``pid`` and its children (the receiver and its worker processes)."""
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return sum(cpu_seconds(Path(f"/proc/{p}/stat")) for p in [str(pid), *children])
+    """CPU seconds so far of ``pid`` and its descendants (the receiver and its worker processes)."""
+    return _proc_stats(pid)[0]
 
 
 def _idle_cpu_percent(pid: int, port: int, associations: int, seconds: float) -> float:
@@ -58,16 +56,11 @@ def _idle_cpu_percent(pid: int, port: int, associations: int, seconds: float) ->
             assoc.release()
 
 
-def _send_cpu(pid: int, port: int, files: list[str], associations: int) -> tuple[float, float]:
+def _send_cpu(pid: int, port: int, files: list[Path], associations: int) -> tuple[float, float]:
     """Wall and receiver CPU seconds while ``associations`` storescu send ``files`` (a share each)."""
-    before, started = _tree_cpu(pid), time.monotonic()
-    senders = [
-        subprocess.Popen(["storescu", "-aec", "DIANA", "127.0.0.1", str(port), *files[i::associations]], env=DCMTK)
-        for i in range(associations)
-    ]
-    if any(s.wait() != 0 for s in senders):
-        raise RuntimeError("storescu failed (the receiver's log is in the work folder)")
-    return time.monotonic() - started, _tree_cpu(pid) - before
+    before = _tree_cpu(pid)
+    wall = send(files, port, "DIANA", associations)
+    return wall, _tree_cpu(pid) - before
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.wait_kafka()
         subprocess.run([sys.executable, "-m", "diana.cli", "topics"], env=env, check=True, capture_output=True)
         make_study(args.work / "corpus", [SeriesSpec("CT", "WAIT", args.ct)], rows=512)
-        files = sorted(str(f) for f in (args.work / "corpus").rglob("*.dcm"))
+        files = sorted((args.work / "corpus").rglob("*.dcm"))
         print(f"{len(files)} CT instances; receiver processes as bench.ingest's; waits {waits}", flush=True)
         for round_ in range(1, args.rounds + 1):
             for wait in waits:
