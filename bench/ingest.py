@@ -29,7 +29,13 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.pipeline_steps import reindex_instances, stop_processes, stop_stack, warm_up_opensearch_bulk
+from bench.pipeline_steps import (
+    compile_bytecode,
+    reindex_instances,
+    stop_processes,
+    stop_stack,
+    warm_up_opensearch_bulk,
+)
 from bench.profile import Profiler
 from bench.receiver_floor import STEPS as FLOOR_STEPS
 from bench.receiver_floor import STRICT as STRICT_FLOOR
@@ -412,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     from diana.compose.local.stack import LocalStack
     from diana.config import load_config
 
+    compile_bytecode()
     ports = {k: v + args.port_offset for k, v in BENCH_PORTS.items()} | {"stream_web": 29066 + args.port_offset}
     work = Path(tempfile.mkdtemp(prefix="diana-bench-"))
     config = diana_config(work, ports)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.ingest import REPO, _proc_stats, corpus
-from bench.pipeline_steps import produce_instance_event
+from bench.pipeline_steps import compile_bytecode, produce_instance_event
 from bench.profile import Profiler, summarise_folded
 
 STUDY_SIZE = 200
@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--keep-stack and --no-fill need --work")
     work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="diana-bench-reindex-"))
     work.mkdir(parents=True, exist_ok=True)
+    compile_bytecode()
     config = work / "diana.toml"
     config.write_text(_config_text(work, args.port_offset))
     cfg = load_config(config, environ={})
