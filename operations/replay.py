@@ -19,6 +19,10 @@ from diana.operations.status import watermarks
 
 __all__ = ["ReplayError", "Move", "plan_replay", "apply_replay", "render_moves", "watch_lag"]
 
+# How long one request about the group may take. Without it, librdkafka's admin requests waited for
+# a coordinator for good while Kafka was down: `diana replay` hung instead of saying so.
+_ADMIN_TIMEOUT_S = 10.0
+
 
 class ReplayError(RuntimeError):
     """The replay cannot be done; the message says why and what to do."""
@@ -46,7 +50,7 @@ def plan_replay(
     offset: int | None = None,
 ) -> list[Move]:
     admin = kafka_admin(cfg.kafka)
-    described = admin.describe_consumer_groups([group])[group].result()
+    described = admin.describe_consumer_groups([group], request_timeout=_ADMIN_TIMEOUT_S)[group].result()
     if described.state not in (ConsumerGroupState.EMPTY, ConsumerGroupState.DEAD, ConsumerGroupState.UNKNOWN):
         members = ", ".join(m.client_id for m in described.members) or "?"
         raise ReplayError(
@@ -57,7 +61,8 @@ def plan_replay(
         probe = watermarks(cfg, [t for t in admin.list_topics(timeout=10).topics if not t.startswith("__")])
         committed = (
             admin.list_consumer_group_offsets(
-                [ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t, ps in probe.items() for p in ps])]
+                [ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t, ps in probe.items() for p in ps])],
+                request_timeout=_ADMIN_TIMEOUT_S,
             )[group]
             .result()
             .topic_partitions
@@ -72,7 +77,8 @@ def plan_replay(
     current = {
         (tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None)
         for tp in admin.list_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t in marks for p in marks[t]])]
+            [ConsumerGroupTopicPartitions(group, [TopicPartition(t, p) for t in marks for p in marks[t]])],
+            request_timeout=_ADMIN_TIMEOUT_S,
         )[group]
         .result()
         .topic_partitions
@@ -107,7 +113,7 @@ def plan_replay(
 def apply_replay(cfg: Config, group: str, moves: list[Move]) -> None:
     admin = kafka_admin(cfg.kafka)
     request = ConsumerGroupTopicPartitions(group, [TopicPartition(m.topic, m.partition, m.target) for m in moves])
-    result = admin.alter_consumer_group_offsets([request])[group].result()
+    result = admin.alter_consumer_group_offsets([request], request_timeout=_ADMIN_TIMEOUT_S)[group].result()
     failed = [tp for tp in result.topic_partitions if tp.error is not None]
     if failed:
         raise ReplayError(f"Kafka refused to move {len(failed)} partitions: {failed[0].error}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 
 from diana.clients import kafka_admin, kafka_consumer, opensearch_client
 from diana.config import Config, ConfigError
@@ -75,7 +75,7 @@ def group_lag(
     """
     admin = kafka_admin(cfg.kafka)
     partitions = [TopicPartition(t, p) for t, parts in marks.items() for p in parts]
-    result = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, partitions)])
+    result = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, partitions)], request_timeout=10)
     committed = result[group].result().topic_partitions
     lag: dict[str, int] = {}
     for tp in committed:
@@ -112,14 +112,9 @@ def _count_archived(archive: ObjectStore) -> int:
     return sum(1 for key in archive.list() if key.endswith(".dcm"))
 
 
-def collect_status(cfg: Config) -> PipelineStatus:
-    from opensearchpy.exceptions import OpenSearchException
-
-    from diana.schemas.layout import IndexLayout
-    from diana.schemas.topics import ALL_TOPICS
-
-    status = PipelineStatus()
-    status.topics = watermarks(cfg, [t.name for t in ALL_TOPICS])
+def _collect_kafka(cfg: Config, status: PipelineStatus, topics: list[str]) -> None:
+    """The topics' offsets and each consumer group's lag (routing destinations apart), into ``status``."""
+    status.topics = watermarks(cfg, topics)
     admin = kafka_admin(cfg.kafka)
     route_prefix = cfg.routing.group_prefix + "-"
     route_topics = _route_topics(cfg, status)
@@ -135,6 +130,21 @@ def collect_status(cfg: Config) -> PipelineStatus:
         lag = group_lag(cfg, group, status.topics)
         if lag:
             status.groups[group] = lag
+
+
+def collect_status(cfg: Config) -> PipelineStatus:
+    from opensearchpy.exceptions import ConnectionError as OpenSearchConnectionError
+    from opensearchpy.exceptions import OpenSearchException
+
+    from diana.schemas.layout import IndexLayout
+    from diana.schemas.topics import ALL_TOPICS
+
+    status = PipelineStatus()
+    try:
+        _collect_kafka(cfg, status, [t.name for t in ALL_TOPICS])
+    except KafkaException as exc:
+        # What is wrong is what status is asked for: the rest is still shown.
+        status.errors.append(f"kafka at {cfg.kafka.bootstrap}: {exc.args[0].str() if exc.args else exc}")
     client = opensearch_client(cfg.opensearch, timeout=10)
     layout = IndexLayout(cfg.opensearch.index_prefix)
     for kind in layout.id_fields:
@@ -143,6 +153,9 @@ def collect_status(cfg: Config) -> PipelineStatus:
             target = sorted(client.indices.get_alias(name=alias))
             count = client.count(index=alias)["count"]
             status.indices[alias] = (",".join(target), count)
+        except OpenSearchConnectionError as exc:  # the same for every alias after it: said once
+            status.errors.append(f"opensearch at {cfg.opensearch.url}: {getattr(exc, 'error', exc)}")
+            break
         except OpenSearchException as exc:
             status.errors.append(f"{alias}: {getattr(exc, 'error', exc)}")
     try:
@@ -161,7 +174,8 @@ def collect_status(cfg: Config) -> PipelineStatus:
 
 
 def render_status(status: PipelineStatus) -> str:
-    out = ["TOPICS                      partition   first offset     end offset"]
+    out = ["PROBLEMS", *(f"  ! {e}" for e in status.errors), ""] if status.errors else []
+    out.append("TOPICS                      partition   first offset     end offset")
     for topic, parts in status.topics.items():
         for p, (low, high) in parts.items():
             out.append(f"  {topic:<26}{p:>9}{low:>15}{high:>15}")
@@ -180,7 +194,6 @@ def render_status(status: PipelineStatus) -> str:
     out.append("INDICES                     index                         documents")
     for alias, (index, count) in status.indices.items():
         out.append(f"  {alias:<26}{index:<30}{count:>9}")
-    out += [f"  ! {e}" for e in status.errors]
     out.append("")
     out.append(f"ARCHIVE  objects: {status.archive_objects}")
     out.append(f"LANDING  objects waiting: {status.landing_objects}")

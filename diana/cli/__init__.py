@@ -12,6 +12,7 @@ import sys
 sys.modules.setdefault("rich", None)  # type: ignore[arg-type]  # None: import fails (Python's own marker)
 
 from diana.cli import access, collect, operations, pipeline, route  # noqa: E402
+from diana.cli._common import service_error  # noqa: E402
 from diana.cli.access import COHORT_FILTERS  # noqa: E402
 from diana.config import ConfigError, load_config  # noqa: E402
 from diana.credentials import redact  # noqa: E402
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, (StackError, ConfigError)):
             print(f"diana: {redact(str(exc))}", file=sys.stderr)
+            return 1
+        unreachable = service_error(exc, cfg)
+        if unreachable is not None:
+            print(f"diana {args.command}: {redact(unreachable)}", file=sys.stderr)
             return 1
         # The traceback as Python prints it, but through redact: no password in an error.
         import traceback

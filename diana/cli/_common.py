@@ -10,7 +10,7 @@ from typing import Any
 from diana.config import Config
 from diana.credentials import redact
 
-__all__ = ["stop_on_signals", "start_metrics", "fail", "progress_bar"]
+__all__ = ["stop_on_signals", "start_metrics", "fail", "progress_bar", "service_error"]
 
 
 def stop_on_signals() -> threading.Event:
@@ -61,3 +61,40 @@ def progress_bar(disabled: bool, **options: Any) -> Any:
     from tqdm import tqdm
 
     return tqdm(**options)
+
+
+def service_error(exc: BaseException, cfg: Config) -> str | None:
+    """What to tell a person when ``exc`` says Kafka or OpenSearch did not answer or refused the
+    credentials: which service, at which address, and where that is set. None for any other error
+    (a bug's traceback is what its report needs). Only the clients already imported are looked at."""
+    kafka = sys.modules.get("confluent_kafka")
+    if kafka is not None and isinstance(exc, kafka.KafkaException) and exc.args:
+        error = exc.args[0]
+        if isinstance(error, kafka.KafkaError):
+            code = error.code()
+            where = "[kafka] bootstrap (DIANA_KAFKA_BOOTSTRAP)"
+            if code in (kafka.KafkaError._TRANSPORT, kafka.KafkaError._ALL_BROKERS_DOWN, kafka.KafkaError._RESOLVE):
+                return (
+                    f"Kafka at {cfg.kafka.bootstrap} did not answer ({error.str()}). Is it running? "
+                    f"(`diana stack status` for the local stack.) Its address is {where}."
+                )
+            if code == kafka.KafkaError._TIMED_OUT:
+                return f"Kafka at {cfg.kafka.bootstrap} did not answer in time ({error.str()}); its address is {where}."
+            if code in (kafka.KafkaError._AUTHENTICATION, kafka.KafkaError.SASL_AUTHENTICATION_FAILED):
+                return (
+                    f"Kafka at {cfg.kafka.bootstrap} refused the credentials ({error.str()}): "
+                    "[kafka] sasl_username, and DIANA_KAFKA_SASL_PASSWORD or sasl_password_file."
+                )
+    opensearch = sys.modules.get("opensearchpy.exceptions")
+    if opensearch is not None:
+        if isinstance(exc, opensearch.ConnectionError):  # refused, unresolvable, timed out, TLS
+            return (
+                f"OpenSearch at {cfg.opensearch.url} did not answer ({type(exc).__name__}). Is it running? "
+                "(`diana stack status` for the local stack.) Its address is [opensearch] url (DIANA_OPENSEARCH_URL)."
+            )
+        if isinstance(exc, opensearch.AuthenticationException):
+            return (
+                f"OpenSearch at {cfg.opensearch.url} refused the credentials (HTTP 401): [opensearch] username, "
+                "and DIANA_OPENSEARCH_PASSWORD or password_file."
+            )
+    return None
