@@ -6,12 +6,14 @@ patient names: callers pass only validated identifiers as fields.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import re
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -29,37 +31,121 @@ KAFKA_CLIENT_LOGGER = logging.getLogger("diana.kafka")
 _VARYING = re.compile(r"\d+(?:\.\d+)?(?=m?s\b)|\d+(?= identical| request)")
 
 
+@dataclass
+class _Kind:
+    opened: float  # when its window opened: a line let through, or a summary written
+    held: int = 0  # lines held back since
+    first_held: float = 0.0  # the first of them (time.time())
+    last: logging.LogRecord | None = None  # the last of them, the summary's model
+
+
+def _start_timer(delay_s: float, callback: Callable[[], None]) -> threading.Timer:
+    timer = threading.Timer(delay_s, callback)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 class RepeatedLines(logging.Filter):
-    """Lets the first line of a kind through, then one a ``window_s`` saying how many were held back.
+    """Lets the first line of a kind through, holds back the same kind for ``window_s``, then writes one
+    line saying how many were held back since when (and opens a new window), so that no line is lost
+    without a count, and a flood comes out as one line a window.
 
     librdkafka logs every failed connection attempt: while a broker was down each client logged
-    "Connection refused" about 20 times a second (docs/faults, issue 19 stop 30), 72,000 lines an
-    hour per client, burying everything else; opensearch-py logs every failed request. A kind is the
-    message with its durations and counts left out, so that each broker's, client's and request's
-    failures stay visible."""
+    "Connection refused" about 20 times a second (issue 19 stop 30), 72,000 lines an hour per client,
+    burying everything else; opensearch-py logs every failed request. A kind is the message with its
+    durations and counts left out, so that each broker's, client's and request's failures stay visible.
+    The summary is written by a timer when the window ends (one thread, only while a count is pending),
+    or by ``flush`` at exit."""
 
-    def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic, max_kinds: int = 1000):
+    def __init__(
+        self,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        start_timer: Callable[[float, Callable[[], None]], Any] = _start_timer,
+        max_kinds: int = 1000,
+    ):
         super().__init__()
-        self.window_s, self.clock, self.max_kinds = window_s, clock, max_kinds
+        self.window_s, self.clock, self.start_timer, self.max_kinds = window_s, clock, start_timer, max_kinds
         self._lock = threading.Lock()
-        self._kinds: dict[str, tuple[float, int]] = {}  # kind -> (when one was let through, held back since)
+        self._kinds: dict[str, _Kind] = {}
+        self._timer: Any = None
+        self._timer_due: float | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "diana_summary", False):
+            return True
+        try:
+            return self._let_through(record)
+        except Exception:  # a filter that raises reaches the code that logged: better a line too many
+            return True
+
+    def _let_through(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         kind = _VARYING.sub("#", message)
         now = self.clock()
         with self._lock:
             seen = self._kinds.get(kind)
-            if seen is not None and now - seen[0] < self.window_s:
-                self._kinds[kind] = (seen[0], seen[1] + 1)
+            if seen is not None and now - seen.opened < self.window_s:
+                if not seen.held:
+                    seen.first_held = record.created
+                    self._arm(seen.opened + self.window_s)
+                seen.held, seen.last = seen.held + 1, record
                 return False
-            if seen is None and len(self._kinds) >= self.max_kinds:
-                self._kinds.clear()  # bounded: at worst a kind is let through once more
-            self._kinds[kind] = (now, 0)
-        held = seen[1] if seen is not None else 0
-        if held:
-            record.msg, record.args = f"{message} ({held} more like it in the last {self.window_s:.0f} s)", None
+            if seen is not None and seen.held:  # its window ended before the timer wrote the count
+                record.msg, record.args = f"{message} ({self._held_text(seen)} before this)", None
+            elif seen is None and len(self._kinds) >= self.max_kinds:
+                self._kinds = {k: v for k, v in self._kinds.items() if v.held}  # the counts pending stay
+                if len(self._kinds) >= self.max_kinds:
+                    return True  # let through, not remembered
+            self._kinds[kind] = _Kind(opened=now)
         return True
+
+    @staticmethod
+    def _held_text(seen: _Kind) -> str:
+        since = time.strftime("%H:%M:%S", time.gmtime(seen.first_held))
+        return f"{seen.held} like it held back since {since} UTC"
+
+    def _arm(self, due: float) -> None:
+        """The timer set for ``due`` unless it is set for earlier already (under the lock)."""
+        if self._timer_due is not None and self._timer_due <= due:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_due = due
+        self._timer = self.start_timer(max(0.0, due - self.clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            self._timer = self._timer_due = None
+        self.flush(only_due=True)
+
+    def flush(self, only_due: bool = False) -> None:
+        """Write the count of every kind with lines held back (``only_due``: whose window has ended)."""
+        summaries = []
+        with self._lock:
+            now = self.clock()
+            for seen in self._kinds.values():
+                if not seen.held or seen.last is None:
+                    continue
+                due = seen.opened + self.window_s
+                if only_due and now < due:
+                    self._arm(due)
+                    continue
+                summary = logging.makeLogRecord(seen.last.__dict__)
+                summary.msg, summary.args = f"{seen.last.getMessage()} ({self._held_text(seen)})", None
+                summary.diana_summary = True
+                summaries.append(summary)
+                seen.opened, seen.held, seen.last = now, 0, None
+        for summary in summaries:
+            logging.getLogger(summary.name).handle(summary)
+
+    def reset(self) -> None:
+        """Forget every kind and count (a process configuring its logging anew)."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._kinds, self._timer, self._timer_due = {}, None, None
 
 
 class _OneLineTraceback(logging.Filter):
@@ -77,10 +163,13 @@ class _OneLineTraceback(logging.Filter):
         return True
 
 
-KAFKA_CLIENT_LOGGER.addFilter(RepeatedLines())
+_CLIENT_REPEATS = (RepeatedLines(), RepeatedLines())
+KAFKA_CLIENT_LOGGER.addFilter(_CLIENT_REPEATS[0])
 _OPENSEARCH_CLIENT_LOGGER = logging.getLogger("opensearch")
-_OPENSEARCH_CLIENT_LOGGER.addFilter(_OneLineTraceback())
-_OPENSEARCH_CLIENT_LOGGER.addFilter(RepeatedLines())
+_OPENSEARCH_CLIENT_LOGGER.addFilter(_OneLineTraceback())  # first: the kind is the one-line message
+_OPENSEARCH_CLIENT_LOGGER.addFilter(_CLIENT_REPEATS[1])
+for _repeats in _CLIENT_REPEATS:
+    atexit.register(_repeats.flush)  # before logging's own shutdown (atexit runs the last registered first)
 
 
 class _Redacting:
@@ -104,6 +193,8 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
     numeric = getattr(logging, level.upper(), None)
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}; use debug, info, warning or error")
+    for repeats in _CLIENT_REPEATS:
+        repeats.reset()
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from confluent_kafka import ConsumerGroupState, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import ConsumerGroupState, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 
 from diana.clients import kafka_admin, kafka_consumer
 from diana.config import Config
@@ -113,7 +113,17 @@ def plan_replay(
 def apply_replay(cfg: Config, group: str, moves: list[Move]) -> None:
     admin = kafka_admin(cfg.kafka)
     request = ConsumerGroupTopicPartitions(group, [TopicPartition(m.topic, m.partition, m.target) for m in moves])
-    result = admin.alter_consumer_group_offsets([request], request_timeout=_ADMIN_TIMEOUT_S)[group].result()
+    try:
+        result = admin.alter_consumer_group_offsets([request], request_timeout=_ADMIN_TIMEOUT_S)[group].result()
+    except KafkaException as exc:
+        if exc.args and getattr(exc.args[0], "code", lambda: None)() == KafkaError._TIMED_OUT:
+            # Asked, and no answer: the broker may have made the move all the same.
+            raise ReplayError(
+                f"Kafka did not confirm the move of {group} within {_ADMIN_TIMEOUT_S:.0f} s: it may or may not "
+                "have been made. See where the group stands with --dry-run, then run this again (the "
+                "positions asked for are absolute, so asking twice moves nothing further)."
+            ) from None
+        raise
     failed = [tp for tp in result.topic_partitions if tp.error is not None]
     if failed:
         raise ReplayError(f"Kafka refused to move {len(failed)} partitions: {failed[0].error}")

@@ -112,6 +112,10 @@ def _count_archived(archive: ObjectStore) -> int:
     return sum(1 for key in archive.list() if key.endswith(".dcm"))
 
 
+def _kafka_text(exc: KafkaException) -> str:
+    return exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
+
+
 def _collect_kafka(cfg: Config, status: PipelineStatus, topics: list[str]) -> None:
     """The topics' offsets and each consumer group's lag (routing destinations apart), into ``status``."""
     status.topics = watermarks(cfg, topics)
@@ -122,18 +126,23 @@ def _collect_kafka(cfg: Config, status: PipelineStatus, topics: list[str]) -> No
     for group in groups:
         if group.startswith(("diana-status", "lag-probe-", "reader-")):
             continue
-        if group.startswith(route_prefix) and group.removeprefix(route_prefix) in route_topics:
-            destination = group.removeprefix(route_prefix)
-            marks = {t: status.topics[t] for t in route_topics[destination] if t in status.topics}
-            status.routes[destination] = group_lag(cfg, group, marks, count_uncommitted=True)
+        try:  # one group's failure (its coordinator moving, no right to read it) is that group's line
+            if group.startswith(route_prefix) and group.removeprefix(route_prefix) in route_topics:
+                destination = group.removeprefix(route_prefix)
+                marks = {t: status.topics[t] for t in route_topics[destination] if t in status.topics}
+                status.routes[destination] = group_lag(cfg, group, marks, count_uncommitted=True)
+                continue
+            lag = group_lag(cfg, group, status.topics)
+        except KafkaException as exc:
+            status.errors.append(f"consumer group {group}: {_kafka_text(exc)}")
             continue
-        lag = group_lag(cfg, group, status.topics)
         if lag:
             status.groups[group] = lag
 
 
 def collect_status(cfg: Config) -> PipelineStatus:
     from opensearchpy.exceptions import ConnectionError as OpenSearchConnectionError
+    from opensearchpy.exceptions import ConnectionTimeout
     from opensearchpy.exceptions import OpenSearchException
 
     from diana.schemas.layout import IndexLayout
@@ -144,7 +153,7 @@ def collect_status(cfg: Config) -> PipelineStatus:
         _collect_kafka(cfg, status, [t.name for t in ALL_TOPICS])
     except KafkaException as exc:
         # What is wrong is what status is asked for: the rest is still shown.
-        status.errors.append(f"kafka at {cfg.kafka.bootstrap}: {exc.args[0].str() if exc.args else exc}")
+        status.errors.append(f"kafka at {cfg.kafka.bootstrap}: {_kafka_text(exc)}")
     client = opensearch_client(cfg.opensearch, timeout=10)
     layout = IndexLayout(cfg.opensearch.index_prefix)
     for kind in layout.id_fields:
@@ -153,8 +162,12 @@ def collect_status(cfg: Config) -> PipelineStatus:
             target = sorted(client.indices.get_alias(name=alias))
             count = client.count(index=alias)["count"]
             status.indices[alias] = (",".join(target), count)
-        except OpenSearchConnectionError as exc:  # the same for every alias after it: said once
-            status.errors.append(f"opensearch at {cfg.opensearch.url}: {getattr(exc, 'error', exc)}")
+        except OpenSearchConnectionError as exc:
+            if isinstance(exc, ConnectionTimeout):  # slow on this one: the next may answer
+                status.errors.append(f"{alias}: no answer within 10 s")
+                continue
+            # Refused, unresolvable, TLS: the same for every alias after it, said once.
+            status.errors.append(f"opensearch at {cfg.opensearch.url}: {exc.info or exc.error}")
             break
         except OpenSearchException as exc:
             status.errors.append(f"{alias}: {getattr(exc, 'error', exc)}")

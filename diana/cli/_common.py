@@ -64,37 +64,50 @@ def progress_bar(disabled: bool, **options: Any) -> Any:
 
 
 def service_error(exc: BaseException, cfg: Config) -> str | None:
-    """What to tell a person when ``exc`` says Kafka or OpenSearch did not answer or refused the
-    credentials: which service, at which address, and where that is set. None for any other error
-    (a bug's traceback is what its report needs). Only the clients already imported are looked at."""
+    """What to tell a person when ``exc`` says Kafka or OpenSearch did not answer, failed TLS or refused
+    the credentials: which service, at which address, what it said, and where that is set. None for any
+    other error (a bug's traceback is what its report needs). Only the clients already imported are
+    looked at. The caller redacts the text."""
     kafka = sys.modules.get("confluent_kafka")
     if kafka is not None and isinstance(exc, kafka.KafkaException) and exc.args:
         error = exc.args[0]
         if isinstance(error, kafka.KafkaError):
-            code = error.code()
-            where = "[kafka] bootstrap (DIANA_KAFKA_BOOTSTRAP)"
-            if code in (kafka.KafkaError._TRANSPORT, kafka.KafkaError._ALL_BROKERS_DOWN, kafka.KafkaError._RESOLVE):
-                return (
-                    f"Kafka at {cfg.kafka.bootstrap} did not answer ({error.str()}). Is it running? "
-                    f"(`diana stack status` for the local stack.) Its address is {where}."
-                )
-            if code == kafka.KafkaError._TIMED_OUT:
-                return f"Kafka at {cfg.kafka.bootstrap} did not answer in time ({error.str()}); its address is {where}."
-            if code in (kafka.KafkaError._AUTHENTICATION, kafka.KafkaError.SASL_AUTHENTICATION_FAILED):
-                return (
-                    f"Kafka at {cfg.kafka.bootstrap} refused the credentials ({error.str()}): "
-                    "[kafka] sasl_username, and DIANA_KAFKA_SASL_PASSWORD or sasl_password_file."
-                )
+            return _kafka_error(kafka.KafkaError, error, cfg)
     opensearch = sys.modules.get("opensearchpy.exceptions")
     if opensearch is not None:
-        if isinstance(exc, opensearch.ConnectionError):  # refused, unresolvable, timed out, TLS
-            return (
-                f"OpenSearch at {cfg.opensearch.url} did not answer ({type(exc).__name__}). Is it running? "
-                "(`diana stack status` for the local stack.) Its address is [opensearch] url (DIANA_OPENSEARCH_URL)."
-            )
-        if isinstance(exc, opensearch.AuthenticationException):
-            return (
-                f"OpenSearch at {cfg.opensearch.url} refused the credentials (HTTP 401): [opensearch] username, "
-                "and DIANA_OPENSEARCH_PASSWORD or password_file."
-            )
+        return _opensearch_error(opensearch, exc, cfg)
+    return None
+
+
+def _kafka_error(codes: Any, error: Any, cfg: Config) -> str | None:
+    at, said, where = f"Kafka at {cfg.kafka.bootstrap}", error.str(), "[kafka] bootstrap (DIANA_KAFKA_BOOTSTRAP)"
+    code = error.code()
+    if code == codes._SSL:
+        return f"{at}: TLS failed ({said}). The broker's CA is [kafka] ssl_ca_file; its address is {where}."
+    if code in (codes._AUTHENTICATION, codes.SASL_AUTHENTICATION_FAILED):
+        return f"{at} refused the credentials ({said}): [kafka] sasl_username, and DIANA_KAFKA_SASL_PASSWORD or sasl_password_file."
+    if code in (codes._TRANSPORT, codes._ALL_BROKERS_DOWN, codes._RESOLVE):
+        # librdkafka says _TRANSPORT for a failed TLS or SASL handshake too: its text says which.
+        return f"{at} did not answer ({said}). Is it running? (`diana stack status` for the local stack.) Its address is {where}."
+    if code == codes._TIMED_OUT:
+        return f"{at} did not answer in time ({said}); its address is {where}."
+    return None
+
+
+def _opensearch_error(exceptions: Any, exc: BaseException, cfg: Config) -> str | None:
+    at, where = f"OpenSearch at {cfg.opensearch.url}", "[opensearch] url (DIANA_OPENSEARCH_URL)"
+    if isinstance(exc, exceptions.SSLError):  # before ConnectionError, its base: the server did answer
+        return f"{at}: TLS failed ({exc.info or exc.error}). Its CA is [opensearch] ca_file; its address is {where}."
+    if isinstance(exc, exceptions.ConnectionTimeout):
+        return f"{at} did not answer in time ({exc.info or exc.error}); its address is {where}."
+    if isinstance(exc, exceptions.ConnectionError):  # refused, unresolvable
+        return (
+            f"{at} did not answer ({exc.info or exc.error}). Is it running? (`diana stack status` for the local "
+            f"stack.) Its address is {where}."
+        )
+    if isinstance(exc, exceptions.AuthenticationException):
+        return (
+            f"{at} refused the credentials (HTTP 401): [opensearch] username, and DIANA_OPENSEARCH_PASSWORD or "
+            "password_file."
+        )
     return None

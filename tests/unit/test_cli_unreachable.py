@@ -67,6 +67,7 @@ def test_a_command_says_which_service_did_not_answer(ran, name) -> None:
     assert len(said) == 1, done.stderr
     port, setting = (kafka, "DIANA_KAFKA_BOOTSTRAP") if service == "Kafka" else (opensearch, "DIANA_OPENSEARCH_URL")
     assert f"{service} at " in said[0] and f"127.0.0.1:{port}" in said[0] and setting in said[0]
+    assert "did not answer" in said[0] and ("refused" in said[0] or "Timed out" in said[0])  # what it said
 
 
 def test_status_shows_the_problems_first_and_the_rest_after(ran) -> None:

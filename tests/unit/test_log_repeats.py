@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 
 from diana.clients import kafka_consumer
 from diana.config import KafkaConfig
@@ -23,13 +24,35 @@ class _Clock:
         return self.now
 
 
+class _Timers:
+    """Timers started by the filter, fired by the test (the filter's own are threads)."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[float, Callable[[], None]]] = []
+
+    def __call__(self, delay_s: float, callback: Callable[[], None]) -> _Timers:
+        self.started.append((delay_s, callback))
+        return self
+
+    def cancel(self) -> None:
+        pass
+
+    def fire(self) -> None:
+        started, self.started = self.started, []
+        for _, callback in started:
+            callback()
+
+
 class _Kept(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
+        try:
+            self.lines.append(self.format(record))
+        except Exception:  # as logging's own handlers do: reported on stderr, never raised
+            self.handleError(record)
 
 
 def _logger(name: str, repeats: RepeatedLines) -> tuple[logging.Logger, _Kept]:
@@ -41,22 +64,56 @@ def _logger(name: str, repeats: RepeatedLines) -> tuple[logging.Logger, _Kept]:
     return logger, kept
 
 
-def test_a_line_repeated_within_the_window_is_counted_then_said_once_with_the_count() -> None:
-    clock = _Clock()
-    logger, kept = _logger("test.repeats.window", RepeatedLines(window_s=60, clock=clock))
+def _filtered(name: str, **options) -> tuple[logging.Logger, _Kept, _Clock, _Timers]:
+    clock, timers = _Clock(), _Timers()
+    logger, kept = _logger(name, RepeatedLines(window_s=60, clock=clock, start_timer=timers, **options))
+    return logger, kept, clock, timers
+
+
+def test_a_flood_comes_out_as_its_first_line_then_one_count_a_window() -> None:
+    logger, kept, clock, timers = _filtered("test.repeats.flood")
     for n in range(20):  # one second of an outage: the durations differ, the kind does not
         logger.error(_REFUSED.format("127.0.0.1:9092", n % 3))
         clock.now += 0.05
     assert kept.lines == [_REFUSED.format("127.0.0.1:9092", 0)]
-    clock.now += 60
-    logger.error(_REFUSED.format("127.0.0.1:9092", 7))
-    assert kept.lines[1] == _REFUSED.format("127.0.0.1:9092", 7) + " (19 more like it in the last 60 s)"
-    logger.error(_REFUSED.format("127.0.0.1:9092", 0))  # a new window: held back again, counted from 0
-    assert len(kept.lines) == 2
+    assert [round(delay, 2) for delay, _ in timers.started] == [59.95]  # one timer, for the window's end
+    clock.now = 1060.0
+    timers.fire()
+    assert kept.lines[1].startswith(_REFUSED.format("127.0.0.1:9092", 18 % 3) + " (19 like it held back since ")
+    assert kept.lines[1].endswith(" UTC)")
+    logger.error(_REFUSED.format("127.0.0.1:9092", 0))  # the count opened a new window: held back
+    assert len(kept.lines) == 2 and len(timers.started) == 1
+
+
+def test_a_line_held_back_is_counted_even_if_none_follows_it() -> None:
+    # A broker flapping: a second disconnect 30 s after the first, then quiet. It is written when the
+    # window ends, not an hour later with the next one.
+    logger, kept, clock, timers = _filtered("test.repeats.flap")
+    disconnected = (
+        "FAIL [rdkafka#consumer-1] [thrd:10.0.0.1:9092/1]: 10.0.0.1:9092/1: Disconnected (after {}ms in state UP)"
+    )
+    logger.error(disconnected.format(5123))
+    clock.now += 30
+    logger.error(disconnected.format(30001))
+    assert len(kept.lines) == 1
+    clock.now += 30
+    timers.fire()
+    assert kept.lines[1].startswith(disconnected.format(30001) + " (1 like it held back since ")
+    clock.now += 3600  # quiet: a line of the kind now passes at once
+    logger.error(disconnected.format(7))
+    assert kept.lines[2] == disconnected.format(7)
+
+
+def test_a_count_left_at_exit_is_written_by_flush() -> None:
+    logger, kept, clock, timers = _filtered("test.repeats.exit")
+    logger.warning("GET http://127.0.0.1:9200/x [status:N/A request:0.001s]")
+    logger.warning("GET http://127.0.0.1:9200/x [status:N/A request:0.002s]")
+    logger.filters[0].flush()  # what atexit does for the two clients' filters
+    assert len(kept.lines) == 2 and "(1 like it held back since " in kept.lines[1]
 
 
 def test_each_broker_and_each_message_keeps_its_own_line() -> None:
-    logger, kept = _logger("test.repeats.kinds", RepeatedLines(window_s=60, clock=_Clock()))
+    logger, kept, clock, timers = _filtered("test.repeats.kinds")
     logger.error(_REFUSED.format("10.0.0.1:9092", 0))
     logger.error(_REFUSED.format("10.0.0.2:9092", 0))
     logger.error(
@@ -67,12 +124,23 @@ def test_each_broker_and_each_message_keeps_its_own_line() -> None:
     assert "10.0.0.2:9092" in kept.lines[1] and "Disconnected" in kept.lines[2]
 
 
-def test_the_kinds_remembered_are_bounded() -> None:
-    logger, kept = _logger("test.repeats.bounded", RepeatedLines(window_s=60, clock=_Clock(), max_kinds=10))
-    for n in range(25):
+def test_the_kinds_remembered_are_bounded_and_keep_their_counts() -> None:
+    logger, kept, clock, timers = _filtered("test.repeats.bounded", max_kinds=10)
+    logger.warning("GET http://127.0.0.1:9200/index-0 [status:N/A request:0.001s]")
+    logger.warning("GET http://127.0.0.1:9200/index-0 [status:N/A request:0.009s]")  # held: a count pending
+    for n in range(1, 25):
         logger.warning("GET http://127.0.0.1:9200/index-%d [status:N/A request:0.001s]", n)
-    logger.warning("GET http://127.0.0.1:9200/index-24 [status:N/A request:0.004s]")  # remembered still
     assert len(kept.lines) == 25
+    clock.now += 60
+    timers.fire()
+    assert "index-0" in kept.lines[25] and "(1 like it held back since " in kept.lines[25]
+
+
+def test_a_record_the_filter_cannot_read_is_let_through() -> None:
+    logger, kept, clock, timers = _filtered("test.repeats.broken")
+    # getMessage() raises TypeError: from a filter it would reach this line; the handler reports it instead.
+    logger.warning("%d widgets", "not a number")
+    assert kept.lines == []
 
 
 def test_a_real_kafka_client_facing_a_closed_port_says_it_once() -> None:
