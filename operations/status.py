@@ -142,8 +142,7 @@ def _collect_kafka(cfg: Config, status: PipelineStatus, topics: list[str]) -> No
 
 def collect_status(cfg: Config) -> PipelineStatus:
     from opensearchpy.exceptions import ConnectionError as OpenSearchConnectionError
-    from opensearchpy.exceptions import ConnectionTimeout
-    from opensearchpy.exceptions import OpenSearchException
+    from opensearchpy.exceptions import ConnectionTimeout, OpenSearchException
 
     from diana.schemas.layout import IndexLayout
     from diana.schemas.topics import ALL_TOPICS

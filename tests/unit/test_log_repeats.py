@@ -79,7 +79,7 @@ def test_a_flood_comes_out_as_its_first_line_then_one_count_a_window() -> None:
     assert [round(delay, 2) for delay, _ in timers.started] == [59.95]  # one timer, for the window's end
     clock.now = 1060.0
     timers.fire()
-    assert kept.lines[1].startswith(_REFUSED.format("127.0.0.1:9092", 18 % 3) + " (19 like it held back since ")
+    assert kept.lines[1].startswith(_REFUSED.format("127.0.0.1:9092", 19 % 3) + " (19 like it held back since ")
     assert kept.lines[1].endswith(" UTC)")
     logger.error(_REFUSED.format("127.0.0.1:9092", 0))  # the count opened a new window: held back
     assert len(kept.lines) == 2 and len(timers.started) == 1
