@@ -28,7 +28,7 @@ KAFKA_CLIENT_LOGGER = logging.getLogger("diana.kafka")
 
 # What differs between two lines of the same kind: durations ("after 12ms", "request:0.004s") and
 # librdkafka's own counts ("3 identical error(s) suppressed", "2 request(s) timed out").
-_VARYING = re.compile(r"\d+(?:\.\d+)?(?=m?s\b)|\d+(?= identical| request)")
+_VARYING = re.compile(r"(?<![\w.-])(?:\d+(?:\.\d+)?(?=m?s\b)|\d+(?= identical| request))")
 
 
 @dataclass
@@ -107,16 +107,19 @@ class RepeatedLines(logging.Filter):
         return f"{seen.held} like it held back since {since} UTC"
 
     def _arm(self, due: float) -> None:
-        """The timer set for ``due`` unless it is set for earlier already (under the lock)."""
+        """The timer set for ``due`` unless it is set for earlier already (under the lock). Recorded only
+        once started: a timer that could not start leaves the next line to try again."""
         if self._timer_due is not None and self._timer_due <= due:
             return
+        timer = self.start_timer(max(0.0, due - self.clock()), lambda: self._on_timer(due))
         if self._timer is not None:
             self._timer.cancel()
-        self._timer_due = due
-        self._timer = self.start_timer(max(0.0, due - self.clock()), self._on_timer)
+        self._timer, self._timer_due = timer, due
 
-    def _on_timer(self) -> None:
+    def _on_timer(self, due: float) -> None:
         with self._lock:
+            if self._timer_due != due:  # replaced by an earlier one after it had fired: that one writes
+                return
             self._timer = self._timer_due = None
         self.flush(only_due=True)
 
@@ -125,18 +128,24 @@ class RepeatedLines(logging.Filter):
         summaries = []
         with self._lock:
             now = self.clock()
+            next_due: float | None = None
             for seen in self._kinds.values():
                 if not seen.held or seen.last is None:
                     continue
                 due = seen.opened + self.window_s
                 if only_due and now < due:
-                    self._arm(due)
+                    next_due = due if next_due is None else min(next_due, due)
                     continue
                 summary = logging.makeLogRecord(seen.last.__dict__)
                 summary.msg, summary.args = f"{seen.last.getMessage()} ({self._held_text(seen)})", None
                 summary.diana_summary = True
                 summaries.append(summary)
                 seen.opened, seen.held, seen.last = now, 0, None
+            if next_due is not None:
+                try:
+                    self._arm(next_due)
+                except Exception:  # no thread to be had: the next line of a kind tries again
+                    pass
         for summary in summaries:
             logging.getLogger(summary.name).handle(summary)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 
 from diana.clients import kafka_admin, kafka_consumer, opensearch_client
 from diana.config import Config, ConfigError
@@ -112,6 +112,10 @@ def _count_archived(archive: ObjectStore) -> int:
     return sum(1 for key in archive.list() if key.endswith(".dcm"))
 
 
+# Errors that say Kafka as a whole did not answer, not one group.
+_KAFKA_GONE = (KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN)
+
+
 def _kafka_text(exc: KafkaException) -> str:
     return exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
 
@@ -135,6 +139,8 @@ def _collect_kafka(cfg: Config, status: PipelineStatus, topics: list[str]) -> No
             lag = group_lag(cfg, group, status.topics)
         except KafkaException as exc:
             status.errors.append(f"consumer group {group}: {_kafka_text(exc)}")
+            if exc.args and getattr(exc.args[0], "code", lambda: None)() in _KAFKA_GONE:
+                break  # Kafka itself went: each further group would wait its 10 s for the same answer
             continue
         if lag:
             status.groups[group] = lag

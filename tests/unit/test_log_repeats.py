@@ -47,12 +47,13 @@ class _Kept(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self.lines: list[str] = []
+        self.unformattable: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.lines.append(self.format(record))
-        except Exception:  # as logging's own handlers do: reported on stderr, never raised
-            self.handleError(record)
+        except Exception:  # as logging's own handlers do (handleError), never raised
+            self.unformattable.append(record)
 
 
 def _logger(name: str, repeats: RepeatedLines) -> tuple[logging.Logger, _Kept]:
@@ -138,9 +139,45 @@ def test_the_kinds_remembered_are_bounded_and_keep_their_counts() -> None:
 
 def test_a_record_the_filter_cannot_read_is_let_through() -> None:
     logger, kept, clock, timers = _filtered("test.repeats.broken")
-    # getMessage() raises TypeError: from a filter it would reach this line; the handler reports it instead.
+    # getMessage() raises TypeError: from a filter it would reach this line. Let through, the handler
+    # deals with it as handlers do.
     logger.warning("%d widgets", "not a number")
-    assert kept.lines == []
+    assert kept.lines == [] and [r.msg for r in kept.unformattable] == ["%d widgets"]
+
+
+def test_a_line_after_its_window_but_before_the_timer_carries_the_count() -> None:
+    logger, kept, clock, timers = _filtered("test.repeats.race")
+    logger.error(_REFUSED.format("127.0.0.1:9092", 0))
+    logger.error(_REFUSED.format("127.0.0.1:9092", 1))  # held
+    clock.now += 61  # the window ended; its timer has not run yet
+    logger.error(_REFUSED.format("127.0.0.1:9092", 2))
+    assert kept.lines[1].startswith(_REFUSED.format("127.0.0.1:9092", 2) + " (1 like it held back since ")
+    assert kept.lines[1].endswith(" UTC before this)")
+    timers.fire()  # late: nothing left to write
+    assert len(kept.lines) == 2
+
+
+def test_a_timer_replaced_after_it_fired_leaves_the_new_one_in_charge() -> None:
+    clock, timers = _Clock(), _Timers()
+    repeats = RepeatedLines(window_s=60, clock=clock, start_timer=timers)
+    with repeats._lock:
+        repeats._arm(1100.0)
+        repeats._arm(1050.0)  # earlier: replaces it (the first may have fired already)
+    stale = timers.started[0][1]
+    stale()  # the first one's callback, run after all
+    with repeats._lock:
+        repeats._arm(1070.0)  # later than the one in charge: no new timer
+    assert len(timers.started) == 2
+
+
+def test_no_timer_to_be_had_lets_the_lines_through() -> None:
+    def no_thread(_delay: float, _callback: Callable[[], None]) -> None:
+        raise RuntimeError("can't start new thread")
+
+    logger, kept = _logger("test.repeats.nothread", RepeatedLines(window_s=60, clock=_Clock(), start_timer=no_thread))
+    for n in range(3):
+        logger.error(_REFUSED.format("127.0.0.1:9092", n))
+    assert len(kept.lines) == 3  # none held back without a timer to count them
 
 
 def test_a_real_kafka_client_facing_a_closed_port_says_it_once() -> None:
