@@ -6,7 +6,7 @@
 Starts a Kafka of its own (ports 31092-31093, under ``--work``), then ``--watchers`` processes that each send a
 describe request every ``--interval`` seconds with that request timeout; stops the broker for 12 s every
 ``--cycles`` times, and prints after each restart which watchers have died and how. The sinks' membership
-guard was first written this way and then read the client's statistics instead (sinks/membership.py,
+guard was first written this way and then read the client's statistics instead (diana/group_membership.py,
 docs/RELIABILITY.md).
 """
 

@@ -20,8 +20,8 @@ from prometheus_client import Counter, Histogram
 
 from diana.clients import kafka_consumer, kafka_producer
 from diana.config import KafkaConfig
+from diana.group_membership import GroupWatch
 from diana.schemas.topics import DEADLETTER, EVENT_COMPRESSION
-from diana.sinks.membership import GroupWatch
 
 __all__ = [
     "RetryableError",
@@ -202,7 +202,7 @@ def run_sink(
     is logged; its batch may come again (after a rebalance or restart), and every write is idempotent.
 
     A consumer that has sent no group request (heartbeat, join) for ``stuck_after_s`` (three sessions)
-    while connected to a broker has stopped taking part in its group (sinks/membership.py): it is closed
+    while connected to a broker has stopped taking part in its group (diana/group_membership.py): it is closed
     and replaced by a new one, which resumes from the group's committed offsets. ``extra_settings``:
     librdkafka settings added to the consumer's (e.g. ``debug``; never replacing its own)."""
 

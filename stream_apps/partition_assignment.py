@@ -8,13 +8,16 @@ those offsets: state and input position always agree. A revoked or lost partitio
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from prometheus_client import Counter
 
 from diana.clients import kafka_consumer
+from diana.group_membership import GroupWatch
 from diana.stream_apps.batch import Handler
 from diana.stream_apps.local_state import LocalStates
 from diana.stream_apps.loop_settings import ConsumerFatal, LoopSettings, Stopped, slow
@@ -24,6 +27,12 @@ from diana.stream_apps.state_store import StateStore
 __all__ = ["PartitionAssignment"]
 
 log = structlog.get_logger("diana.stream.transactional")
+
+REPLACED_CONSUMERS = Counter(
+    "diana_stream_consumers_replaced_total",
+    "Consumers the stream worker closed and made anew: after a fatal error, or outside its group",
+    ["reason"],
+)
 
 
 class PartitionAssignment:
@@ -37,9 +46,12 @@ class PartitionAssignment:
     running: bool
     _consumer_settings: dict[str, Any]
     _consumer_fatal_times: list[float]
+    _watch: GroupWatch
 
     # -- assignment -------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if consumer is not self.consumer:  # a replaced consumer, still closing on its thread
+            return
         # Blocks until the group's offsets for these partitions are stable: a transaction of a
         # worker that died is committed or aborted first, so the changelog read next is final.
         committed = self._committed(partitions)
@@ -50,6 +62,11 @@ class PartitionAssignment:
         log.info("partitions.assigned", partitions=numbers)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if consumer is not self.consumer:
+            # A replaced consumer revoking as it closes, on its own thread (_join_again), maybe after its
+            # successor got the same partitions: their state is the successor's now.
+            consumer.unassign()
+            return
         for partition in sorted({tp.partition for tp in partitions}):
             self.store.drop(partition)
             self.handler.partition_stopped(partition)
@@ -119,6 +136,28 @@ class PartitionAssignment:
         log.warning("consume.error", reason=str(error))
         return True
 
+    def _new_consumer(self) -> Consumer:
+        """A consumer of the group, watched: its statistics tell ``self._watch`` whether it still takes part
+        in the group (diana/group_membership.py)."""
+        session_s = self.settings.session_timeout_ms / 1000
+        # Statistics every half session, at most 5 s apart. Stuck after 30 s (or a session, if longer)
+        # without a group request: a member heartbeats every 3 s (librdkafka's default), and the
+        # coordinator has dropped one silent for a session anyway. The sinks' limit is 30 s too.
+        self._watch = GroupWatch(max(30.0, session_s), min(5.0, session_s / 2))
+        return kafka_consumer(
+            self.settings.kafka, self.settings.group_id, {**self._consumer_settings, **self._watch.settings()}
+        )
+
+    def _rejoin_outside_group(self) -> None:
+        """The consumer has sent its group no request (heartbeat, join) for 30 s while connected:
+        librdkafka 2.16 left one so after a broker restart, its partitions revoked and never assigned again
+        (stop 30's CI). Join again with a new consumer, as after a fatal error."""
+        log.error(
+            "consumer.outside_group", group=self.settings.group_id, action="joining the group again with a new consumer"
+        )
+        REPLACED_CONSUMERS.labels("outside_group").inc()
+        self._join_again(close_wait_s=self.settings.session_timeout_ms / 1000)
+
     def _replace_consumer(self, error: KafkaError) -> None:
         """A fatal consumer error leaves the consumer unusable for good: join again with a new one.
 
@@ -136,16 +175,36 @@ class PartitionAssignment:
                 "if another worker runs with the same [stream] worker_id, give each its own"
             )
         log.error("consumer.fatal", reason=str(error), action="joining the group again with a new consumer")
+        REPLACED_CONSUMERS.labels("fatal").inc()
+        self._join_again(close_wait_s=self.settings.session_timeout_ms / 1000)
+
+    def _join_again(self, close_wait_s: float) -> None:
+        """Drop every partition's state (restored on the next assignment, as after a restart), close the
+        consumer and subscribe a new one. No transaction is open between two consume calls.
+
+        The old consumer is closed on a thread of its own, waited for at most ``close_wait_s``: a client in
+        that state may not finish closing, and the worker must not hang on it."""
         for partition in sorted(self.store.partitions):
             self.store.drop(partition)
             self.handler.partition_stopped(partition)
             if self.local is not None:
                 self.local.close(partition)
-        try:
-            self.consumer.close()
-        except KafkaException as exc:  # it is unusable already; closing is only housekeeping
-            log.warning("consumer.close_failed", reason=str(exc))
-        self.consumer = kafka_consumer(self.settings.kafka, self.settings.group_id, self._consumer_settings)
+        old = self.consumer
+
+        def close() -> None:
+            try:
+                old.close()
+            except KafkaException as exc:  # it is unusable already; closing is only housekeeping
+                log.warning("consumer.close_failed", reason=str(exc))
+
+        closing = threading.Thread(target=close, name="close-consumer", daemon=True)
+        closing.start()
+        deadline = time.monotonic() + close_wait_s
+        while closing.is_alive() and time.monotonic() < deadline and self.running:
+            closing.join(0.2)
+        if closing.is_alive():
+            log.warning("consumer.close_unfinished", waited_s=close_wait_s)
+        self.consumer = self._new_consumer()
         self._subscribe()
 
     def _started(self, positions: list[TopicPartition]) -> None:

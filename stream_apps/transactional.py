@@ -33,7 +33,7 @@ import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import Counter
 
-from diana.clients import kafka_consumer, kafka_producer
+from diana.clients import kafka_producer
 from diana.stream_apps.batch import Batch, Handler
 from diana.stream_apps.local_state import Checkpoint, LocalStateError, LocalStates, now_ms
 from diana.stream_apps.loop_settings import ConsumerFatal, LoopSettings, Stopped, slow
@@ -81,7 +81,7 @@ class TransactionalLoop(PartitionAssignment):
         if settings.group_instance_id:
             consumer_settings["group.instance.id"] = settings.group_instance_id
         self._consumer_settings = consumer_settings
-        self.consumer = kafka_consumer(settings.kafka, settings.group_id, consumer_settings)
+        self.consumer = self._new_consumer()
         self.producer = self._new_producer()
         self._fatal_times: list[float] = []
         self._consumer_fatal_times: list[float] = []
@@ -108,6 +108,8 @@ class TransactionalLoop(PartitionAssignment):
             self._retry("init_transactions", lambda: self.producer.init_transactions(self.settings.call_timeout_s))
             self._subscribe()
             while self.running:
+                if self._watch.stuck:
+                    self._rejoin_outside_group()
                 if self.every_second and time.monotonic() - last_second >= 1.0:
                     last_second = time.monotonic()
                     self.every_second()

@@ -1,5 +1,5 @@
 """A sink's consumer that stopped taking part in its group is found and replaced without losing an
-event, on the real Kafka (sinks/membership.py; docs/RELIABILITY.md, "broker-down: an archive sink that
+event, on the real Kafka (diana/group_membership.py; docs/RELIABILITY.md, "broker-down: an archive sink that
 never rejoined its group").
 
 The consumer CI saw, alive and polling with its group EMPTY, was never reproduced on purpose. A real
@@ -14,8 +14,8 @@ import time
 import uuid
 
 from diana.clients import kafka_consumer
+from diana.group_membership import GroupWatch
 from diana.sinks.consumer import REPLACED_CONSUMERS, run_sink
-from diana.sinks.membership import GroupWatch
 from tests.support.helpers import committed_offset, produce_events, topic_with_events
 
 SESSION_S = 6.0  # the broker's smallest (group.min.session.timeout.ms)

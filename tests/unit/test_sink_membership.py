@@ -1,11 +1,11 @@
-"""When a sink counts its consumer as no longer taking part in its group (sinks/membership.py): no group
+"""When a sink counts its consumer as no longer taking part in its group (diana/group_membership.py): no group
 request sent and none awaiting an answer, while connected to a broker, for the whole limit."""
 
 from __future__ import annotations
 
 import json
 
-from diana.sinks.membership import GroupActivity, GroupWatch, group_activity
+from diana.group_membership import GroupActivity, GroupWatch, group_activity
 
 
 def _stats(

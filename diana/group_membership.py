@@ -1,15 +1,19 @@
-"""A sink's check that its consumer still takes part in its group, read from the client's own statistics.
+"""A consumer's check that it still takes part in its group, read from the client's own statistics: the
+sinks (sinks/consumer.py) and the aggregates worker (stream_apps/partition_assignment.py) replace a
+consumer that stopped.
 
-Seen once on CI (docs/RELIABILITY.md, "broker-down: an archive sink that never rejoined its group"): a
+Seen on CI (docs/RELIABILITY.md, "broker-down: an archive sink that never rejoined its group"): a
 librdkafka 2.16 consumer whose coordinator died about 3 s after its first assignment sent no heartbeat
 again and never rejoined. It kept polling, nothing in the client reported an error, and its group sat
-EMPTY while events waited.
+EMPTY while events waited. Seen again in stop 30's CI on the aggregates worker, after
+test_receiver_durability stopped and restarted the broker: its partitions were revoked 8 s after the
+broker came back, never assigned again, and diana-aggregates stayed EMPTY while 351 instance events waited.
 
 A member of a group sends the coordinator a heartbeat every few seconds; a consumer joining sends
 JoinGroup and SyncGroup, and waits for their answers. librdkafka counts the requests it has sent, per
 broker, in the statistics it reports every ``statistics.interval.ms``. A consumer connected to a
 broker that has sent none of these, with no request awaiting an answer on its coordinator connection,
-for ``limit_s`` has stopped taking part in its group; the caller (``run_sink``) replaces it.
+for ``limit_s`` has stopped taking part in its group; the caller (``run_sink``, the stream loop) replaces it.
 
 Asking the broker instead (``AdminClient.describe_consumer_groups`` every few seconds, is the member
 id listed?) was tried first: in librdkafka 2.16.0 that loop aborted its process when the broker
@@ -60,8 +64,8 @@ class GroupWatch:
     connected to a broker. Time without a connection is not counted: a consumer rejoins after an outage.
     Any request sent clears ``stuck`` again.
 
-    The callback runs inside the consumer's ``poll``/``consume``, on the sink's own thread, so reports
-    wait while the sink writes: a report handled more than two intervals after the one before (the
+    The callback runs inside the consumer's ``poll``/``consume``, on the caller's own thread, so reports
+    wait while the sink writes (or the stream worker restores state): a report handled more than two intervals after the one before (the
     sink was busy meanwhile) starts the count again, and the reports queued behind it, handled at the
     same moment, cannot add the write's time to it."""
 
