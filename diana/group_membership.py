@@ -24,12 +24,42 @@ restarts, docs/RELIABILITY.md).
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GroupActivity", "GroupWatch", "group_activity"]
+import structlog
+
+__all__ = ["GroupActivity", "GroupWatch", "close_within", "group_activity", "stats_interval_s"]
+
+log = structlog.get_logger("diana.group_membership")
+
+
+def stats_interval_s(session_s: float) -> float:
+    """How often a watched consumer reports its statistics: every half session, at most 5 s apart."""
+    return min(5.0, session_s / 2)
+
+
+def close_within(consumer: Any, wait_s: float, keep_waiting: Callable[[], bool], name: str) -> bool:
+    """Close ``consumer`` on a thread of its own (``name``), waiting at most ``wait_s`` and only while
+    ``keep_waiting()``: a consumer outside its group may not finish closing, and its owner must not hang on
+    it (one that never finishes is left to its thread). True if it closed in time."""
+
+    def close() -> None:
+        try:
+            consumer.close()
+        except Exception as exc:  # it is being replaced: closing is only housekeeping
+            log.warning("consumer.close_failed", reason=str(exc))
+
+    closing = threading.Thread(target=close, name=name, daemon=True)
+    closing.start()
+    deadline = time.monotonic() + wait_s
+    while closing.is_alive() and time.monotonic() < deadline and keep_waiting():
+        closing.join(0.2)
+    return not closing.is_alive()
+
 
 # The requests of a consumer taking part in its group (classic protocol).
 GROUP_REQUESTS = ("Heartbeat", "JoinGroup", "SyncGroup")

@@ -20,7 +20,7 @@ from prometheus_client import Counter, Histogram
 
 from diana.clients import kafka_consumer, kafka_producer
 from diana.config import KafkaConfig
-from diana.group_membership import GroupWatch
+from diana.group_membership import GroupWatch, close_within, stats_interval_s
 from diana.schemas.topics import DEADLETTER, EVENT_COMPRESSION
 
 __all__ = [
@@ -214,12 +214,10 @@ def run_sink(
             log.warning("sink.commit_failed", sink=sink.name, error=err.str())
             commit_failed_at[0] = time.monotonic()
 
-    # Statistics every half session, at most 5 s apart: the watch's clock.
-    stats_interval_s = min(5.0, session_timeout_s / 2)
     stuck_after_s = 3 * session_timeout_s if stuck_after_s is None else stuck_after_s
 
     def subscribed_consumer() -> tuple[Any, GroupWatch]:
-        watch = GroupWatch(stuck_after_s, stats_interval_s)
+        watch = GroupWatch(stuck_after_s, stats_interval_s(session_timeout_s))
         consumer = kafka_consumer(
             kafka,
             group_id,
@@ -305,12 +303,7 @@ def _replace_consumer(
     sent; what was not committed comes again to the new consumer, and every write is idempotent."""
     log.error("sink.outside_group", sink=name, group=group_id, action="replacing the consumer")
     REPLACED_CONSUMERS.labels(name).inc()
-    closing = threading.Thread(target=stuck.close, name=f"close-{name}", daemon=True)
-    closing.start()
-    deadline = time.monotonic() + close_wait_s
-    while closing.is_alive() and time.monotonic() < deadline and not stop.is_set():
-        closing.join(0.2)
-    if closing.is_alive():
+    if not close_within(stuck, close_wait_s, lambda: not stop.is_set(), f"close-{name}"):
         log.warning("sink.close_unfinished", sink=name, waited_s=close_wait_s)
     if stop.is_set():
         return None

@@ -8,7 +8,6 @@ those offsets: state and input position always agree. A revoked or lost partitio
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -17,7 +16,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from prometheus_client import Counter
 
 from diana.clients import kafka_consumer
-from diana.group_membership import GroupWatch
+from diana.group_membership import GroupWatch, close_within, stats_interval_s
 from diana.stream_apps.batch import Handler
 from diana.stream_apps.local_state import LocalStates
 from diana.stream_apps.loop_settings import ConsumerFatal, LoopSettings, Stopped, slow
@@ -143,7 +142,7 @@ class PartitionAssignment:
         # Statistics every half session, at most 5 s apart. Stuck after 30 s (or a session, if longer)
         # without a group request: a member heartbeats every 3 s (librdkafka's default), and the
         # coordinator has dropped one silent for a session anyway. The sinks' limit is 30 s too.
-        self._watch = GroupWatch(max(30.0, session_s), min(5.0, session_s / 2))
+        self._watch = GroupWatch(max(30.0, session_s), stats_interval_s(session_s))
         return kafka_consumer(
             self.settings.kafka, self.settings.group_id, {**self._consumer_settings, **self._watch.settings()}
         )
@@ -189,20 +188,7 @@ class PartitionAssignment:
             self.handler.partition_stopped(partition)
             if self.local is not None:
                 self.local.close(partition)
-        old = self.consumer
-
-        def close() -> None:
-            try:
-                old.close()
-            except KafkaException as exc:  # it is unusable already; closing is only housekeeping
-                log.warning("consumer.close_failed", reason=str(exc))
-
-        closing = threading.Thread(target=close, name="close-consumer", daemon=True)
-        closing.start()
-        deadline = time.monotonic() + close_wait_s
-        while closing.is_alive() and time.monotonic() < deadline and self.running:
-            closing.join(0.2)
-        if closing.is_alive():
+        if not close_within(self.consumer, close_wait_s, lambda: self.running, "close-consumer"):
             log.warning("consumer.close_unfinished", waited_s=close_wait_s)
         self.consumer = self._new_consumer()
         self._subscribe()
