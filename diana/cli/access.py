@@ -36,7 +36,6 @@ def _cohort_filter(args: argparse.Namespace):
 
 def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
     """Find the studies matching filters; print them, write CSV/JSON, or export their objects."""
-    from opensearchpy.exceptions import ConnectionError as OSConnectionError
     from opensearchpy.exceptions import NotFoundError
 
     from diana.access.cohort import CohortError, find_studies, write_rows
@@ -48,13 +47,6 @@ def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
         rows = find_studies(client, prefix, _cohort_filter(args), limit=args.limit)
     except CohortError as exc:
         return fail("cohort", str(exc))
-    except OSConnectionError:
-        return fail(
-            "cohort",
-            f"OpenSearch does not answer at {cfg.opensearch.url}; start the stack "
-            f"(diana stack start) or set [opensearch] url",
-            code=1,
-        )
     except NotFoundError as exc:
         return fail("cohort", f"index missing ({getattr(exc, 'info', exc)}); nothing indexed yet?", code=1)
     if args.action == "find":
@@ -144,8 +136,6 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     """Write a self-contained HTML report of ingest and dose for a date range (no network needed to view it)."""
     from datetime import date, timedelta
 
-    from opensearchpy.exceptions import ConnectionError as OSConnectionError
-
     from diana.access.report import build_report
     from diana.clients import opensearch_client
     from diana.durable import write_atomic
@@ -162,11 +152,8 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
         levels = load_reference_levels(cfg.path(Path(cfg.dose.reference_levels))) if cfg.dose.reference_levels else None
     except LevelsError as exc:
         return fail("report", str(exc))
-    try:
-        client = opensearch_client(cfg.opensearch, timeout=60)
-        page = build_report(client, cfg.opensearch.index_prefix, start, end, levels)
-    except OSConnectionError:
-        return fail("report", f"OpenSearch does not answer at {cfg.opensearch.url}", code=1)
+    client = opensearch_client(cfg.opensearch, timeout=60)
+    page = build_report(client, cfg.opensearch.index_prefix, start, end, levels)
     write_atomic(Path(args.out), page.encode("utf-8"))
     print(f"report {start} to {end} written to {args.out}")
     return 0

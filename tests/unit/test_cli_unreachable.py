@@ -24,6 +24,8 @@ def _closed_port() -> int:
 _COMMANDS = {
     "replay": (("replay", "--to-end", "diana-sink-archive", "--dry-run"), "Kafka"),
     "reindex": (("reindex", "--no-progress"), "OpenSearch"),  # OpenSearch is asked first
+    "cohort": (("cohort", "find", "--modality", "CT"), "OpenSearch"),
+    "report": (("report", "--out", "/dev/null"), "OpenSearch"),
     "status": (("status",), None),
 }
 
