@@ -15,7 +15,7 @@ from confluent_kafka import ConsumerGroupState, ConsumerGroupTopicPartitions, Ka
 
 from diana.clients import kafka_admin, kafka_consumer
 from diana.config import Config
-from diana.operations.status import watermarks
+from diana.operations.status import kafka_error_code, watermarks
 
 __all__ = ["ReplayError", "Move", "plan_replay", "apply_replay", "render_moves", "watch_lag"]
 
@@ -116,7 +116,7 @@ def apply_replay(cfg: Config, group: str, moves: list[Move]) -> None:
     try:
         result = admin.alter_consumer_group_offsets([request], request_timeout=_ADMIN_TIMEOUT_S)[group].result()
     except KafkaException as exc:
-        if exc.args and getattr(exc.args[0], "code", lambda: None)() == KafkaError._TIMED_OUT:
+        if kafka_error_code(exc) == KafkaError._TIMED_OUT:
             # Asked, and no answer: the broker may have made the move all the same.
             raise ReplayError(
                 f"Kafka did not confirm the move of {group} within {_ADMIN_TIMEOUT_S:.0f} s: it may or may not "

@@ -17,7 +17,7 @@ from diana.clients import kafka_admin, kafka_consumer, opensearch_client
 from diana.config import Config, ConfigError
 from diana.storage import ObjectStore, open_store
 
-__all__ = ["PipelineStatus", "collect_status", "render_status", "group_lag"]
+__all__ = ["PipelineStatus", "collect_status", "render_status", "group_lag", "kafka_error_code"]
 
 
 @dataclass
@@ -120,6 +120,11 @@ def _kafka_text(exc: KafkaException) -> str:
     return exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
 
 
+def kafka_error_code(exc: KafkaException) -> int | None:
+    """The librdkafka error code ``exc`` carries (None: it carries no KafkaError)."""
+    return exc.args[0].code() if exc.args and isinstance(exc.args[0], KafkaError) else None
+
+
 def _collect_kafka(cfg: Config, status: PipelineStatus, topics: list[str]) -> None:
     """The topics' offsets and each consumer group's lag (routing destinations apart), into ``status``."""
     status.topics = watermarks(cfg, topics)
@@ -139,7 +144,7 @@ def _collect_kafka(cfg: Config, status: PipelineStatus, topics: list[str]) -> No
             lag = group_lag(cfg, group, status.topics)
         except KafkaException as exc:
             status.errors.append(f"consumer group {group}: {_kafka_text(exc)}")
-            if exc.args and getattr(exc.args[0], "code", lambda: None)() in _KAFKA_GONE:
+            if kafka_error_code(exc) in _KAFKA_GONE:
                 break  # Kafka itself went: each further group would wait its 10 s for the same answer
             continue
         if lag:
