@@ -93,6 +93,14 @@ def _log_count(pipeline, name: str, event: str) -> int:
     return len(re.findall(re.escape(event), pipeline.log_text(name)))
 
 
+def _in_group(pipeline, name: str) -> bool:
+    """Whether the worker's last assignment event is an assignment (not a revoke, nor none yet)."""
+    if not (pipeline.logs / f"{name}.log").exists():
+        return False
+    text = pipeline.log_text(name)
+    return text.rfind("partitions.assigned") > max(text.rfind("partitions.revoked"), text.rfind("consumer.fatal"))
+
+
 def test_a_worker_restart_with_static_membership_moves_no_partition_of_the_other(pipeline):
     cfg = pipeline.cfg
     second = {"DIANA_STREAM_WEB_PORT": str(port(16067))}
@@ -148,6 +156,8 @@ def test_a_worker_fenced_by_its_own_static_id_joins_again_and_keeps_aggregating(
     worker_id = (
         (cfg.path(cfg.stream.data_dir) / f"{cfg.stream.app_id}-{cfg.stream.web_port}.worker-id").read_text().strip()
     )
+    # The intruder must join after the worker: joining first, it would be the one fenced by the worker.
+    _wait_for(lambda: _in_group(pipeline, "aggregates"), what="the worker's assignment")
     fatal_before = _log_count(pipeline, "aggregates", "consumer.fatal")
     intruder = Consumer(
         {
