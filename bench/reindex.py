@@ -192,20 +192,20 @@ def bulk_floor(
     settings = {"refresh_interval": "-1", "translog.durability": translog}
     client.indices.put_settings(index=index, body={"index": settings})
     bodies: list[bytes] = []
-    lines: list[str] = []
+    lines: list[bytes] = []
     size = 0
     for i in range(n):
         event = numbered(templates[i % len(templates)], i)
         if not header:
             event["header_json"] = None
         doc = _document(event)
-        lines += [json.dumps({"create": {"_index": index, "_id": event["sop_instance_uid"]}}), doc]
+        lines += [json.dumps({"create": {"_index": index, "_id": event["sop_instance_uid"]}}).encode(), doc]
         size += len(doc)
         if size >= max_bytes:
-            bodies.append(("\n".join(lines) + "\n").encode())
+            bodies.append(b"\n".join(lines) + b"\n")
             lines, size = [], 0
     if lines:
-        bodies.append(("\n".join(lines) + "\n").encode())
+        bodies.append(b"\n".join(lines) + b"\n")
     host, port = cfg.opensearch.url.split("//", 1)[1].rsplit(":", 1)
 
     def post(body: bytes) -> None:

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
+import orjson
 import structlog
 from confluent_kafka import Message
 from opensearchpy import OpenSearch
@@ -93,16 +94,18 @@ def deadletter_document(msg: Message) -> dict[str, Any]:
 
 
 def _json_default(value: Any) -> str:
-    """A value JSON has no type for: a datetime in ISO 8601, anything else as its text."""
-    return value.isoformat() if isinstance(value, datetime) else str(value)
+    """A value JSON has no type for (a Decimal, bytes...) as its text; orjson writes datetimes itself."""
+    return str(value)
 
 
-# One encoder for every document: json.dumps with a ``default`` builds a new one per call, and
-# converting only what JSON cannot write (the timestamps) spares a test of every field (issue 19).
-_DOCUMENT_JSON = json.JSONEncoder(default=_json_default).encode
+def _json(value: Any) -> bytes:
+    """Compact UTF-8 JSON. orjson, not the standard library: a document took 12 µs there and 2.7 µs
+    here, a quarter of the sink's Python work per event at reindex speed (docs/PERFORMANCE.md, issue
+    19, stop 31). Datetimes come out in ISO 8601 as ``isoformat()`` writes them; NaN as null."""
+    return orjson.dumps(value, default=_json_default)
 
 
-def _document(record: dict[str, Any]) -> str:
+def _document(record: dict[str, Any]) -> bytes:
     """The document's JSON, written once: the sizing of bulk requests and the request body use it.
 
     The event's header is already DICOM JSON (the receiver wrote it): it goes into the document as
@@ -112,16 +115,18 @@ def _document(record: dict[str, Any]) -> str:
     """
     doc = dict(record)
     header = doc.pop("header_json", None)
-    text = _DOCUMENT_JSON(doc)
+    text = _json(doc)
     if not header:
         return text
     if "\n" in header or "\r" in header:
         # A raw line break would end the bulk request's NDJSON line early (and what follows could pass
         # for an action): such a header (the receiver never writes one) is parsed and written compact.
         # Not JSON: the error dead-letters the event. Other JSON errors fail its document alone.
-        header = json.dumps(json.loads(header), separators=(",", ":"))
-    # Spliced as the last member: `{...}` becomes `{..., "dicom": <header>}` (or `{"dicom": ...}`).
-    return f'{text[:-1]}{", " if doc else ""}"dicom": {header}}}'
+        member = orjson.dumps(orjson.loads(header))
+    else:
+        member = header.encode()
+    # Spliced as the last member: `{...}` becomes `{...,"dicom":<header>}` (or `{"dicom":...}`).
+    return b"".join((text[:-1], b"," if doc else b"", b'"dicom":', member, b"}"))
 
 
 # What a bulk response is cut down to (``filter_path``): one entry per item, in order, as sent.
@@ -130,8 +135,8 @@ _BULK_ANSWER = "items.*.status,items.*.error.type,items.*.error.reason"
 
 @dataclass
 class _BulkRequest:
-    items: list[tuple[Message, dict, str]]  # (message, action metadata, the document's JSON)
-    body: str  # the NDJSON request body
+    items: list[tuple[Message, dict, bytes]]  # (message, action metadata, the document's JSON)
+    body: bytes  # the NDJSON request body
 
 
 @dataclass
@@ -143,14 +148,15 @@ class PreparedBatch:
     undecodable: list[tuple[Message, str]] = field(default_factory=list)  # (message, dead-letter reason)
 
 
-def _request(items: list[tuple[Message, dict, str]]) -> _BulkRequest:
+def _request(items: list[tuple[Message, dict, bytes]]) -> _BulkRequest:
     """The NDJSON body of one bulk request: built here, the documents are JSON already (``_document``)."""
-    lines: list[str] = []
+    lines: list[bytes] = []
     for _, meta, doc in items:
         action = {k: v for k, v in meta.items() if k != "op_type"}
-        lines.append(json.dumps({meta.get("op_type", "index"): action}))
+        lines.append(orjson.dumps({meta.get("op_type", "index"): action}))
         lines.append(doc)
-    return _BulkRequest(items, "\n".join(lines) + "\n")
+    lines.append(b"")
+    return _BulkRequest(items, b"\n".join(lines))
 
 
 class OpenSearchSink:
@@ -227,7 +233,7 @@ class OpenSearchSink:
         reindex prepares the next batch while this one's requests are in flight."""
         prepared = PreparedBatch(batch)
         # (message, action metadata, the document's JSON)
-        actions: list[tuple[Message, dict, str]] = []
+        actions: list[tuple[Message, dict, bytes]] = []
         for msg in batch:
             kind = self.layout.kinds[msg.topic()]  # subscribed to those topics only
             if msg.topic() == DEADLETTER.name:
@@ -246,10 +252,10 @@ class OpenSearchSink:
                 meta.update(version=record["revision"], version_type="external_gte")
             if kind == "instances" and self.first_wins:
                 meta["op_type"] = "create"
-            actions.append((msg, meta, json.dumps(record, default=str) if kind == "deadletters" else _document(record)))
+            actions.append((msg, meta, _json(record) if kind == "deadletters" else _document(record)))
         # Within one bulk request, later events for the same document supersede earlier ones; for
         # documents only ever created (first wins), the earliest stays.
-        latest: dict[tuple[str, str], tuple[Message, dict, str]] = {}
+        latest: dict[tuple[str, str], tuple[Message, dict, bytes]] = {}
         for item in actions:
             key = (item[1]["_index"], item[1]["_id"])
             if not (item[1].get("op_type") == "create" and key in latest):
@@ -259,7 +265,7 @@ class OpenSearchSink:
         # parallel_requests of them at least: one bulk request into one shard is indexed by one of
         # OpenSearch's write threads, so a batch sent whole used one core (issue 19, docs/PERFORMANCE.md).
         per_request = -(-len(pending) // self.parallel_requests)
-        chunk: list[tuple[Message, dict, str]] = []
+        chunk: list[tuple[Message, dict, bytes]] = []
         size = 0
         for item in pending:
             item_size = len(item[2])

@@ -21,7 +21,7 @@ def test_the_header_is_spliced_verbatim_as_dicom() -> None:
         "header_json": HEADER,
     }
     text = _document(record)
-    assert text.endswith(f'"dicom": {HEADER}}}')
+    assert text.endswith(f'"dicom":{HEADER}}}'.encode())
     assert json.loads(text) == {
         "sop_instance_uid": "1.2.3",
         "received_at": "2026-11-28T12:00:00+00:00",
@@ -44,7 +44,7 @@ def test_a_header_alone_makes_a_valid_document() -> None:
 def test_a_header_with_line_breaks_is_written_on_one_line_and_cannot_add_a_bulk_action() -> None:
     pretty = '{\n  "00100020": {"vr": "LO", "Value": ["P1"]}\n}'
     doc = _document({"sop_instance_uid": "1.2", "header_json": pretty})
-    assert "\n" not in doc and json.loads(doc)["dicom"] == json.loads(pretty)
+    assert b"\n" not in doc and json.loads(doc)["dicom"] == json.loads(pretty)
     smuggled = '{"a": 1}}\n{"delete": {"_index": "diana-instances", "_id": "9.9"}}\n{"b": {'
     with pytest.raises(json.JSONDecodeError):  # the sink dead-letters a message whose handling raises
         _document({"sop_instance_uid": "1.2", "header_json": smuggled})
@@ -64,3 +64,10 @@ def test_values_json_has_no_type_for_are_written_as_text_and_timestamps_in_iso_8
         "dose": "1.5",
         "later": [{"at": "2026-11-30T07:00:00+00:00"}],
     }
+
+
+def test_a_value_json_cannot_hold_is_null_and_text_stays_unescaped_utf8() -> None:
+    # json.dumps wrote NaN, which is not JSON: OpenSearch refused the whole document.
+    document = _document({"patient_weight_kg": float("nan"), "institution_name": "Hôpital Saint-Louis"})
+    assert json.loads(document) == {"patient_weight_kg": None, "institution_name": "Hôpital Saint-Louis"}
+    assert "Hôpital".encode() in document

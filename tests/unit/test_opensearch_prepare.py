@@ -32,8 +32,8 @@ def _event(sop: str, size: int) -> Message:
     return Message(topic=INSTANCES.name, partition=0, offset=size, value=value)
 
 
-def _lines(body: str) -> list[dict]:
-    assert body.endswith("\n")
+def _lines(body: bytes) -> list[dict]:
+    assert body.endswith(b"\n")
     return [json.loads(line) for line in body.splitlines()]
 
 
