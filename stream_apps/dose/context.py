@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import date
 
 from pydicom import Dataset
@@ -28,7 +29,8 @@ def _float(ds: Dataset, keyword: str) -> float | None:
         value = float(ds.get(keyword))
     except (TypeError, ValueError):
         return None
-    return value if value == value and value > 0 else None
+    # A size or weight is positive and finite: "NaN" and "inf" read as floats, and mean "not known".
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def _date(text: str | None) -> date | None:
