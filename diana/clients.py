@@ -9,6 +9,7 @@ Callers add only what is particular to their use (a group id, acks, transactions
 from __future__ import annotations
 
 import configparser
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,9 @@ __all__ = [
 ]
 
 # librdkafka's syslog levels: 3 is error, 4 warning. Connection refusals during an outage are
-# logged as errors by librdkafka and are worth seeing; its debug chatter is not.
+# logged as errors by librdkafka and are worth seeing; its debug chatter is not, unless asked for.
 _KAFKA_LOG_LEVEL = 3
+_KAFKA_DEBUG_LOG_LEVEL = 7
 
 
 def _kafka_password(kafka: KafkaConfig) -> str:
@@ -76,6 +78,10 @@ def kafka_settings(kafka: KafkaConfig, extra: Mapping[str, Any] | None = None) -
         "logger": KAFKA_CLIENT_LOGGER,
         **kafka_security_settings(kafka),
     }
+    if kafka.debug:
+        # [kafka] debug: librdkafka's debug lines, written whatever [log] level says (they were asked for).
+        settings.update({"debug": kafka.debug.replace(" ", ""), "log_level": _KAFKA_DEBUG_LOG_LEVEL})
+        KAFKA_CLIENT_LOGGER.setLevel(logging.DEBUG)
     settings.update(extra or {})
     return settings
 

@@ -82,6 +82,17 @@ class KafkaConfig:
     sasl_password: str = field(default="", repr=False)
     sasl_password_file: str = ""
     ssl_ca_file: str = ""
+    # librdkafka's debug contexts for every Kafka client diana makes ("cgrp,fetch" follows a consumer
+    # group; "all" is very verbose), logged at debug level through diana.kafka; empty: off. For
+    # finding out why a client misbehaves (docs/OPERATIONS.md), not for everyday running.
+    debug: str = ""
+
+
+# librdkafka's debug contexts (2.x; an unknown one would fail every client at its creation).
+KAFKA_DEBUG_CONTEXTS = (
+    *("generic", "broker", "topic", "metadata", "feature", "queue", "msg", "protocol", "cgrp", "security"),
+    *("fetch", "interceptor", "plugin", "consumer", "admin", "eos", "mock", "assignor", "conf", "telemetry", "all"),
+)
 
 
 @dataclass(frozen=True)
@@ -583,6 +594,12 @@ def _check_choices(sections: dict[str, Any]) -> None:
     # Under librdkafka's socket.timeout.ms (60 s) by a second, or a fetch that waits times out.
     if not 0 <= kafka.fetch_wait_max_ms <= 59_000:
         raise ConfigError(f"[kafka] fetch_wait_max_ms = {kafka.fetch_wait_max_ms}: use 0 to 59000 (default 50)")
+    unknown = [c for c in kafka.debug.replace(" ", "").split(",") if c and c not in KAFKA_DEBUG_CONTEXTS]
+    if unknown:
+        raise ConfigError(
+            f"[kafka] debug = {kafka.debug!r}: {', '.join(unknown)} is not a librdkafka debug context; "
+            f'use a comma-separated list of {", ".join(KAFKA_DEBUG_CONTEXTS)} (e.g. "cgrp,fetch"), or "" for none'
+        )
     storage = sections["storage"]
     if storage.s3_part_size_mb < 5:
         raise ConfigError(f"[storage] s3_part_size_mb = {storage.s3_part_size_mb}: S3 parts are at least 5 MiB")

@@ -56,7 +56,8 @@ class RepeatedLines(logging.Filter):
     burying everything else; opensearch-py logs every failed request. A kind is the message with its
     durations and counts left out, so that each broker's, client's and request's failures stay visible.
     The summary is written by a timer when the window ends (one thread, only while a count is pending),
-    or by ``flush`` at exit."""
+    or by ``flush`` at exit. Lines under warning level pass untouched: they come only when asked for
+    (librdkafka's debug lines, [kafka] debug), and each is wanted."""
 
     def __init__(
         self,
@@ -73,7 +74,8 @@ class RepeatedLines(logging.Filter):
         self._timer_due: float | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "diana_summary", False):
+        # Debug and info lines come only when asked for ([kafka] debug): every one of them is wanted.
+        if getattr(record, "diana_summary", False) or record.levelno < logging.WARNING:
             return True
         try:
             return self._let_through(record)
