@@ -75,6 +75,10 @@ class GroupActivity:
     requests: int  # group requests sent so far, over every broker
     awaiting: int  # requests of any kind awaiting an answer on the group coordinator's connection
     connected: bool  # a connection to a broker (the coordinator's included) is up
+    # The client knows a topic of its subscription: one whose subscribed topics do not exist (yet) has
+    # no group to join, sends no group request, and waits for them rightly (the report's "topics" is
+    # empty until a subscribed topic appears: librdkafka 2.16 on the real broker, docs/RELIABILITY.md).
+    has_topics: bool = True
 
 
 def group_activity(stats: dict[str, Any]) -> GroupActivity:
@@ -85,13 +89,15 @@ def group_activity(stats: dict[str, Any]) -> GroupActivity:
         # The coordinator is a "logical" broker of the client, beside the brokers it learned.
         awaiting=sum(broker.get("waitresp_cnt", 0) for broker in brokers if broker.get("source") == "logical"),
         connected=any(broker.get("state") == "UP" and broker.get("source") in CONNECTING_SOURCES for broker in brokers),
+        has_topics=bool(stats.get("topics")),
     )
 
 
 class GroupWatch:
     """Told each statistics report of one consumer (``on_stats``, its ``stats_cb``); ``stuck`` turns True
     once the consumer has sent no group request, with none awaiting an answer, for ``limit_s`` while
-    connected to a broker. Time without a connection is not counted: a consumer rejoins after an outage.
+    connected to a broker. Time without a connection is not counted: a consumer rejoins after an outage;
+    nor is time with none of its topics known to it: it joins once one is created.
     Any request sent clears ``stuck`` again.
 
     The callback runs inside the consumer's ``poll``/``consume``, on the caller's own thread, so reports
@@ -121,7 +127,7 @@ class GroupWatch:
         self._requests, self._reported_at = activity.requests, now
         if sent:
             self.stuck = False
-        if late or sent or not activity.connected or activity.awaiting:
+        if late or sent or not activity.connected or not activity.has_topics or activity.awaiting:
             self.quiet_since = None
             return
         if self.quiet_since is None:
