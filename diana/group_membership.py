@@ -26,13 +26,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-__all__ = ["GroupActivity", "GroupWatch", "close_within", "group_activity", "stats_interval_s"]
+__all__ = ["GroupActivity", "GroupWatch", "close_within", "group_activity", "stats_interval_s", "waiting_for_topics"]
 
 log = structlog.get_logger("diana.group_membership")
 
@@ -61,6 +61,21 @@ def close_within(consumer: Any, wait_s: float, keep_waiting: Callable[[], bool],
     return not closing.is_alive()
 
 
+def waiting_for_topics(consumer: Any, topics: Iterable[str], timeout_s: float = 5.0) -> bool:
+    """Whether none of ``topics`` exists on the cluster, by the consumer's own metadata request.
+
+    A consumer whose subscribed topics do not exist (yet) sends its group no request at all until one is
+    created (librdkafka 2.16 on the real broker: join state ``init`` and ``wait-metadata`` in turn), so its
+    watch counts it stuck; replacing it helps nothing. Its statistics cannot tell it apart: a member
+    with no partition lists no topic either. False when a topic exists, or when the metadata does not
+    come within ``timeout_s`` (the consumer is then taken for stuck, as before)."""
+    try:
+        known = consumer.list_topics(timeout=timeout_s).topics
+    except Exception:  # KafkaException, or a closed or broken client: not a reason to keep it
+        return False
+    return not any(topic in known and known[topic].error is None for topic in topics)
+
+
 # The requests of a consumer taking part in its group (classic protocol).
 GROUP_REQUESTS = ("Heartbeat", "JoinGroup", "SyncGroup")
 # Brokers of a statistics report that stand for a connection: those the client learned or was given,
@@ -75,10 +90,6 @@ class GroupActivity:
     requests: int  # group requests sent so far, over every broker
     awaiting: int  # requests of any kind awaiting an answer on the group coordinator's connection
     connected: bool  # a connection to a broker (the coordinator's included) is up
-    # The client knows a topic of its subscription: one whose subscribed topics do not exist (yet) has
-    # no group to join, sends no group request, and waits for them rightly (the report's "topics" is
-    # empty until a subscribed topic appears: librdkafka 2.16 on the real broker, docs/RELIABILITY.md).
-    has_topics: bool = True
 
 
 def group_activity(stats: dict[str, Any]) -> GroupActivity:
@@ -89,15 +100,13 @@ def group_activity(stats: dict[str, Any]) -> GroupActivity:
         # The coordinator is a "logical" broker of the client, beside the brokers it learned.
         awaiting=sum(broker.get("waitresp_cnt", 0) for broker in brokers if broker.get("source") == "logical"),
         connected=any(broker.get("state") == "UP" and broker.get("source") in CONNECTING_SOURCES for broker in brokers),
-        has_topics=bool(stats.get("topics")),
     )
 
 
 class GroupWatch:
     """Told each statistics report of one consumer (``on_stats``, its ``stats_cb``); ``stuck`` turns True
     once the consumer has sent no group request, with none awaiting an answer, for ``limit_s`` while
-    connected to a broker. Time without a connection is not counted: a consumer rejoins after an outage;
-    nor is time with none of its topics known to it: it joins once one is created.
+    connected to a broker. Time without a connection is not counted: a consumer rejoins after an outage.
     Any request sent clears ``stuck`` again.
 
     The callback runs inside the consumer's ``poll``/``consume``, on the caller's own thread, so reports
@@ -114,6 +123,10 @@ class GroupWatch:
         self._requests: int | None = None
         self._reported_at: float | None = None
 
+    def restart(self) -> None:
+        """Count again from the next report (a consumer found waiting for its topics, not stuck)."""
+        self.stuck, self.quiet_since = False, None
+
     def settings(self) -> dict[str, Any]:
         """The consumer settings that send this watch the client's statistics."""
         return {"statistics.interval.ms": max(1, int(self.interval_s * 1000)), "stats_cb": self.on_stats}
@@ -127,7 +140,7 @@ class GroupWatch:
         self._requests, self._reported_at = activity.requests, now
         if sent:
             self.stuck = False
-        if late or sent or not activity.connected or not activity.has_topics or activity.awaiting:
+        if late or sent or not activity.connected or activity.awaiting:
             self.quiet_since = None
             return
         if self.quiet_since is None:

@@ -20,7 +20,7 @@ from prometheus_client import Counter, Histogram
 
 from diana.clients import kafka_consumer, kafka_producer
 from diana.config import KafkaConfig
-from diana.group_membership import GroupWatch, close_within, stats_interval_s
+from diana.group_membership import GroupWatch, close_within, stats_interval_s, waiting_for_topics
 from diana.schemas.topics import DEADLETTER, EVENT_COMPRESSION
 
 __all__ = [
@@ -244,6 +244,10 @@ def run_sink(
     log.info("sink.started", sink=sink.name, group=group_id, topics=list(sink.topics))
     try:
         while not stop.is_set():
+            if watch.stuck and waiting_for_topics(consumer, sink.topics):
+                # Not stuck: none of its topics exists yet, and it joins once one is created.
+                log.warning("sink.topics_missing", sink=sink.name, topics=list(sink.topics), fix="diana topics")
+                watch.restart()
             if watch.stuck:
                 stuck, consumer = consumer, None  # closed by _replace_consumer, never twice
                 replaced = _replace_consumer(sink.name, group_id, stuck, subscribed_consumer, session_timeout_s, stop)

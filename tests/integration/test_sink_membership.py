@@ -139,43 +139,45 @@ def test_a_sink_replaces_its_fenced_consumer_and_loses_nothing(stack, cfg):
     _wait(lambda: committed_offset(cfg, group, topic) == 100, 30, "the group's offset at the end of the topic")
 
 
-def test_a_consumer_waiting_for_its_topic_to_be_created_is_not_counted_stuck(stack, cfg):
-    # Subscribed to a topic not created yet, a librdkafka consumer sends its group nothing: counted as
-    # stuck, a sink replaced it every three sessions until the topic appeared.
+def test_a_sink_waiting_for_its_topic_to_be_created_keeps_its_consumer(stack, cfg):
+    # Subscribed to a topic not created yet, a librdkafka consumer sends its group nothing, and its watch
+    # counts it stuck: the sink replaced it every three sessions until the topic appeared.
     topic = f"test-membership-later-{uuid.uuid4().hex[:8]}"
-    group = f"test-membership-{uuid.uuid4().hex[:8]}"
-    watch = GroupWatch(limit_s=3.0, interval_s=0.5)
-    consumer = kafka_consumer(
-        cfg.kafka,
-        group,
-        {
-            "session.timeout.ms": int(SESSION_S * 1000),
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            # it learns of the new topic at its next metadata refresh
-            "topic.metadata.refresh.interval.ms": 1000,
-            **HEARTBEAT,
-            **watch.settings(),
-        },
-    )
+    group = f"test-membership-later-{uuid.uuid4().hex[:8]}"
+    sink = _Recording(topic)
+    replaced = REPLACED_CONSUMERS.labels(sink.name)
+    replaced_before = replaced._value.get()
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_sink(
+                sink,
+                cfg.kafka,
+                group,
+                stop,
+                session_timeout_s=SESSION_S,
+                stuck_after_s=3.0,
+                # it learns of the new topic at its next metadata refresh
+                extra_settings={"topic.metadata.refresh.interval.ms": 1000, **HEARTBEAT},
+            )
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
     try:
-        consumer.subscribe([topic])
-        started = time.monotonic()
-        while time.monotonic() - started < 9.0:  # three limits
-            consumer.poll(0.1)
-            assert not watch.stuck, "a consumer waiting for its topic was counted stuck"
-        assert watch.quiet_since is None
-        admin = kafka_admin(cfg.kafka)
+        time.sleep(10.0)  # three limits and more
+        assert replaced._value.get() == replaced_before, "a consumer waiting for its topic was replaced"
+        admin = kafka_admin(cfg.kafka)  # kept until the topic exists
         admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
-        produce_events(cfg, topic, range(3))
-        got: list[bytes] = []
-
-        def poll() -> None:
-            msg = consumer.poll(0.2)
-            if msg is not None and msg.error() is None:
-                got.append(msg.value())
-
-        _wait(lambda: len(got) == 3, 60, "the three events of the topic created later", poll)
-        assert not watch.stuck
+        produce_events(cfg, topic, range(20))
+        _wait(lambda: len(set(sink.values)) >= 20, 60, "the events of the topic created later")
     finally:
-        consumer.close()
+        stop.set()
+        thread.join(60)
+    assert not failures, failures
+    assert not thread.is_alive(), "the sink did not stop"
+    assert replaced._value.get() == replaced_before, "replaced after all"
+    assert set(sink.values) == {f"event {i}".encode() for i in range(20)}

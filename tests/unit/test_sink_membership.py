@@ -9,17 +9,11 @@ from diana.group_membership import GroupActivity, GroupWatch, group_activity
 
 
 def _stats(
-    heartbeats: int,
-    joins: int = 2,
-    awaiting: int = 0,
-    broker_state: str = "UP",
-    coordinator_state: str | None = None,
-    topics: tuple[str, ...] = ("dicom.instances",),
+    heartbeats: int, joins: int = 2, awaiting: int = 0, broker_state: str = "UP", coordinator_state: str | None = None
 ) -> dict:
     """A librdkafka consumer's statistics report, cut to what the watch reads (as librdkafka 2.16 writes it)."""
     return {
         "cgrp": {"state": "up", "join_state": "steady"},
-        "topics": {name: {"topic": name, "partitions": {}} for name in topics},
         "brokers": {
             "127.0.0.1:9092/1": {
                 "nodeid": 1,
@@ -46,7 +40,7 @@ def test_the_group_requests_and_the_connection_are_read_from_a_report() -> None:
     # The coordinator's connection counts as one; the client's internal broker (always UP) does not.
     assert group_activity(_stats(heartbeats=3, broker_state="DOWN", coordinator_state="UP")).connected is True
     assert group_activity(_stats(heartbeats=3, broker_state="DOWN")).connected is False
-    assert group_activity({}) == GroupActivity(requests=0, awaiting=0, connected=False, has_topics=False)
+    assert group_activity({}) == GroupActivity(requests=0, awaiting=0, connected=False)
 
 
 def test_a_consumer_that_heartbeats_is_never_stuck() -> None:
@@ -125,13 +119,15 @@ def test_a_request_sent_clears_stuck_and_a_falling_count_is_a_request() -> None:
     assert watch.stuck is False and watch.quiet_since is None
 
 
-def test_a_consumer_whose_topics_do_not_exist_yet_is_waiting_not_stuck() -> None:
-    # librdkafka 2.16, subscribed to a topic not created yet: connected, "topics" empty, no group request
-    # at all (join state init / wait-metadata) until the topic appears (seen on the real broker).
+def test_a_watch_restarted_counts_its_limit_again_from_the_next_report() -> None:
+    # What a sink does with a consumer found waiting for its topics rather than stuck (waiting_for_topics).
     watch = GroupWatch(limit_s=30, interval_s=5)
-    for now in range(0, 120, 5):
-        watch.observe(group_activity(_stats(heartbeats=0, joins=0, topics=())), now)
-    assert not watch.stuck and watch.quiet_since is None
-    for now in range(120, 160, 5):  # the topic is created; the consumer's group requests then stop
-        watch.observe(group_activity(_stats(heartbeats=3)), now)
+    for now in range(0, 40, 5):
+        watch.observe(group_activity(_stats(heartbeats=0, joins=0)), now)
+    assert watch.stuck
+    watch.restart()
+    for now in range(40, 70, 5):
+        watch.observe(group_activity(_stats(heartbeats=0, joins=0)), now)
+    assert not watch.stuck  # 25 s of a new count
+    watch.observe(group_activity(_stats(heartbeats=0, joins=0)), 70)
     assert watch.stuck
