@@ -18,7 +18,14 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 from opensearchpy import OpenSearch
 
-from diana.config import ConfigError, KafkaConfig, OpenSearchConfig, StorageConfig, opensearch_urls
+from diana.config import (
+    ConfigError,
+    KafkaConfig,
+    OpenSearchConfig,
+    StorageConfig,
+    kafka_debug_contexts,
+    opensearch_urls,
+)
 from diana.credentials import CredentialError, remember_secret, secret_value
 from diana.logs import KAFKA_CLIENT_LOGGER
 
@@ -78,9 +85,9 @@ def kafka_settings(kafka: KafkaConfig, extra: Mapping[str, Any] | None = None) -
         "logger": KAFKA_CLIENT_LOGGER,
         **kafka_security_settings(kafka),
     }
-    if kafka.debug:
+    if debug := kafka_debug_contexts(kafka.debug):
         # [kafka] debug: librdkafka's debug lines, written whatever [log] level says (they were asked for).
-        settings.update({"debug": kafka.debug.replace(" ", ""), "log_level": _KAFKA_DEBUG_LOG_LEVEL})
+        settings.update({"debug": ",".join(debug), "log_level": _KAFKA_DEBUG_LOG_LEVEL})
         KAFKA_CLIENT_LOGGER.setLevel(logging.DEBUG)
     settings.update(extra or {})
     return settings

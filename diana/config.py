@@ -95,6 +95,11 @@ KAFKA_DEBUG_CONTEXTS = (
 )
 
 
+def kafka_debug_contexts(value: str) -> list[str]:
+    """[kafka] debug as librdkafka reads it: comma-separated, blanks around each ignored, any case."""
+    return [c.strip().lower() for c in value.split(",") if c.strip()]
+
+
 @dataclass(frozen=True)
 class OpenSearchConfig:
     # One node's url, or several separated by commas (the nodes of one cluster): the client spreads
@@ -594,7 +599,7 @@ def _check_choices(sections: dict[str, Any]) -> None:
     # Under librdkafka's socket.timeout.ms (60 s) by a second, or a fetch that waits times out.
     if not 0 <= kafka.fetch_wait_max_ms <= 59_000:
         raise ConfigError(f"[kafka] fetch_wait_max_ms = {kafka.fetch_wait_max_ms}: use 0 to 59000 (default 50)")
-    unknown = [c for c in kafka.debug.replace(" ", "").split(",") if c and c not in KAFKA_DEBUG_CONTEXTS]
+    unknown = [c for c in kafka_debug_contexts(kafka.debug) if c not in KAFKA_DEBUG_CONTEXTS]
     if unknown:
         raise ConfigError(
             f"[kafka] debug = {kafka.debug!r}: {', '.join(unknown)} is not a librdkafka debug context; "

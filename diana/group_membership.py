@@ -31,8 +31,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from confluent_kafka import KafkaError
 
-__all__ = ["GroupActivity", "GroupWatch", "close_within", "group_activity", "stats_interval_s", "waiting_for_topics"]
+__all__ = [
+    "GroupActivity",
+    "GroupWatch",
+    "close_within",
+    "group_activity",
+    "missing_topic",
+    "stats_interval_s",
+    "waiting_for_topics",
+]
 
 log = structlog.get_logger("diana.group_membership")
 
@@ -62,7 +71,8 @@ def close_within(consumer: Any, wait_s: float, keep_waiting: Callable[[], bool],
 
 
 def waiting_for_topics(consumer: Any, topics: Iterable[str], timeout_s: float = 5.0) -> bool:
-    """Whether none of ``topics`` exists on the cluster, by the consumer's own metadata request.
+    """Whether none of ``topics`` exists on the cluster (or none is visible to this client), by the
+    consumer's own metadata request.
 
     A consumer whose subscribed topics do not exist (yet) sends its group no request at all until one is
     created (librdkafka 2.16 on the real broker: join state ``init`` and ``wait-metadata`` in turn), so its
@@ -73,7 +83,16 @@ def waiting_for_topics(consumer: Any, topics: Iterable[str], timeout_s: float = 
         known = consumer.list_topics(timeout=timeout_s).topics
     except Exception:  # KafkaException, or a closed or broken client: not a reason to keep it
         return False
-    return not any(topic in known and known[topic].error is None for topic in topics)
+    return all(missing_topic(known, topic) for topic in topics)
+
+
+def missing_topic(known: dict[str, Any], topic: str) -> bool:
+    """Whether cluster metadata (``ClusterMetadata.topics``) says ``topic`` does not exist. Any other
+    error of an existing topic (a leader not available while a broker restarts) is not "missing"."""
+    metadata = known.get(topic)
+    if metadata is None:
+        return True
+    return metadata.error is not None and metadata.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
 
 
 # The requests of a consumer taking part in its group (classic protocol).

@@ -43,6 +43,11 @@ REPLACED_CONSUMERS = Counter(
     "Consumers a sink closed and made anew because they had stopped taking part in their group",
     ["sink"],
 )
+TOPICS_MISSING = Counter(
+    "diana_sink_topics_missing_total",
+    "Times a sink's consumer, silent in its group, was kept because none of its topics exists",
+    ["sink"],
+)
 # Where receipt-to-searchable goes in a sink (docs/PERFORMANCE.md, issue 19): how long a batch's write took,
 # and how old its messages were (from their Kafka timestamp) when it was written. Replayed messages are old.
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 120.0)
@@ -203,8 +208,10 @@ def run_sink(
 
     A consumer that has sent no group request (heartbeat, join) for ``stuck_after_s`` (three sessions)
     while connected to a broker has stopped taking part in its group (diana/group_membership.py): it is closed
-    and replaced by a new one, which resumes from the group's committed offsets. ``extra_settings``:
-    librdkafka settings added to the consumer's (e.g. ``debug``; never replacing its own)."""
+    and replaced by a new one, which resumes from the group's committed offsets; unless none of its
+    topics exists (``waiting_for_topics``): such a consumer sends its group nothing until one is created,
+    and is kept. ``extra_settings``: librdkafka settings added to the consumer's (e.g.
+    ``group.instance.id``; never replacing its own; librdkafka's debug lines: [kafka] debug)."""
 
     # When did a commit last fail (0: it did not)? Served inside consume(), on this thread.
     commit_failed_at = [0.0]
@@ -246,7 +253,13 @@ def run_sink(
         while not stop.is_set():
             if watch.stuck and waiting_for_topics(consumer, sink.topics):
                 # Not stuck: none of its topics exists yet, and it joins once one is created.
-                log.warning("sink.topics_missing", sink=sink.name, topics=list(sink.topics), fix="diana topics")
+                log.warning(
+                    "sink.topics_missing",
+                    sink=sink.name,
+                    topics=list(sink.topics),
+                    fix="create them (diana topics), or let this client see them ([kafka] sasl_username's ACLs)",
+                )
+                TOPICS_MISSING.labels(sink.name).inc()
                 watch.restart()
             if watch.stuck:
                 stuck, consumer = consumer, None  # closed by _replace_consumer, never twice

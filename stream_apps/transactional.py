@@ -111,7 +111,11 @@ class TransactionalLoop(PartitionAssignment):
             while self.running:
                 if self._watch.stuck and waiting_for_topics(self.consumer, self.settings.topics):
                     # Not stuck: none of its topics exists yet, and it joins once one is created.
-                    log.warning("consumer.topics_missing", topics=list(self.settings.topics), fix="diana topics")
+                    log.warning(
+                        "consumer.topics_missing",
+                        topics=list(self.settings.topics),
+                        fix="create them (diana topics), or let this client see them ([kafka] sasl_username's ACLs)",
+                    )
                     self._watch.restart()
                 if self._watch.stuck:
                     self._rejoin_outside_group()

@@ -17,7 +17,7 @@ from confluent_kafka.admin import NewTopic
 
 from diana.clients import kafka_admin, kafka_consumer
 from diana.group_membership import GroupWatch
-from diana.sinks.consumer import REPLACED_CONSUMERS, run_sink
+from diana.sinks.consumer import REPLACED_CONSUMERS, TOPICS_MISSING, run_sink
 from tests.support.helpers import committed_offset, produce_events, topic_with_events
 
 SESSION_S = 6.0  # the broker's smallest (group.min.session.timeout.ms)
@@ -147,6 +147,8 @@ def test_a_sink_waiting_for_its_topic_to_be_created_keeps_its_consumer(stack, cf
     sink = _Recording(topic)
     replaced = REPLACED_CONSUMERS.labels(sink.name)
     replaced_before = replaced._value.get()
+    missing = TOPICS_MISSING.labels(sink.name)
+    missing_before = missing._value.get()
     stop = threading.Event()
     failures: list[BaseException] = []
 
@@ -170,6 +172,7 @@ def test_a_sink_waiting_for_its_topic_to_be_created_keeps_its_consumer(stack, cf
     try:
         time.sleep(10.0)  # three limits and more
         assert replaced._value.get() == replaced_before, "a consumer waiting for its topic was replaced"
+        assert missing._value.get() > missing_before, "the watch never found it silent: nothing was tested"
         admin = kafka_admin(cfg.kafka)  # kept until the topic exists
         admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
         produce_events(cfg, topic, range(20))

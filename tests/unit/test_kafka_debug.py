@@ -24,12 +24,16 @@ def test_the_contexts_are_checked_at_start_up_with_the_fix_in_the_message() -> N
         load_config(None, environ={"DIANA_KAFKA_DEBUG": "cgrp,fetchh"})
     assert load_config(None, environ={"DIANA_KAFKA_DEBUG": "cgrp, fetch"}).kafka.debug == "cgrp, fetch"
     assert load_config(None, environ={}).kafka.debug == ""
+    # As librdkafka reads it: any case, blanks around each context.
+    assert load_config(None, environ={"DIANA_KAFKA_DEBUG": "CGRP,\tFetch"}).kafka.debug == "CGRP,\tFetch"
 
 
 def test_off_by_default_and_on_with_librdkafkas_debug_level() -> None:
     assert "debug" not in kafka_settings(KafkaConfig()) and kafka_settings(KafkaConfig())["log_level"] == 3
-    on = kafka_settings(KafkaConfig(debug="cgrp, fetch"))
+    on = kafka_settings(KafkaConfig(debug="CGRP, fetch"))
     assert on["debug"] == "cgrp,fetch" and on["log_level"] == 7
+    # Blanks alone are no context: off, not an empty "debug" that librdkafka refuses at every client.
+    assert "debug" not in kafka_settings(KafkaConfig(debug=" , "))
 
 
 class _Kept(logging.Handler):

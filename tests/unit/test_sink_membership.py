@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
-from diana.group_membership import GroupActivity, GroupWatch, group_activity
+from confluent_kafka import KafkaError
+from confluent_kafka.admin import TopicMetadata
+
+from diana.group_membership import GroupActivity, GroupWatch, group_activity, missing_topic
 
 
 def _stats(
@@ -131,3 +134,23 @@ def test_a_watch_restarted_counts_its_limit_again_from_the_next_report() -> None
     assert not watch.stuck  # 25 s of a new count
     watch.observe(group_activity(_stats(heartbeats=0, joins=0)), 70)
     assert watch.stuck
+
+
+def _topic(name: str, error: int | None = None) -> TopicMetadata:
+    metadata = TopicMetadata()
+    metadata.topic, metadata.error = name, None if error is None else KafkaError(error)
+    return metadata
+
+
+def test_a_topic_is_missing_when_absent_or_unknown_and_not_for_another_error() -> None:
+    known = {
+        "dicom.instances": _topic("dicom.instances"),
+        "dicom.series": _topic("dicom.series", KafkaError.LEADER_NOT_AVAILABLE),  # a broker restarting
+        "dicom.studies": _topic("dicom.studies", KafkaError.UNKNOWN_TOPIC_OR_PART),
+    }
+    assert [missing_topic(known, t) for t in ("dicom.instances", "dicom.series", "dicom.studies", "dose.events")] == [
+        False,
+        False,
+        True,
+        True,
+    ]
