@@ -82,14 +82,8 @@ class _Recording:
         self.values += [msg.value() for msg in batch]
 
 
-def test_a_sink_replaces_its_fenced_consumer_and_loses_nothing(stack, cfg):
-    topic = topic_with_events(cfg, "test-membership-sink", 50)
-    group = f"test-membership-sink-{uuid.uuid4().hex[:8]}"
-    instance_id = f"sink-{uuid.uuid4().hex[:8]}"
-    sink = _Recording(topic)
-    replaced = REPLACED_CONSUMERS.labels(sink.name)
-    replaced_before = replaced._value.get()
-    stop = threading.Event()
+def _sink_thread(sink, cfg, group: str, stop: threading.Event, settings: dict) -> tuple[threading.Thread, list]:
+    """``run_sink`` started on a thread of its own, with a 3 s limit; what it raised goes to the list."""
     failures: list[BaseException] = []
 
     def run() -> None:
@@ -101,13 +95,25 @@ def test_a_sink_replaces_its_fenced_consumer_and_loses_nothing(stack, cfg):
                 stop,
                 session_timeout_s=SESSION_S,
                 stuck_after_s=3.0,
-                extra_settings={"group.instance.id": instance_id, **HEARTBEAT},
+                extra_settings={**settings, **HEARTBEAT},
             )
         except BaseException as exc:
             failures.append(exc)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
+    return thread, failures
+
+
+def test_a_sink_replaces_its_fenced_consumer_and_loses_nothing(stack, cfg):
+    topic = topic_with_events(cfg, "test-membership-sink", 50)
+    group = f"test-membership-sink-{uuid.uuid4().hex[:8]}"
+    instance_id = f"sink-{uuid.uuid4().hex[:8]}"
+    sink = _Recording(topic)
+    replaced = REPLACED_CONSUMERS.labels(sink.name)
+    replaced_before = replaced._value.get()
+    stop = threading.Event()
+    thread, failures = _sink_thread(sink, cfg, group, stop, {"group.instance.id": instance_id})
     intruder = None
     try:
         _wait(lambda: len(set(sink.values)) >= 50, 60, "the first 50 events written")
@@ -150,25 +156,8 @@ def test_a_sink_waiting_for_its_topic_to_be_created_keeps_its_consumer(stack, cf
     missing = TOPICS_MISSING.labels(sink.name)
     missing_before = missing._value.get()
     stop = threading.Event()
-    failures: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            run_sink(
-                sink,
-                cfg.kafka,
-                group,
-                stop,
-                session_timeout_s=SESSION_S,
-                stuck_after_s=3.0,
-                # it learns of the new topic at its next metadata refresh
-                extra_settings={"topic.metadata.refresh.interval.ms": 1000, **HEARTBEAT},
-            )
-        except BaseException as exc:
-            failures.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    # it learns of the new topic at its next metadata refresh
+    thread, failures = _sink_thread(sink, cfg, group, stop, {"topic.metadata.refresh.interval.ms": 1000})
     try:
         time.sleep(10.0)  # three limits and more
         assert replaced._value.get() == replaced_before, "a consumer waiting for its topic was replaced"
