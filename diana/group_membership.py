@@ -36,6 +36,7 @@ from confluent_kafka import KafkaError
 __all__ = [
     "GroupActivity",
     "GroupWatch",
+    "TOPICS_MISSING_FIX",
     "close_within",
     "group_activity",
     "missing_topic",
@@ -68,6 +69,10 @@ def close_within(consumer: Any, wait_s: float, keep_waiting: Callable[[], bool],
     while closing.is_alive() and time.monotonic() < deadline and keep_waiting():
         closing.join(0.2)
     return not closing.is_alive()
+
+
+# What an operator does about a consumer kept waiting for its topics.
+TOPICS_MISSING_FIX = "create them (diana topics), or let this client see them ([kafka] sasl_username's ACLs)"
 
 
 def waiting_for_topics(consumer: Any, topics: Iterable[str], timeout_s: float = 5.0) -> bool:
@@ -145,6 +150,14 @@ class GroupWatch:
     def restart(self) -> None:
         """Count again from the next report (a consumer found waiting for its topics, not stuck)."""
         self.stuck, self.quiet_since = False, None
+
+    def kept_waiting_for(self, consumer: Any, topics: Iterable[str]) -> bool:
+        """Found stuck, but none of ``topics`` exists (``waiting_for_topics``): the consumer is waiting
+        rightly, the count starts again, and True (the caller says so, with ``TOPICS_MISSING_FIX``)."""
+        if not (self.stuck and waiting_for_topics(consumer, topics)):
+            return False
+        self.restart()
+        return True
 
     def settings(self) -> dict[str, Any]:
         """The consumer settings that send this watch the client's statistics."""

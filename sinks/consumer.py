@@ -20,7 +20,7 @@ from prometheus_client import Counter, Histogram
 
 from diana.clients import kafka_consumer, kafka_producer
 from diana.config import KafkaConfig
-from diana.group_membership import GroupWatch, close_within, stats_interval_s, waiting_for_topics
+from diana.group_membership import TOPICS_MISSING_FIX, GroupWatch, close_within, stats_interval_s
 from diana.schemas.topics import DEADLETTER, EVENT_COMPRESSION
 
 __all__ = [
@@ -209,7 +209,7 @@ def run_sink(
     A consumer that has sent no group request (heartbeat, join) for ``stuck_after_s`` (three sessions)
     while connected to a broker has stopped taking part in its group (diana/group_membership.py): it is closed
     and replaced by a new one, which resumes from the group's committed offsets; unless none of its
-    topics exists (``waiting_for_topics``): such a consumer sends its group nothing until one is created,
+    topics exists (``GroupWatch.kept_waiting_for``): such a consumer sends its group nothing until one is created,
     and is kept. ``extra_settings``: librdkafka settings added to the consumer's (e.g.
     ``group.instance.id``; never replacing its own; librdkafka's debug lines: [kafka] debug)."""
 
@@ -251,16 +251,10 @@ def run_sink(
     log.info("sink.started", sink=sink.name, group=group_id, topics=list(sink.topics))
     try:
         while not stop.is_set():
-            if watch.stuck and waiting_for_topics(consumer, sink.topics):
+            if watch.kept_waiting_for(consumer, sink.topics):
                 # Not stuck: none of its topics exists yet, and it joins once one is created.
-                log.warning(
-                    "sink.topics_missing",
-                    sink=sink.name,
-                    topics=list(sink.topics),
-                    fix="create them (diana topics), or let this client see them ([kafka] sasl_username's ACLs)",
-                )
+                log.warning("sink.topics_missing", sink=sink.name, topics=list(sink.topics), fix=TOPICS_MISSING_FIX)
                 TOPICS_MISSING.labels(sink.name).inc()
-                watch.restart()
             if watch.stuck:
                 stuck, consumer = consumer, None  # closed by _replace_consumer, never twice
                 replaced = _replace_consumer(sink.name, group_id, stuck, subscribed_consumer, session_timeout_s, stop)

@@ -34,7 +34,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer, Topic
 from prometheus_client import Counter
 
 from diana.clients import kafka_producer
-from diana.group_membership import waiting_for_topics
+from diana.group_membership import TOPICS_MISSING_FIX
 from diana.stream_apps.batch import Batch, Handler
 from diana.stream_apps.local_state import Checkpoint, LocalStateError, LocalStates, now_ms
 from diana.stream_apps.loop_settings import ConsumerFatal, LoopSettings, Stopped, slow
@@ -109,14 +109,9 @@ class TransactionalLoop(PartitionAssignment):
             self._retry("init_transactions", lambda: self.producer.init_transactions(self.settings.call_timeout_s))
             self._subscribe()
             while self.running:
-                if self._watch.stuck and waiting_for_topics(self.consumer, self.settings.topics):
+                if self._watch.kept_waiting_for(self.consumer, self.settings.topics):
                     # Not stuck: none of its topics exists yet, and it joins once one is created.
-                    log.warning(
-                        "consumer.topics_missing",
-                        topics=list(self.settings.topics),
-                        fix="create them (diana topics), or let this client see them ([kafka] sasl_username's ACLs)",
-                    )
-                    self._watch.restart()
+                    log.warning("consumer.topics_missing", topics=list(self.settings.topics), fix=TOPICS_MISSING_FIX)
                 if self._watch.stuck:
                     self._rejoin_outside_group()
                 if self.every_second and time.monotonic() - last_second >= 1.0:

@@ -12,10 +12,10 @@ import signal
 import threading
 import time
 import uuid
-from types import SimpleNamespace
 
 from confluent_kafka import Message
 
+from diana.group_membership import GroupWatch
 from diana.stream_apps.loop_settings import LoopSettings
 from diana.stream_apps.partition_assignment import REPLACED_CONSUMERS
 from diana.stream_apps.transactional import TransactionalLoop
@@ -69,9 +69,11 @@ def test_a_worker_outside_its_group_joins_again_and_loses_nothing(stack, cfg):
         try:
             _wait(lambda: len(seen.values) == 5, 60, "the first five events")
             first_consumer = loop.consumer
-            # What the statistics said of the consumer CI saw (see the docstring). A stand-in, not the
-            # watch's own flag: the consumer's next report (a heartbeat sent) would clear that.
-            loop._watch = SimpleNamespace(stuck=True)  # type: ignore[assignment]
+            # What the statistics said of the consumer CI saw (see the docstring). A watch of its own, not
+            # the consumer's: its next report (a heartbeat sent) would clear that one's flag.
+            stuck = GroupWatch(limit_s=30.0, interval_s=5.0)
+            stuck.stuck = True
+            loop._watch = stuck
             _wait(lambda: loop.consumer is not first_consumer, 30, "a new consumer")
             produce_events(cfg, topic, range(5, 10))
             _wait(lambda: len(seen.values) >= 10, 90, "the events sent after the replacement")

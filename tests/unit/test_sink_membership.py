@@ -123,7 +123,7 @@ def test_a_request_sent_clears_stuck_and_a_falling_count_is_a_request() -> None:
 
 
 def test_a_watch_restarted_counts_its_limit_again_from_the_next_report() -> None:
-    # What a sink does with a consumer found waiting for its topics rather than stuck (waiting_for_topics).
+    # What GroupWatch.kept_waiting_for does with a consumer found waiting for its topics rather than stuck.
     watch = GroupWatch(limit_s=30, interval_s=5)
     for now in range(0, 40, 5):
         watch.observe(group_activity(_stats(heartbeats=0, joins=0)), now)
