@@ -72,10 +72,19 @@ class LandingStore:
 
     @staticmethod
     def _complete(target: Path, size: int) -> bool:
+        """An object of this size is there: enough to know it was there before (not ours to remove)."""
         try:
             return target.stat().st_size == size
         except FileNotFoundError:
             return False
+
+    @classmethod
+    def _intact(cls, target: Path, digest: str, size: int) -> bool:
+        """The object there holds these very bytes. Read back only when one of that size is there (the
+        same bytes sent again while the first copy waits for the archive sink): a copy damaged on disk
+        since is then replaced by the bytes just received, instead of a sender told "success" for bytes
+        the archive sink would refuse."""
+        return cls._complete(target, size) and sha256_file(target) == (digest, size)
 
     def put(self, data: bytes) -> StoredObject:
         """Store bytes durably (tests and tools; the receiver uses ``landed``)."""
@@ -84,7 +93,7 @@ class LandingStore:
         if self.remote is not None:
             self.remote.put_stream(relative, io.BytesIO(data), sha256=digest)
             return StoredObject(relative, digest, len(data), self.remote.uri(relative))
-        if not self._complete(target, len(data)):
+        if not self._intact(target, digest, len(data)):
             write_atomic(target, data)
         return StoredObject(relative, digest, len(data), target.as_uri())
 
@@ -118,7 +127,7 @@ class LandingStore:
                 self.remote.put_file(relative, source, sha256=digest)
                 uri = self.remote.uri(relative)
             else:
-                if not self._complete(target, size):
+                if not self._intact(target, digest, size):
                     place_file(source, target, link=owned, synced=synced_digest is not None)
                 uri = target.as_uri()
             yield StoredObject(relative, digest, size, uri)

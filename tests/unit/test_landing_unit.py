@@ -38,6 +38,25 @@ def test_a_refused_resend_keeps_what_was_already_there(tmp_path):
     assert (store.root / first.relative_path).exists()
 
 
+def test_the_same_bytes_sent_again_replace_a_copy_damaged_on_disk_and_leave_an_intact_one(tmp_path):
+    store = LandingStore(tmp_path / "landing")
+    with store.landed(_source(tmp_path, b"the received bytes"), owned=False) as first:
+        pass
+    landed = store.root / first.relative_path
+    inode = landed.stat().st_ino
+    with store.landed(_source(tmp_path, b"the received bytes", "again.dcm"), owned=False):
+        pass
+    assert landed.stat().st_ino == inode, "an intact copy is left as it is"
+    landed.write_bytes(b"the received bytez")  # same size, one byte changed since it landed
+    with store.landed(_source(tmp_path, b"the received bytes", "third.dcm"), owned=False) as third:
+        pass
+    assert third.relative_path == first.relative_path
+    assert landed.read_bytes() == b"the received bytes"
+    landed.write_bytes(b"THE received bytes")
+    assert store.put(b"the received bytes").relative_path == first.relative_path
+    assert landed.read_bytes() == b"the received bytes"
+
+
 def test_concurrent_identical_objects_one_published_one_refused(tmp_path):
     store = LandingStore(tmp_path / "landing")
     a = store.landed(_source(tmp_path, b"twin", "a.dcm"), owned=True)
