@@ -29,6 +29,7 @@ __all__ = [
     "parse_destinations",
     "parse_per_modality",
     "ENV_CONFIG_FILE",
+    "DEFAULT_MAX_STOW_BYTES",
 ]
 
 ENV_CONFIG_FILE = "DIANA_CONFIG"
@@ -347,6 +348,9 @@ class CollectConfig:
     timeout_s: float = 60.0
 
 
+DEFAULT_MAX_STOW_BYTES = 4 << 30
+
+
 @dataclass(frozen=True)
 class DicomWebConfig:
     """DICOMweb (QIDO-RS, WADO-RS) on `diana serve`: docs/DICOMWEB.md."""
@@ -366,6 +370,9 @@ class DicomWebConfig:
     tls_key_file: str = ""
     # A QIDO-RS answer holds at most this many matches (`limit` may ask for fewer).
     max_results: int = 1000
+    # A STOW-RS request body larger than this is refused (413) as it arrives, and nothing of it kept:
+    # one client cannot fill the landing disk the receiver writes to.
+    max_stow_bytes: int = DEFAULT_MAX_STOW_BYTES
     # Prometheus /metrics of `diana serve` (DICOMweb and Q/R alone); 0: none.
     metrics_port: int = 9467
 

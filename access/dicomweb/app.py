@@ -23,22 +23,30 @@ from pydicom.uid import ImplicitVRLittleEndian
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from diana.access.dicomweb.auth import Credentials, RequireAuth
 from diana.access.dicomweb.negotiation import AS_STORED, EXPLICIT_LE, NotAcceptable, dicom_syntax, frame_syntax
 from diana.access.dicomweb.prepared import current_files, prepared_body
-from diana.access.dicomweb.qido import QidoError, parameter_name, parse_qido
-from diana.access.dicomweb.stow import StowError, boundary_of, receive_body, response_json, split_parts, store_parts
+from diana.access.dicomweb.qido import QidoError, parameter_message, parse_qido
+from diana.access.dicomweb.stow import (
+    StowError,
+    StowTooLarge,
+    boundary_of,
+    receive_body,
+    response_json,
+    split_and_store,
+)
 from diana.access.dicomweb.transcoded import decoded_frames, multipart_explicit_le
-from diana.access.dicomweb.wado import frame_bytes, metadata, multipart_dicom, new_boundary
+from diana.access.dicomweb.wado import frame_bytes, frame_numbers, metadata, multipart_dicom, new_boundary
 from diana.access.qr.identifier import IdentifierError, parse_identifier
 from diana.access.qr.index_reader import PAGE, RETRIEVE_PAGE, IndexReader
 from diana.access.qr.response import build_response, header_fields
 from diana.access.qr.retrieve import archive_key
 from diana.access.transcode import TranscodeError
+from diana.config import DEFAULT_MAX_STOW_BYTES
 from diana.producers.ingest import Ingest
 from diana.storage import ObjectNotFound, ObjectStore, local_file
 
@@ -59,9 +67,18 @@ def _error(status: int, reason: str, service: str) -> Response:
 
 class DicomWeb:
     def __init__(
-        self, reader: IndexReader, archive: ObjectStore, ae_title: str, max_results: int, ingest: Ingest | None = None
+        self,
+        reader: IndexReader,
+        archive: ObjectStore,
+        ae_title: str,
+        max_results: int,
+        ingest: Ingest | None = None,
+        max_stow_bytes: int = DEFAULT_MAX_STOW_BYTES,
+        max_retrieve: int = 65535,
     ):
         self.ingest = ingest
+        self.max_stow_bytes = max_stow_bytes
+        self.max_retrieve = max_retrieve  # instances one retrieve or metadata request may cover
         self.reader = reader
         self.archive = archive
         self.ae_title = ae_title
@@ -97,7 +114,7 @@ class DicomWeb:
         except QidoError as exc:
             return _error(400, str(exc), "qido")
         except IdentifierError as exc:
-            return _error(400, f"{parameter_name(qido, exc.tag)}: {exc}", "qido")
+            return _error(400, parameter_message(qido, exc.tag, str(exc)), "qido")
         try:
             results: list[dict[str, Any]] = []
             # includefield=all returns every element of each header; otherwise only the keys asked for.
@@ -137,15 +154,25 @@ class DicomWeb:
             boundary = boundary_of(request.headers.get("content-type", ""))
         except StowError as exc:
             return _error(415, str(exc), "stow")
-        folder = self.ingest.landing.incoming
-        body = await receive_body(request.stream(), folder)
+        declared = request.headers.get("content-length", "")
+        if declared.isascii() and declared.isdigit() and int(declared) > self.max_stow_bytes:
+            return _error(
+                413, f"the body is larger than {self.max_stow_bytes} bytes ([dicomweb] max_stow_bytes)", "stow"
+            )
         try:
-            parts = await anyio.to_thread.run_sync(split_parts, body, boundary, folder)
+            body = await receive_body(request.stream(), self.ingest.landing.incoming, self.max_stow_bytes)
+        except StowTooLarge as exc:
+            return _error(413, str(exc), "stow")
+        except ClientDisconnect:
+            log.info("stow.client_gone")  # nothing of the body kept; no one to answer
+            return _error(400, "the client went away before the body arrived whole", "stow")
+        try:
+            study = request.path_params.get("study")
+            result = await anyio.to_thread.run_sync(split_and_store, self.ingest, body, boundary, study)
         except StowError as exc:
             return _error(400, str(exc), "stow")
         finally:
             body.unlink(missing_ok=True)
-        result = await anyio.to_thread.run_sync(store_parts, self.ingest, parts, request.path_params.get("study"))
         status = 200 if not result.failed else 202 if result.stored else 409
         for _, _, reason, why in result.failed:
             log.warning("stow.refused", reason=f"0x{reason:04X}", detail=why)
@@ -172,11 +199,18 @@ class DicomWeb:
         except IdentifierError as exc:
             return _error(400, str(exc), "wado")
         try:
-            docs = list(self.reader.documents(query, source, 65535, page))
+            docs = list(self.reader.documents(query, source, self.max_retrieve + 1, page))
         except (OSConnectionError, TransportError):
             return _error(503, "the index does not answer; retry later", "wado")
         if not docs:
             return _error(404, "no such study, series or instance here", "wado")
+        if len(docs) > self.max_retrieve:
+            # Refused whole, as C-MOVE refuses it (A701): a body silently cut short would pass for the study.
+            return _error(
+                400,
+                f"more than {self.max_retrieve} instances ([query_retrieve] max_retrieve): retrieve it series by series",
+                "wado",
+            )
         return docs
 
     def retrieve(self, request: Request) -> Response:
@@ -236,9 +270,9 @@ class DicomWeb:
 
     def frames(self, request: Request) -> Response:
         try:
-            numbers = [int(n) for n in request.path_params["frames"].split(",")]
-        except ValueError:
-            return _error(400, "frames: a comma-separated list of frame numbers, e.g. 1,3", "frames")
+            numbers = frame_numbers(request.path_params["frames"])
+        except ValueError as exc:
+            return _error(400, str(exc), "frames")
         docs = self._selected(request, ["study_instance_uid", "series_instance_uid", "sop_instance_uid"])
         if isinstance(docs, Response):
             return docs
@@ -283,8 +317,10 @@ def build_app(
     cors_origins: tuple = (),
     max_results: int = 1000,
     ingest: Ingest | None = None,
+    max_stow_bytes: int = DEFAULT_MAX_STOW_BYTES,
+    max_retrieve: int = 65535,
 ) -> Starlette:
-    web = DicomWeb(reader, archive, ae_title, max_results, ingest)
+    web = DicomWeb(reader, archive, ae_title, max_results, ingest, max_stow_bytes, max_retrieve)
     study = "/studies/{study}"
     series = study + "/series/{series}"
     instance = series + "/instances/{instance}"

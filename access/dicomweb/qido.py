@@ -8,6 +8,7 @@ matching key fails in the same place and is answered 400 naming the parameter.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
@@ -15,7 +16,15 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-__all__ = ["QidoError", "QidoRequest", "DEFAULT_KEYS", "parse_qido"]
+__all__ = [
+    "QidoError",
+    "QidoRequest",
+    "DEFAULT_KEYS",
+    "MAX_OFFSET",
+    "parameter_message",
+    "parameter_name",
+    "parse_qido",
+]
 
 
 class QidoError(ValueError):
@@ -60,6 +69,9 @@ DEFAULT_KEYS = {
     ],
 }
 _CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
+_WHOLE_NUMBER = re.compile(r"^[0-9]{1,12}$")  # ASCII digits only: str.isdigit() also takes "²"
+# The deepest page a query may ask for (`offset`).
+MAX_OFFSET = 100_000
 
 
 @dataclass
@@ -106,12 +118,18 @@ def parse_qido(
     for name, value in params:
         if name in _CONTROL:
             if name in ("limit", "offset"):
-                if not value.isdigit():
+                if not _WHOLE_NUMBER.match(value):
                     raise QidoError(f"{name}={value!r}: a whole number is expected")
                 if name == "limit":
                     limit = min(int(value), max_results)
                 else:
                     offset = int(value)
+                    if offset > MAX_OFFSET:
+                        # Matches before the offset are read and skipped: paging this deep reads the index
+                        # that far on every request.
+                        raise QidoError(
+                            f"offset={value}: at most {MAX_OFFSET}; narrow the query (e.g. by StudyDate) instead"
+                        )
             elif name == "fuzzymatching":
                 if value not in ("true", "false"):
                     raise QidoError(f"fuzzymatching={value!r}: use true or false")
@@ -125,11 +143,12 @@ def parse_qido(
                             includes.append(_tag(item))
                         except QidoError:
                             raise QidoError(f"includefield={item!r} is not a DICOM attribute keyword or tag") from None
+                        names.setdefault(f"{includes[-1]:08X}", item)
             continue
         tag = _tag(name)
         if tag in matching:
             raise QidoError(f"query parameter {name!r} is given twice")
-        names[f"{tag:08X}"] = name
+        names[f"{tag:08X}"] = name  # a matching key's own name, before an includefield's
         matching[tag] = value.replace(",", "\\") if _vr(tag) == "UI" else value
     if fuzzy:
         # Fuzzy matching of names (PS3.18 8.3.4.6): each given name component matches a prefix, any case.
@@ -162,3 +181,12 @@ def parameter_name(request: QidoRequest, tag: int | None) -> str:
     if tag is None:
         return "the query"
     return request.parameters.get(f"{tag:08X}") or keyword_for_tag(tag) or f"{tag:08X}"
+
+
+def parameter_message(request: QidoRequest, tag: int | None, message: str) -> str:
+    """A failure's message led by the request's own name for the attribute, said once (the identifier's
+    messages start with the attribute's keyword)."""
+    keyword = keyword_for_tag(tag) if tag is not None else ""
+    if keyword and message.startswith(f"{keyword}: "):
+        message = message[len(keyword) + 2 :]
+    return f"{parameter_name(request, tag)}: {message}"

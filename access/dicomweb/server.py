@@ -48,6 +48,8 @@ def dicomweb_app(config: Config) -> tuple[Starlette, bool]:
         cors_origins=web.cors_origins,
         max_results=web.max_results,
         ingest=ingest,
+        max_stow_bytes=web.max_stow_bytes,
+        max_retrieve=config.query_retrieve.max_retrieve,
     )
     return app, credentials.required
 

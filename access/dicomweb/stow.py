@@ -24,7 +24,7 @@ from diana.producers.header import HeaderError, InvalidIdentifiers, read_header_
 from diana.producers.ingest import Ingest
 from diana.producers.publisher import PublishError
 
-__all__ = ["StowError", "StowResult", "receive_body", "split_parts", "store_parts"]
+__all__ = ["StowError", "StowResult", "StowTooLarge", "receive_body", "split_and_store", "split_parts", "store_parts"]
 
 log = structlog.get_logger("diana.stow")
 
@@ -37,6 +37,10 @@ STUDY_MISMATCH = 0xA900
 
 class StowError(ValueError):
     """The request as a whole cannot be read (400/415); the message says why."""
+
+
+class StowTooLarge(StowError):
+    """The body is larger than ``[dicomweb] max_stow_bytes`` (413); nothing of it is kept."""
 
 
 @dataclass
@@ -58,24 +62,52 @@ def boundary_of(content_type: str) -> str:
     return values["boundary"]
 
 
-async def receive_body(chunks: AsyncIterator[bytes], folder: Path) -> Path:
-    """The request body, streamed to a file in ``folder``."""
+async def receive_body(chunks: AsyncIterator[bytes], folder: Path, max_bytes: int) -> Path:
+    """The request body, streamed to a file in ``folder``; StowTooLarge once it passes ``max_bytes``.
+    The file is removed if the body does not arrive whole (too large, the client gone, any error)."""
     handle = tempfile.NamedTemporaryFile(dir=folder, prefix="stow-", delete=False)
     path = Path(handle.name)
     handle.close()
-    async with await anyio.open_file(path, "wb") as out:
-        async for chunk in chunks:
-            await out.write(chunk)
+    try:
+        size = 0
+        async with await anyio.open_file(path, "wb") as out:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > max_bytes:
+                    raise StowTooLarge(
+                        f"the body is larger than {max_bytes} bytes ([dicomweb] max_stow_bytes): "
+                        "send the study in several requests, e.g. series by series"
+                    )
+                await out.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
     return path
 
 
 def split_parts(body: Path, boundary: str, folder: Path) -> list[Path]:
     """Each part's content as a file in ``folder`` (headers dropped; only application/dicom parts come)."""
-    delimiter = b"--" + boundary.encode()
-    parts: list[Path] = []
-    size = body.stat().st_size
-    if size == 0:
+    if body.stat().st_size == 0:
         raise StowError("the request body is empty")
+    parts: list[Path] = []
+    try:
+        _split_into(body, boundary.encode(), folder, parts)
+    except BaseException:
+        remove(parts)  # a request refused whole keeps none of its parts
+        raise
+    if not parts:
+        raise StowError("the body holds no instance")
+    return parts
+
+
+def remove(parts: list[Path]) -> None:
+    for part in parts:
+        part.unlink(missing_ok=True)
+
+
+def _split_into(body: Path, boundary: bytes, folder: Path, parts: list[Path]) -> None:
+    """Append to ``parts`` each part's content written to a file of its own, as the body is read."""
+    delimiter = b"--" + boundary
     with open(body, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
         position = data.find(delimiter)
         if position < 0:
@@ -92,27 +124,42 @@ def split_parts(body: Path, boundary: str, folder: Path) -> list[Path]:
             if "content-type" in headers and "application/dicom" not in headers:
                 raise StowError("a part is not application/dicom")
             part = tempfile.NamedTemporaryFile(dir=folder, prefix="stow-part-", delete=False)
+            parts.append(Path(part.name))
             with part:
                 offset, end = headers_end + 4, following
                 while offset < end:
                     piece = min(end - offset, 1 << 20)
                     part.write(data[offset : offset + piece])
                     offset += piece
-            parts.append(Path(part.name))
             position = following + 2
-    if not parts:
-        raise StowError("the body holds no instance")
-    return parts
+
+
+def split_and_store(ingest: Ingest, body: Path, boundary: str, study_uid: str | None) -> StowResult:
+    """The body's parts accepted one by one (StowError if the body cannot be read); one call, so that
+    no part is left behind between the two steps by a request cancelled meanwhile."""
+    return store_parts(ingest, split_parts(body, boundary, ingest.landing.incoming), study_uid)
 
 
 def store_parts(ingest: Ingest, parts: list[Path], study_uid: str | None) -> StowResult:
+    """Accept each part as a received data set; every part file is gone when this returns or raises."""
+    try:
+        return _store_each(ingest, parts, study_uid)
+    finally:
+        remove(parts)  # those landed were hard-linked: their names here are no longer needed
+
+
+def _store_each(ingest: Ingest, parts: list[Path], study_uid: str | None) -> StowResult:
     result = StowResult()
     for part in parts:
         try:
-            header = read_header_file(part)
+            header = read_header_file(part, ingest.header_budget, ingest.max_inflated_bytes, ingest.landing.incoming)
         except (HeaderError, InvalidIdentifiers) as exc:
             code = INVALID_DATASET if isinstance(exc, InvalidIdentifiers) else CANNOT_UNDERSTAND
             result.failed.append(("", "", code, str(exc)))
+            part.unlink(missing_ok=True)
+            continue
+        except OSError as exc:  # e.g. no room for an inflated copy
+            result.failed.append(("", "", OUT_OF_RESOURCES, f"landing store: {exc.strerror}"))
             part.unlink(missing_ok=True)
             continue
         ids = (header.sop_class_uid, header.sop_instance_uid)
@@ -135,8 +182,7 @@ def store_parts(ingest: Ingest, parts: list[Path], study_uid: str | None) -> Sto
             result.failed.append((*ids, PROCESSING_FAILURE, "unexpected failure (logged)"))
         else:
             result.stored.append((*ids, header.study_instance_uid, header.series_instance_uid))
-        finally:
-            part.unlink(missing_ok=True)  # landed by hard link: this name is no longer needed
+        part.unlink(missing_ok=True)  # landed by hard link: this name is no longer needed
     return result
 
 

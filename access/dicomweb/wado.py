@@ -22,7 +22,7 @@ import structlog
 from diana.schemas.series_metadata import absolute_bulk_uris
 from diana.storage import ObjectNotFound, ObjectStore
 
-__all__ = ["multipart_dicom", "metadata", "new_boundary", "frame_bytes", "frame_count"]
+__all__ = ["multipart_dicom", "metadata", "new_boundary", "frame_bytes", "frame_count", "frame_numbers"]
 
 # One worker-thread call reads about this much of the body (boundaries and as many objects as fit):
 # one thread hop and one ASGI send per block, not three hops and three sends per object. Each hop
@@ -148,6 +148,23 @@ def metadata(documents: Iterator[dict[str, Any]], base: str) -> Iterator[bytes]:
         yield (b"" if first else b",") + json.dumps(absolute_bulk_uris(header, base), separators=(",", ":")).encode()
         first = False
     yield b"]"
+
+
+def frame_numbers(text: str) -> list[int]:
+    """The frame list of a WADO-RS frames URL (PS3.18: one or more frame numbers, none twice); ValueError
+    saying what is wrong. A number asked twice is refused: each would be a copy of the frame in the body."""
+    items = text.split(",")
+    if not all(item.isascii() and item.isdigit() and len(item) <= 9 for item in items):
+        raise ValueError("frames: a comma-separated list of frame numbers, e.g. 1,3")
+    numbers = [int(item) for item in items]
+    seen: set[int] = set()
+    for number in numbers:
+        if number == 0:
+            raise ValueError("frames: frame numbers start at 1")
+        if number in seen:
+            raise ValueError(f"frames: frame {number} is asked for more than once")
+        seen.add(number)
+    return numbers
 
 
 def frame_count(ds: Any, numbers: list[int]) -> int:

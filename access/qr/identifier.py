@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import date
 
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
@@ -101,6 +102,8 @@ _NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUT
 _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?$")
 _UID = re.compile(r"^[0-9.]{1,64}$")
+# An IS value (PS3.5: at most 12 characters, one sign): checked before int(), which takes "+-5" or "²" apart.
+_INTEGER = re.compile(r"^[+-]?[0-9]{1,11}$")
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,7 @@ def _matcher(attr: Attribute, raw: list[str]) -> Matcher | None:
             return Matcher(attr, "range", low=convert(text, False), high=convert(text, True))
         return Matcher(attr, "single", (convert(text, False),))
     if attr.kind == "int":
-        if any(not v.lstrip("+-").isdigit() for v in values):
+        if any(not _INTEGER.match(v) for v in values):
             raise _fail_value(kw, f"{values[0]!r} is not an integer (no wildcards in numbers)")
         return Matcher(attr, "single" if len(values) == 1 else "list", tuple(str(int(v)) for v in values))
     # text and person names: exact or wildcard, any of a list
@@ -231,7 +234,12 @@ def parse_identifier(ds: Dataset, model: str, retrieve: bool = False, hierarchic
         )
     depth = LEVELS.index(level)
     query = Query(model=model, level=level, identifier=ds)
-    for elem in ds:
+    for tag in list(ds.keys()):
+        try:
+            elem = ds[tag]  # read from its raw bytes here: a value its VR cannot hold fails now
+        except Exception:
+            name = keyword_for_tag(tag) or f"{int(tag):08X}"
+            raise IdentifierError(UNABLE_TO_PROCESS, f"{name}: the value cannot be decoded", int(tag)) from None
         keyword = elem.keyword
         if keyword in _NOT_KEYS or elem.tag.group in (0x0000, 0x0002):
             continue

@@ -23,6 +23,7 @@ from tests.support.pki import make_certificates
 
 WEB_PORT = port(18042)
 TOKEN = "diana-test-token-0123456789"
+STOW_LIMIT = 1_000_000  # bytes of a STOW-RS body; the test studies' objects are about 10 KB
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,7 @@ def web(pipeline, tmp_path_factory):
         settings={
             "DIANA_DICOMWEB_BEARER_TOKEN_FILE": str(token_file),
             "DIANA_DICOMWEB_METRICS_PORT": str(port(19468)),
+            "DIANA_DICOMWEB_MAX_STOW_BYTES": str(STOW_LIMIT),
         },
     )
     session = requests.Session()
@@ -121,6 +123,22 @@ def test_refusals_have_reasons_and_the_service_goes_on(web):
     assert client._session.get(base + "/studies", params={"limit": "ten"}).status_code == 400
     assert client._session.get(base + "/studies/1." + "2" * 63).status_code == 400  # 65 characters: no UID
     assert client._session.get(base + "/studies/1.2.3.4.5").status_code == 404
+    # Inputs that once reached the server's own errors (500) are 400s naming what is wrong.
+    for path, params, named in [
+        ("/studies", {"limit": "²"}, "limit"),
+        ("/studies", {"offset": "100000000000"}, "offset"),
+        ("/series", {"SeriesNumber": "+-5"}, "SeriesNumber"),
+        ("/studies", {"ReferencedSeriesSequence": "x"}, "ReferencedSeriesSequence"),
+        ("/instances", {"00189087": "x"}, "00189087"),
+        ("/studies", {"includefield": "7FE00010"}, "7FE00010"),
+    ]:
+        refused = client._session.get(base + path, params=params)
+        assert refused.status_code == 400 and refused.text.startswith(named), (params, refused.text)
+    one = pydicom.dcmread(study.files[0])
+    frames = f"{base}/studies/{study.study_uid}/series/{one.SeriesInstanceUID}/instances/{one.SOPInstanceUID}/frames"
+    for asked, why in [("1,1", "more than once"), ("0", "start at 1"), ("1,x", "comma-separated")]:
+        refused = client._session.get(f"{frames}/{asked}")
+        assert refused.status_code == 400 and why in refused.text, (asked, refused.text)
     assert len(client.search_for_studies(search_filters={"PatientID": "WEB-P1"})) == 1
     metrics = requests.get(f"http://127.0.0.1:{port(19468)}/metrics").text
     assert 'diana_dicomweb_requests_total{service="qido",status="400"}' in metrics
@@ -168,6 +186,19 @@ def test_stow_stores_through_the_receivers_path(web, pipeline, tmp_path):
     ]
     wrong_type = client._session.post(base + "/studies", data=b"x", headers={"Content-Type": "application/json"})
     assert wrong_type.status_code == 415
+    # A body over [dicomweb] max_stow_bytes: refused by its declared length, or as it arrives (chunked);
+    # a body refused whole (here its second part is no DICOM part) keeps none of its parts either.
+    multipart = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+    large = body + b"x" * STOW_LIMIT
+    assert client._session.post(base + "/studies", data=large, headers=multipart).status_code == 413
+    streamed = client._session.post(
+        base + "/studies", data=(large[i : i + 65536] for i in range(0, len(large), 65536)), headers=multipart
+    )
+    assert streamed.status_code == 413 and "max_stow_bytes" in streamed.text, streamed.text
+    not_dicom = body.replace(b"Content-Type: application/dicom\r\n\r\nnot a", b"Content-Type: text/plain\r\n\r\nnot a")
+    assert client._session.post(base + "/studies", data=not_dicom, headers=multipart).status_code == 400
+    incoming = pipeline.cfg.path(pipeline.cfg.storage.landing_dir) / ".incoming"
+    assert not [p.name for p in incoming.iterdir() if p.name.startswith("stow-")]
     assert (
         client._session.post(
             base + "/studies", data=b"no parts", headers={"Content-Type": f"multipart/related; boundary={boundary}"}
