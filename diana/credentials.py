@@ -8,6 +8,7 @@ client library's own log line is hidden there too.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -29,8 +30,10 @@ class CredentialError(ValueError):
 
 
 def remember_secret(value: str) -> None:
+    """Mask ``value`` from now on, also as a JSON string or repr() writes it: a log line is redacted after
+    it was rendered, and those renderers escape quotes, backslashes and (JSON) non-ASCII characters."""
     if value and len(value) >= MIN_SECRET_LENGTH:
-        _known.add(value)
+        _known.update({value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1], repr(value)[1:-1]})
 
 
 def secret_value(section: str, key: str, value: str, file: str) -> str:
@@ -63,7 +66,7 @@ def redact_url(url: str) -> str:
 def redact(text: str) -> str:
     """``text`` without URL passwords and without any password this process has read."""
     text = redact_url(text)
-    for secret in _known:
+    for secret in sorted(_known, key=len, reverse=True):  # an escaped form before the text inside it
         if secret in text:
             text = text.replace(secret, MASK)
     return text

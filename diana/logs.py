@@ -12,6 +12,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -174,11 +175,39 @@ class _OneLineTraceback(logging.Filter):
         return True
 
 
-_CLIENT_REPEATS = (RepeatedLines(), RepeatedLines())
+def _value_withheld(text: str) -> str:
+    """A pydicom line without the value it quotes (``Invalid value for VR DA: '1980.01.01'``): a birth
+    date or a name, read back from the index (C-FIND, QIDO-RS) or from a dose report, on every match.
+    The text up to the value is kept."""
+    cut = min((i for i in (text.find(":"), text.find("'"), text.find('"')) if i >= 0), default=-1)
+    return text if cut < 0 else f"{text[:cut].rstrip()}: (the value is withheld from the log)"
+
+
+class _ValueWithheld(logging.Filter):
+    """The record's text without the value it quotes, whichever handler writes it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        record.msg, record.args = _value_withheld(text), None
+        return True
+
+
+def _pydicom_value_withheld(_logger: Any, _name: str, event_dict: Any) -> Any:
+    """The same for the lines of pydicom's other loggers (``pydicom.pixels...``), which its filter does not see."""
+    record = event_dict.get("_record")
+    if record is not None and record.name.startswith("pydicom."):
+        event_dict["event"] = _value_withheld(str(event_dict.get("event", "")))
+    return event_dict
+
+
+_CLIENT_REPEATS = (RepeatedLines(), RepeatedLines(), RepeatedLines())
 KAFKA_CLIENT_LOGGER.addFilter(_CLIENT_REPEATS[0])
 _OPENSEARCH_CLIENT_LOGGER = logging.getLogger("opensearch")
 _OPENSEARCH_CLIENT_LOGGER.addFilter(_OneLineTraceback())  # first: the kind is the one-line message
 _OPENSEARCH_CLIENT_LOGGER.addFilter(_CLIENT_REPEATS[1])
+_PYDICOM_LOGGER = logging.getLogger("pydicom")  # its warnings' logger (misc.warn_and_log)
+_PYDICOM_LOGGER.addFilter(_ValueWithheld())  # first: without their values, lines are of a few kinds
+_PYDICOM_LOGGER.addFilter(_CLIENT_REPEATS[2])
 for _repeats in _CLIENT_REPEATS:
     atexit.register(_repeats.flush)  # before logging's own shutdown (atexit runs the last registered first)
 
@@ -233,7 +262,7 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
     # or a library's own message is hidden as well (diana/credentials.py).
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
+            foreign_pre_chain=[*shared, _pydicom_value_withheld],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _Redacting(renderer)],
         )
     )
@@ -244,3 +273,6 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
     # Library chatter below warning is noise for operators.
     for noisy in ("pynetdicom", "aiokafka", "kafka", "opensearch", "urllib3", "faust", "mode"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
+    # pydicom sends each warning to its logger (above: the value withheld) and to warnings.warn as well,
+    # which would print it to stderr whole, once per distinct text: once per distinct bad value.
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")

@@ -37,7 +37,9 @@ class ImportSummary:
     skipped_non_dicom: int = 0
     rejected: Counter = field(default_factory=Counter)  # reason -> count
     failed: Counter = field(default_factory=Counter)  # reason -> count (retry later)
-    examples: dict[str, str] = field(default_factory=dict)  # reason -> first file
+    # (outcome, reason, file) of each file not imported: for the report, never for the log (a file's
+    # path often holds the patient's name: exports name their folders so).
+    not_imported: list[tuple[str, str, str]] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [
@@ -45,10 +47,21 @@ class ImportSummary:
             f"skipped (not DICOM): {self.skipped_non_dicom}",
             f"rejected:            {sum(self.rejected.values())}",
         ]
-        out += [f"  {n:>6}  {reason}  (e.g. {self.examples[reason]})" for reason, n in self.rejected.most_common()]
+        out += [f"  {n:>6}  {reason}" for reason, n in self.rejected.most_common()]
         out.append(f"failed (retry):      {sum(self.failed.values())}")
-        out += [f"  {n:>6}  {reason}  (e.g. {self.examples[reason]})" for reason, n in self.failed.most_common()]
+        out += [f"  {n:>6}  {reason}" for reason, n in self.failed.most_common()]
         return out
+
+    def write_report(self, path: Path) -> None:
+        """The files not imported as CSV (outcome, reason, file), readable by its owner only."""
+        import csv
+
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # also when the file was there before
+        with os.fdopen(fd, "w", newline="") as out:
+            writer = csv.writer(out)
+            writer.writerow(("outcome", "reason", "file"))
+            writer.writerows(self.not_imported)
 
 
 @dataclass(frozen=True)
@@ -146,8 +159,8 @@ class Importer:
                 else:
                     reason = reason or "no reason given"
                     getattr(summary, outcome)[reason] += 1
-                    summary.examples.setdefault(reason, source.label)
-                    log.warning(f"import.{outcome}", file=source.label, reason=reason)
+                    summary.not_imported.append((outcome, reason, source.label))
+                    log.warning(f"import.{outcome}", reason=reason)  # which file: the report (--report)
                 if progress:
                     progress(1)
         return summary

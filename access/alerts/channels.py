@@ -19,7 +19,8 @@ from email.message import EmailMessage
 
 __all__ = ["Delivery", "send_email", "send_webhook", "with_retries", "alert_text", "PUBLIC_FIELDS"]
 
-# What leaves the building: no patient identifiers.
+# What leaves the building: no patient name, ID or birth date; the study's UID and accession number do,
+# so that the exam can be found in the RIS or PACS (docs/DOSE.md).
 PUBLIC_FIELDS = (
     "alert_id",
     "rule",

@@ -15,6 +15,7 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from diana.config import ConfigError, DicomWebConfig
+from diana.credentials import remember_secret
 
 __all__ = ["Credentials", "RequireAuth", "credentials_from", "check_exposure"]
 
@@ -51,6 +52,7 @@ def _read_secret(path: str, what: str) -> str:
         raise ConfigError(f"[dicomweb] {what} {path}: {exc.strerror}") from None
     if len(secret) < 8:
         raise ConfigError(f"[dicomweb] {what} {path} holds fewer than 8 characters: use a longer secret")
+    remember_secret(secret)  # masked in every log line, as the other passwords are
     return secret
 
 

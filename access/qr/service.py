@@ -19,6 +19,7 @@ import structlog
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
 from opensearchpy.exceptions import TransportError
 from prometheus_client import Counter, Histogram
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, build_context, evt
 from pynetdicom.sop_class import (
@@ -79,6 +80,13 @@ def _status(code: int, comment: str, tag: int | None = None) -> Dataset:
     return ds
 
 
+def _attribute(tag: int | None) -> str:
+    """The attribute a refusal is about, by name: what the log says of it, never its value."""
+    if tag is None:
+        return "the identifier"
+    return keyword_for_tag(tag) or f"{tag:08X}"
+
+
 def _model(event: evt.Event) -> str:
     return _MODEL[str(event.request.AffectedSOPClassUID)]
 
@@ -126,7 +134,8 @@ class QueryRetrieve:
             query = parse_identifier(event.identifier, _model(event))
         except IdentifierError as exc:
             REQUESTS.labels("find", f"{exc.status:04X}").inc()
-            log.warning("find.refused", status=f"0x{exc.status:04X}", reason=str(exc), **context)
+            # The reason goes to the requester (it quotes their value: a name, a birth date), not to the log.
+            log.warning("find.refused", status=f"0x{exc.status:04X}", attribute=_attribute(exc.tag), **context)
             yield _status(exc.status, str(exc), exc.tag), None
             return
         except Exception as exc:  # the identifier itself cannot be decoded
@@ -174,7 +183,7 @@ class QueryRetrieve:
             query = parse_identifier(event.identifier, _model(event), retrieve=True)
         except IdentifierError as exc:
             REQUESTS.labels(operation, f"{exc.status:04X}").inc()
-            log.warning(f"{operation}.refused", status=f"0x{exc.status:04X}", reason=str(exc))
+            log.warning(f"{operation}.refused", status=f"0x{exc.status:04X}", attribute=_attribute(exc.tag))
             return _status(exc.status, str(exc), exc.tag)
         except Exception as exc:
             REQUESTS.labels(operation, "C000").inc()

@@ -76,14 +76,23 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
         sources = list(find_sources([Path(p) for p in args.paths]))
     except FileNotFoundError as exc:
         return fail("import", str(exc))
+    report = Path(args.report) if args.report else None
+    if report is not None and not report.parent.is_dir():
+        return fail("import", f"--report {report}: the folder {report.parent} does not exist")
     publisher = EventPublisher(cfg.kafka, client_id="diana-import")
-    ingest = Ingest(open_landing(cfg), publisher, default_codec())
+    ingest = Ingest(open_landing(cfg), publisher, default_codec(), max_inflated_bytes=cfg.receiver.max_inflated_bytes)
     try:
         with tqdm(total=len(sources), unit="file", desc="import", disable=args.no_progress) as bar:
             summary = Importer(ingest, workers=args.workers).run(sources, progress=bar.update)
     finally:
         publisher.close()
     print("\n".join(summary.lines()))
+    if summary.not_imported:
+        if report is not None:
+            summary.write_report(report)
+            print(f"the files not imported, with their reasons: {report}")
+        else:
+            print("to list the files not imported, run again with --report FILE (their paths stay out of the log)")
     if summary.failed:
         return fail(
             "import",
@@ -337,6 +346,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("paths", nargs="+", metavar="PATH", help="a folder, a .zip, or a DICOMDIR file")
     imp.add_argument("--workers", type=int, default=8, help="objects in flight at once (default 8)")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in scripts)")
+    imp.add_argument(
+        "--report",
+        metavar="FILE",
+        help="write the files not imported (outcome, reason, file) to FILE as CSV, readable by you only; "
+        "the log and the summary name no file (paths often hold patients' names)",
+    )
     imp.set_defaults(func=cmd_import)
 
     sub.add_parser(

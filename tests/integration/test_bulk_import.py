@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -17,11 +18,11 @@ from tests.support.helpers import os_search, wait_until_caught_up
 from tests.support.paths import REPO
 
 
-def _diana_import(pipeline, *paths: Path) -> subprocess.CompletedProcess:
+def _diana_import(pipeline, *paths: Path, options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
     env["DIANA_CONFIG"] = str(pipeline.config_file)
     return subprocess.run(
-        [sys.executable, "-m", "diana.cli", "import", "--no-progress", *map(str, paths)],
+        [sys.executable, "-m", "diana.cli", "import", "--no-progress", *options, *map(str, paths)],
         capture_output=True,
         text=True,
         env=env,
@@ -53,12 +54,22 @@ def test_import_folder_zip_and_dicomdir(pipeline, tmp_path):
         fileset.add(pydicom.dcmread(path))
     fileset.write(tmp_path / "media")
 
-    result = _diana_import(pipeline, folder, archive_zip, tmp_path / "media" / "DICOMDIR")
+    report = tmp_path / "not-imported.csv"
+    result = _diana_import(
+        pipeline, folder, archive_zip, tmp_path / "media" / "DICOMDIR", options=("--report", str(report))
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "imported:            20" in out
     assert "skipped (not DICOM): 3" in out  # README.txt, notes.pdf, manifest.txt
-    assert "rejected:            1" in out and "invalid identifiers" in out and "bad.dcm" in out
+    assert "rejected:            1" in out and "invalid identifiers" in out
+    # Which file: in the report, readable by its owner only; neither the log nor the summary names it.
+    assert "bad.dcm" not in result.stdout + result.stderr and "import.rejected" in result.stderr
+    with report.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["outcome", "reason", "file"] and len(rows) == 2, rows
+    assert rows[1][0] == "rejected" and rows[1][2] == str(folder / "bad.dcm")
+    assert report.stat().st_mode & 0o777 == 0o600
 
     wait_until_caught_up(cfg)
     archive = cfg.path(cfg.storage.archive_dir)

@@ -273,6 +273,14 @@ def test_service_keeps_answering_after_bad_queries(pipeline, corpus, tmp_path):
     for _ in range(3):
         assert "UnableToProcess" in find_status(pipeline.cfg, {"QueryRetrieveLevel": "STUDY", "StudyTime": "25"})
     assert len(findscu(pipeline.cfg, tmp_path, {"QueryRetrieveLevel": "STUDY", "PatientID": "QR-P2"})) == 1
+    # The refusal's reason quotes the value asked for (a birth date here): the requester hears it, the log
+    # names the attribute only.
+    asked = {"QueryRetrieveLevel": "STUDY", "PatientBirthDate": "19800231"}
+    assert "UnableToProcess" in find_status(pipeline.cfg, asked)
+    log = pipeline.log_text("receiver")
+    refusals = [line for line in log.splitlines() if "find.refused" in line]
+    assert any("PatientBirthDate" in line for line in refusals), refusals[-3:]
+    assert "19800231" not in log
 
 
 def test_find_cancel(pipeline, corpus):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import sys
 from pathlib import Path
@@ -37,6 +38,42 @@ def test_a_remembered_password_is_hidden_anywhere_in_a_text():
     )
     remember_secret("short")  # too short to hide safely: ordinary words must survive redaction
     assert redact("a short text") == "a short text"
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_a_password_with_quotes_backslashes_or_accents_is_hidden_as_the_renderer_escapes_it(monkeypatch, fmt):
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging("info", fmt)
+    secrets = ['Secr"et\\Pass1', "Pässwört12345", "it's-a-secret-9"]
+    try:
+        for secret in secrets:
+            remember_secret(secret)
+            structlog.get_logger("t").info("connect", detail=secret, listed=[secret])
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    out = stream.getvalue()
+    assert out.count("connect") == 3
+    for secret in secrets:
+        escaped = [secret, json.dumps(secret)[1:-1], repr(secret)[1:-1], "P\\u00e4ssw"]
+        assert not any(form in out for form in escaped), (secret, out)
+
+
+def test_dicomweb_secrets_are_masked_like_the_other_passwords(tmp_path: Path):
+    from diana.access.dicomweb.auth import credentials_from
+    from diana.config import DicomWebConfig
+
+    (tmp_path / "token").write_text("web-bearer-token-0123\n")
+    (tmp_path / "password").write_text("web-basic-password-0123\n")
+    credentials_from(
+        DicomWebConfig(
+            bearer_token_file=str(tmp_path / "token"),
+            basic_user="viewer",
+            basic_password_file=str(tmp_path / "password"),
+        )
+    )
+    assert redact("token web-bearer-token-0123, password web-basic-password-0123") == "token ***, password ***"
 
 
 def test_secret_value_reads_a_file_and_says_which_file_is_wrong(tmp_path: Path):
@@ -230,3 +267,29 @@ def test_a_logged_traceback_shows_no_local_variables(monkeypatch: pytest.MonkeyP
     assert "POST /_bulk failed (ConnectionError: the index does not answer)" in out
     assert out.count("the index does not answer") >= 2 and "in index" in out
     assert "DOE^JANE-LOCAL" not in out
+
+
+def test_pydicom_lines_keep_no_dicom_value(monkeypatch: pytest.MonkeyPatch):
+    """A birth date pydicom finds malformed, read back from the index for a C-FIND or QIDO-RS answer:
+    its warning reaches the log without the date, and is not printed by warnings.warn at all."""
+    import warnings
+
+    import pydicom
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    with warnings.catch_warnings(record=True) as printed:
+        configure_logging("info", "json")
+        try:
+            for date in ("1980.01.01", "01/02/1981"):
+                ds = pydicom.Dataset.from_json({"00100030": {"vr": "DA", "Value": [date]}})
+                assert ds.PatientBirthDate is not None
+            logging.getLogger("pydicom.pixels.utils").warning("The %s value %r is kept as it is", "PN", "DOE^JANE")
+        finally:
+            structlog.reset_defaults()
+            logging.getLogger().handlers.clear()
+    out = stream.getvalue()
+    assert not [str(w.message) for w in printed if "1980" in str(w.message) or "1981" in str(w.message)]
+    assert "1980" not in out and "1981" not in out and "DOE^JANE" not in out, out
+    assert "Invalid value for VR DA: (the value is withheld from the log)" in out, out
+    assert "The PN value: (the value is withheld from the log)" in out, out
