@@ -15,7 +15,7 @@ import anyio
 import anyio.to_thread
 import structlog
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
-from opensearchpy.exceptions import TransportError
+from opensearchpy.exceptions import RequestError, TransportError
 from prometheus_client import Counter
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
@@ -129,6 +129,8 @@ class DicomWeb:
                 ds = build_response(query, match, self.ae_title)
                 del ds.QueryRetrieveLevel
                 results.append(self._json(ds, request, match.document))
+        except RequestError as exc:  # OpenSearch's 400: the query, not the index, is at fault
+            return _error(400, f"the index refuses this query ({exc.error}): ask with fewer values", "qido")
         except (OSConnectionError, TransportError):
             return _error(503, "the index does not answer; retry later", "qido")
         REQUESTS.labels("qido", "200" if results else "204").inc()

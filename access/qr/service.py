@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
-from opensearchpy.exceptions import TransportError
+from opensearchpy.exceptions import RequestError, TransportError
 from prometheus_client import Counter, Histogram
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
@@ -159,6 +159,11 @@ class QueryRetrieve:
                     break
                 sent += 1
                 yield PENDING, build_response(query, match, self.ae_title)
+        except RequestError as exc:  # OpenSearch's 400: the query is at fault, a retry would fail the same
+            REQUESTS.labels("find", "C000").inc()
+            log.warning("find.refused", status="0xC000", reason=f"the index refuses the query: {exc.error}", **context)
+            yield _status(UNABLE_TO_PROCESS, f"the index refuses this query ({exc.error}): ask with fewer values"), None
+            return
         except (OSConnectionError, TransportError) as exc:
             REQUESTS.labels("find", "A700").inc()
             log.error("find.failed", reason="OpenSearch did not answer", detail=type(exc).__name__, **context)
