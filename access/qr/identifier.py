@@ -234,7 +234,7 @@ def parse_identifier(ds: Dataset, model: str, retrieve: bool = False, hierarchic
         )
     depth = LEVELS.index(level)
     query = Query(model=model, level=level, identifier=ds)
-    for tag in list(ds.keys()):
+    for tag in sorted(ds.keys()):  # in tag order, as iterating the data set gives them
         try:
             elem = ds[tag]  # read from its raw bytes here: a value its VR cannot hold fails now
         except Exception:
