@@ -57,6 +57,10 @@ def check_key_file_place(key_file: Path, export_target: Path) -> None:
     target = export_target.resolve()
     if key == target or target in key.parents:
         raise KeyFileError(f"the key file {key_file} would be inside the export {export_target}: put it elsewhere")
+    # Checked before the export runs: found only when the key is written, the export would be done and its
+    # key (the way back to the patients) not kept.
+    if key.is_dir():
+        raise KeyFileError(f"the key file {key_file} is a folder: name a file, e.g. {key_file}/key.csv")
 
 
 def key_csv(rows: list[dict]) -> bytes:

@@ -507,7 +507,16 @@ def _coerce(section: str, key: str, target: Any, raw: Any) -> Any:
             return tuple(str(i).strip() for i in items if str(i).strip())
         if kind in (int, float) and isinstance(raw, bool):
             raise ValueError(raw)
+        if kind is str and isinstance(raw, list):
+            # Said, not turned into the text "['a', 'b']": several nodes are one comma-separated text.
+            raise ConfigError(
+                f"{where}: expected text, got a list {raw!r}; several values go comma-separated in one text"
+            )
+        if kind is str and not isinstance(raw, str):
+            raise ValueError(raw)
         return kind(raw)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: expected {kind.__name__}, got {raw!r}") from None
 
@@ -621,6 +630,40 @@ def _check_choices(sections: dict[str, Any]) -> None:
         )
 
 
+# Counts and durations that only make sense above a floor: (section, key) -> the least value.
+_AT_LEAST = {
+    ("kafka", "partitions"): 1,
+    ("receiver", "max_associations"): 1,
+    ("collect", "concurrency"): 1,
+}
+_ABOVE_ZERO = (("kafka", "publish_timeout_s"), ("stream", "state_retention_days"))
+
+
+def _check_ranges(sections: dict[str, Any]) -> None:
+    """Values a service would only refuse later, with a traceback, once it binds or connects."""
+    for section, values in sections.items():
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if f.name.endswith("port") and isinstance(value, int) and not 0 <= value <= 65535:
+                raise ConfigError(f"[{section}] {f.name} = {value}: a TCP port is 0 to 65535")
+            if f.name.endswith("ae_title") and isinstance(value, str) and value:
+                if len(value) > 16 or "\\" in value or not value.strip() or not value.isascii():
+                    raise ConfigError(
+                        f"[{section}] {f.name} = {value!r}: an AE title is 1 to 16 ASCII characters, "
+                        "not only spaces, without a backslash"
+                    )
+    for (section, key), least in _AT_LEAST.items():
+        if getattr(sections[section], key) < least:
+            raise ConfigError(f"[{section}] {key} = {getattr(sections[section], key)}: use {least} or more")
+    for section, key in _ABOVE_ZERO:
+        if getattr(sections[section], key) <= 0:
+            raise ConfigError(f"[{section}] {key} = {getattr(sections[section], key)}: use a value above 0")
+    if not sections["kafka"].bootstrap.strip():
+        raise ConfigError(
+            '[kafka] bootstrap is empty: give the brokers as host:port[,host:port], e.g. "127.0.0.1:9092"'
+        )
+
+
 def _check_security(sections: dict[str, Any]) -> None:
     """Security settings that cannot work together fail at start-up, never fall back to plain traffic."""
     kafka, search = sections["kafka"], sections["opensearch"]
@@ -724,6 +767,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
         merged.setdefault(section, {}).update(values)
     sections = {s: _build_section(s, merged.get(s, {}), str(path or "environment")) for s in _SECTIONS}
     _check_choices(sections)
+    _check_ranges(sections)
     _check_security(sections)
     # Passwords given as values are known to redaction from the start (files: when they are read).
     for secret in (

@@ -17,7 +17,9 @@ __all__ = ["MASK", "secret_value", "remember_secret", "redact", "redact_url"]
 MASK = "***"
 
 # userinfo of a URL: scheme://user:password@host (the password part is what must go)
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]*)@")
+# The password runs to the last "@" before the host: one with an "@" of its own, not percent-encoded, is
+# still hidden whole.
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^/\s]*)@")
 
 # Values of the process's passwords; short ones are left out so that redaction never eats
 # ordinary words (secret_value refuses passwords shorter than this).
@@ -47,6 +49,12 @@ def secret_value(section: str, key: str, value: str, file: str) -> str:
         path = Path(file).expanduser()
         try:
             value = path.read_text().strip()
+        except FileNotFoundError:
+            # Not echoed: a value that names no file may be the password itself, typed into the wrong key.
+            raise CredentialError(
+                f"[{section}] {key}_file names no file (the value is not shown: if it is the password itself, "
+                f"set {key} instead, best as DIANA_{section.upper()}_{key.upper()})"
+            ) from None
         except OSError as exc:
             raise CredentialError(f"[{section}] {key}_file {path} cannot be read ({exc.strerror})") from None
         if not value:

@@ -70,6 +70,7 @@ class EventPublisher:
         timeout_s, linger_ms, max_message_bytes = kafka.publish_timeout_s, kafka.linger_ms, kafka.max_message_bytes
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_bytes
+        self._bootstrap = kafka.bootstrap
         self._config = kafka_settings(
             kafka,
             {
@@ -128,6 +129,12 @@ class EventPublisher:
         if outcome[0] is not None:
             if outcome[0].fatal():
                 self._replace(producer)
+            if outcome[0].code() == KafkaError._MSG_TIMED_OUT:
+                # Not a refusal: nothing answered (librdkafka's "Local: Message timed out").
+                raise PublishUncertain(
+                    f"no acknowledgement from Kafka at {self._bootstrap} within {self.timeout_s:g} s "
+                    "(is it running? its address is [kafka] bootstrap)"
+                )
             raise _refusal(outcome[0], "broker refused", sent=True)
         return time.monotonic() - started
 

@@ -12,7 +12,7 @@ import sys
 sys.modules.setdefault("rich", None)  # type: ignore[arg-type]  # None: import fails (Python's own marker)
 
 from diana.cli import access, collect, operations, pipeline, route  # noqa: E402
-from diana.cli._common import service_error  # noqa: E402
+from diana.cli._common import os_error, service_error  # noqa: E402
 from diana.cli.access import COHORT_FILTERS  # noqa: E402
 from diana.config import ConfigError, load_config  # noqa: E402
 from diana.credentials import redact  # noqa: E402
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"diana: configuration error: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the configuration file is a folder, or cannot be read
+        print(f"diana: configuration file: {redact(os_error(exc))}", file=sys.stderr)
+        return 2
     try:
         return args.func(cfg, args)
     except KeyboardInterrupt:
@@ -67,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         unreachable = service_error(exc, cfg)
         if unreachable is not None:
             print(f"diana {args.command}: {redact(unreachable)}", file=sys.stderr)
+            return 1
+        if isinstance(exc, OSError):
+            # A path that is a folder, a folder that does not exist, a port in use, a host unknown: the
+            # system's own words and what they are about are the message, not a traceback.
+            print(f"diana {args.command}: {redact(os_error(exc))}", file=sys.stderr)
             return 1
         # The traceback as Python prints it, but through redact: no password in an error.
         import traceback

@@ -10,7 +10,7 @@ from typing import Any
 from diana.config import Config
 from diana.credentials import redact
 
-__all__ = ["stop_on_signals", "start_metrics", "fail", "progress_bar", "service_error"]
+__all__ = ["stop_on_signals", "start_metrics", "fail", "progress_bar", "service_error", "whole_number", "os_error"]
 
 
 def stop_on_signals() -> threading.Event:
@@ -27,6 +27,27 @@ def start_metrics(cfg: Config, port: int) -> None:
         from prometheus_client import start_http_server
 
         start_http_server(port, addr=cfg.metrics.host)
+
+
+def whole_number(minimum: int):
+    """An argparse type: a whole number of at least ``minimum``, or argparse's usage error saying so."""
+    import argparse
+
+    def parse(text: str) -> int:
+        value = int(text)  # ValueError: argparse says "invalid whole number value: 'x'"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"at least {minimum}, not {value}")
+        return value
+
+    parse.__name__ = "whole number"  # argparse names the type in its message
+    return parse
+
+
+def os_error(exc: OSError) -> str:
+    """An operating system's refusal as one line: what, and the file(s) it was about."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    files = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+    return f"{what}: {' -> '.join(files)}" if files else what
 
 
 def fail(command: str, message: str, code: int = 2) -> int:

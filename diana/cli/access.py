@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diana.cli._common import fail
+from diana.cli._common import fail, whole_number
 from diana.config import Config
 
 COHORT_FILTERS = (
@@ -263,11 +263,11 @@ def _add_cohort_filters(ap: argparse.ArgumentParser) -> None:
     f.add_argument("--body-part", action="append", metavar="PART", help="Body Part Examined, e.g. CHEST")
     f.add_argument("--description", metavar="WORDS", help="words in the study or series description or protocol")
     f.add_argument("--station", action="append", metavar="NAME", help="Station Name")
-    f.add_argument("--manufacturer", action="append", metavar="NAME")
+    f.add_argument("--manufacturer", action="append", metavar="NAME", help="Manufacturer, e.g. SIEMENS (repeatable)")
     f.add_argument("--calling-ae", action="append", metavar="AE", help="the AE title that sent the objects")
     f.add_argument("--age-min", type=float, metavar="YEARS", help="patient age at the study")
-    f.add_argument("--age-max", type=float, metavar="YEARS")
-    f.add_argument("--sex", action="append", metavar="M|F|O")
+    f.add_argument("--age-max", type=float, metavar="YEARS", help="patient age at the study, at most")
+    f.add_argument("--sex", action="append", metavar="M|F|O", help="Patient's Sex (repeatable)")
     f.add_argument(
         "--dose-above",
         action="append",
@@ -323,7 +323,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             description=text + ". Filters combine with AND; a repeated filter matches any of its values.",
         )
         _add_cohort_filters(ap)
-        ap.add_argument("--limit", type=int, default=10_000, help="at most this many studies (default 10000)")
+        ap.add_argument(
+            "--limit", type=whole_number(1), default=10_000, help="at most this many studies (default 10000)"
+        )
         if action == "find":
             ap.add_argument("--output", "-o", metavar="FILE", help="write to FILE (.csv or .json) instead of a table")
             ap.add_argument("--format", choices=["table", "csv", "json"], help="default: table, or FILE's suffix")
@@ -364,16 +366,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         "webhook, once: deliveries are recorded on dose.alert-actions and never repeated; keeps the "
         "alert state index in OpenSearch.",
     )
-    listing = alerts_sub.add_parser("list", help="alerts with their status, newest first")
+    listing = alerts_sub.add_parser(
+        "list",
+        help="alerts with their status, newest first",
+        description="List dose alerts with their status, newest first (the alert state index in OpenSearch).",
+    )
     listing.add_argument("--status", choices=("open", "acknowledged", "closed", "all"), default="open")
-    ack = alerts_sub.add_parser("ack", help="acknowledge an open alert with a reason code and a note")
-    ack.add_argument("alert_id")
+    ack = alerts_sub.add_parser(
+        "ack",
+        help="acknowledge an open alert with a reason code and a note",
+        description="Acknowledge an open dose alert: the reason code and the note are recorded on "
+        "dose.alert-actions and kept in the alert's history.",
+    )
+    ack.add_argument("alert_id", help="the alert's id, as `diana alerts list` and the alert's message show it")
     ack.add_argument(
         "--reason", required=True, help="patient_habitus, repeat, protocol, equipment, clinical_need or other"
     )
     ack.add_argument("--note", default=None, help="free text kept in the alert's history")
-    close = alerts_sub.add_parser("close", help="close an acknowledged alert")
-    close.add_argument("alert_id")
+    close = alerts_sub.add_parser(
+        "close",
+        help="close an acknowledged alert",
+        description="Close an acknowledged dose alert; the action is recorded on dose.alert-actions.",
+    )
+    close.add_argument("alert_id", help="the alert's id, as `diana alerts list` shows it")
     close.add_argument("--note", default=None, help="free text kept in the alert's history")
     close.set_defaults(reason=None)
     alerts.set_defaults(func=cmd_alerts)
@@ -383,5 +398,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     rep.add_argument("--from", dest="from_date", metavar="YYYY-MM-DD", help="first day (default: 30 days before --to)")
     rep.add_argument("--to", dest="to_date", metavar="YYYY-MM-DD", help="last day, by arrival (default: today)")
-    rep.add_argument("--out", required=True, metavar="FILE.html")
+    rep.add_argument("--out", required=True, metavar="FILE.html", help="the report to write (replaced if it exists)")
     rep.set_defaults(func=cmd_report)

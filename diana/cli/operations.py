@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from diana.cli._common import fail, progress_bar
+from diana.cli._common import fail, progress_bar, whole_number
 from diana.cli.pipeline import cmd_topics
 from diana.config import Config
 from diana.credentials import redact
@@ -234,7 +234,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--to-beginning", action="store_true", help="reprocess everything still in the topics")
     where.add_argument("--to-end", action="store_true", help="skip everything not yet processed")
     where.add_argument("--to-datetime", metavar="ISO", help="the first message at or after this time")
-    where.add_argument("--to-offset", type=int, metavar="N", help="this offset in every partition")
+    where.add_argument("--to-offset", type=whole_number(0), metavar="N", help="this offset in every partition")
     rp.add_argument("--topic", action="append", help="limit to this topic (repeatable); default: the group's topics")
     rp.add_argument("--dry-run", action="store_true", help="show what would move, move nothing")
     rp.add_argument("--watch", action="store_true", help="then show the group's lag draining, with events/s")
@@ -251,7 +251,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ri.add_argument("--delete-old", action="store_true", help="delete the previous versions after the swap")
     ri.add_argument(
         "--processes",
-        type=int,
+        type=whole_number(0),
         default=0,
         metavar="N",
         help="catch-up processes sharing the partitions (default: one per core, at most 4, and at most one per "

@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 
-from diana.cli._common import fail, start_metrics, stop_on_signals
+from diana.cli._common import fail, start_metrics, stop_on_signals, whole_number
 from diana.config import Config
 
 log = structlog.get_logger("diana")
@@ -344,7 +344,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "rejected and why. Exit status 1 if anything failed for a passing reason.",
     )
     imp.add_argument("paths", nargs="+", metavar="PATH", help="a folder, a .zip, or a DICOMDIR file")
-    imp.add_argument("--workers", type=int, default=8, help="objects in flight at once (default 8)")
+    imp.add_argument("--workers", type=whole_number(1), default=8, help="objects in flight at once (default 8)")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in scripts)")
     imp.add_argument(
         "--report",
@@ -378,7 +378,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     names = dose_sub.add_parser(
         "names", help="protocols without a standard name, with counts", description=cmd_dose_names.__doc__
     )
-    names.add_argument("--days", type=int, default=None, help="only studies dated in the last DAYS days")
+    names.add_argument("--days", type=whole_number(1), default=None, help="only studies dated in the last DAYS days")
     names.set_defaults(func=cmd_dose_names)
     dose_sub.add_parser(
         "drl", help="median per standard name against the reference levels", description=cmd_dose_drl.__doc__

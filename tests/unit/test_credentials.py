@@ -29,6 +29,9 @@ def test_redact_url_hides_the_password_but_keeps_user_and_host():
     assert redact("failed at http://u:p4ssw0rd-long@h/ and https://v:other@h2") == (
         "failed at http://u:***@h/ and https://v:***@h2"
     )
+    assert redact_url("import into http://admin:Sup3r@S3cret@127.0.0.1:6 failed") == (
+        "import into http://admin:***@127.0.0.1:6 failed"
+    )
 
 
 def test_a_remembered_password_is_hidden_anywhere_in_a_text():
@@ -81,8 +84,11 @@ def test_secret_value_reads_a_file_and_says_which_file_is_wrong(tmp_path: Path):
     good.write_text("from-a-file-password\n")
     assert secret_value("kafka", "sasl_password", "", str(good)) == "from-a-file-password"
     assert redact("x from-a-file-password y") == "x *** y"
-    with pytest.raises(CredentialError, match=r"sasl_password_file .*missing.* cannot be read"):
+    with pytest.raises(CredentialError, match=r"sasl_password_file names no file .*DIANA_KAFKA_SASL_PASSWORD"):
         secret_value("kafka", "sasl_password", "", str(tmp_path / "missing"))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(CredentialError, match=r"sasl_password_file .*folder cannot be read"):
+        secret_value("kafka", "sasl_password", "", str(tmp_path / "folder"))
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(CredentialError, match="is empty"):
         secret_value("kafka", "sasl_password", "", str(tmp_path / "empty"))
@@ -167,8 +173,14 @@ def test_opensearch_password_from_environment_or_file(tmp_path: Path):
     cfg = load_config(None, environ={**env, "DIANA_OPENSEARCH_PASSWORD_FILE": str(tmp_path / "pw")})
     assert opensearch_auth(cfg.opensearch) == ("svc", "file-pw-12345678")
     missing = load_config(None, environ={**env, "DIANA_OPENSEARCH_PASSWORD_FILE": str(tmp_path / "nope")})
-    with pytest.raises(ConfigError, match="password_file .*nope cannot be read"):
+    with pytest.raises(ConfigError, match="password_file names no file") as refused:
         opensearch_auth(missing.opensearch)
+    assert "nope" not in str(refused.value)
+    # A password typed into the key that names its file is not echoed back.
+    typed = load_config(None, environ={**env, "DIANA_OPENSEARCH_PASSWORD_FILE": "Sup3rS3cretPass"})
+    with pytest.raises(ConfigError, match="set password instead") as refused:
+        opensearch_auth(typed.opensearch)
+    assert "Sup3rS3cretPass" not in str(refused.value)
 
 
 @pytest.mark.parametrize(

@@ -247,6 +247,11 @@ def test_key_file_is_private_from_creation_and_never_inside_the_export(tmp_path)
         assert not inside.exists()
     with pytest.raises(KeyFileError, match="inside the export"):
         _export(tmp_path, [identifying_object("ct")], name="z.zip", key_file=tmp_path / "z.zip")
+    # A folder named as the key file is refused before anything is exported.
+    (tmp_path / "a-folder").mkdir()
+    with pytest.raises(KeyFileError, match="is a folder"):
+        _export(tmp_path, [identifying_object("ct")], name="folder-key", key_file=tmp_path / "a-folder")
+    assert not (tmp_path / "folder-key").exists()
 
 
 def test_a_secret_file_others_can_read_is_refused_with_the_fix(tmp_path):

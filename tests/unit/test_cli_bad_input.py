@@ -1,0 +1,70 @@
+"""Bad input on the command line gets one line naming what is wrong (the fix where there is one) and a
+non-zero exit status: never a traceback. Run in this process; no command here reaches a service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diana.cli import main
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "diana.toml"
+    path.write_text('[kafka]\nbootstrap = "127.0.0.1:1"\n[opensearch]\nurl = "http://127.0.0.1:2"\n')
+    return path
+
+
+def _one_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def test_a_folder_given_as_the_configuration_file(tmp_path, capsys):
+    assert main(["--config", str(tmp_path), "status"]) == 2
+    assert _one_line(capsys) == f"diana: configuration file: Is a directory: {tmp_path}"
+
+
+def test_a_folder_or_a_missing_folder_where_a_file_is_written(config, tmp_path, capsys):
+    assert main(["--config", str(config), "dashboards", "export", "-o", str(tmp_path)]) == 1
+    assert _one_line(capsys) == f"diana dashboards: Is a directory: {tmp_path}"
+    missing = tmp_path / "nowhere" / "x.ndjson"
+    assert main(["--config", str(config), "dashboards", "export", "-o", str(missing)]) == 1
+    assert _one_line(capsys) == f"diana dashboards: No such file or directory: {missing}"
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["import", "--workers", "0", "x"], "argument --workers: at least 1, not 0"),
+        (["cohort", "find", "--limit", "-1"], "argument --limit: at least 1, not -1"),
+        (["reindex", "--processes", "-2"], "argument --processes: at least 0, not -2"),
+        (["replay", "--to-offset", "x", "g"], "argument --to-offset: invalid whole number value: 'x'"),
+    ],
+)
+def test_counts_below_their_floor_are_usage_errors(config, capsys, argv, said):
+    with pytest.raises(SystemExit) as exited:
+        main(["--config", str(config), *argv])
+    assert exited.value.code == 2
+    assert said in _one_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "setting, said",
+    [
+        ("[receiver]\nport = 70000\n", "[receiver] port = 70000: a TCP port is 0 to 65535"),
+        ('[receiver]\nae_title = "THIS_AE_TITLE_IS_WAY_TOO_LONG"\n', "an AE title is 1 to 16 ASCII characters"),
+        ('[kafka]\nbootstrap = ""\n', "[kafka] bootstrap is empty"),
+        ("[kafka]\npartitions = 0\n", "[kafka] partitions = 0: use 1 or more"),
+        ('[opensearch]\nurl = ["http://a:9200", "http://b:9200"]\n', "several values go comma-separated"),
+    ],
+)
+def test_settings_a_service_would_refuse_later_are_configuration_errors(tmp_path, capsys, setting, said):
+    path = tmp_path / "diana.toml"
+    path.write_text(setting)
+    assert main(["--config", str(path), "status"]) == 2
+    line = _one_line(capsys)
+    assert line.startswith("diana: configuration error: ") and said in line, line
