@@ -507,18 +507,24 @@ def _coerce(section: str, key: str, target: Any, raw: Any) -> Any:
             return tuple(str(i).strip() for i in items if str(i).strip())
         if kind in (int, float) and isinstance(raw, bool):
             raise ValueError(raw)
-        if kind is str and isinstance(raw, list):
+        if kind is str and isinstance(raw, list | dict):
             # Said, not turned into the text "['a', 'b']": several nodes are one comma-separated text.
             raise ConfigError(
-                f"{where}: expected text, got a list {raw!r}; several values go comma-separated in one text"
+                f"{where}: expected text, got a {type(raw).__name__}, {_shown(key, raw)}; "
+                "several values go comma-separated in one text"
             )
-        if kind is str and not isinstance(raw, str):
-            raise ValueError(raw)
         return kind(raw)
     except ConfigError:
         raise
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected {kind.__name__}, got {raw!r}") from None
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {_shown(key, raw)}") from None
+
+
+def _shown(key: str, raw: Any) -> str:
+    """The value as an error shows it; not a secret's: it is refused before redaction knows it."""
+    if any(word in key for word in ("password", "secret", "token")):
+        return "a value not shown (a secret)"
+    return repr(raw)
 
 
 def _build_section(section: str, values: Mapping[str, Any], source: str) -> Any:
@@ -636,7 +642,7 @@ _AT_LEAST = {
     ("receiver", "max_associations"): 1,
     ("collect", "concurrency"): 1,
 }
-_ABOVE_ZERO = (("kafka", "publish_timeout_s"), ("stream", "state_retention_days"))
+_ABOVE_ZERO = (("kafka", "publish_timeout_s"),)
 
 
 def _check_ranges(sections: dict[str, Any]) -> None:
@@ -658,6 +664,10 @@ def _check_ranges(sections: dict[str, Any]) -> None:
     for section, key in _ABOVE_ZERO:
         if getattr(sections[section], key) <= 0:
             raise ConfigError(f"[{section}] {key} = {getattr(sections[section], key)}: use a value above 0")
+    if sections["stream"].state_retention_days < 0:
+        raise ConfigError(
+            f"[stream] state_retention_days = {sections['stream'].state_retention_days}: use 0 (kept for ever) or more"
+        )
     if not sections["kafka"].bootstrap.strip():
         raise ConfigError(
             '[kafka] bootstrap is empty: give the brokers as host:port[,host:port], e.g. "127.0.0.1:9092"'

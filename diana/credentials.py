@@ -19,7 +19,7 @@ MASK = "***"
 # userinfo of a URL: scheme://user:password@host (the password part is what must go)
 # The password runs to the last "@" before the host: one with an "@" of its own, not percent-encoded, is
 # still hidden whole.
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^/\s]*)@")
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^/?#\s]*)@")
 
 # Values of the process's passwords; short ones are left out so that redaction never eats
 # ordinary words (secret_value refuses passwords shorter than this).
@@ -35,13 +35,23 @@ def remember_secret(value: str) -> None:
     """Mask ``value`` from now on, also as a JSON string or repr() writes it: a log line is redacted after
     it was rendered, and those renderers escape quotes, backslashes and (JSON) non-ASCII characters."""
     if value and len(value) >= MIN_SECRET_LENGTH:
-        _known.update({value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1], repr(value)[1:-1]})
+        quoted = repr(value)[1:-1]
+        _known.update(
+            {
+                value,
+                json.dumps(value)[1:-1],
+                json.dumps(value, ensure_ascii=False)[1:-1],
+                quoted,
+                json.dumps(quoted)[1:-1],  # a repr (a dict, an exception's args) inside a JSON line
+            }
+        )
 
 
 def secret_value(section: str, key: str, value: str, file: str) -> str:
     """The password of ``[section] key``: the value itself (best from DIANA_<SECTION>_<KEY>), else ``file``'s content.
 
-    Returns "" when neither is set. A file that cannot be read is an error naming the file.
+    Returns "" when neither is set. A file that cannot be read is an error naming the file (a value that
+    names no file is not shown: it may be the password itself).
     """
     if value and file:
         raise CredentialError(f"[{section}] set {key} or {key}_file, not both")

@@ -84,7 +84,10 @@ class LandingStore:
         same bytes sent again while the first copy waits for the archive sink): a copy damaged on disk
         since is then replaced by the bytes just received, instead of a sender told "success" for bytes
         the archive sink would refuse."""
-        return cls._complete(target, size) and sha256_file(target) == (digest, size)
+        try:
+            return cls._complete(target, size) and sha256_file(target) == (digest, size)
+        except FileNotFoundError:  # archived and removed meanwhile by the archive sink: placed again
+            return False
 
     def put(self, data: bytes) -> StoredObject:
         """Store bytes durably (tests and tools; the receiver uses ``landed``)."""

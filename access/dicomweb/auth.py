@@ -48,6 +48,11 @@ class Credentials:
 def _read_secret(path: str, what: str) -> str:
     try:
         secret = Path(path).expanduser().read_text().strip()
+    except FileNotFoundError:
+        # Not echoed: a value that names no file may be the secret itself, typed into the wrong key.
+        raise ConfigError(
+            f"[dicomweb] {what} names no file (the value is not shown: it may be the secret itself)"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"[dicomweb] {what} {path}: {exc.strerror}") from None
     if len(secret) < 8:

@@ -66,7 +66,7 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
     """Publish existing files (folders, zips, DICOMDIRs) as if they had been received."""
     from tqdm import tqdm
 
-    from diana.producers.bulk_import import Importer, find_sources
+    from diana.producers.bulk_import import Importer, ImportSummary, find_sources
     from diana.producers.ingest import Ingest
     from diana.producers.landing import open_landing
     from diana.producers.publisher import EventPublisher
@@ -77,8 +77,10 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         return fail("import", str(exc))
     report = Path(args.report) if args.report else None
-    if report is not None and not report.parent.is_dir():
-        return fail("import", f"--report {report}: the folder {report.parent} does not exist")
+    if report is not None and (report.is_dir() or not report.parent.is_dir()):
+        return fail("import", f"--report {report}: name a file in a folder that exists")
+    if report is not None:  # emptied now: an interrupted run leaves no earlier run's list behind
+        ImportSummary().write_report(report)
     publisher = EventPublisher(cfg.kafka, client_id="diana-import")
     ingest = Ingest(open_landing(cfg), publisher, default_codec(), max_inflated_bytes=cfg.receiver.max_inflated_bytes)
     try:
@@ -87,12 +89,11 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
     finally:
         publisher.close()
     print("\n".join(summary.lines()))
-    if summary.not_imported:
-        if report is not None:
-            summary.write_report(report)
-            print(f"the files not imported, with their reasons: {report}")
-        else:
-            print("to list the files not imported, run again with --report FILE (their paths stay out of the log)")
+    if report is not None:  # written every run, so that an earlier run's list never stands for this one
+        summary.write_report(report)
+        print(f"the files not imported, with their reasons: {report}")
+    elif summary.not_imported:
+        print("to list the files not imported, run again with --report FILE (their paths stay out of the log)")
     if summary.failed:
         return fail(
             "import",

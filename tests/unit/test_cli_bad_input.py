@@ -52,6 +52,17 @@ def test_counts_below_their_floor_are_usage_errors(config, capsys, argv, said):
     assert said in _one_line(capsys)
 
 
+def test_a_retention_of_0_days_still_means_kept_for_ever(tmp_path):
+    from diana.config import ConfigError, load_config
+
+    path = tmp_path / "diana.toml"
+    path.write_text("[stream]\nstate_retention_days = 0\n")
+    assert load_config(path, environ={}).stream.state_retention_days == 0
+    path.write_text("[stream]\nstate_retention_days = -1\n")
+    with pytest.raises(ConfigError, match="use 0 \\(kept for ever\\) or more"):
+        load_config(path, environ={})
+
+
 @pytest.mark.parametrize(
     "setting, said",
     [

@@ -32,6 +32,10 @@ def test_redact_url_hides_the_password_but_keeps_user_and_host():
     assert redact_url("import into http://admin:Sup3r@S3cret@127.0.0.1:6 failed") == (
         "import into http://admin:***@127.0.0.1:6 failed"
     )
+    # An "@" in a query is no password's end: the URL is left alone.
+    assert redact_url("posted to https://hooks.example.org:8443?to=ops@example.org") == (
+        "posted to https://hooks.example.org:8443?to=ops@example.org"
+    )
 
 
 def test_a_remembered_password_is_hidden_anywhere_in_a_text():
@@ -48,18 +52,18 @@ def test_a_password_with_quotes_backslashes_or_accents_is_hidden_as_the_renderer
     stream = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
     configure_logging("info", fmt)
-    secrets = ['Secr"et\\Pass1', "Pässwört12345", "it's-a-secret-9"]
+    secrets = ['Secr"et\\Pass1', "Pässwört12345", "it's-a-secret-9", "Secr\\etPass2"]
     try:
         for secret in secrets:
             remember_secret(secret)
-            structlog.get_logger("t").info("connect", detail=secret, listed=[secret])
+            structlog.get_logger("t").info("connect", detail=secret, listed=[secret], shown=str({"password": secret}))
     finally:
         structlog.reset_defaults()
         logging.getLogger().handlers.clear()
     out = stream.getvalue()
-    assert out.count("connect") == 3
+    assert out.count("connect") == 4
     for secret in secrets:
-        escaped = [secret, json.dumps(secret)[1:-1], repr(secret)[1:-1], "P\\u00e4ssw"]
+        escaped = [secret, json.dumps(secret)[1:-1], repr(secret)[1:-1], "P\\u00e4ssw", "Secr\\\\etP", "Secr\\etP"]
         assert not any(form in out for form in escaped), (secret, out)
 
 
@@ -77,6 +81,9 @@ def test_dicomweb_secrets_are_masked_like_the_other_passwords(tmp_path: Path):
         )
     )
     assert redact("token web-bearer-token-0123, password web-basic-password-0123") == "token ***, password ***"
+    with pytest.raises(ConfigError, match="names no file") as refused:
+        credentials_from(DicomWebConfig(bearer_token_file="MyBearerT0kenValue"))
+    assert "MyBearerT0kenValue" not in str(refused.value)
 
 
 def test_secret_value_reads_a_file_and_says_which_file_is_wrong(tmp_path: Path):
@@ -181,6 +188,14 @@ def test_opensearch_password_from_environment_or_file(tmp_path: Path):
     with pytest.raises(ConfigError, match="set password instead") as refused:
         opensearch_auth(typed.opensearch)
     assert "Sup3rS3cretPass" not in str(refused.value)
+    # Nor is a password of the wrong type in the configuration error (redaction does not know it yet).
+    toml = tmp_path / "wrong.toml"
+    toml.write_text("[opensearch]\npassword = ['Secr3tPassw0rd']\n")
+    with pytest.raises(ConfigError, match="a value not shown") as refused:
+        load_config(toml, environ={})
+    assert "Secr3tPassw0rd" not in str(refused.value)
+    toml.write_text("[opensearch]\npassword = 98765432101234\n")  # a number is taken as its text, as always
+    assert load_config(toml, environ={}).opensearch.password == "98765432101234"
 
 
 @pytest.mark.parametrize(

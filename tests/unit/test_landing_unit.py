@@ -57,6 +57,28 @@ def test_the_same_bytes_sent_again_replace_a_copy_damaged_on_disk_and_leave_an_i
     assert landed.read_bytes() == b"the received bytes"
 
 
+def test_a_copy_archived_and_removed_while_it_is_checked_is_placed_again(tmp_path, monkeypatch):
+    import diana.producers.landing as landing
+
+    store = LandingStore(tmp_path / "landing")
+    with store.landed(_source(tmp_path, b"archived meanwhile"), owned=False) as first:
+        pass
+    landed = store.root / first.relative_path
+
+    hashed = landing.sha256_file
+
+    def removed_by_the_archive_sink(path):
+        if Path(path) != landed:
+            return hashed(path)
+        landed.unlink()  # between the size check and the read: the archive sink's removal
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(landing, "sha256_file", removed_by_the_archive_sink)
+    with store.landed(_source(tmp_path, b"archived meanwhile", "again.dcm"), owned=False):
+        pass
+    assert landed.read_bytes() == b"archived meanwhile"
+
+
 def test_concurrent_identical_objects_one_published_one_refused(tmp_path):
     store = LandingStore(tmp_path / "landing")
     a = store.landed(_source(tmp_path, b"twin", "a.dcm"), owned=True)
