@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from confluent_kafka import KafkaException
 
 from diana.access.deid import Deidentifier
 from diana.access.keyfiles import read_site_secret
@@ -109,6 +110,10 @@ def _run_forever(worker: RouteWorker, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             worker.run()
+        except KafkaException as exc:
+            # The broker down or refusing is no defect of ours: one line saying so, not a traceback each time.
+            log.warning("route.kafka_unavailable", destination=worker.name, error=str(exc.args[0]) if exc.args else "")
+            stop.wait(5.0)
         except Exception:
             log.exception("route.worker_failed", destination=worker.name)
             stop.wait(5.0)

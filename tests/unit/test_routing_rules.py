@@ -152,3 +152,34 @@ def test_status_shows_each_destinations_lag():
     start = lines.index(next(line for line in lines if line.startswith("ROUTING")))
     assert lines[start + 1].split() == ["workstation", "dicom.instances", "42"]
     assert lines[start + 2].split() == ["qa", "dose.alerts", "0"]
+
+
+def test_a_worker_whose_broker_is_down_logs_one_line_and_starts_again():
+    """`diana route` while Kafka was down logged a traceback every ~35 s; it says so in one line instead."""
+    import threading
+
+    import structlog
+    from confluent_kafka import KafkaError, KafkaException
+
+    from diana.access.routing.service import _run_forever
+
+    stop = threading.Event()
+
+    class BrokerDown:
+        name = "PACS"
+        runs = 0
+
+        def run(self):
+            self.runs += 1
+            if self.runs == 2:
+                stop.set()
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT, "Connect to ipv4#127.0.0.1:1 failed"))
+
+    worker = BrokerDown()
+    with structlog.testing.capture_logs() as logs:
+        _run_forever(worker, stop)
+    assert worker.runs == 2
+    assert [(e["event"], e["log_level"], e["destination"]) for e in logs] == [
+        ("route.kafka_unavailable", "warning", "PACS")
+    ] * 2
+    assert all("exc_info" not in e and "Connect to ipv4#127.0.0.1:1 failed" in e["error"] for e in logs)
