@@ -37,7 +37,39 @@ def build_parser() -> argparse.ArgumentParser:
     collect.register(sub)
     operations.register(sub)
     route.register(sub)
+    # --config after the command too (`diana status --config FILE`); SUPPRESS: given before it, it stays.
+    for command in _commands(p):
+        command.add_argument(
+            "--config",
+            metavar="FILE",
+            default=argparse.SUPPRESS,
+            help="TOML config file, as in diana --config FILE COMMAND",
+        )
     return p
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every command's and subcommand's parser below ``parser``."""
+    found = []
+    for child in _subcommands(parser).values():
+        found += [child, *_commands(child)]
+    return found
+
+
+def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command ``args`` ran, whose usage an error should show."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest, None) or "")
+            return parser if chosen is None else _innermost(chosen, args)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         message = f"unrecognized arguments: {' '.join(unknown)}"
         if args.command == "cohort":
             message += f"; valid filters: {COHORT_FILTERS}"
-        parser.error(message)
+        _innermost(parser, args).error(message)  # with the command's own usage line
     try:
         cfg = load_config(args.config)
         configure_logging(cfg.log.level, cfg.log.format)

@@ -79,3 +79,16 @@ def test_settings_a_service_would_refuse_later_are_configuration_errors(tmp_path
     assert main(["--config", str(path), "status"]) == 2
     line = _one_line(capsys)
     assert line.startswith("diana: configuration error: ") and said in line, line
+
+
+def test_an_unknown_option_shows_the_commands_own_usage(config, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--config", str(config), "import", "--wokers", "2", "x"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: diana import ") and "unrecognized arguments: --wokers" in err, err
+
+
+def test_the_configuration_file_may_follow_the_command(tmp_path, capsys):
+    assert main(["status", "--config", str(tmp_path)]) == 2  # a folder: refused, so it was read
+    assert _one_line(capsys) == f"diana: configuration file: Is a directory: {tmp_path}"
