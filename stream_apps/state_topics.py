@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 
+import structlog
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
 
 from diana.clients import kafka_admin
 from diana.config import Config
 from diana.schemas.topics import INSTANCES, replication
+
+log = structlog.get_logger("diana.stream")
 
 __all__ = ["CHANGELOG_CONFIG", "PartitionMismatch", "ensure_state_topics"]
 
@@ -61,7 +64,12 @@ def ensure_state_topics(config: Config, names: list[str], timeout: float = 60.0)
     together). They are co-partitioned with dicom.instances.
     """
     admin = kafka_admin(config.kafka)
-    metadata = admin.list_topics(timeout=timeout)
+    try:
+        metadata = admin.list_topics(timeout=min(5.0, timeout))
+    except KafkaException:
+        # Said before the rest of the wait, which ends in the CLI's own message if Kafka never answers.
+        log.warning("stream.waiting_for_kafka", bootstrap=config.kafka.bootstrap, seconds=timeout)
+        metadata = admin.list_topics(timeout=timeout)
     existing = set(metadata.topics)
     _check_partitions(
         config, {n: len(metadata.topics[n].partitions) for n in [INSTANCES.name, *names] if n in existing}

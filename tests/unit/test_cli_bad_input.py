@@ -92,3 +92,29 @@ def test_an_unknown_option_shows_the_commands_own_usage(config, capsys):
 def test_the_configuration_file_may_follow_the_command(tmp_path, capsys):
     assert main(["status", "--config", str(tmp_path)]) == 2  # a folder: refused, so it was read
     assert _one_line(capsys) == f"diana: configuration file: Is a directory: {tmp_path}"
+
+
+def test_a_stream_worker_says_at_once_that_it_waits_for_kafka(config):
+    """`diana aggregate` with no broker said nothing for 60 s before its message; now it says at once."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
+    env["DIANA_STREAM_DATA_DIR"] = str(config.parent / "stream")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diana.cli", "--config", str(config), "aggregate"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        line = ""
+        for line in proc.stderr:  # type: ignore[union-attr]
+            if "stream.waiting_for_kafka" in line:
+                break
+        assert "stream.waiting_for_kafka" in line and "127.0.0.1:1" in line, line
+    finally:
+        proc.kill()
+        proc.wait()
