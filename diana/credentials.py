@@ -25,6 +25,9 @@ _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/
 # ordinary words (secret_value refuses passwords shorter than this).
 MIN_SECRET_LENGTH = 8
 _known: set[str] = set()
+# _known longest first (an escaped form before the text inside it), kept by remember_secret: redact runs
+# over every log line.
+_longest_first: tuple[str, ...] = ()
 
 
 class CredentialError(ValueError):
@@ -34,6 +37,7 @@ class CredentialError(ValueError):
 def remember_secret(value: str) -> None:
     """Mask ``value`` from now on, also as a JSON string or repr() writes it: a log line is redacted after
     it was rendered, and those renderers escape quotes, backslashes and (JSON) non-ASCII characters."""
+    global _longest_first
     if value and len(value) >= MIN_SECRET_LENGTH:
         quoted = repr(value)[1:-1]
         _known.update(
@@ -45,6 +49,7 @@ def remember_secret(value: str) -> None:
                 json.dumps(quoted)[1:-1],  # a repr (a dict, an exception's args) inside a JSON line
             }
         )
+        _longest_first = tuple(sorted(_known, key=len, reverse=True))  # one rebinding: redact sees old or new
 
 
 def secret_value(section: str, key: str, value: str, file: str) -> str:
@@ -84,7 +89,7 @@ def redact_url(url: str) -> str:
 def redact(text: str) -> str:
     """``text`` without URL passwords and without any password this process has read."""
     text = redact_url(text)
-    for secret in sorted(_known, key=len, reverse=True):  # an escaped form before the text inside it
+    for secret in _longest_first:
         if secret in text:
             text = text.replace(secret, MASK)
     return text

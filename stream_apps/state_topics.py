@@ -64,12 +64,13 @@ def ensure_state_topics(config: Config, names: list[str], timeout: float = 60.0)
     together). They are co-partitioned with dicom.instances.
     """
     admin = kafka_admin(config.kafka)
+    first = min(5.0, timeout)
     try:
-        metadata = admin.list_topics(timeout=min(5.0, timeout))
+        metadata = admin.list_topics(timeout=first)
     except KafkaException:
         # Said before the rest of the wait, which ends in the CLI's own message if Kafka never answers.
         log.warning("stream.waiting_for_kafka", bootstrap=config.kafka.bootstrap, seconds=timeout)
-        metadata = admin.list_topics(timeout=timeout)
+        metadata = admin.list_topics(timeout=timeout - first)
     existing = set(metadata.topics)
     _check_partitions(
         config, {n: len(metadata.topics[n].partitions) for n in [INSTANCES.name, *names] if n in existing}

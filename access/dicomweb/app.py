@@ -158,9 +158,7 @@ class DicomWeb:
             return _error(415, str(exc), "stow")
         declared = request.headers.get("content-length", "")
         if declared.isascii() and declared.isdigit() and int(declared) > self.max_stow_bytes:
-            return _error(
-                413, f"the body is larger than {self.max_stow_bytes} bytes ([dicomweb] max_stow_bytes)", "stow"
-            )
+            return _error(413, str(StowTooLarge(self.max_stow_bytes)), "stow")
         try:
             body = await receive_body(request.stream(), self.ingest.landing.incoming, self.max_stow_bytes)
         except StowTooLarge as exc:

@@ -16,6 +16,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
+from diana.access.qr.identifier import attribute_name
+
 __all__ = [
     "QidoError",
     "QidoRequest",
@@ -180,7 +182,7 @@ def parameter_name(request: QidoRequest, tag: int | None) -> str:
     """The request's own name for the attribute a failure is about."""
     if tag is None:
         return "the query"
-    return request.parameters.get(f"{tag:08X}") or keyword_for_tag(tag) or f"{tag:08X}"
+    return request.parameters.get(f"{tag:08X}") or attribute_name(tag)
 
 
 def parameter_message(request: QidoRequest, tag: int | None, message: str) -> str:

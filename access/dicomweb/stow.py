@@ -42,6 +42,12 @@ class StowError(ValueError):
 class StowTooLarge(StowError):
     """The body is larger than ``[dicomweb] max_stow_bytes`` (413); nothing of it is kept."""
 
+    def __init__(self, max_bytes: int):
+        super().__init__(
+            f"the body is larger than {max_bytes} bytes ([dicomweb] max_stow_bytes): "
+            "send the study in several requests, e.g. series by series"
+        )
+
 
 @dataclass
 class StowResult:
@@ -74,10 +80,7 @@ async def receive_body(chunks: AsyncIterator[bytes], folder: Path, max_bytes: in
             async for chunk in chunks:
                 size += len(chunk)
                 if size > max_bytes:
-                    raise StowTooLarge(
-                        f"the body is larger than {max_bytes} bytes ([dicomweb] max_stow_bytes): "
-                        "send the study in several requests, e.g. series by series"
-                    )
+                    raise StowTooLarge(max_bytes)
                 await out.write(chunk)
     except BaseException:
         path.unlink(missing_ok=True)

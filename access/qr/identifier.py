@@ -29,6 +29,7 @@ __all__ = [
     "Query",
     "LEVELS",
     "MODELS",
+    "attribute_name",
     "parse_identifier",
 ]
 
@@ -132,6 +133,11 @@ class Query:
             if m.attribute.keyword == UNIQUE_KEY[level] and m.how in ("single", "list"):
                 return m.values
         return ()
+
+
+def attribute_name(tag: int) -> str:
+    """An attribute by name: its keyword, or its tag in hex (private and unknown attributes have none)."""
+    return keyword_for_tag(tag) or f"{int(tag):08X}"
 
 
 def _fail_value(keyword: str, why: str) -> IdentifierError:
@@ -238,8 +244,9 @@ def parse_identifier(ds: Dataset, model: str, retrieve: bool = False, hierarchic
         try:
             elem = ds[tag]  # read from its raw bytes here: a value its VR cannot hold fails now
         except Exception:
-            name = keyword_for_tag(tag) or f"{int(tag):08X}"
-            raise IdentifierError(UNABLE_TO_PROCESS, f"{name}: the value cannot be decoded", int(tag)) from None
+            raise IdentifierError(
+                UNABLE_TO_PROCESS, f"{attribute_name(tag)}: the value cannot be decoded", int(tag)
+            ) from None
         keyword = elem.keyword
         if keyword in _NOT_KEYS or elem.tag.group in (0x0000, 0x0002):
             continue

@@ -19,7 +19,6 @@ import structlog
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
 from opensearchpy.exceptions import RequestError, TransportError
 from prometheus_client import Counter, Histogram
-from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, build_context, evt
 from pynetdicom.sop_class import (
@@ -32,7 +31,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from diana.access.qr.identifier import IdentifierError, Query, parse_identifier
+from diana.access.qr.identifier import IdentifierError, Query, attribute_name, parse_identifier
 from diana.access.qr.index_reader import IndexReader
 from diana.access.qr.response import build_response, header_fields
 from diana.access.qr.retrieve import (
@@ -84,7 +83,7 @@ def _attribute(tag: int | None) -> str:
     """The attribute a refusal is about, by name: what the log says of it, never its value."""
     if tag is None:
         return "the identifier"
-    return keyword_for_tag(tag) or f"{tag:08X}"
+    return attribute_name(tag)
 
 
 def _model(event: evt.Event) -> str:

@@ -48,28 +48,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
+    """The action holding ``parser``'s commands, if it has any."""
+    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
 
 
 def _commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     """Every command's and subcommand's parser below ``parser``."""
+    action = _subparsers(parser)
     found = []
-    for child in _subcommands(parser).values():
+    for child in action.choices.values() if action else ():
         found += [child, *_commands(child)]
     return found
 
 
 def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
     """The parser of the (sub)command ``args`` ran, whose usage an error should show."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            chosen = action.choices.get(getattr(args, action.dest, None) or "")
-            return parser if chosen is None else _innermost(chosen, args)
-    return parser
+    action = _subparsers(parser)
+    chosen = action.choices.get(getattr(args, action.dest, None) or "") if action else None
+    return parser if chosen is None else _innermost(chosen, args)
 
 
 def main(argv: list[str] | None = None) -> int:
