@@ -9,6 +9,7 @@ revision arriving late never replaces a newer one. Indices are versioned behind 
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -127,6 +128,27 @@ def _document(record: dict[str, Any]) -> bytes:
         member = header.encode()
     # Spliced as the last member: `{...}` becomes `{...,"dicom":<header>}` (or `{"dicom":...}`).
     return b"".join((text[:-1], b"," if doc else b"", b'"dicom":', member, b"}"))
+
+
+# OpenSearch's reasons for refusing a document quote the value they refused ("Preview of field's value:
+# '1980-13-45'", "The prefix of the first immense term is: '[83, 69, ...]'"): a patient's data, which the
+# dead letter's reason would carry into the log, the dead-letter topic and its index.
+_QUOTED_VALUE = re.compile(r"\s*(Preview of field's value|The prefix of the first immense term is):.*", re.S)
+_QUOTED = re.compile(r"'[^']*'")
+_REASON_CHARS = 300
+
+
+def rejection_reason(error: dict[str, Any]) -> str:
+    """OpenSearch's error for one document as ``type: reason``, without any value it quotes.
+
+    The field's name and type stay (what an operator needs to fix a mapping); the values go, and
+    with them any other quoted text of a reason this code does not know.
+    """
+    reason = _QUOTED_VALUE.sub(" (value withheld)", str(error.get("reason") or ""))
+    reason = _QUOTED.sub("'…'", reason).strip()
+    if len(reason) > _REASON_CHARS:
+        reason = reason[:_REASON_CHARS] + "…"
+    return f"{error.get('type') or 'error'}: {reason}" if reason else str(error.get("type") or "error")
 
 
 # What a bulk response is cut down to (``filter_path``): one entry per item, in order, as sent.
@@ -318,10 +340,11 @@ class OpenSearchSink:
             elif status == 429 or status >= 500:
                 retry.append(outcome.get("error", {}).get("type", str(status)))
             elif msg.topic() == DEADLETTER.name:  # never dead-letter a dead letter: that could loop
-                log.error("deadletter.not_indexed", origin=meta["_id"], error=outcome.get("error"))
+                log.error(
+                    "deadletter.not_indexed", origin=meta["_id"], error=rejection_reason(outcome.get("error", {}))
+                )
             else:
-                reason = outcome.get("error", {})
-                dead.send(msg, f"opensearch rejected {meta['_id']}: {reason.get('type')}: {reason.get('reason')}")
+                dead.send(msg, f"opensearch rejected {meta['_id']}: {rejection_reason(outcome.get('error', {}))}")
         for topic, count in indexed.items():
             INDEXED.labels(self.layout.alias(self.layout.kinds[topic])).inc(count)
         if retry:

@@ -23,6 +23,28 @@ def _end_offsets(cfg, topic: str) -> dict[int, int]:
         consumer.close()
 
 
+def _event(**fields) -> dict:
+    """An InstanceArrived event of an object that never landed, as another producer could publish it."""
+    return {
+        "sop_instance_uid": generate_uid(),
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "study_instance_uid": generate_uid(),
+        "series_instance_uid": generate_uid(),
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "size_bytes": 10,
+        "sha256": "0" * 64,
+        "landing_path": f"00/{'0' * 64}.dcm",
+        "received_at": datetime.now(UTC),
+        "source": "C_STORE",
+        **fields,
+    }
+
+
+def _publish(producer: Producer, event: dict) -> None:
+    value = default_codec().encode(INSTANCES.value_schema, event)
+    producer.produce(INSTANCES.name, key=event["study_instance_uid"].encode(), value=value)
+
+
 def test_a_message_that_makes_a_handler_raise_is_dead_lettered_and_the_next_one_processed(pipeline, tmp_path):
     cfg = pipeline.cfg
     wait_until_caught_up(cfg)
@@ -31,21 +53,7 @@ def test_a_message_that_makes_a_handler_raise_is_dead_lettered_and_the_next_one_
     # The aggregates worker: a tick whose time no clock can hold (int(inf) raises OverflowError).
     producer.produce(TICKS.name, value=b'{"t": 1e999, "end": 0}', partition=0)
     # The sinks: a well-formed event whose header is not JSON.
-    study, series, sop = generate_uid(), generate_uid(), generate_uid()
-    event = {
-        "sop_instance_uid": sop,
-        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
-        "study_instance_uid": study,
-        "series_instance_uid": series,
-        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
-        "size_bytes": 10,
-        "sha256": "0" * 64,
-        "landing_path": f"00/{'0' * 64}.dcm",
-        "received_at": datetime.now(UTC),
-        "source": "C_STORE",
-        "header_json": "{not json",
-    }
-    producer.produce(INSTANCES.name, key=study.encode(), value=default_codec().encode(INSTANCES.value_schema, event))
+    _publish(producer, _event(header_json="{not json"))
     assert producer.flush(30) == 0
 
     # The next message: a real instance from storescu.
@@ -77,3 +85,33 @@ def test_a_message_that_makes_a_handler_raise_is_dead_lettered_and_the_next_one_
     assert (archived / f"{good.SOPInstanceUID}.dcm").exists()
     [aggregate] = os_search(cfg, "diana-series", {"term": {"series_instance_uid": good.SeriesInstanceUID}})
     assert aggregate["instance_count"] == 1
+
+
+def test_what_opensearch_refuses_is_dead_lettered_without_the_value_it_quotes(pipeline):
+    """OpenSearch's reason for refusing a document quotes the refused value ("Preview of field's value:
+    '...'"): a patient's data. The dead letter and the sink's log name the field, not the value. A text
+    longer than a keyword can index (32,766 bytes) no longer refuses its document: it is kept, unindexed."""
+    cfg = pipeline.cfg
+    wait_until_caught_up(cfg)
+    since = _end_offsets(cfg, DEADLETTER.name)
+    producer = Producer({"bootstrap.servers": cfg.kafka.bootstrap})
+    # A date no calendar has: the receiver never writes one, another producer might.
+    bad_date = _event(patient_id="REFUSEDDATE", patient_birth_date="1980-13-45")
+    long_id = _event(patient_id="LONGPATIENTID" * 3000)  # 39,000 bytes
+    for event in (bad_date, long_id):
+        _publish(producer, event)
+    assert producer.flush(30) == 0
+    wait_until_caught_up(cfg)
+
+    refused = [
+        {k: v.decode() for k, v in msg.headers() or []}
+        for msg in read_messages(cfg, DEADLETTER.name, since=since)
+        if dict(msg.headers() or []).get("sink") == b"opensearch"
+        and dict(msg.headers() or []).get("origin", b"").startswith(INSTANCES.name.encode())
+    ]
+    assert len(refused) == 1, refused  # the bad date's document alone
+    reason = refused[0]["reason"]
+    assert bad_date["sop_instance_uid"] in reason and "patient_birth_date" in reason and "value withheld" in reason
+    assert "1980-13-45" not in reason
+    assert "1980-13-45" not in pipeline.log_text("opensearch-sink")
+    assert os_search(cfg, "diana-instances", {"term": {"sop_instance_uid": long_id["sop_instance_uid"]}})

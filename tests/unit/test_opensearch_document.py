@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from diana.sinks.opensearch import _document
+from diana.sinks.opensearch import _document, rejection_reason
 
 # Spacing json.dumps would never write: it survives only if the header is not parsed and re-serialised.
 HEADER = '{"00080060":{"vr":"CS","Value":["CT"]},   "00100010":{"vr":"PN"}}'
@@ -71,3 +71,52 @@ def test_a_value_json_cannot_hold_is_null_and_text_stays_unescaped_utf8() -> Non
     document = _document({"patient_weight_kg": float("nan"), "institution_name": "Hôpital Saint-Louis"})
     assert json.loads(document) == {"patient_weight_kg": None, "institution_name": "Hôpital Saint-Louis"}
     assert "Hôpital".encode() in document
+
+
+# OpenSearch 2.19's own answers (bulk items' error, filter_path items.*.error.type/reason), captured
+# from a real node for documents of the instances template.
+_REFUSED = [
+    (
+        {
+            "type": "mapper_parsing_exception",
+            "reason": "failed to parse field [patient_birth_date] of type [date] in document with id 'a1'. "
+            "Preview of field's value: '1980-13-45'",
+        },
+        "1980-13-45",
+        "patient_birth_date",
+    ),
+    (
+        {
+            "type": "illegal_argument_exception",
+            "reason": 'Document contains at least one immense term in field="patient_id" (whose UTF8 encoding is '
+            "longer than the max length 32766), all of which were skipped.  Please correct the analyzer to not "
+            "produce such terms.  The prefix of the first immense term is: '[83, 69, 67, 82, 69, 84]...', "
+            "original message: bytes can be at most 32766 in length; got 36000",
+        },
+        "83, 69, 67",
+        'field="patient_id"',
+    ),
+    (
+        {
+            "type": "mapper_parsing_exception",
+            "reason": "failed to parse field [patient_age_years] of type [float] in document with id 'a3'. "
+            "Preview of field's value: 'SMITH^JOHN'",
+        },
+        "SMITH",
+        "patient_age_years",
+    ),
+]
+
+
+@pytest.mark.parametrize(("error", "value", "field"), _REFUSED)
+def test_a_refusal_names_the_field_and_its_type_but_not_the_value(error, value, field) -> None:
+    reason = rejection_reason(error)
+    assert value not in reason
+    assert reason.startswith(error["type"] + ": ") and field in reason and "(value withheld)" in reason
+
+
+def test_quoted_text_of_an_unknown_reason_is_withheld_and_a_long_reason_cut() -> None:
+    reason = rejection_reason({"type": "x_exception", "reason": "cannot use 'DOE^JANE' here " + "y" * 1000})
+    assert "DOE" not in reason and "'…'" in reason and len(reason) < 330
+    assert rejection_reason({"type": "x_exception"}) == "x_exception"
+    assert rejection_reason({}) == "error"
