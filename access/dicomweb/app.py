@@ -9,6 +9,7 @@ this service does not produce.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -41,7 +42,7 @@ from diana.access.dicomweb.stow import (
 )
 from diana.access.dicomweb.transcoded import decoded_frames, multipart_explicit_le
 from diana.access.dicomweb.wado import frame_bytes, frame_numbers, metadata, multipart_dicom, new_boundary
-from diana.access.qr.identifier import IdentifierError, parse_identifier
+from diana.access.qr.identifier import IdentifierError, Query, parse_identifier
 from diana.access.qr.index_reader import PAGE, RETRIEVE_PAGE, IndexReader
 from diana.access.qr.response import build_response, header_fields
 from diana.access.qr.retrieve import archive_key
@@ -63,6 +64,16 @@ DICOM_JSON = "application/dicom+json"
 def _error(status: int, reason: str, service: str) -> Response:
     REQUESTS.labels(service, str(status)).inc()
     return PlainTextResponse(reason + "\n", status_code=status)
+
+
+def _said_if_cut(docs: Iterator[dict[str, Any]], service: str) -> Iterator[dict[str, Any]]:
+    """``docs``; if the index stops answering once the answer has begun (its status is sent), the
+    answer is cut short, and the log says why before the server's traceback."""
+    try:
+        yield from docs
+    except (OSConnectionError, TransportError) as exc:
+        log.error("wado.cut_short", service=service, reason="the index stopped answering", detail=type(exc).__name__)
+        raise
 
 
 class DicomWeb:
@@ -185,7 +196,8 @@ class DicomWeb:
         )
 
     # ------------------------------------------------------------------ WADO-RS
-    def _selected(self, request: Request, source: list[str], page: int = PAGE) -> list[dict[str, Any]] | Response:
+    def _query(self, request: Request) -> Query | Response:
+        """The study, series or instance of the URL as a query, or the 400 refusing its UIDs."""
         p = request.path_params
         ds = Dataset()
         ds.QueryRetrieveLevel = "IMAGE" if "instance" in p else "SERIES" if "series" in p else "STUDY"
@@ -195,23 +207,32 @@ class DicomWeb:
         if "instance" in p:
             ds.SOPInstanceUID = p["instance"]
         try:
-            query = parse_identifier(ds, "STUDY", hierarchical=False)
+            return parse_identifier(ds, "STUDY", hierarchical=False)
         except IdentifierError as exc:
             return _error(400, str(exc), "wado")
-        try:
-            docs = list(self.reader.documents(query, source, self.max_retrieve + 1, page))
-        except (OSConnectionError, TransportError):
-            return _error(503, "the index does not answer; retry later", "wado")
-        if not docs:
+
+    def _refused(self, found: int) -> Response | None:
+        """The answer to a retrieve of ``found`` instances when it is refused, else None."""
+        if not found:
             return _error(404, "no such study, series or instance here", "wado")
-        if len(docs) > self.max_retrieve:
+        if found > self.max_retrieve:
             # Refused whole, as C-MOVE refuses it (A701): a body silently cut short would pass for the study.
             return _error(
                 400,
                 f"more than {self.max_retrieve} instances ([query_retrieve] max_retrieve): retrieve it series by series",
                 "wado",
             )
-        return docs
+        return None
+
+    def _selected(self, request: Request, source: list[str], page: int = PAGE) -> list[dict[str, Any]] | Response:
+        query = self._query(request)
+        if isinstance(query, Response):
+            return query
+        try:
+            docs = list(self.reader.documents(query, source, self.max_retrieve + 1, page))
+        except (OSConnectionError, TransportError):
+            return _error(503, "the index does not answer; retry later", "wado")
+        return self._refused(len(docs)) or docs
 
     def retrieve(self, request: Request) -> Response:
         try:
@@ -260,13 +281,23 @@ class DicomWeb:
                 REQUESTS.labels("wado-metadata", "200").inc()
                 log.info("wado.metadata", source="prepared", series=len(files))
                 return StreamingResponse(prepared_body(self.archive, files, self._base(request)), media_type=DICOM_JSON)
-        docs = self._selected(request, ["dicom"])
-        if isinstance(docs, Response):
-            return docs
+        # Counted first, then read a page at a time as the answer is sent: the headers of a study of
+        # max_retrieve instances never sit in memory together.
+        query = self._query(request)
+        if isinstance(query, Response):
+            return query
+        try:
+            found = self.reader.count(query)
+        except (OSConnectionError, TransportError):
+            return _error(503, "the index does not answer; retry later", "wado-metadata")
+        refused = self._refused(found)
+        if refused is not None:
+            return refused
         METADATA_SOURCE.labels("per-instance").inc()
         REQUESTS.labels("wado-metadata", "200").inc()
-        log.info("wado.metadata", source="per-instance", instances=len(docs))
-        return StreamingResponse(iter(list(metadata(iter(docs), self._base(request)))), media_type=DICOM_JSON)
+        log.info("wado.metadata", source="per-instance", instances=found)
+        docs = _said_if_cut(self.reader.documents(query, ["dicom"], self.max_retrieve, PAGE), "wado-metadata")
+        return StreamingResponse(metadata(docs, self._base(request)), media_type=DICOM_JSON)
 
     def frames(self, request: Request) -> Response:
         try:

@@ -135,19 +135,25 @@ async def multipart_dicom(
             log.warning("wado.not_archived", left_out=body.missing, sent=body.sent)
 
 
-def metadata(documents: Iterator[dict[str, Any]], base: str) -> Iterator[bytes]:
-    """A JSON array of DICOM JSON data sets, written as it is read."""
+def metadata(documents: Iterator[dict[str, Any]], base: str, chunk_bytes: int = BLOCK) -> Iterator[bytes]:
+    """A JSON array of DICOM JSON data sets, written as it is read, in chunks of about ``chunk_bytes``
+    (one worker-thread hop each, as the objects' BLOCKs)."""
     import json
 
-    yield b"["
-    first = True
+    parts, size, first = [b"["], 1, True
     for doc in documents:
         header = doc.get("dicom")
         if not header:
             continue
-        yield (b"" if first else b",") + json.dumps(absolute_bulk_uris(header, base), separators=(",", ":")).encode()
+        part = (b"" if first else b",") + json.dumps(absolute_bulk_uris(header, base), separators=(",", ":")).encode()
         first = False
-    yield b"]"
+        parts.append(part)
+        size += len(part)
+        if size >= chunk_bytes:
+            yield b"".join(parts)
+            parts, size = [], 0
+    parts.append(b"]")
+    yield b"".join(parts)
 
 
 def frame_numbers(text: str) -> list[int]:

@@ -184,6 +184,10 @@ class IndexReader:
         """The instances a C-MOVE/C-GET of ``query`` sends (at most ``limit``)."""
         return list(self._scan(query_for(query), RETRIEVE_FIELDS, limit, RETRIEVE_PAGE))
 
+    def count(self, query: Query) -> int:
+        """How many instance documents match ``query``."""
+        return int(self.client.count(index=self.index, body={"query": query_for(query)})["count"])
+
     def documents(self, query: Query, source: list[str], limit: int, page: int = PAGE) -> Iterator[dict[str, Any]]:
         """The instance documents matching ``query`` (fields ``source``), in SOP Instance UID order,
         asked ``page`` at a time (RETRIEVE_PAGE for a few small fields each)."""

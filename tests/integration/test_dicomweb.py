@@ -358,3 +358,45 @@ def test_status_shows_the_services(web, pipeline):
     assert lines["DICOMweb (diana serve)"].endswith(" listening"), result.stdout
     assert lines["receiver (C-STORE, C-FIND/C-MOVE/C-GET)"].endswith(" listening"), result.stdout
     assert lines["query/retrieve alone (diana serve)"].endswith("not listening"), result.stdout
+
+
+def test_a_retrieve_over_max_retrieve_is_refused_whole_and_metadata_read_as_it_is_sent(web, pipeline):
+    """With [query_retrieve] max_retrieve = 3: the study (4 instances) is refused with the reason, its
+    3-instance series is served; per-instance metadata is counted first (404 for nothing), then
+    streamed, and is the same as the other server's."""
+    client, study, base = web
+    url = pipeline.start_web(
+        "dicomweb-small",
+        port(18043),
+        "--only",
+        "web",
+        settings={
+            "DIANA_DICOMWEB_BEARER_TOKEN_FILE": str(TEST_HOME / "dicomweb-token"),
+            "DIANA_DICOMWEB_METRICS_PORT": str(port(19469)),
+            "DIANA_QUERY_RETRIEVE_MAX_RETRIEVE": "3",
+        },
+    )
+    try:
+        session = client._session
+        refused = session.get(f"{url}/studies/{study.study_uid}")
+        assert refused.status_code == 400 and "max_retrieve" in refused.text, refused.text
+        by_series: dict[str, list] = {}
+        for path in study.files:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            by_series.setdefault(ds.SeriesInstanceUID, []).append(ds.SOPInstanceUID)
+        axial = next(uid for uid, sops in by_series.items() if len(sops) == 3)
+        served = session.get(f"{url}/studies/{study.study_uid}/series/{axial}")
+        assert served.status_code == 200 and served.headers["content-type"].startswith("multipart/related")
+        instance = f"/studies/{study.study_uid}/series/{axial}/instances/{by_series[axial][0]}/metadata"
+        small, whole = session.get(url + instance), session.get(base + instance)
+        assert small.status_code == 200 and small.headers["content-type"] == "application/dicom+json"
+        ((mine,), (theirs,)) = small.json(), whole.json()
+        # The same data set; its bulk data URIs point to the server answering.
+        assert mine.pop("7FE00010")["BulkDataURI"].startswith(url + "/studies/")
+        assert theirs.pop("7FE00010")["BulkDataURI"].startswith(base + "/studies/")
+        assert mine == theirs
+        assert small.json()[0]["00080018"]["Value"] == [by_series[axial][0]]
+        missing = session.get(f"{url}/studies/{study.study_uid}/series/{axial}/instances/1.2.3.4/metadata")
+        assert missing.status_code == 404, missing.text
+    finally:
+        pipeline.stop("dicomweb-small")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import anyio
 
-from diana.access.dicomweb.wado import BLOCK, multipart_dicom
+from diana.access.dicomweb.wado import BLOCK, metadata, multipart_dicom
 from diana.storage.filesystem import FilesystemStore
 
 
@@ -74,3 +74,25 @@ def test_parts_ending_at_every_offset_around_a_block_boundary(tmp_path: Path) ->
 
         assert b"".join(blocks) == b"".join(head + content + b"\r\n" for _ in keys) + b"--B--\r\n", shift
         assert all(0 < len(b) <= BLOCK + len(head) + len(b"--B--\r\n") + 2 for b in blocks), shift
+
+
+def test_metadata_is_one_json_array_sent_in_chunks_as_the_documents_are_read() -> None:
+    import json
+
+    docs = [{"dicom": {"00080018": {"vr": "UI", "Value": [f"1.2.{n}"]}}} for n in range(50)]
+    docs.insert(7, {"dicom": None})  # an instance indexed without its header is left out
+    read = 0
+
+    def documents():
+        nonlocal read
+        for doc in docs:
+            read += 1
+            yield doc
+
+    body = metadata(documents(), "http://h", chunk_bytes=200)
+    first = next(body)
+    assert first.startswith(b"[") and read < len(docs)  # sent before the last document was read
+    chunks = [first, *body]
+    assert len(chunks) > 5 and all(len(c) < 200 + 60 for c in chunks)
+    assert [d["00080018"]["Value"][0] for d in json.loads(b"".join(chunks))] == [f"1.2.{n}" for n in range(50)]
+    assert b"".join(metadata(iter([]), "http://h")) == b"[]"
