@@ -19,6 +19,7 @@ from opensearchpy.exceptions import ConnectionError as OSConnectionError
 from opensearchpy.exceptions import RequestError, TransportError
 from prometheus_client import Counter
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ImplicitVRLittleEndian
 from starlette.applications import Starlette
@@ -41,7 +42,14 @@ from diana.access.dicomweb.stow import (
     split_and_store,
 )
 from diana.access.dicomweb.transcoded import decoded_frames, multipart_explicit_le
-from diana.access.dicomweb.wado import frame_bytes, frame_numbers, metadata, multipart_dicom, new_boundary
+from diana.access.dicomweb.wado import (
+    CorruptObject,
+    frame_bytes,
+    frame_numbers,
+    metadata,
+    multipart_dicom,
+    new_boundary,
+)
 from diana.access.qr.identifier import IdentifierError, Query, parse_identifier
 from diana.access.qr.index_reader import PAGE, RETRIEVE_PAGE, IndexReader
 from diana.access.qr.response import build_response, header_fields
@@ -322,6 +330,10 @@ class DicomWeb:
             return _error(404, "not archived yet: retry later", "frames")
         except OSError:
             return _error(503, "the archive does not answer; retry later", "frames")
+        except (CorruptObject, InvalidDicomError) as exc:
+            reason = str(exc) if isinstance(exc, CorruptObject) else "its file meta information is not DICOM"
+            log.error("wado.corrupt_object", reason=reason)
+            return _error(500, f"the archived object cannot be read: {reason}", "frames")
         except NotAcceptable as exc:
             return _error(406, str(exc), "frames")
         except TranscodeError as exc:

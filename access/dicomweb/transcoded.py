@@ -19,7 +19,14 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian
 
-from diana.access.dicomweb.wado import BLOCK, frame_count
+from diana.access.dicomweb.wado import (
+    BLOCK,
+    CorruptObject,
+    compressed,
+    frame_count,
+    native_frame_size,
+    read_archived,
+)
 from diana.access.qr.file_meta import transfer_syntax_in
 from diana.access.transcode import (
     MAX_DECODED_BYTES,
@@ -114,14 +121,20 @@ async def multipart_explicit_le(archive: ObjectStore, keys: list[str], boundary:
 def decoded_frames(path: Path, numbers: list[int]) -> list[bytes]:
     """Frames (1-based) of a compressed or big endian object as native little endian pixels, decoded one by one.
 
-    LookupError when the object has no pixel data, IndexError for a frame it does not have, TranscodeError
-    when a frame cannot be decoded here."""
+    LookupError when the object has no pixel data, IndexError for a frame it does not have, CorruptObject
+    when its header or the length of its native pixel data is wrong, TranscodeError when a frame cannot be
+    decoded here."""
     from pydicom.pixels import pixel_array
 
-    ds = dcmread(path, defer_size=1024)  # large values (the pixel data) left on disk until read
+    ds = read_archived(path, defer_size=1024)  # large values (the pixel data) left on disk until read
     if "PixelData" not in ds:
         raise LookupError("the object has no pixel data")  # as from wado.frame_bytes: 404 either way
     count = frame_count(ds, numbers)
+    _, needed = native_frame_size(ds, count)
+    element = ds.get_item("PixelData")  # deferred: its length from the header, the value still on disk
+    stored = element.length if element.value is None else len(element.value)
+    if not compressed(ds) and stored < needed:
+        raise CorruptObject(f"its pixel data holds {stored} bytes, its {count} frame(s) need {needed}")
     if decoded_size(ds) // count * len(numbers) > MAX_DECODED_BYTES:
         raise TranscodeError(f"the frames asked for would take more than {MAX_DECODED_BYTES >> 20} MiB decoded")
     frames = []

@@ -22,7 +22,18 @@ import structlog
 from diana.schemas.series_metadata import absolute_bulk_uris
 from diana.storage import ObjectNotFound, ObjectStore
 
-__all__ = ["multipart_dicom", "metadata", "new_boundary", "frame_bytes", "frame_count", "frame_numbers"]
+__all__ = [
+    "CorruptObject",
+    "multipart_dicom",
+    "metadata",
+    "new_boundary",
+    "frame_bytes",
+    "frame_count",
+    "frame_numbers",
+    "compressed",
+    "native_frame_size",
+    "read_archived",
+]
 
 # One worker-thread call reads about this much of the body (boundaries and as many objects as fit):
 # one thread hop and one ASGI send per block, not three hops and three sends per object. Each hop
@@ -173,26 +184,87 @@ def frame_numbers(text: str) -> list[int]:
     return numbers
 
 
+class CorruptObject(ValueError):
+    """An archived object whose frames cannot be read as its own header describes them. The text names
+    attributes and sizes, never a value of the data set."""
+
+
 def frame_count(ds: Any, numbers: list[int]) -> int:
     """The object's number of frames; IndexError naming the first of ``numbers`` (1-based) it does not have."""
-    count = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        count = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise CorruptObject("its Number of Frames (0028,0008) is not a number") from None
+    if count < 1:
+        raise CorruptObject(f"its Number of Frames (0028,0008) is {count}")
     bad = [n for n in numbers if not 1 <= n <= count]
     if bad:
         raise IndexError(f"frame {bad[0]} does not exist: the object has {count} frame(s)")
     return count
 
 
+def native_frame_size(ds: Any, count: int) -> tuple[int, int]:
+    """(bytes of one native frame, bytes ``count`` frames need), from the image pixel module;
+    CorruptObject naming what is missing."""
+    try:
+        rows, columns, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except AttributeError as exc:  # "... has no attribute 'Rows'"
+        raise CorruptObject(f"its image pixel module has no {str(exc).rsplit(' ', 1)[-1]}") from None
+    except (TypeError, ValueError):
+        raise CorruptObject("its image pixel module holds a value that is not a number") from None
+    if min(rows, columns, bits, samples) < 1:
+        raise CorruptObject("its image pixel module has a size of 0")
+    pixels = rows * columns * samples
+    if bits == 1:  # bit-packed: the frames follow each other bit by bit
+        return pixels // 8, (pixels * count + 7) // 8
+    frame = pixels * bits // 8
+    if ds.get("PhotometricInterpretation") == "YBR_FULL_422":
+        frame = frame // 3 * 2  # one Cb and one Cr for every two pixels (PS3.3 C.7.6.3.1.2)
+    return frame, frame * count
+
+
+def compressed(ds: Any) -> bool:
+    """Whether the object's transfer syntax encapsulates its pixel data; CorruptObject if it names none."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if not syntax:
+        raise CorruptObject("its file meta information has no Transfer Syntax UID")
+    return bool(syntax.is_compressed)
+
+
+def read_archived(path: Path, **options: Any) -> Any:
+    """The archived object's data set (pydicom's ``dcmread`` ``options``); CorruptObject when pydicom
+    cannot read it, which pydicom says in many kinds of errors."""
+    import pydicom
+
+    try:
+        return pydicom.dcmread(path, **options)
+    except OSError:
+        raise  # the archive's fault, not the object's
+    except Exception as exc:
+        raise CorruptObject(f"pydicom cannot read it ({type(exc).__name__})") from None
+
+
 def frame_bytes(path: Path, numbers: list[int]) -> list[bytes]:
     """The frames (1-based) of an archived object: native pixel data sliced, encapsulated frames as stored."""
-    import pydicom
     from pydicom.encaps import generate_frames
 
-    ds = pydicom.dcmread(path)
+    ds = read_archived(path)
     if "PixelData" not in ds:
         raise LookupError("the object has no pixel data")
     count = frame_count(ds, numbers)
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        frames = list(generate_frames(ds.PixelData, number_of_frames=count))
+    if compressed(ds):
+        try:
+            frames = list(generate_frames(ds.PixelData, number_of_frames=count))
+        except Exception as exc:  # a broken item or offset table: pydicom's ValueError, struct.error...
+            raise CorruptObject(
+                f"its encapsulated pixel data cannot be split in frames ({type(exc).__name__})"
+            ) from None
+        if len(frames) < count:
+            raise CorruptObject(f"its encapsulated pixel data holds {len(frames)} of its {count} frames")
         return [frames[n - 1] for n in numbers]
-    size = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
+    size, needed = native_frame_size(ds, count)
+    if len(ds.PixelData) < needed:
+        # Sliced as it is, the last frames would be short or empty, and served as if whole.
+        raise CorruptObject(f"its pixel data holds {len(ds.PixelData)} bytes, its {count} frame(s) need {needed}")
     return [bytes(ds.PixelData[(n - 1) * size : n * size]) for n in numbers]

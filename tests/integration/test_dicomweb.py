@@ -400,3 +400,28 @@ def test_a_retrieve_over_max_retrieve_is_refused_whole_and_metadata_read_as_it_i
         assert missing.status_code == 404, missing.text
     finally:
         pipeline.stop("dicomweb-small")
+
+
+def test_frames_of_an_archived_object_damaged_on_disk_are_a_500_with_the_reason(web, pipeline, tmp_path):
+    client, _, base = web
+    study = make_study(tmp_path / "damaged", [SeriesSpec("CT", "WEB DAMAGED", 1)], patient_id="WEB-DAMAGED")
+    assert storescu(pipeline.cfg, study.files).returncode == 0
+    wait_until_caught_up(pipeline.cfg)
+    ds = pydicom.dcmread(study.files[0])
+    archived = (
+        pipeline.cfg.path(pipeline.cfg.storage.archive_dir)
+        / ds.StudyInstanceUID
+        / ds.SeriesInstanceUID
+        / f"{ds.SOPInstanceUID}.dcm"
+    )
+    whole = archived.read_bytes()
+    archived.write_bytes(whole[: len(whole) - 100])  # the disk lost the end of the pixel data
+    frames = (
+        f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}/frames/1"
+    )
+    for accept in ("multipart/related; type=application/octet-stream", None):
+        damaged = client._session.get(frames, headers={"Accept": accept} if accept else {})
+        assert damaged.status_code == 500, (damaged.status_code, damaged.text[:200])
+        assert damaged.text.startswith("the archived object cannot be read: its pixel data holds"), damaged.text
+    assert "wado.corrupt_object" in pipeline.log_text("dicomweb")
+    assert len(client.search_for_studies(search_filters={"PatientID": "WEB-DAMAGED"})) == 1  # the service goes on

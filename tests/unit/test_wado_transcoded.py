@@ -62,3 +62,30 @@ def test_frames_of_a_compressed_object_without_pixel_data_are_not_found_as_on_th
         with pytest.raises(LookupError, match="no pixel data"):
             read(path, [1])
     assert len(decoded_frames(Path(source), [1])[0]) == 64 * 64 * 2  # with pixel data: one native frame
+
+
+def test_frames_of_a_damaged_object_are_refused_with_the_reason_never_served_short(tmp_path: Path):
+    """A native object whose pixel data is shorter than its frames (a truncated file), or whose header
+    cannot say how long a frame is: CorruptObject naming what is wrong (the app's 500), on both frame
+    paths. Before, the as-stored path served the short bytes as the frame."""
+    import pytest
+    from pydicom.data import get_testdata_file
+
+    from diana.access.dicomweb.transcoded import decoded_frames
+    from diana.access.dicomweb.wado import CorruptObject, frame_bytes
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        truncated = get_testdata_file("MR_truncated.dcm")  # pydicom's own: 8,130 of 8,192 bytes
+        ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    no_rows = tmp_path / "no-rows.dcm"
+    del ds.Rows
+    ds.save_as(no_rows)
+    for read in (frame_bytes, decoded_frames):
+        with pytest.raises(CorruptObject, match="holds 8130 bytes, its 1 frame.s. need 8192"):
+            read(Path(truncated), [1])
+        with pytest.raises(CorruptObject, match="has no 'Rows'"):
+            read(no_rows, [1])
+    # Uncompressed YBR_FULL_422 holds two samples a pixel, not three: whole, and served.
+    ybr = get_testdata_file("SC_ybr_full_422_uncompressed.dcm")
+    assert len(frame_bytes(Path(ybr), [1])[0]) == 100 * 100 * 2
