@@ -76,14 +76,17 @@ def _one(text: str, vr: str, days: int) -> str:
     raise MalformedTemporal(f"{vr} is not a date or time")
 
 
+_FORM = {"DA": "YYYYMMDD", "DT": "YYYYMMDDHHMMSS.FFFFFF&ZZXX", "TM": "HHMMSS.FFFFFF"}
+
+
 def shift_value(value: str, vr: str, days: int) -> str:
     """One DA/DT/TM value (or a range A-B, -B, A-) moved ``days`` back; '' stays ''."""
     text = value.strip()
     if not text:
         return ""
     if "-" in text and not (vr == "DT" and _DT.match(text)):  # a DT's UTC offset is not a range
-        if text.count("-") != 1 and vr != "DT":
-            raise MalformedTemporal(f"not a {vr} range")
+        if text.count("-") != 1 and vr != "DT":  # "2024-01-15": a date written with dashes
+            raise MalformedTemporal(f"not a {vr} ({_FORM[vr]}) nor a range of them (A-B)")
         low, high = _split_range(text, vr)
         if not low and not high:
             raise MalformedTemporal(f"not a {vr} range")

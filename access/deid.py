@@ -40,7 +40,8 @@ _FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC"})
 _BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 _NUMBER_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV", "FL", "FD"})
 _DUMMY_BY_VR = {"DA": "19000101", "DT": "19000101000000", "TM": "000000", "IS": "0", "DS": "0", "AS": "000Y"}
-_META_REMOVE = (0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020102)  # AE titles, private info
+# AE titles, the presentation addresses (dicom://host:port of the sender and the receiver), private info
+_META_REMOVE = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028, 0x00020100, 0x00020102)
 _AGE = re.compile(r"^(\d{3})Y$")
 
 
@@ -153,6 +154,11 @@ class Deidentifier:
 
     def _apply(self, ds: Dataset, ctx: _Context, path: str) -> None:
         for elem in list(ds):
+            if elem.tag.is_private and elem.VR == "SQ":
+                # kept by the site's safe list (_private): the attributes in its items are de-identified
+                # as everywhere else; the list vouches for the sequence, not for what a vendor put in it
+                self._sequence(elem, Action.KEEP, ctx, path + f"({elem.tag.group:04X},{elem.tag.element:04X})")
+                continue
             if elem.tag.is_private or elem.tag.group == 0x0002:
                 continue
             action = resolve(int(elem.tag), elem.VR, self.table.code(elem.tag), self.options)

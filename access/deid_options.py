@@ -143,8 +143,36 @@ def _keyword(tag: int) -> str:
     return _dictionary()(tag) or ""
 
 
+# Not in Table E.1-1, yet the patient's: birth and death dates in another calendar, and the calendar.
+_PATIENT_UNLISTED = frozenset(
+    {
+        "PatientBirthDateInAlternativeCalendar",
+        "PatientDeathDateInAlternativeCalendar",
+        "PatientAlternativeCalendar",
+    }
+)
+
+
+def _unlisted(keyword: str, vr: str, options: ProfileOptions) -> Action:
+    """An attribute Table E.1-1 does not list: kept, except what identifies by its nature."""
+    if vr == "PN" or keyword in _PATIENT_UNLISTED:
+        return Action.DUMMY if vr == "PN" else Action.REMOVE
+    if vr == "UI":
+        # A reference to an instance, a frame of reference, a concatenation: replaced as every listed
+        # UID is, so that the references between exported objects still hold (a standard UID, a SOP
+        # class or a coding scheme, stays: the engine keeps those of the registry).
+        return Action.KEEP if options.retain_uids else Action.UID
+    if vr == "UR":  # a URL names the site's hosts (a PACS, a JPIP server)
+        return Action.KEEP if options.retain_institution_identity else Action.REMOVE
+    return Action.KEEP
+
+
 def resolve(tag: int, vr: str, code: str | None, options: ProfileOptions) -> Action:
     """The one action for an attribute of Table E.1-1 (``code``: its Basic Profile code, None if not listed)."""
+    if (tag >> 16) & 0xFF00 == 0x6000:
+        # An overlay: the table removes its data and comments (X); its other attributes (its label, its
+        # description, where it lies) would describe a plane no longer there: the whole group goes.
+        return Action.REMOVE
     keyword = _keyword(tag)
     is_date = vr in ("DA", "DT")
     if (is_date or vr == "TM" or keyword in _TEMPORAL_NOT_DATES) and keyword not in _BIRTH:
@@ -154,8 +182,12 @@ def resolve(tag: int, vr: str, code: str | None, options: ProfileOptions) -> Act
             # dates shifted; times of day checked and kept (whole-day shifts); a UTC offset is unchanged
             # by a shift; a binary timestamp cannot be shifted, so it goes (C on bytes removes)
             return Action.KEEP if _TEMPORAL_NOT_DATES.get(keyword) == "keep" else Action.CLEAN
-    if code is None:  # not in the table: kept, except person names, which are never kept (stricter than E.1-1)
-        return Action.DUMMY if vr == "PN" else Action.KEEP
+        if code is None and keyword not in _TEMPORAL_NOT_DATES:
+            # Dates removed, and the object says so (LongitudinalTemporalInformationModified REMOVED):
+            # one the table does not list (StudyUpdateDateTime, ExpiryDate...) goes with the others.
+            return Action.REMOVE
+    if code is None:  # not in the table: kept, except what identifies by its nature (stricter than E.1-1)
+        return _unlisted(keyword, vr, options)
     if options.retain_uids and ("U" in code or "UID" in keyword or _REFERENCES.match(keyword)):
         return Action.KEEP
     if options.retain_device_identity and _DEVICE.search(keyword):

@@ -43,20 +43,27 @@ _BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 class Identifiers:
     whole: dict[str, str] = field(default_factory=dict)  # value -> kind, compared whole (dates, UIDs, IDs)
     text: dict[str, str] = field(default_factory=dict)  # value (upper case) -> kind, searched inside text
+    # Identifying values the scan does not look for (a kept value of the object holds them innocently:
+    # a name part that is the manufacturer's) but cleaned text still loses: "Anna Philips" in a
+    # description is the patient's name, whoever built the scanner.
+    redact_only: set[str] = field(default_factory=set)
 
     def pattern(self) -> re.Pattern[str]:
-        """One expression finding any identifier as a whole word in upper-case text (built once)."""
+        """One expression finding any identifier the scan looks for as a whole word in upper-case text (built once)."""
         if getattr(self, "_pattern", None) is None:
-            words = "|".join(map(re.escape, self.terms())) or "(?!)"  # (?!): matches nothing
+            words = "|".join(map(re.escape, self._searched())) or "(?!)"  # (?!): matches nothing
             self._pattern = re.compile(r"(?<!\w)(?:" + words + r")(?!\w)")
         return self._pattern
 
     def kind_of(self, upper: str) -> str:
         return self.text.get(upper) or next(k for w, k in self.whole.items() if w.upper() == upper)
 
+    def _searched(self) -> list[str]:
+        return sorted(set(self.text) | {w.upper() for w in self.whole if len(w) >= _MIN_TEXT}, key=len, reverse=True)
+
     def terms(self) -> list[str]:
         """Every value to redact from cleaned text, longest first."""
-        return sorted(set(self.text) | {w.upper() for w in self.whole if len(w) >= _MIN_TEXT}, key=len, reverse=True)
+        return sorted(set(self._searched()) | self.redact_only, key=len, reverse=True)
 
 
 @dataclass(frozen=True)
@@ -98,23 +105,32 @@ def _kind(keyword: str, vr: str) -> str:
 
 def collect(ds: Dataset, table: ProfileTable, options: ProfileOptions) -> Identifiers:
     found = Identifiers()
-    kept: set[str] = set()
+    kept: set[tuple[str, str]] = set()  # (value, VR) of each element the profile keeps
     _collect(ds, table, options, found, kept, tree=None)
     # A value the profile keeps elsewhere in the same object is not a leak: an institution named
     # like the manufacturer ("Here" in "Manufacturer name here"), a name part that is also a coding
-    # scheme ("TEST"). Names are excused only by a kept value equal to them; dates and UIDs never.
-    kept_upper = {v.upper() for v in kept}
+    # scheme ("TEST"), an accession number equal to a kept number. Names are excused only by a kept
+    # value equal to them; dates and UIDs never. A value with a digit in it (an ID: "MRN7654321") is
+    # excused only by an equal kept number or code, or the equipment's own name (an SR's text
+    # "Optima CT660" naming the scanner): found in kept text (a segment's description), it is the
+    # leak the scan is for.
+    kept_upper = {v.upper() for v, _ in kept}
+    kept_codes = {v.upper() for v, vr in kept if vr in _WHOLE_VRS}
     kept_text = "\n".join(kept_upper)
     # A name part that is a word of the equipment's own description is the equipment's: the
     # acceptance corpus has a patient "Patient^Optima" scanned on an "Optima CT660".
-    equipment = "\n".join(" ".join(_values(ds.get(k, ""))) for k in _EQUIPMENT).upper()
+    equipment_values = {v.upper() for k in _EQUIPMENT for v in _values(ds.get(k, ""))}
+    equipment = "\n".join(sorted(equipment_values))
     for value, kind in list(found.text.items()):
         if kind == "person name":
             excused = value in kept_upper or ("^" not in value and bool(_word(value).search(equipment)))
+        elif any(c.isdigit() for c in value):
+            excused = value in kept_codes or value in equipment_values
         else:
             excused = value in kept_upper or bool(_word(value).search(kept_text))
         if excused:
             del found.text[value]
+            found.redact_only.add(value)
     for value, kind in list(found.whole.items()):
         if kind not in ("date", "UID") and value.upper() not in found.text:  # its text twin was excused
             del found.whole[value]
@@ -126,9 +142,18 @@ def collect(ds: Dataset, table: ProfileTable, options: ProfileOptions) -> Identi
 
 
 def _collect(
-    ds: Dataset, table: ProfileTable, options: ProfileOptions, found: Identifiers, kept: set[str], tree: Action | None
+    ds: Dataset,
+    table: ProfileTable,
+    options: ProfileOptions,
+    found: Identifiers,
+    kept: set[tuple[str, str]],
+    tree: Action | None,
 ) -> None:
     for elem in ds:
+        if elem.tag.is_private and elem.VR == "SQ":  # a safe-listed private sequence: its items as any
+            for item in elem.value or []:
+                _collect(item, table, options, found, kept, tree)
+            continue
         if elem.tag.is_private or elem.tag.group == 0x0002:
             continue
         action = resolve(int(elem.tag), elem.VR, table.code(elem.tag), options)
@@ -143,7 +168,7 @@ def _collect(
         if tree is not None and action is Action.KEEP and elem.VR in _FREE_TEXT_VRS | {"PN"}:
             action = tree  # free text and names of a content tree go (D) or are redacted (C), as the engine does
         if action is Action.KEEP:
-            kept.update(_values(elem.value))
+            kept.update((value, elem.VR) for value in _values(elem.value))
             continue
         kind = _kind(keyword, elem.VR)
         for value in _values(elem.value):

@@ -87,3 +87,9 @@ def test_an_object_with_a_malformed_date_is_refused_with_the_element_path(vr, va
         d.deidentify(ds)
     path = "PerFrameFunctionalGroupsSequence[1].FrameContentSequence[0]." if vr == "DT" else ""
     assert str(caught.value).startswith(path + keyword + ": not a")
+
+
+def test_a_date_written_with_dashes_is_said_to_be_no_date_not_a_bad_range():
+    with pytest.raises(MalformedTemporal, match=r"not a DA \(YYYYMMDD\) nor a range of them"):
+        shift_value("2024-01-15", "DA", 3)
+    assert shift_value("20240110-20240120", "DA", 3) == "20240107-20240117"

@@ -140,6 +140,32 @@ def test_scan_finds_what_the_table_does_not_list():
     ]
 
 
+def test_an_id_in_kept_text_is_found_there_and_still_redacted_elsewhere():
+    """A Patient ID inside text the profile keeps (a segment's description, which Table E.1-1 does not
+    list) is a leak the scan reports; before, its presence there excused it, and with it cleaned
+    descriptions stopped losing it."""
+    source = identifying_object("ct")
+    segment = Dataset()
+    segment.SegmentDescription = f"liver contour for {PATIENT_ID}"
+    source.SegmentSequence = [segment]
+    source.StudyDescription = f"CT abdomen {PATIENT_ID}"
+    result = _deidentifier(ProfileOptions(clean_descriptors=True)).deidentify(source)
+    assert PATIENT_ID not in result.dataset.StudyDescription
+    assert [(h.path, h.kind) for h in scan(result.dataset, result.identifiers)] == [
+        ("SegmentSequence[0].SegmentDescription", "PatientID")
+    ]
+
+
+def test_a_name_part_that_is_the_manufacturers_is_no_hit_there_but_redacted_in_cleaned_text():
+    source = identifying_object("ct")
+    source.PatientName = "Philips^Anna"
+    source.Manufacturer = "Philips"
+    source.StudyDescription = "MR knee, Anna Philips"
+    result = _deidentifier(ProfileOptions(clean_descriptors=True)).deidentify(source)
+    assert result.dataset.Manufacturer == "Philips" and scan(result.dataset, result.identifiers) == []
+    assert result.dataset.StudyDescription == "MR knee, [REDACTED] [REDACTED]"
+
+
 def test_a_table_row_pydicom_does_not_know_is_applied_by_tag():
     ds = identifying_object("ct")
     ds.add_new(0x0040B034, "UN", PATIENT_NAME.encode())  # in the 2026c table (X), newer than pydicom's dictionary
@@ -323,3 +349,70 @@ def test_identifiers_of_the_source_are_what_the_profile_removes():
     assert "20190510" not in ids.whole  # full dates are retained: not identifiers
     ids = collect(identifying_object("sr"), TABLE, ProfileOptions())
     assert "20190510" in ids.whole
+
+
+def test_what_the_table_does_not_list_but_identifies_by_its_nature():
+    """Stricter than Table E.1-1, for attributes it does not list: a UID is replaced as the listed ones
+    are (references between exported objects hold), a URL goes unless the institution is retained,
+    the patient's dates in another calendar go, and with dates removed an unlisted date goes too."""
+    source = identifying_object("ct")
+    source.FrameOfReferenceUID = "1.2.3.4.900"
+    source.SOPInstanceUIDOfConcatenationSource = source.SOPInstanceUID  # not in the table
+    source.TableFrameOfReferenceUID = source.FrameOfReferenceUID  # not in the table
+    source.PixelDataProviderURL = "https://pacs.hospital.example/jpip"
+    source.PatientBirthDateInAlternativeCalendar = "13590220"
+    source.PatientAlternativeCalendar = "I"
+    source.ExpiryDate = "20300101"
+    source.file_meta.SourcePresentationAddress = "dicom://ct1.hospital.example:104"
+    source.file_meta.SendingPresentationAddress = "dicom://pacs.hospital.example:104"
+    d = _deidentifier(ProfileOptions(dates=DateOption.REMOVE))
+    result = d.deidentify(copy.deepcopy(source))
+    out = result.dataset
+    assert out.SOPInstanceUIDOfConcatenationSource == out.SOPInstanceUID != source.SOPInstanceUID
+    assert out.TableFrameOfReferenceUID == out.FrameOfReferenceUID != source.FrameOfReferenceUID
+    assert out.SOPClassUID == source.SOPClassUID  # the standard's UIDs stay
+    for gone in ("PixelDataProviderURL", "PatientBirthDateInAlternativeCalendar", "PatientAlternativeCalendar"):
+        assert gone not in out, gone
+    assert "ExpiryDate" not in out and out.LongitudinalTemporalInformationModified == "REMOVED"
+    assert "SourcePresentationAddress" not in out.file_meta and "SendingPresentationAddress" not in out.file_meta
+    assert scan(out, result.identifiers) == []
+    out = _deidentifier(ProfileOptions()).deidentify(copy.deepcopy(source)).dataset
+    assert out.ExpiryDate != source.ExpiryDate  # modified dates: shifted as the others
+    out = _deidentifier(ALL_RETAIN).deidentify(copy.deepcopy(source)).dataset
+    assert out.TableFrameOfReferenceUID == source.FrameOfReferenceUID
+    assert out.PixelDataProviderURL == source.PixelDataProviderURL
+
+
+def test_a_safe_listed_private_sequence_is_kept_and_what_its_items_hold_is_de_identified():
+    ds = identifying_object("ct")
+    ds.private_block(0x0029, "ACME 1.1", create=True)
+    inner = Dataset()
+    inner.OperatorsName = PATIENT_NAME
+    inner.PatientAddress = "12 Elm Street Springfield"
+    inner.SeriesInstanceUID = ds.SeriesInstanceUID
+    inner.AcquisitionDate = ds.StudyDate
+    ds.add_new(0x00291010, "SQ", [inner])
+    study_date = ds.StudyDate
+    result = _deidentifier(ProfileOptions(retain_safe_private=frozenset({("ACME 1.1", 0x10)}))).deidentify(ds)
+    (item,) = result.dataset[0x00291010].value
+    assert "PatientAddress" not in item and item.OperatorsName != PATIENT_NAME
+    assert item.SeriesInstanceUID == result.dataset.SeriesInstanceUID  # mapped as the object's own
+    assert item.AcquisitionDate == result.dataset.StudyDate != study_date  # shifted as the object's own
+    assert scan(result.dataset, result.identifiers) == []
+
+
+def test_overlays_go_whole_and_an_overlay_in_the_pixel_bits_is_refused():
+    ds = identifying_object("ct")
+    ds.add_new(0x60000010, "US", 512)  # Overlay Rows
+    ds.add_new(0x60000022, "LO", "overlay of the contour")  # Overlay Description
+    ds.add_new(0x60001500, "LO", "contour")  # Overlay Label
+    ds.add_new(0x60003000, "OW", b"\x00" * 8)
+    out = _deidentifier(ProfileOptions()).deidentify(copy.deepcopy(ds)).dataset
+    assert not [e for e in out if e.tag.group == 0x6000]
+    ds.add_new(0x60000102, "US", 12)  # Overlay Bit Position: the plane is in the pixel data's bit 12
+    with pytest.raises(Refused, match="unused bits"):
+        _deidentifier(ProfileOptions()).deidentify(copy.deepcopy(ds))
+    faces = identifying_object("ct")
+    faces.RecognizableVisualFeatures = "YES"
+    with pytest.raises(Refused, match="RecognizableVisualFeatures"):
+        _deidentifier(ProfileOptions()).deidentify(faces)
