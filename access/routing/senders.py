@@ -42,7 +42,7 @@ __all__ = ["Outcome", "Result", "Delivery", "Sender", "DicomSender", "StowSender
 
 log = structlog.get_logger("diana.route")
 _WARNINGS = (0xB000, 0xB006, 0xB007)  # PS3.4 B.2.3: stored, with a warning
-_UNAVAILABLE_HTTP = (408, 429, 502, 503, 504)
+_UNAVAILABLE_HTTP = (408, 429, 502, 503, 504, 507)  # 507 Insufficient Storage: for now, as 0xA7xx
 
 
 class Outcome(Enum):
@@ -188,7 +188,10 @@ class DicomSender(_Deidentifying):
         if code == 0 or code in _WARNINGS:
             return Result(Outcome.DELIVERED)
         comment = str(getattr(status, "ErrorComment", "") or "")
-        return Result(Outcome.FAILED, f"C-STORE status 0x{int(code):04X}" + (f" ({comment})" if comment else ""))
+        why = f"C-STORE status 0x{int(code):04X}" + (f" ({comment})" if comment else "")
+        if 0xA700 <= code <= 0xA7FF:  # Refused: Out of Resources, for now (a full disk): as if down, not refused
+            return Result(Outcome.UNAVAILABLE, why)
+        return Result(Outcome.FAILED, why)
 
     def close(self) -> None:
         pass

@@ -16,7 +16,7 @@ from diana.access.pseudonyms import ProjectKeys
 from diana.access.qr.server import destination_tls
 from diana.access.routing.rules import Destination, RoutingRules, RulesError, load_rules
 from diana.access.routing.senders import make_sender
-from diana.access.routing.worker import TRIGGER_TOPICS, RouteWorker, WorkerSettings
+from diana.access.routing.worker import TRIGGER_TOPICS, IndexUnavailable, RouteWorker, WorkerSettings
 from diana.clients import opensearch_client
 from diana.config import Config
 from diana.schemas.layout import IndexLayout
@@ -62,9 +62,8 @@ def indexed_study(cfg: Config) -> Callable[[str], dict[str, Any] | None]:
             return source
         except NotFoundError:
             return None
-        except OpenSearchException as exc:
-            log.warning("route.index_unavailable", error=type(exc).__name__)
-            return None
+        except OpenSearchException as exc:  # not "not complete yet": the alert would be given up on
+            raise IndexUnavailable(type(exc).__name__) from exc
 
     return get
 

@@ -36,7 +36,7 @@ from diana.schemas.uid import is_valid_uid
 from diana.sinks.consumer import DeadLetters, RetryableError, failure_reason
 from diana.storage import ObjectStore, local_file
 
-__all__ = ["RouteWorker", "WorkerSettings", "study_files", "TRIGGER_TOPICS"]
+__all__ = ["IndexUnavailable", "RouteWorker", "WorkerSettings", "study_files", "TRIGGER_TOPICS"]
 
 log = structlog.get_logger("diana.route")
 
@@ -105,6 +105,17 @@ def _header(archive: ObjectStore, key: str) -> dict[str, Any]:
     }
 
 
+class IndexUnavailable(Exception):
+    """The index does not answer a study's state: wait, as for an archive that does not answer."""
+
+
+def _complete(study: dict[str, Any]) -> bool:
+    """Every series of the study complete, at its first completion or after a late amendment (a dose
+    report that came after the images' quiet time makes the study AMENDED, and it stays so)."""
+    if study.get("status") not in ("COMPLETED", "AMENDED"):
+        return False
+    return int(study.get("completed_series_count") or 0) >= int(study.get("series_count") or 0)
+
 class RouteWorker:
     def __init__(
         self,
@@ -156,7 +167,7 @@ class RouteWorker:
             # An alert may come before the study's last images: wait until the study is complete
             # (its aggregate, as indexed) and all its instances are archived.
             study = self.study_state(uid) if self.study_state else None
-            if study is None or study.get("status") != "COMPLETED":
+            if study is None or not _complete(study):
                 return None, f"study {uid} of alert {alert['alert_id']} not complete yet"
             files = study_files(self.settings.archive, uid, study.get("series_instance_uids"))
             if len(files) < int(study.get("instance_count") or 0):
@@ -170,6 +181,14 @@ class RouteWorker:
                 continue
             try:
                 items, waiting = self.plan(p.msg)
+            except (OSError, IndexUnavailable) as exc:
+                # The archive or the index, not the message (an S3 503, a disk error, OpenSearch down):
+                # waited for as long as it lasts, and the time does not count toward archive_wait_s.
+                p.since = time.monotonic()
+                if p.waiting_for != (waiting := f"{type(exc).__name__} from the archive or the index"):
+                    p.waiting_for = waiting
+                    log.warning("route.store_unavailable", destination=self.name, error=type(exc).__name__)
+                continue
             except Exception as exc:  # not decodable, or an archived file pydicom cannot read: never a stuck worker
                 dead.send(p.msg, failure_reason(f"route {self.name}", exc))
                 ROUTE_DEAD.labels(self.name).inc()

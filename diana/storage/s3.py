@@ -70,6 +70,27 @@ class _Errors:
         return False
 
 
+class _Body(io.RawIOBase):
+    """A GET's body whose failures while its bytes arrive (a connection reset, a read timeout, a body
+    shorter than announced: botocore's ResponseStreamingError, ReadTimeoutError, IncompleteReadError)
+    are the store's StorageError, as a failure before them is: the caller retries, where an unknown
+    error would have had the sink dead-letter the event."""
+
+    def __init__(self, body: Any, what: str):
+        self.body, self.what = body, what
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        with _Errors(self.what):
+            return int(self.body.readinto(buffer))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.body.close()
+        super().close()
+
 class S3Store:
     def __init__(self, client: Any, bucket: str, prefix: str = "", part_size: int = 16 * 1024**2):
         if prefix and not prefix.endswith("/"):
@@ -156,7 +177,7 @@ class S3Store:
         with _Errors(f"get {key}"):
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
         # Buffered, so readers get a file's semantics: lines (a StreamingBody iterates in 1 KiB chunks) and cheap small reads.
-        stream = io.BufferedReader(body, buffer_size=1 << 20)
+        stream = io.BufferedReader(_Body(body, f"get {key}"), buffer_size=1 << 20)
         try:
             yield stream
         finally:

@@ -1,0 +1,58 @@
+"""Unit: a failure while an S3 object's bytes arrive is the store's StorageError (retried), as one before them is.
+
+botocore's own StreamingBody over a socket that resets half-way (urllib3's ProtocolError, which
+botocore raises as ResponseStreamingError): not an OSError, so before, the archive sink took it for
+the message's fault and dead-lettered the event. The S3 server itself is exercised by the S3Proxy
+integration tests; this is the error mapping on bytes no server can be made to cut on cue.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from botocore.response import StreamingBody
+from urllib3.exceptions import ProtocolError
+
+from diana.storage import S3Store, StorageError
+
+DATA = b"DICM" * 4096
+
+
+class _ResetAfterHalf(io.RawIOBase):
+    def __init__(self) -> None:
+        self.sent = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.sent:
+            raise ProtocolError("Connection broken: ConnectionResetError(104, 'Connection reset by peer')")
+        self.sent = True
+        half = DATA[: len(DATA) // 2]
+        buffer[: len(half)] = half
+        return len(half)
+
+
+class _Client:
+    def __init__(self, raw: io.RawIOBase, length: int):
+        self.raw, self.length = raw, length
+
+    def get_object(self, Bucket: str, Key: str) -> dict:  # noqa: N803 (botocore's names)
+        return {"Body": StreamingBody(self.raw, self.length)}
+
+
+def test_a_connection_reset_mid_body_is_a_storage_error():
+    store = S3Store(_Client(_ResetAfterHalf(), len(DATA)), "bucket", "landing/")
+    with pytest.raises(StorageError, match="get a/b.dcm: .*reset by peer"), store.open("a/b.dcm") as stream:
+        stream.read()
+
+
+def test_a_body_shorter_than_announced_is_a_storage_error_and_a_whole_one_reads_as_a_file():
+    short = S3Store(_Client(io.BytesIO(DATA[:100]), len(DATA)), "bucket")
+    with pytest.raises(StorageError), short.open("k") as stream:
+        stream.read()
+    whole = S3Store(_Client(io.BytesIO(DATA), len(DATA)), "bucket")
+    with whole.open("k") as stream:
+        assert stream.read(4) == b"DICM" and stream.read() == DATA[4:]
