@@ -39,7 +39,7 @@ class _Client:
     def __init__(self, raw: io.RawIOBase, length: int):
         self.raw, self.length = raw, length
 
-    def get_object(self, Bucket: str, Key: str) -> dict:  # noqa: N803 (botocore's names)
+    def get_object(self, Bucket: str, Key: str) -> dict:
         return {"Body": StreamingBody(self.raw, self.length)}
 
 
