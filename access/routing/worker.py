@@ -116,6 +116,7 @@ def _complete(study: dict[str, Any]) -> bool:
         return False
     return int(study.get("completed_series_count") or 0) >= int(study.get("series_count") or 0)
 
+
 class RouteWorker:
     def __init__(
         self,

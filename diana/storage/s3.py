@@ -91,6 +91,7 @@ class _Body(io.RawIOBase):
             self.body.close()
         super().close()
 
+
 class S3Store:
     def __init__(self, client: Any, bucket: str, prefix: str = "", part_size: int = 16 * 1024**2):
         if prefix and not prefix.endswith("/"):
