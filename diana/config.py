@@ -346,6 +346,9 @@ class CollectConfig:
     pause_s: float = 60.0
     # DIMSE and network timeouts towards the PACS.
     timeout_s: float = 60.0
+    # The longest a retrieve (C-MOVE) may go without an answer from the PACS: most answer after each
+    # instance sent, some only once at the end of the study.
+    move_timeout_s: float = 3600.0
 
 
 DEFAULT_MAX_STOW_BYTES = 4 << 30
@@ -642,7 +645,7 @@ _AT_LEAST = {
     ("receiver", "max_associations"): 1,
     ("collect", "concurrency"): 1,
 }
-_ABOVE_ZERO = (("kafka", "publish_timeout_s"),)
+_ABOVE_ZERO = (("kafka", "publish_timeout_s"), ("collect", "timeout_s"), ("collect", "move_timeout_s"))
 
 
 def _check_ranges(sections: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ import json
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any
 
 import structlog
@@ -22,7 +23,14 @@ from diana.config import CollectConfig
 from diana.producers.pacs_pull.completeness import IndexedCounter
 from diana.producers.pacs_pull.ledger import TERMINAL_LINE, JobLedger, JobState, StudyState
 from diana.producers.pacs_pull.requests import CollectRequest
-from diana.producers.pacs_pull.scu import FindFailed, MoveResult, PacsClient, PacsUnavailable, status_text
+from diana.producers.pacs_pull.scu import (
+    FindFailed,
+    MoveAborted,
+    MoveResult,
+    PacsClient,
+    PacsUnavailable,
+    status_text,
+)
 from diana.producers.pacs_pull.throttle import StartGate, TimeWindows
 
 __all__ = ["CollectJob", "JobConflict", "job_id_for", "criteria_of"]
@@ -138,8 +146,21 @@ class CollectJob:
     def retrieve_all(self) -> None:
         todo = [s.study_instance_uid for s in self.job.studies.values() if not s.done]
         with ThreadPoolExecutor(max_workers=max(1, self.settings.concurrency), thread_name_prefix="collect") as pool:
-            for future in [pool.submit(self._retrieve_study, uid) for uid in todo]:
-                future.result()
+            futures = [pool.submit(self._retrieve_study, uid) for uid in todo]
+            try:
+                for future in futures:
+                    while not self.stop.is_set():
+                        try:
+                            future.result(timeout=0.5)  # not for ever: Ctrl-C and SIGTERM get through
+                            break
+                        except FuturesTimeout:
+                            continue
+            except BaseException:
+                # The first error (the index gone, a bug) or Ctrl-C stops the job: no more C-MOVEs
+                # started, the running ones aborted (move_study watches stop), the record as it is.
+                self.stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
         if not self.stop.is_set():
             self._record("JOB_DONE", detail=json.dumps(self.job.counts(), sort_keys=True))
 
@@ -157,7 +178,8 @@ class CollectJob:
 
     def _retrieve_study(self, uid: str) -> None:
         study = self.job.studies[uid]
-        expected = study.expected_instances
+        # A count of 0 or less (recorded by an earlier version from such a C-FIND answer) says nothing.
+        expected = study.expected_instances if (study.expected_instances or 0) > 0 else None
         s = self.settings
         # Already in diana-star? After a restart mid-retrieve, give the pipeline time to index what arrived.
         if expected:
@@ -183,8 +205,19 @@ class CollectJob:
                 return
             self._record("MOVE_STARTED", study_instance_uid=uid, line=study.line, attempt=study.attempts + 1)
             try:
-                result = self.pacs.move_study(uid)
+                result = self.pacs.move_study(uid, self.stop)
+            except MoveAborted as exc:
+                # The PACS was there and dropped this study's retrieve: a try used, as a failed C-MOVE.
+                tries += 1
+                self._record(
+                    "MOVE_ENDED", study_instance_uid=uid, line=study.line, attempt=study.attempts, detail=str(exc)
+                )
+                log.warning("collect_move_aborted", job=self.job.job_id, study=uid, attempt=tries)
+                have = self.counter.count(uid)
+                continue
             except PacsUnavailable as exc:
+                if self.stop.is_set():
+                    return
                 self._pause(str(exc))
                 continue  # not the study's fault: does not use up a retry
             tries += 1
@@ -210,7 +243,9 @@ class CollectJob:
             if expected is not None:
                 want = min(want, expected)
             have = self.counter.wait_for(uid, want, s.verify_timeout_s, self.stop)
-            if have >= (expected if expected is not None else sent) and (expected is not None or result.success):
+            target = expected if expected is not None else sent
+            # Nothing received is never a complete study: a PACS answering success to a move of nothing.
+            if have >= target > 0 and (expected is not None or result.success):
                 self._finish(
                     study,
                     "STUDY_COMPLETE",
@@ -219,9 +254,13 @@ class CollectJob:
                     detail=f"{have} instances",
                 )
                 return
-        if self.stop.is_set() or result is None:
+        if self.stop.is_set():
             return
-        answer = f"PACS status {status_text(result.status)}: {result.completed} sent, {result.failed} failed"
+        if result is None:  # every try aborted by the PACS
+            answer, pacs_status = "the PACS dropped the association during every retrieve", "aborted"
+        else:
+            answer = f"PACS status {status_text(result.status)}: {result.completed} sent, {result.failed} failed"
+            pacs_status = status_text(result.status)
         detail = f"{have} of {expected if expected is not None else '?'} instances in diana-star after {tries} retrieves; {answer}"
         event = "STUDY_PARTIAL" if have else "STUDY_FAILED"
         self._finish(
@@ -229,7 +268,7 @@ class CollectJob:
             event,
             indexed_instances=have,
             expected_instances=expected,
-            pacs_status=status_text(result.status),
+            pacs_status=pacs_status,
             detail=detail,
         )
         log.warning(

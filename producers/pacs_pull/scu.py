@@ -8,10 +8,12 @@ on it instead of marking studies failed.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import structlog
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.association import Association
@@ -23,13 +25,21 @@ from pynetdicom.sop_class import (
 from diana.config import CollectConfig
 from diana.outbound_association import outbound_association_handlers
 
-__all__ = ["PacsClient", "PacsUnavailable", "FindFailed", "StudyMatch", "MoveResult", "status_text"]
+__all__ = ["PacsClient", "PacsUnavailable", "MoveAborted", "FindFailed", "StudyMatch", "MoveResult", "status_text"]
+
+log = structlog.get_logger("diana.collect")
 
 _PENDING = (0xFF00, 0xFF01)
 
 
 class PacsUnavailable(RuntimeError):
     """The PACS did not answer, refused the association, or dropped it: worth waiting for, not a study's fault."""
+
+
+class MoveAborted(PacsUnavailable):
+    """The PACS dropped the association in the middle of a study's C-MOVE: the association was made,
+    so the PACS is there; counted against the study's retries (a PACS that aborts on one study would
+    otherwise be asked for it for ever)."""
 
 
 class FindFailed(RuntimeError):
@@ -70,6 +80,60 @@ def _int(value: object) -> int | None:
         return None
 
 
+def _count(value: object) -> int | None:
+    """NumberOfStudyRelatedInstances as a count to wait for: 0 or less says nothing (a PACS that does
+    not keep it; a study of no instances is nothing to retrieve), and once read as "all of 0 are
+    here" it marked studies retrieved, or already present, with nothing received."""
+    count = _int(value)
+    return count if count is not None and count > 0 else None
+
+
+def _contradiction(keys: dict[str, str], answer: Dataset) -> str | None:
+    """The matching key ``answer`` contradicts (a PACS that ignores a key answers studies not asked
+    for: another patient's, or the whole archive's); None when it matches or the PACS left it out."""
+    for name in ("StudyInstanceUID", "AccessionNumber", "PatientID"):
+        asked, got = keys.get(name, ""), str(answer.get(name, "") or "").strip()
+        if asked and not any(c in asked for c in "*?") and got and got != asked.strip():
+            return name
+    dates, got = keys.get("StudyDate", ""), str(answer.get("StudyDate", "") or "").strip()
+    if dates and len(got) == 8 and got.isdigit():
+        low, _, high = dates.partition("-")
+        if (low and got < low) or (high and got > high):
+            return "StudyDate"
+    modalities = {m for m in keys.get("ModalitiesInStudy", "").split("\\") if m}
+    raw = answer.get("ModalitiesInStudy") or []
+    got_modalities = {str(m).strip() for m in ([raw] if isinstance(raw, str) else raw)} - {""}
+    if modalities and got_modalities and not modalities & got_modalities:
+        return "ModalitiesInStudy"
+    return None
+
+
+@contextmanager
+def _aborted_on(stop: threading.Event | None, assoc: Association) -> Iterator[None]:
+    """Abort ``assoc`` as soon as ``stop`` is set, while the block runs."""
+    if stop is None:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.5):
+            if stop.is_set():
+                assoc.abort()
+                # A local abort does not wake a thread waiting for the next answer (pynetdicom queues
+                # this end-of-messages item for a peer's abort only): queued here, so it returns now.
+                assoc.dimse.msg_queue.put((None, None))
+                return
+
+    watcher = threading.Thread(target=watch, name="collect-stop-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+
+
 class PacsClient:
     def __init__(self, settings: CollectConfig, move_destination: str):
         self.settings = settings
@@ -79,8 +143,10 @@ class PacsClient:
     def _ae(self, context: str) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
         ae.acse_timeout = ae.network_timeout = self.settings.timeout_s
-        # A retrieve's final answer comes after every sub-operation: no DIMSE timeout on it.
-        ae.dimse_timeout = None if context == StudyRootQueryRetrieveInformationModelMove else self.settings.timeout_s
+        # A retrieve's answers come one per sub-operation (from some PACS only the final one, after all
+        # of them): its own, longer, timeout between answers.
+        moving = context == StudyRootQueryRetrieveInformationModelMove
+        ae.dimse_timeout = self.settings.move_timeout_s if moving else self.settings.timeout_s
         ae.add_requested_context(context)
         if context == StudyRootQueryRetrieveInformationModelMove:
             # Some PACS (dcmqrscp) log an error for a retrieve association that does not also offer C-FIND.
@@ -122,11 +188,14 @@ class PacsClient:
                 code = int(status.Status)
                 if code in _PENDING and identifier is not None:
                     uid = str(identifier.get("StudyInstanceUID", "") or "")
-                    if uid:
+                    contradicted = _contradiction(keys, identifier)
+                    if contradicted:
+                        log.warning("collect.match_dropped", pacs=self.where, contradicts=contradicted)
+                    elif uid:
                         matches[uid] = StudyMatch(
                             uid,
                             str(identifier.get("AccessionNumber", "") or ""),
-                            _int(identifier.get("NumberOfStudyRelatedInstances")),
+                            _count(identifier.get("NumberOfStudyRelatedInstances")),
                         )
                 elif code not in _PENDING and code != 0x0000:
                     comment = str(status.get("ErrorComment", "") or "")
@@ -135,18 +204,25 @@ class PacsClient:
                     )
         return list(matches.values())
 
-    def move_study(self, study_instance_uid: str) -> MoveResult:
+    def move_study(self, study_instance_uid: str, stop: threading.Event | None = None) -> MoveResult:
+        """The study's C-MOVE to its end; ``stop`` set meanwhile aborts the association (a PACS may
+        take as long as it likes between answers, and the job is not held by it)."""
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = study_instance_uid
         final: Dataset | None = None
         counts = {"completed": 0, "failed": 0, "warning": 0}
-        with self._association(StudyRootQueryRetrieveInformationModelMove) as assoc:
+        with self._association(StudyRootQueryRetrieveInformationModelMove) as assoc, _aborted_on(stop, assoc):
             for status, _identifier in assoc.send_c_move(
                 query, self.move_destination, StudyRootQueryRetrieveInformationModelMove
             ):
                 if "Status" not in status:
-                    raise PacsUnavailable(f"PACS {self.where} dropped the association during a C-MOVE")
+                    if stop is not None and stop.is_set():
+                        raise PacsUnavailable("the retrieve was stopped")
+                    raise MoveAborted(
+                        f"PACS {self.where} dropped the association during a C-MOVE, or gave no answer for "
+                        f"{self.settings.move_timeout_s:.0f} s ([collect] move_timeout_s)"
+                    )
                 final = status
                 for key, tag in (
                     ("completed", "NumberOfCompletedSuboperations"),

@@ -1,0 +1,153 @@
+"""A collect job against a PACS that answers badly: a real pynetdicom PACS in this process (C-FIND and
+C-MOVE handlers saying what such PACS say), the job's record and the index's count kept in memory.
+
+Each case once ended wrongly: a count of 0 or -1 made studies "retrieved" or "already present" with
+nothing received; a PACS ignoring a key had studies of other accessions retrieved; a PACS aborting
+one study's retrieve had the job ask for it for ever; a C-MOVE never answered held the job past
+Ctrl-C."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
+
+from diana.config import CollectConfig
+from diana.producers.pacs_pull.job import CollectJob
+from diana.producers.pacs_pull.ledger import JobState
+from diana.producers.pacs_pull.requests import CollectRequest
+from diana.producers.pacs_pull.scu import PacsClient
+
+
+def _study(uid: str, accession: str, count: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID, ds.AccessionNumber, ds.NumberOfStudyRelatedInstances = uid, accession, count
+    return ds
+
+
+@contextmanager
+def _pacs(found: list[Dataset], on_move: Callable) -> Iterator[tuple[int, list[str]]]:
+    moved: list[str] = []
+
+    def find(event):
+        for ds in found:
+            yield 0xFF00, ds
+
+    def move(event):
+        moved.append(str(event.identifier.StudyInstanceUID))
+        yield from on_move(event)
+
+    ae = AE("PACS")
+    ae.add_supported_context(FIND)
+    ae.add_supported_context(MOVE)
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_FIND, find), (evt.EVT_C_MOVE, move)]
+    )
+    try:
+        yield server.server_address[1], moved
+    finally:
+        server.shutdown()
+
+
+class _Ledger:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def record(self, event: str, **fields) -> dict:
+        self.events.append(event)
+        return {"job_id": "j", "at": datetime.now(UTC), "event": event, **fields}
+
+
+class _NothingIndexed:
+    def count(self, uid: str) -> int:
+        return 0
+
+    def wait_for(self, uid: str, target: int, timeout_s: float, stop: threading.Event) -> int:
+        return 0
+
+
+def _job(port: int, stop: threading.Event | None = None, **settings) -> tuple[CollectJob, _Ledger]:
+    config = CollectConfig(
+        pacs_host="127.0.0.1",
+        pacs_port=port,
+        retries=1,
+        backoff_s=0.01,
+        verify_timeout_s=0.1,
+        pause_s=0.1,
+        timeout_s=5,
+        **settings,
+    )
+    ledger = _Ledger()
+    request = CollectRequest(2, "A1", accession_number="A1")
+    job = CollectJob(
+        config,
+        JobState("j"),
+        [request],
+        ledger,
+        PacsClient(config, "DIANA"),
+        _NothingIndexed(),
+        notify=lambda _t: None,
+        stop=stop,
+    )
+    return job, ledger
+
+
+def _destination_unknown(event):
+    yield None, None  # 0xA801: nothing sent
+
+
+def test_a_count_of_0_or_less_is_no_count_and_nothing_received_is_no_study():
+    for count in ("0", "-1"):
+        with _pacs([_study("1.2.3.4", "A1", count)], _destination_unknown) as (port, moved):
+            job, _ = _job(port)
+            state = job.run()
+        study = state.studies["1.2.3.4"]
+        assert (study.state, study.expected_instances, moved) == ("STUDY_FAILED", None, ["1.2.3.4"] * 2), count
+
+
+def test_a_match_that_contradicts_the_request_is_not_retrieved():
+    found = [_study("1.2.3.4", "A1", "2"), _study("9.9.9", "OTHER", "3")]  # a PACS that ignored the accession
+    with _pacs(found, _destination_unknown) as (port, moved):
+        job, _ = _job(port)
+        state = job.run()
+    assert set(state.studies) == {"1.2.3.4"} and set(moved) == {"1.2.3.4"}
+
+
+def test_a_pacs_that_aborts_a_studys_retrieve_uses_up_its_retries_and_the_job_ends():
+    def abort(event):
+        event.assoc.abort()
+        yield 1, None
+
+    with _pacs([_study("1.2.3.4", "A1", "5")], abort) as (port, moved):
+        job, ledger = _job(port)
+        state = job.run()
+    assert state.studies["1.2.3.4"].state == "STUDY_FAILED" and state.studies["1.2.3.4"].pacs_status == "aborted"
+    assert len(moved) == 2 and ledger.events[-1] == "JOB_DONE"
+
+
+def test_a_retrieve_never_answered_is_aborted_when_the_job_is_stopped():
+    release = threading.Event()
+
+    def hang(event):
+        yield "127.0.0.1", 1
+        release.wait(30)  # the PACS takes the C-MOVE and never answers it
+        yield 0, None
+
+    stop = threading.Event()
+    with _pacs([_study("1.2.3.4", "A1", "5")], hang) as (port, moved):
+        job, ledger = _job(port, stop)
+        threading.Timer(1.0, stop.set).start()  # what SIGTERM and Ctrl-C do (stop_on_signals)
+        started = time.monotonic()
+        job.run()
+        took = time.monotonic() - started
+        release.set()
+    assert moved == ["1.2.3.4"] and took < 10, took
+    assert "JOB_DONE" not in ledger.events and "STUDY_FAILED" not in ledger.events  # resumable as it was
