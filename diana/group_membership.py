@@ -146,6 +146,7 @@ class GroupWatch:
         self._clock = clock
         self._requests: int | None = None
         self._reported_at: float | None = None
+        self.unconnected_since: float | None = None  # since when no broker connection is up (None: one is)
 
     def restart(self) -> None:
         """Count again from the next report (a consumer found waiting for its topics, not stuck)."""
@@ -166,7 +167,15 @@ class GroupWatch:
     def on_stats(self, stats_json: str) -> None:
         self.observe(group_activity(json.loads(stats_json)), self._clock())
 
+    def unconnected_for(self, now: float) -> float:
+        """Seconds since the reports last showed a broker connection up (0 while one is)."""
+        return 0.0 if self.unconnected_since is None else now - self.unconnected_since
+
     def observe(self, activity: GroupActivity, now: float) -> None:
+        if activity.connected:
+            self.unconnected_since = None
+        elif self.unconnected_since is None:
+            self.unconnected_since = now
         sent = self._requests is not None and activity.requests != self._requests
         late = self._reported_at is not None and now - self._reported_at > 2 * self.interval_s
         self._requests, self._reported_at = activity.requests, now

@@ -183,6 +183,10 @@ def write_until_done(sink: BatchSink, batch: list[Message], dead: DeadLetters, s
             backoff = min(backoff * 2, 30.0)
 
 
+# No broker connection for this long: the sink says so, naming [kafka] bootstrap.
+KAFKA_UNREACHABLE_S = 10.0
+
+
 def run_sink(
     sink: BatchSink,
     kafka: KafkaConfig,
@@ -249,8 +253,20 @@ def run_sink(
     consumer, watch = subscribed_consumer()
     dead = DeadLetters(kafka, sink.name)
     log.info("sink.started", sink=sink.name, group=group_id, topics=list(sink.topics))
+    said_unreachable = False
     try:
         while not stop.is_set():
+            # librdkafka retries a broker that does not answer without end, in lines of its own that do
+            # not name the setting: said once, with the address, and once more when it answers.
+            unreachable_s = watch.unconnected_for(time.monotonic())
+            if unreachable_s >= KAFKA_UNREACHABLE_S and not said_unreachable:
+                log.warning(
+                    "sink.waiting_for_kafka", sink=sink.name, bootstrap=kafka.bootstrap, seconds=round(unreachable_s)
+                )
+                said_unreachable = True
+            elif said_unreachable and not unreachable_s:
+                log.info("sink.kafka_reached", sink=sink.name)
+                said_unreachable = False
             if watch.kept_waiting_for(consumer, sink.topics):
                 # Not stuck: none of its topics exists yet, and it joins once one is created.
                 log.warning("sink.topics_missing", sink=sink.name, topics=list(sink.topics), fix=TOPICS_MISSING_FIX)

@@ -118,3 +118,44 @@ def test_a_stream_worker_says_at_once_that_it_waits_for_kafka(config):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_sink_says_it_waits_for_kafka_naming_the_address(config):
+    """`diana sink ...` with no broker printed only librdkafka's connection lines; it now says once
+    which address it waits for ([kafka] bootstrap)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    config.write_text(config.read_text() + "[sinks]\nsession_timeout_s = 2.0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diana.cli", "--config", str(config), "sink", "opensearch"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    started = time.monotonic()
+    try:
+        line = ""
+        for line in proc.stderr:  # type: ignore[union-attr]
+            if "sink.waiting_for_kafka" in line or time.monotonic() - started > 60:
+                break
+        assert "sink.waiting_for_kafka" in line and "bootstrap=127.0.0.1:1" in line, line
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_watch_counts_the_time_without_a_broker_connection():
+    from diana.group_membership import GroupActivity, GroupWatch
+
+    watch = GroupWatch(limit_s=30, interval_s=1)
+    assert watch.unconnected_for(100.0) == 0
+    watch.observe(GroupActivity(requests=0, awaiting=0, connected=False), 100.0)
+    watch.observe(GroupActivity(requests=0, awaiting=0, connected=False), 101.0)
+    assert watch.unconnected_for(112.0) == 12.0
+    watch.observe(GroupActivity(requests=1, awaiting=0, connected=True), 113.0)
+    assert watch.unconnected_for(114.0) == 0
