@@ -152,17 +152,27 @@ _PATIENT_UNLISTED = frozenset(
     }
 )
 
+# UIDs Table E.1-1 does not list that identify an instance, an event or the site's systems (the
+# others the dictionary has name kinds of things: SOP classes, transfer syntaxes, coding schemes).
+_INSTANCE_UID = re.compile(
+    r"(InstanceUID|FrameOfReferenceUID|UIDOfConcatenationSource|AssertionUID|FiducialUID|EventUID"
+    r"|PrivateRecordUID|InputSetUID|RetrieveLocationUID|RepositoryUniqueID|HomeCommunityID)$"
+)
+# URLs of public vocabularies: a code's own value (Code Sequence macro, 1C) and its scheme's address.
+_PUBLIC_URLS = frozenset({"URNCodeValue", "CodingSchemeURL"})
+
 
 def _unlisted(keyword: str, vr: str, options: ProfileOptions) -> Action:
     """An attribute Table E.1-1 does not list: kept, except what identifies by its nature."""
     if vr == "PN" or keyword in _PATIENT_UNLISTED:
         return Action.DUMMY if vr == "PN" else Action.REMOVE
-    if vr == "UI":
+    if vr == "UI" and _INSTANCE_UID.search(keyword):
         # A reference to an instance, a frame of reference, a concatenation: replaced as every listed
-        # UID is, so that the references between exported objects still hold (a standard UID, a SOP
-        # class or a coding scheme, stays: the engine keeps those of the registry).
+        # UID is, so that the references between exported objects still hold. A UID that names a kind
+        # of thing (a SOP class, a transfer syntax, a coding scheme, a context group) stays, known to
+        # pydicom's registry or not (a vendor's private SOP class).
         return Action.KEEP if options.retain_uids else Action.UID
-    if vr == "UR":  # a URL names the site's hosts (a PACS, a JPIP server)
+    if vr == "UR" and keyword not in _PUBLIC_URLS:  # a URL names the site's hosts (a PACS, a JPIP server)
         return Action.KEEP if options.retain_institution_identity else Action.REMOVE
     return Action.KEEP
 

@@ -320,7 +320,9 @@ class DicomWeb:
             if key is None:
                 raise ObjectNotFound("invalid UIDs")
             with local_file(self.archive, key) as path:
-                stored = str(read_file_meta_info(path).TransferSyntaxUID)
+                stored = str(read_file_meta_info(path).get("TransferSyntaxUID") or "")
+                if not stored:
+                    raise CorruptObject("its file meta information has no Transfer Syntax UID")
                 syntax, part_type = frame_syntax(request.headers.get("accept"), stored)
                 if syntax == AS_STORED or stored in (EXPLICIT_LE, str(ImplicitVRLittleEndian)):
                     frames = frame_bytes(path, numbers)  # as stored, or native already

@@ -42,7 +42,7 @@ __all__ = ["Outcome", "Result", "Delivery", "Sender", "DicomSender", "StowSender
 
 log = structlog.get_logger("diana.route")
 _WARNINGS = (0xB000, 0xB006, 0xB007)  # PS3.4 B.2.3: stored, with a warning
-_UNAVAILABLE_HTTP = (408, 429, 502, 503, 504, 507)  # 507 Insufficient Storage: for now, as 0xA7xx
+_UNAVAILABLE_HTTP = (408, 429, 502, 503, 504)
 
 
 class Outcome(Enum):
@@ -55,6 +55,8 @@ class Outcome(Enum):
 class Result:
     outcome: Outcome
     status: str = ""  # the destination's answer when it refused, or why it could not be reached
+    # A refusal for lack of room (C-STORE 0xA7xx, HTTP 507): given up only after [routing] archive_wait_s
+    out_of_resources: bool = False
 
 
 @dataclass
@@ -67,6 +69,7 @@ class Delivery:
     key: str  # in the archive store
     failures: int = 0
     last_status: str = ""
+    first_refused_at: float | None = None  # time.monotonic() of its first refusal
     extra: dict[str, Any] = field(default_factory=dict)
 
     def doc(self) -> dict[str, Any]:
@@ -189,9 +192,8 @@ class DicomSender(_Deidentifying):
             return Result(Outcome.DELIVERED)
         comment = str(getattr(status, "ErrorComment", "") or "")
         why = f"C-STORE status 0x{int(code):04X}" + (f" ({comment})" if comment else "")
-        if 0xA700 <= code <= 0xA7FF:  # Refused: Out of Resources, for now (a full disk): as if down, not refused
-            return Result(Outcome.UNAVAILABLE, why)
-        return Result(Outcome.FAILED, why)
+        # Refused: Out of Resources (a full disk, for now or for good: some servers say it of one object)
+        return Result(Outcome.FAILED, why, out_of_resources=0xA700 <= code <= 0xA7FF)
 
     def close(self) -> None:
         pass
@@ -260,7 +262,7 @@ class StowSender(_Deidentifying):
         status = f"STOW-RS HTTP {response.status_code} {response.reason}"
         if response.status_code in _UNAVAILABLE_HTTP:
             return Result(Outcome.UNAVAILABLE, status)
-        return Result(Outcome.FAILED, status)
+        return Result(Outcome.FAILED, status, out_of_resources=response.status_code == 507)  # Insufficient Storage
 
     def close(self) -> None:
         self.session.close()

@@ -34,7 +34,7 @@ from diana.schemas.layout import archive_path
 from diana.schemas.topics import DOSE_ALERTS, INSTANCES, STUDIES
 from diana.schemas.uid import is_valid_uid
 from diana.sinks.consumer import DeadLetters, RetryableError, failure_reason
-from diana.storage import ObjectStore, local_file
+from diana.storage import ObjectStore, StorageError, local_file
 
 __all__ = ["IndexUnavailable", "RouteWorker", "WorkerSettings", "study_files", "TRIGGER_TOPICS"]
 
@@ -182,14 +182,16 @@ class RouteWorker:
                 continue
             try:
                 items, waiting = self.plan(p.msg)
-            except (OSError, IndexUnavailable) as exc:
-                # The archive or the index, not the message (an S3 503, a disk error, OpenSearch down):
-                # waited for as long as it lasts, and the time does not count toward archive_wait_s.
+            except (StorageError, IndexUnavailable, ConnectionError, TimeoutError) as exc:
+                # The object store or the index does not answer (an S3 503, OpenSearch down): not the
+                # message's fault; waited for as long as it lasts, not counted toward archive_wait_s.
                 p.since = time.monotonic()
                 if p.waiting_for != (waiting := f"{type(exc).__name__} from the archive or the index"):
                     p.waiting_for = waiting
                     log.warning("route.store_unavailable", destination=self.name, error=type(exc).__name__)
                 continue
+            except OSError as exc:  # the archive's files (a permission, a bad sector): may be fixed, or not
+                items, waiting = None, f"the archive: {type(exc).__name__}"
             except Exception as exc:  # not decodable, or an archived file pydicom cannot read: never a stuck worker
                 dead.send(p.msg, failure_reason(f"route {self.name}", exc))
                 ROUTE_DEAD.labels(self.name).inc()
@@ -228,10 +230,16 @@ class RouteWorker:
                     elif result.outcome is Outcome.FAILED:
                         REFUSED.labels(self.name).inc()
                         item.failures += 1
+                        now = time.monotonic()
+                        if item.first_refused_at is None:
+                            item.first_refused_at = now
                         log.warning(
                             "route.refused", destination=self.name, sop=item.sop_instance_uid, status=result.status
                         )
-                        if item.failures >= attempts:
+                        # Out of room: tried (with backoff) for at least archive_wait_s, a full disk freed
+                        # in the meantime loses nothing; then given up as any refusal (said of one object for good).
+                        patient = result.out_of_resources and now - item.first_refused_at < self.settings.archive_wait_s
+                        if item.failures >= attempts and not patient:
                             dead.send(
                                 p.msg,
                                 f"route {self.name}: {item.sop_instance_uid} refused {item.failures} times; "

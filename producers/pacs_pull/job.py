@@ -13,8 +13,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FuturesTimeout
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
 import structlog
@@ -146,15 +145,14 @@ class CollectJob:
     def retrieve_all(self) -> None:
         todo = [s.study_instance_uid for s in self.job.studies.values() if not s.done]
         with ThreadPoolExecutor(max_workers=max(1, self.settings.concurrency), thread_name_prefix="collect") as pool:
-            futures = [pool.submit(self._retrieve_study, uid) for uid in todo]
+            pending = {pool.submit(self._retrieve_study, uid) for uid in todo}
             try:
-                for future in futures:
-                    while not self.stop.is_set():
-                        try:
-                            future.result(timeout=0.5)  # not for ever: Ctrl-C and SIGTERM get through
-                            break
-                        except FuturesTimeout:
-                            continue
+                while pending and not self.stop.is_set():
+                    # Whichever fails first, at once (not in the order submitted); a bounded wait, so
+                    # that Ctrl-C and SIGTERM get through.
+                    done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+                    for future in done:
+                        future.result()
             except BaseException:
                 # The first error (the index gone, a bug) or Ctrl-C stops the job: no more C-MOVEs
                 # started, the running ones aborted (move_study watches stop), the record as it is.
@@ -213,7 +211,21 @@ class CollectJob:
                     "MOVE_ENDED", study_instance_uid=uid, line=study.line, attempt=study.attempts, detail=str(exc)
                 )
                 log.warning("collect_move_aborted", job=self.job.job_id, study=uid, attempt=tries)
-                have = self.counter.count(uid)
+                # A PACS may send every instance and then drop the association instead of answering.
+                have = (
+                    self.counter.wait_for(uid, expected, s.verify_timeout_s, self.stop)
+                    if expected
+                    else self.counter.count(uid)
+                )
+                if expected and have >= expected:
+                    self._finish(
+                        study,
+                        "STUDY_COMPLETE",
+                        indexed_instances=have,
+                        expected_instances=expected,
+                        detail=f"{have} instances",
+                    )
+                    return
                 continue
             except PacsUnavailable as exc:
                 if self.stop.is_set():

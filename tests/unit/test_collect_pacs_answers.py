@@ -151,3 +151,70 @@ def test_a_retrieve_never_answered_is_aborted_when_the_job_is_stopped():
         release.set()
     assert moved == ["1.2.3.4"] and took < 10, took
     assert "JOB_DONE" not in ledger.events and "STUDY_FAILED" not in ledger.events  # resumable as it was
+
+
+def test_the_first_error_stops_the_job_before_other_retrieves_start():
+    """With two retrieves at once, the second failing (the index gone) while the first takes its time:
+    the error is seen at once and no third retrieve starts (the futures were awaited in order before)."""
+    from diana.producers.pacs_pull.scu import MoveResult, StudyMatch
+
+    started: list[str] = []
+    slow_one = threading.Event()
+
+    class Pacs:
+        def find_studies(self, keys):
+            return [StudyMatch(uid, "A1", 5) for uid in ("1.1", "1.2", "1.3", "1.4", "1.5")]
+
+        def move_study(self, uid, stop=None):
+            started.append(uid)
+            if uid == "1.2":
+                raise RuntimeError("the index is gone")
+            (stop or slow_one).wait(5)  # study 1.1 takes its time; stop aborts it, as a real C-MOVE (test above)
+            return MoveResult(0, 5, 0, 0)
+
+    config = CollectConfig(concurrency=2, retries=0, verify_timeout_s=0.1)
+    job = CollectJob(
+        config,
+        JobState("j"),
+        [CollectRequest(2, "A1", accession_number="A1")],
+        _Ledger(),
+        Pacs(),  # type: ignore[arg-type]
+        _NothingIndexed(),
+        notify=lambda _t: None,
+    )
+    started_at = time.monotonic()
+    try:
+        job.run()
+    except RuntimeError as exc:
+        assert str(exc) == "the index is gone"
+    else:
+        raise AssertionError("the error was not raised")
+    finally:
+        slow_one.set()
+    assert time.monotonic() - started_at < 4 and sorted(started)[:2] == ["1.1", "1.2"] and len(started) == 2, started
+
+
+def test_a_pacs_that_sends_everything_then_aborts_has_the_study_complete():
+    def send_then_abort(event):
+        event.assoc.abort()
+        yield 1, None
+
+    class AllIndexed(_NothingIndexed):
+        def wait_for(self, uid, target, timeout_s, stop):
+            return 5
+
+    with _pacs([_study("1.2.3.4", "A1", "5")], send_then_abort) as (port, moved):
+        config = CollectConfig(
+            pacs_host="127.0.0.1", pacs_port=port, retries=1, backoff_s=0.01, pause_s=0.1, timeout_s=5
+        )
+        job = CollectJob(
+            config,
+            JobState("j"),
+            [CollectRequest(2, "A1", accession_number="A1")],
+            _Ledger(),
+            PacsClient(config, "DIANA"),
+            AllIndexed(),
+            notify=lambda _t: None,
+        )
+        state = job.run()
+    assert state.studies["1.2.3.4"].state == "STUDY_COMPLETE" and moved == ["1.2.3.4"]

@@ -371,6 +371,18 @@ def test_what_the_table_does_not_list_but_identifies_by_its_nature():
     assert out.SOPInstanceUIDOfConcatenationSource == out.SOPInstanceUID != source.SOPInstanceUID
     assert out.TableFrameOfReferenceUID == out.FrameOfReferenceUID != source.FrameOfReferenceUID
     assert out.SOPClassUID == source.SOPClassUID  # the standard's UIDs stay
+    kinds = copy.deepcopy(source)  # UIDs and URLs that name kinds of things, known to pydicom or not
+    kinds.SOPClassUID = kinds.file_meta.MediaStorageSOPClassUID = "1.2.840.113619.4.27"  # a vendor's class
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "T-A0100", "SRT", "Brain"
+    code.CodingSchemeUID = "2.16.840.1.113883.6.96"
+    urn = Dataset()
+    urn.URNCodeValue, urn.CodingSchemeDesignator, urn.CodeMeaning = "urn:oid:1.2.3", "99X", "x"
+    kinds.AnatomicRegionSequence = [code, urn]
+    kept = d.deidentify(kinds).dataset
+    assert kept.SOPClassUID == kept.file_meta.MediaStorageSOPClassUID == "1.2.840.113619.4.27"
+    assert kept.AnatomicRegionSequence[0].CodingSchemeUID == "2.16.840.1.113883.6.96"
+    assert kept.AnatomicRegionSequence[1].URNCodeValue == "urn:oid:1.2.3"
     for gone in ("PixelDataProviderURL", "PatientBirthDateInAlternativeCalendar", "PatientAlternativeCalendar"):
         assert gone not in out, gone
     assert "ExpiryDate" not in out and out.LongitudinalTemporalInformationModified == "REMOVED"

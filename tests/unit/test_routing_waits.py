@@ -6,6 +6,7 @@ decides to send, from real DICOM files in a real archive folder."""
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from confluent_kafka import Message
 from pydicom.uid import generate_uid
 
 from diana.access.routing.rules import parse_rules
-from diana.access.routing.senders import Outcome, Result
+from diana.access.routing.senders import DicomSender, Outcome, Result
 from diana.access.routing.worker import IndexUnavailable, RouteWorker, WorkerSettings
 from diana.config import KafkaConfig
 from diana.schemas.codec import default_codec
@@ -166,19 +167,24 @@ def test_an_index_or_archive_that_does_not_answer_is_waited_for_not_dead_lettere
     assert dead.letters == [] and answered_at and sorted(sender.sent) == sorted(e["sop_instance_uid"] for e in events)
 
 
-def test_a_destination_out_of_resources_for_now_is_unavailable_not_refusing(tmp_path: Path):
-    """0xA7xx (Refused: Out of Resources, a full disk) is tried again without limit, as a destination
-    that is down; before, five of them dead-lettered the instance. Another failure status still refuses."""
+def test_a_destination_out_of_room_is_tried_for_archive_wait_s_then_given_up_as_a_refusal(tmp_path: Path):
+    """0xA7xx (Refused: Out of Resources): a full disk freed within archive_wait_s loses nothing (before,
+    max_attempts refusals, about 7 s, dead-lettered the instance); one that stays full (some servers say
+    it of one object for good) is given up after archive_wait_s, as any refusal, not waited on for ever."""
     from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import CTImageStorage, Verification
 
-    from diana.access.routing.senders import Delivery, DicomSender
+    from diana.schemas.topics import INSTANCES
 
-    answers = [0xA700, 0xA702, 0xC000, 0x0000]
+    full_until = [time.monotonic() + 1.5]
+    stored: list[str] = []
 
     def on_store(event) -> int:
-        return answers.pop(0)
+        if time.monotonic() < full_until[0]:
+            return 0xA700
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0
 
     scp = AE("WS")
     scp.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
@@ -194,20 +200,44 @@ def test_a_destination_out_of_resources_for_now_is_unavailable_not_refusing(tmp_
             }
         )
         (event,) = _archive(tmp_path, {generate_uid(): 1})
-        item = Delivery(
-            STUDY,
-            event["series_instance_uid"],
-            event["sop_instance_uid"],
-            f"{STUDY}/{event['series_instance_uid']}/{event['sop_instance_uid']}.dcm",
+        record = {
+            **event,
+            "sha256": "0" * 64,
+            "landing_path": "x",
+            "received_at": datetime.now(UTC),
+            "source": "C_STORE",
+            "header_json": "{}",
+        }
+        msg = Message(
+            topic=INSTANCES.name, partition=0, offset=1, value=default_codec().encode(INSTANCES.value_schema, record)
         )
-        sender = DicomSender(routing.destinations["ws"], "DIANA", 10)
-        outcomes = [sender.send([item], FilesystemStore(tmp_path))[0] for _ in range(4)]
+
+        def deliver(wait_s: float) -> _Dead:
+            settings = WorkerSettings("g", FilesystemStore(tmp_path), 2, max_backoff_s=0.2, archive_wait_s=wait_s)
+            sender = DicomSender(routing.destinations["ws"], "DIANA", 10)
+            worker = RouteWorker(
+                KafkaConfig(), routing.destinations["ws"], routing.rules_for("ws"), sender, settings, threading.Event()
+            )
+            dead = _Dead()
+            assert worker.deliver([msg], dead) is True
+            return dead
+
+        assert deliver(wait_s=30).letters == [] and stored == [event["sop_instance_uid"]]
+        full_until[0] = time.monotonic() + 3600  # full for good
+        started = time.monotonic()
+        (letter,) = deliver(wait_s=1).letters
+        assert "0xA700" in letter and 1 <= time.monotonic() - started < 10
     finally:
         server.shutdown()
-    assert [r.outcome for r in outcomes] == [
-        Outcome.UNAVAILABLE,
-        Outcome.UNAVAILABLE,
-        Outcome.FAILED,
-        Outcome.DELIVERED,
-    ]
-    assert "0xA700" in outcomes[0].status and "0xC000" in outcomes[2].status
+
+
+def test_an_archive_file_that_cannot_be_read_is_given_up_after_archive_wait_s(tmp_path: Path):
+    """A permission or a bad sector is not an outage: waited for archive_wait_s, then dead-lettered."""
+
+    def state(uid: str) -> dict:
+        raise PermissionError(13, "Permission denied")
+
+    worker, sender = _worker(tmp_path, state, wait_s=0.0)
+    dead = _Dead()
+    assert worker.deliver([_alert()], dead) is True
+    assert sender.sent == [] and len(dead.letters) == 1 and "PermissionError" in dead.letters[0]
