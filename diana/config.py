@@ -283,6 +283,18 @@ class AlertsConfig:
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 25
     smtp_from: str = "diana-star@localhost"
+    # How the mail travels to smtp_host (an alert carries the accession number and study date):
+    # "none", plain SMTP, for a relay on this host or a trusted network; "starttls", upgraded to TLS
+    # before anything is sent (port 587; a server that does not offer it gets nothing); "tls", TLS from
+    # the first byte (port 465). The server's certificate is verified against smtp_ca_file when set,
+    # else the system's CAs.
+    smtp_security: str = "none"
+    smtp_ca_file: str = ""
+    # A relay that wants a login (over TLS only): the user, and its password from
+    # DIANA_ALERTS_SMTP_PASSWORD or smtp_password_file.
+    smtp_username: str = ""
+    smtp_password: str = field(default="", repr=False)
+    smtp_password_file: str = ""
     # Attempts per delivery before it is recorded as DELIVERY_FAILED; the wait doubles from 1 s.
     attempts: int = 5
     timeout_s: float = 10.0
@@ -571,6 +583,7 @@ _CHOICES = {
     ("routing", "new_destination_start"): ("now", "earliest"),
     ("kafka", "security_protocol"): ("PLAINTEXT", "SSL", "SASL_SSL"),
     ("kafka", "sasl_mechanism"): ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"),
+    ("alerts", "smtp_security"): ("none", "starttls", "tls"),
 }
 
 
@@ -722,6 +735,16 @@ def _check_security(sections: dict[str, Any]) -> None:
         raise ConfigError(
             f"[storage] s3_ca_file is set but s3_endpoint {storage.s3_endpoint} is not https: the keys' "
             "signatures and every object would travel in the clear; use an https:// endpoint (or remove s3_ca_file)"
+        )
+    alerts = sections["alerts"]
+    if alerts.smtp_security == "none" and (alerts.smtp_username or alerts.smtp_ca_file):
+        raise ConfigError(
+            '[alerts] smtp_username or smtp_ca_file is set but smtp_security is "none", which would send the '
+            'password and every alert in the clear: set smtp_security = "starttls" (port 587) or "tls" (port 465)'
+        )
+    if alerts.smtp_username and not (alerts.smtp_password or alerts.smtp_password_file):
+        raise ConfigError(
+            "[alerts] smtp_username is set without a password: set DIANA_ALERTS_SMTP_PASSWORD or smtp_password_file"
         )
     receiver = sections["receiver"]
     if receiver.tls_ca_file and not (receiver.tls_cert_file and receiver.tls_key_file):

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import smtplib
+import ssl
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 
-__all__ = ["Delivery", "send_email", "send_webhook", "with_retries", "alert_text", "PUBLIC_FIELDS"]
+__all__ = ["Delivery", "SmtpServer", "send_email", "send_webhook", "with_retries", "alert_text", "PUBLIC_FIELDS"]
 
 # What leaves the building: no patient name, ID or birth date; the study's UID and accession number do,
 # so that the exam can be found in the RIS or PACS (docs/DOSE.md).
@@ -60,17 +61,49 @@ def alert_text(alert: dict) -> str:
     return "\n".join(lines)
 
 
-def send_email(host: str, port: int, sender: str, to: str, alert: dict, key: str, timeout: float) -> str:
+@dataclass(frozen=True)
+class SmtpServer:
+    """Where and how e-mail goes ([alerts] smtp_*; the password already read from its file)."""
+
+    host: str
+    port: int
+    sender: str
+    security: str = "none"  # "none", "starttls" or "tls"
+    ca_file: str = ""
+    username: str = ""
+    password: str = field(default="", repr=False)
+
+    def connect(self, timeout: float) -> smtplib.SMTP:
+        """A session ready to send: over TLS unless "none" (STARTTLS refused by the server is an error,
+        never a fall back to plain), logged in when a user is set."""
+        context = ssl.create_default_context(cafile=self.ca_file or None)
+        smtp: smtplib.SMTP
+        if self.security == "tls":
+            smtp = smtplib.SMTP_SSL(self.host, self.port, timeout=timeout, context=context)
+        else:
+            smtp = smtplib.SMTP(self.host, self.port, timeout=timeout)
+        try:
+            if self.security == "starttls":
+                smtp.starttls(context=context)
+            if self.username:
+                smtp.login(self.username, self.password)
+        except BaseException:
+            smtp.close()
+            raise
+        return smtp
+
+
+def send_email(server: SmtpServer, to: str, alert: dict, key: str, timeout: float) -> str:
     msg = EmailMessage()
-    msg["From"], msg["To"] = sender, to
+    msg["From"], msg["To"] = server.sender, to
     msg["Subject"] = f"[diana-star dose alert] {alert.get('rule')}: {alert.get('metric')} {alert.get('value'):g}"
     msg["Message-ID"] = f"<{key}@diana-star>"
     msg.set_content(alert_text(alert))
-    with smtplib.SMTP(host, port, timeout=timeout) as smtp:
+    with server.connect(timeout) as smtp:
         refused = smtp.send_message(msg)
     if refused:
         raise smtplib.SMTPRecipientsRefused(refused)
-    return f"accepted by {host}:{port}"
+    return f"accepted by {server.host}:{server.port}"
 
 
 def send_webhook(url: str, alert: dict, key: str, timeout: float) -> str:

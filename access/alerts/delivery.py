@@ -24,7 +24,7 @@ from opensearchpy import OpenSearch
 from opensearchpy.exceptions import ConflictError, NotFoundError
 from prometheus_client import Counter, start_http_server
 
-from diana.access.alerts.channels import send_email, send_webhook, with_retries
+from diana.access.alerts.channels import SmtpServer, send_email, send_webhook, with_retries
 from diana.access.alerts.routing import Routing
 from diana.access.alerts.workflow import (
     STATE_MAPPING,
@@ -35,7 +35,8 @@ from diana.access.alerts.workflow import (
     raised_state,
 )
 from diana.clients import kafka_consumer, kafka_producer, opensearch_client
-from diana.config import Config
+from diana.config import AlertsConfig, Config
+from diana.credentials import secret_value
 from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.layout import IndexLayout
 from diana.schemas.topics import ALERT_ACTIONS, DOSE_ALERTS
@@ -142,6 +143,20 @@ def read_ledger(cfg: Config, codec: Codec, timeout: float = 30.0) -> Ledger:
         consumer.close()
 
 
+def smtp_server(alerts: AlertsConfig) -> SmtpServer:
+    """[alerts] smtp_*, the password read (DIANA_ALERTS_SMTP_PASSWORD or smtp_password_file) once, at start."""
+    password = secret_value("alerts", "smtp_password", alerts.smtp_password, alerts.smtp_password_file)
+    return SmtpServer(
+        alerts.smtp_host,
+        alerts.smtp_port,
+        alerts.smtp_from,
+        alerts.smtp_security,
+        alerts.smtp_ca_file,
+        alerts.smtp_username,
+        password,
+    )
+
+
 @dataclass
 class DeliveryWorker:
     cfg: Config
@@ -152,6 +167,7 @@ class DeliveryWorker:
 
     def __post_init__(self) -> None:
         self.producer = kafka_producer(self.cfg.kafka, {"enable.idempotence": True, "acks": "all"})
+        self.smtp = smtp_server(self.cfg.alerts)
 
     def _record(self, action: dict) -> None:
         value = self.codec.encode(ALERT_ACTIONS.value_schema, action)
@@ -162,9 +178,7 @@ class DeliveryWorker:
     def _send(self, channel: str, address: str, alert: dict, key: str):
         a = self.cfg.alerts
         if channel == "email":
-            return with_retries(
-                lambda: send_email(a.smtp_host, a.smtp_port, a.smtp_from, address, alert, key, a.timeout_s), a.attempts
-            )
+            return with_retries(lambda: send_email(self.smtp, address, alert, key, a.timeout_s), a.attempts)
         return with_retries(lambda: send_webhook(address, alert, key, a.timeout_s), a.attempts)
 
     def _deliver(self, alert: dict, recipient: str, channel: str, address: str) -> None:
