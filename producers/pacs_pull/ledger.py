@@ -119,6 +119,7 @@ class StudyState:
     attempts: int = 0
     detail: str = ""
     move_starts: list[float] = field(default_factory=list)
+    found_by: set[int] = field(default_factory=set)  # every input line whose C-FIND found it
 
     @property
     def done(self) -> bool:
@@ -170,6 +171,8 @@ class JobState:
             study = self.studies.get(uid)
             if study is None:
                 study = self.studies[uid] = StudyState(uid, e.get("line") or 0)
+            if kind == "STUDY_FOUND" and e.get("line"):
+                study.found_by.add(e["line"])  # retrieved once, reported on each line that asked for it
             for name in ("accession_number", "expected_instances", "indexed_instances"):
                 if e.get(name) is not None:
                     setattr(study, name, e[name])

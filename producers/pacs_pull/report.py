@@ -36,7 +36,7 @@ COLUMNS = (
 def report_rows(job: JobState) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for number, line in sorted(job.lines.items()):
-        studies = [s for s in job.studies.values() if s.line == number]
+        studies = [s for s in job.studies.values() if s.line == number or number in s.found_by]
         if line.state != "LINE_FOUND" or not studies:
             rows.append(
                 {
@@ -76,7 +76,13 @@ def write_report(job: JobState, out: TextIO) -> int:
 
 def summary_line(job: JobState) -> str:
     counts: dict[str, int] = {}
+    seen: set[object] = set()
     for row in report_rows(job):
+        study = row.get("study_instance_uid")
+        if study in seen:  # a study found by several lines is counted once
+            continue
+        if study:
+            seen.add(study)
         outcome = str(row["outcome"])
         counts[outcome] = counts.get(outcome, 0) + 1
     state = "done" if job.finished else ("paused: " + job.paused if job.paused else "not finished")

@@ -119,3 +119,24 @@ def test_fold_and_report():
     assert write_report(job, out) == 3
     assert out.getvalue().splitlines()[0].startswith("line,input,outcome,study_instance_uid")
     assert summary_line(job) == "job j (not finished): 1 not_found, 1 partial, 1 unparsable"
+
+
+def test_a_study_found_by_two_lines_is_reported_on_both_and_counted_once():
+    """Line 3 (a patient ID) finds the study line 2 (its accession) found: retrieved once, and line 3's
+    row said "pending" for a finished job before."""
+    events = [
+        _event("JOB_STARTED", input="[]"),
+        _event("STUDY_FOUND", line=2, study_instance_uid="1.2.3", accession_number="A1", expected_instances=3),
+        _event("LINE_FOUND", line=2, input="A1", pacs_status="0x0000"),
+        _event("STUDY_FOUND", line=3, study_instance_uid="1.2.3", accession_number="A1", expected_instances=3),
+        _event("LINE_FOUND", line=3, input="P1", pacs_status="0x0000"),
+        _event("STUDY_COMPLETE", line=2, study_instance_uid="1.2.3", indexed_instances=3),
+        _event("JOB_DONE", detail="{}"),
+    ]
+    job = JobState.fold("j", events)
+    rows = report_rows(job)
+    assert [(r["line"], r["outcome"], r["study_instance_uid"]) for r in rows] == [
+        (2, "retrieved", "1.2.3"),
+        (3, "retrieved", "1.2.3"),
+    ]
+    assert summary_line(job) == "job j (done): 1 retrieved"
