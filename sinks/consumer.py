@@ -32,6 +32,7 @@ __all__ = [
     "run_sinks",
     "write_until_done",
     "failure_reason",
+    "commit_written",
 ]
 
 log = structlog.get_logger("diana.sink")
@@ -207,7 +208,7 @@ def run_sink(
     Offsets are committed asynchronously, after the write: a synchronous commit waits without a
     bound inside librdkafka (confluent-kafka-python issue 1801), and one that never returned after a
     broker restart would stall this consumer for good. The offsets committed are the positions read
-    right after the write (``_commit_written``), never what librdkafka stores later. A commit that fails
+    right after the write (``commit_written``), never what librdkafka stores later. A commit that fails
     is logged; its batch may come again (after a rebalance or restart), and every write is idempotent.
 
     A consumer that has sent no group request (heartbeat, join) for ``stuck_after_s`` (three sessions)
@@ -292,7 +293,7 @@ def run_sink(
                     # batch came since to commit past it: without this, its lag would stay for ever.
                     commit_failed_at[0] = 0.0
                     try:
-                        _commit_written(consumer)
+                        commit_written(consumer)
                     except KafkaException as exc:
                         log.warning("sink.commit_failed", sink=sink.name, error=str(exc))
                 continue
@@ -302,7 +303,7 @@ def run_sink(
                 return
             _observe_batch(sink.name, batch, asked_at, write_started, time.time())
             try:
-                _commit_written(consumer)
+                commit_written(consumer)
             except KafkaException as exc:
                 # e.g. a rebalance took the partitions: the batch comes again, and writes are idempotent
                 log.warning("sink.commit_failed", sink=sink.name, error=str(exc))
@@ -337,7 +338,7 @@ def _replace_consumer(
     return subscribed_consumer()
 
 
-def _commit_written(consumer: Any) -> None:
+def commit_written(consumer: Any) -> None:
     """Commit, asynchronously, where the consumer stands now: past every message ``consume`` has
     returned, all of which the caller has written.
 

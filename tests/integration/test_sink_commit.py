@@ -3,7 +3,7 @@
 ``commit(asynchronous=True)`` without offsets lets librdkafka read the stored offsets later, on its
 own thread; the sink's next ``consume`` stores the offsets of messages it has not written yet. A sink
 killed during that write lost them: on CI the fault smoke's sinks-kill left 3 acknowledged instances
-unarchived with their events committed. ``_commit_written`` takes the positions at once.
+unarchived with their events committed. ``commit_written`` takes the positions at once.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 import uuid
 
 from diana.clients import kafka_consumer
-from diana.sinks.consumer import _commit_written
+from diana.sinks.consumer import commit_written
 from tests.support.helpers import committed_offset, topic_with_events
 
 ROUNDS = 20
@@ -39,7 +39,7 @@ def test_a_commit_never_covers_messages_consumed_after_it(stack, cfg):
         for round_ in range(ROUNDS):
             written = _consume(consumer, 5)
             time.sleep(0.2)  # the next messages are fetched meanwhile
-            _commit_written(consumer)
+            commit_written(consumer)
             _consume(consumer, 5)  # returned, offsets stored, not "written"
             expected = written[-1].offset() + 1
             # Until the commit has reached the broker (a fixed sleep was a guess); then it must be exact.
@@ -48,7 +48,7 @@ def test_a_commit_never_covers_messages_consumed_after_it(stack, cfg):
                 time.sleep(0.1)
             if found != expected:
                 wrong.append(f"round {round_}: committed {found}, written up to {expected}")
-            _commit_written(consumer)  # the second five "written": the next round starts past them
+            commit_written(consumer)  # the second five "written": the next round starts past them
         assert not wrong, wrong
     finally:
         consumer.close()
