@@ -156,7 +156,7 @@ _PATIENT_UNLISTED = frozenset(
 # others the dictionary has name kinds of things: SOP classes, transfer syntaxes, coding schemes).
 _INSTANCE_UID = re.compile(
     r"(InstanceUID|FrameOfReferenceUID|UIDOfConcatenationSource|AssertionUID|FiducialUID|EventUID"
-    r"|PrivateRecordUID|InputSetUID|RetrieveLocationUID|RepositoryUniqueID|HomeCommunityID)$"
+    r"|PrivateRecordUID|InputSetUID|RetrieveLocationUID|RepositoryUniqueID|HomeCommunityID|FindingsGroupUIDTrial)$"
 )
 # URLs of public vocabularies: a code's own value (Code Sequence macro, 1C) and its scheme's address.
 _PUBLIC_URLS = frozenset({"URNCodeValue", "CodingSchemeURL"})

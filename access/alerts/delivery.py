@@ -35,7 +35,7 @@ from diana.access.alerts.workflow import (
     raised_state,
 )
 from diana.clients import kafka_consumer, kafka_producer, opensearch_client
-from diana.config import AlertsConfig, Config
+from diana.config import AlertsConfig, Config, ConfigError
 from diana.credentials import secret_value
 from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.layout import IndexLayout
@@ -146,6 +146,9 @@ def read_ledger(cfg: Config, codec: Codec, timeout: float = 30.0) -> Ledger:
 def smtp_server(alerts: AlertsConfig) -> SmtpServer:
     """[alerts] smtp_*, the password read (DIANA_ALERTS_SMTP_PASSWORD or smtp_password_file) once, at start."""
     password = secret_value("alerts", "smtp_password", alerts.smtp_password, alerts.smtp_password_file)
+    if not (alerts.smtp_username.isascii() and password.isascii()):
+        # smtplib sends a login as ASCII: anything else failed every delivery, its error quoting a character.
+        raise ConfigError("[alerts] smtp_username and the SMTP password: an SMTP login takes ASCII characters only")
     return SmtpServer(
         alerts.smtp_host,
         alerts.smtp_port,

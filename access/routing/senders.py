@@ -9,6 +9,7 @@ the research export's de-identification and its residual-identifier scan.
 
 from __future__ import annotations
 
+import errno
 import io
 import ssl
 import uuid
@@ -36,7 +37,7 @@ from diana.access.qr.retrieve import (
 from diana.access.residual import scan
 from diana.access.routing.rules import Destination
 from diana.outbound_association import outbound_association_handlers
-from diana.storage import ObjectStore, local_file
+from diana.storage import ObjectStore, StorageRefused, local_file
 
 __all__ = ["Outcome", "Result", "Delivery", "Sender", "DicomSender", "StowSender", "make_sender"]
 
@@ -57,6 +58,19 @@ class Result:
     status: str = ""  # the destination's answer when it refused, or why it could not be reached
     # A refusal for lack of room (C-STORE 0xA7xx, HTTP 507): given up only after [routing] archive_wait_s
     out_of_resources: bool = False
+
+
+def _os_error(exc: OSError, what: str) -> Result:
+    """The network or the object store not answering: the destination is tried again without limit.
+    An archived file that cannot be read (a permission, a bad sector, access denied by the store):
+    a refusal, counted, so that one object does not hold the destination for ever."""
+    unreadable = isinstance(exc, (StorageRefused, *_FILE_ERRORS)) or exc.errno == errno.EIO
+    if not unreadable:  # a socket, TLS or the store not answering
+        return Result(Outcome.UNAVAILABLE, f"{what}: {exc}")
+    return Result(Outcome.FAILED, f"{what}: {type(exc).__name__}: {exc.strerror or exc}")
+
+
+_FILE_ERRORS = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
 @dataclass
@@ -181,7 +195,9 @@ class DicomSender(_Deidentifying):
             return Result(Outcome.FAILED, f"refused by de-identification: {exc}")
         except ValueError as exc:  # no presentation context the destination accepted for this object
             return Result(Outcome.FAILED, f"destination accepted no presentation context: {exc}")
-        except (OSError, RuntimeError) as exc:
+        except OSError as exc:
+            return _os_error(exc, "sending failed")
+        except RuntimeError as exc:
             return Result(Outcome.UNAVAILABLE, f"sending failed: {exc}")
         except Exception as exc:  # an archived object pydicom cannot read or encode: counted, then dead-lettered
             return Result(Outcome.FAILED, f"archived object cannot be sent ({type(exc).__name__})")
@@ -240,7 +256,7 @@ class StowSender(_Deidentifying):
         except Refused as exc:
             return Result(Outcome.FAILED, f"refused by de-identification: {exc}")
         except OSError as exc:
-            return Result(Outcome.UNAVAILABLE, f"archived file not readable: {exc.strerror}")
+            return _os_error(exc, "archived file not readable")
         except Exception as exc:  # de-identification could not handle the object: counted, then dead-lettered
             return Result(Outcome.FAILED, f"archived object cannot be prepared ({type(exc).__name__})")
         boundary = uuid.uuid4().hex

@@ -34,7 +34,7 @@ from diana.schemas.layout import archive_path
 from diana.schemas.topics import DOSE_ALERTS, INSTANCES, STUDIES
 from diana.schemas.uid import is_valid_uid
 from diana.sinks.consumer import DeadLetters, RetryableError, commit_written, failure_reason
-from diana.storage import ObjectStore, StorageError, local_file
+from diana.storage import ObjectStore, StorageError, StorageRefused, local_file
 
 __all__ = ["IndexUnavailable", "RouteWorker", "WorkerSettings", "study_files", "TRIGGER_TOPICS"]
 
@@ -182,6 +182,8 @@ class RouteWorker:
                 continue
             try:
                 items, waiting = self.plan(p.msg)
+            except StorageRefused as exc:  # the store answered no for this object (access denied, cold storage)
+                items, waiting = None, f"the archive: {exc}"
             except (StorageError, IndexUnavailable, ConnectionError, TimeoutError) as exc:
                 # The object store or the index does not answer (an S3 503, OpenSearch down): not the
                 # message's fault; waited for as long as it lasts, not counted toward archive_wait_s.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from diana.config import Config
-from diana.storage.base import IntegrityError, ObjectNotFound, ObjectStore, StorageError, check_key
+from diana.storage.base import IntegrityError, ObjectNotFound, ObjectStore, StorageError, StorageRefused, check_key
 from diana.storage.filesystem import FilesystemStore
 from diana.storage.local_files import local_file
 from diana.storage.s3 import S3Store
@@ -20,6 +20,7 @@ __all__ = [
     "ObjectNotFound",
     "IntegrityError",
     "StorageError",
+    "StorageRefused",
     "FilesystemStore",
     "S3Store",
     "check_key",

@@ -23,11 +23,16 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
-__all__ = ["ObjectStore", "ObjectNotFound", "IntegrityError", "StorageError", "check_key"]
+__all__ = ["ObjectStore", "ObjectNotFound", "IntegrityError", "StorageError", "StorageRefused", "check_key"]
 
 
 class StorageError(OSError):
     """The store cannot be reached or refused the operation; retry later (an OSError, like a full disk)."""
+
+
+class StorageRefused(StorageError):
+    """The store answered, and refused this object (access denied, archived to cold storage): retrying
+    changes nothing until someone acts, which a caller with a time limit gives up on."""
 
 
 class ObjectNotFound(FileNotFoundError):

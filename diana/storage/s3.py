@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from diana.storage.base import IntegrityError, ObjectNotFound, ObjectStore, StorageError, check_key
+from diana.storage.base import IntegrityError, ObjectNotFound, ObjectStore, StorageError, StorageRefused, check_key
 
 __all__ = ["S3Store", "S3_MAX_COPY_BYTES"]
 
@@ -39,6 +39,14 @@ def _is_not_found(exc: Exception) -> bool:
     response = getattr(exc, "response", None) or {}
     code = str(response.get("Error", {}).get("Code", ""))
     return code in ("404", "NoSuchKey", "NotFound")
+
+
+def _refused(exc: Exception) -> bool:
+    """A 4xx answer other than a timeout or a slow-down: the store is there and says no to this object
+    (AccessDenied, InvalidObjectState for one moved to cold storage)."""
+    response = getattr(exc, "response", None) or {}
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    return 400 <= status < 500 and status not in (408, 429)
 
 
 class _Errors:
@@ -64,6 +72,8 @@ class _Errors:
                 "not signed by the CA in [storage] s3_ca_file (the system's CAs when it is empty): set "
                 "s3_ca_file to the CA that signed it"
             ) from None
+        if isinstance(exc, ClientError) and _refused(exc):
+            raise StorageRefused(f"object store: {self.what}: {exc}") from None
         if isinstance(exc, (ClientError, BotoCoreError)):
             # botocore's messages name the operation and the error code, never the credentials.
             raise StorageError(f"object store: {self.what}: {exc}") from None

@@ -154,11 +154,16 @@ class CollectJob:
                     for future in done:
                         future.result()
             except BaseException:
-                # The first error (the index gone, a bug) or Ctrl-C stops the job: no more C-MOVEs
-                # started, the running ones aborted (move_study watches stop), the record as it is.
                 self.stop.set()
-                pool.shutdown(wait=True, cancel_futures=True)
                 raise
+            finally:
+                # The first error (the index gone, a bug), Ctrl-C or SIGTERM stops the job: the studies
+                # queued are not started, the running ones aborted (move_study watches stop), the
+                # record as it is. Errors of those that ended meanwhile are said, not lost.
+                pool.shutdown(wait=True, cancel_futures=True)
+                for future in pending:
+                    if future.done() and not future.cancelled() and future.exception() is not None:
+                        log.error("collect_study_error", job=self.job.job_id, error=repr(future.exception()))
         if not self.stop.is_set():
             self._record("JOB_DONE", detail=json.dumps(self.job.counts(), sort_keys=True))
 

@@ -128,3 +128,18 @@ def test_settings_that_would_send_in_the_clear_are_refused(tmp_path, settings, s
     path.write_text("[alerts]\n" + settings)
     with pytest.raises(ConfigError, match=said):
         load_config(path)
+
+
+def test_a_login_that_is_not_ascii_is_refused_at_start(monkeypatch):
+    """smtplib sends a login as ASCII: a password with an umlaut failed every delivery, and the worker
+    crashed on its UnicodeEncodeError, which quoted one of its characters."""
+    from diana.access.alerts.delivery import smtp_server
+    from diana.config import AlertsConfig
+
+    settings = AlertsConfig(smtp_security="starttls", smtp_username="alerts", smtp_password="pässwort-geheim-123")
+    with pytest.raises(ConfigError, match="ASCII") as refused:
+        smtp_server(settings)
+    assert "pässwort" not in str(refused.value)
+    assert (
+        smtp_server(AlertsConfig(smtp_security="tls", smtp_username="a", smtp_password="password-1234")).username == "a"
+    )

@@ -218,3 +218,41 @@ def test_a_pacs_that_sends_everything_then_aborts_has_the_study_complete():
         )
         state = job.run()
     assert state.studies["1.2.3.4"].state == "STUDY_COMPLETE" and moved == ["1.2.3.4"]
+
+
+def test_a_stop_leaves_the_studies_still_queued_unstarted():
+    """SIGTERM with 200 studies queued behind 2 running: before, every queued one still asked the index
+    for its count (minutes on a real index) before the job ended."""
+    from diana.producers.pacs_pull.scu import MoveResult, StudyMatch
+
+    counted: list[str] = []
+
+    class Pacs:
+        def find_studies(self, keys):
+            return [StudyMatch(f"1.{n}", "A1", 5) for n in range(1, 201)]
+
+        def move_study(self, uid, stop=None):
+            stop.wait(5)  # aborted by stop, as a real C-MOVE
+            return MoveResult(0, 5, 0, 0)
+
+    class SlowIndex(_NothingIndexed):
+        def count(self, uid: str) -> int:
+            counted.append(uid)
+            time.sleep(0.05)
+            return 0
+
+    stop = threading.Event()
+    job = CollectJob(
+        CollectConfig(concurrency=2, retries=0, verify_timeout_s=0.1),
+        JobState("j"),
+        [CollectRequest(2, "A1", accession_number="A1")],
+        _Ledger(),
+        Pacs(),  # type: ignore[arg-type]
+        SlowIndex(),
+        notify=lambda _t: None,
+        stop=stop,
+    )
+    threading.Timer(1.0, stop.set).start()
+    started = time.monotonic()
+    job.run()
+    assert time.monotonic() - started < 3 and len(counted) <= 4, (time.monotonic() - started, len(counted))

@@ -241,3 +241,40 @@ def test_an_archive_file_that_cannot_be_read_is_given_up_after_archive_wait_s(tm
     dead = _Dead()
     assert worker.deliver([_alert()], dead) is True
     assert sender.sent == [] and len(dead.letters) == 1 and "PermissionError" in dead.letters[0]
+
+
+def test_an_archived_file_that_cannot_be_read_is_a_refusal_and_a_store_that_does_not_answer_is_not():
+    """In the senders: a permission, a bad sector or the store's 'access denied' is counted as a refusal
+    (dead-lettered after max_attempts); a socket or the store not answering is tried again without
+    limit. Before, every OSError was 'unavailable', and one unreadable file held its destination."""
+    import errno
+
+    from diana.access.routing.senders import _os_error
+    from diana.storage import StorageRefused
+
+    refusals = [
+        PermissionError(errno.EACCES, "Permission denied"),
+        OSError(errno.EIO, "Input/output error"),
+        FileNotFoundError(errno.ENOENT, "No such file"),
+        StorageRefused("object store: get k: AccessDenied"),
+    ]
+    outages = [
+        ConnectionResetError(errno.ECONNRESET, "reset"),
+        TimeoutError("timed out"),
+        StorageError("object store: get k: 503 SlowDown"),
+        OSError(errno.EHOSTUNREACH, "No route to host"),
+    ]
+    assert [_os_error(e, "x").outcome for e in refusals] == [Outcome.FAILED] * len(refusals)
+    assert [_os_error(e, "x").outcome for e in outages] == [Outcome.UNAVAILABLE] * len(outages)
+
+
+def test_an_object_the_store_refuses_is_given_up_after_archive_wait_s(tmp_path: Path):
+    from diana.storage import StorageRefused
+
+    def state(uid: str) -> dict:
+        raise StorageRefused("object store: get k: InvalidObjectState (archived to cold storage)")
+
+    worker, sender = _worker(tmp_path, state, wait_s=0.0)
+    dead = _Dead()
+    assert worker.deliver([_alert()], dead) is True
+    assert sender.sent == [] and len(dead.letters) == 1 and "InvalidObjectState" in dead.letters[0]

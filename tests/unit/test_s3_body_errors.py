@@ -56,3 +56,31 @@ def test_a_body_shorter_than_announced_is_a_storage_error_and_a_whole_one_reads_
     whole = S3Store(_Client(io.BytesIO(DATA), len(DATA)), "bucket")
     with whole.open("k") as stream:
         assert stream.read(4) == b"DICM" and stream.read() == DATA[4:]
+
+
+def test_an_object_the_store_refuses_is_told_from_a_store_that_does_not_answer():
+    """403 AccessDenied, 403 InvalidObjectState (moved to cold storage): StorageRefused, which a caller
+    with a time limit gives up on; 503 SlowDown and 500: StorageError, waited out. Both stay OSErrors."""
+    from botocore.exceptions import ClientError
+
+    from diana.storage import StorageRefused
+
+    def answering(status: int, code: str):
+        class Client:
+            def get_object(self, Bucket: str, Key: str) -> dict:
+                raise ClientError(
+                    {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                    "GetObject",
+                )
+
+        return S3Store(Client(), "bucket")
+
+    for status, code, kind in [
+        (403, "AccessDenied", StorageRefused),
+        (403, "InvalidObjectState", StorageRefused),
+        (503, "SlowDown", StorageError),
+        (500, "InternalError", StorageError),
+    ]:
+        with pytest.raises(StorageError) as raised, answering(status, code).open("k"):
+            pass
+        assert type(raised.value) is kind, (status, code, type(raised.value))
