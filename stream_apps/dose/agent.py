@@ -33,7 +33,7 @@ from diana.stream_apps.dose.image_files import ImageFiles
 from diana.stream_apps.dose.reference_levels import ReferenceLevels
 from diana.stream_apps.dose.size import image_water_equivalent_diameter_mm
 from diana.stream_apps.dose.standard_names import StandardNames
-from diana.stream_apps.dose.study import fold_report, fold_size, new_study, summarize
+from diana.stream_apps.dose.study import family, fold_report, fold_size, new_study, summarize
 
 __all__ = ["register_dose", "may_carry_dose", "TABLES"]
 
@@ -95,14 +95,16 @@ def may_carry_dose(instance: dict) -> bool:
 
 
 def _series_done(state: dict | None, instance: dict) -> bool:
-    """True when the study already has a dose report, or this series' header values (one per series)."""
+    """True when the study already has a dose report of this series' kind (a CT report for CT images,
+    a radiopharmaceutical one for PET/NM images), or this series' header values (one per series)."""
     if not state or instance.get("modality") not in _PER_SERIES:
         return False
     if '"0040030E"' in (instance.get("header_json") or ""):
         return False
     reports = state["reports"].values()
     series = instance["series_instance_uid"]
-    return any(r["source"] == "RDSR" for r in reports) or any(
+    kind = "CT" if instance.get("modality") == "CT" else "NM"
+    return any(r["source"] == "RDSR" and family(r["kind"]) == kind for r in reports) or any(
         r.get("series_instance_uid") == series or any(e.get("event_key") == f"series:{series}" for e in r["events"])
         for r in reports
     )
@@ -236,31 +238,40 @@ def register_dose(
             carries = may_carry_dose(instance)
             if not (sample or carries):
                 continue
-            uid = instance["study_instance_uid"]
-            state, changed = study_table.get(uid), False
-            redelivered = _already_folded(state, instance)
-            if sample:
-                state, changed = _measure_size(state, instance, uid)
-            if carries and (redelivered or not _series_done(state, instance)):
-                try:
-                    extracted = extract_dose(dataset_from_header_json(instance["header_json"]))
-                except DoseExtractionError as exc:
-                    await dead(message, event.value, str(exc))
-                    continue
-                if extracted is not None:
-                    report, context = extracted
-                    state = state or {**new_study(uid), "revision": 0}
-                    changed = fold_report(state, report, context, _ms(instance["received_at"])) or changed
-            if state is not None and redelivered and not changed and state["reports"]:
-                # The same object again: its outputs may never have reached the broker (module doc).
-                await publish_study(uid, state, instance["received_at"], again=True)
-                continue
-            if not changed or state is None:
-                continue  # nothing new: a series already counted, or an object without dose values
-            if not state["reports"]:
-                study_table[uid] = state  # a size sample before any dose value: kept for later
-                continue
-            await publish_study(uid, state, instance["received_at"])
+            try:
+                await handle(message, event.value, instance, sample, carries)
+            except Exception as exc:  # one odd object must not stop the worker for every other
+                # The type only: a message could quote a value of the report.
+                log.error("dose.failed", error=type(exc).__name__, study_instance_uid=instance["study_instance_uid"])
+                await dead(message, event.value, f"cannot be processed ({type(exc).__name__})")
+
+    async def handle(message: Any, value: bytes, instance: dict, sample: bool, carries: bool) -> None:
+        """Fold one object into its study and publish what changed."""
+        uid = instance["study_instance_uid"]
+        state, changed = study_table.get(uid), False
+        redelivered = _already_folded(state, instance)
+        if sample:
+            state, changed = _measure_size(state, instance, uid)
+        if carries and (redelivered or not _series_done(state, instance)):
+            try:
+                extracted = extract_dose(dataset_from_header_json(instance["header_json"]))
+            except DoseExtractionError as exc:
+                await dead(message, value, str(exc))
+                return
+            if extracted is not None:
+                report, context = extracted
+                state = state or {**new_study(uid), "revision": 0}
+                changed = fold_report(state, report, context, _ms(instance["received_at"])) or changed
+        if state is not None and redelivered and not changed and state["reports"]:
+            # The same object again: its outputs may never have reached the broker (module doc).
+            await publish_study(uid, state, instance["received_at"], again=True)
+            return
+        if not changed or state is None:
+            return  # nothing new: a series already counted, or an object without dose values
+        if not state["reports"]:
+            study_table[uid] = state  # a size sample before any dose value: kept for later
+            return
+        await publish_study(uid, state, instance["received_at"])
 
     def _measure_size(state: dict | None, instance: dict, uid: str) -> tuple[dict | None, bool]:
         """Fold one sampled CT image's water-equivalent diameter into the study state."""
@@ -275,7 +286,11 @@ def register_dose(
         if diameter is None:
             return state, False
         state = state or {**new_study(uid), "revision": 0}
-        return state, fold_size(state, instance["sop_instance_uid"], instance["series_instance_uid"], diameter)
+        made_by = ds.get("IrradiationEventUID") if ds is not None else None
+        event_uid = made_by if isinstance(made_by, str) and made_by else None  # one event, not several
+        return state, fold_size(
+            state, instance["sop_instance_uid"], instance["series_instance_uid"], diameter, event_uid
+        )
 
     async def publish_study(uid: str, state: dict, at: datetime, again: bool = False) -> None:
         """Publish the study's record, events and alerts; ``again``: re-send them as last published."""

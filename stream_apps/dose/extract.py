@@ -35,6 +35,13 @@ def extract_dose(ds: Dataset) -> tuple[dict, dict] | None:
     """(dose record, study context) of a dose report or dose-bearing image; None for anything else."""
     try:
         record = read_dose_report(ds) or read_header_dose(ds)
-        return None if record is None else (record, study_context(ds))
+        if record is None:
+            return None
+        context = study_context(ds)
+        if record["source"] == "RDSR" and context.get("modality") in (None, "SR"):
+            # A dose report's own Modality is SR: the rules' and dashboards' `modality` is the one the
+            # dose was given by (CT, DX, RF, MG, NM), which the report's kind says.
+            context["modality"] = record["kind"]
+        return record, context
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
         raise DoseExtractionError(f"cannot read the dose values: {type(exc).__name__}: {exc}") from None

@@ -84,7 +84,7 @@ def _phantom_cm(event: dict) -> int:
     return int(event.get("phantom_cm") or 32)
 
 
-def event_ssde(event: dict, study_dw_mm: float | None, study_dw_images: int = 0) -> dict:
+def event_ssde(event: dict, study_dw_mm: float | None, study_dw_images: int = 0, scope: str = "the study") -> dict:
     """SSDE fields for one CT event: the value, its method, the diameter and factor used; {} when none can be made."""
     if event.get("report_ssde_mGy") is not None:
         return {
@@ -94,12 +94,13 @@ def event_ssde(event: dict, study_dw_mm: float | None, study_dw_images: int = 0)
     ctdivol = event.get("ctdivol_mGy")
     if ctdivol is None:
         return {}
-    if event.get("report_water_equivalent_diameter_mm") is not None:
+    # A reported size of 0 (or less) is no size: a report that fills the field with 0 said nothing.
+    if (event.get("report_water_equivalent_diameter_mm") or 0) > 0:
         diameter, how = event["report_water_equivalent_diameter_mm"], "AAPM 220 Dw from the dose report"
-    elif event.get("report_effective_diameter_mm") is not None:
+    elif (event.get("report_effective_diameter_mm") or 0) > 0:
         diameter, how = event["report_effective_diameter_mm"], "AAPM 204 effective diameter from the dose report"
     elif study_dw_mm is not None:
-        diameter, how = study_dw_mm, f"AAPM 220 mean Dw(z) of {study_dw_images} axial images"
+        diameter, how = study_dw_mm, f"AAPM 220 mean Dw(z) of {study_dw_images} axial images of {scope}"
     else:
         return {}
     phantom = _phantom_cm(event)

@@ -4,7 +4,8 @@ Deduplication is by (StudyInstanceUID, IrradiationEventUID): the state is keyed 
 event seen in two reports (a re-sent or continued report) counts once, with the content of the
 latest report. A report whose events are all in a later report is replaced by it (a report whose
 events are a superset of an earlier one replaces it). Image headers count only while no dose
-report of the study has arrived; a report then supersedes them.
+report of their kind (CT, projection X-ray, radiopharmaceutical) has arrived; such a report then
+supersedes them.
 
 Totals: when the remaining reports share no event, each report's own accumulated values are summed
 (falling back to the sum of its events); when they overlap, totals are summed over the distinct
@@ -18,7 +19,7 @@ from typing import Any
 
 from diana.stream_apps.dose.size import event_ssde
 
-__all__ = ["new_study", "fold_report", "fold_size", "summarize", "event_key"]
+__all__ = ["new_study", "fold_report", "fold_size", "summarize", "event_key", "family"]
 
 _CT_TYPE_COUNTS = {
     "sequenced": "events_axial",
@@ -56,12 +57,15 @@ def fold_report(state: dict, report: dict, context: dict, received_at_ms: int) -
     return True
 
 
-def fold_size(state: dict, sop_instance_uid: str, series_instance_uid: str, diameter_mm: float) -> bool:
-    """Add one axial image's water-equivalent diameter (size.py); False if this image was already counted."""
+def fold_size(
+    state: dict, sop_instance_uid: str, series_instance_uid: str, diameter_mm: float, event_uid: str | None = None
+) -> bool:
+    """Add one axial image's water-equivalent diameter (size.py), with its series and the irradiation
+    event it was made by (its (0008,3010), when the image says); False if this image was already counted."""
     sizes = state.setdefault("sizes", {})
     if sop_instance_uid in sizes:
         return False
-    sizes[sop_instance_uid] = {"series": series_instance_uid, "dw_mm": diameter_mm}
+    sizes[sop_instance_uid] = {"series": series_instance_uid, "dw_mm": diameter_mm, "event": event_uid}
     return True
 
 
@@ -71,19 +75,50 @@ def _study_size(state: dict) -> tuple[float | None, int]:
     return (sum(values) / len(values), len(values)) if values else (None, 0)
 
 
+def _event_size(state: dict, event: dict) -> tuple[float | None, int, str]:
+    """D_w(z) for one CT event: the mean over the images of that irradiation event, else of its series
+    (an event read from a series' headers), else of the whole study; (mean, images, which). A head
+    scan and a body scan of one study are not given one diameter between the two."""
+    sizes = list(state.get("sizes", {}).values())
+    uid = event.get("irradiation_event_uid")
+    series = (
+        str(event.get("event_key") or "").removeprefix("series:")
+        if str(event.get("event_key") or "").startswith("series:")
+        else None
+    )
+    for scope, chosen in (
+        ("its irradiation event", [s for s in sizes if uid and s.get("event") == uid]),
+        ("its series", [s for s in sizes if series and s["series"] == series]),
+        ("the study", sizes),
+    ):
+        if chosen:
+            return sum(s["dw_mm"] for s in chosen) / len(chosen), len(chosen), scope
+    return None, 0, ""
+
+
+def family(kind: str | None) -> str:
+    """The kind of dose a record is about: CT, projection X-ray (DX, RF, MG) or radiopharmaceutical (NM)."""
+    return "projection" if kind in ("DX", "RF", "MG") else str(kind)
+
+
 def _retained(state: dict) -> list[dict]:
     reports = sorted(state["reports"].values(), key=lambda r: r["arrival"])
     dose_reports = [r for r in reports if r["source"] == "RDSR"]
     if not dose_reports:
         return reports
+    # A dose report supersedes the image headers of its own kind only: a PET/CT study's CT report
+    # does not drop the activity its PET images carry.
+    reported = {family(r["kind"]) for r in dose_reports}
+    images = [r for r in reports if r["source"] != "RDSR" and family(r["kind"]) not in reported]
     keys = [{event_key(r, e) for e in r["events"]} for r in dose_reports]
     kept = []
     for i, report in enumerate(dose_reports):
-        # Replaced when a later report holds every one of its events.
-        if any(keys[i] <= keys[j] for j in range(i + 1, len(dose_reports))):
+        # Replaced when a later report holds every one of its events (a report of accumulated values
+        # only, with no event, is never "held" by another: an empty set is in every set).
+        if keys[i] and any(keys[i] <= keys[j] for j in range(i + 1, len(dose_reports))):
             continue
         kept.append(report)
-    return kept
+    return sorted([*images, *kept], key=lambda r: r["arrival"])
 
 
 def _distinct_events(reports: list[dict]) -> list[dict]:
@@ -155,7 +190,7 @@ def summarize(state: dict) -> tuple[dict, list[dict]]:
     if any(r["kind"] == "CT" for r in reports):
         for event in events:
             if event["kind"] == "CT":
-                event.update(event_ssde(event, study_dw, dw_images))
+                event.update(event_ssde(event, *_event_size(state, event)))
         with_ssde = [e for e in events if e.get("ssde_mGy") is not None]
         if with_ssde:
             largest = max(with_ssde, key=lambda e: e["ssde_mGy"])

@@ -333,6 +333,36 @@ def test_ssde_from_the_report_diameter_from_images_and_as_reported():
     assert summary["max_ssde_mGy"] == 14.2
 
 
+
+def test_each_ct_event_gets_the_diameter_of_its_own_images():
+    """A head scan (Dw 160 mm) and a body scan (Dw 300 mm) in one study: each event's SSDE uses the
+    images its irradiation event made ((0008,3010) on the images), not one mean over both (230 mm),
+    which gave the head 38.5 mGy for 50.5; images without the event's UID fall back to the study."""
+    study = generate_uid()
+    source = [b.ct_source("A", "120", "200", "250", "0.5")]
+    events = [
+        b.ct_event_with("7.1", ctdivol="50", dlp="800", sources=source),
+        b.ct_event_with("7.2", ctdivol="10", dlp="500", sources=source),
+    ]
+    report, context = extracted(b.ct_report(events, total_dlp="1300", study_uid=study))
+    for event in report["events"]:
+        event["phantom_cm"] = 16 if event["irradiation_event_uid"] == "7.1" else 32
+    state = new_study(study)
+    fold_report(state, report, context, 0)
+    for n in range(3):
+        fold_size(state, f"h{n}", "HEAD", 160.0, "7.1")
+        fold_size(state, f"b{n}", "BODY", 300.0, "7.2")
+    summary, out = summarize(state)
+    by_uid = {e["irradiation_event_uid"]: e for e in out}
+    head, body = by_uid["7.1"], by_uid["7.2"]
+    assert head["size_diameter_mm"] == 160.0 and body["size_diameter_mm"] == 300.0
+    assert math.isclose(head["ssde_mGy"], round(50 * 1.874799 * math.exp(-0.03871313 * 16), 4))
+    assert "axial images of its irradiation event" in head["ssde_method"]
+    assert summary["water_equivalent_diameter_mm"] == 230.0  # the study's, as a description
+    state["sizes"] = {k: {**v, "event": None} for k, v in state["sizes"].items()}  # images that do not say
+    _, out = summarize(state)
+    assert all(e["size_diameter_mm"] == 230.0 and "of the study" in e["ssde_method"] for e in out)
+
 def test_head_phantom_uses_the_16_cm_fit():
     event = {"ctdivol_mGy": 50.0, "phantom_cm": 16, "report_effective_diameter_mm": 160.0}
     out = event_ssde(event, None)
@@ -392,3 +422,56 @@ def test_a_damaged_image_file_gives_no_size_and_no_crash(tmp_path: Path):
     }
     ds = files.read(instance)  # pydicom may read such a file leniently, as an empty data set
     assert ds is None or image_water_equivalent_diameter_mm(ds) is None
+
+
+# ---- what a dose report supersedes, and reports of odd content (from a dose audit, stop 33)
+def test_a_ct_report_keeps_the_pet_activity_of_a_pet_ct_study():
+    """The CT report superseded every image header of the study: the PET images' 370 MBq was gone, and
+    the PET images that came after it were no longer read. It supersedes the CT images' only."""
+    from diana.stream_apps.dose.agent import _series_done
+
+    study = generate_uid()
+    pet = img.radiopharmaceutical(study, pet=True, activity="370000000", series_uid=generate_uid(), number=1)
+    ct = b.ct_report(
+        [b.ct_event_with("8.1", ctdivol="5", dlp="200", sources=[b.ct_source("A", "120", "200", "250", "0.5")])],
+        total_dlp="200",
+        study_uid=study,
+    )
+    summary, _ = fold(pet, ct)
+    assert summary["administered_activity_MBq"] == 370.0 and summary["total_dlp_mGycm"] == 200.0
+    state = new_study(study)
+    fold_report(state, *extracted(ct), 0)
+    assert not _series_done(state, {"modality": "PT", "series_instance_uid": "9.9", "header_json": "{}"})
+    assert _series_done(state, {"modality": "CT", "series_instance_uid": "9.8", "header_json": "{}"})
+
+
+def test_a_report_of_totals_only_is_not_replaced_by_an_unrelated_report():
+    study = generate_uid()
+    totals_only = b.ct_report([], total_dlp="700", study_uid=study)
+    other = b.ct_report(
+        [b.ct_event_with("8.2", ctdivol="3", dlp="60", sources=[b.ct_source("A", "120", "200", "250", "0.5")])],
+        total_dlp="60",
+        study_uid=study,
+    )
+    summary, _ = fold(totals_only, other)
+    assert summary["total_dlp_mGycm"] == 760.0 and summary["report_count"] == 2
+
+
+def test_a_reported_size_of_zero_is_no_size():
+    """A report with Water Equivalent Diameter 0 crashed the dose worker (ValueError in summarize)."""
+    event = {"ctdivol_mGy": 10.0, "phantom_cm": 32, "report_water_equivalent_diameter_mm": 0.0}
+    assert event_ssde(event, None) == {}
+    with_images = event_ssde(event, 250.0, 4)
+    assert with_images["size_diameter_mm"] == 250.0 and "4 axial images" in with_images["ssde_method"]
+
+
+def test_a_dose_reports_modality_is_the_one_the_dose_was_given_by():
+    """An RDSR's own Modality is SR: `match: {modality: CT}` never matched a CT dose report."""
+    ct = b.ct_report(
+        [b.ct_event_with("8.3", ctdivol="3", dlp="60", sources=[b.ct_source("A", "120", "200", "250", "0.5")])],
+        total_dlp="60",
+        study_uid=generate_uid(),
+    )
+    assert ct.Modality == "SR"
+    report, context = extracted(ct)
+    assert (report["kind"], context["modality"]) == ("CT", "CT")
