@@ -333,7 +333,6 @@ def test_ssde_from_the_report_diameter_from_images_and_as_reported():
     assert summary["max_ssde_mGy"] == 14.2
 
 
-
 def test_each_ct_event_gets_the_diameter_of_its_own_images():
     """A head scan (Dw 160 mm) and a body scan (Dw 300 mm) in one study: each event's SSDE uses the
     images its irradiation event made ((0008,3010) on the images), not one mean over both (230 mm),
@@ -362,6 +361,7 @@ def test_each_ct_event_gets_the_diameter_of_its_own_images():
     state["sizes"] = {k: {**v, "event": None} for k, v in state["sizes"].items()}  # images that do not say
     _, out = summarize(state)
     assert all(e["size_diameter_mm"] == 230.0 and "of the study" in e["ssde_method"] for e in out)
+
 
 def test_head_phantom_uses_the_16_cm_fit():
     event = {"ctdivol_mGy": 50.0, "phantom_cm": 16, "report_effective_diameter_mm": 160.0}
