@@ -12,13 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, timedelta
 
+from opensearchpy.helpers import scan
+
 from diana.schemas.layout import IndexLayout
 from diana.stream_apps.dose.reference_levels import ReferenceLevels, survey
 
 __all__ = ["Unmapped", "unmapped_protocols", "reference_level_survey", "render_unmapped", "render_survey"]
 
 _MAX_BUCKETS = 500
-_MAX_STUDIES = 10_000
+_PAGE = 5_000
 
 
 @dataclass(frozen=True)
@@ -76,19 +78,18 @@ def reference_level_survey(client, prefix: str, levels: ReferenceLevels, today: 
     if not levels.study or not client.indices.exists_alias(name=index):
         return survey(levels, [])
     start = (today or date.today()) - timedelta(days=levels.window_days)
-    body = {
-        "size": _MAX_STUDIES,
-        "_source": ["standard_name", *sorted({lv.metric for lv in levels.study.values()})],
-        "query": {
-            "bool": {
-                "filter": [
-                    {"terms": {"standard_name": sorted(levels.study)}},
-                    {"range": {"study_date": {"gte": start.isoformat()}}},
-                ]
-            }
-        },
+    query = {
+        "bool": {
+            "filter": [
+                {"terms": {"standard_name": sorted(levels.study)}},
+                {"range": {"study_date": {"gte": start.isoformat()}}},
+            ]
+        }
     }
-    hits = client.search(index=index, body=body)["hits"]["hits"]
+    fields = ["standard_name", *sorted({lv.metric for lv in levels.study.values()})]
+    # Every study of the window (a median needs them all; one search stopped at 10,000, silently),
+    # two or three small fields each, a page of _PAGE at a time.
+    hits = scan(client, index=index, query={"query": query, "_source": fields}, size=_PAGE, preserve_order=False)
     return survey(levels, [h["_source"] for h in hits])
 
 

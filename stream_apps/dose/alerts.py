@@ -249,25 +249,36 @@ def study_alerts(rules: AlertRules, study: dict, events: list[dict]) -> list[dic
     return out
 
 
+def _windows_with(studies: list[dict], latest: dict, days: float, keep) -> list[list[dict]]:
+    """The patient's studies (those ``keep`` takes) in each window of ``days`` that holds ``latest``:
+    the window ending at ``latest``, and those ending at each later-dated study within ``days`` of it.
+    A study that arrives after a later-dated one of the same patient (a late send, a PACS pull) counts
+    in the later one's window too, which looking back from ``latest`` alone missed."""
+    dated = [s for s in studies if s.get("study_date") and keep(s)]
+    day = date.fromisoformat(latest["study_date"])
+    ends = sorted(
+        {day} | {d for s in dated if day <= (d := date.fromisoformat(s["study_date"])) < day + timedelta(days=days)}
+    )
+    return [
+        sorted(
+            (s for s in dated if end - timedelta(days=days) < date.fromisoformat(s["study_date"]) <= end),
+            key=lambda s: (s["study_date"], s["study_instance_uid"]),
+        )
+        for end in ends
+    ]
+
+
 def cumulative_alerts(rules: AlertRules, studies: list[dict], latest: dict) -> list[dict]:
-    """Per-patient alerts for ``latest`` over the studies dated within each rule's window before it."""
+    """Per-patient alerts for ``latest``: the largest total of any window of the rule that holds it."""
     out: list[dict] = []
     if not latest.get("study_date"):
         return out
-    end = date.fromisoformat(latest["study_date"])
     for rule in rules.cumulative:
-        start = end - timedelta(days=rule.window_days)
-        window = sorted(
-            (
-                s
-                for s in studies
-                if s.get("study_date")
-                and s.get(rule.metric) is not None
-                and start < date.fromisoformat(s["study_date"]) <= end
-            ),
-            key=lambda s: (s["study_date"], s["study_instance_uid"]),
-        )
-        total = sum(s[rule.metric] for s in window)
+        windows = _windows_with(studies, latest, rule.window_days, lambda s, m=rule.metric: s.get(m) is not None)
+        totals = [(sum(s[rule.metric] for s in w), w) for w in windows if w]
+        if not totals:
+            continue
+        total, window = max(totals, key=lambda t: t[0])
         if total > rule.threshold:
             alert = _alert(
                 rule.name,
@@ -310,22 +321,12 @@ def repeat_alerts(rules: AlertRules, studies: list[dict], latest: dict) -> list[
     name = latest.get("standard_name")
     if not name or not latest.get("study_date"):
         return []
-    end = date.fromisoformat(latest["study_date"])
     out = []
     for rule in rules.repeats:
         if rule.standard_name and rule.standard_name != name:
             continue
-        start = end - timedelta(days=rule.window_days)
-        window = sorted(
-            (
-                s
-                for s in studies
-                if s.get("standard_name") == name
-                and s.get("study_date")
-                and start < date.fromisoformat(s["study_date"]) <= end
-            ),
-            key=lambda s: (s["study_date"], s["study_instance_uid"]),
-        )
+        windows = _windows_with(studies, latest, rule.window_days, lambda s: s.get("standard_name") == name)
+        window = max(windows, key=len, default=[])
         if len(window) >= rule.count:
             alert = _alert(
                 rule.name,

@@ -161,3 +161,31 @@ def test_a_yaml_file_that_is_not_a_mapping_names_the_sections(tmp_path: Path):
         load_standard_names(tmp_path / "list.yaml")
     with pytest.raises(LevelsError, match="mapping of keys"):
         load_reference_levels(tmp_path / "list.yaml")
+
+
+def test_a_study_that_arrives_after_a_later_dated_one_counts_in_its_window():
+    """Study B (day 30) then study A (day 0), 12-week CT DLP rule over 3000 mGy·cm: the alert came only
+    when they arrived in date order; the window ending at B was never looked at again when A came."""
+    from diana.stream_apps.dose.alerts import cumulative_alerts
+
+    rules = load_rules(REPO / "dose-rules.example.yaml")
+    a = {"study_instance_uid": "A", "study_date": "2024-01-01", "total_dlp_mGycm": 2000.0}
+    b = {"study_instance_uid": "B", "study_date": "2024-01-31", "total_dlp_mGycm": 1500.0}
+    far = {"study_instance_uid": "C", "study_date": "2024-06-30", "total_dlp_mGycm": 1500.0}
+    assert cumulative_alerts(rules, [b], b) == []
+    [alert] = cumulative_alerts(rules, [b, a], a)
+    assert alert["study_instance_uid"] == "A" and alert["value"] == 3500.0
+    assert alert["window_study_uids"] == ["A", "B"]
+    assert cumulative_alerts(rules, [far, a], a) == []  # 181 days later: outside A's 84-day reach
+
+
+def test_a_repeat_found_when_the_earlier_study_arrives_second(tmp_path: Path):
+    (tmp_path / "r.yaml").write_text(
+        "repeats: [{name: Repeat CT head, window_days: 7, count: 2, standard_name: CT Head}]"
+    )
+    rules = load_rules(tmp_path / "r.yaml")
+    second = {"study_instance_uid": "2", "study_date": "2024-03-05", "standard_name": "CT Head"}
+    first = {"study_instance_uid": "1", "study_date": "2024-03-01", "standard_name": "CT Head"}
+    assert repeat_alerts(rules, [second], second) == []
+    [alert] = repeat_alerts(rules, [second, first], first)
+    assert alert["study_instance_uid"] == "1" and alert["window_study_uids"] == ["1", "2"]
