@@ -179,6 +179,11 @@ class CollectJob:
         self._record(event, study_instance_uid=study.study_instance_uid, line=study.line, **fields)
         self.on_study_done(study)
 
+    def _complete(self, study: StudyState, have: int, expected: int | None) -> None:
+        self._finish(
+            study, "STUDY_COMPLETE", indexed_instances=have, expected_instances=expected, detail=f"{have} instances"
+        )
+
     def _retrieve_study(self, uid: str) -> None:
         study = self.job.studies[uid]
         # A count of 0 or less (recorded by an earlier version from such a C-FIND answer) says nothing.
@@ -223,13 +228,7 @@ class CollectJob:
                     else self.counter.count(uid)
                 )
                 if expected and have >= expected:
-                    self._finish(
-                        study,
-                        "STUDY_COMPLETE",
-                        indexed_instances=have,
-                        expected_instances=expected,
-                        detail=f"{have} instances",
-                    )
+                    self._complete(study, have, expected)
                     return
                 continue
             except PacsUnavailable as exc:
@@ -263,13 +262,7 @@ class CollectJob:
             target = expected if expected is not None else sent
             # Nothing received is never a complete study: a PACS answering success to a move of nothing.
             if have >= target > 0 and (expected is not None or result.success):
-                self._finish(
-                    study,
-                    "STUDY_COMPLETE",
-                    indexed_instances=have,
-                    expected_instances=expected,
-                    detail=f"{have} instances",
-                )
+                self._complete(study, have, expected)
                 return
         if self.stop.is_set():
             return
