@@ -19,6 +19,7 @@ to dose.by-patient, where a second agent keeps per-patient state.
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime
 from typing import Any
 
@@ -77,6 +78,8 @@ _PATIENT_FIELDS = (
     "dose_rp_total_mGy",
     "administered_activity_MBq",
     "standard_name",
+    "kind",
+    *(k for k in _CONTEXT if k != "study_date"),  # a window's alert names its last study, with its header
 )
 # Images whose every instance in a series repeats the series' dose values: parsed once per series.
 _PER_SERIES = {"CT", "PT", "NM"}
@@ -103,7 +106,11 @@ def _series_done(state: dict | None, instance: dict) -> bool:
         return False
     reports = state["reports"].values()
     series = instance["series_instance_uid"]
-    kind = "CT" if instance.get("modality") == "CT" else "NM"
+    header = instance.get("header_json") or ""
+    if instance.get("modality") == "CT":  # a cone-beam CT's images carry a DAP, not a CTDIvol: projection X-ray
+        kind = "CT" if '"00189345"' in header else "projection"
+    else:
+        kind = "NM"
     return any(r["source"] == "RDSR" and family(r["kind"]) == kind for r in reports) or any(
         r.get("series_instance_uid") == series or any(e.get("event_key") == f"series:{series}" for e in r["events"])
         for r in reports
@@ -186,7 +193,14 @@ def register_dose(
             key=origin.encode(), value=value, headers={"reason": f"dose: {reason}".encode(), "origin": origin.encode()}
         )
 
-    async def publish_alerts(state: dict, alerts: list[dict], study: dict, at: datetime, resend: bool = False) -> bool:
+    async def publish_alerts(
+        state: dict,
+        alerts: list[dict],
+        study: dict,
+        at: datetime,
+        resend: bool = False,
+        contexts: dict[str, dict] | None = None,
+    ) -> bool:
         """Send the alerts not yet raised with their value; with ``resend``, also those already raised.
 
         A re-sent alert carries the revision and raised_at it was first sent with (kept in
@@ -204,9 +218,11 @@ def register_dose(
             else:
                 origin = {"revision": state["revision"], "raised_at": _ms(at)}
                 raised[alert_id], origins[alert_id], changed = alert["value"], origin, True
+            # A patient's window alert is on the window's last study: its own header, not the arriving one's.
+            about = (contexts or {}).get(alert["study_instance_uid"], study)
             record = {
-                **{k: study.get(k) for k in _CONTEXT},
-                "kind": study.get("kind"),
+                **{k: about.get(k) for k in _CONTEXT},
+                "kind": about.get("kind"),
                 **alert,
                 "revision": origin["revision"],
                 "raised_at": _dt(origin["raised_at"]),
@@ -248,7 +264,9 @@ def register_dose(
     async def handle(message: Any, value: bytes, instance: dict, sample: bool, carries: bool) -> None:
         """Fold one object into its study and publish what changed."""
         uid = instance["study_instance_uid"]
-        state, changed = study_table.get(uid), False
+        # A copy: the table is stored to only once the study's outputs are sent (publish_study), so an
+        # object that fails half-way (dead-lettered) leaves the study as it was, not half-folded.
+        state, changed = copy.deepcopy(study_table.get(uid)), False
         redelivered = _already_folded(state, instance)
         if sample:
             state, changed = _measure_size(state, instance, uid)
@@ -343,5 +361,9 @@ def register_dose(
                 state["revision"] += 1
             studies = list(state["studies"].values())
             alerts = cumulative_alerts(rules, studies, study) + repeat_alerts(rules, studies, study)
-            if await publish_alerts(state, alerts, study, study["received_at"], resend=again) or not again:
+            contexts = {s["study_instance_uid"]: s for s in studies}
+            if (
+                await publish_alerts(state, alerts, study, study["received_at"], resend=again, contexts=contexts)
+                or not again
+            ):
                 patient_table[patient] = state

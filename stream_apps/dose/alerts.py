@@ -286,7 +286,7 @@ def cumulative_alerts(rules: AlertRules, studies: list[dict], latest: dict) -> l
                 rule.metric,
                 total,
                 rule.threshold,
-                latest,
+                window[-1],  # one window, one alert, whichever of its studies arrived last
                 None,
                 f"{rule.name}: {rule.metric} {total:g} over {len(window)} studies in {rule.window_days:g}"
                 f" days exceeds {rule.threshold:g}",
@@ -334,7 +334,7 @@ def repeat_alerts(rules: AlertRules, studies: list[dict], latest: dict) -> list[
                 "studies",
                 float(len(window)),
                 float(rule.count),
-                latest,
+                window[-1],
                 None,
                 f"{rule.name}: {len(window)} {name} studies of this patient in {rule.window_days:g} days",
             )

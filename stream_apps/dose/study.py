@@ -166,11 +166,14 @@ def summarize(state: dict) -> tuple[dict, list[dict]]:
     """The study record and its distinct events, ordered as they first arrived."""
     reports = _retained(state)
     events = _distinct_events(reports)
-    key_sets = [{event_key(r, e) for e in r["events"]} for r in reports]
-    disjoint = sum(len(k) for k in key_sets) == len(set().union(*key_sets)) if key_sets else True
-    kinds = sorted({r["kind"] for r in reports})
+    # The study's kind (what standard names, reference levels and dashboards go by) is its dose
+    # reports' when it has any: a PET/CT study with a CT report is a CT study that also carries the
+    # activity its PET images say. Its modality likewise (a PET image after the report set it to PT).
+    dose_reports = [r for r in reports if r["source"] == "RDSR"]
+    kinds = sorted({r["kind"] for r in dose_reports or reports})
     study: dict[str, Any] = {
         **state["context"],
+        **({"modality": dose_reports[-1]["kind"]} if dose_reports else {}),
         "study_instance_uid": state["study_instance_uid"],
         "kind": kinds[0] if len(kinds) == 1 else "+".join(kinds) if kinds else None,
         "sources": sorted({r["source"] for r in reports}),
@@ -179,9 +182,19 @@ def summarize(state: dict) -> tuple[dict, list[dict]]:
         "events": len(events),
     }
 
+    # Totals within one kind of dose: whether its reports share events is decided among them only
+    # (a PET study's AC and NAC series share one administration; that must not switch the CT total
+    # from the CT report's own to the sum of its events, which a report of totals only does not have).
+    scopes = {}
+    for name in {family(r["kind"]) for r in reports}:
+        of_kind = [r for r in reports if family(r["kind"]) == name]
+        key_sets = [{event_key(r, e) for e in r["events"]} for r in of_kind]
+        disjoint = sum(len(k) for k in key_sets) == len(set().union(*key_sets)) if key_sets else True
+        scopes[name] = (of_kind, disjoint, [e for e in events if family(e["kind"]) == name])
+
     # Callable[..., Any]: the accessors are lambdas binding loop variables through default arguments.
-    def total(name: str, acc: Callable[..., Any], ev: Callable[..., Any]) -> None:
-        study[name] = _total(reports, disjoint, events, acc, ev)
+    def total(name: str, acc: Callable[..., Any], ev: Callable[..., Any], kind: str) -> None:
+        study[name] = _total(*scopes.get(kind, ([], True, [])), acc, ev)
 
     study_dw, dw_images = _study_size(state)
     if study_dw is not None:
@@ -195,7 +208,7 @@ def summarize(state: dict) -> tuple[dict, list[dict]]:
         if with_ssde:
             largest = max(with_ssde, key=lambda e: e["ssde_mGy"])
             study["max_ssde_mGy"], study["ssde_method"] = largest["ssde_mGy"], largest["ssde_method"]
-        total("total_dlp_mGycm", lambda r: r["accumulated"].get("total_dlp_mGycm"), lambda e: e.get("dlp_mGycm"))
+        total("total_dlp_mGycm", lambda r: r["accumulated"].get("total_dlp_mGycm"), lambda e: e.get("dlp_mGycm"), "CT")
         study["max_ctdivol_mGy"] = max((e["ctdivol_mGy"] for e in events if "ctdivol_mGy" in e), default=None)
         for code, name in _CT_TYPE_COUNTS.items():
             study[name] = sum(1 for e in events if e.get("acquisition_type_code") == code)
@@ -213,6 +226,7 @@ def summarize(state: dict) -> tuple[dict, list[dict]]:
                     f"plane_{plane.lower()}_{metric}",
                     lambda r, p=plane, m=metric: r["accumulated"].get("planes", {}).get(p, {}).get(m),
                     lambda e, p=plane, m=event_metric: e.get(m) if (e.get("plane_id") or "A") == p else None,
+                    "projection",
                 )
             study[f"total_{metric}" if metric == "dap_Gym2" else "dose_rp_total_mGy"] = _sum(
                 study.get(f"plane_{p.lower()}_{metric}") for p in planes
@@ -223,17 +237,20 @@ def summarize(state: dict) -> tuple[dict, list[dict]]:
                     f"{part}_{metric}",
                     lambda r, k=f"{part}_{metric}": _sum(p.get(k) for p in r["accumulated"].get("planes", {}).values()),
                     lambda e, m=metric, f=flag: e.get(m) if e.get("fluoroscopy") is f else None,
+                    "projection",
                 )
         total(
             "fluoro_time_s",
             lambda r: _sum(p.get("fluoro_time_s") for p in r["accumulated"].get("planes", {}).values()),
             lambda e: e.get("irradiation_duration_s") if e.get("fluoroscopy") else None,
+            "projection",
         )
         for side in ("left", "right"):
             total(
                 f"agd_{side}_mGy",
                 lambda r, s=side: _sum(p.get(f"agd_{s}_mGy") for p in r["accumulated"].get("planes", {}).values()),
                 lambda e, s=side: e.get("agd_mGy") if (e.get("laterality") or "").lower() == s else None,
+                "projection",
             )
 
     administrations = [e for e in events if "administered_activity_MBq" in e or "radiopharmaceutical" in e]

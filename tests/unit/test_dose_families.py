@@ -442,7 +442,7 @@ def test_a_ct_report_keeps_the_pet_activity_of_a_pet_ct_study():
     state = new_study(study)
     fold_report(state, *extracted(ct), 0)
     assert not _series_done(state, {"modality": "PT", "series_instance_uid": "9.9", "header_json": "{}"})
-    assert _series_done(state, {"modality": "CT", "series_instance_uid": "9.8", "header_json": "{}"})
+    assert _series_done(state, {"modality": "CT", "series_instance_uid": "9.8", "header_json": '{"00189345": {}}'})
 
 
 def test_a_report_of_totals_only_is_not_replaced_by_an_unrelated_report():
@@ -475,3 +475,38 @@ def test_a_dose_reports_modality_is_the_one_the_dose_was_given_by():
     assert ct.Modality == "SR"
     report, context = extracted(ct)
     assert (report["kind"], context["modality"]) == ("CT", "CT")
+
+
+def test_a_pet_ct_study_with_a_totals_only_ct_report_keeps_its_dlp_and_is_a_ct_study():
+    """Two PET series (AC and NAC) repeat one administration: that shared event made the CT total come
+    from CT events, of which a totals-only report has none (DLP None). The study stays kind CT (what
+    standard names, levels and dashboards go by) and its modality CT, whatever arrives after the report."""
+    study = generate_uid()
+    ct = b.ct_report([], total_dlp="700", study_uid=study)
+    pets = [
+        img.radiopharmaceutical(study, pet=True, activity="370000000", series_uid=generate_uid(), number=1)
+        for _ in range(2)
+    ]
+    summary, _ = fold(pets[0], ct, pets[1])
+    assert summary["total_dlp_mGycm"] == 700.0 and summary["administered_activity_MBq"] == 370.0
+    assert (summary["kind"], summary["modality"]) == ("CT", "CT")
+
+
+def test_cone_beam_ct_images_are_not_taken_for_the_ct_reports():
+    """A cone-beam CT image (modality CT, a DAP, no CTDIvol) is projection X-ray: a CT report does not
+    supersede it, so whether it came before or after the report, it is read and counted the same."""
+    from diana.stream_apps.dose.agent import _series_done
+
+    study = generate_uid()
+    ct = b.ct_report(
+        [b.ct_event_with("8.4", ctdivol="5", dlp="200", sources=[b.ct_source("A", "120", "200", "250", "0.5")])],
+        total_dlp="200",
+        study_uid=study,
+    )
+    cone = img.cone_beam_ct(study, generate_uid(), 1)
+    before, _ = fold(cone, ct)
+    after, _ = fold(ct, cone)
+    assert before["total_dap_Gym2"] == after["total_dap_Gym2"] is not None
+    state = new_study(study)
+    fold_report(state, *extracted(ct), 0)
+    assert not _series_done(state, instance_of(cone))
