@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -254,18 +255,19 @@ def _windows_with(studies: list[dict], latest: dict, days: float, keep) -> list[
     the window ending at ``latest``, and those ending at each later-dated study within ``days`` of it.
     A study that arrives after a later-dated one of the same patient (a late send, a PACS pull) counts
     in the later one's window too, which looking back from ``latest`` alone missed."""
-    dated = [s for s in studies if s.get("study_date") and keep(s)]
-    day = date.fromisoformat(latest["study_date"])
-    ends = sorted(
-        {day} | {d for s in dated if day <= (d := date.fromisoformat(s["study_date"])) < day + timedelta(days=days)}
+    dated = sorted(
+        (
+            (date.fromisoformat(s["study_date"]), s["study_instance_uid"], s)
+            for s in studies
+            if s.get("study_date") and keep(s)
+        ),
+        key=lambda t: (t[0], t[1]),
     )
-    return [
-        sorted(
-            (s for s in dated if end - timedelta(days=days) < date.fromisoformat(s["study_date"]) <= end),
-            key=lambda s: (s["study_date"], s["study_instance_uid"]),
-        )
-        for end in ends
-    ]
+    days_of = [d for d, _, _ in dated]
+    day, span = date.fromisoformat(latest["study_date"]), timedelta(days=days)
+    ends = sorted({day} | {d for d in days_of if day <= d < day + span})
+    # Sorted once, each window cut by bisection: (end - span, end].
+    return [[s for _, _, s in dated[bisect_right(days_of, end - span) : bisect_right(days_of, end)]] for end in ends]
 
 
 def cumulative_alerts(rules: AlertRules, studies: list[dict], latest: dict) -> list[dict]:
