@@ -70,6 +70,7 @@ _EXPOSURE_DOSE_SEQUENCE = '"0040030E"'
 _TECHNIQUE_MODALITIES = {"MG", "PX", "IO"}
 _KVP = '"00180060"'
 # What the cumulative agent keeps of each study of a patient.
+_WINDOW_CONTEXT = ("kind", "accession_number", "study_description", "modality", "station_name", "institution_name")
 _PATIENT_FIELDS = (
     "study_instance_uid",
     "study_date",
@@ -78,8 +79,9 @@ _PATIENT_FIELDS = (
     "dose_rp_total_mGy",
     "administered_activity_MBq",
     "standard_name",
-    "kind",
-    *(k for k in _CONTEXT if k != "study_date"),  # a window's alert names its last study, with its header
+    # A window's alert names its last study: what recipients are routed by and read (patient fields
+    # come from the arriving study, the same patient). Kept few: the patient's state is one record.
+    *_WINDOW_CONTEXT,
 )
 # Images whose every instance in a series repeats the series' dose values: parsed once per series.
 _PER_SERIES = {"CT", "PT", "NM"}
@@ -218,8 +220,10 @@ def register_dose(
             else:
                 origin = {"revision": state["revision"], "raised_at": _ms(at)}
                 raised[alert_id], origins[alert_id], changed = alert["value"], origin, True
-            # A patient's window alert is on the window's last study: its own header, not the arriving one's.
-            about = (contexts or {}).get(alert["study_instance_uid"], study)
+            # A patient's window alert is on the window's last study: its own header, not the arriving
+            # one's (an entry stored before entries kept it has no kind: the arriving study's, as then).
+            about = (contexts or {}).get(alert["study_instance_uid"]) or study
+            about = {**study, **about} if "kind" in about else study
             record = {
                 **{k: about.get(k) for k in _CONTEXT},
                 "kind": about.get("kind"),
@@ -264,13 +268,17 @@ def register_dose(
     async def handle(message: Any, value: bytes, instance: dict, sample: bool, carries: bool) -> None:
         """Fold one object into its study and publish what changed."""
         uid = instance["study_instance_uid"]
+        stored = study_table.get(uid)
+        redelivered = _already_folded(stored, instance)
+        fold_dose = carries and (redelivered or not _series_done(stored, instance))
+        if not (sample or fold_dose):
+            return  # a series already counted: nothing to fold (most CT images)
         # A copy: the table is stored to only once the study's outputs are sent (publish_study), so an
         # object that fails half-way (dead-lettered) leaves the study as it was, not half-folded.
-        state, changed = copy.deepcopy(study_table.get(uid)), False
-        redelivered = _already_folded(state, instance)
+        state, changed = copy.deepcopy(stored), False
         if sample:
             state, changed = _measure_size(state, instance, uid)
-        if carries and (redelivered or not _series_done(state, instance)):
+        if fold_dose:
             try:
                 extracted = extract_dose(dataset_from_header_json(instance["header_json"]))
             except DoseExtractionError as exc:

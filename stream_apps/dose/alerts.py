@@ -276,6 +276,11 @@ def cumulative_alerts(rules: AlertRules, studies: list[dict], latest: dict) -> l
     if not latest.get("study_date"):
         return out
     for rule in rules.cumulative:
+        if latest.get(rule.metric) is None:
+            # A study without the metric (an X-ray study for a DLP rule) changes no window's total; the
+            # window ending at its date is only part of one already judged, and would re-raise its alert
+            # with a smaller value.
+            continue
         windows = _windows_with(studies, latest, rule.window_days, lambda s, m=rule.metric: s.get(m) is not None)
         totals = [(sum(s[rule.metric] for s in w), w) for w in windows if w]
         if not totals:

@@ -173,7 +173,7 @@ def summarize(state: dict) -> tuple[dict, list[dict]]:
     kinds = sorted({r["kind"] for r in dose_reports or reports})
     study: dict[str, Any] = {
         **state["context"],
-        **({"modality": dose_reports[-1]["kind"]} if dose_reports else {}),
+        **({"modality": min(r["kind"] for r in dose_reports)} if dose_reports else {}),  # whatever the order
         "study_instance_uid": state["study_instance_uid"],
         "kind": kinds[0] if len(kinds) == 1 else "+".join(kinds) if kinds else None,
         "sources": sorted({r["source"] for r in reports}),

@@ -510,3 +510,16 @@ def test_cone_beam_ct_images_are_not_taken_for_the_ct_reports():
     state = new_study(study)
     fold_report(state, *extracted(ct), 0)
     assert not _series_done(state, instance_of(cone))
+
+
+def test_a_study_with_reports_of_two_kinds_has_one_modality_whatever_their_order():
+    study = generate_uid()
+    ct = b.ct_report(
+        [b.ct_event_with("8.5", ctdivol="3", dlp="60", sources=[b.ct_source("A", "120", "200", "250", "0.5")])],
+        total_dlp="60",
+        study_uid=study,
+    )
+    xa = b.dose_report([b.projection_event("8.6", dap="0.001")], study_uid=study, procedure=b.PROJECTION_PROCEDURE)
+    one, _ = fold(ct, xa)
+    other, _ = fold(xa, ct)
+    assert one["modality"] == other["modality"] and one["kind"] == other["kind"]

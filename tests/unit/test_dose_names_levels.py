@@ -192,3 +192,18 @@ def test_a_repeat_found_when_the_earlier_study_arrives_second(tmp_path: Path):
     [alert] = repeat_alerts(rules, [second, first], first)
     assert alert["study_instance_uid"] == "2" and alert["window_study_uids"] == ["1", "2"]
     assert repeat_alerts(rules, [first, second], second)[0]["alert_id"] == alert["alert_id"]
+
+
+def test_a_study_without_the_metric_does_not_re_raise_a_window_with_less():
+    """An X-ray study arriving for a DLP rule: the window ending at its date is part of one already
+    judged, and re-raised the same alert id with a smaller value and fewer studies."""
+    from diana.stream_apps.dose.alerts import cumulative_alerts
+
+    rules = load_rules(REPO / "dose-rules.example.yaml")
+    a = {"study_instance_uid": "A", "study_date": "2024-01-01", "total_dlp_mGycm": 2000.0}
+    a2 = {"study_instance_uid": "A2", "study_date": "2024-01-10", "total_dlp_mGycm": 2000.0}
+    b = {"study_instance_uid": "B", "study_date": "2024-02-20", "total_dlp_mGycm": 2000.0}
+    xray = {"study_instance_uid": "C", "study_date": "2024-02-01", "total_dap_Gym2": 0.01}
+    [alert] = cumulative_alerts(rules, [a, a2, b], b)
+    assert alert["value"] == 6000.0
+    assert cumulative_alerts(rules, [a, a2, b, xray], xray) == []
