@@ -690,6 +690,15 @@ def _check_ranges(sections: dict[str, Any]) -> None:
         )
 
 
+def _password_with_user(section: str, values: Any, user: str, password: str) -> None:
+    """A login needs its password, from the environment or a file: said naming both."""
+    if getattr(values, user) and not (getattr(values, password) or getattr(values, f"{password}_file")):
+        raise ConfigError(
+            f"[{section}] {user} is set without a password: set DIANA_{section.upper()}_{password.upper()} "
+            f"or {password}_file"
+        )
+
+
 def _check_security(sections: dict[str, Any]) -> None:
     """Security settings that cannot work together fail at start-up, never fall back to plain traffic."""
     kafka, search = sections["kafka"], sections["opensearch"]
@@ -712,10 +721,7 @@ def _check_security(sections: dict[str, Any]) -> None:
             "[opensearch] url must not carry credentials: set username, and the password through "
             "DIANA_OPENSEARCH_PASSWORD or password_file"
         )
-    if search.username and not (search.password or search.password_file):
-        raise ConfigError(
-            "[opensearch] username is set without a password: set DIANA_OPENSEARCH_PASSWORD or password_file"
-        )
+    _password_with_user("opensearch", search, "username", "password")
     plain = [url for url in urls if not url.startswith("https://")]
     if (search.username or search.ca_file) and plain:
         raise ConfigError(
@@ -742,10 +748,7 @@ def _check_security(sections: dict[str, Any]) -> None:
             '[alerts] smtp_username or smtp_ca_file is set but smtp_security is "none", which would send the '
             'password and every alert in the clear: set smtp_security = "starttls" (port 587) or "tls" (port 465)'
         )
-    if alerts.smtp_username and not (alerts.smtp_password or alerts.smtp_password_file):
-        raise ConfigError(
-            "[alerts] smtp_username is set without a password: set DIANA_ALERTS_SMTP_PASSWORD or smtp_password_file"
-        )
+    _password_with_user("alerts", alerts, "smtp_username", "smtp_password")
     receiver = sections["receiver"]
     if receiver.tls_ca_file and not (receiver.tls_cert_file and receiver.tls_key_file):
         raise ConfigError(

@@ -49,6 +49,7 @@ from diana.access.dicomweb.wado import (
     metadata,
     multipart_dicom,
     new_boundary,
+    transfer_syntax,
 )
 from diana.access.qr.identifier import IdentifierError, Query, parse_identifier
 from diana.access.qr.index_reader import PAGE, RETRIEVE_PAGE, IndexReader
@@ -320,9 +321,7 @@ class DicomWeb:
             if key is None:
                 raise ObjectNotFound("invalid UIDs")
             with local_file(self.archive, key) as path:
-                stored = str(read_file_meta_info(path).get("TransferSyntaxUID") or "")
-                if not stored:
-                    raise CorruptObject("its file meta information has no Transfer Syntax UID")
+                stored = str(transfer_syntax(read_file_meta_info(path)))
                 syntax, part_type = frame_syntax(request.headers.get("accept"), stored)
                 if syntax == AS_STORED or stored in (EXPLICIT_LE, str(ImplicitVRLittleEndian)):
                     frames = frame_bytes(path, numbers)  # as stored, or native already

@@ -21,7 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from diana.access.dicomweb.wado import (
     BLOCK,
-    CorruptObject,
+    check_native_length,
     compressed,
     frame_count,
     native_frame_size,
@@ -133,8 +133,8 @@ def decoded_frames(path: Path, numbers: list[int]) -> list[bytes]:
     _, needed = native_frame_size(ds, count)
     element = ds.get_item("PixelData")  # deferred: its length from the header, the value still on disk
     stored = element.length if element.value is None else len(element.value)
-    if not compressed(ds) and stored < needed:
-        raise CorruptObject(f"its pixel data holds {stored} bytes, its {count} frame(s) need {needed}")
+    if not compressed(ds):
+        check_native_length(stored, count, needed)
     if decoded_size(ds) // count * len(numbers) > MAX_DECODED_BYTES:
         raise TranscodeError(f"the frames asked for would take more than {MAX_DECODED_BYTES >> 20} MiB decoded")
     frames = []

@@ -30,9 +30,11 @@ __all__ = [
     "frame_bytes",
     "frame_count",
     "frame_numbers",
+    "check_native_length",
     "compressed",
     "native_frame_size",
     "read_archived",
+    "transfer_syntax",
 ]
 
 # One worker-thread call reads about this much of the body (boundaries and as many objects as fit):
@@ -224,12 +226,24 @@ def native_frame_size(ds: Any, count: int) -> tuple[int, int]:
     return frame, frame * count
 
 
-def compressed(ds: Any) -> bool:
-    """Whether the object's transfer syntax encapsulates its pixel data; CorruptObject if it names none."""
-    syntax = ds.file_meta.get("TransferSyntaxUID")
+def transfer_syntax(meta: Any) -> Any:
+    """The Transfer Syntax UID of an object's file meta information; CorruptObject if it names none."""
+    syntax = meta.get("TransferSyntaxUID")
     if not syntax:
         raise CorruptObject("its file meta information has no Transfer Syntax UID")
-    return bool(syntax.is_compressed)
+    return syntax
+
+
+def compressed(ds: Any) -> bool:
+    """Whether the object's transfer syntax encapsulates its pixel data; CorruptObject if it names none."""
+    return bool(transfer_syntax(ds.file_meta).is_compressed)
+
+
+def check_native_length(stored: int, count: int, needed: int) -> None:
+    """CorruptObject when native pixel data of ``stored`` bytes is shorter than its ``count`` frames
+    need: sliced as it is, the last frames would be short or empty, and served as if whole."""
+    if stored < needed:
+        raise CorruptObject(f"its pixel data holds {stored} bytes, its {count} frame(s) need {needed}")
 
 
 def read_archived(path: Path, **options: Any) -> Any:
@@ -264,7 +278,5 @@ def frame_bytes(path: Path, numbers: list[int]) -> list[bytes]:
             raise CorruptObject(f"its encapsulated pixel data holds {len(frames)} of its {count} frames")
         return [frames[n - 1] for n in numbers]
     size, needed = native_frame_size(ds, count)
-    if len(ds.PixelData) < needed:
-        # Sliced as it is, the last frames would be short or empty, and served as if whole.
-        raise CorruptObject(f"its pixel data holds {len(ds.PixelData)} bytes, its {count} frame(s) need {needed}")
+    check_native_length(len(ds.PixelData), count, needed)
     return [bytes(ds.PixelData[(n - 1) * size : n * size]) for n in numbers]

@@ -65,7 +65,8 @@ _CONTEXT = (
 # radiopharmaceutical information: an image header without any of these has nothing to say about
 # dose, and is not parsed. An Exposure Dose Sequence is read in any object (dose screens are
 # secondary captures of any modality); kVp counts for the modalities whose technique is an exposure.
-_HEADER_DOSE_TAGS = ('"00189345"', '"0018115E"', '"00408302"', '"00400302"', '"00400316"', '"00181411"', '"00540016"')
+_CTDIVOL = '"00189345"'
+_HEADER_DOSE_TAGS = (_CTDIVOL, '"0018115E"', '"00408302"', '"00400302"', '"00400316"', '"00181411"', '"00540016"')
 _EXPOSURE_DOSE_SEQUENCE = '"0040030E"'
 _TECHNIQUE_MODALITIES = {"MG", "PX", "IO"}
 _KVP = '"00180060"'
@@ -110,7 +111,7 @@ def _series_done(state: dict | None, instance: dict) -> bool:
     series = instance["series_instance_uid"]
     header = instance.get("header_json") or ""
     if instance.get("modality") == "CT":  # a cone-beam CT's images carry a DAP, not a CTDIvol: projection X-ray
-        kind = "CT" if '"00189345"' in header else "projection"
+        kind = "CT" if _CTDIVOL in header else "projection"
     else:
         kind = "NM"
     return any(r["source"] == "RDSR" and family(r["kind"]) == kind for r in reports) or any(

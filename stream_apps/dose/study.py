@@ -69,10 +69,13 @@ def fold_size(
     return True
 
 
+def _mean_size(sizes: list[dict]) -> tuple[float | None, int]:
+    """The arithmetic average of D_w(z) over these sampled axial images, and their number."""
+    return (sum(s["dw_mm"] for s in sizes) / len(sizes), len(sizes)) if sizes else (None, 0)
+
+
 def _study_size(state: dict) -> tuple[float | None, int]:
-    """The arithmetic average of D_w(z) over the study's sampled axial images, and their number."""
-    values = [s["dw_mm"] for s in state.get("sizes", {}).values()]
-    return (sum(values) / len(values), len(values)) if values else (None, 0)
+    return _mean_size(list(state.get("sizes", {}).values()))
 
 
 def _event_size(state: dict, event: dict) -> tuple[float | None, int, str]:
@@ -81,18 +84,15 @@ def _event_size(state: dict, event: dict) -> tuple[float | None, int, str]:
     scan and a body scan of one study are not given one diameter between the two."""
     sizes = list(state.get("sizes", {}).values())
     uid = event.get("irradiation_event_uid")
-    series = (
-        str(event.get("event_key") or "").removeprefix("series:")
-        if str(event.get("event_key") or "").startswith("series:")
-        else None
-    )
+    key = str(event.get("event_key") or "")
+    series = key.removeprefix("series:") if key.startswith("series:") else None
     for scope, chosen in (
         ("its irradiation event", [s for s in sizes if uid and s.get("event") == uid]),
         ("its series", [s for s in sizes if series and s["series"] == series]),
         ("the study", sizes),
     ):
         if chosen:
-            return sum(s["dw_mm"] for s in chosen) / len(chosen), len(chosen), scope
+            return (*_mean_size(chosen), scope)
     return None, 0, ""
 
 
