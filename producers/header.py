@@ -102,8 +102,11 @@ def _text(values: _Values, keyword: str) -> str | None:
     return text or None
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _number(values: _Values, keyword: str, kind: type[int] | type[float]) -> int | float | None:
-    """The value as ``kind``, or None when absent or unusable (out of int32, NaN, infinite)."""
+    """The value as ``kind``, or None when absent or unusable (out of int32 or float32, NaN)."""
     # From the model only a value pydicom's JSON keeps as it was: IS is rendered through int(), so
     # "72.5" under VR IS would read 72 there, where float(pydicom's value) is 72.5.
     value = values.get(keyword, (str, int, float) if kind is int else (str, float))
@@ -115,7 +118,9 @@ def _number(values: _Values, keyword: str, kind: type[int] | type[float]) -> int
         return None
     if kind is int:
         return number if -(2**31) <= number < 2**31 else None
-    return number if number == number and abs(number) < 1e300 else None
+    # Finite and within a 32-bit float: the index maps these as `float` and refuses the whole document
+    # for a value it cannot hold (a weight of 1e39 is infinite there).
+    return number if number == number and abs(number) <= _FLOAT32_MAX else None
 
 
 def _int(values: _Values, keyword: str) -> int | None:

@@ -34,6 +34,10 @@ __all__ = ["OpenSearchSink", "PreparedBatch", "IndexLayout", "ensure_indices", "
 log = structlog.get_logger("diana.sink.opensearch")
 
 INDEXED = Counter("diana_opensearch_indexed_total", "Documents written to OpenSearch", ["index"])
+INDEXED_WITHOUT_HEADER = Counter(
+    "diana_opensearch_indexed_without_header_total",
+    "Instance documents OpenSearch refused, indexed again by their identifiers (dead-lettered too)",
+)
 
 # Package data (importlib.resources): found the same in a checkout and in an installed wheel.
 _TEMPLATES = resources.files("diana.sinks") / "templates"
@@ -149,6 +153,31 @@ def rejection_reason(error: dict[str, Any]) -> str:
     if len(reason) > _REASON_CHARS:
         reason = reason[:_REASON_CHARS] + "…"
     return f"{error.get('type') or 'error'}: {reason}" if reason else str(error.get("type") or "error")
+
+
+# An instance document OpenSearch refuses is indexed again by what cannot be refused: the event's strings
+# (keyword and text fields take any) and the receiver's own numbers, without the header and without the
+# numbers and dates read from it (a type or range the mapping does not take). Without it the archived
+# instance was invisible to queries, and the metadata sink waited `metadata_index_wait_s` for it, every
+# other series behind it. Derived from the template, so a typed field added there is covered.
+_TYPED = {"integer", "long", "float", "double", "date", "short", "byte"}
+_RECEIVER_MADE = {"received_at", "size_bytes"}
+_HEADER_TYPED = frozenset(
+    name
+    for name, mapping in json.loads((_TEMPLATES / "instances.json").read_text())["mappings"]["properties"].items()
+    if mapping.get("type") in _TYPED and name not in _RECEIVER_MADE
+)
+
+
+def identifiers_only(record: dict[str, Any], reason: str) -> dict[str, Any]:
+    """An instance's record as indexed after OpenSearch refused it: no header, none of the header's numbers
+    and dates; ``header_omitted`` says why (the refusal, its values withheld)."""
+    kept = {k: v for k, v in record.items() if k not in _HEADER_TYPED and k != "header_json"}
+    kept["header_omitted"] = [
+        *(record.get("header_omitted") or []),
+        {"path": "", "reason": f"refused by the index: {reason}"},
+    ]
+    return kept
 
 
 # What a bulk response is cut down to (``filter_path``): one entry per item, in order, as sent.
@@ -327,10 +356,19 @@ class OpenSearchSink:
             result = self.client.bulk(body=request.body, filter_path=_BULK_ANSWER, params=self._bulk_params)
         except (OSConnectionError, TransportError) as exc:
             raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
-        pending = request.items
+        refused = self._outcomes(request.items, result, dead)
+        if refused:
+            self._index_identifiers_only(refused, dead)
+
+    def _outcomes(
+        self, items: list[tuple[Message, dict, bytes]], result: dict[str, Any], dead: DeadLetters
+    ) -> list[tuple[Message, dict, str]]:
+        """Count what was written, park what was refused but instances; return the refused instances
+        (message, action metadata, reason) and raise RetryableError if any document was not accepted for now."""
+        refused: list[tuple[Message, dict, str]] = []
         retry = []
         indexed: dict[str, int] = {}  # topic -> documents written (one metric update per topic)
-        for (msg, meta, _), item in zip(pending, result["items"], strict=True):
+        for (msg, meta, _), item in zip(items, result["items"], strict=True):
             outcome = next(iter(item.values()))
             status = outcome.get("status", 500)
             if 200 <= status < 300:
@@ -343,6 +381,8 @@ class OpenSearchSink:
                 log.error(
                     "deadletter.not_indexed", origin=meta["_id"], error=rejection_reason(outcome.get("error", {}))
                 )
+            elif self.layout.kinds[msg.topic()] == "instances":
+                refused.append((msg, meta, rejection_reason(outcome.get("error", {}))))
             else:
                 dead.send(msg, f"opensearch rejected {meta['_id']}: {rejection_reason(outcome.get('error', {}))}")
         for topic, count in indexed.items():
@@ -350,3 +390,24 @@ class OpenSearchSink:
         if retry:
             # Successful items are rewritten with the same id next time: idempotent.
             raise RetryableError(f"{len(retry)} documents not accepted ({retry[0]})")
+        return refused
+
+    def _index_identifiers_only(self, refused: list[tuple[Message, dict, str]], dead: DeadLetters) -> None:
+        """Index refused instances by their identifiers (``identifiers_only``); each is also dead-lettered
+        with OpenSearch's reason, for the operator to see and replay once the cause is fixed."""
+        items = []
+        for msg, meta, reason in refused:
+            _, record = self.codec.decode(msg.value())  # decoded before: it cannot fail now
+            items.append((msg, meta, _document(identifiers_only(record, reason))))
+        try:
+            result = self.client.bulk(body=_request(items).body, filter_path=_BULK_ANSWER, params=self._bulk_params)
+        except (OSConnectionError, TransportError) as exc:
+            raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
+        again = {id(msg) for msg, _, _ in self._outcomes(items, result, dead)}
+        for msg, meta, reason in refused:
+            if id(msg) in again:
+                dead.send(msg, f"opensearch rejected {meta['_id']}: {reason}")
+            else:
+                INDEXED_WITHOUT_HEADER.inc()
+                log.warning("opensearch.indexed_without_header", sop_instance_uid=meta["_id"], reason=reason)
+                dead.send(msg, f"opensearch rejected {meta['_id']} (indexed without its header): {reason}")

@@ -52,8 +52,12 @@ def test_a_message_that_makes_a_handler_raise_is_dead_lettered_and_the_next_one_
     producer = Producer({"bootstrap.servers": cfg.kafka.bootstrap})
     # The aggregates worker: a tick whose time no clock can hold (int(inf) raises OverflowError).
     producer.produce(TICKS.name, value=b'{"t": 1e999, "end": 0}', partition=0)
-    # The sinks: a well-formed event whose header is not JSON.
-    _publish(producer, _event(header_json="{not json"))
+    # The sinks: a well-formed event whose header is not JSON, and one with a weight no 32-bit float holds
+    # (another producer's: the receiver leaves such a value out).
+    not_json = _event(header_json="{not json")
+    too_heavy = _event(patient_weight_kg=1e39, study_date="2024-06-05", header_json='{"00100010":{"vr":"PN"}}')
+    _publish(producer, not_json)
+    _publish(producer, too_heavy)
     assert producer.flush(30) == 0
 
     # The next message: a real instance from storescu.
@@ -72,10 +76,22 @@ def test_a_message_that_makes_a_handler_raise_is_dead_lettered_and_the_next_one_
     from_aggregates = [x for x in letters if x[0] == cfg.stream.app_id]
     assert len(from_aggregates) == 1
     assert from_aggregates[0][1].startswith(f"{TICKS.name}/0/") and "OverflowError" in from_aggregates[0][2]
-    from_index = [x for x in letters if x[0] == "opensearch"]
-    assert len(from_index) == 1
-    # The header goes into the document as written (not parsed by the sink): OpenSearch refuses that document alone.
-    assert from_index[0][1].startswith(f"{INSTANCES.name}/") and "mapper_parsing_exception" in from_index[0][2]
+    from_index = {x[2].split()[2]: x for x in letters if x[0] == "opensearch"}  # "opensearch rejected <uid> ..."
+    assert sorted(from_index) == sorted([not_json["sop_instance_uid"], too_heavy["sop_instance_uid"]])
+    # The header goes into the document as written (not parsed by the sink): OpenSearch refuses that
+    # document alone; so it does the weight (its reason names the field, not the value).
+    for _, origin, reason in from_index.values():
+        assert origin.startswith(f"{INSTANCES.name}/") and "mapper_parsing_exception" in reason
+        assert "(indexed without its header)" in reason
+    weight_reason = from_index[too_heavy["sop_instance_uid"]][2]
+    assert "patient_weight_kg" in weight_reason and "E39" not in weight_reason.upper()
+    # Each is indexed again by what the index cannot refuse: found by its UIDs, not invisible (the metadata
+    # sink waited metadata_index_wait_s for such an instance, every other series behind it).
+    for event in (not_json, too_heavy):
+        [doc] = os_search(cfg, "diana-instances", {"term": {"sop_instance_uid": event["sop_instance_uid"]}})
+        assert doc["series_instance_uid"] == event["series_instance_uid"] and "dicom" not in doc
+        assert "study_date" not in doc and "patient_weight_kg" not in doc
+        assert doc["header_omitted"][-1]["reason"].startswith("refused by the index: mapper_parsing_exception")
     assert any(x[0] == "archive" and "is missing" in x[2] for x in letters)  # never landed: nothing to archive
 
     # Every worker went on: the next instance is indexed, archived and aggregated.

@@ -78,3 +78,14 @@ def test_missing_and_invalid_uids_are_rejected():
 def test_non_dicom_bytes_are_a_header_error():
     with pytest.raises(HeaderError):
         read_header(b"\x00" * 128 + b"DICM" + b"garbage" * 10)
+
+
+def test_a_size_or_weight_no_32_bit_float_holds_is_absent():
+    """The index maps them as float: 1e39 kg (a valid DS) made OpenSearch refuse the whole document."""
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="P9", study_date="20240315")
+    ds.PatientWeight, ds.PatientSize = "1e39", "-3.5e38"
+    f = read_header(_bytes(ds)).fields
+    assert f["patient_weight_kg"] is None and f["patient_size_m"] is None
+    ds.PatientWeight, ds.PatientSize = "3.4e38", "1.75"
+    f = read_header(_bytes(ds)).fields
+    assert (f["patient_weight_kg"], f["patient_size_m"]) == (3.4e38, 1.75)

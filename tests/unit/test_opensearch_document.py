@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from diana.sinks.opensearch import _document, rejection_reason
+from diana.sinks.opensearch import _document, identifiers_only, rejection_reason
 
 # Spacing json.dumps would never write: it survives only if the header is not parsed and re-serialised.
 HEADER = '{"00080060":{"vr":"CS","Value":["CT"]},   "00100010":{"vr":"PN"}}'
@@ -120,3 +120,36 @@ def test_quoted_text_of_an_unknown_reason_is_withheld_and_a_long_reason_cut() ->
     assert "DOE" not in reason and "'…'" in reason and len(reason) < 330
     assert rejection_reason({"type": "x_exception"}) == "x_exception"
     assert rejection_reason({}) == "error"
+
+
+def test_a_refused_instance_is_indexed_again_by_what_the_index_cannot_refuse() -> None:
+    """Its strings and the receiver's own numbers stay (found by UID, patient, accession); the header and
+    the numbers and dates read from it go, and header_omitted says why."""
+    record = {
+        "sop_instance_uid": "1.2.3",
+        "patient_id": "P1",
+        "accession_number": "A1",
+        "study_date": "2024-03-15",
+        "patient_birth_date": "1970-01-01",
+        "series_date": None,
+        "instance_number": 5,
+        "series_number": 2,
+        "patient_weight_kg": 1e39,
+        "number_of_frames": 3,
+        "received_at": datetime(2026, 11, 28, 12, 0, tzinfo=UTC),
+        "size_bytes": 524288,
+        "header_json": HEADER,
+        "header_omitted": [{"path": "7FE00010", "reason": "too large"}],
+    }
+    kept = json.loads(_document(identifiers_only(record, "mapper_parsing_exception: failed to parse field")))
+    assert kept == {
+        "sop_instance_uid": "1.2.3",
+        "patient_id": "P1",
+        "accession_number": "A1",
+        "received_at": "2026-11-28T12:00:00+00:00",
+        "size_bytes": 524288,
+        "header_omitted": [
+            {"path": "7FE00010", "reason": "too large"},
+            {"path": "", "reason": "refused by the index: mapper_parsing_exception: failed to parse field"},
+        ],
+    }
