@@ -9,8 +9,8 @@ after the writes, so a crash re-prepares the batch; a file already describing th
 is left as it is (idempotent).
 
 The index may lag behind the revision (the OpenSearch sink is another consumer): while it holds fewer
-instance documents than the revision counts, the batch is tried again (``RetryableError``), for at
-most ``index_wait_s`` per revision; after that the file is written from what the index holds. Either
+instance documents than the revision counts, the batch is tried again (``IndexBehind``), for at
+most ``index_wait_s`` per revision, its other series prepared meanwhile; after that the file is written from what the index holds. Either
 way WADO-RS serves a file only while the index still holds the state the file was prepared from.
 """
 
@@ -53,6 +53,10 @@ PREPARE_ON = ("COMPLETED", "AMENDED")
 PAGE = 1000
 
 
+class IndexBehind(RetryableError):
+    """The index holds fewer of a series' instances than its revision counts (or changed while read)."""
+
+
 def series_state(client: OpenSearch, index: str, study_instance_uid: str) -> dict[str, tuple[int, float | None]]:
     return index_state(client.search(index=index, body=index_state_request(study_instance_uid)))
 
@@ -90,26 +94,33 @@ class MetadataSink:
             known = latest.get(event["series_instance_uid"])
             if known is None or known[1]["revision"] < event["revision"]:
                 latest[event["series_instance_uid"]] = (msg, event)
+        behind: IndexBehind | None = None
         for msg, event in latest.values():
             try:
                 self.prepare(event)
+            except IndexBehind as exc:
+                # Tried again with the batch; the batch's other series are prepared meanwhile, not
+                # held behind it (up to index_wait_s each time).
+                behind = behind or exc
             except ValueError as exc:
                 dead.send(msg, f"metadata: {exc}")
             except (OSConnectionError, TransportError) as exc:
                 raise RetryableError(f"the index does not answer: {exc}") from exc
             except OSError as exc:
                 raise RetryableError(f"metadata write failed: {exc.strerror or exc}") from exc
+        if behind is not None:
+            raise behind
 
     def prepare(self, event: dict[str, Any]) -> str:
         """Write the series' metadata file for this revision; 'written', 'unchanged'. Raises
-        RetryableError while the index is behind the revision (for at most ``index_wait_s``)."""
+        IndexBehind while the index is behind the revision (for at most ``index_wait_s``)."""
         study, series, revision = event["study_instance_uid"], event["series_instance_uid"], event["revision"]
         target = series_metadata_path(study, series)
         count, last = series_state(self.client, self.index, study).get(series, (0, None))
         if count < event["instance_count"]:
             first = self._behind_since.setdefault((series, revision), time.monotonic())
             if time.monotonic() - first < self.index_wait_s:
-                raise RetryableError(f"the index holds {count} of the series' {event['instance_count']} instances")
+                raise IndexBehind(f"the index holds {count} of the series' {event['instance_count']} instances")
             log.warning(
                 "metadata.index_behind", series_instance_uid=series, indexed=count, expected=event["instance_count"]
             )
@@ -119,7 +130,7 @@ class MetadataSink:
             return "unchanged"
         entries, state = self._entries(study, series)
         if state != (count, last):
-            raise RetryableError("instances were indexed while the metadata was read; read again")
+            raise IndexBehind("instances were indexed while the metadata was read; read again")
         header = PreparedHeader(study, series, revision, count, last)
         body = header.encode() + b"".join(entries)
         self.archive.put_stream(target, io.BytesIO(body), sha256=hashlib.sha256(body).hexdigest())
