@@ -39,7 +39,7 @@ from diana.schemas.codec import default_codec
 from diana.schemas.layout import archive_path
 from diana.schemas.topics import DOSE_ALERTS, INSTANCES, STUDIES
 from diana.schemas.uid import is_valid_uid
-from diana.sinks.consumer import DeadLetters, RetryableError, commit_written, failure_reason
+from diana.sinks.consumer import DeadLetters, RetryableError, commit_written_or_log, failure_reason, log_failed_commits
 from diana.storage import ObjectStore, StorageError, StorageRefused, local_file
 
 __all__ = ["IndexUnavailable", "RouteWorker", "WorkerSettings", "study_files", "TRIGGER_TOPICS"]
@@ -295,11 +295,6 @@ class RouteWorker:
                 self._update_lag(self._consumer)  # the lag grows while the destination is down: show it
 
     # --- the loop -----------------------------------------------------------------------------------
-    def _committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        """An asynchronous commit's outcome, served inside consume() on the worker's thread."""
-        if err is not None:  # e.g. the coordinator moving during a broker restart: the batch may come again
-            log.warning("route.commit_failed", destination=self.name, error=err.str())
-
     def _update_lag(self, consumer: Any) -> None:
         try:
             assigned = consumer.assignment()
@@ -343,7 +338,7 @@ class RouteWorker:
                 "partition.assignment.strategy": "cooperative-sticky",
                 # A destination may be down for hours: the worker stays in its group meanwhile.
                 "max.poll.interval.ms": 24 * 3600 * 1000,
-                "on_commit": self._committed,
+                "on_commit": log_failed_commits(log, "route.commit_failed", destination=self.name),
             },
         )
         self._consumer = consumer
@@ -370,14 +365,11 @@ class RouteWorker:
                 if not self.deliver(batch, dead):
                     log.info("route.stopping_uncommitted", destination=self.name, messages=len(batch))
                     return
-                try:
-                    # As the sinks commit: asynchronously, at the positions taken now. A synchronous commit
-                    # can wait for ever inside librdkafka after a broker restart (confluent-kafka-python
-                    # issue 1801), and this worker has no other way out of it; a commit lost so lets a batch
-                    # come again, which a destination takes as the same SOP Instance UIDs.
-                    commit_written(consumer)
-                except KafkaException as exc:
-                    log.warning("route.commit_failed", destination=self.name, error=str(exc))
+                # As the sinks commit: asynchronously, at the positions taken now. A synchronous commit
+                # can wait for ever inside librdkafka after a broker restart (confluent-kafka-python
+                # issue 1801), and this worker has no other way out of it; a commit lost so lets a batch
+                # come again, which a destination takes as the same SOP Instance UIDs.
+                commit_written_or_log(consumer, log, "route.commit_failed", destination=self.name)
         finally:
             consumer.close()
             self.sender.close()
