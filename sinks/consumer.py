@@ -33,6 +33,8 @@ __all__ = [
     "write_until_done",
     "failure_reason",
     "commit_written",
+    "commit_written_or_log",
+    "log_failed_commits",
 ]
 
 log = structlog.get_logger("diana.sink")
@@ -352,6 +354,29 @@ def commit_written(consumer: Any) -> None:
     positions = [tp for tp in consumer.position(consumer.assignment()) if tp.offset >= 0]
     if positions:
         consumer.commit(offsets=positions, asynchronous=True)
+
+
+def log_failed_commits(
+    logger: Any, event: str, **fields: Any
+) -> Callable[[KafkaError | None, list[TopicPartition]], None]:
+    """An ``on_commit`` callback (served inside ``consume``/``poll``, on the caller's thread) that logs an
+    asynchronous commit that failed, e.g. the coordinator moving during a broker restart: what it
+    covered may come again (at least once)."""
+
+    def committed(err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if err is not None:
+            logger.warning(event, error=err.str(), **fields)
+
+    return committed
+
+
+def commit_written_or_log(consumer: Any, logger: Any, event: str, **fields: Any) -> None:
+    """``commit_written``; a commit the client refuses at once (e.g. a rebalance took the partitions) is
+    logged, not raised: what it covered comes again (at least once)."""
+    try:
+        commit_written(consumer)
+    except KafkaException as exc:
+        logger.warning(event, error=str(exc), **fields)
 
 
 # How long an idle sink waits for a first message before it looks at ``stop`` (and owed commits) again.

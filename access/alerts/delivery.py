@@ -4,7 +4,9 @@ The ledger of what was delivered is ``dose.alert-actions`` itself: at start the 
 from the beginning; for every alert on ``dose.alerts`` (from the worker's consumer group offset) it
 sends to each (recipient, channel) not in the ledger, then writes DELIVERED (or DELIVERY_FAILED
 after the configured attempts) and waits for the broker's acknowledgment before committing the
-alert's offset. So a redelivered alert (the dose worker re-publishing after a restart, a replay,
+alert's offset (asynchronously, as the sinks and `diana route` do: a synchronous commit can wait for
+ever inside librdkafka after a broker restart, confluent-kafka-python issue 1801; a commit lost so
+brings the alert again, and the ledger does not send it twice). So a redelivered alert (the dose worker re-publishing after a restart, a replay,
 this worker restarted after kill -9 anywhere but inside one send) is not sent again. The one gap —
 killed after the receiver accepted and before the ledger write — resends with the same Message-ID
 / Idempotency-Key, so the receiver can tell.
@@ -17,9 +19,10 @@ from __future__ import annotations
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
-from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka import KafkaError, Message, TopicPartition
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import ConflictError, NotFoundError
 from prometheus_client import Counter, start_http_server
@@ -40,8 +43,9 @@ from diana.credentials import secret_value
 from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.layout import IndexLayout
 from diana.schemas.topics import ALERT_ACTIONS, DOSE_ALERTS
+from diana.sinks.consumer import commit_written_or_log, log_failed_commits
 
-__all__ = ["AlertStates", "Ledger", "read_ledger", "run_delivery", "DeliveryWorker"]
+__all__ = ["AlertStates", "Ledger", "read_ledger", "run_delivery", "DeliveryWorker", "handle_then_commit"]
 
 log = structlog.get_logger("diana.alerts.delivery")
 SENT = Counter("diana_alert_deliveries_total", "Alert deliveries by channel and outcome", ["channel", "outcome"])
@@ -225,6 +229,22 @@ class DeliveryWorker:
             self._deliver(alert, recipient.name, failed["channel"], address)
 
 
+def handle_then_commit(worker: DeliveryWorker, consumer: Any, msg: Message) -> None:
+    """One message of dose.alerts (delivered) or dose.alert-actions (folded into the ledger and state),
+    then committed asynchronously at the consumer's positions, once it is done: at least once."""
+    try:
+        schema = DOSE_ALERTS.value_schema if msg.topic() == DOSE_ALERTS.name else ALERT_ACTIONS.value_schema
+        _, record = worker.codec.decode(msg.value(), expect=schema)
+    except DecodeError as exc:
+        log.warning("alert.delivery.undecodable", topic=msg.topic(), offset=msg.offset(), reason=str(exc))
+    else:
+        if msg.topic() == DOSE_ALERTS.name:
+            worker.handle_alert(record)
+        else:
+            worker.handle_action(record)
+    commit_written_or_log(consumer, log, "alert.delivery.commit_failed")
+
+
 def run_delivery(cfg: Config, routing: Routing, stop_after: float | None = None) -> None:
     """Deliver until SIGTERM/SIGINT (or ``stop_after`` seconds, for tests)."""
     codec = default_codec()
@@ -242,7 +262,12 @@ def run_delivery(cfg: Config, routing: Routing, stop_after: float | None = None)
     consumer = kafka_consumer(
         cfg.kafka,
         cfg.alerts.consumer_group,
-        {"enable.auto.commit": False, "auto.offset.reset": "earliest", "isolation.level": "read_committed"},
+        {
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "on_commit": log_failed_commits(log, "alert.delivery.commit_failed"),
+        },
     )
     consumer.subscribe([DOSE_ALERTS.name, ALERT_ACTIONS.name])
     running = [True]
@@ -261,18 +286,7 @@ def run_delivery(cfg: Config, routing: Routing, stop_after: float | None = None)
                 if error.code() != KafkaError._PARTITION_EOF:
                     log.warning("alert.delivery.kafka", error=str(error))
                 continue
-            try:
-                schema = DOSE_ALERTS.value_schema if msg.topic() == DOSE_ALERTS.name else ALERT_ACTIONS.value_schema
-                _, record = codec.decode(msg.value(), expect=schema)
-            except DecodeError as exc:
-                log.warning("alert.delivery.undecodable", topic=msg.topic(), offset=msg.offset(), reason=str(exc))
-                consumer.commit(message=msg, asynchronous=False)
-                continue
-            if msg.topic() == DOSE_ALERTS.name:
-                worker.handle_alert(record)
-            else:
-                worker.handle_action(record)
-            consumer.commit(message=msg, asynchronous=False)
+            handle_then_commit(worker, consumer, msg)
     except KeyboardInterrupt:
         pass
     finally:

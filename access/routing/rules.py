@@ -19,7 +19,8 @@
           sop_class: [1.2.840.10008.5.1.4.1.1.2]
           body_part: [CHEST]
           study_description: "(?i)thorax|chest"     # a regular expression, searched
-        whole_study: false           # true: the whole study once it is complete (dicom.studies says when)
+        whole_study: false           # true: the whole study once it is complete (dicom.studies says when),
+                                     # then its late instances once it is complete again (AMENDED)
         destinations: [workstation]
       - name: alerted-to-qa
         match: {dose_alert: true}    # studies that raised a dose alert (dose.alerts), whole

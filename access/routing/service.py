@@ -98,6 +98,7 @@ def build_workers(cfg: Config, rules: RoutingRules, stop: threading.Event) -> li
             r.max_backoff_s,
             r.archive_wait_s,
             start_from_earliest=r.new_destination_start == "earliest",
+            sent_dir=cfg.path(r.state_dir) / name,
         )
         study_state = indexed_study(cfg) if any(r.trigger == "alert" for r in dest_rules) else None
         workers.append(RouteWorker(cfg.kafka, destination, dest_rules, sender, settings, stop, study_state))

@@ -10,14 +10,19 @@ may be sent again, which a DICOM peer takes as the same SOP Instance UID).
 
 An instance is sent from the ARCHIVE, which the archive sink writes after the event: one not archived
 yet is waited for (up to ``[routing] archive_wait_s``, then dead-lettered as missing).
+
+A study routed whole is sent at each of its complete records (COMPLETED, or AMENDED with every series
+complete again after late instances), each time only the instances the destination's record (sent.py)
+does not list: an amended study sends its late instances, not the whole study again.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -27,13 +32,14 @@ from prometheus_client import Counter, Gauge
 
 from diana.access.routing.rules import Destination, Rule
 from diana.access.routing.senders import Delivery, Outcome, Result, Sender
+from diana.access.routing.sent import StudiesSent
 from diana.clients import kafka_consumer
 from diana.config import KafkaConfig
 from diana.schemas.codec import default_codec
 from diana.schemas.layout import archive_path
 from diana.schemas.topics import DOSE_ALERTS, INSTANCES, STUDIES
 from diana.schemas.uid import is_valid_uid
-from diana.sinks.consumer import DeadLetters, RetryableError, commit_written, failure_reason
+from diana.sinks.consumer import DeadLetters, RetryableError, commit_written_or_log, failure_reason, log_failed_commits
 from diana.storage import ObjectStore, StorageError, StorageRefused, local_file
 
 __all__ = ["IndexUnavailable", "RouteWorker", "WorkerSettings", "study_files", "TRIGGER_TOPICS"]
@@ -64,6 +70,9 @@ class WorkerSettings:
     archive_wait_s: float = 600.0
     batch_size: int = 100
     start_from_earliest: bool = False
+    # The folder of the destination's record of what it was sent of each study routed whole
+    # (sent.py); None: kept in memory only, lost at a restart.
+    sent_dir: Path | None = None
 
 
 @dataclass
@@ -135,6 +144,7 @@ class RouteWorker:
         self.sender, self.settings, self.stop = sender, settings, stop
         self.codec = default_codec()
         self.name = destination.name
+        self.studies_sent = StudiesSent(self.name, settings.sent_dir)
         self.topics = sorted({TRIGGER_TOPICS[r.trigger].name for r in rules})  # as service.destination_topics
         for metric in (SENT, REFUSED, ROUTE_DEAD, UNAVAILABLE):
             metric.labels(self.name)
@@ -154,27 +164,39 @@ class RouteWorker:
             )
         if topic == STUDIES.name:
             _, study = self.codec.decode(msg.value(), expect=STUDIES.value_schema)
-            if study["status"] != "COMPLETED":
+            # An AMENDED record with a series still open (late instances not quiet yet) waits for the
+            # next; one complete again sends what the destination was not sent (the late instances).
+            if not _complete(study):
                 return [], ""
-            rules = [r for r in self.rules if r.trigger == "study"]
-            files = study_files(self.settings.archive, study["study_instance_uid"], study["series_instance_uids"])
-            if len(files) < study["instance_count"]:
-                return None, f"study {study['study_instance_uid']}: {len(files)} of {study['instance_count']} archived"
-            return [f for f in files if any(r.matches(_header(self.settings.archive, f.key)) for r in rules)], ""
+            uid = study["study_instance_uid"]
+            sent = self.studies_sent.sent(uid)
+            items, waiting = self._matching_archived(study, "study", sent)
+            if items:
+                self.studies_sent.claim(uid, (i.sop_instance_uid for i in items))
+            return items, waiting
         if topic == DOSE_ALERTS.name:
             _, alert = self.codec.decode(msg.value(), expect=DOSE_ALERTS.value_schema)
-            rules = [r for r in self.rules if r.trigger == "alert"]
             uid = alert["study_instance_uid"]
             # An alert may come before the study's last images: wait until the study is complete
             # (its aggregate, as indexed) and all its instances are archived.
             study = self.study_state(uid) if self.study_state else None
             if study is None or not _complete(study):
                 return None, f"study {uid} of alert {alert['alert_id']} not complete yet"
-            files = study_files(self.settings.archive, uid, study.get("series_instance_uids"))
-            if len(files) < int(study.get("instance_count") or 0):
-                return None, f"study {uid}: {len(files)} of {study['instance_count']} archived"
-            return [f for f in files if any(r.matches(_header(self.settings.archive, f.key)) for r in rules)], ""
+            return self._matching_archived({**study, "study_instance_uid": uid}, "alert")
         return [], ""
+
+    def _matching_archived(
+        self, study: dict[str, Any], trigger: str, sent: Collection[str] = ()
+    ) -> tuple[list[Delivery] | None, str]:
+        """The study's archived instances not in ``sent`` that a rule of ``trigger`` matches; (None, why)
+        until every instance the aggregate counts is archived."""
+        uid, count = study["study_instance_uid"], int(study.get("instance_count") or 0)
+        files = study_files(self.settings.archive, uid, study.get("series_instance_uids"))
+        if len(files) < count:
+            return None, f"study {uid}: {len(files)} of {count} archived"
+        rules = [r for r in self.rules if r.trigger == trigger]
+        unsent = [f for f in files if f.sop_instance_uid not in sent]
+        return [f for f in unsent if any(r.matches(_header(self.settings.archive, f.key)) for r in rules)], ""
 
     def _plan_pending(self, pending: list[_Pending], dead: DeadLetters) -> None:
         for p in pending:
@@ -213,6 +235,8 @@ class RouteWorker:
     def deliver(self, messages: list[Message], dead: DeadLetters) -> bool:
         """Deliver (or dead-letter) everything the messages ask for; False if stopped first."""
         pending = [_Pending(m) for m in messages]
+        # Claims of a batch that was not delivered (stopped, or failed in the middle) were sent not for sure.
+        self.studies_sent.forget_claimed()
         attempts = self.destination.max_attempts or self.settings.max_attempts
         backoff = 0.5
         while True:
@@ -258,6 +282,7 @@ class RouteWorker:
             if all(p.items == [] for p in pending):
                 try:
                     dead.flush()
+                    self.studies_sent.write_claimed()  # before the commit: a replay sends none of it again
                     return True
                 except RetryableError as exc:
                     log.warning("route.deadletter_retry", destination=self.name, reason=str(exc))
@@ -270,11 +295,6 @@ class RouteWorker:
                 self._update_lag(self._consumer)  # the lag grows while the destination is down: show it
 
     # --- the loop -----------------------------------------------------------------------------------
-    def _committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        """An asynchronous commit's outcome, served inside consume() on the worker's thread."""
-        if err is not None:  # e.g. the coordinator moving during a broker restart: the batch may come again
-            log.warning("route.commit_failed", destination=self.name, error=err.str())
-
     def _update_lag(self, consumer: Any) -> None:
         try:
             assigned = consumer.assignment()
@@ -318,7 +338,7 @@ class RouteWorker:
                 "partition.assignment.strategy": "cooperative-sticky",
                 # A destination may be down for hours: the worker stays in its group meanwhile.
                 "max.poll.interval.ms": 24 * 3600 * 1000,
-                "on_commit": self._committed,
+                "on_commit": log_failed_commits(log, "route.commit_failed", destination=self.name),
             },
         )
         self._consumer = consumer
@@ -345,14 +365,11 @@ class RouteWorker:
                 if not self.deliver(batch, dead):
                     log.info("route.stopping_uncommitted", destination=self.name, messages=len(batch))
                     return
-                try:
-                    # As the sinks commit: asynchronously, at the positions taken now. A synchronous commit
-                    # can wait for ever inside librdkafka after a broker restart (confluent-kafka-python
-                    # issue 1801), and this worker has no other way out of it; a commit lost so lets a batch
-                    # come again, which a destination takes as the same SOP Instance UIDs.
-                    commit_written(consumer)
-                except KafkaException as exc:
-                    log.warning("route.commit_failed", destination=self.name, error=str(exc))
+                # As the sinks commit: asynchronously, at the positions taken now. A synchronous commit
+                # can wait for ever inside librdkafka after a broker restart (confluent-kafka-python
+                # issue 1801), and this worker has no other way out of it; a commit lost so lets a batch
+                # come again, which a destination takes as the same SOP Instance UIDs.
+                commit_written_or_log(consumer, log, "route.commit_failed", destination=self.name)
         finally:
             consumer.close()
             self.sender.close()

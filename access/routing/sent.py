@@ -1,0 +1,87 @@
+"""What a destination was sent of each study routed whole, so that an amended study sends only what is new.
+
+A ``whole_study`` rule sends a study once it is complete. Instances that arrive after that make the
+study AMENDED; once it is complete again, the destination gets the study's instances it was not sent
+before (delivered or dead-lettered), not the whole study again. The aggregate cannot say which those
+are: it keeps the first completion's time only, event times may arrive out of order, and a compacted
+``dicom.studies`` may hold an amended study's latest record alone. So each destination keeps its own
+record: one JSON file per study, ``<[routing] state_dir>/<destination>/<StudyInstanceUID>.json``, the
+SOP Instance UIDs sent, written once a batch is delivered and before its offsets are committed (a crash
+in between sends nothing again). A record lost, unreadable or removed makes the study's next complete
+record send every instance again: at least once, never fewer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import structlog
+
+from diana.durable import write_atomic
+from diana.schemas.uid import is_valid_uid
+
+__all__ = ["StudiesSent"]
+
+log = structlog.get_logger("diana.route")
+
+
+class StudiesSent:
+    """One destination's record of the instances sent of each study routed whole.
+
+    ``folder`` None keeps the record in memory only (lost at a restart). Instances planned for a batch
+    are claimed first, so that a second record of the same study in the batch does not plan them again,
+    and written only once the batch is delivered (``write_claimed``) or forgotten if it is not.
+    """
+
+    def __init__(self, destination: str, folder: Path | None) -> None:
+        self.destination, self.folder = destination, folder
+        self._in_memory: dict[str, set[str]] = {}
+        self._claimed: dict[str, set[str]] = {}
+
+    def sent(self, study_uid: str) -> set[str]:
+        """The SOP Instance UIDs of the study sent before, or claimed by the batch being delivered."""
+        return self._recorded(study_uid) | self._claimed.get(study_uid, set())
+
+    def claim(self, study_uid: str, sop_instance_uids: Iterable[str]) -> None:
+        self._claimed.setdefault(study_uid, set()).update(sop_instance_uids)
+
+    def write_claimed(self) -> None:
+        """Record what the delivered batch claimed. A record that cannot be written is logged, not
+        retried: its study's next completion sends those instances again (at least once)."""
+        for study_uid, claimed in self._claimed.items():
+            if not claimed:
+                continue
+            sent = self._recorded(study_uid) | claimed
+            if self.folder is None:
+                self._in_memory[study_uid] = sent
+                continue
+            try:
+                write_atomic(self._path(study_uid), json.dumps({"sop_instance_uids": sorted(sent)}).encode())
+            except OSError as exc:
+                log.warning("route.sent_record_not_written", destination=self.destination, error=type(exc).__name__)
+        self._claimed.clear()
+
+    def forget_claimed(self) -> None:
+        """Before a batch: what an earlier one claimed and did not deliver was not sent for sure."""
+        self._claimed.clear()
+
+    def _path(self, study_uid: str) -> Path:
+        assert self.folder is not None
+        return self.folder / f"{study_uid}.json"
+
+    def _recorded(self, study_uid: str) -> set[str]:
+        if self.folder is None:
+            return set(self._in_memory.get(study_uid, ()))
+        if not is_valid_uid(study_uid):  # never a path of ours; such a study has no archived files either
+            return set()
+        try:
+            sops = json.loads(self._path(study_uid).read_bytes())["sop_instance_uids"]
+            return {s for s in sops if isinstance(s, str)}
+        except FileNotFoundError:
+            return set()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Unreadable or not ours: the study is sent whole again rather than not at all.
+            log.warning("route.sent_record_unreadable", destination=self.destination, error=type(exc).__name__)
+            return set()
