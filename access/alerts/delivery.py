@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from confluent_kafka import KafkaError, Message, TopicPartition
 from opensearchpy import OpenSearch
-from opensearchpy.exceptions import ConflictError, NotFoundError
+from opensearchpy.exceptions import ConflictError, NotFoundError, TransportError
+from opensearchpy.exceptions import ConnectionError as OSConnectionError
 from prometheus_client import Counter, start_http_server
 
 from diana.access.alerts.channels import SmtpServer, send_email, send_webhook, with_retries
@@ -49,6 +51,15 @@ __all__ = ["AlertStates", "Ledger", "read_ledger", "run_delivery", "DeliveryWork
 
 log = structlog.get_logger("diana.alerts.delivery")
 SENT = Counter("diana_alert_deliveries_total", "Alert deliveries by channel and outcome", ["channel", "outcome"])
+
+
+class Unavailable(RuntimeError):
+    """The broker or the alert state index did not take a write for now: the step is tried again."""
+
+
+# What stops a step for now, not for good: the step (an alert, an action, a retry round) is tried
+# again with backoff instead of ending the worker (a restarted OpenSearch or broker stopped it before).
+_PASSING = (OSConnectionError, TransportError, Unavailable)
 
 
 class AlertStates:
@@ -84,7 +95,7 @@ class AlertStates:
                 return new
             except ConflictError:
                 continue  # written meanwhile: read again
-        raise RuntimeError(f"alert state {alert_id}: too many concurrent updates")
+        raise Unavailable(f"alert state {alert_id}: too many concurrent updates")
 
     def search(self, status: str | None, size: int = 100) -> list[dict]:
         if not self.client.indices.exists(index=self.index):
@@ -180,7 +191,7 @@ class DeliveryWorker:
         value = self.codec.encode(ALERT_ACTIONS.value_schema, action)
         self.producer.produce(ALERT_ACTIONS.name, key=action["alert_id"].encode(), value=value)
         if self.producer.flush(30) != 0:
-            raise RuntimeError(f"{ALERT_ACTIONS.name}: the broker did not acknowledge the action in 30 s")
+            raise Unavailable(f"{ALERT_ACTIONS.name}: the broker did not acknowledge the action in 30 s")
 
     def _send(self, channel: str, address: str, alert: dict, key: str):
         a = self.cfg.alerts
@@ -245,6 +256,31 @@ def handle_then_commit(worker: DeliveryWorker, consumer: Any, msg: Message) -> N
     commit_written_or_log(consumer, log, "alert.delivery.commit_failed")
 
 
+def until_done(
+    step: Callable[[], None],
+    running: Callable[[], bool],
+    what: str,
+    backoff_s: float = 1.0,
+    backoff_max_s: float = 30.0,
+) -> bool:
+    """Run ``step`` until it ends without a passing failure (``_PASSING``), waiting longer each time (up to
+    ``backoff_max_s``); False if ``running()`` turned false first (the step not done: nothing committed).
+    Logged by the failure's type and status only: OpenSearch's errors can quote the alert's document."""
+    backoff = backoff_s
+    while running():
+        try:
+            step()
+            return True
+        except _PASSING as exc:
+            status = getattr(exc, "status_code", None)
+            log.warning("alert.delivery.retry", step=what, error=type(exc).__name__, status=status, retry_in_s=backoff)
+            until = time.monotonic() + backoff
+            while running() and (left := until - time.monotonic()) > 0:
+                time.sleep(min(0.25, left))
+            backoff = min(backoff * 2, backoff_max_s)
+    return False
+
+
 def run_delivery(cfg: Config, routing: Routing, stop_after: float | None = None) -> None:
     """Deliver until SIGTERM/SIGINT (or ``stop_after`` seconds, for tests)."""
     codec = default_codec()
@@ -273,10 +309,14 @@ def run_delivery(cfg: Config, routing: Routing, stop_after: float | None = None)
     running = [True]
     signal.signal(signal.SIGTERM, lambda *_: running.__setitem__(0, False))
     started = last_retry = time.monotonic()
+
+    def still_running() -> bool:
+        return running[0] and (stop_after is None or time.monotonic() - started < stop_after)
+
     try:
-        while running[0] and (stop_after is None or time.monotonic() - started < stop_after):
+        while still_running():
             if worker.ledger.failed and time.monotonic() - last_retry >= cfg.alerts.retry_interval_s:
-                worker.retry_failed()
+                until_done(worker.retry_failed, still_running, "retry_failed")
                 last_retry = time.monotonic()
             msg = consumer.poll(0.5)
             if msg is None:
@@ -286,7 +326,8 @@ def run_delivery(cfg: Config, routing: Routing, stop_after: float | None = None)
                 if error.code() != KafkaError._PARTITION_EOF:
                     log.warning("alert.delivery.kafka", error=str(error))
                 continue
-            handle_then_commit(worker, consumer, msg)
+            if not until_done(lambda m=msg: handle_then_commit(worker, consumer, m), still_running, msg.topic()):
+                break  # stopped while it waited: not committed, handled again at the next start
     except KeyboardInterrupt:
         pass
     finally:

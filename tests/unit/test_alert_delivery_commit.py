@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from opensearchpy.exceptions import ConnectionError as OSConnectionError
 from structlog.testing import capture_logs
 
-from diana.access.alerts.delivery import handle_then_commit
+from diana.access.alerts.delivery import Unavailable, handle_then_commit, until_done
 from diana.schemas.codec import default_codec
 from diana.schemas.topics import DOSE_ALERTS
 from tests.unit.test_routing_waits import _alert
@@ -75,3 +76,41 @@ def test_a_commit_refused_at_once_is_logged_and_the_worker_goes_on():
         handle_then_commit(_Worker(calls), _Consumer(calls, refuse=True), _alert())
     assert calls == [("delivered", "a1")]
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["alert.delivery.commit_failed"]
+
+
+def test_a_step_the_index_or_broker_stops_for_now_is_tried_again_not_the_end_of_the_worker():
+    """OpenSearch down (its ConnectionError), a broker that did not acknowledge the action: the worker
+    waits and handles the same message again (before, the error ended `diana alerts deliver`)."""
+    tries: list[int] = []
+
+    def step() -> None:
+        tries.append(1)
+        if len(tries) == 1:
+            raise OSConnectionError("N/A", "connection refused", None)
+        if len(tries) == 2:
+            raise Unavailable("dose.alert-actions: the broker did not acknowledge the action in 30 s")
+
+    with capture_logs() as logs:
+        assert until_done(step, lambda: True, DOSE_ALERTS.name, backoff_s=0.01)
+    assert len(tries) == 3
+    retries = [e for e in logs if e["event"] == "alert.delivery.retry"]
+    assert [e["error"] for e in retries] == ["ConnectionError", "Unavailable"]
+    assert all("refused" not in str(e) and "acknowledge" not in str(e) for e in retries)  # type only
+
+
+def test_a_stop_while_waiting_leaves_the_step_undone_and_a_bug_is_not_retried():
+    tries: list[int] = []
+
+    def unavailable() -> None:
+        tries.append(1)
+        raise Unavailable("no")
+
+    running = iter([True, True, False])
+    assert not until_done(unavailable, lambda: next(running, False), "retry_failed", backoff_s=0.01)
+    assert len(tries) == 1
+
+    def bug() -> None:
+        raise KeyError("alert_id")
+
+    with pytest.raises(KeyError):
+        until_done(bug, lambda: True, DOSE_ALERTS.name)
