@@ -12,7 +12,8 @@
       - {name: Repeat CT head, window_days: 7, count: 2, standard_name: "CT Head"}   # standard_name optional
 
 A match pattern is searched (re.search) in the event's field, or the study's when the event has
-none; a rule without ``match`` applies to every record.
+none, so it matches part of a value: anchor it (``^(abdomen|pelvis)$``) to match the whole. A rule
+without ``match`` applies to every record.
 """
 
 from __future__ import annotations

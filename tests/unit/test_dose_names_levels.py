@@ -207,3 +207,12 @@ def test_a_study_without_the_metric_does_not_re_raise_a_window_with_less():
     [alert] = cumulative_alerts(rules, [a, a2, b], b)
     assert alert["value"] == 6000.0
     assert cumulative_alerts(rules, [a, a2, b, xray], xray) == []
+
+
+def test_the_example_abdomen_pelvis_rule_matches_whole_target_regions_only():
+    rules = load_rules(REPO / "dose-rules.example.yaml")
+    rule = next(r for r in rules.reference_levels if r.name == "CT abdomen-pelvis DRL")
+    for region in ("Abdomen", "PELVIS", "Abdomen and Pelvis"):
+        assert rule.matches({"kind": "CT", "target_region": region}, {})
+    for region in ("Chest, Abdomen and Pelvis", "Pelvis and lower extremities"):
+        assert not rule.matches({"kind": "CT", "target_region": region}, {})
