@@ -223,7 +223,8 @@ VISUALIZATIONS = (
         "dose-studies",
         "table",
         ("count", None),
-        (("terms", "standard_name", 50), ("terms", "drl_source", 2)),
+        # drl_standard_name: of a study of several standard names, the part over its level, not the study's name.
+        (("terms", "drl_standard_name", 50), ("terms", "drl_source", 2)),
         "over_drl:true",
     ),
     V(

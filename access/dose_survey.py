@@ -4,7 +4,8 @@
   and station), and study descriptions of dose studies without a standard name; what to add to
   the [dose] standard_names file next.
 - ``reference_level_survey``: the studies of the survey window, grouped by standard name, their
-  median against the local and national levels (stream_apps/dose/reference_levels.py, ``survey``).
+  median against the local and national levels (stream_apps/dose/reference_levels.py, ``survey``);
+  a study of several standard names (a head and a body scan) counts each part under its own name.
 """
 
 from __future__ import annotations
@@ -78,15 +79,18 @@ def reference_level_survey(client, prefix: str, levels: ReferenceLevels, today: 
     if not levels.study or not client.indices.exists_alias(name=index):
         return survey(levels, [])
     start = (today or date.today()) - timedelta(days=levels.window_days)
+    names = sorted(levels.study)
+    # A study of several standard names counts under its parts' names (drl_parts), not its own.
+    of_names = [{"terms": {"standard_name": names}}, {"terms": {"drl_parts.standard_name": names}}]
     query = {
         "bool": {
             "filter": [
-                {"terms": {"standard_name": sorted(levels.study)}},
+                {"bool": {"should": of_names, "minimum_should_match": 1}},
                 {"range": {"study_date": {"gte": start.isoformat()}}},
             ]
         }
     }
-    fields = ["standard_name", *sorted({lv.metric for lv in levels.study.values()})]
+    fields = ["standard_name", "drl_parts", *sorted({lv.metric for lv in levels.study.values()})]
     # Every study of the window (a median needs them all; one search stopped at 10,000, silently),
     # two or three small fields each, a page of _PAGE at a time.
     hits = scan(client, index=index, query={"query": query, "_source": fields}, size=_PAGE, preserve_order=False)

@@ -114,6 +114,16 @@ def _split(aggs: dict, outer: str, inner: str, value=lambda b: b["doc_count"]) -
     return series
 
 
+def _over_level(study: dict) -> list[tuple]:
+    """(standard name, metric, value, level, level source) of what a study exceeded: each part over its
+    own level for a study of several standard names (drl_parts), else the study."""
+    parts = study.get("drl_parts")
+    if parts:
+        return [(p["standard_name"], p["metric"], p["value"], p["level"], p["source"]) for p in parts if p["over_drl"]]
+    fields = ("standard_name", "drl_metric", "drl_value", "drl_level", "drl_source")
+    return [tuple(study.get(f) for f in fields)]
+
+
 def _reference_level_sections(
     client: OpenSearch, prefix: str, levels: ReferenceLevels | None, received: dict
 ) -> list[str]:
@@ -152,20 +162,21 @@ def _reference_level_sections(
             ],
         ),
         _table(
-            "Studies over their reference level (latest 50)",
+            "Studies over their reference level (latest 50; a study of several standard names: each part over its own)",
             ["study date", "standard name", "metric", "value", "level", "level source", "max SSDE (mGy)", "accession"],
             [
                 [
                     h["_source"].get("study_date"),
-                    h["_source"].get("standard_name"),
-                    h["_source"].get("drl_metric"),
-                    h["_source"].get("drl_value"),
-                    h["_source"].get("drl_level"),
-                    h["_source"].get("drl_source"),
+                    name,
+                    metric,
+                    value,
+                    level,
+                    source,
                     h["_source"].get("max_ssde_mGy"),
                     h["_source"].get("accession_number"),
                 ]
                 for h in over.get("hits", {}).get("hits", [])
+                for name, metric, value, level, source in _over_level(h["_source"])
             ],
         ),
     ]

@@ -1,7 +1,8 @@
 """OpenSearch sink: bulk-indexes instances, series, studies and dose records with deterministic ids.
 
 Document ids are the SOP / Series / Study Instance UIDs, so a re-delivered event overwrites
-its own document. Aggregates carry a revision used as an external version: an older
+its own document. A record with ``superseded_by`` set (a dose event a dose report superseded,
+stream_apps/dose/study.py) deletes its document: replayed, it deletes it again, or finds none. Aggregates carry a revision used as an external version: an older
 revision arriving late never replaces a newer one. Indices are versioned behind aliases
 (``diana-series`` → ``diana-series-v1``) and the sink writes through the alias.
 """
@@ -205,7 +206,8 @@ def _request(items: list[tuple[Message, dict, bytes]]) -> _BulkRequest:
     for _, meta, doc in items:
         action = {k: v for k, v in meta.items() if k != "op_type"}
         lines.append(orjson.dumps({meta.get("op_type", "index"): action}))
-        lines.append(doc)
+        if meta.get("op_type") != "delete":  # a delete is its action line alone
+            lines.append(doc)
     lines.append(b"")
     return _BulkRequest(items, b"\n".join(lines))
 
@@ -299,6 +301,11 @@ class OpenSearchSink:
                 self.layout.alias(kind) if self.index_version is None else self.layout.index(kind, self.index_version)
             )
             meta: dict[str, Any] = {"_index": index, "_id": record[self.layout.id_fields[kind]]}
+            if record.get("superseded_by"):
+                # Kept in the topic's order behind the event it retracts (the same study key, one
+                # partition), and the latest action of a batch per id wins: never undone by the event.
+                actions.append((msg, {**meta, "op_type": "delete"}, b""))
+                continue
             if "revision" in record:
                 meta.update(version=record["revision"], version_type="external_gte")
             if kind == "instances" and self.first_wins:
@@ -375,6 +382,8 @@ class OpenSearchSink:
                 indexed[msg.topic()] = indexed.get(msg.topic(), 0) + 1
             elif status == 409:
                 pass  # a newer revision is already indexed, or (first wins) the instance already is
+            elif status == 404 and meta.get("op_type") == "delete":
+                pass  # a retracted document that was never indexed (a new index version), or is gone already
             elif status == 429 or status >= 500:
                 retry.append(outcome.get("error", {}).get("type", str(status)))
             elif msg.topic() == DEADLETTER.name:  # never dead-letter a dead letter: that could loop

@@ -42,4 +42,8 @@ def create_app(
         # A killed worker's partitions move on after 10 s instead of Faust's 60 s (as for the
         # aggregates worker); heartbeats come from the consumer thread, every 3 s.
         broker_session_timeout=10.0,
+        # A table's record is one key's whole state (a QA phantom's patient: ~1,400 studies, several MB):
+        # Faust's 1 MB defaults refused to write it to its changelog, or to read it back.
+        producer_max_request_size=config.kafka.max_message_bytes,
+        consumer_max_fetch_size=config.kafka.max_message_bytes,
     )

@@ -76,7 +76,9 @@ def ensure_state_topics(config: Config, names: list[str], timeout: float = 60.0)
         config, {n: len(metadata.topics[n].partitions) for n in [INSTANCES.name, *names] if n in existing}
     )
     rf, isr = replication(len(metadata.brokers), config.kafka.replication_factor, config.kafka.min_insync_replicas)
-    topic_config = {**CHANGELOG_CONFIG, "min.insync.replicas": str(isr)}
+    # The same record size limit as the event topics and the worker's producer (app.py).
+    size_limit = {"max.message.bytes": str(config.kafka.max_message_bytes)}
+    topic_config = {**CHANGELOG_CONFIG, **size_limit, "min.insync.replicas": str(isr)}
     wanted = [
         NewTopic(n, num_partitions=config.kafka.partitions, replication_factor=rf, config=topic_config)
         for n in names
@@ -84,7 +86,10 @@ def ensure_state_topics(config: Config, names: list[str], timeout: float = 60.0)
     ]
     present = [n for n in names if n in existing]
     if present:  # changelogs made before these settings get them too
-        entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in CHANGELOG_CONFIG.items()]
+        entries = [
+            ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+            for k, v in {**CHANGELOG_CONFIG, **size_limit}.items()
+        ]
         resources = [ConfigResource("TOPIC", n, incremental_configs=entries) for n in present]
         for future in admin.incremental_alter_configs(resources, request_timeout=timeout).values():
             future.result()

@@ -5,7 +5,8 @@ Only objects that can carry dose are parsed (SRs, CT and projection images). Eac
 co-partitioned with dicom.instances. Every output has a deterministic id (event, study, alert)
 and a re-sent output is byte for byte the first one (same revision, same times), so a consumer that
 sees it twice overwrites it or drops it (the OpenSearch sink by document id and revision, alert
-delivery by alert_id).
+delivery by alert_id). Image-header events a later dose report of their kind superseded are
+retracted: dose.events gets each again with ``superseded_by`` set, and the sink deletes its document.
 
 Redelivery: Faust processes at least once, and the table's changelog write and the outputs are
 separate sends. After a crash the changelog may hold a study's new state while its outputs never
@@ -34,7 +35,7 @@ from diana.stream_apps.dose.image_files import ImageFiles
 from diana.stream_apps.dose.reference_levels import ReferenceLevels
 from diana.stream_apps.dose.size import image_water_equivalent_diameter_mm
 from diana.stream_apps.dose.standard_names import StandardNames
-from diana.stream_apps.dose.study import family, fold_report, fold_size, new_study, summarize
+from diana.stream_apps.dose.study import family, fold_report, fold_size, new_study, summarize, superseded_events
 
 __all__ = ["register_dose", "may_carry_dose", "TABLES"]
 
@@ -332,7 +333,9 @@ def register_dose(
             names.apply(study, events)
         if levels is not None:
             levels.apply(study, events)
-        for ev in events:
+        # Then the retractions of the image-header events a dose report superseded, on the same key
+        # (the topic keeps them behind the events they retract), every time: a pure function of the state.
+        for ev in [*events, *superseded_events(state)]:
             await events_out.send(
                 key=uid.encode(),
                 value=codec.encode(

@@ -12,7 +12,8 @@
       - {name: Repeat CT head, window_days: 7, count: 2, standard_name: "CT Head"}   # standard_name optional
 
 A match pattern is searched (re.search) in the event's field, or the study's when the event has
-none; a rule without ``match`` applies to every record.
+none, so it matches part of a value: anchor it (``^(abdomen|pelvis)$``) to match the whole. A rule
+without ``match`` applies to every record.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 from diana.yaml_files import read_yaml_mapping
 
@@ -304,23 +306,41 @@ def cumulative_alerts(rules: AlertRules, studies: list[dict], latest: dict) -> l
 
 
 def drl_alerts(study: dict) -> list[dict]:
-    """One alert for a study over the reference level of its standard name (reference_levels.py flags it)."""
-    if not study.get("over_drl"):
-        return []
-    name, metric = study.get("standard_name"), study["drl_metric"]
-    value, level = study["drl_value"], study["drl_level"]
-    return [
-        _alert(
-            f"DRL {name}",
-            "drl",
-            metric,
-            value,
-            level,
-            study,
-            None,
-            f"{name}: study {metric} {value:g} exceeds the {study.get('drl_source')} reference level {level:g}",
+    """An alert for a study over the reference level of its standard name, or, for a study of several
+    standard names (a head and a body scan), one for each part over its own level (reference_levels.py
+    compares them); the alert's rule and message name the standard name whose level was exceeded."""
+    parts = study.get("drl_parts")
+    if parts is None:
+        if not study.get("over_drl"):
+            return []
+        over: list[dict[str, Any]] = [
+            {
+                "standard_name": study.get("standard_name"),
+                "metric": study["drl_metric"],
+                "value": study["drl_value"],
+                "level": study["drl_level"],
+                "source": study.get("drl_source"),
+            }
+        ]
+    else:
+        over = [p for p in parts if p["over_drl"]]
+    out = []
+    for c in over:
+        what = "study" if parts is None else f"part ({c['events']} events) of a study of several standard names"
+        out.append(
+            _alert(
+                f"DRL {c['standard_name']}",
+                "drl",
+                c["metric"],
+                c["value"],
+                c["level"],
+                study,
+                None,
+                f"{c['standard_name']}: {what} {c['metric']} {c['value']:g} exceeds the {c['source']} reference level"
+                f" {c['level']:g}",
+            )
         )
-    ]
+    return out
 
 
 def repeat_alerts(rules: AlertRules, studies: list[dict], latest: dict) -> list[dict]:

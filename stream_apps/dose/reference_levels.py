@@ -15,31 +15,36 @@ local one when set (a site's own, usually the tighter), else the national one. T
 the metric, the level applied, which one (local/national) and whether it is exceeded. A study over
 its level also raises an alert (rule type ``drl``).
 
+DRLs are set per examination. A study whose events took several standard names (a head and a body
+scan in one study) is not compared whole with one name's level: each part (the events of one
+standard name) is compared with its own level, its metric made from its events (``drl_parts``), and
+``drl_not_compared`` says why the study's own totals were not. The study's ``drl_*`` fields then
+describe its part furthest over (or nearest to) its level, named by ``drl_standard_name``.
+
 The survey compares as DRL surveys do: the median of the study metric over the window's studies
-of each standard name, against the levels (``survey``; queried by access/dose_survey.py).
+of each standard name, against the levels (``survey``; queried by access/dose_survey.py); a study of
+several parts counts each part under its own name.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from diana.yaml_files import read_yaml_mapping
 
-__all__ = ["Level", "ReferenceLevels", "LevelsError", "load_reference_levels", "survey", "STUDY_METRICS"]
+__all__ = [
+    "Level",
+    "ReferenceLevels",
+    "LevelsError",
+    "load_reference_levels",
+    "survey",
+    "part_value",
+    "STUDY_METRICS",
+]
 
-STUDY_METRICS = (
-    "total_dlp_mGycm",
-    "max_ctdivol_mGy",
-    "max_ssde_mGy",
-    "total_dap_Gym2",
-    "dose_rp_total_mGy",
-    "fluoro_time_s",
-    "agd_left_mGy",
-    "agd_right_mGy",
-    "administered_activity_MBq",
-)
 EVENT_METRICS = (
     "ctdivol_mGy",
     "dlp_mGycm",
@@ -49,6 +54,31 @@ EVENT_METRICS = (
     "agd_mGy",
     "administered_activity_MBq",
 )
+
+
+# A study metric made from the events of one part of the study: (event field, how the part's values
+# combine, which events count). The events are the study's distinct ones (study.py), as its totals' are.
+_PART_METRICS: dict[str, tuple[str, Callable[[list[float]], float], Callable[[dict], bool] | None]] = {
+    "total_dlp_mGycm": ("dlp_mGycm", sum, None),
+    "max_ctdivol_mGy": ("ctdivol_mGy", max, None),
+    "max_ssde_mGy": ("ssde_mGy", max, None),
+    "total_dap_Gym2": ("dap_Gym2", sum, None),
+    "dose_rp_total_mGy": ("dose_rp_mGy", sum, None),
+    "fluoro_time_s": ("irradiation_duration_s", sum, lambda e: e.get("fluoroscopy") is True),
+    "agd_left_mGy": ("agd_mGy", sum, lambda e: (e.get("laterality") or "").lower() == "left"),
+    "agd_right_mGy": ("agd_mGy", sum, lambda e: (e.get("laterality") or "").lower() == "right"),
+    "administered_activity_MBq": ("administered_activity_MBq", sum, None),
+}
+
+
+STUDY_METRICS = tuple(_PART_METRICS)
+
+
+def part_value(metric: str, events: list[dict]) -> float | None:
+    """``metric`` (a study metric) over these events only; None when none of them carries its value."""
+    field, combine, counts = _PART_METRICS[metric]
+    values = [e[field] for e in events if e.get(field) is not None and (counts is None or counts(e))]
+    return combine(values) if values else None
 
 
 class LevelsError(ValueError):
@@ -75,20 +105,74 @@ class ReferenceLevels:
     minimum_studies: int = 10
 
     def apply(self, study: dict, events: list[dict]) -> None:
-        """Flag each event and the study against the level of its standard name."""
+        """Flag each event against the level of its standard name, and the study against its own (a study
+        of several standard names: each part against its own, ``_apply_parts``)."""
         for event in events:
             level = self.event.get(event.get("standard_name") or "")
             value = None if level is None else event.get(level.metric)
             if level is not None and value is not None:
                 limit, source = level.applied
                 event.update(drl_metric=level.metric, drl_level=limit, drl_source=source, over_drl=value > limit)
-        level = self.study.get(study.get("standard_name") or "")
-        value = None if level is None else study.get(level.metric)
-        if level is not None and value is not None:
-            limit, source = level.applied
-            study.update(
-                drl_metric=level.metric, drl_value=value, drl_level=limit, drl_source=source, over_drl=value > limit
-            )
+        parts = list(dict.fromkeys(e["standard_name"] for e in events if e.get("standard_name")))
+        if len(parts) > 1:
+            self._apply_parts(study, events, parts)
+            return
+        name = study.get("standard_name") or ""
+        level = self.study.get(name)
+        comparison = None if level is None else self._compared(name, study.get(level.metric))
+        if comparison is not None:
+            study.update(_study_fields(comparison))
+
+    def _compared(self, name: str, value: float | None, events: int | None = None) -> dict | None:
+        """The comparison of ``value`` with the study level of ``name``; None if there is nothing to compare."""
+        level = self.study.get(name)
+        if level is None or value is None:
+            return None
+        limit, source = level.applied
+        return {
+            "standard_name": name,
+            "metric": level.metric,
+            "value": value,
+            "level": limit,
+            "source": source,
+            "over_drl": value > limit,
+            "events": events,
+        }
+
+    def _apply_parts(self, study: dict, events: list[dict], parts: list[str]) -> None:
+        """A study of several standard names: each part against its own level, never the whole against one."""
+        if not any(name in self.study for name in [*parts, study.get("standard_name")]):
+            return  # no level for any of its names: there is nothing to compare or to explain
+        compared, missing = [], []
+        for name in parts:
+            if name not in self.study:
+                continue  # no study level for this name: nothing to compare, as for a study of one name
+            of_part = [e for e in events if e.get("standard_name") == name]
+            comparison = self._compared(name, part_value(self.study[name].metric, of_part), len(of_part))
+            if comparison is None:
+                missing.append(f"{name} (its events carry no value for {self.study[name].metric})")
+            else:
+                compared.append({**comparison, "body_region": of_part[0].get("body_region")})
+        why = (
+            f"the study holds {len(parts)} standard names ({', '.join(parts)}): its totals are not compared "
+            "with one name's reference level; each part is compared with its own (drl_parts)"
+        )
+        study["drl_not_compared"] = why + (f"; not compared: {', '.join(missing)}" if missing else "")
+        if compared:
+            study["drl_parts"] = compared
+            study.update(_study_fields(max(compared, key=lambda c: c["value"] / c["level"])))
+
+
+def _study_fields(comparison: dict) -> dict:
+    """A comparison as the study's drl_* fields (the part furthest over its level, for a study of parts)."""
+    return {
+        "drl_standard_name": comparison["standard_name"],
+        "drl_metric": comparison["metric"],
+        "drl_value": comparison["value"],
+        "drl_level": comparison["level"],
+        "drl_source": comparison["source"],
+        "over_drl": comparison["over_drl"],
+    }
 
 
 def _level(name: str, part: str, raw, metrics: tuple[str, ...]) -> Level:
@@ -135,9 +219,7 @@ def survey(levels: ReferenceLevels, studies: list[dict]) -> list[dict]:
     """Per standard name with a study level: studies, median of its metric, the levels and the verdicts."""
     rows = []
     for name, level in sorted(levels.study.items()):
-        values = [
-            s[level.metric] for s in studies if s.get("standard_name") == name and s.get(level.metric) is not None
-        ]
+        values = [v for s in studies for v in _survey_values(s, name, level.metric)]
         median = statistics.median(values) if values else None
         limit, source = level.applied
         rows.append(
@@ -157,3 +239,12 @@ def survey(levels: ReferenceLevels, studies: list[dict]) -> list[dict]:
             }
         )
     return rows
+
+
+def _survey_values(study: dict, name: str, metric: str) -> list[float]:
+    """What one study contributes to the survey of ``name``: the value of its part of that name when it
+    has parts (a head and a body scan), else its own value when it has that standard name."""
+    if study.get("drl_parts"):
+        return [p["value"] for p in study["drl_parts"] if p["standard_name"] == name and p["metric"] == metric]
+    value = study.get(metric) if study.get("standard_name") == name else None
+    return [] if value is None else [value]

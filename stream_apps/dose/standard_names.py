@@ -10,7 +10,7 @@ OpenREM's standard names do. The file ([dose] standard_names):
         kind: CT                       # optional: CT, DX, RF, MG, NM
         protocols: ["ABD/PEL PORTAL", "Abdomen^01_Routine"]   # exact, case and spacing ignored
         study_descriptions: ["CT ABDOMEN PELVIS WITH CONTRAST"]
-        match: {protocol: "(?i)abd.*pel"}                    # optional regular expressions
+        match: {protocol: "(?i)abd.*pel"}                    # optional regular expressions, searched (re.search)
         stations: ["CT1"]              # optional: only these stations
 
 An event takes the first entry whose kind and stations allow it and that names its protocol (or

@@ -5,7 +5,7 @@ event seen in two reports (a re-sent or continued report) counts once, with the 
 latest report. A report whose events are all in a later report is replaced by it (a report whose
 events are a superset of an earlier one replaces it). Image headers count only while no dose
 report of their kind (CT, projection X-ray, radiopharmaceutical) has arrived; such a report then
-supersedes them.
+supersedes them, and the events they gave are retracted (``superseded_events``).
 
 Totals: when the remaining reports share no event, each report's own accumulated values are summed
 (falling back to the sum of its events); when they overlap, totals are summed over the distinct
@@ -19,7 +19,7 @@ from typing import Any
 
 from diana.stream_apps.dose.size import event_ssde
 
-__all__ = ["new_study", "fold_report", "fold_size", "summarize", "event_key", "family"]
+__all__ = ["new_study", "fold_report", "fold_size", "summarize", "superseded_events", "event_key", "family"]
 
 _CT_TYPE_COUNTS = {
     "sequenced": "events_axial",
@@ -101,14 +101,24 @@ def family(kind: str | None) -> str:
     return "projection" if kind in ("DX", "RF", "MG") else str(kind)
 
 
+def _superseding(reports: list[dict]) -> dict[str, str]:
+    """Each kind of dose that has a dose report -> that kind's first report (its SOP Instance UID).
+
+    A dose report supersedes the image headers of its own kind only: a PET/CT study's CT report
+    does not drop the activity its PET images carry."""
+    first: dict[str, str] = {}
+    for report in reports:
+        if report["source"] == "RDSR":
+            first.setdefault(family(report["kind"]), report["sop_instance_uid"])
+    return first
+
+
 def _retained(state: dict) -> list[dict]:
     reports = sorted(state["reports"].values(), key=lambda r: r["arrival"])
     dose_reports = [r for r in reports if r["source"] == "RDSR"]
     if not dose_reports:
         return reports
-    # A dose report supersedes the image headers of its own kind only: a PET/CT study's CT report
-    # does not drop the activity its PET images carry.
-    reported = {family(r["kind"]) for r in dose_reports}
+    reported = _superseding(reports)
     images = [r for r in reports if r["source"] != "RDSR" and family(r["kind"]) not in reported]
     keys = [{event_key(r, e) for e in r["events"]} for r in dose_reports]
     kept = []
@@ -139,6 +149,26 @@ def _distinct_events(reports: list[dict]) -> list[dict]:
                 "received_at": report["received_at"],
             }
     return list(events.values())
+
+
+def superseded_events(state: dict) -> list[dict]:
+    """The image-header events a dose report of their kind superseded, each with ``superseded_by`` (that
+    kind's first report): they were published before the report came, and must stop being counted.
+
+    A pure function of the state, so a replay or a redelivery retracts the same events again. An
+    event whose key a retained report also has (an image naming its IrradiationEventUID) is not
+    retracted: the report's event replaces it under the same id."""
+    reports = sorted(state["reports"].values(), key=lambda r: r["arrival"])
+    reported = _superseding(reports)
+    images = [r for r in reports if r["source"] != "RDSR" and family(r["kind"]) in reported]
+    if not images:
+        return []
+    kept = {e["event_key"] for e in _distinct_events(_retained(state))}
+    return [
+        {**event, "superseded_by": reported[family(event["kind"])]}
+        for event in _distinct_events(images)
+        if event["event_key"] not in kept
+    ]
 
 
 def _sum(values) -> float | None:

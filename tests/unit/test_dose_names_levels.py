@@ -207,3 +207,105 @@ def test_a_study_without_the_metric_does_not_re_raise_a_window_with_less():
     [alert] = cumulative_alerts(rules, [a, a2, b], b)
     assert alert["value"] == 6000.0
     assert cumulative_alerts(rules, [a, a2, b, xray], xray) == []
+
+
+# ---- a study of several standard names (a head and a body scan): each part against its own level
+def _head_and_body(names, body_dlp: float = 800.0) -> tuple[dict, list[dict]]:
+    """A study of two head scans (500 + 300 mGy·cm: under the head's local 850) and one abdomen-pelvis
+    scan; the study's total is over either level, and its most frequent name is the head's."""
+    study = {"kind": "CT", "station_name": "CT1", "study_description": "trauma", "study_instance_uid": "1.9"}
+    study["total_dlp_mGycm"] = 800.0 + body_dlp
+    events = [
+        {"kind": "CT", "protocol": "Head Routine", "dlp_mGycm": 500.0, "ctdivol_mGy": 50.0},
+        {"kind": "CT", "protocol": "Head Routine", "dlp_mGycm": 300.0, "ctdivol_mGy": 40.0},
+        {"kind": "CT", "protocol": "Abd/Pel portal", "dlp_mGycm": body_dlp, "ctdivol_mGy": 12.0},
+    ]
+    names.apply(study, events)
+    assert study["standard_name"] == "CT Head"  # the name most events took
+    return study, events
+
+
+def test_each_region_of_a_study_is_compared_with_its_own_level_and_the_alert_names_it(names, levels):
+    study, events = _head_and_body(names)
+    levels.apply(study, events)
+    parts = {p["standard_name"]: p for p in study["drl_parts"]}
+    # CT Head: 500 + 300 = 800 against its local 850; CT Abdomen-Pelvis: 800 against its national 745.
+    assert (parts["CT Head"]["value"], parts["CT Head"]["level"], parts["CT Head"]["over_drl"]) == (800.0, 850.0, False)
+    body = parts["CT Abdomen-Pelvis"]
+    assert (body["value"], body["level"], body["source"], body["over_drl"], body["events"]) == (
+        800.0,
+        745.0,
+        "national",
+        True,
+        1,
+    )
+    assert body["body_region"] == "Abdomen-Pelvis"
+    # The study's total (1,600) is compared with no single name's level: it says so, and why.
+    assert study["drl_value"] != study["total_dlp_mGycm"]
+    assert "not compared" in study["drl_not_compared"] and "CT Head, CT Abdomen-Pelvis" in study["drl_not_compared"]
+    assert (study["drl_standard_name"], study["drl_value"], study["over_drl"]) == ("CT Abdomen-Pelvis", 800.0, True)
+    (alert,) = drl_alerts(study)
+    assert alert["rule"] == "DRL CT Abdomen-Pelvis" and alert["value"] == 800.0 and alert["threshold"] == 745.0
+    assert alert["message"].startswith("CT Abdomen-Pelvis: part (1 events) of a study of several standard names")
+
+
+def test_a_multi_region_study_whose_parts_are_within_their_levels_raises_nothing(names, levels):
+    study, events = _head_and_body(names, body_dlp=700.0)  # 1,500 in all: over both levels, no part is
+    levels.apply(study, events)
+    assert study["over_drl"] is False and drl_alerts(study) == []
+
+
+def test_a_part_without_the_metric_is_said_not_compared(names, levels):
+    study, events = _head_and_body(names)
+    del events[2]["dlp_mGycm"]  # a body event without its DLP (a report of totals only)
+    levels.apply(study, events)
+    assert [p["standard_name"] for p in study["drl_parts"]] == ["CT Head"]
+    assert "CT Abdomen-Pelvis (its events carry no value for total_dlp_mGycm)" in study["drl_not_compared"]
+
+
+def test_the_survey_counts_each_part_of_a_multi_region_study_under_its_own_name(names, levels):
+    study, events = _head_and_body(names)
+    levels.apply(study, events)
+    rows = {r["standard_name"]: r for r in survey(levels, [study])}
+    assert (rows["CT Head"]["studies"], rows["CT Head"]["median"]) == (1, 800.0)  # not the study's 1,600
+    assert (rows["CT Abdomen-Pelvis"]["studies"], rows["CT Abdomen-Pelvis"]["median"]) == (1, 800.0)
+
+
+def test_the_report_lists_each_part_over_its_level():
+    from diana.access.report import _over_level
+
+    part = {"metric": "total_dlp_mGycm", "value": 800.0, "level": 745.0, "source": "national", "events": 1}
+    study = {
+        "standard_name": "CT Head",
+        "drl_parts": [
+            {**part, "standard_name": "CT Head", "over_drl": False},
+            {**part, "standard_name": "CT Abdomen-Pelvis", "over_drl": True},
+        ],
+    }
+    assert _over_level(study) == [("CT Abdomen-Pelvis", "total_dlp_mGycm", 800.0, 745.0, "national")]
+
+
+def test_the_example_abdomen_pelvis_rule_matches_whole_target_regions_only():
+    rules = load_rules(REPO / "dose-rules.example.yaml")
+    rule = next(r for r in rules.reference_levels if r.name == "CT abdomen-pelvis DRL")
+    for region in ("Abdomen", "PELVIS", "Abdomen and Pelvis"):
+        assert rule.matches({"kind": "CT", "target_region": region}, {})
+    for region in ("Chest, Abdomen and Pelvis", "Pelvis and lower extremities"):
+        assert not rule.matches({"kind": "CT", "target_region": region}, {})
+
+
+def test_a_study_of_parts_is_written_and_read_back_on_dose_studies(names, levels):
+    from datetime import UTC, datetime
+
+    from diana.schemas.codec import default_codec
+    from diana.schemas.topics import DOSE_STUDIES
+    from diana.stream_apps.dose.agent import _fit
+
+    study, events = _head_and_body(names)
+    levels.apply(study, events)
+    codec = default_codec()
+    record = {**study, "events": 3, "revision": 1, "received_at": datetime(2026, 12, 1, tzinfo=UTC)}
+    value = codec.encode(DOSE_STUDIES.value_schema, _fit(codec, DOSE_STUDIES.value_schema, record))
+    _, read = codec.decode(value, expect=DOSE_STUDIES.value_schema)
+    assert read["drl_parts"] == study["drl_parts"] and read["drl_not_compared"] == study["drl_not_compared"]
+    assert read["drl_standard_name"] == "CT Abdomen-Pelvis"
