@@ -302,6 +302,35 @@ def test_a_whole_study_is_forwarded_once_complete(pipeline, routing, tmp_path):
     wait_for("the whole study", lambda: received_sops(folder) - before == set(study), 120)
 
 
+def _sent_total(destination: str) -> float:
+    text = requests.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+    prefix = f'diana_route_sent_total{{destination="{destination}"}} '
+    return next((float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)), 0.0)
+
+
+def test_a_late_instance_of_a_study_forwarded_whole_goes_alone(pipeline, routing, tmp_path):
+    """A study forwarded whole, then amended by a late image: the destination gets that image, and
+    nothing it had already (before, late instances were never forwarded)."""
+    cfg, folder = pipeline.cfg, routing["work"] / "whole"
+    before = received_sops(folder)
+    study = write_instances(tmp_path / "amended", 3, StationName="WHOLESTATION")
+    assert storescu(cfg, list(study.values())).returncode == 0
+    wait_for("the whole study", lambda: received_sops(folder) - before == set(study), 120)
+    sent_before = _sent_total("whole")
+    first = pydicom.dcmread(next(iter(study.values())))
+    late = make_instance(
+        first.StudyInstanceUID, first.SeriesInstanceUID, 4, patient_id="ROUTE0001", study_date="20240601", rows=16
+    )
+    late.StationName = "WHOLESTATION"
+    late_path = tmp_path / "late.dcm"
+    late.save_as(late_path, enforce_file_format=True)
+    assert storescu(cfg, [late_path]).returncode == 0
+    wait_for("the late image", lambda: str(late.SOPInstanceUID) in received_sops(folder), 120)
+    time.sleep(3.0)  # anything sent with it would have arrived by now
+    assert received_sops(folder) - before == {*study, str(late.SOPInstanceUID)}
+    assert _sent_total("whole") - sent_before == 1.0
+
+
 def test_the_instances_of_a_study_that_raised_a_dose_alert_are_forwarded(pipeline, routing, tmp_path):
     cfg, folder = pipeline.cfg, routing["work"] / "qa"
     # a CT abdomen over the test DRL (tests/support/data/dose-rules.yaml) with its dose report
