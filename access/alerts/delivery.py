@@ -20,6 +20,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import structlog
@@ -326,7 +327,7 @@ def run_delivery(cfg: Config, routing: Routing, stop_after: float | None = None)
                 if error.code() != KafkaError._PARTITION_EOF:
                     log.warning("alert.delivery.kafka", error=str(error))
                 continue
-            if not until_done(lambda m=msg: handle_then_commit(worker, consumer, m), still_running, msg.topic()):
+            if not until_done(partial(handle_then_commit, worker, consumer, msg), still_running, msg.topic()):
                 break  # stopped while it waited: not committed, handled again at the next start
     except KeyboardInterrupt:
         pass
