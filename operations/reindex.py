@@ -1,6 +1,8 @@
 """Zero-downtime index rebuild from the log (`diana reindex`).
 
-1. Create the next version of each index (``diana-series-v2``) from the current template.
+1. Create the next version of each index (``diana-series-v2``) from the current template. An index
+   whose topic expires (dead letters, kept 90 days) first gets the old version's documents, copied
+   inside OpenSearch: the topic no longer has the older ones.
 2. Read the topics from the beginning with a consumer of its own (no group commits) and write
    into the new version, while the live sink keeps writing through the alias to the old one.
    With ``processes`` > 1 the partitions are shared out among up to that many processes (no more
@@ -30,18 +32,21 @@ import structlog
 from confluent_kafka import Consumer, IsolationLevel, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from opensearchpy import OpenSearch
+from opensearchpy.helpers import bulk, scan
 
 from diana.clients import kafka_admin, kafka_consumer, opensearch_client
 from diana.config import ConflictPolicy, KafkaConfig, LogConfig, OpenSearchConfig
 from diana.logs import configure_logging
 from diana.schemas.codec import default_codec
 from diana.schemas.layout import IndexLayout
+from diana.schemas.topics import ALL_TOPICS, expires
 from diana.sinks.consumer import DeadLetters, write_until_done
 from diana.sinks.opensearch import OpenSearchSink, PreparedBatch, install_template
 
 __all__ = ["Reindexer", "ReindexFailed", "current_version", "share_out", "spare_the_collector"]
 
 Partition = tuple[str, int]
+_TOPICS = {t.name: t for t in ALL_TOPICS}
 
 # How long one consume() gathers a batch. librdkafka returns only with a full batch or at the
 # timeout, so the last batch of a partition's end (and the catch-up after the swap, which finds
@@ -316,6 +321,28 @@ class Reindexer:
             refresh[index] = settings.get("refresh_interval", "1s")  # OpenSearch's default where unset
         return refresh
 
+    def _carry_over(self, kinds: list[str], old: dict[str, int], version: int) -> None:
+        """Copy the old version of a kind whose topic expires (dead letters: 90 days) into the new one
+        before the catch-up overwrites what the topic still has (same ids). Rebuilt from the topic alone,
+        the index lost every dead letter older than the topic's retention. Read and written by this
+        process (scroll and bulk): OpenSearch's `_reindex` is a module the minimal distribution lacks."""
+        for kind in kinds:
+            topics = [_TOPICS[t] for t, k in self.layout.kinds.items() if k == kind]
+            if not old[kind] or not any(expires(t) for t in topics):
+                continue
+            source, target = self.layout.index(kind, old[kind]), self.layout.index(kind, version)
+            documents = scan(self.client, index=source, query={"query": {"match_all": {}}}, size=1000)
+            copied, failed = bulk(
+                self.client,
+                ({"_index": target, "_id": d["_id"], "_source": d["_source"]} for d in documents),
+                chunk_size=1000,
+                stats_only=True,  # counts only: a failure's reason can quote a document
+                raise_on_error=False,
+            )
+            if failed:
+                raise ReindexFailed(f"{failed} documents of {source} could not be copied into {target}")
+            log.info("reindex.carried_over", kind=kind, source=source, documents=copied)
+
     def _drop(self, kinds: list[str], version: int) -> None:
         """Delete the half-built ``version`` of ``kinds``, so that a failed reindex leaves nothing behind."""
         for kind in kinds:
@@ -434,6 +461,7 @@ class Reindexer:
                 old = {kind: current_version(self.client, self.layout, kind) for kind in kinds}
                 version = self.next_version(kinds)
                 refresh = self._create(kinds, version)
+                self._carry_over(kinds, old, version)
             except BaseException:
                 if version:  # one kind's version may be created already
                     self._drop(kinds, version)

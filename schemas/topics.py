@@ -136,6 +136,13 @@ _COMPRESSED = ("dicom.instances", "dicom.deadletter")
 EVENT_COMPRESSION = "lz4"
 
 
+def expires(topic: Topic) -> bool:
+    """Its messages are deleted after a time (dicom.deadletter: 90 days): an index made from it holds
+    documents the topic no longer has. Kept for ever or compacted (the latest per key stays): False."""
+    config = topic.config
+    return "compact" not in config.get("cleanup.policy", "delete") and config.get("retention.ms", "-1") != "-1"
+
+
 def topic_settings(kafka: Any) -> dict[str, int]:
     """ensure_topics' keyword arguments from a ``[kafka]`` config section."""
     return {

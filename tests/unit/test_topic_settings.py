@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 
 from diana.config import load_config
-from diana.schemas.topics import DEADLETTER, INSTANCES, SERIES, replication, topic_config, topic_settings
+from diana.schemas.layout import IndexLayout
+from diana.schemas.topics import (
+    ALL_TOPICS,
+    DEADLETTER,
+    INSTANCES,
+    SERIES,
+    expires,
+    replication,
+    topic_config,
+    topic_settings,
+)
 
 
 def test_replication_is_automatic_three_and_two_on_a_cluster_and_one_on_a_single_broker():
@@ -42,3 +52,11 @@ def test_the_dose_workers_kafka_client_reads_the_instance_events_codec():
     assert EVENT_COMPRESSION == "lz4" and has_lz4()
     event = b'{"00080060":{"vr":"CS","Value":["CT"]}}' * 40
     assert lz4_decode(lz4_encode(event)) == event
+
+
+def test_only_the_dead_letters_expire_of_the_indexed_topics():
+    """Their index is carried over by `diana reindex` (the topic keeps 90 days); every other indexed topic
+    is kept for ever or compacted, so the index can be rebuilt from it alone."""
+    by_name = {t.name: t for t in ALL_TOPICS}
+    assert [t for t in IndexLayout("diana").kinds if expires(by_name[t])] == ["dicom.deadletter"]
+    assert expires(by_name["dicom.ticks"]) and not expires(by_name["dose.by-patient"])
