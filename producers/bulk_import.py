@@ -124,10 +124,34 @@ def find_sources(paths: list[Path]) -> Iterator[Source]:
 
 
 def _folder_sources(root: Path) -> Iterator[Source]:
-    for dirpath, dirnames, filenames in os.walk(root):
+    """The files of a folder tree. Symlinked folders are followed, as a copied CD or an export that
+    links its series expects; each folder (device, inode) is walked once, so a link back up the tree
+    or a second link to a folder already walked adds nothing. A folder that cannot be read is failed."""
+    unreadable: list[OSError] = []
+    walked: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable.append, followlinks=True):
+        yield from _unreadable_folders(unreadable)
+        try:
+            folder = os.stat(dirpath)
+        except OSError as exc:  # gone since it was listed
+            unreadable.append(exc)
+            dirnames.clear()
+            continue
+        if (folder.st_dev, folder.st_ino) in walked:
+            dirnames.clear()
+            continue
+        walked.add((folder.st_dev, folder.st_ino))
         dirnames.sort()
         for name in sorted(filenames):
-            yield from _file_sources(Path(dirpath) / name)
+            if name.upper() != "DICOMDIR":  # the file-set's index: the files it names are in this tree
+                yield from _file_sources(Path(dirpath) / name)
+    yield from _unreadable_folders(unreadable)
+
+
+def _unreadable_folders(errors: list[OSError]) -> Iterator[Source]:
+    while errors:
+        exc = errors.pop(0)
+        yield Source(str(exc.filename), verdict=("failed", f"folder unreadable: {_os_reason(exc)}"))
 
 
 def _file_sources(path: Path, explicit: bool = False) -> Iterator[Source]:
@@ -158,16 +182,38 @@ def _zip_sources(path: Path) -> Iterator[Source]:
 
 
 def _fileset_sources(dicomdir: Path) -> Iterator[Source]:
-    """The files a DICOMDIR names."""
-    from pydicom.fileset import FileSet
+    """The files a DICOMDIR names (its records' Referenced File IDs), in its folder.
+
+    Read here rather than with pydicom's FileSet, which drops a record whose file is missing with a
+    warning naming the file's path: such a record is failed here, like a file that cannot be read.
+    """
+    import pydicom
 
     try:
-        instances = list(FileSet(dicomdir))
+        records = pydicom.dcmread(dicomdir).DirectoryRecordSequence
+        file_ids = [record.ReferencedFileID for record in records if record.get("ReferencedFileID")]
     except Exception as exc:  # not DICOM, or not a directory: pydicom raises many kinds
         yield _unopened(dicomdir, "DICOMDIR", exc)
         return
-    for instance in instances:
-        yield Source(str(instance.path), path=Path(instance.path))
+    folder = dicomdir.parent
+    inside = folder.resolve()
+    # A Referenced File ID is the path's components (one value: a file in the DICOMDIR's folder).
+    for components in dict.fromkeys((i,) if isinstance(i, str) else tuple(i) for i in file_ids):
+        relative = Path(*components)
+        path = folder / relative
+        if relative.anchor or not Path(os.path.realpath(inside / relative)).is_relative_to(inside):
+            yield Source(str(path), verdict=("rejected", "DICOMDIR record names a file outside its folder"))
+            continue
+        try:
+            path.stat()
+        except FileNotFoundError:
+            yield Source(
+                str(path), verdict=("failed", "file named by the DICOMDIR missing (renamed? import its folder instead)")
+            )
+            continue
+        except OSError:
+            pass  # opening it says why
+        yield Source(str(path), path=path)
 
 
 class _OpenArchives:

@@ -5,14 +5,18 @@ opened once per worker)."""
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from pydicom.fileset import FileSet
 from pydicom.uid import generate_uid
 
+from diana.cli import main
 from diana.producers import bulk_import
 from diana.producers.bulk_import import Importer, ImportSummary, find_sources
 from diana.producers.header import read_header_file
@@ -136,6 +140,130 @@ def test_an_unexpected_error_fails_that_file_only(tmp_path, capsys):
 
     assert summary.imported == 2 and dict(summary.failed) == {"unexpected error (KeyError)": 1}
     assert PATIENT not in _said(capsys)
+
+
+# -------------------------------------------------------------- 2. folders, symlinks and DICOMDIRs
+
+
+def test_symlinked_folders_are_followed_each_folder_once(tmp_path):
+    source, outside = tmp_path / "src", tmp_path / "outside"
+    _instance(source / "p1" / "a.dcm")
+    _instance(outside / "c.dcm")
+    (source / "linked").symlink_to(outside)
+    (source / "linked_again").symlink_to(outside)
+    (source / "p1" / "loop").symlink_to(source)
+
+    summary, ingest = _import(tmp_path, source)
+
+    assert summary.imported == 2 and len(set(ingest.accepted)) == 2
+    assert summary.not_imported == []
+
+
+def _deny_patient_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a user gets for a folder of mode 000 (these tests may run as root, who reads it all)."""
+    scandir = os.scandir
+
+    def denied(path):
+        if str(path).endswith(PATIENT):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+
+
+def test_a_folder_that_cannot_be_read_is_failed(tmp_path, monkeypatch, capsys):
+    source = tmp_path / "src"
+    _instance(source / "p1" / "a.dcm")
+    _instance(source / PATIENT / "b.dcm")
+    _deny_patient_folder(monkeypatch)
+    summary, _ = _import(tmp_path, source)
+
+    assert summary.imported == 1
+    assert summary.not_imported == [("failed", "folder unreadable: Permission denied", str(source / PATIENT))]
+    assert PATIENT not in _said(capsys)
+
+
+def _fileset(tmp_path: Path, count: int) -> Path:
+    fileset = FileSet()
+    for n in range(count):
+        fileset.add(_instance(tmp_path / "fsrc" / f"{n}.dcm"))
+    fileset.write(tmp_path / "cd")
+    return tmp_path / "cd" / "DICOMDIR"
+
+
+def test_a_file_the_dicomdir_names_but_is_missing_is_failed_without_its_path_said(tmp_path, capsys, caplog, recwarn):
+    dicomdir = _fileset(tmp_path, 2)
+    instances = sorted(p for p in dicomdir.parent.rglob("*") if p.is_file() and p.name != "DICOMDIR")
+    instances[0].unlink()
+
+    summary, ingest = _import(tmp_path, dicomdir)
+
+    assert summary.imported == 1 and len(ingest.accepted) == 1
+    assert summary.not_imported == [
+        ("failed", "file named by the DICOMDIR missing (renamed? import its folder instead)", str(instances[0]))
+    ]
+    said = _said(capsys) + caplog.text + " ".join(str(w.message) for w in recwarn)
+    assert str(instances[0].relative_to(dicomdir.parent)) not in said
+
+
+def test_the_dicomdir_in_an_imported_folder_is_passed_over_quietly(tmp_path):
+    dicomdir = _fileset(tmp_path, 2)
+
+    summary, _ = _import(tmp_path, dicomdir.parent)
+
+    assert summary.imported == 2 and summary.skipped_non_dicom == 0 and summary.not_imported == []
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "diana.toml"
+    path.write_text(f'[storage]\nlanding_dir = "{tmp_path / "landing"}"\n[kafka]\nbootstrap = "127.0.0.1:1"\n')
+    return path
+
+
+@pytest.fixture
+def no_broker(monkeypatch):
+    """`diana import` with its publisher and ingest replaced: the command's own handling is what is tested."""
+    import diana.producers.ingest
+    import diana.producers.publisher
+
+    monkeypatch.setattr(
+        diana.producers.publisher, "EventPublisher", lambda *a, **k: SimpleNamespace(close=lambda: None)
+    )
+    monkeypatch.setattr(
+        diana.producers.ingest,
+        "Ingest",
+        lambda landing, publisher, codec, max_inflated_bytes: _RecordingIngest(landing.root, max_inflated_bytes),
+    )
+
+
+def test_the_exit_status_is_1_when_anything_failed_0_when_only_rejected(
+    tmp_path, config, no_broker, monkeypatch, capsys
+):
+    source = tmp_path / "src"
+    _instance(source / "a.dcm")
+    (source / PATIENT).mkdir()
+    (source / "notes.txt").write_text("not DICOM")
+    archive = source / "export.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(source / "a.dcm", f"{PATIENT}/IMG1")
+    _mark_member(archive, f"{PATIENT}/IMG1", flag_bits=0x1)
+    report = tmp_path / "not-imported.csv"
+    common = ["--config", str(config), "import", "--no-progress", "--report", str(report), str(source)]
+
+    assert main(common) == 0  # rejected only: running again cannot help
+    said = _said(capsys)
+    assert "imported:            1" in said and "zip member encrypted" in said and PATIENT not in said
+    assert f"rejected,zip member encrypted,{archive}:{PATIENT}/IMG1" in report.read_text()
+    assert stat.S_IMODE(report.stat().st_mode) == 0o600
+
+    _deny_patient_folder(monkeypatch)
+    assert main(common) == 1
+    said = _said(capsys)
+    assert "folder unreadable: Permission denied" in said and "run the same command again" in said
+    assert (
+        PATIENT not in said and f"failed,folder unreadable: Permission denied,{source / PATIENT}" in report.read_text()
+    )
 
 
 # --------------------------------------------------------------------- 3. zip members read as streams
