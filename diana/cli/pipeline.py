@@ -97,8 +97,9 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
     if summary.failed:
         return fail(
             "import",
-            "some files could not be imported for a passing reason (broker or disk); run the same "
-            "command again: what was imported is not duplicated downstream.",
+            "some files or folders could not be read or imported for a reason that may pass (broker, disk, "
+            "permissions, a missing file); once it is fixed, run the same command again: what was imported "
+            "is not duplicated downstream.",
             code=1,
         )
     return 0
@@ -342,7 +343,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="publish existing DICOM files (folders, zips, DICOMDIRs)",
         description=f"{cmd_import.__doc__} Each object is validated, landed and published "
         "exactly like a C-STORE; non-DICOM files are skipped; a summary lists what was "
-        "rejected and why. Exit status 1 if anything failed for a passing reason.",
+        "rejected and why. Symlinked folders are followed (each folder once). Exit status 1 if "
+        "anything failed for a reason that may pass (broker, disk, a folder or file that cannot be read, "
+        "a file a DICOMDIR names that is missing); 0 when the rest was only skipped or rejected "
+        "(bad content: running again cannot help).",
     )
     imp.add_argument("paths", nargs="+", metavar="PATH", help="a folder, a .zip, or a DICOMDIR file")
     imp.add_argument("--workers", type=whole_number(1), default=8, help="objects in flight at once (default 8)")

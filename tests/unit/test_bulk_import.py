@@ -1,0 +1,328 @@
+"""`diana import` without a broker: bad input of every kind becomes a reason that names no file while
+the run goes on, folders are walked through symlinks and past unreadable ones, a DICOMDIR's missing
+files are counted, and zip members are read as streams (only Part-10 ones extracted, each archive
+opened once per worker)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from pydicom.fileset import FileSet
+from pydicom.uid import generate_uid
+
+from diana.cli import main
+from diana.producers import bulk_import
+from diana.producers.bulk_import import Importer, ImportSummary, find_sources
+from diana.producers.header import read_header_file
+from tests.support.dicomgen import make_instance
+
+# A folder named after the patient, as exports do: it may reach the --report file, nothing else.
+PATIENT = "DOE_JOHN_19600101"
+
+
+class _RecordingIngest:
+    """What the importer uses of Ingest: the header is read as the real one does, the UID recorded."""
+
+    def __init__(self, landing: Path, max_inflated_bytes: int = 1 << 30):
+        self.landing = SimpleNamespace(incoming=landing / ".incoming")
+        self.landing.incoming.mkdir(parents=True, exist_ok=True)
+        self.max_inflated_bytes = max_inflated_bytes
+        self.accepted: list[str] = []
+
+    def accept_file(self, path: Path, source: str, *, owned: bool) -> None:
+        self.accepted.append(read_header_file(path).sop_instance_uid)
+
+
+def _instance(path: Path, rows: int = 8) -> Path:
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="IMPORT9", study_date="20240101", rows=rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _import(tmp_path: Path, *paths: Path, workers: int = 2, **ingest: int) -> tuple[ImportSummary, _RecordingIngest]:
+    recording = _RecordingIngest(tmp_path / "landing", **ingest)
+    return Importer(recording, workers=workers).run(list(find_sources(list(paths)))), recording  # type: ignore[arg-type]
+
+
+def _mark_member(archive: Path, name: str, *, flag_bits: int = 0, method: int | None = None) -> None:
+    """Set flag bits, or the compression method, of one member in its local header and directory entry."""
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as zf:
+        local = zf.getinfo(name).header_offset
+    entry = next(
+        i
+        for i in range(len(data))
+        if data[i : i + 4] == b"PK\x01\x02" and data[i + 46 : i + 46 + len(name)] == name.encode()
+    )
+    for flags_at in (local + 6, entry + 8):
+        data[flags_at] |= flag_bits
+    if method is not None:
+        data[local + 8 : local + 10] = data[entry + 10 : entry + 12] = struct.pack("<H", method)
+    archive.write_bytes(bytes(data))
+
+
+def _said(capsys: pytest.CaptureFixture[str]) -> str:
+    out, err = capsys.readouterr()
+    return out + err
+
+
+# ------------------------------------------------------------------------- 1. bad input does not stop the run
+
+
+def test_zip_members_that_cannot_be_read_are_rejected_and_the_rest_imported(tmp_path, capsys):
+    one = _instance(tmp_path / "one.dcm").read_bytes()
+    archive = tmp_path / "src" / "export.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        for n in range(1, 6):
+            compression = zipfile.ZIP_DEFLATED if n == 4 else zipfile.ZIP_STORED
+            zf.writestr(zipfile.ZipInfo(f"{PATIENT}/IMG{n}"), one, compress_type=compression)
+    _mark_member(archive, f"{PATIENT}/IMG1", flag_bits=0x1)  # encrypted
+    _mark_member(archive, f"{PATIENT}/IMG2", method=9)  # Deflate64, as Windows Explorer writes
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as zf:
+        img3, img4 = zf.getinfo(f"{PATIENT}/IMG3"), zf.getinfo(f"{PATIENT}/IMG4")
+    data[img3.header_offset + 30 + len(img3.filename) + len(one) - 1] ^= 0xFF  # a bad CRC, found at the end
+    deflated = img4.header_offset + 30 + len(img4.filename)
+    data[deflated : deflated + 16] = b"\xff" * 16  # an invalid deflate block
+    archive.write_bytes(bytes(data))
+    _instance(tmp_path / "src" / "zz_after.dcm")
+
+    summary, ingest = _import(tmp_path, tmp_path / "src")
+
+    assert summary.imported == 2 and len(ingest.accepted) == 2  # IMG5 and the file after the zip
+    assert dict(summary.rejected) == {
+        "zip member encrypted": 1,
+        "zip member: unsupported compression method 9 (unzip it with another tool, import the folder)": 1,
+        "zip member corrupt": 2,
+    }
+    assert sorted(label for _, _, label in summary.not_imported) == [f"{archive}:{PATIENT}/IMG{n}" for n in range(1, 5)]
+    assert PATIENT not in _said(capsys)
+    assert list(ingest.landing.incoming.iterdir()) == []
+
+
+def test_an_archive_or_a_dicomdir_that_cannot_be_opened_is_rejected_and_the_rest_imported(tmp_path, capsys):
+    broken_zip = tmp_path / f"{PATIENT}.zip"  # an end record pointing at no central directory
+    broken_zip.write_bytes(b"junk" * 25 + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, 46, 0, 0))
+    assert zipfile.is_zipfile(broken_zip)
+    dicomdir = tmp_path / PATIENT / "DICOMDIR"
+    dicomdir.parent.mkdir()
+    dicomdir.write_bytes(b"\0" * 200)
+
+    summary, _ = _import(tmp_path, broken_zip, dicomdir, _instance(tmp_path / "good.dcm"))
+
+    assert summary.imported == 1
+    assert dict(summary.rejected) == {"zip unreadable (BadZipFile)": 1, "DICOMDIR unreadable (InvalidDicomError)": 1}
+    assert [label for _, _, label in summary.not_imported] == [str(broken_zip), str(dicomdir)]
+    assert PATIENT not in _said(capsys)
+
+
+def test_an_unexpected_error_fails_that_file_only(tmp_path, capsys):
+    for n in range(3):
+        _instance(tmp_path / "src" / PATIENT / f"{n}.dcm")
+    ingest = _RecordingIngest(tmp_path / "landing")
+    accept = ingest.accept_file
+
+    def unexpected_for_the_first(path: Path, source: str, *, owned: bool) -> None:
+        if path.name == "0.dcm":
+            raise KeyError(f"no such thing in {path}")
+        accept(path, source, owned=owned)
+
+    ingest.accept_file = unexpected_for_the_first  # type: ignore[method-assign]
+    summary = Importer(ingest, workers=2).run(list(find_sources([tmp_path / "src"])))  # type: ignore[arg-type]
+
+    assert summary.imported == 2 and dict(summary.failed) == {"unexpected error (KeyError)": 1}
+    assert PATIENT not in _said(capsys)
+
+
+# -------------------------------------------------------------- 2. folders, symlinks and DICOMDIRs
+
+
+def test_symlinked_folders_are_followed_each_folder_once(tmp_path):
+    source, outside = tmp_path / "src", tmp_path / "outside"
+    _instance(source / "p1" / "a.dcm")
+    _instance(outside / "c.dcm")
+    (source / "linked").symlink_to(outside)
+    (source / "linked_again").symlink_to(outside)
+    (source / "p1" / "loop").symlink_to(source)
+
+    summary, ingest = _import(tmp_path, source)
+
+    assert summary.imported == 2 and len(set(ingest.accepted)) == 2
+    assert summary.not_imported == []
+
+
+def _deny_patient_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a user gets for a folder of mode 000 (these tests may run as root, who reads it all)."""
+    scandir = os.scandir
+
+    def denied(path):
+        if str(path).endswith(PATIENT):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+
+
+def test_a_folder_that_cannot_be_read_is_failed(tmp_path, monkeypatch, capsys):
+    source = tmp_path / "src"
+    _instance(source / "p1" / "a.dcm")
+    _instance(source / PATIENT / "b.dcm")
+    _deny_patient_folder(monkeypatch)
+    summary, _ = _import(tmp_path, source)
+
+    assert summary.imported == 1
+    assert summary.not_imported == [("failed", "folder unreadable: Permission denied", str(source / PATIENT))]
+    assert PATIENT not in _said(capsys)
+
+
+def _fileset(tmp_path: Path, count: int) -> Path:
+    fileset = FileSet()
+    for n in range(count):
+        fileset.add(_instance(tmp_path / "fsrc" / f"{n}.dcm"))
+    fileset.write(tmp_path / "cd")
+    return tmp_path / "cd" / "DICOMDIR"
+
+
+def test_a_file_the_dicomdir_names_but_is_missing_is_failed_without_its_path_said(tmp_path, capsys, caplog, recwarn):
+    dicomdir = _fileset(tmp_path, 2)
+    instances = sorted(p for p in dicomdir.parent.rglob("*") if p.is_file() and p.name != "DICOMDIR")
+    instances[0].unlink()
+
+    summary, ingest = _import(tmp_path, dicomdir)
+
+    assert summary.imported == 1 and len(ingest.accepted) == 1
+    assert summary.not_imported == [
+        ("failed", "file named by the DICOMDIR missing (renamed? import its folder instead)", str(instances[0]))
+    ]
+    said = _said(capsys) + caplog.text + " ".join(str(w.message) for w in recwarn)
+    assert str(instances[0].relative_to(dicomdir.parent)) not in said
+
+
+def test_the_dicomdir_in_an_imported_folder_is_passed_over_quietly(tmp_path):
+    dicomdir = _fileset(tmp_path, 2)
+
+    summary, _ = _import(tmp_path, dicomdir.parent)
+
+    assert summary.imported == 2 and summary.skipped_non_dicom == 0 and summary.not_imported == []
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "diana.toml"
+    path.write_text(f'[storage]\nlanding_dir = "{tmp_path / "landing"}"\n[kafka]\nbootstrap = "127.0.0.1:1"\n')
+    return path
+
+
+@pytest.fixture
+def no_broker(monkeypatch):
+    """`diana import` with its publisher and ingest replaced: the command's own handling is what is tested."""
+    import diana.producers.ingest
+    import diana.producers.publisher
+
+    monkeypatch.setattr(
+        diana.producers.publisher, "EventPublisher", lambda *a, **k: SimpleNamespace(close=lambda: None)
+    )
+    monkeypatch.setattr(
+        diana.producers.ingest,
+        "Ingest",
+        lambda landing, publisher, codec, max_inflated_bytes: _RecordingIngest(landing.root, max_inflated_bytes),
+    )
+
+
+def test_the_exit_status_is_1_when_anything_failed_0_when_only_rejected(
+    tmp_path, config, no_broker, monkeypatch, capsys
+):
+    source = tmp_path / "src"
+    _instance(source / "a.dcm")
+    (source / PATIENT).mkdir()
+    (source / "notes.txt").write_text("not DICOM")
+    archive = source / "export.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(source / "a.dcm", f"{PATIENT}/IMG1")
+    _mark_member(archive, f"{PATIENT}/IMG1", flag_bits=0x1)
+    report = tmp_path / "not-imported.csv"
+    common = ["--config", str(config), "import", "--no-progress", "--report", str(report), str(source)]
+
+    assert main(common) == 0  # rejected only: running again cannot help
+    said = _said(capsys)
+    assert "imported:            1" in said and "zip member encrypted" in said and PATIENT not in said
+    assert f"rejected,zip member encrypted,{archive}:{PATIENT}/IMG1" in report.read_text()
+    assert stat.S_IMODE(report.stat().st_mode) == 0o600
+
+    _deny_patient_folder(monkeypatch)
+    assert main(common) == 1
+    said = _said(capsys)
+    assert "folder unreadable: Permission denied" in said and "run the same command again" in said
+    assert (
+        PATIENT not in said and f"failed,folder unreadable: Permission denied,{source / PATIENT}" in report.read_text()
+    )
+
+
+# --------------------------------------------------------------------- 3. zip members read as streams
+
+
+@pytest.fixture
+def extractions(monkeypatch) -> list[str]:
+    """The temporary files the importer makes (one per member extracted)."""
+    made: list[str] = []
+    mkstemp = bulk_import.tempfile.mkstemp
+
+    def counted(*args, **kwargs):
+        fd, name = mkstemp(*args, **kwargs)
+        made.append(name)
+        return fd, name
+
+    monkeypatch.setattr(bulk_import.tempfile, "mkstemp", counted)
+    return made
+
+
+def test_a_non_dicom_member_is_never_extracted(tmp_path, extractions):
+    archive = tmp_path / "cd_export.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("VIEWER/setup.exe", b"\0" * (16 << 20))
+        zf.write(_instance(tmp_path / "a.dcm"), "DICOM/IM1")
+
+    summary, ingest = _import(tmp_path, archive)
+
+    assert summary.imported == 1 and summary.skipped_non_dicom == 1 and len(extractions) == 1
+
+
+def test_a_member_past_the_inflate_cap_is_rejected_unextracted(tmp_path, extractions):
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.write(_instance(tmp_path / "big.dcm", rows=64), "DICOM/IM1")  # 8 KiB of pixels
+
+    summary, _ = _import(tmp_path, archive, max_inflated_bytes=4096)
+
+    assert dict(summary.rejected) == {"zip member larger than [receiver] max_inflated_bytes (4096)": 1}
+    assert extractions == []
+
+
+def test_each_archive_is_opened_once_per_worker_and_closed_after(tmp_path, monkeypatch):
+    one = _instance(tmp_path / "a.dcm").read_bytes()
+    archives = [tmp_path / "first.zip", tmp_path / "second.zip"]
+    for archive in archives:
+        with zipfile.ZipFile(archive, "w") as zf:
+            for n in range(40):
+                zf.writestr(f"DICOM/IM{n}", one)
+    opened: list[zipfile.ZipFile] = []
+
+    class CountedZipFile(zipfile.ZipFile):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr(zipfile, "ZipFile", CountedZipFile)
+    summary, _ = _import(tmp_path, *archives, workers=3)
+
+    assert summary.imported == 80
+    assert len(opened) <= 2 * (1 + 3)  # listing, then once per worker
+    assert all(zf.fp is None for zf in opened)  # closed
