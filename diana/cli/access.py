@@ -34,21 +34,45 @@ def _cohort_filter(args: argparse.Namespace):
     )
 
 
+DEFAULT_COHORT_LIMIT = 10_000
+
+
 def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
     """Find the studies matching filters; print them, write CSV/JSON, or export their objects."""
-    from opensearchpy.exceptions import NotFoundError
+    from opensearchpy.exceptions import ConnectionError, NotFoundError, TransportError
 
     from diana.access.cohort import CohortError, find_studies, write_rows
     from diana.clients import opensearch_client
 
     client = opensearch_client(cfg.opensearch, timeout=60)
     prefix = cfg.opensearch.index_prefix
+    limit = args.limit or DEFAULT_COHORT_LIMIT
+    command = f"cohort {args.action}"
     try:
-        rows = find_studies(client, prefix, _cohort_filter(args), limit=args.limit)
+        found = find_studies(client, prefix, _cohort_filter(args), limit=limit)
     except CohortError as exc:
-        return fail("cohort", str(exc))
+        return fail(command, str(exc))
     except NotFoundError as exc:
-        return fail("cohort", f"index missing ({getattr(exc, 'info', exc)}); nothing indexed yet?", code=1)
+        return fail(command, f"index missing ({getattr(exc, 'info', exc)}); nothing indexed yet?", code=1)
+    except ConnectionError:
+        raise  # said by the command line's own handler: which OpenSearch, where it is set
+    except TransportError as exc:
+        return fail(command, f"OpenSearch refused the search ({_refusal(exc)}); narrow the filters", code=1)
+    rows = found.rows
+    if found.more_match:
+        if args.action == "export" and args.limit is None:
+            # An export the researcher takes for the whole cohort must be the whole cohort.
+            return fail(
+                command,
+                f"more than {limit} studies match; nothing exported. Narrow the filters, or pass --limit: "
+                f"--limit {limit} exports the {limit} earliest by study date, a larger one more",
+                code=1,
+            )
+        print(
+            f"diana {command}: more than {limit} studies match; the {limit} earliest by study date are "
+            f"{'returned' if args.action == 'find' else 'exported'} - raise --limit to get them all",
+            file=sys.stderr,
+        )
     if args.action == "find":
         if args.output:
             with open(args.output, "w", newline="", encoding="utf-8") as fh:
@@ -58,6 +82,15 @@ def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
             write_rows(rows, sys.stdout, args.format or "table")
         return 0
     return _cohort_export(cfg, args, client, prefix, [r["study_instance_uid"] for r in rows])
+
+
+def _refusal(exc) -> str:
+    """An OpenSearch refusal in a few words: status, error type and the root cause's reason."""
+    info = exc.info if isinstance(exc.info, dict) else {}
+    error = info.get("error") if isinstance(info.get("error"), dict) else {}
+    causes = error.get("root_cause") or [error]
+    reason = (causes[0] or {}).get("reason") or exc.error
+    return f"{exc.status_code} {exc.error}: {str(reason)[:300]}"
 
 
 def _cohort_export(cfg: Config, args: argparse.Namespace, client, prefix: str, study_uids: list[str]) -> int:
@@ -324,7 +357,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         )
         _add_cohort_filters(ap)
         ap.add_argument(
-            "--limit", type=whole_number(1), default=10_000, help="at most this many studies (default 10000)"
+            "--limit",
+            type=whole_number(1),
+            metavar="N",
+            help=f"at most N studies, the earliest by study date (default {DEFAULT_COHORT_LIMIT}); when more "
+            "match, find says so on stderr and export refuses unless --limit is given",
         )
         if action == "find":
             ap.add_argument("--output", "-o", metavar="FILE", help="write to FILE (.csv or .json) instead of a table")
