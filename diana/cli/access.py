@@ -167,15 +167,17 @@ def cmd_dashboards(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     """Write a self-contained HTML report of ingest and dose for a date range (no network needed to view it)."""
-    from datetime import date, timedelta
+    from datetime import date, datetime, timedelta
 
-    from diana.access.report import build_report
+    from diana.access.report import build_report, host_time_zone
     from diana.clients import opensearch_client
+    from diana.config import time_zone_info
     from diana.durable import write_atomic
     from diana.stream_apps.dose.reference_levels import LevelsError, load_reference_levels
 
+    time_zone = cfg.report.time_zone or host_time_zone()
     try:
-        end = date.fromisoformat(args.to_date) if args.to_date else date.today()
+        end = date.fromisoformat(args.to_date) if args.to_date else datetime.now(time_zone_info(time_zone)).date()
         start = date.fromisoformat(args.from_date) if args.from_date else end - timedelta(days=30)
     except ValueError as exc:
         return fail("report", f"{exc}; dates look like 2024-03-15")
@@ -186,9 +188,9 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     except LevelsError as exc:
         return fail("report", str(exc))
     client = opensearch_client(cfg.opensearch, timeout=60)
-    page = build_report(client, cfg.opensearch.index_prefix, start, end, levels)
+    page = build_report(client, cfg.opensearch.index_prefix, start, end, levels, time_zone=time_zone)
     write_atomic(Path(args.out), page.encode("utf-8"))
-    print(f"report {start} to {end} written to {args.out}")
+    print(f"report {start} to {end} ({time_zone} days) written to {args.out}")
     return 0
 
 
@@ -434,6 +436,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "report", help="write a self-contained HTML report of ingest and dose", description=cmd_report.__doc__
     )
     rep.add_argument("--from", dest="from_date", metavar="YYYY-MM-DD", help="first day (default: 30 days before --to)")
-    rep.add_argument("--to", dest="to_date", metavar="YYYY-MM-DD", help="last day, by arrival (default: today)")
+    rep.add_argument(
+        "--to",
+        dest="to_date",
+        metavar="YYYY-MM-DD",
+        help="last day, by arrival (default: today); days run midnight to midnight in [report] time_zone "
+        "(default: this host's zone)",
+    )
     rep.add_argument("--out", required=True, metavar="FILE.html", help="the report to write (replaced if it exists)")
     rep.set_defaults(func=cmd_report)
