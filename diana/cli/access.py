@@ -87,7 +87,8 @@ def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
 def _refusal(exc) -> str:
     """An OpenSearch refusal in a few words: status, error type and the root cause's reason."""
     info = exc.info if isinstance(exc.info, dict) else {}
-    error = info.get("error") if isinstance(info.get("error"), dict) else {}
+    error = info.get("error")
+    error = error if isinstance(error, dict) else {}
     causes = error.get("root_cause") or [error]
     reason = (causes[0] or {}).get("reason") or exc.error
     return f"{exc.status_code} {exc.error}: {str(reason)[:300]}"
