@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 from opensearchpy.exceptions import RequestError
@@ -184,13 +183,6 @@ def test_dose_above_over_max_terms_count_studies_is_asked_in_batches_within_the_
     assert max(len(batch) for batch in terms) <= TERMS_BATCH
     assert len(sent) == len(set(sent)) == MAX_TERMS_COUNT + 101  # each in-range dose study once, no 2019 one
     assert "1.5.1" in sent
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
-    path = tmp_path / "diana.toml"
-    path.write_text('[kafka]\nbootstrap = "127.0.0.1:1"\n[opensearch]\nurl = "http://127.0.0.1:2"\n')
-    return path
 
 
 @pytest.fixture

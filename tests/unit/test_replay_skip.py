@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
@@ -28,13 +27,6 @@ def test_a_move_past_the_committed_offset_counts_the_messages_it_skips():
     expired = Move("dicom.instances", 2, current=5, target=30, first_kept=20)
     assert expired.to_skip == 10  # 5..19 are gone whatever happens
     assert render_moves([lagging]).splitlines()[1].split()[-2:] == ["0", "150"]
-
-
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
-    path = tmp_path / "diana.toml"
-    path.write_text('[kafka]\nbootstrap = "127.0.0.1:1"\n[opensearch]\nurl = "http://127.0.0.1:2"\n')
-    return path
 
 
 @pytest.fixture
