@@ -21,6 +21,7 @@ __all__ = [
     "CohortError",
     "CohortFilter",
     "find_studies",
+    "FoundStudies",
     "study_instances",
     "write_rows",
     "FILTER_FIELDS",
@@ -140,17 +141,38 @@ def _scan(client: OpenSearch, index: str, query: dict, sort_field: str, source: 
         after = hits[-1]["sort"]
 
 
-def _dose_studies(client: OpenSearch, prefix: str, dose_above: list[tuple[str, float]]) -> list[str]:
-    query = {"bool": {"filter": [{"range": {metric: {"gt": value}}} for metric, value in dose_above]}}
-    return [
-        d["study_instance_uid"]
-        for d in _scan(
-            client, IndexLayout(prefix).alias("dose-studies"), query, "study_instance_uid", ["study_instance_uid"]
-        )
-    ]
+# Study UIDs per `terms` query: OpenSearch refuses more than index.max_terms_count (65,536 by default),
+# and a smaller query is answered sooner.
+TERMS_BATCH = 10_000
 
 
-def _instance_query(client: OpenSearch, prefix: str, f: CohortFilter) -> dict | None:
+def _study_date_range(f: CohortFilter) -> dict | None:
+    if not (f.date_from or f.date_to):
+        return None
+    return {"range": {"study_date": {k: v for k, v in (("gte", f.date_from), ("lte", f.date_to)) if v}}}
+
+
+def _dose_studies(client: OpenSearch, prefix: str, f: CohortFilter) -> list[str]:
+    """The UIDs of the dose studies over every --dose-above value within the date range. Not filtered by
+    modality: a dose study's modality is its dose report's kind, not necessarily its images'."""
+    filters: list[dict] = [{"range": {metric: {"gt": value}}} for metric, value in f.dose_above]
+    dated = _study_date_range(f)
+    if dated:
+        # A dose study without a study date may still belong: its instances' date is checked afterwards.
+        filters.append({"bool": {"should": [dated, {"bool": {"must_not": {"exists": {"field": "study_date"}}}}]}})
+    scanned = _scan(
+        client,
+        IndexLayout(prefix).alias("dose-studies"),
+        {"bool": {"filter": filters}},
+        "study_instance_uid",
+        ["study_instance_uid"],
+    )
+    return list(dict.fromkeys(d["study_instance_uid"] for d in scanned))
+
+
+def _instance_queries(client: OpenSearch, prefix: str, f: CohortFilter) -> list[dict]:
+    """The instance index queries whose studies together are the cohort: one, or one per batch of
+    the dose studies' UIDs (none when no dose study qualifies)."""
     filters: list[dict] = []
     for name, field_name in (
         ("modality", "modality"),
@@ -173,8 +195,9 @@ def _instance_query(client: OpenSearch, prefix: str, f: CohortFilter) -> dict | 
                 }
             }
         )
-    if f.date_from or f.date_to:
-        filters.append({"range": {"study_date": {k: v for k, v in (("gte", f.date_from), ("lte", f.date_to)) if v}}})
+    dated = _study_date_range(f)
+    if dated:
+        filters.append(dated)
     if f.age_min is not None or f.age_max is not None:
         filters.append(
             {
@@ -183,73 +206,108 @@ def _instance_query(client: OpenSearch, prefix: str, f: CohortFilter) -> dict | 
                 }
             }
         )
-    if f.dose_above:
-        uids = _dose_studies(client, prefix, f.dose_above)
-        if not uids:
-            return None
-        filters.append({"terms": {"study_instance_uid": uids}})
-    return {"bool": {"filter": filters}} if filters else {"match_all": {}}
+    if not f.dose_above:
+        return [{"bool": {"filter": filters}} if filters else {"match_all": {}}]
+    uids = _dose_studies(client, prefix, f)
+    return [
+        {"bool": {"filter": [*filters, {"terms": {"study_instance_uid": uids[start : start + TERMS_BATCH]}}]}}
+        for start in range(0, len(uids), TERMS_BATCH)
+    ]
 
 
-def find_studies(client: OpenSearch, prefix: str, f: CohortFilter, limit: int = 10_000) -> list[dict]:
-    """One row per matching study (columns: COLUMNS), ordered by study date then UID."""
-    f.validate()
-    query = _instance_query(client, prefix, f)
-    if query is None:
-        return []
-    rows: list[dict] = []
-    after = None
-    while len(rows) < limit:
-        composite: dict[str, Any] = {
-            "size": min(500, limit - len(rows)),
-            "sources": [{"study": {"terms": {"field": "study_instance_uid"}}}],
+@dataclass
+class FoundStudies:
+    """The studies found, earliest study date first, and whether more matched than the limit allowed."""
+
+    rows: list[dict]
+    more_match: bool
+
+
+# Composite keys: study date first (a study without one first of all), then UID, so that a result cut
+# at the limit keeps the earliest studies, the same ones each time.
+_STUDY_KEYS = [
+    {"date": {"terms": {"field": "study_date", "missing_bucket": True, "order": "asc"}}},
+    {"study": {"terms": {"field": "study_instance_uid", "order": "asc"}}},
+]
+_STUDY_AGGS = {
+    "modalities": {"terms": {"field": "modality", "size": 20}},
+    "stations": {"terms": {"field": "station_name", "size": 20}},
+    "series": {"cardinality": {"field": "series_instance_uid"}},
+    "first": {
+        "top_hits": {
+            "size": 1,
+            "_source": [
+                "study_date",
+                "accession_number",
+                "patient_id",
+                "patient_sex",
+                "patient_age_years",
+                "study_description",
+            ],
         }
+    },
+}
+
+
+def _study_row(bucket: dict) -> dict:
+    first = bucket["first"]["hits"]["hits"][0]["_source"]
+    return {
+        "study_instance_uid": bucket["key"]["study"],
+        **{k: first.get(k) for k in COLUMNS if k in first},
+        "modalities": "/".join(b["key"] for b in bucket["modalities"]["buckets"]),
+        "stations": "/".join(b["key"] for b in bucket["stations"]["buckets"]),
+        "series": bucket["series"]["value"],
+        "instances": bucket["doc_count"],
+    }
+
+
+def _add_bucket(rows: dict[str, dict], bucket: dict) -> None:
+    """A study whose instances carry different study dates comes in one bucket per date: one row, its
+    instances summed (its series count is the largest bucket's, a lower bound)."""
+    row = _study_row(bucket)
+    seen = rows.get(row["study_instance_uid"])
+    if seen is None:
+        rows[row["study_instance_uid"]] = row
+        return
+    seen["instances"] += row["instances"]
+    seen["series"] = max(seen["series"], row["series"])
+    for name in ("modalities", "stations"):
+        values = [v for v in seen[name].split("/") + row[name].split("/") if v]
+        seen[name] = "/".join(dict.fromkeys(values))
+
+
+def _earliest_studies(client: OpenSearch, prefix: str, query: dict, wanted: int) -> dict[str, dict]:
+    """Up to ``wanted`` studies matching ``query``, earliest study date first, keyed by UID."""
+    rows: dict[str, dict] = {}
+    after = None
+    while len(rows) < wanted:
+        composite: dict[str, Any] = {"size": min(500, wanted - len(rows)), "sources": _STUDY_KEYS}
         if after:
             composite["after"] = after
-        body = {
-            "size": 0,
-            "query": query,
-            "aggs": {
-                "studies": {
-                    "composite": composite,
-                    "aggs": {
-                        "modalities": {"terms": {"field": "modality", "size": 20}},
-                        "stations": {"terms": {"field": "station_name", "size": 20}},
-                        "series": {"cardinality": {"field": "series_instance_uid"}},
-                        "first": {
-                            "top_hits": {
-                                "size": 1,
-                                "_source": [
-                                    "study_date",
-                                    "accession_number",
-                                    "patient_id",
-                                    "patient_sex",
-                                    "patient_age_years",
-                                    "study_description",
-                                ],
-                            }
-                        },
-                    },
-                }
-            },
-        }
+        body = {"size": 0, "query": query, "aggs": {"studies": {"composite": composite, "aggs": _STUDY_AGGS}}}
         result = client.search(index=IndexLayout(prefix).alias("instances"), body=body)["aggregations"]["studies"]
         for bucket in result["buckets"]:
-            first = bucket["first"]["hits"]["hits"][0]["_source"]
-            rows.append(
-                {
-                    "study_instance_uid": bucket["key"]["study"],
-                    **{k: first.get(k) for k in COLUMNS if k in first},
-                    "modalities": "/".join(b["key"] for b in bucket["modalities"]["buckets"]),
-                    "stations": "/".join(b["key"] for b in bucket["stations"]["buckets"]),
-                    "series": bucket["series"]["value"],
-                    "instances": bucket["doc_count"],
-                }
-            )
+            _add_bucket(rows, bucket)
         after = result.get("after_key")
         if not after or not result["buckets"]:
             break
-    return sorted(rows, key=lambda r: (r.get("study_date") or "", r["study_instance_uid"]))
+    return rows
+
+
+def _by_date(row: dict) -> tuple[str, str]:
+    return row.get("study_date") or "", row["study_instance_uid"]
+
+
+def find_studies(client: OpenSearch, prefix: str, f: CohortFilter, limit: int = 10_000) -> FoundStudies:
+    """One row per matching study (columns: COLUMNS), ordered by study date then UID: the earliest
+    ``limit`` of them, and whether more matched (one more is fetched to know)."""
+    f.validate()
+    rows: dict[str, dict] = {}
+    for query in _instance_queries(client, prefix, f):
+        # Each batch's earliest limit + 1: together they hold the cohort's earliest limit + 1.
+        rows.update(_earliest_studies(client, prefix, query, limit + 1))
+    ordered = sorted(rows.values(), key=_by_date)
+    return FoundStudies(ordered[:limit], more_match=len(ordered) > limit)
 
 
 def study_instances(client: OpenSearch, prefix: str, study_uids: list[str]) -> list[dict]:

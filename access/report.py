@@ -7,16 +7,19 @@ and no script to be viewed, printed or mailed.
 from __future__ import annotations
 
 import html
+import os
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from opensearchpy import OpenSearch
 
 from diana.access.dose_survey import reference_level_survey
+from diana.config import time_zone_info
 from diana.schemas.layout import IndexLayout
 from diana.stream_apps.dose.reference_levels import ReferenceLevels
 
-__all__ = ["build_report"]
+__all__ = ["build_report", "host_time_zone"]
 
 _COLOURS = (
     "#1f77b4",
@@ -32,8 +35,34 @@ _COLOURS = (
 )
 
 
-def _range(field: str, start: date, end: date) -> dict:
-    return {"range": {field: {"gte": start.isoformat(), "lt": (end + timedelta(days=1)).isoformat()}}}
+def host_time_zone() -> str:
+    """This host's zone as OpenSearch takes it: its IANA name where the system names it (TZ, else the
+    link /etc/localtime or /etc/timezone), else its UTC offset now ("+01:00", not following summer time)."""
+    tz = os.environ.get("TZ")
+    if tz is not None:  # TZ rules this process's local time, whatever the system's files say
+        candidates = [tz.lstrip(":")]
+    else:
+        candidates = [str(Path("/etc/localtime").resolve()).partition("/zoneinfo/")[2]]
+        try:
+            candidates.append(Path("/etc/timezone").read_text(encoding="utf-8").strip())
+        except OSError:
+            pass
+    for name in filter(None, candidates):
+        try:
+            time_zone_info(name)  # a POSIX rule such as "CET-1CEST" is no zone name
+            return name
+        except ValueError:
+            continue
+    offset = datetime.now().astimezone().strftime("%z")
+    return f"{offset[:3]}:{offset[3:]}"
+
+
+def _range(field: str, start: date, end: date, time_zone: str) -> dict:
+    return {
+        "range": {
+            field: {"gte": start.isoformat(), "lt": (end + timedelta(days=1)).isoformat(), "time_zone": time_zone}
+        }
+    }
 
 
 def _search(client: OpenSearch, index: str, query: dict, aggs: dict) -> dict:
@@ -182,9 +211,19 @@ def _reference_level_sections(
     ]
 
 
-def build_report(client: OpenSearch, prefix: str, start: date, end: date, levels: ReferenceLevels | None = None) -> str:
-    received = _range("received_at", start, end)
-    per_day = {"calendar_interval": "day", "format": "yyyy-MM-dd", "min_doc_count": 1}
+def build_report(
+    client: OpenSearch,
+    prefix: str,
+    start: date,
+    end: date,
+    levels: ReferenceLevels | None = None,
+    *,
+    time_zone: str,
+) -> str:
+    """The page for the days ``start`` to ``end`` (by arrival), each from midnight to midnight in
+    ``time_zone`` (an IANA name or "+HH:MM"), not UTC's: the site's day."""
+    received = _range("received_at", start, end, time_zone)
+    per_day = {"calendar_interval": "day", "format": "yyyy-MM-dd", "min_doc_count": 1, "time_zone": time_zone}
     ingest = _search(
         client,
         IndexLayout(prefix).alias("instances"),
@@ -238,7 +277,7 @@ def build_report(client: OpenSearch, prefix: str, start: date, end: date, levels
     if client.indices.exists_alias(name=IndexLayout(prefix).alias("dose-alerts")):
         alerts = client.search(
             index=IndexLayout(prefix).alias("dose-alerts"),
-            body={"size": 50, "query": _range("raised_at", start, end), "sort": [{"raised_at": "desc"}]},
+            body={"size": 50, "query": _range("raised_at", start, end, time_zone), "sort": [{"raised_at": "desc"}]},
         )
     modality_rows = [
         [b["key"], b["studies"]["value"], b["doc_count"], b["bytes"]["value"] / 1e6]
@@ -304,6 +343,7 @@ th {{ background: #eee; }} .empty {{ color: #888; }}
 .legend .key {{ margin-right: 1em; font-size: 0.9em; }} .legend i {{ display: inline-block; width: 10px; height: 10px; margin-right: 4px; }}
 </style></head><body>
 <h1>diana-star: ingest and dose, {start} to {end}</h1>
+<p>Days run from midnight to midnight in {html.escape(time_zone)}.</p>
 <p>{html.escape(summary)}. Made {made} from the OpenSearch indices <code>{html.escape(prefix)}-*</code>.</p>
 {"".join(sections)}
 </body></html>

@@ -14,6 +14,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -314,6 +315,15 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """`diana report`."""
+
+    # The zone whose midnight starts a report's day: an IANA name ("Europe/Zurich") or a UTC offset
+    # ("+01:00"). Empty: this host's zone.
+    time_zone: str = ""
+
+
+@dataclass(frozen=True)
 class QueryRetrieveConfig:
     """The Query/Retrieve SCP (C-FIND, C-MOVE, C-GET), answered from the index and the archive."""
 
@@ -480,6 +490,7 @@ class Config:
     dose: DoseConfig = field(default_factory=DoseConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     query_retrieve: QueryRetrieveConfig = field(default_factory=QueryRetrieveConfig)
     dicomweb: DicomWebConfig = field(default_factory=DicomWebConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
@@ -628,6 +639,14 @@ def _check_choices(sections: dict[str, Any]) -> None:
     except ValueError as exc:
         raise ConfigError(f"[stream] quiet_seconds: {exc}") from None
     parse_destinations(sections["query_retrieve"].destinations)
+    if sections["report"].time_zone:
+        try:
+            time_zone_info(sections["report"].time_zone)
+        except ValueError:
+            raise ConfigError(
+                f"[report] time_zone = {sections['report'].time_zone!r}: use an IANA name such as "
+                '"Europe/Zurich" or a UTC offset such as "+01:00" (empty: this host\'s zone)'
+            ) from None
     stream = sections["stream"]
     if not 1 <= stream.transaction_max_events <= 100_000:
         raise ConfigError(
@@ -764,6 +783,23 @@ def _check_security(sections: dict[str, Any]) -> None:
 def opensearch_urls(search: OpenSearchConfig) -> list[str]:
     """The node urls of ``[opensearch] url`` (one, or several separated by commas)."""
     return [url.strip().rstrip("/") for url in search.url.split(",") if url.strip()]
+
+
+_UTC_OFFSET = re.compile(r"([+-])(\d{2}):(\d{2})")
+
+
+def time_zone_info(name: str) -> tzinfo:
+    """A zone named as OpenSearch takes it, an IANA name or a UTC offset "+HH:MM"; ValueError if neither."""
+    offset = _UTC_OFFSET.fullmatch(name)
+    if offset:
+        sign, hours, minutes = offset.groups()
+        return timezone((-1 if sign == "-" else 1) * timedelta(hours=int(hours), minutes=int(minutes)))
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):  # ValueError: a path-like name ("../x")
+        raise ValueError(f"unknown time zone {name!r}") from None
 
 
 def parse_per_modality(spec: str) -> tuple[dict[str, float], float]:

@@ -2,7 +2,9 @@
 
 The group must be stopped (no active members): Kafka refuses to move the offsets of a live
 group, and a live consumer would overwrite them. Moves to the beginning, the end, a point in
-time, or an offset; --dry-run shows what would move.
+time, or an offset; --dry-run shows what would move. A move forward past messages the group has not
+processed skips them: the plan counts them per partition (Move.to_skip) and the command asks for
+--allow-skip (or --to-end, which says so itself).
 """
 
 from __future__ import annotations
@@ -34,10 +36,19 @@ class Move:
     partition: int
     current: int | None  # None: the group never committed here
     target: int
+    first_kept: int = 0  # the partition's low watermark: earlier messages are gone
 
     @property
     def to_reprocess(self) -> int:
         return max((self.current or 0) - self.target, 0) if self.current is not None else 0
+
+    @property
+    def to_skip(self) -> int:
+        """Messages the group has not processed that it would never process after the move: from where it
+        would resume to the target. Where it never committed, diana's consumers start at the first message
+        kept; a committed offset retention has passed resumes there too."""
+        resume = self.first_kept if self.current is None else max(self.current, self.first_kept)
+        return max(self.target - resume, 0)
 
 
 def plan_replay(
@@ -107,7 +118,7 @@ def plan_replay(
                     if offset is None or not low <= offset <= high:
                         raise ReplayError(f"offset {offset} is outside {t}[{p}]: valid {low}..{high}")
                     targets[(t, p)] = offset
-    return [Move(t, p, current.get((t, p)), targets[(t, p)]) for (t, p) in sorted(targets)]
+    return [Move(t, p, current.get((t, p)), targets[(t, p)], marks[t][p][0]) for (t, p) in sorted(targets)]
 
 
 def apply_replay(cfg: Config, group: str, moves: list[Move]) -> None:
@@ -130,11 +141,12 @@ def apply_replay(cfg: Config, group: str, moves: list[Move]) -> None:
 
 
 def render_moves(moves: list[Move]) -> str:
-    """The plan as a table: topic, partition, current and new position, messages to process again."""
-    lines = [f"{'topic':<24}{'partition':>10}{'current':>12}{'new':>12}{'to reprocess':>14}"]
+    """The plan as a table: topic, partition, current and new position, messages to process again, and
+    messages never processed that the move skips."""
+    lines = [f"{'topic':<24}{'partition':>10}{'current':>12}{'new':>12}{'to reprocess':>14}{'SKIPPED':>10}"]
     for m in moves:
         current = "-" if m.current is None else str(m.current)
-        lines.append(f"{m.topic:<24}{m.partition:>10}{current:>12}{m.target:>12}{m.to_reprocess:>14}")
+        lines.append(f"{m.topic:<24}{m.partition:>10}{current:>12}{m.target:>12}{m.to_reprocess:>14}{m.to_skip:>10}")
     return "\n".join(lines)
 
 

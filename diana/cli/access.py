@@ -34,21 +34,45 @@ def _cohort_filter(args: argparse.Namespace):
     )
 
 
+DEFAULT_COHORT_LIMIT = 10_000
+
+
 def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
     """Find the studies matching filters; print them, write CSV/JSON, or export their objects."""
-    from opensearchpy.exceptions import NotFoundError
+    from opensearchpy.exceptions import ConnectionError, NotFoundError, TransportError
 
     from diana.access.cohort import CohortError, find_studies, write_rows
     from diana.clients import opensearch_client
 
     client = opensearch_client(cfg.opensearch, timeout=60)
     prefix = cfg.opensearch.index_prefix
+    limit = args.limit or DEFAULT_COHORT_LIMIT
+    command = f"cohort {args.action}"
     try:
-        rows = find_studies(client, prefix, _cohort_filter(args), limit=args.limit)
+        found = find_studies(client, prefix, _cohort_filter(args), limit=limit)
     except CohortError as exc:
-        return fail("cohort", str(exc))
+        return fail(command, str(exc))
     except NotFoundError as exc:
-        return fail("cohort", f"index missing ({getattr(exc, 'info', exc)}); nothing indexed yet?", code=1)
+        return fail(command, f"index missing ({getattr(exc, 'info', exc)}); nothing indexed yet?", code=1)
+    except ConnectionError:
+        raise  # said by the command line's own handler: which OpenSearch, where it is set
+    except TransportError as exc:
+        return fail(command, f"OpenSearch refused the search ({_refusal(exc)}); narrow the filters", code=1)
+    rows = found.rows
+    if found.more_match:
+        if args.action == "export" and args.limit is None:
+            # An export the researcher takes for the whole cohort must be the whole cohort.
+            return fail(
+                command,
+                f"more than {limit} studies match; nothing exported. Narrow the filters, or pass --limit: "
+                f"--limit {limit} exports the {limit} earliest by study date, a larger one more",
+                code=1,
+            )
+        print(
+            f"diana {command}: more than {limit} studies match; the {limit} earliest by study date are "
+            f"{'returned' if args.action == 'find' else 'exported'} - raise --limit to get them all",
+            file=sys.stderr,
+        )
     if args.action == "find":
         if args.output:
             with open(args.output, "w", newline="", encoding="utf-8") as fh:
@@ -58,6 +82,16 @@ def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
             write_rows(rows, sys.stdout, args.format or "table")
         return 0
     return _cohort_export(cfg, args, client, prefix, [r["study_instance_uid"] for r in rows])
+
+
+def _refusal(exc) -> str:
+    """An OpenSearch refusal in a few words: status, error type and the root cause's reason."""
+    info = exc.info if isinstance(exc.info, dict) else {}
+    error = info.get("error")
+    error = error if isinstance(error, dict) else {}
+    causes = error.get("root_cause") or [error]
+    reason = (causes[0] or {}).get("reason") or exc.error
+    return f"{exc.status_code} {exc.error}: {str(reason)[:300]}"
 
 
 def _cohort_export(cfg: Config, args: argparse.Namespace, client, prefix: str, study_uids: list[str]) -> int:
@@ -134,15 +168,17 @@ def cmd_dashboards(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     """Write a self-contained HTML report of ingest and dose for a date range (no network needed to view it)."""
-    from datetime import date, timedelta
+    from datetime import date, datetime, timedelta
 
-    from diana.access.report import build_report
+    from diana.access.report import build_report, host_time_zone
     from diana.clients import opensearch_client
+    from diana.config import time_zone_info
     from diana.durable import write_atomic
     from diana.stream_apps.dose.reference_levels import LevelsError, load_reference_levels
 
+    time_zone = cfg.report.time_zone or host_time_zone()
     try:
-        end = date.fromisoformat(args.to_date) if args.to_date else date.today()
+        end = date.fromisoformat(args.to_date) if args.to_date else datetime.now(time_zone_info(time_zone)).date()
         start = date.fromisoformat(args.from_date) if args.from_date else end - timedelta(days=30)
     except ValueError as exc:
         return fail("report", f"{exc}; dates look like 2024-03-15")
@@ -153,9 +189,9 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     except LevelsError as exc:
         return fail("report", str(exc))
     client = opensearch_client(cfg.opensearch, timeout=60)
-    page = build_report(client, cfg.opensearch.index_prefix, start, end, levels)
+    page = build_report(client, cfg.opensearch.index_prefix, start, end, levels, time_zone=time_zone)
     write_atomic(Path(args.out), page.encode("utf-8"))
-    print(f"report {start} to {end} written to {args.out}")
+    print(f"report {start} to {end} ({time_zone} days) written to {args.out}")
     return 0
 
 
@@ -324,7 +360,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         )
         _add_cohort_filters(ap)
         ap.add_argument(
-            "--limit", type=whole_number(1), default=10_000, help="at most this many studies (default 10000)"
+            "--limit",
+            type=whole_number(1),
+            metavar="N",
+            help=f"at most N studies, the earliest by study date (default {DEFAULT_COHORT_LIMIT}); when more "
+            "match, find says so on stderr and export refuses unless --limit is given",
         )
         if action == "find":
             ap.add_argument("--output", "-o", metavar="FILE", help="write to FILE (.csv or .json) instead of a table")
@@ -397,6 +437,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "report", help="write a self-contained HTML report of ingest and dose", description=cmd_report.__doc__
     )
     rep.add_argument("--from", dest="from_date", metavar="YYYY-MM-DD", help="first day (default: 30 days before --to)")
-    rep.add_argument("--to", dest="to_date", metavar="YYYY-MM-DD", help="last day, by arrival (default: today)")
+    rep.add_argument(
+        "--to",
+        dest="to_date",
+        metavar="YYYY-MM-DD",
+        help="last day, by arrival (default: today); days run midnight to midnight in [report] time_zone "
+        "(default: this host's zone)",
+    )
     rep.add_argument("--out", required=True, metavar="FILE.html", help="the report to write (replaced if it exists)")
     rep.set_defaults(func=cmd_report)

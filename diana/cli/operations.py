@@ -38,17 +38,30 @@ def cmd_replay(cfg: Config, args: argparse.Namespace) -> int:
             when = datetime.fromisoformat(args.to_datetime)
         except ValueError:
             return fail(
-                "replay", f"--to-datetime {args.to_datetime!r} is not ISO 8601 (e.g. 2024-03-15T08:00:00+00:00)"
+                "replay", f"--to-datetime {args.to_datetime!r} is not ISO 8601 (e.g. 2024-03-15T08:00:00+01:00)"
             )
-        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+        zone = "" if when.tzinfo else " (no UTC offset given: this host's local time)"
+        when = when.astimezone()  # a time without an offset is the host's local time, as a person means it
+        print(f"--to-datetime {args.to_datetime}{zone} is {when.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC")
     to = "beginning" if args.to_beginning else "end" if args.to_end else "datetime" if when else "offset"
     try:
         moves = plan_replay(cfg, args.group, args.topic, to=to, when=when, offset=args.to_offset)
         print(render_moves(moves))
         total = sum(m.to_reprocess for m in moves)
+        skipped = sum(m.to_skip for m in moves)
+        if skipped:
+            print(f"{skipped} messages will be SKIPPED (never processed by {args.group})")
         if args.dry_run:
             print(f"dry run: {total} messages would be processed again by {args.group}; nothing moved")
             return 0
+        # --to-end says it skips; any other move past unprocessed messages must be asked for.
+        if skipped and not (args.allow_skip or args.to_end):
+            return fail(
+                "replay",
+                f"nothing moved: the move skips {skipped} messages {args.group} has not processed. Pass "
+                "--allow-skip if they are to be skipped, or choose an earlier position",
+                code=1,
+            )
         apply_replay(cfg, args.group, moves)
         print(f"moved {args.group}: {total} messages will be processed again when its consumers start")
     except ReplayError as exc:
@@ -233,9 +246,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     where = rp.add_mutually_exclusive_group(required=True)
     where.add_argument("--to-beginning", action="store_true", help="reprocess everything still in the topics")
     where.add_argument("--to-end", action="store_true", help="skip everything not yet processed")
-    where.add_argument("--to-datetime", metavar="ISO", help="the first message at or after this time")
+    where.add_argument(
+        "--to-datetime",
+        metavar="ISO",
+        help="the first message at or after this time (e.g. 2024-03-15T08:00; without a UTC offset, this "
+        "host's local time; the UTC instant is printed)",
+    )
     where.add_argument("--to-offset", type=whole_number(0), metavar="N", help="this offset in every partition")
     rp.add_argument("--topic", action="append", help="limit to this topic (repeatable); default: the group's topics")
+    rp.add_argument(
+        "--allow-skip",
+        action="store_true",
+        help="move forward past messages the group has not processed, skipping them (counted in the plan); "
+        "without it such a move is refused (--to-end needs no --allow-skip)",
+    )
     rp.add_argument("--dry-run", action="store_true", help="show what would move, move nothing")
     rp.add_argument("--watch", action="store_true", help="then show the group's lag draining, with events/s")
     rp.set_defaults(func=cmd_replay)

@@ -10,13 +10,6 @@ import pytest
 from diana.cli import main
 
 
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
-    path = tmp_path / "diana.toml"
-    path.write_text('[kafka]\nbootstrap = "127.0.0.1:1"\n[opensearch]\nurl = "http://127.0.0.1:2"\n')
-    return path
-
-
 def _one_line(capsys: pytest.CaptureFixture[str]) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err, err

@@ -1,0 +1,234 @@
+"""`diana cohort`: the queries it sends and what it does with more studies than --limit.
+
+The index here is a small stand-in for the OpenSearch client that answers the query forms cohort.py
+builds (bool filter, range, terms, exists, composite aggregation, search_after) over documents in
+memory, and records every body it is sent. What the real index does with these bodies is checked in
+tests/integration/test_cohort.py.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from opensearchpy.exceptions import RequestError
+
+import diana.cli.access
+import diana.clients
+from diana.access.cohort import TERMS_BATCH, CohortFilter, find_studies
+from diana.cli import main
+
+MAX_TERMS_COUNT = 65_536  # index.max_terms_count
+
+
+def _predicate(query: dict):
+    """``query`` (the forms cohort.py uses) as a test on one document."""
+    kind, spec = next(iter(query.items()))
+    if kind == "match_all":
+        return lambda doc: True
+    if kind == "bool":
+        musts = [_predicate(q) for q in spec.get("filter", [])]
+        shoulds = [_predicate(q) for q in spec.get("should", [])]
+        nots = [_predicate(spec["must_not"])] if "must_not" in spec else []
+        return lambda doc: (
+            all(p(doc) for p in musts)
+            and (not shoulds or any(p(doc) for p in shoulds))
+            and not any(p(doc) for p in nots)
+        )
+    if kind == "exists":
+        return lambda doc: doc.get(spec["field"]) is not None
+    if kind == "terms":
+        [(field, values)] = spec.items()
+        if len(values) > MAX_TERMS_COUNT:
+            raise RequestError(
+                400,
+                "search_phase_execution_exception",
+                {"error": {"root_cause": [{"reason": f"The number of terms [{len(values)}] ... exceeded"}]}},
+            )
+        wanted = set(values)
+        return lambda doc: doc.get(field) in wanted
+    if kind == "term":
+        [(field, condition)] = spec.items()
+        return lambda doc: str(doc.get(field, "")).upper() == condition["value"].upper()
+    if kind == "range":
+        [(field, bounds)] = spec.items()
+        tests = {
+            "gt": lambda v, b: v > b,
+            "gte": lambda v, b: v >= b,
+            "lt": lambda v, b: v < b,
+            "lte": lambda v, b: v <= b,
+        }
+        return lambda doc: doc.get(field) is not None and all(tests[op](doc[field], b) for op, b in bounds.items())
+    raise AssertionError(f"query form not in this stand-in: {kind}")
+
+
+def _order(value):
+    return (value is not None, value)  # a missing value first, as composite's missing_bucket sorts it
+
+
+class RecordingIndex:
+    """A stand-in OpenSearch client over instance and dose-study documents; ``bodies`` is what it was sent."""
+
+    def __init__(self, instances: list[dict], dose_studies: list[dict] = ()):
+        self.docs = {"instances": instances, "dose-studies": list(dose_studies)}
+        self.bodies: list[tuple[str, dict]] = []
+        self._matching: dict[str, list[dict]] = {}
+
+    def search(self, index: str, body: dict) -> dict:
+        self.bodies.append((index, body))
+        kind = index.removeprefix("diana-")
+        key = kind + json.dumps(body["query"], sort_keys=True)
+        if key not in self._matching:
+            test = _predicate(body["query"])
+            self._matching[key] = [d for d in self.docs[kind] if test(d)]
+        docs = self._matching[key]
+        return self._composite(body, docs) if "aggs" in body else self._page(body, docs)
+
+    def _page(self, body: dict, docs: list[dict]) -> dict:
+        [(field, _)] = body["sort"][0].items()
+        docs = sorted(docs, key=lambda d: d[field])
+        if "search_after" in body:
+            docs = [d for d in docs if d[field] > body["search_after"][0]]
+        page = docs[: body["size"]]
+        return {"hits": {"hits": [{"_source": d, "sort": [d[field]]} for d in page]}}
+
+    def _composite(self, body: dict, docs: list[dict]) -> dict:
+        composite = body["aggs"]["studies"]["composite"]
+        names = [(name, spec["terms"]["field"]) for source in composite["sources"] for name, spec in source.items()]
+        buckets: dict[tuple, list[dict]] = {}
+        for doc in docs:
+            buckets.setdefault(tuple(doc.get(field) for _, field in names), []).append(doc)
+        keys = sorted(buckets, key=lambda k: [_order(v) for v in k])
+        if "after" in composite:
+            after = [_order(composite["after"][name]) for name, _ in names]
+            keys = [k for k in keys if [_order(v) for v in k] > after]
+        out = []
+        for key in keys[: composite["size"]]:
+            group = buckets[key]
+            out.append(
+                {
+                    "key": {name: value for (name, _), value in zip(names, key, strict=True)},
+                    "doc_count": len(group),
+                    "modalities": {"buckets": [{"key": m} for m in sorted({d["modality"] for d in group})]},
+                    "stations": {"buckets": []},
+                    "series": {"value": 1},
+                    "first": {"hits": {"hits": [{"_source": group[0]}]}},
+                }
+            )
+        result: dict = {"buckets": out}
+        if out:
+            result["after_key"] = out[-1]["key"]
+        return {"aggregations": {"studies": result}}
+
+
+def _instance(uid: str, study_date: str | None, modality: str = "CT") -> dict:
+    return {"study_instance_uid": uid, "study_date": study_date, "modality": modality}
+
+
+def _month_of_studies() -> list[dict]:
+    """30 studies, one a day; their UIDs in no relation to their dates, as real UIDs are."""
+    rng = random.Random(1)
+    return [_instance(f"1.2.{rng.randint(10**8, 10**9)}", f"2024-01-{day:02d}") for day in range(1, 31)]
+
+
+def test_a_cohort_cut_at_the_limit_keeps_the_earliest_studies_and_says_more_match():
+    index = RecordingIndex(_month_of_studies())
+    found = find_studies(index, "diana", CohortFilter(date_from="2024-01-01", date_to="2024-01-31"), limit=10)
+    assert [r["study_date"] for r in found.rows] == [f"2024-01-{day:02d}" for day in range(1, 11)]
+    assert found.more_match
+    everything = find_studies(index, "diana", CohortFilter(), limit=30)
+    assert len(everything.rows) == 30 and not everything.more_match
+
+
+def test_a_study_without_a_date_comes_first_and_a_study_of_two_dates_is_one_row():
+    instances = [*_month_of_studies(), _instance("9.9", None), _instance("8.8", "2024-01-05", "MR")]
+    instances.append(_instance("8.8", "2024-01-06", "CT"))  # the same study, a second date
+    rows = find_studies(RecordingIndex(instances), "diana", CohortFilter(), limit=100).rows
+    assert rows[0]["study_instance_uid"] == "9.9"
+    [two_dates] = [r for r in rows if r["study_instance_uid"] == "8.8"]
+    assert two_dates["instances"] == 2 and two_dates["modalities"] == "MR/CT"
+    assert len(rows) == 32
+
+
+def _dose_cohort(in_range: int) -> RecordingIndex:
+    uids = [f"1.3.{n}" for n in range(in_range)]
+    instances = [_instance(uid, f"2024-{1 + n % 12:02d}-01") for n, uid in enumerate(uids)]
+    dose = [{"study_instance_uid": uid, "study_date": "2024-06-01", "total_dlp_mGycm": 900.0} for uid in uids]
+    # Over the threshold but years before the range: not wanted, and must not fill the terms query.
+    old = [f"1.4.{n}" for n in range(5)]
+    instances += [_instance(uid, "2019-01-01") for uid in old]
+    dose += [{"study_instance_uid": uid, "study_date": "2019-01-01", "total_dlp_mGycm": 900.0} for uid in old]
+    # A dose study without a study date whose images have one in range: wanted.
+    instances.append(_instance("1.5.1", "2024-01-01"))
+    dose.append({"study_instance_uid": "1.5.1", "total_dlp_mGycm": 900.0})
+    return RecordingIndex(instances, dose)
+
+
+def test_dose_above_over_max_terms_count_studies_is_asked_in_batches_within_the_date_range():
+    index = _dose_cohort(MAX_TERMS_COUNT + 100)
+    cohort = CohortFilter(date_from="2024-01-01", date_to="2024-12-31", dose_above=[("total_dlp_mGycm", 500.0)])
+    found = find_studies(index, "diana", cohort, limit=3)
+    assert [r["study_date"] for r in found.rows] == ["2024-01-01"] * 3 and found.more_match
+    dose_queries = [body["query"] for name, body in index.bodies if name == "diana-dose-studies"]
+    assert all("study_date" in json.dumps(q) for q in dose_queries)
+    terms = [
+        f["terms"]["study_instance_uid"]
+        for name, body in index.bodies
+        if name == "diana-instances"
+        for f in body["query"]["bool"]["filter"]
+        if "terms" in f
+    ]
+    sent = [uid for batch in terms for uid in batch]
+    assert max(len(batch) for batch in terms) <= TERMS_BATCH
+    assert len(sent) == len(set(sent)) == MAX_TERMS_COUNT + 101  # each in-range dose study once, no 2019 one
+    assert "1.5.1" in sent
+
+
+@pytest.fixture
+def exported(monkeypatch) -> list[list[str]]:
+    """The study UIDs each `cohort export` would have exported, instead of exporting them."""
+    calls: list[list[str]] = []
+    monkeypatch.setattr(diana.cli.access, "_cohort_export", lambda cfg, args, client, prefix, uids: calls.append(uids))
+    return calls
+
+
+def _index_of(monkeypatch, index) -> None:
+    monkeypatch.setattr(diana.clients, "opensearch_client", lambda *a, **k: index)
+
+
+def test_find_says_on_stderr_that_more_studies_match_than_it_returns(config, monkeypatch, capsys):
+    _index_of(monkeypatch, RecordingIndex(_month_of_studies()))
+    assert main(["--config", str(config), "cohort", "find", "--limit", "10", "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 11  # a header and 10 rows
+    assert "more than 10 studies match; the 10 earliest by study date are returned - raise --limit" in err
+
+
+def test_export_refuses_a_cut_cohort_unless_the_limit_was_asked_for(config, monkeypatch, capsys, exported):
+    monkeypatch.setattr(diana.cli.access, "DEFAULT_COHORT_LIMIT", 20)
+    _index_of(monkeypatch, RecordingIndex(_month_of_studies()))
+    argv = ["--config", str(config), "cohort", "export", "--out", "/tmp/never-written"]
+    assert main(argv) == 1
+    assert exported == []
+    assert "more than 20 studies match; nothing exported" in capsys.readouterr().err
+    main([*argv, "--limit", "20"])
+    assert len(exported) == 1 and len(exported[0]) == 20
+    assert "the 20 earliest by study date are exported" in capsys.readouterr().err
+
+
+def test_a_refused_search_is_one_line_with_what_to_do_not_a_traceback(config, monkeypatch, capsys):
+    class Refusing:
+        def search(self, index, body):
+            raise RequestError(
+                400, "search_phase_execution_exception", {"error": {"root_cause": [{"reason": "too many"}]}}
+            )
+
+    _index_of(monkeypatch, Refusing())
+    assert main(["--config", str(config), "cohort", "find", "--modality", "CT"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip() == (
+        "diana cohort find: OpenSearch refused the search (400 search_phase_execution_exception: too many); "
+        "narrow the filters"
+    )

@@ -1,0 +1,94 @@
+"""`diana report`: every range and per-day histogram is asked in the site's zone ([report] time_zone, else
+this host's), so a day runs from the site's midnight, not UTC's; the page names the zone.
+
+OpenSearch is a recording stand-in answering nothing; the report on the real index is in
+tests/integration/test_dashboards_report.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+import diana.clients
+from diana.access.report import build_report, host_time_zone
+from diana.cli import main
+from diana.config import ConfigError, load_config
+
+
+class RecordingOpenSearch:
+    """Every alias exists, every search finds nothing; ``bodies`` holds what was asked."""
+
+    def __init__(self):
+        self.bodies: list[dict] = []
+        self.indices = self
+
+    def exists_alias(self, name: str) -> bool:
+        return True
+
+    def search(self, index: str, body: dict) -> dict:
+        self.bodies.append(body)
+        return {}
+
+
+def _dated_parts(node, found: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """Every range on a date field and every date_histogram in a body."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "date_histogram":
+                found.append((key, value))
+            elif key == "range":
+                found += [(key, bounds) for field, bounds in value.items() if field.endswith("_at")]
+            _dated_parts(value, found)
+    elif isinstance(node, list):
+        for item in node:
+            _dated_parts(item, found)
+    return found
+
+
+def test_every_range_and_day_of_the_report_is_in_the_site_zone():
+    client = RecordingOpenSearch()
+    page = build_report(client, "diana", date(2024, 3, 1), date(2024, 3, 31), time_zone="Europe/Zurich")
+    dated = [part for body in client.bodies for part in _dated_parts(body, [])]
+    assert {kind for kind, _ in dated} == {"range", "date_histogram"}
+    assert all(part.get("time_zone") == "Europe/Zurich" for _, part in dated), json.dumps(dated)
+    assert "midnight to midnight in Europe/Zurich" in page
+
+
+def test_the_host_zone_is_its_iana_name_else_its_utc_offset(monkeypatch):
+    monkeypatch.setenv("TZ", "America/New_York")
+    assert host_time_zone() == "America/New_York"
+    monkeypatch.setenv("TZ", "EST+5")  # a POSIX rule: no name OpenSearch knows
+    time.tzset()  # the C library's local time, which the offset is read from, follows TZ only when told
+    try:
+        assert host_time_zone() == "-05:00"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+@pytest.mark.parametrize("zone", ["Europe/Zurich", "+05:30", ""])
+def test_the_setting_takes_a_zone_name_or_an_offset(zone):
+    assert load_config(None, environ={"DIANA_REPORT_TIME_ZONE": zone}).report.time_zone == zone
+
+
+def test_an_unknown_zone_is_refused_at_start_up():
+    with pytest.raises(ConfigError, match=r"\[report\] time_zone = 'Mars/Olympus': use an IANA name"):
+        load_config(None, environ={"DIANA_REPORT_TIME_ZONE": "Mars/Olympus"})
+
+
+def test_the_command_asks_in_the_configured_zone_and_names_it(tmp_path: Path, monkeypatch, capsys):
+    config = tmp_path / "diana.toml"
+    config.write_text('[opensearch]\nurl = "http://127.0.0.1:2"\n[report]\ntime_zone = "Asia/Tokyo"\n')
+    client = RecordingOpenSearch()
+    monkeypatch.setattr(diana.clients, "opensearch_client", lambda *a, **k: client)
+    out = tmp_path / "r.html"
+    argv = ["--config", str(config), "report", "--from", "2024-03-01", "--to", "2024-03-02", "--out", str(out)]
+    assert main(argv) == 0
+    assert "(Asia/Tokyo days)" in capsys.readouterr().out
+    assert "midnight to midnight in Asia/Tokyo" in out.read_text()
+    assert all(part.get("time_zone") == "Asia/Tokyo" for body in client.bodies for _, part in _dated_parts(body, []))
