@@ -58,9 +58,15 @@ class Unavailable(RuntimeError):
     """The broker or the alert state index did not take a write for now: the step is tried again."""
 
 
-# What stops a step for now, not for good: the step (an alert, an action, a retry round) is tried
-# again with backoff instead of ending the worker (a restarted OpenSearch or broker stopped it before).
-_PASSING = (OSConnectionError, TransportError, Unavailable)
+def _passes(exc: Exception) -> bool:
+    """What stops a step for now, not for good: OpenSearch not answering or overloaded (429, 5xx), the
+    broker not acknowledging. The step (an alert, an action, a retry round) is tried again with
+    backoff instead of ending the worker. Anything else (a 400, a 403: a request that will never be
+    taken) still ends it, loudly, rather than hold every later alert behind it unnoticed."""
+    if isinstance(exc, (OSConnectionError, Unavailable)):
+        return True
+    status = getattr(exc, "status_code", None)
+    return isinstance(exc, TransportError) and (not isinstance(status, int) or status == 429 or status >= 500)
 
 
 class AlertStates:
@@ -189,8 +195,16 @@ class DeliveryWorker:
         self.smtp = smtp_server(self.cfg.alerts)
 
     def _record(self, action: dict) -> None:
+        """Queue the action and put it in this run's ledger at once: a step tried again while the broker
+        does not acknowledge it (``until_done``) must not send the same message again, once per try."""
         value = self.codec.encode(ALERT_ACTIONS.value_schema, action)
         self.producer.produce(ALERT_ACTIONS.name, key=action["alert_id"].encode(), value=value)
+        self.ledger.add(action)
+        self.acknowledged()
+
+    def acknowledged(self) -> None:
+        """Every action queued so far acknowledged by the broker, or Unavailable (the step is tried again;
+        the producer keeps them queued meanwhile)."""
         if self.producer.flush(30) != 0:
             raise Unavailable(f"{ALERT_ACTIONS.name}: the broker did not acknowledge the action in 30 s")
 
@@ -216,13 +230,13 @@ class DeliveryWorker:
         )
         action = delivery_action(alert["alert_id"], recipient, channel, result.ok, result.attempts, result.detail)
         self._record(action)
-        self.ledger.add(action)
 
     def handle_alert(self, alert: dict) -> None:
         self.states.update(alert["alert_id"], lambda doc: raised_state(alert, doc))
         for recipient in self.routing.route(alert):
             for channel, address in recipient.channels():
                 self._deliver(alert, recipient.name, channel, address)
+        self.acknowledged()  # tried again after Unavailable: nothing is sent again, the actions are awaited
 
     def handle_action(self, action: dict) -> None:
         self.ledger.add(action)
@@ -272,7 +286,9 @@ def until_done(
         try:
             step()
             return True
-        except _PASSING as exc:
+        except Exception as exc:
+            if not _passes(exc):
+                raise
             status = getattr(exc, "status_code", None)
             log.warning("alert.delivery.retry", step=what, error=type(exc).__name__, status=status, retry_in_s=backoff)
             until = time.monotonic() + backoff
@@ -304,6 +320,9 @@ def run_delivery(cfg: Config, routing: Routing, stop_after: float | None = None)
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
             "on_commit": log_failed_commits(log, "alert.delivery.commit_failed"),
+            # A step waited out (OpenSearch or the broker down for a while) must not cost the group's
+            # membership: librdkafka's default (5 min) left the group, and the commit after it failed.
+            "max.poll.interval.ms": 24 * 3600 * 1000,
         },
     )
     consumer.subscribe([DOSE_ALERTS.name, ALERT_ACTIONS.name])

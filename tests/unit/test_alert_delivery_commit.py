@@ -8,12 +8,15 @@ not Kafka (tests/integration/test_alert_delivery_stack.py runs the worker agains
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
 from structlog.testing import capture_logs
 
-from diana.access.alerts.delivery import Unavailable, handle_then_commit, until_done
+from diana.access.alerts.delivery import DeliveryWorker, Ledger, Unavailable, handle_then_commit, until_done
+from diana.access.alerts.routing import Recipient, Routing
 from diana.schemas.codec import default_codec
 from diana.schemas.topics import DOSE_ALERTS
 from tests.unit.test_routing_waits import _alert
@@ -114,3 +117,60 @@ def test_a_stop_while_waiting_leaves_the_step_undone_and_a_bug_is_not_retried():
 
     with pytest.raises(KeyError):
         until_done(bug, lambda: True, DOSE_ALERTS.name)
+
+
+class _SlowBroker:
+    """A producer whose first flushes time out (the broker not acknowledging for a while)."""
+
+    def __init__(self, unacknowledged: int) -> None:
+        self.unacknowledged, self.queued = unacknowledged, []
+
+    def produce(self, topic, key, value) -> None:
+        self.queued.append(key)
+
+    def flush(self, timeout: float) -> int:
+        self.unacknowledged -= 1
+        return 1 if self.unacknowledged >= 0 else 0
+
+
+class _States:
+    def update(self, alert_id, change):
+        return change(None)
+
+
+def test_an_alert_tried_again_while_the_broker_does_not_acknowledge_is_sent_once():
+    """Before, each try sent the e-mail again (the ledger learnt of it only after the acknowledgement):
+    once a minute for as long as the broker was down."""
+    sent: list = []
+    worker = object.__new__(DeliveryWorker)  # no broker or SMTP server: the send and the producer are recorded
+    worker.cfg = SimpleNamespace(alerts=SimpleNamespace(attempts=1, timeout_s=1))
+    worker.routing = Routing((Recipient("physicist", email="p@example.org"),))
+    worker.states, worker.codec, worker.ledger = _States(), default_codec(), Ledger()
+    worker.producer = _SlowBroker(unacknowledged=3)
+    worker._send = lambda channel, address, alert, key: (  # type: ignore[method-assign]
+        sent.append(key) or SimpleNamespace(ok=True, attempts=1, detail="")
+    )
+    alert = {"alert_id": "a1", "rule": "DRL x", "rule_type": "drl", "study_instance_uid": "1.2.3"}
+    assert until_done(lambda: worker.handle_alert(alert), lambda: True, DOSE_ALERTS.name, backoff_s=0.01)
+    assert len(sent) == 1 and len(worker.producer.queued) == 1
+
+
+def test_a_request_opensearch_will_never_take_ends_the_worker_instead_of_holding_every_alert():
+    from opensearchpy.exceptions import AuthorizationException, RequestError, TransportError
+
+    for refusal in (RequestError(400, "mapper_parsing_exception", {}), AuthorizationException(403, "denied", {})):
+        budget = iter(range(20))  # retried (the defect), it would end at the budget's end, not raise
+
+        def refused(r: Exception = refusal) -> None:
+            raise r
+
+        with pytest.raises(TransportError):
+            until_done(refused, lambda b=budget: next(b, None) is not None, DOSE_ALERTS.name, backoff_s=0.001)
+    tries: list[int] = []
+
+    def overloaded_then_done() -> None:
+        tries.append(1)
+        if len(tries) == 1:
+            raise TransportError(429, "es_rejected_execution_exception", {})
+
+    assert until_done(overloaded_then_done, lambda: True, DOSE_ALERTS.name, backoff_s=0.01) and len(tries) == 2
