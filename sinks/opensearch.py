@@ -181,6 +181,14 @@ def identifiers_only(record: dict[str, Any], reason: str) -> dict[str, Any]:
     return kept
 
 
+# First wins (KEEP_FIRST, KEEP_BOTH): an instance's document is written with external version 1, which
+# OpenSearch takes only where the index holds none or a lower one (409 otherwise: the first stays, as
+# `create` did, which gives a stored document version 1 too), and an identifiers-only document with 0.
+# So the whole document, replayed once the cause of a refusal is fixed, replaces the identifiers-only
+# one, which never replaces a whole document.
+_WHOLE_DOCUMENT, _IDENTIFIERS_ONLY = 1, 0
+
+
 # What a bulk response is cut down to (``filter_path``): one entry per item, in order, as sent.
 _BULK_ANSWER = "items.*.status,items.*.error.type,items.*.error.reason"
 
@@ -308,15 +316,16 @@ class OpenSearchSink:
                 continue
             if "revision" in record:
                 meta.update(version=record["revision"], version_type="external_gte")
-            if kind == "instances" and self.first_wins:
-                meta["op_type"] = "create"
+            first_wins = kind == "instances" and self.first_wins
+            if first_wins:
+                meta.update(version=_WHOLE_DOCUMENT, version_type="external")
             actions.append((msg, meta, _json(record) if kind == "deadletters" else _document(record)))
         # Within one bulk request, later events for the same document supersede earlier ones; for
         # documents only ever created (first wins), the earliest stays.
         latest: dict[tuple[str, str], tuple[Message, dict, bytes]] = {}
         for item in actions:
             key = (item[1]["_index"], item[1]["_id"])
-            if not (item[1].get("op_type") == "create" and key in latest):
+            if not (item[1].get("version") == _WHOLE_DOCUMENT and key in latest):
                 latest[key] = item
         pending = list(latest.values())
         # Requests stay under max_bytes (roughly: the documents' JSON size), and a batch is cut into
@@ -368,10 +377,15 @@ class OpenSearchSink:
             self._index_identifiers_only(refused, dead)
 
     def _outcomes(
-        self, items: list[tuple[Message, dict, bytes]], result: dict[str, Any], dead: DeadLetters
+        self,
+        items: list[tuple[Message, dict, bytes]],
+        result: dict[str, Any],
+        dead: DeadLetters,
+        written: set[int] | None = None,
     ) -> list[tuple[Message, dict, str]]:
-        """Count what was written, park what was refused but instances; return the refused instances
-        (message, action metadata, reason) and raise RetryableError if any document was not accepted for now."""
+        """Count what was written (into ``written``, by ``id`` of the message, if given), park what was
+        refused but instances; return the refused instances (message, action metadata, reason) and
+        raise RetryableError if any document was not accepted for now."""
         refused: list[tuple[Message, dict, str]] = []
         retry = []
         indexed: dict[str, int] = {}  # topic -> documents written (one metric update per topic)
@@ -380,6 +394,8 @@ class OpenSearchSink:
             status = outcome.get("status", 500)
             if 200 <= status < 300:
                 indexed[msg.topic()] = indexed.get(msg.topic(), 0) + 1
+                if written is not None:
+                    written.add(id(msg))
             elif status == 409:
                 pass  # a newer revision is already indexed, or (first wins) the instance already is
             elif status == 404 and meta.get("op_type") == "delete":
@@ -407,14 +423,16 @@ class OpenSearchSink:
         items = []
         for msg, meta, reason in refused:
             _, record = self.codec.decode(msg.value())  # decoded before: it cannot fail now
-            items.append((msg, meta, _document(identifiers_only(record, reason))))
+            fallback = {**meta, "version": _IDENTIFIERS_ONLY} if "version" in meta else meta
+            items.append((msg, fallback, _document(identifiers_only(record, reason))))
         try:
             result = self.client.bulk(body=_request(items).body, filter_path=_BULK_ANSWER, params=self._bulk_params)
         except (OSConnectionError, TransportError) as exc:
             raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
-        again = {id(msg) for msg, _, _ in self._outcomes(items, result, dead)}
+        written: set[int] = set()
+        self._outcomes(items, result, dead, written)
         for msg, meta, reason in refused:
-            if id(msg) in again:
+            if id(msg) not in written:  # refused again, or (409) a document of it is there already
                 dead.send(msg, f"opensearch rejected {meta['_id']}: {reason}")
             else:
                 INDEXED_WITHOUT_HEADER.inc()

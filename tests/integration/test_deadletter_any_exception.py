@@ -102,6 +102,26 @@ def test_a_message_that_makes_a_handler_raise_is_dead_lettered_and_the_next_one_
     [aggregate] = os_search(cfg, "diana-series", {"term": {"series_instance_uid": good.SeriesInstanceUID}})
     assert aggregate["instance_count"] == 1
 
+    # The cause fixed, the event sent again (a replay): the whole document replaces the identifiers-only
+    # one. Refused once more after that: the whole document stays, and the dead letter does not claim the
+    # instance was indexed without its header.
+    _publish(producer, {**too_heavy, "patient_weight_kg": 70.0})
+    assert producer.flush(30) == 0
+    wait_until_caught_up(cfg)
+    [doc] = os_search(cfg, "diana-instances", {"term": {"sop_instance_uid": too_heavy["sop_instance_uid"]}})
+    assert doc["patient_weight_kg"] == 70.0 and doc["dicom"] == {"00100010": {"vr": "PN"}}
+    assert not doc.get("header_omitted")
+    since = _end_offsets(cfg, DEADLETTER.name)
+    _publish(producer, too_heavy)
+    assert producer.flush(30) == 0
+    wait_until_caught_up(cfg)
+    [doc] = os_search(cfg, "diana-instances", {"term": {"sop_instance_uid": too_heavy["sop_instance_uid"]}})
+    assert doc["patient_weight_kg"] == 70.0
+    headers = [{k: v.decode() for k, v in m.headers() or []} for m in read_messages(cfg, DEADLETTER.name, since=since)]
+    reasons = [h["reason"] for h in headers if h.get("sink") == "opensearch"]
+    assert len(reasons) == 1 and "mapper_parsing_exception" in reasons[0]
+    assert "indexed without its header" not in reasons[0]
+
 
 def test_a_keyword_longer_than_lucene_takes_no_longer_refuses_its_document(pipeline):
     """A 39,000-byte Patient ID (over Lucene's 32,766-byte term): the document is indexed (ignore_above),
