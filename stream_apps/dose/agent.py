@@ -150,6 +150,29 @@ def _fit(codec: Codec, schema: str, record: dict) -> dict:
     return {f.name: record.get(f.name, f.default if f.has_default else None) for f in codec.schema(schema).fields}
 
 
+def alerts_to_send(state: dict, alerts: list[dict], at_ms: int, resend: bool) -> tuple[list[tuple[dict, dict]], bool]:
+    """The alerts to publish, each with its origin (the revision and raised_at it is sent with), and
+    whether the state changed: the alerts not yet raised with their value, recorded in the state
+    (``alerts``: the value; ``alert_origins``: the origin); with ``resend``, also those already raised.
+
+    A re-sent alert carries the origin it was first sent with, so it is the same record.
+    """
+    raised = state.setdefault("alerts", {})
+    origins = state.setdefault("alert_origins", {})
+    out, changed = [], False
+    for alert in alerts:
+        alert_id = alert["alert_id"]
+        if raised.get(alert_id) == alert["value"]:
+            if not resend:
+                continue  # already published with this value
+            origin = origins.get(alert_id) or {"revision": state["revision"], "raised_at": at_ms}
+        else:
+            origin = {"revision": state["revision"], "raised_at": at_ms}
+            raised[alert_id], origins[alert_id], changed = alert["value"], origin, True
+        out.append((alert, origin))
+    return out, changed
+
+
 _SOURCE_FIELDS = (
     "source",
     "kvp",
@@ -205,23 +228,9 @@ def register_dose(
         resend: bool = False,
         contexts: dict[str, dict] | None = None,
     ) -> bool:
-        """Send the alerts not yet raised with their value; with ``resend``, also those already raised.
-
-        A re-sent alert carries the revision and raised_at it was first sent with (kept in
-        ``alert_origins``), so it is the same record. True if the state changed (a new alert).
-        """
-        raised = state.setdefault("alerts", {})
-        origins = state.setdefault("alert_origins", {})
-        changed = False
-        for alert in alerts:
-            alert_id = alert["alert_id"]
-            if raised.get(alert_id) == alert["value"]:
-                if not resend:
-                    continue  # already published with this value
-                origin = origins.get(alert_id) or {"revision": state["revision"], "raised_at": _ms(at)}
-            else:
-                origin = {"revision": state["revision"], "raised_at": _ms(at)}
-                raised[alert_id], origins[alert_id], changed = alert["value"], origin, True
+        """Send what ``alerts_to_send`` chooses; True if the state changed (a new alert)."""
+        to_send, changed = alerts_to_send(state, alerts, _ms(at), resend)
+        for alert, origin in to_send:
             # A patient's window alert is on the window's last study: its own header, not the arriving
             # one's (an entry stored before entries kept it has no kind: the arriving study's, as then).
             about = (contexts or {}).get(alert["study_instance_uid"]) or study
