@@ -12,7 +12,8 @@ Redelivery: Faust processes at least once, and the table's changelog write and t
 separate sends. After a crash the changelog may hold a study's new state while its outputs never
 reached the broker; the redelivered object then folds to no change. So an object already in the
 state (the same SOP Instance UID) re-emits the study's current record, its events and its raised
-alerts as they were first sent, instead of being dropped as a duplicate (stream_apps/README.md).
+alerts as they were first sent, instead of being dropped as a duplicate (stream_apps/README.md); an
+alert the state does not record as raised is never sent then (a replay after an upgrade).
 
 Cumulative rules need all of a patient's studies: each study's totals are re-keyed by PatientID
 to dose.by-patient, where a second agent keeps per-patient state.
@@ -153,9 +154,13 @@ def _fit(codec: Codec, schema: str, record: dict) -> dict:
 def alerts_to_send(state: dict, alerts: list[dict], at_ms: int, resend: bool) -> tuple[list[tuple[dict, dict]], bool]:
     """The alerts to publish, each with its origin (the revision and raised_at it is sent with), and
     whether the state changed: the alerts not yet raised with their value, recorded in the state
-    (``alerts``: the value; ``alert_origins``: the origin); with ``resend``, also those already raised.
+    (``alerts``: the value; ``alert_origins``: the origin).
 
-    A re-sent alert carries the origin it was first sent with, so it is the same record.
+    With ``resend`` (the same object again: its outputs re-published as last published), only the
+    alerts the state records as raised with this value, each with the origin it was first sent with, so
+    the same record: those a crash may have lost. Never one the state does not record: in a replay
+    (`diana replay diana-dose`) code or rules changed since would raise it about an old study, with the
+    study's old raised_at, and recipients and dose_alert routing rules would get it as new.
     """
     raised = state.setdefault("alerts", {})
     origins = state.setdefault("alert_origins", {})
@@ -166,6 +171,8 @@ def alerts_to_send(state: dict, alerts: list[dict], at_ms: int, resend: bool) ->
             if not resend:
                 continue  # already published with this value
             origin = origins.get(alert_id) or {"revision": state["revision"], "raised_at": at_ms}
+        elif resend:
+            continue  # not raised before, or with another value: not what was last published
         else:
             origin = {"revision": state["revision"], "raised_at": at_ms}
             raised[alert_id], origins[alert_id], changed = alert["value"], origin, True
