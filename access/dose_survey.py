@@ -90,7 +90,7 @@ def reference_level_survey(client, prefix: str, levels: ReferenceLevels, today: 
             ]
         }
     }
-    fields = ["standard_name", "drl_parts", *sorted({lv.metric for lv in levels.study.values()})]
+    fields = ["standard_name", "drl_parts", "drl_not_compared", *sorted({lv.metric for lv in levels.study.values()})]
     # Every study of the window (a median needs them all; one search stopped at 10,000, silently),
     # two or three small fields each, a page of _PAGE at a time.
     hits = scan(client, index=index, query={"query": query, "_source": fields}, size=_PAGE, preserve_order=False)

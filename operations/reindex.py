@@ -313,7 +313,9 @@ class Reindexer:
         return each index's refresh interval from its template, put back before the swap."""
         refresh = {}
         for kind in kinds:
-            settings = install_template(self.client, self.layout, kind, self.number_of_replicas, self.refresh_interval)
+            settings = install_template(self.client, self.layout, kind, self.number_of_replicas, self.refresh_interval)[
+                "settings"
+            ]
             index = self.layout.index(kind, version)
             # Created with refresh off (the request's settings take precedence over the template's):
             # one cluster state update instead of three requests (docs/PERFORMANCE.md, issue 19, stop 25).

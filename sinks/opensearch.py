@@ -48,7 +48,7 @@ def install_template(
     client: OpenSearch, layout: IndexLayout, kind: str, replicas: int = 0, refresh_interval: str | None = None
 ) -> dict[str, Any]:
     """Put the project's template for ``kind``; it applies to every version ``<alias>-vN``. Return the
-    template's index settings.
+    template (its index ``settings`` and ``mappings``).
 
     ``replicas`` ([opensearch] number_of_replicas) replaces the template's own: 0 on one node, 1 on a
     cluster, where a node can stop and every shard still has a copy on another. ``refresh_interval``
@@ -62,16 +62,19 @@ def install_template(
         name=layout.alias(kind),
         body={"index_patterns": [f"{layout.alias(kind)}-v*"], "template": body, "priority": 100},
     )
-    return body["settings"]
+    return body
 
 
 def ensure_indices(
     client: OpenSearch, layout: IndexLayout, replicas: int = 0, refresh_interval: str | None = None
 ) -> None:
-    """Install the index templates and create each versioned index with its alias, if missing."""
+    """Install the index templates and create each versioned index with its alias, if missing; an index
+    that exists is given the fields its template mapped since it was created."""
     for kind in layout.id_fields:
-        install_template(client, layout, kind, replicas, refresh_interval)
-        if not client.indices.exists_alias(name=layout.alias(kind)):
+        template = install_template(client, layout, kind, replicas, refresh_interval)
+        if client.indices.exists_alias(name=layout.alias(kind)):
+            _map_new_fields(client, layout.alias(kind), kind, template["mappings"]["properties"])
+        else:
             index = layout.index(kind)
             if not client.indices.exists(index=index):
                 try:
@@ -80,6 +83,23 @@ def ensure_indices(
                     if exc.error != "resource_already_exists_exception":
                         raise
             client.indices.put_alias(index=index, name=layout.alias(kind))
+
+
+def _map_new_fields(client: OpenSearch, alias: str, kind: str, properties: dict[str, Any]) -> None:
+    """Put the template's fields on the index behind ``alias``. A template applies to indices created
+    after it, and the indices are ``dynamic: false``: a field added to the template in an upgrade stayed
+    unmapped, so unsearchable, in the index already there. Adding fields to a live index is allowed;
+    changing a field's type is not (400): that needs a new version, which must not stop the sink."""
+    try:
+        client.indices.put_mapping(index=alias, body={"properties": properties})
+    except RequestError as exc:
+        error = exc.info.get("error") if isinstance(exc.info, dict) else None
+        log.warning(
+            "opensearch.mapping_not_updated",
+            kind=kind,
+            reason=rejection_reason(error) if isinstance(error, dict) else str(exc.error),
+            fix=f"diana reindex --kinds {kind}",
+        )
 
 
 def deadletter_document(msg: Message) -> dict[str, Any]:

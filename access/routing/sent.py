@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from diana.durable import write_atomic
+from diana.durable import makedirs_durable, write_atomic
 from diana.schemas.uid import is_valid_uid
 
 __all__ = ["StudiesSent"]
@@ -62,6 +62,16 @@ class StudiesSent:
             except OSError as exc:
                 log.warning("route.sent_record_not_written", destination=self.destination, error=type(exc).__name__)
         self._claimed.clear()
+
+    def check_folder(self) -> None:
+        """Create the folder and write a file in it: OSError now, at start, rather than a record lost
+        (logged only) with every batch."""
+        if self.folder is None:
+            return
+        makedirs_durable(self.folder)
+        probe = self.folder / ".writable"
+        write_atomic(probe, b"")
+        probe.unlink()
 
     def forget_claimed(self) -> None:
         """Before a batch: what an earlier one claimed and did not deliver was not sent for sure."""

@@ -16,9 +16,10 @@ from diana.access.pseudonyms import ProjectKeys
 from diana.access.qr.server import destination_tls
 from diana.access.routing.rules import Destination, RoutingRules, RulesError, load_rules
 from diana.access.routing.senders import make_sender
+from diana.access.routing.sent import StudiesSent
 from diana.access.routing.worker import TRIGGER_TOPICS, IndexUnavailable, RouteWorker, WorkerSettings
 from diana.clients import opensearch_client
-from diana.config import Config
+from diana.config import Config, ConfigError
 from diana.schemas.layout import IndexLayout
 from diana.storage import open_store
 
@@ -79,6 +80,19 @@ def _deidentifier(cfg: Config, destination: Destination) -> Deidentifier | None:
     return Deidentifier(ProjectKeys(secret, destination.deidentify_project))
 
 
+def _check_sent_record(folder: Path, destination: str) -> None:
+    """The folder of the destination's record of what it was sent (sent.py), made and writable; else
+    ConfigError naming the setting and the fix."""
+    try:
+        StudiesSent(destination, folder).check_folder()
+    except OSError as exc:
+        raise ConfigError(
+            f"[routing] state_dir: cannot write {folder} ({exc.strerror or type(exc).__name__}), where destination "
+            f"{destination!r} records what it was sent of each study routed whole: make it writable by the user "
+            "running diana route, or set [routing] state_dir to a folder that is"
+        ) from None
+
+
 def build_workers(cfg: Config, rules: RoutingRules, stop: threading.Event) -> list[RouteWorker]:
     r = cfg.routing
     tls = destination_tls(cfg) if any(d.tls for d in rules.destinations.values()) else None
@@ -91,6 +105,9 @@ def build_workers(cfg: Config, rules: RoutingRules, stop: threading.Event) -> li
         sender = make_sender(
             destination, r.ae_title or cfg.receiver.ae_title, r.timeout_s, tls, _deidentifier(cfg, destination)
         )
+        sent_dir = cfg.path(r.state_dir) / name
+        if any(rule.trigger == "study" for rule in dest_rules):  # the only rules the record serves
+            _check_sent_record(sent_dir, name)
         settings = WorkerSettings(
             group_id(cfg, name),
             open_store(cfg, "archive"),
@@ -98,7 +115,7 @@ def build_workers(cfg: Config, rules: RoutingRules, stop: threading.Event) -> li
             r.max_backoff_s,
             r.archive_wait_s,
             start_from_earliest=r.new_destination_start == "earliest",
-            sent_dir=cfg.path(r.state_dir) / name,
+            sent_dir=sent_dir,
         )
         study_state = indexed_study(cfg) if any(r.trigger == "alert" for r in dest_rules) else None
         workers.append(RouteWorker(cfg.kafka, destination, dest_rules, sender, settings, stop, study_state))

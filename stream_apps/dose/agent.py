@@ -12,7 +12,8 @@ Redelivery: Faust processes at least once, and the table's changelog write and t
 separate sends. After a crash the changelog may hold a study's new state while its outputs never
 reached the broker; the redelivered object then folds to no change. So an object already in the
 state (the same SOP Instance UID) re-emits the study's current record, its events and its raised
-alerts as they were first sent, instead of being dropped as a duplicate (stream_apps/README.md).
+alerts as they were first sent, instead of being dropped as a duplicate (stream_apps/README.md); an
+alert the state does not record as raised is never sent then (a replay after an upgrade).
 
 Cumulative rules need all of a patient's studies: each study's totals are re-keyed by PatientID
 to dose.by-patient, where a second agent keeps per-patient state.
@@ -150,6 +151,35 @@ def _fit(codec: Codec, schema: str, record: dict) -> dict:
     return {f.name: record.get(f.name, f.default if f.has_default else None) for f in codec.schema(schema).fields}
 
 
+def alerts_to_send(state: dict, alerts: list[dict], at_ms: int, resend: bool) -> tuple[list[tuple[dict, dict]], bool]:
+    """The alerts to publish, each with its origin (the revision and raised_at it is sent with), and
+    whether the state changed: the alerts not yet raised with their value, recorded in the state
+    (``alerts``: the value; ``alert_origins``: the origin).
+
+    With ``resend`` (the same object again: its outputs re-published as last published), only the
+    alerts the state records as raised with this value, each with the origin it was first sent with, so
+    the same record: those a crash may have lost. Never one the state does not record: in a replay
+    (`diana replay diana-dose`) code or rules changed since would raise it about an old study, with the
+    study's old raised_at, and recipients and dose_alert routing rules would get it as new.
+    """
+    raised = state.setdefault("alerts", {})
+    origins = state.setdefault("alert_origins", {})
+    out, changed = [], False
+    for alert in alerts:
+        alert_id = alert["alert_id"]
+        if raised.get(alert_id) == alert["value"]:
+            if not resend:
+                continue  # already published with this value
+            origin = origins.get(alert_id) or {"revision": state["revision"], "raised_at": at_ms}
+        elif resend:
+            continue  # not raised before, or with another value: not what was last published
+        else:
+            origin = {"revision": state["revision"], "raised_at": at_ms}
+            raised[alert_id], origins[alert_id], changed = alert["value"], origin, True
+        out.append((alert, origin))
+    return out, changed
+
+
 _SOURCE_FIELDS = (
     "source",
     "kvp",
@@ -205,23 +235,9 @@ def register_dose(
         resend: bool = False,
         contexts: dict[str, dict] | None = None,
     ) -> bool:
-        """Send the alerts not yet raised with their value; with ``resend``, also those already raised.
-
-        A re-sent alert carries the revision and raised_at it was first sent with (kept in
-        ``alert_origins``), so it is the same record. True if the state changed (a new alert).
-        """
-        raised = state.setdefault("alerts", {})
-        origins = state.setdefault("alert_origins", {})
-        changed = False
-        for alert in alerts:
-            alert_id = alert["alert_id"]
-            if raised.get(alert_id) == alert["value"]:
-                if not resend:
-                    continue  # already published with this value
-                origin = origins.get(alert_id) or {"revision": state["revision"], "raised_at": _ms(at)}
-            else:
-                origin = {"revision": state["revision"], "raised_at": _ms(at)}
-                raised[alert_id], origins[alert_id], changed = alert["value"], origin, True
+        """Send what ``alerts_to_send`` chooses; True if the state changed (a new alert)."""
+        to_send, changed = alerts_to_send(state, alerts, _ms(at), resend)
+        for alert, origin in to_send:
             # A patient's window alert is on the window's last study: its own header, not the arriving
             # one's (an entry stored before entries kept it has no kind: the arriving study's, as then).
             about = (contexts or {}).get(alert["study_instance_uid"]) or study

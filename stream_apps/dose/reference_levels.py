@@ -19,7 +19,9 @@ DRLs are set per examination. A study whose events took several standard names (
 scan in one study) is not compared whole with one name's level: each part (the events of one
 standard name) is compared with its own level, its metric made from its events (``drl_parts``), and
 ``drl_not_compared`` says why the study's own totals were not. The study's ``drl_*`` fields then
-describe its part furthest over (or nearest to) its level, named by ``drl_standard_name``.
+describe its part furthest over (or nearest to) its level, named by ``drl_standard_name``. A study
+whose parts have no study level, none of them (events named by protocol: "CT Chest" and "CT
+Abdomen-Pelvis" in a "CT Chest-Abdomen-Pelvis" study), is compared whole with its own name's level.
 
 The survey compares as DRL surveys do: the median of the study metric over the window's studies
 of each standard name, against the levels (``survey``; queried by access/dose_survey.py); a study of
@@ -114,7 +116,9 @@ class ReferenceLevels:
                 limit, source = level.applied
                 event.update(drl_metric=level.metric, drl_level=limit, drl_source=source, over_drl=value > limit)
         parts = list(dict.fromkeys(e["standard_name"] for e in events if e.get("standard_name")))
-        if len(parts) > 1:
+        # Parts none of which has a study level (events named by protocol, the study a combined
+        # examination with a level of its own: "CT Chest-Abdomen-Pelvis") leave the study's own level.
+        if len(parts) > 1 and any(name in self.study for name in parts):
             self._apply_parts(study, events, parts)
             return
         name = study.get("standard_name") or ""
@@ -140,13 +144,13 @@ class ReferenceLevels:
         }
 
     def _apply_parts(self, study: dict, events: list[dict], parts: list[str]) -> None:
-        """A study of several standard names: each part against its own level, never the whole against one."""
-        if not any(name in self.study for name in [*parts, study.get("standard_name")]):
-            return  # no level for any of its names: there is nothing to compare or to explain
+        """A study of several standard names, one of them at least with a study level: each part against
+        its own level, never the whole against one."""
         compared, missing = [], []
         for name in parts:
             if name not in self.study:
-                continue  # no study level for this name: nothing to compare, as for a study of one name
+                missing.append(f"{name} (no study reference level)")
+                continue
             of_part = [e for e in events if e.get("standard_name") == name]
             comparison = self._compared(name, part_value(self.study[name].metric, of_part), len(of_part))
             if comparison is None:
@@ -155,7 +159,7 @@ class ReferenceLevels:
                 compared.append({**comparison, "body_region": of_part[0].get("body_region")})
         why = (
             f"the study holds {len(parts)} standard names ({', '.join(parts)}): its totals are not compared "
-            "with one name's reference level; each part is compared with its own (drl_parts)"
+            "with one name's reference level; each part is compared with its own" + (" (drl_parts)" if compared else "")
         )
         study["drl_not_compared"] = why + (f"; not compared: {', '.join(missing)}" if missing else "")
         if compared:
@@ -242,9 +246,12 @@ def survey(levels: ReferenceLevels, studies: list[dict]) -> list[dict]:
 
 
 def _survey_values(study: dict, name: str, metric: str) -> list[float]:
-    """What one study contributes to the survey of ``name``: the value of its part of that name when it
-    has parts (a head and a body scan), else its own value when it has that standard name."""
-    if study.get("drl_parts"):
-        return [p["value"] for p in study["drl_parts"] if p["standard_name"] == name and p["metric"] == metric]
+    """What one study contributes to the survey of ``name``, as its alerts compare it: the value of its
+    part of that name when it was compared part by part (a head and a body scan; none when no part
+    could be: ``drl_not_compared`` without ``drl_parts``), else its own value when it has that name."""
+    if study.get("drl_parts") or study.get("drl_not_compared"):
+        return [
+            p["value"] for p in study.get("drl_parts") or () if p["standard_name"] == name and p["metric"] == metric
+        ]
     value = study.get(metric) if study.get("standard_name") == name else None
     return [] if value is None else [value]

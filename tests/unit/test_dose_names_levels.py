@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from diana.stream_apps.dose.alerts import RulesError, drl_alerts, load_rules, repeat_alerts
-from diana.stream_apps.dose.reference_levels import LevelsError, load_reference_levels, survey
+from diana.stream_apps.dose.reference_levels import Level, LevelsError, ReferenceLevels, load_reference_levels, survey
 from diana.stream_apps.dose.standard_names import NamesError, load_standard_names
 from tests.support.paths import REPO
 
@@ -269,6 +269,62 @@ def test_the_survey_counts_each_part_of_a_multi_region_study_under_its_own_name(
     rows = {r["standard_name"]: r for r in survey(levels, [study])}
     assert (rows["CT Head"]["studies"], rows["CT Head"]["median"]) == (1, 800.0)  # not the study's 1,600
     assert (rows["CT Abdomen-Pelvis"]["studies"], rows["CT Abdomen-Pelvis"]["median"]) == (1, 800.0)
+
+
+def _combined_examination(chest_ctdivol: float = 10.0) -> tuple[ReferenceLevels, dict, list[dict]]:
+    """A "CT Chest-Abdomen-Pelvis" study (a level of its own) whose events are named by protocol, with
+    names that have event levels only."""
+    levels = ReferenceLevels(
+        {"CT Chest-Abdomen-Pelvis": Level("total_dlp_mGycm", 1000.0)},
+        {"CT Chest": Level("ctdivol_mGy", 12.0), "CT Abdomen-Pelvis": Level("ctdivol_mGy", 15.0)},
+        {},
+    )
+    study = {"study_instance_uid": "1.2.3", "standard_name": "CT Chest-Abdomen-Pelvis", "total_dlp_mGycm": 1500.0}
+    events = [
+        {"event_key": "e1", "standard_name": "CT Chest", "ctdivol_mGy": chest_ctdivol, "dlp_mGycm": 500.0},
+        {"event_key": "e2", "standard_name": "CT Abdomen-Pelvis", "ctdivol_mGy": 14.0, "dlp_mGycm": 1000.0},
+    ]
+    return levels, study, events
+
+
+def test_a_combined_examination_whose_parts_have_no_study_level_is_compared_whole():
+    levels, study, events = _combined_examination()
+    levels.apply(study, events)
+    assert (study["drl_standard_name"], study["drl_value"], study["drl_level"], study["over_drl"]) == (
+        "CT Chest-Abdomen-Pelvis",
+        1500.0,
+        1000.0,
+        True,
+    )
+    assert "drl_parts" not in study and "drl_not_compared" not in study
+    assert [a["rule"] for a in drl_alerts(study)] == ["DRL CT Chest-Abdomen-Pelvis"]
+    assert [e["over_drl"] for e in events] == [False, False]  # each event still against its own event level
+    # The survey counts what the alert compared: the study whole, under its own name.
+    rows = {r["standard_name"]: r for r in survey(levels, [study])}
+    assert (rows["CT Chest-Abdomen-Pelvis"]["studies"], rows["CT Chest-Abdomen-Pelvis"]["median"]) == (1, 1500.0)
+
+
+def test_a_part_without_a_study_level_is_named_not_compared_beside_the_parts_compared():
+    levels, study, events = _combined_examination()
+    levels = ReferenceLevels({**levels.study, "CT Chest": Level("total_dlp_mGycm", 400.0)}, levels.event, {})
+    levels.apply(study, events)
+    assert [p["standard_name"] for p in study["drl_parts"]] == ["CT Chest"]
+    assert "CT Abdomen-Pelvis (no study reference level)" in study["drl_not_compared"]
+    assert [a["rule"] for a in drl_alerts(study)] == ["DRL CT Chest"]
+    rows = {r["standard_name"]: r for r in survey(levels, [study])}
+    assert rows["CT Chest-Abdomen-Pelvis"]["studies"] == 0 and rows["CT Chest"]["studies"] == 1
+
+
+def test_parts_none_of_which_could_be_compared_do_not_point_to_drl_parts_nor_count_whole_in_the_survey():
+    levels, study, events = _combined_examination()
+    levels = ReferenceLevels({**levels.study, "CT Chest": Level("agd_left_mGy", 1.0)}, levels.event, {})
+    levels.apply(study, events)  # the chest events carry no AGD: no part compared, and no alert
+    assert "drl_parts" not in study and "over_drl" not in study and drl_alerts(study) == []
+    assert "(drl_parts)" not in study["drl_not_compared"] and "CT Chest (its events" in study["drl_not_compared"]
+    assert {r["standard_name"]: r["studies"] for r in survey(levels, [study])} == {
+        "CT Chest": 0,
+        "CT Chest-Abdomen-Pelvis": 0,
+    }
 
 
 def test_the_report_lists_each_part_over_its_level():

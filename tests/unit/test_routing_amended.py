@@ -132,3 +132,33 @@ def test_a_batch_not_delivered_records_nothing(tmp_path: Path):
     worker.sender = up = _Recorder()
     assert worker.deliver([completed], _Dead()) is True and sorted(up.sent) == sorted(first)
     assert _deliver(archive, state, completed) == []
+
+
+def _config(tmp_path: Path, state_dir: str):
+    from diana.config import load_config
+
+    (tmp_path / "archive").mkdir(exist_ok=True)
+    path = tmp_path / "diana.toml"
+    path.write_text(f'[storage]\narchive_dir = "{tmp_path / "archive"}"\n\n[routing]\nstate_dir = "{state_dir}"\n')
+    return load_config(path, environ={})
+
+
+def test_route_does_not_start_when_the_record_of_a_whole_study_destination_cannot_be_written(tmp_path: Path):
+    import pytest
+
+    from diana.access.routing.service import build_workers
+    from diana.config import ConfigError
+
+    (tmp_path / "a-file").write_text("")  # a folder cannot be made under a file, whoever runs the test
+    with pytest.raises(ConfigError) as failed:
+        build_workers(_config(tmp_path, str(tmp_path / "a-file")), RULES, threading.Event())
+    message = str(failed.value)
+    assert "\n" not in message and "[routing] state_dir" in message and "'ws'" in message and "writable" in message
+
+
+def test_route_makes_the_record_folder_of_each_whole_study_destination_at_start(tmp_path: Path):
+    from diana.access.routing.service import build_workers
+
+    (worker,) = build_workers(_config(tmp_path, str(tmp_path / "routing-state")), RULES, threading.Event())
+    assert (tmp_path / "routing-state" / "ws").is_dir() and list((tmp_path / "routing-state" / "ws").iterdir()) == []
+    worker.sender.close()
