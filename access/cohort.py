@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, TextIO
@@ -224,11 +225,13 @@ class FoundStudies:
 
 
 # Composite keys: study date first (a study without one first of all), then UID, so that a result cut
-# at the limit keeps the earliest studies, the same ones each time.
-_STUDY_KEYS = [
+# at the limit keeps the earliest studies, the same ones each time. These buckets only pick the studies:
+# a study whose instances carry several dates is in several, so the kept ones are counted afterwards.
+_DATE_STUDY_KEYS = [
     {"date": {"terms": {"field": "study_date", "missing_bucket": True, "order": "asc"}}},
     {"study": {"terms": {"field": "study_instance_uid", "order": "asc"}}},
 ]
+_STUDY_KEYS = [{"study": {"terms": {"field": "study_instance_uid", "order": "asc"}}}]
 _STUDY_AGGS = {
     "modalities": {"terms": {"field": "modality", "size": 20}},
     "stations": {"terms": {"field": "station_name", "size": 20}},
@@ -236,6 +239,9 @@ _STUDY_AGGS = {
     "first": {
         "top_hits": {
             "size": 1,
+            # The earliest dated instance: its date is the study's, and an instance indexed without its
+            # header (no date, no accession) is the study's row only when it has nothing else.
+            "sort": [{"study_date": {"order": "asc", "missing": "_last"}}],
             "_source": [
                 "study_date",
                 "accession_number",
@@ -261,37 +267,60 @@ def _study_row(bucket: dict) -> dict:
     }
 
 
-def _add_bucket(rows: dict[str, dict], bucket: dict) -> None:
-    """A study whose instances carry different study dates comes in one bucket per date: one row, its
-    instances summed (its series count is the largest bucket's, a lower bound)."""
-    row = _study_row(bucket)
-    seen = rows.get(row["study_instance_uid"])
-    if seen is None:
-        rows[row["study_instance_uid"]] = row
-        return
-    seen["instances"] += row["instances"]
-    seen["series"] = max(seen["series"], row["series"])
-    for name in ("modalities", "stations"):
-        values = [v for v in seen[name].split("/") + row[name].split("/") if v]
-        seen[name] = "/".join(dict.fromkeys(values))
+def _composite_pages(
+    client: OpenSearch, prefix: str, query: dict, sources: list, size: int, aggs: dict | None = None
+) -> Iterator[list[dict]]:
+    """Every page of buckets of a composite aggregation over the instances matching ``query``."""
+    after = None
+    while True:
+        composite: dict[str, Any] = {"size": size, "sources": sources}
+        if after:
+            composite["after"] = after
+        studies: dict[str, Any] = {"composite": composite}
+        if aggs:
+            studies["aggs"] = aggs
+        body = {"size": 0, "query": query, "aggs": {"studies": studies}}
+        result = client.search(index=IndexLayout(prefix).alias("instances"), body=body)["aggregations"]["studies"]
+        if not result["buckets"]:
+            return
+        yield result["buckets"]
+        after = result.get("after_key")
+        if not after:
+            return
+
+
+def _study_rows(client: OpenSearch, prefix: str, query: dict, uids: list[str]) -> dict[str, dict]:
+    """The rows of these studies, keyed by UID: each aggregated over all its instances matching ``query``."""
+    rows: dict[str, dict] = {}
+    for start in range(0, len(uids), TERMS_BATCH):
+        batch = {"bool": {"filter": [query, {"terms": {"study_instance_uid": uids[start : start + TERMS_BATCH]}}]}}
+        for buckets in _composite_pages(client, prefix, batch, _STUDY_KEYS, 500, _STUDY_AGGS):
+            rows.update((b["key"]["study"], _study_row(b)) for b in buckets)
+    return rows
 
 
 def _earliest_studies(client: OpenSearch, prefix: str, query: dict, wanted: int) -> dict[str, dict]:
-    """Up to ``wanted`` studies matching ``query``, earliest study date first, keyed by UID."""
-    rows: dict[str, dict] = {}
-    after = None
-    while len(rows) < wanted:
-        composite: dict[str, Any] = {"size": min(500, wanted - len(rows)), "sources": _STUDY_KEYS}
-        if after:
-            composite["after"] = after
-        body = {"size": 0, "query": query, "aggs": {"studies": {"composite": composite, "aggs": _STUDY_AGGS}}}
-        result = client.search(index=IndexLayout(prefix).alias("instances"), body=body)["aggregations"]["studies"]
-        for bucket in result["buckets"]:
-            _add_bucket(rows, bucket)
-        after = result.get("after_key")
-        if not after or not result["buckets"]:
+    """Up to ``wanted`` studies matching ``query``, earliest study date first, keyed by UID. A study's
+    date is the earliest its matching instances carry; one none of them dates comes first."""
+    undated: dict[str, dict] = {}  # studies without any date, complete rows, in UID order
+    dated: dict[str, None] = {}  # the others, in the order of their earliest date (then UID)
+    for buckets in _composite_pages(client, prefix, query, _DATE_STUDY_KEYS, min(1000, wanted)):
+        # The undated buckets come first. Some of their studies have dated instances too: those come
+        # again later, at their earliest date, and are not undated.
+        missing = [b["key"]["study"] for b in buckets if b["key"]["date"] is None]
+        if missing:
+            rows = _study_rows(client, prefix, query, missing)
+            undated.update((uid, row) for uid, row in rows.items() if not row.get("study_date"))
+        for bucket in buckets:
+            if len(undated) + len(dated) >= wanted:
+                break
+            if bucket["key"]["date"] is not None:
+                dated.setdefault(bucket["key"]["study"])
+        if len(undated) + len(dated) >= wanted:
             break
-    return rows
+    kept = dict(list(undated.items())[:wanted])
+    kept.update(_study_rows(client, prefix, query, list(dated)[: wanted - len(kept)]))
+    return kept
 
 
 def _by_date(row: dict) -> tuple[str, str]:

@@ -642,10 +642,10 @@ def _check_choices(sections: dict[str, Any]) -> None:
     if sections["report"].time_zone:
         try:
             time_zone_info(sections["report"].time_zone)
-        except ValueError:
+        except ValueError as exc:
             raise ConfigError(
-                f"[report] time_zone = {sections['report'].time_zone!r}: use an IANA name such as "
-                '"Europe/Zurich" or a UTC offset such as "+01:00" (empty: this host\'s zone)'
+                f"[report] time_zone = {sections['report'].time_zone!r}: {exc}; use an IANA name such as "
+                '"Europe/Zurich" or a UTC offset from -18:00 to +18:00 such as "+01:00" (empty: this host\'s zone)'
             ) from None
     stream = sections["stream"]
     if not 1 <= stream.transaction_max_events <= 100_000:
@@ -785,21 +785,28 @@ def opensearch_urls(search: OpenSearchConfig) -> list[str]:
     return [url.strip().rstrip("/") for url in search.url.split(",") if url.strip()]
 
 
-_UTC_OFFSET = re.compile(r"([+-])(\d{2}):(\d{2})")
+_UTC_OFFSET = re.compile(r"([+-])(\d{2}):([0-5]\d)")
+# OpenSearch reads an offset with Java's ZoneOffset, which takes -18:00 to +18:00; Python's timezone
+# takes up to 23:59, so a wider offset would pass start-up and be refused with the first search.
+_MAX_UTC_OFFSET = timedelta(hours=18)
 
 
 def time_zone_info(name: str) -> tzinfo:
-    """A zone named as OpenSearch takes it, an IANA name or a UTC offset "+HH:MM"; ValueError if neither."""
+    """A zone named as OpenSearch takes it, an IANA name or a UTC offset "+HH:MM" within ±18:00; ValueError
+    if neither."""
     offset = _UTC_OFFSET.fullmatch(name)
     if offset:
         sign, hours, minutes = offset.groups()
-        return timezone((-1 if sign == "-" else 1) * timedelta(hours=int(hours), minutes=int(minutes)))
+        size = timedelta(hours=int(hours), minutes=int(minutes))
+        if size > _MAX_UTC_OFFSET:
+            raise ValueError(f"beyond {sign}18:00, the widest UTC offset OpenSearch takes")
+        return timezone(-size if sign == "-" else size)
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):  # ValueError: a path-like name ("../x")
-        raise ValueError(f"unknown time zone {name!r}") from None
+        raise ValueError("no such zone") from None
 
 
 def parse_per_modality(spec: str) -> tuple[dict[str, float], float]:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diana.cli._common import fail, whole_number
+from diana.cli._common import fail, service_error, whole_number
 from diana.config import Config
 
 COHORT_FILTERS = (
@@ -39,7 +39,7 @@ DEFAULT_COHORT_LIMIT = 10_000
 
 def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
     """Find the studies matching filters; print them, write CSV/JSON, or export their objects."""
-    from opensearchpy.exceptions import ConnectionError, NotFoundError, TransportError
+    from opensearchpy.exceptions import NotFoundError, TransportError
 
     from diana.access.cohort import CohortError, find_studies, write_rows
     from diana.clients import opensearch_client
@@ -54,10 +54,8 @@ def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
         return fail(command, str(exc))
     except NotFoundError as exc:
         return fail(command, f"index missing ({getattr(exc, 'info', exc)}); nothing indexed yet?", code=1)
-    except ConnectionError:
-        raise  # said by the command line's own handler: which OpenSearch, where it is set
     except TransportError as exc:
-        return fail(command, f"OpenSearch refused the search ({_refusal(exc)}); narrow the filters", code=1)
+        return _refused(cfg, command, exc, "narrow the filters")
     rows = found.rows
     if found.more_match:
         if args.action == "export" and args.limit is None:
@@ -82,6 +80,15 @@ def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
             write_rows(rows, sys.stdout, args.format or "table")
         return 0
     return _cohort_export(cfg, args, client, prefix, [r["study_instance_uid"] for r in rows])
+
+
+def _refused(cfg: Config, command: str, exc, fix: str) -> int:
+    """A search OpenSearch refused (a TransportError) as one line: its reason and ``fix``. Not answering,
+    TLS and credentials are raised on to the command line's own handler, which says which OpenSearch and
+    where it is set."""
+    if service_error(exc, cfg) is not None:
+        raise exc
+    return fail(command, f"OpenSearch refused the search ({_refusal(exc)}); {fix}", code=1)
 
 
 def _refusal(exc) -> str:
@@ -170,6 +177,8 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     """Write a self-contained HTML report of ingest and dose for a date range (no network needed to view it)."""
     from datetime import date, datetime, timedelta
 
+    from opensearchpy.exceptions import TransportError
+
     from diana.access.report import build_report, host_time_zone
     from diana.clients import opensearch_client
     from diana.config import time_zone_info
@@ -189,7 +198,15 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     except LevelsError as exc:
         return fail("report", str(exc))
     client = opensearch_client(cfg.opensearch, timeout=60)
-    page = build_report(client, cfg.opensearch.index_prefix, start, end, levels, time_zone=time_zone)
+    try:
+        page = build_report(client, cfg.opensearch.index_prefix, start, end, levels, time_zone=time_zone)
+    except TransportError as exc:
+        # The zone is what a site sets in these searches: OpenSearch (Java) may not know a name Python does.
+        fix = (
+            f"the days were asked in {time_zone} ([report] time_zone, empty: this host's zone); if the reason "
+            'names it, set [report] time_zone to an IANA name such as "Europe/Zurich"'
+        )
+        return _refused(cfg, "report", exc, fix)
     write_atomic(Path(args.out), page.encode("utf-8"))
     print(f"report {start} to {end} ({time_zone} days) written to {args.out}")
     return 0

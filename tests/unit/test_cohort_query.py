@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 
 import pytest
 from opensearchpy.exceptions import RequestError
 
+import diana.access.cohort as cohort
 import diana.cli.access
 import diana.clients
 from diana.access.cohort import TERMS_BATCH, CohortFilter, find_studies
@@ -67,6 +69,16 @@ def _order(value):
     return (value is not None, value)  # a missing value first, as composite's missing_bucket sorts it
 
 
+def _terms(values) -> list:
+    """A terms aggregation's keys: the most frequent first, then in order."""
+    counts = Counter(values)
+    return sorted(counts, key=lambda v: (-counts[v], v))
+
+
+def _earliest_dated(doc: dict):
+    return (doc.get("study_date") is None, doc.get("study_date") or "")  # the sort cohort.py asks: a missing date last
+
+
 class RecordingIndex:
     """A stand-in OpenSearch client over instance and dose-study documents; ``bodies`` is what it was sent."""
 
@@ -103,19 +115,26 @@ class RecordingIndex:
         if "after" in composite:
             after = [_order(composite["after"][name]) for name, _ in names]
             keys = [k for k in keys if [_order(v) for v in k] > after]
+        aggs = body["aggs"]["studies"].get("aggs", {})
         out = []
         for key in keys[: composite["size"]]:
             group = buckets[key]
-            out.append(
-                {
-                    "key": {name: value for (name, _), value in zip(names, key, strict=True)},
-                    "doc_count": len(group),
-                    "modalities": {"buckets": [{"key": m} for m in sorted({d["modality"] for d in group})]},
+            bucket = {
+                "key": {name: value for (name, _), value in zip(names, key, strict=True)},
+                "doc_count": len(group),
+            }
+            if aggs:
+                first = group[0]
+                if "sort" in aggs["first"]["top_hits"]:
+                    assert aggs["first"]["top_hits"]["sort"] == [{"study_date": {"order": "asc", "missing": "_last"}}]
+                    first = min(group, key=_earliest_dated)
+                bucket |= {
+                    "modalities": {"buckets": [{"key": m} for m in _terms(d["modality"] for d in group)]},
                     "stations": {"buckets": []},
-                    "series": {"value": 1},
-                    "first": {"hits": {"hits": [{"_source": group[0]}]}},
+                    "series": {"value": len({d.get("series_instance_uid") for d in group} - {None})},
+                    "first": {"hits": {"hits": [{"_source": first}]}},
                 }
-            )
+            out.append(bucket)
         result: dict = {"buckets": out}
         if out:
             result["after_key"] = out[-1]["key"]
@@ -147,8 +166,75 @@ def test_a_study_without_a_date_comes_first_and_a_study_of_two_dates_is_one_row(
     rows = find_studies(RecordingIndex(instances), "diana", CohortFilter(), limit=100).rows
     assert rows[0]["study_instance_uid"] == "9.9"
     [two_dates] = [r for r in rows if r["study_instance_uid"] == "8.8"]
-    assert two_dates["instances"] == 2 and two_dates["modalities"] == "MR/CT"
+    assert two_dates["instances"] == 2 and two_dates["modalities"] == "CT/MR"
     assert len(rows) == 32
+
+
+def _split_study(uid: str, dates: list[str | None], per_date: int = 2) -> list[dict]:
+    """A study whose instances carry several study dates (None: indexed without its header, so undated),
+    a series and a modality per date."""
+    return [
+        {
+            **_instance(uid, day, ("CT", "MR", "PT")[n % 3]),
+            "series_instance_uid": f"{uid}.{n}",
+            **({"accession_number": f"A{uid}"} if day else {}),
+        }
+        for n, day in enumerate(dates)
+        for _ in range(per_date)
+    ]
+
+
+def test_a_study_over_two_dates_cut_at_the_limit_has_all_its_instances_counted():
+    instances = [
+        *_split_study("5.1", ["2023-12-31", "2024-01-05"], per_date=3),
+        *_month_of_studies(),  # 2024-01-01 on: each after 5.1's first date, some before its second
+    ]
+    found = find_studies(RecordingIndex(instances), "diana", CohortFilter(), limit=1)
+    [row] = found.rows
+    assert found.more_match
+    assert (row["study_instance_uid"], row["study_date"], row["instances"]) == ("5.1", "2023-12-31", 6)
+    assert (row["series"], row["modalities"]) == (2, "CT/MR")
+
+
+def test_a_study_with_an_undated_instance_has_the_date_of_its_dated_ones():
+    instances = [
+        *_split_study("6.1", [None, "2024-01-20"]),  # one instance indexed without its header
+        *_split_study("6.2", ["2024-01-10"]),
+        *_split_study("6.3", [None]),  # nothing but undated instances: undated, first
+    ]
+    index = RecordingIndex(instances)
+    rows = find_studies(index, "diana", CohortFilter(), limit=10).rows
+    assert [(r["study_instance_uid"], r.get("study_date")) for r in rows] == [
+        ("6.3", None),
+        ("6.2", "2024-01-10"),
+        ("6.1", "2024-01-20"),
+    ]
+    assert rows[2]["instances"] == 4 and rows[2]["accession_number"] == "A6.1"  # the dated instance's header
+    cut = find_studies(index, "diana", CohortFilter(), limit=2)
+    assert [r["study_instance_uid"] for r in cut.rows] == ["6.3", "6.2"] and cut.more_match
+
+
+def test_the_kept_studies_are_counted_in_terms_batches(monkeypatch):
+    monkeypatch.setattr(cohort, "TERMS_BATCH", 2)
+    instances = [
+        row
+        for n in range(5)
+        for row in _split_study(f"7.{n}", [None, f"2024-01-0{n + 1}", f"2024-02-0{n + 1}"], per_date=1)
+    ]
+    index = RecordingIndex(instances)
+    found = find_studies(index, "diana", CohortFilter(), limit=4)
+    assert [(r["study_instance_uid"], r["study_date"], r["instances"]) for r in found.rows] == [
+        (f"7.{n}", f"2024-01-0{n + 1}", 3) for n in range(4)
+    ]
+    assert found.more_match
+    terms = [
+        f["terms"]["study_instance_uid"]
+        for _, body in index.bodies
+        if "bool" in body["query"]
+        for f in body["query"]["bool"]["filter"]
+        if "terms" in f
+    ]
+    assert terms and max(len(batch) for batch in terms) <= 2
 
 
 def _dose_cohort(in_range: int) -> RecordingIndex:
@@ -172,10 +258,11 @@ def test_dose_above_over_max_terms_count_studies_is_asked_in_batches_within_the_
     assert [r["study_date"] for r in found.rows] == ["2024-01-01"] * 3 and found.more_match
     dose_queries = [body["query"] for name, body in index.bodies if name == "diana-dose-studies"]
     assert all("study_date" in json.dumps(q) for q in dose_queries)
+    # The queries picking the studies (by date and study), not those counting the kept ones' instances.
     terms = [
         f["terms"]["study_instance_uid"]
         for name, body in index.bodies
-        if name == "diana-instances"
+        if name == "diana-instances" and len(body["aggs"]["studies"]["composite"]["sources"]) == 2
         for f in body["query"]["bool"]["filter"]
         if "terms" in f
     ]

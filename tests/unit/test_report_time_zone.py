@@ -13,6 +13,7 @@ from datetime import date
 from pathlib import Path
 
 import pytest
+from opensearchpy.exceptions import AuthenticationException, RequestError
 
 import diana.clients
 from diana.access.report import build_report, host_time_zone
@@ -77,8 +78,62 @@ def test_the_setting_takes_a_zone_name_or_an_offset(zone):
 
 
 def test_an_unknown_zone_is_refused_at_start_up():
-    with pytest.raises(ConfigError, match=r"\[report\] time_zone = 'Mars/Olympus': use an IANA name"):
+    with pytest.raises(ConfigError, match=r"\[report\] time_zone = 'Mars/Olympus': no such zone; use an IANA name"):
         load_config(None, environ={"DIANA_REPORT_TIME_ZONE": "Mars/Olympus"})
+
+
+@pytest.mark.parametrize("offset", ["+19:00", "+23:59", "-18:30"])
+def test_an_offset_opensearch_refuses_is_refused_at_start_up(offset):
+    # Java's ZoneOffset, which reads OpenSearch's time_zone, takes -18:00 to +18:00; Python up to 23:59.
+    with pytest.raises(ConfigError, match=rf"time_zone = '\{offset}': beyond [+-]18:00, .* from -18:00 to \+18:00"):
+        load_config(None, environ={"DIANA_REPORT_TIME_ZONE": offset})
+
+
+@pytest.mark.parametrize("offset", ["+18:00", "-18:00", "-09:30"])
+def test_an_offset_within_18_hours_is_taken(offset):
+    assert load_config(None, environ={"DIANA_REPORT_TIME_ZONE": offset}).report.time_zone == offset
+
+
+class RefusingOpenSearch(RecordingOpenSearch):
+    def __init__(self, error: Exception):
+        super().__init__()
+        self.error = error
+
+    def search(self, index: str, body: dict) -> dict:
+        raise self.error
+
+
+def _report(tmp_path: Path, monkeypatch, client) -> int:
+    config = tmp_path / "diana.toml"
+    config.write_text('[opensearch]\nurl = "http://127.0.0.1:2"\n[report]\ntime_zone = "Asia/Tokyo"\n')
+    monkeypatch.setattr(diana.clients, "opensearch_client", lambda *a, **k: client)
+    return main(["--config", str(config), "report", "--to", "2024-03-02", "--out", str(tmp_path / "r.html")])
+
+
+def test_a_refused_search_is_one_line_naming_the_zone_not_a_traceback(tmp_path: Path, monkeypatch, capsys):
+    refusal = RequestError(
+        400,
+        "x_content_parse_exception",
+        {"error": {"root_cause": [{"reason": "[1:80] [range] failed to parse field [time_zone]"}]}},
+    )
+    assert _report(tmp_path, monkeypatch, RefusingOpenSearch(refusal)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(
+        "diana report: OpenSearch refused the search (400 x_content_parse_exception: [1:80] [range] failed to "
+        "parse field [time_zone]); the days were asked in Asia/Tokyo ([report] time_zone"
+    )
+    assert 'set [report] time_zone to an IANA name such as "Europe/Zurich"' in err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_refused_credentials_are_said_as_every_command_says_them(tmp_path: Path, monkeypatch, capsys, config):
+    refusal = AuthenticationException(401, "security_exception", {})
+    assert _report(tmp_path, monkeypatch, RefusingOpenSearch(refusal)) == 1
+    assert "refused the credentials (HTTP 401): [opensearch] username" in capsys.readouterr().err
+    # cohort's refusal goes the same way (it said "refused the search (401 ...); narrow the filters")
+    assert main(["--config", str(config), "cohort", "find"]) == 1
+    assert "refused the credentials (HTTP 401): [opensearch] username" in capsys.readouterr().err
 
 
 def test_the_command_asks_in_the_configured_zone_and_names_it(tmp_path: Path, monkeypatch, capsys):
