@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import zipfile
@@ -40,6 +41,7 @@ log = structlog.get_logger("diana.import")
 
 # Preamble and "DICM": what a Part-10 file starts with, all that is read before a member is extracted.
 _PART10_HEAD = 132
+_ZIP_MAGIC = b"PK\x03\x04"  # a zip's first local header
 _ZIP_ENCRYPTED = 0x1  # general purpose flag bit 0
 # A member whose bytes do not decode: a damaged header, a bad CRC, a truncated or damaged deflate stream.
 _CORRUPT_MEMBER = (zipfile.BadZipFile, zlib.error, EOFError)
@@ -124,11 +126,14 @@ def find_sources(paths: list[Path]) -> Iterator[Source]:
 
 
 def _folder_sources(root: Path) -> Iterator[Source]:
-    """The files of a folder tree. Symlinked folders are followed, as a copied CD or an export that
-    links its series expects; each folder (device, inode) is walked once, so a link back up the tree
-    or a second link to a folder already walked adds nothing. A folder that cannot be read is failed."""
+    """The files of a folder tree. Symlinked folders inside it are followed, as a copied CD or an export
+    that links its series expects; each folder (device, inode) is walked once, so a link back up the
+    tree or a second link to a folder already walked adds nothing. A link to a folder outside the tree
+    is rejected, said in the summary: followed, one link to / or a home folder imported the whole disk
+    (and reached pipes that hang a read). A folder that cannot be read is failed."""
     unreadable: list[OSError] = []
     walked: set[tuple[int, int]] = set()
+    inside = root.resolve()
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable.append, followlinks=True):
         yield from _unreadable_folders(unreadable)
         try:
@@ -141,6 +146,14 @@ def _folder_sources(root: Path) -> Iterator[Source]:
             dirnames.clear()
             continue
         walked.add((folder.st_dev, folder.st_ino))
+        for name in [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            target = Path(os.path.join(dirpath, name)).resolve()
+            if target != inside and inside not in target.parents:
+                dirnames.remove(name)
+                yield Source(
+                    os.path.join(dirpath, name),
+                    verdict=("rejected", "symlinked folder outside the imported one (import it by its own path)"),
+                )
         dirnames.sort()
         for name in sorted(filenames):
             if name.upper() != "DICOMDIR":  # the file-set's index: the files it names are in this tree
@@ -155,7 +168,14 @@ def _unreadable_folders(errors: list[OSError]) -> Iterator[Source]:
 
 
 def _file_sources(path: Path, explicit: bool = False) -> Iterator[Source]:
-    if path.name.upper() == "DICOMDIR" and explicit:
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as exc:  # a broken link, or gone since it was listed
+        yield Source(str(path), verdict=("failed", f"storage: {_os_reason(exc)}"))
+        return
+    if not regular:  # a pipe or a device: reading it could wait for ever, or never end
+        yield Source(str(path), verdict=("rejected", "not a regular file (a pipe, socket or device)"))
+    elif path.name.upper() == "DICOMDIR" and explicit:
         yield from _fileset_sources(path)
     elif zipfile.is_zipfile(path):
         yield from _zip_sources(path)
@@ -263,6 +283,8 @@ def _extract_part10(zf: zipfile.ZipFile, info: zipfile.ZipInfo, folder: Path, ma
     try:
         with zf.open(info) as src:
             head = src.read(_PART10_HEAD)
+            if head.startswith(_ZIP_MAGIC):
+                raise _Refused("zip inside a zip: unzip the outer one and import its folder")
             if not _is_part10(head):
                 return None
             # zipfile reads no more than the size the directory declares: checking it bounds the file.

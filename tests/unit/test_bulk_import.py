@@ -145,18 +145,43 @@ def test_an_unexpected_error_fails_that_file_only(tmp_path, capsys):
 # -------------------------------------------------------------- 2. folders, symlinks and DICOMDIRs
 
 
-def test_symlinked_folders_are_followed_each_folder_once(tmp_path):
+def test_symlinked_folders_inside_are_followed_once_and_one_leading_out_is_rejected(tmp_path):
+    """Followed out of the tree, one link to / or a home folder imported the whole disk."""
     source, outside = tmp_path / "src", tmp_path / "outside"
     _instance(source / "p1" / "a.dcm")
+    _instance(source / "series" / "b.dcm")
     _instance(outside / "c.dcm")
-    (source / "linked").symlink_to(outside)
-    (source / "linked_again").symlink_to(outside)
+    (source / "linked").symlink_to(source / "series")
+    (source / "linked_again").symlink_to(source / "series")
     (source / "p1" / "loop").symlink_to(source)
+    (source / "elsewhere").symlink_to(outside)
 
     summary, ingest = _import(tmp_path, source)
 
     assert summary.imported == 2 and len(set(ingest.accepted)) == 2
-    assert summary.not_imported == []
+    assert summary.not_imported == [
+        ("rejected", "symlinked folder outside the imported one (import it by its own path)", str(source / "elsewhere"))
+    ]
+
+
+def test_a_pipe_is_rejected_unread_and_a_zip_inside_a_zip_said(tmp_path):
+    """A pipe hung the listing (the zip check opened it); a zip of zips imported nothing, exit status 0."""
+    source = tmp_path / "src"
+    _instance(source / "a.dcm")
+    os.mkfifo(source / "pipe")
+    inner = tmp_path / "inner.zip"
+    with zipfile.ZipFile(inner, "w") as zf:
+        zf.write(_instance(tmp_path / "b.dcm"), "b.dcm")
+    with zipfile.ZipFile(source / "outer.zip", "w") as zf:
+        zf.write(inner, "inner.zip")
+
+    summary, _ = _import(tmp_path, source)
+
+    assert summary.imported == 1
+    assert sorted((o, r) for o, r, _ in summary.not_imported) == [
+        ("rejected", "not a regular file (a pipe, socket or device)"),
+        ("rejected", "zip inside a zip: unzip the outer one and import its folder"),
+    ]
 
 
 def _deny_patient_folder(monkeypatch: pytest.MonkeyPatch) -> None:
