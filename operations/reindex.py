@@ -32,7 +32,7 @@ import structlog
 from confluent_kafka import Consumer, IsolationLevel, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from opensearchpy import OpenSearch
-from opensearchpy.helpers import bulk, scan
+from opensearchpy.helpers import scan, streaming_bulk
 
 from diana.clients import kafka_admin, kafka_consumer, opensearch_client
 from diana.config import ConflictPolicy, KafkaConfig, LogConfig, OpenSearchConfig
@@ -292,6 +292,8 @@ class Reindexer:
         self.number_of_replicas = number_of_replicas  # of the new versions ([opensearch])
         self.refresh_interval = refresh_interval  # put on the new versions before the swap ([opensearch])
         self.max_bytes, self.batch = max_bytes, batch
+        # Kinds whose old version holds documents the new one refused (_carry_over): never deleted.
+        self.keep_old: set[str] = set()
         # Bulk requests in flight at once: OpenSearch indexes them on all its cores while the
         # next batch is decoded here.
         self.parallel_requests = parallel_requests
@@ -334,15 +336,24 @@ class Reindexer:
                 continue
             source, target = self.layout.index(kind, old[kind]), self.layout.index(kind, version)
             documents = scan(self.client, index=source, query={"query": {"match_all": {}}}, size=1000)
-            copied, failed = bulk(
+            copied, refused, unavailable = 0, 0, 0
+            for ok, item in streaming_bulk(
                 self.client,
                 ({"_index": target, "_id": d["_id"], "_source": d["_source"]} for d in documents),
                 chunk_size=1000,
-                stats_only=True,  # counts only: a failure's reason can quote a document
+                max_retries=5,  # a 429 (OpenSearch busy) is waited out, up to 1+2+...+16 s
+                initial_backoff=1,
                 raise_on_error=False,
-            )
-            if failed:
-                raise ReindexFailed(f"{failed} documents of {source} could not be copied into {target}")
+            ):
+                status = next(iter(item.values())).get("status", 500)
+                copied += ok
+                refused += not ok and 400 <= status < 500 and status != 429
+                unavailable += not ok and (status == 429 or status >= 500)
+            if unavailable:
+                raise ReindexFailed(f"OpenSearch did not take {unavailable} documents of {source}; nothing was swapped")
+            if refused:  # the new template refuses them: kept in the old version (even with --delete-old), said
+                log.warning("reindex.carry_over_refused", kind=kind, source=source, documents=refused)
+                self.keep_old.add(kind)
             log.info("reindex.carried_over", kind=kind, source=source, documents=copied)
 
     def _drop(self, kinds: list[str], version: int) -> None:
@@ -518,7 +529,9 @@ class Reindexer:
         for kind in kinds:
             if wrote_after_swap:
                 self.client.indices.refresh(index=self.layout.index(kind, version))
-            if delete_old and old[kind]:
+            if delete_old and old[kind] and kind in self.keep_old:
+                log.warning("reindex.old_kept", index=self.layout.index(kind, old[kind]), reason="documents not copied")
+            elif delete_old and old[kind]:
                 self.client.indices.delete(index=self.layout.index(kind, old[kind]))
                 log.info("reindex.deleted", index=self.layout.index(kind, old[kind]))
         return {kind: (old[kind], version) for kind in kinds}
