@@ -71,6 +71,50 @@ def test_find_by_modality_and_date(pipeline, cohort_studies, tmp_path):
     assert wanted.study_uid in table.stdout and "1 studies" in table.stdout
 
 
+def test_a_cut_keeps_the_earliest_study_counted_whole_and_dated_by_its_earliest_dated_instance(pipeline, tmp_path):
+    """--limit cuts by study date, earliest first, and says so; the study kept is counted over both of its
+    dates and over an instance indexed without its header (no study date: it does not make it undated)."""
+    from confluent_kafka import Producer
+
+    from tests.integration.test_deadletter_any_exception import _event, _publish
+
+    split = make_study(
+        tmp_path / "s", [SeriesSpec("CT", "COHORT SPLIT", 4)], patient_id="COHORT-P3", study_date="20170302"
+    )
+    later = make_study(
+        tmp_path / "l", [SeriesSpec("CT", "COHORT LATER", 1)], patient_id="COHORT-P4", study_date="20170401"
+    )
+    for path in split.files + later.files:
+        ds = pydicom.dcmread(path)
+        ds.StationName = "COHORTSPLIT"
+        if path in split.files[2:]:
+            ds.StudyDate = "20170303"  # read over midnight: half the images carry the next day
+        ds.save_as(path, enforce_file_format=True)
+    assert storescu(pipeline.cfg, split.files + later.files).returncode == 0
+    producer = Producer({"bootstrap.servers": pipeline.cfg.kafka.bootstrap})
+    series = pydicom.dcmread(split.files[0]).SeriesInstanceUID
+    _publish(
+        producer,
+        _event(
+            study_instance_uid=split.study_uid,
+            series_instance_uid=series,
+            station_name="COHORTSPLIT",
+            modality="CT",
+            study_date="2017-03-01",
+            header_json="{not json",  # refused by the index: indexed without it, its date with it
+        ),
+    )
+    assert producer.flush(30) == 0
+    wait_until_caught_up(pipeline.cfg)
+    out = tmp_path / "cut.json"
+    result = diana(pipeline, "cohort", "find", "--station", "COHORTSPLIT", "--limit", "1", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "more than 1 studies match" in result.stderr
+    [row] = json.loads(out.read_text())
+    assert row["study_instance_uid"] == split.study_uid
+    assert row["instances"] == 5 and row["study_date"] == "2017-03-02"
+
+
 def test_export_is_byte_identical_without_deidentification(pipeline, cohort_studies, tmp_path):
     wanted, _, _ = cohort_studies
     out = tmp_path / "plain"

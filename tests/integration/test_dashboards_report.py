@@ -179,6 +179,30 @@ CHROMIUM_FLAGS = [
 ]
 
 
+def test_the_report_asks_in_the_widest_zones_opensearch_takes_and_refuses_a_wider_one_at_start(pipeline, tmp_path):
+    """[report] time_zone: OpenSearch (Java's ZoneOffset) takes -18:00 to +18:00; +19:00 passed the start-up
+    check before and the refused search ended in a traceback."""
+    today = date.today()
+    for zone, status in (("+18:00", 0), ("-18:00", 0), ("Pacific/Kiritimati", 0), ("+19:00", 2)):
+        env = {"DIANA_CONFIG": str(pipeline.config_file), "PATH": "/usr/bin:/bin", "DIANA_REPORT_TIME_ZONE": zone}
+        page = tmp_path / "zone.html"
+        page.unlink(missing_ok=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "diana.cli", "report", "--from", str(today - timedelta(days=2)), "--out", str(page)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+            timeout=120,
+        )
+        assert "Traceback" not in result.stderr, result.stderr
+        if status == 0:
+            assert result.returncode == 0, (zone, result.stderr)
+            assert f"midnight to midnight in {zone}" in page.read_text()
+        else:
+            assert result.returncode != 0 and "beyond +18:00" in result.stderr and not page.exists(), result.stderr
+
+
 def test_html_report_renders_in_headless_chromium(live, pipeline, tmp_path):
     chromium = Path("/usr/bin/chromium")
     assert chromium.exists(), "Debian's chromium is not installed: ./test.sh installs it (scripts/bootstrap.sh)"
