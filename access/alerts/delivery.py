@@ -191,7 +191,11 @@ class DeliveryWorker:
     ledger: Ledger = field(default_factory=Ledger)
 
     def __post_init__(self) -> None:
-        self.producer = kafka_producer(self.cfg.kafka, {"enable.idempotence": True, "acks": "all"})
+        # No delivery timeout: librdkafka's (5 min) dropped an action the broker had not taken, and its
+        # flush then reported nothing pending: the alert was committed without its record.
+        self.producer = kafka_producer(
+            self.cfg.kafka, {"enable.idempotence": True, "acks": "all", "message.timeout.ms": 0}
+        )
         self.smtp = smtp_server(self.cfg.alerts)
 
     def _record(self, action: dict) -> None:
@@ -253,6 +257,7 @@ class DeliveryWorker:
                 self.ledger.failed.pop(delivery_key(failed), None)  # recipient or channel no longer routed
                 continue
             self._deliver(alert, recipient.name, failed["channel"], address)
+        self.acknowledged()  # tried again after Unavailable: the ledger has what was sent, await its record
 
 
 def handle_then_commit(worker: DeliveryWorker, consumer: Any, msg: Message) -> None:

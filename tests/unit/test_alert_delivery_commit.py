@@ -174,3 +174,19 @@ def test_a_request_opensearch_will_never_take_ends_the_worker_instead_of_holding
             raise TransportError(429, "es_rejected_execution_exception", {})
 
     assert until_done(overloaded_then_done, lambda: True, DOSE_ALERTS.name, backoff_s=0.01) and len(tries) == 2
+
+
+def test_the_actions_producer_never_drops_an_action_and_a_retry_round_awaits_its_records(config, monkeypatch):
+    """librdkafka's 5-minute delivery timeout dropped an action the broker had not taken, and the flush then
+    said nothing was pending: the alert was committed without its record."""
+    from diana.access.alerts import delivery
+    from diana.config import load_config
+
+    settings: list[dict] = []
+    monkeypatch.setattr(delivery, "kafka_producer", lambda kafka, extra: settings.append(extra) or _SlowBroker(2))
+    worker = DeliveryWorker(load_config(config), Routing(()), _States())
+    assert settings == [{"enable.idempotence": True, "acks": "all", "message.timeout.ms": 0}]
+    # A retry round with nothing to send still waits for the actions queued before (tried again meanwhile).
+    with pytest.raises(Unavailable):
+        worker.retry_failed()
+    assert until_done(worker.retry_failed, lambda: True, "retry_failed", backoff_s=0.01)

@@ -49,12 +49,9 @@ def test_first_wins_keeps_the_earliest_event_and_lists_the_undecodable() -> None
     assert [(m.offset(), "missing C3 01" in reason) for m, reason in prepared.undecodable] == [(99, True)]
     (request,) = prepared.requests
     lines = _lines(request.body)
-    # First wins: external version 1, taken only where the index holds no document or an identifiers-only
-    # one (version 0, sinks/opensearch.py); OpenSearch answers 409 to the second copy.
-    first = {"version": 1, "version_type": "external"}
     assert lines[0::2] == [
-        {"index": {"_index": "diana-instances-v7", "_id": "1.1", **first}},
-        {"index": {"_index": "diana-instances-v7", "_id": "1.2", **first}},
+        {"create": {"_index": "diana-instances-v7", "_id": "1.1"}},
+        {"create": {"_index": "diana-instances-v7", "_id": "1.2"}},
     ]
     assert [doc["size_bytes"] for doc in lines[1::2]] == [1, 3]  # the first copy of 1.1
     assert lines[1]["dicom"] == {"00080060": {"vr": "CS", "Value": ["CT"]}}
@@ -73,10 +70,10 @@ def test_requests_stay_under_max_bytes_and_follow_the_batch_order() -> None:
     one = len(_sink().prepare(batch[:1]).requests[0].items[0][2])  # every document here has the same size
     requests = _sink(max_bytes=3 * one).prepare(batch).requests
     assert [len(r.items) for r in requests] == [3, 3, 3, 1]
-    ids = [line["index"]["_id"] for r in requests for line in _lines(r.body)[0::2]]
+    ids = [line["create"]["_id"] for r in requests for line in _lines(r.body)[0::2]]
     assert ids == [f"1.{i}" for i in range(10)]
     for r in requests:
-        assert [m.offset() for m, _, _ in r.items] == [int(line["index"]["_id"][2:]) for line in _lines(r.body)[0::2]]
+        assert [m.offset() for m, _, _ in r.items] == [int(line["create"]["_id"][2:]) for line in _lines(r.body)[0::2]]
 
 
 def test_a_batch_is_cut_into_the_parallel_requests_under_max_bytes() -> None:
