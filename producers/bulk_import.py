@@ -283,9 +283,11 @@ def _extract_part10(zf: zipfile.ZipFile, info: zipfile.ZipInfo, folder: Path, ma
     try:
         with zf.open(info) as src:
             head = src.read(_PART10_HEAD)
-            if head.startswith(_ZIP_MAGIC):
-                raise _Refused("zip inside a zip: unzip the outer one and import its folder")
             if not _is_part10(head):
+                # A .zip member that is a zip: said (it was counted "not DICOM", exit status 0); a viewer's
+                # .jar or a .docx is a zip too, and is not DICOM.
+                if head.startswith(_ZIP_MAGIC) and info.filename.lower().endswith(".zip"):
+                    raise _Refused("zip inside a zip: unzip the outer one and import its folder")
                 return None
             # zipfile reads no more than the size the directory declares: checking it bounds the file.
             if info.file_size > max_bytes:

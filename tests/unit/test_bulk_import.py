@@ -351,3 +351,23 @@ def test_each_archive_is_opened_once_per_worker_and_closed_after(tmp_path, monke
     assert summary.imported == 80
     assert len(opened) <= 2 * (1 + 3)  # listing, then once per worker
     assert all(zf.fp is None for zf in opened)  # closed
+
+
+def test_a_zip_shaped_member_that_is_not_a_zip_file_is_not_dicom_and_a_dicom_preamble_may_look_like_one(tmp_path):
+    """Only a .zip member is "a zip inside a zip": a viewer's .jar is a zip too, and not DICOM; PS3.10 leaves
+    the preamble to applications, so a Part-10 file may begin with the zip signature."""
+    dicom = _instance(tmp_path / "p.dcm")
+    data = bytearray(dicom.read_bytes())
+    data[:4] = b"PK\x03\x04"
+    dicom.write_bytes(bytes(data))
+    viewer = tmp_path / "viewer.jar"
+    with zipfile.ZipFile(viewer, "w") as zf:
+        zf.writestr("Main.class", b"\xca\xfe\xba\xbe")
+    archive = tmp_path / "cd.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(dicom, "IMG0001")
+        zf.write(viewer, "viewer/viewer.jar")
+
+    summary, _ = _import(tmp_path, archive)
+
+    assert (summary.imported, summary.skipped_non_dicom, summary.not_imported) == (1, 1, [])
