@@ -1,8 +1,8 @@
 """Zero-downtime index rebuild from the log (`diana reindex`).
 
 1. Create the next version of each index (``diana-series-v2``) from the current template. An index
-   whose topic expires (dead letters, kept 90 days) first gets the old version's documents, copied
-   inside OpenSearch: the topic no longer has the older ones.
+   whose topic expires (dead letters, kept 90 days) first gets the old version's documents, copied by
+   this process (scroll and bulk): the topic no longer has the older ones.
 2. Read the topics from the beginning with a consumer of its own (no group commits) and write
    into the new version, while the live sink keeps writing through the alias to the old one.
    With ``processes`` > 1 the partitions are shared out among up to that many processes (no more

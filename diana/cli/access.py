@@ -177,7 +177,7 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     """Write a self-contained HTML report of ingest and dose for a date range (no network needed to view it)."""
     from datetime import date, datetime, timedelta
 
-    from opensearchpy.exceptions import TransportError
+    from opensearchpy.exceptions import NotFoundError, TransportError
 
     from diana.access.report import build_report, host_time_zone
     from diana.clients import opensearch_client
@@ -200,6 +200,8 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     client = opensearch_client(cfg.opensearch, timeout=60)
     try:
         page = build_report(client, cfg.opensearch.index_prefix, start, end, levels, time_zone=time_zone)
+    except NotFoundError as exc:  # before the sinks made the indices: not a zone to fix
+        return fail("report", f"index missing ({getattr(exc, 'info', exc)}); nothing indexed yet?", code=1)
     except TransportError as exc:
         # The zone is what a site sets in these searches: OpenSearch (Java) may not know a name Python does.
         fix = (

@@ -127,6 +127,15 @@ def test_a_refused_search_is_one_line_naming_the_zone_not_a_traceback(tmp_path: 
     assert not (tmp_path / "r.html").exists()
 
 
+def test_a_missing_index_is_said_as_such_not_as_a_zone_to_fix(tmp_path: Path, monkeypatch, capsys):
+    from opensearchpy.exceptions import NotFoundError
+
+    missing = NotFoundError(404, "index_not_found_exception", {"error": {"reason": "no such index [diana-instances]"}})
+    assert _report(tmp_path, monkeypatch, RefusingOpenSearch(missing)) == 1
+    err = capsys.readouterr().err
+    assert "nothing indexed yet?" in err and "time_zone" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_refused_credentials_are_said_as_every_command_says_them(tmp_path: Path, monkeypatch, capsys, config):
     refusal = AuthenticationException(401, "security_exception", {})
     assert _report(tmp_path, monkeypatch, RefusingOpenSearch(refusal)) == 1
