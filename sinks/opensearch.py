@@ -201,12 +201,12 @@ def identifiers_only(record: dict[str, Any], reason: str) -> dict[str, Any]:
     return kept
 
 
-# First wins (KEEP_FIRST, KEEP_BOTH): an instance's document is written with external version 1, which
-# OpenSearch takes only where the index holds none or a lower one (409 otherwise: the first stays, as
-# `create` did, which gives a stored document version 1 too), and an identifiers-only document with 0.
-# So the whole document, replayed once the cause of a refusal is fixed, replaces the identifiers-only
-# one, which never replaces a whole document.
-_WHOLE_DOCUMENT, _IDENTIFIERS_ONLY = 1, 0
+def _refused_before(source: dict[str, Any]) -> bool:
+    """A stored instance document written by ``identifiers_only``."""
+    return any(
+        not o.get("path") and str(o.get("reason", "")).startswith("refused by the index")
+        for o in source.get("header_omitted") or []
+    )
 
 
 # What a bulk response is cut down to (``filter_path``): one entry per item, in order, as sent.
@@ -336,16 +336,15 @@ class OpenSearchSink:
                 continue
             if "revision" in record:
                 meta.update(version=record["revision"], version_type="external_gte")
-            first_wins = kind == "instances" and self.first_wins
-            if first_wins:
-                meta.update(version=_WHOLE_DOCUMENT, version_type="external")
+            if kind == "instances" and self.first_wins:
+                meta["op_type"] = "create"
             actions.append((msg, meta, _json(record) if kind == "deadletters" else _document(record)))
         # Within one bulk request, later events for the same document supersede earlier ones; for
         # documents only ever created (first wins), the earliest stays.
         latest: dict[tuple[str, str], tuple[Message, dict, bytes]] = {}
         for item in actions:
             key = (item[1]["_index"], item[1]["_id"])
-            if not (item[1].get("version") == _WHOLE_DOCUMENT and key in latest):
+            if not (item[1].get("op_type") == "create" and key in latest):
                 latest[key] = item
         pending = list(latest.values())
         # Requests stay under max_bytes (roughly: the documents' JSON size), and a batch is cut into
@@ -392,9 +391,12 @@ class OpenSearchSink:
             result = self.client.bulk(body=request.body, filter_path=_BULK_ANSWER, params=self._bulk_params)
         except (OSConnectionError, TransportError) as exc:
             raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
-        refused = self._outcomes(request.items, result, dead)
+        created_before: list[tuple[Message, dict, bytes]] = []
+        refused = self._outcomes(request.items, result, dead, created_before=created_before)
         if refused:
             self._index_identifiers_only(refused, dead)
+        if created_before:
+            self._complete_identifiers_only(created_before, dead)
 
     def _outcomes(
         self,
@@ -402,14 +404,16 @@ class OpenSearchSink:
         result: dict[str, Any],
         dead: DeadLetters,
         written: set[int] | None = None,
+        created_before: list[tuple[Message, dict, bytes]] | None = None,
     ) -> list[tuple[Message, dict, str]]:
         """Count what was written (into ``written``, by ``id`` of the message, if given), park what was
         refused but instances; return the refused instances (message, action metadata, reason) and
-        raise RetryableError if any document was not accepted for now."""
+        raise RetryableError if any document was not accepted for now. ``created_before``: the items
+        whose ``create`` found a document there (first wins)."""
         refused: list[tuple[Message, dict, str]] = []
         retry = []
         indexed: dict[str, int] = {}  # topic -> documents written (one metric update per topic)
-        for (msg, meta, _), item in zip(items, result["items"], strict=True):
+        for (msg, meta, doc), item in zip(items, result["items"], strict=True):
             outcome = next(iter(item.values()))
             status = outcome.get("status", 500)
             if 200 <= status < 300:
@@ -417,7 +421,9 @@ class OpenSearchSink:
                 if written is not None:
                     written.add(id(msg))
             elif status == 409:
-                pass  # a newer revision is already indexed, or (first wins) the instance already is
+                # a newer revision is already indexed, or (first wins) the instance already is
+                if created_before is not None and meta.get("op_type") == "create":
+                    created_before.append((msg, meta, doc))
             elif status == 404 and meta.get("op_type") == "delete":
                 pass  # a retracted document that was never indexed (a new index version), or is gone already
             elif status == 429 or status >= 500:
@@ -437,22 +443,57 @@ class OpenSearchSink:
             raise RetryableError(f"{len(retry)} documents not accepted ({retry[0]})")
         return refused
 
+    def _complete_identifiers_only(self, created_before: list[tuple[Message, dict, bytes]], dead: DeadLetters) -> None:
+        """First wins, and the index holds an identifiers-only document of these very bytes (refused
+        before, sent again once the cause is fixed, e.g. by a receiver that now leaves a value out): the
+        whole document replaces it, provided nothing wrote it meanwhile. Any other 409 is first wins
+        keeping the first copy (a copy of other bytes never replaces it, as the archive keeps the first)."""
+        found = self.client.mget(
+            index=created_before[0][1]["_index"],
+            body={"ids": [meta["_id"] for _, meta, _ in created_before]},
+            _source_includes=["sha256", "header_omitted"],
+        )
+        stored = {d["_id"]: d for d in found["docs"] if d.get("found")}
+        items = []
+        for msg, meta, doc in created_before:
+            hit = stored.get(meta["_id"])
+            if hit is None or not _refused_before(hit["_source"]):
+                continue
+            _, record = self.codec.decode(msg.value())  # decoded before: it cannot fail now
+            if record.get("sha256") == hit["_source"].get("sha256"):
+                when = {"if_seq_no": hit["_seq_no"], "if_primary_term": hit["_primary_term"]}
+                items.append((msg, {"_index": meta["_index"], "_id": meta["_id"], **when}, doc))
+        if not items:
+            return
+        try:
+            result = self.client.bulk(body=_request(items).body, filter_path=_BULK_ANSWER, params=self._bulk_params)
+        except (OSConnectionError, TransportError) as exc:
+            raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
+        written: set[int] = set()
+        for msg, meta, reason in self._outcomes(items, result, dead, written):
+            dead.send(msg, f"opensearch rejected {meta['_id']}: {reason}")
+        if written:
+            log.info("opensearch.header_restored", documents=len(written))
+
     def _index_identifiers_only(self, refused: list[tuple[Message, dict, str]], dead: DeadLetters) -> None:
         """Index refused instances by their identifiers (``identifiers_only``); each is also dead-lettered
         with OpenSearch's reason, for the operator to see and replay once the cause is fixed."""
         items = []
         for msg, meta, reason in refused:
             _, record = self.codec.decode(msg.value())  # decoded before: it cannot fail now
-            fallback = {**meta, "version": _IDENTIFIERS_ONLY} if "version" in meta else meta
-            items.append((msg, fallback, _document(identifiers_only(record, reason))))
+            items.append((msg, meta, _document(identifiers_only(record, reason))))
         try:
             result = self.client.bulk(body=_request(items).body, filter_path=_BULK_ANSWER, params=self._bulk_params)
         except (OSConnectionError, TransportError) as exc:
             raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
         written: set[int] = set()
-        self._outcomes(items, result, dead, written)
+        there: list[tuple[Message, dict, bytes]] = []
+        self._outcomes(items, result, dead, written, created_before=there)
+        indexed_before = {id(msg) for msg, _, _ in there}
         for msg, meta, reason in refused:
-            if id(msg) not in written:  # refused again, or (409) a document of it is there already
+            if id(msg) in indexed_before:  # first wins: a document of the instance was there already
+                dead.send(msg, f"opensearch rejected {meta['_id']} (indexed before): {reason}")
+            elif id(msg) not in written:
                 dead.send(msg, f"opensearch rejected {meta['_id']}: {reason}")
             else:
                 INDEXED_WITHOUT_HEADER.inc()

@@ -102,9 +102,15 @@ def test_a_message_that_makes_a_handler_raise_is_dead_lettered_and_the_next_one_
     [aggregate] = os_search(cfg, "diana-series", {"term": {"series_instance_uid": good.SeriesInstanceUID}})
     assert aggregate["instance_count"] == 1
 
-    # The cause fixed, the event sent again (a replay): the whole document replaces the identifiers-only
-    # one. Refused once more after that: the whole document stays, and the dead letter does not claim the
-    # instance was indexed without its header.
+    # Other bytes under the same SOP Instance UID (first wins: the archive keeps the first) never replace
+    # the identifiers-only document. The cause fixed, the same bytes' event sent again (a receiver that now
+    # leaves the weight out, a replay): the whole document replaces it. Refused once more after that: the
+    # whole document stays, and the dead letter says it was indexed before.
+    _publish(producer, {**too_heavy, "sha256": "1" * 64, "patient_weight_kg": 71.0})
+    assert producer.flush(30) == 0
+    wait_until_caught_up(cfg)
+    [doc] = os_search(cfg, "diana-instances", {"term": {"sop_instance_uid": too_heavy["sop_instance_uid"]}})
+    assert doc["sha256"] == "0" * 64 and "dicom" not in doc
     _publish(producer, {**too_heavy, "patient_weight_kg": 70.0})
     assert producer.flush(30) == 0
     wait_until_caught_up(cfg)
@@ -119,8 +125,7 @@ def test_a_message_that_makes_a_handler_raise_is_dead_lettered_and_the_next_one_
     assert doc["patient_weight_kg"] == 70.0
     headers = [{k: v.decode() for k, v in m.headers() or []} for m in read_messages(cfg, DEADLETTER.name, since=since)]
     reasons = [h["reason"] for h in headers if h.get("sink") == "opensearch"]
-    assert len(reasons) == 1 and "mapper_parsing_exception" in reasons[0]
-    assert "indexed without its header" not in reasons[0]
+    assert len(reasons) == 1 and "mapper_parsing_exception" in reasons[0] and "(indexed before)" in reasons[0]
 
 
 def test_a_keyword_longer_than_lucene_takes_no_longer_refuses_its_document(pipeline):
