@@ -448,11 +448,19 @@ class OpenSearchSink:
         before, sent again once the cause is fixed, e.g. by a receiver that now leaves a value out): the
         whole document replaces it, provided nothing wrote it meanwhile. Any other 409 is first wins
         keeping the first copy (a copy of other bytes never replaces it, as the archive keeps the first)."""
-        found = self.client.mget(
-            index=created_before[0][1]["_index"],
-            body={"ids": [meta["_id"] for _, meta, _ in created_before]},
-            _source_includes=["sha256", "header_omitted"],
-        )
+        try:
+            # Real time (a search would miss a document written since the last refresh: a reindex fills
+            # with refresh off); read only on a 409, which a running sink rarely gets.
+            found = self.client.mget(
+                index=created_before[0][1]["_index"],
+                body={"ids": [meta["_id"] for _, meta, _ in created_before]},
+                _source_includes=["sha256", "header_omitted"],
+            )
+        except (OSConnectionError, TransportError) as exc:
+            raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
+        unread = sum(1 for d in found["docs"] if "error" in d)
+        if unread:  # a shard that failed: those documents keep what they hold, said
+            log.warning("opensearch.restore_unread", documents=unread)
         stored = {d["_id"]: d for d in found["docs"] if d.get("found")}
         items = []
         for msg, meta, doc in created_before:
@@ -461,8 +469,10 @@ class OpenSearchSink:
                 continue
             _, record = self.codec.decode(msg.value())  # decoded before: it cannot fail now
             if record.get("sha256") == hit["_source"].get("sha256"):
+                # The index that holds it, not the alias: a reindex swapping it meanwhile makes the
+                # condition fail there instead of writing the new version with the old one's number.
                 when = {"if_seq_no": hit["_seq_no"], "if_primary_term": hit["_primary_term"]}
-                items.append((msg, {"_index": meta["_index"], "_id": meta["_id"], **when}, doc))
+                items.append((msg, {"_index": hit["_index"], "_id": meta["_id"], **when}, doc))
         if not items:
             return
         try:
@@ -474,6 +484,8 @@ class OpenSearchSink:
             dead.send(msg, f"opensearch rejected {meta['_id']}: {reason}")
         if written:
             log.info("opensearch.header_restored", documents=len(written))
+        if len(written) < len(items):  # written meanwhile (409): what is there stays
+            log.warning("opensearch.restore_not_written", documents=len(items) - len(written))
 
     def _index_identifiers_only(self, refused: list[tuple[Message, dict, str]], dead: DeadLetters) -> None:
         """Index refused instances by their identifiers (``identifiers_only``); each is also dead-lettered
@@ -491,8 +503,8 @@ class OpenSearchSink:
         self._outcomes(items, result, dead, written, created_before=there)
         indexed_before = {id(msg) for msg, _, _ in there}
         for msg, meta, reason in refused:
-            if id(msg) in indexed_before:  # first wins: a document of the instance was there already
-                dead.send(msg, f"opensearch rejected {meta['_id']} (indexed before): {reason}")
+            if id(msg) in indexed_before:  # first wins: a document was there (or this one, by a try before)
+                dead.send(msg, f"opensearch rejected {meta['_id']} (indexed before, or without its header): {reason}")
             elif id(msg) not in written:
                 dead.send(msg, f"opensearch rejected {meta['_id']}: {reason}")
             else:

@@ -49,7 +49,7 @@ def _not_indexable(cfg) -> set[str]:
                 continue
             # Refused once and indexed without the header, or refused again once a document was there.
             reason = headers.get("reason", "")
-            indexed = "(indexed without its header)" in reason or "(indexed before)" in reason
+            indexed = "(indexed without its header)" in reason or "(indexed before, or without its header)" in reason
             (indexed_anyway if indexed else refused).add(uid)
     return refused - indexed_anyway
 

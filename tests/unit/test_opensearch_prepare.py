@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import pytest
 from confluent_kafka import Message
 
 from diana.schemas.codec import default_codec
@@ -85,3 +86,32 @@ def test_a_batch_is_cut_into_the_parallel_requests_under_max_bytes() -> None:
     capped = OpenSearchSink(None, IndexLayout("diana"), max_bytes=2 * one, index_version=7, parallel_requests=4)
     assert [len(r.items) for r in capped.prepare(batch).requests] == [2, 2, 2, 2, 2]
     assert [len(r.items) for r in spread.prepare(batch[:2]).requests] == [1, 1]
+
+
+class _AllThereIndex:
+    """Every create answers 409 (a sink restarting on a batch it wrote), and reading them back fails."""
+
+    def __init__(self, read_error: Exception):
+        self.read_error, self.calls = read_error, []
+
+    def bulk(self, body, filter_path=None, params=None):
+        self.calls.append("bulk")
+        return {"items": [{"create": {"status": 409}} for _ in body.splitlines()[0::2]]}
+
+    def mget(self, **kwargs):
+        self.calls.append("mget")
+        raise self.read_error
+
+
+def test_a_read_back_that_fails_for_now_retries_the_batch_instead_of_dead_lettering_it() -> None:
+    """The 409s' read back (whether an identifiers-only document of the same bytes is there) raised past
+    the sink: every message of the batch was dead-lettered as unexpected, and the batch committed."""
+    from opensearchpy.exceptions import TransportError
+
+    from diana.sinks.consumer import RetryableError
+
+    client = _AllThereIndex(TransportError(429, "circuit_breaking_exception", {}))
+    sink = OpenSearchSink(client, IndexLayout("diana"), index_version=7)
+    with pytest.raises(RetryableError):
+        sink.write([_event("1.1", 1), _event("1.2", 2)], dead=None)  # type: ignore[arg-type]
+    assert client.calls == ["bulk", "mget"]
