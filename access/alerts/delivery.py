@@ -7,9 +7,10 @@ after the configured attempts) and waits for the broker's acknowledgment before 
 alert's offset (asynchronously, as the sinks and `diana route` do: a synchronous commit can wait for
 ever inside librdkafka after a broker restart, confluent-kafka-python issue 1801; a commit lost so
 brings the alert again, and the ledger does not send it twice). So a redelivered alert (the dose worker re-publishing after a restart, a replay,
-this worker restarted after kill -9 anywhere but inside one send) is not sent again. The one gap —
-killed after the receiver accepted and before the ledger write — resends with the same Message-ID
-/ Idempotency-Key, so the receiver can tell.
+this worker restarted after kill -9 anywhere but inside one send) is not sent again. The gap left —
+stopped after the receiver accepted and before the broker acknowledged the ledger write (a few
+milliseconds, or the length of a broker outage) — resends with the same Message-ID / Idempotency-Key,
+so the receiver can tell (docs/DOSE.md).
 
 The same worker keeps the alert state index (workflow.py) from both topics.
 """
@@ -197,20 +198,35 @@ class DeliveryWorker:
             self.cfg.kafka, {"enable.idempotence": True, "acks": "all", "message.timeout.ms": 0}
         )
         self.smtp = smtp_server(self.cfg.alerts)
+        # Actions the producer reported as not taken (purged, refused): a flush then says nothing is
+        # pending, so ``acknowledged`` looks here too.
+        self._not_taken: list[tuple[bytes, bytes, str]] = []
+
+    def _reported(self, err: KafkaError | None, msg: Message) -> None:
+        """A delivery report, served inside flush() on this thread."""
+        if err is not None:
+            self._not_taken.append((msg.key(), msg.value(), err.name()))
+
+    def _produce(self, key: bytes, value: bytes) -> None:
+        self.producer.produce(ALERT_ACTIONS.name, key=key, value=value, on_delivery=self._reported)
 
     def _record(self, action: dict) -> None:
         """Queue the action and put it in this run's ledger at once: a step tried again while the broker
         does not acknowledge it (``until_done``) must not send the same message again, once per try."""
-        value = self.codec.encode(ALERT_ACTIONS.value_schema, action)
-        self.producer.produce(ALERT_ACTIONS.name, key=action["alert_id"].encode(), value=value)
+        self._produce(action["alert_id"].encode(), self.codec.encode(ALERT_ACTIONS.value_schema, action))
         self.ledger.add(action)
         self.acknowledged()
 
     def acknowledged(self) -> None:
         """Every action queued so far acknowledged by the broker, or Unavailable (the step is tried again;
-        the producer keeps them queued meanwhile)."""
+        the producer keeps them queued meanwhile, and one it reported as not taken is produced again)."""
         if self.producer.flush(30) != 0:
             raise Unavailable(f"{ALERT_ACTIONS.name}: the broker did not acknowledge the action in 30 s")
+        if self._not_taken:
+            not_taken, self._not_taken = self._not_taken, []
+            for key, value, _ in not_taken:
+                self._produce(key, value)
+            raise Unavailable(f"{ALERT_ACTIONS.name}: {len(not_taken)} actions not taken ({not_taken[0][2]})")
 
     def _send(self, channel: str, address: str, alert: dict, key: str):
         a = self.cfg.alerts
@@ -218,10 +234,12 @@ class DeliveryWorker:
             return with_retries(lambda: send_email(self.smtp, address, alert, key, a.timeout_s), a.attempts)
         return with_retries(lambda: send_webhook(address, alert, key, a.timeout_s), a.attempts)
 
-    def _deliver(self, alert: dict, recipient: str, channel: str, address: str) -> None:
+    def _deliver(self, alert: dict, recipient: str, channel: str, address: str, again: bool = False) -> None:
+        """``again``: a failed delivery is tried (retry_failed); otherwise it is left to retry_failed, so a
+        step tried again while the broker is down does not send and record it once per try."""
         key = delivery_action_id(alert["alert_id"], recipient, channel)
-        if key in self.ledger.delivered:
-            return  # the ledger says it went out already
+        if key in self.ledger.delivered or (key in self.ledger.failed and not again):
+            return  # the ledger says it went out already, or it failed: retry_failed's
         result = self._send(channel, address, alert, key)
         SENT.labels(channel, "delivered" if result.ok else "failed").inc()
         log.info(
@@ -256,7 +274,7 @@ class DeliveryWorker:
             if recipient is None or alert is None or address is None:
                 self.ledger.failed.pop(delivery_key(failed), None)  # recipient or channel no longer routed
                 continue
-            self._deliver(alert, recipient.name, failed["channel"], address)
+            self._deliver(alert, recipient.name, failed["channel"], address, again=True)
         self.acknowledged()  # tried again after Unavailable: the ledger has what was sent, await its record
 
 

@@ -125,7 +125,7 @@ class _SlowBroker:
     def __init__(self, unacknowledged: int) -> None:
         self.unacknowledged, self.queued = unacknowledged, []
 
-    def produce(self, topic, key, value) -> None:
+    def produce(self, topic, key, value, on_delivery=None) -> None:
         self.queued.append(key)
 
     def flush(self, timeout: float) -> int:
@@ -141,15 +141,7 @@ class _States:
 def test_an_alert_tried_again_while_the_broker_does_not_acknowledge_is_sent_once():
     """Before, each try sent the e-mail again (the ledger learnt of it only after the acknowledgement):
     once a minute for as long as the broker was down."""
-    sent: list = []
-    worker = object.__new__(DeliveryWorker)  # no broker or SMTP server: the send and the producer are recorded
-    worker.cfg = SimpleNamespace(alerts=SimpleNamespace(attempts=1, timeout_s=1))
-    worker.routing = Routing((Recipient("physicist", email="p@example.org"),))
-    worker.states, worker.codec, worker.ledger = _States(), default_codec(), Ledger()
-    worker.producer = _SlowBroker(unacknowledged=3)
-    worker._send = lambda channel, address, alert, key: (  # type: ignore[method-assign]
-        sent.append(key) or SimpleNamespace(ok=True, attempts=1, detail="")
-    )
+    worker, sent = _worker(_SlowBroker(unacknowledged=3))
     alert = {"alert_id": "a1", "rule": "DRL x", "rule_type": "drl", "study_instance_uid": "1.2.3"}
     assert until_done(lambda: worker.handle_alert(alert), lambda: True, DOSE_ALERTS.name, backoff_s=0.01)
     assert len(sent) == 1 and len(worker.producer.queued) == 1
@@ -190,3 +182,52 @@ def test_the_actions_producer_never_drops_an_action_and_a_retry_round_awaits_its
     with pytest.raises(Unavailable):
         worker.retry_failed()
     assert until_done(worker.retry_failed, lambda: True, "retry_failed", backoff_s=0.01)
+
+
+class _PurgingBroker(_SlowBroker):
+    """A producer whose first message is reported not taken (purged, refused) and so not pending."""
+
+    def __init__(self) -> None:
+        super().__init__(unacknowledged=0)
+        self.reports: list = []
+
+    def produce(self, topic, key, value, on_delivery=None) -> None:
+        super().produce(topic, key, value)
+        self.reports.append((on_delivery, key, value))
+
+    def flush(self, timeout: float) -> int:
+        for on_delivery, key, value in self.reports:
+            failed = len(self.queued) == 1
+            on_delivery(KafkaError(KafkaError._PURGE_QUEUE) if failed else None, Message(key=key, value=value))
+        self.reports.clear()
+        return 0
+
+
+def _worker(producer, send_ok: bool = True) -> tuple[DeliveryWorker, list]:
+    sent: list = []
+    worker = object.__new__(DeliveryWorker)  # no broker or SMTP server: the send and the producer are recorded
+    worker.cfg = SimpleNamespace(alerts=SimpleNamespace(attempts=1, timeout_s=1))
+    worker.routing = Routing((Recipient("physicist", email="p@example.org"),))
+    worker.states, worker.codec, worker.ledger = _States(), default_codec(), Ledger()
+    worker.producer, worker._not_taken = producer, []
+    worker._send = lambda channel, address, alert, key: (  # type: ignore[method-assign]
+        sent.append(key) or SimpleNamespace(ok=send_ok, attempts=1, detail="" if send_ok else "refused")
+    )
+    return worker, sent
+
+
+def test_an_action_the_producer_reports_not_taken_is_produced_again_before_the_commit():
+    """A purged or refused action is not pending, so the flush said 0: the alert was committed without it."""
+    worker, sent = _worker(_PurgingBroker())
+    alert = {"alert_id": "a1", "rule": "DRL x", "rule_type": "drl", "study_instance_uid": "1.2.3"}
+    assert until_done(lambda: worker.handle_alert(alert), lambda: True, DOSE_ALERTS.name, backoff_s=0.01)
+    assert len(sent) == 1 and len(worker.producer.queued) == 2  # produced again, the e-mail sent once
+
+
+def test_a_failed_delivery_is_not_sent_again_by_each_try_of_its_step():
+    """The broker down: each try of the step sent the failing e-mail again and queued one more
+    DELIVERY_FAILED; it is retry_failed's, at its interval."""
+    worker, sent = _worker(_SlowBroker(unacknowledged=3), send_ok=False)
+    alert = {"alert_id": "a1", "rule": "DRL x", "rule_type": "drl", "study_instance_uid": "1.2.3"}
+    assert until_done(lambda: worker.handle_alert(alert), lambda: True, DOSE_ALERTS.name, backoff_s=0.01)
+    assert len(sent) == 1 and len(worker.producer.queued) == 1 and worker.ledger.failed
