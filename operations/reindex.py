@@ -292,8 +292,6 @@ class Reindexer:
         self.number_of_replicas = number_of_replicas  # of the new versions ([opensearch])
         self.refresh_interval = refresh_interval  # put on the new versions before the swap ([opensearch])
         self.max_bytes, self.batch = max_bytes, batch
-        # Kinds whose old version holds documents the new one refused (_carry_over): never deleted.
-        self.keep_old: set[str] = set()
         # Bulk requests in flight at once: OpenSearch indexes them on all its cores while the
         # next batch is decoded here.
         self.parallel_requests = parallel_requests
@@ -325,11 +323,13 @@ class Reindexer:
             refresh[index] = settings.get("refresh_interval", "1s")  # OpenSearch's default where unset
         return refresh
 
-    def _carry_over(self, kinds: list[str], old: dict[str, int], version: int) -> None:
+    def _carry_over(self, kinds: list[str], old: dict[str, int], version: int) -> set[str]:
         """Copy the old version of a kind whose topic expires (dead letters: 90 days) into the new one
         before the catch-up overwrites what the topic still has (same ids). Rebuilt from the topic alone,
         the index lost every dead letter older than the topic's retention. Read and written by this
-        process (scroll and bulk): OpenSearch's `_reindex` is a module the minimal distribution lacks."""
+        process (scroll and bulk): OpenSearch's `_reindex` is a module the minimal distribution lacks.
+        Returns the kinds whose old version holds documents the new one refused: never deleted."""
+        keep_old: set[str] = set()
         for kind in kinds:
             topics = [_TOPICS[t] for t, k in self.layout.kinds.items() if k == kind]
             if not old[kind] or not any(expires(t) for t in topics):
@@ -353,8 +353,9 @@ class Reindexer:
                 raise ReindexFailed(f"OpenSearch did not take {unavailable} documents of {source}; nothing was swapped")
             if refused:  # the new template refuses them: kept in the old version (even with --delete-old), said
                 log.warning("reindex.carry_over_refused", kind=kind, source=source, documents=refused)
-                self.keep_old.add(kind)
+                keep_old.add(kind)
             log.info("reindex.carried_over", kind=kind, source=source, documents=copied)
+        return keep_old
 
     def _drop(self, kinds: list[str], version: int) -> None:
         """Delete the half-built ``version`` of ``kinds``, so that a failed reindex leaves nothing behind."""
@@ -474,7 +475,7 @@ class Reindexer:
                 old = {kind: current_version(self.client, self.layout, kind) for kind in kinds}
                 version = self.next_version(kinds)
                 refresh = self._create(kinds, version)
-                self._carry_over(kinds, old, version)
+                keep_old = self._carry_over(kinds, old, version)
             except BaseException:
                 if version:  # one kind's version may be created already
                     self._drop(kinds, version)
@@ -529,9 +530,12 @@ class Reindexer:
         for kind in kinds:
             if wrote_after_swap:
                 self.client.indices.refresh(index=self.layout.index(kind, version))
-            if delete_old and old[kind] and kind in self.keep_old:
-                log.warning("reindex.old_kept", index=self.layout.index(kind, old[kind]), reason="documents not copied")
-            elif delete_old and old[kind]:
-                self.client.indices.delete(index=self.layout.index(kind, old[kind]))
-                log.info("reindex.deleted", index=self.layout.index(kind, old[kind]))
+            if not (delete_old and old[kind]):
+                continue
+            previous = self.layout.index(kind, old[kind])
+            if kind in keep_old:
+                log.warning("reindex.old_kept", index=previous, reason="documents not copied")
+            else:
+                self.client.indices.delete(index=previous)
+                log.info("reindex.deleted", index=previous)
         return {kind: (old[kind], version) for kind in kinds}

@@ -2,8 +2,9 @@
 
 Document ids are the SOP / Series / Study Instance UIDs, so a re-delivered event overwrites
 its own document. A record with ``superseded_by`` set (a dose event a dose report superseded,
-stream_apps/dose/study.py) deletes its document: replayed, it deletes it again, or finds none. Aggregates carry a revision used as an external version: an older
-revision arriving late never replaces a newer one. Indices are versioned behind aliases
+stream_apps/dose/study.py) deletes its document: replayed, it deletes it again, or finds none.
+Aggregates carry a revision used as an external version: an older revision arriving late never
+replaces a newer one. Indices are versioned behind aliases
 (``diana-series`` → ``diana-series-v1``) and the sink writes through the alias.
 """
 
@@ -386,9 +387,7 @@ class OpenSearchSink:
             if not self._indices_ready and self.index_version is None:
                 ensure_indices(self.client, self.layout, self.number_of_replicas, self.refresh_interval)
                 self._indices_ready = True
-            # Only each item's status and error come back: the rest of an answer (index, id, version,
-            # shards, sequence numbers: ~200 bytes per document) would be parsed for nothing.
-            result = self.client.bulk(body=request.body, filter_path=_BULK_ANSWER, params=self._bulk_params)
+            result = self._send(request.body)  # the indices made in the same try: both wait out alike
         except (OSConnectionError, TransportError) as exc:
             raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
         created_before: list[tuple[Message, dict, bytes]] = []
@@ -397,6 +396,18 @@ class OpenSearchSink:
             self._index_identifiers_only(refused, dead)
         if created_before:
             self._complete_identifiers_only(created_before, dead)
+
+    def _send(self, body: bytes) -> dict[str, Any]:
+        """One bulk request. Only each item's status and error come back: the rest of an answer (index,
+        id, version, shards, sequence numbers: ~200 bytes per document) would be parsed for nothing."""
+        return self.client.bulk(body=body, filter_path=_BULK_ANSWER, params=self._bulk_params)
+
+    def _send_retryable(self, body: bytes) -> dict[str, Any]:
+        """``_send``; OpenSearch not answering is a RetryableError (the batch is written again)."""
+        try:
+            return self._send(body)
+        except (OSConnectionError, TransportError) as exc:
+            raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
 
     def _outcomes(
         self,
@@ -475,10 +486,7 @@ class OpenSearchSink:
                 items.append((msg, {"_index": hit["_index"], "_id": meta["_id"], **when}, doc))
         if not items:
             return
-        try:
-            result = self.client.bulk(body=_request(items).body, filter_path=_BULK_ANSWER, params=self._bulk_params)
-        except (OSConnectionError, TransportError) as exc:
-            raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
+        result = self._send_retryable(_request(items).body)
         written: set[int] = set()
         for msg, meta, reason in self._outcomes(items, result, dead, written):
             dead.send(msg, f"opensearch rejected {meta['_id']}: {reason}")
@@ -494,10 +502,7 @@ class OpenSearchSink:
         for msg, meta, reason in refused:
             _, record = self.codec.decode(msg.value())  # decoded before: it cannot fail now
             items.append((msg, meta, _document(identifiers_only(record, reason))))
-        try:
-            result = self.client.bulk(body=_request(items).body, filter_path=_BULK_ANSWER, params=self._bulk_params)
-        except (OSConnectionError, TransportError) as exc:
-            raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
+        result = self._send_retryable(_request(items).body)
         written: set[int] = set()
         there: list[tuple[Message, dict, bytes]] = []
         self._outcomes(items, result, dead, written, created_before=there)

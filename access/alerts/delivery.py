@@ -6,8 +6,9 @@ sends to each (recipient, channel) not in the ledger, then writes DELIVERED (or 
 after the configured attempts) and waits for the broker's acknowledgment before committing the
 alert's offset (asynchronously, as the sinks and `diana route` do: a synchronous commit can wait for
 ever inside librdkafka after a broker restart, confluent-kafka-python issue 1801; a commit lost so
-brings the alert again, and the ledger does not send it twice). So a redelivered alert (the dose worker re-publishing after a restart, a replay,
-this worker restarted after kill -9 anywhere but inside one send) is not sent again. The gap left —
+brings the alert again, and the ledger does not send it twice). So a redelivered alert (the dose
+worker re-publishing after a restart, a replay, this worker restarted after kill -9 anywhere but
+inside one send) is not sent again. The gap left —
 stopped after the receiver accepted and before the broker acknowledged the ledger write (a few
 milliseconds, or the length of a broker outage) — resends with the same Message-ID / Idempotency-Key,
 so the receiver can tell (docs/DOSE.md).
@@ -301,7 +302,7 @@ def until_done(
     backoff_s: float = 1.0,
     backoff_max_s: float = 30.0,
 ) -> bool:
-    """Run ``step`` until it ends without a passing failure (``_PASSING``), waiting longer each time (up to
+    """Run ``step`` until it ends without a passing failure (``_passes``), waiting longer each time (up to
     ``backoff_max_s``); False if ``running()`` turned false first (the step not done: nothing committed).
     Logged by the failure's type and status only: OpenSearch's errors can quote the alert's document."""
     backoff = backoff_s
