@@ -206,6 +206,8 @@ def _fileset_sources(dicomdir: Path) -> Iterator[Source]:
 
     Read here rather than with pydicom's FileSet, which drops a record whose file is missing with a
     warning naming the file's path: such a record is failed here, like a file that cannot be read.
+    A name not there as written is looked up regardless of case (_CaseBlindNames): Linux mounts an
+    ISO 9660 disc without Rock Ridge lower-cased (``images/im0001`` for ``IMAGES\\IM0001``).
     """
     import pydicom
 
@@ -217,23 +219,77 @@ def _fileset_sources(dicomdir: Path) -> Iterator[Source]:
         return
     folder = dicomdir.parent
     inside = folder.resolve()
+    outside = ("rejected", "DICOMDIR record names a file outside its folder")
+    case_blind = _CaseBlindNames(folder)
     # A Referenced File ID is the path's components (one value: a file in the DICOMDIR's folder).
     for components in dict.fromkeys((i,) if isinstance(i, str) else tuple(i) for i in file_ids):
         relative = Path(*components)
         path = folder / relative
         if relative.anchor or not Path(os.path.realpath(inside / relative)).is_relative_to(inside):
-            yield Source(str(path), verdict=("rejected", "DICOMDIR record names a file outside its folder"))
+            yield Source(str(path), verdict=outside)
             continue
         try:
             path.stat()
         except FileNotFoundError:
-            yield Source(
-                str(path), verdict=("failed", "file named by the DICOMDIR missing (renamed? import its folder instead)")
-            )
-            continue
+            try:
+                found = case_blind.find(relative.parts)
+            except _Refused as exc:
+                yield Source(str(path), verdict=("failed", exc.reason))
+                continue
+            if not Path(os.path.realpath(found)).is_relative_to(inside):  # a symlink out, named in other case
+                yield Source(str(found), verdict=outside)
+                continue
+            path = found
         except OSError:
             pass  # opening it says why
         yield Source(str(path), path=path)
+
+
+class _CaseBlindNames:
+    """A file-set's files found by their names in any case: each folder is listed once, when a name in it
+    is not there as written (a file there as written costs no listing). In each folder the name as
+    written wins, else the one name equal to it but for case; several such names are not guessed between.
+    """
+
+    _MISSING = "file named by the DICOMDIR missing (renamed? import its folder instead)"
+    _AMBIGUOUS = (
+        "file named by the DICOMDIR ambiguous: several names differ from it only in case (import its folder instead)"
+    )
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._listings: dict[Path, dict[str, list[str]] | OSError] = {}  # folder -> casefolded name -> names
+
+    def find(self, parts: tuple[str, ...]) -> Path:
+        """The path of ``parts`` under the folder; raises _Refused (its reason) when there is not one."""
+        path = self._folder
+        for part in parts:
+            listing = self._listing(path)
+            if isinstance(listing, OSError):
+                if isinstance(listing, (FileNotFoundError, NotADirectoryError)):
+                    raise _Refused(self._MISSING)
+                raise _Refused(f"storage: {_os_reason(listing)}")
+            names = listing.get(part.casefold(), [])
+            if part in names:
+                path /= part
+            elif len(names) == 1:
+                path /= names[0]
+            else:
+                raise _Refused(self._AMBIGUOUS if names else self._MISSING)
+        return path
+
+    def _listing(self, folder: Path) -> dict[str, list[str]] | OSError:
+        if folder not in self._listings:
+            try:
+                names = os.listdir(folder)
+            except OSError as exc:
+                self._listings[folder] = exc
+            else:
+                listing: dict[str, list[str]] = {}
+                for name in names:
+                    listing.setdefault(name.casefold(), []).append(name)
+                self._listings[folder] = listing
+        return self._listings[folder]
 
 
 class _OpenArchives:

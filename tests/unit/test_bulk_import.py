@@ -1,7 +1,7 @@
 """`diana import` without a broker: bad input of every kind becomes a reason that names no file while
 the run goes on, folders are walked through symlinks and past unreadable ones, a DICOMDIR's missing
-files are counted, and zip members are read as streams (only Part-10 ones extracted, each archive
-opened once per worker)."""
+files are counted and its names found in any case, and zip members are read as streams (only Part-10
+ones extracted, each archive opened once per worker)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import os
 import stat
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+import pydicom
 import pytest
 from pydicom.fileset import FileSet
 from pydicom.uid import generate_uid
@@ -237,6 +239,153 @@ def test_the_dicomdir_in_an_imported_folder_is_passed_over_quietly(tmp_path):
     summary, _ = _import(tmp_path, dicomdir.parent)
 
     assert summary.imported == 2 and summary.skipped_non_dicom == 0 and summary.not_imported == []
+
+
+# A CD mounted on Linux without Rock Ridge (map=normal) shows IMAGES/IM0001 as images/im0001, its
+# DICOMDIR as dicomdir; copies made on Windows or by some burners vary the case too.
+MISSING = "file named by the DICOMDIR missing (renamed? import its folder instead)"
+AMBIGUOUS = (
+    "file named by the DICOMDIR ambiguous: several names differ from it only in case (import its folder instead)"
+)
+OUTSIDE = "DICOMDIR record names a file outside its folder"
+
+
+def _series_fileset(tmp_path: Path, count: int) -> tuple[Path, list[str]]:
+    """A file-set of one series, DICOMDIR and PT000000/ST000000/SE000000/IM00000n, and its SOP Instance UIDs."""
+    study, series, uids = generate_uid(), generate_uid(), []
+    fileset = FileSet()
+    for n in range(count):
+        uids.append(generate_uid())
+        ds = make_instance(study, series, n + 1, patient_id="IMPORT9", study_date="20240101", rows=8, sop_uid=uids[-1])
+        ds.save_as(tmp_path / f"src{n}.dcm", enforce_file_format=True)
+        fileset.add(tmp_path / f"src{n}.dcm")
+    fileset.write(tmp_path / "cd")
+    return tmp_path / "cd" / "DICOMDIR", uids
+
+
+def _rename_tree(root: Path, name: Callable[[str], str]) -> None:
+    """Every file and folder under ``root`` renamed, deepest first, as a mount or a copy shows them."""
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        path.rename(path.with_name(name(path.name)))
+
+
+@pytest.fixture
+def listed(monkeypatch) -> list[Path]:
+    """The folders the importer lists (os.walk, for a folder's import, uses os.scandir instead)."""
+    folders: list[Path] = []
+    listdir = os.listdir
+
+    def counted(path):
+        folders.append(Path(path))
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", counted)
+    return folders
+
+
+def test_a_dicomdir_whose_files_are_there_as_named_lists_no_folder(tmp_path, listed):
+    dicomdir, uids = _series_fileset(tmp_path, 4)
+
+    summary, ingest = _import(tmp_path, dicomdir)
+
+    assert summary.imported == 4 and sorted(ingest.accepted) == sorted(uids) and summary.not_imported == []
+    assert listed == []
+
+
+def test_a_cd_mounted_lower_cased_imports_every_file_listing_each_folder_once(tmp_path, listed):
+    dicomdir, uids = _series_fileset(tmp_path, 6)
+    cd = dicomdir.parent
+    _rename_tree(cd, str.lower)
+    assert sorted(p.name for p in cd.iterdir()) == ["dicomdir", "pt000000"]
+    listed.clear()  # Path.iterdir lists too
+
+    summary, ingest = _import(tmp_path, cd / "dicomdir")
+
+    assert summary.imported == 6 and sorted(ingest.accepted) == sorted(uids) and summary.not_imported == []
+    series = cd / "pt000000" / "st000000" / "se000000"
+    assert sorted(listed) == [cd, cd / "pt000000", series.parent, series]  # once each, for 6 files
+
+
+def test_a_lower_cased_cd_imported_by_its_folder_imports_each_file_once(tmp_path):
+    dicomdir, uids = _series_fileset(tmp_path, 3)
+    _rename_tree(dicomdir.parent, str.lower)
+
+    summary, ingest = _import(tmp_path, dicomdir.parent)
+
+    assert (summary.imported, summary.skipped_non_dicom, summary.not_imported) == (3, 0, [])
+    assert sorted(ingest.accepted) == sorted(uids)
+
+
+def test_a_copy_in_mixed_case_imports_every_file(tmp_path):
+    dicomdir, uids = _series_fileset(tmp_path, 4)
+    cd = dicomdir.parent
+    # Folders in three cases, IM000000 and IM000002 lower-cased, IM000001 title-cased, IM000003 as named.
+    renamed = {"DICOMDIR": "DicomDir", "PT000000": "pt000000", "ST000000": "St000000", "IM000001": "Im000001"}
+    _rename_tree(cd, lambda name: renamed.get(name, name.lower() if name in ("IM000000", "IM000002") else name))
+    assert sorted(p.name for p in (cd / "pt000000" / "St000000" / "SE000000").iterdir()) == [
+        "IM000003",
+        "Im000001",
+        "im000000",
+        "im000002",
+    ]
+
+    for given in (cd / "DicomDir", cd):
+        summary, ingest = _import(tmp_path, given)
+
+        assert summary.imported == 4 and sorted(ingest.accepted) == sorted(uids) and summary.not_imported == []
+
+
+def test_a_name_in_several_cases_fails_that_record_only_and_the_name_as_written_is_taken(tmp_path):
+    dicomdir, uids = _series_fileset(tmp_path, 3)
+    cd = dicomdir.parent
+    _rename_tree(cd, str.lower)
+    series = cd / "pt000000" / "st000000" / "se000000"
+    (series / "Im000000").write_bytes((series / "im000000").read_bytes())  # which one is meant: not guessed
+    other = read_header_file(_instance(series / "IM000001")).sop_instance_uid  # as written: taken
+
+    summary, ingest = _import(tmp_path, cd / "dicomdir")
+
+    assert summary.imported == 2 and sorted(ingest.accepted) == sorted([other, uids[2]])
+    assert summary.not_imported == [("failed", AMBIGUOUS, str(cd / "PT000000" / "ST000000" / "SE000000" / "IM000000"))]
+
+
+def test_a_name_found_in_other_case_outside_the_folder_is_still_rejected(tmp_path, recwarn):
+    """Through a symlinked folder named in other case, or a record's `..`: the resolved path is checked."""
+    dicomdir, _ = _series_fileset(tmp_path, 2)
+    cd = dicomdir.parent
+    _rename_tree(cd, str.lower)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (cd / "pt000000").rename(elsewhere / "pt000000")
+    (cd / "pt000000").symlink_to(elsewhere / "pt000000")
+    _instance(tmp_path / "outside" / "im1")
+    ds = pydicom.dcmread(cd / "dicomdir")
+    records = [record for record in ds.DirectoryRecordSequence if record.get("ReferencedFileID")]
+    records[1].ReferencedFileID = ["..", "OUTSIDE", "IM1"]  # a CS value pydicom warns of
+    ds.save_as(cd / "dicomdir")
+    assert (cd / "pt000000" / "st000000" / "se000000" / "im000000").is_file() and (
+        tmp_path / "outside" / "im1"
+    ).is_file()
+
+    summary, ingest = _import(tmp_path, cd / "dicomdir")
+
+    assert summary.imported == 0 and ingest.accepted == []
+    assert summary.not_imported == [
+        ("rejected", OUTSIDE, str(cd / "pt000000" / "st000000" / "se000000" / "im000000")),
+        ("rejected", OUTSIDE, str(cd / ".." / "OUTSIDE" / "IM1")),
+    ]
+
+
+def test_a_file_missing_in_every_case_is_still_failed_as_missing(tmp_path):
+    dicomdir, uids = _series_fileset(tmp_path, 2)
+    cd = dicomdir.parent
+    _rename_tree(cd, str.lower)
+    (cd / "pt000000" / "st000000" / "se000000" / "im000001").unlink()
+
+    summary, ingest = _import(tmp_path, cd / "dicomdir")
+
+    assert summary.imported == 1 and ingest.accepted == [uids[0]]
+    assert summary.not_imported == [("failed", MISSING, str(cd / "PT000000" / "ST000000" / "SE000000" / "IM000001"))]
 
 
 @pytest.fixture
