@@ -6,6 +6,9 @@
 - ``reference_level_survey``: the studies of the survey window, grouped by standard name, their
   median against the local and national levels (stream_apps/dose/reference_levels.py, ``survey``);
   a study of several standard names (a head and a body scan) counts each part under its own name.
+
+Both take the window's last day (``today``) from the caller: the command's --as-of, else today in the
+site's zone (access/site_zone.py), not this host's clock read here.
 """
 
 from __future__ import annotations
@@ -33,18 +36,23 @@ class Unmapped:
     count: int
 
 
-def _since(days: int | None) -> list[dict]:
+def _window(start: date, today: date) -> dict:
+    """Studies dated ``start`` to ``today``, both included (study_date is a day: yyyy-MM-dd)."""
+    return {"range": {"study_date": {"gte": start.isoformat(), "lte": today.isoformat()}}}
+
+
+def _since(days: int | None, today: date) -> list[dict]:
     if not days:
         return []
-    return [{"range": {"study_date": {"gte": (date.today() - timedelta(days=days)).isoformat()}}}]
+    return [_window(today - timedelta(days=days), today)]
 
 
-def _buckets(client, index: str, text_field: str, days: int | None, label: str) -> list[Unmapped]:
+def _buckets(client, index: str, text_field: str, days: int | None, label: str, today: date) -> list[Unmapped]:
     if not client.indices.exists_alias(name=index):
         return []
     body = {
         "size": 0,
-        "query": {"bool": {"must_not": [{"exists": {"field": "standard_name"}}], "filter": _since(days)}},
+        "query": {"bool": {"must_not": [{"exists": {"field": "standard_name"}}], "filter": _since(days, today)}},
         "aggs": {
             "text": {
                 "terms": {"field": text_field, "size": _MAX_BUCKETS, "missing": "(none)"},
@@ -66,19 +74,21 @@ def _buckets(client, index: str, text_field: str, days: int | None, label: str) 
     return sorted(rows, key=lambda r: (-r.count, r.field, r.text))
 
 
-def unmapped_protocols(client, prefix: str, days: int | None = None) -> list[Unmapped]:
-    """Event protocols and study descriptions without a standard name, most frequent first."""
-    return _buckets(client, IndexLayout(prefix).alias("dose-events"), "protocol.keyword", days, "protocol") + _buckets(
-        client, IndexLayout(prefix).alias("dose-studies"), "study_description.keyword", days, "study_description"
+def unmapped_protocols(client, prefix: str, days: int | None, today: date) -> list[Unmapped]:
+    """Event protocols and study descriptions without a standard name, most frequent first; with ``days``,
+    only of the studies dated in the ``days`` days to ``today``."""
+    layout = IndexLayout(prefix)
+    return _buckets(client, layout.alias("dose-events"), "protocol.keyword", days, "protocol", today) + _buckets(
+        client, layout.alias("dose-studies"), "study_description.keyword", days, "study_description", today
     )
 
 
-def reference_level_survey(client, prefix: str, levels: ReferenceLevels, today: date | None = None) -> list[dict]:
-    """The survey rows for the studies dated within the levels' window up to ``today``."""
+def reference_level_survey(client, prefix: str, levels: ReferenceLevels, today: date) -> list[dict]:
+    """The survey rows for the studies dated within the levels' window up to ``today`` (included)."""
     index = IndexLayout(prefix).alias("dose-studies")
     if not levels.study or not client.indices.exists_alias(name=index):
         return survey(levels, [])
-    start = (today or date.today()) - timedelta(days=levels.window_days)
+    start = today - timedelta(days=levels.window_days)
     names = sorted(levels.study)
     # A study of several standard names counts under its parts' names (drl_parts), not its own.
     of_names = [{"terms": {"standard_name": names}}, {"terms": {"drl_parts.standard_name": names}}]
@@ -86,7 +96,7 @@ def reference_level_survey(client, prefix: str, levels: ReferenceLevels, today: 
         "bool": {
             "filter": [
                 {"bool": {"should": of_names, "minimum_should_match": 1}},
-                {"range": {"study_date": {"gte": start.isoformat()}}},
+                _window(start, today),
             ]
         }
     }
@@ -110,11 +120,12 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def render_survey(rows: list[dict], window_days: int) -> str:
+def render_survey(rows: list[dict], window_days: int, today: date) -> str:
     if not rows:
         return "No study reference level is configured ([dose] reference_levels)."
     out = [
-        f"Median per standard name over the last {window_days} days, against the applied level (local, else national)",
+        f"Median per standard name over the {window_days} days to {today}, against the applied level "
+        "(local, else national)",
         f"{'standard name':<28}{'metric':<20}{'studies':>8}{'median':>10}{'local':>10}{'national':>10}"
         f"{'ratio':>8}  verdict",
     ]

@@ -7,15 +7,13 @@ and no script to be viewed, printed or mailed.
 from __future__ import annotations
 
 import html
-import os
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from opensearchpy import OpenSearch
 
 from diana.access.dose_survey import reference_level_survey
-from diana.config import time_zone_info
+from diana.access.site_zone import SiteZone, host_zone
 from diana.schemas.layout import IndexLayout
 from diana.stream_apps.dose.reference_levels import ReferenceLevels
 
@@ -36,25 +34,8 @@ _COLOURS = (
 
 
 def host_time_zone() -> str:
-    """This host's zone as OpenSearch takes it: its IANA name where the system names it (TZ, else the
-    link /etc/localtime or /etc/timezone), else its UTC offset now ("+01:00", not following summer time)."""
-    tz = os.environ.get("TZ")
-    if tz is not None:  # TZ rules this process's local time, whatever the system's files say
-        candidates = [tz.lstrip(":")]
-    else:
-        candidates = [str(Path("/etc/localtime").resolve()).partition("/zoneinfo/")[2]]
-        try:
-            candidates.append(Path("/etc/timezone").read_text(encoding="utf-8").strip())
-        except OSError:
-            pass
-    for name in filter(None, candidates):
-        try:
-            time_zone_info(name)  # a POSIX rule such as "CET-1CEST" is no zone name
-            return name
-        except ValueError:
-            continue
-    offset = datetime.now().astimezone().strftime("%z")
-    return f"{offset[:3]}:{offset[3:]}"
+    """This host's zone as OpenSearch takes it (access/site_zone.py, ``host_zone``)."""
+    return host_zone().name
 
 
 def _range(field: str, start: date, end: date, time_zone: str) -> dict:
@@ -154,12 +135,13 @@ def _over_level(study: dict) -> list[tuple]:
 
 
 def _reference_level_sections(
-    client: OpenSearch, prefix: str, levels: ReferenceLevels | None, received: dict
+    client: OpenSearch, prefix: str, levels: ReferenceLevels | None, received: dict, as_of: date
 ) -> list[str]:
-    """The DRL survey (median per standard name over the levels' window) and the range's studies over their level."""
+    """The DRL survey (median per standard name over the levels' window to ``as_of``) and the range's
+    studies over their level."""
     if levels is None or not levels.study:
         return []
-    rows = reference_level_survey(client, prefix, levels)
+    rows = reference_level_survey(client, prefix, levels, as_of)
     over = {}
     if client.indices.exists_alias(name=IndexLayout(prefix).alias("dose-studies")):
         over = client.search(
@@ -172,7 +154,7 @@ def _reference_level_sections(
         )
     return [
         _table(
-            f"Reference levels: median per standard name, last {levels.window_days} days",
+            f"Reference levels: median per standard name, the {levels.window_days} days to {as_of}",
             ["standard name", "metric", "studies", "median", "local", "national", "median / level", "verdict"],
             [
                 [
@@ -219,9 +201,15 @@ def build_report(
     levels: ReferenceLevels | None = None,
     *,
     time_zone: str,
+    as_of: date | None = None,
+    zone_note: str = "",
 ) -> str:
     """The page for the days ``start`` to ``end`` (by arrival), each from midnight to midnight in
-    ``time_zone`` (an IANA name or "+HH:MM"), not UTC's: the site's day."""
+    ``time_zone`` (an IANA name or "+HH:MM"), not UTC's: the site's day. The reference-level survey's
+    window ends on ``as_of`` (default: today in ``time_zone``); ``zone_note``, a warning about the zone
+    (site_zone.SiteZone.note), is shown under the title."""
+    if as_of is None:
+        as_of = SiteZone(time_zone).today()
     received = _range("received_at", start, end, time_zone)
     per_day = {"calendar_interval": "day", "format": "yyyy-MM-dd", "min_doc_count": 1, "time_zone": time_zone}
     ingest = _search(
@@ -310,7 +298,7 @@ def build_report(
                 for b in dlp.get("stations", {}).get("buckets", [])
             ],
         ),
-        *_reference_level_sections(client, prefix, levels, received),
+        *_reference_level_sections(client, prefix, levels, received, as_of),
         _table(
             "Dose alerts (latest 50)",
             ["raised", "rule", "metric", "value", "threshold", "accession", "station"],
@@ -329,6 +317,7 @@ def build_report(
         ),
     ]
     made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    warning = f'<p class="warning">{html.escape(zone_note)}</p>\n' if zone_note else ""
     summary = (
         f"{int(ingest.get('studies', {}).get('value', 0))} studies, "
         f"{sum(r[2] for r in modality_rows)} instances, {ingest.get('bytes', {}).get('value', 0) / 1e9:.2f} GB"
@@ -339,12 +328,12 @@ def build_report(
 body {{ font-family: sans-serif; margin: 2em; color: #222; max-width: 900px; }}
 h1 {{ font-size: 1.5em; }} h2 {{ font-size: 1.1em; margin-top: 2em; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
-th {{ background: #eee; }} .empty {{ color: #888; }}
+th {{ background: #eee; }} .empty {{ color: #888; }} .warning {{ color: #a00; font-weight: bold; }}
 .legend .key {{ margin-right: 1em; font-size: 0.9em; }} .legend i {{ display: inline-block; width: 10px; height: 10px; margin-right: 4px; }}
 </style></head><body>
 <h1>diana-star: ingest and dose, {start} to {end}</h1>
 <p>Days run from midnight to midnight in {html.escape(time_zone)}.</p>
-<p>{html.escape(summary)}. Made {made} from the OpenSearch indices <code>{html.escape(prefix)}-*</code>.</p>
+{warning}<p>{html.escape(summary)}. Made {made} from the OpenSearch indices <code>{html.escape(prefix)}-*</code>.</p>
 {"".join(sections)}
 </body></html>
 """

@@ -5,12 +5,22 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from datetime import date
 from typing import Any
 
 from diana.config import Config
 from diana.credentials import redact
 
-__all__ = ["stop_on_signals", "start_metrics", "fail", "progress_bar", "service_error", "whole_number", "os_error"]
+__all__ = [
+    "stop_on_signals",
+    "start_metrics",
+    "fail",
+    "progress_bar",
+    "service_error",
+    "whole_number",
+    "calendar_day",
+    "os_error",
+]
 
 
 def stop_on_signals() -> threading.Event:
@@ -41,6 +51,14 @@ def whole_number(minimum: int):
 
     parse.__name__ = "whole number"  # argparse names the type in its message
     return parse
+
+
+def calendar_day(text: str) -> date:
+    """An argparse type: a date written YYYY-MM-DD, or argparse's usage error naming the form."""
+    return date.fromisoformat(text)  # ValueError: argparse says "invalid YYYY-MM-DD date value: 'x'"
+
+
+calendar_day.__name__ = "YYYY-MM-DD date"  # argparse names the type in its message
 
 
 def os_error(exc: OSError) -> str:

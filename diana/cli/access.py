@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diana.cli._common import fail, service_error, whole_number
+from diana.cli._common import calendar_day, fail, service_error, whole_number
 from diana.config import Config
 
 COHORT_FILTERS = (
@@ -35,6 +35,9 @@ def _cohort_filter(args: argparse.Namespace):
 
 
 DEFAULT_COHORT_LIMIT = 10_000
+
+# --as-of's default, for the commands whose window ends on a day (report, dose names, dose drl)
+AS_OF_DEFAULT = "default: today in [report] time_zone (empty: this host's zone), so that a run can be repeated"
 
 
 def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
@@ -175,19 +178,21 @@ def cmd_dashboards(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     """Write a self-contained HTML report of ingest and dose for a date range (no network needed to view it)."""
-    from datetime import date, datetime, timedelta
+    from datetime import date, timedelta
 
     from opensearchpy.exceptions import NotFoundError, TransportError
 
-    from diana.access.report import build_report, host_time_zone
+    from diana.access.report import build_report
+    from diana.access.site_zone import site_time_zone
     from diana.clients import opensearch_client
-    from diana.config import time_zone_info
     from diana.durable import write_atomic
     from diana.stream_apps.dose.reference_levels import LevelsError, load_reference_levels
 
-    time_zone = cfg.report.time_zone or host_time_zone()
+    zone = site_time_zone(cfg.report.time_zone)
+    time_zone = zone.name
+    today = zone.today()
     try:
-        end = date.fromisoformat(args.to_date) if args.to_date else datetime.now(time_zone_info(time_zone)).date()
+        end = date.fromisoformat(args.to_date) if args.to_date else today
         start = date.fromisoformat(args.from_date) if args.from_date else end - timedelta(days=30)
     except ValueError as exc:
         return fail("report", f"{exc}; dates look like 2024-03-15")
@@ -199,7 +204,16 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
         return fail("report", str(exc))
     client = opensearch_client(cfg.opensearch, timeout=60)
     try:
-        page = build_report(client, cfg.opensearch.index_prefix, start, end, levels, time_zone=time_zone)
+        page = build_report(
+            client,
+            cfg.opensearch.index_prefix,
+            start,
+            end,
+            levels,
+            time_zone=time_zone,
+            as_of=args.as_of or today,
+            zone_note=zone.note,
+        )
     except NotFoundError as exc:  # before the sinks made the indices: not a zone to fix
         return fail("report", f"index missing ({getattr(exc, 'info', exc)}); nothing indexed yet?", code=1)
     except TransportError as exc:
@@ -214,17 +228,25 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _as_of(cfg: Config, args: argparse.Namespace):
+    """The last day of a dose window: --as-of, else today in the site's zone ([report] time_zone, else the host's)."""
+    from diana.access.site_zone import site_time_zone
+
+    return args.as_of or site_time_zone(cfg.report.time_zone).today()
+
+
 def cmd_dose_names(cfg: Config, args: argparse.Namespace) -> int:
     """List the protocols and study descriptions of the dose indices that no standard name maps, most frequent first."""
     from diana.access.dose_survey import render_unmapped, unmapped_protocols
     from diana.clients import opensearch_client
 
+    today = _as_of(cfg, args)
     client = opensearch_client(cfg.opensearch, timeout=30)
-    print(render_unmapped(unmapped_protocols(client, cfg.opensearch.index_prefix, args.days)))
+    print(render_unmapped(unmapped_protocols(client, cfg.opensearch.index_prefix, args.days, today)))
     return 0
 
 
-def cmd_dose_drl(cfg: Config, _args: argparse.Namespace) -> int:
+def cmd_dose_drl(cfg: Config, args: argparse.Namespace) -> int:
     """Compare the median of each standard name's studies over the survey window with its local and national DRLs."""
     from diana.access.dose_survey import reference_level_survey, render_survey
     from diana.clients import opensearch_client
@@ -236,8 +258,10 @@ def cmd_dose_drl(cfg: Config, _args: argparse.Namespace) -> int:
         levels = load_reference_levels(cfg.path(Path(cfg.dose.reference_levels)))
     except LevelsError as exc:
         return fail("dose drl", str(exc))
+    today = _as_of(cfg, args)
     client = opensearch_client(cfg.opensearch, timeout=30)
-    print(render_survey(reference_level_survey(client, cfg.opensearch.index_prefix, levels), levels.window_days))
+    rows = reference_level_survey(client, cfg.opensearch.index_prefix, levels, today)
+    print(render_survey(rows, levels.window_days, today))
     return 0
 
 
@@ -464,4 +488,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(default: this host's zone)",
     )
     rep.add_argument("--out", required=True, metavar="FILE.html", help="the report to write (replaced if it exists)")
+    rep.add_argument(
+        "--as-of",
+        type=calendar_day,
+        metavar="YYYY-MM-DD",
+        help=f"the last day of the reference-level survey's window; {AS_OF_DEFAULT}",
+    )
     rep.set_defaults(func=cmd_report)

@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 
-from diana.cli._common import fail, start_metrics, stop_on_signals, whole_number
+from diana.cli._common import calendar_day, fail, start_metrics, stop_on_signals, whole_number
 from diana.config import Config
 
 log = structlog.get_logger("diana")
@@ -368,7 +368,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Prometheus metrics). A worker keeps its id ([stream] worker_id, or one kept in "
         "[stream] data_dir): restarted within 10 s it gets its partitions back with no rebalance.",
     ).set_defaults(func=cmd_aggregate)
-    from diana.cli.access import cmd_dose_drl, cmd_dose_names
+    from diana.cli.access import AS_OF_DEFAULT, cmd_dose_drl, cmd_dose_names
 
     dose = sub.add_parser(
         "dose",
@@ -384,10 +384,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "names", help="protocols without a standard name, with counts", description=cmd_dose_names.__doc__
     )
     names.add_argument("--days", type=whole_number(1), default=None, help="only studies dated in the last DAYS days")
+    names.add_argument(
+        "--as-of", type=calendar_day, metavar="YYYY-MM-DD", help=f"the last of the --days days; {AS_OF_DEFAULT}"
+    )
     names.set_defaults(func=cmd_dose_names)
-    dose_sub.add_parser(
+    drl = dose_sub.add_parser(
         "drl", help="median per standard name against the reference levels", description=cmd_dose_drl.__doc__
-    ).set_defaults(func=cmd_dose_drl)
+    )
+    drl.add_argument(
+        "--as-of",
+        type=calendar_day,
+        metavar="YYYY-MM-DD",
+        help=f"the last day of the survey's window ([dose] reference_levels' window_days); {AS_OF_DEFAULT}",
+    )
+    drl.set_defaults(func=cmd_dose_drl)
     sink = sub.add_parser(
         "sink",
         help="run a sink (archive, opensearch, or metadata: prepared WADO-RS metadata)",

@@ -7,16 +7,22 @@ tests/integration/test_dashboards_report.py.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
-from datetime import date
+import zoneinfo
+from datetime import date, datetime
 from pathlib import Path
 
 import pytest
+import structlog
 from opensearchpy.exceptions import AuthenticationException, RequestError
+from structlog.testing import capture_logs
 
 import diana.clients
+from diana.access import site_zone as report_zone
 from diana.access.report import build_report, host_time_zone
+from diana.access.site_zone import SiteZone, host_zone, zones_like
 from diana.cli import main
 from diana.config import ConfigError, load_config
 
@@ -156,3 +162,138 @@ def test_the_command_asks_in_the_configured_zone_and_names_it(tmp_path: Path, mo
     assert "(Asia/Tokyo days)" in capsys.readouterr().out
     assert "midnight to midnight in Asia/Tokyo" in out.read_text()
     assert all(part.get("time_zone") == "Asia/Tokyo" for body in client.bodies for _, part in _dated_parts(body, []))
+
+
+# This host's zone when /etc/localtime is a copy of a zoneinfo file (container images, some VMs), not a
+# link: the name of the file with the same bytes, in a zoneinfo folder made here.
+
+
+def _zone_bytes(name: str) -> bytes:
+    """The system's zoneinfo file of ``name`` (the one Python's ZoneInfo reads)."""
+    for folder in zoneinfo.TZPATH:
+        if (Path(folder) / name).is_file():
+            return (Path(folder) / name).read_bytes()
+    pytest.skip(f"no zoneinfo file for {name}")
+
+
+def _zoneinfo(root: Path, files: dict[str, str]) -> Path:
+    """A zoneinfo folder: each name holds the bytes of the system's file of the zone it maps to."""
+    for name, zone in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(_zone_bytes(zone))
+    return root
+
+
+@pytest.fixture
+def no_tz(monkeypatch):
+    monkeypatch.delenv("TZ", raising=False)  # TZ would rule over the files
+
+
+def _copy_of(tmp_path: Path, zone: str) -> Path:
+    localtime = tmp_path / "etc" / "localtime"
+    localtime.parent.mkdir(exist_ok=True)
+    localtime.write_bytes(_zone_bytes(zone))
+    return localtime
+
+
+def test_a_copied_localtime_is_named_by_the_zoneinfo_file_of_the_same_bytes(tmp_path: Path, no_tz):
+    folder = _zoneinfo(
+        tmp_path / "zoneinfo",
+        {"Europe/Berlin": "Europe/Berlin", "Europe/Zurich": "Europe/Zurich", "Asia/Tokyo": "Asia/Tokyo"},
+    )
+    localtime = _copy_of(tmp_path, "Europe/Zurich")
+    zone = host_zone(localtime=localtime, timezone_file=tmp_path / "none", zoneinfo_dirs=[folder])
+    assert zone == SiteZone("Europe/Zurich") and zone.note == ""
+
+
+def test_of_several_names_with_the_same_bytes_the_canonical_one_is_taken_whatever_the_order(tmp_path: Path, no_tz):
+    localtime = _copy_of(tmp_path, "Europe/Zurich")
+    same = {name: "Europe/Zurich" for name in ("Europe/Vaduz", "Europe/Zurich", "Europe/Busingen")}
+    plain = _zoneinfo(tmp_path / "plain", same)
+    reversed_order = _zoneinfo(tmp_path / "reversed", dict(reversed(same.items())))
+    for folder in (plain, reversed_order):  # none listed as canonical: by name
+        assert zones_like(str(localtime), (str(folder),)) == ("Europe/Busingen", "Europe/Vaduz", "Europe/Zurich")
+    listed = _zoneinfo(tmp_path / "listed", {**same, "Japan": "Europe/Zurich"})
+    (listed / "tzdata.zi").write_text("# version 2024a\nZ Europe/Zurich 0:34:8 - LMT 1853 Jul 16\nL Europe/Zurich X\n")
+    assert host_zone(localtime=localtime, timezone_file=tmp_path / "none", zoneinfo_dirs=[listed]).name == (
+        "Europe/Zurich"
+    )
+    assert zones_like(str(localtime), (str(listed),))[-1] == "Japan"  # a bare (backward) name last
+    linked = tmp_path / "linked"
+    _zoneinfo(linked, {"Europe/Zurich": "Europe/Zurich", "Europe/Vaduz": "Europe/Zurich"})
+    (linked / "Europe" / "Busingen").symlink_to("Zurich")  # a link is an alias: after the files
+    assert zones_like(str(localtime), (str(linked),)) == ("Europe/Vaduz", "Europe/Zurich", "Europe/Busingen")
+    # /etc/timezone naming one of the same bytes: the host's own choice
+    named = tmp_path / "timezone"
+    named.write_text("Europe/Vaduz\n")
+    assert host_zone(localtime=localtime, timezone_file=named, zoneinfo_dirs=[listed]).name == "Europe/Vaduz"
+
+
+def test_the_search_is_kept_for_the_process(tmp_path: Path, no_tz):
+    folder = _zoneinfo(tmp_path / "zoneinfo", {"Asia/Tokyo": "Asia/Tokyo"})
+    localtime = _copy_of(tmp_path, "Asia/Tokyo")
+    assert host_zone(localtime=localtime, timezone_file=tmp_path / "none", zoneinfo_dirs=[folder]).name == "Asia/Tokyo"
+    (folder / "Asia" / "Tokyo").unlink()
+    assert host_zone(localtime=localtime, timezone_file=tmp_path / "none", zoneinfo_dirs=[folder]).name == "Asia/Tokyo"
+
+
+def _local_offset() -> str:
+    offset = datetime.now().astimezone().strftime("%z")
+    return f"{offset[:3]}:{offset[3:]}"
+
+
+def test_a_copy_of_no_zone_name_falls_back_to_the_offset_now_and_says_so(tmp_path: Path, monkeypatch, no_tz):
+    # A logger a command already used is kept bound to its handler (cache_logger_on_first_use): a fresh one.
+    monkeypatch.setattr(report_zone, "log", structlog.get_logger("diana.report"))
+    # The same bytes only where no zone is named: other leap-second trees, the POSIX rules, a name of no zone.
+    folder = _zoneinfo(
+        tmp_path / "zoneinfo",
+        {
+            "Europe/Zurich": "Europe/Zurich",
+            "posixrules": "Asia/Tokyo",
+            "posix/Asia/Tokyo": "Asia/Tokyo",
+            "right/Asia/Tokyo": "Asia/Tokyo",
+            "localtime": "Asia/Tokyo",
+            "Mars/Olympus": "Asia/Tokyo",
+        },
+    )
+    localtime = _copy_of(tmp_path, "Asia/Tokyo")
+    with capture_logs() as logs:
+        zone = host_zone(localtime=localtime, timezone_file=tmp_path / "none", zoneinfo_dirs=[folder])
+    assert zone == SiteZone(_local_offset(), fixed_offset=True)
+    assert [(e["event"], e["log_level"], e["offset"]) for e in logs] == [
+        ("report.time_zone_fixed_offset", "warning", zone.name)
+    ]
+    assert f"its UTC offset when this ran, {zone.name}, which does not follow summer time" in zone.note
+    assert "set [report] time_zone to an IANA name" in zone.note
+
+
+def test_the_report_of_a_fixed_offset_fallback_says_so_and_one_of_a_named_zone_does_not(
+    tmp_path: Path, monkeypatch, capsys, no_tz
+):
+    localtime = _copy_of(tmp_path, "Asia/Tokyo")
+    empty = tmp_path / "zoneinfo"
+    empty.mkdir()
+    fallback = functools.partial(
+        report_zone.host_zone, localtime=localtime, timezone_file=tmp_path / "none", zoneinfo_dirs=[empty]
+    )
+    monkeypatch.setattr(report_zone, "host_zone", fallback)
+    config = tmp_path / "diana.toml"
+    config.write_text('[opensearch]\nurl = "http://127.0.0.1:2"\n')
+    client = RecordingOpenSearch()
+    monkeypatch.setattr(diana.clients, "opensearch_client", lambda *a, **k: client)
+    out = tmp_path / "r.html"
+    assert main(["--config", str(config), "report", "--to", "2024-03-02", "--out", str(out)]) == 0
+    page = out.read_text()
+    offset = _local_offset()
+    err = capsys.readouterr().err  # the log, configured by the command
+    assert "report.time_zone_fixed_offset" in err and f"offset={offset}" in err
+    assert f"midnight to midnight in {offset}" in page
+    assert (
+        f'<p class="warning">This host names no time zone: every day is cut at its UTC offset when this ran, {offset}'
+        in page
+    )
+    assert "set [report] time_zone to an IANA name such as &quot;Europe/Zurich&quot;" in page
+    assert all(part.get("time_zone") == offset for body in client.bodies for _, part in _dated_parts(body, []))
+    named = build_report(RecordingOpenSearch(), "diana", date(2024, 3, 1), date(2024, 3, 2), time_zone="+01:00")
+    assert 'class="warning"' not in named  # an offset set on purpose: no warning

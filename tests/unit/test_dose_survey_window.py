@@ -1,0 +1,123 @@
+"""The dose survey's window (`diana dose drl`, `diana dose names --days`, the report's reference-level
+section) ends on --as-of, else on today in the site's zone ([report] time_zone, else the host's), not
+on the host's local date; the same --as-of asks the same window whenever it is run.
+
+OpenSearch is a recording stand-in answering nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+import diana.clients
+from diana.access.site_zone import SiteZone
+from diana.cli import main
+
+LEVELS = """
+window_days: 180
+minimum_studies: 3
+reference_levels:
+  CT Head:
+    study: {metric: total_dlp_mGycm, national: 970, local: 850}
+"""
+
+
+class RecordingOpenSearch:
+    """Every alias exists, every search (and scan) finds nothing; ``bodies`` holds what was asked."""
+
+    def __init__(self):
+        self.bodies: list[dict] = []
+        self.indices = self
+
+    def exists_alias(self, name: str) -> bool:
+        return True
+
+    def search(self, index: str, body: dict, **_) -> dict:
+        self.bodies.append(body)
+        return {"aggregations": {"text": {"buckets": []}}}
+
+
+def _study_dates(client: RecordingOpenSearch) -> list[dict]:
+    """Every range on study_date the searches asked."""
+
+    def walk(node) -> list[dict]:
+        if isinstance(node, dict):
+            here = [node["range"]["study_date"]] if "study_date" in node.get("range", {}) else []
+            return here + [r for value in node.values() for r in walk(value)]
+        return [r for item in node for r in walk(item)] if isinstance(node, list) else []
+
+    return walk(client.bodies)
+
+
+@pytest.fixture
+def run(tmp_path: Path, monkeypatch):
+    """``run(zone, *argv)``: the command with [report] time_zone = zone; (exit status, client)."""
+    (tmp_path / "levels.yaml").write_text(LEVELS)
+
+    def run(zone: str, *argv: str) -> tuple[int, RecordingOpenSearch]:
+        config = tmp_path / "diana.toml"
+        config.write_text(
+            f'[opensearch]\nurl = "http://127.0.0.1:2"\n[dose]\nreference_levels = "levels.yaml"\n'
+            f'[report]\ntime_zone = "{zone}"\n'
+        )
+        client = RecordingOpenSearch()
+        monkeypatch.setattr(diana.clients, "opensearch_client", lambda *a, **k: client)
+        return main(["--config", str(config), *argv]), client
+
+    return run
+
+
+def test_drl_as_of_sets_the_window_whatever_the_clock(run, capsys):
+    status, client = run("Europe/Zurich", "dose", "drl", "--as-of", "2024-03-15")
+    assert status == 0
+    assert _study_dates(client) == [{"gte": "2023-09-17", "lte": "2024-03-15"}]  # 180 days before, to the day
+    assert "Median per standard name over the 180 days to 2024-03-15" in capsys.readouterr().out
+
+
+def test_drl_today_is_the_date_in_the_site_zone(run, capsys):
+    # 25 hours apart: never the same date
+    windows = {}
+    for zone in ("Pacific/Kiritimati", "Pacific/Pago_Pago"):
+        before = datetime.now(ZoneInfo(zone)).date()
+        status, client = run(zone, "dose", "drl")
+        after = datetime.now(ZoneInfo(zone)).date()
+        assert status == 0
+        [window] = _study_dates(client)
+        assert window["lte"] in (before.isoformat(), after.isoformat())
+        windows[zone] = window["lte"]
+    assert windows["Pacific/Kiritimati"] > windows["Pacific/Pago_Pago"]
+
+
+def test_names_as_of_ends_the_days_window(run, capsys):
+    status, client = run("Europe/Zurich", "dose", "names", "--days", "7", "--as-of", "2024-03-15")
+    assert status == 0 and "has a standard name" in capsys.readouterr().out
+    assert _study_dates(client) == [{"gte": "2024-03-08", "lte": "2024-03-15"}] * 2  # events and studies
+    status, client = run("Europe/Zurich", "dose", "names", "--as-of", "2024-03-15")
+    assert status == 0 and _study_dates(client) == []  # no --days: every study, as before
+
+
+def test_the_report_survey_ends_on_its_as_of(run, tmp_path: Path, capsys):
+    out = tmp_path / "r.html"
+    status, client = run("Asia/Tokyo", "report", "--to", "2024-03-02", "--as-of", "2024-03-15", "--out", str(out))
+    assert status == 0 and "report 2024-02-01 to 2024-03-02 (Asia/Tokyo days)" in capsys.readouterr().out
+    assert _study_dates(client) == [{"gte": "2023-09-17", "lte": "2024-03-15"}]
+    assert "Reference levels: median per standard name, the 180 days to 2024-03-15" in out.read_text()
+
+
+def test_a_malformed_as_of_is_a_usage_error(run, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run("Europe/Zurich", "dose", "drl", "--as-of", "2024-13-01")
+    assert stop.value.code == 2
+    assert "argument --as-of: invalid YYYY-MM-DD date value: '2024-13-01'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("zone", "today"),
+    [("Asia/Tokyo", date(2024, 3, 2)), ("America/New_York", date(2024, 3, 1)), ("+14:00", date(2024, 3, 2))],
+)
+def test_today_is_the_date_in_the_zone(zone, today):
+    assert SiteZone(zone).today(now=datetime(2024, 3, 1, 20, 0, tzinfo=UTC)) == today
