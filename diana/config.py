@@ -423,9 +423,10 @@ class RoutingConfig:
     archive_wait_s: float = 600.0
     # Network timeout of an association or HTTP request.
     timeout_s: float = 30.0
-    # Each destination's record of what it was sent of each study routed whole (a folder per
-    # destination, a small file per study), so that an amended study sends only its late instances.
-    # Relative to the config file's folder; a record removed makes the study's next completion send it whole.
+    # Each destination's record of what it was sent of each study routed whole or on a dose alert (a
+    # folder per destination, a small file per study), so that an amended study sends only its late
+    # instances and a study's several (or replayed) alerts send it once. Relative to the config
+    # file's folder; a record removed makes the study's next completion or alert send it whole.
     state_dir: Path = Path("var/routing-state")
     # Prometheus /metrics of `diana route` (diana_route_*); 0 turns it off.
     metrics_port: int = 9468

@@ -23,7 +23,8 @@
                                      # then its late instances once it is complete again (AMENDED)
         destinations: [workstation]
       - name: alerted-to-qa
-        match: {dose_alert: true}    # studies that raised a dose alert (dose.alerts), whole
+        match: {dose_alert: true}    # studies that raised a dose alert (dose.alerts), whole; each
+                                     # instance once however many alerts ([routing] state_dir, as whole_study)
         destinations: [research]
 
 Matching uses the fields of the InstanceArrived event (no file is read) for instance rules; study and

@@ -1,4 +1,4 @@
-"""What a destination was sent of each study routed whole, so that an amended study sends only what is new.
+"""What a destination was sent of each study routed whole or on a dose alert, so that it gets each instance once.
 
 A ``whole_study`` rule sends a study once it is complete. Instances that arrive after that make the
 study AMENDED; once it is complete again, the destination gets the study's instances it was not sent
@@ -8,7 +8,14 @@ are: it keeps the first completion's time only, event times may arrive out of or
 record: one JSON file per study, ``<[routing] state_dir>/<destination>/<StudyInstanceUID>.json``, the
 SOP Instance UIDs sent, written once a batch is delivered and before its offsets are committed (a crash
 in between sends nothing again). A record lost, unreadable or removed makes the study's next complete
-record send every instance again: at least once, never fewer.
+record, or its next alert, send every matching instance again: at least once, never fewer.
+
+A ``dose_alert`` rule uses the same record: a study raises several alerts (CTDIvol and DLP, several
+events) and the dose worker publishes them again after a crash or in a replay; each sends only the
+instances not sent before, so the first (once the study is complete) sends the study and a later one
+what arrived since. The record is the destination's, not a rule's: its whole_study and dose_alert
+rules send the same objects to the same place, so what one sent the other does not send again.
+Plain (instance) rules neither read nor write it.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ log = structlog.get_logger("diana.route")
 
 
 class StudiesSent:
-    """One destination's record of the instances sent of each study routed whole.
+    """One destination's record of the instances sent of each study routed whole or on a dose alert.
 
     ``folder`` None keeps the record in memory only (lost at a restart). Instances planned for a batch
     are claimed first, so that a second record of the same study in the batch does not plan them again,

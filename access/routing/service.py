@@ -88,8 +88,8 @@ def _check_sent_record(folder: Path, destination: str) -> None:
     except OSError as exc:
         raise ConfigError(
             f"[routing] state_dir: cannot write {folder} ({exc.strerror or type(exc).__name__}), where destination "
-            f"{destination!r} records what it was sent of each study routed whole: make it writable by the user "
-            "running diana route, or set [routing] state_dir to a folder that is"
+            f"{destination!r} records what it was sent of each study routed whole or on a dose alert: make it "
+            "writable by the user running diana route, or set [routing] state_dir to a folder that is"
         ) from None
 
 
@@ -106,7 +106,7 @@ def build_workers(cfg: Config, rules: RoutingRules, stop: threading.Event) -> li
             destination, r.ae_title or cfg.receiver.ae_title, r.timeout_s, tls, _deidentifier(cfg, destination)
         )
         sent_dir = cfg.path(r.state_dir) / name
-        if any(rule.trigger == "study" for rule in dest_rules):  # the only rules the record serves
+        if any(rule.trigger in ("study", "alert") for rule in dest_rules):  # the rules the record serves
             _check_sent_record(sent_dir, name)
         settings = WorkerSettings(
             group_id(cfg, name),

@@ -13,7 +13,10 @@ yet is waited for (up to ``[routing] archive_wait_s``, then dead-lettered as mis
 
 A study routed whole is sent at each of its complete records (COMPLETED, or AMENDED with every series
 complete again after late instances), each time only the instances the destination's record (sent.py)
-does not list: an amended study sends its late instances, not the whole study again.
+does not list: an amended study sends its late instances, not the whole study again. A dose alert's
+study is sent the same way, from the same record: each alert (a study raises several, and the dose
+worker re-publishes them after a crash or in a replay) sends only what the destination was not sent
+yet, by its whole_study or its dose_alert rules alike (the same objects to the same place).
 """
 
 from __future__ import annotations
@@ -70,8 +73,8 @@ class WorkerSettings:
     archive_wait_s: float = 600.0
     batch_size: int = 100
     start_from_earliest: bool = False
-    # The folder of the destination's record of what it was sent of each study routed whole
-    # (sent.py); None: kept in memory only, lost at a restart.
+    # The folder of the destination's record of what it was sent of each study routed whole or on a
+    # dose alert (sent.py); None: kept in memory only, lost at a restart.
     sent_dir: Path | None = None
 
 
@@ -168,12 +171,7 @@ class RouteWorker:
             # next; one complete again sends what the destination was not sent (the late instances).
             if not _complete(study):
                 return [], ""
-            uid = study["study_instance_uid"]
-            sent = self.studies_sent.sent(uid)
-            items, waiting = self._matching_archived(study, "study", sent)
-            if items:
-                self.studies_sent.claim(uid, (i.sop_instance_uid for i in items))
-            return items, waiting
+            return self._unsent_matching(study, "study")
         if topic == DOSE_ALERTS.name:
             _, alert = self.codec.decode(msg.value(), expect=DOSE_ALERTS.value_schema)
             uid = alert["study_instance_uid"]
@@ -182,11 +180,21 @@ class RouteWorker:
             study = self.study_state(uid) if self.study_state else None
             if study is None or not _complete(study):
                 return None, f"study {uid} of alert {alert['alert_id']} not complete yet"
-            return self._matching_archived({**study, "study_instance_uid": uid}, "alert")
+            # Another alert of the study (or this one again) sends only what was not sent yet.
+            return self._unsent_matching({**study, "study_instance_uid": uid}, "alert")
         return [], ""
 
+    def _unsent_matching(self, study: dict[str, Any], trigger: str) -> tuple[list[Delivery] | None, str]:
+        """The study's matching instances the destination's record does not list, claimed for this batch
+        (recorded once it is delivered); whole_study and dose_alert rules share the record."""
+        uid = study["study_instance_uid"]
+        items, waiting = self._matching_archived(study, trigger, self.studies_sent.sent(uid))
+        if items:
+            self.studies_sent.claim(uid, (i.sop_instance_uid for i in items))
+        return items, waiting
+
     def _matching_archived(
-        self, study: dict[str, Any], trigger: str, sent: Collection[str] = ()
+        self, study: dict[str, Any], trigger: str, sent: Collection[str]
     ) -> tuple[list[Delivery] | None, str]:
         """The study's archived instances not in ``sent`` that a rule of ``trigger`` matches; (None, why)
         until every instance the aggregate counts is archived."""
