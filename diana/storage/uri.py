@@ -48,13 +48,23 @@ def parse_uri(uri: str) -> StorageURI:
 
 
 def key_in_store(store: ObjectStore, uri: str) -> str:
-    """The key under which ``store`` holds the object ``uri`` names; ValueError if it is not in that store."""
+    """The key under which ``store`` holds the object ``uri`` names; ValueError if it is not in that store,
+    or if it names a hidden file or folder: the receiver's scratch folder ``.incoming/`` and its temporary
+    ``.*.tmp`` files, which no event names (a forged one could otherwise have a sink archive, then delete,
+    an object still being received)."""
     parsed = parse_uri(uri)
+    key = None
     if isinstance(store, FilesystemStore) and parsed.scheme == "file":
         path = Path(parsed.path)
         if ".." not in path.parts and path.is_relative_to(store.root):
-            return check_key(path.relative_to(store.root).as_posix())
+            key = check_key(path.relative_to(store.root).as_posix())
     elif isinstance(store, S3Store) and parsed.scheme == "s3":
         if parsed.bucket == store.bucket and parsed.path.startswith(store.prefix):
-            return check_key(parsed.path[len(store.prefix) :])
-    raise ValueError(f"{uri} is not in this landing store ({store!r}): written by a host with another landing store?")
+            key = check_key(parsed.path[len(store.prefix) :])
+    if key is None:
+        raise ValueError(
+            f"{uri} is not in this landing store ({store!r}): written by a host with another landing store?"
+        )
+    if any(part.startswith(".") for part in key.split("/")):
+        raise ValueError(f"{uri} names a hidden file of the landing store (its scratch space), not a landed object")
+    return key

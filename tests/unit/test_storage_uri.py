@@ -58,3 +58,13 @@ def test_an_s3_store_accepts_only_its_bucket_and_prefix():
     for uri in ("s3://other/landing/ab/abc.dcm", "s3://diana/archive/1/2/3.dcm", "file:///landing/ab/abc.dcm"):
         with pytest.raises(ValueError, match="not in this landing store"):
             key_in_store(store, uri)
+
+
+def test_a_landing_stores_scratch_files_are_never_an_events_object(tmp_path: Path):
+    """``.incoming/`` (objects still being received) and ``.*.tmp`` files: a forged event naming one must not
+    make a sink archive it and then delete it."""
+    store = FilesystemStore(tmp_path / "landing")
+    s3 = S3Store(_NoClient(), "diana", "landing/")
+    for uri in (store.uri(".incoming/tmpab12"), store.uri("ab/.abc.dcm.tmp"), "s3://diana/landing/.incoming/x"):
+        with pytest.raises(ValueError, match="hidden file"):
+            key_in_store(s3 if uri.startswith("s3") else store, uri)
