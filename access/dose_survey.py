@@ -36,23 +36,21 @@ class Unmapped:
     count: int
 
 
-def _window(start: date, today: date) -> dict:
-    """Studies dated ``start`` to ``today``, both included (study_date is a day: yyyy-MM-dd)."""
-    return {"range": {"study_date": {"gte": start.isoformat(), "lte": today.isoformat()}}}
+def _window(days: int, last: date, *, bounded: bool = True) -> dict:
+    """Studies dated in the ``days`` days ending on ``last``, both ends included (study_date is a day:
+    yyyy-MM-dd): ``days`` dates, from ``last`` - (``days`` - 1). Without ``bounded``, later dates too."""
+    bounds = {"gte": (last - timedelta(days=days - 1)).isoformat()}
+    if bounded:
+        bounds["lte"] = last.isoformat()
+    return {"range": {"study_date": bounds}}
 
 
-def _since(days: int | None, today: date) -> list[dict]:
-    if not days:
-        return []
-    return [_window(today - timedelta(days=days), today)]
-
-
-def _buckets(client, index: str, text_field: str, days: int | None, label: str, today: date) -> list[Unmapped]:
+def _buckets(client, index: str, text_field: str, label: str, dated: list[dict]) -> list[Unmapped]:
     if not client.indices.exists_alias(name=index):
         return []
     body = {
         "size": 0,
-        "query": {"bool": {"must_not": [{"exists": {"field": "standard_name"}}], "filter": _since(days, today)}},
+        "query": {"bool": {"must_not": [{"exists": {"field": "standard_name"}}], "filter": dated}},
         "aggs": {
             "text": {
                 "terms": {"field": text_field, "size": _MAX_BUCKETS, "missing": "(none)"},
@@ -74,21 +72,23 @@ def _buckets(client, index: str, text_field: str, days: int | None, label: str, 
     return sorted(rows, key=lambda r: (-r.count, r.field, r.text))
 
 
-def unmapped_protocols(client, prefix: str, days: int | None, today: date) -> list[Unmapped]:
+def unmapped_protocols(client, prefix: str, days: int | None, today: date, *, bounded: bool = False) -> list[Unmapped]:
     """Event protocols and study descriptions without a standard name, most frequent first; with ``days``,
-    only of the studies dated in the ``days`` days to ``today``."""
+    only of the studies dated in the ``days`` days ending on ``today`` or later: dated after ``today``
+    (a modality whose clock is wrong) they are listed too, as bad data should be, unless ``bounded``
+    (the command's --as-of)."""
     layout = IndexLayout(prefix)
-    return _buckets(client, layout.alias("dose-events"), "protocol.keyword", days, "protocol", today) + _buckets(
-        client, layout.alias("dose-studies"), "study_description.keyword", days, "study_description", today
+    dated = [_window(days, today, bounded=bounded)] if days else []
+    return _buckets(client, layout.alias("dose-events"), "protocol.keyword", "protocol", dated) + _buckets(
+        client, layout.alias("dose-studies"), "study_description.keyword", "study_description", dated
     )
 
 
 def reference_level_survey(client, prefix: str, levels: ReferenceLevels, today: date) -> list[dict]:
-    """The survey rows for the studies dated within the levels' window up to ``today`` (included)."""
+    """The survey rows for the studies dated in the levels' ``window_days`` days ending on ``today``."""
     index = IndexLayout(prefix).alias("dose-studies")
     if not levels.study or not client.indices.exists_alias(name=index):
         return survey(levels, [])
-    start = today - timedelta(days=levels.window_days)
     names = sorted(levels.study)
     # A study of several standard names counts under its parts' names (drl_parts), not its own.
     of_names = [{"terms": {"standard_name": names}}, {"terms": {"drl_parts.standard_name": names}}]
@@ -96,7 +96,7 @@ def reference_level_survey(client, prefix: str, levels: ReferenceLevels, today: 
         "bool": {
             "filter": [
                 {"bool": {"should": of_names, "minimum_should_match": 1}},
-                _window(start, today),
+                _window(levels.window_days, today),
             ]
         }
     }

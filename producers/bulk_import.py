@@ -15,6 +15,7 @@ path often holds the patient's name); the --report file does.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -45,6 +46,20 @@ _ZIP_MAGIC = b"PK\x03\x04"  # a zip's first local header
 _ZIP_ENCRYPTED = 0x1  # general purpose flag bit 0
 # A member whose bytes do not decode: a damaged header, a bad CRC, a truncated or damaged deflate stream.
 _CORRUPT_MEMBER = (zipfile.BadZipFile, zlib.error, EOFError)
+# An ISO 9660 name's version (";1") and the dot of a name without extension ("IM0001.;1"), as a disc
+# mounted with map=off or copied raw shows them.
+_ISO_VERSION = re.compile(r"\.?;\d+$")
+
+
+def _name_key(name: str) -> str:
+    """A file name as a file-set means it: no ISO 9660 version or trailing dot, in any case
+    (``IM0001.;1``, ``im0001;1``, ``IM0001`` are one name)."""
+    return _ISO_VERSION.sub("", name).rstrip(".").casefold()
+
+
+def _is_dicomdir(name: str) -> bool:
+    """A file-set's index by its name: DICOMDIR in any case, with an ISO 9660 version or not (DICOMDIR.;1)."""
+    return _name_key(name) == "dicomdir"
 
 
 @dataclass
@@ -156,7 +171,7 @@ def _folder_sources(root: Path) -> Iterator[Source]:
                 )
         dirnames.sort()
         for name in sorted(filenames):
-            if name.upper() != "DICOMDIR":  # the file-set's index: the files it names are in this tree
+            if not _is_dicomdir(name):  # the file-set's index: the files it names are in this tree
                 yield from _file_sources(Path(dirpath) / name)
     yield from _unreadable_folders(unreadable)
 
@@ -175,7 +190,7 @@ def _file_sources(path: Path, explicit: bool = False) -> Iterator[Source]:
         return
     if not regular:  # a pipe or a device: reading it could wait for ever, or never end
         yield Source(str(path), verdict=("rejected", "not a regular file (a pipe, socket or device)"))
-    elif path.name.upper() == "DICOMDIR" and explicit:
+    elif _is_dicomdir(path.name) and explicit:
         yield from _fileset_sources(path)
     elif zipfile.is_zipfile(path):
         yield from _zip_sources(path)
@@ -206,8 +221,9 @@ def _fileset_sources(dicomdir: Path) -> Iterator[Source]:
 
     Read here rather than with pydicom's FileSet, which drops a record whose file is missing with a
     warning naming the file's path: such a record is failed here, like a file that cannot be read.
-    A name not there as written is looked up regardless of case (_CaseBlindNames): Linux mounts an
-    ISO 9660 disc without Rock Ridge lower-cased (``images/im0001`` for ``IMAGES\\IM0001``).
+    A name not there as written is looked up regardless of case and ISO 9660 version (_CaseBlindNames):
+    Linux mounts an ISO 9660 disc without Rock Ridge lower-cased (``images/im0001`` for
+    ``IMAGES\\IM0001``), with map=off or copied raw as ``IM0001.;1``.
     """
     import pydicom
 
@@ -246,19 +262,21 @@ def _fileset_sources(dicomdir: Path) -> Iterator[Source]:
 
 
 class _CaseBlindNames:
-    """A file-set's files found by their names in any case: each folder is listed once, when a name in it
-    is not there as written (a file there as written costs no listing). In each folder the name as
-    written wins, else the one name equal to it but for case; several such names are not guessed between.
+    """A file-set's files found by their names in any case and with or without an ISO 9660 version
+    (``IM0001.;1``, ``IM0001;1``: _name_key): each folder is listed once, when a name in it is not there
+    as written (a file there as written costs no listing). In each folder the name as written wins, else
+    the one name equal to it but for case and version; several such names are not guessed between.
     """
 
     _MISSING = "file named by the DICOMDIR missing (renamed? import its folder instead)"
     _AMBIGUOUS = (
-        "file named by the DICOMDIR ambiguous: several names differ from it only in case (import its folder instead)"
+        "file named by the DICOMDIR ambiguous: several names differ from it only in case or ISO 9660 version "
+        "(import its folder instead)"
     )
 
     def __init__(self, folder: Path) -> None:
         self._folder = folder
-        self._listings: dict[Path, dict[str, list[str]] | OSError] = {}  # folder -> casefolded name -> names
+        self._listings: dict[Path, dict[str, list[str]] | OSError] = {}  # folder -> _name_key -> names
 
     def find(self, parts: tuple[str, ...]) -> Path:
         """The path of ``parts`` under the folder; raises _Refused (its reason) when there is not one."""
@@ -269,7 +287,7 @@ class _CaseBlindNames:
                 if isinstance(listing, (FileNotFoundError, NotADirectoryError)):
                     raise _Refused(self._MISSING)
                 raise _Refused(f"storage: {_os_reason(listing)}")
-            names = listing.get(part.casefold(), [])
+            names = listing.get(_name_key(part), [])
             if part in names:
                 path /= part
             elif len(names) == 1:
@@ -287,7 +305,7 @@ class _CaseBlindNames:
             else:
                 listing: dict[str, list[str]] = {}
                 for name in names:
-                    listing.setdefault(name.casefold(), []).append(name)
+                    listing.setdefault(_name_key(name), []).append(name)
                 self._listings[folder] = listing
         return self._listings[folder]
 

@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cohort":
             message += f"; valid filters: {COHORT_FILTERS}"
         _innermost(parser, args).error(message)  # with the command's own usage line
+    check = getattr(args, "check_args", None)  # a command's rule across its arguments: a usage error too
+    problem = check(args) if check else None
+    if problem:
+        _innermost(parser, args).error(problem)
     try:
         cfg = load_config(args.config)
         configure_logging(cfg.log.level, cfg.log.format)

@@ -36,7 +36,7 @@ def _cohort_filter(args: argparse.Namespace):
 
 DEFAULT_COHORT_LIMIT = 10_000
 
-# --as-of's default, for the commands whose window ends on a day (report, dose names, dose drl)
+# --as-of's default, for the dose commands whose window ends on a day (dose names, dose drl)
 AS_OF_DEFAULT = "default: today in [report] time_zone (empty: this host's zone), so that a run can be repeated"
 
 
@@ -211,7 +211,7 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
             end,
             levels,
             time_zone=time_zone,
-            as_of=args.as_of or today,
+            as_of=args.as_of or end,  # the survey ends with the report unless told otherwise
             zone_note=zone.note,
         )
     except NotFoundError as exc:  # before the sinks made the indices: not a zone to fix
@@ -235,6 +235,13 @@ def _as_of(cfg: Config, args: argparse.Namespace):
     return args.as_of or site_time_zone(cfg.report.time_zone).today()
 
 
+def check_dose_names(args: argparse.Namespace) -> str | None:
+    """A usage error of `diana dose names` (argparse's, exit status 2), else None."""
+    if args.as_of is not None and args.days is None:
+        return "--as-of ends the --days window: add --days N (without --days every study is listed, whatever its date)"
+    return None
+
+
 def cmd_dose_names(cfg: Config, args: argparse.Namespace) -> int:
     """List the protocols and study descriptions of the dose indices that no standard name maps, most frequent first."""
     from diana.access.dose_survey import render_unmapped, unmapped_protocols
@@ -242,7 +249,9 @@ def cmd_dose_names(cfg: Config, args: argparse.Namespace) -> int:
 
     today = _as_of(cfg, args)
     client = opensearch_client(cfg.opensearch, timeout=30)
-    print(render_unmapped(unmapped_protocols(client, cfg.opensearch.index_prefix, args.days, today)))
+    # Without --as-of, studies dated after today (a modality's clock wrong) are listed: bad data shows here.
+    rows = unmapped_protocols(client, cfg.opensearch.index_prefix, args.days, today, bounded=args.as_of is not None)
+    print(render_unmapped(rows))
     return 0
 
 
@@ -492,6 +501,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--as-of",
         type=calendar_day,
         metavar="YYYY-MM-DD",
-        help=f"the last day of the reference-level survey's window; {AS_OF_DEFAULT}",
+        help="the last day of the reference-level survey's window ([dose] reference_levels' window_days "
+        "days ending on it; default: the report's last day, --to)",
     )
     rep.set_defaults(func=cmd_report)

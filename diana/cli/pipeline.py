@@ -368,7 +368,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Prometheus metrics). A worker keeps its id ([stream] worker_id, or one kept in "
         "[stream] data_dir): restarted within 10 s it gets its partitions back with no rebalance.",
     ).set_defaults(func=cmd_aggregate)
-    from diana.cli.access import AS_OF_DEFAULT, cmd_dose_drl, cmd_dose_names
+    from diana.cli.access import AS_OF_DEFAULT, check_dose_names, cmd_dose_drl, cmd_dose_names
 
     dose = sub.add_parser(
         "dose",
@@ -383,11 +383,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     names = dose_sub.add_parser(
         "names", help="protocols without a standard name, with counts", description=cmd_dose_names.__doc__
     )
-    names.add_argument("--days", type=whole_number(1), default=None, help="only studies dated in the last DAYS days")
     names.add_argument(
-        "--as-of", type=calendar_day, metavar="YYYY-MM-DD", help=f"the last of the --days days; {AS_OF_DEFAULT}"
+        "--days",
+        type=whole_number(1),
+        default=None,
+        help="only studies dated in the DAYS days ending today (today included), or later: a study dated in "
+        "the future (a modality's clock wrong) is listed",
     )
-    names.set_defaults(func=cmd_dose_names)
+    names.add_argument(
+        "--as-of",
+        type=calendar_day,
+        metavar="YYYY-MM-DD",
+        help="with --days only: the last of the DAYS days, and no study dated after it is listed "
+        "(without --as-of the days end today in [report] time_zone, empty: this host's zone)",
+    )
+    names.set_defaults(func=cmd_dose_names, check_args=check_dose_names)
     drl = dose_sub.add_parser(
         "drl", help="median per standard name against the reference levels", description=cmd_dose_drl.__doc__
     )

@@ -245,7 +245,8 @@ def test_the_dicomdir_in_an_imported_folder_is_passed_over_quietly(tmp_path):
 # DICOMDIR as dicomdir; copies made on Windows or by some burners vary the case too.
 MISSING = "file named by the DICOMDIR missing (renamed? import its folder instead)"
 AMBIGUOUS = (
-    "file named by the DICOMDIR ambiguous: several names differ from it only in case (import its folder instead)"
+    "file named by the DICOMDIR ambiguous: several names differ from it only in case or ISO 9660 version "
+    "(import its folder instead)"
 )
 OUTSIDE = "DICOMDIR record names a file outside its folder"
 
@@ -386,6 +387,50 @@ def test_a_file_missing_in_every_case_is_still_failed_as_missing(tmp_path):
 
     assert summary.imported == 1 and ingest.accepted == [uids[0]]
     assert summary.not_imported == [("failed", MISSING, str(cd / "PT000000" / "ST000000" / "SE000000" / "IM000001"))]
+
+
+# An ISO 9660 disc mounted with map=off, or its files copied raw, shows each file's version: IM000000.;1
+# (a name without extension keeps its dot), IM000000;1, DICOMDIR.;1; folders have none.
+
+
+def _rename_files(root: Path, name: Callable[[str], str]) -> None:
+    for path in [p for p in root.rglob("*") if p.is_file()]:
+        path.rename(path.with_name(name(path.name)))
+
+
+@pytest.mark.parametrize(
+    "shown",
+    [lambda n: f"{n}.;1", lambda n: f"{n};1", lambda n: f"{n.lower()}.;1", lambda n: f"{n.lower()};2"],
+    ids=["map=off", "raw copy", "lower-cased map=off", "lower-cased other version"],
+)
+def test_a_file_set_with_iso_9660_versions_imports_every_file(tmp_path, shown):
+    dicomdir, uids = _series_fileset(tmp_path, 4)
+    cd = dicomdir.parent
+    _rename_files(cd, shown)
+    index = shown("DICOMDIR")
+    assert (cd / index).is_file() and len(list((cd / "PT000000" / "ST000000" / "SE000000").iterdir())) == 4
+
+    for given in (cd / index, cd):  # named: read as the index; in a folder's walk: passed over
+        summary, ingest = _import(tmp_path, given)
+
+        assert (summary.imported, summary.skipped_non_dicom, summary.not_imported) == (4, 0, [])
+        assert sorted(ingest.accepted) == sorted(uids)
+
+
+def test_a_name_with_and_without_its_version_is_ambiguous_unless_there_as_written(tmp_path):
+    dicomdir, uids = _series_fileset(tmp_path, 2)
+    cd = dicomdir.parent
+    _rename_files(cd, lambda n: f"{n};1")
+    series = cd / "PT000000" / "ST000000" / "SE000000"
+    (series / "IM000000.;1").write_bytes((series / "IM000000;1").read_bytes())  # which one: not guessed
+
+    summary, ingest = _import(tmp_path, cd / "DICOMDIR;1")
+
+    assert summary.imported == 1 and ingest.accepted == [uids[1]]
+    assert summary.not_imported == [("failed", AMBIGUOUS, str(series / "IM000000"))]
+    (series / "IM000000").write_bytes((series / "IM000000;1").read_bytes())  # as written: taken
+    summary, ingest = _import(tmp_path, cd / "DICOMDIR;1")
+    assert summary.imported == 2 and summary.not_imported == []
 
 
 @pytest.fixture

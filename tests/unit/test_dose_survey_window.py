@@ -1,13 +1,14 @@
 """The dose survey's window (`diana dose drl`, `diana dose names --days`, the report's reference-level
-section) ends on --as-of, else on today in the site's zone ([report] time_zone, else the host's), not
-on the host's local date; the same --as-of asks the same window whenever it is run.
+section) is exactly N days ending on --as-of, else on today in the site's zone ([report] time_zone, else
+the host's; the report's: on its --to), not on the host's local date; the same --as-of asks the same
+window whenever it is run. `dose names --days` without --as-of has no upper bound (future dates show).
 
 OpenSearch is a recording stand-in answering nothing.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -74,7 +75,8 @@ def run(tmp_path: Path, monkeypatch):
 def test_drl_as_of_sets_the_window_whatever_the_clock(run, capsys):
     status, client = run("Europe/Zurich", "dose", "drl", "--as-of", "2024-03-15")
     assert status == 0
-    assert _study_dates(client) == [{"gte": "2023-09-17", "lte": "2024-03-15"}]  # 180 days before, to the day
+    # "the 180 days to 2024-03-15": 180 dates, 2024-03-15 the last (2023-09-17 made them 181)
+    assert _study_dates(client) == [{"gte": "2023-09-18", "lte": "2024-03-15"}]
     assert "Median per standard name over the 180 days to 2024-03-15" in capsys.readouterr().out
 
 
@@ -95,17 +97,47 @@ def test_drl_today_is_the_date_in_the_site_zone(run, capsys):
 def test_names_as_of_ends_the_days_window(run, capsys):
     status, client = run("Europe/Zurich", "dose", "names", "--days", "7", "--as-of", "2024-03-15")
     assert status == 0 and "has a standard name" in capsys.readouterr().out
-    assert _study_dates(client) == [{"gte": "2024-03-08", "lte": "2024-03-15"}] * 2  # events and studies
-    status, client = run("Europe/Zurich", "dose", "names", "--as-of", "2024-03-15")
+    assert _study_dates(client) == [{"gte": "2024-03-09", "lte": "2024-03-15"}] * 2  # events and studies: 7 dates
+    status, client = run("Europe/Zurich", "dose", "names", "--days", "1", "--as-of", "2024-03-15")
+    assert _study_dates(client) == [{"gte": "2024-03-15", "lte": "2024-03-15"}] * 2  # one day: that day
+
+
+def test_names_days_without_as_of_lists_studies_dated_in_the_future(run, capsys):
+    # A modality whose clock is wrong dates its studies after today: the unmapped list is where that shows.
+    before = datetime.now(ZoneInfo("Europe/Zurich")).date()
+    status, client = run("Europe/Zurich", "dose", "names", "--days", "7")
+    after = datetime.now(ZoneInfo("Europe/Zurich")).date()
+    assert status == 0
+    starts = {(day - timedelta(days=6)).isoformat() for day in (before, after)}
+    assert len(_study_dates(client)) == 2 and all(
+        window.keys() == {"gte"} and window["gte"] in starts for window in _study_dates(client)
+    )
+    status, client = run("Europe/Zurich", "dose", "names")
     assert status == 0 and _study_dates(client) == []  # no --days: every study, as before
+
+
+def test_names_as_of_without_days_is_a_usage_error(run, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run("Europe/Zurich", "dose", "names", "--as-of", "2024-03-15")
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: diana dose names") and "--as-of ends the --days window: add --days N" in err
 
 
 def test_the_report_survey_ends_on_its_as_of(run, tmp_path: Path, capsys):
     out = tmp_path / "r.html"
     status, client = run("Asia/Tokyo", "report", "--to", "2024-03-02", "--as-of", "2024-03-15", "--out", str(out))
     assert status == 0 and "report 2024-02-01 to 2024-03-02 (Asia/Tokyo days)" in capsys.readouterr().out
-    assert _study_dates(client) == [{"gte": "2023-09-17", "lte": "2024-03-15"}]
+    assert _study_dates(client) == [{"gte": "2023-09-18", "lte": "2024-03-15"}]
     assert "Reference levels: median per standard name, the 180 days to 2024-03-15" in out.read_text()
+
+
+def test_the_report_survey_ends_on_its_to_day_by_default(run, tmp_path: Path, capsys):
+    out = tmp_path / "r.html"
+    status, client = run("Asia/Tokyo", "report", "--from", "2024-02-01", "--to", "2024-03-02", "--out", str(out))
+    assert status == 0
+    assert _study_dates(client) == [{"gte": "2023-09-05", "lte": "2024-03-02"}]
+    assert "Reference levels: median per standard name, the 180 days to 2024-03-02" in out.read_text()
 
 
 def test_a_malformed_as_of_is_a_usage_error(run, capsys):

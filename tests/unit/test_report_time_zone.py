@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import threading
 import time
 import zoneinfo
 from datetime import date, datetime
@@ -297,3 +299,133 @@ def test_the_report_of_a_fixed_offset_fallback_says_so_and_one_of_a_named_zone_d
     assert all(part.get("time_zone") == offset for body in client.bodies for _, part in _dated_parts(body, []))
     named = build_report(RecordingOpenSearch(), "diana", date(2024, 3, 1), date(2024, 3, 2), time_zone="+01:00")
     assert 'class="warning"' not in named  # an offset set on purpose: no warning
+
+
+# A TZ that is a file (TZ=:/etc/localtime, TZ=/usr/share/zoneinfo/Europe/Zurich: Docker, systemd units)
+# is named as /etc/localtime is: a link by where it points, a file of a zoneinfo folder by its name there,
+# a copy elsewhere by the zoneinfo file of the same bytes.
+
+
+def _tz_file(tmp_path: Path, form: str, folder: Path) -> str:
+    localtime = tmp_path / "etc" / "localtime"
+    localtime.parent.mkdir(exist_ok=True)
+    if form == "link":
+        localtime.symlink_to(folder / "Europe" / "Zurich")
+        return f":{localtime}"
+    if form == "copy":
+        localtime.write_bytes(_zone_bytes("Europe/Zurich"))
+        return f":{localtime}"
+    return str(folder / "Europe" / "Zurich")  # the file itself, in the zoneinfo folder
+
+
+@pytest.mark.parametrize("form", ["link", "copy", "in the folder"])
+def test_a_tz_naming_a_file_is_named_as_localtime_is(tmp_path: Path, monkeypatch, form):
+    folder = _zoneinfo(tmp_path / "zoneinfo", {"Europe/Zurich": "Europe/Zurich", "Asia/Tokyo": "Asia/Tokyo"})
+    monkeypatch.setenv("TZ", _tz_file(tmp_path, form, folder))
+    zone = host_zone(localtime=tmp_path / "none", timezone_file=tmp_path / "none", zoneinfo_dirs=[folder])
+    assert zone == SiteZone("Europe/Zurich") and zone.note == ""
+
+
+def test_a_tz_naming_a_file_of_a_zoneinfo_folder_python_does_not_read_is_named_by_its_path(tmp_path, monkeypatch):
+    folder = _zoneinfo(tmp_path / "opt" / "zoneinfo", {"Asia/Tokyo": "Asia/Tokyo"})
+    monkeypatch.setenv("TZ", str(folder / "Asia" / "Tokyo"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert host_zone(localtime=tmp_path / "none", timezone_file=tmp_path / "none", zoneinfo_dirs=[empty]) == (
+        SiteZone("Asia/Tokyo")
+    )
+
+
+def test_a_localtime_linked_to_a_file_that_names_no_zone_is_named_by_its_bytes(tmp_path: Path, no_tz):
+    # A Kubernetes ConfigMap mounted at /etc/tz: /etc/localtime -> /etc/tz/localtime -> ..data/localtime
+    folder = _zoneinfo(tmp_path / "zoneinfo", {"Europe/Zurich": "Europe/Zurich", "Asia/Tokyo": "Asia/Tokyo"})
+    mount = tmp_path / "tz"
+    (mount / "..2024_03_01").mkdir(parents=True)
+    (mount / "..2024_03_01" / "localtime").write_bytes(_zone_bytes("Asia/Tokyo"))
+    (mount / "..data").symlink_to("..2024_03_01")
+    (mount / "localtime").symlink_to("..data/localtime")
+    localtime = tmp_path / "localtime"
+    localtime.symlink_to(mount / "localtime")
+    named = tmp_path / "timezone"
+    named.write_text("Europe/Zurich\n")  # the link's bytes come first: they are what the C library reads
+    assert host_zone(localtime=localtime, timezone_file=named, zoneinfo_dirs=[folder]) == SiteZone("Asia/Tokyo")
+
+
+@pytest.mark.parametrize("tree", ["posix", "right"])
+def test_a_link_into_posix_or_right_names_the_zone_without_the_tree(tmp_path: Path, no_tz, tree):
+    # OpenSearch's Java refuses "posix/Europe/Zurich", which Python's ZoneInfo takes.
+    folder = _zoneinfo(tmp_path / "zoneinfo", {f"{tree}/Europe/Zurich": "Europe/Zurich"})
+    localtime = tmp_path / "localtime"
+    localtime.symlink_to(folder / tree / "Europe" / "Zurich")
+    assert host_zone(localtime=localtime, timezone_file=tmp_path / "none", zoneinfo_dirs=[folder]) == (
+        SiteZone("Europe/Zurich")
+    )
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zoneinfo file\n"])
+def test_a_localtime_that_is_no_tzif_data_matches_nothing(tmp_path: Path, no_tz, content):
+    folder = _zoneinfo(tmp_path / "zoneinfo", {"Europe/Zurich": "Europe/Zurich"})
+    (folder / "Europe" / "Same").write_bytes(content)  # an empty file would match every empty file
+    localtime = tmp_path / "localtime"
+    localtime.write_bytes(content)
+    assert zones_like(str(localtime), (str(folder),)) == ()
+
+
+def test_a_localtime_that_is_a_fifo_is_not_read(tmp_path: Path):
+    folder = _zoneinfo(tmp_path / "zoneinfo", {"Europe/Zurich": "Europe/Zurich"})
+    os.mkfifo(folder / "Europe" / "Pipe")
+    fifo = tmp_path / "localtime"
+    os.mkfifo(fifo)
+    answers: list[tuple[str, ...]] = []
+    search = threading.Thread(target=lambda: answers.append(zones_like(str(fifo), (str(folder),))), daemon=True)
+    search.start()
+    search.join(10)
+    if search.is_alive():  # blocked opening the FIFO for reading: a writer lets it go
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        search.join(10)
+    assert not search.is_alive(), "zones_like waited on a FIFO"
+    assert answers == [()]
+
+
+# Byte-identical aliases (hard links or copies, as some images ship them): the zone, not a link that
+# zone.tab lists per country (Europe/Guernsey, Jersey, Isle_of_Man share Europe/London's data).
+UK = ("Europe/Guernsey", "Europe/Isle_of_Man", "Europe/Jersey", "Europe/London")
+
+
+def _system_table(name: str) -> Path:
+    for folder in zoneinfo.TZPATH:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    pytest.skip(f"no {name} in a zoneinfo folder")
+
+
+def test_byte_identical_uk_aliases_with_the_system_tables_are_europe_london(tmp_path: Path, no_tz):
+    folder = _zoneinfo(tmp_path / "zoneinfo", dict.fromkeys(UK, "Europe/London"))
+    for table in ("tzdata.zi", "zone1970.tab", "zone.tab"):
+        (folder / table).write_bytes(_system_table(table).read_bytes())
+    localtime = _copy_of(tmp_path, "Europe/London")
+    assert zones_like(str(localtime), (str(folder),))[0] == "Europe/London"
+    assert host_zone(localtime=localtime, timezone_file=tmp_path / "none", zoneinfo_dirs=[folder]).name == (
+        "Europe/London"
+    )
+
+
+ZONE_TAB = "".join(f"{cc}\t+0000+00000\t{name}\n" for cc, name in zip(("GG", "IM", "JE", "GB"), UK, strict=True))
+
+
+@pytest.mark.parametrize(
+    "tables",
+    [
+        # tzdata.zi without backzone: the others are links ("L"); zone.tab still lists them per country
+        {"tzdata.zi": "Z Europe/London -0:1:15 - LMT 1847 D\nL Europe/London Europe/Guernsey\n", "zone.tab": ZONE_TAB},
+        # no tzdata.zi: zone1970.tab's third column
+        {"zone1970.tab": "# comment\nGB,GG,IM,JE\t+513030-0000731\tEurope/London\n", "zone.tab": ZONE_TAB},
+    ],
+    ids=["tzdata.zi", "zone1970.tab"],
+)
+def test_zone_tab_names_no_zone(tmp_path: Path, no_tz, tables):
+    folder = _zoneinfo(tmp_path / "zoneinfo", dict.fromkeys(UK, "Europe/London"))
+    for table, text in tables.items():
+        (folder / table).write_text(text)
+    localtime = _copy_of(tmp_path, "Europe/London")
+    assert zones_like(str(localtime), (str(folder),)) == ("Europe/London", *UK[:3])
