@@ -9,6 +9,7 @@ Nothing else in the code base reads ``os.environ`` for settings.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -24,9 +25,12 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConflictPolicy",
+    "IPAddress",
     "MoveDestination",
+    "ip_address_of",
     "load_config",
     "opensearch_urls",
+    "parse_allowed_hosts",
     "parse_destinations",
     "parse_per_modality",
     "ENV_CONFIG_FILE",
@@ -338,6 +342,12 @@ class QueryRetrieveConfig:
     max_matches: int = 10000
     # A C-MOVE or C-GET sends at most this many objects (a DIMSE counter holds 65535).
     max_retrieve: int = 65535
+    # Who may query and retrieve (access/qr/peers.py). A peer on loopback always may; any other only when
+    # allow_any_peer, or when a list is set and every list set admits it (calling AE title; IP address).
+    # Otherwise C-FIND/C-MOVE/C-GET are refused with 0x0124; C-STORE and C-ECHO are never affected.
+    allowed_calling_aes: tuple = ()
+    allowed_hosts: tuple = ()
+    allow_any_peer: bool = False
 
 
 @dataclass(frozen=True)
@@ -630,6 +640,35 @@ def parse_destinations(entries: tuple) -> dict[str, MoveDestination]:
     return out
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def ip_address_of(text: str) -> IPAddress | None:
+    """The IP address written in ``text`` (an IPv4-mapped IPv6 address as its IPv4 one), None if it is none."""
+    try:
+        address = ipaddress.ip_address(str(text).strip().split("%", 1)[0])  # an IPv6 zone is not the address
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # a dual-stack socket's ::ffff:10.0.0.5 is 10.0.0.5
+    return address
+
+
+def parse_allowed_hosts(entries: tuple) -> frozenset[IPAddress]:
+    """``[query_retrieve] allowed_hosts`` as addresses; a name or a range is an error: it would never match,
+    the peer's address being compared (as ``[receiver] allowed_hosts`` compares it)."""
+    out = set()
+    for entry in entries:
+        address = ip_address_of(entry)
+        if address is None:
+            raise ConfigError(
+                f"[query_retrieve] allowed_hosts: {entry!r} is not an IP address; list each peer's address "
+                '(e.g. ["10.1.2.3", "fd00::5"]): names and ranges are not matched, as in [receiver] allowed_hosts'
+            )
+        out.add(address)
+    return frozenset(out)
+
+
 def _check_choices(sections: dict[str, Any]) -> None:
     for (section, key), allowed in _CHOICES.items():
         value = getattr(sections[section], key)
@@ -640,6 +679,7 @@ def _check_choices(sections: dict[str, Any]) -> None:
     except ValueError as exc:
         raise ConfigError(f"[stream] quiet_seconds: {exc}") from None
     parse_destinations(sections["query_retrieve"].destinations)
+    parse_allowed_hosts(sections["query_retrieve"].allowed_hosts)
     if sections["report"].time_zone:
         try:
             time_zone_info(sections["report"].time_zone)

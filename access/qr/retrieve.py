@@ -27,12 +27,14 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
 from pynetdicom import _config, build_context
+from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import PresentationContext
@@ -43,6 +45,7 @@ from diana.schemas.layout import archive_path
 from diana.storage import ObjectStore, local_file
 
 __all__ = [
+    "NO_DESTINATION",
     "ArchivedInstance",
     "archive_key",
     "as_archived",
@@ -126,6 +129,18 @@ def even_length(path: Path) -> Iterator[Path]:
         yield padded
 
 
+def convertible_context(assoc: Association, sop_class: str) -> bool:
+    """Whether ``assoc`` accepted ``sop_class`` for our C-STORE in a syntax an object can be converted to:
+    an uncompressed little endian one (what pynetdicom converts between, and what transcoding makes)."""
+    for cx in assoc.accepted_contexts:
+        if cx.abstract_syntax != sop_class or not cx.as_scu or not cx.transfer_syntax:
+            continue
+        syntax = UID(cx.transfer_syntax[0])
+        if not syntax.is_compressed and syntax.is_little_endian:
+            return True
+    return False
+
+
 def _send_file(self: Association, path: Any, *args: Any, **kwargs: Any) -> Dataset:
     """Send the file as stored; converted by pydicom only when the peer took none of its syntax."""
     try:
@@ -134,6 +149,12 @@ def _send_file(self: Association, path: Any, *args: Any, **kwargs: Any) -> Datas
         # No accepted context for the file's own transfer syntax: pynetdicom converts between implicit and
         # explicit VR little endian itself; anything else is made Explicit VR Little Endian here
         # (access/transcode.py: compressed objects decoded). What cannot be fails its sub-operation only.
+        sop_class, syntax = file_meta_uids(path)
+        if not convertible_context(self, sop_class):
+            # The peer (a C-GET requester: it chose what to propose) took this SOP class in no syntax an
+            # object can be converted to, or not at all: fail now, not after reading and decoding it whole.
+            log.debug("retrieve.not_negotiated", sop_class=UID(sop_class).name, syntax=UID(syntax).name)
+            raise
         ds: Dataset = dcmread(path)
         try:
             return _original_send_c_store(self, ds, *args, **kwargs)
@@ -146,9 +167,46 @@ def _send_file(self: Association, path: Any, *args: Any, **kwargs: Any) -> Datas
             return _original_send_c_store(self, ds, *args, **kwargs)
 
 
+class _NoDestination:
+    """The "address" a C-MOVE handler yields to end the move with a status and connect nowhere."""
+
+    def __repr__(self) -> str:
+        return "NO_DESTINATION"
+
+
+NO_DESTINATION = _NoDestination()
+
+
+class _NoSubAssociation:
+    """What pynetdicom's C-MOVE service class gets instead of a sub-association for NO_DESTINATION: it
+    only asks whether it is established and releases it before sending the handler's status."""
+
+    is_established = True
+
+    def release(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def send_c_store(self, *_args: Any, **_kwargs: Any) -> Dataset:
+        raise RuntimeError("a refused C-MOVE sends nothing")
+
+
+_original_associate = ApplicationEntity.associate
+
+
+def _associate(self: ApplicationEntity, addr: Any, *args: Any, **kwargs: Any) -> Any:
+    if addr is NO_DESTINATION:
+        return _NoSubAssociation()
+    return _original_associate(self, addr, *args, **kwargs)
+
+
 def install_file_sending() -> None:
-    """Make ``send_c_store`` send an ArchivedInstance from its file (idempotent)."""
+    """Make ``send_c_store`` send an ArchivedInstance from its file, and ``associate`` take NO_DESTINATION
+    (idempotent)."""
     Association.send_c_store = _send_c_store  # type: ignore[method-assign]
+    ApplicationEntity.associate = _associate  # type: ignore[method-assign]
 
 
 def as_archived(archive: ObjectStore, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:

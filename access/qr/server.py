@@ -11,6 +11,7 @@ from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from diana.access.qr.index_reader import IndexReader
+from diana.access.qr.peers import PeerPolicy
 from diana.access.qr.service import QueryRetrieve
 from diana.clients import opensearch_client
 from diana.config import Config, parse_destinations
@@ -34,9 +35,15 @@ def destination_tls(config: Config) -> ssl.SSLContext:
     return ctx
 
 
-def build_query_retrieve(config: Config) -> QueryRetrieve:
+def build_query_retrieve(config: Config, warn: bool = True) -> QueryRetrieve:
+    """The Q/R service of ``config``; ``warn``: log once that peers off this host are refused, when they are
+    (False for all but one of the receiver's processes)."""
     qr = config.query_retrieve
     destinations = parse_destinations(qr.destinations)
+    peers = PeerPolicy.from_config(qr)
+    warning = peers.start_warning(config.receiver.host)
+    if warn and warning:
+        log.warning("qr.off_host_refused", detail=warning)
     client = opensearch_client(config.opensearch, timeout=30)
     return QueryRetrieve(
         IndexReader(client, config.opensearch.index_prefix),
@@ -46,11 +53,13 @@ def build_query_retrieve(config: Config) -> QueryRetrieve:
         max_matches=qr.max_matches,
         max_retrieve=qr.max_retrieve,
         destination_tls=destination_tls(config) if any(d.tls for d in destinations.values()) else None,
+        peers=peers,
     )
 
 
 class QueryRetrieveServer:
-    """Q/R alone: the receiver's AE title, allow-lists and TLS settings, on ``[query_retrieve] port``."""
+    """Q/R alone: the receiver's AE title, allow-lists and TLS settings, on ``[query_retrieve] port``; who
+    may query and retrieve from off this host, ``[query_retrieve] allowed_*`` (peers.py)."""
 
     def __init__(self, config: Config):
         self.config = config

@@ -2,16 +2,21 @@
 
 ``QueryRetrieve.handlers()`` and ``QueryRetrieve.contexts()`` are what the receiver's AE (one AE
 title and port for storage and Q/R) or ``diana serve`` (Q/R alone) add to their own. Statuses:
-0xA900 and 0xC000 for identifiers that cannot be answered (identifier.py), 0xA700 when OpenSearch
-does not answer, 0xA801 for a move destination not in ``[query_retrieve] destinations``, 0xA701
-when a retrieve holds more objects than ``max_retrieve``, 0xFE00 after C-CANCEL. Sub-operation
-counts, 0xB000 (some failed) and 0xA702 (all failed) come from pynetdicom's service classes.
+0x0124 (Refused: Not Authorised, PS3.7 C.5) for a peer off this host that ``[query_retrieve]
+allowed_calling_aes`` / ``allowed_hosts`` / ``allow_any_peer`` do not admit (peers.py), 0xA900 and
+0xC000 for identifiers that cannot be answered (identifier.py), 0xA700 when OpenSearch does not
+answer or a C-FIND has more than ``max_matches`` matches (the matches sent are not all of them),
+0xA801 for a move destination not in ``[query_retrieve] destinations``, 0xA701 when a retrieve
+holds more objects than ``max_retrieve``, 0xFE00 after C-CANCEL. Sub-operation counts, 0xB000
+(some failed) and 0xA702 (all failed) come from pynetdicom's service classes. A C-MOVE refused
+before anything is sent never connects to its destination (retrieve.NO_DESTINATION).
 """
 
 from __future__ import annotations
 
 import ssl
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +25,8 @@ from opensearchpy.exceptions import ConnectionError as OSConnectionError
 from opensearchpy.exceptions import RequestError, TransportError
 from prometheus_client import Counter, Histogram
 from pydicom.dataset import Dataset
-from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, build_context, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -28,13 +34,14 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
-    Verification,
 )
 
 from diana.access.qr.identifier import IdentifierError, Query, attribute_name, parse_identifier
 from diana.access.qr.index_reader import IndexReader
+from diana.access.qr.peers import REFUSED_COMMENT, PeerPolicy
 from diana.access.qr.response import build_response, header_fields
 from diana.access.qr.retrieve import (
+    NO_DESTINATION,
     ArchivedInstance,
     archive_key,
     as_archived,
@@ -65,6 +72,9 @@ QR_SOP_CLASSES = tuple(_MODEL)
 
 PENDING = 0xFF00
 CANCEL = 0xFE00
+# PS3.7 C.5 general status "Refused: Not Authorised", valid for C-FIND, C-MOVE and C-GET (pynetdicom
+# lists it for each); PS3.4's own Q/R statuses have none for a requester that may not ask.
+NOT_AUTHORISED = 0x0124
 OUT_OF_RESOURCES = 0xA700
 TOO_MANY_MATCHES = 0xA701
 UNABLE_TO_PROCESS = 0xC000
@@ -100,6 +110,7 @@ class QueryRetrieve:
         max_matches: int = 10000,
         max_retrieve: int = 65535,
         destination_tls: ssl.SSLContext | None = None,
+        peers: PeerPolicy | None = None,
     ):
         self.reader = reader
         self.archive = archive
@@ -108,7 +119,30 @@ class QueryRetrieve:
         self.max_matches = max_matches
         self.max_retrieve = min(max_retrieve, 65535)
         self.destination_tls = destination_tls
+        # None: only peers on loopback may query and retrieve.
+        self.peers = peers or PeerPolicy()
+        # Associations whose refusal was logged: once per association, not per request.
+        self._refused: weakref.WeakSet[Association] = weakref.WeakSet()
         install_file_sending()
+
+    # ------------------------------------------------------------------ who may ask
+    def _refusal(self, event: evt.Event, operation: str) -> Dataset | None:
+        """The 0x0124 status refusing ``event``'s request when its peer may not query and retrieve, else None."""
+        assoc = event.assoc
+        calling_ae, address = str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address)
+        if self.peers.allows(calling_ae, address):
+            return None
+        REQUESTS.labels(operation, "0124").inc()
+        if assoc not in self._refused:
+            self._refused.add(assoc)
+            log.warning(
+                "qr.refused",
+                reason="peer not in [query_retrieve] allowed_calling_aes / allowed_hosts",
+                operation=operation,
+                calling_ae=calling_ae,
+                peer=address,
+            )
+        return _status(NOT_AUTHORISED, REFUSED_COMMENT)
 
     # ------------------------------------------------------------------ wiring
     def handlers(self) -> list[tuple]:
@@ -128,6 +162,10 @@ class QueryRetrieve:
     # ------------------------------------------------------------------ C-FIND
     def on_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         started = time.monotonic()
+        refused = self._refusal(event, "find")
+        if refused is not None:
+            yield refused, None
+            return
         context = {"assoc": event.assoc.native_id, "calling_ae": event.assoc.requestor.ae_title}
         try:
             query = parse_identifier(event.identifier, _model(event))
@@ -143,6 +181,7 @@ class QueryRetrieve:
             yield _status(UNABLE_TO_PROCESS, "the identifier cannot be decoded"), None
             return
         sent = 0
+        truncated = False
         try:
             matches = self.reader.find(
                 query, self.max_matches + 1, cancelled=lambda: event.is_cancelled, header=header_fields(query)
@@ -153,8 +192,8 @@ class QueryRetrieve:
                     log.info("find.cancelled", level=query.level, sent=sent, **context)
                     yield CANCEL, None
                     return
-                if sent == self.max_matches:
-                    log.warning("find.truncated", level=query.level, max_matches=self.max_matches, **context)
+                if sent == self.max_matches:  # one more than max_matches was asked for: this one
+                    truncated = True
                     break
                 sent += 1
                 yield PENDING, build_response(query, match, self.ae_title)
@@ -169,6 +208,13 @@ class QueryRetrieve:
             yield _status(OUT_OF_RESOURCES, "the index does not answer; retry later"), None
             return
         FIND_SECONDS.observe(time.monotonic() - started)
+        if truncated:
+            # Not 0x0000, which says the matches sent are all of them (PS3.4 C.4.1.1.4: no status says
+            # "more exist"; 0xA700, Refused: Out of resources, is the one for an SCP that will not send them).
+            REQUESTS.labels("find", "A700").inc()
+            log.warning("find.truncated", level=query.level, max_matches=self.max_matches, **context)
+            yield _status(OUT_OF_RESOURCES, f"more than {self.max_matches} matches: narrow the query"), None
+            return
         REQUESTS.labels("find", "0000").inc()
         log.info(
             "find.done",
@@ -231,6 +277,10 @@ class QueryRetrieve:
         )
 
     def on_move(self, event: evt.Event) -> Iterator[Any]:
+        refused = self._refusal(event, "move")
+        if refused is not None:
+            yield from _refuse_move(refused)
+            return
         name = str(event.move_destination).strip() if event.move_destination else ""
         destination = self.destinations.get(name)
         if destination is None:
@@ -239,18 +289,16 @@ class QueryRetrieve:
             yield None, None
             return
         resolved = self._resolve(event, "move")
-        options: dict[str, Any] = {"ae_title": destination.ae_title, "evt_handlers": outbound_association_handlers()}
         if isinstance(resolved, Dataset):
-            # pynetdicom takes a status only after the destination and a count: one sub-operation, refused.
-            # (It opens the sub-association first; Verification is all it proposes.)
-            options["contexts"] = [build_context(Verification)]
-            yield destination.host, destination.port, options
-            yield 1
-            yield resolved, None
+            yield from _refuse_move(resolved)
             return
         _, instances = resolved
         instances = as_archived(self.archive, instances)
-        options["contexts"] = move_contexts(instances)
+        options: dict[str, Any] = {
+            "ae_title": destination.ae_title,
+            "evt_handlers": outbound_association_handlers(),
+            "contexts": move_contexts(instances),
+        }
         if destination.tls:
             options["tls_args"] = (self.destination_tls or ssl.create_default_context(), destination.host)
         log.info("move.start", destination=name, instances=len(instances), assoc=event.assoc.native_id)
@@ -259,6 +307,11 @@ class QueryRetrieve:
         yield from self._send(event, "move", instances)
 
     def on_get(self, event: evt.Event) -> Iterator[Any]:
+        refused = self._refusal(event, "get")
+        if refused is not None:
+            yield 1
+            yield refused, None
+            return
         resolved = self._resolve(event, "get")
         if isinstance(resolved, Dataset):
             yield 1
@@ -267,3 +320,14 @@ class QueryRetrieve:
         _, instances = resolved
         yield len(instances)
         yield from self._send(event, "get", instances)
+
+
+def _refuse_move(status: Dataset) -> Iterator[Any]:
+    """A C-MOVE's yields that end it with ``status`` and connect nowhere: pynetdicom takes a status only
+    after a destination and a count, and would open a sub-association to it first (a destination down or
+    on TLS then answered the requester 0xA801 instead); NO_DESTINATION stands for none (retrieve.py).
+    PS3.4 C.4.2.1.4 requires no sub-association before a failure. pynetdicom counts the one sub-operation
+    announced as failed."""
+    yield NO_DESTINATION, 0
+    yield 1
+    yield status, None

@@ -55,7 +55,7 @@ def _serve_receiver(cfg: Config, worker: int, started_at: float) -> None:
     if cfg.query_retrieve.on_receiver:  # one AE title and port for storage and query/retrieve
         from diana.access.qr.server import build_query_retrieve
 
-        qr = build_query_retrieve(cfg)
+        qr = build_query_retrieve(cfg, warn=worker == 0)
         contexts, handlers = qr.contexts(), qr.handlers()
     Receiver(
         cfg, extra_contexts=contexts, extra_handlers=handlers, worker=worker, started_at=started_at
