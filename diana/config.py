@@ -220,6 +220,21 @@ class SinksConfig:
     # A killed sink's partitions go to another member (or its restart) after this long; Kafka's
     # default is 45 s. The dose worker uses 10 s too (stream_apps/app.py).
     session_timeout_s: float = 10.0
+    # The archive sink's safety net (sinks/README.md): an instance that keeps failing with an error that
+    # looks like its own (access refused, an I/O error on its archived copy, an unknown error), not the
+    # store's (unreachable, disk full: retried for as long as it lasts), is dead-lettered (its landing
+    # copy kept) after this many failed tries or this many seconds of them, whichever comes first, and
+    # the partition goes on. Floors: 3 tries, 60 s (a passing fault must not dead-letter at once).
+    archive_object_max_tries: int = 50
+    archive_object_max_retry_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.archive_object_max_tries < 3:
+            raise ConfigError(f"[sinks] archive_object_max_tries = {self.archive_object_max_tries}: use 3 or more")
+        if self.archive_object_max_retry_s < 60:
+            raise ConfigError(
+                f"[sinks] archive_object_max_retry_s = {self.archive_object_max_retry_s}: use 60 or more (seconds)"
+            )
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,21 @@ The landed object is read through a landing store (diana/storage): by the event'
 landing folder (a receiver that still lands locally), or, for older events, by ``landing_path``
 relative to this host's landing folder (where v1 to v3 receivers landed). Landing and archive on
 one S3 endpoint: a server-side copy; both folders: a hard link; else streamed through this process.
+
+Failures (``ArchiveSink.write``): the store's own trouble (unreachable, 5xx, timeouts, a full disk or
+quota) is retried for as long as it lasts. One instance's trouble is not allowed to hold its partition: a
+landing copy that cannot be read (the store refuses it, a permission, an I/O error, a symlink) is
+dead-lettered at once; any other error (e.g. the archive refusing the write) is retried, and the
+instance is dead-lettered after ``max_tries`` tries or ``max_retry_s`` seconds. A dead-lettered
+instance's landing copy is kept (it is removed only after a verified placement).
 """
 
 from __future__ import annotations
 
+import errno
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,9 +36,17 @@ from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.layout import archive_path
 from diana.schemas.topics import INSTANCES
 from diana.sinks.consumer import DeadLetters, Reporter, RetryableError
-from diana.storage import FilesystemStore, IntegrityError, ObjectStore, check_key, key_in_store
+from diana.storage import (
+    FilesystemStore,
+    IntegrityError,
+    ObjectStore,
+    StorageError,
+    StorageRefused,
+    check_key,
+    key_in_store,
+)
 
-__all__ = ["ArchiveSink", "archive_relative_path", "landing_key"]
+__all__ = ["ArchiveSink", "archive_relative_path", "landing_key", "store_wide", "sweep_stale_uploads"]
 
 log = structlog.get_logger("diana.sink.archive")
 
@@ -36,6 +54,73 @@ ARCHIVED = Counter("diana_archive_written_total", "Instances written to the arch
 UNCHANGED = Counter("diana_archive_unchanged_total", "Events whose identical object was already archived")
 QUARANTINED = Counter("diana_archive_quarantined_total", "Objects moved to quarantine by the conflict policy")
 CONFLICTS = Counter("diana_archive_conflicts_total", "Same SOP Instance UID arrived with different bytes", ["policy"])
+GIVEN_UP = Counter(
+    "diana_archive_given_up_total",
+    "Instances the archive sink dead-lettered for an error of their own (landing copy kept), by cause",
+    ["cause"],
+)
+
+# The store's trouble, not one object's: retried for as long as it lasts, never dead-lettered.
+_STORE_WIDE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ENOSPC",  # disk full
+        "EDQUOT",  # quota
+        "EROFS",  # a filesystem remounted read-only after errors
+        "ENOMEM",
+        "EAGAIN",
+        "EINTR",
+        "EBUSY",
+        "EMFILE",  # this process' open files
+        "ENFILE",
+        "ESTALE",  # NFS
+        "ETIMEDOUT",
+        "ECONNREFUSED",
+        "ECONNRESET",
+        "ECONNABORTED",
+        "EPIPE",
+        "ENETDOWN",
+        "ENETUNREACH",
+        "ENETRESET",
+        "EHOSTDOWN",
+        "EHOSTUNREACH",
+        "ENOLCK",
+    )
+    if hasattr(errno, name)
+)
+# A landing copy that cannot be read is dead-lettered at once, but not the eleventh in a row without an
+# instance archived between: then the landing store as a whole is likely refused (a folder's permission,
+# credentials without read access), and each goes through the tries-or-time limit instead.
+_LANDING_REFUSALS_IN_A_ROW = 10
+# A failing instance not tried again for this long (its partition moved) is forgotten.
+_FORGET_AFTER_S = 900.0
+
+
+def store_wide(exc: OSError) -> bool:
+    """True when ``exc`` is the store's trouble that passes (unreachable, 5xx, 408/429, timeouts, a
+    full disk or quota), retried without limit; False when it may be one object's (refused by the
+    store: StorageRefused; a permission, an I/O error, a missing file, anything else)."""
+    if isinstance(exc, StorageRefused):
+        return False
+    if isinstance(exc, (StorageError, ConnectionError, TimeoutError)):
+        return True
+    return exc.errno in _STORE_WIDE_ERRNOS
+
+
+def _describe(exc: OSError) -> str:
+    """An error for a dead letter or a log line: its kind, errno name and text (no file names)."""
+    code = errno.errorcode.get(exc.errno, "") if isinstance(exc.errno, int) else ""
+    return f"{type(exc).__name__}{f' [{code}]' if code else ''}: {exc.strerror or exc}"[:500]
+
+
+@dataclass
+class _Failing:
+    """One instance's failed tries (by its message's topic, partition and offset)."""
+
+    first: float
+    last: float
+    tries: int = 0
+    given_up: str = ""  # the dead letter's reason once given up (the batch may be written again)
 
 
 def archive_relative_path(event: dict) -> str:
@@ -73,6 +158,8 @@ class ArchiveSink:
         report: Reporter | Callable[[dict], None] | None = None,
         quarantine: Path | ObjectStore | None = None,
         local_landing: Path | None = None,
+        max_tries: int = 50,
+        max_retry_s: float = 600.0,
     ):
         """``landing``, ``archive`` and ``quarantine``: stores, or folders (a filesystem store each).
 
@@ -80,6 +167,9 @@ class ArchiveSink:
         v4, and v4 events of receivers landing locally, name objects there.
 
         Without ``quarantine``, a folder archive's quarantine is the folder ``<archive>-quarantine`` beside it.
+
+        ``max_tries``, ``max_retry_s`` ([sinks] archive_object_max_tries, archive_object_max_retry_s): an
+        instance failing with an error that may be its own is dead-lettered after this many tries or seconds.
         """
         if policy not in ConflictPolicy.ALL:
             raise ValueError(f"unknown conflict policy {policy!r}; use one of {', '.join(ConflictPolicy.ALL)}")
@@ -97,19 +187,91 @@ class ArchiveSink:
                 raise ValueError("an archive that is not a folder needs its quarantine store given")
             quarantine = self.archive.root.with_name(f"{self.archive.root.name}-quarantine")
         self.quarantine: ObjectStore = FilesystemStore(quarantine) if isinstance(quarantine, Path) else quarantine
+        self.max_tries, self.max_retry_s = max_tries, max_retry_s
+        self._failing: dict[tuple[str, int, int], _Failing] = {}
+        self._landing_refusals = 0  # landing copies dead-lettered as unreadable since one was archived
 
     def write(self, batch: list[Message], dead: DeadLetters) -> None:
+        self._forget_stale(time.monotonic())
         for msg in batch:
+            failing = self._failing.get(_origin(msg))
+            if failing is not None and failing.given_up:
+                # Given up on in this batch, which is being written again: parked again, not tried again.
+                failing.last = time.monotonic()
+                dead.send(msg, failing.given_up)
+                continue
+            event: dict | None = None
             try:
                 _, event = self.codec.decode(msg.value(), expect=INSTANCES.value_schema)
                 self.archive_one(event)
             except (DecodeError, ValueError) as exc:
                 dead.send(msg, f"archive: {exc}")
             except OSError as exc:
-                # Disk full, permissions, I/O error, object store unreachable: nothing is committed; try again later.
-                raise RetryableError(f"archive write failed: {exc.strerror or exc}") from exc
+                # Raises RetryableError (nothing is committed; the batch is written again) or gives a reason to park it.
+                dead.send(msg, self._given_up(msg, event, exc))
+            else:
+                self._failing.pop(_origin(msg), None)
+                self._landing_refusals = 0
         if isinstance(self.report, Reporter):
             self.report.flush()  # reported before the offsets move
+
+    def _given_up(self, msg: Message, event: dict | None, exc: OSError) -> str:
+        """The dead letter's reason for an instance given up on, or RetryableError when it is tried again.
+
+        The store's trouble (``store_wide``) is retried without limit. Otherwise the landing copy is read
+        again: when that fails too, it is this instance's (dead-lettered now); when it reads, the error was
+        on the archive's side, which may be every object's (a folder's permission, a bucket policy):
+        retried, and given up after ``max_tries`` tries or ``max_retry_s`` seconds."""
+        what = _describe(exc)
+        if store_wide(exc):
+            raise RetryableError(f"archive write failed: {what}") from exc
+        now = time.monotonic()
+        failing = self._failing.get(_origin(msg))
+        unreadable = self._landing_unreadable(event) if event is not None else None
+        if unreadable is not None and self._landing_refusals < _LANDING_REFUSALS_IN_A_ROW:
+            self._landing_refusals += 1
+            GIVEN_UP.labels("landing_unreadable").inc()
+            reason = f"archive: the landing copy cannot be read ({unreadable}); it is kept, archive it again once fixed"
+            log.error("archive.landing_unreadable", error=unreadable, origin=_origin_text(msg))
+            self._failing[_origin(msg)] = _Failing(first=now, last=now, tries=1, given_up=reason)
+            return reason
+        if failing is None:
+            failing = self._failing[_origin(msg)] = _Failing(first=now, last=now)
+        failing.tries += 1
+        failing.last = now
+        elapsed = now - failing.first
+        if failing.tries < self.max_tries and elapsed < self.max_retry_s:
+            raise RetryableError(
+                f"archive write failed: {what} (try {failing.tries} for this instance; dead-lettered after "
+                f"{self.max_tries} tries or {self.max_retry_s:g} s)"
+            ) from exc
+        GIVEN_UP.labels("retries_exhausted").inc()
+        failing.given_up = (
+            f"archive: gave up after {failing.tries} tries in {elapsed:.0f} s: {what}; the landing copy is kept"
+        )
+        log.error("archive.given_up", error=what, tries=failing.tries, seconds=round(elapsed), origin=_origin_text(msg))
+        return failing.given_up
+
+    def _landing_unreadable(self, event: dict) -> str | None:
+        """Why the event's landing copy cannot be read to its end (an error that is not the store's
+        trouble), or None: it reads, or is missing, or the event names none (let the caller's limit decide).
+        RetryableError when the landing store is unavailable now."""
+        try:
+            store, key = landing_key(self.landing_stores, event)
+            with store.open(key) as stream:
+                while stream.read(1 << 20):
+                    pass
+        except (ValueError, FileNotFoundError):
+            return None
+        except OSError as exc:
+            if store_wide(exc):
+                raise RetryableError(f"landing store unavailable: {_describe(exc)}") from exc
+            return _describe(exc)
+        return None
+
+    def _forget_stale(self, now: float) -> None:
+        for origin in [o for o, f in self._failing.items() if now - f.last > _FORGET_AFTER_S]:
+            del self._failing[origin]
 
     def archive_one(self, event: dict) -> str:
         """Archive one event's object.
@@ -202,3 +364,32 @@ class ArchiveSink:
         except IntegrityError:
             raise ValueError(f"landing object {landing} does not match the event's sha256") from None
         store.delete(landing)
+
+
+def _origin(msg: Message) -> tuple[str, int, int]:
+    return (msg.topic(), msg.partition(), msg.offset())
+
+
+def _origin_text(msg: Message) -> str:
+    return "/".join(map(str, _origin(msg)))
+
+
+def sweep_stale_uploads(stores: list[ObjectStore]) -> int:
+    """Abort the incomplete multipart uploads older than a day under each S3 store's prefix (uploads
+    whose writer failed to abort them or died mid-upload: their parts are stored, billed and never seen);
+    other stores have none. Run by the archive sink when it starts, on a thread of its own; a store
+    that cannot be listed is logged, never fatal. Returns how many were aborted."""
+    total = 0
+    for store in stores:
+        sweep = getattr(store, "abort_stale_uploads", None)
+        if sweep is None:
+            continue
+        try:
+            keys = sweep()
+        except Exception as exc:
+            log.info("archive.uploads_not_swept", store=repr(store), error=f"{type(exc).__name__}: {exc}"[:300])
+            continue
+        if keys:
+            log.warning("archive.stale_uploads_aborted", store=repr(store), uploads=len(keys))
+        total += len(keys)
+    return total

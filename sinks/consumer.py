@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import structlog
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, Message, TopicPartition
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from diana.clients import kafka_consumer, kafka_producer
 from diana.config import KafkaConfig
@@ -32,6 +32,7 @@ __all__ = [
     "run_sinks",
     "write_until_done",
     "failure_reason",
+    "oldest_retry_s",
     "commit_written",
     "commit_written_or_log",
     "log_failed_commits",
@@ -63,6 +64,46 @@ EVENT_AGE = Histogram(
     ["sink"],
     buckets=_LATENCY_BUCKETS,
 )
+# A sink that retries a batch commits nothing meanwhile: how long the oldest batch still being retried has
+# failed (0: none), read at scrape time. An alert on it sees a partition held, whatever the log says.
+RETRYING_SECONDS = Gauge(
+    "diana_sink_retrying_seconds",
+    "How long the oldest batch a sink is still retrying (nothing committed behind it) has been failing; 0: none",
+    ["sink"],
+)
+_retrying: dict[object, tuple[str, float]] = {}  # one entry per batch being retried: (sink, first failure)
+_retrying_lock = threading.Lock()
+_retry_gauges: set[str] = set()
+
+
+def oldest_retry_s(name: str, now: float | None = None) -> float:
+    """Seconds since the first failure of the oldest batch sink ``name`` is still retrying; 0 when none."""
+    with _retrying_lock:
+        starts = [since for sink, since in _retrying.values() if sink == name]
+    return max(0.0, (time.monotonic() if now is None else now) - min(starts)) if starts else 0.0
+
+
+def _watch_retries(name: str) -> None:
+    """Serve ``diana_sink_retrying_seconds{sink=name}`` (0 until a batch of that sink is retried)."""
+    with _retrying_lock:
+        if name in _retry_gauges:
+            return
+        _retry_gauges.add(name)
+    RETRYING_SECONDS.labels(name).set_function(lambda: oldest_retry_s(name))
+
+
+def _retry_started(name: str) -> object:
+    _watch_retries(name)
+    token = object()
+    with _retrying_lock:
+        _retrying[token] = (name, time.monotonic())
+    return token
+
+
+def _retry_ended(token: object | None) -> None:
+    if token is not None:
+        with _retrying_lock:
+            _retrying.pop(token, None)
 
 
 class RetryableError(RuntimeError):
@@ -170,20 +211,27 @@ def write_until_done(sink: BatchSink, batch: list[Message], dead: DeadLetters, s
     """Write a batch (and its dead letters), retrying with backoff while the store is unavailable.
 
     Returns False if ``stop`` was set before the batch could be written: nothing may be committed.
+    While it retries, ``diana_sink_retrying_seconds{sink}`` says for how long.
     """
     backoff = 0.5
-    while True:
-        try:
-            _write_isolating_failures(sink, batch, dead)
-            dead.flush()
-            return True
-        except RetryableError as exc:
-            dead.discard()
-            if stop.is_set():
-                return False
-            log.warning("sink.retry", sink=sink.name, reason=str(exc), backoff_s=backoff)
-            stop.wait(backoff)
-            backoff = min(backoff * 2, 30.0)
+    retrying = None
+    try:
+        while True:
+            try:
+                _write_isolating_failures(sink, batch, dead)
+                dead.flush()
+                return True
+            except RetryableError as exc:
+                dead.discard()
+                if stop.is_set():
+                    return False
+                if retrying is None:
+                    retrying = _retry_started(sink.name)
+                log.warning("sink.retry", sink=sink.name, reason=str(exc), backoff_s=backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+    finally:
+        _retry_ended(retrying)
 
 
 # No broker connection for this long: the sink says so, naming [kafka] bootstrap.
@@ -255,6 +303,7 @@ def run_sink(
 
     consumer, watch = subscribed_consumer()
     dead = DeadLetters(kafka, sink.name)
+    _watch_retries(sink.name)
     log.info("sink.started", sink=sink.name, group=group_id, topics=list(sink.topics))
     said_unreachable = False
     try:

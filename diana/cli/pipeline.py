@@ -181,20 +181,30 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     sinks: list[Any]
     if args.sink == "archive":
+        import threading
+
         from diana.schemas.topics import ARCHIVE_CONFLICTS
-        from diana.sinks.archive import ArchiveSink
+        from diana.sinks.archive import ArchiveSink, sweep_stale_uploads
         from diana.sinks.consumer import Reporter
         from diana.storage import open_store
 
         report = Reporter(cfg.kafka, ARCHIVE_CONFLICTS.name, ARCHIVE_CONFLICTS.value_schema, "sop_instance_uid")
+        stores = {area: open_store(cfg, area) for area in ("landing", "archive", "quarantine")}
+        # Incomplete S3 multipart uploads older than a day (a writer that died mid-upload): aborted in the
+        # background, never delaying the sink (docs/OPERATIONS.md has the bucket rule that does it for good).
+        threading.Thread(
+            target=sweep_stale_uploads, args=(list(stores.values()),), name="sweep-uploads", daemon=True
+        ).start()
         sinks = [
             ArchiveSink(
-                open_store(cfg, "landing"),
-                open_store(cfg, "archive"),
+                stores["landing"],
+                stores["archive"],
                 policy=cfg.sinks.archive_conflict_policy,
                 report=report,
-                quarantine=open_store(cfg, "quarantine"),
+                quarantine=stores["quarantine"],
                 local_landing=cfg.path(cfg.storage.landing_dir),
+                max_tries=cfg.sinks.archive_object_max_tries,
+                max_retry_s=cfg.sinks.archive_object_max_retry_s,
             )
         ]
         group, port = cfg.sinks.archive_group, cfg.sinks.archive_metrics_port

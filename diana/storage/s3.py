@@ -9,6 +9,12 @@ wrong stream is never sent: below the part size the bytes are hashed before the 
 Atomicity and concurrent writers: S3 makes an object visible whole at the end of its PUT or
 CompleteMultipartUpload, and the last one to finish wins. Content-addressed keys are therefore
 idempotent without conditional requests (S3Proxy 2.6 ignores ``If-None-Match``).
+
+Incomplete multipart uploads: a failed upload is aborted; an abort that fails too (the store went
+away) is logged (``s3.abort_failed``) and the upload's parts stay stored, invisible and billed, as they
+do when the process dies mid-upload. ``abort_stale_uploads`` aborts those of this store's prefix
+started more than a day before (the archive sink runs it when it starts); the bucket's
+``AbortIncompleteMultipartUpload`` lifecycle rule (docs/OPERATIONS.md) is the lasting remedy.
 """
 
 from __future__ import annotations
@@ -18,17 +24,25 @@ import hashlib
 import io
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+import structlog
+
 from diana.storage.base import IntegrityError, ObjectNotFound, ObjectStore, StorageError, StorageRefused, check_key
 
-__all__ = ["S3Store", "S3_MAX_COPY_BYTES"]
+__all__ = ["S3Store", "S3_MAX_COPY_BYTES", "STALE_UPLOAD_S"]
+
+log = structlog.get_logger("diana.storage.s3")
 
 # CopyObject copies at most 5 GiB; larger objects are copied part by part (UploadPartCopy).
 S3_MAX_COPY_BYTES = 5 * 1024**3
 # S3 parts are at least 5 MiB (but the last).
 _MIN_PART = 5 * 1024**2
+# A multipart upload of diana's started this long ago is dead: its writer failed or died (an object's
+# upload takes minutes at most).
+STALE_UPLOAD_S = 24 * 3600.0
 
 
 def _md5_b64(data: bytes) -> str:
@@ -175,9 +189,48 @@ class S3Store:
                 Bucket=self.bucket, Key=full, UploadId=upload, MultipartUpload={"Parts": parts}
             )
         except BaseException:
-            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload)
+            self._abort(full, upload)
             raise
         return actual
+
+    def _abort(self, full: str, upload: str) -> None:
+        """Abort a failed upload; an abort that fails is logged and the upload's own failure raised, not
+        the abort's (its parts stay until ``abort_stale_uploads`` or the bucket's lifecycle rule)."""
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload)
+        except Exception as exc:
+            log.warning(
+                "s3.abort_failed",
+                key=full,
+                error=f"{type(exc).__name__}: {exc}"[:300],
+                fix="left for the AbortIncompleteMultipartUpload lifecycle rule or the archive sink's next start",
+            )
+
+    def abort_stale_uploads(self, older_than_s: float = STALE_UPLOAD_S, now: datetime | None = None) -> list[str]:
+        """Abort the multipart uploads under this store's prefix started more than ``older_than_s``
+        before ``now``; returns their keys. Only under the prefix (a store without one refuses: the
+        bucket's other uploads are not diana's). An upload gone meanwhile (NoSuchUpload) is skipped."""
+        if not self.prefix:
+            raise ValueError("a store without a prefix does not sweep uploads: the bucket's others are not diana's")
+        cutoff = (now or datetime.now(UTC)) - timedelta(seconds=older_than_s)
+        aborted = []
+        with _Errors(f"list multipart uploads under {self.prefix}"):
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self.prefix)
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    if not upload["Key"].startswith(self.prefix) or upload["Initiated"] >= cutoff:
+                        continue
+                    try:
+                        self.client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
+                    except Exception as exc:
+                        code = str((getattr(exc, "response", None) or {}).get("Error", {}).get("Code", ""))
+                        if code not in ("NoSuchUpload", "404"):
+                            raise
+                        continue
+                    aborted.append(upload["Key"][len(self.prefix) :])
+        return aborted
 
     # ------------------------------------------------------------------ read
     def open(self, key: str) -> AbstractContextManager[BinaryIO]:
@@ -273,7 +326,7 @@ class S3Store:
                 Bucket=self.bucket, Key=full, UploadId=upload, MultipartUpload={"Parts": parts}
             )
         except BaseException:
-            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload)
+            self._abort(full, upload)
             raise
 
     def delete(self, key: str) -> None:
