@@ -150,7 +150,8 @@ class ReceiverConfig:
     max_inflated_bytes: int = 1073741824
     # Hostile and slow peers (producers/transport_guard.py): connections from one address at once
     # (TLS handshakes included); time for a TLS handshake; time for one PDU from its first byte;
-    # an association older than min_rate_after_s averaging fewer bytes per second than this is ended.
+    # a peer sending fewer bytes per second than min_bytes_per_s, measured only while a PDU (or a
+    # DIMSE message) is partly received, is ended once it has been sending for min_rate_after_s.
     max_associations_per_host: int = 8
     tls_handshake_timeout_s: float = 10.0
     pdu_read_timeout_s: float = 60.0

@@ -13,8 +13,17 @@ What pynetdicom does on its own (transport.py, dul.py), and what is done here in
   length says, 4 KiB at a time from a blocking socket: a peer announcing 4 GB makes it buffer
   whatever it sends, and a peer that stops mid-PDU holds the thread for ever. ``_guarded_recv``
   refuses a read longer than the PDU cap before reading anything, gives each PDU
-  ``pdu_read_timeout_s`` from its first byte, and ends an association whose average rate falls
-  under ``min_bytes_per_s`` once it is older than ``min_rate_after_s``.
+  ``pdu_read_timeout_s`` from its first byte, and ends an association whose rate *while sending*
+  falls under ``min_bytes_per_s`` once it has spent more than ``min_rate_after_s`` sending.
+
+"While sending" is the time a PDU is partly received (its first byte arrived, its last not yet) and,
+for P-DATA, the time a DIMSE message is partly received (a fragment arrived that was not the last
+of its command or data set: the next PDU is the same message). Time between messages is not the
+peer's: idle gaps between C-STOREs, or diana itself waiting (the broker down: each C-STORE takes
+``publish_timeout_s`` to be answered) never count against it; an idle peer is the network timeout's
+business. The rule applies only to associations a peer requested: on associations diana requests
+(C-MOVE/C-GET sub-operations of access/qr, sent from this process) diana is the sender, and what
+it receives are small responses.
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ class GuardSettings:
     max_associations_per_host: int = 8
     pdu_read_timeout_s: float = 60.0
     min_bytes_per_s: float = 256.0
-    # An association younger than this is not judged by its average rate (negotiation, first C-STORE).
+    # A peer is judged by its rate once it has spent this long sending (time between messages not counted).
     min_rate_after_s: float = 120.0
 
     @property
@@ -64,7 +73,10 @@ class _Refused(OSError):
 
 def _end(sock: AssociationSocket, reason: str, metric: str, **detail: Any) -> _Refused:
     metrics.REJECTED_ASSOCIATIONS.labels(metric).inc()
-    peer = getattr(getattr(sock.assoc, "requestor", None), "address", None)
+    try:
+        peer = sock.assoc.requestor.address
+    except (AttributeError, ValueError):  # not known yet
+        peer = None
     log.warning("association.aborted", reason=reason, peer=peer, **detail)
     if sock.socket is not None:
         try:
@@ -74,16 +86,70 @@ def _end(sock: AssociationSocket, reason: str, metric: str, **detail: Any) -> _R
     return _Refused(reason)
 
 
+class _Pace:
+    """One association's receiving: when the current PDU (or DIMSE message) started arriving, and the
+    time and bytes of the spans already complete."""
+
+    __slots__ = ("span_start", "span_bytes", "busy_s", "busy_bytes", "body_left", "pdu_type", "mid_message")
+
+    def __init__(self) -> None:
+        self.span_start: float | None = None  # first byte of the PDU (or message) being received
+        self.span_bytes = 0
+        self.busy_s = 0.0  # complete spans
+        self.busy_bytes = 0
+        self.body_left = 0  # after a PDU header: the body the next read is for
+        self.pdu_type = 0
+        self.mid_message = False  # the last P-DATA fragment was not the last of its message
+
+    def arrived(self, now: float, size: int) -> None:
+        if self.span_start is None:
+            self.span_start = now
+        self.span_bytes += size
+
+    def rate(self, now: float) -> tuple[float, int]:
+        """Seconds spent receiving and bytes received then, the current span included."""
+        running = now - self.span_start if self.span_start is not None else 0.0
+        return self.busy_s + running, self.busy_bytes + self.span_bytes
+
+    def close_span(self, now: float) -> None:
+        if self.span_start is not None:
+            self.busy_s += now - self.span_start
+            self.busy_bytes += self.span_bytes
+        self.span_start = None
+        self.span_bytes = 0
+
+
+def _last_fragment_ends_message(body: bytes | bytearray) -> bool:
+    """A P-DATA-TF body's PDVs: True when its last one ends a command or a data set (PS3.8 E.2)."""
+    offset, ended = 0, True
+    while offset + 6 <= len(body):
+        length = int.from_bytes(body[offset : offset + 4], "big")
+        if length < 2:
+            return True  # malformed: pynetdicom's decode says so
+        ended = bool(body[offset + 5] & 0x02)
+        offset += 4 + length
+    return ended
+
+
+def _judged(sock: AssociationSocket) -> bool:
+    """The slow-peer rule is for associations a peer requested, not for those diana requested."""
+    assoc = getattr(sock, "assoc", None)
+    return not getattr(assoc, "is_requestor", False)
+
+
 def _guarded_recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """AssociationSocket.recv with a length cap, a per-PDU deadline and a minimum average rate."""
+    """AssociationSocket.recv with a length cap, a per-PDU deadline and a minimum rate while sending.
+
+    pynetdicom reads each PDU as two calls: its 6-byte header, then its body.
+    """
     settings = _settings
     if nr_bytes > settings.pdu_cap:
         raise _end(self, "PDU longer than the maximum", "pdu_too_large", announced=nr_bytes, cap=settings.pdu_cap)
     sock = self.socket
     assert sock is not None
-    now = time.monotonic()
-    started = self.__dict__.setdefault("_diana_started", now)
-    received = self.__dict__.get("_diana_bytes", 0)
+    pace: _Pace = self.__dict__.get("_diana_pace") or self.__dict__.setdefault("_diana_pace", _Pace())
+    judged = _judged(self)
+    is_body = pace.body_left > 0 and nr_bytes == pace.body_left
     buffer = bytearray()
     deadline: float | None = None
     while len(buffer) < nr_bytes:
@@ -100,15 +166,38 @@ def _guarded_recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
             sock.settimeout(None)
         if not chunk:
             break
+        now = time.monotonic()
         buffer.extend(chunk)
+        pace.arrived(now, len(chunk))
         if deadline is None:
-            deadline = time.monotonic() + settings.pdu_read_timeout_s
-    received += len(buffer)
-    self.__dict__["_diana_bytes"] = received
-    age = time.monotonic() - started
-    if age > settings.min_rate_after_s and received / age < settings.min_bytes_per_s:
-        raise _end(self, "association slower than min_bytes_per_s", "slow_peer", bytes=received, seconds=round(age))
+            deadline = now + settings.pdu_read_timeout_s
+        if judged:
+            _check_rate(self, pace, now, settings)
+    now = time.monotonic()
+    if len(buffer) < nr_bytes:  # closed: pynetdicom ends the association
+        pace.close_span(now)
+        pace.body_left = 0
+        return buffer
+    if is_body:
+        pace.body_left = 0
+        if pace.pdu_type == 0x04:
+            pace.mid_message = not _last_fragment_ends_message(buffer)
+        if not pace.mid_message:
+            pace.close_span(now)
+    elif nr_bytes == 6:
+        pace.pdu_type = buffer[0]
+        pace.body_left = int.from_bytes(buffer[2:6], "big")
+        if pace.body_left == 0 and not pace.mid_message:
+            pace.close_span(now)
+    else:  # not the two reads of pynetdicom's DUL: its own span
+        pace.close_span(now)
     return buffer
+
+
+def _check_rate(sock: AssociationSocket, pace: _Pace, now: float, settings: GuardSettings) -> None:
+    seconds, received = pace.rate(now)
+    if seconds > settings.min_rate_after_s and received / seconds < settings.min_bytes_per_s:
+        raise _end(sock, "association slower than min_bytes_per_s", "slow_peer", bytes=received, seconds=round(seconds))
 
 
 class GuardedServer(ThreadedAssociationServer):
