@@ -32,7 +32,7 @@ from pathlib import Path
 
 import structlog
 
-from diana.producers.header import HeaderError, InvalidIdentifiers
+from diana.producers.header import HeaderError, InvalidIdentifiers, Truncated
 from diana.producers.ingest import Ingest
 from diana.producers.publisher import PublishError, PublishRefused
 
@@ -422,6 +422,8 @@ class Importer:
             return "rejected", exc.reason
         except InvalidIdentifiers as exc:
             return "rejected", f"invalid identifiers: {exc}"
+        except Truncated as exc:  # shorter than it says: a copy cut short (a CD still copying) may pass once whole
+            return "failed", f"truncated: {exc}"
         except HeaderError as exc:
             return "rejected", f"unreadable: {exc}"
         except PublishRefused as exc:  # permanent: running the import again cannot help

@@ -29,6 +29,7 @@ __all__ = [
     "HeaderError",
     "InvalidIdentifiers",
     "InstanceHeader",
+    "Truncated",
     "patient_age_years",
     "read_header",
     "read_header_file",
@@ -41,6 +42,10 @@ DEFAULT_HEADER_BUDGET = 8 * 1024 * 1024 - 256 * 1024
 
 class HeaderError(ValueError):
     """The bytes cannot be parsed as a DICOM data set."""
+
+
+class Truncated(HeaderError):
+    """The file ends before its content does: an element's length runs past the end (a copy cut short)."""
 
 
 class InvalidIdentifiers(ValueError):
@@ -195,7 +200,7 @@ def _check_lengths(ds: pydicom.Dataset, total: int) -> None:
         if length is None or tell is None or length == _UNDEFINED_LENGTH:
             continue
         if tell + length > total:
-            raise HeaderError(f"element {tag} claims {length} bytes, only {max(total - tell, 0)} follow: truncated")
+            raise Truncated(f"element {tag} claims {length} bytes, only {max(total - tell, 0)} follow: truncated")
 
 
 def read_header_file(
@@ -238,12 +243,73 @@ def read_header(part10: bytes, header_budget_bytes: int = DEFAULT_HEADER_BUDGET)
     return _read(BytesIO(part10), len(part10), header_budget_bytes)
 
 
-def _has_pixel_data(fh: BinaryIO) -> bool:
-    """stop_before_pixels leaves the file at the pixel data tag, if there is one."""
-    position = fh.tell()
-    tag = fh.read(4)
-    fh.seek(position)
-    return tag in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
+_PIXEL_TAGS = {0x7FE00010: "pixel data", 0x7FE00008: "float pixel data", 0x7FE00009: "double float pixel data"}
+_ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
+# Explicit VRs whose length is 4 bytes after 2 reserved ones (PS3.5 7.1.2).
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def _pixel_data(fh: BinaryIO, ds: pydicom.Dataset, total: int) -> bool:
+    """Whether the file has Pixel Data (stop_before_pixels leaves it at the tag), and that all of it is there.
+
+    pydicom, asked to stop before the pixel data, never looks at it: a file cut in its pixel data
+    parsed as whole. Each pixel data element (Pixel Data, Float and Double Float Pixel Data) is
+    checked from its header: a defined length must fit in the file; an undefined one (encapsulated)
+    is followed item by item, by the items' lengths, to its Sequence Delimitation Item, without
+    reading the fragments. Raises Truncated or HeaderError.
+    """
+    implicit, little = ds.original_encoding
+    if implicit is None:  # no data set read: nothing past it to check
+        implicit, little = False, True
+    order = "little" if little else "big"
+    found = False
+    while True:
+        start = fh.tell()
+        head = fh.read(8)
+        if len(head) < 4:
+            return found
+        tag = (int.from_bytes(head[0:2], order) << 16) | int.from_bytes(head[2:4], order)
+        name = _PIXEL_TAGS.get(tag)
+        if name is None:
+            return found  # elements after the pixel data are not checked
+        found = found or tag == 0x7FE00010
+        if len(head) < 8:
+            raise Truncated(f"{name} element header cut short: truncated")
+        if implicit:
+            length, value_at = int.from_bytes(head[4:8], order), start + 8
+        elif head[4:6] in _LONG_VRS:
+            more = fh.read(4)
+            if len(more) < 4:
+                raise Truncated(f"{name} element header cut short: truncated")
+            length, value_at = int.from_bytes(more, order), start + 12
+        else:
+            length, value_at = int.from_bytes(head[6:8], order), start + 8
+        if length != _UNDEFINED_LENGTH:
+            if value_at + length > total:
+                raise Truncated(f"{name} claims {length} bytes, only {max(total - value_at, 0)} follow: truncated")
+            fh.seek(value_at + length)
+            continue
+        fh.seek(_fragments_end(fh, value_at, total, order, name))
+
+
+def _fragments_end(fh: BinaryIO, offset: int, total: int, order: str, name: str) -> int:
+    """Where encapsulated pixel data ends: after its Sequence Delimitation Item, reached by item lengths."""
+    while True:
+        fh.seek(offset)
+        item = fh.read(8)
+        if len(item) < 8:
+            raise Truncated(f"{name} ends before its sequence delimitation item: truncated")
+        tag = (int.from_bytes(item[0:2], order) << 16) | int.from_bytes(item[2:4], order)
+        length = int.from_bytes(item[4:8], order)
+        if tag == _SEQUENCE_DELIMITER:
+            return offset + 8
+        if tag != _ITEM or length == _UNDEFINED_LENGTH:
+            raise HeaderError(f"{name}: malformed fragment item at offset {offset}")
+        if offset + 8 + length > total:
+            raise Truncated(
+                f"{name} fragment claims {length} bytes, only {max(total - offset - 8, 0)} follow: truncated"
+            )
+        offset += 8 + length
 
 
 _UIDS = {
@@ -269,8 +335,8 @@ def _uid(ds: pydicom.Dataset, keyword: str) -> Any:
 def _read(fh: BinaryIO, total: int, header_budget_bytes: int) -> InstanceHeader:
     try:
         ds = pydicom.dcmread(fh, stop_before_pixels=True)
-        has_pixels = _has_pixel_data(fh)
         _check_lengths(ds, total)
+        has_pixels = _pixel_data(fh, ds, total)
         # Values stay undecoded until used: one that cannot be decoded is left out of the
         # event's header (header_model.py), the object itself is stored as it came.
         transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))

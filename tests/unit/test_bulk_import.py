@@ -110,6 +110,20 @@ def test_zip_members_that_cannot_be_read_are_rejected_and_the_rest_imported(tmp_
     assert list(ingest.landing.incoming.iterdir()) == []
 
 
+def test_a_file_cut_in_its_pixel_data_fails_as_truncated_and_the_rest_imported(tmp_path):
+    """A half-copied CD file: its header whole, its pixel data cut. Before, pydicom stopped before the
+    pixel data and the file was imported as it was."""
+    whole = _instance(tmp_path / "src" / PATIENT / "IMG1", rows=64).read_bytes()
+    (tmp_path / "src" / PATIENT / "IMG2").write_bytes(whole[:-700])
+    _instance(tmp_path / "src" / PATIENT / "IMG3")
+
+    summary, ingest = _import(tmp_path, tmp_path / "src")
+
+    assert summary.imported == 2 and len(ingest.accepted) == 2
+    assert dict(summary.failed) == {"truncated: pixel data claims 8192 bytes, only 7492 follow: truncated": 1}
+    assert [label for _, _, label in summary.not_imported] == [str(tmp_path / "src" / PATIENT / "IMG2")]
+
+
 def test_an_archive_or_a_dicomdir_that_cannot_be_opened_is_rejected_and_the_rest_imported(tmp_path, capsys):
     broken_zip = tmp_path / f"{PATIENT}.zip"  # an end record pointing at no central directory
     broken_zip.write_bytes(b"junk" * 25 + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, 46, 0, 0))

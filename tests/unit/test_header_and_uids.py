@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from io import BytesIO
 
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    generate_uid,
+)
 
-from diana.producers.header import HeaderError, InvalidIdentifiers, read_header
+from diana.producers.header import HeaderError, InvalidIdentifiers, Truncated, read_header, read_header_file
 from diana.schemas.uid import is_valid_uid
 from tests.support.dicomgen import make_instance
 
@@ -89,3 +98,87 @@ def test_a_size_or_weight_no_32_bit_float_holds_is_absent():
     ds.PatientWeight, ds.PatientSize = "3.4e38", "1.75"
     f = read_header(_bytes(ds)).fields
     assert (f["patient_weight_kg"], f["patient_size_m"]) == (3.4e38, 1.75)
+
+
+def _saved(ds, transfer_syntax: str) -> bytes:
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    buf = BytesIO()
+    ds.save_as(
+        buf,
+        enforce_file_format=True,
+        implicit_vr=transfer_syntax == ImplicitVRLittleEndian,
+        little_endian=transfer_syntax != ExplicitVRBigEndian,
+    )
+    return buf.getvalue()
+
+
+def _native(transfer_syntax: str) -> bytes:
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="P9", study_date="20240315")
+    return _saved(ds, transfer_syntax)
+
+
+def _encapsulated(frames: int = 3) -> bytes:
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="P9", study_date="20240315")
+    fragments = [bytes([i]) * 1000 for i in range(frames)]
+    ds.PixelData = encapsulate(fragments)
+    ds["PixelData"].VR = "OB"
+    ds.NumberOfFrames = frames
+    return _saved(ds, JPEGBaseline8Bit)
+
+
+def _pixel_offset(data: bytes) -> int:
+    return data.rindex(b"\xe0\x7f\x10\x00") if b"\xe0\x7f\x10\x00" in data else data.rindex(b"\x7f\xe0\x00\x10")
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_native_pixel_data_cut_short_is_truncated(syntax):
+    """pydicom stops before the pixel data: a file cut in it parsed as whole and was stored (0x0000)."""
+    data = _native(syntax)
+    assert read_header(data).fields["header_json"]  # whole: accepted
+    value = _pixel_offset(data) + (8 if syntax == ImplicitVRLittleEndian else 12)
+    for keep in (value, value + 1, len(data) - 1000, len(data) - 500, len(data) - 1):
+        with pytest.raises(Truncated, match="pixel data claims .* truncated"):
+            read_header(data[:keep])
+    if syntax != ImplicitVRLittleEndian:
+        with pytest.raises(HeaderError):  # in the explicit-VR element's 4-byte length: pydicom cannot read it
+            read_header(data[: value - 2])
+
+
+def test_encapsulated_pixel_data_cut_short_is_truncated():
+    data = _encapsulated()
+    assert read_header(data).transfer_syntax_uid == JPEGBaseline8Bit
+    end = len(data)
+    # in the delimiter, at a fragment's end (no delimiter), in a fragment, in an item's header, in the offset table's
+    for keep in (end - 4, end - 8, end - 9, end - 500, end - 8 - 1000 - 4, _pixel_offset(data) + 12 + 4):
+        with pytest.raises(Truncated, match="truncated"):
+            read_header(data[:keep])
+
+
+def test_encapsulated_pixel_data_with_a_malformed_item_is_a_header_error():
+    data = bytearray(_encapsulated())
+    start = _pixel_offset(data)
+    item = data.index(b"\xfe\xff\x00\xe0", start + 12 + 8)  # the first fragment after the offset table
+    data[item : item + 4] = b"\x08\x00\x10\x00"
+    with pytest.raises(HeaderError, match="malformed fragment item"):
+        read_header(bytes(data))
+
+
+def test_float_pixel_data_is_checked_too():
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="P9", study_date="20240315")
+    del ds.PixelData
+    ds.FloatPixelData = b"\x00" * 4 * 64 * 64
+    data = _saved(ds, ExplicitVRLittleEndian)
+    header = read_header(data)
+    assert "7FE00010" not in json.loads(header.fields["header_json"])  # no Pixel Data to point to
+    with pytest.raises(Truncated, match="float pixel data claims"):
+        read_header(data[:-700])
+
+
+def test_a_truncated_deflated_pixel_data_is_truncated(tmp_path):
+    data = _native(DeflatedExplicitVRLittleEndian)
+    path = tmp_path / "deflated.dcm"
+    path.write_bytes(data)
+    assert read_header_file(path).transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+    path.write_bytes(data[:-300])
+    with pytest.raises(HeaderError):
+        read_header_file(path)
