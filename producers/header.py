@@ -1,8 +1,9 @@
 """Read the identifying and descriptive header of a Part-10 object, without its pixel data.
 
 Everything that later becomes a path, a key or a log field is validated here first:
-UIDs must be valid DICOM UIDs (PS3.5 9.1), so that ``../`` or a slash can never reach a
-file name. Descriptive values are returned as data only.
+UIDs must be digits and dots with no empty component, at most 64 characters (schemas/uid.py), so
+that ``../`` or a slash can never reach a file name; a leading zero in a component (not PS3.5 9.1
+conformant, but found in the wild) is counted, not refused. Descriptive values are returned as data only.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pydicom
+import structlog
 from pydicom.datadict import tag_for_keyword
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from diana.producers import metrics
 from diana.producers.header_model import HeaderModel, build_header_model
 from diana.producers.inflate import DEFAULT_MAX_INFLATED_BYTES, InflateError, file_meta, inflated_copy, is_deflated
 from diana.producers.raw_element_json import element_json
-from diana.schemas.uid import is_valid_uid
+from diana.schemas.uid import is_conformant_uid, is_valid_uid
 
 __all__ = [
     "HeaderError",
@@ -35,6 +38,7 @@ __all__ = [
     "read_header_file",
 ]
 
+log = structlog.get_logger("diana.ingest")
 
 # The event's header budget when none is given (tests, tools): [kafka] max_message_bytes less room.
 DEFAULT_HEADER_BUDGET = 8 * 1024 * 1024 - 256 * 1024
@@ -354,6 +358,11 @@ def _read(fh: BinaryIO, total: int, header_budget_bytes: int) -> InstanceHeader:
     invalid = sorted(k for k, v in uids.items() if not is_valid_uid(v))
     if invalid or not is_valid_uid(transfer_syntax):
         raise InvalidIdentifiers(f"not a valid DICOM UID: {', '.join(invalid) or 'transfer_syntax_uid'}")
+    # Leading zeros in a component (1.2.03.4) break PS3.5 9.1 but exist in the wild: counted, not refused.
+    for name, value in uids.items():
+        if not is_conformant_uid(value):
+            metrics.NONCONFORMANT_UIDS.labels(name).inc()
+            log.debug("uid.nonconformant", field=name, reason="leading zero in a component")
     try:
         # The model first: it renders most elements from their bytes, and the fields read them there.
         header = _header_model(ds, uids, has_pixels, header_budget_bytes)

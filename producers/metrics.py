@@ -17,6 +17,11 @@ REJECTED_ASSOCIATIONS = Counter("diana_associations_rejected_total", "A-ASSOCIAT
 PUBLISH_REFUSED = Counter(
     "diana_publish_refused_total", "Events the broker refused for good (answered 0xC212, not retried)", ["code"]
 )
+NONCONFORMANT_UIDS = Counter(
+    "diana_nonconformant_uids_total",
+    "Identifying UIDs accepted with a leading zero in a component (not PS3.5 9.1 conformant)",
+    ["field"],
+)
 HEADER_OMITTED = Counter(
     "diana_header_elements_omitted_total",
     "Header elements left out of an event (kept in the archived object)",

@@ -63,7 +63,7 @@ class IndexLayout:
 def archive_path(study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str) -> str:
     """The archive's relative path of one instance, ``<Study>/<Series>/<SOP>.dcm``.
 
-    Only valid UIDs name files (PS3.5 9.1: digits and dots), so no path can leave the archive root.
+    Only valid UIDs name files (digits and dots, no empty component: uid.py), so no path can leave the archive root.
     """
     uids = (study_instance_uid, series_instance_uid, sop_instance_uid)
     if not all(is_valid_uid(u) for u in uids):

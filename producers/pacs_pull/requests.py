@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
+from diana.schemas.uid import is_valid_uid
+
 __all__ = ["CollectRequest", "RequestError", "parse_csv", "criteria_request", "normalise_date"]
 
 # header spelling (lower case, without spaces, '_' and '-') -> field
@@ -34,7 +36,6 @@ _COLUMNS = {
 }
 # DICOM value lengths: SH 16 (accession), LO 64 (patient id), UI 64.
 _MAX_LENGTH = {"accession_number": 16, "patient_id": 64, "study_instance_uid": 64}
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _MODALITY = re.compile(r"^[A-Z0-9]{1,16}$")
 
 
@@ -91,7 +92,7 @@ def _build(line: int, text: str, values: dict[str, str]) -> CollectRequest:
                     f"{name} {value!r} is not a single DICOM value (at most {_MAX_LENGTH[name]} characters, no * ? \\)"
                 )
             fields[name] = value
-        if fields["study_instance_uid"] and not _UID.match(str(fields["study_instance_uid"])):
+        if fields["study_instance_uid"] and not is_valid_uid(fields["study_instance_uid"]):
             raise ValueError(f"study_instance_uid {fields['study_instance_uid']!r} is not a UID")
         for name in ("date_from", "date_to"):
             raw = values.get(name, "").strip()

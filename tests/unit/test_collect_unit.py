@@ -44,9 +44,12 @@ def test_patient_csv_with_dates_and_modality(tmp_path: Path):
 
 def test_cohort_find_output_and_headerless_lists(tmp_path: Path):
     cohort = tmp_path / "cohort.csv"
-    cohort.write_text("study_instance_uid,study_date,modalities\n1.2.3.4,2024-03-15,CT\n1.02.3,2024-03-15,CT\n")
-    uid, bad = parse_csv(cohort)
+    cohort.write_text(
+        "study_instance_uid,study_date,modalities\n1.2.3.4,2024-03-15,CT\n1..3,2024-03-15,CT\n1.02.3,2024-03-15,CT\n"
+    )
+    uid, bad, leading_zero = parse_csv(cohort)
     assert uid.find_keys() == {"StudyInstanceUID": "1.2.3.4"}
+    assert leading_zero.find_keys() == {"StudyInstanceUID": "1.02.3"}  # not conformant, but it exists in the wild
     assert "not a UID" in bad.error
     plain = tmp_path / "plain.txt"
     plain.write_text("ACC1\nACC2\n")

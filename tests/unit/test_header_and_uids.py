@@ -6,6 +6,7 @@ import json
 from io import BytesIO
 
 import pytest
+from prometheus_client import REGISTRY
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -17,7 +18,8 @@ from pydicom.uid import (
 )
 
 from diana.producers.header import HeaderError, InvalidIdentifiers, Truncated, read_header, read_header_file
-from diana.schemas.uid import is_valid_uid
+from diana.schemas.layout import archive_path, series_metadata_path
+from diana.schemas.uid import is_conformant_uid, is_valid_uid
 from tests.support.dicomgen import make_instance
 
 
@@ -27,8 +29,14 @@ from tests.support.dicomgen import make_instance
         ("1.2.840.10008.5.1.4.1.1.2", True),
         ("0", True),
         ("1.0.3", True),
-        ("1.02.3", False),
+        ("1.02.3", True),  # a leading zero: not PS3.5 9.1, but in the wild (pynetdicom#88, fo-dicom#859)
+        ("1.2.03.4", True),
+        ("00.1", True),
         ("1..2", False),
+        ("..", False),
+        (".", False),
+        ("1.2.3 ", False),
+        ("1.2.\u0663", False),  # an Arabic-Indic digit: str.isdigit() says yes, the pattern no
         (".1.2", False),
         ("1.2.", False),
         ("", False),
@@ -41,6 +49,24 @@ from tests.support.dicomgen import make_instance
 )
 def test_uid_syntax(uid, valid):
     assert is_valid_uid(uid) is valid
+
+
+@pytest.mark.parametrize("uid,conformant", [("1.2.3", True), ("0.0", True), ("1.02.3", False), ("1..2", False)])
+def test_uid_conformance(uid, conformant):
+    assert is_conformant_uid(uid) is conformant
+
+
+def test_leading_zero_uids_are_accepted_counted_and_make_safe_paths():
+    """A PACS migration stopped on 0xA900 for objects whose UIDs have a leading zero in a component."""
+    study, series = "1.2.03.4", "1.2.03.4.05"
+    ds = make_instance(study, series, 1, patient_id="P9", study_date="20240315", sop_uid="1.2.03.4.05.006")
+    before = REGISTRY.get_sample_value("diana_nonconformant_uids_total", {"field": "study_instance_uid"}) or 0
+    header = read_header(_bytes(ds))
+    assert (header.study_instance_uid, header.sop_instance_uid) == (study, "1.2.03.4.05.006")
+    after = REGISTRY.get_sample_value("diana_nonconformant_uids_total", {"field": "study_instance_uid"})
+    assert after == before + 1
+    assert archive_path(study, series, header.sop_instance_uid) == "1.2.03.4/1.2.03.4.05/1.2.03.4.05.006.dcm"
+    assert series_metadata_path(study, series) == "1.2.03.4/1.2.03.4.05/.wado-metadata"
 
 
 def _bytes(ds) -> bytes:
