@@ -736,9 +736,28 @@ def _check_choices(sections: dict[str, Any]) -> None:
 _AT_LEAST = {
     ("kafka", "partitions"): 1,
     ("receiver", "max_associations"): 1,
+    ("receiver", "max_associations_per_host"): 1,
+    # 0 is pynetdicom's "no limit" (transport_guard still refuses a PDU announcing more than 64 MiB).
+    ("receiver", "max_pdu_bytes"): 0,
+    # A deflated data set's header must fit in it; below 1 MiB hardly any would.
+    ("receiver", "max_inflated_bytes"): 1048576,
     ("collect", "concurrency"): 1,
 }
-_ABOVE_ZERO = (("kafka", "publish_timeout_s"), ("collect", "timeout_s"), ("collect", "move_timeout_s"))
+_ABOVE_ZERO = (
+    ("kafka", "publish_timeout_s"),
+    ("collect", "timeout_s"),
+    ("collect", "move_timeout_s"),
+    ("receiver", "pdu_read_timeout_s"),
+    ("receiver", "tls_handshake_timeout_s"),
+    # 0 made the reconcile task list the landing store (S3 too) in a loop with no wait.
+    ("receiver", "reconcile_interval_s"),
+)
+# What a floor's message adds: the meaning of a boundary value, the default.
+_FLOOR_NOTES = {
+    ("receiver", "max_pdu_bytes"): " (0: no limit of ours, the guard still refuses a PDU over 64 MiB; default 1048576)",
+    ("receiver", "max_inflated_bytes"): " (default 1073741824)",
+    ("receiver", "max_associations_per_host"): " (default 8)",
+}
 
 
 def _check_ranges(sections: dict[str, Any]) -> None:
@@ -756,10 +775,12 @@ def _check_ranges(sections: dict[str, Any]) -> None:
                     )
     for (section, key), least in _AT_LEAST.items():
         if getattr(sections[section], key) < least:
-            raise ConfigError(f"[{section}] {key} = {getattr(sections[section], key)}: use {least} or more")
+            note = _FLOOR_NOTES.get((section, key), "")
+            raise ConfigError(f"[{section}] {key} = {getattr(sections[section], key)}: use {least} or more{note}")
     for section, key in _ABOVE_ZERO:
-        if getattr(sections[section], key) <= 0:
-            raise ConfigError(f"[{section}] {key} = {getattr(sections[section], key)}: use a value above 0")
+        value = getattr(sections[section], key)
+        if not value > 0:  # NaN too
+            raise ConfigError(f"[{section}] {key} = {value}: use a value above 0 (seconds)")
     if sections["stream"].state_retention_days < 0:
         raise ConfigError(
             f"[stream] state_retention_days = {sections['stream'].state_retention_days}: use 0 (kept for ever) or more"

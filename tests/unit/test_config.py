@@ -32,6 +32,13 @@ def test_defaults_file_and_environment_in_that_order(tmp_path: Path):
         ("[kafka]\nfetch_min_bytes = 2000000\n", "fetch_min_bytes = 2000000: use 1 to 1048576"),
         ("[kafka]\nfetch_wait_max_ms = -1\n", "fetch_wait_max_ms = -1: use 0 to 59000"),
         ("[kafka]\nfetch_wait_max_ms = 60000\n", "fetch_wait_max_ms = 60000: use 0 to 59000"),
+        ("[receiver]\nmax_associations_per_host = 0\n", "max_associations_per_host = 0: use 1 or more"),
+        ("[receiver]\npdu_read_timeout_s = 0\n", "pdu_read_timeout_s = 0.0: use a value above 0"),
+        ("[receiver]\ntls_handshake_timeout_s = -1\n", "tls_handshake_timeout_s = -1.0: use a value above 0"),
+        ("[receiver]\nreconcile_interval_s = 0\n", "reconcile_interval_s = 0.0: use a value above 0"),
+        ("[receiver]\nreconcile_interval_s = nan\n", "reconcile_interval_s = nan: use a value above 0"),
+        ("[receiver]\nmax_inflated_bytes = -5\n", "max_inflated_bytes = -5: use 1048576 or more"),
+        ("[receiver]\nmax_pdu_bytes = -1\n", "max_pdu_bytes = -1: use 0 or more \\(0: no limit"),
     ],
 )
 def test_bad_files_name_the_problem(tmp_path: Path, text, message):
@@ -39,6 +46,12 @@ def test_bad_files_name_the_problem(tmp_path: Path, text, message):
     f.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(f, environ={})
+
+
+def test_max_pdu_bytes_0_is_pynetdicoms_no_limit_and_accepted(tmp_path: Path):
+    f = tmp_path / "c.toml"
+    f.write_text("[receiver]\nmax_pdu_bytes = 0\n")
+    assert load_config(f, environ={}).receiver.max_pdu_bytes == 0
 
 
 def test_unknown_environment_setting_is_rejected():
