@@ -72,6 +72,11 @@ def handle_store(event: evt.Event, ingest: Ingest) -> int:
     assoc = event.assoc
     calling_ae = assoc.requestor.ae_title
     context = {"assoc": assoc.native_id, "calling_ae": calling_ae}
+    if event.dataset_path is None:
+        # CommandDataSetType 0x0101: the C-STORE came without a data set (nothing was received to a file).
+        metrics.REJECTED.labels("no_dataset").inc()
+        log.warning("store.rejected", reason="C-STORE without a data set", **context)
+        return STATUS.CANNOT_UNDERSTAND
     if SpillFile.take_failure(event.dataset_path):
         metrics.REJECTED.labels("storage").inc()
         log.error("store.rejected", reason="landing store write failed while receiving", **context)
