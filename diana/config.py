@@ -132,6 +132,34 @@ class OpenSearchConfig:
     ca_file: str = ""
 
 
+# Vendors' private Storage SOP Classes that modalities and PACS send (pynetdicom's storage contexts are
+# the standard ones only, so these were refused at negotiation and whole jobs marked failed). From the
+# storage SOP classes dcm4chee-arc accepts by default (its conformance statement, dcm4che/dcm4chee-arc-cs
+# docs/networking/specs/storage/sop-classes.csv); the same UIDs are in PixelMed's SOPClass.java.
+PRIVATE_STORAGE_SOP_CLASSES = (
+    "1.3.12.2.1107.5.9.1",  # Private Siemens CSA Non Image Storage (spectroscopy, raw, protocols)
+    "1.3.12.2.1107.5.99.3.10",  # Private Siemens CT MR Volume Storage
+    "1.3.12.2.1107.5.99.3.11",  # Private Siemens AX Frame Sets Storage
+    "1.2.840.113619.4.2",  # Private GE Dicom MR Image Info Object
+    "1.2.840.113619.4.3",  # Private GE Dicom CT Image Info Object
+    "1.2.840.113619.4.4",  # Private GE Dicom Display Image Info Object
+    "1.2.840.113619.4.26",  # Private GE 3D Model Storage
+    "1.2.840.113619.4.27",  # Private GE eNTEGRA Protocol or NM Genie Storage
+    "1.2.840.113619.4.30",  # Private GE PET Raw Data Storage
+    "1.2.528.1.1001.5.1.1.1",  # Private GE Collage Storage
+    "1.3.46.670589.2.3.1.1",  # Private Philips Specialised XA Storage
+    "1.3.46.670589.2.4.1.1",  # Private Philips CX Image Storage
+    "1.3.46.670589.11.0.0.12.1",  # Private Philips MR Spectrum Storage
+    "1.3.46.670589.11.0.0.12.2",  # Private Philips MR Series Data Storage
+    "1.3.46.670589.11.0.0.12.4",  # Private Philips MR Examcard Storage
+    "1.3.46.670589.5.0.1.1",  # Private Philips Volume Storage
+    "1.2.392.200036.9125.1.1.2",  # Private Fuji CR Image Storage
+    "1.2.392.200036.9116.7.8.1.1.1",  # Private Toshiba US Image Storage
+)
+# The UID rule of diana.schemas.uid.is_valid_uid (which config may not import): digits and dots.
+_UID_SYNTAX = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
 @dataclass(frozen=True)
 class ReceiverConfig:
     ae_title: str = "DIANA"
@@ -161,6 +189,9 @@ class ReceiverConfig:
     # landed are republished (once per run): the start-up outbox step, also while running.
     reconcile_interval_s: float = 300.0
     reconcile_after_s: float = 3600.0
+    # Storage SOP Classes accepted beyond the standard ones (pynetdicom's), with the same transfer
+    # syntaxes: vendors' private classes, refused at negotiation otherwise. Empty: standard ones only.
+    extra_storage_sop_classes: tuple = PRIVATE_STORAGE_SOP_CLASSES
     # Empty: any calling AE title / any host. Otherwise only these may associate.
     allowed_calling_aes: tuple = ()
     allowed_hosts: tuple = ()
@@ -723,6 +754,12 @@ def _check_choices(sections: dict[str, Any]) -> None:
             f"[kafka] debug = {kafka.debug!r}: {', '.join(unknown)} is not a librdkafka debug context; "
             f'use a comma-separated list of {", ".join(KAFKA_DEBUG_CONTEXTS)} (e.g. "cgrp,fetch"), or "" for none'
         )
+    for uid in sections["receiver"].extra_storage_sop_classes:
+        if len(uid) > 64 or not _UID_SYNTAX.fullmatch(uid):
+            raise ConfigError(
+                f"[receiver] extra_storage_sop_classes: {uid!r} is not a UID (digits and dots, at most 64 "
+                'characters), e.g. "1.3.12.2.1107.5.9.1"; give a list of SOP Class UIDs, or [] for none'
+            )
     storage = sections["storage"]
     if storage.s3_part_size_mb < 5:
         raise ConfigError(f"[storage] s3_part_size_mb = {storage.s3_part_size_mb}: S3 parts are at least 5 MiB")

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import structlog
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt, register_uid
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.sop_class import Verification
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
+from pynetdicom.sop_class import Verification, uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
 from diana.config import Config, ReceiverConfig
@@ -36,7 +37,15 @@ from diana.producers.transport_guard import GuardedServer, GuardSettings
 from diana.producers.workers import SharedPortServer
 from diana.schemas.codec import default_codec
 
-__all__ = ["Receiver", "association_handlers", "handle_echo", "handle_store", "tls_context", "STATUS"]
+__all__ = [
+    "Receiver",
+    "add_storage_contexts",
+    "association_handlers",
+    "handle_echo",
+    "handle_store",
+    "tls_context",
+    "STATUS",
+]
 
 log = structlog.get_logger("diana.receiver")
 
@@ -226,6 +235,32 @@ def tls_context(cfg: ReceiverConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+def add_storage_contexts(ae: AE, extra_sop_classes: tuple[str, ...] = ()) -> None:
+    """Accept every standard Storage SOP Class, and ``extra_sop_classes`` (``[receiver]
+    extra_storage_sop_classes``: vendors' private ones), each with every transfer syntax.
+
+    pynetdicom serves a C-STORE through its Storage service only for UIDs it knows as storage: an extra
+    one is registered as such (process-wide, once). A UID pynetdicom knows as another service
+    (Query/Retrieve, Verification...) is refused with ValueError at start.
+    """
+    standard = set()
+    for context in AllStoragePresentationContexts:
+        assert context.abstract_syntax is not None
+        standard.add(context.abstract_syntax)
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    for uid in dict.fromkeys(extra_sop_classes):
+        if uid in standard:
+            continue
+        service = uid_to_service_class(uid)
+        if service is ServiceClass:
+            register_uid(uid, "DianaStorage_" + uid.replace(".", "_"), StorageServiceClass)
+        elif service is not StorageServiceClass:
+            raise ValueError(
+                f"[receiver] extra_storage_sop_classes: {uid} is a {service.__name__} SOP Class, not a storage one"
+            )
+        ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+
+
 def association_handlers(cfg: ReceiverConfig) -> list[tuple]:
     """The allow-lists, Nagle off, association logs and metrics: what every AE of ours binds."""
     return [
@@ -294,9 +329,7 @@ class Receiver:
         ae.maximum_pdu_size = self.cfg.max_pdu_bytes
         ae.network_timeout = 60
         ae.dimse_timeout = 120
-        for context in AllStoragePresentationContexts:
-            assert context.abstract_syntax is not None
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        add_storage_contexts(ae, self.cfg.extra_storage_sop_classes)
         ae.add_supported_context(Verification)
         for abstract_syntax, options in extra_contexts or []:
             ae.add_supported_context(abstract_syntax, **options)
