@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import date
 from io import BytesIO
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import pydicom
 import structlog
@@ -265,7 +265,7 @@ def _pixel_data(fh: BinaryIO, ds: pydicom.Dataset, total: int) -> bool:
     implicit, little = ds.original_encoding
     if implicit is None:  # no data set read: nothing past it to check
         implicit, little = False, True
-    order = "little" if little else "big"
+    order: Literal["little", "big"] = "little" if little else "big"
     found = False
     while True:
         start = fh.tell()
@@ -296,7 +296,7 @@ def _pixel_data(fh: BinaryIO, ds: pydicom.Dataset, total: int) -> bool:
         fh.seek(_fragments_end(fh, value_at, total, order, name))
 
 
-def _fragments_end(fh: BinaryIO, offset: int, total: int, order: str, name: str) -> int:
+def _fragments_end(fh: BinaryIO, offset: int, total: int, order: Literal["little", "big"], name: str) -> int:
     """Where encapsulated pixel data ends: after its Sequence Delimitation Item, reached by item lengths."""
     while True:
         fh.seek(offset)

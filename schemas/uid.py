@@ -27,4 +27,4 @@ def is_valid_uid(value: object) -> bool:
 
 def is_conformant_uid(value: object) -> bool:
     """``is_valid_uid`` and no leading zero in a multi-digit component (PS3.5 9.1)."""
-    return is_valid_uid(value) and _CONFORMANT_RE.fullmatch(value) is not None  # type: ignore[arg-type]
+    return isinstance(value, str) and is_valid_uid(value) and _CONFORMANT_RE.fullmatch(value) is not None
