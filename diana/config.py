@@ -457,6 +457,9 @@ class DicomWebConfig:
     max_stow_bytes: int = DEFAULT_MAX_STOW_BYTES
     # Prometheus /metrics of `diana serve` (DICOMweb and Q/R alone); 0: none.
     metrics_port: int = 9467
+    # The service's URL as clients reach it, e.g. "https://pacs.example.org/dicom-web" behind a reverse
+    # proxy: the base of every RetrieveURL and BulkDataURI. Empty: the Host header of each request.
+    public_url: str = ""
 
 
 @dataclass(frozen=True)

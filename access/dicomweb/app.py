@@ -8,9 +8,12 @@ this service does not produce.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
@@ -30,9 +33,16 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from diana.access.dicomweb.auth import Credentials, RequireAuth
-from diana.access.dicomweb.negotiation import AS_STORED, EXPLICIT_LE, NotAcceptable, dicom_syntax, frame_syntax
+from diana.access.dicomweb.negotiation import (
+    AS_STORED,
+    EXPLICIT_LE,
+    NotAcceptable,
+    bulk_multipart,
+    dicom_syntax,
+    frame_syntax,
+)
 from diana.access.dicomweb.prepared import current_files, prepared_body
-from diana.access.dicomweb.qido import QidoError, parameter_message, parse_qido
+from diana.access.dicomweb.qido import QidoError, ignored_keys, parameter_message, parse_qido, within_level
 from diana.access.dicomweb.stow import (
     StowError,
     StowTooLarge,
@@ -44,11 +54,14 @@ from diana.access.dicomweb.stow import (
 from diana.access.dicomweb.transcoded import decoded_frames, multipart_explicit_le
 from diana.access.dicomweb.wado import (
     CorruptObject,
+    EncapsulatedPixels,
+    bulk_steps,
     frame_bytes,
     frame_numbers,
     metadata,
     multipart_dicom,
     new_boundary,
+    read_bulk,
     transfer_syntax,
 )
 from diana.access.qr.identifier import IdentifierError, Query, parse_identifier
@@ -75,6 +88,25 @@ def _error(status: int, reason: str, service: str) -> Response:
     return PlainTextResponse(reason + "\n", status_code=status)
 
 
+# A Host header as clients send it: a name or an IPv4 address, or an IPv6 one in brackets, and a port.
+_HOST = re.compile(r"^(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+
+
+def _with_whole_level(query: Query, document: dict[str, Any], level: str) -> Query:
+    """``query`` returning, besides its own keys, every attribute of ``document``'s stored header that
+    belongs to ``level`` or a level above (includefield=all); a copy, so no match adds to another's keys."""
+    asked = set(query.return_tags)
+    extra = []
+    for key in document.get("dicom") or {}:
+        try:
+            tag = int(key, 16)
+        except ValueError:
+            continue
+        if tag not in asked and within_level(tag, level):
+            extra.append(tag)
+    return dataclasses.replace(query, return_tags=[*query.return_tags, *sorted(extra)])
+
+
 def _said_if_cut(docs: Iterator[dict[str, Any]], service: str) -> Iterator[dict[str, Any]]:
     """``docs``; if the index stops answering once the answer has begun (its status is sent), the
     answer is cut short, and the log says why before the server's traceback."""
@@ -95,6 +127,7 @@ class DicomWeb:
         ingest: Ingest | None = None,
         max_stow_bytes: int = DEFAULT_MAX_STOW_BYTES,
         max_retrieve: int = 65535,
+        public_url: str = "",
     ):
         self.ingest = ingest
         self.max_stow_bytes = max_stow_bytes
@@ -103,18 +136,24 @@ class DicomWeb:
         self.archive = archive
         self.ae_title = ae_title
         self.max_results = max_results
+        self.public_url = public_url.rstrip("/")
 
-    @staticmethod
-    def _base(request: Request) -> str:
-        """This service's URL as the client reached it. Some clients (dicomweb-client) send a Host
-        header without the port: the port the request came in on is added then."""
-        base = str(request.base_url).rstrip("/")
+    def _base(self, request: Request) -> str:
+        """This service's URL for the URLs its answers carry: ``[dicomweb] public_url`` when set (behind a
+        reverse proxy); else as the client reached it, its Host header as given (with the port it names,
+        if any) and the request's scheme. No port is guessed: a proxy on 443 in front of 8088 is only
+        answered right with public_url. A Host header that is no host[:port] is not echoed: the address
+        the request came in on stands for it then."""
+        if self.public_url:
+            return self.public_url
+        scheme = request.url.scheme
+        root = request.scope.get("root_path", "").rstrip("/")
         host = request.headers.get("host", "")
-        server = request.scope.get("server")
-        default = 443 if request.url.scheme == "https" else 80
-        if host and ":" not in host.rsplit("]", 1)[-1] and server and server[1] != default:
-            base = f"{request.url.scheme}://{host}:{server[1]}{request.scope.get('root_path', '')}"
-        return base
+        if not _HOST.match(host):
+            server = request.scope.get("server") or ("127.0.0.1", 80)
+            address = f"[{server[0]}]" if ":" in str(server[0]) else str(server[0])
+            host = address if server[1] is None else f"{address}:{server[1]}"
+        return f"{scheme}://{host}{root}"
 
     # ------------------------------------------------------------------ QIDO-RS
     def qido(self, request: Request) -> Response:
@@ -135,36 +174,57 @@ class DicomWeb:
             return _error(400, str(exc), "qido")
         except IdentifierError as exc:
             return _error(400, parameter_message(qido, exc.tag, str(exc)), "qido")
+        base = self._base(request)
+        cut = False
         try:
             results: list[dict[str, Any]] = []
-            # includefield=all returns every element of each header; otherwise only the keys asked for.
+            # includefield=all returns the attributes of the level and above of each match's header;
+            # otherwise only the keys asked for are read.
             header = None if qido.include_all else header_fields(query)
-            for number, match in enumerate(self.reader.find(query, qido.offset + qido.limit, header=header)):
+            # One more than the page when the server's maximum bounds it: whether results were cut.
+            wanted = qido.offset + qido.limit + (1 if qido.capped else 0)
+            for number, match in enumerate(self.reader.find(query, wanted, header=header)):
                 if number < qido.offset:
                     continue
-                if qido.include_all:
-                    query.return_tags = sorted(
-                        {*query.return_tags, *(int(k, 16) for k in (match.document.get("dicom") or {}))}
-                    )
-                ds = build_response(query, match, self.ae_title)
+                if len(results) == qido.limit:
+                    cut = True
+                    break
+                answered = _with_whole_level(query, match.document, level) if qido.include_all else query
+                ds = build_response(answered, match, self.ae_title)
                 del ds.QueryRetrieveLevel
-                results.append(self._json(ds, request, match.document))
+                results.append(self._json(ds, base, match.document, level))
         except RequestError as exc:  # OpenSearch's 400: the query, not the index, is at fault
             return _error(400, f"the index refuses this query ({exc.error}): ask with fewer values", "qido")
         except (OSConnectionError, TransportError):
             return _error(503, "the index does not answer; retry later", "qido")
+        # PS3.18 8.3.4.4 and 6.7.1.2: what was not done as asked is said in Warning headers (299).
+        warnings = []
+        ignored = ignored_keys(qido)
+        if ignored:
+            warnings.append(f"The following query keys are not supported and matched every value: {', '.join(ignored)}")
+        if cut:
+            warnings.append(
+                "The number of results exceeded the maximum supported by the server. Additional results can be requested."
+            )
         REQUESTS.labels("qido", "200" if results else "204").inc()
         if not results:
-            return Response(status_code=204)
-        return Response(json.dumps(results, separators=(",", ":")), media_type=DICOM_JSON)
+            response = Response(status_code=204)
+        else:
+            response = Response(json.dumps(results, separators=(",", ":")), media_type=DICOM_JSON)
+        agent = urlsplit(base).netloc or "diana-star"
+        for text in warnings:
+            response.headers.append("Warning", f'299 {agent} "{text}"')
+        return response
 
-    def _json(self, ds: Dataset, request: Request, doc: dict[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def _json(ds: Dataset, base: str, doc: dict[str, Any], level: str) -> dict[str, Any]:
+        """The match as DICOM JSON with its RetrieveURL: the study's, series' or instance's, by the query's level."""
         model = ds.to_json_dict(bulk_data_threshold=1 << 30)
-        url = f"{self._base(request)}/studies/{doc.get('study_instance_uid')}"
-        if "SOPInstanceUID" in ds:
-            url += f"/series/{doc.get('series_instance_uid')}/instances/{doc.get('sop_instance_uid')}"
-        elif "SeriesInstanceUID" in ds and "NumberOfStudyRelatedSeries" not in ds:
+        url = f"{base}/studies/{doc.get('study_instance_uid')}"
+        if level in ("SERIES", "IMAGE"):
             url += f"/series/{doc.get('series_instance_uid')}"
+        if level == "IMAGE":
+            url += f"/instances/{doc.get('sop_instance_uid')}"
         model["00081190"] = {"vr": "UR", "Value": [url]}
         return model
 
@@ -352,6 +412,57 @@ class DicomWeb:
         outer = part_type.split(";")[0]
         return Response(body, media_type=f'multipart/related; type="{outer}"; boundary={boundary}')
 
+    def bulk(self, request: Request) -> Response:
+        """One bulk data value a stored header's BulkDataURI names (PS3.18 10.4.1.1.5), read from the archived
+        object: ``multipart/related; type="application/octet-stream"`` (one part), or a single part when
+        ``application/octet-stream`` alone is asked first. Encapsulated pixel data is sent frame by frame,
+        as the frames route sends every frame (native by default, as stored when asked)."""
+        try:
+            steps = bulk_steps(request.path_params["path"])
+        except ValueError as exc:
+            return _error(400, str(exc), "bulk")
+        docs = self._selected(request, ["study_instance_uid", "series_instance_uid", "sop_instance_uid"])
+        if isinstance(docs, Response):
+            return docs
+        key = archive_key(docs[0])
+        accept = request.headers.get("accept")
+        try:
+            if key is None:
+                raise ObjectNotFound("invalid UIDs")
+            with local_file(self.archive, key) as path:
+                found = read_bulk(path, steps)
+                if isinstance(found, EncapsulatedPixels):
+                    syntax, part_type = frame_syntax(accept, found.syntax)
+                    numbers = list(range(1, found.count + 1))
+                    parts = frame_bytes(path, numbers) if syntax == AS_STORED else decoded_frames(path, numbers)
+                    multipart = True
+                else:
+                    multipart, part_type, parts = bulk_multipart(accept), "application/octet-stream", [found]
+        except FileNotFoundError:  # ObjectNotFound
+            return _error(404, "not archived yet: retry later", "bulk")
+        except OSError:
+            return _error(503, "the archive does not answer; retry later", "bulk")
+        except (CorruptObject, InvalidDicomError) as exc:
+            reason = str(exc) if isinstance(exc, CorruptObject) else "its file meta information is not DICOM"
+            log.error("wado.corrupt_object", reason=reason)
+            return _error(500, f"the archived object cannot be read: {reason}", "bulk")
+        except NotAcceptable as exc:
+            return _error(406, str(exc), "bulk")
+        except TranscodeError as exc:
+            return _error(406, f"{exc}; ask for the frames as stored (transfer-syntax=*)", "bulk")
+        except LookupError as exc:
+            return _error(404, str(exc).strip("'\""), "bulk")
+        REQUESTS.labels("bulk", "200").inc()
+        if not multipart:
+            return Response(parts[0], media_type="application/octet-stream")
+        boundary = new_boundary()
+        body = (
+            b"".join(f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode() + part + b"\r\n" for part in parts)
+            + f"--{boundary}--\r\n".encode()
+        )
+        outer = part_type.split(";")[0]
+        return Response(body, media_type=f'multipart/related; type="{outer}"; boundary={boundary}')
+
 
 def build_app(
     reader: IndexReader,
@@ -363,8 +474,9 @@ def build_app(
     ingest: Ingest | None = None,
     max_stow_bytes: int = DEFAULT_MAX_STOW_BYTES,
     max_retrieve: int = 65535,
+    public_url: str = "",
 ) -> Starlette:
-    web = DicomWeb(reader, archive, ae_title, max_results, ingest, max_stow_bytes, max_retrieve)
+    web = DicomWeb(reader, archive, ae_title, max_results, ingest, max_stow_bytes, max_retrieve, public_url)
     study = "/studies/{study}"
     series = study + "/series/{series}"
     instance = series + "/instances/{instance}"
@@ -384,6 +496,7 @@ def build_app(
         Route(series + "/metadata", web.metadata),
         Route(instance + "/metadata", web.metadata),
         Route(instance + "/frames/{frames}", web.frames),
+        Route(instance + "/bulk/{path:path}", web.bulk),
     ]
     middleware = [Middleware(RequireAuth, credentials=credentials)]
     if cors_origins:

@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 
 from pydicom.uid import ExplicitVRLittleEndian
 
-__all__ = ["AS_STORED", "MediaRange", "NotAcceptable", "dicom_syntax", "frame_syntax", "parse_accept"]
+__all__ = [
+    "AS_STORED",
+    "MediaRange",
+    "NotAcceptable",
+    "bulk_multipart",
+    "dicom_syntax",
+    "frame_syntax",
+    "parse_accept",
+]
 
 AS_STORED = "*"
 EXPLICIT_LE = str(ExplicitVRLittleEndian)
@@ -137,6 +145,30 @@ def frame_syntax(header: str | None, stored: str) -> tuple[str, str]:
         "cannot produce the frames as asked: this server sends application/octet-stream (native pixels, the "
         "default), or the frames as stored with transfer-syntax=* or their own media type"
         + (f" ({_media_of(stored)}; transfer-syntax={stored})" if compressed else "")
+    )
+
+
+def bulk_multipart(header: str | None) -> bool:
+    """For one bulk data value (PS3.18 8.7.3.3.1): True for ``multipart/related; type="application/octet-stream"``
+    (the default, and what dicomweb-client asks), False for a single-part ``application/octet-stream``
+    asked before it; NotAcceptable saying what can be asked for otherwise."""
+    refused = []
+    for media in parse_accept(header):
+        if media.media_type == "application/octet-stream":
+            return False
+        if media.media_type in ("*/*", "multipart/*") or (
+            media.media_type == "multipart/related"
+            and media.part_type in ("", "*/*", "application/*", "application/octet-stream")
+        ):
+            syntax = media.params.get("transfer-syntax", EXPLICIT_LE)
+            if syntax in (AS_STORED, EXPLICIT_LE):
+                return True
+            refused.append(f"transfer-syntax={syntax}")
+        else:
+            refused.append(media.media_type + (f'; type="{media.part_type}"' if media.part_type else ""))
+    raise NotAcceptable(
+        f"cannot produce {', '.join(refused) or 'nothing asked'}: this server sends a bulk data value as "
+        'multipart/related; type="application/octet-stream" (the default) or application/octet-stream'
     )
 
 

@@ -4,6 +4,11 @@ Parameters are attribute keywords or tags (``PatientName=doe*``, ``00100010=doe*
 ``offset``, ``includefield`` (repeatable, comma-separated, or ``all``) and ``fuzzymatching``. Each
 value is put into the identifier as its bytes would arrive in a C-FIND, so a value that cannot be a
 matching key fails in the same place and is answered 400 naming the parameter.
+
+A comma in the value of an attribute whose VR cannot hold one (UI, CS, dates, times, numbers) makes a
+list of values, any of which matches (PS3.18 8.3.4.1; dicomweb-client joins a list with commas, as
+OHIF's worklist sends ``ModalitiesInStudy=CT,MR``): it becomes the backslash of a C-FIND value list.
+In person names and other text a comma is part of the value (``PatientName=Doe,John`` is one name).
 """
 
 from __future__ import annotations
@@ -16,13 +21,16 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from diana.access.qr.identifier import attribute_name
+from diana.access.qr.identifier import ATTRIBUTES, attribute_name
 
 __all__ = [
     "QidoError",
     "QidoRequest",
     "DEFAULT_KEYS",
     "MAX_OFFSET",
+    "LIST_VRS",
+    "ignored_keys",
+    "within_level",
     "parameter_message",
     "parameter_name",
     "parse_qido",
@@ -74,6 +82,8 @@ _CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
 _WHOLE_NUMBER = re.compile(r"^[0-9]{1,12}$")  # ASCII digits only: str.isdigit() also takes "²"
 # The deepest page a query may ask for (`offset`).
 MAX_OFFSET = 100_000
+# VRs whose values never hold a comma (PS3.5 6.2): a comma in their parameter separates values of a list.
+LIST_VRS = frozenset({"AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "FD", "FL", "SL", "SS", "SV", "UL", "US", "UV"})
 
 
 @dataclass
@@ -83,6 +93,10 @@ class QidoRequest:
     offset: int
     include_all: bool = False
     parameters: dict[str, str] = field(default_factory=dict)  # tag -> the parameter name used
+    # The limit in effect is the server's maximum ([dicomweb] max_results): none or a larger one was asked.
+    capped: bool = False
+    # The matching keys as given: tag -> value (the path's UIDs not among them).
+    matching: dict[int, str] = field(default_factory=dict)
 
 
 def _tag(name: str) -> int:
@@ -113,7 +127,7 @@ def parse_qido(
     max_results: int,
 ) -> QidoRequest:
     """``params`` as (name, value) pairs in request order; ``path_uids`` the UIDs the URL path fixes."""
-    limit, offset, include_all, fuzzy = max_results, 0, False, False
+    limit, offset, include_all, fuzzy, capped = max_results, 0, False, False, True
     includes: list[int] = []
     matching: dict[int, str] = {}
     names: dict[str, str] = {}
@@ -124,6 +138,7 @@ def parse_qido(
                     raise QidoError(f"{name}={value!r}: a whole number is expected")
                 if name == "limit":
                     limit = min(int(value), max_results)
+                    capped = int(value) > max_results
                 else:
                     offset = int(value)
                     if offset > MAX_OFFSET:
@@ -151,7 +166,8 @@ def parse_qido(
         if tag in matching:
             raise QidoError(f"query parameter {name!r} is given twice")
         names[f"{tag:08X}"] = name  # a matching key's own name, before an includefield's
-        matching[tag] = value.replace(",", "\\") if _vr(tag) == "UI" else value
+        matching[tag] = value.replace(",", "\\") if _vr(tag) in LIST_VRS else value
+    given = dict(matching)
     if fuzzy:
         # Fuzzy matching of names (PS3.18 8.3.4.6): each given name component matches a prefix, any case.
         for tag, value in matching.items():
@@ -168,7 +184,40 @@ def parse_qido(
         matching[_tag(keyword)] = uid
     for tag, value in matching.items():
         ds[tag] = _raw(tag, value)
-    return QidoRequest(ds, limit, offset, include_all, names)
+    return QidoRequest(ds, limit, offset, include_all, names, capped, given)
+
+
+# includefield=all answers, of each match's stored header, the attributes of the query's level and the
+# levels above (an instance's whole header only at the instance level). PS3.3's modules, per level:
+# Patient (group 0010 whole, with Patient Study's), General Study, General Series, General Equipment,
+# Frame of Reference; an attribute of none of them is an instance's.
+_STUDY_KEYWORDS = """StudyInstanceUID StudyDate StudyTime ReferringPhysicianName ReferringPhysicianIdentificationSequence
+ConsultingPhysicianName ConsultingPhysicianIdentificationSequence StudyID AccessionNumber IssuerOfAccessionNumberSequence
+StudyDescription PhysiciansOfRecord PhysiciansOfRecordIdentificationSequence NameOfPhysiciansReadingStudy
+PhysiciansReadingStudyIdentificationSequence RequestingService RequestingServiceCodeSequence ReferencedStudySequence
+ProcedureCodeSequence ReasonForPerformedProcedureCodeSequence AdmittingDiagnosesDescription AdmittingDiagnosesCodeSequence
+AdmissionID IssuerOfAdmissionIDSequence ServiceEpisodeID ServiceEpisodeDescription IssuerOfServiceEpisodeIDSequence
+ModalitiesInStudy SOPClassesInStudy NumberOfStudyRelatedSeries NumberOfStudyRelatedInstances
+SpecificCharacterSet TimezoneOffsetFromUTC RetrieveAETitle InstanceAvailability"""
+_SERIES_KEYWORDS = """Modality SeriesInstanceUID SeriesNumber Laterality SeriesDate SeriesTime PerformingPhysicianName
+PerformingPhysicianIdentificationSequence ProtocolName SeriesDescription SeriesDescriptionCodeSequence OperatorsName
+OperatorIdentificationSequence ReferencedPerformedProcedureStepSequence RelatedSeriesSequence BodyPartExamined
+PatientPosition SmallestPixelValueInSeries LargestPixelValueInSeries RequestAttributesSequence PerformedProcedureStepID
+PerformedProcedureStepStartDate PerformedProcedureStepStartTime PerformedProcedureStepEndDate
+PerformedProcedureStepEndTime PerformedProcedureStepDescription PerformedProtocolCodeSequence
+CommentsOnThePerformedProcedureStep AnatomicalOrientationType PerformedStationAETitle Manufacturer InstitutionName
+InstitutionAddress StationName InstitutionalDepartmentName ManufacturerModelName DeviceSerialNumber SoftwareVersions
+SpatialResolution DateOfLastCalibration TimeOfLastCalibration FrameOfReferenceUID PositionReferenceIndicator
+NumberOfSeriesRelatedInstances"""
+_STUDY_TAGS = frozenset(int(tag_for_keyword(k)) for k in _STUDY_KEYWORDS.split())  # type: ignore[arg-type]
+_SERIES_TAGS = frozenset(int(tag_for_keyword(k)) for k in _SERIES_KEYWORDS.split())  # type: ignore[arg-type]
+
+
+def within_level(tag: int, level: str) -> bool:
+    """Whether ``tag`` is an attribute of ``level`` (STUDY, SERIES, IMAGE) or a level above it."""
+    if level == "IMAGE" or tag >> 16 == 0x0010 or tag in _STUDY_TAGS:
+        return True
+    return level == "SERIES" and tag in _SERIES_TAGS
 
 
 def _vr(tag: int) -> str:
@@ -176,6 +225,17 @@ def _vr(tag: int) -> str:
         return dictionary_VR(tag)
     except KeyError:
         return "UN"
+
+
+def ignored_keys(request: QidoRequest) -> list[str]:
+    """The request's names of the matching keys given a value that the index cannot match: they are
+    return keys only, matched universally (C.2.2.1.3), and the answer's Warning says so."""
+    ignored = []
+    for tag, value in request.matching.items():
+        if value.strip() in ("", "*") or keyword_for_tag(tag) in ATTRIBUTES:
+            continue
+        ignored.append(parameter_name(request, tag))
+    return ignored
 
 
 def parameter_name(request: QidoRequest, tag: int | None) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import structlog
 import uvicorn
 from starlette.applications import Starlette
@@ -17,7 +19,7 @@ from diana.producers.publisher import EventPublisher
 from diana.schemas.codec import default_codec
 from diana.storage import open_store
 
-__all__ = ["dicomweb_app", "base_url", "run_dicomweb"]
+__all__ = ["dicomweb_app", "base_url", "public_url", "run_dicomweb"]
 
 log = structlog.get_logger("diana.dicomweb")
 
@@ -28,11 +30,41 @@ def base_url(config: Config) -> str:
     return f"{scheme}://{web.host}:{web.port}"
 
 
+def public_url(value: str) -> str:
+    """``[dicomweb] public_url`` checked (an absolute http(s) URL without query, fragment or credentials),
+    without its trailing slash; "" when unset. ConfigError saying what is wrong."""
+    if not value:
+        return ""
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # ValueError when it is no port
+    except ValueError:
+        port, parts = -1, None
+    if (
+        parts is None
+        or port == -1
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+        or "?" in value
+        or "#" in value
+        or parts.username is not None
+        or any(c.isspace() for c in value)
+    ):
+        raise ConfigError(
+            f"[dicomweb] public_url = {value!r}: use the absolute http(s) URL clients reach this service at, "
+            'without query, fragment or credentials, e.g. "https://pacs.example.org/dicom-web"'
+        )
+    return value.rstrip("/")
+
+
 def dicomweb_app(config: Config) -> tuple[Starlette, bool]:
     """The application and whether it requires authentication; ConfigError when it must not start."""
     web = config.dicomweb
     if bool(web.tls_cert_file) != bool(web.tls_key_file):
         raise ConfigError("[dicomweb] HTTPS needs both tls_cert_file and tls_key_file")
+    public = public_url(web.public_url)
     credentials = credentials_from(web)
     check_exposure(web, credentials)
     client = opensearch_client(config.opensearch, timeout=30)
@@ -50,6 +82,7 @@ def dicomweb_app(config: Config) -> tuple[Starlette, bool]:
         ingest=ingest,
         max_stow_bytes=web.max_stow_bytes,
         max_retrieve=config.query_retrieve.max_retrieve,
+        public_url=public,
     )
     return app, credentials.required
 

@@ -11,9 +11,11 @@ receiver stored with each indexed instance, its BulkDataURIs made absolute under
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -24,6 +26,9 @@ from diana.storage import ObjectNotFound, ObjectStore
 
 __all__ = [
     "CorruptObject",
+    "EncapsulatedPixels",
+    "bulk_steps",
+    "read_bulk",
     "multipart_dicom",
     "metadata",
     "new_boundary",
@@ -280,3 +285,121 @@ def frame_bytes(path: Path, numbers: list[int]) -> list[bytes]:
     size, needed = native_frame_size(ds, count)
     check_native_length(len(ds.PixelData), count, needed)
     return [bytes(ds.PixelData[(n - 1) * size : n * size]) for n in numbers]
+
+
+# Bulk data (PS3.18 10.4.1.1.5): the values the stored headers point to with BulkDataURIs
+# (``.../instances/{i}/bulk/{tag}``, producers/header_model.py), read from the archived object.
+_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+_ITEM = re.compile(r"^[0-9]{1,9}$")
+# Values above this many bytes (every value a BulkDataURI names: producers/header_model.py) are read
+# only if they are the one asked for (pydicom's defer_size).
+_DEFER = 1024
+
+
+def bulk_steps(text: str) -> list[int]:
+    """The path after ``/bulk/``: a tag (8 hex digits), or a path into sequences ``TAG/ITEM/TAG...``
+    (items counted from 0); ValueError saying what is wrong."""
+    parts = text.split("/")
+    if len(parts) % 2 == 0 or not all((_TAG if i % 2 == 0 else _ITEM).match(part) for i, part in enumerate(parts)):
+        raise ValueError(
+            f"bulk/{text}: a tag of 8 hexadecimal digits (e.g. bulk/7FE00010), or a path into sequences "
+            "TAG/ITEM/TAG (items from 0)"
+        )
+    return [int(part, 16) if i % 2 == 0 else int(part) for i, part in enumerate(parts)]
+
+
+@dataclass(frozen=True)
+class EncapsulatedPixels:
+    """The value asked for is the object's encapsulated pixel data: it is sent frame by frame."""
+
+    syntax: str
+    count: int
+
+
+def _raw_value(ds: Any, tag: int) -> bytes:
+    """An element's value as encoded in the object (its bytes, whatever its VR); LookupError for a sequence."""
+    from pydicom.datadict import dictionary_VR
+
+    try:
+        elem = ds.get_item(tag)  # a deferred value is read here, and only this one
+    except OSError:
+        raise
+    except Exception:
+        raise CorruptObject(f"its {tag:08X} cannot be read") from None
+    vr = getattr(elem, "VR", None)
+    if vr is None:  # implicit VR
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            vr = "UN"
+    value = elem.value
+    if vr == "SQ" or isinstance(value, list):
+        raise LookupError(f"{tag:08X} is a sequence, not a bulk data value")
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    if value is None:
+        return b""
+    raise LookupError(f"{tag:08X} holds no binary value")  # converted already: not what a BulkDataURI names
+
+
+def _sequence_items(ds: Any, tag: int) -> list[Any]:
+    from pydicom.datadict import dictionary_VR
+
+    raw = ds.get_item(tag, keep_deferred=True)
+    vr = getattr(raw, "VR", None)
+    if vr is None or vr == "UN":
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            return []
+    if vr != "SQ":
+        return []
+    try:
+        return list(ds[tag].value)
+    except Exception:
+        raise CorruptObject(f"its sequence {tag:08X} cannot be read") from None
+
+
+def _occurrences(ds: Any, tag: int) -> list[Any]:
+    """The data sets (items at any depth) holding ``tag``."""
+    found = []
+    for key in ds.keys():  # noqa: SIM118 - iterating a Dataset yields elements, not tags
+        if int(key) == tag:
+            found.append(ds)
+            continue
+        for item in _sequence_items(ds, int(key)):
+            found.extend(_occurrences(item, tag))
+    return found
+
+
+def read_bulk(path: Path, steps: list[int]) -> bytes | EncapsulatedPixels:
+    """The value ``steps`` (bulk_steps) names in the archived object at ``path``: its bytes as encoded,
+    or EncapsulatedPixels. Other large values of the object are not read (defer_size).
+
+    The stored headers' BulkDataURIs name an element inside a sequence by its tag alone: a single tag
+    not at the top level is looked for in the sequences, and found only where it occurs once.
+    LookupError (404) naming what is not there; CorruptObject when pydicom cannot read the object."""
+    ds = read_archived(path, defer_size=_DEFER)
+    tag = steps[-1]
+    if len(steps) == 1 and tag == 0x7FE00010 and tag in ds:
+        syntax = transfer_syntax(ds.file_meta)
+        if syntax.is_encapsulated:
+            return EncapsulatedPixels(str(syntax), frame_count(ds, []))
+    holder = ds
+    for seq_tag, index in zip(steps[:-1:2], steps[1:-1:2], strict=True):
+        items = _sequence_items(holder, seq_tag) if seq_tag in holder else []
+        if index >= len(items):
+            raise LookupError(f"the object has no item {index} in a sequence {seq_tag:08X}")
+        holder = items[index]
+    if tag not in holder:
+        if len(steps) > 1:
+            raise LookupError(f"the object has no {tag:08X} there")
+        places = _occurrences(ds, tag)
+        if not places:
+            raise LookupError(f"the object has no {tag:08X}")
+        if len(places) > 1:
+            raise LookupError(
+                f"{tag:08X} occurs {len(places)} times in the object's sequences: name one as TAG/ITEM/TAG"
+            )
+        holder = places[0]
+    return _raw_value(holder, tag)

@@ -1,0 +1,439 @@
+"""Unit: the DICOMweb application's answers (access/dicomweb/app.py) over a stand-in index and a real
+archive folder: QIDO value lists, includefield=all per level, the base of the URLs answers carry, the
+Warning headers, and the bulk data route."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian
+
+from diana.access.dicomweb.app import build_app
+from diana.access.dicomweb.auth import Credentials
+from diana.access.dicomweb.qido import parse_qido
+from diana.access.dicomweb.server import public_url
+from diana.access.qr.identifier import IdentifierError, parse_identifier
+from diana.access.qr.index_reader import Match
+from diana.config import ConfigError
+from diana.schemas.layout import archive_path
+from diana.storage.filesystem import FilesystemStore
+
+STUDY, SERIES = "1.2.3", "1.2.3.4"
+
+
+class _Reader:
+    """The index: ``find`` yields the given matches, ``documents``/``count`` the instance documents of a URL."""
+
+    client = None
+    index = "instances"
+
+    def __init__(self, matches: list[Match] | None = None, docs: list[dict[str, Any]] | None = None):
+        self.matches = matches or []
+        self.docs = docs or []
+        self.asked: list[tuple[Any, int, Any]] = []
+
+    def find(self, query, limit, cancelled=lambda: False, header=None):
+        self.asked.append((query, limit, header))
+        yield from self.matches[:limit]
+
+    def _of(self, query):
+        wanted = {
+            field: query.unique_values(level)
+            for field, level in (
+                ("study_instance_uid", "STUDY"),
+                ("series_instance_uid", "SERIES"),
+                ("sop_instance_uid", "IMAGE"),
+            )
+        }
+        return [d for d in self.docs if all(not v or d[f] in v for f, v in wanted.items())]
+
+    def documents(self, query, source, limit, page=500):
+        return iter(self._of(query)[:limit])
+
+    def count(self, query):
+        return len(self._of(query))
+
+
+def _call(app, path: str, query: str = "", headers: dict[str, str] | None = None):
+    """(status, headers, body) of a GET through the ASGI app, as uvicorn on 127.0.0.1:8088 would pass it."""
+
+    async def run() -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": query.encode(),
+            "root_path": "",
+            "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {"host": "127.0.0.1:8088"}).items()],
+            "server": ("127.0.0.1", 8088),
+            "client": ("127.0.0.1", 50000),
+        }
+
+        done = anyio.Event()
+        requested = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await done.wait()  # a streamed answer listens for the client going away meanwhile
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                done.set()
+
+        await app(scope, receive, send)
+        return sent
+
+    sent = anyio.run(run)
+    start = sent[0]
+    head: dict[str, list[str]] = {}
+    for name, value in start["headers"]:
+        head.setdefault(name.decode().lower(), []).append(value.decode())
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    return start["status"], head, body
+
+
+def _app(reader: _Reader, archive: Path | None = None, **options: Any):
+    store = FilesystemStore(archive or Path("/nonexistent"))
+    return build_app(reader, store, "DIANA", options.pop("credentials", Credentials()), **options)
+
+
+# ---------------------------------------------------------------- 1. value lists
+
+
+def _query(params: list[tuple[str, str]], level: str = "STUDY"):
+    return parse_identifier(parse_qido(params, level, {}, 1000).identifier, "STUDY", hierarchical=False)
+
+
+def _values(query, keyword: str) -> tuple[str, ...]:
+    return next(m.values for m in query.matchers if m.attribute.keyword == keyword)
+
+
+def test_a_comma_makes_a_list_where_the_vr_cannot_hold_one_and_stays_in_names_and_text():
+    query = _query([("ModalitiesInStudy", "CT,MR"), ("PatientName", "Doe,John"), ("AccessionNumber", "A,B")])
+    assert _values(query, "ModalitiesInStudy") == ("CT", "MR")  # OHIF's worklist, dicomweb-client's join
+    assert _values(query, "PatientName") == ("Doe,John",)  # a PN's comma is part of the name
+    assert _values(query, "AccessionNumber") == ("A,B",)  # SH may hold a comma
+    assert _values(_query([("SeriesNumber", "1,2")], "SERIES"), "SeriesNumber") == ("1", "2")
+    assert _values(_query([("StudyInstanceUID", "1.2,1.3")]), "StudyInstanceUID") == ("1.2", "1.3")
+    with pytest.raises(IdentifierError, match="one value or one range, not a list"):
+        _query([("StudyDate", "20240101,20240102")])  # said as such, not "not a date"
+
+
+def test_the_list_reaches_the_index_as_any_of():
+    reader = _Reader()
+    status, _, _ = _call(_app(reader), "/studies", "ModalitiesInStudy=CT,MR")
+    assert status == 204
+    (query, _, _), *_ = reader.asked
+    assert [(m.how, m.values) for m in query.matchers] == [("list", ("CT", "MR"))]
+
+
+# ---------------------------------------------------------------- 2. includefield=all
+
+
+def _header(**values: Any) -> dict[str, Any]:
+    ds = Dataset()
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    return ds.to_json_dict()
+
+
+def _doc(sop: str, series: str = SERIES, **values: Any) -> dict[str, Any]:
+    header = _header(
+        StudyInstanceUID=STUDY,
+        SeriesInstanceUID=series,
+        SOPInstanceUID=sop,
+        SOPClassUID="1.2.840.10008.5.1.4.1.1.4",
+        Modality="MR",
+        Rows=64,
+        ImageType=["ORIGINAL", "PRIMARY"],
+        PatientName="Doe^Jane",
+        **values,
+    )
+    return {"study_instance_uid": STUDY, "series_instance_uid": series, "sop_instance_uid": sop, "dicom": header}
+
+
+def test_includefield_all_answers_each_match_its_own_attributes_of_the_level_and_above():
+    first = _doc("1.2.3.4.5", StudyDescription="Knee", PatientComments="x")
+    second = _doc("1.2.3.5.5", series="1.2.3.5", StationName="CT1")
+    second["study_instance_uid"] = "1.2.4"
+    reader = _Reader([Match(first, {"ModalitiesInStudy": ["MR"]}), Match(second, {"ModalitiesInStudy": ["MR"]})])
+    status, _, body = _call(_app(reader), "/studies", "includefield=all")
+    assert status == 200
+    one, two = json.loads(body)
+    assert one["00081190"]["Value"] == [f"http://127.0.0.1:8088/studies/{STUDY}"]  # the study's, not an instance's
+    assert two["00081190"]["Value"] == ["http://127.0.0.1:8088/studies/1.2.4"]
+    for model in (one, two):
+        for instance_or_series in ("00080018", "00280010", "00080008", "0020000E", "00080060", "00081010"):
+            assert instance_or_series not in model
+    assert one["00081030"]["Value"] == ["Knee"] and one["00104000"]["Value"] == ["x"]
+    # The second match does not carry empty copies of the first one's attributes.
+    assert "00081030" not in two and "00104000" not in two
+    assert reader.asked[0][2] is None  # the whole header read, then filtered per match
+
+
+def test_includefield_all_at_series_and_instance_level_and_their_retrieve_urls():
+    doc = _doc("1.2.3.4.5", StationName="CT1")
+    status, _, body = _call(_app(_Reader([Match(doc, {})])), f"/studies/{STUDY}/series", "includefield=all")
+    assert status == 200
+    (series,) = json.loads(body)
+    assert series["00081190"]["Value"] == [f"http://127.0.0.1:8088/studies/{STUDY}/series/{SERIES}"]
+    assert series["00081010"]["Value"] == ["CT1"] and series["00080060"]["Value"] == ["MR"]
+    assert "00080018" not in series and "00280010" not in series
+    status, _, body = _call(_app(_Reader([Match(doc, {})])), "/instances", "includefield=all")
+    (instance,) = json.loads(body)
+    assert instance["00081190"]["Value"] == [
+        f"http://127.0.0.1:8088/studies/{STUDY}/series/{SERIES}/instances/1.2.3.4.5"
+    ]
+    assert instance["00280010"]["Value"] == [64] and instance["00080008"]["Value"] == ["ORIGINAL", "PRIMARY"]
+
+
+def test_the_retrieve_url_follows_the_level_with_or_without_includefields():
+    doc = _doc("1.2.3.4.5")
+    status, _, body = _call(_app(_Reader([Match(doc, {})])), "/studies", "includefield=SOPInstanceUID,00280010")
+    assert status == 200
+    assert json.loads(body)[0]["00081190"]["Value"] == [f"http://127.0.0.1:8088/studies/{STUDY}"]
+
+
+# ---------------------------------------------------------------- 3. the base of the URLs
+
+
+@pytest.mark.parametrize(
+    "headers, base",
+    [
+        ({"host": "pacs.example.org"}, "http://pacs.example.org"),  # a proxy on 80/443: no port guessed
+        ({"host": "pacs.example.org:8443"}, "http://pacs.example.org:8443"),
+        ({"host": "[::1]:8088"}, "http://[::1]:8088"),
+        ({"host": "evil.org/<x>"}, "http://127.0.0.1:8088"),  # no host: the address the request came in on
+        ({}, "http://127.0.0.1:8088"),
+    ],
+)
+def test_without_public_url_the_base_is_the_host_header_as_given(headers, base):
+    app = _app(_Reader([Match(_doc("1.2.3.4.5"), {})]))
+    _, _, body = _call(app, "/studies", "", headers)
+    assert json.loads(body)[0]["00081190"]["Value"] == [f"{base}/studies/{STUDY}"]
+
+
+def test_public_url_is_the_base_of_retrieve_and_bulk_data_urls(tmp_path):
+    public = "https://pacs.example.org/dicom-web"
+    doc = _doc("1.2.3.4.5")
+    doc["dicom"]["7FE00010"] = {
+        "vr": "OW",
+        "BulkDataURI": f"studies/{STUDY}/series/{SERIES}/instances/1.2.3.4.5/bulk/7FE00010",
+    }
+    app = _app(_Reader([Match(doc, {})], [doc]), public_url=public + "/")
+    host = {"host": "pacs.example.org"}
+    _, _, body = _call(app, "/studies", "", host)
+    assert json.loads(body)[0]["00081190"]["Value"] == [f"{public}/studies/{STUDY}"]
+    status, _, body = _call(app, f"/studies/{STUDY}/series/{SERIES}/instances/1.2.3.4.5/metadata", "", host)
+    assert status == 200
+    assert json.loads(body)[0]["7FE00010"]["BulkDataURI"] == (
+        f"{public}/studies/{STUDY}/series/{SERIES}/instances/1.2.3.4.5/bulk/7FE00010"
+    )
+
+
+def test_public_url_is_checked_at_start():
+    assert public_url("") == ""
+    assert public_url("https://pacs.example.org/dicom-web/") == "https://pacs.example.org/dicom-web"
+    assert public_url("http://10.0.0.5:8088") == "http://10.0.0.5:8088"
+    for bad in [
+        "pacs.example.org",
+        "/dicom-web",
+        "ftp://pacs.example.org",
+        "https://pacs.example.org/?x=1",
+        "https://pacs.example.org/#top",
+        "https://user:pw@pacs.example.org",
+        "https://pacs.example.org:99999",
+        "https:///dicom-web",
+        "https://pacs.example.org/dicom web",
+    ]:
+        with pytest.raises(ConfigError, match="public_url"):
+            public_url(bad)
+
+
+# ---------------------------------------------------------------- 4. Warning headers
+
+
+def _matches(count: int) -> list[Match]:
+    return [Match(_doc(f"1.2.3.4.{n}"), {}) for n in range(count)]
+
+
+def test_results_cut_by_the_servers_maximum_say_so_in_a_warning():
+    status, head, body = _call(_app(_Reader(_matches(3)), max_results=2), "/instances")
+    assert status == 200 and len(json.loads(body)) == 2
+    assert head["warning"] == [
+        '299 127.0.0.1:8088 "The number of results exceeded the maximum supported by the server. '
+        'Additional results can be requested."'
+    ]
+    status, head, body = _call(_app(_Reader(_matches(3)), max_results=2), "/instances", "limit=50")
+    assert len(json.loads(body)) == 2 and "warning" in head
+    # A page the client asked for is no cut: no warning, and no more read than asked.
+    reader = _Reader(_matches(3))
+    status, head, body = _call(_app(reader, max_results=5), "/instances", "limit=2&offset=1")
+    assert len(json.loads(body)) == 2 and "warning" not in head
+    assert reader.asked[0][1] == 3
+    # All of them, within the maximum: no warning.
+    status, head, body = _call(_app(_Reader(_matches(2)), max_results=2), "/instances")
+    assert len(json.loads(body)) == 2 and "warning" not in head
+
+
+def test_query_keys_the_index_cannot_match_are_named_in_a_warning():
+    app = _app(_Reader(_matches(1)))
+    status, head, _ = _call(app, "/studies", "ReferringPhysicianName=Smith&00081080=x&PatientName=Doe")
+    assert status == 200
+    assert head["warning"] == [
+        '299 127.0.0.1:8088 "The following query keys are not supported and matched every value: '
+        'ReferringPhysicianName, 00081080"'
+    ]
+    status, head, _ = _call(app, "/studies", "ReferringPhysicianName=&PatientName=Doe&includefield=StationName")
+    assert "warning" not in head  # empty: a return key, as asked
+
+
+# ---------------------------------------------------------------- 5. bulk data
+
+
+def _archive(tmp_path: Path, ds: Dataset, sop: str) -> dict[str, Any]:
+    key = archive_path(STUDY, SERIES, sop)
+    (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(tmp_path / key, enforce_file_format=True)
+    return {"study_instance_uid": STUDY, "series_instance_uid": SERIES, "sop_instance_uid": sop}
+
+
+def _parts(head: dict[str, list[str]], body: bytes) -> list[tuple[str, bytes]]:
+    boundary = head["content-type"][0].split("boundary=")[1]
+    out = []
+    for chunk in body.split(f"--{boundary}".encode())[1:-1]:
+        headers, _, content = chunk.partition(b"\r\n\r\n")
+        out.append((headers.decode().strip().split(": ", 1)[1], content[:-2]))
+    assert body.endswith(f"--{boundary}--\r\n".encode())
+    return out
+
+
+def _with_documents(tmp_path: Path) -> tuple[list[dict[str, Any]], bytes, bytes]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+        rle = pydicom.dcmread(get_testdata_file("MR_small_RLE.dcm"))
+    docs = [_archive(tmp_path, mr, "1.2.3.4.1"), _archive(tmp_path, rle, "1.2.3.4.2")]
+    pdf = b"%PDF-1.4" + bytes(range(256)) * 8  # of even length: as stored, without padding
+    other = b"\x01\x02" * 1500
+    doc = Dataset()
+    doc.file_meta = FileMetaDataset()
+    doc.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    doc.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"
+    doc.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.3"
+    doc.SOPClassUID, doc.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.104.1", "1.2.3.4.3"
+    doc.EncapsulatedDocument = pdf
+    item = Dataset()
+    item.IconImageSequence = Sequence()
+    item.add_new(0x60003000, "OB", other)  # Overlay Data, inside an item only
+    twice_a, twice_b = Dataset(), Dataset()
+    twice_a.PixelPaddingRangeLimit = 1
+    twice_a.RedPaletteColorLookupTableData = b"\x00\x01" * 600
+    twice_b.RedPaletteColorLookupTableData = b"\x02\x03" * 600
+    doc.ReferencedImageSequence = Sequence([item])
+    doc.ContentSequence = Sequence([twice_a, twice_b])
+    docs.append(_archive(tmp_path, doc, "1.2.3.4.3"))
+    return docs, pdf, other
+
+
+def _bulk(sop: str, path: str) -> str:
+    return f"/studies/{STUDY}/series/{SERIES}/instances/{sop}/bulk/{path}"
+
+
+def test_bulk_data_uris_answer_the_value_as_stored(tmp_path):
+    docs, pdf, other = _with_documents(tmp_path)
+    app = _app(_Reader(docs=docs), tmp_path)
+    mr = pydicom.dcmread(tmp_path / archive_path(STUDY, SERIES, "1.2.3.4.1"))
+    status, head, body = _call(app, _bulk("1.2.3.4.1", "7FE00010"))
+    assert status == 200, body
+    assert head["content-type"][0].startswith('multipart/related; type="application/octet-stream"; boundary=')
+    assert _parts(head, body) == [("application/octet-stream", mr.PixelData)]
+    # dicomweb-client's Accept, and a single part asked first.
+    accept = {"accept": 'multipart/related; type="application/octet-stream"'}
+    assert _parts(*_call(app, _bulk("1.2.3.4.3", "00420011"), "", accept)[1:]) == [("application/octet-stream", pdf)]
+    status, head, body = _call(app, _bulk("1.2.3.4.3", "00420011"), "", {"accept": "application/octet-stream"})
+    assert status == 200 and head["content-type"] == ["application/octet-stream"] and body == pdf
+    # Inside a sequence: by its tag alone (what the stored headers say) when it occurs once, or by its path.
+    assert _parts(*_call(app, _bulk("1.2.3.4.3", "60003000"))[1:]) == [("application/octet-stream", other)]
+    assert _parts(*_call(app, _bulk("1.2.3.4.3", "00081140/0/60003000"))[1:]) == [("application/octet-stream", other)]
+    assert _parts(*_call(app, _bulk("1.2.3.4.3", "0040A730/1/00281201"))[1:])[0][1] == b"\x02\x03" * 600
+
+
+def test_encapsulated_pixel_data_is_sent_frame_by_frame(tmp_path):
+    docs, _, _ = _with_documents(tmp_path)
+    app = _app(_Reader(docs=docs), tmp_path)
+    status, head, body = _call(app, _bulk("1.2.3.4.2", "7FE00010"))
+    assert status == 200
+    ((kind, frame),) = _parts(head, body)
+    assert kind == "application/octet-stream" and len(frame) == 64 * 64 * 2  # decoded, as frames are by default
+    accept = {"accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}
+    status, head, body = _call(app, _bulk("1.2.3.4.2", "7FE00010"), "", accept)
+    assert _parts(head, body)[0][0] == "image/dicom-rle; transfer-syntax=1.2.840.10008.1.2.5"
+
+
+@pytest.mark.parametrize(
+    "sop, path, accept, status, says",
+    [
+        ("1.2.3.4.1", "00100010x", None, 400, "8 hexadecimal digits"),
+        ("1.2.3.4.1", "0040A730/x/00281201", None, 400, "TAG/ITEM/TAG"),
+        ("1.2.3.4.1", "00420011", None, 404, "has no 00420011"),
+        ("1.2.3.4.9", "7FE00010", None, 404, "no such study, series or instance"),
+        ("1.2.3.4.3", "00281201", None, 404, "occurs 2 times"),
+        ("1.2.3.4.3", "0040A730/5/00281201", None, 404, "no item 5"),
+        ("1.2.3.4.3", "0040A730", None, 404, "is a sequence"),
+        ("1.2.3.4.1", "7FE00010", 'multipart/related; type="image/jpeg"', 406, "application/octet-stream"),
+        ("1.2.3.4.1", "7FE00010", "application/dicom+json", 406, "application/dicom+json"),
+        ("1.2.3.4.2", "7FE00010", 'multipart/related; type="image/jpeg"', 406, "image/dicom-rle"),
+    ],
+)
+def test_bulk_data_refusals_say_why(tmp_path, sop, path, accept, status, says):
+    docs, _, _ = _with_documents(tmp_path)
+    app = _app(_Reader(docs=docs), tmp_path)
+    got, _, body = _call(app, _bulk(sop, path), "", {"accept": accept} if accept else {})
+    assert (got, says in body.decode()) == (status, True), body
+
+
+def test_other_large_values_are_not_read(tmp_path, monkeypatch):
+    """The object is read with defer_size: only the value asked for comes off the disk."""
+    from diana.access.dicomweb import wado
+
+    docs, pdf, _ = _with_documents(tmp_path)
+    seen: list[Any] = []
+    original = wado.read_archived
+
+    def spy(path, **options):
+        ds = original(path, **options)
+        seen.append(ds)
+        return ds
+
+    monkeypatch.setattr(wado, "read_archived", spy)
+    assert wado.read_bulk(tmp_path / archive_path(STUDY, SERIES, "1.2.3.4.3"), [0x00081140, 0, 0x60003000])
+    raw = seen[0].get_item(0x00420011, keep_deferred=True)
+    assert raw.value is None and raw.length == len(pdf)  # deferred: not read
+
+
+def test_bulk_data_needs_the_credentials_as_the_other_routes(tmp_path):
+    docs, _, _ = _with_documents(tmp_path)
+    app = _app(_Reader(docs=docs), tmp_path, credentials=Credentials(token="a-long-token"))
+    assert _call(app, _bulk("1.2.3.4.1", "7FE00010"))[0] == 401
+    status, _, _ = _call(app, _bulk("1.2.3.4.1", "7FE00010"), "", {"authorization": "Bearer a-long-token"})
+    assert status == 200
