@@ -14,8 +14,10 @@ Failures (``ArchiveSink.write``): the store's own trouble (unreachable, 5xx, tim
 quota) is retried for as long as it lasts. One instance's trouble is not allowed to hold its partition: a
 landing copy that cannot be read (the store refuses it, a permission, an I/O error, a symlink) is
 dead-lettered at once; any other error (e.g. the archive refusing the write) is retried, and the
-instance is dead-lettered after ``max_tries`` tries or ``max_retry_s`` seconds. A dead-lettered
-instance's landing copy is kept (it is removed only after a verified placement).
+instance is dead-lettered after ``max_tries`` tries or ``max_retry_s`` seconds. Giving up needs evidence
+that the store works: after ten instances given up with none archived since, nothing more is given up
+(failing instances are retried without limit) until one is archived. A dead-lettered instance's landing
+copy is kept (it is removed only after a verified placement).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import structlog
 from confluent_kafka import Message
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from diana.config import ConflictPolicy
 from diana.schemas.codec import Codec, DecodeError, default_codec
@@ -58,6 +60,11 @@ GIVEN_UP = Counter(
     "diana_archive_given_up_total",
     "Instances the archive sink dead-lettered for an error of their own (landing copy kept), by cause",
     ["cause"],
+)
+GIVING_UP_PAUSED = Gauge(
+    "diana_archive_giving_up_paused",
+    "1 while the archive sink gives up on no instance: ten were given up with none archived since (the store "
+    "likely refuses as a whole); failing instances are retried without limit until one is archived",
 )
 
 # The store's trouble, not one object's: retried for as long as it lasts, never dead-lettered.
@@ -88,10 +95,10 @@ _STORE_WIDE_ERRNOS = frozenset(
     )
     if hasattr(errno, name)
 )
-# A landing copy that cannot be read is dead-lettered at once, but not the eleventh in a row without an
-# instance archived between: then the landing store as a whole is likely refused (a folder's permission,
-# credentials without read access), and each goes through the tries-or-time limit instead.
-_LANDING_REFUSALS_IN_A_ROW = 10
+# Instances given up on (either cause) with none archived since: then the store as a whole likely refuses
+# (a folder's permission, a bucket policy, credentials without access), not each object, and giving up is
+# paused: failing instances are retried without limit, nothing more dead-lettered, until one is archived.
+_GIVE_UPS_IN_A_ROW = 10
 # A failing instance not tried again for this long (its partition moved) is forgotten.
 _FORGET_AFTER_S = 900.0
 
@@ -121,6 +128,7 @@ class _Failing:
     last: float
     tries: int = 0
     given_up: str = ""  # the dead letter's reason once given up (the batch may be written again)
+    landing_reads: bool = False  # its landing copy was read to its end once: not read again on each try
 
 
 def archive_relative_path(event: dict) -> str:
@@ -189,7 +197,8 @@ class ArchiveSink:
         self.quarantine: ObjectStore = FilesystemStore(quarantine) if isinstance(quarantine, Path) else quarantine
         self.max_tries, self.max_retry_s = max_tries, max_retry_s
         self._failing: dict[tuple[str, int, int], _Failing] = {}
-        self._landing_refusals = 0  # landing copies dead-lettered as unreadable since one was archived
+        self._give_ups = 0  # instances given up on since one was archived (written or a conflict resolved)
+        GIVING_UP_PAUSED.set(0)
 
     def write(self, batch: list[Message], dead: DeadLetters) -> None:
         self._forget_stale(time.monotonic())
@@ -203,7 +212,7 @@ class ArchiveSink:
             event: dict | None = None
             try:
                 _, event = self.codec.decode(msg.value(), expect=INSTANCES.value_schema)
-                self.archive_one(event)
+                outcome = self.archive_one(event)
             except (DecodeError, ValueError) as exc:
                 dead.send(msg, f"archive: {exc}")
             except OSError as exc:
@@ -211,7 +220,10 @@ class ArchiveSink:
                 dead.send(msg, self._given_up(msg, event, exc))
             else:
                 self._failing.pop(_origin(msg), None)
-                self._landing_refusals = 0
+                if outcome in ("written", "conflict"):
+                    # A landing copy read and placed: the stores work. Not 'unchanged' (archived before: the
+                    # same batch written again would otherwise reset the count each time) nor 'superseded'.
+                    self._archived()
         if isinstance(self.report, Reporter):
             self.report.flush()  # reported before the offsets move
 
@@ -219,24 +231,40 @@ class ArchiveSink:
         """The dead letter's reason for an instance given up on, or RetryableError when it is tried again.
 
         The store's trouble (``store_wide``) is retried without limit. Otherwise the landing copy is read
-        again: when that fails too, it is this instance's (dead-lettered now); when it reads, the error was
-        on the archive's side, which may be every object's (a folder's permission, a bucket policy):
-        retried, and given up after ``max_tries`` tries or ``max_retry_s`` seconds."""
+        again (once per failing instance): when that fails too, it is this instance's (dead-lettered now);
+        when it reads, the error was on the archive's side, which may be every object's (a folder's
+        permission, a bucket policy): retried, and given up after ``max_tries`` tries or ``max_retry_s``
+        seconds. Giving up needs evidence that the store still works: after ten give-ups with no instance
+        archived since, giving up is paused (retried without limit) until one is archived."""
         what = _describe(exc)
         if store_wide(exc):
             raise RetryableError(f"archive write failed: {what}") from exc
         now = time.monotonic()
-        failing = self._failing.get(_origin(msg))
-        unreadable = self._landing_unreadable(event) if event is not None else None
-        if unreadable is not None and self._landing_refusals < _LANDING_REFUSALS_IN_A_ROW:
-            self._landing_refusals += 1
-            GIVEN_UP.labels("landing_unreadable").inc()
-            reason = f"archive: the landing copy cannot be read ({unreadable}); it is kept, archive it again once fixed"
-            log.error("archive.landing_unreadable", error=unreadable, origin=_origin_text(msg))
-            self._failing[_origin(msg)] = _Failing(first=now, last=now, tries=1, given_up=reason)
-            return reason
-        if failing is None:
-            failing = self._failing[_origin(msg)] = _Failing(first=now, last=now)
+        origin = _origin(msg)
+        failing = self._failing.get(origin)
+        if self._give_ups >= _GIVE_UPS_IN_A_ROW:
+            # Not counted: its limits start over once giving up resumes; its landing copy is not read.
+            if failing is None:
+                failing = self._failing[origin] = _Failing(first=now, last=now)
+            failing.first = failing.last = now
+            failing.tries = 0
+            raise RetryableError(
+                f"archive write failed: {what} (giving up paused: {self._give_ups} instances given up with none "
+                "archived since; retried until one is archived)"
+            ) from exc
+        if failing is None or not failing.landing_reads:
+            unreadable = self._landing_unreadable(event) if event is not None else None
+            if unreadable is not None:
+                reason = (
+                    f"archive: the landing copy cannot be read ({unreadable}); it is kept, archive it again once fixed"
+                )
+                log.error("archive.landing_unreadable", error=unreadable, origin=_origin_text(msg))
+                self._failing[origin] = _Failing(first=now, last=now, tries=1, given_up=reason)
+                self._give_up("landing_unreadable")
+                return reason
+            if failing is None:
+                failing = self._failing[origin] = _Failing(first=now, last=now)
+            failing.landing_reads = event is not None
         failing.tries += 1
         failing.last = now
         elapsed = now - failing.first
@@ -245,12 +273,30 @@ class ArchiveSink:
                 f"archive write failed: {what} (try {failing.tries} for this instance; dead-lettered after "
                 f"{self.max_tries} tries or {self.max_retry_s:g} s)"
             ) from exc
-        GIVEN_UP.labels("retries_exhausted").inc()
         failing.given_up = (
             f"archive: gave up after {failing.tries} tries in {elapsed:.0f} s: {what}; the landing copy is kept"
         )
         log.error("archive.given_up", error=what, tries=failing.tries, seconds=round(elapsed), origin=_origin_text(msg))
+        self._give_up("retries_exhausted")
         return failing.given_up
+
+    def _give_up(self, cause: str) -> None:
+        GIVEN_UP.labels(cause).inc()
+        self._give_ups += 1
+        if self._give_ups == _GIVE_UPS_IN_A_ROW:
+            GIVING_UP_PAUSED.set(1)
+            log.error(
+                "archive.giving_up_paused",
+                given_up=self._give_ups,
+                fix="the store likely refuses every object (a permission, a bucket policy, credentials): failing "
+                "instances are retried without limit, nothing more dead-lettered, until one is archived",
+            )
+
+    def _archived(self) -> None:
+        if self._give_ups >= _GIVE_UPS_IN_A_ROW:
+            GIVING_UP_PAUSED.set(0)
+            log.warning("archive.giving_up_resumed", given_up=self._give_ups)
+        self._give_ups = 0
 
     def _landing_unreadable(self, event: dict) -> str | None:
         """Why the event's landing copy cannot be read to its end (an error that is not the store's

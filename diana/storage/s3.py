@@ -55,16 +55,35 @@ def _is_not_found(exc: Exception) -> bool:
     return code in ("404", "NoSuchKey", "NotFound")
 
 
+# The 4xx answers about one object, which retrying does not change until someone acts on that object.
+# Every other 4xx is the store's or this client's trouble, retried (StorageError): AccessDenied (a bucket
+# policy or credentials without the right: every object's), InvalidAccessKeyId, SignatureDoesNotMatch,
+# ExpiredToken, RequestTimeTooSkewed (credentials, the clock), RequestTimeout, SlowDown (passing), and codes
+# not named here: a refusal that is dead-lettered needs an answer that is the object's own.
+_OBJECT_REFUSALS = frozenset(
+    {
+        "InvalidObjectState",  # moved to cold storage (Glacier, Deep Archive): restore it first
+        "NoSuchVersion",
+        "KeyTooLongError",
+        "EntityTooLarge",
+        "MetadataTooLarge",
+    }
+)
+
+
 def _refused(exc: Exception) -> bool:
-    """A 4xx answer other than a timeout or a slow-down: the store is there and says no to this object
-    (AccessDenied, InvalidObjectState for one moved to cold storage)."""
+    """A 4xx answer about this object alone (InvalidObjectState for one moved to cold storage): the store
+    is there and says no to it. Not AccessDenied, credentials, clock or timeout answers: every object's.
+    (NoSuchKey / 404 is ObjectNotFound, checked before.)"""
     response = getattr(exc, "response", None) or {}
     status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-    return 400 <= status < 500 and status not in (408, 429)
+    code = str(response.get("Error", {}).get("Code", ""))
+    return 400 <= status < 500 and code in _OBJECT_REFUSALS
 
 
 class _Errors:
-    """Turns botocore's failures into the store's: NotFound → ObjectNotFound, the rest → StorageError (retry)."""
+    """Turns botocore's failures into the store's: NotFound → ObjectNotFound, an object's own refusal →
+    StorageRefused, the rest → StorageError (retry)."""
 
     def __init__(self, what: str):
         self.what = what
@@ -209,7 +228,10 @@ class S3Store:
     def abort_stale_uploads(self, older_than_s: float = STALE_UPLOAD_S, now: datetime | None = None) -> list[str]:
         """Abort the multipart uploads under this store's prefix started more than ``older_than_s``
         before ``now``; returns their keys. Only under the prefix (a store without one refuses: the
-        bucket's other uploads are not diana's). An upload gone meanwhile (NoSuchUpload) is skipped."""
+        bucket's other uploads are not diana's). An upload gone meanwhile (NoSuchUpload) is skipped.
+
+        Dated by the listing's ``Initiated``: true on AWS S3; S3Proxy reports the time of the listing for
+        every upload, so there nothing is ever old enough (docs/OPERATIONS.md: the lifecycle rule, or by hand)."""
         if not self.prefix:
             raise ValueError("a store without a prefix does not sweep uploads: the bucket's others are not diana's")
         cutoff = (now or datetime.now(UTC)) - timedelta(seconds=older_than_s)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from diana.config import ConfigError, load_config
 from diana.producers.landing import LandingStore
@@ -80,8 +81,10 @@ class _FaultyLanding(FilesystemStore):
     def __init__(self, root: Path):
         super().__init__(root)
         self.faults: dict[str, OSError] = {}
+        self.opens: dict[str, int] = {}
 
     def open(self, key: str):
+        self.opens[key] = self.opens.get(key, 0) + 1
         if key in self.faults:
             raise self.faults[key]
         return super().open(key)
@@ -257,13 +260,15 @@ def test_a_given_up_instance_stays_given_up_while_its_batch_is_written_again(tmp
 
 def test_a_landing_store_refused_as_a_whole_is_not_dead_lettered_wholesale(tmp_path):
     """Ten unreadable landing copies in a row, none archived between: the eleventh is not dead-lettered
-    at once (the landing store as a whole is likely refused) but tried again, under the limits."""
+    (the landing store as a whole is likely refused) but retried without limit until one is archived."""
     sink, landing, archive, stored, batch = _setup(tmp_path, count=12, max_tries=3)
     for s in stored:
         landing.faults[s.relative_path] = PermissionError(errno.EACCES, "Permission denied")
     dead = _Dead()
-    with pytest.raises(RetryableError, match="try 1 for this instance"):
-        sink.write(batch, dead)
+    for _ in range(5):  # past max_tries: still not given up
+        dead.discard()
+        with pytest.raises(RetryableError, match="giving up paused: 10 instances given up"):
+            sink.write(batch, dead)
     assert [offset for offset, _ in dead.pending] == list(range(100, 110))
     # Fixed for the eleventh: it is archived, which starts the count again, and the twelfth is parked at once.
     del landing.faults[stored[10].relative_path]
@@ -271,6 +276,73 @@ def test_a_landing_store_refused_as_a_whole_is_not_dead_lettered_wholesale(tmp_p
     sink.write(batch, dead)
     assert [offset for offset, _ in dead.pending] == [*range(100, 110), 111]
     assert _archived(archive) == ["1.2.3.4.10.dcm"]
+
+
+def _given_up_offsets(sink, batch, dead, writes: int) -> set[int]:
+    """The offsets dead-lettered over ``writes`` writes of the batch (each retried one's letters discarded,
+    as write_until_done does: the given-up are parked again on each)."""
+    offsets: set[int] = set()
+    for _ in range(writes):
+        dead.discard()
+        try:
+            sink.write(batch, dead)
+        except RetryableError:
+            pass
+        offsets |= {offset for offset, _ in dead.pending}
+    return offsets
+
+
+def test_a_batch_written_again_does_not_reset_the_count_of_unreadable_landing_copies(tmp_path):
+    """The first instance archived, the 39 after it unreadable (the landing store refuses them all): the
+    batch written again finds the first already archived ('unchanged'), which is no evidence the landing
+    store works. Before, it reset the count and each retry dead-lettered ten more (39 after 3 retries)."""
+    sink, landing, archive, stored, batch = _setup(tmp_path, count=40)
+    for s in stored[1:]:
+        landing.faults[s.relative_path] = PermissionError(errno.EACCES, "Permission denied")
+    dead = _Dead()
+    assert _given_up_offsets(sink, batch, dead, writes=4) == set(range(101, 111))
+    assert _archived(archive) == ["1.2.3.4.0.dcm"]
+
+
+def _paused() -> float | None:
+    return REGISTRY.get_sample_value("diana_archive_giving_up_paused")
+
+
+def test_an_archive_refusing_every_object_pauses_giving_up_after_ten_until_one_is_archived(tmp_path):
+    """The archive side refuses every put (a folder's permission, a bucket policy): ten instances are given
+    up (tries limit), then none: retried without limit, logged once, shown by the gauge; the first instance
+    archived resumes giving up. Before, every instance was dead-lettered, max_tries each."""
+    sink, landing, archive, stored, batch = _setup(tmp_path, count=15, max_tries=3)
+    for n in range(15):
+        archive.always[_key(n)] = PermissionError(errno.EACCES, "Permission denied")
+    dead = _Dead()
+    with capture_logs() as logs:
+        assert _given_up_offsets(sink, batch, dead, writes=100) == set(range(100, 110))
+    paused = [entry for entry in logs if entry["event"] == "archive.giving_up_paused"]
+    assert len(paused) == 1 and paused[0]["given_up"] == 10
+    assert _paused() == 1.0
+    with pytest.raises(RetryableError, match="giving up paused"):
+        sink.write(batch, dead)
+    # Fixed: the paused one is archived (giving up resumes), and so is every later one.
+    archive.always.clear()
+    dead.discard()
+    with capture_logs() as logs:
+        sink.write(batch, dead)
+    assert [entry["event"] for entry in logs if "giving_up" in entry["event"]] == ["archive.giving_up_resumed"]
+    assert _paused() == 0.0
+    assert [offset for offset, _ in dead.pending] == list(range(100, 110))
+    assert _archived(archive) == [f"1.2.3.4.{n}.dcm" for n in range(10, 15)]
+
+
+def test_an_instance_failing_on_the_archive_side_has_its_landing_copy_read_once(tmp_path):
+    """Each try of an archive-side failure needed to know the landing copy reads; it was read to its end on
+    every try (gigabytes over S3, up to max_tries times). Now once per failing instance."""
+    sink, landing, archive, stored, batch = _setup(tmp_path, count=1, max_tries=6)
+    archive.always[_key(0)] = PermissionError(errno.EACCES, "Permission denied")
+    dead = _Dead()
+    assert write_until_done(sink, batch, dead, _NoWait()) is True
+    assert archive.calls[_key(0)] == 6 and len(dead.produced) == 1
+    assert landing.opens[stored[0].relative_path] == 1
 
 
 def test_a_landing_copy_that_vanished_is_dead_lettered_and_the_partition_goes_on(tmp_path):

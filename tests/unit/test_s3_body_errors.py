@@ -59,8 +59,10 @@ def test_a_body_shorter_than_announced_is_a_storage_error_and_a_whole_one_reads_
 
 
 def test_an_object_the_store_refuses_is_told_from_a_store_that_does_not_answer():
-    """403 AccessDenied, 403 InvalidObjectState (moved to cold storage): StorageRefused, which a caller
-    with a time limit gives up on; 503 SlowDown and 500: StorageError, waited out. Both stay OSErrors."""
+    """An answer about this object alone (403 InvalidObjectState: moved to cold storage): StorageRefused,
+    which a caller with a time limit gives up on. AccessDenied (a bucket policy), credentials, clock and
+    timeout answers, 503 SlowDown and 500: StorageError, waited out (before, every 4xx but 408/429 was
+    StorageRefused, and an expired token dead-lettered whatever was read). Both stay OSErrors."""
     from botocore.exceptions import ClientError
 
     from diana.storage import StorageRefused
@@ -76,11 +78,25 @@ def test_an_object_the_store_refuses_is_told_from_a_store_that_does_not_answer()
         return S3Store(Client(), "bucket")
 
     for status, code, kind in [
-        (403, "AccessDenied", StorageRefused),
-        (403, "InvalidObjectState", StorageRefused),
+        (403, "InvalidObjectState", StorageRefused),  # this object moved to cold storage
+        (400, "KeyTooLongError", StorageRefused),
+        # Every object's: a bucket policy, credentials, the clock, a timeout: retried, never dead-lettered.
+        (403, "AccessDenied", StorageError),
+        (403, "403", StorageError),  # a HEAD's refusal has no body: no code
+        (403, "InvalidAccessKeyId", StorageError),
+        (403, "SignatureDoesNotMatch", StorageError),
+        (403, "RequestTimeTooSkewed", StorageError),
+        (400, "ExpiredToken", StorageError),
+        (400, "RequestTimeout", StorageError),
+        (408, "RequestTimeout", StorageError),
+        (429, "SlowDown", StorageError),
         (503, "SlowDown", StorageError),
         (500, "InternalError", StorageError),
     ]:
         with pytest.raises(StorageError) as raised, answering(status, code).open("k"):
             pass
         assert type(raised.value) is kind, (status, code, type(raised.value))
+    from diana.storage import ObjectNotFound
+
+    with pytest.raises(ObjectNotFound), answering(404, "NoSuchKey").open("k"):  # a FileNotFoundError
+        pass
