@@ -156,8 +156,17 @@ PRIVATE_STORAGE_SOP_CLASSES = (
     "1.2.392.200036.9125.1.1.2",  # Private Fuji CR Image Storage
     "1.2.392.200036.9116.7.8.1.1.1",  # Private Toshiba US Image Storage
 )
-# The UID rule of diana.schemas.uid.is_valid_uid (which config may not import): digits and dots.
+# The UID rules of diana.schemas.uid (which config may not import: the import contracts in setup.cfg):
+# is_valid_uid, digits and dots; is_conformant_uid, no leading zero in a component either (PS3.5 9.1),
+# what pydicom's UID.is_valid, checked when a SOP class is registered, requires. Both at most 64
+# characters; tests/unit/test_private_storage_classes.py checks that they agree with schemas/uid.py.
 _UID_SYNTAX = re.compile(r"[0-9]+(\.[0-9]+)*")
+_CONFORMANT_UID_SYNTAX = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def _is_conformant_uid(value: str) -> bool:
+    """diana.schemas.uid.is_conformant_uid: a PS3.5 9.1 UID, at most 64 characters."""
+    return 0 < len(value) <= 64 and _CONFORMANT_UID_SYNTAX.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)
@@ -389,12 +398,16 @@ class QueryRetrieveConfig:
     max_matches: int = 10000
     # A C-MOVE or C-GET sends at most this many objects (a DIMSE counter holds 65535).
     max_retrieve: int = 65535
-    # Who may query and retrieve (access/qr/peers.py). A peer on loopback always may; any other only when
-    # allow_any_peer, or when a list is set and every list set admits it (calling AE title; IP address).
-    # Otherwise C-FIND/C-MOVE/C-GET are refused with 0x0124; C-STORE and C-ECHO are never affected.
+    # Who may query and retrieve (access/qr/peers.py). A peer on loopback may while allow_loopback; any
+    # other only when allow_any_peer, or when a list is set and every list set admits it (calling AE
+    # title; IP address). Otherwise C-FIND/C-MOVE/C-GET are refused with 0x0124; C-STORE and C-ECHO are
+    # never affected.
     allowed_calling_aes: tuple = ()
     allowed_hosts: tuple = ()
     allow_any_peer: bool = False
+    # False when a proxy on this host (a TLS terminator, ssh -L, kubectl port-forward, a TCP load
+    # balancer) forwards remote peers: they all arrive from loopback and would all be allowed.
+    allow_loopback: bool = True
 
 
 @dataclass(frozen=True)
@@ -762,6 +775,14 @@ def _check_choices(sections: dict[str, Any]) -> None:
             raise ConfigError(
                 f"[receiver] extra_storage_sop_classes: {uid!r} is not a UID (digits and dots, at most 64 "
                 'characters), e.g. "1.3.12.2.1107.5.9.1"; give a list of SOP Class UIDs, or [] for none'
+            )
+        # Objects whose own UIDs have leading zeros are accepted (schemas/uid.py), but a SOP class is
+        # registered with pydicom/pynetdicom at start-up, whose UID check refuses them (PS3.5 9.1).
+        if not _is_conformant_uid(uid):
+            raise ConfigError(
+                f"[receiver] extra_storage_sop_classes: {uid!r} has a component with a leading zero, which "
+                "DICOM forbids (PS3.5 9.1) and pydicom refuses when the class is registered; write the UID "
+                "exactly as the vendor's conformance statement gives it"
             )
     storage = sections["storage"]
     if storage.s3_part_size_mb < 5:

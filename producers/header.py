@@ -258,9 +258,11 @@ def _pixel_data(fh: BinaryIO, ds: pydicom.Dataset, total: int) -> bool:
 
     pydicom, asked to stop before the pixel data, never looks at it: a file cut in its pixel data
     parsed as whole. Each pixel data element (Pixel Data, Float and Double Float Pixel Data) is
-    checked from its header: a defined length must fit in the file; an undefined one (encapsulated)
-    is followed item by item, by the items' lengths, to its Sequence Delimitation Item, without
-    reading the fragments. Raises Truncated or HeaderError.
+    checked from its header: a defined length must fit in the file; an undefined one starting with
+    an item (encapsulated) is followed item by item, by the items' lengths, to its Sequence
+    Delimitation Item, without reading the fragments; native pixel data of undefined length (no item
+    first) is scanned for its Sequence Delimitation Item, as pydicom reads it. Raises Truncated or
+    HeaderError.
     """
     implicit, little = ds.original_encoding
     if implicit is None:  # no data set read: nothing past it to check
@@ -293,7 +295,47 @@ def _pixel_data(fh: BinaryIO, ds: pydicom.Dataset, total: int) -> bool:
                 raise Truncated(f"{name} claims {length} bytes, only {max(total - value_at, 0)} follow: truncated")
             fh.seek(value_at + length)
             continue
-        fh.seek(_fragments_end(fh, value_at, total, order, name))
+        fh.seek(value_at)
+        if _tag_at(fh, order) in (_ITEM, _SEQUENCE_DELIMITER):
+            fh.seek(_fragments_end(fh, value_at, total, order, name))
+        else:  # native pixel data of undefined length: its bytes run to a Sequence Delimitation Item
+            fh.seek(_delimiter_end(fh, value_at, order, name))
+
+
+def _tag_at(fh: BinaryIO, order: Literal["little", "big"]) -> int | None:
+    """The tag at the file's position (None when fewer than 4 bytes are left)."""
+    head = fh.read(4)
+    if len(head) < 4:
+        return None
+    return (int.from_bytes(head[0:2], order) << 16) | int.from_bytes(head[2:4], order)
+
+
+_SCAN_CHUNK = 1 << 20
+
+
+def _delimiter_end(fh: BinaryIO, offset: int, order: Literal["little", "big"], name: str) -> int:
+    """Where native pixel data of undefined length ends: after the first Sequence Delimitation Item.
+
+    pydicom reads such a value (read_undefined_length_value) up to the first occurrence of the
+    delimiter's tag bytes, wherever it falls; this finds the same one, a chunk at a time.
+    """
+    marker = (0xFFFE).to_bytes(2, order) + (0xE0DD).to_bytes(2, order)
+    fh.seek(offset)
+    chunk_at, carry = offset, b""
+    while True:
+        chunk = fh.read(_SCAN_CHUNK)
+        if not chunk:
+            raise Truncated(f"{name} ends before its sequence delimitation item: truncated")
+        window = carry + chunk
+        found = window.find(marker)
+        if found >= 0:
+            end = chunk_at - len(carry) + found + 8
+            fh.seek(end - 4)
+            if len(fh.read(4)) < 4:  # its item length cut off
+                raise Truncated(f"{name} sequence delimitation item cut short: truncated")
+            return end
+        carry = window[-(len(marker) - 1) :]
+        chunk_at += len(chunk)
 
 
 def _fragments_end(fh: BinaryIO, offset: int, total: int, order: Literal["little", "big"], name: str) -> int:

@@ -235,6 +235,26 @@ def tls_context(cfg: ReceiverConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+def extra_storage_classes(extra_sop_classes: tuple[str, ...] | list[str]) -> list[str]:
+    """The entries of ``[receiver] extra_storage_sop_classes`` that are not standard storage classes, once
+    each, in order. A UID pynetdicom knows as another service (Query/Retrieve, Verification...) is refused
+    with ValueError at start."""
+    out = []
+    for uid in dict.fromkeys(extra_sop_classes):
+        if uid in _STANDARD_STORAGE:
+            continue
+        service = uid_to_service_class(uid)
+        if service is not ServiceClass and service is not StorageServiceClass:
+            raise ValueError(
+                f"[receiver] extra_storage_sop_classes: {uid} is a {service.__name__} SOP Class, not a storage one"
+            )
+        out.append(uid)
+    return out
+
+
+_STANDARD_STORAGE = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+
+
 def add_storage_contexts(ae: AE, extra_sop_classes: tuple[str, ...] = ()) -> None:
     """Accept every standard Storage SOP Class, and ``extra_sop_classes`` (``[receiver]
     extra_storage_sop_classes``: vendors' private ones), each with every transfer syntax.
@@ -243,21 +263,12 @@ def add_storage_contexts(ae: AE, extra_sop_classes: tuple[str, ...] = ()) -> Non
     one is registered as such (process-wide, once). A UID pynetdicom knows as another service
     (Query/Retrieve, Verification...) is refused with ValueError at start.
     """
-    standard = set()
     for context in AllStoragePresentationContexts:
         assert context.abstract_syntax is not None
-        standard.add(context.abstract_syntax)
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-    for uid in dict.fromkeys(extra_sop_classes):
-        if uid in standard:
-            continue
-        service = uid_to_service_class(uid)
-        if service is ServiceClass:
+    for uid in extra_storage_classes(extra_sop_classes):
+        if uid_to_service_class(uid) is ServiceClass:
             register_uid(uid, "DianaStorage_" + uid.replace(".", "_"), StorageServiceClass)
-        elif service is not StorageServiceClass:
-            raise ValueError(
-                f"[receiver] extra_storage_sop_classes: {uid} is a {service.__name__} SOP Class, not a storage one"
-            )
         ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
 
 

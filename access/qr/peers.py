@@ -3,7 +3,9 @@
 As Orthanc since 1.9 (C-FIND/C-GET/C-MOVE from an AE it does not know are refused unless
 ``DicomAlwaysAllowFind/Get/Move``), storage stays open and query/retrieve does not: the receiver
 listens on 0.0.0.0 by default, and anything on the network could otherwise list the patients and
-retrieve the archive. A peer on loopback is always allowed (local tools, the integration tests).
+retrieve the archive. A peer on loopback is allowed (local tools, the integration tests) unless
+``[query_retrieve] allow_loopback`` is false: a proxy on the same host (a TLS terminator, ``ssh -L``,
+``kubectl port-forward``, a TCP load balancer) makes every peer it forwards look like loopback.
 Any other peer is allowed when ``[query_retrieve] allow_any_peer`` is true, or when at least one of
 ``allowed_calling_aes`` / ``allowed_hosts`` is set and every list that is set admits it (as the
 receiver's own ``[receiver]`` lists combine: a calling AE title is easily claimed, a host with it
@@ -35,6 +37,7 @@ class PeerPolicy:
     calling_aes: frozenset[str] = frozenset()
     hosts: frozenset[IPAddress] = frozenset()
     any_peer: bool = False
+    loopback: bool = True  # [query_retrieve] allow_loopback
 
     @classmethod
     def from_config(cls, qr: QueryRetrieveConfig) -> PeerPolicy:
@@ -42,6 +45,7 @@ class PeerPolicy:
             frozenset(str(ae).strip() for ae in qr.allowed_calling_aes),
             parse_allowed_hosts(qr.allowed_hosts),
             qr.allow_any_peer,
+            qr.allow_loopback,
         )
 
     @property
@@ -51,7 +55,7 @@ class PeerPolicy:
 
     def allows(self, calling_ae: str, address: str) -> bool:
         """May the peer ``address`` calling as ``calling_ae`` query and retrieve?"""
-        if self.any_peer or is_loopback(address):
+        if self.any_peer or (self.loopback and is_loopback(address)):
             return True
         if not self.listed:
             return False
@@ -61,7 +65,15 @@ class PeerPolicy:
 
     def start_warning(self, host: str) -> str | None:
         """What to log once at start when peers off this host will be refused and nothing says who may ask."""
-        if self.any_peer or self.listed or is_loopback(host):
+        if self.any_peer or self.listed:
+            return None
+        if not self.loopback:
+            return (
+                "query/retrieve (C-FIND, C-MOVE, C-GET) is refused to every peer, loopback included "
+                "([query_retrieve] allow_loopback = false), until [query_retrieve] allowed_calling_aes or "
+                "allowed_hosts is set (or allow_any_peer = true); C-STORE and C-ECHO are not affected"
+            )
+        if is_loopback(host):
             return None
         return (
             f"query/retrieve (C-FIND, C-MOVE, C-GET) is refused to peers off this host (listening on {host}) "

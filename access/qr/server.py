@@ -54,6 +54,7 @@ def build_query_retrieve(config: Config, warn: bool = True) -> QueryRetrieve:
         max_retrieve=qr.max_retrieve,
         destination_tls=destination_tls(config) if any(d.tls for d in destinations.values()) else None,
         peers=peers,
+        storage_sop_classes=tuple(config.receiver.extra_storage_sop_classes),
     )
 
 

@@ -25,7 +25,7 @@ from opensearchpy.exceptions import ConnectionError as OSConnectionError
 from opensearchpy.exceptions import RequestError, TransportError
 from prometheus_client import Counter, Histogram
 from pydicom.dataset import Dataset
-from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -50,6 +50,7 @@ from diana.access.qr.retrieve import (
 )
 from diana.config import MoveDestination
 from diana.outbound_association import outbound_association_handlers
+from diana.producers.scp import extra_storage_classes
 from diana.storage import ObjectStore
 
 __all__ = ["QueryRetrieve", "QR_SOP_CLASSES"]
@@ -111,6 +112,7 @@ class QueryRetrieve:
         max_retrieve: int = 65535,
         destination_tls: ssl.SSLContext | None = None,
         peers: PeerPolicy | None = None,
+        storage_sop_classes: tuple[str, ...] = (),
     ):
         self.reader = reader
         self.archive = archive
@@ -121,6 +123,8 @@ class QueryRetrieve:
         self.destination_tls = destination_tls
         # None: only peers on loopback may query and retrieve.
         self.peers = peers or PeerPolicy()
+        # [receiver] extra_storage_sop_classes: private classes a C-GET may fetch too (contexts()).
+        self.storage_sop_classes = tuple(storage_sop_classes)
         # Associations whose refusal was logged: once per association, not per request.
         self._refused: weakref.WeakSet[Association] = weakref.WeakSet()
         install_file_sending()
@@ -148,14 +152,20 @@ class QueryRetrieve:
     def handlers(self) -> list[tuple]:
         return [(evt.EVT_C_FIND, self.on_find), (evt.EVT_C_MOVE, self.on_move), (evt.EVT_C_GET, self.on_get)]
 
-    @staticmethod
-    def contexts() -> list[tuple[str, dict[str, Any]]]:
+    def contexts(self) -> list[tuple[str, dict[str, Any]]]:
         """(abstract syntax, add_supported_context keyword arguments): the Q/R SOP classes, and the
-        storage classes with the SCP role a C-GET requester takes for its sub-operations."""
+        storage classes with the SCP role a C-GET requester takes for its sub-operations: every
+        standard one and ``[receiver] extra_storage_sop_classes`` (vendors' private ones), since a
+        C-GET can fetch only objects of classes negotiated so.
+
+        pynetdicom's limit of 128 presentation contexts binds the requester, which proposes them
+        (PS3.8 9.3.2.2: context IDs are odd numbers 1-255); an acceptor may support any number and
+        accepts, of those proposed, the ones it supports."""
         out: list[tuple[str, dict[str, Any]]] = [(uid, {}) for uid in QR_SOP_CLASSES]
+        storage = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+        storage += extra_storage_classes(self.storage_sop_classes)
         out += [
-            (str(cx.abstract_syntax), {"transfer_syntax": ALL_TRANSFER_SYNTAXES, "scu_role": True, "scp_role": True})
-            for cx in StoragePresentationContexts
+            (uid, {"transfer_syntax": ALL_TRANSFER_SYNTAXES, "scu_role": True, "scp_role": True}) for uid in storage
         ]
         return out
 

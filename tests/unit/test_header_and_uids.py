@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from io import BytesIO
 
+import pydicom
 import pytest
 from prometheus_client import REGISTRY
 from pydicom.encaps import encapsulate
@@ -17,6 +18,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from diana.producers import header as header_module
 from diana.producers.header import HeaderError, InvalidIdentifiers, Truncated, read_header, read_header_file
 from diana.schemas.layout import archive_path, series_metadata_path
 from diana.schemas.uid import is_conformant_uid, is_valid_uid
@@ -208,3 +210,43 @@ def test_a_truncated_deflated_pixel_data_is_truncated(tmp_path):
     path.write_bytes(data[:-300])
     with pytest.raises(HeaderError):
         read_header_file(path)
+
+
+def _native_undefined_length(syntax: str) -> bytes:
+    """Native pixel data of undefined length ended by a Sequence Delimitation Item (pydicom reads it)."""
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="P9", study_date="20240315")
+    ds.Rows = ds.Columns = 2
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.SamplesPerPixel = 16, 16, 15, 1
+    del ds.PixelData  # pydicom writes native pixel data with a defined length: the element is written by hand
+    implicit = syntax == ImplicitVRLittleEndian
+    head = b"\xe0\x7f\x10\x00" + (b"" if implicit else b"OW\x00\x00") + b"\xff\xff\xff\xff"
+    return _saved(ds, syntax) + head + bytes(range(1, 9)) + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_native_pixel_data_of_undefined_length_is_accepted_whole_and_truncated_cut(syntax, tmp_path):
+    """Not encapsulated: no item follows the header, the delimiter is found as pydicom finds it."""
+    data = _native_undefined_length(syntax)
+    path = tmp_path / "native.dcm"
+    path.write_bytes(data)
+    assert pydicom.dcmread(path).PixelData == bytes(range(1, 9))
+    header = read_header_file(path)
+    assert header.transfer_syntax_uid == syntax
+    assert header.fields["patient_id"] == "P9"
+    assert read_header(data).fields["patient_id"] == "P9"
+    for keep in (len(data) - 8, len(data) - 9, len(data) - 16, len(data) - 6, len(data) - 2):
+        path.write_bytes(data[:keep])  # before the delimiter, in the pixel data, in the delimiter or its length
+        with pytest.raises(Truncated, match="truncated"):
+            read_header_file(path)
+        with pytest.raises(Truncated, match="truncated"):
+            read_header(data[:keep])
+
+
+def test_native_pixel_data_of_undefined_length_is_scanned_in_chunks(monkeypatch):
+    """The delimiter is found across chunk boundaries (a huge file is not read whole)."""
+    monkeypatch.setattr(header_module, "_SCAN_CHUNK", 3)
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        data = _native_undefined_length(syntax)
+        assert read_header(data).fields["patient_id"] == "P9"
+        with pytest.raises(Truncated, match="before its sequence delimitation item"):
+            read_header(data[:-8])

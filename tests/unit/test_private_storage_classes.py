@@ -7,11 +7,12 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 
-from diana.config import PRIVATE_STORAGE_SOP_CLASSES, ConfigError, load_config
+from diana.config import PRIVATE_STORAGE_SOP_CLASSES, ConfigError, _is_conformant_uid, load_config
 from diana.producers.scp import add_storage_contexts
+from diana.schemas.uid import is_conformant_uid
 from tests.support.dicomgen import make_instance
 
 SIEMENS_CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"
@@ -86,3 +87,25 @@ def test_without_it_the_private_class_is_refused_at_negotiation():
                 assoc.release()
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("entry", ["1.2.03.4", "01.2.3", "1.2.840.10008.5.1.4.1.1.0002"])
+def test_an_entry_with_a_leading_zero_fails_at_config_load_not_at_start_up(tmp_path: Path, entry: str):
+    """It passed the digits-and-dots check, then pydicom's stricter one (the class registered at start-up)."""
+    f = tmp_path / "c.toml"
+    f.write_text(f'[receiver]\nextra_storage_sop_classes = ["1.2.3", "{entry}"]\n')
+    with pytest.raises(ConfigError, match=rf"extra_storage_sop_classes: '{entry}' has a component with a leading zero"):
+        load_config(f, environ={})
+    with pytest.raises(ConfigError, match="leading zero"):
+        load_config(None, environ={"DIANA_RECEIVER_EXTRA_STORAGE_SOP_CLASSES": f"1.2.3,{entry}"})
+    assert load_config(None, environ={"DIANA_RECEIVER_EXTRA_STORAGE_SOP_CLASSES": "1.2.0.3,0.4"})
+
+
+@pytest.mark.filterwarnings("ignore:.*VR UI:UserWarning")  # pydicom's, on the invalid ones
+@pytest.mark.parametrize(
+    "value",
+    ["1.2.3", "0", "0.1", "1.0.2", "1.2.03", "01", "00", "1..2", "", "1.", "a.b", "1." + "2" * 63, "1." + "2" * 62],
+)
+def test_the_config_check_is_schemas_is_conformant_uid_and_pydicoms(value: str):
+    """config may not import diana.schemas (import contracts): its copy of the rule agrees with both."""
+    assert _is_conformant_uid(value) == is_conformant_uid(value) == UID(value).is_valid, value

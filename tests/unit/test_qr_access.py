@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 import structlog
+from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import (
     CTImageStorage,
     MRImageStorage,
@@ -32,8 +33,9 @@ from pynetdicom.sop_class import (
 import diana.access.qr.retrieve as retrieve
 from diana.access.qr.index_reader import Match
 from diana.access.qr.peers import REFUSED_COMMENT, PeerPolicy, is_loopback
+from diana.access.qr.server import QueryRetrieveServer, build_query_retrieve
 from diana.access.qr.service import QueryRetrieve
-from diana.config import ConfigError, MoveDestination, load_config
+from diana.config import PRIVATE_STORAGE_SOP_CLASSES, ConfigError, MoveDestination, load_config
 from diana.schemas.layout import archive_path
 from diana.storage.filesystem import FilesystemStore
 
@@ -100,6 +102,38 @@ def test_one_warning_at_start_only_when_off_host_peers_will_be_refused():
     assert PeerPolicy().start_warning("::1") is None
     assert PeerPolicy(calling_aes=frozenset({"VIEWER"})).start_warning("0.0.0.0") is None
     assert PeerPolicy(any_peer=True).start_warning("0.0.0.0") is None
+
+
+def test_allow_loopback_false_refuses_loopback_peers_unless_listed_proxies_on_this_host():
+    """A TLS terminator, ssh -L, kubectl port-forward or a TCP load balancer on this host makes every peer
+    it forwards arrive from loopback: [query_retrieve] allow_loopback = false stops admitting them all."""
+    assert load_config(environ={}).query_retrieve.allow_loopback is True
+    qr = load_config(environ={"DIANA_QUERY_RETRIEVE_ALLOW_LOOPBACK": "false"}).query_retrieve
+    closed = PeerPolicy.from_config(qr)
+    for loopback in ("127.0.0.1", "::1", "::ffff:127.0.0.1", "localhost"):
+        assert not closed.allows("ANY", loopback), loopback
+    by_ae = PeerPolicy(calling_aes=frozenset({"VIEWER"}), loopback=False)
+    assert by_ae.allows("VIEWER", "127.0.0.1") and not by_ae.allows("OTHER", "127.0.0.1")
+    assert PeerPolicy(any_peer=True, loopback=False).allows("ANY", "127.0.0.1")
+    # Refused to everyone, wherever it listens: said once at start.
+    for host in ("127.0.0.1", "0.0.0.0"):
+        warning = PeerPolicy(loopback=False).start_warning(host)
+        assert warning is not None and "allow_loopback = false" in warning and "allowed_calling_aes" in warning
+    assert by_ae.start_warning("127.0.0.1") is None
+
+
+def test_a_loopback_requester_is_refused_with_0124_when_allow_loopback_is_false(archive):
+    reader = _Reader()
+    service = QueryRetrieve(reader, archive, {}, "DIANA", peers=PeerPolicy(loopback=False))
+    with _scp(service) as (host, port):
+        assoc = _requester("BEHIND_PROXY").associate(host, port, ae_title="DIANA")
+        try:
+            status, pending, final = _find(assoc, _study())
+            get = _final(assoc.send_c_get(_study(STUDY), StudyRootQueryRetrieveInformationModelGet))
+        finally:
+            assoc.release()
+    assert (status, pending, final.ErrorComment) == (0x0124, [], REFUSED_COMMENT)
+    assert get.Status == 0x0124 and reader.calls == 0
 
 
 # ---------------------------------------------------------------------------------------- the SCP
@@ -358,3 +392,83 @@ def test_a_get_fails_an_object_the_requester_did_not_negotiate_without_reading_i
     assert (final.Status, received, reads) == (0x0000, [SOP], [])
     final, received = _get(archive, ImplicitVRLittleEndian)  # converted: read, as before
     assert (final.Status, received) == (0x0000, [SOP]) and len(reads) == 1
+
+
+# ---------------------------------------------------------------------------------------- private classes
+SIEMENS_CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"  # in [receiver] extra_storage_sop_classes by default
+
+
+class _PrivateReader(_Reader):
+    def __init__(self, doc: dict[str, Any]):
+        super().__init__()
+        self.doc = doc
+
+    def instances(self, query: Any, limit: int) -> list[dict[str, Any]]:
+        return [dict(self.doc)]
+
+
+def _private_object(tmp_path: Path) -> tuple[FilesystemStore, dict[str, Any]]:
+    """An archive holding one object of a private storage class, and its index document."""
+    ds = dcmread(CT)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SIEMENS_CSA_NON_IMAGE
+    del ds.PixelData
+    store = FilesystemStore(tmp_path / "private-archive")
+    target = store.root / archive_path(STUDY, SERIES, SOP)
+    target.parent.mkdir(parents=True)
+    ds.save_as(target, enforce_file_format=True)
+    return store, {**DOC, "sop_class_uid": SIEMENS_CSA_NON_IMAGE, "transfer_syntax_uid": ExplicitVRLittleEndian}
+
+
+def test_a_get_fetches_an_object_of_an_extra_private_storage_class(tmp_path):
+    """C-GET sub-operations need the class negotiated with the SCP/SCU role selection: before, only
+    pynetdicom's standard classes were, and objects of private classes stored thanks to [receiver]
+    extra_storage_sop_classes could be moved but not fetched with C-GET."""
+    store, doc = _private_object(tmp_path)
+    received: list[tuple[str, str]] = []
+
+    def on_store(event):
+        received.append((str(event.context.abstract_syntax), str(event.request.AffectedSOPInstanceUID)))
+        return 0x0000
+
+    requester = AE("GETTER")
+    requester.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    requester.add_requested_context(SIEMENS_CSA_NON_IMAGE, [ExplicitVRLittleEndian])
+    service = QueryRetrieve(_PrivateReader(doc), store, {}, "DIANA", storage_sop_classes=PRIVATE_STORAGE_SOP_CLASSES)
+    with _scp(service) as (host, port):
+        assoc = requester.associate(
+            host,
+            port,
+            ae_title="DIANA",
+            ext_neg=[build_role(SIEMENS_CSA_NON_IMAGE, scp_role=True)],
+            evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        )
+        try:
+            accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == SIEMENS_CSA_NON_IMAGE]
+            assert accepted and accepted[0].as_scp  # the requester takes the SCP role
+            final = _final(assoc.send_c_get(_study(STUDY), StudyRootQueryRetrieveInformationModelGet))
+        finally:
+            assoc.release()
+    assert (final.Status, received) == (0x0000, [(SIEMENS_CSA_NON_IMAGE, SOP)])
+
+
+def test_role_contexts_for_every_storage_class_and_the_extra_ones_on_the_receiver_and_diana_serve(tmp_path):
+    """The acceptor supports any number of contexts (128 is the requester's limit on what it proposes):
+    every standard storage class and every extra one, once, with the roles; a UID of another service is
+    refused at start as on the receiver."""
+    extra = (SIEMENS_CSA_NON_IMAGE, "1.2.3.4.5", CTImageStorage, SIEMENS_CSA_NON_IMAGE)
+    service = QueryRetrieve(_Reader(), FilesystemStore(tmp_path / "a"), {}, "DIANA", storage_sop_classes=extra)
+    roles = {uid: options for uid, options in service.contexts() if options.get("scp_role")}
+    assert len(roles) == len(AllStoragePresentationContexts) + 2
+    assert roles[SIEMENS_CSA_NON_IMAGE]["scu_role"] and "1.2.3.4.5" in roles
+    with pytest.raises(ValueError, match="not a storage one"):
+        QueryRetrieve(
+            _Reader(), FilesystemStore(tmp_path / "a"), {}, "DIANA", storage_sop_classes=(Verification,)
+        ).contexts()
+
+    # The configuration reaches diana serve's Q/R and the receiver's (both built by build_query_retrieve).
+    cfg = load_config(environ={"DIANA_STORAGE_ARCHIVE_DIR": str(tmp_path / "archive")})
+    assert build_query_retrieve(cfg, warn=False).storage_sop_classes == PRIVATE_STORAGE_SOP_CLASSES
+    server = QueryRetrieveServer(cfg)
+    supported = {cx.abstract_syntax: cx for cx in server.ae.supported_contexts}
+    for uid in PRIVATE_STORAGE_SOP_CLASSES:
+        assert supported[uid].scp_role and supported[uid].scu_role, uid
