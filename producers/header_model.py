@@ -11,11 +11,12 @@ so a consumer knows to read it from the archived object. Reasons never carry a v
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pydicom
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import BytesLengthException
 
 from diana.producers.raw_element_json import element_json, text_is_ascii_compatible
@@ -83,21 +84,23 @@ class _Builder:
         self.bulk_base = bulk_base
         self.omitted: list[Omitted] = []
 
-    def bulk_uri(self, elem: DataElement) -> str:
-        return self.tag_uri(int(elem.tag))
-
-    def tag_uri(self, tag: int) -> str:
-        return f"{self.bulk_base}/{tag:08X}"
+    def tag_uri(self, prefix: str) -> Callable[[int], str]:
+        """The BulkDataURI of an element of the data set at ``prefix`` (``""`` at the top level, else
+        ``TAG/ITEM/``): its full path, the form the bulk data route takes (access/dicomweb/wado.py
+        bulk_steps). A nested value named by its tag alone would name the top-level element of that tag
+        (an icon's pixel data would be answered with the image's)."""
+        return lambda tag: f"{self.bulk_base}/{prefix}{tag:08X}"
 
     def dataset(self, ds: pydicom.Dataset, prefix: str, skip: set[int], text_ok: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {}
         text_ok = _text_ok(ds, text_ok)
+        uri = self.tag_uri(prefix)
         for tag in list(ds.keys()):  # keys: iterating a Dataset yields elements, not tags
             if tag in skip:
                 continue
             raw = ds.get_item(tag)
             # Most elements: their JSON straight from the bytes, as pydicom would render it.
-            fast = element_json(raw, text_ok, self.tag_uri, BULK_DATA_THRESHOLD)
+            fast = element_json(raw, text_ok, uri, BULK_DATA_THRESHOLD)
             if fast is not None:
                 out[f"{tag:08X}"] = fast
                 continue
@@ -108,7 +111,7 @@ class _Builder:
                     items = [self.dataset(item, f"{path}/{i}/", set(), text_ok) for i, item in enumerate(elem.value)]
                     out[f"{tag:08X}"] = {"vr": "SQ", "Value": items}
                 else:
-                    model = elem.to_json_dict(self.bulk_uri, BULK_DATA_THRESHOLD)
+                    model = elem.to_json_dict(lambda e: uri(int(e.tag)), BULK_DATA_THRESHOLD)
                     json.dumps(model, allow_nan=False)  # NaN or an unserialisable value fails here, alone
                     out[f"{tag:08X}"] = model
             except Exception as exc:  # pydicom raises many kinds on odd values; one element never sinks the rest

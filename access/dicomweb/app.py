@@ -12,6 +12,7 @@ import dataclasses
 import json
 import re
 from collections.abc import Iterator
+from contextlib import ExitStack
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,6 +27,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ImplicitVRLittleEndian
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
@@ -53,8 +55,11 @@ from diana.access.dicomweb.stow import (
 )
 from diana.access.dicomweb.transcoded import decoded_frames, multipart_explicit_le
 from diana.access.dicomweb.wado import (
+    BulkTooLarge,
     CorruptObject,
     EncapsulatedPixels,
+    bulk_chunks,
+    bulk_is_encapsulated_pixels,
     bulk_steps,
     frame_bytes,
     frame_numbers,
@@ -71,6 +76,7 @@ from diana.access.qr.retrieve import archive_key
 from diana.access.transcode import TranscodeError
 from diana.config import DEFAULT_MAX_STOW_BYTES
 from diana.producers.ingest import Ingest
+from diana.schemas.series_metadata import absolute_bulk_uris
 from diana.storage import ObjectNotFound, ObjectStore, local_file
 
 __all__ = ["build_app"]
@@ -105,6 +111,15 @@ def _with_whole_level(query: Query, document: dict[str, Any], level: str) -> Que
         if tag not in asked and within_level(tag, level):
             extra.append(tag)
     return dataclasses.replace(query, return_tags=[*query.return_tags, *sorted(extra)])
+
+
+def _has_bulk_uri(model: Any) -> bool:
+    """Whether a stored element's DICOM JSON holds a BulkDataURI (its own, or in its items)."""
+    if isinstance(model, dict):
+        return "BulkDataURI" in model or any(_has_bulk_uri(v) for v in model.values())
+    if isinstance(model, list):
+        return any(_has_bulk_uri(v) for v in model)
+    return False
 
 
 def _said_if_cut(docs: Iterator[dict[str, Any]], service: str) -> Iterator[dict[str, Any]]:
@@ -220,6 +235,12 @@ class DicomWeb:
     def _json(ds: Dataset, base: str, doc: dict[str, Any], level: str) -> dict[str, Any]:
         """The match as DICOM JSON with its RetrieveURL: the study's, series' or instance's, by the query's level."""
         model = ds.to_json_dict(bulk_data_threshold=1 << 30)
+        # A bulk data value is no C-FIND return value: build_response leaves it empty. Here it keeps its
+        # BulkDataURI (PS3.18 F.2.7), absolute as the metadata route's, and not an empty {"vr":"OW"}.
+        stored = doc.get("dicom") or {}
+        for key in model:
+            if key in stored and _has_bulk_uri(stored[key]):
+                model[key] = absolute_bulk_uris(stored[key], base)
         url = f"{base}/studies/{doc.get('study_instance_uid')}"
         if level in ("SERIES", "IMAGE"):
             url += f"/series/{doc.get('series_instance_uid')}"
@@ -416,7 +437,12 @@ class DicomWeb:
         """One bulk data value a stored header's BulkDataURI names (PS3.18 10.4.1.1.5), read from the archived
         object: ``multipart/related; type="application/octet-stream"`` (one part), or a single part when
         ``application/octet-stream`` alone is asked first. Encapsulated pixel data is sent frame by frame,
-        as the frames route sends every frame (native by default, as stored when asked)."""
+        as the frames route sends every frame (native by default, as stored when asked).
+
+        The Accept header is settled before any value is read. A top-level value is streamed from its
+        offset in the object's file, which stays open (and, from S3, downloaded) until the body is sent;
+        head, value and tail are separate chunks, never joined. A big-endian object's OW, OF, OL, OD and
+        OV values are sent in little endian (the default transfer syntax, Explicit VR Little Endian)."""
         try:
             steps = bulk_steps(request.path_params["path"])
         except ValueError as exc:
@@ -426,42 +452,83 @@ class DicomWeb:
             return docs
         key = archive_key(docs[0])
         accept = request.headers.get("accept")
+        files = ExitStack()  # the object's local file and its open stream, closed once the body is sent
         try:
             if key is None:
                 raise ObjectNotFound("invalid UIDs")
-            with local_file(self.archive, key) as path:
-                found = read_bulk(path, steps)
-                if isinstance(found, EncapsulatedPixels):
-                    syntax, part_type = frame_syntax(accept, found.syntax)
-                    numbers = list(range(1, found.count + 1))
-                    parts = frame_bytes(path, numbers) if syntax == AS_STORED else decoded_frames(path, numbers)
-                    multipart = True
-                else:
-                    multipart, part_type, parts = bulk_multipart(accept), "application/octet-stream", [found]
+            path = files.enter_context(local_file(self.archive, key))
+            encapsulated = bulk_is_encapsulated_pixels(path, steps)
+            syntax = EXPLICIT_LE
+            if encapsulated is not None:
+                syntax, part_type = frame_syntax(accept, encapsulated)
+                multipart = True
+            else:
+                multipart, part_type = bulk_multipart(accept), "application/octet-stream"
+            found = read_bulk(path, steps)
+            if isinstance(found, EncapsulatedPixels):
+                numbers = list(range(1, found.count + 1))
+                frames = frame_bytes(path, numbers) if syntax == AS_STORED else decoded_frames(path, numbers)
+                files.close()
+                chunks: Iterator[Any] = iter(frames)
+            else:
+                stream = files.enter_context(open(path, "rb"))
+                chunks = bulk_chunks(stream, found)
         except FileNotFoundError:  # ObjectNotFound
+            files.close()
             return _error(404, "not archived yet: retry later", "bulk")
         except OSError:
+            files.close()
             return _error(503, "the archive does not answer; retry later", "bulk")
         except (CorruptObject, InvalidDicomError) as exc:
+            files.close()
             reason = str(exc) if isinstance(exc, CorruptObject) else "its file meta information is not DICOM"
             log.error("wado.corrupt_object", reason=reason)
             return _error(500, f"the archived object cannot be read: {reason}", "bulk")
         except NotAcceptable as exc:
+            files.close()
             return _error(406, str(exc), "bulk")
         except TranscodeError as exc:
+            files.close()
             return _error(406, f"{exc}; ask for the frames as stored (transfer-syntax=*)", "bulk")
+        except BulkTooLarge as exc:
+            files.close()
+            return _error(413, f"the value is too large to send: {exc}", "bulk")
         except LookupError as exc:
+            files.close()
             return _error(404, str(exc).strip("'\""), "bulk")
         REQUESTS.labels("bulk", "200").inc()
+        done = BackgroundTask(files.close)  # also when the body was never started (the client went away)
         if not multipart:
-            return Response(parts[0], media_type="application/octet-stream")
+            return StreamingResponse(_closing(chunks, files), media_type="application/octet-stream", background=done)
         boundary = new_boundary()
-        body = (
-            b"".join(f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode() + part + b"\r\n" for part in parts)
-            + f"--{boundary}--\r\n".encode()
-        )
         outer = part_type.split(";")[0]
-        return Response(body, media_type=f'multipart/related; type="{outer}"; boundary={boundary}')
+        return StreamingResponse(
+            _closing(_bulk_parts(chunks, encapsulated is not None, boundary, part_type), files),
+            media_type=f'multipart/related; type="{outer}"; boundary={boundary}',
+            background=done,
+        )
+
+
+def _bulk_parts(chunks: Iterator[Any], each_a_part: bool, boundary: str, part_type: str) -> Iterator[Any]:
+    """The multipart body: a part per chunk (frames), or one part of all the chunks (a value)."""
+    head = f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode()
+    if each_a_part:
+        for chunk in chunks:
+            yield head
+            yield chunk
+            yield b"\r\n"
+    else:
+        yield head
+        yield from chunks
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
+
+
+def _closing(chunks: Iterator[Any], files: ExitStack) -> Iterator[Any]:
+    try:
+        yield from chunks
+    finally:
+        files.close()
 
 
 def build_app(

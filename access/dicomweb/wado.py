@@ -27,7 +27,13 @@ from diana.storage import ObjectNotFound, ObjectStore
 __all__ = [
     "CorruptObject",
     "EncapsulatedPixels",
+    "BULK_VRS",
+    "BulkTooLarge",
+    "BulkValue",
+    "bulk_chunks",
+    "bulk_is_encapsulated_pixels",
     "bulk_steps",
+    "little_endian",
     "read_bulk",
     "multipart_dicom",
     "metadata",
@@ -268,7 +274,7 @@ def frame_bytes(path: Path, numbers: list[int]) -> list[bytes]:
     """The frames (1-based) of an archived object: native pixel data sliced, encapsulated frames as stored."""
     from pydicom.encaps import generate_frames
 
-    ds = read_archived(path)
+    ds = read_archived(path, defer_size=_DEFER)  # other large values are not read
     if "PixelData" not in ds:
         raise LookupError("the object has no pixel data")
     count = frame_count(ds, numbers)
@@ -316,30 +322,107 @@ class EncapsulatedPixels:
     count: int
 
 
-def _raw_value(ds: Any, tag: int) -> bytes:
-    """An element's value as encoded in the object (its bytes, whatever its VR); LookupError for a sequence."""
+# Bulk data VRs (PS3.18 F.2.7: the VRs a BulkDataURI may stand for): only their values are served.
+BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+# Bytes per value swapped to send a big-endian object's value in little endian (OB and UN: bytes, as they are).
+_SWAP = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+# A value inside a sequence is in memory once (pydicom reads the sequence holding it): no larger than this.
+MAX_NESTED_BULK = 256 << 20
+
+
+class BulkTooLarge(ValueError):
+    """A value inside a sequence larger than MAX_NESTED_BULK (413)."""
+
+
+@dataclass(frozen=True)
+class BulkValue:
+    """A bulk data value to send, little endian: ``length`` bytes at ``offset`` of the object's file (a
+    top-level value, read as it is sent), or ``data`` (a value inside a sequence, or a small one), each
+    group of ``swap`` bytes reversed (a big-endian object's OW, OF, OL, OD, OV; 0: sent as encoded)."""
+
+    offset: int = 0
+    length: int = 0
+    data: bytes | None = None
+    swap: int = 0
+
+
+def little_endian(block: bytes | memoryview, width: int) -> bytes | memoryview:
+    """``block`` with each group of ``width`` bytes reversed (a trailing partial group as it is); as it is for 0."""
+    if width < 2:
+        return block
+    data = bytes(block)
+    out = bytearray(data)
+    whole = len(data) - len(data) % width
+    for i in range(width):
+        out[i:whole:width] = data[width - 1 - i : whole : width]
+    return memoryview(out)  # not a bytearray: the ASGI response takes bytes or a memoryview
+
+
+def bulk_chunks(stream: BinaryIO, value: BulkValue, block: int = BLOCK) -> Iterator[bytes | memoryview]:
+    """The value's bytes, little endian, in blocks of at most ``block`` bytes (a multiple of 8: no value
+    split across two); from ``stream`` (the object's file, open) when the value was not read."""
+    if value.data is not None:
+        for start in range(0, len(value.data), block):
+            yield little_endian(memoryview(value.data)[start : start + block], value.swap)
+        return
+    stream.seek(value.offset)
+    remaining = value.length
+    while remaining:
+        chunk = stream.read(min(block, remaining))
+        if not chunk:
+            raise CorruptObject(f"the object ends {remaining} bytes before the end of the value asked for")
+        remaining -= len(chunk)
+        yield little_endian(chunk, value.swap)
+
+
+def _vr_of(elem: Any, tag: int) -> str:
     from pydicom.datadict import dictionary_VR
 
-    try:
-        elem = ds.get_item(tag)  # a deferred value is read here, and only this one
-    except OSError:
-        raise
-    except Exception:
-        raise CorruptObject(f"its {tag:08X} cannot be read") from None
     vr = getattr(elem, "VR", None)
     if vr is None:  # implicit VR
         try:
             vr = dictionary_VR(tag)
         except KeyError:
             vr = "UN"
-    value = elem.value
-    if vr == "SQ" or isinstance(value, list):
+    return str(vr)
+
+
+def _bulk_value(ds: Any, tag: int) -> BulkValue:
+    """An element's value as encoded in the object, if it has a bulk data VR; LookupError otherwise."""
+    from pydicom.dataelem import RawDataElement
+
+    try:
+        elem = ds.get_item(tag, keep_deferred=True)  # a deferred value is not read here
+    except OSError:
+        raise
+    except Exception:
+        raise CorruptObject(f"its {tag:08X} cannot be read") from None
+    vr = _vr_of(elem, tag)
+    if vr == "SQ" or isinstance(getattr(elem, "value", None), list):
         raise LookupError(f"{tag:08X} is a sequence, not a bulk data value")
-    if isinstance(value, bytes | bytearray):
-        return bytes(value)
+    # An implicit VR the dictionary gives as "OB or OW" is binary; "US or SS" is not.
+    choices = {choice.strip() for choice in vr.split(" or ")}
+    if not choices & BULK_VRS:
+        raise LookupError(
+            f"{tag:08X} has VR {vr}: only bulk data values (VR {', '.join(sorted(BULK_VRS))}) are served here"
+        )
+    little = getattr(elem, "is_little_endian", None)
+    if little is None:  # converted already (pydicom's DataElement): the data set's encoding
+        little = getattr(ds, "original_encoding", (None, True))[1] is not False
+    swap = 0 if little else _SWAP.get(vr, 0)
+    if isinstance(elem, RawDataElement) and elem.value is None:  # deferred: read as it is sent
+        return BulkValue(offset=elem.value_tell, length=elem.length, swap=swap)
+    value = elem.value
     if value is None:
-        return b""
-    raise LookupError(f"{tag:08X} holds no binary value")  # converted already: not what a BulkDataURI names
+        return BulkValue(data=b"", swap=swap)
+    if not isinstance(value, bytes | bytearray):
+        raise LookupError(f"{tag:08X} holds no binary value")
+    if len(value) > MAX_NESTED_BULK:
+        raise BulkTooLarge(
+            f"its {tag:08X} holds {len(value)} bytes inside a sequence, over the {MAX_NESTED_BULK >> 20} MiB "
+            "this server sends of a value in a sequence"
+        )
+    return BulkValue(data=bytes(value), swap=swap)
 
 
 def _sequence_items(ds: Any, tag: int) -> list[Any]:
@@ -360,25 +443,34 @@ def _sequence_items(ds: Any, tag: int) -> list[Any]:
         raise CorruptObject(f"its sequence {tag:08X} cannot be read") from None
 
 
-def _occurrences(ds: Any, tag: int) -> list[Any]:
-    """The data sets (items at any depth) holding ``tag``."""
-    found = []
+def _in_sequences(ds: Any, tag: int) -> bool:
+    """Whether ``tag`` occurs in an item (at any depth) of ``ds``'s sequences."""
     for key in ds.keys():  # noqa: SIM118 - iterating a Dataset yields elements, not tags
-        if int(key) == tag:
-            found.append(ds)
-            continue
         for item in _sequence_items(ds, int(key)):
-            found.extend(_occurrences(item, tag))
-    return found
+            if tag in item or _in_sequences(item, tag):
+                return True
+    return False
 
 
-def read_bulk(path: Path, steps: list[int]) -> bytes | EncapsulatedPixels:
-    """The value ``steps`` (bulk_steps) names in the archived object at ``path``: its bytes as encoded,
-    or EncapsulatedPixels. Other large values of the object are not read (defer_size).
+def bulk_is_encapsulated_pixels(path: Path, steps: list[int]) -> str | None:
+    """The stored transfer syntax when ``steps`` names the top-level pixel data of an object whose syntax
+    encapsulates it (sent frame by frame); else None. Reads only the file meta information."""
+    from pydicom.filereader import read_file_meta_info
 
-    The stored headers' BulkDataURIs name an element inside a sequence by its tag alone: a single tag
-    not at the top level is looked for in the sequences, and found only where it occurs once.
-    LookupError (404) naming what is not there; CorruptObject when pydicom cannot read the object."""
+    if steps != [0x7FE00010]:
+        return None
+    syntax = transfer_syntax(read_file_meta_info(path))
+    return str(syntax) if syntax.is_encapsulated else None
+
+
+def read_bulk(path: Path, steps: list[int]) -> BulkValue | EncapsulatedPixels:
+    """Where the value ``steps`` (bulk_steps) names is in the archived object at ``path``: a BulkValue, or
+    EncapsulatedPixels. Values are not read here (defer_size), but for one inside a sequence.
+
+    A single tag names a top-level element only. Stored headers written before BulkDataURIs carried paths
+    name a value inside a sequence by its tag alone: that gets LookupError saying so, never another
+    element's bytes (an icon's pixel data named as the image's). LookupError (404) naming what is not
+    there or not bulk data; BulkTooLarge (413); CorruptObject when pydicom cannot read the object."""
     ds = read_archived(path, defer_size=_DEFER)
     tag = steps[-1]
     if len(steps) == 1 and tag == 0x7FE00010 and tag in ds:
@@ -394,12 +486,11 @@ def read_bulk(path: Path, steps: list[int]) -> bytes | EncapsulatedPixels:
     if tag not in holder:
         if len(steps) > 1:
             raise LookupError(f"the object has no {tag:08X} there")
-        places = _occurrences(ds, tag)
-        if not places:
-            raise LookupError(f"the object has no {tag:08X}")
-        if len(places) > 1:
+        if _in_sequences(ds, tag):
             raise LookupError(
-                f"{tag:08X} occurs {len(places)} times in the object's sequences: name one as TAG/ITEM/TAG"
+                f"the object has no {tag:08X} at its top level, only inside a sequence: this BulkDataURI comes "
+                "from a stored header that predates BulkDataURI paths (TAG/ITEM/TAG); re-index the object, or "
+                "read its metadata again once re-indexed"
             )
-        holder = places[0]
-    return _raw_value(holder, tag)
+        raise LookupError(f"the object has no {tag:08X}")
+    return _bulk_value(holder, tag)

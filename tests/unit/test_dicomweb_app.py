@@ -372,8 +372,7 @@ def test_bulk_data_uris_answer_the_value_as_stored(tmp_path):
     assert _parts(*_call(app, _bulk("1.2.3.4.3", "00420011"), "", accept)[1:]) == [("application/octet-stream", pdf)]
     status, head, body = _call(app, _bulk("1.2.3.4.3", "00420011"), "", {"accept": "application/octet-stream"})
     assert status == 200 and head["content-type"] == ["application/octet-stream"] and body == pdf
-    # Inside a sequence: by its tag alone (what the stored headers say) when it occurs once, or by its path.
-    assert _parts(*_call(app, _bulk("1.2.3.4.3", "60003000"))[1:]) == [("application/octet-stream", other)]
+    # Inside a sequence: by its path.
     assert _parts(*_call(app, _bulk("1.2.3.4.3", "00081140/0/60003000"))[1:]) == [("application/octet-stream", other)]
     assert _parts(*_call(app, _bulk("1.2.3.4.3", "0040A730/1/00281201"))[1:])[0][1] == b"\x02\x03" * 600
 
@@ -397,7 +396,11 @@ def test_encapsulated_pixel_data_is_sent_frame_by_frame(tmp_path):
         ("1.2.3.4.1", "0040A730/x/00281201", None, 400, "TAG/ITEM/TAG"),
         ("1.2.3.4.1", "00420011", None, 404, "has no 00420011"),
         ("1.2.3.4.9", "7FE00010", None, 404, "no such study, series or instance"),
-        ("1.2.3.4.3", "00281201", None, 404, "occurs 2 times"),
+        ("1.2.3.4.3", "00281201", None, 404, "predates BulkDataURI paths"),
+        ("1.2.3.4.3", "60003000", None, 404, "predates BulkDataURI paths"),
+        ("1.2.3.4.1", "00100010", None, 404, "has VR PN: only bulk data values"),
+        ("1.2.3.4.1", "00080008", None, 404, "has VR CS"),
+        ("1.2.3.4.3", "00080016", None, 404, "has VR UI"),
         ("1.2.3.4.3", "0040A730/5/00281201", None, 404, "no item 5"),
         ("1.2.3.4.3", "0040A730", None, 404, "is a sequence"),
         ("1.2.3.4.1", "7FE00010", 'multipart/related; type="image/jpeg"', 406, "application/octet-stream"),
@@ -437,3 +440,131 @@ def test_bulk_data_needs_the_credentials_as_the_other_routes(tmp_path):
     assert _call(app, _bulk("1.2.3.4.1", "7FE00010"))[0] == 401
     status, _, _ = _call(app, _bulk("1.2.3.4.1", "7FE00010"), "", {"authorization": "Bearer a-long-token"})
     assert status == 200
+
+
+# ---------------------------------------------------------------- 6. bulk data: review fixes
+
+
+def _with_icon(tmp_path: Path, big_endian: bool = False) -> tuple[dict[str, Any], bytes, bytes, bytes]:
+    """An image with an icon (IconImageSequence) whose pixel data is also over the bulk data threshold;
+    (its document with the header the receiver builds, image pixels, icon pixels, an OD value), little endian."""
+    import struct
+
+    from diana.producers.header_model import build_header_model
+
+    order = ">" if big_endian else "<"
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.2" if big_endian else ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.7"
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", "1.2.3.4.7"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY, SERIES
+    ds.PatientName = "Doe^Jane"
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 40, 40, 16, 16, 15
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+    image = list(range(1600))
+    icon = [60000 + i for i in range(500)]
+    doubles = [i / 3 for i in range(200)]
+    ds.PixelData = struct.pack(f"{order}1600H", *image)
+    ds["PixelData"].VR = "OW"
+    item = Dataset()
+    item.Rows, item.Columns, item.BitsAllocated, item.BitsStored, item.HighBit = 20, 25, 16, 16, 15
+    item.SamplesPerPixel, item.PhotometricInterpretation, item.PixelRepresentation = 1, "MONOCHROME2", 0
+    item.PixelData = struct.pack(f"{order}500H", *icon)
+    item["PixelData"].VR = "OW"
+    item.add_new(0x7FE00009, "OD", struct.pack(f"{order}200d", *doubles))  # Double Float Pixel Data
+    ds.IconImageSequence = Sequence([item])
+    key = archive_path(STUDY, SERIES, "1.2.3.4.7")
+    (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(tmp_path / key, enforce_file_format=True, implicit_vr=False, little_endian=not big_endian)
+    stored = pydicom.dcmread(tmp_path / key, stop_before_pixels=True)
+    base = f"studies/{STUDY}/series/{SERIES}/instances/1.2.3.4.7/bulk"
+    model = build_header_model(stored, base, 1 << 20, "OW")
+    doc = {"study_instance_uid": STUDY, "series_instance_uid": SERIES, "sop_instance_uid": "1.2.3.4.7"}
+    doc["dicom"] = model.elements
+    little = (struct.pack("<1600H", *image), struct.pack("<500H", *icon), struct.pack("<200d", *doubles))
+    return doc, *little
+
+
+@pytest.mark.parametrize("big_endian", [False, True])  # big endian: pydicom's path of the header builder
+def test_a_value_inside_a_sequence_has_its_own_bulk_data_uri_and_bytes(tmp_path, big_endian):
+    doc, image, icon, doubles = _with_icon(tmp_path, big_endian)
+    header = doc["dicom"]
+    main_uri = header["7FE00010"]["BulkDataURI"]
+    icon_item = header["00880200"]["Value"][0]
+    icon_uri, od_uri = icon_item["7FE00010"]["BulkDataURI"], icon_item["7FE00009"]["BulkDataURI"]
+    assert main_uri.endswith("/bulk/7FE00010")
+    assert icon_uri.endswith("/bulk/00880200/0/7FE00010") and od_uri.endswith("/bulk/00880200/0/7FE00009")
+    app = _app(_Reader(docs=[doc]), tmp_path)
+    for uri, value in ((main_uri, image), (icon_uri, icon), (od_uri, doubles)):
+        status, head, body = _call(app, "/" + uri)
+        assert status == 200, body
+        assert _parts(head, body) == [("application/octet-stream", value)]  # little endian, whatever stored
+
+
+def test_a_big_endian_value_is_sent_little_endian_by_its_vr():
+    from diana.access.dicomweb.wado import little_endian
+
+    assert little_endian(b"\x01\x02\x03\x04\x05", 2) == b"\x02\x01\x04\x03\x05"
+    assert little_endian(b"\x01\x02\x03\x04\x05\x06\x07\x08", 4) == b"\x04\x03\x02\x01\x08\x07\x06\x05"
+    assert little_endian(b"\x01\x02\x03", 0) == b"\x01\x02\x03"
+
+
+def test_the_real_big_endian_test_file_pixel_data_is_sent_little_endian(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        big = pydicom.dcmread(get_testdata_file("MR_small_bigendian.dcm"))
+        little = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    doc = _archive(tmp_path, big, "1.2.3.4.8")
+    status, head, body = _call(_app(_Reader(docs=[doc]), tmp_path), _bulk("1.2.3.4.8", "7FE00010"))
+    assert status == 200 and _parts(head, body) == [("application/octet-stream", little.PixelData)]
+
+
+def test_the_accept_header_is_refused_before_the_value_is_read(tmp_path, monkeypatch):
+    from diana.access.dicomweb import app as app_module
+    from diana.access.dicomweb import wado
+
+    docs, pdf, _ = _with_documents(tmp_path)
+    reads: list[Any] = []
+    original = wado.read_bulk
+
+    def counting(path, steps):
+        reads.append(steps)
+        return original(path, steps)
+
+    monkeypatch.setattr(app_module, "read_bulk", counting)
+    app = _app(_Reader(docs=docs), tmp_path)
+    status, _, body = _call(app, _bulk("1.2.3.4.3", "00420011"), "", {"accept": "application/dicom+json"})
+    assert status == 406 and reads == [], body
+    status, head, body = _call(app, _bulk("1.2.3.4.3", "00420011"), "", {"accept": "application/octet-stream"})
+    assert status == 200 and body == pdf and len(reads) == 1
+
+
+def test_a_top_level_value_is_streamed_from_its_offset_in_blocks(tmp_path):
+    import io
+
+    from diana.access.dicomweb.wado import BulkValue, bulk_chunks, read_bulk
+
+    docs, pdf, _ = _with_documents(tmp_path)
+    path = tmp_path / archive_path(STUDY, SERIES, "1.2.3.4.3")
+    found = read_bulk(path, [0x00420011])
+    assert isinstance(found, BulkValue) and found.data is None and found.length == len(pdf)
+    with open(path, "rb") as stream:
+        chunks = list(bulk_chunks(stream, found, block=1024))
+    assert len(chunks) == -(-len(pdf) // 1024) and b"".join(chunks) == pdf
+    swapped = b"".join(bulk_chunks(io.BytesIO(b"\x01\x02" * 9), BulkValue(offset=2, length=12, swap=2), block=4))
+    assert swapped == b"\x02\x01" * 6
+
+
+def test_includefield_all_gives_bulk_data_their_bulk_data_uri(tmp_path):
+    doc, _, _, _ = _with_icon(tmp_path)
+    match = Match(document=doc, computed={})
+    app = _app(_Reader(matches=[match]), tmp_path)
+    status, _, body = _call(app, f"/studies/{STUDY}/series/{SERIES}/instances", "includefield=all")
+    assert status == 200, body
+    (answer,) = json.loads(body)
+    base = f"http://127.0.0.1:8088/studies/{STUDY}/series/{SERIES}/instances/1.2.3.4.7/bulk"
+    assert answer["7FE00010"] == {"vr": "OW", "BulkDataURI": f"{base}/7FE00010"}
+    icon = answer["00880200"]["Value"][0]
+    assert icon["7FE00010"] == {"vr": "OW", "BulkDataURI": f"{base}/00880200/0/7FE00010"}
