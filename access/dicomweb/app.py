@@ -95,6 +95,7 @@ def _error(status: int, reason: str, service: str) -> Response:
 
 
 # A Host header as clients send it: a name or an IPv4 address, or an IPv6 one in brackets, and a port.
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST = re.compile(r"^(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 
 
@@ -155,19 +156,24 @@ class DicomWeb:
 
     def _base(self, request: Request) -> str:
         """This service's URL for the URLs its answers carry: ``[dicomweb] public_url`` when set (behind a
-        reverse proxy); else as the client reached it, its Host header as given (with the port it names,
-        if any) and the request's scheme. No port is guessed: a proxy on 443 in front of 8088 is only
-        answered right with public_url. A Host header that is no host[:port] is not echoed: the address
-        the request came in on stands for it then."""
+        reverse proxy); else as the client reached it: its Host header and the request's scheme, with the
+        port the request came in on when the Host header names none and that port is not the scheme's
+        default (Python's dicomweb-client sends the host name alone). So a proxy on 443 in front of 8088 is
+        answered right only with public_url. A Host header that is no host[:port] is not echoed: the
+        address the request came in on stands for it then."""
         if self.public_url:
             return self.public_url
         scheme = request.url.scheme
         root = request.scope.get("root_path", "").rstrip("/")
         host = request.headers.get("host", "")
+        server = request.scope.get("server") or ("127.0.0.1", None)
         if not _HOST.match(host):
-            server = request.scope.get("server") or ("127.0.0.1", 80)
             address = f"[{server[0]}]" if ":" in str(server[0]) else str(server[0])
             host = address if server[1] is None else f"{address}:{server[1]}"
+        elif ":" not in host.rpartition("]")[2] and server[1] not in (None, _DEFAULT_PORTS.get(scheme)):
+            # Python's dicomweb-client sends its URL's host name alone as Host (no port), so a direct
+            # client of :8088 gets that port back; behind a proxy, [dicomweb] public_url says the URL.
+            host = f"{host}:{server[1]}"
         return f"{scheme}://{host}{root}"
 
     # ------------------------------------------------------------------ QIDO-RS

@@ -82,9 +82,16 @@ def test_qido_studies_series_instances(web):
     all_ct = client.search_for_series(search_filters={"Modality": "CT", "SeriesDescription": "WEB*"})
     assert len(all_ct) == 2
     assert len(client.search_for_series(search_filters={"SeriesDescription": "WEB*"}, limit=1, offset=1)) == 1
+    # includefield=all: the attributes of the query's level and above, from the stored header. StationName
+    # (General Equipment) is a series' attribute, not a study's, and no default one.
     (everything,) = client.search_for_studies(search_filters={"PatientID": "WEB-P1"}, fields=["all"])
-    assert pydicom.Dataset.from_json(everything).StationName == "CTSTATION1"  # not a default attribute
+    assert "StationName" not in pydicom.Dataset.from_json(everything)
     axial = next(s for s in series if s.SeriesDescription == "WEB AXIAL")
+    (axial_all,) = client.search_for_series(
+        study.study_uid, search_filters={"SeriesInstanceUID": axial.SeriesInstanceUID}, fields=["all"]
+    )
+    whole = pydicom.Dataset.from_json(axial_all)
+    assert whole.StationName == "CTSTATION1" and whole.RetrieveURL.endswith(f"/series/{axial.SeriesInstanceUID}")
     instances = client.search_for_instances(study.study_uid, axial.SeriesInstanceUID)
     assert len(instances) == 3
     assert client.search_for_studies(search_filters={"PatientID": "NOBODY"}) == []

@@ -219,14 +219,15 @@ def test_the_retrieve_url_follows_the_level_with_or_without_includefields():
 @pytest.mark.parametrize(
     "headers, base",
     [
-        ({"host": "pacs.example.org"}, "http://pacs.example.org"),  # a proxy on 80/443: no port guessed
+        # no port in Host (Python's dicomweb-client): the port the request came in on, unless the default
+        ({"host": "pacs.example.org"}, "http://pacs.example.org:8088"),
         ({"host": "pacs.example.org:8443"}, "http://pacs.example.org:8443"),
         ({"host": "[::1]:8088"}, "http://[::1]:8088"),
         ({"host": "evil.org/<x>"}, "http://127.0.0.1:8088"),  # no host: the address the request came in on
         ({}, "http://127.0.0.1:8088"),
     ],
 )
-def test_without_public_url_the_base_is_the_host_header_as_given(headers, base):
+def test_without_public_url_the_base_is_the_host_header_and_the_port_reached(headers, base):
     app = _app(_Reader([Match(_doc("1.2.3.4.5"), {})]))
     _, _, body = _call(app, "/studies", "", headers)
     assert json.loads(body)[0]["00081190"]["Value"] == [f"{base}/studies/{STUDY}"]
