@@ -15,9 +15,10 @@ quota) is retried for as long as it lasts. One instance's trouble is not allowed
 landing copy that cannot be read (the store refuses it, a permission, an I/O error, a symlink) is
 dead-lettered at once; any other error (e.g. the archive refusing the write) is retried, and the
 instance is dead-lettered after ``max_tries`` tries or ``max_retry_s`` seconds. Giving up needs evidence
-that the store works: after ten instances given up with none archived since, nothing more is given up
-(failing instances are retried without limit) until one is archived. A dead-lettered instance's landing
-copy is kept (it is removed only after a verified placement).
+that the store works: after ten instances given up with none archived since, giving up is paused (the store
+likely refuses as a whole): a failing instance is retried for ``max_retry_s`` seconds, then given up (a
+half-open step: one at a time, so a stall lasts at most ``max_retry_s`` per broken instance), until one is
+archived. A dead-lettered instance's landing copy is kept (it is removed only after a verified placement).
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ GIVEN_UP = Counter(
 )
 GIVING_UP_PAUSED = Gauge(
     "diana_archive_giving_up_paused",
-    "1 while the archive sink gives up on no instance: ten were given up with none archived since (the store "
-    "likely refuses as a whole); failing instances are retried without limit until one is archived",
+    "1 while the archive sink's giving up is paused: ten instances were given up with none archived since (the "
+    "store likely refuses as a whole); each failing instance is retried for archive_object_max_retry_s, then "
+    "given up, until one is archived",
 )
 
 # The store's trouble, not one object's: retried for as long as it lasts, never dead-lettered.
@@ -97,7 +99,8 @@ _STORE_WIDE_ERRNOS = frozenset(
 )
 # Instances given up on (either cause) with none archived since: then the store as a whole likely refuses
 # (a folder's permission, a bucket policy, credentials without access), not each object, and giving up is
-# paused: failing instances are retried without limit, nothing more dead-lettered, until one is archived.
+# paused: a failing instance is retried for max_retry_s (its tries not counted, its landing copy not read),
+# then given up (half-open: the batch goes on to the next), until one is archived.
 _GIVE_UPS_IN_A_ROW = 10
 # A failing instance not tried again for this long (its partition moved) is forgotten.
 _FORGET_AFTER_S = 900.0
@@ -129,6 +132,7 @@ class _Failing:
     tries: int = 0
     given_up: str = ""  # the dead letter's reason once given up (the batch may be written again)
     landing_reads: bool = False  # its landing copy was read to its end once: not read again on each try
+    paused_since: float | None = None  # its first failure while giving up was paused
 
 
 def archive_relative_path(event: dict) -> str:
@@ -235,7 +239,9 @@ class ArchiveSink:
         when it reads, the error was on the archive's side, which may be every object's (a folder's
         permission, a bucket policy): retried, and given up after ``max_tries`` tries or ``max_retry_s``
         seconds. Giving up needs evidence that the store still works: after ten give-ups with no instance
-        archived since, giving up is paused (retried without limit) until one is archived."""
+        archived since, giving up is paused until one is archived: a failing instance is then retried for
+        ``max_retry_s`` seconds (tries not counted, landing copy not read) and given up after (counted; the
+        batch goes on to the next instance, which waits its own ``max_retry_s``)."""
         what = _describe(exc)
         if store_wide(exc):
             raise RetryableError(f"archive write failed: {what}") from exc
@@ -243,15 +249,7 @@ class ArchiveSink:
         origin = _origin(msg)
         failing = self._failing.get(origin)
         if self._give_ups >= _GIVE_UPS_IN_A_ROW:
-            # Not counted: its limits start over once giving up resumes; its landing copy is not read.
-            if failing is None:
-                failing = self._failing[origin] = _Failing(first=now, last=now)
-            failing.first = failing.last = now
-            failing.tries = 0
-            raise RetryableError(
-                f"archive write failed: {what} (giving up paused: {self._give_ups} instances given up with none "
-                "archived since; retried until one is archived)"
-            ) from exc
+            return self._given_up_while_paused(msg, origin, failing, now, what, exc)
         if failing is None or not failing.landing_reads:
             unreadable = self._landing_unreadable(event) if event is not None else None
             if unreadable is not None:
@@ -280,6 +278,39 @@ class ArchiveSink:
         self._give_up("retries_exhausted")
         return failing.given_up
 
+    def _given_up_while_paused(
+        self, msg: Message, origin: tuple[str, int, int], failing: _Failing | None, now: float, what: str, exc: OSError
+    ) -> str:
+        """Giving up paused: the failing instance is retried for ``max_retry_s`` seconds from its first failure
+        while paused, then given up (the half-open step: without it, the first broken instance after the ten
+        held every partition of the consumer until a restart)."""
+        if failing is None:
+            failing = self._failing[origin] = _Failing(first=now, last=now)
+        if failing.paused_since is None:
+            failing.paused_since = now
+        # Its limits start over once giving up resumes.
+        failing.first = failing.last = now
+        failing.tries = 0
+        elapsed = now - failing.paused_since
+        if elapsed < self.max_retry_s:
+            raise RetryableError(
+                f"archive write failed: {what} (giving up paused: {self._give_ups} instances given up with none "
+                f"archived since; this one is dead-lettered after {self.max_retry_s:g} s unless one is archived first)"
+            ) from exc
+        failing.given_up = (
+            f"archive: gave up after {elapsed:.0f} s while giving up was paused ({self._give_ups} given up with "
+            f"none archived since): {what}; the landing copy is kept"
+        )
+        log.error(
+            "archive.given_up_while_paused",
+            error=what,
+            seconds=round(elapsed),
+            given_up=self._give_ups + 1,
+            origin=_origin_text(msg),
+        )
+        self._give_up("retried_while_paused")
+        return failing.given_up
+
     def _give_up(self, cause: str) -> None:
         GIVEN_UP.labels(cause).inc()
         self._give_ups += 1
@@ -288,14 +319,17 @@ class ArchiveSink:
             log.error(
                 "archive.giving_up_paused",
                 given_up=self._give_ups,
-                fix="the store likely refuses every object (a permission, a bucket policy, credentials): failing "
-                "instances are retried without limit, nothing more dead-lettered, until one is archived",
+                fix="the store likely refuses every object (a permission, a bucket policy, credentials): fix it; "
+                "until one is archived, each failing instance is retried for archive_object_max_retry_s, then "
+                "dead-lettered (archive.given_up_while_paused); a restart starts the count over",
             )
 
     def _archived(self) -> None:
         if self._give_ups >= _GIVE_UPS_IN_A_ROW:
             GIVING_UP_PAUSED.set(0)
             log.warning("archive.giving_up_resumed", given_up=self._give_ups)
+            for failing in self._failing.values():
+                failing.paused_since = None
         self._give_ups = 0
 
     def _landing_unreadable(self, event: dict) -> str | None:

@@ -55,30 +55,34 @@ def _is_not_found(exc: Exception) -> bool:
     return code in ("404", "NoSuchKey", "NotFound")
 
 
-# The 4xx answers about one object, which retrying does not change until someone acts on that object.
-# Every other 4xx is the store's or this client's trouble, retried (StorageError): AccessDenied (a bucket
-# policy or credentials without the right: every object's), InvalidAccessKeyId, SignatureDoesNotMatch,
-# ExpiredToken, RequestTimeTooSkewed (credentials, the clock), RequestTimeout, SlowDown (passing), and codes
-# not named here: a refusal that is dead-lettered needs an answer that is the object's own.
-_OBJECT_REFUSALS = frozenset(
+# The 4xx answers that are not about the object asked for: credentials, the clock, a timeout, which pass
+# (refreshed credentials, a fixed clock, a retry), retried as the store's trouble (StorageError), with 408,
+# 429, 5xx and SlowDown. Every other 4xx (AccessDenied, InvalidObjectState, an SSE-C InvalidRequest, codes
+# not named here) is StorageRefused: it may be this object's alone (an SSE-KMS key it cannot use, another
+# account's object, a Deny policy on one prefix, Object Lock refusing a delete), and a caller with a limit
+# gives up on it rather than stall every later object. A store refusing every object is bounded by the
+# caller (the archive sink pauses giving up after ten: sinks/archive.py).
+_PASSING_CODES = frozenset(
     {
-        "InvalidObjectState",  # moved to cold storage (Glacier, Deep Archive): restore it first
-        "NoSuchVersion",
-        "KeyTooLongError",
-        "EntityTooLarge",
-        "MetadataTooLarge",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "TokenRefreshRequired",
+        "RequestTimeTooSkewed",
+        "RequestTimeout",
+        "SlowDown",
     }
 )
 
 
 def _refused(exc: Exception) -> bool:
-    """A 4xx answer about this object alone (InvalidObjectState for one moved to cold storage): the store
-    is there and says no to it. Not AccessDenied, credentials, clock or timeout answers: every object's.
+    """A 4xx answer other than credentials, the clock, a timeout or a slow-down (408, 429): the store is
+    there and says no to this object (AccessDenied, InvalidObjectState for one moved to cold storage).
     (NoSuchKey / 404 is ObjectNotFound, checked before.)"""
     response = getattr(exc, "response", None) or {}
     status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
     code = str(response.get("Error", {}).get("Code", ""))
-    return 400 <= status < 500 and code in _OBJECT_REFUSALS
+    return 400 <= status < 500 and status not in (408, 429) and code not in _PASSING_CODES
 
 
 class _Errors:

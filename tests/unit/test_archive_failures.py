@@ -5,6 +5,8 @@ runs through ``write_until_done`` with stand-ins for Kafka's message and the dea
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 from pathlib import Path
 
 import pytest
@@ -332,6 +334,119 @@ def test_an_archive_refusing_every_object_pauses_giving_up_after_ten_until_one_i
     assert _paused() == 0.0
     assert [offset for offset, _ in dead.pending] == list(range(100, 110))
     assert _archived(archive) == [f"1.2.3.4.{n}.dcm" for n in range(10, 15)]
+
+
+def _given_up_total(cause: str) -> float:
+    return REGISTRY.get_sample_value("diana_archive_given_up_total", {"cause": cause}) or 0.0
+
+
+def test_while_paused_a_broken_instance_is_given_up_after_max_retry_s_and_the_next_is_reached(tmp_path, monkeypatch):
+    """Ten given up pause giving up. Before, the eleventh broken instance then held the batch (every partition
+    of the consumer) until a restart: the batch stopped at it, nothing after it was tried, and only its own
+    archiving resumed giving up. Now, while paused, it is given up after max_retry_s (counted, logged, its
+    landing copy kept), still paused, and the next instance is tried, waiting its own max_retry_s."""
+    clock = [1000.0]
+    monkeypatch.setattr(archive_module.time, "monotonic", lambda: clock[0])
+    sink, landing, archive, stored, batch = _setup(tmp_path, count=13, max_tries=3, max_retry_s=60)
+    for n in range(12):
+        archive.always[_key(n)] = PermissionError(errno.EACCES, "Permission denied")
+    dead = _Dead()
+    assert _given_up_offsets(sink, batch, dead, writes=30) == set(range(100, 110))
+    assert _paused() == 1.0
+    assert _key(11) not in archive.calls  # the batch stops at the eleventh
+    before = _given_up_total("retried_while_paused")
+    clock[0] += 59.0
+    with pytest.raises(RetryableError, match=r"giving up paused: 10 instances .* dead-lettered after 60 s"):
+        sink.write(batch, dead)
+    clock[0] += 1.0
+    dead.discard()
+    with capture_logs() as logs, pytest.raises(RetryableError, match="giving up paused: 11 instances"):
+        sink.write(batch, dead)
+    assert [offset for offset, _ in dead.pending] == list(range(100, 111))
+    reason = dead.pending[-1][1]
+    assert (
+        reason.startswith("archive: gave up after 60 s while giving up was paused") and "landing copy is kept" in reason
+    )
+    [entry] = [entry for entry in logs if entry["event"] == "archive.given_up_while_paused"]
+    assert entry["given_up"] == 11 and entry["origin"] == "dicom.instances/0/110"
+    assert _given_up_total("retried_while_paused") == before + 1
+    assert _paused() == 1.0  # still paused: one given up is no evidence the store works
+    assert archive.calls[_key(11)] == 1  # the next one is reached
+    assert (landing.root / stored[10].relative_path).exists()
+    # The twelfth waits its own max_retry_s, then the thirteenth (which the archive takes) resumes giving up.
+    clock[0] += 59.0
+    with pytest.raises(RetryableError, match="giving up paused"):
+        sink.write(batch, dead)
+    clock[0] += 1.0
+    dead.discard()
+    sink.write(batch, dead)
+    assert [offset for offset, _ in dead.pending] == list(range(100, 112))
+    assert _archived(archive) == ["1.2.3.4.12.dcm"]
+    assert _paused() == 0.0
+
+
+class _S3Client:
+    """boto3's S3 client for GetObject and DeleteObject, whose ``denied`` keys answer 403 AccessDenied (as for
+    an object under an SSE-KMS key this role cannot use, or a Deny on its prefix)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.denied: set[str] = set()
+
+    def get_object(self, Bucket: str, Key: str) -> dict:
+        from botocore.exceptions import ClientError
+        from botocore.response import StreamingBody
+
+        if Key in self.denied:
+            raise ClientError(
+                {
+                    "Error": {"Code": "AccessDenied", "Message": "Access Denied"},
+                    "ResponseMetadata": {"HTTPStatusCode": 403},
+                },
+                "GetObject",
+            )
+        data = self.objects[Key]
+        return {"Body": StreamingBody(io.BytesIO(data), len(data))}
+
+    def delete_object(self, Bucket: str, Key: str) -> None:
+        self.objects.pop(Key, None)
+
+
+def test_one_object_s3_refuses_with_access_denied_is_dead_lettered_not_retried_for_ever(tmp_path):
+    """A 403 AccessDenied for one landed object (botocore's ClientError): StorageRefused, so its instance is
+    dead-lettered (landing copy kept) and the rest of the batch archived. Before, AccessDenied was a
+    StorageError: retried without limit, never counted, the whole sink stalled with no dead letter."""
+    from diana.storage import S3Store
+
+    client = _S3Client()
+    landing = S3Store(client, "bucket", "landing/")
+    sink = ArchiveSink(landing, tmp_path / "archive", codec=_Decoded())
+    batch = []
+    for n in range(3):
+        data = f"DICOM-{n}".encode() * 50
+        client.objects[f"landing/ab/{n}.dcm"] = data
+        event = {
+            "study_instance_uid": "1.2.3",
+            "series_instance_uid": "1.2.3.4",
+            "sop_instance_uid": f"1.2.3.4.{n}",
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "landing_uri": landing.uri(f"ab/{n}.dcm"),
+        }
+        batch.append(_Message(event, offset=100 + n))
+    client.denied.add("landing/ab/1.dcm")
+
+    class GivesUpWaiting(_NoWait):  # a retry for ever ends the test (write_until_done returns False)
+        def is_set(self) -> bool:
+            return self.waits >= 5
+
+    dead, stop = _Dead(), GivesUpWaiting()
+    assert write_until_done(sink, batch, dead, stop) is True
+    assert stop.waits == 0
+    [(offset, reason)] = dead.produced
+    assert offset == 101 and reason.startswith("archive: the landing copy cannot be read (StorageRefused")
+    assert "AccessDenied" in reason and "kept" in reason
+    assert sorted(p.name for p in (tmp_path / "archive").rglob("*.dcm")) == ["1.2.3.4.0.dcm", "1.2.3.4.2.dcm"]
+    assert sorted(client.objects) == ["landing/ab/1.dcm"]
 
 
 def test_an_instance_failing_on_the_archive_side_has_its_landing_copy_read_once(tmp_path):

@@ -59,10 +59,11 @@ def test_a_body_shorter_than_announced_is_a_storage_error_and_a_whole_one_reads_
 
 
 def test_an_object_the_store_refuses_is_told_from_a_store_that_does_not_answer():
-    """An answer about this object alone (403 InvalidObjectState: moved to cold storage): StorageRefused,
-    which a caller with a time limit gives up on. AccessDenied (a bucket policy), credentials, clock and
-    timeout answers, 503 SlowDown and 500: StorageError, waited out (before, every 4xx but 408/429 was
-    StorageRefused, and an expired token dead-lettered whatever was read). Both stay OSErrors."""
+    """A 4xx that may be this object's alone (AccessDenied: an SSE-KMS key, another account's object, a Deny
+    on one prefix; InvalidObjectState: cold storage; an SSE-C InvalidRequest; codes not named): StorageRefused,
+    which a caller with a limit gives up on (before, AccessDenied and unknown codes were StorageError, retried
+    for ever: one such object stalled the archive sink). Credentials, clock and timeout answers, 408/429,
+    SlowDown and 5xx: StorageError, waited out. Both stay OSErrors."""
     from botocore.exceptions import ClientError
 
     from diana.storage import StorageRefused
@@ -80,16 +81,20 @@ def test_an_object_the_store_refuses_is_told_from_a_store_that_does_not_answer()
     for status, code, kind in [
         (403, "InvalidObjectState", StorageRefused),  # this object moved to cold storage
         (400, "KeyTooLongError", StorageRefused),
-        # Every object's: a bucket policy, credentials, the clock, a timeout: retried, never dead-lettered.
-        (403, "AccessDenied", StorageError),
-        (403, "403", StorageError),  # a HEAD's refusal has no body: no code
+        (403, "AccessDenied", StorageRefused),  # an SSE-KMS key, another account's object, a Deny on a prefix
+        (403, "403", StorageRefused),  # a HEAD's refusal has no body: no code
+        (400, "InvalidRequest", StorageRefused),  # SSE-C without its key
+        (409, "SomethingNew", StorageRefused),  # a code not named
+        # Credentials, the clock, a timeout, the store's load: they pass, retried, never dead-lettered.
         (403, "InvalidAccessKeyId", StorageError),
         (403, "SignatureDoesNotMatch", StorageError),
         (403, "RequestTimeTooSkewed", StorageError),
         (400, "ExpiredToken", StorageError),
+        (400, "TokenRefreshRequired", StorageError),
         (400, "RequestTimeout", StorageError),
         (408, "RequestTimeout", StorageError),
-        (429, "SlowDown", StorageError),
+        (408, "408", StorageError),
+        (429, "TooManyRequests", StorageError),
         (503, "SlowDown", StorageError),
         (500, "InternalError", StorageError),
     ]:
