@@ -19,6 +19,7 @@ Instance UID (the order WADO-RS answers in) without parsing any DICOM JSON.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import IO, Any
@@ -84,20 +85,44 @@ def index_state(response: dict[str, Any]) -> dict[str, tuple[int, float | None]]
     return {b["key"]: (b["doc_count"], b["last"]["value"]) for b in buckets}
 
 
-def absolute_bulk_uris(model: Any, base: str) -> Any:
-    """BulkDataURIs stored relative (``studies/.../bulk/TAG``) made absolute under ``base``."""
-    if isinstance(model, dict):
-        return {
-            k: (
-                f"{base}/{v}"
-                if k == "BulkDataURI" and isinstance(v, str) and not v.startswith("http")
-                else absolute_bulk_uris(v, base)
-            )
-            for k, v in model.items()
-        }
+def absolute_bulk_uris(model: Any, base: str, _path: str = "") -> Any:
+    """A DICOM JSON data set (tag -> element) with its BulkDataURIs stored relative (``studies/.../bulk/TAG``)
+    made absolute under ``base``, those inside sequences too.
+
+    Headers stored before BulkDataURIs carried paths name a value inside a sequence by its tag alone
+    (``.../bulk/7FE00010`` for an icon's pixel data), a URI the bulk data route reads as the top-level
+    element. Such a flat URI of a nested element is written here as its path (``.../bulk/00880200/0/7FE00010``,
+    items from 0): the walk knows where each value is. A URI already a path, a top-level one and an
+    absolute one are left as they are."""
     if isinstance(model, list):
         return [absolute_bulk_uris(v, base) for v in model]
-    return model
+    if not isinstance(model, dict):
+        return model
+    return {tag: _element_uris(element, base, f"{_path}{tag}") for tag, element in model.items()}
+
+
+# The end of a BulkDataURI naming an element by its tag alone.
+_FLAT = re.compile(r"/bulk/([0-9A-Fa-f]{8})$")
+
+
+def _element_uris(element: Any, base: str, path: str) -> Any:
+    if not isinstance(element, dict):
+        return element
+    out: dict[str, Any] = {}
+    for key, value in element.items():
+        if key == "BulkDataURI" and isinstance(value, str) and not value.startswith("http"):
+            flat = _FLAT.search(value)
+            if "/" in path and flat and flat.group(1).upper() == path.rpartition("/")[2].upper():
+                value = value[: flat.start(1)] + path.upper()  # a nested value named by its tag alone
+            out[key] = f"{base}/{value}"
+        elif key == "Value" and isinstance(value, list):
+            out[key] = [
+                absolute_bulk_uris(item, base, f"{path}/{index}/") if isinstance(item, dict) else item
+                for index, item in enumerate(value)
+            ]
+        else:
+            out[key] = value
+    return out
 
 
 def encode_entry(sop_instance_uid: str, model: dict[str, Any]) -> bytes:

@@ -246,7 +246,7 @@ class DicomWeb:
         stored = doc.get("dicom") or {}
         for key in model:
             if key in stored and _has_bulk_uri(stored[key]):
-                model[key] = absolute_bulk_uris(stored[key], base)
+                model[key] = absolute_bulk_uris({key: stored[key]}, base)[key]
         url = f"{base}/studies/{doc.get('study_instance_uid')}"
         if level in ("SERIES", "IMAGE"):
             url += f"/series/{doc.get('series_instance_uid')}"
@@ -445,9 +445,12 @@ class DicomWeb:
         ``application/octet-stream`` alone is asked first. Encapsulated pixel data is sent frame by frame,
         as the frames route sends every frame (native by default, as stored when asked).
 
-        The Accept header is settled before any value is read. A top-level value is streamed from its
-        offset in the object's file, which stays open (and, from S3, downloaded) until the body is sent;
-        head, value and tail are separate chunks, never joined. A big-endian object's OW, OF, OL, OD and
+        The Accept header is settled before any value is read. The object's file is opened once: its file
+        meta, its header and the value are read through that one handle (the version it was opened on). A
+        top-level value is streamed from its offset in that file, which stays open (and, from S3,
+        downloaded) until the body is sent; head, value and tail are separate chunks, never joined. A
+        deflated object's value is read through pydicom (its offsets are in the inflated data set), capped
+        as a value inside a sequence is (413). A big-endian object's OW, OF, OL, OD and
         OV values are sent in little endian (the default transfer syntax, Explicit VR Little Endian)."""
         try:
             steps = bulk_steps(request.path_params["path"])
@@ -463,21 +466,24 @@ class DicomWeb:
             if key is None:
                 raise ObjectNotFound("invalid UIDs")
             path = files.enter_context(local_file(self.archive, key))
-            encapsulated = bulk_is_encapsulated_pixels(path, steps)
+            # Opened once: the file meta, the header, a deferred value and the streamed bytes all come from
+            # this one open file. An archive REPLACE renaming a new version over the path meanwhile leaves
+            # the old one readable through it, never the old version's offset applied to the new bytes.
+            stream = files.enter_context(open(path, "rb"))
+            encapsulated = bulk_is_encapsulated_pixels(stream, steps)
             syntax = EXPLICIT_LE
             if encapsulated is not None:
                 syntax, part_type = frame_syntax(accept, encapsulated)
                 multipart = True
             else:
                 multipart, part_type = bulk_multipart(accept), "application/octet-stream"
-            found = read_bulk(path, steps)
+            found = read_bulk(stream, steps)
             if isinstance(found, EncapsulatedPixels):
                 numbers = list(range(1, found.count + 1))
-                frames = frame_bytes(path, numbers) if syntax == AS_STORED else decoded_frames(path, numbers)
+                frames = frame_bytes(stream, numbers) if syntax == AS_STORED else decoded_frames(stream, numbers)
                 files.close()
                 chunks: Iterator[Any] = iter(frames)
             else:
-                stream = files.enter_context(open(path, "rb"))
                 chunks = bulk_chunks(stream, found)
         except FileNotFoundError:  # ObjectNotFound
             files.close()

@@ -99,6 +99,9 @@ def run_dicomweb(config: Config, app: Starlette, authenticated: bool) -> None:
         port=web.port,
         log_level="warning",
         access_log=False,  # URLs hold UIDs and query values (names): not for the logs
+        # uvicorn reads X-Forwarded-Proto/-For from 127.0.0.1 by default: off, so the base of the URLs
+        # answers carry is [dicomweb] public_url or the request itself, never a header (docs/DICOMWEB.md).
+        proxy_headers=False,
         ssl_certfile=web.tls_cert_file or None,
         ssl_keyfile=web.tls_key_file or None,
     )

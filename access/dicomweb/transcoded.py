@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Generator, Iterator
 from io import BytesIO
 from pathlib import Path
+from typing import BinaryIO
 
 import anyio
 import structlog
@@ -118,15 +119,16 @@ async def multipart_explicit_le(archive: ObjectStore, keys: list[str], boundary:
             )
 
 
-def decoded_frames(path: Path, numbers: list[int]) -> list[bytes]:
-    """Frames (1-based) of a compressed or big endian object as native little endian pixels, decoded one by one.
+def decoded_frames(source: Path | BinaryIO, numbers: list[int]) -> list[bytes]:
+    """Frames (1-based) of a compressed or big endian object (its path, or its open file) as native little
+    endian pixels, decoded one by one.
 
     LookupError when the object has no pixel data, IndexError for a frame it does not have, CorruptObject
     when its header or the length of its native pixel data is wrong, TranscodeError when a frame cannot be
     decoded here."""
     from pydicom.pixels import pixel_array
 
-    ds = read_archived(path, defer_size=1024)  # large values (the pixel data) left on disk until read
+    ds = read_archived(source, defer_size=1024)  # large values (the pixel data) left on disk until read
     if "PixelData" not in ds:
         raise LookupError("the object has no pixel data")  # as from wado.frame_bytes: 404 either way
     count = frame_count(ds, numbers)
@@ -140,7 +142,9 @@ def decoded_frames(path: Path, numbers: list[int]) -> list[bytes]:
     frames = []
     for number in numbers:
         try:
-            array = pixel_array(path, index=number - 1)
+            if not isinstance(source, Path | str):
+                source.seek(0)  # an open file (the one the header was read from): from its start
+            array = pixel_array(source, index=number - 1)
         except Exception as exc:  # pydicom raises by plugin: RuntimeError, ValueError, NotImplementedError...
             raise TranscodeError(f"frame {number} is not decodable here ({decoder_reason(exc)})") from exc
         frames.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())

@@ -45,6 +45,7 @@ __all__ = [
     "compressed",
     "native_frame_size",
     "read_archived",
+    "stored_syntax",
     "transfer_syntax",
 ]
 
@@ -257,24 +258,65 @@ def check_native_length(stored: int, count: int, needed: int) -> None:
         raise CorruptObject(f"its pixel data holds {stored} bytes, its {count} frame(s) need {needed}")
 
 
-def read_archived(path: Path, **options: Any) -> Any:
-    """The archived object's data set (pydicom's ``dcmread`` ``options``); CorruptObject when pydicom
-    cannot read it, which pydicom says in many kinds of errors."""
-    import pydicom
+def stored_syntax(source: Path | BinaryIO) -> Any:
+    """The Transfer Syntax UID of the archived object at ``source`` (a path, or its open file, left at
+    its start), from its file meta information only; InvalidDicomError when it has none, CorruptObject
+    when it names no transfer syntax."""
+    from pydicom.filereader import _read_file_meta_info, read_file_meta_info, read_preamble
+
+    if isinstance(source, Path | str):
+        return transfer_syntax(read_file_meta_info(source))
+    source.seek(0)
+    try:
+        read_preamble(source, False)
+        return transfer_syntax(_read_file_meta_info(source))
+    finally:
+        source.seek(0)
+
+
+def _deflated(source: Path | BinaryIO) -> bool:
+    """Whether the object is Deflated Explicit VR Little Endian (no when its file meta cannot say: pydicom
+    then reads it as before, and says what is wrong)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     try:
-        return pydicom.dcmread(path, **options)
+        return bool(stored_syntax(source) == DeflatedExplicitVRLittleEndian)
+    except OSError:
+        raise
+    except Exception:
+        if not isinstance(source, Path | str):
+            source.seek(0)
+        return False
+
+
+def read_archived(source: Path | BinaryIO, **options: Any) -> Any:
+    """The archived object's data set (pydicom's ``dcmread`` ``options``), from its path or its open file
+    (read from its start; a deferred value is then read from that same file, not from the path again);
+    CorruptObject when pydicom cannot read it, which pydicom says in many kinds of errors.
+
+    A Deflated Explicit VR Little Endian object is read without ``defer_size``: pydicom inflates it whole
+    in memory, and a deferred value's position is one in the inflated data set, which pydicom would look
+    for in the deflated file (another element's bytes, or an error)."""
+    import pydicom
+
+    if options.get("defer_size") is not None and _deflated(source):
+        options = {**options, "defer_size": None}
+    try:
+        if not isinstance(source, Path | str):
+            source.seek(0)
+        return pydicom.dcmread(source, **options)
     except OSError:
         raise  # the archive's fault, not the object's
     except Exception as exc:
         raise CorruptObject(f"pydicom cannot read it ({type(exc).__name__})") from None
 
 
-def frame_bytes(path: Path, numbers: list[int]) -> list[bytes]:
-    """The frames (1-based) of an archived object: native pixel data sliced, encapsulated frames as stored."""
+def frame_bytes(source: Path | BinaryIO, numbers: list[int]) -> list[bytes]:
+    """The frames (1-based) of an archived object (its path or its open file): native pixel data sliced,
+    encapsulated frames as stored."""
     from pydicom.encaps import generate_frames
 
-    ds = read_archived(path, defer_size=_DEFER)  # other large values are not read
+    ds = read_archived(source, defer_size=_DEFER)  # other large values are not read
     if "PixelData" not in ds:
         raise LookupError("the object has no pixel data")
     count = frame_count(ds, numbers)
@@ -326,12 +368,13 @@ class EncapsulatedPixels:
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 # Bytes per value swapped to send a big-endian object's value in little endian (OB and UN: bytes, as they are).
 _SWAP = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
-# A value inside a sequence is in memory once (pydicom reads the sequence holding it): no larger than this.
+# A value inside a sequence (pydicom reads the sequence holding it), or any value of a deflated object
+# (pydicom inflates it whole), is in memory once: no larger than this.
 MAX_NESTED_BULK = 256 << 20
 
 
 class BulkTooLarge(ValueError):
-    """A value inside a sequence larger than MAX_NESTED_BULK (413)."""
+    """A value held in memory (inside a sequence, or of a deflated object) larger than MAX_NESTED_BULK (413)."""
 
 
 @dataclass(frozen=True)
@@ -419,8 +462,8 @@ def _bulk_value(ds: Any, tag: int) -> BulkValue:
         raise LookupError(f"{tag:08X} holds no binary value")
     if len(value) > MAX_NESTED_BULK:
         raise BulkTooLarge(
-            f"its {tag:08X} holds {len(value)} bytes inside a sequence, over the {MAX_NESTED_BULK >> 20} MiB "
-            "this server sends of a value in a sequence"
+            f"its {tag:08X} holds {len(value)} bytes, over the {MAX_NESTED_BULK >> 20} MiB this server sends of "
+            "a value it cannot stream from the file (inside a sequence, or of a deflated object)"
         )
     return BulkValue(data=bytes(value), swap=swap)
 
@@ -443,35 +486,38 @@ def _sequence_items(ds: Any, tag: int) -> list[Any]:
         raise CorruptObject(f"its sequence {tag:08X} cannot be read") from None
 
 
-def _in_sequences(ds: Any, tag: int) -> bool:
-    """Whether ``tag`` occurs in an item (at any depth) of ``ds``'s sequences."""
+def _occurrences(ds: Any, tag: int) -> list[Any]:
+    """The items (at any depth) of ``ds``'s sequences holding ``tag``."""
+    found = []
     for key in ds.keys():  # noqa: SIM118 - iterating a Dataset yields elements, not tags
         for item in _sequence_items(ds, int(key)):
-            if tag in item or _in_sequences(item, tag):
-                return True
-    return False
+            if tag in item:
+                found.append(item)
+            found.extend(_occurrences(item, tag))
+    return found
 
 
-def bulk_is_encapsulated_pixels(path: Path, steps: list[int]) -> str | None:
+def bulk_is_encapsulated_pixels(source: Path | BinaryIO, steps: list[int]) -> str | None:
     """The stored transfer syntax when ``steps`` names the top-level pixel data of an object whose syntax
     encapsulates it (sent frame by frame); else None. Reads only the file meta information."""
-    from pydicom.filereader import read_file_meta_info
-
     if steps != [0x7FE00010]:
         return None
-    syntax = transfer_syntax(read_file_meta_info(path))
+    syntax = stored_syntax(source)
     return str(syntax) if syntax.is_encapsulated else None
 
 
-def read_bulk(path: Path, steps: list[int]) -> BulkValue | EncapsulatedPixels:
-    """Where the value ``steps`` (bulk_steps) names is in the archived object at ``path``: a BulkValue, or
-    EncapsulatedPixels. Values are not read here (defer_size), but for one inside a sequence.
+def read_bulk(source: Path | BinaryIO, steps: list[int]) -> BulkValue | EncapsulatedPixels:
+    """Where the value ``steps`` (bulk_steps) names is in the archived object at ``source`` (its path, or
+    its open file: then the file the value is streamed from, so that both are the same version of the
+    object): a BulkValue, or EncapsulatedPixels. Values are not read here (defer_size), but for one inside
+    a sequence and those of a deflated object.
 
-    A single tag names a top-level element only. Stored headers written before BulkDataURIs carried paths
-    name a value inside a sequence by its tag alone: that gets LookupError saying so, never another
-    element's bytes (an icon's pixel data named as the image's). LookupError (404) naming what is not
-    there or not bulk data; BulkTooLarge (413); CorruptObject when pydicom cannot read the object."""
-    ds = read_archived(path, defer_size=_DEFER)
+    A single tag names a top-level element. Stored headers written before BulkDataURIs carried paths name
+    a value inside a sequence by its tag alone: such a tag, not at the top level, is served when it occurs
+    exactly once in the object's sequences (it can be no other element's bytes), and is 404 saying how to
+    name one by its path when it occurs more often. LookupError (404) naming what is not there or not bulk
+    data; BulkTooLarge (413); CorruptObject when pydicom cannot read the object."""
+    ds = read_archived(source, defer_size=_DEFER)
     tag = steps[-1]
     if len(steps) == 1 and tag == 0x7FE00010 and tag in ds:
         syntax = transfer_syntax(ds.file_meta)
@@ -486,11 +532,13 @@ def read_bulk(path: Path, steps: list[int]) -> BulkValue | EncapsulatedPixels:
     if tag not in holder:
         if len(steps) > 1:
             raise LookupError(f"the object has no {tag:08X} there")
-        if _in_sequences(ds, tag):
+        places = _occurrences(ds, tag)
+        if not places:
+            raise LookupError(f"the object has no {tag:08X}")
+        if len(places) > 1:
             raise LookupError(
-                f"the object has no {tag:08X} at its top level, only inside a sequence: this BulkDataURI comes "
-                "from a stored header that predates BulkDataURI paths (TAG/ITEM/TAG); re-index the object, or "
-                "read its metadata again once re-indexed"
+                f"the object has no {tag:08X} at its top level, and {len(places)} in its sequences: name one by "
+                "its path TAG/ITEM/TAG (the BulkDataURIs of the metadata this service answers now)"
             )
-        raise LookupError(f"the object has no {tag:08X}")
+        holder = places[0]
     return _bulk_value(holder, tag)

@@ -397,8 +397,7 @@ def test_encapsulated_pixel_data_is_sent_frame_by_frame(tmp_path):
         ("1.2.3.4.1", "0040A730/x/00281201", None, 400, "TAG/ITEM/TAG"),
         ("1.2.3.4.1", "00420011", None, 404, "has no 00420011"),
         ("1.2.3.4.9", "7FE00010", None, 404, "no such study, series or instance"),
-        ("1.2.3.4.3", "00281201", None, 404, "predates BulkDataURI paths"),
-        ("1.2.3.4.3", "60003000", None, 404, "predates BulkDataURI paths"),
+        ("1.2.3.4.3", "00281201", None, 404, "no 00281201 at its top level, and 2 in its sequences"),
         ("1.2.3.4.1", "00100010", None, 404, "has VR PN: only bulk data values"),
         ("1.2.3.4.1", "00080008", None, 404, "has VR CS"),
         ("1.2.3.4.3", "00080016", None, 404, "has VR UI"),
@@ -569,3 +568,131 @@ def test_includefield_all_gives_bulk_data_their_bulk_data_uri(tmp_path):
     assert answer["7FE00010"] == {"vr": "OW", "BulkDataURI": f"{base}/7FE00010"}
     icon = answer["00880200"]["Value"][0]
     assert icon["7FE00010"] == {"vr": "OW", "BulkDataURI": f"{base}/00880200/0/7FE00010"}
+
+
+# ---------------------------------------------------------------- 7. bulk data: second review
+
+
+def _deflated_copy(tmp_path: Path, sop: str, new_sop: str) -> Path:
+    """The archived object ``sop`` archived again as ``new_sop``, Deflated Explicit VR Little Endian."""
+    from tests.support.dicomgen import write_deflated
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(tmp_path / archive_path(STUDY, SERIES, sop))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = new_sop
+    return write_deflated(ds, tmp_path / archive_path(STUDY, SERIES, new_sop))
+
+
+def test_a_deflated_objects_values_are_its_own_bytes(tmp_path, monkeypatch):
+    """A deferred value's offset is one in the inflated data set: the bytes are read through pydicom, not
+    from that offset in the deflated file (which sent other bytes with a 200)."""
+    from diana.access.dicomweb import wado
+
+    docs, pdf, other = _with_documents(tmp_path)
+    mr = pydicom.dcmread(tmp_path / archive_path(STUDY, SERIES, "1.2.3.4.1"))
+    _deflated_copy(tmp_path, "1.2.3.4.3", "1.2.3.4.13")
+    _deflated_copy(tmp_path, "1.2.3.4.1", "1.2.3.4.11")
+    deflated = [dict(docs[0], sop_instance_uid=sop) for sop in ("1.2.3.4.13", "1.2.3.4.11")]
+    app = _app(_Reader(docs=docs + deflated), tmp_path)
+    single = {"accept": "application/octet-stream"}
+    for sop, path, value in (
+        ("1.2.3.4.13", "00420011", pdf),
+        ("1.2.3.4.13", "00081140/0/60003000", other),
+        ("1.2.3.4.13", "0040A730/1/00281201", b"\x02\x03" * 600),
+        ("1.2.3.4.11", "7FE00010", mr.PixelData),
+    ):
+        status, _, body = _call(app, _bulk(sop, path), "", single)
+        assert (status, body == value) == (200, True), (path, body[:200])
+    # frame_bytes reads the object with defer_size too.
+    deflated_mr = tmp_path / archive_path(STUDY, SERIES, "1.2.3.4.11")
+    assert wado.frame_bytes(deflated_mr, [1]) == [mr.PixelData]
+    # Held in memory: capped as a value inside a sequence is.
+    monkeypatch.setattr(wado, "MAX_NESTED_BULK", 1000)
+    status, _, body = _call(app, _bulk("1.2.3.4.13", "00420011"))
+    assert status == 413 and b"deflated" in body, body
+
+
+def test_the_bulk_route_reads_one_version_of_a_file_replaced_meanwhile(tmp_path, monkeypatch):
+    """An archive REPLACE renames a new version over the path between reading where the value is and
+    sending it: the old version's offset is never applied to the new file's bytes."""
+    import builtins
+    import os
+
+    from diana.access.dicomweb import app as app_module
+    from diana.access.dicomweb import wado
+
+    docs, pdf, _ = _with_documents(tmp_path)
+    path = tmp_path / archive_path(STUDY, SERIES, "1.2.3.4.3")
+    ds = pydicom.dcmread(path)
+    ds.StudyDescription = "x" * 500  # the new version: the value further on, and other bytes
+    ds.EncapsulatedDocument = b"%PDF-9.9" + bytes(reversed(range(256))) * 8
+    newer = tmp_path / "newer.dcm"
+    ds.save_as(newer, enforce_file_format=True)
+    original = wado.read_bulk
+    opened: list[Any] = []
+    real_open = builtins.open
+
+    def replaced_after(source, steps):
+        found = original(source, steps)
+        os.replace(newer, path)  # what the archive does on REPLACE
+        return found
+
+    def counting_open(file, *args, **kwargs):
+        if str(file) == str(path):
+            opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(app_module, "read_bulk", replaced_after)
+    monkeypatch.setattr(builtins, "open", counting_open)
+    app = _app(_Reader(docs=docs), tmp_path)
+    status, _, body = _call(app, _bulk("1.2.3.4.3", "00420011"), "", {"accept": "application/octet-stream"})
+    assert status == 200 and body == pdf  # the version the request opened, whole
+    assert len(opened) == 1  # meta, header and value through one open file
+
+
+def test_flat_uris_of_nested_values_in_stored_headers_are_served_as_paths(tmp_path):
+    """Headers stored before BulkDataURI paths keep their flat URIs (reindex re-uses them): the metadata
+    answered writes a nested value's URI as its path; a flat one of a tag nested once is still served."""
+    doc, image, icon, doubles = _with_icon(tmp_path)
+    header = doc["dicom"]
+    item = header["00880200"]["Value"][0]
+    flat = f"studies/{STUDY}/series/{SERIES}/instances/1.2.3.4.7/bulk"
+    item["7FE00010"]["BulkDataURI"] = f"{flat}/7FE00010"  # as the builder wrote them before 999455f
+    item["7FE00009"]["BulkDataURI"] = f"{flat}/7FE00009"
+    app = _app(_Reader(docs=[doc], matches=[Match(document=doc, computed={})]), tmp_path)
+    status, _, body = _call(app, f"/studies/{STUDY}/series/{SERIES}/instances/1.2.3.4.7/metadata")
+    assert status == 200, body
+    (answer,) = json.loads(body)
+    base = f"http://127.0.0.1:8088/{flat}"
+    assert answer["7FE00010"]["BulkDataURI"] == f"{base}/7FE00010"
+    icon_item = answer["00880200"]["Value"][0]
+    assert icon_item["7FE00010"]["BulkDataURI"] == f"{base}/00880200/0/7FE00010"
+    assert icon_item["7FE00009"]["BulkDataURI"] == f"{base}/00880200/0/7FE00009"
+    for uri, value in ((icon_item["7FE00010"]["BulkDataURI"], icon), (icon_item["7FE00009"]["BulkDataURI"], doubles)):
+        status, head, got = _call(app, uri.removeprefix("http://127.0.0.1:8088"))
+        assert status == 200 and _parts(head, got) == [("application/octet-stream", value)]
+    # The flat URI a client kept: the top-level element of that tag if there is one, else the one nested value.
+    assert _parts(*_call(app, f"/{flat}/7FE00010")[1:]) == [("application/octet-stream", image)]
+    assert _parts(*_call(app, f"/{flat}/7FE00009")[1:]) == [("application/octet-stream", doubles)]
+    # QIDO's includefield too.
+    status, _, body = _call(app, f"/studies/{STUDY}/series/{SERIES}/instances", "includefield=all")
+    (found,) = json.loads(body)
+    assert found["00880200"]["Value"][0]["7FE00009"]["BulkDataURI"] == f"{base}/00880200/0/7FE00009"
+
+
+def test_a_flat_uri_of_a_tag_nested_once_is_served(tmp_path):
+    docs, _, other = _with_documents(tmp_path)
+    app = _app(_Reader(docs=docs), tmp_path)
+    assert _parts(*_call(app, _bulk("1.2.3.4.3", "60003000"))[1:]) == [("application/octet-stream", other)]
+
+
+def test_the_server_reads_no_forwarded_headers(monkeypatch):
+    """uvicorn's default reads X-Forwarded-Proto/-For from 127.0.0.1; public_url is the documented way."""
+    from diana.access.dicomweb import server
+    from diana.config import Config
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(server.uvicorn, "run", lambda app, **options: seen.update(options))
+    server.run_dicomweb(Config(), None, False)  # type: ignore[arg-type]
+    assert seen["proxy_headers"] is False

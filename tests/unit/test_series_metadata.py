@@ -51,3 +51,19 @@ def test_the_path_is_a_dot_file_in_the_series_folder_and_only_uids_name_it():
     assert series_metadata_path("1.2", "1.2.3") == "1.2/1.2.3/.wado-metadata"
     with pytest.raises(ValueError):
         series_metadata_path("1.2", "../../etc")
+
+
+def test_a_flat_uri_of_a_nested_value_is_written_as_its_path():
+    """Headers stored before BulkDataURI paths name a nested value by its tag alone: answered as its path."""
+    out = absolute_bulk_uris(MODEL, "http://h")
+    item = out["00400275"]["Value"][0]
+    assert item["00420011"]["BulkDataURI"] == "http://h/studies/1.2/bulk/00400275/0/00420011"
+    assert out["7FE00010"]["BulkDataURI"] == "http://h/studies/1.2/series/3.4/instances/5.6/bulk/7FE00010"
+    assert out["00091001"]["BulkDataURI"] == "https://elsewhere.example/bulk"  # absolute: as it is
+    path = {
+        "00400275": {"vr": "SQ", "Value": [{"00420011": {"vr": "OB", "BulkDataURI": "s/bulk/00400275/0/00420011"}}]}
+    }
+    assert (
+        absolute_bulk_uris(path, "b")["00400275"]["Value"][0]["00420011"]["BulkDataURI"]
+        == "b/s/bulk/00400275/0/00420011"
+    )
