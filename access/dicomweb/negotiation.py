@@ -103,18 +103,10 @@ def parse_accept(header: str | None) -> list[MediaRange]:
 
 def dicom_syntax(header: str | None) -> str:
     """For a study, series or instance retrieve: ``AS_STORED`` or ``EXPLICIT_LE``, from the first range served."""
-    refused = []
+    refused: list[str] = []
     for media in parse_accept(header):
-        if media.media_type in ("*/*", "multipart/*") or (
-            media.media_type == "multipart/related"
-            and media.part_type in ("", "*/*", "application/*", "application/dicom")
-        ):
-            syntax = media.params.get("transfer-syntax", EXPLICIT_LE)
-            if syntax in (AS_STORED, EXPLICIT_LE):
-                return syntax
-            refused.append(f"transfer-syntax={syntax}")
-        else:
-            refused.append(media.media_type + (f'; type="{media.part_type}"' if media.part_type else ""))
+        if syntax := _multipart_syntax(media, "application/dicom", refused):
+            return syntax
     raise NotAcceptable(
         f"cannot produce {', '.join(refused) or 'nothing asked'}: this server sends "
         f'multipart/related; type="application/dicom" with transfer-syntax=* (each object as stored) '
@@ -152,24 +144,31 @@ def bulk_multipart(header: str | None) -> bool:
     """For one bulk data value (PS3.18 8.7.3.3.1): True for ``multipart/related; type="application/octet-stream"``
     (the default, and what dicomweb-client asks), False for a single-part ``application/octet-stream``
     asked before it; NotAcceptable saying what can be asked for otherwise."""
-    refused = []
+    refused: list[str] = []
     for media in parse_accept(header):
         if media.media_type == "application/octet-stream":
             return False
-        if media.media_type in ("*/*", "multipart/*") or (
-            media.media_type == "multipart/related"
-            and media.part_type in ("", "*/*", "application/*", "application/octet-stream")
-        ):
-            syntax = media.params.get("transfer-syntax", EXPLICIT_LE)
-            if syntax in (AS_STORED, EXPLICIT_LE):
-                return True
-            refused.append(f"transfer-syntax={syntax}")
-        else:
-            refused.append(media.media_type + (f'; type="{media.part_type}"' if media.part_type else ""))
+        if _multipart_syntax(media, "application/octet-stream", refused):
+            return True
     raise NotAcceptable(
         f"cannot produce {', '.join(refused) or 'nothing asked'}: this server sends a bulk data value as "
         'multipart/related; type="application/octet-stream" (the default) or application/octet-stream'
     )
+
+
+def _multipart_syntax(media: MediaRange, part_type: str, refused: list[str]) -> str | None:
+    """The transfer syntax ``media`` asks of a multipart/related answer of ``part_type`` parts (``AS_STORED``
+    or ``EXPLICIT_LE``); None, with what was refused added to ``refused``, if it asks something else."""
+    if media.media_type in ("*/*", "multipart/*") or (
+        media.media_type == "multipart/related" and media.part_type in ("", "*/*", "application/*", part_type)
+    ):
+        syntax = media.params.get("transfer-syntax", EXPLICIT_LE)
+        if syntax in (AS_STORED, EXPLICIT_LE):
+            return syntax
+        refused.append(f"transfer-syntax={syntax}")
+    else:
+        refused.append(media.media_type + (f'; type="{media.part_type}"' if media.part_type else ""))
+    return None
 
 
 def _media_of(stored: str) -> str:
