@@ -274,7 +274,7 @@ def _pixel_data(fh: BinaryIO, ds: pydicom.Dataset, total: int) -> bool:
         head = fh.read(8)
         if len(head) < 4:
             return found
-        tag = (int.from_bytes(head[0:2], order) << 16) | int.from_bytes(head[2:4], order)
+        tag = _tag_of(head, order)
         name = _PIXEL_TAGS.get(tag)
         if name is None:
             return found  # elements after the pixel data are not checked
@@ -305,8 +305,11 @@ def _pixel_data(fh: BinaryIO, ds: pydicom.Dataset, total: int) -> bool:
 def _tag_at(fh: BinaryIO, order: Literal["little", "big"]) -> int | None:
     """The tag at the file's position (None when fewer than 4 bytes are left)."""
     head = fh.read(4)
-    if len(head) < 4:
-        return None
+    return _tag_of(head, order) if len(head) == 4 else None
+
+
+def _tag_of(head: bytes, order: Literal["little", "big"]) -> int:
+    """The tag (group << 16 | element) in the first four bytes of ``head``."""
     return (int.from_bytes(head[0:2], order) << 16) | int.from_bytes(head[2:4], order)
 
 
@@ -345,8 +348,7 @@ def _fragments_end(fh: BinaryIO, offset: int, total: int, order: Literal["little
         item = fh.read(8)
         if len(item) < 8:
             raise Truncated(f"{name} ends before its sequence delimitation item: truncated")
-        tag = (int.from_bytes(item[0:2], order) << 16) | int.from_bytes(item[2:4], order)
-        length = int.from_bytes(item[4:8], order)
+        tag, length = _tag_of(item, order), int.from_bytes(item[4:8], order)
         if tag == _SEQUENCE_DELIMITER:
             return offset + 8
         if tag != _ITEM or length == _UNDEFINED_LENGTH:
