@@ -53,7 +53,7 @@ from diana.access.dicomweb.stow import (
     response_json,
     split_and_store,
 )
-from diana.access.dicomweb.transcoded import decoded_frames, multipart_explicit_le
+from diana.access.dicomweb.transcoded import decoded_frames, iter_decoded_frames, multipart_explicit_le
 from diana.access.dicomweb.wado import (
     BulkTooLarge,
     CorruptObject,
@@ -67,6 +67,7 @@ from diana.access.dicomweb.wado import (
     multipart_dicom,
     new_boundary,
     read_bulk,
+    stored_frames,
     transfer_syntax,
 )
 from diana.access.qr.identifier import IdentifierError, Query, parse_identifier
@@ -443,7 +444,8 @@ class DicomWeb:
         """One bulk data value a stored header's BulkDataURI names (PS3.18 10.4.1.1.5), read from the archived
         object: ``multipart/related; type="application/octet-stream"`` (one part), or a single part when
         ``application/octet-stream`` alone is asked first. Encapsulated pixel data is sent frame by frame,
-        as the frames route sends every frame (native by default, as stored when asked).
+        as the frames route sends every frame (native by default, as stored when asked); frames as stored are
+        read from the open file one at a time as the body is sent.
 
         The Accept header is settled before any value is read. The object's file is opened once: its file
         meta, its header and the value are read through that one handle (the version it was opened on). A
@@ -480,9 +482,11 @@ class DicomWeb:
             found = read_bulk(stream, steps)
             if isinstance(found, EncapsulatedPixels):
                 numbers = list(range(1, found.count + 1))
-                frames = frame_bytes(stream, numbers) if syntax == AS_STORED else decoded_frames(stream, numbers)
-                files.close()
-                chunks: Iterator[Any] = iter(frames)
+                # Read (and decoded) frame by frame from the open file as the body is sent.
+                if syntax == AS_STORED:
+                    chunks: Iterator[Any] = stored_frames(stream, numbers)
+                else:
+                    chunks = iter_decoded_frames(stream, numbers)
             else:
                 chunks = bulk_chunks(stream, found)
         except FileNotFoundError:  # ObjectNotFound
@@ -539,6 +543,11 @@ def _bulk_parts(chunks: Iterator[Any], each_a_part: bool, boundary: str, part_ty
 def _closing(chunks: Iterator[Any], files: ExitStack) -> Iterator[Any]:
     try:
         yield from chunks
+    except (CorruptObject, TranscodeError, OSError) as exc:
+        # The status went out with the first bytes: the connection is cut, so the client sees the body end
+        # without its closing boundary (a short body), never a shorter value passed off as whole.
+        log.error("wado.body_cut", reason=type(exc).__name__ if isinstance(exc, OSError) else str(exc))
+        raise
     finally:
         files.close()
 

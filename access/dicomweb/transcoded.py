@@ -9,6 +9,7 @@ Frames of a compressed object are decoded one by one when native pixels are aske
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Generator, Iterator
 from io import BytesIO
 from pathlib import Path
@@ -38,7 +39,7 @@ from diana.access.transcode import (
 )
 from diana.storage import ObjectNotFound, ObjectStore
 
-__all__ = ["decoded_frames", "multipart_explicit_le"]
+__all__ = ["decoded_frames", "iter_decoded_frames", "multipart_explicit_le"]
 
 # The file meta group ends within this many bytes in any object seen; a longer one is read whole.
 _META_PREFIX = 64 << 10
@@ -121,13 +122,17 @@ async def multipart_explicit_le(archive: ObjectStore, keys: list[str], boundary:
 
 def decoded_frames(source: Path | BinaryIO, numbers: list[int]) -> list[bytes]:
     """Frames (1-based) of a compressed or big endian object (its path, or its open file) as native little
-    endian pixels, decoded one by one.
+    endian pixels, decoded one by one (iter_decoded_frames), all of them before this returns."""
+    return list(iter_decoded_frames(source, numbers))
+
+
+def iter_decoded_frames(source: Path | BinaryIO, numbers: list[int]) -> Iterator[bytes]:
+    """The frames of decoded_frames, each decoded when its turn comes; the first one before this returns,
+    so an object whose frames cannot be decoded here is refused before a body is started.
 
     LookupError when the object has no pixel data, IndexError for a frame it does not have, CorruptObject
     when its header or the length of its native pixel data is wrong, TranscodeError when a frame cannot be
     decoded here."""
-    from pydicom.pixels import pixel_array
-
     ds = read_archived(source, defer_size=1024)  # large values (the pixel data) left on disk until read
     if "PixelData" not in ds:
         raise LookupError("the object has no pixel data")  # as from wado.frame_bytes: 404 either way
@@ -139,13 +144,19 @@ def decoded_frames(source: Path | BinaryIO, numbers: list[int]) -> list[bytes]:
         check_native_length(stored, count, needed)
     if decoded_size(ds) // count * len(numbers) > MAX_DECODED_BYTES:
         raise TranscodeError(f"the frames asked for would take more than {MAX_DECODED_BYTES >> 20} MiB decoded")
-    frames = []
-    for number in numbers:
-        try:
-            if not isinstance(source, Path | str):
-                source.seek(0)  # an open file (the one the header was read from): from its start
-            array = pixel_array(source, index=number - 1)
-        except Exception as exc:  # pydicom raises by plugin: RuntimeError, ValueError, NotImplementedError...
-            raise TranscodeError(f"frame {number} is not decodable here ({decoder_reason(exc)})") from exc
-        frames.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
-    return frames
+    if not numbers:
+        return iter(())
+    first = _decoded_frame(source, numbers[0])
+    return itertools.chain([first], (_decoded_frame(source, number) for number in numbers[1:]))
+
+
+def _decoded_frame(source: Path | BinaryIO, number: int) -> bytes:
+    from pydicom.pixels import pixel_array
+
+    try:
+        if not isinstance(source, Path | str):
+            source.seek(0)  # an open file (the one the header was read from): from its start
+        array = pixel_array(source, index=number - 1)
+    except Exception as exc:  # pydicom raises by plugin: RuntimeError, ValueError, NotImplementedError...
+        raise TranscodeError(f"frame {number} is not decodable here ({decoder_reason(exc)})") from exc
+    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()

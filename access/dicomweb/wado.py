@@ -11,6 +11,7 @@ receiver stored with each indexed instance, its BulkDataURIs made absolute under
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -39,6 +40,7 @@ __all__ = [
     "metadata",
     "new_boundary",
     "frame_bytes",
+    "stored_frames",
     "frame_count",
     "frame_numbers",
     "check_native_length",
@@ -313,26 +315,126 @@ def read_archived(source: Path | BinaryIO, **options: Any) -> Any:
 
 def frame_bytes(source: Path | BinaryIO, numbers: list[int]) -> list[bytes]:
     """The frames (1-based) of an archived object (its path or its open file): native pixel data sliced,
-    encapsulated frames as stored."""
-    from pydicom.encaps import generate_frames
+    encapsulated frames as stored. Only the frames asked for are read (stored_frames)."""
+    if isinstance(source, Path | str):
+        with open(source, "rb") as stream:
+            return list(stored_frames(stream, numbers))
+    return list(stored_frames(source, numbers))
 
-    ds = read_archived(source, defer_size=_DEFER)  # other large values are not read
+
+def stored_frames(stream: BinaryIO, numbers: list[int]) -> Iterator[bytes]:
+    """The frames (1-based) of the archived object open as ``stream``, as stored, each read from the file
+    when its turn comes: a frame request of a multi-frame object (a viewer asks for them one by one) reads
+    that frame, not the whole pixel data. The header is read and checked first (LookupError without pixel
+    data, IndexError for a frame the object does not have, CorruptObject when its native pixel data is
+    shorter than its frames); a frame that cannot be read raises CorruptObject when its turn comes.
+
+    A value pydicom holds in memory (a small one, any value of a deflated object, whose offsets are in the
+    inflated data set) is sliced as it is."""
+    from pydicom.dataelem import RawDataElement
+
+    ds = read_archived(stream, defer_size=_DEFER)  # other large values are not read
     if "PixelData" not in ds:
         raise LookupError("the object has no pixel data")
     count = frame_count(ds, numbers)
+    element = ds.get_item("PixelData", keep_deferred=True)
+    deferred = isinstance(element, RawDataElement) and element.value is None
     if compressed(ds):
-        try:
-            frames = list(generate_frames(ds.PixelData, number_of_frames=count))
-        except Exception as exc:  # a broken item or offset table: pydicom's ValueError, struct.error...
-            raise CorruptObject(
-                f"its encapsulated pixel data cannot be split in frames ({type(exc).__name__})"
-            ) from None
-        if len(frames) < count:
-            raise CorruptObject(f"its encapsulated pixel data holds {len(frames)} of its {count} frames")
-        return [frames[n - 1] for n in numbers]
+        offsets = _extended_offsets(ds)
+        if deferred:
+            return _encapsulated_frames(stream, element.value_tell, numbers, count, offsets)
+        return _encapsulated_frames(ds.PixelData, 0, numbers, count, offsets)
     size, needed = native_frame_size(ds, count)
-    check_native_length(len(ds.PixelData), count, needed)
-    return [bytes(ds.PixelData[(n - 1) * size : n * size]) for n in numbers]
+    if deferred and element.length != _UNDEFINED_LENGTH:
+        # What the file holds of the value (a cut file's element still claims its whole length).
+        end = stream.seek(0, io.SEEK_END)
+        check_native_length(min(element.length, end - element.value_tell), count, needed)
+        return _native_frames(stream, element.value_tell, size, numbers)
+    pixels = ds.PixelData
+    check_native_length(len(pixels), count, needed)
+    return (bytes(pixels[(n - 1) * size : n * size]) for n in numbers)
+
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _extended_offsets(ds: Any) -> tuple[bytes, bytes] | None:
+    """The Extended Offset Table and its lengths (7FE0,0001-0002) when the object has both, as encoded."""
+    if 0x7FE00001 not in ds or 0x7FE00002 not in ds:
+        return None
+    try:
+        return bytes(ds[0x7FE00001].value), bytes(ds[0x7FE00002].value)
+    except OSError:
+        raise
+    except Exception:
+        raise CorruptObject("its Extended Offset Table cannot be read") from None
+
+
+def _native_frames(stream: BinaryIO, start: int, size: int, numbers: list[int]) -> Iterator[bytes]:
+    for number in numbers:
+        stream.seek(start + (number - 1) * size)
+        frame = stream.read(size)
+        if len(frame) < size:
+            raise CorruptObject(f"the object ends inside its frame {number}")
+        yield frame
+
+
+def _encapsulated_frames(
+    source: BinaryIO | bytes,
+    start: int,
+    numbers: list[int],
+    count: int,
+    offsets: tuple[bytes, bytes] | None,
+) -> Iterator[bytes]:
+    """The frames in the encapsulated value at ``start`` of ``source``, by pydicom's get_frame: with an
+    offset table it seeks to the frame; with one fragment per frame it walks the items' headers, not their
+    data. Several fragments per frame and no table is the one layout where only the data can tell where a
+    frame ends (JPEG markers): all of it is read, and served only if it holds all ``count`` frames
+    (get_frame alone would return the first fragments as frame 1 of an object short of fragments)."""
+    from pydicom.encaps import get_frame, parse_basic_offsets, parse_fragments
+
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        stream.seek(start)
+        table = offsets is not None or bool(parse_basic_offsets(stream))
+        fragments = count if table else parse_fragments(stream)[0]
+    except OSError:
+        raise
+    except Exception as exc:  # a broken item or offset table: pydicom's ValueError, struct.error...
+        raise CorruptObject(f"its encapsulated pixel data cannot be split in frames ({type(exc).__name__})") from None
+    if count > 1 and fragments != count and not table:
+        yield from _frames_by_markers(stream, start, numbers, count)
+        return
+    for number in numbers:
+        try:
+            stream.seek(start)
+            frame = get_frame(stream, number - 1, number_of_frames=count, extended_offsets=offsets)
+        except OSError:
+            raise
+        except Exception as exc:
+            raise CorruptObject(
+                f"its encapsulated pixel data has no readable frame {number} of {count} ({type(exc).__name__})"
+            ) from None
+        yield frame
+
+
+def _frames_by_markers(stream: BinaryIO, start: int, numbers: list[int], count: int) -> Iterator[bytes]:
+    from pydicom.encaps import generate_frames
+
+    wanted, kept, found = set(numbers), {}, 0
+    stream.seek(start)
+    try:
+        for found, frame in enumerate(generate_frames(stream, number_of_frames=count), start=1):
+            if found in wanted:
+                kept[found] = frame
+    except OSError:
+        raise
+    except Exception as exc:
+        raise CorruptObject(f"its encapsulated pixel data cannot be split in frames ({type(exc).__name__})") from None
+    if found < count:
+        raise CorruptObject(f"its encapsulated pixel data holds {found} of its {count} frames")
+    for number in numbers:
+        yield kept[number]
 
 
 # Bulk data (PS3.18 10.4.1.1.5): the values the stored headers point to with BulkDataURIs

@@ -390,6 +390,35 @@ def test_encapsulated_pixel_data_is_sent_frame_by_frame(tmp_path):
     assert _parts(head, body)[0][0] == "image/dicom-rle; transfer-syntax=1.2.840.10008.1.2.5"
 
 
+def test_a_multi_frame_object_is_served_frame_by_frame_on_both_routes(tmp_path):
+    """Five RLE frames: one frame asked by the frames route, all of them by the bulk route (streamed from the
+    open file one by one), decoded by default and as stored with transfer-syntax=*."""
+    import numpy as np
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import RLELossless
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    native = np.stack([(ds.pixel_array + 100 * n).astype("<u2") for n in range(5)])
+    ds.NumberOfFrames = 5
+    ds.PixelRepresentation = 0
+    ds.compress(RLELossless, native)
+    docs = [_archive(tmp_path, ds, "1.2.3.4.6")]
+    stored = list(generate_frames(ds.PixelData, number_of_frames=5))
+    app = _app(_Reader(docs=docs), tmp_path)
+    as_stored = {"accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}
+    frames_path = f"/studies/{STUDY}/series/{SERIES}/instances/1.2.3.4.6/frames/4"
+    status, head, body = _call(app, frames_path)
+    assert status == 200 and [part for _, part in _parts(head, body)] == [native[3].tobytes()]
+    status, head, body = _call(app, frames_path, "", as_stored)
+    assert status == 200 and [part for _, part in _parts(head, body)] == [stored[3]]
+    status, head, body = _call(app, _bulk("1.2.3.4.6", "7FE00010"))
+    assert status == 200 and [part for _, part in _parts(head, body)] == [frame.tobytes() for frame in native]
+    status, head, body = _call(app, _bulk("1.2.3.4.6", "7FE00010"), "", as_stored)
+    assert status == 200 and [part for _, part in _parts(head, body)] == stored
+
+
 @pytest.mark.parametrize(
     "sop, path, accept, status, says",
     [

@@ -1,0 +1,144 @@
+"""Unit: WADO-RS frames as stored read only the frames asked for (access/dicomweb/wado.py stored_frames).
+
+A viewer asks a multi-frame object's frames one request each; reading the whole pixel data for each
+made a series of N frames cost N whole reads. Each case counts the bytes read from the object's file.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, encapsulate_extended
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless
+
+from diana.access.dicomweb.wado import CorruptObject, frame_bytes, stored_frames
+
+FRAMES = 40
+ROWS = COLUMNS = 64
+FRAME_BYTES = ROWS * COLUMNS * 2
+
+
+class _CountingFile(io.FileIO):
+    """A file that counts the bytes read from it."""
+
+    read_bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        self.read_bytes += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        count = super().readinto(buffer) or 0
+        self.read_bytes += count
+        return count
+
+
+def _frame(number: int) -> bytes:
+    """Frame ``number`` (1-based): its own bytes, so a frame served for another is seen."""
+    return bytes([number % 251, (number * 7) % 251]) * (FRAME_BYTES // 2)
+
+
+def _object(tmp_path: Path, syntax: str, pixel_data: bytes, **extra: bytes) -> Path:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7.2"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7.2", "1.2.3.4.5"
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = ROWS, COLUMNS, 16, 16, 15
+    ds.SamplesPerPixel, ds.PixelRepresentation, ds.PhotometricInterpretation = 1, 0, "MONOCHROME2"
+    ds.NumberOfFrames = FRAMES
+    ds.add_new(0x7FE00010, "OB" if syntax == RLELossless else "OW", pixel_data)
+    if "offsets" in extra:
+        ds.add_new(0x7FE00001, "OV", extra["offsets"])
+        ds.add_new(0x7FE00002, "OV", extra["lengths"])
+    if syntax == RLELossless:
+        ds["PixelData"].is_undefined_length = True
+    path = tmp_path / "object.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _read(path: Path, numbers: list[int]) -> tuple[list[bytes], int]:
+    with _CountingFile(path, "r") as stream:
+        frames = list(stored_frames(stream, numbers))  # type: ignore[arg-type]
+        return frames, stream.read_bytes
+
+
+def _all_frames() -> list[bytes]:
+    return [_frame(n) for n in range(1, FRAMES + 1)]
+
+
+def _encapsulated(how: str) -> tuple[bytes, dict[str, bytes]]:
+    frames = _all_frames()
+    if how == "basic offset table":
+        return encapsulate(frames, has_bot=True), {}
+    if how == "no offset table":
+        return encapsulate(frames, has_bot=False), {}
+    data, offsets, lengths = encapsulate_extended(frames)
+    return data, {"offsets": offsets, "lengths": lengths}
+
+
+def test_a_native_frame_is_read_alone(tmp_path: Path):
+    path = _object(tmp_path, ExplicitVRLittleEndian, b"".join(_all_frames()))
+    frames, read = _read(path, [7, 33])
+    assert frames == [_frame(7), _frame(33)]
+    # The header and the two frames, not the 40 frames' 320 KiB.
+    assert read < 2 * FRAME_BYTES + 16_384, read
+    assert frame_bytes(path, [40]) == [_frame(40)]  # by path: the same
+
+
+@pytest.mark.parametrize("how", ["basic offset table", "no offset table", "extended offset table"])
+def test_an_encapsulated_frame_is_read_alone(tmp_path: Path, how: str):
+    data, extra = _encapsulated(how)
+    path = _object(tmp_path, RLELossless, data, **extra)
+    frames, read = _read(path, [1, 21, 40])
+    assert frames == [_frame(1), _frame(21), _frame(40)]
+    # Without an offset table the items' headers are walked (8 bytes each), never their data.
+    assert read < 3 * FRAME_BYTES + 16_384, read
+
+
+def test_a_deflated_object_is_sliced_in_memory_as_before(tmp_path: Path):
+    """Its offsets are the inflated data set's: pydicom reads it whole, and the frame comes from that."""
+    path = _object(tmp_path, DeflatedExplicitVRLittleEndian, b"".join(_all_frames()))
+    assert frame_bytes(path, [2, 40]) == [_frame(2), _frame(40)]
+
+
+def test_an_object_short_of_fragments_is_refused_never_served_another_frame(tmp_path: Path):
+    """Fewer fragments than its Number of Frames and no offset table: which fragments make which frame
+    cannot be told (pydicom's get_frame alone returned all 39 fragments as frame 1), so no frame is
+    served: CorruptObject, the app's 500."""
+    data = encapsulate(_all_frames()[:-1], has_bot=False)  # 39 of 40, one fragment each
+    path = _object(tmp_path, RLELossless, data)
+    for numbers in ([1], [40]):
+        with pytest.raises(CorruptObject, match="cannot be split in frames|holds [0-9]+ of its 40 frames"):
+            frame_bytes(path, numbers)
+
+
+def test_several_fragments_a_frame_without_a_table_are_split_as_pydicom_splits_them(tmp_path: Path):
+    """Two fragments a frame, no offset table: pydicom tells the frames by their JPEG end markers."""
+    frames = [b"\xff\xd8" + _frame(n)[: FRAME_BYTES - 4] + b"\xff\xd9" for n in range(1, FRAMES + 1)]
+    data = encapsulate(frames, fragments_per_frame=2, has_bot=False)
+    path = _object(tmp_path, RLELossless, data)
+    assert frame_bytes(path, [3, 40]) == [frames[2], frames[39]]
+
+
+def test_native_pixel_data_short_of_its_frames_is_refused_before_any_frame(tmp_path: Path):
+    path = _object(tmp_path, ExplicitVRLittleEndian, b"".join(_all_frames()[:-1]))
+    with pytest.raises(CorruptObject, match=f"holds {39 * FRAME_BYTES} bytes, its 40 frame.s. need"):
+        stored_frames(open(path, "rb"), [1])
+
+
+def test_a_cut_file_is_refused_before_any_frame(tmp_path: Path):
+    """The element's length says the frames are there, the file ends before: refused from the file's size,
+    before a frame is read (the bulk route streams frames after its status has gone out)."""
+    path = _object(tmp_path, ExplicitVRLittleEndian, b"".join(_all_frames()))
+    path.write_bytes(path.read_bytes()[: -FRAME_BYTES // 2])
+    assert pydicom.dcmread(path, defer_size=1024).NumberOfFrames == FRAMES  # its header reads as whole
+    with open(path, "rb") as stream, pytest.raises(CorruptObject, match="its 40 frame.s. need"):
+        stored_frames(stream, [1])
