@@ -42,6 +42,8 @@ log = structlog.get_logger("diana.ingest")
 
 # The event's header budget when none is given (tests, tools): [kafka] max_message_bytes less room.
 DEFAULT_HEADER_BUDGET = 8 * 1024 * 1024 - 256 * 1024
+# pydicom's defer_size for the header read: values longer than this are not read unless needed.
+_DEFER_BYTES = 64 << 10
 
 
 class HeaderError(ValueError):
@@ -198,7 +200,7 @@ def _header_model(ds: pydicom.Dataset, uids: dict[str, str], has_pixels: bool, b
 def _check_lengths(ds: pydicom.Dataset, total: int) -> None:
     """pydicom silently shortens an element whose length runs past the end: we call it truncated."""
     for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset yields elements, not tags
-        raw = ds.get_item(tag)
+        raw = ds.get_item(tag, keep_deferred=True)  # a deferred value's length and offset, not the value
         length = getattr(raw, "length", None)
         tell = getattr(raw, "value_tell", None)
         if length is None or tell is None or length == _UNDEFINED_LENGTH:
@@ -382,7 +384,10 @@ def _uid(ds: pydicom.Dataset, keyword: str) -> Any:
 
 def _read(fh: BinaryIO, total: int, header_budget_bytes: int) -> InstanceHeader:
     try:
-        ds = pydicom.dcmread(fh, stop_before_pixels=True)
+        # Values over _DEFER_BYTES stay in the file: a large binary one (an encapsulated document, a
+        # private blob) is referenced by its BulkDataURI unread, so a header costs no more memory than
+        # its small values whatever the object holds (docs/RELIABILITY.md).
+        ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=_DEFER_BYTES)
         _check_lengths(ds, total)
         has_pixels = _pixel_data(fh, ds, total)
         # Values stay undecoded until used: one that cannot be decoded is left out of the

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pydicom
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import BytesLengthException
 
@@ -25,6 +26,9 @@ __all__ = ["Omitted", "HeaderModel", "build_header_model", "element_size"]
 
 # Binary values over this many bytes are BulkDataURI references into the stored object.
 BULK_DATA_THRESHOLD = 1024
+# Binary VRs whose value a BulkDataURI stands for without reading it (PS3.18 F.2.7; UN is not here:
+# pydicom may give it a known VR, so it takes pydicom's path).
+_BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,21 @@ def element_size(raw: object) -> int:
         return 0 if raw.length == 0xFFFFFFFF else raw.length
     value = getattr(raw, "value", None)
     return len(value) if isinstance(value, bytes | str) else 0
+
+
+def unread_bulk_vr(raw: object) -> str | None:
+    """The VR of a top-level binary value that need not be read to be referenced: one pydicom deferred
+    (its value still in the file), or one over the budget; None for any other element. Only a VR the
+    element states (explicit VR) or the dictionary gives alone: "OB or OW" takes pydicom's path."""
+    if not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF:
+        return None
+    vr = raw.VR
+    if vr is None:
+        try:
+            vr = dictionary_VR(raw.tag)
+        except KeyError:
+            return None
+    return str(vr) if vr in _BULK_VRS else None
 
 
 def _reason(exc: Exception, raw: object) -> str:
@@ -98,7 +117,12 @@ class _Builder:
         for tag in list(ds.keys()):  # keys: iterating a Dataset yields elements, not tags
             if tag in skip:
                 continue
-            raw = ds.get_item(tag)
+            raw = ds.get_item(tag, keep_deferred=True)
+            if raw is not None and getattr(raw, "value", b"") is None and (vr := unread_bulk_vr(raw)):
+                out[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": uri(int(tag))}  # deferred: left in the file
+                continue
+            if isinstance(raw, RawDataElement) and raw.value is None:
+                raw = ds.get_item(tag)  # another deferred value (a long text): read now, as before
             # Most elements: their JSON straight from the bytes, as pydicom would render it.
             fast = element_json(raw, text_ok, uri, BULK_DATA_THRESHOLD)
             if fast is not None:
@@ -134,8 +158,9 @@ def build_header_model(
     builder = _Builder(bulk_base)
     skip: set[int] = set()
     for tag in list(ds.keys()):
-        size = element_size(ds.get_item(tag, keep_deferred=True))
-        if size > budget_bytes:
+        raw = ds.get_item(tag, keep_deferred=True)
+        size = element_size(raw)
+        if size > budget_bytes and not (getattr(raw, "value", b"") is None and unread_bulk_vr(raw)):
             skip.add(int(tag))
             builder.omitted.append(
                 Omitted(f"{tag:08X}", f"too large: {size} encoded bytes, over the event's header budget")

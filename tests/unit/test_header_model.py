@@ -91,3 +91,51 @@ def test_a_deflate_bomb_whose_meta_understates_its_length_is_still_capped(tmp_pa
     bomb.write_bytes(data[:140] + (0).to_bytes(4, "little") + data[144:])
     with pytest.raises(HeaderError, match="inflates past"):
         read_header_file(bomb, max_inflated_bytes=16 << 20)
+
+
+def _with_document(tmp_path: Path, document: bytes, implicit: bool = False) -> Path:
+    """An instance holding ``document`` as its Encapsulated Document (0042,0011, OB) at the top level."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="DOC1", study_date="20240101")
+    ds.EncapsulatedDocument = document
+    ds.TextValue = "t" * 100_000  # a long text (UT): over the defer size, read as before
+    path = tmp_path / "document.dcm"
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True, implicit_vr=implicit)
+    return path
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["explicit VR", "implicit VR"])
+def test_a_large_binary_value_is_referenced_by_its_uri_without_being_read(tmp_path, implicit):
+    """A 32 MB encapsulated document (over the 7.75 MB budget, and over pydicom's defer size): before, it was
+    read whole into memory and then left out of the header; now it is referenced, as smaller binary values
+    are, and never read (the receiver's memory does not grow with it)."""
+    import tracemalloc
+
+    path = _with_document(tmp_path, b"%PDF" + bytes(32 << 20), implicit)
+    tracemalloc.start()
+    try:
+        header = read_header_file(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+    model = json.loads(header.fields["header_json"])
+    assert model["00420011"]["vr"] == "OB"
+    assert model["00420011"]["BulkDataURI"].endswith(f"/instances/{header.sop_instance_uid}/bulk/00420011")
+    assert model["0040A160"]["Value"] == ["t" * 100_000]
+    assert header.fields["header_omitted"] == [] and header.fields["patient_id"] == "DOC1"
+
+
+def test_a_large_value_cut_short_is_still_refused_as_truncated(tmp_path):
+    """Its value is deferred, not read: its claimed length is still checked against the file's."""
+    from diana.producers.header import Truncated
+
+    path = _with_document(tmp_path, bytes(1 << 20))
+    data = path.read_bytes()
+    cut = data.index(b"\x42\x00\x11\x00OB") + 12 + 1000  # the element's header, then 1,000 of its bytes
+    path.write_bytes(data[:cut])
+    with pytest.raises(Truncated, match="claims 1048576 bytes, only 1000 follow"):
+        read_header_file(path)
