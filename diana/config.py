@@ -25,6 +25,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConflictPolicy",
+    "AllowedHosts",
     "IPAddress",
     "MoveDestination",
     "ip_address_of",
@@ -717,19 +718,45 @@ def ip_address_of(text: str) -> IPAddress | None:
     return address
 
 
-def parse_allowed_hosts(entries: tuple) -> frozenset[IPAddress]:
-    """``[query_retrieve] allowed_hosts`` as addresses; a name or a range is an error: it would never match,
-    the peer's address being compared (as ``[receiver] allowed_hosts`` compares it)."""
-    out = set()
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class AllowedHosts:
+    """An ``allowed_hosts`` list: addresses and networks (a range in CIDR form); empty admits every host."""
+
+    networks: tuple[IPNetwork, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def admits(self, host: str) -> bool:
+        """Whether the peer at ``host`` (its address as the socket reports it) is listed."""
+        address = ip_address_of(host)
+        return address is not None and any(address in network for network in self.networks)
+
+
+def parse_allowed_hosts(entries: tuple, section: str = "query_retrieve") -> AllowedHosts:
+    """``[section] allowed_hosts``: each entry an IP address or a network in CIDR form (``10.1.2.0/24``,
+    ``fd00::/64``); a name is an error: the peer's address is what is compared, so it would never match."""
+    networks = []
     for entry in entries:
-        address = ip_address_of(entry)
-        if address is None:
+        text = str(entry).strip()
+        address = ip_address_of(text)
+        try:
+            network = ipaddress.ip_network(address if address is not None else text, strict=False)
+        except ValueError:
             raise ConfigError(
-                f"[query_retrieve] allowed_hosts: {entry!r} is not an IP address; list each peer's address "
-                '(e.g. ["10.1.2.3", "fd00::5"]): names and ranges are not matched, as in [receiver] allowed_hosts'
-            )
-        out.add(address)
-    return frozenset(out)
+                f"[{section}] allowed_hosts: {entry!r} is neither an IP address nor a network; list each peer's "
+                'address or its network in CIDR form (e.g. ["10.1.2.3", "10.1.3.0/24", "fd00::5"]): names are '
+                "not matched, the peer's address is"
+            ) from None
+        if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+            mapped = network.network_address.ipv4_mapped  # a range of IPv4-mapped addresses: as IPv4
+            if mapped is not None:
+                network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}", strict=False)
+        networks.append(network)
+    return AllowedHosts(tuple(networks))
 
 
 def _check_choices(sections: dict[str, Any]) -> None:
@@ -743,6 +770,7 @@ def _check_choices(sections: dict[str, Any]) -> None:
         raise ConfigError(f"[stream] quiet_seconds: {exc}") from None
     parse_destinations(sections["query_retrieve"].destinations)
     parse_allowed_hosts(sections["query_retrieve"].allowed_hosts)
+    parse_allowed_hosts(sections["receiver"].allowed_hosts, "receiver")
     if sections["report"].time_zone:
         try:
             time_zone_info(sections["report"].time_zone)

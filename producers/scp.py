@@ -7,6 +7,7 @@ in chunks straight to a file on the landing filesystem, never held whole in memo
 
 from __future__ import annotations
 
+import functools
 import gc
 import signal
 import socket
@@ -25,7 +26,7 @@ from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import Verification, uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
-from diana.config import Config, ReceiverConfig
+from diana.config import AllowedHosts, Config, ReceiverConfig, parse_allowed_hosts
 from diana.producers import metrics, negotiation, reactor, transport_guard
 from diana.producers.background import start_periodic, start_until_done
 from diana.producers.header import HeaderError, InvalidIdentifiers
@@ -155,6 +156,12 @@ def _on_conn_open(event: evt.Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+@functools.lru_cache(maxsize=4)
+def _allowed_hosts(entries: tuple) -> AllowedHosts:
+    """``[receiver] allowed_hosts`` parsed once (checked when the configuration was loaded)."""
+    return parse_allowed_hosts(entries, "receiver")
+
+
 def _on_requested(event: evt.Event, cfg: ReceiverConfig) -> None:
     """Refuse callers outside the allow-lists with an A-ASSOCIATE-RJ, and say why in the log."""
     assoc = event.assoc
@@ -165,7 +172,7 @@ def _on_requested(event: evt.Event, cfg: ReceiverConfig) -> None:
     reason = None
     if cfg.allowed_calling_aes and calling_ae not in cfg.allowed_calling_aes:
         reason = "calling AE title not in allowed_calling_aes"
-    elif cfg.allowed_hosts and host not in cfg.allowed_hosts:
+    elif cfg.allowed_hosts and not _allowed_hosts(tuple(cfg.allowed_hosts)).admits(host):
         reason = "host not in allowed_hosts"
     if reason:
         metrics.REJECTED_ASSOCIATIONS.labels("not_allowed").inc()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diana.config import IPAddress, QueryRetrieveConfig, ip_address_of, parse_allowed_hosts
+from diana.config import AllowedHosts, QueryRetrieveConfig, ip_address_of, parse_allowed_hosts
 
 __all__ = ["PeerPolicy", "is_loopback", "REFUSED_COMMENT"]
 
@@ -35,7 +35,7 @@ def is_loopback(host: str) -> bool:
 @dataclass(frozen=True)
 class PeerPolicy:
     calling_aes: frozenset[str] = frozenset()
-    hosts: frozenset[IPAddress] = frozenset()
+    hosts: AllowedHosts = AllowedHosts()
     any_peer: bool = False
     loopback: bool = True  # [query_retrieve] allow_loopback
 
@@ -61,7 +61,7 @@ class PeerPolicy:
             return False
         if self.calling_aes and calling_ae.strip() not in self.calling_aes:
             return False
-        return not self.hosts or ip_address_of(address) in self.hosts
+        return not self.hosts or self.hosts.admits(address)
 
     def start_warning(self, host: str) -> str | None:
         """What to log once at start when peers off this host will be refused and nothing says who may ask."""

@@ -29,6 +29,31 @@ def test_only_allowed_calling_aes_may_associate(pipeline, extra_receiver, tmp_pa
     assert len(list((cfg.path(cfg.storage.archive_dir) / study.study_uid).rglob("*.dcm"))) == 3
 
 
+def test_only_allowed_hosts_may_associate_by_address_or_network(pipeline, extra_receiver, tmp_path):
+    """``allowed_hosts`` with a network (127.0.0.0/31: .0 and .1): dcmtk's storescu from 127.0.0.1 is
+    admitted; a pynetdicom SCU bound to 127.0.0.2 (another loopback address) is rejected and logged."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    cfg = extra_receiver(11193, allowed_hosts="127.0.0.0/31")
+    study = make_study(tmp_path / "s", patient_id="ALLOWHOST1")
+    accepted = storescu(cfg, study.files[:2])
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+
+    ae = AE(ae_title="OUTSIDER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", cfg.receiver.port, ae_title=cfg.receiver.ae_title, bind_address=("127.0.0.2", 0))
+    try:
+        assert assoc.is_rejected, "a peer outside allowed_hosts was not rejected"
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    log = pipeline.log_text("receiver-11193")
+    assert "association.rejected" in log and "host not in allowed_hosts" in log and "127.0.0.2" in log
+    wait_until_caught_up(cfg)
+    assert len(list((cfg.path(cfg.storage.archive_dir) / study.study_uid).rglob("*.dcm"))) == 2
+
+
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory) -> dict[str, Path]:
     return make_certificates(tmp_path_factory.mktemp("pki"))

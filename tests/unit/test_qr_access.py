@@ -89,10 +89,12 @@ def test_settings_from_the_file_or_the_environment_and_a_name_in_allowed_hosts_r
     assert (qr.allowed_calling_aes, qr.allowed_hosts, qr.allow_any_peer) == (("VIEWER", "PACS"), ("10.1.2.3",), True)
     path = tmp_path / "diana.toml"
     path.write_text('[query_retrieve]\nallowed_calling_aes = ["VIEWER"]\nallowed_hosts = ["pacs.example.org"]\n')
-    with pytest.raises(ConfigError, match=r"allowed_hosts: 'pacs.example.org' is not an IP address"):
+    with pytest.raises(ConfigError, match=r"\[query_retrieve\] allowed_hosts: 'pacs.example.org' is neither an IP"):
         load_config(path, environ={})
-    with pytest.raises(ConfigError, match="is not an IP address"):
-        load_config(environ={"DIANA_QUERY_RETRIEVE_ALLOWED_HOSTS": "10.0.0.0/8"})
+    # A network in CIDR form is a range of addresses.
+    ranged = load_config(environ={"DIANA_QUERY_RETRIEVE_ALLOWED_HOSTS": "10.0.0.0/8"}).query_retrieve
+    assert PeerPolicy.from_config(ranged).allows("ANY", "10.200.1.2")
+    assert not PeerPolicy.from_config(ranged).allows("ANY", "11.0.0.1")
 
 
 def test_one_warning_at_start_only_when_off_host_peers_will_be_refused():
