@@ -426,6 +426,7 @@ def _read(fh: BinaryIO, total: int, header_budget_bytes: int) -> InstanceHeader:
             "study_date": _iso_date(values, "StudyDate"),
             "study_time": _iso_time(values, "StudyTime"),
             "study_description": _text(values, "StudyDescription"),
+            "referring_physician_name": _text(values, "ReferringPhysicianName"),
             "series_number": _int(values, "SeriesNumber"),
             "series_description": _text(values, "SeriesDescription"),
             "series_date": _iso_date(values, "SeriesDate"),

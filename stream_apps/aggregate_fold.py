@@ -84,6 +84,7 @@ def _new_study(event: dict, at: int) -> dict:
         "accession_number": event.get("accession_number"),
         "study_date": event.get("study_date"),
         "study_description": event.get("study_description"),
+        "referring_physician_name": event.get("referring_physician_name"),
         "modalities": [],
         "series_instance_uids": [],
         "series_count": 0,
@@ -216,6 +217,7 @@ _REPLACED_STUDY_FIELDS = (
     "accession_number",
     "study_date",
     "study_description",
+    "referring_physician_name",
 )
 _REPLACED_SERIES_FIELDS = ("patient_id", "series_number", "series_description", "body_part_examined", "station_name")
 

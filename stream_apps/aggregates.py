@@ -85,6 +85,7 @@ INSTANCE_FIELDS_READ = (
     "accession_number",
     "study_date",
     "study_description",
+    "referring_physician_name",
 )
 
 COMPLETED = Counter("diana_aggregates_series_completed_total", "Series completed, by verdict", ["verdict"])

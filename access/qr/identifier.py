@@ -76,6 +76,7 @@ _ATTRS = [
     Attribute("AccessionNumber", "STUDY", "accession_number", "text"),
     Attribute("StudyID", "STUDY", "study_id", "text"),
     Attribute("StudyDescription", "STUDY", "study_description.keyword", "text"),
+    Attribute("ReferringPhysicianName", "STUDY", "referring_physician_name.keyword", "pn"),
     # matched against the modality of any instance of the study; returned over all of them
     Attribute("ModalitiesInStudy", "STUDY", "modality", "text"),
     Attribute("SOPClassesInStudy", "STUDY", "sop_class_uid", "uid"),

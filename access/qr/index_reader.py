@@ -45,6 +45,7 @@ FALLBACK_FIELDS = [
     "accession_number",
     "study_id",
     "study_description",
+    "referring_physician_name",
     "series_instance_uid",
     "modality",
     "series_number",

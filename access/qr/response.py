@@ -46,6 +46,7 @@ _FALLBACK: dict[str, tuple[str, Callable[[Any], str]]] = {
     "AccessionNumber": ("accession_number", str),
     "StudyID": ("study_id", str),
     "StudyDescription": ("study_description", str),
+    "ReferringPhysicianName": ("referring_physician_name", str),
     "SeriesInstanceUID": ("series_instance_uid", str),
     "Modality": ("modality", str),
     "SeriesNumber": ("series_number", str),

@@ -32,16 +32,18 @@ OFFLINE_PORT = port(11193)  # the "OFFLINE" destination: nothing listens there
 @dataclass
 class Corpus:
     a: GeneratedStudy  # QR-P1 "Doe^Jane", 2021-03-04, CT: 3 + 2 instances
-    b: GeneratedStudy  # QR-P2 "Roe^Richard", 2021-06-10, MR: 2 instances
+    b: GeneratedStudy  # QR-P2 "Roe^Richard", 2021-06-10, MR: 2 instances, referred by "Smith^Anna"
     c: GeneratedStudy  # QR-P3, CT: 4 instances (for the partial failure)
     pydicom_studies: list[str]  # studies of pydicom's test files the receiver accepted
     pydicom_instances: int
 
 
-def _rename(study: GeneratedStudy, name: str) -> None:
+def _rename(study: GeneratedStudy, name: str, referring_physician: str | None = None) -> None:
     for path in study.files:
         ds = pydicom.dcmread(path)
         ds.PatientName = name
+        if referring_physician is not None:
+            ds.ReferringPhysicianName = referring_physician
         ds.save_as(path, enforce_file_format=True)
 
 
@@ -88,7 +90,7 @@ def corpus(pipeline, tmp_path_factory) -> Corpus:
     )
     _rename(a, "Doe^Jane")
     b = make_study(root / "b", [SeriesSpec("MR", "T1 SAG", 2)], patient_id="QR-P2", study_date="20210610")
-    _rename(b, "Roe^Richard")
+    _rename(b, "Roe^Richard", referring_physician="Smith^Anna")
     c = make_study(root / "c", [SeriesSpec("CT", "PARTIAL", 4)], patient_id="QR-P3", study_date="20220101")
     for study in (a, b, c):
         result = storescu(pipeline.cfg, study.files)
@@ -151,7 +153,7 @@ def test_study_level_matching(pipeline, corpus, tmp_path):
         "NumberOfStudyRelatedSeries": "",
         "NumberOfStudyRelatedInstances": "",
         "AccessionNumber": "",
-        "ReferringPhysicianName": "",  # not in the objects: returned empty
+        "ReferringPhysicianName": "",  # not in study a's objects: returned empty
     }
     (one,) = findscu(cfg, tmp_path, keys | {"PatientID": "QR-P1"})
     assert one.StudyInstanceUID == a.study_uid and str(one.PatientName) == "Doe^Jane"
@@ -168,6 +170,10 @@ def test_study_level_matching(pipeline, corpus, tmp_path):
         b.study_uid
     ]
     assert _values(findscu(cfg, tmp_path, keys | qr), "StudyInstanceUID") == both
+    # the referring physician's name is matched as the patient's (a key PS3.18 Table 10.6.1-5 requires)
+    referred = findscu(cfg, tmp_path, keys | qr | {"ReferringPhysicianName": "SMITH^a*"})
+    assert _values(referred, "StudyInstanceUID") == [b.study_uid]
+    assert str(referred[0].ReferringPhysicianName) == "Smith^Anna"
     # date ranges: closed, open above, open below; a single date
     assert _values(findscu(cfg, tmp_path, keys | qr | {"StudyDate": "20210101-20210331"}), "StudyInstanceUID") == [
         a.study_uid

@@ -56,6 +56,7 @@ def _event(series: int, number: int, seconds: float, sha: str = "a", **over: Any
         "study_date": "20261129",
         "study_time": "050000",
         "study_description": "CT chest",
+        "referring_physician_name": "Smith^Anna",
         "series_number": series,
         "series_description": f"series {series}",
         "series_date": "20261129",
@@ -100,7 +101,8 @@ def _run(decoder: Any) -> list[tuple[Any, ...]]:
         _event(2, 1, 1.5, images_in_acquisition=None, number_of_temporal_positions=3),
         _event(1, 2, 2),  # a re-send: counted once
         _event(1, 3, 2.5, sha="b", series_description="renamed", patient_name="Doe^J"),
-        _event(1, 3, 3, sha="c", station_name="CT02"),  # a corrected re-send (REPLACE)
+        # a corrected re-send (REPLACE)
+        _event(1, 3, 3, sha="c", station_name="CT02", referring_physician_name="Smith^Ann"),
         _event(2, 3, 20),  # moves the watermark: series 1 completes (GAPS: 4 promised)
         _event(1, 4, 21),  # late: reopens series 1
         _event(2, 2, 40),  # completes everything

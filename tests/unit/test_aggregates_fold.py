@@ -61,3 +61,16 @@ def test_a_replaced_instance_swaps_its_size_and_takes_the_corrected_attributes()
     assert new_series["revision"] == series["revision"] + 1 and new_study["revision"] == study["revision"] + 1
     assert (new_series["status"], new_series["version"]) == ("AMENDED", 2)  # completed before: an amendment
     assert study["patient_name"] == "Doe^Jane"  # inputs untouched
+
+
+def test_the_study_carries_its_referring_physician_name_and_a_correction_replaces_it():
+    from diana.stream_apps.aggregate_fold import complete_series, replace_instance, study_record
+
+    first = _event("1.9.1", 1, 0) | {"referring_physician_name": "Smith^Anna"}
+    series, study = apply_instance(None, None, first, QUIET)
+    series, study = apply_instance(series, study, _event("1.9.1", 2, 1), QUIET)  # an event without it (before v5)
+    assert study["referring_physician_name"] == "Smith^Anna"  # the study's, from its first instance
+    assert study_record(study)["referring_physician_name"] == "Smith^Anna"
+    series, study, _ = complete_series(series, study)
+    _, corrected = replace_instance(series, study, 100, first | {"referring_physician_name": "Smith^Ann"})
+    assert corrected["referring_physician_name"] == "Smith^Ann"  # REPLACE: as for the patient's name

@@ -242,6 +242,65 @@ def test_instance_arrived_v4_carries_a_storage_uri_and_the_stow_source():
     assert record["source"] == "STOW_RS"
 
 
+@pytest.mark.parametrize(
+    "version_file",
+    ["instance_arrived.v1.avsc", "instance_arrived.v2.avsc", "instance_arrived.v3.avsc", "instance_arrived.v4.avsc"],
+)
+def test_instance_arrived_before_v5_has_no_referring_physician_name(version_file):
+    old = _instance(referring_physician_name="Smith^Anna", patient_name="Doe^Jane")
+    _, record = Codec().decode(_write_with(version_file, old), expect="InstanceArrived")
+    assert record["referring_physician_name"] is None  # the writer had no such field: the default
+    assert record["patient_name"] == "Doe^Jane"
+
+
+def test_instance_arrived_v5_carries_the_referring_physician_name():
+    codec = Codec()
+    event = _instance(referring_physician_name="Müller^Jürgen", patient_name="Doe^Jane")
+    _, record = codec.decode(codec.encode("InstanceArrived", event))
+    assert record["referring_physician_name"] == "Müller^Jürgen"
+
+
+def test_a_v4_reader_reads_a_v5_event_without_the_referring_physician_name():
+    """Readers not yet upgraded (v5 only adds an optional field): the name is dropped, the rest is read."""
+    import io
+    import json
+    from pathlib import Path
+
+    import fastavro
+
+    codec = Codec()
+    data = codec.encode("InstanceArrived", _instance(referring_physician_name="Smith^Anna", patient_name="Doe^Jane"))
+    folder = Path(codec_module_path()).parent
+    v4 = fastavro.parse_schema(json.loads((folder / "instance_arrived.v4.avsc").read_text()), named_schemas={})
+    current = fastavro.parse_schema(json.loads((folder / "instance_arrived.avsc").read_text()), named_schemas={})
+    old = fastavro.schemaless_reader(io.BytesIO(data[10:]), current, v4)
+    assert "referring_physician_name" not in old and old["patient_name"] == "Doe^Jane"
+
+
+def test_study_aggregate_v2_decodes_without_the_referring_physician_name():
+    study = {
+        "study_instance_uid": "1.2.3",
+        "revision": 4,
+        "patient_name": "Doe^Jane",
+        "referring_physician_name": "Smith^Anna",
+        "modalities": ["CT"],
+        "series_instance_uids": ["1.2.3.1"],
+        "series_count": 1,
+        "instance_count": 2,
+        "total_bytes": 10,
+        "first_received_at": datetime(2024, 3, 15, tzinfo=UTC),
+        "last_received_at": datetime(2024, 3, 15, tzinfo=UTC),
+        "status": "COMPLETED",
+        "version": 1,
+        "completed_series_count": 1,
+    }
+    codec = Codec()
+    _, old = codec.decode(_write_with("study_aggregate.v2.avsc", study), expect="StudyAggregate")
+    assert old["referring_physician_name"] is None and old["patient_name"] == "Doe^Jane"
+    _, new = codec.decode(codec.encode("StudyAggregate", study), expect="StudyAggregate")
+    assert new["referring_physician_name"] == "Smith^Anna"
+
+
 def test_a_v3_reader_reads_a_v4_stow_event_as_c_store():
     """Readers not yet upgraded (v4 only adds): the new symbol falls back to the enum's default, the
     URI is dropped, the landing key is still there."""

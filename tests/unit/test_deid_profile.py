@@ -166,6 +166,21 @@ def test_a_name_part_that_is_the_manufacturers_is_no_hit_there_but_redacted_in_c
     assert result.dataset.StudyDescription == "MR knee, [REDACTED] [REDACTED]"
 
 
+@pytest.mark.parametrize("options_name", sorted(OPTION_SETS))
+def test_the_referring_physicians_name_is_emptied_under_every_option(options_name):
+    """(0008,0090) is Z in Table E.1-1: present (Type 2 in the General Study module), empty. No option
+    retains it; the index now matches it, and an export must not carry it."""
+    assert TABLE.code(0x00080090) == "Z"
+    source = identifying_object("ct")
+    source.ReferringPhysicianName = "Referrer^Harriet"
+    source.StudyDescription = "CT chest for Dr Harriet Referrer"
+    result = _deidentifier(OPTION_SETS[options_name]).deidentify(source)
+    out = result.dataset
+    assert "ReferringPhysicianName" in out and not out.ReferringPhysicianName
+    assert "REFERRER" not in out.to_json().upper() and "HARRIET" not in out.to_json().upper()
+    assert scan(out, result.identifiers) == []
+
+
 def test_a_table_row_pydicom_does_not_know_is_applied_by_tag():
     ds = identifying_object("ct")
     ds.add_new(0x0040B034, "UN", PATIENT_NAME.encode())  # in the 2026c table (X), newer than pydicom's dictionary

@@ -298,14 +298,32 @@ def test_results_cut_by_the_servers_maximum_say_so_in_a_warning():
 
 def test_query_keys_the_index_cannot_match_are_named_in_a_warning():
     app = _app(_Reader(_matches(1)))
-    status, head, _ = _call(app, "/studies", "ReferringPhysicianName=Smith&00081080=x&PatientName=Doe")
+    status, head, _ = _call(app, "/studies", "PhysiciansOfRecord=Smith&00081080=x&PatientName=Doe")
     assert status == 200
     assert head["warning"] == [
         '299 127.0.0.1:8088 "The following query keys are not supported and matched every value: '
-        'ReferringPhysicianName, 00081080"'
+        'PhysiciansOfRecord, 00081080"'
     ]
-    status, head, _ = _call(app, "/studies", "ReferringPhysicianName=&PatientName=Doe&includefield=StationName")
+    status, head, _ = _call(app, "/studies", "PhysiciansOfRecord=&PatientName=Doe&includefield=StationName")
     assert "warning" not in head  # empty: a return key, as asked
+
+
+def test_referring_physician_name_is_a_matching_key_of_studies():
+    """PS3.18 Table 10.6.1-5 requires it: matched as PatientName is (a person name), no Warning."""
+    reader = _Reader(_matches(1))
+    status, head, _ = _call(_app(reader), "/studies", "ReferringPhysicianName=smith*&fuzzymatching=false")
+    assert status == 200 and "warning" not in head
+    (matcher,) = reader.asked[0][0].matchers
+    assert (matcher.attribute.keyword, matcher.attribute.kind, matcher.how, matcher.values) == (
+        "ReferringPhysicianName",
+        "pn",
+        "wildcard",
+        ("smith*",),
+    )
+    # fuzzy matching applies to it as to every person name: each given name a prefix
+    reader = _Reader(_matches(1))
+    _call(_app(reader), "/studies", "ReferringPhysicianName=Smith&fuzzymatching=true")
+    assert reader.asked[0][0].matchers[0].values == ("Smith*",)
 
 
 # ---------------------------------------------------------------- 5. bulk data

@@ -96,7 +96,8 @@ def test_the_aggregates_projection_is_generated_and_equals_the_full_codec() -> N
 
 
 @pytest.mark.parametrize(
-    "version_file", ["instance_arrived.v1.avsc", "instance_arrived.v2.avsc", "instance_arrived.v3.avsc"]
+    "version_file",
+    ["instance_arrived.v1.avsc", "instance_arrived.v2.avsc", "instance_arrived.v3.avsc", "instance_arrived.v4.avsc"],
 )
 def test_former_writer_versions_go_through_the_codec_with_its_defaults(version_file: str) -> None:
     from tests.unit.test_codec import _write_with

@@ -87,6 +87,24 @@ def test_header_fields_are_normalized():
     assert (f["instance_number"], f["series_number"], f["modality"]) == (5, 1, "CT")
 
 
+@pytest.mark.parametrize("name", ["Smith^Anna^^Dr", "Müller^Jürgen", "Yamada^Tarou=山田^太郎=やまだ^たろう"])
+def test_the_referring_physician_name_is_read_as_the_patient_name_is(name):
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="P9", study_date="20240315")
+    ds.SpecificCharacterSet = ["ISO_IR 192"]
+    ds.PatientName = ds.ReferringPhysicianName = name
+    f = read_header(_bytes(ds)).fields
+    # The same text, so that one matching (access/qr, kind "pn") serves both keys.
+    assert f["referring_physician_name"] == f["patient_name"] == name
+
+
+def test_an_empty_or_absent_referring_physician_name_is_none():
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="P9", study_date="20240315")
+    ds.ReferringPhysicianName = ""  # Type 2 in the General Study module: present, often empty
+    assert read_header(_bytes(ds)).fields["referring_physician_name"] is None
+    del ds.ReferringPhysicianName
+    assert read_header(_bytes(ds)).fields["referring_physician_name"] is None
+
+
 def test_malformed_dates_become_absent_not_errors():
     ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="P9", study_date="20241399")
     ds.StudyTime = "99"

@@ -41,6 +41,39 @@ def test_study_level_keys_become_clauses():
     assert len(query.return_tags) == 7  # every key but QueryRetrieveLevel
 
 
+def test_referring_physician_name_is_matched_as_the_patient_name_is():
+    def clauses(**keys: object) -> list[dict]:
+        query = parse_identifier(identifier(QueryRetrieveLevel="STUDY", **keys), "STUDY")
+        return query_for(query)["bool"]["filter"]
+
+    for value in ("smith*", "Smith^Anna", "Sm?th\\Doe*"):
+        referring = clauses(ReferringPhysicianName=value)
+        patient = clauses(PatientName=value)
+        # the same clause on its own field: wildcards, lists and case rules of a person name
+        assert referring == [_on_field(c, "patient_name.keyword", "referring_physician_name.keyword") for c in patient]
+    assert clauses(ReferringPhysicianName="smith*") == [
+        {"wildcard": {"referring_physician_name.keyword": {"value": "smith*", "case_insensitive": True}}}
+    ]
+    # empty: a return key only, matching every study
+    query = parse_identifier(identifier(QueryRetrieveLevel="STUDY", ReferringPhysicianName=""), "STUDY")
+    assert query.matchers == [] and query.return_tags == [0x00080090]
+
+
+def test_referring_physician_name_is_a_study_key_not_a_patient_one():
+    with pytest.raises(IdentifierError, match="ReferringPhysicianName is a STUDY key") as caught:
+        parse_identifier(identifier(QueryRetrieveLevel="PATIENT", ReferringPhysicianName="smith*"), "PATIENT")
+    assert caught.value.status == 0xA900
+
+
+def _on_field(clause: object, old: str, new: str) -> object:
+    """``clause`` with every key ``old`` renamed ``new``."""
+    if isinstance(clause, dict):
+        return {(new if k == old else k): _on_field(v, old, new) for k, v in clause.items()}
+    if isinstance(clause, list):
+        return [_on_field(c, old, new) for c in clause]
+    return clause
+
+
 def test_open_ranges_and_universal_query():
     query = parse_identifier(identifier(QueryRetrieveLevel="STUDY", StudyDate="-20200101"), "STUDY")
     assert query_for(query) == {"bool": {"filter": [{"range": {"study_date": {"lte": "2020-01-01"}}}]}}
@@ -94,3 +127,13 @@ def test_undecodable_number_is_unable_to_process():
     with pytest.raises(IdentifierError, match="SeriesNumber") as caught:
         parse_identifier(ds, "STUDY")
     assert caught.value.status == 0xC000
+
+
+def test_a_document_without_its_header_answers_the_referring_physician_name_from_its_field():
+    from diana.access.qr.index_reader import FALLBACK_FIELDS, Match
+    from diana.access.qr.response import build_response
+
+    query = parse_identifier(identifier(QueryRetrieveLevel="STUDY", ReferringPhysicianName=""), "STUDY")
+    document = {"study_instance_uid": "1.2.3", "referring_physician_name": "Smith^Anna"}  # no "dicom"
+    assert str(build_response(query, Match(document, {}), "DIANA").ReferringPhysicianName) == "Smith^Anna"
+    assert "referring_physician_name" in FALLBACK_FIELDS  # what the reader asks the index to send back
