@@ -132,6 +132,34 @@ def _json(value: Any) -> bytes:
     return orjson.dumps(value, default=_json_default)
 
 
+# ReferringPhysicianName (0008,0090) with a value, as the receiver writes a header (keys sorted: "Value"
+# before "vr"); an empty one is `{"vr":"PN"}`.
+_REFERRING_WITH_VALUE = '"00080090":{"Value":['
+_JSON = json.JSONDecoder()
+
+
+def referring_physician_from_header(header: str) -> str | None:
+    """ReferringPhysicianName read from an event's header, for events written before InstanceArrived v5
+    carried it as a field: a reindex of older events then makes it searchable too. Only that element is
+    parsed (found by its rendering; the header's top-level elements come in tag order, so it precedes any
+    sequence that could hold one), and only when it has a value: events of v5 on that leave the field
+    empty have no value there, and cost a substring search. The text is the receiver's: the name's
+    groups joined by "=" (Alphabetic=Ideographic=Phonetic), None for several names or none."""
+    at = header.find(_REFERRING_WITH_VALUE)
+    if at < 0:
+        return None
+    try:
+        element, _ = _JSON.raw_decode(header, at + len('"00080090":'))
+        values = element["Value"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(values, list) or len(values) != 1 or not isinstance(values[0], dict):
+        return None
+    groups = [values[0].get(name) or "" for name in ("Alphabetic", "Ideographic", "Phonetic")]
+    text = "=".join(str(group) for group in groups).rstrip("=").strip()
+    return text or None
+
+
 def _document(record: dict[str, Any]) -> bytes:
     """The document's JSON, written once: the sizing of bulk requests and the request body use it.
 
@@ -142,6 +170,8 @@ def _document(record: dict[str, Any]) -> bytes:
     """
     doc = dict(record)
     header = doc.pop("header_json", None)
+    if header and "referring_physician_name" in doc and doc["referring_physician_name"] is None:
+        doc["referring_physician_name"] = referring_physician_from_header(header)
     text = _json(doc)
     if not header:
         return text

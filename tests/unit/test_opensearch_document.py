@@ -153,3 +153,35 @@ def test_a_refused_instance_is_indexed_again_by_what_the_index_cannot_refuse() -
             {"path": "", "reason": "refused by the index: mapper_parsing_exception: failed to parse field"},
         ],
     }
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Smith^Anna", "Yamada^Tarou=山田^太郎=やまだ^たろう", "Wang^XiaoDong==", "Hong^Gildong==홍^길동", "", None],
+    ids=["plain", "three groups", "trailing empty groups", "no ideographic", "empty", "absent"],
+)
+def test_an_older_event_gets_its_referring_physician_from_its_header_as_the_receiver_reads_it(tmp_path, name):
+    """Events written before InstanceArrived v5 have no referring_physician_name: a reindex fills it from
+    the event's header, with the text the receiver gives a newer event of the same object."""
+    from pydicom.uid import generate_uid
+
+    from diana.producers.header import read_header
+    from tests.support.dicomgen import make_instance
+
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="REF1", study_date="20240101")
+    ds.SpecificCharacterSet = ["ISO_IR 192"]
+    if name is not None:
+        ds.ReferringPhysicianName = name
+    elif "ReferringPhysicianName" in ds:
+        del ds.ReferringPhysicianName
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    fields = read_header(path.read_bytes()).fields
+    older = {"sop_instance_uid": "1.2.3", "referring_physician_name": None, "header_json": fields["header_json"]}
+    document = json.loads(_document(older))
+    assert document["referring_physician_name"] == fields["referring_physician_name"]
+    assert (fields["referring_physician_name"] is None) == (not name)
+    # A newer event keeps its own value; one without the field at all gets none.
+    newer = {**older, "referring_physician_name": "Given^Value"}
+    assert json.loads(_document(newer))["referring_physician_name"] == "Given^Value"
+    assert "referring_physician_name" not in json.loads(_document({"header_json": fields["header_json"]}))
