@@ -5,7 +5,7 @@ first one's ETag.
 The bucket here is a stand-in that answers GetObject and HeadObject as S3 documents them (Range,
 Content-Range, If-Match, 416 for a range past the end), over botocore's own StreamingBody, so that
 the arithmetic is checked byte for byte. The real server (S3Proxy) is exercised by the integration
-tests: tests/integration/test_object_store.py.
+tests: tests/integration/test_object_store.py and test_s3_ranged_reads.py.
 """
 
 from __future__ import annotations
@@ -240,3 +240,57 @@ def test_the_views_name_is_no_path_so_pydicom_reads_deferred_values_through_it()
         assert read.filename is None and read.buffer is view
         assert read.get_item(0x00420011, keep_deferred=True).value is None
         assert read[0x00420011].value == DATA[: 300 * KIB]  # the deferred read, through the view
+
+
+def _multiframe(syntax: str, frames: list[bytes]) -> bytes:
+    """A 40-frame 64x64 16-bit object in ``syntax`` (native, or RLE with a basic offset table), encoded."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    from tests.support.dicomgen import rle_literal
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = "1.2.3.4.5"
+    ds.Rows = ds.Columns = 64
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.NumberOfFrames = 1, "MONOCHROME2", len(frames)
+    if syntax == RLELossless:
+        ds.add_new(0x7FE00010, "OB", encapsulate([rle_literal(f) for f in frames], has_bot=True))
+        ds["PixelData"].is_undefined_length = True
+    else:
+        ds.add_new(0x7FE00010, "OW", b"".join(frames))
+    encoded = io.BytesIO()
+    ds.save_as(encoded, enforce_file_format=True)
+    return encoded.getvalue()
+
+
+@pytest.mark.parametrize("how", ["native", "RLE as stored", "RLE decoded"])
+def test_a_frame_of_a_multiframe_object_costs_two_requests(how: str):
+    """The header from the first request (read up to the pixel data, not through its items), the frame
+    from one more: through the view, wado.py's and transcoded.py's readers, pydicom's pixel_array included."""
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+
+    from diana.access.dicomweb.transcoded import decoded_frames
+    from diana.access.dicomweb.wado import frame_bytes
+
+    native = [random.Random(n).randbytes(64 * 64 * 2) for n in range(1, 41)]
+    data = _multiframe(ExplicitVRLittleEndian if how == "native" else RLELossless, native)
+    store, bucket = _store()
+    bucket.objects["archive/a/mf.dcm"] = data
+    with store.open_seekable("a/mf.dcm", read_ahead=16 * KIB) as view:
+        if how == "RLE decoded":
+            assert decoded_frames(view, [33]) == [native[32]]
+        elif how == "RLE as stored":
+            import pydicom
+
+            stored = list(generate_frames(pydicom.dcmread(io.BytesIO(data)).PixelData, number_of_frames=40))
+            assert frame_bytes(view, [33]) == [stored[32]]
+        else:
+            assert frame_bytes(view, [33]) == [native[32]]
+        assert view.requests == 2, bucket.asked  # type: ignore[attr-defined]
+        assert view.fetched <= 2 * 16 * KIB < len(data) / 10  # type: ignore[attr-defined]
