@@ -24,7 +24,6 @@ from opensearchpy.exceptions import RequestError, TransportError
 from prometheus_client import Counter
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ImplicitVRLittleEndian
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -68,7 +67,7 @@ from diana.access.dicomweb.wado import (
     new_boundary,
     read_bulk,
     stored_frames,
-    transfer_syntax,
+    stored_syntax,
 )
 from diana.access.qr.identifier import IdentifierError, Query, parse_identifier
 from diana.access.qr.index_reader import PAGE, RETRIEVE_PAGE, IndexReader
@@ -78,7 +77,7 @@ from diana.access.transcode import TranscodeError
 from diana.config import DEFAULT_MAX_STOW_BYTES
 from diana.producers.ingest import Ingest
 from diana.schemas.series_metadata import absolute_bulk_uris
-from diana.storage import ObjectNotFound, ObjectStore, local_file
+from diana.storage import ObjectChanged, ObjectNotFound, ObjectStore
 
 __all__ = ["build_app"]
 
@@ -88,6 +87,10 @@ METADATA_SOURCE = Counter(
     "diana_dicomweb_metadata_total", "WADO-RS metadata answers, by source (prepared files or per instance)", ["source"]
 )
 DICOM_JSON = "application/dicom+json"
+
+
+# An archived object replaced (archive REPLACE) while a request read it: the next request reads the new one.
+_CHANGED = "the archived object changed while it was read; retry"
 
 
 def _error(status: int, reason: str, service: str) -> Response:
@@ -408,15 +411,19 @@ class DicomWeb:
         try:
             if key is None:
                 raise ObjectNotFound("invalid UIDs")
-            with local_file(self.archive, key) as path:
-                stored = str(transfer_syntax(read_file_meta_info(path)))
+            # Opened once, read where the frames are (on S3 by ranged requests, not downloaded whole):
+            # the file meta, the header and the frames all of the version found when it was opened.
+            with self.archive.open_seekable(key) as stream:
+                stored = str(stored_syntax(stream))
                 syntax, part_type = frame_syntax(request.headers.get("accept"), stored)
                 if syntax == AS_STORED or stored in (EXPLICIT_LE, str(ImplicitVRLittleEndian)):
-                    frames = frame_bytes(path, numbers)  # as stored, or native already
+                    frames = frame_bytes(stream, numbers)  # as stored, or native already
                 else:
-                    frames = decoded_frames(path, numbers)  # a sync endpoint: in starlette's thread pool
+                    frames = decoded_frames(stream, numbers)  # a sync endpoint: in starlette's thread pool
         except FileNotFoundError:  # ObjectNotFound
             return _error(404, "not archived yet: retry later", "frames")
+        except ObjectChanged:
+            return _error(503, _CHANGED, "frames")
         except OSError:
             return _error(503, "the archive does not answer; retry later", "frames")
         except (CorruptObject, InvalidDicomError) as exc:
@@ -445,12 +452,13 @@ class DicomWeb:
         object: ``multipart/related; type="application/octet-stream"`` (one part), or a single part when
         ``application/octet-stream`` alone is asked first. Encapsulated pixel data is sent frame by frame,
         as the frames route sends every frame (native by default, as stored when asked); frames as stored are
-        read from the open file one at a time as the body is sent.
+        read from the open object one at a time as the body is sent.
 
-        The Accept header is settled before any value is read. The object's file is opened once: its file
-        meta, its header and the value are read through that one handle (the version it was opened on). A
-        top-level value is streamed from its offset in that file, which stays open (and, from S3,
-        downloaded) until the body is sent; head, value and tail are separate chunks, never joined. A
+        The Accept header is settled before any value is read. The object is opened once
+        (``open_seekable``): its file meta, its header and the value are read through that one handle, of
+        the version it was opened on. A top-level value is streamed from its offset in the object, which
+        stays open until the body is sent (on S3 read by ranged requests, never downloaded whole); head,
+        value and tail are separate chunks, never joined. A
         deflated object's value is read through pydicom (its offsets are in the inflated data set), capped
         as a value inside a sequence is (413). A big-endian object's OW, OF, OL, OD and
         OV values are sent in little endian (the default transfer syntax, Explicit VR Little Endian)."""
@@ -463,15 +471,15 @@ class DicomWeb:
             return docs
         key = archive_key(docs[0])
         accept = request.headers.get("accept")
-        files = ExitStack()  # the object's local file and its open stream, closed once the body is sent
+        files = ExitStack()  # the object's open stream, closed once the body is sent
         try:
             if key is None:
                 raise ObjectNotFound("invalid UIDs")
-            path = files.enter_context(local_file(self.archive, key))
-            # Opened once: the file meta, the header, a deferred value and the streamed bytes all come from
-            # this one open file. An archive REPLACE renaming a new version over the path meanwhile leaves
-            # the old one readable through it, never the old version's offset applied to the new bytes.
-            stream = files.enter_context(open(path, "rb"))
+            # Opened once: the file meta, the header and the streamed bytes all come from this one open
+            # object. An archive REPLACE meanwhile never has the old version's offsets applied to the new
+            # bytes: a file renamed over leaves the old one readable through the open file; on S3 every
+            # read asks for the version first seen (If-Match), and fails (ObjectChanged) when it is gone.
+            stream = files.enter_context(self.archive.open_seekable(key))
             encapsulated = bulk_is_encapsulated_pixels(stream, steps)
             syntax = EXPLICIT_LE
             if encapsulated is not None:
@@ -492,6 +500,9 @@ class DicomWeb:
         except FileNotFoundError:  # ObjectNotFound
             files.close()
             return _error(404, "not archived yet: retry later", "bulk")
+        except ObjectChanged:
+            files.close()
+            return _error(503, _CHANGED, "bulk")
         except OSError:
             files.close()
             return _error(503, "the archive does not answer; retry later", "bulk")

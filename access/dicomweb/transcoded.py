@@ -9,11 +9,13 @@ Frames of a compressed object are decoded one by one when native pixels are aske
 
 from __future__ import annotations
 
+import io
 import itertools
+import os
 from collections.abc import AsyncIterator, Generator, Iterator
 from io import BytesIO
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import anyio
 import structlog
@@ -27,7 +29,7 @@ from diana.access.dicomweb.wado import (
     compressed,
     frame_count,
     native_frame_size,
-    read_archived,
+    read_to_pixel_data,
 )
 from diana.access.qr.file_meta import transfer_syntax_in
 from diana.access.transcode import (
@@ -133,13 +135,12 @@ def iter_decoded_frames(source: Path | BinaryIO, numbers: list[int]) -> Iterator
     LookupError when the object has no pixel data, IndexError for a frame it does not have, CorruptObject
     when its header or the length of its native pixel data is wrong, TranscodeError when a frame cannot be
     decoded here."""
-    ds = read_archived(source, defer_size=1024)  # large values (the pixel data) left on disk until read
-    if "PixelData" not in ds:
+    ds, element = _to_pixel_data(source)  # the header; the pixel data's length, its value not read
+    if element is None:
         raise LookupError("the object has no pixel data")  # as from wado.frame_bytes: 404 either way
     count = frame_count(ds, numbers)
     _, needed = native_frame_size(ds, count)
-    element = ds.get_item("PixelData")  # deferred: its length from the header, the value still on disk
-    stored = element.length if element.value is None else len(element.value)
+    stored = _held_length(source, element) if element.value is None else len(element.value)
     if not compressed(ds):
         check_native_length(stored, count, needed)
     if decoded_size(ds) // count * len(numbers) > MAX_DECODED_BYTES:
@@ -150,6 +151,23 @@ def iter_decoded_frames(source: Path | BinaryIO, numbers: list[int]) -> Iterator
     return itertools.chain([first], (_decoded_frame(source, number) for number in numbers[1:]))
 
 
+def _to_pixel_data(source: Path | BinaryIO) -> tuple[Any, Any]:
+    if isinstance(source, Path | str):
+        with open(source, "rb") as stream:
+            return read_to_pixel_data(stream)
+    return read_to_pixel_data(source)
+
+
+def _held_length(source: Path | BinaryIO, element: Any) -> int:
+    """The bytes the object holds of a deferred value: its length, or fewer when the file ends first (a
+    cut file's element still claims its whole length)."""
+    if isinstance(source, Path | str):
+        end = os.path.getsize(source)
+    else:
+        end = source.seek(0, io.SEEK_END)
+    return min(int(element.length), end - int(element.value_tell))
+
+
 def _decoded_frame(source: Path | BinaryIO, number: int) -> bytes:
     from pydicom.pixels import pixel_array
 
@@ -157,6 +175,8 @@ def _decoded_frame(source: Path | BinaryIO, number: int) -> bytes:
         if not isinstance(source, Path | str):
             source.seek(0)  # an open file (the one the header was read from): from its start
         array = pixel_array(source, index=number - 1)
+    except OSError:
+        raise  # the archive's fault (on S3: ObjectChanged, StorageError), not the frame's
     except Exception as exc:  # pydicom raises by plugin: RuntimeError, ValueError, NotImplementedError...
         raise TranscodeError(f"frame {number} is not decodable here ({decoder_reason(exc)})") from exc
     return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import struct
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractContextManager
@@ -47,6 +48,7 @@ __all__ = [
     "compressed",
     "native_frame_size",
     "read_archived",
+    "read_to_pixel_data",
     "stored_syntax",
     "transfer_syntax",
 ]
@@ -329,21 +331,18 @@ def stored_frames(stream: BinaryIO, numbers: list[int]) -> Iterator[bytes]:
     data, IndexError for a frame the object does not have, CorruptObject when its native pixel data is
     shorter than its frames); a frame that cannot be read raises CorruptObject when its turn comes.
 
-    A value pydicom holds in memory (a small one, any value of a deflated object, whose offsets are in the
-    inflated data set) is sliced as it is."""
-    from pydicom.dataelem import RawDataElement
-
-    ds = read_archived(stream, defer_size=_DEFER)  # other large values are not read
-    if "PixelData" not in ds:
+    The header is read up to the pixel data (read_to_pixel_data), not past it. A value pydicom holds in
+    memory (a deflated object's, whose offsets are in the inflated data set) is sliced as it is."""
+    ds, element = read_to_pixel_data(stream)  # other large values are not read
+    if element is None:
         raise LookupError("the object has no pixel data")
     count = frame_count(ds, numbers)
-    element = ds.get_item("PixelData", keep_deferred=True)
-    deferred = isinstance(element, RawDataElement) and element.value is None
+    deferred = element.value is None
     if compressed(ds):
         offsets = _extended_offsets(ds)
         if deferred:
             return _encapsulated_frames(stream, element.value_tell, numbers, count, offsets)
-        return _encapsulated_frames(ds.PixelData, 0, numbers, count, offsets)
+        return _encapsulated_frames(bytes(element.value), 0, numbers, count, offsets)
     size, needed = native_frame_size(ds, count)
     if deferred and element.length != _UNDEFINED_LENGTH:
         # What the file holds of the value (a cut file's element still claims its whole length).
@@ -356,6 +355,47 @@ def stored_frames(stream: BinaryIO, numbers: list[int]) -> Iterator[bytes]:
 
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+# Explicit VRs whose element header has a 4-byte length after 2 reserved bytes (PS3.5 7.1.2).
+_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+
+
+def read_to_pixel_data(stream: BinaryIO) -> tuple[Any, Any]:
+    """The archived object open as ``stream``: its data set (pydicom's, values over 1 KiB deferred) and its
+    Pixel Data (7FE0,0010) element as a pydicom RawDataElement, its value not read (None when the object
+    has no pixel data).
+
+    The data set is read up to the pixel data and the element's header from there: pydicom reading past
+    it walks an encapsulated value's items to find where it ends, an item header for every frame, and
+    each is a request when the object is on S3. A deflated object (its offsets are the inflated data's)
+    and native pixel data of undefined length (its end only a delimiter tells) are read whole, as
+    before: then the element holds its value."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    if not _deflated(stream):
+        ds = read_archived(stream, defer_size=_DEFER, stop_before_pixels=True)
+        implicit, little = ds.original_encoding
+        start = stream.tell()
+        head = stream.read(8)
+        if len(head) < 8 or struct.unpack("<HH" if little else ">HH", head[:4]) != (0x7FE0, 0x0010):
+            return ds, None  # no pixel data (or Float Pixel Data, where pydicom stopped too)
+        endian = "<" if little else ">"
+        vr, offset = "OB or OW", 8
+        if implicit:
+            length = struct.unpack(endian + "L", head[4:8])[0]
+        else:
+            vr = head[4:6].decode("latin-1")
+            if vr in _LONG_VRS:
+                more = stream.read(4)
+                if len(more) < 4:
+                    raise CorruptObject("it ends inside its pixel data's header")
+                length, offset = struct.unpack(endian + "L", more)[0], 12
+            else:
+                length = struct.unpack(endian + "H", head[6:8])[0]
+        if length != _UNDEFINED_LENGTH or transfer_syntax(ds.file_meta).is_encapsulated:
+            return ds, RawDataElement(Tag(0x7FE00010), vr, length, None, start + offset, implicit, little)
+    ds = read_archived(stream, defer_size=_DEFER)
+    return ds, (ds.get_item("PixelData", keep_deferred=True) if "PixelData" in ds else None)
 
 
 def _extended_offsets(ds: Any) -> tuple[bytes, bytes] | None:

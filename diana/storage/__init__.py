@@ -9,7 +9,15 @@ from __future__ import annotations
 from typing import Literal
 
 from diana.config import Config
-from diana.storage.base import IntegrityError, ObjectNotFound, ObjectStore, StorageError, StorageRefused, check_key
+from diana.storage.base import (
+    IntegrityError,
+    ObjectChanged,
+    ObjectNotFound,
+    ObjectStore,
+    StorageError,
+    StorageRefused,
+    check_key,
+)
 from diana.storage.filesystem import FilesystemStore
 from diana.storage.local_files import local_file
 from diana.storage.s3 import S3Store
@@ -18,6 +26,7 @@ from diana.storage.uri import StorageURI, key_in_store, parse_uri
 __all__ = [
     "ObjectStore",
     "ObjectNotFound",
+    "ObjectChanged",
     "IntegrityError",
     "StorageError",
     "StorageRefused",

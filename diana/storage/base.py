@@ -23,7 +23,15 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
-__all__ = ["ObjectStore", "ObjectNotFound", "IntegrityError", "StorageError", "StorageRefused", "check_key"]
+__all__ = [
+    "ObjectStore",
+    "ObjectNotFound",
+    "ObjectChanged",
+    "IntegrityError",
+    "StorageError",
+    "StorageRefused",
+    "check_key",
+]
 
 
 class StorageError(OSError):
@@ -33,6 +41,11 @@ class StorageError(OSError):
 class StorageRefused(StorageError):
     """The store answered, and refused this object (access denied, archived to cold storage): retrying
     changes nothing until someone acts, which a caller with a time limit gives up on."""
+
+
+class ObjectChanged(StorageError):
+    """The object was replaced (or deleted) while it was being read: what was read is of the old version
+    and the rest of it cannot be read any more. Reading it again reads the new one."""
 
 
 class ObjectNotFound(FileNotFoundError):
@@ -72,6 +85,12 @@ class ObjectStore(Protocol):
 
     def open(self, key: str) -> AbstractContextManager[BinaryIO]:
         """The object's bytes as a readable stream; ObjectNotFound when there is none."""
+        ...
+
+    def open_seekable(self, key: str) -> AbstractContextManager[BinaryIO]:
+        """The object's bytes as a read-only seekable stream of the version there when it is opened, for
+        readers that seek (pydicom, a frame at its offset): only what is read is fetched. ObjectNotFound
+        when there is none; ObjectChanged from a read when the store can no longer give that version."""
         ...
 
     def exists(self, key: str) -> bool: ...

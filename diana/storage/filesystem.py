@@ -16,6 +16,7 @@ renamed over or unlinked as itself, so nothing outside the folder is read or wri
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -36,6 +37,10 @@ __all__ = ["FilesystemStore"]
 
 # Resolved folders remembered (a study's series folders; forgotten all at once past this).
 _FOLDERS = 4096
+
+
+def _no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 class FilesystemStore:
@@ -98,6 +103,19 @@ class FilesystemStore:
         except FileNotFoundError:
             raise ObjectNotFound(f"no object {key}") from None
         return os.fdopen(fd, "rb")
+
+    def open_seekable(self, key: str) -> AbstractContextManager[BinaryIO]:
+        """The object's file, open ('rb'): a new version renamed over the key meanwhile leaves this one
+        readable through it. Opened by its path, not from a descriptor as ``open`` is: pydicom reads a
+        value it deferred from a buffered file by opening the file's name again (of a descriptor it
+        cannot; so that read, unlike the others, is of the version there then). Anything but a regular
+        file there (a symlink, a folder: ``exists`` is False) is ObjectNotFound."""
+        try:
+            return open(self.entry_path(key), "rb", opener=_no_follow)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ELOOP, errno.EISDIR, errno.ENOTDIR):
+                raise ObjectNotFound(f"no object {key}") from None
+            raise
 
     def exists(self, key: str) -> bool:
         """True when ``key`` is a regular file that ``open`` would read (a symlink is not)."""

@@ -22,17 +22,26 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, cast
 
 import structlog
 
-from diana.storage.base import IntegrityError, ObjectNotFound, ObjectStore, StorageError, StorageRefused, check_key
+from diana.storage.base import (
+    IntegrityError,
+    ObjectChanged,
+    ObjectNotFound,
+    ObjectStore,
+    StorageError,
+    StorageRefused,
+    check_key,
+)
 
-__all__ = ["S3Store", "S3_MAX_COPY_BYTES", "STALE_UPLOAD_S"]
+__all__ = ["S3Store", "S3_MAX_COPY_BYTES", "STALE_UPLOAD_S", "READ_AHEAD"]
 
 log = structlog.get_logger("diana.storage.s3")
 
@@ -43,6 +52,9 @@ _MIN_PART = 5 * 1024**2
 # A multipart upload of diana's started this long ago is dead: its writer failed or died (an object's
 # upload takes minutes at most).
 STALE_UPLOAD_S = 24 * 3600.0
+# A seekable read (open_seekable) fetches at least this much per request: pydicom reads a header in many
+# small reads, each of which would otherwise be a request.
+READ_AHEAD = 1 << 20
 
 
 def _md5_b64(data: bytes) -> str:
@@ -75,19 +87,25 @@ _PASSING_CODES = frozenset(
 )
 
 
+def _status(exc: Exception) -> int:
+    response = getattr(exc, "response", None) or {}
+    return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
 def _refused(exc: Exception) -> bool:
     """A 4xx answer other than credentials, the clock, a timeout or a slow-down (408, 429): the store is
     there and says no to this object (AccessDenied, InvalidObjectState for one moved to cold storage).
     (NoSuchKey / 404 is ObjectNotFound, checked before.)"""
     response = getattr(exc, "response", None) or {}
-    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    status = _status(exc)
     code = str(response.get("Error", {}).get("Code", ""))
     return 400 <= status < 500 and status not in (408, 429) and code not in _PASSING_CODES
 
 
 class _Errors:
-    """Turns botocore's failures into the store's: NotFound → ObjectNotFound, an object's own refusal →
-    StorageRefused, the rest → StorageError (retry)."""
+    """Turns botocore's failures into the store's: NotFound → ObjectNotFound, a failed If-Match (412: only
+    the reads pinned to one version ask it) → ObjectChanged, an object's own refusal → StorageRefused, the
+    rest → StorageError (retry)."""
 
     def __init__(self, what: str):
         self.what = what
@@ -108,6 +126,10 @@ class _Errors:
                 f"object store: {self.what}: TLS verification failed ({exc}); the S3 server's certificate is "
                 "not signed by the CA in [storage] s3_ca_file (the system's CAs when it is empty): set "
                 "s3_ca_file to the CA that signed it"
+            ) from None
+        if isinstance(exc, ClientError) and _status(exc) == 412:
+            raise ObjectChanged(
+                f"object store: {self.what}: the object was replaced while it was read (its ETag changed)"
             ) from None
         if isinstance(exc, ClientError) and _refused(exc):
             raise StorageRefused(f"object store: {self.what}: {exc}") from None
@@ -137,6 +159,182 @@ class _Body(io.RawIOBase):
         if not self.closed:
             self.body.close()
         super().close()
+
+
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+
+
+class _RangedObject(io.RawIOBase):
+    """One version of an S3 object, read-only and seekable, read by ranged GETs (``open_seekable``).
+
+    The first GET (its first ``read_ahead`` bytes) gives the object's size (Content-Range) and its ETag;
+    every later GET carries ``If-Match`` with that ETag, so an object replaced meanwhile fails the read
+    (412: ObjectChanged) rather than give the new version's bytes at the old one's offsets. An answer of
+    another ETag, or of another range than asked (a server that ignores If-Match or Range), is refused
+    the same way. A read of ``read_ahead`` bytes or more is one GET of exactly those bytes, straight into
+    the caller's buffer; a smaller one fetches ``read_ahead`` bytes from where it starts and keeps them
+    (the window) for the reads after it (pydicom reads a header 4 and 8 bytes at a time). The first
+    ``read_ahead`` bytes stay too while it is open: readers come back to the header (pydicom's
+    pixel_array reads it again for each frame). A read returns every byte asked for up to the end of
+    the object, as a buffered file's does.
+
+    Not an io.BufferedReader, and without a ``name``, on purpose: pydicom reads a value it deferred from
+    a BufferedReader by opening its ``name`` again as a local file, and from any other stream through that
+    stream (pydicom.dataset.FileDataset), here this one. ``requests`` and ``fetched`` count the GETs and
+    the bytes they brought."""
+
+    def __init__(self, client: Any, bucket: str, full_key: str, key: str, read_ahead: int = READ_AHEAD):
+        if read_ahead < 1:
+            raise ValueError(f"read_ahead is at least 1 byte, not {read_ahead}")
+        super().__init__()
+        self._client, self._bucket, self._full_key = client, bucket, full_key
+        self._what = f"get {key}"
+        self.read_ahead = read_ahead
+        self.requests = 0
+        self.fetched = 0
+        self._position = 0
+        self._head = b""  # the object's first bytes, from the first request
+        self._window = b""  # bytes of the object from _window_start, fetched ahead
+        self._window_start = 0
+        self.size, self.etag = self._first_window()
+
+    # -------------------------------------------------------------- io.RawIOBase
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        self._check_open()
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._check_open()
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}.get(whence)
+        if base is None:
+            raise ValueError(f"invalid whence ({whence}; 0, 1 or 2)")
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._position = base + offset
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        self._check_open()
+        view = memoryview(buffer).cast("B")
+        wanted = max(0, min(len(view), self.size - self._position))
+        done = 0
+        for held_start, held in ((0, self._head), (self._window_start, self._window)):
+            offset = self._position + done - held_start
+            if done < wanted and 0 <= offset < len(held):
+                count = min(wanted - done, len(held) - offset)
+                view[done : done + count] = held[offset : offset + count]
+                done += count
+        rest, start = wanted - done, self._position + done
+        if rest >= self.read_ahead:  # a large read: one request, into the caller's buffer
+            self._fetch_into(start, view[done:wanted])
+        elif rest:
+            self._window = self._fetch(start, min(self.read_ahead, self.size - start))
+            self._window_start = start
+            view[done:wanted] = self._window[:rest]
+        self._position += wanted
+        return wanted
+
+    def readall(self) -> bytes:
+        """The rest of the object, in one request."""
+        buffer = bytearray(max(0, self.size - self.tell()))
+        return bytes(buffer[: self.readinto(buffer)])
+
+    def close(self) -> None:
+        self._head = self._window = b""
+        super().close()
+
+    # -------------------------------------------------------------- requests
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("I/O operation on a closed object view")
+
+    def _first_window(self) -> tuple[int, str]:
+        """(size, ETag) of the object as it is now, its first bytes kept (the head)."""
+        from botocore.exceptions import ClientError
+
+        with _Errors(self._what):
+            try:
+                answer = self._get(Range=f"bytes=0-{self.read_ahead - 1}")
+            except ClientError as exc:
+                if _status(exc) != 416:
+                    raise
+                answer = None  # an empty object: no byte for a range to name
+            if answer is None:
+                head = self._client.head_object(Bucket=self._bucket, Key=self._full_key)
+                return int(head["ContentLength"]), self._etag_of(head)
+            etag = self._etag_of(answer)
+            found = _CONTENT_RANGE.match(str(answer.get("ContentRange") or ""))
+            # Without a Content-Range the server sent the whole object: its first bytes are the window.
+            size = int(found.group(3)) if found else int(answer["ContentLength"])
+            if found and int(found.group(1)) != 0:
+                answer["Body"].close()
+                raise StorageError(f"object store: {self._what}: answered {found.group(0)} for bytes from 0")
+            self._head = self._receive(answer, min(self.read_ahead, size))
+            return size, etag
+
+    def _fetch(self, start: int, count: int) -> bytes:
+        buffer = bytearray(count)
+        self._fetch_into(start, memoryview(buffer))
+        return bytes(buffer)
+
+    def _fetch_into(self, start: int, into: memoryview) -> None:
+        """Fill ``into`` with the object's bytes from ``start``, of the version first read (If-Match)."""
+        end = start + len(into) - 1
+        try:
+            with _Errors(self._what):
+                answer = self._get(Range=f"bytes={start}-{end}", IfMatch=self.etag)
+        except ObjectNotFound:
+            raise ObjectChanged(f"object store: {self._what}: the object was deleted while it was read") from None
+        with _Errors(self._what):
+            if answer.get("ETag") not in (None, self.etag):
+                answer["Body"].close()
+                raise ObjectChanged(f"object store: {self._what}: the object was replaced while it was read")
+            found = _CONTENT_RANGE.match(str(answer.get("ContentRange") or ""))
+            if not found or (int(found.group(1)), int(found.group(2)), int(found.group(3))) != (start, end, self.size):
+                answer["Body"].close()
+                got = found.group(0) if found else "no Content-Range"
+                raise StorageError(f"object store: {self._what}: asked bytes {start}-{end}/{self.size}, answered {got}")
+            self._receive_into(answer, into)
+
+    def _get(self, **conditions: str) -> dict:
+        self.requests += 1
+        return cast(dict, self._client.get_object(Bucket=self._bucket, Key=self._full_key, **conditions))
+
+    def _etag_of(self, answer: dict) -> str:
+        etag = answer.get("ETag")
+        if not etag:
+            if "Body" in answer:
+                answer["Body"].close()
+            raise StorageError(
+                f"object store: {self._what}: the answer has no ETag, so its ranged reads cannot be kept to one version"
+            )
+        return str(etag)
+
+    def _receive(self, answer: dict, count: int) -> bytes:
+        buffer = bytearray(count)
+        self._receive_into(answer, memoryview(buffer))
+        return bytes(buffer)
+
+    def _receive_into(self, answer: dict, into: memoryview) -> None:
+        """Fill ``into`` from the answer's body, then close it: read to its end, its connection goes back to
+        the pool (a whole object sent for a range is cut there, its connection closed)."""
+        body = answer["Body"]
+        try:
+            filled = 0
+            while filled < len(into):
+                count = body.readinto(into[filled:])
+                if not count:
+                    raise StorageError(f"object store: {self._what}: the answer ended {len(into) - filled} bytes short")
+                filled += count
+                self.fetched += count
+        finally:
+            body.close()
 
 
 class S3Store:
@@ -272,6 +470,21 @@ class S3Store:
             yield stream
         finally:
             stream.close()
+
+    def open_seekable(self, key: str, read_ahead: int = READ_AHEAD) -> AbstractContextManager[BinaryIO]:
+        """The object as it is now, read by ranged GETs as it is read (``_RangedObject``): a reader that
+        seeks to what it needs (a frame of a multi-frame object) fetches that, not the whole object. Every
+        read is of the version found when it was opened; the object replaced meanwhile makes a later read
+        raise ObjectChanged."""
+        return self._open_seekable(key, read_ahead)
+
+    @contextmanager
+    def _open_seekable(self, key: str, read_ahead: int) -> Iterator[BinaryIO]:
+        view = _RangedObject(self.client, self.bucket, self._key(key), key, read_ahead)
+        try:
+            yield cast(BinaryIO, view)
+        finally:
+            view.close()
 
     def _head(self, key: str) -> dict:
         with _Errors(f"head {key}"):

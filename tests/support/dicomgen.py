@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -261,6 +262,25 @@ def write_enhanced_multiframe(path: Path, frames: int = 400, rows: int = 512) ->
         for _ in range(frames):
             fh.write(frame)
     return ds.SOPInstanceUID, path.stat().st_size
+
+
+def rle_literal(frame: bytes, bytes_per_sample: int = 2) -> bytes:
+    """One frame of native little-endian pixels (one sample a pixel) as RLE Lossless (PS3.5 G.3) in literal
+    runs only: a segment a byte of the sample, the most significant first, each in runs of 128 bytes.
+    Valid RLE that does not shrink (random pixels stay as large as they are: a large object, unlike an
+    encoder's), and built in no time. Each segment's bytes are a multiple of 256, so its runs are even."""
+    segments = []
+    for byte in reversed(range(bytes_per_sample)):
+        plane = frame[byte::bytes_per_sample]
+        assert len(plane) % 256 == 0, "pixels a frame: a multiple of 256"
+        runs = bytearray()
+        for start in range(0, len(plane), 128):
+            runs.append(127)
+            runs += plane[start : start + 128]
+        segments.append(bytes(runs))
+    offsets = [64 + sum(len(s) for s in segments[:i]) for i in range(len(segments))]
+    header = struct.pack("<16L", len(segments), *offsets, *[0] * (15 - len(offsets)))
+    return header + b"".join(segments)
 
 
 # ---------------------------------------------------------------- deflated transfer syntax

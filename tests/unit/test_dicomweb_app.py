@@ -743,3 +743,55 @@ def test_the_server_reads_no_forwarded_headers(monkeypatch):
     monkeypatch.setattr(server.uvicorn, "run", lambda app, **options: seen.update(options))
     server.run_dicomweb(Config(), None, False)  # type: ignore[arg-type]
     assert seen["proxy_headers"] is False
+
+
+class _ReplacedAt:
+    """The object's file whose reads of its pixel data (``length`` bytes at ``at``) fail, as a read pinned to
+    one version on S3 fails once the object was replaced (If-Match, 412)."""
+
+    def __init__(self, path: str, at: int, length: int):
+        import io
+
+        self._file = io.FileIO(path, "r")
+        self._at, self._end = at, at + length
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+    def __enter__(self) -> _ReplacedAt:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def read(self, size: int = -1) -> bytes:
+        from diana.storage import ObjectChanged
+
+        position = self._file.tell()
+        if position < self._end and (size < 0 or position + size > self._at):  # overlaps the pixel data
+            raise ObjectChanged("object store: get x: the object was replaced while it was read")
+        return self._file.read(size)
+
+
+class _Replacing(FilesystemStore):
+    def open_seekable(self, key: str) -> Any:
+        path = self.entry_path(key)
+        pixels = pydicom.dcmread(path, defer_size=1024).get_item("PixelData", keep_deferred=True)
+        return _ReplacedAt(path, pixels.value_tell, pixels.length)
+
+
+def test_an_object_replaced_while_it_is_read_is_a_503_saying_retry(tmp_path):
+    """A read of the archived object that fails because the object changed (ObjectChanged, from S3's
+    If-Match) is 503 "retry" before the status is sent, on the frames route as stored and decoded and on the
+    bulk route: not taken for a frame that cannot be decoded (406) or an object that cannot be read (500)."""
+    from diana.storage import ObjectChanged
+
+    docs, _, _ = _with_documents(tmp_path)
+    app = build_app(_Reader(docs=docs), _Replacing(tmp_path), "DIANA", Credentials())
+    frames = f"/studies/{STUDY}/series/{SERIES}/instances/{{}}/frames/1"
+    for path in (frames.format("1.2.3.4.1"), frames.format("1.2.3.4.2"), _bulk("1.2.3.4.2", "7FE00010")):
+        status, _, body = _call(app, path)
+        assert (status, body) == (503, b"the archived object changed while it was read; retry\n"), path
+    # A top-level value is read as the body is sent: its status has gone out, the body is cut.
+    with pytest.raises(ObjectChanged):
+        _call(app, _bulk("1.2.3.4.1", "7FE00010"))

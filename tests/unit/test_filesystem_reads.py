@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -60,3 +61,22 @@ def test_nothing_outside_the_store_is_read(tmp_path: Path) -> None:
     os.symlink(tmp_path / "elsewhere", store.root / "9")
     with pytest.raises(ValueError):
         store.open("9/x.dcm")
+
+
+def test_a_seekable_open_keeps_its_version_and_refuses_what_exists_refuses(tmp_path: Path) -> None:
+    """open_seekable (the WADO-RS frames and bulk data routes): the file, open; a new version renamed over
+    the key meanwhile leaves the open one readable whole. A missing key, a symlink or a folder there is
+    ObjectNotFound, as ``exists`` says no."""
+    store = _store_with(tmp_path, "1/2/a.dcm", b"0123456789")
+    with store.open_seekable("1/2/a.dcm") as fh:
+        fh.seek(5)
+        assert fh.read(3) == b"567"
+        store.put_stream("1/2/a.dcm", io.BytesIO(b"abcdefghij"))
+        fh.seek(0)
+        assert fh.read() == b"0123456789"
+    (tmp_path / "archive/1/2/link.dcm").symlink_to(tmp_path / "archive/1/2/a.dcm")
+    (tmp_path / "archive/1/2/folder.dcm").mkdir()
+    for key in ("1/2/none.dcm", "1/2/link.dcm", "1/2/folder.dcm"):
+        assert not store.exists(key)
+        with pytest.raises(ObjectNotFound):
+            store.open_seekable(key)

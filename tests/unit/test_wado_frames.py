@@ -1,4 +1,5 @@
-"""Unit: WADO-RS frames as stored read only the frames asked for (access/dicomweb/wado.py stored_frames).
+"""Unit: WADO-RS frames, as stored and decoded, read only the frames asked for (access/dicomweb/wado.py
+stored_frames, transcoded.py iter_decoded_frames).
 
 A viewer asks a multi-frame object's frames one request each; reading the whole pixel data for each
 made a series of N frames cost N whole reads. Each case counts the bytes read from the object's file.
@@ -142,3 +143,32 @@ def test_a_cut_file_is_refused_before_any_frame(tmp_path: Path):
     assert pydicom.dcmread(path, defer_size=1024).NumberOfFrames == FRAMES  # its header reads as whole
     with open(path, "rb") as stream, pytest.raises(CorruptObject, match="its 40 frame.s. need"):
         stored_frames(stream, [1])
+
+
+def test_a_decoded_frame_is_read_alone(tmp_path: Path):
+    """A compressed object's frame decoded (the default) reads the header, the offset table and that frame.
+    Before, the pixel data's length was taken by reading the deferred value whole: every frame for one."""
+    import random
+
+    from diana.access.dicomweb.transcoded import decoded_frames
+    from tests.support.dicomgen import rle_literal
+
+    native = [random.Random(n).randbytes(FRAME_BYTES) for n in range(1, FRAMES + 1)]
+    path = _object(tmp_path, RLELossless, encapsulate([rle_literal(f) for f in native], has_bot=True))
+    with _CountingFile(path, "r") as stream:
+        assert decoded_frames(stream, [33]) == [native[32]]  # type: ignore[arg-type]
+        assert stream.read_bytes < 2 * FRAME_BYTES + 16_384, stream.read_bytes  # of 330 KiB
+
+
+def test_a_cut_file_is_refused_by_the_decoded_frames_too(tmp_path: Path):
+    """Its pixel data read not, its length is what the file holds of it (the element claims more)."""
+    from pydicom.uid import ExplicitVRBigEndian
+
+    from diana.access.dicomweb.transcoded import decoded_frames
+
+    path = _object(tmp_path, ExplicitVRBigEndian, b"".join(_all_frames()))
+    path.write_bytes(path.read_bytes()[: -FRAME_BYTES // 2])
+    with pytest.raises(CorruptObject, match="its 40 frame.s. need"):
+        decoded_frames(path, [1])
+    with open(path, "rb") as stream, pytest.raises(CorruptObject, match="its 40 frame.s. need"):
+        decoded_frames(stream, [1])
