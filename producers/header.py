@@ -384,10 +384,13 @@ def _uid(ds: pydicom.Dataset, keyword: str) -> Any:
 
 def _read(fh: BinaryIO, total: int, header_budget_bytes: int) -> InstanceHeader:
     try:
-        # Values over _DEFER_BYTES stay in the file: a large binary one (an encapsulated document, a
-        # private blob) is referenced by its BulkDataURI unread, so a header costs no more memory than
-        # its small values whatever the object holds (docs/RELIABILITY.md).
+        # Values over _DEFER_BYTES stay in the file until used: a large top-level binary one (an
+        # encapsulated document, a private blob) is referenced by its BulkDataURI and never read. Text,
+        # sequences and values of undefined length are still read whole (producers/README.md).
         ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=_DEFER_BYTES)
+        # A deferred value is read from this open file, not by opening its path again (pydicom's way for
+        # a file opened by name): the landed file may be archived and removed meanwhile.
+        ds.buffer = fh
         _check_lengths(ds, total)
         has_pixels = _pixel_data(fh, ds, total)
         # Values stay undecoded until used: one that cannot be decoded is left out of the

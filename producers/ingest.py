@@ -160,6 +160,9 @@ class Ingest:
             except (HeaderError, InvalidIdentifiers) as exc:
                 log.error("recover.unreadable", landing_path=relative, detail=str(exc))
                 continue
+            except OSError as exc:  # this object's read failed (EIO, the store): the others are still tried
+                log.error("recover.read_failed", landing_path=relative, error=type(exc).__name__, errno=exc.errno)
+                continue
             if relative != f"{digest[:2]}/{digest}.dcm":
                 log.error("recover.corrupt", landing_path=relative, sha256=digest)
                 continue

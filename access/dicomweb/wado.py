@@ -306,9 +306,15 @@ def read_archived(source: Path | BinaryIO, **options: Any) -> Any:
     if options.get("defer_size") is not None and _deflated(source):
         options = {**options, "defer_size": None}
     try:
-        if not isinstance(source, Path | str):
-            source.seek(0)
-        return pydicom.dcmread(source, **options)
+        if isinstance(source, Path | str):
+            return pydicom.dcmread(source, **options)
+        source.seek(0)
+        ds = pydicom.dcmread(source, **options)
+        # pydicom reads a deferred value of an io.BufferedReader by opening its name again: the file now
+        # at that path, perhaps another version (an archive REPLACE renamed over it). Its open buffer, if
+        # set, comes first: the version opened.
+        ds.buffer = source
+        return ds
     except OSError:
         raise  # the archive's fault, not the object's
     except Exception as exc:
@@ -339,10 +345,10 @@ def stored_frames(stream: BinaryIO, numbers: list[int]) -> Iterator[bytes]:
     count = frame_count(ds, numbers)
     deferred = element.value is None
     if compressed(ds):
-        offsets = _extended_offsets(ds)
+        extended = _extended_offsets(ds)
         if deferred:
-            return _encapsulated_frames(stream, element.value_tell, numbers, count, offsets)
-        return _encapsulated_frames(bytes(element.value), 0, numbers, count, offsets)
+            return _encapsulated_frames(stream, element.value_tell, numbers, count, extended)
+        return _encapsulated_frames(bytes(element.value), 0, numbers, count, extended)
     size, needed = native_frame_size(ds, count)
     if deferred and element.length != _UNDEFINED_LENGTH:
         # What the file holds of the value (a cut file's element still claims its whole length).
@@ -398,12 +404,23 @@ def read_to_pixel_data(stream: BinaryIO) -> tuple[Any, Any]:
     return ds, (ds.get_item("PixelData", keep_deferred=True) if "PixelData" in ds else None)
 
 
-def _extended_offsets(ds: Any) -> tuple[bytes, bytes] | None:
-    """The Extended Offset Table and its lengths (7FE0,0001-0002) when the object has both, as encoded."""
+def _extended_offsets(ds: Any) -> tuple[list[int], list[int]] | None:
+    """The Extended Offset Table and its lengths (7FE0,0001-0002), decoded, when the object has both and
+    they are not empty (an empty pair says nothing: as if absent)."""
     if 0x7FE00001 not in ds or 0x7FE00002 not in ds:
         return None
     try:
-        return bytes(ds[0x7FE00001].value), bytes(ds[0x7FE00002].value)
+        offsets, lengths = bytes(ds[0x7FE00001].value or b""), bytes(ds[0x7FE00002].value or b"")
+        little = ds.original_encoding[1] is not False
+        if not offsets and not lengths:
+            return None
+        if len(offsets) % 8 or len(lengths) % 8:
+            raise ValueError("not 64-bit values")
+        endian = "<" if little else ">"
+        return (
+            list(struct.unpack(f"{endian}{len(offsets) // 8}Q", offsets)),
+            list(struct.unpack(f"{endian}{len(lengths) // 8}Q", lengths)),
+        )
     except OSError:
         raise
     except Exception:
@@ -419,46 +436,123 @@ def _native_frames(stream: BinaryIO, start: int, size: int, numbers: list[int]) 
         yield frame
 
 
+_ITEM_TAG, _DELIMITER_TAG = 0xFFFEE000, 0xFFFEE0DD
+# A fragment: where its data starts in the stream, and its length.
+Fragment = tuple[int, int]
+
+
+class _Items:
+    """The items of an encapsulated value (PS3.5 A.4), read by their 8-byte headers, never their data:
+    where each fragment's data is and how long it is. Offsets of the offset tables count from the first
+    fragment's item, the byte after the Basic Offset Table."""
+
+    def __init__(self, stream: BinaryIO, start: int):
+        self.stream = stream
+        stream.seek(start)
+        tag, length = self.header(start)
+        if tag != _ITEM_TAG or length % 4:
+            raise CorruptObject("its encapsulated pixel data does not begin with a Basic Offset Table item")
+        table = stream.read(length)
+        if len(table) < length:
+            raise CorruptObject("it ends inside its Basic Offset Table")
+        self.basic = list(struct.unpack(f"<{length // 4}L", table))
+        self.first = start + 8 + length
+
+    def header(self, at: int) -> tuple[int, int]:
+        self.stream.seek(at)
+        head = self.stream.read(8)
+        if len(head) < 8:
+            raise CorruptObject("its encapsulated pixel data ends before its sequence delimiter")
+        group, element, length = struct.unpack("<HHL", head)
+        return group << 16 | element, length
+
+    def walk(self, at: int, until: int | None = None) -> list[Fragment]:
+        """The fragments from the item at ``at`` to the item at ``until`` (exactly) or the delimiter."""
+        fragments: list[Fragment] = []
+        while at != until:
+            if until is not None and at > until:
+                raise CorruptObject("its Basic Offset Table does not fall on its items")
+            tag, length = self.header(at)
+            if tag == _DELIMITER_TAG and until is None:
+                return fragments
+            if tag != _ITEM_TAG or length == _UNDEFINED_LENGTH:
+                raise CorruptObject("an item of its encapsulated pixel data is malformed")
+            fragments.append((at + 8, length))
+            at += 8 + length
+        return fragments
+
+
+def _frame_fragments(
+    items: _Items, count: int, numbers: list[int], extended: tuple[list[int], list[int]] | None
+) -> list[list[Fragment]] | None:
+    """The fragments of each frame asked for, every one checked against the items before any is read; None
+    for several fragments a frame without an offset table (only the JPEG markers in the data tell those apart).
+
+    An Extended Offset Table must give every frame, each at an item of its length (PS3.5 A.4: one
+    fragment a frame); a Basic Offset Table, every frame's first item in order, the frame then being the
+    items up to the next one's (or the delimiter). Without a table: one fragment a frame, or one frame."""
+    if extended is not None:
+        offsets, lengths = extended
+        if len(offsets) != count or len(lengths) != count:
+            raise CorruptObject(f"its Extended Offset Table has {len(offsets)} entries for its {count} frames")
+        if any(offsets[i + 1] < offsets[i] + 8 + lengths[i] for i in range(count - 1)):
+            raise CorruptObject("its Extended Offset Table's frames are not one after the other")
+        out = []
+        for number in numbers:
+            at = items.first + offsets[number - 1]
+            if items.header(at) != (_ITEM_TAG, lengths[number - 1]):
+                raise CorruptObject(f"its Extended Offset Table does not point at frame {number}'s item")
+            out.append([(at + 8, lengths[number - 1])])
+        return out
+    basic = items.basic
+    if basic:
+        if len(basic) != count or basic[0] != 0 or any(b <= a for a, b in zip(basic, basic[1:], strict=False)):
+            raise CorruptObject(f"its Basic Offset Table has {len(basic)} entries, not {count} from 0 ascending")
+        return [items.walk(items.first + basic[n - 1], items.first + basic[n] if n < count else None) for n in numbers]
+    fragments = items.walk(items.first)
+    if count == 1:
+        return [fragments]
+    if len(fragments) == count:
+        return [[fragments[n - 1]] for n in numbers]
+    return None
+
+
 def _encapsulated_frames(
     source: BinaryIO | bytes,
     start: int,
     numbers: list[int],
     count: int,
-    offsets: tuple[bytes, bytes] | None,
+    extended: tuple[list[int], list[int]] | None,
 ) -> Iterator[bytes]:
-    """The frames in the encapsulated value at ``start`` of ``source``, by pydicom's get_frame: with an
-    offset table it seeks to the frame; with one fragment per frame it walks the items' headers, not their
-    data. Several fragments per frame and no table is the one layout where only the data can tell where a
-    frame ends (JPEG markers): all of it is read, and served only if it holds all ``count`` frames
-    (get_frame alone would return the first fragments as frame 1 of an object short of fragments)."""
-    from pydicom.encaps import get_frame, parse_basic_offsets, parse_fragments
-
+    """The frames asked for of the encapsulated value at ``start`` of ``source``. Where each frame lies is
+    found and checked first, from the items' headers and the offset tables (before a body is started: a
+    wrong table is refused, never served as another frame's bytes); each frame's data is read when its
+    turn comes. Several fragments a frame without a table is the one layout where only the data can tell
+    where a frame ends (JPEG markers): all of it is read first, through pydicom's generate_frames, and
+    served only if it holds all ``count`` frames."""
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
-    try:
-        stream.seek(start)
-        table = offsets is not None or bool(parse_basic_offsets(stream))
-        fragments = count if table else parse_fragments(stream)[0]
-    except OSError:
-        raise
-    except Exception as exc:  # a broken item or offset table: pydicom's ValueError, struct.error...
-        raise CorruptObject(f"its encapsulated pixel data cannot be split in frames ({type(exc).__name__})") from None
-    if count > 1 and fragments != count and not table:
-        yield from _frames_by_markers(stream, start, numbers, count)
-        return
-    for number in numbers:
-        try:
-            stream.seek(start)
-            frame = get_frame(stream, number - 1, number_of_frames=count, extended_offsets=offsets)
-        except OSError:
-            raise
-        except Exception as exc:
-            raise CorruptObject(
-                f"its encapsulated pixel data has no readable frame {number} of {count} ({type(exc).__name__})"
-            ) from None
-        yield frame
+    size = stream.seek(0, io.SEEK_END)
+    items = _Items(stream, start)
+    located = _frame_fragments(items, count, numbers, extended)
+    if located is None:
+        return iter(_frames_by_markers(stream, start, numbers, count))
+    if any(at + length > size for fragments in located for at, length in fragments):
+        raise CorruptObject("its encapsulated pixel data runs past the end of the object")
+    return (_read_fragments(stream, fragments) for fragments in located)
 
 
-def _frames_by_markers(stream: BinaryIO, start: int, numbers: list[int], count: int) -> Iterator[bytes]:
+def _read_fragments(stream: BinaryIO, fragments: list[Fragment]) -> bytes:
+    parts = []
+    for at, length in fragments:
+        stream.seek(at)
+        data = stream.read(length)
+        if len(data) < length:
+            raise CorruptObject("the object ends inside a frame")
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _frames_by_markers(stream: BinaryIO, start: int, numbers: list[int], count: int) -> list[bytes]:
     from pydicom.encaps import generate_frames
 
     wanted, kept, found = set(numbers), {}, 0
@@ -473,8 +567,7 @@ def _frames_by_markers(stream: BinaryIO, start: int, numbers: list[int], count: 
         raise CorruptObject(f"its encapsulated pixel data cannot be split in frames ({type(exc).__name__})") from None
     if found < count:
         raise CorruptObject(f"its encapsulated pixel data holds {found} of its {count} frames")
-    for number in numbers:
-        yield kept[number]
+    return [kept[number] for number in numbers]
 
 
 # Bulk data (PS3.18 10.4.1.1.5): the values the stored headers point to with BulkDataURIs

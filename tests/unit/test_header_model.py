@@ -139,3 +139,24 @@ def test_a_large_value_cut_short_is_still_refused_as_truncated(tmp_path):
     path.write_bytes(data[:cut])
     with pytest.raises(Truncated, match="claims 1048576 bytes, only 1000 follow"):
         read_header_file(path)
+
+
+def test_a_deferred_value_is_read_from_the_open_file_when_its_path_is_gone(tmp_path, monkeypatch):
+    """The receiver's reconcile reads landed files the archive sink removes once archived: a deferred value
+    (a 100 kB text, read for the header) read by opening the path again raised a bare OSError when the
+    file was removed meanwhile, and the whole reconcile pass stopped. It is read from the open file."""
+    import diana.producers.header as header_module
+
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="GONE1", study_date="20240101")
+    ds.TextValue = "g" * 100_000
+    path = tmp_path / "landed.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    check = header_module._check_lengths
+
+    def check_then_remove(ds, total):
+        check(ds, total)
+        path.unlink()  # archived and removed while the header is being read
+
+    monkeypatch.setattr(header_module, "_check_lengths", check_then_remove)
+    header = read_header_file(path)
+    assert json.loads(header.fields["header_json"])["0040A160"]["Value"] == ["g" * 100_000]

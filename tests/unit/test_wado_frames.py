@@ -8,6 +8,8 @@ made a series of N frames cost N whole reads. Each case counts the bytes read fr
 from __future__ import annotations
 
 import io
+import os
+import struct
 from pathlib import Path
 
 import pydicom
@@ -44,7 +46,9 @@ def _frame(number: int) -> bytes:
     return bytes([number % 251, (number * 7) % 251]) * (FRAME_BYTES // 2)
 
 
-def _object(tmp_path: Path, syntax: str, pixel_data: bytes, **extra: bytes) -> Path:
+def _object(
+    tmp_path: Path, syntax: str, pixel_data: bytes, frames: int = FRAMES, name: str = "object.dcm", **extra: bytes
+) -> Path:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = syntax
@@ -53,14 +57,14 @@ def _object(tmp_path: Path, syntax: str, pixel_data: bytes, **extra: bytes) -> P
     ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7.2", "1.2.3.4.5"
     ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = ROWS, COLUMNS, 16, 16, 15
     ds.SamplesPerPixel, ds.PixelRepresentation, ds.PhotometricInterpretation = 1, 0, "MONOCHROME2"
-    ds.NumberOfFrames = FRAMES
+    ds.NumberOfFrames = frames
     ds.add_new(0x7FE00010, "OB" if syntax == RLELossless else "OW", pixel_data)
     if "offsets" in extra:
         ds.add_new(0x7FE00001, "OV", extra["offsets"])
         ds.add_new(0x7FE00002, "OV", extra["lengths"])
     if syntax == RLELossless:
         ds["PixelData"].is_undefined_length = True
-    path = tmp_path / "object.dcm"
+    path = tmp_path / name
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -172,3 +176,102 @@ def test_a_cut_file_is_refused_by_the_decoded_frames_too(tmp_path: Path):
         decoded_frames(path, [1])
     with open(path, "rb") as stream, pytest.raises(CorruptObject, match="its 40 frame.s. need"):
         decoded_frames(stream, [1])
+
+
+def _items(table: list[int], fragments: list[bytes]) -> bytes:
+    """An encapsulated value written by hand: a Basic Offset Table item of ``table``, an item per fragment,
+    the sequence delimiter."""
+    out = struct.pack("<HHL", 0xFFFE, 0xE000, 4 * len(table)) + struct.pack(f"<{len(table)}L", *table)
+    for fragment in fragments:
+        out += struct.pack("<HHL", 0xFFFE, 0xE000, len(fragment)) + fragment
+    return out + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+
+
+def _offsets(lengths: list[int]) -> list[int]:
+    return [sum(8 + n for n in lengths[:i]) for i in range(len(lengths))]
+
+
+_FOUR = [bytes([n]) * 400 for n in range(1, 5)]  # 4 frames of 400 bytes
+_AT = _offsets([400] * 4)  # [0, 408, 816, 1224]
+
+
+@pytest.mark.parametrize(
+    "table, fragments, extended",
+    [
+        ([0, 408], _FOUR, None),  # 2 entries for 4 frames
+        ([0, 408, 816, 5000], _FOUR, None),  # the last offset past the data
+        ([0, 50, 816, 1224], _FOUR, None),  # an offset inside a fragment
+        ([0, 816, 408, 1224], _FOUR, None),  # out of order
+        ([], _FOUR, ([0, 408, 816, 99_999], [400] * 4)),  # an extended offset past the data
+        ([], _FOUR, ([0, 0, 0, 0], [400] * 4)),  # every extended offset the first frame's
+        ([], _FOUR, (_AT, [400, 400, 400, 444])),  # a length past its item
+        ([], _FOUR[:3], (_AT[:3], [400] * 3)),  # 3 entries for 4 frames
+    ],
+    ids=[
+        "short basic",
+        "basic past end",
+        "basic inside item",
+        "basic out of order",
+        "extended past end",
+        "extended all 0",
+        "extended length",
+        "extended short",
+    ],
+)
+def test_an_offset_table_that_does_not_match_the_items_is_refused_before_any_frame(
+    tmp_path, table, fragments, extended
+):
+    """The tables are the sender's word: each frame they give is checked against the items (pydicom's
+    get_frame alone served other frames' bytes, short ones or none). Refused when the frames are asked
+    for, before any is read (the bulk route sends its status only after)."""
+    extra = {}
+    if extended is not None:
+        extra = {
+            "offsets": struct.pack(f"<{len(extended[0])}Q", *extended[0]),
+            "lengths": struct.pack(f"<{len(extended[1])}Q", *extended[1]),
+        }
+    path = _object(tmp_path, RLELossless, _items(table, fragments), frames=4, **extra)
+    with open(path, "rb") as stream, pytest.raises(CorruptObject):
+        stored_frames(stream, [1, 2, 3, 4])
+
+
+def test_a_basic_table_of_several_fragments_a_frame_and_an_empty_extended_table_are_served(tmp_path):
+    halves = [half for frame in _FOUR for half in (frame[:100], frame[100:])]
+    path = _object(tmp_path, RLELossless, _items(_offsets([100, 300] * 4)[::2], halves), frames=4)
+    assert frame_bytes(path, [1, 4]) == [_FOUR[0], _FOUR[3]]
+    empty = _object(tmp_path, RLELossless, _items([], _FOUR), frames=4, name="empty.dcm", offsets=b"", lengths=b"")
+    assert frame_bytes(empty, [2, 3]) == [_FOUR[1], _FOUR[2]]
+
+
+def test_every_frame_of_an_object_without_a_table_is_found_in_one_walk_of_its_items(tmp_path):
+    """One fragment a frame, no table: the items' headers are walked once for all the frames asked, not once
+    a frame (get_frame per frame made the bulk route of 5,000 frames take 80 s)."""
+    path = _object(tmp_path, RLELossless, encapsulate(_all_frames(), has_bot=False))
+    with _CountingFile(path, "r") as stream:
+        reads = 0
+        original = stream.read
+
+        def counted(size: int = -1) -> bytes:
+            nonlocal reads
+            reads += 1
+            return original(size)
+
+        stream.read = counted  # type: ignore[method-assign]
+        frames = list(stored_frames(stream, list(range(1, FRAMES + 1))))  # type: ignore[arg-type]
+    assert frames == _all_frames()
+    assert reads < 4 * FRAMES + 200, reads  # the header, a walk of 40 items, 40 frames: not 40 x 40
+
+
+def test_a_deferred_value_is_read_from_the_open_file_not_a_new_version_at_its_path(tmp_path):
+    """An Extended Offset Table over 1 KiB (over 128 frames) is deferred; pydicom read it by opening the
+    path again, where an archive REPLACE may have put another version meanwhile."""
+    many = 200
+    first = [bytes([1]) * 300] * many
+    data, offsets, lengths = encapsulate_extended(first)
+    path = _object(tmp_path, RLELossless, data, frames=many, offsets=offsets, lengths=lengths)
+    second = [bytes([2]) * 100] * many
+    data, offsets, lengths = encapsulate_extended(second)
+    other = _object(tmp_path, RLELossless, data, frames=many, name="other.dcm", offsets=offsets, lengths=lengths)
+    with open(path, "rb") as stream:
+        os.replace(other, path)  # the new version renamed over the path, the old one still open
+        assert list(stored_frames(stream, [1, many])) == [first[0], first[-1]]
