@@ -135,23 +135,22 @@ def _json(value: Any) -> bytes:
 # ReferringPhysicianName (0008,0090) with a value, as the receiver writes a header (keys sorted: "Value"
 # before "vr"); an empty one is `{"vr":"PN"}`.
 _REFERRING_WITH_VALUE = '"00080090":{"Value":['
-_JSON = json.JSONDecoder()
 
 
 def referring_physician_from_header(header: str) -> str | None:
     """ReferringPhysicianName read from an event's header, for events written before InstanceArrived v5
-    carried it as a field: a reindex of older events then makes it searchable too. Only that element is
-    parsed (found by its rendering; the header's top-level elements come in tag order, so it precedes any
-    sequence that could hold one), and only when it has a value: events of v5 on that leave the field
-    empty have no value there, and cost a substring search. The text is the receiver's: the name's
-    groups joined by "=" (Alphabetic=Ideographic=Phonetic), None for several names or none."""
-    at = header.find(_REFERRING_WITH_VALUE)
-    if at < 0:
+    carried it as a field: a reindex of older events then makes it searchable too. The header is parsed
+    only when it holds such an element with a value somewhere (a substring search: events of v5 on that
+    leave the field empty mostly have none), and only its top-level element counts. The text is the
+    receiver's: the name's groups joined by "=" (Alphabetic=Ideographic=Phonetic); None for none, and for
+    several names (the attribute's VM is 1; the receiver writes such a list as pydicom prints it)."""
+    if _REFERRING_WITH_VALUE not in header:
         return None
     try:
-        element, _ = _JSON.raw_decode(header, at + len('"00080090":'))
-        values = element["Value"]
-    except (ValueError, KeyError, TypeError):
+        # The whole header, only now: the element found may be a copy inside a sequence (Original
+        # Attributes, a referenced study's item) while the top-level one is empty or absent.
+        values = orjson.loads(header).get("00080090", {}).get("Value")
+    except (ValueError, AttributeError):
         return None
     if not isinstance(values, list) or len(values) != 1 or not isinstance(values[0], dict):
         return None

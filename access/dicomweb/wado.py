@@ -365,6 +365,20 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
 
 
+def _encoding_read(ds: Any) -> tuple[bool, bool]:
+    """(implicit VR, little endian) as pydicom found the data set encoded, which may differ from what its
+    file meta says (pydicom reads such a file; so must what reads on from where pydicom stopped): from its
+    last top-level element, still raw; the file meta's word when there is none."""
+    keys = list(ds.keys())
+    if keys:
+        raw = ds.get_item(keys[-1], keep_deferred=True)
+        implicit, little = getattr(raw, "is_implicit_VR", None), getattr(raw, "is_little_endian", None)
+        if implicit is not None and little is not None:
+            return bool(implicit), bool(little)
+    implicit, little = ds.original_encoding
+    return bool(implicit), bool(little)
+
+
 def read_to_pixel_data(stream: BinaryIO) -> tuple[Any, Any]:
     """The archived object open as ``stream``: its data set (pydicom's, values over 1 KiB deferred) and its
     Pixel Data (7FE0,0010) element as a pydicom RawDataElement, its value not read (None when the object
@@ -380,7 +394,7 @@ def read_to_pixel_data(stream: BinaryIO) -> tuple[Any, Any]:
 
     if not _deflated(stream):
         ds = read_archived(stream, defer_size=_DEFER, stop_before_pixels=True)
-        implicit, little = ds.original_encoding
+        implicit, little = _encoding_read(ds)
         start = stream.tell()
         head = stream.read(8)
         if len(head) < 8 or struct.unpack("<HH" if little else ">HH", head[:4]) != (0x7FE0, 0x0010):
@@ -717,6 +731,8 @@ def _sequence_items(ds: Any, tag: int) -> list[Any]:
         return []
     try:
         return list(ds[tag].value)
+    except OSError:
+        raise  # the archive's (a deferred sequence read through the store), not the object's
     except Exception:
         raise CorruptObject(f"its sequence {tag:08X} cannot be read") from None
 

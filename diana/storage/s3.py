@@ -136,6 +136,12 @@ class _Errors:
         if isinstance(exc, (ClientError, BotoCoreError)):
             # botocore's messages name the operation and the error code, never the credentials.
             raise StorageError(f"object store: {self.what}: {exc}") from None
+        from urllib3.exceptions import HTTPError
+
+        if isinstance(exc, HTTPError):
+            # Raised by the connection while a body is read (an SSLError, a protocol error): botocore's
+            # StreamingBody passes it on as it is, and unmapped it read as the object's fault.
+            raise StorageError(f"object store: {self.what}: the connection failed ({type(exc).__name__})") from None
         return False
 
 

@@ -185,3 +185,33 @@ def test_an_older_event_gets_its_referring_physician_from_its_header_as_the_rece
     newer = {**older, "referring_physician_name": "Given^Value"}
     assert json.loads(_document(newer))["referring_physician_name"] == "Given^Value"
     assert "referring_physician_name" not in json.loads(_document({"header_json": fields["header_json"]}))
+
+
+def test_a_referring_physician_inside_a_sequence_is_not_taken_for_the_top_level_one(tmp_path):
+    """The top-level element empty or absent, a copy in a referenced study's item or in the Original
+    Attributes Sequence: the receiver reads none, and so does the sink (it once took the first one found)."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    from diana.producers.header import read_header
+    from tests.support.dicomgen import make_instance
+
+    for top_level in ("", None):
+        ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="REF2", study_date="20240101")
+        item = Dataset()
+        item.ReferringPhysicianName = "Nested^Doctor"
+        ds.ReferencedStudySequence = [item]
+        ds.OriginalAttributesSequence = [Dataset()]
+        ds.OriginalAttributesSequence[0].ModifiedAttributesSequence = [Dataset()]
+        ds.OriginalAttributesSequence[0].ModifiedAttributesSequence[0].ReferringPhysicianName = "Old^Name"
+        if top_level is None:
+            if "ReferringPhysicianName" in ds:
+                del ds.ReferringPhysicianName
+        else:
+            ds.ReferringPhysicianName = top_level
+        path = tmp_path / "nested.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        fields = read_header(path.read_bytes()).fields
+        assert fields["referring_physician_name"] is None
+        older = {"sop_instance_uid": "1.2.3", "referring_physician_name": None, "header_json": fields["header_json"]}
+        assert json.loads(_document(older))["referring_physician_name"] is None

@@ -294,3 +294,16 @@ def test_a_frame_of_a_multiframe_object_costs_two_requests(how: str):
             assert frame_bytes(view, [33]) == [native[32]]
         assert view.requests == 2, bucket.asked  # type: ignore[attr-defined]
         assert view.fetched <= 2 * 16 * KIB < len(data) / 10  # type: ignore[attr-defined]
+
+
+def test_a_connection_failing_while_a_body_is_read_is_the_stores_error_not_the_objects():
+    """botocore's StreamingBody passes urllib3's errors on as they are (an SSLError is no OSError): unmapped,
+    the WADO-RS routes took it for a corrupt object (500) instead of the archive not answering (503)."""
+    from urllib3.exceptions import ProtocolError, SSLError
+
+    from diana.storage import StorageError
+    from diana.storage.s3 import _Errors
+
+    for failure in (SSLError("decryption failed"), ProtocolError("connection broken")):
+        with pytest.raises(StorageError, match="the connection failed"), _Errors("get x"):
+            raise failure

@@ -275,3 +275,52 @@ def test_a_deferred_value_is_read_from_the_open_file_not_a_new_version_at_its_pa
     with open(path, "rb") as stream:
         os.replace(other, path)  # the new version renamed over the path, the old one still open
         assert list(stored_frames(stream, [1, many])) == [first[0], first[-1]]
+
+
+@pytest.mark.parametrize(
+    "meta_implicit", [True, False], ids=["meta implicit, body explicit", "meta explicit, body implicit"]
+)
+def test_a_data_set_encoded_otherwise_than_its_file_meta_says_is_read_as_pydicom_reads_it(tmp_path, meta_implicit):
+    """pydicom reads such a file by what it finds; the pixel data's header, read on from where pydicom
+    stopped, must be read the same way (the file meta's word served wrong bytes or refused it)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", "1.2.3.4.6"
+    ds.Rows = ds.Columns = 4
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.NumberOfFrames = 1, "MONOCHROME2", 2
+    ds.PixelData = bytes(range(64))
+    ds["PixelData"].VR = "OW"
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian if meta_implicit else ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    out = io.BytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=True)
+    body = DicomBytesIO()
+    body.is_implicit_VR, body.is_little_endian = not meta_implicit, True
+    write_dataset(body, ds)
+    path = tmp_path / "mismatch.dcm"
+    path.write_bytes(out.getvalue() + body.getvalue())
+    assert frame_bytes(path, [1, 2]) == [bytes(range(32)), bytes(range(32, 64))]
+
+
+def test_a_sequence_the_archive_fails_to_read_is_the_archives_error_not_a_corrupt_object():
+    """A deferred sequence read through the store (an object replaced meanwhile, S3 not answering) raises
+    the store's OSError: passed on (503 retry), not called a corrupt object (500)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    from diana.access.dicomweb.wado import _sequence_items
+
+    class Failing(Dataset):
+        def __getitem__(self, key):  # type: ignore[no-untyped-def]
+            raise OSError("object store: the object was replaced while it was read")
+
+    ds = Failing()
+    ds._dict[Tag(0x00081140)] = RawDataElement(Tag(0x00081140), "SQ", 2000, None, 100, False, True)
+    with pytest.raises(OSError, match="replaced while it was read"):
+        _sequence_items(ds, 0x00081140)
