@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import os
 from collections.abc import AsyncIterator, Generator, Iterator
 from io import BytesIO
 from pathlib import Path
@@ -28,6 +27,7 @@ from diana.access.dicomweb.wado import (
     check_native_length,
     compressed,
     frame_count,
+    located_frames,
     native_frame_size,
     read_to_pixel_data,
 )
@@ -132,10 +132,19 @@ def iter_decoded_frames(source: Path | BinaryIO, numbers: list[int]) -> Iterator
     """The frames of decoded_frames, each decoded when its turn comes; the first one before this returns,
     so an object whose frames cannot be decoded here is refused before a body is started.
 
+    The header is read once and the frames located as the as-stored path locates them (wado.located_frames:
+    the offset tables checked against the items, each frame's bytes read alone); each frame is then decoded
+    by itself, as the one frame of the header's data set. pydicom's ``pixel_array(file, index=n)`` read the
+    header again for every frame and walked the items up to it (through S3, a request each), trusting the
+    offset tables.
+
     LookupError when the object has no pixel data, IndexError for a frame it does not have, CorruptObject
-    when its header or the length of its native pixel data is wrong, TranscodeError when a frame cannot be
-    decoded here."""
-    ds, element = _to_pixel_data(source)  # the header; the pixel data's length, its value not read
+    when its header, its tables or the length of its pixel data are wrong, TranscodeError when a frame
+    cannot be decoded here."""
+    if isinstance(source, Path | str):
+        with open(source, "rb") as stream:
+            return iter(list(iter_decoded_frames(stream, numbers)))
+    ds, element = read_to_pixel_data(source)  # the header; the pixel data's length, its value not read
     if element is None:
         raise LookupError("the object has no pixel data")  # as from wado.frame_bytes: 404 either way
     count = frame_count(ds, numbers)
@@ -147,36 +156,63 @@ def iter_decoded_frames(source: Path | BinaryIO, numbers: list[int]) -> Iterator
         raise TranscodeError(f"the frames asked for would take more than {MAX_DECODED_BYTES >> 20} MiB decoded")
     if not numbers:
         return iter(())
-    first = _decoded_frame(source, numbers[0])
-    return itertools.chain([first], (_decoded_frame(source, number) for number in numbers[1:]))
+    if (
+        element.VR == "OW"
+        and int(ds.BitsAllocated) <= 8
+        and not compressed(ds)
+        and not getattr(element, "is_little_endian", True)
+    ):
+        # 8-bit pixels stored big endian as OW: swapped by words, so a frame is not a slice of the value as
+        # stored (its edges can split a word). Rare: pydicom reads each frame of the whole value.
+        return iter([_whole_value_frame(source, number) for number in numbers])
+    frames = located_frames(source, ds, element, numbers)
+    encapsulated = compressed(ds)
+    # The header made the header of one frame: the frame replaces the pixel data, no offset table says
+    # where frames were in the whole value.
+    for tag in (0x7FE00001, 0x7FE00002):
+        if tag in ds:
+            del ds[tag]
+    if "NumberOfFrames" in ds:
+        ds.NumberOfFrames = 1
+    # The value's VR as stored: a big-endian object's 8-bit pixels stored as OW are swapped by words.
+    vr = str(element.VR) if element.VR in ("OB", "OW") else "OB" if encapsulated or int(ds.BitsAllocated) <= 8 else "OW"
+    pairs = zip(numbers, frames, strict=True)
+    number, frame = next(pairs)
+    first = _decoded_frame(ds, number, frame, encapsulated, vr)
+    return itertools.chain([first], (_decoded_frame(ds, n, f, encapsulated, vr) for n, f in pairs))
 
 
-def _to_pixel_data(source: Path | BinaryIO) -> tuple[Any, Any]:
-    if isinstance(source, Path | str):
-        with open(source, "rb") as stream:
-            return read_to_pixel_data(stream)
-    return read_to_pixel_data(source)
-
-
-def _held_length(source: Path | BinaryIO, element: Any) -> int:
+def _held_length(source: BinaryIO, element: Any) -> int:
     """The bytes the object holds of a deferred value: its length, or fewer when the file ends first (a
     cut file's element still claims its whole length)."""
-    if isinstance(source, Path | str):
-        end = os.path.getsize(source)
-    else:
-        end = source.seek(0, io.SEEK_END)
+    end = source.seek(0, io.SEEK_END)
     return min(int(element.length), end - int(element.value_tell))
 
 
-def _decoded_frame(source: Path | BinaryIO, number: int) -> bytes:
-    from pydicom.pixels import pixel_array
+def _decoded_frame(ds: Any, number: int, frame: bytes, encapsulated: bool, vr: str) -> bytes:
+    """``frame`` (as stored) decoded, little endian, with the header ``ds`` describing it as its one frame."""
+    from pydicom.encaps import encapsulate
+    from pydicom.pixels import get_decoder
 
+    ds.PixelData = encapsulate([frame]) if encapsulated else frame
+    ds["PixelData"].VR = vr
     try:
-        if not isinstance(source, Path | str):
-            source.seek(0)  # an open file (the one the header was read from): from its start
-        array = pixel_array(source, index=number - 1)
+        array, _ = get_decoder(ds.file_meta.TransferSyntaxUID).as_array(ds, index=0)
     except OSError:
         raise  # the archive's fault (on S3: ObjectChanged, StorageError), not the frame's
     except Exception as exc:  # pydicom raises by plugin: RuntimeError, ValueError, NotImplementedError...
+        raise TranscodeError(f"frame {number} is not decodable here ({decoder_reason(exc)})") from exc
+    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def _whole_value_frame(source: BinaryIO, number: int) -> bytes:
+    from pydicom.pixels import pixel_array
+
+    try:
+        source.seek(0)
+        array = pixel_array(source, index=number - 1)
+    except OSError:
+        raise
+    except Exception as exc:
         raise TranscodeError(f"frame {number} is not decodable here ({decoder_reason(exc)})") from exc
     return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()

@@ -42,6 +42,7 @@ __all__ = [
     "new_boundary",
     "frame_bytes",
     "stored_frames",
+    "located_frames",
     "frame_count",
     "frame_numbers",
     "check_native_length",
@@ -340,6 +341,12 @@ def stored_frames(stream: BinaryIO, numbers: list[int]) -> Iterator[bytes]:
     The header is read up to the pixel data (read_to_pixel_data), not past it. A value pydicom holds in
     memory (a deflated object's, whose offsets are in the inflated data set) is sliced as it is."""
     ds, element = read_to_pixel_data(stream)  # other large values are not read
+    return located_frames(stream, ds, element, numbers)
+
+
+def located_frames(stream: BinaryIO, ds: Any, element: Any, numbers: list[int]) -> Iterator[bytes]:
+    """stored_frames of the object whose header (``ds``, its Pixel Data ``element``) read_to_pixel_data
+    read from ``stream``: every check made and every frame located on this call, each read lazily."""
     if element is None:
         raise LookupError("the object has no pixel data")
     count = frame_count(ds, numbers)

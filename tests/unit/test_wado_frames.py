@@ -324,3 +324,13 @@ def test_a_sequence_the_archive_fails_to_read_is_the_archives_error_not_a_corrup
     ds._dict[Tag(0x00081140)] = RawDataElement(Tag(0x00081140), "SQ", 2000, None, 100, False, True)
     with pytest.raises(OSError, match="replaced while it was read"):
         _sequence_items(ds, 0x00081140)
+
+
+def test_decoded_frames_are_located_with_the_same_checks(tmp_path):
+    """The decoded path trusted pydicom's reading of the tables (a swapped Basic Offset Table decoded frame 3's
+    pixels as frame 2's): it locates frames as the as-stored path does, and refuses the same tables."""
+    from diana.access.dicomweb.transcoded import decoded_frames
+
+    path = _object(tmp_path, RLELossless, _items([0, 816, 408, 1224], _FOUR), frames=4)
+    with pytest.raises(CorruptObject, match="Basic Offset Table"):
+        decoded_frames(path, [2])

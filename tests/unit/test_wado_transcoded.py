@@ -89,3 +89,27 @@ def test_frames_of_a_damaged_object_are_refused_with_the_reason_never_served_sho
     # Uncompressed YBR_FULL_422 holds two samples a pixel, not three: whole, and served.
     ybr = get_testdata_file("SC_ybr_full_422_uncompressed.dcm")
     assert len(frame_bytes(Path(ybr), [1])[0]) == 100 * 100 * 2
+
+
+def test_every_frame_of_every_decodable_pydicom_test_file_is_decoded_as_pydicom_decodes_it():
+    """Decoded frames are located as the as-stored path locates them and decoded one by one, each as the one
+    frame of the header's data set: the same pixels as pydicom's own pixel_array of the whole object."""
+    from diana.access.dicomweb.transcoded import decoded_frames
+
+    compared = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in get_testdata_files("*.dcm"):
+            try:
+                ds = pydicom.dcmread(name)
+                if "PixelData" not in ds or "TransferSyntaxUID" not in ds.file_meta:
+                    continue
+                whole = ds.pixel_array
+            except Exception:
+                continue  # not decodable here at all (pydicom's own damaged and unsupported files)
+            count = int(ds.get("NumberOfFrames", 1) or 1)
+            frames = whole if count > 1 else whole[None]
+            expected = [frame.astype(frame.dtype.newbyteorder("<"), copy=False).tobytes() for frame in frames]
+            assert decoded_frames(Path(name), list(range(1, count + 1))) == expected, Path(name).name
+            compared += 1
+    assert compared > 50
