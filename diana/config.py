@@ -742,6 +742,11 @@ def parse_allowed_hosts(entries: tuple, section: str = "query_retrieve") -> Allo
     networks = []
     for entry in entries:
         text = str(entry).strip()
+        if "%" in text and "/" in text:
+            raise ConfigError(
+                f"[{section}] allowed_hosts: {entry!r}: a network with a zone id is not matched; list it without "
+                "the zone (e.g. fe80::/64)"
+            )
         address = ip_address_of(text)
         try:
             network = ipaddress.ip_network(address if address is not None else text, strict=False)

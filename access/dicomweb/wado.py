@@ -520,19 +520,21 @@ def _frame_fragments(
             raise CorruptObject("its Extended Offset Table's frames are not one after the other")
         out = []
         for number in numbers:
-            at = items.first + offsets[number - 1]
-            if items.header(at) != (_ITEM_TAG, lengths[number - 1]):
+            at, length = items.first + offsets[number - 1], lengths[number - 1]
+            tag, item_length = items.header(at)
+            # The frame's own length; its item may hold one byte more (padded to even length).
+            if tag != _ITEM_TAG or item_length not in (length, length + 1):
                 raise CorruptObject(f"its Extended Offset Table does not point at frame {number}'s item")
-            out.append([(at + 8, lengths[number - 1])])
+            out.append([(at + 8, length)])
         return out
+    if count == 1:
+        return [items.walk(items.first)]  # every fragment, whatever a Basic Offset Table says of them
     basic = items.basic
     if basic:
         if len(basic) != count or basic[0] != 0 or any(b <= a for a, b in zip(basic, basic[1:], strict=False)):
             raise CorruptObject(f"its Basic Offset Table has {len(basic)} entries, not {count} from 0 ascending")
         return [items.walk(items.first + basic[n - 1], items.first + basic[n] if n < count else None) for n in numbers]
     fragments = items.walk(items.first)
-    if count == 1:
-        return [fragments]
     if len(fragments) == count:
         return [[fragments[n - 1]] for n in numbers]
     return None

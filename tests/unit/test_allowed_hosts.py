@@ -34,3 +34,9 @@ def test_the_receiver_admits_a_peer_by_its_network_and_refuses_others():
 
     hosts = _allowed_hosts(("127.0.0.0/31", "::1"))
     assert hosts.admits("127.0.0.1") and hosts.admits("::1") and not hosts.admits("127.0.0.2")
+
+
+def test_a_network_with_a_zone_id_is_refused_rather_than_read_as_one_address():
+    with pytest.raises(ConfigError, match="zone id"):
+        parse_allowed_hosts(("fe80::%eth0/64",), "receiver")
+    assert parse_allowed_hosts(("fe80::1%eth0",)).admits("fe80::1")  # an address with its zone: the address

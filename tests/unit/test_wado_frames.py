@@ -334,3 +334,15 @@ def test_decoded_frames_are_located_with_the_same_checks(tmp_path):
     path = _object(tmp_path, RLELossless, _items([0, 816, 408, 1224], _FOUR), frames=4)
     with pytest.raises(CorruptObject, match="Basic Offset Table"):
         decoded_frames(path, [2])
+
+
+def test_an_extended_table_of_odd_frame_lengths_and_one_frame_of_several_basic_entries_are_served(tmp_path):
+    """An Extended Offset Table may give a frame's own odd length, its item padded to even; a single frame
+    with a Basic Offset Table entry a fragment is every fragment (not refused)."""
+    odd = [bytes([n]) * 399 for n in range(1, 5)]
+    padded = [frame + b"\0" for frame in odd]
+    extended = {"offsets": struct.pack("<4Q", *_offsets([400] * 4)), "lengths": struct.pack("<4Q", *[399] * 4)}
+    path = _object(tmp_path, RLELossless, _items([], padded), frames=4, **extended)
+    assert frame_bytes(path, [1, 4]) == [odd[0], odd[3]]
+    single = _object(tmp_path, RLELossless, _items(_offsets([400] * 4), _FOUR), frames=1, name="single.dcm")
+    assert frame_bytes(single, [1]) == [b"".join(_FOUR)]
