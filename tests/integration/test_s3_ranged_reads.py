@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anyio
-import anyio.to_thread
 import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -32,6 +30,7 @@ from pydicom.uid import (
 
 from diana.storage import ObjectChanged, S3Store, open_store
 from diana.storage.s3 import READ_AHEAD
+from tests.support.asgi import asgi_get
 from tests.support.dicomgen import make_instance, rle_literal
 from tests.support.helpers import wait_until_caught_up
 
@@ -149,56 +148,16 @@ def _get(
     """A GET through the ASGI app: (status, headers, body, GetObjects made when the first body bytes were
     sent, what the app raised once its answer had begun: a cut body). ``on_first_body`` runs (in a worker
     thread) when the first body bytes are sent, before the app reads on."""
-    sent: list[dict[str, Any]] = []
     first_body_gets = [-1]
 
-    async def run() -> BaseException | None:
-        headers = [(b"host", b"127.0.0.1:8088")] + ([(b"accept", accept.encode())] if accept else [])
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "GET",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": headers,
-            "server": ("127.0.0.1", 8088),
-            "client": ("127.0.0.1", 50000),
-        }
-        done = anyio.Event()
-        requested = False
+    def first_body() -> None:
+        first_body_gets[0] = len(served.gets)
+        if on_first_body is not None:
+            on_first_body()
 
-        async def receive() -> dict[str, Any]:
-            nonlocal requested
-            if not requested:
-                requested = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await done.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            first = message["type"] == "http.response.body" and first_body_gets[0] < 0
-            sent.append(message)
-            if first:
-                first_body_gets[0] = len(served.gets)
-                if on_first_body is not None:
-                    await anyio.to_thread.run_sync(on_first_body)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                done.set()
-
-        try:
-            await served.app(scope, receive, send)
-        except Exception as exc:  # raised once the answer had begun: the body is cut
-            return exc
-        return None
-
-    error = anyio.run(run)
-    head = {name.decode().lower(): value.decode() for name, value in sent[0]["headers"]}
-    body = b"".join(bytes(m.get("body", b"")) for m in sent[1:])
-    return sent[0]["status"], head, body, first_body_gets[0], error
+    headers = {"host": "127.0.0.1:8088"} | ({"accept": accept} if accept else {})
+    answer = asgi_get(served.app, path, headers=headers, on_first_body=first_body)
+    return answer.status, dict(answer.headers), answer.body, first_body_gets[0], answer.error
 
 
 def _parts(head: dict[str, str], body: bytes) -> list[bytes]:

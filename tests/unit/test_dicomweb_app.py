@@ -9,7 +9,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
@@ -26,6 +25,7 @@ from diana.access.qr.index_reader import Match
 from diana.config import ConfigError
 from diana.schemas.layout import archive_path
 from diana.storage.filesystem import FilesystemStore
+from tests.support.asgi import asgi_get
 
 STUDY, SERIES = "1.2.3", "1.2.3.4"
 
@@ -65,50 +65,13 @@ class _Reader:
 
 def _call(app, path: str, query: str = "", headers: dict[str, str] | None = None):
     """(status, headers, body) of a GET through the ASGI app, as uvicorn on 127.0.0.1:8088 would pass it."""
-
-    async def run() -> list[dict[str, Any]]:
-        sent: list[dict[str, Any]] = []
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "GET",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": query.encode(),
-            "root_path": "",
-            "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {"host": "127.0.0.1:8088"}).items()],
-            "server": ("127.0.0.1", 8088),
-            "client": ("127.0.0.1", 50000),
-        }
-
-        done = anyio.Event()
-        requested = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal requested
-            if not requested:
-                requested = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await done.wait()  # a streamed answer listens for the client going away meanwhile
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                done.set()
-
-        await app(scope, receive, send)
-        return sent
-
-    sent = anyio.run(run)
-    start = sent[0]
+    answer = asgi_get(app, path, query, headers)
+    if answer.error is not None:
+        raise answer.error
     head: dict[str, list[str]] = {}
-    for name, value in start["headers"]:
-        head.setdefault(name.decode().lower(), []).append(value.decode())
-    body = b"".join(m.get("body", b"") for m in sent[1:])
-    return start["status"], head, body
+    for name, value in answer.headers:
+        head.setdefault(name, []).append(value)
+    return answer.status, head, answer.body
 
 
 def _app(reader: _Reader, archive: Path | None = None, **options: Any):
