@@ -135,6 +135,8 @@ def _json(value: Any) -> bytes:
 # ReferringPhysicianName (0008,0090) with a value, as the receiver writes a header (keys sorted: "Value"
 # before "vr"); an empty one is `{"vr":"PN"}`.
 _REFERRING_WITH_VALUE = '"00080090":{"Value":['
+_REFERRING = '"00080090":'
+_JSON = json.JSONDecoder()
 
 
 def referring_physician_from_header(header: str) -> str | None:
@@ -146,12 +148,20 @@ def referring_physician_from_header(header: str) -> str | None:
     several names (the attribute's VM is 1; the receiver writes such a list as pydicom prints it)."""
     if _REFERRING_WITH_VALUE not in header:
         return None
+    at = header.find(_REFERRING)
     try:
-        # The whole header, only now: the element found may be a copy inside a sequence (Original
-        # Attributes, a referenced study's item) while the top-level one is empty or absent.
-        values = orjson.loads(header).get("00080090", {}).get("Value")
-    except (ValueError, AttributeError):
-        return None
+        # Top-level members come in tag order: what precedes a top-level (0008,0090) is a few group 0008
+        # elements, which parse as an object's members; before a copy inside a sequence (Original
+        # Attributes, a referenced study's item) they do not. Only then is the whole header parsed
+        # (seconds and a hundred MB for a 5 MB enhanced multi-frame header).
+        orjson.loads(header[:at].rstrip().rstrip(",") + "}")
+        element, _ = _JSON.raw_decode(header, at + len(_REFERRING))
+    except ValueError:
+        try:
+            element = orjson.loads(header).get("00080090")
+        except (ValueError, AttributeError):
+            return None
+    values = element.get("Value") if isinstance(element, dict) else None
     if not isinstance(values, list) or len(values) != 1 or not isinstance(values[0], dict):
         return None
     groups = [values[0].get(name) or "" for name in ("Alphabetic", "Ideographic", "Phonetic")]

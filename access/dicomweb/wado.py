@@ -357,14 +357,44 @@ def located_frames(stream: BinaryIO, ds: Any, element: Any, numbers: list[int]) 
             return _encapsulated_frames(stream, element.value_tell, numbers, count, extended)
         return _encapsulated_frames(bytes(element.value), 0, numbers, count, extended)
     size, needed = native_frame_size(ds, count)
+    bits = _bits_a_frame(ds)
     if deferred and element.length != _UNDEFINED_LENGTH:
         # What the file holds of the value (a cut file's element still claims its whole length).
         end = stream.seek(0, io.SEEK_END)
         check_native_length(min(element.length, end - element.value_tell), count, needed)
+        if bits % 8:
+            return (_bit_packed_frame(stream, element.value_tell, bits, n) for n in numbers)
         return _native_frames(stream, element.value_tell, size, numbers)
     pixels = ds.PixelData
     check_native_length(len(pixels), count, needed)
+    if bits % 8:
+        held = io.BytesIO(bytes(pixels))
+        return (_bit_packed_frame(held, 0, bits, n) for n in numbers)
     return (bytes(pixels[(n - 1) * size : n * size]) for n in numbers)
+
+
+def _bits_a_frame(ds: Any) -> int:
+    """Bits of one native frame: a multiple of 8 but for bit-packed (BitsAllocated 1) frames whose pixel
+    count is not, where frames follow each other bit by bit (PS3.5 8.1.1)."""
+    if int(ds.BitsAllocated) != 1:
+        return 8
+    return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+
+
+def _bit_packed_frame(stream: BinaryIO, start: int, bits: int, number: int) -> bytes:
+    """Frame ``number`` of bit-packed pixels whose frames do not begin on a byte, made a frame of its own:
+    its bits from the first of its own, packed from the first bit of its first byte (as a single-frame
+    object holds it; the bytes as stored would begin with the previous frame's last pixels)."""
+    import numpy as np
+
+    first = (number - 1) * bits
+    stream.seek(start + first // 8)
+    span = (first % 8 + bits + 7) // 8
+    data = stream.read(span)
+    if len(data) < span:
+        raise CorruptObject(f"the object ends inside its frame {number}")
+    unpacked = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+    return bytes(np.packbits(unpacked[first % 8 : first % 8 + bits], bitorder="little").tobytes())
 
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -375,13 +405,15 @@ _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN
 def _encoding_read(ds: Any) -> tuple[bool, bool]:
     """(implicit VR, little endian) as pydicom found the data set encoded, which may differ from what its
     file meta says (pydicom reads such a file; so must what reads on from where pydicom stopped): from its
-    last top-level element, still raw; the file meta's word when there is none."""
-    keys = list(ds.keys())
-    if keys:
-        raw = ds.get_item(keys[-1], keep_deferred=True)
-        implicit, little = getattr(raw, "is_implicit_VR", None), getattr(raw, "is_little_endian", None)
-        if implicit is not None and little is not None:
-            return bool(implicit), bool(little)
+    last top-level element still raw; the file meta's word when there is none."""
+    from pydicom.dataelem import RawDataElement
+
+    # The latest still raw: pydicom converts a sequence of undefined length (often the last before the
+    # pixel data: per-frame functional groups, an icon) as it reads it, and a converted one says nothing.
+    for key in reversed(list(ds.keys())):
+        raw = ds.get_item(key, keep_deferred=True)
+        if isinstance(raw, RawDataElement):
+            return bool(raw.is_implicit_VR), bool(raw.is_little_endian)
     implicit, little = ds.original_encoding
     return bool(implicit), bool(little)
 

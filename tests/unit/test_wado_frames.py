@@ -277,10 +277,13 @@ def test_a_deferred_value_is_read_from_the_open_file_not_a_new_version_at_its_pa
         assert list(stored_frames(stream, [1, many])) == [first[0], first[-1]]
 
 
+@pytest.mark.parametrize("last_undefined", [False, True], ids=["", "an undefined-length sequence last"])
 @pytest.mark.parametrize(
     "meta_implicit", [True, False], ids=["meta implicit, body explicit", "meta explicit, body implicit"]
 )
-def test_a_data_set_encoded_otherwise_than_its_file_meta_says_is_read_as_pydicom_reads_it(tmp_path, meta_implicit):
+def test_a_data_set_encoded_otherwise_than_its_file_meta_says_is_read_as_pydicom_reads_it(
+    tmp_path, meta_implicit, last_undefined
+):
     """pydicom reads such a file by what it finds; the pixel data's header, read on from where pydicom
     stopped, must be read the same way (the file meta's word served wrong bytes or refused it)."""
     from pydicom.filebase import DicomBytesIO
@@ -292,6 +295,11 @@ def test_a_data_set_encoded_otherwise_than_its_file_meta_says_is_read_as_pydicom
     ds.Rows = ds.Columns = 4
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.NumberOfFrames = 1, "MONOCHROME2", 2
+    if last_undefined:  # converted by pydicom as it reads it: its encoding is not told by it
+        icon = Dataset()
+        icon.Rows = 1
+        ds.IconImageSequence = [icon]
+        ds["IconImageSequence"].is_undefined_length = True
     ds.PixelData = bytes(range(64))
     ds["PixelData"].VR = "OW"
     meta = FileMetaDataset()
@@ -346,3 +354,31 @@ def test_an_extended_table_of_odd_frame_lengths_and_one_frame_of_several_basic_e
     assert frame_bytes(path, [1, 4]) == [odd[0], odd[3]]
     single = _object(tmp_path, RLELossless, _items(_offsets([400] * 4), _FOUR), frames=1, name="single.dcm")
     assert frame_bytes(single, [1]) == [b"".join(_FOUR)]
+
+
+def test_bit_packed_frames_that_do_not_begin_on_a_byte_are_served_each_as_its_own(tmp_path):
+    """BitsAllocated 1, 3x3 pixels a frame: the frames follow each other bit by bit. Each is served packed
+    from its own first pixel (as stored they were cut at bytes: frame 2 began with frame 1's last bits) and
+    decoded to pydicom's own pixels (the decoded path refused them)."""
+    import numpy as np
+    from pydicom.pixels import pack_bits
+
+    from diana.access.dicomweb.transcoded import decoded_frames
+
+    pixels = np.array([[1, 0, 1, 0, 1, 0, 1, 0, 1], [0, 0, 0, 1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 1, 1, 0, 0, 1]], np.uint8)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = "1.2.3.4.7"
+    ds.Rows = ds.Columns = 3
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 1, 0, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.NumberOfFrames = 1, "MONOCHROME2", 3
+    ds.PixelData = pack_bits(pixels.ravel())
+    ds["PixelData"].VR = "OB"
+    path = tmp_path / "bits.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    own = [bytes(pack_bits(frame)) for frame in pixels]
+    assert frame_bytes(path, [1, 2, 3]) == own
+    whole = pydicom.dcmread(path).pixel_array
+    assert decoded_frames(path, [2, 3]) == [whole[1].tobytes(), whole[2].tobytes()]
