@@ -158,7 +158,7 @@ def iter_decoded_frames(source: Path | BinaryIO, numbers: list[int]) -> Iterator
         return iter(())
     if (
         element.VR == "OW"
-        and int(ds.BitsAllocated) <= 8
+        and int(ds.BitsAllocated) == 8  # pydicom never swaps 1-bit data by words
         and not compressed(ds)
         and not getattr(element, "is_little_endian", True)
     ):

@@ -357,7 +357,7 @@ def test_an_extended_table_of_odd_frame_lengths_and_one_frame_of_several_basic_e
 
 
 def test_bit_packed_frames_that_do_not_begin_on_a_byte_are_served_each_as_its_own(tmp_path):
-    """BitsAllocated 1, 3x3 pixels a frame: the frames follow each other bit by bit. Each is served packed
+    """BitsAllocated 1, 3x5 pixels a frame: the frames follow each other bit by bit. Each is served packed
     from its own first pixel (as stored they were cut at bytes: frame 2 began with frame 1's last bits) and
     decoded to pydicom's own pixels (the decoded path refused them)."""
     import numpy as np
@@ -365,13 +365,20 @@ def test_bit_packed_frames_that_do_not_begin_on_a_byte_are_served_each_as_its_ow
 
     from diana.access.dicomweb.transcoded import decoded_frames
 
-    pixels = np.array([[1, 0, 1, 0, 1, 0, 1, 0, 1], [0, 0, 0, 1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 1, 1, 0, 0, 1]], np.uint8)
+    pixels = np.array(
+        [
+            [1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1, 0, 0, 1, 0],
+            [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 0, 1, 1, 1, 1],
+            [1, 1, 0, 0, 1, 1, 0, 0, 1, 0, 0, 0, 1, 0, 1],
+        ],
+        np.uint8,
+    )
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = "1.2.3.4.7"
-    ds.Rows = ds.Columns = 3
+    ds.Rows, ds.Columns = 3, 5
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 1, 0, 0
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.NumberOfFrames = 1, "MONOCHROME2", 3
     ds.PixelData = pack_bits(pixels.ravel())
@@ -382,3 +389,12 @@ def test_bit_packed_frames_that_do_not_begin_on_a_byte_are_served_each_as_its_ow
     assert frame_bytes(path, [1, 2, 3]) == own
     whole = pydicom.dcmread(path).pixel_array
     assert decoded_frames(path, [2, 3]) == [whole[1].tobytes(), whole[2].tobytes()]
+    # Stored big endian as OW: pydicom swaps 8-bit data by words, never bit-packed data.
+    from pydicom.uid import ExplicitVRBigEndian
+
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    ds["PixelData"].VR = "OW"
+    big = tmp_path / "bits-big-endian.dcm"
+    ds.save_as(big, enforce_file_format=True, little_endian=False, implicit_vr=False)
+    whole = pydicom.dcmread(big).pixel_array
+    assert decoded_frames(big, [2, 3]) == [whole[1].tobytes(), whole[2].tobytes()]
