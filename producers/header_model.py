@@ -61,10 +61,10 @@ def element_size(raw: object) -> int:
 
 
 def unread_bulk_vr(raw: object) -> str | None:
-    """The VR of a top-level binary value that need not be read to be referenced: one pydicom deferred
-    (its value still in the file), or one over the budget; None for any other element. Only a VR the
-    element states (explicit VR) or the dictionary gives alone: "OB or OW" takes pydicom's path."""
-    if not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF:
+    """The VR of a top-level binary value pydicom deferred (its value still in the file), which a
+    BulkDataURI references unread; None for any other element. Only a VR the element states (explicit
+    VR) or the dictionary gives alone: "OB or OW" takes pydicom's path."""
+    if not isinstance(raw, RawDataElement) or raw.value is not None or raw.length == 0xFFFFFFFF:
         return None
     vr = raw.VR
     if vr is None:
@@ -118,7 +118,7 @@ class _Builder:
             if tag in skip:
                 continue
             raw = ds.get_item(tag, keep_deferred=True)
-            if raw is not None and getattr(raw, "value", b"") is None and (vr := unread_bulk_vr(raw)):
+            if vr := unread_bulk_vr(raw):
                 out[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": uri(int(tag))}  # deferred: left in the file
                 continue
             if isinstance(raw, RawDataElement) and raw.value is None:
@@ -160,7 +160,7 @@ def build_header_model(
     for tag in list(ds.keys()):
         raw = ds.get_item(tag, keep_deferred=True)
         size = element_size(raw)
-        if size > budget_bytes and not (getattr(raw, "value", b"") is None and unread_bulk_vr(raw)):
+        if size > budget_bytes and not unread_bulk_vr(raw):
             skip.add(int(tag))
             builder.omitted.append(
                 Omitted(f"{tag:08X}", f"too large: {size} encoded bytes, over the event's header budget")

@@ -9,9 +9,8 @@ Frames of a compressed object are decoded one by one when native pixels are aske
 
 from __future__ import annotations
 
-import io
 import itertools
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -27,6 +26,7 @@ from diana.access.dicomweb.wado import (
     check_native_length,
     compressed,
     frame_count,
+    held_length,
     located_frames,
     native_frame_size,
     read_to_pixel_data,
@@ -149,7 +149,7 @@ def iter_decoded_frames(source: Path | BinaryIO, numbers: list[int]) -> Iterator
         raise LookupError("the object has no pixel data")  # as from wado.frame_bytes: 404 either way
     count = frame_count(ds, numbers)
     _, needed = native_frame_size(ds, count)
-    stored = _held_length(source, element) if element.value is None else len(element.value)
+    stored = held_length(source, element) if element.value is None else len(element.value)
     if not compressed(ds):
         check_native_length(stored, count, needed)
     if decoded_size(ds) // count * len(numbers) > MAX_DECODED_BYTES:
@@ -182,13 +182,6 @@ def iter_decoded_frames(source: Path | BinaryIO, numbers: list[int]) -> Iterator
     return itertools.chain([first], (_decoded_frame(ds, n, f, encapsulated, vr) for n, f in pairs))
 
 
-def _held_length(source: BinaryIO, element: Any) -> int:
-    """The bytes the object holds of a deferred value: its length, or fewer when the file ends first (a
-    cut file's element still claims its whole length)."""
-    end = source.seek(0, io.SEEK_END)
-    return min(int(element.length), end - int(element.value_tell))
-
-
 def _decoded_frame(ds: Any, number: int, frame: bytes, encapsulated: bool, vr: str) -> bytes:
     """``frame`` (as stored) decoded, little endian, with the header ``ds`` describing it as its one frame."""
     from pydicom.encaps import encapsulate
@@ -196,23 +189,22 @@ def _decoded_frame(ds: Any, number: int, frame: bytes, encapsulated: bool, vr: s
 
     ds.PixelData = encapsulate([frame]) if encapsulated else frame
     ds["PixelData"].VR = vr
-    try:
-        array, _ = get_decoder(ds.file_meta.TransferSyntaxUID).as_array(ds, index=0)
-    except OSError:
-        raise  # the archive's fault (on S3: ObjectChanged, StorageError), not the frame's
-    except Exception as exc:  # pydicom raises by plugin: RuntimeError, ValueError, NotImplementedError...
-        raise TranscodeError(f"frame {number} is not decodable here ({decoder_reason(exc)})") from exc
-    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    return _little_endian_pixels(number, lambda: get_decoder(ds.file_meta.TransferSyntaxUID).as_array(ds, index=0)[0])
 
 
 def _whole_value_frame(source: BinaryIO, number: int) -> bytes:
     from pydicom.pixels import pixel_array
 
+    source.seek(0)
+    return _little_endian_pixels(number, lambda: pixel_array(source, index=number - 1))
+
+
+def _little_endian_pixels(number: int, decode: Callable[[], Any]) -> bytes:
+    """The pixels ``decode`` gives frame ``number`` as little-endian bytes; TranscodeError if it cannot."""
     try:
-        source.seek(0)
-        array = pixel_array(source, index=number - 1)
+        array = decode()
     except OSError:
-        raise
-    except Exception as exc:
+        raise  # the archive's fault (on S3: ObjectChanged, StorageError), not the frame's
+    except Exception as exc:  # pydicom raises by plugin: RuntimeError, ValueError, NotImplementedError...
         raise TranscodeError(f"frame {number} is not decodable here ({decoder_reason(exc)})") from exc
-    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    return bytes(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())

@@ -43,6 +43,7 @@ __all__ = [
     "frame_bytes",
     "stored_frames",
     "located_frames",
+    "held_length",
     "frame_count",
     "frame_numbers",
     "check_native_length",
@@ -357,20 +358,23 @@ def located_frames(stream: BinaryIO, ds: Any, element: Any, numbers: list[int]) 
             return _encapsulated_frames(stream, element.value_tell, numbers, count, extended)
         return _encapsulated_frames(bytes(element.value), 0, numbers, count, extended)
     size, needed = native_frame_size(ds, count)
-    bits = _bits_a_frame(ds)
     if deferred and element.length != _UNDEFINED_LENGTH:
-        # What the file holds of the value (a cut file's element still claims its whole length).
-        end = stream.seek(0, io.SEEK_END)
-        check_native_length(min(element.length, end - element.value_tell), count, needed)
-        if bits % 8:
-            return (_bit_packed_frame(stream, element.value_tell, bits, n) for n in numbers)
-        return _native_frames(stream, element.value_tell, size, numbers)
-    pixels = ds.PixelData
-    check_native_length(len(pixels), count, needed)
+        source, start, held = stream, element.value_tell, held_length(stream, element)
+    else:  # held in memory (a deflated object's, native pixel data of undefined length): read as a file
+        pixels = bytes(ds.PixelData)
+        source, start, held = io.BytesIO(pixels), 0, len(pixels)
+    check_native_length(held, count, needed)
+    bits = _bits_a_frame(ds)
     if bits % 8:
-        held = io.BytesIO(bytes(pixels))
-        return (_bit_packed_frame(held, 0, bits, n) for n in numbers)
-    return (bytes(pixels[(n - 1) * size : n * size]) for n in numbers)
+        return (_bit_packed_frame(source, start, bits, n) for n in numbers)
+    return _native_frames(source, start, size, numbers)
+
+
+def held_length(stream: BinaryIO, element: Any) -> int:
+    """The bytes the object open as ``stream`` holds of a deferred value: its length, or fewer when the
+    file ends first (a cut file's element still claims its whole length)."""
+    end = stream.seek(0, io.SEEK_END)
+    return min(int(element.length), end - int(element.value_tell))
 
 
 def _bits_a_frame(ds: Any) -> int:
