@@ -251,6 +251,11 @@ class SinksConfig:
     metadata_metrics_port: int = 9469
     # How long the metadata sink waits for the index to hold a completed series' instances.
     metadata_index_wait_s: float = 300.0
+    # How long the metadata sink retries a series' file that fails with an error of its own (a folder's
+    # permission, an I/O error, the store refusing that key) before leaving it unwritten: WADO-RS then
+    # answers that series from the index. The store's trouble (unreachable, disk full) is retried for as
+    # long as it lasts. Floor 60 s.
+    metadata_write_retry_s: float = 300.0
     # Same SOP Instance UID, different bytes: KEEP_FIRST, REPLACE or KEEP_BOTH (reported either way).
     archive_conflict_policy: str = ConflictPolicy.KEEP_FIRST
     # A bulk request holds at most this many documents and about this many bytes.
@@ -276,6 +281,10 @@ class SinksConfig:
         if self.archive_object_max_retry_s < 60:
             raise ConfigError(
                 f"[sinks] archive_object_max_retry_s = {self.archive_object_max_retry_s}: use 60 or more (seconds)"
+            )
+        if self.metadata_write_retry_s < 60:
+            raise ConfigError(
+                f"[sinks] metadata_write_retry_s = {self.metadata_write_retry_s}: use 60 or more (seconds)"
             )
 
 

@@ -43,13 +43,12 @@ from diana.storage import (
     FilesystemStore,
     IntegrityError,
     ObjectStore,
-    StorageError,
-    StorageRefused,
     check_key,
     key_in_store,
+    store_wide,
 )
 
-__all__ = ["ArchiveSink", "archive_relative_path", "landing_key", "store_wide", "sweep_stale_uploads"]
+__all__ = ["ArchiveSink", "archive_relative_path", "landing_key", "sweep_stale_uploads"]
 
 log = structlog.get_logger("diana.sink.archive")
 
@@ -69,34 +68,6 @@ GIVING_UP_PAUSED = Gauge(
     "given up, until one is archived",
 )
 
-# The store's trouble, not one object's: retried for as long as it lasts, never dead-lettered.
-_STORE_WIDE_ERRNOS = frozenset(
-    getattr(errno, name)
-    for name in (
-        "ENOSPC",  # disk full
-        "EDQUOT",  # quota
-        "EROFS",  # a filesystem remounted read-only after errors
-        "ENOMEM",
-        "EAGAIN",
-        "EINTR",
-        "EBUSY",
-        "EMFILE",  # this process' open files
-        "ENFILE",
-        "ESTALE",  # NFS
-        "ETIMEDOUT",
-        "ECONNREFUSED",
-        "ECONNRESET",
-        "ECONNABORTED",
-        "EPIPE",
-        "ENETDOWN",
-        "ENETUNREACH",
-        "ENETRESET",
-        "EHOSTDOWN",
-        "EHOSTUNREACH",
-        "ENOLCK",
-    )
-    if hasattr(errno, name)
-)
 # Instances given up on (either cause) with none archived since: then the store as a whole likely refuses
 # (a folder's permission, a bucket policy, credentials without access), not each object, and giving up is
 # paused: a failing instance is retried for max_retry_s (its tries not counted, its landing copy not read),
@@ -104,17 +75,6 @@ _STORE_WIDE_ERRNOS = frozenset(
 _GIVE_UPS_IN_A_ROW = 10
 # A failing instance not tried again for this long (its partition moved) is forgotten.
 _FORGET_AFTER_S = 900.0
-
-
-def store_wide(exc: OSError) -> bool:
-    """True when ``exc`` is the store's trouble that passes (unreachable, 5xx, 408/429, timeouts, a
-    full disk or quota), retried without limit; False when it may be one object's (refused by the
-    store: StorageRefused; a permission, an I/O error, a missing file, anything else)."""
-    if isinstance(exc, StorageRefused):
-        return False
-    if isinstance(exc, (StorageError, ConnectionError, TimeoutError)):
-        return True
-    return exc.errno in _STORE_WIDE_ERRNOS
 
 
 def _describe(exc: OSError) -> str:

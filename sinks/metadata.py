@@ -12,10 +12,17 @@ The index may lag behind the revision (the OpenSearch sink is another consumer):
 instance documents than the revision counts, the batch is tried again (``IndexBehind``), for at
 most ``index_wait_s`` per revision, its other series prepared meanwhile; after that the file is written from what the index holds. Either
 way WADO-RS serves a file only while the index still holds the state the file was prepared from.
+
+The files are derived (WADO-RS answers a series without one from the index), so no failure of one is
+allowed to hold the partition for good: the store's trouble that passes (unreachable, a full disk:
+``store_wide``) is retried for as long as it lasts, an error of the series' own (a folder's permission,
+an I/O error, the store refusing that key) for ``write_retry_s``, then the file is left unwritten
+(``metadata.not_written``, ``diana_metadata_not_written_total``) and the batch goes on.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import time
@@ -41,7 +48,7 @@ from diana.schemas.series_metadata import (
 )
 from diana.schemas.topics import SERIES
 from diana.sinks.consumer import DeadLetters, RetryableError
-from diana.storage import ObjectStore
+from diana.storage import ObjectStore, store_wide
 
 __all__ = ["MetadataSink"]
 
@@ -49,6 +56,10 @@ log = structlog.get_logger("diana.sink.metadata")
 
 PREPARED = Counter("diana_metadata_prepared_total", "Series metadata files written", ["status"])
 UNCHANGED = Counter("diana_metadata_unchanged_total", "Series revisions whose metadata file was already current")
+NOT_WRITTEN = Counter(
+    "diana_metadata_not_written_total",
+    "Series metadata files left unwritten after write_retry_s of errors of their own (WADO-RS answers from the index)",
+)
 PREPARE_ON = ("COMPLETED", "AMENDED")
 PAGE = 1000
 
@@ -72,14 +83,18 @@ class MetadataSink:
         archive: ObjectStore,
         codec: Codec | None = None,
         index_wait_s: float = 300.0,
+        write_retry_s: float = 300.0,
     ):
         self.client = client
         self.index = layout.alias("instances")
         self.archive = archive
         self.codec = codec or default_codec()
         self.index_wait_s = index_wait_s
+        self.write_retry_s = write_retry_s
         # (series, revision) -> when the index was first found behind it
         self._behind_since: dict[tuple[str, int], float] = {}
+        # series -> when its file first failed with an error of its own (of any revision: one file)
+        self._failing_since: dict[str, float] = {}
 
     def write(self, batch: list[Message], dead: DeadLetters) -> None:
         latest: dict[str, tuple[Message, dict[str, Any]]] = {}
@@ -94,22 +109,46 @@ class MetadataSink:
             known = latest.get(event["series_instance_uid"])
             if known is None or known[1]["revision"] < event["revision"]:
                 latest[event["series_instance_uid"]] = (msg, event)
-        behind: IndexBehind | None = None
+        again: RetryableError | None = None
         for msg, event in latest.values():
             try:
                 self.prepare(event)
             except IndexBehind as exc:
                 # Tried again with the batch; the batch's other series are prepared meanwhile, not
                 # held behind it (up to index_wait_s each time).
-                behind = behind or exc
+                again = again or exc
             except ValueError as exc:
                 dead.send(msg, f"metadata: {exc}")
             except (OSConnectionError, TransportError) as exc:
                 raise RetryableError(f"the index does not answer: {exc}") from exc
             except OSError as exc:
-                raise RetryableError(f"metadata write failed: {exc.strerror or exc}") from exc
-        if behind is not None:
-            raise behind
+                if store_wide(exc):  # the next series would meet it too
+                    raise RetryableError(f"metadata write failed: {exc.strerror or exc}") from exc
+                if not self._give_up(event, exc):  # its own: the others are prepared meanwhile
+                    again = again or RetryableError(f"metadata write failed: {exc.strerror or exc}")
+            else:
+                self._failing_since.pop(event["series_instance_uid"], None)
+        if again is not None:
+            raise again
+
+    def _give_up(self, event: dict[str, Any], exc: OSError) -> bool:
+        """Whether the series' file, failing with an error of its own, has been tried for long enough:
+        then it is left unwritten (said once) and the batch goes on."""
+        series = event["series_instance_uid"]
+        now = time.monotonic()
+        if now - self._failing_since.setdefault(series, now) < self.write_retry_s:
+            return False
+        del self._failing_since[series]
+        NOT_WRITTEN.inc()
+        code = errno.errorcode.get(exc.errno, "") if isinstance(exc.errno, int) else ""
+        log.warning(
+            "metadata.not_written",
+            series_instance_uid=series,
+            revision=event["revision"],
+            error=f"{type(exc).__name__}{f' [{code}]' if code else ''}",
+            retried_s=self.write_retry_s,
+        )
+        return True
 
     def prepare(self, event: dict[str, Any]) -> str:
         """Write the series' metadata file for this revision; 'written', 'unchanged'. Raises

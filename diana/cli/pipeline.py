@@ -220,6 +220,7 @@ def cmd_sink(cfg: Config, args: argparse.Namespace) -> int:
                 IndexLayout(cfg.opensearch.index_prefix),
                 open_store(cfg, "archive"),
                 index_wait_s=cfg.sinks.metadata_index_wait_s,
+                write_retry_s=cfg.sinks.metadata_write_retry_s,
             )
         ]
         group, port = cfg.sinks.metadata_group, cfg.sinks.metadata_metrics_port

@@ -17,6 +17,7 @@ from diana.storage.base import (
     StorageError,
     StorageRefused,
     check_key,
+    store_wide,
 )
 from diana.storage.filesystem import FilesystemStore
 from diana.storage.local_files import local_file
@@ -33,6 +34,7 @@ __all__ = [
     "FilesystemStore",
     "S3Store",
     "check_key",
+    "store_wide",
     "local_file",
     "open_store",
     "AREAS",

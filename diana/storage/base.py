@@ -18,6 +18,7 @@ Nothing relies on conditional writes (``If-None-Match``), which S3Proxy does not
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "StorageError",
     "StorageRefused",
     "check_key",
+    "store_wide",
 ]
 
 
@@ -122,3 +124,44 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> None:
         """Remove the object; no error when there is none."""
         ...
+
+
+# The store's trouble, not one object's: a writer retries it for as long as it lasts.
+_STORE_WIDE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ENOSPC",  # disk full
+        "EDQUOT",  # quota
+        "EROFS",  # a filesystem remounted read-only after errors
+        "ENOMEM",
+        "EAGAIN",
+        "EINTR",
+        "EBUSY",
+        "EMFILE",  # this process' open files
+        "ENFILE",
+        "ESTALE",  # NFS
+        "ETIMEDOUT",
+        "ECONNREFUSED",
+        "ECONNRESET",
+        "ECONNABORTED",
+        "EPIPE",
+        "ENETDOWN",
+        "ENETUNREACH",
+        "ENETRESET",
+        "EHOSTDOWN",
+        "EHOSTUNREACH",
+        "ENOLCK",
+    )
+    if hasattr(errno, name)
+)
+
+
+def store_wide(exc: OSError) -> bool:
+    """True when ``exc`` is the store's trouble that passes (unreachable, 5xx, 408/429, timeouts, a
+    full disk or quota), retried without limit; False when it may be one object's (refused by the
+    store: StorageRefused; a permission, an I/O error, a missing file, anything else)."""
+    if isinstance(exc, StorageRefused):
+        return False
+    if isinstance(exc, (StorageError, ConnectionError, TimeoutError)):
+        return True
+    return exc.errno in _STORE_WIDE_ERRNOS

@@ -16,9 +16,9 @@ from structlog.testing import capture_logs
 from diana.config import ConfigError, load_config
 from diana.producers.landing import LandingStore
 from diana.sinks import archive as archive_module
-from diana.sinks.archive import ArchiveSink, store_wide
+from diana.sinks.archive import ArchiveSink
 from diana.sinks.consumer import RetryableError, oldest_retry_s, write_until_done
-from diana.storage import FilesystemStore, StorageError, StorageRefused
+from diana.storage import FilesystemStore, StorageError, StorageRefused, store_wide
 
 
 class _Message:
