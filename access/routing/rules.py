@@ -24,7 +24,8 @@
         destinations: [workstation]
       - name: alerted-to-qa
         match: {dose_alert: true}    # studies that raised a dose alert (dose.alerts), whole; each
-                                     # instance once however many alerts ([routing] state_dir, as whole_study)
+                                     # instance once however many alerts ([routing] state_dir, as whole_study);
+                                     # late instances once the study is complete again (dicom.studies)
         destinations: [research]
 
 Matching uses the fields of the InstanceArrived event (no file is read) for instance rules; study and

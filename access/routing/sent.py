@@ -13,9 +13,12 @@ record, or its next alert, send every matching instance again: at least once, ne
 A ``dose_alert`` rule uses the same record: a study raises several alerts (CTDIvol and DLP, several
 events) and the dose worker publishes them again after a crash or in a replay; each sends only the
 instances not sent before, so the first (once the study is complete) sends the study and a later one
-what arrived since. The record is the destination's, not a rule's: its whole_study and dose_alert
-rules send the same objects to the same place, so what one sent the other does not send again.
-Plain (instance) rules neither read nor write it.
+what arrived since. The record also says that the study was alerted (``"alerted": true``): its late
+instances follow at its next complete record, as a whole_study rule's do, without waiting for another
+alert (a dose report that comes late raises none; a late image never does). A record written before
+that flag existed counts as not alerted: its late instances wait for an alert. The record is the
+destination's, not a rule's: its whole_study and dose_alert rules send the same objects to the same
+place, so what one sent the other does not send again. Plain (instance) rules neither read nor write it.
 """
 
 from __future__ import annotations
@@ -44,31 +47,46 @@ class StudiesSent:
 
     def __init__(self, destination: str, folder: Path | None) -> None:
         self.destination, self.folder = destination, folder
-        self._in_memory: dict[str, set[str]] = {}
+        self._in_memory: dict[str, tuple[set[str], bool]] = {}
         self._claimed: dict[str, set[str]] = {}
+        self._alerts_claimed: set[str] = set()  # studies whose alert the batch being delivered plans
 
     def sent(self, study_uid: str) -> set[str]:
         """The SOP Instance UIDs of the study sent before, or claimed by the batch being delivered."""
-        return self._recorded(study_uid) | self._claimed.get(study_uid, set())
+        return self._recorded(study_uid)[0] | self._claimed.get(study_uid, set())
+
+    def alerted(self, study_uid: str) -> bool:
+        """Whether a dose alert of the study was delivered (or is, by the batch being delivered)."""
+        return study_uid in self._alerts_claimed or self._recorded(study_uid)[1]
 
     def claim(self, study_uid: str, sop_instance_uids: Iterable[str]) -> None:
         self._claimed.setdefault(study_uid, set()).update(sop_instance_uids)
 
+    def claim_alert(self, study_uid: str) -> None:
+        """The batch delivers an alert of the study (whatever it sends of it: perhaps nothing new)."""
+        self._alerts_claimed.add(study_uid)
+
     def write_claimed(self) -> None:
         """Record what the delivered batch claimed. A record that cannot be written is logged, not
         retried: its study's next completion sends those instances again (at least once)."""
-        for study_uid, claimed in self._claimed.items():
-            if not claimed:
-                continue
-            sent = self._recorded(study_uid) | claimed
+        for study_uid in set(self._claimed) | self._alerts_claimed:
+            claimed = self._claimed.get(study_uid, set())
+            recorded, was_alerted = self._recorded(study_uid)
+            alerted = was_alerted or study_uid in self._alerts_claimed
+            if claimed <= recorded and alerted == was_alerted:
+                continue  # nothing new to record
+            sent = recorded | claimed
             if self.folder is None:
-                self._in_memory[study_uid] = sent
+                self._in_memory[study_uid] = (sent, alerted)
                 continue
+            record: dict[str, object] = {"sop_instance_uids": sorted(sent)}
+            if alerted:
+                record["alerted"] = True
             try:
-                write_atomic(self._path(study_uid), json.dumps({"sop_instance_uids": sorted(sent)}).encode())
+                write_atomic(self._path(study_uid), json.dumps(record).encode())
             except OSError as exc:
                 log.warning("route.sent_record_not_written", destination=self.destination, error=type(exc).__name__)
-        self._claimed.clear()
+        self.forget_claimed()
 
     def check_folder(self) -> None:
         """Create the folder and write a file in it: OSError now, at start, rather than a record lost
@@ -83,22 +101,26 @@ class StudiesSent:
     def forget_claimed(self) -> None:
         """Before a batch: what an earlier one claimed and did not deliver was not sent for sure."""
         self._claimed.clear()
+        self._alerts_claimed.clear()
 
     def _path(self, study_uid: str) -> Path:
         assert self.folder is not None
         return self.folder / f"{study_uid}.json"
 
-    def _recorded(self, study_uid: str) -> set[str]:
+    def _recorded(self, study_uid: str) -> tuple[set[str], bool]:
+        """(the SOP Instance UIDs recorded as sent, whether the study was alerted)."""
         if self.folder is None:
-            return set(self._in_memory.get(study_uid, ()))
+            sops, alerted = self._in_memory.get(study_uid, (set(), False))
+            return set(sops), alerted
         if not is_valid_uid(study_uid):  # never a path of ours; such a study has no archived files either
-            return set()
+            return set(), False
         try:
-            sops = json.loads(self._path(study_uid).read_bytes())["sop_instance_uids"]
-            return {s for s in sops if isinstance(s, str)}
+            record = json.loads(self._path(study_uid).read_bytes())
+            sops = {s for s in record["sop_instance_uids"] if isinstance(s, str)}
+            return sops, record.get("alerted") is True
         except FileNotFoundError:
-            return set()
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return set(), False
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             # Unreadable or not ours: the study is sent whole again rather than not at all.
             log.warning("route.sent_record_unreadable", destination=self.destination, error=type(exc).__name__)
-            return set()
+            return set(), False

@@ -17,7 +17,7 @@ from diana.access.qr.server import destination_tls
 from diana.access.routing.rules import Destination, RoutingRules, RulesError, load_rules
 from diana.access.routing.senders import make_sender
 from diana.access.routing.sent import StudiesSent
-from diana.access.routing.worker import TRIGGER_TOPICS, IndexUnavailable, RouteWorker, WorkerSettings
+from diana.access.routing.worker import IndexUnavailable, RouteWorker, WorkerSettings, rule_topics
 from diana.clients import opensearch_client
 from diana.config import Config, ConfigError
 from diana.schemas.layout import IndexLayout
@@ -44,7 +44,7 @@ def destination_topics(rules: RoutingRules) -> dict[str, list[str]]:
     """Destination name -> the topics its worker consumes (those its rules are triggered by)."""
     out = {}
     for name in rules.destinations:
-        topics = sorted({TRIGGER_TOPICS[r.trigger].name for r in rules.rules_for(name)})
+        topics = rule_topics(rules.rules_for(name))
         if topics:
             out[name] = topics
     return out

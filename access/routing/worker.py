@@ -16,7 +16,10 @@ complete again after late instances), each time only the instances the destinati
 does not list: an amended study sends its late instances, not the whole study again. A dose alert's
 study is sent the same way, from the same record: each alert (a study raises several, and the dose
 worker re-publishes them after a crash or in a replay) sends only what the destination was not sent
-yet, by its whole_study or its dose_alert rules alike (the same objects to the same place).
+yet, by its whole_study or its dose_alert rules alike (the same objects to the same place). Once an
+alert of a study was delivered, the study's later complete records (AMENDED: late instances) send its
+late instances by the dose_alert rules too, as whole_study rules send theirs: a destination with
+dose_alert rules also consumes dicom.studies.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from diana.schemas.uid import is_valid_uid
 from diana.sinks.consumer import DeadLetters, RetryableError, commit_written_or_log, failure_reason, log_failed_commits
 from diana.storage import ObjectStore, StorageError, StorageRefused, local_file
 
-__all__ = ["IndexUnavailable", "RouteWorker", "WorkerSettings", "study_files", "TRIGGER_TOPICS"]
+__all__ = ["IndexUnavailable", "RouteWorker", "WorkerSettings", "study_files", "rule_topics"]
 
 log = structlog.get_logger("diana.route")
 
@@ -60,7 +63,16 @@ LAG = Gauge(
 )
 UP = Gauge("diana_route_destination_up", "1 when the destination answered its last attempt", ["destination"])
 
-TRIGGER_TOPICS = {"instance": INSTANCES, "study": STUDIES, "alert": DOSE_ALERTS}
+# What each kind of rule consumes: dose_alert rules also the study records, which send the late
+# instances of a study alerted before.
+TRIGGER_TOPICS = {"instance": (INSTANCES,), "study": (STUDIES,), "alert": (DOSE_ALERTS, STUDIES)}
+
+
+def rule_topics(rules: Collection[Rule]) -> list[str]:
+    """The topics a destination with these rules consumes, sorted."""
+    return sorted({topic.name for r in rules for topic in TRIGGER_TOPICS[r.trigger]})
+
+
 _HEADER_TAGS = ["Modality", "StationName", "SOPClassUID", "BodyPartExamined", "StudyDescription"]
 
 
@@ -148,7 +160,7 @@ class RouteWorker:
         self.codec = default_codec()
         self.name = destination.name
         self.studies_sent = StudiesSent(self.name, settings.sent_dir)
-        self.topics = sorted({TRIGGER_TOPICS[r.trigger].name for r in rules})  # as service.destination_topics
+        self.topics = rule_topics(rules)
         for metric in (SENT, REFUSED, ROUTE_DEAD, UNAVAILABLE):
             metric.labels(self.name)
 
@@ -171,7 +183,12 @@ class RouteWorker:
             # next; one complete again sends what the destination was not sent (the late instances).
             if not _complete(study):
                 return [], ""
-            return self._unsent_matching(study, "study")
+            triggers = {r.trigger for r in self.rules} & {"study"}
+            if "alert" in {r.trigger for r in self.rules} and self.studies_sent.alerted(study["study_instance_uid"]):
+                triggers.add("alert")  # its late instances follow the alert that sent the study
+            if not triggers:
+                return [], ""  # no rule of this record's: the archive is not listed
+            return self._unsent_matching(study, triggers)
         if topic == DOSE_ALERTS.name:
             _, alert = self.codec.decode(msg.value(), expect=DOSE_ALERTS.value_schema)
             uid = alert["study_instance_uid"]
@@ -181,28 +198,31 @@ class RouteWorker:
             if study is None or not _complete(study):
                 return None, f"study {uid} of alert {alert['alert_id']} not complete yet"
             # Another alert of the study (or this one again) sends only what was not sent yet.
-            return self._unsent_matching({**study, "study_instance_uid": uid}, "alert")
+            items, waiting = self._unsent_matching({**study, "study_instance_uid": uid}, {"alert"})
+            if items is not None:
+                self.studies_sent.claim_alert(uid)
+            return items, waiting
         return [], ""
 
-    def _unsent_matching(self, study: dict[str, Any], trigger: str) -> tuple[list[Delivery] | None, str]:
+    def _unsent_matching(self, study: dict[str, Any], triggers: set[str]) -> tuple[list[Delivery] | None, str]:
         """The study's matching instances the destination's record does not list, claimed for this batch
         (recorded once it is delivered); whole_study and dose_alert rules share the record."""
         uid = study["study_instance_uid"]
-        items, waiting = self._matching_archived(study, trigger, self.studies_sent.sent(uid))
+        items, waiting = self._matching_archived(study, triggers, self.studies_sent.sent(uid))
         if items:
             self.studies_sent.claim(uid, (i.sop_instance_uid for i in items))
         return items, waiting
 
     def _matching_archived(
-        self, study: dict[str, Any], trigger: str, sent: Collection[str]
+        self, study: dict[str, Any], triggers: set[str], sent: Collection[str]
     ) -> tuple[list[Delivery] | None, str]:
-        """The study's archived instances not in ``sent`` that a rule of ``trigger`` matches; (None, why)
-        until every instance the aggregate counts is archived."""
+        """The study's archived instances not in ``sent`` that a rule of one of ``triggers`` matches;
+        (None, why) until every instance the aggregate counts is archived."""
         uid, count = study["study_instance_uid"], int(study.get("instance_count") or 0)
         files = study_files(self.settings.archive, uid, study.get("series_instance_uids"))
         if len(files) < count:
             return None, f"study {uid}: {len(files)} of {count} archived"
-        rules = [r for r in self.rules if r.trigger == trigger]
+        rules = [r for r in self.rules if r.trigger in triggers]
         unsent = [f for f in files if f.sop_instance_uid not in sent]
         return [f for f in unsent if any(r.matches(_header(self.settings.archive, f.key)) for r in rules)], ""
 

@@ -6,6 +6,7 @@ state, a recording sender (what is tested is what the worker decides to send).""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from diana.schemas.topics import DOSE_ALERTS
 from diana.storage import FilesystemStore
 from diana.stream_apps.aggregate_fold import complete_series, study_record
 from tests.support.dicomgen import make_instance
-from tests.unit.test_routing_amended import _config, _fold, _message
+from tests.unit.test_routing_amended import _amend, _config, _fold, _message
 from tests.unit.test_routing_waits import STUDY, _archive, _Dead, _Recorder
 
 WS = {"name": "ws", "ae_title": "WS", "host": "127.0.0.1", "port": 1}
@@ -169,6 +170,60 @@ def test_a_replayed_alert_sends_nothing(tmp_path: Path):
     assert sorted(_route(archive, state, study_record(study), _alert("a1"))) == sorted(images)
     assert _route(archive, state, study_record(study), _alert("a1")) == []
     assert _route(archive, state, study_record(study), _alert("a1"), _alert("a1", offset=7)) == []
+
+
+def test_late_instances_of_an_alerted_study_follow_its_next_complete_record(tmp_path: Path):
+    """Before, a destination with dose_alert rules only never got a study's late instances unless the
+    study raised another alert (a late image never does). Now its AMENDED record, complete again,
+    sends them; while the late series is still open, nothing; the records again, nothing."""
+    archive, state = tmp_path / "archive", tmp_path / "state"
+    images, study, series = _complete_study(archive)
+    assert sorted(_route(archive, state, study_record(study), _alert("a1"))) == sorted(images)
+    assert json.loads((state / f"{STUDY}.json").read_text())["alerted"] is True
+    late, mid_amendment, complete_again = _amend(archive, (series, study))
+    assert _route(archive, state, study_record(study), mid_amendment) == []
+    assert sorted(_route(archive, state, study_record(study), complete_again)) == sorted(late)
+    assert _route(archive, state, study_record(study), complete_again, _alert("a1")) == []
+
+
+def test_the_complete_record_of_a_study_never_alerted_sends_nothing(tmp_path: Path):
+    """Neither its COMPLETED nor its AMENDED record: the dose_alert rule is the alert's, the study
+    records only carry its late instances on. Nor do they list the archive for it."""
+    archive, state = tmp_path / "archive", tmp_path / "state"
+    _, study, series = _complete_study(archive)
+    completed = _message(study, 1)
+    _, _, complete_again = _amend(archive, (series, study))
+
+    class Unlisted(FilesystemStore):
+        def list(self, prefix: str):
+            raise AssertionError(f"the archive listed for {prefix}")
+
+    settings = WorkerSettings("g", Unlisted(archive), 5, max_backoff_s=0.2, sent_dir=state)
+    worker = RouteWorker(
+        KafkaConfig(),
+        ALERT_RULES.destinations["ws"],
+        ALERT_RULES.rules_for("ws"),
+        _Recorder(),
+        settings,
+        threading.Event(),
+        lambda uid: study_record(study),
+    )
+    assert worker.plan(completed) == ([], "") and worker.plan(complete_again) == ([], "")
+    assert not (state / f"{STUDY}.json").exists()
+
+
+def test_a_record_written_before_the_alerted_flag_waits_for_an_alert(tmp_path: Path):
+    """A record of an older version (no "alerted"): its late instances go with the next alert, as
+    they did, not with the study record."""
+    archive, state = tmp_path / "archive", tmp_path / "state"
+    images, study, series = _complete_study(archive)
+    state.mkdir()
+    (state / f"{STUDY}.json").write_text(json.dumps({"sop_instance_uids": images}))
+    late, _, complete_again = _amend(archive, (series, study))
+    assert _route(archive, state, study_record(study), complete_again) == []
+    amended = default_codec().decode(complete_again.value())[1]
+    assert sorted(_route(archive, state, amended, _alert("a2", "dlp", 2))) == sorted(late)
+    assert json.loads((state / f"{STUDY}.json").read_text())["alerted"] is True
 
 
 @pytest.mark.parametrize("order", ["study first", "alert first", "one batch"])

@@ -69,7 +69,11 @@ def test_triggers_and_the_topics_each_destination_consumes():
         }
     )
     assert [r.trigger for r in parsed.rules] == ["instance", "study", "alert"]
-    assert destination_topics(parsed) == {"ws": ["dicom.instances", "dicom.studies"], "web": ["dose.alerts"]}
+    # dose_alert rules also take the study records: the late instances of a study alerted before
+    assert destination_topics(parsed) == {
+        "ws": ["dicom.instances", "dicom.studies"],
+        "web": ["dicom.studies", "dose.alerts"],
+    }
     assert parsed.destinations["web"].kind == "stow"
     assert parsed.destinations["ws"].kind == "dicom"
 
