@@ -17,7 +17,9 @@ The files are derived (WADO-RS answers a series without one from the index), so 
 allowed to hold the partition for good: the store's trouble that passes (unreachable, a full disk:
 ``store_wide``) is retried for as long as it lasts, an error of the series' own (a folder's permission,
 an I/O error, the store refusing that key) for ``write_retry_s``, then the file is left unwritten
-(``metadata.not_written``, ``diana_metadata_not_written_total``) and the batch goes on.
+(``metadata.not_written``, ``diana_metadata_not_written_total``) and the batch goes on. A store that
+refuses every key (read-only credentials, a bucket policy) so leaves every series' file unwritten, one
+window after another: the counter says so, and a replay of the sink's group once it is fixed writes them.
 """
 
 from __future__ import annotations
@@ -93,8 +95,10 @@ class MetadataSink:
         self.write_retry_s = write_retry_s
         # (series, revision) -> when the index was first found behind it
         self._behind_since: dict[tuple[str, int], float] = {}
-        # series -> when its file first failed with an error of its own (of any revision: one file)
-        self._failing_since: dict[str, float] = {}
+        # series -> (when its file first failed with an error of its own, when last): of any revision, one file
+        self._failing: dict[str, tuple[float, float]] = {}
+        # (series, revision) given up on while their batch is tried again for the others: not tried again
+        self._given_up: set[tuple[str, int]] = set()
 
     def write(self, batch: list[Message], dead: DeadLetters) -> None:
         latest: dict[str, tuple[Message, dict[str, Any]]] = {}
@@ -111,42 +115,59 @@ class MetadataSink:
                 latest[event["series_instance_uid"]] = (msg, event)
         again: RetryableError | None = None
         for msg, event in latest.values():
+            series = event["series_instance_uid"]
+            if (series, event["revision"]) in self._given_up:
+                continue  # left unwritten while the batch is tried again for another series
             try:
                 self.prepare(event)
             except IndexBehind as exc:
                 # Tried again with the batch; the batch's other series are prepared meanwhile, not
                 # held behind it (up to index_wait_s each time).
+                self._failing.pop(series, None)
                 again = again or exc
             except ValueError as exc:
+                self._failing.pop(series, None)
                 dead.send(msg, f"metadata: {exc}")
             except (OSConnectionError, TransportError) as exc:
                 raise RetryableError(f"the index does not answer: {exc}") from exc
             except OSError as exc:
                 if store_wide(exc):  # the next series would meet it too
+                    self._failing.pop(series, None)
                     raise RetryableError(f"metadata write failed: {exc.strerror or exc}") from exc
                 if not self._give_up(event, exc):  # its own: the others are prepared meanwhile
                     again = again or RetryableError(f"metadata write failed: {exc.strerror or exc}")
             else:
-                self._failing_since.pop(event["series_instance_uid"], None)
+                self._failing.pop(series, None)
         if again is not None:
             raise again
+        self._given_up.clear()  # the batch is done: its offsets are committed next
 
     def _give_up(self, event: dict[str, Any], exc: OSError) -> bool:
         """Whether the series' file, failing with an error of its own, has been tried for long enough:
-        then it is left unwritten (said once) and the batch goes on."""
-        series = event["series_instance_uid"]
+        then it is left unwritten (said once) and the batch goes on. A failure long after the last
+        one (its batch was given away, or the store was down meanwhile) starts a new window."""
+        series, revision = event["series_instance_uid"], event["revision"]
         now = time.monotonic()
-        if now - self._failing_since.setdefault(series, now) < self.write_retry_s:
-            return False
-        del self._failing_since[series]
-        NOT_WRITTEN.inc()
+        first, last = self._failing.get(series, (now, now))
+        if now - last > self.write_retry_s:
+            first = now
+        self._failing[series] = (first, now)
         code = errno.errorcode.get(exc.errno, "") if isinstance(exc.errno, int) else ""
+        error = f"{type(exc).__name__}{f' [{code}]' if code else ''}"
+        if first == now:  # said when it starts, whatever else holds the batch (an index behind)
+            log.warning("metadata.write_failed", series_instance_uid=series, revision=revision, error=error)
+        if now - first < self.write_retry_s:
+            return False
+        del self._failing[series]
+        self._given_up.add((series, revision))
+        NOT_WRITTEN.inc()
         log.warning(
             "metadata.not_written",
             series_instance_uid=series,
-            revision=event["revision"],
-            error=f"{type(exc).__name__}{f' [{code}]' if code else ''}",
+            revision=revision,
+            error=error,
             retried_s=self.write_retry_s,
+            fix="once the cause is fixed, `diana replay --to-beginning diana-sink-metadata` (the sink stopped) writes it",
         )
         return True
 

@@ -29,19 +29,24 @@ class _Decoded:
 
 
 class _Sink(MetadataSink):
-    def __init__(self, behind: set[str], failing: dict[str, OSError] | None = None):
+    def __init__(self, behind: set[str], failing: dict | None = None):
         self.codec = _Decoded()
         self.behind = behind
         self.failing = failing or {}
         self.prepared: list[str] = []
         self.write_retry_s = 300.0
-        self._failing_since = {}
+        self._failing = {}
+        self._given_up = set()
 
     def prepare(self, event):
         if event["series_instance_uid"] in self.behind:
             raise IndexBehind("the index holds 0 of the series' 1 instances")
         if event["series_instance_uid"] in self.failing:
-            raise self.failing[event["series_instance_uid"]]
+            failure = self.failing[event["series_instance_uid"]]
+            if callable(failure):  # a script of failures over time: raises, or returns to go on
+                failure()
+            else:
+                raise failure
         self.prepared.append(event["series_instance_uid"])
         return "written"
 
@@ -139,3 +144,64 @@ def test_a_file_written_after_failing_starts_a_later_failure_afresh(monkeypatch)
     clock.now += 200
     with pytest.raises(RetryableError):  # 400 s after the first failure, 0 after this one's
         sink.write([_Message(_event("1.1", 3, "AMENDED"))], dead=None)
+
+
+def _eacces() -> None:
+    raise PermissionError(errno.EACCES, "Permission denied")
+
+
+def test_two_series_failing_at_different_times_are_both_given_up_and_the_batch_ends(monkeypatch):
+    """Review: 1.1 fails from the start; 1.2's index is behind for 120 s, then it fails too (the same
+    study folder). A series given up is not tried again while the batch is retried for the other:
+    before, it started a new window each time and the two took turns for ever."""
+    clock = _Clock()
+    monkeypatch.setattr(metadata.time, "monotonic", clock)
+    t0 = clock.now
+
+    def behind_then_eacces() -> None:
+        if clock.now - t0 < 120:
+            raise IndexBehind("the index holds 0 of the series' 1 instances")
+        _eacces()
+
+    before = metadata.NOT_WRITTEN._value.get()
+    sink = _Sink(behind=set(), failing={"1.1": _eacces, "1.2": behind_then_eacces})
+    batch = [_Message(_event("1.1")), _Message(_event("1.2"))]
+    while True:
+        try:
+            sink.write(batch, dead=None)
+            break
+        except RetryableError:
+            assert clock.now - t0 < 3600, "the batch never ended"
+            clock.now += 30  # write_until_done's backoff at its cap
+    assert 420 <= clock.now - t0 < 480
+    assert metadata.NOT_WRITTEN._value.get() == before + 2
+
+
+def test_a_failure_long_after_the_last_starts_a_new_window(monkeypatch):
+    """Review: an error of its own once, then the store down for an hour (retried without limit),
+    then the same error again: retried for write_retry_s from there, not given up at once."""
+    clock = _Clock()
+    monkeypatch.setattr(metadata.time, "monotonic", clock)
+    down = {"now": False}
+
+    def script() -> None:
+        if down["now"]:
+            raise StorageError("503 Slow Down")
+        _eacces()
+
+    sink = _Sink(behind=set(), failing={"1.1": script})
+    batch = [_Message(_event("1.1"))]
+    with pytest.raises(RetryableError):
+        sink.write(batch, dead=None)
+    down["now"] = True
+    for _ in range(120):
+        clock.now += 30
+        with pytest.raises(RetryableError):
+            sink.write(batch, dead=None)
+    down["now"] = False
+    for _ in range(10):  # 0-270 s of its new window
+        clock.now += 30
+        with pytest.raises(RetryableError):
+            sink.write(batch, dead=None)
+    clock.now += 31
+    sink.write(batch, dead=None)  # given up once its own window has passed
