@@ -70,6 +70,9 @@ class StudiesSent:
         """Record what the delivered batch claimed. A record that cannot be written is logged, not
         retried: its study's next completion sends those instances again (at least once)."""
         for study_uid in set(self._claimed) | self._alerts_claimed:
+            if not is_valid_uid(study_uid):  # its file name would be no UID of ours (an index's answer)
+                log.warning("route.sent_record_not_written", destination=self.destination, error="not a UID")
+                continue
             claimed = self._claimed.get(study_uid, set())
             recorded, was_alerted = self._recorded(study_uid)
             alerted = was_alerted or study_uid in self._alerts_claimed

@@ -227,7 +227,9 @@ class RouteWorker:
         return [f for f in unsent if any(r.matches(_header(self.settings.archive, f.key)) for r in rules)], ""
 
     def _plan_pending(self, pending: list[_Pending], dead: DeadLetters) -> None:
-        for p in pending:
+        # A batch's alerts first: a study record after them in the batch knows the study was alerted
+        # (its late instances go with it), whichever came first in the topics.
+        for p in sorted(pending, key=lambda p: p.msg.topic() != DOSE_ALERTS.name):
             if p.items is not None:
                 continue
             try:

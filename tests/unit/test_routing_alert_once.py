@@ -186,6 +186,32 @@ def test_late_instances_of_an_alerted_study_follow_its_next_complete_record(tmp_
     assert _route(archive, state, study_record(study), complete_again, _alert("a1")) == []
 
 
+def test_a_complete_record_before_the_first_alert_in_one_batch_sends_the_late_instances(tmp_path: Path):
+    """Review: the destination behind, its batch holds the study's AMENDED record (complete again) and
+    then its first alert, the index still at the COMPLETED aggregate. The alert is planned first: it
+    sends what the aggregate lists, and the record the late series' instance. Before, the record came
+    first (not alerted yet: nothing) and the late series was never sent."""
+    archive, state = tmp_path / "archive", tmp_path / "state"
+    images, study, series = _complete_study(archive)
+    late, _, complete_again = _amend(archive, (series, study))
+    sent = _route(archive, state, study_record(study), complete_again, _alert("a1"))
+    assert sorted(sent) == sorted(images + late)
+    assert json.loads((state / f"{STUDY}.json").read_text())["alerted"] is True
+
+
+def test_a_study_uid_that_is_no_uid_gets_no_record_file(tmp_path: Path):
+    """Review: an alert's study comes from the index; a value there that is no UID is never a file name."""
+    from diana.access.routing.sent import StudiesSent
+
+    state = tmp_path / "state" / "ws"
+    state.mkdir(parents=True)
+    record = StudiesSent("ws", state)
+    record.claim_alert("../escaped")
+    record.claim("../escaped", ["1.2.3"])
+    record.write_claimed()
+    assert list(tmp_path.rglob("*.json")) == []
+
+
 def test_the_complete_record_of_a_study_never_alerted_sends_nothing(tmp_path: Path):
     """Neither its COMPLETED nor its AMENDED record: the dose_alert rule is the alert's, the study
     records only carry its late instances on. Nor do they list the archive for it."""
