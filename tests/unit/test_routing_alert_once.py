@@ -55,6 +55,21 @@ def _alert(alert_id: str, metric: str = "ctdivol", offset: int = 1) -> Message:
     return Message(topic=DOSE_ALERTS.name, partition=0, offset=offset, value=value)
 
 
+def _worker(
+    settings: WorkerSettings, study: dict, sender: _Recorder | None = None, rules: RoutingRules = ALERT_RULES
+) -> RouteWorker:
+    """Destination ws's worker, the study's indexed aggregate ``study``."""
+    return RouteWorker(
+        KafkaConfig(),
+        rules.destinations["ws"],
+        rules.rules_for("ws"),
+        sender or _Recorder(),
+        settings,
+        threading.Event(),
+        lambda uid: study,
+    )
+
+
 def _route(
     archive: Path,
     state: Path,
@@ -67,15 +82,7 @@ def _route(
     delivers the messages: what it sent. Nothing is dead-lettered."""
     sender = sender or _Recorder()
     settings = WorkerSettings("g", FilesystemStore(archive), 5, max_backoff_s=0.2, archive_wait_s=3, sent_dir=state)
-    worker = RouteWorker(
-        KafkaConfig(),
-        rules.destinations["ws"],
-        rules.rules_for("ws"),
-        sender,
-        settings,
-        threading.Event(),
-        lambda uid: study,
-    )
+    worker = _worker(settings, study, sender, rules)
     dead = _Dead()
     assert worker.deliver(list(messages), dead) is True and dead.letters == []
     return sender.sent
@@ -144,16 +151,7 @@ def test_an_alert_after_late_instances_sends_only_those(tmp_path: Path):
     series, study = _fold(late_image, series, study, 120)
     other, study = _fold(late_series, None, study, 121)
     mid_amendment = study_record(study)
-    settings = WorkerSettings("g", FilesystemStore(archive), 5, sent_dir=state)
-    waiting = RouteWorker(
-        KafkaConfig(),
-        ALERT_RULES.destinations["ws"],
-        ALERT_RULES.rules_for("ws"),
-        _Recorder(),
-        settings,
-        threading.Event(),
-        lambda uid: mid_amendment,
-    )
+    waiting = _worker(WorkerSettings("g", FilesystemStore(archive), 5, sent_dir=state), mid_amendment)
     assert waiting.plan(_alert("a2", "dlp", 2))[0] is None  # the late series not quiet yet: waits
     series, study, _ = complete_series(series, study)
     other, study, _ = complete_series(other, study)
@@ -224,16 +222,7 @@ def test_the_complete_record_of_a_study_never_alerted_sends_nothing(tmp_path: Pa
         def list(self, prefix: str):
             raise AssertionError(f"the archive listed for {prefix}")
 
-    settings = WorkerSettings("g", Unlisted(archive), 5, max_backoff_s=0.2, sent_dir=state)
-    worker = RouteWorker(
-        KafkaConfig(),
-        ALERT_RULES.destinations["ws"],
-        ALERT_RULES.rules_for("ws"),
-        _Recorder(),
-        settings,
-        threading.Event(),
-        lambda uid: study_record(study),
-    )
+    worker = _worker(WorkerSettings("g", Unlisted(archive), 5, max_backoff_s=0.2, sent_dir=state), study_record(study))
     assert worker.plan(completed) == ([], "") and worker.plan(complete_again) == ([], "")
     assert not (state / f"{STUDY}.json").exists()
 
@@ -311,15 +300,7 @@ def test_an_instance_dead_lettered_for_the_destination_is_not_sent_again_by_the_
 
     sender = Refuses()
     settings = WorkerSettings("g", FilesystemStore(archive), 2, max_backoff_s=0.05, sent_dir=state)
-    worker = RouteWorker(
-        KafkaConfig(),
-        ALERT_RULES.destinations["ws"],
-        ALERT_RULES.rules_for("ws"),
-        sender,
-        settings,
-        threading.Event(),
-        lambda uid: study_record(study),
-    )
+    worker = _worker(settings, study_record(study), sender)
     dead = _Dead()
     assert worker.deliver([_alert("a1")], dead) is True
     assert sorted(sender.sent) == sorted(images[1:]) and len(dead.letters) == 1 and refused in dead.letters[0]
