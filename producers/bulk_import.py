@@ -43,6 +43,7 @@ log = structlog.get_logger("diana.import")
 # Preamble and "DICM": what a Part-10 file starts with, all that is read before a member is extracted.
 _PART10_HEAD = 132
 _ZIP_MAGIC = b"PK\x03\x04"  # a zip's first local header
+_ZIP_EMPTY = b"PK\x05\x06"  # an empty zip: its end record alone
 _ZIP_ENCRYPTED = 0x1  # general purpose flag bit 0
 # A member whose bytes do not decode: a damaged header, a bad CRC, a truncated or damaged deflate stream.
 _CORRUPT_MEMBER = (zipfile.BadZipFile, zlib.error, EOFError)
@@ -192,10 +193,22 @@ def _file_sources(path: Path, explicit: bool = False) -> Iterator[Source]:
         yield Source(str(path), verdict=("rejected", "not a regular file (a pipe, socket or device)"))
     elif _is_dicomdir(path.name) and explicit:
         yield from _fileset_sources(path)
-    elif zipfile.is_zipfile(path):
+    elif _is_zip(path):
         yield from _zip_sources(path)
     else:
         yield Source(str(path), path=path)
+
+
+def _is_zip(path: Path) -> bool:
+    """A zip by its first bytes, and only when it is not Part-10. Not zipfile.is_zipfile: it looks for an
+    end record in the last 64 KiB, which DICOM pixel data may hold (such a file was opened as a zip of
+    no members, and vanished from the counts); and a Part-10 preamble may begin with a zip's signature."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_PART10_HEAD)
+    except OSError:
+        return False  # reading it as a file says why, counted for that file
+    return not _is_part10(head) and head[:4] in (_ZIP_MAGIC, _ZIP_EMPTY)
 
 
 def _unopened(path: Path, kind: str, exc: Exception) -> Source:

@@ -126,7 +126,7 @@ def test_a_file_cut_in_its_pixel_data_fails_as_truncated_and_the_rest_imported(t
 
 def test_an_archive_or_a_dicomdir_that_cannot_be_opened_is_rejected_and_the_rest_imported(tmp_path, capsys):
     broken_zip = tmp_path / f"{PATIENT}.zip"  # an end record pointing at no central directory
-    broken_zip.write_bytes(b"junk" * 25 + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, 46, 0, 0))
+    broken_zip.write_bytes(b"PK\x03\x04" + b"junk" * 25 + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, 46, 0, 0))
     assert zipfile.is_zipfile(broken_zip)
     dicomdir = tmp_path / PATIENT / "DICOMDIR"
     dicomdir.parent.mkdir()
@@ -138,6 +138,28 @@ def test_an_archive_or_a_dicomdir_that_cannot_be_opened_is_rejected_and_the_rest
     assert dict(summary.rejected) == {"zip unreadable (BadZipFile)": 1, "DICOMDIR unreadable (InvalidDicomError)": 1}
     assert [label for _, _, label in summary.not_imported] == [str(broken_zip), str(dicomdir)]
     assert PATIENT not in _said(capsys)
+
+
+def test_a_dicom_file_holding_a_zip_end_record_is_imported_and_a_zip_is_known_by_its_first_bytes(tmp_path):
+    """zipfile.is_zipfile looks for an end record (PK\\x05\\x06) in a file's last 64 KiB: 16-bit pixels
+    19280, 1541 are those bytes. Such a file was opened as a zip of no members (imported as nothing,
+    counted nowhere) or rejected as a zip unreadable; a file is a zip by its first bytes now."""
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="IMPORT9", study_date="20240101", rows=64)
+    pixels = bytearray(ds.PixelData)
+    pixels[1280:1284] = b"PK\x05\x06"  # zeros after it: an end record of an empty zip
+    ds.PixelData = bytes(pixels)
+    (tmp_path / "src").mkdir()
+    ds.save_as(tmp_path / "src" / "IMG1", enforce_file_format=True)
+    pixels[1284:1300] = b"\x00\x00\x00\x00\x01\x00\x01\x00\x2e\x00\x00\x00\x10\x00\x00\x00"  # one entry, nowhere
+    ds.PixelData = bytes(pixels)
+    ds.save_as(tmp_path / "src" / "IMG2", enforce_file_format=True)
+    empty = tmp_path / "src" / "empty.zip"
+    zipfile.ZipFile(empty, "w").close()
+
+    summary, ingest = _import(tmp_path, tmp_path / "src")
+
+    assert (summary.imported, len(ingest.accepted), summary.rejected) == (2, 2, {})
+    assert list(find_sources([empty])) == []  # a zip of no members still
 
 
 def test_an_unexpected_error_fails_that_file_only(tmp_path, capsys):
