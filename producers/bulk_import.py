@@ -126,19 +126,50 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
-def find_sources(paths: list[Path]) -> Iterator[Source]:
-    """Every file under the given folders, zips and DICOMDIRs, in a stable order.
+def find_sources(paths: list[Path], say: Callable[[str], None] | None = None) -> Iterator[Source]:
+    """Every file under the given folders, zips and DICOMDIRs, in a stable order, listed as it is iterated.
 
-    Raises FileNotFoundError for a path that does not exist (nothing is imported then); anything else
-    that cannot be read becomes a Source with its verdict.
+    Raises FileNotFoundError, when called, for a path that does not exist (nothing is imported then);
+    anything else that cannot be read becomes a Source with its verdict. A path inside another one given
+    (or the same) is dropped, its files are the other's (they were imported and counted twice), and
+    ``say`` hears it once, naming the paths by their place on the command line (a path often holds a
+    patient's name).
     """
     for root in paths:
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist")
+    roots, dropped = _distinct_roots(paths)
+    if dropped and say is not None:
+        said = ", ".join(dropped)
+        say(f"paths given inside another one (or twice), by their place: {said}; their files are imported once")
+    return _sources(roots)
+
+
+def _distinct_roots(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """The paths none of which lies inside (or is) another one, as given; and the dropped ones by their
+    place, counted from 1 ("3 (inside 1)"). Compared resolved (a symlink, ``..``), walked as given (the
+    report names files as the user wrote them)."""
+    resolved = [path.resolve() for path in paths]
+    kept: list[Path] = []
+    dropped: list[str] = []
+    for n, (path, real) in enumerate(zip(paths, resolved, strict=True)):
+        inside = next((m for m, other in enumerate(resolved) if other in real.parents), None)
+        same = next((m for m in range(n) if resolved[m] == real), None)
+        if inside is not None:
+            dropped.append(f"{n + 1} (inside {inside + 1})")
+        elif same is not None:
+            dropped.append(f"{n + 1} (the same as {same + 1})")
+        else:
+            kept.append(path)
+    return kept, dropped
+
+
+def _sources(roots: list[Path]) -> Iterator[Source]:
+    for root in roots:
         if root.is_dir():
             yield from _folder_sources(root)
-        elif root.exists():
-            yield from _file_sources(root, explicit=True)
         else:
-            raise FileNotFoundError(f"{root} does not exist")
+            yield from _file_sources(root, explicit=True)
 
 
 def _folder_sources(root: Path) -> Iterator[Source]:

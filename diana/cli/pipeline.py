@@ -73,7 +73,7 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
     from diana.schemas.codec import default_codec
 
     try:
-        sources = list(find_sources([Path(p) for p in args.paths]))
+        sources = list(find_sources([Path(p) for p in args.paths], say=lambda text: print(f"import: {text}")))
     except FileNotFoundError as exc:
         return fail("import", str(exc))
     report = Path(args.report) if args.report else None

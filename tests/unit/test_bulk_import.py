@@ -601,3 +601,25 @@ def test_a_zip_shaped_member_that_is_not_a_zip_file_is_not_dicom_and_a_dicom_pre
     summary, _ = _import(tmp_path, archive)
 
     assert (summary.imported, summary.skipped_non_dicom, summary.not_imported) == (1, 1, [])
+
+
+def test_a_path_given_twice_or_inside_another_is_imported_once_and_said_once(tmp_path):
+    """``diana import /a /a/b /a``: /a/b's files were imported and counted twice, /a's twice again."""
+    source = tmp_path / "src"
+    _instance(source / PATIENT / "IMG1")
+    _instance(source / "IMG2")
+    (tmp_path / "link").symlink_to(source / PATIENT)
+    said: list[str] = []
+    given = [source / PATIENT, source, tmp_path / "link", source / "IMG2", source / ".." / "src"]
+
+    sources = list(find_sources(given, say=said.append))
+    summary = Importer(_RecordingIngest(tmp_path / "landing"), workers=2).run(sources)  # type: ignore[arg-type]
+
+    assert summary.imported == 2 and sorted(s.label for s in sources) == sorted(
+        [str(source / "IMG2"), str(source / PATIENT / "IMG1")]
+    )
+    assert said == [
+        "paths given inside another one (or twice), by their place: 1 (inside 2), 3 (inside 2), 4 (inside 2), "
+        "5 (the same as 2); their files are imported once"
+    ]
+    assert PATIENT not in said[0]
