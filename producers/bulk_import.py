@@ -23,11 +23,10 @@ import threading
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import structlog
@@ -40,6 +39,9 @@ __all__ = ["ImportSummary", "Importer", "find_sources"]
 
 log = structlog.get_logger("diana.import")
 
+# Sources handed to the pool ahead of the workers, per worker: enough that none waits for the listing,
+# few enough that memory does not grow with the number of files.
+_IN_FLIGHT_PER_WORKER = 4
 # Preamble and "DICM": what a Part-10 file starts with, all that is read before a member is extracted.
 _PART10_HEAD = 132
 _ZIP_MAGIC = b"PK\x03\x04"  # a zip's first local header
@@ -481,24 +483,43 @@ class Importer:
         except Exception as exc:  # one file no branch expects must not stop the others; its text may name it
             return "failed", f"unexpected error ({type(exc).__name__})"
 
-    def run(self, sources: list[Source], progress: Callable[[int], None] | None = None) -> ImportSummary:
+    def run(self, sources: Iterable[Source], progress: Callable[[int], None] | None = None) -> ImportSummary:
+        """Import the sources as they are listed: at most ``_IN_FLIGHT_PER_WORKER`` per worker are handed
+        to the pool at once, so memory does not grow with the number of files and the first ones are
+        imported while the tree is still walked (a list of a million sources, and pool.map's million
+        futures, took 2 GiB before anything was imported). Outcomes are counted as they complete."""
         summary = ImportSummary()
         archives = _OpenArchives()
+        window = self.workers * _IN_FLIGHT_PER_WORKER
+        running: dict[Future[tuple[str, str | None]], tuple[int, Source]] = {}
+
+        def settle(done: Iterable[Future[tuple[str, str | None]]]) -> None:
+            for future in sorted(done, key=lambda f: running[f][0]):  # in the order listed, within a batch
+                _, source = running.pop(future)
+                self._count(summary, source, *future.result())
+                if progress:
+                    progress(1)
+
         try:
             with ThreadPoolExecutor(self.workers) as pool:
-                outcomes = pool.map(partial(self._one, archives), sources)
-                for source, (outcome, reason) in zip(sources, outcomes, strict=True):
-                    if outcome == "imported":
-                        summary.imported += 1
-                    elif outcome == "skipped":
-                        summary.skipped_non_dicom += 1
-                    else:
-                        reason = reason or "no reason given"
-                        getattr(summary, outcome)[reason] += 1
-                        summary.not_imported.append((outcome, reason, source.label))
-                        log.warning(f"import.{outcome}", reason=reason)  # which file: the report (--report)
-                    if progress:
-                        progress(1)
+                for n, source in enumerate(sources):
+                    if len(running) >= window:
+                        settle(wait(running, return_when=FIRST_COMPLETED).done)
+                    running[pool.submit(self._one, archives, source)] = (n, source)
+                while running:
+                    settle(wait(running, return_when=FIRST_COMPLETED).done)
         finally:
             archives.close_all()
         return summary
+
+    @staticmethod
+    def _count(summary: ImportSummary, source: Source, outcome: str, reason: str | None) -> None:
+        if outcome == "imported":
+            summary.imported += 1
+        elif outcome == "skipped":
+            summary.skipped_non_dicom += 1
+        else:
+            reason = reason or "no reason given"
+            getattr(summary, outcome)[reason] += 1
+            summary.not_imported.append((outcome, reason, source.label))
+            log.warning(f"import.{outcome}", reason=reason)  # which file: the report (--report)

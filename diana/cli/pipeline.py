@@ -72,8 +72,8 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
     from diana.producers.publisher import EventPublisher
     from diana.schemas.codec import default_codec
 
-    try:
-        sources = list(find_sources([Path(p) for p in args.paths], say=lambda text: print(f"import: {text}")))
+    try:  # listed as they are imported: a path that does not exist is found before anything is
+        sources = find_sources([Path(p) for p in args.paths], say=lambda text: print(f"import: {text}"))
     except FileNotFoundError as exc:
         return fail("import", str(exc))
     report = Path(args.report) if args.report else None
@@ -84,7 +84,8 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
     publisher = EventPublisher(cfg.kafka, client_id="diana-import")
     ingest = Ingest(open_landing(cfg), publisher, default_codec(), max_inflated_bytes=cfg.receiver.max_inflated_bytes)
     try:
-        with tqdm(total=len(sources), unit="file", desc="import", disable=args.no_progress) as bar:
+        # No total: the files are counted while they are imported, the tree is not walked first.
+        with tqdm(unit="file", desc="import", disable=args.no_progress) as bar:
             summary = Importer(ingest, workers=args.workers).run(sources, progress=bar.update)
     finally:
         publisher.close()
