@@ -233,15 +233,19 @@ def _file_sources(path: Path, explicit: bool = False) -> Iterator[Source]:
 
 
 def _is_zip(path: Path) -> bool:
-    """A zip by its first bytes, and only when it is not Part-10. Not zipfile.is_zipfile: it looks for an
-    end record in the last 64 KiB, which DICOM pixel data may hold (such a file was opened as a zip of
-    no members, and vanished from the counts); and a Part-10 preamble may begin with a zip's signature."""
+    """A zip by its first bytes, and only when it is not Part-10. Not zipfile.is_zipfile alone: it looks for
+    an end record in the last 64 KiB, which DICOM pixel data may hold (such a file was opened as a zip of
+    no members, and vanished from the counts); and a Part-10 preamble may begin with a zip's signature.
+    A file named .zip is one also by its end record (data before the first header: a self-extracting
+    archive renamed, a zip appended to something)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(_PART10_HEAD)
     except OSError:
         return False  # reading it as a file says why, counted for that file
-    return not _is_part10(head) and head[:4] in (_ZIP_MAGIC, _ZIP_EMPTY)
+    if _is_part10(head):
+        return False
+    return head[:4] in (_ZIP_MAGIC, _ZIP_EMPTY) or (path.suffix.lower() == ".zip" and zipfile.is_zipfile(path))
 
 
 def _unopened(path: Path, kind: str, exc: Exception) -> Source:

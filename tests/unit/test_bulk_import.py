@@ -162,6 +162,17 @@ def test_a_dicom_file_holding_a_zip_end_record_is_imported_and_a_zip_is_known_by
 
     assert (summary.imported, len(ingest.accepted), summary.rejected) == (2, 2, {})
     assert list(find_sources([empty])) == []  # a zip of no members still
+    prefixed = tmp_path / "prefixed.zip"  # data before its first header: a zip by its name and end record
+    prefixed.write_bytes(b"MZ" + b"\0" * 200 + _instance_zip(tmp_path).read_bytes())
+    assert [source.member is not None for source in find_sources([prefixed])] == [True]
+    assert _import(tmp_path, prefixed)[0].imported == 1
+
+
+def _instance_zip(tmp_path: Path) -> Path:
+    archive = tmp_path / "one.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(_instance(tmp_path / "one.dcm"), "IMG1")
+    return archive
 
 
 def test_an_unexpected_error_fails_that_file_only(tmp_path, capsys):
