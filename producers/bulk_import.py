@@ -49,6 +49,15 @@ _ZIP_EMPTY = b"PK\x05\x06"  # an empty zip: its end record alone
 _ZIP_ENCRYPTED = 0x1  # general purpose flag bit 0
 # A member whose bytes do not decode: a damaged header, a bad CRC, a truncated or damaged deflate stream.
 _CORRUPT_MEMBER = (zipfile.BadZipFile, zlib.error, EOFError)
+# The first two bytes of a data set without preamble: group 0008 (or 0002, a file meta without preamble),
+# little or big endian. Only such files are parsed to tell a bare data set from what is not DICOM.
+_BARE_GROUPS = (b"\x08\x00", b"\x00\x08", b"\x02\x00", b"\x00\x02")
+_NOT_DICOM = "not DICOM (no preamble and DICM)"
+_BARE_OTHER = (
+    "no DICM preamble: a bare data set not in Implicit VR Little Endian (its transfer syntax is not known: "
+    "write it as a Part-10 file with its syntax, then import that)"
+)
+_WRAPPED = "bare data sets (no preamble: Implicit VR Little Endian) imported with a file meta added"
 # An ISO 9660 name's version (";1") and the dot of a name without extension ("IM0001.;1"), as a disc
 # mounted with map=off or copied raw shows them.
 _ISO_VERSION = re.compile(r"\.?;\d+$")
@@ -68,19 +77,25 @@ def _is_dicomdir(name: str) -> bool:
 @dataclass
 class ImportSummary:
     imported: int = 0
-    skipped_non_dicom: int = 0
+    wrapped: int = 0  # of those imported, bare data sets given a file meta
+    skipped: Counter = field(default_factory=Counter)  # reason -> count (not DICOM)
     rejected: Counter = field(default_factory=Counter)  # reason -> count
     failed: Counter = field(default_factory=Counter)  # reason -> count (retry later)
-    # (outcome, reason, file) of each file not imported: for the report, never for the log (a file's
-    # path often holds the patient's name: exports name their folders so).
+    # (outcome, reason, file) of each file not imported (skipped too): for the report, never for the log
+    # (a file's path often holds the patient's name: exports name their folders so).
     not_imported: list[tuple[str, str, str]] = field(default_factory=list)
 
+    @property
+    def skipped_non_dicom(self) -> int:
+        return sum(self.skipped.values())
+
     def lines(self) -> list[str]:
-        out = [
-            f"imported:            {self.imported}",
-            f"skipped (not DICOM): {self.skipped_non_dicom}",
-            f"rejected:            {sum(self.rejected.values())}",
-        ]
+        out = [f"imported:            {self.imported}"]
+        if self.wrapped:
+            out.append(f"  {self.wrapped:>6}  {_WRAPPED}")
+        out.append(f"skipped (not DICOM): {self.skipped_non_dicom}")
+        out += [f"  {n:>6}  {reason}" for reason, n in self.skipped.most_common() if reason != _NOT_DICOM]
+        out.append(f"rejected:            {sum(self.rejected.values())}")
         out += [f"  {n:>6}  {reason}" for reason, n in self.rejected.most_common()]
         out.append(f"failed (retry):      {sum(self.failed.values())}")
         out += [f"  {n:>6}  {reason}" for reason, n in self.failed.most_common()]
@@ -109,6 +124,14 @@ class Source:
     # Decided while listing (outcome, reason): a folder that cannot be read, an archive or a DICOMDIR
     # that cannot be opened, a file a DICOMDIR names that is missing. Counted and reported like a file.
     verdict: tuple[str, str] | None = None
+
+
+class _Skipped(Exception):
+    """Not DICOM, or DICOM in a form not imported; ``reason`` names no file."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _Refused(Exception):
@@ -398,21 +421,23 @@ class _OpenArchives:
             zf.close()
 
 
-def _extract_part10(zf: zipfile.ZipFile, info: zipfile.ZipInfo, folder: Path, max_bytes: int) -> Path | None:
-    """The member as a temporary file in ``folder``, or None when it is not Part-10: its first 132
-    bytes are read from the stream, so a non-DICOM member (an installer, a viewer) is never written.
-    Raises _Refused for a member that cannot be read, or larger than ``max_bytes``."""
+def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, folder: Path, max_bytes: int) -> tuple[Path, bool]:
+    """The member as a temporary file in ``folder``, and whether it is Part-10 (else it may be a bare data
+    set): its first 132 bytes are read from the stream, so a non-DICOM member (an installer, a viewer) is
+    never written. Raises _Skipped for such a member, _Refused for one that cannot be read, or larger
+    than ``max_bytes``."""
     if info.flag_bits & _ZIP_ENCRYPTED:
         raise _Refused("zip member encrypted")
     try:
         with zf.open(info) as src:
             head = src.read(_PART10_HEAD)
-            if not _is_part10(head):
+            part10 = _is_part10(head)
+            if not part10 and not _may_be_bare(head):
                 # A .zip member that is a zip: said (it was counted "not DICOM", exit status 0); a viewer's
                 # .jar or a .docx is a zip too, and is not DICOM.
                 if head.startswith(_ZIP_MAGIC) and info.filename.lower().endswith(".zip"):
                     raise _Refused("zip inside a zip: unzip the outer one and import its folder")
-                return None
+                raise _Skipped(_NOT_DICOM)
             # zipfile reads no more than the size the directory declares: checking it bounds the file.
             if info.file_size > max_bytes:
                 raise _Refused(f"zip member larger than [receiver] max_inflated_bytes ({max_bytes})")
@@ -424,7 +449,7 @@ def _extract_part10(zf: zipfile.ZipFile, info: zipfile.ZipInfo, folder: Path, ma
             except BaseException:
                 Path(name).unlink(missing_ok=True)
                 raise
-            return Path(name)
+            return Path(name), part10
     except (NotImplementedError, RuntimeError) as exc:  # Deflate64 (Windows Explorer), or no bz2/lzma here
         raise _Refused(
             f"zip member: unsupported compression method {info.compress_type} (unzip it with another tool, "
@@ -434,40 +459,102 @@ def _extract_part10(zf: zipfile.ZipFile, info: zipfile.ZipInfo, folder: Path, ma
         raise _Refused("zip member corrupt") from exc
 
 
+def _may_be_bare(head: bytes) -> bool:
+    """Not Part-10, but it may be a data set without preamble and file meta: it begins with group 0008
+    (or 0002, a file meta without preamble) in either byte order. Only such files are parsed to tell."""
+    return not _is_part10(head) and head[:2] in _BARE_GROUPS
+
+
+def _wrap_bare(path: Path, folder: Path) -> Path:
+    """``path``, a bare data set (no preamble, no file meta: what old modalities and archives wrote), as a
+    temporary Part-10 file in ``folder``: preamble, ``DICM`` and a file meta before its bytes, which are
+    unchanged. Only in Implicit VR Little Endian, DICOM's default transfer syntax and the one a data
+    set's bytes fully determine; explicit VR may hold compressed pixel data of a syntax the bytes do not
+    name. The file meta is the same for the same data set (a second import lands the same bytes).
+    Raises _Skipped: not DICOM, or a bare data set in another encoding."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ImplicitVRLittleEndian
+
+    try:
+        with open(path, "rb") as fh:
+            ds = pydicom.dcmread(fh, force=True, stop_before_pixels=True, defer_size=1024)
+            uids = str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
+            encoding = ds.original_encoding
+    except OSError:
+        raise
+    except Exception as exc:  # pydicom raises many kinds on what is not DICOM
+        raise _Skipped(_NOT_DICOM) from exc
+    if not all(uids):  # read "with force", much that is not DICOM passes as a data set of nothing useful
+        raise _Skipped(_NOT_DICOM)
+    if ds.file_meta or encoding != (True, True):
+        raise _Skipped(_BARE_OTHER)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = UID(uids[0]), UID(uids[1])
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "DIANA_IMPORT"  # not pydicom's default, which names its version
+    fd, name = tempfile.mkstemp(dir=folder, suffix=".import")
+    try:
+        with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+            out.write(b"\0" * 128 + b"DICM")
+            writer = DicomFileLike(out)
+            writer.is_little_endian, writer.is_implicit_VR = True, False
+            write_file_meta_info(writer, meta, enforce_standard=True)
+            shutil.copyfileobj(src, out, 1 << 20)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return Path(name)
+
+
 class Importer:
     def __init__(self, ingest: Ingest, workers: int = 8):
         self.ingest = ingest
         self.workers = workers
 
     @contextmanager
-    def _part10_file(self, source: Source, archives: _OpenArchives) -> Iterator[Path | None]:
-        """The source as a local file for the block, or None when it is not Part-10."""
+    def _part10_file(self, source: Source, archives: _OpenArchives) -> Iterator[tuple[Path, bool, bool]]:
+        """The source as a local Part-10 file for the block: (path, ours, wrapped). Ours: a temporary file
+        made here (a zip member, a bare data set given a file meta), which may land by a hard link.
+        Raises _Skipped when it is not DICOM."""
+        folder = self.ingest.landing.incoming
         if source.path is not None:
             with open(source.path, "rb") as fh:
-                part10 = _is_part10(fh.read(_PART10_HEAD))
-            yield source.path if part10 else None
-            return
-        # A zip member is extracted next to the landing store, then copied in like any file.
-        assert source.archive is not None and source.member is not None, "a source is a path or a zip member"
-        extracted = _extract_part10(
-            archives.get(source.archive), source.member, self.ingest.landing.incoming, self.ingest.max_inflated_bytes
-        )
+                head = fh.read(_PART10_HEAD)
+            if _is_part10(head):
+                yield source.path, False, False
+                return
+            if not _may_be_bare(head):
+                raise _Skipped(_NOT_DICOM)
+            made, part10 = _wrap_bare(source.path, folder), False
+        else:
+            # A zip member is extracted next to the landing store, then landed like any file.
+            assert source.archive is not None and source.member is not None, "a source is a path or a zip member"
+            made, part10 = _extract(archives.get(source.archive), source.member, folder, self.ingest.max_inflated_bytes)
+            if not part10:
+                bare = made
+                try:
+                    made = _wrap_bare(bare, folder)
+                finally:
+                    bare.unlink(missing_ok=True)
         try:
-            yield extracted
+            yield made, True, not part10
         finally:
-            if extracted is not None:
-                extracted.unlink(missing_ok=True)
+            made.unlink(missing_ok=True)
 
     def _one(self, archives: _OpenArchives, source: Source) -> tuple[str, str | None]:
         """('imported' | 'skipped' | 'rejected' | 'failed', reason)."""
         if source.verdict is not None:
             return source.verdict
         try:
-            with self._part10_file(source, archives) as path:
-                if path is None:
-                    return "skipped", None
-                self.ingest.accept_file(path, "IMPORT", owned=False)
-            return "imported", None
+            with self._part10_file(source, archives) as (path, ours, wrapped):
+                self.ingest.accept_file(path, "IMPORT", owned=ours)
+            return "imported", _WRAPPED if wrapped else None
+        except _Skipped as exc:
+            return "skipped", exc.reason
         except _Refused as exc:
             return "rejected", exc.reason
         except InvalidIdentifiers as exc:
@@ -520,10 +607,10 @@ class Importer:
     def _count(summary: ImportSummary, source: Source, outcome: str, reason: str | None) -> None:
         if outcome == "imported":
             summary.imported += 1
-        elif outcome == "skipped":
-            summary.skipped_non_dicom += 1
-        else:
-            reason = reason or "no reason given"
-            getattr(summary, outcome)[reason] += 1
-            summary.not_imported.append((outcome, reason, source.label))
+            summary.wrapped += reason == _WRAPPED
+            return
+        reason = reason or "no reason given"
+        getattr(summary, outcome)[reason] += 1
+        summary.not_imported.append((outcome, reason, source.label))
+        if outcome != "skipped":  # a folder of a viewer's files is not worth a warning each
             log.warning(f"import.{outcome}", reason=reason)  # which file: the report (--report)

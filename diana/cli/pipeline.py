@@ -354,7 +354,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "import",
         help="publish existing DICOM files (folders, zips, DICOMDIRs)",
         description=f"{cmd_import.__doc__} Each object is validated, landed and published "
-        "exactly like a C-STORE; non-DICOM files are skipped; a summary lists what was "
+        "exactly like a C-STORE; non-DICOM files are skipped (a bare data set in Implicit VR Little Endian, "
+        "without preamble, is imported with a file meta added); a summary lists what was "
         "rejected and why. Symlinked folders are followed (each folder once). Exit status 1 if "
         "anything failed for a reason that may pass (broker, disk, a folder or file that cannot be read, "
         "a file a DICOMDIR names that is missing); 0 when the rest was only skipped or rejected "
@@ -366,7 +367,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     imp.add_argument(
         "--report",
         metavar="FILE",
-        help="write the files not imported (outcome, reason, file) to FILE as CSV, readable by you only; "
+        help="write the files not imported (outcome: skipped, rejected or failed; reason; file) to FILE as CSV, "
+        "readable by you only; "
         "the log and the summary name no file (paths often hold patients' names)",
     )
     imp.set_defaults(func=cmd_import)

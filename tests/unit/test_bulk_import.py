@@ -5,6 +5,7 @@ ones extracted, each archive opened once per worker)."""
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import struct
@@ -523,6 +524,7 @@ def test_the_exit_status_is_1_when_anything_failed_0_when_only_rejected(
     said = _said(capsys)
     assert "imported:            1" in said and "zip member encrypted" in said and PATIENT not in said
     assert f"rejected,zip member encrypted,{archive}:{PATIENT}/IMG1" in report.read_text()
+    assert f"skipped,not DICOM (no preamble and DICM),{source / 'notes.txt'}" in report.read_text()
     assert stat.S_IMODE(report.stat().st_mode) == 0o600
 
     _deny_patient_folder(monkeypatch)
@@ -532,6 +534,61 @@ def test_the_exit_status_is_1_when_anything_failed_0_when_only_rejected(
     assert (
         PATIENT not in said and f"failed,folder unreadable: Permission denied,{source / PATIENT}" in report.read_text()
     )
+
+
+def _bare(path: Path, **encoding: bool) -> bytes:
+    """A data set without preamble and file meta, as old modalities and archives wrote them."""
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="IMPORT9", study_date="20240101", rows=8)
+    del ds.file_meta
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=False, **encoding)
+    return path.read_bytes()
+
+
+def test_files_not_imported_as_not_dicom_are_reported_and_a_bare_data_set_is_imported_with_a_file_meta(tmp_path):
+    """Skipped files were counted only ("skipped (not DICOM)"), never listed: a bare data set, common in old
+    archives, could not be found. Now each skipped file is listed with its reason, and a bare data set in
+    Implicit VR Little Endian (the default transfer syntax, which its bytes determine) is imported with a
+    file meta put before its bytes; one in another encoding is listed as such."""
+    source = tmp_path / "src"
+    implicit = _bare(source / PATIENT / "OLD1", implicit_vr=True, little_endian=True)
+    _bare(source / PATIENT / "OLD2", implicit_vr=False, little_endian=True)
+    (source / "notes.txt").write_text("not DICOM")
+    (source / "group8.bin").write_bytes(b"\x08\x00" + b"no data set" * 50)  # looks like one for two bytes
+    archive = source / "old.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("OLD3", _bare(tmp_path / "OLD3", implicit_vr=True, little_endian=True))
+    landed: list[tuple[bytes, bool]] = []
+    ingest = _RecordingIngest(tmp_path / "landing")
+    record = ingest.accept_file
+
+    def accept(path: Path, source: str, *, owned: bool) -> None:
+        record(path, source, owned=owned)
+        landed.append((path.read_bytes(), owned))
+
+    ingest.accept_file = accept  # type: ignore[method-assign]
+
+    summary = Importer(ingest, workers=2).run(find_sources([source]))  # type: ignore[arg-type]
+
+    assert sorted(summary.not_imported) == [
+        (
+            "skipped",
+            "no DICM preamble: a bare data set not in Implicit VR Little Endian (its transfer syntax is not "
+            "known: write it as a Part-10 file with its syntax, then import that)",
+            str(source / PATIENT / "OLD2"),
+        ),
+        ("skipped", "not DICOM (no preamble and DICM)", str(source / "group8.bin")),
+        ("skipped", "not DICOM (no preamble and DICM)", str(source / "notes.txt")),
+    ]
+    assert (summary.imported, summary.wrapped, summary.skipped_non_dicom) == (2, 2, 3)
+    wrapped = next(data for data, _ in landed if data.endswith(implicit))
+    meta = pydicom.dcmread(io.BytesIO(wrapped)).file_meta
+    assert wrapped[128:132] == b"DICM" and meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
+    assert all(owned for _, owned in landed)  # temporary files of ours: linked into place, not copied again
+    assert any("bare data sets" in line for line in summary.lines()) and PATIENT not in "".join(summary.lines())
+    again = Importer(ingest, workers=1).run(find_sources([source / PATIENT / "OLD1"]))  # type: ignore[arg-type]
+    assert again.imported == 1 and landed[-1][0] == wrapped  # the same bytes: one object, however often imported
+    assert list(ingest.landing.incoming.iterdir()) == []
 
 
 # --------------------------------------------------------------------- 3. memory and zip members read as streams
@@ -643,7 +700,8 @@ def test_a_zip_shaped_member_that_is_not_a_zip_file_is_not_dicom_and_a_dicom_pre
 
     summary, _ = _import(tmp_path, archive)
 
-    assert (summary.imported, summary.skipped_non_dicom, summary.not_imported) == (1, 1, [])
+    assert (summary.imported, summary.skipped_non_dicom) == (1, 1)
+    assert summary.not_imported == [("skipped", "not DICOM (no preamble and DICM)", f"{archive}:viewer/viewer.jar")]
 
 
 def test_a_path_given_twice_or_inside_another_is_imported_once_and_said_once(tmp_path):
