@@ -15,6 +15,7 @@ path often holds the patient's name); the --report file does.
 from __future__ import annotations
 
 import os
+import queue
 import re
 import shutil
 import stat
@@ -24,7 +25,7 @@ import zipfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from diana.producers.header import HeaderError, InvalidIdentifiers, Truncated
 from diana.producers.ingest import Ingest
 from diana.producers.publisher import PublishError, PublishRefused
 
-__all__ = ["ImportSummary", "Importer", "find_sources"]
+__all__ = ["ImportSummary", "Importer", "Report", "find_sources"]
 
 log = structlog.get_logger("diana.import")
 
@@ -81,9 +82,10 @@ class ImportSummary:
     skipped: Counter = field(default_factory=Counter)  # reason -> count (not DICOM)
     rejected: Counter = field(default_factory=Counter)  # reason -> count
     failed: Counter = field(default_factory=Counter)  # reason -> count (retry later)
-    # (outcome, reason, file) of each file not imported (skipped too): for the report, never for the log
-    # (a file's path often holds the patient's name: exports name their folders so).
+    # (outcome, reason, file) of each file not imported (skipped too), when no report takes them: for the
+    # report, never for the log (a file's path often holds the patient's name: exports name folders so).
     not_imported: list[tuple[str, str, str]] = field(default_factory=list)
+    interrupted: bool = False  # Ctrl-C: the files listed after it were not looked at
 
     @property
     def skipped_non_dicom(self) -> int:
@@ -101,16 +103,37 @@ class ImportSummary:
         out += [f"  {n:>6}  {reason}" for reason, n in self.failed.most_common()]
         return out
 
-    def write_report(self, path: Path) -> None:
-        """The files not imported as CSV (outcome, reason, file), readable by its owner only."""
+    @property
+    def not_imported_count(self) -> int:
+        return self.skipped_non_dicom + sum(self.rejected.values()) + sum(self.failed.values())
+
+
+class Report:
+    """The --report file: the files not imported as CSV (outcome, reason, file), readable by its owner
+    only. Written a row at a time, flushed: a run interrupted or crashed keeps the rows of what it saw
+    (it was written at the end only, and emptied at the start)."""
+
+    def __init__(self, path: Path) -> None:
         import csv
 
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)  # also when the file was there before
-        with os.fdopen(fd, "w", newline="") as out:
-            writer = csv.writer(out)
-            writer.writerow(("outcome", "reason", "file"))
-            writer.writerows(self.not_imported)
+        self._file = os.fdopen(fd, "w", newline="")
+        self._writer = csv.writer(self._file)
+        self.row("outcome", "reason", "file")
+
+    def row(self, outcome: str, reason: str, file: str) -> None:
+        self._writer.writerow((outcome, reason, file))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Report:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -574,43 +597,73 @@ class Importer:
         except Exception as exc:  # one file no branch expects must not stop the others; its text may name it
             return "failed", f"unexpected error ({type(exc).__name__})"
 
-    def run(self, sources: Iterable[Source], progress: Callable[[int], None] | None = None) -> ImportSummary:
+    def run(
+        self,
+        sources: Iterable[Source],
+        progress: Callable[[int], None] | None = None,
+        report: Callable[[str, str, str], None] | None = None,
+    ) -> ImportSummary:
         """Import the sources as they are listed: at most ``_IN_FLIGHT_PER_WORKER`` per worker are handed
         to the pool at once, so memory does not grow with the number of files and the first ones are
         imported while the tree is still walked (a list of a million sources, and pool.map's million
-        futures, took 2 GiB before anything was imported). Outcomes are counted as they complete."""
+        futures, took 2 GiB before anything was imported). Outcomes are counted as they complete.
+
+        ``report``: takes (outcome, reason, file) of each file not imported as it comes, instead of
+        ``summary.not_imported`` (which then stays empty). On Ctrl-C the files in flight are finished and
+        counted, the rest is not looked at, and the summary says ``interrupted``."""
         summary = ImportSummary()
         archives = _OpenArchives()
         window = self.workers * _IN_FLIGHT_PER_WORKER
-        running: dict[Future[tuple[str, str | None]], tuple[int, Source]] = {}
+        running: dict[Future[tuple[str, str | None]], Source] = {}
+        finished: queue.SimpleQueue[Future[tuple[str, str | None]]] = queue.SimpleQueue()
 
-        def settle(done: Iterable[Future[tuple[str, str | None]]]) -> None:
-            for future in sorted(done, key=lambda f: running[f][0]):  # in the order listed, within a batch
-                _, source = running.pop(future)
-                self._count(summary, source, *future.result())
+        def settle(future: Future[tuple[str, str | None]]) -> None:
+            if future in running:  # not one cancelled
+                self._count(summary, running[future], *future.result(), report)
+                del running[future]  # after it is counted: a Ctrl-C in between loses no count
                 if progress:
                     progress(1)
 
         try:
             with ThreadPoolExecutor(self.workers) as pool:
-                for n, source in enumerate(sources):
-                    if len(running) >= window:
-                        settle(wait(running, return_when=FIRST_COMPLETED).done)
-                    running[pool.submit(self._one, archives, source)] = (n, source)
-                while running:
-                    settle(wait(running, return_when=FIRST_COMPLETED).done)
+                try:
+                    for source in sources:
+                        while len(running) >= window:
+                            settle(finished.get())
+                        future = pool.submit(self._one, archives, source)
+                        running[future] = source
+                        future.add_done_callback(finished.put)
+                        while not finished.empty():  # counted and reported as they finish, not a window later
+                            settle(finished.get())
+                    while running:
+                        settle(finished.get())
+                except KeyboardInterrupt:
+                    summary.interrupted = True
+                    for future in [f for f in running if f.cancel()]:  # not started: not looked at
+                        del running[future]
+                    while running:  # started: finished (each within the publish timeout) and counted
+                        settle(finished.get())
         finally:
             archives.close_all()
         return summary
 
     @staticmethod
-    def _count(summary: ImportSummary, source: Source, outcome: str, reason: str | None) -> None:
+    def _count(
+        summary: ImportSummary,
+        source: Source,
+        outcome: str,
+        reason: str | None,
+        report: Callable[[str, str, str], None] | None,
+    ) -> None:
         if outcome == "imported":
             summary.imported += 1
             summary.wrapped += reason == _WRAPPED
             return
         reason = reason or "no reason given"
         getattr(summary, outcome)[reason] += 1
-        summary.not_imported.append((outcome, reason, source.label))
+        if report is not None:
+            report(outcome, reason, source.label)
+        else:
+            summary.not_imported.append((outcome, reason, source.label))
         if outcome != "skipped":  # a folder of a viewer's files is not worth a warning each
             log.warning(f"import.{outcome}", reason=reason)  # which file: the report (--report)

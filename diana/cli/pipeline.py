@@ -64,9 +64,11 @@ def _serve_receiver(cfg: Config, worker: int, started_at: float) -> None:
 
 def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
     """Publish existing files (folders, zips, DICOMDIRs) as if they had been received."""
+    from contextlib import nullcontext
+
     from tqdm import tqdm
 
-    from diana.producers.bulk_import import Importer, ImportSummary, find_sources
+    from diana.producers.bulk_import import Importer, Report, find_sources
     from diana.producers.ingest import Ingest
     from diana.producers.landing import open_landing
     from diana.producers.publisher import EventPublisher
@@ -76,25 +78,36 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
         sources = find_sources([Path(p) for p in args.paths], say=lambda text: print(f"import: {text}"))
     except FileNotFoundError as exc:
         return fail("import", str(exc))
-    report = Path(args.report) if args.report else None
-    if report is not None and (report.is_dir() or not report.parent.is_dir()):
-        return fail("import", f"--report {report}: name a file in a folder that exists")
-    if report is not None:  # emptied now: an interrupted run leaves no earlier run's list behind
-        ImportSummary().write_report(report)
+    report_path = Path(args.report) if args.report else None
+    if report_path is not None and (report_path.is_dir() or not report_path.parent.is_dir()):
+        return fail("import", f"--report {report_path}: name a file in a folder that exists")
     publisher = EventPublisher(cfg.kafka, client_id="diana-import")
     ingest = Ingest(open_landing(cfg), publisher, default_codec(), max_inflated_bytes=cfg.receiver.max_inflated_bytes)
     try:
-        # No total: the files are counted while they are imported, the tree is not walked first.
-        with tqdm(unit="file", desc="import", disable=args.no_progress) as bar:
-            summary = Importer(ingest, workers=args.workers).run(sources, progress=bar.update)
+        # The report is emptied now, so that an earlier run's list never stands for this one, and written
+        # as files come; without it, the files not imported are only counted (a list would grow with the
+        # run). The bar has no total: files are counted as they are imported, the tree is not walked first.
+        with (
+            Report(report_path) if report_path is not None else nullcontext() as report,
+            tqdm(unit="file", desc="import", disable=args.no_progress) as bar,
+        ):
+            summary = Importer(ingest, workers=args.workers).run(
+                sources, progress=bar.update, report=report.row if report is not None else _not_kept
+            )
     finally:
         publisher.close()
     print("\n".join(summary.lines()))
-    if report is not None:  # written every run, so that an earlier run's list never stands for this one
-        summary.write_report(report)
-        print(f"the files not imported, with their reasons: {report}")
-    elif summary.not_imported:
+    if report_path is not None:
+        print(f"the files not imported, with their reasons: {report_path}")
+    elif summary.not_imported_count:
         print("to list the files not imported, run again with --report FILE (their paths stay out of the log)")
+    if summary.interrupted:
+        return fail(
+            "import",
+            "interrupted: the files in flight were finished and counted above, the rest was not looked at; "
+            "run the same command again to import it: what was imported is not duplicated downstream.",
+            code=130,
+        )
     if summary.failed:
         return fail(
             "import",
@@ -104,6 +117,10 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
             code=1,
         )
     return 0
+
+
+def _not_kept(outcome: str, reason: str, file: str) -> None:
+    """Where the files not imported go without --report: counted in the summary, not listed."""
 
 
 def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:

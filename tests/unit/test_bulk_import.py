@@ -591,6 +591,89 @@ def test_files_not_imported_as_not_dicom_are_reported_and_a_bare_data_set_is_imp
     assert list(ingest.landing.incoming.iterdir()) == []
 
 
+def test_ctrl_c_keeps_the_report_of_what_was_seen_and_prints_the_summary(
+    tmp_path, config, no_broker, monkeypatch, capsys
+):
+    """The report was emptied at the start and written at the end only: after Ctrl-C (or a crash) it was
+    empty, and no summary was printed. Rows are written as they come now, and Ctrl-C finishes the files in
+    flight, prints the summary and exits 130."""
+    source = tmp_path / "src"
+    _instance(source / "a.dcm")
+    for n in range(3):
+        (source / PATIENT / f"notes{n}.txt").parent.mkdir(parents=True, exist_ok=True)
+        (source / PATIENT / f"notes{n}.txt").write_text("not DICOM")
+    walk, one = bulk_import._folder_sources, bulk_import.Importer._one
+    looked_at = threading.Semaphore(0)
+
+    def interrupted_after_four(root):
+        yield from list(walk(root))[:4]
+        for _ in range(4):
+            assert looked_at.acquire(timeout=10)
+        raise KeyboardInterrupt  # Ctrl-C while the tree is walked, the files listed done
+
+    def looking(self, archives, source):
+        try:
+            return one(self, archives, source)
+        finally:
+            looked_at.release()
+
+    monkeypatch.setattr(bulk_import.Importer, "_one", looking)
+
+    report = tmp_path / "not-imported.csv"
+    monkeypatch.setattr(bulk_import, "_folder_sources", interrupted_after_four)
+    try:
+        status = main(["--config", str(config), "import", "--no-progress", "--report", str(report), str(source)])
+    except KeyboardInterrupt:
+        status = None
+
+    rows = report.read_text().splitlines()
+    assert sorted(rows[1:]) == [
+        f"skipped,not DICOM (no preamble and DICM),{source / PATIENT / f'notes{n}.txt'}" for n in range(3)
+    ]
+    assert status == 130
+    said = _said(capsys)
+    assert "imported:            1" in said and "interrupted" in said and PATIENT not in said
+
+
+def test_on_ctrl_c_the_files_in_flight_are_finished_and_counted_and_the_rest_not_looked_at(tmp_path):
+    one = _instance(tmp_path / "a.dcm")
+    gate, started = threading.Event(), threading.Semaphore(0)
+    ingest = _RecordingIngest(tmp_path / "landing")
+    ingest.accept_file = lambda *args, **kwargs: (started.release(), gate.wait(10))  # type: ignore[method-assign]
+
+    def sources():
+        for _ in range(6):
+            yield bulk_import.Source(str(one), path=one)
+        for _ in range(2):
+            assert started.acquire(timeout=10)  # each worker holds a file, four wait
+        threading.Timer(0.2, gate.set).start()
+        raise KeyboardInterrupt
+
+    try:
+        summary = Importer(ingest, workers=2).run(sources())  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C went through the run: no summary")
+
+    assert summary.interrupted and summary.imported == 2 and summary.not_imported_count == 0
+
+
+def test_the_report_has_each_row_as_it_comes_and_the_summary_keeps_none(tmp_path):
+    source = tmp_path / "src"
+    for n in range(3):
+        (source / f"notes{n}.txt").parent.mkdir(parents=True, exist_ok=True)
+        (source / f"notes{n}.txt").write_text("not DICOM")
+    path = tmp_path / "report.csv"
+    with bulk_import.Report(path) as report:
+        summary = Importer(_RecordingIngest(tmp_path / "landing"), workers=2).run(  # type: ignore[arg-type]
+            find_sources([source]), report=report.row
+        )
+        written = path.read_text().splitlines()  # before the file is closed
+
+    assert written[0] == "outcome,reason,file" and len(written) == 4
+    assert summary.skipped_non_dicom == 3 and summary.not_imported == []  # a list would grow with the run
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
 # --------------------------------------------------------------------- 3. memory and zip members read as streams
 
 
