@@ -59,6 +59,10 @@ _BARE_OTHER = (
     "write it as a Part-10 file with its syntax, then import that)"
 )
 _WRAPPED = "bare data sets (no preamble: Implicit VR Little Endian) imported with a file meta added"
+# Broker failures in a row (nothing acknowledged between them) after which the import stops: with the
+# broker down, each file waited [kafka] publish_timeout_s and failed (a million files: days).
+_BROKER_DOWN_AFTER = 3
+_BROKER = "broker: "  # the reason of a failure to publish that may pass
 # An ISO 9660 name's version (";1") and the dot of a name without extension ("IM0001.;1"), as a disc
 # mounted with map=off or copied raw shows them.
 _ISO_VERSION = re.compile(r"\.?;\d+$")
@@ -86,6 +90,9 @@ class ImportSummary:
     # report, never for the log (a file's path often holds the patient's name: exports name folders so).
     not_imported: list[tuple[str, str, str]] = field(default_factory=list)
     interrupted: bool = False  # Ctrl-C: the files listed after it were not looked at
+    # Stopped after _BROKER_DOWN_AFTER publish failures in a row: the files after them were not looked at.
+    broker_down: bool = False
+    _broker_failures: int = field(default=0, repr=False)  # in a row, in the order outcomes come
 
     @property
     def skipped_non_dicom(self) -> int:
@@ -589,7 +596,7 @@ class Importer:
         except PublishRefused as exc:  # permanent: running the import again cannot help
             return "rejected", f"broker refuses the event for good: {exc.code}"
         except PublishError as exc:
-            return "failed", f"broker: {exc}"
+            return "failed", f"{_BROKER}{exc}"
         except OSError as exc:
             return "failed", f"storage: {_os_reason(exc)}"
         except zipfile.BadZipFile:  # the archive, changed since it was listed, no longer opens
@@ -610,7 +617,8 @@ class Importer:
 
         ``report``: takes (outcome, reason, file) of each file not imported as it comes, instead of
         ``summary.not_imported`` (which then stays empty). On Ctrl-C the files in flight are finished and
-        counted, the rest is not looked at, and the summary says ``interrupted``."""
+        counted, the rest is not looked at, and the summary says ``interrupted``; so too after
+        ``_BROKER_DOWN_AFTER`` publish failures in a row (``broker_down``)."""
         summary = ImportSummary()
         archives = _OpenArchives()
         window = self.workers * _IN_FLIGHT_PER_WORKER
@@ -619,17 +627,28 @@ class Importer:
 
         def settle(future: Future[tuple[str, str | None]]) -> None:
             if future in running:  # not one cancelled
+                broker_down = summary.broker_down
                 self._count(summary, running[future], *future.result(), report)
                 del running[future]  # after it is counted: a Ctrl-C in between loses no count
                 if progress:
                     progress(1)
+                if summary.broker_down and not broker_down:
+                    log.error("import.broker_down", failures_in_a_row=_BROKER_DOWN_AFTER)
+                    drop_waiting()
+
+        def drop_waiting() -> None:
+            """The files handed out but not started are not looked at (those started finish)."""
+            for future in [f for f in running if f.cancel()]:
+                del running[future]
 
         try:
             with ThreadPoolExecutor(self.workers) as pool:
                 try:
                     for source in sources:
-                        while len(running) >= window:
+                        while len(running) >= window and not summary.broker_down:
                             settle(finished.get())
+                        if summary.broker_down:
+                            break
                         future = pool.submit(self._one, archives, source)
                         running[future] = source
                         future.add_done_callback(finished.put)
@@ -639,8 +658,7 @@ class Importer:
                         settle(finished.get())
                 except KeyboardInterrupt:
                     summary.interrupted = True
-                    for future in [f for f in running if f.cancel()]:  # not started: not looked at
-                        del running[future]
+                    drop_waiting()
                     while running:  # started: finished (each within the publish timeout) and counted
                         settle(finished.get())
         finally:
@@ -658,8 +676,12 @@ class Importer:
         if outcome == "imported":
             summary.imported += 1
             summary.wrapped += reason == _WRAPPED
+            summary._broker_failures = 0
             return
         reason = reason or "no reason given"
+        if outcome == "failed" and reason.startswith(_BROKER):
+            summary._broker_failures += 1
+            summary.broker_down |= summary._broker_failures >= _BROKER_DOWN_AFTER
         getattr(summary, outcome)[reason] += 1
         if report is not None:
             report(outcome, reason, source.label)

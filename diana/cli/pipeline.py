@@ -101,6 +101,15 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
         print(f"the files not imported, with their reasons: {report_path}")
     elif summary.not_imported_count:
         print("to list the files not imported, run again with --report FILE (their paths stay out of the log)")
+    if summary.broker_down:
+        return fail(
+            "import",
+            "stopped: the broker acknowledged none of the last events (is Kafka running? its address is "
+            "[kafka] bootstrap; `diana stack start` starts the local one), so the rest was not looked at. Start "
+            "it, then run the same command again: what was imported is not duplicated downstream. Objects "
+            "landed whose event may have gone out stay in the landing store; the receiver republishes them.",
+            code=1,
+        )
     if summary.interrupted:
         return fail(
             "import",
@@ -375,8 +384,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "without preamble, is imported with a file meta added); a summary lists what was "
         "rejected and why. Symlinked folders are followed (each folder once). Exit status 1 if "
         "anything failed for a reason that may pass (broker, disk, a folder or file that cannot be read, "
-        "a file a DICOMDIR names that is missing); 0 when the rest was only skipped or rejected "
-        "(bad content: running again cannot help).",
+        "a file a DICOMDIR names that is missing), or when it stopped after a few publish failures in a row "
+        "(the broker down); 0 when the rest was only skipped or rejected (bad content: running again cannot "
+        "help); 130 on Ctrl-C (the summary printed).",
     )
     imp.add_argument("paths", nargs="+", metavar="PATH", help="a folder, a .zip, or a DICOMDIR file")
     imp.add_argument("--workers", type=whole_number(1), default=8, help="objects in flight at once (default 8)")

@@ -674,6 +674,43 @@ def test_the_report_has_each_row_as_it_comes_and_the_summary_keeps_none(tmp_path
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+def test_the_import_stops_after_a_few_publish_failures_in_a_row(tmp_path, config, no_broker, monkeypatch, capsys):
+    """With the broker down, every file waited [kafka] publish_timeout_s and failed: days for a million."""
+    from diana.producers.publisher import PublishUncertain
+
+    one = _instance(tmp_path / "a.dcm")
+    tried: list[int] = []
+
+    def down(*args, **kwargs):
+        tried.append(1)
+        raise PublishUncertain("no acknowledgement within 10.0s")
+
+    def up_then_down_each_third(*args, **kwargs):
+        tried.append(1)
+        if len(tried) % 3 == 0:
+            raise PublishUncertain("no acknowledgement within 10.0s")
+
+    for accept, workers in ((down, 2), (up_then_down_each_third, 1)):
+        tried.clear()
+        ingest = _RecordingIngest(tmp_path / "landing")
+        ingest.accept_file = accept  # type: ignore[method-assign]
+        sources = (bulk_import.Source(str(one), path=one) for _ in range(1000))
+        summary = Importer(ingest, workers=workers).run(sources)  # type: ignore[arg-type]
+        if accept is down:
+            assert len(tried) < 20 and sum(summary.failed.values()) == len(tried)  # a few, each counted
+            assert summary.broker_down
+        else:  # a failure now and then, acknowledgements between: the run goes on
+            assert len(tried) == 1000 and not summary.broker_down
+
+    monkeypatch.setattr(_RecordingIngest, "accept_file", down)
+    source = tmp_path / "src"
+    for n in range(50):
+        _instance(source / f"IMG{n}")
+    assert main(["--config", str(config), "import", "--no-progress", str(source)]) == 1
+    said = _said(capsys)
+    assert "stopped: the broker acknowledged none of the last events" in said and "run the same command again" in said
+
+
 # --------------------------------------------------------------------- 3. memory and zip members read as streams
 
 
