@@ -4,12 +4,13 @@ Sources: folder trees, zip files and DICOMDIR file-sets. Each Part-10 object goe
 same Ingest as a C-STORE (validate, land durably, publish, wait for the acknowledgement), so
 deduplication downstream is the same. Files are copied into the landing store, never moved or
 linked: the user's files stay untouched. A summary says what was imported, skipped as
-non-DICOM, or rejected and why.
+non-DICOM, or rejected and why. Files are imported as they are listed, a few per worker in flight.
 
-Nothing stops the run but a path that does not exist: a folder that cannot be read, an archive or
-DICOMDIR that cannot be opened, a zip member that cannot be read and any unexpected error are each
-counted and reported for that file or folder, and the rest is imported. Reasons name no file (a
-path often holds the patient's name); the --report file does.
+Nothing stops the run but a path that does not exist, Ctrl-C and the broker down (publish failures in
+a row): a folder that cannot be read, an archive or DICOMDIR that cannot be opened, a zip member that
+cannot be read and any unexpected error are each counted and reported for that file or folder, and
+the rest is imported. Reasons name no file (a path often holds the patient's name); the --report file
+does.
 """
 
 from __future__ import annotations
