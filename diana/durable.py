@@ -23,6 +23,7 @@ __all__ = [
     "DigestMismatch",
     "place_file",
     "sha256_file",
+    "copy_hashed",
     "contained_path",
 ]
 
@@ -110,6 +111,20 @@ def sha256_file(path: Path) -> tuple[str, int]:
         while chunk := fh.read(_CHUNK):
             h.update(chunk)
             size += len(chunk)
+    return h.hexdigest(), size
+
+
+def copy_hashed(src: BinaryIO, dst: BinaryIO) -> tuple[str, int]:
+    """Copy ``src`` to ``dst`` in 1 MiB chunks, hashing what is written; (hex SHA-256, size) of those bytes.
+
+    One read: a source that changes meanwhile cannot give a hash of other bytes than the copy's.
+    """
+    h = hashlib.sha256()
+    size = 0
+    while chunk := src.read(_CHUNK):
+        h.update(chunk)
+        size += len(chunk)
+        dst.write(chunk)
     return h.hexdigest(), size
 
 

@@ -4,17 +4,19 @@ Sources: folder trees, zip files and DICOMDIR file-sets. Each Part-10 object goe
 same Ingest as a C-STORE (validate, land durably, publish, wait for the acknowledgement), so
 deduplication downstream is the same. Files are copied into the landing store, never moved or
 linked: the user's files stay untouched. A summary says what was imported, skipped as
-non-DICOM, or rejected and why.
+non-DICOM, or rejected and why. Files are imported as they are listed, a few per worker in flight.
 
-Nothing stops the run but a path that does not exist: a folder that cannot be read, an archive or
-DICOMDIR that cannot be opened, a zip member that cannot be read and any unexpected error are each
-counted and reported for that file or folder, and the rest is imported. Reasons name no file (a
-path often holds the patient's name); the --report file does.
+Nothing stops the run but a path that does not exist, Ctrl-C and the broker down (publish failures in
+a row): a folder that cannot be read, an archive or DICOMDIR that cannot be opened, a zip member that
+cannot be read and any unexpected error are each counted and reported for that file or folder, and
+the rest is imported. Reasons name no file (a path often holds the patient's name); the --report file
+does.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import re
 import shutil
 import stat
@@ -23,11 +25,10 @@ import threading
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import structlog
@@ -36,16 +37,33 @@ from diana.producers.header import HeaderError, InvalidIdentifiers, Truncated
 from diana.producers.ingest import Ingest
 from diana.producers.publisher import PublishError, PublishRefused
 
-__all__ = ["ImportSummary", "Importer", "find_sources"]
+__all__ = ["ImportSummary", "Importer", "Report", "find_sources"]
 
 log = structlog.get_logger("diana.import")
 
+# Sources handed to the pool ahead of the workers, per worker: enough that none waits for the listing,
+# few enough that memory does not grow with the number of files.
+_IN_FLIGHT_PER_WORKER = 4
 # Preamble and "DICM": what a Part-10 file starts with, all that is read before a member is extracted.
 _PART10_HEAD = 132
 _ZIP_MAGIC = b"PK\x03\x04"  # a zip's first local header
+_ZIP_EMPTY = b"PK\x05\x06"  # an empty zip: its end record alone
 _ZIP_ENCRYPTED = 0x1  # general purpose flag bit 0
 # A member whose bytes do not decode: a damaged header, a bad CRC, a truncated or damaged deflate stream.
 _CORRUPT_MEMBER = (zipfile.BadZipFile, zlib.error, EOFError)
+# The first two bytes of a data set without preamble: group 0008 (or 0002, a file meta without preamble),
+# little or big endian. Only such files are parsed to tell a bare data set from what is not DICOM.
+_BARE_GROUPS = (b"\x08\x00", b"\x00\x08", b"\x02\x00", b"\x00\x02")
+_NOT_DICOM = "not DICOM (no preamble and DICM)"
+_BARE_OTHER = (
+    "no DICM preamble: a bare data set not in Implicit VR Little Endian (its transfer syntax is not known: "
+    "write it as a Part-10 file with its syntax, then import that)"
+)
+_WRAPPED = "bare data sets (no preamble: Implicit VR Little Endian) imported with a file meta added"
+# Broker failures in a row (nothing acknowledged between them) after which the import stops: with the
+# broker down, each file waited [kafka] publish_timeout_s and failed (a million files: days).
+_BROKER_DOWN_AFTER = 3
+_BROKER = "broker: "  # the reason of a failure to publish that may pass
 # An ISO 9660 name's version (";1") and the dot of a name without extension ("IM0001.;1"), as a disc
 # mounted with map=off or copied raw shows them.
 _ISO_VERSION = re.compile(r"\.?;\d+$")
@@ -65,34 +83,65 @@ def _is_dicomdir(name: str) -> bool:
 @dataclass
 class ImportSummary:
     imported: int = 0
-    skipped_non_dicom: int = 0
+    wrapped: int = 0  # of those imported, bare data sets given a file meta
+    skipped: Counter = field(default_factory=Counter)  # reason -> count (not DICOM)
     rejected: Counter = field(default_factory=Counter)  # reason -> count
     failed: Counter = field(default_factory=Counter)  # reason -> count (retry later)
-    # (outcome, reason, file) of each file not imported: for the report, never for the log (a file's
-    # path often holds the patient's name: exports name their folders so).
+    # (outcome, reason, file) of each file not imported (skipped too), when no report takes them: for the
+    # report, never for the log (a file's path often holds the patient's name: exports name folders so).
     not_imported: list[tuple[str, str, str]] = field(default_factory=list)
+    interrupted: bool = False  # Ctrl-C: the files listed after it were not looked at
+    # Stopped after _BROKER_DOWN_AFTER publish failures in a row: the files after them were not looked at.
+    broker_down: bool = False
+    _broker_failures: int = field(default=0, repr=False)  # in a row, in the order outcomes come
+
+    @property
+    def skipped_non_dicom(self) -> int:
+        return sum(self.skipped.values())
 
     def lines(self) -> list[str]:
-        out = [
-            f"imported:            {self.imported}",
-            f"skipped (not DICOM): {self.skipped_non_dicom}",
-            f"rejected:            {sum(self.rejected.values())}",
-        ]
+        out = [f"imported:            {self.imported}"]
+        if self.wrapped:
+            out.append(f"  {self.wrapped:>6}  {_WRAPPED}")
+        out.append(f"skipped (not DICOM): {self.skipped_non_dicom}")
+        out += [f"  {n:>6}  {reason}" for reason, n in self.skipped.most_common() if reason != _NOT_DICOM]
+        out.append(f"rejected:            {sum(self.rejected.values())}")
         out += [f"  {n:>6}  {reason}" for reason, n in self.rejected.most_common()]
         out.append(f"failed (retry):      {sum(self.failed.values())}")
         out += [f"  {n:>6}  {reason}" for reason, n in self.failed.most_common()]
         return out
 
-    def write_report(self, path: Path) -> None:
-        """The files not imported as CSV (outcome, reason, file), readable by its owner only."""
+    @property
+    def not_imported_count(self) -> int:
+        return self.skipped_non_dicom + sum(self.rejected.values()) + sum(self.failed.values())
+
+
+class Report:
+    """The --report file: the files not imported as CSV (outcome, reason, file), readable by its owner
+    only. Written a row at a time, flushed: a run interrupted or crashed keeps the rows of what it saw
+    (it was written at the end only, and emptied at the start)."""
+
+    def __init__(self, path: Path) -> None:
         import csv
 
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)  # also when the file was there before
-        with os.fdopen(fd, "w", newline="") as out:
-            writer = csv.writer(out)
-            writer.writerow(("outcome", "reason", "file"))
-            writer.writerows(self.not_imported)
+        self._file = os.fdopen(fd, "w", newline="")
+        self._writer = csv.writer(self._file)
+        self.row("outcome", "reason", "file")
+
+    def row(self, outcome: str, reason: str, file: str) -> None:
+        self._writer.writerow((outcome, reason, file))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Report:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -106,6 +155,14 @@ class Source:
     # Decided while listing (outcome, reason): a folder that cannot be read, an archive or a DICOMDIR
     # that cannot be opened, a file a DICOMDIR names that is missing. Counted and reported like a file.
     verdict: tuple[str, str] | None = None
+
+
+class _Skipped(Exception):
+    """Not DICOM, or DICOM in a form not imported; ``reason`` names no file."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _Refused(Exception):
@@ -125,19 +182,50 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
-def find_sources(paths: list[Path]) -> Iterator[Source]:
-    """Every file under the given folders, zips and DICOMDIRs, in a stable order.
+def find_sources(paths: list[Path], say: Callable[[str], None] | None = None) -> Iterator[Source]:
+    """Every file under the given folders, zips and DICOMDIRs, in a stable order, listed as it is iterated.
 
-    Raises FileNotFoundError for a path that does not exist (nothing is imported then); anything else
-    that cannot be read becomes a Source with its verdict.
+    Raises FileNotFoundError, when called, for a path that does not exist (nothing is imported then);
+    anything else that cannot be read becomes a Source with its verdict. A path inside another one given
+    (or the same) is dropped, its files are the other's (they were imported and counted twice), and
+    ``say`` hears it once, naming the paths by their place on the command line (a path often holds a
+    patient's name).
     """
     for root in paths:
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist")
+    roots, dropped = _distinct_roots(paths)
+    if dropped and say is not None:
+        said = ", ".join(dropped)
+        say(f"paths given inside another one (or twice), by their place: {said}; their files are imported once")
+    return _sources(roots)
+
+
+def _distinct_roots(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """The paths none of which lies inside (or is) another one, as given; and the dropped ones by their
+    place, counted from 1 ("3 (inside 1)"). Compared resolved (a symlink, ``..``), walked as given (the
+    report names files as the user wrote them)."""
+    resolved = [path.resolve() for path in paths]
+    kept: list[Path] = []
+    dropped: list[str] = []
+    for n, (path, real) in enumerate(zip(paths, resolved, strict=True)):
+        inside = next((m for m, other in enumerate(resolved) if other in real.parents), None)
+        same = next((m for m in range(n) if resolved[m] == real), None)
+        if inside is not None:
+            dropped.append(f"{n + 1} (inside {inside + 1})")
+        elif same is not None:
+            dropped.append(f"{n + 1} (the same as {same + 1})")
+        else:
+            kept.append(path)
+    return kept, dropped
+
+
+def _sources(roots: list[Path]) -> Iterator[Source]:
+    for root in roots:
         if root.is_dir():
             yield from _folder_sources(root)
-        elif root.exists():
-            yield from _file_sources(root, explicit=True)
         else:
-            raise FileNotFoundError(f"{root} does not exist")
+            yield from _file_sources(root, explicit=True)
 
 
 def _folder_sources(root: Path) -> Iterator[Source]:
@@ -192,10 +280,26 @@ def _file_sources(path: Path, explicit: bool = False) -> Iterator[Source]:
         yield Source(str(path), verdict=("rejected", "not a regular file (a pipe, socket or device)"))
     elif _is_dicomdir(path.name) and explicit:
         yield from _fileset_sources(path)
-    elif zipfile.is_zipfile(path):
+    elif _is_zip(path):
         yield from _zip_sources(path)
     else:
         yield Source(str(path), path=path)
+
+
+def _is_zip(path: Path) -> bool:
+    """A zip by its first bytes, and only when it is not Part-10. Not zipfile.is_zipfile alone: it looks for
+    an end record in the last 64 KiB, which DICOM pixel data may hold (such a file was opened as a zip of
+    no members, and vanished from the counts); and a Part-10 preamble may begin with a zip's signature.
+    A file named .zip is one also by its end record (data before the first header: a self-extracting
+    archive renamed, a zip appended to something)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_PART10_HEAD)
+    except OSError:
+        return False  # reading it as a file says why, counted for that file
+    if _is_part10(head):
+        return False
+    return head[:4] in (_ZIP_MAGIC, _ZIP_EMPTY) or (path.suffix.lower() == ".zip" and zipfile.is_zipfile(path))
 
 
 def _unopened(path: Path, kind: str, exc: Exception) -> Source:
@@ -348,21 +452,23 @@ class _OpenArchives:
             zf.close()
 
 
-def _extract_part10(zf: zipfile.ZipFile, info: zipfile.ZipInfo, folder: Path, max_bytes: int) -> Path | None:
-    """The member as a temporary file in ``folder``, or None when it is not Part-10: its first 132
-    bytes are read from the stream, so a non-DICOM member (an installer, a viewer) is never written.
-    Raises _Refused for a member that cannot be read, or larger than ``max_bytes``."""
+def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, folder: Path, max_bytes: int) -> tuple[Path, bool]:
+    """The member as a temporary file in ``folder``, and whether it is Part-10 (else it may be a bare data
+    set): its first 132 bytes are read from the stream, so a non-DICOM member (an installer, a viewer) is
+    never written. Raises _Skipped for such a member, _Refused for one that cannot be read, or larger
+    than ``max_bytes``."""
     if info.flag_bits & _ZIP_ENCRYPTED:
         raise _Refused("zip member encrypted")
     try:
         with zf.open(info) as src:
             head = src.read(_PART10_HEAD)
-            if not _is_part10(head):
+            part10 = _is_part10(head)
+            if not part10 and not _may_be_bare(head):
                 # A .zip member that is a zip: said (it was counted "not DICOM", exit status 0); a viewer's
                 # .jar or a .docx is a zip too, and is not DICOM.
                 if head.startswith(_ZIP_MAGIC) and info.filename.lower().endswith(".zip"):
                     raise _Refused("zip inside a zip: unzip the outer one and import its folder")
-                return None
+                raise _Skipped(_NOT_DICOM)
             # zipfile reads no more than the size the directory declares: checking it bounds the file.
             if info.file_size > max_bytes:
                 raise _Refused(f"zip member larger than [receiver] max_inflated_bytes ({max_bytes})")
@@ -374,7 +480,7 @@ def _extract_part10(zf: zipfile.ZipFile, info: zipfile.ZipInfo, folder: Path, ma
             except BaseException:
                 Path(name).unlink(missing_ok=True)
                 raise
-            return Path(name)
+            return Path(name), part10
     except (NotImplementedError, RuntimeError) as exc:  # Deflate64 (Windows Explorer), or no bz2/lzma here
         raise _Refused(
             f"zip member: unsupported compression method {info.compress_type} (unzip it with another tool, "
@@ -384,40 +490,102 @@ def _extract_part10(zf: zipfile.ZipFile, info: zipfile.ZipInfo, folder: Path, ma
         raise _Refused("zip member corrupt") from exc
 
 
+def _may_be_bare(head: bytes) -> bool:
+    """Not Part-10, but it may be a data set without preamble and file meta: it begins with group 0008
+    (or 0002, a file meta without preamble) in either byte order. Only such files are parsed to tell."""
+    return not _is_part10(head) and head[:2] in _BARE_GROUPS
+
+
+def _wrap_bare(path: Path, folder: Path) -> Path:
+    """``path``, a bare data set (no preamble, no file meta: what old modalities and archives wrote), as a
+    temporary Part-10 file in ``folder``: preamble, ``DICM`` and a file meta before its bytes, which are
+    unchanged. Only in Implicit VR Little Endian, DICOM's default transfer syntax and the one a data
+    set's bytes fully determine; explicit VR may hold compressed pixel data of a syntax the bytes do not
+    name. The file meta is the same for the same data set (a second import lands the same bytes).
+    Raises _Skipped: not DICOM, or a bare data set in another encoding."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ImplicitVRLittleEndian
+
+    try:
+        with open(path, "rb") as fh:
+            ds = pydicom.dcmread(fh, force=True, stop_before_pixels=True, defer_size=1024)
+            uids = str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
+            encoding = ds.original_encoding
+    except OSError:
+        raise
+    except Exception as exc:  # pydicom raises many kinds on what is not DICOM
+        raise _Skipped(_NOT_DICOM) from exc
+    if not all(uids):  # read "with force", much that is not DICOM passes as a data set of nothing useful
+        raise _Skipped(_NOT_DICOM)
+    if ds.file_meta or encoding != (True, True):
+        raise _Skipped(_BARE_OTHER)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = UID(uids[0]), UID(uids[1])
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "DIANA_IMPORT"  # not pydicom's default, which names its version
+    fd, name = tempfile.mkstemp(dir=folder, suffix=".import")
+    try:
+        with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+            out.write(b"\0" * 128 + b"DICM")
+            writer = DicomFileLike(out)
+            writer.is_little_endian, writer.is_implicit_VR = True, False
+            write_file_meta_info(writer, meta, enforce_standard=True)
+            shutil.copyfileobj(src, out, 1 << 20)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return Path(name)
+
+
 class Importer:
     def __init__(self, ingest: Ingest, workers: int = 8):
         self.ingest = ingest
         self.workers = workers
 
     @contextmanager
-    def _part10_file(self, source: Source, archives: _OpenArchives) -> Iterator[Path | None]:
-        """The source as a local file for the block, or None when it is not Part-10."""
+    def _part10_file(self, source: Source, archives: _OpenArchives) -> Iterator[tuple[Path, bool, bool]]:
+        """The source as a local Part-10 file for the block: (path, ours, wrapped). Ours: a temporary file
+        made here (a zip member, a bare data set given a file meta), which may land by a hard link.
+        Raises _Skipped when it is not DICOM."""
+        folder = self.ingest.landing.incoming
         if source.path is not None:
             with open(source.path, "rb") as fh:
-                part10 = _is_part10(fh.read(_PART10_HEAD))
-            yield source.path if part10 else None
-            return
-        # A zip member is extracted next to the landing store, then copied in like any file.
-        assert source.archive is not None and source.member is not None, "a source is a path or a zip member"
-        extracted = _extract_part10(
-            archives.get(source.archive), source.member, self.ingest.landing.incoming, self.ingest.max_inflated_bytes
-        )
+                head = fh.read(_PART10_HEAD)
+            if _is_part10(head):
+                yield source.path, False, False
+                return
+            if not _may_be_bare(head):
+                raise _Skipped(_NOT_DICOM)
+            made, part10 = _wrap_bare(source.path, folder), False
+        else:
+            # A zip member is extracted next to the landing store, then landed like any file.
+            assert source.archive is not None and source.member is not None, "a source is a path or a zip member"
+            made, part10 = _extract(archives.get(source.archive), source.member, folder, self.ingest.max_inflated_bytes)
+            if not part10:
+                bare = made
+                try:
+                    made = _wrap_bare(bare, folder)
+                finally:
+                    bare.unlink(missing_ok=True)
         try:
-            yield extracted
+            yield made, True, not part10
         finally:
-            if extracted is not None:
-                extracted.unlink(missing_ok=True)
+            made.unlink(missing_ok=True)
 
     def _one(self, archives: _OpenArchives, source: Source) -> tuple[str, str | None]:
         """('imported' | 'skipped' | 'rejected' | 'failed', reason)."""
         if source.verdict is not None:
             return source.verdict
         try:
-            with self._part10_file(source, archives) as path:
-                if path is None:
-                    return "skipped", None
-                self.ingest.accept_file(path, "IMPORT", owned=False)
-            return "imported", None
+            with self._part10_file(source, archives) as (path, ours, wrapped):
+                self.ingest.accept_file(path, "IMPORT", owned=ours)
+            return "imported", _WRAPPED if wrapped else None
+        except _Skipped as exc:
+            return "skipped", exc.reason
         except _Refused as exc:
             return "rejected", exc.reason
         except InvalidIdentifiers as exc:
@@ -429,7 +597,7 @@ class Importer:
         except PublishRefused as exc:  # permanent: running the import again cannot help
             return "rejected", f"broker refuses the event for good: {exc.code}"
         except PublishError as exc:
-            return "failed", f"broker: {exc}"
+            return "failed", f"{_BROKER}{exc}"
         except OSError as exc:
             return "failed", f"storage: {_os_reason(exc)}"
         except zipfile.BadZipFile:  # the archive, changed since it was listed, no longer opens
@@ -437,24 +605,88 @@ class Importer:
         except Exception as exc:  # one file no branch expects must not stop the others; its text may name it
             return "failed", f"unexpected error ({type(exc).__name__})"
 
-    def run(self, sources: list[Source], progress: Callable[[int], None] | None = None) -> ImportSummary:
+    def run(
+        self,
+        sources: Iterable[Source],
+        progress: Callable[[int], None] | None = None,
+        report: Callable[[str, str, str], None] | None = None,
+    ) -> ImportSummary:
+        """Import the sources as they are listed: at most ``_IN_FLIGHT_PER_WORKER`` per worker are handed
+        to the pool at once, so memory does not grow with the number of files and the first ones are
+        imported while the tree is still walked (a list of a million sources, and pool.map's million
+        futures, took 2 GiB before anything was imported). Outcomes are counted as they complete.
+
+        ``report``: takes (outcome, reason, file) of each file not imported as it comes, instead of
+        ``summary.not_imported`` (which then stays empty). On Ctrl-C the files in flight are finished and
+        counted, the rest is not looked at, and the summary says ``interrupted``; so too after
+        ``_BROKER_DOWN_AFTER`` publish failures in a row (``broker_down``)."""
         summary = ImportSummary()
         archives = _OpenArchives()
+        window = self.workers * _IN_FLIGHT_PER_WORKER
+        running: dict[Future[tuple[str, str | None]], Source] = {}
+        finished: queue.SimpleQueue[Future[tuple[str, str | None]]] = queue.SimpleQueue()
+
+        def settle(future: Future[tuple[str, str | None]]) -> None:
+            if future in running:  # not one cancelled
+                broker_down = summary.broker_down
+                self._count(summary, running[future], *future.result(), report)
+                del running[future]  # after it is counted: a Ctrl-C in between loses no count
+                if progress:
+                    progress(1)
+                if summary.broker_down and not broker_down:
+                    log.error("import.broker_down", failures_in_a_row=_BROKER_DOWN_AFTER)
+                    drop_waiting()
+
+        def drop_waiting() -> None:
+            """The files handed out but not started are not looked at (those started finish)."""
+            for future in [f for f in running if f.cancel()]:
+                del running[future]
+
         try:
             with ThreadPoolExecutor(self.workers) as pool:
-                outcomes = pool.map(partial(self._one, archives), sources)
-                for source, (outcome, reason) in zip(sources, outcomes, strict=True):
-                    if outcome == "imported":
-                        summary.imported += 1
-                    elif outcome == "skipped":
-                        summary.skipped_non_dicom += 1
-                    else:
-                        reason = reason or "no reason given"
-                        getattr(summary, outcome)[reason] += 1
-                        summary.not_imported.append((outcome, reason, source.label))
-                        log.warning(f"import.{outcome}", reason=reason)  # which file: the report (--report)
-                    if progress:
-                        progress(1)
+                try:
+                    for source in sources:
+                        while len(running) >= window and not summary.broker_down:
+                            settle(finished.get())
+                        if summary.broker_down:
+                            break
+                        future = pool.submit(self._one, archives, source)
+                        running[future] = source
+                        future.add_done_callback(finished.put)
+                        while not finished.empty():  # counted and reported as they finish, not a window later
+                            settle(finished.get())
+                    while running:
+                        settle(finished.get())
+                except KeyboardInterrupt:
+                    summary.interrupted = True
+                    drop_waiting()
+                    while running:  # started: finished (each within the publish timeout) and counted
+                        settle(finished.get())
         finally:
             archives.close_all()
         return summary
+
+    @staticmethod
+    def _count(
+        summary: ImportSummary,
+        source: Source,
+        outcome: str,
+        reason: str | None,
+        report: Callable[[str, str, str], None] | None,
+    ) -> None:
+        if outcome == "imported":
+            summary.imported += 1
+            summary.wrapped += reason == _WRAPPED
+            summary._broker_failures = 0
+            return
+        reason = reason or "no reason given"
+        if outcome == "failed" and reason.startswith(_BROKER):
+            summary._broker_failures += 1
+            summary.broker_down |= summary._broker_failures >= _BROKER_DOWN_AFTER
+        getattr(summary, outcome)[reason] += 1
+        if report is not None:
+            report(outcome, reason, source.label)
+        else:
+            summary.not_imported.append((outcome, reason, source.label))
+        if outcome != "skipped":  # a folder of a viewer's files is not worth a warning each
+            log.warning(f"import.{outcome}", reason=reason)  # which file: the report (--report)

@@ -77,7 +77,22 @@ class Ingest:
         ``synced_digest``: called once the header is read, returns the (SHA-256, size) of ``path``
         when it is fsync'd (the receiver hashes while the bytes arrive, and fsyncs while the header is
         read); otherwise the landing store reads the file to hash it.
+        ``owned`` False (a user's file, imported): the file is copied into the landing store's .incoming
+        first, hashed as it is copied, and the header is read from that copy, so that the event's header,
+        its sha256 and the landed bytes are the same bytes even when the file is rewritten meanwhile.
         """
+        if not owned:
+            with self.landing.private_copy(path) as (copy, copied):
+                return self.accept_file(
+                    copy,
+                    source,
+                    owned=True,
+                    calling_ae=calling_ae,
+                    called_ae=called_ae,
+                    expected_sop_instance_uid=expected_sop_instance_uid,
+                    expected_sop_class_uid=expected_sop_class_uid,
+                    synced_digest=lambda: copied,
+                )
         header = read_header_file(path, self.header_budget, self.max_inflated_bytes, self.landing.incoming)
         _log_omitted(header)
         if expected_sop_instance_uid is not None and header.sop_instance_uid != expected_sop_instance_uid:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diana.config import Config
-from diana.durable import place_file, sha256_file, write_atomic
+from diana.durable import copy_hashed, place_file, sha256_file, write_atomic
 from diana.storage import FilesystemStore, ObjectStore, local_file, open_store
 
 __all__ = ["LandingStore", "StoredObject", "open_landing"]
@@ -110,10 +112,16 @@ class LandingStore:
         says the event may have gone out all the same (``possibly_published``, a timeout): then the
         object stays, and is republished later if no event took it.
         ``owned``: the file is ours (received into .incoming) and may be hard-linked into
-        place; otherwise (an import) it is copied, so later edits of the source cannot reach us.
+        place; otherwise (an import) it is first copied into .incoming, hashed as it is copied
+        (``private_copy``), and that copy is landed: a source rewritten meanwhile cannot land under
+        another bytes' hash, nor reach us later.
         ``synced_digest``: (SHA-256, size) of an owned source already fsync'd by the caller, which
         hashed it while it arrived (spill.py): the file is then not read again here.
         """
+        if not owned:
+            with self.private_copy(source) as (copy, copied), self.landed(copy, True, copied) as stored:
+                yield stored
+            return
         digest, size = synced_digest if synced_digest is not None else sha256_file(source)
         relative, target = self._target(digest)
         with self._lock:
@@ -149,6 +157,24 @@ class LandingStore:
                     del self._entries[relative]
                     if not (entry.published or entry.preexisting or self.shared):
                         target.unlink(missing_ok=True)
+
+    @contextmanager
+    def private_copy(self, source: Path) -> Iterator[tuple[Path, tuple[str, int]]]:
+        """A copy of ``source`` in .incoming, fsync'd, and its (SHA-256, size), for the block; removed after.
+
+        For a file that is not ours (a user's, imported): it may change while it is read, so its header,
+        hash and landed bytes are all taken from this copy, which nothing else writes. Its digest is that
+        of the bytes written (one read of the source), so it lands as ``owned``, hard-linked."""
+        fd, name = tempfile.mkstemp(prefix=".copy-", suffix=".tmp", dir=self.incoming)
+        copy = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as dst, open(source, "rb") as src:
+                digest = copy_hashed(src, dst)
+                dst.flush()
+                os.fsync(dst.fileno())
+            yield copy, digest
+        finally:
+            copy.unlink(missing_ok=True)
 
     def in_flight(self, relative: str) -> bool:
         """Some caller is landing these bytes right now (its event is not acknowledged yet)."""

@@ -64,36 +64,59 @@ def _serve_receiver(cfg: Config, worker: int, started_at: float) -> None:
 
 def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
     """Publish existing files (folders, zips, DICOMDIRs) as if they had been received."""
+    from contextlib import nullcontext
+
     from tqdm import tqdm
 
-    from diana.producers.bulk_import import Importer, ImportSummary, find_sources
+    from diana.producers.bulk_import import Importer, Report, find_sources
     from diana.producers.ingest import Ingest
     from diana.producers.landing import open_landing
     from diana.producers.publisher import EventPublisher
     from diana.schemas.codec import default_codec
 
-    try:
-        sources = list(find_sources([Path(p) for p in args.paths]))
+    try:  # listed as they are imported: a path that does not exist is found before anything is
+        sources = find_sources([Path(p) for p in args.paths], say=lambda text: print(f"import: {text}"))
     except FileNotFoundError as exc:
         return fail("import", str(exc))
-    report = Path(args.report) if args.report else None
-    if report is not None and (report.is_dir() or not report.parent.is_dir()):
-        return fail("import", f"--report {report}: name a file in a folder that exists")
-    if report is not None:  # emptied now: an interrupted run leaves no earlier run's list behind
-        ImportSummary().write_report(report)
+    report_path = Path(args.report) if args.report else None
+    if report_path is not None and (report_path.is_dir() or not report_path.parent.is_dir()):
+        return fail("import", f"--report {report_path}: name a file in a folder that exists")
     publisher = EventPublisher(cfg.kafka, client_id="diana-import")
     ingest = Ingest(open_landing(cfg), publisher, default_codec(), max_inflated_bytes=cfg.receiver.max_inflated_bytes)
     try:
-        with tqdm(total=len(sources), unit="file", desc="import", disable=args.no_progress) as bar:
-            summary = Importer(ingest, workers=args.workers).run(sources, progress=bar.update)
+        # The report is emptied now, so that an earlier run's list never stands for this one, and written
+        # as files come; without it, the files not imported are only counted (a list would grow with the
+        # run). The bar has no total: files are counted as they are imported, the tree is not walked first.
+        with (
+            Report(report_path) if report_path is not None else nullcontext() as report,
+            tqdm(unit="file", desc="import", disable=args.no_progress) as bar,
+        ):
+            summary = Importer(ingest, workers=args.workers).run(
+                sources, progress=bar.update, report=report.row if report is not None else _not_kept
+            )
     finally:
         publisher.close()
     print("\n".join(summary.lines()))
-    if report is not None:  # written every run, so that an earlier run's list never stands for this one
-        summary.write_report(report)
-        print(f"the files not imported, with their reasons: {report}")
-    elif summary.not_imported:
+    if report_path is not None:
+        print(f"the files not imported, with their reasons: {report_path}")
+    elif summary.not_imported_count:
         print("to list the files not imported, run again with --report FILE (their paths stay out of the log)")
+    if summary.broker_down:
+        return fail(
+            "import",
+            "stopped: the broker acknowledged none of the last events (is Kafka running? its address is "
+            "[kafka] bootstrap; `diana stack start` starts the local one), so the rest was not looked at. Start "
+            "it, then run the same command again: what was imported is not duplicated downstream. Objects "
+            "landed whose event may have gone out stay in the landing store; the receiver republishes them.",
+            code=1,
+        )
+    if summary.interrupted:
+        return fail(
+            "import",
+            "interrupted: the files in flight were finished and counted above, the rest was not looked at; "
+            "run the same command again to import it: what was imported is not duplicated downstream.",
+            code=130,
+        )
     if summary.failed:
         return fail(
             "import",
@@ -103,6 +126,10 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
             code=1,
         )
     return 0
+
+
+def _not_kept(outcome: str, reason: str, file: str) -> None:
+    """Where the files not imported go without --report: counted in the summary, not listed."""
 
 
 def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
@@ -353,11 +380,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "import",
         help="publish existing DICOM files (folders, zips, DICOMDIRs)",
         description=f"{cmd_import.__doc__} Each object is validated, landed and published "
-        "exactly like a C-STORE; non-DICOM files are skipped; a summary lists what was "
+        "exactly like a C-STORE; non-DICOM files are skipped (a bare data set in Implicit VR Little Endian, "
+        "without preamble, is imported with a file meta added); a summary lists what was "
         "rejected and why. Symlinked folders are followed (each folder once). Exit status 1 if "
         "anything failed for a reason that may pass (broker, disk, a folder or file that cannot be read, "
-        "a file a DICOMDIR names that is missing); 0 when the rest was only skipped or rejected "
-        "(bad content: running again cannot help).",
+        "a file a DICOMDIR names that is missing), or when it stopped after a few publish failures in a row "
+        "(the broker down); 0 when the rest was only skipped or rejected (bad content: running again cannot "
+        "help); 130 on Ctrl-C (the summary printed).",
     )
     imp.add_argument("paths", nargs="+", metavar="PATH", help="a folder, a .zip, or a DICOMDIR file")
     imp.add_argument("--workers", type=whole_number(1), default=8, help="objects in flight at once (default 8)")
@@ -365,7 +394,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     imp.add_argument(
         "--report",
         metavar="FILE",
-        help="write the files not imported (outcome, reason, file) to FILE as CSV, readable by you only; "
+        help="write the files not imported (outcome: skipped, rejected or failed; reason; file) to FILE as CSV, "
+        "readable by you only; "
         "the log and the summary name no file (paths often hold patients' names)",
     )
     imp.set_defaults(func=cmd_import)

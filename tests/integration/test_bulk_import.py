@@ -67,8 +67,17 @@ def test_import_folder_zip_and_dicomdir(pipeline, tmp_path):
     assert "bad.dcm" not in result.stdout + result.stderr and "import.rejected" in result.stderr
     with report.open(newline="") as fh:
         rows = list(csv.reader(fh))
-    assert rows[0] == ["outcome", "reason", "file"] and len(rows) == 2, rows
-    assert rows[1][0] == "rejected" and rows[1][2] == str(folder / "bad.dcm")
+    # Every file not imported, with its reason: the rejected one and the three skipped (in the order
+    # their outcomes were known).
+    assert rows[0] == ["outcome", "reason", "file"] and len(rows) == 5, rows
+    by_outcome = sorted((row[0], Path(row[2].split(":")[-1]).name) for row in rows[1:])
+    assert by_outcome == [
+        ("rejected", "bad.dcm"),
+        ("skipped", "README.txt"),
+        ("skipped", "manifest.txt"),
+        ("skipped", "notes.pdf"),
+    ], rows
+    assert [row[2] for row in rows if row[0] == "rejected"] == [str(folder / "bad.dcm")]
     assert report.stat().st_mode & 0o777 == 0o600
 
     wait_until_caught_up(cfg)

@@ -5,9 +5,12 @@ ones extracted, each archive opened once per worker)."""
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import struct
+import threading
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -126,7 +129,7 @@ def test_a_file_cut_in_its_pixel_data_fails_as_truncated_and_the_rest_imported(t
 
 def test_an_archive_or_a_dicomdir_that_cannot_be_opened_is_rejected_and_the_rest_imported(tmp_path, capsys):
     broken_zip = tmp_path / f"{PATIENT}.zip"  # an end record pointing at no central directory
-    broken_zip.write_bytes(b"junk" * 25 + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, 46, 0, 0))
+    broken_zip.write_bytes(b"PK\x03\x04" + b"junk" * 25 + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, 46, 0, 0))
     assert zipfile.is_zipfile(broken_zip)
     dicomdir = tmp_path / PATIENT / "DICOMDIR"
     dicomdir.parent.mkdir()
@@ -136,8 +139,41 @@ def test_an_archive_or_a_dicomdir_that_cannot_be_opened_is_rejected_and_the_rest
 
     assert summary.imported == 1
     assert dict(summary.rejected) == {"zip unreadable (BadZipFile)": 1, "DICOMDIR unreadable (InvalidDicomError)": 1}
-    assert [label for _, _, label in summary.not_imported] == [str(broken_zip), str(dicomdir)]
+    assert sorted(label for _, _, label in summary.not_imported) == sorted([str(broken_zip), str(dicomdir)])
     assert PATIENT not in _said(capsys)
+
+
+def test_a_dicom_file_holding_a_zip_end_record_is_imported_and_a_zip_is_known_by_its_first_bytes(tmp_path):
+    """zipfile.is_zipfile looks for an end record (PK\\x05\\x06) in a file's last 64 KiB: 16-bit pixels
+    19280, 1541 are those bytes. Such a file was opened as a zip of no members (imported as nothing,
+    counted nowhere) or rejected as a zip unreadable; a file is a zip by its first bytes now."""
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="IMPORT9", study_date="20240101", rows=64)
+    pixels = bytearray(ds.PixelData)
+    pixels[1280:1284] = b"PK\x05\x06"  # zeros after it: an end record of an empty zip
+    ds.PixelData = bytes(pixels)
+    (tmp_path / "src").mkdir()
+    ds.save_as(tmp_path / "src" / "IMG1", enforce_file_format=True)
+    pixels[1284:1300] = b"\x00\x00\x00\x00\x01\x00\x01\x00\x2e\x00\x00\x00\x10\x00\x00\x00"  # one entry, nowhere
+    ds.PixelData = bytes(pixels)
+    ds.save_as(tmp_path / "src" / "IMG2", enforce_file_format=True)
+    empty = tmp_path / "src" / "empty.zip"
+    zipfile.ZipFile(empty, "w").close()
+
+    summary, ingest = _import(tmp_path, tmp_path / "src")
+
+    assert (summary.imported, len(ingest.accepted), summary.rejected) == (2, 2, {})
+    assert list(find_sources([empty])) == []  # a zip of no members still
+    prefixed = tmp_path / "prefixed.zip"  # data before its first header: a zip by its name and end record
+    prefixed.write_bytes(b"MZ" + b"\0" * 200 + _instance_zip(tmp_path).read_bytes())
+    assert [source.member is not None for source in find_sources([prefixed])] == [True]
+    assert _import(tmp_path, prefixed)[0].imported == 1
+
+
+def _instance_zip(tmp_path: Path) -> Path:
+    archive = tmp_path / "one.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(_instance(tmp_path / "one.dcm"), "IMG1")
+    return archive
 
 
 def test_an_unexpected_error_fails_that_file_only(tmp_path, capsys):
@@ -385,9 +421,9 @@ def test_a_name_found_in_other_case_outside_the_folder_is_still_rejected(tmp_pat
     summary, ingest = _import(tmp_path, cd / "dicomdir")
 
     assert summary.imported == 0 and ingest.accepted == []
-    assert summary.not_imported == [
-        ("rejected", OUTSIDE, str(cd / "pt000000" / "st000000" / "se000000" / "im000000")),
+    assert sorted(summary.not_imported) == [  # in the order they complete
         ("rejected", OUTSIDE, str(cd / ".." / "OUTSIDE" / "IM1")),
+        ("rejected", OUTSIDE, str(cd / "pt000000" / "st000000" / "se000000" / "im000000")),
     ]
 
 
@@ -488,6 +524,7 @@ def test_the_exit_status_is_1_when_anything_failed_0_when_only_rejected(
     said = _said(capsys)
     assert "imported:            1" in said and "zip member encrypted" in said and PATIENT not in said
     assert f"rejected,zip member encrypted,{archive}:{PATIENT}/IMG1" in report.read_text()
+    assert f"skipped,not DICOM (no preamble and DICM),{source / 'notes.txt'}" in report.read_text()
     assert stat.S_IMODE(report.stat().st_mode) == 0o600
 
     _deny_patient_folder(monkeypatch)
@@ -499,7 +536,212 @@ def test_the_exit_status_is_1_when_anything_failed_0_when_only_rejected(
     )
 
 
-# --------------------------------------------------------------------- 3. zip members read as streams
+def _bare(path: Path, **encoding: bool) -> bytes:
+    """A data set without preamble and file meta, as old modalities and archives wrote them."""
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="IMPORT9", study_date="20240101", rows=8)
+    del ds.file_meta
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=False, **encoding)
+    return path.read_bytes()
+
+
+def test_files_not_imported_as_not_dicom_are_reported_and_a_bare_data_set_is_imported_with_a_file_meta(tmp_path):
+    """Skipped files were counted only ("skipped (not DICOM)"), never listed: a bare data set, common in old
+    archives, could not be found. Now each skipped file is listed with its reason, and a bare data set in
+    Implicit VR Little Endian (the default transfer syntax, which its bytes determine) is imported with a
+    file meta put before its bytes; one in another encoding is listed as such."""
+    source = tmp_path / "src"
+    implicit = _bare(source / PATIENT / "OLD1", implicit_vr=True, little_endian=True)
+    _bare(source / PATIENT / "OLD2", implicit_vr=False, little_endian=True)
+    (source / "notes.txt").write_text("not DICOM")
+    (source / "group8.bin").write_bytes(b"\x08\x00" + b"no data set" * 50)  # looks like one for two bytes
+    archive = source / "old.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("OLD3", _bare(tmp_path / "OLD3", implicit_vr=True, little_endian=True))
+    landed: list[tuple[bytes, bool]] = []
+    ingest = _RecordingIngest(tmp_path / "landing")
+    record = ingest.accept_file
+
+    def accept(path: Path, source: str, *, owned: bool) -> None:
+        record(path, source, owned=owned)
+        landed.append((path.read_bytes(), owned))
+
+    ingest.accept_file = accept  # type: ignore[method-assign]
+
+    summary = Importer(ingest, workers=2).run(find_sources([source]))  # type: ignore[arg-type]
+
+    assert sorted(summary.not_imported) == [
+        (
+            "skipped",
+            "no DICM preamble: a bare data set not in Implicit VR Little Endian (its transfer syntax is not "
+            "known: write it as a Part-10 file with its syntax, then import that)",
+            str(source / PATIENT / "OLD2"),
+        ),
+        ("skipped", "not DICOM (no preamble and DICM)", str(source / "group8.bin")),
+        ("skipped", "not DICOM (no preamble and DICM)", str(source / "notes.txt")),
+    ]
+    assert (summary.imported, summary.wrapped, summary.skipped_non_dicom) == (2, 2, 3)
+    wrapped = next(data for data, _ in landed if data.endswith(implicit))
+    meta = pydicom.dcmread(io.BytesIO(wrapped)).file_meta
+    assert wrapped[128:132] == b"DICM" and meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
+    assert all(owned for _, owned in landed)  # temporary files of ours: linked into place, not copied again
+    assert any("bare data sets" in line for line in summary.lines()) and PATIENT not in "".join(summary.lines())
+    again = Importer(ingest, workers=1).run(find_sources([source / PATIENT / "OLD1"]))  # type: ignore[arg-type]
+    assert again.imported == 1 and landed[-1][0] == wrapped  # the same bytes: one object, however often imported
+    assert list(ingest.landing.incoming.iterdir()) == []
+
+
+def test_ctrl_c_keeps_the_report_of_what_was_seen_and_prints_the_summary(
+    tmp_path, config, no_broker, monkeypatch, capsys
+):
+    """The report was emptied at the start and written at the end only: after Ctrl-C (or a crash) it was
+    empty, and no summary was printed. Rows are written as they come now, and Ctrl-C finishes the files in
+    flight, prints the summary and exits 130."""
+    source = tmp_path / "src"
+    _instance(source / "a.dcm")
+    for n in range(3):
+        (source / PATIENT / f"notes{n}.txt").parent.mkdir(parents=True, exist_ok=True)
+        (source / PATIENT / f"notes{n}.txt").write_text("not DICOM")
+    walk, one = bulk_import._folder_sources, bulk_import.Importer._one
+    looked_at = threading.Semaphore(0)
+
+    def interrupted_after_four(root):
+        yield from list(walk(root))[:4]
+        for _ in range(4):
+            assert looked_at.acquire(timeout=10)
+        raise KeyboardInterrupt  # Ctrl-C while the tree is walked, the files listed done
+
+    def looking(self, archives, source):
+        try:
+            return one(self, archives, source)
+        finally:
+            looked_at.release()
+
+    monkeypatch.setattr(bulk_import.Importer, "_one", looking)
+
+    report = tmp_path / "not-imported.csv"
+    monkeypatch.setattr(bulk_import, "_folder_sources", interrupted_after_four)
+    try:
+        status = main(["--config", str(config), "import", "--no-progress", "--report", str(report), str(source)])
+    except KeyboardInterrupt:
+        status = None
+
+    rows = report.read_text().splitlines()
+    assert sorted(rows[1:]) == [
+        f"skipped,not DICOM (no preamble and DICM),{source / PATIENT / f'notes{n}.txt'}" for n in range(3)
+    ]
+    assert status == 130
+    said = _said(capsys)
+    assert "imported:            1" in said and "interrupted" in said and PATIENT not in said
+
+
+def test_on_ctrl_c_the_files_in_flight_are_finished_and_counted_and_the_rest_not_looked_at(tmp_path):
+    one = _instance(tmp_path / "a.dcm")
+    gate, started = threading.Event(), threading.Semaphore(0)
+    ingest = _RecordingIngest(tmp_path / "landing")
+    ingest.accept_file = lambda *args, **kwargs: (started.release(), gate.wait(10))  # type: ignore[method-assign]
+
+    def sources():
+        for _ in range(6):
+            yield bulk_import.Source(str(one), path=one)
+        for _ in range(2):
+            assert started.acquire(timeout=10)  # each worker holds a file, four wait
+        threading.Timer(0.2, gate.set).start()
+        raise KeyboardInterrupt
+
+    try:
+        summary = Importer(ingest, workers=2).run(sources())  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C went through the run: no summary")
+
+    assert summary.interrupted and summary.imported == 2 and summary.not_imported_count == 0
+
+
+def test_the_report_has_each_row_as_it_comes_and_the_summary_keeps_none(tmp_path):
+    source = tmp_path / "src"
+    for n in range(3):
+        (source / f"notes{n}.txt").parent.mkdir(parents=True, exist_ok=True)
+        (source / f"notes{n}.txt").write_text("not DICOM")
+    path = tmp_path / "report.csv"
+    with bulk_import.Report(path) as report:
+        summary = Importer(_RecordingIngest(tmp_path / "landing"), workers=2).run(  # type: ignore[arg-type]
+            find_sources([source]), report=report.row
+        )
+        written = path.read_text().splitlines()  # before the file is closed
+
+    assert written[0] == "outcome,reason,file" and len(written) == 4
+    assert summary.skipped_non_dicom == 3 and summary.not_imported == []  # a list would grow with the run
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_the_import_stops_after_a_few_publish_failures_in_a_row(tmp_path, config, no_broker, monkeypatch, capsys):
+    """With the broker down, every file waited [kafka] publish_timeout_s and failed: days for a million."""
+    from diana.producers.publisher import PublishUncertain
+
+    one = _instance(tmp_path / "a.dcm")
+    tried: list[int] = []
+
+    def down(*args, **kwargs):
+        tried.append(1)
+        raise PublishUncertain("no acknowledgement within 10.0s")
+
+    def up_then_down_each_third(*args, **kwargs):
+        tried.append(1)
+        if len(tried) % 3 == 0:
+            raise PublishUncertain("no acknowledgement within 10.0s")
+
+    for accept, workers in ((down, 2), (up_then_down_each_third, 1)):
+        tried.clear()
+        ingest = _RecordingIngest(tmp_path / "landing")
+        ingest.accept_file = accept  # type: ignore[method-assign]
+        sources = (bulk_import.Source(str(one), path=one) for _ in range(1000))
+        summary = Importer(ingest, workers=workers).run(sources)  # type: ignore[arg-type]
+        if accept is down:
+            assert len(tried) < 20 and sum(summary.failed.values()) == len(tried)  # a few, each counted
+            assert summary.broker_down
+        else:  # a failure now and then, acknowledgements between: the run goes on
+            assert len(tried) == 1000 and not summary.broker_down
+
+    monkeypatch.setattr(_RecordingIngest, "accept_file", down)
+    source = tmp_path / "src"
+    for n in range(50):
+        _instance(source / f"IMG{n}")
+    assert main(["--config", str(config), "import", "--no-progress", str(source)]) == 1
+    said = _said(capsys)
+    assert "stopped: the broker acknowledged none of the last events" in said and "run the same command again" in said
+
+
+# --------------------------------------------------------------------- 3. memory and zip members read as streams
+
+
+def test_files_are_imported_while_listed_with_a_bounded_number_in_flight(tmp_path):
+    """The CLI listed every source before importing any, and pool.map queued a future for each: 2 GiB for a
+    million files, nothing imported until the whole tree was walked."""
+    one = _instance(tmp_path / "a.dcm")
+    listed = 0
+
+    def sources():
+        nonlocal listed
+        for _ in range(5000):
+            listed += 1
+            yield bulk_import.Source(str(one), path=one)
+
+    gate, started = threading.Event(), threading.Semaphore(0)
+    ingest = _RecordingIngest(tmp_path / "landing")
+    ingest.accept_file = lambda *args, **kwargs: (started.release(), gate.wait(10))  # type: ignore[method-assign]
+    importer = Importer(ingest, workers=3)  # type: ignore[arg-type]
+    outcome: list[ImportSummary] = []
+    run = threading.Thread(target=lambda: outcome.append(importer.run(sources())))
+    run.start()
+    for _ in range(3):
+        assert started.acquire(timeout=10)  # each worker holds a file
+    time.sleep(0.2)  # the listing goes on as far as it may
+    in_flight = listed
+    gate.set()
+    run.join(30)
+
+    assert in_flight <= 3 * 6, f"{in_flight} files listed for 3 workers"  # a few per worker
+    assert outcome[0].imported == 5000
 
 
 @pytest.fixture
@@ -578,4 +820,27 @@ def test_a_zip_shaped_member_that_is_not_a_zip_file_is_not_dicom_and_a_dicom_pre
 
     summary, _ = _import(tmp_path, archive)
 
-    assert (summary.imported, summary.skipped_non_dicom, summary.not_imported) == (1, 1, [])
+    assert (summary.imported, summary.skipped_non_dicom) == (1, 1)
+    assert summary.not_imported == [("skipped", "not DICOM (no preamble and DICM)", f"{archive}:viewer/viewer.jar")]
+
+
+def test_a_path_given_twice_or_inside_another_is_imported_once_and_said_once(tmp_path):
+    """``diana import /a /a/b /a``: /a/b's files were imported and counted twice, /a's twice again."""
+    source = tmp_path / "src"
+    _instance(source / PATIENT / "IMG1")
+    _instance(source / "IMG2")
+    (tmp_path / "link").symlink_to(source / PATIENT)
+    said: list[str] = []
+    given = [source / PATIENT, source, tmp_path / "link", source / "IMG2", source / ".." / "src"]
+
+    sources = list(find_sources(given, say=said.append))
+    summary = Importer(_RecordingIngest(tmp_path / "landing"), workers=2).run(sources)  # type: ignore[arg-type]
+
+    assert summary.imported == 2 and sorted(s.label for s in sources) == sorted(
+        [str(source / "IMG2"), str(source / PATIENT / "IMG1")]
+    )
+    assert said == [
+        "paths given inside another one (or twice), by their place: 1 (inside 2), 3 (inside 2), 4 (inside 2), "
+        "5 (the same as 2); their files are imported once"
+    ]
+    assert PATIENT not in said[0]

@@ -211,3 +211,57 @@ def test_a_spill_file_handed_over_is_whole_for_a_reader_by_name_before_its_fsync
     assert Path(spill.name).read_bytes() == b"".join(chunks)
     assert spill.sync()[1] == sum(map(len, chunks))
     spill.close()
+
+
+@pytest.mark.parametrize("rewritten", ["after the header is read", "after the source is hashed"])
+def test_an_imported_file_rewritten_meanwhile_lands_under_its_own_hash_with_its_own_header(
+    tmp_path, monkeypatch, rewritten
+):
+    """A user's file (an import, not ours) rewritten in place while it is imported (an anonymiser, rsync
+    --inplace). Before, the header, the hash and the copy were three reads of it: the event named one
+    instance, its sha256 other bytes, and the landed copy could be a third (the archive sink refuses it)."""
+    from types import SimpleNamespace
+
+    from pydicom.uid import generate_uid
+
+    import diana.producers.ingest as ingest_mod
+    import diana.producers.landing as landing_mod
+    from diana.durable import sha256_file
+    from diana.producers.header import read_header_file
+    from diana.producers.ingest import Ingest
+    from tests.support.dicomgen import make_instance
+
+    def instance(name: str) -> Path:
+        ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="P1", study_date="20240101", rows=8)
+        ds.save_as(tmp_path / name, enforce_file_format=True)
+        return tmp_path / name
+
+    source, other = instance("a.dcm"), instance("b.dcm")
+
+    def rewrite_after(read):
+        def reading(path, *args):
+            result = read(path, *args)
+            if Path(path) == source:
+                source.write_bytes(other.read_bytes())
+            return result
+
+        return reading
+
+    if rewritten == "after the header is read":
+        monkeypatch.setattr(ingest_mod, "read_header_file", rewrite_after(read_header_file))
+    else:
+        monkeypatch.setattr(landing_mod, "sha256_file", rewrite_after(sha256_file))
+    events: list[dict] = []
+    publisher = SimpleNamespace(
+        max_message_bytes=1 << 20, publish=lambda topic, key, event: events.append(event) or 0.0
+    )
+    codec = SimpleNamespace(encode=lambda schema, event: event)
+    store = LandingStore(tmp_path / "landing")
+
+    Ingest(store, publisher, codec).accept_file(source, "IMPORT", owned=False)  # type: ignore[arg-type]
+
+    [event] = events
+    landed = store.root / event["landing_path"]
+    assert sha256_file(landed) == (event["sha256"], event["size_bytes"])
+    assert read_header_file(landed).sop_instance_uid == event["sop_instance_uid"]
+    assert list(store.incoming.iterdir()) == []  # the private copy is gone
