@@ -9,6 +9,7 @@ No patient name, ID or birth date is sent; the alert says study, accession, stat
 from __future__ import annotations
 
 import json
+import re
 import smtplib
 import ssl
 import time
@@ -18,7 +19,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 
-__all__ = ["Delivery", "SmtpServer", "send_email", "send_webhook", "with_retries", "alert_text", "PUBLIC_FIELDS"]
+__all__ = [
+    "Delivery",
+    "SmtpServer",
+    "send_email",
+    "send_webhook",
+    "with_retries",
+    "failure_detail",
+    "alert_text",
+    "PUBLIC_FIELDS",
+]
 
 # What leaves the building: no patient name, ID or birth date; the study's UID and accession number do,
 # so that the exam can be found in the RIS or PACS (docs/DOSE.md).
@@ -115,14 +125,33 @@ def send_webhook(url: str, alert: dict, key: str, timeout: float) -> str:
         return f"HTTP {response.status}"
 
 
+# Errors of the network, the SMTP dialogue or HTTP, whose text is the server's answer or the socket's
+# error: kept in the detail. Any other error (http.client.BadStatusLine, InvalidURL, a ValueError of a
+# malformed URL) is named by its type only: its text can quote the address, with its credentials.
+_TRANSPORT_ERRORS = (OSError, smtplib.SMTPException, urllib.error.URLError)
+_CREDENTIALS = re.compile(r"(?<=//)[^/@\s]*@")
+
+
+def failure_detail(exc: BaseException) -> str:
+    """What a DELIVERY_FAILED says of ``exc``: its type, and the server's or socket's answer when it is one
+    (never the user and password of a URL)."""
+    if not isinstance(exc, _TRANSPORT_ERRORS):
+        return type(exc).__name__
+    return _CREDENTIALS.sub("***@", f"{type(exc).__name__}: {exc}")
+
+
 def with_retries(send: Callable[[], str], attempts: int, sleep: Callable[[float], None] = time.sleep) -> Delivery:
-    """Try ``attempts`` times, waiting 1, 2, 4 ... s between tries; the last error is the detail."""
+    """Try ``attempts`` times, waiting 1, 2, 4 ... s between tries; the last error is the detail.
+
+    Any exception of the send is a failed try: an error nobody listed (a webhook answering something
+    that is not HTTP) used to escape, end the delivery worker, and end it again at every start, so
+    every later alert was held."""
     detail = ""
     for attempt in range(1, attempts + 1):
         try:
             return Delivery(True, attempt, send())
-        except (OSError, smtplib.SMTPException, urllib.error.URLError) as exc:
-            detail = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            detail = failure_detail(exc)
             if attempt < attempts:
                 sleep(float(2 ** (attempt - 1)))
     return Delivery(False, attempts, detail)
