@@ -26,6 +26,7 @@ __all__ = [
     "send_webhook",
     "with_retries",
     "failure_detail",
+    "permanent_refusal",
     "alert_text",
     "PUBLIC_FIELDS",
 ]
@@ -58,6 +59,11 @@ class Delivery:
     ok: bool
     attempts: int
     detail: str
+    # The receiver refused this message or address for good (permanent_refusal): not tried again.
+    permanent: bool = False
+    # The last error was the server not reached (refused, timed out, unknown host): the other deliveries
+    # to that server in a retry round are left for the next one.
+    unreachable: bool = False
 
 
 def public(alert: dict) -> dict:
@@ -140,18 +146,54 @@ def failure_detail(exc: BaseException) -> str:
     return _CREDENTIALS.sub("***@", f"{type(exc).__name__}: {exc}")
 
 
+def _enhanced_status(message: bytes | str) -> str:
+    text = message.decode(errors="replace") if isinstance(message, bytes) else str(message)
+    return text.strip().split(" ", 1)[0]
+
+
+def _refused_for_good(code: int, message: bytes | str) -> bool:
+    # A 5xx reply is final (RFC 5321 4.2.1), except the 5.7.x policy ones (RFC 3463): "relaying denied",
+    # "authentication required" are this relay's view of our configuration, the same for every alert,
+    # and are fixed there; made final they would drop every alert until then.
+    return code >= 500 and not _enhanced_status(message).startswith("5.7.")
+
+
+def permanent_refusal(exc: BaseException) -> bool:
+    """True when the mail server refused this recipient (RCPT) or this message (DATA) for good.
+
+    The relay refusing our sender (MAIL FROM), our login or our greeting is configuration
+    ([alerts] smtp_from, smtp_username), the same for every alert: it stays a failure that passes,
+    tried again at each retry round, so that the alerts go out once it is fixed."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        answers = list(exc.recipients.values())
+        return bool(answers) and all(_refused_for_good(code, msg) for code, msg in answers)
+    if isinstance(exc, smtplib.SMTPDataError):
+        return _refused_for_good(exc.smtp_code, exc.smtp_error)
+    return False
+
+
+def _unreachable(exc: BaseException) -> bool:
+    if isinstance(exc, (smtplib.SMTPConnectError, smtplib.SMTPServerDisconnected)):
+        return True
+    answered = (smtplib.SMTPResponseException, smtplib.SMTPRecipientsRefused, urllib.error.HTTPError)
+    return isinstance(exc, OSError) and not isinstance(exc, (*answered, smtplib.SMTPNotSupportedError))
+
+
 def with_retries(send: Callable[[], str], attempts: int, sleep: Callable[[float], None] = time.sleep) -> Delivery:
-    """Try ``attempts`` times, waiting 1, 2, 4 ... s between tries; the last error is the detail.
+    """Try ``attempts`` times, waiting 1, 2, 4 ... s between tries; the last error is the detail. A
+    permanent refusal (permanent_refusal) ends the tries at once.
 
     Any exception of the send is a failed try: an error nobody listed (a webhook answering something
     that is not HTTP) used to escape, end the delivery worker, and end it again at every start, so
     every later alert was held."""
-    detail = ""
+    detail, unreachable = "", False
     for attempt in range(1, attempts + 1):
         try:
             return Delivery(True, attempt, send())
         except Exception as exc:
-            detail = failure_detail(exc)
+            detail, unreachable = failure_detail(exc), _unreachable(exc)
+            if permanent_refusal(exc):
+                return Delivery(False, attempt, detail, permanent=True)
             if attempt < attempts:
                 sleep(float(2 ** (attempt - 1)))
-    return Delivery(False, attempts, detail)
+    return Delivery(False, attempts, detail, unreachable=unreachable)

@@ -67,7 +67,9 @@ def delivery_key(action: dict) -> str:
     return action["action_id"].split("/failed/")[0]
 
 
-def delivery_action(alert_id: str, recipient: str, channel: str, ok: bool, attempts: int, detail: str) -> dict:
+def delivery_action(
+    alert_id: str, recipient: str, channel: str, ok: bool, attempts: int, detail: str, permanent: bool = False
+) -> dict:
     key = delivery_action_id(alert_id, recipient, channel)
     return {
         # A delivery is one action per key; each failure is its own step in the history.
@@ -79,6 +81,8 @@ def delivery_action(alert_id: str, recipient: str, channel: str, ok: bool, attem
         "channel": channel,
         "attempts": attempts,
         "detail": detail[:500],
+        # Refused for good: the ledger tries it no more (None, not False: absent from the history).
+        "permanent": True if permanent and not ok else None,
     }
 
 
