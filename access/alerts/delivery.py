@@ -42,7 +42,9 @@ from diana.access.alerts.workflow import (
     delivery_action,
     delivery_action_id,
     delivery_key,
+    is_withdrawal,
     raised_state,
+    withdrawal_action,
 )
 from diana.clients import kafka_consumer, kafka_producer, opensearch_client
 from diana.config import AlertsConfig, Config, ConfigError
@@ -135,10 +137,14 @@ class Ledger:
     delivered: set[str] = field(default_factory=set)
     failed: dict[str, dict] = field(default_factory=dict)  # delivery key -> its latest DELIVERY_FAILED action
     refused: set[str] = field(default_factory=set)
+    withdrawn: set[str] = field(default_factory=set)  # alert ids the dose worker withdrew: sent to no one
 
     def add(self, action: dict) -> None:
         key = delivery_key(action)
-        if action.get("action") == "DELIVERED":
+        if is_withdrawal(action):
+            self.withdrawn.add(action["alert_id"])
+            self.failed = {k: a for k, a in self.failed.items() if a["alert_id"] != action["alert_id"]}
+        elif action.get("action") == "DELIVERED":
             self.delivered.add(key)
             self.failed.pop(key, None)
             self.refused.discard(key)
@@ -146,7 +152,7 @@ class Ledger:
             if action.get("permanent"):
                 self.refused.add(key)
                 self.failed.pop(key, None)
-            elif key not in self.refused:
+            elif key not in self.refused and action["alert_id"] not in self.withdrawn:
                 self.failed[key] = action
 
     def done(self, key: str) -> bool:
@@ -289,7 +295,23 @@ class DeliveryWorker:
         return result
 
     def handle_alert(self, alert: dict) -> None:
-        self.states.update(alert["alert_id"], lambda doc: raised_state(alert, doc))
+        if alert.get("superseded_by"):
+            # Withdrawn: closed (the dose worker's action, applied here too in case this comes first), its
+            # failed deliveries not tried again, nothing sent; the state keeps when it was raised.
+            action = withdrawal_action(alert)
+            self.ledger.add(action)
+            self.states.update(
+                alert["alert_id"],
+                lambda doc: apply_action(
+                    {**(doc or raised_state(alert, None)), "superseded_by": alert["superseded_by"]}, action
+                ),
+            )
+            log.info("alert.withdrawn", alert_id=alert["alert_id"])
+        else:
+            self.states.update(alert["alert_id"], lambda doc: raised_state(alert, doc))
+        if alert["alert_id"] in self.ledger.withdrawn:
+            self.acknowledged()
+            return
         for recipient in self.routing.route(alert):
             for channel, address in recipient.channels():
                 self._deliver(alert, recipient.name, channel, address)

@@ -5,7 +5,8 @@ event seen in two reports (a re-sent or continued report) counts once, with the 
 latest report. A report whose events are all in a later report is replaced by it (a report whose
 events are a superset of an earlier one replaces it). Image headers count only while no dose
 report of their kind (CT, projection X-ray, radiopharmaceutical) has arrived; such a report then
-supersedes them, and the events they gave are retracted (``superseded_events``).
+supersedes them, and the events they gave are retracted (``superseded_events``). A CT series whose
+acquisition an earlier series gave (another reconstruction of it) does not count either.
 
 Totals: when the remaining reports share no event, each report's own accumulated values are summed
 (falling back to the sum of its events); when they overlap, totals are summed over the distinct
@@ -113,13 +114,40 @@ def _superseding(reports: list[dict]) -> dict[str, str]:
     return first
 
 
+def _acquisition_of(report: dict) -> tuple | None:
+    """An image record's acquisition and dose values, when its one event names the acquisition (CT)."""
+    events = report["events"]
+    if report["source"] != "IMAGE" or len(events) != 1 or not events[0].get("acquisition"):
+        return None
+    event = events[0]
+    return (report["kind"], event["acquisition"], event.get("ctdivol_mGy"), event.get("dap_Gym2"))
+
+
+def _first_of_each_acquisition(images: list[dict]) -> tuple[list[dict], dict[str, str]]:
+    """The image records (in arrival order) without those of an acquisition an earlier one already
+    gave (another reconstructed series of it, with the same dose value); and each dropped record's
+    SOP Instance UID -> the kept one's. Before, each series was an event of its own: one alert each."""
+    first: dict[tuple, str] = {}
+    kept, dropped = [], {}
+    for report in images:
+        same = _acquisition_of(report)
+        if same is not None and same in first:
+            dropped[report["sop_instance_uid"]] = first[same]
+            continue
+        if same is not None:
+            first[same] = report["sop_instance_uid"]
+        kept.append(report)
+    return kept, dropped
+
+
 def _retained(state: dict) -> list[dict]:
     reports = sorted(state["reports"].values(), key=lambda r: r["arrival"])
     dose_reports = [r for r in reports if r["source"] == "RDSR"]
     if not dose_reports:
-        return reports
+        return _first_of_each_acquisition(reports)[0]
     reported = _superseding(reports)
     images = [r for r in reports if r["source"] != "RDSR" and family(r["kind"]) not in reported]
+    images = _first_of_each_acquisition(images)[0]
     keys = [{event_key(r, e) for e in r["events"]} for r in dose_reports]
     kept = []
     for i, report in enumerate(dose_reports):
@@ -153,22 +181,28 @@ def _distinct_events(reports: list[dict]) -> list[dict]:
 
 def superseded_events(state: dict) -> list[dict]:
     """The image-header events a dose report of their kind superseded, each with ``superseded_by`` (that
-    kind's first report): they were published before the report came, and must stop being counted.
+    kind's first report), and those of a reconstructed series whose acquisition an earlier series
+    already gave (``superseded_by``: that series' image): they may have been published before, and
+    must stop being counted (and their alerts withdrawn, agent.py).
 
     A pure function of the state, so a replay or a redelivery retracts the same events again. An
     event whose key a retained report also has (an image naming its IrradiationEventUID) is not
     retracted: the report's event replaces it under the same id."""
     reports = sorted(state["reports"].values(), key=lambda r: r["arrival"])
     reported = _superseding(reports)
-    images = [r for r in reports if r["source"] != "RDSR" and family(r["kind"]) in reported]
+    retained = _retained(state)
+    counted = {r["sop_instance_uid"] for r in retained}
+    images = [r for r in reports if r["source"] != "RDSR" and r["sop_instance_uid"] not in counted]
     if not images:
         return []
-    kept = {e["event_key"] for e in _distinct_events(_retained(state))}
-    return [
-        {**event, "superseded_by": reported[family(event["kind"])]}
-        for event in _distinct_events(images)
-        if event["event_key"] not in kept
-    ]
+    same_acquisition = _first_of_each_acquisition([r for r in reports if r["source"] != "RDSR"])[1]
+    kept = {e["event_key"] for e in _distinct_events(retained)}
+    out = []
+    for event in _distinct_events(images):
+        by = reported.get(family(event["kind"])) or same_acquisition.get(event["sop_instance_uid"])
+        if event["event_key"] not in kept and by:
+            out.append({**event, "superseded_by": by})
+    return out
 
 
 def _sum(values) -> float | None:
