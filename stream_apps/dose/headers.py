@@ -13,7 +13,8 @@
   (kVp with mAs or tube current) even without a dose attribute: the exposure happened.
 - A Radiation Dose Module with procedure-step totals (Total Time of Fluoroscopy (0040,0300) or
   Total Number of Exposures (0040,0301)) — as mobile C-arms write into every image — is the step's
-  total, not the image's: it gives one event per performed procedure step, the latest values.
+  total, not the image's: it gives one event per performed procedure step, holding the largest
+  running totals of its images (study.py), whichever image arrives last.
 - PET and NM images: radiopharmaceutical_headers.py; an Exposure Dose Sequence (CT dose screens
   stored as secondary captures): exposure_dose.py.
 """
@@ -147,7 +148,7 @@ def _projection(ds: Dataset, modality: str) -> dict | None:
             }
         )
     if modality in ("RF", "XA") and _procedure_step_totals(ds):
-        # The step's totals repeated in each image: one event for the step, holding its latest totals.
+        # The step's running totals repeated in each image: one event for the step (study.py keeps the largest).
         step = text_value(ds, "PerformedProcedureStepID") or text_value(ds, "StudyInstanceUID")
         event.update(
             event_key=f"procedure-step:{text_value(ds, 'StationName') or ''}|{step}",

@@ -159,6 +159,23 @@ def _retained(state: dict) -> list[dict]:
     return sorted([*images, *kept], key=lambda r: r["arrival"])
 
 
+# A procedure step's running totals, as a C-arm writes them into each image (headers.py): they only grow.
+_RUNNING_TOTALS = ("dap_Gym2", "entrance_dose_mGy", "irradiation_duration_s", "exposures")
+
+
+def _running_totals(earlier: dict, event: dict) -> dict:
+    """The largest of each running total of two images of one procedure step: the later image of the
+    step, whichever arrived last (a retried association, parallel sends). Before, the last to arrive
+    won, and an earlier image arriving late under-counted the step (41 % of its DAP in the audit)."""
+    if not str(event.get("event_key", "")).startswith("procedure-step:"):
+        return {}
+    return {
+        name: max(earlier[name], event[name])
+        for name in _RUNNING_TOTALS
+        if earlier.get(name) is not None and event.get(name) is not None
+    }
+
+
 def _distinct_events(reports: list[dict]) -> list[dict]:
     events: dict[str, dict] = {}
     for report in reports:
@@ -170,6 +187,7 @@ def _distinct_events(reports: list[dict]) -> list[dict]:
             events[key] = {
                 **earlier,
                 **event,
+                **_running_totals(earlier, event),
                 "event_key": key,
                 "sop_instance_uid": report["sop_instance_uid"],
                 "kind": report["kind"],
