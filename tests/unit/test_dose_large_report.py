@@ -1,0 +1,106 @@
+"""A dose report whose content tree is over the event's header budget (a long fluoroscopy procedure:
+1,000 events, 3.5 MB, 9 MB of DICOM JSON) arrives with its ContentSequence listed in header_omitted.
+Before, the dose worker extracted nothing from it and said nothing. Now it reads the stored object
+(the landing store's copy, else the archive's) and extracts the dose from it; when neither can be
+read, the event is dead-lettered with its reason, logged and counted. No services."""
+
+from __future__ import annotations
+
+import asyncio
+from io import BytesIO
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import REGISTRY
+from pydicom.uid import generate_uid
+
+from diana.config import Config
+from diana.producers.header import read_header
+from diana.stream_apps.app import create_app
+from diana.stream_apps.dose.agent import ReportNotInHeader, content_omitted, dose_of, metrics_page, register_dose
+from diana.stream_apps.dose.alerts import AlertRules
+from diana.stream_apps.dose.image_files import ImageFiles
+from tests.support import dosebuilder as b
+
+EVENTS = 40
+BUDGET = 16 * 1024  # the events' JSON is over it: the content tree is left out, as at 1,000 events and 8 MB
+
+
+def _report_and_instance(budget: int = BUDGET):
+    events = [b.projection_event(f"1.2.3.{i}", dap="0.00001", dose_rp="0.5", fluoro=True) for i in range(EVENTS)]
+    ds = b.dose_report(events, study_uid=generate_uid(), procedure=b.PROJECTION_PROCEDURE)
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    header = read_header(buf.getvalue(), header_budget_bytes=budget)
+    instance = {
+        **header.fields,
+        "sop_class_uid": header.sop_class_uid,
+        "sop_instance_uid": header.sop_instance_uid,
+        "study_instance_uid": header.study_instance_uid,
+        "series_instance_uid": header.series_instance_uid,
+        "landing_path": f"ab/{generate_uid()}.dcm",
+    }
+    return ds, instance
+
+
+def _count(outcome: str) -> float:
+    return REGISTRY.get_sample_value("diana_dose_reports_from_object_total", {"outcome": outcome}) or 0.0
+
+
+def test_a_report_over_the_header_budget_is_read_from_the_archived_object(tmp_path: Path):
+    ds, instance = _report_and_instance()
+    assert content_omitted(instance)  # what the receiver did: the tree is in the object only
+    files = ImageFiles(tmp_path / "landing", tmp_path / "archive")
+    archived = tmp_path / "archive" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    archived.parent.mkdir(parents=True)
+    ds.save_as(archived, enforce_file_format=True)
+    before = _count("read")
+    report, context = dose_of(instance, files)
+    assert report["source"] == "RDSR" and len(report["events"]) == EVENTS  # before: nothing
+    assert context["study_instance_uid"] == ds.StudyInstanceUID and _count("read") == before + 1
+
+
+def test_from_the_landing_copy_first(tmp_path: Path):
+    ds, instance = _report_and_instance()
+    landed = tmp_path / "landing" / instance["landing_path"]
+    landed.parent.mkdir(parents=True)
+    ds.save_as(landed, enforce_file_format=True)
+    report, _ = dose_of(instance, ImageFiles(tmp_path / "landing", tmp_path / "archive"))
+    assert len(report["events"]) == EVENTS
+
+
+def test_an_object_that_cannot_be_read_is_dead_lettered_and_counted_not_ignored(tmp_path: Path):
+    _, instance = _report_and_instance()
+    before = _count("unread")
+    with pytest.raises(ReportNotInHeader, match="over the event's header budget"):
+        dose_of(instance, ImageFiles(tmp_path / "landing", tmp_path / "archive"))
+    with pytest.raises(ReportNotInHeader):
+        dose_of(instance, None)
+    assert _count("unread") == before + 2
+
+
+def test_another_object_under_the_name_is_not_read_as_the_report(tmp_path: Path):
+    ds, instance = _report_and_instance()
+    other, _ = _report_and_instance()
+    landed = tmp_path / "landing" / instance["landing_path"]
+    landed.parent.mkdir(parents=True)
+    other.save_as(landed, enforce_file_format=True)
+    with pytest.raises(ReportNotInHeader):
+        dose_of(instance, ImageFiles(tmp_path / "landing", tmp_path / "archive"))
+
+
+def test_a_report_within_the_budget_is_read_from_the_header_alone(tmp_path: Path):
+    _, instance = _report_and_instance(budget=8 * 1024 * 1024)
+    assert not content_omitted(instance)
+    report, _ = dose_of(instance, None)
+    assert len(report["events"]) == EVENTS
+
+
+def test_the_dose_worker_serves_its_metrics_on_its_web_port(tmp_path: Path):
+    app = create_app(Config(base_dir=tmp_path), app_id="diana-dose-test", web_port=6098)
+    register_dose(app, AlertRules())  # registers /metrics/ (nothing listens until the worker starts)
+    assert "/metrics/" in app.web.views
+    web = SimpleNamespace(bytes=lambda value, content_type: (value, content_type))
+    body, content_type = asyncio.run(metrics_page(web, None))
+    assert b"diana_dose_reports_from_object_total" in body and content_type.startswith("text/plain")
