@@ -354,7 +354,7 @@ class AlertsConfig:
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 25
     smtp_from: str = "diana-star@localhost"
-    # How the mail travels to smtp_host (an alert carries the accession number and study date):
+    # How the mail travels to smtp_host (an alert carries the accession number):
     # "none", plain SMTP, for a relay on this host or a trusted network; "starttls", upgraded to TLS
     # before anything is sent (port 587; a server that does not offer it gets nothing); "tls", TLS from
     # the first byte (port 465). The server's certificate is verified against smtp_ca_file when set,
@@ -376,6 +376,9 @@ class AlertsConfig:
     retry_budget_s: float = 30.0
     # Prometheus /metrics of the delivery worker (diana_alert_deliveries_total); 0 turns it off.
     metrics_port: int = 9467
+    # Sent besides rule, values, study UID, accession, station, model and protocol (docs/DOSE.md):
+    # any of study_date, study_description, institution_name. Empty: none (the description is free text).
+    message_extra_fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

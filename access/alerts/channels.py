@@ -3,7 +3,8 @@
 Each message carries a key stable for (alert, recipient, channel) — the e-mail's Message-ID, the
 webhook's Idempotency-Key header — so a receiver can recognise a repeat in the one case the
 delivery ledger cannot rule out (a crash between the receiver's acceptance and the ledger write).
-No patient name, ID or birth date is sent; the alert says study, accession, station and values.
+No patient name, ID or birth date is sent; the alert says study, accession, station and values
+(PUBLIC_FIELDS; a site may add the study's date, description and institution: EXTRA_FIELDS).
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ __all__ = [
     "failure_detail",
     "permanent_refusal",
     "alert_text",
+    "public",
     "PUBLIC_FIELDS",
+    "EXTRA_FIELDS",
 ]
 
-# What leaves the building: no patient name, ID or birth date; the study's UID and accession number do,
-# so that the exam can be found in the RIS or PACS (docs/DOSE.md).
+# What leaves the building, as docs/DOSE.md says: the rule and its values, the study's UID and
+# accession number (so that the exam can be found in the RIS or PACS), station, scanner model and
+# protocol; no patient name, ID or birth date. The study date, the free-text study description and
+# the institution were sent too, unlisted: now only when [alerts] message_extra_fields names them.
 PUBLIC_FIELDS = (
     "alert_id",
     "rule",
@@ -43,15 +48,13 @@ PUBLIC_FIELDS = (
     "message",
     "study_instance_uid",
     "accession_number",
-    "study_date",
-    "study_description",
     "station_name",
-    "institution_name",
     "manufacturer_model_name",
     "protocol",
     "kind",
     "window_days",
 )
+EXTRA_FIELDS = ("study_date", "study_description", "institution_name")
 
 
 @dataclass(frozen=True)
@@ -66,13 +69,15 @@ class Delivery:
     unreachable: bool = False
 
 
-def public(alert: dict) -> dict:
-    return {k: alert.get(k) for k in PUBLIC_FIELDS if alert.get(k) is not None}
+def public(alert: dict, extra: tuple[str, ...] = ()) -> dict:
+    """The alert's fields that are sent: PUBLIC_FIELDS and those of ``extra`` (of EXTRA_FIELDS)."""
+    fields = PUBLIC_FIELDS + tuple(f for f in extra if f in EXTRA_FIELDS)
+    return {k: alert.get(k) for k in fields if alert.get(k) is not None}
 
 
-def alert_text(alert: dict) -> str:
+def alert_text(alert: dict, extra: tuple[str, ...] = ()) -> str:
     lines = [alert.get("message") or "", ""]
-    lines += [f"{k}: {v}" for k, v in public(alert).items() if k != "message"]
+    lines += [f"{k}: {v}" for k, v in public(alert, extra).items() if k != "message"]
     lines += ["", f"Acknowledge: diana alerts ack {alert['alert_id']} --reason REASON --note TEXT"]
     return "\n".join(lines)
 
@@ -109,12 +114,12 @@ class SmtpServer:
         return smtp
 
 
-def send_email(server: SmtpServer, to: str, alert: dict, key: str, timeout: float) -> str:
+def send_email(server: SmtpServer, to: str, alert: dict, key: str, timeout: float, extra: tuple[str, ...] = ()) -> str:
     msg = EmailMessage()
     msg["From"], msg["To"] = server.sender, to
     msg["Subject"] = f"[diana-star dose alert] {alert.get('rule')}: {alert.get('metric')} {alert.get('value'):g}"
     msg["Message-ID"] = f"<{key}@diana-star>"
-    msg.set_content(alert_text(alert))
+    msg.set_content(alert_text(alert, extra))
     with server.connect(timeout) as smtp:
         refused = smtp.send_message(msg)
     if refused:
@@ -122,8 +127,8 @@ def send_email(server: SmtpServer, to: str, alert: dict, key: str, timeout: floa
     return f"accepted by {server.host}:{server.port}"
 
 
-def send_webhook(url: str, alert: dict, key: str, timeout: float) -> str:
-    body = json.dumps({"alert": public(alert), "idempotency_key": key}).encode()
+def send_webhook(url: str, alert: dict, key: str, timeout: float, extra: tuple[str, ...] = ()) -> str:
+    body = json.dumps({"alert": public(alert, extra), "idempotency_key": key}).encode()
     request = urllib.request.Request(
         url, data=body, method="POST", headers={"Content-Type": "application/json", "Idempotency-Key": key}
     )

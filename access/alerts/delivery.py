@@ -34,7 +34,14 @@ from opensearchpy.exceptions import ConflictError, NotFoundError, TransportError
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
 from prometheus_client import Counter, start_http_server
 
-from diana.access.alerts.channels import Delivery, SmtpServer, send_email, send_webhook, with_retries
+from diana.access.alerts.channels import (
+    EXTRA_FIELDS,
+    Delivery,
+    SmtpServer,
+    send_email,
+    send_webhook,
+    with_retries,
+)
 from diana.access.alerts.routing import Routing
 from diana.access.alerts.workflow import (
     STATE_MAPPING,
@@ -229,6 +236,9 @@ class DeliveryWorker:
             self.cfg.kafka, {"enable.idempotence": True, "acks": "all", "message.timeout.ms": 0}
         )
         self.smtp = smtp_server(self.cfg.alerts)
+        unknown = sorted(set(self.cfg.alerts.message_extra_fields) - set(EXTRA_FIELDS))
+        if unknown:
+            raise ConfigError(f"[alerts] message_extra_fields: {unknown[0]!r} is not one of {', '.join(EXTRA_FIELDS)}")
         # Actions the producer reported as not taken (purged, refused): a flush then says nothing is
         # pending, so ``acknowledged`` looks here too.
         self._not_taken: list[tuple[bytes, bytes, str]] = []
@@ -261,10 +271,10 @@ class DeliveryWorker:
 
     def _send(self, channel: str, address: str, alert: dict, key: str, attempts: int | None = None) -> Delivery:
         a = self.cfg.alerts
-        tries = attempts or a.attempts
+        tries, extra = attempts or a.attempts, a.message_extra_fields
         if channel == "email":
-            return with_retries(lambda: send_email(self.smtp, address, alert, key, a.timeout_s), tries)
-        return with_retries(lambda: send_webhook(address, alert, key, a.timeout_s), tries)
+            return with_retries(lambda: send_email(self.smtp, address, alert, key, a.timeout_s, extra), tries)
+        return with_retries(lambda: send_webhook(address, alert, key, a.timeout_s, extra), tries)
 
     def _deliver(self, alert: dict, recipient: str, channel: str, address: str, again: bool = False) -> Delivery | None:
         """``again``: a failed delivery is tried (retry_failed), once: the retry interval is its wait;

@@ -96,7 +96,7 @@ class _States:
 def test_the_worker_records_the_failure_and_goes_on_to_the_next_alert():
     port = _garbage_server()
     worker = object.__new__(DeliveryWorker)  # no broker or SMTP server: the real webhook send
-    worker.cfg = SimpleNamespace(alerts=SimpleNamespace(attempts=1, timeout_s=5.0))
+    worker.cfg = SimpleNamespace(alerts=SimpleNamespace(attempts=1, timeout_s=5.0, message_extra_fields=()))
     worker.routing = Routing((Recipient("chat", webhook=f"http://127.0.0.1:{port}/hook"),))
     worker.states, worker.codec, worker.ledger = _States(), default_codec(), Ledger()
     worker.producer, worker._not_taken = _Broker(), []
