@@ -163,8 +163,10 @@ def dose_of(instance: dict, image_files: ImageFiles | None) -> tuple[dict, dict]
 
 
 async def metrics_page(web: Any, request: Any) -> Any:
-    """Prometheus /metrics/ on the worker's web port ([dose] web_port)."""
-    return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+    """Prometheus /metrics/ on the worker's web port ([dose] web_port). Prometheus's content type carries
+    a charset, which aiohttp refuses in ``content_type`` (ValueError: every scrape a 500): it is given
+    as the Content-Type header instead."""
+    return web.bytes(generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def may_carry_dose(instance: dict) -> bool:
