@@ -40,13 +40,31 @@ def event_key(report: dict, event: dict) -> str:
     )
 
 
+# Event keys that only group events (series of one CT acquisition), added after records were stored
+# without them: a replay of such a record is the same object again, not a change (docs/DOSE.md).
+_GROUPING_KEYS = ("acquisition",)
+
+
+def _as_compared(report: dict) -> dict:
+    """A report as fold_report compares it: without its arrival, and its events without grouping keys."""
+    kept = {k: v for k, v in report.items() if k not in ("received_at", "arrival")}
+    if isinstance(kept.get("events"), list):
+        kept["events"] = [
+            {k: v for k, v in e.items() if k not in _GROUPING_KEYS} if isinstance(e, dict) else e
+            for e in kept["events"]
+        ]
+    return kept
+
+
 def fold_report(state: dict, report: dict, context: dict, received_at_ms: int) -> bool:
-    """Add a report (or image record) to the study; False if it changes nothing (the same object again)."""
+    """Add a report (or image record) to the study; False if it changes nothing (the same object again).
+    A record stored without a grouping key the current code adds (_GROUPING_KEYS) is the same object:
+    it is kept as stored (its events stay ungrouped), so a replay after the upgrade raises nothing new."""
     sop = report["sop_instance_uid"]
     previous = state["reports"].get(sop)
     stored = {**report, "received_at": received_at_ms}
     if previous is not None:
-        if {k: v for k, v in previous.items() if k not in ("received_at", "arrival")} == report:
+        if _as_compared(previous) == _as_compared(report):
             return False
         stored["arrival"] = previous["arrival"]
     else:

@@ -216,3 +216,36 @@ def test_the_sink_deletes_a_withdrawn_alert_and_routing_sends_nothing_for_it(tmp
     withdrawal = {**_WITHDRAWN, "study_instance_uid": STUDY}
     assert _route(archive, state, study, _alert_message(withdrawal)) == []  # a dose_alert rule: not sent
     assert _route(archive, state, study, _alert_message({**withdrawal, "superseded_by": None}))  # an alert is
+
+
+def _as_stored_before(ds: object) -> tuple[dict, dict]:
+    """An image record as the code before the acquisition key stored it."""
+    report, context = extracted(ds)
+    return {**report, "events": [{k: v for k, v in e.items() if k != "acquisition"} for e in report["events"]]}, context
+
+
+def test_a_replay_after_the_upgrade_is_no_change_for_records_stored_without_the_acquisition():
+    """Before, a CT image record stored without 'acquisition' was a change on replay: revision+1, raised_at
+    the replay's time, and the alerts the state never raised were raised and mailed about old studies."""
+    study = generate_uid()
+    acquisition = {"AcquisitionNumber": 2, "AcquisitionDate": "20240315", "AcquisitionTime": "101733"}
+    first, second = _head_series(study, **acquisition), _head_series(study, **acquisition)
+    state = {**new_study(study), "revision": 0}
+    sent = []
+    for at, ds in enumerate((first, second), start=1):  # the old code: one event (and alert) per series
+        assert fold_report(state, *_as_stored_before(ds), at)
+        state["revision"] += 1
+        record, events = summarize(state)
+        sent += study_alert_outputs(state, RULES, record, events, superseded_events(state), at, False)[0]
+    before = json.loads(json.dumps(state))
+    assert len(sent) == 2 and not superseded_events(state)
+
+    for ds in (first, second):  # the replay, by the current code
+        assert fold_report(state, *extracted(ds), 99) is False
+    assert state == before  # kept as stored: no regrouping, no revision
+    record, events = summarize(state)
+    again, changed = study_alert_outputs(state, RULES, record, events, superseded_events(state), 99, True)
+    assert not changed
+    assert sorted((a["alert_id"], o["raised_at"], o["revision"]) for a, o in again) == sorted(
+        (a["alert_id"], o["raised_at"], o["revision"]) for a, o in sent
+    )
