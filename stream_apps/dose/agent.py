@@ -43,6 +43,7 @@ from diana.schemas.topics import (
     DOSE_STUDIES,
     INSTANCES,
 )
+from diana.stream_apps.dose import concepts as C
 from diana.stream_apps.dose.alerts import (
     AlertRules,
     cumulative_alerts,
@@ -52,6 +53,7 @@ from diana.stream_apps.dose.alerts import (
     study_alerts,
     withdrawal_action,
 )
+from diana.stream_apps.dose.content import Item
 from diana.stream_apps.dose.extract import DoseExtractionError, dataset_from_header_json, extract_dose
 from diana.stream_apps.dose.image_files import ImageFiles
 from diana.stream_apps.dose.reference_levels import ReferenceLevels
@@ -80,7 +82,8 @@ log = structlog.get_logger("diana.stream.dose")
 # not (dead-lettered). Before, nothing was extracted from it, and nothing said so.
 REPORTS_FROM_OBJECT = Counter(
     "diana_dose_reports_from_object_total",
-    "Dose reports whose content was not in the event's header, by outcome (read from the object, unread)",
+    "Dose reports whose content was not (all) in the event's header, by outcome (read from the object,"
+    " unread, header: part left out, object unread, the header's content used)",
     ["outcome"],
 )
 
@@ -139,27 +142,69 @@ _CONTENT_SEQUENCE = "0040A730"
 
 def content_omitted(instance: dict) -> bool:
     """True for an SR whose content tree, or part of it, is not in ``header_json`` (over the event's
-    header budget, or undecodable: ``header_omitted``): its dose values are in the stored object only."""
+    header budget, or an element the receiver could not decode: ``header_omitted``)."""
     if not instance["sop_class_uid"].startswith(_SR_CLASSES):
         return False
     return any(str(o.get("path", "")).split("/")[0] == _CONTENT_SEQUENCE for o in instance.get("header_omitted") or [])
 
 
+def _whole_content_omitted(instance: dict) -> bool:
+    """The ContentSequence itself left out (over the header budget), not an element inside it."""
+    return any(str(o.get("path", "")) == _CONTENT_SEQUENCE for o in instance.get("header_omitted") or [])
+
+
+def _is_dose_report(ds: Dataset) -> bool:
+    """A dose report by its root concept (X-Ray or Radiopharmaceutical Radiation Dose Report, as
+    sr.read_dose_report tells one), which the header keeps when the content tree is left out."""
+    concept = Item(ds).concept
+    return concept in C.XRAY_DOSE_REPORT or concept in C.RADIOPHARMACEUTICAL_DOSE_REPORT
+
+
+def _gives_dose(record: dict) -> bool:
+    """A record with an event or an accumulated value."""
+    return bool(record.get("events")) or any(
+        v not in (None, {}, []) for v in (record.get("accumulated") or {}).values()
+    )
+
+
 def dose_of(instance: dict, image_files: ImageFiles | None) -> tuple[dict, dict] | None:
-    """(dose record, study context) of an instance: from its event's header, or, when a report's content
-    was left out of it, from the stored object (the landing store's copy, else the archive's: ImageFiles).
-    DoseExtractionError when it cannot be read (ReportNotInHeader: the object is not to be found)."""
-    if not content_omitted(instance):
-        return extract_dose(dataset_from_header_json(instance["header_json"]))
+    """(dose record, study context) of an instance, from its event's header; a dose report's from the
+    stored object (the landing store's copy, else the archive's: ImageFiles) only when its content tree
+    was left out of the header, or part of it was and the header gives no dose; when the object cannot
+    be read then, from what the header holds (logged dose.report_from_header). DoseExtractionError when
+    it cannot be read (ReportNotInHeader: no content in the header and the object is not to be found)."""
+    header = dataset_from_header_json(instance["header_json"])
+    if not content_omitted(instance) or not _is_dose_report(header):
+        return extract_dose(header)  # a non-dose SR is not read from its object
+    whole = _whole_content_omitted(instance)
+    from_header: tuple[dict, dict] | None = None
+    header_error: DoseExtractionError | None = None
+    if not whole:
+        try:
+            from_header = extract_dose(header)
+        except DoseExtractionError as exc:
+            header_error = exc
+        if from_header is not None and _gives_dose(from_header[0]):
+            return from_header  # an element inside the tree left out: the dose values are in the header
     ds = image_files.read(instance) if image_files is not None else None
-    if not isinstance(ds, Dataset) or ds.get("SOPInstanceUID") != instance["sop_instance_uid"]:
-        REPORTS_FROM_OBJECT.labels("unread").inc()
-        raise ReportNotInHeader(
-            "dose report content over the event's header budget, and the object is in neither the landing"
-            " store nor the archive readable here: replay it once it can be read (docs/DOSE.md)"
+    if isinstance(ds, Dataset) and ds.get("SOPInstanceUID") == instance["sop_instance_uid"]:
+        REPORTS_FROM_OBJECT.labels("read").inc()
+        return extract_dose(ds)
+    if not whole:
+        REPORTS_FROM_OBJECT.labels("header").inc()
+        log.warning(
+            "dose.report_from_header",
+            sop_instance_uid=instance["sop_instance_uid"],
+            reason="part of the content tree left out of the header, object not readable: the header's content",
         )
-    REPORTS_FROM_OBJECT.labels("read").inc()
-    return extract_dose(ds)
+        if header_error is not None:
+            raise header_error
+        return from_header
+    REPORTS_FROM_OBJECT.labels("unread").inc()
+    raise ReportNotInHeader(
+        "dose report content over the event's header budget, and the object is in neither the landing"
+        " store nor the archive readable here: replay it once it can be read (docs/DOSE.md)"
+    )
 
 
 async def metrics_page(web: Any, request: Any) -> Any:

@@ -7,6 +7,7 @@ read, the event is dead-lettered with its reason, logged and counted. No service
 from __future__ import annotations
 
 import asyncio
+import json
 from io import BytesIO
 from pathlib import Path
 
@@ -107,3 +108,52 @@ def test_the_dose_worker_serves_its_metrics_on_its_web_port(tmp_path: Path):
     assert b"diana_dose_reports_from_object_total" in response.body
     assert response.headers["Content-Type"] == CONTENT_TYPE_LATEST
     assert response.content_type == "text/plain" and response.charset == "utf-8"
+
+
+class _NoRead:
+    def read(self, instance: dict) -> None:
+        raise AssertionError("the object was read")
+
+
+def test_one_undecodable_element_in_the_content_tree_is_extracted_from_the_header(tmp_path: Path):
+    """Before, any path under the ContentSequence in header_omitted sent a report to its object: with
+    S3 (or no shared folders) it was dead-lettered and its dose lost, though the header held it all."""
+    _, instance = _report_and_instance(budget=8 * 1024 * 1024)
+    instance = {
+        **instance,
+        "landing_uri": "s3://bucket/landing/ab/x.dcm",
+        "header_omitted": [{"path": "0040A730/2/0040A160", "reason": "ValueError"}],  # header_model, one value
+    }
+    assert content_omitted(instance)
+    report, _ = dose_of(instance, _NoRead())  # type: ignore[arg-type]
+    assert report["source"] == "RDSR" and len(report["events"]) == EVENTS
+
+
+def test_part_left_out_and_nothing_in_the_header_then_the_object_else_the_header(tmp_path: Path):
+    ds, instance = _report_and_instance(budget=8 * 1024 * 1024)
+    header = json.loads(instance["header_json"])
+    header["0040A730"]["Value"] = header["0040A730"]["Value"][:1]  # no event left in the header's tree
+    instance = {
+        **instance,
+        "header_json": json.dumps(header),
+        "header_omitted": [{"path": "0040A730/3/0040A730", "reason": "ValueError"}],
+    }
+    assert dose_of(instance, None) is None or not dose_of(instance, None)[0]["events"]  # type: ignore[index]
+    landed = tmp_path / "landing" / instance["landing_path"]
+    landed.parent.mkdir(parents=True)
+    ds.save_as(landed, enforce_file_format=True)
+    report, _ = dose_of(instance, ImageFiles(tmp_path / "landing", tmp_path / "archive"))
+    assert len(report["events"]) == EVENTS  # read from the object
+    landed.unlink()
+    before = _count("header")
+    dose_of(instance, ImageFiles(tmp_path / "landing", tmp_path / "archive"))  # not dead-lettered
+    assert _count("header") == before + 1
+
+
+def test_a_non_dose_sr_is_not_read_from_its_object():
+    _, instance = _report_and_instance()  # its content tree over the budget
+    header = json.loads(instance["header_json"])
+    header["0040A043"]["Value"][0]["00080100"]["Value"] = ["18748-4"]  # a diagnostic imaging report
+    header["0040A043"]["Value"][0]["00080102"]["Value"] = ["LN"]
+    instance = {**instance, "header_json": json.dumps(header)}
+    assert dose_of(instance, _NoRead()) is None  # type: ignore[arg-type]
