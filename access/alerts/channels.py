@@ -156,24 +156,39 @@ def _enhanced_status(message: bytes | str) -> str:
     return text.strip().split(" ", 1)[0]
 
 
-def _refused_for_good(code: int, message: bytes | str) -> bool:
-    # A 5xx reply is final (RFC 5321 4.2.1), except the 5.7.x policy ones (RFC 3463): "relaying denied",
-    # "authentication required" are this relay's view of our configuration, the same for every alert,
-    # and are fixed there; made final they would drop every alert until then.
-    return code >= 500 and not _enhanced_status(message).startswith("5.7.")
+# Without an enhanced status code (RFC 3463), a reply that names the address as bad, and one that is
+# the relay's view of us (configuration: the same for every alert).
+_BAD_ADDRESS = re.compile(r"unknown|no such|does ?n[o']t exist|not exist|invalid|not found|unrouteable", re.I)
+_CONFIGURATION = re.compile(r"relay|rcpthosts|auth|policy|not permitted|access denied", re.I)
+
+
+def _refused_for_good(code: int, message: bytes | str, per_recipient: bool) -> bool:
+    # Final only when the recipient's address is bad: 5.1.x (bad mailbox, domain or address syntax).
+    # Anything else passes and is retried (bounded history): a full mailbox (5.2.2), content or size
+    # refusals, and the 5.7.x policy ones ("relaying denied", "authentication required"), which are
+    # configuration and made final would drop every alert until it is fixed. A refusal of one
+    # recipient (RCPT) without an enhanced code is final as 551/553 (user not local, mailbox name not
+    # allowed) or a 550 whose text names the address as bad, never when it speaks of relaying or policy.
+    text = message.decode(errors="replace") if isinstance(message, bytes) else str(message)
+    status = _enhanced_status(text)
+    if re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", status):
+        return status.startswith("5.1.")
+    if not per_recipient or code not in (550, 551, 553) or _CONFIGURATION.search(text):
+        return False
+    return code != 550 or bool(_BAD_ADDRESS.search(text))
 
 
 def permanent_refusal(exc: BaseException) -> bool:
-    """True when the mail server refused this recipient (RCPT) or this message (DATA) for good.
+    """True when the mail server refused this recipient's address for good (5.1.x, _refused_for_good).
 
     The relay refusing our sender (MAIL FROM), our login or our greeting is configuration
     ([alerts] smtp_from, smtp_username), the same for every alert: it stays a failure that passes,
     tried again at each retry round, so that the alerts go out once it is fixed."""
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         answers = list(exc.recipients.values())
-        return bool(answers) and all(_refused_for_good(code, msg) for code, msg in answers)
+        return bool(answers) and all(_refused_for_good(code, msg, True) for code, msg in answers)
     if isinstance(exc, smtplib.SMTPDataError):
-        return _refused_for_good(exc.smtp_code, exc.smtp_error)
+        return _refused_for_good(exc.smtp_code, exc.smtp_error, False)
     return False
 
 

@@ -30,7 +30,18 @@ def _no_wait(_s: float) -> None:
     ("exc", "permanent"),
     [
         (smtplib.SMTPRecipientsRefused({"gone@h.example": (550, b"5.1.1 no such user")}), True),
-        (smtplib.SMTPDataError(554, b"5.6.0 message content rejected"), True),
+        (smtplib.SMTPRecipientsRefused({"gone@h.example": (550, b"User unknown")}), True),
+        (smtplib.SMTPRecipientsRefused({"gone@h.example": (553, b"mailbox name not allowed")}), True),
+        # only a bad address is final: content, a full mailbox (5.2.2, 552), relaying (no enhanced code) retried
+        (smtplib.SMTPDataError(554, b"5.6.0 message content rejected"), False),
+        (smtplib.SMTPRecipientsRefused({"full@h.example": (552, b"5.2.2 mailbox full, over quota")}), False),
+        (smtplib.SMTPRecipientsRefused({"x@h.example": (550, b"Relaying denied")}), False),
+        (
+            smtplib.SMTPRecipientsRefused(
+                {"x@h.example": (553, b"sorry, that domain isn't in my list of allowed rcpthosts")}
+            ),
+            False,
+        ),
         (smtplib.SMTPRecipientsRefused({"full@h.example": (452, b"4.2.2 mailbox full")}), False),
         # 5.7.x: the relay's policy about us (configuration), the same for every alert: tried again
         (smtplib.SMTPRecipientsRefused({"x@h.example": (550, b"5.7.1 relaying denied")}), False),
