@@ -503,7 +503,7 @@ cluster = {"true" if self.cluster else "false"}
         resent, problems = 0, []
         for topic, identity in (
             (DOSE_STUDIES.name, ("study_instance_uid", "revision")),
-            (DOSE_ALERTS.name, ("alert_id",)),
+            (DOSE_ALERTS.name, ("alert_id", "superseded_by")),  # a withdrawal is a message of its own
         ):
             first: dict[tuple, bytes] = {}
             for msg in read_messages(self.cfg, topic, since[topic], timeout=60):

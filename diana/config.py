@@ -354,7 +354,7 @@ class AlertsConfig:
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 25
     smtp_from: str = "diana-star@localhost"
-    # How the mail travels to smtp_host (an alert carries the accession number and study date):
+    # How the mail travels to smtp_host (an alert carries the accession number):
     # "none", plain SMTP, for a relay on this host or a trusted network; "starttls", upgraded to TLS
     # before anything is sent (port 587; a server that does not offer it gets nothing); "tls", TLS from
     # the first byte (port 465). The server's certificate is verified against smtp_ca_file when set,
@@ -369,10 +369,16 @@ class AlertsConfig:
     # Attempts per delivery before it is recorded as DELIVERY_FAILED; the wait doubles from 1 s.
     attempts: int = 5
     timeout_s: float = 10.0
-    # A delivery that failed all its attempts is tried again this often (and at the next start).
+    # A delivery that failed all its attempts is tried again this often (and at the next start), once per
+    # round, when no new alert waits; an SMTP 5xx refusal of the recipient or the message is final.
     retry_interval_s: float = 300.0
+    # A retry round stops after this long (the send under way finished); the next goes on from there.
+    retry_budget_s: float = 30.0
     # Prometheus /metrics of the delivery worker (diana_alert_deliveries_total); 0 turns it off.
     metrics_port: int = 9467
+    # Sent besides rule, values, study UID, accession, station, model and protocol (docs/DOSE.md):
+    # any of study_date, study_description, institution_name. Empty: none (the description is free text).
+    message_extra_fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -854,6 +860,8 @@ _ABOVE_ZERO = (
     ("receiver", "tls_handshake_timeout_s"),
     # 0 made the reconcile task list the landing store (S3 too) in a loop with no wait.
     ("receiver", "reconcile_interval_s"),
+    # 0 ended every retry round before its first delivery: nothing failed was ever sent again.
+    ("alerts", "retry_budget_s"),
 )
 # What a floor's message adds: the meaning of a boundary value, the default.
 _FLOOR_NOTES = {

@@ -22,8 +22,10 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 from confluent_kafka import KafkaError, Message, TopicPartition
@@ -32,7 +34,14 @@ from opensearchpy.exceptions import ConflictError, NotFoundError, TransportError
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
 from prometheus_client import Counter, start_http_server
 
-from diana.access.alerts.channels import SmtpServer, send_email, send_webhook, with_retries
+from diana.access.alerts.channels import (
+    EXTRA_FIELDS,
+    Delivery,
+    SmtpServer,
+    send_email,
+    send_webhook,
+    with_retries,
+)
 from diana.access.alerts.routing import Routing
 from diana.access.alerts.workflow import (
     STATE_MAPPING,
@@ -40,7 +49,9 @@ from diana.access.alerts.workflow import (
     delivery_action,
     delivery_action_id,
     delivery_key,
+    is_withdrawal,
     raised_state,
+    withdrawal_action,
 )
 from diana.clients import kafka_consumer, kafka_producer, opensearch_client
 from diana.config import AlertsConfig, Config, ConfigError
@@ -50,10 +61,21 @@ from diana.schemas.layout import IndexLayout
 from diana.schemas.topics import ALERT_ACTIONS, DOSE_ALERTS
 from diana.sinks.consumer import commit_written_or_log, log_failed_commits
 
-__all__ = ["AlertStates", "Ledger", "read_ledger", "run_delivery", "DeliveryWorker", "handle_then_commit"]
+__all__ = [
+    "AlertStates",
+    "Ledger",
+    "read_ledger",
+    "run_delivery",
+    "serve",
+    "DeliveryWorker",
+    "handle_then_commit",
+]
 
 log = structlog.get_logger("diana.alerts.delivery")
 SENT = Counter("diana_alert_deliveries_total", "Alert deliveries by channel and outcome", ["channel", "outcome"])
+# A delivery failing again for the same reason is recorded at most this often: a dead address retried
+# every 5 minutes wrote 288 DELIVERY_FAILED a day into its alert's history.
+SAME_FAILURE_RECORDED_EVERY = timedelta(hours=1)
 
 
 class Unavailable(RuntimeError):
@@ -116,18 +138,33 @@ class AlertStates:
 
 @dataclass
 class Ledger:
-    """What dose.alert-actions says so far: deliveries made, and failed ones not made since."""
+    """What dose.alert-actions says so far: deliveries made, failed ones not made since (tried again), and
+    those refused for good (a DELIVERY_FAILED marked permanent: never tried again)."""
 
     delivered: set[str] = field(default_factory=set)
     failed: dict[str, dict] = field(default_factory=dict)  # delivery key -> its latest DELIVERY_FAILED action
+    refused: set[str] = field(default_factory=set)
+    withdrawn: set[str] = field(default_factory=set)  # alert ids the dose worker withdrew: sent to no one
 
     def add(self, action: dict) -> None:
         key = delivery_key(action)
-        if action.get("action") == "DELIVERED":
+        if is_withdrawal(action):
+            self.withdrawn.add(action["alert_id"])
+            self.failed = {k: a for k, a in self.failed.items() if a["alert_id"] != action["alert_id"]}
+        elif action.get("action") == "DELIVERED":
             self.delivered.add(key)
             self.failed.pop(key, None)
+            self.refused.discard(key)
         elif action.get("action") == "DELIVERY_FAILED" and key not in self.delivered:
-            self.failed[key] = action
+            if action.get("permanent"):
+                self.refused.add(key)
+                self.failed.pop(key, None)
+            elif key not in self.refused and action["alert_id"] not in self.withdrawn:
+                self.failed[key] = action
+
+    def done(self, key: str) -> bool:
+        """Delivered, or refused for good: not sent again."""
+        return key in self.delivered or key in self.refused
 
 
 def read_ledger(cfg: Config, codec: Codec, timeout: float = 30.0) -> Ledger:
@@ -199,6 +236,9 @@ class DeliveryWorker:
             self.cfg.kafka, {"enable.idempotence": True, "acks": "all", "message.timeout.ms": 0}
         )
         self.smtp = smtp_server(self.cfg.alerts)
+        unknown = sorted(set(self.cfg.alerts.message_extra_fields) - set(EXTRA_FIELDS))
+        if unknown:
+            raise ConfigError(f"[alerts] message_extra_fields: {unknown[0]!r} is not one of {', '.join(EXTRA_FIELDS)}")
         # Actions the producer reported as not taken (purged, refused): a flush then says nothing is
         # pending, so ``acknowledged`` looks here too.
         self._not_taken: list[tuple[bytes, bytes, str]] = []
@@ -229,20 +269,23 @@ class DeliveryWorker:
                 self._produce(key, value)
             raise Unavailable(f"{ALERT_ACTIONS.name}: {len(not_taken)} actions not taken ({not_taken[0][2]})")
 
-    def _send(self, channel: str, address: str, alert: dict, key: str):
+    def _send(self, channel: str, address: str, alert: dict, key: str, attempts: int | None = None) -> Delivery:
         a = self.cfg.alerts
+        tries, extra = attempts or a.attempts, a.message_extra_fields
         if channel == "email":
-            return with_retries(lambda: send_email(self.smtp, address, alert, key, a.timeout_s), a.attempts)
-        return with_retries(lambda: send_webhook(address, alert, key, a.timeout_s), a.attempts)
+            return with_retries(lambda: send_email(self.smtp, address, alert, key, a.timeout_s, extra), tries)
+        return with_retries(lambda: send_webhook(address, alert, key, a.timeout_s, extra), tries)
 
-    def _deliver(self, alert: dict, recipient: str, channel: str, address: str, again: bool = False) -> None:
-        """``again``: a failed delivery is tried (retry_failed); otherwise it is left to retry_failed, so a
-        step tried again while the broker is down does not send and record it once per try."""
+    def _deliver(self, alert: dict, recipient: str, channel: str, address: str, again: bool = False) -> Delivery | None:
+        """``again``: a failed delivery is tried (retry_failed), once: the retry interval is its wait;
+        otherwise it is left to retry_failed, so a step tried again while the broker is down does not
+        send and record it once per try. The send's result; None when nothing was sent."""
         key = delivery_action_id(alert["alert_id"], recipient, channel)
-        if key in self.ledger.delivered or (key in self.ledger.failed and not again):
-            return  # the ledger says it went out already, or it failed: retry_failed's
-        result = self._send(channel, address, alert, key)
-        SENT.labels(channel, "delivered" if result.ok else "failed").inc()
+        if self.ledger.done(key) or (key in self.ledger.failed and not again):
+            return None  # the ledger says it went out already or was refused for good, or it failed: retry_failed's
+        result = self._send(channel, address, alert, key, attempts=1 if again else None)
+        outcome = "delivered" if result.ok else "refused" if result.permanent else "failed"
+        SENT.labels(channel, outcome).inc()
         log.info(
             "alert.delivery",
             alert_id=alert["alert_id"],
@@ -250,12 +293,35 @@ class DeliveryWorker:
             channel=channel,
             ok=result.ok,
             attempts=result.attempts,
+            permanent=result.permanent,
         )
-        action = delivery_action(alert["alert_id"], recipient, channel, result.ok, result.attempts, result.detail)
+        previous = self.ledger.failed.get(key)
+        if not result.ok and not result.permanent and previous is not None and _recorded_lately(previous, result):
+            return result  # the same failure, recorded less than SAME_FAILURE_RECORDED_EVERY ago
+        action = delivery_action(
+            alert["alert_id"], recipient, channel, result.ok, result.attempts, result.detail, result.permanent
+        )
         self._record(action)
+        return result
 
     def handle_alert(self, alert: dict) -> None:
-        self.states.update(alert["alert_id"], lambda doc: raised_state(alert, doc))
+        if alert.get("superseded_by"):
+            # Withdrawn: closed (the dose worker's action, applied here too in case this comes first), its
+            # failed deliveries not tried again, nothing sent; the state keeps when it was raised.
+            action = withdrawal_action(alert)
+            self.ledger.add(action)
+            self.states.update(
+                alert["alert_id"],
+                lambda doc: apply_action(
+                    {**(doc or raised_state(alert, None)), "superseded_by": alert["superseded_by"]}, action
+                ),
+            )
+            log.info("alert.withdrawn", alert_id=alert["alert_id"])
+        else:
+            self.states.update(alert["alert_id"], lambda doc: raised_state(alert, doc))
+        if alert["alert_id"] in self.ledger.withdrawn:
+            self.acknowledged()
+            return
         for recipient in self.routing.route(alert):
             for channel, address in recipient.channels():
                 self._deliver(alert, recipient.name, channel, address)
@@ -265,18 +331,45 @@ class DeliveryWorker:
         self.ledger.add(action)
         self.states.update(action["alert_id"], lambda doc: apply_action(doc, action))
 
-    def retry_failed(self) -> None:
-        """Send again what failed before (this run or an earlier one), from the alert's state document."""
+    def retry_failed(self, budget_s: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        """Send again what failed before (this run or an earlier one), from the alert's state document,
+        each once. The round ends after ``budget_s`` (the send under way finished), and the next one
+        starts with the deliveries this one did not reach; a server found unreachable is not tried again
+        in the round (its other deliveries would each wait for its timeout): a round holds the new
+        alerts behind it for the budget and one send at most, not 65 s per failed delivery."""
         recipients = {r.name: r for r in self.routing.recipients}
-        for failed in list(self.ledger.failed.values()):
+        started, unreachable = clock(), set()
+        for key, failed in list(self.ledger.failed.items()):
+            if budget_s is not None and clock() - started >= budget_s:
+                log.info("alert.delivery.retry_round_cut", left=len(self.ledger.failed), budget_s=budget_s)
+                break
             recipient = recipients.get(failed.get("recipient") or "")
-            alert = self.states.get(failed["alert_id"])
             address = dict(recipient.channels()).get(failed.get("channel") or "") if recipient else None
-            if recipient is None or alert is None or address is None:
-                self.ledger.failed.pop(delivery_key(failed), None)  # recipient or channel no longer routed
+            if recipient is None or address is None:
+                self.ledger.failed.pop(key, None)  # recipient or channel no longer routed
                 continue
-            self._deliver(alert, recipient.name, failed["channel"], address, again=True)
+            server = "smtp" if failed["channel"] == "email" else urlsplit(address).netloc
+            if server in unreachable:
+                continue
+            alert = self.states.get(failed["alert_id"])
+            if alert is None:
+                self.ledger.failed.pop(key, None)
+                continue
+            result = self._deliver(alert, recipient.name, failed["channel"], address, again=True)
+            if key in self.ledger.failed:  # still failing: to the end of the queue, behind those not tried
+                self.ledger.failed[key] = self.ledger.failed.pop(key)
+            if result is not None and result.unreachable:
+                unreachable.add(server)
         self.acknowledged()  # tried again after Unavailable: the ledger has what was sent, await its record
+
+
+def _recorded_lately(previous: dict, result: Delivery) -> bool:
+    """True when ``previous`` (the delivery's latest DELIVERY_FAILED) says the same and is recent."""
+    at = previous.get("at")
+    if not isinstance(at, datetime):
+        return False
+    recent = datetime.now(UTC) - (at if at.tzinfo else at.replace(tzinfo=UTC)) < SAME_FAILURE_RECORDED_EVERY
+    return recent and previous.get("detail") == result.detail[:500]
 
 
 def handle_then_commit(worker: DeliveryWorker, consumer: Any, msg: Message) -> None:
@@ -352,27 +445,43 @@ def run_delivery(cfg: Config, routing: Routing, stop_after: float | None = None)
     consumer.subscribe([DOSE_ALERTS.name, ALERT_ACTIONS.name])
     running = [True]
     signal.signal(signal.SIGTERM, lambda *_: running.__setitem__(0, False))
-    started = last_retry = time.monotonic()
+    started = time.monotonic()
 
     def still_running() -> bool:
         return running[0] and (stop_after is None or time.monotonic() - started < stop_after)
 
     try:
-        while still_running():
-            if worker.ledger.failed and time.monotonic() - last_retry >= cfg.alerts.retry_interval_s:
-                until_done(worker.retry_failed, still_running, "retry_failed")
-                last_retry = time.monotonic()
-            msg = consumer.poll(0.5)
-            if msg is None:
-                continue
-            error = msg.error()
-            if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
-                    log.warning("alert.delivery.kafka", error=str(error))
-                continue
-            if not until_done(partial(handle_then_commit, worker, consumer, msg), still_running, msg.topic()):
-                break  # stopped while it waited: not committed, handled again at the next start
+        serve(consumer, worker, still_running, cfg.alerts.retry_interval_s, cfg.alerts.retry_budget_s)
     except KeyboardInterrupt:
         pass
     finally:
         consumer.close()
+
+
+def serve(
+    consumer: Any,
+    worker: DeliveryWorker,
+    still_running: Callable[[], bool],
+    retry_interval_s: float,
+    retry_budget_s: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """The loop: each message handled and committed; failed deliveries tried again, every
+    ``retry_interval_s``, only when no message is waiting (new alerts first) and for ``retry_budget_s``
+    at a time. Before, a round ran first whatever waited, each failed delivery with all its attempts
+    (about 65 s each with an unreachable relay), and held every new alert behind it."""
+    last_retry = clock()
+    while still_running():
+        msg = consumer.poll(0.5)
+        if msg is None:
+            if worker.ledger.failed and clock() - last_retry >= retry_interval_s:
+                until_done(partial(worker.retry_failed, retry_budget_s), still_running, "retry_failed")
+                last_retry = clock()
+            continue
+        error = msg.error()
+        if error is not None:
+            if error.code() != KafkaError._PARTITION_EOF:
+                log.warning("alert.delivery.kafka", error=str(error))
+            continue
+        if not until_done(partial(handle_then_commit, worker, consumer, msg), still_running, msg.topic()):
+            break  # stopped while it waited: not committed, handled again at the next start

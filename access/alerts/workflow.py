@@ -19,6 +19,8 @@ __all__ = [
     "delivery_key",
     "delivery_action",
     "human_action",
+    "withdrawal_action",
+    "is_withdrawal",
     "check_transition",
     "apply_action",
     "raised_state",
@@ -67,7 +69,9 @@ def delivery_key(action: dict) -> str:
     return action["action_id"].split("/failed/")[0]
 
 
-def delivery_action(alert_id: str, recipient: str, channel: str, ok: bool, attempts: int, detail: str) -> dict:
+def delivery_action(
+    alert_id: str, recipient: str, channel: str, ok: bool, attempts: int, detail: str, permanent: bool = False
+) -> dict:
     key = delivery_action_id(alert_id, recipient, channel)
     return {
         # A delivery is one action per key; each failure is its own step in the history.
@@ -79,6 +83,8 @@ def delivery_action(alert_id: str, recipient: str, channel: str, ok: bool, attem
         "channel": channel,
         "attempts": attempts,
         "detail": detail[:500],
+        # Refused for good: the ledger tries it no more (None, not False: absent from the history).
+        "permanent": True if permanent and not ok else None,
     }
 
 
@@ -96,6 +102,24 @@ def human_action(
         "reason_code": reason_code,
         "note": note,
     }
+
+
+def withdrawal_action(alert: dict) -> dict:
+    """The CLOSED action of a withdrawn alert (``superseded_by`` set: the image-header event it was raised
+    from was superseded, docs/DOSE.md). The dose worker writes the same (stream_apps/dose/alerts.py,
+    same id): applied once whichever arrives first."""
+    return {
+        "action_id": f"withdrawn:{alert['alert_id']}",
+        "alert_id": alert["alert_id"],
+        "action": "CLOSED",
+        "at": alert.get("raised_at") or _now(),
+        "actor": "diana-dose",
+        "note": f"withdrawn: the image-header event it was raised from is superseded by {alert['superseded_by']}",
+    }
+
+
+def is_withdrawal(action: dict) -> bool:
+    return action.get("action") == "CLOSED" and str(action.get("action_id", "")).startswith("withdrawn:")
 
 
 def check_transition(status: str | None, action: str) -> None:

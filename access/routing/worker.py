@@ -191,6 +191,8 @@ class RouteWorker:
             return self._unsent_matching(study, triggers)
         if topic == DOSE_ALERTS.name:
             _, alert = self.codec.decode(msg.value(), expect=DOSE_ALERTS.value_schema)
+            if alert.get("superseded_by"):
+                return [], ""  # a withdrawal (docs/DOSE.md): no reason to send the study
             uid = alert["study_instance_uid"]
             # An alert may come before the study's last images: wait until the study is complete
             # (its aggregate, as indexed) and all its instances are archived.

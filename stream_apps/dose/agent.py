@@ -5,8 +5,10 @@ Only objects that can carry dose are parsed (SRs, CT and projection images). Eac
 co-partitioned with dicom.instances. Every output has a deterministic id (event, study, alert)
 and a re-sent output is byte for byte the first one (same revision, same times), so a consumer that
 sees it twice overwrites it or drops it (the OpenSearch sink by document id and revision, alert
-delivery by alert_id). Image-header events a later dose report of their kind superseded are
-retracted: dose.events gets each again with ``superseded_by`` set, and the sink deletes its document.
+delivery by alert_id). Image-header events a later dose report of their kind superseded (or another
+reconstructed series of the same acquisition) are retracted: dose.events gets each again with
+``superseded_by`` set, and the sink deletes its document. An alert raised from such an event is
+withdrawn the same way on dose.alerts (and closed on dose.alert-actions): one exposure, one alert.
 
 Redelivery: Faust processes at least once, and the table's changelog write and the outputs are
 separate sends. After a crash the changelog may hold a study's new state while its outputs never
@@ -21,16 +23,37 @@ to dose.by-patient, where a second agent keeps per-patient state.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from datetime import UTC, datetime
 from typing import Any
 
 import faust
 import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from pydicom import Dataset
 
 from diana.schemas.codec import Codec, DecodeError, default_codec
-from diana.schemas.topics import DEADLETTER, DOSE_ALERTS, DOSE_BY_PATIENT, DOSE_EVENTS, DOSE_STUDIES, INSTANCES
-from diana.stream_apps.dose.alerts import AlertRules, cumulative_alerts, drl_alerts, repeat_alerts, study_alerts
+from diana.schemas.topics import (
+    ALERT_ACTIONS,
+    DEADLETTER,
+    DOSE_ALERTS,
+    DOSE_BY_PATIENT,
+    DOSE_EVENTS,
+    DOSE_STUDIES,
+    INSTANCES,
+)
+from diana.stream_apps.dose import concepts as C
+from diana.stream_apps.dose.alerts import (
+    AlertRules,
+    cumulative_alerts,
+    drl_alerts,
+    event_alerts,
+    repeat_alerts,
+    study_alerts,
+    withdrawal_action,
+)
+from diana.stream_apps.dose.content import Item
 from diana.stream_apps.dose.extract import DoseExtractionError, dataset_from_header_json, extract_dose
 from diana.stream_apps.dose.image_files import ImageFiles
 from diana.stream_apps.dose.reference_levels import ReferenceLevels
@@ -38,11 +61,31 @@ from diana.stream_apps.dose.size import image_water_equivalent_diameter_mm
 from diana.stream_apps.dose.standard_names import StandardNames
 from diana.stream_apps.dose.study import family, fold_report, fold_size, new_study, summarize, superseded_events
 
-__all__ = ["register_dose", "may_carry_dose", "TABLES"]
+__all__ = [
+    "register_dose",
+    "may_carry_dose",
+    "TABLES",
+    "alerts_to_send",
+    "withdrawals_to_send",
+    "study_alert_outputs",
+    "dose_of",
+    "content_omitted",
+    "ReportNotInHeader",
+    "metrics_page",
+]
 
 TABLES = ("dose-studies", "dose-patients")
 
 log = structlog.get_logger("diana.stream.dose")
+# A dose report whose content tree was left out of its event's header (over the header budget: a
+# long fluoroscopy procedure's report of ~1,000 events is several MB): read from the stored object, or
+# not (dead-lettered). Before, nothing was extracted from it, and nothing said so.
+REPORTS_FROM_OBJECT = Counter(
+    "diana_dose_reports_from_object_total",
+    "Dose reports whose content was not (all) in the event's header, by outcome (read from the object,"
+    " unread, header: part left out, object unread, the header's content used)",
+    ["outcome"],
+)
 
 _DOSE_MODALITIES = {"SR", "CT", "CR", "DX", "MG", "RF", "XA", "PX", "IO", "PT", "NM"}
 _SR_CLASSES = "1.2.840.10008.5.1.4.1.1.88."
@@ -88,6 +131,87 @@ _PATIENT_FIELDS = (
 )
 # Images whose every instance in a series repeats the series' dose values: parsed once per series.
 _PER_SERIES = {"CT", "PT", "NM"}
+
+
+class ReportNotInHeader(DoseExtractionError):
+    """A dose report's content was left out of the event's header and its object could not be read."""
+
+
+_CONTENT_SEQUENCE = "0040A730"
+
+
+def content_omitted(instance: dict) -> bool:
+    """True for an SR whose content tree, or part of it, is not in ``header_json`` (over the event's
+    header budget, or an element the receiver could not decode: ``header_omitted``)."""
+    if not instance["sop_class_uid"].startswith(_SR_CLASSES):
+        return False
+    return any(str(o.get("path", "")).split("/")[0] == _CONTENT_SEQUENCE for o in instance.get("header_omitted") or [])
+
+
+def _whole_content_omitted(instance: dict) -> bool:
+    """The ContentSequence itself left out (over the header budget), not an element inside it."""
+    return any(str(o.get("path", "")) == _CONTENT_SEQUENCE for o in instance.get("header_omitted") or [])
+
+
+def _is_dose_report(ds: Dataset) -> bool:
+    """A dose report by its root concept (X-Ray or Radiopharmaceutical Radiation Dose Report, as
+    sr.read_dose_report tells one), which the header keeps when the content tree is left out."""
+    concept = Item(ds).concept
+    return concept in C.XRAY_DOSE_REPORT or concept in C.RADIOPHARMACEUTICAL_DOSE_REPORT
+
+
+def _gives_dose(record: dict) -> bool:
+    """A record with an event or an accumulated value."""
+    return bool(record.get("events")) or any(
+        v not in (None, {}, []) for v in (record.get("accumulated") or {}).values()
+    )
+
+
+def dose_of(instance: dict, image_files: ImageFiles | None) -> tuple[dict, dict] | None:
+    """(dose record, study context) of an instance, from its event's header; a dose report's from the
+    stored object (the landing store's copy, else the archive's: ImageFiles) only when its content tree
+    was left out of the header, or part of it was and the header gives no dose; when the object cannot
+    be read then, from what the header holds (logged dose.report_from_header). DoseExtractionError when
+    it cannot be read (ReportNotInHeader: no content in the header and the object is not to be found)."""
+    header = dataset_from_header_json(instance["header_json"])
+    if not content_omitted(instance) or not _is_dose_report(header):
+        return extract_dose(header)  # a non-dose SR is not read from its object
+    whole = _whole_content_omitted(instance)
+    from_header: tuple[dict, dict] | None = None
+    header_error: DoseExtractionError | None = None
+    if not whole:
+        try:
+            from_header = extract_dose(header)
+        except DoseExtractionError as exc:
+            header_error = exc
+        if from_header is not None and _gives_dose(from_header[0]):
+            return from_header  # an element inside the tree left out: the dose values are in the header
+    ds = image_files.read(instance) if image_files is not None else None
+    if isinstance(ds, Dataset) and ds.get("SOPInstanceUID") == instance["sop_instance_uid"]:
+        REPORTS_FROM_OBJECT.labels("read").inc()
+        return extract_dose(ds)
+    if not whole:
+        REPORTS_FROM_OBJECT.labels("header").inc()
+        log.warning(
+            "dose.report_from_header",
+            sop_instance_uid=instance["sop_instance_uid"],
+            reason="part of the content tree left out of the header, object not readable: the header's content",
+        )
+        if header_error is not None:
+            raise header_error
+        return from_header
+    REPORTS_FROM_OBJECT.labels("unread").inc()
+    raise ReportNotInHeader(
+        "dose report content over the event's header budget, and the object is in neither the landing"
+        " store nor the archive readable here: replay it once it can be read (docs/DOSE.md)"
+    )
+
+
+async def metrics_page(web: Any, request: Any) -> Any:
+    """Prometheus /metrics/ on the worker's web port ([dose] web_port). Prometheus's content type carries
+    a charset, which aiohttp refuses in ``content_type`` (ValueError: every scrape a 500): it is given
+    as the Content-Type header instead."""
+    return web.bytes(generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def may_carry_dose(instance: dict) -> bool:
@@ -180,6 +304,58 @@ def alerts_to_send(state: dict, alerts: list[dict], at_ms: int, resend: bool) ->
     return out, changed
 
 
+def withdrawals_to_send(
+    state: dict, candidates: list[tuple[dict, str]], at_ms: int, resend: bool
+) -> tuple[list[tuple[dict, dict]], bool]:
+    """The withdrawals to publish, each with its origin, and whether the state changed. ``candidates``:
+    the alerts of the image-header events that were superseded, each with what superseded it. One the
+    study raised is withdrawn once: sent again with ``superseded_by`` set and recorded in the state
+    (``withdrawn_alerts``: origin and superseded_by); with ``resend``, the recorded ones as first sent.
+    Before, such an alert stood beside the dose report's own alert for the same exposure, was mailed
+    and counted."""
+    raised = state.get("alerts", {})
+    withdrawn = state.setdefault("withdrawn_alerts", {})
+    out, changed = [], False
+    for alert, superseded_by in candidates:
+        alert_id = alert["alert_id"]
+        if alert_id not in raised:
+            continue  # never raised (published), so nothing to withdraw
+        origin = withdrawn.get(alert_id)
+        if origin is None:
+            if resend:
+                continue  # as alerts_to_send: a replay sends nothing it did not send before
+            origin = {"revision": state["revision"], "raised_at": at_ms, "superseded_by": superseded_by}
+            withdrawn[alert_id], changed = origin, True
+        elif not resend:
+            continue  # withdrawn already
+        out.append(({**alert, "value": raised[alert_id], "superseded_by": origin["superseded_by"]}, origin))
+    return out, changed
+
+
+def study_alert_outputs(
+    state: dict,
+    rules: AlertRules,
+    study: dict,
+    events: list[dict],
+    superseded: list[dict],
+    at_ms: int,
+    resend: bool,
+) -> tuple[list[tuple[dict, dict]], bool]:
+    """A study's alerts to publish (alerts_to_send), then its withdrawals: the alerts raised from the
+    ``superseded`` image-header events (superseded_events) that the study no longer raises."""
+    alerts = study_alerts(rules, study, events) + drl_alerts(study)
+    out, changed = alerts_to_send(state, alerts, at_ms, resend)
+    current = {a["alert_id"] for a in alerts}
+    candidates = [
+        (alert, event["superseded_by"])
+        for event in superseded
+        for alert in event_alerts(rules, study, event)
+        if alert["alert_id"] not in current
+    ]
+    withdrawals, withdrew = withdrawals_to_send(state, candidates, at_ms, resend)
+    return out + withdrawals, changed or withdrew
+
+
 _SOURCE_FIELDS = (
     "source",
     "kvp",
@@ -217,7 +393,9 @@ def register_dose(
     by_patient = app.topic(DOSE_BY_PATIENT.name, **raw)
     events_out, studies_out = app.topic(DOSE_EVENTS.name, **raw), app.topic(DOSE_STUDIES.name, **raw)
     alerts_out, deadletter = app.topic(DOSE_ALERTS.name, **raw), app.topic(DEADLETTER.name, **raw)
+    actions_out = app.topic(ALERT_ACTIONS.name, **raw)
     study_table = app.Table(TABLES[0], default=None, key_type=str)
+    app.page("/metrics/")(metrics_page)
     patient_table = app.Table(TABLES[1], default=None, key_type=str)
 
     async def dead(message: Any, value: bytes, reason: str) -> None:
@@ -228,15 +406,9 @@ def register_dose(
         )
 
     async def publish_alerts(
-        state: dict,
-        alerts: list[dict],
-        study: dict,
-        at: datetime,
-        resend: bool = False,
-        contexts: dict[str, dict] | None = None,
-    ) -> bool:
-        """Send what ``alerts_to_send`` chooses; True if the state changed (a new alert)."""
-        to_send, changed = alerts_to_send(state, alerts, _ms(at), resend)
+        to_send: list[tuple[dict, dict]], study: dict, contexts: dict[str, dict] | None = None
+    ) -> None:
+        """Send what ``alerts_to_send`` (and ``withdrawals_to_send``) chose."""
         for alert, origin in to_send:
             # A patient's window alert is on the window's last study: its own header, not the arriving
             # one's (an entry stored before entries kept it has no kind: the arriving study's, as then).
@@ -256,12 +428,20 @@ def register_dose(
                 value=alert["value"],
                 threshold=alert["threshold"],
                 study_instance_uid=alert["study_instance_uid"],
+                withdrawn=bool(alert.get("superseded_by")),
             )
             await alerts_out.send(
                 key=alert["study_instance_uid"].encode(),
                 value=codec.encode(DOSE_ALERTS.value_schema, _fit(codec, DOSE_ALERTS.value_schema, record)),
             )
-        return changed
+            if alert.get("superseded_by"):
+                # Its CLOSED action too: a delivery worker that was stopped reads dose.alert-actions
+                # whole at its start, before the alert waiting on dose.alerts, and does not send it.
+                action = withdrawal_action(alert["alert_id"], alert["superseded_by"], record["raised_at"])
+                await actions_out.send(
+                    key=alert["alert_id"].encode(),
+                    value=codec.encode(ALERT_ACTIONS.value_schema, _fit(codec, ALERT_ACTIONS.value_schema, action)),
+                )
 
     @app.agent(source)
     async def dose(stream: faust.Stream) -> None:
@@ -298,8 +478,20 @@ def register_dose(
             state, changed = _measure_size(state, instance, uid)
         if fold_dose:
             try:
-                extracted = extract_dose(dataset_from_header_json(instance["header_json"]))
+                if content_omitted(instance):
+                    # Read and walked off the event loop (~8 s for 1,000 events on a 2-core machine), which
+                    # the worker's other partitions, commits and web page share.
+                    extracted = await asyncio.get_running_loop().run_in_executor(None, dose_of, instance, image_files)
+                else:
+                    extracted = dose_of(instance, image_files)
             except DoseExtractionError as exc:
+                if isinstance(exc, ReportNotInHeader):
+                    log.warning(
+                        "dose.report_unread",
+                        study_instance_uid=uid,
+                        sop_instance_uid=instance["sop_instance_uid"],
+                        reason="content over the event's header budget, object not readable",
+                    )
                 await dead(message, value, str(exc))
                 return
             if extracted is not None:
@@ -351,7 +543,8 @@ def register_dose(
             levels.apply(study, events)
         # Then the retractions of the image-header events a dose report superseded, on the same key
         # (the topic keeps them behind the events they retract), every time: a pure function of the state.
-        for ev in [*events, *superseded_events(state)]:
+        superseded = superseded_events(state)
+        for ev in [*events, *superseded]:
             await events_out.send(
                 key=uid.encode(),
                 value=codec.encode(
@@ -363,8 +556,9 @@ def register_dose(
             _fit(codec, DOSE_STUDIES.value_schema, {**study, "revision": state["revision"], "received_at": at}),
         )
         await studies_out.send(key=uid.encode(), value=study_value)
-        alerts = study_alerts(rules, study, events) + drl_alerts(study)
-        if await publish_alerts(state, alerts, study, at, resend=again) or not again:
+        to_send, changed = study_alert_outputs(state, rules, study, events, superseded, _ms(at), again)
+        await publish_alerts(to_send, study)
+        if changed or not again:
             study_table[uid] = state
         log.info("dose.study", study_instance_uid=uid, kind=study.get("kind"), events=study["events"], again=again)
         if study.get("patient_id"):
@@ -390,8 +584,7 @@ def register_dose(
             studies = list(state["studies"].values())
             alerts = cumulative_alerts(rules, studies, study) + repeat_alerts(rules, studies, study)
             contexts = {s["study_instance_uid"]: s for s in studies}
-            if (
-                await publish_alerts(state, alerts, study, study["received_at"], resend=again, contexts=contexts)
-                or not again
-            ):
+            to_send, changed = alerts_to_send(state, alerts, _ms(study["received_at"]), again)
+            await publish_alerts(to_send, study, contexts=contexts)
+            if changed or not again:
                 patient_table[patient] = state

@@ -34,6 +34,8 @@ __all__ = [
     "ReferenceLevel",
     "CumulativeRule",
     "study_alerts",
+    "event_alerts",
+    "withdrawal_action",
     "cumulative_alerts",
     "drl_alerts",
     "repeat_alerts",
@@ -221,16 +223,50 @@ def _dose_check(event: dict, study: dict) -> list[dict]:
     return out
 
 
+def _over_event_limits(level: ReferenceLevel, event: dict, study: dict) -> list[dict]:
+    out = []
+    for metric, limit in level.event_limits.items():
+        value = event.get(metric)
+        if value is not None and value > limit:
+            out.append(_alert(level.name, "reference_level", metric, value, limit, study, event))
+    return out
+
+
+def event_alerts(rules: AlertRules, study: dict, event: dict) -> list[dict]:
+    """The alerts one event raises by itself (per-event reference levels, Dose Check), with the ids
+    study_alerts gives them: those of an image-header event a dose report superseded are withdrawn."""
+    out = [
+        a
+        for level in rules.reference_levels
+        if level.matches(event, study)
+        for a in _over_event_limits(level, event, study)
+    ]
+    return out + (_dose_check(event, study) if rules.dose_check else [])
+
+
+def withdrawal_action(alert_id: str, superseded_by: str, at: Any) -> dict:
+    """The CLOSED action (dose.alert-actions) of an alert withdrawn because the image-header event it was
+    raised from was superseded: its id is deterministic, so the delivery worker, which builds the same
+    from the withdrawn alert (access/alerts/workflow.py withdrawal_action), applies it once whichever
+    comes first, and a replay adds nothing. Written by the dose worker too, so that a delivery worker
+    that was stopped knows at its start (it reads this topic before dose.alerts) not to send it."""
+    return {
+        "action_id": f"withdrawn:{alert_id}",
+        "alert_id": alert_id,
+        "action": "CLOSED",
+        "at": at,
+        "actor": "diana-dose",
+        "note": f"withdrawn: the image-header event it was raised from is superseded by {superseded_by}",
+    }
+
+
 def study_alerts(rules: AlertRules, study: dict, events: list[dict]) -> list[dict]:
     """Reference-level and Dose Check alerts for a study's current record and distinct events."""
     out = []
     for level in rules.reference_levels:
         matching = [e for e in events if level.matches(e, study)]
         for event in matching:
-            for metric, limit in level.event_limits.items():
-                value = event.get(metric)
-                if value is not None and value > limit:
-                    out.append(_alert(level.name, "reference_level", metric, value, limit, study, event))
+            out += _over_event_limits(level, event, study)
         for metric, limit in level.study_limits.items():
             values = [e[metric] for e in matching if e.get(metric) is not None]
             if values and sum(values) > limit:

@@ -1,7 +1,9 @@
 """Dose values from image headers, for studies whose modality sends no dose report.
 
-- CT images carry CTDIvol (0018,9345): one event per series. Dental and other cone-beam CT that
-  gives an area dose product (0018,115E) instead gives one DAP event per series.
+- CT images carry CTDIvol (0018,9345): one event per series; the reconstructed series of one
+  acquisition (the same Irradiation Event UID (0008,3010), else the same acquisition number and
+  date/time, and the same dose value) count as one, the first to arrive (study.py). Dental and other
+  cone-beam CT that gives an area dose product (0018,115E) instead gives one DAP event per series.
 - Projection images (CR, DX, RF, XA, PX, IO, MG): one event per exposure. The event is the image's
   Irradiation Event UID (0008,3010) when present, else the acquisition (date, time, laterality,
   view), else the image: so a mammography For Presentation image and the For Processing image of
@@ -11,7 +13,8 @@
   (kVp with mAs or tube current) even without a dose attribute: the exposure happened.
 - A Radiation Dose Module with procedure-step totals (Total Time of Fluoroscopy (0040,0300) or
   Total Number of Exposures (0040,0301)) — as mobile C-arms write into every image — is the step's
-  total, not the image's: it gives one event per performed procedure step, the latest values.
+  total, not the image's: it gives one event per performed procedure step, holding the largest
+  running totals of its images (study.py), whichever image arrives last.
 - PET and NM images: radiopharmaceutical_headers.py; an Exposure Dose Sequence (CT dose screens
   stored as secondary captures): exposure_dose.py.
 """
@@ -77,18 +80,40 @@ def _exposure_key(ds: Dataset) -> tuple[str, str | None]:
     return f"image:{text_value(ds, 'SOPInstanceUID')}", None
 
 
+def _acquisition(ds: Dataset) -> str | None:
+    """What a CT series was reconstructed from, so that the series of one acquisition (a 5 mm and a 1 mm
+    reconstruction of one spiral) are one exposure (study.py): its Irradiation Event UID (0008,3010),
+    else its acquisition number and date/time; None when the image says neither."""
+    uid = text_value(ds, "IrradiationEventUID")
+    if uid:
+        return f"uid:{uid}"
+    date, time = text_value(ds, "AcquisitionDate"), text_value(ds, "AcquisitionTime")
+    acquired = text_value(ds, "AcquisitionDateTime") or (f"{date}{time}" if date and time else None)
+    if not acquired:
+        return None
+    return f"acquired:{text_value(ds, 'StationName') or ''}|{text_value(ds, 'AcquisitionNumber') or ''}|{acquired}"
+
+
 def _ct(ds: Dataset) -> dict | None:
+    # The key stays the series (alert ids are made of it: a replay must find the same ones); the
+    # acquisition only folds series of one exposure together.
     series = f"series:{text_value(ds, 'SeriesInstanceUID')}"
     ctdivol = number(ds, "CTDIvol")
     if ctdivol is not None:
         # Every image of a series repeats the series' CTDIvol: one event per series.
-        event = {"event_key": series, "ctdivol_mGy": ctdivol, "phantom_cm": phantom_cm(ds), **_technique(ds)}
+        event = {
+            "event_key": series,
+            "acquisition": _acquisition(ds),
+            "ctdivol_mGy": ctdivol,
+            "phantom_cm": phantom_cm(ds),
+            **_technique(ds),
+        }
         return {"kind": "CT", "event": event}
     dap = number(ds, "ImageAndFluoroscopyAreaDoseProduct", 1e-5)
     if dap is None:
         return None
     # Cone-beam CT (dental, ENT) states an area dose product per scan, and no CTDIvol.
-    event = {"event_key": series, "dap_Gym2": dap, "plane_id": "A", **_technique(ds)}
+    event = {"event_key": series, "acquisition": _acquisition(ds), "dap_Gym2": dap, "plane_id": "A", **_technique(ds)}
     event.update(acquisition_type_code="cone_beam", acquisition_type="Cone Beam Acquisition")
     return {"kind": "DX", "event": event}
 
@@ -123,7 +148,7 @@ def _projection(ds: Dataset, modality: str) -> dict | None:
             }
         )
     if modality in ("RF", "XA") and _procedure_step_totals(ds):
-        # The step's totals repeated in each image: one event for the step, holding its latest totals.
+        # The step's running totals repeated in each image: one event for the step (study.py keeps the largest).
         step = text_value(ds, "PerformedProcedureStepID") or text_value(ds, "StudyInstanceUID")
         event.update(
             event_key=f"procedure-step:{text_value(ds, 'StationName') or ''}|{step}",

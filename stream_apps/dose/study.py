@@ -5,7 +5,8 @@ event seen in two reports (a re-sent or continued report) counts once, with the 
 latest report. A report whose events are all in a later report is replaced by it (a report whose
 events are a superset of an earlier one replaces it). Image headers count only while no dose
 report of their kind (CT, projection X-ray, radiopharmaceutical) has arrived; such a report then
-supersedes them, and the events they gave are retracted (``superseded_events``).
+supersedes them, and the events they gave are retracted (``superseded_events``). A CT series whose
+acquisition an earlier series gave (another reconstruction of it) does not count either.
 
 Totals: when the remaining reports share no event, each report's own accumulated values are summed
 (falling back to the sum of its events); when they overlap, totals are summed over the distinct
@@ -39,13 +40,31 @@ def event_key(report: dict, event: dict) -> str:
     )
 
 
+# Event keys that only group events (series of one CT acquisition), added after records were stored
+# without them: a replay of such a record is the same object again, not a change (docs/DOSE.md).
+_GROUPING_KEYS = ("acquisition",)
+
+
+def _as_compared(report: dict) -> dict:
+    """A report as fold_report compares it: without its arrival, and its events without grouping keys."""
+    kept = {k: v for k, v in report.items() if k not in ("received_at", "arrival")}
+    if isinstance(kept.get("events"), list):
+        kept["events"] = [
+            {k: v for k, v in e.items() if k not in _GROUPING_KEYS} if isinstance(e, dict) else e
+            for e in kept["events"]
+        ]
+    return kept
+
+
 def fold_report(state: dict, report: dict, context: dict, received_at_ms: int) -> bool:
-    """Add a report (or image record) to the study; False if it changes nothing (the same object again)."""
+    """Add a report (or image record) to the study; False if it changes nothing (the same object again).
+    A record stored without a grouping key the current code adds (_GROUPING_KEYS) is the same object:
+    it is kept as stored (its events stay ungrouped), so a replay after the upgrade raises nothing new."""
     sop = report["sop_instance_uid"]
     previous = state["reports"].get(sop)
     stored = {**report, "received_at": received_at_ms}
     if previous is not None:
-        if {k: v for k, v in previous.items() if k not in ("received_at", "arrival")} == report:
+        if _as_compared(previous) == _as_compared(report):
             return False
         stored["arrival"] = previous["arrival"]
     else:
@@ -113,13 +132,40 @@ def _superseding(reports: list[dict]) -> dict[str, str]:
     return first
 
 
+def _acquisition_of(report: dict) -> tuple | None:
+    """An image record's acquisition and dose values, when its one event names the acquisition (CT)."""
+    events = report["events"]
+    if report["source"] != "IMAGE" or len(events) != 1 or not events[0].get("acquisition"):
+        return None
+    event = events[0]
+    return (report["kind"], event["acquisition"], event.get("ctdivol_mGy"), event.get("dap_Gym2"))
+
+
+def _first_of_each_acquisition(images: list[dict]) -> tuple[list[dict], dict[str, str]]:
+    """The image records (in arrival order) without those of an acquisition an earlier one already
+    gave (another reconstructed series of it, with the same dose value); and each dropped record's
+    SOP Instance UID -> the kept one's. Before, each series was an event of its own: one alert each."""
+    first: dict[tuple, str] = {}
+    kept, dropped = [], {}
+    for report in images:
+        same = _acquisition_of(report)
+        if same is not None and same in first:
+            dropped[report["sop_instance_uid"]] = first[same]
+            continue
+        if same is not None:
+            first[same] = report["sop_instance_uid"]
+        kept.append(report)
+    return kept, dropped
+
+
 def _retained(state: dict) -> list[dict]:
     reports = sorted(state["reports"].values(), key=lambda r: r["arrival"])
     dose_reports = [r for r in reports if r["source"] == "RDSR"]
     if not dose_reports:
-        return reports
+        return _first_of_each_acquisition(reports)[0]
     reported = _superseding(reports)
     images = [r for r in reports if r["source"] != "RDSR" and family(r["kind"]) not in reported]
+    images = _first_of_each_acquisition(images)[0]
     keys = [{event_key(r, e) for e in r["events"]} for r in dose_reports]
     kept = []
     for i, report in enumerate(dose_reports):
@@ -129,6 +175,23 @@ def _retained(state: dict) -> list[dict]:
             continue
         kept.append(report)
     return sorted([*images, *kept], key=lambda r: r["arrival"])
+
+
+# A procedure step's running totals, as a C-arm writes them into each image (headers.py): they only grow.
+_RUNNING_TOTALS = ("dap_Gym2", "entrance_dose_mGy", "irradiation_duration_s", "exposures")
+
+
+def _running_totals(earlier: dict, event: dict) -> dict:
+    """The largest of each running total of two images of one procedure step: the later image of the
+    step, whichever arrived last (a retried association, parallel sends). Before, the last to arrive
+    won, and an earlier image arriving late under-counted the step (41 % of its DAP in the audit)."""
+    if not str(event.get("event_key", "")).startswith("procedure-step:"):
+        return {}
+    return {
+        name: max(earlier[name], event[name])
+        for name in _RUNNING_TOTALS
+        if earlier.get(name) is not None and event.get(name) is not None
+    }
 
 
 def _distinct_events(reports: list[dict]) -> list[dict]:
@@ -142,6 +205,7 @@ def _distinct_events(reports: list[dict]) -> list[dict]:
             events[key] = {
                 **earlier,
                 **event,
+                **_running_totals(earlier, event),
                 "event_key": key,
                 "sop_instance_uid": report["sop_instance_uid"],
                 "kind": report["kind"],
@@ -153,22 +217,28 @@ def _distinct_events(reports: list[dict]) -> list[dict]:
 
 def superseded_events(state: dict) -> list[dict]:
     """The image-header events a dose report of their kind superseded, each with ``superseded_by`` (that
-    kind's first report): they were published before the report came, and must stop being counted.
+    kind's first report), and those of a reconstructed series whose acquisition an earlier series
+    already gave (``superseded_by``: that series' image): they may have been published before, and
+    must stop being counted (and their alerts withdrawn, agent.py).
 
     A pure function of the state, so a replay or a redelivery retracts the same events again. An
     event whose key a retained report also has (an image naming its IrradiationEventUID) is not
     retracted: the report's event replaces it under the same id."""
     reports = sorted(state["reports"].values(), key=lambda r: r["arrival"])
     reported = _superseding(reports)
-    images = [r for r in reports if r["source"] != "RDSR" and family(r["kind"]) in reported]
+    retained = _retained(state)
+    counted = {r["sop_instance_uid"] for r in retained}
+    images = [r for r in reports if r["source"] != "RDSR" and r["sop_instance_uid"] not in counted]
     if not images:
         return []
-    kept = {e["event_key"] for e in _distinct_events(_retained(state))}
-    return [
-        {**event, "superseded_by": reported[family(event["kind"])]}
-        for event in _distinct_events(images)
-        if event["event_key"] not in kept
-    ]
+    same_acquisition = _first_of_each_acquisition([r for r in reports if r["source"] != "RDSR"])[1]
+    kept = {e["event_key"] for e in _distinct_events(retained)}
+    out = []
+    for event in _distinct_events(images):
+        by = reported.get(family(event["kind"])) or same_acquisition.get(event["sop_instance_uid"])
+        if event["event_key"] not in kept and by:
+            out.append({**event, "superseded_by": by})
+    return out
 
 
 def _sum(values) -> float | None:

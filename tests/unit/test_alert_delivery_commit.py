@@ -15,6 +15,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
 from structlog.testing import capture_logs
 
+from diana.access.alerts.channels import Delivery
 from diana.access.alerts.delivery import DeliveryWorker, Ledger, Unavailable, handle_then_commit, until_done
 from diana.access.alerts.routing import Recipient, Routing
 from diana.schemas.codec import default_codec
@@ -210,8 +211,8 @@ def _worker(producer, send_ok: bool = True) -> tuple[DeliveryWorker, list]:
     worker.routing = Routing((Recipient("physicist", email="p@example.org"),))
     worker.states, worker.codec, worker.ledger = _States(), default_codec(), Ledger()
     worker.producer, worker._not_taken = producer, []
-    worker._send = lambda channel, address, alert, key: (  # type: ignore[method-assign]
-        sent.append(key) or SimpleNamespace(ok=send_ok, attempts=1, detail="" if send_ok else "refused")
+    worker._send = lambda channel, address, alert, key, attempts=None: (  # type: ignore[method-assign]
+        sent.append(key) or Delivery(send_ok, 1, "" if send_ok else "refused")
     )
     return worker, sent
 

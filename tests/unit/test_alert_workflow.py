@@ -147,3 +147,38 @@ def test_ledger_keeps_failures_until_a_delivery_follows():
     assert ledger.delivered == {key} and not ledger.failed
     ledger.add(failed)  # an old failure read after the delivery: stays delivered
     assert not ledger.failed
+
+
+def test_a_message_says_what_docs_dose_says_and_a_site_may_add_date_description_institution():
+    """Before, the study date, the free-text study description and the institution were sent, which
+    docs/DOSE.md did not list."""
+    from diana.access.alerts.channels import public
+
+    alert = {
+        **ALERT,
+        "study_instance_uid": "1.2.3",
+        "accession_number": "A1",
+        "protocol": "Head",
+        "study_date": "2024-03-15",
+        "study_description": "CT HEAD after fall",
+        "institution_name": "Hospital",
+    }
+    text = alert_text(alert)
+    assert "1.2.3" in text and "A1" in text and "Head" in text and "ct1" in text
+    assert not {"study_date", "study_description", "institution_name"} & set(public(alert))
+    assert "2024-03-15" not in text and "after fall" not in text and "Hospital" not in text
+    added = public(alert, ("study_date", "institution_name", "patient_id"))
+    assert added["study_date"] == "2024-03-15" and added["institution_name"] == "Hospital"
+    assert "patient_id" not in added and "study_description" not in added  # only the three may be added
+
+
+def test_a_field_outside_the_three_cannot_be_added(tmp_path: Path, monkeypatch):
+    from diana.access.alerts import delivery
+    from diana.access.alerts.routing import Routing
+    from diana.config import ConfigError, load_config
+
+    path = tmp_path / "d.toml"
+    path.write_text('[kafka]\nbootstrap = "127.0.0.1:1"\n[alerts]\nmessage_extra_fields = "study_date,patient_name"\n')
+    monkeypatch.setattr(delivery, "kafka_producer", lambda kafka, extra: None)
+    with pytest.raises(ConfigError, match="'patient_name' is not one of study_date, study_description"):
+        delivery.DeliveryWorker(load_config(path), Routing(()), None)  # type: ignore[arg-type]

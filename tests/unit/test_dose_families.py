@@ -523,3 +523,14 @@ def test_a_study_with_reports_of_two_kinds_has_one_modality_whatever_their_order
     one, _ = fold(ct, xa)
     other, _ = fold(xa, ct)
     assert one["modality"] == other["modality"] and one["kind"] == other["kind"]
+
+
+def test_c_arm_procedure_step_totals_are_the_largest_whichever_image_arrives_last():
+    """Two images of one step arriving in reverse order (a retried association, parallel sends): before,
+    the last to arrive won, and the study kept the earlier, smaller totals (12.0 of 20.5 dGy·cm²)."""
+    study = generate_uid()
+    first = img.c_arm_image(study, number=1, dap_dGycm2="12.0", fluoro_s=30, exposures=1)
+    second = img.c_arm_image(study, number=2, dap_dGycm2="20.5", fluoro_s=55, exposures=2)
+    summary, events = fold(second, first)
+    assert summary["events"] == 1 and math.isclose(summary["total_dap_Gym2"], 20.5e-5)
+    assert summary["fluoro_time_s"] == 55.0 and events[0]["exposures"] == 2.0
