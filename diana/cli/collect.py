@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
 from diana.cli._common import fail, stop_on_signals
 from diana.config import Config
+
+# The job ended, but a study failed or came partly, or a line's C-FIND failed or could not be used.
+EXIT_SHORT = 3
+EXIT_STATUSES = """exit status:
+  0    the job ended and everything found came (or was already in diana-star); a line that
+       found nothing (not_found) is an answer, not a failure
+  3    the job ended but something did not come: a study failed or partial, a line find_failed
+       or unparsable (see --report, or 'diana collect status JOB --report -')
+  1    Kafka or OpenSearch does not answer; run the same command again to resume
+  2    usage
+  130  stopped (Ctrl-C, SIGTERM); run the same command again to resume"""
 
 
 def _requests(args: argparse.Namespace):
@@ -29,7 +41,7 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
     from diana.producers.pacs_pull.completeness import IndexedCounter
     from diana.producers.pacs_pull.job import CollectJob, JobConflict, job_id_for
     from diana.producers.pacs_pull.ledger import JobLedger, JobState, load_events
-    from diana.producers.pacs_pull.report import summary_line, write_report
+    from diana.producers.pacs_pull.report import shortfall, summary_line, write_report
     from diana.producers.pacs_pull.requests import RequestError
     from diana.producers.pacs_pull.scu import PacsClient
     from diana.producers.pacs_pull.throttle import TimeWindows
@@ -115,7 +127,18 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
 
         uids = [s.study_instance_uid for s in job.studies.values() if s.state in ("STUDY_COMPLETE", "STUDY_SKIPPED")]
         args.out = args.export
-        return _cohort_export(cfg, args, counter.client, cfg.opensearch.index_prefix, uids)
+        code = _cohort_export(cfg, args, counter.client, cfg.opensearch.index_prefix, uids)
+        if code:
+            return code
+    short = shortfall(job)
+    if short:
+        # A script or scheduler must be able to tell that not everything asked for came.
+        where = f"--report FILE.csv, or 'diana collect status {job_id} --report -'"
+        print(
+            f"not everything came ({', '.join(f'{n} {name}' for name, n in short.items())}): see {where}",
+            file=sys.stderr,
+        )
+        return EXIT_SHORT
     return 0
 
 
@@ -152,7 +175,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Pull studies from the PACS of [collect] into diana-star: docs/COLLECT.md.",
     )
     collect_sub = collect.add_subparsers(dest="action", required=True, metavar="ACTION")
-    run = collect_sub.add_parser("run", help="run (or resume) a job", description=cmd_collect_run.__doc__)
+    run = collect_sub.add_parser(
+        "run",
+        help="run (or resume) a job",
+        description=inspect.cleandoc(cmd_collect_run.__doc__ or ""),  # raw below: the epilog's columns
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument(
         "input",
         nargs="?",

@@ -143,3 +143,104 @@ def test_a_study_found_by_two_lines_is_reported_on_both_and_counted_once():
         (3, "retrieved", "1.2.3"),
     ]
     assert summary_line(job) == "job j (done): 1 retrieved"
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+class _MemoryLedger:
+    def __init__(self, *_args) -> None:
+        self.events: list[str] = []
+
+    def record(self, event: str, **fields) -> dict:
+        self.events.append(event)
+        return {"job_id": "j", "at": datetime.now(UTC), "event": event, **fields}
+
+
+class _Index:
+    """The index's count of each study: ``have`` (uid -> count), else ``default``."""
+
+    def __init__(self, default: int = 0, have: dict[str, int] | None = None) -> None:
+        self.default, self.have, self.client = default, have or {}, None
+
+    def count(self, uid: str) -> int:
+        return self.have.get(uid, self.default)
+
+    def wait_for(self, uid, target, timeout_s, stop) -> int:
+        return self.count(uid)
+
+
+def _collect_cli(tmp_path: Path, monkeypatch, pacs, index: _Index, argv: list[str], conf: str = "") -> int:
+    """`diana collect run ...` in this process: Kafka, OpenSearch and the PACS stood in for (``pacs``
+    a class built as PacsClient is)."""
+    import diana.clients as clients
+    import diana.producers.pacs_pull.completeness as completeness
+    import diana.producers.pacs_pull.ledger as ledger
+    import diana.producers.pacs_pull.scu as scu
+    import diana.schemas.topics as topics
+    from diana.cli import main
+
+    monkeypatch.setattr(clients, "kafka_admin", lambda *a: None)
+    monkeypatch.setattr(clients, "opensearch_client", lambda *a: None)
+    monkeypatch.setattr(topics, "ensure_topics", lambda *a, **k: None)
+    monkeypatch.setattr(ledger, "load_events", lambda *a, **k: [])
+    monkeypatch.setattr(ledger, "JobLedger", _MemoryLedger)
+    monkeypatch.setattr(scu, "PacsClient", pacs)
+    monkeypatch.setattr(completeness, "IndexedCounter", lambda *a: index)
+    config = tmp_path / "diana.toml"
+    config.write_text("[collect]\nretries = 0\nverify_timeout_s = 0.05\npause_s = 0.05\n" + conf)
+    return main(["--config", str(config), "collect", "run", *argv, "--no-progress"])
+
+
+def _pacs(found: dict[str, list], moved: dict[str, tuple[int, int]]):
+    """A PACS whose C-FIND answers ``found`` (accession -> matches) and whose C-MOVE of a study ends
+    with ``moved[uid]`` (status, instances sent of 3)."""
+    from diana.producers.pacs_pull.scu import MoveResult
+
+    class Pacs:
+        def __init__(self, *_args) -> None:
+            self.move_destination, self.where = "DIANA", "PACS at test"
+
+        def find_studies(self, keys):
+            return found.get(keys.get("AccessionNumber", ""), [])
+
+        def move_study(self, uid, stop=None, **_kw):
+            status, sent = moved[uid]
+            return MoveResult(status, sent, 3 - sent, 0)
+
+    return Pacs
+
+
+def test_collect_run_exits_3_when_something_did_not_come(tmp_path: Path, monkeypatch, capsys):
+    """It exited 0 with studies failed: a script or scheduler could not tell. not_found is no failure."""
+    from diana.producers.pacs_pull.scu import StudyMatch
+
+    csv_file = tmp_path / "a.csv"
+    csv_file.write_text("AccessionNumber\nA1\nA2\nA*\n")
+    found = {"A1": [StudyMatch("1.1", "A1", 3)]}
+    assert _collect_cli(tmp_path, monkeypatch, _pacs(found, {"1.1": (0xC000, 0)}), _Index(), [str(csv_file)]) == 3
+    out, err = capsys.readouterr()
+    assert "1 failed" in out and "1 not_found" in out
+    assert "not everything came (1 failed, 1 unparsable)" in err and "diana collect status collect-" in err
+
+    csv_file.write_text("AccessionNumber\nA1\nA2\n")  # A2: not found, which is an answer
+    assert _collect_cli(tmp_path, monkeypatch, _pacs(found, {"1.1": (0, 3)}), _Index(3), [str(csv_file)]) == 0
+    assert "not everything came" not in capsys.readouterr().err
+
+
+def test_collect_run_exports_what_came_and_still_exits_3(tmp_path: Path, monkeypatch, capsys):
+    import diana.cli.access as access
+    from diana.producers.pacs_pull.scu import StudyMatch
+
+    exported: list[list[str]] = []
+    monkeypatch.setattr(access, "_cohort_export", lambda cfg, args, client, prefix, uids: exported.append(uids) or 0)
+    csv_file = tmp_path / "a.csv"
+    csv_file.write_text("AccessionNumber\nA1\nA2\n")
+    pacs = _pacs(
+        {"A1": [StudyMatch("1.1", "A1", 3)], "A2": [StudyMatch("1.2", "A2", 3)]}, {"1.1": (0, 3), "1.2": (0xC000, 0)}
+    )
+    code = _collect_cli(
+        tmp_path, monkeypatch, pacs, _Index(0, {"1.1": 3}), [str(csv_file), "--export", str(tmp_path / "o")]
+    )
+    assert code == 3 and exported == [["1.1"]]
+    assert "not everything came (1 failed)" in capsys.readouterr().err
