@@ -30,6 +30,20 @@ def _requests(args: argparse.Namespace):
     return [criteria_request(args.date_from or "", args.date_to or "", tuple(args.modality or ()))]
 
 
+def check_collect_run(args: argparse.Namespace) -> str | None:
+    """A usage error of `diana collect run` (argparse's, exit status 2), else None."""
+    given = [
+        f for f, v in (("--date-from", args.date_from), ("--date-to", args.date_to), ("--modality", args.modality)) if v
+    ]
+    if args.input and given:
+        # They were dropped without a word: every study of each line was pulled, of any date and modality.
+        return (
+            f"{'/'.join(given)} {'apply' if len(given) > 1 else 'applies'} without INPUT only (a job by criteria); with a file, put them on each "
+            f"line: a CSV with PatientID (or AccessionNumber, StudyInstanceUID) and DateFrom, DateTo, Modality columns"
+        )
+    return None
+
+
 def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
     """Find the input's studies on the PACS and have it send them to diana-star's receiver, throttled;
     running the same command again resumes the job where it stopped."""
@@ -206,7 +220,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from diana.access import research  # the Annex E option flags live beside their rules
 
     research.add_arguments(exp)
-    run.set_defaults(func=cmd_collect_run)
+    run.set_defaults(func=cmd_collect_run, check_args=check_collect_run)
 
     status = collect_sub.add_parser("status", help="a job's state", description=cmd_collect_status.__doc__)
     status.add_argument("job", metavar="JOB", help="the job id printed when the job started")

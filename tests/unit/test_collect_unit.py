@@ -244,3 +244,18 @@ def test_collect_run_exports_what_came_and_still_exits_3(tmp_path: Path, monkeyp
     )
     assert code == 3 and exported == [["1.1"]]
     assert "not everything came (1 failed)" in capsys.readouterr().err
+
+
+def test_collect_run_refuses_criteria_given_with_an_input_file(tmp_path: Path, capsys):
+    """--date-from/--date-to/--modality with a file were dropped without a word: every study of each
+    patient, of any date and modality, was pulled."""
+    from diana.cli import main
+
+    csv_file = tmp_path / "p.csv"
+    csv_file.write_text("PatientID\nP1\n")
+    for extra in (["--date-from", "2024-01-01", "--date-to", "2024-01-31"], ["--modality", "CT"]):
+        with pytest.raises(SystemExit) as exited:
+            main(["collect", "run", str(csv_file), *extra])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert "without INPUT only" in err and "DateFrom, DateTo, Modality columns" in err
