@@ -108,6 +108,19 @@ def _contradiction(keys: dict[str, str], answer: Dataset) -> str | None:
     return None
 
 
+def _find_failure(code: int, comment: str, answers: int) -> str:
+    """A C-FIND's failure status as a line of the report. Matches that came before it are not
+    retrieved (the list is incomplete, and a partial list retrieved silently looks whole), but they
+    are counted: a PACS out of resources (0xA700) or cancelling (0xFE00) at its own limit of matches
+    answers a narrower query."""
+    text = f"C-FIND failed with {status_text(code)}" + (f": {comment}" if comment else "")
+    if answers:
+        text += f"; {answers} matches came before it (an incomplete answer: none retrieved)"
+    if answers or code >> 8 == 0xA7 or code == 0xFE00:
+        text += "; narrow the line's query (a shorter date range, one modality)"
+    return text
+
+
 @contextmanager
 def _aborted_on(stop: threading.Event | None, assoc: Association) -> Iterator[None]:
     """Abort ``assoc`` as soon as ``stop`` is set, while the block runs."""
@@ -181,12 +194,14 @@ class PacsClient:
             setattr(query, name, keys.get(name, ""))
         query.NumberOfStudyRelatedInstances = ""
         matches: dict[str, StudyMatch] = {}
+        answers = 0
         with self._association(StudyRootQueryRetrieveInformationModelFind) as assoc:
             for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
                 if "Status" not in status:
                     raise PacsUnavailable(f"PACS {self.where} dropped the association during a C-FIND")
                 code = int(status.Status)
                 if code in _PENDING and identifier is not None:
+                    answers += 1
                     uid = str(identifier.get("StudyInstanceUID", "") or "")
                     contradicted = _contradiction(keys, identifier)
                     if contradicted:
@@ -198,10 +213,7 @@ class PacsClient:
                             _count(identifier.get("NumberOfStudyRelatedInstances")),
                         )
                 elif code not in _PENDING and code != 0x0000:
-                    comment = str(status.get("ErrorComment", "") or "")
-                    raise FindFailed(
-                        code, f"C-FIND failed with {status_text(code)}" + (f": {comment}" if comment else "")
-                    )
+                    raise FindFailed(code, _find_failure(code, str(status.get("ErrorComment", "") or ""), answers))
         return list(matches.values())
 
     def move_study(self, study_instance_uid: str, stop: threading.Event | None = None) -> MoveResult:

@@ -34,12 +34,14 @@ def _study(uid: str, accession: str, count: str) -> Dataset:
 
 
 @contextmanager
-def _pacs(found: list[Dataset], on_move: Callable) -> Iterator[tuple[int, list[str]]]:
+def _pacs(found: list[Dataset], on_move: Callable, final_find_status: int = 0x0000) -> Iterator[tuple[int, list[str]]]:
     moved: list[str] = []
 
     def find(event):
         for ds in found:
             yield 0xFF00, ds
+        if final_find_status:
+            yield final_find_status, None
 
     def move(event):
         moved.append(str(event.identifier.StudyInstanceUID))
@@ -256,3 +258,17 @@ def test_a_stop_leaves_the_studies_still_queued_unstarted():
     started = time.monotonic()
     job.run()
     assert time.monotonic() - started < 3 and len(counted) <= 4, (time.monotonic() - started, len(counted))
+
+
+def test_matches_before_a_find_failure_are_counted_and_the_line_says_to_narrow_it():
+    """A PACS at its limit of matches ends the C-FIND with a failure: the line stays find_failed (the
+    list is incomplete), but it said nothing of the matches that came nor what to do."""
+    found = [_study("1.2.3.4", "A1", "2"), _study("1.2.3.5", "A1", "2")]
+    for status in (0xA700, 0xC000, 0xFE00):
+        with _pacs(found, _destination_unknown, final_find_status=status) as (port, moved):
+            job, _ = _job(port)
+            state = job.run()
+        line = state.lines[2]
+        assert (line.state, line.pacs_status, state.studies, moved) == ("LINE_FAILED", f"0x{status:04X}", {}, [])
+        assert "2 matches came before it" in line.detail, line.detail
+        assert "narrow the line's query (a shorter date range, one modality)" in line.detail, line.detail
