@@ -237,10 +237,12 @@ class CollectJob:
                 self._pause(str(exc))
                 continue  # not the study's fault: does not use up a retry
             tries += 1
-            if expected is None and result.completed + result.failed + result.warning:
-                # The C-FIND did not say how many (not every PACS returns NumberOfStudyRelatedInstances):
-                # the retrieve's own count of sub-operations is the PACS's count.
-                expected = result.completed + result.failed + result.warning
+            moved = result.completed + result.failed + result.warning
+            if moved > (expected or 0):
+                # The C-FIND did not say how many (not every PACS returns NumberOfStudyRelatedInstances),
+                # or fewer than the retrieve moved (the study grew since, or the count was stale): the
+                # retrieve's own count of sub-operations is the PACS's count, and what to wait for.
+                expected = moved
             self._record(
                 "MOVE_ENDED",
                 study_instance_uid=uid,

@@ -272,3 +272,36 @@ def test_matches_before_a_find_failure_are_counted_and_the_line_says_to_narrow_i
         assert (line.state, line.pacs_status, state.studies, moved) == ("LINE_FAILED", f"0x{status:04X}", {}, [])
         assert "2 matches came before it" in line.detail, line.detail
         assert "narrow the line's query (a shorter date range, one modality)" in line.detail, line.detail
+
+
+def test_a_retrieve_moving_more_than_the_find_count_waits_for_all_it_moved():
+    """The C-FIND said 5, the C-MOVE sent 8 (the study grew, or the count was stale): the study was
+    recorded retrieved with 5 indexed while 3 were still in the pipeline."""
+    from diana.producers.pacs_pull.scu import MoveResult, StudyMatch
+
+    waited: list[int] = []
+
+    class Pacs:
+        def find_studies(self, keys):
+            return [StudyMatch("1.1", "A1", 5)]
+
+        def move_study(self, uid, stop=None, **_kw):
+            return MoveResult(0x0000, 8, 0, 0)
+
+    class Lagging(_NothingIndexed):
+        def wait_for(self, uid, target, timeout_s, stop):
+            waited.append(target)
+            return 5 if len(waited) == 1 else 8  # 3 more still in the pipeline at first
+
+    job = CollectJob(
+        CollectConfig(retries=1, backoff_s=0.01, verify_timeout_s=0.1),
+        JobState("j"),
+        [CollectRequest(2, "A1", accession_number="A1")],
+        _Ledger(),
+        Pacs(),  # type: ignore[arg-type]
+        Lagging(),
+        notify=lambda _t: None,
+    )
+    study = job.run().studies["1.1"]
+    assert (study.state, study.expected_instances, study.indexed_instances) == ("STUDY_COMPLETE", 8, 8)
+    assert waited == [8, 8]
