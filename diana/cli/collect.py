@@ -17,7 +17,8 @@ EXIT_STATUSES = """exit status:
        found nothing (not_found) is an answer, not a failure
   3    the job ended but something did not come: a study failed or partial, a line find_failed
        or unparsable (see --report, or 'diana collect status JOB --report -')
-  1    Kafka or OpenSearch does not answer; run the same command again to resume
+  1    Kafka or OpenSearch does not answer, or the PACS cannot serve the job as configured
+       (Study Root C-FIND or C-MOVE not accepted); run the same command again to resume
   2    usage
   130  stopped (Ctrl-C, SIGTERM); run the same command again to resume"""
 
@@ -57,7 +58,7 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
     from diana.producers.pacs_pull.ledger import JobLedger, JobState, load_events
     from diana.producers.pacs_pull.report import shortfall, summary_line, write_report
     from diana.producers.pacs_pull.requests import RequestError
-    from diana.producers.pacs_pull.scu import PacsClient
+    from diana.producers.pacs_pull.scu import PacsClient, PacsSetupError
     from diana.producers.pacs_pull.throttle import TimeWindows
     from diana.schemas.topics import ensure_topics, topic_settings
 
@@ -112,6 +113,12 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
             runner.retrieve_all()
     except JobConflict as exc:
         return fail("collect run", str(exc))
+    except PacsSetupError as exc:
+        return fail(
+            "collect run",
+            f"{exc}; no study was marked failed: once fixed, run the same command again to resume job {job_id}",
+            code=1,
+        )
     except OSConnectionError:
         return fail(
             "collect run",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import structlog
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (
@@ -25,7 +26,16 @@ from pynetdicom.sop_class import (
 from diana.config import CollectConfig
 from diana.outbound_association import outbound_association_handlers
 
-__all__ = ["PacsClient", "PacsUnavailable", "MoveAborted", "FindFailed", "StudyMatch", "MoveResult", "status_text"]
+__all__ = [
+    "PacsClient",
+    "PacsUnavailable",
+    "MoveAborted",
+    "PacsSetupError",
+    "FindFailed",
+    "StudyMatch",
+    "MoveResult",
+    "status_text",
+]
 
 log = structlog.get_logger("diana.collect")
 
@@ -40,6 +50,11 @@ class MoveAborted(PacsUnavailable):
     """The PACS dropped the association in the middle of a study's C-MOVE: the association was made,
     so the PACS is there; counted against the study's retries (a PACS that aborts on one study would
     otherwise be asked for it for ever)."""
+
+
+class PacsSetupError(RuntimeError):
+    """The PACS cannot serve a collect job as it is configured (it does not accept Study Root C-FIND
+    or C-MOVE): no study's fault, and waiting does not help, so the job stops and says what to fix."""
 
 
 class FindFailed(RuntimeError):
@@ -153,7 +168,7 @@ class PacsClient:
         self.move_destination = move_destination
         self.where = f"{settings.pacs_ae_title} at {settings.pacs_host}:{settings.pacs_port}"
 
-    def _ae(self, context: str) -> AE:
+    def _ae(self, context: UID) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
         ae.acse_timeout = ae.network_timeout = self.settings.timeout_s
         # A retrieve's answers come one per sub-operation (from some PACS only the final one, after all
@@ -166,8 +181,14 @@ class PacsClient:
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         return ae
 
+    def _not_accepted(self, context: UID) -> str:
+        return (
+            f"PACS {self.where} does not accept {context.name} ({context}) from us: diana collect needs "
+            f"Study Root C-FIND and C-MOVE (a PACS that allows only C-GET or Patient Root cannot be used yet)"
+        )
+
     @contextmanager
-    def _association(self, context: str) -> Iterator[Association]:
+    def _association(self, context: UID) -> Iterator[Association]:
         s = self.settings
         # The responses to the sending thread only: pynetdicom's reactor could take a C-FIND or C-MOVE
         # response off the queue (diana/outbound_association.py); Nagle off for the two-write requests.
@@ -175,6 +196,10 @@ class PacsClient:
             s.pacs_host, s.pacs_port, ae_title=s.pacs_ae_title, evt_handlers=outbound_association_handlers()
         )
         if not assoc.is_established:
+            if assoc.rejected_contexts and not assoc.accepted_contexts:
+                # The PACS answered, accepting none of what we asked for (pynetdicom then aborts):
+                # waiting for it would not help.
+                raise PacsSetupError(self._not_accepted(context))
             if assoc.is_rejected:
                 raise PacsUnavailable(
                     f"PACS {self.where} rejected the association: does it know our AE title {s.ae_title!r} "
@@ -182,6 +207,9 @@ class PacsClient:
                 )
             raise PacsUnavailable(f"PACS {self.where} does not answer (connection refused, aborted or timed out)")
         try:
+            # Otherwise pynetdicom's send_c_find/send_c_move raise a ValueError: a traceback, not a message.
+            if not any(c.abstract_syntax == context for c in assoc.accepted_contexts):
+                raise PacsSetupError(self._not_accepted(context))
             yield assoc
         finally:
             if assoc.is_established:

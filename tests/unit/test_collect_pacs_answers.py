@@ -34,7 +34,9 @@ def _study(uid: str, accession: str, count: str) -> Dataset:
 
 
 @contextmanager
-def _pacs(found: list[Dataset], on_move: Callable, final_find_status: int = 0x0000) -> Iterator[tuple[int, list[str]]]:
+def _pacs(
+    found: list[Dataset], on_move: Callable, final_find_status: int = 0x0000, contexts: tuple = (FIND, MOVE)
+) -> Iterator[tuple[int, list[str]]]:
     moved: list[str] = []
 
     def find(event):
@@ -48,8 +50,8 @@ def _pacs(found: list[Dataset], on_move: Callable, final_find_status: int = 0x00
         yield from on_move(event)
 
     ae = AE("PACS")
-    ae.add_supported_context(FIND)
-    ae.add_supported_context(MOVE)
+    for context in contexts:
+        ae.add_supported_context(context)
     server = ae.start_server(
         ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_FIND, find), (evt.EVT_C_MOVE, move)]
     )
@@ -305,3 +307,36 @@ def test_a_retrieve_moving_more_than_the_find_count_waits_for_all_it_moved():
     study = job.run().studies["1.1"]
     assert (study.state, study.expected_instances, study.indexed_instances) == ("STUDY_COMPLETE", 8, 8)
     assert waited == [8, 8]
+
+
+def test_a_pacs_without_study_root_move_or_find_stops_the_job_with_what_it_needs():
+    """A PACS that accepts the association but not the Study Root C-MOVE (C-GET only, Patient Root
+    only) or C-FIND: pynetdicom's ValueError came out of the job, a traceback on the command line."""
+    import pytest
+
+    from diana.producers.pacs_pull.scu import PacsSetupError
+
+    for contexts, missing, event in (
+        ((FIND,), "Study Root Query/Retrieve Information Model - MOVE", "LINE_FOUND"),
+        ((MOVE,), "Study Root Query/Retrieve Information Model - FIND", "JOB_STARTED"),
+    ):
+        with _pacs([_study("1.2.3.4", "A1", "5")], _destination_unknown, contexts=contexts) as (port, moved):
+            job, ledger = _job(port)
+            with pytest.raises(PacsSetupError) as raised:
+                job.run()
+        assert missing in str(raised.value) and "needs Study Root C-FIND and C-MOVE" in str(raised.value)
+        assert event in ledger.events and "STUDY_FAILED" not in ledger.events and moved == [], ledger.events
+
+
+def test_the_command_line_says_what_the_pacs_lacks_and_exits_1(tmp_path, monkeypatch, capsys):
+    from diana.producers.pacs_pull.scu import PacsClient
+    from tests.unit.test_collect_unit import _collect_cli, _Index
+
+    csv_file = tmp_path / "a.csv"
+    csv_file.write_text("AccessionNumber\nA1\n")
+    with _pacs([_study("1.2.3.4", "A1", "5")], _destination_unknown, contexts=(FIND,)) as (port, moved):
+        conf = f'pacs_host = "127.0.0.1"\npacs_port = {port}\ntimeout_s = 5\n'
+        assert _collect_cli(tmp_path, monkeypatch, PacsClient, _Index(), [str(csv_file)], conf) == 1
+    err = capsys.readouterr().err
+    assert "does not accept Study Root Query/Retrieve Information Model - MOVE" in err and "Traceback" not in err, err
+    assert "run the same command again to resume job collect-" in err
