@@ -185,6 +185,10 @@ class CollectJob:
         )
 
     def _retrieve_study(self, uid: str) -> None:
+        if self.stop.is_set():
+            # Queued studies still start until retrieve_all sees the stop (up to half a second later):
+            # not even the index is asked for them.
+            return
         study = self.job.studies[uid]
         # A count of 0 or less (recorded by an earlier version from such a C-FIND answer) says nothing.
         expected = study.expected_instances if (study.expected_instances or 0) > 0 else None
