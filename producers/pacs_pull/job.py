@@ -213,11 +213,24 @@ class CollectJob:
                 log.info("collect_retry", job=self.job.job_id, study=uid, attempt=tries + 1, wait_s=wait)
                 if self.stop.wait(wait):
                     return
-            if not self.gate.acquire(self.stop, self.notify):
+            place = self.gate.acquire(self.stop, self.notify)
+            if place is None:
                 return
-            self._record("MOVE_STARTED", study_instance_uid=uid, line=study.line, attempt=study.attempts + 1)
+            started = False
+
+            def begin() -> None:
+                # Recorded once the PACS took the association: a refused one is no retrieve, neither
+                # in the report's count nor in the hourly limit (its place is given back below).
+                nonlocal started
+                self._record("MOVE_STARTED", study_instance_uid=uid, line=study.line, attempt=study.attempts + 1)
+                started = True
+
             try:
-                result = self.pacs.move_study(uid, self.stop)
+                try:
+                    result = self.pacs.move_study(uid, self.stop, on_established=begin)
+                finally:
+                    if not started:
+                        self.gate.give_back(place)
             except MoveAborted as exc:
                 # The PACS was there and dropped this study's retrieve: a try used, as a failed C-MOVE.
                 tries += 1

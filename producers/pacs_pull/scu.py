@@ -9,7 +9,7 @@ on it instead of marking studies failed.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -244,15 +244,23 @@ class PacsClient:
                     raise FindFailed(code, _find_failure(code, str(status.get("ErrorComment", "") or ""), answers))
         return list(matches.values())
 
-    def move_study(self, study_instance_uid: str, stop: threading.Event | None = None) -> MoveResult:
+    def move_study(
+        self,
+        study_instance_uid: str,
+        stop: threading.Event | None = None,
+        on_established: Callable[[], None] = lambda: None,
+    ) -> MoveResult:
         """The study's C-MOVE to its end; ``stop`` set meanwhile aborts the association (a PACS may
-        take as long as it likes between answers, and the job is not held by it)."""
+        take as long as it likes between answers, and the job is not held by it). ``on_established``
+        is called once the PACS took the association, before the C-MOVE is sent: from there on it is
+        a retrieve (an association refused raises PacsUnavailable before)."""
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = study_instance_uid
         final: Dataset | None = None
         counts = {"completed": 0, "failed": 0, "warning": 0}
         with self._association(StudyRootQueryRetrieveInformationModelMove) as assoc, _aborted_on(stop, assoc):
+            on_established()
             for status, _identifier in assoc.send_c_move(
                 query, self.move_destination, StudyRootQueryRetrieveInformationModelMove
             ):

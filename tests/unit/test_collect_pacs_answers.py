@@ -169,7 +169,8 @@ def test_the_first_error_stops_the_job_before_other_retrieves_start():
         def find_studies(self, keys):
             return [StudyMatch(uid, "A1", 5) for uid in ("1.1", "1.2", "1.3", "1.4", "1.5")]
 
-        def move_study(self, uid, stop=None):
+        def move_study(self, uid, stop=None, on_established=lambda: None):
+            on_established()  # the PACS took the association
             started.append(uid)
             if uid == "1.2":
                 raise RuntimeError("the index is gone")
@@ -235,7 +236,8 @@ def test_a_stop_leaves_the_studies_still_queued_unstarted():
         def find_studies(self, keys):
             return [StudyMatch(f"1.{n}", "A1", 5) for n in range(1, 201)]
 
-        def move_study(self, uid, stop=None):
+        def move_study(self, uid, stop=None, on_established=lambda: None):
+            on_established()  # the PACS took the association
             stop.wait(5)  # aborted by stop, as a real C-MOVE
             return MoveResult(0, 5, 0, 0)
 
@@ -289,7 +291,8 @@ def test_a_retrieve_moving_more_than_the_find_count_waits_for_all_it_moved():
         def find_studies(self, keys):
             return [StudyMatch("1.1", "A1", 5)]
 
-        def move_study(self, uid, stop=None, **_kw):
+        def move_study(self, uid, stop=None, on_established=lambda: None):
+            on_established()  # the PACS took the association
             return MoveResult(0x0000, 8, 0, 0)
 
     class Lagging(_NothingIndexed):
@@ -342,3 +345,60 @@ def test_the_command_line_says_what_the_pacs_lacks_and_exits_1(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert "does not accept Study Root Query/Retrieve Information Model - MOVE" in err and "Traceback" not in err, err
     assert "run the same command again to resume job collect-" in err
+
+
+def test_a_refused_association_is_no_retrieve_and_takes_no_place_in_the_hour():
+    """A PACS at its association limit refusing three times, then taking the retrieve: each refusal
+    was recorded as a retrieve (MOVE_STARTED) and took one of studies_per_hour's places."""
+    from diana.producers.pacs_pull.scu import MoveResult, PacsUnavailable, StudyMatch
+
+    calls: list[str] = []
+
+    class Pacs:
+        where = "PACS at test"
+
+        def find_studies(self, keys):
+            return [StudyMatch("1.1", "A1", 3)]
+
+        def move_study(self, uid, stop=None, on_established=lambda: None):
+            calls.append(uid)
+            if len(calls) <= 3:
+                raise PacsUnavailable("rejected the association")  # before any association: no call back
+            on_established()
+            return MoveResult(0, 3, 0, 0)
+
+    class ArrivesWhenSent(_NothingIndexed):
+        def wait_for(self, uid, target, timeout_s, stop):
+            return 3
+
+    ledger = _Ledger()
+    job = CollectJob(
+        CollectConfig(retries=1, backoff_s=0.01, verify_timeout_s=0.1, pause_s=0.01, studies_per_hour=100),
+        JobState("j"),
+        [CollectRequest(2, "A1", accession_number="A1")],
+        ledger,
+        Pacs(),  # type: ignore[arg-type]
+        ArrivesWhenSent(),
+        notify=lambda _t: None,
+    )
+    study = job.run().studies["1.1"]
+    assert (study.state, study.attempts, len(calls)) == ("STUDY_COMPLETE", 1, 4)
+    assert ledger.events.count("MOVE_STARTED") == 1 and ledger.events.count("JOB_PAUSED") == 3
+    assert len(job.gate._starts) == 1
+
+
+def test_a_pacs_that_does_not_answer_a_retrieve_records_no_retrieve():
+    """The real client against a port nobody listens on: the job pauses, records no MOVE_STARTED and
+    gives the hour's place back."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again when the job runs: connection refused
+    stop = threading.Event()
+    job, ledger = _job(port, stop, studies_per_hour=10)
+    job.job.apply({"event": "STUDY_FOUND", "study_instance_uid": "1.2.3.4", "line": 2, "expected_instances": 5})
+    threading.Timer(1.0, stop.set).start()
+    job.retrieve_all()
+    assert "JOB_PAUSED" in ledger.events and "MOVE_STARTED" not in ledger.events, ledger.events
+    assert job.job.studies["1.2.3.4"].attempts == 0 and len(job.gate._starts) == 0

@@ -96,6 +96,18 @@ def test_hourly_limit_counts_starts_before_a_restart():
     assert said and "2 studies started in the last hour" in said[0]
 
 
+def test_a_place_given_back_is_free_again():
+    """A retrieve whose association the PACS refused gives its place in the hour back (it took one)."""
+    stop = threading.Event()
+    gate = StartGate(TimeWindows(""), per_hour=1)
+    place = gate.acquire(stop, print)
+    assert place is not None
+    gate.give_back(place)
+    threading.Timer(2.0, stop.set).start()  # a guard: the place not given back would wait an hour
+    started = time.monotonic()
+    assert gate.acquire(stop, print) is not None and time.monotonic() - started < 1
+
+
 def _event(kind: str, **fields) -> dict:
     return {"job_id": "j", "at": datetime.now(UTC), "event": kind, **fields}
 
@@ -204,7 +216,8 @@ def _pacs(found: dict[str, list], moved: dict[str, tuple[int, int]]):
         def find_studies(self, keys):
             return found.get(keys.get("AccessionNumber", ""), [])
 
-        def move_study(self, uid, stop=None, **_kw):
+        def move_study(self, uid, stop=None, on_established=lambda: None):
+            on_established()  # the PACS took the association
             status, sent = moved[uid]
             return MoveResult(status, sent, 3 - sent, 0)
 
