@@ -18,7 +18,8 @@ EXIT_STATUSES = """exit status:
   3    the job ended but something did not come: a study failed or partial, a line find_failed
        or unparsable (see --report, or 'diana collect status JOB --report -')
   1    Kafka or OpenSearch does not answer, or the PACS cannot serve the job as configured
-       (Study Root C-FIND or C-MOVE not accepted); run the same command again to resume
+       (move destination unknown, Study Root C-FIND or C-MOVE not accepted); once fixed, run
+       the same command again to resume
   2    usage
   130  stopped (Ctrl-C, SIGTERM); run the same command again to resume"""
 
@@ -58,7 +59,7 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
     from diana.producers.pacs_pull.ledger import JobLedger, JobState, load_events
     from diana.producers.pacs_pull.report import shortfall, summary_line, write_report
     from diana.producers.pacs_pull.requests import RequestError
-    from diana.producers.pacs_pull.scu import PacsClient, PacsSetupError
+    from diana.producers.pacs_pull.scu import MoveDestinationUnknown, PacsClient, PacsSetupError
     from diana.producers.pacs_pull.throttle import TimeWindows
     from diana.schemas.topics import ensure_topics, topic_settings
 
@@ -113,6 +114,17 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
             runner.retrieve_all()
     except JobConflict as exc:
         return fail("collect run", str(exc))
+    except MoveDestinationUnknown as exc:
+        named_by = "[collect] move_destination" if settings.move_destination else "[receiver] ae_title"
+        host = "this host's address" if cfg.receiver.host in ("", "0.0.0.0", "::") else cfg.receiver.host
+        return fail(
+            "collect run",
+            f"{exc}: the move destination is {destination!r} ({named_by}); configure {destination!r} on the "
+            f"PACS as a move destination with our receiver's host and port ({host}, port {cfg.receiver.port}), "
+            f"and check that the receiver runs; no study was marked failed: then run the same command again "
+            f"to resume job {job_id}",
+            code=1,
+        )
     except PacsSetupError as exc:
         return fail(
             "collect run",

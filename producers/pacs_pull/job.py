@@ -23,8 +23,10 @@ from diana.producers.pacs_pull.completeness import IndexedCounter
 from diana.producers.pacs_pull.ledger import TERMINAL_LINE, JobLedger, JobState, StudyState
 from diana.producers.pacs_pull.requests import CollectRequest
 from diana.producers.pacs_pull.scu import (
+    MOVE_DESTINATION_UNKNOWN,
     FindFailed,
     MoveAborted,
+    MoveDestinationUnknown,
     MoveResult,
     PacsClient,
     PacsUnavailable,
@@ -144,8 +146,10 @@ class CollectJob:
 
     def retrieve_all(self) -> None:
         todo = [s.study_instance_uid for s in self.job.studies.values() if not s.done]
+        errors: list[BaseException] = []
         with ThreadPoolExecutor(max_workers=max(1, self.settings.concurrency), thread_name_prefix="collect") as pool:
-            pending = {pool.submit(self._retrieve_study, uid) for uid in todo}
+            pending = {pool.submit(self._retrieve_or_stop, uid) for uid in todo}
+            raising = False
             try:
                 while pending and not self.stop.is_set():
                     # Whichever fails first, at once (not in the order submitted); a bounded wait, so
@@ -154,6 +158,7 @@ class CollectJob:
                     for future in done:
                         future.result()
             except BaseException:
+                raising = True
                 self.stop.set()
                 raise
             finally:
@@ -162,8 +167,16 @@ class CollectJob:
                 # record as it is. Errors of those that ended meanwhile are said, not lost.
                 pool.shutdown(wait=True, cancel_futures=True)
                 for future in pending:
-                    if future.done() and not future.cancelled() and future.exception() is not None:
-                        log.error("collect_study_error", job=self.job.job_id, error=repr(future.exception()))
+                    if future.done() and not future.cancelled() and (error := future.exception()) is not None:
+                        errors.append(error)
+                if raising:
+                    for error in errors:
+                        log.error("collect_study_error", job=self.job.job_id, error=repr(error))
+        if errors:
+            # The stop a failing worker set was seen before its error: the error is the job's end.
+            for error in errors[1:]:
+                log.error("collect_study_error", job=self.job.job_id, error=repr(error))
+            raise errors[0]
         if not self.stop.is_set():
             self._record("JOB_DONE", detail=json.dumps(self.job.counts(), sort_keys=True))
 
@@ -184,6 +197,15 @@ class CollectJob:
             study, "STUDY_COMPLETE", indexed_instances=have, expected_instances=expected, detail=f"{have} instances"
         )
 
+    def _retrieve_or_stop(self, uid: str) -> None:
+        try:
+            self._retrieve_study(uid)
+        except BaseException:
+            # Set here, in the worker: its thread would otherwise take the next queued study before
+            # retrieve_all sees the error (a PACS that does not know our move destination got one more).
+            self.stop.set()
+            raise
+
     def _retrieve_study(self, uid: str) -> None:
         if self.stop.is_set():
             # Queued studies still start until retrieve_all sees the stop (up to half a second later):
@@ -195,7 +217,7 @@ class CollectJob:
         s = self.settings
         # Already in diana-star? After a restart mid-retrieve, give the pipeline time to index what arrived.
         if expected:
-            if study.attempts:
+            if study.arriving:
                 have = self.counter.wait_for(uid, expected, s.verify_timeout_s, self.stop)
             else:
                 have = self.counter.count(uid)
@@ -253,6 +275,20 @@ class CollectJob:
                     return
                 self._pause(str(exc))
                 continue  # not the study's fault: does not use up a retry
+            if result.status == MOVE_DESTINATION_UNKNOWN:
+                # The same for every study: the job stops, and this one is not failed (nor its try counted).
+                self._record(
+                    "MOVE_ENDED",
+                    study_instance_uid=uid,
+                    line=study.line,
+                    attempt=study.attempts,
+                    pacs_status=status_text(result.status),
+                    completed=result.completed,
+                    failed=result.failed,
+                    warning=result.warning,
+                    detail="the PACS does not know the move destination: the job stopped",
+                )
+                raise MoveDestinationUnknown(self.pacs.move_destination, self.pacs.where)
             tries += 1
             moved = result.completed + result.failed + result.warning
             if moved > (expected or 0):

@@ -31,6 +31,8 @@ __all__ = [
     "PacsUnavailable",
     "MoveAborted",
     "PacsSetupError",
+    "MoveDestinationUnknown",
+    "MOVE_DESTINATION_UNKNOWN",
     "FindFailed",
     "StudyMatch",
     "MoveResult",
@@ -55,6 +57,21 @@ class MoveAborted(PacsUnavailable):
 class PacsSetupError(RuntimeError):
     """The PACS cannot serve a collect job as it is configured (it does not accept Study Root C-FIND
     or C-MOVE): no study's fault, and waiting does not help, so the job stops and says what to fix."""
+
+
+# C-MOVE: Refused, Move Destination unknown (PS3.4 C.4.2.1.5); some PACS answer so too when they
+# cannot connect to the destination's host and port.
+MOVE_DESTINATION_UNKNOWN = 0xA801
+
+
+class MoveDestinationUnknown(PacsSetupError):
+    """The PACS answered a C-MOVE with 0xA801: it does not know our move destination (or cannot reach
+    it). Every study would fail the same way: a setup to fix, not a study's failure."""
+
+    def __init__(self, destination: str, where: str):
+        super().__init__(f"PACS {where} does not know the move destination {destination!r} (C-MOVE status 0xA801)")
+        self.destination = destination
+        self.where = where
 
 
 class FindFailed(RuntimeError):

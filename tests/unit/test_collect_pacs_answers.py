@@ -104,13 +104,18 @@ def _job(port: int, stop: threading.Event | None = None, **settings) -> tuple[Co
     return job, ledger
 
 
+def _nothing_sent(event):
+    yield "127.0.0.1", 1  # never reached: no sub-operation
+    yield 0  # success, with nothing sent
+
+
 def _destination_unknown(event):
     yield None, None  # 0xA801: nothing sent
 
 
 def test_a_count_of_0_or_less_is_no_count_and_nothing_received_is_no_study():
     for count in ("0", "-1"):
-        with _pacs([_study("1.2.3.4", "A1", count)], _destination_unknown) as (port, moved):
+        with _pacs([_study("1.2.3.4", "A1", count)], _nothing_sent) as (port, moved):
             job, _ = _job(port)
             state = job.run()
         study = state.studies["1.2.3.4"]
@@ -119,7 +124,7 @@ def test_a_count_of_0_or_less_is_no_count_and_nothing_received_is_no_study():
 
 def test_a_match_that_contradicts_the_request_is_not_retrieved():
     found = [_study("1.2.3.4", "A1", "2"), _study("9.9.9", "OTHER", "3")]  # a PACS that ignored the accession
-    with _pacs(found, _destination_unknown) as (port, moved):
+    with _pacs(found, _nothing_sent) as (port, moved):
         job, _ = _job(port)
         state = job.run()
     assert set(state.studies) == {"1.2.3.4"} and set(moved) == {"1.2.3.4"}
@@ -271,7 +276,7 @@ def test_matches_before_a_find_failure_are_counted_and_the_line_says_to_narrow_i
     list is incomplete), but it said nothing of the matches that came nor what to do."""
     found = [_study("1.2.3.4", "A1", "2"), _study("1.2.3.5", "A1", "2")]
     for status in (0xA700, 0xC000, 0xFE00):
-        with _pacs(found, _destination_unknown, final_find_status=status) as (port, moved):
+        with _pacs(found, _nothing_sent, final_find_status=status) as (port, moved):
             job, _ = _job(port)
             state = job.run()
         line = state.lines[2]
@@ -325,7 +330,7 @@ def test_a_pacs_without_study_root_move_or_find_stops_the_job_with_what_it_needs
         ((FIND,), "Study Root Query/Retrieve Information Model - MOVE", "LINE_FOUND"),
         ((MOVE,), "Study Root Query/Retrieve Information Model - FIND", "JOB_STARTED"),
     ):
-        with _pacs([_study("1.2.3.4", "A1", "5")], _destination_unknown, contexts=contexts) as (port, moved):
+        with _pacs([_study("1.2.3.4", "A1", "5")], _nothing_sent, contexts=contexts) as (port, moved):
             job, ledger = _job(port)
             with pytest.raises(PacsSetupError) as raised:
                 job.run()
@@ -339,7 +344,7 @@ def test_the_command_line_says_what_the_pacs_lacks_and_exits_1(tmp_path, monkeyp
 
     csv_file = tmp_path / "a.csv"
     csv_file.write_text("AccessionNumber\nA1\n")
-    with _pacs([_study("1.2.3.4", "A1", "5")], _destination_unknown, contexts=(FIND,)) as (port, moved):
+    with _pacs([_study("1.2.3.4", "A1", "5")], _nothing_sent, contexts=(FIND,)) as (port, moved):
         conf = f'pacs_host = "127.0.0.1"\npacs_port = {port}\ntimeout_s = 5\n'
         assert _collect_cli(tmp_path, monkeypatch, PacsClient, _Index(), [str(csv_file)], conf) == 1
     err = capsys.readouterr().err
@@ -402,3 +407,57 @@ def test_a_pacs_that_does_not_answer_a_retrieve_records_no_retrieve():
     job.retrieve_all()
     assert "JOB_PAUSED" in ledger.events and "MOVE_STARTED" not in ledger.events, ledger.events
     assert job.job.studies["1.2.3.4"].attempts == 0 and len(job.gate._starts) == 0
+
+
+def test_a_move_destination_the_pacs_does_not_know_stops_the_job_and_fails_no_study():
+    """0xA801 (move destination unknown) is the same for every study: each used up its retries and the
+    whole cohort ended failed, final, for a setting to fix on the PACS."""
+    import pytest
+
+    from diana.producers.pacs_pull.scu import MoveDestinationUnknown
+
+    found = [_study(f"1.2.3.{n}", "A1", "5") for n in range(5)]
+    with _pacs(found, _destination_unknown) as (port, moved):
+        job, ledger = _job(port)
+        with pytest.raises(MoveDestinationUnknown) as raised:
+            job.run()
+    assert "'DIANA'" in str(raised.value) and "0xA801" in str(raised.value)
+    assert len(moved) <= 2 and "STUDY_FAILED" not in ledger.events and "JOB_DONE" not in ledger.events
+    # run again once fixed: the study's retrieve ended having sent nothing, so nothing to wait for
+    study = job.job.studies[moved[0]]
+    assert (study.state, study.pacs_status, study.arriving) == ("MOVE_ENDED", "0xA801", False)
+    from diana.producers.pacs_pull.scu import MoveResult
+
+    class Fixed:
+        def find_studies(self, keys):
+            raise AssertionError("the line was resolved before")
+
+        def move_study(self, uid, stop=None, on_established=lambda: None):
+            on_established()
+            return MoveResult(0, 5, 0, 0)
+
+    class Arrives(_NothingIndexed):
+        def wait_for(self, uid, target, timeout_s, stop):
+            return 5
+
+    again = CollectJob(job.settings, job.job, job.requests, ledger, Fixed(), Arrives(), notify=lambda _t: None)  # type: ignore[arg-type]
+    state = again.run()
+    assert {s.state for s in state.studies.values()} == {"STUDY_COMPLETE"} and ledger.events[-1] == "JOB_DONE"
+
+
+def test_the_command_line_names_the_move_destination_and_how_to_fix_it(tmp_path, monkeypatch, capsys):
+    from diana.producers.pacs_pull.scu import PacsClient
+    from tests.unit.test_collect_unit import _collect_cli, _Index
+
+    csv_file = tmp_path / "a.csv"
+    csv_file.write_text("AccessionNumber\nA1\n")
+    with _pacs([_study("1.2.3.4", "A1", "5")], _destination_unknown) as (port, moved):
+        conf = f'pacs_host = "127.0.0.1"\npacs_port = {port}\ntimeout_s = 5\n[receiver]\nport = 11112\n'
+        assert _collect_cli(tmp_path, monkeypatch, PacsClient, _Index(), [str(csv_file)], conf) == 1
+        err = capsys.readouterr().err
+        assert "move destination is 'DIANA' ([receiver] ae_title)" in err, err
+        assert "with our receiver's host and port (this host's address, port 11112)" in err
+        assert "no study was marked failed" in err and "Traceback" not in err
+        conf = f'move_destination = "DIANA-PULL"\npacs_host = "127.0.0.1"\npacs_port = {port}\ntimeout_s = 5\n'
+        assert _collect_cli(tmp_path, monkeypatch, PacsClient, _Index(), [str(csv_file)], conf) == 1
+        assert "move destination is 'DIANA-PULL' ([collect] move_destination)" in capsys.readouterr().err
