@@ -229,6 +229,7 @@ class CollectJob:
         result: MoveResult | None = None
         have = 0
         tries = 0
+        busy = 0  # retrieves the PACS refused for want of resources, not counted as tries
         while tries <= s.retries and not self.stop.is_set():
             if tries:
                 wait = s.backoff_s * 2 ** (tries - 1)
@@ -289,6 +290,24 @@ class CollectJob:
                     detail="the PACS does not know the move destination: the job stopped",
                 )
                 raise MoveDestinationUnknown(self.pacs.move_destination, self.pacs.where)
+            if result.status >> 8 == 0xA7 and busy < s.retries:
+                # Out of resources (0xA701, 0xA702...): the PACS is busy, not this study at fault; a pause
+                # as for a PACS that does not answer. At most `retries` of them, then tries: a PACS that
+                # always says so of this study cannot hold the job for ever.
+                busy += 1
+                self._record(
+                    "MOVE_ENDED",
+                    study_instance_uid=uid,
+                    line=study.line,
+                    attempt=study.attempts,
+                    pacs_status=status_text(result.status),
+                    completed=result.completed,
+                    failed=result.failed,
+                    warning=result.warning,
+                    detail=f"the PACS is out of resources ({busy} of at most {s.retries} pauses): not counted as a try",
+                )
+                self._pause(f"PACS {self.pacs.where} is out of resources ({status_text(result.status)}), busy")
+                continue
             tries += 1
             moved = result.completed + result.failed + result.warning
             if moved > (expected or 0):

@@ -461,3 +461,56 @@ def test_the_command_line_names_the_move_destination_and_how_to_fix_it(tmp_path,
         conf = f'move_destination = "DIANA-PULL"\npacs_host = "127.0.0.1"\npacs_port = {port}\ntimeout_s = 5\n'
         assert _collect_cli(tmp_path, monkeypatch, PacsClient, _Index(), [str(csv_file)], conf) == 1
         assert "move destination is 'DIANA-PULL' ([collect] move_destination)" in capsys.readouterr().err
+
+
+def _scripted_job(answers: list[int], retries: int) -> tuple[CollectJob, _Ledger, list[str]]:
+    """A job of one study (3 instances) whose C-MOVEs end with ``answers`` in turn (the last one
+    again after); 0x0000 sends all 3, any other status none."""
+    from diana.producers.pacs_pull.scu import MoveResult, StudyMatch
+
+    moves: list[str] = []
+
+    class Pacs:
+        where = "PACS at test"
+        move_destination = "DIANA"
+
+        def find_studies(self, keys):
+            return [StudyMatch("1.1", "A1", 3)]
+
+        def move_study(self, uid, stop=None, on_established=lambda: None):
+            on_established()
+            status = answers[min(len(moves), len(answers) - 1)]
+            moves.append(uid)
+            return MoveResult(status, 3 if status == 0 else 0, 0 if status == 0 else 3, 0)
+
+    class Index(_NothingIndexed):
+        def wait_for(self, uid, target, timeout_s, stop):
+            return 3 if answers[min(len(moves), len(answers)) - 1] == 0 else 0
+
+    ledger = _Ledger()
+    job = CollectJob(
+        CollectConfig(retries=retries, backoff_s=0.01, verify_timeout_s=0.1, pause_s=0.01),
+        JobState("j"),
+        [CollectRequest(2, "A1", accession_number="A1")],
+        ledger,
+        Pacs(),  # type: ignore[arg-type]
+        Index(),
+        notify=lambda _t: None,
+    )
+    return job, ledger, moves
+
+
+def test_a_pacs_out_of_resources_pauses_the_job_without_using_up_the_studys_tries():
+    """0xA702 (out of resources) is the PACS busy, not the study: it used up the study's tries, and in
+    a busy hour studies ended failed, for good, for the PACS's load."""
+    job, ledger, moves = _scripted_job([0xA702, 0xC000, 0x0000], retries=1)
+    study = job.run().studies["1.1"]
+    assert (study.state, len(moves), ledger.events.count("JOB_PAUSED")) == ("STUDY_COMPLETE", 3, 1)
+
+
+def test_a_pacs_always_out_of_resources_for_a_study_pauses_at_most_retries_times():
+    job, ledger, moves = _scripted_job([0xA701], retries=2)
+    study = job.run().studies["1.1"]
+    # two pauses, then the three tries of a study (1 + retries)
+    assert (study.state, study.pacs_status, len(moves)) == ("STUDY_FAILED", "0xA701", 5)
+    assert ledger.events.count("JOB_PAUSED") == 2 and ledger.events[-1] == "JOB_DONE"
