@@ -59,7 +59,7 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
     from diana.producers.pacs_pull.ledger import JobLedger, JobState, load_events
     from diana.producers.pacs_pull.report import shortfall, summary_line, write_report
     from diana.producers.pacs_pull.requests import RequestError
-    from diana.producers.pacs_pull.scu import MoveDestinationUnknown, PacsClient, PacsSetupError
+    from diana.producers.pacs_pull.scu import MoveDestinationUnknown, PacsClient, PacsSetupError, ReceiverProbe
     from diana.producers.pacs_pull.throttle import TimeWindows
     from diana.schemas.topics import ensure_topics, topic_settings
 
@@ -104,6 +104,10 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
         notify=lambda text: tqdm.write(text, file=sys.stderr),
         on_study_done=study_done,
         stop=stop,
+        # Sent to our receiver: C-ECHOed before retrieves. Sent to another AE: its business.
+        receiver=ReceiverProbe(cfg.receiver, settings.ae_title, settings.pause_s)
+        if destination == cfg.receiver.ae_title
+        else None,
     )
     try:
         runner.start()

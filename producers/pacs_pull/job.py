@@ -30,6 +30,7 @@ from diana.producers.pacs_pull.scu import (
     MoveResult,
     PacsClient,
     PacsUnavailable,
+    ReceiverProbe,
     status_text,
 )
 from diana.producers.pacs_pull.throttle import StartGate, TimeWindows
@@ -66,6 +67,7 @@ class CollectJob:
         notify: Callable[[str], None] = print,
         on_study_done: Callable[[StudyState], None] = lambda _s: None,
         stop: threading.Event | None = None,
+        receiver: ReceiverProbe | None = None,
     ):
         self.settings = settings
         self.job = job
@@ -76,6 +78,7 @@ class CollectJob:
         self.notify = notify
         self.on_study_done = on_study_done
         self.stop = stop or threading.Event()
+        self.receiver = receiver  # None: the PACS sends elsewhere ([collect] move_destination)
         self._lock = threading.Lock()
         earlier = [t for s in job.studies.values() for t in s.move_starts]
         self.gate = StartGate(TimeWindows(settings.windows), settings.studies_per_hour, earlier)
@@ -239,6 +242,12 @@ class CollectJob:
             place = self.gate.acquire(self.stop, self.notify)
             if place is None:
                 return
+            problem = self.receiver.problem() if self.receiver is not None else None
+            if problem:
+                # Not the study's fault, nor the PACS's: paused, the hour's place given back.
+                self.gate.give_back(place)
+                self._pause(problem)
+                continue
             started = False
 
             def begin() -> None:

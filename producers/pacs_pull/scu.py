@@ -9,6 +9,7 @@ on it instead of marking studies failed.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,9 +22,10 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
+    Verification,
 )
 
-from diana.config import CollectConfig
+from diana.config import CollectConfig, ReceiverConfig
 from diana.outbound_association import outbound_association_handlers
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "FindFailed",
     "StudyMatch",
     "MoveResult",
+    "ReceiverProbe",
     "status_text",
 ]
 
@@ -300,3 +303,52 @@ class PacsClient:
         if final is None:
             raise PacsUnavailable(f"PACS {self.where} gave no answer to a C-MOVE")
         return MoveResult(int(final.Status), **counts)
+
+
+class ReceiverProbe:
+    """Our own receiver, C-ECHOed before a retrieve has the PACS send to it: a PACS sending to a
+    receiver that does not run fails the study (or answers 0xA801), for our fault. At most one C-ECHO
+    every ``every_s`` (its answer is kept meanwhile): not one per study."""
+
+    # A receiver that runs answers at once; one that does not is refused at once, or not routed.
+    TIMEOUT_S = 10.0
+
+    def __init__(self, receiver: ReceiverConfig, calling_ae: str, every_s: float):
+        self.ae_title = receiver.ae_title
+        # Bound to every address (the default): it answers on this host's loopback.
+        self.host = "127.0.0.1" if receiver.host in ("", "0.0.0.0", "::") else receiver.host
+        self.port = receiver.port
+        self.calling_ae = calling_ae
+        self.every_s = every_s
+        self._lock = threading.Lock()
+        self._checked: float | None = None
+        self._problem: str | None = None
+        self.echoes = 0  # how many were sent (the tests count them)
+
+    def problem(self) -> str | None:
+        """Why our receiver cannot take a retrieve now, or None when it answers."""
+        with self._lock:  # workers asking at once share one C-ECHO
+            if self._checked is None or time.monotonic() - self._checked >= self.every_s:
+                self._problem = self._echo()
+                self._checked = time.monotonic()
+            return self._problem
+
+    def _echo(self) -> str | None:
+        self.echoes += 1
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = self.TIMEOUT_S
+        ae.add_requested_context(Verification)
+        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title)
+        if assoc.is_established:
+            try:
+                answered = "Status" in assoc.send_c_echo()
+            finally:
+                assoc.release()
+            if answered:
+                return None
+        elif assoc.is_rejected:
+            return None  # it runs, and refuses us ([receiver] allowed_calling_aes): the PACS calls as itself
+        return (
+            f"our receiver {self.ae_title!r} at {self.host}:{self.port} ([receiver] ae_title, host, port) does "
+            f"not answer a C-ECHO; start it (diana run, or diana receive), or the PACS fails the studies sent to it"
+        )

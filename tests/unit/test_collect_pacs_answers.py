@@ -514,3 +514,64 @@ def test_a_pacs_always_out_of_resources_for_a_study_pauses_at_most_retries_times
     # two pauses, then the three tries of a study (1 + retries)
     assert (study.state, study.pacs_status, len(moves)) == ("STUDY_FAILED", "0xA701", 5)
     assert ledger.events.count("JOB_PAUSED") == 2 and ledger.events[-1] == "JOB_DONE"
+
+
+@contextmanager
+def _receiver() -> Iterator[tuple[int, list[str]]]:
+    """Our receiver as a Verification SCP in this process: its port, and the C-ECHOs it answered."""
+    from pynetdicom.sop_class import Verification
+
+    echoes: list[str] = []
+
+    def echo(event):
+        echoes.append(event.assoc.requestor.ae_title)
+        return 0x0000
+
+    ae = AE("DIANA")
+    ae.add_supported_context(Verification)
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_ECHO, echo)])
+    try:
+        yield server.server_address[1], echoes
+    finally:
+        server.shutdown()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed again when used: connection refused
+
+
+def test_a_receiver_that_does_not_answer_pauses_the_job_before_the_pacs_fails_the_study():
+    """The PACS was asked to send to our receiver while it was down: each study used up its tries
+    and ended failed, for our fault."""
+    from diana.config import ReceiverConfig
+    from diana.producers.pacs_pull.scu import ReceiverProbe
+
+    port = _closed_port()
+    said: list[str] = []
+    stop = threading.Event()
+    with _pacs([_study("1.2.3.4", "A1", "5")], _nothing_sent) as (pacs_port, moved):
+        job, ledger = _job(pacs_port, stop, studies_per_hour=10)
+        job.notify = said.append
+        job.receiver = ReceiverProbe(ReceiverConfig(host="0.0.0.0", port=port), "DIANA-COLLECT", every_s=0.1)
+        threading.Timer(1.0, stop.set).start()
+        job.run()
+    assert moved == [] and "MOVE_STARTED" not in ledger.events and len(job.gate._starts) == 0
+    assert "JOB_PAUSED" in ledger.events and "STUDY_FAILED" not in ledger.events
+    assert f"our receiver 'DIANA' at 127.0.0.1:{port}" in said[0] and "does not answer" in said[0], said
+    assert "start it" in said[0]
+
+
+def test_our_receiver_is_echoed_at_most_once_per_pause():
+    from diana.config import ReceiverConfig
+    from diana.producers.pacs_pull.scu import ReceiverProbe
+
+    with _receiver() as (port, echoes):
+        probe = ReceiverProbe(ReceiverConfig(ae_title="DIANA", host="127.0.0.1", port=port), "DIANA-COLLECT", 60)
+        started = time.monotonic()
+        assert [probe.problem() for _ in range(50)] == [None] * 50
+        took = time.monotonic() - started
+    assert echoes == ["DIANA-COLLECT"] and took < 1, (echoes, took)

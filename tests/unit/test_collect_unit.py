@@ -198,6 +198,8 @@ def _collect_cli(tmp_path: Path, monkeypatch, pacs, index: _Index, argv: list[st
     monkeypatch.setattr(ledger, "load_events", lambda *a, **k: [])
     monkeypatch.setattr(ledger, "JobLedger", _MemoryLedger)
     monkeypatch.setattr(scu, "PacsClient", pacs)
+    # Our receiver answers (no C-ECHO to a port another job may use).
+    monkeypatch.setattr(scu, "ReceiverProbe", lambda *a: type("Up", (), {"problem": lambda self: None})())
     monkeypatch.setattr(completeness, "IndexedCounter", lambda *a: index)
     config = tmp_path / "diana.toml"
     config.write_text("[collect]\nretries = 0\nverify_timeout_s = 0.05\npause_s = 0.05\n" + conf)
