@@ -56,7 +56,7 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
     from diana.clients import kafka_admin, opensearch_client
     from diana.producers.pacs_pull.completeness import IndexedCounter
     from diana.producers.pacs_pull.job import CollectJob, JobConflict, job_id_for
-    from diana.producers.pacs_pull.ledger import JobLedger, JobState, load_events
+    from diana.producers.pacs_pull.ledger import RETRIED_STUDY, JobLedger, JobState, load_events
     from diana.producers.pacs_pull.report import shortfall, summary_line, write_report
     from diana.producers.pacs_pull.requests import RequestError
     from diana.producers.pacs_pull.scu import MoveDestinationUnknown, PacsClient, PacsSetupError, ReceiverProbe
@@ -84,7 +84,9 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     stop = stop_on_signals()
-    done_before = sum(1 for s in job.studies.values() if s.done)
+    done_before = sum(
+        1 for s in job.studies.values() if s.done and not (args.retry_failed and s.state in RETRIED_STUDY)
+    )
     bar = tqdm(
         total=max(len(job.studies), 1), initial=done_before, unit="study", desc="collect", disable=args.no_progress
     )
@@ -108,6 +110,7 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
         receiver=ReceiverProbe(cfg.receiver, settings.ae_title, settings.pause_s)
         if destination == cfg.receiver.ae_title
         else None,
+        retry_failed=args.retry_failed,
     )
     try:
         runner.start()
@@ -171,8 +174,13 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
     if short:
         # A script or scheduler must be able to tell that not everything asked for came.
         where = f"--report FILE.csv, or 'diana collect status {job_id} --report -'"
+        again = (
+            "; once the cause is fixed, the same command with --retry-failed tries them again"
+            if set(short) - {"unparsable"}
+            else ""
+        )
         print(
-            f"not everything came ({', '.join(f'{n} {name}' for name, n in short.items())}): see {where}",
+            f"not everything came ({', '.join(f'{n} {name}' for name, n in short.items())}): see {where}{again}",
             file=sys.stderr,
         )
         return EXIT_SHORT
@@ -231,6 +239,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--modality", action="append", metavar="M", help="without INPUT: only these modalities (repeatable)"
     )
     run.add_argument("--job", metavar="ID", help="the job id (default: derived from the input, so a rerun resumes)")
+    run.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="try again the studies that ended failed or partial and the lines whose C-FIND failed "
+        "(once their cause is fixed; without it a finished job changes nothing)",
+    )
     run.add_argument("--report", metavar="FILE.csv", help="write the job's report here at the end")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     exp = run.add_argument_group("export once done (the objects of the studies retrieved or already present)")

@@ -20,7 +20,14 @@ import structlog
 
 from diana.config import CollectConfig
 from diana.producers.pacs_pull.completeness import IndexedCounter
-from diana.producers.pacs_pull.ledger import TERMINAL_LINE, JobLedger, JobState, StudyState
+from diana.producers.pacs_pull.ledger import (
+    RETRIED_LINE,
+    RETRIED_STUDY,
+    TERMINAL_LINE,
+    JobLedger,
+    JobState,
+    StudyState,
+)
 from diana.producers.pacs_pull.requests import CollectRequest
 from diana.producers.pacs_pull.scu import (
     MOVE_DESTINATION_UNKNOWN,
@@ -68,6 +75,7 @@ class CollectJob:
         on_study_done: Callable[[StudyState], None] = lambda _s: None,
         stop: threading.Event | None = None,
         receiver: ReceiverProbe | None = None,
+        retry_failed: bool = False,
     ):
         self.settings = settings
         self.job = job
@@ -79,6 +87,8 @@ class CollectJob:
         self.on_study_done = on_study_done
         self.stop = stop or threading.Event()
         self.receiver = receiver  # None: the PACS sends elsewhere ([collect] move_destination)
+        # Studies ended failed or partial and lines whose C-FIND failed are tried again (--retry-failed).
+        self.retry_failed = retry_failed
         self._lock = threading.Lock()
         earlier = [t for s in job.studies.values() for t in s.move_starts]
         self.gate = StartGate(TimeWindows(settings.windows), settings.studies_per_hour, earlier)
@@ -114,7 +124,8 @@ class CollectJob:
                 return
             line = self.job.lines.get(request.line)
             if line is not None and line.state in TERMINAL_LINE:
-                continue
+                if not (self.retry_failed and line.state in RETRIED_LINE):
+                    continue
             if request.error:
                 self._record("LINE_UNPARSABLE", line=request.line, input=request.text, detail=request.error)
                 continue
@@ -148,7 +159,7 @@ class CollectJob:
                 break
 
     def retrieve_all(self) -> None:
-        todo = [s.study_instance_uid for s in self.job.studies.values() if not s.done]
+        todo = [s.study_instance_uid for s in self.job.studies.values() if not s.done or self._retried(s)]
         errors: list[BaseException] = []
         with ThreadPoolExecutor(max_workers=max(1, self.settings.concurrency), thread_name_prefix="collect") as pool:
             pending = {pool.submit(self._retrieve_or_stop, uid) for uid in todo}
@@ -182,6 +193,10 @@ class CollectJob:
             raise errors[0]
         if not self.stop.is_set():
             self._record("JOB_DONE", detail=json.dumps(self.job.counts(), sort_keys=True))
+
+    def _retried(self, study: StudyState) -> bool:
+        """Ended failed or partial, and to be tried again now (its MOVE_STARTED makes it not done)."""
+        return self.retry_failed and study.state in RETRIED_STUDY
 
     def run(self) -> JobState:
         self.start()

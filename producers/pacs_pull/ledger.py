@@ -23,10 +23,24 @@ from diana.config import KafkaConfig
 from diana.schemas.codec import DecodeError, default_codec
 from diana.schemas.topics import COLLECT_JOBS
 
-__all__ = ["JobLedger", "JobState", "StudyState", "LineState", "load_events", "TERMINAL_STUDY", "TERMINAL_LINE"]
+__all__ = [
+    "JobLedger",
+    "JobState",
+    "StudyState",
+    "LineState",
+    "load_events",
+    "TERMINAL_STUDY",
+    "TERMINAL_LINE",
+    "RETRIED_STUDY",
+    "RETRIED_LINE",
+]
 
 TERMINAL_STUDY = ("STUDY_COMPLETE", "STUDY_SKIPPED", "STUDY_PARTIAL", "STUDY_FAILED")
 TERMINAL_LINE = ("LINE_UNPARSABLE", "LINE_NOT_FOUND", "LINE_FAILED", "LINE_FOUND")
+# Final, but tried again with `collect run --retry-failed` (once the cause is fixed). An unparsable line
+# is not: the same file gives the same line.
+RETRIED_STUDY = ("STUDY_PARTIAL", "STUDY_FAILED")
+RETRIED_LINE = ("LINE_FAILED",)
 
 
 class JobLedger:

@@ -182,9 +182,11 @@ class _Index:
         return self.count(uid)
 
 
-def _collect_cli(tmp_path: Path, monkeypatch, pacs, index: _Index, argv: list[str], conf: str = "") -> int:
+def _collect_cli(
+    tmp_path: Path, monkeypatch, pacs, index: _Index, argv: list[str], conf: str = "", events: list | None = None
+) -> int:
     """`diana collect run ...` in this process: Kafka, OpenSearch and the PACS stood in for (``pacs``
-    a class built as PacsClient is)."""
+    a class built as PacsClient is; ``events`` the job's record so far)."""
     import diana.clients as clients
     import diana.producers.pacs_pull.completeness as completeness
     import diana.producers.pacs_pull.ledger as ledger
@@ -195,7 +197,7 @@ def _collect_cli(tmp_path: Path, monkeypatch, pacs, index: _Index, argv: list[st
     monkeypatch.setattr(clients, "kafka_admin", lambda *a: None)
     monkeypatch.setattr(clients, "opensearch_client", lambda *a: None)
     monkeypatch.setattr(topics, "ensure_topics", lambda *a, **k: None)
-    monkeypatch.setattr(ledger, "load_events", lambda *a, **k: [])
+    monkeypatch.setattr(ledger, "load_events", lambda *a, **k: list(events or []))
     monkeypatch.setattr(ledger, "JobLedger", _MemoryLedger)
     monkeypatch.setattr(scu, "PacsClient", pacs)
     # Our receiver answers (no C-ECHO to a port another job may use).
@@ -274,3 +276,72 @@ def test_collect_run_refuses_criteria_given_with_an_input_file(tmp_path: Path, c
         assert exited.value.code == 2
         err = capsys.readouterr().err
         assert "without INPUT only" in err and "DateFrom, DateTo, Modality columns" in err
+
+
+def test_a_study_retrieved_again_after_it_failed_is_not_done_and_the_job_not_finished():
+    events = [
+        _event("JOB_STARTED", input="[]"),
+        _event("STUDY_FOUND", line=2, study_instance_uid="1.2", expected_instances=3),
+        _event("LINE_FOUND", line=2, input="A1", pacs_status="0x0000"),
+        _event("LINE_FAILED", line=3, input="A2", pacs_status="0xC000"),
+        _event("MOVE_STARTED", line=2, study_instance_uid="1.2", attempt=1),
+        _event("MOVE_ENDED", line=2, study_instance_uid="1.2", pacs_status="0xC000", completed=0, failed=3),
+        _event("STUDY_FAILED", line=2, study_instance_uid="1.2", indexed_instances=0),
+        _event("JOB_DONE", detail="{}"),
+    ]
+    job = JobState.fold("j", events)
+    assert job.finished and job.studies["1.2"].done
+    job = JobState.fold(
+        "j",
+        events
+        + [_event("JOB_STARTED", input="[]"), _event("MOVE_STARTED", line=2, study_instance_uid="1.2", attempt=2)],
+    )
+    study = job.studies["1.2"]
+    assert not job.finished and not study.done and study.arriving and study.attempts == 2
+
+
+def test_collect_run_retry_failed_tries_failed_studies_and_lines_again(tmp_path: Path, monkeypatch, capsys):
+    """Failed, partial and find_failed were final: after fixing the cause, only a new --job name (a
+    new job, every study looked up again) tried them again."""
+    from diana.producers.pacs_pull.job import criteria_of
+    from diana.producers.pacs_pull.scu import StudyMatch
+
+    csv_file = tmp_path / "a.csv"
+    csv_file.write_text("AccessionNumber\nA1\nA2\nA3\n")
+    earlier = [
+        _event("JOB_STARTED", input=criteria_of(parse_csv(csv_file))),
+        _event("STUDY_FOUND", line=2, study_instance_uid="1.1", expected_instances=3),
+        _event("LINE_FOUND", line=2, input="A1", pacs_status="0x0000"),
+        _event("STUDY_FOUND", line=3, study_instance_uid="1.2", expected_instances=3),
+        _event("LINE_FOUND", line=3, input="A2", pacs_status="0x0000"),
+        _event("LINE_FAILED", line=4, input="A3", pacs_status="0xA700", detail="C-FIND failed"),
+        _event("MOVE_STARTED", line=2, study_instance_uid="1.1", attempt=1),
+        _event("MOVE_ENDED", line=2, study_instance_uid="1.1", pacs_status="0xC000", completed=0, failed=3),
+        _event("STUDY_FAILED", line=2, study_instance_uid="1.1", indexed_instances=0),
+        _event("MOVE_STARTED", line=3, study_instance_uid="1.2", attempt=1),
+        _event("MOVE_ENDED", line=3, study_instance_uid="1.2", pacs_status="0xB000", completed=2, failed=1),
+        _event("STUDY_PARTIAL", line=3, study_instance_uid="1.2", indexed_instances=2),
+        _event("JOB_DONE", detail="{}"),
+    ]
+    found = {"A1": [StudyMatch("1.1", "A1", 3)], "A2": [StudyMatch("1.2", "A2", 3)], "A3": [StudyMatch("1.3", "A3", 3)]}
+    moves = {"1.1": (0, 3), "1.2": (0, 3), "1.3": (0, 3)}
+    index = _Index(3, {"1.1": 0, "1.2": 2, "1.3": 0})
+    # without the flag: final, nothing asked of the PACS
+    assert _collect_cli(tmp_path, monkeypatch, _pacs({}, {}), index, [str(csv_file)], events=earlier) == 3
+    out, err = capsys.readouterr()
+    assert "1 failed, 1 find_failed, 1 partial" in out and "--retry-failed tries them again" in err
+
+    class Arrives(_Index):
+        def wait_for(self, uid, target, timeout_s, stop):
+            return 3
+
+    code = _collect_cli(
+        tmp_path,
+        monkeypatch,
+        _pacs(found, moves),
+        Arrives(0, {"1.2": 2}),
+        [str(csv_file), "--retry-failed"],
+        events=earlier,
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "(done): 3 retrieved" in out, out
