@@ -2,9 +2,12 @@
 
 First each line of the input not yet resolved is looked up on the PACS (C-FIND); then each study
 found and not yet finished is retrieved by at most ``concurrency`` workers, each waiting at the
-start gate (time windows, studies per hour). A retrieve is recorded as started before the C-MOVE and
-as ended after; it counts as complete once the index holds the PACS's instance count. A study short
-of it is retrieved again after a backoff, then reported partial (or failed, when nothing arrived).
+start gate (time windows, studies per hour). A retrieve is recorded as started once the PACS took
+its association (before the C-MOVE) and as ended after; it counts as complete once the index holds
+the PACS's instance count. A study short of it is retrieved again after a backoff, then reported
+partial (or failed, when nothing arrived). What is no study's fault does not use up its tries: a
+PACS that does not answer or is out of resources (0xA7xx), or our receiver not answering, pauses
+the job; a PACS that cannot serve it as configured (0xA801, no Study Root C-FIND or C-MOVE) stops it.
 """
 
 from __future__ import annotations
@@ -215,6 +218,19 @@ class CollectJob:
             study, "STUDY_COMPLETE", indexed_instances=have, expected_instances=expected, detail=f"{have} instances"
         )
 
+    def _move_ended(self, study: StudyState, result: MoveResult, **fields: Any) -> None:
+        self._record(
+            "MOVE_ENDED",
+            study_instance_uid=study.study_instance_uid,
+            line=study.line,
+            attempt=study.attempts,
+            pacs_status=status_text(result.status),
+            completed=result.completed,
+            failed=result.failed,
+            warning=result.warning,
+            **fields,
+        )
+
     def _retrieve_or_stop(self, uid: str) -> None:
         try:
             self._retrieve_study(uid)
@@ -241,7 +257,8 @@ class CollectJob:
                 have = self.counter.count(uid)
             if have >= expected:
                 event = "STUDY_COMPLETE" if study.attempts else "STUDY_SKIPPED"
-                detail = "retrieved before a restart" if study.attempts else "already complete in diana-star"
+                # after a restart, or with --retry-failed (what was short came late)
+                detail = "retrieved by an earlier retrieve" if study.attempts else "already complete in diana-star"
                 self._finish(study, event, indexed_instances=have, detail=detail)
                 return
         result: MoveResult | None = None
@@ -302,33 +319,15 @@ class CollectJob:
                 continue  # not the study's fault: does not use up a retry
             if result.status == MOVE_DESTINATION_UNKNOWN:
                 # The same for every study: the job stops, and this one is not failed (nor its try counted).
-                self._record(
-                    "MOVE_ENDED",
-                    study_instance_uid=uid,
-                    line=study.line,
-                    attempt=study.attempts,
-                    pacs_status=status_text(result.status),
-                    completed=result.completed,
-                    failed=result.failed,
-                    warning=result.warning,
-                    detail="the PACS does not know the move destination: the job stopped",
-                )
+                self._move_ended(study, result, detail="the PACS does not know the move destination: the job stopped")
                 raise MoveDestinationUnknown(self.pacs.move_destination, self.pacs.where)
             if result.status >> 8 == 0xA7 and busy < s.retries:
                 # Out of resources (0xA701, 0xA702...): the PACS is busy, not this study at fault; a pause
                 # as for a PACS that does not answer. At most `retries` of them, then tries: a PACS that
                 # always says so of this study cannot hold the job for ever.
                 busy += 1
-                self._record(
-                    "MOVE_ENDED",
-                    study_instance_uid=uid,
-                    line=study.line,
-                    attempt=study.attempts,
-                    pacs_status=status_text(result.status),
-                    completed=result.completed,
-                    failed=result.failed,
-                    warning=result.warning,
-                    detail=f"the PACS is out of resources ({busy} of at most {s.retries} pauses): not counted as a try",
+                self._move_ended(
+                    study, result, detail=f"the PACS is out of resources ({busy} of at most {s.retries} pauses): no try"
                 )
                 self._pause(f"PACS {self.pacs.where} is out of resources ({status_text(result.status)}), busy")
                 continue
@@ -339,18 +338,8 @@ class CollectJob:
                 # or fewer than the retrieve moved (the study grew since, or the count was stale): the
                 # retrieve's own count of sub-operations is the PACS's count, and what to wait for.
                 expected = moved
-            self._record(
-                "MOVE_ENDED",
-                study_instance_uid=uid,
-                line=study.line,
-                attempt=study.attempts,
-                pacs_status=status_text(result.status),
-                completed=result.completed,
-                failed=result.failed,
-                warning=result.warning,
-                # recorded, so that a restart knows the count to wait for before retrieving again
-                expected_instances=expected,
-            )
+            # the count recorded, so that a restart knows what to wait for before retrieving again
+            self._move_ended(study, result, expected_instances=expected)
             # Wait for what the PACS says it sent to be indexed: all of the study when it reported success.
             sent = result.completed + result.warning
             want = expected if expected is not None and result.success else sent

@@ -3,7 +3,9 @@
 Each call opens its own association (a retrieve may run for minutes; concurrent retrieves each need
 their own), so the number of retrieves running is the number of associations the PACS sees.
 A PACS that cannot be reached or refuses the association raises ``PacsUnavailable``: the job pauses
-on it instead of marking studies failed.
+on it instead of marking studies failed. One that cannot serve a collect job as configured (no Study
+Root C-FIND or C-MOVE; our move destination unknown) raises ``PacsSetupError``: the job stops.
+``ReceiverProbe`` C-ECHOes our own receiver before retrieves sent to it.
 """
 
 from __future__ import annotations
