@@ -25,9 +25,12 @@ EXIT_STATUSES = """exit status:
 
 
 def _requests(args: argparse.Namespace):
-    from diana.producers.pacs_pull.requests import criteria_request, parse_csv
+    from diana.producers.pacs_pull.requests import RequestError, criteria_request, parse_csv
 
     if args.input:
+        problem = check_collect_run(args)  # main() refuses it first; here too for any other caller
+        if problem:
+            raise RequestError(problem)
         return parse_csv(Path(args.input))
     return [criteria_request(args.date_from or "", args.date_to or "", tuple(args.modality or ()))]
 

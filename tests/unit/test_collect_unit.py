@@ -276,6 +276,11 @@ def test_collect_run_refuses_criteria_given_with_an_input_file(tmp_path: Path, c
         assert exited.value.code == 2
         err = capsys.readouterr().err
         assert "without INPUT only" in err and "DateFrom, DateTo, Modality columns" in err
+    from diana.cli import build_parser
+    from diana.cli.collect import _requests
+
+    with pytest.raises(RequestError, match="without INPUT only"):  # the command's own reading of its input
+        _requests(build_parser().parse_args(["collect", "run", str(csv_file), "--modality", "CT"]))
 
 
 def test_a_study_retrieved_again_after_it_failed_is_not_done_and_the_job_not_finished():
