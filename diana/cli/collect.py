@@ -109,9 +109,11 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
         notify=lambda text: tqdm.write(text, file=sys.stderr),
         on_study_done=study_done,
         stop=stop,
-        # Sent to our receiver: C-ECHOed before retrieves. Sent to another AE: its business.
+        # Sent to our receiver: C-ECHOed before retrieves. Sent to another AE: its business. A receiver
+        # on DICOM over TLS is not probed (a plain C-ECHO cannot reach it, and this host may hold no
+        # client certificate): a job would pause for ever on a receiver that runs.
         receiver=ReceiverProbe(cfg.receiver, settings.ae_title, settings.pause_s)
-        if destination == cfg.receiver.ae_title
+        if destination == cfg.receiver.ae_title and not cfg.receiver.tls_cert_file
         else None,
         retry_failed=args.retry_failed,
     )
