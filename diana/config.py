@@ -445,12 +445,14 @@ class CollectConfig:
     # When retrieves may start, local time, e.g. "22:00-06:00" or "12:00-13:00,20:00-23:59"; empty: always.
     windows: str = ""
     # A study short of the PACS's instance count is retrieved again this many times, waiting
-    # backoff_s, then twice as long each time; then it is reported partial.
+    # backoff_s, then twice as long each time; then it is reported partial. Also the most pauses a
+    # study's retrieves answered "out of resources" (0xA7xx) get before those count as tries.
     retries: int = 3
     backoff_s: float = 30.0
     # After a retrieve, how long the pulled objects may take to appear in the index.
     verify_timeout_s: float = 120.0
-    # A PACS that does not answer: the job pauses and tries again after this many seconds.
+    # A PACS that does not answer or is out of resources, or our receiver not answering a C-ECHO
+    # (asked at most once per pause_s): the job pauses and tries again after this many seconds.
     pause_s: float = 60.0
     # DIMSE and network timeouts towards the PACS.
     timeout_s: float = 60.0

@@ -3,19 +3,50 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
 from diana.cli._common import fail, stop_on_signals
 from diana.config import Config
 
+# The job ended, but a study failed or came partly, or a line's C-FIND failed or could not be used.
+EXIT_SHORT = 3
+EXIT_STATUSES = """exit status:
+  0    the job ended and everything found came (or was already in diana-star); a line that
+       found nothing (not_found) is an answer, not a failure
+  3    the job ended but something did not come: a study failed or partial, a line find_failed
+       or unparsable (see --report, or 'diana collect status JOB --report -')
+  1    Kafka or OpenSearch does not answer, or the PACS cannot serve the job as configured
+       (move destination unknown, Study Root C-FIND or C-MOVE not accepted); once fixed, run
+       the same command again to resume
+  2    usage
+  130  stopped (Ctrl-C, SIGTERM); run the same command again to resume"""
+
 
 def _requests(args: argparse.Namespace):
-    from diana.producers.pacs_pull.requests import criteria_request, parse_csv
+    from diana.producers.pacs_pull.requests import RequestError, criteria_request, parse_csv
 
     if args.input:
+        problem = check_collect_run(args)  # main() refuses it first; here too for any other caller
+        if problem:
+            raise RequestError(problem)
         return parse_csv(Path(args.input))
     return [criteria_request(args.date_from or "", args.date_to or "", tuple(args.modality or ()))]
+
+
+def check_collect_run(args: argparse.Namespace) -> str | None:
+    """A usage error of `diana collect run` (argparse's, exit status 2), else None."""
+    given = [
+        f for f, v in (("--date-from", args.date_from), ("--date-to", args.date_to), ("--modality", args.modality)) if v
+    ]
+    if args.input and given:
+        # They were dropped without a word: every study of each line was pulled, of any date and modality.
+        return (
+            f"{'/'.join(given)} {'apply' if len(given) > 1 else 'applies'} without INPUT only (a job by criteria); with a file, put them on each "
+            f"line: a CSV with PatientID (or AccessionNumber, StudyInstanceUID) and DateFrom, DateTo, Modality columns"
+        )
+    return None
 
 
 def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
@@ -28,10 +59,10 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
     from diana.clients import kafka_admin, opensearch_client
     from diana.producers.pacs_pull.completeness import IndexedCounter
     from diana.producers.pacs_pull.job import CollectJob, JobConflict, job_id_for
-    from diana.producers.pacs_pull.ledger import JobLedger, JobState, load_events
-    from diana.producers.pacs_pull.report import summary_line, write_report
+    from diana.producers.pacs_pull.ledger import RETRIED_STUDY, JobLedger, JobState, load_events
+    from diana.producers.pacs_pull.report import shortfall, summary_line, write_report
     from diana.producers.pacs_pull.requests import RequestError
-    from diana.producers.pacs_pull.scu import PacsClient
+    from diana.producers.pacs_pull.scu import MoveDestinationUnknown, PacsClient, PacsSetupError, ReceiverProbe
     from diana.producers.pacs_pull.throttle import TimeWindows
     from diana.schemas.topics import ensure_topics, topic_settings
 
@@ -56,7 +87,9 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     stop = stop_on_signals()
-    done_before = sum(1 for s in job.studies.values() if s.done)
+    done_before = sum(
+        1 for s in job.studies.values() if s.done and not (args.retry_failed and s.state in RETRIED_STUDY)
+    )
     bar = tqdm(
         total=max(len(job.studies), 1), initial=done_before, unit="study", desc="collect", disable=args.no_progress
     )
@@ -76,6 +109,13 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
         notify=lambda text: tqdm.write(text, file=sys.stderr),
         on_study_done=study_done,
         stop=stop,
+        # Sent to our receiver: C-ECHOed before retrieves. Sent to another AE: its business. A receiver
+        # on DICOM over TLS is not probed (a plain C-ECHO cannot reach it, and this host may hold no
+        # client certificate): a job would pause for ever on a receiver that runs.
+        receiver=ReceiverProbe(cfg.receiver, settings.ae_title, settings.pause_s)
+        if destination == cfg.receiver.ae_title and not cfg.receiver.tls_cert_file
+        else None,
+        retry_failed=args.retry_failed,
     )
     try:
         runner.start()
@@ -86,6 +126,23 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
             runner.retrieve_all()
     except JobConflict as exc:
         return fail("collect run", str(exc))
+    except MoveDestinationUnknown as exc:
+        named_by = "[collect] move_destination" if settings.move_destination else "[receiver] ae_title"
+        host = "this host's address" if cfg.receiver.host in ("", "0.0.0.0", "::") else cfg.receiver.host
+        return fail(
+            "collect run",
+            f"{exc}: the move destination is {destination!r} ({named_by}); configure {destination!r} on the "
+            f"PACS as a move destination with our receiver's host and port ({host}, port {cfg.receiver.port}), "
+            f"and check that the receiver runs; no study was marked failed: then run the same command again "
+            f"to resume job {job_id}",
+            code=1,
+        )
+    except PacsSetupError as exc:
+        return fail(
+            "collect run",
+            f"{exc}; no study was marked failed: once fixed, run the same command again to resume job {job_id}",
+            code=1,
+        )
     except OSConnectionError:
         return fail(
             "collect run",
@@ -115,7 +172,23 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
 
         uids = [s.study_instance_uid for s in job.studies.values() if s.state in ("STUDY_COMPLETE", "STUDY_SKIPPED")]
         args.out = args.export
-        return _cohort_export(cfg, args, counter.client, cfg.opensearch.index_prefix, uids)
+        code = _cohort_export(cfg, args, counter.client, cfg.opensearch.index_prefix, uids)
+        if code:
+            return code
+    short = shortfall(job)
+    if short:
+        # A script or scheduler must be able to tell that not everything asked for came.
+        where = f"--report FILE.csv, or 'diana collect status {job_id} --report -'"
+        again = (
+            "; once the cause is fixed, the same command with --retry-failed tries them again"
+            if set(short) - {"unparsable"}
+            else ""
+        )
+        print(
+            f"not everything came ({', '.join(f'{n} {name}' for name, n in short.items())}): see {where}{again}",
+            file=sys.stderr,
+        )
+        return EXIT_SHORT
     return 0
 
 
@@ -152,7 +225,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Pull studies from the PACS of [collect] into diana-star: docs/COLLECT.md.",
     )
     collect_sub = collect.add_subparsers(dest="action", required=True, metavar="ACTION")
-    run = collect_sub.add_parser("run", help="run (or resume) a job", description=cmd_collect_run.__doc__)
+    run = collect_sub.add_parser(
+        "run",
+        help="run (or resume) a job",
+        description=inspect.cleandoc(cmd_collect_run.__doc__ or ""),  # raw below: the epilog's columns
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument(
         "input",
         nargs="?",
@@ -165,6 +244,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--modality", action="append", metavar="M", help="without INPUT: only these modalities (repeatable)"
     )
     run.add_argument("--job", metavar="ID", help="the job id (default: derived from the input, so a rerun resumes)")
+    run.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="try again the studies that ended failed or partial and the lines whose C-FIND failed "
+        "(once their cause is fixed; without it a finished job changes nothing)",
+    )
     run.add_argument("--report", metavar="FILE.csv", help="write the job's report here at the end")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     exp = run.add_argument_group("export once done (the objects of the studies retrieved or already present)")
@@ -177,7 +262,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from diana.access import research  # the Annex E option flags live beside their rules
 
     research.add_arguments(exp)
-    run.set_defaults(func=cmd_collect_run)
+    run.set_defaults(func=cmd_collect_run, check_args=check_collect_run)
 
     status = collect_sub.add_parser("status", help="a job's state", description=cmd_collect_status.__doc__)
     status.add_argument("job", metavar="JOB", help="the job id printed when the job started")

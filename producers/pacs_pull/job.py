@@ -2,9 +2,12 @@
 
 First each line of the input not yet resolved is looked up on the PACS (C-FIND); then each study
 found and not yet finished is retrieved by at most ``concurrency`` workers, each waiting at the
-start gate (time windows, studies per hour). A retrieve is recorded as started before the C-MOVE and
-as ended after; it counts as complete once the index holds the PACS's instance count. A study short
-of it is retrieved again after a backoff, then reported partial (or failed, when nothing arrived).
+start gate (time windows, studies per hour). A retrieve is recorded as started once the PACS took
+its association (before the C-MOVE) and as ended after; it counts as complete once the index holds
+the PACS's instance count. A study short of it is retrieved again after a backoff, then reported
+partial (or failed, when nothing arrived). What is no study's fault does not use up its tries: a
+PACS that does not answer or is out of resources (0xA7xx), or our receiver not answering, pauses
+the job; a PACS that cannot serve it as configured (0xA801, no Study Root C-FIND or C-MOVE) stops it.
 """
 
 from __future__ import annotations
@@ -20,14 +23,24 @@ import structlog
 
 from diana.config import CollectConfig
 from diana.producers.pacs_pull.completeness import IndexedCounter
-from diana.producers.pacs_pull.ledger import TERMINAL_LINE, JobLedger, JobState, StudyState
+from diana.producers.pacs_pull.ledger import (
+    RETRIED_LINE,
+    RETRIED_STUDY,
+    TERMINAL_LINE,
+    JobLedger,
+    JobState,
+    StudyState,
+)
 from diana.producers.pacs_pull.requests import CollectRequest
 from diana.producers.pacs_pull.scu import (
+    MOVE_DESTINATION_UNKNOWN,
     FindFailed,
     MoveAborted,
+    MoveDestinationUnknown,
     MoveResult,
     PacsClient,
     PacsUnavailable,
+    ReceiverProbe,
     status_text,
 )
 from diana.producers.pacs_pull.throttle import StartGate, TimeWindows
@@ -64,6 +77,8 @@ class CollectJob:
         notify: Callable[[str], None] = print,
         on_study_done: Callable[[StudyState], None] = lambda _s: None,
         stop: threading.Event | None = None,
+        receiver: ReceiverProbe | None = None,
+        retry_failed: bool = False,
     ):
         self.settings = settings
         self.job = job
@@ -74,6 +89,9 @@ class CollectJob:
         self.notify = notify
         self.on_study_done = on_study_done
         self.stop = stop or threading.Event()
+        self.receiver = receiver  # None: the PACS sends elsewhere ([collect] move_destination)
+        # Studies ended failed or partial and lines whose C-FIND failed are tried again (--retry-failed).
+        self.retry_failed = retry_failed
         self._lock = threading.Lock()
         earlier = [t for s in job.studies.values() for t in s.move_starts]
         self.gate = StartGate(TimeWindows(settings.windows), settings.studies_per_hour, earlier)
@@ -109,7 +127,8 @@ class CollectJob:
                 return
             line = self.job.lines.get(request.line)
             if line is not None and line.state in TERMINAL_LINE:
-                continue
+                if not (self.retry_failed and line.state in RETRIED_LINE):
+                    continue
             if request.error:
                 self._record("LINE_UNPARSABLE", line=request.line, input=request.text, detail=request.error)
                 continue
@@ -143,9 +162,11 @@ class CollectJob:
                 break
 
     def retrieve_all(self) -> None:
-        todo = [s.study_instance_uid for s in self.job.studies.values() if not s.done]
+        todo = [s.study_instance_uid for s in self.job.studies.values() if not s.done or self._retried(s)]
+        errors: list[BaseException] = []
         with ThreadPoolExecutor(max_workers=max(1, self.settings.concurrency), thread_name_prefix="collect") as pool:
-            pending = {pool.submit(self._retrieve_study, uid) for uid in todo}
+            pending = {pool.submit(self._retrieve_or_stop, uid) for uid in todo}
+            raising = False
             try:
                 while pending and not self.stop.is_set():
                     # Whichever fails first, at once (not in the order submitted); a bounded wait, so
@@ -154,6 +175,7 @@ class CollectJob:
                     for future in done:
                         future.result()
             except BaseException:
+                raising = True
                 self.stop.set()
                 raise
             finally:
@@ -162,10 +184,22 @@ class CollectJob:
                 # record as it is. Errors of those that ended meanwhile are said, not lost.
                 pool.shutdown(wait=True, cancel_futures=True)
                 for future in pending:
-                    if future.done() and not future.cancelled() and future.exception() is not None:
-                        log.error("collect_study_error", job=self.job.job_id, error=repr(future.exception()))
+                    if future.done() and not future.cancelled() and (error := future.exception()) is not None:
+                        errors.append(error)
+                if raising:
+                    for error in errors:
+                        log.error("collect_study_error", job=self.job.job_id, error=repr(error))
+        if errors:
+            # The stop a failing worker set was seen before its error: the error is the job's end.
+            for error in errors[1:]:
+                log.error("collect_study_error", job=self.job.job_id, error=repr(error))
+            raise errors[0]
         if not self.stop.is_set():
             self._record("JOB_DONE", detail=json.dumps(self.job.counts(), sort_keys=True))
+
+    def _retried(self, study: StudyState) -> bool:
+        """Ended failed or partial, and to be tried again now (its MOVE_STARTED makes it not done)."""
+        return self.retry_failed and study.state in RETRIED_STUDY
 
     def run(self) -> JobState:
         self.start()
@@ -184,36 +218,83 @@ class CollectJob:
             study, "STUDY_COMPLETE", indexed_instances=have, expected_instances=expected, detail=f"{have} instances"
         )
 
+    def _move_ended(self, study: StudyState, result: MoveResult, **fields: Any) -> None:
+        self._record(
+            "MOVE_ENDED",
+            study_instance_uid=study.study_instance_uid,
+            line=study.line,
+            attempt=study.attempts,
+            pacs_status=status_text(result.status),
+            completed=result.completed,
+            failed=result.failed,
+            warning=result.warning,
+            **fields,
+        )
+
+    def _retrieve_or_stop(self, uid: str) -> None:
+        try:
+            self._retrieve_study(uid)
+        except BaseException:
+            # Set here, in the worker: its thread would otherwise take the next queued study before
+            # retrieve_all sees the error (a PACS that does not know our move destination got one more).
+            self.stop.set()
+            raise
+
     def _retrieve_study(self, uid: str) -> None:
+        if self.stop.is_set():
+            # Queued studies still start until retrieve_all sees the stop (up to half a second later):
+            # not even the index is asked for them.
+            return
         study = self.job.studies[uid]
         # A count of 0 or less (recorded by an earlier version from such a C-FIND answer) says nothing.
         expected = study.expected_instances if (study.expected_instances or 0) > 0 else None
         s = self.settings
         # Already in diana-star? After a restart mid-retrieve, give the pipeline time to index what arrived.
         if expected:
-            if study.attempts:
+            if study.arriving:
                 have = self.counter.wait_for(uid, expected, s.verify_timeout_s, self.stop)
             else:
                 have = self.counter.count(uid)
             if have >= expected:
                 event = "STUDY_COMPLETE" if study.attempts else "STUDY_SKIPPED"
-                detail = "retrieved before a restart" if study.attempts else "already complete in diana-star"
+                # after a restart, or with --retry-failed (what was short came late)
+                detail = "retrieved by an earlier retrieve" if study.attempts else "already complete in diana-star"
                 self._finish(study, event, indexed_instances=have, detail=detail)
                 return
         result: MoveResult | None = None
         have = 0
         tries = 0
+        busy = 0  # retrieves the PACS refused for want of resources, not counted as tries
         while tries <= s.retries and not self.stop.is_set():
             if tries:
                 wait = s.backoff_s * 2 ** (tries - 1)
                 log.info("collect_retry", job=self.job.job_id, study=uid, attempt=tries + 1, wait_s=wait)
                 if self.stop.wait(wait):
                     return
-            if not self.gate.acquire(self.stop, self.notify):
+            place = self.gate.acquire(self.stop, self.notify)
+            if place is None:
                 return
-            self._record("MOVE_STARTED", study_instance_uid=uid, line=study.line, attempt=study.attempts + 1)
+            problem = self.receiver.problem() if self.receiver is not None else None
+            if problem:
+                # Not the study's fault, nor the PACS's: paused, the hour's place given back.
+                self.gate.give_back(place)
+                self._pause(problem)
+                continue
+            started = False
+
+            def begin() -> None:
+                # Recorded once the PACS took the association: a refused one is no retrieve, neither
+                # in the report's count nor in the hourly limit (its place is given back below).
+                nonlocal started
+                self._record("MOVE_STARTED", study_instance_uid=uid, line=study.line, attempt=study.attempts + 1)
+                started = True
+
             try:
-                result = self.pacs.move_study(uid, self.stop)
+                try:
+                    result = self.pacs.move_study(uid, self.stop, on_established=begin)
+                finally:
+                    if not started:
+                        self.gate.give_back(place)
             except MoveAborted as exc:
                 # The PACS was there and dropped this study's retrieve: a try used, as a failed C-MOVE.
                 tries += 1
@@ -236,23 +317,29 @@ class CollectJob:
                     return
                 self._pause(str(exc))
                 continue  # not the study's fault: does not use up a retry
+            if result.status == MOVE_DESTINATION_UNKNOWN:
+                # The same for every study: the job stops, and this one is not failed (nor its try counted).
+                self._move_ended(study, result, detail="the PACS does not know the move destination: the job stopped")
+                raise MoveDestinationUnknown(self.pacs.move_destination, self.pacs.where)
+            if result.status >> 8 == 0xA7 and busy < s.retries:
+                # Out of resources (0xA701, 0xA702...): the PACS is busy, not this study at fault; a pause
+                # as for a PACS that does not answer. At most `retries` of them, then tries: a PACS that
+                # always says so of this study cannot hold the job for ever.
+                busy += 1
+                self._move_ended(
+                    study, result, detail=f"the PACS is out of resources ({busy} of at most {s.retries} pauses): no try"
+                )
+                self._pause(f"PACS {self.pacs.where} is out of resources ({status_text(result.status)}), busy")
+                continue
             tries += 1
-            if expected is None and result.completed + result.failed + result.warning:
-                # The C-FIND did not say how many (not every PACS returns NumberOfStudyRelatedInstances):
-                # the retrieve's own count of sub-operations is the PACS's count.
-                expected = result.completed + result.failed + result.warning
-            self._record(
-                "MOVE_ENDED",
-                study_instance_uid=uid,
-                line=study.line,
-                attempt=study.attempts,
-                pacs_status=status_text(result.status),
-                completed=result.completed,
-                failed=result.failed,
-                warning=result.warning,
-                # recorded, so that a restart knows the count to wait for before retrieving again
-                expected_instances=expected,
-            )
+            moved = result.completed + result.failed + result.warning
+            if moved > (expected or 0):
+                # The C-FIND did not say how many (not every PACS returns NumberOfStudyRelatedInstances),
+                # or fewer than the retrieve moved (the study grew since, or the count was stale): the
+                # retrieve's own count of sub-operations is the PACS's count, and what to wait for.
+                expected = moved
+            # the count recorded, so that a restart knows what to wait for before retrieving again
+            self._move_ended(study, result, expected_instances=expected)
             # Wait for what the PACS says it sent to be indexed: all of the study when it reported success.
             sent = result.completed + result.warning
             want = expected if expected is not None and result.success else sent

@@ -23,10 +23,24 @@ from diana.config import KafkaConfig
 from diana.schemas.codec import DecodeError, default_codec
 from diana.schemas.topics import COLLECT_JOBS
 
-__all__ = ["JobLedger", "JobState", "StudyState", "LineState", "load_events", "TERMINAL_STUDY", "TERMINAL_LINE"]
+__all__ = [
+    "JobLedger",
+    "JobState",
+    "StudyState",
+    "LineState",
+    "load_events",
+    "TERMINAL_STUDY",
+    "TERMINAL_LINE",
+    "RETRIED_STUDY",
+    "RETRIED_LINE",
+]
 
 TERMINAL_STUDY = ("STUDY_COMPLETE", "STUDY_SKIPPED", "STUDY_PARTIAL", "STUDY_FAILED")
 TERMINAL_LINE = ("LINE_UNPARSABLE", "LINE_NOT_FOUND", "LINE_FAILED", "LINE_FOUND")
+# Final, but tried again with `collect run --retry-failed` (once the cause is fixed). An unparsable line
+# is not: the same file gives the same line.
+RETRIED_STUDY = ("STUDY_PARTIAL", "STUDY_FAILED")
+RETRIED_LINE = ("LINE_FAILED",)
 
 
 class JobLedger:
@@ -119,6 +133,9 @@ class StudyState:
     attempts: int = 0
     detail: str = ""
     move_starts: list[float] = field(default_factory=list)
+    # A retrieve of it may have sent instances not yet counted: it started, and did not end saying it
+    # sent none, nor was the study found finished since. A restart waits for them before retrieving again.
+    arriving: bool = False
     found_by: set[int] = field(default_factory=set)  # every input line whose C-FIND found it
 
     @property
@@ -183,6 +200,13 @@ class JobState:
             if kind == "MOVE_STARTED":
                 study.attempts += 1
                 study.move_starts.append(e["at"].timestamp())
+                study.arriving = True
+            elif kind == "MOVE_ENDED":
+                # A retrieve aborted says no count: it may have sent some.
+                sent = None if e.get("completed") is None else e["completed"] + (e.get("warning") or 0)
+                study.arriving = sent is None or sent > 0
+            elif kind != "STUDY_FOUND":
+                study.arriving = False
             if kind != "STUDY_FOUND" or study.state == "STUDY_FOUND":
                 study.state = kind
 

@@ -7,7 +7,7 @@ from typing import TextIO
 
 from diana.producers.pacs_pull.ledger import JobState
 
-__all__ = ["OUTCOMES", "COLUMNS", "report_rows", "write_report", "summary_line"]
+__all__ = ["OUTCOMES", "SHORT", "COLUMNS", "report_rows", "write_report", "summary_line", "shortfall"]
 
 # ledger state -> the report's outcome
 OUTCOMES = {
@@ -19,6 +19,8 @@ OUTCOMES = {
     "LINE_UNPARSABLE": "unparsable",
     "LINE_FAILED": "find_failed",
 }
+# The outcomes that mean something asked for did not come (not_found is an answer, not a failure).
+SHORT = ("failed", "partial", "find_failed", "unparsable")
 COLUMNS = (
     "line",
     "input",
@@ -74,7 +76,7 @@ def write_report(job: JobState, out: TextIO) -> int:
     return len(rows)
 
 
-def summary_line(job: JobState) -> str:
+def _outcome_counts(job: JobState) -> dict[str, int]:
     counts: dict[str, int] = {}
     seen: set[object] = set()
     for row in report_rows(job):
@@ -85,6 +87,16 @@ def summary_line(job: JobState) -> str:
             seen.add(study)
         outcome = str(row["outcome"])
         counts[outcome] = counts.get(outcome, 0) + 1
+    return counts
+
+
+def shortfall(job: JobState) -> dict[str, int]:
+    """What did not come, by outcome (a study found by several lines counted once); empty: nothing."""
+    return {name: n for name, n in sorted(_outcome_counts(job).items()) if name in SHORT}
+
+
+def summary_line(job: JobState) -> str:
+    counts = _outcome_counts(job)
     state = "done" if job.finished else ("paused: " + job.paused if job.paused else "not finished")
     parts = ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
     return f"job {job.job_id} ({state}): {parts or 'nothing yet'}"

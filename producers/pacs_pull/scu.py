@@ -3,29 +3,46 @@
 Each call opens its own association (a retrieve may run for minutes; concurrent retrieves each need
 their own), so the number of retrieves running is the number of associations the PACS sees.
 A PACS that cannot be reached or refuses the association raises ``PacsUnavailable``: the job pauses
-on it instead of marking studies failed.
+on it instead of marking studies failed. One that cannot serve a collect job as configured (no Study
+Root C-FIND or C-MOVE; our move destination unknown) raises ``PacsSetupError``: the job stops.
+``ReceiverProbe`` C-ECHOes our own receiver before retrieves sent to it.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import structlog
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
+    Verification,
 )
 
-from diana.config import CollectConfig
+from diana.config import CollectConfig, ReceiverConfig
 from diana.outbound_association import outbound_association_handlers
 
-__all__ = ["PacsClient", "PacsUnavailable", "MoveAborted", "FindFailed", "StudyMatch", "MoveResult", "status_text"]
+__all__ = [
+    "PacsClient",
+    "PacsUnavailable",
+    "MoveAborted",
+    "PacsSetupError",
+    "MoveDestinationUnknown",
+    "MOVE_DESTINATION_UNKNOWN",
+    "FindFailed",
+    "StudyMatch",
+    "MoveResult",
+    "ReceiverProbe",
+    "status_text",
+]
 
 log = structlog.get_logger("diana.collect")
 
@@ -40,6 +57,26 @@ class MoveAborted(PacsUnavailable):
     """The PACS dropped the association in the middle of a study's C-MOVE: the association was made,
     so the PACS is there; counted against the study's retries (a PACS that aborts on one study would
     otherwise be asked for it for ever)."""
+
+
+class PacsSetupError(RuntimeError):
+    """The PACS cannot serve a collect job as it is configured (it does not accept Study Root C-FIND
+    or C-MOVE): no study's fault, and waiting does not help, so the job stops and says what to fix."""
+
+
+# C-MOVE: Refused, Move Destination unknown (PS3.4 C.4.2.1.5); some PACS answer so too when they
+# cannot connect to the destination's host and port.
+MOVE_DESTINATION_UNKNOWN = 0xA801
+
+
+class MoveDestinationUnknown(PacsSetupError):
+    """The PACS answered a C-MOVE with 0xA801: it does not know our move destination (or cannot reach
+    it). Every study would fail the same way: a setup to fix, not a study's failure."""
+
+    def __init__(self, destination: str, where: str):
+        super().__init__(f"PACS {where} does not know the move destination {destination!r} (C-MOVE status 0xA801)")
+        self.destination = destination
+        self.where = where
 
 
 class FindFailed(RuntimeError):
@@ -108,6 +145,19 @@ def _contradiction(keys: dict[str, str], answer: Dataset) -> str | None:
     return None
 
 
+def _find_failure(code: int, comment: str, answers: int) -> str:
+    """A C-FIND's failure status as a line of the report. Matches that came before it are not
+    retrieved (the list is incomplete, and a partial list retrieved silently looks whole), but they
+    are counted: a PACS out of resources (0xA700) or cancelling (0xFE00) at its own limit of matches
+    answers a narrower query."""
+    text = f"C-FIND failed with {status_text(code)}" + (f": {comment}" if comment else "")
+    if answers:
+        text += f"; {answers} matches came before it (an incomplete answer: none retrieved)"
+    if answers or code >> 8 == 0xA7 or code == 0xFE00:
+        text += "; narrow the line's query (a shorter date range, one modality)"
+    return text
+
+
 @contextmanager
 def _aborted_on(stop: threading.Event | None, assoc: Association) -> Iterator[None]:
     """Abort ``assoc`` as soon as ``stop`` is set, while the block runs."""
@@ -140,7 +190,7 @@ class PacsClient:
         self.move_destination = move_destination
         self.where = f"{settings.pacs_ae_title} at {settings.pacs_host}:{settings.pacs_port}"
 
-    def _ae(self, context: str) -> AE:
+    def _ae(self, context: UID) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
         ae.acse_timeout = ae.network_timeout = self.settings.timeout_s
         # A retrieve's answers come one per sub-operation (from some PACS only the final one, after all
@@ -153,8 +203,14 @@ class PacsClient:
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         return ae
 
+    def _not_accepted(self, context: UID) -> str:
+        return (
+            f"PACS {self.where} does not accept {context.name} ({context}) from us: diana collect needs "
+            f"Study Root C-FIND and C-MOVE (a PACS that allows only C-GET or Patient Root cannot be used yet)"
+        )
+
     @contextmanager
-    def _association(self, context: str) -> Iterator[Association]:
+    def _association(self, context: UID) -> Iterator[Association]:
         s = self.settings
         # The responses to the sending thread only: pynetdicom's reactor could take a C-FIND or C-MOVE
         # response off the queue (diana/outbound_association.py); Nagle off for the two-write requests.
@@ -162,6 +218,10 @@ class PacsClient:
             s.pacs_host, s.pacs_port, ae_title=s.pacs_ae_title, evt_handlers=outbound_association_handlers()
         )
         if not assoc.is_established:
+            if assoc.rejected_contexts and not assoc.accepted_contexts:
+                # The PACS answered, accepting none of what we asked for (pynetdicom then aborts):
+                # waiting for it would not help.
+                raise PacsSetupError(self._not_accepted(context))
             if assoc.is_rejected:
                 raise PacsUnavailable(
                     f"PACS {self.where} rejected the association: does it know our AE title {s.ae_title!r} "
@@ -169,6 +229,9 @@ class PacsClient:
                 )
             raise PacsUnavailable(f"PACS {self.where} does not answer (connection refused, aborted or timed out)")
         try:
+            # Otherwise pynetdicom's send_c_find/send_c_move raise a ValueError: a traceback, not a message.
+            if not any(c.abstract_syntax == context for c in assoc.accepted_contexts):
+                raise PacsSetupError(self._not_accepted(context))
             yield assoc
         finally:
             if assoc.is_established:
@@ -181,12 +244,14 @@ class PacsClient:
             setattr(query, name, keys.get(name, ""))
         query.NumberOfStudyRelatedInstances = ""
         matches: dict[str, StudyMatch] = {}
+        answers = 0
         with self._association(StudyRootQueryRetrieveInformationModelFind) as assoc:
             for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
                 if "Status" not in status:
                     raise PacsUnavailable(f"PACS {self.where} dropped the association during a C-FIND")
                 code = int(status.Status)
                 if code in _PENDING and identifier is not None:
+                    answers += 1
                     uid = str(identifier.get("StudyInstanceUID", "") or "")
                     contradicted = _contradiction(keys, identifier)
                     if contradicted:
@@ -198,21 +263,26 @@ class PacsClient:
                             _count(identifier.get("NumberOfStudyRelatedInstances")),
                         )
                 elif code not in _PENDING and code != 0x0000:
-                    comment = str(status.get("ErrorComment", "") or "")
-                    raise FindFailed(
-                        code, f"C-FIND failed with {status_text(code)}" + (f": {comment}" if comment else "")
-                    )
+                    raise FindFailed(code, _find_failure(code, str(status.get("ErrorComment", "") or ""), answers))
         return list(matches.values())
 
-    def move_study(self, study_instance_uid: str, stop: threading.Event | None = None) -> MoveResult:
+    def move_study(
+        self,
+        study_instance_uid: str,
+        stop: threading.Event | None = None,
+        on_established: Callable[[], None] = lambda: None,
+    ) -> MoveResult:
         """The study's C-MOVE to its end; ``stop`` set meanwhile aborts the association (a PACS may
-        take as long as it likes between answers, and the job is not held by it)."""
+        take as long as it likes between answers, and the job is not held by it). ``on_established``
+        is called once the PACS took the association, before the C-MOVE is sent: from there on it is
+        a retrieve (an association refused raises PacsUnavailable before)."""
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = study_instance_uid
         final: Dataset | None = None
         counts = {"completed": 0, "failed": 0, "warning": 0}
         with self._association(StudyRootQueryRetrieveInformationModelMove) as assoc, _aborted_on(stop, assoc):
+            on_established()
             for status, _identifier in assoc.send_c_move(
                 query, self.move_destination, StudyRootQueryRetrieveInformationModelMove
             ):
@@ -235,3 +305,52 @@ class PacsClient:
         if final is None:
             raise PacsUnavailable(f"PACS {self.where} gave no answer to a C-MOVE")
         return MoveResult(int(final.Status), **counts)
+
+
+class ReceiverProbe:
+    """Our own receiver, C-ECHOed before a retrieve has the PACS send to it: a PACS sending to a
+    receiver that does not run fails the study (or answers 0xA801), for our fault. At most one C-ECHO
+    every ``every_s`` (its answer is kept meanwhile): not one per study."""
+
+    # A receiver that runs answers at once; one that does not is refused at once, or not routed.
+    TIMEOUT_S = 10.0
+
+    def __init__(self, receiver: ReceiverConfig, calling_ae: str, every_s: float):
+        self.ae_title = receiver.ae_title
+        # Bound to every address (the default): it answers on this host's loopback.
+        self.host = "127.0.0.1" if receiver.host in ("", "0.0.0.0", "::") else receiver.host
+        self.port = receiver.port
+        self.calling_ae = calling_ae
+        self.every_s = every_s
+        self._lock = threading.Lock()
+        self._checked: float | None = None
+        self._problem: str | None = None
+        self.echoes = 0  # how many were sent (the tests count them)
+
+    def problem(self) -> str | None:
+        """Why our receiver cannot take a retrieve now, or None when it answers."""
+        with self._lock:  # workers asking at once share one C-ECHO
+            if self._checked is None or time.monotonic() - self._checked >= self.every_s:
+                self._problem = self._echo()
+                self._checked = time.monotonic()
+            return self._problem
+
+    def _echo(self) -> str | None:
+        self.echoes += 1
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = self.TIMEOUT_S
+        ae.add_requested_context(Verification)
+        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title)
+        if assoc.is_established:
+            try:
+                answered = "Status" in assoc.send_c_echo()
+            finally:
+                assoc.release()
+            if answered:
+                return None
+        elif assoc.is_rejected:
+            return None  # it runs, and refuses us ([receiver] allowed_calling_aes): the PACS calls as itself
+        return (
+            f"our receiver {self.ae_title!r} at {self.host}:{self.port} ([receiver] ae_title, host, port) does "
+            f"not answer a C-ECHO; start it (diana run, or diana receive), or the PACS fails the studies sent to it"
+        )

@@ -41,13 +41,17 @@ class TimeWindows:
 
 
 class StartGate:
-    """Blocks a retrieve until a window is open and fewer than ``per_hour`` started in the last hour."""
+    """Blocks a retrieve until a window is open and fewer than ``per_hour`` started in the last hour.
+
+    A place is taken before the retrieve's association is asked for, and given back when the PACS
+    did not make it: only retrieves the PACS took count towards the hour."""
 
     def __init__(self, windows: TimeWindows, per_hour: int, earlier_starts: Iterable[float] = ()):
         self.windows = windows
         self.per_hour = per_hour
         self._starts: deque[float] = deque(sorted(t for t in earlier_starts if t > time.time() - 3600))
-        self._lock = threading.Lock()
+        self._waiting = threading.Lock()  # one waiter at a time, so two cannot take the same last place
+        self._lock = threading.Lock()  # the starts; not held while waiting, so a place can be given back
 
     def _wait_needed(self, now: float) -> tuple[float, str]:
         if not self.windows.is_open(datetime.fromtimestamp(now)):
@@ -59,18 +63,28 @@ class StartGate:
             return wait, f"{self.per_hour} studies started in the last hour: the next may start in {wait:.0f} s"
         return 0.0, ""
 
-    def acquire(self, stop: threading.Event, on_wait: Callable[[str], None]) -> bool:
-        """Wait for the right to start one retrieve; False if ``stop`` was set meanwhile."""
+    def acquire(self, stop: threading.Event, on_wait: Callable[[str], None]) -> float | None:
+        """Wait for the right to start one retrieve: the place taken (for ``give_back``), or None if
+        ``stop`` was set meanwhile."""
         told = ""
-        with self._lock:  # one waiter at a time, so two cannot take the same last place in the hour
+        with self._waiting:
             while not stop.is_set():
                 now = time.time()
-                wait, why = self._wait_needed(now)
-                if wait <= 0:
-                    self._starts.append(now)
-                    return True
+                with self._lock:
+                    wait, why = self._wait_needed(now)
+                    if wait <= 0:
+                        self._starts.append(now)
+                        return now
                 if why.split(":")[0] != told:
                     told = why.split(":")[0]
                     on_wait(why)
                 stop.wait(min(wait, 30.0))
-        return False
+        return None
+
+    def give_back(self, place: float) -> None:
+        """The place ``acquire`` gave, not used: no retrieve started with it (the PACS refused it)."""
+        with self._lock:
+            try:
+                self._starts.remove(place)
+            except ValueError:  # already out of the hour
+                pass

@@ -96,6 +96,18 @@ def test_hourly_limit_counts_starts_before_a_restart():
     assert said and "2 studies started in the last hour" in said[0]
 
 
+def test_a_place_given_back_is_free_again():
+    """A retrieve whose association the PACS refused gives its place in the hour back (it took one)."""
+    stop = threading.Event()
+    gate = StartGate(TimeWindows(""), per_hour=1)
+    place = gate.acquire(stop, print)
+    assert place is not None
+    gate.give_back(place)
+    threading.Timer(2.0, stop.set).start()  # a guard: the place not given back would wait an hour
+    started = time.monotonic()
+    assert gate.acquire(stop, print) is not None and time.monotonic() - started < 1
+
+
 def _event(kind: str, **fields) -> dict:
     return {"job_id": "j", "at": datetime.now(UTC), "event": kind, **fields}
 
@@ -143,3 +155,198 @@ def test_a_study_found_by_two_lines_is_reported_on_both_and_counted_once():
         (3, "retrieved", "1.2.3"),
     ]
     assert summary_line(job) == "job j (done): 1 retrieved"
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+class _MemoryLedger:
+    def __init__(self, *_args) -> None:
+        self.events: list[str] = []
+
+    def record(self, event: str, **fields) -> dict:
+        self.events.append(event)
+        return {"job_id": "j", "at": datetime.now(UTC), "event": event, **fields}
+
+
+class _Index:
+    """The index's count of each study: ``have`` (uid -> count), else ``default``."""
+
+    def __init__(self, default: int = 0, have: dict[str, int] | None = None) -> None:
+        self.default, self.have, self.client = default, have or {}, None
+
+    def count(self, uid: str) -> int:
+        return self.have.get(uid, self.default)
+
+    def wait_for(self, uid, target, timeout_s, stop) -> int:
+        return self.count(uid)
+
+
+def _collect_cli(
+    tmp_path: Path, monkeypatch, pacs, index: _Index, argv: list[str], conf: str = "", events: list | None = None
+) -> int:
+    """`diana collect run ...` in this process: Kafka, OpenSearch and the PACS stood in for (``pacs``
+    a class built as PacsClient is; ``events`` the job's record so far)."""
+    import diana.clients as clients
+    import diana.producers.pacs_pull.completeness as completeness
+    import diana.producers.pacs_pull.ledger as ledger
+    import diana.producers.pacs_pull.scu as scu
+    import diana.schemas.topics as topics
+    from diana.cli import main
+
+    monkeypatch.setattr(clients, "kafka_admin", lambda *a: None)
+    monkeypatch.setattr(clients, "opensearch_client", lambda *a: None)
+    monkeypatch.setattr(topics, "ensure_topics", lambda *a, **k: None)
+    monkeypatch.setattr(ledger, "load_events", lambda *a, **k: list(events or []))
+    monkeypatch.setattr(ledger, "JobLedger", _MemoryLedger)
+    monkeypatch.setattr(scu, "PacsClient", pacs)
+    # Our receiver answers (no C-ECHO to a port another job may use).
+    monkeypatch.setattr(scu, "ReceiverProbe", lambda *a: type("Up", (), {"problem": lambda self: None})())
+    monkeypatch.setattr(completeness, "IndexedCounter", lambda *a: index)
+    config = tmp_path / "diana.toml"
+    config.write_text("[collect]\nretries = 0\nverify_timeout_s = 0.05\npause_s = 0.05\n" + conf)
+    return main(["--config", str(config), "collect", "run", *argv, "--no-progress"])
+
+
+def _pacs(found: dict[str, list], moved: dict[str, tuple[int, int]]):
+    """A PACS whose C-FIND answers ``found`` (accession -> matches) and whose C-MOVE of a study ends
+    with ``moved[uid]`` (status, instances sent of 3)."""
+    from diana.producers.pacs_pull.scu import MoveResult
+
+    class Pacs:
+        def __init__(self, *_args) -> None:
+            self.move_destination, self.where = "DIANA", "PACS at test"
+
+        def find_studies(self, keys):
+            return found.get(keys.get("AccessionNumber", ""), [])
+
+        def move_study(self, uid, stop=None, on_established=lambda: None):
+            on_established()  # the PACS took the association
+            status, sent = moved[uid]
+            return MoveResult(status, sent, 3 - sent, 0)
+
+    return Pacs
+
+
+def test_collect_run_exits_3_when_something_did_not_come(tmp_path: Path, monkeypatch, capsys):
+    """It exited 0 with studies failed: a script or scheduler could not tell. not_found is no failure."""
+    from diana.producers.pacs_pull.scu import StudyMatch
+
+    csv_file = tmp_path / "a.csv"
+    csv_file.write_text("AccessionNumber\nA1\nA2\nA*\n")
+    found = {"A1": [StudyMatch("1.1", "A1", 3)]}
+    assert _collect_cli(tmp_path, monkeypatch, _pacs(found, {"1.1": (0xC000, 0)}), _Index(), [str(csv_file)]) == 3
+    out, err = capsys.readouterr()
+    assert "1 failed" in out and "1 not_found" in out
+    assert "not everything came (1 failed, 1 unparsable)" in err and "diana collect status collect-" in err
+
+    csv_file.write_text("AccessionNumber\nA1\nA2\n")  # A2: not found, which is an answer
+    assert _collect_cli(tmp_path, monkeypatch, _pacs(found, {"1.1": (0, 3)}), _Index(3), [str(csv_file)]) == 0
+    assert "not everything came" not in capsys.readouterr().err
+
+
+def test_collect_run_exports_what_came_and_still_exits_3(tmp_path: Path, monkeypatch, capsys):
+    import diana.cli.access as access
+    from diana.producers.pacs_pull.scu import StudyMatch
+
+    exported: list[list[str]] = []
+    monkeypatch.setattr(access, "_cohort_export", lambda cfg, args, client, prefix, uids: exported.append(uids) or 0)
+    csv_file = tmp_path / "a.csv"
+    csv_file.write_text("AccessionNumber\nA1\nA2\n")
+    pacs = _pacs(
+        {"A1": [StudyMatch("1.1", "A1", 3)], "A2": [StudyMatch("1.2", "A2", 3)]}, {"1.1": (0, 3), "1.2": (0xC000, 0)}
+    )
+    code = _collect_cli(
+        tmp_path, monkeypatch, pacs, _Index(0, {"1.1": 3}), [str(csv_file), "--export", str(tmp_path / "o")]
+    )
+    assert code == 3 and exported == [["1.1"]]
+    assert "not everything came (1 failed)" in capsys.readouterr().err
+
+
+def test_collect_run_refuses_criteria_given_with_an_input_file(tmp_path: Path, capsys):
+    """--date-from/--date-to/--modality with a file were dropped without a word: every study of each
+    patient, of any date and modality, was pulled."""
+    from diana.cli import main
+
+    csv_file = tmp_path / "p.csv"
+    csv_file.write_text("PatientID\nP1\n")
+    for extra in (["--date-from", "2024-01-01", "--date-to", "2024-01-31"], ["--modality", "CT"]):
+        with pytest.raises(SystemExit) as exited:
+            main(["collect", "run", str(csv_file), *extra])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert "without INPUT only" in err and "DateFrom, DateTo, Modality columns" in err
+    from diana.cli import build_parser
+    from diana.cli.collect import _requests
+
+    with pytest.raises(RequestError, match="without INPUT only"):  # the command's own reading of its input
+        _requests(build_parser().parse_args(["collect", "run", str(csv_file), "--modality", "CT"]))
+
+
+def test_a_study_retrieved_again_after_it_failed_is_not_done_and_the_job_not_finished():
+    events = [
+        _event("JOB_STARTED", input="[]"),
+        _event("STUDY_FOUND", line=2, study_instance_uid="1.2", expected_instances=3),
+        _event("LINE_FOUND", line=2, input="A1", pacs_status="0x0000"),
+        _event("LINE_FAILED", line=3, input="A2", pacs_status="0xC000"),
+        _event("MOVE_STARTED", line=2, study_instance_uid="1.2", attempt=1),
+        _event("MOVE_ENDED", line=2, study_instance_uid="1.2", pacs_status="0xC000", completed=0, failed=3),
+        _event("STUDY_FAILED", line=2, study_instance_uid="1.2", indexed_instances=0),
+        _event("JOB_DONE", detail="{}"),
+    ]
+    job = JobState.fold("j", events)
+    assert job.finished and job.studies["1.2"].done
+    job = JobState.fold(
+        "j",
+        events
+        + [_event("JOB_STARTED", input="[]"), _event("MOVE_STARTED", line=2, study_instance_uid="1.2", attempt=2)],
+    )
+    study = job.studies["1.2"]
+    assert not job.finished and not study.done and study.arriving and study.attempts == 2
+
+
+def test_collect_run_retry_failed_tries_failed_studies_and_lines_again(tmp_path: Path, monkeypatch, capsys):
+    """Failed, partial and find_failed were final: after fixing the cause, only a new --job name (a
+    new job, every study looked up again) tried them again."""
+    from diana.producers.pacs_pull.job import criteria_of
+    from diana.producers.pacs_pull.scu import StudyMatch
+
+    csv_file = tmp_path / "a.csv"
+    csv_file.write_text("AccessionNumber\nA1\nA2\nA3\n")
+    earlier = [
+        _event("JOB_STARTED", input=criteria_of(parse_csv(csv_file))),
+        _event("STUDY_FOUND", line=2, study_instance_uid="1.1", expected_instances=3),
+        _event("LINE_FOUND", line=2, input="A1", pacs_status="0x0000"),
+        _event("STUDY_FOUND", line=3, study_instance_uid="1.2", expected_instances=3),
+        _event("LINE_FOUND", line=3, input="A2", pacs_status="0x0000"),
+        _event("LINE_FAILED", line=4, input="A3", pacs_status="0xA700", detail="C-FIND failed"),
+        _event("MOVE_STARTED", line=2, study_instance_uid="1.1", attempt=1),
+        _event("MOVE_ENDED", line=2, study_instance_uid="1.1", pacs_status="0xC000", completed=0, failed=3),
+        _event("STUDY_FAILED", line=2, study_instance_uid="1.1", indexed_instances=0),
+        _event("MOVE_STARTED", line=3, study_instance_uid="1.2", attempt=1),
+        _event("MOVE_ENDED", line=3, study_instance_uid="1.2", pacs_status="0xB000", completed=2, failed=1),
+        _event("STUDY_PARTIAL", line=3, study_instance_uid="1.2", indexed_instances=2),
+        _event("JOB_DONE", detail="{}"),
+    ]
+    found = {"A1": [StudyMatch("1.1", "A1", 3)], "A2": [StudyMatch("1.2", "A2", 3)], "A3": [StudyMatch("1.3", "A3", 3)]}
+    moves = {"1.1": (0, 3), "1.2": (0, 3), "1.3": (0, 3)}
+    index = _Index(3, {"1.1": 0, "1.2": 2, "1.3": 0})
+    # without the flag: final, nothing asked of the PACS
+    assert _collect_cli(tmp_path, monkeypatch, _pacs({}, {}), index, [str(csv_file)], events=earlier) == 3
+    out, err = capsys.readouterr()
+    assert "1 failed, 1 find_failed, 1 partial" in out and "--retry-failed tries them again" in err
+
+    class Arrives(_Index):
+        def wait_for(self, uid, target, timeout_s, stop):
+            return 3
+
+    code = _collect_cli(
+        tmp_path,
+        monkeypatch,
+        _pacs(found, moves),
+        Arrives(0, {"1.2": 2}),
+        [str(csv_file), "--retry-failed"],
+        events=earlier,
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "(done): 3 retrieved" in out, out
