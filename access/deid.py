@@ -79,7 +79,7 @@ class Deidentified:
 class _Context:
     subject: str
     days: int
-    terms: list[str]
+    redact: re.Pattern[str]  # every identifying value of the source, for cleaned text
     tree: Action | None = None  # inside a content tree the profile replaces (D) or cleans (C)
 
 
@@ -113,7 +113,7 @@ class Deidentifier:
         original = (str(ds.get("PatientID", "")).strip(), str(ds.get("PatientName", "")))
         subject = self.subjects.subject(study_uid, original[0])
         identifiers = collect(ds, self.table, self.options)
-        context = _Context(subject, self.keys.date_shift_days(subject), identifiers.terms())
+        context = _Context(subject, self.keys.date_shift_days(subject), identifiers.redaction())
         self._private(ds)
         self._apply(ds, context, "")
         ds.PatientID = self.keys.patient_id(subject)
@@ -187,7 +187,7 @@ class Deidentifier:
             elem.value = Sequence()
             return
         inner = _Context(
-            ctx.subject, ctx.days, ctx.terms, action if action in (Action.DUMMY, Action.CLEAN) else ctx.tree
+            ctx.subject, ctx.days, ctx.redact, action if action in (Action.DUMMY, Action.CLEAN) else ctx.tree
         )
         for i, item in enumerate(elem.value or []):
             self._apply(item, inner, f"{where}[{i}].")
@@ -217,7 +217,7 @@ class Deidentifier:
         elif elem.VR == "PN":
             elem.value = _DUMMY_TEXT
         elif isinstance(elem.value, (str, MultiValue)):
-            elem.value = self._map(elem.value, lambda v: _redact(v, ctx.terms))
+            elem.value = self._map(elem.value, lambda v: ctx.redact.sub(_REDACTED, v))
 
     @staticmethod
     def _map(value: object, fn) -> object:
@@ -271,13 +271,6 @@ def _aggregate_subject_age(item: Dataset) -> None:
             unit = Dataset()
             unit.CodeValue, unit.CodingSchemeDesignator, unit.CodeMeaning = "a", "UCUM", "year"
             measured.MeasurementUnitsCodeSequence = [unit]
-
-
-def _redact(text: str, terms: list[str]) -> str:
-    for term in terms:
-        if term:
-            text = re.sub(re.escape(term), _REDACTED, text, flags=re.IGNORECASE)
-    return text
 
 
 def _datasets(ds: Dataset):

@@ -33,8 +33,9 @@ _FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC"})
 _IDENTIFYING = re.compile(
     r"(ID$|IDs$|Number|Address|Telephone|Name|Institution|Station|Serial|Location|Comments?$|Text|Label|Identifier)"
 )
-# what the de-identifier itself writes: a source value inside it is no leak (e.g. an ID "ANON")
-_OWN_VOCABULARY = "ANONYMIZED ANONYMOUS [REDACTED] ANON^ NONE UNKNOWN"
+# What the de-identifier itself writes: a source value equal to one of these words is no leak (an ID
+# "ANON"). Compared whole: a name part "Ted" or "Red" is not excused by being inside "[REDACTED]".
+_OWN_VOCABULARY = frozenset({"ANONYMIZED", "ANONYMOUS", "[REDACTED]", "REDACTED", "ANON", "ANON^", "NONE", "UNKNOWN"})
 _EQUIPMENT = ("Manufacturer", "ManufacturerModelName", "SoftwareVersions")
 _BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 
@@ -64,6 +65,12 @@ class Identifiers:
     def terms(self) -> list[str]:
         """Every value to redact from cleaned text, longest first."""
         return sorted(set(self._searched()) | self.redact_only, key=len, reverse=True)
+
+    def redaction(self) -> re.Pattern[str]:
+        """One expression finding every value to redact, ignoring case: replaced in one pass, so the
+        "[REDACTED]" written for one value is never taken for another ("TED", "RED")."""
+        words = "|".join(re.escape(t) for t in self.terms() if t) or "(?!)"  # (?!): matches nothing
+        return re.compile(words, re.IGNORECASE)
 
 
 @dataclass(frozen=True)
