@@ -37,6 +37,7 @@ _IDENTIFYING = re.compile(
 # "ANON"). Compared whole: a name part "Ted" or "Red" is not excused by being inside "[REDACTED]".
 _OWN_VOCABULARY = frozenset({"ANONYMIZED", "ANONYMOUS", "[REDACTED]", "REDACTED", "ANON", "ANON^", "NONE", "UNKNOWN"})
 _EQUIPMENT = ("Manufacturer", "ManufacturerModelName", "SoftwareVersions")
+_CODED = frozenset({"CodeValue", "LongCodeValue", "CodingSchemeDesignator", "CodeMeaning"})
 _BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 
 
@@ -110,31 +111,37 @@ def _kind(keyword: str, vr: str) -> str:
     return keyword or "value"
 
 
+@dataclass
+class _Kept:
+    """Values the profile keeps that may innocently equal an identifying value of the same object."""
+
+    retained: set[str] = field(default_factory=set)  # the equipment's description, and what an option retains
+    coded: set[str] = field(default_factory=set)  # code values, schemes and meanings: a vocabulary's words
+
+
 def collect(ds: Dataset, table: ProfileTable, options: ProfileOptions) -> Identifiers:
     found = Identifiers()
-    kept: set[tuple[str, str]] = set()  # (value, VR) of each element the profile keeps
+    kept = _Kept()
     _collect(ds, table, options, found, kept, tree=None)
-    # A value the profile keeps elsewhere in the same object is not a leak: an institution named
-    # like the manufacturer ("Here" in "Manufacturer name here"), a name part that is also a coding
-    # scheme ("TEST"), an accession number equal to a kept number. Names are excused only by a kept
-    # value equal to them; dates and UIDs never. A value with a digit in it (an ID: "MRN7654321") is
-    # excused only by an equal kept number or code, or the equipment's own name (an SR's text
-    # "Optima CT660" naming the scanner): found in kept text (a segment's description), it is the
-    # leak the scan is for.
-    kept_upper = {v.upper() for v, _ in kept}
-    kept_codes = {v.upper() for v, vr in kept if vr in _WHOLE_VRS}
-    kept_text = "\n".join(kept_upper)
-    # A name part that is a word of the equipment's own description is the equipment's: the
-    # acceptance corpus has a patient "Patient^Optima" scanned on an "Optima CT660".
-    equipment_values = {v.upper() for k in _EQUIPMENT for v in _values(ds.get(k, ""))}
-    equipment = "\n".join(sorted(equipment_values))
+    # Excused from the scan (still redacted from cleaned text), and nothing else: the vendor dose
+    # reports' content trees name their scanner, station and hospital in text values the profile
+    # removes, and the same words stay where the profile or an option keeps them; so a value equal
+    # to a kept equipment description (Manufacturer, model, software versions) or to a kept
+    # attribute that Table E.1-1 lists (kept by a retain option: a station name, a serial number,
+    # an institution); without a digit, also a value equal to a kept code, scheme or meaning
+    # (a patient "Test" and the scheme "TEST"; a department "Mammography" and a concept), or a word
+    # of the equipment's description ("Here" in "Manufacturer name here"; a patient "Patient^Optima"
+    # on an "Optima CT660"). A value merely found in other kept text, or equal to another kept code
+    # (an institution in a kept protocol name, a PatientID in a kept file ID), is the leak the scan
+    # is for: before, any kept value excused it.
+    equipment = "\n".join(sorted({v.upper() for k in _EQUIPMENT for v in _values(ds.get(k, ""))}))
     for value, kind in list(found.text.items()):
-        if kind == "person name":
-            excused = value in kept_upper or ("^" not in value and bool(_word(value).search(equipment)))
-        elif any(c.isdigit() for c in value):
-            excused = value in kept_codes or value in equipment_values
+        if value in kept.retained:
+            excused = True
+        elif any(c.isdigit() for c in value) or (kind == "person name" and "^" in value):
+            excused = False
         else:
-            excused = value in kept_upper or bool(_word(value).search(kept_text))
+            excused = value in kept.coded or bool(_word(value).search(equipment))
         if excused:
             del found.text[value]
             found.redact_only.add(value)
@@ -153,7 +160,7 @@ def _collect(
     table: ProfileTable,
     options: ProfileOptions,
     found: Identifiers,
-    kept: set[tuple[str, str]],
+    kept: _Kept,
     tree: Action | None,
 ) -> None:
     for elem in ds:
@@ -175,7 +182,11 @@ def _collect(
         if tree is not None and action is Action.KEEP and elem.VR in _FREE_TEXT_VRS | {"PN"}:
             action = tree  # free text and names of a content tree go (D) or are redacted (C), as the engine does
         if action is Action.KEEP:
-            kept.update((value, elem.VR) for value in _values(elem.value))
+            values = {v.upper() for v in _values(elem.value)}
+            if keyword in _EQUIPMENT or table.code(elem.tag) is not None:  # listed, kept: by an option
+                kept.retained |= values
+            elif keyword in _CODED:
+                kept.coded |= values
             continue
         kind = _kind(keyword, elem.VR)
         for value in _values(elem.value):

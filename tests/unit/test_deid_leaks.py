@@ -71,3 +71,39 @@ def test_a_name_part_inside_our_own_words_is_redacted_and_searched(tmp_path):
         ds.AcquisitionProtocolName = f"head for {part}"  # kept as it is (Table E.1-1 does not list it)
         _, hits = _deidentify(ds)
         assert [(h.path, h.kind) for h in hits] == [("AcquisitionProtocolName", "person name")], part
+
+
+def test_a_value_in_kept_text_or_equal_to_a_kept_code_is_found():
+    """Before, any element the profile keeps excused a value it held: the institution inside a kept
+    protocol name, the PatientID as a component of a kept file ID."""
+    ds = _source()
+    ds.InstitutionName = "Mercy General"
+    ds.AcquisitionProtocolName = "Mercy General head"  # not in Table E.1-1: kept as it is
+    _, hits = _deidentify(ds)
+    assert [(h.path, h.kind) for h in hits] == [("AcquisitionProtocolName", "InstitutionName")]
+    ds = _source(patient_id="12345678")
+    record = Dataset()
+    record.DirectoryRecordType = "IMAGE"
+    record.ReferencedFileID = ["DICOM", "12345678", "IM0001"]
+    ds.DirectoryRecordSequence = [record]
+    _, hits = _deidentify(ds)
+    assert [(h.path, h.kind) for h in hits] == [("DirectoryRecordSequence[0].ReferencedFileID", "PatientID")]
+
+
+def test_what_the_equipment_or_a_retain_option_keeps_still_excuses_an_equal_value():
+    """The narrower rule that replaced it: a dose report's content tree names its scanner and station
+    in text the profile removes, while the equipment's description (and the station, when device
+    identity is retained) stays. A word of the equipment's own description excuses a value too."""
+    ds = _source()
+    ds.Manufacturer, ds.ManufacturerModelName, ds.StationName = "SIEMENS", "SOMATOM Flash", "CTSTATION7"
+    ds.InstitutionName = "Here"
+    ds.SoftwareVersions = "Made here"
+    ds.ContentSequence = []
+    for text in ("SIEMENS", "SOMATOM Flash", "CTSTATION7"):
+        item = Dataset()
+        item.RelationshipType, item.ValueType, item.TextValue = "CONTAINS", "TEXT", text
+        ds.ContentSequence.append(item)
+    out, hits = _deidentify(ds, retain_device_identity=True)
+    assert out.StationName == "CTSTATION7" and hits == []
+    _, hits = _deidentify(ds)  # the station removed: its name in a kept attribute would be found
+    assert hits == []
