@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 from pydicom import Dataset, config
@@ -26,7 +27,15 @@ from diana.access.deid_table import ProfileTable
 __all__ = ["Identifiers", "Hit", "collect", "scan"]
 
 _MIN_TEXT = 4  # shorter values ("CT", "1", "AB") would match everywhere; named in docs/COHORT.md
-_MIN_NAME_PART = 3
+# A name part of 2+ letters is searched ("Li", "Wu"), in any other alphabet of 1+ (a Cyrillic or Greek
+# initial is rare enough); a 1-letter Latin initial would match everywhere. Named in docs/COHORT.md.
+_MIN_NAME_PART = 2
+# Scripts that do not separate words by spaces (CJK ideographs, kana, Hangul): a name part in them
+# ("山田", "김") is matched anywhere in text, since "whole word" would never match inside "山田太郎".
+_UNSPACED = re.compile(
+    "[\u1100-\u11ff\u2e80-\u2fdf\u3040-\u30ff\u3130-\u318f\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
+    "\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f]"
+)
 _WHOLE_VRS = frozenset({"UI", "DA", "DT", "TM", "IS", "DS", "AS", "CS"})
 _TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "AE", "PN", "UC", "CS", "UR"})
 _FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC"})
@@ -49,12 +58,13 @@ class Identifiers:
     # a name part that is the manufacturer's) but cleaned text still loses: "Anna Philips" in a
     # description is the patient's name, whoever built the scanner.
     redact_only: set[str] = field(default_factory=set)
+    anywhere: set[str] = field(default_factory=set)  # (upper case) matched inside words too, not only as words
 
     def pattern(self) -> re.Pattern[str]:
-        """One expression finding any identifier the scan looks for as a whole word in upper-case text (built once)."""
+        """One expression finding any identifier the scan looks for in upper-case text (built once):
+        as a whole word, or anywhere for those in ``anywhere``."""
         if getattr(self, "_pattern", None) is None:
-            words = "|".join(map(re.escape, self._searched())) or "(?!)"  # (?!): matches nothing
-            self._pattern = re.compile(r"(?<!\w)(?:" + words + r")(?!\w)")
+            self._pattern = re.compile(_alternation(self._searched(), lambda t: t in self.anywhere))
         return self._pattern
 
     def kind_of(self, upper: str) -> str:
@@ -69,9 +79,33 @@ class Identifiers:
 
     def redaction(self) -> re.Pattern[str]:
         """One expression finding every value to redact, ignoring case: replaced in one pass, so the
-        "[REDACTED]" written for one value is never taken for another ("TED", "RED")."""
-        words = "|".join(re.escape(t) for t in self.terms() if t) or "(?!)"  # (?!): matches nothing
-        return re.compile(words, re.IGNORECASE)
+        "[REDACTED]" written for one value is never taken for another ("TED", "RED"). Values of 3+
+        characters go wherever they are (a name glued to another word too); shorter name parts ("Li")
+        only as words, or "Clinic" would lose its "li"."""
+        return re.compile(_alternation(self.terms(), lambda t: t in self.anywhere or len(t) >= 3), re.IGNORECASE)
+
+
+def _alternation(terms: list[str], anywhere) -> str:
+    """``terms`` (longest first) as one alternation: whole words, except where ``anywhere(term)``."""
+    inside = "|".join(re.escape(t) for t in terms if t and anywhere(t))
+    words = "|".join(re.escape(t) for t in terms if t and not anywhere(t))
+    parts = ([inside] if inside else []) + ([r"(?<!\w)(?:" + words + r")(?!\w)"] if words else [])
+    return "|".join(parts) or "(?!)"  # (?!): matches nothing
+
+
+def _name_parts(name: str) -> list[str]:
+    """The parts of a person name worth searching: 2+ letters, any part in another alphabet."""
+    parts = []
+    for part in re.split(r"[\^=]", name):
+        part = part.strip()
+        letters = [c for c in part if c.isalnum()]
+        if len(letters) >= _MIN_NAME_PART or any(c.isalpha() and not _latin(c) for c in letters):
+            parts.append(part)
+    return parts
+
+
+def _latin(c: str) -> bool:
+    return c.isascii() or unicodedata.name(c, "").startswith("LATIN")
 
 
 @dataclass(frozen=True)
@@ -192,9 +226,10 @@ def _collect(
         for value in _values(elem.value):
             if elem.VR == "PN":
                 found.text[value.upper()] = kind
-                for part in re.split(r"[\^=]", value):
-                    if len(part.strip()) >= _MIN_NAME_PART:
-                        found.text[part.strip().upper()] = kind
+                for part in _name_parts(value):
+                    found.text[part.upper()] = kind
+                    if _UNSPACED.search(part):
+                        found.anywhere.add(part.upper())
             elif elem.VR in ("DA", "DT"):
                 if options.dates is not DateOption.FULL:
                     for part in value.split("-"):

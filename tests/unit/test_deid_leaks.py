@@ -107,3 +107,32 @@ def test_what_the_equipment_or_a_retain_option_keeps_still_excuses_an_equal_valu
     assert out.StationName == "CTSTATION7" and hits == []
     _, hits = _deidentify(ds)  # the station removed: its name in a kept attribute would be found
     assert hits == []
+
+
+def test_short_and_ideographic_name_parts_are_redacted_and_searched():
+    """Name parts under 3 letters were never redacted nor searched: most Chinese and Korean surnames,
+    ideographic name groups. Now 2+ letters as words, 1+ in another alphabet; CJK, kana and Hangul
+    anywhere in text (they do not separate words by spaces)."""
+    ds = _source(name="Yamada^Tarou=山田^太郎")
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.StudyDescription = "CT 山田 太郎"
+    ds.SeriesDescription = "山田太郎さん 胸部"
+    out, hits = _deidentify(ds, clean_descriptors=True)
+    assert (out.StudyDescription, out.SeriesDescription) == (
+        "CT [REDACTED] [REDACTED]",
+        "[REDACTED][REDACTED]さん 胸部",
+    )
+    assert hits == []
+    ds = _source(name="Li^Wu")
+    ds.StudyDescription = "CT for Wu Li, clinical"
+    ds.AcquisitionProtocolName = "head Li"  # kept as it is
+    out, hits = _deidentify(ds, clean_descriptors=True)
+    assert out.StudyDescription == "CT for [REDACTED] [REDACTED], clinical"  # not "c[REDACTED]nical"
+    assert [(h.path, h.kind) for h in hits] == [("AcquisitionProtocolName", "person name")]
+    ds = _source(name="김^민수")
+    ds.AcquisitionProtocolName = "김민수님 CT"
+    _, hits = _deidentify(ds)
+    assert [(h.path, h.kind) for h in hits] == [("AcquisitionProtocolName", "person name")]
+    ds = _source(name="Doe^J")  # a 1-letter Latin initial is not searched: it would be found everywhere
+    ds.AcquisitionProtocolName = "J series"
+    assert _deidentify(ds)[1] == []
