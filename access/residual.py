@@ -36,6 +36,10 @@ _UNSPACED = re.compile(
     "[\u1100-\u11ff\u2e80-\u2fdf\u3040-\u30ff\u3130-\u318f\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
     "\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f]"
 )
+# An ID of 5+ characters with a digit is searched inside words too ("998877" in "MRN998877"); a
+# shorter or all-letter one would be found inside unrelated words.
+_ID_KIND = re.compile(r"(ID|IDs|Numbers?|Identifiers?)$")
+_MIN_ID = 5
 _WHOLE_VRS = frozenset({"UI", "DA", "DT", "TM", "IS", "DS", "AS", "CS"})
 _TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "AE", "PN", "UC", "CS", "UR"})
 _FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC"})
@@ -66,6 +70,12 @@ class Identifiers:
         if getattr(self, "_pattern", None) is None:
             self._pattern = re.compile(_alternation(self._searched(), lambda t: t in self.anywhere))
         return self._pattern
+
+    def glued(self) -> re.Pattern[str]:
+        """The values searched anywhere (IDs, CJK name parts), for codes otherwise compared whole (built once)."""
+        if getattr(self, "_glued", None) is None:
+            self._glued = re.compile(_alternation([t for t in self._searched() if t in self.anywhere], bool))
+        return self._glued
 
     def kind_of(self, upper: str) -> str:
         return self.text.get(upper) or next(k for w, k in self.whole.items() if w.upper() == upper)
@@ -244,6 +254,8 @@ def _collect(
                 if len(value) >= _MIN_TEXT:
                     found.text[value.upper()] = kind
                     found.whole[value] = kind
+                    if _ID_KIND.search(kind) and len(value) >= _MIN_ID and any(c.isdigit() for c in value):
+                        found.anywhere.add(value.upper())  # glued to other text too: "MRN998877" holds "998877"
 
 
 def scan(ds: Dataset, identifiers: Identifiers) -> list[Hit]:
@@ -285,6 +297,8 @@ def _scan(ds: Dataset, ids: Identifiers, prefix: str, hits: list[Hit]) -> None:
                 kind = ids.whole.get(value)
                 if kind is None and elem.VR in ("DA", "DT") and "-" in value:
                     kind = next((ids.whole[p] for p in value.split("-") if p in ids.whole), None)
+                if kind is None and elem.VR == "CS" and (glued := ids.glued().search(value.upper())):
+                    kind = ids.kind_of(glued.group(0))
                 if kind:
                     hits.append(Hit(path, kind))
                 continue

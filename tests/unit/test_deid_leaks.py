@@ -136,3 +136,27 @@ def test_short_and_ideographic_name_parts_are_redacted_and_searched():
     ds = _source(name="Doe^J")  # a 1-letter Latin initial is not searched: it would be found everywhere
     ds.AcquisitionProtocolName = "J series"
     assert _deidentify(ds)[1] == []
+
+
+def test_an_id_glued_to_other_text_is_found_and_redacted():
+    """A whole-word search missed a PatientID "998877" written "MRN998877" in kept text."""
+    ds = _source(patient_id="998877")
+    ds.AcquisitionProtocolName = "MRN998877 head"  # kept as it is
+    _, hits = _deidentify(ds)
+    assert [(h.path, h.kind) for h in hits] == [("AcquisitionProtocolName", "PatientID")]
+    ds = _source(patient_id="998877")
+    record = Dataset()
+    record.ReferencedFileID = ["DICOM", "P998877", "IM0001"]  # a code: compared whole, and IDs inside
+    ds.DirectoryRecordSequence = [record]
+    _, hits = _deidentify(ds)
+    assert [(h.path, h.kind) for h in hits] == [("DirectoryRecordSequence[0].ReferencedFileID", "PatientID")]
+    ds = _source(patient_id="998877")
+    ds.StudyDescription = "CT MRN998877/2"
+    out, _ = _deidentify(ds, clean_descriptors=True)
+    assert out.StudyDescription == "CT MRN[REDACTED]/2"
+    ds = _source(patient_id="P1234")  # 5 characters with a digit, the shortest searched inside words
+    ds.AcquisitionProtocolName = "XP1234"
+    assert [h.kind for h in _deidentify(ds)[1]] == ["PatientID"]
+    ds = _source(patient_id="1234")  # shorter: only as a word, or it would be found in every number
+    ds.AcquisitionProtocolName = "head 51234"
+    assert _deidentify(ds)[1] == []
