@@ -14,16 +14,18 @@ opt-in, no Study Instance UID) raises Refused with a reason that holds no patien
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass, field
 
 import pydicom
 from pydicom import Dataset
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+from pydicom.values import convert_SQ, convert_value
 
 from diana.access.dateshift import MalformedTemporal, shift_value
 from diana.access.deid_options import Action, DateOption, ProfileOptions, method_codes, resolve
@@ -43,6 +45,7 @@ _DUMMY_BY_VR = {"DA": "19000101", "DT": "19000101000000", "TM": "000000", "IS": 
 # AE titles, the presentation addresses (dicom://host:port of the sender and the receiver), private info
 _META_REMOVE = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028, 0x00020100, 0x00020102)
 _AGE = re.compile(r"^(\d{3})Y$")
+_ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian: how a UN value holding a sequence starts
 
 
 class Refused(Exception):
@@ -73,6 +76,7 @@ class Deidentified:
     dataset: Dataset
     identifiers: Identifiers  # what the residual scan must not find in ``dataset``
     risk: str | None  # set when a risky object was exported by opt-in
+    unreadable_private: int = 0  # safe-listed private elements removed: not readable as what the list says
 
 
 @dataclass
@@ -112,6 +116,7 @@ class Deidentifier:
             raise Refused("no Study or SOP Instance UID: the object cannot be placed in the export")
         original = (str(ds.get("PatientID", "")).strip(), str(ds.get("PatientName", "")))
         subject = self.subjects.subject(study_uid, original[0])
+        unreadable_private = self._read_safe_private(ds)  # before collect: the scan reads what is exported
         identifiers = collect(ds, self.table, self.options)
         context = _Context(subject, self.keys.date_shift_days(subject), identifiers.redaction())
         self._private(ds)
@@ -129,9 +134,38 @@ class Deidentifier:
         }[self.options.dates]
         self._file_meta(ds)
         self.key.add(subject, *original, self.keys)
-        return Deidentified(ds, identifiers, risk)
+        return Deidentified(ds, identifiers, risk, unreadable_private)
 
     # --- the walk -------------------------------------------------------------------------------
+    def _read_safe_private(self, ds: Dataset) -> int:
+        """Read each safe-listed private element that pydicom left as UN bytes (implicit VR, a creator
+        it does not know) as the VR the list gives it, or as a sequence when its bytes are items, so
+        that it is de-identified and scanned like any other (before, its bytes went out as they came);
+        remove those that cannot be read so, or whose VR is not the listed one. Returns how many went."""
+        safe = self.options.retain_safe_private
+        if not safe:
+            return 0
+        vrs = {(creator, element): vr for creator, element, vr in self.options.safe_private_vrs}
+        removed = 0
+        for elem in list(ds):
+            tag = elem.tag
+            if not tag.is_private or tag.is_private_creator or tag.element < 0x1000:
+                continue
+            key = (_owner(ds, tag), tag.element & 0xFF)
+            if key not in safe:
+                continue  # removed by _private
+            read = _as_listed(ds, elem, vrs.get(key))
+            if read is None:
+                del ds[tag]
+                removed += 1
+            elif read is not elem:
+                ds[tag] = read
+        for elem in ds:
+            if elem.VR == "SQ":
+                for item in elem.value or []:
+                    removed += self._read_safe_private(item)
+        return removed
+
     def _private(self, ds: Dataset) -> None:
         """Remove private elements, except those the site's safe list names (creator, element byte)."""
         safe = self.options.retain_safe_private
@@ -144,10 +178,8 @@ class Deidentifier:
                 tag = elem.tag
                 if not tag.is_private or tag.is_private_creator or tag.element < 0x1000:
                     continue
-                creator = Tag(tag.group, tag.element >> 8)
-                owner = str(item[creator].value).strip() if creator in item else ""
-                if (owner, tag.element & 0xFF) in safe:
-                    kept |= {int(tag), int(creator)}
+                if (_owner(item, tag), tag.element & 0xFF) in safe:
+                    kept |= {int(tag), int(Tag(tag.group, tag.element >> 8))}
             for elem in list(item):
                 if elem.tag.is_private and int(elem.tag) not in kept:
                     del item[elem.tag]
@@ -247,6 +279,90 @@ class Deidentifier:
         if "SOPClassUID" in ds:
             meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.file_meta = meta
+
+
+def _owner(item: Dataset, tag: BaseTag) -> str:
+    """The private creator of ``tag`` in ``item`` ("" when the block has none)."""
+    creator = Tag(tag.group, tag.element >> 8)
+    return str(item[creator].value).strip() if creator in item else ""
+
+
+def _as_listed(item: Dataset, elem: DataElement, vr: str | None) -> DataElement | None:
+    """``elem`` as the VR the safe list gives it (``vr``, None: not given), or None when it is not one.
+
+    A UN value is read as that VR; without one, as a sequence when its bytes are items (PS3.5 6.2.2:
+    implicit VR little endian), else it stays bytes (the scan searches them). A sequence that does
+    not read to its end, or a value that is not the listed VR, is None: removed."""
+    raw = elem.value
+    if elem.VR == "UN" and isinstance(raw, bytes):
+        try:
+            if vr == "SQ" or (vr is None and raw[:4] == _ITEM):
+                if _items(raw, 0, len(raw), undefined=False) != len(raw):
+                    return None  # pydicom would read on past a cut item, and make up what it finds
+                encodings = item._character_set
+                sequence = convert_SQ(raw, True, True, [encodings] if isinstance(encodings, str) else encodings)
+                _read_all(sequence)  # pydicom reads items lazily: a broken one must fail here
+                return DataElement(elem.tag, "SQ", sequence)
+            if vr is not None:
+                raw_elem = RawDataElement(elem.tag, vr, len(raw), raw, 0, True, True)
+                return DataElement(elem.tag, vr, convert_value(vr, raw_elem, item._character_set))
+        except Exception:  # whatever pydicom raises on bytes that are not what they should be
+            return None
+        return elem
+    return elem if vr in (None, elem.VR) else None
+
+
+_ITEM_END, _SEQUENCE_END, _UNDEFINED = (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD), 0xFFFFFFFF
+
+
+def _items(raw: bytes, pos: int, end: int, *, undefined: bool) -> int | None:
+    """Where the items of a sequence value starting at ``pos`` end (after its delimiter when of
+    ``undefined`` length), or None when they do not fit in ``raw[:end]`` (implicit VR little endian)."""
+    while pos + 8 <= end:
+        group, element, length = struct.unpack_from("<HHL", raw, pos)
+        pos += 8
+        if (group, element) == _SEQUENCE_END:
+            return pos if undefined else None
+        if (group, element) != (0xFFFE, 0xE000):
+            return None
+        if length == _UNDEFINED:
+            found = _elements(raw, pos, end, in_undefined_item=True)
+        else:
+            found = pos + length if _elements(raw, pos, pos + length, in_undefined_item=False) == pos + length else None
+        if found is None:
+            return None
+        pos = found
+    return pos if pos == end and not undefined else None
+
+
+def _elements(raw: bytes, pos: int, end: int, *, in_undefined_item: bool) -> int | None:
+    """Where the elements of an item starting at ``pos`` end, or None when they do not fit."""
+    while pos + 8 <= end:
+        group, element, length = struct.unpack_from("<HHL", raw, pos)
+        pos += 8
+        if (group, element) == _ITEM_END:
+            return pos if in_undefined_item else None
+        if group == 0xFFFE:
+            return None
+        if length == _UNDEFINED:  # implicit VR: a sequence
+            found = _items(raw, pos, end, undefined=True)
+            if found is None:
+                return None
+            pos = found
+        elif pos + length > end:
+            return None
+        else:
+            pos += length
+    return pos if pos == end and not in_undefined_item else None
+
+
+def _read_all(sequence: Sequence) -> None:
+    for item in sequence:
+        if not isinstance(item, Dataset):
+            raise ValueError("not a sequence item")
+        for elem in item:  # converts each raw element
+            if elem.VR == "SQ":
+                _read_all(elem.value)
 
 
 _YEARS_PER_UNIT = {"a": 1.0, "mo": 1 / 12, "wk": 7 / 365.25, "d": 1 / 365.25}  # UCUM units of an age

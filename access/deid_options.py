@@ -19,7 +19,9 @@ standard's text gives for it, and a unit test checks each rule on the attributes
 - Clean Structured Content (E.3.4): the SR content tree, acquisition context and specimen
   preparation are kept, cleaned (C).
 - Clean Graphics (E.3.3): graphic annotations are kept, their text cleaned (C); overlays stay removed.
-- Retain Safe Private (E.3.10): private elements named in a safe list the site supplies are kept.
+- Retain Safe Private (E.3.10): private elements named in a safe list the site supplies are kept;
+  one read as UN (implicit VR, a creator pydicom does not know) is read as the VR the list gives it,
+  or as a sequence when its bytes are items, and removed when it cannot be (deid.py).
 
 A public element neither Table E.1-1 nor pydicom's dictionary knows is removed under every option.
 
@@ -68,6 +70,8 @@ class ProfileOptions:
     retain_device_identity: bool = False
     retain_uids: bool = False
     retain_safe_private: frozenset[tuple[str, int]] = field(default_factory=frozenset)  # (creator, element low byte)
+    # the VR the safe list gives some of them (creator, element low byte, VR): a UN value is read as it
+    safe_private_vrs: frozenset[tuple[str, int, str]] = field(default_factory=frozenset)
     retain_institution_identity: bool = False
     clean_descriptors: bool = False
     clean_structured_content: bool = False

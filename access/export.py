@@ -66,6 +66,7 @@ class ExportSummary:
     risky_exported: list[tuple[str, str]] = field(default_factory=list)  # (exported SOP UID, why risky)
     residual_hits: list[tuple[str, str]] = field(default_factory=list)  # (source SOP UID, element path and kind)
     mixed_patient_studies: int = 0
+    unreadable_private: int = 0  # safe-listed private elements removed: not readable as the list says
 
     @property
     def failed(self) -> bool:
@@ -96,6 +97,11 @@ class ExportSummary:
             out.append(
                 f"WARNING: {len(self.risky_exported)} risky objects exported by --allow-risky, marked "
                 f"PatientIdentityRemoved NO: check their pixels before sharing ({REPORT_NAME} lists them)"
+            )
+        if self.unreadable_private:
+            out.append(
+                f"{self.unreadable_private} safe-listed private elements removed: not readable as the VR the "
+                "safe list gives them, or as the sequence their bytes begin as"
             )
         if self.mixed_patient_studies:
             out.append(
@@ -141,6 +147,7 @@ def _deidentify(deidentifier: Deidentifier, data: bytes, summary: ExportSummary,
         # the exception's text may quote a value of the object: only its type is reported
         summary.refused.append((sop, f"cannot be de-identified or written ({type(exc).__name__})"))
         return None
+    summary.unreadable_private += result.unreadable_private
     if result.risk:
         summary.risky_exported.append((out.SOPInstanceUID, result.risk))
     return name, buf.getvalue()
@@ -168,6 +175,7 @@ def _report(summary: ExportSummary, deidentifier: Deidentifier) -> bytes:
         "hash_mismatch": [keys.uid(uid) for uid in summary.hash_mismatch],
         "risky_exported": [{"sop_instance_uid": uid, "reason": why} for uid, why in summary.risky_exported],
         "studies_with_several_patient_ids": summary.mixed_patient_studies,
+        "safe_private_elements_removed_unreadable": summary.unreadable_private,
         "residual_identifier_hits": [
             {"sop_instance_uid": keys.uid(uid), "where": where} for uid, where in summary.residual_hits
         ],

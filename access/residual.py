@@ -18,6 +18,7 @@ import unicodedata
 from dataclasses import dataclass, field
 
 from pydicom import Dataset, config
+from pydicom.charset import convert_encodings
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
@@ -52,6 +53,23 @@ _OWN_VOCABULARY = frozenset({"ANONYMIZED", "ANONYMOUS", "[REDACTED]", "REDACTED"
 _EQUIPMENT = ("Manufacturer", "ManufacturerModelName", "SoftwareVersions")
 _CODED = frozenset({"CodeValue", "LongCodeValue", "CodingSchemeDesignator", "CodeMeaning"})
 _BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+# Bulk data, not searched (large, and no identifying text expected in it): pixels and their offset
+# tables, waveforms, spectroscopy, audio, encapsulated documents (kept only by --allow-risky, flagged
+# for a check by hand), a surface's points, overlay and curve data.
+_BULK = frozenset(
+    {0x7FE00001, 0x7FE00002, 0x7FE00008, 0x7FE00009, 0x7FE00010, 0x54001010, 0x56000020, 0x00420011}
+    | {0x00660016, 0x00660021, 0x00660023, 0x00660024, 0x00660025, 0x00660029, 0x00660040, 0x00660041, 0x00660042}
+)
+_ESCAPES = re.compile(rb"\x1b[\x20-\x2f]+[\x40-\x7e]")  # ISO 2022 designations around encoded text
+
+
+def _bulk(tag: int) -> bool:
+    group, element = tag >> 16, tag & 0xFFFF
+    return (
+        tag in _BULK
+        or (group & 0xFF00 in (0x5000, 0x6000) and element in (0x3000, 0x200C))  # curve, overlay, audio data
+        or (group & 0xFF00 == 0x7F00 and element == 0x0010)  # variable pixel data (retired)
+    )
 
 
 @dataclass
@@ -63,6 +81,7 @@ class Identifiers:
     # description is the patient's name, whoever built the scanner.
     redact_only: set[str] = field(default_factory=set)
     anywhere: set[str] = field(default_factory=set)  # (upper case) matched inside words too, not only as words
+    encodings: list[str] = field(default_factory=lambda: ["utf-8"])  # the source's, to find values in bytes
 
     def pattern(self) -> re.Pattern[str]:
         """One expression finding any identifier the scan looks for in upper-case text (built once):
@@ -76,6 +95,32 @@ class Identifiers:
         if getattr(self, "_glued", None) is None:
             self._glued = re.compile(_alternation([t for t in self._searched() if t in self.anywhere], bool))
         return self._glued
+
+    def binary(self) -> re.Pattern[bytes]:
+        """The searched values as bytes, in each encoding and any case, for UN, OB and other binary
+        values (a vendor's blob, a private element read without its VR) (built once)."""
+        if getattr(self, "_binary", None) is None:
+            self._binary_kinds: dict[bytes, str] = {}
+            inside: list[bytes] = []
+            words: list[bytes] = []
+            for term in self._searched():
+                for variant in {term, term.lower(), term.title()}:  # case beyond ASCII: "MÜLLER", "müller"
+                    for encoding in self.encodings:
+                        try:
+                            data = _ESCAPES.sub(b"", variant.encode(encoding))  # ISO 2022: bare text
+                        except (UnicodeError, LookupError):
+                            continue
+                        if data and data.upper() not in self._binary_kinds:
+                            self._binary_kinds[data.upper()] = self.kind_of(term)
+                            (inside if term in self.anywhere else words).append(re.escape(data))
+            parts = inside and [b"|".join(inside)]
+            if words:  # whole words: not next to an ASCII letter or digit
+                parts.append(rb"(?<![A-Za-z0-9])(?:" + b"|".join(words) + rb")(?![A-Za-z0-9])")
+            self._binary = re.compile(b"|".join(parts) or b"(?!)", re.IGNORECASE)
+        return self._binary
+
+    def binary_kind(self, found: bytes) -> str:
+        return self._binary_kinds[found.upper()]
 
     def kind_of(self, upper: str) -> str:
         return self.text.get(upper) or next(k for w, k in self.whole.items() if w.upper() == upper)
@@ -165,6 +210,10 @@ class _Kept:
 
 def collect(ds: Dataset, table: ProfileTable, options: ProfileOptions) -> Identifiers:
     found = Identifiers()
+    try:
+        found.encodings += [e for e in convert_encodings(ds.get("SpecificCharacterSet", "")) if e != "utf-8"]
+    except (LookupError, ValueError):  # a character set nobody knows: its text is searched as UTF-8
+        pass
     kept = _Kept()
     _collect(ds, table, options, found, kept, tree=None)
     # Excused from the scan (still redacted from cleaned text), and nothing else: the vendor dose
@@ -290,7 +339,9 @@ def _scan(ds: Dataset, ids: Identifiers, prefix: str, hits: list[Hit]) -> None:
             for i, item in enumerate(elem.value or []):
                 _scan(item, ids, f"{path}[{i}].", hits)
             continue
-        if elem.VR in _BINARY_VRS:
+        if elem.VR in _BINARY_VRS or isinstance(elem.value, bytes):  # bytes: also "OB or OW" not yet resolved
+            if not _bulk(elem.tag) and isinstance(elem.value, bytes) and (blob := ids.binary().search(elem.value)):
+                hits.append(Hit(path, ids.binary_kind(blob.group(0))))
             continue
         for value in _values(elem.value):
             if elem.VR in _WHOLE_VRS:

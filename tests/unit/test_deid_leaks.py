@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pydicom
 from pydicom import Dataset
+from pydicom.uid import ImplicitVRLittleEndian
 
 from diana.access.deid import Deidentifier
 from diana.access.deid_options import ProfileOptions
 from diana.access.export import REPORT_NAME, export_instances
 from diana.access.pseudonyms import ProjectKeys
+from diana.access.research import load_safe_private
 from diana.access.residual import Hit, scan
 from tests.support.dicomgen import make_instance
 
@@ -175,3 +177,77 @@ def test_an_unknown_public_element_is_removed():
     ds.add_new(0x00181000, "UN", b"SN4711")  # known to pydicom (DeviceSerialNumber): by the table
     out, _ = _deidentify(pydicom.dcmread(io.BytesIO(_bytes(ds))), retain_device_identity=True)
     assert 0x0040B034 not in out and out.DeviceSerialNumber == "SN4711"
+
+
+def _with_private(value_vr: str, value, transfer_syntax=ImplicitVRLittleEndian) -> Dataset:
+    """The source with ACME 1.0's element 10 (creator unknown to pydicom), as read back from its file."""
+    ds = _source()
+    ds.file_meta.TransferSyntaxUID = transfer_syntax  # implicit VR: an unknown private element is read as UN
+    ds.add_new(0x00090010, "LO", "ACME 1.0")
+    ds.add_new(0x00091010, value_vr, value)
+    return pydicom.dcmread(io.BytesIO(_bytes(ds)))
+
+
+def _sequence_item() -> Dataset:
+    inner = Dataset()
+    inner.PatientName, inner.PatientID, inner.OperatorsName = "Doe^John", "MRN998877", "Other^Person"
+    inner.AcquisitionDate = "20240115"
+    return inner
+
+
+SAFE = frozenset({("ACME 1.0", 0x10)})
+
+
+def test_a_safe_listed_private_sequence_read_as_un_is_de_identified(tmp_path):
+    """Read with implicit VR and a creator pydicom does not know, a private sequence is UN bytes: it
+    was copied byte for byte, neither de-identified nor scanned."""
+    source = _with_private("SQ", [_sequence_item()])
+    assert source[0x00091010].VR == "UN"
+    out, hits = _deidentify(source, retain_safe_private=SAFE)
+    assert hits == []
+    (item,) = out[0x00091010].value
+    assert not item.PatientName and item.PatientID != "MRN998877" and item.OperatorsName != "Other^Person"
+    assert item.AcquisitionDate == out.StudyDate != "20240115"  # shifted as the object's own
+    data = _bytes(out)
+    for value in (b"Doe^John", b"MRN998877", b"Other^Person", b"20240115"):
+        assert value not in data
+    report, [exported] = _export_zip(tmp_path, _with_private("SQ", [_sequence_item()]), retain_safe_private=SAFE)
+    assert report["status"] == "complete" and report["safe_private_elements_removed_unreadable"] == 0
+    assert 0x00091010 in exported
+
+
+def test_a_safe_listed_un_value_that_does_not_read_as_listed_is_removed_and_counted(tmp_path):
+    item = b"\xfe\xff\x00\xe0" + (400).to_bytes(4, "little") + b"\x10\x00\x10\x00" + b"Doe^John"  # cut short
+    report, [out] = _export_zip(tmp_path, _with_private("UN", item), retain_safe_private=SAFE)
+    assert 0x00091010 not in out and 0x00090010 not in out
+    assert report["safe_private_elements_removed_unreadable"] == 1 and report["status"] == "complete"
+    # the list says a sequence, the bytes are text
+    vrs = frozenset({("ACME 1.0", 0x10, "SQ")})
+    result = Deidentifier(KEYS, ProfileOptions(retain_safe_private=SAFE, safe_private_vrs=vrs)).deidentify(
+        _with_private("UN", b"Doe^John")
+    )
+    assert 0x00091010 not in result.dataset and result.unreadable_private == 1
+
+
+def test_the_scan_searches_binary_values():
+    """UN, OB and other binary values were skipped by the scan. A safe-listed UN value that is no
+    sequence stays bytes (the list gives no VR): the identifiers are searched in them."""
+    out, hits = _deidentify(_with_private("UN", b"Doe^John MRN998877 "), retain_safe_private=SAFE)
+    assert out[0x00091010].VR == "UN" and [(h.path, h.kind) for h in hits] == [("(0009,1010)", "person name")]
+    _, hits = _deidentify(_with_private("UN", b"\x00\x01note 20240115\x00"), retain_safe_private=SAFE)
+    assert [h.kind for h in hits] == ["date"]
+    _, hits = _deidentify(_with_private("UN", b"\x00\x01\x02\x03 head"), retain_safe_private=SAFE)
+    assert hits == []
+    ds = _source()
+    ds.add_new(0x00090010, "LO", "ACME 1.0")
+    ds.add_new(0x00091010, "OB", b"\x07\x00scanned for mrn998877\x00")  # explicit VR: OB
+    assert [h.kind for h in _deidentify(ds, retain_safe_private=SAFE)[1]] == ["PatientID"]
+    ds = _source()
+    ds.PixelData = b"MRN998877 " * 10  # bulk data is not searched
+    assert _deidentify(ds)[1] == []
+
+
+def test_a_safe_list_line_may_give_the_vr(tmp_path):
+    listed = tmp_path / "safe.txt"
+    listed.write_text("ACME 1.0,10,SQ\nACME 1.0,11\nVENDOR, INC.,12,DA  # a date\n")
+    assert load_safe_private(listed) == {("ACME 1.0", 0x10, "SQ"), ("ACME 1.0", 0x11, ""), ("VENDOR, INC.", 0x12, "DA")}
