@@ -40,6 +40,7 @@ _DUMMY_TEXT = "ANONYMIZED"
 _REDACTED = "[REDACTED]"
 _FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC"})
 _BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+_TEMPORAL_VRS = frozenset({"DA", "DT", "TM"})
 _NUMBER_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV", "FL", "FD"})
 _DUMMY_BY_VR = {"DA": "19000101", "DT": "19000101000000", "TM": "000000", "IS": "0", "DS": "0", "AS": "000Y"}
 # AE titles, the presentation addresses (dicom://host:port of the sender and the receiver), private info
@@ -191,9 +192,14 @@ class Deidentifier:
                 # as everywhere else; the list vouches for the sequence, not for what a vendor put in it
                 self._sequence(elem, Action.KEEP, ctx, path + f"({elem.tag.group:04X},{elem.tag.element:04X})")
                 continue
-            if elem.tag.is_private or elem.tag.group == 0x0002:
+            if elem.tag.is_private and elem.VR in _TEMPORAL_VRS:
+                # kept by the safe list, a date is still the patient's: shifted, kept or removed with the
+                # public ones, by the dates option (before, it went out as it came)
+                action = resolve(int(elem.tag), elem.VR, None, self.options)
+            elif elem.tag.is_private or elem.tag.group == 0x0002:
                 continue
-            action = resolve(int(elem.tag), elem.VR, self.table.code(elem.tag), self.options)
+            else:
+                action = resolve(int(elem.tag), elem.VR, self.table.code(elem.tag), self.options)
             if action is Action.KEEP and elem.VR in _FREE_TEXT_VRS | {"PN"}:
                 if ctx.tree is Action.DUMMY:
                     action = Action.DUMMY

@@ -261,8 +261,8 @@ def _collect(
             for item in elem.value or []:
                 _collect(item, table, options, found, kept, tree)
             continue
-        if elem.tag.is_private or elem.tag.group == 0x0002:
-            continue
+        if (elem.tag.is_private and elem.VR not in ("DA", "DT")) or elem.tag.group == 0x0002:
+            continue  # a private date (kept when safe-listed) is the patient's as a public one is
         action = resolve(int(elem.tag), elem.VR, table.code(elem.tag), options)
         if elem.VR == "SQ":
             inner = action if action in (Action.DUMMY, Action.CLEAN) else tree

@@ -3,6 +3,7 @@ each test builds the leaking object and asserts that the value is gone or the re
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import zipfile
@@ -12,8 +13,9 @@ import pydicom
 from pydicom import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
+from diana.access.dateshift import shift_value
 from diana.access.deid import Deidentifier
-from diana.access.deid_options import ProfileOptions
+from diana.access.deid_options import DateOption, ProfileOptions
 from diana.access.export import REPORT_NAME, export_instances
 from diana.access.pseudonyms import ProjectKeys
 from diana.access.research import load_safe_private
@@ -251,3 +253,34 @@ def test_a_safe_list_line_may_give_the_vr(tmp_path):
     listed = tmp_path / "safe.txt"
     listed.write_text("ACME 1.0,10,SQ\nACME 1.0,11\nVENDOR, INC.,12,DA  # a date\n")
     assert load_safe_private(listed) == {("ACME 1.0", 0x10, "SQ"), ("ACME 1.0", 0x11, ""), ("VENDOR, INC.", 0x12, "DA")}
+
+
+def test_dates_in_safe_listed_private_elements_follow_the_dates_option():
+    """A safe-listed private DA/DT went out unshifted whatever --dates said."""
+    ds = _source()
+    ds.add_new(0x00090010, "LO", "ACME 1.0")
+    ds.add_new(0x00091011, "DA", "20231201")
+    ds.add_new(0x00091012, "DT", "20231201083000")
+    ds.add_new(0x00091013, "TM", "083000")
+    safe = frozenset({("ACME 1.0", 0x11), ("ACME 1.0", 0x12), ("ACME 1.0", 0x13)})
+    d = Deidentifier(KEYS, ProfileOptions(retain_safe_private=safe))
+    days = KEYS.date_shift_days(d.subjects.subject(ds.StudyInstanceUID, ds.PatientID))
+    result = d.deidentify(copy.deepcopy(ds))
+    out = result.dataset
+    assert out[0x00091011].value == shift_value("20231201", "DA", days) != "20231201"
+    assert out[0x00091012].value == shift_value("20231201083000", "DT", days)
+    assert out[0x00091013].value == "083000" and scan(out, result.identifiers) == []  # whole-day shifts
+    out, hits = _deidentify(copy.deepcopy(ds), retain_safe_private=safe, dates=DateOption.REMOVE)
+    assert not {0x00091011, 0x00091012, 0x00091013} & set(out.keys()) and hits == []
+    out, hits = _deidentify(copy.deepcopy(ds), retain_safe_private=safe, dates=DateOption.FULL)
+    assert out[0x00091011].value == "20231201" and hits == []
+    # read as UN from an implicit VR file: the safe list's VR makes it a date, shifted as the others
+    source = _with_private("DA", "20231201")
+    assert source[0x00091010].VR == "UN"
+    vrs = frozenset({("ACME 1.0", 0x10, "DA")})
+    out, hits = _deidentify(source, retain_safe_private=SAFE, safe_private_vrs=vrs)
+    assert out[0x00091010].VR == "DA" and out[0x00091010].value == shift_value("20231201", "DA", days)
+    assert hits == []
+    # without its VR it stays bytes, and the scan finds a date of the object in them
+    _, hits = _deidentify(_with_private("DA", "20240115"), retain_safe_private=SAFE)
+    assert [(h.path, h.kind) for h in hits] == [("(0009,1010)", "date")]
