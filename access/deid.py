@@ -134,6 +134,7 @@ class Deidentifier:
             DateOption.REMOVE: "REMOVED",
         }[self.options.dates]
         self._file_meta(ds)
+        ds.preamble = bytes(128)  # the source's preamble is anybody's 128 bytes (a TIFF header, a name)
         self.key.add(subject, *original, self.keys)
         return Deidentified(ds, identifiers, risk, unreadable_private)
 

@@ -284,3 +284,11 @@ def test_dates_in_safe_listed_private_elements_follow_the_dates_option():
     # without its VR it stays bytes, and the scan finds a date of the object in them
     _, hits = _deidentify(_with_private("DA", "20240115"), retain_safe_private=SAFE)
     assert [(h.path, h.kind) for h in hits] == [("(0009,1010)", "date")]
+
+
+def test_the_file_preamble_is_written_zeroed():
+    """The source's 128-byte preamble (free for any use: a TIFF header, or text) was copied into the export."""
+    raw = _bytes(_source())
+    raw = b"DOE^JOHN MRN998877".ljust(128, b"\0") + raw[128:]
+    out, _ = _deidentify(pydicom.dcmread(io.BytesIO(raw)))
+    assert _bytes(out)[:132] == bytes(128) + b"DICM"
