@@ -269,6 +269,8 @@ def export_instances(
         if zf is not None:
             zf.close()
         tmp_zip.unlink(missing_ok=True)
-    if key_file is not None and deidentifier is not None:
+    if key_file is not None and deidentifier is not None and not summary.failed:
+        # Only for an export that was published: a key to objects nobody may use is one more copy of
+        # the patients' identities to look after.
         write_private(key_file, key_csv(list(deidentifier.key.rows.values())))
     return summary

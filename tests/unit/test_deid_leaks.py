@@ -292,3 +292,37 @@ def test_the_file_preamble_is_written_zeroed():
     raw = b"DOE^JOHN MRN998877".ljust(128, b"\0") + raw[128:]
     out, _ = _deidentify(pydicom.dcmread(io.BytesIO(raw)))
     assert _bytes(out)[:132] == bytes(128) + b"DICM"
+
+
+class _Leaky(Deidentifier):
+    """A de-identifier with a bug: the patient's name left in the study description."""
+
+    def deidentify(self, ds):
+        name = str(ds.PatientName)
+        result = super().deidentify(ds)
+        result.dataset.StudyDescription = f"study of {name}"
+        return result
+
+
+def test_no_key_file_for_an_export_that_failed_its_scan(tmp_path):
+    """The key file (pseudonym -> patient) was written although the zip was never published."""
+    archive = tmp_path / "archive"
+    ds = _source()
+    path = archive / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(_bytes(ds))
+    row = {
+        "study_instance_uid": ds.StudyInstanceUID,
+        "series_instance_uid": ds.SeriesInstanceUID,
+        "sop_instance_uid": ds.SOPInstanceUID,
+        "patient_id": ds.PatientID,
+    }
+    for name in ("out.zip", "out"):
+        key = tmp_path / f"key-{name}.csv"
+        summary = export_instances(
+            [row], archive, tmp_path / name, deidentifier=_Leaky(KEYS, ProfileOptions()), key_file=key
+        )
+        assert summary.failed and not key.exists(), name
+    key = tmp_path / "key.csv"
+    export_instances([row], archive, tmp_path / "good.zip", deidentifier=Deidentifier(KEYS), key_file=key)
+    assert key.exists() and (tmp_path / "good.zip").exists()
