@@ -40,6 +40,7 @@ _DUMMY_TEXT = "ANONYMIZED"
 _REDACTED = "[REDACTED]"
 _FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC"})
 _BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+_MAX_LENGTH = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "ST": 1024, "LT": 10240}  # PS3.5 6.2, characters
 _TEMPORAL_VRS = frozenset({"DA", "DT", "TM"})
 _NUMBER_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV", "FL", "FD"})
 _DUMMY_BY_VR = {"DA": "19000101", "DT": "19000101000000", "TM": "000000", "IS": "0", "DS": "0", "AS": "000Y"}
@@ -256,7 +257,7 @@ class Deidentifier:
         elif elem.VR == "PN":
             elem.value = _DUMMY_TEXT
         elif isinstance(elem.value, (str, MultiValue)):
-            elem.value = self._map(elem.value, lambda v: ctx.redact.sub(_REDACTED, v))
+            elem.value = self._map(elem.value, lambda v: _fit(ctx.redact.sub(_REDACTED, v), elem.VR, len(v)))
 
     @staticmethod
     def _map(value: object, fn) -> object:
@@ -286,6 +287,12 @@ class Deidentifier:
         if "SOPClassUID" in ds:
             meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.file_meta = meta
+
+
+def _fit(text: str, vr: str, before: int) -> str:
+    """``text`` cut to its VR's maximum length when redaction made it longer ("[REDACTED]" for "Li")."""
+    limit = _MAX_LENGTH.get(vr)
+    return text[: max(limit, before)] if limit else text
 
 
 def _owner(item: Dataset, tag: BaseTag) -> str:

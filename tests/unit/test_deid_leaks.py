@@ -326,3 +326,12 @@ def test_no_key_file_for_an_export_that_failed_its_scan(tmp_path):
     key = tmp_path / "key.csv"
     export_instances([row], archive, tmp_path / "good.zip", deidentifier=Deidentifier(KEYS), key_file=key)
     assert key.exists() and (tmp_path / "good.zip").exists()
+
+
+def test_redaction_keeps_a_value_within_its_vr_length():
+    """A redacted value could outgrow its VR (LO: 64 characters) and make the object invalid."""
+    ds = _source(name="Li^Wu")
+    ds.StudyDescription = " ".join(["Li Wu"] * 10)  # 59 characters, each name part becoming [REDACTED]
+    out, hits = _deidentify(ds, clean_descriptors=True)
+    assert len(out.StudyDescription) == 64 and out.StudyDescription.startswith("[REDACTED] [REDACTED] ")
+    assert hits == []
