@@ -67,6 +67,9 @@ class ExportSummary:
     residual_hits: list[tuple[str, str]] = field(default_factory=list)  # (source SOP UID, element path and kind)
     mixed_patient_studies: int = 0
     unreadable_private: int = 0  # safe-listed private elements removed: not readable as the list says
+    # A research export's objects are named on the console by their pseudonymous UIDs, as in its report:
+    # a terminal's scrollback and the logs it is pasted into are no place for the original ones.
+    pseudonym: Callable[[str], str] | None = field(default=None, repr=False)
 
     @property
     def failed(self) -> bool:
@@ -76,21 +79,24 @@ class ExportSummary:
     def complete(self) -> bool:
         return not (self.missing or self.hash_mismatch or self.refused or self.residual_hits)
 
-    def lines(self) -> list[str]:
+    def lines(self, *, original_uids: bool = False) -> list[str]:
+        """The summary for the console; ``original_uids`` names a research export's objects by their
+        original UIDs (to find them in the archive) instead of their pseudonymous ones."""
+        name = self.pseudonym if self.pseudonym is not None and not original_uids else str
         out = [f"exported {self.exported} objects of {self.studies} studies ({self.bytes / 1e6:.1f} MB)"]
         if self.missing:
             out.append(
                 f"{len(self.missing)} indexed objects are not in the archive (not exported): "
-                f"{', '.join(self.missing[:5])}"
+                f"{', '.join(map(name, self.missing[:5]))}"
             )
         if self.hash_mismatch:
             out.append(
                 f"{len(self.hash_mismatch)} archived objects differ from the SHA-256 recorded at arrival "
-                f"(not exported): {', '.join(self.hash_mismatch[:5])}"
+                f"(not exported): {', '.join(map(name, self.hash_mismatch[:5]))}"
             )
         if self.refused:
             out.append(f"{len(self.refused)} objects refused (not exported):")
-            out += [f"  {uid}: {why}" for uid, why in self.refused[:50]]
+            out += [f"  {name(uid)}: {why}" for uid, why in self.refused[:50]]
             if len(self.refused) > 50:
                 out.append(f"  ... and {len(self.refused) - 50} more ({REPORT_NAME} lists them all)")
         if self.risky_exported:
@@ -112,7 +118,7 @@ class ExportSummary:
             out.append(
                 f"FAILED: the residual-identifier scan found source identifiers in {len(self.residual_hits)} places:"
             )
-            out += [f"  {uid}: {where}" for uid, where in self.residual_hits[:50]]
+            out += [f"  {name(uid)}: {where}" for uid, where in self.residual_hits[:50]]
         return out
 
 
@@ -202,6 +208,7 @@ def export_instances(
         archive = FilesystemStore(archive)
     summary = ExportSummary(studies=len({i["study_instance_uid"] for i in instances}))
     if deidentifier is not None:
+        summary.pseudonym = deidentifier.keys.uid
         _plan_studies(deidentifier, instances)
         summary.mixed_patient_studies = len(deidentifier.subjects.mixed)
     as_zip = target.suffix.lower() == ".zip"

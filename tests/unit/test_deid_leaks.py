@@ -335,3 +335,30 @@ def test_redaction_keeps_a_value_within_its_vr_length():
     out, hits = _deidentify(ds, clean_descriptors=True)
     assert len(out.StudyDescription) == 64 and out.StudyDescription.startswith("[REDACTED] [REDACTED] ")
     assert hits == []
+
+
+def test_the_console_summary_names_objects_by_their_pseudonymous_uids(tmp_path):
+    """ExportSummary.lines() printed the original SOP Instance UIDs of refused and missing objects."""
+    archive = tmp_path / "archive"
+    bad = _source()
+    bad.ContentDate = "20190510%"  # refused: a date no program can read
+    rows = []
+    for ds in (bad, make_instance("1.2.3.4", "1.2.3.4.5", 2, patient_id="MRN998877", study_date="20240115")):
+        rows.append(
+            {
+                "study_instance_uid": ds.StudyInstanceUID,
+                "series_instance_uid": ds.SeriesInstanceUID,
+                "sop_instance_uid": ds.SOPInstanceUID,
+                "patient_id": ds.PatientID,
+            }
+        )
+    path = archive / bad.StudyInstanceUID / bad.SeriesInstanceUID / f"{bad.SOPInstanceUID}.dcm"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(_bytes(bad))  # the second is indexed but not in the archive
+    summary = export_instances(rows, archive, tmp_path / "out.zip", deidentifier=Deidentifier(KEYS))
+    text = "\n".join(summary.lines())
+    for row in rows:
+        assert row["sop_instance_uid"] not in text and KEYS.uid(row["sop_instance_uid"]) in text
+    assert rows[0]["sop_instance_uid"] in "\n".join(summary.lines(original_uids=True))
+    plain = export_instances(rows, archive, tmp_path / "plain")  # no de-identification: the archive's own UIDs
+    assert rows[1]["sop_instance_uid"] in "\n".join(plain.lines())
