@@ -122,6 +122,15 @@ class ExportSummary:
         return out
 
 
+def _member(name: str) -> zipfile.ZipInfo:
+    """A zip member stamped 1980-01-01 (the format's first day), not when it was written: the same
+    export gives the same bytes, and the zip does not tell when the study was exported."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16  # rw-r--r--, as a file written with the usual umask
+    return info
+
+
 def _plan_studies(deidentifier: Deidentifier, instances: list[dict]) -> None:
     by_study: dict[str, set[str]] = defaultdict(set)
     for inst in instances:
@@ -244,7 +253,7 @@ def export_instances(
                     continue
                 name, data = done
             if zf is not None:
-                zf.writestr(name, data)
+                zf.writestr(_member(name), data)
             else:
                 out = contained_path(target, name)
                 write_atomic(out, data)
@@ -256,7 +265,7 @@ def export_instances(
         if deidentifier is not None:
             report = _report(summary, deidentifier)
             if zf is not None:
-                zf.writestr(REPORT_NAME, report)
+                zf.writestr(_member(REPORT_NAME), report)
             else:
                 write_atomic(target / REPORT_NAME, report)
         if zf is not None:

@@ -362,3 +362,10 @@ def test_the_console_summary_names_objects_by_their_pseudonymous_uids(tmp_path):
     assert rows[0]["sop_instance_uid"] in "\n".join(summary.lines(original_uids=True))
     plain = export_instances(rows, archive, tmp_path / "plain")  # no de-identification: the archive's own UIDs
     assert rows[1]["sop_instance_uid"] in "\n".join(plain.lines())
+
+
+def test_zip_members_carry_a_fixed_date(tmp_path):
+    """Zip members were stamped with the time of the export."""
+    _export_zip(tmp_path, _source())
+    with zipfile.ZipFile(tmp_path / "out.zip") as zf:
+        assert {info.date_time for info in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
