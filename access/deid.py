@@ -7,8 +7,10 @@ replaced by a dummy, its UID mapped, or cleaned (dates shifted, identifying word
 text). Private elements go unless the site's safe list keeps them. Person names the table does
 not list are replaced too. Inside a content tree the profile replaces (Content Sequence, D),
 names and free text are replaced; inside one it cleans (Clean Structured Content), they are
-redacted. An object that cannot be handled (a date no program can read, a risky class without the
-opt-in, no Study Instance UID) raises Refused with a reason that holds no patient data.
+redacted. A code sequence the profile replaces (InstitutionCodeSequence, PersonIdentification-
+CodeSequence) gets a dummy code in each item. An object that cannot be handled (a date no program
+can read, a risky class without the opt-in, no Study Instance UID) raises Refused with a reason
+that holds no patient data.
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 from pydicom.values import convert_SQ, convert_value
 
 from diana.access.dateshift import MalformedTemporal, shift_value
-from diana.access.deid_options import Action, DateOption, ProfileOptions, method_codes, resolve
+from diana.access.deid_options import (
+    DUMMY_CODE,
+    Action,
+    DateOption,
+    ProfileOptions,
+    method_codes,
+    replaced_codes,
+    resolve,
+)
 from diana.access.deid_table import EDITION, TABLE_PACKAGE, ProfileTable, basic_profile
 from diana.access.pseudonyms import ProjectKeys, StudySubjects
 from diana.access.residual import Identifiers, collect
@@ -226,6 +236,9 @@ class Deidentifier:
         if action is Action.EMPTY:
             elem.value = Sequence()
             return
+        if replaced_codes(elem.keyword, action):  # the institution's or a person's codes: dummy codes
+            elem.value = Sequence([_dummy_code() for _ in elem.value or []])
+            return
         inner = _Context(
             ctx.subject, ctx.days, ctx.redact, action if action in (Action.DUMMY, Action.CLEAN) else ctx.tree
         )
@@ -287,6 +300,12 @@ class Deidentifier:
         if "SOPClassUID" in ds:
             meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.file_meta = meta
+
+
+def _dummy_code() -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = DUMMY_CODE
+    return item
 
 
 def _fit(text: str, vr: str, before: int) -> str:

@@ -45,7 +45,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pydicom import Dataset
 
-__all__ = ["Action", "DateOption", "ProfileOptions", "resolve", "method_codes", "PATIENT_CHARACTERISTICS"]
+__all__ = [
+    "Action",
+    "DateOption",
+    "ProfileOptions",
+    "resolve",
+    "method_codes",
+    "replaced_codes",
+    "DUMMY_CODE",
+    "PATIENT_CHARACTERISTICS",
+]
 
 
 class Action(StrEnum):
@@ -231,6 +240,19 @@ def resolve(tag: int, vr: str, code: str | None, options: ProfileOptions) -> Act
     ):
         return Action.CLEAN
     return _COMBINED.get(code) or Action(code)
+
+
+# A dummy code (Code Sequence Macro: value, scheme, meaning, each Type 1); "99" marks a private coding
+# scheme (PS3.3 8.2), so no one takes it for a code of a public vocabulary.
+DUMMY_CODE = ("ANONYMIZED", "99ANONYMIZED", "ANONYMIZED")
+
+
+def replaced_codes(keyword: str, action: Action) -> bool:
+    """A code sequence the profile replaces (D: InstitutionCodeSequence, X/Z/D; PersonIdentificationCode-
+    Sequence): its codes are what identifies (the institution's code and name, a staff ID), so each of
+    its items becomes DUMMY_CODE. D asks for a non-zero length value: removing the items would leave an
+    empty sequence, which D (a Type 1 sequence) does not allow; a dummy code keeps the IOD valid."""
+    return action is Action.DUMMY and keyword.endswith("CodeSequence")
 
 
 def _item(value: str, meaning: str) -> Dataset:

@@ -22,7 +22,7 @@ from pydicom.charset import convert_encodings
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from diana.access.deid_options import Action, DateOption, ProfileOptions, resolve
+from diana.access.deid_options import Action, DateOption, ProfileOptions, replaced_codes, resolve
 from diana.access.deid_table import ProfileTable
 
 __all__ = ["Identifiers", "Hit", "collect", "scan"]
@@ -52,6 +52,8 @@ _IDENTIFYING = re.compile(
 _OWN_VOCABULARY = frozenset({"ANONYMIZED", "ANONYMOUS", "[REDACTED]", "REDACTED", "ANON", "ANON^", "NONE", "UNKNOWN"})
 _EQUIPMENT = ("Manufacturer", "ManufacturerModelName", "SoftwareVersions")
 _CODED = frozenset({"CodeValue", "LongCodeValue", "CodingSchemeDesignator", "CodeMeaning"})
+# What identifies in a code the profile replaces (D): the institution's or the person's code and meaning
+_REPLACED_CODE = frozenset({"CodeValue", "LongCodeValue", "CodeMeaning"})
 _BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 # Bulk data, not searched (large, and no identifying text expected in it): pixels and their offset
 # tables, waveforms, spectroscopy, audio, encapsulated documents (kept only by --allow-risky, flagged
@@ -255,26 +257,40 @@ def _collect(
     found: Identifiers,
     kept: _Kept,
     tree: Action | None,
+    exported: bool = True,
+    codes_of: str = "",
 ) -> None:
+    """Gather the identifying values of ``ds`` into ``found``, and into ``kept`` the values the profile
+    keeps. ``exported``: False inside a sequence whose items do not go out (removed, emptied, its codes
+    replaced, a private sequence the safe list does not keep): its values are still identifiers, but
+    they excuse nothing. ``codes_of``: the code sequence the profile replaces (D) that holds ``ds``."""
     for elem in ds:
-        if elem.tag.is_private and elem.VR == "SQ":  # a safe-listed private sequence: its items as any
+        if elem.tag.is_private and elem.VR == "SQ":  # its items as any; kept values only if safe-listed
+            listed = _safe_listed(ds, elem.tag, options)
             for item in elem.value or []:
-                _collect(item, table, options, found, kept, tree)
+                _collect(item, table, options, found, kept, tree, exported and listed, codes_of)
             continue
         if (elem.tag.is_private and elem.VR not in ("DA", "DT")) or elem.tag.group == 0x0002:
             continue  # a private date (kept when safe-listed) is the patient's as a public one is
         action = resolve(int(elem.tag), elem.VR, table.code(elem.tag), options)
         if elem.VR == "SQ":
             inner = action if action in (Action.DUMMY, Action.CLEAN) else tree
+            replaced = replaced_codes(elem.keyword, action)
+            goes_out = exported and action not in (Action.REMOVE, Action.EMPTY) and not replaced
             for item in elem.value or []:
-                _collect(item, table, options, found, kept, inner)
+                _collect(item, table, options, found, kept, inner, goes_out, elem.keyword if replaced else codes_of)
             continue
         if elem.VR in _BINARY_VRS:
             continue
         keyword = elem.keyword or ""
+        if codes_of and keyword in _REPLACED_CODE:
+            _add_code(found, codes_of, _values(elem.value))
+            continue
         if tree is not None and action is Action.KEEP and elem.VR in _FREE_TEXT_VRS | {"PN"}:
             action = tree  # free text and names of a content tree go (D) or are redacted (C), as the engine does
         if action is Action.KEEP:
+            if not exported:
+                continue
             values = {v.upper() for v in _values(elem.value)}
             if keyword in _EQUIPMENT or table.code(elem.tag) is not None:  # listed, kept: by an option
                 kept.retained |= values
@@ -305,6 +321,26 @@ def _collect(
                     found.whole[value] = kind
                     if _ID_KIND.search(kind) and len(value) >= _MIN_ID and any(c.isdigit() for c in value):
                         found.anywhere.add(value.upper())  # glued to other text too: "MRN998877" holds "998877"
+
+
+def _add_code(found: Identifiers, kind: str, values: list[str]) -> None:
+    """A code of a sequence the profile replaces (a staff ID "EMP4711", "Mercy General"): an identifier,
+    named after its sequence unless the same value was found first in an attribute of its own."""
+    for value in values:
+        if len(value) >= _MIN_TEXT:
+            found.text.setdefault(value.upper(), kind)
+            found.whole.setdefault(value, kind)
+            if len(value) >= _MIN_ID and any(c.isdigit() for c in value):
+                found.anywhere.add(value.upper())  # an ID glued to other text too
+
+
+def _safe_listed(ds: Dataset, tag, options: ProfileOptions) -> bool:
+    """Whether the site's safe list keeps private element ``tag`` of ``ds`` (as deid.py's _private does)."""
+    if tag.is_private_creator or tag.element < 0x1000:
+        return False
+    creator = (tag.group << 16) | (tag.element >> 8)
+    owner = str(ds[creator].value).strip() if creator in ds else ""
+    return (owner, tag.element & 0xFF) in options.retain_safe_private
 
 
 def scan(ds: Dataset, identifiers: Identifiers) -> list[Hit]:

@@ -369,3 +369,53 @@ def test_zip_members_carry_a_fixed_date(tmp_path):
     _export_zip(tmp_path, _source())
     with zipfile.ZipFile(tmp_path / "out.zip") as zf:
         assert {info.date_time for info in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = value, scheme, meaning
+    return code
+
+
+def test_a_code_sequence_the_profile_replaces_gets_dummy_codes_and_excuses_nothing():
+    """InstitutionCodeSequence (X/Z/D: D) kept its codes, "Mercy General" included, and that kept code
+    meaning excused the InstitutionName in a kept protocol name; a code only in a sequence that is
+    never exported excused it as well; a staff ID went out in PersonIdentificationCodeSequence (D)."""
+    ds = _source()
+    ds.InstitutionName = "Mercy General"
+    ds.InstitutionCodeSequence = [_code("MG01", "99MERCY", "Mercy General")]
+    ds.AcquisitionProtocolName = "Mercy General head"  # kept as it is
+    out, hits = _deidentify(ds)
+    (code,) = out.InstitutionCodeSequence
+    assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == (
+        "ANONYMIZED",
+        "99ANONYMIZED",
+        "ANONYMIZED",
+    )
+    assert [(h.path, h.kind) for h in hits] == [("AcquisitionProtocolName", "InstitutionName")]
+    # a code meaning in a removed sequence, in an emptied one, in a private one the safe list does not keep
+    for where in ("ReferringPhysicianIdentificationSequence", "ReferencedStudySequence", "private"):
+        ds = _source()
+        ds.InstitutionName = "Mercy General"
+        ds.AcquisitionProtocolName = "Mercy General head"
+        item = Dataset()
+        item.InstitutionCodeSequence = [_code("MG01", "99MERCY", "Mercy General")]
+        item.ConceptNameCodeSequence = [_code("MG02", "99MERCY", "Mercy General")]  # kept where it is exported
+        if where == "private":
+            ds.add_new(0x00090010, "LO", "ACME 1.0")
+            ds.add_new(0x00091020, "SQ", [item])
+        else:
+            setattr(ds, where, [item])
+        _, hits = _deidentify(ds, retain_safe_private=SAFE)
+        assert [(h.path, h.kind) for h in hits] == [("AcquisitionProtocolName", "InstitutionName")], where
+    # a staff ID and name in the operator's identification codes
+    ds = _source()
+    operator = Dataset()
+    operator.PersonName = "Roe^Jane"
+    operator.PersonIdentificationCodeSequence = [_code("EMP4711", "99MERCY", "Jane Roe")]
+    ds.OperatorIdentificationSequence = [operator]
+    ds.AcquisitionProtocolName = "head EMP4711"
+    out, hits = _deidentify(ds)
+    (code,) = out.OperatorIdentificationSequence[0].PersonIdentificationCodeSequence
+    assert (code.CodeValue, code.CodeMeaning) == ("ANONYMIZED", "ANONYMIZED")
+    assert [(h.path, h.kind) for h in hits] == [("AcquisitionProtocolName", "PersonIdentificationCodeSequence")]
