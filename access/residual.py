@@ -116,8 +116,8 @@ class Identifiers:
                             self._binary_kinds[data.upper()] = self.kind_of(term)
                             (inside if term in self.anywhere else words).append(re.escape(data))
             parts = inside and [b"|".join(inside)]
-            if words:  # whole words: not next to an ASCII letter or digit
-                parts.append(rb"(?<![A-Za-z0-9])(?:" + b"|".join(words) + rb")(?![A-Za-z0-9])")
+            if words:  # whole words: not next to an ASCII letter, nor a digit next to a digit
+                parts.append(_BYTES_WORD_START + b"(?:" + b"|".join(words) + b")" + _BYTES_WORD_END)
             self._binary = re.compile(b"|".join(parts) or b"(?!)", re.IGNORECASE)
         return self._binary
 
@@ -142,11 +142,20 @@ class Identifiers:
         return re.compile(_alternation(self.terms(), lambda t: t in self.anywhere or len(t) >= 3), re.IGNORECASE)
 
 
+# A whole word: not glued to a letter, nor a digit to a digit. "_" and digits separate name parts
+# ("Li" in "CT_Li_Wei", "SMITH" in "SMITH2"), while "1234" is still not found in "51234" (before, \w
+# glued "_" and digits to a name as to a number).
+_WORD_START = r"(?<![^\W\d_])(?!(?<=\d)\d)"
+_WORD_END = r"(?![^\W\d_])(?!(?<=\d)\d)"
+_BYTES_WORD_START = rb"(?<![A-Za-z])(?!(?<=[0-9])[0-9])"
+_BYTES_WORD_END = rb"(?![A-Za-z])(?!(?<=[0-9])[0-9])"
+
+
 def _alternation(terms: list[str], anywhere) -> str:
     """``terms`` (longest first) as one alternation: whole words, except where ``anywhere(term)``."""
     inside = "|".join(re.escape(t) for t in terms if t and anywhere(t))
     words = "|".join(re.escape(t) for t in terms if t and not anywhere(t))
-    parts = ([inside] if inside else []) + ([r"(?<!\w)(?:" + words + r")(?!\w)"] if words else [])
+    parts = ([inside] if inside else []) + ([_WORD_START + "(?:" + words + ")" + _WORD_END] if words else [])
     return "|".join(parts) or "(?!)"  # (?!): matches nothing
 
 
@@ -188,8 +197,8 @@ def _standard(uid: str) -> bool:
 
 @functools.lru_cache(maxsize=65536)
 def _word(term: str) -> re.Pattern[str]:
-    """``term`` as a whole word (or words): "TOSHIBA" is not found in "TOSHIBA_MEC"."""
-    return re.compile(r"(?<!\w)" + re.escape(term) + r"(?!\w)")
+    """``term`` as a whole word (or words), as the scan finds it: "TOSHIBA" in "TOSHIBA_MEC", not in "TOSHIBAMEC"."""
+    return re.compile(_WORD_START + re.escape(term) + _WORD_END)
 
 
 def _kind(keyword: str, vr: str) -> str:

@@ -419,3 +419,25 @@ def test_a_code_sequence_the_profile_replaces_gets_dummy_codes_and_excuses_nothi
     (code,) = out.OperatorIdentificationSequence[0].PersonIdentificationCodeSequence
     assert (code.CodeValue, code.CodeMeaning) == ("ANONYMIZED", "ANONYMIZED")
     assert [(h.path, h.kind) for h in hits] == [("AcquisitionProtocolName", "PersonIdentificationCodeSequence")]
+
+
+def test_underscores_and_digits_separate_name_parts():
+    """Words were told apart by \\w, which holds "_" and digits: "Li" in "CT_Li_Wei" was neither redacted
+    nor found, nor "SMITH" in "SMITH_JOHNATHAN". A name part is now a word between any non-letters."""
+    ds = _source(name="Li^Wei")
+    ds.StudyDescription = "CT_Li_Wei chest"
+    ds.AcquisitionProtocolName = "head Li_2"  # kept as it is
+    out, hits = _deidentify(ds, clean_descriptors=True)
+    assert out.StudyDescription == "CT_[REDACTED]_[REDACTED] chest"
+    assert [(h.path, h.kind) for h in hits] == [("AcquisitionProtocolName", "person name")]
+    for kept in ("SMITH_JOHNATHAN head", "head2SMITH", "Johnathan_1"):
+        ds = _source(name="Smith^Johnathan")
+        ds.AcquisitionProtocolName = kept
+        assert [(h.path, h.kind) for h in _deidentify(ds)[1]] == [("AcquisitionProtocolName", "person name")], kept
+    ds = _source(name="Li^Wu")
+    ds.StudyDescription = "Clinical CT_2 Wuhan"  # letters still glue: no name part here
+    out, hits = _deidentify(ds, clean_descriptors=True)
+    assert out.StudyDescription == "Clinical CT_2 Wuhan" and hits == []
+    ds = _source(patient_id="1234")  # a number is still a whole number: "1234" is not in "51234"
+    ds.AcquisitionProtocolName = "head 51234 ID_1234"
+    assert [h.kind for h in _deidentify(ds)[1]] == ["PatientID"]
