@@ -154,7 +154,8 @@ class Deidentifier:
         """Read each safe-listed private element that pydicom left as UN bytes (implicit VR, a creator
         it does not know) as the VR the list gives it, or as a sequence when its bytes are items, so
         that it is de-identified and scanned like any other (before, its bytes went out as they came);
-        remove those that cannot be read so, or whose VR is not the listed one. Returns how many went."""
+        remove those that cannot be read so, whose VR is not the listed one, or that are UN bytes with no
+        VR given and no sequence. Returns how many went."""
         safe = self.options.retain_safe_private
         if not safe:
             return 0
@@ -324,8 +325,10 @@ def _as_listed(item: Dataset, elem: DataElement, vr: str | None) -> DataElement 
     """``elem`` as the VR the safe list gives it (``vr``, None: not given), or None when it is not one.
 
     A UN value is read as that VR; without one, as a sequence when its bytes are items (PS3.5 6.2.2:
-    implicit VR little endian), else it stays bytes (the scan searches them). A sequence that does
-    not read to its end, or a value that is not the listed VR, is None: removed."""
+    implicit VR little endian), else None: bytes whose VR nobody gave cannot be de-identified (a
+    date-time in them would go out unshifted, a name unreplaced), only searched; the site keeps them
+    by giving the VR (OB or UN: kept as bytes, the scan searches them). A sequence that does not read
+    to its end, or a value that is not the listed VR, is None too: removed."""
     raw = elem.value
     if elem.VR == "UN" and isinstance(raw, bytes):
         try:
@@ -341,7 +344,7 @@ def _as_listed(item: Dataset, elem: DataElement, vr: str | None) -> DataElement 
                 return DataElement(elem.tag, vr, convert_value(vr, raw_elem, item._character_set))
         except Exception:  # whatever pydicom raises on bytes that are not what they should be
             return None
-        return elem
+        return None  # no VR given, no sequence: removed
     return elem if vr in (None, elem.VR) else None
 
 

@@ -107,7 +107,7 @@ class ExportSummary:
         if self.unreadable_private:
             out.append(
                 f"{self.unreadable_private} safe-listed private elements removed: not readable as the VR the "
-                "safe list gives them, or as the sequence their bytes begin as"
+                "safe list gives them, or as the sequence their bytes begin as, or bytes (UN) with no VR given"
             )
         if self.mixed_patient_studies:
             out.append(

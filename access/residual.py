@@ -114,7 +114,8 @@ class Identifiers:
                             continue
                         if data and data.upper() not in self._binary_kinds:
                             self._binary_kinds[data.upper()] = self.kind_of(term)
-                            (inside if term in self.anywhere else words).append(re.escape(data))
+                            anywhere = term in self.anywhere or self.kind_of(term) == "date"
+                            (inside if anywhere else words).append(re.escape(data))
             parts = inside and [b"|".join(inside)]
             if words:  # whole words: not next to an ASCII letter, nor a digit next to a digit
                 parts.append(_BYTES_WORD_START + b"(?:" + b"|".join(words) + b")" + _BYTES_WORD_END)

@@ -233,12 +233,13 @@ def test_a_safe_listed_un_value_that_does_not_read_as_listed_is_removed_and_coun
 
 def test_the_scan_searches_binary_values():
     """UN, OB and other binary values were skipped by the scan. A safe-listed UN value that is no
-    sequence stays bytes (the list gives no VR): the identifiers are searched in them."""
-    out, hits = _deidentify(_with_private("UN", b"Doe^John MRN998877 "), retain_safe_private=SAFE)
+    sequence and that the list keeps as bytes (VR UN or OB given) is searched for the identifiers."""
+    as_bytes = {"retain_safe_private": SAFE, "safe_private_vrs": frozenset({("ACME 1.0", 0x10, "UN")})}
+    out, hits = _deidentify(_with_private("UN", b"Doe^John MRN998877 "), **as_bytes)
     assert out[0x00091010].VR == "UN" and [(h.path, h.kind) for h in hits] == [("(0009,1010)", "person name")]
-    _, hits = _deidentify(_with_private("UN", b"\x00\x01note 20240115\x00"), retain_safe_private=SAFE)
+    _, hits = _deidentify(_with_private("UN", b"\x00\x01note 20240115\x00"), **as_bytes)
     assert [h.kind for h in hits] == ["date"]
-    _, hits = _deidentify(_with_private("UN", b"\x00\x01\x02\x03 head"), retain_safe_private=SAFE)
+    _, hits = _deidentify(_with_private("UN", b"\x00\x01\x02\x03 head"), **as_bytes)
     assert hits == []
     ds = _source()
     ds.add_new(0x00090010, "LO", "ACME 1.0")
@@ -281,8 +282,9 @@ def test_dates_in_safe_listed_private_elements_follow_the_dates_option():
     out, hits = _deidentify(source, retain_safe_private=SAFE, safe_private_vrs=vrs)
     assert out[0x00091010].VR == "DA" and out[0x00091010].value == shift_value("20231201", "DA", days)
     assert hits == []
-    # without its VR it stays bytes, and the scan finds a date of the object in them
-    _, hits = _deidentify(_with_private("DA", "20240115"), retain_safe_private=SAFE)
+    # kept as bytes (VR OB given), the scan finds a date of the object in them
+    vrs = frozenset({("ACME 1.0", 0x10, "OB")})
+    _, hits = _deidentify(_with_private("DA", "20240115"), retain_safe_private=SAFE, safe_private_vrs=vrs)
     assert [(h.path, h.kind) for h in hits] == [("(0009,1010)", "date")]
 
 
@@ -441,3 +443,18 @@ def test_underscores_and_digits_separate_name_parts():
     ds = _source(patient_id="1234")  # a number is still a whole number: "1234" is not in "51234"
     ds.AcquisitionProtocolName = "head 51234 ID_1234"
     assert [h.kind for h in _deidentify(ds)[1]] == ["PatientID"]
+
+
+def test_a_safe_listed_un_value_without_its_vr_is_removed_and_dates_are_found_inside_bytes():
+    """A safe-listed private value read as UN, no sequence, with no VR on its safe-list line, went out
+    as its bytes: a date-time "20240115093512" unshifted, and the byte scan looked for the study date
+    20240115 only as a whole word. Bytes whose VR nobody gave cannot be de-identified: removed and
+    counted; a VR given keeps it (OB: as bytes, searched), and a date is found anywhere in bytes."""
+    result = Deidentifier(KEYS, ProfileOptions(retain_safe_private=SAFE)).deidentify(
+        _with_private("DT", "20240115093512")
+    )
+    assert 0x00091010 not in result.dataset and 0x00090010 not in result.dataset
+    assert result.unreadable_private == 1 and scan(result.dataset, result.identifiers) == []
+    vrs = frozenset({("ACME 1.0", 0x10, "OB")})
+    out, hits = _deidentify(_with_private("DT", "20240115093512"), retain_safe_private=SAFE, safe_private_vrs=vrs)
+    assert out[0x00091010].value == b"20240115093512" and [(h.path, h.kind) for h in hits] == [("(0009,1010)", "date")]
