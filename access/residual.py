@@ -57,18 +57,32 @@ _REPLACED_CODE = frozenset({"CodeValue", "LongCodeValue", "CodeMeaning"})
 _BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 # Bulk data, not searched (large, and no identifying text expected in it): pixels and their offset
 # tables, waveforms, spectroscopy, audio, encapsulated documents (kept only by --allow-risky, flagged
-# for a check by hand), a surface's points, overlay and curve data.
+# for a check by hand), a surface's points, overlay and curve data; and tables of numbers, in which a
+# short term matches by chance (a 2-letter name part, a 2-byte GB18030 character) and fails the
+# export: colour and other lookup tables (palette, segmented palette, blending, modality and VOI LUT
+# data, filter and weighting tables), the ICC profile, a detector's dark-current, air-count,
+# bad-pixel and calibration images, a threat bitmap, display colours, the retired pixel coefficients,
+# the trailing padding. A public OF, OD, OL or OV value (floats or integers by its VR) is bulk too.
 _BULK = frozenset(
     {0x7FE00001, 0x7FE00002, 0x7FE00008, 0x7FE00009, 0x7FE00010, 0x54001010, 0x56000020, 0x00420011}
     | {0x00660016, 0x00660021, 0x00660023, 0x00660024, 0x00660025, 0x00660029, 0x00660040, 0x00660041, 0x00660042}
+    | {0x00281200, 0x00281201, 0x00281202, 0x00281203, 0x00281204, 0x00281211, 0x00281212, 0x00281213}
+    | {0x00281221, 0x00281222, 0x00281223, 0x00281224, 0x00281408, 0x00283006, 0x00282000, 0x003A032E}
+    | {0x00701808, 0x00143050, 0x00143070, 0x00143080, 0x4010106C, 0x40101006, 0x00660103}
+    | {0x7FE00020, 0x7FE00030, 0x7FE00040, 0xFFFCFFFC}
 )
+_NUMBER_ARRAY_VRS = frozenset({"OF", "OD", "OL", "OV"})
+# A term of fewer bytes than this in an encoding is not searched in binary values in that encoding:
+# 2 bytes ("Li", a GB18030 character) occur by chance in any large value. Named in docs/COHORT.md.
+_MIN_BINARY = 3
 _ESCAPES = re.compile(rb"\x1b[\x20-\x2f]+[\x40-\x7e]")  # ISO 2022 designations around encoded text
 
 
-def _bulk(tag: int) -> bool:
+def _bulk(tag: int, vr: str) -> bool:
     group, element = tag >> 16, tag & 0xFFFF
     return (
         tag in _BULK
+        or (vr in _NUMBER_ARRAY_VRS and not group & 1)
         or (group & 0xFF00 in (0x5000, 0x6000) and element in (0x3000, 0x200C))  # curve, overlay, audio data
         or (group & 0xFF00 == 0x7F00 and element == 0x0010)  # variable pixel data (retired)
     )
@@ -112,7 +126,7 @@ class Identifiers:
                             data = _ESCAPES.sub(b"", variant.encode(encoding))  # ISO 2022: bare text
                         except (UnicodeError, LookupError):
                             continue
-                        if data and data.upper() not in self._binary_kinds:
+                        if len(data) >= _MIN_BINARY and data.upper() not in self._binary_kinds:
                             self._binary_kinds[data.upper()] = self.kind_of(term)
                             anywhere = term in self.anywhere or self.kind_of(term) == "date"
                             (inside if anywhere else words).append(re.escape(data))
@@ -386,7 +400,11 @@ def _scan(ds: Dataset, ids: Identifiers, prefix: str, hits: list[Hit]) -> None:
                 _scan(item, ids, f"{path}[{i}].", hits)
             continue
         if elem.VR in _BINARY_VRS or isinstance(elem.value, bytes):  # bytes: also "OB or OW" not yet resolved
-            if not _bulk(elem.tag) and isinstance(elem.value, bytes) and (blob := ids.binary().search(elem.value)):
+            if (
+                not _bulk(elem.tag, elem.VR)
+                and isinstance(elem.value, bytes)
+                and (blob := ids.binary().search(elem.value))
+            ):
                 hits.append(Hit(path, ids.binary_kind(blob.group(0))))
             continue
         for value in _values(elem.value):

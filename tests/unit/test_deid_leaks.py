@@ -458,3 +458,22 @@ def test_a_safe_listed_un_value_without_its_vr_is_removed_and_dates_are_found_in
     vrs = frozenset({("ACME 1.0", 0x10, "OB")})
     out, hits = _deidentify(_with_private("DT", "20240115093512"), retain_safe_private=SAFE, safe_private_vrs=vrs)
     assert out[0x00091010].value == b"20240115093512" and [(h.path, h.kind) for h in hits] == [("(0009,1010)", "date")]
+
+
+def test_colour_tables_are_bulk_and_short_terms_are_not_searched_in_bytes():
+    """The byte scan failed exports by chance: a 2-letter name part ("Li") or a 2-byte GB18030
+    character matched bytes of a kept palette colour table or ICC profile. Those tables are bulk data
+    now (not searched), and a term under 3 bytes is not searched in any binary value."""
+    ds = _source(name="Li^Wu")
+    table = b"\x00\x01LI\x00WU\x02MRN998877\x03" * 64
+    for keyword in ("RedPaletteColorLookupTableData", "SegmentedGreenPaletteColorLookupTableData", "ICCProfile"):
+        setattr(ds, keyword, table)
+    out, hits = _deidentify(ds)
+    assert out.ICCProfile == table and hits == []
+    ds = _source(name="李^小龙")
+    ds.SpecificCharacterSet = "GB18030"
+    ds.add_new(0x00090010, "LO", "ACME 1.0")
+    ds.add_new(0x00091010, "OB", b"\x07" + "李".encode("gb18030") + b"\x00Li\x00")  # 2 bytes each
+    assert _deidentify(copy.deepcopy(ds), retain_safe_private=SAFE)[1] == []
+    ds[0x00091010].value = b"\x07" + "小龙".encode("gb18030") + b"\x00"  # 4 bytes: found
+    assert [h.kind for h in _deidentify(ds, retain_safe_private=SAFE)[1]] == ["person name"]
