@@ -97,6 +97,8 @@ class Identifiers:
     # description is the patient's name, whoever built the scanner.
     redact_only: set[str] = field(default_factory=set)
     anywhere: set[str] = field(default_factory=set)  # (upper case) matched inside words too, not only as words
+    # (upper case) -> the value as the source wrote it: "Strauß", which upper case makes "STRAUSS"
+    forms: dict[str, set[str]] = field(default_factory=dict)
     encodings: list[str] = field(default_factory=lambda: ["utf-8"])  # the source's, to find values in bytes
 
     def pattern(self) -> re.Pattern[str]:
@@ -112,32 +114,57 @@ class Identifiers:
             self._glued = re.compile(_alternation([t for t in self._searched() if t in self.anywhere], bool))
         return self._glued
 
-    def binary(self) -> re.Pattern[bytes]:
-        """The searched values as bytes, in each encoding and any case, for UN, OB and other binary
-        values (a vendor's blob, a private element read without its VR) (built once)."""
+    def binary_kind(self, data: bytes) -> str | None:
+        """The kind of an identifier found in the binary value ``data`` (UN, OB...: a vendor's blob), or
+        None. Each searched value in the case forms its source had, upper, lower and title case ("Strauß"
+        as it is: upper-cased it is "STRAUSS"), in the object's character sets, UTF-8 and Latin-1 (a blob
+        need not follow the object's), and UTF-16-LE; ASCII letters in any case (``data`` is compared in
+        lower case). A form of fewer than 3 bytes in an encoding is not searched in it: it is in any
+        large value by chance."""
+        low = data.lower()
+        every, anywhere = self._binary_patterns()
+        pos = 0
+        while found := every.search(low, pos):
+            start = found.start()
+            kind, word, wide = self._binary_terms[found.group(0)]
+            if not word or _starts_word(low, start, wide):
+                return kind
+            if glued := anywhere.match(low, start):  # another value, found anywhere, at the same place
+                return self._binary_terms[glued.group(0)][0]
+            pos = start + 1
+        return None
+
+    def _binary_patterns(self) -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
+        """Every form as bytes (whole words ending where they should: their start is checked by
+        binary_kind), and those found anywhere (IDs, dates, CJK name parts); built once, as a trie: one
+        expression of 1,000 alternatives tried at each byte of 20 MB takes half a minute."""
         if getattr(self, "_binary", None) is None:
-            self._binary_kinds: dict[bytes, str] = {}
-            inside: list[bytes] = []
-            words: list[bytes] = []
+            self._binary_terms: dict[bytes, tuple[str, bool, bool]] = {}  # form -> kind, a word, UTF-16
+            encodings = list(dict.fromkeys([*self.encodings, "latin_1", "utf-16-le"]))
             for term in self._searched():
-                for variant in {term, term.lower(), term.title()}:  # case beyond ASCII: "MÜLLER", "müller"
-                    for encoding in self.encodings:
+                kind = self.kind_of(term)
+                word = term not in self.anywhere and kind != "date"
+                for form in self._case_forms(term):
+                    for encoding in encodings:
                         try:
-                            data = _ESCAPES.sub(b"", variant.encode(encoding))  # ISO 2022: bare text
+                            data = _ESCAPES.sub(b"", form.encode(encoding)).lower()  # ISO 2022: bare text
                         except (UnicodeError, LookupError):
                             continue
-                        if len(data) >= _MIN_BINARY and data.upper() not in self._binary_kinds:
-                            self._binary_kinds[data.upper()] = self.kind_of(term)
-                            anywhere = term in self.anywhere or self.kind_of(term) == "date"
-                            (inside if anywhere else words).append(re.escape(data))
-            parts = inside and [b"|".join(inside)]
-            if words:  # whole words: not next to an ASCII letter, nor a digit next to a digit
-                parts.append(_BYTES_WORD_START + b"(?:" + b"|".join(words) + b")" + _BYTES_WORD_END)
-            self._binary = re.compile(b"|".join(parts) or b"(?!)", re.IGNORECASE)
+                        before = self._binary_terms.get(data)
+                        if len(data) >= _MIN_BINARY and (before is None or before[1] and not word):
+                            self._binary_terms[data] = (kind, word, encoding == "utf-16-le")
+            ends = {
+                data: (_WIDE_WORD_END if wide else _BYTES_WORD_END) if word else b""
+                for data, (_, word, wide) in self._binary_terms.items()
+            }
+            self._binary = (_trie(ends), _trie({d: e for d, e in ends.items() if not e}))
         return self._binary
 
-    def binary_kind(self, found: bytes) -> str:
-        return self._binary_kinds[found.upper()]
+    def _case_forms(self, term: str) -> set[str]:
+        forms = set()
+        for form in self.forms.get(term, set()) | {term}:
+            forms |= {form, form.upper(), form.lower(), form.title()}
+        return forms
 
     def kind_of(self, upper: str) -> str:
         return self.text.get(upper) or next(k for w, k in self.whole.items() if w.upper() == upper)
@@ -146,15 +173,28 @@ class Identifiers:
         return sorted(set(self.text) | {w.upper() for w in self.whole if len(w) >= _MIN_TEXT}, key=len, reverse=True)
 
     def terms(self) -> list[str]:
-        """Every value to redact from cleaned text, longest first."""
-        return sorted(set(self._searched()) | self.redact_only, key=len, reverse=True)
+        """Every value to redact from cleaned text, longest first, also as the source wrote it ("Strauß":
+        ignoring case, "STRAUSS" does not match it)."""
+        upper = set(self._searched()) | self.redact_only
+        return sorted(upper | {f for t in upper for f in self.forms.get(t, ())}, key=len, reverse=True)
+
+    def add_text(self, value: str, kind: str, *, first: bool = False) -> None:
+        """``value`` searched in text (in upper case) as a ``kind``; ``first``: unless found before."""
+        upper = value.upper()
+        if first:
+            self.text.setdefault(upper, kind)
+        else:
+            self.text[upper] = kind
+        self.forms.setdefault(upper, set()).add(value)
 
     def redaction(self) -> re.Pattern[str]:
         """One expression finding every value to redact, ignoring case: replaced in one pass, so the
         "[REDACTED]" written for one value is never taken for another ("TED", "RED"). Values of 3+
         characters go wherever they are (a name glued to another word too); shorter name parts ("Li")
         only as words, or "Clinic" would lose its "li"."""
-        return re.compile(_alternation(self.terms(), lambda t: t in self.anywhere or len(t) >= 3), re.IGNORECASE)
+        return re.compile(
+            _alternation(self.terms(), lambda t: t.upper() in self.anywhere or len(t) >= 3), re.IGNORECASE
+        )
 
 
 # A whole word: not glued to a letter, nor a digit to a digit. "_" and digits separate name parts
@@ -162,8 +202,46 @@ class Identifiers:
 # glued "_" and digits to a name as to a number).
 _WORD_START = r"(?<![^\W\d_])(?!(?<=\d)\d)"
 _WORD_END = r"(?![^\W\d_])(?!(?<=\d)\d)"
-_BYTES_WORD_START = rb"(?<![A-Za-z])(?!(?<=[0-9])[0-9])"
-_BYTES_WORD_END = rb"(?![A-Za-z])(?!(?<=[0-9])[0-9])"
+_BYTES_WORD_END = rb"(?![a-z])(?!(?<=[0-9])[0-9])"  # in bytes compared in lower case
+_WIDE_WORD_END = rb"(?![a-z]\x00)(?!(?<=[0-9]\x00)[0-9]\x00)"  # the same in UTF-16-LE
+
+
+def _starts_word(low: bytes, start: int, wide: bool) -> bool:
+    """Whether a word found at ``start`` of ``low`` (bytes in lower case) begins there: not after an
+    ASCII letter, nor a digit after a digit (as _WORD_START in text)."""
+    step = 2 if wide else 1
+    if start < step or (wide and low[start - 1] != 0):
+        return True
+    before = low[start - step]
+    return not (97 <= before <= 122 or (48 <= before <= 57 and 48 <= low[start] <= 57))
+
+
+def _trie(ends: dict[bytes, bytes]) -> re.Pattern[bytes]:
+    """One expression finding each of ``ends`` (bytes -> what must follow them) as a trie of its bytes:
+    at a position, one byte is compared with each branch, not each value; the first bytes are one
+    set the engine skips to."""
+    root: dict = {}
+    for data, end in ends.items():
+        node = root
+        for byte in data:
+            node = node.setdefault(byte, {})
+        node[None] = end
+    if not root:
+        return re.compile(b"(?!)")  # matches nothing
+
+    def alternatives(node: dict) -> bytes:
+        branches = []
+        for byte in sorted(k for k in node if k is not None):
+            run, child = bytes([byte]), node[byte]
+            while len(child) == 1 and None not in child:  # a run of single children: one literal
+                (next_byte,) = child
+                run, child = run + bytes([next_byte]), child[next_byte]
+            branches.append(re.escape(run) + alternatives(child))
+        if None in node:
+            branches.append(node[None])  # the value ends here: after the longer ones
+        return branches[0] if len(branches) == 1 else b"(?:" + b"|".join(branches) + b")"
+
+    return re.compile(alternatives(root))
 
 
 def _alternation(terms: list[str], anywhere) -> str:
@@ -324,9 +402,9 @@ def _collect(
         kind = _kind(keyword, elem.VR)
         for value in _values(elem.value):
             if elem.VR == "PN":
-                found.text[value.upper()] = kind
+                found.add_text(value, kind)
                 for part in _name_parts(value):
-                    found.text[part.upper()] = kind
+                    found.add_text(part, kind)
                     if _UNSPACED.search(part):
                         found.anywhere.add(part.upper())
             elif elem.VR in ("DA", "DT"):
@@ -341,7 +419,7 @@ def _collect(
                 continue  # kept after redaction: its own text is not an identifier
             elif elem.VR in _TEXT_VRS and (_IDENTIFYING.search(keyword) or elem.VR in _FREE_TEXT_VRS):
                 if len(value) >= _MIN_TEXT:
-                    found.text[value.upper()] = kind
+                    found.add_text(value, kind)
                     found.whole[value] = kind
                     if _ID_KIND.search(kind) and len(value) >= _MIN_ID and any(c.isdigit() for c in value):
                         found.anywhere.add(value.upper())  # glued to other text too: "MRN998877" holds "998877"
@@ -352,7 +430,7 @@ def _add_code(found: Identifiers, kind: str, values: list[str]) -> None:
     named after its sequence unless the same value was found first in an attribute of its own."""
     for value in values:
         if len(value) >= _MIN_TEXT:
-            found.text.setdefault(value.upper(), kind)
+            found.add_text(value, kind, first=True)
             found.whole.setdefault(value, kind)
             if len(value) >= _MIN_ID and any(c.isdigit() for c in value):
                 found.anywhere.add(value.upper())  # an ID glued to other text too
@@ -400,12 +478,8 @@ def _scan(ds: Dataset, ids: Identifiers, prefix: str, hits: list[Hit]) -> None:
                 _scan(item, ids, f"{path}[{i}].", hits)
             continue
         if elem.VR in _BINARY_VRS or isinstance(elem.value, bytes):  # bytes: also "OB or OW" not yet resolved
-            if (
-                not _bulk(elem.tag, elem.VR)
-                and isinstance(elem.value, bytes)
-                and (blob := ids.binary().search(elem.value))
-            ):
-                hits.append(Hit(path, ids.binary_kind(blob.group(0))))
+            if not _bulk(elem.tag, elem.VR) and isinstance(elem.value, bytes) and (kind := ids.binary_kind(elem.value)):
+                hits.append(Hit(path, kind))
             continue
         for value in _values(elem.value):
             if elem.VR in _WHOLE_VRS:

@@ -477,3 +477,28 @@ def test_colour_tables_are_bulk_and_short_terms_are_not_searched_in_bytes():
     assert _deidentify(copy.deepcopy(ds), retain_safe_private=SAFE)[1] == []
     ds[0x00091010].value = b"\x07" + "小龙".encode("gb18030") + b"\x00"  # 4 bytes: found
     assert [h.kind for h in _deidentify(ds, retain_safe_private=SAFE)[1]] == ["person name"]
+
+
+def _blob_hits(name: str, charset: str, blob: bytes, **options) -> list[str]:
+    ds = _source(name=name)
+    ds.SpecificCharacterSet = charset
+    ds.add_new(0x00090010, "LO", "ACME 1.0")
+    ds.add_new(0x00091010, "OB", blob)
+    return [h.kind for h in _deidentify(ds, retain_safe_private=SAFE, **options)[1]]
+
+
+def test_bytes_are_searched_in_the_original_case_and_in_latin_1_and_utf_16():
+    """The byte scan built its terms from the upper-cased value ("STRAUSS": "Strauß" never found), in
+    UTF-8 and the object's character sets only (a Latin-1 blob in a UTF-8 object, a UTF-16 blob went
+    unnoticed); and "Strauß" stayed in cleaned text (upper-cased to "STRAUSS", which it is not)."""
+    assert _blob_hits("Strauß^Anna", "ISO_IR 100", b"\x00pat Strau\xdf\x00") == ["person name"]
+    assert _blob_hits("Strauß^Anna", "ISO_IR 192", "\x00STRAUß".encode()) == ["person name"]
+    assert _blob_hits("Müller^Anna", "ISO_IR 192", b"\x00pat M\xfcller\x00") == ["person name"]
+    assert _blob_hits("Smith^Anna", "ISO_IR 100", "pat SMITH, 12".encode("utf-16-le")) == ["person name"]
+    assert _blob_hits("Li^Wu", "ISO_IR 100", "Dr Li".encode("utf-16-le")) == ["person name"]
+    assert _blob_hits("Li^Wu", "ISO_IR 100", "Clinic, Wuhan".encode("utf-16-le")) == []
+    ds = _source(name="Strauß^Anna")
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.StudyDescription = "CT Strauß, Anna"
+    out, hits = _deidentify(ds, clean_descriptors=True)
+    assert out.StudyDescription == "CT [REDACTED], [REDACTED]" and hits == []
