@@ -310,6 +310,8 @@ class _Kept:
 
     retained: set[str] = field(default_factory=set)  # the equipment's description, and what an option retains
     coded: set[str] = field(default_factory=set)  # code values, schemes and meanings: a vocabulary's words
+    dates: set[str] = field(default_factory=set)  # the dates Full Dates keeps (DA, and the day of a DT)
+    birth: set[str] = field(default_factory=set)  # the birth date, collected whatever the dates option
 
 
 def collect(ds: Dataset, table: ProfileTable, options: ProfileOptions) -> Identifiers:
@@ -320,6 +322,10 @@ def collect(ds: Dataset, table: ProfileTable, options: ProfileOptions) -> Identi
         pass
     kept = _Kept()
     _collect(ds, table, options, found, kept, tree=None)
+    for value in kept.birth & kept.dates:
+        # Full Dates: a newborn imaged on its birth day; the kept study date is the date, not a copy of it
+        if found.whole.get(value) == "date":
+            del found.whole[value]
     # Excused from the scan (still redacted from cleaned text), and nothing else: the vendor dose
     # reports' content trees name their scanner, station and hospital in text values the profile
     # removes, and the same words stay where the profile or an option keeps them; so a value equal
@@ -394,6 +400,8 @@ def _collect(
             if not exported:
                 continue
             values = {v.upper() for v in _values(elem.value)}
+            if elem.VR in ("DA", "DT") and not elem.tag.is_private:  # an event's date, not a vendor's copy
+                kept.dates |= {v.strip()[:8] for value in values for v in value.split("-")}
             if keyword in _EQUIPMENT or table.code(elem.tag) is not None:  # listed, kept: by an option
                 kept.retained |= values
             elif keyword in _CODED:
@@ -408,10 +416,16 @@ def _collect(
                     if _UNSPACED.search(part):
                         found.anywhere.add(part.upper())
             elif elem.VR in ("DA", "DT"):
-                if options.dates is not DateOption.FULL:
+                # The birth date is removed or emptied under every dates option (Full Dates keeps the
+                # dates of events): a copy of it elsewhere (a vendor's private element, "DOB 19650312"
+                # in kept text) is a leak under --dates full too (before, no date was collected then).
+                birth = keyword == "PatientBirthDate"
+                if options.dates is not DateOption.FULL or birth:
                     for part in value.split("-"):
                         if len(part.strip()) >= 6:
                             found.whole[part.strip()] = kind
+                            if birth:
+                                kept.birth.add(part.strip())
             elif elem.VR == "UI":
                 if len(value) >= _MIN_TEXT:  # "0" in a broken reference identifies nobody
                     found.whole[value] = kind

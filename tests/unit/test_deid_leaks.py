@@ -502,3 +502,21 @@ def test_bytes_are_searched_in_the_original_case_and_in_latin_1_and_utf_16():
     ds.StudyDescription = "CT Strauß, Anna"
     out, hits = _deidentify(ds, clean_descriptors=True)
     assert out.StudyDescription == "CT [REDACTED], [REDACTED]" and hits == []
+
+
+def test_the_birth_date_is_searched_under_full_dates():
+    """With --dates full the birth date was not collected at all (dates are kept), although the profile
+    still empties PatientBirthDate: a safe-listed private copy of it, or "DOB 19650312" in kept text,
+    went out with no hit."""
+    ds = _source()
+    ds.PatientBirthDate = "19650312"
+    ds.add_new(0x00090010, "LO", "ACME 1.0")
+    ds.add_new(0x00091011, "DA", "19650312")  # the vendor's copy of it
+    ds.AcquisitionProtocolName = "DOB 19650312"  # kept as it is
+    out, hits = _deidentify(ds, retain_safe_private=frozenset({("ACME 1.0", 0x11)}), dates=DateOption.FULL)
+    assert not out.PatientBirthDate and out.StudyDate == "20240115"
+    assert [(h.path, h.kind) for h in hits] == [("(0009,1011)", "date"), ("AcquisitionProtocolName", "date")]
+    ds = _source()  # a newborn imaged on the day of its birth: the kept study date is no copy of it
+    ds.PatientBirthDate = "20240115"
+    out, hits = _deidentify(ds, dates=DateOption.FULL)
+    assert not out.PatientBirthDate and out.StudyDate == "20240115" and hits == []
