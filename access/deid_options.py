@@ -31,6 +31,8 @@ the UTC offset under Modified Dates (C there; kept here, which a whole-day shift
 
 Combined codes resolve to the choice that keeps any IOD valid: Z/D and X/D and X/Z/D -> D,
 X/Z -> Z, X/Z/U* -> U (a sequence of references: its UIDs replaced, the rest by the table).
+A code sequence whose action is D (InstitutionCodeSequence, PersonIdentificationCodeSequence) gets
+a dummy code in each item (`replaced_codes`, `DUMMY_CODE`).
 """
 
 from __future__ import annotations
