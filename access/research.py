@@ -8,6 +8,7 @@ checks the secret and builds the Deidentifier. The CLI only wires them.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,7 +48,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--retain-safe-private",
         metavar="FILE",
-        help="keep the private elements this file lists, one 'CREATOR,EE' per line (EE: element byte, hex)",
+        help="keep the private elements this file lists, one 'CREATOR,EE' or 'CREATOR,EE,VR' per line "
+        "(EE: element byte, hex; VR: how to read it when the file says UN, e.g. SQ)",
     )
     g.add_argument(
         "--clean-descriptors", action="store_true", help="keep descriptions and comments, identifiers redacted"
@@ -67,34 +69,54 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     )
 
 
-def load_safe_private(path: Path) -> frozenset[tuple[str, int]]:
-    entries: set[tuple[str, int]] = set()
+# The VRs a safe list may give (PS3.5 6.2): a third field that is none of them is not a VR.
+_VRS = frozenset({
+    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF", "OL", "OV",
+    "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US", "UT", "UV",
+})  # fmt: skip
+_WITH_VR = re.compile(r"(.+),\s*([0-9A-Fa-f]{1,2})\s*,\s*([A-Z]{2})")
+
+
+def load_safe_private(path: Path) -> frozenset[tuple[str, int, str]]:
+    """(creator, element byte, VR or "") of each line 'CREATOR,EE' or 'CREATOR,EE,VR' of ``path``."""
+    entries: dict[tuple[str, int], str] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        creator, sep, element = line.rpartition(",")
+        m = _WITH_VR.fullmatch(line)
+        if m and m[3] in _VRS:
+            creator, sep, element, vr = m[1], ",", m[2], m[3]
+        else:
+            (creator, sep, element), vr = line.rpartition(","), ""
         try:
             value = int(element.strip(), 16)
         except ValueError:
             value = -1
         if not sep or not creator.strip() or not 0 <= value <= 0xFF:
-            raise KeyFileError(f"{path} line {number}: expected 'CREATOR,EE' (EE: the element byte in hex, e.g. 10)")
-        entries.add((creator.strip(), value))
+            raise KeyFileError(
+                f"{path} line {number}: expected 'CREATOR,EE' or 'CREATOR,EE,VR' (EE: the element byte in hex, "
+                "e.g. 10; VR: e.g. SQ)"
+            )
+        key = (creator.strip(), value)
+        before = entries.get(key, "")
+        if before and vr and before != vr:
+            raise KeyFileError(f"{path} line {number}: {key[0]},{value:02X} is listed before with another VR")
+        entries[key] = before or vr
     if not entries:
         raise KeyFileError(f"{path} lists no private element: nothing would be retained")
-    return frozenset(entries)
+    return frozenset((creator, element, vr) for (creator, element), vr in entries.items())
 
 
 def options_from(args: argparse.Namespace) -> ProfileOptions:
+    safe = load_safe_private(Path(args.retain_safe_private)) if args.retain_safe_private else frozenset()
     return ProfileOptions(
         dates=DateOption(args.dates),
         retain_patient_characteristics=args.retain_patient_characteristics,
         retain_device_identity=args.retain_device_identity,
         retain_uids=args.retain_uids,
-        retain_safe_private=load_safe_private(Path(args.retain_safe_private))
-        if args.retain_safe_private
-        else frozenset(),
+        retain_safe_private=frozenset((creator, element) for creator, element, _ in safe),
+        safe_private_vrs=frozenset(entry for entry in safe if entry[2]),
         retain_institution_identity=args.retain_institution_identity,
         clean_descriptors=args.clean_descriptors,
         clean_structured_content=args.clean_structured_content,
