@@ -20,6 +20,7 @@ from diana.access.alerts.routing import Recipient, Routing
 from diana.access.alerts.workflow import apply_action, raised_state
 from diana.config import ConfigError, load_config
 from diana.schemas.codec import default_codec
+from tests.support.alert_fakes import AlertStates, RecordingBroker
 
 
 def _no_wait(_s: float) -> None:
@@ -63,38 +64,13 @@ def test_which_refusals_are_final(exc: Exception, permanent: bool):
     assert (result.ok, result.permanent, len(calls)) == (False, permanent, 1 if permanent else 3)
 
 
-class _Broker:
-    def __init__(self) -> None:
-        self.actions: list[dict] = []
-
-    def produce(self, topic, key, value, on_delivery=None) -> None:
-        self.actions.append(default_codec().decode(value, expect="AlertAction")[1])
-
-    def flush(self, timeout: float) -> int:
-        return 0
-
-
-class _States:
-    """The alert state index: each alert as raised."""
-
-    def __init__(self) -> None:
-        self.docs: dict[str, dict] = {}
-
-    def update(self, alert_id, change):
-        self.docs[alert_id] = change(self.docs.get(alert_id))
-        return self.docs[alert_id]
-
-    def get(self, alert_id):
-        return self.docs.get(alert_id)
-
-
 def _worker(sends: list, results, recipients: tuple[Recipient, ...] | None = None) -> DeliveryWorker:
     """A worker whose sends are recorded as (key, attempts) and answered by ``results(key)``."""
     worker = object.__new__(DeliveryWorker)
     worker.cfg = SimpleNamespace(alerts=SimpleNamespace(attempts=5, timeout_s=1))
     worker.routing = Routing(recipients or (Recipient("physicist", email="p@h.example"),))
-    worker.states, worker.codec, worker.ledger = _States(), default_codec(), Ledger()
-    worker.producer, worker._not_taken = _Broker(), []
+    worker.states, worker.codec, worker.ledger = AlertStates(), default_codec(), Ledger()
+    worker.producer, worker._not_taken = RecordingBroker(), []
 
     def send(channel, address, alert, key, attempts=None):
         sends.append((alert["alert_id"], address, attempts))

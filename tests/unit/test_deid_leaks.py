@@ -42,18 +42,23 @@ def _deidentify(ds: Dataset, **options) -> tuple[Dataset, list[Hit]]:
     return result.dataset, scan(result.dataset, result.identifiers)
 
 
-def _export_zip(tmp_path: Path, ds: Dataset, **options) -> tuple[dict, list[Dataset]]:
-    """A zip research export of ``ds`` from an archive folder: its report and its objects."""
-    archive = tmp_path / "archive"
+def _archived(archive: Path, ds: Dataset) -> dict:
+    """``ds`` written into an archive folder by its UIDs; its cohort row."""
     path = archive / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
     path.parent.mkdir(parents=True)
     path.write_bytes(_bytes(ds))
-    row = {
+    return {
         "study_instance_uid": ds.StudyInstanceUID,
         "series_instance_uid": ds.SeriesInstanceUID,
         "sop_instance_uid": ds.SOPInstanceUID,
         "patient_id": ds.PatientID,
     }
+
+
+def _export_zip(tmp_path: Path, ds: Dataset, **options) -> tuple[dict, list[Dataset]]:
+    """A zip research export of ``ds`` from an archive folder: its report and its objects."""
+    archive = tmp_path / "archive"
+    row = _archived(archive, ds)
     target = tmp_path / "out.zip"
     export_instances([row], archive, target, deidentifier=Deidentifier(KEYS, ProfileOptions(**options)))
     with zipfile.ZipFile(target) as zf:
@@ -310,15 +315,7 @@ def test_no_key_file_for_an_export_that_failed_its_scan(tmp_path):
     """The key file (pseudonym -> patient) was written although the zip was never published."""
     archive = tmp_path / "archive"
     ds = _source()
-    path = archive / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(_bytes(ds))
-    row = {
-        "study_instance_uid": ds.StudyInstanceUID,
-        "series_instance_uid": ds.SeriesInstanceUID,
-        "sop_instance_uid": ds.SOPInstanceUID,
-        "patient_id": ds.PatientID,
-    }
+    row = _archived(archive, ds)
     for name in ("out.zip", "out"):
         key = tmp_path / f"key-{name}.csv"
         summary = export_instances(

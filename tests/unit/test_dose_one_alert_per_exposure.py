@@ -31,6 +31,7 @@ from diana.stream_apps.dose.alerts import AlertRules, ReferenceLevel
 from diana.stream_apps.dose.study import fold_report, new_study, summarize, superseded_events
 from tests.support import dosebuilder as b
 from tests.support import doseimages as img
+from tests.support.alert_fakes import AlertStates, RecordingBroker
 from tests.unit.test_dose_families import extracted
 from tests.unit.test_routing_alert_once import STUDY, _complete_study, _route
 
@@ -123,37 +124,14 @@ def test_series_of_two_acquisitions_stay_two_events():
     assert len(sent) == 2 and summarize(state)[0]["events"] == 2 and superseded_events(state) == []
 
 
-class _Broker:
-    def __init__(self) -> None:
-        self.actions: list[dict] = []
-
-    def produce(self, topic, key, value, on_delivery=None) -> None:
-        self.actions.append(default_codec().decode(value, expect="AlertAction")[1])
-
-    def flush(self, timeout: float) -> int:
-        return 0
-
-
-class _States:
-    def __init__(self) -> None:
-        self.docs: dict[str, dict] = {}
-
-    def update(self, alert_id, change):
-        self.docs[alert_id] = change(self.docs.get(alert_id))
-        return self.docs[alert_id]
-
-    def get(self, alert_id):
-        return self.docs.get(alert_id)
-
-
 def _delivery_worker(sends: list, ledger: Ledger | None = None, ok: bool = True) -> DeliveryWorker:
     from diana.access.alerts.channels import Delivery
 
     worker = object.__new__(DeliveryWorker)
     worker.cfg = SimpleNamespace(alerts=SimpleNamespace(attempts=1, timeout_s=1))
     worker.routing = Routing((Recipient("physicist", email="p@h.example"),))
-    worker.states, worker.codec, worker.ledger = _States(), default_codec(), ledger or Ledger()
-    worker.producer, worker._not_taken = _Broker(), []
+    worker.states, worker.codec, worker.ledger = AlertStates(), default_codec(), ledger or Ledger()
+    worker.producer, worker._not_taken = RecordingBroker(), []
     worker._send = lambda channel, address, alert, key, attempts=None: (  # type: ignore[method-assign]
         sends.append(alert["alert_id"]) or Delivery(ok, 1, "" if ok else "TimeoutError: timed out")
     )
