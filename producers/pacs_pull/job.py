@@ -280,6 +280,9 @@ class CollectJob:
                 self.gate.give_back(place)
                 self._pause(problem)
                 continue
+            if self.stop.is_set():  # stopped while it waited for the gate or the echo: no retrieve
+                self.gate.give_back(place)
+                return
             started = False
 
             def begin() -> None:

@@ -192,7 +192,9 @@ class PacsClient:
 
     def _ae(self, context: UID) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
-        ae.acse_timeout = ae.network_timeout = self.settings.timeout_s
+        # connection_timeout too: an address that drops packets would otherwise block for the OS's
+        # connect retries (about two minutes).
+        ae.acse_timeout = ae.network_timeout = ae.connection_timeout = self.settings.timeout_s
         # A retrieve's answers come one per sub-operation (from some PACS only the final one, after all
         # of them): its own, longer, timeout between answers.
         moving = context == StudyRootQueryRetrieveInformationModelMove
@@ -281,30 +283,62 @@ class PacsClient:
         query.StudyInstanceUID = study_instance_uid
         final: Dataset | None = None
         counts = {"completed": 0, "failed": 0, "warning": 0}
-        with self._association(StudyRootQueryRetrieveInformationModelMove) as assoc, _aborted_on(stop, assoc):
+        stopped = PacsUnavailable("the retrieve was stopped")
+        if stop is not None and stop.is_set():  # stopped while it waited (the gate, our receiver's echo)
+            raise stopped
+        with self._association(StudyRootQueryRetrieveInformationModelMove) as assoc:
+            if stop is not None and stop.is_set():
+                raise stopped
+            # Before the abort watcher: it could abort the association while this is recorded (a
+            # slow broker), and pynetdicom would then refuse to send with a bare RuntimeError.
             on_established()
-            for status, _identifier in assoc.send_c_move(
-                query, self.move_destination, StudyRootQueryRetrieveInformationModelMove
-            ):
-                if "Status" not in status:
+            with _aborted_on(stop, assoc):
+                if not assoc.is_established:  # aborted by the PACS right after accepting it, or stopped
                     if stop is not None and stop.is_set():
-                        raise PacsUnavailable("the retrieve was stopped")
-                    raise MoveAborted(
-                        f"PACS {self.where} dropped the association during a C-MOVE, or gave no answer for "
-                        f"{self.settings.move_timeout_s:.0f} s ([collect] move_timeout_s)"
-                    )
-                final = status
-                for key, tag in (
-                    ("completed", "NumberOfCompletedSuboperations"),
-                    ("failed", "NumberOfFailedSuboperations"),
-                    ("warning", "NumberOfWarningSuboperations"),
-                ):
-                    value = _int(status.get(tag))
-                    if value is not None:
-                        counts[key] = value
+                        raise stopped
+                    raise MoveAborted(f"PACS {self.where} dropped the association before the C-MOVE")
+                try:
+                    final, counts = self._move_answers(assoc, query, stop, stopped)
+                except PacsUnavailable:
+                    raise
+                except RuntimeError:
+                    # pynetdicom refuses to send on an association aborted meanwhile (the PACS, or the
+                    # stop's watcher between the check above and the send)
+                    if assoc.is_established:
+                        raise
+                    if stop is not None and stop.is_set():
+                        raise stopped from None
+                    raise MoveAborted(f"PACS {self.where} dropped the association before the C-MOVE") from None
         if final is None:
             raise PacsUnavailable(f"PACS {self.where} gave no answer to a C-MOVE")
         return MoveResult(int(final.Status), **counts)
+
+    def _move_answers(
+        self, assoc: Association, query: Dataset, stop: threading.Event | None, stopped: PacsUnavailable
+    ) -> tuple[Dataset | None, dict[str, int]]:
+        """The C-MOVE's final answer (None: none came) and its sub-operation counts."""
+        final: Dataset | None = None
+        counts = {"completed": 0, "failed": 0, "warning": 0}
+        for status, _identifier in assoc.send_c_move(
+            query, self.move_destination, StudyRootQueryRetrieveInformationModelMove
+        ):
+            if "Status" not in status:
+                if stop is not None and stop.is_set():
+                    raise stopped
+                raise MoveAborted(
+                    f"PACS {self.where} dropped the association during a C-MOVE, or gave no answer for "
+                    f"{self.settings.move_timeout_s:.0f} s ([collect] move_timeout_s)"
+                )
+            final = status
+            for key, tag in (
+                ("completed", "NumberOfCompletedSuboperations"),
+                ("failed", "NumberOfFailedSuboperations"),
+                ("warning", "NumberOfWarningSuboperations"),
+            ):
+                value = _int(status.get(tag))
+                if value is not None:
+                    counts[key] = value
+        return final, counts
 
 
 class ReceiverProbe:
@@ -338,7 +372,7 @@ class ReceiverProbe:
     def _echo(self) -> str | None:
         self.echoes += 1
         ae = AE(ae_title=self.calling_ae)
-        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = self.TIMEOUT_S
+        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = ae.connection_timeout = self.TIMEOUT_S
         ae.add_requested_context(Verification)
         assoc = ae.associate(self.host, self.port, ae_title=self.ae_title)
         if assoc.is_established:
