@@ -510,14 +510,21 @@ def _wrap_bare(path: Path, folder: Path) -> Path:
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ImplicitVRLittleEndian
 
     try:
-        with open(path, "rb") as fh:
-            ds = pydicom.dcmread(fh, force=True, stop_before_pixels=True, defer_size=1024)
-            uids = str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
-            encoding = ds.original_encoding
-    except OSError:
+        # Opened by descriptor: the file object's name is then a number, and pydicom's warnings about
+        # the file ("... found in file <name>") cannot carry a path that names a patient.
+        with open(os.open(path, os.O_RDONLY), "rb") as fh:
+            try:
+                ds = pydicom.dcmread(fh, force=True, stop_before_pixels=True, defer_size=1024)
+                uids = str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
+                encoding = ds.original_encoding
+            except OSError as exc:
+                if exc.errno is not None:  # the disk's (EIO...): failed, to try again
+                    raise
+                raise _Skipped(_NOT_DICOM) from exc  # pydicom's, without an errno: a value cut short
+            except Exception as exc:  # pydicom raises many kinds on what is not DICOM
+                raise _Skipped(_NOT_DICOM) from exc
+    except OSError:  # the file itself could not be opened or read
         raise
-    except Exception as exc:  # pydicom raises many kinds on what is not DICOM
-        raise _Skipped(_NOT_DICOM) from exc
     if not all(uids):  # read "with force", much that is not DICOM passes as a data set of nothing useful
         raise _Skipped(_NOT_DICOM)
     if ds.file_meta or encoding != (True, True):
@@ -627,10 +634,12 @@ class Importer:
         finished: queue.SimpleQueue[Future[tuple[str, str | None]]] = queue.SimpleQueue()
 
         def settle(future: Future[tuple[str, str | None]]) -> None:
-            if future in running:  # not one cancelled
+            source = running.pop(future, None)
+            if source is not None:  # not one cancelled, nor one counted already
+                # Taken out first: a Ctrl-C inside the count (its report row) must not leave it to be
+                # waited for again (it hung) or counted twice; at worst that one row is cut.
                 broker_down = summary.broker_down
-                self._count(summary, running[future], *future.result(), report)
-                del running[future]  # after it is counted: a Ctrl-C in between loses no count
+                self._count(summary, source, *future.result(), report)
                 if progress:
                     progress(1)
                 if summary.broker_down and not broker_down:
@@ -660,8 +669,12 @@ class Importer:
                 except KeyboardInterrupt:
                     summary.interrupted = True
                     drop_waiting()
-                    while running:  # started: finished (each within the publish timeout) and counted
-                        settle(finished.get())
+                    # Started: finished (each within the publish timeout) and counted. Waited for
+                    # themselves, not through the queue: one the Ctrl-C caught between its submit and
+                    # its callback, or already taken off the queue, would never come again.
+                    for future in list(running):
+                        future.exception()
+                        settle(future)
         finally:
             archives.close_all()
         return summary

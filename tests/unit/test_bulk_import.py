@@ -844,3 +844,78 @@ def test_a_path_given_twice_or_inside_another_is_imported_once_and_said_once(tmp
         "5 (the same as 2); their files are imported once"
     ]
     assert PATIENT not in said[0]
+
+
+def _element(group: int, element: int, value: bytes) -> bytes:
+    """One element in Implicit VR Little Endian."""
+    return struct.pack("<HHI", group, element, len(value)) + value
+
+
+def test_a_ctrl_c_while_a_finished_file_is_counted_does_not_hang_the_run(tmp_path):
+    """Review: the Ctrl-C landing while a file's report row was written left its future in the running
+    set, never to come off the queue again: the cleanup waited for ever."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in range(3):
+        (src / f"notes{n}.txt").write_text("not DICOM")
+    rows: list[tuple] = []
+
+    def report(*row) -> None:
+        rows.append(row)
+        if len(rows) == 1:
+            raise KeyboardInterrupt  # SIGINT while the row is written and flushed
+
+    done: list[ImportSummary] = []
+    running = threading.Thread(
+        target=lambda: done.append(
+            Importer(_RecordingIngest(tmp_path / "l"), workers=1).run(find_sources([src]), report=report)
+        ),
+        daemon=True,
+    )
+    running.start()
+    running.join(10)
+    assert done and done[0].interrupted
+
+
+def test_a_cut_bare_data_set_is_not_dicom_not_a_disk_failure(tmp_path):
+    """Review: pydicom's OSError on a sequence cut short was taken for the disk's: 'failed (retry)',
+    exit 1, the same on every run."""
+    p = tmp_path / "src" / PATIENT / "OLD1"
+    p.parent.mkdir(parents=True)
+    p.write_bytes(
+        _element(8, 0x16, b"1.2.840.10008.5.1.4.1.1.7\0")
+        + _element(8, 0x18, b"1.2.3.4\0")
+        + b"\x08\x00\x40\x11\xff\xff\xff\xff"
+        + b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+        + _element(8, 0x1150, b"1.2\0")
+    )
+    summary, _ = _import(tmp_path, tmp_path / "src")
+    assert dict(summary.failed) == {} and sum(summary.skipped.values()) == 1
+
+
+def test_pydicom_warnings_about_a_bare_data_set_name_no_path(tmp_path, capfd):
+    """Review: a bare data set's undefined-length value without its delimiter made pydicom warn 'End of
+    file reached ... in file <path>', and the path names the patient."""
+    p = tmp_path / "src" / PATIENT / "OLD1"
+    p.parent.mkdir(parents=True)
+    p.write_bytes(
+        _element(8, 0x16, b"1.2.840.10008.5.1.4.1.1.7\0")
+        + _element(8, 0x18, b"1.2.3.4\0")
+        + b"\x08\x00\x90\x00\xff\xff\xff\xff"
+        + b"DOE^JOHN" * 4
+    )
+    import logging
+
+    import structlog
+
+    from diana.logs import configure_logging
+
+    configure_logging("info", "console")  # as the command logs: pydicom's warnings included
+    try:
+        summary, _ = _import(tmp_path, tmp_path / "src")
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    logged = capfd.readouterr().err
+    assert sum(summary.skipped.values()) == 1  # before: pydicom's "End of file reached ... in file <path>"
+    assert PATIENT not in logged
