@@ -851,6 +851,14 @@ def _element(group: int, element: int, value: bytes) -> bytes:
     return struct.pack("<HHI", group, element, len(value)) + value
 
 
+def _bare_data_set(tmp_path: Path, rest: bytes) -> None:
+    """A bare data set (no preamble, no file meta) under a folder named as a patient: its SOP Class and
+    Instance UIDs, then ``rest``."""
+    p = tmp_path / "src" / PATIENT / "OLD1"
+    p.parent.mkdir(parents=True)
+    p.write_bytes(_element(8, 0x16, b"1.2.840.10008.5.1.4.1.1.7\0") + _element(8, 0x18, b"1.2.3.4\0") + rest)
+
+
 def test_a_ctrl_c_while_a_finished_file_is_counted_does_not_hang_the_run(tmp_path):
     """Review: the Ctrl-C landing while a file's report row was written left its future in the running
     set, never to come off the queue again: the cleanup waited for ever."""
@@ -880,14 +888,9 @@ def test_a_ctrl_c_while_a_finished_file_is_counted_does_not_hang_the_run(tmp_pat
 def test_a_cut_bare_data_set_is_not_dicom_not_a_disk_failure(tmp_path):
     """Review: pydicom's OSError on a sequence cut short was taken for the disk's: 'failed (retry)',
     exit 1, the same on every run."""
-    p = tmp_path / "src" / PATIENT / "OLD1"
-    p.parent.mkdir(parents=True)
-    p.write_bytes(
-        _element(8, 0x16, b"1.2.840.10008.5.1.4.1.1.7\0")
-        + _element(8, 0x18, b"1.2.3.4\0")
-        + b"\x08\x00\x40\x11\xff\xff\xff\xff"
-        + b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
-        + _element(8, 0x1150, b"1.2\0")
+    _bare_data_set(
+        tmp_path,
+        b"\x08\x00\x40\x11\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + _element(8, 0x1150, b"1.2\0"),
     )
     summary, _ = _import(tmp_path, tmp_path / "src")
     assert dict(summary.failed) == {} and sum(summary.skipped.values()) == 1
@@ -896,14 +899,7 @@ def test_a_cut_bare_data_set_is_not_dicom_not_a_disk_failure(tmp_path):
 def test_pydicom_warnings_about_a_bare_data_set_name_no_path(tmp_path, capfd):
     """Review: a bare data set's undefined-length value without its delimiter made pydicom warn 'End of
     file reached ... in file <path>', and the path names the patient."""
-    p = tmp_path / "src" / PATIENT / "OLD1"
-    p.parent.mkdir(parents=True)
-    p.write_bytes(
-        _element(8, 0x16, b"1.2.840.10008.5.1.4.1.1.7\0")
-        + _element(8, 0x18, b"1.2.3.4\0")
-        + b"\x08\x00\x90\x00\xff\xff\xff\xff"
-        + b"DOE^JOHN" * 4
-    )
+    _bare_data_set(tmp_path, b"\x08\x00\x90\x00\xff\xff\xff\xff" + b"DOE^JOHN" * 4)
     import logging
 
     import structlog
