@@ -281,8 +281,6 @@ class PacsClient:
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = study_instance_uid
-        final: Dataset | None = None
-        counts = {"completed": 0, "failed": 0, "warning": 0}
         stopped = PacsUnavailable("the retrieve was stopped")
         if stop is not None and stop.is_set():  # stopped while it waited (the gate, our receiver's echo)
             raise stopped
@@ -293,17 +291,13 @@ class PacsClient:
             # slow broker), and pynetdicom would then refuse to send with a bare RuntimeError.
             on_established()
             with _aborted_on(stop, assoc):
-                if not assoc.is_established:  # aborted by the PACS right after accepting it, or stopped
-                    if stop is not None and stop.is_set():
-                        raise stopped
-                    raise MoveAborted(f"PACS {self.where} dropped the association before the C-MOVE")
                 try:
                     final, counts = self._move_answers(assoc, query, stop, stopped)
                 except PacsUnavailable:
                     raise
                 except RuntimeError:
-                    # pynetdicom refuses to send on an association aborted meanwhile (the PACS, or the
-                    # stop's watcher between the check above and the send)
+                    # pynetdicom refuses to send on an association aborted before the C-MOVE (by the
+                    # PACS right after accepting it, or by the stop's watcher)
                     if assoc.is_established:
                         raise
                     if stop is not None and stop.is_set():
