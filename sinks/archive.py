@@ -23,7 +23,6 @@ archived. A dead-lettered instance's landing copy is kept (it is removed only af
 
 from __future__ import annotations
 
-import errno
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from diana.storage import (
     IntegrityError,
     ObjectStore,
     check_key,
+    error_kind,
     key_in_store,
     store_wide,
 )
@@ -79,8 +79,7 @@ _FORGET_AFTER_S = 900.0
 
 def _describe(exc: OSError) -> str:
     """An error for a dead letter or a log line: its kind, errno name and text (no file names)."""
-    code = errno.errorcode.get(exc.errno, "") if isinstance(exc.errno, int) else ""
-    return f"{type(exc).__name__}{f' [{code}]' if code else ''}: {exc.strerror or exc}"[:500]
+    return f"{error_kind(exc)}: {exc.strerror or exc}"[:500]
 
 
 @dataclass

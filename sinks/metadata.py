@@ -24,7 +24,6 @@ window after another: the counter says so, and a replay of the sink's group once
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import time
@@ -50,7 +49,7 @@ from diana.schemas.series_metadata import (
 )
 from diana.schemas.topics import SERIES
 from diana.sinks.consumer import DeadLetters, RetryableError
-from diana.storage import ObjectStore, store_wide
+from diana.storage import ObjectStore, error_kind, store_wide
 
 __all__ = ["MetadataSink"]
 
@@ -152,8 +151,7 @@ class MetadataSink:
         if now - last > self.write_retry_s:
             first = now
         self._failing[series] = (first, now)
-        code = errno.errorcode.get(exc.errno, "") if isinstance(exc.errno, int) else ""
-        error = f"{type(exc).__name__}{f' [{code}]' if code else ''}"
+        error = error_kind(exc)
         if first == now:  # said when it starts, whatever else holds the batch (an index behind)
             log.warning("metadata.write_failed", series_instance_uid=series, revision=revision, error=error)
         if now - first < self.write_retry_s:

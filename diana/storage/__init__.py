@@ -17,6 +17,7 @@ from diana.storage.base import (
     StorageError,
     StorageRefused,
     check_key,
+    error_kind,
     store_wide,
 )
 from diana.storage.filesystem import FilesystemStore
@@ -35,6 +36,7 @@ __all__ = [
     "S3Store",
     "check_key",
     "store_wide",
+    "error_kind",
     "local_file",
     "open_store",
     "AREAS",

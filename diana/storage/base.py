@@ -33,6 +33,7 @@ __all__ = [
     "StorageRefused",
     "check_key",
     "store_wide",
+    "error_kind",
 ]
 
 
@@ -165,3 +166,10 @@ def store_wide(exc: OSError) -> bool:
     if isinstance(exc, (StorageError, ConnectionError, TimeoutError)):
         return True
     return exc.errno in _STORE_WIDE_ERRNOS
+
+
+def error_kind(exc: OSError) -> str:
+    """An OSError's kind and errno name, e.g. ``PermissionError [EACCES]``: for logs and dead letters,
+    without its text (which can name a file)."""
+    code = errno.errorcode.get(exc.errno, "") if isinstance(exc.errno, int) else ""
+    return f"{type(exc).__name__}{f' [{code}]' if code else ''}"
