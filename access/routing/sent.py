@@ -1,4 +1,4 @@
-"""What a destination was sent of each study routed whole or on a dose alert, so that it gets each instance once.
+"""What a destination with study or alert rules was sent of each study, so that it gets each instance once.
 
 A ``whole_study`` rule sends a study once it is complete. Instances that arrive after that make the
 study AMENDED; once it is complete again, the destination gets the study's instances it was not sent
@@ -18,7 +18,10 @@ instances follow at its next complete record, as a whole_study rule's do, withou
 alert (a dose report that comes late raises none; a late image never does). A record written before
 that flag existed counts as not alerted: its late instances wait for an alert. The record is the
 destination's, not a rule's: its whole_study and dose_alert rules send the same objects to the same
-place, so what one sent the other does not send again. Plain (instance) rules neither read nor write it.
+place, so what one sent the other does not send again. So do its plain (instance) rules when it has a
+whole_study or a dose_alert rule: an instance sent on its arrival is recorded (a study's record without
+the flag), and one the record lists is not sent on its arrival, so the destination gets it once whichever
+rule matched first. A destination with plain rules only keeps no record.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ class StudiesSent:
         self._in_memory: dict[str, tuple[set[str], bool]] = {}
         self._claimed: dict[str, set[str]] = {}
         self._alerts_claimed: set[str] = set()  # studies whose alert the batch being delivered plans
+        # The records read while a batch is planned, read once each (a plain rule's instances of one
+        # study ask for its record once each); forgotten with the claims, after each write.
+        self._read: dict[str, tuple[set[str], bool]] = {}
 
     def sent(self, study_uid: str) -> set[str]:
         """The SOP Instance UIDs of the study sent before, or claimed by the batch being delivered."""
@@ -105,6 +111,7 @@ class StudiesSent:
         """Before a batch: what an earlier one claimed and did not deliver was not sent for sure."""
         self._claimed.clear()
         self._alerts_claimed.clear()
+        self._read.clear()
 
     def _path(self, study_uid: str) -> Path:
         assert self.folder is not None
@@ -112,6 +119,11 @@ class StudiesSent:
 
     def _recorded(self, study_uid: str) -> tuple[set[str], bool]:
         """(the SOP Instance UIDs recorded as sent, whether the study was alerted)."""
+        if study_uid not in self._read:
+            self._read[study_uid] = self._read_record(study_uid)
+        return self._read[study_uid]
+
+    def _read_record(self, study_uid: str) -> tuple[set[str], bool]:
         if self.folder is None:
             sops, alerted = self._in_memory.get(study_uid, (set(), False))
             return set(sops), alerted

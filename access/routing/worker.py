@@ -19,7 +19,9 @@ worker re-publishes them after a crash or in a replay) sends only what the desti
 yet, by its whole_study or its dose_alert rules alike (the same objects to the same place). Once an
 alert of a study was delivered, the study's later complete records (AMENDED: late instances) send its
 late instances by the dose_alert rules too, as whole_study rules send theirs: a destination with
-dose_alert rules also consumes dicom.studies.
+dose_alert rules also consumes dicom.studies. The plain rules of a destination that has whole_study or
+dose_alert rules share that record: an instance sent on its arrival is not sent again by the study's
+alert or completion, nor one they sent on its (later consumed) arrival.
 """
 
 from __future__ import annotations
@@ -161,6 +163,10 @@ class RouteWorker:
         self.name = destination.name
         self.studies_sent = StudiesSent(self.name, settings.sent_dir)
         self.topics = rule_topics(rules)
+        # A destination with whole_study or dose_alert rules keeps a record of what it was sent of each
+        # study (sent.py); its plain rules read and write it too, so that whichever rule matched an
+        # instance, the destination gets it once. A destination with plain rules only keeps none.
+        self._shares_record = any(r.trigger in ("study", "alert") for r in rules)
         for metric in (SENT, REFUSED, ROUTE_DEAD, UNAVAILABLE):
             metric.labels(self.name)
 
@@ -174,9 +180,15 @@ class RouteWorker:
                 return [], ""
             study, series, sop = event["study_instance_uid"], event["series_instance_uid"], event["sop_instance_uid"]
             item = Delivery(study, series, sop, archive_path(study, series, sop))
-            return (
-                ([item], "") if self.settings.archive.exists(item.key) else (None, f"instance {sop} not archived yet")
-            )
+            # Sent already by the destination's whole_study or dose_alert rules (or by this rule, in a
+            # replay): not again. Sent now: recorded, so that those rules do not send it again.
+            if self._shares_record and sop in self.studies_sent.sent(study):
+                return [], ""
+            if not self.settings.archive.exists(item.key):
+                return None, f"instance {sop} not archived yet"
+            if self._shares_record:
+                self.studies_sent.claim(study, [sop])
+            return [item], ""
         if topic == STUDIES.name:
             _, study = self.codec.decode(msg.value(), expect=STUDIES.value_schema)
             # An AMENDED record with a series still open (late instances not quiet yet) waits for the
