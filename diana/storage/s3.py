@@ -175,9 +175,10 @@ class _RangedObject(io.RawIOBase):
 
     The first GET (its first ``read_ahead`` bytes) gives the object's size (Content-Range) and its ETag;
     every later GET carries ``If-Match`` with that ETag, so an object replaced meanwhile fails the read
-    (412: ObjectChanged) rather than give the new version's bytes at the old one's offsets. An answer of
-    another ETag, or of another range than asked (a server that ignores If-Match or Range), is refused
-    the same way. A read of ``read_ahead`` bytes or more is one GET of exactly those bytes, straight into
+    (412: ObjectChanged) rather than give the new version's bytes at the old one's offsets. Every later
+    answer must carry that ETag too: one of another ETag or without one (a server that ignores If-Match)
+    is ObjectChanged as well, and one of another range than asked (a server that ignores Range) is
+    refused (StorageError). A read of ``read_ahead`` bytes or more is one GET of exactly those bytes, straight into
     the caller's buffer; a smaller one fetches ``read_ahead`` bytes from where it starts and keeps them
     (the window) for the reads after it (pydicom reads a header 4 and 8 bytes at a time). The first
     ``read_ahead`` bytes stay too while it is open: readers come back to the header (pydicom's
@@ -298,9 +299,18 @@ class _RangedObject(io.RawIOBase):
         except ObjectNotFound:
             raise ObjectChanged(f"object store: {self._what}: the object was deleted while it was read") from None
         with _Errors(self._what):
-            if answer.get("ETag") not in (None, self.etag):
+            # Checked whatever If-Match did: a server (or a proxy before it) that ignores If-Match answers
+            # the new version. An answer without an ETag cannot be shown to be of the version first read:
+            # taken as changed, never stitched to the bytes already read.
+            etag = answer.get("ETag")
+            if etag != self.etag:
                 answer["Body"].close()
-                raise ObjectChanged(f"object store: {self._what}: the object was replaced while it was read")
+                raise ObjectChanged(
+                    f"object store: {self._what}: the object was replaced while it was read"
+                    if etag
+                    else f"object store: {self._what}: a later answer has no ETag, so it cannot be shown to be "
+                    "of the version first read"
+                )
             found = _CONTENT_RANGE.match(str(answer.get("ContentRange") or ""))
             if not found or (int(found.group(1)), int(found.group(2)), int(found.group(3))) != (start, end, self.size):
                 answer["Body"].close()

@@ -188,16 +188,19 @@ def test_an_object_replaced_while_read_seekably_is_never_mixed(store: ObjectStor
 
 def test_a_seekable_s3_read_fetches_what_is_read_not_the_object(s3proxy):
     """Ten bytes at 15 MiB of a 20 MiB object: two GETs (the first MiB, then a MiB from there), as botocore's
-    event hooks see them (observed: the server is the real one)."""
+    event hooks see them (observed: the server is the real one). Both answers carry the object's ETag,
+    which the view requires of every answer after the first (one without is refused: ObjectChanged)."""
     archive = open_store(s3proxy, "archive")
     assert isinstance(archive, S3Store)
     store = S3Store(archive.client, archive.bucket, "t-seekable-fetch/")
     data = os.urandom(1024**2) * 20
     store.put_stream("big.bin", io.BytesIO(data))
     gets: list[tuple[int, int]] = []
+    etags: list[str | None] = []
 
     def observe(http_response, parsed, **_) -> None:
         gets.append((http_response.status_code, int(parsed.get("ContentLength") or 0)))
+        etags.append(parsed.get("ETag"))
 
     archive.client.meta.events.register("after-call.s3.GetObject", observe)
     try:
@@ -208,3 +211,4 @@ def test_a_seekable_s3_read_fetches_what_is_read_not_the_object(s3proxy):
     finally:
         archive.client.meta.events.unregister("after-call.s3.GetObject", observe)
     assert gets == [(206, 1024**2), (206, 1024**2)]
+    assert etags[0] and etags == [etags[0]] * 2

@@ -160,6 +160,35 @@ def test_a_server_that_ignores_if_match_is_caught_by_the_answers_etag():
             view.read(16)
 
 
+def test_a_later_answer_without_an_etag_is_refused_never_stitched_to_another_version():
+    """A server (or a proxy before it) that ignores If-Match and sends no ETag with its later answers:
+    before, only the first answer had to carry one, and a read after the object was replaced gave the
+    new version's bytes at the old one's offsets. Now every later answer must carry the first's ETag."""
+    store, bucket = _store(_Bucket(ignores_if_match=True))
+    original = bucket.get_object
+
+    def etag_on_the_first_answer_only(**kwargs: Any) -> dict:
+        answer = original(**kwargs)
+        if kwargs.get("IfMatch"):
+            del answer["ETag"]
+        return answer
+
+    bucket.get_object = etag_on_the_first_answer_only  # type: ignore[method-assign]
+    replaced = DATA[::-1]
+    with store.open_seekable("a/b.dcm", read_ahead=64 * KIB) as view:
+        bucket.objects["archive/a/b.dcm"] = replaced
+        view.seek(1024 * KIB)
+        with pytest.raises(ObjectChanged, match="get a/b.dcm: a later answer has no ETag"):
+            view.read(16)
+    # Unchanged, the same answer is refused too: without its ETag it cannot be shown to be the same version.
+    bucket.objects["archive/a/b.dcm"] = DATA
+    with store.open_seekable("a/b.dcm", read_ahead=64 * KIB) as view:
+        view.seek(1024 * KIB)
+        with pytest.raises(ObjectChanged, match="no ETag"):
+            view.read(16)
+    assert bucket.asked[-1] == (f"bytes={1024 * KIB}-{1024 * KIB + 64 * KIB - 1}", bucket._etag(DATA))
+
+
 def test_an_object_deleted_while_read_is_changed_and_one_never_there_is_not_found():
     store, bucket = _store()
     with store.open_seekable("a/b.dcm", read_ahead=64 * KIB) as view:
@@ -242,8 +271,8 @@ def test_the_views_name_is_no_path_so_pydicom_reads_deferred_values_through_it()
         assert read[0x00420011].value == DATA[: 300 * KIB]  # the deferred read, through the view
 
 
-def _multiframe(syntax: str, frames: list[bytes]) -> bytes:
-    """A 40-frame 64x64 16-bit object in ``syntax`` (native, or RLE with a basic offset table), encoded."""
+def _multiframe(syntax: str, frames: list[bytes], rows: int = 64) -> bytes:
+    """A multi-frame ``rows`` x ``rows`` 16-bit object in ``syntax`` (native, or RLE with a basic offset table), encoded."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
     from pydicom.uid import RLELossless
@@ -255,7 +284,7 @@ def _multiframe(syntax: str, frames: list[bytes]) -> bytes:
     ds.file_meta.TransferSyntaxUID = syntax
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = "1.2.3.4.5"
-    ds.Rows = ds.Columns = 64
+    ds.Rows = ds.Columns = rows
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.NumberOfFrames = 1, "MONOCHROME2", len(frames)
     if syntax == RLELossless:
@@ -307,3 +336,53 @@ def test_a_connection_failing_while_a_body_is_read_is_the_stores_error_not_the_o
     for failure in (SSLError("decryption failed"), ProtocolError("connection broken")):
         with pytest.raises(StorageError, match="the connection failed"), _Errors("get x"):
             raise failure
+
+
+class _ReplacedAfterFirst(_Bucket):
+    """Ignores If-Match; after the first GET the object is replaced by ``then`` (an archive REPLACE), and
+    the later answers carry no ETag (``later_etag`` "none") or the new version's."""
+
+    def __init__(self, key: str, first: bytes, then: bytes, later_etag: str):
+        super().__init__(ignores_if_match=True)
+        self.key, self.then, self.later_etag = key, then, later_etag
+        self.objects[key] = first
+
+    def get_object(self, Bucket: str, Key: str, Range: str | None = None, IfMatch: str | None = None) -> dict:
+        if self.asked:
+            self.objects[self.key] = self.then
+        answer = super().get_object(Bucket, Key, Range, IfMatch)
+        if IfMatch and self.later_etag == "none":
+            del answer["ETag"]
+        return answer
+
+
+@pytest.mark.parametrize("later_etag", ["none", "the new version's"])
+def test_the_frames_route_answers_503_for_a_later_answer_of_another_or_no_etag_never_two_versions_bytes(
+    later_etag: str,
+):
+    """The object replaced between the route's two GETs, by a server that ignores If-Match: a later
+    answer without an ETag, or with the new version's, is 503 "retry" before anything is sent. Before,
+    the answer without an ETag was accepted and the frame came from the new version, at the offsets
+    the old version's header gave."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from diana.access.dicomweb.app import build_app
+    from diana.access.dicomweb.auth import Credentials
+    from diana.schemas.layout import archive_path
+    from tests.unit.test_dicomweb_app import SERIES, STUDY, _call, _Reader
+
+    rows, count = 256, 16  # 128 KiB frames: the last ones past the first MiB the route's first GET reads
+    old, new = ([random.Random(seed * 100 + n).randbytes(rows * rows * 2) for n in range(count)] for seed in (1, 2))
+    key = archive_path(STUDY, SERIES, "1.2.3.4.5")
+    bucket = _ReplacedAfterFirst(
+        f"archive/{key}",
+        _multiframe(ExplicitVRLittleEndian, old, rows),
+        _multiframe(ExplicitVRLittleEndian, new, rows),
+        later_etag,
+    )
+    doc = {"study_instance_uid": STUDY, "series_instance_uid": SERIES, "sop_instance_uid": "1.2.3.4.5"}
+    app = build_app(_Reader(docs=[doc]), S3Store(bucket, "bucket", "archive/"), "DIANA", Credentials())
+    path = f"/studies/{STUDY}/series/{SERIES}/instances/1.2.3.4.5/frames/{count}"
+    status, _, body = _call(app, path, headers={"Accept": "multipart/related; type=application/octet-stream"})
+    assert (status, body) == (503, b"the archived object changed while it was read; retry\n")
+    assert len(bucket.asked) == 2
