@@ -515,21 +515,35 @@ class _Items:
         self.basic = list(struct.unpack(f"<{length // 4}L", table))
         self.first = start + 8 + length
 
-    def header(self, at: int) -> tuple[int, int]:
+    def header(self, at: int, exact: bool = False) -> tuple[int, int]:
+        """The item's (tag, length) at ``at``; ``exact``: read those 8 bytes only where the stream reads
+        ahead (S3's view, ``read_exact``), not a window of the data after them."""
         self.stream.seek(at)
-        head = self.stream.read(8)
+        read_exact = getattr(self.stream, "read_exact", None) if exact else None
+        head = read_exact(8) if read_exact is not None else self.stream.read(8)
         if len(head) < 8:
             raise CorruptObject("its encapsulated pixel data ends before its sequence delimiter")
         group, element, length = struct.unpack("<HHL", head)
         return group << 16 | element, length
 
     def walk(self, at: int, until: int | None = None) -> list[Fragment]:
-        """The fragments from the item at ``at`` to the item at ``until`` (exactly) or the delimiter."""
+        """The fragments from the item at ``at`` to the item at ``until`` (exactly) or the delimiter.
+
+        On a stream that reads ahead (S3's view: a small read fetches ``read_ahead`` bytes from where it
+        starts), a header after a fragment too long for a window fetched at its own header to reach the
+        next one is read exactly: the window would hold the fragment's data, which the walk skips, and
+        no other header (frames of a MiB or more: a MiB a header before). The previous fragment's
+        length tells: the items of one object are alike. Smaller fragments keep the window, which holds
+        the next headers: fewer requests."""
+        read_ahead = getattr(self.stream, "read_ahead", None)
         fragments: list[Fragment] = []
+        previous = 0  # the length of the fragment before the header read next
         while at != until:
             if until is not None and at > until:
                 raise CorruptObject("its Basic Offset Table does not fall on its items")
-            tag, length = self.header(at)
+            exact = isinstance(read_ahead, int) and 8 + previous + 8 > read_ahead
+            tag, length = self.header(at, exact)
+            previous = length
             if tag == _DELIMITER_TAG and until is None:
                 return fragments
             if tag != _ITEM_TAG or length == _UNDEFINED_LENGTH:

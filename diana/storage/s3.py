@@ -183,7 +183,8 @@ class _RangedObject(io.RawIOBase):
     (the window) for the reads after it (pydicom reads a header 4 and 8 bytes at a time). The first
     ``read_ahead`` bytes stay too while it is open: readers come back to the header (pydicom's
     pixel_array reads it again for each frame). A read returns every byte asked for up to the end of
-    the object, as a buffered file's does.
+    the object, as a buffered file's does. ``read_exact`` reads without reading ahead, for a reader
+    that knows the bytes after what it reads are of no use to it.
 
     Not an io.BufferedReader, and without a ``name``, on purpose: pydicom reads a value it deferred from
     a BufferedReader by opening its ``name`` again as a local file, and from any other stream through that
@@ -246,6 +247,24 @@ class _RangedObject(io.RawIOBase):
             view[done:wanted] = self._window[:rest]
         self._position += wanted
         return wanted
+
+    def read_exact(self, size: int) -> bytes:
+        """``read(size)`` without reading ahead: bytes not held are fetched alone, in one request of exactly
+        those bytes (at most ``size``, fewer at the end of the object), and the window is left as it is. For
+        a reader that knows the bytes after these are of no use to it (wado.py's walk of an encapsulated
+        value's item headers over fragments longer than ``read_ahead``: a window would be the data it skips)."""
+        self._check_open()
+        wanted = max(0, min(size, self.size - self._position))
+        start = self._position
+        for held_start, held in ((0, self._head), (self._window_start, self._window)):
+            if held_start <= start and start + wanted <= held_start + len(held):
+                self._position += wanted
+                return bytes(held[start - held_start : start - held_start + wanted])
+        buffer = bytearray(wanted)
+        if wanted:
+            self._fetch_into(start, memoryview(buffer))
+        self._position += wanted
+        return bytes(buffer)
 
     def readall(self) -> bytes:
         """The rest of the object, in one request."""

@@ -255,3 +255,46 @@ def test_an_object_replaced_while_its_bulk_data_is_sent_cuts_the_body_never_mixi
         assert observed.gets[-1][0] == 412
     finally:
         observed.other.put_stream(key, io.BytesIO(original))
+
+
+@pytest.mark.parametrize("how", ["as stored", "decoded"])
+def test_item_headers_after_fragments_of_a_mib_or_more_are_read_exactly_without_an_offset_table(s3proxy, how):
+    """No offset table, one 2 MiB RLE fragment a frame: the last of 4 frames costs the first MiB, each item
+    header after the first and the delimiter as their 8 bytes (S3Proxy answering an 8-byte range with the
+    object's ETag), and the frame: not a MiB a header. Put straight into S3 and read through the store."""
+    from diana.access.dicomweb.transcoded import decoded_frames
+    from diana.access.dicomweb.wado import frame_bytes
+
+    archive = open_store(s3proxy, "archive")
+    assert isinstance(archive, S3Store)
+    store = S3Store(archive.client, archive.bucket, "t-item-headers/")
+    count, rows = 4, 1024
+    native = [random.Random(100 + n).randbytes(rows * rows * 2) for n in range(count)]
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="S3RANGE2", study_date="20240707", rows=rows)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MultiFrameGrayscaleWordSecondaryCaptureImageStorage
+    ds.BitsStored, ds.HighBit, ds.NumberOfFrames = 16, 15, count
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.add_new(0x7FE00010, "OB", encapsulate([rle_literal(f) for f in native], has_bot=False))
+    ds["PixelData"].is_undefined_length = True
+    encoded = io.BytesIO()
+    ds.save_as(encoded, enforce_file_format=True)
+    store.put_stream("mf.dcm", io.BytesIO(encoded.getvalue()))
+    gets: list[tuple[int, int, str | None]] = []
+
+    def observe(http_response: Any, parsed: dict, **_: Any) -> None:
+        gets.append((http_response.status_code, int(parsed.get("ContentLength") or 0), parsed.get("ETag")))
+
+    archive.client.meta.events.register("after-call.s3.GetObject", observe)
+    try:
+        with store.open_seekable("mf.dcm") as view:
+            if how == "decoded":
+                assert decoded_frames(view, [count]) == [native[-1]]
+            else:
+                assert frame_bytes(view, [count]) == [rle_literal(native[-1])]
+    finally:
+        archive.client.meta.events.unregister("after-call.s3.GetObject", observe)
+    frame = len(rle_literal(native[-1]))
+    assert [status for status, _, _ in gets] == [206] * (1 + count + 1), gets
+    assert [length for _, length, _ in gets][1:count] == [8] * (count - 1), gets  # the headers of items 2..4
+    assert sum(length for _, length, _ in gets) <= READ_AHEAD + count * 8 + frame, gets
+    assert gets[0][2] and {etag for _, _, etag in gets} == {gets[0][2]}

@@ -271,8 +271,9 @@ def test_the_views_name_is_no_path_so_pydicom_reads_deferred_values_through_it()
         assert read[0x00420011].value == DATA[: 300 * KIB]  # the deferred read, through the view
 
 
-def _multiframe(syntax: str, frames: list[bytes], rows: int = 64) -> bytes:
-    """A multi-frame ``rows`` x ``rows`` 16-bit object in ``syntax`` (native, or RLE with a basic offset table), encoded."""
+def _multiframe(syntax: str, frames: list[bytes], rows: int = 64, table: bool = True) -> bytes:
+    """A multi-frame ``rows`` x ``rows`` 16-bit object in ``syntax`` (native, or RLE with a basic offset
+    table, or without one when not ``table``), encoded."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
     from pydicom.uid import RLELossless
@@ -288,7 +289,7 @@ def _multiframe(syntax: str, frames: list[bytes], rows: int = 64) -> bytes:
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.NumberOfFrames = 1, "MONOCHROME2", len(frames)
     if syntax == RLELossless:
-        ds.add_new(0x7FE00010, "OB", encapsulate([rle_literal(f) for f in frames], has_bot=True))
+        ds.add_new(0x7FE00010, "OB", encapsulate([rle_literal(f) for f in frames], has_bot=table))
         ds["PixelData"].is_undefined_length = True
     else:
         ds.add_new(0x7FE00010, "OW", b"".join(frames))
@@ -323,6 +324,64 @@ def test_a_frame_of_a_multiframe_object_costs_two_requests(how: str):
             assert frame_bytes(view, [33]) == [native[32]]
         assert view.requests == 2, bucket.asked  # type: ignore[attr-defined]
         assert view.fetched <= 2 * 16 * KIB < len(data) / 10  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("how", ["as stored", "decoded"])
+def test_the_item_headers_of_frames_larger_than_a_window_are_read_exactly_without_an_offset_table(how: str):
+    """No offset table, one fragment a frame, each longer than the read-ahead: the walk to the last frame
+    reads each item header after the first as its 8 bytes, not a window of the fragment it skips (before:
+    a window of read_ahead bytes a header, about the object's size for one frame). A request a header
+    still: only the bytes go."""
+    from pydicom.uid import RLELossless
+
+    from diana.access.dicomweb.transcoded import decoded_frames
+    from diana.access.dicomweb.wado import frame_bytes
+    from tests.support.dicomgen import rle_literal
+
+    count, rows = 10, 128  # 32 KiB frames (33 KiB as RLE literals), a 16 KiB read-ahead
+    native = [random.Random(n).randbytes(rows * rows * 2) for n in range(count)]
+    store, bucket = _store()
+    bucket.objects["archive/a/mf.dcm"] = _multiframe(RLELossless, native, rows, table=False)
+    with store.open_seekable("a/mf.dcm", read_ahead=16 * KIB) as view:
+        if how == "decoded":
+            assert decoded_frames(view, [count]) == [native[-1]]
+        else:
+            assert frame_bytes(view, [count]) == [rle_literal(native[-1])]
+        # The first request (the header, the first item's), 9 item headers and the delimiter, the frame.
+        assert view.requests == 1 + count + 1, bucket.asked  # type: ignore[attr-defined]
+        frame = len(rle_literal(native[-1]))
+        assert view.fetched <= 16 * KIB + count * 8 + frame  # type: ignore[attr-defined]
+
+
+def test_the_item_headers_of_small_frames_keep_the_window_without_an_offset_table():
+    """Fragments shorter than the read-ahead: a window fetched at a header holds the next ones, so the walk
+    keeps reading ahead (fewer requests than items), as before."""
+    from pydicom.uid import RLELossless
+
+    from diana.access.dicomweb.wado import frame_bytes
+    from tests.support.dicomgen import rle_literal
+
+    native = [random.Random(n).randbytes(64 * 64 * 2) for n in range(40)]  # 8 KiB frames, 64 KiB windows
+    store, bucket = _store()
+    bucket.objects["archive/a/mf.dcm"] = _multiframe(RLELossless, native, table=False)
+    with store.open_seekable("a/mf.dcm", read_ahead=64 * KIB) as view:
+        assert frame_bytes(view, [40]) == [rle_literal(native[-1])]
+        assert view.requests <= 8, bucket.asked  # type: ignore[attr-defined]
+
+
+def test_read_exact_reads_what_is_held_from_memory_and_the_rest_alone():
+    store, bucket = _store()
+    with store.open_seekable("a/b.dcm", read_ahead=64 * KIB) as view:
+        view.seek(100)
+        assert view.read_exact(8) == DATA[100:108] and len(bucket.asked) == 1  # type: ignore[attr-defined]
+        view.seek(2 * 1024 * KIB)
+        assert view.read_exact(8) == DATA[2 * 1024 * KIB : 2 * 1024 * KIB + 8]  # type: ignore[attr-defined]
+        assert bucket.asked[-1] == (f"bytes={2 * 1024 * KIB}-{2 * 1024 * KIB + 7}", bucket._etag(DATA))
+        assert view.tell() == 2 * 1024 * KIB + 8 and view.fetched == 64 * KIB + 8  # type: ignore[attr-defined]
+        view.seek(64 * KIB - 4)  # across the end of what is held: fetched whole
+        assert view.read_exact(8) == DATA[64 * KIB - 4 : 64 * KIB + 4]  # type: ignore[attr-defined]
+        view.seek(len(DATA) - 3)
+        assert view.read_exact(8) == DATA[-3:] and view.read_exact(8) == b""  # type: ignore[attr-defined]
 
 
 def test_a_connection_failing_while_a_body_is_read_is_the_stores_error_not_the_objects():
