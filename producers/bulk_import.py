@@ -93,7 +93,15 @@ class ImportSummary:
     interrupted: bool = False  # Ctrl-C: the files listed after it were not looked at
     # Stopped after _BROKER_DOWN_AFTER publish failures in a row: the files after them were not looked at.
     broker_down: bool = False
+    # The report's row could not be written (ENOSPC, EIO): the run stopped like Ctrl-C, the files counted
+    # after its last row are not listed in it. The error only: its text names the report, not a patient.
+    report_error: OSError | None = None
     _broker_failures: int = field(default=0, repr=False)  # in a row, in the order outcomes come
+
+    @property
+    def stopped(self) -> bool:
+        """Stopped before the end, Ctrl-C aside: the files after those in flight were not looked at."""
+        return self.broker_down or self.report_error is not None
 
     @property
     def skipped_non_dicom(self) -> int:
@@ -119,23 +127,46 @@ class ImportSummary:
 class Report:
     """The --report file: the files not imported as CSV (outcome, reason, file), readable by its owner
     only. Written a row at a time, flushed: a run interrupted or crashed keeps the rows of what it saw
-    (it was written at the end only, and emptied at the start)."""
+    (it was written at the end only, and emptied at the start).
+
+    Raises OSError when it cannot be opened or its first row written; ``row`` raises the OSError of a
+    write that failed (a full disk), which stops the import (Importer.run). ``close`` never raises: its
+    error, or the first row's that failed, is ``failure``."""
 
     def __init__(self, path: Path) -> None:
         import csv
 
+        self.failure: OSError | None = None
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # also when the file was there before
-        self._file = os.fdopen(fd, "w", newline="")
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):  # not a device (/dev/stdout): its mode is not ours to change
+                os.fchmod(fd, 0o600)  # also when the file was there before
+            self._file = os.fdopen(fd, "w", newline="")
+        except BaseException:
+            os.close(fd)
+            raise
         self._writer = csv.writer(self._file)
-        self.row("outcome", "reason", "file")
+        try:
+            self.row("outcome", "reason", "file")
+        except BaseException:
+            self.close()
+            raise
 
     def row(self, outcome: str, reason: str, file: str) -> None:
-        self._writer.writerow((outcome, reason, file))
-        self._file.flush()
+        try:
+            self._writer.writerow((outcome, reason, file))
+            self._file.flush()
+        except OSError as exc:
+            self.failure = self.failure or exc
+            raise
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            # After a failed write the rest of the row is still buffered: closing tries it again, fails
+            # again, and closes the descriptor all the same (CPython's buffered close).
+            self._file.close()
+        except OSError as exc:
+            self.failure = self.failure or exc
 
     def __enter__(self) -> Report:
         return self
@@ -626,7 +657,9 @@ class Importer:
         ``report``: takes (outcome, reason, file) of each file not imported as it comes, instead of
         ``summary.not_imported`` (which then stays empty). On Ctrl-C the files in flight are finished and
         counted, the rest is not looked at, and the summary says ``interrupted``; so too after
-        ``_BROKER_DOWN_AFTER`` publish failures in a row (``broker_down``)."""
+        ``_BROKER_DOWN_AFTER`` publish failures in a row (``broker_down``), and when ``report`` raises an
+        OSError (``report_error``: the disk of the report full; going on would import files whose failure
+        nobody could find, and the same command run again imports the rest without duplicates)."""
         summary = ImportSummary()
         archives = _OpenArchives()
         window = self.workers * _IN_FLIGHT_PER_WORKER
@@ -638,12 +671,18 @@ class Importer:
             if source is not None:  # not one cancelled, nor one counted already
                 # Taken out first: a Ctrl-C inside the count (its report row) must not leave it to be
                 # waited for again (it hung) or counted twice; at worst that one row is cut.
-                broker_down = summary.broker_down
+                stopped = summary.stopped
                 self._count(summary, source, *future.result(), report)
                 if progress:
                     progress(1)
-                if summary.broker_down and not broker_down:
-                    log.error("import.broker_down", failures_in_a_row=_BROKER_DOWN_AFTER)
+                if summary.stopped and not stopped:
+                    if summary.broker_down:
+                        log.error("import.broker_down", failures_in_a_row=_BROKER_DOWN_AFTER)
+                    else:
+                        error = summary.report_error
+                        log.error(
+                            "import.report_failed", error=type(error).__name__, errno=getattr(error, "errno", None)
+                        )
                     drop_waiting()
 
         def drop_waiting() -> None:
@@ -655,9 +694,9 @@ class Importer:
             with ThreadPoolExecutor(self.workers) as pool:
                 try:
                     for source in sources:
-                        while len(running) >= window and not summary.broker_down:
+                        while len(running) >= window and not summary.stopped:
                             settle(finished.get())
-                        if summary.broker_down:
+                        if summary.stopped:
                             break
                         future = pool.submit(self._one, archives, source)
                         running[future] = source
@@ -698,7 +737,11 @@ class Importer:
             summary.broker_down |= summary._broker_failures >= _BROKER_DOWN_AFTER
         getattr(summary, outcome)[reason] += 1
         if report is not None:
-            report(outcome, reason, source.label)
+            if summary.report_error is None:  # after a failed row, the next one would be cut or misplaced
+                try:
+                    report(outcome, reason, source.label)
+                except OSError as exc:
+                    summary.report_error = exc
         else:
             summary.not_imported.append((outcome, reason, source.label))
         if outcome != "skipped":  # a folder of a viewer's files is not worth a warning each

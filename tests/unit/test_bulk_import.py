@@ -5,6 +5,8 @@ ones extracted, each archive opened once per worker)."""
 
 from __future__ import annotations
 
+import csv
+import errno
 import io
 import os
 import stat
@@ -915,3 +917,109 @@ def test_pydicom_warnings_about_a_bare_data_set_name_no_path(tmp_path, capfd):
     logged = capfd.readouterr().err
     assert sum(summary.skipped.values()) == 1  # before: pydicom's "End of file reached ... in file <path>"
     assert PATIENT not in logged
+
+
+# ----------------------------------------------------------------------------- 4. the report's disk full
+
+
+class _FillingFile:
+    """The report's file on a disk that fills after ``rows`` flushes: each later write and flush raises
+    ENOSPC, as a full disk does (the text layer keeps the row buffered, and the close fails again)."""
+
+    def __init__(self, real, rows: int):
+        self._real, self._left = real, rows
+
+    def write(self, text: str) -> int:
+        if self._left <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self._real.write(text)
+
+    def flush(self) -> None:
+        if self._left <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._left -= 1
+        self._real.flush()
+
+    def close(self) -> None:
+        self._real.close()
+        if self._left <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_report_row_that_cannot_be_written_stops_the_run_with_what_was_in_flight_counted(tmp_path):
+    """A full disk under the report raised out of the run: a traceback, no summary, the files in flight
+    neither counted nor waited for. Now the run stops like Ctrl-C: those in flight are finished and counted,
+    the rest is not looked at, and the summary holds the error."""
+    one = _instance(tmp_path / "a.dcm")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not DICOM")
+    ingest = _RecordingIngest(tmp_path / "landing")
+    written: list[tuple[str, str, str]] = []
+
+    def report(outcome: str, reason: str, file: str) -> None:
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append((outcome, reason, file))
+
+    sources = (bulk_import.Source(str(p), path=p) for n in range(1000) for p in ((one, notes)[n % 2],))
+    summary = Importer(ingest, workers=2).run(sources, report=report)  # type: ignore[arg-type]
+
+    assert summary.report_error is not None and summary.report_error.errno == errno.ENOSPC and summary.stopped
+    looked_at = summary.imported + summary.skipped_non_dicom
+    assert looked_at < 100, "the run went on after the report failed"
+    assert summary.imported == len(ingest.accepted)  # every file imported is counted: none left unsaid
+    assert summary.skipped_non_dicom >= 3 and len(written) == 2
+
+
+def test_the_cli_says_which_report_failed_and_why_prints_the_summary_and_exits_1(
+    tmp_path, config, no_broker, monkeypatch, capsys
+):
+    source = tmp_path / "src"
+    for n in range(6):
+        _instance(source / f"IMG{n}")
+        (source / f"notes{n}.txt").write_text("not DICOM")
+    report = tmp_path / "not-imported.csv"
+    real = bulk_import.Report
+
+    class FillingReport(real):  # type: ignore[misc,valid-type]
+        def __init__(self, path: Path) -> None:
+            super().__init__(path)
+            self._file = _FillingFile(self._file, rows=2)  # the header row and one more fit
+            self._writer = csv.writer(self._file)
+
+    monkeypatch.setattr(bulk_import, "Report", FillingReport)
+    status = main(["--config", str(config), "import", "--no-progress", "--report", str(report), str(source)])
+
+    said = _said(capsys)
+    assert status == 1
+    assert "Traceback" not in said and "imported:" in said and "skipped (not DICOM):" in said
+    message = next(line for line in said.splitlines() if line.startswith("diana import:"))
+    assert f"the report {report} could not be written (No space left on device)" in message
+    assert "free space on its disk" in message and "run the same command again" in message
+    assert report.read_text().splitlines()[0] == "outcome,reason,file"
+    landing = tmp_path / "landing" / ".incoming"
+    assert list(landing.iterdir()) == []  # nothing half-written left behind
+
+
+def test_a_report_that_cannot_be_written_at_all_fails_before_anything_is_imported(
+    tmp_path, config, no_broker, monkeypatch, capsys
+):
+    """/dev/full: the header row fails. Before, a traceback (and, run as root, /dev/full's mode changed)."""
+    _instance(tmp_path / "src" / "IMG1")
+    mode = os.stat("/dev/full").st_mode
+    imported: list[Path] = []
+    monkeypatch.setattr(_RecordingIngest, "accept_file", lambda self, path, *a, **k: imported.append(path))
+
+    try:
+        status = main(
+            ["--config", str(config), "import", "--no-progress", "--report", "/dev/full", str(tmp_path / "src")]
+        )
+    finally:
+        changed = os.stat("/dev/full").st_mode
+        if changed != mode:  # the regression this guards against, run as root: the device given back its mode
+            os.chmod("/dev/full", stat.S_IMODE(mode))
+    assert changed == mode, "the report's mode is set on a regular file only, never on a device"
+
+    said = _said(capsys)
+    assert status == 1 and "Traceback" not in said and imported == []
+    assert "--report /dev/full: No space left on device; free space on its disk" in said
