@@ -229,7 +229,7 @@ def find_sources(paths: list[Path], say: Callable[[str], None] | None = None) ->
     if dropped and say is not None:
         said = ", ".join(dropped)
         say(f"paths given inside another one (or twice), by their place: {said}; their files are imported once")
-    return _sources(roots)
+    return _sources(roots, _Routes(roots), say)
 
 
 def _distinct_roots(paths: list[Path]) -> tuple[list[Path], list[str]]:
@@ -251,15 +251,63 @@ def _distinct_roots(paths: list[Path]) -> tuple[list[Path], list[str]]:
     return kept, dropped
 
 
-def _sources(roots: list[Path]) -> Iterator[Source]:
+class _Routes:
+    """Every file once per run, whatever route names it: a folder walked, a DICOMDIR's record, a symlink,
+    a hard link, a path given. ``diana import /cd/DICOMDIR /cd/SERIES`` imported the series twice.
+
+    Without a set of every file seen (a million files: about 100 MB): a file reached by its own directory
+    entry in a folder walked is met once by that walk (folders are walked once by inode, and the roots do
+    not overlap: _distinct_roots). Any other route to a file inside a folder given (a DICOMDIR's record,
+    a symlink) is left to that folder's walk, and a route to a path given as a file to that path. What
+    remains is kept by (device, inode): a file with several hard links, a DICOMDIR's record or a symlink
+    outside every root, a file given by its path. The ones passed over are counted (``twice``)."""
+
+    def __init__(self, roots: list[Path]) -> None:
+        self._folders = [root.resolve() for root in roots if root.is_dir()]
+        self._files = {root.resolve() for root in roots if not root.is_dir()}
+        self._seen: set[tuple[int, int]] = set()
+        self.twice = 0
+
+    def walked(self, real: Path) -> bool:
+        """A folder given holds this real path: its walk meets the file by its own entry."""
+        return any(folder in real.parents for folder in self._folders)
+
+    def first(self, path: Path, entry: os.stat_result, *, walk: bool, explicit: bool = False) -> bool:
+        """Whether ``path`` (stat ``entry``, its link not followed) is the first route to its file; counts
+        the others. ``walk``: met by a folder's walk (else named by a DICOMDIR, or given)."""
+        if stat.S_ISLNK(entry.st_mode) or not walk:
+            real = Path(os.path.realpath(path))
+            if not explicit and (self.walked(real) or real in self._files):
+                self.twice += 1
+                return False
+            try:
+                entry = os.stat(path)
+            except OSError:
+                return True  # reading it says why, counted for that file
+        elif entry.st_nlink < 2:
+            return True  # its own entry, its only one: met once by its walk
+        key = (entry.st_dev, entry.st_ino)
+        if key in self._seen:
+            self.twice += 1
+            return False
+        self._seen.add(key)
+        return True
+
+
+def _sources(roots: list[Path], routes: _Routes, say: Callable[[str], None] | None = None) -> Iterator[Source]:
     for root in roots:
         if root.is_dir():
-            yield from _folder_sources(root)
+            yield from _folder_sources(root, routes)
         else:
-            yield from _file_sources(root, explicit=True)
+            yield from _file_sources(root, routes, explicit=True)
+    if routes.twice and say is not None:
+        say(
+            f"{routes.twice} files named again by another route (a DICOMDIR and a folder given, a symlink, "
+            "a hard link) were imported once"
+        )
 
 
-def _folder_sources(root: Path) -> Iterator[Source]:
+def _folder_sources(root: Path, routes: _Routes) -> Iterator[Source]:
     """The files of a folder tree. Symlinked folders inside it are followed, as a copied CD or an export
     that links its series expects; each folder (device, inode) is walked once, so a link back up the
     tree or a second link to a folder already walked adds nothing. A link to a folder outside the tree
@@ -291,7 +339,7 @@ def _folder_sources(root: Path) -> Iterator[Source]:
         dirnames.sort()
         for name in sorted(filenames):
             if not _is_dicomdir(name):  # the file-set's index: the files it names are in this tree
-                yield from _file_sources(Path(dirpath) / name)
+                yield from _file_sources(Path(dirpath) / name, routes)
     yield from _unreadable_folders(unreadable)
 
 
@@ -301,16 +349,18 @@ def _unreadable_folders(errors: list[OSError]) -> Iterator[Source]:
         yield Source(str(exc.filename), verdict=("failed", f"folder unreadable: {_os_reason(exc)}"))
 
 
-def _file_sources(path: Path, explicit: bool = False) -> Iterator[Source]:
+def _file_sources(path: Path, routes: _Routes, explicit: bool = False) -> Iterator[Source]:
     try:
         regular = stat.S_ISREG(os.stat(path).st_mode)
+        if regular and not routes.first(path, os.lstat(path), walk=not explicit, explicit=explicit):
+            return  # imported by another route (a folder given, a DICOMDIR, another link)
     except OSError as exc:  # a broken link, or gone since it was listed
         yield Source(str(path), verdict=("failed", f"storage: {_os_reason(exc)}"))
         return
     if not regular:  # a pipe or a device: reading it could wait for ever, or never end
         yield Source(str(path), verdict=("rejected", "not a regular file (a pipe, socket or device)"))
     elif _is_dicomdir(path.name) and explicit:
-        yield from _fileset_sources(path)
+        yield from _fileset_sources(path, routes)
     elif _is_zip(path):
         yield from _zip_sources(path)
     else:
@@ -351,7 +401,7 @@ def _zip_sources(path: Path) -> Iterator[Source]:
         yield Source(f"{path}:{info.filename}", archive=path, member=info)
 
 
-def _fileset_sources(dicomdir: Path) -> Iterator[Source]:
+def _fileset_sources(dicomdir: Path, routes: _Routes) -> Iterator[Source]:
     """The files a DICOMDIR names (its records' Referenced File IDs), in its folder.
 
     Read here rather than with pydicom's FileSet, which drops a record whose file is missing with a
@@ -391,6 +441,11 @@ def _fileset_sources(dicomdir: Path) -> Iterator[Source]:
                 yield Source(str(found), verdict=outside)
                 continue
             path = found
+        except OSError:
+            pass  # opening it says why
+        try:
+            if not routes.first(path, os.lstat(path), walk=False):
+                continue  # a folder given holds it, or another route named it already
         except OSError:
             pass  # opening it says why
         yield Source(str(path), path=path)

@@ -607,8 +607,8 @@ def test_ctrl_c_keeps_the_report_of_what_was_seen_and_prints_the_summary(
     walk, one = bulk_import._folder_sources, bulk_import.Importer._one
     looked_at = threading.Semaphore(0)
 
-    def interrupted_after_four(root):
-        yield from list(walk(root))[:4]
+    def interrupted_after_four(root, *args):
+        yield from list(walk(root, *args))[:4]
         for _ in range(4):
             assert looked_at.acquire(timeout=10)
         raise KeyboardInterrupt  # Ctrl-C while the tree is walked, the files listed done
@@ -1023,3 +1023,51 @@ def test_a_report_that_cannot_be_written_at_all_fails_before_anything_is_importe
     said = _said(capsys)
     assert status == 1 and "Traceback" not in said and imported == []
     assert "--report /dev/full: No space left on device; free space on its disk" in said
+
+
+# ------------------------------------------------------------------- 5. every file once, whatever names it
+
+
+def test_a_dicomdir_and_its_series_folder_given_import_each_file_once_in_either_order(tmp_path):
+    """``diana import /cd/DICOMDIR /cd/<series>``: the series' files came once by the DICOMDIR's records,
+    once by the folder's walk."""
+    dicomdir, uids = _series_fileset(tmp_path, 3)
+    series = dicomdir.parent / "PT000000" / "ST000000" / "SE000000"
+    _instance(series / "EXTRA")  # in the folder, not in the DICOMDIR: still imported, by the walk
+
+    for given in ([dicomdir, series], [series, dicomdir], [dicomdir, series / "IM000001"]):
+        said: list[str] = []
+        sources = list(find_sources(given, say=said.append))
+        ingest = _RecordingIngest(tmp_path / "landing")
+        summary = Importer(ingest, workers=2).run(sources)  # type: ignore[arg-type]
+        labels = [s.label for s in sources]
+        assert len(labels) == len(set(labels)) == summary.imported == len(set(ingest.accepted))
+        expected = 3 if given[1].name == "IM000001" else 4
+        assert summary.imported == expected and set(uids) <= set(ingest.accepted)
+        assert said[-1].startswith("1 files named again" if expected == 3 else "3 files named again")
+        assert PATIENT not in " ".join(said)
+
+
+def test_a_file_named_by_hard_links_or_symlinks_is_imported_once(tmp_path):
+    source = tmp_path / "src"
+    one = _instance(source / PATIENT / "IMG1")
+    os.link(one, source / PATIENT / "IMG1_hardlink")
+    (source / "IMG1_symlink").symlink_to(one)
+    outside = _instance(tmp_path / "elsewhere" / "IMG2")
+    (source / "IMG2_a").symlink_to(outside)
+    (source / "IMG2_b").symlink_to(outside)
+    other = tmp_path / "other"
+    other.mkdir()
+    os.link(outside, other / "IMG2_hardlink")
+    _instance(source / "IMG3")
+
+    said: list[str] = []
+    sources = list(find_sources([source, other, outside], say=said.append))
+    ingest = _RecordingIngest(tmp_path / "landing")
+    summary = Importer(ingest, workers=2).run(sources)  # type: ignore[arg-type]
+
+    assert summary.imported == 3 == len(ingest.accepted) == len(set(ingest.accepted))
+    assert said == [
+        "5 files named again by another route (a DICOMDIR and a folder given, a symlink, a hard link) were "
+        "imported once"
+    ]
