@@ -20,7 +20,6 @@ import queue
 import re
 import shutil
 import stat
-import tempfile
 import threading
 import zipfile
 import zlib
@@ -36,6 +35,7 @@ import structlog
 from diana.producers.header import HeaderError, InvalidIdentifiers, Truncated
 from diana.producers.ingest import Ingest
 from diana.producers.publisher import PublishError, PublishRefused
+from diana.producers.scratch import ScratchFile
 
 __all__ = ["ImportSummary", "Importer", "Report", "find_sources"]
 
@@ -538,7 +538,7 @@ class _OpenArchives:
             zf.close()
 
 
-def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, folder: Path, max_bytes: int) -> tuple[Path, bool]:
+def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, folder: Path, max_bytes: int) -> tuple[ScratchFile, bool]:
     """The member as a temporary file in ``folder``, and whether it is Part-10 (else it may be a bare data
     set): its first 132 bytes are read from the stream, so a non-DICOM member (an installer, a viewer) is
     never written. Raises _Skipped for such a member, _Refused for one that cannot be read, or larger
@@ -558,15 +558,15 @@ def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, folder: Path, max_bytes
             # zipfile reads no more than the size the directory declares: checking it bounds the file.
             if info.file_size > max_bytes:
                 raise _Refused(f"zip member larger than [receiver] max_inflated_bytes ({max_bytes})")
-            fd, name = tempfile.mkstemp(dir=folder, suffix=".import")
+            made = ScratchFile(folder, suffix=".import")  # locked while it exists: the receiver's sweep leaves it
             try:
-                with os.fdopen(fd, "wb") as dst:
+                with made.open("wb") as dst:
                     dst.write(head)
                     shutil.copyfileobj(src, dst, 1 << 20)
             except BaseException:
-                Path(name).unlink(missing_ok=True)
+                made.remove()
                 raise
-            return Path(name), part10
+            return made, part10
     except (NotImplementedError, RuntimeError) as exc:  # Deflate64 (Windows Explorer), or no bz2/lzma here
         raise _Refused(
             f"zip member: unsupported compression method {info.compress_type} (unzip it with another tool, "
@@ -582,7 +582,7 @@ def _may_be_bare(head: bytes) -> bool:
     return not _is_part10(head) and head[:2] in _BARE_GROUPS
 
 
-def _wrap_bare(path: Path, folder: Path) -> Path:
+def _wrap_bare(path: Path, folder: Path) -> ScratchFile:
     """``path``, a bare data set (no preamble, no file meta: what old modalities and archives wrote), as a
     temporary Part-10 file in ``folder``: preamble, ``DICM`` and a file meta before its bytes, which are
     unchanged. Only in Implicit VR Little Endian, DICOM's default transfer syntax and the one a data
@@ -620,18 +620,18 @@ def _wrap_bare(path: Path, folder: Path) -> Path:
     meta.TransferSyntaxUID = ImplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "DIANA_IMPORT"  # not pydicom's default, which names its version
-    fd, name = tempfile.mkstemp(dir=folder, suffix=".import")
+    made = ScratchFile(folder, suffix=".import")  # locked while it exists: the receiver's sweep leaves it
     try:
-        with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+        with made.open("wb") as out, open(path, "rb") as src:
             out.write(b"\0" * 128 + b"DICM")
             writer = DicomFileLike(out)
             writer.is_little_endian, writer.is_implicit_VR = True, False
             write_file_meta_info(writer, meta, enforce_standard=True)
             shutil.copyfileobj(src, out, 1 << 20)
     except BaseException:
-        Path(name).unlink(missing_ok=True)
+        made.remove()
         raise
-    return Path(name)
+    return made
 
 
 class Importer:
@@ -659,15 +659,10 @@ class Importer:
             assert source.archive is not None and source.member is not None, "a source is a path or a zip member"
             made, part10 = _extract(archives.get(source.archive), source.member, folder, self.ingest.max_inflated_bytes)
             if not part10:
-                bare = made
-                try:
-                    made = _wrap_bare(bare, folder)
-                finally:
-                    bare.unlink(missing_ok=True)
-        try:
-            yield made, True, not part10
-        finally:
-            made.unlink(missing_ok=True)
+                with made as bare:
+                    made = _wrap_bare(bare.path, folder)
+        with made:
+            yield made.path, True, not part10
 
     def _one(self, archives: _OpenArchives, source: Source) -> tuple[str, str | None]:
         """('imported' | 'skipped' | 'rejected' | 'failed', reason)."""

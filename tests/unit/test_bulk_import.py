@@ -750,14 +750,13 @@ def test_files_are_imported_while_listed_with_a_bounded_number_in_flight(tmp_pat
 def extractions(monkeypatch) -> list[str]:
     """The temporary files the importer makes (one per member extracted)."""
     made: list[str] = []
-    mkstemp = bulk_import.tempfile.mkstemp
 
-    def counted(*args, **kwargs):
-        fd, name = mkstemp(*args, **kwargs)
-        made.append(name)
-        return fd, name
+    class Counted(bulk_import.ScratchFile):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(str(self.path))
 
-    monkeypatch.setattr(bulk_import.tempfile, "mkstemp", counted)
+    monkeypatch.setattr(bulk_import, "ScratchFile", Counted)
     return made
 
 
@@ -1071,3 +1070,45 @@ def test_a_file_named_by_hard_links_or_symlinks_is_imported_once(tmp_path):
         "5 files named again by another route (a DICOMDIR and a folder given, a symlink, a hard link) were "
         "imported once"
     ]
+
+
+def test_a_receiver_sweeping_incoming_meanwhile_leaves_the_members_and_data_sets_being_imported(tmp_path):
+    """A receiver starting during an import sweeps .incoming at once: the zip member extracted there, or the
+    bare data set given its file meta there, was removed before its header was read (failed, `storage`).
+    The sweep runs in another process here, as a receiver's does, while each file is accepted."""
+    import subprocess
+    import sys
+
+    source = tmp_path / "src"
+    archive = source / "export.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(_instance(tmp_path / "a.dcm"), f"{PATIENT}/IMG1")
+        zf.writestr(f"{PATIENT}/OLD1", _bare(tmp_path / "OLD1", implicit_vr=True, little_endian=True))
+    _bare(source / "OLD2", implicit_vr=True, little_endian=True)
+    ingest = _RecordingIngest(tmp_path / "landing")
+    record = ingest.accept_file
+    sweep = (
+        "import sys; from pathlib import Path; from diana.producers.landing import LandingStore; "
+        "print(LandingStore(Path(sys.argv[1])).sweep(older_than_s=0))"
+    )
+    swept: list[str] = []
+
+    def accept_after_a_sweep(path: Path, source: str, *, owned: bool) -> None:
+        assert path.parent == ingest.landing.incoming  # ours, in .incoming: what a sweep looks at
+        done = subprocess.run(
+            [sys.executable, "-c", sweep, str(tmp_path / "landing")],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        swept.append(done.stdout.strip())
+        record(path, source, owned=owned)
+
+    ingest.accept_file = accept_after_a_sweep  # type: ignore[method-assign]
+
+    summary = Importer(ingest, workers=2).run(find_sources([source]))  # type: ignore[arg-type]
+
+    assert summary.not_imported == [] and summary.imported == 3 and swept == ["0", "0", "0"]
+    assert list(ingest.landing.incoming.iterdir()) == []
