@@ -372,7 +372,9 @@ def _is_zip(path: Path) -> bool:
     an end record in the last 64 KiB, which DICOM pixel data may hold (such a file was opened as a zip of
     no members, and vanished from the counts); and a Part-10 preamble may begin with a zip's signature.
     A file named .zip is one also by its end record (data before the first header: a self-extracting
-    archive renamed, a zip appended to something)."""
+    archive renamed, a zip appended to something). Any other file that is neither Part-10 nor possibly a
+    bare data set is one when its central directory opens and lists a member: a self-extracting archive
+    (``export.exe``), a zip saved without its name (it was skipped as not DICOM, its images never seen)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(_PART10_HEAD)
@@ -380,7 +382,24 @@ def _is_zip(path: Path) -> bool:
         return False  # reading it as a file says why, counted for that file
     if _is_part10(head):
         return False
-    return head[:4] in (_ZIP_MAGIC, _ZIP_EMPTY) or (path.suffix.lower() == ".zip" and zipfile.is_zipfile(path))
+    if head[:4] in (_ZIP_MAGIC, _ZIP_EMPTY):
+        return True
+    if path.suffix.lower() == ".zip":
+        return zipfile.is_zipfile(path)
+    # A bare data set's pixel data may hold an end record as a Part-10 file's may: never a zip by its end.
+    return not _may_be_bare(head) and _opens_with_members(path)
+
+
+def _opens_with_members(path: Path) -> bool:
+    """An end record in the last 64 KiB whose central directory opens and lists a member: bytes that look
+    like an end record and point at no directory leave the file what it was (not DICOM)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as zf:
+            return bool(zf.infolist())
+    except Exception:  # a damaged or chance directory raises many kinds (names undecodable...)
+        return False
 
 
 def _unopened(path: Path, kind: str, exc: Exception) -> Source:

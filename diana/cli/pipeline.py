@@ -408,7 +408,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(the broker down) or because the --report file could not be written (its disk full); 0 when the rest was only skipped or rejected (bad content: running again cannot "
         "help); 130 on Ctrl-C (the summary printed).",
     )
-    imp.add_argument("paths", nargs="+", metavar="PATH", help="a folder, a .zip, or a DICOMDIR file")
+    imp.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="a folder, a zip (by its content: a self-extracting .exe too), a DICOMDIR file, or a DICOM file",
+    )
     imp.add_argument("--workers", type=whole_number(1), default=8, help="objects in flight at once (default 8)")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in scripts)")
     imp.add_argument(

@@ -1112,3 +1112,36 @@ def test_a_receiver_sweeping_incoming_meanwhile_leaves_the_members_and_data_sets
 
     assert summary.not_imported == [] and summary.imported == 3 and swept == ["0", "0", "0"]
     assert list(ingest.landing.incoming.iterdir()) == []
+
+
+# ------------------------------------------------------------ 6. a zip by its content, whatever its name
+
+
+def test_a_self_extracting_or_renamed_zip_is_imported_and_nothing_else_taken_for_one(tmp_path):
+    """An export as a self-extracting archive (``.exe``: a stub, then the zip) or a zip saved without its
+    name was skipped as not DICOM, its images never seen. It is a zip now when its central directory
+    opens and lists a member; a DICOM file (Part-10 or bare) holding an end record in its pixel data is
+    still DICOM, and bytes that only look like an end record leave a file not DICOM."""
+    source = tmp_path / "src"
+    source.mkdir()
+    zipped = _instance_zip(tmp_path).read_bytes()
+    (source / f"{PATIENT}.exe").write_bytes(b"MZ" + b"\0" * 4000 + zipped)  # a stub, then the zip
+    (source / "EXPORT").write_bytes(b"\x7fELF" + zipped)  # appended to something, no name
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="IMPORT9", study_date="20240101", rows=64)
+    pixels = bytearray(ds.PixelData)
+    pixels[1280 : 1280 + len(zipped)] = zipped  # a whole zip in the pixel data: it opens, with a member
+    ds.PixelData = bytes(pixels)
+    del ds.file_meta
+    ds.save_as(source / "OLD1", enforce_file_format=False, implicit_vr=True, little_endian=True)
+    end = zipped[zipped.rindex(b"PK\x05\x06") :]
+    (source / "notes.bin").write_bytes(b"notes" * 100 + end)  # a chance end record pointing at nothing
+    assert zipfile.is_zipfile(source / "notes.bin") and zipfile.ZipFile(source / "OLD1").namelist() == ["IMG1"]
+
+    sources = list(find_sources([source]))
+    summary, ingest = _import(tmp_path, source)
+
+    assert sorted(s.label for s in sources if s.member is not None) == sorted(
+        [f"{source / 'EXPORT'}:IMG1", f"{source / f'{PATIENT}.exe'}:IMG1"]
+    )
+    assert (summary.imported, summary.wrapped, len(ingest.accepted)) == (3, 1, 3)  # two members, the bare one
+    assert summary.not_imported == [("skipped", "not DICOM (no preamble and DICM)", str(source / "notes.bin"))]
