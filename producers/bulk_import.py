@@ -141,7 +141,9 @@ class Report:
         try:
             if stat.S_ISREG(os.fstat(fd).st_mode):  # not a device (/dev/stdout): its mode is not ours to change
                 os.fchmod(fd, 0o600)  # also when the file was there before
-            self._file = os.fdopen(fd, "w", newline="")
+            # surrogateescape: a name that is not UTF-8 (a CD copied on Windows, Latin-1) is written as the
+            # bytes it has on disk; strict, its row raised UnicodeEncodeError and the run went down with it.
+            self._file = os.fdopen(fd, "w", newline="", encoding="utf-8", errors="surrogateescape")
         except BaseException:
             os.close(fd)
             raise

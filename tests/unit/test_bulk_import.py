@@ -1145,3 +1145,21 @@ def test_a_self_extracting_or_renamed_zip_is_imported_and_nothing_else_taken_for
     )
     assert (summary.imported, summary.wrapped, len(ingest.accepted)) == (3, 1, 3)  # two members, the bare one
     assert summary.not_imported == [("skipped", "not DICOM (no preamble and DICM)", str(source / "notes.bin"))]
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_as_its_bytes(tmp_path):
+    """A CD copied on Windows (Latin-1 names): the report's row for such a name raised UnicodeEncodeError,
+    which went through the run (a traceback, no summary)."""
+    source = tmp_path / "src"
+    source.mkdir()
+    name = os.fsencode(source) + b"/NOTES\xe9.txt"
+    with open(name, "wb") as fh:
+        fh.write(b"not DICOM")
+    path = tmp_path / "report.csv"
+    with bulk_import.Report(path) as report:
+        summary = Importer(_RecordingIngest(tmp_path / "landing"), workers=1).run(  # type: ignore[arg-type]
+            find_sources([source]), report=report.row
+        )
+
+    assert summary.skipped_non_dicom == 1 and summary.report_error is None and report.failure is None
+    assert path.read_bytes().splitlines()[1] == b"skipped,not DICOM (no preamble and DICM)," + name
