@@ -14,6 +14,7 @@ same file, in the same process too, does not get it while the writer holds it, a
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import tempfile
@@ -21,6 +22,9 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 __all__ = ["ScratchFile", "remove_unless_held"]
+
+# flock's answers on a filesystem that has no locks (NFS without its lock daemon, some FUSE mounts).
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
 
 
 class ScratchFile:
@@ -33,7 +37,13 @@ class ScratchFile:
         while True:
             fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # waits at most for a sweep's unlink of this very file
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # waits at most for a sweep's unlink of this very file
+                except OSError as exc:
+                    if exc.errno not in _NO_LOCKS:
+                        raise
+                    # A filesystem without locks (NFS without lockd): written unheld, as before, rather
+                    # than not at all; the sweep cannot lock there either and removes by age.
                 swept = os.fstat(fd).st_nlink == 0
             except BaseException:
                 os.close(fd)
@@ -73,7 +83,8 @@ def remove_unless_held(path: Path) -> bool:
     The lock is held while the file is removed, so a writer that made it a moment ago and waits for its
     lock finds it removed (ScratchFile makes another)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        # Opened for writing: NFS emulates flock with POSIX locks, whose exclusive lock needs it.
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return False
     except OSError:  # another user's (a root import's), a symlink: whether it is in use cannot be told
@@ -83,6 +94,10 @@ def remove_unless_held(path: Path) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False  # a live writer's
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS:
+                raise
+            # No locks on this filesystem: no writer holds one either; removed by age, as before.
         if not os.path.samestat(os.fstat(fd), os.lstat(path)):
             return False  # replaced since it was opened: looked at next time
         path.unlink()

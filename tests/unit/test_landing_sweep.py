@@ -123,3 +123,21 @@ def test_a_sweep_between_the_file_made_and_its_lock_taken_makes_the_writer_make_
             fh.write(b"kept")
         assert held.path.read_bytes() == b"kept"
     assert not made[0].exists() and not made[1].exists()
+
+
+def test_on_a_filesystem_without_locks_the_writer_writes_and_the_sweep_removes_by_age_as_before(tmp_path, monkeypatch):
+    """NFS without its lock daemon answers flock with ENOLCK: the import must not fail every file for it."""
+    import errno
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(scratch.fcntl, "flock", no_locks)
+    store = LandingStore(tmp_path / "landing")
+    held = ScratchFile(store.incoming, suffix=".import")
+    with held.open() as fh:
+        fh.write(b"written")
+    assert held.path.read_bytes() == b"written"
+    assert store.sweep(older_than_s=3600) == 0 and held.path.exists()  # young: left, as before
+    assert store.sweep(older_than_s=0) == 1 and not held.path.exists()
+    held.remove()
