@@ -257,7 +257,7 @@ class _Routes:
     """Every file once per run, whatever route names it: a folder walked, a DICOMDIR's record, a symlink,
     a hard link, a path given. ``diana import /cd/DICOMDIR /cd/SERIES`` imported the series twice.
 
-    Without a set of every file seen (a million files: about 100 MB): a file reached by its own directory
+    Without a set of every file seen (a million files: 120 MB): a file reached by its own directory
     entry in a folder walked is met once by that walk (folders are walked once by inode, and the roots do
     not overlap: _distinct_roots). Any other route to a file inside a folder given (a DICOMDIR's record,
     a symlink) is left to that folder's walk, and a route to a path given as a file to that path. What

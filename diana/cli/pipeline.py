@@ -142,8 +142,8 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
 
 
 _REPORT_FIX = (
-    "free space on its disk (or name a file on another with --report), then run the same command again: what "
-    "was imported is not duplicated downstream"
+    "free space on its disk (or name another file with --report, on a disk with room, in a folder you may "
+    "write), then run the same command again: what was imported is not duplicated downstream"
 )
 
 
