@@ -20,7 +20,6 @@ import queue
 import re
 import shutil
 import stat
-import tempfile
 import threading
 import zipfile
 import zlib
@@ -36,6 +35,7 @@ import structlog
 from diana.producers.header import HeaderError, InvalidIdentifiers, Truncated
 from diana.producers.ingest import Ingest
 from diana.producers.publisher import PublishError, PublishRefused
+from diana.producers.scratch import ScratchFile
 
 __all__ = ["ImportSummary", "Importer", "Report", "find_sources"]
 
@@ -93,7 +93,15 @@ class ImportSummary:
     interrupted: bool = False  # Ctrl-C: the files listed after it were not looked at
     # Stopped after _BROKER_DOWN_AFTER publish failures in a row: the files after them were not looked at.
     broker_down: bool = False
+    # The report's row could not be written (ENOSPC, EIO): the run stopped like Ctrl-C, the files counted
+    # after its last row are not listed in it. The error only: its text names the report, not a patient.
+    report_error: OSError | None = None
     _broker_failures: int = field(default=0, repr=False)  # in a row, in the order outcomes come
+
+    @property
+    def stopped(self) -> bool:
+        """Stopped before the end, Ctrl-C aside: the files after those in flight were not looked at."""
+        return self.broker_down or self.report_error is not None
 
     @property
     def skipped_non_dicom(self) -> int:
@@ -119,23 +127,48 @@ class ImportSummary:
 class Report:
     """The --report file: the files not imported as CSV (outcome, reason, file), readable by its owner
     only. Written a row at a time, flushed: a run interrupted or crashed keeps the rows of what it saw
-    (it was written at the end only, and emptied at the start)."""
+    (it was written at the end only, and emptied at the start).
+
+    Raises OSError when it cannot be opened or its first row written; ``row`` raises the OSError of a
+    write that failed (a full disk), which stops the import (Importer.run). ``close`` never raises: its
+    error, or the first row's that failed, is ``failure``."""
 
     def __init__(self, path: Path) -> None:
         import csv
 
+        self.failure: OSError | None = None
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # also when the file was there before
-        self._file = os.fdopen(fd, "w", newline="")
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):  # not a device (/dev/stdout): its mode is not ours to change
+                os.fchmod(fd, 0o600)  # also when the file was there before
+            # surrogateescape: a name that is not UTF-8 (a CD copied on Windows, Latin-1) is written as the
+            # bytes it has on disk; strict, its row raised UnicodeEncodeError and the run went down with it.
+            self._file = os.fdopen(fd, "w", newline="", encoding="utf-8", errors="surrogateescape")
+        except BaseException:
+            os.close(fd)
+            raise
         self._writer = csv.writer(self._file)
-        self.row("outcome", "reason", "file")
+        try:
+            self.row("outcome", "reason", "file")
+        except BaseException:
+            self.close()
+            raise
 
     def row(self, outcome: str, reason: str, file: str) -> None:
-        self._writer.writerow((outcome, reason, file))
-        self._file.flush()
+        try:
+            self._writer.writerow((outcome, reason, file))
+            self._file.flush()
+        except OSError as exc:
+            self.failure = self.failure or exc
+            raise
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            # After a failed write the rest of the row is still buffered: closing tries it again, fails
+            # again, and closes the descriptor all the same (CPython's buffered close).
+            self._file.close()
+        except OSError as exc:
+            self.failure = self.failure or exc
 
     def __enter__(self) -> Report:
         return self
@@ -198,7 +231,7 @@ def find_sources(paths: list[Path], say: Callable[[str], None] | None = None) ->
     if dropped and say is not None:
         said = ", ".join(dropped)
         say(f"paths given inside another one (or twice), by their place: {said}; their files are imported once")
-    return _sources(roots)
+    return _sources(roots, _Routes(roots), say)
 
 
 def _distinct_roots(paths: list[Path]) -> tuple[list[Path], list[str]]:
@@ -220,15 +253,63 @@ def _distinct_roots(paths: list[Path]) -> tuple[list[Path], list[str]]:
     return kept, dropped
 
 
-def _sources(roots: list[Path]) -> Iterator[Source]:
+class _Routes:
+    """Every file once per run, whatever route names it: a folder walked, a DICOMDIR's record, a symlink,
+    a hard link, a path given. ``diana import /cd/DICOMDIR /cd/SERIES`` imported the series twice.
+
+    Without a set of every file seen (a million files: 120 MB): a file reached by its own directory
+    entry in a folder walked is met once by that walk (folders are walked once by inode, and the roots do
+    not overlap: _distinct_roots). Any other route to a file inside a folder given (a DICOMDIR's record,
+    a symlink) is left to that folder's walk, and a route to a path given as a file to that path. What
+    remains is kept by (device, inode): a file with several hard links, a DICOMDIR's record or a symlink
+    outside every root, a file given by its path. The ones passed over are counted (``twice``)."""
+
+    def __init__(self, roots: list[Path]) -> None:
+        self._folders = [root.resolve() for root in roots if root.is_dir()]
+        self._files = {root.resolve() for root in roots if not root.is_dir()}
+        self._seen: set[tuple[int, int]] = set()
+        self.twice = 0
+
+    def walked(self, real: Path) -> bool:
+        """A folder given holds this real path: its walk meets the file by its own entry."""
+        return any(folder in real.parents for folder in self._folders)
+
+    def first(self, path: Path, entry: os.stat_result, *, walk: bool, explicit: bool = False) -> bool:
+        """Whether ``path`` (stat ``entry``, its link not followed) is the first route to its file; counts
+        the others. ``walk``: met by a folder's walk (else named by a DICOMDIR, or given)."""
+        if stat.S_ISLNK(entry.st_mode) or not walk:
+            real = Path(os.path.realpath(path))
+            if not explicit and (self.walked(real) or real in self._files):
+                self.twice += 1
+                return False
+            try:
+                entry = os.stat(path)
+            except OSError:
+                return True  # reading it says why, counted for that file
+        elif entry.st_nlink < 2:
+            return True  # its own entry, its only one: met once by its walk
+        key = (entry.st_dev, entry.st_ino)
+        if key in self._seen:
+            self.twice += 1
+            return False
+        self._seen.add(key)
+        return True
+
+
+def _sources(roots: list[Path], routes: _Routes, say: Callable[[str], None] | None = None) -> Iterator[Source]:
     for root in roots:
         if root.is_dir():
-            yield from _folder_sources(root)
+            yield from _folder_sources(root, routes)
         else:
-            yield from _file_sources(root, explicit=True)
+            yield from _file_sources(root, routes, explicit=True)
+    if routes.twice and say is not None:
+        say(
+            f"{routes.twice} files named again by another route (a DICOMDIR and a folder given, a symlink, "
+            "a hard link) were imported once"
+        )
 
 
-def _folder_sources(root: Path) -> Iterator[Source]:
+def _folder_sources(root: Path, routes: _Routes) -> Iterator[Source]:
     """The files of a folder tree. Symlinked folders inside it are followed, as a copied CD or an export
     that links its series expects; each folder (device, inode) is walked once, so a link back up the
     tree or a second link to a folder already walked adds nothing. A link to a folder outside the tree
@@ -260,7 +341,7 @@ def _folder_sources(root: Path) -> Iterator[Source]:
         dirnames.sort()
         for name in sorted(filenames):
             if not _is_dicomdir(name):  # the file-set's index: the files it names are in this tree
-                yield from _file_sources(Path(dirpath) / name)
+                yield from _file_sources(Path(dirpath) / name, routes)
     yield from _unreadable_folders(unreadable)
 
 
@@ -270,16 +351,18 @@ def _unreadable_folders(errors: list[OSError]) -> Iterator[Source]:
         yield Source(str(exc.filename), verdict=("failed", f"folder unreadable: {_os_reason(exc)}"))
 
 
-def _file_sources(path: Path, explicit: bool = False) -> Iterator[Source]:
+def _file_sources(path: Path, routes: _Routes, explicit: bool = False) -> Iterator[Source]:
     try:
         regular = stat.S_ISREG(os.stat(path).st_mode)
+        if regular and not routes.first(path, os.lstat(path), walk=not explicit, explicit=explicit):
+            return  # imported by another route (a folder given, a DICOMDIR, another link)
     except OSError as exc:  # a broken link, or gone since it was listed
         yield Source(str(path), verdict=("failed", f"storage: {_os_reason(exc)}"))
         return
     if not regular:  # a pipe or a device: reading it could wait for ever, or never end
         yield Source(str(path), verdict=("rejected", "not a regular file (a pipe, socket or device)"))
     elif _is_dicomdir(path.name) and explicit:
-        yield from _fileset_sources(path)
+        yield from _fileset_sources(path, routes)
     elif _is_zip(path):
         yield from _zip_sources(path)
     else:
@@ -291,7 +374,9 @@ def _is_zip(path: Path) -> bool:
     an end record in the last 64 KiB, which DICOM pixel data may hold (such a file was opened as a zip of
     no members, and vanished from the counts); and a Part-10 preamble may begin with a zip's signature.
     A file named .zip is one also by its end record (data before the first header: a self-extracting
-    archive renamed, a zip appended to something)."""
+    archive renamed, a zip appended to something). Any other file that is neither Part-10 nor possibly a
+    bare data set is one when its central directory opens and lists a member: a self-extracting archive
+    (``export.exe``), a zip saved without its name (it was skipped as not DICOM, its images never seen)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(_PART10_HEAD)
@@ -299,7 +384,24 @@ def _is_zip(path: Path) -> bool:
         return False  # reading it as a file says why, counted for that file
     if _is_part10(head):
         return False
-    return head[:4] in (_ZIP_MAGIC, _ZIP_EMPTY) or (path.suffix.lower() == ".zip" and zipfile.is_zipfile(path))
+    if head[:4] in (_ZIP_MAGIC, _ZIP_EMPTY):
+        return True
+    if path.suffix.lower() == ".zip":
+        return zipfile.is_zipfile(path)
+    # A bare data set's pixel data may hold an end record as a Part-10 file's may: never a zip by its end.
+    return not _may_be_bare(head) and _opens_with_members(path)
+
+
+def _opens_with_members(path: Path) -> bool:
+    """An end record in the last 64 KiB whose central directory opens and lists a member: bytes that look
+    like an end record and point at no directory leave the file what it was (not DICOM)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as zf:
+            return bool(zf.infolist())
+    except Exception:  # a damaged or chance directory raises many kinds (names undecodable...)
+        return False
 
 
 def _unopened(path: Path, kind: str, exc: Exception) -> Source:
@@ -320,7 +422,7 @@ def _zip_sources(path: Path) -> Iterator[Source]:
         yield Source(f"{path}:{info.filename}", archive=path, member=info)
 
 
-def _fileset_sources(dicomdir: Path) -> Iterator[Source]:
+def _fileset_sources(dicomdir: Path, routes: _Routes) -> Iterator[Source]:
     """The files a DICOMDIR names (its records' Referenced File IDs), in its folder.
 
     Read here rather than with pydicom's FileSet, which drops a record whose file is missing with a
@@ -360,6 +462,11 @@ def _fileset_sources(dicomdir: Path) -> Iterator[Source]:
                 yield Source(str(found), verdict=outside)
                 continue
             path = found
+        except OSError:
+            pass  # opening it says why
+        try:
+            if not routes.first(path, os.lstat(path), walk=False):
+                continue  # a folder given holds it, or another route named it already
         except OSError:
             pass  # opening it says why
         yield Source(str(path), path=path)
@@ -452,7 +559,7 @@ class _OpenArchives:
             zf.close()
 
 
-def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, folder: Path, max_bytes: int) -> tuple[Path, bool]:
+def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, folder: Path, max_bytes: int) -> tuple[ScratchFile, bool]:
     """The member as a temporary file in ``folder``, and whether it is Part-10 (else it may be a bare data
     set): its first 132 bytes are read from the stream, so a non-DICOM member (an installer, a viewer) is
     never written. Raises _Skipped for such a member, _Refused for one that cannot be read, or larger
@@ -472,15 +579,15 @@ def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, folder: Path, max_bytes
             # zipfile reads no more than the size the directory declares: checking it bounds the file.
             if info.file_size > max_bytes:
                 raise _Refused(f"zip member larger than [receiver] max_inflated_bytes ({max_bytes})")
-            fd, name = tempfile.mkstemp(dir=folder, suffix=".import")
+            made = ScratchFile(folder, suffix=".import")  # locked while it exists: the receiver's sweep leaves it
             try:
-                with os.fdopen(fd, "wb") as dst:
+                with made.open("wb") as dst:
                     dst.write(head)
                     shutil.copyfileobj(src, dst, 1 << 20)
             except BaseException:
-                Path(name).unlink(missing_ok=True)
+                made.remove()
                 raise
-            return Path(name), part10
+            return made, part10
     except (NotImplementedError, RuntimeError) as exc:  # Deflate64 (Windows Explorer), or no bz2/lzma here
         raise _Refused(
             f"zip member: unsupported compression method {info.compress_type} (unzip it with another tool, "
@@ -496,7 +603,7 @@ def _may_be_bare(head: bytes) -> bool:
     return not _is_part10(head) and head[:2] in _BARE_GROUPS
 
 
-def _wrap_bare(path: Path, folder: Path) -> Path:
+def _wrap_bare(path: Path, folder: Path) -> ScratchFile:
     """``path``, a bare data set (no preamble, no file meta: what old modalities and archives wrote), as a
     temporary Part-10 file in ``folder``: preamble, ``DICM`` and a file meta before its bytes, which are
     unchanged. Only in Implicit VR Little Endian, DICOM's default transfer syntax and the one a data
@@ -534,18 +641,18 @@ def _wrap_bare(path: Path, folder: Path) -> Path:
     meta.TransferSyntaxUID = ImplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "DIANA_IMPORT"  # not pydicom's default, which names its version
-    fd, name = tempfile.mkstemp(dir=folder, suffix=".import")
+    made = ScratchFile(folder, suffix=".import")  # locked while it exists: the receiver's sweep leaves it
     try:
-        with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+        with made.open("wb") as out, open(path, "rb") as src:
             out.write(b"\0" * 128 + b"DICM")
             writer = DicomFileLike(out)
             writer.is_little_endian, writer.is_implicit_VR = True, False
             write_file_meta_info(writer, meta, enforce_standard=True)
             shutil.copyfileobj(src, out, 1 << 20)
     except BaseException:
-        Path(name).unlink(missing_ok=True)
+        made.remove()
         raise
-    return Path(name)
+    return made
 
 
 class Importer:
@@ -573,15 +680,10 @@ class Importer:
             assert source.archive is not None and source.member is not None, "a source is a path or a zip member"
             made, part10 = _extract(archives.get(source.archive), source.member, folder, self.ingest.max_inflated_bytes)
             if not part10:
-                bare = made
-                try:
-                    made = _wrap_bare(bare, folder)
-                finally:
-                    bare.unlink(missing_ok=True)
-        try:
-            yield made, True, not part10
-        finally:
-            made.unlink(missing_ok=True)
+                with made as bare:
+                    made = _wrap_bare(bare.path, folder)
+        with made:
+            yield made.path, True, not part10
 
     def _one(self, archives: _OpenArchives, source: Source) -> tuple[str, str | None]:
         """('imported' | 'skipped' | 'rejected' | 'failed', reason)."""
@@ -626,7 +728,9 @@ class Importer:
         ``report``: takes (outcome, reason, file) of each file not imported as it comes, instead of
         ``summary.not_imported`` (which then stays empty). On Ctrl-C the files in flight are finished and
         counted, the rest is not looked at, and the summary says ``interrupted``; so too after
-        ``_BROKER_DOWN_AFTER`` publish failures in a row (``broker_down``)."""
+        ``_BROKER_DOWN_AFTER`` publish failures in a row (``broker_down``), and when ``report`` raises an
+        OSError (``report_error``: the disk of the report full; going on would import files whose failure
+        nobody could find, and the same command run again imports the rest without duplicates)."""
         summary = ImportSummary()
         archives = _OpenArchives()
         window = self.workers * _IN_FLIGHT_PER_WORKER
@@ -638,12 +742,18 @@ class Importer:
             if source is not None:  # not one cancelled, nor one counted already
                 # Taken out first: a Ctrl-C inside the count (its report row) must not leave it to be
                 # waited for again (it hung) or counted twice; at worst that one row is cut.
-                broker_down = summary.broker_down
+                stopped = summary.stopped
                 self._count(summary, source, *future.result(), report)
                 if progress:
                     progress(1)
-                if summary.broker_down and not broker_down:
-                    log.error("import.broker_down", failures_in_a_row=_BROKER_DOWN_AFTER)
+                if summary.stopped and not stopped:
+                    if summary.broker_down:
+                        log.error("import.broker_down", failures_in_a_row=_BROKER_DOWN_AFTER)
+                    else:
+                        error = summary.report_error
+                        log.error(
+                            "import.report_failed", error=type(error).__name__, errno=getattr(error, "errno", None)
+                        )
                     drop_waiting()
 
         def drop_waiting() -> None:
@@ -655,9 +765,9 @@ class Importer:
             with ThreadPoolExecutor(self.workers) as pool:
                 try:
                     for source in sources:
-                        while len(running) >= window and not summary.broker_down:
+                        while len(running) >= window and not summary.stopped:
                             settle(finished.get())
-                        if summary.broker_down:
+                        if summary.stopped:
                             break
                         future = pool.submit(self._one, archives, source)
                         running[future] = source
@@ -698,7 +808,11 @@ class Importer:
             summary.broker_down |= summary._broker_failures >= _BROKER_DOWN_AFTER
         getattr(summary, outcome)[reason] += 1
         if report is not None:
-            report(outcome, reason, source.label)
+            if summary.report_error is None:  # after a failed row, the next one would be cut or misplaced
+                try:
+                    report(outcome, reason, source.label)
+                except OSError as exc:
+                    summary.report_error = exc
         else:
             summary.not_imported.append((outcome, reason, source.label))
         if outcome != "skipped":  # a folder of a viewer's files is not worth a warning each

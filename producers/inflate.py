@@ -10,8 +10,6 @@ stored as it came, deflated.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +21,8 @@ from pydicom.filebase import DicomFileLike
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+from diana.producers.scratch import ScratchFile
 
 __all__ = ["DEFAULT_MAX_INFLATED_BYTES", "InflateError", "file_meta", "inflated_copy"]
 
@@ -55,10 +55,10 @@ def inflated_copy(fh: BinaryIO, meta: FileMetaDataset, folder: Path, max_inflate
 
     ``fh`` is positioned at the start of the deflated data set. Raises InflateError.
     """
-    fd, name = tempfile.mkstemp(prefix=".inflate-", suffix=".tmp", dir=folder)
-    path = Path(name)
+    # Locked while it exists: a receiver starting meanwhile sweeps .incoming, and leaves it (scratch.py).
+    scratch = ScratchFile(folder, prefix=".inflate-", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as out:
+        with scratch.open("wb") as out:
             plain = FileMetaDataset(meta)
             plain.TransferSyntaxUID = ExplicitVRLittleEndian
             out.write(b"\x00" * 128 + b"DICM")
@@ -66,9 +66,9 @@ def inflated_copy(fh: BinaryIO, meta: FileMetaDataset, folder: Path, max_inflate
             meta_writer.is_little_endian, meta_writer.is_implicit_VR = True, False
             write_file_meta_info(meta_writer, plain, enforce_standard=True)
             _inflate(fh, out, max_inflated_bytes)
-        yield path
+        yield scratch.path
     finally:
-        path.unlink(missing_ok=True)
+        scratch.remove()
 
 
 def _inflate(src: BinaryIO, out: BinaryIO, cap: int) -> None:

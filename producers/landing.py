@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from diana.config import Config
 from diana.durable import copy_hashed, place_file, sha256_file, write_atomic
+from diana.producers.scratch import ScratchFile, remove_unless_held
 from diana.storage import FilesystemStore, ObjectStore, local_file, open_store
 
 __all__ = ["LandingStore", "StoredObject", "open_landing"]
@@ -165,16 +165,13 @@ class LandingStore:
         For a file that is not ours (a user's, imported): it may change while it is read, so its header,
         hash and landed bytes are all taken from this copy, which nothing else writes. Its digest is that
         of the bytes written (one read of the source), so it lands as ``owned``, hard-linked."""
-        fd, name = tempfile.mkstemp(prefix=".copy-", suffix=".tmp", dir=self.incoming)
-        copy = Path(name)
-        try:
-            with os.fdopen(fd, "wb") as dst, open(source, "rb") as src:
+        # Locked while it exists: a receiver starting meanwhile sweeps .incoming, and leaves it (scratch.py).
+        with ScratchFile(self.incoming, prefix=".copy-", suffix=".tmp") as copy:
+            with copy.open("wb") as dst, open(source, "rb") as src:
                 digest = copy_hashed(src, dst)
                 dst.flush()
                 os.fsync(dst.fileno())
-            yield copy, digest
-        finally:
-            copy.unlink(missing_ok=True)
+            yield copy.path, digest
 
     def in_flight(self, relative: str) -> bool:
         """Some caller is landing these bytes right now (its event is not acknowledged yet)."""
@@ -223,14 +220,18 @@ class LandingStore:
                     yield f"{shard.name}/{path.name}", path
 
     def sweep(self, older_than_s: float) -> int:
-        """Delete what a crash or an aborted association left half-written; return how many."""
+        """Delete what a crash or an aborted association left half-written; return how many.
+
+        A file a live writer holds locked (``scratch.ScratchFile``: an import's copy, extracted member or
+        inflated data set, and their hard links beside the landed objects) is left, whatever its age: a
+        receiver starting while an import runs removed the files the import was working on. A crashed
+        writer's locks went with it: its files are removed as before."""
         cutoff = time.time() - older_than_s
         removed = 0
         candidates = list(self.incoming.iterdir()) + list(self.root.glob("*/.*.tmp"))
         for path in candidates:
             try:
-                if path.is_file() and path.stat().st_mtime <= cutoff:
-                    path.unlink()
+                if path.is_file() and path.stat().st_mtime <= cutoff and remove_unless_held(path):
                     removed += 1
             except FileNotFoundError:
                 pass

@@ -81,22 +81,35 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
     report_path = Path(args.report) if args.report else None
     if report_path is not None and (report_path.is_dir() or not report_path.parent.is_dir()):
         return fail("import", f"--report {report_path}: name a file in a folder that exists")
+    # The report is emptied now, so that an earlier run's list never stands for this one, and written as
+    # files come; without it, the files not imported are only counted (a list would grow with the run).
+    try:
+        report = Report(report_path) if report_path is not None else None
+    except OSError as exc:  # nothing imported yet
+        return fail("import", f"--report {report_path}: {exc.strerror or type(exc).__name__}; {_REPORT_FIX}", code=1)
     publisher = EventPublisher(cfg.kafka, client_id="diana-import")
     ingest = Ingest(open_landing(cfg), publisher, default_codec(), max_inflated_bytes=cfg.receiver.max_inflated_bytes)
     try:
-        # The report is emptied now, so that an earlier run's list never stands for this one, and written
-        # as files come; without it, the files not imported are only counted (a list would grow with the
-        # run). The bar has no total: files are counted as they are imported, the tree is not walked first.
-        with (
-            Report(report_path) if report_path is not None else nullcontext() as report,
-            tqdm(unit="file", desc="import", disable=args.no_progress) as bar,
-        ):
+        # The bar has no total: files are counted as they are imported, the tree is not walked first.
+        with report or nullcontext(), tqdm(unit="file", desc="import", disable=args.no_progress) as bar:
             summary = Importer(ingest, workers=args.workers).run(
                 sources, progress=bar.update, report=report.row if report is not None else _not_kept
             )
     finally:
         publisher.close()
     print("\n".join(summary.lines()))
+    report_error = summary.report_error or (report.failure if report is not None else None)
+    if report_error is not None:
+        why = report_error.strerror or type(report_error).__name__
+        stopped = "stopped (the files in flight finished and counted above, the rest not looked at): " * bool(
+            summary.report_error
+        )
+        return fail(
+            "import",
+            f"{stopped}the report {report_path} could not be written ({why}), it lacks the files not imported "
+            f"counted after its last row; {_REPORT_FIX}",
+            code=1,
+        )
     if report_path is not None:
         print(f"the files not imported, with their reasons: {report_path}")
     elif summary.not_imported_count:
@@ -126,6 +139,12 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
             code=1,
         )
     return 0
+
+
+_REPORT_FIX = (
+    "free space on its disk (or name another file with --report, on a disk with room, in a folder you may "
+    "write), then run the same command again: what was imported is not duplicated downstream"
+)
 
 
 def _not_kept(outcome: str, reason: str, file: str) -> None:
@@ -382,21 +401,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=f"{cmd_import.__doc__} Each object is validated, landed and published "
         "exactly like a C-STORE; non-DICOM files are skipped (a bare data set in Implicit VR Little Endian, "
         "without preamble, is imported with a file meta added); a summary lists what was "
-        "rejected and why. Symlinked folders are followed (each folder once). Exit status 1 if "
+        "rejected and why. Symlinked folders are followed (each folder once), and each file is imported once "
+        "whatever names it (a folder and a DICOMDIR given, symlinks, hard links). Exit status 1 if "
         "anything failed for a reason that may pass (broker, disk, a folder or file that cannot be read, "
         "a file a DICOMDIR names that is missing), or when it stopped after a few publish failures in a row "
-        "(the broker down); 0 when the rest was only skipped or rejected (bad content: running again cannot "
+        "(the broker down) or because the --report file could not be written (its disk full); 0 when the rest was only skipped or rejected (bad content: running again cannot "
         "help); 130 on Ctrl-C (the summary printed).",
     )
-    imp.add_argument("paths", nargs="+", metavar="PATH", help="a folder, a .zip, or a DICOMDIR file")
+    imp.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="a folder, a zip (by its content: a self-extracting .exe too), a DICOMDIR file, or a DICOM file",
+    )
     imp.add_argument("--workers", type=whole_number(1), default=8, help="objects in flight at once (default 8)")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in scripts)")
     imp.add_argument(
         "--report",
         metavar="FILE",
         help="write the files not imported (outcome: skipped, rejected or failed; reason; file) to FILE as CSV, "
-        "readable by you only; "
-        "the log and the summary name no file (paths often hold patients' names)",
+        "readable by you only, a row as each file's outcome is known; "
+        "the log and the summary name no file (paths often hold patients' names). A row that cannot be "
+        "written (the disk full) stops the import: the files in flight are finished, the summary printed, "
+        "exit status 1",
     )
     imp.set_defaults(func=cmd_import)
 

@@ -107,3 +107,24 @@ def test_import_names_a_missing_path(pipeline, tmp_path):
     result = _diana_import(pipeline, tmp_path / "nope")
     assert result.returncode == 2
     assert "does not exist" in result.stderr
+
+
+def test_import_a_dicomdir_and_its_series_folder_imports_each_file_once(pipeline, tmp_path):
+    """`diana import /cd/DICOMDIR /cd/<series folder>` imported the series twice (two events per file)."""
+    cfg = pipeline.cfg
+    source = make_study(tmp_path / "src", [SeriesSpec("CT", "ONCE", 4)], patient_id="IMPORT4")
+    fileset = FileSet()
+    for path in source.files:
+        fileset.add(pydicom.dcmread(path))
+    fileset.write(tmp_path / "cd")
+    dicomdir = tmp_path / "cd" / "DICOMDIR"
+    series = next(p for p in (tmp_path / "cd").rglob("*") if p.is_dir() and any(f.is_file() for f in p.iterdir()))
+
+    result = _diana_import(pipeline, dicomdir, series)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "imported:            4" in result.stdout
+    assert "4 files named again by another route" in result.stdout
+    wait_until_caught_up(cfg)
+    docs = os_search(cfg, "diana-instances", {"term": {"study_instance_uid": source.study_uid}})
+    assert len(docs) == 4

@@ -5,6 +5,8 @@ ones extracted, each archive opened once per worker)."""
 
 from __future__ import annotations
 
+import csv
+import errno
 import io
 import os
 import stat
@@ -605,8 +607,8 @@ def test_ctrl_c_keeps_the_report_of_what_was_seen_and_prints_the_summary(
     walk, one = bulk_import._folder_sources, bulk_import.Importer._one
     looked_at = threading.Semaphore(0)
 
-    def interrupted_after_four(root):
-        yield from list(walk(root))[:4]
+    def interrupted_after_four(root, *args):
+        yield from list(walk(root, *args))[:4]
         for _ in range(4):
             assert looked_at.acquire(timeout=10)
         raise KeyboardInterrupt  # Ctrl-C while the tree is walked, the files listed done
@@ -748,14 +750,13 @@ def test_files_are_imported_while_listed_with_a_bounded_number_in_flight(tmp_pat
 def extractions(monkeypatch) -> list[str]:
     """The temporary files the importer makes (one per member extracted)."""
     made: list[str] = []
-    mkstemp = bulk_import.tempfile.mkstemp
 
-    def counted(*args, **kwargs):
-        fd, name = mkstemp(*args, **kwargs)
-        made.append(name)
-        return fd, name
+    class Counted(bulk_import.ScratchFile):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(str(self.path))
 
-    monkeypatch.setattr(bulk_import.tempfile, "mkstemp", counted)
+    monkeypatch.setattr(bulk_import, "ScratchFile", Counted)
     return made
 
 
@@ -915,3 +916,250 @@ def test_pydicom_warnings_about_a_bare_data_set_name_no_path(tmp_path, capfd):
     logged = capfd.readouterr().err
     assert sum(summary.skipped.values()) == 1  # before: pydicom's "End of file reached ... in file <path>"
     assert PATIENT not in logged
+
+
+# ----------------------------------------------------------------------------- 4. the report's disk full
+
+
+class _FillingFile:
+    """The report's file on a disk that fills after ``rows`` flushes: each later write and flush raises
+    ENOSPC, as a full disk does (the text layer keeps the row buffered, and the close fails again)."""
+
+    def __init__(self, real, rows: int):
+        self._real, self._left = real, rows
+
+    def write(self, text: str) -> int:
+        if self._left <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self._real.write(text)
+
+    def flush(self) -> None:
+        if self._left <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._left -= 1
+        self._real.flush()
+
+    def close(self) -> None:
+        self._real.close()
+        if self._left <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_report_row_that_cannot_be_written_stops_the_run_with_what_was_in_flight_counted(tmp_path):
+    """A full disk under the report raised out of the run: a traceback, no summary, the files in flight
+    neither counted nor waited for. Now the run stops like Ctrl-C: those in flight are finished and counted,
+    the rest is not looked at, and the summary holds the error."""
+    one = _instance(tmp_path / "a.dcm")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not DICOM")
+    ingest = _RecordingIngest(tmp_path / "landing")
+    written: list[tuple[str, str, str]] = []
+
+    def report(outcome: str, reason: str, file: str) -> None:
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append((outcome, reason, file))
+
+    sources = (bulk_import.Source(str(p), path=p) for n in range(1000) for p in ((one, notes)[n % 2],))
+    summary = Importer(ingest, workers=2).run(sources, report=report)  # type: ignore[arg-type]
+
+    assert summary.report_error is not None and summary.report_error.errno == errno.ENOSPC and summary.stopped
+    looked_at = summary.imported + summary.skipped_non_dicom
+    assert looked_at < 100, "the run went on after the report failed"
+    assert summary.imported == len(ingest.accepted)  # every file imported is counted: none left unsaid
+    assert summary.skipped_non_dicom >= 3 and len(written) == 2
+
+
+def test_the_cli_says_which_report_failed_and_why_prints_the_summary_and_exits_1(
+    tmp_path, config, no_broker, monkeypatch, capsys
+):
+    source = tmp_path / "src"
+    for n in range(6):
+        _instance(source / f"IMG{n}")
+        (source / f"notes{n}.txt").write_text("not DICOM")
+    report = tmp_path / "not-imported.csv"
+    real = bulk_import.Report
+
+    class FillingReport(real):  # type: ignore[misc,valid-type]
+        def __init__(self, path: Path) -> None:
+            super().__init__(path)
+            self._file = _FillingFile(self._file, rows=2)  # the header row and one more fit
+            self._writer = csv.writer(self._file)
+
+    monkeypatch.setattr(bulk_import, "Report", FillingReport)
+    status = main(["--config", str(config), "import", "--no-progress", "--report", str(report), str(source)])
+
+    said = _said(capsys)
+    assert status == 1
+    assert "Traceback" not in said and "imported:" in said and "skipped (not DICOM):" in said
+    message = next(line for line in said.splitlines() if line.startswith("diana import:"))
+    assert f"the report {report} could not be written (No space left on device)" in message
+    assert "free space on its disk" in message and "run the same command again" in message
+    assert report.read_text().splitlines()[0] == "outcome,reason,file"
+    landing = tmp_path / "landing" / ".incoming"
+    assert list(landing.iterdir()) == []  # nothing half-written left behind
+
+
+def test_a_report_that_cannot_be_written_at_all_fails_before_anything_is_imported(
+    tmp_path, config, no_broker, monkeypatch, capsys
+):
+    """/dev/full: the header row fails. Before, a traceback (and, run as root, /dev/full's mode changed)."""
+    _instance(tmp_path / "src" / "IMG1")
+    mode = os.stat("/dev/full").st_mode
+    imported: list[Path] = []
+    monkeypatch.setattr(_RecordingIngest, "accept_file", lambda self, path, *a, **k: imported.append(path))
+
+    try:
+        status = main(
+            ["--config", str(config), "import", "--no-progress", "--report", "/dev/full", str(tmp_path / "src")]
+        )
+    finally:
+        changed = os.stat("/dev/full").st_mode
+        if changed != mode:  # the regression this guards against, run as root: the device given back its mode
+            os.chmod("/dev/full", stat.S_IMODE(mode))
+    assert changed == mode, "the report's mode is set on a regular file only, never on a device"
+
+    said = _said(capsys)
+    assert status == 1 and "Traceback" not in said and imported == []
+    assert "--report /dev/full: No space left on device; free space on its disk" in said
+
+
+# ------------------------------------------------------------------- 5. every file once, whatever names it
+
+
+def test_a_dicomdir_and_its_series_folder_given_import_each_file_once_in_either_order(tmp_path):
+    """``diana import /cd/DICOMDIR /cd/<series>``: the series' files came once by the DICOMDIR's records,
+    once by the folder's walk."""
+    dicomdir, uids = _series_fileset(tmp_path, 3)
+    series = dicomdir.parent / "PT000000" / "ST000000" / "SE000000"
+    _instance(series / "EXTRA")  # in the folder, not in the DICOMDIR: still imported, by the walk
+
+    for given in ([dicomdir, series], [series, dicomdir], [dicomdir, series / "IM000001"]):
+        said: list[str] = []
+        sources = list(find_sources(given, say=said.append))
+        ingest = _RecordingIngest(tmp_path / "landing")
+        summary = Importer(ingest, workers=2).run(sources)  # type: ignore[arg-type]
+        labels = [s.label for s in sources]
+        assert len(labels) == len(set(labels)) == summary.imported == len(set(ingest.accepted))
+        expected = 3 if given[1].name == "IM000001" else 4
+        assert summary.imported == expected and set(uids) <= set(ingest.accepted)
+        assert said[-1].startswith("1 files named again" if expected == 3 else "3 files named again")
+        assert PATIENT not in " ".join(said)
+
+
+def test_a_file_named_by_hard_links_or_symlinks_is_imported_once(tmp_path):
+    source = tmp_path / "src"
+    one = _instance(source / PATIENT / "IMG1")
+    os.link(one, source / PATIENT / "IMG1_hardlink")
+    (source / "IMG1_symlink").symlink_to(one)
+    outside = _instance(tmp_path / "elsewhere" / "IMG2")
+    (source / "IMG2_a").symlink_to(outside)
+    (source / "IMG2_b").symlink_to(outside)
+    other = tmp_path / "other"
+    other.mkdir()
+    os.link(outside, other / "IMG2_hardlink")
+    _instance(source / "IMG3")
+
+    said: list[str] = []
+    sources = list(find_sources([source, other, outside], say=said.append))
+    ingest = _RecordingIngest(tmp_path / "landing")
+    summary = Importer(ingest, workers=2).run(sources)  # type: ignore[arg-type]
+
+    assert summary.imported == 3 == len(ingest.accepted) == len(set(ingest.accepted))
+    assert said == [
+        "5 files named again by another route (a DICOMDIR and a folder given, a symlink, a hard link) were "
+        "imported once"
+    ]
+
+
+def test_a_receiver_sweeping_incoming_meanwhile_leaves_the_members_and_data_sets_being_imported(tmp_path):
+    """A receiver starting during an import sweeps .incoming at once: the zip member extracted there, or the
+    bare data set given its file meta there, was removed before its header was read (failed, `storage`).
+    The sweep runs in another process here, as a receiver's does, while each file is accepted."""
+    import subprocess
+    import sys
+
+    source = tmp_path / "src"
+    archive = source / "export.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(_instance(tmp_path / "a.dcm"), f"{PATIENT}/IMG1")
+        zf.writestr(f"{PATIENT}/OLD1", _bare(tmp_path / "OLD1", implicit_vr=True, little_endian=True))
+    _bare(source / "OLD2", implicit_vr=True, little_endian=True)
+    ingest = _RecordingIngest(tmp_path / "landing")
+    record = ingest.accept_file
+    sweep = (
+        "import sys; from pathlib import Path; from diana.producers.landing import LandingStore; "
+        "print(LandingStore(Path(sys.argv[1])).sweep(older_than_s=0))"
+    )
+    swept: list[str] = []
+
+    def accept_after_a_sweep(path: Path, source: str, *, owned: bool) -> None:
+        assert path.parent == ingest.landing.incoming  # ours, in .incoming: what a sweep looks at
+        done = subprocess.run(
+            [sys.executable, "-c", sweep, str(tmp_path / "landing")],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        swept.append(done.stdout.strip())
+        record(path, source, owned=owned)
+
+    ingest.accept_file = accept_after_a_sweep  # type: ignore[method-assign]
+
+    summary = Importer(ingest, workers=2).run(find_sources([source]))  # type: ignore[arg-type]
+
+    assert summary.not_imported == [] and summary.imported == 3 and swept == ["0", "0", "0"]
+    assert list(ingest.landing.incoming.iterdir()) == []
+
+
+# ------------------------------------------------------------ 6. a zip by its content, whatever its name
+
+
+def test_a_self_extracting_or_renamed_zip_is_imported_and_nothing_else_taken_for_one(tmp_path):
+    """An export as a self-extracting archive (``.exe``: a stub, then the zip) or a zip saved without its
+    name was skipped as not DICOM, its images never seen. It is a zip now when its central directory
+    opens and lists a member; a DICOM file (Part-10 or bare) holding an end record in its pixel data is
+    still DICOM, and bytes that only look like an end record leave a file not DICOM."""
+    source = tmp_path / "src"
+    source.mkdir()
+    zipped = _instance_zip(tmp_path).read_bytes()
+    (source / f"{PATIENT}.exe").write_bytes(b"MZ" + b"\0" * 4000 + zipped)  # a stub, then the zip
+    (source / "EXPORT").write_bytes(b"\x7fELF" + zipped)  # appended to something, no name
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="IMPORT9", study_date="20240101", rows=64)
+    pixels = bytearray(ds.PixelData)
+    pixels[1280 : 1280 + len(zipped)] = zipped  # a whole zip in the pixel data: it opens, with a member
+    ds.PixelData = bytes(pixels)
+    del ds.file_meta
+    ds.save_as(source / "OLD1", enforce_file_format=False, implicit_vr=True, little_endian=True)
+    end = zipped[zipped.rindex(b"PK\x05\x06") :]
+    (source / "notes.bin").write_bytes(b"notes" * 100 + end)  # a chance end record pointing at nothing
+    assert zipfile.is_zipfile(source / "notes.bin") and zipfile.ZipFile(source / "OLD1").namelist() == ["IMG1"]
+
+    sources = list(find_sources([source]))
+    summary, ingest = _import(tmp_path, source)
+
+    assert sorted(s.label for s in sources if s.member is not None) == sorted(
+        [f"{source / 'EXPORT'}:IMG1", f"{source / f'{PATIENT}.exe'}:IMG1"]
+    )
+    assert (summary.imported, summary.wrapped, len(ingest.accepted)) == (3, 1, 3)  # two members, the bare one
+    assert summary.not_imported == [("skipped", "not DICOM (no preamble and DICM)", str(source / "notes.bin"))]
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_as_its_bytes(tmp_path):
+    """A CD copied on Windows (Latin-1 names): the report's row for such a name raised UnicodeEncodeError,
+    which went through the run (a traceback, no summary)."""
+    source = tmp_path / "src"
+    source.mkdir()
+    name = os.fsencode(source) + b"/NOTES\xe9.txt"
+    with open(name, "wb") as fh:
+        fh.write(b"not DICOM")
+    path = tmp_path / "report.csv"
+    with bulk_import.Report(path) as report:
+        summary = Importer(_RecordingIngest(tmp_path / "landing"), workers=1).run(  # type: ignore[arg-type]
+            find_sources([source]), report=report.row
+        )
+
+    assert summary.skipped_non_dicom == 1 and summary.report_error is None and report.failure is None
+    assert path.read_bytes().splitlines()[1] == b"skipped,not DICOM (no preamble and DICM)," + name

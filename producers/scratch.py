@@ -1,0 +1,108 @@
+"""Temporary files of a live writer in the landing store's ``.incoming/``, which the receiver sweeps.
+
+The receiver removes what a crashed writer left in ``.incoming/`` (at its start, everything; later, what is
+older than an hour). A ``diana import`` running meanwhile (a store that is not shared) had its files
+removed under it: the copy it was hashing, the zip member it was extracting, the file it was about to
+hard-link into place. A writer now holds an exclusive advisory lock (``flock``) on each of its files for
+as long as the file exists, and the sweep removes only a file whose lock it can take at once: a crashed
+writer's locks went with its process, so its files are still removed as before.
+
+``flock`` belongs to the open file description, not to the process or the name: a second ``open`` of the
+same file, in the same process too, does not get it while the writer holds it, and a hard link to the file
+(``durable.place_file``'s temporary name beside the landed object) is covered by the same lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, cast
+
+__all__ = ["ScratchFile", "remove_unless_held"]
+
+# flock's answers on a filesystem that has no locks (NFS without its lock daemon, some FUSE mounts).
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
+
+
+class ScratchFile:
+    """A new temporary file in ``folder``, locked until ``remove``: the sweep leaves it alone meanwhile.
+
+    The lock is taken right after the file is made; a sweep that came in between (its lock first, the
+    file removed) is seen by the file's link count, and the file is made again."""
+
+    def __init__(self, folder: Path, prefix: str = "", suffix: str = "") -> None:
+        while True:
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # waits at most for a sweep's unlink of this very file
+                except OSError as exc:
+                    if exc.errno not in _NO_LOCKS:
+                        raise
+                    # A filesystem without locks (NFS without lockd): written unheld, as before, rather
+                    # than not at all; the sweep cannot lock there either and removes by age.
+                swept = os.fstat(fd).st_nlink == 0
+            except BaseException:
+                os.close(fd)
+                Path(name).unlink(missing_ok=True)
+                raise
+            if not swept:
+                break
+            os.close(fd)
+        self.path = Path(name)
+        self._fd: int | None = fd  # holds the lock: closed after the file is removed
+
+    def open(self, mode: str = "wb") -> BinaryIO:
+        """A file object on it; closing that keeps the lock (it is a duplicate of the holding descriptor)."""
+        assert self._fd is not None, "removed"
+        return cast(BinaryIO, os.fdopen(os.dup(self._fd), mode))
+
+    def remove(self) -> None:
+        """Remove the file, then let go of its lock (in this order: no sweep ever finds it unlocked)."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> ScratchFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def remove_unless_held(path: Path) -> bool:
+    """Remove ``path`` unless a live writer holds its lock (or it cannot be opened to tell); True if removed.
+
+    The lock is held while the file is removed, so a writer that made it a moment ago and waits for its
+    lock finds it removed (ScratchFile makes another)."""
+    try:
+        # Opened for writing: NFS emulates flock with POSIX locks, whose exclusive lock needs it.
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return False
+    except OSError:  # another user's (a root import's), a symlink: whether it is in use cannot be told
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a live writer's
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS:
+                raise
+            # No locks on this filesystem: no writer holds one either; removed by age, as before.
+        if not os.path.samestat(os.fstat(fd), os.lstat(path)):
+            return False  # replaced since it was opened: looked at next time
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(fd)

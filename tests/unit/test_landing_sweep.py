@@ -1,0 +1,143 @@
+"""The receiver's sweep of ``.incoming/`` leaves the files a live writer (``diana import``) holds, and still
+removes a crashed writer's. Real processes and real descriptors: ``flock`` belongs to the open file
+description, so a lock taken in another process, or by another ``open`` in this one, is what is tested."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+from pydicom.uid import generate_uid
+
+from diana.producers import scratch
+from diana.producers.landing import LandingStore
+from diana.producers.scratch import ScratchFile, remove_unless_held
+from tests.support.dicomgen import make_instance
+
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _instance(path: Path) -> Path:
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="P1", study_date="20240101", rows=8)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _writer(landing: Path, source: Path) -> subprocess.Popen[str]:
+    """Another process importing ``source``: it holds its private copy in .incoming (the block of
+    ``private_copy``) and says so, then waits for a line on its input before it lets go."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        from diana.producers.landing import LandingStore
+        store = LandingStore(Path({str(landing)!r}))
+        with store.private_copy(Path({str(source)!r})) as (copy, digest):
+            print(copy, flush=True)
+            sys.stdin.readline()
+            print(copy.read_bytes() == Path({str(source)!r}).read_bytes(), flush=True)
+        """
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+
+def test_a_receiver_starting_while_an_import_copies_leaves_its_file_and_removes_a_crashed_ones(tmp_path):
+    """A receiver started while `diana import` ran (a store not shared) swept .incoming at once and removed
+    the copy the import was reading: the file failed, or vanished under the hard link. Now the sweep leaves
+    a file whose writer is alive, and removes it once the writer is killed (its lock gone with it)."""
+    landing = tmp_path / "landing"
+    source = _instance(tmp_path / "a.dcm")
+    store = LandingStore(landing)
+    (store.incoming / "tmpdebris.dcm").write_bytes(b"half")  # a crashed association's: no lock
+
+    live = _writer(landing, source)
+    try:
+        assert live.stdout is not None and live.stdin is not None
+        copy = Path(live.stdout.readline().strip())
+        assert copy.parent == store.incoming and copy.exists()
+
+        assert store.sweep(older_than_s=0) == 1  # the debris only
+        assert copy.exists()
+        live.stdin.write("go\n")
+        live.stdin.flush()
+        assert live.stdout.readline().strip() == "True"  # the writer read its whole copy after the sweep
+        assert live.wait(30) == 0
+    finally:
+        live.kill()
+    assert list(store.incoming.iterdir()) == []
+
+    crashed = _writer(landing, source)
+    try:
+        assert crashed.stdout is not None
+        copy = Path(crashed.stdout.readline().strip())
+        os.kill(crashed.pid, signal.SIGKILL)
+        crashed.wait(30)
+    finally:
+        crashed.kill()
+    assert copy.exists()
+    assert store.sweep(older_than_s=0) == 1 and not copy.exists()  # a dead writer's file is swept as before
+
+
+def test_a_held_file_and_its_hard_link_beside_the_objects_are_left_by_another_descriptor(tmp_path):
+    """flock is per open file description: the sweep's own open of the file, in the same process, does not
+    get the writer's lock. durable.place_file's temporary hard link beside the landed objects is the same
+    inode: the same lock covers it."""
+    store = LandingStore(tmp_path / "landing")
+    held = ScratchFile(store.incoming, suffix=".import")
+    shard = store.root / "ab"
+    shard.mkdir()
+    link = shard / ".abcd.dcm.123.tmp"
+    os.link(held.path, link)
+
+    assert store.sweep(older_than_s=0) == 0 and held.path.exists() and link.exists()
+    held.remove()
+    assert not held.path.exists()
+    assert store.sweep(older_than_s=0) == 1 and not link.exists()  # no one holds it now
+
+
+def test_a_sweep_between_the_file_made_and_its_lock_taken_makes_the_writer_make_another(tmp_path, monkeypatch):
+    """mkstemp, then flock: a sweep in between takes the lock first and removes the file. The writer, whose
+    flock waited for it, sees its file has no name any more and makes another."""
+    made: list[Path] = []
+    mkstemp = scratch.tempfile.mkstemp
+
+    def making(*args, **kwargs):
+        fd, name = mkstemp(*args, **kwargs)
+        made.append(Path(name))
+        if len(made) == 1:
+            assert remove_unless_held(made[0])  # the sweep, by its own descriptor, before the writer's lock
+        return fd, name
+
+    monkeypatch.setattr(scratch, "tempfile", SimpleNamespace(mkstemp=making))
+
+    with ScratchFile(tmp_path, suffix=".import") as held:
+        assert len(made) == 2 and held.path == made[1] and held.path.exists()
+        with held.open() as fh:
+            fh.write(b"kept")
+        assert held.path.read_bytes() == b"kept"
+    assert not made[0].exists() and not made[1].exists()
+
+
+def test_on_a_filesystem_without_locks_the_writer_writes_and_the_sweep_removes_by_age_as_before(tmp_path, monkeypatch):
+    """NFS without its lock daemon answers flock with ENOLCK: the import must not fail every file for it."""
+    import errno
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(scratch.fcntl, "flock", no_locks)
+    store = LandingStore(tmp_path / "landing")
+    held = ScratchFile(store.incoming, suffix=".import")
+    with held.open() as fh:
+        fh.write(b"written")
+    assert held.path.read_bytes() == b"written"
+    assert store.sweep(older_than_s=3600) == 0 and held.path.exists()  # young: left, as before
+    assert store.sweep(older_than_s=0) == 1 and not held.path.exists()
+    held.remove()
