@@ -329,9 +329,18 @@ class CollectJob:
                 # as for a PACS that does not answer. At most `retries` of them, then tries: a PACS that
                 # always says so of this study cannot hold the job for ever.
                 busy += 1
-                self._move_ended(
-                    study, result, detail=f"the PACS is out of resources ({busy} of at most {s.retries} pauses): no try"
+                # Not a retrieve: MOVE_REFUSED takes back the MOVE_STARTED recorded when the PACS took the
+                # association (the study's retrieves, the hour's starts, its state before it), and the
+                # place in the hour is given back, as for an association refused.
+                self._record(
+                    "MOVE_REFUSED",
+                    study_instance_uid=uid,
+                    line=study.line,
+                    attempt=study.attempts,
+                    pacs_status=status_text(result.status),
+                    detail=f"the PACS is out of resources ({busy} of at most {s.retries} pauses): no try",
                 )
+                self.gate.give_back(place)
                 self._pause(f"PACS {self.pacs.where} is out of resources ({status_text(result.status)}), busy")
                 continue
             tries += 1
