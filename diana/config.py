@@ -459,6 +459,9 @@ class CollectConfig:
     # The longest a retrieve (C-MOVE) may go without an answer from the PACS: most answer after each
     # instance sent, some only once at the end of the study.
     move_timeout_s: float = 3600.0
+    # A study whose STUDY-level C-FIND answer has no NumberOfStudyRelatedInstances (dcmqrscp) is
+    # counted by an IMAGE-level C-FIND before its retrieve (one answer per instance); false: not.
+    count_instances: bool = True
 
 
 DEFAULT_MAX_STOW_BYTES = 4 << 30

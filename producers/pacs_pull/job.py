@@ -249,6 +249,11 @@ class CollectJob:
         # A count of 0 or less (recorded by an earlier version from such a C-FIND answer) says nothing.
         expected = study.expected_instances if (study.expected_instances or 0) > 0 else None
         s = self.settings
+        if expected is None and s.count_instances:
+            # No count in the C-FIND's answer (dcmqrscp): the PACS's instances counted one by one, so that
+            # a study already held is not retrieved again and the retrieve has a count to wait for.
+            # None (the C-FIND failed, was cut or too slow): as without it.
+            expected = self.pacs.count_instances(uid)
         # Already in diana-star? After a restart mid-retrieve, give the pipeline time to index what arrived.
         if expected:
             if study.arriving:
@@ -259,7 +264,7 @@ class CollectJob:
                 event = "STUDY_COMPLETE" if study.attempts else "STUDY_SKIPPED"
                 # after a restart, or with --retry-failed (what was short came late)
                 detail = "retrieved by an earlier retrieve" if study.attempts else "already complete in diana-star"
-                self._finish(study, event, indexed_instances=have, detail=detail)
+                self._finish(study, event, indexed_instances=have, expected_instances=expected, detail=detail)
                 return
         result: MoveResult | None = None
         have = 0

@@ -268,6 +268,50 @@ class PacsClient:
                     raise FindFailed(code, _find_failure(code, str(status.get("ErrorComment", "") or ""), answers))
         return list(matches.values())
 
+    def count_instances(self, study_instance_uid: str) -> int | None:
+        """The study's instances on the PACS by an IMAGE-level C-FIND (Study Root), for a PACS whose
+        STUDY-level answer has no NumberOfStudyRelatedInstances (dcmqrscp). SeriesInstanceUID is sent
+        empty (universal matching): dcmqrscp's hierarchical search refuses an IMAGE-level query without
+        a key for each level above it. None when the count cannot be had: the C-FIND failed, was cut (a
+        PACS's limit of answers), or took longer than ``timeout_s`` in all; the job then goes on as
+        without a count."""
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.StudyInstanceUID = study_instance_uid
+        query.SeriesInstanceUID = ""
+        query.SOPInstanceUID = ""
+        deadline = time.monotonic() + self.settings.timeout_s
+        found: set[str] = set()
+        try:
+            with self._association(StudyRootQueryRetrieveInformationModelFind) as assoc:
+                for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+                    if "Status" not in status:
+                        return None
+                    code = int(status.Status)
+                    if code in _PENDING and identifier is not None:
+                        study = str(identifier.get("StudyInstanceUID", "") or "").strip()
+                        if study and study != study_instance_uid:
+                            # a PACS that ignores the key would have the whole archive counted
+                            log.warning(
+                                "collect.instance_count_dropped", pacs=self.where, contradicts="StudyInstanceUID"
+                            )
+                            assoc.abort()  # not released: the PACS would go on answering first
+                            return None
+                        sop = str(identifier.get("SOPInstanceUID", "") or "").strip()
+                        if sop:
+                            found.add(sop)
+                        if time.monotonic() > deadline:
+                            assoc.abort()
+                            log.info("collect.instance_count_timeout", pacs=self.where)
+                            return None
+                    elif code != 0x0000:
+                        log.info("collect.instance_count_failed", pacs=self.where, status=status_text(code))
+                        return None
+        except (PacsUnavailable, PacsSetupError, RuntimeError) as exc:
+            log.info("collect.instance_count_failed", pacs=self.where, error=type(exc).__name__)
+            return None
+        return len(found) or None
+
     def move_study(
         self,
         study_instance_uid: str,
