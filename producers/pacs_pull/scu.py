@@ -38,6 +38,7 @@ __all__ = [
     "MoveDestinationUnknown",
     "MOVE_DESTINATION_UNKNOWN",
     "FindFailed",
+    "FindLimitReached",
     "StudyMatch",
     "MoveResult",
     "ReceiverProbe",
@@ -85,6 +86,17 @@ class FindFailed(RuntimeError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+class FindLimitReached(FindFailed):
+    """The PACS's answer to a C-FIND may be cut at its limit of matches: as many matches as
+    ``[collect] find_limit`` (then Success: a PACS that caps silently), or some matches and then
+    0xFE00 (Orthanc at its ``LimitFindResults``) or 0xA7xx. ``matches`` are those that came."""
+
+    def __init__(self, status: int, message: str, answers: int, matches: list[StudyMatch]):
+        super().__init__(status, message)
+        self.answers = answers
+        self.matches = matches
 
 
 @dataclass(frozen=True)
@@ -137,6 +149,11 @@ def _contradiction(keys: dict[str, str], answer: Dataset) -> str | None:
         low, _, high = dates.partition("-")
         if (low and got < low) or (high and got > high):
             return "StudyDate"
+    times, got = keys.get("StudyTime", ""), str(answer.get("StudyTime", "") or "").strip()
+    if times and len(got) >= 6 and got[:6].isdigit():
+        low, _, high = times.partition("-")
+        if (low and got < low) or (high and got > high):
+            return "StudyTime"
     modalities = {m for m in keys.get("ModalitiesInStudy", "").split("\\") if m}
     raw = answer.get("ModalitiesInStudy") or []
     got_modalities = {str(m).strip() for m in ([raw] if isinstance(raw, str) else raw)} - {""}
@@ -244,6 +261,8 @@ class PacsClient:
         query.QueryRetrieveLevel = "STUDY"
         for name in ("StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate", "ModalitiesInStudy"):
             setattr(query, name, keys.get(name, ""))
+        if keys.get("StudyTime"):  # only when narrowing a day (narrowing.py): a return key otherwise unused
+            query.StudyTime = keys["StudyTime"]
         query.NumberOfStudyRelatedInstances = ""
         matches: dict[str, StudyMatch] = {}
         answers = 0
@@ -265,7 +284,22 @@ class PacsClient:
                             _count(identifier.get("NumberOfStudyRelatedInstances")),
                         )
                 elif code not in _PENDING and code != 0x0000:
-                    raise FindFailed(code, _find_failure(code, str(status.get("ErrorComment", "") or ""), answers))
+                    text = _find_failure(code, str(status.get("ErrorComment", "") or ""), answers)
+                    if answers and (code == 0xFE00 or code >> 8 == 0xA7):
+                        # Matches, then "cancelled" or "out of resources": a PACS at its limit (Orthanc
+                        # ends a C-FIND cut at its LimitFindResults with 0xFE00).
+                        raise FindLimitReached(code, text, answers, list(matches.values()))
+                    raise FindFailed(code, text)
+        limit = self.settings.find_limit
+        # A study asked for by its UID is one match at most: never cut.
+        if limit and answers >= limit and not keys.get("StudyInstanceUID"):
+            raise FindLimitReached(
+                0x0000,
+                f"the PACS answered {answers} matches, its limit of matches ([collect] find_limit = {limit}): "
+                "the list may be cut",
+                answers,
+                list(matches.values()),
+            )
         return list(matches.values())
 
     def count_instances(self, study_instance_uid: str) -> int | None:
