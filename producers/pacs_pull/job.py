@@ -205,8 +205,8 @@ class CollectJob:
 
     def _cannot_narrow(self, keys: dict[str, str], cut: FindLimitReached) -> str:
         """Why a query at the PACS's limit of matches ends the line find_failed (none retrieved)."""
-        if cut.status:  # the PACS's own failure status after some matches: its text says so already
-            said = str(cut)
+        if cut.status:  # the PACS's own status after some matches: its text counts them
+            said = f"the PACS's limit of matches was reached: {cut}"
         else:
             said = (
                 f"the PACS's limit of matches was reached ({cut.answers} matches, [collect] find_limit = "

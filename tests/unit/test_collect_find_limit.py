@@ -242,6 +242,7 @@ def test_a_line_still_at_the_limit_at_the_floor_is_find_failed():
     line = state.lines[2]
     assert (line.state, line.pacs_status, moved) == ("LINE_FAILED", "0xFE00", [])
     assert "still so for StudyDate 20240312-20240312, StudyTime 0" in line.detail, line.detail
+    assert line.detail.startswith("the PACS's limit of matches was reached: C-FIND failed with 0xFE00; 2 matches")
     assert len(queries) < 40  # halved dates, then the day down to the floor only along the full part
 
 
