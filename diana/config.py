@@ -459,6 +459,13 @@ class CollectConfig:
     # The longest a retrieve (C-MOVE) may go without an answer from the PACS: most answer after each
     # instance sent, some only once at the end of the study.
     move_timeout_s: float = 3600.0
+    # The most matches the PACS answers to one C-FIND (Orthanc's LimitFindResults, dcm4chee's query
+    # limits); 0: none known. A line answered this many is asked again by halves of its date range,
+    # then of the day by StudyTime (producers/pacs_pull/narrowing.py), or fails saying so.
+    find_limit: int = 0
+    # A study whose STUDY-level C-FIND answer has no NumberOfStudyRelatedInstances (dcmqrscp) is
+    # counted by an IMAGE-level C-FIND before its retrieve (one answer per instance); false: not.
+    count_instances: bool = True
 
 
 DEFAULT_MAX_STOW_BYTES = 4 << 30
@@ -853,6 +860,7 @@ _AT_LEAST = {
     # A deflated data set's header must fit in it; below 1 MiB hardly any would.
     ("receiver", "max_inflated_bytes"): 1048576,
     ("collect", "concurrency"): 1,
+    ("collect", "find_limit"): 0,
 }
 _ABOVE_ZERO = (
     ("kafka", "publish_timeout_s"),
@@ -870,6 +878,7 @@ _FLOOR_NOTES = {
     ("receiver", "max_pdu_bytes"): " (0: no limit of ours, the guard still refuses a PDU over 64 MiB; default 1048576)",
     ("receiver", "max_inflated_bytes"): " (default 1073741824)",
     ("receiver", "max_associations_per_host"): " (default 8)",
+    ("collect", "find_limit"): " (0: the PACS's limit of C-FIND matches is not known)",
 }
 
 

@@ -31,16 +31,19 @@ from diana.producers.pacs_pull.ledger import (
     JobState,
     StudyState,
 )
+from diana.producers.pacs_pull.narrowing import describe, split_keys
 from diana.producers.pacs_pull.requests import CollectRequest
 from diana.producers.pacs_pull.scu import (
     MOVE_DESTINATION_UNKNOWN,
     FindFailed,
+    FindLimitReached,
     MoveAborted,
     MoveDestinationUnknown,
     MoveResult,
     PacsClient,
     PacsUnavailable,
     ReceiverProbe,
+    StudyMatch,
     status_text,
 )
 from diana.producers.pacs_pull.throttle import StartGate, TimeWindows
@@ -52,6 +55,10 @@ log = structlog.get_logger("diana.collect")
 
 class JobConflict(ValueError):
     """A job id given again with a different input."""
+
+
+class _Stopped(Exception):
+    """The job was stopped while a line's C-FINDs ran: the line is left unresolved."""
 
 
 def criteria_of(requests: list[CollectRequest]) -> str:
@@ -133,8 +140,11 @@ class CollectJob:
                 self._record("LINE_UNPARSABLE", line=request.line, input=request.text, detail=request.error)
                 continue
             while not self.stop.is_set():
+                queries = [0]
                 try:
-                    matches = self.pacs.find_studies(request.find_keys())
+                    matches = self._find_all(request.find_keys(), queries)
+                except _Stopped:
+                    return
                 except PacsUnavailable as exc:
                     self._pause(str(exc))
                     continue
@@ -156,10 +166,58 @@ class CollectJob:
                         expected_instances=m.expected_instances,
                     )
                 event = "LINE_FOUND" if matches else "LINE_NOT_FOUND"
-                self._record(
-                    event, line=request.line, input=request.text, pacs_status="0x0000", detail=f"{len(matches)} studies"
-                )
+                detail = f"{len(matches)} studies"
+                if queries[0] > 1:
+                    detail += f" by {queries[0]} C-FINDs (the PACS's limit of matches reached: the line asked in parts)"
+                self._record(event, line=request.line, input=request.text, pacs_status="0x0000", detail=detail)
                 break
+
+    def _find_all(self, keys: dict[str, str], queries: list[int]) -> list[StudyMatch]:
+        """Every study ``keys`` finds, even on a PACS that cuts its answers at a limit of matches: a query
+        at the limit is asked again in parts (its date range halved, a day by StudyTime) and their
+        matches joined, a study found by two parts once. FindFailed when it cannot be narrowed enough.
+        ``queries[0]`` counts the C-FINDs sent."""
+        if self.stop.is_set():
+            raise _Stopped
+        queries[0] += 1
+        try:
+            return self.pacs.find_studies(keys)
+        except FindLimitReached as cut:
+            parts = split_keys(keys)
+            if parts is None:
+                raise FindFailed(cut.status, self._cannot_narrow(keys, cut)) from None
+            log.info("collect_find_narrowed", job=self.job.job_id, parts=len(parts), answers=cut.answers)
+            found: dict[str, StudyMatch] = {}
+            for part in parts:
+                for m in self._find_all(part, queries):
+                    found.setdefault(m.study_instance_uid, m)
+            # What the whole range listed must be in one of its parts: a study the parts miss (no
+            # StudyTime, a time the PACS compares otherwise) would be lost without a word.
+            missed = [m for m in cut.matches if m.study_instance_uid not in found]
+            if missed:
+                raise FindFailed(
+                    cut.status,
+                    f"the PACS's limit of matches was reached for {describe(keys)}, and {len(missed)} of the "
+                    f"studies it listed for it are in none of its parts (a study without a StudyTime?): "
+                    f"narrow the line's query (a shorter date range, one modality) or raise the PACS's limit",
+                ) from None
+            return list(found.values())
+
+    def _cannot_narrow(self, keys: dict[str, str], cut: FindLimitReached) -> str:
+        """Why a query at the PACS's limit of matches ends the line find_failed (none retrieved)."""
+        if cut.status:  # the PACS's own status after some matches: its text counts them
+            said = f"the PACS's limit of matches was reached: {cut}"
+        else:
+            said = (
+                f"the PACS's limit of matches was reached ({cut.answers} matches, [collect] find_limit = "
+                f"{self.settings.find_limit}): the list may be cut, none retrieved"
+            )
+        if not keys.get("StudyDate"):
+            return f"{said}; the line has no study date to split it by: give it DateFrom and DateTo, or one modality"
+        return (
+            f"{said}; still so for {describe(keys)}, as narrow as diana collect asks: narrow the line (one "
+            f"modality) or raise the PACS's limit"
+        )
 
     def retrieve_all(self) -> None:
         todo = [s.study_instance_uid for s in self.job.studies.values() if not s.done or self._retried(s)]
@@ -249,6 +307,11 @@ class CollectJob:
         # A count of 0 or less (recorded by an earlier version from such a C-FIND answer) says nothing.
         expected = study.expected_instances if (study.expected_instances or 0) > 0 else None
         s = self.settings
+        if expected is None and s.count_instances:
+            # No count in the C-FIND's answer (dcmqrscp): the PACS's instances counted one by one, so that
+            # a study already held is not retrieved again and the retrieve has a count to wait for.
+            # None (the C-FIND failed, was cut or too slow): as without it.
+            expected = self.pacs.count_instances(uid)
         # Already in diana-star? After a restart mid-retrieve, give the pipeline time to index what arrived.
         if expected:
             if study.arriving:
@@ -259,7 +322,7 @@ class CollectJob:
                 event = "STUDY_COMPLETE" if study.attempts else "STUDY_SKIPPED"
                 # after a restart, or with --retry-failed (what was short came late)
                 detail = "retrieved by an earlier retrieve" if study.attempts else "already complete in diana-star"
-                self._finish(study, event, indexed_instances=have, detail=detail)
+                self._finish(study, event, indexed_instances=have, expected_instances=expected, detail=detail)
                 return
         result: MoveResult | None = None
         have = 0
@@ -329,9 +392,18 @@ class CollectJob:
                 # as for a PACS that does not answer. At most `retries` of them, then tries: a PACS that
                 # always says so of this study cannot hold the job for ever.
                 busy += 1
-                self._move_ended(
-                    study, result, detail=f"the PACS is out of resources ({busy} of at most {s.retries} pauses): no try"
+                # Not a retrieve: MOVE_REFUSED takes back the MOVE_STARTED recorded when the PACS took the
+                # association (the study's retrieves, the hour's starts, its state before it), and the
+                # place in the hour is given back, as for an association refused.
+                self._record(
+                    "MOVE_REFUSED",
+                    study_instance_uid=uid,
+                    line=study.line,
+                    attempt=study.attempts,
+                    pacs_status=status_text(result.status),
+                    detail=f"the PACS is out of resources ({busy} of at most {s.retries} pauses): no try",
                 )
+                self.gate.give_back(place)
                 self._pause(f"PACS {self.pacs.where} is out of resources ({status_text(result.status)}), busy")
                 continue
             tries += 1

@@ -121,6 +121,15 @@ def load_events(kafka: KafkaConfig, job_id: str | None = None, timeout_s: float 
         consumer.close()
 
 
+def _refused(e: dict[str, Any]) -> bool:
+    """A C-MOVE the PACS refused for want of resources without it counting as a try: MOVE_REFUSED, or
+    as versions before it recorded one, a MOVE_ENDED 0xA7xx whose detail ends "no try"."""
+    if e["event"] == "MOVE_REFUSED":
+        return True
+    status = e.get("pacs_status") or ""
+    return e["event"] == "MOVE_ENDED" and status.startswith("0xA7") and (e.get("detail") or "").endswith(": no try")
+
+
 @dataclass
 class StudyState:
     study_instance_uid: str
@@ -137,6 +146,10 @@ class StudyState:
     # sent none, nor was the study found finished since. A restart waits for them before retrieving again.
     arriving: bool = False
     found_by: set[int] = field(default_factory=set)  # every input line whose C-FIND found it
+    # Its state when its last MOVE_STARTED was recorded: a MOVE_REFUSED (the PACS out of resources,
+    # 0xA7xx, before sending anything) puts it back, as if that retrieve had not started.
+    state_before_move: str = "STUDY_FOUND"
+    arriving_before_move: bool = False
 
     @property
     def done(self) -> bool:
@@ -188,6 +201,18 @@ class JobState:
             study = self.studies.get(uid)
             if study is None:
                 study = self.studies[uid] = StudyState(uid, e.get("line") or 0)
+            if _refused(e):
+                # The PACS took the association and refused the C-MOVE (0xA7xx): no retrieve. Before
+                # this event, that MOVE_STARTED counted as a retrieve in the report, in the hourly limit
+                # after a restart, and made a study found complete later "retrieved by an earlier
+                # retrieve" rather than already present; its pacs_status and detail are not the study's.
+                if study.attempts:
+                    study.attempts -= 1
+                if study.move_starts:
+                    study.move_starts.pop()
+                study.arriving = study.arriving_before_move
+                study.state = study.state_before_move
+                return
             if kind == "STUDY_FOUND" and e.get("line"):
                 study.found_by.add(e["line"])  # retrieved once, reported on each line that asked for it
             for name in ("accession_number", "expected_instances", "indexed_instances"):
@@ -198,6 +223,8 @@ class JobState:
             if e.get("detail") is not None:
                 study.detail = e["detail"]
             if kind == "MOVE_STARTED":
+                if study.state != "MOVE_STARTED":  # one left unended by a crash is not the state to go back to
+                    study.state_before_move, study.arriving_before_move = study.state, study.arriving
                 study.attempts += 1
                 study.move_starts.append(e["at"].timestamp())
                 study.arriving = True

@@ -38,6 +38,7 @@ __all__ = [
     "MoveDestinationUnknown",
     "MOVE_DESTINATION_UNKNOWN",
     "FindFailed",
+    "FindLimitReached",
     "StudyMatch",
     "MoveResult",
     "ReceiverProbe",
@@ -85,6 +86,17 @@ class FindFailed(RuntimeError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+class FindLimitReached(FindFailed):
+    """The PACS's answer to a C-FIND may be cut at its limit of matches: as many matches as
+    ``[collect] find_limit`` (then Success: a PACS that caps silently), or some matches and then
+    0xFE00 (Orthanc at its ``LimitFindResults``) or 0xA7xx. ``matches`` are those that came."""
+
+    def __init__(self, status: int, message: str, answers: int, matches: list[StudyMatch]):
+        super().__init__(status, message)
+        self.answers = answers
+        self.matches = matches
 
 
 @dataclass(frozen=True)
@@ -137,6 +149,11 @@ def _contradiction(keys: dict[str, str], answer: Dataset) -> str | None:
         low, _, high = dates.partition("-")
         if (low and got < low) or (high and got > high):
             return "StudyDate"
+    times, got = keys.get("StudyTime", ""), str(answer.get("StudyTime", "") or "").strip()
+    if times and len(got) >= 6 and got[:6].isdigit():
+        low, _, high = times.partition("-")
+        if (low and got < low) or (high and got > high):
+            return "StudyTime"
     modalities = {m for m in keys.get("ModalitiesInStudy", "").split("\\") if m}
     raw = answer.get("ModalitiesInStudy") or []
     got_modalities = {str(m).strip() for m in ([raw] if isinstance(raw, str) else raw)} - {""}
@@ -244,6 +261,8 @@ class PacsClient:
         query.QueryRetrieveLevel = "STUDY"
         for name in ("StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate", "ModalitiesInStudy"):
             setattr(query, name, keys.get(name, ""))
+        if keys.get("StudyTime"):  # only when narrowing a day (narrowing.py): a return key otherwise unused
+            query.StudyTime = keys["StudyTime"]
         query.NumberOfStudyRelatedInstances = ""
         matches: dict[str, StudyMatch] = {}
         answers = 0
@@ -265,8 +284,67 @@ class PacsClient:
                             _count(identifier.get("NumberOfStudyRelatedInstances")),
                         )
                 elif code not in _PENDING and code != 0x0000:
-                    raise FindFailed(code, _find_failure(code, str(status.get("ErrorComment", "") or ""), answers))
+                    text = _find_failure(code, str(status.get("ErrorComment", "") or ""), answers)
+                    if answers and (code == 0xFE00 or code >> 8 == 0xA7):
+                        # Matches, then "cancelled" or "out of resources": a PACS at its limit (Orthanc
+                        # ends a C-FIND cut at its LimitFindResults with 0xFE00).
+                        raise FindLimitReached(code, text, answers, list(matches.values()))
+                    raise FindFailed(code, text)
+        limit = self.settings.find_limit
+        # A study asked for by its UID is one match at most: never cut.
+        if limit and answers >= limit and not keys.get("StudyInstanceUID"):
+            raise FindLimitReached(
+                0x0000,
+                f"the PACS answered {answers} matches, its limit of matches ([collect] find_limit = {limit}): "
+                "the list may be cut",
+                answers,
+                list(matches.values()),
+            )
         return list(matches.values())
+
+    def count_instances(self, study_instance_uid: str) -> int | None:
+        """The study's instances on the PACS by an IMAGE-level C-FIND (Study Root), for a PACS whose
+        STUDY-level answer has no NumberOfStudyRelatedInstances (dcmqrscp). SeriesInstanceUID is sent
+        empty (universal matching): dcmqrscp's hierarchical search refuses an IMAGE-level query without
+        a key for each level above it. None when the count cannot be had: the C-FIND failed, was cut (a
+        PACS's limit of answers), or took longer than ``timeout_s`` in all; the job then goes on as
+        without a count."""
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.StudyInstanceUID = study_instance_uid
+        query.SeriesInstanceUID = ""
+        query.SOPInstanceUID = ""
+        deadline = time.monotonic() + self.settings.timeout_s
+        found: set[str] = set()
+        try:
+            with self._association(StudyRootQueryRetrieveInformationModelFind) as assoc:
+                for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+                    if "Status" not in status:
+                        return None
+                    code = int(status.Status)
+                    if code in _PENDING and identifier is not None:
+                        study = str(identifier.get("StudyInstanceUID", "") or "").strip()
+                        if study and study != study_instance_uid:
+                            # a PACS that ignores the key would have the whole archive counted
+                            log.warning(
+                                "collect.instance_count_dropped", pacs=self.where, contradicts="StudyInstanceUID"
+                            )
+                            assoc.abort()  # not released: the PACS would go on answering first
+                            return None
+                        sop = str(identifier.get("SOPInstanceUID", "") or "").strip()
+                        if sop:
+                            found.add(sop)
+                        if time.monotonic() > deadline:
+                            assoc.abort()
+                            log.info("collect.instance_count_timeout", pacs=self.where)
+                            return None
+                    elif code != 0x0000:
+                        log.info("collect.instance_count_failed", pacs=self.where, status=status_text(code))
+                        return None
+        except (PacsUnavailable, PacsSetupError, RuntimeError) as exc:
+            log.info("collect.instance_count_failed", pacs=self.where, error=type(exc).__name__)
+            return None
+        return len(found) or None
 
     def move_study(
         self,

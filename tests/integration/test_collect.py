@@ -24,6 +24,7 @@ from tests.support.pacscorpus import PacsStudy, load_into_orthanc, make_pacs_stu
 from tests.support.paths import port
 
 COLLECT_AE = "DIANA-COLLECT"
+ORTHANC_FIND_LIMIT = 3
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,9 @@ def pacs(pipeline, tmp_path_factory):
         },
         {},
         verbose=True,
+        # Orthanc's cap on a C-FIND's matches (its first 3, then 0xFE00): the other tests here ask by
+        # accession number, one study each; test_a_pacs_capping_its_c_find_answers asks for more.
+        settings={"LimitFindResults": ORTHANC_FIND_LIMIT},
     )
     orthanc.work = work  # type: ignore[attr-defined]
     yield orthanc
@@ -258,3 +262,76 @@ def test_unreachable_pacs_pauses_the_job(pipeline, tmp_path):
     assert "run the same command again" in pipeline.log_text("collect-offline")
     events = [e["event"] for e in load_events(pipeline.cfg.kafka, "offline")]
     assert events[0] == "JOB_STARTED" and "JOB_PAUSED" in events and "LINE_NOT_FOUND" not in events
+
+
+def test_a_pacs_capping_its_c_find_answers_has_the_line_asked_in_parts(pipeline, pacs, tmp_path):
+    """Orthanc at its LimitFindResults (3) answers a month of 7 studies with 3 matches and 0xFE00: the
+    line was find_failed ("narrow the line's query"); with [collect] find_limit = 3 (a PACS that says
+    Success) it would have been 3 studies. Now the month is asked by halves, and the day of 4 studies by
+    StudyTime: all 7 retrieved, each moved once. A patient's line without dates cannot be split:
+    find_failed, saying so. Dates in June 2023: no other test's studies."""
+    cfg = pipeline.cfg
+    corpus = tmp_path / "corpus"
+    day = [
+        make_pacs_study(corpus, f"LM{n}", study_date="20230612", study_time=t, patient_id="PATLIMIT")
+        for n, t in enumerate(("080000", "093000", "140000", "235959"))
+    ]
+    others = [make_pacs_study(corpus, f"LM{d}", study_date=d) for d in ("20230601", "20230620", "20230630")]
+    studies = day + others
+    load_into_orthanc(pacs.url, studies)
+    log = pacs.work / "orthanc.log"
+    log_start = len(log.read_text(errors="replace"))
+    month = ["--date-from", "2023-06-01", "--date-to", "2023-06-30"]
+    report = tmp_path / "capped.csv"
+    run_collect(pipeline, "collect-capped", [*month, "--report", str(report), "--job", "capped"], settings())
+    rows = read_report(report)
+    assert sorted(r["study_instance_uid"] for r in rows) == sorted(s.study_uid for s in studies), rows
+    assert {r["outcome"] for r in rows} == {"retrieved"} and {r["retrieves"] for r in rows} == {"1"}, rows
+    assert log.read_text(errors="replace")[log_start:].count("Incoming Move request") == 7
+    line = next(e for e in load_events(cfg.kafka, "capped") if e["event"] == "LINE_FOUND")
+    assert "7 studies by " in line["detail"] and "limit of matches reached" in line["detail"], line
+    wait_archived(cfg, studies)
+
+    # find_limit said (as for a PACS capping with Success): the same parts; everything is already here.
+    again = tmp_path / "capped-again.csv"
+    env = settings(DIANA_COLLECT_FIND_LIMIT=str(ORTHANC_FIND_LIMIT))
+    run_collect(pipeline, "collect-capped-2", [*month, "--report", str(again), "--job", "capped-2"], env)
+    assert {r["outcome"] for r in read_report(again)} == {"already_present"} and len(read_report(again)) == 7
+
+    # A patient's 4 studies, no dates: nothing to split by.
+    source = tmp_path / "patient.csv"
+    source.write_text("PatientID\nPATLIMIT\n")
+    failed = tmp_path / "patient-report.csv"
+    run_collect(pipeline, "collect-patient", [str(source), "--report", str(failed), "--job", "capped-3"], env, status=3)
+    (row,) = read_report(failed)
+    assert (row["outcome"], row["study_instance_uid"]) == ("find_failed", ""), row
+    assert "limit of matches was reached" in row["detail"] and "no study date to split it by" in row["detail"], row
+
+
+def test_a_pacs_without_instance_counts_has_a_study_held_already_present(pipeline, tmp_path):
+    """dcmqrscp gives no NumberOfStudyRelatedInstances: a study sent to diana-star beforehand was
+    retrieved again by a new job. Now counted by an IMAGE-level C-FIND: already_present, never moved;
+    the others retrieved with the count to wait for."""
+    cfg = pipeline.cfg
+    studies = [make_pacs_study(tmp_path / "corpus", f"NC{n:04d}", instances=3) for n in range(3)]
+    sent = storescu(cfg, studies[0].files)  # already in diana-star before the job
+    assert sent.returncode == 0, sent.stderr
+    deadline = time.monotonic() + 60
+    while indexed_count(cfg, studies[0].study_uid) < 3:
+        assert time.monotonic() < deadline, "the study sent beforehand was not indexed"
+        time.sleep(0.5)
+    pacs = start_dcmqrscp(
+        tmp_path, {cfg.receiver.ae_title: ("127.0.0.1", cfg.receiver.port)}, [f for s in studies for f in s.files]
+    )
+    try:
+        source = write_accessions(tmp_path / "counts.csv", [s.accession for s in studies])
+        report = tmp_path / "counts-report.csv"
+        env = settings(DIANA_COLLECT_PACS_AE_TITLE=DCMQRSCP_AE, DIANA_COLLECT_PACS_PORT=str(DCMQRSCP_PORT))
+        run_collect(pipeline, "collect-counts", [str(source), "--report", str(report), "--job", "counts"], env)
+        rows = read_report(report)
+        got = [(r["outcome"], r["expected_instances"], r["retrieves"]) for r in rows]
+        assert got == [("already_present", "3", "0"), ("retrieved", "3", "1"), ("retrieved", "3", "1")], rows
+        assert (tmp_path / "dcmqrscp.log").read_text(errors="replace").count("Received Move SCP") == 2
+        wait_archived(cfg, studies)
+    finally:
+        stop_dcmqrscp(pacs)

@@ -41,9 +41,14 @@ class Orthanc:
 
 
 def start_orthanc(
-    work: Path, modalities: dict[str, list], dicomweb_servers: dict[str, dict], verbose: bool = False
+    work: Path,
+    modalities: dict[str, list],
+    dicomweb_servers: dict[str, dict],
+    verbose: bool = False,
+    settings: dict[str, Any] | None = None,
 ) -> Orthanc:
-    """``verbose``: Orthanc logs each association opened and closed (tests count them on the PACS side)."""
+    """``verbose``: Orthanc logs each association opened and closed (tests count them on the PACS side);
+    ``settings``: more of Orthanc's configuration (e.g. ``LimitFindResults``)."""
     binary = shutil.which("Orthanc", path="/usr/sbin:/usr/bin")
     if binary is None or not PLUGIN.exists():
         pytest.fail(
@@ -70,6 +75,7 @@ def start_orthanc(
                 "Plugins": [str(PLUGIN)],
                 "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": dicomweb_servers},
             }
+            | (settings or {})
         )
     )
     log = open(work / "orthanc.log", "ab")

@@ -28,17 +28,24 @@ class PacsStudy:
 
 
 def make_pacs_study(
-    out_dir: Path, accession: str, instances: int = 2, private_objects: int = 0, rows: int = 16
+    out_dir: Path,
+    accession: str,
+    instances: int = 2,
+    private_objects: int = 0,
+    rows: int = 16,
+    study_date: str = "20240315",
+    study_time: str = "101500",
+    patient_id: str = "",
 ) -> PacsStudy:
     """A study of ``instances`` small CT images (and ``private_objects`` of PRIVATE_SOP_CLASS) as files."""
-    study = PacsStudy(accession, generate_uid(), f"PAT{accession}")
+    study = PacsStudy(accession, generate_uid(), patient_id or f"PAT{accession}")
     series_uid = generate_uid()
     out_dir.mkdir(parents=True, exist_ok=True)
     for number in range(1, instances + private_objects + 1):
         ds = make_instance(
-            study.study_uid, series_uid, number, patient_id=study.patient_id, study_date="20240315", rows=rows
+            study.study_uid, series_uid, number, patient_id=study.patient_id, study_date=study_date, rows=rows
         )
-        ds.AccessionNumber = accession
+        ds.AccessionNumber, ds.StudyTime = accession, study_time
         if number > instances:
             ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = PRIVATE_SOP_CLASS
             study.private_objects += 1

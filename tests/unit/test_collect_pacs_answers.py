@@ -575,3 +575,87 @@ def test_our_receiver_is_echoed_at_most_once_per_pause():
         assert [probe.problem() for _ in range(50)] == [None] * 50
         took = time.monotonic() - started
     assert echoes == ["DIANA-COLLECT"] and took < 1, (echoes, took)
+
+
+def test_a_retrieve_refused_for_want_of_resources_is_no_retrieve_in_the_record():
+    """0xA702 was recorded MOVE_STARTED, then MOVE_ENDED: the report's `retrieves` counted it, a restart
+    counted it in the hour's starts, and a study found complete after it was "retrieved by an earlier
+    retrieve" (retrieved) instead of already present."""
+    from diana.producers.pacs_pull.report import report_rows
+
+    job, ledger, moves = _scripted_job([0xA702, 0xC000, 0x0000], retries=1)
+    state = job.run()
+    study = state.studies["1.1"]
+    assert (study.state, len(moves), study.attempts) == ("STUDY_COMPLETE", 3, 2)  # 2 retrieves, 1 refusal
+    assert len(study.move_starts) == 2 and ledger.events.count("MOVE_REFUSED") == 1
+    row = report_rows(state)[0]
+    assert row["retrieves"] == 2
+
+
+def _at(event: str, **fields) -> dict:
+    return {"job_id": "j", "at": datetime.now(UTC), "event": event, **fields}
+
+
+def test_a_refusal_folds_back_to_the_state_before_it():
+    found = _at("STUDY_FOUND", line=2, study_instance_uid="1.1", expected_instances=3)
+    started = _at("MOVE_STARTED", line=2, study_instance_uid="1.1", attempt=1)
+    refused = _at("MOVE_REFUSED", line=2, study_instance_uid="1.1", attempt=1, pacs_status="0xA702", detail="busy")
+    # as versions before MOVE_REFUSED recorded it
+    old = _at(
+        "MOVE_ENDED",
+        line=2,
+        study_instance_uid="1.1",
+        attempt=1,
+        pacs_status="0xA701",
+        completed=0,
+        failed=0,
+        warning=0,
+        detail="the PACS is out of resources (1 of at most 3 pauses): no try",
+    )
+    for refusal in (refused, old):
+        study = JobState.fold("j", [found, started, refusal]).studies["1.1"]
+        assert (study.state, study.attempts, study.move_starts, study.arriving) == ("STUDY_FOUND", 0, [], False)
+        # --retry-failed of a failed study refused again: still failed (done), its status and detail kept
+        failed = _at("STUDY_FAILED", line=2, study_instance_uid="1.1", pacs_status="0xC000", detail="short")
+        study = JobState.fold("j", [found, started, failed, started, refusal]).studies["1.1"]
+        assert (study.state, study.attempts, study.pacs_status, study.detail) == ("STUDY_FAILED", 1, "0xC000", "short")
+        assert study.done
+
+
+def test_a_study_refused_before_a_restart_and_found_complete_is_already_present():
+    """Only refusals before: it was recorded STUDY_COMPLETE "retrieved by an earlier retrieve"."""
+    from diana.producers.pacs_pull.scu import StudyMatch
+
+    events = [
+        _at("JOB_STARTED", input='[[2,"A1"]]'),
+        _at("STUDY_FOUND", line=2, study_instance_uid="1.1", expected_instances=3),
+        _at("LINE_FOUND", line=2, input="A1", pacs_status="0x0000"),
+        _at("MOVE_STARTED", line=2, study_instance_uid="1.1", attempt=1),
+        _at("MOVE_REFUSED", line=2, study_instance_uid="1.1", attempt=1, pacs_status="0xA702"),
+    ]
+
+    class Pacs:
+        where, move_destination = "PACS at test", "DIANA"
+
+        def find_studies(self, keys):
+            return [StudyMatch("1.1", "A1", 3)]
+
+        def move_study(self, uid, stop=None, on_established=lambda: None):
+            raise AssertionError("not retrieved: it is complete in diana-star")
+
+    class Complete(_NothingIndexed):
+        def count(self, uid):
+            return 3
+
+    ledger = _Ledger()
+    job = CollectJob(
+        CollectConfig(),
+        JobState.fold("j", events),
+        [CollectRequest(2, "A1", accession_number="A1")],
+        ledger,
+        Pacs(),  # type: ignore[arg-type]
+        Complete(),
+        notify=lambda _t: None,
+    )
+    study = job.run().studies["1.1"]
+    assert (study.state, study.detail, study.attempts) == ("STUDY_SKIPPED", "already complete in diana-star", 0)

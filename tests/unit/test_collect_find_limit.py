@@ -1,0 +1,304 @@
+"""A collect job against a PACS that cuts its C-FIND answers at a limit of matches, or gives no instance
+count: a real pynetdicom PACS in this process matching StudyDate and StudyTime ranges as dcmqrscp and
+Orthanc do, the job's record and the index's count kept in memory.
+
+Before: a PACS answering its first N matches then Success had the line "found" with N studies (the
+rest never asked for, nothing said); one without NumberOfStudyRelatedInstances had a study diana-star
+already held retrieved again."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
+
+from diana.config import CollectConfig
+from diana.producers.pacs_pull.job import CollectJob
+from diana.producers.pacs_pull.ledger import JobState
+from diana.producers.pacs_pull.narrowing import TIME_FLOOR_S, _seconds, split_keys
+from diana.producers.pacs_pull.report import report_rows
+from diana.producers.pacs_pull.requests import CollectRequest
+from diana.producers.pacs_pull.scu import PacsClient
+
+
+# ---------------------------------------------------------------------------------- the split itself
+def test_a_date_range_is_halved_and_a_day_split_by_time_down_to_the_floor():
+    keys = {"StudyDate": "20240101-20240131", "ModalitiesInStudy": "CT"}
+    assert split_keys(keys) == [
+        {"StudyDate": "20240101-20240116", "ModalitiesInStudy": "CT"},
+        {"StudyDate": "20240117-20240131", "ModalitiesInStudy": "CT"},
+    ]
+    day = {"PatientID": "P1", "StudyDate": "20240301-20240301"}
+    halves = split_keys(day)
+    assert halves == [
+        {"PatientID": "P1", "StudyDate": "20240301-20240301", "StudyTime": "000000-115959.999999"},
+        {"PatientID": "P1", "StudyDate": "20240301-20240301", "StudyTime": "120000-235959.999999"},
+    ]
+    # halved again and again, the parts still cover the day with neither gap nor overlap, down to the floor
+    parts, depth = [day], 0
+    while (nxt := [p for k in parts if (sub := split_keys(k)) for p in sub]) and depth < 20:
+        assert len(nxt) == 2 * len(parts)  # every part of one level is split, or none
+        parts, depth = nxt, depth + 1
+    bounds = [p["StudyTime"].split("-") for p in parts]
+    assert bounds[0][0] == "000000" and bounds[-1][1] == "235959.999999"
+    for (_low, high), (low, _high) in zip(bounds, bounds[1:], strict=False):
+        assert high.endswith(".999999") and _seconds(low) == _seconds(high) + 1, (high, low)
+    assert 86400 / len(parts) >= TIME_FLOOR_S and len(parts) <= 128
+
+
+def test_an_open_range_keeps_its_open_end_and_a_line_without_dates_is_not_split():
+    today = date(2026, 12, 1)
+    assert [p["StudyDate"] for p in split_keys({"StudyDate": "20261101-"}, today)] == [
+        "20261101-20261201",
+        "20261202-",
+    ]
+    assert split_keys({"StudyDate": "20261202-"}, today) is None  # after today: asked as it is
+    assert [p["StudyDate"] for p in split_keys({"StudyDate": "-20240131"}, today)] == [
+        "-18991231",
+        "19000101-20240131",
+    ]
+    assert split_keys({"StudyDate": "-18991231"}, today) is None
+    assert split_keys({"AccessionNumber": "A1"}) is None
+    assert split_keys({"PatientID": "P1"}) is None
+    assert split_keys({"StudyInstanceUID": "1.2.3", "StudyDate": "20240101-20240131"}) is None
+
+
+# ------------------------------------------------------------------------ a PACS with a limit
+@dataclass
+class _Study:
+    uid: str
+    date: str
+    time: str | None  # None: the study has no StudyTime
+    accession: str = "A1"
+    instances: int = 2
+
+
+def _in_range(value: str | None, asked: str) -> bool:
+    """DICOM range matching of a DA or TM value as dcmqrscp does it (a value absent never matches)."""
+    if not asked:
+        return True
+    if value is None:
+        return False
+    if "-" not in asked:
+        return value == asked
+    low, _, high = asked.partition("-")
+    as_number = float if "." in value + asked or len(value) == 6 else int
+    v = as_number(value)
+    return (not low or v >= as_number(low)) and (not high or v <= as_number(high))
+
+
+@contextmanager
+def _limited_pacs(
+    studies: list[_Study], limit: int, end_cut: int = 0x0000, image_level: bool = True
+) -> Iterator[tuple[int, list[str], list[Dataset]]]:
+    """A PACS answering at most ``limit`` matches to a STUDY-level C-FIND, then ``end_cut`` (0x0000: a
+    silent cap; 0xFE00: Orthanc at its LimitFindResults); an IMAGE-level C-FIND (``image_level``) with
+    one answer per instance, needing a SeriesInstanceUID key as dcmqrscp does; no instance count."""
+    moved: list[str] = []
+    queries: list[Dataset] = []
+
+    def find(event):
+        ask = event.identifier
+        queries.append(ask)
+        if ask.QueryRetrieveLevel == "IMAGE":
+            if not image_level or "SeriesInstanceUID" not in ask:
+                yield 0xC000, None
+                return
+            for s in studies:
+                if s.uid == ask.StudyInstanceUID:
+                    for n in range(s.instances):
+                        ds = Dataset()
+                        ds.QueryRetrieveLevel = "IMAGE"
+                        ds.StudyInstanceUID, ds.SeriesInstanceUID = s.uid, s.uid + ".1"
+                        ds.SOPInstanceUID = f"{s.uid}.1.{n + 1}"
+                        yield 0xFF00, ds
+            yield 0x0000, None
+            return
+        matching = [
+            s
+            for s in studies
+            if _in_range(s.date, str(ask.get("StudyDate", "") or ""))
+            and _in_range(s.time, str(ask.get("StudyTime", "") or ""))
+            and (not ask.get("AccessionNumber") or ask.AccessionNumber == s.accession)
+        ]
+        for s in matching[:limit]:
+            ds = Dataset()
+            ds.QueryRetrieveLevel = "STUDY"
+            ds.StudyInstanceUID, ds.AccessionNumber, ds.StudyDate = s.uid, s.accession, s.date
+            if s.time is not None:
+                ds.StudyTime = s.time
+            yield 0xFF00, ds
+        yield (end_cut if len(matching) > limit else 0x0000), None
+
+    def move(event):
+        moved.append(str(event.identifier.StudyInstanceUID))
+        yield "127.0.0.1", 1
+        yield 0  # success, nothing sent (the index stand-in says what arrived)
+
+    ae = AE("PACS")
+    ae.add_supported_context(FIND)
+    ae.add_supported_context(MOVE)
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_FIND, find), (evt.EVT_C_MOVE, move)]
+    )
+    try:
+        yield server.server_address[1], moved, queries
+    finally:
+        server.shutdown()
+
+
+class _Ledger:
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def record(self, event: str, **fields) -> dict:
+        from datetime import UTC, datetime
+
+        value = {"job_id": "j", "at": datetime.now(UTC), "event": event, **fields}
+        self.events.append(value)
+        return value
+
+
+class _Index:
+    """Every study moved is indexed whole (2 instances); ``held`` ones are before the job."""
+
+    def __init__(self, held: set[str] | None = None) -> None:
+        self.held = held or set()
+
+    def count(self, uid: str) -> int:
+        return 2 if uid in self.held else 0
+
+    def wait_for(self, uid: str, target: int, timeout_s: float, stop: threading.Event) -> int:
+        return 2
+
+
+def _run(port: int, request: CollectRequest, index: _Index | None = None, **settings) -> tuple[JobState, _Ledger]:
+    config = CollectConfig(
+        pacs_host="127.0.0.1", pacs_port=port, retries=0, verify_timeout_s=0.1, pause_s=0.1, timeout_s=5, **settings
+    )
+    ledger = _Ledger()
+    job = CollectJob(
+        config, JobState("j"), [request], ledger, PacsClient(config, "DIANA"), index or _Index(), notify=lambda _t: None
+    )
+    return job.run(), ledger
+
+
+_MONTH = CollectRequest(2, "march", date_from="20240301", date_to="20240331")
+
+
+def _corpus() -> list[_Study]:
+    """7 studies: 4 on one day (at 08:00, 09:30, 14:00, 23:59:59.5), 3 on other days of March 2024."""
+    day = [("080000", 1), ("093000", 2), ("140000", 3), ("235959.5", 4)]
+    return [_Study(f"1.2.826.0.1.9.{n}", "20240312", t) for t, n in day] + [
+        _Study(f"1.2.826.0.1.9.{n}", d, "120000") for n, d in ((5, "20240301"), (6, "20240320"), (7, "20240331"))
+    ]
+
+
+@pytest.mark.parametrize("end_cut", [0x0000, 0xFE00])
+def test_a_line_at_the_pacs_limit_is_asked_in_parts_and_every_study_retrieved_once(end_cut):
+    """A silent cap (find_limit said) or Orthanc's 0xFE00 after its first matches (no find_limit)."""
+    studies = _corpus()
+    with _limited_pacs(studies, limit=2, end_cut=end_cut) as (port, moved, queries):
+        state, ledger = _run(port, _MONTH, find_limit=2 if end_cut == 0 else 0)
+    assert sorted(moved) == sorted(s.uid for s in studies)  # each once
+    assert {u: s.state for u, s in state.studies.items()} == {s.uid: "STUDY_COMPLETE" for s in studies}
+    line = state.lines[2]
+    assert line.state == "LINE_FOUND" and line.detail.startswith("7 studies by "), line.detail
+    assert "the PACS's limit of matches reached" in line.detail
+    # the day of 4 was split by StudyTime, and a study found by two parts is recorded once
+    assert any("StudyTime" in q for q in queries)
+    found = [e["study_instance_uid"] for e in ledger.events if e["event"] == "STUDY_FOUND"]
+    assert sorted(found) == sorted(s.uid for s in studies)
+    rows = report_rows(state)
+    assert [r["outcome"] for r in rows] == ["retrieved"] * 7 and {r["line"] for r in rows} == {2}
+
+
+def test_a_line_at_the_limit_that_cannot_be_split_is_find_failed_and_says_so():
+    studies = [_Study(f"1.2.826.0.1.8.{n}", "20240312", "080000") for n in range(3)]
+    by_accession = CollectRequest(3, "A1", accession_number="A1")
+    with _limited_pacs(studies, limit=3) as (port, moved, _q):
+        state, ledger = _run(port, by_accession, find_limit=3)
+    line = state.lines[3]
+    assert (line.state, state.studies, moved) == ("LINE_FAILED", {}, [])
+    assert "limit of matches was reached (3 matches, [collect] find_limit = 3)" in line.detail, line.detail
+    assert "no study date to split it by: give it DateFrom and DateTo" in line.detail
+    assert [r["outcome"] for r in report_rows(state)] == ["find_failed"]
+    assert "STUDY_FOUND" not in [e["event"] for e in ledger.events]
+
+
+def test_a_line_still_at_the_limit_at_the_floor_is_find_failed():
+    """Three studies at the same second of one day, a limit of 2: no part of the day has fewer."""
+    studies = [_Study(f"1.2.826.0.1.7.{n}", "20240312", "080000") for n in range(3)]
+    with _limited_pacs(studies, limit=2, end_cut=0xFE00) as (port, moved, queries):
+        state, _ = _run(port, _MONTH)
+    line = state.lines[2]
+    assert (line.state, line.pacs_status, moved) == ("LINE_FAILED", "0xFE00", [])
+    assert "still so for StudyDate 20240312-20240312, StudyTime 0" in line.detail, line.detail
+    assert line.detail.startswith("the PACS's limit of matches was reached: C-FIND failed with 0xFE00; 2 matches")
+    assert len(queries) < 40  # halved dates, then the day down to the floor only along the full part
+
+
+def test_a_study_the_parts_miss_fails_the_line_rather_than_be_lost():
+    """A study without a StudyTime matches the day but none of its time ranges."""
+    studies = [_Study("1.2.826.0.1.6.1", "20240312", None)] + [
+        _Study(f"1.2.826.0.1.6.{n}", "20240312", f"0{n}0000") for n in range(2, 5)
+    ]
+    with _limited_pacs(studies, limit=2) as (port, moved, _q):
+        state, _ = _run(port, CollectRequest(2, "day", date_from="20240312", date_to="20240312"), find_limit=2)
+    line = state.lines[2]
+    assert (line.state, moved) == ("LINE_FAILED", []), line.detail
+    assert "are in none of its parts (a study without a StudyTime?)" in line.detail
+
+
+def test_under_the_limit_one_c_find_as_before():
+    studies = _corpus()
+    with _limited_pacs(studies, limit=100) as (port, moved, queries):
+        state, _ = _run(port, _MONTH, find_limit=100)
+    assert len([q for q in queries if q.QueryRetrieveLevel == "STUDY"]) == 1
+    assert state.lines[2].detail == "7 studies" and len(moved) == 7
+
+
+# ------------------------------------------------------------------------ no instance count
+def test_a_study_without_a_count_already_held_is_counted_by_image_level_and_not_retrieved():
+    study = _Study("1.2.826.0.1.5.1", "20240312", "080000")
+    request = CollectRequest(2, "A1", accession_number="A1")
+    with _limited_pacs([study], limit=100) as (port, moved, queries):
+        state, _ = _run(port, request, _Index(held={study.uid}))
+    got = state.studies[study.uid]
+    assert (got.state, got.expected_instances, got.attempts, moved) == ("STUDY_SKIPPED", 2, 0, [])
+    image = [q for q in queries if q.QueryRetrieveLevel == "IMAGE"]
+    assert len(image) == 1 and image[0].StudyInstanceUID == study.uid and image[0].SeriesInstanceUID == ""
+    assert report_rows(state)[0]["outcome"] == "already_present"
+
+
+def test_the_count_turned_off_or_failing_retrieves_as_before():
+    study = _Study("1.2.826.0.1.5.2", "20240312", "080000")
+    request = CollectRequest(2, "A1", accession_number="A1")
+    with _limited_pacs([study], limit=100) as (port, moved, queries):
+        state, _ = _run(port, request, _Index(held={study.uid}), count_instances=False)
+    assert moved == [study.uid] and not [q for q in queries if q.QueryRetrieveLevel == "IMAGE"]
+    with _limited_pacs([study], limit=100, image_level=False) as (port, moved, _q):
+        state, _ = _run(port, request, _Index(held={study.uid}))
+    got = state.studies[study.uid]
+    assert moved == [study.uid] and (got.attempts, got.expected_instances) == (1, None)
+
+
+def test_find_limit_is_read_and_checked(tmp_path):
+    from diana.config import ConfigError, load_config
+
+    path = tmp_path / "diana.toml"
+    path.write_text("[collect]\nfind_limit = 1000\ncount_instances = false\n")
+    collect = load_config(path, environ={}).collect
+    assert (collect.find_limit, collect.count_instances) == (1000, False)
+    assert load_config(path, environ={"DIANA_COLLECT_FIND_LIMIT": "500"}).collect.find_limit == 500
+    path.write_text("[collect]\nfind_limit = -1\n")
+    with pytest.raises(ConfigError, match="find_limit = -1: use 0 or more"):
+        load_config(path, environ={})
