@@ -134,7 +134,7 @@ def _delivery_worker(sends: list, ledger: Ledger | None = None, ok: bool = True)
     worker.routing = Routing((Recipient("physicist", email="p@h.example"),))
     worker.states, worker.codec, worker.ledger = AlertStates(), default_codec(), ledger or Ledger()
     worker.producer, worker._not_taken = RecordingBroker(), []
-    worker._send = lambda channel, address, alert, key, attempts=None: (  # type: ignore[method-assign]
+    worker._send = lambda channel, address, alert, key, attempts=None, **_: (  # type: ignore[method-assign]
         sends.append(alert["alert_id"]) or Delivery(ok, 1, "" if ok else "TimeoutError: timed out")
     )
     return worker
