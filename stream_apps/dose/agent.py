@@ -8,7 +8,8 @@ sees it twice overwrites it or drops it (the OpenSearch sink by document id and 
 delivery by alert_id). Image-header events a later dose report of their kind superseded (or another
 reconstructed series of the same acquisition) are retracted: dose.events gets each again with
 ``superseded_by`` set, and the sink deletes its document. An alert raised from such an event is
-withdrawn the same way on dose.alerts (and closed on dose.alert-actions): one exposure, one alert.
+withdrawn the same way on dose.alerts (and closed on dose.alert-actions): one exposure, one alert; so
+is a per-study alert whose value fell to or under its limit (study_alert_outputs).
 
 Redelivery: Faust processes at least once, and the table's changelog write and the outputs are
 separate sends. After a crash the changelog may hold a study's new state while its outputs never

@@ -225,3 +225,18 @@ def test_a_withdrawal_written_before_v3_is_corrected_without_a_value(monkeypatch
     worker.handle_alert({**WITHDRAWAL, "withdrawn_reason": reason, "replaced_value": None})
     texts = {text for kind, _, text in mail.sent if kind == "correction"}
     assert texts and all("superseded by the study's dose report (RDSR)" in t for t in texts)
+
+
+def test_an_alert_closed_by_hand_is_not_sent_again_by_the_retry_rounds(monkeypatch):
+    from diana.access.alerts.workflow import human_action
+
+    mail = _Mail(monkeypatch, fail=("email", "webhook"))
+    worker = _worker()
+    worker.handle_alert(ALERT)
+    assert len(worker.ledger.failed) == 2
+    worker.handle_action(human_action("h1", "ACKNOWLEDGED", "physicist", "protocol"))
+    worker.retry_failed()
+    assert len(mail.sent) == 4  # acknowledged: still open, still sent
+    worker.handle_action(human_action("h1", "CLOSED", "physicist"))
+    worker.retry_failed()
+    assert len(mail.sent) == 4 and not worker.ledger.failed
