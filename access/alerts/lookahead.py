@@ -58,6 +58,8 @@ class WithdrawalWatch:
         position = start
         while position < end:
             if self.clock() >= deadline:
+                # What was read stays read: the step tried again goes on from there (a long backlog).
+                self.read_to[partition] = max(self.read_to.get(partition, 0), position)
                 raise NotReadInTime(f"{DOSE_ALERTS.name} [{partition}] not read to its end in {self.timeout_s:g} s")
             msg = self.consumer.poll(0.2)
             if msg is None:

@@ -240,3 +240,23 @@ def test_an_alert_closed_by_hand_is_not_sent_again_by_the_retry_rounds(monkeypat
     worker.handle_action(human_action("h1", "CLOSED", "physicist"))
     worker.retry_failed()
     assert len(mail.sent) == 4 and not worker.ledger.failed
+
+
+def test_a_look_ahead_cut_by_its_time_goes_on_from_where_it_stopped():
+    from diana.access.alerts.lookahead import NotReadInTime
+
+    log = AlertsLog()
+    for n in range(10):
+        log.append(0, {**ALERT, "alert_id": f"a{n}"})
+    log.append(0, {**WITHDRAWAL, "alert_id": "a0"})
+    ticks = iter(range(1000))
+    watch = WithdrawalWatch(log, default_codec(), timeout_s=4, clock=lambda: float(next(ticks)))
+    cut = 0
+    while True:  # the alert waits meanwhile (Unavailable: its step tried again), it is not sent on a guess
+        try:
+            withdrawn = watch.is_withdrawn("a0", {0: 1})
+            break
+        except NotReadInTime:
+            cut += 1
+    assert withdrawn and cut >= 2
+    assert log.polls == 10  # each record once across the tries: before, each try began again and never ended
