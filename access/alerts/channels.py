@@ -25,6 +25,9 @@ __all__ = [
     "SmtpServer",
     "send_email",
     "send_webhook",
+    "send_correction_email",
+    "send_correction_webhook",
+    "correction_text",
     "with_retries",
     "failure_detail",
     "permanent_refusal",
@@ -67,6 +70,8 @@ class Delivery:
     # The last error was the server not reached (refused, timed out, unknown host): the other deliveries
     # to that server in a retry round are left for the next one.
     unreachable: bool = False
+    # Not sent (any more): the alert was found withdrawn before this attempt (with_retries' still_open).
+    withdrawn: bool = False
 
 
 def public(alert: dict, extra: tuple[str, ...] = ()) -> dict:
@@ -79,6 +84,30 @@ def alert_text(alert: dict, extra: tuple[str, ...] = ()) -> str:
     lines = [alert.get("message") or "", ""]
     lines += [f"{k}: {v}" for k, v in public(alert, extra).items() if k != "message"]
     lines += ["", f"Acknowledge: diana alerts ack {alert['alert_id']} --reason REASON --note TEXT"]
+    return "\n".join(lines)
+
+
+def _withdrawn_line(alert: dict) -> str:
+    """What a correction says of the withdrawal: why, and the value that stands now when one does."""
+    now, metric = alert.get("replaced_value"), alert.get("metric")
+    if alert.get("withdrawn_reason") == "under_limit":
+        value = "" if now is None else f": {metric} is now {now:g}"
+        return f"WITHDRAWN: the study's value is no longer over the limit {alert.get('threshold'):g}{value}."
+    if now is None:
+        return "WITHDRAWN: superseded by the study's dose report (RDSR); its values are in the report's own record."
+    return f"WITHDRAWN: superseded by the RDSR's value {now:g} ({metric})."
+
+
+def correction_text(alert: dict, extra: tuple[str, ...] = ()) -> str:
+    """The text of a correction: the withdrawal, then the alert as it was sent (``public``: the same
+    fields under the same settings, so no more of the patient than the alert said)."""
+    fields = public(alert, extra)
+    lines = [
+        _withdrawn_line(alert),
+        f"Dose alert {alert['alert_id']}, sent before with the value {alert.get('value'):g}:",
+    ]
+    lines += [f"{k}: {v}" for k, v in fields.items()]
+    lines += ["", "Do not act on the value of the alert sent before."]
     return "\n".join(lines)
 
 
@@ -127,8 +156,43 @@ def send_email(server: SmtpServer, to: str, alert: dict, key: str, timeout: floa
     return f"accepted by {server.host}:{server.port}"
 
 
+def send_correction_email(
+    server: SmtpServer, to: str, alert: dict, key: str, timeout: float, extra: tuple[str, ...] = ()
+) -> str:
+    """The correction of a delivered alert that was withdrawn (its own Message-ID: ``key`` is the
+    correction's; In-Reply-To the alert's own message, so a mail client threads them)."""
+    msg = EmailMessage()
+    msg["From"], msg["To"] = server.sender, to
+    msg["Subject"] = (
+        f"[diana-star dose alert WITHDRAWN] {alert.get('rule')}: {alert.get('metric')} {alert.get('value'):g}"
+    )
+    msg["Message-ID"] = f"<{key}@diana-star>"
+    msg["In-Reply-To"] = f"<{key.removeprefix('correction:')}@diana-star>"
+    msg.set_content(correction_text(alert, extra))
+    with server.connect(timeout) as smtp:
+        refused = smtp.send_message(msg)
+    if refused:
+        raise smtplib.SMTPRecipientsRefused(refused)
+    return f"accepted by {server.host}:{server.port}"
+
+
+def send_correction_webhook(url: str, alert: dict, key: str, timeout: float, extra: tuple[str, ...] = ()) -> str:
+    """POSTs ``{"alert": ..., "withdrawn": {...}, "idempotency_key": ...}``: the alert's fields as sent
+    before, and the withdrawal (reason, the value that stands now or null, the text)."""
+    withdrawn = {
+        "reason": alert.get("withdrawn_reason") or "superseded",
+        "replaced_value": alert.get("replaced_value"),
+        "text": _withdrawn_line(alert),
+    }
+    return _post(url, {"alert": public(alert, extra), "withdrawn": withdrawn, "idempotency_key": key}, key, timeout)
+
+
 def send_webhook(url: str, alert: dict, key: str, timeout: float, extra: tuple[str, ...] = ()) -> str:
-    body = json.dumps({"alert": public(alert, extra), "idempotency_key": key}).encode()
+    return _post(url, {"alert": public(alert, extra), "idempotency_key": key}, key, timeout)
+
+
+def _post(url: str, payload: dict, key: str, timeout: float) -> str:
+    body = json.dumps(payload).encode()
     request = urllib.request.Request(
         url, data=body, method="POST", headers={"Content-Type": "application/json", "Idempotency-Key": key}
     )
@@ -199,15 +263,23 @@ def _unreachable(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and not isinstance(exc, (*answered, smtplib.SMTPNotSupportedError))
 
 
-def with_retries(send: Callable[[], str], attempts: int, sleep: Callable[[float], None] = time.sleep) -> Delivery:
+def with_retries(
+    send: Callable[[], str],
+    attempts: int,
+    sleep: Callable[[float], None] = time.sleep,
+    still_open: Callable[[], bool] | None = None,
+) -> Delivery:
     """Try ``attempts`` times, waiting 1, 2, 4 ... s between tries; the last error is the detail. A
-    permanent refusal (permanent_refusal) ends the tries at once.
+    permanent refusal (permanent_refusal) ends the tries at once. ``still_open`` is asked just before
+    each try: False (the alert was withdrawn meanwhile) ends them, nothing more sent (``withdrawn``).
 
     Any exception of the send is a failed try: an error nobody listed (a webhook answering something
     that is not HTTP) used to escape, end the delivery worker, and end it again at every start, so
     every later alert was held."""
     detail, unreachable = "", False
     for attempt in range(1, attempts + 1):
+        if still_open is not None and not still_open():
+            return Delivery(False, attempt - 1, "not sent: the alert was withdrawn", withdrawn=True)
         try:
             return Delivery(True, attempt, send())
         except Exception as exc:

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
-from confluent_kafka import KafkaError, Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import ConflictError, NotFoundError, TransportError
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
@@ -38,17 +38,22 @@ from diana.access.alerts.channels import (
     EXTRA_FIELDS,
     Delivery,
     SmtpServer,
+    send_correction_email,
+    send_correction_webhook,
     send_email,
     send_webhook,
     with_retries,
 )
+from diana.access.alerts.lookahead import NotReadInTime, WithdrawalWatch
 from diana.access.alerts.routing import Routing
 from diana.access.alerts.workflow import (
     STATE_MAPPING,
     apply_action,
+    correction_key,
     delivery_action,
     delivery_action_id,
     delivery_key,
+    is_correction,
     is_withdrawal,
     raised_state,
     withdrawal_action,
@@ -87,7 +92,7 @@ def _passes(exc: Exception) -> bool:
     broker not acknowledging. The step (an alert, an action, a retry round) is tried again with
     backoff instead of ending the worker. Anything else (a 400, a 403: a request that will never be
     taken) still ends it, loudly, rather than hold every later alert behind it unnoticed."""
-    if isinstance(exc, (OSConnectionError, Unavailable)):
+    if isinstance(exc, (OSConnectionError, Unavailable, NotReadInTime)):
         return True
     status = getattr(exc, "status_code", None)
     return isinstance(exc, TransportError) and (not isinstance(status, int) or status == 429 or status >= 500)
@@ -145,21 +150,28 @@ class Ledger:
     failed: dict[str, dict] = field(default_factory=dict)  # delivery key -> its latest DELIVERY_FAILED action
     refused: set[str] = field(default_factory=set)
     withdrawn: set[str] = field(default_factory=set)  # alert ids the dose worker withdrew: sent to no one
+    closed: set[str] = field(default_factory=set)  # alert ids closed by hand: no longer sent either
 
     def add(self, action: dict) -> None:
+        """A correction (CORRECTED, CORRECTION_FAILED: key ``correction:...``) is kept as a delivery is; a
+        withdrawal drops the alert's failed deliveries, not its failed corrections."""
         key = delivery_key(action)
+        if action.get("action") == "CLOSED" and not is_withdrawal(action):
+            self.closed.add(action["alert_id"])
         if is_withdrawal(action):
             self.withdrawn.add(action["alert_id"])
-            self.failed = {k: a for k, a in self.failed.items() if a["alert_id"] != action["alert_id"]}
-        elif action.get("action") == "DELIVERED":
+            self.failed = {
+                k: a for k, a in self.failed.items() if a["alert_id"] != action["alert_id"] or is_correction(k)
+            }
+        elif action.get("action") in ("DELIVERED", "CORRECTED"):
             self.delivered.add(key)
             self.failed.pop(key, None)
             self.refused.discard(key)
-        elif action.get("action") == "DELIVERY_FAILED" and key not in self.delivered:
+        elif action.get("action") in ("DELIVERY_FAILED", "CORRECTION_FAILED") and key not in self.delivered:
             if action.get("permanent"):
                 self.refused.add(key)
                 self.failed.pop(key, None)
-            elif key not in self.refused and action["alert_id"] not in self.withdrawn:
+            elif key not in self.refused and (action["alert_id"] not in self.withdrawn or is_correction(key)):
                 self.failed[key] = action
 
     def done(self, key: str) -> bool:
@@ -228,6 +240,10 @@ class DeliveryWorker:
     states: AlertStates
     codec: Codec = field(default_factory=default_codec)
     ledger: Ledger = field(default_factory=Ledger)
+    # Reads dose.alerts ahead of the consumer for withdrawals not yet read (lookahead.py); ``positions``:
+    # the consumer's next offset on each partition of dose.alerts it is assigned (for retries).
+    watch: WithdrawalWatch | None = None
+    positions: Callable[[], dict[int, int]] | None = None
 
     def __post_init__(self) -> None:
         # No delivery timeout: librdkafka's (5 min) dropped an action the broker had not taken, and its
@@ -269,26 +285,100 @@ class DeliveryWorker:
                 self._produce(key, value)
             raise Unavailable(f"{ALERT_ACTIONS.name}: {len(not_taken)} actions not taken ({not_taken[0][2]})")
 
-    def _send(self, channel: str, address: str, alert: dict, key: str, attempts: int | None = None) -> Delivery:
+    def _send(
+        self,
+        channel: str,
+        address: str,
+        alert: dict,
+        key: str,
+        attempts: int | None = None,
+        still_open: Callable[[], bool] | None = None,
+        correction: bool = False,
+    ) -> Delivery:
         a = self.cfg.alerts
         tries, extra = attempts or a.attempts, a.message_extra_fields
         if channel == "email":
-            return with_retries(lambda: send_email(self.smtp, address, alert, key, a.timeout_s, extra), tries)
-        return with_retries(lambda: send_webhook(address, alert, key, a.timeout_s, extra), tries)
+            mail = send_correction_email if correction else send_email
+            return with_retries(
+                lambda: mail(self.smtp, address, alert, key, a.timeout_s, extra), tries, still_open=still_open
+            )
+        post = send_correction_webhook if correction else send_webhook
+        return with_retries(lambda: post(address, alert, key, a.timeout_s, extra), tries, still_open=still_open)
 
-    def _deliver(self, alert: dict, recipient: str, channel: str, address: str, again: bool = False) -> Delivery | None:
+    def _still_open(self, alert_id: str, after: dict[int, int] | None) -> bool:
+        """Asked just before each try of a send: False once the alert is withdrawn, as far as ``dose.alerts``
+        says now. The ledger first (a withdrawal or closing read already), then the partitions read ahead
+        (lookahead.py): ``after``, the alert's partition from past its offset; for a retry (None), every
+        partition of ``dose.alerts`` this worker consumes, from its consumer's position."""
+        if alert_id in self.ledger.withdrawn or alert_id in self.ledger.closed:
+            return False
+        if self.watch is None:
+            return True
+        reach = after if after is not None else (self.positions() if self.positions is not None else {})
+        try:
+            withdrawn = self.watch.is_withdrawn(alert_id, reach)
+        except KafkaException as exc:
+            raise Unavailable(f"{DOSE_ALERTS.name}: not read ahead ({type(exc).__name__})") from exc
+        if withdrawn:
+            # Seen ahead of the consumer: its withdrawal is handled (closed, corrected) when read in turn.
+            self.ledger.withdrawn.add(alert_id)
+            self.ledger.failed = {
+                k: a for k, a in self.ledger.failed.items() if a["alert_id"] != alert_id or is_correction(k)
+            }
+        return not withdrawn
+
+    def _deliver(
+        self,
+        alert: dict,
+        recipient: str,
+        channel: str,
+        address: str,
+        again: bool = False,
+        after: dict[int, int] | None = None,
+    ) -> Delivery | None:
         """``again``: a failed delivery is tried (retry_failed), once: the retry interval is its wait;
         otherwise it is left to retry_failed, so a step tried again while the broker is down does not
-        send and record it once per try. The send's result; None when nothing was sent."""
+        send and record it once per try. Each try only while the alert is still open (_still_open;
+        ``after``: where on dose.alerts its withdrawal would be). The send's result; None when nothing
+        was sent."""
         key = delivery_action_id(alert["alert_id"], recipient, channel)
         if self.ledger.done(key) or (key in self.ledger.failed and not again):
             return None  # the ledger says it went out already or was refused for good, or it failed: retry_failed's
-        result = self._send(channel, address, alert, key, attempts=1 if again else None)
+        result = self._send(
+            channel,
+            address,
+            alert,
+            key,
+            attempts=1 if again else None,
+            still_open=lambda: self._still_open(alert["alert_id"], after),
+        )
+        return self._outcome(alert["alert_id"], recipient, channel, key, result, correction=False)
+
+    def _correct(self, alert: dict, recipient: str, channel: str, address: str, again: bool = False) -> Delivery | None:
+        """The correction of a withdrawn ``alert`` to a (recipient, channel) it was delivered to, once (its
+        own key in the ledger), with the alert's retry rules; None when nothing was sent."""
+        if delivery_action_id(alert["alert_id"], recipient, channel) not in self.ledger.delivered:
+            return None  # never delivered there: nothing to correct
+        key = correction_key(alert["alert_id"], recipient, channel)
+        if self.ledger.done(key) or (key in self.ledger.failed and not again):
+            return None
+        result = self._send(channel, address, alert, key, attempts=1 if again else None, correction=True)
+        return self._outcome(alert["alert_id"], recipient, channel, key, result, correction=True)
+
+    def _outcome(
+        self, alert_id: str, recipient: str, channel: str, key: str, result: Delivery, correction: bool
+    ) -> Delivery:
+        """Count, log and record a send's result (a failure like the last one recorded lately is not)."""
+        if result.withdrawn:
+            self.ledger.failed.pop(key, None)
+            SENT.labels(channel, "withdrawn").inc()
+            log.info("alert.delivery.withdrawn", alert_id=alert_id, recipient=recipient, channel=channel)
+            return result
         outcome = "delivered" if result.ok else "refused" if result.permanent else "failed"
-        SENT.labels(channel, outcome).inc()
+        SENT.labels(channel, f"correction_{outcome}" if correction else outcome).inc()
         log.info(
-            "alert.delivery",
-            alert_id=alert["alert_id"],
+            "alert.correction" if correction else "alert.delivery",
+            alert_id=alert_id,
             recipient=recipient,
             channel=channel,
             ok=result.ok,
@@ -299,32 +389,43 @@ class DeliveryWorker:
         if not result.ok and not result.permanent and previous is not None and _recorded_lately(previous, result):
             return result  # the same failure, recorded less than SAME_FAILURE_RECORDED_EVERY ago
         action = delivery_action(
-            alert["alert_id"], recipient, channel, result.ok, result.attempts, result.detail, result.permanent
+            alert_id, recipient, channel, result.ok, result.attempts, result.detail, result.permanent, correction
         )
         self._record(action)
         return result
 
-    def handle_alert(self, alert: dict) -> None:
+    def handle_alert(self, alert: dict, origin: tuple[int, int] | None = None) -> None:
+        """``origin``: the alert's (partition, offset) on dose.alerts, where its withdrawal is looked for."""
+        after = None if origin is None else {origin[0]: origin[1] + 1}
         if alert.get("superseded_by"):
             # Withdrawn: closed (the dose worker's action, applied here too in case this comes first), its
-            # failed deliveries not tried again, nothing sent; the state keeps when it was raised.
+            # failed deliveries not tried again, nothing sent; the state keeps when it was raised. Where
+            # it was delivered, a correction goes, once.
             action = withdrawal_action(alert)
             self.ledger.add(action)
-            self.states.update(
+            withdrawn = {k: alert.get(k) for k in ("superseded_by", "withdrawn_reason", "replaced_value")}
+            doc = self.states.update(
                 alert["alert_id"],
-                lambda doc: apply_action(
-                    {**(doc or raised_state(alert, None)), "superseded_by": alert["superseded_by"]}, action
-                ),
+                lambda doc: apply_action({**(doc or raised_state(alert, None)), **withdrawn}, action),
             )
-            log.info("alert.withdrawn", alert_id=alert["alert_id"])
-        else:
-            self.states.update(alert["alert_id"], lambda doc: raised_state(alert, doc))
+            log.info("alert.withdrawn", alert_id=alert["alert_id"], reason=alert.get("withdrawn_reason"))
+            # The alert as it was sent (its state document: the message it went with), and why it no
+            # longer stands; never the withdrawal's own message (under_limit: the note, naming an object).
+            sent = {**alert, **doc}
+            if alert.get("withdrawn_reason") == "under_limit" and sent.get("message") == alert.get("message"):
+                sent.pop("message", None)
+            for recipient in self.routing.route(alert):
+                for channel, address in recipient.channels():
+                    self._correct(sent, recipient.name, channel, address)
+            self.acknowledged()
+            return
+        self.states.update(alert["alert_id"], lambda doc: raised_state(alert, doc))
         if alert["alert_id"] in self.ledger.withdrawn:
             self.acknowledged()
             return
         for recipient in self.routing.route(alert):
             for channel, address in recipient.channels():
-                self._deliver(alert, recipient.name, channel, address)
+                self._deliver(alert, recipient.name, channel, address, after=after)
         self.acknowledged()  # tried again after Unavailable: nothing is sent again, the actions are awaited
 
     def handle_action(self, action: dict) -> None:
@@ -355,7 +456,10 @@ class DeliveryWorker:
             if alert is None:
                 self.ledger.failed.pop(key, None)
                 continue
-            result = self._deliver(alert, recipient.name, failed["channel"], address, again=True)
+            if is_correction(key):
+                result = self._correct(alert, recipient.name, failed["channel"], address, again=True)
+            else:
+                result = self._deliver(alert, recipient.name, failed["channel"], address, again=True)
             if key in self.ledger.failed:  # still failing: to the end of the queue, behind those not tried
                 self.ledger.failed[key] = self.ledger.failed.pop(key)
             if result is not None and result.unreachable:
@@ -382,7 +486,7 @@ def handle_then_commit(worker: DeliveryWorker, consumer: Any, msg: Message) -> N
         log.warning("alert.delivery.undecodable", topic=msg.topic(), offset=msg.offset(), reason=str(exc))
     else:
         if msg.topic() == DOSE_ALERTS.name:
-            worker.handle_alert(record)
+            worker.handle_alert(record, (msg.partition() or 0, msg.offset() or 0))
         else:
             worker.handle_action(record)
     commit_written_or_log(consumer, log, "alert.delivery.commit_failed")
@@ -443,6 +547,15 @@ def run_delivery(cfg: Config, routing: Routing, stop_after: float | None = None)
         },
     )
     consumer.subscribe([DOSE_ALERTS.name, ALERT_ACTIONS.name])
+    # The withdrawal look-ahead (lookahead.py): assigned, never in the group, never committing; an end of
+    # partition event says it read all a read_committed reader may.
+    ahead = kafka_consumer(
+        cfg.kafka,
+        f"{cfg.alerts.consumer_group}-lookahead",
+        {"enable.auto.commit": False, "isolation.level": "read_committed", "enable.partition.eof": True},
+    )
+    worker.watch = WithdrawalWatch(ahead, codec, timeout_s=cfg.alerts.timeout_s)
+    worker.positions = partial(_alert_positions, consumer)
     running = [True]
     signal.signal(signal.SIGTERM, lambda *_: running.__setitem__(0, False))
     started = time.monotonic()
@@ -456,6 +569,13 @@ def run_delivery(cfg: Config, routing: Routing, stop_after: float | None = None)
         pass
     finally:
         consumer.close()
+        ahead.close()
+
+
+def _alert_positions(consumer: Any) -> dict[int, int]:
+    """The consumer's next offset on each partition of dose.alerts it is assigned (where it has one)."""
+    mine = [tp for tp in consumer.assignment() if tp.topic == DOSE_ALERTS.name]
+    return {tp.partition: tp.offset for tp in consumer.position(mine) if tp.offset >= 0} if mine else {}
 
 
 def serve(

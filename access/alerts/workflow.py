@@ -12,10 +12,14 @@ import hashlib
 import uuid
 from datetime import UTC, datetime
 
+from diana.stream_apps.dose.alerts import withdrawal_note
+
 __all__ = [
     "REASON_CODES",
     "TransitionError",
     "delivery_action_id",
+    "correction_key",
+    "is_correction",
     "delivery_key",
     "delivery_action",
     "human_action",
@@ -47,6 +51,7 @@ STATE_MAPPING = {
             "updated_at": {"type": "date"},
             "reason_code": {"type": "keyword"},
             "deliveries": {"type": "integer"},
+            "corrections": {"type": "integer"},
         },
     }
 }
@@ -60,6 +65,15 @@ def delivery_action_id(alert_id: str, recipient: str, channel: str) -> str:
     return hashlib.sha1(f"{alert_id}\x1f{recipient}\x1f{channel}".encode()).hexdigest()
 
 
+def correction_key(alert_id: str, recipient: str, channel: str) -> str:
+    """The key of the correction sent where the alert was delivered, once it was withdrawn."""
+    return f"correction:{delivery_action_id(alert_id, recipient, channel)}"
+
+
+def is_correction(key: str) -> bool:
+    return key.startswith("correction:")
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -70,14 +84,27 @@ def delivery_key(action: dict) -> str:
 
 
 def delivery_action(
-    alert_id: str, recipient: str, channel: str, ok: bool, attempts: int, detail: str, permanent: bool = False
+    alert_id: str,
+    recipient: str,
+    channel: str,
+    ok: bool,
+    attempts: int,
+    detail: str,
+    permanent: bool = False,
+    correction: bool = False,
 ) -> dict:
-    key = delivery_action_id(alert_id, recipient, channel)
+    """A delivery's outcome; with ``correction``, that of the correction of a withdrawn alert (CORRECTED,
+    CORRECTION_FAILED: its own key, correction_key)."""
+    key = (correction_key if correction else delivery_action_id)(alert_id, recipient, channel)
+    if correction:
+        action = "CORRECTED" if ok else "CORRECTION_FAILED"
+    else:
+        action = "DELIVERED" if ok else "DELIVERY_FAILED"
     return {
         # A delivery is one action per key; each failure is its own step in the history.
         "action_id": key if ok else f"{key}/failed/{uuid.uuid4().hex[:12]}",
         "alert_id": alert_id,
-        "action": "DELIVERED" if ok else "DELIVERY_FAILED",
+        "action": action,
         "at": _now(),
         "recipient": recipient,
         "channel": channel,
@@ -106,15 +133,15 @@ def human_action(
 
 def withdrawal_action(alert: dict) -> dict:
     """The CLOSED action of a withdrawn alert (``superseded_by`` set: the image-header event it was raised
-    from was superseded, docs/DOSE.md). The dose worker writes the same (stream_apps/dose/alerts.py,
-    same id): applied once whichever arrives first."""
+    from was superseded, or a per-study value fell under its limit, docs/DOSE.md). The dose worker writes
+    the same (stream_apps/dose/alerts.py, same id and note): applied once whichever arrives first."""
     return {
         "action_id": f"withdrawn:{alert['alert_id']}",
         "alert_id": alert["alert_id"],
         "action": "CLOSED",
         "at": alert.get("raised_at") or _now(),
         "actor": "diana-dose",
-        "note": f"withdrawn: the image-header event it was raised from is superseded by {alert['superseded_by']}",
+        "note": withdrawal_note(alert["superseded_by"], alert.get("withdrawn_reason"), alert.get("replaced_value")),
     }
 
 
@@ -162,6 +189,8 @@ def apply_action(doc: dict | None, action: dict) -> dict:
     doc["updated_at"] = entry["at"]
     if action["action"] == "DELIVERED":
         doc["deliveries"] = doc.get("deliveries", 0) + 1
+    elif action["action"] == "CORRECTED":
+        doc["corrections"] = doc.get("corrections", 0) + 1
     elif action["action"] == "ACKNOWLEDGED":
         doc["status"], doc["reason_code"], doc["note"] = "acknowledged", action.get("reason_code"), action.get("note")
     elif action["action"] == "CLOSED":

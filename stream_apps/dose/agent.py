@@ -8,7 +8,8 @@ sees it twice overwrites it or drops it (the OpenSearch sink by document id and 
 delivery by alert_id). Image-header events a later dose report of their kind superseded (or another
 reconstructed series of the same acquisition) are retracted: dose.events gets each again with
 ``superseded_by`` set, and the sink deletes its document. An alert raised from such an event is
-withdrawn the same way on dose.alerts (and closed on dose.alert-actions): one exposure, one alert.
+withdrawn the same way on dose.alerts (and closed on dose.alert-actions): one exposure, one alert; so
+is a per-study alert whose value fell to or under its limit (study_alert_outputs).
 
 Redelivery: Faust processes at least once, and the table's changelog write and the outputs are
 separate sends. After a crash the changelog may hold a study's new state while its outputs never
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,8 +52,11 @@ from diana.stream_apps.dose.alerts import (
     drl_alerts,
     event_alerts,
     repeat_alerts,
+    report_value,
     study_alerts,
+    study_sums,
     withdrawal_action,
+    withdrawal_note,
 )
 from diana.stream_apps.dose.content import Item
 from diana.stream_apps.dose.extract import DoseExtractionError, dataset_from_header_json, extract_dose
@@ -305,18 +310,19 @@ def alerts_to_send(state: dict, alerts: list[dict], at_ms: int, resend: bool) ->
 
 
 def withdrawals_to_send(
-    state: dict, candidates: list[tuple[dict, str]], at_ms: int, resend: bool
+    state: dict, candidates: list[tuple[dict, str, str, float | None]], at_ms: int, resend: bool
 ) -> tuple[list[tuple[dict, dict]], bool]:
     """The withdrawals to publish, each with its origin, and whether the state changed. ``candidates``:
-    the alerts of the image-header events that were superseded, each with what superseded it. One the
-    study raised is withdrawn once: sent again with ``superseded_by`` set and recorded in the state
-    (``withdrawn_alerts``: origin and superseded_by); with ``resend``, the recorded ones as first sent.
-    Before, such an alert stood beside the dose report's own alert for the same exposure, was mailed
-    and counted."""
+    alerts that no longer stand, each with what withdrew it (superseded_by), why (``superseded``: the
+    image-header event it was raised from was superseded; ``under_limit``: a per-study value now at or
+    under its limit) and the value that stands now (or None). One the study raised is withdrawn once:
+    sent again with ``superseded_by``, ``withdrawn_reason`` and ``replaced_value`` set and recorded in
+    the state (``withdrawn_alerts``: its origin and those three); with ``resend``, the recorded ones as
+    first sent, and no new one (a replay of the same objects withdraws nothing it did not withdraw)."""
     raised = state.get("alerts", {})
     withdrawn = state.setdefault("withdrawn_alerts", {})
     out, changed = [], False
-    for alert, superseded_by in candidates:
+    for alert, superseded_by, reason, replaced_value in candidates:
         alert_id = alert["alert_id"]
         if alert_id not in raised:
             continue  # never raised (published), so nothing to withdraw
@@ -325,11 +331,38 @@ def withdrawals_to_send(
             if resend:
                 continue  # as alerts_to_send: a replay sends nothing it did not send before
             origin = {"revision": state["revision"], "raised_at": at_ms, "superseded_by": superseded_by}
+            origin.update(reason=reason, replaced_value=replaced_value)
             withdrawn[alert_id], changed = origin, True
         elif not resend:
             continue  # withdrawn already
-        out.append(({**alert, "value": raised[alert_id], "superseded_by": origin["superseded_by"]}, origin))
+        # A withdrawal recorded before v3 has no reason: it was a superseded event's.
+        reason, replaced_value = origin.get("reason", "superseded"), origin.get("replaced_value")
+        record = {**alert, "value": raised[alert_id], "superseded_by": origin["superseded_by"]}
+        record.update(withdrawn_reason=reason, replaced_value=replaced_value)
+        if reason == "under_limit":
+            record["message"] = withdrawal_note(origin["superseded_by"], reason, replaced_value)
+        out.append((record, origin))
     return out, changed
+
+
+def _ids_of(state: dict, alert_id: str) -> list[str]:
+    """The ids an alert had: its own, then a new one after each withdrawal as under its limit (the study
+    over the limit again, a later series, is a new alert, sent and delivered as one: the old id stays
+    closed in every delivery ledger). Derived from the id, so the same in a replay."""
+    withdrawn, ids = state.get("withdrawn_alerts", {}), [alert_id]
+    while withdrawn.get(ids[-1], {}).get("reason") == "under_limit":
+        ids.append(hashlib.sha1(f"{ids[-1]}\x1fraised again".encode()).hexdigest())
+    return ids
+
+
+def _raised_again(state: dict, alerts: list[dict]) -> list[dict]:
+    """``alerts`` each with its current id (_ids_of)."""
+    return [{**alert, "alert_id": _ids_of(state, alert["alert_id"])[-1]} for alert in alerts]
+
+
+def _latest_object(state: dict) -> str:
+    """The SOP Instance UID of the study's object that arrived last: the one whose arrival changed it."""
+    return max(state["reports"].values(), key=lambda r: r["arrival"])["sop_instance_uid"]
 
 
 def study_alert_outputs(
@@ -342,16 +375,28 @@ def study_alert_outputs(
     resend: bool,
 ) -> tuple[list[tuple[dict, dict]], bool]:
     """A study's alerts to publish (alerts_to_send), then its withdrawals: the alerts raised from the
-    ``superseded`` image-header events (superseded_events) that the study no longer raises."""
-    alerts = study_alerts(rules, study, events) + drl_alerts(study)
+    ``superseded`` image-header events (superseded_events) that the study no longer raises, and the
+    per-study ones (a sum of a reference level, a DRL) whose value is now at or under the limit (the
+    dose report's values replacing the headers' estimates, a duplicate no longer counted)."""
+    alerts = _raised_again(state, study_alerts(rules, study, events) + drl_alerts(study))
     out, changed = alerts_to_send(state, alerts, at_ms, resend)
     current = {a["alert_id"] for a in alerts}
     candidates = [
-        (alert, event["superseded_by"])
+        (alert, event["superseded_by"], "superseded", report_value(rules, alert, study, events, event["superseded_by"]))
         for event in superseded
         for alert in event_alerts(rules, study, event)
         if alert["alert_id"] not in current
     ]
+    if state["reports"]:
+        latest, withdrawn = _latest_object(state), state.get("withdrawn_alerts", {})
+        # Every id the value had: a withdrawal recorded is re-sent under its own (resend), a new one made
+        # only for the current id, when it is at or under the limit.
+        candidates += [
+            ({**alert, "alert_id": alert_id}, latest, "under_limit", alert["value"])
+            for alert in study_sums(rules, study, events)
+            for alert_id in _ids_of(state, alert["alert_id"])
+            if alert_id not in current and (alert_id in withdrawn or alert["value"] <= alert["threshold"])
+        ]
     withdrawals, withdrew = withdrawals_to_send(state, candidates, at_ms, resend)
     return out + withdrawals, changed or withdrew
 
@@ -437,7 +482,13 @@ def register_dose(
             if alert.get("superseded_by"):
                 # Its CLOSED action too: a delivery worker that was stopped reads dose.alert-actions
                 # whole at its start, before the alert waiting on dose.alerts, and does not send it.
-                action = withdrawal_action(alert["alert_id"], alert["superseded_by"], record["raised_at"])
+                action = withdrawal_action(
+                    alert["alert_id"],
+                    alert["superseded_by"],
+                    record["raised_at"],
+                    alert.get("withdrawn_reason"),
+                    alert.get("replaced_value"),
+                )
                 await actions_out.send(
                     key=alert["alert_id"].encode(),
                     value=codec.encode(ALERT_ACTIONS.value_schema, _fit(codec, ALERT_ACTIONS.value_schema, action)),

@@ -36,6 +36,9 @@ __all__ = [
     "study_alerts",
     "event_alerts",
     "withdrawal_action",
+    "withdrawal_note",
+    "study_sums",
+    "report_value",
     "cumulative_alerts",
     "drl_alerts",
     "repeat_alerts",
@@ -244,20 +247,63 @@ def event_alerts(rules: AlertRules, study: dict, event: dict) -> list[dict]:
     return out + (_dose_check(event, study) if rules.dose_check else [])
 
 
-def withdrawal_action(alert_id: str, superseded_by: str, at: Any) -> dict:
-    """The CLOSED action (dose.alert-actions) of an alert withdrawn because the image-header event it was
-    raised from was superseded: its id is deterministic, so the delivery worker, which builds the same
-    from the withdrawn alert (access/alerts/workflow.py withdrawal_action), applies it once whichever
-    comes first, and a replay adds nothing. Written by the dose worker too, so that a delivery worker
-    that was stopped knows at its start (it reads this topic before dose.alerts) not to send it."""
+def withdrawal_note(superseded_by: str, reason: str | None, replaced_value: float | None) -> str:
+    """The note of a withdrawal's CLOSED action; access/alerts/workflow.py builds the same from the
+    withdrawn alert (its ``withdrawn_reason`` and ``replaced_value``), so the two writers agree."""
+    now = "" if replaced_value is None else f" (now {replaced_value:g})"
+    if reason == "under_limit":
+        return f"withdrawn: the study's value{now} is no longer over the limit since {superseded_by}"
+    return f"withdrawn: the image-header event it was raised from is superseded by {superseded_by}{now}"
+
+
+def withdrawal_action(
+    alert_id: str, superseded_by: str, at: Any, reason: str | None = None, replaced_value: float | None = None
+) -> dict:
+    """The CLOSED action (dose.alert-actions) of a withdrawn alert: its id is deterministic, so the
+    delivery worker, which builds the same from the withdrawn alert (access/alerts/workflow.py
+    withdrawal_action), applies it once whichever comes first, and a replay adds nothing. Written by the
+    dose worker too, so that a delivery worker that was stopped knows at its start (it reads this topic
+    before dose.alerts) not to send it."""
     return {
         "action_id": f"withdrawn:{alert_id}",
         "alert_id": alert_id,
         "action": "CLOSED",
         "at": at,
         "actor": "diana-dose",
-        "note": f"withdrawn: the image-header event it was raised from is superseded by {superseded_by}",
+        "note": withdrawal_note(superseded_by, reason, replaced_value),
     }
+
+
+def study_sums(rules: AlertRules, study: dict, events: list[dict]) -> list[dict]:
+    """Every per-study value a rule compares with a limit (a reference level's ``dlp_mGycm``,
+    ``dap_Gym2``, ``dose_rp_mGy`` sum over the study's matching events; the study's or each part's DRL
+    value), as the alert it raises when over, over or not: an alert raised before whose value is now at
+    or under its limit is withdrawn (agent.py). A level no event matches any more sums to 0."""
+    out = []
+    for level in rules.reference_levels:
+        matching = [e for e in events if level.matches(e, study)]
+        for metric, limit in level.study_limits.items():
+            total = float(sum(e[metric] for e in matching if e.get(metric) is not None))
+            out.append(_alert(level.name, "reference_level", metric, total, limit, study))
+    return out + drl_alerts(study, over_only=False)
+
+
+def report_value(rules: AlertRules, alert: dict, study: dict, events: list[dict], superseded_by: str) -> float | None:
+    """The value the record that superseded an image-header event gives for ``alert``'s metric, when one
+    value stands for that exposure: the superseding object's one event of the alert's kind that the
+    alert's rule applies to (the same reference level's match; any, for Dose Check). None when it has
+    several (which of them is this exposure is not known) or none."""
+    level = next((r for r in rules.reference_levels if r.name == alert["rule"]), None)
+    if alert["rule_type"] == "reference_level" and level is None:
+        return None
+    candidates = [
+        e
+        for e in events
+        if e.get("sop_instance_uid") == superseded_by
+        and e.get(alert["metric"]) is not None
+        and (level is None or level.matches(e, study))
+    ]
+    return float(candidates[0][alert["metric"]]) if len(candidates) == 1 else None
 
 
 def study_alerts(rules: AlertRules, study: dict, events: list[dict]) -> list[dict]:
@@ -341,13 +387,14 @@ def cumulative_alerts(rules: AlertRules, studies: list[dict], latest: dict) -> l
     return out
 
 
-def drl_alerts(study: dict) -> list[dict]:
+def drl_alerts(study: dict, over_only: bool = True) -> list[dict]:
     """An alert for a study over the reference level of its standard name, or, for a study of several
     standard names (a head and a body scan), one for each part over its own level (reference_levels.py
-    compares them); the alert's rule and message name the standard name whose level was exceeded."""
+    compares them); the alert's rule and message name the standard name whose level was exceeded.
+    ``over_only=False``: every comparison made, over or not (study_sums)."""
     parts = study.get("drl_parts")
     if parts is None:
-        if not study.get("over_drl"):
+        if not (study.get("over_drl") if over_only else study.get("drl_value") is not None):
             return []
         over: list[dict[str, Any]] = [
             {
@@ -359,7 +406,7 @@ def drl_alerts(study: dict) -> list[dict]:
             }
         ]
     else:
-        over = [p for p in parts if p["over_drl"]]
+        over = [p for p in parts if p["over_drl"] or not over_only]
     out = []
     for c in over:
         what = "study" if parts is None else f"part ({c['events']} events) of a study of several standard names"

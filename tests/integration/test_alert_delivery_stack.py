@@ -8,16 +8,25 @@ first answer is a 503, so the retry is exercised). The delivery worker is then k
 again under a new consumer group, which replays every alert from the beginning: still one of each.
 Finally the alert is acknowledged and closed through the command line and its state and history
 are read back from OpenSearch.
+
+Withdrawals (the second test): a running worker given an alert with its withdrawal published right
+behind it on `dose.alerts` sends nothing (before: it sent the alert it held and read the withdrawal
+only after); an alert delivered and then withdrawn gets one correction per channel it went to (e-mail
+and webhook), recorded as CORRECTED; a worker under a new group replays everything and sends nothing
+more. Those alerts are written to `dose.alerts` directly, as the dose worker writes them.
 """
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -27,7 +36,9 @@ from confluent_kafka import Producer
 from opensearchpy import OpenSearch
 from pydicom.uid import generate_uid
 
+from diana.schemas.codec import default_codec
 from diana.schemas.topics import ALERT_ACTIONS, DOSE_ALERTS
+from diana.stream_apps.dose.agent import _fit
 from tests.integration.test_dose_stack import wait_for_docs
 from tests.support import dosebuilder as b
 from tests.support.helpers import group_lag, read_messages, storescu
@@ -217,6 +228,111 @@ def test_a_study_over_its_drl_reaches_each_recipient_once(pipeline, receivers, t
             ("DELIVERY_FAILED", "On-call hook", "webhook"),
         ]
         assert "patient_id" not in doc
+    finally:
+        if "alerts" in pipeline.procs:
+            pipeline.stop("alerts")
+
+
+def _alert(study_uid: str, alert_id: str, **withdrawal) -> dict:
+    return {
+        "alert_id": alert_id,
+        "revision": 2 if withdrawal else 1,
+        "raised_at": datetime.now(UTC),
+        "rule": "CT head level",
+        "rule_type": "reference_level",
+        "metric": "ctdivol_mGy",
+        "value": 95.0,
+        "threshold": 60.0,
+        "study_instance_uid": study_uid,
+        "message": "CT head level: ctdivol_mGy 95 exceeds 60",
+        "station_name": "CTW1",
+        "accession_number": "ACCW1",
+        "patient_id": "WITHDRAWPAT1",
+        **withdrawal,
+    }
+
+
+def _publish(cfg, *alerts: dict) -> None:
+    codec, producer = default_codec(), Producer({"bootstrap.servers": cfg.kafka.bootstrap, "enable.idempotence": True})
+    for alert in alerts:
+        value = codec.encode(DOSE_ALERTS.value_schema, _fit(codec, DOSE_ALERTS.value_schema, alert))
+        producer.produce(DOSE_ALERTS.name, key=alert["study_instance_uid"].encode(), value=value)
+    assert producer.flush(30) == 0
+
+
+def _mails(mailbox: Mailbox, alert_id: str, withdrawn: bool) -> list[str]:
+    """The subject and text of each e-mail about ``alert_id``, corrections or not (decoded: a long line
+    is sent quoted-printable)."""
+    out = []
+    for _, raw in mailbox.messages:
+        msg = email.message_from_string(raw, policy=email.policy.default)
+        text = f"{msg['Subject']}\n{msg.get_body().get_content()}"  # type: ignore[union-attr]
+        if alert_id in text and ("dose alert WITHDRAWN]" in text) is withdrawn:
+            out.append(text)
+    return out
+
+
+def test_a_withdrawal_already_published_stops_the_send_and_a_delivered_alert_is_corrected(
+    pipeline, receivers, tmp_path: Path
+):
+    mailbox, hooks = receivers
+    cfg = pipeline.cfg
+    routing = tmp_path / "routing.yaml"
+    routing.write_text(
+        "recipients:\n"
+        f"  - {{name: CT physicist, email: ct-physics@hospital.example, webhook: 'http://127.0.0.1:{port(18088)}/ok',"
+        " stations: [CTW1]}\n"
+    )
+    settings = {
+        "DIANA_ALERTS_ROUTING": str(routing),
+        "DIANA_ALERTS_SMTP_PORT": str(port(12525)),
+        "DIANA_ALERTS_METRICS_PORT": str(port(19468)),
+        "DIANA_ALERTS_ATTEMPTS": "2",
+        "DIANA_ALERTS_CONSUMER_GROUP": "alert-withdraw-1",
+    }
+    topics = [DOSE_ALERTS.name, ALERT_ACTIONS.name]
+    pipeline.start("alerts", "alerts", "deliver", settings=settings)
+    try:
+        # The worker running and caught up: a first alert delivered.
+        warm = _alert(generate_uid(), generate_uid())
+        _publish(cfg, warm)
+        _wait(lambda: _mails(mailbox, warm["alert_id"], False), "the first alert's e-mail")
+
+        # 1. The alert and its withdrawal published together: the worker reads the alert with the
+        # withdrawal behind it on the partition, unread.
+        study1, held = generate_uid(), generate_uid()
+        _publish(cfg, _alert(study1, held), _alert(study1, held, superseded_by=generate_uid(), replaced_value=62.5))
+        _wait(lambda: group_lag(cfg, "alert-withdraw-1", topics) == 0, "the worker to catch up")
+        assert _mails(mailbox, held, False) == [] and _accepted_posts(hooks, held, "/ok") == []
+        client = OpenSearch(hosts=[cfg.opensearch.url])
+
+        def state(alert_id: str) -> dict:
+            return client.get(index="diana-dose-alert-state", id=alert_id)["_source"]
+
+        assert state(held)["status"] == "closed" and state(held)["deliveries"] == 0
+
+        # 2. Delivered, then withdrawn: one correction per channel, once.
+        study2, sent = generate_uid(), generate_uid()
+        _publish(cfg, _alert(study2, sent))
+        _wait(lambda: _mails(mailbox, sent, False) and _accepted_posts(hooks, sent, "/ok"), "the alert delivered")
+        _publish(cfg, _alert(study2, sent, superseded_by=generate_uid(), replaced_value=62.5))
+        _wait(lambda: _mails(mailbox, sent, True) and len(_accepted_posts(hooks, sent, "/ok")) == 2, "the corrections")
+        [correction] = _mails(mailbox, sent, True)
+        assert "superseded by the RDSR's value 62.5" in correction and "WITHDRAWPAT1" not in correction
+        [_, post] = _accepted_posts(hooks, sent, "/ok")
+        assert post["withdrawn"]["replaced_value"] == 62.5 and "patient_id" not in post["alert"]
+        _wait(lambda: state(sent).get("corrections") == 2, "the corrections in the alert's history")
+        history = [h["action"] for h in state(sent)["history"]]
+        assert history.count("DELIVERED") == 2 and history.count("CORRECTED") == 2 and "CLOSED" in history
+
+        # A worker under a new group replays everything: nothing more is sent.
+        pipeline.stop("alerts", kill=True)
+        pipeline.start(
+            "alerts", "alerts", "deliver", settings={**settings, "DIANA_ALERTS_CONSUMER_GROUP": "alert-withdraw-2"}
+        )
+        _wait(lambda: group_lag(cfg, "alert-withdraw-2", topics) == 0, "the replaying worker to catch up")
+        assert len(_mails(mailbox, sent, True)) == 1 and len(_mails(mailbox, sent, False)) == 1
+        assert _mails(mailbox, held, False) == [] and len(_accepted_posts(hooks, sent, "/ok")) == 2
     finally:
         if "alerts" in pipeline.procs:
             pipeline.stop("alerts")

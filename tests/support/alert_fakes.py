@@ -31,3 +31,38 @@ class AlertStates:
 
     def get(self, alert_id):
         return self.docs.get(alert_id)
+
+
+class AlertsLog:
+    """``dose.alerts`` as the withdrawal look-ahead sees it (access/alerts/lookahead.py): each partition's
+    records in order, the high watermark their count; ``polls`` counts the records handed out."""
+
+    def __init__(self) -> None:
+        self.partitions: dict[int, list[bytes]] = {}
+        self.polls = 0
+        self._at: tuple[int, int] | None = None
+
+    def append(self, partition: int, alert: dict) -> int:
+        from diana.stream_apps.dose.agent import _fit
+
+        codec = default_codec()
+        self.partitions.setdefault(partition, []).append(codec.encode("DoseAlert", _fit(codec, "DoseAlert", alert)))
+        return len(self.partitions[partition]) - 1
+
+    def get_watermark_offsets(self, tp, timeout=None, cached=False):
+        return 0, len(self.partitions.get(tp.partition, []))
+
+    def assign(self, tps) -> None:
+        (tp,) = tps
+        self._at = (tp.partition, tp.offset)
+
+    def poll(self, timeout=None):
+        from confluent_kafka import Message
+
+        assert self._at is not None
+        partition, offset = self._at
+        records = self.partitions.get(partition, [])
+        if offset >= len(records):
+            return None
+        self._at, self.polls = (partition, offset + 1), self.polls + 1
+        return Message(topic="dose.alerts", partition=partition, offset=offset, value=records[offset])

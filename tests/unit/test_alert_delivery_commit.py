@@ -45,7 +45,7 @@ class _Worker:
     def __init__(self, calls: list, fails: bool = False) -> None:
         self.calls, self.fails = calls, fails
 
-    def handle_alert(self, alert: dict) -> None:
+    def handle_alert(self, alert: dict, origin: tuple[int, int] | None = None) -> None:
         if self.fails:
             raise ConnectionError("the alert state index does not answer")
         self.calls.append(("delivered", alert["alert_id"]))
@@ -211,7 +211,7 @@ def _worker(producer, send_ok: bool = True) -> tuple[DeliveryWorker, list]:
     worker.routing = Routing((Recipient("physicist", email="p@example.org"),))
     worker.states, worker.codec, worker.ledger = _States(), default_codec(), Ledger()
     worker.producer, worker._not_taken = producer, []
-    worker._send = lambda channel, address, alert, key, attempts=None: (  # type: ignore[method-assign]
+    worker._send = lambda channel, address, alert, key, attempts=None, **_: (  # type: ignore[method-assign]
         sent.append(key) or Delivery(send_ok, 1, "" if send_ok else "refused")
     )
     return worker, sent

@@ -72,7 +72,7 @@ def _worker(sends: list, results, recipients: tuple[Recipient, ...] | None = Non
     worker.states, worker.codec, worker.ledger = AlertStates(), default_codec(), Ledger()
     worker.producer, worker._not_taken = RecordingBroker(), []
 
-    def send(channel, address, alert, key, attempts=None):
+    def send(channel, address, alert, key, attempts=None, **_):
         sends.append((alert["alert_id"], address, attempts))
         return results(alert["alert_id"])
 

@@ -318,3 +318,45 @@ def test_a_v3_reader_reads_a_v4_stow_event_as_c_store():
     v4 = fastavro.parse_schema(json.loads((folder / "instance_arrived.avsc").read_text()), named_schemas={})
     old = fastavro.schemaless_reader(io.BytesIO(data[10:]), v4, v3)
     assert old["source"] == "C_STORE" and "landing_uri" not in old and old["landing_path"] == "ab/abab.dcm"
+
+
+def _withdrawal() -> dict:
+    return {
+        "alert_id": "a1",
+        "revision": 2,
+        "raised_at": datetime(2024, 3, 15, tzinfo=UTC),
+        "rule": "CT abdomen study DLP",
+        "rule_type": "reference_level",
+        "metric": "dlp_mGycm",
+        "value": 1200.0,
+        "threshold": 1000.0,
+        "study_instance_uid": "1.2.3",
+        "message": "m",
+        "superseded_by": "1.2.3.9",
+        "withdrawn_reason": "under_limit",
+        "replaced_value": 800.0,
+        "window_study_uids": [],
+    }
+
+
+@pytest.mark.parametrize("version_file", ["dose_alert.v1.avsc", "dose_alert.v2.avsc"])
+def test_dose_alert_before_v3_has_no_withdrawal_reason_or_replaced_value(version_file):
+    _, record = Codec().decode(_write_with(version_file, _withdrawal()), expect="DoseAlert")
+    assert record["withdrawn_reason"] is None and record["replaced_value"] is None
+    assert record["superseded_by"] == ("1.2.3.9" if version_file.endswith("v2.avsc") else None)
+
+
+def test_a_v2_reader_reads_a_v3_withdrawal_as_a_withdrawal():
+    import io
+    import json
+    from pathlib import Path
+
+    import fastavro
+
+    codec = Codec()
+    data = codec.encode("DoseAlert", _withdrawal())
+    folder = Path(codec_module_path()).parent
+    v2 = fastavro.parse_schema(json.loads((folder / "dose_alert.v2.avsc").read_text()), named_schemas={})
+    current = fastavro.parse_schema(json.loads((folder / "dose_alert.avsc").read_text()), named_schemas={})
+    old = fastavro.schemaless_reader(io.BytesIO(data[10:]), current, v2)
+    assert old["superseded_by"] == "1.2.3.9" and "replaced_value" not in old

@@ -83,6 +83,8 @@ def test_the_alerts_of_image_series_a_dose_report_supersedes_are_withdrawn():
     (standing,) = _standing(sent)
     assert [a for a in raised if a["alert_id"] == standing][0]["irradiation_event_uid"] == "9.9.1"
     assert all(a["value"] == 75.0 and o["revision"] == 3 for a, o in withdrawals)
+    # The report's value for the exposure (its one head event), for the correction of a delivered alert.
+    assert all((a["withdrawn_reason"], a["replaced_value"]) == ("superseded", 75.0) for a, _ in withdrawals)
     assert set(state["withdrawn_alerts"]) == {a["alert_id"] for a, _ in withdrawals}
 
     # The same object again (a redelivery, a replay): the withdrawals re-sent as first sent, nothing new.
@@ -132,7 +134,7 @@ def _delivery_worker(sends: list, ledger: Ledger | None = None, ok: bool = True)
     worker.routing = Routing((Recipient("physicist", email="p@h.example"),))
     worker.states, worker.codec, worker.ledger = AlertStates(), default_codec(), ledger or Ledger()
     worker.producer, worker._not_taken = RecordingBroker(), []
-    worker._send = lambda channel, address, alert, key, attempts=None: (  # type: ignore[method-assign]
+    worker._send = lambda channel, address, alert, key, attempts=None, **_: (  # type: ignore[method-assign]
         sends.append(alert["alert_id"]) or Delivery(ok, 1, "" if ok else "TimeoutError: timed out")
     )
     return worker
