@@ -316,11 +316,8 @@ class AggregatesHandler:
     def _deadletter(self, batch: Batch, message: Message, reason: str) -> None:
         origin = f"{message.topic()}/{message.partition()}/{message.offset()}"
         log.warning("deadletter", origin=origin, reason=reason)
-        batch.send(
-            DEADLETTER.name,
-            origin.encode(),
-            message.value(),
-            {"reason": reason.encode(), "origin": origin.encode()},
+        batch.send_dead_letter(
+            DEADLETTER.name, origin.encode(), message.value(), {"reason": reason.encode(), "origin": origin.encode()}
         )
 
     def _advance(self, batch: Batch, partition: int, at_ms: int) -> int:

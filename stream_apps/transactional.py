@@ -35,7 +35,7 @@ from prometheus_client import Counter
 
 from diana.clients import kafka_producer
 from diana.group_membership import TOPICS_MISSING_FIX
-from diana.stream_apps.batch import Batch, Handler
+from diana.stream_apps.batch import Batch, Handler, RecordTooLarge
 from diana.stream_apps.local_state import Checkpoint, LocalStateError, LocalStates, now_ms
 from diana.stream_apps.loop_settings import ConsumerFatal, LoopSettings, Stopped, slow
 from diana.stream_apps.partition_assignment import PartitionAssignment
@@ -51,6 +51,10 @@ MESSAGES = Counter("diana_stream_messages_total", "Input messages processed in c
 FAILED_MESSAGES = Counter(
     "diana_stream_failed_messages_total", "Input messages whose handling raised, dead-lettered", ["topic"]
 )
+
+# A record refused for its size (by librdkafka at produce(), or by the broker): deterministic, the
+# batch done again refuses it again.
+_SIZE_ERRORS = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
 
 
 class TransactionalLoop(PartitionAssignment):
@@ -94,6 +98,10 @@ class TransactionalLoop(PartitionAssignment):
                 "transactional.id": self.settings.transactional_id,
                 "transaction.timeout.ms": self.settings.transaction_timeout_ms,
                 "linger.ms": 5,
+                # The topics' limit ([kafka] max_message_bytes), with the sinks' headroom for a dead
+                # letter's headers. librdkafka's default (1,000,000) refused a completed series'
+                # digest or a large dead letter at produce(), and the batch was aborted for ever.
+                "message.max.bytes": self.settings.kafka.max_message_bytes + 64 * 1024,
             },
         )
 
@@ -136,7 +144,7 @@ class TransactionalLoop(PartitionAssignment):
                 self.local.close_all()
 
     def _transaction(self, messages: list[Message]) -> None:
-        batch = Batch(self.store, self.producer, self.settings.changelog)
+        batch = Batch(self.store, self.producer, self.settings.changelog, self.settings.kafka.max_message_bytes)
         offsets: dict[tuple[str, int], int] = {}
         starts: dict[tuple[str, int], int] = {}
         per_topic: dict[str, int] = {}
@@ -157,7 +165,11 @@ class TransactionalLoop(PartitionAssignment):
             with slow("transaction.send_offsets"):
                 self._send_offsets([TopicPartition(t, p, o) for (t, p), o in offsets.items()])
             self._commit(began)
+        except RecordTooLarge as exc:
+            raise self._record_too_large(str(exc)) from exc
         except KafkaException as exc:
+            if exc.args[0].code() in _SIZE_ERRORS:
+                raise self._record_too_large(str(exc.args[0])) from exc
             self._abort(exc, starts)
             return
         batch.commit_locally()
@@ -166,6 +178,18 @@ class TransactionalLoop(PartitionAssignment):
         TRANSACTIONS.labels("committed").inc()
         for topic, count in per_topic.items():  # labels() per message was a visible share of the profile
             MESSAGES.labels(topic).inc(count)
+
+    def _record_too_large(self, what: str) -> GiveUp:
+        """A record too large for the topics: the same batch would make it again, so retrying it is an
+        endless abort that stalls every partition of the worker. It stops, naming the setting."""
+        limit = self.settings.kafka.max_message_bytes
+        log.error("transaction.record_too_large", record=what, max_message_bytes=limit)
+        TRANSACTIONS.labels("record_too_large").inc()
+        return GiveUp(
+            f"{what} exceeds [kafka] max_message_bytes ({limit}); nothing of the batch was committed. Raise "
+            "[kafka] max_message_bytes (and with it the topics' max.message.bytes: diana topics) and start "
+            "the worker again"
+        )
 
     def _write_local(self, batch: Batch, began_ms: int) -> None:
         """The committed batch's changes to each partition's local file, with the checkpoint.
@@ -203,10 +227,10 @@ class TransactionalLoop(PartitionAssignment):
             reason = f"{self.settings.group_id}: unexpected {type(exc).__name__}: {exc}"[:1000]
             log.exception("deadletter", origin=origin, reason=reason)
             FAILED_MESSAGES.labels(message.topic()).inc()
-            batch.send(
+            batch.send_dead_letter(
                 self.settings.deadletter,
                 origin.encode(),
-                message.value() or b"",
+                message.value(),
                 {"reason": reason.encode(), "origin": origin.encode(), "sink": self.settings.group_id.encode()},
             )
         batch.message_done()
