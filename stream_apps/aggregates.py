@@ -47,7 +47,8 @@ from diana.stream_apps.aggregate_fold import (
     study_record,
 )
 from diana.stream_apps.completeness import QuietTimes
-from diana.stream_apps.digest import digest_build, digest_lookup, digest_replace
+from diana.stream_apps.digest import digest_build, digest_replace
+from diana.stream_apps.series_digest import DIGEST, delete_digest, lookup_digest, read_digest, write_digest
 from diana.stream_apps.ticks import IDLE_S, STALE_TICK_S, TickWriter
 from diana.stream_apps.transactional import Batch, LoopSettings, TransactionalLoop
 
@@ -100,7 +101,9 @@ SEEN, SERIES_STATE, STUDY_STATE, OPEN, CLOCK = "seen", "series", "study", "open"
 # Bounded state: a completed series' instances as a digest (digest.py) instead of ``seen``
 # entries; when each complete study leaves the state (event time); and the markers of series and
 # studies that left it, so a later instance of theirs is refused, not counted as new.
-DIGEST, RETIRE, GONE_SERIES, GONE_STUDY = "digest", "retire", "gone_series", "gone_study"
+# ``digest/<series>``: the digest, or for a large series the index of its parts ``digest/<series>/<n>``
+# (series_digest.py).
+RETIRE, GONE_SERIES, GONE_STUDY = "retire", "gone_series", "gone_study"
 DAY_MS = 86_400_000
 _NEVER = 2**62  # an event time (ms) no deadline reaches
 # On local disk only once the file has them, read when an event of theirs comes (state_store.py):
@@ -242,7 +245,7 @@ class AggregatesHandler:
             # them is recognised there and counts once too. Only a series completed once has one
             # (_compact runs at completion): an open one's is not looked for, a disk read per
             # instance with the digests on disk (state_store.py).
-            known = digest_lookup(batch.get(partition, DIGEST, series_uid), sop) if is_late(before) else None
+            known = lookup_digest(batch, partition, series_uid, sop) if is_late(before) else None
             if known is not None:
                 if self.replace and known[0] != record["sha256"][:8]:
                     self._replace_compacted(batch, partition, known[1], record)
@@ -306,9 +309,9 @@ class AggregatesHandler:
             return
         series, study = replace_instance(series, study, old_size, record)
         digest = digest_replace(
-            batch.get(partition, DIGEST, uid), record["sop_instance_uid"], record["sha256"], record["size_bytes"]
+            read_digest(batch, partition, uid) or "", record["sop_instance_uid"], record["sha256"], record["size_bytes"]
         )
-        batch.put(partition, DIGEST, uid, digest)
+        write_digest(batch, partition, uid, digest)
         batch.put(partition, SERIES_STATE, uid, series)
         batch.put(partition, STUDY_STATE, study["study_instance_uid"], study)
         self._publish(batch, series, study)
@@ -384,7 +387,7 @@ class AggregatesHandler:
             entries.append((sop, seen[1], seen[2]))
             batch.delete(partition, SEEN, sop)
         if entries:
-            batch.put(partition, DIGEST, series_uid, digest_build(entries, batch.get(partition, DIGEST, series_uid)))
+            write_digest(batch, partition, series_uid, digest_build(entries, read_digest(batch, partition, series_uid)))
 
     def _retire_is_due(self, partition: int, watermark: int) -> bool:
         heap = self.retire_heap.get(partition)
@@ -413,7 +416,7 @@ class AggregatesHandler:
             for uid in series_uids:
                 self._compact(batch, partition, uid)  # leftovers of a batch that failed, if any
                 batch.delete(partition, SERIES_STATE, uid)
-                batch.delete(partition, DIGEST, uid)
+                delete_digest(batch, partition, uid)
                 batch.put(partition, GONE_SERIES, uid, retire_at)
             batch.delete(partition, STUDY_STATE, study_uid)
             batch.put(partition, GONE_STUDY, study_uid, retire_at)

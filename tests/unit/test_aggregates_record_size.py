@@ -10,6 +10,7 @@ ever, and every partition of the worker stood still.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,9 +21,10 @@ import diana.stream_apps.transactional as transactional
 from diana.config import KafkaConfig
 from diana.schemas.codec import default_codec
 from diana.schemas.topics import DEADLETTER, INSTANCES
-from diana.stream_apps.aggregates import COLD, AggregatesHandler, changelog_topic
+from diana.stream_apps.aggregates import COLD, DIGEST, SEEN, SERIES_STATE, AggregatesHandler, changelog_topic
 from diana.stream_apps.batch import Batch
 from diana.stream_apps.completeness import QuietTimes
+from diana.stream_apps.digest import PART_ENTRIES, digest_count
 from diana.stream_apps.loop_settings import LoopSettings
 from diana.stream_apps.state_store import StateStore
 from diana.stream_apps.transactional import GiveUp, TransactionalLoop
@@ -199,3 +201,56 @@ def test_a_record_refused_by_the_producer_for_its_size_stops_the_worker_too(monk
     with pytest.raises(GiveUp, match="max_message_bytes"):
         loop._transaction([message(event("1.2.3", "1.2.3.4", 1, T0 + timedelta(seconds=1)), 0)])
     assert loop.consumer.seeks == []
+
+
+def _replayed(records: list[tuple]) -> StateStore:
+    """The state a restart restores from the changelog records (state_restore.apply_record's parse)."""
+    store = StateStore(None, COLD)
+    for topic, key, value, partition, _ in records:
+        if topic == CHANGELOG:
+            store.apply(partition, key.decode(), None if value is None else json.loads(value))
+    return store
+
+
+def test_a_series_of_40000_instances_completes_with_every_record_under_a_megabyte_and_restores(monkeypatch):
+    """The auditor's stall.py: the completed series' digest was one 1,066,670-byte record, refused
+    at produce(); the batch was aborted and done again for ever. Now the digest is in parts, every
+    record stays under librdkafka's default limit, and a restart finds a re-send in the parts."""
+    handler = AggregatesHandler(QuietTimes.parse("*=60"), retention_days=600 / 86400)
+    loop = loop_with(monkeypatch, handler)
+    n = 40_000
+    events = [message(event("1.2.3", "1.2.3.4", i, T0 + timedelta(milliseconds=i)), i - 1) for i in range(1, n + 1)]
+    for at in range(0, n, 2000):
+        loop._transaction(events[at : at + 2000])
+    later = event("9.9.9", "9.9.9.1", 1, T0 + timedelta(minutes=2))  # moves the watermark: the series completes
+    loop._transaction([message(later, n)])
+    assert (len(loop.producer.committed), loop.consumer.seeks, loop.producer.refused) == (21, [], [])
+    records = [r for batch in loop.producer.committed for r in batch]
+    assert max(len(r[1] or b"") + len(r[2] or b"") for r in records) < LIBRDKAFKA_DEFAULT_MAX
+    index = loop.store.get(0, DIGEST, "1.2.3.4")
+    assert index["parts"] == -(-n // PART_ENTRIES) == 5
+    assert sum(digest_count(loop.store.get(0, DIGEST, f"1.2.3.4/{p}")) for p in range(5)) == n
+    assert loop.store.partitions[0].get(SEEN, {}).keys() == {"9.9.9.1.1"}
+
+    # A restart: the state from the changelog; a re-send of one of the 40,000 counts once, a late new
+    # instance is counted and the amended digest is in parts again.
+    again = loop_with(monkeypatch, AggregatesHandler(QuietTimes.parse("*=60"), retention_days=600 / 86400))
+    again.store = _replayed(records)
+    again.handler.partition_started(0, {INSTANCES.name: n + 1}, again.store.partitions[0])
+    assert again.store.partitions[0] == loop.store.partitions[0]
+    resend = event("1.2.3", "1.2.3.4", 12_345, T0 + timedelta(minutes=3))
+    late = event("1.2.3", "1.2.3.4", n + 1, T0 + timedelta(minutes=3))
+    again._transaction([message(resend, n + 1), message(late, n + 2)])
+    tick = event("9.9.9", "9.9.9.1", 2, T0 + timedelta(minutes=5))
+    again._transaction([message(tick, n + 3)])
+    series = again.store.get(0, SERIES_STATE, "1.2.3.4")
+    assert (series["status"], series["instance_count"]) == ("AMENDED", n + 1)
+    assert again.store.get(0, DIGEST, "1.2.3.4")["parts"] == 5
+    assert sum(digest_count(again.store.get(0, DIGEST, f"1.2.3.4/{p}")) for p in range(5)) == n + 1
+
+    # After the retention the study leaves the state: the index and every part with a tombstone.
+    gone = event("9.9.9", "9.9.9.1", 3, T0 + timedelta(minutes=20))
+    again._transaction([message(gone, n + 4)])
+    tombstones = {r[1] for b in again.producer.committed for r in b if r[0] == CHANGELOG and r[2] is None}
+    assert {b"digest/1.2.3.4", *(f"digest/1.2.3.4/{p}".encode() for p in range(5))} <= tombstones
+    assert not any(k.startswith("1.2.3.4") for k in again.store.partitions[0].get(DIGEST, {}))
