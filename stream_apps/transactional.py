@@ -169,7 +169,7 @@ class TransactionalLoop(PartitionAssignment):
             raise self._record_too_large(str(exc)) from exc
         except KafkaException as exc:
             if exc.args[0].code() in _SIZE_ERRORS:
-                raise self._record_too_large(str(exc.args[0])) from exc
+                raise self._record_too_large(f"a record refused for its size ({exc.args[0].str()})") from exc
             self._abort(exc, starts)
             return
         batch.commit_locally()
@@ -186,7 +186,7 @@ class TransactionalLoop(PartitionAssignment):
         log.error("transaction.record_too_large", record=what, max_message_bytes=limit)
         TRANSACTIONS.labels("record_too_large").inc()
         return GiveUp(
-            f"{what} exceeds [kafka] max_message_bytes ({limit}); nothing of the batch was committed. Raise "
+            f"{what}: over [kafka] max_message_bytes ({limit}) or the topic's limit; nothing of the batch was committed. Raise "
             "[kafka] max_message_bytes (and with it the topics' max.message.bytes: diana topics) and start "
             "the worker again"
         )
