@@ -96,6 +96,16 @@ LATE_AFTER_RETENTION = Counter(
     "diana_aggregates_late_after_retention_total", "Instances of retired series or studies, dead-lettered"
 )
 
+SERIES_IN_TWO_STUDIES = Counter(
+    "diana_aggregates_series_in_two_studies_total",
+    "New instances whose series is already counted under another study of the partition, dead-lettered",
+)
+# No UID in it: the dead letter's origin and bytes say which event it was.
+SERIES_IN_TWO_STUDIES_REASON = (
+    "aggregates: its SeriesInstanceUID is already counted under another StudyInstanceUID (one series "
+    "in two studies); not counted, so that neither study's aggregate is corrupted"
+)
+
 # State namespaces, each a key space inside the one changelog partition of the input partition.
 SEEN, SERIES_STATE, STUDY_STATE, OPEN, CLOCK = "seen", "series", "study", "open", "clock"
 # Bounded state: a completed series' instances as a digest (digest.py) instead of ``seen``
@@ -250,6 +260,13 @@ class AggregatesHandler:
                 if self.replace and known[0] != record["sha256"][:8]:
                     self._replace_compacted(batch, partition, known[1], record)
                 return
+            if before["study_instance_uid"] != study_uid:
+                # One SeriesInstanceUID under two StudyInstanceUIDs (a modality or PACS error): the
+                # series state is one per series UID, so counting it would add the series to this
+                # study while its completion updates the other, and this one would never complete.
+                SERIES_IN_TWO_STUDIES.inc()
+                self._deadletter(batch, message, SERIES_IN_TWO_STUDIES_REASON)
+                return
         elif batch.get(partition, GONE_SERIES, series_uid) is not None or (
             batch.get(partition, GONE_STUDY, study_uid) is not None
             and batch.get(partition, STUDY_STATE, study_uid) is None
@@ -283,9 +300,10 @@ class AggregatesHandler:
     def _replace(self, batch: Batch, partition: int, seen: list, record: dict) -> None:
         series = batch.get(partition, SERIES_STATE, record["series_instance_uid"])
         study = batch.get(partition, STUDY_STATE, record["study_instance_uid"])
-        if series is None or study is None:
-            # The corrected copy names another series or study than the one counted: the archive
-            # replaced it all the same; the aggregates keep counting it where it was.
+        if series is None or study is None or series["study_instance_uid"] != study["study_instance_uid"]:
+            # The corrected copy names another series or study than the one counted (or its series
+            # under another study): the archive replaced it all the same; the aggregates keep
+            # counting it where it was.
             log.warning("replace.elsewhere", sop_instance_uid=record["sop_instance_uid"])
             return
         series, study = replace_instance(series, study, seen[2], record)
@@ -304,7 +322,7 @@ class AggregatesHandler:
         uid = record["series_instance_uid"]
         series = batch.get(partition, SERIES_STATE, uid)
         study = batch.get(partition, STUDY_STATE, record["study_instance_uid"])
-        if series is None or study is None:
+        if series is None or study is None or series["study_instance_uid"] != study["study_instance_uid"]:
             log.warning("replace.elsewhere", sop_instance_uid=record["sop_instance_uid"])
             return
         series, study = replace_instance(series, study, old_size, record)

@@ -27,6 +27,8 @@ from diana.stream_apps.aggregates import (
     OPEN,
     RETIRE,
     SEEN,
+    SERIES_IN_TWO_STUDIES,
+    SERIES_IN_TWO_STUDIES_REASON,
     SERIES_STATE,
     STUDY_STATE,
     AggregatesHandler,
@@ -321,3 +323,51 @@ def test_the_parts_of_a_digest_on_local_disk_only_are_found_and_deleted(tmp_path
         b"digest/9.1.1/1",
         b"digest/9.1.1/2",
     }
+
+
+def test_a_new_instance_of_a_series_counted_under_another_study_is_dead_lettered_and_both_studies_stay_right():
+    """The auditor's series_two_studies.py: the series state is one per SeriesInstanceUID, so the
+    second study got the series while its completion updated the first, and never completed."""
+    before = SERIES_IN_TWO_STUDIES._value.get()
+    w = Worker()
+    w.feed(_event("1.2.3", "1.2.3.9", 1, 1))
+    w.feed(_event("1.2.4", "1.2.3.9", 2, 2))  # the same series UID under another study
+    (letter,) = w.producer.on(DEADLETTER.name)
+    assert (
+        letter[4]["reason"] == SERIES_IN_TWO_STUDIES_REASON.encode() and letter[4]["origin"] == b"dicom.instances/0/1"
+    )
+    assert b"1.2.3" not in letter[4]["reason"] and b"1.2.4" not in letter[4]["reason"]
+    assert SERIES_IN_TWO_STUDIES._value.get() == before + 1
+    assert "1.2.4" not in w.space(STUDY_STATE) and "1.2.3.9.2" not in w.space(SEEN)
+    assert w.space(SERIES_STATE)["1.2.3.9"]["instance_count"] == 1
+    published = {r[1] for r in w.producer.records if r[0] in ("dicom.series", "dicom.studies")}
+    assert b"1.2.4" not in published
+
+    w.feed(_event("1.2.3", "1.2.3.9", 3, 3))  # the series' own study goes on as usual
+    w.feed(_event("7.7.7", "7.7.7.1", 1, 20))  # the watermark passes: the series and its study complete
+    study = w.space(STUDY_STATE)["1.2.3"]
+    assert (study["status"], study["series_count"], study["completed_series_count"], study["instance_count"]) == (
+        "COMPLETED",
+        1,
+        1,
+        2,
+    )
+    w.feed(_event("1.2.4", "1.2.4.1", 1, 21))  # the other study's own series: a study of its own
+    w.feed(_event("7.7.7", "7.7.7.1", 2, 30))
+    assert w.space(STUDY_STATE)["1.2.4"]["status"] == "COMPLETED"
+    assert w.space(STUDY_STATE)["1.2.4"]["series_instance_uids"] == ["1.2.4.1"]
+    w.feed(_event("1.2.4", "1.2.3.9", 4, 31))  # a completed series: still refused
+    assert len(w.producer.on(DEADLETTER.name)) == 2
+    assert w.space(SERIES_STATE)["1.2.3.9"]["instance_count"] == 2
+
+
+def test_a_corrected_re_send_naming_another_study_changes_neither_study():
+    w = Worker()
+    w.handler.replace = True
+    w.feed(_event("1.2.3", "1.2.3.9", 1, 1))
+    w.feed(_event("1.2.4", "1.2.4.1", 1, 2))
+    corrected = _event("1.2.4", "1.2.3.9", 1, 3)  # instance 1 of 1.2.3.9 again, other bytes, under 1.2.4
+    corrected["sha256"], corrected["size_bytes"] = "b" * 64, 5000
+    w.feed(corrected)
+    assert w.space(STUDY_STATE)["1.2.4"]["total_bytes"] == 100
+    assert w.space(STUDY_STATE)["1.2.3"]["total_bytes"] == w.space(SERIES_STATE)["1.2.3.9"]["total_bytes"] == 100
