@@ -47,7 +47,8 @@ from diana.stream_apps.aggregate_fold import (
     study_record,
 )
 from diana.stream_apps.completeness import QuietTimes
-from diana.stream_apps.digest import digest_build, digest_lookup, digest_replace
+from diana.stream_apps.digest import digest_build, digest_replace
+from diana.stream_apps.series_digest import DIGEST, delete_digest, lookup_digest, read_digest, write_digest
 from diana.stream_apps.ticks import IDLE_S, STALE_TICK_S, TickWriter
 from diana.stream_apps.transactional import Batch, LoopSettings, TransactionalLoop
 
@@ -95,12 +96,24 @@ LATE_AFTER_RETENTION = Counter(
     "diana_aggregates_late_after_retention_total", "Instances of retired series or studies, dead-lettered"
 )
 
+SERIES_IN_TWO_STUDIES = Counter(
+    "diana_aggregates_series_in_two_studies_total",
+    "New instances whose series is already counted under another study of the partition, dead-lettered",
+)
+# No UID in it: the dead letter's origin and bytes say which event it was.
+SERIES_IN_TWO_STUDIES_REASON = (
+    "aggregates: its SeriesInstanceUID is already counted under another StudyInstanceUID (one series "
+    "in two studies); not counted, so that neither study's aggregate is corrupted"
+)
+
 # State namespaces, each a key space inside the one changelog partition of the input partition.
 SEEN, SERIES_STATE, STUDY_STATE, OPEN, CLOCK = "seen", "series", "study", "open", "clock"
 # Bounded state: a completed series' instances as a digest (digest.py) instead of ``seen``
 # entries; when each complete study leaves the state (event time); and the markers of series and
 # studies that left it, so a later instance of theirs is refused, not counted as new.
-DIGEST, RETIRE, GONE_SERIES, GONE_STUDY = "digest", "retire", "gone_series", "gone_study"
+# ``digest/<series>``: the digest, or for a large series the index of its parts ``digest/<series>/<n>``
+# (series_digest.py).
+RETIRE, GONE_SERIES, GONE_STUDY = "retire", "gone_series", "gone_study"
 DAY_MS = 86_400_000
 _NEVER = 2**62  # an event time (ms) no deadline reaches
 # On local disk only once the file has them, read when an event of theirs comes (state_store.py):
@@ -242,10 +255,17 @@ class AggregatesHandler:
             # them is recognised there and counts once too. Only a series completed once has one
             # (_compact runs at completion): an open one's is not looked for, a disk read per
             # instance with the digests on disk (state_store.py).
-            known = digest_lookup(batch.get(partition, DIGEST, series_uid), sop) if is_late(before) else None
+            known = lookup_digest(batch, partition, series_uid, sop) if is_late(before) else None
             if known is not None:
                 if self.replace and known[0] != record["sha256"][:8]:
                     self._replace_compacted(batch, partition, known[1], record)
+                return
+            if before["study_instance_uid"] != study_uid:
+                # One SeriesInstanceUID under two StudyInstanceUIDs (a modality or PACS error): the
+                # series state is one per series UID, so counting it would add the series to this
+                # study while its completion updates the other, and this one would never complete.
+                SERIES_IN_TWO_STUDIES.inc()
+                self._deadletter(batch, message, SERIES_IN_TWO_STUDIES_REASON)
                 return
         elif batch.get(partition, GONE_SERIES, series_uid) is not None or (
             batch.get(partition, GONE_STUDY, study_uid) is not None
@@ -280,9 +300,10 @@ class AggregatesHandler:
     def _replace(self, batch: Batch, partition: int, seen: list, record: dict) -> None:
         series = batch.get(partition, SERIES_STATE, record["series_instance_uid"])
         study = batch.get(partition, STUDY_STATE, record["study_instance_uid"])
-        if series is None or study is None:
-            # The corrected copy names another series or study than the one counted: the archive
-            # replaced it all the same; the aggregates keep counting it where it was.
+        if series is None or study is None or series["study_instance_uid"] != study["study_instance_uid"]:
+            # The corrected copy names another series or study than the one counted (or its series
+            # under another study): the archive replaced it all the same; the aggregates keep
+            # counting it where it was.
             log.warning("replace.elsewhere", sop_instance_uid=record["sop_instance_uid"])
             return
         series, study = replace_instance(series, study, seen[2], record)
@@ -301,14 +322,14 @@ class AggregatesHandler:
         uid = record["series_instance_uid"]
         series = batch.get(partition, SERIES_STATE, uid)
         study = batch.get(partition, STUDY_STATE, record["study_instance_uid"])
-        if series is None or study is None:
+        if series is None or study is None or series["study_instance_uid"] != study["study_instance_uid"]:
             log.warning("replace.elsewhere", sop_instance_uid=record["sop_instance_uid"])
             return
         series, study = replace_instance(series, study, old_size, record)
         digest = digest_replace(
-            batch.get(partition, DIGEST, uid), record["sop_instance_uid"], record["sha256"], record["size_bytes"]
+            read_digest(batch, partition, uid) or "", record["sop_instance_uid"], record["sha256"], record["size_bytes"]
         )
-        batch.put(partition, DIGEST, uid, digest)
+        write_digest(batch, partition, uid, digest)
         batch.put(partition, SERIES_STATE, uid, series)
         batch.put(partition, STUDY_STATE, study["study_instance_uid"], study)
         self._publish(batch, series, study)
@@ -316,11 +337,8 @@ class AggregatesHandler:
     def _deadletter(self, batch: Batch, message: Message, reason: str) -> None:
         origin = f"{message.topic()}/{message.partition()}/{message.offset()}"
         log.warning("deadletter", origin=origin, reason=reason)
-        batch.send(
-            DEADLETTER.name,
-            origin.encode(),
-            message.value(),
-            {"reason": reason.encode(), "origin": origin.encode()},
+        batch.send_dead_letter(
+            DEADLETTER.name, origin.encode(), message.value(), {"reason": reason.encode(), "origin": origin.encode()}
         )
 
     def _advance(self, batch: Batch, partition: int, at_ms: int) -> int:
@@ -387,7 +405,7 @@ class AggregatesHandler:
             entries.append((sop, seen[1], seen[2]))
             batch.delete(partition, SEEN, sop)
         if entries:
-            batch.put(partition, DIGEST, series_uid, digest_build(entries, batch.get(partition, DIGEST, series_uid)))
+            write_digest(batch, partition, series_uid, digest_build(entries, read_digest(batch, partition, series_uid)))
 
     def _retire_is_due(self, partition: int, watermark: int) -> bool:
         heap = self.retire_heap.get(partition)
@@ -416,7 +434,7 @@ class AggregatesHandler:
             for uid in series_uids:
                 self._compact(batch, partition, uid)  # leftovers of a batch that failed, if any
                 batch.delete(partition, SERIES_STATE, uid)
-                batch.delete(partition, DIGEST, uid)
+                delete_digest(batch, partition, uid)
                 batch.put(partition, GONE_SERIES, uid, retire_at)
             batch.delete(partition, STUDY_STATE, study_uid)
             batch.put(partition, GONE_STUDY, study_uid, retire_at)

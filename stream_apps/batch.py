@@ -17,7 +17,7 @@ from prometheus_client import Counter
 from diana.stream_apps.state_json import state_json
 from diana.stream_apps.state_store import StateStore
 
-__all__ = ["Batch", "Handler"]
+__all__ = ["RECORD_FRAMING", "Batch", "Handler", "RecordTooLarge"]
 
 log = structlog.get_logger("diana.stream.transactional")
 
@@ -25,9 +25,20 @@ UNENCODABLE = Counter(
     "diana_stream_unencodable_total", "Records of the worker's own the schema refused (not published)", ["topic"]
 )
 
+# Room left under [kafka] max_message_bytes (the topics' max.message.bytes, which the broker checks
+# against the whole record batch) for the batch's and the record's framing.
+RECORD_FRAMING = 1024
+
 _DELETED = object()
 _ABSENT = object()
 _SEP = "/"
+
+
+class RecordTooLarge(Exception):
+    """A record of the worker's own (state or output) exceeds [kafka] max_message_bytes.
+
+    The same batch would make it again: the transaction cannot commit, the worker must stop. The
+    message names the record's topic (and namespace) and its size, never its key (UIDs)."""
 
 
 class Handler(Protocol):
@@ -52,8 +63,10 @@ _Store = StateStore  # committed state (state_store.py)
 class Batch:
     """One transaction's view: committed state plus this batch's changes, and the sends."""
 
-    def __init__(self, store: _Store, producer: Producer, changelog: str) -> None:
+    def __init__(self, store: _Store, producer: Producer, changelog: str, max_record_bytes: int | None = None) -> None:
         self._store, self._producer, self._changelog = store, producer, changelog
+        # [kafka] max_message_bytes less the framing: the largest record the topics accept. None: unchecked.
+        self._limit = None if max_record_bytes is None else max_record_bytes - RECORD_FRAMING
         self._pending: dict[tuple[int, str], dict[str, Any]] = {}
         # One message's undo journal and held-back sends: a message whose handling raises leaves
         # no trace in the transaction (message_failed), the ones before and after it stay.
@@ -140,6 +153,8 @@ class Batch:
                 log.error("publish.unencodable", topic=topic, reason=f"{type(exc).__name__}: {exc}")
                 UNENCODABLE.labels(topic).inc()
                 continue  # the state moved on; the key's next change publishes it again
+            if self._limit is not None and len(encoded) + len(key) > self._limit:
+                raise RecordTooLarge(f"a {topic} record of {len(encoded)} bytes")
             self._producer.produce(topic, key=key, value=encoded)
         self._latest.clear()
 
@@ -152,13 +167,15 @@ class Batch:
         (a failed one fails the commit). A report per record was a Python callback per instance.
         """
         held: dict[int, tuple[bytes, bytes | None]] = {}  # partition -> its latest record, not yet produced
-        produce, changelog = self._producer.produce, self._changelog
+        produce, changelog, limit = self._producer.produce, self._changelog, self._limit
         for (partition, namespace), changes in self._pending.items():
             encoded = None
             for key, value in changes.items():
                 if value is _DELETED and self._store.get(partition, namespace, key) is None:
                     continue  # created and deleted within the batch, or never there
                 text = None if value is _DELETED else state_json(value)
+                if limit is not None and text is not None and len(text) + len(key) > limit:
+                    raise RecordTooLarge(f"a {changelog} record of {len(text)} bytes (namespace {namespace})")
                 before = held.get(partition)
                 if before is not None:
                     produce(changelog, key=before[0], partition=partition, value=before[1])
@@ -204,6 +221,20 @@ class Batch:
     def send(self, topic: str, key: bytes | None, value: bytes, headers: dict[str, bytes] | None = None) -> None:
         """Sent in the transaction once the message being handled is done (see message_done)."""
         self._held.append((topic, key, value, headers))
+
+    def send_dead_letter(self, topic: str, key: bytes, value: bytes | None, headers: dict[str, bytes]) -> None:
+        """A dead letter (``send``), its value dropped if the record would exceed the limit.
+
+        An event read from an lz4-compressed topic can be larger uncompressed than the limit, and
+        the headers come on top; a record the broker refuses would fail every retry of the batch.
+        What stays says why and where from: its headers (origin, reason) and ``value_dropped``.
+        """
+        value = value or b""
+        size = len(key) + len(value) + sum(len(name) + len(v) for name, v in headers.items())
+        if self._limit is not None and size > self._limit:
+            headers = {**headers, "value_dropped": f"{len(value)} bytes, over [kafka] max_message_bytes".encode()}
+            value = b""
+        self.send(topic, key, value, headers)
 
     def commit_locally(self) -> None:
         """The transaction committed: its changes become the committed state."""

@@ -15,19 +15,39 @@ series is complete, those entries are folded into this digest, 20 bytes per inst
 
 Entries are kept sorted by hash, packed, and stored as base64 text (the changelog's values are
 JSON): 27 characters per instance. Lookup is a binary search over the packed bytes.
+
+A digest of more than ``PART_ENTRIES`` instances is stored in parts (``digest_split``), each a
+digest of consecutive hashes, with an index of where each part starts (``digest_part``): no
+state record grows with the series (a single one of 37,000 instances passed librdkafka's
+1,000,000 bytes). series_digest.py keeps them in the state.
 """
 
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import struct
 from collections.abc import Iterable
 
-__all__ = ["ENTRY_BYTES", "digest_build", "digest_count", "digest_lookup", "digest_replace", "uid_hash"]
+__all__ = [
+    "ENTRY_BYTES",
+    "PART_ENTRIES",
+    "digest_build",
+    "digest_count",
+    "digest_join",
+    "digest_lookup",
+    "digest_part",
+    "digest_replace",
+    "digest_split",
+    "uid_hash",
+]
 
 _ENTRY = struct.Struct(">Q4sQ")  # uid hash, sha256 prefix, size
 ENTRY_BYTES = _ENTRY.size
+# Instances per stored part of a digest: 218,456 characters of base64, a fifth of librdkafka's
+# default record limit, and a small read when a late instance looks its UID up.
+PART_ENTRIES = 8192
 
 
 def uid_hash(uid: str) -> int:
@@ -86,3 +106,28 @@ def digest_replace(digest: str, uid: str, sha256_hex: str, size: int) -> str:
 def digest_count(digest: str | None) -> int:
     """How many instances the digest holds."""
     return len(base64.b64decode(digest)) // ENTRY_BYTES if digest else 0
+
+
+def digest_split(digest: str) -> tuple[str | dict, list[str]]:
+    """How a digest is stored: (itself, []) up to ``PART_ENTRIES`` instances, else (an index, its parts).
+
+    Each part is the digest of ``PART_ENTRIES`` consecutive hashes (the last one fewer); the index
+    is ``{"parts": n, "from": [...]}``, the first hash of parts 1 to n-1 as 16 hex digits.
+    """
+    raw = base64.b64decode(digest) if digest else b""
+    step = PART_ENTRIES * ENTRY_BYTES
+    if len(raw) <= step:
+        return digest, []
+    chunks = [raw[at : at + step] for at in range(0, len(raw), step)]
+    index = {"parts": len(chunks), "from": [chunk[:8].hex() for chunk in chunks[1:]]}
+    return index, [base64.b64encode(chunk).decode("ascii") for chunk in chunks]
+
+
+def digest_part(index: dict, uid: str) -> int:
+    """The part of a split digest (``digest_split``) that holds ``uid`` if any does."""
+    return bisect.bisect_right(index["from"], f"{uid_hash(uid):016x}")
+
+
+def digest_join(parts: Iterable[str | None]) -> str:
+    """One digest of a split digest's parts (in order)."""
+    return base64.b64encode(b"".join(base64.b64decode(part) for part in parts if part)).decode("ascii")

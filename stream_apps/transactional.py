@@ -35,7 +35,7 @@ from prometheus_client import Counter
 
 from diana.clients import kafka_producer
 from diana.group_membership import TOPICS_MISSING_FIX
-from diana.stream_apps.batch import Batch, Handler
+from diana.stream_apps.batch import Batch, Handler, RecordTooLarge
 from diana.stream_apps.local_state import Checkpoint, LocalStateError, LocalStates, now_ms
 from diana.stream_apps.loop_settings import ConsumerFatal, LoopSettings, Stopped, slow
 from diana.stream_apps.partition_assignment import PartitionAssignment
@@ -51,6 +51,13 @@ MESSAGES = Counter("diana_stream_messages_total", "Input messages processed in c
 FAILED_MESSAGES = Counter(
     "diana_stream_failed_messages_total", "Input messages whose handling raised, dead-lettered", ["topic"]
 )
+
+# A record refused for its size (by librdkafka at produce(), or by the broker): deterministic, the
+# batch done again refuses it again.
+_SIZE_ERRORS = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
+# How long a failed commit's outcome is asked for (the group's committed offsets) before the batch
+# is done again as if aborted.
+_OUTCOME_WAIT_S = 30.0
 
 
 class TransactionalLoop(PartitionAssignment):
@@ -94,6 +101,10 @@ class TransactionalLoop(PartitionAssignment):
                 "transactional.id": self.settings.transactional_id,
                 "transaction.timeout.ms": self.settings.transaction_timeout_ms,
                 "linger.ms": 5,
+                # The topics' limit ([kafka] max_message_bytes), with the sinks' headroom for a dead
+                # letter's headers. librdkafka's default (1,000,000) refused a completed series'
+                # digest or a large dead letter at produce(), and the batch was aborted for ever.
+                "message.max.bytes": self.settings.kafka.max_message_bytes + 64 * 1024,
             },
         )
 
@@ -136,7 +147,7 @@ class TransactionalLoop(PartitionAssignment):
                 self.local.close_all()
 
     def _transaction(self, messages: list[Message]) -> None:
-        batch = Batch(self.store, self.producer, self.settings.changelog)
+        batch = Batch(self.store, self.producer, self.settings.changelog, self.settings.kafka.max_message_bytes)
         offsets: dict[tuple[str, int], int] = {}
         starts: dict[tuple[str, int], int] = {}
         per_topic: dict[str, int] = {}
@@ -145,6 +156,7 @@ class TransactionalLoop(PartitionAssignment):
             starts.setdefault((topic, message.partition()), message.offset())
             per_topic[topic] = per_topic.get(topic, 0) + 1
         began, began_ms = time.monotonic(), now_ms()
+        committing = False
         try:
             self.producer.begin_transaction()
             for index, message in enumerate(messages):
@@ -156,9 +168,26 @@ class TransactionalLoop(PartitionAssignment):
             batch.write_changelog()
             with slow("transaction.send_offsets"):
                 self._send_offsets([TopicPartition(t, p, o) for (t, p), o in offsets.items()])
+            committing = True
             self._commit(began)
+        except RecordTooLarge as exc:
+            raise self._record_too_large(str(exc)) from exc
         except KafkaException as exc:
-            self._abort(exc, starts)
+            if exc.args[0].code() in _SIZE_ERRORS:
+                raise self._record_too_large(f"a record refused for its size ({exc.args[0].str()})") from exc
+            self._abort(exc)
+            if not (committing and self._committed_after_all(offsets)):
+                self._rewind(starts)
+                return
+            # The commit went through although commit_transaction failed: the batch is the state now.
+            # The local files of its partitions are left as they were, the older true snapshot
+            # (suspended until the next restore reads their changelog tail): its changelog positions
+            # came with the replaced producer's delivery reports, and are not worth the doubt.
+            TRANSACTIONS.labels("commit_outcome_committed").inc()
+            batch.commit_locally()
+            if self.local is not None:
+                for partition in batch.sent:
+                    self.local.suspend(partition, "the commit's outcome was learnt from the committed offsets")
             return
         batch.commit_locally()
         if self.local is not None:
@@ -166,6 +195,54 @@ class TransactionalLoop(PartitionAssignment):
         TRANSACTIONS.labels("committed").inc()
         for topic, count in per_topic.items():  # labels() per message was a visible share of the profile
             MESSAGES.labels(topic).inc(count)
+
+    def _record_too_large(self, what: str) -> GiveUp:
+        """A record too large for the topics: the same batch would make it again, so retrying it is an
+        endless abort that stalls every partition of the worker. It stops, naming the setting."""
+        limit = self.settings.kafka.max_message_bytes
+        log.error("transaction.record_too_large", record=what, max_message_bytes=limit)
+        TRANSACTIONS.labels("record_too_large").inc()
+        return GiveUp(
+            f"{what}: over [kafka] max_message_bytes ({limit}) or the topic's limit; nothing of the batch was committed. Raise "
+            "[kafka] max_message_bytes (and with it the topics' max.message.bytes: diana topics) and start "
+            "the worker again"
+        )
+
+    def _committed_after_all(self, ends: dict[tuple[str, int], int]) -> bool:
+        """Did the batch commit although commit_transaction failed (its answer lost, or the retries
+        ran out after the coordinator had the commit)? Asked after the new producer's
+        init_transactions, which completes a commit the coordinator had begun and aborts anything
+        else: the group's committed offsets (stable ones: read_committed) are then at the batch's
+        ends, or where the batch began.
+
+        Before, such a batch was always rewound and done again from the state before it: its
+        outputs published twice, and a revision number given to two contents where a tick's wall
+        clock made the second run differ. If the offsets cannot be read, the batch is rewound as
+        before (logged ``transaction.commit_outcome_unknown``).
+        """
+        wanted = [TopicPartition(t, p) for (t, p) in ends]
+        deadline = time.monotonic() + _OUTCOME_WAIT_S
+        while True:
+            try:
+                with slow("transaction.commit_outcome"):
+                    answer = self.consumer.committed(wanted, timeout=self.settings.call_timeout_s)
+                if not any(tp.error for tp in answer):
+                    break
+                reason = "; ".join(str(tp.error) for tp in answer if tp.error)
+            except KafkaException as exc:
+                reason = str(exc)
+            self._still_running()
+            if time.monotonic() > deadline:
+                log.warning("transaction.commit_outcome_unknown", reason=reason, fix="the batch is done again")
+                return False
+            time.sleep(0.5)
+        at_end = [tp.offset == ends[(tp.topic, tp.partition)] for tp in answer]
+        if at_end and all(at_end):
+            log.warning("transaction.commit_outcome_committed", partitions=sorted({p for _, p in ends}))
+            return True
+        if any(at_end):  # not this transaction's doing (it commits all its offsets or none): another owner's
+            log.warning("transaction.commit_outcome_unexpected", fix="the batch is done again")
+        return False
 
     def _write_local(self, batch: Batch, began_ms: int) -> None:
         """The committed batch's changes to each partition's local file, with the checkpoint.
@@ -203,10 +280,10 @@ class TransactionalLoop(PartitionAssignment):
             reason = f"{self.settings.group_id}: unexpected {type(exc).__name__}: {exc}"[:1000]
             log.exception("deadletter", origin=origin, reason=reason)
             FAILED_MESSAGES.labels(message.topic()).inc()
-            batch.send(
+            batch.send_dead_letter(
                 self.settings.deadletter,
                 origin.encode(),
-                message.value() or b"",
+                message.value(),
                 {"reason": reason.encode(), "origin": origin.encode(), "sink": self.settings.group_id.encode()},
             )
         batch.message_done()
@@ -264,11 +341,12 @@ class TransactionalLoop(PartitionAssignment):
                     continue
                 raise
 
-    def _abort(self, exc: KafkaException, starts: dict[tuple[str, int], int]) -> None:
-        """Give up the batch: a new producer aborts it, and the input goes back to the committed offsets.
+    def _abort(self, exc: KafkaException) -> None:
+        """Give up the batch: a new producer aborts it (the caller then rewinds the input).
 
         The new producer's init_transactions (same transactional id) aborts whatever the old one
-        left open. Reusing the old producer did not work: after a broker restart its
+        left open, or completes a commit the coordinator had already begun (_committed_after_all).
+        Reusing the old producer did not work: after a broker restart its
         send_offsets_to_transaction hung for minutes despite its 30 s timeout (librdkafka 2.16),
         until the group dropped the worker; a fresh producer looks the coordinator up anew.
         """
@@ -293,7 +371,6 @@ class TransactionalLoop(PartitionAssignment):
         self.producer.purge()
         self.producer = self._new_producer()
         self._retry("init_transactions", lambda: self.producer.init_transactions(self.settings.call_timeout_s))
-        self._rewind(starts)
 
     def _rewind(self, starts: dict[tuple[str, int], int]) -> None:
         """Back to where the aborted batch began (the committed offsets): it is processed again.

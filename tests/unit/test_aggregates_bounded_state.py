@@ -17,21 +17,28 @@ from confluent_kafka import Message
 
 from diana.schemas.codec import default_codec
 from diana.schemas.topics import DEADLETTER, INSTANCES
+from diana.stream_apps import digest as digest_module
 from diana.stream_apps.aggregate_fold import number_runs, numbers_of_runs
 from diana.stream_apps.aggregates import (
+    COLD,
     DIGEST,
     GONE_SERIES,
     GONE_STUDY,
     OPEN,
     RETIRE,
     SEEN,
+    SERIES_IN_TWO_STUDIES,
+    SERIES_IN_TWO_STUDIES_REASON,
     SERIES_STATE,
     STUDY_STATE,
     AggregatesHandler,
 )
 from diana.stream_apps.batch import Batch, _Store
 from diana.stream_apps.completeness import QuietTimes
-from diana.stream_apps.digest import digest_count
+from diana.stream_apps.digest import PART_ENTRIES, digest_build, digest_count
+from diana.stream_apps.local_state import Checkpoint, LocalStates
+from diana.stream_apps.series_digest import delete_digest, lookup_digest, read_digest, write_digest
+from diana.stream_apps.state_store import StateStore
 
 CHANGELOG = "agg-state-changelog"
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -61,14 +68,16 @@ class Worker:
         self.handler.partition_started(0, {INSTANCES.name: 0}, self.store.partitions.setdefault(0, {}))
         self.offset = 0
 
-    def feed(self, event: dict) -> None:
-        value = default_codec().encode(INSTANCES.value_schema, event)
-        stamp = int(event["received_at"].timestamp() * 1000)
-        message = Message(topic=INSTANCES.name, partition=0, offset=self.offset, value=value, timestamp=(2, stamp))
-        self.offset += 1
+    def feed(self, *events: dict) -> None:
+        """The events in one transaction."""
         batch = Batch(self.store, self.producer, CHANGELOG)
-        self.handler.handle(batch, message)
-        batch.message_done()
+        for event in events:
+            value = default_codec().encode(INSTANCES.value_schema, event)
+            stamp = int(event["received_at"].timestamp() * 1000)
+            message = Message(topic=INSTANCES.name, partition=0, offset=self.offset, value=value, timestamp=(2, stamp))
+            self.offset += 1
+            self.handler.handle(batch, message)
+            batch.message_done()
         batch.send_latest()
         batch.write_changelog()
         batch.commit_locally()
@@ -248,3 +257,117 @@ def test_the_completion_check_walks_the_open_series_only_when_one_may_be_due_and
         assert w.space(SERIES_STATE)["8.1.1"]["status"] == "COMPLETED"
     finally:
         Batch.items = items  # type: ignore[method-assign]
+
+
+def _completed_series(w: Worker, instances: int) -> None:
+    w.feed(*(_event("9.1", "9.1.1", n, n / 1000, sop=f"9.1.1.{n}") for n in range(1, instances + 1)))
+    w.feed(_event("9.2", "9.2.1", 1, 20))  # moves the watermark: 9.1.1 completes
+
+
+def test_a_digest_written_in_one_key_by_the_previous_version_is_read_and_amended_into_parts(monkeypatch):
+    """State written before digests were split: ``digest/<series>`` holds every instance, however many."""
+    monkeypatch.setattr(digest_module, "PART_ENTRIES", 10**9)  # the previous version: never split
+    w = Worker()
+    _completed_series(w, PART_ENTRIES + 100)
+    old = w.space(DIGEST)["9.1.1"]
+    assert isinstance(old, str) and digest_count(old) == PART_ENTRIES + 100
+    monkeypatch.undo()
+
+    again = Worker(_replay(w.producer.records))
+    again.feed(_event("9.1", "9.1.1", 7, 30, sop="9.1.1.7"))  # a re-send: found in the one-key digest
+    assert again.space(SERIES_STATE)["9.1.1"]["instance_count"] == PART_ENTRIES + 100
+    again.feed(_event("9.1", "9.1.1", 0, 31, sop="9.1.1.new"))  # a late new one: amends
+    again.feed(_event("9.2", "9.2.1", 2, 40))
+    assert again.space(SERIES_STATE)["9.1.1"]["status"] == "AMENDED"
+    index = again.space(DIGEST)["9.1.1"]
+    assert index["parts"] == 2 and len(index["from"]) == 1
+    parts = [again.space(DIGEST)[f"9.1.1/{p}"] for p in range(2)]
+    assert [digest_count(p) for p in parts] == [PART_ENTRIES, 101]
+    for n in (1, 7, PART_ENTRIES + 100):
+        again.feed(_event("9.1", "9.1.1", n, 41, sop=f"9.1.1.{n}"))  # re-sends, found in their parts
+    assert again.space(SERIES_STATE)["9.1.1"]["instance_count"] == PART_ENTRIES + 101
+    assert "9.1.1" not in again.space(OPEN)
+    # The replayed changelog rebuilds the parts (keys digest/<series>/<n>) as they are in memory.
+    assert (
+        _replay(again.producer.records).partitions[0][DIGEST]
+        == _replay(w.producer.records + again.producer.records).partitions[0][DIGEST]
+        == again.space(DIGEST)
+    )
+
+
+def test_the_parts_of_a_digest_on_local_disk_only_are_found_and_deleted(tmp_path):
+    """Cold state (state_store.py): the index and parts leave memory once in the local file, a
+    lookup reads them back from it, and a retirement writes a tombstone for each."""
+    local = LocalStates(tmp_path, CHANGELOG, COLD)
+    store = StateStore(local, COLD)
+    assert local.replace(0, {}, Checkpoint(0, 1))
+    store.backed.add(0)
+    producer = Recorder()
+    uids = [f"1.2.826.0.1.3680043.10.98.{i}" for i in range(2 * PART_ENTRIES + 5)]
+    batch = Batch(store, producer, CHANGELOG)
+    write_digest(batch, 0, "9.1.1", digest_build((uid, "ab" * 32, 10) for uid in uids))
+    batch.write_changelog()
+    batch.commit_locally()
+    assert local.write(0, batch.encoded[0], Checkpoint(len(producer.records), 1), encoded=True)
+    store.evict(0)
+    assert DIGEST not in store.partitions[0]
+    later = Batch(store, producer, CHANGELOG)
+    assert all(lookup_digest(later, 0, "9.1.1", uid) == ("abababab", 10) for uid in uids[:: PART_ENTRIES // 7])
+    assert lookup_digest(later, 0, "9.1.1", "1.2.826.0.1.3680043.10.99.1") is None
+    assert digest_count(read_digest(later, 0, "9.1.1")) == len(uids)
+    delete_digest(later, 0, "9.1.1")
+    later.write_changelog()
+    assert {r[1] for r in producer.records[-4:] if r[2] is None} == {
+        b"digest/9.1.1",
+        b"digest/9.1.1/0",
+        b"digest/9.1.1/1",
+        b"digest/9.1.1/2",
+    }
+
+
+def test_a_new_instance_of_a_series_counted_under_another_study_is_dead_lettered_and_both_studies_stay_right():
+    """The auditor's series_two_studies.py: the series state is one per SeriesInstanceUID, so the
+    second study got the series while its completion updated the first, and never completed."""
+    before = SERIES_IN_TWO_STUDIES._value.get()
+    w = Worker()
+    w.feed(_event("1.2.3", "1.2.3.9", 1, 1))
+    w.feed(_event("1.2.4", "1.2.3.9", 2, 2))  # the same series UID under another study
+    (letter,) = w.producer.on(DEADLETTER.name)
+    assert (
+        letter[4]["reason"] == SERIES_IN_TWO_STUDIES_REASON.encode() and letter[4]["origin"] == b"dicom.instances/0/1"
+    )
+    assert b"1.2.3" not in letter[4]["reason"] and b"1.2.4" not in letter[4]["reason"]
+    assert SERIES_IN_TWO_STUDIES._value.get() == before + 1
+    assert "1.2.4" not in w.space(STUDY_STATE) and "1.2.3.9.2" not in w.space(SEEN)
+    assert w.space(SERIES_STATE)["1.2.3.9"]["instance_count"] == 1
+    published = {r[1] for r in w.producer.records if r[0] in ("dicom.series", "dicom.studies")}
+    assert b"1.2.4" not in published
+
+    w.feed(_event("1.2.3", "1.2.3.9", 3, 3))  # the series' own study goes on as usual
+    w.feed(_event("7.7.7", "7.7.7.1", 1, 20))  # the watermark passes: the series and its study complete
+    study = w.space(STUDY_STATE)["1.2.3"]
+    assert (study["status"], study["series_count"], study["completed_series_count"], study["instance_count"]) == (
+        "COMPLETED",
+        1,
+        1,
+        2,
+    )
+    w.feed(_event("1.2.4", "1.2.4.1", 1, 21))  # the other study's own series: a study of its own
+    w.feed(_event("7.7.7", "7.7.7.1", 2, 30))
+    assert w.space(STUDY_STATE)["1.2.4"]["status"] == "COMPLETED"
+    assert w.space(STUDY_STATE)["1.2.4"]["series_instance_uids"] == ["1.2.4.1"]
+    w.feed(_event("1.2.4", "1.2.3.9", 4, 31))  # a completed series: still refused
+    assert len(w.producer.on(DEADLETTER.name)) == 2
+    assert w.space(SERIES_STATE)["1.2.3.9"]["instance_count"] == 2
+
+
+def test_a_corrected_re_send_naming_another_study_changes_neither_study():
+    w = Worker()
+    w.handler.replace = True
+    w.feed(_event("1.2.3", "1.2.3.9", 1, 1))
+    w.feed(_event("1.2.4", "1.2.4.1", 1, 2))
+    corrected = _event("1.2.4", "1.2.3.9", 1, 3)  # instance 1 of 1.2.3.9 again, other bytes, under 1.2.4
+    corrected["sha256"], corrected["size_bytes"] = "b" * 64, 5000
+    w.feed(corrected)
+    assert w.space(STUDY_STATE)["1.2.4"]["total_bytes"] == 100
+    assert w.space(STUDY_STATE)["1.2.3"]["total_bytes"] == w.space(SERIES_STATE)["1.2.3.9"]["total_bytes"] == 100

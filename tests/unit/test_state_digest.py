@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from diana.stream_apps.digest import (
     ENTRY_BYTES,
+    PART_ENTRIES,
     digest_build,
     digest_count,
+    digest_join,
     digest_lookup,
+    digest_part,
     digest_replace,
+    digest_split,
     uid_hash,
 )
 
@@ -53,3 +57,17 @@ def test_replace_swaps_the_sha_prefix_and_size_of_one_instance():
 def test_the_uid_hash_is_stable_across_processes():
     # The digest is restored from the changelog by another process: the hash must not be salted.
     assert uid_hash("1.2.3") == 0x1F0ADB19A75AEDD1  # BLAKE2b-64 of b"1.2.3"
+
+
+def test_a_large_digest_is_split_into_parts_of_consecutive_hashes_that_each_find_their_uids():
+    assert digest_split("") == ("", []) and digest_split(digest_build([])) == ("", [])
+    small = digest_build((uid, "00" * 32, 1) for uid in _uids(PART_ENTRIES))
+    assert digest_split(small) == (small, [])  # up to a part's size: one key, as before
+    uids = _uids(2 * PART_ENTRIES + 1)
+    digest = digest_build((uid, "ab" * 32, i) for i, uid in enumerate(uids))
+    index, parts = digest_split(digest)
+    assert index["parts"] == len(parts) == 3 and [digest_count(p) for p in parts] == [PART_ENTRIES, PART_ENTRIES, 1]
+    assert max(len(p) for p in parts) == 4 * -(-PART_ENTRIES * 20 // 3) == 218_456  # characters of base64
+    assert digest_join(parts) == digest
+    for i, uid in enumerate(uids):
+        assert digest_lookup(parts[digest_part(index, uid)], uid) == ("abababab", i)
