@@ -31,7 +31,15 @@ from diana.schemas.layout import IndexLayout
 from diana.schemas.topics import DEADLETTER, DOSE_ALERTS, DOSE_EVENTS, DOSE_STUDIES, INSTANCES, SERIES, STUDIES
 from diana.sinks.consumer import DeadLetters, RetryableError
 
-__all__ = ["OpenSearchSink", "PreparedBatch", "IndexLayout", "ensure_indices", "install_template"]
+__all__ = [
+    "OpenSearchSink",
+    "PreparedBatch",
+    "IndexLayout",
+    "REFUSED_WHOLE_FIX",
+    "ensure_indices",
+    "install_template",
+    "refused_whole_status",
+]
 
 log = structlog.get_logger("diana.sink.opensearch")
 
@@ -39,6 +47,11 @@ INDEXED = Counter("diana_opensearch_indexed_total", "Documents written to OpenSe
 INDEXED_WITHOUT_HEADER = Counter(
     "diana_opensearch_indexed_without_header_total",
     "Instance documents OpenSearch refused, indexed again by their identifiers (dead-lettered too)",
+)
+REFUSED_REQUESTS = Counter(
+    "diana_opensearch_requests_refused_total",
+    "Bulk requests refused as a whole (413: too large for a proxy or OpenSearch; 400: malformed), sent again in halves",
+    ["status"],
 )
 
 # Package data (importlib.resources): found the same in a checkout and in an installed wheel.
@@ -280,6 +293,45 @@ def _request(items: list[tuple[Message, dict, bytes]]) -> _BulkRequest:
     return _BulkRequest(items, b"\n".join(lines))
 
 
+# A bulk request refused as a whole: nothing of it was written, and sending it again unchanged is refused
+# again (it was retried for ever, every partition of the consumer held, logged "OpenSearch unavailable").
+# 413: over a proxy's limit (nginx's client_max_body_size, 1 MB by default) or OpenSearch's
+# http.max_content_length (100 MB); 400: a request OpenSearch finds malformed (a validation error such as
+# a version it does not take). 429, 5xx and connection errors pass: retried as before.
+_REFUSED_WHOLE = (400, 413)
+REFUSED_WHOLE_FIX = {
+    413: "raise the limit on a request's size (the proxy's client_max_body_size, OpenSearch's "
+    "http.max_content_length) above [sinks] bulk_max_bytes, or lower [sinks] bulk_max_bytes",
+    400: "the documents OpenSearch refuses alone are dead-lettered with its reason; replay them once fixed",
+}
+
+
+def refused_whole_status(exc: TransportError) -> int | None:
+    """413 or 400 if OpenSearch (or a proxy before it) refused the request as a whole; else None."""
+    if isinstance(exc, OSConnectionError) or exc.status_code not in _REFUSED_WHOLE:
+        return None
+    return int(exc.status_code)
+
+
+def _refusal(exc: TransportError, body_bytes: int) -> dict[str, str]:
+    """The error of a document whose bulk request, holding it alone, was refused as a whole: an item's
+    error as ``_outcomes`` reads it. No text of a proxy's answer; OpenSearch's goes through
+    ``rejection_reason`` as a document's does (quoted values withheld)."""
+    if exc.status_code == 413:
+        return {
+            "type": "request_too_large",
+            "reason": f"HTTP 413 for a bulk request of this document alone ({body_bytes} bytes): over a proxy's "
+            "client_max_body_size or OpenSearch's http.max_content_length",
+        }
+    error = exc.info.get("error") if isinstance(exc.info, dict) else None
+    if isinstance(error, dict):
+        return {
+            "type": str(error.get("type") or "bad_request"),
+            "reason": f"bulk request refused as a whole (HTTP 400): {error.get('reason') or ''}",
+        }
+    return {"type": "bad_request", "reason": "bulk request refused as a whole (HTTP 400), not in OpenSearch's words"}
+
+
 class OpenSearchSink:
     name = "opensearch"
     topics: tuple[str, ...] = (
@@ -331,6 +383,10 @@ class OpenSearchSink:
         self.layout = layout
         self.codec = codec or default_codec()
         self._indices_ready = False
+        # The smallest request a 413 refused: a larger one is split before it is sent, not refused again
+        # (with a proxy's 1 MB against 5 MB requests, every request went up 7 times, 3 of them refused).
+        self._too_large_at = float("inf")
+        self._refusals_said: set[int] = set()  # statuses of whole-request refusals logged (once each)
 
     def prepare_indices(self) -> bool:
         """Install the templates and create the indices now, before consuming: done with the first batch
@@ -426,9 +482,9 @@ class OpenSearchSink:
             if not self._indices_ready and self.index_version is None:
                 ensure_indices(self.client, self.layout, self.number_of_replicas, self.refresh_interval)
                 self._indices_ready = True
-            result = self._send(request.body)  # the indices made in the same try: both wait out alike
         except (OSConnectionError, TransportError) as exc:
             raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
+        result = self._send_retryable(request.items, request.body)
         created_before: list[tuple[Message, dict, bytes]] = []
         refused = self._outcomes(request.items, result, dead, created_before=created_before)
         if refused:
@@ -441,12 +497,43 @@ class OpenSearchSink:
         id, version, shards, sequence numbers: ~200 bytes per document) would be parsed for nothing."""
         return self.client.bulk(body=body, filter_path=_BULK_ANSWER, params=self._bulk_params)
 
-    def _send_retryable(self, body: bytes) -> dict[str, Any]:
-        """``_send``; OpenSearch not answering is a RetryableError (the batch is written again)."""
+    def _send_retryable(self, items: list[tuple[Message, dict, bytes]], body: bytes) -> dict[str, Any]:
+        """``_send``; OpenSearch not answering is a RetryableError (the batch is written again). A request
+        refused as a whole (413, 400) is sent again in halves, down to its documents: one refused alone gets
+        that refusal as its item's answer (``_refusal``), dead-lettered as any document OpenSearch refuses."""
+        return {"items": self._send_parts(items, body)}
+
+    def _send_parts(self, items: list[tuple[Message, dict, bytes]], body: bytes) -> list[dict[str, Any]]:
+        if len(items) > 1 and len(body) >= self._too_large_at:
+            return self._send_halves(items)
         try:
-            return self._send(body)
+            return list(self._send(body)["items"])
         except (OSConnectionError, TransportError) as exc:
-            raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
+            status = refused_whole_status(exc)
+            if status is None:
+                raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
+            refused = exc
+        REFUSED_REQUESTS.labels(str(status)).inc()
+        if status == 413:
+            self._too_large_at = min(self._too_large_at, len(body))
+        if status not in self._refusals_said:
+            self._refusals_said.add(status)
+            log.warning(
+                "opensearch.request_refused",
+                status=status,
+                documents=len(items),
+                bytes=len(body),
+                action="sent again in halves; a document refused alone is dead-lettered",
+                fix=REFUSED_WHOLE_FIX[status],
+            )
+        if len(items) == 1:
+            return [{items[0][1].get("op_type", "index"): {"status": status, "error": _refusal(refused, len(body))}}]
+        return self._send_halves(items)
+
+    def _send_halves(self, items: list[tuple[Message, dict, bytes]]) -> list[dict[str, Any]]:
+        half = len(items) // 2
+        first, second = items[:half], items[half:]
+        return [*self._send_parts(first, _request(first).body), *self._send_parts(second, _request(second).body)]
 
     def _outcomes(
         self,
@@ -525,7 +612,7 @@ class OpenSearchSink:
                 items.append((msg, {"_index": hit["_index"], "_id": meta["_id"], **when}, doc))
         if not items:
             return
-        result = self._send_retryable(_request(items).body)
+        result = self._send_retryable(items, _request(items).body)
         written: set[int] = set()
         for msg, meta, reason in self._outcomes(items, result, dead, written):
             dead.send(msg, f"opensearch rejected {meta['_id']}: {reason}")
@@ -541,7 +628,7 @@ class OpenSearchSink:
         for msg, meta, reason in refused:
             _, record = self.codec.decode(msg.value())  # decoded before: it cannot fail now
             items.append((msg, meta, _document(identifiers_only(record, reason))))
-        result = self._send_retryable(_request(items).body)
+        result = self._send_retryable(items, _request(items).body)
         written: set[int] = set()
         there: list[tuple[Message, dict, bytes]] = []
         self._outcomes(items, result, dead, written, created_before=there)
