@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -52,6 +55,13 @@ REFUSED_REQUESTS = Counter(
     "diana_opensearch_requests_refused_total",
     "Bulk requests refused as a whole (413: too large for a proxy or OpenSearch; 400: malformed), sent again in halves",
     ["status"],
+)
+REVISION_CONFLICTS = Counter(
+    "diana_opensearch_revision_conflicts_total",
+    "Revisions not written because the index holds a higher one (409), by what the stored document says: "
+    "replayed (it is as new: a replay or re-delivery, normal), restarted (the event is newer: the revision "
+    "line started again, the document is stale), not_compared",
+    ["index", "cause"],
 )
 
 # Package data (importlib.resources): found the same in a checkout and in an installed wheel.
@@ -266,6 +276,77 @@ def _refused_before(source: dict[str, Any]) -> bool:
 _BULK_ANSWER = "items.*.status,items.*.error.type,items.*.error.reason"
 
 
+# What an aggregate's document says of its time: when its latest instance came. A later one with a lower
+# revision than the index holds is a revision line started again (``_note_revision_conflicts``).
+_EVENT_TIME = {"series": "last_received_at", "studies": "last_received_at"}
+
+
+def _instant(value: Any) -> datetime | None:
+    """A time as the event holds it (a datetime) or as the document stores it (ISO 8601); naive is UTC."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+class _ConflictLog:
+    """Revision conflicts said at most once a minute per cause, with the documents counted since that cause's
+    line before (the metric has every one). A replay refuses thousands of revisions: said at info, as normal;
+    a revision line restarted is a warning, naming one of its ids as the sink's other lines name theirs."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str], int] = {}  # (index alias, cause) -> documents not said yet
+        self._examples: dict[str, str] = {}  # index alias -> an id of a restarted line not said yet
+        self._said_at: dict[str, float] = {}  # cause -> when its last line was written
+
+    def add(self, index: str, cause: str, documents: int, example: str | None = None) -> None:
+        with self._lock:
+            self._pending[(index, cause)] = self._pending.get((index, cause), 0) + documents
+            if example is not None:
+                self._examples.setdefault(index, example)
+            now = self._clock()
+            if cause in self._said_at and now - self._said_at[cause] < self.WINDOW_S:
+                return
+            self._said_at[cause] = now
+            due = {i: n for (i, c), n in self._pending.items() if c == cause}
+            for i in due:
+                del self._pending[(i, cause)]
+            examples = {i: self._examples.pop(i, None) for i in due} if cause == "restarted" else {}
+        for alias, count in due.items():
+            if cause == "restarted":
+                log.warning(
+                    "opensearch.revision_line_restarted",
+                    index=alias,
+                    documents=count,
+                    example_id=examples.get(alias),
+                    meaning="events newer than their stored documents came with lower revisions: the aggregates "
+                    "started their revision line again, and these documents stay stale until it passes them",
+                    fix="docs/OPERATIONS.md, 'Revisions the index refuses'",
+                )
+            elif cause == "replayed":
+                log.info(
+                    "opensearch.older_revisions_skipped",
+                    index=alias,
+                    documents=count,
+                    meaning="revisions older than the indexed ones (a replay or re-delivery): normal",
+                )
+            else:
+                log.info(
+                    "opensearch.lower_revisions_skipped",
+                    index=alias,
+                    documents=count,
+                    meaning="revisions lower than the indexed ones; their times not compared",
+                )
+
+
 @dataclass
 class _BulkRequest:
     items: list[tuple[Message, dict, bytes]]  # (message, action metadata, the document's JSON)
@@ -387,6 +468,7 @@ class OpenSearchSink:
         # (with a proxy's 1 MB against 5 MB requests, every request went up 7 times, 3 of them refused).
         self._too_large_at = float("inf")
         self._refusals_said: set[int] = set()  # statuses of whole-request refusals logged (once each)
+        self._conflicts = _ConflictLog()
 
     def prepare_indices(self) -> bool:
         """Install the templates and create the indices now, before consuming: done with the first batch
@@ -486,7 +568,12 @@ class OpenSearchSink:
             raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
         result = self._send_retryable(request.items, request.body)
         created_before: list[tuple[Message, dict, bytes]] = []
-        refused = self._outcomes(request.items, result, dead, created_before=created_before)
+        conflicts: list[tuple[Message, dict]] = []
+        refused = self._outcomes(
+            request.items, result, dead, created_before=created_before, revision_conflicts=conflicts
+        )
+        if conflicts:
+            self._note_revision_conflicts(conflicts)
         if refused:
             self._index_identifiers_only(refused, dead)
         if created_before:
@@ -542,11 +629,13 @@ class OpenSearchSink:
         dead: DeadLetters,
         written: set[int] | None = None,
         created_before: list[tuple[Message, dict, bytes]] | None = None,
+        revision_conflicts: list[tuple[Message, dict]] | None = None,
     ) -> list[tuple[Message, dict, str]]:
         """Count what was written (into ``written``, by ``id`` of the message, if given), park what was
         refused but instances; return the refused instances (message, action metadata, reason) and
         raise RetryableError if any document was not accepted for now. ``created_before``: the items
-        whose ``create`` found a document there (first wins)."""
+        whose ``create`` found a document there (first wins); ``revision_conflicts``: the revisions
+        (external versions) refused because the index holds a higher one (message, action metadata)."""
         refused: list[tuple[Message, dict, str]] = []
         retry = []
         indexed: dict[str, int] = {}  # topic -> documents written (one metric update per topic)
@@ -561,6 +650,8 @@ class OpenSearchSink:
                 # a newer revision is already indexed, or (first wins) the instance already is
                 if created_before is not None and meta.get("op_type") == "create":
                     created_before.append((msg, meta, doc))
+                elif revision_conflicts is not None and "version" in meta:
+                    revision_conflicts.append((msg, meta))
             elif status == 404 and meta.get("op_type") == "delete":
                 pass  # a retracted document that was never indexed (a new index version), or is gone already
             elif status == 429 or status >= 500:
@@ -579,6 +670,48 @@ class OpenSearchSink:
             # Successful items are rewritten with the same id next time: idempotent.
             raise RetryableError(f"{len(retry)} documents not accepted ({retry[0]})")
         return refused
+
+    def _note_revision_conflicts(self, conflicts: list[tuple[Message, dict]]) -> None:
+        """Count and say the revisions the index refused for a higher one it holds (409). Mostly a replay or
+        a re-delivery of revisions written before: normal. But a revision line that started again at 1 (the
+        aggregates' changelog made anew, another [stream] app_id) is refused the same way, and its documents
+        stayed stale without a sign. Told apart by time: a series' or study's event whose latest instance
+        (``last_received_at``) came after the stored document's, with a lower revision, is a line restarted.
+        One read of the stored times per request with such conflicts (as a replay's instances read theirs,
+        ``_complete_identifiers_only``); a read that fails leaves them not compared (the batch goes on)."""
+        groups: dict[tuple[str, str], list[tuple[Message, dict]]] = {}
+        for msg, meta in conflicts:
+            groups.setdefault((self.layout.kinds[msg.topic()], meta["_index"]), []).append((msg, meta))
+        for (kind, index), items in groups.items():
+            alias = self.layout.alias(kind)
+            field_name = _EVENT_TIME.get(kind)
+            stored: dict[str, Any] = {}
+            if field_name is not None:
+                try:
+                    found = self.client.mget(
+                        index=index, body={"ids": [meta["_id"] for _, meta in items]}, _source_includes=[field_name]
+                    )
+                    stored = {d["_id"]: d["_source"].get(field_name) for d in found["docs"] if d.get("found")}
+                except (OSConnectionError, TransportError) as exc:
+                    log.debug("opensearch.revision_conflicts_unread", index=alias, error=type(exc).__name__)
+            counts = {"replayed": 0, "restarted": 0, "not_compared": 0}
+            example = None
+            for msg, meta in items:
+                stored_at = _instant(stored.get(meta["_id"]))
+                event_at = None
+                if field_name is not None and stored_at is not None:
+                    event_at = _instant(self.codec.decode(msg.value())[1].get(field_name))  # decoded before
+                if stored_at is None or event_at is None:
+                    counts["not_compared"] += 1
+                elif event_at > stored_at:
+                    counts["restarted"] += 1
+                    example = example or meta["_id"]
+                else:
+                    counts["replayed"] += 1
+            for cause, count in counts.items():
+                if count:
+                    REVISION_CONFLICTS.labels(alias, cause).inc(count)
+                    self._conflicts.add(alias, cause, count, example if cause == "restarted" else None)
 
     def _complete_identifiers_only(self, created_before: list[tuple[Message, dict, bytes]], dead: DeadLetters) -> None:
         """First wins, and the index holds an identifiers-only document of these very bytes (refused

@@ -1,11 +1,12 @@
 """On a real OpenSearch node: what the OpenSearch sink does with a bulk request the node refuses as a whole
-(413 over http.max_content_length, 100 MB; 400 for a request that fails its validation). The sink writes into indices of their own (prefix ``refusaltest``),
+(413 over http.max_content_length, 100 MB; 400 for a request that fails its validation) and with a
+revision line that started again. The sink writes into indices of their own (prefix ``refusaltest``),
 from messages made here; its dead letters are collected here, not produced (the refusals are the node's)."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from confluent_kafka import Message
@@ -92,3 +93,26 @@ def test_a_request_failing_validation_is_narrowed_to_its_document(refusal_indice
     assert offset == 3 and "HTTP 400" in reason and "version" in reason
     client.indices.refresh(index=layout.index("series", 1))
     assert client.count(index=layout.index("series", 1))["count"] == 3
+
+
+def test_a_revision_line_started_again_is_counted_apart_from_a_replay(refusal_indices):
+    client, layout = refusal_indices
+    sink = OpenSearchSink(client, layout, index_version=1)
+    dead = _Dead()
+    sink.write([_series("1.2.3.1", 1, 50, last=AT), _series("1.2.3.2", 2, 50, last=AT)], dead)
+
+    def conflicts(cause: str) -> float:
+        labels = {"index": layout.alias("series"), "cause": cause}
+        return REGISTRY.get_sample_value("diana_opensearch_revision_conflicts_total", labels) or 0.0
+
+    sink.write(
+        [
+            _series("1.2.3.1", 3, 7, last=AT - timedelta(hours=1)),  # an older revision replayed
+            _series("1.2.3.2", 4, 1, last=AT + timedelta(days=1)),  # a new line's first revision, a day later
+        ],
+        dead,
+    )
+    assert dead.sent == []
+    assert (conflicts("replayed"), conflicts("restarted"), conflicts("not_compared")) == (1, 1, 0)
+    stored = client.get(index=layout.index("series", 1), id="1.2.3.2")
+    assert stored["_version"] == 50  # the index keeps the old line's document: stale, and now said

@@ -1,16 +1,17 @@
 """What the OpenSearch sink does with a bulk request refused as a whole (413 from a proxy or from
-OpenSearch's http.max_content_length, a malformed request's 400). A stand-in for the client answers as
-OpenSearch (or a proxy in front of it) does."""
+OpenSearch's http.max_content_length, a malformed request's 400), and with revisions the index refuses
+for a higher one (409). A stand-in for the client answers as OpenSearch (or a proxy in front of it) does."""
 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from confluent_kafka import Message
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
 from opensearchpy.exceptions import RequestError, TransportError
+from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from diana.schemas.codec import default_codec
@@ -207,6 +208,95 @@ def test_busy_unavailable_or_unreachable_is_still_retried(answer: Exception) -> 
             [_series("1.2.3.1", 1, 3), _series("1.2.3.2", 2, 3)], dead
         )
     assert cluster.sizes and len(cluster.sizes) == 1 and dead.sent == []  # sent once, not split
+
+
+class _Conflicts:
+    """Every series revision answers 409 (the index holds a higher one); the stored documents' times are
+    read back by mget, as OpenSearch answers with ``_source_includes``."""
+
+    def __init__(self, stored_last: dict[str, str]):
+        self.stored_last = stored_last
+
+    def bulk(self, body, filter_path=None, params=None):
+        return {
+            "items": [
+                {
+                    op: {
+                        "status": 409,
+                        "error": {
+                            "type": "version_conflict_engine_exception",
+                            "reason": f"[{meta['_id']}]: "
+                            f"version conflict, current version [50] is higher than the one provided [{meta['version']}]",
+                        },
+                    }
+                }
+                for op, meta, _ in _actions(body)
+            ]
+        }
+
+    def mget(self, index, body, _source_includes):
+        assert _source_includes == ["last_received_at"]
+        return {
+            "docs": [
+                {"_id": i, "found": True, "_source": {"last_received_at": self.stored_last[i]}}
+                if i in self.stored_last
+                else {"_id": i, "found": False}
+                for i in body["ids"]
+            ]
+        }
+
+
+def _conflicts(cause: str) -> float:
+    labels = {"index": "diana-series", "cause": cause}
+    return REGISTRY.get_sample_value("diana_opensearch_revision_conflicts_total", labels) or 0.0
+
+
+def test_revisions_refused_for_a_higher_one_are_counted_and_a_restarted_line_is_a_warning() -> None:
+    """Before: a 409 on an aggregate was dropped without a count or a line, and a revision line started
+    again at 1 (changelog made anew) left the index stale with no sign."""
+    stored = AT.isoformat()
+    client = _Conflicts({"1.2.3.1": stored, "1.2.3.2": stored, "1.2.3.3": stored})
+    sink = OpenSearchSink(client, IndexLayout("diana"), index_version=1)
+    before = {cause: _conflicts(cause) for cause in ("replayed", "restarted", "not_compared")}
+    replayed = [_series("1.2.3.1", 1, 7, last=AT - timedelta(minutes=5)), _series("1.2.3.2", 2, 49, last=AT)]
+    restarted = [_series("1.2.3.3", 3, 1, last=AT + timedelta(days=2))]
+    unknown = [_series("1.2.3.9", 4, 1, last=AT)]  # its stored document is gone meanwhile
+    dead = _Dead()
+    with capture_logs() as logs:
+        sink.write(replayed + restarted + unknown, dead)
+    assert dead.sent == []
+    assert _conflicts("replayed") - before["replayed"] == 2
+    assert _conflicts("restarted") - before["restarted"] == 1
+    assert _conflicts("not_compared") - before["not_compared"] == 1
+    by_event = {line["event"]: line for line in logs}
+    warning = by_event["opensearch.revision_line_restarted"]
+    assert warning["log_level"] == "warning" and warning["documents"] == 1 and warning["example_id"] == "1.2.3.3"
+    normal = by_event["opensearch.older_revisions_skipped"]
+    assert normal["log_level"] == "info" and normal["documents"] == 2 and "normal" in normal["meaning"]
+    assert by_event["opensearch.lower_revisions_skipped"]["documents"] == 1
+
+
+def test_revision_conflicts_are_said_at_most_once_a_minute_per_cause_with_the_counts_since() -> None:
+    from diana.sinks.opensearch import _ConflictLog
+
+    clock = [0.0]
+    said = _ConflictLog(clock=lambda: clock[0])
+    with capture_logs() as logs:
+        said.add("diana-series", "replayed", 500)
+        for _ in range(10):
+            clock[0] += 5
+            said.add("diana-series", "replayed", 500)
+            said.add("diana-studies", "replayed", 20)
+        said.add("diana-series", "restarted", 1, "1.2.3.3")  # another cause: its own minute
+        clock[0] += 11
+        said.add("diana-series", "replayed", 1)
+    lines = [(line["event"], line["index"], line["documents"]) for line in logs]
+    assert lines == [
+        ("opensearch.older_revisions_skipped", "diana-series", 500),
+        ("opensearch.revision_line_restarted", "diana-series", 1),
+        ("opensearch.older_revisions_skipped", "diana-series", 5001),
+        ("opensearch.older_revisions_skipped", "diana-studies", 200),
+    ]
 
 
 class _OldDeadLetters:
