@@ -8,6 +8,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import structlog
 from confluent_kafka import Message
 from opensearchpy.exceptions import ConnectionError as OSConnectionError
 from opensearchpy.exceptions import RequestError, TransportError
@@ -17,8 +18,16 @@ from structlog.testing import capture_logs
 from diana.schemas.codec import default_codec
 from diana.schemas.layout import IndexLayout
 from diana.schemas.topics import INSTANCES, SERIES
+from diana.sinks import opensearch
 from diana.sinks.consumer import RetryableError
 from diana.sinks.opensearch import OpenSearchSink
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logger(monkeypatch):
+    # A logger already used is kept bound to its handler (cache_logger_on_first_use): capture_logs needs a fresh one.
+    monkeypatch.setattr(opensearch, "log", structlog.get_logger("diana.sink.opensearch"))
+
 
 NGINX_413 = "<html><head><title>413 Request Entity Too Large</title></head><body>nginx</body></html>"
 AT = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
