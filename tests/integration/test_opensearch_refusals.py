@@ -38,7 +38,7 @@ def refusal_indices(stack, cfg):
         install_template(client, layout, kind)
     yield client, layout
     for kind in ("instances", "series"):
-        client.indices.delete(index=f"{layout.alias(kind)}-v*", ignore_unavailable=True)
+        client.indices.delete(index=layout.index(kind, 1), ignore_unavailable=True)
         client.indices.delete_index_template(name=layout.alias(kind), ignore=404)
 
 
