@@ -32,6 +32,7 @@ import structlog
 from confluent_kafka import Consumer, IsolationLevel, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from opensearchpy import OpenSearch
+from opensearchpy.exceptions import TransportError
 from opensearchpy.helpers import scan, streaming_bulk
 
 from diana.clients import kafka_admin, kafka_consumer, opensearch_client
@@ -41,7 +42,13 @@ from diana.schemas.codec import default_codec
 from diana.schemas.layout import IndexLayout
 from diana.schemas.topics import ALL_TOPICS, expires
 from diana.sinks.consumer import DeadLetters, write_until_done
-from diana.sinks.opensearch import OpenSearchSink, PreparedBatch, install_template
+from diana.sinks.opensearch import (
+    REFUSED_WHOLE_FIX,
+    OpenSearchSink,
+    PreparedBatch,
+    install_template,
+    refused_whole_status,
+)
 
 __all__ = ["Reindexer", "ReindexFailed", "current_version", "share_out", "spare_the_collector"]
 
@@ -337,18 +344,34 @@ class Reindexer:
             source, target = self.layout.index(kind, old[kind]), self.layout.index(kind, version)
             documents = scan(self.client, index=source, query={"query": {"match_all": {}}}, size=1000)
             copied, refused, unavailable = 0, 0, 0
-            for ok, item in streaming_bulk(
-                self.client,
-                ({"_index": target, "_id": d["_id"], "_source": d["_source"]} for d in documents),
-                chunk_size=1000,
-                max_retries=5,  # a 429 (OpenSearch busy) is waited out, up to 1+2+...+16 s
-                initial_backoff=1,
-                raise_on_error=False,
-            ):
-                status = next(iter(item.values())).get("status", 500)
-                copied += ok
-                refused += not ok and 400 <= status < 500 and status != 429
-                unavailable += not ok and (status == 429 or status >= 500)
+            try:
+                for ok, item in streaming_bulk(
+                    self.client,
+                    ({"_index": target, "_id": d["_id"], "_source": d["_source"]} for d in documents),
+                    chunk_size=1000,
+                    max_chunk_bytes=self.max_bytes,  # as the sink's requests: under a proxy's limit too
+                    max_retries=5,  # a 429 (OpenSearch busy) is waited out, up to 1+2+...+16 s
+                    initial_backoff=1,
+                    raise_on_error=False,
+                ):
+                    status = next(iter(item.values())).get("status", 500)
+                    copied += ok
+                    refused += not ok and 400 <= status < 500 and status != 429
+                    unavailable += not ok and (status == 429 or status >= 500)
+            except TransportError as exc:
+                whole = refused_whole_status(exc)
+                if whole is None:
+                    raise
+                # Sent again it is refused again: said with the fix, before any swap (the new versions dropped).
+                why = (
+                    REFUSED_WHOLE_FIX[whole]
+                    if whole == 413
+                    else f"OpenSearch found it malformed ({exc.error if isinstance(exc.info, dict) else 'not its answer'})"
+                )
+                raise ReindexFailed(
+                    f"OpenSearch refused a bulk request copying {source} as a whole (HTTP {whole}); "
+                    f"nothing was swapped: {why}"
+                ) from exc
             if unavailable:
                 raise ReindexFailed(f"OpenSearch did not take {unavailable} documents of {source}; nothing was swapped")
             if refused:  # the new template refuses them: kept in the old version (even with --delete-old), said

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,7 +34,15 @@ from diana.schemas.layout import IndexLayout
 from diana.schemas.topics import DEADLETTER, DOSE_ALERTS, DOSE_EVENTS, DOSE_STUDIES, INSTANCES, SERIES, STUDIES
 from diana.sinks.consumer import DeadLetters, RetryableError
 
-__all__ = ["OpenSearchSink", "PreparedBatch", "IndexLayout", "ensure_indices", "install_template"]
+__all__ = [
+    "OpenSearchSink",
+    "PreparedBatch",
+    "IndexLayout",
+    "REFUSED_WHOLE_FIX",
+    "ensure_indices",
+    "install_template",
+    "refused_whole_status",
+]
 
 log = structlog.get_logger("diana.sink.opensearch")
 
@@ -39,6 +50,18 @@ INDEXED = Counter("diana_opensearch_indexed_total", "Documents written to OpenSe
 INDEXED_WITHOUT_HEADER = Counter(
     "diana_opensearch_indexed_without_header_total",
     "Instance documents OpenSearch refused, indexed again by their identifiers (dead-lettered too)",
+)
+REFUSED_REQUESTS = Counter(
+    "diana_opensearch_requests_refused_total",
+    "Bulk requests refused as a whole (413: too large for a proxy or OpenSearch; 400: malformed), sent again in halves",
+    ["status"],
+)
+REVISION_CONFLICTS = Counter(
+    "diana_opensearch_revision_conflicts_total",
+    "Revisions not written because the index holds a higher one (409), by what the stored document says: "
+    "replayed (it is as new: a replay or re-delivery, normal), restarted (the event is newer: the revision "
+    "line started again, the document is stale), not_compared",
+    ["index", "cause"],
 )
 
 # Package data (importlib.resources): found the same in a checkout and in an installed wheel.
@@ -253,6 +276,77 @@ def _refused_before(source: dict[str, Any]) -> bool:
 _BULK_ANSWER = "items.*.status,items.*.error.type,items.*.error.reason"
 
 
+# What an aggregate's document says of its time: when its latest instance came. A later one with a lower
+# revision than the index holds is a revision line started again (``_note_revision_conflicts``).
+_EVENT_TIME = {"series": "last_received_at", "studies": "last_received_at"}
+
+
+def _instant(value: Any) -> datetime | None:
+    """A time as the event holds it (a datetime) or as the document stores it (ISO 8601); naive is UTC."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+class _ConflictLog:
+    """Revision conflicts said at most once a minute per cause, with the documents counted since that cause's
+    line before (the metric has every one). A replay refuses thousands of revisions: said at info, as normal;
+    a revision line restarted is a warning, naming one of its ids as the sink's other lines name theirs."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str], int] = {}  # (index alias, cause) -> documents not said yet
+        self._examples: dict[str, str] = {}  # index alias -> an id of a restarted line not said yet
+        self._said_at: dict[str, float] = {}  # cause -> when its last line was written
+
+    def add(self, index: str, cause: str, documents: int, example: str | None = None) -> None:
+        with self._lock:
+            self._pending[(index, cause)] = self._pending.get((index, cause), 0) + documents
+            if example is not None:
+                self._examples.setdefault(index, example)
+            now = self._clock()
+            if cause in self._said_at and now - self._said_at[cause] < self.WINDOW_S:
+                return
+            self._said_at[cause] = now
+            due = {i: n for (i, c), n in self._pending.items() if c == cause}
+            for i in due:
+                del self._pending[(i, cause)]
+            examples = {i: self._examples.pop(i, None) for i in due} if cause == "restarted" else {}
+        for alias, count in due.items():
+            if cause == "restarted":
+                log.warning(
+                    "opensearch.revision_line_restarted",
+                    index=alias,
+                    documents=count,
+                    example_id=examples.get(alias),
+                    meaning="events newer than their stored documents came with lower revisions: the aggregates "
+                    "started their revision line again, and these documents stay stale until it passes them",
+                    fix="docs/OPERATIONS.md, 'Revisions the index refuses'",
+                )
+            elif cause == "replayed":
+                log.info(
+                    "opensearch.older_revisions_skipped",
+                    index=alias,
+                    documents=count,
+                    meaning="revisions older than the indexed ones (a replay or re-delivery): normal",
+                )
+            else:
+                log.info(
+                    "opensearch.lower_revisions_skipped",
+                    index=alias,
+                    documents=count,
+                    meaning="revisions lower than the indexed ones; their times not compared",
+                )
+
+
 @dataclass
 class _BulkRequest:
     items: list[tuple[Message, dict, bytes]]  # (message, action metadata, the document's JSON)
@@ -278,6 +372,45 @@ def _request(items: list[tuple[Message, dict, bytes]]) -> _BulkRequest:
             lines.append(doc)
     lines.append(b"")
     return _BulkRequest(items, b"\n".join(lines))
+
+
+# A bulk request refused as a whole: nothing of it was written, and sending it again unchanged is refused
+# again (it was retried for ever, every partition of the consumer held, logged "OpenSearch unavailable").
+# 413: over a proxy's limit (nginx's client_max_body_size, 1 MB by default) or OpenSearch's
+# http.max_content_length (100 MB); 400: a request OpenSearch finds malformed (a validation error such as
+# a version it does not take). 429, 5xx and connection errors pass: retried as before.
+_REFUSED_WHOLE = (400, 413)
+REFUSED_WHOLE_FIX = {
+    413: "raise the limit on a request's size (the proxy's client_max_body_size, OpenSearch's "
+    "http.max_content_length) above [sinks] bulk_max_bytes, or lower [sinks] bulk_max_bytes",
+    400: "the documents OpenSearch refuses alone are dead-lettered with its reason; replay them once fixed",
+}
+
+
+def refused_whole_status(exc: TransportError) -> int | None:
+    """413 or 400 if OpenSearch (or a proxy before it) refused the request as a whole; else None."""
+    if isinstance(exc, OSConnectionError) or exc.status_code not in _REFUSED_WHOLE:
+        return None
+    return int(exc.status_code)
+
+
+def _refusal(exc: TransportError, body_bytes: int) -> dict[str, str]:
+    """The error of a document whose bulk request, holding it alone, was refused as a whole: an item's
+    error as ``_outcomes`` reads it. No text of a proxy's answer; OpenSearch's goes through
+    ``rejection_reason`` as a document's does (quoted values withheld)."""
+    if exc.status_code == 413:
+        return {
+            "type": "request_too_large",
+            "reason": f"HTTP 413 for a bulk request of this document alone ({body_bytes} bytes): over a proxy's "
+            "client_max_body_size or OpenSearch's http.max_content_length",
+        }
+    error = exc.info.get("error") if isinstance(exc.info, dict) else None
+    if isinstance(error, dict):
+        return {
+            "type": str(error.get("type") or "bad_request"),
+            "reason": f"bulk request refused as a whole (HTTP 400): {error.get('reason') or ''}",
+        }
+    return {"type": "bad_request", "reason": "bulk request refused as a whole (HTTP 400), not in OpenSearch's words"}
 
 
 class OpenSearchSink:
@@ -331,6 +464,11 @@ class OpenSearchSink:
         self.layout = layout
         self.codec = codec or default_codec()
         self._indices_ready = False
+        # The smallest request a 413 refused: a larger one is split before it is sent, not refused again
+        # (with a proxy's 1 MB against 5 MB requests, every request went up 7 times, 3 of them refused).
+        self._too_large_at = float("inf")
+        self._refusals_said: set[int] = set()  # statuses of whole-request refusals logged (once each)
+        self._conflicts = _ConflictLog()
 
     def prepare_indices(self) -> bool:
         """Install the templates and create the indices now, before consuming: done with the first batch
@@ -426,11 +564,16 @@ class OpenSearchSink:
             if not self._indices_ready and self.index_version is None:
                 ensure_indices(self.client, self.layout, self.number_of_replicas, self.refresh_interval)
                 self._indices_ready = True
-            result = self._send(request.body)  # the indices made in the same try: both wait out alike
         except (OSConnectionError, TransportError) as exc:
             raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
+        result = self._send_retryable(request.items, request.body)
         created_before: list[tuple[Message, dict, bytes]] = []
-        refused = self._outcomes(request.items, result, dead, created_before=created_before)
+        conflicts: list[tuple[Message, dict]] = []
+        refused = self._outcomes(
+            request.items, result, dead, created_before=created_before, revision_conflicts=conflicts
+        )
+        if conflicts:
+            self._note_revision_conflicts(conflicts)
         if refused:
             self._index_identifiers_only(refused, dead)
         if created_before:
@@ -441,12 +584,43 @@ class OpenSearchSink:
         id, version, shards, sequence numbers: ~200 bytes per document) would be parsed for nothing."""
         return self.client.bulk(body=body, filter_path=_BULK_ANSWER, params=self._bulk_params)
 
-    def _send_retryable(self, body: bytes) -> dict[str, Any]:
-        """``_send``; OpenSearch not answering is a RetryableError (the batch is written again)."""
+    def _send_retryable(self, items: list[tuple[Message, dict, bytes]], body: bytes) -> dict[str, Any]:
+        """``_send``; OpenSearch not answering is a RetryableError (the batch is written again). A request
+        refused as a whole (413, 400) is sent again in halves, down to its documents: one refused alone gets
+        that refusal as its item's answer (``_refusal``), dead-lettered as any document OpenSearch refuses."""
+        return {"items": self._send_parts(items, body)}
+
+    def _send_parts(self, items: list[tuple[Message, dict, bytes]], body: bytes) -> list[dict[str, Any]]:
+        if len(items) > 1 and len(body) >= self._too_large_at:
+            return self._send_halves(items)
         try:
-            return self._send(body)
+            return list(self._send(body)["items"])
         except (OSConnectionError, TransportError) as exc:
-            raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
+            status = refused_whole_status(exc)
+            if status is None:
+                raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
+            refused = exc
+        REFUSED_REQUESTS.labels(str(status)).inc()
+        if status == 413:
+            self._too_large_at = min(self._too_large_at, len(body))
+        if status not in self._refusals_said:
+            self._refusals_said.add(status)
+            log.warning(
+                "opensearch.request_refused",
+                status=status,
+                documents=len(items),
+                bytes=len(body),
+                action="sent again in halves; a document refused alone is dead-lettered",
+                fix=REFUSED_WHOLE_FIX[status],
+            )
+        if len(items) == 1:
+            return [{items[0][1].get("op_type", "index"): {"status": status, "error": _refusal(refused, len(body))}}]
+        return self._send_halves(items)
+
+    def _send_halves(self, items: list[tuple[Message, dict, bytes]]) -> list[dict[str, Any]]:
+        half = len(items) // 2
+        first, second = items[:half], items[half:]
+        return [*self._send_parts(first, _request(first).body), *self._send_parts(second, _request(second).body)]
 
     def _outcomes(
         self,
@@ -455,11 +629,13 @@ class OpenSearchSink:
         dead: DeadLetters,
         written: set[int] | None = None,
         created_before: list[tuple[Message, dict, bytes]] | None = None,
+        revision_conflicts: list[tuple[Message, dict]] | None = None,
     ) -> list[tuple[Message, dict, str]]:
         """Count what was written (into ``written``, by ``id`` of the message, if given), park what was
         refused but instances; return the refused instances (message, action metadata, reason) and
         raise RetryableError if any document was not accepted for now. ``created_before``: the items
-        whose ``create`` found a document there (first wins)."""
+        whose ``create`` found a document there (first wins); ``revision_conflicts``: the revisions
+        (external versions) refused because the index holds a higher one (message, action metadata)."""
         refused: list[tuple[Message, dict, str]] = []
         retry = []
         indexed: dict[str, int] = {}  # topic -> documents written (one metric update per topic)
@@ -474,6 +650,8 @@ class OpenSearchSink:
                 # a newer revision is already indexed, or (first wins) the instance already is
                 if created_before is not None and meta.get("op_type") == "create":
                     created_before.append((msg, meta, doc))
+                elif revision_conflicts is not None and "version" in meta:
+                    revision_conflicts.append((msg, meta))
             elif status == 404 and meta.get("op_type") == "delete":
                 pass  # a retracted document that was never indexed (a new index version), or is gone already
             elif status == 429 or status >= 500:
@@ -492,6 +670,48 @@ class OpenSearchSink:
             # Successful items are rewritten with the same id next time: idempotent.
             raise RetryableError(f"{len(retry)} documents not accepted ({retry[0]})")
         return refused
+
+    def _note_revision_conflicts(self, conflicts: list[tuple[Message, dict]]) -> None:
+        """Count and say the revisions the index refused for a higher one it holds (409). Mostly a replay or
+        a re-delivery of revisions written before: normal. But a revision line that started again at 1 (the
+        aggregates' changelog made anew, another [stream] app_id) is refused the same way, and its documents
+        stayed stale without a sign. Told apart by time: a series' or study's event whose latest instance
+        (``last_received_at``) came after the stored document's, with a lower revision, is a line restarted.
+        One read of the stored times per request with such conflicts (as a replay's instances read theirs,
+        ``_complete_identifiers_only``); a read that fails leaves them not compared (the batch goes on)."""
+        groups: dict[tuple[str, str], list[tuple[Message, dict]]] = {}
+        for msg, meta in conflicts:
+            groups.setdefault((self.layout.kinds[msg.topic()], meta["_index"]), []).append((msg, meta))
+        for (kind, index), items in groups.items():
+            alias = self.layout.alias(kind)
+            field_name = _EVENT_TIME.get(kind)
+            stored: dict[str, Any] = {}
+            if field_name is not None:
+                try:
+                    found = self.client.mget(
+                        index=index, body={"ids": [meta["_id"] for _, meta in items]}, _source_includes=[field_name]
+                    )
+                    stored = {d["_id"]: d["_source"].get(field_name) for d in found["docs"] if d.get("found")}
+                except (OSConnectionError, TransportError) as exc:
+                    log.debug("opensearch.revision_conflicts_unread", index=alias, error=type(exc).__name__)
+            counts = {"replayed": 0, "restarted": 0, "not_compared": 0}
+            example = None
+            for msg, meta in items:
+                stored_at = _instant(stored.get(meta["_id"]))
+                event_at = None
+                if field_name is not None and stored_at is not None:
+                    event_at = _instant(self.codec.decode(msg.value())[1].get(field_name))  # decoded before
+                if stored_at is None or event_at is None:
+                    counts["not_compared"] += 1
+                elif event_at > stored_at:
+                    counts["restarted"] += 1
+                    example = example or meta["_id"]
+                else:
+                    counts["replayed"] += 1
+            for cause, count in counts.items():
+                if count:
+                    REVISION_CONFLICTS.labels(alias, cause).inc(count)
+                    self._conflicts.add(alias, cause, count, example if cause == "restarted" else None)
 
     def _complete_identifiers_only(self, created_before: list[tuple[Message, dict, bytes]], dead: DeadLetters) -> None:
         """First wins, and the index holds an identifiers-only document of these very bytes (refused
@@ -525,7 +745,7 @@ class OpenSearchSink:
                 items.append((msg, {"_index": hit["_index"], "_id": meta["_id"], **when}, doc))
         if not items:
             return
-        result = self._send_retryable(_request(items).body)
+        result = self._send_retryable(items, _request(items).body)
         written: set[int] = set()
         for msg, meta, reason in self._outcomes(items, result, dead, written):
             dead.send(msg, f"opensearch rejected {meta['_id']}: {reason}")
@@ -541,7 +761,7 @@ class OpenSearchSink:
         for msg, meta, reason in refused:
             _, record = self.codec.decode(msg.value())  # decoded before: it cannot fail now
             items.append((msg, meta, _document(identifiers_only(record, reason))))
-        result = self._send_retryable(_request(items).body)
+        result = self._send_retryable(items, _request(items).body)
         written: set[int] = set()
         there: list[tuple[Message, dict, bytes]] = []
         self._outcomes(items, result, dead, written, created_before=there)

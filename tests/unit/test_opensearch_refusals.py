@@ -1,0 +1,364 @@
+"""What the OpenSearch sink does with a bulk request refused as a whole (413 from a proxy or from
+OpenSearch's http.max_content_length, a malformed request's 400), and with revisions the index refuses
+for a higher one (409). A stand-in for the client answers as OpenSearch (or a proxy in front of it) does."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import structlog
+from confluent_kafka import Message
+from opensearchpy.exceptions import ConnectionError as OSConnectionError
+from opensearchpy.exceptions import RequestError, TransportError
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
+
+from diana.schemas.codec import default_codec
+from diana.schemas.layout import IndexLayout
+from diana.schemas.topics import INSTANCES, SERIES
+from diana.sinks import opensearch
+from diana.sinks.consumer import RetryableError
+from diana.sinks.opensearch import OpenSearchSink
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logger(monkeypatch):
+    # A logger already used is kept bound to its handler (cache_logger_on_first_use): capture_logs needs a fresh one.
+    monkeypatch.setattr(opensearch, "log", structlog.get_logger("diana.sink.opensearch"))
+
+
+NGINX_413 = "<html><head><title>413 Request Entity Too Large</title></head><body>nginx</body></html>"
+AT = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+
+
+def _instance(sop: str, offset: int, header: str = '{"00080060":{"vr":"CS","Value":["CT"]}}') -> Message:
+    record = {
+        "sop_instance_uid": sop,
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "study_instance_uid": "1.2.3",
+        "series_instance_uid": "1.2.3.4",
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "size_bytes": 1000,
+        "sha256": "0" * 64,
+        "landing_path": f"x/{sop}.dcm",
+        "received_at": AT,
+        "source": "C_STORE",
+        "header_json": header,
+    }
+    return Message(
+        topic=INSTANCES.name, partition=0, offset=offset, value=default_codec().encode(INSTANCES.value_schema, record)
+    )
+
+
+def _series(uid: str, offset: int, revision: int, last: datetime = AT, description: str = "CHEST") -> Message:
+    record = {
+        "series_instance_uid": uid,
+        "study_instance_uid": "1.2.3",
+        "revision": revision,
+        "patient_id": None,
+        "modality": "CT",
+        "series_number": 1,
+        "series_description": description,
+        "body_part_examined": None,
+        "station_name": None,
+        "manufacturer": None,
+        "instance_count": revision,
+        "total_bytes": 1000 * revision,
+        "min_instance_number": 1,
+        "max_instance_number": revision,
+        "sop_class_uids": [],
+        "transfer_syntax_uids": [],
+        "first_received_at": AT,
+        "last_received_at": last,
+        "status": "UPDATED",
+        "version": 0,
+        "verdict": None,
+        "missing_instance_numbers": [],
+        "expected_instances": None,
+        "quiet_seconds": 10.0,
+        "completed_at": None,
+        "number_of_frames": revision,
+    }
+    return Message(
+        topic=SERIES.name, partition=0, offset=offset, value=default_codec().encode(SERIES.value_schema, record)
+    )
+
+
+class _Dead:
+    def __init__(self):
+        self.sent: list[tuple[int, str]] = []
+
+    def send(self, msg, reason):
+        self.sent.append((msg.offset(), reason))
+
+
+def _actions(body: bytes) -> list[tuple[str, dict, dict | None]]:
+    """(op, action metadata, document) per item of an NDJSON bulk body."""
+    lines = [json.loads(line) for line in body.splitlines()]
+    items, i = [], 0
+    while i < len(lines):
+        ((op, meta),) = lines[i].items()
+        doc = None if op == "delete" else lines[i + 1]
+        items.append((op, meta, doc))
+        i += 1 if op == "delete" else 2
+    return items
+
+
+class _Cluster:
+    """OpenSearch behind a proxy: a body over ``limit`` bytes is refused whole with the proxy's 413 (as
+    OpenSearch's own http.max_content_length would); a request holding a negative version fails OpenSearch's
+    validation, a whole request's 400; every other item is written."""
+
+    def __init__(self, limit: int = 10**9, answer: Exception | None = None):
+        self.limit, self.answer = limit, answer
+        self.sizes: list[int] = []  # every body sent
+        self.written: list[str] = []  # ids written, in order
+        self.stored: dict[str, dict] = {}
+
+    def bulk(self, body, filter_path=None, params=None):
+        self.sizes.append(len(body))
+        if self.answer is not None:
+            raise self.answer
+        if len(body) > self.limit:
+            raise TransportError(413, NGINX_413, NGINX_413)
+        actions = _actions(body)
+        if any(meta.get("version", 0) < 0 for _, meta, _ in actions):
+            error = {
+                "type": "action_request_validation_exception",
+                "reason": "Validation Failed: 1: illegal version value [-1] for version type [EXTERNAL_GTE];",
+            }
+            raise RequestError(400, error["type"], {"error": {**error, "root_cause": [error]}, "status": 400})
+        items = []
+        for op, meta, doc in actions:
+            self.written.append(meta["_id"])
+            self.stored[meta["_id"]] = doc or {}
+            items.append({op: {"status": 201}})
+        return {"items": items}
+
+
+@pytest.mark.parametrize("parallel_requests", [1, 4])  # 4: the reindex's requests in flight at once
+def test_a_request_over_a_proxys_limit_is_sent_in_halves_and_every_document_written(parallel_requests: int) -> None:
+    """Before: the 413 was an "OpenSearch unavailable" RetryableError, the batch retried for ever."""
+    batch = [_instance(f"1.{i}", i) for i in range(10)]
+    one = len(OpenSearchSink(None, IndexLayout("diana"), index_version=2).prepare(batch[:1]).requests[0].body)
+    cluster = _Cluster(limit=2 * one)
+    sink = OpenSearchSink(cluster, IndexLayout("diana"), index_version=2, parallel_requests=parallel_requests)
+    dead = _Dead()
+    with capture_logs() as logs:
+        sink.write(batch, dead)
+        assert sorted(cluster.written) == sorted(f"1.{i}" for i in range(10)) and dead.sent == []
+        assert max(cluster.sizes) > 2 * one  # the whole request went first, was refused, then its halves
+        # the next batch is cut below the size refused before it goes: nothing refused again
+        sent_before = len(cluster.sizes)
+        sink.write([_instance(f"2.{i}", i) for i in range(10)], dead)
+    assert all(size <= 2 * one for size in cluster.sizes[sent_before:])
+    assert len(cluster.written) == 20 and dead.sent == []
+    refused = [line for line in logs if line["event"] == "opensearch.request_refused"]
+    assert len(refused) == 1  # said once, with the status and the fix
+    assert refused[0]["status"] == 413 and "bulk_max_bytes" in refused[0]["fix"]
+    assert "client_max_body_size" in refused[0]["fix"]
+
+
+def test_a_document_refused_alone_with_413_is_dead_lettered_and_the_rest_written() -> None:
+    big = "S" * 5000  # a value of the document, never in the dead letter's reason
+    batch = [_series("1.2.3.1", 1, 3), _series("1.2.3.2", 2, 3, description=big), _series("1.2.3.3", 3, 3)]
+    cluster = _Cluster(limit=3000)
+    dead = _Dead()
+    OpenSearchSink(cluster, IndexLayout("diana"), index_version=1).write(batch, dead)
+    assert sorted(cluster.written) == ["1.2.3.1", "1.2.3.3"]
+    ((offset, reason),) = dead.sent
+    assert offset == 2 and "request_too_large" in reason and "HTTP 413" in reason
+    assert "SSSS" not in reason and "nginx" not in reason
+
+
+def test_an_instance_refused_alone_with_413_is_indexed_without_its_header_and_dead_lettered() -> None:
+    """As any instance document OpenSearch refuses: findable by its identifiers, the refusal said."""
+    huge = json.dumps({"7FE00010": {"vr": "OB", "InlineBinary": "A" * 6000}})
+    batch = [_instance("1.1", 1), _instance("1.2", 2, header=huge)]
+    cluster = _Cluster(limit=4000)
+    dead = _Dead()
+    OpenSearchSink(cluster, IndexLayout("diana"), index_version=1).write(batch, dead)
+    assert cluster.written == ["1.1", "1.2"]
+    assert "dicom" not in cluster.stored["1.2"]
+    assert "refused by the index: request_too_large" in cluster.stored["1.2"]["header_omitted"][-1]["reason"]
+    ((offset, reason),) = dead.sent
+    assert offset == 2 and "(indexed without its header)" in reason and "HTTP 413" in reason
+
+
+def test_a_whole_request_refused_as_malformed_is_narrowed_to_the_document_and_dead_lettered() -> None:
+    batch = [_series(f"1.2.3.{i}", i, 3) for i in range(1, 6)]
+    batch[3] = _series("1.2.3.4", 4, -1)  # a revision OpenSearch's validation refuses for the whole request
+    cluster = _Cluster()
+    dead = _Dead()
+    with capture_logs() as logs:
+        OpenSearchSink(cluster, IndexLayout("diana"), index_version=1).write(batch, dead)
+    assert sorted(cluster.written) == ["1.2.3.1", "1.2.3.2", "1.2.3.3", "1.2.3.5"]
+    ((offset, reason),) = dead.sent
+    assert offset == 4 and "action_request_validation_exception" in reason and "HTTP 400" in reason
+    assert [line["status"] for line in logs if line["event"] == "opensearch.request_refused"] == [400]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        TransportError(429, "circuit_breaking_exception", {}),
+        TransportError(503, "unavailable", {}),
+        TransportError(502, "<html>Bad Gateway</html>", None),
+        OSConnectionError("N/A", "connection refused", None),
+    ],
+)
+def test_busy_unavailable_or_unreachable_is_still_retried(answer: Exception) -> None:
+    cluster = _Cluster(answer=answer)
+    dead = _Dead()
+    with pytest.raises(RetryableError, match="OpenSearch unavailable"):
+        OpenSearchSink(cluster, IndexLayout("diana"), index_version=1).write(
+            [_series("1.2.3.1", 1, 3), _series("1.2.3.2", 2, 3)], dead
+        )
+    assert cluster.sizes and len(cluster.sizes) == 1 and dead.sent == []  # sent once, not split
+
+
+class _Conflicts:
+    """Every series revision answers 409 (the index holds a higher one); the stored documents' times are
+    read back by mget, as OpenSearch answers with ``_source_includes``."""
+
+    def __init__(self, stored_last: dict[str, str]):
+        self.stored_last = stored_last
+
+    def bulk(self, body, filter_path=None, params=None):
+        return {
+            "items": [
+                {
+                    op: {
+                        "status": 409,
+                        "error": {
+                            "type": "version_conflict_engine_exception",
+                            "reason": f"[{meta['_id']}]: "
+                            f"version conflict, current version [50] is higher than the one provided [{meta['version']}]",
+                        },
+                    }
+                }
+                for op, meta, _ in _actions(body)
+            ]
+        }
+
+    def mget(self, index, body, _source_includes):
+        assert _source_includes == ["last_received_at"]
+        return {
+            "docs": [
+                {"_id": i, "found": True, "_source": {"last_received_at": self.stored_last[i]}}
+                if i in self.stored_last
+                else {"_id": i, "found": False}
+                for i in body["ids"]
+            ]
+        }
+
+
+def _conflicts(cause: str) -> float:
+    labels = {"index": "diana-series", "cause": cause}
+    return REGISTRY.get_sample_value("diana_opensearch_revision_conflicts_total", labels) or 0.0
+
+
+def test_revisions_refused_for_a_higher_one_are_counted_and_a_restarted_line_is_a_warning() -> None:
+    """Before: a 409 on an aggregate was dropped without a count or a line, and a revision line started
+    again at 1 (changelog made anew) left the index stale with no sign."""
+    stored = AT.isoformat()
+    client = _Conflicts({"1.2.3.1": stored, "1.2.3.2": stored, "1.2.3.3": stored})
+    sink = OpenSearchSink(client, IndexLayout("diana"), index_version=1)
+    before = {cause: _conflicts(cause) for cause in ("replayed", "restarted", "not_compared")}
+    replayed = [_series("1.2.3.1", 1, 7, last=AT - timedelta(minutes=5)), _series("1.2.3.2", 2, 49, last=AT)]
+    restarted = [_series("1.2.3.3", 3, 1, last=AT + timedelta(days=2))]
+    unknown = [_series("1.2.3.9", 4, 1, last=AT)]  # its stored document is gone meanwhile
+    dead = _Dead()
+    with capture_logs() as logs:
+        sink.write(replayed + restarted + unknown, dead)
+    assert dead.sent == []
+    assert _conflicts("replayed") - before["replayed"] == 2
+    assert _conflicts("restarted") - before["restarted"] == 1
+    assert _conflicts("not_compared") - before["not_compared"] == 1
+    by_event = {line["event"]: line for line in logs}
+    warning = by_event["opensearch.revision_line_restarted"]
+    assert warning["log_level"] == "warning" and warning["documents"] == 1 and warning["example_id"] == "1.2.3.3"
+    normal = by_event["opensearch.older_revisions_skipped"]
+    assert normal["log_level"] == "info" and normal["documents"] == 2 and "normal" in normal["meaning"]
+    assert by_event["opensearch.lower_revisions_skipped"]["documents"] == 1
+
+
+def test_revision_conflicts_are_said_at_most_once_a_minute_per_cause_with_the_counts_since() -> None:
+    from diana.sinks.opensearch import _ConflictLog
+
+    clock = [0.0]
+    said = _ConflictLog(clock=lambda: clock[0])
+    with capture_logs() as logs:
+        said.add("diana-series", "replayed", 500)
+        for _ in range(10):
+            clock[0] += 5
+            said.add("diana-series", "replayed", 500)
+            said.add("diana-studies", "replayed", 20)
+        said.add("diana-series", "restarted", 1, "1.2.3.3")  # another cause: its own minute
+        clock[0] += 11
+        said.add("diana-series", "replayed", 1)
+    lines = [(line["event"], line["index"], line["documents"]) for line in logs]
+    assert lines == [
+        ("opensearch.older_revisions_skipped", "diana-series", 500),
+        ("opensearch.revision_line_restarted", "diana-series", 1),
+        ("opensearch.older_revisions_skipped", "diana-series", 5001),
+        ("opensearch.older_revisions_skipped", "diana-studies", 200),
+    ]
+
+
+class _OldDeadLetters:
+    """The old version's dead-letter documents (scrolled), then a proxy refusing bodies over ``limit``."""
+
+    def __init__(self, documents: int, limit: int):
+        from opensearchpy.serializer import JSONSerializer
+
+        self.transport = type("Transport", (), {"serializer": JSONSerializer()})()
+        self.documents, self.limit = documents, limit
+        self.sizes: list[int] = []
+        self.copied = 0
+
+    def search(self, **kwargs):
+        hits = [
+            {"_id": f"0/{i}", "_source": {"reason": "opensearch: x", "origin": f"t/0/{i}"}}
+            for i in range(self.documents)
+        ]
+        return {"_scroll_id": "s", "_shards": {"successful": 1, "total": 1}, "hits": {"hits": hits}}
+
+    def scroll(self, **kwargs):
+        return {"_scroll_id": "s", "hits": {"hits": []}}
+
+    def clear_scroll(self, **kwargs):
+        return {}
+
+    def bulk(self, body, **kwargs):
+        self.sizes.append(len(body))
+        if len(body) > self.limit:
+            raise TransportError(413, NGINX_413, NGINX_413)
+        items = [{"index": {"status": 201}} for _ in body.splitlines()[0::2]]
+        self.copied += len(items)
+        return {"items": items}
+
+
+def _reindexer(client, max_bytes: int):
+    from diana.config import KafkaConfig
+    from diana.operations.reindex import Reindexer
+
+    return Reindexer(client, IndexLayout("diana"), KafkaConfig(), dead=None, max_bytes=max_bytes)  # type: ignore[arg-type]
+
+
+def test_the_reindex_copies_old_dead_letters_in_requests_under_bulk_max_bytes() -> None:
+    """Before: chunks of 1,000 documents whatever their size, over a proxy's limit: the reindex failed on a
+    413 that [sinks] bulk_max_bytes could not lower."""
+    client = _OldDeadLetters(documents=1000, limit=20_000)
+    _reindexer(client, max_bytes=15_000)._carry_over(["deadletters"], {"deadletters": 1}, 2)
+    assert client.copied == 1000 and max(client.sizes) <= 20_000
+
+
+def test_a_reindex_copy_refused_as_too_large_fails_before_the_swap_naming_the_fix() -> None:
+    from diana.operations.reindex import ReindexFailed
+
+    client = _OldDeadLetters(documents=1000, limit=20_000)
+    with pytest.raises(ReindexFailed, match=r"HTTP 413.*nothing was swapped.*bulk_max_bytes"):
+        _reindexer(client, max_bytes=5_000_000)._carry_over(["deadletters"], {"deadletters": 1}, 2)
