@@ -35,7 +35,7 @@ import structlog
 from diana.producers.header import HeaderError, InvalidIdentifiers, Truncated
 from diana.producers.ingest import Ingest
 from diana.producers.publisher import PublishError, PublishRefused
-from diana.producers.scratch import ScratchFile
+from diana.scratch import ScratchFile
 
 __all__ = ["ImportSummary", "Importer", "Report", "find_sources"]
 

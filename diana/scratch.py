@@ -17,7 +17,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, cast
 
@@ -77,18 +79,31 @@ class ScratchFile:
         self.remove()
 
 
-def remove_unless_held(path: Path) -> bool:
-    """Remove ``path`` unless a live writer holds its lock (or it cannot be opened to tell); True if removed.
+def remove_unless_held(path: Path, untested_after_s: float | None = None) -> bool:
+    """Remove ``path`` unless a live writer holds its lock; True if removed.
 
     The lock is held while the file is removed, so a writer that made it a moment ago and waits for its
-    lock finds it removed (ScratchFile makes another)."""
+    lock finds it removed (ScratchFile makes another). A file whose lock cannot be tested (a symlink, or
+    one this process may not open: a root-run import's 0600 copy seen by a receiver running as another
+    user) is removed by the age rule of before, once its mtime (the link's own, for a symlink) is
+    ``untested_after_s`` old, even when the sweep's own threshold is 0 (a receiver starting): unlinking
+    needs only the folder's write permission, and left, a crashed root import's private copy of a
+    patient's image stayed for ever. ``None``: such a file is left."""
+    try:
+        entry = os.lstat(path)
+    except OSError:  # gone, or its folder not ours to search: nothing to remove
+        return False
+    if stat.S_ISLNK(entry.st_mode):  # nothing a writer makes: its target's lock is not this file's
+        return _remove_if_older(path, entry, untested_after_s)
     try:
         # Opened for writing: NFS emulates flock with POSIX locks, whose exclusive lock needs it.
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return False
-    except OSError:  # another user's (a root import's), a symlink: whether it is in use cannot be told
-        return False
+    except OSError as exc:
+        if exc.errno in _NOT_OURS_TO_OPEN:
+            return _remove_if_older(path, entry, untested_after_s)
+        return False  # EROFS, EIO...: unlinking would fail as well; looked at next time
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -106,3 +121,21 @@ def remove_unless_held(path: Path) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+# os.open's answers for a file whose lock this process cannot test: another user's file (EACCES, EPERM
+# under some LSMs and on a sealed or immutable file), a symlink swapped in after its lstat (ELOOP).
+_NOT_OURS_TO_OPEN = {errno.EACCES, errno.EPERM, errno.ELOOP}
+
+
+def _remove_if_older(path: Path, entry: os.stat_result, older_than_s: float | None) -> bool:
+    """The age rule of before, for a file whose lock cannot be tested: removed once it is that old."""
+    if older_than_s is None or entry.st_mtime > time.time() - older_than_s:
+        return False
+    try:
+        if not os.path.samestat(entry, os.lstat(path)):
+            return False  # replaced since it was looked at: looked at next time
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
