@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import secrets
 import stat
 import tempfile
 import time
@@ -33,11 +34,13 @@ class ScratchFile:
     """A new temporary file in ``folder``, locked until ``remove``: the sweep leaves it alone meanwhile.
 
     The lock is taken right after the file is made; a sweep that came in between (its lock first, the
-    file removed) is seen by the file's link count, and the file is made again."""
+    file removed) is seen by the file's link count, and the file is made again. ``permissions``: its mode
+    less the umask, as ``open`` gives a new file (a file that becomes a durable one: ``replace``); by
+    default 600, as ``tempfile.mkstemp``'s."""
 
-    def __init__(self, folder: Path, prefix: str = "", suffix: str = "") -> None:
+    def __init__(self, folder: Path, prefix: str = "", suffix: str = "", permissions: int | None = None) -> None:
         while True:
-            fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+            fd, name = _make(folder, prefix, suffix, permissions)
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX)  # waits at most for a sweep's unlink of this very file
@@ -62,6 +65,13 @@ class ScratchFile:
         assert self._fd is not None, "removed"
         return cast(BinaryIO, os.fdopen(os.dup(self._fd), mode))
 
+    def replace(self, target: Path) -> None:
+        """Rename it over ``target`` (os.replace), then let go of its lock: it is no longer scratch."""
+        assert self._fd is not None, "removed"
+        os.replace(self.path, target)
+        os.close(self._fd)
+        self._fd = None
+
     def remove(self) -> None:
         """Remove the file, then let go of its lock (in this order: no sweep ever finds it unlocked)."""
         if self._fd is None:
@@ -77,6 +87,21 @@ class ScratchFile:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def _make(folder: Path, prefix: str, suffix: str, permissions: int | None) -> tuple[int, str]:
+    """A new file's descriptor and name, as tempfile.mkstemp makes them; with ``permissions``, its mode
+    those less the umask (mkstemp's is 600)."""
+    if permissions is None:
+        return tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(tempfile.TMP_MAX):
+        name = os.path.join(folder, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            return os.open(name, flags, permissions), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", str(folder))
 
 
 def remove_unless_held(path: Path, untested_after_s: float | None = None) -> bool:

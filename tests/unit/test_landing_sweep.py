@@ -186,3 +186,39 @@ def test_debris_whose_lock_cannot_be_tested_is_removed_by_age_as_before(tmp_path
     assert [p for p in [*not_ours, link, dangling] if os.path.lexists(p)] == []
     assert young.exists()  # under an hour: whether its writer is alive cannot be told
     assert removed == 5  # the two not ours, the two links, and the old unheld target
+
+
+def test_place_files_copy_where_hard_links_fail_is_held_until_renamed_into_place(tmp_path, monkeypatch):
+    """On exFAT or CIFS os.link fails and place_file copies to a temporary name beside the object; that
+    file was unlocked, so a receiver starting meanwhile removed it and the rename failed (the import's
+    file failed: No such file). Now it is held until renamed; its mode is still a new file's (umask)."""
+    import errno
+
+    from diana import durable
+
+    store = LandingStore(tmp_path / "landing")
+    held = ScratchFile(store.incoming, prefix=".copy-", suffix=".tmp")  # an import's private copy
+    source = held.path
+    source.write_bytes(b"the object's bytes")
+    target = store.root / "ab" / "abcd.dcm"
+    swept: list[int] = []
+
+    def no_hard_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    copyfileobj = durable.shutil.copyfileobj
+
+    def copy_while_a_receiver_starts(src, dst, length):
+        swept.append(store.sweep(older_than_s=0))  # the temporary exists now, beside the objects
+        copyfileobj(src, dst, length)
+
+    monkeypatch.setattr(durable.os, "link", no_hard_links)
+    monkeypatch.setattr(durable.shutil, "copyfileobj", copy_while_a_receiver_starts)
+    assert durable.place_file(source, target, link=True) is False
+    monkeypatch.undo()
+    held.remove()
+    assert swept == [0] and target.read_bytes() == b"the object's bytes"
+    assert list(target.parent.glob(".*.tmp")) == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
