@@ -1163,3 +1163,75 @@ def test_a_file_name_that_is_not_utf8_is_reported_as_its_bytes(tmp_path):
 
     assert summary.skipped_non_dicom == 1 and summary.report_error is None and report.failure is None
     assert path.read_bytes().splitlines()[1] == b"skipped,not DICOM (no preamble and DICM)," + name
+
+
+def test_a_zip_is_told_by_its_end_record_alone_and_a_directory_over_the_cap_is_never_parsed(tmp_path, monkeypatch):
+    """Every file neither Part-10 nor a bare data set had its whole central directory parsed to tell a zip
+    (a 25 MB installer of 200,000 entries: 1.5 s, 215 MB), then again per worker; a crafted directory took
+    gigabytes. Now the end record (or zip64's) alone tells it, the directory's first entry checked where it
+    points, and a zip over _MAX_ZIP_ENTRIES entries is rejected with its reason, never opened."""
+    source = tmp_path / "src"
+    source.mkdir()
+    big = io.BytesIO()
+    with zipfile.ZipFile(big, "w") as zf:
+        for n in range(5):
+            zf.writestr(f"viewer/lib/part{n}.bin", b"")
+    (source / "viewer.exe").write_bytes(b"MZ" + b"\0" * 1000 + big.getvalue())  # detected by content
+    (source / "viewer.zip").write_bytes(big.getvalue())  # by its first bytes
+    small = _instance_zip(tmp_path).read_bytes()
+    (source / "export.exe").write_bytes(b"MZ" + b"\0" * 1000 + small)
+    zip64 = io.BytesIO()
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 0)  # zipfile writes the zip64 end records then
+    with zipfile.ZipFile(zip64, "w") as zf:
+        zf.write(tmp_path / "one.dcm", "IMG64")
+    monkeypatch.undo()
+    (source / "export64.bin").write_bytes(b"\x7fELF" + zip64.getvalue())
+    assert b"PK\x06\x06" in zip64.getvalue()
+
+    monkeypatch.setattr(bulk_import, "_MAX_ZIP_ENTRIES", 4)
+    parsed: list[str] = []
+    real_zipfile = zipfile.ZipFile
+
+    def counting(file, *args, **kwargs):
+        parsed.append(Path(file).name)
+        return real_zipfile(file, *args, **kwargs)
+
+    monkeypatch.setattr(bulk_import.zipfile, "ZipFile", counting)
+    sources = list(find_sources([source]))
+
+    assert sorted(parsed) == ["export.exe", "export64.bin"]  # listed once each; the two over the cap never
+    assert sorted((s.label, s.verdict) for s in sources if s.verdict is not None) == [
+        (str(source / "viewer.exe"), ("rejected", bulk_import._TOO_MANY_ENTRIES)),
+        (str(source / "viewer.zip"), ("rejected", bulk_import._TOO_MANY_ENTRIES)),
+    ]
+    summary, ingest = _import(tmp_path, source)
+    assert (summary.imported, len(ingest.accepted), dict(summary.rejected)) == (
+        2,
+        2,
+        {bulk_import._TOO_MANY_ENTRIES: 2},
+    )
+
+
+def test_a_bare_data_set_named_zip_is_a_data_set_and_a_zip_of_folders_alone_is_counted(tmp_path):
+    """A bare data set named .zip went through zipfile.is_zipfile before the bare check: a zip in its pixel
+    data made it a zip (its member imported, the data set not). A zip of folder entries alone was listed
+    as nothing, counted nowhere."""
+    source = tmp_path / "src"
+    source.mkdir()
+    zipped = _instance_zip(tmp_path).read_bytes()
+    ds = make_instance(generate_uid(), generate_uid(), 1, patient_id="IMPORT9", study_date="20240101", rows=64)
+    pixels = bytearray(ds.PixelData)
+    pixels[1280 : 1280 + len(zipped)] = zipped
+    ds.PixelData = bytes(pixels)
+    del ds.file_meta
+    ds.save_as(source / "OLD1.zip", enforce_file_format=False, implicit_vr=True, little_endian=True)
+    folders = io.BytesIO()
+    with zipfile.ZipFile(folders, "w") as zf:
+        zf.writestr(f"{PATIENT}/", b"")
+        zf.writestr(f"{PATIENT}/SERIES1/", b"")
+    (source / "folders.exe").write_bytes(b"MZ" + b"\0" * 300 + folders.getvalue())
+
+    summary, ingest = _import(tmp_path, source)
+
+    assert (summary.imported, summary.wrapped, len(ingest.accepted)) == (1, 1, 1)  # the data set, wrapped
+    assert summary.not_imported == [("skipped", "zip of folders only, no file in it", str(source / "folders.exe"))]
