@@ -237,14 +237,17 @@ def find_sources(paths: list[Path], say: Callable[[str], None] | None = None) ->
 
 def _distinct_roots(paths: list[Path]) -> tuple[list[Path], list[str]]:
     """The paths none of which lies inside (or is) another one, as given; and the dropped ones by their
-    place, counted from 1 ("3 (inside 1)"). Compared resolved (a symlink, ``..``), walked as given (the
-    report names files as the user wrote them)."""
-    resolved = [path.resolve() for path in paths]
+    place, counted from 1 ("3 (inside 1)"). Compared by (device, inode), of each path and of the folders
+    above it resolved (a symlink, ``..``): on a filesystem blind to case (a vfat or exFAT stick, CIFS, a
+    disc mounted check=relaxed) ``/usb/PT1`` and ``/usb/pt1`` are one folder, which compared as strings
+    was imported twice. Walked as given (the report names files as the user wrote them)."""
+    keys = [_key(os.stat(path)) for path in paths]
+    above = [_ancestor_keys(path.resolve()) for path in paths]
     kept: list[Path] = []
     dropped: list[str] = []
-    for n, (path, real) in enumerate(zip(paths, resolved, strict=True)):
-        inside = next((m for m, other in enumerate(resolved) if other in real.parents), None)
-        same = next((m for m in range(n) if resolved[m] == real), None)
+    for n, path in enumerate(paths):
+        inside = next((m for m, key in enumerate(keys) if key in above[n]), None)
+        same = next((m for m in range(n) if keys[m] == keys[n]), None)
         if inside is not None:
             dropped.append(f"{n + 1} (inside {inside + 1})")
         elif same is not None:
@@ -252,6 +255,21 @@ def _distinct_roots(paths: list[Path]) -> tuple[list[Path], list[str]]:
         else:
             kept.append(path)
     return kept, dropped
+
+
+def _key(entry: os.stat_result) -> tuple[int, int]:
+    return entry.st_dev, entry.st_ino
+
+
+def _ancestor_keys(real: Path) -> set[tuple[int, int]]:
+    """(device, inode) of each folder above ``real`` (those that can be looked at)."""
+    keys = set()
+    for folder in real.parents:
+        try:
+            keys.add(_key(os.stat(folder)))
+        except OSError:
+            continue
+    return keys
 
 
 class _Routes:
@@ -263,33 +281,56 @@ class _Routes:
     not overlap: _distinct_roots). Any other route to a file inside a folder given (a DICOMDIR's record,
     a symlink) is left to that folder's walk, and a route to a path given as a file to that path. What
     remains is kept by (device, inode): a file with several hard links, a DICOMDIR's record or a symlink
-    outside every root, a file given by its path. The ones passed over are counted (``twice``)."""
+    outside every root, a file given by its path. The ones passed over are counted (``twice``).
+
+    Folders and files given are compared by (device, inode), not by path: on a filesystem blind to case
+    (vfat, exFAT, CIFS, isofs check=relaxed) a DICOMDIR's record ``PT0/ST0/IM0`` names the file the walk
+    of ``pt0`` meets as ``pt0/st0/im0``, and was imported twice. The folders above a route's file are
+    looked at once each (``_inside``: one entry per folder, not per file)."""
 
     def __init__(self, roots: list[Path]) -> None:
-        self._folders = [root.resolve() for root in roots if root.is_dir()]
-        self._files = {root.resolve() for root in roots if not root.is_dir()}
+        self._folders = {_key(os.stat(root)) for root in roots if root.is_dir()}
+        self._files = {_key(os.stat(root)) for root in roots if not root.is_dir()}
+        self._inside: dict[Path, bool] = {}  # folder -> whether a folder given holds it
         self._seen: set[tuple[int, int]] = set()
         self.twice = 0
 
     def walked(self, real: Path) -> bool:
         """A folder given holds this real path: its walk meets the file by its own entry."""
-        return any(folder in real.parents for folder in self._folders)
+        chain: list[Path] = []
+        folder, answer = real.parent, False
+        while True:
+            if folder in self._inside:
+                answer = self._inside[folder]
+                break
+            chain.append(folder)
+            try:
+                if _key(os.stat(folder)) in self._folders:
+                    answer = True
+                    break
+            except OSError:
+                pass
+            if folder.parent == folder:
+                break
+            folder = folder.parent
+        for below in chain:
+            self._inside[below] = answer
+        return answer
 
     def first(self, path: Path, entry: os.stat_result, *, walk: bool, explicit: bool = False) -> bool:
         """Whether ``path`` (stat ``entry``, its link not followed) is the first route to its file; counts
         the others. ``walk``: met by a folder's walk (else named by a DICOMDIR, or given)."""
         if stat.S_ISLNK(entry.st_mode) or not walk:
-            real = Path(os.path.realpath(path))
-            if not explicit and (self.walked(real) or real in self._files):
-                self.twice += 1
-                return False
             try:
                 entry = os.stat(path)
             except OSError:
                 return True  # reading it says why, counted for that file
+            if not explicit and (self.walked(Path(os.path.realpath(path))) or _key(entry) in self._files):
+                self.twice += 1
+                return False
         elif entry.st_nlink < 2:
             return True  # its own entry, its only one: met once by its walk
-        key = (entry.st_dev, entry.st_ino)
+        key = _key(entry)
         if key in self._seen:
             self.twice += 1
             return False

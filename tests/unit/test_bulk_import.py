@@ -1235,3 +1235,47 @@ def test_a_bare_data_set_named_zip_is_a_data_set_and_a_zip_of_folders_alone_is_c
 
     assert (summary.imported, summary.wrapped, len(ingest.accepted)) == (1, 1, 1)  # the data set, wrapped
     assert summary.not_imported == [("skipped", "zip of folders only, no file in it", str(source / "folders.exe"))]
+
+
+def _blind_to_case(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """Under ``root``, os.stat and os.lstat find a name in any case, as on vfat, exFAT, CIFS or a disc
+    mounted check=relaxed; a listing shows the names as stored, and realpath keeps the case written."""
+    real_stat, real_lstat = os.stat, os.lstat
+
+    def stored(path):
+        text = os.fspath(path)
+        if not isinstance(text, str) or not text.startswith(str(root)):
+            return path
+        current = str(root)
+        for part in Path(text).relative_to(root).parts:
+            try:
+                names = os.listdir(current)
+            except OSError:
+                return path
+            current = os.path.join(current, next((n for n in names if n.casefold() == part.casefold()), part))
+        return current
+
+    monkeypatch.setattr(os, "stat", lambda path, *a, **k: real_stat(stored(path), *a, **k))
+    monkeypatch.setattr(os, "lstat", lambda path, *a, **k: real_lstat(stored(path), *a, **k))
+
+
+def test_on_a_filesystem_blind_to_case_a_dicomdir_and_its_folder_import_each_file_once(tmp_path, monkeypatch):
+    """A USB stick (vfat shortname=lower) shows pt000000/.../im000000, its DICOMDIR says PT000000\\...:
+    the record's path opens as written, and compared as a string to the folder given it was not inside
+    it: every file imported twice. So were /usb/pt000000 and /usb/PT000000 given together. Compared by
+    (device, inode) now."""
+    dicomdir, _ = _series_fileset(tmp_path, 3)
+    _rename_tree(dicomdir.parent, lambda name: name if name == "DICOMDIR" else name.lower())
+    folder = dicomdir.parent / "pt000000"
+    _blind_to_case(monkeypatch, tmp_path)
+    said: list[str] = []
+
+    both = list(find_sources([dicomdir, folder], say=said.append))
+    again = list(find_sources([folder, dicomdir.parent / "PT000000", folder / "ST000000"], say=said.append))
+
+    assert sorted(s.label for s in both) == sorted(str(p) for p in folder.rglob("im*"))
+    assert said[0].startswith("3 files named again by another route")
+    assert [s.label for s in again] == [s.label for s in both if s.label.startswith(str(folder))]
+    assert said[1].startswith(
+        "paths given inside another one (or twice), by their place: 2 (the same as 1), 3 (inside 1)"
+    )
