@@ -105,6 +105,11 @@ class ImportSummary:
         return self.broker_down or self.report_error is not None
 
     @property
+    def failed_not_broker(self) -> int:
+        """The failures for another reason than the broker's (the disk, a folder unreadable...)."""
+        return sum(n for reason, n in self.failed.items() if not reason.startswith(_BROKER))
+
+    @property
     def skipped_non_dicom(self) -> int:
         return sum(self.skipped.values())
 

@@ -1279,3 +1279,42 @@ def test_on_a_filesystem_blind_to_case_a_dicomdir_and_its_folder_import_each_fil
     assert said[1].startswith(
         "paths given inside another one (or twice), by their place: 2 (the same as 1), 3 (inside 1)"
     )
+
+
+@pytest.mark.parametrize(
+    "stopped, status, said_too",
+    [
+        ({"interrupted": True}, 130, ["interrupted:"]),
+        ({"broker_down": True, "failed": {"broker: no acknowledgement": 3}}, 1, ["the broker acknowledged none"]),
+        ({"failed": {"storage: Input/output error": 1}}, 1, ["some files or folders could not be read"]),
+        (
+            {"interrupted": True, "broker_down": True, "failed": {"broker: x": 3, "storage: y": 1}},
+            130,
+            ["the broker acknowledged none", "interrupted:", "some files or folders could not be read"],
+        ),
+    ],
+)
+def test_every_reason_the_import_stopped_is_said_and_ctrl_c_exits_130_whatever_else(
+    tmp_path, config, no_broker, monkeypatch, capsys, stopped, status, said_too
+):
+    """With the report's disk full, a Ctrl-C exited 1, not the documented 130, and the broker down (or a
+    Ctrl-C) went unsaid: only the report's "free space" was printed. Every cause is said now; 130 wins."""
+    _instance(tmp_path / "src" / "IMG1")
+    stopped = dict(stopped)
+    failed = stopped.pop("failed", {})
+
+    def stopping(self, sources, progress=None, report=None):
+        summary = ImportSummary(report_error=OSError(errno.ENOSPC, "No space left on device"), **stopped)
+        summary.failed.update(failed)
+        return summary
+
+    monkeypatch.setattr(bulk_import.Importer, "run", stopping)
+    report = tmp_path / "not-imported.csv"
+    code = main(["--config", str(config), "import", "--no-progress", "--report", str(report), str(tmp_path / "src")])
+
+    lines = [line for line in _said(capsys).splitlines() if line.startswith("diana import:")]
+    assert code == status
+    assert len(lines) == 1 + len(said_too), lines
+    assert f"the report {report} could not be written (No space left on device)" in lines[0]
+    for text, line in zip(said_too, lines[1:], strict=True):
+        assert text in line
