@@ -349,10 +349,12 @@ def _sources(roots: list[Path], routes: _Routes, say: Callable[[str], None] | No
             yield from _folder_sources(root, routes)
         else:
             yield from _file_sources(root, routes, explicit=True)
+    # Said as what happened to these names, not "imported": the route left to may fail (a folder the walk
+    # cannot list is counted as that one folder failed, its files not looked at).
     if routes.twice and say is not None:
         say(
             f"{routes.twice} files named again by another route (a DICOMDIR and a folder given, a symlink, "
-            "a hard link) were imported once"
+            "a hard link) were passed over: each is looked at once, by its other route, and counted there"
         )
 
 

@@ -1068,7 +1068,7 @@ def test_a_file_named_by_hard_links_or_symlinks_is_imported_once(tmp_path):
     assert summary.imported == 3 == len(ingest.accepted) == len(set(ingest.accepted))
     assert said == [
         "5 files named again by another route (a DICOMDIR and a folder given, a symlink, a hard link) were "
-        "imported once"
+        "passed over: each is looked at once, by its other route, and counted there"
     ]
 
 
@@ -1318,3 +1318,26 @@ def test_every_reason_the_import_stopped_is_said_and_ctrl_c_exits_130_whatever_e
     assert f"the report {report} could not be written (No space left on device)" in lines[0]
     for text, line in zip(said_too, lines[1:], strict=True):
         assert text in line
+
+
+def test_the_files_named_again_are_not_said_imported_when_their_other_route_fails(tmp_path, monkeypatch):
+    """A DICOMDIR and its folder given, the series folder unlistable (EACCES): the records were passed over
+    for the walk, which failed that folder, and the message said the files "were imported once"."""
+    dicomdir, _ = _series_fileset(tmp_path, 3)
+    series = next(p for p in dicomdir.parent.rglob("SE*") if p.is_dir())
+    scandir = os.scandir
+
+    def refused(path="."):
+        if isinstance(path, (str, os.PathLike)) and Path(path) == series:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refused)
+    said: list[str] = []
+    summary, ingest = _import(tmp_path, dicomdir, dicomdir.parent / "PT000000")
+    said_now = list(find_sources([dicomdir, dicomdir.parent / "PT000000"], say=said.append))
+    monkeypatch.undo()
+
+    assert summary.imported == 0 and dict(summary.failed) == {"folder unreadable: Permission denied": 1}
+    assert len(said_now) == 1 and len(said) == 1
+    assert "imported" not in said[0] and "passed over" in said[0] and "counted there" in said[0]
