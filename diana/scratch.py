@@ -10,6 +10,12 @@ writer's locks went with its process, so its files are still removed as before.
 ``flock`` belongs to the open file description, not to the process or the name: a second ``open`` of the
 same file, in the same process too, does not get it while the writer holds it, and a hard link to the file
 (``durable.place_file``'s temporary name beside the landed object) is covered by the same lock.
+
+Writers: ``diana import`` (its private copy, a zip member extracted, a bare data set wrapped, an inflated
+data set), STOW-RS (the request body and its parts), ``durable.place_file``'s copy where hard links fail.
+A file whose lock the sweep cannot test (a symlink, another user's file it may not open) is removed by
+age alone (``remove_unless_held``'s ``untested_after_s``). In the core: producers/, access/ and durable
+use it.
 """
 
 from __future__ import annotations
