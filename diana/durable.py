@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from diana.scratch import ScratchFile
+
 __all__ = [
     "fsync_dir",
     "makedirs_durable",
@@ -134,21 +136,37 @@ def place_file(source: Path, target: Path, link: bool, synced: bool = False) -> 
     ``link``: a hard link is enough (the source is ours and never changes); falls back to a
     copy across filesystems. ``synced``: the caller has fsync'd the source already (the receiver
     does, on the file it received into). Returns True if the result shares the source's inode.
-    """
-    with _atomic(target) as tmp:
-        if link:
-            if not synced:
-                with open(source, "rb") as fh:
-                    os.fsync(fh.fileno())
+
+    The copy's temporary file is held locked (``scratch.ScratchFile``) until it is renamed into place: the
+    receiver's sweep of temporary names beside the landed objects removed it when a receiver started
+    during an import on a filesystem without hard links (exFAT, some CIFS), and the rename failed. A hard
+    link is the source's inode, held by the source's writer."""
+    makedirs_durable(target.parent)
+    if link:
+        if not synced:
+            with open(source, "rb") as fh:
+                os.fsync(fh.fileno())
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            os.link(source, tmp)
+        except OSError:  # another filesystem, or no hard links: copied below
+            pass
+        else:
             try:
-                os.link(source, tmp)
-                return True
-            except OSError:  # another filesystem, or no hard links
-                pass
-        with open(source, "rb") as src, open(tmp, "xb") as dst:
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            fsync_dir(target.parent)
+            return True
+    # The mode a new file gets (0666 less the umask), as the copy made with open(..., "xb") had.
+    with ScratchFile(target.parent, prefix=f".{target.name}.", suffix=".tmp", permissions=0o666) as copy:
+        with open(source, "rb") as src, copy.open("wb") as dst:
             shutil.copyfileobj(src, dst, _CHUNK)
             dst.flush()
             os.fsync(dst.fileno())
+        copy.replace(target)
+    fsync_dir(target.parent)
     return False
 
 

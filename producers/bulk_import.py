@@ -20,6 +20,7 @@ import queue
 import re
 import shutil
 import stat
+import struct
 import threading
 import zipfile
 import zlib
@@ -35,7 +36,7 @@ import structlog
 from diana.producers.header import HeaderError, InvalidIdentifiers, Truncated
 from diana.producers.ingest import Ingest
 from diana.producers.publisher import PublishError, PublishRefused
-from diana.producers.scratch import ScratchFile
+from diana.scratch import ScratchFile
 
 __all__ = ["ImportSummary", "Importer", "Report", "find_sources"]
 
@@ -102,6 +103,11 @@ class ImportSummary:
     def stopped(self) -> bool:
         """Stopped before the end, Ctrl-C aside: the files after those in flight were not looked at."""
         return self.broker_down or self.report_error is not None
+
+    @property
+    def failed_not_broker(self) -> int:
+        """The failures for another reason than the broker's (the disk, a folder unreadable...)."""
+        return sum(n for reason, n in self.failed.items() if not reason.startswith(_BROKER))
 
     @property
     def skipped_non_dicom(self) -> int:
@@ -236,14 +242,17 @@ def find_sources(paths: list[Path], say: Callable[[str], None] | None = None) ->
 
 def _distinct_roots(paths: list[Path]) -> tuple[list[Path], list[str]]:
     """The paths none of which lies inside (or is) another one, as given; and the dropped ones by their
-    place, counted from 1 ("3 (inside 1)"). Compared resolved (a symlink, ``..``), walked as given (the
-    report names files as the user wrote them)."""
-    resolved = [path.resolve() for path in paths]
+    place, counted from 1 ("3 (inside 1)"). Compared by (device, inode), of each path and of the folders
+    above it resolved (a symlink, ``..``): on a filesystem blind to case (a vfat or exFAT stick, CIFS, a
+    disc mounted check=relaxed) ``/usb/PT1`` and ``/usb/pt1`` are one folder, which compared as strings
+    was imported twice. Walked as given (the report names files as the user wrote them)."""
+    keys = [_key(os.stat(path)) for path in paths]
+    above = [_ancestor_keys(path.resolve()) for path in paths]
     kept: list[Path] = []
     dropped: list[str] = []
-    for n, (path, real) in enumerate(zip(paths, resolved, strict=True)):
-        inside = next((m for m, other in enumerate(resolved) if other in real.parents), None)
-        same = next((m for m in range(n) if resolved[m] == real), None)
+    for n, path in enumerate(paths):
+        inside = next((m for m, key in enumerate(keys) if key in above[n]), None)
+        same = next((m for m in range(n) if keys[m] == keys[n]), None)
         if inside is not None:
             dropped.append(f"{n + 1} (inside {inside + 1})")
         elif same is not None:
@@ -251,6 +260,21 @@ def _distinct_roots(paths: list[Path]) -> tuple[list[Path], list[str]]:
         else:
             kept.append(path)
     return kept, dropped
+
+
+def _key(entry: os.stat_result) -> tuple[int, int]:
+    return entry.st_dev, entry.st_ino
+
+
+def _ancestor_keys(real: Path) -> set[tuple[int, int]]:
+    """(device, inode) of each folder above ``real`` (those that can be looked at)."""
+    keys = set()
+    for folder in real.parents:
+        try:
+            keys.add(_key(os.stat(folder)))
+        except OSError:
+            continue
+    return keys
 
 
 class _Routes:
@@ -262,33 +286,56 @@ class _Routes:
     not overlap: _distinct_roots). Any other route to a file inside a folder given (a DICOMDIR's record,
     a symlink) is left to that folder's walk, and a route to a path given as a file to that path. What
     remains is kept by (device, inode): a file with several hard links, a DICOMDIR's record or a symlink
-    outside every root, a file given by its path. The ones passed over are counted (``twice``)."""
+    outside every root, a file given by its path. The ones passed over are counted (``twice``).
+
+    Folders and files given are compared by (device, inode), not by path: on a filesystem blind to case
+    (vfat, exFAT, CIFS, isofs check=relaxed) a DICOMDIR's record ``PT0/ST0/IM0`` names the file the walk
+    of ``pt0`` meets as ``pt0/st0/im0``, and was imported twice. The folders above a route's file are
+    looked at once each (``_inside``: one entry per folder, not per file)."""
 
     def __init__(self, roots: list[Path]) -> None:
-        self._folders = [root.resolve() for root in roots if root.is_dir()]
-        self._files = {root.resolve() for root in roots if not root.is_dir()}
+        self._folders = {_key(os.stat(root)) for root in roots if root.is_dir()}
+        self._files = {_key(os.stat(root)) for root in roots if not root.is_dir()}
+        self._inside: dict[Path, bool] = {}  # folder -> whether a folder given holds it
         self._seen: set[tuple[int, int]] = set()
         self.twice = 0
 
     def walked(self, real: Path) -> bool:
         """A folder given holds this real path: its walk meets the file by its own entry."""
-        return any(folder in real.parents for folder in self._folders)
+        chain: list[Path] = []
+        folder, answer = real.parent, False
+        while True:
+            if folder in self._inside:
+                answer = self._inside[folder]
+                break
+            chain.append(folder)
+            try:
+                if _key(os.stat(folder)) in self._folders:
+                    answer = True
+                    break
+            except OSError:
+                pass
+            if folder.parent == folder:
+                break
+            folder = folder.parent
+        for below in chain:
+            self._inside[below] = answer
+        return answer
 
     def first(self, path: Path, entry: os.stat_result, *, walk: bool, explicit: bool = False) -> bool:
         """Whether ``path`` (stat ``entry``, its link not followed) is the first route to its file; counts
         the others. ``walk``: met by a folder's walk (else named by a DICOMDIR, or given)."""
         if stat.S_ISLNK(entry.st_mode) or not walk:
-            real = Path(os.path.realpath(path))
-            if not explicit and (self.walked(real) or real in self._files):
-                self.twice += 1
-                return False
             try:
                 entry = os.stat(path)
             except OSError:
                 return True  # reading it says why, counted for that file
+            if not explicit and (self.walked(Path(os.path.realpath(path))) or _key(entry) in self._files):
+                self.twice += 1
+                return False
         elif entry.st_nlink < 2:
             return True  # its own entry, its only one: met once by its walk
-        key = (entry.st_dev, entry.st_ino)
+        key = _key(entry)
         if key in self._seen:
             self.twice += 1
             return False
@@ -302,10 +349,12 @@ def _sources(roots: list[Path], routes: _Routes, say: Callable[[str], None] | No
             yield from _folder_sources(root, routes)
         else:
             yield from _file_sources(root, routes, explicit=True)
+    # Said as what happened to these names, not "imported": the route left to may fail (a folder the walk
+    # cannot list is counted as that one folder failed, its files not looked at).
     if routes.twice and say is not None:
         say(
             f"{routes.twice} files named again by another route (a DICOMDIR and a folder given, a symlink, "
-            "a hard link) were imported once"
+            "a hard link) were passed over: each is looked at once, by its other route, and counted there"
         )
 
 
@@ -373,10 +422,10 @@ def _is_zip(path: Path) -> bool:
     """A zip by its first bytes, and only when it is not Part-10. Not zipfile.is_zipfile alone: it looks for
     an end record in the last 64 KiB, which DICOM pixel data may hold (such a file was opened as a zip of
     no members, and vanished from the counts); and a Part-10 preamble may begin with a zip's signature.
-    A file named .zip is one also by its end record (data before the first header: a self-extracting
-    archive renamed, a zip appended to something). Any other file that is neither Part-10 nor possibly a
-    bare data set is one when its central directory opens and lists a member: a self-extracting archive
-    (``export.exe``), a zip saved without its name (it was skipped as not DICOM, its images never seen)."""
+    A file that may be a bare data set is never a zip (its pixel data may hold a whole one). Any other file
+    is one when its end record points at a central directory of at least one entry (_zip_directory): a
+    self-extracting archive (``export.exe``), a zip saved without its name (it was skipped as not DICOM,
+    its images never seen), a ``.zip`` with data before its first header."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(_PART10_HEAD)
@@ -386,22 +435,68 @@ def _is_zip(path: Path) -> bool:
         return False
     if head[:4] in (_ZIP_MAGIC, _ZIP_EMPTY):
         return True
-    if path.suffix.lower() == ".zip":
-        return zipfile.is_zipfile(path)
-    # A bare data set's pixel data may hold an end record as a Part-10 file's may: never a zip by its end.
-    return not _may_be_bare(head) and _opens_with_members(path)
-
-
-def _opens_with_members(path: Path) -> bool:
-    """An end record in the last 64 KiB whose central directory opens and lists a member: bytes that look
-    like an end record and point at no directory leave the file what it was (not DICOM)."""
-    try:
-        if not zipfile.is_zipfile(path):
-            return False
-        with zipfile.ZipFile(path) as zf:
-            return bool(zf.infolist())
-    except Exception:  # a damaged or chance directory raises many kinds (names undecodable...)
+    if _may_be_bare(head):  # before the name: a bare data set named .zip is a data set
         return False
+    try:
+        directory = _zip_directory(path)
+    except OSError:
+        return False  # reading it as a file says why
+    return directory is not None and directory[0] > 0
+
+
+# The end of central directory record (22 bytes and a comment of up to 64 KiB), the zip64 end record's
+# locator just before it, and the zip64 end record before that (APPNOTE 4.3.14-16).
+_END = struct.Struct("<4s4H2LH")
+_END64_LOCATOR = struct.Struct("<4sLQL")
+_END64 = struct.Struct("<4sQ2H2L4Q")
+_DIRECTORY_ENTRY = b"PK\x01\x02"
+# A zip whose central directory is larger is not opened (rejected with _TOO_MANY_ENTRIES): zipfile reads
+# the whole directory into a ZipInfo per entry, about 1 KiB each (200,000 entries: 1.5 s, 215 MB), once
+# at the listing and once per worker thread that reads a member (_OpenArchives); a crafted directory
+# claiming millions of entries took gigabytes. A DICOM export holds far fewer files than this.
+_MAX_ZIP_ENTRIES = 100_000
+_MAX_ZIP_DIRECTORY_BYTES = 32 << 20
+_TOO_MANY_ENTRIES = (
+    f"zip of more than {_MAX_ZIP_ENTRIES} entries or a central directory over {_MAX_ZIP_DIRECTORY_BYTES >> 20} MiB "
+    "(unzip it with another tool, import the folder)"
+)
+
+
+def _zip_directory(path: Path) -> tuple[int, int] | None:
+    """(entries, size in bytes) of the central directory that the file's end record points at, read from the
+    end record (or the zip64 one) alone, without the directory: None unless a directory entry's signature
+    is where the directory begins (bytes that only look like an end record point at nothing). The
+    directory is placed by its size, back from the end record, as zipfile places it: a zip after a stub
+    (a self-extracting archive) has offsets counted from the zip's start."""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        tail_at = max(0, size - _END.size - 0xFFFF)
+        fh.seek(tail_at)
+        tail = fh.read()
+        at = tail.rfind(b"PK\x05\x06")
+        while at >= 0 and (at + _END.size > len(tail) or at + _END.size + _END.unpack_from(tail, at)[7] > len(tail)):
+            at = tail.rfind(b"PK\x05\x06", 0, at)  # a comment longer than what follows: not the record
+        if at < 0:
+            return None
+        entries, directory_size = _END.unpack_from(tail, at)[4:6]
+        directory_end = tail_at + at
+        # A zip64 end record and its locator before it, as zipfile looks for them (whatever the values of
+        # the end record, which a writer may leave below their 0xFFFF... markers).
+        record_at = directory_end - _END64_LOCATOR.size - _END64.size
+        if record_at >= 0:
+            fh.seek(record_at)
+            record = fh.read(_END64.size + _END64_LOCATOR.size)
+            if record[:4] == b"PK\x06\x06" and record[_END64.size : _END64.size + 4] == b"PK\x06\x07":
+                entries, directory_size = _END64.unpack_from(record)[7:9]
+                directory_end = record_at
+        if directory_size > directory_end:
+            return None
+        if entries == 0:
+            return (0, 0) if directory_size == 0 else None
+        fh.seek(directory_end - directory_size)
+        if fh.read(4) != _DIRECTORY_ENTRY:
+            return None
+        return entries, directory_size
 
 
 def _unopened(path: Path, kind: str, exc: Exception) -> Source:
@@ -413,11 +508,22 @@ def _unopened(path: Path, kind: str, exc: Exception) -> Source:
 
 def _zip_sources(path: Path) -> Iterator[Source]:
     try:
+        directory = _zip_directory(path)
+    except OSError as exc:
+        yield _unopened(path, "zip", exc)
+        return
+    if directory is not None and (directory[0] > _MAX_ZIP_ENTRIES or directory[1] > _MAX_ZIP_DIRECTORY_BYTES):
+        yield Source(str(path), verdict=("rejected", _TOO_MANY_ENTRIES))  # not parsed: its size alone is known
+        return
+    try:
         with zipfile.ZipFile(path) as zf:
-            members = [info for info in zf.infolist() if not info.is_dir()]
+            entries = zf.infolist()
     except Exception as exc:  # a damaged central directory raises more than BadZipFile (names undecodable...)
         yield _unopened(path, "zip", exc)
         return
+    members = [info for info in entries if not info.is_dir()]
+    if entries and not members:  # counted: a zip of folders alone vanished from the counts
+        yield Source(str(path), verdict=("skipped", "zip of folders only, no file in it"))
     for info in members:
         yield Source(f"{path}:{info.filename}", archive=path, member=info)
 

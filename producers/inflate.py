@@ -22,7 +22,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from diana.producers.scratch import ScratchFile
+from diana.scratch import ScratchFile
 
 __all__ = ["DEFAULT_MAX_INFLATED_BYTES", "InflateError", "file_meta", "inflated_copy"]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -26,10 +27,14 @@ from pathlib import Path
 
 from diana.config import Config
 from diana.durable import copy_hashed, place_file, sha256_file, write_atomic
-from diana.producers.scratch import ScratchFile, remove_unless_held
+from diana.scratch import ScratchFile, remove_unless_held
 from diana.storage import FilesystemStore, ObjectStore, local_file, open_store
 
-__all__ = ["LandingStore", "StoredObject", "open_landing"]
+__all__ = ["SWEEP_AFTER_S", "LandingStore", "StoredObject", "open_landing"]
+
+# The age past which the receiver's periodic sweep removes a half-written file (a crashed writer's), and
+# past which a file whose lock cannot be tested is removed by any sweep (LandingStore.sweep).
+SWEEP_AFTER_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -219,19 +224,26 @@ class LandingStore:
                 if not path.name.startswith("."):
                     yield f"{shard.name}/{path.name}", path
 
-    def sweep(self, older_than_s: float) -> int:
+    def sweep(self, older_than_s: float, untested_after_s: float = SWEEP_AFTER_S) -> int:
         """Delete what a crash or an aborted association left half-written; return how many.
 
         A file a live writer holds locked (``scratch.ScratchFile``: an import's copy, extracted member or
-        inflated data set, and their hard links beside the landed objects) is left, whatever its age: a
-        receiver starting while an import runs removed the files the import was working on. A crashed
-        writer's locks went with it: its files are removed as before."""
+        inflated data set, a STOW-RS body and its parts, and their hard links beside the landed objects) is
+        left, whatever its age: a receiver starting while an import runs removed the files the import was
+        working on. A crashed writer's locks went with it: its files are removed as before. A file whose
+        lock cannot be tested (a symlink; another user's, which this process may not open: a crashed
+        root-run import's 0600 copy) is removed once ``untested_after_s`` old, whatever ``older_than_s``."""
         cutoff = time.time() - older_than_s
         removed = 0
         candidates = list(self.incoming.iterdir()) + list(self.root.glob("*/.*.tmp"))
         for path in candidates:
             try:
-                if path.is_file() and path.stat().st_mtime <= cutoff and remove_unless_held(path):
+                entry = path.lstat()  # a symlink by its own age: it may point nowhere
+                if (
+                    (stat.S_ISREG(entry.st_mode) or stat.S_ISLNK(entry.st_mode))
+                    and entry.st_mtime <= cutoff
+                    and remove_unless_held(path, untested_after_s)
+                ):
                     removed += 1
             except FileNotFoundError:
                 pass

@@ -31,7 +31,7 @@ from diana.producers import metrics, negotiation, reactor, transport_guard
 from diana.producers.background import start_periodic, start_until_done
 from diana.producers.header import HeaderError, InvalidIdentifiers
 from diana.producers.ingest import Ingest
-from diana.producers.landing import open_landing
+from diana.producers.landing import SWEEP_AFTER_S, open_landing
 from diana.producers.publisher import EventPublisher, PublishError, PublishRefused
 from diana.producers.spill import SpillFile, install_spill_to_file
 from diana.producers.transport_guard import GuardedServer, GuardSettings
@@ -300,7 +300,7 @@ class Receiver:
     """
 
     # Half-received files older than this are debris of aborted associations.
-    SWEEP_AFTER_S = 3600.0
+    SWEEP_AFTER_S = SWEEP_AFTER_S
 
     def __init__(
         self,

@@ -279,11 +279,11 @@ class DicomWeb:
             return _error(400, "the client went away before the body arrived whole", "stow")
         try:
             study = request.path_params.get("study")
-            result = await anyio.to_thread.run_sync(split_and_store, self.ingest, body, boundary, study)
+            result = await anyio.to_thread.run_sync(split_and_store, self.ingest, body.path, boundary, study)
         except StowError as exc:
             return _error(400, str(exc), "stow")
         finally:
-            body.unlink(missing_ok=True)
+            body.remove()
         status = 200 if not result.failed else 202 if result.stored else 409
         for _, _, reason, why in result.failed:
             log.warning("stow.refused", reason=f"0x{reason:04X}", detail=why)

@@ -12,7 +12,6 @@ status 200 (all stored), 202 (some refused) or 409 (none stored).
 from __future__ import annotations
 
 import mmap
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import structlog
 from diana.producers.header import HeaderError, InvalidIdentifiers, read_header_file
 from diana.producers.ingest import Ingest
 from diana.producers.publisher import PublishError
+from diana.scratch import ScratchFile
 
 __all__ = ["StowError", "StowResult", "StowTooLarge", "receive_body", "split_and_store", "split_parts", "store_parts"]
 
@@ -68,31 +68,32 @@ def boundary_of(content_type: str) -> str:
     return values["boundary"]
 
 
-async def receive_body(chunks: AsyncIterator[bytes], folder: Path, max_bytes: int) -> Path:
+async def receive_body(chunks: AsyncIterator[bytes], folder: Path, max_bytes: int) -> ScratchFile:
     """The request body, streamed to a file in ``folder``; StowTooLarge once it passes ``max_bytes``.
-    The file is removed if the body does not arrive whole (too large, the client gone, any error)."""
-    handle = tempfile.NamedTemporaryFile(dir=folder, prefix="stow-", delete=False)
-    path = Path(handle.name)
-    handle.close()
+    The file is removed if the body does not arrive whole (too large, the client gone, any error); else
+    the caller removes it (``remove``). Held locked while it exists (diana/scratch.py): a receiver
+    starting meanwhile sweeps ``.incoming/`` and removed it under the request."""
+    body = ScratchFile(folder, prefix="stow-")
     try:
         size = 0
-        async with await anyio.open_file(path, "wb") as out:
+        async with anyio.wrap_file(body.open("wb")) as out:
             async for chunk in chunks:
                 size += len(chunk)
                 if size > max_bytes:
                     raise StowTooLarge(max_bytes)
                 await out.write(chunk)
     except BaseException:
-        path.unlink(missing_ok=True)
+        body.remove()
         raise
-    return path
+    return body
 
 
-def split_parts(body: Path, boundary: str, folder: Path) -> list[Path]:
-    """Each part's content as a file in ``folder`` (headers dropped; only application/dicom parts come)."""
+def split_parts(body: Path, boundary: str, folder: Path) -> list[ScratchFile]:
+    """Each part's content as a file in ``folder`` (headers dropped; only application/dicom parts come),
+    held locked until removed (``store_parts`` removes them): a receiver starting meanwhile leaves them."""
     if body.stat().st_size == 0:
         raise StowError("the request body is empty")
-    parts: list[Path] = []
+    parts: list[ScratchFile] = []
     try:
         _split_into(body, boundary.encode(), folder, parts)
     except BaseException:
@@ -103,12 +104,12 @@ def split_parts(body: Path, boundary: str, folder: Path) -> list[Path]:
     return parts
 
 
-def remove(parts: list[Path]) -> None:
+def remove(parts: list[ScratchFile]) -> None:
     for part in parts:
-        part.unlink(missing_ok=True)
+        part.remove()
 
 
-def _split_into(body: Path, boundary: bytes, folder: Path, parts: list[Path]) -> None:
+def _split_into(body: Path, boundary: bytes, folder: Path, parts: list[ScratchFile]) -> None:
     """Append to ``parts`` each part's content written to a file of its own, as the body is read."""
     delimiter = b"--" + boundary
     with open(body, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
@@ -126,9 +127,9 @@ def _split_into(body: Path, boundary: bytes, folder: Path, parts: list[Path]) ->
             headers = data[start:headers_end].decode("latin-1").lower()
             if "content-type" in headers and "application/dicom" not in headers:
                 raise StowError("a part is not application/dicom")
-            part = tempfile.NamedTemporaryFile(dir=folder, prefix="stow-part-", delete=False)
-            parts.append(Path(part.name))
-            with part:
+            held = ScratchFile(folder, prefix="stow-part-")
+            parts.append(held)
+            with held.open("wb") as part:
                 offset, end = headers_end + 4, following
                 while offset < end:
                     piece = min(end - offset, 1 << 20)
@@ -143,32 +144,34 @@ def split_and_store(ingest: Ingest, body: Path, boundary: str, study_uid: str | 
     return store_parts(ingest, split_parts(body, boundary, ingest.landing.incoming), study_uid)
 
 
-def store_parts(ingest: Ingest, parts: list[Path], study_uid: str | None) -> StowResult:
-    """Accept each part as a received data set; every part file is gone when this returns or raises."""
+def store_parts(ingest: Ingest, parts: list[ScratchFile], study_uid: str | None) -> StowResult:
+    """Accept each part as a received data set; every part file is gone when this returns or raises, and
+    held until then (its hard link beside the landed objects too: the same inode)."""
     try:
         return _store_each(ingest, parts, study_uid)
     finally:
         remove(parts)  # those landed were hard-linked: their names here are no longer needed
 
 
-def _store_each(ingest: Ingest, parts: list[Path], study_uid: str | None) -> StowResult:
+def _store_each(ingest: Ingest, parts: list[ScratchFile], study_uid: str | None) -> StowResult:
     result = StowResult()
-    for part in parts:
+    for held in parts:
+        part = held.path
         try:
             header = read_header_file(part, ingest.header_budget, ingest.max_inflated_bytes, ingest.landing.incoming)
         except (HeaderError, InvalidIdentifiers) as exc:
             code = INVALID_DATASET if isinstance(exc, InvalidIdentifiers) else CANNOT_UNDERSTAND
             result.failed.append(("", "", code, str(exc)))
-            part.unlink(missing_ok=True)
+            held.remove()
             continue
         except OSError as exc:  # e.g. no room for an inflated copy
             result.failed.append(("", "", OUT_OF_RESOURCES, f"landing store: {exc.strerror}"))
-            part.unlink(missing_ok=True)
+            held.remove()
             continue
         ids = (header.sop_class_uid, header.sop_instance_uid)
         if study_uid and header.study_instance_uid != study_uid:
             result.failed.append((*ids, STUDY_MISMATCH, "the instance belongs to another study than the URL's"))
-            part.unlink(missing_ok=True)
+            held.remove()
             continue
         try:
             ingest.accept_file(part, "STOW_RS", owned=True, called_ae="DICOMWEB")
@@ -185,7 +188,7 @@ def _store_each(ingest: Ingest, parts: list[Path], study_uid: str | None) -> Sto
             result.failed.append((*ids, PROCESSING_FAILURE, "unexpected failure (logged)"))
         else:
             result.stored.append((*ids, header.study_instance_uid, header.series_instance_uid))
-        part.unlink(missing_ok=True)  # landed by hard link: this name is no longer needed
+        held.remove()  # landed by hard link: this name is no longer needed
     return result
 
 

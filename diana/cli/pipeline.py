@@ -6,12 +6,15 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from diana.cli._common import calendar_day, fail, start_metrics, stop_on_signals, whole_number
 from diana.config import Config
+
+if TYPE_CHECKING:
+    from diana.producers.bulk_import import ImportSummary
 
 log = structlog.get_logger("diana")
 
@@ -98,47 +101,52 @@ def cmd_import(cfg: Config, args: argparse.Namespace) -> int:
     finally:
         publisher.close()
     print("\n".join(summary.lines()))
-    report_error = summary.report_error or (report.failure if report is not None else None)
+    return _import_status(summary, report_path, report.failure if report is not None else None)
+
+
+def _import_status(summary: ImportSummary, report_path: Path | None, report_failure: OSError | None) -> int:
+    """Print every reason the import did not end well (each its own line: a Ctrl-C after the report's disk
+    filled, or the broker down with it, said only one), and return the exit status: 130 when interrupted
+    (Ctrl-C wins: the user stopped it, whatever else went wrong), else 1 when anything is to be run again
+    (the report unwritable, the broker down, anything failed), else 0."""
+    causes: list[str] = []
+    report_error = summary.report_error or report_failure
     if report_error is not None:
         why = report_error.strerror or type(report_error).__name__
         stopped = "stopped (the files in flight finished and counted above, the rest not looked at): " * bool(
             summary.report_error
         )
-        return fail(
-            "import",
+        causes.append(
             f"{stopped}the report {report_path} could not be written ({why}), it lacks the files not imported "
-            f"counted after its last row; {_REPORT_FIX}",
-            code=1,
+            f"counted after its last row; {_REPORT_FIX}"
         )
-    if report_path is not None:
+    elif report_path is not None:
         print(f"the files not imported, with their reasons: {report_path}")
     elif summary.not_imported_count:
         print("to list the files not imported, run again with --report FILE (their paths stay out of the log)")
     if summary.broker_down:
-        return fail(
-            "import",
+        causes.append(
             "stopped: the broker acknowledged none of the last events (is Kafka running? its address is "
             "[kafka] bootstrap; `diana stack start` starts the local one), so the rest was not looked at. Start "
             "it, then run the same command again: what was imported is not duplicated downstream. Objects "
-            "landed whose event may have gone out stay in the landing store; the receiver republishes them.",
-            code=1,
+            "landed whose event may have gone out stay in the landing store; the receiver republishes them."
         )
     if summary.interrupted:
-        return fail(
-            "import",
+        causes.append(
             "interrupted: the files in flight were finished and counted above, the rest was not looked at; "
-            "run the same command again to import it: what was imported is not duplicated downstream.",
-            code=130,
+            "run the same command again to import it: what was imported is not duplicated downstream."
         )
-    if summary.failed:
-        return fail(
-            "import",
+    if summary.failed and (not summary.broker_down or summary.failed_not_broker):  # the broker's: said above
+        causes.append(
             "some files or folders could not be read or imported for a reason that may pass (broker, disk, "
             "permissions, a missing file); once it is fixed, run the same command again: what was imported "
-            "is not duplicated downstream.",
-            code=1,
+            "is not duplicated downstream."
         )
-    return 0
+    for cause in causes:
+        fail("import", cause)
+    if summary.interrupted:
+        return 130
+    return 1 if causes else 0
 
 
 _REPORT_FIX = (
@@ -406,7 +414,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "anything failed for a reason that may pass (broker, disk, a folder or file that cannot be read, "
         "a file a DICOMDIR names that is missing), or when it stopped after a few publish failures in a row "
         "(the broker down) or because the --report file could not be written (its disk full); 0 when the rest was only skipped or rejected (bad content: running again cannot "
-        "help); 130 on Ctrl-C (the summary printed).",
+        "help); 130 on Ctrl-C (the summary printed), whatever else went wrong; every cause is said.",
     )
     imp.add_argument(
         "paths",

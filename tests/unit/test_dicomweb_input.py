@@ -12,6 +12,7 @@ from diana.access.dicomweb.qido import MAX_OFFSET, QidoError, parameter_message,
 from diana.access.dicomweb.stow import StowError, StowTooLarge, receive_body, split_parts, store_parts
 from diana.access.dicomweb.wado import frame_numbers
 from diana.access.qr.identifier import IdentifierError, parse_identifier
+from diana.scratch import ScratchFile
 
 
 def _identifier(params: list[tuple[str, str]], level: str = "STUDY"):
@@ -75,7 +76,7 @@ def test_a_body_past_the_limit_is_refused_as_it_arrives_and_its_file_removed(tmp
         anyio.run(receive_body, _chunks(b"a" * 600, b"b" * 600), tmp_path, 1000)
     assert list(tmp_path.iterdir()) == []
     body = anyio.run(receive_body, _chunks(b"a" * 500, b"b" * 500), tmp_path, 1000)
-    assert body.read_bytes() == b"a" * 500 + b"b" * 500
+    assert body.path.read_bytes() == b"a" * 500 + b"b" * 500
 
 
 def test_a_body_whose_client_goes_away_leaves_no_file(tmp_path):
@@ -109,7 +110,7 @@ def test_a_body_refused_whole_keeps_none_of_the_parts_read_before(tmp_path):
     with pytest.raises(StowError, match="truncated"):
         split_parts(body, "b0", folder)
     body.write_bytes(_multipart("b0", ("application/dicom", b"first"), ("application/dicom", b"second")))
-    assert [p.read_bytes() for p in split_parts(body, "b0", folder)] == [b"first", b"second"]
+    assert [p.path.read_bytes() for p in split_parts(body, "b0", folder)] == [b"first", b"second"]
 
 
 class _FailingIngest:
@@ -126,9 +127,9 @@ def test_stored_or_not_no_part_file_outlives_the_request(tmp_path, monkeypatch):
     import diana.access.dicomweb.stow as stow
 
     parts = []
-    for n in range(3):
-        part = tmp_path / f"stow-part-{n}"
-        part.write_bytes(b"x")
+    for _ in range(3):
+        part = ScratchFile(tmp_path, prefix="stow-part-")
+        part.path.write_bytes(b"x")
         parts.append(part)
 
     def unexpected(*args, **kwargs):
@@ -137,4 +138,52 @@ def test_stored_or_not_no_part_file_outlives_the_request(tmp_path, monkeypatch):
     monkeypatch.setattr(stow, "read_header_file", unexpected)
     with pytest.raises(RuntimeError):
         store_parts(_FailingIngest(tmp_path), parts, None)
-    assert [p for p in parts if p.exists()] == []
+    assert [p for p in parts if p.path.exists()] == []
+
+
+def test_a_receiver_starting_during_a_stow_request_leaves_its_body_parts_and_their_links(tmp_path, monkeypatch):
+    """The body and its parts were unlocked files in .incoming/: a receiver (re)started during a STOW-RS
+    request swept them at once, and the request failed or landed nothing. Now each is held (scratch.py)
+    until the request removes it; the sweep here opens each by a descriptor of its own, as another process
+    does, and the hard link the landing makes beside the objects for a part is the same inode, held too."""
+    from pydicom.uid import generate_uid
+
+    from diana.producers.landing import LandingStore
+    from tests.support.dicomgen import make_instance
+
+    store = LandingStore(tmp_path / "landing")
+    instance = tmp_path / "one.dcm"
+    make_instance(generate_uid(), generate_uid(), 1, patient_id="P1", study_date="20240101", rows=8).save_as(
+        instance, enforce_file_format=True
+    )
+    content = instance.read_bytes()
+    body = anyio.run(receive_body, _chunks(_multipart("b0", ("application/dicom", content))), store.incoming, 1 << 30)
+    assert store.sweep(older_than_s=0) == 0 and body.path.exists()
+
+    parts = split_parts(body.path, "b0", store.incoming)
+    body.remove()
+    assert store.sweep(older_than_s=0) == 0 and all(p.path.exists() for p in parts)
+
+    import diana.durable as durable
+
+    replace = durable.os.replace
+
+    def swept_before_the_rename(tmp, target):  # the part's hard link ab/.<sha>.dcm.<uuid>.tmp exists now
+        assert Path(tmp).name.endswith(".tmp") and store.sweep(older_than_s=0) == 0 and Path(tmp).exists()
+        replace(tmp, target)
+
+    class SweptWhileLanding:
+        header_budget = 1 << 20
+        max_inflated_bytes = 1 << 20
+        landing = store
+
+        def accept_file(self, path, source, owned, called_ae):
+            with store.landed(path, owned) as stored:  # its hard link beside the objects made, as a C-STORE's
+                assert store.sweep(older_than_s=0) == 0
+                assert Path(stored.uri.removeprefix("file://")).read_bytes() == content
+
+    monkeypatch.setattr(durable.os, "replace", swept_before_the_rename)
+    result = store_parts(SweptWhileLanding(), parts, None)
+    monkeypatch.undo()
+    assert len(result.stored) == 1 and not result.failed
+    assert list(store.incoming.iterdir()) == []

@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 from pydicom.uid import generate_uid
 
-from diana.producers import scratch
+from diana import scratch
 from diana.producers.landing import LandingStore
-from diana.producers.scratch import ScratchFile, remove_unless_held
+from diana.scratch import ScratchFile, remove_unless_held
 from tests.support.dicomgen import make_instance
 
 _ROOT = Path(__file__).resolve().parents[2]
@@ -141,3 +141,84 @@ def test_on_a_filesystem_without_locks_the_writer_writes_and_the_sweep_removes_b
     assert store.sweep(older_than_s=3600) == 0 and held.path.exists()  # young: left, as before
     assert store.sweep(older_than_s=0) == 1 and not held.path.exists()
     held.remove()
+
+
+def test_debris_whose_lock_cannot_be_tested_is_removed_by_age_as_before(tmp_path, monkeypatch):
+    """A receiver running as another user cannot open a crashed root-run import's 0600 copy (EACCES), nor
+    its hard link beside the objects, and O_NOFOLLOW refuses a symlink (ELOOP): the sweep left them for
+    ever (a whole private copy of a patient's image), though unlinking needs only the folder's write
+    permission. Now they go by the age rule of before, even at a start-up sweep, and a young one stays
+    (its writer may be alive). Run as root here: the EACCES of another user's file is played by os.open."""
+    import errno
+    import time
+
+    store = LandingStore(tmp_path / "landing")
+    shard = store.root / "ab"
+    shard.mkdir()
+    old = time.time() - 2 * 3600
+    not_ours = [store.incoming / ".copy-root.tmp", shard / ".abcd.dcm.root.tmp"]
+    young = store.incoming / ".copy-young.tmp"
+    for path in [*not_ours, young]:
+        path.write_bytes(b"a patient's image")
+    for path in not_ours:
+        os.utime(path, (old, old))
+    target = store.incoming / "target"
+    target.write_bytes(b"x")
+    link, dangling = store.incoming / "link", store.incoming / "dangling"
+    link.symlink_to(target)
+    dangling.symlink_to(store.incoming / "nothing")
+    for path in (link, dangling):
+        os.utime(path, (old, old), follow_symlinks=False)
+    os.utime(target, (old, old))
+
+    refused = {str(p) for p in [*not_ours, young]}
+    real_open = os.open
+
+    def open_as_another_user(path, flags, *args, **kwargs):
+        if str(path) in refused:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(scratch.os, "open", open_as_another_user)
+    removed = store.sweep(older_than_s=0)
+    monkeypatch.undo()
+
+    assert [p for p in [*not_ours, link, dangling] if os.path.lexists(p)] == []
+    assert young.exists()  # under an hour: whether its writer is alive cannot be told
+    assert removed == 5  # the two not ours, the two links, and the old unheld target
+
+
+def test_place_files_copy_where_hard_links_fail_is_held_until_renamed_into_place(tmp_path, monkeypatch):
+    """On exFAT or CIFS os.link fails and place_file copies to a temporary name beside the object; that
+    file was unlocked, so a receiver starting meanwhile removed it and the rename failed (the import's
+    file failed: No such file). Now it is held until renamed; its mode is still a new file's (umask)."""
+    import errno
+
+    from diana import durable
+
+    store = LandingStore(tmp_path / "landing")
+    held = ScratchFile(store.incoming, prefix=".copy-", suffix=".tmp")  # an import's private copy
+    source = held.path
+    source.write_bytes(b"the object's bytes")
+    target = store.root / "ab" / "abcd.dcm"
+    swept: list[int] = []
+
+    def no_hard_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    copyfileobj = durable.shutil.copyfileobj
+
+    def copy_while_a_receiver_starts(src, dst, length):
+        swept.append(store.sweep(older_than_s=0))  # the temporary exists now, beside the objects
+        copyfileobj(src, dst, length)
+
+    monkeypatch.setattr(durable.os, "link", no_hard_links)
+    monkeypatch.setattr(durable.shutil, "copyfileobj", copy_while_a_receiver_starts)
+    assert durable.place_file(source, target, link=True) is False
+    monkeypatch.undo()
+    held.remove()
+    assert swept == [0] and target.read_bytes() == b"the object's bytes"
+    assert list(target.parent.glob(".*.tmp")) == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -10,6 +10,12 @@ writer's locks went with its process, so its files are still removed as before.
 ``flock`` belongs to the open file description, not to the process or the name: a second ``open`` of the
 same file, in the same process too, does not get it while the writer holds it, and a hard link to the file
 (``durable.place_file``'s temporary name beside the landed object) is covered by the same lock.
+
+Writers: ``diana import`` (its private copy, a zip member extracted, a bare data set wrapped, an inflated
+data set), STOW-RS (the request body and its parts), ``durable.place_file``'s copy where hard links fail.
+A file whose lock the sweep cannot test (a symlink, another user's file it may not open) is removed by
+age alone (``remove_unless_held``'s ``untested_after_s``). In the core: producers/, access/ and durable
+use it.
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import secrets
+import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, cast
 
@@ -31,11 +40,13 @@ class ScratchFile:
     """A new temporary file in ``folder``, locked until ``remove``: the sweep leaves it alone meanwhile.
 
     The lock is taken right after the file is made; a sweep that came in between (its lock first, the
-    file removed) is seen by the file's link count, and the file is made again."""
+    file removed) is seen by the file's link count, and the file is made again. ``permissions``: its mode
+    less the umask, as ``open`` gives a new file (a file that becomes a durable one: ``replace``); by
+    default 600, as ``tempfile.mkstemp``'s."""
 
-    def __init__(self, folder: Path, prefix: str = "", suffix: str = "") -> None:
+    def __init__(self, folder: Path, prefix: str = "", suffix: str = "", permissions: int | None = None) -> None:
         while True:
-            fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+            fd, name = _make(folder, prefix, suffix, permissions)
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX)  # waits at most for a sweep's unlink of this very file
@@ -60,6 +71,13 @@ class ScratchFile:
         assert self._fd is not None, "removed"
         return cast(BinaryIO, os.fdopen(os.dup(self._fd), mode))
 
+    def replace(self, target: Path) -> None:
+        """Rename it over ``target`` (os.replace), then let go of its lock: it is no longer scratch."""
+        assert self._fd is not None, "removed"
+        os.replace(self.path, target)
+        os.close(self._fd)
+        self._fd = None
+
     def remove(self) -> None:
         """Remove the file, then let go of its lock (in this order: no sweep ever finds it unlocked)."""
         if self._fd is None:
@@ -77,18 +95,46 @@ class ScratchFile:
         self.remove()
 
 
-def remove_unless_held(path: Path) -> bool:
-    """Remove ``path`` unless a live writer holds its lock (or it cannot be opened to tell); True if removed.
+def _make(folder: Path, prefix: str, suffix: str, permissions: int | None) -> tuple[int, str]:
+    """A new file's descriptor and name, as tempfile.mkstemp makes them; with ``permissions``, its mode
+    those less the umask (mkstemp's is 600)."""
+    if permissions is None:
+        return tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(tempfile.TMP_MAX):
+        name = os.path.join(folder, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            return os.open(name, flags, permissions), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", str(folder))
+
+
+def remove_unless_held(path: Path, untested_after_s: float | None = None) -> bool:
+    """Remove ``path`` unless a live writer holds its lock; True if removed.
 
     The lock is held while the file is removed, so a writer that made it a moment ago and waits for its
-    lock finds it removed (ScratchFile makes another)."""
+    lock finds it removed (ScratchFile makes another). A file whose lock cannot be tested (a symlink, or
+    one this process may not open: a root-run import's 0600 copy seen by a receiver running as another
+    user) is removed by the age rule of before, once its mtime (the link's own, for a symlink) is
+    ``untested_after_s`` old, even when the sweep's own threshold is 0 (a receiver starting): unlinking
+    needs only the folder's write permission, and left, a crashed root import's private copy of a
+    patient's image stayed for ever. ``None``: such a file is left."""
+    try:
+        entry = os.lstat(path)
+    except OSError:  # gone, or its folder not ours to search: nothing to remove
+        return False
+    if stat.S_ISLNK(entry.st_mode):  # nothing a writer makes: its target's lock is not this file's
+        return _remove_if_older(path, entry, untested_after_s)
     try:
         # Opened for writing: NFS emulates flock with POSIX locks, whose exclusive lock needs it.
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return False
-    except OSError:  # another user's (a root import's), a symlink: whether it is in use cannot be told
-        return False
+    except OSError as exc:
+        if exc.errno in _NOT_OURS_TO_OPEN:
+            return _remove_if_older(path, entry, untested_after_s)
+        return False  # EROFS, EIO...: unlinking would fail as well; looked at next time
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -106,3 +152,21 @@ def remove_unless_held(path: Path) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+# os.open's answers for a file whose lock this process cannot test: another user's file (EACCES, EPERM
+# under some LSMs and on a sealed or immutable file), a symlink swapped in after its lstat (ELOOP).
+_NOT_OURS_TO_OPEN = {errno.EACCES, errno.EPERM, errno.ELOOP}
+
+
+def _remove_if_older(path: Path, entry: os.stat_result, older_than_s: float | None) -> bool:
+    """The age rule of before, for a file whose lock cannot be tested: removed once it is that old."""
+    if older_than_s is None or entry.st_mtime > time.time() - older_than_s:
+        return False
+    try:
+        if not os.path.samestat(entry, os.lstat(path)):
+            return False  # replaced since it was looked at: looked at next time
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
