@@ -31,7 +31,7 @@ from diana.producers.pacs_pull.ledger import (
     JobState,
     StudyState,
 )
-from diana.producers.pacs_pull.narrowing import describe, split_keys
+from diana.producers.pacs_pull.narrowing import describe, one_day, split_keys
 from diana.producers.pacs_pull.requests import CollectRequest
 from diana.producers.pacs_pull.scu import (
     MOVE_DESTINATION_UNKNOWN,
@@ -174,7 +174,7 @@ class CollectJob:
 
     def _find_all(self, keys: dict[str, str], queries: list[int]) -> list[StudyMatch]:
         """Every study ``keys`` finds, even on a PACS that cuts its answers at a limit of matches: a query
-        at the limit is asked again in parts (its date range halved, a day by StudyTime) and their
+        at the limit is asked again in parts (its date range halved, down to one day) and their
         matches joined, a study found by two parts once. FindFailed when it cannot be narrowed enough.
         ``queries[0]`` counts the C-FINDs sent."""
         if self.stop.is_set():
@@ -191,14 +191,14 @@ class CollectJob:
             for part in parts:
                 for m in self._find_all(part, queries):
                     found.setdefault(m.study_instance_uid, m)
-            # What the whole range listed must be in one of its parts: a study the parts miss (no
-            # StudyTime, a time the PACS compares otherwise) would be lost without a word.
+            # What the whole range listed must be in one of its parts: a study the parts miss (a PACS
+            # matching date ranges otherwise than it lists them) would be lost without a word.
             missed = [m for m in cut.matches if m.study_instance_uid not in found]
             if missed:
                 raise FindFailed(
                     cut.status,
                     f"the PACS's limit of matches was reached for {describe(keys)}, and {len(missed)} of the "
-                    f"studies it listed for it are in none of its parts (a study without a StudyTime?): "
+                    f"studies it listed for it are in none of its parts: "
                     f"narrow the line's query (a shorter date range, one modality) or raise the PACS's limit",
                 ) from None
             return list(found.values())
@@ -214,6 +214,13 @@ class CollectJob:
             )
         if not keys.get("StudyDate"):
             return f"{said}; the line has no study date to split it by: give it DateFrom and DateTo, or one modality"
+        if one_day(keys):
+            # Not split by StudyTime: a study without one (Type 2) matches no time range, and would be lost.
+            return (
+                f"{said}; still so for {describe(keys)}, one day: studies without a StudyTime could not be "
+                f"listed if the day were asked in parts by time, so it is not: narrow the line otherwise "
+                f"(one modality) or raise the PACS's limit"
+            )
         return (
             f"{said}; still so for {describe(keys)}, as narrow as diana collect asks: narrow the line (one "
             f"modality) or raise the PACS's limit"

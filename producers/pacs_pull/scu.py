@@ -149,11 +149,6 @@ def _contradiction(keys: dict[str, str], answer: Dataset) -> str | None:
         low, _, high = dates.partition("-")
         if (low and got < low) or (high and got > high):
             return "StudyDate"
-    times, got = keys.get("StudyTime", ""), str(answer.get("StudyTime", "") or "").strip()
-    if times and len(got) >= 6 and got[:6].isdigit():
-        low, _, high = times.partition("-")
-        if (low and got < low) or (high and got > high):
-            return "StudyTime"
     modalities = {m for m in keys.get("ModalitiesInStudy", "").split("\\") if m}
     raw = answer.get("ModalitiesInStudy") or []
     got_modalities = {str(m).strip() for m in ([raw] if isinstance(raw, str) else raw)} - {""}
@@ -261,8 +256,6 @@ class PacsClient:
         query.QueryRetrieveLevel = "STUDY"
         for name in ("StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate", "ModalitiesInStudy"):
             setattr(query, name, keys.get(name, ""))
-        if keys.get("StudyTime"):  # only when narrowing a day (narrowing.py): a return key otherwise unused
-            query.StudyTime = keys["StudyTime"]
         query.NumberOfStudyRelatedInstances = ""
         matches: dict[str, StudyMatch] = {}
         answers = 0

@@ -23,35 +23,28 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as M
 from diana.config import CollectConfig
 from diana.producers.pacs_pull.job import CollectJob
 from diana.producers.pacs_pull.ledger import JobState
-from diana.producers.pacs_pull.narrowing import TIME_FLOOR_S, _seconds, split_keys
+from diana.producers.pacs_pull.narrowing import split_keys
 from diana.producers.pacs_pull.report import report_rows
 from diana.producers.pacs_pull.requests import CollectRequest
 from diana.producers.pacs_pull.scu import PacsClient
 
 
 # ---------------------------------------------------------------------------------- the split itself
-def test_a_date_range_is_halved_and_a_day_split_by_time_down_to_the_floor():
+def test_a_date_range_is_halved_down_to_one_day_and_a_day_is_not_split_by_time():
     keys = {"StudyDate": "20240101-20240131", "ModalitiesInStudy": "CT"}
     assert split_keys(keys) == [
         {"StudyDate": "20240101-20240116", "ModalitiesInStudy": "CT"},
         {"StudyDate": "20240117-20240131", "ModalitiesInStudy": "CT"},
     ]
-    day = {"PatientID": "P1", "StudyDate": "20240301-20240301"}
-    halves = split_keys(day)
-    assert halves == [
-        {"PatientID": "P1", "StudyDate": "20240301-20240301", "StudyTime": "000000-115959.999999"},
-        {"PatientID": "P1", "StudyDate": "20240301-20240301", "StudyTime": "120000-235959.999999"},
-    ]
-    # halved again and again, the parts still cover the day with neither gap nor overlap, down to the floor
-    parts, depth = [day], 0
-    while (nxt := [p for k in parts if (sub := split_keys(k)) for p in sub]) and depth < 20:
-        assert len(nxt) == 2 * len(parts)  # every part of one level is split, or none
-        parts, depth = nxt, depth + 1
-    bounds = [p["StudyTime"].split("-") for p in parts]
-    assert bounds[0][0] == "000000" and bounds[-1][1] == "235959.999999"
-    for (_low, high), (low, _high) in zip(bounds, bounds[1:], strict=False):
-        assert high.endswith(".999999") and _seconds(low) == _seconds(high) + 1, (high, low)
-    assert 86400 / len(parts) >= TIME_FLOOR_S and len(parts) <= 128
+    # halved again and again, the parts cover the month with neither gap nor overlap, down to single days
+    parts = [keys]
+    while nxt := [p for k in parts if (sub := split_keys(k)) for p in sub]:
+        parts = nxt + [k for k in parts if split_keys(k) is None]
+    days = sorted(p["StudyDate"] for p in parts)
+    assert days == [f"202401{d:02d}-202401{d:02d}" for d in range(1, 32)]
+    # StudyTime is Type 2: a study without one matches no time range, so a day is never asked in parts
+    assert split_keys({"PatientID": "P1", "StudyDate": "20240301-20240301"}) is None
+    assert split_keys({"StudyDate": "20240301"}) is None
 
 
 def test_an_open_range_keeps_its_open_end_and_a_line_without_dates_is_not_split():
@@ -195,26 +188,24 @@ _MONTH = CollectRequest(2, "march", date_from="20240301", date_to="20240331")
 
 
 def _corpus() -> list[_Study]:
-    """7 studies: 4 on one day (at 08:00, 09:30, 14:00, 23:59:59.5), 3 on other days of March 2024."""
-    day = [("080000", 1), ("093000", 2), ("140000", 3), ("235959.5", 4)]
-    return [_Study(f"1.2.826.0.1.9.{n}", "20240312", t) for t, n in day] + [
-        _Study(f"1.2.826.0.1.9.{n}", d, "120000") for n, d in ((5, "20240301"), (6, "20240320"), (7, "20240331"))
-    ]
+    """7 studies of March 2024, at most 2 a day: under a limit of 3 (find_limit = 3 takes 3 answers as cut)."""
+    days = ("20240301", "20240305", "20240312", "20240312", "20240315", "20240320", "20240331")
+    return [_Study(f"1.2.826.0.1.9.{n}", d, f"{8 + n:02d}0000") for n, d in enumerate(days, start=1)]
 
 
 @pytest.mark.parametrize("end_cut", [0x0000, 0xFE00])
 def test_a_line_at_the_pacs_limit_is_asked_in_parts_and_every_study_retrieved_once(end_cut):
     """A silent cap (find_limit said) or Orthanc's 0xFE00 after its first matches (no find_limit)."""
     studies = _corpus()
-    with _limited_pacs(studies, limit=2, end_cut=end_cut) as (port, moved, queries):
-        state, ledger = _run(port, _MONTH, find_limit=2 if end_cut == 0 else 0)
+    with _limited_pacs(studies, limit=3, end_cut=end_cut) as (port, moved, queries):
+        state, ledger = _run(port, _MONTH, find_limit=3 if end_cut == 0 else 0)
     assert sorted(moved) == sorted(s.uid for s in studies)  # each once
     assert {u: s.state for u, s in state.studies.items()} == {s.uid: "STUDY_COMPLETE" for s in studies}
     line = state.lines[2]
     assert line.state == "LINE_FOUND" and line.detail.startswith("7 studies by "), line.detail
     assert "the PACS's limit of matches reached" in line.detail
-    # the day of 4 was split by StudyTime, and a study found by two parts is recorded once
-    assert any("StudyTime" in q for q in queries)
+    # asked by dates only, each study recorded once
+    assert not any("StudyTime" in q for q in queries)
     found = [e["study_instance_uid"] for e in ledger.events if e["event"] == "STUDY_FOUND"]
     assert sorted(found) == sorted(s.uid for s in studies)
     rows = report_rows(state)
@@ -234,28 +225,33 @@ def test_a_line_at_the_limit_that_cannot_be_split_is_find_failed_and_says_so():
     assert "STUDY_FOUND" not in [e["event"] for e in ledger.events]
 
 
-def test_a_line_still_at_the_limit_at_the_floor_is_find_failed():
-    """Three studies at the same second of one day, a limit of 2: no part of the day has fewer."""
-    studies = [_Study(f"1.2.826.0.1.7.{n}", "20240312", "080000") for n in range(3)]
+def test_a_day_still_at_the_limit_is_find_failed_not_split_by_time():
+    """Three studies of one day, a limit of 2: the day is not asked in parts."""
+    studies = [_Study(f"1.2.826.0.1.7.{n}", "20240312", f"0{n}0000") for n in range(1, 4)]
     with _limited_pacs(studies, limit=2, end_cut=0xFE00) as (port, moved, queries):
         state, _ = _run(port, _MONTH)
     line = state.lines[2]
-    assert (line.state, line.pacs_status, moved) == ("LINE_FAILED", "0xFE00", [])
-    assert "still so for StudyDate 20240312-20240312, StudyTime 0" in line.detail, line.detail
+    assert (line.state, line.pacs_status, moved) == ("LINE_FAILED", "0xFE00", []), line.detail
     assert line.detail.startswith("the PACS's limit of matches was reached: C-FIND failed with 0xFE00; 2 matches")
-    assert len(queries) < 40  # halved dates, then the day down to the floor only along the full part
+    assert "still so for StudyDate 20240312-20240312, one day: studies without a StudyTime could not be" in line.detail
+    assert "narrow the line otherwise (one modality)" in line.detail
+    assert not any("StudyTime" in q for q in queries) and len(queries) <= 12  # log2(31) halvings along one path
 
 
-def test_a_study_the_parts_miss_fails_the_line_rather_than_be_lost():
-    """A study without a StudyTime matches the day but none of its time ranges."""
-    studies = [_Study("1.2.826.0.1.6.1", "20240312", None)] + [
-        _Study(f"1.2.826.0.1.6.{n}", "20240312", f"0{n}0000") for n in range(2, 5)
-    ]
-    with _limited_pacs(studies, limit=2) as (port, moved, _q):
-        state, _ = _run(port, CollectRequest(2, "day", date_from="20240312", date_to="20240312"), find_limit=2)
+@pytest.mark.parametrize("end_cut", [0x0000, 0xFE00])
+def test_a_study_without_a_study_time_is_never_lost_when_a_day_is_at_the_limit(end_cut):
+    """A day of 3 timed studies and one without a StudyTime (Type 2), listed last so that the cut answer
+    does not show it: the day asked by StudyTime ranges found the 3 and had the line found, the fourth
+    lost without a word. Now the line fails and says why."""
+    studies = [_Study(f"1.2.826.0.1.4.{n}", "20240312", f"0{n}0000") for n in range(1, 4)]
+    studies.append(_Study("1.2.826.0.1.4.9", "20240312", None))
+    day = CollectRequest(2, "day", date_from="20240312", date_to="20240312")
+    with _limited_pacs(studies, limit=2, end_cut=end_cut) as (port, moved, _q):
+        state, ledger = _run(port, day, find_limit=2 if end_cut == 0 else 0)
     line = state.lines[2]
-    assert (line.state, moved) == ("LINE_FAILED", []), line.detail
-    assert "are in none of its parts (a study without a StudyTime?)" in line.detail
+    assert (line.state, moved, state.studies) == ("LINE_FAILED", [], {}), line.detail
+    assert "studies without a StudyTime could not be listed" in line.detail
+    assert "STUDY_FOUND" not in [e["event"] for e in ledger.events]
 
 
 def test_under_the_limit_one_c_find_as_before():
