@@ -300,7 +300,7 @@ class PacsClient:
         STUDY-level answer has no NumberOfStudyRelatedInstances (dcmqrscp). SeriesInstanceUID is sent
         empty (universal matching): dcmqrscp's hierarchical search refuses an IMAGE-level query without
         a key for each level above it. None when the count cannot be had: the C-FIND failed, was cut (a
-        PACS's limit of answers), or took longer than ``timeout_s`` in all; the job then goes on as
+        PACS's limit of answers: a failure status, or ``find_limit`` answers or more), or took longer than ``timeout_s`` in all; the job then goes on as
         without a count."""
         query = Dataset()
         query.QueryRetrieveLevel = "IMAGE"
@@ -309,6 +309,7 @@ class PacsClient:
         query.SOPInstanceUID = ""
         deadline = time.monotonic() + self.settings.timeout_s
         found: set[str] = set()
+        answers = 0
         try:
             with self._association(StudyRootQueryRetrieveInformationModelFind) as assoc:
                 for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
@@ -324,6 +325,7 @@ class PacsClient:
                             )
                             assoc.abort()  # not released: the PACS would go on answering first
                             return None
+                        answers += 1
                         sop = str(identifier.get("SOPInstanceUID", "") or "").strip()
                         if sop:
                             found.add(sop)
@@ -336,6 +338,12 @@ class PacsClient:
                         return None
         except (PacsUnavailable, PacsSetupError, RuntimeError) as exc:
             log.info("collect.instance_count_failed", pacs=self.where, error=type(exc).__name__)
+            return None
+        limit = self.settings.find_limit
+        if limit and answers >= limit:
+            # A PACS capping silently at its limit ends with Success: a cut count would have a study held
+            # in part skipped as already present.
+            log.info("collect.instance_count_cut", pacs=self.where, answers=answers, find_limit=limit)
             return None
         return len(found) or None
 

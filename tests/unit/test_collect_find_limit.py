@@ -90,11 +90,12 @@ def _in_range(value: str | None, asked: str) -> bool:
 
 @contextmanager
 def _limited_pacs(
-    studies: list[_Study], limit: int, end_cut: int = 0x0000, image_level: bool = True
+    studies: list[_Study], limit: int, end_cut: int = 0x0000, image_level: bool = True, image_limit: int = 0
 ) -> Iterator[tuple[int, list[str], list[Dataset]]]:
     """A PACS answering at most ``limit`` matches to a STUDY-level C-FIND, then ``end_cut`` (0x0000: a
     silent cap; 0xFE00: Orthanc at its LimitFindResults); an IMAGE-level C-FIND (``image_level``) with
-    one answer per instance, needing a SeriesInstanceUID key as dcmqrscp does; no instance count."""
+    one answer per instance, needing a SeriesInstanceUID key as dcmqrscp does, its first ``image_limit``
+    (0: all) then Success; no instance count."""
     moved: list[str] = []
     queries: list[Dataset] = []
 
@@ -107,7 +108,7 @@ def _limited_pacs(
                 return
             for s in studies:
                 if s.uid == ask.StudyInstanceUID:
-                    for n in range(s.instances):
+                    for n in range(min(s.instances, image_limit or s.instances)):
                         ds = Dataset()
                         ds.QueryRetrieveLevel = "IMAGE"
                         ds.StudyInstanceUID, ds.SeriesInstanceUID = s.uid, s.uid + ".1"
@@ -273,6 +274,28 @@ def test_a_study_without_a_count_already_held_is_counted_by_image_level_and_not_
     image = [q for q in queries if q.QueryRetrieveLevel == "IMAGE"]
     assert len(image) == 1 and image[0].StudyInstanceUID == study.uid and image[0].SeriesInstanceUID == ""
     assert report_rows(state)[0]["outcome"] == "already_present"
+
+
+def test_an_instance_count_cut_silently_at_find_limit_is_no_count():
+    """A study of 10 instances, diana-star holding 4 of them, a PACS answering its first 4 then Success:
+    the count was 4 and the study skipped as already present with 6 instances missing."""
+    study = _Study("1.2.826.0.1.5.3", "20240312", "080000", instances=10)
+
+    class HoldsFour(_Index):
+        def count(self, uid: str) -> int:
+            return 4
+
+    request = CollectRequest(2, "A1", accession_number="A1")
+    with _limited_pacs([study], limit=100, image_limit=4) as (port, moved, _q):
+        state, _ = _run(port, request, HoldsFour(), find_limit=4)
+    got = state.studies[study.uid]
+    # no count: retrieved (the stand-in PACS sends nothing, so not complete), not skipped
+    assert (moved, got.attempts, got.expected_instances) == ([study.uid], 1, None), got.detail
+    assert got.state != "STUDY_SKIPPED"
+    # under the limit, the count stands
+    with _limited_pacs([study], limit=100) as (port, moved, _q):
+        state, _ = _run(port, request, HoldsFour(), find_limit=11)
+    assert (state.studies[study.uid].expected_instances, moved) == (10, [study.uid])
 
 
 def test_the_count_turned_off_or_failing_retrieves_as_before():
