@@ -318,7 +318,9 @@ class CollectJob:
             # No count in the C-FIND's answer (dcmqrscp): the PACS's instances counted one by one, so that
             # a study already held is not retrieved again and the retrieve has a count to wait for.
             # None (the C-FIND failed, was cut or too slow): as without it.
-            expected = self.pacs.count_instances(uid)
+            expected = self.pacs.count_instances(uid, self.stop)
+            if self.stop.is_set():  # the count aborted by Ctrl-C or SIGTERM: no retrieve
+                return
         # Already in diana-star? After a restart mid-retrieve, give the pipeline time to index what arrived.
         if expected:
             if study.arriving:

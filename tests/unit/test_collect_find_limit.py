@@ -8,7 +8,9 @@ already held retrieved again."""
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -321,3 +323,95 @@ def test_find_limit_is_read_and_checked(tmp_path):
     path.write_text("[collect]\nfind_limit = -1\n")
     with pytest.raises(ConfigError, match="find_limit = -1: use 0 or more"):
         load_config(path, environ={})
+
+
+@contextmanager
+def _slow_image_pacs(every_s: float, answers: int) -> Iterator[int]:
+    """A PACS answering a study's IMAGE-level C-FIND one instance every ``every_s`` seconds."""
+    uid = "1.2.826.0.1.5.9"
+
+    def find(event):
+        ask = event.identifier
+        if ask.QueryRetrieveLevel == "IMAGE":
+            for n in range(answers):
+                time.sleep(every_s)
+                ds = Dataset()
+                ds.QueryRetrieveLevel = "IMAGE"
+                ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = uid, uid + ".1", f"{uid}.1.{n + 1}"
+                yield 0xFF00, ds
+            yield 0x0000, None
+            return
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        ds.StudyInstanceUID, ds.AccessionNumber = uid, "A1"
+        yield 0xFF00, ds
+        yield 0x0000, None
+
+    def move(event):
+        yield "127.0.0.1", 1
+        yield 0
+
+    ae = AE("PACS")
+    ae.add_supported_context(FIND)
+    ae.add_supported_context(MOVE)
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_FIND, find), (evt.EVT_C_MOVE, move)]
+    )
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+
+
+def test_a_stop_during_the_instance_count_ends_the_job_at_once():
+    """The count took no stop: Ctrl-C waited for it up to timeout_s (twice that, as its deadline was
+    only looked at when an answer came)."""
+    with _slow_image_pacs(every_s=0.25, answers=80) as port:
+        config = CollectConfig(pacs_host="127.0.0.1", pacs_port=port, retries=0, pause_s=0.1, timeout_s=10)
+        stop = threading.Event()
+        ledger = _Ledger()
+        job = CollectJob(
+            config,
+            JobState("j"),
+            [CollectRequest(2, "A1", accession_number="A1")],
+            ledger,
+            PacsClient(config, "DIANA"),
+            _Index(),
+            notify=lambda _t: None,
+            stop=stop,
+        )
+        runner = threading.Thread(target=job.run)
+        runner.start()
+        time.sleep(1.0)
+        stopped = time.monotonic()
+        stop.set()
+        runner.join(15)
+        took = time.monotonic() - stopped
+    assert not runner.is_alive() and took < 2.0, took
+    assert "MOVE_STARTED" not in [e["event"] for e in ledger.events]
+
+
+def test_the_instance_count_ends_at_its_deadline_however_slowly_the_pacs_answers():
+    """Each answer within timeout_s, the whole longer: aborted at timeout_s, not at the next answer."""
+    with _slow_image_pacs(every_s=1.5, answers=5) as port:
+        config = CollectConfig(pacs_host="127.0.0.1", pacs_port=port, timeout_s=2)
+        started = time.monotonic()
+        count = PacsClient(config, "DIANA").count_instances("1.2.826.0.1.5.9")
+        took = time.monotonic() - started
+    assert count is None and took < 2.8, took
+
+
+def test_a_pacs_refusing_the_count_is_said_once_at_info_without_uids():
+    """Said for each study before, or not at all: now once per job, with what it means."""
+    from structlog.testing import capture_logs
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        free = sock.getsockname()[1]
+    client = PacsClient(CollectConfig(pacs_host="127.0.0.1", pacs_port=free, timeout_s=2), "DIANA")
+    with capture_logs() as logs:
+        assert client.count_instances("1.2.826.0.1.5.7") is None
+        assert client.count_instances("1.2.826.0.1.5.8") is None
+    said = [e for e in logs if e["event"].startswith("collect.instance_count")]
+    assert [(e["event"], e["log_level"]) for e in said] == [("collect.instance_count_unavailable", "info")], said
+    assert "1.2.826.0.1.5" not in repr(said) and "retrieved even when already held" in said[0]["effect"]
