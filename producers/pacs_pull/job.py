@@ -401,19 +401,39 @@ class CollectJob:
                 # as for a PACS that does not answer. At most `retries` of them, then tries: a PACS that
                 # always says so of this study cannot hold the job for ever.
                 busy += 1
-                # Not a retrieve: MOVE_REFUSED takes back the MOVE_STARTED recorded when the PACS took the
-                # association (the study's retrieves, the hour's starts, its state before it), and the
-                # place in the hour is given back, as for an association refused.
-                self._record(
-                    "MOVE_REFUSED",
-                    study_instance_uid=uid,
-                    line=study.line,
-                    attempt=study.attempts,
-                    pacs_status=status_text(result.status),
-                    detail=f"the PACS is out of resources ({busy} of at most {s.retries} pauses): no try",
+                why = f"the PACS is out of resources ({busy} of at most {s.retries} pauses)"
+                pause = f"PACS {self.pacs.where} is out of resources ({status_text(result.status)}), busy"
+                if not result.completed + result.failed + result.warning:
+                    # Refused before any sub-operation (no counts at all counts as none): not a retrieve.
+                    # MOVE_REFUSED takes back the MOVE_STARTED recorded when the PACS took the association
+                    # (the study's retrieves, the hour's starts, its state before it), and the place in the
+                    # hour is given back, as for an association refused.
+                    self._record(
+                        "MOVE_REFUSED",
+                        study_instance_uid=uid,
+                        line=study.line,
+                        attempt=study.attempts,
+                        pacs_status=status_text(result.status),
+                        detail=f"{why}: no try",
+                    )
+                    self.gate.give_back(place)
+                    self._pause(pause)
+                    continue
+                # Sub-operations were sent, then the PACS ran out: a retrieve (recorded with its counts,
+                # in the report and the hour; instances may be on their way), not counted as a try. Its
+                # counts are what it did before stopping, not the study's: no count is taken from them.
+                sent = result.completed + result.warning
+                self._move_ended(
+                    study,
+                    result,
+                    expected_instances=expected,
+                    detail=f"{why} after {sent} sent, {result.failed} failed: not counted as a try",
                 )
-                self.gate.give_back(place)
-                self._pause(f"PACS {self.pacs.where} is out of resources ({status_text(result.status)}), busy")
+                have = self.counter.wait_for(uid, expected or sent, s.verify_timeout_s, self.stop)
+                if expected and have >= expected:
+                    self._complete(study, have, expected)
+                    return
+                self._pause(pause)
                 continue
             tries += 1
             moved = result.completed + result.failed + result.warning

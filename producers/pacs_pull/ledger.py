@@ -122,12 +122,17 @@ def load_events(kafka: KafkaConfig, job_id: str | None = None, timeout_s: float 
 
 
 def _refused(e: dict[str, Any]) -> bool:
-    """A C-MOVE the PACS refused for want of resources without it counting as a try: MOVE_REFUSED, or
-    as versions before it recorded one, a MOVE_ENDED 0xA7xx whose detail ends "no try"."""
+    """A C-MOVE the PACS refused for want of resources before any sub-operation, without it counting as
+    a try: MOVE_REFUSED, or as versions before it recorded one, a MOVE_ENDED 0xA7xx whose detail ends
+    "no try" and that counted no sub-operation (they recorded so one after some were sent, too: that
+    one is a retrieve, instances may have come)."""
     if e["event"] == "MOVE_REFUSED":
         return True
     status = e.get("pacs_status") or ""
-    return e["event"] == "MOVE_ENDED" and status.startswith("0xA7") and (e.get("detail") or "").endswith(": no try")
+    if not (e["event"] == "MOVE_ENDED" and status.startswith("0xA7")):
+        return False
+    counted = sum(e.get(name) or 0 for name in ("completed", "failed", "warning"))
+    return counted == 0 and (e.get("detail") or "").endswith(": no try")
 
 
 @dataclass
