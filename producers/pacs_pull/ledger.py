@@ -228,8 +228,12 @@ class JobState:
             if e.get("detail") is not None:
                 study.detail = e["detail"]
             if kind == "MOVE_STARTED":
-                if study.state != "MOVE_STARTED":  # one left unended by a crash is not the state to go back to
+                if study.state != "MOVE_STARTED":
                     study.state_before_move, study.arriving_before_move = study.state, study.arriving
+                else:
+                    # One left unended by a crash is not the state to go back to, but it may have sent
+                    # instances: a refusal of this one leaves them still to wait for.
+                    study.arriving_before_move = True
                 study.attempts += 1
                 study.move_starts.append(e["at"].timestamp())
                 study.arriving = True

@@ -722,3 +722,14 @@ def test_a_refusal_with_sub_operations_sent_folds_as_a_retrieve():
     )
     study = JobState.fold("j", [found, started, busy]).studies["1.1"]
     assert (study.state, study.attempts, len(study.move_starts), study.arriving) == ("MOVE_ENDED", 1, 1, True)
+
+
+def test_a_refusal_after_a_crashed_retrieve_still_waits_for_what_that_one_sent():
+    """MOVE_STARTED (the job killed mid-retrieve), MOVE_STARTED, MOVE_REFUSED folded to arriving False:
+    a restart retrieved again without waiting for what the first retrieve may have sent."""
+    found = _at("STUDY_FOUND", line=2, study_instance_uid="1.1", expected_instances=3)
+    crashed = _at("MOVE_STARTED", line=2, study_instance_uid="1.1", attempt=1)
+    started = _at("MOVE_STARTED", line=2, study_instance_uid="1.1", attempt=2)
+    refused = _at("MOVE_REFUSED", line=2, study_instance_uid="1.1", attempt=2, pacs_status="0xA701", detail="x")
+    study = JobState.fold("j", [found, crashed, started, refused]).studies["1.1"]
+    assert (study.state, study.attempts, len(study.move_starts), study.arriving) == ("STUDY_FOUND", 1, 1, True)
