@@ -172,24 +172,21 @@ class CollectJob:
                 self._record(event, line=request.line, input=request.text, pacs_status="0x0000", detail=detail)
                 break
 
-    def _find_all(self, keys: dict[str, str], queries: list[int]) -> list[StudyMatch]:
+    def _find_all(self, keys: dict[str, str], queries: list[int], part: bool = False) -> list[StudyMatch]:
         """Every study ``keys`` finds, even on a PACS that cuts its answers at a limit of matches: a query
         at the limit is asked again in parts (its date range halved, down to one day) and their
         matches joined, a study found by two parts once. FindFailed when it cannot be narrowed enough.
         ``queries[0]`` counts the C-FINDs sent."""
-        if self.stop.is_set():
-            raise _Stopped
-        queries[0] += 1
         try:
-            return self.pacs.find_studies(keys)
+            return self._ask(keys, queries, part)
         except FindLimitReached as cut:
             parts = split_keys(keys)
             if parts is None:
                 raise FindFailed(cut.status, self._cannot_narrow(keys, cut)) from None
             log.info("collect_find_narrowed", job=self.job.job_id, parts=len(parts), answers=cut.answers)
             found: dict[str, StudyMatch] = {}
-            for part in parts:
-                for m in self._find_all(part, queries):
+            for sub in parts:
+                for m in self._find_all(sub, queries, part=True):
                     found.setdefault(m.study_instance_uid, m)
             # What the whole range listed must be in one of its parts: a study the parts miss (a PACS
             # matching date ranges otherwise than it lists them) would be lost without a word.
@@ -202,6 +199,38 @@ class CollectJob:
                     f"narrow the line's query (a shorter date range, one modality) or raise the PACS's limit",
                 ) from None
             return list(found.values())
+
+    def _ask(self, keys: dict[str, str], queries: list[int], part: bool) -> list[StudyMatch]:
+        """One C-FIND. A part of a narrowed line is asked again by itself, the parts already answered
+        kept: after a pause when the PACS does not answer (as long as for the line's own C-FIND), or
+        answers 0xA7xx with no match (busy; at most ``retries`` pauses). Any other failure of a part
+        fails the line, naming the part."""
+        busy = 0
+        while True:
+            if self.stop.is_set():
+                raise _Stopped
+            queries[0] += 1
+            try:
+                return self.pacs.find_studies(keys)
+            except FindLimitReached:
+                raise
+            except PacsUnavailable as exc:
+                if not part:
+                    raise
+                self._pause(f"{exc} (asking {describe(keys)}, a part of the line)")
+            except FindFailed as exc:
+                if not part:
+                    raise
+                if exc.status >> 8 == 0xA7 and busy < self.settings.retries:
+                    busy += 1
+                    self._pause(
+                        f"PACS {self.pacs.where} is out of resources ({status_text(exc.status)}) asking "
+                        f"{describe(keys)}, a part of the line ({busy} of at most {self.settings.retries} pauses)"
+                    )
+                    continue
+                raise FindFailed(
+                    exc.status, f"asking {describe(keys)}, a part of the line at the PACS's limit of matches: {exc}"
+                ) from None
 
     def _cannot_narrow(self, keys: dict[str, str], cut: FindLimitReached) -> str:
         """Why a query at the PACS's limit of matches ends the line find_failed (none retrieved)."""

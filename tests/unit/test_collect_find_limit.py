@@ -28,7 +28,7 @@ from diana.producers.pacs_pull.ledger import JobState
 from diana.producers.pacs_pull.narrowing import split_keys
 from diana.producers.pacs_pull.report import report_rows
 from diana.producers.pacs_pull.requests import CollectRequest
-from diana.producers.pacs_pull.scu import PacsClient
+from diana.producers.pacs_pull.scu import PacsClient, StudyMatch
 
 
 # ---------------------------------------------------------------------------------- the split itself
@@ -415,3 +415,70 @@ def test_a_pacs_refusing_the_count_is_said_once_at_info_without_uids():
     said = [e for e in logs if e["event"].startswith("collect.instance_count")]
     assert [(e["event"], e["log_level"]) for e in said] == [("collect.instance_count_unavailable", "info")], said
     assert "1.2.826.0.1.5" not in repr(said) and "retrieved even when already held" in said[0]["effect"]
+
+
+# ------------------------------------------------------------------- a part that fails on its own
+class _ScriptedFinds:
+    """A PACS stand-in whose C-FIND for a month is cut and whose halves answer a study each; the
+    second half first answers as ``trouble`` says (an exception, ``times`` times)."""
+
+    where, move_destination = "PACS at test", "DIANA"
+
+    def __init__(self, trouble: Exception, times: int) -> None:
+        self.trouble, self.times = trouble, times
+        self.asked: list[str] = []
+
+    def find_studies(self, keys: dict[str, str]) -> list[StudyMatch]:
+        from diana.producers.pacs_pull.scu import FindLimitReached
+
+        dates = keys["StudyDate"]
+        self.asked.append(dates)
+        if dates == "20240301-20240331":
+            raise FindLimitReached(0xFE00, "cut", 1, [StudyMatch("1.2.826.0.1.3.1", "A1", 2)])
+        if dates == "20240317-20240331" and self.times:
+            self.times -= 1
+            raise self.trouble
+        return [StudyMatch("1.2.826.0.1.3.1" if dates < "20240317" else "1.2.826.0.1.3.2", "A1", 2)]
+
+    def count_instances(self, uid: str, stop: threading.Event | None = None) -> int | None:
+        return None
+
+    def move_study(self, uid, stop=None, on_established=lambda: None):
+        from diana.producers.pacs_pull.scu import MoveResult
+
+        on_established()
+        return MoveResult(0, 2, 0, 0)
+
+
+def _scripted_run(pacs: _ScriptedFinds) -> tuple[JobState, _Ledger]:
+    ledger = _Ledger()
+    config = CollectConfig(retries=2, backoff_s=0.01, verify_timeout_s=0.1, pause_s=0.01)
+    job = CollectJob(config, JobState("j"), [_MONTH], ledger, pacs, _Index(), notify=lambda _t: None)  # type: ignore[arg-type]
+    return job.run(), ledger
+
+
+def test_a_part_the_pacs_did_not_answer_is_asked_again_alone():
+    """A PACS that did not answer one part had the whole line asked again from its first C-FIND."""
+    from diana.producers.pacs_pull.scu import PacsUnavailable
+
+    pacs = _ScriptedFinds(PacsUnavailable("PACS at test does not answer"), times=2)
+    state, ledger = _scripted_run(pacs)
+    assert pacs.asked == ["20240301-20240331", "20240301-20240316"] + ["20240317-20240331"] * 3
+    assert state.lines[2].state == "LINE_FOUND" and len(state.studies) == 2
+    assert [e["event"] for e in ledger.events].count("JOB_PAUSED") == 2
+
+
+def test_a_part_answered_out_of_resources_is_asked_again_then_fails_the_line_naming_it():
+    """0xA700 with no match for one part failed the line at once."""
+    from diana.producers.pacs_pull.scu import FindFailed
+
+    pacs = _ScriptedFinds(FindFailed(0xA700, "C-FIND failed with 0xA700"), times=1)
+    state, _ = _scripted_run(pacs)
+    assert state.lines[2].state == "LINE_FOUND" and len(state.studies) == 2
+    # always busy: at most `retries` (2) pauses, then the line fails saying which part
+    pacs = _ScriptedFinds(FindFailed(0xA700, "C-FIND failed with 0xA700"), times=99)
+    state, _ = _scripted_run(pacs)
+    line = state.lines[2]
+    assert pacs.asked.count("20240317-20240331") == 3 and (line.state, line.pacs_status) == ("LINE_FAILED", "0xA700")
+    assert line.detail.startswith("asking StudyDate 20240317-20240331, a part of the line"), line.detail
+    assert state.studies == {}
