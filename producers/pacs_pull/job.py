@@ -153,7 +153,8 @@ class CollectJob:
                         "LINE_FAILED",
                         line=request.line,
                         input=request.text,
-                        pacs_status=status_text(exc.status),
+                        # none for a silent cap: the PACS said Success (0x0000), find_limit took it as cut
+                        pacs_status=status_text(exc.status) if exc.status else None,
                         detail=str(exc),
                     )
                     break

@@ -224,8 +224,9 @@ def test_a_line_at_the_limit_that_cannot_be_split_is_find_failed_and_says_so():
     assert (line.state, state.studies, moved) == ("LINE_FAILED", {}, [])
     assert "limit of matches was reached (3 matches, [collect] find_limit = 3)" in line.detail, line.detail
     assert "no study date to split it by: give it DateFrom and DateTo" in line.detail
-    assert [r["outcome"] for r in report_rows(state)] == ["find_failed"]
-    assert "STUDY_FOUND" not in [e["event"] for e in ledger.events]
+    # the PACS said Success: no PACS status to show (it was 0x0000 beside "find_failed")
+    assert [(r["outcome"], r["pacs_status"]) for r in report_rows(state)] == [("find_failed", "")]
+    assert line.pacs_status == "" and "STUDY_FOUND" not in [e["event"] for e in ledger.events]
 
 
 def test_a_day_still_at_the_limit_is_find_failed_not_split_by_time():
