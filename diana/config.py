@@ -461,7 +461,7 @@ class CollectConfig:
     move_timeout_s: float = 3600.0
     # The most matches the PACS answers to one C-FIND (Orthanc's LimitFindResults, dcm4chee's query
     # limits); 0: none known. A line answered this many is asked again by halves of its date range,
-    # then of the day by StudyTime (producers/pacs_pull/narrowing.py), or fails saying so.
+    # down to one day (producers/pacs_pull/narrowing.py), or fails saying so.
     find_limit: int = 0
     # A study whose STUDY-level C-FIND answer has no NumberOfStudyRelatedInstances (dcmqrscp) is
     # counted by an IMAGE-level C-FIND before its retrieve (one answer per instance); false: not.

@@ -31,7 +31,7 @@ from diana.producers.pacs_pull.ledger import (
     JobState,
     StudyState,
 )
-from diana.producers.pacs_pull.narrowing import describe, split_keys
+from diana.producers.pacs_pull.narrowing import describe, one_day, split_keys
 from diana.producers.pacs_pull.requests import CollectRequest
 from diana.producers.pacs_pull.scu import (
     MOVE_DESTINATION_UNKNOWN,
@@ -153,7 +153,8 @@ class CollectJob:
                         "LINE_FAILED",
                         line=request.line,
                         input=request.text,
-                        pacs_status=status_text(exc.status),
+                        # none for a silent cap: the PACS said Success (0x0000), find_limit took it as cut
+                        pacs_status=status_text(exc.status) if exc.status else None,
                         detail=str(exc),
                     )
                     break
@@ -172,36 +173,65 @@ class CollectJob:
                 self._record(event, line=request.line, input=request.text, pacs_status="0x0000", detail=detail)
                 break
 
-    def _find_all(self, keys: dict[str, str], queries: list[int]) -> list[StudyMatch]:
+    def _find_all(self, keys: dict[str, str], queries: list[int], part: bool = False) -> list[StudyMatch]:
         """Every study ``keys`` finds, even on a PACS that cuts its answers at a limit of matches: a query
-        at the limit is asked again in parts (its date range halved, a day by StudyTime) and their
+        at the limit is asked again in parts (its date range halved, down to one day) and their
         matches joined, a study found by two parts once. FindFailed when it cannot be narrowed enough.
         ``queries[0]`` counts the C-FINDs sent."""
-        if self.stop.is_set():
-            raise _Stopped
-        queries[0] += 1
         try:
-            return self.pacs.find_studies(keys)
+            return self._ask(keys, queries, part)
         except FindLimitReached as cut:
             parts = split_keys(keys)
             if parts is None:
                 raise FindFailed(cut.status, self._cannot_narrow(keys, cut)) from None
             log.info("collect_find_narrowed", job=self.job.job_id, parts=len(parts), answers=cut.answers)
             found: dict[str, StudyMatch] = {}
-            for part in parts:
-                for m in self._find_all(part, queries):
+            for sub in parts:
+                for m in self._find_all(sub, queries, part=True):
                     found.setdefault(m.study_instance_uid, m)
-            # What the whole range listed must be in one of its parts: a study the parts miss (no
-            # StudyTime, a time the PACS compares otherwise) would be lost without a word.
+            # What the whole range listed must be in one of its parts: a study the parts miss (a PACS
+            # matching date ranges otherwise than it lists them) would be lost without a word.
             missed = [m for m in cut.matches if m.study_instance_uid not in found]
             if missed:
                 raise FindFailed(
                     cut.status,
                     f"the PACS's limit of matches was reached for {describe(keys)}, and {len(missed)} of the "
-                    f"studies it listed for it are in none of its parts (a study without a StudyTime?): "
+                    f"studies it listed for it are in none of its parts: "
                     f"narrow the line's query (a shorter date range, one modality) or raise the PACS's limit",
                 ) from None
             return list(found.values())
+
+    def _ask(self, keys: dict[str, str], queries: list[int], part: bool) -> list[StudyMatch]:
+        """One C-FIND. A part of a narrowed line is asked again by itself, the parts already answered
+        kept: after a pause when the PACS does not answer (as long as for the line's own C-FIND), or
+        answers 0xA7xx with no match (busy; at most ``retries`` pauses). Any other failure of a part
+        fails the line, naming the part."""
+        busy = 0
+        while True:
+            if self.stop.is_set():
+                raise _Stopped
+            queries[0] += 1
+            try:
+                return self.pacs.find_studies(keys)
+            except FindLimitReached:
+                raise
+            except PacsUnavailable as exc:
+                if not part:
+                    raise
+                self._pause(f"{exc} (asking {describe(keys)}, a part of the line)")
+            except FindFailed as exc:
+                if not part:
+                    raise
+                if exc.status >> 8 == 0xA7 and busy < self.settings.retries:
+                    busy += 1
+                    self._pause(
+                        f"PACS {self.pacs.where} is out of resources ({status_text(exc.status)}) asking "
+                        f"{describe(keys)}, a part of the line ({busy} of at most {self.settings.retries} pauses)"
+                    )
+                    continue
+                raise FindFailed(
+                    exc.status, f"asking {describe(keys)}, a part of the line at the PACS's limit of matches: {exc}"
+                ) from None
 
     def _cannot_narrow(self, keys: dict[str, str], cut: FindLimitReached) -> str:
         """Why a query at the PACS's limit of matches ends the line find_failed (none retrieved)."""
@@ -214,6 +244,13 @@ class CollectJob:
             )
         if not keys.get("StudyDate"):
             return f"{said}; the line has no study date to split it by: give it DateFrom and DateTo, or one modality"
+        if one_day(keys):
+            # Not split by StudyTime: a study without one (Type 2) matches no time range, and would be lost.
+            return (
+                f"{said}; still so for {describe(keys)}, one day: studies without a StudyTime could not be "
+                f"listed if the day were asked in parts by time, so it is not: narrow the line otherwise "
+                f"(one modality) or raise the PACS's limit"
+            )
         return (
             f"{said}; still so for {describe(keys)}, as narrow as diana collect asks: narrow the line (one "
             f"modality) or raise the PACS's limit"
@@ -311,7 +348,9 @@ class CollectJob:
             # No count in the C-FIND's answer (dcmqrscp): the PACS's instances counted one by one, so that
             # a study already held is not retrieved again and the retrieve has a count to wait for.
             # None (the C-FIND failed, was cut or too slow): as without it.
-            expected = self.pacs.count_instances(uid)
+            expected = self.pacs.count_instances(uid, self.stop)
+            if self.stop.is_set():  # the count aborted by Ctrl-C or SIGTERM: no retrieve
+                return
         # Already in diana-star? After a restart mid-retrieve, give the pipeline time to index what arrived.
         if expected:
             if study.arriving:
@@ -392,19 +431,39 @@ class CollectJob:
                 # as for a PACS that does not answer. At most `retries` of them, then tries: a PACS that
                 # always says so of this study cannot hold the job for ever.
                 busy += 1
-                # Not a retrieve: MOVE_REFUSED takes back the MOVE_STARTED recorded when the PACS took the
-                # association (the study's retrieves, the hour's starts, its state before it), and the
-                # place in the hour is given back, as for an association refused.
-                self._record(
-                    "MOVE_REFUSED",
-                    study_instance_uid=uid,
-                    line=study.line,
-                    attempt=study.attempts,
-                    pacs_status=status_text(result.status),
-                    detail=f"the PACS is out of resources ({busy} of at most {s.retries} pauses): no try",
+                why = f"the PACS is out of resources ({busy} of at most {s.retries} pauses)"
+                pause = f"PACS {self.pacs.where} is out of resources ({status_text(result.status)}), busy"
+                if not result.completed + result.failed + result.warning:
+                    # Refused before any sub-operation (no counts at all counts as none): not a retrieve.
+                    # MOVE_REFUSED takes back the MOVE_STARTED recorded when the PACS took the association
+                    # (the study's retrieves, the hour's starts, its state before it), and the place in the
+                    # hour is given back, as for an association refused.
+                    self._record(
+                        "MOVE_REFUSED",
+                        study_instance_uid=uid,
+                        line=study.line,
+                        attempt=study.attempts,
+                        pacs_status=status_text(result.status),
+                        detail=f"{why}: no try",
+                    )
+                    self.gate.give_back(place)
+                    self._pause(pause)
+                    continue
+                # Sub-operations were sent, then the PACS ran out: a retrieve (recorded with its counts,
+                # in the report and the hour; instances may be on their way), not counted as a try. Its
+                # counts are what it did before stopping, not the study's: no count is taken from them.
+                sent = result.completed + result.warning
+                self._move_ended(
+                    study,
+                    result,
+                    expected_instances=expected,
+                    detail=f"{why} after {sent} sent, {result.failed} failed: not counted as a try",
                 )
-                self.gate.give_back(place)
-                self._pause(f"PACS {self.pacs.where} is out of resources ({status_text(result.status)}), busy")
+                have = self.counter.wait_for(uid, expected or sent, s.verify_timeout_s, self.stop)
+                if expected and have >= expected:
+                    self._complete(study, have, expected)
+                    return
+                self._pause(pause)
                 continue
             tries += 1
             moved = result.completed + result.failed + result.warning

@@ -122,12 +122,17 @@ def load_events(kafka: KafkaConfig, job_id: str | None = None, timeout_s: float 
 
 
 def _refused(e: dict[str, Any]) -> bool:
-    """A C-MOVE the PACS refused for want of resources without it counting as a try: MOVE_REFUSED, or
-    as versions before it recorded one, a MOVE_ENDED 0xA7xx whose detail ends "no try"."""
+    """A C-MOVE the PACS refused for want of resources before any sub-operation, without it counting as
+    a try: MOVE_REFUSED, or as versions before it recorded one, a MOVE_ENDED 0xA7xx whose detail ends
+    "no try" and that counted no sub-operation (they recorded so one after some were sent, too: that
+    one is a retrieve, instances may have come)."""
     if e["event"] == "MOVE_REFUSED":
         return True
     status = e.get("pacs_status") or ""
-    return e["event"] == "MOVE_ENDED" and status.startswith("0xA7") and (e.get("detail") or "").endswith(": no try")
+    if not (e["event"] == "MOVE_ENDED" and status.startswith("0xA7")):
+        return False
+    counted = sum(e.get(name) or 0 for name in ("completed", "failed", "warning"))
+    return counted == 0 and (e.get("detail") or "").endswith(": no try")
 
 
 @dataclass
@@ -223,8 +228,12 @@ class JobState:
             if e.get("detail") is not None:
                 study.detail = e["detail"]
             if kind == "MOVE_STARTED":
-                if study.state != "MOVE_STARTED":  # one left unended by a crash is not the state to go back to
+                if study.state != "MOVE_STARTED":
                     study.state_before_move, study.arriving_before_move = study.state, study.arriving
+                else:
+                    # One left unended by a crash is not the state to go back to, but it may have sent
+                    # instances: a refusal of this one leaves them still to wait for.
+                    study.arriving_before_move = True
                 study.attempts += 1
                 study.move_starts.append(e["at"].timestamp())
                 study.arriving = True

@@ -149,11 +149,6 @@ def _contradiction(keys: dict[str, str], answer: Dataset) -> str | None:
         low, _, high = dates.partition("-")
         if (low and got < low) or (high and got > high):
             return "StudyDate"
-    times, got = keys.get("StudyTime", ""), str(answer.get("StudyTime", "") or "").strip()
-    if times and len(got) >= 6 and got[:6].isdigit():
-        low, _, high = times.partition("-")
-        if (low and got < low) or (high and got > high):
-            return "StudyTime"
     modalities = {m for m in keys.get("ModalitiesInStudy", "").split("\\") if m}
     raw = answer.get("ModalitiesInStudy") or []
     got_modalities = {str(m).strip() for m in ([raw] if isinstance(raw, str) else raw)} - {""}
@@ -176,26 +171,36 @@ def _find_failure(code: int, comment: str, answers: int) -> str:
 
 
 @contextmanager
-def _aborted_on(stop: threading.Event | None, assoc: Association) -> Iterator[None]:
-    """Abort ``assoc`` as soon as ``stop`` is set, while the block runs."""
-    if stop is None:
-        yield
+def _aborted_on(stop: threading.Event | None, assoc: Association, deadline: float | None = None) -> Iterator[list[str]]:
+    """Abort ``assoc`` as soon as ``stop`` is set or ``deadline`` (``time.monotonic()``) has passed,
+    while the block runs; the list yielded then names why ("stop" or "deadline")."""
+    why: list[str] = []
+    if stop is None and deadline is None:
+        yield why
         return
     done = threading.Event()
 
+    def next_look() -> float:
+        return 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+
     def watch() -> None:
-        while not done.wait(0.5):
-            if stop.is_set():
-                assoc.abort()
-                # A local abort does not wake a thread waiting for the next answer (pynetdicom queues
-                # this end-of-messages item for a peer's abort only): queued here, so it returns now.
-                assoc.dimse.msg_queue.put((None, None))
-                return
+        while not done.wait(next_look()):
+            if stop is not None and stop.is_set():
+                why.append("stop")
+            elif deadline is not None and time.monotonic() >= deadline:
+                why.append("deadline")
+            else:
+                continue
+            assoc.abort()
+            # A local abort does not wake a thread waiting for the next answer (pynetdicom queues
+            # this end-of-messages item for a peer's abort only): queued here, so it returns now.
+            assoc.dimse.msg_queue.put((None, None))
+            return
 
     watcher = threading.Thread(target=watch, name="collect-stop-watch", daemon=True)
     watcher.start()
     try:
-        yield
+        yield why
     finally:
         done.set()
         watcher.join()
@@ -206,6 +211,7 @@ class PacsClient:
         self.settings = settings
         self.move_destination = move_destination
         self.where = f"{settings.pacs_ae_title} at {settings.pacs_host}:{settings.pacs_port}"
+        self._count_refused = False  # an instance count's association or C-FIND refused: said once
 
     def _ae(self, context: UID) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
@@ -261,8 +267,6 @@ class PacsClient:
         query.QueryRetrieveLevel = "STUDY"
         for name in ("StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate", "ModalitiesInStudy"):
             setattr(query, name, keys.get(name, ""))
-        if keys.get("StudyTime"):  # only when narrowing a day (narrowing.py): a return key otherwise unused
-            query.StudyTime = keys["StudyTime"]
         query.NumberOfStudyRelatedInstances = ""
         matches: dict[str, StudyMatch] = {}
         answers = 0
@@ -302,13 +306,14 @@ class PacsClient:
             )
         return list(matches.values())
 
-    def count_instances(self, study_instance_uid: str) -> int | None:
+    def count_instances(self, study_instance_uid: str, stop: threading.Event | None = None) -> int | None:
         """The study's instances on the PACS by an IMAGE-level C-FIND (Study Root), for a PACS whose
         STUDY-level answer has no NumberOfStudyRelatedInstances (dcmqrscp). SeriesInstanceUID is sent
         empty (universal matching): dcmqrscp's hierarchical search refuses an IMAGE-level query without
         a key for each level above it. None when the count cannot be had: the C-FIND failed, was cut (a
-        PACS's limit of answers), or took longer than ``timeout_s`` in all; the job then goes on as
-        without a count."""
+        PACS's limit of answers: a failure status, or ``find_limit`` answers or more), or took longer
+        than ``timeout_s`` in all (its association then aborted, however slowly the PACS answers), or
+        ``stop`` was set meanwhile; the job then goes on as without a count."""
         query = Dataset()
         query.QueryRetrieveLevel = "IMAGE"
         query.StudyInstanceUID = study_instance_uid
@@ -316,10 +321,18 @@ class PacsClient:
         query.SOPInstanceUID = ""
         deadline = time.monotonic() + self.settings.timeout_s
         found: set[str] = set()
+        answers = 0
         try:
-            with self._association(StudyRootQueryRetrieveInformationModelFind) as assoc:
+            with (
+                self._association(StudyRootQueryRetrieveInformationModelFind) as assoc,
+                _aborted_on(stop, assoc, deadline) as aborted,
+            ):
                 for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
                     if "Status" not in status:
+                        if aborted == ["deadline"]:
+                            log.info(
+                                "collect.instance_count_timeout", pacs=self.where, timeout_s=self.settings.timeout_s
+                            )
                         return None
                     code = int(status.Status)
                     if code in _PENDING and identifier is not None:
@@ -331,20 +344,38 @@ class PacsClient:
                             )
                             assoc.abort()  # not released: the PACS would go on answering first
                             return None
+                        answers += 1
                         sop = str(identifier.get("SOPInstanceUID", "") or "").strip()
                         if sop:
                             found.add(sop)
-                        if time.monotonic() > deadline:
-                            assoc.abort()
-                            log.info("collect.instance_count_timeout", pacs=self.where)
-                            return None
                     elif code != 0x0000:
                         log.info("collect.instance_count_failed", pacs=self.where, status=status_text(code))
                         return None
         except (PacsUnavailable, PacsSetupError, RuntimeError) as exc:
-            log.info("collect.instance_count_failed", pacs=self.where, error=type(exc).__name__)
+            if stop is None or not stop.is_set():
+                self._count_unavailable(exc)
+            return None
+        limit = self.settings.find_limit
+        if limit and answers >= limit:
+            # A PACS capping silently at its limit ends with Success: a cut count would have a study held
+            # in part skipped as already present.
+            log.info("collect.instance_count_cut", pacs=self.where, answers=answers, find_limit=limit)
             return None
         return len(found) or None
+
+    def _count_unavailable(self, exc: Exception) -> None:
+        """Said once per job (at info): a PACS refusing the count's association (or its C-FIND) refuses it
+        for every study, and each is then retrieved even when diana-star holds it."""
+        if self._count_refused:
+            return
+        self._count_refused = True
+        log.info(
+            "collect.instance_count_unavailable",
+            pacs=self.where,
+            error=type(exc).__name__,
+            reason=str(exc) if isinstance(exc, PacsSetupError) else None,
+            effect="studies without an instance count in the C-FIND are retrieved even when already held",
+        )
 
     def move_study(
         self,

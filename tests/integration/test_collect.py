@@ -267,18 +267,22 @@ def test_unreachable_pacs_pauses_the_job(pipeline, tmp_path):
 def test_a_pacs_capping_its_c_find_answers_has_the_line_asked_in_parts(pipeline, pacs, tmp_path):
     """Orthanc at its LimitFindResults (3) answers a month of 7 studies with 3 matches and 0xFE00: the
     line was find_failed ("narrow the line's query"); with [collect] find_limit = 3 (a PACS that says
-    Success) it would have been 3 studies. Now the month is asked by halves, and the day of 4 studies by
-    StudyTime: all 7 retrieved, each moved once. A patient's line without dates cannot be split:
-    find_failed, saying so. Dates in June 2023: no other test's studies."""
+    Success) it would have been 3 studies. Now the month is asked by halves of its dates (no day has
+    more than 2): all 7 retrieved, each moved once. A day of 4 studies is not split by StudyTime (a
+    study without one would be lost): find_failed, saying so; so is a patient's line without dates.
+    Dates in June and July 2023: no other test's studies."""
     cfg = pipeline.cfg
     corpus = tmp_path / "corpus"
-    day = [
-        make_pacs_study(corpus, f"LM{n}", study_date="20230612", study_time=t, patient_id="PATLIMIT")
-        for n, t in enumerate(("080000", "093000", "140000", "235959"))
+    dated = (("20230601", ""), ("20230605", ""), ("20230612", "P"), ("20230612", "P"), ("20230615", "P"))
+    dated += (("20230620", "P"), ("20230630", ""))
+    studies = [
+        make_pacs_study(corpus, f"LM{n}", study_date=d, study_time=f"{8 + n:02d}0000", patient_id=p and "PATLIMIT")
+        for n, (d, p) in enumerate(dated)
     ]
-    others = [make_pacs_study(corpus, f"LM{d}", study_date=d) for d in ("20230601", "20230620", "20230630")]
-    studies = day + others
-    load_into_orthanc(pacs.url, studies)
+    busy_day = [
+        make_pacs_study(corpus, f"LD{n}", study_date="20230710", study_time=f"{8 + n:02d}0000") for n in range(4)
+    ]
+    load_into_orthanc(pacs.url, studies + busy_day)
     log = pacs.work / "orthanc.log"
     log_start = len(log.read_text(errors="replace"))
     month = ["--date-from", "2023-06-01", "--date-to", "2023-06-30"]
@@ -297,6 +301,16 @@ def test_a_pacs_capping_its_c_find_answers_has_the_line_asked_in_parts(pipeline,
     env = settings(DIANA_COLLECT_FIND_LIMIT=str(ORTHANC_FIND_LIMIT))
     run_collect(pipeline, "collect-capped-2", [*month, "--report", str(again), "--job", "capped-2"], env)
     assert {r["outcome"] for r in read_report(again)} == {"already_present"} and len(read_report(again)) == 7
+
+    # One day of 4 studies: not asked in parts by StudyTime, none retrieved.
+    day = ["--date-from", "2023-07-10", "--date-to", "2023-07-10"]
+    busy = tmp_path / "busy-day.csv"
+    run_collect(
+        pipeline, "collect-busy-day", [*day, "--report", str(busy), "--job", "capped-day"], settings(), status=3
+    )
+    (row,) = read_report(busy)
+    assert (row["outcome"], row["study_instance_uid"]) == ("find_failed", ""), row
+    assert "studies without a StudyTime could not be listed" in row["detail"], row
 
     # A patient's 4 studies, no dates: nothing to split by.
     source = tmp_path / "patient.csv"

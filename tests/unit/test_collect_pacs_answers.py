@@ -481,6 +481,9 @@ def _scripted_job(answers: list[int], retries: int) -> tuple[CollectJob, _Ledger
             on_established()
             status = answers[min(len(moves), len(answers) - 1)]
             moves.append(uid)
+            # out of resources before any sub-operation (no counts); otherwise all 3 sent, or all failed
+            if status >> 8 == 0xA7:
+                return MoveResult(status, 0, 0, 0)
             return MoveResult(status, 3 if status == 0 else 0, 0 if status == 0 else 3, 0)
 
     class Index(_NothingIndexed):
@@ -659,3 +662,74 @@ def test_a_study_refused_before_a_restart_and_found_complete_is_already_present(
     )
     study = job.run().studies["1.1"]
     assert (study.state, study.detail, study.attempts) == ("STUDY_SKIPPED", "already complete in diana-star", 0)
+
+
+def test_out_of_resources_after_sub_operations_were_sent_is_a_retrieve_not_a_refusal():
+    """0xA702 after 2 of 3 instances were sent was recorded MOVE_REFUSED: folded as if nothing had been
+    sent (no retrieve, not arriving), so a restart did not wait for those 2 before retrieving again."""
+    from diana.producers.pacs_pull.scu import MoveResult, StudyMatch
+
+    moves: list[MoveResult] = []
+    script = [MoveResult(0xA702, 2, 0, 0), MoveResult(0x0000, 3, 0, 0)]
+
+    class Pacs:
+        where, move_destination = "PACS at test", "DIANA"
+
+        def find_studies(self, keys):
+            return [StudyMatch("1.1", "A1", 3)]
+
+        def move_study(self, uid, stop=None, on_established=lambda: None):
+            on_established()
+            moves.append(script[len(moves)])
+            return moves[-1]
+
+    class Index(_NothingIndexed):
+        def wait_for(self, uid, target, timeout_s, stop):
+            return 2 if len(moves) == 1 else 3
+
+    ledger = _Ledger()
+    job = CollectJob(
+        CollectConfig(retries=1, backoff_s=0.01, verify_timeout_s=0.1, pause_s=0.01),
+        JobState("j"),
+        [CollectRequest(2, "A1", accession_number="A1")],
+        ledger,
+        Pacs(),  # type: ignore[arg-type]
+        Index(),
+        notify=lambda _t: None,
+    )
+    state = job.run()
+    assert "MOVE_REFUSED" not in ledger.events and ledger.events.count("MOVE_ENDED") == 2
+    assert ledger.events.count("JOB_PAUSED") == 1  # the PACS busy: a pause, not one of the study's tries
+    study = state.studies["1.1"]
+    assert (study.state, study.attempts, len(study.move_starts)) == ("STUDY_COMPLETE", 2, 2)
+
+
+def test_a_refusal_with_sub_operations_sent_folds_as_a_retrieve():
+    """Old records (MOVE_ENDED 0xA7xx "...: no try") and new alike: one that counted sub-operations is a
+    retrieve whose instances may be arriving, not a refusal to take back."""
+    found = _at("STUDY_FOUND", line=2, study_instance_uid="1.1", expected_instances=3)
+    started = _at("MOVE_STARTED", line=2, study_instance_uid="1.1", attempt=1)
+    busy = _at(
+        "MOVE_ENDED",
+        line=2,
+        study_instance_uid="1.1",
+        attempt=1,
+        pacs_status="0xA702",
+        completed=2,
+        failed=0,
+        warning=0,
+        detail="the PACS is out of resources (1 of at most 3 pauses): no try",
+    )
+    study = JobState.fold("j", [found, started, busy]).studies["1.1"]
+    assert (study.state, study.attempts, len(study.move_starts), study.arriving) == ("MOVE_ENDED", 1, 1, True)
+
+
+def test_a_refusal_after_a_crashed_retrieve_still_waits_for_what_that_one_sent():
+    """MOVE_STARTED (the job killed mid-retrieve), MOVE_STARTED, MOVE_REFUSED folded to arriving False:
+    a restart retrieved again without waiting for what the first retrieve may have sent."""
+    found = _at("STUDY_FOUND", line=2, study_instance_uid="1.1", expected_instances=3)
+    crashed = _at("MOVE_STARTED", line=2, study_instance_uid="1.1", attempt=1)
+    started = _at("MOVE_STARTED", line=2, study_instance_uid="1.1", attempt=2)
+    refused = _at("MOVE_REFUSED", line=2, study_instance_uid="1.1", attempt=2, pacs_status="0xA701", detail="x")
+    study = JobState.fold("j", [found, crashed, started, refused]).studies["1.1"]
+    assert (study.state, study.attempts, len(study.move_starts), study.arriving) == ("STUDY_FOUND", 1, 1, True)
