@@ -1,5 +1,5 @@
 """On a real OpenSearch node: what the OpenSearch sink does with a bulk request the node refuses as a whole
-(413 over http.max_content_length, 100 MB; 400 for
+(413 over http.max_content_length, 100 MB; 429 over its indexing pressure limit, 10 % of its heap; 400 for
 a request that fails its validation) and with a revision line that started again. The sink writes into indices of their own (prefix ``refusaltest``),
 from messages made here; its dead letters are collected here, not produced (the refusals are the node's)."""
 
@@ -97,6 +97,22 @@ def test_a_request_over_http_max_content_length_is_written_in_halves(refusal_ind
     documents, dead = _write_in_parts(client, layout, request_bytes)
     assert dead.sent == []
     assert _refused("413") - before >= 1
+    client.indices.refresh(index=layout.index("instances", 1))
+    assert client.count(index=layout.index("instances", 1))["count"] == documents
+
+
+def test_a_request_over_the_nodes_indexing_pressure_limit_is_written_in_parts(refusal_indices):
+    """One request 12 % over the node's indexing pressure limit (10 % of its heap), under
+    http.max_content_length: before, the node's 429 (its own bytes over the limit: refused however idle the
+    node is) was retried for ever as "OpenSearch unavailable"."""
+    client, layout = refusal_indices
+    max_content, pressure_limit = _node_limits(client)
+    request_bytes = pressure_limit * 112 // 100
+    assert request_bytes + DOCUMENT_BYTES < max_content, "the request would be refused by its size (413) first"
+    before = _refused("429"), _refused("413")
+    documents, dead = _write_in_parts(client, layout, request_bytes)
+    assert dead.sent == []
+    assert _refused("429") - before[0] >= 1 and _refused("413") == before[1]
     client.indices.refresh(index=layout.index("instances", 1))
     assert client.count(index=layout.index("instances", 1))["count"] == documents
 
