@@ -365,7 +365,7 @@ class Reindexer:
                 # Sent again it is refused again: said with the fix, before any swap (the new versions dropped).
                 why = (
                     REFUSED_WHOLE_FIX[whole]
-                    if whole == 413
+                    if whole != 400  # 413, or a 429 for a request over the node's indexing pressure limit
                     else f"OpenSearch found it malformed ({exc.error if isinstance(exc.info, dict) else 'not its answer'})"
                 )
                 raise ReindexFailed(

@@ -53,7 +53,8 @@ INDEXED_WITHOUT_HEADER = Counter(
 )
 REFUSED_REQUESTS = Counter(
     "diana_opensearch_requests_refused_total",
-    "Bulk requests refused as a whole (413: too large for a proxy or OpenSearch; 400: malformed), sent again in halves",
+    "Bulk requests refused as a whole (413: too large for a proxy or OpenSearch; 429: over the node's indexing "
+    "pressure limit on its own; 400: malformed), sent again in halves",
     ["status"],
 )
 REVISION_CONFLICTS = Counter(
@@ -378,20 +379,73 @@ def _request(items: list[tuple[Message, dict, bytes]]) -> _BulkRequest:
 # again (it was retried for ever, every partition of the consumer held, logged "OpenSearch unavailable").
 # 413: over a proxy's limit (nginx's client_max_body_size, 1 MB by default) or OpenSearch's
 # http.max_content_length (100 MB); 400: a request OpenSearch finds malformed (a validation error such as
-# a version it does not take). 429, 5xx and connection errors pass: retried as before.
+# a version it does not take); 429 only when its own bytes exceed the node's indexing pressure limit
+# (``over_pressure_limit``). Any other 429, 5xx and connection errors pass: retried as before.
 _REFUSED_WHOLE = (400, 413)
 REFUSED_WHOLE_FIX = {
     413: "raise the limit on a request's size (the proxy's client_max_body_size, OpenSearch's "
     "http.max_content_length) above [sinks] bulk_max_bytes, or lower [sinks] bulk_max_bytes",
     400: "the documents OpenSearch refuses alone are dead-lettered with its reason; replay them once fixed",
+    429: "raise the OpenSearch node's heap (indexing_pressure.memory.limit is 10 % of it) until a request of "
+    "[sinks] bulk_max_bytes fits, or lower [sinks] bulk_max_bytes",
 }
+# OpenSearch's indexing pressure rejections (IndexingPressure, and ShardIndexingPressure's node part: its
+# shard limits move, the node's does not) name the operation's own bytes and the node's limit:
+#   rejected execution of coordinating operation [coordinating_and_primary_bytes=0, replica_bytes=0,
+#     all_bytes=0, coordinating_operation_bytes=104035178, max_coordinating_and_primary_bytes=80530636]
+#   ... primary operation [..., primary_operation_bytes=N, max_coordinating_and_primary_bytes=M]
+#   ... [shard_detail=[index][0], ..., shard_operation_bytes=N, ...] OR [..., node_operation_bytes=N,
+#     node_max_coordinating_and_primary_bytes=M, ...]
+# A node counts every bytes in flight against M: an operation of N > M bytes is refused however idle it is.
+_PRESSURE = re.compile(
+    r"rejected execution of (?:coordinating|primary) operation \[.*?"
+    r"\b(?:coordinating_operation_bytes|primary_operation_bytes|node_operation_bytes)=(\d+)\b.*?"
+    r"\b(?:max_coordinating_and_primary_bytes|node_max_coordinating_and_primary_bytes)=(\d+)\b"
+)
+
+
+def over_pressure_limit(reason: object) -> tuple[int, int] | None:
+    """(the operation's bytes, the node's limit) if ``reason`` is OpenSearch's indexing pressure rejection
+    of an operation larger than the limit itself: refused again however often it is sent. Else None (a
+    node busy with other requests: transient)."""
+    found = _PRESSURE.search(reason) if isinstance(reason, str) else None
+    if found is None:
+        return None
+    operation, limit = int(found.group(1)), int(found.group(2))
+    return (operation, limit) if operation > limit else None
+
+
+def _reasons(exc: TransportError) -> list[object]:
+    """The reasons of an OpenSearch error answer: its error's and its root causes'."""
+    error = exc.info.get("error") if isinstance(exc.info, dict) else None
+    if not isinstance(error, dict):
+        return []
+    causes = error.get("root_cause")
+    causes = causes if isinstance(causes, list) else []
+    return [error.get("reason"), *(cause.get("reason") for cause in causes if isinstance(cause, dict))]
+
+
+def _pressure_of(exc: TransportError) -> tuple[int, int] | None:
+    return next(filter(None, map(over_pressure_limit, _reasons(exc))), None)
 
 
 def refused_whole_status(exc: TransportError) -> int | None:
-    """413 or 400 if OpenSearch (or a proxy before it) refused the request as a whole; else None."""
-    if isinstance(exc, OSConnectionError) or exc.status_code not in _REFUSED_WHOLE:
+    """413, 400 or 429 if OpenSearch (or a proxy before it) refused the request as a whole, sending it
+    again unchanged is refused again; else None."""
+    if isinstance(exc, OSConnectionError):
         return None
-    return int(exc.status_code)
+    if exc.status_code == 429:
+        return 429 if _pressure_of(exc) is not None else None
+    return int(exc.status_code) if exc.status_code in _REFUSED_WHOLE else None
+
+
+def _pressure_refusal(body_bytes: int, operation: int, limit: int) -> dict[str, str]:
+    return {
+        "type": "request_too_large",
+        "reason": f"HTTP 429 for a bulk request of this document alone ({body_bytes} bytes): OpenSearch counts "
+        f"{operation} bytes, over the node's indexing pressure limit of {limit} bytes: the document is too large "
+        "for this node; raise its heap (indexing_pressure.memory.limit is 10 % of it) and replay it",
+    }
 
 
 def _refusal(exc: TransportError, body_bytes: int) -> dict[str, str]:
@@ -404,6 +458,9 @@ def _refusal(exc: TransportError, body_bytes: int) -> dict[str, str]:
             "reason": f"HTTP 413 for a bulk request of this document alone ({body_bytes} bytes): over a proxy's "
             "client_max_body_size or OpenSearch's http.max_content_length",
         }
+    pressure = _pressure_of(exc) if exc.status_code == 429 else None
+    if pressure is not None:
+        return _pressure_refusal(body_bytes, *pressure)
     error = exc.info.get("error") if isinstance(exc.info, dict) else None
     if isinstance(error, dict):
         return {
@@ -464,7 +521,8 @@ class OpenSearchSink:
         self.layout = layout
         self.codec = codec or default_codec()
         self._indices_ready = False
-        # The smallest request a 413 refused: a larger one is split before it is sent, not refused again
+        # The smallest request a 413 (or a 429 over the indexing pressure limit) refused: a larger one is
+        # split before it is sent, not refused again
         # (with a proxy's 1 MB against 5 MB requests, every request went up 7 times, 3 of them refused).
         self._too_large_at = float("inf")
         self._refusals_said: set[int] = set()  # statuses of whole-request refusals logged (once each)
@@ -586,36 +644,72 @@ class OpenSearchSink:
 
     def _send_retryable(self, items: list[tuple[Message, dict, bytes]], body: bytes) -> dict[str, Any]:
         """``_send``; OpenSearch not answering is a RetryableError (the batch is written again). A request
-        refused as a whole (413, 400) is sent again in halves, down to its documents: one refused alone gets
-        that refusal as its item's answer (``_refusal``), dead-lettered as any document OpenSearch refuses."""
+        refused as a whole (413, 400, a 429 over the node's indexing pressure limit) is sent again in halves,
+        down to its documents: one refused alone gets that refusal as its item's answer (``_refusal``),
+        dead-lettered as any document OpenSearch refuses."""
         return {"items": self._send_parts(items, body)}
 
     def _send_parts(self, items: list[tuple[Message, dict, bytes]], body: bytes) -> list[dict[str, Any]]:
         if len(items) > 1 and len(body) >= self._too_large_at:
             return self._send_halves(items)
         try:
-            return list(self._send(body)["items"])
+            answers = list(self._send(body)["items"])
         except (OSConnectionError, TransportError) as exc:
             status = refused_whole_status(exc)
             if status is None:
                 raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
             refused = exc
-        REFUSED_REQUESTS.labels(str(status)).inc()
-        if status == 413:
+        else:
+            return self._items_over_pressure_in_parts(items, body, answers)
+        self._say_refused(status, len(items), len(body))
+        if status in (413, 429):
             self._too_large_at = min(self._too_large_at, len(body))
-        if status not in self._refusals_said:
-            self._refusals_said.add(status)
-            log.warning(
-                "opensearch.request_refused",
-                status=status,
-                documents=len(items),
-                bytes=len(body),
-                action="sent again in halves; a document refused alone is dead-lettered",
-                fix=REFUSED_WHOLE_FIX[status],
-            )
         if len(items) == 1:
-            return [{items[0][1].get("op_type", "index"): {"status": status, "error": _refusal(refused, len(body))}}]
+            # A document over the node's indexing pressure limit alone is refused as too large (a 429 item is
+            # retried, ``_outcomes``): the same answer as a 413's.
+            item_status = 413 if status == 429 else status
+            return [
+                {items[0][1].get("op_type", "index"): {"status": item_status, "error": _refusal(refused, len(body))}}
+            ]
         return self._send_halves(items)
+
+    def _items_over_pressure_in_parts(
+        self, items: list[tuple[Message, dict, bytes]], body: bytes, answers: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """The items a shard's request held, refused with a 429 for that request's own size (a primary on
+        another node, or shard indexing pressure, refuse per shard, the rest of the request written): sent
+        again in halves; one refused alone is refused as too large."""
+        over: dict[int, tuple[int, int]] = {}
+        for i, answer in enumerate(answers):
+            outcome = next(iter(answer.values()))
+            error = outcome.get("error")
+            pressure = over_pressure_limit(error.get("reason")) if isinstance(error, dict) else None
+            if outcome.get("status") == 429 and pressure is not None:
+                over[i] = pressure
+        if not over:
+            return answers
+        self._say_refused(429, len(over), len(body))
+        if len(items) == 1:
+            return [
+                {items[0][1].get("op_type", "index"): {"status": 413, "error": _pressure_refusal(len(body), *over[0])}}
+            ]
+        again = [items[i] for i in over]
+        redone = iter(self._send_halves(again) if len(again) > 1 else self._send_parts(again, _request(again).body))
+        return [next(redone) if i in over else answer for i, answer in enumerate(answers)]
+
+    def _say_refused(self, status: int, documents: int, body_bytes: int) -> None:
+        REFUSED_REQUESTS.labels(str(status)).inc()
+        if status in self._refusals_said:
+            return
+        self._refusals_said.add(status)
+        log.warning(
+            "opensearch.request_refused",
+            status=status,
+            documents=documents,
+            bytes=body_bytes,
+            action="sent again in halves; a document refused alone is dead-lettered",
+            fix=REFUSED_WHOLE_FIX[status],
+        )
 
     def _send_halves(self, items: list[tuple[Message, dict, bytes]]) -> list[dict[str, Any]]:
         half = len(items) // 2

@@ -1,6 +1,6 @@
 """On a real OpenSearch node: what the OpenSearch sink does with a bulk request the node refuses as a whole
-(413 over http.max_content_length, 100 MB; 400 for a request that fails its validation) and with a
-revision line that started again. The sink writes into indices of their own (prefix ``refusaltest``),
+(413 over http.max_content_length, 100 MB; 429 over its indexing pressure limit, 10 % of its heap; 400 for
+a request that fails its validation) and with a revision line that started again. The sink writes into indices of their own (prefix ``refusaltest``),
 from messages made here; its dead letters are collected here, not produced (the refusals are the node's)."""
 
 from __future__ import annotations
@@ -65,19 +65,56 @@ def _refused(status: str) -> float:
     return REGISTRY.get_sample_value("diana_opensearch_requests_refused_total", {"status": status}) or 0.0
 
 
-def test_a_request_over_http_max_content_length_is_written_in_halves(refusal_indices):
-    """26 documents of 4 MB in one request (104 MB; [sinks] bulk_max_bytes set above OpenSearch's 100 MB):
-    before, the node's 413 was retried for ever as "OpenSearch unavailable"."""
-    client, layout = refusal_indices
-    sink = OpenSearchSink(client, layout, max_bytes=200_000_000, index_version=1)
-    batch = [_instance(i, 4_000_000) for i in range(26)]
-    before = _refused("413")
+def _node_limits(client) -> tuple[int, int]:
+    """The node's http.max_content_length and its indexing pressure limit (indexing_pressure.memory.limit,
+    10 % of its heap), in bytes."""
+    (http,) = client.nodes.info(metric="http")["nodes"].values()
+    (stats,) = client.nodes.stats(metric="indexing_pressure")["nodes"].values()
+    return http["http"]["max_content_length_in_bytes"], stats["indexing_pressure"]["memory"]["limit_in_bytes"]
+
+
+DOCUMENT_BYTES = 4_000_000  # each document's header: the request's size in steps of ~4 MB
+
+
+def _write_in_parts(client, layout, request_bytes: int) -> tuple[int, _Dead]:
+    """Write documents of ~4 MB adding up to ``request_bytes`` in one request ([sinks] bulk_max_bytes set
+    above it); returns how many. Each is made when the batch is: ~3 copies of the request in this process."""
+    documents = -(-request_bytes // DOCUMENT_BYTES)
+    sink = OpenSearchSink(client, layout, max_bytes=10 * request_bytes, index_version=1)
     dead = _Dead()
-    sink.write(batch, dead)
+    sink.write([_instance(i, DOCUMENT_BYTES) for i in range(documents)], dead)
+    return documents, dead
+
+
+def test_a_request_over_http_max_content_length_is_written_in_halves(refusal_indices):
+    """One request 8 % over http.max_content_length (100 MB), each half under the node's indexing pressure
+    limit (a 768 MB heap: 77 MB): before, the node's 413 was retried for ever as "OpenSearch unavailable"."""
+    client, layout = refusal_indices
+    max_content, pressure_limit = _node_limits(client)
+    request_bytes = max_content * 108 // 100
+    assert request_bytes // 2 + DOCUMENT_BYTES < pressure_limit, "the halves would meet the node's pressure limit"
+    before = _refused("413")
+    documents, dead = _write_in_parts(client, layout, request_bytes)
     assert dead.sent == []
     assert _refused("413") - before >= 1
     client.indices.refresh(index=layout.index("instances", 1))
-    assert client.count(index=layout.index("instances", 1))["count"] == 26
+    assert client.count(index=layout.index("instances", 1))["count"] == documents
+
+
+def test_a_request_over_the_nodes_indexing_pressure_limit_is_written_in_parts(refusal_indices):
+    """One request 12 % over the node's indexing pressure limit (10 % of its heap), under
+    http.max_content_length: before, the node's 429 (its own bytes over the limit: refused however idle the
+    node is) was retried for ever as "OpenSearch unavailable"."""
+    client, layout = refusal_indices
+    max_content, pressure_limit = _node_limits(client)
+    request_bytes = pressure_limit * 112 // 100
+    assert request_bytes + DOCUMENT_BYTES < max_content, "the request would be refused by its size (413) first"
+    before = _refused("429"), _refused("413")
+    documents, dead = _write_in_parts(client, layout, request_bytes)
+    assert dead.sent == []
+    assert _refused("429") - before[0] >= 1 and _refused("413") == before[1]
+    client.indices.refresh(index=layout.index("instances", 1))
+    assert client.count(index=layout.index("instances", 1))["count"] == documents
 
 
 def test_a_request_failing_validation_is_narrowed_to_its_document(refusal_indices):

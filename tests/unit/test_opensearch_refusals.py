@@ -200,10 +200,159 @@ def test_a_whole_request_refused_as_malformed_is_narrowed_to_the_document_and_de
     assert [line["status"] for line in logs if line["event"] == "opensearch.request_refused"] == [400]
 
 
+def _error(kind: str, reason: str, status: int = 429) -> dict:
+    """OpenSearch's error answer, as opensearch-py hands it over in TransportError.info."""
+    error = {"type": kind, "reason": reason}
+    return {"error": {"root_cause": [error], **error}, "status": status}
+
+
+# OpenSearch's indexing pressure rejections, word for word (server/src/main/java/org/opensearch/index/
+# IndexingPressure.java and ShardIndexingPressure.java, the latter's present wording and its first):
+# {operation} is the request's own bytes, {limit} the node's indexing_pressure.memory.limit.
+PRESSURE_REASONS = {
+    "coordinating": "rejected execution of coordinating operation [coordinating_and_primary_bytes=0, replica_bytes=0, "
+    "all_bytes=0, coordinating_operation_bytes={operation}, max_coordinating_and_primary_bytes={limit}]",
+    "primary": "rejected execution of primary operation [coordinating_and_primary_bytes=0, replica_bytes=0, "
+    "all_bytes=0, primary_operation_bytes={operation}, max_coordinating_and_primary_bytes={limit}]",
+    "shard": "rejected execution of coordinating operation [shard_detail=[diana-instances-v1][0], shard_total_bytes=0, "
+    "shard_operation_bytes={operation}, shard_max_coordinating_and_primary_bytes=10, shard_max_replica_bytes=15] OR "
+    "[node_total_bytes=0, node_operation_bytes={operation}, node_max_coordinating_and_primary_bytes={limit}, "
+    "node_max_replica_bytes=999999999]",
+    "shard_first": "rejected execution of primary operation [shard_detail=[diana-instances-v1][0][P], "
+    "shard_coordinating_and_primary_bytes=0, shard_operation_bytes={operation}, "
+    "shard_max_coordinating_and_primary_bytes=10] OR [node_coordinating_and_primary_bytes=0, node_replica_bytes=0, "
+    "node_all_bytes=0, node_operation_bytes={operation}, node_max_coordinating_and_primary_bytes={limit}]",
+}
+
+
+class _SmallHeap(_Cluster):
+    """An OpenSearch node whose indexing pressure limit (10 % of its heap) is ``limit`` bytes: a request of
+    more bytes is refused whole with its 429, in the words of ``reason`` (PRESSURE_REASONS)."""
+
+    def __init__(self, limit: int, reason: str):
+        super().__init__()
+        self.pressure_limit, self.reason = limit, reason
+
+    def bulk(self, body, filter_path=None, params=None):
+        if len(body) > self.pressure_limit:
+            self.sizes.append(len(body))
+            reason = self.reason.format(operation=len(body), limit=self.pressure_limit)
+            raise TransportError(429, "rejected_execution_exception", _error("rejected_execution_exception", reason))
+        return super().bulk(body, filter_path, params)
+
+
+@pytest.mark.parametrize("wording", sorted(PRESSURE_REASONS))
+def test_a_request_over_the_nodes_indexing_pressure_limit_is_sent_in_halves(wording: str) -> None:
+    """Before: OpenSearch's 429 for a request larger than its indexing pressure limit (a small heap, a raised
+    [sinks] bulk_max_bytes) was retried for ever as "OpenSearch unavailable"; it can never be accepted."""
+    batch = [_instance(f"1.{i}", i) for i in range(10)]
+    one = len(OpenSearchSink(None, IndexLayout("diana"), index_version=2).prepare(batch[:1]).requests[0].body)
+    node = _SmallHeap(limit=3 * one, reason=PRESSURE_REASONS[wording])
+    sink = OpenSearchSink(node, IndexLayout("diana"), index_version=2)
+    before = _refused("429")
+    dead = _Dead()
+    with capture_logs() as logs:
+        sink.write(batch, dead)
+        assert sorted(node.written) == sorted(f"1.{i}" for i in range(10)) and dead.sent == []
+        sent_before = len(node.sizes)
+        sink.write([_instance(f"2.{i}", i) for i in range(10)], dead)
+    assert all(size <= 3 * one for size in node.sizes[sent_before:])  # the size refused is remembered
+    assert len(node.written) == 20 and dead.sent == [] and _refused("429") > before
+    (said,) = [line for line in logs if line["event"] == "opensearch.request_refused"]
+    assert said["status"] == 429 and "heap" in said["fix"] and "bulk_max_bytes" in said["fix"]
+
+
+def test_a_document_alone_over_the_indexing_pressure_limit_is_dead_lettered_naming_the_fix() -> None:
+    big = "S" * 5000  # a value of the document, never in the dead letter's reason
+    batch = [_series("1.2.3.1", 1, 3), _series("1.2.3.2", 2, 3, description=big), _series("1.2.3.3", 3, 3)]
+    node = _SmallHeap(limit=3000, reason=PRESSURE_REASONS["coordinating"])
+    dead = _Dead()
+    OpenSearchSink(node, IndexLayout("diana"), index_version=1).write(batch, dead)
+    assert sorted(node.written) == ["1.2.3.1", "1.2.3.3"]
+    ((offset, reason),) = dead.sent
+    assert offset == 2 and "HTTP 429" in reason and "indexing pressure limit of 3000 bytes" in reason
+    assert "too large for this node" in reason and "heap" in reason and "SSSS" not in reason
+
+
+def test_an_instance_alone_over_the_indexing_pressure_limit_is_indexed_without_its_header() -> None:
+    huge = json.dumps({"7FE00010": {"vr": "OB", "InlineBinary": "A" * 6000}})
+    node = _SmallHeap(limit=4000, reason=PRESSURE_REASONS["shard"])
+    dead = _Dead()
+    OpenSearchSink(node, IndexLayout("diana"), index_version=1).write(
+        [_instance("1.1", 1), _instance("1.2", 2, huge)], dead
+    )
+    assert node.written == ["1.1", "1.2"] and "dicom" not in node.stored["1.2"]
+    ((offset, reason),) = dead.sent
+    assert offset == 2 and "(indexed without its header)" in reason and "indexing pressure" in reason
+
+
+class _RemotePrimaries(_Cluster):
+    """A cluster whose instances' primary shard is on another node with an indexing pressure limit of
+    ``limit`` bytes: that shard's part of a request (its instances, counted here as the whole body's bytes)
+    is refused item by item with the primary's 429, the other items written, as OpenSearch answers."""
+
+    def __init__(self, limit: int, busy: bool = False):
+        super().__init__()
+        self.pressure_limit, self.busy = limit, busy
+
+    def bulk(self, body, filter_path=None, params=None):
+        actions = _actions(body)
+        if not (self.busy or len(body) > self.pressure_limit):
+            return super().bulk(body, filter_path, params)
+        self.sizes.append(len(body))
+        operation = 1000 if self.busy else len(body)
+        reason = PRESSURE_REASONS["primary"].format(operation=operation, limit=self.pressure_limit)
+        items = []
+        for op, meta, _ in actions:
+            if meta["_index"].startswith("diana-instances"):
+                items.append({op: {"status": 429, "error": {"type": "rejected_execution_exception", "reason": reason}}})
+            else:
+                self.written.append(meta["_id"])
+                items.append({op: {"status": 201}})
+        return {"items": items}
+
+
+def test_items_a_remote_primary_refuses_for_their_own_size_are_sent_again_in_halves() -> None:
+    """Before: each such item's 429 was retried with the whole batch, for ever."""
+    huge = json.dumps({"7FE00010": {"vr": "OB", "InlineBinary": "A" * 13000}})
+    batch = [_instance(f"1.{i}", i) for i in range(6)] + [_series("1.2.3.1", 6, 3), _instance("1.9", 7, huge)]
+    node = _RemotePrimaries(limit=12_000)
+    dead = _Dead()
+    OpenSearchSink(node, IndexLayout("diana"), index_version=1).write(batch, dead)
+    assert node.written.count("1.2.3.1") == 1  # written by the first request, not sent again
+    assert sorted(set(node.written)) == sorted([*(f"1.{i}" for i in range(6)), "1.2.3.1", "1.9"])
+    ((offset, reason),) = dead.sent  # the instance too large alone: indexed without its header, said
+    assert offset == 7 and "(indexed without its header)" in reason and "indexing pressure limit" in reason
+
+
+def test_items_a_busy_remote_primary_refuses_are_still_retried() -> None:
+    node = _RemotePrimaries(limit=12_000, busy=True)
+    with pytest.raises(RetryableError, match="not accepted"):
+        OpenSearchSink(node, IndexLayout("diana"), index_version=1).write(
+            [_instance("1.1", 1), _instance("1.2", 2)], _Dead()
+        )
+    assert len(node.sizes) == 1
+
+
+def _refused(status: str) -> float:
+    return REGISTRY.get_sample_value("diana_opensearch_requests_refused_total", {"status": status}) or 0.0
+
+
 @pytest.mark.parametrize(
     "answer",
     [
         TransportError(429, "circuit_breaking_exception", {}),
+        # a node busy with other requests: this one's own bytes are under the limit
+        TransportError(
+            429,
+            "rejected_execution_exception",
+            _error(
+                "rejected_execution_exception",
+                "rejected execution of coordinating operation [coordinating_and_primary_bytes=80000000, "
+                "replica_bytes=0, all_bytes=80000000, coordinating_operation_bytes=2000, "
+                "max_coordinating_and_primary_bytes=80530636]",
+            ),
+        ),
         TransportError(503, "unavailable", {}),
         TransportError(502, "<html>Bad Gateway</html>", None),
         OSConnectionError("N/A", "connection refused", None),
@@ -311,9 +460,10 @@ def test_revision_conflicts_are_said_at_most_once_a_minute_per_cause_with_the_co
 class _OldDeadLetters:
     """The old version's dead-letter documents (scrolled), then a proxy refusing bodies over ``limit``."""
 
-    def __init__(self, documents: int, limit: int):
+    def __init__(self, documents: int, limit: int, pressure: bool = False):
         from opensearchpy.serializer import JSONSerializer
 
+        self.pressure = pressure  # refused with the 429 of a node whose indexing pressure limit is ``limit``
         self.transport = type("Transport", (), {"serializer": JSONSerializer()})()
         self.documents, self.limit = documents, limit
         self.sizes: list[int] = []
@@ -334,6 +484,9 @@ class _OldDeadLetters:
 
     def bulk(self, body, **kwargs):
         self.sizes.append(len(body))
+        if len(body) > self.limit and self.pressure:
+            reason = PRESSURE_REASONS["coordinating"].format(operation=len(body), limit=self.limit)
+            raise TransportError(429, "rejected_execution_exception", _error("rejected_execution_exception", reason))
         if len(body) > self.limit:
             raise TransportError(413, NGINX_413, NGINX_413)
         items = [{"index": {"status": 201}} for _ in body.splitlines()[0::2]]
@@ -361,4 +514,18 @@ def test_a_reindex_copy_refused_as_too_large_fails_before_the_swap_naming_the_fi
 
     client = _OldDeadLetters(documents=1000, limit=20_000)
     with pytest.raises(ReindexFailed, match=r"HTTP 413.*nothing was swapped.*bulk_max_bytes"):
+        _reindexer(client, max_bytes=5_000_000)._carry_over(["deadletters"], {"deadletters": 1}, 2)
+
+
+def test_a_reindex_copy_over_the_nodes_indexing_pressure_limit_fails_before_the_swap_naming_the_fix(
+    monkeypatch,
+) -> None:
+    """Before: the 429 was waited out (streaming_bulk's retries) and raised as it came, without the fix."""
+    from opensearchpy.helpers import actions
+
+    from diana.operations.reindex import ReindexFailed
+
+    monkeypatch.setattr(actions.time, "sleep", lambda seconds: None)
+    client = _OldDeadLetters(documents=1000, limit=20_000, pressure=True)
+    with pytest.raises(ReindexFailed, match=r"HTTP 429.*nothing was swapped.*heap.*bulk_max_bytes"):
         _reindexer(client, max_bytes=5_000_000)._carry_over(["deadletters"], {"deadletters": 1}, 2)
