@@ -160,10 +160,12 @@ def test_a_server_that_ignores_if_match_is_caught_by_the_answers_etag():
             view.read(16)
 
 
-def test_a_later_answer_without_an_etag_is_refused_never_stitched_to_another_version():
+def test_a_later_answer_without_an_etag_is_refused_never_stitched_to_another_version(capsys):
     """A server (or a proxy before it) that ignores If-Match and sends no ETag with its later answers:
     before, only the first answer had to carry one, and a read after the object was replaced gave the
-    new version's bytes at the old one's offsets. Now every later answer must carry the first's ETag."""
+    new version's bytes at the old one's offsets. Now every later answer must carry the first's ETag.
+    Its absence is a storage error, logged with its cause (s3.answer_without_etag, without the key's
+    UIDs), not ObjectChanged ("changed; retry"): such a server answers every retry without one."""
     store, bucket = _store(_Bucket(ignores_if_match=True))
     original = bucket.get_object
 
@@ -178,13 +180,17 @@ def test_a_later_answer_without_an_etag_is_refused_never_stitched_to_another_ver
     with store.open_seekable("a/b.dcm", read_ahead=64 * KIB) as view:
         bucket.objects["archive/a/b.dcm"] = replaced
         view.seek(1024 * KIB)
-        with pytest.raises(ObjectChanged, match="get a/b.dcm: a later answer has no ETag"):
+        with pytest.raises(StorageError, match="get a/b.dcm: a later answer has no ETag") as refused:
             view.read(16)
+    assert not isinstance(refused.value, ObjectChanged)
+    logged = capsys.readouterr().out
+    assert "s3.answer_without_etag" in logged and "bucket=bucket" in logged and "prefix=archive/" in logged
+    assert "a/b.dcm" not in logged
     # Unchanged, the same answer is refused too: without its ETag it cannot be shown to be the same version.
     bucket.objects["archive/a/b.dcm"] = DATA
     with store.open_seekable("a/b.dcm", read_ahead=64 * KIB) as view:
         view.seek(1024 * KIB)
-        with pytest.raises(ObjectChanged, match="no ETag"):
+        with pytest.raises(StorageError, match="no ETag"):
             view.read(16)
     assert bucket.asked[-1] == (f"bytes={1024 * KIB}-{1024 * KIB + 64 * KIB - 1}", bucket._etag(DATA))
 
@@ -420,9 +426,10 @@ def test_the_frames_route_answers_503_for_a_later_answer_of_another_or_no_etag_n
     later_etag: str,
 ):
     """The object replaced between the route's two GETs, by a server that ignores If-Match: a later
-    answer without an ETag, or with the new version's, is 503 "retry" before anything is sent. Before,
-    the answer without an ETag was accepted and the frame came from the new version, at the offsets
-    the old version's header gave."""
+    answer with the new version's ETag is 503 "changed; retry", one without an ETag 503 as the archive's
+    error (a retry cannot succeed with such a server: the log says why), both before anything is sent.
+    Before, the answer without an ETag was accepted and the frame came from the new version, at the
+    offsets the old version's header gave; then it was "changed; retry"."""
     from pydicom.uid import ExplicitVRLittleEndian
 
     from diana.access.dicomweb.app import build_app
@@ -443,5 +450,8 @@ def test_the_frames_route_answers_503_for_a_later_answer_of_another_or_no_etag_n
     app = build_app(_Reader(docs=[doc]), S3Store(bucket, "bucket", "archive/"), "DIANA", Credentials())
     path = f"/studies/{STUDY}/series/{SERIES}/instances/1.2.3.4.5/frames/{count}"
     status, _, body = _call(app, path, headers={"Accept": "multipart/related; type=application/octet-stream"})
-    assert (status, body) == (503, b"the archived object changed while it was read; retry\n")
+    if later_etag == "none":
+        assert (status, body) == (503, b"the archive does not answer; retry later\n")
+    else:
+        assert (status, body) == (503, b"the archived object changed while it was read; retry\n")
     assert len(bucket.asked) == 2
