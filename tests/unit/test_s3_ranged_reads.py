@@ -359,6 +359,25 @@ def test_the_item_headers_of_frames_larger_than_a_window_are_read_exactly_withou
         assert view.fetched <= 16 * KIB + count * 8 + frame  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("number", [1, 5, 10])
+def test_without_an_offset_table_every_frame_costs_the_walk_of_every_item_header(number: int):
+    """What docs/DICOMWEB.md says: the walk reads every item's header to the delimiter whichever frame is
+    asked (it counts the items against the frames to know there is one a frame), so the first frame costs
+    the requests of the last: 12 for ten frames larger than the read-ahead."""
+    from pydicom.uid import RLELossless
+
+    from diana.access.dicomweb.wado import frame_bytes
+    from tests.support.dicomgen import rle_literal
+
+    count, rows = 10, 128
+    native = [random.Random(n).randbytes(rows * rows * 2) for n in range(count)]
+    store, bucket = _store()
+    bucket.objects["archive/a/mf.dcm"] = _multiframe(RLELossless, native, rows, table=False)
+    with store.open_seekable("a/mf.dcm", read_ahead=16 * KIB) as view:
+        assert frame_bytes(view, [number]) == [rle_literal(native[number - 1])]
+        assert view.requests == 1 + count + 1, bucket.asked  # type: ignore[attr-defined]
+
+
 def test_the_item_headers_of_small_frames_keep_the_window_without_an_offset_table():
     """Fragments shorter than the read-ahead: a window fetched at a header holds the next ones, so the walk
     keeps reading ahead (fewer requests than items), as before."""
