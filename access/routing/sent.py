@@ -30,7 +30,7 @@ The file is JSON lines, appended (and fsync'd) once a delivered batch sent somet
 line ``{"sent": {"<SOP Instance UID>": "<SHA-256>" or null}, "alerted": true}`` (the flag only when it
 is set); a file is read as the union of its lines, a later line's digest for a SOP replacing an earlier
 one. A file written before these lines (one object ``{"sop_instance_uids": [...]}``, no digests) is a
-record of one line whose digests are unknown (null). A line that cannot be read (a write cut by a crash)
+record of one line whose digests are unknown (null), rewritten whole at its next write (it has no line end). A line that cannot be read (a write cut by a crash)
 is left out, its instances sent again; the file is then rewritten whole (atomically), as it is once it
 has ``COMPACT_AFTER_LINES`` lines. Records not written for ``retention_s`` are removed (``prune``).
 """
