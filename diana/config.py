@@ -521,11 +521,16 @@ class RoutingConfig:
     archive_wait_s: float = 600.0
     # Network timeout of an association or HTTP request.
     timeout_s: float = 30.0
-    # Each destination's record of what it was sent of each study routed whole or on a dose alert (a
-    # folder per destination, a small file per study), so that an amended study sends only its late
-    # instances and a study's several (or replayed) alerts send it once. Relative to the config
-    # file's folder; a record removed makes the study's next completion or alert send it whole.
+    # Each destination's record of what it was sent of each study, kept by a destination with a
+    # whole_study or dose_alert rule and shared by its plain rules (a folder per destination, a file
+    # per study appended once a batch, ~135 bytes an instance), so that an amended study sends only
+    # its late instances, a study's several (or replayed) alerts send it once, and an instance goes
+    # once whichever rule matched. Relative to the config file's folder; a record removed makes the
+    # study's next completion or alert send it whole.
     state_dir: Path = Path("var/routing-state")
+    # A study's record not written for this many days is removed (at start, then hourly): a later
+    # alert or completion of that study sends its matching instances again, once. 0: kept for ever.
+    sent_record_retention_days: float = 30.0
     # Prometheus /metrics of `diana route` (diana_route_*); 0 turns it off.
     metrics_port: int = 9468
 
@@ -906,6 +911,11 @@ def _check_ranges(sections: dict[str, Any]) -> None:
     if sections["stream"].state_retention_days < 0:
         raise ConfigError(
             f"[stream] state_retention_days = {sections['stream'].state_retention_days}: use 0 (kept for ever) or more"
+        )
+    if sections["routing"].sent_record_retention_days < 0:
+        raise ConfigError(
+            f"[routing] sent_record_retention_days = {sections['routing'].sent_record_retention_days}: "
+            "use 0 (kept for ever) or more"
         )
     if not sections["kafka"].bootstrap.strip():
         raise ConfigError(

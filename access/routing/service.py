@@ -116,6 +116,7 @@ def build_workers(cfg: Config, rules: RoutingRules, stop: threading.Event) -> li
             r.archive_wait_s,
             start_from_earliest=r.new_destination_start == "earliest",
             sent_dir=sent_dir,
+            sent_record_retention_s=r.sent_record_retention_days * 86400,
         )
         study_state = indexed_study(cfg) if any(r.trigger == "alert" for r in dest_rules) else None
         workers.append(RouteWorker(cfg.kafka, destination, dest_rules, sender, settings, stop, study_state))

@@ -21,7 +21,10 @@ alert of a study was delivered, the study's later complete records (AMENDED: lat
 late instances by the dose_alert rules too, as whole_study rules send theirs: a destination with
 dose_alert rules also consumes dicom.studies. The plain rules of a destination that has whole_study or
 dose_alert rules share that record: an instance sent on its arrival is not sent again by the study's
-alert or completion, nor one they sent on its (later consumed) arrival.
+alert or completion, nor one they sent on its (later consumed) arrival with the same bytes (the record
+keeps each instance's SHA-256: a corrected copy archived under REPLACE goes on its own arrival). Only
+instances the destination accepted are recorded: one dead-lettered is tried again by the study's next
+completion or alert.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from diana.access.routing.senders import Delivery, Outcome, Result, Sender
 from diana.access.routing.sent import StudiesSent
 from diana.clients import kafka_consumer
 from diana.config import KafkaConfig
+from diana.durable import sha256_file
 from diana.schemas.codec import default_codec
 from diana.schemas.layout import archive_path
 from diana.schemas.topics import DOSE_ALERTS, INSTANCES, STUDIES
@@ -75,6 +79,9 @@ def rule_topics(rules: Collection[Rule]) -> list[str]:
     return sorted({topic.name for r in rules for topic in TRIGGER_TOPICS[r.trigger]})
 
 
+# How often a running worker removes the records older than sent_record_retention_s.
+PRUNE_INTERVAL_S = 3600.0
+
 _HEADER_TAGS = ["Modality", "StationName", "SOPClassUID", "BodyPartExamined", "StudyDescription"]
 
 
@@ -87,9 +94,12 @@ class WorkerSettings:
     archive_wait_s: float = 600.0
     batch_size: int = 100
     start_from_earliest: bool = False
-    # The folder of the destination's record of what it was sent of each study routed whole or on a
-    # dose alert (sent.py); None: kept in memory only, lost at a restart.
+    # The folder of the destination's record of what it was sent of each study, kept when it has a
+    # whole_study or a dose_alert rule and shared by its plain rules then (sent.py); None: kept in
+    # memory only, lost at a restart.
     sent_dir: Path | None = None
+    # Records not written for this long are removed (at start, then every PRUNE_INTERVAL_S); 0: kept for ever.
+    sent_record_retention_s: float = 0.0
 
 
 @dataclass
@@ -119,9 +129,8 @@ def study_files(archive: ObjectStore, study_uid: str, series_uids: list[str] | N
     return out
 
 
-def _header(archive: ObjectStore, key: str) -> dict[str, Any]:
-    with local_file(archive, key) as path:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+def _header(path: Path) -> dict[str, Any]:
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
     return {
         "modality": ds.get("Modality"),
         "station_name": ds.get("StationName"),
@@ -161,12 +170,15 @@ class RouteWorker:
         self.sender, self.settings, self.stop = sender, settings, stop
         self.codec = default_codec()
         self.name = destination.name
-        self.studies_sent = StudiesSent(self.name, settings.sent_dir)
+        self.studies_sent = StudiesSent(self.name, settings.sent_dir, settings.sent_record_retention_s)
         self.topics = rule_topics(rules)
         # A destination with whole_study or dose_alert rules keeps a record of what it was sent of each
         # study (sent.py); its plain rules read and write it too, so that whichever rule matched an
         # instance, the destination gets it once. A destination with plain rules only keeps none.
         self._shares_record = any(r.trigger in ("study", "alert") for r in rules)
+        # Beside plain rules the record keeps the SHA-256 of each instance the study rules send (the plain
+        # rules compare their events' with it: a corrected copy goes); without them it is not computed.
+        self._digests = self._shares_record and any(r.trigger == "instance" for r in rules)
         for metric in (SENT, REFUSED, ROUTE_DEAD, UNAVAILABLE):
             metric.labels(self.name)
 
@@ -180,14 +192,17 @@ class RouteWorker:
                 return [], ""
             study, series, sop = event["study_instance_uid"], event["series_instance_uid"], event["sop_instance_uid"]
             item = Delivery(study, series, sop, archive_path(study, series, sop))
-            # Sent already by the destination's whole_study or dose_alert rules (or by this rule, in a
-            # replay): not again. Sent now: recorded, so that those rules do not send it again.
-            if self._shares_record and sop in self.studies_sent.sent(study):
+            # These bytes sent already by the destination's whole_study or dose_alert rules (or by this
+            # rule, in a replay): not again. Other bytes (a corrected copy under REPLACE), or a digest
+            # not known (a record of an earlier version): sent. Sent now: recorded once delivered, so
+            # that those rules do not send it again.
+            sha256 = event["sha256"]
+            if self._shares_record and self.studies_sent.sent_as(study, sop, sha256):
                 return [], ""
             if not self.settings.archive.exists(item.key):
                 return None, f"instance {sop} not archived yet"
             if self._shares_record:
-                self.studies_sent.claim(study, [sop])
+                self.studies_sent.claim(study, {sop: sha256})
             return [item], ""
         if topic == STUDIES.name:
             _, study = self.codec.decode(msg.value(), expect=STUDIES.value_schema)
@@ -220,25 +235,38 @@ class RouteWorker:
 
     def _unsent_matching(self, study: dict[str, Any], triggers: set[str]) -> tuple[list[Delivery] | None, str]:
         """The study's matching instances the destination's record does not list, claimed for this batch
-        (recorded once it is delivered); whole_study and dose_alert rules share the record."""
+        (recorded once delivered); whole_study and dose_alert rules share the record. An instance listed
+        is not sent again by them, whatever its digest: they send no corrected copy (its arrival event
+        does, by a plain rule that matches it)."""
         uid = study["study_instance_uid"]
-        items, waiting = self._matching_archived(study, triggers, self.studies_sent.sent(uid))
-        if items:
-            self.studies_sent.claim(uid, (i.sop_instance_uid for i in items))
-        return items, waiting
+        found, waiting = self._matching_archived(study, triggers, self.studies_sent.sent(uid))
+        if found is None:
+            return None, waiting
+        if found:
+            self.studies_sent.claim(uid, {item.sop_instance_uid: digest for item, digest in found})
+        return [item for item, _ in found], ""
 
     def _matching_archived(
         self, study: dict[str, Any], triggers: set[str], sent: Collection[str]
-    ) -> tuple[list[Delivery] | None, str]:
-        """The study's archived instances not in ``sent`` that a rule of one of ``triggers`` matches;
-        (None, why) until every instance the aggregate counts is archived."""
+    ) -> tuple[list[tuple[Delivery, str | None]] | None, str]:
+        """(the archived instance, its SHA-256 when the record keeps it) of each of the study's archived
+        instances not in ``sent`` that a rule of one of ``triggers`` matches; (None, why) until every
+        instance the aggregate counts is archived."""
         uid, count = study["study_instance_uid"], int(study.get("instance_count") or 0)
         files = study_files(self.settings.archive, uid, study.get("series_instance_uids"))
         if len(files) < count:
             return None, f"study {uid}: {len(files)} of {count} archived"
         rules = [r for r in self.rules if r.trigger in triggers]
-        unsent = [f for f in files if f.sop_instance_uid not in sent]
-        return [f for f in unsent if any(r.matches(_header(self.settings.archive, f.key)) for r in rules)], ""
+        found: list[tuple[Delivery, str | None]] = []
+        for f in files:
+            if f.sop_instance_uid in sent:
+                continue
+            # The header read (on S3 the object comes whole into a temp file) and, for the record, the
+            # digest of the same bytes: the file is at hand once.
+            with local_file(self.settings.archive, f.key) as path:
+                if any(r.matches(_header(path)) for r in rules):
+                    found.append((f, sha256_file(path)[0] if self._digests else None))
+        return found, ""
 
     def _plan_pending(self, pending: list[_Pending], dead: DeadLetters) -> None:
         # A batch's alerts first: a study record after them in the batch knows the study was alerted
@@ -296,6 +324,7 @@ class RouteWorker:
                     assert p.items is not None
                     if result.outcome is Outcome.DELIVERED:
                         SENT.labels(self.name).inc()
+                        self.studies_sent.delivered(item.study_instance_uid, item.sop_instance_uid)
                         p.items.remove(item)
                     elif result.outcome is Outcome.FAILED:
                         REFUSED.labels(self.name).inc()
@@ -308,6 +337,7 @@ class RouteWorker:
                         )
                         # Out of room: tried (with backoff) for at least archive_wait_s, a full disk freed
                         # in the meantime loses nothing; then given up as any refusal (said of one object for good).
+                        # Dead-lettered, it is not recorded as sent: the study's next completion or alert tries it again.
                         patient = result.out_of_resources and now - item.first_refused_at < self.settings.archive_wait_s
                         if item.failures >= attempts and not patient:
                             dead.send(
@@ -326,7 +356,7 @@ class RouteWorker:
             if all(p.items == [] for p in pending):
                 try:
                     dead.flush()
-                    self.studies_sent.write_claimed()  # before the commit: a replay sends none of it again
+                    self.studies_sent.write_delivered()  # before the commit: a replay sends none of it again
                     return True
                 except RetryableError as exc:
                     log.warning("route.deadletter_retry", destination=self.name, reason=str(exc))
@@ -392,11 +422,16 @@ class RouteWorker:
         consumer.subscribe(self.topics)
         log.info("route.started", destination=self.name, group=self.settings.group_id, topics=self.topics)
         last_lag = 0.0
+        self.studies_sent.prune()
+        last_prune = time.monotonic()
         try:
             while not self.stop.is_set():
                 if time.monotonic() - last_lag > 5:
                     self._update_lag(consumer)
                     last_lag = time.monotonic()
+                if time.monotonic() - last_prune > PRUNE_INTERVAL_S:
+                    self.studies_sent.prune()
+                    last_prune = time.monotonic()
                 batch = []
                 for msg in consumer.consume(self.settings.batch_size, timeout=0.5):
                     err = msg.error()

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, cast
+from typing import Any, BinaryIO, Literal, NoReturn, cast
 
 import structlog
 
@@ -176,9 +176,9 @@ class _RangedObject(io.RawIOBase):
     The first GET (its first ``read_ahead`` bytes) gives the object's size (Content-Range) and its ETag;
     every later GET carries ``If-Match`` with that ETag, so an object replaced meanwhile fails the read
     (412: ObjectChanged) rather than give the new version's bytes at the old one's offsets. Every later
-    answer must carry that ETag too: one of another ETag or without one (a server that ignores If-Match)
-    is ObjectChanged as well, and one of another range than asked (a server that ignores Range) is
-    refused (StorageError). A read of ``read_ahead`` bytes or more is one GET of exactly those bytes, straight into
+    answer must carry that ETag too: one of another ETag (a server that ignores If-Match) is ObjectChanged
+    as well; one without an ETag is refused (StorageError, logged as ``s3.answer_without_etag``: such a
+    server answers every retry so), as is one of another range than asked (a server that ignores Range). A read of ``read_ahead`` bytes or more is one GET of exactly those bytes, straight into
     the caller's buffer; a smaller one fetches ``read_ahead`` bytes from where it starts and keeps them
     (the window) for the reads after it (pydicom reads a header 4 and 8 bytes at a time). The first
     ``read_ahead`` bytes stay too while it is open: readers come back to the header (pydicom's
@@ -195,7 +195,7 @@ class _RangedObject(io.RawIOBase):
         if read_ahead < 1:
             raise ValueError(f"read_ahead is at least 1 byte, not {read_ahead}")
         super().__init__()
-        self._client, self._bucket, self._full_key = client, bucket, full_key
+        self._client, self._bucket, self._full_key, self._key = client, bucket, full_key, key
         self._what = f"get {key}"
         self.read_ahead = read_ahead
         self.requests = 0
@@ -320,16 +320,15 @@ class _RangedObject(io.RawIOBase):
         with _Errors(self._what):
             # Checked whatever If-Match did: a server (or a proxy before it) that ignores If-Match answers
             # the new version. An answer without an ETag cannot be shown to be of the version first read:
-            # taken as changed, never stitched to the bytes already read.
+            # never stitched to the bytes already read. Not "changed; retry" either: such a server
+            # answers every retry so; a storage error, logged with its cause.
             etag = answer.get("ETag")
+            if not etag:
+                answer["Body"].close()
+                self._no_etag("a later answer")
             if etag != self.etag:
                 answer["Body"].close()
-                raise ObjectChanged(
-                    f"object store: {self._what}: the object was replaced while it was read"
-                    if etag
-                    else f"object store: {self._what}: a later answer has no ETag, so it cannot be shown to be "
-                    "of the version first read"
-                )
+                raise ObjectChanged(f"object store: {self._what}: the object was replaced while it was read")
             found = _CONTENT_RANGE.match(str(answer.get("ContentRange") or ""))
             if not found or (int(found.group(1)), int(found.group(2)), int(found.group(3))) != (start, end, self.size):
                 answer["Body"].close()
@@ -346,10 +345,22 @@ class _RangedObject(io.RawIOBase):
         if not etag:
             if "Body" in answer:
                 answer["Body"].close()
-            raise StorageError(
-                f"object store: {self._what}: the answer has no ETag, so its ranged reads cannot be kept to one version"
-            )
+            self._no_etag("the first answer")
         return str(etag)
+
+    def _no_etag(self, which: str) -> NoReturn:
+        """StorageError for an answer without an ETag, logged: the server's (or a proxy's) doing, which a
+        retry does not change. The log names the bucket and the store's prefix, not the key (its UIDs)."""
+        log.error(
+            "s3.answer_without_etag",
+            bucket=self._bucket,
+            prefix=self._full_key[: len(self._full_key) - len(self._key)],
+            answer=which,
+            fix="the object store or a proxy before it drops the ETag header; ranged reads need it on every answer",
+        )
+        raise StorageError(
+            f"object store: {self._what}: {which} has no ETag, so its ranged reads cannot be kept to one version"
+        )
 
     def _receive(self, answer: dict, count: int) -> bytes:
         buffer = bytearray(count)

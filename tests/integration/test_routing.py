@@ -31,6 +31,8 @@ WHOLE_PORT = port(11262)
 QA_PORT = port(11263)
 TLS_PORT = port(11264)
 BULK_PORT = port(11265)
+MIXED_PORT = port(11266)
+MAINTENANCE_PORT = port(11267)
 METRICS_PORT = port(19468)
 
 RULES = f"""
@@ -44,6 +46,8 @@ destinations:
   - {{name: secure, ae_title: SECURE, host: 127.0.0.1, port: {TLS_PORT}, tls: true}}
   - {{name: bulk, ae_title: BULK, host: 127.0.0.1, port: {BULK_PORT}}}
   - {{name: research, stow_url: "http://127.0.0.1:{HTTP_PORT}/dicom-web/studies", deidentify_project: ROUTETEST}}
+  - {{name: mixed, ae_title: MIXED, host: 127.0.0.1, port: {MIXED_PORT}}}
+  - {{name: maintenance, ae_title: MAINTENANCE, host: 127.0.0.1, port: {MAINTENANCE_PORT}, max_attempts: 2}}
 rules:
   - name: ct-chest
     match: {{modality: [CT], station: [ROUTESTATION], body_part: [chest]}}
@@ -67,6 +71,14 @@ rules:
   - name: research-deidentified
     match: {{station: DEIDSTATION}}
     destinations: [research]
+  # A plain rule and a whole_study rule of one destination: they share its record (docs/ROUTING.md).
+  - name: mixed-arriving
+    match: {{station: [MIXEDSTATION, MAINTSTATION]}}
+    destinations: [mixed, maintenance]
+  - name: mixed-whole
+    match: {{station: [MIXEDSTATION, MAINTSTATION]}}
+    whole_study: true
+    destinations: [mixed, maintenance]
 """
 
 # dcmtk's association profile for a destination that accepts MR images only (CT is refused).
@@ -180,6 +192,7 @@ def routing(pipeline):
     mr_only = start_storescp("MRONLY", MRONLY_PORT, work / "mr-only", ["-xf", str(work / "mr-only.cfg"), "MROnly"])
     whole = start_storescp("WHOLE", WHOLE_PORT, work / "whole")
     qa = start_storescp("DOSEQA", QA_PORT, work / "qa")
+    mixed = start_storescp("MIXED", MIXED_PORT, work / "mixed")
     pki = work / "pki"
     pki.mkdir()
     c = make_certificates(pki)
@@ -210,6 +223,7 @@ def routing(pipeline):
     stop(mr_only)
     stop(whole)
     stop(qa)
+    stop(mixed)
     stop(secure)
     stop_orthanc(orthanc)
 
@@ -396,3 +410,83 @@ def test_a_backlog_survives_kill_9_of_the_router_and_drains_once_the_destination
         f"{len(sent)} instances at the destination {drained:.1f} s after the router restarted "
         f"(group rebalance included); first to last file {times[-1] - times[0]:.2f} s"
     )
+
+
+def test_a_corrected_copy_reaches_a_destination_with_a_plain_and_a_whole_study_rule(pipeline, routing, tmp_path):
+    """Under REPLACE a modality sends a corrected copy (same SOP Instance UID, other bytes) of an instance
+    the destination was sent on its arrival: its arrival sends it again. Before, the destination's record
+    (shared by its plain and whole_study rules) listed the SOP Instance UID and nothing went. The study's
+    completion sends nothing the arrivals sent (each instance once)."""
+    from tests.integration.test_conflicts_agree import _restart
+
+    cfg, folder = pipeline.cfg, routing["work"] / "mixed"
+    _restart(pipeline, "REPLACE")
+    try:
+        sent_before = _sent_total("mixed")
+        study = write_instances(tmp_path / "mixed", 3, StationName="MIXEDSTATION")
+        assert storescu(cfg, list(study.values())).returncode == 0
+        wait_for("the arrivals at the mixed destination", lambda: set(study) <= received_sops(folder), 120)
+        time.sleep(15.0)  # the study's completion (quiet time 4 s) came and sent nothing more
+        assert _sent_total("mixed") - sent_before == 3.0
+        sop, path = next(iter(study.items()))
+        corrected = pydicom.dcmread(path)
+        corrected.StudyDescription = "CORRECTED"
+        corrected_path = tmp_path / "corrected.dcm"
+        corrected.save_as(corrected_path, enforce_file_format=True)
+        assert storescu(cfg, [corrected_path]).returncode == 0
+        wait_for("the corrected copy sent", lambda: _sent_total("mixed") - sent_before == 4.0, 120)
+        time.sleep(10.0)  # the study's amended record (complete again) sends nothing: it compares UIDs
+        assert _sent_total("mixed") - sent_before == 4.0
+        # What went is what the archive held when the router planned the event: the corrected bytes once
+        # the archive sink replaced them (the router does not wait for that: docs/ROUTING.md).
+        descriptions = {
+            str(ds.get("StudyDescription"))
+            for p in folder.glob("*")
+            if (ds := pydicom.dcmread(p, stop_before_pixels=True)).SOPInstanceUID == sop
+        }
+        print(f"the destination's copies of the corrected instance: {sorted(descriptions)}")
+    finally:
+        _restart(pipeline, None)
+
+
+def test_instances_refused_during_maintenance_go_with_the_study_s_next_complete_record(pipeline, routing, tmp_path):
+    """A destination in maintenance refuses CT (an MR-only storescp on its port): each instance is
+    refused max_attempts (2) times on its arrival and again at the study's completion, and dead-lettered,
+    not recorded. Back (an accepting storescp), a late image amends the study: its next complete record
+    sends the late image and the three refused before. Before, the refused ones were recorded as sent
+    and only the late image went."""
+    cfg, work = pipeline.cfg, routing["work"]
+    folder = work / "maintenance"
+    refusing = start_storescp(
+        "MAINTENANCE", MAINTENANCE_PORT, work / "maintenance-refused", ["-xf", str(work / "mr-only.cfg"), "MROnly"]
+    )
+    study = write_instances(tmp_path / "maint", 3, StationName="MAINTSTATION")
+    try:
+        assert storescu(cfg, list(study.values())).returncode == 0
+
+        def dead_letters() -> int:
+            count = 0
+            for msg in read_messages(cfg, "dicom.deadletter"):
+                headers = {k: v.decode() for k, v in msg.headers() or []}
+                if headers.get("sink") == "route-maintenance" and any(s in headers["reason"] for s in study):
+                    count += 1
+            return count
+
+        # 3 on arrival, 3 at the study's completion (quiet time 4 s)
+        wait_for("the refusals dead-lettered", lambda: dead_letters() >= 6, 180)
+    finally:
+        stop(refusing)
+    accepting = start_storescp("MAINTENANCE", MAINTENANCE_PORT, folder)
+    try:
+        first = pydicom.dcmread(next(iter(study.values())))
+        late = make_instance(
+            first.StudyInstanceUID, first.SeriesInstanceUID, 4, patient_id="ROUTE0001", study_date="20240601", rows=16
+        )
+        late.StationName = "MAINTSTATION"
+        late_path = tmp_path / "late.dcm"
+        late.save_as(late_path, enforce_file_format=True)
+        assert storescu(cfg, [late_path]).returncode == 0
+        everything = {*study, str(late.SOPInstanceUID)}
+        wait_for("the refused instances and the late one", lambda: received_sops(folder) == everything, 180)
+    finally:
+        stop(accepting)

@@ -18,6 +18,7 @@ from diana.access.routing.rules import RoutingRules, parse_rules
 from diana.access.routing.senders import Outcome, Result
 from diana.access.routing.worker import RouteWorker, WorkerSettings
 from diana.config import KafkaConfig
+from diana.durable import sha256_file
 from diana.schemas.codec import default_codec
 from diana.schemas.topics import DOSE_ALERTS
 from diana.storage import FilesystemStore
@@ -112,6 +113,7 @@ def _mr_instance(archive: Path) -> dict:
         "instance_number": 1,
         "modality": "MR",
         "size_bytes": path.stat().st_size,
+        "sha256": sha256_file(path)[0],
     }
 
 
@@ -205,8 +207,9 @@ def test_a_study_uid_that_is_no_uid_gets_no_record_file(tmp_path: Path):
     state.mkdir(parents=True)
     record = StudiesSent("ws", state)
     record.claim_alert("../escaped")
-    record.claim("../escaped", ["1.2.3"])
-    record.write_claimed()
+    record.claim("../escaped", {"1.2.3": None})
+    record.delivered("../escaped", "1.2.3")
+    record.write_delivered()
     assert list(tmp_path.rglob("*.json")) == []
 
 
@@ -280,9 +283,11 @@ def test_a_removed_or_unreadable_record_sends_the_study_again(tmp_path: Path):
     assert _route(archive, state, study_record(study), _alert("a1")) == []  # recorded again
 
 
-def test_an_instance_dead_lettered_for_the_destination_is_not_sent_again_by_the_next_alert(tmp_path: Path):
-    """As for a study routed whole: refused max_attempts times, it is dead-lettered (the dead letter
-    says so) and recorded with what was delivered."""
+def test_an_instance_dead_lettered_for_the_destination_is_tried_again_by_the_next_alert(tmp_path: Path):
+    """Refused max_attempts times (a destination in maintenance), it is dead-lettered (the dead letter
+    says so) and not recorded: the study's next alert tries it again. Before, it was recorded with what
+    was delivered, and no later alert or completion sent it (nor the dead letter's replay: the record
+    listed it)."""
     archive, state = tmp_path / "archive", tmp_path / "state"
     images, study, _ = _complete_study(archive)
     refused = images[0]
@@ -304,7 +309,8 @@ def test_an_instance_dead_lettered_for_the_destination_is_not_sent_again_by_the_
     dead = _Dead()
     assert worker.deliver([_alert("a1")], dead) is True
     assert sorted(sender.sent) == sorted(images[1:]) and len(dead.letters) == 1 and refused in dead.letters[0]
-    assert _route(archive, state, study_record(study), _alert("a2", "dlp", 2)) == []
+    assert _route(archive, state, study_record(study), _alert("a2", "dlp", 2)) == [refused]
+    assert _route(archive, state, study_record(study), _alert("a3", "dlp", 3)) == []  # delivered: recorded
 
 
 def test_route_checks_the_record_folder_of_a_dose_alert_destination_at_start(tmp_path: Path):

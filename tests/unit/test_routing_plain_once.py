@@ -11,6 +11,8 @@ import json
 import threading
 from pathlib import Path
 
+import pydicom
+import pytest
 from confluent_kafka import Message
 from pydicom.uid import generate_uid
 
@@ -18,11 +20,12 @@ from diana.access.routing.rules import RoutingRules, parse_rules
 from diana.access.routing.senders import Outcome, Result
 from diana.access.routing.worker import RouteWorker, WorkerSettings
 from diana.config import KafkaConfig
+from diana.durable import sha256_file
 from diana.schemas.codec import default_codec
 from diana.schemas.topics import INSTANCES
 from diana.storage import FilesystemStore
 from diana.stream_apps.aggregate_fold import complete_series, study_record
-from tests.unit.test_routing_alert_once import ALERTED, WS, _alert, _mr_instance, _route
+from tests.unit.test_routing_alert_once import ALERTED, WS, _alert, _mr_instance, _route, _worker
 from tests.unit.test_routing_amended import _fold, _message
 from tests.unit.test_routing_waits import STUDY, _archive, _Dead, _Recorder
 
@@ -39,14 +42,13 @@ PLAIN_ONLY = parse_rules({"destinations": [WS], "rules": [CT_ARRIVING]})
 
 
 def _arrived(event: dict, offset: int) -> Message:
-    """The InstanceArrived event of an archived instance, as the receiver publishes it."""
+    """The InstanceArrived event of an archived instance, as the receiver publishes it (with its bytes' SHA-256)."""
     full = {
         "source": "C_STORE",
         "calling_ae": "MODALITY",
         "called_ae": "DIANA",
         "received_at": 0,
         "landing_path": "/landing/x.dcm",
-        "sha256": "0" * 64,
         **{k: v for k, v in event.items() if k != "received_at"},
     }
     value = default_codec().encode(INSTANCES.value_schema, full)
@@ -158,8 +160,8 @@ def test_an_arrival_is_recorded_only_once_delivered_and_a_batch_stopped_mid_send
     assert worker.deliver(arrivals, _Dead()) is False
     assert not (state / f"{STUDY}.json").exists()
     assert sorted(_route(archive, state, study_record(study), *arrivals, rules=rules)) == _sops(ct)
-    record = json.loads((state / f"{STUDY}.json").read_text())
-    assert sorted(record["sop_instance_uids"]) == _sops(ct) and "alerted" not in record
+    record = json.loads((state / f"{STUDY}.json").read_text())  # one line: one batch
+    assert record["sent"] == {e["sop_instance_uid"]: e["sha256"] for e in ct} and "alerted" not in record
     assert _route(archive, state, study_record(study), *arrivals, rules=rules) == []
 
 
@@ -202,21 +204,101 @@ def test_a_batch_of_one_studys_arrivals_reads_its_record_once(tmp_path: Path, mo
     assert reads == [STUDY]
 
 
-def test_an_arrival_dead_lettered_for_the_destination_is_not_sent_again_by_the_alert(tmp_path: Path):
-    """As for the study rules: refused max_attempts times, it is dead-lettered and recorded."""
+class _Refuses(_Recorder):
+    """A destination in maintenance: refuses every instance (a C-STORE failure status)."""
+
+    def send(self, items, attempt):
+        return [Result(Outcome.FAILED, "0xC000")] * len(items)
+
+
+def _refused(archive: Path, state: Path, study: dict, rules: RoutingRules, *messages: Message) -> list[str]:
+    """A router whose destination refuses everything delivers the messages (the study's indexed aggregate
+    ``study``): their dead letters' reasons."""
+    settings = WorkerSettings("g", FilesystemStore(archive), 2, max_backoff_s=0.05, archive_wait_s=3, sent_dir=state)
+    worker = _worker(settings, study, _Refuses(), rules)
+    dead = _Dead()
+    assert worker.deliver(list(messages), dead) is True
+    return dead.letters
+
+
+def test_an_arrival_dead_lettered_for_the_destination_is_sent_by_the_alert(tmp_path: Path):
+    """Refused max_attempts times, it is dead-lettered and not recorded: the study's alert sends it with
+    the rest. Before, it was recorded as sent and the alert left it out."""
     archive, state = tmp_path / "archive", tmp_path / "state"
     ct, mr, _, study = _ct_and_mr_study(archive)
+    assert len(_refused(archive, state, study_record(study), PLAIN_AND_ALERT, _arrived(ct[0], 1))) == 1
+    assert not (state / f"{STUDY}.json").exists()
+    sent = _route(archive, state, study_record(study), _alert("a1"), rules=PLAIN_AND_ALERT)
+    assert sorted(sent) == sorted([*_sops(ct), mr["sop_instance_uid"]])
 
-    class Refuses(_Recorder):
-        def send(self, items, attempt):
-            return [Result(Outcome.FAILED, "0xC000")] * len(items)
 
-    settings = WorkerSettings("g", FilesystemStore(archive), 2, max_backoff_s=0.05, sent_dir=state)
-    rules = PLAIN_AND_ALERT
-    worker = RouteWorker(
-        KafkaConfig(), rules.destinations["ws"], rules.rules_for("ws"), Refuses(), settings, threading.Event()
-    )
-    dead = _Dead()
-    assert worker.deliver([_arrived(ct[0], 1)], dead) is True and len(dead.letters) == 1
-    sent = _route(archive, state, study_record(study), _alert("a1"), rules=rules)
-    assert sorted(sent) == sorted([*_sops(ct[1:]), mr["sop_instance_uid"]])
+def test_an_arrival_dead_lettered_for_the_destination_is_sent_when_the_study_completes(tmp_path: Path):
+    """The same beside a whole_study rule (the review's experiment): its completion sends the instance
+    refused on arrival. Before, the completion sent the other three only."""
+    archive, state = tmp_path / "archive", tmp_path / "state"
+    ct, mr, _, study = _ct_and_mr_study(archive)
+    assert len(_refused(archive, state, study_record(study), PLAIN_AND_WHOLE, _arrived(ct[0], 1))) == 1
+    sent = _route(archive, state, study_record(study), _message(study, 5), rules=PLAIN_AND_WHOLE)
+    assert sorted(sent) == sorted([*_sops(ct), mr["sop_instance_uid"]])
+
+
+def test_an_alert_refused_in_the_batch_of_the_arrivals_leaves_them_to_the_next_trigger(tmp_path: Path):
+    """The alert and the arrivals in one batch: the alert (planned first) owns the sends, and each is
+    refused and dead-lettered once, under the alert. Nothing is recorded but the alert: the study's next
+    complete record sends them all. Before, they were recorded and never sent."""
+    archive, state = tmp_path / "archive", tmp_path / "state"
+    ct, mr, _, study = _ct_and_mr_study(archive)
+    arrivals = [_arrived(e, n) for n, e in enumerate(ct)]
+    letters = _refused(archive, state, study_record(study), PLAIN_AND_ALERT, *arrivals, _alert("a1"))
+    assert len(letters) == 4  # the alert's message, once for each of its instances; the arrivals sent nothing
+    sent = _route(archive, state, study_record(study), _message(study, 9), rules=PLAIN_AND_ALERT)
+    assert sorted(sent) == sorted([*_sops(ct), mr["sop_instance_uid"]])
+
+
+@pytest.mark.parametrize("rules", [PLAIN_AND_ALERT, PLAIN_AND_WHOLE, PLAIN_ONLY], ids=["alert", "whole", "plain only"])
+def test_a_corrected_copy_reaches_the_destination_on_its_arrival(tmp_path: Path, rules: RoutingRules):
+    """The modality sends a corrected copy of an instance sent before (other bytes, the same SOP Instance
+    UID; archived under REPLACE). Its arrival sends it, to a destination with a study or alert rule as to
+    one with plain rules only; the same event again sends nothing (but to the plain-only destination,
+    which keeps no record). Before, a destination with a study or alert rule found the SOP Instance UID
+    in its record and the corrected copy never reached it."""
+    archive, state = tmp_path / "archive", tmp_path / "state"
+    ct, _, _, study = _ct_and_mr_study(archive)
+    sop = ct[0]["sop_instance_uid"]
+    assert _route(archive, state, study_record(study), _arrived(ct[0], 1), rules=rules) == [sop]
+    if rules is not PLAIN_ONLY:
+        assert _route(archive, state, study_record(study), _arrived(ct[0], 2), rules=rules) == []  # same bytes
+    path = archive / ct[0]["study_instance_uid"] / ct[0]["series_instance_uid"] / f"{sop}.dcm"
+    ds = pydicom.dcmread(path)
+    ds.StudyDescription = "CT corrected"
+    ds.save_as(path, enforce_file_format=True)
+    corrected = {**ct[0], "sha256": sha256_file(path)[0]}
+    assert _route(archive, state, study_record(study), _arrived(corrected, 3), rules=rules) == [sop]
+    again = _route(archive, state, study_record(study), _arrived(corrected, 4), rules=rules)
+    assert again == ([sop] if rules is PLAIN_ONLY else [])
+
+
+def test_a_corrected_copy_of_an_instance_an_alert_sent_goes_on_its_arrival(tmp_path: Path):
+    """The alert sent the study (its record keeps each archived object's SHA-256); the original's
+    arrival event, consumed after, sends nothing; the corrected copy's arrival sends it."""
+    archive, state = tmp_path / "archive", tmp_path / "state"
+    ct, _, _, study = _ct_and_mr_study(archive)
+    assert len(_route(archive, state, study_record(study), _alert("a1"), rules=PLAIN_AND_ALERT)) == 4
+    assert _route(archive, state, study_record(study), _arrived(ct[0], 1), rules=PLAIN_AND_ALERT) == []
+    sop = ct[0]["sop_instance_uid"]
+    corrected = {**ct[0], "sha256": "1" * 64}  # what the archive holds is sent; the event's digest is recorded
+    assert _route(archive, state, study_record(study), _arrived(corrected, 2), rules=PLAIN_AND_ALERT) == [sop]
+
+
+def test_a_record_of_an_earlier_version_knows_no_digest_so_an_arrival_is_sent(tmp_path: Path):
+    """A record written before the digests (SOP Instance UIDs only): an arrival of an instance it lists
+    is sent (it may be a corrected copy), once; the study's alert still sends only what it does not list."""
+    archive, state = tmp_path / "archive", tmp_path / "state"
+    ct, mr, _, study = _ct_and_mr_study(archive)
+    state.mkdir()
+    (state / f"{STUDY}.json").write_text(json.dumps({"sop_instance_uids": _sops(ct)}))
+    assert _route(archive, state, study_record(study), _arrived(ct[0], 1), rules=PLAIN_AND_ALERT) == [
+        ct[0]["sop_instance_uid"]
+    ]
+    assert _route(archive, state, study_record(study), _arrived(ct[0], 1), rules=PLAIN_AND_ALERT) == []
+    assert _route(archive, state, study_record(study), _alert("a1"), rules=PLAIN_AND_ALERT) == [mr["sop_instance_uid"]]

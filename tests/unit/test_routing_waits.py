@@ -17,6 +17,7 @@ from diana.access.routing.rules import parse_rules
 from diana.access.routing.senders import DicomSender, Outcome, Result
 from diana.access.routing.worker import IndexUnavailable, RouteWorker, WorkerSettings
 from diana.config import KafkaConfig
+from diana.durable import sha256_file
 from diana.schemas.codec import default_codec
 from diana.schemas.topics import DOSE_ALERTS
 from diana.storage import FilesystemStore, StorageError
@@ -74,6 +75,7 @@ def _archive(root: Path, series: dict[str, int]) -> list[dict]:
                     "instance_number": n,
                     "modality": "CT",
                     "size_bytes": path.stat().st_size,
+                    "sha256": sha256_file(path)[0],
                 }
             )
     return events

@@ -17,6 +17,8 @@ import re
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 from botocore.exceptions import ClientError
 from botocore.response import StreamingBody
 
@@ -163,7 +165,9 @@ def test_a_server_that_ignores_if_match_is_caught_by_the_answers_etag():
 def test_a_later_answer_without_an_etag_is_refused_never_stitched_to_another_version():
     """A server (or a proxy before it) that ignores If-Match and sends no ETag with its later answers:
     before, only the first answer had to carry one, and a read after the object was replaced gave the
-    new version's bytes at the old one's offsets. Now every later answer must carry the first's ETag."""
+    new version's bytes at the old one's offsets. Now every later answer must carry the first's ETag.
+    Its absence is a storage error, logged with its cause (s3.answer_without_etag, without the key's
+    UIDs), not ObjectChanged ("changed; retry"): such a server answers every retry without one."""
     store, bucket = _store(_Bucket(ignores_if_match=True))
     original = bucket.get_object
 
@@ -178,13 +182,25 @@ def test_a_later_answer_without_an_etag_is_refused_never_stitched_to_another_ver
     with store.open_seekable("a/b.dcm", read_ahead=64 * KIB) as view:
         bucket.objects["archive/a/b.dcm"] = replaced
         view.seek(1024 * KIB)
-        with pytest.raises(ObjectChanged, match="get a/b.dcm: a later answer has no ETag"):
+        with (
+            structlog.testing.capture_logs() as logs,
+            pytest.raises(StorageError, match="get a/b.dcm: a later answer has no ETag") as refused,
+        ):
             view.read(16)
+    assert not isinstance(refused.value, ObjectChanged)
+    [logged] = logs
+    assert (logged["event"], logged["log_level"], logged["bucket"], logged["prefix"]) == (
+        "s3.answer_without_etag",
+        "error",
+        "bucket",
+        "archive/",
+    )
+    assert "a/b.dcm" not in str(logged)
     # Unchanged, the same answer is refused too: without its ETag it cannot be shown to be the same version.
     bucket.objects["archive/a/b.dcm"] = DATA
     with store.open_seekable("a/b.dcm", read_ahead=64 * KIB) as view:
         view.seek(1024 * KIB)
-        with pytest.raises(ObjectChanged, match="no ETag"):
+        with pytest.raises(StorageError, match="no ETag"):
             view.read(16)
     assert bucket.asked[-1] == (f"bytes={1024 * KIB}-{1024 * KIB + 64 * KIB - 1}", bucket._etag(DATA))
 
@@ -353,6 +369,25 @@ def test_the_item_headers_of_frames_larger_than_a_window_are_read_exactly_withou
         assert view.fetched <= 16 * KIB + count * 8 + frame  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("number", [1, 5, 10])
+def test_without_an_offset_table_every_frame_costs_the_walk_of_every_item_header(number: int):
+    """What docs/DICOMWEB.md says: the walk reads every item's header to the delimiter whichever frame is
+    asked (it counts the items against the frames to know there is one a frame), so the first frame costs
+    the requests of the last: 12 for ten frames larger than the read-ahead."""
+    from pydicom.uid import RLELossless
+
+    from diana.access.dicomweb.wado import frame_bytes
+    from tests.support.dicomgen import rle_literal
+
+    count, rows = 10, 128
+    native = [random.Random(n).randbytes(rows * rows * 2) for n in range(count)]
+    store, bucket = _store()
+    bucket.objects["archive/a/mf.dcm"] = _multiframe(RLELossless, native, rows, table=False)
+    with store.open_seekable("a/mf.dcm", read_ahead=16 * KIB) as view:
+        assert frame_bytes(view, [number]) == [rle_literal(native[number - 1])]
+        assert view.requests == 1 + count + 1, bucket.asked  # type: ignore[attr-defined]
+
+
 def test_the_item_headers_of_small_frames_keep_the_window_without_an_offset_table():
     """Fragments shorter than the read-ahead: a window fetched at a header holds the next ones, so the walk
     keeps reading ahead (fewer requests than items), as before."""
@@ -420,9 +455,10 @@ def test_the_frames_route_answers_503_for_a_later_answer_of_another_or_no_etag_n
     later_etag: str,
 ):
     """The object replaced between the route's two GETs, by a server that ignores If-Match: a later
-    answer without an ETag, or with the new version's, is 503 "retry" before anything is sent. Before,
-    the answer without an ETag was accepted and the frame came from the new version, at the offsets
-    the old version's header gave."""
+    answer with the new version's ETag is 503 "changed; retry", one without an ETag 503 as the archive's
+    error (a retry cannot succeed with such a server: the log says why), both before anything is sent.
+    Before, the answer without an ETag was accepted and the frame came from the new version, at the
+    offsets the old version's header gave; then it was "changed; retry"."""
     from pydicom.uid import ExplicitVRLittleEndian
 
     from diana.access.dicomweb.app import build_app
@@ -443,5 +479,8 @@ def test_the_frames_route_answers_503_for_a_later_answer_of_another_or_no_etag_n
     app = build_app(_Reader(docs=[doc]), S3Store(bucket, "bucket", "archive/"), "DIANA", Credentials())
     path = f"/studies/{STUDY}/series/{SERIES}/instances/1.2.3.4.5/frames/{count}"
     status, _, body = _call(app, path, headers={"Accept": "multipart/related; type=application/octet-stream"})
-    assert (status, body) == (503, b"the archived object changed while it was read; retry\n")
+    if later_etag == "none":
+        assert (status, body) == (503, b"the archive does not answer; retry later\n")
+    else:
+        assert (status, body) == (503, b"the archived object changed while it was read; retry\n")
     assert len(bucket.asked) == 2
