@@ -280,6 +280,21 @@ def _fit(codec: Codec, schema: str, record: dict) -> dict:
     return {f.name: record.get(f.name, f.default if f.has_default else None) for f in codec.schema(schema).fields}
 
 
+# DoseAlert's fields added in v3: an alert with both null is written with v2 (alert_bytes).
+_V3_FIELDS = ("withdrawn_reason", "replaced_value")
+
+
+def alert_bytes(codec: Codec, record: dict) -> bytes:
+    """A DoseAlert's message: with the v2 schema unless it carries a v3 field (withdrawn_reason,
+    replaced_value). A reader of the release before (the delivery worker, the OpenSearch sink) knows
+    writers by fingerprint and cannot decode a v3 record at all: it logs it undecodable and commits
+    past it, so the alert is never sent. Written so, every plain alert (and a withdrawal recorded
+    before v3) still reaches it while the readers are upgraded (readers first, docs/DOSE.md)."""
+    fitted = _fit(codec, DOSE_ALERTS.value_schema, record)
+    plain = all(fitted[name] is None for name in _V3_FIELDS)
+    return codec.encode(DOSE_ALERTS.value_schema, fitted, version=2 if plain else None)
+
+
 def alerts_to_send(state: dict, alerts: list[dict], at_ms: int, resend: bool) -> tuple[list[tuple[dict, dict]], bool]:
     """The alerts to publish, each with its origin (the revision and raised_at it is sent with), and
     whether the state changed: the alerts not yet raised with their value, recorded in the state
@@ -477,7 +492,7 @@ def register_dose(
             )
             await alerts_out.send(
                 key=alert["study_instance_uid"].encode(),
-                value=codec.encode(DOSE_ALERTS.value_schema, _fit(codec, DOSE_ALERTS.value_schema, record)),
+                value=alert_bytes(codec, record),
             )
             if alert.get("superseded_by"):
                 # Its CLOSED action too: a delivery worker that was stopped reads dose.alert-actions
