@@ -414,9 +414,13 @@ class DeliveryWorker:
             sent = {**alert, **doc}
             if alert.get("withdrawn_reason") == "under_limit" and sent.get("message") == alert.get("message"):
                 sent.pop("message", None)
-            for recipient in self.routing.route(alert):
-                for channel, address in recipient.channels():
-                    self._correct(sent, recipient.name, channel, address)
+            # Only a withdrawal that carries its reason (DoseAlert v3, written by this release) is
+            # corrected: one without is a withdrawal recorded before, re-published by a replay of the
+            # dose worker (or read again under a new group), possibly months after the alert.
+            if alert.get("withdrawn_reason"):
+                for recipient in self.routing.route(alert):
+                    for channel, address in recipient.channels():
+                        self._correct(sent, recipient.name, channel, address)
             self.acknowledged()
             return
         self.states.update(alert["alert_id"], lambda doc: raised_state(alert, doc))

@@ -350,8 +350,9 @@ def withdrawals_to_send(
             withdrawn[alert_id], changed = origin, True
         elif not resend:
             continue  # withdrawn already
-        # A withdrawal recorded before v3 has no reason: it was a superseded event's.
-        reason, replaced_value = origin.get("reason", "superseded"), origin.get("replaced_value")
+        # A withdrawal recorded before v3 has no reason: re-sent without one (DoseAlert v2), so a replay
+        # does not make it look new to alert delivery, which corrects only withdrawals that carry one.
+        reason, replaced_value = origin.get("reason"), origin.get("replaced_value")
         record = {**alert, "value": raised[alert_id], "superseded_by": origin["superseded_by"]}
         record.update(withdrawn_reason=reason, replaced_value=replaced_value)
         if reason == "under_limit":

@@ -6,6 +6,7 @@ longer has. A replay of the same objects withdraws nothing new. No services."""
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 from pydicom.uid import generate_uid
 
@@ -101,3 +102,20 @@ def test_a_drl_alert_is_withdrawn_when_the_study_falls_under_its_level():
     )[0]
     assert withdrawal["alert_id"] == raised["alert_id"] and withdrawal["rule_type"] == "drl"
     assert (withdrawal["replaced_value"], withdrawal["superseded_by"]) == (900.0, "9.10")
+
+
+def test_a_withdrawal_recorded_before_v3_is_re_sent_without_a_reason():
+    """A replay re-sends a withdrawal the state recorded before v3 as it was (no reason: DoseAlert v2),
+    so alert delivery does not take it for a new one and mail a correction of an old alert."""
+    from diana.stream_apps.dose.agent import alert_bytes, withdrawals_to_send
+
+    alert = {"alert_id": "h1", "rule": "r", "rule_type": "reference_level", "metric": "dlp_mGycm"}
+    alert.update(value=1200.0, threshold=1000.0, study_instance_uid="1.2.3", message="m")
+    state = {"revision": 3, "alerts": {"h1": 1200.0}}
+    state["withdrawn_alerts"] = {"h1": {"revision": 2, "raised_at": 5, "superseded_by": "1.2.3.9"}}
+    ((record, _),), changed = withdrawals_to_send(state, [(alert, "1.2.3.9", "superseded", None)], 9, True)
+    assert record["superseded_by"] == "1.2.3.9" and record["withdrawn_reason"] is None and not changed
+    _, read = default_codec().decode(
+        alert_bytes(default_codec(), {**record, "revision": 2, "raised_at": datetime(2024, 3, 15, tzinfo=UTC)})
+    )
+    assert read["withdrawn_reason"] is None
