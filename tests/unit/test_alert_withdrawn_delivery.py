@@ -11,8 +11,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
-import pytest
-
 from diana.access.alerts import delivery
 from diana.access.alerts.channels import correction_text, with_retries
 from diana.access.alerts.delivery import DeliveryWorker, Ledger
