@@ -53,6 +53,7 @@ from diana.stream_apps.dose.alerts import (
     event_alerts,
     repeat_alerts,
     report_value,
+    rule_basis,
     study_alerts,
     study_sums,
     withdrawal_action,
@@ -381,6 +382,12 @@ def _latest_object(state: dict) -> str:
     return max(state["reports"].values(), key=lambda r: r["arrival"])["sop_instance_uid"]
 
 
+def _reported_over(state: dict, superseded: list[dict]) -> int:
+    """How many of the study's image-header events a dose report (RDSR) superseded."""
+    reports = state["reports"]
+    return sum(1 for e in superseded if reports.get(e["superseded_by"], {}).get("source") == "RDSR")
+
+
 def study_alert_outputs(
     state: dict,
     rules: AlertRules,
@@ -392,10 +399,26 @@ def study_alert_outputs(
 ) -> tuple[list[tuple[dict, dict]], bool]:
     """A study's alerts to publish (alerts_to_send), then its withdrawals: the alerts raised from the
     ``superseded`` image-header events (superseded_events) that the study no longer raises, and the
-    per-study ones (a sum of a reference level, a DRL) whose value is now at or under the limit (the
-    dose report's values replacing the headers' estimates, a duplicate no longer counted)."""
+    per-study ones (a sum of a reference level, a DRL) whose value the study's dose events brought to or
+    under the limit the alert was raised with (a corrected report's lower values, a duplicate series no
+    longer counted).
+
+    An alert is withdrawn under its limit only when (``basis``, recorded in its origin when raised, is
+    the same now) the rule's limit and match patterns are unchanged (a rules or levels file changed
+    since withdraws nothing: the value fell because of the rules, not the dose) and no more header
+    events were superseded by a dose report since (the report may be the first of a continued exam,
+    its second one yet to come: the dose worker does not know when a study is complete, so a sum that
+    fell when a report replaced the images' estimates is left standing); and only when a comparison
+    is made (a level no event matches any more, a DRL without a value, compares nothing)."""
     alerts = _raised_again(state, study_alerts(rules, study, events) + drl_alerts(study))
     out, changed = alerts_to_send(state, alerts, at_ms, resend)
+    reported_over = _reported_over(state, superseded)
+    sums = study_sums(rules, study, events)
+    if not resend:
+        basis = {_ids_of(state, a["alert_id"])[-1]: (rule_basis(rules, a), reported_over) for a, _ in sums}
+        for alert, origin in out:  # raised now (or with a new value): what its comparison rests on
+            if alert["alert_id"] in basis:
+                origin["basis"] = list(basis[alert["alert_id"]])
     current = {a["alert_id"] for a in alerts}
     candidates = [
         (alert, event["superseded_by"], "superseded", report_value(rules, alert, study, events, event["superseded_by"]))
@@ -405,14 +428,21 @@ def study_alert_outputs(
     ]
     if state["reports"]:
         latest, withdrawn = _latest_object(state), state.get("withdrawn_alerts", {})
-        # Every id the value had: a withdrawal recorded is re-sent under its own (resend), a new one made
-        # only for the current id, when it is at or under the limit.
-        candidates += [
-            ({**alert, "alert_id": alert_id}, latest, "under_limit", alert["value"])
-            for alert in study_sums(rules, study, events)
-            for alert_id in _ids_of(state, alert["alert_id"])
-            if alert_id not in current and (alert_id in withdrawn or alert["value"] <= alert["threshold"])
-        ]
+        origins = state.get("alert_origins", {})
+        for alert, compared in sums:
+            ids = _ids_of(state, alert["alert_id"])
+            for alert_id in ids:
+                # A withdrawal recorded is re-sent under its own id (resend); a new one only for the
+                # current id, under the conditions above.
+                basis_then = (origins.get(alert_id) or {}).get("basis")
+                fell = (
+                    alert_id == ids[-1]
+                    and compared
+                    and alert["value"] <= alert["threshold"]
+                    and basis_then == [rule_basis(rules, alert), reported_over]
+                )
+                if alert_id not in current and (alert_id in withdrawn or fell):
+                    candidates.append(({**alert, "alert_id": alert_id}, latest, "under_limit", alert["value"]))
     withdrawals, withdrew = withdrawals_to_send(state, candidates, at_ms, resend)
     return out + withdrawals, changed or withdrew
 
