@@ -314,8 +314,10 @@ class DeliveryWorker:
             return False
         if self.watch is None:
             return True
-        reach = after if after is not None else (self.positions() if self.positions is not None else {})
         try:
+            # Without the alert's place (a state document written before it was kept): the consumer's
+            # positions, which confluent-kafka gives only on partitions it consumed from since its start.
+            reach = after if after is not None else (self.positions() if self.positions is not None else {})
             withdrawn = self.watch.is_withdrawn(alert_id, reach)
         except KafkaException as exc:
             raise Unavailable(f"{DOSE_ALERTS.name}: not read ahead ({type(exc).__name__})") from exc
@@ -423,7 +425,7 @@ class DeliveryWorker:
                         self._correct(sent, recipient.name, channel, address)
             self.acknowledged()
             return
-        self.states.update(alert["alert_id"], lambda doc: raised_state(alert, doc))
+        self.states.update(alert["alert_id"], lambda doc: _placed(raised_state(alert, doc), origin))
         if alert["alert_id"] in self.ledger.withdrawn:
             self.acknowledged()
             return
@@ -463,12 +465,37 @@ class DeliveryWorker:
             if is_correction(key):
                 result = self._correct(alert, recipient.name, failed["channel"], address, again=True)
             else:
-                result = self._deliver(alert, recipient.name, failed["channel"], address, again=True)
+                # Looked ahead from the alert's own place on dose.alerts, as its first send was.
+                after = _after(alert.get(_PLACE))
+                result = self._deliver(alert, recipient.name, failed["channel"], address, again=True, after=after)
             if key in self.ledger.failed:  # still failing: to the end of the queue, behind those not tried
                 self.ledger.failed[key] = self.ledger.failed.pop(key)
             if result is not None and result.unreachable:
                 unreachable.add(server)
         self.acknowledged()  # tried again after Unavailable: the ledger has what was sent, await its record
+
+
+# The state document's field with the alert's first place on dose.alerts ({"partition", "offset"}): where
+# its withdrawal is looked for before a retry (not indexed: the mapping is not dynamic).
+_PLACE = "dose_alerts_place"
+
+
+def _placed(doc: dict, origin: tuple[int, int] | None) -> dict:
+    """``doc`` with the alert's place on dose.alerts; the first one kept (a withdrawal is behind every
+    publication of its alert, so looking from the earliest is never too late)."""
+    if origin is None:
+        return doc
+    known = doc.get(_PLACE)
+    if known and known.get("partition") == origin[0] and known.get("offset", origin[1]) <= origin[1]:
+        return doc
+    return {**doc, _PLACE: {"partition": origin[0], "offset": origin[1]}}
+
+
+def _after(place: Any) -> dict[int, int] | None:
+    """Where to look for the withdrawal of the alert at ``place``: its partition, from past it."""
+    if not isinstance(place, dict) or not isinstance(place.get("offset"), int):
+        return None
+    return {int(place["partition"]): place["offset"] + 1}
 
 
 def _recorded_lately(previous: dict, result: Delivery) -> bool:

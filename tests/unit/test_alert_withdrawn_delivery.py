@@ -11,6 +11,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
+import pytest
+
 from diana.access.alerts import delivery
 from diana.access.alerts.channels import correction_text, with_retries
 from diana.access.alerts.delivery import DeliveryWorker, Ledger
@@ -118,6 +120,54 @@ def test_a_retry_round_does_not_send_an_alert_withdrawn_since(monkeypatch):
     worker.positions = lambda: {0: at + 1}
     worker.retry_failed()
     assert len(mail.sent) == 2 and not worker.ledger.failed
+
+
+def test_a_retry_after_a_restart_looks_ahead_from_the_alert_s_own_place(monkeypatch):
+    """After a restart the consumer has no position on a partition it consumed nothing from yet
+    (confluent-kafka: OFFSET_INVALID); before, the retry looked ahead nowhere and sent the alert whose
+    withdrawal was already published."""
+    from confluent_kafka import TopicPartition
+
+    from diana.access.alerts.delivery import _alert_positions
+
+    mail, log = _Mail(monkeypatch, fail=("email", "webhook")), AlertsLog()
+    at = log.append(0, ALERT)
+    first = _worker(log)
+    first.handle_alert(ALERT, (0, at))
+    ledger = Ledger()
+    for action in first.producer.actions:  # the restart: the ledger read back from dose.alert-actions
+        ledger.add(action)
+    restarted = _worker(log, ledger=ledger)
+    restarted.states = first.states  # the alert state index outlives the worker
+    log.append(0, WITHDRAWAL)  # published after the last poll; the group's offset is past the alert
+
+    class Idle:
+        def assignment(self):
+            return [TopicPartition("dose.alerts", 0)]
+
+        def position(self, tps):
+            return [TopicPartition("dose.alerts", 0, -1001)]
+
+    restarted.positions = lambda: _alert_positions(Idle())
+    mail.fail = set()
+    restarted.retry_failed()
+    assert len(mail.sent) == 2 and not restarted.ledger.failed  # only the two failed tries before the restart
+
+
+def test_positions_that_fail_are_retried_not_fatal(monkeypatch):
+    from confluent_kafka import KafkaError, KafkaException
+
+    from diana.access.alerts.delivery import Unavailable
+
+    _Mail(monkeypatch)
+    worker = _worker(AlertsLog())
+
+    def broken() -> dict[int, int]:
+        raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+
+    worker.positions = broken
+    with pytest.raises(Unavailable):
+        worker._still_open("h1", None)  # a state document with no place: the positions asked, and failing
 
 
 def test_the_look_ahead_reads_each_record_once_for_a_backlog():
