@@ -302,6 +302,41 @@ def test_a_replay_of_a_withdrawal_of_this_release_sends_no_correction_again(monk
     assert [k for k, _, _ in mail.sent].count("correction") == 2 and replaying.producer.actions == []
 
 
+def test_a_correction_quotes_the_value_and_message_that_were_sent(monkeypatch):
+    """Before: the alert's latest value and message (a re-evaluation's 1500), which was never sent."""
+    mail = _Mail(monkeypatch)
+    worker = _worker()
+    sent = {**ALERT, "rule": "CT study DLP", "metric": "dlp_mGycm", "value": 1200.0, "threshold": 1000.0}
+    sent["message"] = "CT study DLP: study dlp_mGycm 1200 exceeds 1000"
+    worker.handle_alert(sent)
+    reevaluated = {**sent, "revision": 2, "value": 1500.0, "message": "CT study DLP: study dlp_mGycm 1500 exceeds 1000"}
+    worker.handle_alert(reevaluated)  # the same id: its state updated, not sent again
+    withdrawal = {**reevaluated, "revision": 3, "superseded_by": "9.9", "message": "withdrawn: ..."}
+    worker.handle_alert({**withdrawal, "withdrawn_reason": "under_limit", "replaced_value": 800.0})
+    (text,) = {text for kind, _, text in mail.sent if kind == "correction"}
+    assert "sent before with the value 1200" in text and "study dlp_mGycm 1200 exceeds 1000" in text
+    assert "1500" not in text
+
+
+def test_corrections_go_where_the_alert_was_delivered_not_where_routing_sends_now(monkeypatch):
+    """Before: the recipients the routing rules choose now, at their addresses now."""
+    mail = _Mail(monkeypatch)
+    worker = _worker()
+    worker.handle_alert(ALERT)
+    # Since: the recipient takes only DRL alerts, and its mail goes to another address.
+    worker.routing = Routing(
+        (
+            Recipient(
+                "physicist", email="new@h.example", webhook="http://127.0.0.1:1/hook", rule_types=frozenset({"drl"})
+            ),
+        )
+    )
+    worker.handle_alert(WITHDRAWAL)
+    corrections = [channel for kind, channel, _ in mail.sent if kind == "correction"]
+    assert corrections == ["webhook"]  # the old mail address is not known any more: no mail to the new one
+    assert [a["action"] for a in worker.producer.actions] == ["DELIVERED", "DELIVERED", "CORRECTED"]
+
+
 def test_an_alert_closed_by_hand_is_not_sent_again_by_the_retry_rounds(monkeypatch):
     from diana.access.alerts.workflow import human_action
 
