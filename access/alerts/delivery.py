@@ -338,8 +338,9 @@ class DeliveryWorker:
         address: str,
         again: bool = False,
         after: dict[int, int] | None = None,
+        kept: bool = False,
     ) -> Delivery | None:
-        """``again``: a failed delivery is tried (retry_failed), once: the retry interval is its wait;
+        """``kept``: what it sends is in the state document already (handle_alert's one update). ``again``: a failed delivery is tried (retry_failed), once: the retry interval is its wait;
         otherwise it is left to retry_failed, so a step tried again while the broker is down does not
         send and record it once per try. Each try only while the alert is still open (_still_open;
         ``after``: where on dose.alerts its withdrawal would be). The send's result; None when nothing
@@ -349,9 +350,11 @@ class DeliveryWorker:
             return None  # the ledger says it went out already or was refused for good, or it failed: retry_failed's
         # What goes out, kept before the send (a correction quotes it, to the same address): a state
         # update that fails stops the step before anything is sent.
-        entry = {f: alert.get(f) for f in _AS_SENT} | {"recipient": recipient, "channel": channel}
-        entry["address_sha256"] = _address_hash(address)
-        self.states.update(alert["alert_id"], lambda doc: _with_sent(doc or raised_state(alert, None), key, entry))
+        if not kept:
+            entry = _sent_entry(alert, recipient, channel, address)
+            self.states.update(
+                alert["alert_id"], lambda doc: _with_sent(doc or raised_state(alert, None), {key: entry})
+            )
         result = self._send(
             channel,
             address,
@@ -454,13 +457,20 @@ class DeliveryWorker:
                     self._correct(doc, name, channel)
             self.acknowledged()
             return
-        self.states.update(alert["alert_id"], lambda doc: _placed(raised_state(alert, doc), origin))
+        targets = [(r.name, c, a) for r in self.routing.route(alert) for c, a in r.channels()]
+        # What each delivery still to make sends, kept in the same update as the alert (one index
+        # refresh per alert, not one per delivery).
+        sends = {
+            key: _sent_entry(alert, name, channel, address)
+            for name, channel, address in targets
+            if not self.ledger.done(key := delivery_action_id(alert["alert_id"], name, channel))
+        }
+        self.states.update(alert["alert_id"], lambda doc: _with_sent(_placed(raised_state(alert, doc), origin), sends))
         if alert["alert_id"] in self.ledger.withdrawn:
             self.acknowledged()
             return
-        for recipient in self.routing.route(alert):
-            for channel, address in recipient.channels():
-                self._deliver(alert, recipient.name, channel, address, after=after)
+        for name, channel, address in targets:
+            self._deliver(alert, name, channel, address, after=after, kept=True)
         self.acknowledged()  # tried again after Unavailable: nothing is sent again, the actions are awaited
 
     def handle_action(self, action: dict) -> None:
@@ -520,8 +530,13 @@ def _address_hash(address: str) -> str:
     return hashlib.sha256(address.encode()).hexdigest()
 
 
-def _with_sent(doc: dict, key: str, entry: dict) -> dict:
-    return {**doc, _SENT: {**(doc.get(_SENT) or {}), key: entry}}
+def _sent_entry(alert: dict, recipient: str, channel: str, address: str) -> dict:
+    entry = {f: alert.get(f) for f in _AS_SENT} | {"recipient": recipient, "channel": channel}
+    return entry | {"address_sha256": _address_hash(address)}
+
+
+def _with_sent(doc: dict, entries: dict[str, dict]) -> dict:
+    return {**doc, _SENT: {**(doc.get(_SENT) or {}), **entries}} if entries else doc
 
 
 def _placed(doc: dict, origin: tuple[int, int] | None) -> dict:
