@@ -409,8 +409,11 @@ class DeliveryWorker:
         """Count, log and record a send's result (a failure like the last one recorded lately is not)."""
         if result.withdrawn:
             self.ledger.failed.pop(key, None)
-            SENT.labels(channel, "withdrawn").inc()
-            log.info("alert.delivery.withdrawn", alert_id=alert_id, recipient=recipient, channel=channel)
+            # Closed by hand (diana alerts close), not withdrawn by the dose worker: its own outcome.
+            by_hand = alert_id in self.ledger.closed and alert_id not in self.ledger.withdrawn
+            outcome = "closed" if by_hand else "withdrawn"
+            SENT.labels(channel, outcome).inc()
+            log.info(f"alert.delivery.{outcome}", alert_id=alert_id, recipient=recipient, channel=channel)
             return result
         outcome = "delivered" if result.ok else "refused" if result.permanent else "failed"
         SENT.labels(channel, f"correction_{outcome}" if correction else outcome).inc()
@@ -441,6 +444,8 @@ class DeliveryWorker:
             # it was delivered, a correction goes, once.
             action = withdrawal_action(alert)
             self.ledger.add(action)
+            if self.watch is not None:
+                self.watch.forget(alert["alert_id"])  # the ledger has it now: the look-ahead's set stays small
             withdrawn = {k: alert.get(k) for k in ("superseded_by", "withdrawn_reason", "replaced_value")}
             doc = self.states.update(
                 alert["alert_id"],

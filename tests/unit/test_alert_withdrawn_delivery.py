@@ -370,3 +370,31 @@ def test_a_look_ahead_cut_by_its_time_goes_on_from_where_it_stopped():
             cut += 1
     assert withdrawn and cut >= 2
     assert log.polls == 10  # each record once across the tries: before, each try began again and never ended
+
+
+def test_an_alert_closed_by_hand_is_counted_as_closed_not_withdrawn(monkeypatch):
+    from diana.access.alerts.workflow import human_action
+
+    def count(outcome: str) -> float:
+        return delivery.SENT.labels("email", outcome)._value.get()
+
+    _Mail(monkeypatch, fail=("email", "webhook"))
+    worker = _worker()
+    worker.handle_alert(ALERT)
+    worker.handle_action(human_action("h1", "ACKNOWLEDGED", "physicist", "protocol"))
+    worker.handle_action(human_action("h1", "CLOSED", "physicist"))
+    closed, withdrawn = count("closed"), count("withdrawn")
+    worker.retry_failed()
+    assert (count("closed") - closed, count("withdrawn") - withdrawn) == (1, 0)
+
+
+def test_the_look_ahead_holds_no_partition_between_reads_and_forgets_what_the_worker_read():
+    log = AlertsLog()
+    at = log.append(0, ALERT)
+    log.append(0, WITHDRAWAL)
+    worker = _worker(log)
+    assert not worker._still_open("h1", {0: at + 1})
+    assert not log.assigned  # before: still assigned, a real consumer fetching on between sends
+    assert worker.watch.withdrawn == {"h1"}
+    worker.handle_alert(WITHDRAWAL, (0, at + 1))  # read in turn: the ledger has it, the watch forgets it
+    assert worker.watch.withdrawn == set() and not worker._still_open("h1", {0: at + 1})
