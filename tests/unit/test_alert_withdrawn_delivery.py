@@ -398,3 +398,13 @@ def test_the_look_ahead_holds_no_partition_between_reads_and_forgets_what_the_wo
     assert worker.watch.withdrawn == {"h1"}
     worker.handle_alert(WITHDRAWAL, (0, at + 1))  # read in turn: the ledger has it, the watch forgets it
     assert worker.watch.withdrawn == set() and not worker._still_open("h1", {0: at + 1})
+
+
+def test_a_correction_never_says_no_longer_over_the_limit_of_a_value_over_it():
+    alert = {**ALERT, "metric": "dlp_mGycm", "value": 1200.0, "threshold": 1000.0}
+    text = correction_text({**alert, "withdrawn_reason": "under_limit", "replaced_value": 1200.0})
+    assert "no longer over the limit" not in text.splitlines()[0] and "is now 1200" in text
+    text = correction_text({**alert, "withdrawn_reason": "under_limit", "replaced_value": 800.0})
+    assert (
+        text.splitlines()[0] == "WITHDRAWN: the study's value is no longer over the limit 1000: dlp_mGycm is now 800."
+    )
