@@ -340,11 +340,11 @@ class DeliveryWorker:
         after: dict[int, int] | None = None,
         kept: bool = False,
     ) -> Delivery | None:
-        """``kept``: what it sends is in the state document already (handle_alert's one update). ``again``: a failed delivery is tried (retry_failed), once: the retry interval is its wait;
+        """``again``: a failed delivery is tried (retry_failed), once: the retry interval is its wait;
         otherwise it is left to retry_failed, so a step tried again while the broker is down does not
         send and record it once per try. Each try only while the alert is still open (_still_open;
-        ``after``: where on dose.alerts its withdrawal would be). The send's result; None when nothing
-        was sent."""
+        ``after``: where on dose.alerts its withdrawal would be). ``kept``: what it sends is in the state
+        document already (handle_alert's one update). The send's result; None when nothing was sent."""
         key = delivery_action_id(alert["alert_id"], recipient, channel)
         if self.ledger.done(key) or (key in self.ledger.failed and not again):
             return None  # the ledger says it went out already or was refused for good, or it failed: retry_failed's
