@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -72,6 +73,7 @@ class Codec:
     ) -> None:
         self._by_name: dict[str, _Entry] = {}
         self._by_fingerprint: dict[bytes, _Entry] = {}
+        self._by_version: dict[tuple[str, int], _Entry] = {}  # (full name, N) -> name.vN.avsc
         for path in sorted((p for p in schema_dir.iterdir() if p.name.endswith(".avsc")), key=lambda p: p.name):
             text = path.read_text()
             schema = avro.schema.parse(text)
@@ -85,9 +87,12 @@ class Codec:
             entry = _Entry(schema.fullname, schema, fp, parsed, raw, integral)
             self._by_fingerprint[fp] = entry
             # A versioned file (name.v1.avsc) is a former writer schema; the plain file is current.
-            if ".v" not in path.name.removesuffix(".avsc"):
+            version = re.fullmatch(r".+\.v(\d+)", path.name.removesuffix(".avsc"))
+            if version is None:
                 self._by_name[schema.fullname] = entry
                 self._by_name[schema.name] = entry
+            else:
+                self._by_version[(schema.fullname, int(version.group(1)))] = entry
         self._projections: dict[str, Any] = {}  # full name -> fastavro's parsed reader schema
         for name, fields in (projections or {}).items():
             self._projections[self._entry(name).name] = self._projection(name, set(fields))
@@ -109,8 +114,17 @@ class Codec:
         except KeyError:
             raise EncodeError(f"no schema named {name!r}; known: {sorted(self._by_name)}") from None
 
-    def encode(self, schema_name: str, record: dict[str, Any]) -> bytes:
+    def encode(self, schema_name: str, record: dict[str, Any], version: int | None = None) -> bytes:
+        """``version``: write with the former schema ``name.v<version>.avsc`` instead of the current one,
+        so a reader not yet upgraded (which knows writers by fingerprint) still reads the record; the
+        record's fields that version lacks are not written (the caller chooses it only when they are
+        null)."""
         entry = self._entry(schema_name)
+        if version is not None:
+            try:
+                entry = self._by_version[(entry.name, version)]
+            except KeyError:
+                raise EncodeError(f"no former version v{version} of {entry.name}") from None
         # fastavro's writer refuses misfits itself (TypeError, ValueError), except a float in a plain
         # int/long field, which it truncates; fastavro.validate would catch it too, at 10x the cost
         # of the write (it parses the schema again on every call).

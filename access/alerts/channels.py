@@ -91,8 +91,13 @@ def _withdrawn_line(alert: dict) -> str:
     """What a correction says of the withdrawal: why, and the value that stands now when one does."""
     now, metric = alert.get("replaced_value"), alert.get("metric")
     if alert.get("withdrawn_reason") == "under_limit":
+        threshold = alert.get("threshold")
+        if now is not None and (threshold is None or now > threshold):
+            # Never "no longer over the limit T: now X" with X over T (a withdrawal the dose worker makes
+            # no more: a raised limit, a rules change); say only what stands.
+            return f"WITHDRAWN: the study's {metric} is now {now:g}; the alert sent before no longer stands."
         value = "" if now is None else f": {metric} is now {now:g}"
-        return f"WITHDRAWN: the study's value is no longer over the limit {alert.get('threshold'):g}{value}."
+        return f"WITHDRAWN: the study's value is no longer over the limit {threshold:g}{value}."
     if now is None:
         return "WITHDRAWN: superseded by the study's dose report (RDSR); its values are in the report's own record."
     return f"WITHDRAWN: superseded by the RDSR's value {now:g} ({metric})."

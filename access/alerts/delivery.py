@@ -18,6 +18,7 @@ The same worker keeps the alert state index (workflow.py) from both topics.
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import time
 from collections.abc import Callable
@@ -314,8 +315,10 @@ class DeliveryWorker:
             return False
         if self.watch is None:
             return True
-        reach = after if after is not None else (self.positions() if self.positions is not None else {})
         try:
+            # Without the alert's place (a state document written before it was kept): the consumer's
+            # positions, which confluent-kafka gives only on partitions it consumed from since its start.
+            reach = after if after is not None else (self.positions() if self.positions is not None else {})
             withdrawn = self.watch.is_withdrawn(alert_id, reach)
         except KafkaException as exc:
             raise Unavailable(f"{DOSE_ALERTS.name}: not read ahead ({type(exc).__name__})") from exc
@@ -335,15 +338,23 @@ class DeliveryWorker:
         address: str,
         again: bool = False,
         after: dict[int, int] | None = None,
+        kept: bool = False,
     ) -> Delivery | None:
         """``again``: a failed delivery is tried (retry_failed), once: the retry interval is its wait;
         otherwise it is left to retry_failed, so a step tried again while the broker is down does not
         send and record it once per try. Each try only while the alert is still open (_still_open;
-        ``after``: where on dose.alerts its withdrawal would be). The send's result; None when nothing
-        was sent."""
+        ``after``: where on dose.alerts its withdrawal would be). ``kept``: what it sends is in the state
+        document already (handle_alert's one update). The send's result; None when nothing was sent."""
         key = delivery_action_id(alert["alert_id"], recipient, channel)
         if self.ledger.done(key) or (key in self.ledger.failed and not again):
             return None  # the ledger says it went out already or was refused for good, or it failed: retry_failed's
+        # What goes out, kept before the send (a correction quotes it, to the same address): a state
+        # update that fails stops the step before anything is sent.
+        if not kept:
+            entry = _sent_entry(alert, recipient, channel, address)
+            self.states.update(
+                alert["alert_id"], lambda doc: _with_sent(doc or raised_state(alert, None), {key: entry})
+            )
         result = self._send(
             channel,
             address,
@@ -354,16 +365,43 @@ class DeliveryWorker:
         )
         return self._outcome(alert["alert_id"], recipient, channel, key, result, correction=False)
 
-    def _correct(self, alert: dict, recipient: str, channel: str, address: str, again: bool = False) -> Delivery | None:
-        """The correction of a withdrawn ``alert`` to a (recipient, channel) it was delivered to, once (its
-        own key in the ledger), with the alert's retry rules; None when nothing was sent."""
-        if delivery_action_id(alert["alert_id"], recipient, channel) not in self.ledger.delivered:
+    def _correct(self, doc: dict, recipient: str, channel: str, again: bool = False) -> Delivery | None:
+        """The correction of a withdrawn alert (``doc``: its state document) to a (recipient, channel) it
+        was delivered to, once (its own key in the ledger), with the alert's retry rules: quoting the
+        value and message that delivery went with, to the address it went to. None when nothing was sent."""
+        delivered = delivery_action_id(doc["alert_id"], recipient, channel)
+        if delivered not in self.ledger.delivered:
             return None  # never delivered there: nothing to correct
-        key = correction_key(alert["alert_id"], recipient, channel)
+        key = correction_key(doc["alert_id"], recipient, channel)
         if self.ledger.done(key) or (key in self.ledger.failed and not again):
             return None
-        result = self._send(channel, address, alert, key, attempts=1 if again else None, correction=True)
-        return self._outcome(alert["alert_id"], recipient, channel, key, result, correction=True)
+        entry = (doc.get(_SENT) or {}).get(delivered) or {}
+        address = self._address(recipient, channel)
+        if address is None or entry.get("address_sha256") not in (None, _address_hash(address)):
+            # The original went to an address no longer routed: not known any more (only its hash kept).
+            why = "recipient or channel no longer routed" if address is None else "address changed since the alert"
+            log.warning(
+                "alert.correction.not_sent", alert_id=doc["alert_id"], recipient=recipient, channel=channel, reason=why
+            )
+            self.ledger.failed.pop(key, None)
+            return None
+        # Delivered before the value sent was kept (or the state index rebuilt): the document's own.
+        as_sent = {**doc, **{f: entry[f] for f in _AS_SENT if f in entry}}
+        result = self._send(channel, address, as_sent, key, attempts=1 if again else None, correction=True)
+        return self._outcome(doc["alert_id"], recipient, channel, key, result, correction=True)
+
+    def _address(self, recipient: str, channel: str) -> str | None:
+        """The address of ``recipient``'s ``channel`` in the routing file now (None: not there)."""
+        found = next((r for r in self.routing.recipients if r.name == recipient), None)
+        return dict(found.channels()).get(channel) if found else None
+
+    def _delivered_to(self, doc: dict) -> list[tuple[str, str]]:
+        """The (recipient, channel) pairs the alert may have been delivered to: those its document kept
+        a send for, and every recipient's channel in the routing file (an alert delivered before sends
+        were kept); _correct keeps those the ledger has DELIVERED, whatever the routing rules say now."""
+        pairs = [(e.get("recipient"), e.get("channel")) for e in (doc.get(_SENT) or {}).values()]
+        pairs += [(r.name, c) for r in self.routing.recipients for c, _ in r.channels()]
+        return [p for p in dict.fromkeys(pairs) if p[0] and p[1]]
 
     def _outcome(
         self, alert_id: str, recipient: str, channel: str, key: str, result: Delivery, correction: bool
@@ -371,8 +409,11 @@ class DeliveryWorker:
         """Count, log and record a send's result (a failure like the last one recorded lately is not)."""
         if result.withdrawn:
             self.ledger.failed.pop(key, None)
-            SENT.labels(channel, "withdrawn").inc()
-            log.info("alert.delivery.withdrawn", alert_id=alert_id, recipient=recipient, channel=channel)
+            # Closed by hand (diana alerts close), not withdrawn by the dose worker: its own outcome.
+            by_hand = alert_id in self.ledger.closed and alert_id not in self.ledger.withdrawn
+            outcome = "closed" if by_hand else "withdrawn"
+            SENT.labels(channel, outcome).inc()
+            log.info(f"alert.delivery.{outcome}", alert_id=alert_id, recipient=recipient, channel=channel)
             return result
         outcome = "delivered" if result.ok else "refused" if result.permanent else "failed"
         SENT.labels(channel, f"correction_{outcome}" if correction else outcome).inc()
@@ -403,29 +444,38 @@ class DeliveryWorker:
             # it was delivered, a correction goes, once.
             action = withdrawal_action(alert)
             self.ledger.add(action)
+            if self.watch is not None:
+                self.watch.forget(alert["alert_id"])  # the ledger has it now: the look-ahead's set stays small
             withdrawn = {k: alert.get(k) for k in ("superseded_by", "withdrawn_reason", "replaced_value")}
             doc = self.states.update(
                 alert["alert_id"],
                 lambda doc: apply_action({**(doc or raised_state(alert, None)), **withdrawn}, action),
             )
             log.info("alert.withdrawn", alert_id=alert["alert_id"], reason=alert.get("withdrawn_reason"))
-            # The alert as it was sent (its state document: the message it went with), and why it no
-            # longer stands; never the withdrawal's own message (under_limit: the note, naming an object).
-            sent = {**alert, **doc}
-            if alert.get("withdrawn_reason") == "under_limit" and sent.get("message") == alert.get("message"):
-                sent.pop("message", None)
-            for recipient in self.routing.route(alert):
-                for channel, address in recipient.channels():
-                    self._correct(sent, recipient.name, channel, address)
+            # Only a withdrawal that carries its reason (DoseAlert v3, written by this release) is
+            # corrected: one without is a withdrawal recorded before, re-published by a replay of the
+            # dose worker (or read again under a new group), possibly months after the alert. Each
+            # correction quotes the alert as that delivery sent it (its document's sends), never the
+            # withdrawal's own message (under_limit: the note, naming an object).
+            if alert.get("withdrawn_reason"):
+                for name, channel in self._delivered_to(doc):
+                    self._correct(doc, name, channel)
             self.acknowledged()
             return
-        self.states.update(alert["alert_id"], lambda doc: raised_state(alert, doc))
+        targets = [(r.name, c, a) for r in self.routing.route(alert) for c, a in r.channels()]
+        # What each delivery still to make sends, kept in the same update as the alert (one index
+        # refresh per alert, not one per delivery).
+        sends = {
+            key: _sent_entry(alert, name, channel, address)
+            for name, channel, address in targets
+            if not self.ledger.done(key := delivery_action_id(alert["alert_id"], name, channel))
+        }
+        self.states.update(alert["alert_id"], lambda doc: _with_sent(_placed(raised_state(alert, doc), origin), sends))
         if alert["alert_id"] in self.ledger.withdrawn:
             self.acknowledged()
             return
-        for recipient in self.routing.route(alert):
-            for channel, address in recipient.channels():
-                self._deliver(alert, recipient.name, channel, address, after=after)
+        for name, channel, address in targets:
+            self._deliver(alert, name, channel, address, after=after, kept=True)
         self.acknowledged()  # tried again after Unavailable: nothing is sent again, the actions are awaited
 
     def handle_action(self, action: dict) -> None:
@@ -457,14 +507,59 @@ class DeliveryWorker:
                 self.ledger.failed.pop(key, None)
                 continue
             if is_correction(key):
-                result = self._correct(alert, recipient.name, failed["channel"], address, again=True)
+                result = self._correct(alert, recipient.name, failed["channel"], again=True)
             else:
-                result = self._deliver(alert, recipient.name, failed["channel"], address, again=True)
+                # Looked ahead from the alert's own place on dose.alerts, as its first send was.
+                after = _after(alert.get(_PLACE))
+                result = self._deliver(alert, recipient.name, failed["channel"], address, again=True, after=after)
             if key in self.ledger.failed:  # still failing: to the end of the queue, behind those not tried
                 self.ledger.failed[key] = self.ledger.failed.pop(key)
             if result is not None and result.unreachable:
                 unreachable.add(server)
         self.acknowledged()  # tried again after Unavailable: the ledger has what was sent, await its record
+
+
+# The state document's field with the alert's first place on dose.alerts ({"partition", "offset"}): where
+# its withdrawal is looked for before a retry (not indexed: the mapping is not dynamic).
+_PLACE = "dose_alerts_place"
+
+
+# The state document's field with what each delivery sent ({delivery key: the fields of _AS_SENT,
+# recipient, channel, address_sha256}), kept before the send: a correction quotes it.
+_SENT = "sent"
+_AS_SENT = ("value", "threshold", "message")
+
+
+def _address_hash(address: str) -> str:
+    """An address kept as its hash: a webhook URL may carry a token."""
+    return hashlib.sha256(address.encode()).hexdigest()
+
+
+def _sent_entry(alert: dict, recipient: str, channel: str, address: str) -> dict:
+    entry = {f: alert.get(f) for f in _AS_SENT} | {"recipient": recipient, "channel": channel}
+    return entry | {"address_sha256": _address_hash(address)}
+
+
+def _with_sent(doc: dict, entries: dict[str, dict]) -> dict:
+    return {**doc, _SENT: {**(doc.get(_SENT) or {}), **entries}} if entries else doc
+
+
+def _placed(doc: dict, origin: tuple[int, int] | None) -> dict:
+    """``doc`` with the alert's place on dose.alerts; the first one kept (a withdrawal is behind every
+    publication of its alert, so looking from the earliest is never too late)."""
+    if origin is None:
+        return doc
+    known = doc.get(_PLACE)
+    if known and known.get("partition") == origin[0] and known.get("offset", origin[1]) <= origin[1]:
+        return doc
+    return {**doc, _PLACE: {"partition": origin[0], "offset": origin[1]}}
+
+
+def _after(place: Any) -> dict[int, int] | None:
+    """Where to look for the withdrawal of the alert at ``place``: its partition, from past it."""
+    if not isinstance(place, dict) or not isinstance(place.get("offset"), int):
+        return None
+    return {int(place["partition"]): place["offset"] + 1}
 
 
 def _recorded_lately(previous: dict, result: Delivery) -> bool:

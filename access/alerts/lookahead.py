@@ -8,7 +8,9 @@ alert up to the end the broker gives at that moment (the high watermark, queried
 withdrawal it finds. What it has read it does not read again: its position per partition only moves
 forward, so a backlog of alerts is read ahead once, not once per alert.
 
-Guarantee: a withdrawal the broker had appended before the check began is seen. Not covered: one
+Guarantee: a withdrawal the broker had appended before the check began is seen (committed, with a dose
+worker running ``processing_guarantee = "exactly_once"``: this reader is read_committed, and a
+withdrawal in a transaction still open is not visible yet). Not covered: one
 appended during the send (an SMTP dialogue, a webhook's answer; at most ``timeout_s`` per attempt),
 which the worker then reads in order and answers with a correction to those it reached."""
 
@@ -38,7 +40,12 @@ class WithdrawalWatch:
     timeout_s: float = 10.0
     clock: Callable[[], float] = time.monotonic
     read_to: dict[int, int] = field(default_factory=dict)  # partition -> next offset not yet read
-    withdrawn: set[str] = field(default_factory=set)  # alert ids whose withdrawal it read
+    # Alert ids whose withdrawal it read ahead of the worker's consumer; each forgotten once the worker
+    # has read that withdrawal in turn (its ledger has it then), so the set holds only what lies ahead.
+    withdrawn: set[str] = field(default_factory=set)
+
+    def forget(self, alert_id: str) -> None:
+        self.withdrawn.discard(alert_id)
 
     def is_withdrawn(self, alert_id: str, after: dict[int, int]) -> bool:
         """True when a withdrawal of ``alert_id`` is on ``dose.alerts`` now: each partition of ``after`` read
@@ -54,6 +61,14 @@ class WithdrawalWatch:
         if start >= end:
             return
         self.consumer.assign([TopicPartition(DOSE_ALERTS.name, partition, start)])
+        try:
+            self._read_assigned(partition, start, end)
+        finally:
+            # Unassigned after each read: assigned, librdkafka goes on fetching the partition into its
+            # queue (up to queued.max.messages.kbytes) between the worker's sends, for nothing.
+            self.consumer.unassign()
+
+    def _read_assigned(self, partition: int, start: int, end: int) -> None:
         deadline = self.clock() + self.timeout_s
         position = start
         while position < end:

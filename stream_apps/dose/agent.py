@@ -53,6 +53,7 @@ from diana.stream_apps.dose.alerts import (
     event_alerts,
     repeat_alerts,
     report_value,
+    rule_basis,
     study_alerts,
     study_sums,
     withdrawal_action,
@@ -280,6 +281,21 @@ def _fit(codec: Codec, schema: str, record: dict) -> dict:
     return {f.name: record.get(f.name, f.default if f.has_default else None) for f in codec.schema(schema).fields}
 
 
+# DoseAlert's fields added in v3: an alert with both null is written with v2 (alert_bytes).
+_V3_FIELDS = ("withdrawn_reason", "replaced_value")
+
+
+def alert_bytes(codec: Codec, record: dict) -> bytes:
+    """A DoseAlert's message: with the v2 schema unless it carries a v3 field (withdrawn_reason,
+    replaced_value). A reader of the release before (the delivery worker, the OpenSearch sink) knows
+    writers by fingerprint and cannot decode a v3 record at all: it logs it undecodable and commits
+    past it, so the alert is never sent. Written so, every plain alert (and a withdrawal recorded
+    before v3) still reaches it while the readers are upgraded (readers first, docs/DOSE.md)."""
+    fitted = _fit(codec, DOSE_ALERTS.value_schema, record)
+    plain = all(fitted[name] is None for name in _V3_FIELDS)
+    return codec.encode(DOSE_ALERTS.value_schema, fitted, version=2 if plain else None)
+
+
 def alerts_to_send(state: dict, alerts: list[dict], at_ms: int, resend: bool) -> tuple[list[tuple[dict, dict]], bool]:
     """The alerts to publish, each with its origin (the revision and raised_at it is sent with), and
     whether the state changed: the alerts not yet raised with their value, recorded in the state
@@ -335,8 +351,9 @@ def withdrawals_to_send(
             withdrawn[alert_id], changed = origin, True
         elif not resend:
             continue  # withdrawn already
-        # A withdrawal recorded before v3 has no reason: it was a superseded event's.
-        reason, replaced_value = origin.get("reason", "superseded"), origin.get("replaced_value")
+        # A withdrawal recorded before v3 has no reason: re-sent without one (DoseAlert v2), so a replay
+        # does not make it look new to alert delivery, which corrects only withdrawals that carry one.
+        reason, replaced_value = origin.get("reason"), origin.get("replaced_value")
         record = {**alert, "value": raised[alert_id], "superseded_by": origin["superseded_by"]}
         record.update(withdrawn_reason=reason, replaced_value=replaced_value)
         if reason == "under_limit":
@@ -365,6 +382,12 @@ def _latest_object(state: dict) -> str:
     return max(state["reports"].values(), key=lambda r: r["arrival"])["sop_instance_uid"]
 
 
+def _reported_over(state: dict, superseded: list[dict]) -> int:
+    """How many of the study's image-header events a dose report (RDSR) superseded."""
+    reports = state["reports"]
+    return sum(1 for e in superseded if reports.get(e["superseded_by"], {}).get("source") == "RDSR")
+
+
 def study_alert_outputs(
     state: dict,
     rules: AlertRules,
@@ -376,10 +399,26 @@ def study_alert_outputs(
 ) -> tuple[list[tuple[dict, dict]], bool]:
     """A study's alerts to publish (alerts_to_send), then its withdrawals: the alerts raised from the
     ``superseded`` image-header events (superseded_events) that the study no longer raises, and the
-    per-study ones (a sum of a reference level, a DRL) whose value is now at or under the limit (the
-    dose report's values replacing the headers' estimates, a duplicate no longer counted)."""
+    per-study ones (a sum of a reference level, a DRL) whose value the study's dose events brought to or
+    under the limit the alert was raised with (a corrected report's lower values, a duplicate series no
+    longer counted).
+
+    An alert is withdrawn under its limit only when (``basis``, recorded in its origin when raised, is
+    the same now) the rule's limit and match patterns are unchanged (a rules or levels file changed
+    since withdraws nothing: the value fell because of the rules, not the dose) and no more header
+    events were superseded by a dose report since (the report may be the first of a continued exam,
+    its second one yet to come: the dose worker does not know when a study is complete, so a sum that
+    fell when a report replaced the images' estimates is left standing); and only when a comparison
+    is made (a level no event matches any more, a DRL without a value, compares nothing)."""
     alerts = _raised_again(state, study_alerts(rules, study, events) + drl_alerts(study))
     out, changed = alerts_to_send(state, alerts, at_ms, resend)
+    reported_over = _reported_over(state, superseded)
+    sums = study_sums(rules, study, events)
+    if not resend:
+        basis = {_ids_of(state, a["alert_id"])[-1]: (rule_basis(rules, a), reported_over) for a, _ in sums}
+        for alert, origin in out:  # raised now (or with a new value): what its comparison rests on
+            if alert["alert_id"] in basis:
+                origin["basis"] = list(basis[alert["alert_id"]])
     current = {a["alert_id"] for a in alerts}
     candidates = [
         (alert, event["superseded_by"], "superseded", report_value(rules, alert, study, events, event["superseded_by"]))
@@ -389,14 +428,21 @@ def study_alert_outputs(
     ]
     if state["reports"]:
         latest, withdrawn = _latest_object(state), state.get("withdrawn_alerts", {})
-        # Every id the value had: a withdrawal recorded is re-sent under its own (resend), a new one made
-        # only for the current id, when it is at or under the limit.
-        candidates += [
-            ({**alert, "alert_id": alert_id}, latest, "under_limit", alert["value"])
-            for alert in study_sums(rules, study, events)
-            for alert_id in _ids_of(state, alert["alert_id"])
-            if alert_id not in current and (alert_id in withdrawn or alert["value"] <= alert["threshold"])
-        ]
+        origins = state.get("alert_origins", {})
+        for alert, compared in sums:
+            ids = _ids_of(state, alert["alert_id"])
+            for alert_id in ids:
+                # A withdrawal recorded is re-sent under its own id (resend); a new one only for the
+                # current id, under the conditions above.
+                basis_then = (origins.get(alert_id) or {}).get("basis")
+                fell = (
+                    alert_id == ids[-1]
+                    and compared
+                    and alert["value"] <= alert["threshold"]
+                    and basis_then == [rule_basis(rules, alert), reported_over]
+                )
+                if alert_id not in current and (alert_id in withdrawn or fell):
+                    candidates.append(({**alert, "alert_id": alert_id}, latest, "under_limit", alert["value"]))
     withdrawals, withdrew = withdrawals_to_send(state, candidates, at_ms, resend)
     return out + withdrawals, changed or withdrew
 
@@ -477,7 +523,7 @@ def register_dose(
             )
             await alerts_out.send(
                 key=alert["study_instance_uid"].encode(),
-                value=codec.encode(DOSE_ALERTS.value_schema, _fit(codec, DOSE_ALERTS.value_schema, record)),
+                value=alert_bytes(codec, record),
             )
             if alert.get("superseded_by"):
                 # Its CLOSED action too: a delivery worker that was stopped reads dose.alert-actions

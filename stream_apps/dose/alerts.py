@@ -38,6 +38,7 @@ __all__ = [
     "withdrawal_action",
     "withdrawal_note",
     "study_sums",
+    "rule_basis",
     "report_value",
     "cumulative_alerts",
     "drl_alerts",
@@ -274,18 +275,29 @@ def withdrawal_action(
     }
 
 
-def study_sums(rules: AlertRules, study: dict, events: list[dict]) -> list[dict]:
+def study_sums(rules: AlertRules, study: dict, events: list[dict]) -> list[tuple[dict, bool]]:
     """Every per-study value a rule compares with a limit (a reference level's ``dlp_mGycm``,
     ``dap_Gym2``, ``dose_rp_mGy`` sum over the study's matching events; the study's or each part's DRL
-    value), as the alert it raises when over, over or not: an alert raised before whose value is now at
-    or under its limit is withdrawn (agent.py). A level no event matches any more sums to 0."""
+    value), as the alert it raises when over, over or not, each with whether a comparison was made: a
+    level no event of the study matches with that metric (its sum 0), or a DRL part without a value,
+    compares nothing, and withdraws nothing (agent.py withdraws an alert raised before whose value is
+    now at or under its limit)."""
     out = []
     for level in rules.reference_levels:
         matching = [e for e in events if level.matches(e, study)]
         for metric, limit in level.study_limits.items():
-            total = float(sum(e[metric] for e in matching if e.get(metric) is not None))
-            out.append(_alert(level.name, "reference_level", metric, total, limit, study))
-    return out + drl_alerts(study, over_only=False)
+            values = [e[metric] for e in matching if e.get(metric) is not None]
+            out.append((_alert(level.name, "reference_level", metric, float(sum(values)), limit, study), bool(values)))
+    return out + [(a, a["value"] is not None) for a in drl_alerts(study, over_only=False)]
+
+
+def rule_basis(rules: AlertRules, alert: dict) -> str:
+    """What a per-study alert's comparison rests on besides the study's events: its limit and, for a
+    reference level, its match patterns. Recorded when the alert is raised; an alert is withdrawn under
+    its limit only while the basis is the same (a rules or levels file changed since withdraws nothing)."""
+    level = next((r for r in rules.reference_levels if r.name == alert["rule"]), None)
+    match = sorted((k, p.pattern) for k, p in level.match.items()) if level and alert["rule_type"] != "drl" else []
+    return repr((alert["rule_type"], alert["metric"], float(alert["threshold"]), match))
 
 
 def report_value(rules: AlertRules, alert: dict, study: dict, events: list[dict], superseded_by: str) -> float | None:

@@ -301,7 +301,11 @@ def test_a_withdrawal_already_published_stops_the_send_and_a_delivered_alert_is_
         # 1. The alert and its withdrawal published together: the worker reads the alert with the
         # withdrawal behind it on the partition, unread.
         study1, held = generate_uid(), generate_uid()
-        _publish(cfg, _alert(study1, held), _alert(study1, held, superseded_by=generate_uid(), replaced_value=62.5))
+        _publish(
+            cfg,
+            _alert(study1, held),
+            _alert(study1, held, superseded_by=generate_uid(), withdrawn_reason="superseded", replaced_value=62.5),
+        )
         _wait(lambda: group_lag(cfg, "alert-withdraw-1", topics) == 0, "the worker to catch up")
         assert _mails(mailbox, held, False) == [] and _accepted_posts(hooks, held, "/ok") == []
         client = OpenSearch(hosts=[cfg.opensearch.url])
@@ -315,7 +319,9 @@ def test_a_withdrawal_already_published_stops_the_send_and_a_delivered_alert_is_
         study2, sent = generate_uid(), generate_uid()
         _publish(cfg, _alert(study2, sent))
         _wait(lambda: _mails(mailbox, sent, False) and _accepted_posts(hooks, sent, "/ok"), "the alert delivered")
-        _publish(cfg, _alert(study2, sent, superseded_by=generate_uid(), replaced_value=62.5))
+        _publish(
+            cfg, _alert(study2, sent, superseded_by=generate_uid(), withdrawn_reason="superseded", replaced_value=62.5)
+        )
         _wait(lambda: _mails(mailbox, sent, True) and len(_accepted_posts(hooks, sent, "/ok")) == 2, "the corrections")
         [correction] = _mails(mailbox, sent, True)
         assert "superseded by the RDSR's value 62.5" in correction and "WITHDRAWPAT1" not in correction

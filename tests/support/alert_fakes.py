@@ -56,6 +56,14 @@ class AlertsLog:
         (tp,) = tps
         self._at = (tp.partition, tp.offset)
 
+    def unassign(self) -> None:
+        self._at = None
+
+    @property
+    def assigned(self) -> bool:
+        """Whether the reader still holds a partition (and a real consumer would go on prefetching it)."""
+        return self._at is not None
+
     def poll(self, timeout=None):
         from confluent_kafka import Message
 

@@ -122,6 +122,54 @@ def test_a_retry_round_does_not_send_an_alert_withdrawn_since(monkeypatch):
     assert len(mail.sent) == 2 and not worker.ledger.failed
 
 
+def test_a_retry_after_a_restart_looks_ahead_from_the_alert_s_own_place(monkeypatch):
+    """After a restart the consumer has no position on a partition it consumed nothing from yet
+    (confluent-kafka: OFFSET_INVALID); before, the retry looked ahead nowhere and sent the alert whose
+    withdrawal was already published."""
+    from confluent_kafka import TopicPartition
+
+    from diana.access.alerts.delivery import _alert_positions
+
+    mail, log = _Mail(monkeypatch, fail=("email", "webhook")), AlertsLog()
+    at = log.append(0, ALERT)
+    first = _worker(log)
+    first.handle_alert(ALERT, (0, at))
+    ledger = Ledger()
+    for action in first.producer.actions:  # the restart: the ledger read back from dose.alert-actions
+        ledger.add(action)
+    restarted = _worker(log, ledger=ledger)
+    restarted.states = first.states  # the alert state index outlives the worker
+    log.append(0, WITHDRAWAL)  # published after the last poll; the group's offset is past the alert
+
+    class Idle:
+        def assignment(self):
+            return [TopicPartition("dose.alerts", 0)]
+
+        def position(self, tps):
+            return [TopicPartition("dose.alerts", 0, -1001)]
+
+    restarted.positions = lambda: _alert_positions(Idle())
+    mail.fail = set()
+    restarted.retry_failed()
+    assert len(mail.sent) == 2 and not restarted.ledger.failed  # only the two failed tries before the restart
+
+
+def test_positions_that_fail_are_retried_not_fatal(monkeypatch):
+    from confluent_kafka import KafkaError, KafkaException
+
+    from diana.access.alerts.delivery import Unavailable
+
+    _Mail(monkeypatch)
+    worker = _worker(AlertsLog())
+
+    def broken() -> dict[int, int]:
+        raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+
+    worker.positions = broken
+    with pytest.raises(Unavailable):
+        worker._still_open("h1", None)  # a state document with no place: the positions asked, and failing
+
+
 def test_the_look_ahead_reads_each_record_once_for_a_backlog():
     log = AlertsLog()
     offsets = [log.append(0, {**ALERT, "alert_id": f"a{n}"}) for n in range(50)]
@@ -217,14 +265,76 @@ def test_an_alert_withdrawn_under_its_limit_is_corrected_with_the_new_value_and_
     assert (closing["action_id"], closing["note"]) == ("withdrawn:h1", note)
 
 
-@pytest.mark.parametrize("reason", [None, "superseded"])
-def test_a_withdrawal_written_before_v3_is_corrected_without_a_value(monkeypatch, reason):
+def test_a_superseded_withdrawal_with_no_value_is_corrected_without_one(monkeypatch):
     mail = _Mail(monkeypatch)
     worker = _worker()
     worker.handle_alert(ALERT)
-    worker.handle_alert({**WITHDRAWAL, "withdrawn_reason": reason, "replaced_value": None})
+    worker.handle_alert({**WITHDRAWAL, "replaced_value": None})
     texts = {text for kind, _, text in mail.sent if kind == "correction"}
     assert texts and all("superseded by the study's dose report (RDSR)" in t for t in texts)
+
+
+def test_a_withdrawal_written_before_v3_and_replayed_sends_no_correction(monkeypatch):
+    """A replay of the dose worker (or a delivery worker under a new group) reads withdrawals recorded
+    before v3 again, long after; before, each delivered one was mailed a correction then."""
+    mail = _Mail(monkeypatch)
+    ledger = Ledger()
+    for channel in ("email", "webhook"):
+        ledger.add(delivery.delivery_action("h1", "physicist", channel, True, 1, "accepted"))
+    worker = _worker(ledger=ledger)
+    worker.handle_alert({**WITHDRAWAL, "withdrawn_reason": None, "replaced_value": None})
+    assert mail.sent == [] and worker.producer.actions == []
+    assert worker.states.get("h1")["status"] == "closed" and "h1" in worker.ledger.withdrawn
+
+
+def test_a_replay_of_a_withdrawal_of_this_release_sends_no_correction_again(monkeypatch):
+    mail = _Mail(monkeypatch)
+    worker = _worker()
+    worker.handle_alert(ALERT)
+    worker.handle_alert(WITHDRAWAL)
+    assert [k for k, _, _ in mail.sent].count("correction") == 2
+    ledger = Ledger()  # a worker under a new group: the ledger read whole from dose.alert-actions
+    for action in worker.producer.actions:
+        ledger.add(action)
+    replaying = _worker(ledger=ledger)
+    replaying.handle_alert(ALERT)
+    replaying.handle_alert(WITHDRAWAL)
+    assert [k for k, _, _ in mail.sent].count("correction") == 2 and replaying.producer.actions == []
+
+
+def test_a_correction_quotes_the_value_and_message_that_were_sent(monkeypatch):
+    """Before: the alert's latest value and message (a re-evaluation's 1500), which was never sent."""
+    mail = _Mail(monkeypatch)
+    worker = _worker()
+    sent = {**ALERT, "rule": "CT study DLP", "metric": "dlp_mGycm", "value": 1200.0, "threshold": 1000.0}
+    sent["message"] = "CT study DLP: study dlp_mGycm 1200 exceeds 1000"
+    worker.handle_alert(sent)
+    reevaluated = {**sent, "revision": 2, "value": 1500.0, "message": "CT study DLP: study dlp_mGycm 1500 exceeds 1000"}
+    worker.handle_alert(reevaluated)  # the same id: its state updated, not sent again
+    withdrawal = {**reevaluated, "revision": 3, "superseded_by": "9.9", "message": "withdrawn: ..."}
+    worker.handle_alert({**withdrawal, "withdrawn_reason": "under_limit", "replaced_value": 800.0})
+    (text,) = {text for kind, _, text in mail.sent if kind == "correction"}
+    assert "sent before with the value 1200" in text and "study dlp_mGycm 1200 exceeds 1000" in text
+    assert "1500" not in text
+
+
+def test_corrections_go_where_the_alert_was_delivered_not_where_routing_sends_now(monkeypatch):
+    """Before: the recipients the routing rules choose now, at their addresses now."""
+    mail = _Mail(monkeypatch)
+    worker = _worker()
+    worker.handle_alert(ALERT)
+    # Since: the recipient takes only DRL alerts, and its mail goes to another address.
+    worker.routing = Routing(
+        (
+            Recipient(
+                "physicist", email="new@h.example", webhook="http://127.0.0.1:1/hook", rule_types=frozenset({"drl"})
+            ),
+        )
+    )
+    worker.handle_alert(WITHDRAWAL)
+    corrections = [channel for kind, channel, _ in mail.sent if kind == "correction"]
+    assert corrections == ["webhook"]  # the old mail address is not known any more: no mail to the new one
+    assert [a["action"] for a in worker.producer.actions] == ["DELIVERED", "DELIVERED", "CORRECTED"]
 
 
 def test_an_alert_closed_by_hand_is_not_sent_again_by_the_retry_rounds(monkeypatch):
@@ -260,3 +370,41 @@ def test_a_look_ahead_cut_by_its_time_goes_on_from_where_it_stopped():
             cut += 1
     assert withdrawn and cut >= 2
     assert log.polls == 10  # each record once across the tries: before, each try began again and never ended
+
+
+def test_an_alert_closed_by_hand_is_counted_as_closed_not_withdrawn(monkeypatch):
+    from diana.access.alerts.workflow import human_action
+
+    def count(outcome: str) -> float:
+        return delivery.SENT.labels("email", outcome)._value.get()
+
+    _Mail(monkeypatch, fail=("email", "webhook"))
+    worker = _worker()
+    worker.handle_alert(ALERT)
+    worker.handle_action(human_action("h1", "ACKNOWLEDGED", "physicist", "protocol"))
+    worker.handle_action(human_action("h1", "CLOSED", "physicist"))
+    closed, withdrawn = count("closed"), count("withdrawn")
+    worker.retry_failed()
+    assert (count("closed") - closed, count("withdrawn") - withdrawn) == (1, 0)
+
+
+def test_the_look_ahead_holds_no_partition_between_reads_and_forgets_what_the_worker_read():
+    log = AlertsLog()
+    at = log.append(0, ALERT)
+    log.append(0, WITHDRAWAL)
+    worker = _worker(log)
+    assert not worker._still_open("h1", {0: at + 1})
+    assert not log.assigned  # before: still assigned, a real consumer fetching on between sends
+    assert worker.watch.withdrawn == {"h1"}
+    worker.handle_alert(WITHDRAWAL, (0, at + 1))  # read in turn: the ledger has it, the watch forgets it
+    assert worker.watch.withdrawn == set() and not worker._still_open("h1", {0: at + 1})
+
+
+def test_a_correction_never_says_no_longer_over_the_limit_of_a_value_over_it():
+    alert = {**ALERT, "metric": "dlp_mGycm", "value": 1200.0, "threshold": 1000.0}
+    text = correction_text({**alert, "withdrawn_reason": "under_limit", "replaced_value": 1200.0})
+    assert "no longer over the limit" not in text.splitlines()[0] and "is now 1200" in text
+    text = correction_text({**alert, "withdrawn_reason": "under_limit", "replaced_value": 800.0})
+    assert (
+        text.splitlines()[0] == "WITHDRAWN: the study's value is no longer over the limit 1000: dlp_mGycm is now 800."
+    )

@@ -6,6 +6,7 @@ longer has. A replay of the same objects withdraws nothing new. No services."""
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 from pydicom.uid import generate_uid
 
@@ -101,3 +102,89 @@ def test_a_drl_alert_is_withdrawn_when_the_study_falls_under_its_level():
     )[0]
     assert withdrawal["alert_id"] == raised["alert_id"] and withdrawal["rule_type"] == "drl"
     assert (withdrawal["replaced_value"], withdrawal["superseded_by"]) == (900.0, "9.10")
+
+
+def test_a_withdrawal_recorded_before_v3_is_re_sent_without_a_reason():
+    """A replay re-sends a withdrawal the state recorded before v3 as it was (no reason: DoseAlert v2),
+    so alert delivery does not take it for a new one and mail a correction of an old alert."""
+    from diana.stream_apps.dose.agent import alert_bytes, withdrawals_to_send
+
+    alert = {"alert_id": "h1", "rule": "r", "rule_type": "reference_level", "metric": "dlp_mGycm"}
+    alert.update(value=1200.0, threshold=1000.0, study_instance_uid="1.2.3", message="m")
+    state = {"revision": 3, "alerts": {"h1": 1200.0}}
+    state["withdrawn_alerts"] = {"h1": {"revision": 2, "raised_at": 5, "superseded_by": "1.2.3.9"}}
+    ((record, _),), changed = withdrawals_to_send(state, [(alert, "1.2.3.9", "superseded", None)], 9, True)
+    assert record["superseded_by"] == "1.2.3.9" and record["withdrawn_reason"] is None and not changed
+    _, read = default_codec().decode(
+        alert_bytes(default_codec(), {**record, "revision": 2, "raised_at": datetime(2024, 3, 15, tzinfo=UTC)})
+    )
+    assert read["withdrawn_reason"] is None
+
+
+# ---- withdrawn for the dose falling only: not a rules change, not a sum of nothing, not a partial report
+
+
+def _rules(limit: float, pattern: str = "(?i)abd") -> AlertRules:
+    level = ReferenceLevel("CT abdomen study DLP", {"protocol": re.compile(pattern)}, {}, {"dlp_mGycm": limit})
+    return AlertRules(reference_levels=(level,), dose_check=False)
+
+
+def _object(state: dict, n: int, source: str = "IMAGE") -> None:
+    state["reports"][f"9.{n}"] = {"sop_instance_uid": f"9.{n}", "arrival": n, "source": source}
+    state["revision"] = n
+
+
+def _outputs(state, rules, events, n, superseded=()) -> list[tuple[dict, dict]]:
+    study = {"study_instance_uid": "1.2.3"}
+    return study_alert_outputs(state, rules, study, events, list(superseded), n, False)[0]
+
+
+def test_a_limit_raised_in_the_rules_file_withdraws_nothing():
+    state = {**new_study("1.2.3"), "revision": 0}
+    events = [{"event_key": "e1", "protocol": "ABD", "dlp_mGycm": 1200.0}]
+    _object(state, 1)
+    ((raised, _),) = _outputs(state, _rules(1000.0), events, 1)
+    _object(state, 2)  # the study's next object, under a limit raised to 1500
+    assert (
+        _outputs(state, _rules(1500.0), [*events, {"event_key": "e2", "protocol": "scout", "dlp_mGycm": 1.0}], 2) == []
+    )
+    assert not state.get("withdrawn_alerts")
+
+
+def test_a_level_no_event_matches_any_more_withdraws_nothing():
+    state = {**new_study("1.2.3"), "revision": 0}
+    _object(state, 1)
+    _outputs(state, _rules(1000.0), [{"event_key": "e1", "protocol": "ABD", "dlp_mGycm": 1200.0}], 1)
+    _object(state, 2)  # the dose report's protocol names: no event matches the level (its sum 0)
+    assert (
+        _outputs(state, _rules(1000.0), [{"event_key": "r1", "protocol": "Routine 5mm", "dlp_mGycm": 1250.0}], 2) == []
+    )
+
+
+def test_a_first_partial_dose_report_replacing_the_images_estimates_withdraws_nothing():
+    """A continued exam: the first report has half the exposures, and supersedes every image-header
+    event of its kind. Before: 1200 -> 600 withdrew the alert (and mailed a correction), and the second
+    report's 1200 raised it again under a new id."""
+    state = {**new_study("1.2.3"), "revision": 0}
+    headers = [{"event_key": f"h{n}", "protocol": "ABD", "dlp_mGycm": 600.0} for n in (1, 2)]
+    _object(state, 1)
+    ((raised, _),) = _outputs(state, _rules(1000.0), headers, 1)
+    _object(state, 2, source="RDSR")
+    retracted = [{**h, "superseded_by": "9.2"} for h in headers]
+    first = [{"event_key": "r1", "protocol": "ABD", "dlp_mGycm": 600.0}]
+    assert _outputs(state, _rules(1000.0), first, 2, retracted) == []
+    _object(state, 3, source="RDSR")
+    second = [*first, {"event_key": "r2", "protocol": "ABD", "dlp_mGycm": 600.0}]
+    assert _outputs(state, _rules(1000.0), second, 3, retracted) == []  # the same alert stands, same value
+    assert not state.get("withdrawn_alerts") and state["alerts"] == {raised["alert_id"]: 1200.0}
+
+
+def test_a_sum_that_falls_for_its_events_under_the_same_rules_is_still_withdrawn():
+    state = {**new_study("1.2.3"), "revision": 0}
+    _object(state, 1)
+    _outputs(state, _rules(1000.0), [{"event_key": "e1", "protocol": "ABD", "dlp_mGycm": 1200.0}], 1)
+    _object(state, 2)  # a corrected value of the same exposure
+    ((withdrawal, _),) = _outputs(
+        state, _rules(1000.0), [{"event_key": "e1", "protocol": "ABD", "dlp_mGycm": 800.0}], 2
+    )
+    assert (withdrawal["withdrawn_reason"], withdrawal["replaced_value"]) == ("under_limit", 800.0)
