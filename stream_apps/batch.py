@@ -83,6 +83,8 @@ class Batch:
         self.delivered: dict[int, int] = {}
         self.last_offset: dict[int, int] = {}
         self.undelivered: set[int] = set()
+        # Error codes of failed delivery reports (a size refusal stops the worker: transactional.py).
+        self.failed_codes: set[int] = set()
         # Per partition, each changelog record's (namespace, key, JSON text or None): the local
         # file gets the same encoding, not a second one.
         self.encoded: dict[int, list[tuple[str, str, str | None]]] = {}
@@ -191,6 +193,7 @@ class Batch:
         partition = message.partition()
         if error is not None:
             self.undelivered.add(partition)
+            self.failed_codes.add(error.code())
             return
         self.delivered[partition] = self.delivered.get(partition, 0) + 1
         self.last_offset[partition] = max(self.last_offset.get(partition, -1), message.offset())

@@ -38,6 +38,7 @@ class SizeLimitedProducer:
     """The transactional producer, as far as the loop uses it; produce() refuses what librdkafka would."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
         self.limit = int(settings.get("message.max.bytes", LIBRDKAFKA_DEFAULT_MAX))
         self.committed: list[list[tuple]] = []
         self.open: list[tuple] = []
