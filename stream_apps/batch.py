@@ -14,6 +14,7 @@ import structlog
 from confluent_kafka import KafkaError, Message, Producer
 from prometheus_client import Counter
 
+from diana.clients import RECORD_FRAMING
 from diana.stream_apps.state_json import state_json
 from diana.stream_apps.state_store import StateStore
 
@@ -25,9 +26,6 @@ UNENCODABLE = Counter(
     "diana_stream_unencodable_total", "Records of the worker's own the schema refused (not published)", ["topic"]
 )
 
-# Room left under [kafka] max_message_bytes (the topics' max.message.bytes, which the broker checks
-# against the whole record batch) for the batch's and the record's framing.
-RECORD_FRAMING = 1024
 
 _DELETED = object()
 _ABSENT = object()

@@ -35,7 +35,7 @@ import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import Counter
 
-from diana.clients import kafka_producer
+from diana.clients import kafka_producer, producer_size_limits
 from diana.group_membership import TOPICS_MISSING_FIX
 from diana.stream_apps.batch import Batch, Handler, RecordTooLarge
 from diana.stream_apps.local_state import Checkpoint, LocalStateError, LocalStates, now_ms
@@ -102,10 +102,11 @@ class TransactionalLoop(PartitionAssignment):
                 "transactional.id": self.settings.transactional_id,
                 "transaction.timeout.ms": self.settings.transaction_timeout_ms,
                 "linger.ms": 5,
-                # The topics' limit ([kafka] max_message_bytes), with the sinks' headroom for a dead
-                # letter's headers. librdkafka's default (1,000,000) refused a completed series'
-                # digest or a large dead letter at produce(), and the batch was aborted for ever.
-                "message.max.bytes": self.settings.kafka.max_message_bytes + 64 * 1024,
+                # The topics' limit ([kafka] max_message_bytes), for one record and for a batch of them
+                # (producer_size_limits). librdkafka's default (1,000,000) refused a completed series'
+                # digest or a large dead letter at produce(), and the batch was aborted for ever. A dead
+                # letter over the limit drops its bytes (Batch.send_dead_letter): no headroom needed.
+                **producer_size_limits(self.settings.kafka.max_message_bytes),
                 # Every record's delivery report without a callback of its own: a record the broker
                 # refused for its size shows only here (commit_transaction says _INCONSISTENT).
                 "on_delivery": self._delivery_failed,
