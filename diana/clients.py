@@ -77,6 +77,24 @@ def kafka_security_settings(kafka: KafkaConfig) -> dict[str, Any]:
     return settings
 
 
+# Room left under [kafka] max_message_bytes (the topics' max.message.bytes, which the broker checks
+# against a whole record batch) for the batch's and a record's framing.
+RECORD_FRAMING = 1024
+# librdkafka's batch.size default: it caps a record batch at min(message.max.bytes, batch.size).
+_LIBRDKAFKA_BATCH_SIZE = 1_000_000
+
+
+def producer_size_limits(max_message_bytes: int) -> dict[str, int]:
+    """A producer's size settings under the topics' limit ([kafka] max_message_bytes): one record up to
+    the limit, and a record batch of several never over it. librdkafka fills a batch up to
+    min(message.max.bytes, batch.size); with batch.size at its 1,000,000-byte default and a limit below
+    that, a batch grew past the limit (665,536 bytes under 600,000) and the broker refused it."""
+    return {
+        "message.max.bytes": max_message_bytes,
+        "batch.size": min(_LIBRDKAFKA_BATCH_SIZE, max_message_bytes - RECORD_FRAMING),
+    }
+
+
 def kafka_settings(kafka: KafkaConfig, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The settings every client shares, then ``extra`` (librdkafka names, e.g. ``group.id``)."""
     settings: dict[str, Any] = {

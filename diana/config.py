@@ -95,6 +95,11 @@ class KafkaConfig:
     debug: str = ""
 
 
+# The least [kafka] max_message_bytes: a part of a completed series' digest (stream_apps/digest.py:
+# PART_ENTRIES 8,192 instances, 218,458 bytes as JSON, plus its key and the framing) must fit,
+# with room. tests/unit/test_aggregates_record_size.py checks the floor against the digest's size.
+MIN_MAX_MESSAGE_BYTES = 262_144
+
 # librdkafka's debug contexts (2.x; an unknown one would fail every client at its creation).
 KAFKA_DEBUG_CONTEXTS = (
     *("generic", "broker", "topic", "metadata", "feature", "queue", "msg", "protocol", "cgrp", "security"),
@@ -823,6 +828,12 @@ def _check_choices(sections: dict[str, Any]) -> None:
     # gather, and every fetch would wait fetch_wait_max_ms even behind a backlog.
     if not 1 <= kafka.fetch_min_bytes <= 1_048_576:
         raise ConfigError(f"[kafka] fetch_min_bytes = {kafka.fetch_min_bytes}: use 1 to 1048576 (default 65536)")
+    if kafka.max_message_bytes < MIN_MAX_MESSAGE_BYTES:
+        raise ConfigError(
+            f"[kafka] max_message_bytes = {kafka.max_message_bytes}: use {MIN_MAX_MESSAGE_BYTES} (256 KiB) or more "
+            "(default 8388608): the aggregates worker's largest own record, a part of a completed series' "
+            "digest (8,192 instances, about 220,000 bytes), must fit"
+        )
     # Under librdkafka's socket.timeout.ms (60 s) by a second, or a fetch that waits times out.
     if not 0 <= kafka.fetch_wait_max_ms <= 59_000:
         raise ConfigError(f"[kafka] fetch_wait_max_ms = {kafka.fetch_wait_max_ms}: use 0 to 59000 (default 50)")

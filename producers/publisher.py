@@ -13,7 +13,7 @@ import time
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from diana.clients import kafka_settings
+from diana.clients import kafka_settings, producer_size_limits
 from diana.config import KafkaConfig
 from diana.schemas.topics import EVENT_COMPRESSION
 
@@ -86,8 +86,9 @@ class EventPublisher:
                 "message.timeout.ms": int(timeout_s * 1000),
                 # The topic's codec (lz4: schemas/topics.py says why), so the broker keeps the batches as sent.
                 "compression.type": EVENT_COMPRESSION,
-                # The uncompressed event's bound; the topic and the broker hold the same limit.
-                "message.max.bytes": max_message_bytes,
+                # The uncompressed event's bound; the topic and the broker hold the same limit, and a
+                # batch of events stays under it (batch.size: producer_size_limits).
+                **producer_size_limits(max_message_bytes),
                 "socket.nagle.disable": True,
             },
         )

@@ -18,7 +18,7 @@ import structlog
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
-from diana.clients import kafka_consumer, kafka_producer
+from diana.clients import kafka_consumer, kafka_producer, producer_size_limits
 from diana.config import KafkaConfig
 from diana.group_membership import TOPICS_MISSING_FIX, GroupWatch, close_within, stats_interval_s
 from diana.schemas.topics import DEADLETTER, EVENT_COMPRESSION
@@ -120,7 +120,10 @@ class DeadLetters:
             {
                 "acks": "all",
                 "enable.idempotence": True,
-                # A dead letter is the original event (up to [kafka] max_message_bytes) plus its headers.
+                # A dead letter is the original event (up to [kafka] max_message_bytes) plus its headers;
+                # lz4-compressed, the broker checks it against the topic's limit. A batch of them stays
+                # under that limit (producer_size_limits: batch.size).
+                **producer_size_limits(kafka.max_message_bytes),
                 "message.max.bytes": kafka.max_message_bytes + 64 * 1024,
                 "compression.type": EVENT_COMPRESSION,
             },

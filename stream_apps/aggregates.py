@@ -246,7 +246,7 @@ class AggregatesHandler:
             # A re-sent instance (another delivery of the same SOP Instance UID) counts once. With
             # other bytes under REPLACE, the archive and the index now hold the newcomer: so do we.
             if self.replace and isinstance(seen, list) and seen[1] != record["sha256"][:16]:
-                self._replace(batch, partition, seen, record)
+                self._replace(batch, message, seen, record)
             return
         series_uid, study_uid = record["series_instance_uid"], record["study_instance_uid"]
         before = batch.get(partition, SERIES_STATE, series_uid)
@@ -258,7 +258,7 @@ class AggregatesHandler:
             known = lookup_digest(batch, partition, series_uid, sop) if is_late(before) else None
             if known is not None:
                 if self.replace and known[0] != record["sha256"][:8]:
-                    self._replace_compacted(batch, partition, known[1], record)
+                    self._replace_compacted(batch, message, known[1], record)
                 return
             if before["study_instance_uid"] != study_uid:
                 # One SeriesInstanceUID under two StudyInstanceUIDs (a modality or PACS error): the
@@ -297,14 +297,23 @@ class AggregatesHandler:
         if not is_late(before):
             self._publish(batch, series, study)  # a late one is published with the amended version
 
-    def _replace(self, batch: Batch, partition: int, seen: list, record: dict) -> None:
+    def _replace(self, batch: Batch, message: Message, seen: list, record: dict) -> None:
+        partition = message.partition()
         series = batch.get(partition, SERIES_STATE, record["series_instance_uid"])
         study = batch.get(partition, STUDY_STATE, record["study_instance_uid"])
-        if series is None or study is None or series["study_instance_uid"] != study["study_instance_uid"]:
+        # seen[3]: the series the instance was counted in (entries of older versions lack it).
+        counted_in = seen[3] if len(seen) > 3 else record["series_instance_uid"]
+        if (
+            series is None
+            or study is None
+            or series["study_instance_uid"] != study["study_instance_uid"]
+            or counted_in != record["series_instance_uid"]
+        ):
             # The corrected copy names another series or study than the one counted (or its series
             # under another study): the archive replaced it all the same; the aggregates keep
-            # counting it where it was.
-            log.warning("replace.elsewhere", sop_instance_uid=record["sop_instance_uid"])
+            # counting it where it was. Swapping its size into the series it names would change a
+            # series it was never counted in.
+            _replaced_elsewhere(message)
             return
         series, study = replace_instance(series, study, seen[2], record)
         batch.put(
@@ -317,13 +326,14 @@ class AggregatesHandler:
         batch.put(partition, STUDY_STATE, study["study_instance_uid"], study)
         self._publish(batch, series, study)
 
-    def _replace_compacted(self, batch: Batch, partition: int, old_size: int, record: dict) -> None:
+    def _replace_compacted(self, batch: Batch, message: Message, old_size: int, record: dict) -> None:
         """A corrected re-send (REPLACE) of an instance of a completed series, found in its digest."""
+        partition = message.partition()
         uid = record["series_instance_uid"]
         series = batch.get(partition, SERIES_STATE, uid)
         study = batch.get(partition, STUDY_STATE, record["study_instance_uid"])
         if series is None or study is None or series["study_instance_uid"] != study["study_instance_uid"]:
-            log.warning("replace.elsewhere", sop_instance_uid=record["sop_instance_uid"])
+            _replaced_elsewhere(message)
             return
         series, study = replace_instance(series, study, old_size, record)
         digest = digest_replace(
@@ -453,6 +463,11 @@ class AggregatesHandler:
 
     def _encode_study(self, study: dict) -> bytes:
         return self.codec.encode(STUDIES.value_schema, study_record(study))
+
+
+def _replaced_elsewhere(message: Message) -> None:
+    """Logged by the event's origin (topic/partition/offset), as dead letters are: never its UIDs."""
+    log.warning("replace.elsewhere", origin=f"{message.topic()}/{message.partition()}/{message.offset()}")
 
 
 def aggregates_loop(

@@ -14,6 +14,7 @@ import structlog
 from confluent_kafka import KafkaError, Message, Producer
 from prometheus_client import Counter
 
+from diana.clients import RECORD_FRAMING
 from diana.stream_apps.state_json import state_json
 from diana.stream_apps.state_store import StateStore
 
@@ -25,9 +26,6 @@ UNENCODABLE = Counter(
     "diana_stream_unencodable_total", "Records of the worker's own the schema refused (not published)", ["topic"]
 )
 
-# Room left under [kafka] max_message_bytes (the topics' max.message.bytes, which the broker checks
-# against the whole record batch) for the batch's and the record's framing.
-RECORD_FRAMING = 1024
 
 _DELETED = object()
 _ABSENT = object()
@@ -83,6 +81,8 @@ class Batch:
         self.delivered: dict[int, int] = {}
         self.last_offset: dict[int, int] = {}
         self.undelivered: set[int] = set()
+        # Error codes of failed delivery reports (a size refusal stops the worker: transactional.py).
+        self.failed_codes: set[int] = set()
         # Per partition, each changelog record's (namespace, key, JSON text or None): the local
         # file gets the same encoding, not a second one.
         self.encoded: dict[int, list[tuple[str, str, str | None]]] = {}
@@ -191,6 +191,7 @@ class Batch:
         partition = message.partition()
         if error is not None:
             self.undelivered.add(partition)
+            self.failed_codes.add(error.code())
             return
         self.delivered[partition] = self.delivered.get(partition, 0) + 1
         self.last_offset[partition] = max(self.last_offset.get(partition, -1), message.offset())

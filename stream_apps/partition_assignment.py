@@ -74,6 +74,42 @@ class PartitionAssignment:
         consumer.unassign()
         log.info("partitions.revoked", partitions=sorted({tp.partition for tp in partitions}))
 
+    def _reload(self, numbers: list[int]) -> dict[tuple[str, int], int]:
+        """Drop the state of partitions ``numbers`` and restore it exactly as an assignment does: the
+        committed offsets once stable, the changelog read read_committed from the local file's
+        checkpoint (or whole), the local file resumed; the input then resumes at those offsets.
+
+        For a transaction whose outcome is unknown (commit_transaction failed): whether it committed
+        or not, state and input position afterwards are what Kafka holds. Returns the offsets.
+        """
+        wanted = set(numbers)
+        assigned = [
+            TopicPartition(tp.topic, tp.partition) for tp in self.consumer.assignment() if tp.partition in wanted
+        ]
+        for partition in sorted(wanted):
+            self.store.drop(partition)
+            self.handler.partition_stopped(partition)
+            if self.local is not None:
+                self.local.close(partition)
+        committed = self._committed(assigned)
+        self._restore(sorted({tp.partition for tp in committed}))
+        self._started(committed)
+        self._seek(committed)
+        log.info("partitions.reloaded", partitions=sorted(wanted))
+        return {(tp.topic, tp.partition): tp.offset for tp in committed}
+
+    def _seek(self, positions: list[TopicPartition]) -> None:
+        """Move the input of ``positions`` (their partitions stay assigned) to those offsets."""
+        try:
+            for tp in positions:
+                self.consumer.seek(tp)
+        except KafkaException as exc:  # a partition not fetching yet cannot seek: set all positions anew
+            log.warning("rewind.reassign", reason=str(exc))
+            assignment = self.consumer.assignment()
+            moved = {(tp.topic, tp.partition) for tp in positions}
+            others = [tp for tp in self.consumer.position(assignment) if (tp.topic, tp.partition) not in moved]
+            self.consumer.assign(positions + others)
+
     def _committed(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
         """Committed offsets, or the start of the log for a partition never committed.
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from diana.stream_apps.batch import Batch
 from diana.stream_apps.digest import digest_join, digest_lookup, digest_part, digest_split
+from diana.stream_apps.local_state import LocalStateError
 
 __all__ = ["DIGEST", "delete_digest", "lookup_digest", "read_digest", "write_digest"]
 
@@ -28,11 +29,21 @@ def _part_count(head: Any) -> int:
     return head["parts"] if isinstance(head, dict) else 0
 
 
+def _part(batch: Batch, partition: int, series_uid: str, head: dict, n: int) -> str:
+    """Part ``n`` the index names. Absent, the state is not what the changelog committed (the index and
+    its parts are written in one transaction): reading it as "not in the digest" would count a re-send
+    again, so the worker ends and its restart restores the whole state. No UID in the message."""
+    part = batch.get(partition, DIGEST, _part_key(series_uid, n))
+    if part is None:
+        raise LocalStateError("damaged", f"a digest's part {n} of {head['parts']} is missing from the state")
+    return part
+
+
 def lookup_digest(batch: Batch, partition: int, series_uid: str, sop_uid: str) -> tuple[str, int] | None:
     """(SHA-256 prefix, size) of ``sop_uid`` if the series' digest holds it, else None."""
     head = batch.get(partition, DIGEST, series_uid)
     if isinstance(head, dict):
-        return digest_lookup(batch.get(partition, DIGEST, _part_key(series_uid, digest_part(head, sop_uid))), sop_uid)
+        return digest_lookup(_part(batch, partition, series_uid, head, digest_part(head, sop_uid)), sop_uid)
     return digest_lookup(head, sop_uid)
 
 
@@ -40,7 +51,7 @@ def read_digest(batch: Batch, partition: int, series_uid: str) -> str | None:
     """The series' whole digest (its parts joined), None if it has none."""
     head = batch.get(partition, DIGEST, series_uid)
     if isinstance(head, dict):
-        return digest_join(batch.get(partition, DIGEST, _part_key(series_uid, n)) for n in range(head["parts"]))
+        return digest_join(_part(batch, partition, series_uid, head, n) for n in range(head["parts"]))
     return head
 
 

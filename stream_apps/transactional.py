@@ -14,7 +14,9 @@ undercounted, completed series early, or stopped fetching a partition (faust-str
   cannot be trusted (state_restore.py), after the broker reports its committed offsets stable (no
   transaction of a dead predecessor pending), so state and input position always agree.
 - A failed transaction is aborted, its uncommitted state changes dropped, and the input rewound
-  to the committed offsets: the batch is processed again from the same state.
+  to the committed offsets: the batch is processed again from the same state. When
+  commit_transaction itself failed, whether the batch committed is unknown: its partitions' state
+  is dropped and restored as on an assignment, and the input resumes at the committed offsets.
 
 The handler sees a ``Batch`` (batch.py): state reads and writes (namespace, key) and sends. The
 loop's settings and call bounds are in loop_settings.py, assignment and restore in
@@ -33,7 +35,7 @@ import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import Counter
 
-from diana.clients import kafka_producer
+from diana.clients import kafka_producer, producer_size_limits
 from diana.group_membership import TOPICS_MISSING_FIX
 from diana.stream_apps.batch import Batch, Handler, RecordTooLarge
 from diana.stream_apps.local_state import Checkpoint, LocalStateError, LocalStates, now_ms
@@ -55,9 +57,6 @@ FAILED_MESSAGES = Counter(
 # A record refused for its size (by librdkafka at produce(), or by the broker): deterministic, the
 # batch done again refuses it again.
 _SIZE_ERRORS = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
-# How long a failed commit's outcome is asked for (the group's committed offsets) before the batch
-# is done again as if aborted.
-_OUTCOME_WAIT_S = 30.0
 
 
 class TransactionalLoop(PartitionAssignment):
@@ -93,6 +92,8 @@ class TransactionalLoop(PartitionAssignment):
         self.producer = self._new_producer()
         self._fatal_times: list[float] = []
         self._consumer_fatal_times: list[float] = []
+        # Error codes of this transaction's failed deliveries (the producer's on_delivery).
+        self._delivery_errors: set[int] = set()
 
     def _new_producer(self) -> Producer:
         return kafka_producer(
@@ -101,10 +102,14 @@ class TransactionalLoop(PartitionAssignment):
                 "transactional.id": self.settings.transactional_id,
                 "transaction.timeout.ms": self.settings.transaction_timeout_ms,
                 "linger.ms": 5,
-                # The topics' limit ([kafka] max_message_bytes), with the sinks' headroom for a dead
-                # letter's headers. librdkafka's default (1,000,000) refused a completed series'
-                # digest or a large dead letter at produce(), and the batch was aborted for ever.
-                "message.max.bytes": self.settings.kafka.max_message_bytes + 64 * 1024,
+                # The topics' limit ([kafka] max_message_bytes), for one record and for a batch of them
+                # (producer_size_limits). librdkafka's default (1,000,000) refused a completed series'
+                # digest or a large dead letter at produce(), and the batch was aborted for ever. A dead
+                # letter over the limit drops its bytes (Batch.send_dead_letter): no headroom needed.
+                **producer_size_limits(self.settings.kafka.max_message_bytes),
+                # Every record's delivery report without a callback of its own: a record the broker
+                # refused for its size shows only here (commit_transaction says _INCONSISTENT).
+                "on_delivery": self._delivery_failed,
             },
         )
 
@@ -156,6 +161,7 @@ class TransactionalLoop(PartitionAssignment):
             starts.setdefault((topic, message.partition()), message.offset())
             per_topic[topic] = per_topic.get(topic, 0) + 1
         began, began_ms = time.monotonic(), now_ms()
+        self._delivery_errors = set()
         committing = False
         try:
             self.producer.begin_transaction()
@@ -173,21 +179,19 @@ class TransactionalLoop(PartitionAssignment):
         except RecordTooLarge as exc:
             raise self._record_too_large(str(exc)) from exc
         except KafkaException as exc:
-            if exc.args[0].code() in _SIZE_ERRORS:
-                raise self._record_too_large(f"a record refused for its size ({exc.args[0].str()})") from exc
-            self._abort(exc)
-            if not (committing and self._committed_after_all(offsets)):
+            error: KafkaError = exc.args[0]
+            if error.code() in _SIZE_ERRORS:
+                raise self._record_too_large(f"a record refused for its size ({error.str()})") from exc
+            refused = self._refused_for_size(batch)
+            if refused is not None:
+                # librdkafka reports a record the broker refused as an abortable _INCONSISTENT
+                # "N message(s) failed delivery" of commit_transaction; the cause is in the reports.
+                raise self._record_too_large(f"a record refused by the broker for its size ({refused})") from exc
+            self._abort(exc, "commit_failed" if committing else "aborted")
+            if committing:
+                self._reload_after_failed_commit(batch, starts, offsets, per_topic)
+            else:
                 self._rewind(starts)
-                return
-            # The commit went through although commit_transaction failed: the batch is the state now.
-            # The local files of its partitions are left as they were, the older true snapshot
-            # (suspended until the next restore reads their changelog tail): its changelog positions
-            # came with the replaced producer's delivery reports, and are not worth the doubt.
-            TRANSACTIONS.labels("commit_outcome_committed").inc()
-            batch.commit_locally()
-            if self.local is not None:
-                for partition in batch.sent:
-                    self.local.suspend(partition, "the commit's outcome was learnt from the committed offsets")
             return
         batch.commit_locally()
         if self.local is not None:
@@ -208,41 +212,49 @@ class TransactionalLoop(PartitionAssignment):
             "the worker again"
         )
 
-    def _committed_after_all(self, ends: dict[tuple[str, int], int]) -> bool:
-        """Did the batch commit although commit_transaction failed (its answer lost, or the retries
-        ran out after the coordinator had the commit)? Asked after the new producer's
-        init_transactions, which completes a commit the coordinator had begun and aborts anything
-        else: the group's committed offsets (stable ones: read_committed) are then at the batch's
-        ends, or where the batch began.
+    def _reload_after_failed_commit(
+        self,
+        batch: Batch,
+        starts: dict[tuple[str, int], int],
+        ends: dict[tuple[str, int], int],
+        per_topic: dict[str, int],
+    ) -> None:
+        """commit_transaction failed: the batch may have committed (its answer lost, or the retries
+        ran out after the coordinator had the commit; the new producer's init_transactions then
+        completes it) or not. Its partitions' state is dropped and restored as on an assignment
+        (``_reload``), so whatever the outcome, state, local files and input position are what Kafka
+        holds: a committed batch is not done again, an aborted one is, from the state before it.
 
-        Before, such a batch was always rewound and done again from the state before it: its
-        outputs published twice, and a revision number given to two contents where a tick's wall
-        clock made the second run differ. If the offsets cannot be read, the batch is rewound as
-        before (logged ``transaction.commit_outcome_unknown``).
+        Before, the outcome was guessed from the committed offsets alone and a batch taken as committed
+        kept its in-memory state and suspended its local files until the next restore; after two failed
+        commits in a row an uncommitted redo could be kept as committed.
         """
-        wanted = [TopicPartition(t, p) for (t, p) in ends]
-        deadline = time.monotonic() + _OUTCOME_WAIT_S
-        while True:
-            try:
-                with slow("transaction.commit_outcome"):
-                    answer = self.consumer.committed(wanted, timeout=self.settings.call_timeout_s)
-                if not any(tp.error for tp in answer):
-                    break
-                reason = "; ".join(str(tp.error) for tp in answer if tp.error)
-            except KafkaException as exc:
-                reason = str(exc)
-            self._still_running()
-            if time.monotonic() > deadline:
-                log.warning("transaction.commit_outcome_unknown", reason=reason, fix="the batch is done again")
-                return False
-            time.sleep(0.5)
-        at_end = [tp.offset == ends[(tp.topic, tp.partition)] for tp in answer]
-        if at_end and all(at_end):
-            log.warning("transaction.commit_outcome_committed", partitions=sorted({p for _, p in ends}))
-            return True
-        if any(at_end):  # not this transaction's doing (it commits all its offsets or none): another owner's
-            log.warning("transaction.commit_outcome_unexpected", fix="the batch is done again")
-        return False
+        numbers = sorted({p for _, p in starts} | set(batch.sent))
+        offsets = self._reload(numbers)
+        # Each batch begins at the committed offsets (a restore puts the input there): at its ends,
+        # this batch committed; anything else, it did not.
+        committed = all(offsets.get(key) == end for key, end in ends.items())
+        log.warning("transaction.commit_outcome", committed=committed, partitions=numbers)
+        if committed:
+            TRANSACTIONS.labels("committed_after_failed_commit").inc()
+            for topic, count in per_topic.items():
+                MESSAGES.labels(topic).inc(count)
+
+    def _delivery_failed(self, error: KafkaError | None, _message: Message) -> None:
+        """The producer's delivery report of every record without a callback of its own."""
+        if error is not None:
+            self._delivery_errors.add(error.code())
+
+    def _refused_for_size(self, batch: Batch) -> str | None:
+        """The name of a size error in this transaction's failed delivery reports, if any."""
+        try:
+            self.producer.poll(0)  # reports still queued (commit_transaction serves most of them)
+        except (KafkaException, RuntimeError):
+            pass
+        for code in sorted(self._delivery_errors | batch.failed_codes):
+            if code in _SIZE_ERRORS:
+                return "MSG_SIZE_TOO_LARGE" if code == KafkaError.MSG_SIZE_TOO_LARGE else "RECORD_LIST_TOO_LARGE"
+        return None
 
     def _write_local(self, batch: Batch, began_ms: int) -> None:
         """The committed batch's changes to each partition's local file, with the checkpoint.
@@ -341,18 +353,19 @@ class TransactionalLoop(PartitionAssignment):
                     continue
                 raise
 
-    def _abort(self, exc: KafkaException) -> None:
-        """Give up the batch: a new producer aborts it (the caller then rewinds the input).
+    def _abort(self, exc: KafkaException, outcome: str = "aborted") -> None:
+        """Give up the batch: a new producer aborts it (the caller then rewinds the input, or after a
+        failed commit restores the batch's partitions).
 
         The new producer's init_transactions (same transactional id) aborts whatever the old one
-        left open, or completes a commit the coordinator had already begun (_committed_after_all).
+        left open, or completes a commit the coordinator had already begun (_reload_after_failed_commit).
         Reusing the old producer did not work: after a broker restart its
         send_offsets_to_transaction hung for minutes despite its 30 s timeout (librdkafka 2.16),
         until the group dropped the worker; a fresh producer looks the coordinator up anew.
         """
         error: KafkaError = exc.args[0]
-        TRANSACTIONS.labels("aborted").inc()
-        log.warning("transaction.aborted", reason=str(error))
+        TRANSACTIONS.labels(outcome).inc()
+        log.warning(f"transaction.{outcome}", reason=str(error))
         if error.fatal():
             now = time.monotonic()
             self._fatal_times = [t for t in self._fatal_times if now - t < 60] + [now]
@@ -378,16 +391,9 @@ class TransactionalLoop(PartitionAssignment):
         The batch's first offsets are known here, so no broker call is needed: asking the broker
         for committed offsets right after a restart timed out again and again (CI, fault suite).
         """
-        assignment = self.consumer.assignment()
-        assigned = {(tp.topic, tp.partition) for tp in assignment}
+        assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
         back = [TopicPartition(t, p, o) for (t, p), o in starts.items() if (t, p) in assigned]
-        try:
-            for tp in back:
-                self.consumer.seek(tp)
-        except KafkaException as exc:  # a partition not fetching yet cannot seek: set all positions anew
-            log.warning("rewind.reassign", reason=str(exc))
-            others = [tp for tp in self.consumer.position(assignment) if (tp.topic, tp.partition) not in starts]
-            self.consumer.assign(back + others)
+        self._seek(back)
         self._started(back)
 
     def _retry(self, what: str, call: Callable[[], None]) -> None:

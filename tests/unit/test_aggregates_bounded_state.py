@@ -35,8 +35,8 @@ from diana.stream_apps.aggregates import (
 )
 from diana.stream_apps.batch import Batch, _Store
 from diana.stream_apps.completeness import QuietTimes
-from diana.stream_apps.digest import PART_ENTRIES, digest_build, digest_count
-from diana.stream_apps.local_state import Checkpoint, LocalStates
+from diana.stream_apps.digest import PART_ENTRIES, digest_build, digest_count, digest_part
+from diana.stream_apps.local_state import Checkpoint, LocalStateError, LocalStates
 from diana.stream_apps.series_digest import delete_digest, lookup_digest, read_digest, write_digest
 from diana.stream_apps.state_store import StateStore
 
@@ -371,3 +371,35 @@ def test_a_corrected_re_send_naming_another_study_changes_neither_study():
     w.feed(corrected)
     assert w.space(STUDY_STATE)["1.2.4"]["total_bytes"] == 100
     assert w.space(STUDY_STATE)["1.2.3"]["total_bytes"] == w.space(SERIES_STATE)["1.2.3.9"]["total_bytes"] == 100
+
+
+def test_a_corrected_re_send_naming_another_series_of_the_same_study_changes_no_series(capsys):
+    """The reviewer's test_replace_other_series.py: the copy's size went into the series it named,
+    one it was never counted in; and the log line named the instance by its UID."""
+    w = Worker()
+    w.handler.replace = True
+    w.feed(_event("1.2.3", "1.2.3.4", 1, 1), _event("1.2.3", "1.2.3.5", 2, 2))
+    corrected = _event("1.2.3", "1.2.3.5", 1, 3, sop="1.2.3.4.1")  # instance 1 of 1.2.3.4, naming 1.2.3.5
+    corrected["sha256"], corrected["size_bytes"] = "b" * 64, 5000
+    w.feed(corrected)
+    assert w.space(SERIES_STATE)["1.2.3.4"]["total_bytes"] == w.space(SERIES_STATE)["1.2.3.5"]["total_bytes"] == 100
+    assert w.space(STUDY_STATE)["1.2.3"]["total_bytes"] == 200
+    assert w.space(SEEN)["1.2.3.4.1"][1] == "a" * 16  # still counted with its first bytes
+    logged = capsys.readouterr().out
+    assert "replace.elsewhere" in logged and "origin=dicom.instances/0/2" in logged
+    assert "1.2.3.4.1" not in logged
+
+
+def test_a_digest_part_the_index_names_but_the_state_lacks_ends_the_worker_for_a_full_restore():
+    """A missing part read as "not in the digest": a re-send of one of its instances counted again."""
+    w = Worker()
+    _completed_series(w, PART_ENTRIES + 100)
+    del w.space(DIGEST)["9.1.1/1"]
+    head = w.space(DIGEST)["9.1.1"]
+    in_part_one = next(f"9.1.1.{n}" for n in range(1, PART_ENTRIES + 101) if digest_part(head, f"9.1.1.{n}") == 1)
+    batch = Batch(w.store, w.producer, CHANGELOG)
+    with pytest.raises(LocalStateError, match="part 1 of 2"):
+        lookup_digest(batch, 0, "9.1.1", in_part_one)
+    with pytest.raises(LocalStateError, match="part 1 of 2"):
+        read_digest(batch, 0, "9.1.1")
+    assert "9.1.1" not in str(pytest.raises(LocalStateError, read_digest, batch, 0, "9.1.1").value)

@@ -24,7 +24,7 @@ from diana.schemas.topics import DEADLETTER, INSTANCES
 from diana.stream_apps.aggregates import COLD, DIGEST, SEEN, SERIES_STATE, AggregatesHandler, changelog_topic
 from diana.stream_apps.batch import Batch
 from diana.stream_apps.completeness import QuietTimes
-from diana.stream_apps.digest import PART_ENTRIES, digest_count
+from diana.stream_apps.digest import PART_ENTRIES, digest_build, digest_count
 from diana.stream_apps.loop_settings import LoopSettings
 from diana.stream_apps.state_store import StateStore
 from diana.stream_apps.transactional import GiveUp, TransactionalLoop
@@ -38,6 +38,7 @@ class SizeLimitedProducer:
     """The transactional producer, as far as the loop uses it; produce() refuses what librdkafka would."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
         self.limit = int(settings.get("message.max.bytes", LIBRDKAFKA_DEFAULT_MAX))
         self.committed: list[list[tuple]] = []
         self.open: list[tuple] = []
@@ -135,9 +136,28 @@ def message(ev: dict, offset: int, value: bytes | None = None) -> Message:
     return Message(topic=INSTANCES.name, partition=0, offset=offset, value=value, timestamp=(2, stamp))
 
 
-def test_the_worker_produces_records_up_to_max_message_bytes(monkeypatch):
+def test_the_worker_produces_records_up_to_max_message_bytes_and_batches_never_over_it(monkeypatch):
+    """librdkafka caps a record batch at min(message.max.bytes, batch.size), batch.size 1,000,000 by
+    default: under a limit of 600,000 a batch reached 665,536 bytes and the broker refused it."""
     loop = loop_with(monkeypatch, AggregatesHandler(QuietTimes.parse("*=60")), KafkaConfig(max_message_bytes=3_000_000))
-    assert loop.producer.limit == 3_000_000 + 64 * 1024
+    assert (loop.producer.limit, loop.producer.settings["batch.size"]) == (3_000_000, 1_000_000)
+    small = loop_with(monkeypatch, AggregatesHandler(QuietTimes.parse("*=60")), KafkaConfig(max_message_bytes=600_000))
+    assert (small.producer.limit, small.producer.settings["batch.size"]) == (600_000, 600_000 - 1024)
+
+
+def test_the_receiver_and_the_sinks_dead_letters_batch_under_max_message_bytes_too(monkeypatch):
+    from diana.producers import publisher
+    from diana.sinks import consumer
+
+    made: list[dict] = []
+    monkeypatch.setattr(publisher, "Producer", lambda settings: made.append(settings) or SizeLimitedProducer(settings))
+    monkeypatch.setattr(consumer, "kafka_producer", lambda _kafka, extra: made.append(extra) or object())
+    kafka = KafkaConfig(max_message_bytes=600_000)
+    publisher.EventPublisher(kafka).close()
+    consumer.DeadLetters(kafka, "sink")
+    (receiver, dead_letters) = made
+    assert (receiver["message.max.bytes"], receiver["batch.size"]) == (600_000, 598_976)
+    assert dead_letters["batch.size"] == 598_976
 
 
 def test_a_dead_letter_larger_than_the_limit_keeps_its_origin_and_reason_and_the_batch_commits(monkeypatch):
@@ -254,3 +274,16 @@ def test_a_series_of_40000_instances_completes_with_every_record_under_a_megabyt
     tombstones = {r[1] for b in again.producer.committed for r in b if r[0] == CHANGELOG and r[2] is None}
     assert {b"digest/1.2.3.4", *(f"digest/1.2.3.4/{p}".encode() for p in range(5))} <= tombstones
     assert not any(k.startswith("1.2.3.4") for k in again.store.partitions[0].get(DIGEST, {}))
+
+
+def test_the_least_max_message_bytes_the_config_accepts_holds_a_full_digest_part():
+    """[kafka] max_message_bytes is refused below MIN_MAX_MESSAGE_BYTES (diana/config.py), which must
+    hold the largest record the worker makes of its own bounded state: a full digest part."""
+    from diana.config import MIN_MAX_MESSAGE_BYTES
+    from diana.stream_apps.digest import digest_split
+    from diana.stream_apps.state_json import state_json
+
+    uids = [f"1.2.826.0.1.3680043.10.98.{i}" for i in range(PART_ENTRIES + 1)]
+    _, parts = digest_split(digest_build((uid, "ab" * 32, 2**40) for uid in uids))
+    key = f"{DIGEST}/{'1.2.' + '9' * 60}/0"  # the longest series UID (64 characters)
+    assert len(state_json(parts[0])) + len(key) + 1024 < MIN_MAX_MESSAGE_BYTES

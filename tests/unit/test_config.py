@@ -28,6 +28,7 @@ def test_defaults_file_and_environment_in_that_order(tmp_path: Path):
         ('[receiver]\nport = "many"\n', "expected int"),
         ("[receiver\n", "not valid TOML"),
         ("[stream]\ntransaction_max_events = 0\n", "transaction_max_events = 0: use 1 to 100000"),
+        ("[kafka]\nmax_message_bytes = 200000\n", "max_message_bytes = 200000: use 262144 \\(256 KiB\\) or more"),
         ("[kafka]\nfetch_min_bytes = 0\n", "fetch_min_bytes = 0: use 1 to 1048576"),
         ("[kafka]\nfetch_min_bytes = 2000000\n", "fetch_min_bytes = 2000000: use 1 to 1048576"),
         ("[kafka]\nfetch_wait_max_ms = -1\n", "fetch_wait_max_ms = -1: use 0 to 59000"),
