@@ -429,22 +429,40 @@ def _pressure_of(exc: TransportError) -> tuple[int, int] | None:
     return next(filter(None, map(over_pressure_limit, _reasons(exc))), None)
 
 
+def _opensearch_error(exc: TransportError) -> dict[str, Any] | None:
+    """OpenSearch's own error answer (JSON, ``error.type``), or None: a proxy's page, plain text."""
+    error = exc.info.get("error") if isinstance(exc.info, dict) else None
+    return error if isinstance(error, dict) and error.get("type") else None
+
+
 def refused_whole_status(exc: TransportError) -> int | None:
     """413, 400 or 429 if OpenSearch (or a proxy before it) refused the request as a whole, sending it
-    again unchanged is refused again; else None."""
+    again unchanged is refused again; else None. A 400 counts only in OpenSearch's words (its JSON error):
+    a proxy's 400 page (nginx's "Request Header Or Cookie Too Large", a reload gone wrong) says nothing of
+    the documents and is retried."""
     if isinstance(exc, OSConnectionError):
         return None
     if exc.status_code == 429:
         return 429 if _pressure_of(exc) is not None else None
+    if exc.status_code == 400:
+        return 400 if _opensearch_error(exc) is not None else None
     return int(exc.status_code) if exc.status_code in _REFUSED_WHOLE else None
+
+
+def _described(exc: TransportError) -> str:
+    """An error for the log: OpenSearch's type and reason, or the status alone (not a proxy's page)."""
+    error = _opensearch_error(exc) if not isinstance(exc, OSConnectionError) else None
+    if error is not None or isinstance(exc, OSConnectionError) or not isinstance(exc.status_code, int):
+        return str(exc)
+    return f"HTTP {exc.status_code}, not in the words of OpenSearch (a proxy before it?)"
 
 
 def _pressure_refusal(body_bytes: int, operation: int, limit: int) -> dict[str, str]:
     return {
         "type": "request_too_large",
         "reason": f"HTTP 429 for a bulk request of this document alone ({body_bytes} bytes): OpenSearch counts "
-        f"{operation} bytes, over the node's indexing pressure limit of {limit} bytes: the document is too large "
-        "for this node; raise its heap (indexing_pressure.memory.limit is 10 % of it) and replay it",
+        f"{operation} bytes, over the indexing pressure limit of the node, {limit} bytes: the document is too "
+        "large for this node; raise its heap (indexing_pressure.memory.limit is 10 % of it) and replay it",
     }
 
 
@@ -452,22 +470,91 @@ def _refusal(exc: TransportError, body_bytes: int) -> dict[str, str]:
     """The error of a document whose bulk request, holding it alone, was refused as a whole: an item's
     error as ``_outcomes`` reads it. No text of a proxy's answer; OpenSearch's goes through
     ``rejection_reason`` as a document's does (quoted values withheld)."""
+    # The sink's own words carry no apostrophe: ``rejection_reason`` withholds any text between two of them.
     if exc.status_code == 413:
         return {
             "type": "request_too_large",
-            "reason": f"HTTP 413 for a bulk request of this document alone ({body_bytes} bytes): over a proxy's "
-            "client_max_body_size or OpenSearch's http.max_content_length",
+            "reason": f"HTTP 413 for a bulk request of this document alone ({body_bytes} bytes): over the "
+            "client_max_body_size of a proxy or the http.max_content_length of OpenSearch",
         }
     pressure = _pressure_of(exc) if exc.status_code == 429 else None
     if pressure is not None:
         return _pressure_refusal(body_bytes, *pressure)
-    error = exc.info.get("error") if isinstance(exc.info, dict) else None
-    if isinstance(error, dict):
-        return {
-            "type": str(error.get("type") or "bad_request"),
-            "reason": f"bulk request refused as a whole (HTTP 400): {error.get('reason') or ''}",
-        }
-    return {"type": "bad_request", "reason": "bulk request refused as a whole (HTTP 400), not in OpenSearch's words"}
+    error = _opensearch_error(exc) or {}  # a 400 reaches here only in OpenSearch's words (refused_whole_status)
+    return {
+        "type": str(error.get("type") or "bad_request"),
+        "reason": f"bulk request refused as a whole (HTTP 400): {error.get('reason') or ''}",
+    }
+
+
+class _RequestSizes:
+    """What the sink knows of the size of request a proxy or OpenSearch takes, shared by its threads.
+
+    ``split_at``: a request at least this large (of more than one document) is cut in halves before it is
+    sent. It is the smallest request of several documents refused whole (413, 429 over the indexing pressure
+    limit), taken only from a split in which some request was accepted (a proxy refusing everything for a
+    while says nothing of sizes), never at or below the largest body accepted lately, cleared by a body of
+    its size accepted, and forgotten after ``FORGET_S``: the next request goes at [sinks] bulk_max_bytes
+    again (one refused request then sets it again). Before, the smallest size refused stayed until a restart.
+
+    ``largest_accepted``: the largest body accepted in the last ``ACCEPTED_WINDOW_S`` to 2x that. A document
+    alone no larger than it, refused with 413, is not refused for its size (``_send_parts``)."""
+
+    FORGET_S = 600.0
+    ACCEPTED_WINDOW_S = 300.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._split_at = float("inf")
+        self._split_set_at = 0.0
+        # the largest body accepted in this window and in the one before (a limit lowered meanwhile is
+        # believed within two windows)
+        self._accepted = (0, 0)
+        self._window_started = clock()
+
+    def _roll(self, now: float) -> None:
+        passed = int((now - self._window_started) // self.ACCEPTED_WINDOW_S)
+        if passed >= 1:
+            self._accepted = (0, self._accepted[0]) if passed == 1 else (0, 0)
+            self._window_started += passed * self.ACCEPTED_WINDOW_S
+
+    def split_at(self) -> float:
+        with self._lock:
+            if self._split_at != float("inf") and self._clock() - self._split_set_at >= self.FORGET_S:
+                self._split_at = float("inf")
+            return self._split_at
+
+    def largest_accepted(self) -> int:
+        with self._lock:
+            self._roll(self._clock())
+            return max(self._accepted)
+
+    def accepted(self, body_bytes: int) -> None:
+        with self._lock:
+            self._roll(self._clock())
+            self._accepted = (max(self._accepted[0], body_bytes), self._accepted[1])
+            if body_bytes >= self._split_at:  # taken after all (a single document, sent whatever its size)
+                self._split_at = float("inf")
+
+    def refused(self, body_bytes: int) -> None:
+        """A request of several documents refused whole, in a split where some request was accepted."""
+        with self._lock:
+            now = self._clock()
+            self._roll(now)
+            if body_bytes > max(self._accepted) and body_bytes < self._split_at:
+                self._split_at, self._split_set_at = body_bytes, now
+
+
+@dataclass
+class _Split:
+    """One request sent, and the halves it was cut into, as they went."""
+
+    split_at: float  # the sink's split_at when it started, lowered by the refusals of this split
+    accepted: int = 0  # requests answered
+    refused: list[int] = field(default_factory=list)  # sizes of the requests of several documents refused
+    unproven: int = 0  # documents refused alone, with no proof the refusal is theirs (413, 400)
+    status: int | None = None  # the status of the last refusal
 
 
 class OpenSearchSink:
@@ -521,10 +608,9 @@ class OpenSearchSink:
         self.layout = layout
         self.codec = codec or default_codec()
         self._indices_ready = False
-        # The smallest request a 413 (or a 429 over the indexing pressure limit) refused: a larger one is
-        # split before it is sent, not refused again
-        # (with a proxy's 1 MB against 5 MB requests, every request went up 7 times, 3 of them refused).
-        self._too_large_at = float("inf")
+        # The size of request taken (``_RequestSizes``): a request larger than one refused is split before it
+        # is sent (with a proxy's 1 MB against 5 MB requests, every request went up 7 times, 3 of them refused).
+        self._sizes = _RequestSizes()
         self._refusals_said: set[int] = set()  # statuses of whole-request refusals logged (once each)
         self._conflicts = _ConflictLog()
 
@@ -644,37 +730,61 @@ class OpenSearchSink:
 
     def _send_retryable(self, items: list[tuple[Message, dict, bytes]], body: bytes) -> dict[str, Any]:
         """``_send``; OpenSearch not answering is a RetryableError (the batch is written again). A request
-        refused as a whole (413, 400, a 429 over the node's indexing pressure limit) is sent again in halves,
-        down to its documents: one refused alone gets that refusal as its item's answer (``_refusal``),
-        dead-lettered as any document OpenSearch refuses."""
-        return {"items": self._send_parts(items, body)}
+        refused as a whole (413, 400 in OpenSearch's words, a 429 over the node's indexing pressure limit) is
+        sent again in halves, down to its documents: one refused alone gets that refusal as its item's answer
+        (``_refusal``), dead-lettered as any document OpenSearch refuses. But not when the refusal hit every
+        request of the split: no request accepted and a document refused alone with a 413 or 400 (a proxy
+        refusing everything, OpenSearch refusing every request) is a RetryableError, the batch written again
+        with the consumer's backoff; before, the whole batch was dead-lettered and its offsets committed."""
+        split = _Split(self._sizes.split_at())
+        answers = self._send_parts(items, body, split)
+        if split.unproven and not split.accepted:
+            raise RetryableError(
+                f"every bulk request refused as a whole (HTTP {split.status}), none accepted, down to single "
+                f"documents: not the documents, retried; fix: {REFUSED_WHOLE_FIX[split.status or 413]}"
+            )
+        if split.accepted:  # sizes refused while requests went through: a limit on size
+            for refused_bytes in split.refused:
+                self._sizes.refused(refused_bytes)
+        return {"items": answers}
 
-    def _send_parts(self, items: list[tuple[Message, dict, bytes]], body: bytes) -> list[dict[str, Any]]:
-        if len(items) > 1 and len(body) >= self._too_large_at:
-            return self._send_halves(items)
+    def _send_parts(self, items: list[tuple[Message, dict, bytes]], body: bytes, split: _Split) -> list[dict[str, Any]]:
+        if len(items) > 1 and len(body) >= split.split_at:
+            return self._send_halves(items, split)
         try:
             answers = list(self._send(body)["items"])
         except (OSConnectionError, TransportError) as exc:
             status = refused_whole_status(exc)
             if status is None:
-                raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
+                raise RetryableError(f"OpenSearch unavailable: {_described(exc)}") from exc
             refused = exc
         else:
-            return self._items_over_pressure_in_parts(items, body, answers)
+            split.accepted += 1
+            self._sizes.accepted(len(body))
+            return self._items_over_pressure_in_parts(items, body, answers, split)
         self._say_refused(status, len(items), len(body))
-        if status in (413, 429):
-            self._too_large_at = min(self._too_large_at, len(body))
+        split.status = status
         if len(items) == 1:
+            if status == 413 and len(body) <= (largest := self._sizes.largest_accepted()):
+                raise RetryableError(
+                    f"HTTP 413 for a document alone of {len(body)} bytes, no larger than a request accepted "
+                    f"lately ({largest} bytes): not its size, retried"
+                ) from refused
+            if status != 429:  # a 429 names the operation's bytes over the node's limit: the document's own
+                split.unproven += 1
             # A document over the node's indexing pressure limit alone is refused as too large (a 429 item is
             # retried, ``_outcomes``): the same answer as a 413's.
             item_status = 413 if status == 429 else status
             return [
                 {items[0][1].get("op_type", "index"): {"status": item_status, "error": _refusal(refused, len(body))}}
             ]
-        return self._send_halves(items)
+        if status in (413, 429):
+            split.refused.append(len(body))
+            split.split_at = min(split.split_at, len(body))
+        return self._send_halves(items, split)
 
     def _items_over_pressure_in_parts(
-        self, items: list[tuple[Message, dict, bytes]], body: bytes, answers: list[dict[str, Any]]
+        self, items: list[tuple[Message, dict, bytes]], body: bytes, answers: list[dict[str, Any]], split: _Split
     ) -> list[dict[str, Any]]:
         """The items a shard's request held, refused with a 429 for that request's own size (a primary on
         another node, or shard indexing pressure, refuse per shard, the rest of the request written): sent
@@ -694,7 +804,9 @@ class OpenSearchSink:
                 {items[0][1].get("op_type", "index"): {"status": 413, "error": _pressure_refusal(len(body), *over[0])}}
             ]
         again = [items[i] for i in over]
-        redone = iter(self._send_halves(again) if len(again) > 1 else self._send_parts(again, _request(again).body))
+        redone = iter(
+            self._send_halves(again, split) if len(again) > 1 else self._send_parts(again, _request(again).body, split)
+        )
         return [next(redone) if i in over else answer for i, answer in enumerate(answers)]
 
     def _say_refused(self, status: int, documents: int, body_bytes: int) -> None:
@@ -707,14 +819,18 @@ class OpenSearchSink:
             status=status,
             documents=documents,
             bytes=body_bytes,
-            action="sent again in halves; a document refused alone is dead-lettered",
+            action="sent again in halves; a document refused alone is dead-lettered, unless none was accepted "
+            "(then retried)",
             fix=REFUSED_WHOLE_FIX[status],
         )
 
-    def _send_halves(self, items: list[tuple[Message, dict, bytes]]) -> list[dict[str, Any]]:
+    def _send_halves(self, items: list[tuple[Message, dict, bytes]], split: _Split) -> list[dict[str, Any]]:
         half = len(items) // 2
         first, second = items[:half], items[half:]
-        return [*self._send_parts(first, _request(first).body), *self._send_parts(second, _request(second).body)]
+        return [
+            *self._send_parts(first, _request(first).body, split),
+            *self._send_parts(second, _request(second).body, split),
+        ]
 
     def _outcomes(
         self,
