@@ -295,9 +295,13 @@ def _instant(value: Any) -> datetime | None:
 
 
 class _ConflictLog:
-    """Revision conflicts said at most once a minute per cause, with the documents counted since that cause's
-    line before (the metric has every one). A replay refuses thousands of revisions: said at info, as normal;
-    a revision line restarted is a warning, naming one of its ids as the sink's other lines name theirs."""
+    """Revision conflicts said at most once a minute per index and cause, with the documents counted since
+    that line (the metric has every one). A replay refuses thousands of revisions: said at info, as normal;
+    a revision line restarted is a warning, naming one of its ids as the sink's other lines name theirs.
+    The first of an index and cause is said at once; what came within the minute after is said by the
+    first ``add`` or ``flush`` (each batch's end) once the minute has passed. Before, the minute was per
+    cause: a restarted line of another index within it waited for a later one of the same cause, maybe
+    never said."""
 
     WINDOW_S = 60.0
 
@@ -306,46 +310,56 @@ class _ConflictLog:
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, str], int] = {}  # (index alias, cause) -> documents not said yet
         self._examples: dict[str, str] = {}  # index alias -> an id of a restarted line not said yet
-        self._said_at: dict[str, float] = {}  # cause -> when its last line was written
+        self._said_at: dict[tuple[str, str], float] = {}  # (index alias, cause) -> when its last line was written
 
     def add(self, index: str, cause: str, documents: int, example: str | None = None) -> None:
         with self._lock:
             self._pending[(index, cause)] = self._pending.get((index, cause), 0) + documents
             if example is not None:
                 self._examples.setdefault(index, example)
+        self.flush()
+
+    def flush(self) -> None:
+        """Say what waits whose minute has passed."""
+        with self._lock:
             now = self._clock()
-            if cause in self._said_at and now - self._said_at[cause] < self.WINDOW_S:
-                return
-            self._said_at[cause] = now
-            due = {i: n for (i, c), n in self._pending.items() if c == cause}
-            for i in due:
-                del self._pending[(i, cause)]
-            examples = {i: self._examples.pop(i, None) for i in due} if cause == "restarted" else {}
-        for alias, count in due.items():
-            if cause == "restarted":
-                log.warning(
-                    "opensearch.revision_line_restarted",
-                    index=alias,
-                    documents=count,
-                    example_id=examples.get(alias),
-                    meaning="events newer than their stored documents came with lower revisions: the aggregates "
-                    "started their revision line again, and these documents stay stale until it passes them",
-                    fix="docs/OPERATIONS.md, 'Revisions the index refuses'",
-                )
-            elif cause == "replayed":
-                log.info(
-                    "opensearch.older_revisions_skipped",
-                    index=alias,
-                    documents=count,
-                    meaning="revisions older than the indexed ones (a replay or re-delivery): normal",
-                )
-            else:
-                log.info(
-                    "opensearch.lower_revisions_skipped",
-                    index=alias,
-                    documents=count,
-                    meaning="revisions lower than the indexed ones; their times not compared",
-                )
+            due = [
+                key for key in self._pending if key not in self._said_at or now - self._said_at[key] >= self.WINDOW_S
+            ]
+            lines = []
+            for key in due:
+                self._said_at[key] = now
+                example = self._examples.pop(key[0], None) if key[1] == "restarted" else None
+                lines.append((key, self._pending.pop(key), example))
+        for (alias, cause), count, example in lines:
+            self._say(alias, cause, count, example)
+
+    @staticmethod
+    def _say(alias: str, cause: str, count: int, example: str | None) -> None:
+        if cause == "restarted":
+            log.warning(
+                "opensearch.revision_line_restarted",
+                index=alias,
+                documents=count,
+                example_id=example,
+                meaning="events newer than their stored documents came with lower revisions: the aggregates "
+                "started their revision line again, and these documents stay stale until it passes them",
+                fix="docs/OPERATIONS.md, 'Revisions the index refuses'",
+            )
+        elif cause == "replayed":
+            log.info(
+                "opensearch.older_revisions_skipped",
+                index=alias,
+                documents=count,
+                meaning="revisions older than the indexed ones (a replay or re-delivery): normal",
+            )
+        else:
+            log.info(
+                "opensearch.lower_revisions_skipped",
+                index=alias,
+                documents=count,
+                meaning="revisions lower than the indexed ones; their times not compared",
+            )
 
 
 @dataclass
@@ -559,6 +573,7 @@ class _Split:
 
 class OpenSearchSink:
     name = "opensearch"
+    CONFLICTS_READ = 200  # stored times read per batch and index on revision conflicts (the rest not compared)
     topics: tuple[str, ...] = (
         INSTANCES.name,
         SERIES.name,
@@ -613,6 +628,9 @@ class OpenSearchSink:
         self._sizes = _RequestSizes()
         self._refusals_said: set[int] = set()  # statuses of whole-request refusals logged (once each)
         self._conflicts = _ConflictLog()
+        self._unread_lock = threading.Lock()
+        self._unread_said_at: float | None = None  # when a failed read of stored times was last said
+        self._unread_documents = 0  # conflicts left not compared by failed reads since
 
     def prepare_indices(self) -> bool:
         """Install the templates and create the indices now, before consuming: done with the first batch
@@ -691,19 +709,28 @@ class OpenSearchSink:
         for msg, reason in prepared.undecodable:
             dead.send(msg, reason)
         requests = prepared.requests
+        conflicts: list[tuple[Message, dict]] = []
         if self.parallel_requests == 1 or len(requests) == 1:
             for each in requests:
-                self._bulk(each, dead)
-            return
-        with ThreadPoolExecutor(self.parallel_requests) as pool:
-            # Every request runs to its end; the first RetryableError is raised after all of them.
-            futures = [pool.submit(self._bulk, each, dead) for each in requests]
-            errors = [f.exception() for f in futures]
-        for error in errors:
-            if error is not None:
-                raise error
+                conflicts += self._bulk(each, dead)
+        else:
+            with ThreadPoolExecutor(self.parallel_requests) as pool:
+                # Every request runs to its end; the first RetryableError is raised after all of them.
+                futures = [pool.submit(self._bulk, each, dead) for each in requests]
+                errors = [f.exception() for f in futures]
+            for error in errors:
+                if error is not None:
+                    raise error
+            for future in futures:
+                conflicts += future.result()
+        # Counted once the batch is written: a batch that raised is written again and refused again (before,
+        # its conflicts were counted at each try).
+        if conflicts:
+            self._note_revision_conflicts(conflicts)
+        self._conflicts.flush()
 
-    def _bulk(self, request: _BulkRequest, dead: DeadLetters) -> None:
+    def _bulk(self, request: _BulkRequest, dead: DeadLetters) -> list[tuple[Message, dict]]:
+        """Send one request, park what cannot be indexed; return its revision conflicts (not counted yet)."""
         try:
             if not self._indices_ready and self.index_version is None:
                 ensure_indices(self.client, self.layout, self.number_of_replicas, self.refresh_interval)
@@ -716,12 +743,11 @@ class OpenSearchSink:
         refused = self._outcomes(
             request.items, result, dead, created_before=created_before, revision_conflicts=conflicts
         )
-        if conflicts:
-            self._note_revision_conflicts(conflicts)
         if refused:
             self._index_identifiers_only(refused, dead)
         if created_before:
             self._complete_identifiers_only(created_before, dead)
+        return conflicts
 
     def _send(self, body: bytes) -> dict[str, Any]:
         """One bulk request. Only each item's status and error come back: the rest of an answer (index,
@@ -887,8 +913,10 @@ class OpenSearchSink:
         aggregates' changelog made anew, another [stream] app_id) is refused the same way, and its documents
         stayed stale without a sign. Told apart by time: a series' or study's event whose latest instance
         (``last_received_at``) came after the stored document's, with a lower revision, is a line restarted.
-        One read of the stored times per request with such conflicts (as a replay's instances read theirs,
-        ``_complete_identifiers_only``); a read that fails leaves them not compared (the batch goes on)."""
+        One read of the stored times per batch and index with such conflicts, of at most ``CONFLICTS_READ``
+        ids (the rest not compared), from the last refresh (``realtime=False``: a real-time read refreshes
+        the index, which a reindex runs with refresh off); a document written since then is not compared
+        either. A read that fails leaves them not compared (the batch goes on), said at most once a minute."""
         groups: dict[tuple[str, str], list[tuple[Message, dict]]] = {}
         for msg, meta in conflicts:
             groups.setdefault((self.layout.kinds[msg.topic()], meta["_index"]), []).append((msg, meta))
@@ -897,13 +925,14 @@ class OpenSearchSink:
             field_name = _EVENT_TIME.get(kind)
             stored: dict[str, Any] = {}
             if field_name is not None:
+                ids = list(dict.fromkeys(meta["_id"] for _, meta in items))[: self.CONFLICTS_READ]
                 try:
                     found = self.client.mget(
-                        index=index, body={"ids": [meta["_id"] for _, meta in items]}, _source_includes=[field_name]
+                        index=index, body={"ids": ids}, _source_includes=[field_name], realtime=False
                     )
                     stored = {d["_id"]: d["_source"].get(field_name) for d in found["docs"] if d.get("found")}
                 except (OSConnectionError, TransportError) as exc:
-                    log.debug("opensearch.revision_conflicts_unread", index=alias, error=type(exc).__name__)
+                    self._conflicts_unread(alias, len(items), exc)
             counts = {"replayed": 0, "restarted": 0, "not_compared": 0}
             example = None
             for msg, meta in items:
@@ -922,6 +951,22 @@ class OpenSearchSink:
                 if count:
                     REVISION_CONFLICTS.labels(alias, cause).inc(count)
                     self._conflicts.add(alias, cause, count, example if cause == "restarted" else None)
+
+    def _conflicts_unread(self, alias: str, documents: int, exc: Exception) -> None:
+        """A read of the stored times that failed: a warning at most once a minute, with the count since."""
+        with self._unread_lock:
+            self._unread_documents += documents
+            now = time.monotonic()
+            if self._unread_said_at is not None and now - self._unread_said_at < _ConflictLog.WINDOW_S:
+                return
+            self._unread_said_at, documents, self._unread_documents = now, self._unread_documents, 0
+        log.warning(
+            "opensearch.revision_conflicts_unread",
+            index=alias,
+            documents=documents,
+            error=type(exc).__name__,
+            meaning="the times of the documents holding higher revisions were not read: counted not_compared",
+        )
 
     def _complete_identifiers_only(self, created_before: list[tuple[Message, dict, bytes]], dead: DeadLetters) -> None:
         """First wins, and the index holds an identifiers-only document of these very bytes (refused

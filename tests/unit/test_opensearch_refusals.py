@@ -496,10 +496,21 @@ class _Conflicts:
     """Every series revision answers 409 (the index holds a higher one); the stored documents' times are
     read back by mget, as OpenSearch answers with ``_source_includes``."""
 
-    def __init__(self, stored_last: dict[str, str]):
+    def __init__(self, stored_last: dict[str, str], unavailable_once: set[str] | None = None):
         self.stored_last = stored_last
+        self.unavailable_once = set(unavailable_once or ())  # ids answered 503 on their first write only
+        self.reads: list[list[str]] = []
+        self.read_error: Exception | None = None
 
     def bulk(self, body, filter_path=None, params=None):
+        actions = _actions(body)
+        if any(meta["_id"] in self.unavailable_once for _, meta, _ in actions):
+            self.unavailable_once -= {meta["_id"] for _, meta, _ in actions}
+            return {
+                "items": [
+                    {op: {"status": 503, "error": {"type": "unavailable_shards_exception"}}} for op, _, _ in actions
+                ]
+            }
         return {
             "items": [
                 {
@@ -512,12 +523,16 @@ class _Conflicts:
                         },
                     }
                 }
-                for op, meta, _ in _actions(body)
+                for op, meta, _ in actions
             ]
         }
 
-    def mget(self, index, body, _source_includes):
+    def mget(self, index, body, _source_includes, realtime=True):
         assert _source_includes == ["last_received_at"]
+        assert realtime is False  # a real-time read refreshes the index: a reindex runs with refresh off
+        self.reads.append(body["ids"])
+        if self.read_error is not None:
+            raise self.read_error
         return {
             "docs": [
                 {"_id": i, "found": True, "_source": {"last_received_at": self.stored_last[i]}}
@@ -572,13 +587,69 @@ def test_revision_conflicts_are_said_at_most_once_a_minute_per_cause_with_the_co
         said.add("diana-series", "restarted", 1, "1.2.3.3")  # another cause: its own minute
         clock[0] += 11
         said.add("diana-series", "replayed", 1)
+        clock[0] += 60
+        said.flush()  # a batch's end: what waited is said once its minute has passed
     lines = [(line["event"], line["index"], line["documents"]) for line in logs]
     assert lines == [
         ("opensearch.older_revisions_skipped", "diana-series", 500),
+        ("opensearch.older_revisions_skipped", "diana-studies", 20),  # its own minute
         ("opensearch.revision_line_restarted", "diana-series", 1),
         ("opensearch.older_revisions_skipped", "diana-series", 5001),
-        ("opensearch.older_revisions_skipped", "diana-studies", 200),
+        ("opensearch.older_revisions_skipped", "diana-studies", 180),
     ]
+
+
+def test_a_restarted_line_of_another_index_within_the_minute_is_said() -> None:
+    """Before: the minute was per cause, the counts per index: the studies' restarted line waited for a later
+    restarted one of the series, for good if none came (exp3)."""
+    from diana.sinks.opensearch import _ConflictLog
+
+    clock = [0.0]
+    said = _ConflictLog(clock=lambda: clock[0])
+    with capture_logs() as logs:
+        said.add("diana-series", "restarted", 5, "1.2.3")
+        clock[0] = 1
+        said.add("diana-studies", "restarted", 3, "1.2")
+        said.add("diana-studies", "restarted", 2)
+        clock[0] = 3600
+        said.flush()
+    lines = [(line["event"], line["index"], line["documents"], line.get("example_id")) for line in logs]
+    assert lines == [
+        ("opensearch.revision_line_restarted", "diana-series", 5, "1.2.3"),
+        ("opensearch.revision_line_restarted", "diana-studies", 3, "1.2"),
+        ("opensearch.revision_line_restarted", "diana-studies", 2, None),
+    ]
+
+
+def test_revision_conflicts_of_a_batch_written_again_are_counted_once() -> None:
+    """Before: a request's conflicts were counted as it was answered, and again when another request of the
+    batch failed and the consumer wrote the batch again."""
+    stored = AT.isoformat()
+    client = _Conflicts({"1.2.3.1": stored, "1.2.3.2": stored}, unavailable_once={"1.2.3.2"})
+    sink = OpenSearchSink(client, IndexLayout("diana"), index_version=1, parallel_requests=2)
+    before = _conflicts("replayed")
+    batch = [_series("1.2.3.1", 1, 7, last=AT), _series("1.2.3.2", 2, 7, last=AT)]
+    with pytest.raises(RetryableError):
+        sink.write(batch, _Dead())
+    sink.write(batch, _Dead())  # the consumer writes it again
+    assert _conflicts("replayed") - before == 2
+
+
+def test_the_read_of_stored_times_is_capped_and_a_failed_one_is_a_warning() -> None:
+    client = _Conflicts({f"1.2.3.{i}": AT.isoformat() for i in range(250)})
+    sink = OpenSearchSink(client, IndexLayout("diana"), index_version=1)
+    before = {cause: _conflicts(cause) for cause in ("replayed", "not_compared")}
+    sink.write([_series(f"1.2.3.{i}", i, 7, last=AT) for i in range(250)], _Dead())
+    assert [len(ids) for ids in client.reads] == [200]
+    assert _conflicts("replayed") - before["replayed"] == 200
+    assert _conflicts("not_compared") - before["not_compared"] == 50
+    client.read_error = TransportError(503, "unavailable", {})
+    with capture_logs() as logs:
+        sink.write([_series("1.2.3.1", 1, 7, last=AT)], _Dead())
+        sink.write([_series("1.2.3.2", 2, 7, last=AT)], _Dead())  # within the minute: not said again
+    (unread,) = [line for line in logs if line["event"] == "opensearch.revision_conflicts_unread"]
+    assert unread["log_level"] == "warning" and unread["documents"] == 1
+    assert _conflicts("not_compared") - before["not_compared"] == 52
 
 
 class _OldDeadLetters:
