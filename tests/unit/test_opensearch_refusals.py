@@ -724,3 +724,19 @@ def test_a_reindex_copy_over_the_nodes_indexing_pressure_limit_fails_before_the_
     client = _OldDeadLetters(documents=1000, limit=20_000, pressure=True)
     with pytest.raises(ReindexFailed, match=r"HTTP 429.*nothing was swapped.*heap.*bulk_max_bytes"):
         _reindexer(client, max_bytes=5_000_000)._carry_over(["deadletters"], {"deadletters": 1}, 2)
+
+
+def test_a_batch_of_one_document_too_large_is_retried_unless_the_node_proves_it_too_large() -> None:
+    """What the retry of a refusal hitting everything costs: one document alone over a proxy's limit, with no
+    request accepted, is not told from a proxy refusing everything (retried); a 429 naming its own bytes over
+    the node's indexing pressure limit is (dead-lettered)."""
+    big = "S" * 5000
+    with pytest.raises(RetryableError, match="none accepted"):
+        OpenSearchSink(_Cluster(limit=3000), IndexLayout("diana"), index_version=1).write(
+            [_series("1.2.3.2", 2, 3, description=big)], _Dead()
+        )
+    node = _SmallHeap(limit=3000, reason=PRESSURE_REASONS["coordinating"])
+    dead = _Dead()
+    OpenSearchSink(node, IndexLayout("diana"), index_version=1).write([_series("1.2.3.2", 2, 3, description=big)], dead)
+    ((offset, reason),) = dead.sent
+    assert offset == 2 and "indexing pressure limit of the node, 3000 bytes" in reason
