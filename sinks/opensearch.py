@@ -533,10 +533,13 @@ class _RequestSizes:
             self._accepted = (0, self._accepted[0]) if passed == 1 else (0, 0)
             self._window_started += passed * self.ACCEPTED_WINDOW_S
 
+    def _forget(self, now: float) -> None:
+        if self._split_at != float("inf") and now - self._split_set_at >= self.FORGET_S:
+            self._split_at = float("inf")
+
     def split_at(self) -> float:
         with self._lock:
-            if self._split_at != float("inf") and self._clock() - self._split_set_at >= self.FORGET_S:
-                self._split_at = float("inf")
+            self._forget(self._clock())
             return self._split_at
 
     def largest_accepted(self) -> int:
@@ -556,6 +559,7 @@ class _RequestSizes:
         with self._lock:
             now = self._clock()
             self._roll(now)
+            self._forget(now)
             if body_bytes > max(self._accepted) and body_bytes < self._split_at:
                 self._split_at, self._split_set_at = body_bytes, now
 

@@ -740,3 +740,20 @@ def test_a_batch_of_one_document_too_large_is_retried_unless_the_node_proves_it_
     OpenSearchSink(node, IndexLayout("diana"), index_version=1).write([_series("1.2.3.2", 2, 3, description=big)], dead)
     ((offset, reason),) = dead.sent
     assert offset == 2 and "indexing pressure limit of the node, 3000 bytes" in reason
+
+
+def test_the_largest_body_accepted_is_believed_for_five_to_ten_minutes() -> None:
+    """A limit lowered at run time: a document alone between it and a body accepted before is retried only
+    until that body is forgotten, then dead-lettered as too large."""
+    from diana.sinks.opensearch import _RequestSizes
+
+    clock = [0.0]
+    sizes = _RequestSizes(clock=lambda: clock[0])
+    sizes.accepted(5_000_000)
+    clock[0] = _RequestSizes.ACCEPTED_WINDOW_S + 1  # the window after: still believed
+    sizes.accepted(900_000)
+    assert sizes.largest_accepted() == 5_000_000
+    clock[0] = 2 * _RequestSizes.ACCEPTED_WINDOW_S + 1  # two windows on: only what this and the last took
+    assert sizes.largest_accepted() == 900_000
+    clock[0] = 4 * _RequestSizes.ACCEPTED_WINDOW_S
+    assert sizes.largest_accepted() == 0
