@@ -295,9 +295,13 @@ def _instant(value: Any) -> datetime | None:
 
 
 class _ConflictLog:
-    """Revision conflicts said at most once a minute per cause, with the documents counted since that cause's
-    line before (the metric has every one). A replay refuses thousands of revisions: said at info, as normal;
-    a revision line restarted is a warning, naming one of its ids as the sink's other lines name theirs."""
+    """Revision conflicts said at most once a minute per index and cause, with the documents counted since
+    that line (the metric has every one). A replay refuses thousands of revisions: said at info, as normal;
+    a revision line restarted is a warning, naming one of its ids as the sink's other lines name theirs.
+    The first of an index and cause is said at once; what came within the minute after is said by the
+    first ``add`` or ``flush`` (each batch's end) once the minute has passed. Before, the minute was per
+    cause: a restarted line of another index within it waited for a later one of the same cause, maybe
+    never said."""
 
     WINDOW_S = 60.0
 
@@ -306,46 +310,56 @@ class _ConflictLog:
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, str], int] = {}  # (index alias, cause) -> documents not said yet
         self._examples: dict[str, str] = {}  # index alias -> an id of a restarted line not said yet
-        self._said_at: dict[str, float] = {}  # cause -> when its last line was written
+        self._said_at: dict[tuple[str, str], float] = {}  # (index alias, cause) -> when its last line was written
 
     def add(self, index: str, cause: str, documents: int, example: str | None = None) -> None:
         with self._lock:
             self._pending[(index, cause)] = self._pending.get((index, cause), 0) + documents
             if example is not None:
                 self._examples.setdefault(index, example)
+        self.flush()
+
+    def flush(self) -> None:
+        """Say what waits whose minute has passed."""
+        with self._lock:
             now = self._clock()
-            if cause in self._said_at and now - self._said_at[cause] < self.WINDOW_S:
-                return
-            self._said_at[cause] = now
-            due = {i: n for (i, c), n in self._pending.items() if c == cause}
-            for i in due:
-                del self._pending[(i, cause)]
-            examples = {i: self._examples.pop(i, None) for i in due} if cause == "restarted" else {}
-        for alias, count in due.items():
-            if cause == "restarted":
-                log.warning(
-                    "opensearch.revision_line_restarted",
-                    index=alias,
-                    documents=count,
-                    example_id=examples.get(alias),
-                    meaning="events newer than their stored documents came with lower revisions: the aggregates "
-                    "started their revision line again, and these documents stay stale until it passes them",
-                    fix="docs/OPERATIONS.md, 'Revisions the index refuses'",
-                )
-            elif cause == "replayed":
-                log.info(
-                    "opensearch.older_revisions_skipped",
-                    index=alias,
-                    documents=count,
-                    meaning="revisions older than the indexed ones (a replay or re-delivery): normal",
-                )
-            else:
-                log.info(
-                    "opensearch.lower_revisions_skipped",
-                    index=alias,
-                    documents=count,
-                    meaning="revisions lower than the indexed ones; their times not compared",
-                )
+            due = [
+                key for key in self._pending if key not in self._said_at or now - self._said_at[key] >= self.WINDOW_S
+            ]
+            lines = []
+            for key in due:
+                self._said_at[key] = now
+                example = self._examples.pop(key[0], None) if key[1] == "restarted" else None
+                lines.append((key, self._pending.pop(key), example))
+        for (alias, cause), count, example in lines:
+            self._say(alias, cause, count, example)
+
+    @staticmethod
+    def _say(alias: str, cause: str, count: int, example: str | None) -> None:
+        if cause == "restarted":
+            log.warning(
+                "opensearch.revision_line_restarted",
+                index=alias,
+                documents=count,
+                example_id=example,
+                meaning="events newer than their stored documents came with lower revisions: the aggregates "
+                "started their revision line again, and these documents stay stale until it passes them",
+                fix="docs/OPERATIONS.md, 'Revisions the index refuses'",
+            )
+        elif cause == "replayed":
+            log.info(
+                "opensearch.older_revisions_skipped",
+                index=alias,
+                documents=count,
+                meaning="revisions older than the indexed ones (a replay or re-delivery): normal",
+            )
+        else:
+            log.info(
+                "opensearch.lower_revisions_skipped",
+                index=alias,
+                documents=count,
+                meaning="revisions lower than the indexed ones; their times not compared",
+            )
 
 
 @dataclass
@@ -429,22 +443,40 @@ def _pressure_of(exc: TransportError) -> tuple[int, int] | None:
     return next(filter(None, map(over_pressure_limit, _reasons(exc))), None)
 
 
+def _opensearch_error(exc: TransportError) -> dict[str, Any] | None:
+    """OpenSearch's own error answer (JSON, ``error.type``), or None: a proxy's page, plain text."""
+    error = exc.info.get("error") if isinstance(exc.info, dict) else None
+    return error if isinstance(error, dict) and error.get("type") else None
+
+
 def refused_whole_status(exc: TransportError) -> int | None:
     """413, 400 or 429 if OpenSearch (or a proxy before it) refused the request as a whole, sending it
-    again unchanged is refused again; else None."""
+    again unchanged is refused again; else None. A 400 counts only in OpenSearch's words (its JSON error):
+    a proxy's 400 page (nginx's "Request Header Or Cookie Too Large", a reload gone wrong) says nothing of
+    the documents and is retried."""
     if isinstance(exc, OSConnectionError):
         return None
     if exc.status_code == 429:
         return 429 if _pressure_of(exc) is not None else None
+    if exc.status_code == 400:
+        return 400 if _opensearch_error(exc) is not None else None
     return int(exc.status_code) if exc.status_code in _REFUSED_WHOLE else None
+
+
+def _described(exc: TransportError) -> str:
+    """An error for the log: OpenSearch's type and reason, or the status alone (not a proxy's page)."""
+    error = _opensearch_error(exc) if not isinstance(exc, OSConnectionError) else None
+    if error is not None or isinstance(exc, OSConnectionError) or not isinstance(exc.status_code, int):
+        return str(exc)
+    return f"HTTP {exc.status_code}, not in the words of OpenSearch (a proxy before it?)"
 
 
 def _pressure_refusal(body_bytes: int, operation: int, limit: int) -> dict[str, str]:
     return {
         "type": "request_too_large",
         "reason": f"HTTP 429 for a bulk request of this document alone ({body_bytes} bytes): OpenSearch counts "
-        f"{operation} bytes, over the node's indexing pressure limit of {limit} bytes: the document is too large "
-        "for this node; raise its heap (indexing_pressure.memory.limit is 10 % of it) and replay it",
+        f"{operation} bytes, over the indexing pressure limit of the node, {limit} bytes: the document is too "
+        "large for this node; raise its heap (indexing_pressure.memory.limit is 10 % of it) and replay it",
     }
 
 
@@ -452,26 +484,100 @@ def _refusal(exc: TransportError, body_bytes: int) -> dict[str, str]:
     """The error of a document whose bulk request, holding it alone, was refused as a whole: an item's
     error as ``_outcomes`` reads it. No text of a proxy's answer; OpenSearch's goes through
     ``rejection_reason`` as a document's does (quoted values withheld)."""
+    # The sink's own words carry no apostrophe: ``rejection_reason`` withholds any text between two of them.
     if exc.status_code == 413:
         return {
             "type": "request_too_large",
-            "reason": f"HTTP 413 for a bulk request of this document alone ({body_bytes} bytes): over a proxy's "
-            "client_max_body_size or OpenSearch's http.max_content_length",
+            "reason": f"HTTP 413 for a bulk request of this document alone ({body_bytes} bytes): over the "
+            "client_max_body_size of a proxy or the http.max_content_length of OpenSearch",
         }
     pressure = _pressure_of(exc) if exc.status_code == 429 else None
     if pressure is not None:
         return _pressure_refusal(body_bytes, *pressure)
-    error = exc.info.get("error") if isinstance(exc.info, dict) else None
-    if isinstance(error, dict):
-        return {
-            "type": str(error.get("type") or "bad_request"),
-            "reason": f"bulk request refused as a whole (HTTP 400): {error.get('reason') or ''}",
-        }
-    return {"type": "bad_request", "reason": "bulk request refused as a whole (HTTP 400), not in OpenSearch's words"}
+    error = _opensearch_error(exc) or {}  # a 400 reaches here only in OpenSearch's words (refused_whole_status)
+    return {
+        "type": str(error.get("type") or "bad_request"),
+        "reason": f"bulk request refused as a whole (HTTP 400): {error.get('reason') or ''}",
+    }
+
+
+class _RequestSizes:
+    """What the sink knows of the size of request a proxy or OpenSearch takes, shared by its threads.
+
+    ``split_at``: a request at least this large (of more than one document) is cut in halves before it is
+    sent. It is the smallest request of several documents refused whole (413, 429 over the indexing pressure
+    limit), taken only from a split in which some request was accepted (a proxy refusing everything for a
+    while says nothing of sizes), never at or below the largest body accepted lately, cleared by a body of
+    its size accepted, and forgotten after ``FORGET_S``: the next request goes at [sinks] bulk_max_bytes
+    again (one refused request then sets it again). Before, the smallest size refused stayed until a restart.
+
+    ``largest_accepted``: the largest body accepted in the last ``ACCEPTED_WINDOW_S`` to 2x that. A document
+    alone no larger than it, refused with 413, is not refused for its size (``_send_parts``)."""
+
+    FORGET_S = 600.0
+    ACCEPTED_WINDOW_S = 300.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._split_at = float("inf")
+        self._split_set_at = 0.0
+        # the largest body accepted in this window and in the one before (a limit lowered meanwhile is
+        # believed within two windows)
+        self._accepted = (0, 0)
+        self._window_started = clock()
+
+    def _roll(self, now: float) -> None:
+        passed = int((now - self._window_started) // self.ACCEPTED_WINDOW_S)
+        if passed >= 1:
+            self._accepted = (0, self._accepted[0]) if passed == 1 else (0, 0)
+            self._window_started += passed * self.ACCEPTED_WINDOW_S
+
+    def _forget(self, now: float) -> None:
+        if self._split_at != float("inf") and now - self._split_set_at >= self.FORGET_S:
+            self._split_at = float("inf")
+
+    def split_at(self) -> float:
+        with self._lock:
+            self._forget(self._clock())
+            return self._split_at
+
+    def largest_accepted(self) -> int:
+        with self._lock:
+            self._roll(self._clock())
+            return max(self._accepted)
+
+    def accepted(self, body_bytes: int) -> None:
+        with self._lock:
+            self._roll(self._clock())
+            self._accepted = (max(self._accepted[0], body_bytes), self._accepted[1])
+            if body_bytes >= self._split_at:  # taken after all (a single document, sent whatever its size)
+                self._split_at = float("inf")
+
+    def refused(self, body_bytes: int) -> None:
+        """A request of several documents refused whole, in a split where some request was accepted."""
+        with self._lock:
+            now = self._clock()
+            self._roll(now)
+            self._forget(now)
+            if body_bytes > max(self._accepted) and body_bytes < self._split_at:
+                self._split_at, self._split_set_at = body_bytes, now
+
+
+@dataclass
+class _Split:
+    """One request sent, and the halves it was cut into, as they went."""
+
+    split_at: float  # the sink's split_at when it started, lowered by the refusals of this split
+    accepted: int = 0  # requests answered
+    refused: list[int] = field(default_factory=list)  # sizes of the requests of several documents refused
+    unproven: int = 0  # documents refused alone, with no proof the refusal is theirs (413, 400)
+    status: int | None = None  # the status of the last refusal
 
 
 class OpenSearchSink:
     name = "opensearch"
+    CONFLICTS_READ = 200  # stored times read per batch and index on revision conflicts (the rest not compared)
     topics: tuple[str, ...] = (
         INSTANCES.name,
         SERIES.name,
@@ -521,12 +627,14 @@ class OpenSearchSink:
         self.layout = layout
         self.codec = codec or default_codec()
         self._indices_ready = False
-        # The smallest request a 413 (or a 429 over the indexing pressure limit) refused: a larger one is
-        # split before it is sent, not refused again
-        # (with a proxy's 1 MB against 5 MB requests, every request went up 7 times, 3 of them refused).
-        self._too_large_at = float("inf")
+        # The size of request taken (``_RequestSizes``): a request larger than one refused is split before it
+        # is sent (with a proxy's 1 MB against 5 MB requests, every request went up 7 times, 3 of them refused).
+        self._sizes = _RequestSizes()
         self._refusals_said: set[int] = set()  # statuses of whole-request refusals logged (once each)
         self._conflicts = _ConflictLog()
+        self._unread_lock = threading.Lock()
+        self._unread_said_at: float | None = None  # when a failed read of stored times was last said
+        self._unread_documents = 0  # conflicts left not compared by failed reads since
 
     def prepare_indices(self) -> bool:
         """Install the templates and create the indices now, before consuming: done with the first batch
@@ -605,19 +713,28 @@ class OpenSearchSink:
         for msg, reason in prepared.undecodable:
             dead.send(msg, reason)
         requests = prepared.requests
+        conflicts: list[tuple[Message, dict]] = []
         if self.parallel_requests == 1 or len(requests) == 1:
             for each in requests:
-                self._bulk(each, dead)
-            return
-        with ThreadPoolExecutor(self.parallel_requests) as pool:
-            # Every request runs to its end; the first RetryableError is raised after all of them.
-            futures = [pool.submit(self._bulk, each, dead) for each in requests]
-            errors = [f.exception() for f in futures]
-        for error in errors:
-            if error is not None:
-                raise error
+                conflicts += self._bulk(each, dead)
+        else:
+            with ThreadPoolExecutor(self.parallel_requests) as pool:
+                # Every request runs to its end; the first RetryableError is raised after all of them.
+                futures = [pool.submit(self._bulk, each, dead) for each in requests]
+                errors = [f.exception() for f in futures]
+            for error in errors:
+                if error is not None:
+                    raise error
+            for future in futures:
+                conflicts += future.result()
+        # Counted once the batch is written: a batch that raised is written again and refused again (before,
+        # its conflicts were counted at each try).
+        if conflicts:
+            self._note_revision_conflicts(conflicts)
+        self._conflicts.flush()
 
-    def _bulk(self, request: _BulkRequest, dead: DeadLetters) -> None:
+    def _bulk(self, request: _BulkRequest, dead: DeadLetters) -> list[tuple[Message, dict]]:
+        """Send one request, park what cannot be indexed; return its revision conflicts (not counted yet)."""
         try:
             if not self._indices_ready and self.index_version is None:
                 ensure_indices(self.client, self.layout, self.number_of_replicas, self.refresh_interval)
@@ -630,12 +747,11 @@ class OpenSearchSink:
         refused = self._outcomes(
             request.items, result, dead, created_before=created_before, revision_conflicts=conflicts
         )
-        if conflicts:
-            self._note_revision_conflicts(conflicts)
         if refused:
             self._index_identifiers_only(refused, dead)
         if created_before:
             self._complete_identifiers_only(created_before, dead)
+        return conflicts
 
     def _send(self, body: bytes) -> dict[str, Any]:
         """One bulk request. Only each item's status and error come back: the rest of an answer (index,
@@ -644,37 +760,61 @@ class OpenSearchSink:
 
     def _send_retryable(self, items: list[tuple[Message, dict, bytes]], body: bytes) -> dict[str, Any]:
         """``_send``; OpenSearch not answering is a RetryableError (the batch is written again). A request
-        refused as a whole (413, 400, a 429 over the node's indexing pressure limit) is sent again in halves,
-        down to its documents: one refused alone gets that refusal as its item's answer (``_refusal``),
-        dead-lettered as any document OpenSearch refuses."""
-        return {"items": self._send_parts(items, body)}
+        refused as a whole (413, 400 in OpenSearch's words, a 429 over the node's indexing pressure limit) is
+        sent again in halves, down to its documents: one refused alone gets that refusal as its item's answer
+        (``_refusal``), dead-lettered as any document OpenSearch refuses. But not when the refusal hit every
+        request of the split: no request accepted and a document refused alone with a 413 or 400 (a proxy
+        refusing everything, OpenSearch refusing every request) is a RetryableError, the batch written again
+        with the consumer's backoff; before, the whole batch was dead-lettered and its offsets committed."""
+        split = _Split(self._sizes.split_at())
+        answers = self._send_parts(items, body, split)
+        if split.unproven and not split.accepted:
+            raise RetryableError(
+                f"every bulk request refused as a whole (HTTP {split.status}), none accepted, down to single "
+                f"documents: not the documents, retried; fix: {REFUSED_WHOLE_FIX[split.status or 413]}"
+            )
+        if split.accepted:  # sizes refused while requests went through: a limit on size
+            for refused_bytes in split.refused:
+                self._sizes.refused(refused_bytes)
+        return {"items": answers}
 
-    def _send_parts(self, items: list[tuple[Message, dict, bytes]], body: bytes) -> list[dict[str, Any]]:
-        if len(items) > 1 and len(body) >= self._too_large_at:
-            return self._send_halves(items)
+    def _send_parts(self, items: list[tuple[Message, dict, bytes]], body: bytes, split: _Split) -> list[dict[str, Any]]:
+        if len(items) > 1 and len(body) >= split.split_at:
+            return self._send_halves(items, split)
         try:
             answers = list(self._send(body)["items"])
         except (OSConnectionError, TransportError) as exc:
             status = refused_whole_status(exc)
             if status is None:
-                raise RetryableError(f"OpenSearch unavailable: {exc}") from exc
+                raise RetryableError(f"OpenSearch unavailable: {_described(exc)}") from exc
             refused = exc
         else:
-            return self._items_over_pressure_in_parts(items, body, answers)
+            split.accepted += 1
+            self._sizes.accepted(len(body))
+            return self._items_over_pressure_in_parts(items, body, answers, split)
         self._say_refused(status, len(items), len(body))
-        if status in (413, 429):
-            self._too_large_at = min(self._too_large_at, len(body))
+        split.status = status
         if len(items) == 1:
+            if status == 413 and len(body) <= (largest := self._sizes.largest_accepted()):
+                raise RetryableError(
+                    f"HTTP 413 for a document alone of {len(body)} bytes, no larger than a request accepted "
+                    f"lately ({largest} bytes): not its size, retried"
+                ) from refused
+            if status != 429:  # a 429 names the operation's bytes over the node's limit: the document's own
+                split.unproven += 1
             # A document over the node's indexing pressure limit alone is refused as too large (a 429 item is
             # retried, ``_outcomes``): the same answer as a 413's.
             item_status = 413 if status == 429 else status
             return [
                 {items[0][1].get("op_type", "index"): {"status": item_status, "error": _refusal(refused, len(body))}}
             ]
-        return self._send_halves(items)
+        if status in (413, 429):
+            split.refused.append(len(body))
+            split.split_at = min(split.split_at, len(body))
+        return self._send_halves(items, split)
 
     def _items_over_pressure_in_parts(
-        self, items: list[tuple[Message, dict, bytes]], body: bytes, answers: list[dict[str, Any]]
+        self, items: list[tuple[Message, dict, bytes]], body: bytes, answers: list[dict[str, Any]], split: _Split
     ) -> list[dict[str, Any]]:
         """The items a shard's request held, refused with a 429 for that request's own size (a primary on
         another node, or shard indexing pressure, refuse per shard, the rest of the request written): sent
@@ -694,7 +834,9 @@ class OpenSearchSink:
                 {items[0][1].get("op_type", "index"): {"status": 413, "error": _pressure_refusal(len(body), *over[0])}}
             ]
         again = [items[i] for i in over]
-        redone = iter(self._send_halves(again) if len(again) > 1 else self._send_parts(again, _request(again).body))
+        redone = iter(
+            self._send_halves(again, split) if len(again) > 1 else self._send_parts(again, _request(again).body, split)
+        )
         return [next(redone) if i in over else answer for i, answer in enumerate(answers)]
 
     def _say_refused(self, status: int, documents: int, body_bytes: int) -> None:
@@ -707,14 +849,18 @@ class OpenSearchSink:
             status=status,
             documents=documents,
             bytes=body_bytes,
-            action="sent again in halves; a document refused alone is dead-lettered",
+            action="sent again in halves; a document refused alone is dead-lettered, unless none was accepted "
+            "(then retried)",
             fix=REFUSED_WHOLE_FIX[status],
         )
 
-    def _send_halves(self, items: list[tuple[Message, dict, bytes]]) -> list[dict[str, Any]]:
+    def _send_halves(self, items: list[tuple[Message, dict, bytes]], split: _Split) -> list[dict[str, Any]]:
         half = len(items) // 2
         first, second = items[:half], items[half:]
-        return [*self._send_parts(first, _request(first).body), *self._send_parts(second, _request(second).body)]
+        return [
+            *self._send_parts(first, _request(first).body, split),
+            *self._send_parts(second, _request(second).body, split),
+        ]
 
     def _outcomes(
         self,
@@ -771,8 +917,10 @@ class OpenSearchSink:
         aggregates' changelog made anew, another [stream] app_id) is refused the same way, and its documents
         stayed stale without a sign. Told apart by time: a series' or study's event whose latest instance
         (``last_received_at``) came after the stored document's, with a lower revision, is a line restarted.
-        One read of the stored times per request with such conflicts (as a replay's instances read theirs,
-        ``_complete_identifiers_only``); a read that fails leaves them not compared (the batch goes on)."""
+        One read of the stored times per batch and index with such conflicts, of at most ``CONFLICTS_READ``
+        ids (the rest not compared), from the last refresh (``realtime=False``: a real-time read refreshes
+        the index, which a reindex runs with refresh off); a document written since then is not compared
+        either. A read that fails leaves them not compared (the batch goes on), said at most once a minute."""
         groups: dict[tuple[str, str], list[tuple[Message, dict]]] = {}
         for msg, meta in conflicts:
             groups.setdefault((self.layout.kinds[msg.topic()], meta["_index"]), []).append((msg, meta))
@@ -781,13 +929,14 @@ class OpenSearchSink:
             field_name = _EVENT_TIME.get(kind)
             stored: dict[str, Any] = {}
             if field_name is not None:
+                ids = list(dict.fromkeys(meta["_id"] for _, meta in items))[: self.CONFLICTS_READ]
                 try:
                     found = self.client.mget(
-                        index=index, body={"ids": [meta["_id"] for _, meta in items]}, _source_includes=[field_name]
+                        index=index, body={"ids": ids}, _source_includes=[field_name], realtime=False
                     )
                     stored = {d["_id"]: d["_source"].get(field_name) for d in found["docs"] if d.get("found")}
                 except (OSConnectionError, TransportError) as exc:
-                    log.debug("opensearch.revision_conflicts_unread", index=alias, error=type(exc).__name__)
+                    self._conflicts_unread(alias, len(items), exc)
             counts = {"replayed": 0, "restarted": 0, "not_compared": 0}
             example = None
             for msg, meta in items:
@@ -806,6 +955,22 @@ class OpenSearchSink:
                 if count:
                     REVISION_CONFLICTS.labels(alias, cause).inc(count)
                     self._conflicts.add(alias, cause, count, example if cause == "restarted" else None)
+
+    def _conflicts_unread(self, alias: str, documents: int, exc: Exception) -> None:
+        """A read of the stored times that failed: a warning at most once a minute, with the count since."""
+        with self._unread_lock:
+            self._unread_documents += documents
+            now = time.monotonic()
+            if self._unread_said_at is not None and now - self._unread_said_at < _ConflictLog.WINDOW_S:
+                return
+            self._unread_said_at, documents, self._unread_documents = now, self._unread_documents, 0
+        log.warning(
+            "opensearch.revision_conflicts_unread",
+            index=alias,
+            documents=documents,
+            error=type(exc).__name__,
+            meaning="the times of the documents holding higher revisions were not read: counted not_compared",
+        )
 
     def _complete_identifiers_only(self, created_before: list[tuple[Message, dict, bytes]], dead: DeadLetters) -> None:
         """First wins, and the index holds an identifiers-only document of these very bytes (refused

@@ -137,6 +137,8 @@ def test_a_revision_line_started_again_is_counted_apart_from_a_replay(refusal_in
     sink = OpenSearchSink(client, layout, index_version=1)
     dead = _Dead()
     sink.write([_series("1.2.3.1", 1, 50, last=AT), _series("1.2.3.2", 2, 50, last=AT)], dead)
+    # the sink reads the stored times from the last refresh (realtime=False: a reindex runs with refresh off)
+    client.indices.refresh(index=layout.index("series", 1))
 
     def conflicts(cause: str) -> float:
         labels = {"index": layout.alias("series"), "cause": cause}

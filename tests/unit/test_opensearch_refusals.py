@@ -187,6 +187,125 @@ def test_an_instance_refused_alone_with_413_is_indexed_without_its_header_and_de
     assert offset == 2 and "(indexed without its header)" in reason and "HTTP 413" in reason
 
 
+def test_the_413_reason_of_a_document_alone_is_said_whole_in_the_dead_letter_and_the_index() -> None:
+    """Before: the apostrophes of "a proxy's ... OpenSearch's" were taken for a quoted value and withheld, the
+    fix's name (client_max_body_size) with them."""
+    huge = json.dumps({"7FE00010": {"vr": "OB", "InlineBinary": "A" * 6000}})
+    cluster = _Cluster(limit=3000)
+    dead = _Dead()
+    OpenSearchSink(cluster, IndexLayout("diana"), index_version=1).write(
+        [_instance("1.1", 1), _instance("1.2", 2, header=huge)], dead
+    )
+    (alone,) = [size for size in cluster.sizes if size > 3000 and size < 7500]
+    said = (
+        f"request_too_large: HTTP 413 for a bulk request of this document alone ({alone} bytes): over the "
+        "client_max_body_size of a proxy or the http.max_content_length of OpenSearch"
+    )
+    assert dead.sent == [(2, f"opensearch rejected 1.2 (indexed without its header): {said}")]
+    assert cluster.stored["1.2"]["header_omitted"][-1]["reason"] == f"refused by the index: {said}"
+
+
+class _RefusingEverything(_Cluster):
+    """A proxy answering every request with ``status`` and its own page, until ``fixed``."""
+
+    def __init__(self, status: int, page: str, refuse_from: int = 0):
+        super().__init__()
+        self.status, self.page, self.refuse_from, self.fixed = status, page, refuse_from, False
+
+    def bulk(self, body, filter_path=None, params=None):
+        if self.fixed or len(self.sizes) < self.refuse_from:
+            return super().bulk(body, filter_path, params)
+        self.sizes.append(len(body))
+        raise TransportError(self.status, self.page, self.page)
+
+
+NGINX_400 = "<html><head><title>400 Request Header Or Cookie Too Large</title></head><body>nginx</body></html>"
+
+
+def test_a_proxys_400_page_is_retried_not_split_nor_dead_lettered() -> None:
+    """Before: a proxy answering 400 to everything had the whole stream dead-lettered (298 requests for 100
+    messages) and its offsets committed: only OpenSearch's own JSON error is about the documents."""
+    proxy = _RefusingEverything(400, NGINX_400)
+    dead = _Dead()
+    with pytest.raises(RetryableError, match=r"HTTP 400, not in the words of OpenSearch") as raised:
+        OpenSearchSink(proxy, IndexLayout("diana"), index_version=1).write(
+            [_series(f"1.2.3.{i}", i, 3) for i in range(10)], dead
+        )
+    assert len(proxy.sizes) == 1 and dead.sent == [] and "nginx" not in str(raised.value)
+
+
+@pytest.mark.parametrize("parallel_requests", [1, 3])
+def test_a_proxy_refusing_every_request_with_413_is_retried_and_nothing_dead_lettered(parallel_requests: int) -> None:
+    """Before: 100 of 100 messages dead-lettered, write() returned and the offsets were committed; the next
+    batch went as single documents (the threshold set to one document's size) and was dead-lettered too."""
+    proxy = _RefusingEverything(413, NGINX_413)
+    sink = OpenSearchSink(proxy, IndexLayout("diana"), index_version=1, parallel_requests=parallel_requests)
+    batch = [_instance(f"1.{i}", i) for i in range(50)] + [_series(f"1.2.3.{i}", 100 + i, 3) for i in range(50)]
+    dead = _Dead()
+    with pytest.raises(RetryableError, match=r"HTTP 413.*none accepted.*client_max_body_size"):
+        sink.write(batch, dead)
+    assert dead.sent == [] and proxy.written == []
+    proxy.fixed, sent = True, len(proxy.sizes)
+    sink.write(batch, dead)  # the consumer writes the batch again: as it was cut, nothing split
+    assert dead.sent == [] and len(proxy.sizes) - sent == parallel_requests
+    assert sorted(proxy.written) == sorted([*(f"1.{i}" for i in range(50)), *(f"1.2.3.{i}" for i in range(50))])
+
+
+def test_a_document_refused_with_413_though_no_larger_than_a_request_accepted_is_retried() -> None:
+    """The proxy starts refusing everything in the middle of a split: the first half was accepted, the second
+    half's documents are each smaller than it, so not refused for their size."""
+    batch = [_series(f"1.2.3.{i}", i, 3) for i in range(4)]
+    one = len(OpenSearchSink(None, IndexLayout("diana"), index_version=1).prepare(batch[:1]).requests[0].body)
+    proxy = _RefusingEverything(413, NGINX_413, refuse_from=2)  # the whole request, then the first half, taken
+    proxy.limit = 3 * one
+    dead = _Dead()
+    with pytest.raises(RetryableError, match=r"HTTP 413 for a document alone of \d+ bytes, no larger than"):
+        OpenSearchSink(proxy, IndexLayout("diana"), index_version=1).write(batch, dead)
+    assert dead.sent == [] and sorted(proxy.written) == ["1.2.3.0", "1.2.3.1"]
+
+
+def test_the_size_refused_is_not_learnt_from_a_proxy_refusing_everything() -> None:
+    """Before: after one batch refused by a proxy answering 413 to everything, 1,000 series went as 1,000
+    single-document requests until the sink restarted."""
+    proxy = _RefusingEverything(413, NGINX_413)
+    sink = OpenSearchSink(proxy, IndexLayout("diana"), index_version=1, max_bytes=5_000_000)
+    with pytest.raises(RetryableError):
+        sink.write([_series(f"1.2.3.{i}", i, 3) for i in range(4)], _Dead())
+    proxy.fixed, sent = True, len(proxy.sizes)
+    sink.write([_series(f"9.{i}", i, 3) for i in range(1000)], _Dead())
+    assert len(proxy.sizes) - sent == 1 and len(proxy.written) == 1000
+
+
+def test_the_size_refused_is_forgotten_after_some_minutes_and_cleared_by_a_larger_body_taken() -> None:
+    from diana.sinks.opensearch import _RequestSizes
+
+    batch = [_series(f"1.2.3.{i}", i, 3) for i in range(8)]
+    one = len(OpenSearchSink(None, IndexLayout("diana"), index_version=1).prepare(batch[:1]).requests[0].body)
+    cluster = _Cluster(limit=3 * one)
+    sink = OpenSearchSink(cluster, IndexLayout("diana"), index_version=1)
+    clock = [0.0]
+    sink._sizes = _RequestSizes(clock=lambda: clock[0])
+    sink.write(batch, _Dead())
+    refused_at = sink._sizes.split_at()
+    assert 3 * one < refused_at <= 8 * one
+    cluster.limit = 10**9  # the proxy's limit raised
+    clock[0] += _RequestSizes.FORGET_S - 1
+    sent = len(cluster.sizes)
+    sink.write(batch, _Dead())
+    assert len(cluster.sizes) - sent > 1  # still split before it is sent
+    clock[0] += 1
+    sent = len(cluster.sizes)
+    sink.write(batch, _Dead())
+    assert len(cluster.sizes) - sent == 1 and sink._sizes.split_at() == float("inf")  # bulk_max_bytes again
+    sizes = _RequestSizes(clock=lambda: 0.0)
+    sizes.accepted(100)
+    sizes.refused(100)  # never at or below a body accepted
+    assert sizes.split_at() == float("inf")
+    sizes.refused(300)
+    sizes.accepted(400)  # a single document larger than the size refused, taken: the size was not the cause
+    assert sizes.split_at() == float("inf")
+
+
 def test_a_whole_request_refused_as_malformed_is_narrowed_to_the_document_and_dead_lettered() -> None:
     batch = [_series(f"1.2.3.{i}", i, 3) for i in range(1, 6)]
     batch[3] = _series("1.2.3.4", 4, -1)  # a revision OpenSearch's validation refuses for the whole request
@@ -270,8 +389,13 @@ def test_a_document_alone_over_the_indexing_pressure_limit_is_dead_lettered_nami
     OpenSearchSink(node, IndexLayout("diana"), index_version=1).write(batch, dead)
     assert sorted(node.written) == ["1.2.3.1", "1.2.3.3"]
     ((offset, reason),) = dead.sent
-    assert offset == 2 and "HTTP 429" in reason and "indexing pressure limit of 3000 bytes" in reason
-    assert "too large for this node" in reason and "heap" in reason and "SSSS" not in reason
+    assert reason == (
+        "opensearch rejected 1.2.3.2: request_too_large: HTTP 429 for a bulk request of this document alone "
+        "(5706 bytes): OpenSearch counts 5706 bytes, over the indexing pressure limit of "
+        "the node, 3000 bytes: the document is too large for this node; raise its heap "
+        "(indexing_pressure.memory.limit is 10 % of it) and replay it"
+    )
+    assert offset == 2
 
 
 def test_an_instance_alone_over_the_indexing_pressure_limit_is_indexed_without_its_header() -> None:
@@ -372,10 +496,21 @@ class _Conflicts:
     """Every series revision answers 409 (the index holds a higher one); the stored documents' times are
     read back by mget, as OpenSearch answers with ``_source_includes``."""
 
-    def __init__(self, stored_last: dict[str, str]):
+    def __init__(self, stored_last: dict[str, str], unavailable_once: set[str] | None = None):
         self.stored_last = stored_last
+        self.unavailable_once = set(unavailable_once or ())  # ids answered 503 on their first write only
+        self.reads: list[list[str]] = []
+        self.read_error: Exception | None = None
 
     def bulk(self, body, filter_path=None, params=None):
+        actions = _actions(body)
+        if any(meta["_id"] in self.unavailable_once for _, meta, _ in actions):
+            self.unavailable_once -= {meta["_id"] for _, meta, _ in actions}
+            return {
+                "items": [
+                    {op: {"status": 503, "error": {"type": "unavailable_shards_exception"}}} for op, _, _ in actions
+                ]
+            }
         return {
             "items": [
                 {
@@ -388,12 +523,16 @@ class _Conflicts:
                         },
                     }
                 }
-                for op, meta, _ in _actions(body)
+                for op, meta, _ in actions
             ]
         }
 
-    def mget(self, index, body, _source_includes):
+    def mget(self, index, body, _source_includes, realtime=True):
         assert _source_includes == ["last_received_at"]
+        assert realtime is False  # a real-time read refreshes the index: a reindex runs with refresh off
+        self.reads.append(body["ids"])
+        if self.read_error is not None:
+            raise self.read_error
         return {
             "docs": [
                 {"_id": i, "found": True, "_source": {"last_received_at": self.stored_last[i]}}
@@ -448,13 +587,69 @@ def test_revision_conflicts_are_said_at_most_once_a_minute_per_cause_with_the_co
         said.add("diana-series", "restarted", 1, "1.2.3.3")  # another cause: its own minute
         clock[0] += 11
         said.add("diana-series", "replayed", 1)
+        clock[0] += 60
+        said.flush()  # a batch's end: what waited is said once its minute has passed
     lines = [(line["event"], line["index"], line["documents"]) for line in logs]
     assert lines == [
         ("opensearch.older_revisions_skipped", "diana-series", 500),
+        ("opensearch.older_revisions_skipped", "diana-studies", 20),  # its own minute
         ("opensearch.revision_line_restarted", "diana-series", 1),
         ("opensearch.older_revisions_skipped", "diana-series", 5001),
-        ("opensearch.older_revisions_skipped", "diana-studies", 200),
+        ("opensearch.older_revisions_skipped", "diana-studies", 180),
     ]
+
+
+def test_a_restarted_line_of_another_index_within_the_minute_is_said() -> None:
+    """Before: the minute was per cause, the counts per index: the studies' restarted line waited for a later
+    restarted one of the series, for good if none came (exp3)."""
+    from diana.sinks.opensearch import _ConflictLog
+
+    clock = [0.0]
+    said = _ConflictLog(clock=lambda: clock[0])
+    with capture_logs() as logs:
+        said.add("diana-series", "restarted", 5, "1.2.3")
+        clock[0] = 1
+        said.add("diana-studies", "restarted", 3, "1.2")
+        said.add("diana-studies", "restarted", 2)
+        clock[0] = 3600
+        said.flush()
+    lines = [(line["event"], line["index"], line["documents"], line.get("example_id")) for line in logs]
+    assert lines == [
+        ("opensearch.revision_line_restarted", "diana-series", 5, "1.2.3"),
+        ("opensearch.revision_line_restarted", "diana-studies", 3, "1.2"),
+        ("opensearch.revision_line_restarted", "diana-studies", 2, None),
+    ]
+
+
+def test_revision_conflicts_of_a_batch_written_again_are_counted_once() -> None:
+    """Before: a request's conflicts were counted as it was answered, and again when another request of the
+    batch failed and the consumer wrote the batch again."""
+    stored = AT.isoformat()
+    client = _Conflicts({"1.2.3.1": stored, "1.2.3.2": stored}, unavailable_once={"1.2.3.2"})
+    sink = OpenSearchSink(client, IndexLayout("diana"), index_version=1, parallel_requests=2)
+    before = _conflicts("replayed")
+    batch = [_series("1.2.3.1", 1, 7, last=AT), _series("1.2.3.2", 2, 7, last=AT)]
+    with pytest.raises(RetryableError):
+        sink.write(batch, _Dead())
+    sink.write(batch, _Dead())  # the consumer writes it again
+    assert _conflicts("replayed") - before == 2
+
+
+def test_the_read_of_stored_times_is_capped_and_a_failed_one_is_a_warning() -> None:
+    client = _Conflicts({f"1.2.3.{i}": AT.isoformat() for i in range(250)})
+    sink = OpenSearchSink(client, IndexLayout("diana"), index_version=1)
+    before = {cause: _conflicts(cause) for cause in ("replayed", "not_compared")}
+    sink.write([_series(f"1.2.3.{i}", i, 7, last=AT) for i in range(250)], _Dead())
+    assert [len(ids) for ids in client.reads] == [200]
+    assert _conflicts("replayed") - before["replayed"] == 200
+    assert _conflicts("not_compared") - before["not_compared"] == 50
+    client.read_error = TransportError(503, "unavailable", {})
+    with capture_logs() as logs:
+        sink.write([_series("1.2.3.1", 1, 7, last=AT)], _Dead())
+        sink.write([_series("1.2.3.2", 2, 7, last=AT)], _Dead())  # within the minute: not said again
+    (unread,) = [line for line in logs if line["event"] == "opensearch.revision_conflicts_unread"]
+    assert unread["log_level"] == "warning" and unread["documents"] == 1
+    assert _conflicts("not_compared") - before["not_compared"] == 52
 
 
 class _OldDeadLetters:
@@ -529,3 +724,36 @@ def test_a_reindex_copy_over_the_nodes_indexing_pressure_limit_fails_before_the_
     client = _OldDeadLetters(documents=1000, limit=20_000, pressure=True)
     with pytest.raises(ReindexFailed, match=r"HTTP 429.*nothing was swapped.*heap.*bulk_max_bytes"):
         _reindexer(client, max_bytes=5_000_000)._carry_over(["deadletters"], {"deadletters": 1}, 2)
+
+
+def test_a_batch_of_one_document_too_large_is_retried_unless_the_node_proves_it_too_large() -> None:
+    """What the retry of a refusal hitting everything costs: one document alone over a proxy's limit, with no
+    request accepted, is not told from a proxy refusing everything (retried); a 429 naming its own bytes over
+    the node's indexing pressure limit is (dead-lettered)."""
+    big = "S" * 5000
+    with pytest.raises(RetryableError, match="none accepted"):
+        OpenSearchSink(_Cluster(limit=3000), IndexLayout("diana"), index_version=1).write(
+            [_series("1.2.3.2", 2, 3, description=big)], _Dead()
+        )
+    node = _SmallHeap(limit=3000, reason=PRESSURE_REASONS["coordinating"])
+    dead = _Dead()
+    OpenSearchSink(node, IndexLayout("diana"), index_version=1).write([_series("1.2.3.2", 2, 3, description=big)], dead)
+    ((offset, reason),) = dead.sent
+    assert offset == 2 and "indexing pressure limit of the node, 3000 bytes" in reason
+
+
+def test_the_largest_body_accepted_is_believed_for_five_to_ten_minutes() -> None:
+    """A limit lowered at run time: a document alone between it and a body accepted before is retried only
+    until that body is forgotten, then dead-lettered as too large."""
+    from diana.sinks.opensearch import _RequestSizes
+
+    clock = [0.0]
+    sizes = _RequestSizes(clock=lambda: clock[0])
+    sizes.accepted(5_000_000)
+    clock[0] = _RequestSizes.ACCEPTED_WINDOW_S + 1  # the window after: still believed
+    sizes.accepted(900_000)
+    assert sizes.largest_accepted() == 5_000_000
+    clock[0] = 2 * _RequestSizes.ACCEPTED_WINDOW_S + 1  # two windows on: only what this and the last took
+    assert sizes.largest_accepted() == 900_000
+    clock[0] = 4 * _RequestSizes.ACCEPTED_WINDOW_S
+    assert sizes.largest_accepted() == 0
