@@ -255,6 +255,30 @@ def test_an_alert_refused_in_the_batch_of_the_arrivals_leaves_them_to_the_next_t
     assert sorted(sent) == sorted([*_sops(ct), mr["sop_instance_uid"]])
 
 
+def test_arrivals_and_the_complete_record_refused_in_one_batch_or_two_leave_them_to_the_next(tmp_path: Path):
+    """A destination in maintenance beside a whole_study rule (tests/integration/test_routing.py's
+    maintenance test): in two batches each instance is dead-lettered on its arrival and again at the
+    study's completion; in one batch (a worker busy with an earlier backlog takes both at once) once,
+    under the message planned first. Either way nothing is recorded and the next complete record sends
+    them all: the integration test waits for that, not for a count of dead letters."""
+    for batches, letters_each in (("two", 2), ("one", 1)):
+        archive, state = tmp_path / batches / "archive", tmp_path / batches / "state"
+        ct, mr, _, study = _ct_and_mr_study(archive)
+        arrivals = [_arrived(e, n) for n, e in enumerate(ct)]
+        complete = _message(study, 9)
+        if batches == "two":
+            letters = _refused(archive, state, study_record(study), PLAIN_AND_WHOLE, *arrivals)
+            letters += _refused(archive, state, study_record(study), PLAIN_AND_WHOLE, complete)
+        else:
+            letters = _refused(archive, state, study_record(study), PLAIN_AND_WHOLE, *arrivals, complete)
+        refused = [*_sops(ct), mr["sop_instance_uid"]]  # the MR only by the whole_study rule
+        counts = {sop: sum(sop in letter for letter in letters) for sop in refused}
+        assert counts == {**dict.fromkeys(_sops(ct), letters_each), mr["sop_instance_uid"]: 1}, batches
+        assert not (state / f"{STUDY}.json").exists()
+        sent = _route(archive, state, study_record(study), _message(study, 10), rules=PLAIN_AND_WHOLE)
+        assert sorted(sent) == sorted(refused), batches
+
+
 @pytest.mark.parametrize("rules", [PLAIN_AND_ALERT, PLAIN_AND_WHOLE, PLAIN_ONLY], ids=["alert", "whole", "plain only"])
 def test_a_corrected_copy_reaches_the_destination_on_its_arrival(tmp_path: Path, rules: RoutingRules):
     """The modality sends a corrected copy of an instance sent before (other bytes, the same SOP Instance
