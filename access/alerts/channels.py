@@ -148,17 +148,22 @@ class SmtpServer:
         return smtp
 
 
+def _send_mail(server: SmtpServer, msg: EmailMessage, timeout: float) -> str:
+    """Hand ``msg`` to the relay; a recipient it refuses is an error, not a silent drop."""
+    with server.connect(timeout) as smtp:
+        refused = smtp.send_message(msg)
+    if refused:
+        raise smtplib.SMTPRecipientsRefused(refused)
+    return f"accepted by {server.host}:{server.port}"
+
+
 def send_email(server: SmtpServer, to: str, alert: dict, key: str, timeout: float, extra: tuple[str, ...] = ()) -> str:
     msg = EmailMessage()
     msg["From"], msg["To"] = server.sender, to
     msg["Subject"] = f"[diana-star dose alert] {alert.get('rule')}: {alert.get('metric')} {alert.get('value'):g}"
     msg["Message-ID"] = f"<{key}@diana-star>"
     msg.set_content(alert_text(alert, extra))
-    with server.connect(timeout) as smtp:
-        refused = smtp.send_message(msg)
-    if refused:
-        raise smtplib.SMTPRecipientsRefused(refused)
-    return f"accepted by {server.host}:{server.port}"
+    return _send_mail(server, msg, timeout)
 
 
 def send_correction_email(
@@ -174,11 +179,7 @@ def send_correction_email(
     msg["Message-ID"] = f"<{key}@diana-star>"
     msg["In-Reply-To"] = f"<{key.removeprefix('correction:')}@diana-star>"
     msg.set_content(correction_text(alert, extra))
-    with server.connect(timeout) as smtp:
-        refused = smtp.send_message(msg)
-    if refused:
-        raise smtplib.SMTPRecipientsRefused(refused)
-    return f"accepted by {server.host}:{server.port}"
+    return _send_mail(server, msg, timeout)
 
 
 def send_correction_webhook(url: str, alert: dict, key: str, timeout: float, extra: tuple[str, ...] = ()) -> str:
