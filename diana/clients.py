@@ -134,7 +134,9 @@ def faust_broker_settings(kafka: KafkaConfig) -> dict[str, Any]:
 
 
 def kafka_producer(kafka: KafkaConfig, extra: Mapping[str, Any] | None = None) -> Producer:
-    return Producer(kafka_settings(kafka, extra))
+    """A producer under the topics' size limit (``producer_size_limits``), then ``extra``: every one of
+    them, not only the few whose records are large (a burst of small records fills a batch too)."""
+    return Producer(kafka_settings(kafka, {**producer_size_limits(kafka.max_message_bytes), **(extra or {})}))
 
 
 def consumer_settings(kafka: KafkaConfig, group_id: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -12,11 +12,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
+from prometheus_client import Counter
+
 from diana.stream_apps.batch import Batch
 from diana.stream_apps.digest import digest_join, digest_lookup, digest_part, digest_split
-from diana.stream_apps.local_state import LocalStateError
 
 __all__ = ["DIGEST", "delete_digest", "lookup_digest", "read_digest", "write_digest"]
+
+log = structlog.get_logger("diana.aggregate")
+
+PARTS_MISSING = Counter(
+    "diana_aggregates_digest_parts_missing_total",
+    "Parts of a completed series' digest its index names but the state lacks (read as empty)",
+)
 
 DIGEST = "digest"
 
@@ -31,11 +40,15 @@ def _part_count(head: Any) -> int:
 
 def _part(batch: Batch, partition: int, series_uid: str, head: dict, n: int) -> str:
     """Part ``n`` the index names. Absent, the state is not what the changelog committed (the index and
-    its parts are written in one transaction): reading it as "not in the digest" would count a re-send
-    again, so the worker ends and its restart restores the whole state. No UID in the message."""
+    its parts are written in one transaction). It is read as empty, said and counted: a re-send of one
+    of its instances is then counted again. Ending the worker instead (the first version) was a crash
+    loop: its restart loads the same local file, whose cold namespaces are never re-read, and meets the
+    same event. No UID in the log."""
     part = batch.get(partition, DIGEST, _part_key(series_uid, n))
     if part is None:
-        raise LocalStateError("damaged", f"a digest's part {n} of {head['parts']} is missing from the state")
+        PARTS_MISSING.inc()
+        log.warning("digest.part_missing", partition=partition, part=n, parts=head["parts"])
+        return ""
     return part
 
 

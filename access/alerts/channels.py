@@ -149,9 +149,18 @@ class SmtpServer:
 
 
 def _send_mail(server: SmtpServer, msg: EmailMessage, timeout: float) -> str:
-    """Hand ``msg`` to the relay; a recipient it refuses is an error, not a silent drop."""
-    with server.connect(timeout) as smtp:
+    """Hand ``msg`` to the relay; a recipient it refuses is an error, not a silent drop. Once the relay
+    has taken the message, its answer to QUIT changes nothing: a 421 there (SMTP.__exit__ raises on
+    anything but 221) made an accepted alert a failure, sent again at each try and never corrected."""
+    smtp = server.connect(timeout)
+    try:
         refused = smtp.send_message(msg)
+        try:
+            smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            pass  # already accepted: the session's end is the relay's business
+    finally:
+        smtp.close()
     if refused:
         raise smtplib.SMTPRecipientsRefused(refused)
     return f"accepted by {server.host}:{server.port}"

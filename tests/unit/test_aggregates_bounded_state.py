@@ -36,8 +36,8 @@ from diana.stream_apps.aggregates import (
 from diana.stream_apps.batch import Batch, _Store
 from diana.stream_apps.completeness import QuietTimes
 from diana.stream_apps.digest import PART_ENTRIES, digest_build, digest_count, digest_part
-from diana.stream_apps.local_state import Checkpoint, LocalStateError, LocalStates
-from diana.stream_apps.series_digest import delete_digest, lookup_digest, read_digest, write_digest
+from diana.stream_apps.local_state import Checkpoint, LocalStates
+from diana.stream_apps.series_digest import PARTS_MISSING, delete_digest, lookup_digest, read_digest, write_digest
 from diana.stream_apps.state_store import StateStore
 
 CHANGELOG = "agg-state-changelog"
@@ -390,16 +390,22 @@ def test_a_corrected_re_send_naming_another_series_of_the_same_study_changes_no_
     assert "1.2.3.4.1" not in logged
 
 
-def test_a_digest_part_the_index_names_but_the_state_lacks_ends_the_worker_for_a_full_restore():
-    """A missing part read as "not in the digest": a re-send of one of its instances counted again."""
+def test_a_digest_part_the_index_names_but_the_state_lacks_is_read_as_empty_said_and_counted(capsys):
+    """Ending the worker on it was a crash loop (its restart loads the same local file and meets the
+    same event); it is read as empty, with a warning and a counter, and the other parts still answer."""
     w = Worker()
     _completed_series(w, PART_ENTRIES + 100)
     del w.space(DIGEST)["9.1.1/1"]
     head = w.space(DIGEST)["9.1.1"]
-    in_part_one = next(f"9.1.1.{n}" for n in range(1, PART_ENTRIES + 101) if digest_part(head, f"9.1.1.{n}") == 1)
+    uids = [f"9.1.1.{n}" for n in range(1, PART_ENTRIES + 101)]
+    in_part_one = next(u for u in uids if digest_part(head, u) == 1)
+    in_part_zero = next(u for u in uids if digest_part(head, u) == 0)
     batch = Batch(w.store, w.producer, CHANGELOG)
-    with pytest.raises(LocalStateError, match="part 1 of 2"):
-        lookup_digest(batch, 0, "9.1.1", in_part_one)
-    with pytest.raises(LocalStateError, match="part 1 of 2"):
-        read_digest(batch, 0, "9.1.1")
-    assert "9.1.1" not in str(pytest.raises(LocalStateError, read_digest, batch, 0, "9.1.1").value)
+    before = PARTS_MISSING._value.get()
+    capsys.readouterr()  # the completion's own lines name the series
+    assert lookup_digest(batch, 0, "9.1.1", in_part_one) is None
+    assert lookup_digest(batch, 0, "9.1.1", in_part_zero) is not None
+    assert read_digest(batch, 0, "9.1.1") == w.space(DIGEST)["9.1.1/0"]
+    assert PARTS_MISSING._value.get() == before + 2
+    logged = capsys.readouterr().out
+    assert "digest.part_missing" in logged and "parts=2" in logged and "9.1.1" not in logged

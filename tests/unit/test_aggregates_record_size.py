@@ -160,6 +160,22 @@ def test_the_receiver_and_the_sinks_dead_letters_batch_under_max_message_bytes_t
     assert dead_letters["batch.size"] == 598_976
 
 
+def test_every_producer_made_by_kafka_producer_batches_under_max_message_bytes(monkeypatch):
+    """The ticks, alert actions, reports, collect ledger and alert commands' producers kept librdkafka's
+    1,000,000-byte batch.size under a smaller limit: a burst of small records (a large PACS pull's
+    ledger) filled a batch past the topic's limit. An explicit setting of the caller still wins."""
+    from diana import clients
+
+    made: list[dict] = []
+    monkeypatch.setattr(clients, "Producer", lambda settings: made.append(settings) or object())
+    kafka = KafkaConfig(max_message_bytes=600_000)
+    clients.kafka_producer(kafka)
+    clients.kafka_producer(kafka, {"acks": "all", "message.max.bytes": 600_000 + 65_536})
+    (plain, explicit) = made
+    assert (plain["message.max.bytes"], plain["batch.size"]) == (600_000, 598_976)
+    assert (explicit["message.max.bytes"], explicit["batch.size"], explicit["acks"]) == (665_536, 598_976, "all")
+
+
 def test_a_dead_letter_larger_than_the_limit_keeps_its_origin_and_reason_and_the_batch_commits(monkeypatch):
     """The auditor's stall_deadletter.py: an undecodable 1.5 MB event was refused at produce() and its
     batch aborted for ever. Now its dead letter is produced (the default 8 MiB limit), and over
