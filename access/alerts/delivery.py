@@ -79,6 +79,18 @@ __all__ = [
 
 log = structlog.get_logger("diana.alerts.delivery")
 SENT = Counter("diana_alert_deliveries_total", "Alert deliveries by channel and outcome", ["channel", "outcome"])
+# Why a correction owed (the alert was DELIVERED there, then withdrawn) was not sent: the address changed
+# since (its hash differs), the recipient or channel left the routing file, the delivery kept no address
+# hash (an older release, a rebuilt state index), or the alert's state document was lost.
+CORRECTION_NOT_SENT_REASONS = ("address_changed", "not_routed", "no_address_hash", "state_lost")
+CORRECTIONS_NOT_SENT = Counter(
+    "diana_alert_corrections_not_sent_total",
+    "Corrections of delivered, then withdrawn, alerts not sent, by channel and reason",
+    ["channel", "reason"],
+)
+for _channel in ("email", "webhook"):
+    for _reason in CORRECTION_NOT_SENT_REASONS:
+        CORRECTIONS_NOT_SENT.labels(_channel, _reason)  # reported as 0 from the start
 # A delivery failing again for the same reason is recorded at most this often: a dead address retried
 # every 5 minutes wrote 288 DELIVERY_FAILED a day into its alert's history.
 SAME_FAILURE_RECORDED_EVERY = timedelta(hours=1)
@@ -152,6 +164,9 @@ class Ledger:
     refused: set[str] = field(default_factory=set)
     withdrawn: set[str] = field(default_factory=set)  # alert ids the dose worker withdrew: sent to no one
     closed: set[str] = field(default_factory=set)  # alert ids closed by hand: no longer sent either
+    # Corrections this run decided not to send (logged and counted once, though a step tried again or a
+    # withdrawal read again decides so again; nothing is recorded on the topic: nothing was sent).
+    not_corrected: set[str] = field(default_factory=set)
 
     def add(self, action: dict) -> None:
         """A correction (CORRECTED, CORRECTION_FAILED: key ``correction:...``) is kept as a delivery is; a
@@ -377,18 +392,43 @@ class DeliveryWorker:
             return None
         entry = (doc.get(_SENT) or {}).get(delivered) or {}
         address = self._address(recipient, channel)
-        if address is None or entry.get("address_sha256") not in (None, _address_hash(address)):
-            # The original went to an address no longer routed: not known any more (only its hash kept).
-            why = "recipient or channel no longer routed" if address is None else "address changed since the alert"
-            log.warning(
-                "alert.correction.not_sent", alert_id=doc["alert_id"], recipient=recipient, channel=channel, reason=why
-            )
+        # Sent only to the address the alert went to, as its kept hash shows: the old address is not known
+        # any more, and a dose alert's correction names its study, so an address that may be someone else's
+        # now (changed, or no hash to check it by) gets nothing. A document rebuilt from the withdrawal
+        # (the alert's own lost) has no hash either, and its message is the withdrawal's, naming an object.
+        if doc.get(_FROM_WITHDRAWAL):
+            why = "state_lost"
+        elif address is None:
+            why = "not_routed"
+        elif not entry.get("address_sha256"):
+            why = "no_address_hash"
+        elif entry["address_sha256"] != _address_hash(address):
+            why = "address_changed"
+        else:
+            why = None
+        if why is not None:
             self.ledger.failed.pop(key, None)
+            self._not_corrected(key, {"alert_id": doc["alert_id"], "recipient": recipient, "channel": channel}, why)
             return None
-        # Delivered before the value sent was kept (or the state index rebuilt): the document's own.
+        assert address is not None  # else not_routed
         as_sent = {**doc, **{f: entry[f] for f in _AS_SENT if f in entry}}
         result = self._send(channel, address, as_sent, key, attempts=1 if again else None, correction=True)
         return self._outcome(doc["alert_id"], recipient, channel, key, result, correction=True)
+
+    def _not_corrected(self, key: str, delivery: dict, reason: str) -> None:
+        """A correction owed and not sent (``reason``, one of CORRECTION_NOT_SENT_REASONS): logged and counted,
+        once per run, for an operator to follow up (the alert id; no study, no address)."""
+        if key in self.ledger.not_corrected:
+            return
+        self.ledger.not_corrected.add(key)
+        CORRECTIONS_NOT_SENT.labels(delivery.get("channel"), reason).inc()
+        log.warning(
+            "alert.correction.not_sent",
+            alert_id=delivery.get("alert_id"),
+            recipient=delivery.get("recipient"),
+            channel=delivery.get("channel"),
+            reason=reason,
+        )
 
     def _address(self, recipient: str, channel: str) -> str | None:
         """The address of ``recipient``'s ``channel`` in the routing file now (None: not there)."""
@@ -449,7 +489,7 @@ class DeliveryWorker:
             withdrawn = {k: alert.get(k) for k in ("superseded_by", "withdrawn_reason", "replaced_value")}
             doc = self.states.update(
                 alert["alert_id"],
-                lambda doc: apply_action({**(doc or raised_state(alert, None)), **withdrawn}, action),
+                lambda doc: apply_action({**(doc or _from_withdrawal(alert)), **withdrawn}, action),
             )
             log.info("alert.withdrawn", alert_id=alert["alert_id"], reason=alert.get("withdrawn_reason"))
             # Only a withdrawal that carries its reason (DoseAlert v3, written by this release) is
@@ -498,6 +538,8 @@ class DeliveryWorker:
             address = dict(recipient.channels()).get(failed.get("channel") or "") if recipient else None
             if recipient is None or address is None:
                 self.ledger.failed.pop(key, None)  # recipient or channel no longer routed
+                if is_correction(key):
+                    self._not_corrected(key, failed, "not_routed")
                 continue
             server = "smtp" if failed["channel"] == "email" else urlsplit(address).netloc
             if server in unreachable:
@@ -505,6 +547,8 @@ class DeliveryWorker:
             alert = self.states.get(failed["alert_id"])
             if alert is None:
                 self.ledger.failed.pop(key, None)
+                if is_correction(key):
+                    self._not_corrected(key, failed, "state_lost")
                 continue
             if is_correction(key):
                 result = self._correct(alert, recipient.name, failed["channel"], again=True)
@@ -528,6 +572,15 @@ _PLACE = "dose_alerts_place"
 # recipient, channel, address_sha256}), kept before the send: a correction quotes it.
 _SENT = "sent"
 _AS_SENT = ("value", "threshold", "message")
+
+
+# The state document's field set when it was made from a withdrawal record, the alert's own document lost
+# (its fields are the withdrawal's: an under_limit one's message names the object that withdrew it).
+_FROM_WITHDRAWAL = "state_from_withdrawal"
+
+
+def _from_withdrawal(alert: dict) -> dict:
+    return {**raised_state(alert, None), _FROM_WITHDRAWAL: True}
 
 
 def _address_hash(address: str) -> str:

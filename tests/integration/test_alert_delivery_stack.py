@@ -14,6 +14,10 @@ behind it on `dose.alerts` sends nothing (before: it sent the alert it held and 
 only after); an alert delivered and then withdrawn gets one correction per channel it went to (e-mail
 and webhook), recorded as CORRECTED; a worker under a new group replays everything and sends nothing
 more. Those alerts are written to `dose.alerts` directly, as the dose worker writes them.
+
+A lost alert state (the third test): an alert delivered, its state document deleted, then withdrawn
+under its limit: no correction (its only source would be the withdrawal record, naming the object that
+withdrew it, with no address hash to check the address by), counted by the worker's metric.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import email
 import email.policy
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -339,6 +345,83 @@ def test_a_withdrawal_already_published_stops_the_send_and_a_delivered_alert_is_
         _wait(lambda: group_lag(cfg, "alert-withdraw-2", topics) == 0, "the replaying worker to catch up")
         assert len(_mails(mailbox, sent, True)) == 1 and len(_mails(mailbox, sent, False)) == 1
         assert _mails(mailbox, held, False) == [] and len(_accepted_posts(hooks, sent, "/ok")) == 2
+    finally:
+        if "alerts" in pipeline.procs:
+            pipeline.stop("alerts")
+
+
+def _corrections_not_sent(metrics_port: int) -> dict[tuple[str, str], float]:
+    """diana_alert_corrections_not_sent_total by (channel, reason), scraped from the worker."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        found = re.fullmatch(r'diana_alert_corrections_not_sent_total\{channel="(\w+)",reason="(\w+)"\} (\S+)', line)
+        if found:
+            out[(found[1], found[2])] = float(found[3])
+    return out
+
+
+def test_a_lost_alert_state_sends_no_correction_naming_the_withdrawing_object(pipeline, receivers, tmp_path: Path):
+    """The alert's state document deleted after its delivery; then its under_limit withdrawal, whose
+    message names the SOP Instance UID that brought the value under its limit. Before: a correction built
+    from that record (the UID in its text) went to the recipient's address as it was then, unchecked.
+    Now: none, and diana_alert_corrections_not_sent_total{reason="state_lost"} counts one per channel."""
+    mailbox, hooks = receivers
+    cfg = pipeline.cfg
+    routing = tmp_path / "routing.yaml"
+    routing.write_text(
+        "recipients:\n"
+        f"  - {{name: CT physicist, email: ct-physics@hospital.example, webhook: 'http://127.0.0.1:{port(18088)}/ok',"
+        " stations: [CTW1]}\n"
+    )
+    metrics_port = port(19478)
+    settings = {
+        "DIANA_ALERTS_ROUTING": str(routing),
+        "DIANA_ALERTS_SMTP_PORT": str(port(12525)),
+        "DIANA_ALERTS_METRICS_PORT": str(metrics_port),
+        "DIANA_ALERTS_ATTEMPTS": "2",
+        "DIANA_ALERTS_CONSUMER_GROUP": "alert-lost-state-1",
+    }
+    topics = [DOSE_ALERTS.name, ALERT_ACTIONS.name]
+    pipeline.start("alerts", "alerts", "deliver", settings=settings)
+    try:
+        client = OpenSearch(hosts=[cfg.opensearch.url])
+
+        def state(alert_id: str) -> dict:
+            found = client.get(index="diana-dose-alert-state", id=alert_id, ignore=[404])
+            return found.get("_source") or {}
+
+        study, alert_id = generate_uid(), generate_uid()
+        _publish(cfg, _alert(study, alert_id))
+        _wait(lambda: state(alert_id).get("deliveries") == 2, "the alert delivered on both channels")
+        assert len(_mails(mailbox, alert_id, False)) == 1 and len(_accepted_posts(hooks, alert_id, "/ok")) == 1
+        before = _corrections_not_sent(metrics_port)  # every (channel, reason) reported from the start
+
+        client.delete(index="diana-dose-alert-state", id=alert_id, refresh=True)
+        withdrawing = generate_uid()
+        note = f"withdrawn: the study's value (now 50) is no longer over the limit since {withdrawing}"
+        _publish(
+            cfg,
+            _alert(
+                study,
+                alert_id,
+                superseded_by=withdrawing,
+                withdrawn_reason="under_limit",
+                replaced_value=50.0,
+                message=note,
+            ),
+        )
+        _wait(lambda: state(alert_id).get("status") == "closed", "the withdrawal applied")
+        _wait(lambda: group_lag(cfg, "alert-lost-state-1", topics) == 0, "the worker to catch up")
+        after = _corrections_not_sent(metrics_port)
+        assert {c: after[(c, "state_lost")] - before[(c, "state_lost")] for c in ("email", "webhook")} == {
+            "email": 1,
+            "webhook": 1,
+        }
+        assert _mails(mailbox, alert_id, True) == [] and len(_accepted_posts(hooks, alert_id, "/ok")) == 1
+        assert all(withdrawing not in raw for _, raw in mailbox.messages)
+        assert all(withdrawing not in json.dumps(body) for _, _, _, body in hooks.posts)
+        assert "CORRECTED" not in [h["action"] for h in state(alert_id)["history"]]
     finally:
         if "alerts" in pipeline.procs:
             pipeline.stop("alerts")

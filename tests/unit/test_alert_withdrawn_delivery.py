@@ -12,6 +12,9 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 
 import pytest
+import structlog
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from diana.access.alerts import delivery
 from diana.access.alerts.channels import correction_text, with_retries
@@ -408,3 +411,116 @@ def test_a_correction_never_says_no_longer_over_the_limit_of_a_value_over_it():
     assert (
         text.splitlines()[0] == "WITHDRAWN: the study's value is no longer over the limit 1000: dlp_mGycm is now 800."
     )
+
+
+# ---- 4. a correction not sent: never to an address it cannot check, never naming what the alert did not;
+# logged and counted by reason (diana_alert_corrections_not_sent_total)
+
+
+def _not_sent(channel: str, reason: str) -> float:
+    labels = {"channel": channel, "reason": reason}
+    return REGISTRY.get_sample_value("diana_alert_corrections_not_sent_total", labels) or 0.0
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    # A logger already used stays bound to its handler (cache_logger_on_first_use): capture_logs needs a fresh one.
+    monkeypatch.setattr(delivery, "log", structlog.get_logger("diana.alerts.delivery"))
+    with capture_logs() as logs:
+        yield logs
+
+
+def test_an_alert_delivered_before_address_hashes_were_kept_gets_no_correction(monkeypatch, captured):
+    """Before: the correction went to the recipient's address as it is now, unchecked: a dose alert
+    naming a study, mailed to whoever has that address now."""
+    mail = _Mail(monkeypatch)
+    worker = _worker()
+    worker.handle_alert(ALERT)
+    worker.states.docs["h1"].pop("sent")  # as an older release kept it: no send, no address hash
+    worker.routing = Routing((Recipient("physicist", email="now-someone-else@h.example", webhook="http://h/new"),))
+    before = {c: _not_sent(c, "no_address_hash") for c in ("email", "webhook")}
+    worker.handle_alert(WITHDRAWAL)
+    worker.handle_alert(WITHDRAWAL)  # read again (a redelivery, a step tried again): logged and counted once
+    assert [kind for kind, _, _ in mail.sent] == ["alert", "alert"]
+    assert [a["action"] for a in worker.producer.actions] == ["DELIVERED", "DELIVERED"] and not worker.ledger.failed
+    assert {c: _not_sent(c, "no_address_hash") - before[c] for c in before} == {"email": 1, "webhook": 1}
+    lines = [e for e in captured if e["event"] == "alert.correction.not_sent"]
+    assert [(e["channel"], e["reason"]) for e in lines] == [
+        ("email", "no_address_hash"),
+        ("webhook", "no_address_hash"),
+    ]
+    assert not any(v in str(lines) for v in ("1.2.840.99.1", "ACC7", "someone-else", "h/new"))
+
+
+def test_a_lost_state_s_under_limit_withdrawal_corrects_no_one_with_the_report_s_uid(monkeypatch, captured):
+    """The alert's state document lost (the index deleted, not rebuilt): before, the correction was built
+    from the withdrawal record, whose message names the SOP Instance UID of the object that brought the
+    value under its limit, and went to the address the recipient has now."""
+    mail = _Mail(monkeypatch)
+    ledger = Ledger()
+    for channel in ("email", "webhook"):
+        ledger.add(delivery.delivery_action("h1", "physicist", channel, True, 1, "accepted"))
+    worker = _worker(ledger=ledger)
+    note = "withdrawn: the study's value (now 800) is no longer over the limit since 1.2.840.99.1.77"
+    withdrawal = {**WITHDRAWAL, "withdrawn_reason": "under_limit", "replaced_value": 800.0, "message": note}
+    before = {c: _not_sent(c, "state_lost") for c in ("email", "webhook")}
+    worker.handle_alert(withdrawal)
+    assert "1.2.840.99.1.77" not in str(mail.sent)
+    assert mail.sent == [] and worker.producer.actions == []
+    assert {c: _not_sent(c, "state_lost") - before[c] for c in before} == {"email": 1, "webhook": 1}
+    assert worker.states.get("h1")["status"] == "closed"
+    # A worker restarted since reads it again: still nothing sent (the document it finds is the withdrawal's).
+    ledger_again = Ledger()
+    for channel in ("email", "webhook"):
+        ledger_again.add(delivery.delivery_action("h1", "physicist", channel, True, 1, "accepted"))
+    restarted = _worker(ledger=ledger_again)
+    restarted.states = worker.states
+    restarted.handle_alert(withdrawal)
+    assert mail.sent == [] and _not_sent("email", "state_lost") - before["email"] == 2
+    assert "1.2.840.99.1.77" not in str(captured)
+
+
+def test_corrections_not_sent_are_counted_by_reason(monkeypatch, captured):
+    """Before: a log line only, and none at all when a retry round dropped a failed correction whose
+    recipient had left the routing file or whose alert state was gone."""
+    mail = _Mail(monkeypatch)
+    worker = _worker()
+    worker.handle_alert(ALERT)
+    # Since: the mail address changed, the webhook removed.
+    worker.routing = Routing((Recipient("physicist", email="new@h.example"),))
+    changed, removed = _not_sent("email", "address_changed"), _not_sent("webhook", "not_routed")
+    worker.handle_alert(WITHDRAWAL)
+    assert [kind for kind, _, _ in mail.sent] == ["alert", "alert"]
+    assert (_not_sent("email", "address_changed") - changed, _not_sent("webhook", "not_routed") - removed) == (1, 1)
+
+    # A correction that failed, its recipient then removed from the routing file: the retry round drops it.
+    mail, worker = _Mail(monkeypatch), _worker()
+    worker.handle_alert({**ALERT, "alert_id": "h2"})
+    mail.fail = {"webhook"}  # its correction fails
+    worker.handle_alert({**WITHDRAWAL, "alert_id": "h2"})
+    assert len(worker.ledger.failed) == 1
+    worker.routing = Routing(())
+    removed = _not_sent("webhook", "not_routed")
+    worker.retry_failed()
+    assert not worker.ledger.failed and _not_sent("webhook", "not_routed") - removed == 1
+
+    # The same with the alert's state document gone.
+    mail, worker = _Mail(monkeypatch), _worker()
+    worker.handle_alert({**ALERT, "alert_id": "h3"})
+    mail.fail = {"webhook"}  # its correction fails
+    worker.handle_alert({**WITHDRAWAL, "alert_id": "h3"})
+    del worker.states.docs["h3"]
+    lost = _not_sent("webhook", "state_lost")
+    worker.retry_failed()
+    assert not worker.ledger.failed and _not_sent("webhook", "state_lost") - lost == 1
+    reasons = [e["reason"] for e in captured if e["event"] == "alert.correction.not_sent"]
+    assert reasons == ["address_changed", "not_routed", "not_routed", "state_lost"]
+
+
+def test_the_reasons_a_correction_is_not_sent_are_a_fixed_set():
+    """Every reason reported from the start (0), and no other: a label Prometheus keeps bounded."""
+    for channel in ("email", "webhook"):
+        for reason in ("address_changed", "not_routed", "no_address_hash", "state_lost"):
+            labels = {"channel": channel, "reason": reason}
+            assert REGISTRY.get_sample_value("diana_alert_corrections_not_sent_total", labels) is not None
+    assert delivery.CORRECTION_NOT_SENT_REASONS == ("address_changed", "not_routed", "no_address_hash", "state_lost")
