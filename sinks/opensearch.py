@@ -294,29 +294,30 @@ def _instant(value: Any) -> datetime | None:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-class _ConflictLog:
-    """Revision conflicts said at most once a minute per index and cause, with the documents counted since
-    that line (the metric has every one). A replay refuses thousands of revisions: said at info, as normal;
-    a revision line restarted is a warning, naming one of its ids as the sink's other lines name theirs.
-    The first of an index and cause is said at once; what came within the minute after is said by the
-    first ``add`` or ``flush`` (each batch's end) once the minute has passed. Before, the minute was per
-    cause: a restarted line of another index within it waited for a later one of the same cause, maybe
-    never said."""
+class _CountsSaidPerMinute:
+    """Counts said at most once a minute per key, each line with the count since the last one: the first of a
+    key is said at once; what comes within the minute after waits, and is said by the first ``add`` or
+    ``flush`` (each batch's end) once the minute has passed, never dropped. ``details`` (e.g. an example id)
+    are the first given since the key's last line. Before, the failed reads of stored times had their own
+    minute whose waiting count was said only by a later failed read: never, if none came."""
 
     WINDOW_S = 60.0
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, say: Callable[[Any, int, dict[str, Any]], None], clock: Callable[[], float] = time.monotonic):
+        self._say = say  # (key, count since the last line, details) -> writes the line
         self._clock = clock
         self._lock = threading.Lock()
-        self._pending: dict[tuple[str, str], int] = {}  # (index alias, cause) -> documents not said yet
-        self._examples: dict[str, str] = {}  # index alias -> an id of a restarted line not said yet
-        self._said_at: dict[tuple[str, str], float] = {}  # (index alias, cause) -> when its last line was written
+        self._pending: dict[Any, int] = {}  # key -> count not said yet
+        self._details: dict[Any, dict[str, Any]] = {}  # key -> details not said yet
+        self._said_at: dict[Any, float] = {}  # key -> when its last line was written
 
-    def add(self, index: str, cause: str, documents: int, example: str | None = None) -> None:
+    def add(self, key: Any, count: int, **details: Any) -> None:
         with self._lock:
-            self._pending[(index, cause)] = self._pending.get((index, cause), 0) + documents
-            if example is not None:
-                self._examples.setdefault(index, example)
+            self._pending[key] = self._pending.get(key, 0) + count
+            kept = self._details.setdefault(key, {})
+            for name, value in details.items():
+                if value is not None:
+                    kept.setdefault(name, value)
         self.flush()
 
     def flush(self) -> None:
@@ -329,19 +330,36 @@ class _ConflictLog:
             lines = []
             for key in due:
                 self._said_at[key] = now
-                example = self._examples.pop(key[0], None) if key[1] == "restarted" else None
-                lines.append((key, self._pending.pop(key), example))
-        for (alias, cause), count, example in lines:
-            self._say(alias, cause, count, example)
+                lines.append((key, self._pending.pop(key), self._details.pop(key, {})))
+        for key, count, details in lines:
+            self._say(key, count, details)
+
+
+class _ConflictLog:
+    """Revision conflicts said at most once a minute per index and cause (``_CountsSaidPerMinute``), with the
+    documents counted since that line (the metric has every one). A replay refuses thousands of revisions:
+    said at info, as normal; a revision line restarted is a warning, naming one of its ids as the sink's
+    other lines name theirs. Before, the minute was per cause: a restarted line of another index within it
+    waited for a later one of the same cause, maybe never said."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._counts = _CountsSaidPerMinute(self._say, clock)
+
+    def add(self, index: str, cause: str, documents: int, example: str | None = None) -> None:
+        self._counts.add((index, cause), documents, example=example if cause == "restarted" else None)
+
+    def flush(self) -> None:
+        self._counts.flush()
 
     @staticmethod
-    def _say(alias: str, cause: str, count: int, example: str | None) -> None:
+    def _say(key: tuple[str, str], count: int, details: dict[str, Any]) -> None:
+        alias, cause = key
         if cause == "restarted":
             log.warning(
                 "opensearch.revision_line_restarted",
                 index=alias,
                 documents=count,
-                example_id=example,
+                example_id=details.get("example"),
                 meaning="events newer than their stored documents came with lower revisions: the aggregates "
                 "started their revision line again, and these documents stay stale until it passes them",
                 fix="docs/OPERATIONS.md, 'Revisions the index refuses'",
@@ -360,6 +378,18 @@ class _ConflictLog:
                 documents=count,
                 meaning="revisions lower than the indexed ones; their times not compared",
             )
+
+
+def _say_unread(_key: str, count: int, details: dict[str, Any]) -> None:
+    """Reads of the stored times that failed (``_CountsSaidPerMinute``): the index and error of the first since
+    the last line."""
+    log.warning(
+        "opensearch.revision_conflicts_unread",
+        index=details.get("index"),
+        documents=count,
+        error=details.get("error"),
+        meaning="the times of the documents holding higher revisions were not read: counted not_compared",
+    )
 
 
 @dataclass
@@ -601,6 +631,7 @@ class OpenSearchSink:
         number_of_replicas: int = 0,
         refresh_interval: str | None = None,
         refresh_on_write: bool = False,
+        clock: Callable[[], float] = time.monotonic,  # of the lines said at most once a minute
     ):
         self.client = client
         self.number_of_replicas = number_of_replicas  # of the indices it creates ([opensearch])
@@ -631,10 +662,9 @@ class OpenSearchSink:
         # is sent (with a proxy's 1 MB against 5 MB requests, every request went up 7 times, 3 of them refused).
         self._sizes = _RequestSizes()
         self._refusals_said: set[int] = set()  # statuses of whole-request refusals logged (once each)
-        self._conflicts = _ConflictLog()
-        self._unread_lock = threading.Lock()
-        self._unread_said_at: float | None = None  # when a failed read of stored times was last said
-        self._unread_documents = 0  # conflicts left not compared by failed reads since
+        self._conflicts = _ConflictLog(clock)
+        # Conflicts left not compared by failed reads of the stored times: one minute for all indices.
+        self._unread = _CountsSaidPerMinute(_say_unread, clock)
 
     def prepare_indices(self) -> bool:
         """Install the templates and create the indices now, before consuming: done with the first batch
@@ -732,6 +762,7 @@ class OpenSearchSink:
         if conflicts:
             self._note_revision_conflicts(conflicts)
         self._conflicts.flush()
+        self._unread.flush()
 
     def _bulk(self, request: _BulkRequest, dead: DeadLetters) -> list[tuple[Message, dict]]:
         """Send one request, park what cannot be indexed; return its revision conflicts (not counted yet)."""
@@ -936,7 +967,7 @@ class OpenSearchSink:
                     )
                     stored = {d["_id"]: d["_source"].get(field_name) for d in found["docs"] if d.get("found")}
                 except (OSConnectionError, TransportError) as exc:
-                    self._conflicts_unread(alias, len(items), exc)
+                    self._unread.add("reads", len(items), index=alias, error=type(exc).__name__)
             counts = {"replayed": 0, "restarted": 0, "not_compared": 0}
             example = None
             for msg, meta in items:
@@ -955,22 +986,6 @@ class OpenSearchSink:
                 if count:
                     REVISION_CONFLICTS.labels(alias, cause).inc(count)
                     self._conflicts.add(alias, cause, count, example if cause == "restarted" else None)
-
-    def _conflicts_unread(self, alias: str, documents: int, exc: Exception) -> None:
-        """A read of the stored times that failed: a warning at most once a minute, with the count since."""
-        with self._unread_lock:
-            self._unread_documents += documents
-            now = time.monotonic()
-            if self._unread_said_at is not None and now - self._unread_said_at < _ConflictLog.WINDOW_S:
-                return
-            self._unread_said_at, documents, self._unread_documents = now, self._unread_documents, 0
-        log.warning(
-            "opensearch.revision_conflicts_unread",
-            index=alias,
-            documents=documents,
-            error=type(exc).__name__,
-            meaning="the times of the documents holding higher revisions were not read: counted not_compared",
-        )
 
     def _complete_identifiers_only(self, created_before: list[tuple[Message, dict, bytes]], dead: DeadLetters) -> None:
         """First wins, and the index holds an identifiers-only document of these very bytes (refused

@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,6 +189,22 @@ class Pipeline:
                 assert proc.poll() is None and time.monotonic() < deadline, self.log_text(name)[-2000:]
                 time.sleep(0.3)
 
+    @contextmanager
+    def running(
+        self, processes: dict[str, tuple[str, ...]], echo_timeout: float, settings: dict[str, str] | None = None
+    ) -> Iterator[Pipeline]:
+        """Start ``processes`` (name -> ``diana`` arguments), wait until the receiver answers C-ECHO, and
+        stop every process at the end."""
+        try:
+            for name, args in processes.items():
+                self.start(name, *args, settings=settings)
+            wait_for_echo(self.cfg, timeout=echo_timeout, procs=self.procs)
+            yield self
+        finally:
+            # Also when the receiver never answered: processes left running would hold the next run's ports.
+            for name in list(self.procs):
+                self.stop(name)
+
     def log_text(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
@@ -215,16 +233,8 @@ def pipeline(stack, cfg: Config, test_config_file: Path):
     logs = TEST_HOME / "logs"
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir(parents=True)
-    p = Pipeline(cfg, test_config_file, {}, logs)
-    try:
-        for name, args in PIPELINE.items():
-            p.start(name, *args)
-        wait_for_echo(cfg, timeout=60, procs=p.procs)
+    with Pipeline(cfg, test_config_file, {}, logs).running(PIPELINE, echo_timeout=60) as p:
         yield p
-    finally:
-        # Also when the receiver never answered: processes left running would hold the next run's ports.
-        for name in list(p.procs):
-            p.stop(name)
 
 
 @pytest.fixture

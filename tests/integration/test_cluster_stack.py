@@ -23,11 +23,10 @@ from diana.compose.local.cluster import ClusterStack
 from diana.config import Config, load_config
 from diana.schemas.layout import archive_path
 from diana.schemas.topics import INSTANCES, SERIES, STUDIES, ensure_topics, topic_settings
-from tests.integration.conftest import TEST_CONFIG, Pipeline
+from tests.integration.conftest import PIPELINE, TEST_CONFIG, Pipeline
 from tests.support.dicomgen import SeriesSpec, make_study
 from tests.support.helpers import dataset_body, group_lag, stored_sha256
 from tests.support.paths import TEST_HOME, port
-from tests.support.stack import wait_for_echo
 
 HOME = TEST_HOME / "cluster"
 PROBE_TOPIC = "diana-test.cluster-probe"
@@ -96,20 +95,9 @@ def cluster_pipeline(cluster):
     cfg, config_file, _ = cluster
     logs = HOME / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    p = Pipeline(cfg, config_file, {}, logs)
-    try:
-        for name, args in {
-            "receiver": ("receive",),
-            "aggregates": ("aggregate",),
-            "archive-sink": ("sink", "archive"),
-            "opensearch-sink": ("sink", "opensearch"),
-        }.items():
-            p.start(name, *args)
-        wait_for_echo(cfg, timeout=90, procs=p.procs)
+    processes = {name: PIPELINE[name] for name in ("receiver", "aggregates", "archive-sink", "opensearch-sink")}
+    with Pipeline(cfg, config_file, {}, logs).running(processes, echo_timeout=90) as p:
         yield p
-    finally:
-        for name in list(p.procs):
-            p.stop(name)
 
 
 def send_until_acknowledged(

@@ -28,7 +28,6 @@ from tests.integration.conftest import PIPELINE, Pipeline
 from tests.support.dicomgen import make_study
 from tests.support.helpers import os_search, storescu, wait_until_caught_up
 from tests.support.paths import DATA, REPO, TEST_HOME, port
-from tests.support.stack import wait_for_echo
 
 HOME = TEST_HOME / "secured"
 CA = HOME / "stack" / "pki" / "ca.pem"
@@ -133,17 +132,12 @@ def secured(passwords: dict[str, str]):
     local.reset_s3proxy()
     logs = HOME / "logs"
     logs.mkdir(parents=True)
-    pipeline = Pipeline(cfg, config_file, {}, logs)
     try:
         local.start()
         ensure_topics(kafka_admin(cfg.kafka), cfg.kafka.partitions, **topic_settings(cfg.kafka))
-        for name, args in PIPELINE.items():
-            pipeline.start(name, *args, settings=env)
-        wait_for_echo(cfg, timeout=90, procs=pipeline.procs)
-        yield pipeline, local, env
+        with Pipeline(cfg, config_file, {}, logs).running(PIPELINE, echo_timeout=90, settings=env) as pipeline:
+            yield pipeline, local, env
     finally:
-        for name in list(pipeline.procs):
-            pipeline.stop(name)
         local.stop()
 
 

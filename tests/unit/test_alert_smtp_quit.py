@@ -6,25 +6,19 @@ server (aiosmtpd, in this process)."""
 from __future__ import annotations
 
 import asyncio
-import socket
-
-from aiosmtpd.controller import Controller
 
 from diana.access.alerts.channels import SmtpServer, send_email
+from tests.support.smtp_relay import Mailbox, start_relay
 
 ALERT = {"alert_id": "a-1", "rule": "ct-head", "metric": "ctdivol", "value": 80.0, "message": "over the DRL"}
 
 
-class _RudeRelay:
+class _RudeRelay(Mailbox):
     """Takes every mail, then answers QUIT badly: ``quit`` is "421" or "slow"."""
 
     def __init__(self, quit: str) -> None:
+        super().__init__()
         self.quit = quit
-        self.messages: list[bytes] = []
-
-    async def handle_DATA(self, server, session, envelope):
-        self.messages.append(envelope.content)
-        return "250 OK"
 
     async def handle_QUIT(self, server, session, envelope):
         if self.quit == "slow":
@@ -33,16 +27,9 @@ class _RudeRelay:
         return "421 closing the channel"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _send_through(quit: str) -> tuple[str, int]:
     relay = _RudeRelay(quit)
-    controller = Controller(relay, hostname="127.0.0.1", port=_free_port())
-    controller.start()
+    controller = start_relay(relay)
     try:
         server = SmtpServer("127.0.0.1", controller.port, "diana@example.org", "none")
         answer = send_email(server, "physicist@example.org", ALERT, "k1", timeout=1)

@@ -5,29 +5,19 @@ does not offer STARTTLS gets nothing."""
 from __future__ import annotations
 
 import smtplib
-import socket
 import ssl
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from diana.access.alerts.channels import SmtpServer, send_email
 from diana.config import ConfigError, load_config
 from tests.support.pki import make_certificates
+from tests.support.smtp_relay import Mailbox, start_relay
 
 ALERT = {"alert_id": "a-1", "rule": "ct-head", "metric": "ctdivol", "value": 80.0, "message": "over the DRL"}
 USER, PASSWORD = "alerts", "correct-horse-battery-staple"
-
-
-class _Mailbox:
-    def __init__(self) -> None:
-        self.messages: list[bytes] = []
-
-    async def handle_DATA(self, server, session, envelope):
-        self.messages.append(envelope.content)
-        return "250 OK"
 
 
 def _login(server, session, envelope, mechanism, auth_data):
@@ -36,12 +26,6 @@ def _login(server, session, envelope, mechanism, auth_data):
         PASSWORD.encode(),
     )
     return AuthResult(success=ok, handled=False)  # handled=False: aiosmtpd answers 535 itself
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +39,9 @@ def _context(pki: dict[str, Path]) -> ssl.SSLContext:
     return context
 
 
-def _server(mailbox: _Mailbox, **options) -> Controller:
-    controller = Controller(mailbox, hostname="127.0.0.1", port=_free_port(), **options)
-    controller.start()
-    return controller
-
-
 def test_starttls_and_a_login_deliver_and_plain_or_an_unknown_ca_send_nothing(pki):
-    mailbox = _Mailbox()
-    smtp = _server(
+    mailbox = Mailbox()
+    smtp = start_relay(
         mailbox,
         tls_context=_context(pki),
         require_starttls=True,
@@ -93,8 +71,8 @@ def test_starttls_and_a_login_deliver_and_plain_or_an_unknown_ca_send_nothing(pk
 
 
 def test_a_server_without_starttls_gets_nothing_when_starttls_is_asked_for(pki):
-    mailbox = _Mailbox()
-    smtp = _server(mailbox)
+    mailbox = Mailbox()
+    smtp = start_relay(mailbox)
     try:
         server = SmtpServer("127.0.0.1", smtp.port, "diana@example.org", "starttls", str(pki["ca.pem"]))
         with pytest.raises(smtplib.SMTPNotSupportedError):
@@ -105,8 +83,8 @@ def test_a_server_without_starttls_gets_nothing_when_starttls_is_asked_for(pki):
 
 
 def test_implicit_tls(pki):
-    mailbox = _Mailbox()
-    smtp = _server(mailbox, ssl_context=_context(pki))
+    mailbox = Mailbox()
+    smtp = start_relay(mailbox, ssl_context=_context(pki))
     try:
         server = SmtpServer("127.0.0.1", smtp.port, "diana@example.org", "tls", str(pki["ca.pem"]))
         send_email(server, "physicist@example.org", ALERT, "k1", 10)

@@ -8,6 +8,7 @@ import pytest
 
 from diana.schemas.codec import MAGIC, Codec, DecodeError, EncodeError
 from diana.schemas.topics import ALL_TOPICS
+from tests.support.schema_versions import DOSE_ALERT, SCHEMAS, read_as, write_with
 
 
 def _instance(**over):
@@ -95,14 +96,12 @@ def _sample(schema):
 def test_every_former_writer_schema_is_still_readable():
     """Messages written with a kept former version (name.vN.avsc) decode with the current one."""
     import io
-    from pathlib import Path
 
     import avro.io
     import avro.schema
 
     codec = Codec()
-    folder = Path(codec_module_path()).parent
-    old_versions = sorted(folder.glob("*.v*.avsc"))
+    old_versions = sorted(SCHEMAS.glob("*.v*.avsc"))
     assert old_versions, "no former schema versions kept"
     for path in old_versions:
         writer = avro.schema.parse(path.read_text())
@@ -113,12 +112,6 @@ def test_every_former_writer_schema_is_still_readable():
         assert name == writer.fullname, path.name
         current = {f.name for f in codec.schema(writer.name).fields}
         assert set(record) == current, path.name
-
-
-def codec_module_path() -> str:
-    import diana.schemas.codec as module
-
-    return module.__file__
 
 
 def test_a_timestamp_beyond_any_datetime_is_a_decode_error_not_a_crash():
@@ -173,13 +166,12 @@ def test_fastavro_writes_the_same_bytes_as_the_avro_package_for_every_schema():
     """The wire format cannot drift: for every .avsc (current and former), the codec's bytes equal
     the avro package's, and each side reads what the other wrote."""
     import io
-    from pathlib import Path
 
     import avro.io
     import avro.schema
 
     codec = Codec()
-    paths = sorted(Path(codec_module_path()).parent.glob("*.avsc"))
+    paths = sorted(SCHEMAS.glob("*.avsc"))
     assert len(paths) >= 10
     for path in paths:
         schema = avro.schema.parse(path.read_text())
@@ -207,28 +199,12 @@ def test_encode_refuses_what_fastavro_would_silently_coerce():
         Codec().encode("InstanceArrived", _instance(size_bytes=7.5))
 
 
-def _write_with(version_file: str, record: dict) -> bytes:
-    """``record`` as a writer of the kept former schema ``version_file`` put it on the wire."""
-    import io
-    from pathlib import Path
-
-    import avro.io
-    import avro.schema
-
-    writer = avro.schema.parse((Path(codec_module_path()).parent / version_file).read_text())
-    buf = io.BytesIO()
-    buf.write(MAGIC + writer.fingerprint("CRC-64-AVRO"))
-    fields = {f.name for f in writer.fields}
-    avro.io.DatumWriter(writer).write({k: v for k, v in record.items() if k in fields}, avro.io.BinaryEncoder(buf))
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize(
     "version_file", ["instance_arrived.v1.avsc", "instance_arrived.v2.avsc", "instance_arrived.v3.avsc"]
 )
 def test_instance_arrived_before_v4_keeps_its_host_relative_landing_path(version_file):
     old = _instance(landing_path="ab/" + "ab" * 32 + ".dcm")
-    _, record = Codec().decode(_write_with(version_file, old), expect="InstanceArrived")
+    _, record = Codec().decode(write_with(version_file, old), expect="InstanceArrived")
     assert record["landing_path"] == "ab/" + "ab" * 32 + ".dcm"
     assert record["landing_uri"] is None
     assert record["sha256"] == "ab" * 32 and record["source"] == "C_STORE"
@@ -248,7 +224,7 @@ def test_instance_arrived_v4_carries_a_storage_uri_and_the_stow_source():
 )
 def test_instance_arrived_before_v5_has_no_referring_physician_name(version_file):
     old = _instance(referring_physician_name="Smith^Anna", patient_name="Doe^Jane")
-    _, record = Codec().decode(_write_with(version_file, old), expect="InstanceArrived")
+    _, record = Codec().decode(write_with(version_file, old), expect="InstanceArrived")
     assert record["referring_physician_name"] is None  # the writer had no such field: the default
     assert record["patient_name"] == "Doe^Jane"
 
@@ -262,18 +238,9 @@ def test_instance_arrived_v5_carries_the_referring_physician_name():
 
 def test_a_v4_reader_reads_a_v5_event_without_the_referring_physician_name():
     """Readers not yet upgraded (v5 only adds an optional field): the name is dropped, the rest is read."""
-    import io
-    import json
-    from pathlib import Path
-
-    import fastavro
-
     codec = Codec()
     data = codec.encode("InstanceArrived", _instance(referring_physician_name="Smith^Anna", patient_name="Doe^Jane"))
-    folder = Path(codec_module_path()).parent
-    v4 = fastavro.parse_schema(json.loads((folder / "instance_arrived.v4.avsc").read_text()), named_schemas={})
-    current = fastavro.parse_schema(json.loads((folder / "instance_arrived.avsc").read_text()), named_schemas={})
-    old = fastavro.schemaless_reader(io.BytesIO(data[10:]), current, v4)
+    old = read_as(data, "instance_arrived.avsc", "instance_arrived.v4.avsc")
     assert "referring_physician_name" not in old and old["patient_name"] == "Doe^Jane"
 
 
@@ -295,7 +262,7 @@ def test_study_aggregate_v2_decodes_without_the_referring_physician_name():
         "completed_series_count": 1,
     }
     codec = Codec()
-    _, old = codec.decode(_write_with("study_aggregate.v2.avsc", study), expect="StudyAggregate")
+    _, old = codec.decode(write_with("study_aggregate.v2.avsc", study), expect="StudyAggregate")
     assert old["referring_physician_name"] is None and old["patient_name"] == "Doe^Jane"
     _, new = codec.decode(codec.encode("StudyAggregate", study), expect="StudyAggregate")
     assert new["referring_physician_name"] == "Smith^Anna"
@@ -304,33 +271,17 @@ def test_study_aggregate_v2_decodes_without_the_referring_physician_name():
 def test_a_v3_reader_reads_a_v4_stow_event_as_c_store():
     """Readers not yet upgraded (v4 only adds): the new symbol falls back to the enum's default, the
     URI is dropped, the landing key is still there."""
-    import io
-    import json
-    from pathlib import Path
-
-    import fastavro
-
     codec = Codec()
     event = _instance(landing_uri="file:///var/landing/ab/x.dcm", source="STOW_RS")
     data = codec.encode("InstanceArrived", event)
-    folder = Path(codec_module_path()).parent
-    v3 = fastavro.parse_schema(json.loads((folder / "instance_arrived.v3.avsc").read_text()), named_schemas={})
-    v4 = fastavro.parse_schema(json.loads((folder / "instance_arrived.avsc").read_text()), named_schemas={})
-    old = fastavro.schemaless_reader(io.BytesIO(data[10:]), v4, v3)
+    old = read_as(data, "instance_arrived.avsc", "instance_arrived.v3.avsc")
     assert old["source"] == "C_STORE" and "landing_uri" not in old and old["landing_path"] == "ab/abab.dcm"
 
 
 def _withdrawal() -> dict:
     return {
-        "alert_id": "a1",
+        **DOSE_ALERT,
         "revision": 2,
-        "raised_at": datetime(2024, 3, 15, tzinfo=UTC),
-        "rule": "CT abdomen study DLP",
-        "rule_type": "reference_level",
-        "metric": "dlp_mGycm",
-        "value": 1200.0,
-        "threshold": 1000.0,
-        "study_instance_uid": "1.2.3",
         "message": "m",
         "superseded_by": "1.2.3.9",
         "withdrawn_reason": "under_limit",
@@ -341,7 +292,7 @@ def _withdrawal() -> dict:
 
 @pytest.mark.parametrize("version_file", ["dose_alert.v1.avsc", "dose_alert.v2.avsc"])
 def test_dose_alert_before_v3_has_no_withdrawal_reason_or_replaced_value(version_file):
-    _, record = Codec().decode(_write_with(version_file, _withdrawal()), expect="DoseAlert")
+    _, record = Codec().decode(write_with(version_file, _withdrawal()), expect="DoseAlert")
     assert record["withdrawn_reason"] is None and record["replaced_value"] is None
     assert record["superseded_by"] == ("1.2.3.9" if version_file.endswith("v2.avsc") else None)
 
@@ -350,16 +301,7 @@ def test_v3_resolves_against_v2_given_both_schemas():
     """Schema resolution only: a deployed reader of the release before finds writers by fingerprint and
     cannot decode a v3 record at all (test_dose_alert_upgrade_order.py), so the dose worker writes v2
     whenever the v3 fields are null."""
-    import io
-    import json
-    from pathlib import Path
-
-    import fastavro
-
     codec = Codec()
     data = codec.encode("DoseAlert", _withdrawal())
-    folder = Path(codec_module_path()).parent
-    v2 = fastavro.parse_schema(json.loads((folder / "dose_alert.v2.avsc").read_text()), named_schemas={})
-    current = fastavro.parse_schema(json.loads((folder / "dose_alert.avsc").read_text()), named_schemas={})
-    old = fastavro.schemaless_reader(io.BytesIO(data[10:]), current, v2)
+    old = read_as(data, "dose_alert.avsc", "dose_alert.v2.avsc")
     assert old["superseded_by"] == "1.2.3.9" and "replaced_value" not in old

@@ -18,9 +18,6 @@ from datetime import date
 
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
 
 from diana.config import CollectConfig
 from diana.producers.pacs_pull.job import CollectJob
@@ -29,6 +26,7 @@ from diana.producers.pacs_pull.narrowing import split_keys
 from diana.producers.pacs_pull.report import report_rows
 from diana.producers.pacs_pull.requests import CollectRequest
 from diana.producers.pacs_pull.scu import PacsClient, StudyMatch
+from tests.support.collect_fakes import serving_pacs
 
 
 # ---------------------------------------------------------------------------------- the split itself
@@ -139,16 +137,8 @@ def _limited_pacs(
         yield "127.0.0.1", 1
         yield 0  # success, nothing sent (the index stand-in says what arrived)
 
-    ae = AE("PACS")
-    ae.add_supported_context(FIND)
-    ae.add_supported_context(MOVE)
-    server = ae.start_server(
-        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_FIND, find), (evt.EVT_C_MOVE, move)]
-    )
-    try:
-        yield server.server_address[1], moved, queries
-    finally:
-        server.shutdown()
+    with serving_pacs(find, move) as port:
+        yield port, moved, queries
 
 
 class _Ledger:
@@ -352,16 +342,8 @@ def _slow_image_pacs(every_s: float, answers: int) -> Iterator[int]:
         yield "127.0.0.1", 1
         yield 0
 
-    ae = AE("PACS")
-    ae.add_supported_context(FIND)
-    ae.add_supported_context(MOVE)
-    server = ae.start_server(
-        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_FIND, find), (evt.EVT_C_MOVE, move)]
-    )
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
+    with serving_pacs(find, move) as port:
+        yield port
 
 
 def test_a_stop_during_the_instance_count_ends_the_job_at_once():

@@ -24,6 +24,7 @@ from diana.producers.pacs_pull.job import CollectJob
 from diana.producers.pacs_pull.ledger import JobState
 from diana.producers.pacs_pull.requests import CollectRequest
 from diana.producers.pacs_pull.scu import PacsClient
+from tests.support.collect_fakes import NothingIndexed, OneStudyPacs, RecordingLedger, one_line_job, serving_pacs
 
 
 def _study(uid: str, accession: str, count: str) -> Dataset:
@@ -49,36 +50,11 @@ def _pacs(
         moved.append(str(event.identifier.StudyInstanceUID))
         yield from on_move(event)
 
-    ae = AE("PACS")
-    for context in contexts:
-        ae.add_supported_context(context)
-    server = ae.start_server(
-        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_FIND, find), (evt.EVT_C_MOVE, move)]
-    )
-    try:
-        yield server.server_address[1], moved
-    finally:
-        server.shutdown()
+    with serving_pacs(find, move, contexts) as port:
+        yield port, moved
 
 
-class _Ledger:
-    def __init__(self) -> None:
-        self.events: list[str] = []
-
-    def record(self, event: str, **fields) -> dict:
-        self.events.append(event)
-        return {"job_id": "j", "at": datetime.now(UTC), "event": event, **fields}
-
-
-class _NothingIndexed:
-    def count(self, uid: str) -> int:
-        return 0
-
-    def wait_for(self, uid: str, target: int, timeout_s: float, stop: threading.Event) -> int:
-        return 0
-
-
-def _job(port: int, stop: threading.Event | None = None, **settings) -> tuple[CollectJob, _Ledger]:
+def _job(port: int, stop: threading.Event | None = None, **settings) -> tuple[CollectJob, RecordingLedger]:
     config = CollectConfig(
         pacs_host="127.0.0.1",
         pacs_port=port,
@@ -89,7 +65,7 @@ def _job(port: int, stop: threading.Event | None = None, **settings) -> tuple[Co
         timeout_s=5,
         **settings,
     )
-    ledger = _Ledger()
+    ledger = RecordingLedger()
     request = CollectRequest(2, "A1", accession_number="A1")
     job = CollectJob(
         config,
@@ -97,7 +73,7 @@ def _job(port: int, stop: threading.Event | None = None, **settings) -> tuple[Co
         [request],
         ledger,
         PacsClient(config, "DIANA"),
-        _NothingIndexed(),
+        NothingIndexed(),
         notify=lambda _t: None,
         stop=stop,
     )
@@ -183,15 +159,7 @@ def test_the_first_error_stops_the_job_before_other_retrieves_start():
             return MoveResult(0, 5, 0, 0)
 
     config = CollectConfig(concurrency=2, retries=0, verify_timeout_s=0.1)
-    job = CollectJob(
-        config,
-        JobState("j"),
-        [CollectRequest(2, "A1", accession_number="A1")],
-        _Ledger(),
-        Pacs(),  # type: ignore[arg-type]
-        _NothingIndexed(),
-        notify=lambda _t: None,
-    )
+    job = one_line_job(config, RecordingLedger(), Pacs(), NothingIndexed())
     started_at = time.monotonic()
     try:
         job.run()
@@ -209,7 +177,7 @@ def test_a_pacs_that_sends_everything_then_aborts_has_the_study_complete():
         event.assoc.abort()
         yield 1, None
 
-    class AllIndexed(_NothingIndexed):
+    class AllIndexed(NothingIndexed):
         def wait_for(self, uid, target, timeout_s, stop):
             return 5
 
@@ -217,15 +185,7 @@ def test_a_pacs_that_sends_everything_then_aborts_has_the_study_complete():
         config = CollectConfig(
             pacs_host="127.0.0.1", pacs_port=port, retries=1, backoff_s=0.01, pause_s=0.1, timeout_s=5
         )
-        job = CollectJob(
-            config,
-            JobState("j"),
-            [CollectRequest(2, "A1", accession_number="A1")],
-            _Ledger(),
-            PacsClient(config, "DIANA"),
-            AllIndexed(),
-            notify=lambda _t: None,
-        )
+        job = one_line_job(config, RecordingLedger(), PacsClient(config, "DIANA"), AllIndexed())
         state = job.run()
     assert state.studies["1.2.3.4"].state == "STUDY_COMPLETE" and moved == ["1.2.3.4"]
 
@@ -246,22 +206,15 @@ def test_a_stop_leaves_the_studies_still_queued_unstarted():
             stop.wait(5)  # aborted by stop, as a real C-MOVE
             return MoveResult(0, 5, 0, 0)
 
-    class SlowIndex(_NothingIndexed):
+    class SlowIndex(NothingIndexed):
         def count(self, uid: str) -> int:
             counted.append(uid)
             time.sleep(0.05)
             return 0
 
     stop = threading.Event()
-    job = CollectJob(
-        CollectConfig(concurrency=2, retries=0, verify_timeout_s=0.1),
-        JobState("j"),
-        [CollectRequest(2, "A1", accession_number="A1")],
-        _Ledger(),
-        Pacs(),  # type: ignore[arg-type]
-        SlowIndex(),
-        notify=lambda _t: None,
-        stop=stop,
+    job = one_line_job(
+        CollectConfig(concurrency=2, retries=0, verify_timeout_s=0.1), RecordingLedger(), Pacs(), SlowIndex(), stop=stop
     )
     # Mid-way between two of retrieve_all's half-second looks at the stop: queued studies started in
     # between (the test passed only when the stop fell just before one).
@@ -300,19 +253,13 @@ def test_a_retrieve_moving_more_than_the_find_count_waits_for_all_it_moved():
             on_established()  # the PACS took the association
             return MoveResult(0x0000, 8, 0, 0)
 
-    class Lagging(_NothingIndexed):
+    class Lagging(NothingIndexed):
         def wait_for(self, uid, target, timeout_s, stop):
             waited.append(target)
             return 5 if len(waited) == 1 else 8  # 3 more still in the pipeline at first
 
-    job = CollectJob(
-        CollectConfig(retries=1, backoff_s=0.01, verify_timeout_s=0.1),
-        JobState("j"),
-        [CollectRequest(2, "A1", accession_number="A1")],
-        _Ledger(),
-        Pacs(),  # type: ignore[arg-type]
-        Lagging(),
-        notify=lambda _t: None,
+    job = one_line_job(
+        CollectConfig(retries=1, backoff_s=0.01, verify_timeout_s=0.1), RecordingLedger(), Pacs(), Lagging()
     )
     study = job.run().studies["1.1"]
     assert (study.state, study.expected_instances, study.indexed_instances) == ("STUDY_COMPLETE", 8, 8)
@@ -372,19 +319,16 @@ def test_a_refused_association_is_no_retrieve_and_takes_no_place_in_the_hour():
             on_established()
             return MoveResult(0, 3, 0, 0)
 
-    class ArrivesWhenSent(_NothingIndexed):
+    class ArrivesWhenSent(NothingIndexed):
         def wait_for(self, uid, target, timeout_s, stop):
             return 3
 
-    ledger = _Ledger()
-    job = CollectJob(
+    ledger = RecordingLedger()
+    job = one_line_job(
         CollectConfig(retries=1, backoff_s=0.01, verify_timeout_s=0.1, pause_s=0.01, studies_per_hour=100),
-        JobState("j"),
-        [CollectRequest(2, "A1", accession_number="A1")],
         ledger,
-        Pacs(),  # type: ignore[arg-type]
+        Pacs(),
         ArrivesWhenSent(),
-        notify=lambda _t: None,
     )
     study = job.run().studies["1.1"]
     assert (study.state, study.attempts, len(calls)) == ("STUDY_COMPLETE", 1, 4)
@@ -436,7 +380,7 @@ def test_a_move_destination_the_pacs_does_not_know_stops_the_job_and_fails_no_st
             on_established()
             return MoveResult(0, 5, 0, 0)
 
-    class Arrives(_NothingIndexed):
+    class Arrives(NothingIndexed):
         def wait_for(self, uid, target, timeout_s, stop):
             return 5
 
@@ -463,20 +407,14 @@ def test_the_command_line_names_the_move_destination_and_how_to_fix_it(tmp_path,
         assert "move destination is 'DIANA-PULL' ([collect] move_destination)" in capsys.readouterr().err
 
 
-def _scripted_job(answers: list[int], retries: int) -> tuple[CollectJob, _Ledger, list[str]]:
+def _scripted_job(answers: list[int], retries: int) -> tuple[CollectJob, RecordingLedger, list[str]]:
     """A job of one study (3 instances) whose C-MOVEs end with ``answers`` in turn (the last one
     again after); 0x0000 sends all 3, any other status none."""
-    from diana.producers.pacs_pull.scu import MoveResult, StudyMatch
+    from diana.producers.pacs_pull.scu import MoveResult
 
     moves: list[str] = []
 
-    class Pacs:
-        where = "PACS at test"
-        move_destination = "DIANA"
-
-        def find_studies(self, keys):
-            return [StudyMatch("1.1", "A1", 3)]
-
+    class Pacs(OneStudyPacs):
         def move_study(self, uid, stop=None, on_established=lambda: None):
             on_established()
             status = answers[min(len(moves), len(answers) - 1)]
@@ -486,19 +424,13 @@ def _scripted_job(answers: list[int], retries: int) -> tuple[CollectJob, _Ledger
                 return MoveResult(status, 0, 0, 0)
             return MoveResult(status, 3 if status == 0 else 0, 0 if status == 0 else 3, 0)
 
-    class Index(_NothingIndexed):
+    class Index(NothingIndexed):
         def wait_for(self, uid, target, timeout_s, stop):
             return 3 if answers[min(len(moves), len(answers)) - 1] == 0 else 0
 
-    ledger = _Ledger()
-    job = CollectJob(
-        CollectConfig(retries=retries, backoff_s=0.01, verify_timeout_s=0.1, pause_s=0.01),
-        JobState("j"),
-        [CollectRequest(2, "A1", accession_number="A1")],
-        ledger,
-        Pacs(),  # type: ignore[arg-type]
-        Index(),
-        notify=lambda _t: None,
+    ledger = RecordingLedger()
+    job = one_line_job(
+        CollectConfig(retries=retries, backoff_s=0.01, verify_timeout_s=0.1, pause_s=0.01), ledger, Pacs(), Index()
     )
     return job, ledger, moves
 
@@ -627,8 +559,6 @@ def test_a_refusal_folds_back_to_the_state_before_it():
 
 def test_a_study_refused_before_a_restart_and_found_complete_is_already_present():
     """Only refusals before: it was recorded STUDY_COMPLETE "retrieved by an earlier retrieve"."""
-    from diana.producers.pacs_pull.scu import StudyMatch
-
     events = [
         _at("JOB_STARTED", input='[[2,"A1"]]'),
         _at("STUDY_FOUND", line=2, study_instance_uid="1.1", expected_instances=3),
@@ -637,29 +567,16 @@ def test_a_study_refused_before_a_restart_and_found_complete_is_already_present(
         _at("MOVE_REFUSED", line=2, study_instance_uid="1.1", attempt=1, pacs_status="0xA702"),
     ]
 
-    class Pacs:
-        where, move_destination = "PACS at test", "DIANA"
-
-        def find_studies(self, keys):
-            return [StudyMatch("1.1", "A1", 3)]
-
+    class Pacs(OneStudyPacs):
         def move_study(self, uid, stop=None, on_established=lambda: None):
             raise AssertionError("not retrieved: it is complete in diana-star")
 
-    class Complete(_NothingIndexed):
+    class Complete(NothingIndexed):
         def count(self, uid):
             return 3
 
-    ledger = _Ledger()
-    job = CollectJob(
-        CollectConfig(),
-        JobState.fold("j", events),
-        [CollectRequest(2, "A1", accession_number="A1")],
-        ledger,
-        Pacs(),  # type: ignore[arg-type]
-        Complete(),
-        notify=lambda _t: None,
-    )
+    ledger = RecordingLedger()
+    job = one_line_job(CollectConfig(), ledger, Pacs(), Complete(), job=JobState.fold("j", events))
     study = job.run().studies["1.1"]
     assert (study.state, study.detail, study.attempts) == ("STUDY_SKIPPED", "already complete in diana-star", 0)
 
@@ -667,35 +584,24 @@ def test_a_study_refused_before_a_restart_and_found_complete_is_already_present(
 def test_out_of_resources_after_sub_operations_were_sent_is_a_retrieve_not_a_refusal():
     """0xA702 after 2 of 3 instances were sent was recorded MOVE_REFUSED: folded as if nothing had been
     sent (no retrieve, not arriving), so a restart did not wait for those 2 before retrieving again."""
-    from diana.producers.pacs_pull.scu import MoveResult, StudyMatch
+    from diana.producers.pacs_pull.scu import MoveResult
 
     moves: list[MoveResult] = []
     script = [MoveResult(0xA702, 2, 0, 0), MoveResult(0x0000, 3, 0, 0)]
 
-    class Pacs:
-        where, move_destination = "PACS at test", "DIANA"
-
-        def find_studies(self, keys):
-            return [StudyMatch("1.1", "A1", 3)]
-
+    class Pacs(OneStudyPacs):
         def move_study(self, uid, stop=None, on_established=lambda: None):
             on_established()
             moves.append(script[len(moves)])
             return moves[-1]
 
-    class Index(_NothingIndexed):
+    class Index(NothingIndexed):
         def wait_for(self, uid, target, timeout_s, stop):
             return 2 if len(moves) == 1 else 3
 
-    ledger = _Ledger()
-    job = CollectJob(
-        CollectConfig(retries=1, backoff_s=0.01, verify_timeout_s=0.1, pause_s=0.01),
-        JobState("j"),
-        [CollectRequest(2, "A1", accession_number="A1")],
-        ledger,
-        Pacs(),  # type: ignore[arg-type]
-        Index(),
-        notify=lambda _t: None,
+    ledger = RecordingLedger()
+    job = one_line_job(
+        CollectConfig(retries=1, backoff_s=0.01, verify_timeout_s=0.1, pause_s=0.01), ledger, Pacs(), Index()
     )
     state = job.run()
     assert "MOVE_REFUSED" not in ledger.events and ledger.events.count("MOVE_ENDED") == 2

@@ -7,34 +7,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from datetime import UTC, datetime
 
 import pytest
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from diana.config import CollectConfig, ReceiverConfig
-from diana.producers.pacs_pull.job import CollectJob
-from diana.producers.pacs_pull.ledger import JobState
-from diana.producers.pacs_pull.requests import CollectRequest
-from diana.producers.pacs_pull.scu import MoveResult, PacsClient, PacsUnavailable, ReceiverProbe, StudyMatch
-
-
-class _Ledger:
-    def __init__(self) -> None:
-        self.events: list[str] = []
-
-    def record(self, event, **fields):
-        self.events.append(event)
-        return {"job_id": "j", "at": datetime.now(UTC), "event": event, **fields}
-
-
-class _Index:
-    def count(self, uid):
-        return 0
-
-    def wait_for(self, uid, target, timeout_s, stop):
-        return 0
+from diana.producers.pacs_pull.scu import MoveResult, PacsClient, PacsUnavailable, ReceiverProbe
+from tests.support.collect_fakes import NothingIndexed, OneStudyPacs, RecordingLedger, one_line_job
 
 
 def test_a_stop_during_the_receiver_check_starts_no_retrieve():
@@ -48,27 +28,18 @@ def test_a_stop_during_the_receiver_check_starts_no_retrieve():
             stop.set()
             return None
 
-    class Pacs:
-        where = "PACS at test"
-        move_destination = "DIANA"
-
-        def find_studies(self, keys):
-            return [StudyMatch("1.1", "A1", 3)]
-
+    class Pacs(OneStudyPacs):
         def move_study(self, uid, stop=None, on_established=lambda: None):
             moves.append(uid)
             on_established()
             return MoveResult(0, 3, 0, 0)
 
-    ledger = _Ledger()
-    job = CollectJob(
+    ledger = RecordingLedger()
+    job = one_line_job(
         CollectConfig(retries=1, pause_s=0.01, studies_per_hour=1),
-        JobState("j"),
-        [CollectRequest(2, "A1", accession_number="A1")],
         ledger,
         Pacs(),
-        _Index(),
-        notify=lambda _t: None,
+        NothingIndexed(),
         stop=stop,
         receiver=StoppedDuringTheEcho(),
     )

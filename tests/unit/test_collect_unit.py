@@ -14,6 +14,7 @@ from diana.producers.pacs_pull.ledger import JobState
 from diana.producers.pacs_pull.report import report_rows, summary_line, write_report
 from diana.producers.pacs_pull.requests import RequestError, criteria_request, parse_csv
 from diana.producers.pacs_pull.throttle import StartGate, TimeWindows
+from tests.support.collect_fakes import RecordingLedger
 
 
 def test_accession_csv_with_bad_lines_keeps_their_numbers(tmp_path: Path):
@@ -160,15 +161,6 @@ def test_a_study_found_by_two_lines_is_reported_on_both_and_counted_once():
 # ---------------------------------------------------------------------------- the command line
 
 
-class _MemoryLedger:
-    def __init__(self, *_args) -> None:
-        self.events: list[str] = []
-
-    def record(self, event: str, **fields) -> dict:
-        self.events.append(event)
-        return {"job_id": "j", "at": datetime.now(UTC), "event": event, **fields}
-
-
 class _Index:
     """The index's count of each study: ``have`` (uid -> count), else ``default``."""
 
@@ -198,7 +190,7 @@ def _collect_cli(
     monkeypatch.setattr(clients, "opensearch_client", lambda *a: None)
     monkeypatch.setattr(topics, "ensure_topics", lambda *a, **k: None)
     monkeypatch.setattr(ledger, "load_events", lambda *a, **k: list(events or []))
-    monkeypatch.setattr(ledger, "JobLedger", _MemoryLedger)
+    monkeypatch.setattr(ledger, "JobLedger", RecordingLedger)
     monkeypatch.setattr(scu, "PacsClient", pacs)
     # Our receiver answers (no C-ECHO to a port another job may use).
     monkeypatch.setattr(scu, "ReceiverProbe", lambda *a: type("Up", (), {"problem": lambda self: None})())

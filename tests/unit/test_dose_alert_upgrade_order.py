@@ -9,38 +9,20 @@ then, which is today's dose_alert.v2.avsc, byte for byte)."""
 
 from __future__ import annotations
 
-import shutil
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from diana.schemas.codec import Codec, DecodeError, EncodeError, default_codec
 from diana.stream_apps.dose.agent import alert_bytes
-
-_ALERT = {
-    "alert_id": "a1",
-    "revision": 1,
-    "raised_at": datetime(2024, 3, 15, tzinfo=UTC),
-    "rule": "CT abdomen study DLP",
-    "rule_type": "reference_level",
-    "metric": "dlp_mGycm",
-    "value": 1200.0,
-    "threshold": 1000.0,
-    "study_instance_uid": "1.2.3",
-    "message": "CT abdomen study DLP: study dlp_mGycm 1200 exceeds 1000",
-}
+from tests.support.schema_versions import DOSE_ALERT as _ALERT
+from tests.support.schema_versions import codec_of_release_before
 
 
 @pytest.fixture
 def reader_before(tmp_path: Path) -> Codec:
     """The codec of the release before DoseAlert v3."""
-    folder = Path(__file__).resolve().parents[2] / "schemas"
-    for path in folder.glob("*.avsc"):
-        if path.name not in ("dose_alert.avsc", "dose_alert.v2.avsc"):
-            shutil.copy(path, tmp_path / path.name)
-    shutil.copy(folder / "dose_alert.v2.avsc", tmp_path / "dose_alert.avsc")
-    return Codec(schema_dir=tmp_path)
+    return codec_of_release_before(tmp_path, "dose_alert.v2.avsc")
 
 
 def test_a_reader_of_the_release_before_reads_a_plain_alert(reader_before):

@@ -100,7 +100,7 @@ def test_the_aggregates_projection_is_generated_and_equals_the_full_codec() -> N
     ["instance_arrived.v1.avsc", "instance_arrived.v2.avsc", "instance_arrived.v3.avsc", "instance_arrived.v4.avsc"],
 )
 def test_former_writer_versions_go_through_the_codec_with_its_defaults(version_file: str) -> None:
-    from tests.unit.test_codec import _write_with
+    from tests.support.schema_versions import write_with
 
     codec = Codec()
     decoder = FieldDecoder(codec, "InstanceArrived", INSTANCE_FIELDS_READ)
@@ -109,7 +109,7 @@ def test_former_writer_versions_go_through_the_codec_with_its_defaults(version_f
     for _ in range(50):
         record = _random(schema, rnd)
         record["source"] = "C_STORE"  # a symbol every version has
-        data = _write_with(version_file, record)
+        data = write_with(version_file, record)
         assert decoder.decode(data) == _expected(codec, data, "InstanceArrived", decoder.keep)
 
 

@@ -652,6 +652,52 @@ def test_the_read_of_stored_times_is_capped_and_a_failed_one_is_a_warning() -> N
     assert _conflicts("not_compared") - before["not_compared"] == 52
 
 
+def test_counts_said_per_minute_say_what_waited_by_the_first_flush_after_the_minute() -> None:
+    """The one counter behind the sink's lines said at most once a minute: a count waiting at the minute's
+    end is said by the next flush (before, the failed reads' own minute dropped it unless another came)."""
+    from diana.sinks.opensearch import _CountsSaidPerMinute
+
+    clock = [0.0]
+    said: list[tuple[str, int, dict]] = []
+    counts = _CountsSaidPerMinute(lambda key, count, details: said.append((key, count, details)), lambda: clock[0])
+    counts.add("a", 1, index="diana-series")  # the first: at once
+    clock[0] = 10
+    counts.add("a", 2, index="diana-studies")
+    counts.add("a", 3, index=None, error="TransportError")
+    counts.add("b", 7)  # another key: its own minute
+    clock[0] = 59.9
+    counts.flush()  # within the minute: nothing
+    assert said == [("a", 1, {"index": "diana-series"}), ("b", 7, {})]
+    clock[0] = 60
+    counts.flush()  # the minute has passed: the count since, with the first details given since
+    assert said[2:] == [("a", 5, {"index": "diana-studies", "error": "TransportError"})]
+    clock[0] = 200
+    counts.flush()  # nothing waits: nothing said again
+    counts.add("a", 4)  # its minute long passed: at once
+    assert said[3:] == [("a", 4, {})]
+
+
+def test_a_failed_read_waiting_at_the_minutes_end_is_said_by_a_later_batch() -> None:
+    """Before: the failed reads of stored times counted within the minute were said only by a later failed
+    read; when the reads came back, that count was never said."""
+    clock = [0.0]
+    client = _Conflicts({"1.2.3.1": AT.isoformat(), "1.2.3.2": AT.isoformat()})
+    sink = OpenSearchSink(client, IndexLayout("diana"), index_version=1, clock=lambda: clock[0])
+    client.read_error = TransportError(503, "unavailable", {})
+    with capture_logs() as logs:
+        sink.write([_series("1.2.3.1", 1, 7, last=AT)], _Dead())
+        clock[0] = 10
+        sink.write([_series("1.2.3.1", 2, 7, last=AT), _series("1.2.3.2", 3, 7, last=AT)], _Dead())
+        client.read_error = None  # the reads work again
+        clock[0] = 61
+        sink.write([_series("1.2.3.1", 4, 7, last=AT)], _Dead())
+    unread = [line for line in logs if line["event"] == "opensearch.revision_conflicts_unread"]
+    assert [(line["documents"], line["index"], line["error"]) for line in unread] == [
+        (1, "diana-series", "TransportError"),
+        (2, "diana-series", "TransportError"),
+    ]
+
+
 class _OldDeadLetters:
     """The old version's dead-letter documents (scrolled), then a proxy refusing bodies over ``limit``."""
 
