@@ -26,7 +26,7 @@ from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import Verification, uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
-from diana.config import AllowedHosts, Config, ReceiverConfig, parse_allowed_hosts
+from diana.config import AllowedHosts, Config, ReceiverConfig, ip_address_of, parse_allowed_hosts
 from diana.producers import metrics, negotiation, reactor, transport_guard
 from diana.producers.background import start_periodic, start_until_done
 from diana.producers.header import HeaderError, InvalidIdentifiers
@@ -44,6 +44,7 @@ __all__ = [
     "association_handlers",
     "handle_echo",
     "handle_store",
+    "open_to_any_peer",
     "tls_context",
     "STATUS",
 ]
@@ -228,6 +229,32 @@ def _discard_partial(event: evt.Event) -> None:
             pass  # the sweeper removes it later
 
 
+def open_to_any_peer(cfg: ReceiverConfig) -> bool:
+    """Anyone on the network may associate and store under any AE title: bound off loopback with no
+    allow-list and no client certificates. The default, as Orthanc's and dcm4chee's (modalities must be
+    able to send), but said once at start (``receiver.open_to_any_peer``) and on the metrics."""
+    host = cfg.host.strip().lower()
+    address = ip_address_of(host)
+    loopback = host == "localhost" or (address is not None and address.is_loopback)
+    return not (loopback or cfg.allowed_hosts or cfg.allowed_calling_aes or cfg.tls_ca_file)
+
+
+OPEN_TO_ANY_PEER_WARNING = (
+    "any host on the network may store under any AE title: set [receiver] allowed_hosts (addresses or "
+    "networks), allowed_calling_aes (the AE-title allow-list) or tls_ca_file (client certificates), or bind "
+    "host to loopback"
+)
+
+
+def announce_exposure(cfg: ReceiverConfig, warn: bool = True) -> None:
+    """The gauge diana_receiver_open_to_any_peer, and one start-up warning when it is 1 (``warn``: False
+    for all but one of the receiver's processes). No value is logged: the settings say how to close it."""
+    exposed = open_to_any_peer(cfg)
+    metrics.OPEN_TO_ANY_PEER.set(1 if exposed else 0)
+    if exposed and warn:
+        log.warning("receiver.open_to_any_peer", detail=OPEN_TO_ANY_PEER_WARNING)
+
+
 def tls_context(cfg: ReceiverConfig) -> ssl.SSLContext | None:
     if not (cfg.tls_cert_file or cfg.tls_key_file):
         return None
@@ -397,6 +424,7 @@ class Receiver:
             start_until_done("recover", self.recover, self._stopped)
             start_periodic("sweeper", self.SWEEP_AFTER_S / 4, self._sweep, self._stopped)
             start_periodic("reconcile", self.cfg.reconcile_interval_s, self.reconcile, self._stopped)
+        announce_exposure(self.cfg, warn=self.worker == 0)
         handlers: list[Any] = [
             (evt.EVT_C_STORE, handle_store, [self.ingest]),
             (evt.EVT_C_ECHO, handle_echo),
