@@ -490,9 +490,11 @@ class DicomWebConfig:
     basic_password_file: str = ""
     # Origins browser viewers may call from (CORS), e.g. ["https://viewer.example.org"]; "*" for any.
     cors_origins: tuple = ()
-    # HTTPS when both are set (PEM files).
+    # HTTPS when both are set (PEM files). Off loopback they are required (the token or password and every
+    # answer would travel in clear) unless allow_plain_http: TLS ends at a proxy on this host or network.
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    allow_plain_http: bool = False
     # A QIDO-RS answer holds at most this many matches (`limit` may ask for fewer).
     max_results: int = 1000
     # A STOW-RS request body larger than this is refused (413) as it arrives, and nothing of it kept:
