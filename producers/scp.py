@@ -42,6 +42,7 @@ __all__ = [
     "Receiver",
     "add_storage_contexts",
     "association_handlers",
+    "guard_settings",
     "handle_echo",
     "handle_store",
     "open_to_any_peer",
@@ -255,6 +256,19 @@ def announce_exposure(cfg: ReceiverConfig, warn: bool = True) -> None:
         log.warning("receiver.open_to_any_peer", detail=OPEN_TO_ANY_PEER_WARNING)
 
 
+def guard_settings(cfg: ReceiverConfig) -> GuardSettings:
+    """The limits on hostile and slow peers (transport_guard.py) of every DICOM port diana-star listens on:
+    the receiver's, and `diana serve`'s query/retrieve port, which shares its AE settings."""
+    return GuardSettings(
+        max_pdu_bytes=cfg.max_pdu_bytes,
+        tls_handshake_timeout_s=cfg.tls_handshake_timeout_s,
+        max_associations_per_host=cfg.max_associations_per_host,
+        pdu_read_timeout_s=cfg.pdu_read_timeout_s,
+        min_bytes_per_s=cfg.min_bytes_per_s,
+        min_rate_after_s=cfg.min_rate_after_s,
+    )
+
+
 def tls_context(cfg: ReceiverConfig) -> ssl.SSLContext | None:
     if not (cfg.tls_cert_file or cfg.tls_key_file):
         return None
@@ -359,16 +373,7 @@ class Receiver:
         negotiation.install()
         # The DUL thread waits on its socket instead of sleeping 1 ms between checks (reactor.py).
         reactor.install()
-        transport_guard.install(
-            GuardSettings(
-                max_pdu_bytes=self.cfg.max_pdu_bytes,
-                tls_handshake_timeout_s=self.cfg.tls_handshake_timeout_s,
-                max_associations_per_host=self.cfg.max_associations_per_host,
-                pdu_read_timeout_s=self.cfg.pdu_read_timeout_s,
-                min_bytes_per_s=self.cfg.min_bytes_per_s,
-                min_rate_after_s=self.cfg.min_rate_after_s,
-            )
-        )
+        transport_guard.install(guard_settings(self.cfg))
         ae = AE(ae_title=self.cfg.ae_title)
         ae.maximum_associations = self.cfg.max_associations
         ae.maximum_pdu_size = self.cfg.max_pdu_bytes
