@@ -380,8 +380,9 @@ class AlertsConfig:
     retry_interval_s: float = 300.0
     # A retry round stops after this long (the send under way finished); the next goes on from there.
     retry_budget_s: float = 30.0
-    # Prometheus /metrics of the delivery worker (diana_alert_deliveries_total); 0 turns it off.
-    metrics_port: int = 9467
+    # Prometheus /metrics of the delivery worker (diana_alert_deliveries_total); 0 turns it off. Not 9467
+    # ([dicomweb] metrics_port, `diana serve`, on the same host under `diana run`).
+    metrics_port: int = 9470
     # Sent besides rule, values, study UID, accession, station, model and protocol (docs/DOSE.md):
     # any of study_date, study_description, institution_name. Empty: none (the description is free text).
     message_extra_fields: tuple[str, ...] = ()
