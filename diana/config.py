@@ -13,11 +13,12 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from diana.credentials import remember_secret
 
@@ -379,8 +380,9 @@ class AlertsConfig:
     retry_interval_s: float = 300.0
     # A retry round stops after this long (the send under way finished); the next goes on from there.
     retry_budget_s: float = 30.0
-    # Prometheus /metrics of the delivery worker (diana_alert_deliveries_total); 0 turns it off.
-    metrics_port: int = 9467
+    # Prometheus /metrics of the delivery worker (diana_alert_deliveries_total); 0 turns it off. Not 9467
+    # ([dicomweb] metrics_port, `diana serve`, on the same host under `diana run`).
+    metrics_port: int = 9470
     # Sent besides rule, values, study UID, accession, station, model and protocol (docs/DOSE.md):
     # any of study_date, study_description, institution_name. Empty: none (the description is free text).
     message_extra_fields: tuple[str, ...] = ()
@@ -490,9 +492,11 @@ class DicomWebConfig:
     basic_password_file: str = ""
     # Origins browser viewers may call from (CORS), e.g. ["https://viewer.example.org"]; "*" for any.
     cors_origins: tuple = ()
-    # HTTPS when both are set (PEM files).
+    # HTTPS when both are set (PEM files). Off loopback they are required (the token or password and every
+    # answer would travel in clear) unless allow_plain_http: TLS ends at a proxy on this host or network.
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    allow_plain_http: bool = False
     # A QIDO-RS answer holds at most this many matches (`limit` may ask for fewer).
     max_results: int = 1000
     # A STOW-RS request body larger than this is refused (413) as it arrives, and nothing of it kept:
@@ -1004,6 +1008,77 @@ def _check_security(sections: dict[str, Any]) -> None:
 def opensearch_urls(search: OpenSearchConfig) -> list[str]:
     """The node urls of ``[opensearch] url`` (one, or several separated by commas)."""
     return [url.strip().rstrip("/") for url in search.url.split(",") if url.strip()]
+
+
+def is_loopback_host(host: str) -> bool:
+    """``host`` (a name or an address) is this machine: "localhost" or a loopback address."""
+    text = host.strip().strip("[]").lower()
+    address = ip_address_of(text)
+    return text == "localhost" or (address is not None and address.is_loopback)
+
+
+def _url_host(url: str) -> str:
+    """The host of ``url``, nothing else of it (no user, password, path or query: a webhook's path may be
+    its secret)."""
+    try:
+        return urlsplit(url.strip()).hostname or ""
+    except ValueError:
+        return ""
+
+
+def _kafka_hosts(bootstrap: str) -> list[str]:
+    """The hosts of ``[kafka] bootstrap`` ("host:port,[v6]:port", a "PROTOCOL://" prefix allowed)."""
+    hosts = []
+    for entry in filter(None, (e.strip() for e in bootstrap.split(","))):
+        entry = entry.split("://", 1)[-1]
+        hosts.append(entry[1 : entry.index("]")] if entry.startswith("[") and "]" in entry else entry.rsplit(":", 1)[0])
+    return hosts
+
+
+def remote_plain_http_hosts(urls: Iterable[str]) -> list[str]:
+    """The hosts off this machine that the ``http://`` ones among ``urls`` reach in clear, once each."""
+    hosts = (_url_host(u) for u in urls if u.strip().lower().startswith("http://"))
+    return list(dict.fromkeys(h for h in hosts if h and not is_loopback_host(h)))
+
+
+def clear_text_endpoints(config: Config) -> dict[str, list[str]]:
+    """Each setting of ``config`` that sends in clear to hosts off this machine, and those hosts. Accepted
+    (a trusted network may carry it), but said: warn_clear_text."""
+    found: dict[str, list[str]] = {}
+    kafka = config.kafka
+    if kafka.security_protocol == "PLAINTEXT":
+        found["[kafka] bootstrap (security_protocol PLAINTEXT)"] = [
+            h for h in dict.fromkeys(_kafka_hosts(kafka.bootstrap)) if not is_loopback_host(h)
+        ]
+    found["[opensearch] url"] = remote_plain_http_hosts(opensearch_urls(config.opensearch))
+    if config.storage.backend == "s3":
+        found["[storage] s3_endpoint"] = remote_plain_http_hosts([config.storage.s3_endpoint])
+    alerts = config.alerts
+    if alerts.smtp_security == "none" and not is_loopback_host(alerts.smtp_host):
+        found['[alerts] smtp_host (smtp_security "none")'] = [alerts.smtp_host.strip()]
+    return {setting: hosts for setting, hosts in found.items() if hosts}
+
+
+_clear_text_said: set[str] = set()
+
+
+def warn_clear_text(endpoints: Mapping[str, Iterable[str]]) -> None:
+    """One warning per setting and process (``config.clear_text``) for traffic that leaves this machine in
+    clear: the setting and the hosts (never a user, password, path or query)."""
+    import structlog
+
+    log = structlog.get_logger("diana.config")
+    for setting, hosts in endpoints.items():
+        hosts = list(hosts)
+        if not hosts or setting in _clear_text_said:
+            continue
+        _clear_text_said.add(setting)
+        log.warning(
+            "config.clear_text",
+            setting=setting,
+            hosts=hosts,
+            detail="sent unencrypted to hosts off this machine: fine on a trusted network only; see docs/SECURITY.md",
+        )
 
 
 _UTC_OFFSET = re.compile(r"([+-])(\d{2}):([0-5]\d)")

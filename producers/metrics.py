@@ -27,3 +27,10 @@ HEADER_OMITTED = Counter(
     "Header elements left out of an event (kept in the archived object)",
     ["reason"],
 )
+# 1 while anyone on the network may store under any AE title: bound off loopback with neither an
+# allow-list nor client certificates ([receiver] tls_ca_file). "livemax": one value whatever the workers.
+OPEN_TO_ANY_PEER = Gauge(
+    "diana_receiver_open_to_any_peer",
+    "1 when any host on the network may store (no allowed_hosts, allowed_calling_aes or tls_ca_file off loopback)",
+    multiprocess_mode="livemax",
+)

@@ -26,7 +26,7 @@ from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import Verification, uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
-from diana.config import AllowedHosts, Config, ReceiverConfig, parse_allowed_hosts
+from diana.config import AllowedHosts, Config, ReceiverConfig, ip_address_of, parse_allowed_hosts
 from diana.producers import metrics, negotiation, reactor, transport_guard
 from diana.producers.background import start_periodic, start_until_done
 from diana.producers.header import HeaderError, InvalidIdentifiers
@@ -42,8 +42,10 @@ __all__ = [
     "Receiver",
     "add_storage_contexts",
     "association_handlers",
+    "guard_settings",
     "handle_echo",
     "handle_store",
+    "open_to_any_peer",
     "tls_context",
     "STATUS",
 ]
@@ -228,6 +230,45 @@ def _discard_partial(event: evt.Event) -> None:
             pass  # the sweeper removes it later
 
 
+def open_to_any_peer(cfg: ReceiverConfig) -> bool:
+    """Anyone on the network may associate and store under any AE title: bound off loopback with no
+    allow-list and no client certificates. The default, as Orthanc's and dcm4chee's (modalities must be
+    able to send), but said once at start (``receiver.open_to_any_peer``) and on the metrics."""
+    host = cfg.host.strip().lower()
+    address = ip_address_of(host)
+    loopback = host == "localhost" or (address is not None and address.is_loopback)
+    return not (loopback or cfg.allowed_hosts or cfg.allowed_calling_aes or cfg.tls_ca_file)
+
+
+OPEN_TO_ANY_PEER_WARNING = (
+    "any host on the network may store under any AE title: set [receiver] allowed_hosts (addresses or "
+    "networks), allowed_calling_aes (the AE-title allow-list) or tls_ca_file (client certificates), or bind "
+    "host to loopback"
+)
+
+
+def announce_exposure(cfg: ReceiverConfig, warn: bool = True) -> None:
+    """The gauge diana_receiver_open_to_any_peer, and one start-up warning when it is 1 (``warn``: False
+    for all but one of the receiver's processes). No value is logged: the settings say how to close it."""
+    exposed = open_to_any_peer(cfg)
+    metrics.OPEN_TO_ANY_PEER.set(1 if exposed else 0)
+    if exposed and warn:
+        log.warning("receiver.open_to_any_peer", detail=OPEN_TO_ANY_PEER_WARNING)
+
+
+def guard_settings(cfg: ReceiverConfig) -> GuardSettings:
+    """The limits on hostile and slow peers (transport_guard.py) of every DICOM port diana-star listens on:
+    the receiver's, and `diana serve`'s query/retrieve port, which shares its AE settings."""
+    return GuardSettings(
+        max_pdu_bytes=cfg.max_pdu_bytes,
+        tls_handshake_timeout_s=cfg.tls_handshake_timeout_s,
+        max_associations_per_host=cfg.max_associations_per_host,
+        pdu_read_timeout_s=cfg.pdu_read_timeout_s,
+        min_bytes_per_s=cfg.min_bytes_per_s,
+        min_rate_after_s=cfg.min_rate_after_s,
+    )
+
+
 def tls_context(cfg: ReceiverConfig) -> ssl.SSLContext | None:
     if not (cfg.tls_cert_file or cfg.tls_key_file):
         return None
@@ -332,16 +373,7 @@ class Receiver:
         negotiation.install()
         # The DUL thread waits on its socket instead of sleeping 1 ms between checks (reactor.py).
         reactor.install()
-        transport_guard.install(
-            GuardSettings(
-                max_pdu_bytes=self.cfg.max_pdu_bytes,
-                tls_handshake_timeout_s=self.cfg.tls_handshake_timeout_s,
-                max_associations_per_host=self.cfg.max_associations_per_host,
-                pdu_read_timeout_s=self.cfg.pdu_read_timeout_s,
-                min_bytes_per_s=self.cfg.min_bytes_per_s,
-                min_rate_after_s=self.cfg.min_rate_after_s,
-            )
-        )
+        transport_guard.install(guard_settings(self.cfg))
         ae = AE(ae_title=self.cfg.ae_title)
         ae.maximum_associations = self.cfg.max_associations
         ae.maximum_pdu_size = self.cfg.max_pdu_bytes
@@ -397,6 +429,7 @@ class Receiver:
             start_until_done("recover", self.recover, self._stopped)
             start_periodic("sweeper", self.SWEEP_AFTER_S / 4, self._sweep, self._stopped)
             start_periodic("reconcile", self.cfg.reconcile_interval_s, self.reconcile, self._stopped)
+        announce_exposure(self.cfg, warn=self.worker == 0)
         handlers: list[Any] = [
             (evt.EVT_C_STORE, handle_store, [self.ingest]),
             (evt.EVT_C_ECHO, handle_echo),

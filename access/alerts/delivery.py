@@ -60,7 +60,7 @@ from diana.access.alerts.workflow import (
     withdrawal_action,
 )
 from diana.clients import kafka_consumer, kafka_producer, opensearch_client
-from diana.config import AlertsConfig, Config, ConfigError
+from diana.config import AlertsConfig, Config, ConfigError, remote_plain_http_hosts, warn_clear_text
 from diana.credentials import secret_value
 from diana.schemas.codec import Codec, DecodeError, default_codec
 from diana.schemas.layout import IndexLayout
@@ -73,6 +73,7 @@ __all__ = [
     "read_ledger",
     "run_delivery",
     "serve",
+    "webhooks_in_clear",
     "DeliveryWorker",
     "handle_then_commit",
 ]
@@ -667,9 +668,15 @@ def until_done(
     return False
 
 
+def webhooks_in_clear(routing: Routing) -> dict[str, list[str]]:
+    """The hosts off this machine that http:// webhooks reach in clear (an alert carries the accession)."""
+    return {"[alerts] routing: webhook": remote_plain_http_hosts(r.webhook for r in routing.recipients if r.webhook)}
+
+
 def run_delivery(cfg: Config, routing: Routing, stop_after: float | None = None) -> None:
     """Deliver until SIGTERM/SIGINT (or ``stop_after`` seconds, for tests)."""
     codec = default_codec()
+    warn_clear_text(webhooks_in_clear(routing))
     if cfg.alerts.metrics_port:
         start_http_server(cfg.alerts.metrics_port, addr="127.0.0.1")
     states = AlertStates(opensearch_client(cfg.opensearch, timeout=30), cfg.opensearch.index_prefix)

@@ -2,7 +2,8 @@
 
 A request without them gets 401 and nothing else (no data, no hint which part was wrong).
 Comparisons are constant-time. On the loopback default the service may run without authentication
-(the banner says so); bound to any other address it refuses to start without it.
+(the banner says so); bound to any other address it refuses to start without it, and without HTTPS unless
+``[dicomweb] allow_plain_http`` (TLS terminated by a proxy).
 """
 
 from __future__ import annotations
@@ -78,13 +79,33 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(cfg: DicomWebConfig, credentials: Credentials) -> None:
-    """Refuse to serve patient data beyond this machine to anyone who asks."""
-    if not _is_loopback(cfg.host) and not credentials.required:
+PLAIN_HTTP_WARNING = (
+    "DICOMweb listens off loopback over plain HTTP ([dicomweb] allow_plain_http = true): the credentials and "
+    "every answer travel in clear unless a proxy on this host or network terminates TLS in front of it"
+)
+
+
+def check_exposure(cfg: DicomWebConfig, credentials: Credentials) -> str | None:
+    """Refuse to serve patient data beyond this machine to anyone who asks, or over plain HTTP (the token or
+    password and every answer in clear) unless ``allow_plain_http`` says TLS ends at a proxy: then the
+    warning to log at start."""
+    if _is_loopback(cfg.host):
+        return None
+    if not credentials.required:
         raise ConfigError(
             f"[dicomweb] host = {cfg.host!r} is not a loopback address and no authentication is configured: "
             'set bearer_token_file (or basic_user and basic_password_file), or host = "127.0.0.1"'
         )
+    if cfg.tls_cert_file and cfg.tls_key_file:
+        return None
+    if not cfg.allow_plain_http:
+        raise ConfigError(
+            f"[dicomweb] host = {cfg.host!r} is not a loopback address and HTTPS is not configured: the "
+            "credentials and every answer would travel in clear; set tls_cert_file and tls_key_file, or "
+            "allow_plain_http = true when a proxy on this host or network terminates TLS in front of it, or "
+            'host = "127.0.0.1"'
+        )
+    return PLAIN_HTTP_WARNING
 
 
 class RequireAuth:

@@ -66,7 +66,9 @@ def dicomweb_app(config: Config) -> tuple[Starlette, bool]:
         raise ConfigError("[dicomweb] HTTPS needs both tls_cert_file and tls_key_file")
     public = public_url(web.public_url)
     credentials = credentials_from(web)
-    check_exposure(web, credentials)
+    warning = check_exposure(web, credentials)
+    if warning:
+        log.warning("dicomweb.plain_http", detail=warning)
     client = opensearch_client(config.opensearch, timeout=30)
     # STOW-RS lands and publishes exactly as the receiver does.
     landing = open_landing(config)

@@ -15,8 +15,9 @@ from diana.access.qr.peers import PeerPolicy
 from diana.access.qr.service import QueryRetrieve
 from diana.clients import opensearch_client
 from diana.config import Config, parse_destinations
-from diana.producers import reactor
-from diana.producers.scp import association_handlers, handle_echo, tls_context
+from diana.producers import reactor, transport_guard
+from diana.producers.scp import association_handlers, guard_settings, handle_echo, tls_context
+from diana.producers.transport_guard import GuardedServer
 from diana.storage import open_store
 
 __all__ = ["build_query_retrieve", "destination_tls", "QueryRetrieveServer"]
@@ -59,8 +60,9 @@ def build_query_retrieve(config: Config, warn: bool = True) -> QueryRetrieve:
 
 
 class QueryRetrieveServer:
-    """Q/R alone: the receiver's AE title, allow-lists and TLS settings, on ``[query_retrieve] port``; who
-    may query and retrieve from off this host, ``[query_retrieve] allowed_*`` (peers.py)."""
+    """Q/R alone: the receiver's AE title, allow-lists, TLS settings and limits on hostile and slow peers
+    (GuardedServer), on ``[query_retrieve] port``; who may query and retrieve from off this host,
+    ``[query_retrieve] allowed_*`` (peers.py)."""
 
     def __init__(self, config: Config):
         self.config = config
@@ -83,15 +85,22 @@ class QueryRetrieveServer:
         # (producers/reactor.py; association_handlers' EVT_CONN_OPEN makes them so only once installed):
         # a C-FIND or C-GET response then leaves at once instead of at the next 1 ms turn.
         reactor.install()
+        # The receiver's limits on hostile and slow peers (producers/transport_guard.py: TLS handshakes off
+        # the accept loop, max_associations_per_host, the PDU cap, deadline and minimum rate), from
+        # [receiver] as the AE title, allow-lists and TLS are: pynetdicom's plain server had none of them.
+        transport_guard.install(guard_settings(self.config.receiver))
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
             *association_handlers(self.config.receiver),
             *self.service.handlers(),
         ]
         host, port = self.config.receiver.host, self.config.query_retrieve.port
-        self.server = self.ae.start_server(
-            (host, port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
+        server = self.ae.make_server(
+            (host, port), evt_handlers=handlers, ssl_context=self.ssl_context, server_class=GuardedServer
         )
+        threading.Thread(target=server.serve_forever, name="QueryRetrieveAcceptor", daemon=True).start()
+        self.ae._servers.append(server)  # as start_server does: the AE's shutdown() stops it too
+        self.server = server
         log.info(
             "qr.listening",
             ae_title=self.config.receiver.ae_title,

@@ -19,11 +19,11 @@ from diana.access.routing.senders import make_sender
 from diana.access.routing.sent import StudiesSent
 from diana.access.routing.worker import IndexUnavailable, RouteWorker, WorkerSettings, rule_topics
 from diana.clients import opensearch_client
-from diana.config import Config, ConfigError
+from diana.config import Config, ConfigError, remote_plain_http_hosts, warn_clear_text
 from diana.schemas.layout import IndexLayout
 from diana.storage import open_store
 
-__all__ = ["load_configured_rules", "group_id", "destination_topics", "build_workers", "run_routing"]
+__all__ = ["load_configured_rules", "group_id", "destination_topics", "build_workers", "run_routing", "stow_in_clear"]
 
 log = structlog.get_logger("diana.route")
 
@@ -137,7 +137,14 @@ def _run_forever(worker: RouteWorker, stop: threading.Event) -> None:
             stop.wait(5.0)
 
 
+def stow_in_clear(rules: RoutingRules) -> dict[str, list[str]]:
+    """The hosts off this machine that http:// STOW-RS destinations reach in clear (every instance sent)."""
+    urls = (d.stow_url for d in rules.destinations.values() if d.stow_url)
+    return {"[routing] rules: stow_url": remote_plain_http_hosts(urls)}
+
+
 def run_routing(cfg: Config, rules: RoutingRules, stop: threading.Event) -> None:
+    warn_clear_text(stow_in_clear(rules))
     workers = build_workers(cfg, rules, stop)
     threads = [
         threading.Thread(target=_run_forever, args=(w, stop), name=f"route-{w.name}", daemon=True) for w in workers

@@ -14,11 +14,11 @@ sys.modules.setdefault("rich", None)  # type: ignore[arg-type]  # None: import f
 from diana.cli import access, collect, operations, pipeline, route  # noqa: E402
 from diana.cli._common import os_error, service_error  # noqa: E402
 from diana.cli.access import COHORT_FILTERS  # noqa: E402
-from diana.config import ConfigError, load_config  # noqa: E402
+from diana.config import ConfigError, clear_text_endpoints, load_config, warn_clear_text  # noqa: E402
 from diana.credentials import redact  # noqa: E402
 from diana.logs import configure_logging  # noqa: E402
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "is_service", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +69,24 @@ def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     return parser if chosen is None else _innermost(chosen, args)
 
 
+# The long-running services (each its own process under `diana run`). They say once at their start which
+# settings send in clear to other hosts (config.clear_text); short commands (status, cohort, replay, a
+# check) do not repeat it at every call. `diana run` itself does not: each service it starts does.
+_SERVICES = {"receive", "aggregate", "sink", "serve"}
+_SERVICE_ACTIONS = {"alerts": "deliver", "collect": "run"}
+
+
+def is_service(args: argparse.Namespace) -> bool:
+    """Whether ``args`` start a long-running service (which warns of clear-text settings at start)."""
+    if args.command in _SERVICES:
+        return True
+    if args.command == "route":
+        return not getattr(args, "check", False)
+    if args.command == "dose":
+        return getattr(args, "dose_action", None) is None
+    return args.command in _SERVICE_ACTIONS and getattr(args, "action", None) == _SERVICE_ACTIONS[args.command]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -90,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the configuration file is a folder, or cannot be read
         print(f"diana: configuration file: {redact(os_error(exc))}", file=sys.stderr)
         return 2
+    if is_service(args):
+        warn_clear_text(clear_text_endpoints(cfg))
     try:
         return args.func(cfg, args)
     except KeyboardInterrupt:

@@ -318,6 +318,30 @@ def test_refuses_to_start_exposed_without_authentication(pipeline):
     assert result.returncode == 2 and "no authentication is configured" in result.stderr
 
 
+def test_refuses_to_start_exposed_over_plain_http(pipeline, tmp_path):
+    """Off loopback with a token but no HTTPS: the token and every answer would travel in clear."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
+    env.update(
+        DIANA_CONFIG=str(pipeline.config_file),
+        DIANA_DICOMWEB_HOST="0.0.0.0",
+        DIANA_DICOMWEB_PORT=str(WEB_PORT + 1),
+        DIANA_DICOMWEB_METRICS_PORT="0",
+        DIANA_DICOMWEB_BEARER_TOKEN_FILE=str(token_file),
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "diana.cli", "serve", "--only", "web"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "HTTPS is not configured" in result.stderr
+    assert "allow_plain_http" in result.stderr and TOKEN not in result.stderr
+
+
 def test_orthanc_dicomweb_plugin_as_client(web, pipeline, tmp_path):
     """Orthanc's DICOMweb plugin configured with diana-star as a server: QIDO, WADO retrieve, STOW."""
     from tests.support.orthanc import start_orthanc, stop_orthanc
