@@ -28,6 +28,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -198,6 +199,16 @@ def _report(summary: ExportSummary, deidentifier: Deidentifier) -> bytes:
     return (json.dumps(report, indent=1) + "\n").encode()
 
 
+def _new_partial_zip(path: Path) -> BinaryIO:
+    """The zip's temporary file, readable by its owner only from creation: it fills with patient data. One
+    left by an export that was killed (the ``finally`` below never ran) is removed first: the name is the
+    target's, so the next export to it is the one to clean up (before, it was truncated and kept the mode
+    it had, 0644 with the usual umask, and a killed export's stayed until then)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    return os.fdopen(fd, "w+b")
+
+
 def export_instances(
     instances: list[dict],
     archive: ObjectStore | Path,
@@ -222,7 +233,8 @@ def export_instances(
         summary.mixed_patient_studies = len(deidentifier.subjects.mixed)
     as_zip = target.suffix.lower() == ".zip"
     tmp_zip = target.with_name(f".{target.name}.partial")
-    zf = zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_STORED, allowZip64=True) if as_zip else None
+    zip_file = _new_partial_zip(tmp_zip) if as_zip else None
+    zf = zipfile.ZipFile(zip_file, "w", zipfile.ZIP_STORED, allowZip64=True) if zip_file is not None else None
     marker = target / INCOMPLETE_NAME
     if zf is None:
         write_atomic(marker, _INCOMPLETE_TEXT.encode())
@@ -268,9 +280,10 @@ def export_instances(
                 zf.writestr(_member(REPORT_NAME), report)
             else:
                 write_atomic(target / REPORT_NAME, report)
-        if zf is not None:
+        if zf is not None and zip_file is not None:
             zf.close()
             zf = None
+            zip_file.close()  # ZipFile leaves a file object it was given open
             with zipfile.ZipFile(tmp_zip) as check:  # verify every member's CRC before publishing
                 bad = check.testzip()
                 if bad:
@@ -284,6 +297,8 @@ def export_instances(
     finally:
         if zf is not None:
             zf.close()
+        if zip_file is not None:
+            zip_file.close()
         tmp_zip.unlink(missing_ok=True)
     if key_file is not None and deidentifier is not None and not summary.failed:
         # Only for an export that was published: a key to objects nobody may use is one more copy of

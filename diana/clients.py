@@ -26,7 +26,7 @@ from diana.config import (
     kafka_debug_contexts,
     opensearch_urls,
 )
-from diana.credentials import CredentialError, remember_secret, secret_value
+from diana.credentials import MIN_SECRET_LENGTH, CredentialError, remember_secret, secret_value
 from diana.logs import KAFKA_CLIENT_LOGGER
 
 __all__ = [
@@ -185,6 +185,16 @@ def opensearch_client(opensearch: OpenSearchConfig, timeout: float = 30) -> Open
     )
 
 
+def _remember_s3_secret(secret: str, where: str) -> None:
+    """Remember the S3 secret key for redaction (diana/credentials.py), refusing a short one as
+    ``secret_value`` refuses a short password: redaction leaves values under MIN_SECRET_LENGTH alone (masking
+    them would eat ordinary words from every log line), so a short key could be printed. The message names
+    the setting, never the value."""
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise ConfigError(f"[storage] {where}: use a secret key of at least {MIN_SECRET_LENGTH} characters")
+    remember_secret(secret)
+
+
 def s3_credentials(storage: StorageConfig) -> tuple[str, str] | None:
     """(access key id, secret key) from [storage]: the credentials file, else the keys; None: boto3's own chain."""
     if storage.s3_credentials_file:
@@ -195,7 +205,7 @@ def s3_credentials(storage: StorageConfig) -> tuple[str, str] | None:
                 parser.read_file(fh)
             section = parser["default"]
             keys = section["aws_access_key_id"].strip(), section["aws_secret_access_key"].strip()
-            remember_secret(keys[1])  # redacted wherever it might be printed (diana/credentials.py)
+            _remember_s3_secret(keys[1], f"s3_credentials_file {path}: aws_secret_access_key")
             return keys
         except FileNotFoundError:
             raise ConfigError(f"[storage] s3_credentials_file {path} does not exist") from None
@@ -206,7 +216,7 @@ def s3_credentials(storage: StorageConfig) -> tuple[str, str] | None:
                 f"and aws_secret_access_key"
             ) from None
     if storage.s3_access_key_id:
-        remember_secret(storage.s3_secret_access_key)  # from the environment: redacted the same way
+        _remember_s3_secret(storage.s3_secret_access_key, "s3_secret_access_key")
         return storage.s3_access_key_id, storage.s3_secret_access_key
     return None
 

@@ -2,6 +2,11 @@
 
 Every write is atomic and durable: a temp file in the target's folder, fsync, rename over the
 target, fsync of the folder. A crash leaves either nothing or the whole file.
+
+What is written here is patient data (the landing store, the archive, prepared metadata, exports, the
+routing ledger), so it is private whatever the umask: files mode 600 from creation (as the receiver's
+spill files, which the landing store hard-links), folders made here 700. Before, files got 0666 less
+the umask (0644 in 0755 folders): readable by every local user.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ __all__ = [
 
 _CHUNK = 1 << 20
 
+# The modes of what is written here (less the umask, which can only take more away).
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_FOLDER_MODE = 0o700
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -41,7 +50,8 @@ def fsync_dir(path: Path) -> None:
 
 
 def makedirs_durable(path: Path) -> None:
-    """``mkdir -p`` whose new folders survive a crash: each one created is fsync'd in its parent.
+    """``mkdir -p`` whose new folders survive a crash: each one created is fsync'd in its parent. The
+    folders it creates are private (700); one there already keeps its mode.
 
     Without it, a file fsync'd into a new <Study>/<Series>/ folder could vanish with its folder.
     """
@@ -54,7 +64,7 @@ def makedirs_durable(path: Path) -> None:
         path = path.parent
     for folder in reversed(missing):
         try:
-            folder.mkdir()
+            folder.mkdir(mode=PRIVATE_FOLDER_MODE)
         except FileExistsError:
             continue  # made concurrently by another writer, who fsyncs its parent
         fsync_dir(folder.parent)
@@ -74,9 +84,15 @@ def _atomic(target: Path) -> Iterator[Path]:
     fsync_dir(target.parent)
 
 
+def _create_private(path: Path) -> BinaryIO:
+    """A new file (refused if ``path`` exists), mode 600 from creation: no moment with the umask's mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+    return os.fdopen(fd, "wb")
+
+
 def write_atomic(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` atomically and durably."""
-    with _atomic(target) as tmp, open(tmp, "xb") as fh:
+    """Write ``data`` to ``target`` atomically and durably, readable by its owner only."""
+    with _atomic(target) as tmp, _create_private(tmp) as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
@@ -87,13 +103,14 @@ class DigestMismatch(ValueError):
 
 
 def write_stream_atomic(target: Path, stream: BinaryIO, expected_sha256: str | None = None) -> tuple[str, int]:
-    """Copy ``stream`` to ``target`` atomically and durably, in 1 MiB chunks; (hex SHA-256, size) of what was written.
+    """Copy ``stream`` to ``target`` atomically and durably, in 1 MiB chunks, readable by its owner only;
+    (hex SHA-256, size) of what was written.
 
     With ``expected_sha256``, bytes of another hash never replace the target (DigestMismatch).
     """
     h = hashlib.sha256()
     size = 0
-    with _atomic(target) as tmp, open(tmp, "xb") as fh:
+    with _atomic(target) as tmp, _create_private(tmp) as fh:
         while chunk := stream.read(_CHUNK):
             h.update(chunk)
             size += len(chunk)
@@ -159,8 +176,8 @@ def place_file(source: Path, target: Path, link: bool, synced: bool = False) -> 
                 raise
             fsync_dir(target.parent)
             return True
-    # The mode a new file gets (0666 less the umask), as the copy made with open(..., "xb") had.
-    with ScratchFile(target.parent, prefix=f".{target.name}.", suffix=".tmp", permissions=0o666) as copy:
+    # Private as the hard link's inode is (the receiver's spill file, an import's private copy).
+    with ScratchFile(target.parent, prefix=f".{target.name}.", suffix=".tmp", permissions=PRIVATE_FILE_MODE) as copy:
         with open(source, "rb") as src, copy.open("wb") as dst:
             shutil.copyfileobj(src, dst, _CHUNK)
             dst.flush()

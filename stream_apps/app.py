@@ -37,6 +37,12 @@ def create_app(
         consumer_auto_offset_reset="earliest",
         web_port=web_port or config.stream.web_port,
         web_host="127.0.0.1",
+        # The web port serves our /metrics/ page alone. Faust's /table endpoints (on by default) answered
+        # any local caller a table's keys and values, e.g. /table/dose-patients/<PatientID>/ that patient's
+        # doses, without authentication; /router tells which worker holds a key (for @table_route, which
+        # diana does not use). Faust's statistics and graph pages stay off (they follow debug, off).
+        web_tables_enabled=False,
+        web_router_enabled=False,
         autodiscover=False,
         processing_guarantee=config.stream.processing_guarantee,
         # A killed worker's partitions move on after 10 s instead of Faust's 60 s (as for the

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diana.credentials import redact_url
 from diana.yaml_files import read_yaml_mapping
 
 __all__ = ["Destination", "Rule", "RoutingRules", "RulesError", "load_rules", "parse_rules", "MATCH_FIELDS"]
@@ -78,7 +79,12 @@ class Destination:
         return "stow" if self.stow_url else "dicom"
 
     def describe(self) -> str:
-        where = self.stow_url if self.stow_url else f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" * self.tls)
+        """Where it goes, for people (``diana route --check``): a STOW-RS URL's password replaced by ***."""
+        where = (
+            redact_url(self.stow_url)
+            if self.stow_url
+            else f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" * self.tls)
+        )
         return where + (f", de-identified for project {self.deidentify_project}" if self.deidentify_project else "")
 
 

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import structlog
 
-from diana.durable import fsync_dir, makedirs_durable, write_atomic
+from diana.durable import PRIVATE_FILE_MODE, fsync_dir, makedirs_durable, write_atomic
 from diana.schemas.uid import is_valid_uid
 
 __all__ = ["COMPACT_AFTER_LINES", "StudiesSent"]
@@ -272,7 +272,7 @@ def _append_durable(path: Path, line: bytes) -> None:
     created = not path.exists()
     if created:
         makedirs_durable(path.parent)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
     try:
         view = memoryview(line)
         while view:

@@ -37,6 +37,7 @@ from diana.compose.local.stack import (
     _java_home,
     _port_in_use,
     _refuse_foreign,
+    private_folder,
 )
 from diana.config import Config
 
@@ -92,7 +93,7 @@ class ClusterStack(LocalStack):
 
     def _write_broker_config(self, n: int) -> Path:
         d = self._broker_dir(n)
-        d.mkdir(parents=True, exist_ok=True)
+        private_folder(d / "data")  # Kafka runs as this process's user; its segments carry the headers
         voters = ",".join(f"{i}@127.0.0.1:{self.controller_port(i)}" for i in range(1, KAFKA_NODES + 1))
         port, controller = self.broker_port(n), self.controller_port(n)
         (d / "server.properties").write_text(
@@ -278,8 +279,8 @@ cluster.routing.allocation.disk.threshold_enabled: false
 action.auto_create_index: true
 """
         )
-        for sub in ("data", "logs"):
-            (self._node_dir(n) / sub).mkdir(parents=True, exist_ok=True)
+        private_folder(self._node_dir(n) / "data")  # chowned with the node's folder when run as root
+        (self._node_dir(n) / "logs").mkdir(parents=True, exist_ok=True)
         return conf
 
     def start_search_nodes(self, nodes: list[int] | None = None) -> None:

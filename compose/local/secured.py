@@ -35,6 +35,15 @@ __all__ = ["SecuredStack"]
 _SAFE_PASSWORD = re.compile(r"^[A-Za-z0-9._~+-]{12,}$")
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``, mode 600 from creation, and 600 also when the file was there before (a
+    stack started before this rule wrote it 644)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(data)
+
+
 class SecuredStack:
     def __init__(self, config: Config, home: Path, cache: Path):
         self.kafka = config.kafka
@@ -218,16 +227,16 @@ plugins.security.system_indices.enabled: true
                 )
         pki, conf = self.pki(), home / "config"
         (conf / "pki").mkdir(exist_ok=True)
-        for src, name in (
-            (pki.ca, "ca.pem"),
-            (pki.opensearch_cert, "opensearch-node.pem"),
-            (pki.opensearch_key, "opensearch-node.key"),
-        ):
+        for src, name in ((pki.ca, "ca.pem"), (pki.opensearch_cert, "opensearch-node.pem")):
             shutil.copyfile(src, conf / "pki" / name)
+        # The node's private key and the users' password hashes: 600 (copyfile and write_text gave 644). As
+        # root, stack.py chowns the whole OpenSearch folder to the user OpenSearch runs as, after this.
+        _write_private(conf / "pki" / "opensearch-node.key", pki.opensearch_key.read_bytes())
         security = conf / "opensearch-security"
         security.mkdir(exist_ok=True)
         user = self.opensearch.username
-        (security / "internal_users.yml").write_text(
+        _write_private(
+            security / "internal_users.yml",
             f"""---
 _meta:
   type: "internalusers"
@@ -237,7 +246,7 @@ _meta:
   reserved: true
   backend_roles: ["admin"]
   description: "diana-star's services ([opensearch] username)"
-"""
+""".encode(),
         )
         (security / "roles_mapping.yml").write_text(
             """---

@@ -62,6 +62,16 @@ SYSTEM_OPENSEARCH_ROOT = Path("/var/lib/diana-star")
 STACK_HOME_MARK = "stack-home"
 
 
+def private_folder(path: Path) -> None:
+    """Create ``path`` (and its parents) and make it 700: a server's data folder, which holds patient data
+    (Kafka's segments carry the headers, OpenSearch's the index, S3Proxy's the objects). The servers create
+    their files with the umask's mode (0644 with the usual 022); the folder keeps other local users out.
+    Also made 700 when it was there before. Each server runs as the folder's owner (OpenSearch's folder is
+    chowned to its user when the stack runs as root)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+
+
 def _in_use(folder: Path) -> bool:
     """Whether a running process names ``folder`` on its command line (OpenSearch's java names its
     home there)."""
@@ -271,6 +281,7 @@ log.retention.hours=-1
             return
         _refuse_foreign("Kafka", self.cfg.kafka_port, "kafka_port")
         props = self._write_kafka_config()
+        private_folder(self._kafka_dir() / "data")  # before the format: Kafka runs as this process's user
         if self.secured:
             self.secured.check_kafka_data(self._kafka_dir() / "data")
         if not (self._kafka_dir() / "data" / "meta.properties").exists():
@@ -361,8 +372,8 @@ action.auto_create_index: true
         )
         if self.secured:
             self.secured.prepare_opensearch(home, _java_home())
-        for sub in ("data", "logs"):
-            (self._opensearch_dir() / sub).mkdir(parents=True, exist_ok=True)
+        private_folder(self._opensearch_dir() / "data")
+        (self._opensearch_dir() / "logs").mkdir(parents=True, exist_ok=True)
         if user:
             pw = pwd.getpwnam(user)
             subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", str(self._opensearch_dir())], check=True)
@@ -411,7 +422,7 @@ action.auto_create_index: true
         self.install_s3proxy()
         identity, credential = self._s3_keys()
         d = self._s3proxy_dir()
-        (d / "data").mkdir(parents=True, exist_ok=True)
+        private_folder(d / "data")  # the landing store's and the archive's objects
         props = d / "s3proxy.properties"
         # The file holds the secret: readable by us alone, and never logged.
         props.touch(mode=0o600)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import stat
 import sys
 import threading
 from datetime import date
-from typing import Any
+from typing import Any, TextIO
 
 from diana.config import Config
 from diana.credentials import redact
@@ -20,6 +22,7 @@ __all__ = [
     "whole_number",
     "calendar_day",
     "os_error",
+    "open_private",
 ]
 
 
@@ -37,6 +40,21 @@ def start_metrics(cfg: Config, port: int) -> None:
         from prometheus_client import start_http_server
 
         start_http_server(port, addr=cfg.metrics.host)
+
+
+def open_private(path: str) -> TextIO:
+    """``path`` opened for writing text (``newline=""``, for csv), readable by its owner only: a file the
+    command writes patient data into (a cohort's patient IDs, a collect job's accession numbers). Mode 600
+    from creation, and 600 also over a file there before; a device (``/dev/stdout``) keeps its mode (not ours
+    to change), as the import report (producers/bulk_import.py)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, 0o600)
+        return open(fd, "w", newline="", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def whole_number(minimum: int):

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diana.cli._common import calendar_day, fail, service_error, whole_number
+from diana.cli._common import calendar_day, fail, open_private, service_error, whole_number
 from diana.config import Config
 
 COHORT_FILTERS = (
@@ -76,7 +76,7 @@ def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
         )
     if args.action == "find":
         if args.output:
-            with open(args.output, "w", newline="", encoding="utf-8") as fh:
+            with open_private(args.output) as fh:  # patient IDs: readable by the owner only
                 write_rows(rows, fh, args.format or Path(args.output).suffix.lstrip(".") or "csv")
             print(f"{len(rows)} studies written to {args.output}")
         else:

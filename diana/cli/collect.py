@@ -7,7 +7,7 @@ import inspect
 import sys
 from pathlib import Path
 
-from diana.cli._common import fail, stop_on_signals
+from diana.cli._common import fail, open_private, stop_on_signals
 from diana.config import Config
 
 # The job ended, but a study failed or came partly, or a line's C-FIND failed or could not be used.
@@ -160,7 +160,7 @@ def cmd_collect_run(cfg: Config, args: argparse.Namespace) -> int:
     finally:
         bar.close()
     if args.report:
-        with open(args.report, "w", newline="", encoding="utf-8") as fh:
+        with open_private(args.report) as fh:  # accession numbers: readable by the owner only
             rows = write_report(job, fh)
         print(f"{rows} report lines written to {args.report}")
     print(summary_line(job))
@@ -212,7 +212,7 @@ def cmd_collect_status(cfg: Config, args: argparse.Namespace) -> int:
     if args.report == "-":
         write_report(job, sys.stdout)
     elif args.report:
-        with open(args.report, "w", newline="", encoding="utf-8") as fh:
+        with open_private(args.report) as fh:  # accession numbers: readable by the owner only
             write_report(job, fh)
         print(f"report written to {args.report}")
     return 0

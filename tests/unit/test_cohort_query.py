@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from opensearchpy.exceptions import RequestError
@@ -319,3 +320,24 @@ def test_a_refused_search_is_one_line_with_what_to_do_not_a_traceback(config, mo
         "diana cohort find: OpenSearch refused the search (400 search_phase_execution_exception: too many); "
         "narrow the filters"
     )
+
+
+def test_cohort_find_output_is_readable_by_its_owner_only(tmp_path: Path, monkeypatch, capsys):
+    """The file lists patient IDs: before, `diana cohort find --output FILE` opened it with open(..., "w"),
+    0644 with the usual umask (and an older file kept its mode)."""
+    import os
+    import stat
+
+    monkeypatch.setattr(diana.clients, "opensearch_client", lambda *a, **k: None)
+    row = {"study_instance_uid": "1.2.3", "study_date": "2024-03-15", "accession_number": "A1", "patient_id": "P-77"}
+    monkeypatch.setattr(cohort, "find_studies", lambda *a, **k: cohort.FoundStudies([row], more_match=False))
+    out = tmp_path / "cohort.csv"
+    out.write_text("an older list\n")
+    out.chmod(0o644)
+    old_umask = os.umask(0o022)
+    try:
+        assert main(["cohort", "find", "--output", str(out)]) == 0
+    finally:
+        os.umask(old_umask)
+    assert "P-77" in out.read_text()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600

@@ -342,3 +342,42 @@ def test_collect_run_retry_failed_tries_failed_studies_and_lines_again(tmp_path:
     )
     out = capsys.readouterr().out
     assert code == 0 and "(done): 3 retrieved" in out, out
+
+
+def test_the_report_files_are_readable_by_their_owner_only(tmp_path: Path, monkeypatch):
+    """The report lists accession numbers: before, `--report FILE` (of `collect run` and of `collect
+    status`) was opened with open(..., "w"), 0644 with the usual umask, also over an older 0644 file."""
+    import os
+    import stat
+
+    from diana.cli import main
+    from diana.producers.pacs_pull import ledger
+    from diana.producers.pacs_pull.scu import StudyMatch
+
+    old_umask = os.umask(0o022)
+    try:
+        csv_file = tmp_path / "a.csv"
+        csv_file.write_text("AccessionNumber\nA1\n")
+        run_report = tmp_path / "run.csv"
+        found = {"A1": [StudyMatch("1.1", "A1", 3)]}
+        _collect_cli(
+            tmp_path,
+            monkeypatch,
+            _pacs(found, {"1.1": (0, 3)}),
+            _Index(3),
+            [str(csv_file), "--report", str(run_report)],
+        )
+        assert "A1" in run_report.read_text()
+        assert stat.S_IMODE(run_report.stat().st_mode) == 0o600
+        status_report = tmp_path / "status.csv"
+        status_report.write_text("an older report\n")
+        status_report.chmod(0o644)
+        monkeypatch.setattr(ledger, "load_events", lambda *a, **k: [_event("JOB_STARTED", input="[]")])
+        assert (
+            main(["--config", str(tmp_path / "diana.toml"), "collect", "status", "j", "--report", str(status_report)])
+            == 0
+        )
+        assert stat.S_IMODE(status_report.stat().st_mode) == 0o600
+        assert status_report.read_text().startswith("line,input,outcome")
+    finally:
+        os.umask(old_umask)

@@ -340,3 +340,30 @@ def test_plain_export_refuses_a_key_file(tmp_path):
     with pytest.raises(ExportError, match="only makes sense"):
         export_instances(rows, tmp_path / "a", tmp_path / "o", key_file=tmp_path / "k.csv")
     assert SOP_CLASSES  # the generator's classes are the ones the other tests export
+
+
+def test_a_zip_is_written_private_and_a_killed_exports_partial_file_is_replaced(tmp_path):
+    """The zip fills under `.<name>.partial` beside the target. It was opened with ZipFile(path, "w"): 0644
+    with the usual umask while it filled with patient data, and one left by a killed export (its
+    ``finally`` never ran) was only truncated by the next export to the name, keeping its mode. Now the
+    stale one is removed and the new one made 600; the published zip (renamed from it) is 600 too."""
+    rows = _archive(tmp_path / "a", [identifying_object("ct"), identifying_object("ct")])
+    target = tmp_path / "cohort.zip"
+    partial = tmp_path / ".cohort.zip.partial"
+    partial.write_bytes(b"a killed export's patient data")
+    partial.chmod(0o644)
+    seen: list[int] = []
+
+    def look(n: int) -> None:
+        seen.append(partial.stat().st_mode & 0o777)  # a truncated stale file kept its 0644
+
+    old_umask = os.umask(0o022)
+    try:
+        summary = export_instances(rows, tmp_path / "a", target, progress=look)
+    finally:
+        os.umask(old_umask)
+    assert summary.complete and summary.exported == 2
+    assert seen == [0o600, 0o600]
+    assert not partial.exists() and target.stat().st_mode & 0o777 == 0o600
+    with zipfile.ZipFile(target) as zf:
+        assert len(zf.namelist()) == 2 and zf.testzip() is None

@@ -187,3 +187,23 @@ def test_a_worker_whose_broker_is_down_logs_one_line_and_starts_again():
         ("route.kafka_unavailable", "warning", "PACS")
     ] * 2
     assert all("exc_info" not in e and "Connect to ipv4#127.0.0.1:1 failed" in e["error"] for e in logs)
+
+
+def test_route_check_prints_a_stow_url_without_its_password(tmp_path: Path, capsys):
+    """`diana route --check` printed a STOW-RS destination's URL as written, its basic-auth password in it."""
+    from diana.cli import main
+
+    rules_file = tmp_path / "routing.yaml"
+    rules_file.write_text(
+        "destinations:\n"
+        "  - name: web\n"
+        "    stow_url: https://diana:s3cret-stow-pass@archive.example/dicom-web/studies\n"
+        "rules:\n"
+        "  - name: all-ct\n"
+        "    match: {modality: CT}\n"
+        "    destinations: [web]\n"
+    )
+    assert main(["route", "--check", "--rules", str(rules_file)]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret-stow-pass" not in out
+    assert "destination web: https://diana:***@archive.example/dicom-web/studies" in out

@@ -101,6 +101,30 @@ def test_the_scram_password_goes_to_the_format_in_a_private_argfile_not_the_proc
     assert argfile.read_text().split("\n")[:-1] == [f'"{arg}"' for arg in command[4:]]  # quoted as java reads them
 
 
+def test_the_opensearch_node_key_and_its_users_file_are_private(tmp_path: Path, monkeypatch):
+    """Before, the node's private key was copied with shutil.copyfile and internal_users.yml (the password's
+    hash) written with write_text: both 0644, readable by every local user. Now 600, also over the 644 files
+    of a stack prepared before; OpenSearch still reads them (it runs as their owner: the stack's user, or
+    the system user stack.py chowns the folder to when run as root)."""
+    stack = _secured(tmp_path)
+    home = tmp_path / "opensearch-2.19.4"
+    (home / "plugins" / "opensearch-security").mkdir(parents=True)  # installed: no opensearch-plugin run
+    (home / "config" / "pki").mkdir(parents=True)
+    (home / "config" / "opensearch-security").mkdir()
+    key = home / "config" / "pki" / "opensearch-node.key"
+    users = home / "config" / "opensearch-security" / "internal_users.yml"
+    for before in (key, users):  # a stack prepared before this rule
+        before.write_text("old")
+        before.chmod(0o644)
+    monkeypatch.setattr(SecuredStack, "_bcrypt", lambda self, home, env: "$2y$12$hash")  # no java here
+    stack.prepare_opensearch(home, tmp_path / "jdk")
+    assert key.read_bytes() == stack.pki().opensearch_key.read_bytes()
+    assert '"diana-services":' in users.read_text() and "$2y$12$hash" in users.read_text()
+    for private in (key, users):
+        assert private.stat().st_mode & 0o777 == 0o600
+    assert (home / "config" / "pki" / "opensearch-node.pem").read_bytes() == stack.pki().opensearch_cert.read_bytes()
+
+
 def test_s3_on_the_secured_stack_needs_an_https_endpoint_and_the_stack_ca(tmp_path: Path):
     ca = str(tmp_path / "stack" / "pki" / "ca.pem")
     plain = _secured(

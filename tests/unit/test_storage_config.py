@@ -63,3 +63,30 @@ def test_credentials_file_in_the_aws_format(tmp_path: Path):
 def test_parts_smaller_than_s3_allows_are_refused():
     with pytest.raises(ConfigError, match="at least 5 MiB"):
         load_config(environ={"DIANA_STORAGE_S3_PART_SIZE_MB": "4"})
+
+
+def test_a_short_s3_secret_key_is_refused_as_a_short_password_is(tmp_path: Path):
+    """Redaction leaves values under 8 characters alone (they would eat ordinary words), and secret_value
+    refuses passwords that short; the S3 secret key was remembered anyway, silently unmasked when short.
+    Now a short one is a configuration error naming the setting, from the environment or the file."""
+    from diana.credentials import redact
+
+    short = "k3y-s3c"  # 7 characters
+    cfg = load_config(
+        environ={"DIANA_STORAGE_S3_ACCESS_KEY_ID": "diana-id", "DIANA_STORAGE_S3_SECRET_ACCESS_KEY": short}
+    )
+    with pytest.raises(ConfigError, match=r"\[storage\] s3_secret_access_key: .*at least 8 characters") as caught:
+        s3_credentials(cfg.storage)
+    assert short not in str(caught.value)
+    credentials = tmp_path / "credentials"
+    credentials.write_text(f"[default]\naws_access_key_id = diana-id\naws_secret_access_key = {short}\n")
+    cfg = load_config(environ={"DIANA_STORAGE_S3_CREDENTIALS_FILE": str(credentials)})
+    with pytest.raises(ConfigError, match="aws_secret_access_key: .*at least 8 characters") as caught:
+        s3_credentials(cfg.storage)
+    assert short not in str(caught.value)
+    eight = "k3y-s3c8"
+    cfg = load_config(
+        environ={"DIANA_STORAGE_S3_ACCESS_KEY_ID": "diana-id", "DIANA_STORAGE_S3_SECRET_ACCESS_KEY": eight}
+    )
+    assert s3_credentials(cfg.storage) == ("diana-id", eight)
+    assert redact(f"signature for {eight} failed") == "signature for *** failed"
