@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import stat
@@ -45,12 +46,24 @@ def start_metrics(cfg: Config, port: int) -> None:
 def open_private(path: str) -> TextIO:
     """``path`` opened for writing text (``newline=""``, for csv), readable by its owner only: a file the
     command writes patient data into (a cohort's patient IDs, a collect job's accession numbers). Mode 600
-    from creation, and 600 also over a file there before; a device (``/dev/stdout``) keeps its mode (not ours
-    to change), as the import report (producers/bulk_import.py)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    from creation, and 600 also over a file of ours there before; a device (``/dev/stdout``) keeps its mode
+    (not ours to change), as the import report (producers/bulk_import.py). Another user's file that others
+    may read is refused before anything in it is touched (emptied, then refused its mode change, it lost
+    its content for nothing); a filesystem without modes (vfat) keeps its own."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            os.fchmod(fd, 0o600)
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            if st.st_mode & 0o077 and st.st_uid != os.geteuid():
+                raise PermissionError(
+                    errno.EPERM, "it belongs to another user and others may read it: remove it or write elsewhere", path
+                )
+            if st.st_mode & 0o077:
+                try:
+                    os.fchmod(fd, 0o600)
+                except PermissionError:  # a filesystem without per-file modes (vfat, some CIFS mounts)
+                    pass
+            os.ftruncate(fd, 0)
         return open(fd, "w", newline="", encoding="utf-8")
     except BaseException:
         os.close(fd)

@@ -79,3 +79,29 @@ def test_the_routing_ledger_is_private(tmp_path: Path) -> None:
     record.write_delivered()  # appended to a new file
     assert _mode(tmp_path / "sent" / f"{study}.json") == 0o600
     assert _mode(tmp_path / "sent") == 0o700
+
+
+def test_a_command_output_of_ours_is_made_private_and_rewritten(tmp_path: Path) -> None:
+    from diana.cli._common import open_private
+
+    out = tmp_path / "cohort.csv"
+    out.write_text("an older, longer content\n")
+    out.chmod(0o644)
+    with open_private(str(out)) as fh:
+        fh.write("new\n")
+    assert out.read_text() == "new\n"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+def test_another_users_readable_file_is_refused_before_it_is_emptied(tmp_path: Path, monkeypatch) -> None:
+    """Emptied first and then refused its mode change (fchmod: EPERM), it lost its content for nothing."""
+    from diana.cli._common import open_private
+
+    out = tmp_path / "shared.csv"
+    out.write_text("somebody's data\n")
+    out.chmod(0o666)
+    monkeypatch.setattr(os, "geteuid", lambda: out.stat().st_uid + 1)  # the file is another user's
+    with pytest.raises(PermissionError, match="another user"):
+        open_private(str(out))
+    assert out.read_text() == "somebody's data\n"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666
