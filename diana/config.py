@@ -431,6 +431,9 @@ class QueryRetrieveConfig:
     # False when a proxy on this host (a TLS terminator, ssh -L, kubectl port-forward, a TCP load
     # balancer) forwards remote peers: they all arrive from loopback and would all be allowed.
     allow_loopback: bool = True
+    # `diana serve`'s port: associations from one address at once (0: [receiver]'s). Behind a proxy on
+    # this host every viewer arrives from its address and they share this limit.
+    max_associations_per_host: int = 0
 
 
 @dataclass(frozen=True)
@@ -875,6 +878,7 @@ _AT_LEAST = {
     ("kafka", "partitions"): 1,
     ("receiver", "max_associations"): 1,
     ("receiver", "max_associations_per_host"): 1,
+    ("query_retrieve", "max_associations_per_host"): 0,
     # 0 is pynetdicom's "no limit" (transport_guard still refuses a PDU announcing more than 64 MiB).
     ("receiver", "max_pdu_bytes"): 0,
     # A deflated data set's header must fit in it; below 1 MiB hardly any would.
@@ -898,6 +902,7 @@ _FLOOR_NOTES = {
     ("receiver", "max_pdu_bytes"): " (0: no limit of ours, the guard still refuses a PDU over 64 MiB; default 1048576)",
     ("receiver", "max_inflated_bytes"): " (default 1073741824)",
     ("receiver", "max_associations_per_host"): " (default 8)",
+    ("query_retrieve", "max_associations_per_host"): " (0, the default: [receiver] max_associations_per_host)",
     ("collect", "find_limit"): " (0: the PACS's limit of C-FIND matches is not known)",
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import ssl
 import threading
@@ -88,7 +89,12 @@ class QueryRetrieveServer:
         # The receiver's limits on hostile and slow peers (producers/transport_guard.py: TLS handshakes off
         # the accept loop, max_associations_per_host, the PDU cap, deadline and minimum rate), from
         # [receiver] as the AE title, allow-lists and TLS are: pynetdicom's plain server had none of them.
-        transport_guard.install(guard_settings(self.config.receiver))
+        guard = guard_settings(self.config.receiver)
+        if self.config.query_retrieve.max_associations_per_host:
+            guard = dataclasses.replace(
+                guard, max_associations_per_host=self.config.query_retrieve.max_associations_per_host
+            )
+        transport_guard.install(guard)
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
             *association_handlers(self.config.receiver),

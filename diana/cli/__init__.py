@@ -14,11 +14,11 @@ sys.modules.setdefault("rich", None)  # type: ignore[arg-type]  # None: import f
 from diana.cli import access, collect, operations, pipeline, route  # noqa: E402
 from diana.cli._common import os_error, service_error  # noqa: E402
 from diana.cli.access import COHORT_FILTERS  # noqa: E402
-from diana.config import ConfigError, clear_text_endpoints, load_config, warn_clear_text  # noqa: E402
+from diana.config import Config, ConfigError, clear_text_endpoints, load_config, warn_clear_text  # noqa: E402
 from diana.credentials import redact  # noqa: E402
 from diana.logs import configure_logging  # noqa: E402
 
-__all__ = ["build_parser", "is_service", "main"]
+__all__ = ["build_parser", "clear_text_used_by", "is_service", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +87,18 @@ def is_service(args: argparse.Namespace) -> bool:
     return args.command in _SERVICE_ACTIONS and getattr(args, "action", None) == _SERVICE_ACTIONS[args.command]
 
 
+def clear_text_used_by(args: argparse.Namespace, cfg: Config) -> dict[str, list[str]]:
+    """The clear-text settings (config.clear_text_endpoints) of the service ``args`` start, without those
+    it never uses: the mail relay is the alert delivery's alone, the object store is not the aggregates', the
+    dose worker's nor the alert delivery's (each service warned of both)."""
+    found = clear_text_endpoints(cfg)
+    if args.command != "alerts":
+        found = {setting: hosts for setting, hosts in found.items() if not setting.startswith("[alerts]")}
+    if args.command in ("aggregate", "dose", "alerts"):
+        found = {setting: hosts for setting, hosts in found.items() if not setting.startswith("[storage]")}
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -109,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diana: configuration file: {redact(os_error(exc))}", file=sys.stderr)
         return 2
     if is_service(args):
-        warn_clear_text(clear_text_endpoints(cfg))
+        warn_clear_text(clear_text_used_by(args, cfg))
     try:
         return args.func(cfg, args)
     except KeyboardInterrupt:

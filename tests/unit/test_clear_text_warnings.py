@@ -124,3 +124,28 @@ def test_the_cli_says_it_before_a_service_runs_and_not_for_a_short_command(monke
     assert said == [{"[opensearch] url": ["search.example.org"]}]
     assert cli.main(["topics"]) == 0
     assert len(said) == 1
+
+
+def test_a_service_is_not_warned_of_settings_it_never_uses():
+    """The mail relay is the alert delivery's alone; the object store neither the aggregates' nor the dose
+    worker's (each service warned of both)."""
+    from diana.cli import clear_text_used_by
+
+    cfg = load_config(
+        environ={
+            "DIANA_ALERTS_SMTP_HOST": "mail.example.org",
+            "DIANA_ALERTS_SMTP_SECURITY": "none",
+            "DIANA_STORAGE_BACKEND": "s3",
+            "DIANA_STORAGE_S3_ENDPOINT": "http://objects.example.org:9000",
+            "DIANA_STORAGE_S3_BUCKET": "diana",
+        }
+    )
+    parser = build_parser()
+
+    def settings(*argv: str) -> set[str]:
+        return set(clear_text_used_by(parser.parse_known_args(list(argv))[0], cfg))
+
+    smtp, s3 = '[alerts] smtp_host (smtp_security "none")', "[storage] s3_endpoint"
+    assert smtp in settings("alerts", "deliver") and s3 not in settings("alerts", "deliver")
+    assert smtp not in settings("receive") and s3 in settings("receive")
+    assert settings("dose") == set() == settings("aggregate")

@@ -16,13 +16,13 @@ from diana.producers import transport_guard
 from diana.producers.transport_guard import GuardedServer
 
 
-@pytest.fixture
-def qr_server(tmp_path, monkeypatch):
+def _serving(tmp_path, monkeypatch, **settings: str):
     # The guard is process-wide (AssociationSocket.recv and its settings): put back after the test.
     monkeypatch.setattr(AssociationSocket, "recv", AssociationSocket.recv)
     monkeypatch.setattr(transport_guard, "_settings", transport_guard._settings)
     cfg = load_config(
         environ={
+            **settings,
             "DIANA_RECEIVER_HOST": "127.0.0.1",
             "DIANA_RECEIVER_MAX_ASSOCIATIONS_PER_HOST": "1",
             "DIANA_RECEIVER_MAX_PDU_BYTES": "65536",
@@ -34,8 +34,25 @@ def qr_server(tmp_path, monkeypatch):
     )
     server = QueryRetrieveServer(cfg)
     server.start()
+    return server
+
+
+@pytest.fixture
+def qr_server(tmp_path, monkeypatch):
+    server = _serving(tmp_path, monkeypatch)
     try:
         yield server
+    finally:
+        server.stop()
+
+
+def test_the_qr_port_has_a_per_host_limit_of_its_own_when_set(tmp_path, monkeypatch):
+    """Behind a proxy on this host every viewer arrives from its address: the Q/R port's limit can be
+    raised without raising the receiver's."""
+    server = _serving(tmp_path, monkeypatch, DIANA_QUERY_RETRIEVE_MAX_ASSOCIATIONS_PER_HOST="40")
+    try:
+        assert transport_guard._settings.max_associations_per_host == 40
+        assert server.config.receiver.max_associations_per_host == 1
     finally:
         server.stop()
 
