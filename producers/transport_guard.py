@@ -152,18 +152,24 @@ def _guarded_recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
     is_body = pace.body_left > 0 and nr_bytes == pace.body_left
     buffer = bytearray()
     deadline: float | None = None
+    # The socket's own timeout stays: an association diana requested (a C-MOVE's sub-association) has the
+    # network timeout on it (diana/outbound_association.py), which its blocking sends need to end when the
+    # destination hangs. Set back to None after each read, a send to a stopped peer blocked for ever.
+    own_timeout = sock.gettimeout()
     while len(buffer) < nr_bytes:
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _end(self, "PDU not received in time", "slow_peer", got=len(buffer), expected=nr_bytes)
-            sock.settimeout(remaining)
+            sock.settimeout(remaining if own_timeout is None else min(remaining, own_timeout))
         try:
             chunk = sock.recv(min(_CHUNK, nr_bytes - len(buffer)))
         except TimeoutError:
+            if deadline is None:  # the socket's own timeout, before any of the PDU: pynetdicom's as before
+                raise
             raise _end(self, "PDU not received in time", "slow_peer", got=len(buffer), expected=nr_bytes) from None
         finally:
-            sock.settimeout(None)
+            sock.settimeout(own_timeout)
         if not chunk:
             break
         now = time.monotonic()

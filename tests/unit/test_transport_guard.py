@@ -53,8 +53,13 @@ class _FakeSocket:
         self.chunks.pop(0)
         return data
 
-    def settimeout(self, _value: float | None) -> None:
-        pass
+    timeout: float | None = None
+
+    def settimeout(self, value: float | None) -> None:
+        self.timeout = value
+
+    def gettimeout(self) -> float | None:
+        return self.timeout
 
     def shutdown(self, _how: int) -> None:
         self.shut = True
@@ -155,3 +160,14 @@ def test_a_pdu_must_still_arrive_within_pdu_read_timeout_s(clock: _Clock, monkey
     fake.trickle(_pdata(20_000, control=0x02)[6:], piece=100, every_s=1.0)
     with pytest.raises(OSError, match="not received in time"):
         _read_pdu(transport)
+
+
+def test_the_sockets_own_timeout_is_kept_after_a_read(clock: _Clock) -> None:
+    """A C-MOVE's sub-association carries the network timeout (diana/outbound_association.py): its blocking
+    sends need it to end when the destination hangs. The guard set the socket back to blocking (None) after
+    each read, and a move to a stopped destination never ended once the guard was installed in its process."""
+    transport, fake = _transport("requestor", clock)
+    fake.settimeout(30.0)
+    fake.queue(_pdata(100, control=0x02))
+    assert len(_read_pdu(transport)) == 6 + 4 + 2 + 100
+    assert fake.gettimeout() == 30.0
