@@ -319,6 +319,12 @@ class StreamConfig:
     # events: +12-40 % at 2000 against 500, docs/PERFORMANCE.md issue 20). A trickle is not held
     # back: a batch ends after 0.2 s with what has come. An aborted transaction redoes this many.
     transaction_max_events: int = 2000
+    # Transactions of the aggregates worker failing this long with none committed (each batch
+    # aborted and done again) stop the worker with exit status 1, naming the Kafka error and the
+    # fix: a cause that lasts (an output topic it may not write, a deleted topic) is not retried
+    # for ever. A passing fault (a broker restart, a coordinator move) commits again well within
+    # it. Floor 60 s.
+    transaction_max_retry_s: float = 300.0
     # The aggregates worker's local state: a folder per worker (<app_id>-<worker_id>) of one SQLite
     # file per partition with the changelog position it reflects, so a restart reads only the
     # changelog's tail (stream_apps/README.md, "Local state"). Relative to the config file's folder.
@@ -822,6 +828,10 @@ def _check_choices(sections: dict[str, Any]) -> None:
     if not 1 <= stream.transaction_max_events <= 100_000:
         raise ConfigError(
             f"[stream] transaction_max_events = {stream.transaction_max_events}: use 1 to 100000 (default 2000)"
+        )
+    if stream.transaction_max_retry_s < 60:
+        raise ConfigError(
+            f"[stream] transaction_max_retry_s = {stream.transaction_max_retry_s}: use 60 or more (seconds, default 300)"
         )
     kafka = sections["kafka"]
     # At most one partition's fetch (librdkafka's max.partition.fetch.bytes, 1 MiB): more might never
