@@ -52,7 +52,7 @@ class InstanceNumbers:
         where = bisect.bisect_left(chunk, number)
         if where < len(chunk) and chunk[where] == number:
             return self
-        grown = (*chunk[:where], number, *chunk[where:])
+        grown = chunk + (number,) if where == len(chunk) else chunk[:where] + (number,) + chunk[where:]
         parts = (grown,) if len(grown) <= 2 * _CHUNK else (grown[: len(grown) // 2], grown[len(grown) // 2 :])
         return InstanceNumbers(
             (*chunks[:index], *parts, *chunks[index + 1 :]),
