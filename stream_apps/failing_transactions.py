@@ -71,7 +71,8 @@ class FailureStreak:
         self.topics |= topics
         self.last = cause
 
-    def committed(self) -> None:
+    def reset(self) -> None:
+        """A transaction committed, or the worker's partitions changed (another batch): count anew."""
         self.since, self.failures, self.last = None, 0, ""
         self.causes.clear()
         self.topics.clear()

@@ -214,7 +214,7 @@ class TransactionalLoop(PartitionAssignment):
                 self._rewind(starts)
             self._pause(self._streak.backoff_s())
             return
-        self._streak.committed()
+        self._streak.reset()
         batch.commit_locally()
         if self.local is not None:
             self._write_local(batch, began_ms)
@@ -297,7 +297,7 @@ class TransactionalLoop(PartitionAssignment):
         committed = all(offsets.get(key) == end for key, end in ends.items())
         log.warning("transaction.commit_outcome", committed=committed, partitions=numbers)
         if committed:
-            self._streak.committed()
+            self._streak.reset()
             TRANSACTIONS.labels("committed_after_failed_commit").inc()
             for topic, count in per_topic.items():
                 MESSAGES.labels(topic).inc(count)

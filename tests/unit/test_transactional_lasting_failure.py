@@ -173,5 +173,25 @@ def test_the_gauge_reads_the_worker_s_own_failure_count(monkeypatch):
     loop = transactional.TransactionalLoop(settings, AggregatesHandler(QuietTimes.parse("*=60")))
     loop._streak.failed("_TIMED_OUT", set(), now=time.monotonic() - 42)
     assert 42 <= _metric("diana_stream_failing_seconds") < 43
-    loop._streak.committed()
+    loop._streak.reset()
     assert _metric("diana_stream_failing_seconds") == 0.0
+
+
+def test_failures_before_the_partitions_moved_do_not_count_after_they_come_back(monkeypatch):
+    """A batch failed, then the partitions went to another worker and, long after, came back: a first
+    failure then is no lasting one (the count started anew at the revocation and the assignment)."""
+    from confluent_kafka import TopicPartition
+
+    from diana.schemas.topics import INSTANCES
+
+    loop, clock = _refusing_loop(monkeypatch, KafkaError.NOT_ENOUGH_REPLICAS)
+    loop.consumer.unassign = lambda: None
+    loop.consumer.assign = lambda _partitions: None
+    batch = _messages(1)
+    loop._transaction(batch)
+    loop._on_revoke(loop.consumer, [TopicPartition(INSTANCES.name, 0)])
+    assert _metric("diana_stream_failing_seconds") == 0.0
+    clock.now += 3600  # idle, without partitions
+    loop._on_assign(loop.consumer, [TopicPartition(INSTANCES.name, 0)])
+    loop._transaction(batch)  # before: "transactions kept failing for 3605 s", a stop at once
+    assert loop._streak.failures == 1
