@@ -2,8 +2,9 @@
 
 The fold is pure (aggregate_fold.py): each instance gives a new series value, and the state a
 transaction holds must not change. With the numbers in one list, each instance copied the list:
-the fold's cost per instance grew with the series (7 µs at 1,000 instances, 226 µs at 40,000: an
-fMRI or perfusion series cost about 4.5 s of fold instead of 0.3 s). ``InstanceNumbers`` keeps them
+the fold's cost per instance grew with the series (8.3 µs at 1,000 instances, 236 µs over the last
+1,000 of 40,000: an fMRI or perfusion series cost 3.2 s of fold; 0.26 s now, stream_apps/README.md
+has the measurement). ``InstanceNumbers`` keeps them
 in immutable chunks: adding a number copies one chunk and the chunk index, which the old and the
 new value then share.
 
