@@ -153,11 +153,13 @@ def test_a_topic_missing_at_produce_stops_the_worker_naming_diana_topics(monkeyp
     assert loop.restores == [] and len(loop.consumer.seeks) == tries - 1  # rewound each time, never restored
 
 
-def test_transaction_max_retry_s_is_a_stream_setting_of_at_least_60_s(tmp_path):
+def test_transaction_max_retry_s_is_a_stream_setting_of_at_least_120_s(tmp_path):
+    """At least the loop's own recovery limits (120 s); nan (no comparison holds) and inf refused."""
     assert load_config(None, {}).stream.transaction_max_retry_s == 300.0
-    assert load_config(None, {"DIANA_STREAM_TRANSACTION_MAX_RETRY_S": "90"}).stream.transaction_max_retry_s == 90.0
-    with pytest.raises(ConfigError, match=r"transaction_max_retry_s = 10.0: use 60 or more"):
-        load_config(None, {"DIANA_STREAM_TRANSACTION_MAX_RETRY_S": "10"})
+    assert load_config(None, {"DIANA_STREAM_TRANSACTION_MAX_RETRY_S": "120"}).stream.transaction_max_retry_s == 120.0
+    for value in ("10", "90", "nan", "inf"):
+        with pytest.raises(ConfigError, match=r"transaction_max_retry_s = .*: use 120 or more"):
+            load_config(None, {"DIANA_STREAM_TRANSACTION_MAX_RETRY_S": value})
 
 
 def test_the_gauge_reads_the_worker_s_own_failure_count(monkeypatch):
