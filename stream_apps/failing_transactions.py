@@ -5,13 +5,19 @@ broker restart, a coordinator move, a timeout). A cause that lasts (an output to
 not write, one deleted while topics are not created automatically, a topic whose replicas cannot
 take the write) failed every redo the same way, for ever: the worker's partitions stood still and
 only a warning per try said so. ``FailureStreak`` counts the failures since the last commit; past
-``[stream] transaction_max_retry_s`` without one the worker stops, naming the cause and the fix.
+``[stream] transaction_max_retry_s`` without one, and after at least ``MIN_FAILURES`` of them, the
+worker stops, naming the cause and the fix. The loop's own recovery steps (a new producer's
+init_transactions, the restore after a failed commit) are left out of the time: they have their own
+120 s limits, and counting them stopped a worker after 2 tries (a broker restart the recovery rode
+out, then one more failure).
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 __all__ = ["FailureStreak", "fix_for"]
@@ -20,6 +26,10 @@ __all__ = ["FailureStreak", "fix_for"]
 # this long, doubling, at most _BACKOFF_MAX_S, so a lasting cause is not a busy loop.
 _BACKOFF_FIRST_S = 1.0
 _BACKOFF_MAX_S = 5.0
+
+# Failures in a row needed for a stop besides the time: a passing fault costs a few; a lasting cause
+# at the default 300 s makes about 33 (a failed commit and a 5 s wait each, the unit test's clock).
+MIN_FAILURES = 10
 
 _AUTHORISATION = {
     "TOPIC_AUTHORIZATION_FAILED",
@@ -58,6 +68,9 @@ class FailureStreak:
 
     give_up_after_s: float
     since: float | None = None
+    # Seconds since ``since`` spent in recovery steps (not counted), and when the current one began.
+    recovering_s: float = 0.0
+    recovering_since: float | None = None
     failures: int = 0
     causes: Counter[str] = field(default_factory=Counter)
     topics: set[str] = field(default_factory=set)
@@ -73,18 +86,37 @@ class FailureStreak:
 
     def reset(self) -> None:
         """A transaction committed, or the worker's partitions changed (another batch): count anew."""
-        self.since, self.failures, self.last = None, 0, ""
+        self.since, self.recovering_s, self.failures, self.last = None, 0.0, 0, ""
         self.causes.clear()
         self.topics.clear()
 
+    @contextmanager
+    def recovering(self) -> Iterator[None]:
+        """A recovery step of the loop (abort, restore after a failed commit): its time is not counted."""
+        began = time.monotonic()
+        self.recovering_since = began
+        try:
+            yield
+        finally:
+            self.recovering_since = None
+            since = self.since  # None if a commit found by the restore reset the count
+            if since is not None:
+                self.recovering_s += max(0.0, time.monotonic() - max(began, since))
+
     def seconds(self, now: float | None = None) -> float:
-        """How long transactions have failed with none committed since; 0: the last one committed."""
-        if self.since is None:
+        """How long transactions have failed with none committed, recovery steps left out; 0: the last
+        one committed. Read by the metrics thread too: each field is read once (a reset() between a
+        check and a use made it raise TypeError)."""
+        since, recovering_since, recovering_s = self.since, self.recovering_since, self.recovering_s
+        if since is None:
             return 0.0
-        return max(0.0, (time.monotonic() if now is None else now) - self.since)
+        end = time.monotonic() if now is None else now
+        if recovering_since is not None:
+            end = min(end, recovering_since)
+        return max(0.0, end - since - recovering_s)
 
     def lasting(self, now: float | None = None) -> bool:
-        return self.since is not None and self.seconds(now) > self.give_up_after_s
+        return self.failures >= MIN_FAILURES and self.seconds(now) > self.give_up_after_s
 
     def backoff_s(self) -> float:
         """The wait before the next redo: none after the first failure, then 1, 2, 4, 5, 5, ... s."""
@@ -99,7 +131,8 @@ class FailureStreak:
     def give_up_message(self, reason: str) -> str:
         causes = sorted(self.causes)
         return (
-            f"transactions kept failing for {self.seconds():.0f} s with none committed ({self.failures} tries: "
+            f"transactions kept failing for {self.seconds():.0f} s with none committed, recovery steps left out "
+            f"({self.failures} tries: "
             f"{self.summary()}; the last: {reason}), over [stream] transaction_max_retry_s "
             f"({self.give_up_after_s:.0f} s); the next start resumes from what Kafka committed. Fix: "
             f"{fix_for(causes, sorted(self.topics))}; then start the worker again"

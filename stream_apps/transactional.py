@@ -15,10 +15,11 @@ undercounted, completed series early, or stopped fetching a partition (faust-str
   transaction of a dead predecessor pending), so state and input position always agree.
 - A failed transaction is aborted, its uncommitted state changes dropped, and the input rewound
   to the committed offsets: the batch is processed again from the same state; if transactions keep
-  failing with none committed for ``transaction_max_retry_s``, the worker stops naming the cause
-  (failing_transactions.py). When
+  failing with none committed for ``transaction_max_retry_s`` (recovery steps left out) and at least
+  10 times, the worker stops naming the cause (failing_transactions.py). When
   commit_transaction itself failed, whether the batch committed is unknown: its partitions' state
-  is dropped and restored as on an assignment, and the input resumes at the committed offsets.
+  is dropped and restored as on an assignment, and the input resumes at the committed offsets; only
+  a batch found not committed counts as failed.
 
 The handler sees a ``Batch`` (batch.py): state reads and writes (namespace, key) and sends. The
 loop's settings and call bounds are in loop_settings.py, assignment and restore in
@@ -61,11 +62,13 @@ FAILURES = Counter(
     "Failed transactions of the stream worker, by the Kafka error that failed them",
     ["cause"],
 )
-# How long transactions have failed with none committed since (0: the last one committed), read at
-# scrape time: a worker redoing a batch for a lasting cause shows here before it stops.
+# How long transactions have failed with none committed since (the recovery steps left out; 0: the
+# last one committed, or partitions were revoked or assigned), read at scrape time: a worker redoing
+# a batch for a lasting cause shows here before it stops.
 FAILING_SECONDS = Gauge(
     "diana_stream_failing_seconds",
-    "How long the stream worker's transactions have been failing with none committed; 0: the last committed",
+    "How long the stream worker's transactions have been failing with none committed, its recovery steps "
+    "left out; 0: the last committed, or partitions were revoked or assigned since",
 )
 # Delivery reports of records the abort purged: the abort's doing, not a cause.
 _PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
@@ -206,11 +209,20 @@ class TransactionalLoop(PartitionAssignment):
                 # librdkafka reports a record the broker refused as an abortable _INCONSISTENT
                 # "N message(s) failed delivery" of commit_transaction; the cause is in the reports.
                 raise self._record_too_large(f"a record refused by the broker for its size ({refused})") from exc
-            self._failed(error, batch)
-            self._abort(exc, "commit_failed" if committing else "aborted")
+            cause, topics = self._cause(error, batch)
             if committing:
-                self._reload_after_failed_commit(batch, starts, offsets, per_topic)
+                # Whether the batch committed is known only after the restore: a commit that went
+                # through (its answer lost) is no failure, and must not stop the worker as one.
+                with self._streak.recovering():
+                    self._abort(exc, "commit_failed")
+                    committed = self._reload_after_failed_commit(batch, starts, offsets, per_topic)
+                if committed:
+                    return
+                self._failed(cause, topics, error)
             else:
+                self._failed(cause, topics, error)
+                with self._streak.recovering():
+                    self._abort(exc, "aborted")
                 self._rewind(starts)
             self._pause(self._streak.backoff_s())
             return
@@ -234,9 +246,8 @@ class TransactionalLoop(PartitionAssignment):
             "the worker again"
         )
 
-    def _failed(self, error: KafkaError, batch: Batch) -> None:
-        """Count a failed transaction under its cause; stop when failures have lasted, none committed,
-        longer than ``transaction_max_retry_s``.
+    def _cause(self, error: KafkaError, batch: Batch) -> tuple[str, set[str]]:
+        """Why the transaction failed, and the topics of its refused records.
 
         The cause is the error of the failed delivery reports when there are any (commit_transaction
         says only _INCONSISTENT, "N message(s) failed delivery"), else the call's own error.
@@ -244,6 +255,11 @@ class TransactionalLoop(PartitionAssignment):
         failed = {KafkaError(code).name() for code in (self._delivery_errors | batch.failed_codes) - _PURGED}
         cause = ",".join(sorted(failed)) if failed else error.name()
         topics = self._failed_topics | ({self.settings.changelog} if batch.undelivered else set())
+        return cause, topics
+
+    def _failed(self, cause: str, topics: set[str], error: KafkaError) -> None:
+        """Count a failed transaction under its cause; stop when failures have lasted, none committed,
+        longer than ``transaction_max_retry_s`` (recovery steps left out), MIN_FAILURES of them at least."""
         self._streak.failed(cause, topics)
         FAILURES.labels(cause).inc()
         streak = self._streak
@@ -279,7 +295,7 @@ class TransactionalLoop(PartitionAssignment):
         starts: dict[tuple[str, int], int],
         ends: dict[tuple[str, int], int],
         per_topic: dict[str, int],
-    ) -> None:
+    ) -> bool:
         """commit_transaction failed: the batch may have committed (its answer lost, or the retries
         ran out after the coordinator had the commit; the new producer's init_transactions then
         completes it) or not. Its partitions' state is dropped and restored as on an assignment
@@ -301,6 +317,7 @@ class TransactionalLoop(PartitionAssignment):
             TRANSACTIONS.labels("committed_after_failed_commit").inc()
             for topic, count in per_topic.items():
                 MESSAGES.labels(topic).inc(count)
+        return committed
 
     def _delivery_failed(self, error: KafkaError | None, message: Message) -> None:
         """The producer's delivery report of every record without a callback of its own."""

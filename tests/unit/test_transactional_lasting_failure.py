@@ -5,8 +5,10 @@ restored the partitions) and did the same batch again, for ever: an output topic
 write (TOPIC_AUTHORIZATION_FAILED in the records' delivery reports, commit_transaction saying only
 _INCONSISTENT), a topic deleted while topics are not created automatically (_UNKNOWN_TOPIC at
 produce()) made a silent busy loop, its partitions stalled. Now failures lasting longer than
-[stream] transaction_max_retry_s (300 s) with none committed stop it (GiveUp: exit 1); any commit
-starts the count again; a redo after the second failure in a row waits (1, 2, 4, 5 s).
+[stream] transaction_max_retry_s (300 s) with none committed, and at least 10 of them, stop it
+(GiveUp: exit 1); the loop's own recovery steps (abort, restore after a failed commit) are not
+counted, and a failed commit found committed after all is no failure; any commit starts the count
+again; a redo after the second failure in a row waits (1, 2, 4, 5 s).
 
 The broker and the clock are stand-ins (the commit-outcome tests' broker, a clock the loop's
 sleeps advance).
@@ -24,6 +26,7 @@ from prometheus_client import REGISTRY
 import diana.stream_apps.transactional as transactional
 from diana.config import ConfigError, load_config
 from diana.schemas.topics import SERIES
+from diana.stream_apps.failing_transactions import MIN_FAILURES, FailureStreak
 from diana.stream_apps.state_restore import GiveUp
 from tests.unit.test_transactional_commit_outcome import CommittingProducer, _count, _loop, _messages
 
@@ -105,8 +108,9 @@ def test_an_output_topic_the_worker_may_not_write_stops_it_after_the_bound_namin
         _metric("diana_stream_transaction_failures_total", {"cause": "TOPIC_AUTHORIZATION_FAILED"}) == counted + tries
     )
     assert _metric("diana_stream_failing_seconds") > 300
-    # Each failed commit restored the batch's partition (the outcome unknown): nothing counted.
-    assert len(loop.restores) == tries - 1 and loop.producer.committed == []
+    # Each failed commit restored the batch's partition (the outcome unknown) before it was counted,
+    # the last one too: nothing committed.
+    assert len(loop.restores) == tries and loop.producer.committed == []
 
 
 def test_the_redo_waits_longer_after_each_failure_in_a_row_the_first_not_at_all(monkeypatch):
@@ -197,3 +201,94 @@ def test_failures_before_the_partitions_moved_do_not_count_after_they_come_back(
     loop._on_assign(loop.consumer, [TopicPartition(INSTANCES.name, 0)])
     loop._transaction(batch)  # before: "transactions kept failing for 3605 s", a stop at once
     assert loop._streak.failures == 1
+
+
+def _slow_recovery(loop, clock: Clock, abort_s: float, restore_s: float) -> None:
+    """The abort's init_transactions and the restore after a failed commit take this long (each within
+    its own 120 s limit): a broker coming back."""
+    init = loop.producer.init_transactions
+    reload = loop._reload
+
+    def slow_init(*args: Any) -> None:
+        clock.now += abort_s
+        init(*args)
+
+    def slow_reload(numbers):
+        clock.now += restore_s
+        return reload(numbers)
+
+    loop.producer.init_transactions = slow_init
+    loop._reload = slow_reload
+
+
+def test_a_fault_the_recovery_rode_out_then_one_more_failure_does_not_stop_the_worker(monkeypatch):
+    """A broker restart: a commit fails, the abort waits 120 s for init_transactions and the restore
+    240 s, then the next try fails once more. Before: GiveUp at that second try ("kept failing for
+    370 s ... (2 tries"); the recovery's own waits were counted."""
+    loop, clock = _refusing_loop(monkeypatch, KafkaError.NOT_ENOUGH_REPLICAS)
+    _slow_recovery(loop, clock, abort_s=120, restore_s=240)
+    batch = _messages(1)
+    loop._transaction(batch)
+    loop._transaction(batch)
+    assert loop._streak.failures == 2 and loop._streak.seconds() <= 2 * COMMIT_TAKES_S
+    loop.producer.refuse = None
+    loop._transaction(batch)
+    assert _count(loop) == 1 and loop._streak.failures == 0
+
+
+def test_a_lasting_cause_with_slow_recoveries_still_stops_on_the_time_outside_them(monkeypatch):
+    loop, clock = _refusing_loop(monkeypatch, KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    _slow_recovery(loop, clock, abort_s=30, restore_s=60)
+    error, tries = _until_given_up(loop, _messages(1))
+    # Each try: a 5 s commit and a wait of at most 5 s counted, 90 s of recovery not.
+    assert tries >= 300 / (2 * COMMIT_TAKES_S)
+    assert "TOPIC_AUTHORIZATION_FAILED" in str(error) and "recovery steps left out" in str(error)
+
+
+def test_a_stop_needs_ten_failures_besides_the_time():
+    streak = FailureStreak(300.0)
+    streak.failed("NOT_ENOUGH_REPLICAS", set(), now=0.0)
+    streak.failed("NOT_ENOUGH_REPLICAS", set(), now=400.0)
+    assert not streak.lasting(now=400.0)  # before: a stop after 2 tries
+    for _ in range(MIN_FAILURES - 2):
+        assert not streak.lasting(now=400.0)
+        streak.failed("NOT_ENOUGH_REPLICAS", set(), now=400.0)
+    assert streak.failures == MIN_FAILURES and streak.lasting(now=400.0)
+    assert not streak.lasting(now=299.0)
+
+
+def test_a_commit_past_the_limit_whose_answer_was_lost_is_no_failure_and_no_stop(monkeypatch):
+    """The count is past the limit; the next commit_transaction fails but the commit went through.
+    Before: the limit was checked before the restore told the outcome, a stop "with none committed"."""
+    loop, clock = _refusing_loop(monkeypatch, None)
+    for _ in range(MIN_FAILURES):
+        loop._streak.failed("NOT_ENOUGH_REPLICAS", set(), now=clock.now - 400)
+    timed_out = _metric("diana_stream_transaction_failures_total", {"cause": "_TIMED_OUT"})
+    loop.producer.fail = "answer_lost"
+    loop._transaction(_messages(1))
+    assert _count(loop) == 1 and loop._streak.failures == 0 and loop.restores == [[0]]
+    assert _metric("diana_stream_transaction_failures_total", {"cause": "_TIMED_OUT"}) == timed_out
+
+
+def test_a_commit_past_the_limit_that_did_not_happen_stops_the_worker_after_the_restore(monkeypatch):
+    loop, clock = _refusing_loop(monkeypatch, None)
+    for _ in range(MIN_FAILURES):
+        loop._streak.failed("NOT_ENOUGH_REPLICAS", set(), now=clock.now - 400)
+    loop.producer.fail = "not_committed"
+    with pytest.raises(GiveUp, match=r"with none committed"):
+        loop._transaction(_messages(1))
+    assert loop.restores == [[0]] and loop._streak.failures == MIN_FAILURES + 1
+
+
+def test_the_gauge_read_while_the_count_is_reset_does_not_raise(monkeypatch):
+    """The metrics thread reads seconds() while the loop's thread resets the count; before, a reset
+    between its ``since is None`` check and its use raised TypeError (None in a subtraction)."""
+    streak = FailureStreak(300.0)
+    streak.failed("_TIMED_OUT", set(), now=100.0)
+
+    def monotonic_while_reset() -> float:
+        streak.reset()  # the other thread, between the check and the use
+        return 142.0
+
+    monkeypatch.setattr(time, "monotonic", monotonic_while_reset)
+    assert streak.seconds() in (0.0, 42.0)
