@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -320,6 +321,13 @@ class StreamConfig:
     # events: +12-40 % at 2000 against 500, docs/PERFORMANCE.md issue 20). A trickle is not held
     # back: a batch ends after 0.2 s with what has come. An aborted transaction redoes this many.
     transaction_max_events: int = 2000
+    # Transactions of the aggregates worker failing this long with none committed (each batch
+    # aborted and done again) stop the worker with exit status 1, naming the Kafka error and the
+    # fix: a cause that lasts (an output topic it may not write, a deleted topic) is not retried
+    # for ever. A passing fault (a broker restart, a coordinator move) commits again well within
+    # it. The loop's recovery steps (120 s limits of their own) are not counted, and 10 failures at
+    # least are needed; any commit, revocation or assignment starts the count again. Floor 120 s.
+    transaction_max_retry_s: float = 300.0
     # The aggregates worker's local state: a folder per worker (<app_id>-<worker_id>) of one SQLite
     # file per partition with the changelog position it reflects, so a restart reads only the
     # changelog's tail (stream_apps/README.md, "Local state"). Relative to the config file's folder.
@@ -829,6 +837,12 @@ def _check_choices(sections: dict[str, Any]) -> None:
     if not 1 <= stream.transaction_max_events <= 100_000:
         raise ConfigError(
             f"[stream] transaction_max_events = {stream.transaction_max_events}: use 1 to 100000 (default 2000)"
+        )
+    # At least the loop's own recovery limits (120 s, LoopSettings.give_up_after_s); nan compared
+    # False with the floor and inf never stopped: both refused.
+    if not math.isfinite(stream.transaction_max_retry_s) or stream.transaction_max_retry_s < 120:
+        raise ConfigError(
+            f"[stream] transaction_max_retry_s = {stream.transaction_max_retry_s}: use 120 or more (seconds, default 300)"
         )
     kafka = sections["kafka"]
     # At most one partition's fetch (librdkafka's max.partition.fetch.bytes, 1 MiB): more might never

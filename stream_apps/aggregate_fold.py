@@ -7,11 +7,11 @@ its arguments, so a state held by a transaction (Batch.publish_latest) stays as 
 
 from __future__ import annotations
 
-import bisect
 from datetime import UTC, datetime
 from typing import Any
 
 from diana.stream_apps.completeness import QuietTimes, expected_instances, verdict
+from diana.stream_apps.instance_numbers import InstanceNumbers
 
 __all__ = [
     "from_ms",
@@ -149,14 +149,10 @@ def apply_instance(
     series["total_bytes"] += event["size_bytes"]
     series["number_of_frames"] += event.get("number_of_frames") or 1
     if number is not None:
-        numbers = series["instance_numbers"]
-        where = bisect.bisect_left(numbers, number)
-        if where == len(numbers) or numbers[where] != number:  # kept sorted by insertion, not re-sorted
-            series["instance_numbers"] = [*numbers[:where], number, *numbers[where:]]
-        series["min_instance_number"], series["max_instance_number"] = (
-            series["instance_numbers"][0],
-            series["instance_numbers"][-1],
-        )
+        # Not a new list per instance (its copy grew with the series): chunks the old value shares.
+        numbers = InstanceNumbers.of(series["instance_numbers"]).with_number(number)
+        series["instance_numbers"] = numbers
+        series["min_instance_number"], series["max_instance_number"] = numbers.first, numbers.last
     promised = expected_instances(event.get("images_in_acquisition"), event.get("number_of_temporal_positions"))
     if promised is not None:
         series["expected_instances"] = max(series["expected_instances"] or 0, promised)

@@ -481,6 +481,7 @@ def aggregates_loop(
     retention_days: float = 0.0,
     state_dir: Path | None = None,
     transaction_max_events: int = 2000,
+    transaction_max_retry_s: float = 300.0,
 ) -> TransactionalLoop:
     """The aggregates worker: group ``app_id``, state in ``{app_id}-state-changelog``.
 
@@ -501,6 +502,7 @@ def aggregates_loop(
         state_dir=None if state_dir is None else state_dir / f"{app_id}-{worker_id}",
         cold_namespaces=COLD,
         max_batch=transaction_max_events,
+        transaction_max_retry_s=transaction_max_retry_s,
     )
     handler = AggregatesHandler(quiet, conflict_policy=conflict_policy, retention_days=retention_days)
     return TransactionalLoop(settings, handler, every_second=TickWriter(kafka, partitions))

@@ -66,6 +66,9 @@ class LoopSettings:
     # init_transactions, and the committed-offsets read on assignment, retry this long, then the
     # worker exits with the reason (a supervisor restarts it) instead of waiting for ever.
     give_up_after_s: float = 120.0
+    # Transactions failing this long with none committed stop the worker, naming the cause
+    # ([stream] transaction_max_retry_s, failing_transactions.py): a cause that lasts is not retried for ever.
+    transaction_max_retry_s: float = 300.0
     # The worker's own folder of local state files (one per partition, local_state.py); None: none
     # kept, every assignment reads the whole changelog.
     state_dir: Path | None = None

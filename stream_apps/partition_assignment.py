@@ -18,6 +18,7 @@ from prometheus_client import Counter
 from diana.clients import kafka_consumer
 from diana.group_membership import GroupWatch, close_within, stats_interval_s
 from diana.stream_apps.batch import Handler
+from diana.stream_apps.failing_transactions import FailureStreak
 from diana.stream_apps.local_state import LocalStates
 from diana.stream_apps.loop_settings import ConsumerFatal, LoopSettings, Stopped, slow
 from diana.stream_apps.state_restore import GiveUp, restore_partitions
@@ -46,6 +47,7 @@ class PartitionAssignment:
     _consumer_settings: dict[str, Any]
     _consumer_fatal_times: list[float]
     _watch: GroupWatch
+    _streak: FailureStreak
 
     # -- assignment -------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -58,6 +60,8 @@ class PartitionAssignment:
         self._restore(numbers)
         self._started(committed)
         consumer.assign(committed)
+        # Other partitions, another batch: failures before (and the idle time since) do not count.
+        self._streak.reset()
         log.info("partitions.assigned", partitions=numbers)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -72,6 +76,7 @@ class PartitionAssignment:
             if self.local is not None:
                 self.local.close(partition)
         consumer.unassign()
+        self._streak.reset()
         log.info("partitions.revoked", partitions=sorted({tp.partition for tp in partitions}))
 
     def _reload(self, numbers: list[int]) -> dict[tuple[str, int], int]:

@@ -14,9 +14,12 @@ undercounted, completed series early, or stopped fetching a partition (faust-str
   cannot be trusted (state_restore.py), after the broker reports its committed offsets stable (no
   transaction of a dead predecessor pending), so state and input position always agree.
 - A failed transaction is aborted, its uncommitted state changes dropped, and the input rewound
-  to the committed offsets: the batch is processed again from the same state. When
+  to the committed offsets: the batch is processed again from the same state; if transactions keep
+  failing with none committed for ``transaction_max_retry_s`` (recovery steps left out) and at least
+  10 times, the worker stops naming the cause (failing_transactions.py). When
   commit_transaction itself failed, whether the batch committed is unknown: its partitions' state
-  is dropped and restored as on an assignment, and the input resumes at the committed offsets.
+  is dropped and restored as on an assignment, and the input resumes at the committed offsets; only
+  a batch found not committed counts as failed.
 
 The handler sees a ``Batch`` (batch.py): state reads and writes (namespace, key) and sends. The
 loop's settings and call bounds are in loop_settings.py, assignment and restore in
@@ -33,11 +36,12 @@ from typing import Any
 
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from diana.clients import kafka_producer, producer_size_limits
 from diana.group_membership import TOPICS_MISSING_FIX
 from diana.stream_apps.batch import Batch, Handler, RecordTooLarge
+from diana.stream_apps.failing_transactions import FailureStreak
 from diana.stream_apps.local_state import Checkpoint, LocalStateError, LocalStates, now_ms
 from diana.stream_apps.loop_settings import ConsumerFatal, LoopSettings, Stopped, slow
 from diana.stream_apps.partition_assignment import PartitionAssignment
@@ -53,6 +57,21 @@ MESSAGES = Counter("diana_stream_messages_total", "Input messages processed in c
 FAILED_MESSAGES = Counter(
     "diana_stream_failed_messages_total", "Input messages whose handling raised, dead-lettered", ["topic"]
 )
+FAILURES = Counter(
+    "diana_stream_transaction_failures_total",
+    "Failed transactions of the stream worker, by the Kafka error that failed them",
+    ["cause"],
+)
+# How long transactions have failed with none committed since (the recovery steps left out; 0: the
+# last one committed, or partitions were revoked or assigned), read at scrape time: a worker redoing
+# a batch for a lasting cause shows here before it stops.
+FAILING_SECONDS = Gauge(
+    "diana_stream_failing_seconds",
+    "How long the stream worker's transactions have been failing with none committed, its recovery steps "
+    "left out; 0: the last committed, or partitions were revoked or assigned since",
+)
+# Delivery reports of records the abort purged: the abort's doing, not a cause.
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 
 # A record refused for its size (by librdkafka at produce(), or by the broker): deterministic, the
 # batch done again refuses it again.
@@ -92,8 +111,11 @@ class TransactionalLoop(PartitionAssignment):
         self.producer = self._new_producer()
         self._fatal_times: list[float] = []
         self._consumer_fatal_times: list[float] = []
-        # Error codes of this transaction's failed deliveries (the producer's on_delivery).
+        # Error codes and topics of this transaction's failed deliveries (the producer's on_delivery).
         self._delivery_errors: set[int] = set()
+        self._failed_topics: set[str] = set()
+        self._streak = FailureStreak(settings.transaction_max_retry_s)
+        FAILING_SECONDS.set_function(self._streak.seconds)
 
     def _new_producer(self) -> Producer:
         return kafka_producer(
@@ -161,7 +183,7 @@ class TransactionalLoop(PartitionAssignment):
             starts.setdefault((topic, message.partition()), message.offset())
             per_topic[topic] = per_topic.get(topic, 0) + 1
         began, began_ms = time.monotonic(), now_ms()
-        self._delivery_errors = set()
+        self._delivery_errors, self._failed_topics = set(), set()
         committing = False
         try:
             self.producer.begin_transaction()
@@ -187,12 +209,24 @@ class TransactionalLoop(PartitionAssignment):
                 # librdkafka reports a record the broker refused as an abortable _INCONSISTENT
                 # "N message(s) failed delivery" of commit_transaction; the cause is in the reports.
                 raise self._record_too_large(f"a record refused by the broker for its size ({refused})") from exc
-            self._abort(exc, "commit_failed" if committing else "aborted")
+            cause, topics = self._cause(error, batch)
             if committing:
-                self._reload_after_failed_commit(batch, starts, offsets, per_topic)
+                # Whether the batch committed is known only after the restore: a commit that went
+                # through (its answer lost) is no failure, and must not stop the worker as one.
+                with self._streak.recovering():
+                    self._abort(exc, "commit_failed")
+                    committed = self._reload_after_failed_commit(batch, starts, offsets, per_topic)
+                if committed:
+                    return
+                self._failed(cause, topics, error)
             else:
+                self._failed(cause, topics, error)
+                with self._streak.recovering():
+                    self._abort(exc, "aborted")
                 self._rewind(starts)
+            self._pause(self._streak.backoff_s())
             return
+        self._streak.reset()
         batch.commit_locally()
         if self.local is not None:
             self._write_local(batch, began_ms)
@@ -212,13 +246,56 @@ class TransactionalLoop(PartitionAssignment):
             "the worker again"
         )
 
+    def _cause(self, error: KafkaError, batch: Batch) -> tuple[str, set[str]]:
+        """Why the transaction failed, and the topics of its refused records.
+
+        The cause is the error of the failed delivery reports when there are any (commit_transaction
+        says only _INCONSISTENT, "N message(s) failed delivery"), else the call's own error.
+        """
+        failed = {KafkaError(code).name() for code in (self._delivery_errors | batch.failed_codes) - _PURGED}
+        cause = ",".join(sorted(failed)) if failed else error.name()
+        topics = self._failed_topics | ({self.settings.changelog} if batch.undelivered else set())
+        return cause, topics
+
+    def _failed(self, cause: str, topics: set[str], error: KafkaError) -> None:
+        """Count a failed transaction under its cause; stop when failures have lasted, none committed,
+        longer than ``transaction_max_retry_s`` (recovery steps left out), MIN_FAILURES of them at least."""
+        self._streak.failed(cause, topics)
+        FAILURES.labels(cause).inc()
+        streak = self._streak
+        log.warning(
+            "transaction.failing",
+            cause=cause,
+            topics=sorted(topics),
+            failures=streak.failures,
+            failing_s=round(streak.seconds(), 1),
+            transaction_max_retry_s=streak.give_up_after_s,
+        )
+        if streak.lasting():
+            log.error(
+                "transaction.failing_lasting",
+                causes=streak.summary(),
+                topics=sorted(streak.topics),
+                failing_s=round(streak.seconds(), 1),
+                transaction_max_retry_s=streak.give_up_after_s,
+            )
+            TRANSACTIONS.labels("given_up").inc()
+            raise GiveUp(streak.give_up_message(f"{cause}: {error.str()}"))
+
+    def _pause(self, seconds: float) -> None:
+        """Wait before the next redo (a stop request ends the wait)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self._still_running()
+            time.sleep(min(left, 0.2))
+
     def _reload_after_failed_commit(
         self,
         batch: Batch,
         starts: dict[tuple[str, int], int],
         ends: dict[tuple[str, int], int],
         per_topic: dict[str, int],
-    ) -> None:
+    ) -> bool:
         """commit_transaction failed: the batch may have committed (its answer lost, or the retries
         ran out after the coordinator had the commit; the new producer's init_transactions then
         completes it) or not. Its partitions' state is dropped and restored as on an assignment
@@ -236,14 +313,18 @@ class TransactionalLoop(PartitionAssignment):
         committed = all(offsets.get(key) == end for key, end in ends.items())
         log.warning("transaction.commit_outcome", committed=committed, partitions=numbers)
         if committed:
+            self._streak.reset()
             TRANSACTIONS.labels("committed_after_failed_commit").inc()
             for topic, count in per_topic.items():
                 MESSAGES.labels(topic).inc(count)
+        return committed
 
-    def _delivery_failed(self, error: KafkaError | None, _message: Message) -> None:
+    def _delivery_failed(self, error: KafkaError | None, message: Message) -> None:
         """The producer's delivery report of every record without a callback of its own."""
         if error is not None:
             self._delivery_errors.add(error.code())
+            if error.code() not in _PURGED:
+                self._failed_topics.add(message.topic())
 
     def _refused_for_size(self, batch: Batch) -> str | None:
         """The name of a size error in this transaction's failed delivery reports, if any."""

@@ -188,6 +188,7 @@ def cmd_aggregate(cfg: Config, _args: argparse.Namespace) -> int:
         retention_days=cfg.stream.state_retention_days,
         state_dir=cfg.path(cfg.stream.state_dir),
         transaction_max_events=cfg.stream.transaction_max_events,
+        transaction_max_retry_s=cfg.stream.transaction_max_retry_s,
     )
     try:
         loop.run()

@@ -25,6 +25,7 @@ from diana.stream_apps.aggregates import COLD, DIGEST, SEEN, SERIES_STATE, Aggre
 from diana.stream_apps.batch import Batch
 from diana.stream_apps.completeness import QuietTimes
 from diana.stream_apps.digest import PART_ENTRIES, digest_build, digest_count
+from diana.stream_apps.failing_transactions import FailureStreak
 from diana.stream_apps.loop_settings import LoopSettings
 from diana.stream_apps.state_store import StateStore
 from diana.stream_apps.transactional import GiveUp, TransactionalLoop
@@ -105,6 +106,8 @@ def loop_with(monkeypatch, handler, kafka: KafkaConfig | None = None) -> Transac
     loop = TransactionalLoop.__new__(TransactionalLoop)
     loop.settings, loop.handler, loop.local, loop.running = settings, handler, None, True
     loop._fatal_times = []
+    loop._streak = FailureStreak(settings.transaction_max_retry_s)
+    transactional.FAILING_SECONDS.set_function(loop._streak.seconds)  # as __init__ does
     loop.store = StateStore(None, COLD)
     loop.producer, loop.consumer = loop._new_producer(), OnePartitionConsumer()
     handler.partition_started(0, {INSTANCES.name: 0}, {})
