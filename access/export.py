@@ -13,8 +13,11 @@ A research export (a Deidentifier given) also:
   with a hit is not written and the export is marked failed, with the element path;
 - writes export-report.json into the export (table edition, options, counts, what was refused and
   why, by pseudonymous UID).
-Every folder export carries EXPORT-INCOMPLETE.txt from before its first file until it is complete
-(its report written, its scan passed), so an export that stopped says so where a user looks.
+Every export carries export-report.json (a plain one: counts and the objects not exported). A folder
+carries EXPORT-INCOMPLETE.txt from before its first file until it is complete (every object exported,
+its report written, its scan passed): an export that stopped, or that left objects out, says so where a
+user looks, with the counts. A zip gets its final name only when complete; one that left objects out
+is published as NAME-INCOMPLETE.zip with EXPORT-INCOMPLETE.txt inside, so it never looks complete.
 """
 
 from __future__ import annotations
@@ -41,7 +44,14 @@ from diana.durable import contained_path, fsync_dir, write_atomic
 from diana.schemas.layout import archive_path
 from diana.storage import FilesystemStore, ObjectStore
 
-__all__ = ["ExportError", "ExportSummary", "export_instances", "REPORT_NAME", "INCOMPLETE_NAME"]
+__all__ = [
+    "ExportError",
+    "ExportSummary",
+    "export_instances",
+    "incomplete_zip_path",
+    "REPORT_NAME",
+    "INCOMPLETE_NAME",
+]
 
 REPORT_NAME = "export-report.json"
 INCOMPLETE_NAME = "EXPORT-INCOMPLETE.txt"
@@ -49,6 +59,12 @@ _INCOMPLETE_TEXT = (
     "This export did not finish, or failed its residual-identifier scan: do not use or share it.\n"
     f"If {REPORT_NAME} is here, it says what happened; otherwise run the export again into a new folder.\n"
 )
+
+
+def incomplete_zip_path(target: Path) -> Path:
+    """Where a zip export that left objects out is published instead of ``target``: never under the name
+    asked for, which a complete export has."""
+    return target.with_name(f"{target.stem}-INCOMPLETE{target.suffix}")
 
 
 class ExportError(ValueError):
@@ -70,6 +86,7 @@ class ExportSummary:
     # A research export's objects are named on the console by their pseudonymous UIDs, as in its report:
     # a terminal's scrollback and the logs it is pasted into are no place for the original ones.
     pseudonym: Callable[[str], str] | None = field(default=None, repr=False)
+    published: Path | None = None  # where the export was written, once published (a zip's name says if incomplete)
 
     @property
     def failed(self) -> bool:
@@ -79,11 +96,39 @@ class ExportSummary:
     def complete(self) -> bool:
         return not (self.missing or self.hash_mismatch or self.refused or self.residual_hits)
 
+    @property
+    def status(self) -> str:
+        if self.failed:
+            return "failed: residual identifiers found"
+        return "complete" if self.complete else "partial"
+
+    def incomplete_text(self) -> str:
+        """EXPORT-INCOMPLETE.txt of an export that ended without every object: what is missing, in counts."""
+        head = (
+            "This export FAILED its residual-identifier scan: do not use or share it.\n"
+            if self.failed
+            else "This export is INCOMPLETE: it is not the whole cohort. Do not use it as if it were.\n"
+        )
+        counts = [
+            (len(self.missing), "indexed objects not in the archive"),
+            (len(self.hash_mismatch), "archived objects differing from the SHA-256 recorded at arrival"),
+            (len(self.refused), "objects refused"),
+            (len(self.residual_hits), "residual identifiers found by the scan"),
+        ]
+        return (
+            head
+            + f"{self.exported} objects of {self.studies} studies exported; not exported:\n"
+            + "".join(f"  {n} {what}\n" for n, what in counts if n)
+            + f"{REPORT_NAME} lists them.\n"
+        )
+
     def lines(self, *, original_uids: bool = False) -> list[str]:
         """The summary for the console; ``original_uids`` names a research export's objects by their
         original UIDs (to find them in the archive) instead of their pseudonymous ones."""
         name = self.pseudonym if self.pseudonym is not None and not original_uids else str
         out = [f"exported {self.exported} objects of {self.studies} studies ({self.bytes / 1e6:.1f} MB)"]
+        if self.published is not None and not self.complete:
+            out.append(f"INCOMPLETE: written to {self.published}, marked with {INCOMPLETE_NAME}; not the whole cohort")
         if self.missing:
             out.append(
                 f"{len(self.missing)} indexed objects are not in the archive (not exported): "
@@ -168,14 +213,26 @@ def _deidentify(deidentifier: Deidentifier, data: bytes, summary: ExportSummary,
     return name, buf.getvalue()
 
 
+def _plain_report(summary: ExportSummary) -> bytes:
+    """The report of an export without de-identification: its objects carry their original UIDs, so the
+    ones left out are named by them too (to find them in the archive)."""
+    report = {
+        "status": summary.status,
+        "deidentified": False,
+        "studies": summary.studies,
+        "exported": summary.exported,
+        "bytes": summary.bytes,
+        "refused": [{"sop_instance_uid": uid, "reason": why} for uid, why in summary.refused],
+        "not_in_archive": summary.missing,
+        "hash_mismatch": summary.hash_mismatch,
+    }
+    return (json.dumps(report, indent=1) + "\n").encode()
+
+
 def _report(summary: ExportSummary, deidentifier: Deidentifier) -> bytes:
     keys = deidentifier.keys
     report = {
-        "status": "failed: residual identifiers found"
-        if summary.failed
-        else "complete"
-        if summary.complete
-        else "partial",
+        "status": summary.status,
         "profile": "PS3.15 Annex E Basic Application Level Confidentiality Profile",
         "table": TABLE_SOURCE,
         "deidentification_method_codes": [
@@ -209,6 +266,12 @@ def export_instances(
 ) -> ExportSummary:
     if target.exists() and (target.is_file() or any(target.iterdir())):
         raise ExportError(f"{target} exists and is not empty: choose a new folder or zip name")
+    as_zip = target.suffix.lower() == ".zip"
+    if as_zip and incomplete_zip_path(target).exists():
+        raise ExportError(
+            f"{incomplete_zip_path(target)} exists (where this export would go if incomplete): "
+            "choose a new zip name or move it"
+        )
     if key_file is not None:
         if deidentifier is None:
             raise ExportError("a key file only makes sense with de-identification (--research)")
@@ -220,7 +283,6 @@ def export_instances(
         summary.pseudonym = deidentifier.keys.uid
         _plan_studies(deidentifier, instances)
         summary.mixed_patient_studies = len(deidentifier.subjects.mixed)
-    as_zip = target.suffix.lower() == ".zip"
     tmp_zip = target.with_name(f".{target.name}.partial")
     zf = zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_STORED, allowZip64=True) if as_zip else None
     marker = target / INCOMPLETE_NAME
@@ -262,12 +324,13 @@ def export_instances(
             summary.exported += 1
             summary.bytes += len(data)
             progress(1)
-        if deidentifier is not None:
-            report = _report(summary, deidentifier)
-            if zf is not None:
-                zf.writestr(_member(REPORT_NAME), report)
-            else:
-                write_atomic(target / REPORT_NAME, report)
+        report = _report(summary, deidentifier) if deidentifier is not None else _plain_report(summary)
+        if zf is not None:
+            zf.writestr(_member(REPORT_NAME), report)
+            if not summary.complete:
+                zf.writestr(_member(INCOMPLETE_NAME), summary.incomplete_text().encode())
+        else:
+            write_atomic(target / REPORT_NAME, report)
         if zf is not None:
             zf.close()
             zf = None
@@ -276,11 +339,17 @@ def export_instances(
                 if bad:
                     raise ExportError(f"the zip member {bad} does not read back: check the disk")
             if not summary.failed:  # a zip that failed its scan is never published
-                os.replace(tmp_zip, target)
+                published = target if summary.complete else incomplete_zip_path(target)
+                os.replace(tmp_zip, published)
                 fsync_dir(target.parent)
-        elif not summary.failed:
-            marker.unlink()
-            fsync_dir(target)
+                summary.published = published
+        else:
+            if summary.complete:
+                marker.unlink()
+                fsync_dir(target)
+            else:  # the marker stays, saying what is missing
+                write_atomic(marker, summary.incomplete_text().encode())
+            summary.published = target
     finally:
         if zf is not None:
             zf.close()

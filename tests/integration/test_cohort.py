@@ -132,7 +132,9 @@ def test_export_is_byte_identical_without_deidentification(pipeline, cohort_stud
     import zipfile
 
     with zipfile.ZipFile(zipped) as zf:
-        assert len(zf.namelist()) == 8
+        assert sorted(zf.namelist())[-1] == REPORT_NAME and len(zf.namelist()) == 9  # 8 objects and the report
+        assert json.loads(zf.read(REPORT_NAME))["status"] == "complete"
+    assert not (out / INCOMPLETE_NAME).exists() and json.loads((out / REPORT_NAME).read_text())["status"] == "complete"
 
 
 def _pseudonyms(folder: Path) -> tuple[set[str], set[str]]:

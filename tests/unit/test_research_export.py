@@ -5,6 +5,7 @@ project/patient/study, and the safety of the key and secret files."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 import os
@@ -109,7 +110,8 @@ def test_export_over_pydicom_files_and_generated_objects_reports_instead_of_cras
         warnings.simplefilter("ignore")
         d, summary, target = _export(tmp_path, copy.deepcopy(sources), options=EXPORT_OPTIONS[options_name])
     report = json.loads((target / REPORT_NAME).read_text())
-    assert not (target / INCOMPLETE_NAME).exists()
+    # objects were refused: the export is not the whole cohort and says so where a user looks
+    assert f"{len(summary.refused)} objects refused" in (target / INCOMPLETE_NAME).read_text()
     assert summary.exported + len(summary.refused) == len(sources) and summary.exported > 100
     assert report["status"] == "partial" and report["exported"] == summary.exported
     assert report["table"].startswith("DICOM PS3.15 2026c Table E.1-1 (dicom-anonymizer")
@@ -332,7 +334,58 @@ def test_a_plain_folder_export_is_marked_until_complete(tmp_path):
     assert (tmp_path / "stopped" / INCOMPLETE_NAME).exists()
     summary = export_instances(rows, tmp_path / "a", tmp_path / "done")
     assert summary.complete and summary.exported == 2
-    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == sorted(r["study_instance_uid"] for r in rows)
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == sorted(
+        [REPORT_NAME, *(r["study_instance_uid"] for r in rows)]
+    )
+    report = json.loads((tmp_path / "done" / REPORT_NAME).read_text())
+    assert (report["status"], report["exported"], report["deidentified"]) == ("complete", 2, False)
+
+
+def _with_gaps(tmp_path: Path) -> tuple[list[dict], Path]:
+    """Three archived objects indexed, one of them gone from the archive and one changed since it arrived."""
+    archive = tmp_path / "a"
+    rows = _archive(archive, [identifying_object("ct") for _ in range(3)])
+    for row in rows:
+        row["sha256"] = hashlib.sha256(archive.joinpath(*_uids(row)).read_bytes()).hexdigest()
+    archive.joinpath(*_uids(rows[0])).unlink()
+    archive.joinpath(*_uids(rows[1])).write_bytes(b"changed")
+    return rows, archive
+
+
+def _uids(row: dict) -> list[str]:
+    return [row["study_instance_uid"], row["series_instance_uid"], row["sop_instance_uid"] + ".dcm"]
+
+
+@pytest.mark.parametrize("research", [False, True])
+def test_a_folder_export_with_objects_left_out_stays_marked_with_the_counts(tmp_path, research):
+    rows, archive = _with_gaps(tmp_path)
+    deidentifier = Deidentifier(ProjectKeys(SECRET, "lung"), ProfileOptions()) if research else None
+    summary = export_instances(rows, archive, tmp_path / "out", deidentifier=deidentifier)
+    assert not summary.complete and summary.exported == 1
+    marker = (tmp_path / "out" / INCOMPLETE_NAME).read_text()
+    assert "INCOMPLETE" in marker and "1 indexed objects not in the archive" in marker
+    assert "1 archived objects differing from the SHA-256" in marker
+    report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
+    assert (report["status"], len(report["not_in_archive"]), len(report["hash_mismatch"])) == ("partial", 1, 1)
+    assert any(line.startswith("INCOMPLETE: written to") for line in summary.lines())
+
+
+def test_a_zip_export_with_objects_left_out_is_not_published_under_its_name(tmp_path):
+    rows, archive = _with_gaps(tmp_path)
+    summary = export_instances(rows, archive, tmp_path / "c.zip")
+    assert not (tmp_path / "c.zip").exists()
+    assert summary.published == tmp_path / "c-INCOMPLETE.zip"
+    with zipfile.ZipFile(tmp_path / "c-INCOMPLETE.zip") as zf:
+        assert "2 objects" not in zf.read(INCOMPLETE_NAME).decode()
+        assert "1 objects of 3 studies exported" in zf.read(INCOMPLETE_NAME).decode()
+        assert json.loads(zf.read(REPORT_NAME))["status"] == "partial"
+        assert len([n for n in zf.namelist() if n.endswith(".dcm")]) == 1
+    with pytest.raises(ExportError, match="c-INCOMPLETE.zip exists"):
+        export_instances(rows, archive, tmp_path / "c.zip")
+    complete = export_instances(rows[2:], archive, tmp_path / "d.zip")
+    assert complete.complete and complete.published == tmp_path / "d.zip"
+    with zipfile.ZipFile(tmp_path / "d.zip") as zf:
+        assert INCOMPLETE_NAME not in zf.namelist() and json.loads(zf.read(REPORT_NAME))["status"] == "complete"
 
 
 def test_plain_export_refuses_a_key_file(tmp_path):
