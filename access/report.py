@@ -135,10 +135,10 @@ def _over_level(study: dict) -> list[tuple]:
 
 
 def _reference_level_sections(
-    client: OpenSearch, prefix: str, levels: ReferenceLevels | None, received: dict, as_of: date
+    client: OpenSearch, prefix: str, levels: ReferenceLevels | None, received: dict, as_of: date, identifiers: bool
 ) -> list[str]:
     """The DRL survey (median per standard name over the levels' window to ``as_of``) and the range's
-    studies over their level."""
+    studies over their level (with their accession numbers only when ``identifiers``)."""
     if levels is None or not levels.study:
         return []
     rows = reference_level_survey(client, prefix, levels, as_of)
@@ -174,17 +174,28 @@ def _reference_level_sections(
         ),
         _table(
             "Studies over their reference level (latest 50; a study of several standard names: each part over its own)",
-            ["study date", "standard name", "metric", "value", "level", "level source", "max SSDE (mGy)", "accession"],
+            [
+                "study date",
+                "station",
+                "standard name",
+                "metric",
+                "value",
+                "level",
+                "level source",
+                "max SSDE (mGy)",
+                *(["accession"] if identifiers else []),
+            ],
             [
                 [
                     h["_source"].get("study_date"),
+                    h["_source"].get("station_name"),
                     name,
                     metric,
                     value,
                     level,
                     source,
                     h["_source"].get("max_ssde_mGy"),
-                    h["_source"].get("accession_number"),
+                    *([h["_source"].get("accession_number")] if identifiers else []),
                 ]
                 for h in over.get("hits", {}).get("hits", [])
                 for name, metric, value, level, source in _over_level(h["_source"])
@@ -203,11 +214,14 @@ def build_report(
     time_zone: str,
     as_of: date | None = None,
     zone_note: str = "",
+    identifiers: bool = False,
 ) -> str:
     """The page for the days ``start`` to ``end`` (by arrival), each from midnight to midnight in
     ``time_zone`` (an IANA name or "+HH:MM"), not UTC's: the site's day. The reference-level survey's
     window ends on ``as_of`` (default: today in ``time_zone``); ``zone_note``, a warning about the zone
-    (site_zone.SiteZone.note), is shown under the title."""
+    (site_zone.SiteZone.note), is shown under the title. The page is meant to be printed and mailed:
+    its studies are named by date, station and standard name or protocol, and by their accession numbers
+    (a direct identifier) only with ``identifiers``."""
     if as_of is None:
         as_of = SiteZone(time_zone).today()
     received = _range("received_at", start, end, time_zone)
@@ -298,10 +312,20 @@ def build_report(
                 for b in dlp.get("stations", {}).get("buckets", [])
             ],
         ),
-        *_reference_level_sections(client, prefix, levels, received, as_of),
+        *_reference_level_sections(client, prefix, levels, received, as_of, identifiers),
         _table(
             "Dose alerts (latest 50)",
-            ["raised", "rule", "metric", "value", "threshold", "accession", "station"],
+            [
+                "raised",
+                "rule",
+                "metric",
+                "value",
+                "threshold",
+                "study date",
+                "station",
+                "protocol",
+                *(["accession"] if identifiers else []),
+            ],
             [
                 [
                     h["_source"].get("raised_at", "")[:19],
@@ -309,14 +333,22 @@ def build_report(
                     h["_source"].get("metric"),
                     h["_source"].get("value"),
                     h["_source"].get("threshold"),
-                    h["_source"].get("accession_number"),
+                    h["_source"].get("study_date"),
                     h["_source"].get("station_name"),
+                    h["_source"].get("protocol"),
+                    *([h["_source"].get("accession_number")] if identifiers else []),
                 ]
                 for h in alerts.get("hits", {}).get("hits", [])
             ],
         ),
     ]
     made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    identified = (
+        "This page holds accession numbers (direct identifiers): keep it as patient data."
+        if identifiers
+        else "Studies are named by date, station and standard name or protocol: no identifier "
+        "(diana report --identifiers adds accession numbers)."
+    )
     warning = f'<p class="warning">{html.escape(zone_note)}</p>\n' if zone_note else ""
     summary = (
         f"{int(ingest.get('studies', {}).get('value', 0))} studies, "
@@ -334,6 +366,7 @@ th {{ background: #eee; }} .empty {{ color: #888; }} .warning {{ color: #a00; fo
 <h1>diana-star: ingest and dose, {start} to {end}</h1>
 <p>Days run from midnight to midnight in {html.escape(time_zone)}.</p>
 {warning}<p>{html.escape(summary)}. Made {made} from the OpenSearch indices <code>{html.escape(prefix)}-*</code>.</p>
+<p>{identified}</p>
 {"".join(sections)}
 </body></html>
 """

@@ -213,6 +213,7 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
             time_zone=time_zone,
             as_of=args.as_of or end,  # the survey ends with the report unless told otherwise
             zone_note=zone.note,
+            identifiers=args.identifiers,
         )
     except NotFoundError as exc:  # before the sinks made the indices: not a zone to fix
         return fail("report", f"index missing ({getattr(exc, 'info', exc)}); nothing indexed yet?", code=1)
@@ -503,5 +504,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="YYYY-MM-DD",
         help="the last day of the reference-level survey's window ([dose] reference_levels' window_days "
         "days ending on it; default: the report's last day, --to)",
+    )
+    rep.add_argument(
+        "--identifiers",
+        action="store_true",
+        help="add the accession numbers of the studies over their reference level and of the dose alerts "
+        "(direct identifiers; left out by default, the page being meant to be printed or mailed)",
     )
     rep.set_defaults(func=cmd_report)

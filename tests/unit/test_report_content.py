@@ -1,0 +1,98 @@
+"""`diana report`: what the page shows, over a stand-in OpenSearch answering canned hits and aggregations.
+
+What the real index answers to these bodies is checked in tests/integration/test_dashboards_report.py.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+import diana.access.report as report
+from diana.access.report import build_report
+from diana.stream_apps.dose.reference_levels import load_reference_levels
+
+ACCESSION = "ACC20240301X"
+OVER_LEVEL = {
+    "study_date": "2024-03-01",
+    "station_name": "CT_EAST",
+    "standard_name": "CT head",
+    "drl_metric": "total_dlp_mGycm",
+    "drl_value": 1500.0,
+    "drl_level": 1000.0,
+    "drl_source": "local",
+    "over_drl": True,
+    "accession_number": ACCESSION,
+}
+ALERT = {
+    "raised_at": "2024-03-01T10:00:00+00:00",
+    "rule": "dlp-high",
+    "metric": "total_dlp_mGycm",
+    "value": 2100.0,
+    "threshold": 2000.0,
+    "study_date": "2024-03-01",
+    "station_name": "CT_WEST",
+    "protocol": "Head routine",
+    "accession_number": "ACC20240301Y",
+}
+
+
+class CannedOpenSearch:
+    """Every alias exists; a search of the dose studies over their level or of the alerts finds one hit,
+    an aggregation the canned answer of its index (else nothing)."""
+
+    def __init__(self, aggregations: dict[str, dict] | None = None, aliases: set[str] | None = None):
+        self.indices = self
+        self.aggregations = aggregations or {}
+        self.aliases = aliases
+
+    def exists_alias(self, name: str) -> bool:
+        return self.aliases is None or name in self.aliases
+
+    def search(self, index: str, body: dict) -> dict:
+        if index.endswith("dose-alerts"):
+            return {"hits": {"hits": [{"_source": ALERT}]}}
+        if index.endswith("dose-studies") and "over_drl" in str(body["query"]):
+            return {"hits": {"hits": [{"_source": OVER_LEVEL}]}}
+        return {"aggregations": self.aggregations.get(index.removeprefix("diana-"), {})}
+
+
+@pytest.fixture
+def levels(monkeypatch):
+    monkeypatch.setattr(report, "reference_level_survey", lambda *a, **k: [])
+    return load_reference_levels(Path(__file__).parents[2] / "dose-reference-levels.example.yaml")
+
+
+def _page(levels, **kw) -> str:
+    return build_report(CannedOpenSearch(), "diana", date(2024, 3, 1), date(2024, 3, 2), levels, time_zone="UTC", **kw)
+
+
+def test_the_page_names_studies_without_their_accession_numbers_by_default(levels):
+    page = _page(levels)
+    assert ACCESSION not in page and ALERT["accession_number"] not in page
+    assert ">accession<" not in page
+    # what lets a physicist find the study: its date, station, standard name or protocol
+    for shown in ("2024-03-01", "CT_EAST", "CT head", "CT_WEST", "Head routine"):
+        assert shown in page
+    assert "--identifiers adds accession numbers" in page
+
+
+def test_identifiers_are_shown_when_asked_for(levels):
+    page = _page(levels, identifiers=True)
+    assert ACCESSION in page and ALERT["accession_number"] in page
+    assert "keep it as patient data" in page
+
+
+@pytest.mark.parametrize("flag", [[], ["--identifiers"]])
+def test_the_command_adds_identifiers_only_with_its_flag(tmp_path: Path, monkeypatch, flag):
+    import diana.clients
+    from diana.cli import main
+
+    config = tmp_path / "diana.toml"
+    config.write_text('[opensearch]\nurl = "http://127.0.0.1:2"\n[report]\ntime_zone = "UTC"\n')
+    monkeypatch.setattr(diana.clients, "opensearch_client", lambda *a, **k: CannedOpenSearch())
+    out = tmp_path / "r.html"
+    assert main(["--config", str(config), "report", "--to", "2024-03-02", "--out", str(out), *flag]) == 0
+    assert (ALERT["accession_number"] in out.read_text()) == bool(flag)
