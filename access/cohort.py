@@ -23,7 +23,8 @@ __all__ = [
     "CohortFilter",
     "find_studies",
     "FoundStudies",
-    "study_instances",
+    "study_instance_batches",
+    "count_instances",
     "write_rows",
     "FILTER_FIELDS",
     "DOSE_METRICS",
@@ -339,18 +340,45 @@ def find_studies(client: OpenSearch, prefix: str, f: CohortFilter, limit: int = 
     return FoundStudies(ordered[:limit], more_match=len(ordered) > limit)
 
 
-def study_instances(client: OpenSearch, prefix: str, study_uids: list[str]) -> list[dict]:
-    """Every indexed instance of these studies (not only the ones that matched the filters)."""
-    out: list[dict] = []
-    for start in range(0, len(study_uids), 500):
-        out += _scan(
-            client,
-            IndexLayout(prefix).alias("instances"),
-            {"terms": {"study_instance_uid": study_uids[start : start + 500]}},
-            "sop_instance_uid",
-            ["study_instance_uid", "series_instance_uid", "sop_instance_uid", "sha256", "size_bytes", "patient_id"],
+# Studies per instance search of an export: one batch of their instances is in memory at a time
+# (10,000 CT studies of ~500 instances each were 5 million documents in one list before the first copy).
+STUDIES_PER_BATCH = 100
+_INSTANCE_FIELDS = [
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "sha256",
+    "size_bytes",
+    "patient_id",
+]
+
+
+def study_instance_batches(client: OpenSearch, prefix: str, study_uids: list[str]) -> Iterator[list[dict]]:
+    """Every indexed instance of these studies (not only the ones that matched the filters), in lists
+    of every instance of up to STUDIES_PER_BATCH studies: a study is never split between two. Each list
+    is searched when the one before has been used."""
+    studies_per_batch = STUDIES_PER_BATCH
+    for start in range(0, len(study_uids), studies_per_batch):
+        yield list(
+            _scan(
+                client,
+                IndexLayout(prefix).alias("instances"),
+                {"terms": {"study_instance_uid": study_uids[start : start + studies_per_batch]}},
+                "sop_instance_uid",
+                _INSTANCE_FIELDS,
+            )
         )
-    return out
+
+
+def count_instances(client: OpenSearch, prefix: str, study_uids: list[str]) -> int:
+    """How many instances the index holds of these studies (the export's progress total)."""
+    return sum(
+        client.count(
+            index=IndexLayout(prefix).alias("instances"),
+            body={"query": {"terms": {"study_instance_uid": study_uids[start : start + TERMS_BATCH]}}},
+        )["count"]
+        for start in range(0, len(study_uids), TERMS_BATCH)
+    )
 
 
 def write_rows(rows: list[dict], out: TextIO, fmt: str) -> None:

@@ -28,7 +28,7 @@ import json
 import os
 import zipfile
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +48,7 @@ __all__ = [
     "ExportError",
     "ExportSummary",
     "export_instances",
+    "export_batches",
     "incomplete_zip_path",
     "REPORT_NAME",
     "INCOMPLETE_NAME",
@@ -255,6 +256,22 @@ def _report(summary: ExportSummary, deidentifier: Deidentifier) -> bytes:
     return (json.dumps(report, indent=1) + "\n").encode()
 
 
+def _each_instance(
+    batches: Iterable[list[dict]], deidentifier: Deidentifier | None, studies: set[str]
+) -> Iterator[dict]:
+    """Every instance of the batches, one batch in memory at a time; with de-identification, each
+    batch's studies have their subject decided (from every PatientID the batch holds for them) before
+    their first object. ``studies`` collects the study UIDs seen."""
+    for batch in batches:
+        in_batch = {i["study_instance_uid"] for i in batch}
+        if in_batch & studies:  # its subject was decided without this batch's PatientIDs
+            raise ValueError("a study's instances came in two batches: each batch must hold its studies whole")
+        studies |= in_batch
+        if deidentifier is not None:
+            _plan_studies(deidentifier, batch)
+        yield from batch
+
+
 def export_instances(
     instances: list[dict],
     archive: ObjectStore | Path,
@@ -264,10 +281,24 @@ def export_instances(
     key_file: Path | None = None,
     progress: Callable[[int], None] = lambda n: None,
 ) -> ExportSummary:
+    """The export of these instances (every one of their studies' instances) as one batch (``export_batches``)."""
+    return export_batches([instances], archive, target, deidentifier=deidentifier, key_file=key_file, progress=progress)
+
+
+def export_batches(
+    batches: Iterable[list[dict]],
+    archive: ObjectStore | Path,
+    target: Path,
+    *,
+    deidentifier: Deidentifier | None = None,
+    key_file: Path | None = None,
+    progress: Callable[[int], None] = lambda n: None,
+) -> ExportSummary:
+    """Export the instances of ``batches``, each a list of every indexed instance of its studies (a study
+    in one batch only), read one batch at a time: a cohort of any size needs one batch's memory."""
     if target.exists() and (target.is_file() or any(target.iterdir())):
         raise ExportError(f"{target} exists and is not empty: choose a new folder or zip name")
-    as_zip = target.suffix.lower() == ".zip"
-    if as_zip and incomplete_zip_path(target).exists():
+    if target.suffix.lower() == ".zip" and incomplete_zip_path(target).exists():
         raise ExportError(
             f"{incomplete_zip_path(target)} exists (where this export would go if incomplete): "
             "choose a new zip name or move it"
@@ -278,18 +309,18 @@ def export_instances(
         check_key_file_place(key_file, target)
     if isinstance(archive, Path):
         archive = FilesystemStore(archive)
-    summary = ExportSummary(studies=len({i["study_instance_uid"] for i in instances}))
+    summary = ExportSummary()
+    studies: set[str] = set()
     if deidentifier is not None:
         summary.pseudonym = deidentifier.keys.uid
-        _plan_studies(deidentifier, instances)
-        summary.mixed_patient_studies = len(deidentifier.subjects.mixed)
+    as_zip = target.suffix.lower() == ".zip"
     tmp_zip = target.with_name(f".{target.name}.partial")
     zf = zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_STORED, allowZip64=True) if as_zip else None
     marker = target / INCOMPLETE_NAME
     if zf is None:
         write_atomic(marker, _INCOMPLETE_TEXT.encode())
     try:
-        for inst in instances:
+        for inst in _each_instance(batches, deidentifier, studies):
             sop = inst["sop_instance_uid"]
             uids = (inst["study_instance_uid"], inst["series_instance_uid"], sop)
             try:
@@ -324,6 +355,9 @@ def export_instances(
             summary.exported += 1
             summary.bytes += len(data)
             progress(1)
+        summary.studies = len(studies)
+        if deidentifier is not None:
+            summary.mixed_patient_studies = len(deidentifier.subjects.mixed)
         report = _report(summary, deidentifier) if deidentifier is not None else _plain_report(summary)
         if zf is not None:
             zf.writestr(_member(REPORT_NAME), report)

@@ -105,10 +105,11 @@ def _refusal(exc) -> str:
 
 
 def _cohort_export(cfg: Config, args: argparse.Namespace, client, prefix: str, study_uids: list[str]) -> int:
+    from opensearchpy.exceptions import TransportError
     from tqdm import tqdm
 
-    from diana.access.cohort import study_instances
-    from diana.access.export import ExportError, export_instances
+    from diana.access.cohort import count_instances, study_instance_batches
+    from diana.access.export import INCOMPLETE_NAME, ExportError, export_batches
     from diana.access.keyfiles import KeyFileError
     from diana.access.research import deidentifier_from
     from diana.storage import open_store
@@ -130,11 +131,15 @@ def _cohort_export(cfg: Config, args: argparse.Namespace, client, prefix: str, s
             return fail("cohort export", str(exc))
     if args.key_file and not deidentify:
         return fail("cohort export", "--key-file only makes sense with de-identification (--research)")
-    instances = study_instances(client, prefix, study_uids)
     try:
-        with tqdm(total=len(instances), unit="obj", desc="export", disable=args.no_progress) as bar:
-            summary = export_instances(
-                instances,
+        total = count_instances(client, prefix, study_uids)
+    except TransportError as exc:
+        return _refused(cfg, "cohort export", exc, "nothing exported; narrow the filters")
+    try:
+        # The studies' instances are searched a batch of studies at a time, as the export goes.
+        with tqdm(total=total, unit="obj", desc="export", disable=args.no_progress) as bar:
+            summary = export_batches(
+                study_instance_batches(client, prefix, study_uids),
                 open_store(cfg, "archive"),
                 Path(args.out),
                 deidentifier=deidentifier,
@@ -143,6 +148,12 @@ def _cohort_export(cfg: Config, args: argparse.Namespace, client, prefix: str, s
             )
     except (ExportError, KeyFileError) as exc:
         return fail("cohort export", str(exc))
+    except TransportError as exc:
+        if Path(args.out).suffix.lower() == ".zip":
+            where = "the zip was not written"
+        else:
+            where = f"{args.out} is marked with {INCOMPLETE_NAME}"
+        return _refused(cfg, "cohort export", exc, f"the export stopped ({where}); run it again into a new --out")
     print("\n".join(summary.lines()))
     return 0 if summary.complete else 1
 

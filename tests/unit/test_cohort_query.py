@@ -8,6 +8,7 @@ tests/integration/test_cohort.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import Counter
@@ -96,6 +97,10 @@ class RecordingIndex:
             self._matching[key] = [d for d in self.docs[kind] if test(d)]
         docs = self._matching[key]
         return self._composite(body, docs) if "aggs" in body else self._page(body, docs)
+
+    def count(self, index: str, body: dict) -> dict:
+        test = _predicate(body["query"])
+        return {"count": sum(1 for d in self.docs[index.removeprefix("diana-")] if test(d))}
 
     def _page(self, body: dict, docs: list[dict]) -> dict:
         [(field, _)] = body["sort"][0].items()
@@ -319,3 +324,77 @@ def test_a_refused_search_is_one_line_with_what_to_do_not_a_traceback(config, mo
         "diana cohort find: OpenSearch refused the search (400 search_phase_execution_exception: too many); "
         "narrow the filters"
     )
+
+
+def _archived_cohort(tmp_path, studies: int, per_study: int = 3) -> tuple[RecordingIndex, list[dict]]:
+    """Studies indexed with their instances' hashes and laid out in the default archive folder of the
+    `config` fixture (var/archive beside it)."""
+    instances = []
+    for n in range(studies):
+        for k in range(per_study):
+            study, series, sop = f"1.9.{n}", f"1.9.{n}.1", f"1.9.{n}.1.{k}"
+            data = f"object {sop}".encode()
+            path = tmp_path / "var" / "archive" / study / series / f"{sop}.dcm"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            instances.append(
+                {
+                    **_instance(study, f"2024-02-{n + 1:02d}"),
+                    "series_instance_uid": series,
+                    "sop_instance_uid": sop,
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "size_bytes": len(data),
+                }
+            )
+    return RecordingIndex(instances), instances
+
+
+def _instance_searches(index: RecordingIndex) -> list[list[str]]:
+    """The study UIDs of each search (first page) of the studies' instances an export sent."""
+    return [
+        body["query"]["terms"]["study_instance_uid"]
+        for _, body in index.bodies
+        if "terms" in body["query"] and "search_after" not in body
+    ]
+
+
+def test_export_searches_the_instances_a_batch_of_studies_at_a_time_as_it_goes(config, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(cohort, "STUDIES_PER_BATCH", 2)
+    index, instances = _archived_cohort(tmp_path, studies=5)
+    _index_of(monkeypatch, index)
+    import diana.access.export as export
+
+    searched_when_copied: list[int] = []  # how many instance searches were sent when each object was copied
+    write = export.write_atomic
+
+    def recording_write(path, data):
+        searched_when_copied.append(len(_instance_searches(index)))
+        write(path, data)
+
+    monkeypatch.setattr(export, "write_atomic", recording_write)
+    out = tmp_path / "out"
+    assert main(["--config", str(config), "cohort", "export", "--out", str(out), "--no-progress"]) == 0
+    assert "exported 15 objects of 5 studies" in capsys.readouterr().out
+    assert len(list(out.rglob("*.dcm"))) == 15
+    assert [len(b) for b in _instance_searches(index)] == [2, 2, 1]
+    # the first objects were copied before the later studies' instances were asked for
+    assert searched_when_copied[1] == 1 and max(searched_when_copied) == 3
+
+
+def test_a_refused_instance_search_of_an_export_is_one_line_not_a_traceback(config, monkeypatch, capsys, tmp_path):
+    stand_in, _ = _archived_cohort(tmp_path, studies=2)
+    find = stand_in.search
+
+    def refusing(index, body):
+        if "terms" in body["query"]:  # the export's search of the studies' instances
+            raise RequestError(400, "search_phase_execution_exception", {"error": {"reason": "too many clauses"}})
+        return find(index, body)
+
+    stand_in.search = refusing  # type: ignore[method-assign]
+    _index_of(monkeypatch, stand_in)
+    out = tmp_path / "out"
+    assert main(["--config", str(config), "cohort", "export", "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "OpenSearch refused the search (400 search_phase_execution_exception: too many clauses)" in err
+    assert f"{out} is marked with EXPORT-INCOMPLETE.txt" in err and (out / "EXPORT-INCOMPLETE.txt").exists()

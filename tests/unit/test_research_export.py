@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 
 from diana.access.deid import Deidentified, Deidentifier
 from diana.access.deid_options import ProfileOptions
-from diana.access.export import INCOMPLETE_NAME, REPORT_NAME, ExportError, export_instances
+from diana.access.export import INCOMPLETE_NAME, REPORT_NAME, ExportError, export_batches, export_instances
 from diana.access.keyfiles import KeyFileError, read_site_secret
 from diana.access.pseudonyms import ProjectKeys
 from diana.access.residual import collect, scan
@@ -219,6 +219,19 @@ def test_a_study_with_mixed_patient_ids_is_never_split(tmp_path):
     assert len({ds.StudyInstanceUID for ds in out}) == 1
     assert len({(ds.PatientID, ds.PatientName, ds.StudyDate) for ds in out}) == 1
     assert json.loads((target / REPORT_NAME).read_text())["studies_with_several_patient_ids"] == 1
+
+
+def test_an_export_in_batches_decides_each_study_from_its_whole_batch_and_refuses_a_split_study(tmp_path):
+    mixed, other = generate_uid(), generate_uid()
+    objects = [identifying_object("ct", patient_id=pid, study_uid=mixed) for pid in ("MRN2", "MRN1")]
+    objects.append(identifying_object("ct", patient_id="MRN3", study_uid=other))
+    rows = _archive(tmp_path / "a", objects)
+    d = Deidentifier(ProjectKeys(SECRET, "lung"), ProfileOptions())
+    summary = export_batches([rows[:2], rows[2:]], tmp_path / "a", tmp_path / "out", deidentifier=d)
+    assert (summary.exported, summary.studies, summary.mixed_patient_studies) == (3, 2, 1)
+    assert len({ds.PatientID for ds in _exported(tmp_path / "out") if ds.StudyInstanceUID == d.keys.uid(mixed)}) == 1
+    with pytest.raises(ValueError, match="two batches"):
+        export_batches([rows[:1], rows[1:]], tmp_path / "a", tmp_path / "split", deidentifier=d)
 
 
 def test_two_projects_cannot_be_linked_and_one_project_is_stable(tmp_path):
