@@ -52,13 +52,19 @@ def _search(client: OpenSearch, index: str, query: dict, aggs: dict) -> dict:
     return client.search(index=index, body={"size": 0, "query": query, "aggs": aggs}).get("aggregations", {})
 
 
-def _bar_chart(chart_id: str, title: str, series: dict[str, dict[str, float]], unit: str = "") -> str:
-    """Stacked bars: x categories in order, one colour per series."""
+def _bar_chart(
+    chart_id: str, title: str, series: dict[str, dict[str, float]], unit: str = "", *, stacked: bool = True
+) -> str:
+    """Bars: x categories in order, one colour per series. Stacked for counts, whose sum is a count; side
+    by side (``stacked=False``) for means, whose sum is no quantity (a stack of two scanners' mean DLPs
+    read as a dose)."""
     categories = sorted({x for values in series.values() for x in values})
     if not categories:
         return f'<section><h2>{html.escape(title)}</h2><p class="empty">No data in this range.</p></section>'
-    totals = {x: sum(values.get(x, 0) for values in series.values()) for x in categories}
-    top = max(totals.values()) or 1
+    if stacked:
+        top = max(sum(values.get(x, 0) for values in series.values()) for x in categories) or 1
+    else:
+        top = max(values.get(x, 0) for values in series.values() for x in categories) or 1
     width, height, left, bottom = 760, 260, 100, 40
     bar = (width - left - 10) / len(categories)
     parts = [
@@ -67,18 +73,21 @@ def _bar_chart(chart_id: str, title: str, series: dict[str, dict[str, float]], u
         f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" stroke="#333"/>',
         f'<text x="{left - 5}" y="15" text-anchor="end" font-size="11">{top:g}{html.escape(unit)}</text>',
     ]
+    slot = max(bar - 4, 1) / (1 if stacked else len(series))  # the width of one series' bar
     for i, x in enumerate(categories):
         y = float(height - bottom)
         for s_index, (name, values) in enumerate(sorted(series.items())):
             value = float(values.get(x, 0))
             h = (height - bottom - 20) * value / top
             if h > 0:
+                x0 = left + i * bar + 2 + (0 if stacked else s_index * slot)
                 parts.append(
-                    f'<rect class="bar" x="{left + i * bar + 2:.1f}" y="{y - h:.1f}" width="{max(bar - 4, 1):.1f}" '
+                    f'<rect class="bar" x="{x0:.1f}" y="{y - h:.1f}" width="{max(slot - (0 if stacked else 1), 1):.1f}" '
                     f'height="{h:.1f}" fill="{_COLOURS[s_index % len(_COLOURS)]}">'
                     f"<title>{html.escape(str(name))} {html.escape(str(x))}: {value:g}</title></rect>"
                 )
-                y -= h
+                if stacked:
+                    y -= h
         if len(categories) <= 31:
             parts.append(
                 f'<text x="{left + (i + 0.5) * bar:.1f}" y="{height - bottom + 14}" font-size="10" '
@@ -302,8 +311,15 @@ def build_report(
                 }
             },
             " mGy",
+            stacked=False,
         ),
-        _bar_chart("dlp-by-station", "Mean study DLP per day, by scanner (mGy·cm)", dlp_days, " mGy·cm"),
+        _bar_chart(
+            "dlp-by-station",
+            "Mean study DLP per day, by scanner (mGy·cm)",
+            dlp_days,
+            " mGy·cm",
+            stacked=False,  # a mean per scanner: side by side, never summed
+        ),
         _table(
             "Dose by scanner",
             ["station", "studies", "mean DLP (mGy·cm)", "total DAP (Gy·m²)"],

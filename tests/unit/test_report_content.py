@@ -5,6 +5,7 @@ What the real index answers to these bodies is checked in tests/integration/test
 
 from __future__ import annotations
 
+import re
 from datetime import date
 from pathlib import Path
 
@@ -96,3 +97,52 @@ def test_the_command_adds_identifiers_only_with_its_flag(tmp_path: Path, monkeyp
     out = tmp_path / "r.html"
     assert main(["--config", str(config), "report", "--to", "2024-03-02", "--out", str(out), *flag]) == 0
     assert (ALERT["accession_number"] in out.read_text()) == bool(flag)
+
+
+def _dlp_by_station(means: dict[str, float]) -> dict:
+    """The dose-studies aggregation of one day with these stations' mean DLPs."""
+    return {
+        "stations": {
+            "buckets": [
+                {
+                    "key": station,
+                    "doc_count": 1,
+                    "dlp": {"value": mean},
+                    "dap": {"value": None},
+                    "days": {"buckets": [{"key_as_string": "2024-03-01", "dlp": {"value": mean}}]},
+                }
+                for station, mean in means.items()
+            ]
+        }
+    }
+
+
+def _chart(page: str, chart_id: str) -> str:
+    start = page.index(f'data-chart="{chart_id}"')
+    return page[start : page.index("</svg>", start)]
+
+
+def test_mean_dlp_per_scanner_is_drawn_side_by_side_not_stacked():
+    client = CannedOpenSearch({"dose-studies": _dlp_by_station({"CT_EAST": 100.0, "CT_WEST": 300.0})})
+    page = build_report(client, "diana", date(2024, 3, 1), date(2024, 3, 1), time_zone="UTC")
+    chart = _chart(page, "dlp-by-station")
+    assert ">300 mGy·cm<" in chart and ">400" not in chart  # the axis tops at the largest mean, not their sum
+    bars = re.findall(r'<rect class="bar" x="([\d.]+)" y="([\d.]+)" width="[\d.]+" height="([\d.]+)"', chart)
+    assert len(bars) == 2
+    (x_east, y_east, h_east), (x_west, y_west, h_west) = bars
+    assert x_east != x_west  # beside each other
+    assert float(y_east) + float(h_east) == pytest.approx(float(y_west) + float(h_west), abs=0.2)  # on the axis
+    assert float(h_west) == pytest.approx(3 * float(h_east), abs=0.2)
+
+
+def test_counts_still_stack():
+    day = {
+        "key_as_string": "2024-03-01",
+        "modality": {"buckets": [{"key": "CT", "doc_count": 3}, {"key": "MR", "doc_count": 1}]},
+    }
+    client = CannedOpenSearch({"instances": {"days": {"buckets": [day]}}})
+    page = build_report(client, "diana", date(2024, 3, 1), date(2024, 3, 1), time_zone="UTC")
+    chart = _chart(page, "instances-per-day")
+    assert ">4<" in chart  # the axis tops at the day's total
+    xs = set(re.findall(r'<rect class="bar" x="([\d.]+)"', chart))
+    assert len(xs) == 1  # one bar of two parts
