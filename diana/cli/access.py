@@ -60,6 +60,8 @@ def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
     except TransportError as exc:
         return _refused(cfg, command, exc, "narrow the filters")
     rows = found.rows
+    if args.action == "export" and not rows:  # before anything is created: no empty folder to take for an export
+        return fail(command, "no study matches the filters; nothing exported", code=1)
     if found.more_match:
         if args.action == "export" and args.limit is None:
             # An export the researcher takes for the whole cohort must be the whole cohort.

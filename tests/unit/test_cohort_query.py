@@ -398,3 +398,12 @@ def test_a_refused_instance_search_of_an_export_is_one_line_not_a_traceback(conf
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "OpenSearch refused the search (400 search_phase_execution_exception: too many clauses)" in err
     assert f"{out} is marked with EXPORT-INCOMPLETE.txt" in err and (out / "EXPORT-INCOMPLETE.txt").exists()
+
+
+def test_an_export_of_no_study_says_so_and_creates_nothing(config, monkeypatch, capsys, tmp_path):
+    _index_of(monkeypatch, RecordingIndex(_month_of_studies()))
+    out = tmp_path / "out"
+    assert main(["--config", str(config), "cohort", "export", "--modality", "MR", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "diana cohort export: no study matches the filters; nothing exported"
+    assert "exported 0 objects" not in captured.out and not out.exists()
