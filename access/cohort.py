@@ -91,14 +91,19 @@ class CohortFilter:
     dose_above: list[tuple[str, float]] = field(default_factory=list)
 
     def validate(self) -> None:
+        """Refuse what cannot be used; the dates are rewritten as ISO dates (2024-03-15), the form the
+        index holds: date.fromisoformat also reads 20240315 (DICOM's DA), which sent as it is was not
+        compared as the same day."""
+        days: dict[str, date] = {}
         for name in ("date_from", "date_to"):
             value = getattr(self, name)
             if value is not None:
                 try:
-                    date.fromisoformat(value)
+                    days[name] = date.fromisoformat(value)
                 except ValueError:
                     raise CohortError(f"--{name.replace('_', '-')} {value!r} is not a date like 2024-03-15") from None
-        if self.date_from and self.date_to and self.date_from > self.date_to:
+                setattr(self, name, days[name].isoformat())
+        if len(days) == 2 and days["date_from"] > days["date_to"]:
             raise CohortError(f"--date-from {self.date_from} is after --date-to {self.date_to}")
         if self.age_min is not None and self.age_max is not None and self.age_min > self.age_max:
             raise CohortError(f"--age-min {self.age_min:g} is above --age-max {self.age_max:g}")

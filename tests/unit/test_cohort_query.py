@@ -407,3 +407,18 @@ def test_an_export_of_no_study_says_so_and_creates_nothing(config, monkeypatch, 
     captured = capsys.readouterr()
     assert captured.err.strip() == "diana cohort export: no study matches the filters; nothing exported"
     assert "exported 0 objects" not in captured.out and not out.exists()
+
+
+def test_dicom_form_dates_are_asked_and_compared_as_iso_dates():
+    index = RecordingIndex(_month_of_studies())
+    found = find_studies(index, "diana", CohortFilter(date_from="20240105", date_to="2024-01-10"), limit=100)
+    assert [r["study_date"] for r in found.rows] == [f"2024-01-{day:02d}" for day in range(5, 11)]
+    ranges = [
+        f["range"]["study_date"]
+        for _, body in index.bodies
+        for f in body["query"]["bool"]["filter"]
+        if "range" in f  # the query picking the studies; the one counting them nests it
+    ]
+    assert ranges and all(r == {"gte": "2024-01-05", "lte": "2024-01-10"} for r in ranges)
+    with pytest.raises(cohort.CohortError, match="--date-from 2024-01-10 is after --date-to 2024-01-05"):
+        find_studies(index, "diana", CohortFilter(date_from="2024-01-10", date_to="20240105"))
