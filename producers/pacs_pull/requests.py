@@ -18,7 +18,7 @@ from pathlib import Path
 
 from diana.schemas.uid import is_valid_uid
 
-__all__ = ["CollectRequest", "RequestError", "parse_csv", "criteria_request", "normalise_date"]
+__all__ = ["CollectRequest", "RequestError", "parse_csv", "criteria_request", "normalise_date", "unquote_cell"]
 
 # header spelling (lower case, without spaces, '_' and '-') -> field
 _COLUMNS = {
@@ -82,6 +82,18 @@ def normalise_date(value: str) -> str:
         raise ValueError(f"{value!r} is not a date like 2024-03-15") from None
 
 
+# `diana cohort find --output F.csv` quotes a cell starting with one of these (a spreadsheet would run
+# it as a formula) with a single quote (access/cohort.py, quote_cell): read off again here.
+_QUOTED_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def unquote_cell(cell: str) -> str:
+    """A cell as it was before `cohort find` quoted it: ``'=X`` -> ``=X``, ``''X`` -> ``'X``."""
+    if cell.startswith("'") and cell[1:].startswith(_QUOTED_STARTS):
+        return cell[1:]
+    return cell
+
+
 def _build(line: int, text: str, values: dict[str, str]) -> CollectRequest:
     fields: dict[str, object] = {}
     try:
@@ -141,7 +153,7 @@ def parse_csv(path: Path) -> list[CollectRequest]:
         if len(row) > len(header):
             out.append(CollectRequest(number, text, error=f"{len(row)} fields where the header has {len(header)}"))
             continue
-        values = {h: cell for h, cell in zip(header, row, strict=False) if h}
+        values = {h: unquote_cell(cell) for h, cell in zip(header, row, strict=False) if h}
         out.append(_build(number, text, values))
     return out
 

@@ -422,3 +422,34 @@ def test_dicom_form_dates_are_asked_and_compared_as_iso_dates():
     assert ranges and all(r == {"gte": "2024-01-05", "lte": "2024-01-10"} for r in ranges)
     with pytest.raises(cohort.CohortError, match="--date-from 2024-01-10 is after --date-to 2024-01-05"):
         find_studies(index, "diana", CohortFilter(date_from="2024-01-10", date_to="20240105"))
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_quoted_and_collect_reads_them_back(tmp_path):
+    import csv
+    import io
+
+    from diana.producers.pacs_pull.requests import parse_csv
+
+    rows = [
+        {
+            "study_instance_uid": "1.2.3",
+            "accession_number": "-A1",
+            "patient_id": "=HYPERLINK(1)",
+            "study_description": "@SUM(1)",
+            "patient_age_years": -1.0,
+            "series": 2,
+        },
+        {"study_instance_uid": "1.2.4", "accession_number": "'+A2", "patient_id": "\tP2", "study_description": "CT"},
+    ]
+    out = io.StringIO()
+    cohort.write_rows(rows, out, "csv")
+    written = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert [r["accession_number"] for r in written] == ["'-A1", "''+A2"]
+    assert [r["patient_id"] for r in written] == ["'=HYPERLINK(1)", "'\tP2"]
+    assert written[0]["study_description"] == "'@SUM(1)" and written[1]["study_description"] == "CT"
+    assert written[0]["patient_age_years"] == "-1.0"  # a number is no formula
+    path = tmp_path / "cohort.csv"
+    path.write_text(out.getvalue(), encoding="utf-8")
+    first, second = parse_csv(path)  # `diana collect` asks the PACS for the values as they were
+    assert first.find_keys() == {"AccessionNumber": "-A1", "PatientID": "=HYPERLINK(1)", "StudyInstanceUID": "1.2.3"}
+    assert (second.accession_number, second.patient_id) == ("'+A2", "P2")  # collect strips blanks, as always
