@@ -17,7 +17,7 @@ from diana.access.site_zone import SiteZone, host_zone
 from diana.schemas.layout import IndexLayout
 from diana.stream_apps.dose.reference_levels import ReferenceLevels
 
-__all__ = ["build_report", "host_time_zone"]
+__all__ = ["build_report", "host_time_zone", "MissingInstanceIndex"]
 
 _COLOURS = (
     "#1f77b4",
@@ -31,6 +31,10 @@ _COLOURS = (
     "#bcbd22",
     "#17becf",
 )
+
+
+class MissingInstanceIndex(LookupError):
+    """No instance alias under the configured prefix: a page of "No data" would look like a quiet month."""
 
 
 def host_time_zone() -> str:
@@ -231,13 +235,19 @@ def build_report(
     (site_zone.SiteZone.note), is shown under the title. The page is meant to be printed and mailed:
     its studies are named by date, station and standard name or protocol, and by their accession numbers
     (a direct identifier) only with ``identifiers``."""
+    instances = IndexLayout(prefix).alias("instances")
+    if not client.indices.exists_alias(name=instances):
+        raise MissingInstanceIndex(
+            f"OpenSearch has no {instances} alias: check [opensearch] index_prefix ({prefix!r}), "
+            "or whether the OpenSearch sink has indexed anything yet"
+        )
     if as_of is None:
         as_of = SiteZone(time_zone).today()
     received = _range("received_at", start, end, time_zone)
     per_day = {"calendar_interval": "day", "format": "yyyy-MM-dd", "min_doc_count": 1, "time_zone": time_zone}
     ingest = _search(
         client,
-        IndexLayout(prefix).alias("instances"),
+        instances,
         received,
         {
             "days": {

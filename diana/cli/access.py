@@ -195,7 +195,7 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
 
     from opensearchpy.exceptions import NotFoundError, TransportError
 
-    from diana.access.report import build_report
+    from diana.access.report import MissingInstanceIndex, build_report
     from diana.access.site_zone import site_time_zone
     from diana.clients import opensearch_client
     from diana.durable import write_atomic
@@ -228,6 +228,8 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
             zone_note=zone.note,
             identifiers=args.identifiers,
         )
+    except MissingInstanceIndex as exc:
+        return fail("report", str(exc), code=1)
     except NotFoundError as exc:  # before the sinks made the indices: not a zone to fix
         return fail("report", f"index missing ({getattr(exc, 'info', exc)}); nothing indexed yet?", code=1)
     except TransportError as exc:

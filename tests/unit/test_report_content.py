@@ -146,3 +146,22 @@ def test_counts_still_stack():
     assert ">4<" in chart  # the axis tops at the day's total
     xs = set(re.findall(r'<rect class="bar" x="([\d.]+)"', chart))
     assert len(xs) == 1  # one bar of two parts
+
+
+def test_a_missing_instance_alias_fails_naming_the_alias_and_the_setting(tmp_path: Path, monkeypatch, capsys):
+    import diana.clients
+    from diana.cli import main
+
+    config = tmp_path / "diana.toml"
+    config.write_text('[opensearch]\nurl = "http://127.0.0.1:2"\nindex_prefix = "dianna"\n')
+    # the stack's aliases are diana-*: the prefix is misspelt
+    client = CannedOpenSearch(aliases={"diana-instances", "diana-dose-studies"})
+    monkeypatch.setattr(diana.clients, "opensearch_client", lambda *a, **k: client)
+    out = tmp_path / "r.html"
+    assert main(["--config", str(config), "report", "--to", "2024-03-02", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "diana report: OpenSearch has no dianna-instances alias: check [opensearch] index_prefix ('dianna'), "
+        "or whether the OpenSearch sink has indexed anything yet"
+    )
+    assert not out.exists()
