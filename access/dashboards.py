@@ -24,11 +24,13 @@ __all__ = [
     "install",
 ]
 
-# index kind (schemas/layout.py) -> time field; the alias comes from the configured prefix
+# index kind (schemas/layout.py) -> time field; the alias comes from the configured prefix. A chart
+# over time bins its pattern's time field, so that its bars are the range picked. Studies: the day they
+# began to arrive, which "studies per day" counts; a study amended weeks later is not moved to then.
 INDEX_PATTERNS = {
     "instances": "received_at",
     "series": "last_received_at",
-    "studies": "last_received_at",
+    "studies": "first_received_at",
     "dose-events": "received_at",
     "dose-studies": "received_at",
     "dose-alerts": "raised_at",
