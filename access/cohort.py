@@ -198,6 +198,9 @@ def _instance_queries(client: OpenSearch, prefix: str, f: CohortFilter) -> list[
                 "multi_match": {
                     "query": f.description,
                     "operator": "and",
+                    # every word, each in any of the fields ("low" in the study's description, "dose"
+                    # in the protocol); the default (best_fields) wanted all the words in one field
+                    "type": "cross_fields",
                     "fields": ["study_description", "series_description", "protocol_name"],
                 }
             }

@@ -69,6 +69,9 @@ def test_find_by_modality_and_date(pipeline, cohort_studies, tmp_path):
     assert rows[0]["instances"] == 8 and rows[0]["series"] == 2 and rows[0]["modalities"] == "CT"
     table = diana(pipeline, "cohort", "find", *FILTERS, "--description", "cohort axial")
     assert wanted.study_uid in table.stdout and "1 studies" in table.stdout
+    # the words in two fields: "chest" in the study description, "axial" in the series description
+    across = diana(pipeline, "cohort", "find", *FILTERS, "--description", "chest axial")
+    assert wanted.study_uid in across.stdout and "1 studies" in across.stdout, across.stdout + across.stderr
 
 
 def test_a_cut_keeps_the_earliest_study_counted_whole_and_dated_by_its_earliest_dated_instance(pipeline, tmp_path):

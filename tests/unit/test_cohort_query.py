@@ -39,6 +39,15 @@ def _predicate(query: dict):
             and (not shoulds or any(p(doc) for p in shoulds))
             and not any(p(doc) for p in nots)
         )
+    if kind == "multi_match":  # operator "and" over text fields of one analyzer, words split on blanks
+        words = spec["query"].lower().split()
+
+        def in_field(doc, field, word):
+            return word in str(doc.get(field) or "").lower().split()
+
+        if spec.get("type") == "cross_fields":  # each word in any field
+            return lambda doc: all(any(in_field(doc, f, w) for f in spec["fields"]) for w in words)
+        return lambda doc: any(all(in_field(doc, f, w) for w in words) for f in spec["fields"])  # best_fields
     if kind == "exists":
         return lambda doc: doc.get(spec["field"]) is not None
     if kind == "terms":
@@ -453,3 +462,13 @@ def test_csv_cells_a_spreadsheet_would_run_are_quoted_and_collect_reads_them_bac
     first, second = parse_csv(path)  # `diana collect` asks the PACS for the values as they were
     assert first.find_keys() == {"AccessionNumber": "-A1", "PatientID": "=HYPERLINK(1)", "StudyInstanceUID": "1.2.3"}
     assert (second.accession_number, second.patient_id) == ("'+A2", "P2")  # collect strips blanks, as always
+
+
+def test_description_words_may_be_in_different_fields():
+    instances = [
+        {**_instance("2.1", "2024-01-01"), "study_description": "CT thorax low", "protocol_name": "dose 1mm"},
+        {**_instance("2.2", "2024-01-02"), "study_description": "CT low dose thorax"},
+        {**_instance("2.3", "2024-01-03"), "study_description": "CT thorax", "series_description": "low"},
+    ]
+    rows = find_studies(RecordingIndex(instances), "diana", CohortFilter(description="low dose")).rows
+    assert [r["study_instance_uid"] for r in rows] == ["2.1", "2.2"]
