@@ -204,11 +204,14 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     zone = site_time_zone(cfg.report.time_zone)
     time_zone = zone.name
     today = zone.today()
+    out_of_range = "a date of the report falls outside 0001-01-01 to 9999-12-31"
     try:
         end = date.fromisoformat(args.to_date) if args.to_date else today
         start = date.fromisoformat(args.from_date) if args.from_date else end - timedelta(days=30)
     except ValueError as exc:
         return fail("report", f"{exc}; dates look like 2024-03-15")
+    except OverflowError:  # --to in the first 30 days of year 1: its default --from is before any date
+        return fail("report", f"{out_of_range} (--from defaults to 30 days before --to): give --from")
     if start > end:
         return fail("report", f"--from {start} is after --to {end}")
     try:
@@ -230,6 +233,10 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
         )
     except MissingInstanceIndex as exc:
         return fail("report", str(exc), code=1)
+    except OverflowError:  # the day after --to, or the reference-level survey's window before --as-of
+        return fail(
+            "report", f"{out_of_range} (the day after --to; the survey's window_days before --as-of): use real dates"
+        )
     except NotFoundError as exc:  # before the sinks made the indices: not a zone to fix
         return fail("report", f"index missing ({getattr(exc, 'info', exc)}); nothing indexed yet?", code=1)
     except TransportError as exc:

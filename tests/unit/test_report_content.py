@@ -165,3 +165,23 @@ def test_a_missing_instance_alias_fails_naming_the_alias_and_the_setting(tmp_pat
         "or whether the OpenSearch sink has indexed anything yet"
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "dates, said",
+    [
+        (["--to", "0001-01-05"], "--from defaults to 30 days before --to"),
+        (["--from", "9999-12-01", "--to", "9999-12-31"], "the day after --to"),
+    ],
+)
+def test_a_date_at_the_calendars_ends_is_one_line_not_a_traceback(tmp_path: Path, monkeypatch, capsys, dates, said):
+    import diana.clients
+    from diana.cli import main
+
+    config = tmp_path / "diana.toml"
+    config.write_text('[opensearch]\nurl = "http://127.0.0.1:2"\n')
+    monkeypatch.setattr(diana.clients, "opensearch_client", lambda *a, **k: CannedOpenSearch())
+    assert main(["--config", str(config), "report", *dates, "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "outside 0001-01-01 to 9999-12-31" in err and said in err
