@@ -379,8 +379,16 @@ def aggregation_for(vis_state: dict) -> dict:
     return body
 
 
-def install(url: str, ndjson: str, timeout: float = 60.0) -> dict:
-    """Import the saved objects into a running OpenSearch Dashboards (overwriting ours)."""
+def install(
+    url: str,
+    ndjson: str,
+    timeout: float = 60.0,
+    *,
+    auth: tuple[str, str] | None = None,
+    verify: bool | str = True,
+) -> dict:
+    """Import the saved objects into a running OpenSearch Dashboards (overwriting ours), as the user of
+    ``auth`` (HTTP basic), its certificate checked against ``verify`` (a CA file, or the system's CAs)."""
     import requests
 
     response = requests.post(
@@ -389,6 +397,8 @@ def install(url: str, ndjson: str, timeout: float = 60.0) -> dict:
         headers={"osd-xsrf": "true"},
         files={"file": ("diana-star.ndjson", ndjson.encode(), "application/ndjson")},
         timeout=timeout,
+        auth=auth,
+        verify=verify,
     )
     response.raise_for_status()
     return response.json()

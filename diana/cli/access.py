@@ -173,8 +173,29 @@ def cmd_dashboards(cfg: Config, args: argparse.Namespace) -> int:
         return 0
     import requests
 
+    from diana.clients import opensearch_auth
+
+    # Dashboards logs in with the users of its OpenSearch: [opensearch] username and password, sent only
+    # over https (as to OpenSearch itself), the certificate checked against [opensearch] ca_file if set.
+    secure = args.url.startswith("https://")
     try:
-        result = install(args.url, ndjson)
+        result = install(
+            args.url,
+            ndjson,
+            auth=opensearch_auth(cfg.opensearch) if secure else None,
+            verify=cfg.opensearch.ca_file or True,
+        )
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            if not secure:
+                why = "credentials are sent only to an https:// --url"
+            elif cfg.opensearch.username:
+                why = f"check [opensearch] username ({cfg.opensearch.username}) and its password, and the user's rights"
+            else:
+                why = "set [opensearch] username, and its password through DIANA_OPENSEARCH_PASSWORD or password_file"
+            return fail("dashboards", f"{args.url} refused the credentials (HTTP {status}): {why}", code=1)
+        return fail("dashboards", f"import into {args.url} failed: {exc}", code=1)
     except requests.RequestException as exc:
         return fail(
             "dashboards",
