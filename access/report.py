@@ -13,7 +13,7 @@ from typing import Any
 from opensearchpy import OpenSearch
 
 from diana.access.dose_survey import reference_level_survey
-from diana.access.site_zone import SiteZone, host_zone
+from diana.access.site_zone import SiteZone, host_zone, time_zone_info
 from diana.schemas.layout import IndexLayout
 from diana.stream_apps.dose.reference_levels import ReferenceLevels
 
@@ -135,6 +135,18 @@ def _split(aggs: dict, outer: str, inner: str, value=lambda b: b["doc_count"]) -
         for b in day[inner]["buckets"]:
             series.setdefault(b["key"], {})[day["key_as_string"][:10]] = value(b)
     return series
+
+
+def _local_time(stamp: str, time_zone: str) -> str:
+    """An ISO time stamp (UTC when it names no offset) as the wall-clock time of ``time_zone``, to the
+    second; one that does not read as a time, as it is."""
+    try:
+        moment = datetime.fromisoformat(stamp)
+    except ValueError:
+        return stamp
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(time_zone_info(time_zone)).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _over_level(study: dict) -> list[tuple]:
@@ -342,7 +354,7 @@ def build_report(
         _table(
             "Dose alerts (latest 50)",
             [
-                "raised",
+                f"raised ({time_zone})",  # the page's zone, as its days
                 "rule",
                 "metric",
                 "value",
@@ -354,7 +366,7 @@ def build_report(
             ],
             [
                 [
-                    h["_source"].get("raised_at", "")[:19],
+                    _local_time(h["_source"].get("raised_at") or "", time_zone),
                     h["_source"].get("rule"),
                     h["_source"].get("metric"),
                     h["_source"].get("value"),

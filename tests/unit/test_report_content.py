@@ -185,3 +185,10 @@ def test_a_date_at_the_calendars_ends_is_one_line_not_a_traceback(tmp_path: Path
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "outside 0001-01-01 to 9999-12-31" in err and said in err
+
+
+def test_an_alert_is_raised_at_the_sites_time_and_labelled_so():
+    page = build_report(CannedOpenSearch(), "diana", date(2024, 3, 1), date(2024, 3, 1), time_zone="Europe/Zurich")
+    assert "<th>raised (Europe/Zurich)</th>" in page
+    assert "<td>2024-03-01 11:00:00</td>" in page  # 10:00 UTC, winter time in Zurich
+    assert "2024-03-01T10:00:00" not in page
