@@ -272,7 +272,9 @@ def test_research_export_cli_refuses_risky_objects_reports_and_guards_its_files(
     assert report["status"] == "partial" and report["exported"] == 2 and len(report["refused"]) == 1
     assert [c["code"] for c in report["deidentification_method_codes"]] == ["113100", "113104", "113107"]
     assert report["table"].startswith("DICOM PS3.15 2026c Table E.1-1")
-    assert not (out / INCOMPLETE_NAME).exists()
+    # one object left out: the export is not the whole cohort and stays marked so, with the count
+    assert "1 objects refused" in (out / INCOMPLETE_NAME).read_text()
+    assert "INCOMPLETE: written to" in result.stdout
     assert oct(key.stat().st_mode & 0o777) == "0o600"
     d = Deidentifier(ProjectKeys(b"unused-secret-0123456789", "x"), ProfileOptions(clean_structured_content=True))
     exported = [pydicom.dcmread(p) for p in sorted(out.rglob("*.dcm"))]
@@ -290,6 +292,7 @@ def test_research_export_cli_refuses_risky_objects_reports_and_guards_its_files(
     assert "WARNING: 1 risky objects exported" in result.stdout
     flags = sorted(pydicom.dcmread(p).PatientIdentityRemoved for p in opted_in.rglob("*.dcm"))
     assert flags == ["NO", "YES", "YES"]
+    assert not (opted_in / INCOMPLETE_NAME).exists()  # every object went out
 
     result = _research(pipeline, secret, tmp_path / "no-project")
     assert result.returncode == 2 and "--project NAME" in result.stderr
