@@ -8,15 +8,19 @@ A research export (a Deidentifier given) also:
 - decides each study's subject from every PatientID the index holds for it before the first
   object is written (a study is never split);
 - refuses, one by one, the objects that must not or cannot go out (risky classes, unreadable
-  dates, unreadable files) and goes on; each is listed with its reason;
+  dates, unreadable files) and goes on; each is listed with its reason. The risky ones (access/risk.py:
+  secondary captures, such as a CT study's dose screen, ultrasound, documents...) are withheld by
+  policy: read and deliberately left out, not a gap, so an export whose only omissions are these is
+  complete; the others are gaps;
 - runs the residual-identifier scan on every de-identified object before it is written: an object
   with a hit is not written and the export is marked failed, with the element path;
 - writes export-report.json into the export (table edition, options, counts, what was refused and
   why, by pseudonymous UID).
 Every export carries export-report.json (a plain one: counts and the objects not exported). A folder
 carries EXPORT-INCOMPLETE.txt from before its first file until it is complete (every object exported,
-its report written, its scan passed): an export that stopped, or that left objects out, says so where a
-user looks, with the counts. A zip gets its final name only when complete; one that left objects out
+its report written, its scan passed; objects withheld by the risk policy do not count against it): an
+export that stopped, or that has gaps (objects missing, changed, unreadable or refused for another reason),
+says so where a user looks, with the counts. A zip gets its final name only when complete; one with gaps
 is published as NAME-INCOMPLETE.zip with EXPORT-INCOMPLETE.txt inside, so it never looks complete.
 """
 
@@ -35,7 +39,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from diana.access.deid import Deidentifier, Refused
+from diana.access.deid import Deidentifier, Refused, RiskRefused
 from diana.access.deid_options import method_codes
 from diana.access.deid_table import TABLE_SOURCE
 from diana.access.keyfiles import check_key_file_place, key_csv, write_private
@@ -79,7 +83,9 @@ class ExportSummary:
     bytes: int = 0
     missing: list[str] = field(default_factory=list)  # indexed but not in the archive
     hash_mismatch: list[str] = field(default_factory=list)  # archive bytes differ from the index
-    refused: list[tuple[str, str]] = field(default_factory=list)  # (source SOP UID, why)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (source SOP UID, why): a gap
+    # (source SOP UID, why): left out by the research risk policy (RiskRefused), deliberately: not a gap
+    withheld: list[tuple[str, str]] = field(default_factory=list)
     risky_exported: list[tuple[str, str]] = field(default_factory=list)  # (exported SOP UID, why risky)
     residual_hits: list[tuple[str, str]] = field(default_factory=list)  # (source SOP UID, element path and kind)
     mixed_patient_studies: int = 0
@@ -95,6 +101,8 @@ class ExportSummary:
 
     @property
     def complete(self) -> bool:
+        """Every object exported but those the risk policy withheld (a typical CT study's dose screen is a
+        secondary capture: counting it would mark nearly every CT research export incomplete)."""
         return not (self.missing or self.hash_mismatch or self.refused or self.residual_hits)
 
     @property
@@ -120,6 +128,11 @@ class ExportSummary:
             head
             + f"{self.exported} objects of {self.studies} studies exported; not exported:\n"
             + "".join(f"  {n} {what}\n" for n, what in counts if n)
+            + (
+                f"  (and {len(self.withheld)} objects withheld by the risk policy, not a gap)\n"
+                if self.withheld
+                else ""
+            )
             + f"{REPORT_NAME} lists them.\n"
         )
 
@@ -128,6 +141,8 @@ class ExportSummary:
         original UIDs (to find them in the archive) instead of their pseudonymous ones."""
         name = self.pseudonym if self.pseudonym is not None and not original_uids else str
         out = [f"exported {self.exported} objects of {self.studies} studies ({self.bytes / 1e6:.1f} MB)"]
+        if self.withheld:
+            out[0] += f"; {len(self.withheld)} withheld by the risk policy"
         if self.published is not None and not self.complete:
             out.append(f"INCOMPLETE: written to {self.published}, marked with {INCOMPLETE_NAME}; not the whole cohort")
         if self.missing:
@@ -145,6 +160,14 @@ class ExportSummary:
             out += [f"  {name(uid)}: {why}" for uid, why in self.refused[:50]]
             if len(self.refused) > 50:
                 out.append(f"  ... and {len(self.refused) - 50} more ({REPORT_NAME} lists them all)")
+        if self.withheld:
+            out.append(
+                f"{len(self.withheld)} objects withheld by the risk policy (not exported, not a gap; "
+                "--allow-risky exports them, marked, to be checked by hand):"
+            )
+            out += [f"  {name(uid)}: {why}" for uid, why in self.withheld[:50]]
+            if len(self.withheld) > 50:
+                out.append(f"  ... and {len(self.withheld) - 50} more ({REPORT_NAME} lists them all)")
         if self.risky_exported:
             out.append(
                 f"WARNING: {len(self.risky_exported)} risky objects exported by --allow-risky, marked "
@@ -198,6 +221,9 @@ def _deidentify(deidentifier: Deidentifier, data: bytes, summary: ExportSummary,
         name = archive_path(out.StudyInstanceUID, out.SeriesInstanceUID, out.SOPInstanceUID)
         buf = io.BytesIO()
         out.save_as(buf, enforce_file_format=True)
+    except RiskRefused as exc:
+        summary.withheld.append((sop, str(exc)))
+        return None
     except Refused as exc:
         summary.refused.append((sop, str(exc)))
         return None
@@ -244,6 +270,8 @@ def _report(summary: ExportSummary, deidentifier: Deidentifier) -> bytes:
         "exported": summary.exported,
         # refused objects are named by the UID they would have had, never by the original
         "refused": [{"sop_instance_uid": keys.uid(uid), "reason": why} for uid, why in summary.refused],
+        # left out by the risk policy on purpose: not counted against "complete"
+        "withheld_by_policy": [{"sop_instance_uid": keys.uid(uid), "reason": why} for uid, why in summary.withheld],
         "not_in_archive": [keys.uid(uid) for uid in summary.missing],
         "hash_mismatch": [keys.uid(uid) for uid in summary.hash_mismatch],
         "risky_exported": [{"sop_instance_uid": uid, "reason": why} for uid, why in summary.risky_exported],

@@ -112,12 +112,13 @@ def test_export_over_pydicom_files_and_generated_objects_reports_instead_of_cras
     report = json.loads((target / REPORT_NAME).read_text())
     # objects were refused: the export is not the whole cohort and says so where a user looks
     assert f"{len(summary.refused)} objects refused" in (target / INCOMPLETE_NAME).read_text()
-    assert summary.exported + len(summary.refused) == len(sources) and summary.exported > 100
+    assert summary.exported + len(summary.refused) + len(summary.withheld) == len(sources) and summary.exported > 100
     assert report["status"] == "partial" and report["exported"] == summary.exported
     assert report["table"].startswith("DICOM PS3.15 2026c Table E.1-1 (dicom-anonymizer")
     reasons = {r["reason"] for r in report["refused"]}
     assert "ContentDate: not a DA (YYYYMMDD)" in reasons
-    assert any(r.startswith("risky object: secondary capture") for r in reasons)
+    assert not any(r.startswith("risky object") for r in reasons)  # withheld by policy: not a gap
+    assert any(r["reason"].startswith("risky object: secondary capture") for r in report["withheld_by_policy"])
     assert summary.residual_hits == []
     by_sop = {d.keys.uid(str(s.SOPInstanceUID).strip()): s for s in sources if "SOPInstanceUID" in s}
     checked = 0
@@ -171,8 +172,8 @@ def test_risky_objects_are_refused_by_default_and_flagged_with_the_opt_in(tmp_pa
     plain = identifying_object("ct")
     objects = [burned, capture, video, ultrasound, pdf, plain]
     _, summary, target = _export(tmp_path, copy.deepcopy(objects))
-    assert summary.exported == 1 and len(summary.refused) == 5
-    reasons = sorted(why.split(": ", 1)[1].split(" (export it with --allow-risky")[0] for _, why in summary.refused)
+    assert summary.exported == 1 and len(summary.withheld) == 5 and not summary.refused
+    reasons = sorted(why.split(": ", 1)[1].split(" (export it with --allow-risky")[0] for _, why in summary.withheld)
     assert reasons == [
         "BurnedInAnnotation is YES (identifying text in the pixels)",
         "encapsulated document (its payload is not examined)",
@@ -180,7 +181,7 @@ def test_risky_objects_are_refused_by_default_and_flagged_with_the_opt_in(tmp_pa
         "ultrasound (text in the pixels is common)",
         "visible light / video (faces and text in the pixels)",
     ]
-    assert len(json.loads((target / REPORT_NAME).read_text())["refused"]) == 5
+    assert len(json.loads((target / REPORT_NAME).read_text())["withheld_by_policy"]) == 5
 
     _, summary, target = _export(tmp_path, copy.deepcopy(objects), name="optin", allow_risky=True)
     assert summary.exported == 6 and not summary.refused and len(summary.risky_exported) == 5
@@ -399,6 +400,49 @@ def test_a_zip_export_with_objects_left_out_is_not_published_under_its_name(tmp_
     assert complete.complete and complete.published == tmp_path / "d.zip"
     with zipfile.ZipFile(tmp_path / "d.zip") as zf:
         assert INCOMPLETE_NAME not in zf.namelist() and json.loads(zf.read(REPORT_NAME))["status"] == "complete"
+
+
+def _secondary_capture() -> Dataset:
+    capture = identifying_object("ct")
+    capture.SOPClassUID = capture.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    return capture
+
+
+@pytest.mark.parametrize("name", ["out", "out.zip"])
+def test_objects_withheld_by_the_risk_policy_alone_leave_the_export_complete(tmp_path, name):
+    """A CT study's dose screen (a secondary capture) is withheld by policy: not a gap. The export gets its
+    final name, no marker, status complete; the withheld objects are counted and named (pseudonymously)."""
+    d, summary, target = _export(tmp_path, [identifying_object("ct"), _secondary_capture()], name)
+    assert summary.complete and summary.status == "complete" and summary.exported == 1
+    assert summary.published == target and not summary.refused and len(summary.withheld) == 1
+    if name.endswith(".zip"):
+        with zipfile.ZipFile(target) as zf:
+            assert INCOMPLETE_NAME not in zf.namelist()
+            report = json.loads(zf.read(REPORT_NAME))
+    else:
+        assert not (target / INCOMPLETE_NAME).exists()
+        report = json.loads((target / REPORT_NAME).read_text())
+    [source_sop] = [uid for uid, _ in summary.withheld]
+    assert report["status"] == "complete" and report["refused"] == []
+    assert report["withheld_by_policy"] == [
+        {"sop_instance_uid": d.keys.uid(source_sop), "reason": summary.withheld[0][1]}
+    ]
+    lines = summary.lines()
+    assert lines[0].endswith("; 1 withheld by the risk policy")
+    assert f"  {d.keys.uid(source_sop)}: {summary.withheld[0][1]}" in lines
+    assert source_sop not in "\n".join(lines) and not any(line.startswith("INCOMPLETE") for line in lines)
+
+
+def test_a_gap_beside_withheld_objects_still_marks_the_export_incomplete(tmp_path):
+    rows, archive = _with_gaps(tmp_path)
+    rows += _archive(archive, [_secondary_capture()])
+    d = Deidentifier(ProjectKeys(SECRET, "lung"), ProfileOptions())
+    summary = export_instances(rows, archive, tmp_path / "g.zip", deidentifier=d)
+    assert not summary.complete and len(summary.withheld) == 1
+    assert summary.published == tmp_path / "g-INCOMPLETE.zip"
+    with zipfile.ZipFile(summary.published) as zf:
+        marker = zf.read(INCOMPLETE_NAME).decode()
+    assert "1 indexed objects not in the archive" in marker and "1 objects withheld by the risk policy" in marker
 
 
 def test_plain_export_refuses_a_key_file(tmp_path):
