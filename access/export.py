@@ -2,7 +2,8 @@
 
 Each object is read from the archive, checked against the SHA-256 the index recorded at arrival,
 and written atomically (a folder: one file at a time; a zip: the whole archive under a temporary
-name, renamed when complete). Paths inside the export are built from validated UIDs only.
+name unique to the export, linked to its name when complete, never over another file). Paths inside
+the export are built from validated UIDs only.
 
 A research export (a Deidentifier given) also:
 - decides each study's subject from every PatientID the index holds for it before the first
@@ -26,10 +27,13 @@ is published as NAME-INCOMPLETE.zip with EXPORT-INCOMPLETE.txt inside, so it nev
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import shutil
+import uuid
 import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -50,6 +54,7 @@ from diana.storage import FilesystemStore, ObjectStore
 
 __all__ = [
     "ExportError",
+    "NothingToExport",
     "ExportSummary",
     "export_instances",
     "export_batches",
@@ -74,6 +79,38 @@ def incomplete_zip_path(target: Path) -> Path:
 
 class ExportError(ValueError):
     """The export cannot start (target exists, bad secret, ...): the message says what to change."""
+
+
+class NothingToExport(ExportError):
+    """The matching studies have no instance left in the index (removed between the search and the export):
+    nothing was exported, and the folder the export made is removed again."""
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Give the finished zip ``tmp`` the name ``final`` without replacing a file made there meanwhile
+    (os.replace would: another export, or the user's own file); ``tmp`` stays for the caller to remove."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise ExportError(
+            f"{final} was created while the export ran: nothing published; choose a new zip name"
+        ) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise
+        # a file system without hard links: an exclusive create and a copy, never over another file
+        try:
+            with open(tmp, "rb") as src, open(final, "xb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+        except FileExistsError:
+            raise ExportError(
+                f"{final} was created while the export ran: nothing published; choose a new zip name"
+            ) from None
+        except BaseException:
+            final.unlink(missing_ok=True)
+            raise
 
 
 @dataclass
@@ -287,7 +324,7 @@ def _report(summary: ExportSummary, deidentifier: Deidentifier) -> bytes:
 def _each_instance(
     batches: Iterable[list[dict]], deidentifier: Deidentifier | None, studies: set[str]
 ) -> Iterator[dict]:
-    """Every instance of the batches, one batch in memory at a time; with de-identification, each
+    """Every instance of the batches, one batch used at a time; with de-identification, each
     batch's studies have their subject decided (from every PatientID the batch holds for them) before
     their first object. ``studies`` collects the study UIDs seen."""
     for batch in batches:
@@ -323,7 +360,8 @@ def export_batches(
     progress: Callable[[int], None] = lambda n: None,
 ) -> ExportSummary:
     """Export the instances of ``batches``, each a list of every indexed instance of its studies (a study
-    in one batch only), read one batch at a time: a cohort of any size needs one batch's memory."""
+    in one batch only), read one batch at a time: a cohort of any size needs at most two batches' memory (the
+    next batch is read while the one before is still referenced)."""
     if target.exists() and (target.is_file() or any(target.iterdir())):
         raise ExportError(f"{target} exists and is not empty: choose a new folder or zip name")
     if target.suffix.lower() == ".zip" and incomplete_zip_path(target).exists():
@@ -342,9 +380,11 @@ def export_batches(
     if deidentifier is not None:
         summary.pseudonym = deidentifier.keys.uid
     as_zip = target.suffix.lower() == ".zip"
-    tmp_zip = target.with_name(f".{target.name}.partial")
-    zf = zipfile.ZipFile(tmp_zip, "w", zipfile.ZIP_STORED, allowZip64=True) if as_zip else None
+    # unique per export: two exports to one name never write into one file (".<name>.<hex>.partial")
+    tmp_zip = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
+    zf = zipfile.ZipFile(tmp_zip, "x", zipfile.ZIP_STORED, allowZip64=True) if as_zip else None
     marker = target / INCOMPLETE_NAME
+    made_folder = not target.exists()
     if zf is None:
         write_atomic(marker, _INCOMPLETE_TEXT.encode())
     try:
@@ -384,6 +424,14 @@ def export_batches(
             summary.bytes += len(data)
             progress(1)
         summary.studies = len(studies)
+        if not studies:  # every matching study's instances left the index after the search
+            if zf is None:
+                marker.unlink()
+                if made_folder:
+                    target.rmdir()
+            raise NothingToExport(
+                "no object to export: the matching studies have no instance in the index any more; nothing exported"
+            )
         if deidentifier is not None:
             summary.mixed_patient_studies = len(deidentifier.subjects.mixed)
         report = _report(summary, deidentifier) if deidentifier is not None else _plain_report(summary)
@@ -402,7 +450,7 @@ def export_batches(
                     raise ExportError(f"the zip member {bad} does not read back: check the disk")
             if not summary.failed:  # a zip that failed its scan is never published
                 published = target if summary.complete else incomplete_zip_path(target)
-                os.replace(tmp_zip, published)
+                _publish(tmp_zip, published)
                 fsync_dir(target.parent)
                 summary.published = published
         else:

@@ -111,7 +111,7 @@ def _cohort_export(cfg: Config, args: argparse.Namespace, client, prefix: str, s
     from tqdm import tqdm
 
     from diana.access.cohort import count_instances, study_instance_batches
-    from diana.access.export import INCOMPLETE_NAME, ExportError, export_batches
+    from diana.access.export import INCOMPLETE_NAME, ExportError, NothingToExport, export_batches
     from diana.access.keyfiles import KeyFileError
     from diana.access.research import deidentifier_from
     from diana.storage import open_store
@@ -148,6 +148,8 @@ def _cohort_export(cfg: Config, args: argparse.Namespace, client, prefix: str, s
                 key_file=Path(args.key_file) if args.key_file else None,
                 progress=bar.update,
             )
+    except NothingToExport as exc:  # as when no study matches: the world changed, not the command line
+        return fail("cohort export", str(exc), code=1)
     except (ExportError, KeyFileError) as exc:
         return fail("cohort export", str(exc))
     except TransportError as exc:

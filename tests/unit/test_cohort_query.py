@@ -472,3 +472,23 @@ def test_description_words_may_be_in_different_fields():
     ]
     rows = find_studies(RecordingIndex(instances), "diana", CohortFilter(description="low dose")).rows
     assert [r["study_instance_uid"] for r in rows] == ["2.1", "2.2"]
+
+
+def test_an_export_whose_studies_left_the_index_after_the_search_fails_and_leaves_no_folder(
+    config, monkeypatch, capsys, tmp_path
+):
+    stand_in, _ = _archived_cohort(tmp_path, studies=2)
+    find = stand_in.search
+
+    def instances_gone(index, body):
+        if "terms" in body["query"]:  # the export's search of the studies' instances: removed meanwhile
+            return {"hits": {"hits": []}}
+        return find(index, body)
+
+    stand_in.search = instances_gone  # type: ignore[method-assign]
+    _index_of(monkeypatch, stand_in)
+    out = tmp_path / "out"
+    assert main(["--config", str(config), "cohort", "export", "--out", str(out), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("diana cohort export: no object to export") and "nothing exported" in captured.err
+    assert "exported 0 objects" not in captured.out and not out.exists()

@@ -21,7 +21,14 @@ from pydicom.uid import generate_uid
 
 from diana.access.deid import Deidentified, Deidentifier
 from diana.access.deid_options import ProfileOptions
-from diana.access.export import INCOMPLETE_NAME, REPORT_NAME, ExportError, export_batches, export_instances
+from diana.access.export import (
+    INCOMPLETE_NAME,
+    REPORT_NAME,
+    ExportError,
+    NothingToExport,
+    export_batches,
+    export_instances,
+)
 from diana.access.keyfiles import KeyFileError, read_site_secret
 from diana.access.pseudonyms import ProjectKeys
 from diana.access.residual import collect, scan
@@ -443,6 +450,48 @@ def test_a_gap_beside_withheld_objects_still_marks_the_export_incomplete(tmp_pat
     with zipfile.ZipFile(summary.published) as zf:
         marker = zf.read(INCOMPLETE_NAME).decode()
     assert "1 indexed objects not in the archive" in marker and "1 objects withheld by the risk policy" in marker
+
+
+@pytest.mark.parametrize("name", ["empty", "empty.zip"])
+def test_an_export_without_any_instance_is_an_error_and_leaves_nothing(tmp_path, name):
+    with pytest.raises(NothingToExport, match="no object to export"):
+        export_batches([[], []], tmp_path / "a", tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder, no zip, no partial file
+
+
+def test_a_zip_never_replaces_a_file_made_under_its_name_while_it_ran(tmp_path):
+    rows = _archive(tmp_path / "a", [identifying_object("ct"), identifying_object("ct")])
+    target = tmp_path / "c.zip"
+    partials: list[list[str]] = []
+
+    def someone_else_writes_the_name(n: int) -> None:
+        partials.append(sorted(p.name for p in tmp_path.glob(".c.zip.*.partial")))
+        if not target.exists():
+            target.write_bytes(b"the user's own file")
+
+    with pytest.raises(ExportError, match="c.zip was created while the export ran"):
+        export_instances(rows, tmp_path / "a", target, progress=someone_else_writes_the_name)
+    assert target.read_bytes() == b"the user's own file"
+    assert not list(tmp_path.glob(".c.zip*"))  # the temporary zip removed
+    # one temporary zip, named uniquely per export (two exports to one name never share it)
+    [[partial], _] = partials
+    assert len(partial) == len(".c.zip.") + 32 + len(".partial")
+
+
+def test_two_exports_to_one_zip_name_do_not_share_a_temporary_file(tmp_path):
+    rows = _archive(tmp_path / "a", [identifying_object("ct"), identifying_object("ct")])
+    target = tmp_path / "c.zip"
+    inner: list[object] = []
+
+    def a_second_export_runs_meanwhile(n: int) -> None:
+        if not inner:
+            inner.append(export_instances(rows[:1], tmp_path / "a", target))
+
+    with pytest.raises(ExportError, match="was created while the export ran"):
+        export_instances(rows, tmp_path / "a", target, progress=a_second_export_runs_meanwhile)
+    with zipfile.ZipFile(target) as zf:  # the second export's zip, whole and not overwritten
+        assert zf.testzip() is None and json.loads(zf.read(REPORT_NAME))["exported"] == 1
+    assert not list(tmp_path.glob(".c.zip*"))
 
 
 def test_plain_export_refuses_a_key_file(tmp_path):
