@@ -17,6 +17,7 @@ from typing import Any, TextIO
 from opensearchpy import OpenSearch
 
 from diana.schemas.layout import IndexLayout
+from diana.spreadsheet_csv import quote_cell
 
 __all__ = [
     "CohortError",
@@ -389,24 +390,13 @@ def count_instances(client: OpenSearch, prefix: str, study_uids: list[str]) -> i
     )
 
 
-# A text cell a spreadsheet would take for a formula (CSV injection) starts with one of these; one
-# starting with the quote itself is quoted too, so that the quote can be read off again exactly
-# (producers/pacs_pull/requests.py, unquote_cell: `diana collect` reads this CSV's IDs and UIDs).
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
-
-
-def quote_cell(value: Any) -> Any:
-    """A text value that a spreadsheet would run as a formula, prefixed with a single quote."""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
-        return "'" + value
-    return value
-
-
 def write_rows(rows: list[dict], out: TextIO, fmt: str) -> None:
     if fmt == "json":
         json.dump(rows, out, indent=1, default=str)
         out.write("\n")
     elif fmt == "csv":
+        # cells a spreadsheet would run as formulas get a leading quote (diana.spreadsheet_csv); collect
+        # takes it off again from a file with this header (producers/pacs_pull/requests.py)
         writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows({k: quote_cell(v) for k, v in row.items()} for row in rows)

@@ -499,3 +499,14 @@ def test_plain_export_refuses_a_key_file(tmp_path):
     with pytest.raises(ExportError, match="only makes sense"):
         export_instances(rows, tmp_path / "a", tmp_path / "o", key_file=tmp_path / "k.csv")
     assert SOP_CLASSES  # the generator's classes are the ones the other tests export
+
+
+def test_key_file_cells_a_spreadsheet_would_run_are_quoted(tmp_path):
+    import csv
+
+    obj = identifying_object("ct", patient_id="-4711")
+    obj.PatientName = "=HYPERLINK^X"
+    _export(tmp_path, [obj], key_file=tmp_path / "key.csv")
+    [row] = list(csv.DictReader((tmp_path / "key.csv").open(encoding="utf-8")))
+    assert (row["original_patient_id"], row["original_patient_name"]) == ("'-4711", "'=HYPERLINK^X")
+    assert not row["pseudonym_patient_id"].startswith("'")
