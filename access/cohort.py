@@ -17,13 +17,15 @@ from typing import Any, TextIO
 from opensearchpy import OpenSearch
 
 from diana.schemas.layout import IndexLayout
+from diana.spreadsheet_csv import quote_cell
 
 __all__ = [
     "CohortError",
     "CohortFilter",
     "find_studies",
     "FoundStudies",
-    "study_instances",
+    "study_instance_batches",
+    "count_instances",
     "write_rows",
     "FILTER_FIELDS",
     "DOSE_METRICS",
@@ -90,14 +92,19 @@ class CohortFilter:
     dose_above: list[tuple[str, float]] = field(default_factory=list)
 
     def validate(self) -> None:
+        """Refuse what cannot be used; the dates are rewritten as ISO dates (2024-03-15), the form the
+        index holds: date.fromisoformat also reads 20240315 (DICOM's DA), which sent as it is was not
+        compared as the same day."""
+        days: dict[str, date] = {}
         for name in ("date_from", "date_to"):
             value = getattr(self, name)
             if value is not None:
                 try:
-                    date.fromisoformat(value)
+                    days[name] = date.fromisoformat(value)
                 except ValueError:
                     raise CohortError(f"--{name.replace('_', '-')} {value!r} is not a date like 2024-03-15") from None
-        if self.date_from and self.date_to and self.date_from > self.date_to:
+                setattr(self, name, days[name].isoformat())
+        if len(days) == 2 and days["date_from"] > days["date_to"]:
             raise CohortError(f"--date-from {self.date_from} is after --date-to {self.date_to}")
         if self.age_min is not None and self.age_max is not None and self.age_min > self.age_max:
             raise CohortError(f"--age-min {self.age_min:g} is above --age-max {self.age_max:g}")
@@ -192,6 +199,9 @@ def _instance_queries(client: OpenSearch, prefix: str, f: CohortFilter) -> list[
                 "multi_match": {
                     "query": f.description,
                     "operator": "and",
+                    # every word, each in any of the fields ("low" in the study's description, "dose"
+                    # in the protocol); the default (best_fields) wanted all the words in one field
+                    "type": "cross_fields",
                     "fields": ["study_description", "series_description", "protocol_name"],
                 }
             }
@@ -339,18 +349,45 @@ def find_studies(client: OpenSearch, prefix: str, f: CohortFilter, limit: int = 
     return FoundStudies(ordered[:limit], more_match=len(ordered) > limit)
 
 
-def study_instances(client: OpenSearch, prefix: str, study_uids: list[str]) -> list[dict]:
-    """Every indexed instance of these studies (not only the ones that matched the filters)."""
-    out: list[dict] = []
-    for start in range(0, len(study_uids), 500):
-        out += _scan(
-            client,
-            IndexLayout(prefix).alias("instances"),
-            {"terms": {"study_instance_uid": study_uids[start : start + 500]}},
-            "sop_instance_uid",
-            ["study_instance_uid", "series_instance_uid", "sop_instance_uid", "sha256", "size_bytes", "patient_id"],
+# Studies per instance search of an export: one batch of their instances is in memory at a time
+# (10,000 CT studies of ~500 instances each were 5 million documents in one list before the first copy).
+STUDIES_PER_BATCH = 100
+_INSTANCE_FIELDS = [
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "sha256",
+    "size_bytes",
+    "patient_id",
+]
+
+
+def study_instance_batches(client: OpenSearch, prefix: str, study_uids: list[str]) -> Iterator[list[dict]]:
+    """Every indexed instance of these studies (not only the ones that matched the filters), in lists
+    of every instance of up to STUDIES_PER_BATCH studies: a study is never split between two. Each list
+    is searched when the one before has been used."""
+    studies_per_batch = STUDIES_PER_BATCH
+    for start in range(0, len(study_uids), studies_per_batch):
+        yield list(
+            _scan(
+                client,
+                IndexLayout(prefix).alias("instances"),
+                {"terms": {"study_instance_uid": study_uids[start : start + studies_per_batch]}},
+                "sop_instance_uid",
+                _INSTANCE_FIELDS,
+            )
         )
-    return out
+
+
+def count_instances(client: OpenSearch, prefix: str, study_uids: list[str]) -> int:
+    """How many instances the index holds of these studies (the export's progress total)."""
+    return sum(
+        client.count(
+            index=IndexLayout(prefix).alias("instances"),
+            body={"query": {"terms": {"study_instance_uid": study_uids[start : start + TERMS_BATCH]}}},
+        )["count"]
+        for start in range(0, len(study_uids), TERMS_BATCH)
+    )
 
 
 def write_rows(rows: list[dict], out: TextIO, fmt: str) -> None:
@@ -358,9 +395,11 @@ def write_rows(rows: list[dict], out: TextIO, fmt: str) -> None:
         json.dump(rows, out, indent=1, default=str)
         out.write("\n")
     elif fmt == "csv":
+        # cells a spreadsheet would run as formulas get a leading quote (diana.spreadsheet_csv); collect
+        # takes it off again from a file with this header (producers/pacs_pull/requests.py)
         writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: quote_cell(v) for k, v in row.items()} for row in rows)
     else:
         widths = {
             c: max([len(c)] + [len(str(r.get(c) if r.get(c) is not None else "")) for r in rows])

@@ -24,11 +24,13 @@ __all__ = [
     "install",
 ]
 
-# index kind (schemas/layout.py) -> time field; the alias comes from the configured prefix
+# index kind (schemas/layout.py) -> time field; the alias comes from the configured prefix. A chart
+# over time bins its pattern's time field, so that its bars are the range picked. Studies: the day they
+# began to arrive, which "studies per day" counts; a study amended weeks later is not moved to then.
 INDEX_PATTERNS = {
     "instances": "received_at",
     "series": "last_received_at",
-    "studies": "last_received_at",
+    "studies": "first_received_at",
     "dose-events": "received_at",
     "dose-studies": "received_at",
     "dose-alerts": "raised_at",
@@ -377,8 +379,16 @@ def aggregation_for(vis_state: dict) -> dict:
     return body
 
 
-def install(url: str, ndjson: str, timeout: float = 60.0) -> dict:
-    """Import the saved objects into a running OpenSearch Dashboards (overwriting ours)."""
+def install(
+    url: str,
+    ndjson: str,
+    timeout: float = 60.0,
+    *,
+    auth: tuple[str, str] | None = None,
+    verify: bool | str = True,
+) -> dict:
+    """Import the saved objects into a running OpenSearch Dashboards (overwriting ours), as the user of
+    ``auth`` (HTTP basic), its certificate checked against ``verify`` (a CA file, or the system's CAs)."""
     import requests
 
     response = requests.post(
@@ -387,6 +397,8 @@ def install(url: str, ndjson: str, timeout: float = 60.0) -> dict:
         headers={"osd-xsrf": "true"},
         files={"file": ("diana-star.ndjson", ndjson.encode(), "application/ndjson")},
         timeout=timeout,
+        auth=auth,
+        verify=verify,
     )
     response.raise_for_status()
     return response.json()

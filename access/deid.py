@@ -44,7 +44,7 @@ from diana.access.pseudonyms import ProjectKeys, StudySubjects
 from diana.access.residual import Identifiers, collect
 from diana.access.risk import risk_of
 
-__all__ = ["Deidentifier", "Deidentified", "PseudonymKey", "Refused"]
+__all__ = ["Deidentifier", "Deidentified", "PseudonymKey", "Refused", "RiskRefused"]
 
 _DUMMY_TEXT = "ANONYMIZED"
 _REDACTED = "[REDACTED]"
@@ -62,6 +62,12 @@ _ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian: how a UN value holding
 
 class Refused(Exception):
     """This object is not exported; the message says why and holds no patient data."""
+
+
+class RiskRefused(Refused):
+    """Refused by the risk policy (access/risk.py) alone: the object was read and could be de-identified
+    as far as its header goes, but its class or flags say its pixels or payload may identify the patient.
+    A deliberate omission, not a gap: an export whose only omissions are these is complete."""
 
 
 @dataclass
@@ -122,7 +128,7 @@ class Deidentifier:
         """De-identify ``ds`` in place (and its file meta); raise Refused when it must not go out."""
         risk = risk_of(ds)
         if risk and not self.allow_risky:
-            raise Refused(f"risky object: {risk} (export it with --allow-risky, checked by hand)")
+            raise RiskRefused(f"risky object: {risk} (export it with --allow-risky, checked by hand)")
         study_uid = str(ds.get("StudyInstanceUID", "")).strip()
         if not study_uid or "SOPInstanceUID" not in ds:
             raise Refused("no Study or SOP Instance UID: the object cannot be placed in the export")

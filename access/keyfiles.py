@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from diana.durable import fsync_dir
+from diana.spreadsheet_csv import quote_cell
 
 __all__ = ["KeyFileError", "read_site_secret", "check_key_file_place", "write_private"]
 
@@ -64,10 +65,12 @@ def check_key_file_place(key_file: Path, export_target: Path) -> None:
 
 
 def key_csv(rows: list[dict]) -> bytes:
+    """The key file's CSV; an original ID or name a spreadsheet would run as a formula is quoted
+    (diana.spreadsheet_csv: nothing in diana-star reads the key file back)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=KEY_COLUMNS)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: quote_cell(v) for k, v in row.items()} for row in rows)
     return buf.getvalue().encode()
 
 

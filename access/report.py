@@ -13,11 +13,11 @@ from typing import Any
 from opensearchpy import OpenSearch
 
 from diana.access.dose_survey import reference_level_survey
-from diana.access.site_zone import SiteZone, host_zone
+from diana.access.site_zone import SiteZone, host_zone, time_zone_info
 from diana.schemas.layout import IndexLayout
 from diana.stream_apps.dose.reference_levels import ReferenceLevels
 
-__all__ = ["build_report", "host_time_zone"]
+__all__ = ["build_report", "host_time_zone", "MissingInstanceIndex"]
 
 _COLOURS = (
     "#1f77b4",
@@ -31,6 +31,10 @@ _COLOURS = (
     "#bcbd22",
     "#17becf",
 )
+
+
+class MissingInstanceIndex(LookupError):
+    """No instance alias under the configured prefix: a page of "No data" would look like a quiet month."""
 
 
 def host_time_zone() -> str:
@@ -52,13 +56,19 @@ def _search(client: OpenSearch, index: str, query: dict, aggs: dict) -> dict:
     return client.search(index=index, body={"size": 0, "query": query, "aggs": aggs}).get("aggregations", {})
 
 
-def _bar_chart(chart_id: str, title: str, series: dict[str, dict[str, float]], unit: str = "") -> str:
-    """Stacked bars: x categories in order, one colour per series."""
+def _bar_chart(
+    chart_id: str, title: str, series: dict[str, dict[str, float]], unit: str = "", *, stacked: bool = True
+) -> str:
+    """Bars: x categories in order, one colour per series. Stacked for counts, whose sum is a count; side
+    by side (``stacked=False``) for means, whose sum is no quantity (a stack of two scanners' mean DLPs
+    read as a dose)."""
     categories = sorted({x for values in series.values() for x in values})
     if not categories:
         return f'<section><h2>{html.escape(title)}</h2><p class="empty">No data in this range.</p></section>'
-    totals = {x: sum(values.get(x, 0) for values in series.values()) for x in categories}
-    top = max(totals.values()) or 1
+    if stacked:
+        top = max(sum(values.get(x, 0) for values in series.values()) for x in categories) or 1
+    else:
+        top = max(values.get(x, 0) for values in series.values() for x in categories) or 1
     width, height, left, bottom = 760, 260, 100, 40
     bar = (width - left - 10) / len(categories)
     parts = [
@@ -67,18 +77,21 @@ def _bar_chart(chart_id: str, title: str, series: dict[str, dict[str, float]], u
         f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}" stroke="#333"/>',
         f'<text x="{left - 5}" y="15" text-anchor="end" font-size="11">{top:g}{html.escape(unit)}</text>',
     ]
+    slot = max(bar - 4, 1) / (1 if stacked else len(series))  # the width of one series' bar
     for i, x in enumerate(categories):
         y = float(height - bottom)
         for s_index, (name, values) in enumerate(sorted(series.items())):
             value = float(values.get(x, 0))
             h = (height - bottom - 20) * value / top
             if h > 0:
+                x0 = left + i * bar + 2 + (0 if stacked else s_index * slot)
                 parts.append(
-                    f'<rect class="bar" x="{left + i * bar + 2:.1f}" y="{y - h:.1f}" width="{max(bar - 4, 1):.1f}" '
+                    f'<rect class="bar" x="{x0:.1f}" y="{y - h:.1f}" width="{max(slot - (0 if stacked else 1), 1):.1f}" '
                     f'height="{h:.1f}" fill="{_COLOURS[s_index % len(_COLOURS)]}">'
                     f"<title>{html.escape(str(name))} {html.escape(str(x))}: {value:g}</title></rect>"
                 )
-                y -= h
+                if stacked:
+                    y -= h
         if len(categories) <= 31:
             parts.append(
                 f'<text x="{left + (i + 0.5) * bar:.1f}" y="{height - bottom + 14}" font-size="10" '
@@ -124,6 +137,18 @@ def _split(aggs: dict, outer: str, inner: str, value=lambda b: b["doc_count"]) -
     return series
 
 
+def _local_time(stamp: str, time_zone: str) -> str:
+    """An ISO time stamp (UTC when it names no offset) as the wall-clock time of ``time_zone``, to the
+    second; one that does not read as a time, as it is."""
+    try:
+        moment = datetime.fromisoformat(stamp)
+    except ValueError:
+        return stamp
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(time_zone_info(time_zone)).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _over_level(study: dict) -> list[tuple]:
     """(standard name, metric, value, level, level source) of what a study exceeded: each part over its
     own level for a study of several standard names (drl_parts), else the study."""
@@ -135,10 +160,10 @@ def _over_level(study: dict) -> list[tuple]:
 
 
 def _reference_level_sections(
-    client: OpenSearch, prefix: str, levels: ReferenceLevels | None, received: dict, as_of: date
+    client: OpenSearch, prefix: str, levels: ReferenceLevels | None, received: dict, as_of: date, identifiers: bool
 ) -> list[str]:
     """The DRL survey (median per standard name over the levels' window to ``as_of``) and the range's
-    studies over their level."""
+    studies over their level (with their accession numbers only when ``identifiers``)."""
     if levels is None or not levels.study:
         return []
     rows = reference_level_survey(client, prefix, levels, as_of)
@@ -174,17 +199,28 @@ def _reference_level_sections(
         ),
         _table(
             "Studies over their reference level (latest 50; a study of several standard names: each part over its own)",
-            ["study date", "standard name", "metric", "value", "level", "level source", "max SSDE (mGy)", "accession"],
+            [
+                "study date",
+                "station",
+                "standard name",
+                "metric",
+                "value",
+                "level",
+                "level source",
+                "max SSDE (mGy)",
+                *(["accession"] if identifiers else []),
+            ],
             [
                 [
                     h["_source"].get("study_date"),
+                    h["_source"].get("station_name"),
                     name,
                     metric,
                     value,
                     level,
                     source,
                     h["_source"].get("max_ssde_mGy"),
-                    h["_source"].get("accession_number"),
+                    *([h["_source"].get("accession_number")] if identifiers else []),
                 ]
                 for h in over.get("hits", {}).get("hits", [])
                 for name, metric, value, level, source in _over_level(h["_source"])
@@ -203,18 +239,27 @@ def build_report(
     time_zone: str,
     as_of: date | None = None,
     zone_note: str = "",
+    identifiers: bool = False,
 ) -> str:
     """The page for the days ``start`` to ``end`` (by arrival), each from midnight to midnight in
     ``time_zone`` (an IANA name or "+HH:MM"), not UTC's: the site's day. The reference-level survey's
     window ends on ``as_of`` (default: today in ``time_zone``); ``zone_note``, a warning about the zone
-    (site_zone.SiteZone.note), is shown under the title."""
+    (site_zone.SiteZone.note), is shown under the title. The page is meant to be printed and mailed:
+    its studies are named by date, station and standard name or protocol, and by their accession numbers
+    (a direct identifier) only with ``identifiers``."""
+    instances = IndexLayout(prefix).alias("instances")
+    if not client.indices.exists_alias(name=instances):
+        raise MissingInstanceIndex(
+            f"OpenSearch has no {instances} alias: check [opensearch] index_prefix ({prefix!r}), "
+            "or whether the OpenSearch sink has indexed anything yet"
+        )
     if as_of is None:
         as_of = SiteZone(time_zone).today()
     received = _range("received_at", start, end, time_zone)
     per_day = {"calendar_interval": "day", "format": "yyyy-MM-dd", "min_doc_count": 1, "time_zone": time_zone}
     ingest = _search(
         client,
-        IndexLayout(prefix).alias("instances"),
+        instances,
         received,
         {
             "days": {
@@ -288,8 +333,15 @@ def build_report(
                 }
             },
             " mGy",
+            stacked=False,
         ),
-        _bar_chart("dlp-by-station", "Mean study DLP per day, by scanner (mGy·cm)", dlp_days, " mGy·cm"),
+        _bar_chart(
+            "dlp-by-station",
+            "Mean study DLP per day, by scanner (mGy·cm)",
+            dlp_days,
+            " mGy·cm",
+            stacked=False,  # a mean per scanner: side by side, never summed
+        ),
         _table(
             "Dose by scanner",
             ["station", "studies", "mean DLP (mGy·cm)", "total DAP (Gy·m²)"],
@@ -298,25 +350,43 @@ def build_report(
                 for b in dlp.get("stations", {}).get("buckets", [])
             ],
         ),
-        *_reference_level_sections(client, prefix, levels, received, as_of),
+        *_reference_level_sections(client, prefix, levels, received, as_of, identifiers),
         _table(
             "Dose alerts (latest 50)",
-            ["raised", "rule", "metric", "value", "threshold", "accession", "station"],
+            [
+                f"raised ({time_zone})",  # the page's zone, as its days
+                "rule",
+                "metric",
+                "value",
+                "threshold",
+                "study date",
+                "station",
+                "protocol",
+                *(["accession"] if identifiers else []),
+            ],
             [
                 [
-                    h["_source"].get("raised_at", "")[:19],
+                    _local_time(h["_source"].get("raised_at") or "", time_zone),
                     h["_source"].get("rule"),
                     h["_source"].get("metric"),
                     h["_source"].get("value"),
                     h["_source"].get("threshold"),
-                    h["_source"].get("accession_number"),
+                    h["_source"].get("study_date"),
                     h["_source"].get("station_name"),
+                    h["_source"].get("protocol"),
+                    *([h["_source"].get("accession_number")] if identifiers else []),
                 ]
                 for h in alerts.get("hits", {}).get("hits", [])
             ],
         ),
     ]
     made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    identified = (
+        "This page holds accession numbers (direct identifiers): keep it as patient data."
+        if identifiers
+        else "Studies are named by date, station and standard name or protocol: no identifier "
+        "(diana report --identifiers adds accession numbers)."
+    )
     warning = f'<p class="warning">{html.escape(zone_note)}</p>\n' if zone_note else ""
     summary = (
         f"{int(ingest.get('studies', {}).get('value', 0))} studies, "
@@ -334,6 +404,7 @@ th {{ background: #eee; }} .empty {{ color: #888; }} .warning {{ color: #a00; fo
 <h1>diana-star: ingest and dose, {start} to {end}</h1>
 <p>Days run from midnight to midnight in {html.escape(time_zone)}.</p>
 {warning}<p>{html.escape(summary)}. Made {made} from the OpenSearch indices <code>{html.escape(prefix)}-*</code>.</p>
+<p>{identified}</p>
 {"".join(sections)}
 </body></html>
 """

@@ -60,6 +60,8 @@ def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
     except TransportError as exc:
         return _refused(cfg, command, exc, "narrow the filters")
     rows = found.rows
+    if args.action == "export" and not rows:  # before anything is created: no empty folder to take for an export
+        return fail(command, "no study matches the filters; nothing exported", code=1)
     if found.more_match:
         if args.action == "export" and args.limit is None:
             # An export the researcher takes for the whole cohort must be the whole cohort.
@@ -105,10 +107,11 @@ def _refusal(exc) -> str:
 
 
 def _cohort_export(cfg: Config, args: argparse.Namespace, client, prefix: str, study_uids: list[str]) -> int:
+    from opensearchpy.exceptions import TransportError
     from tqdm import tqdm
 
-    from diana.access.cohort import study_instances
-    from diana.access.export import ExportError, export_instances
+    from diana.access.cohort import count_instances, study_instance_batches
+    from diana.access.export import INCOMPLETE_NAME, ExportError, NothingToExport, export_batches
     from diana.access.keyfiles import KeyFileError
     from diana.access.research import deidentifier_from
     from diana.storage import open_store
@@ -130,19 +133,31 @@ def _cohort_export(cfg: Config, args: argparse.Namespace, client, prefix: str, s
             return fail("cohort export", str(exc))
     if args.key_file and not deidentify:
         return fail("cohort export", "--key-file only makes sense with de-identification (--research)")
-    instances = study_instances(client, prefix, study_uids)
     try:
-        with tqdm(total=len(instances), unit="obj", desc="export", disable=args.no_progress) as bar:
-            summary = export_instances(
-                instances,
+        total = count_instances(client, prefix, study_uids)
+    except TransportError as exc:
+        return _refused(cfg, "cohort export", exc, "nothing exported; narrow the filters")
+    try:
+        # The studies' instances are searched a batch of studies at a time, as the export goes.
+        with tqdm(total=total, unit="obj", desc="export", disable=args.no_progress) as bar:
+            summary = export_batches(
+                study_instance_batches(client, prefix, study_uids),
                 open_store(cfg, "archive"),
                 Path(args.out),
                 deidentifier=deidentifier,
                 key_file=Path(args.key_file) if args.key_file else None,
                 progress=bar.update,
             )
+    except NothingToExport as exc:  # as when no study matches: the world changed, not the command line
+        return fail("cohort export", str(exc), code=1)
     except (ExportError, KeyFileError) as exc:
         return fail("cohort export", str(exc))
+    except TransportError as exc:
+        if Path(args.out).suffix.lower() == ".zip":
+            where = "the zip was not written"
+        else:
+            where = f"{args.out} is marked with {INCOMPLETE_NAME}"
+        return _refused(cfg, "cohort export", exc, f"the export stopped ({where}); run it again into a new --out")
     print("\n".join(summary.lines()))
     return 0 if summary.complete else 1
 
@@ -160,8 +175,29 @@ def cmd_dashboards(cfg: Config, args: argparse.Namespace) -> int:
         return 0
     import requests
 
+    from diana.clients import opensearch_auth
+
+    # Dashboards logs in with the users of its OpenSearch: [opensearch] username and password, sent only
+    # over https (as to OpenSearch itself), the certificate checked against [opensearch] ca_file if set.
+    secure = args.url.startswith("https://")
     try:
-        result = install(args.url, ndjson)
+        result = install(
+            args.url,
+            ndjson,
+            auth=opensearch_auth(cfg.opensearch) if secure else None,
+            verify=cfg.opensearch.ca_file or True,
+        )
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            if not secure:
+                why = "credentials are sent only to an https:// --url"
+            elif cfg.opensearch.username:
+                why = f"check [opensearch] username ({cfg.opensearch.username}) and its password, and the user's rights"
+            else:
+                why = "set [opensearch] username, and its password through DIANA_OPENSEARCH_PASSWORD or password_file"
+            return fail("dashboards", f"{args.url} refused the credentials (HTTP {status}): {why}", code=1)
+        return fail("dashboards", f"import into {args.url} failed: {exc}", code=1)
     except requests.RequestException as exc:
         return fail(
             "dashboards",
@@ -182,7 +218,7 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
 
     from opensearchpy.exceptions import NotFoundError, TransportError
 
-    from diana.access.report import build_report
+    from diana.access.report import MissingInstanceIndex, build_report
     from diana.access.site_zone import site_time_zone
     from diana.clients import opensearch_client
     from diana.durable import write_atomic
@@ -191,11 +227,14 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
     zone = site_time_zone(cfg.report.time_zone)
     time_zone = zone.name
     today = zone.today()
+    out_of_range = "a date of the report falls outside 0001-01-01 to 9999-12-31"
     try:
         end = date.fromisoformat(args.to_date) if args.to_date else today
         start = date.fromisoformat(args.from_date) if args.from_date else end - timedelta(days=30)
     except ValueError as exc:
         return fail("report", f"{exc}; dates look like 2024-03-15")
+    except OverflowError:  # --to in the first 30 days of year 1: its default --from is before any date
+        return fail("report", f"{out_of_range} (--from defaults to 30 days before --to): give --from")
     if start > end:
         return fail("report", f"--from {start} is after --to {end}")
     try:
@@ -213,6 +252,13 @@ def cmd_report(cfg: Config, args: argparse.Namespace) -> int:
             time_zone=time_zone,
             as_of=args.as_of or end,  # the survey ends with the report unless told otherwise
             zone_note=zone.note,
+            identifiers=args.identifiers,
+        )
+    except MissingInstanceIndex as exc:
+        return fail("report", str(exc), code=1)
+    except OverflowError:  # the day after --to, or the reference-level survey's window before --as-of
+        return fail(
+            "report", f"{out_of_range} (the day after --to; the survey's window_days before --as-of): use real dates"
         )
     except NotFoundError as exc:  # before the sinks made the indices: not a zone to fix
         return fail("report", f"index missing ({getattr(exc, 'info', exc)}); nothing indexed yet?", code=1)
@@ -503,5 +549,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="YYYY-MM-DD",
         help="the last day of the reference-level survey's window ([dose] reference_levels' window_days "
         "days ending on it; default: the report's last day, --to)",
+    )
+    rep.add_argument(
+        "--identifiers",
+        action="store_true",
+        help="add the accession numbers of the studies over their reference level and of the dose alerts "
+        "(direct identifiers; left out by default, the page being meant to be printed or mailed)",
     )
     rep.set_defaults(func=cmd_report)

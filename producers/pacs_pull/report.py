@@ -6,6 +6,7 @@ import csv
 from typing import TextIO
 
 from diana.producers.pacs_pull.ledger import JobState
+from diana.spreadsheet_csv import quote_cell
 
 __all__ = ["OUTCOMES", "SHORT", "COLUMNS", "report_rows", "write_report", "summary_line", "shortfall"]
 
@@ -69,10 +70,12 @@ def report_rows(job: JobState) -> list[dict[str, object]]:
 
 
 def write_report(job: JobState, out: TextIO) -> int:
+    """The job's report as CSV; a cell a spreadsheet would run as a formula (an input line, an accession
+    number, a PACS's text) is quoted (diana.spreadsheet_csv: nothing in diana-star reads the report back)."""
     rows = report_rows(job)
     writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: quote_cell(v) for k, v in row.items()} for row in rows)
     return len(rows)
 
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
 from diana.schemas.uid import is_valid_uid
+from diana.spreadsheet_csv import unquote_cell
 
-__all__ = ["CollectRequest", "RequestError", "parse_csv", "criteria_request", "normalise_date"]
+__all__ = ["CollectRequest", "RequestError", "parse_csv", "criteria_request", "normalise_date", "COHORT_FIND_HEADER"]
 
 # header spelling (lower case, without spaces, '_' and '-') -> field
 _COLUMNS = {
@@ -82,6 +84,24 @@ def normalise_date(value: str) -> str:
         raise ValueError(f"{value!r} is not a date like 2024-03-15") from None
 
 
+# The header `diana cohort find --output F.csv` writes (access/cohort.py COLUMNS; a unit test keeps the
+# two equal: collect may not import access/). Only a CSV with exactly this header has its cells'
+# formula quotes (diana.spreadsheet_csv) taken off: a hand-made list's values are read as written.
+COHORT_FIND_HEADER = (
+    "study_instance_uid",
+    "study_date",
+    "accession_number",
+    "patient_id",
+    "patient_sex",
+    "patient_age_years",
+    "modalities",
+    "study_description",
+    "stations",
+    "series",
+    "instances",
+)
+
+
 def _build(line: int, text: str, values: dict[str, str]) -> CollectRequest:
     fields: dict[str, object] = {}
     try:
@@ -123,11 +143,14 @@ def parse_csv(path: Path) -> list[CollectRequest]:
     if not rows:
         raise RequestError(f"{path} is empty; give one accession number per line, or a CSV with a header")
     header = [_COLUMNS.get(re.sub(r"[\s_\-]", "", h.lower())) for h in rows[0]]
+    unquote: Callable[[str], str] = str  # cells as written, unless the file is a `cohort find` CSV
     if not any(header):
         # No header: one accession number per line, numbered from the first line of the file.
         header, data, first = ["accession_number"], rows, 1
     else:
         data, first = rows[1:], 2
+        if tuple(rows[0]) == COHORT_FIND_HEADER:
+            unquote = unquote_cell
         if not any(h in ("accession_number", "patient_id", "study_instance_uid") for h in header):
             raise RequestError(
                 f"{path}: the header names no AccessionNumber, PatientID or StudyInstanceUID column "
@@ -141,7 +164,7 @@ def parse_csv(path: Path) -> list[CollectRequest]:
         if len(row) > len(header):
             out.append(CollectRequest(number, text, error=f"{len(row)} fields where the header has {len(header)}"))
             continue
-        values = {h: cell for h, cell in zip(header, row, strict=False) if h}
+        values = {h: unquote(cell) for h, cell in zip(header, row, strict=False) if h}
         out.append(_build(number, text, values))
     return out
 

@@ -69,6 +69,9 @@ def test_find_by_modality_and_date(pipeline, cohort_studies, tmp_path):
     assert rows[0]["instances"] == 8 and rows[0]["series"] == 2 and rows[0]["modalities"] == "CT"
     table = diana(pipeline, "cohort", "find", *FILTERS, "--description", "cohort axial")
     assert wanted.study_uid in table.stdout and "1 studies" in table.stdout
+    # the words in two fields: "chest" in the study description, "axial" in the series description
+    across = diana(pipeline, "cohort", "find", *FILTERS, "--description", "chest axial")
+    assert wanted.study_uid in across.stdout and "1 studies" in across.stdout, across.stdout + across.stderr
 
 
 def test_a_cut_keeps_the_earliest_study_counted_whole_and_dated_by_its_earliest_dated_instance(pipeline, tmp_path):
@@ -132,7 +135,9 @@ def test_export_is_byte_identical_without_deidentification(pipeline, cohort_stud
     import zipfile
 
     with zipfile.ZipFile(zipped) as zf:
-        assert len(zf.namelist()) == 8
+        assert sorted(zf.namelist())[-1] == REPORT_NAME and len(zf.namelist()) == 9  # 8 objects and the report
+        assert json.loads(zf.read(REPORT_NAME))["status"] == "complete"
+    assert not (out / INCOMPLETE_NAME).exists() and json.loads((out / REPORT_NAME).read_text())["status"] == "complete"
 
 
 def _pseudonyms(folder: Path) -> tuple[set[str], set[str]]:
@@ -261,13 +266,15 @@ def test_research_export_cli_refuses_risky_objects_reports_and_guards_its_files(
     secret.chmod(0o600)
     out, key = tmp_path / "research", tmp_path / "key.csv"
     result = _research(pipeline, secret, out, "--project", "lung", "--key-file", str(key), "--clean-structured-content")
-    assert result.returncode == 1, result.stdout + result.stderr  # one object refused: not everything went out
-    assert "1 objects refused" in result.stdout and "secondary capture" in result.stdout
+    # the secondary capture is withheld by the risk policy: deliberate, not a gap, so the export is complete
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 objects withheld by the risk policy" in result.stdout and "secondary capture" in result.stdout
     report = json.loads((out / REPORT_NAME).read_text())
-    assert report["status"] == "partial" and report["exported"] == 2 and len(report["refused"]) == 1
+    assert report["status"] == "complete" and report["exported"] == 2 and report["refused"] == []
+    assert len(report["withheld_by_policy"]) == 1
     assert [c["code"] for c in report["deidentification_method_codes"]] == ["113100", "113104", "113107"]
     assert report["table"].startswith("DICOM PS3.15 2026c Table E.1-1")
-    assert not (out / INCOMPLETE_NAME).exists()
+    assert not (out / INCOMPLETE_NAME).exists() and "INCOMPLETE" not in result.stdout
     assert oct(key.stat().st_mode & 0o777) == "0o600"
     d = Deidentifier(ProjectKeys(b"unused-secret-0123456789", "x"), ProfileOptions(clean_structured_content=True))
     exported = [pydicom.dcmread(p) for p in sorted(out.rglob("*.dcm"))]
@@ -285,6 +292,7 @@ def test_research_export_cli_refuses_risky_objects_reports_and_guards_its_files(
     assert "WARNING: 1 risky objects exported" in result.stdout
     flags = sorted(pydicom.dcmread(p).PatientIdentityRemoved for p in opted_in.rglob("*.dcm"))
     assert flags == ["NO", "YES", "YES"]
+    assert not (opted_in / INCOMPLETE_NAME).exists()  # every object went out
 
     result = _research(pipeline, secret, tmp_path / "no-project")
     assert result.returncode == 2 and "--project NAME" in result.stderr

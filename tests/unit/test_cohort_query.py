@@ -8,6 +8,7 @@ tests/integration/test_cohort.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import Counter
@@ -39,6 +40,15 @@ def _predicate(query: dict):
             and (not shoulds or any(p(doc) for p in shoulds))
             and not any(p(doc) for p in nots)
         )
+    if kind == "multi_match":  # operator "and" over text fields of one analyzer, words split on blanks
+        words = spec["query"].lower().split()
+
+        def in_field(doc, field, word):
+            return word in str(doc.get(field) or "").lower().split()
+
+        if spec.get("type") == "cross_fields":  # each word in any field
+            return lambda doc: all(any(in_field(doc, f, w) for f in spec["fields"]) for w in words)
+        return lambda doc: any(all(in_field(doc, f, w) for w in words) for f in spec["fields"])  # best_fields
     if kind == "exists":
         return lambda doc: doc.get(spec["field"]) is not None
     if kind == "terms":
@@ -97,6 +107,10 @@ class RecordingIndex:
             self._matching[key] = [d for d in self.docs[kind] if test(d)]
         docs = self._matching[key]
         return self._composite(body, docs) if "aggs" in body else self._page(body, docs)
+
+    def count(self, index: str, body: dict) -> dict:
+        test = _predicate(body["query"])
+        return {"count": sum(1 for d in self.docs[index.removeprefix("diana-")] if test(d))}
 
     def _page(self, body: dict, docs: list[dict]) -> dict:
         [(field, _)] = body["sort"][0].items()
@@ -341,3 +355,162 @@ def test_cohort_find_output_is_readable_by_its_owner_only(tmp_path: Path, monkey
         os.umask(old_umask)
     assert "P-77" in out.read_text()
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+def _archived_cohort(tmp_path, studies: int, per_study: int = 3) -> tuple[RecordingIndex, list[dict]]:
+    """Studies indexed with their instances' hashes and laid out in the default archive folder of the
+    `config` fixture (var/archive beside it)."""
+    instances = []
+    for n in range(studies):
+        for k in range(per_study):
+            study, series, sop = f"1.9.{n}", f"1.9.{n}.1", f"1.9.{n}.1.{k}"
+            data = f"object {sop}".encode()
+            path = tmp_path / "var" / "archive" / study / series / f"{sop}.dcm"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            instances.append(
+                {
+                    **_instance(study, f"2024-02-{n + 1:02d}"),
+                    "series_instance_uid": series,
+                    "sop_instance_uid": sop,
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "size_bytes": len(data),
+                }
+            )
+    return RecordingIndex(instances), instances
+
+
+def _instance_searches(index: RecordingIndex) -> list[list[str]]:
+    """The study UIDs of each search (first page) of the studies' instances an export sent."""
+    return [
+        body["query"]["terms"]["study_instance_uid"]
+        for _, body in index.bodies
+        if "terms" in body["query"] and "search_after" not in body
+    ]
+
+
+def test_export_searches_the_instances_a_batch_of_studies_at_a_time_as_it_goes(config, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(cohort, "STUDIES_PER_BATCH", 2)
+    index, instances = _archived_cohort(tmp_path, studies=5)
+    _index_of(monkeypatch, index)
+    import diana.access.export as export
+
+    searched_when_copied: list[int] = []  # how many instance searches were sent when each object was copied
+    write = export.write_atomic
+
+    def recording_write(path, data):
+        searched_when_copied.append(len(_instance_searches(index)))
+        write(path, data)
+
+    monkeypatch.setattr(export, "write_atomic", recording_write)
+    out = tmp_path / "out"
+    assert main(["--config", str(config), "cohort", "export", "--out", str(out), "--no-progress"]) == 0
+    assert "exported 15 objects of 5 studies" in capsys.readouterr().out
+    assert len(list(out.rglob("*.dcm"))) == 15
+    assert [len(b) for b in _instance_searches(index)] == [2, 2, 1]
+    # the first objects were copied before the later studies' instances were asked for
+    assert searched_when_copied[1] == 1 and max(searched_when_copied) == 3
+
+
+def test_a_refused_instance_search_of_an_export_is_one_line_not_a_traceback(config, monkeypatch, capsys, tmp_path):
+    stand_in, _ = _archived_cohort(tmp_path, studies=2)
+    find = stand_in.search
+
+    def refusing(index, body):
+        if "terms" in body["query"]:  # the export's search of the studies' instances
+            raise RequestError(400, "search_phase_execution_exception", {"error": {"reason": "too many clauses"}})
+        return find(index, body)
+
+    stand_in.search = refusing  # type: ignore[method-assign]
+    _index_of(monkeypatch, stand_in)
+    out = tmp_path / "out"
+    assert main(["--config", str(config), "cohort", "export", "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "OpenSearch refused the search (400 search_phase_execution_exception: too many clauses)" in err
+    assert f"{out} is marked with EXPORT-INCOMPLETE.txt" in err and (out / "EXPORT-INCOMPLETE.txt").exists()
+
+
+def test_an_export_of_no_study_says_so_and_creates_nothing(config, monkeypatch, capsys, tmp_path):
+    _index_of(monkeypatch, RecordingIndex(_month_of_studies()))
+    out = tmp_path / "out"
+    assert main(["--config", str(config), "cohort", "export", "--modality", "MR", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "diana cohort export: no study matches the filters; nothing exported"
+    assert "exported 0 objects" not in captured.out and not out.exists()
+
+
+def test_dicom_form_dates_are_asked_and_compared_as_iso_dates():
+    index = RecordingIndex(_month_of_studies())
+    found = find_studies(index, "diana", CohortFilter(date_from="20240105", date_to="2024-01-10"), limit=100)
+    assert [r["study_date"] for r in found.rows] == [f"2024-01-{day:02d}" for day in range(5, 11)]
+    ranges = [
+        f["range"]["study_date"]
+        for _, body in index.bodies
+        for f in body["query"]["bool"]["filter"]
+        if "range" in f  # the query picking the studies; the one counting them nests it
+    ]
+    assert ranges and all(r == {"gte": "2024-01-05", "lte": "2024-01-10"} for r in ranges)
+    with pytest.raises(cohort.CohortError, match="--date-from 2024-01-10 is after --date-to 2024-01-05"):
+        find_studies(index, "diana", CohortFilter(date_from="2024-01-10", date_to="20240105"))
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_quoted_and_collect_reads_them_back(tmp_path):
+    import csv
+    import io
+
+    from diana.producers.pacs_pull.requests import parse_csv
+
+    rows = [
+        {
+            "study_instance_uid": "1.2.3",
+            "accession_number": "-A1",
+            "patient_id": "=HYPERLINK(1)",
+            "study_description": "@SUM(1)",
+            "patient_age_years": -1.0,
+            "series": 2,
+        },
+        {"study_instance_uid": "1.2.4", "accession_number": "'+A2", "patient_id": "\tP2", "study_description": "CT"},
+    ]
+    out = io.StringIO()
+    cohort.write_rows(rows, out, "csv")
+    written = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert [r["accession_number"] for r in written] == ["'-A1", "''+A2"]
+    assert [r["patient_id"] for r in written] == ["'=HYPERLINK(1)", "'\tP2"]
+    assert written[0]["study_description"] == "'@SUM(1)" and written[1]["study_description"] == "CT"
+    assert written[0]["patient_age_years"] == "-1.0"  # a number is no formula
+    path = tmp_path / "cohort.csv"
+    path.write_text(out.getvalue(), encoding="utf-8")
+    first, second = parse_csv(path)  # `diana collect` asks the PACS for the values as they were
+    assert first.find_keys() == {"AccessionNumber": "-A1", "PatientID": "=HYPERLINK(1)", "StudyInstanceUID": "1.2.3"}
+    assert (second.accession_number, second.patient_id) == ("'+A2", "P2")  # collect strips blanks, as always
+
+
+def test_description_words_may_be_in_different_fields():
+    instances = [
+        {**_instance("2.1", "2024-01-01"), "study_description": "CT thorax low", "protocol_name": "dose 1mm"},
+        {**_instance("2.2", "2024-01-02"), "study_description": "CT low dose thorax"},
+        {**_instance("2.3", "2024-01-03"), "study_description": "CT thorax", "series_description": "low"},
+    ]
+    rows = find_studies(RecordingIndex(instances), "diana", CohortFilter(description="low dose")).rows
+    assert [r["study_instance_uid"] for r in rows] == ["2.1", "2.2"]
+
+
+def test_an_export_whose_studies_left_the_index_after_the_search_fails_and_leaves_no_folder(
+    config, monkeypatch, capsys, tmp_path
+):
+    stand_in, _ = _archived_cohort(tmp_path, studies=2)
+    find = stand_in.search
+
+    def instances_gone(index, body):
+        if "terms" in body["query"]:  # the export's search of the studies' instances: removed meanwhile
+            return {"hits": {"hits": []}}
+        return find(index, body)
+
+    stand_in.search = instances_gone  # type: ignore[method-assign]
+    _index_of(monkeypatch, stand_in)
+    out = tmp_path / "out"
+    assert main(["--config", str(config), "cohort", "export", "--out", str(out), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("diana cohort export: no object to export") and "nothing exported" in captured.err
+    assert "exported 0 objects" not in captured.out and not out.exists()

@@ -381,3 +381,34 @@ def test_the_report_files_are_readable_by_their_owner_only(tmp_path: Path, monke
         assert status_report.read_text().startswith("line,input,outcome")
     finally:
         os.umask(old_umask)
+
+
+def test_a_hand_made_csv_keeps_a_value_starting_with_a_quote(tmp_path: Path):
+    """Only `cohort find`'s own CSV has its formula quotes taken off: a hand-made list is read as written."""
+    path = tmp_path / "a.csv"
+    path.write_text("AccessionNumber,PatientID\n'-17,''P1\n")
+    [request] = parse_csv(path)
+    assert (request.accession_number, request.patient_id) == ("'-17", "''P1")
+
+
+def test_the_cohort_find_header_collect_unquotes_is_the_one_cohort_find_writes():
+    from diana.access.cohort import COLUMNS
+    from diana.producers.pacs_pull.requests import COHORT_FIND_HEADER
+
+    assert COHORT_FIND_HEADER == COLUMNS
+
+
+def test_report_cells_a_spreadsheet_would_run_are_quoted():
+    events = [
+        _event("JOB_STARTED", input="[]"),
+        _event("LINE_UNPARSABLE", line=2, input="=HYPERLINK(1)", detail="-bad"),
+        _event("STUDY_FOUND", line=3, study_instance_uid="1.2", accession_number="@A3", expected_instances=1),
+        _event("LINE_FOUND", line=3, input="+A3", pacs_status="0x0000"),
+    ]
+    out = io.StringIO()
+    write_report(JobState.fold("j", events), out)
+    import csv
+
+    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert [(r["line"], r["input"], r["detail"]) for r in rows][0] == ("2", "'=HYPERLINK(1)", "'-bad")
+    assert (rows[1]["input"], rows[1]["accession_number"]) == ("'+A3", "'@A3")

@@ -5,6 +5,7 @@ project/patient/study, and the safety of the key and secret files."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 import os
@@ -20,7 +21,14 @@ from pydicom.uid import generate_uid
 
 from diana.access.deid import Deidentified, Deidentifier
 from diana.access.deid_options import ProfileOptions
-from diana.access.export import INCOMPLETE_NAME, REPORT_NAME, ExportError, export_instances
+from diana.access.export import (
+    INCOMPLETE_NAME,
+    REPORT_NAME,
+    ExportError,
+    NothingToExport,
+    export_batches,
+    export_instances,
+)
 from diana.access.keyfiles import KeyFileError, read_site_secret
 from diana.access.pseudonyms import ProjectKeys
 from diana.access.residual import collect, scan
@@ -109,13 +117,15 @@ def test_export_over_pydicom_files_and_generated_objects_reports_instead_of_cras
         warnings.simplefilter("ignore")
         d, summary, target = _export(tmp_path, copy.deepcopy(sources), options=EXPORT_OPTIONS[options_name])
     report = json.loads((target / REPORT_NAME).read_text())
-    assert not (target / INCOMPLETE_NAME).exists()
-    assert summary.exported + len(summary.refused) == len(sources) and summary.exported > 100
+    # objects were refused: the export is not the whole cohort and says so where a user looks
+    assert f"{len(summary.refused)} objects refused" in (target / INCOMPLETE_NAME).read_text()
+    assert summary.exported + len(summary.refused) + len(summary.withheld) == len(sources) and summary.exported > 100
     assert report["status"] == "partial" and report["exported"] == summary.exported
     assert report["table"].startswith("DICOM PS3.15 2026c Table E.1-1 (dicom-anonymizer")
     reasons = {r["reason"] for r in report["refused"]}
     assert "ContentDate: not a DA (YYYYMMDD)" in reasons
-    assert any(r.startswith("risky object: secondary capture") for r in reasons)
+    assert not any(r.startswith("risky object") for r in reasons)  # withheld by policy: not a gap
+    assert any(r["reason"].startswith("risky object: secondary capture") for r in report["withheld_by_policy"])
     assert summary.residual_hits == []
     by_sop = {d.keys.uid(str(s.SOPInstanceUID).strip()): s for s in sources if "SOPInstanceUID" in s}
     checked = 0
@@ -169,8 +179,8 @@ def test_risky_objects_are_refused_by_default_and_flagged_with_the_opt_in(tmp_pa
     plain = identifying_object("ct")
     objects = [burned, capture, video, ultrasound, pdf, plain]
     _, summary, target = _export(tmp_path, copy.deepcopy(objects))
-    assert summary.exported == 1 and len(summary.refused) == 5
-    reasons = sorted(why.split(": ", 1)[1].split(" (export it with --allow-risky")[0] for _, why in summary.refused)
+    assert summary.exported == 1 and len(summary.withheld) == 5 and not summary.refused
+    reasons = sorted(why.split(": ", 1)[1].split(" (export it with --allow-risky")[0] for _, why in summary.withheld)
     assert reasons == [
         "BurnedInAnnotation is YES (identifying text in the pixels)",
         "encapsulated document (its payload is not examined)",
@@ -178,7 +188,7 @@ def test_risky_objects_are_refused_by_default_and_flagged_with_the_opt_in(tmp_pa
         "ultrasound (text in the pixels is common)",
         "visible light / video (faces and text in the pixels)",
     ]
-    assert len(json.loads((target / REPORT_NAME).read_text())["refused"]) == 5
+    assert len(json.loads((target / REPORT_NAME).read_text())["withheld_by_policy"]) == 5
 
     _, summary, target = _export(tmp_path, copy.deepcopy(objects), name="optin", allow_risky=True)
     assert summary.exported == 6 and not summary.refused and len(summary.risky_exported) == 5
@@ -217,6 +227,19 @@ def test_a_study_with_mixed_patient_ids_is_never_split(tmp_path):
     assert len({ds.StudyInstanceUID for ds in out}) == 1
     assert len({(ds.PatientID, ds.PatientName, ds.StudyDate) for ds in out}) == 1
     assert json.loads((target / REPORT_NAME).read_text())["studies_with_several_patient_ids"] == 1
+
+
+def test_an_export_in_batches_decides_each_study_from_its_whole_batch_and_refuses_a_split_study(tmp_path):
+    mixed, other = generate_uid(), generate_uid()
+    objects = [identifying_object("ct", patient_id=pid, study_uid=mixed) for pid in ("MRN2", "MRN1")]
+    objects.append(identifying_object("ct", patient_id="MRN3", study_uid=other))
+    rows = _archive(tmp_path / "a", objects)
+    d = Deidentifier(ProjectKeys(SECRET, "lung"), ProfileOptions())
+    summary = export_batches([rows[:2], rows[2:]], tmp_path / "a", tmp_path / "out", deidentifier=d)
+    assert (summary.exported, summary.studies, summary.mixed_patient_studies) == (3, 2, 1)
+    assert len({ds.PatientID for ds in _exported(tmp_path / "out") if ds.StudyInstanceUID == d.keys.uid(mixed)}) == 1
+    with pytest.raises(ValueError, match="two batches"):
+        export_batches([rows[:1], rows[1:]], tmp_path / "a", tmp_path / "split", deidentifier=d)
 
 
 def test_two_projects_cannot_be_linked_and_one_project_is_stable(tmp_path):
@@ -332,7 +355,143 @@ def test_a_plain_folder_export_is_marked_until_complete(tmp_path):
     assert (tmp_path / "stopped" / INCOMPLETE_NAME).exists()
     summary = export_instances(rows, tmp_path / "a", tmp_path / "done")
     assert summary.complete and summary.exported == 2
-    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == sorted(r["study_instance_uid"] for r in rows)
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == sorted(
+        [REPORT_NAME, *(r["study_instance_uid"] for r in rows)]
+    )
+    report = json.loads((tmp_path / "done" / REPORT_NAME).read_text())
+    assert (report["status"], report["exported"], report["deidentified"]) == ("complete", 2, False)
+
+
+def _with_gaps(tmp_path: Path) -> tuple[list[dict], Path]:
+    """Three archived objects indexed, one of them gone from the archive and one changed since it arrived."""
+    archive = tmp_path / "a"
+    rows = _archive(archive, [identifying_object("ct") for _ in range(3)])
+    for row in rows:
+        row["sha256"] = hashlib.sha256(archive.joinpath(*_uids(row)).read_bytes()).hexdigest()
+    archive.joinpath(*_uids(rows[0])).unlink()
+    archive.joinpath(*_uids(rows[1])).write_bytes(b"changed")
+    return rows, archive
+
+
+def _uids(row: dict) -> list[str]:
+    return [row["study_instance_uid"], row["series_instance_uid"], row["sop_instance_uid"] + ".dcm"]
+
+
+@pytest.mark.parametrize("research", [False, True])
+def test_a_folder_export_with_objects_left_out_stays_marked_with_the_counts(tmp_path, research):
+    rows, archive = _with_gaps(tmp_path)
+    deidentifier = Deidentifier(ProjectKeys(SECRET, "lung"), ProfileOptions()) if research else None
+    summary = export_instances(rows, archive, tmp_path / "out", deidentifier=deidentifier)
+    assert not summary.complete and summary.exported == 1
+    marker = (tmp_path / "out" / INCOMPLETE_NAME).read_text()
+    assert "INCOMPLETE" in marker and "1 indexed objects not in the archive" in marker
+    assert "1 archived objects differing from the SHA-256" in marker
+    report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
+    assert (report["status"], len(report["not_in_archive"]), len(report["hash_mismatch"])) == ("partial", 1, 1)
+    assert any(line.startswith("INCOMPLETE: written to") for line in summary.lines())
+
+
+def test_a_zip_export_with_objects_left_out_is_not_published_under_its_name(tmp_path):
+    rows, archive = _with_gaps(tmp_path)
+    summary = export_instances(rows, archive, tmp_path / "c.zip")
+    assert not (tmp_path / "c.zip").exists()
+    assert summary.published == tmp_path / "c-INCOMPLETE.zip"
+    with zipfile.ZipFile(tmp_path / "c-INCOMPLETE.zip") as zf:
+        assert "2 objects" not in zf.read(INCOMPLETE_NAME).decode()
+        assert "1 objects of 3 studies exported" in zf.read(INCOMPLETE_NAME).decode()
+        assert json.loads(zf.read(REPORT_NAME))["status"] == "partial"
+        assert len([n for n in zf.namelist() if n.endswith(".dcm")]) == 1
+    with pytest.raises(ExportError, match="c-INCOMPLETE.zip exists"):
+        export_instances(rows, archive, tmp_path / "c.zip")
+    complete = export_instances(rows[2:], archive, tmp_path / "d.zip")
+    assert complete.complete and complete.published == tmp_path / "d.zip"
+    with zipfile.ZipFile(tmp_path / "d.zip") as zf:
+        assert INCOMPLETE_NAME not in zf.namelist() and json.loads(zf.read(REPORT_NAME))["status"] == "complete"
+
+
+def _secondary_capture() -> Dataset:
+    capture = identifying_object("ct")
+    capture.SOPClassUID = capture.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    return capture
+
+
+@pytest.mark.parametrize("name", ["out", "out.zip"])
+def test_objects_withheld_by_the_risk_policy_alone_leave_the_export_complete(tmp_path, name):
+    """A CT study's dose screen (a secondary capture) is withheld by policy: not a gap. The export gets its
+    final name, no marker, status complete; the withheld objects are counted and named (pseudonymously)."""
+    d, summary, target = _export(tmp_path, [identifying_object("ct"), _secondary_capture()], name)
+    assert summary.complete and summary.status == "complete" and summary.exported == 1
+    assert summary.published == target and not summary.refused and len(summary.withheld) == 1
+    if name.endswith(".zip"):
+        with zipfile.ZipFile(target) as zf:
+            assert INCOMPLETE_NAME not in zf.namelist()
+            report = json.loads(zf.read(REPORT_NAME))
+    else:
+        assert not (target / INCOMPLETE_NAME).exists()
+        report = json.loads((target / REPORT_NAME).read_text())
+    [source_sop] = [uid for uid, _ in summary.withheld]
+    assert report["status"] == "complete" and report["refused"] == []
+    assert report["withheld_by_policy"] == [
+        {"sop_instance_uid": d.keys.uid(source_sop), "reason": summary.withheld[0][1]}
+    ]
+    lines = summary.lines()
+    assert lines[0].endswith("; 1 withheld by the risk policy")
+    assert f"  {d.keys.uid(source_sop)}: {summary.withheld[0][1]}" in lines
+    assert source_sop not in "\n".join(lines) and not any(line.startswith("INCOMPLETE") for line in lines)
+
+
+def test_a_gap_beside_withheld_objects_still_marks_the_export_incomplete(tmp_path):
+    rows, archive = _with_gaps(tmp_path)
+    rows += _archive(archive, [_secondary_capture()])
+    d = Deidentifier(ProjectKeys(SECRET, "lung"), ProfileOptions())
+    summary = export_instances(rows, archive, tmp_path / "g.zip", deidentifier=d)
+    assert not summary.complete and len(summary.withheld) == 1
+    assert summary.published == tmp_path / "g-INCOMPLETE.zip"
+    with zipfile.ZipFile(summary.published) as zf:
+        marker = zf.read(INCOMPLETE_NAME).decode()
+    assert "1 indexed objects not in the archive" in marker and "1 objects withheld by the risk policy" in marker
+
+
+@pytest.mark.parametrize("name", ["empty", "empty.zip"])
+def test_an_export_without_any_instance_is_an_error_and_leaves_nothing(tmp_path, name):
+    with pytest.raises(NothingToExport, match="no object to export"):
+        export_batches([[], []], tmp_path / "a", tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder, no zip, no partial file
+
+
+def test_a_zip_never_replaces_a_file_made_under_its_name_while_it_ran(tmp_path):
+    rows = _archive(tmp_path / "a", [identifying_object("ct"), identifying_object("ct")])
+    target = tmp_path / "c.zip"
+    partials: list[list[str]] = []
+
+    def someone_else_writes_the_name(n: int) -> None:
+        partials.append(sorted(p.name for p in tmp_path.glob(".c.zip.*.partial")))
+        if not target.exists():
+            target.write_bytes(b"the user's own file")
+
+    with pytest.raises(ExportError, match="c.zip was created while the export ran"):
+        export_instances(rows, tmp_path / "a", target, progress=someone_else_writes_the_name)
+    assert target.read_bytes() == b"the user's own file"
+    assert not list(tmp_path.glob(".c.zip*"))  # the temporary zip removed
+    # one temporary zip, named uniquely per export (two exports to one name never share it)
+    [[partial], _] = partials
+    assert partial.startswith(".c.zip.") and partial.endswith(".partial") and partial != ".c.zip.partial"
+
+
+def test_two_exports_to_one_zip_name_do_not_share_a_temporary_file(tmp_path):
+    rows = _archive(tmp_path / "a", [identifying_object("ct"), identifying_object("ct")])
+    target = tmp_path / "c.zip"
+    inner: list[object] = []
+
+    def a_second_export_runs_meanwhile(n: int) -> None:
+        if not inner:
+            inner.append(export_instances(rows[:1], tmp_path / "a", target))
+
+    with pytest.raises(ExportError, match="was created while the export ran"):
+        export_instances(rows, tmp_path / "a", target, progress=a_second_export_runs_meanwhile)
+    with zipfile.ZipFile(target) as zf:  # the second export's zip, whole and not overwritten
+        assert zf.testzip() is None and json.loads(zf.read(REPORT_NAME))["exported"] == 1
+    assert not list(tmp_path.glob(".c.zip*"))
 
 
 def test_plain_export_refuses_a_key_file(tmp_path):
@@ -343,19 +502,20 @@ def test_plain_export_refuses_a_key_file(tmp_path):
 
 
 def test_a_zip_is_written_private_and_a_killed_exports_partial_file_is_replaced(tmp_path):
-    """The zip fills under `.<name>.partial` beside the target. It was opened with ZipFile(path, "w"): 0644
-    with the usual umask while it filled with patient data, and one left by a killed export (its
-    ``finally`` never ran) was only truncated by the next export to the name, keeping its mode. Now the
-    stale one is removed and the new one made 600; the published zip (renamed from it) is 600 too."""
+    """The zip fills under `.<name>.<random>.partial` beside the target. It was opened with ZipFile(path,
+    "w"): 0644 with the usual umask while it filled with patient data, and one left by a killed export (its
+    ``finally`` never ran) stayed. Now a killed export's (its lock gone with it) is removed and the new one
+    made 600; the published zip (a link to it) is 600 too."""
     rows = _archive(tmp_path / "a", [identifying_object("ct"), identifying_object("ct")])
     target = tmp_path / "cohort.zip"
-    partial = tmp_path / ".cohort.zip.partial"
-    partial.write_bytes(b"a killed export's patient data")
-    partial.chmod(0o644)
-    seen: list[int] = []
+    stale = tmp_path / ".cohort.zip.0123456789ab.partial"
+    stale.write_bytes(b"a killed export's patient data")
+    stale.chmod(0o644)
+    seen: list[list[int]] = []
 
     def look(n: int) -> None:
-        seen.append(partial.stat().st_mode & 0o777)  # a truncated stale file kept its 0644
+        live = [p for p in tmp_path.glob(".cohort.zip.*.partial") if p != stale]
+        seen.append([p.stat().st_mode & 0o777 for p in live])
 
     old_umask = os.umask(0o022)
     try:
@@ -363,7 +523,19 @@ def test_a_zip_is_written_private_and_a_killed_exports_partial_file_is_replaced(
     finally:
         os.umask(old_umask)
     assert summary.complete and summary.exported == 2
-    assert seen == [0o600, 0o600]
-    assert not partial.exists() and target.stat().st_mode & 0o777 == 0o600
+    assert seen == [[0o600], [0o600]]
+    assert not stale.exists() and not list(tmp_path.glob(".cohort.zip.*.partial"))
+    assert target.stat().st_mode & 0o777 == 0o600
     with zipfile.ZipFile(target) as zf:
-        assert len(zf.namelist()) == 2 and zf.testzip() is None
+        assert len([n for n in zf.namelist() if n.endswith(".dcm")]) == 2 and zf.testzip() is None
+
+
+def test_key_file_cells_a_spreadsheet_would_run_are_quoted(tmp_path):
+    import csv
+
+    obj = identifying_object("ct", patient_id="-4711")
+    obj.PatientName = "=HYPERLINK^X"
+    _export(tmp_path, [obj], key_file=tmp_path / "key.csv")
+    [row] = list(csv.DictReader((tmp_path / "key.csv").open(encoding="utf-8")))
+    assert (row["original_patient_id"], row["original_patient_name"]) == ("'-4711", "'=HYPERLINK^X")
+    assert not row["pseudonym_patient_id"].startswith("'")
