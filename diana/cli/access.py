@@ -391,12 +391,16 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
 
 def _add_cohort_filters(ap: argparse.ArgumentParser) -> None:
     f = ap.add_argument_group("filters")
-    f.add_argument("--modality", action="append", metavar="M", help="e.g. CT (repeatable)")
+    f.add_argument("--modality", action="append", metavar="M", help="e.g. CT, or CT,MR for either (repeatable)")
     f.add_argument("--date-from", metavar="YYYY-MM-DD", help="study date on or after")
     f.add_argument("--date-to", metavar="YYYY-MM-DD", help="study date on or before")
-    f.add_argument("--body-part", action="append", metavar="PART", help="Body Part Examined, e.g. CHEST")
+    f.add_argument(
+        "--body-part", action="append", metavar="PART", help="Body Part Examined, e.g. CHEST or CHEST,ABDOMEN"
+    )
     f.add_argument("--description", metavar="WORDS", help="words in the study or series description or protocol")
-    f.add_argument("--station", action="append", metavar="NAME", help="Station Name")
+    f.add_argument(
+        "--station", action="append", metavar="NAME", help="Station Name; * and ? are wildcards, e.g. CT* (repeatable)"
+    )
     f.add_argument("--manufacturer", action="append", metavar="NAME", help="Manufacturer, e.g. SIEMENS (repeatable)")
     f.add_argument("--calling-ae", action="append", metavar="AE", help="the AE title that sent the objects")
     f.add_argument("--age-min", type=float, metavar="YEARS", help="patient age at the study")
