@@ -47,10 +47,19 @@ def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
     from diana.access.cohort import CohortError, find_studies, write_rows
     from diana.clients import opensearch_client
 
+    command = f"cohort {args.action}"
+    output_format = args.format if args.action == "find" else None
+    if args.action == "find" and args.output and not output_format:
+        output_format = _format_of(args.output)
+        if output_format is None:
+            return fail(
+                command,
+                f"--output {args.output}: the file's suffix says its format: .csv or .json (none: CSV); "
+                f"for another name pass --format {'|'.join(OUTPUT_FORMATS)}",
+            )
     client = opensearch_client(cfg.opensearch, timeout=60)
     prefix = cfg.opensearch.index_prefix
     limit = args.limit or DEFAULT_COHORT_LIMIT
-    command = f"cohort {args.action}"
     try:
         found = find_studies(client, prefix, _cohort_filter(args), limit=limit)
     except CohortError as exc:
@@ -79,12 +88,22 @@ def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
     if args.action == "find":
         if args.output:
             with open_private(args.output) as fh:  # patient IDs: readable by the owner only
-                write_rows(rows, fh, args.format or Path(args.output).suffix.lstrip(".") or "csv")
+                write_rows(rows, fh, output_format or "csv")
             print(f"{len(rows)} studies written to {args.output}")
         else:
             write_rows(rows, sys.stdout, args.format or "table")
         return 0
     return _cohort_export(cfg, args, client, prefix, [r["study_instance_uid"] for r in rows])
+
+
+OUTPUT_FORMATS = ("table", "csv", "json")
+
+
+def _format_of(output: str) -> str | None:
+    """The format `cohort find -o FILE` writes, from FILE's suffix whatever its case (no suffix: CSV);
+    None for another suffix (.txt, .xlsx), which before silently got the text table."""
+    suffix = Path(output).suffix.lower()
+    return {"": "csv", ".csv": "csv", ".json": "json"}.get(suffix)
 
 
 def _refused(cfg: Config, command: str, exc, fix: str) -> int:
@@ -470,7 +489,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         )
         if action == "find":
             ap.add_argument("--output", "-o", metavar="FILE", help="write to FILE (.csv or .json) instead of a table")
-            ap.add_argument("--format", choices=["table", "csv", "json"], help="default: table, or FILE's suffix")
+            ap.add_argument(
+                "--format", choices=OUTPUT_FORMATS, help="default: table, or FILE's suffix (.csv, .json; none: csv)"
+            )
         else:
             _add_export_options(ap)
         ap.set_defaults(func=cmd_cohort)

@@ -547,3 +547,30 @@ def test_a_station_with_a_wildcard_matches_as_a_pattern_whatever_the_case():
     # a name without a wildcard stays exact, and a station's comma is its own
     index = RecordingIndex(_stations_and_modalities())
     assert find_studies(index, "diana", CohortFilter(station=["CT_EAST,MR_1"])).rows == []
+
+
+@pytest.mark.parametrize(("name", "first_line"), [("c.CSV", "study_instance_uid,"), ("c.Json", "[")])
+def test_the_output_format_follows_the_suffix_whatever_its_case(tmp_path: Path, monkeypatch, name, first_line):
+    """`-o c.CSV` wrote the text table: the suffix was compared case-sensitively."""
+    monkeypatch.setattr(diana.clients, "opensearch_client", lambda *a, **k: None)
+    row = {"study_instance_uid": "1.2.3", "study_date": "2024-03-15"}
+    monkeypatch.setattr(cohort, "find_studies", lambda *a, **k: cohort.FoundStudies([row], more_match=False))
+    out = tmp_path / name
+    assert main(["cohort", "find", "-o", str(out)]) == 0
+    assert out.read_text().startswith(first_line)
+
+
+@pytest.mark.parametrize("name", ["c.txt", "c.xlsx"])
+def test_an_unknown_output_suffix_is_refused_naming_the_formats(tmp_path: Path, monkeypatch, capsys, name):
+    """`-o c.xlsx` silently wrote the text table into a file a spreadsheet cannot open."""
+    monkeypatch.setattr(diana.clients, "opensearch_client", lambda *a, **k: pytest.fail("searched"))
+    out = tmp_path / name
+    assert main(["cohort", "find", "-o", str(out)]) == 2
+    assert not out.exists()
+    err = capsys.readouterr().err
+    assert ".csv or .json" in err and "--format table|csv|json" in err
+    # with --format the name is the user's choice
+    monkeypatch.setattr(diana.clients, "opensearch_client", lambda *a, **k: None)
+    monkeypatch.setattr(cohort, "find_studies", lambda *a, **k: cohort.FoundStudies([], more_match=False))
+    assert main(["cohort", "find", "-o", str(out), "--format", "table"]) == 0
+    assert out.read_text().endswith("0 studies\n")
