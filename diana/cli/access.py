@@ -309,14 +309,21 @@ def check_dose_names(args: argparse.Namespace) -> str | None:
 
 def cmd_dose_names(cfg: Config, args: argparse.Namespace) -> int:
     """List the protocols and study descriptions of the dose indices that no standard name maps, most frequent first."""
+    from opensearchpy.exceptions import TransportError
+
     from diana.access.dose_survey import render_unmapped, unmapped_protocols
     from diana.clients import opensearch_client
 
     today = _as_of(cfg, args)
     client = opensearch_client(cfg.opensearch, timeout=30)
     # Without --as-of, studies dated after today (a modality's clock wrong) are listed: bad data shows here.
-    rows = unmapped_protocols(client, cfg.opensearch.index_prefix, args.days, today, bounded=args.as_of is not None)
-    print(render_unmapped(rows))
+    try:
+        survey = unmapped_protocols(
+            client, cfg.opensearch.index_prefix, args.days, today, bounded=args.as_of is not None
+        )
+    except TransportError as exc:
+        return _refused(cfg, "dose names", exc, "narrow the window with --days")
+    print(render_unmapped(survey))
     return 0
 
 
@@ -332,9 +339,14 @@ def cmd_dose_drl(cfg: Config, args: argparse.Namespace) -> int:
         levels = load_reference_levels(cfg.path(Path(cfg.dose.reference_levels)))
     except LevelsError as exc:
         return fail("dose drl", str(exc))
+    from opensearchpy.exceptions import TransportError
+
     today = _as_of(cfg, args)
     client = opensearch_client(cfg.opensearch, timeout=30)
-    rows = reference_level_survey(client, cfg.opensearch.index_prefix, levels, today)
+    try:
+        rows = reference_level_survey(client, cfg.opensearch.index_prefix, levels, today)
+    except TransportError as exc:
+        return _refused(cfg, "dose drl", exc, "nothing compared")
     print(render_survey(rows, levels.window_days, today))
     return 0
 
