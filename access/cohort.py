@@ -94,7 +94,9 @@ class CohortFilter:
     def validate(self) -> None:
         """Refuse what cannot be used; the dates are rewritten as ISO dates (2024-03-15), the form the
         index holds: date.fromisoformat also reads 20240315 (DICOM's DA), which sent as it is was not
-        compared as the same day."""
+        compared as the same day. A comma list of codes (`--modality CT,MR`) becomes its values."""
+        for name in COMMA_LISTS:
+            setattr(self, name, [v.strip() for value in getattr(self, name) for v in value.split(",") if v.strip()])
         days: dict[str, date] = {}
         for name in ("date_from", "date_to"):
             value = getattr(self, name)
@@ -126,13 +128,21 @@ def parse_dose_above(text: str) -> tuple[str, float]:
         raise CohortError(f"--dose-above {text!r}: {value!r} is not a number (e.g. total_dlp_mGycm=500)") from None
 
 
+# Filters of DICOM code strings (CS: letters, digits, space, underscore; never a comma): `--modality CT,MR`
+# is two values. A station, manufacturer or AE title may hold a comma ("Hologic, Inc."): repeat those.
+COMMA_LISTS = ("modality", "body_part", "sex")
+WILDCARDS = ("*", "?")
+
+
+def _value_clause(field_name: str, value: str) -> dict:
+    """One value of a term filter: exact, or with `*` (any characters) or `?` (one) a wildcard pattern,
+    as a C-FIND's; both case-insensitive."""
+    kind = "wildcard" if any(w in value for w in WILDCARDS) else "term"
+    return {kind: {field_name: {"value": value, "case_insensitive": True}}}
+
+
 def _any_of(field_name: str, values: list[str]) -> dict:
-    return {
-        "bool": {
-            "should": [{"term": {field_name: {"value": v, "case_insensitive": True}}} for v in values],
-            "minimum_should_match": 1,
-        }
-    }
+    return {"bool": {"should": [_value_clause(field_name, v) for v in values], "minimum_should_match": 1}}
 
 
 def _scan(client: OpenSearch, index: str, query: dict, sort_field: str, source: list[str]):

@@ -21,9 +21,18 @@ from opensearchpy.helpers import scan
 from diana.schemas.layout import IndexLayout
 from diana.stream_apps.dose.reference_levels import ReferenceLevels, survey
 
-__all__ = ["Unmapped", "unmapped_protocols", "reference_level_survey", "render_unmapped", "render_survey"]
+__all__ = [
+    "Unmapped",
+    "UnmappedSurvey",
+    "unmapped_protocols",
+    "reference_level_survey",
+    "render_unmapped",
+    "render_survey",
+]
 
-_MAX_BUCKETS = 500
+_MAX_BUCKETS = 500  # texts listed per index
+_MAX_KINDS = 10  # kinds per text
+_MAX_STATIONS = 50  # stations per text and kind
 _PAGE = 5_000
 
 
@@ -36,6 +45,13 @@ class Unmapped:
     count: int
 
 
+@dataclass(frozen=True)
+class UnmappedSurvey:
+    rows: list[Unmapped]
+    # what the terms aggregations left out (their sum_other_doc_count), one line each: before, unsaid
+    not_listed: list[str]
+
+
 def _window(days: int, last: date, *, bounded: bool = True) -> dict:
     """Studies dated in the ``days`` days ending on ``last``, both ends included (study_date is a day:
     yyyy-MM-dd): ``days`` dates, from ``last`` - (``days`` - 1). Without ``bounded``, later dates too."""
@@ -45,9 +61,9 @@ def _window(days: int, last: date, *, bounded: bool = True) -> dict:
     return {"range": {"study_date": bounds}}
 
 
-def _buckets(client, index: str, text_field: str, label: str, dated: list[dict]) -> list[Unmapped]:
+def _buckets(client, index: str, text_field: str, label: str, what: str, dated: list[dict]) -> UnmappedSurvey:
     if not client.indices.exists_alias(name=index):
-        return []
+        return UnmappedSurvey([], [])
     body = {
         "size": 0,
         "query": {"bool": {"must_not": [{"exists": {"field": "standard_name"}}], "filter": dated}},
@@ -56,32 +72,48 @@ def _buckets(client, index: str, text_field: str, label: str, dated: list[dict])
                 "terms": {"field": text_field, "size": _MAX_BUCKETS, "missing": "(none)"},
                 "aggs": {
                     "kind": {
-                        "terms": {"field": "kind", "size": 10, "missing": "?"},
-                        "aggs": {"station": {"terms": {"field": "station_name", "size": 50, "missing": "?"}}},
+                        "terms": {"field": "kind", "size": _MAX_KINDS, "missing": "?"},
+                        "aggs": {
+                            "station": {"terms": {"field": "station_name", "size": _MAX_STATIONS, "missing": "?"}}
+                        },
                     }
                 },
             }
         },
     }
-    result = client.search(index=index, body=body)
+    texts = client.search(index=index, body=body)["aggregations"]["text"]
     rows = []
-    for text in result["aggregations"]["text"]["buckets"]:
+    other_kinds = other_stations = 0
+    for text in texts["buckets"]:
+        other_kinds += text["kind"].get("sum_other_doc_count", 0)
         for kind in text["kind"]["buckets"]:
+            other_stations += kind["station"].get("sum_other_doc_count", 0)
             for station in kind["station"]["buckets"]:
                 rows.append(Unmapped(label, text["key"], kind["key"], station["key"], station["doc_count"]))
-    return sorted(rows, key=lambda r: (-r.count, r.field, r.text))
+    not_listed = [
+        f"{count} {what} {beyond}"
+        for count, beyond in (
+            (texts.get("sum_other_doc_count", 0), f"of {label}s beyond the {_MAX_BUCKETS} most frequent"),
+            (other_kinds, f"of kinds beyond the {_MAX_KINDS} most frequent of their {label}"),
+            (other_stations, f"of stations beyond the {_MAX_STATIONS} most frequent of their {label} and kind"),
+        )
+        if count
+    ]
+    return UnmappedSurvey(sorted(rows, key=lambda r: (-r.count, r.field, r.text)), not_listed)
 
 
-def unmapped_protocols(client, prefix: str, days: int | None, today: date, *, bounded: bool = False) -> list[Unmapped]:
+def unmapped_protocols(client, prefix: str, days: int | None, today: date, *, bounded: bool = False) -> UnmappedSurvey:
     """Event protocols and study descriptions without a standard name, most frequent first; with ``days``,
     only of the studies dated in the ``days`` days ending on ``today`` or later: dated after ``today``
     (a modality whose clock is wrong) they are listed too, as bad data should be, unless ``bounded``
     (the command's --as-of)."""
     layout = IndexLayout(prefix)
     dated = [_window(days, today, bounded=bounded)] if days else []
-    return _buckets(client, layout.alias("dose-events"), "protocol.keyword", "protocol", dated) + _buckets(
-        client, layout.alias("dose-studies"), "study_description.keyword", "study_description", dated
+    events = _buckets(client, layout.alias("dose-events"), "protocol.keyword", "protocol", "dose events", dated)
+    studies = _buckets(
+        client, layout.alias("dose-studies"), "study_description.keyword", "study_description", "dose studies", dated
     )
+    return UnmappedSurvey(events.rows + studies.rows, events.not_listed + studies.not_listed)
 
 
 def reference_level_survey(client, prefix: str, levels: ReferenceLevels, today: date) -> list[dict]:
@@ -107,11 +139,15 @@ def reference_level_survey(client, prefix: str, levels: ReferenceLevels, today: 
     return survey(levels, [h["_source"] for h in hits])
 
 
-def render_unmapped(rows: list[Unmapped]) -> str:
+def render_unmapped(survey: UnmappedSurvey) -> str:
+    rows = survey.rows
     if not rows:
         return "Every protocol and study description of the dose indices has a standard name."
     out = [f"{'count':>7}  {'field':<18}{'kind':<6}{'station':<18}text"]
     out += [f"{r.count:>7}  {r.field:<18}{r.kind:<6}{r.station:<18}{r.text}" for r in rows]
+    out += [f"Not listed: {line}." for line in survey.not_listed]
+    if survey.not_listed:
+        out.append("Map the ones listed first, or narrow the window with --days, to see the rest.")
     out.append("Add them to the [dose] standard_names file (docs/DOSE.md), then replay the dose worker.")
     return "\n".join(out)
 

@@ -129,11 +129,29 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _split(aggs: dict, outer: str, inner: str, value=lambda b: b["doc_count"]) -> dict[str, dict[str, float]]:
+# Studies are counted by OpenSearch's cardinality aggregation: exact up to its precision_threshold
+# (40,000 is its maximum), an estimate within a few percent above it, then shown as "≈N".
+EXACT_UP_TO = 40_000
+# A day's modalities drawn as their own bars; the rest are one "other" bar.
+DAY_MODALITIES = 20
+# The bucket of instances indexed without a modality, which a terms aggregation otherwise leaves out.
+NO_MODALITY = "(none)"
+
+
+def _study_count(value: float) -> str:
+    return f"≈{int(value)}" if value > EXACT_UP_TO else str(int(value))
+
+
+def _split(aggs: dict, outer: str, inner: str) -> dict[str, dict[str, float]]:
+    """Per outer bucket (a day) the inner terms' counts, and what the inner terms left out
+    (sum_other_doc_count) as "other": before, a day of more modalities than asked lost their bars."""
     series: dict[str, dict[str, float]] = {}
     for day in aggs.get(outer, {}).get("buckets", []):
+        x = day["key_as_string"][:10]
         for b in day[inner]["buckets"]:
-            series.setdefault(b["key"], {})[day["key_as_string"][:10]] = value(b)
+            series.setdefault(b["key"], {})[x] = b["doc_count"]
+        if day[inner].get("sum_other_doc_count"):
+            series.setdefault("other", {})[x] = day[inner]["sum_other_doc_count"]
     return series
 
 
@@ -264,16 +282,19 @@ def build_report(
         {
             "days": {
                 "date_histogram": {"field": "received_at", **per_day},
-                "aggs": {"modality": {"terms": {"field": "modality", "size": 10}}},
+                # a day's modalities beyond these are one "other" bar (sum_other_doc_count)
+                "aggs": {"modality": {"terms": {"field": "modality", "size": DAY_MODALITIES, "missing": NO_MODALITY}}},
             },
             "modalities": {
-                "terms": {"field": "modality", "size": 30},
+                "terms": {"field": "modality", "size": 30, "missing": NO_MODALITY},
                 "aggs": {
-                    "studies": {"cardinality": {"field": "study_instance_uid"}},
+                    "studies": {"cardinality": {"field": "study_instance_uid", "precision_threshold": EXACT_UP_TO}},
                     "bytes": {"sum": {"field": "size_bytes"}},
                 },
             },
-            "studies": {"cardinality": {"field": "study_instance_uid"}},
+            # the headline's instances counted exactly: the modality buckets' sum left out those beyond 30
+            "instances": {"value_count": {"field": "sop_instance_uid"}},
+            "studies": {"cardinality": {"field": "study_instance_uid", "precision_threshold": EXACT_UP_TO}},
             "bytes": {"sum": {"field": "size_bytes"}},
         },
     )
@@ -313,7 +334,7 @@ def build_report(
             body={"size": 50, "query": _range("raised_at", start, end, time_zone), "sort": [{"raised_at": "desc"}]},
         )
     modality_rows = [
-        [b["key"], b["studies"]["value"], b["doc_count"], b["bytes"]["value"] / 1e6]
+        [b["key"], _study_count(b["studies"]["value"]), b["doc_count"], b["bytes"]["value"] / 1e6]
         for b in ingest.get("modalities", {}).get("buckets", [])
     ]
     dlp_days: dict[str, dict[str, float]] = {}
@@ -389,8 +410,9 @@ def build_report(
     )
     warning = f'<p class="warning">{html.escape(zone_note)}</p>\n' if zone_note else ""
     summary = (
-        f"{int(ingest.get('studies', {}).get('value', 0))} studies, "
-        f"{sum(r[2] for r in modality_rows)} instances, {ingest.get('bytes', {}).get('value', 0) / 1e9:.2f} GB"
+        f"{_study_count(ingest.get('studies', {}).get('value', 0))} studies, "
+        f"{int(ingest.get('instances', {}).get('value', 0))} instances, "
+        f"{ingest.get('bytes', {}).get('value', 0) / 1e9:.2f} GB"
     )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>diana-star report {start} to {end}</title>

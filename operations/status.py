@@ -8,6 +8,7 @@ versioned index behind it and its document count. Archive and landing: object co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,7 +152,9 @@ def _collect_kafka(cfg: Config, status: PipelineStatus, topics: list[str]) -> No
             status.groups[group] = lag
 
 
-def collect_status(cfg: Config) -> PipelineStatus:
+def collect_status(cfg: Config, say: Callable[[str], None] = lambda _line: None) -> PipelineStatus:
+    """Everything `diana status` shows; ``say`` is told before a step that may take long (listing a large
+    archive: a walk of its folders, or a request per 1,000 S3 keys)."""
     from opensearchpy.exceptions import ConnectionError as OpenSearchConnectionError
     from opensearchpy.exceptions import ConnectionTimeout, OpenSearchException
 
@@ -182,12 +185,14 @@ def collect_status(cfg: Config) -> PipelineStatus:
         except OpenSearchException as exc:
             status.errors.append(f"{alias}: {getattr(exc, 'error', exc)}")
     try:
+        say("counting the archive's objects…")
         status.archive_objects = _count_archived(open_store(cfg, "archive"))
     except (OSError, ConfigError) as exc:  # the object store unreachable, or its credentials file missing
         status.errors.append(f"archive: {exc}")
     status.landing_objects = _count(cfg.path(cfg.storage.landing_dir))  # this host's; an S3 store's below
     if cfg.storage.backend == "s3":
         try:
+            say("counting the landing store's objects…")
             status.landing_objects += _count_archived(open_store(cfg, "landing"))
         except (OSError, ConfigError) as exc:
             status.errors.append(f"landing: {exc}")

@@ -47,10 +47,19 @@ def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
     from diana.access.cohort import CohortError, find_studies, write_rows
     from diana.clients import opensearch_client
 
+    command = f"cohort {args.action}"
+    output_format = args.format if args.action == "find" else None
+    if args.action == "find" and args.output and not output_format:
+        output_format = _format_of(args.output)
+        if output_format is None:
+            return fail(
+                command,
+                f"--output {args.output}: the file's suffix says its format: .csv or .json (none: CSV); "
+                f"for another name pass --format {'|'.join(OUTPUT_FORMATS)}",
+            )
     client = opensearch_client(cfg.opensearch, timeout=60)
     prefix = cfg.opensearch.index_prefix
     limit = args.limit or DEFAULT_COHORT_LIMIT
-    command = f"cohort {args.action}"
     try:
         found = find_studies(client, prefix, _cohort_filter(args), limit=limit)
     except CohortError as exc:
@@ -79,12 +88,22 @@ def cmd_cohort(cfg: Config, args: argparse.Namespace) -> int:
     if args.action == "find":
         if args.output:
             with open_private(args.output) as fh:  # patient IDs: readable by the owner only
-                write_rows(rows, fh, args.format or Path(args.output).suffix.lstrip(".") or "csv")
+                write_rows(rows, fh, output_format or "csv")
             print(f"{len(rows)} studies written to {args.output}")
         else:
             write_rows(rows, sys.stdout, args.format or "table")
         return 0
     return _cohort_export(cfg, args, client, prefix, [r["study_instance_uid"] for r in rows])
+
+
+OUTPUT_FORMATS = ("table", "csv", "json")
+
+
+def _format_of(output: str) -> str | None:
+    """The format `cohort find -o FILE` writes, from FILE's suffix whatever its case (no suffix: CSV);
+    None for another suffix (.txt, .xlsx), which before silently got the text table."""
+    suffix = Path(output).suffix.lower()
+    return {"": "csv", ".csv": "csv", ".json": "json"}.get(suffix)
 
 
 def _refused(cfg: Config, command: str, exc, fix: str) -> int:
@@ -290,14 +309,21 @@ def check_dose_names(args: argparse.Namespace) -> str | None:
 
 def cmd_dose_names(cfg: Config, args: argparse.Namespace) -> int:
     """List the protocols and study descriptions of the dose indices that no standard name maps, most frequent first."""
+    from opensearchpy.exceptions import TransportError
+
     from diana.access.dose_survey import render_unmapped, unmapped_protocols
     from diana.clients import opensearch_client
 
     today = _as_of(cfg, args)
     client = opensearch_client(cfg.opensearch, timeout=30)
     # Without --as-of, studies dated after today (a modality's clock wrong) are listed: bad data shows here.
-    rows = unmapped_protocols(client, cfg.opensearch.index_prefix, args.days, today, bounded=args.as_of is not None)
-    print(render_unmapped(rows))
+    try:
+        survey = unmapped_protocols(
+            client, cfg.opensearch.index_prefix, args.days, today, bounded=args.as_of is not None
+        )
+    except TransportError as exc:
+        return _refused(cfg, "dose names", exc, "narrow the window with --days")
+    print(render_unmapped(survey))
     return 0
 
 
@@ -313,9 +339,14 @@ def cmd_dose_drl(cfg: Config, args: argparse.Namespace) -> int:
         levels = load_reference_levels(cfg.path(Path(cfg.dose.reference_levels)))
     except LevelsError as exc:
         return fail("dose drl", str(exc))
+    from opensearchpy.exceptions import TransportError
+
     today = _as_of(cfg, args)
     client = opensearch_client(cfg.opensearch, timeout=30)
-    rows = reference_level_survey(client, cfg.opensearch.index_prefix, levels, today)
+    try:
+        rows = reference_level_survey(client, cfg.opensearch.index_prefix, levels, today)
+    except TransportError as exc:
+        return _refused(cfg, "dose drl", exc, "nothing compared")
     print(render_survey(rows, levels.window_days, today))
     return 0
 
@@ -391,12 +422,16 @@ def cmd_serve(cfg: Config, args: argparse.Namespace) -> int:
 
 def _add_cohort_filters(ap: argparse.ArgumentParser) -> None:
     f = ap.add_argument_group("filters")
-    f.add_argument("--modality", action="append", metavar="M", help="e.g. CT (repeatable)")
+    f.add_argument("--modality", action="append", metavar="M", help="e.g. CT, or CT,MR for either (repeatable)")
     f.add_argument("--date-from", metavar="YYYY-MM-DD", help="study date on or after")
     f.add_argument("--date-to", metavar="YYYY-MM-DD", help="study date on or before")
-    f.add_argument("--body-part", action="append", metavar="PART", help="Body Part Examined, e.g. CHEST")
+    f.add_argument(
+        "--body-part", action="append", metavar="PART", help="Body Part Examined, e.g. CHEST or CHEST,ABDOMEN"
+    )
     f.add_argument("--description", metavar="WORDS", help="words in the study or series description or protocol")
-    f.add_argument("--station", action="append", metavar="NAME", help="Station Name")
+    f.add_argument(
+        "--station", action="append", metavar="NAME", help="Station Name; * and ? are wildcards, e.g. CT* (repeatable)"
+    )
     f.add_argument("--manufacturer", action="append", metavar="NAME", help="Manufacturer, e.g. SIEMENS (repeatable)")
     f.add_argument("--calling-ae", action="append", metavar="AE", help="the AE title that sent the objects")
     f.add_argument("--age-min", type=float, metavar="YEARS", help="patient age at the study")
@@ -466,7 +501,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         )
         if action == "find":
             ap.add_argument("--output", "-o", metavar="FILE", help="write to FILE (.csv or .json) instead of a table")
-            ap.add_argument("--format", choices=["table", "csv", "json"], help="default: table, or FILE's suffix")
+            ap.add_argument(
+                "--format", choices=OUTPUT_FORMATS, help="default: table, or FILE's suffix (.csv, .json; none: csv)"
+            )
         else:
             _add_export_options(ap)
         ap.set_defaults(func=cmd_cohort)

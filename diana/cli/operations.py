@@ -18,10 +18,16 @@ INDEX_KINDS = "instances,series,studies,dose-events,dose-studies,dose-alerts,dea
 
 
 def cmd_status(cfg: Config, _args: argparse.Namespace) -> int:
-    """Topics and offsets, consumer lag, index document counts, archive and landing counts."""
+    """Topics and offsets, consumer lag, index document counts, the number of objects in the archive
+    and waiting in the landing store."""
     from diana.operations.status import collect_status, render_status
 
-    status = collect_status(cfg)
+    def say(line: str) -> None:
+        # Only to a person waiting at a terminal: counting a large archive takes minutes, and looked hung.
+        if sys.stderr.isatty():
+            print(f"diana status: {line}", file=sys.stderr, flush=True)
+
+    status = collect_status(cfg, say)
     print(redact(render_status(status)))
     return 1 if status.errors else 0
 
@@ -233,7 +239,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     stack.set_defaults(func=cmd_stack)
 
     sub.add_parser(
-        "status", help="offsets, consumer lag, index counts, archive size", description=cmd_status.__doc__
+        "status",
+        help="offsets, consumer lag, index document counts, archive and landing object counts",
+        description=cmd_status.__doc__,
     ).set_defaults(func=cmd_status)
 
     rp = sub.add_parser(

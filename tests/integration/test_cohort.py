@@ -74,6 +74,20 @@ def test_find_by_modality_and_date(pipeline, cohort_studies, tmp_path):
     assert wanted.study_uid in across.stdout and "1 studies" in across.stdout, across.stdout + across.stderr
 
 
+def test_a_comma_list_of_modalities_and_a_station_pattern_match(pipeline, cohort_studies, tmp_path):
+    """`--modality ct,MR` is either; `--station ctstation?` a case-insensitive wildcard (all three studies
+    come from station CTSTATION1); a pattern that matches no station finds nothing."""
+    wanted, other_modality, _ = cohort_studies
+    dates = ("--date-from", "2019-05-01", "--date-to", "2019-05-31")
+    out = tmp_path / "either.json"
+    result = diana(pipeline, "cohort", "find", *dates, "--modality", "ct,MR", "--station", "ctstation?", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    found = {r["study_instance_uid"] for r in json.loads(out.read_text())}
+    assert found == {wanted.study_uid, other_modality.study_uid}
+    none = diana(pipeline, "cohort", "find", *dates, "--station", "MR*")
+    assert none.returncode == 0 and "0 studies" in none.stdout, none.stdout + none.stderr
+
+
 def test_a_cut_keeps_the_earliest_study_counted_whole_and_dated_by_its_earliest_dated_instance(pipeline, tmp_path):
     """--limit cuts by study date, earliest first, and says so; the study kept is counted over both of its
     dates and over an instance indexed without its header (no study date: it does not make it undated)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -231,6 +232,8 @@ def test_html_report_renders_in_headless_chromium(live, pipeline, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     text = page.read_text()
     assert "<script" not in text and "src=" not in text and "href=" not in text  # self-contained
+    # the headline's instances are a value_count of SOP Instance UIDs, its studies a cardinality (exact here)
+    assert re.search(r"<p>[1-9]\d* studies, [1-9]\d* instances, \d+\.\d\d GB\.", text), text[:2000]
     # The DRL survey (tests/support/data/dose-reference-levels.yaml): the CT study's 790 mGy·cm
     # against the national 700 of its standard name "CT Abdomen-Pelvis".
     assert "Reference levels: median per standard name" in text and "CT Abdomen-Pelvis" in text

@@ -8,6 +8,7 @@ tests/integration/test_cohort.py.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import random
@@ -64,6 +65,10 @@ def _predicate(query: dict):
     if kind == "term":
         [(field, condition)] = spec.items()
         return lambda doc: str(doc.get(field, "")).upper() == condition["value"].upper()
+    if kind == "wildcard":  # `*` any characters, `?` one; case-insensitive as asked
+        [(field, condition)] = spec.items()
+        assert condition["case_insensitive"] is True
+        return lambda doc: fnmatch.fnmatchcase(str(doc.get(field, "")).upper(), condition["value"].upper())
     if kind == "range":
         [(field, bounds)] = spec.items()
         tests = {
@@ -514,3 +519,58 @@ def test_an_export_whose_studies_left_the_index_after_the_search_fails_and_leave
     captured = capsys.readouterr()
     assert captured.err.startswith("diana cohort export: no object to export") and "nothing exported" in captured.err
     assert "exported 0 objects" not in captured.out and not out.exists()
+
+
+def _stations_and_modalities() -> list[dict]:
+    return [
+        _instance("1.1", "2024-01-01", "CT") | {"station_name": "CT_EAST"},
+        _instance("1.2", "2024-01-02", "MR") | {"station_name": "MR_1"},
+        _instance("1.3", "2024-01-03", "US") | {"station_name": "ct_west"},
+        _instance("1.4", "2024-01-04", "CR") | {"station_name": "XRAY"},
+    ]
+
+
+def test_a_comma_list_of_modalities_is_any_of_them():
+    """`--modality CT,MR` was one term "CT,MR": it matched nothing, silently."""
+    index = RecordingIndex(_stations_and_modalities())
+    rows = find_studies(index, "diana", CohortFilter(modality=["CT,mr", "CR"])).rows
+    assert [r["study_instance_uid"] for r in rows] == ["1.1", "1.2", "1.4"]
+
+
+def test_a_station_with_a_wildcard_matches_as_a_pattern_whatever_the_case():
+    """`--station CT*` was the exact term "CT*": it matched nothing, silently."""
+    index = RecordingIndex(_stations_and_modalities())
+    rows = find_studies(index, "diana", CohortFilter(station=["ct*"])).rows
+    assert [r["study_instance_uid"] for r in rows] == ["1.1", "1.3"]
+    rows = find_studies(RecordingIndex(_stations_and_modalities()), "diana", CohortFilter(station=["MR_?"])).rows
+    assert [r["study_instance_uid"] for r in rows] == ["1.2"]
+    # a name without a wildcard stays exact, and a station's comma is its own
+    index = RecordingIndex(_stations_and_modalities())
+    assert find_studies(index, "diana", CohortFilter(station=["CT_EAST,MR_1"])).rows == []
+
+
+@pytest.mark.parametrize(("name", "first_line"), [("c.CSV", "study_instance_uid,"), ("c.Json", "[")])
+def test_the_output_format_follows_the_suffix_whatever_its_case(tmp_path: Path, monkeypatch, name, first_line):
+    """`-o c.CSV` wrote the text table: the suffix was compared case-sensitively."""
+    monkeypatch.setattr(diana.clients, "opensearch_client", lambda *a, **k: None)
+    row = {"study_instance_uid": "1.2.3", "study_date": "2024-03-15"}
+    monkeypatch.setattr(cohort, "find_studies", lambda *a, **k: cohort.FoundStudies([row], more_match=False))
+    out = tmp_path / name
+    assert main(["cohort", "find", "-o", str(out)]) == 0
+    assert out.read_text().startswith(first_line)
+
+
+@pytest.mark.parametrize("name", ["c.txt", "c.xlsx"])
+def test_an_unknown_output_suffix_is_refused_naming_the_formats(tmp_path: Path, monkeypatch, capsys, name):
+    """`-o c.xlsx` silently wrote the text table into a file a spreadsheet cannot open."""
+    monkeypatch.setattr(diana.clients, "opensearch_client", lambda *a, **k: pytest.fail("searched"))
+    out = tmp_path / name
+    assert main(["cohort", "find", "-o", str(out)]) == 2
+    assert not out.exists()
+    err = capsys.readouterr().err
+    assert ".csv or .json" in err and "--format table|csv|json" in err
+    # with --format the name is the user's choice
+    monkeypatch.setattr(diana.clients, "opensearch_client", lambda *a, **k: None)
+    monkeypatch.setattr(cohort, "find_studies", lambda *a, **k: cohort.FoundStudies([], more_match=False))
+    assert main(["cohort", "find", "-o", str(out), "--format", "table"]) == 0
+    assert out.read_text().endswith("0 studies\n")

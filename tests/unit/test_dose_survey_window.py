@@ -13,6 +13,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from opensearchpy.exceptions import RequestError
 
 import diana.clients
 from diana.access.site_zone import SiteZone
@@ -153,3 +154,44 @@ def test_a_malformed_as_of_is_a_usage_error(run, capsys):
 )
 def test_today_is_the_date_in_the_zone(zone, today):
     assert SiteZone(zone).today(now=datetime(2024, 3, 1, 20, 0, tzinfo=UTC)) == today
+
+
+class BucketsLeftOut(RecordingOpenSearch):
+    """One unmapped protocol listed; the terms aggregations say what they left out."""
+
+    def search(self, index: str, body: dict, **_) -> dict:
+        station = {"buckets": [{"key": "CT_EAST", "doc_count": 4}], "sum_other_doc_count": 3}
+        kind = {"buckets": [{"key": "CT", "doc_count": 7, "station": station}], "sum_other_doc_count": 2}
+        text = {"buckets": [{"key": "Head", "doc_count": 9, "kind": kind}], "sum_other_doc_count": 120}
+        return {"aggregations": {"text": text}}
+
+
+def test_dose_names_says_what_its_lists_left_out(config, monkeypatch, capsys):
+    """500 texts, 10 kinds, 50 stations: what lay beyond them was dropped without a word."""
+    monkeypatch.setattr(diana.clients, "opensearch_client", lambda *a, **k: BucketsLeftOut())
+    assert main(["--config", str(config), "dose", "names"]) == 0
+    out = capsys.readouterr().out
+    assert "Not listed: 120 dose events of protocols beyond the 500 most frequent." in out
+    assert "Not listed: 2 dose events of kinds beyond the 10 most frequent of their protocol." in out
+    assert "Not listed: 3 dose events of stations beyond the 50 most frequent of their protocol and kind." in out
+    assert "Not listed: 120 dose studies of study_descriptions beyond the 500 most frequent." in out
+
+
+class Refusing(RecordingOpenSearch):
+    def search(self, index: str, body: dict, **_) -> dict:
+        raise RequestError(
+            400, "search_phase_execution_exception", {"error": {"root_cause": [{"reason": "too many buckets"}]}}
+        )
+
+
+@pytest.mark.parametrize(("command", "fix"), [("names", "narrow the window with --days"), ("drl", "nothing compared")])
+def test_a_refused_dose_search_is_one_line_not_a_traceback(run, monkeypatch, capsys, command, fix):
+    """Any TransportError but a connection's ended `dose names` and `dose drl` in a traceback."""
+    monkeypatch.setattr(RecordingOpenSearch, "search", Refusing.search)
+    status, _ = run("UTC", "dose", command, "--as-of", "2024-03-15", *(["--days", "30"] if command == "names" else []))
+    assert status == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"diana dose {command}: OpenSearch refused the search "
+        f"(400 search_phase_execution_exception: too many buckets); {fix}"
+    )

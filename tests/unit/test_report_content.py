@@ -192,3 +192,61 @@ def test_an_alert_is_raised_at_the_sites_time_and_labelled_so():
     assert "<th>raised (Europe/Zurich)</th>" in page
     assert "<td>2024-03-01 11:00:00</td>" in page  # 10:00 UTC, winter time in Zurich
     assert "2024-03-01T10:00:00" not in page
+
+
+def _summary(page: str) -> str:
+    return re.search(r"<p>([^<]*studies, [^<]*GB)\. Made", page).group(1)
+
+
+def test_the_headline_counts_every_instance_and_marks_an_estimated_study_count():
+    """The headline's instances were the sum of the top 30 modality buckets (instances without a modality
+    left out) while its studies and GB counted them; the studies, a cardinality estimate, were unmarked."""
+    buckets = [
+        {"key": "CT", "doc_count": 70, "studies": {"value": 5}, "bytes": {"value": 7e6}},
+        {"key": "(none)", "doc_count": 30, "studies": {"value": 2}, "bytes": {"value": 3e6}},
+    ]
+    ingest = {
+        "modalities": {"buckets": buckets[:1]},  # as a terms aggregation without `missing` answered
+        "instances": {"value": 100},
+        "studies": {"value": 7},
+        "bytes": {"value": 1e9},
+    }
+    page = build_report(
+        CannedOpenSearch({"instances": ingest}), "diana", date(2024, 3, 1), date(2024, 3, 1), time_zone="UTC"
+    )
+    assert _summary(page) == "7 studies, 100 instances, 1.00 GB"
+    ingest |= {"studies": {"value": 123_456}, "modalities": {"buckets": buckets}}
+    page = build_report(
+        CannedOpenSearch({"instances": ingest}), "diana", date(2024, 3, 1), date(2024, 3, 1), time_zone="UTC"
+    )
+    assert _summary(page).startswith("≈123456 studies, 100 instances")
+
+
+def test_the_instance_search_asks_exact_counts_and_the_instances_without_a_modality():
+    class Recording(CannedOpenSearch):
+        bodies: list = []
+
+        def search(self, index, body):
+            self.bodies.append((index, body))
+            return super().search(index, body)
+
+    client = Recording()
+    build_report(client, "diana", date(2024, 3, 1), date(2024, 3, 1), time_zone="UTC")
+    [aggs] = [b["aggs"] for i, b in client.bodies if i == "diana-instances"]
+    assert aggs["instances"] == {"value_count": {"field": "sop_instance_uid"}}
+    assert aggs["studies"]["cardinality"]["precision_threshold"] == 40_000
+    assert aggs["modalities"]["aggs"]["studies"]["cardinality"]["precision_threshold"] == 40_000
+    assert aggs["modalities"]["terms"]["missing"] == aggs["days"]["aggs"]["modality"]["terms"]["missing"]
+
+
+def test_a_day_of_more_modalities_than_asked_gets_an_other_bar():
+    """The day's inner terms kept 10 modalities and the rest of the day's instances were not drawn."""
+    day = {
+        "key_as_string": "2024-03-01",
+        "modality": {"buckets": [{"key": "CT", "doc_count": 3}], "sum_other_doc_count": 5},
+    }
+    client = CannedOpenSearch({"instances": {"days": {"buckets": [day]}}})
+    page = build_report(client, "diana", date(2024, 3, 1), date(2024, 3, 1), time_zone="UTC")
+    chart = _chart(page, "instances-per-day")
+    assert ">8<" in chart  # the axis tops at the day's total, the other 5 included
+    assert ">other<" in page[page.index('data-chart="instances-per-day"') :]
