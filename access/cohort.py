@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from opensearchpy import OpenSearch
 
 from diana.schemas.layout import IndexLayout
-from diana.spreadsheet_csv import quote_cell
+from diana.spreadsheet_csv import COHORT_FIND_COLUMNS, quote_cell
 
 __all__ = [
     "CohortError",
@@ -57,19 +57,7 @@ DOSE_METRICS = (
     "administered_activity_MBq",
     "fluoro_time_s",
 )
-COLUMNS = (
-    "study_instance_uid",
-    "study_date",
-    "accession_number",
-    "patient_id",
-    "patient_sex",
-    "patient_age_years",
-    "modalities",
-    "study_description",
-    "stations",
-    "series",
-    "instances",
-)
+COLUMNS = COHORT_FIND_COLUMNS
 
 
 class CohortError(ValueError):

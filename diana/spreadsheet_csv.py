@@ -10,9 +10,25 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FORMULA_STARTS", "quote_cell", "unquote_cell"]
+__all__ = ["COHORT_FIND_COLUMNS", "FORMULA_STARTS", "quote_cell", "unquote_cell"]
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+# The columns of `diana cohort find`'s CSV (access/cohort.py); collect (producers/pacs_pull/requests.py)
+# takes the quotes off a CSV with exactly this header only: a hand-made list is read as written.
+COHORT_FIND_COLUMNS = (
+    "study_instance_uid",
+    "study_date",
+    "accession_number",
+    "patient_id",
+    "patient_sex",
+    "patient_age_years",
+    "modalities",
+    "study_description",
+    "stations",
+    "series",
+    "instances",
+)
 
 
 def quote_cell(value: Any) -> Any:

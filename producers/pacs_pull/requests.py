@@ -18,7 +18,7 @@ from datetime import date
 from pathlib import Path
 
 from diana.schemas.uid import is_valid_uid
-from diana.spreadsheet_csv import unquote_cell
+from diana.spreadsheet_csv import COHORT_FIND_COLUMNS, unquote_cell
 
 __all__ = ["CollectRequest", "RequestError", "parse_csv", "criteria_request", "normalise_date", "COHORT_FIND_HEADER"]
 
@@ -84,22 +84,9 @@ def normalise_date(value: str) -> str:
         raise ValueError(f"{value!r} is not a date like 2024-03-15") from None
 
 
-# The header `diana cohort find --output F.csv` writes (access/cohort.py COLUMNS; a unit test keeps the
-# two equal: collect may not import access/). Only a CSV with exactly this header has its cells'
-# formula quotes (diana.spreadsheet_csv) taken off: a hand-made list's values are read as written.
-COHORT_FIND_HEADER = (
-    "study_instance_uid",
-    "study_date",
-    "accession_number",
-    "patient_id",
-    "patient_sex",
-    "patient_age_years",
-    "modalities",
-    "study_description",
-    "stations",
-    "series",
-    "instances",
-)
+# The header `diana cohort find --output F.csv` writes: only a CSV with exactly this header has its cells'
+# formula quotes (diana.spreadsheet_csv) taken off; a hand-made list's values are read as written.
+COHORT_FIND_HEADER = COHORT_FIND_COLUMNS
 
 
 def _build(line: int, text: str, values: dict[str, str]) -> CollectRequest:

@@ -391,13 +391,6 @@ def test_a_hand_made_csv_keeps_a_value_starting_with_a_quote(tmp_path: Path):
     assert (request.accession_number, request.patient_id) == ("'-17", "''P1")
 
 
-def test_the_cohort_find_header_collect_unquotes_is_the_one_cohort_find_writes():
-    from diana.access.cohort import COLUMNS
-    from diana.producers.pacs_pull.requests import COHORT_FIND_HEADER
-
-    assert COHORT_FIND_HEADER == COLUMNS
-
-
 def test_report_cells_a_spreadsheet_would_run_are_quoted():
     events = [
         _event("JOB_STARTED", input="[]"),
