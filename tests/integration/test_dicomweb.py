@@ -299,15 +299,17 @@ def test_https_with_basic_authentication_and_cors_for_a_browser_viewer(web, pipe
         pipeline.stop("dicomweb-tls")
 
 
-def test_refuses_to_start_exposed_without_authentication(pipeline):
+def _serve_web_off_loopback(pipeline, **settings: str) -> subprocess.CompletedProcess:
+    """`diana serve --only web` bound to every address, with ``settings`` (DIANA_* variables) added."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
     env.update(
         DIANA_CONFIG=str(pipeline.config_file),
         DIANA_DICOMWEB_HOST="0.0.0.0",
         DIANA_DICOMWEB_PORT=str(WEB_PORT + 1),
         DIANA_DICOMWEB_METRICS_PORT="0",
+        **settings,
     )
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "diana.cli", "serve", "--only", "web"],
         capture_output=True,
         text=True,
@@ -315,6 +317,10 @@ def test_refuses_to_start_exposed_without_authentication(pipeline):
         cwd=REPO,
         timeout=60,
     )
+
+
+def test_refuses_to_start_exposed_without_authentication(pipeline):
+    result = _serve_web_off_loopback(pipeline)
     assert result.returncode == 2 and "no authentication is configured" in result.stderr
 
 
@@ -322,22 +328,7 @@ def test_refuses_to_start_exposed_over_plain_http(pipeline, tmp_path):
     """Off loopback with a token but no HTTPS: the token and every answer would travel in clear."""
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DIANA_")}
-    env.update(
-        DIANA_CONFIG=str(pipeline.config_file),
-        DIANA_DICOMWEB_HOST="0.0.0.0",
-        DIANA_DICOMWEB_PORT=str(WEB_PORT + 1),
-        DIANA_DICOMWEB_METRICS_PORT="0",
-        DIANA_DICOMWEB_BEARER_TOKEN_FILE=str(token_file),
-    )
-    result = subprocess.run(
-        [sys.executable, "-m", "diana.cli", "serve", "--only", "web"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=60,
-    )
+    result = _serve_web_off_loopback(pipeline, DIANA_DICOMWEB_BEARER_TOKEN_FILE=str(token_file))
     assert result.returncode == 2 and "HTTPS is not configured" in result.stderr
     assert "allow_plain_http" in result.stderr and TOKEN not in result.stderr
 
