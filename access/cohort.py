@@ -84,7 +84,15 @@ class CohortFilter:
         index holds: date.fromisoformat also reads 20240315 (DICOM's DA), which sent as it is was not
         compared as the same day. A comma list of codes (`--modality CT,MR`) becomes its values."""
         for name in COMMA_LISTS:
-            setattr(self, name, [v.strip() for value in getattr(self, name) for v in value.split(",") if v.strip()])
+            values = []
+            for value in getattr(self, name):
+                pieces = [v.strip() for v in value.split(",") if v.strip()]
+                if not pieces:  # dropped, it left the option without a value: every study matched
+                    raise CohortError(
+                        f"--{name.replace('_', '-')} {value!r}: no value; leave the option out to match any"
+                    )
+                values += pieces
+            setattr(self, name, values)
         days: dict[str, date] = {}
         for name in ("date_from", "date_to"):
             value = getattr(self, name)

@@ -30,6 +30,18 @@ _COLOURS = (
     "#7f7f7f",
     "#bcbd22",
     "#17becf",
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
+    "#c7c7c7",
+    "#dbdb8d",
+    "#9edae5",
+    "#393b79",
+    "#637939",
 )
 
 
@@ -129,29 +141,41 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-# Studies are counted by OpenSearch's cardinality aggregation: exact up to its precision_threshold
-# (40,000 is its maximum), an estimate within a few percent above it, then shown as "≈N".
+# Studies are counted by OpenSearch's cardinality aggregation: up to its precision_threshold (40,000, its
+# maximum) within a few of the true count (linear counting over 2^25 hash slots: a standard error of about
+# n / 8,192, 1 at 10,000, 5 at 40,000); from it on an estimate within a few percent, shown as "≈N".
 EXACT_UP_TO = 40_000
-# A day's modalities drawn as their own bars; the rest are one "other" bar.
+# Modalities drawn as their own bars: the most frequent over the whole range; the rest of each day is one
+# "(other)" bar. At most DAY_MODALITIES + 1 series, each its own colour.
 DAY_MODALITIES = 20
+OTHER = "(other)"
 # The bucket of instances indexed without a modality, which a terms aggregation otherwise leaves out.
 NO_MODALITY = "(none)"
 
 
 def _study_count(value: float) -> str:
-    return f"≈{int(value)}" if value > EXACT_UP_TO else str(int(value))
+    return f"≈{int(value)}" if value >= EXACT_UP_TO else str(int(value))
 
 
 def _split(aggs: dict, outer: str, inner: str) -> dict[str, dict[str, float]]:
     """Per outer bucket (a day) the inner terms' counts, and what the inner terms left out
-    (sum_other_doc_count) as "other": before, a day of more modalities than asked lost their bars."""
+    (sum_other_doc_count) as "(other)": before, a day of more modalities than asked lost their bars."""
     series: dict[str, dict[str, float]] = {}
+    other: dict[str, float] = {}
     for day in aggs.get(outer, {}).get("buckets", []):
         x = day["key_as_string"][:10]
         for b in day[inner]["buckets"]:
             series.setdefault(b["key"], {})[x] = b["doc_count"]
         if day[inner].get("sum_other_doc_count"):
-            series.setdefault("other", {})[x] = day[inner]["sum_other_doc_count"]
+            other[x] = day[inner]["sum_other_doc_count"]
+    # Each day's top terms differ: their union could pass the palette. The most frequent over the range
+    # keep their bars, the rest of each day joins its "(other)" bar.
+    kept = sorted(series, key=lambda k: -sum(series[k].values()))[:DAY_MODALITIES]
+    for key in [k for k in series if k not in kept]:
+        for x, n in series.pop(key).items():
+            other[x] = other.get(x, 0) + n
+    if other:
+        series[OTHER] = other
     return series
 
 
@@ -282,7 +306,7 @@ def build_report(
         {
             "days": {
                 "date_histogram": {"field": "received_at", **per_day},
-                # a day's modalities beyond these are one "other" bar (sum_other_doc_count)
+                # a day's modalities beyond these are one "(other)" bar (sum_other_doc_count)
                 "aggs": {"modality": {"terms": {"field": "modality", "size": DAY_MODALITIES, "missing": NO_MODALITY}}},
             },
             "modalities": {

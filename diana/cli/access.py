@@ -340,6 +340,7 @@ def cmd_dose_drl(cfg: Config, args: argparse.Namespace) -> int:
     except LevelsError as exc:
         return fail("dose drl", str(exc))
     from opensearchpy.exceptions import TransportError
+    from opensearchpy.helpers import ScanError
 
     today = _as_of(cfg, args)
     client = opensearch_client(cfg.opensearch, timeout=30)
@@ -347,6 +348,8 @@ def cmd_dose_drl(cfg: Config, args: argparse.Namespace) -> int:
         rows = reference_level_survey(client, cfg.opensearch.index_prefix, levels, today)
     except TransportError as exc:
         return _refused(cfg, "dose drl", exc, "nothing compared")
+    except ScanError as exc:  # shards failed mid-scroll: no status of its own (not a TransportError)
+        return fail("dose drl", f"OpenSearch did not finish the search ({str(exc)[:300]}); nothing compared", code=1)
     print(render_survey(rows, levels.window_days, today))
     return 0
 

@@ -574,3 +574,13 @@ def test_an_unknown_output_suffix_is_refused_naming_the_formats(tmp_path: Path, 
     monkeypatch.setattr(cohort, "find_studies", lambda *a, **k: cohort.FoundStudies([], more_match=False))
     assert main(["cohort", "find", "-o", str(out), "--format", "table"]) == 0
     assert out.read_text().endswith("0 studies\n")
+
+
+@pytest.mark.parametrize("value", ["", ",", " , "])
+def test_a_comma_list_option_without_a_value_is_refused_not_dropped(value):
+    """Its empty pieces dropped, the option had no value left and the search matched every study (an unset
+    shell variable in `--modality "$MOD"` exported the whole index)."""
+    with pytest.raises(cohort.CohortError, match="no value"):
+        find_studies(RecordingIndex(_month_of_studies()), "diana", CohortFilter(modality=[value]))
+    with pytest.raises(cohort.CohortError, match="no value"):
+        CohortFilter(sex=[value]).validate()

@@ -195,3 +195,20 @@ def test_a_refused_dose_search_is_one_line_not_a_traceback(run, monkeypatch, cap
         f"diana dose {command}: OpenSearch refused the search "
         f"(400 search_phase_execution_exception: too many buckets); {fix}"
     )
+
+
+def test_a_drl_scroll_that_shards_failed_part_way_is_one_line(run, monkeypatch, capsys):
+    """helpers.scan raises ScanError, not a TransportError, when shards fail mid-scroll: a traceback."""
+    from opensearchpy.helpers import ScanError
+
+    import diana.access.dose_survey as dose_survey
+
+    def failing(*args, **kwargs):
+        raise ScanError("scroll-1", "Scroll request has only succeeded on 1 (skipped 0) shards out of 3.")
+
+    monkeypatch.setattr(dose_survey, "reference_level_survey", failing)
+    status, _ = run("UTC", "dose", "drl", "--as-of", "2024-03-15")
+    assert status == 1
+    err = capsys.readouterr().err
+    assert err.startswith("diana dose drl: OpenSearch did not finish the search (") and "nothing compared" in err
+    assert "Traceback" not in err

@@ -249,4 +249,24 @@ def test_a_day_of_more_modalities_than_asked_gets_an_other_bar():
     page = build_report(client, "diana", date(2024, 3, 1), date(2024, 3, 1), time_zone="UTC")
     chart = _chart(page, "instances-per-day")
     assert ">8<" in chart  # the axis tops at the day's total, the other 5 included
-    assert ">other<" in page[page.index('data-chart="instances-per-day"') :]
+    assert ">(other)<" in page[page.index('data-chart="instances-per-day"') :]
+
+
+def test_the_days_modalities_beyond_the_ranges_most_frequent_join_the_other_bar_each_its_own_colour():
+    """Each day's top terms differ: drawn as they came, their union passed the palette and two series
+    shared a colour. The most frequent over the range keep their bars; each day's rest is "(other)"."""
+    from diana.access import report
+
+    days = [
+        {
+            "key_as_string": f"2024-03-{d:02d}",
+            "modality": {"buckets": [{"key": f"M{d * 5 + k:02d}", "doc_count": 10 + d} for k in range(5)]},
+        }
+        for d in range(1, 8)
+    ]  # 35 modalities over 7 days, 5 a day; the later days' are the more frequent
+    series = report._split({"days": {"buckets": days}}, "days", "modality")
+    assert len(series) == report.DAY_MODALITIES + 1 <= len(report._COLOURS)
+    assert set(series) - {report.OTHER} == {f"M{n:02d}" for n in range(15, 40)} - {f"M{n:02d}" for n in range(15, 20)}
+    assert series[report.OTHER] == {"2024-03-01": 55, "2024-03-02": 60, "2024-03-03": 65}
+    total = sum(sum(v.values()) for v in series.values())
+    assert total == sum(10 + d for d in range(1, 8) for _ in range(5))
