@@ -26,7 +26,7 @@ from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import Verification, uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
-from diana.config import AllowedHosts, Config, ReceiverConfig, ip_address_of, parse_allowed_hosts
+from diana.config import AllowedHosts, Config, ReceiverConfig, is_loopback_host, parse_allowed_hosts
 from diana.producers import metrics, negotiation, reactor, transport_guard
 from diana.producers.background import start_periodic, start_until_done
 from diana.producers.header import HeaderError, InvalidIdentifiers
@@ -234,9 +234,7 @@ def open_to_any_peer(cfg: ReceiverConfig) -> bool:
     """Anyone on the network may associate and store under any AE title: bound off loopback with no
     allow-list and no client certificates. The default, as Orthanc's and dcm4chee's (modalities must be
     able to send), but said once at start (``receiver.open_to_any_peer``) and on the metrics."""
-    host = cfg.host.strip().lower()
-    address = ip_address_of(host)
-    loopback = host == "localhost" or (address is not None and address.is_loopback)
+    loopback = is_loopback_host(cfg.host)
     return not (loopback or cfg.allowed_hosts or cfg.allowed_calling_aes or cfg.tls_ca_file)
 
 
