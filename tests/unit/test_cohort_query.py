@@ -23,6 +23,7 @@ import diana.cli.access
 import diana.clients
 from diana.access.cohort import TERMS_BATCH, CohortFilter, find_studies
 from diana.cli import main
+from tests.support.umask import umask
 
 MAX_TERMS_COUNT = 65_536  # index.max_terms_count
 
@@ -344,7 +345,6 @@ def test_a_refused_search_is_one_line_with_what_to_do_not_a_traceback(config, mo
 def test_cohort_find_output_is_readable_by_its_owner_only(tmp_path: Path, monkeypatch, capsys):
     """The file lists patient IDs: before, `diana cohort find --output FILE` opened it with open(..., "w"),
     0644 with the usual umask (and an older file kept its mode)."""
-    import os
     import stat
 
     monkeypatch.setattr(diana.clients, "opensearch_client", lambda *a, **k: None)
@@ -353,11 +353,8 @@ def test_cohort_find_output_is_readable_by_its_owner_only(tmp_path: Path, monkey
     out = tmp_path / "cohort.csv"
     out.write_text("an older list\n")
     out.chmod(0o644)
-    old_umask = os.umask(0o022)
-    try:
+    with umask(0o022):
         assert main(["cohort", "find", "--output", str(out)]) == 0
-    finally:
-        os.umask(old_umask)
     assert "P-77" in out.read_text()
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
 

@@ -15,6 +15,7 @@ from diana.producers.pacs_pull.report import report_rows, summary_line, write_re
 from diana.producers.pacs_pull.requests import RequestError, criteria_request, parse_csv
 from diana.producers.pacs_pull.throttle import StartGate, TimeWindows
 from tests.support.collect_fakes import RecordingLedger
+from tests.support.umask import umask
 
 
 def test_accession_csv_with_bad_lines_keeps_their_numbers(tmp_path: Path):
@@ -347,15 +348,13 @@ def test_collect_run_retry_failed_tries_failed_studies_and_lines_again(tmp_path:
 def test_the_report_files_are_readable_by_their_owner_only(tmp_path: Path, monkeypatch):
     """The report lists accession numbers: before, `--report FILE` (of `collect run` and of `collect
     status`) was opened with open(..., "w"), 0644 with the usual umask, also over an older 0644 file."""
-    import os
     import stat
 
     from diana.cli import main
     from diana.producers.pacs_pull import ledger
     from diana.producers.pacs_pull.scu import StudyMatch
 
-    old_umask = os.umask(0o022)
-    try:
+    with umask(0o022):
         csv_file = tmp_path / "a.csv"
         csv_file.write_text("AccessionNumber\nA1\n")
         run_report = tmp_path / "run.csv"
@@ -379,8 +378,6 @@ def test_the_report_files_are_readable_by_their_owner_only(tmp_path: Path, monke
         )
         assert stat.S_IMODE(status_report.stat().st_mode) == 0o600
         assert status_report.read_text().startswith("line,input,outcome")
-    finally:
-        os.umask(old_umask)
 
 
 def test_a_hand_made_csv_keeps_a_value_starting_with_a_quote(tmp_path: Path):

@@ -19,16 +19,14 @@ from pydicom.uid import generate_uid
 from diana import durable
 from diana.access.routing.sent import StudiesSent
 from diana.storage.filesystem import FilesystemStore
+from tests.support.umask import umask
 
 
 @pytest.fixture(autouse=True)
 def permissive_umask() -> Iterator[None]:
     """Umask 0: a file's mode is then only what the code asked for."""
-    old = os.umask(0)
-    try:
+    with umask(0):
         yield
-    finally:
-        os.umask(old)
 
 
 def _mode(path: Path) -> int:

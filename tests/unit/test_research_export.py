@@ -36,6 +36,7 @@ from diana.schemas.uid import is_valid_uid
 from tests.support.deidcheck import check_actions
 from tests.support.deidgen import PATIENT_ID, PATIENT_NAME, SOP_CLASSES, identifying_object
 from tests.support.paths import dose_acceptance_dir
+from tests.support.umask import umask
 
 SECRET = b"unit-test-site-secret-32-bytes!!"
 
@@ -517,11 +518,8 @@ def test_a_zip_is_written_private_and_a_killed_exports_partial_file_is_replaced(
         live = [p for p in tmp_path.glob(".cohort.zip.*.partial") if p != stale]
         seen.append([p.stat().st_mode & 0o777 for p in live])
 
-    old_umask = os.umask(0o022)
-    try:
+    with umask(0o022):
         summary = export_instances(rows, tmp_path / "a", target, progress=look)
-    finally:
-        os.umask(old_umask)
     assert summary.complete and summary.exported == 2
     assert seen == [[0o600], [0o600]]
     assert not stale.exists() and not list(tmp_path.glob(".cohort.zip.*.partial"))

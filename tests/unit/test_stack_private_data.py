@@ -5,7 +5,6 @@ segments 0644: every local user could read the headers. Kafka runs as the proces
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
 from pathlib import Path
@@ -16,15 +15,13 @@ import diana.compose.local.stack as stack_module
 from diana.compose.local.cluster import ClusterStack
 from diana.compose.local.stack import LocalStack
 from diana.config import load_config
+from tests.support.umask import umask
 
 
 @pytest.fixture(autouse=True)
 def usual_umask():
-    old = os.umask(0o022)
-    try:
+    with umask(0o022):
         yield
-    finally:
-        os.umask(old)
 
 
 def _mode(path: Path) -> int:
